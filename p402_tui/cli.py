@@ -1,0 +1,329 @@
+"""The `p402` command.
+
+Each subcommand is a small function taking the parsed arguments and returning an
+exit code. Errors we expect (bad flags, unknown models, upstream failures) print
+one line on stderr and exit non-zero; a traceback never reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .core.errors import P402Error
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --- helpers shared by commands ---------------------------------------------------
+
+
+def settings_from(args: argparse.Namespace):
+    """Settings with file < env < flags applied."""
+    from .core.config import load_settings
+
+    settings = load_settings(getattr(args, "config", None))
+    return settings.with_overrides(db_path=getattr(args, "db", None), mode=getattr(args, "mode", None))
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(_is_number(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    print(line(headers))
+    for row in cells:
+        print(line(row))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.lstrip("$"))
+    except ValueError:
+        return False
+    return True
+
+
+def usd(value: float) -> str:
+    return f"${value:.6f}" if value < 0.01 else f"${value:.4f}"
+
+
+def read_text_arg(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+# --- foundation commands --------------------------------------------------------------
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    rows = []
+    for pid, provider in settings.providers.items():
+        rows.append(
+            {
+                "id": pid,
+                "name": provider.spec.name,
+                "wire": provider.spec.wire,
+                "base_url": provider.base_url,
+                "models": len(settings.catalog.models_of(pid)),
+                "configured": provider.usable,
+                "enabled": provider.enabled,
+                "key_env": provider.spec.api_key_env,
+            }
+        )
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["ID", "NAME", "WIRE", "MODELS", "CONFIGURED", "BASE URL"],
+            [[r["id"], r["name"], r["wire"], r["models"], "yes" if r["configured"] else "no", r["base_url"]] for r in rows],
+        )
+    return 0
+
+
+def _model_row(model) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "provider": model.provider,
+        "model": model.model,
+        "name": model.name,
+        "tier": model.tier,
+        "context_window": model.context_window,
+        "max_output_tokens": model.max_output_tokens,
+        "input_per_1m": model.input_per_1m,
+        "output_per_1m": model.output_per_1m,
+        "cached_input_per_1m": model.cached_input_per_1m,
+        "capabilities": sorted(model.capabilities),
+        "quality": model.quality,
+        "tokens_per_s": model.tokens_per_s,
+    }
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .core.types import CAPABILITIES, TIER_RANK
+
+    settings = settings_from(args)
+    models = list(settings.catalog.models.values())
+    if args.provider:
+        settings.catalog.provider(args.provider)  # raises a clear error for an unknown id
+        models = [m for m in models if m.provider == args.provider]
+    if args.capability:
+        for cap in args.capability:
+            if cap not in CAPABILITIES:
+                raise P402Error(f"unknown capability {cap!r}; choose from {', '.join(CAPABILITIES)}")
+        models = [m for m in models if m.has(set(args.capability))]
+    if args.max_tier:
+        models = [m for m in models if m.tier_rank <= TIER_RANK[args.max_tier]]
+    rows = [_model_row(m) for m in models]
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["ID", "TIER", "CONTEXT", "IN $/1M", "OUT $/1M", "CAPABILITIES"],
+            [
+                [r["id"], r["tier"], f"{r['context_window']:,}", r["input_per_1m"], r["output_per_1m"], ",".join(r["capabilities"])]
+                for r in rows
+            ],
+        )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .core.costs import compare
+
+    settings = settings_from(args)
+    rows = compare(
+        settings.catalog,
+        args.input_tokens,
+        args.output_tokens,
+        require=set(args.capability or ()),
+        top=args.top,
+        max_tier=args.max_tier,
+    )
+    if args.json:
+        print_json([_cost_row(r) for r in rows])
+    else:
+        print_table(
+            ["MODEL", "TIER", "IN $/1M", "OUT $/1M", "COST"],
+            [[r.id, r.tier, r.input_per_1m, r.output_per_1m, usd(r.cost_usd)] for r in rows],
+        )
+    return 0
+
+
+def _cost_row(row) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "provider": row.provider,
+        "model": row.model,
+        "tier": row.tier,
+        "input_per_1m": row.input_per_1m,
+        "output_per_1m": row.output_per_1m,
+        "cost_usd": row.cost_usd,
+    }
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from .core.tokens import count_text
+
+    model = None
+    if args.model:
+        from .core.catalog import load_catalog
+
+        model = load_catalog().model(args.model).id
+    result = count_text(read_text_arg(args.text), model)
+    if args.json:
+        print_json({"tokens": result.tokens, "tokenizer": result.tokenizer, "exact": result.exact, "model": model})
+    else:
+        exact = "exact" if result.exact else "estimate"
+        print(f"{result.tokens} tokens ({result.tokenizer}, {exact})")
+    return 0
+
+
+def cmd_catalog_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .core.catalog import import_litellm_prices, load_catalog, merge_overrides
+    from .core.config import default_overrides_path
+
+    path = Path(args.file)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise P402Error(f"no such file: {path}") from None
+    except (OSError, ValueError) as error:
+        raise P402Error(f"cannot read {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise P402Error(f"{path} is not a LiteLLM price file (expected a JSON object of models)")
+    target = Path(args.overrides) if args.overrides else default_overrides_path()
+    existing = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
+    overrides, report = import_litellm_prices(data, load_catalog())
+    merged = merge_overrides(existing, overrides)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    summary = {"overrides_file": str(target), **report.to_dict()}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"updated {len(report.updated)} models, {report.unchanged} unchanged, "
+              f"{report.unknown} entries of unknown models ignored -> {target}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .tui import demo
+
+    return demo.run(args)
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="config file (default: the user config dir; or P402_CONFIG)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="p402",
+        description="P402 Console: route, watch and price LLM traffic across 12 providers.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("providers", parents=[common], help="list providers and whether they are configured")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_providers)
+
+    p = sub.add_parser("models", parents=[common], help="list models with prices and capabilities")
+    p.add_argument("--provider", metavar="P", help="only this provider's models")
+    p.add_argument("--capability", metavar="C", action="append", help="only models with this capability (repeatable)")
+    p.add_argument("--max-tier", choices=["budget", "mid", "premium"], help="no tier above this")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("compare", parents=[common], help="what a call of a given size costs on every model")
+    p.add_argument("--input-tokens", type=_non_negative_int, required=True, metavar="N")
+    p.add_argument("--output-tokens", type=_non_negative_int, required=True, metavar="M")
+    p.add_argument("--capability", metavar="C", action="append", help="only models with this capability (repeatable)")
+    p.add_argument("--max-tier", choices=["budget", "mid", "premium"], help="no tier above this")
+    p.add_argument("--top", type=_positive_int, metavar="K", help="only the K cheapest")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tokens", parents=[common], help="count tokens with tiktoken (offline)")
+    p.add_argument("--model", metavar="ID", help="count with this model's tokenizer")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("text", metavar="TEXT", help="the text, or - to read stdin")
+    p.set_defaults(func=cmd_tokens)
+
+    p = sub.add_parser("catalog", parents=[common], help="manage the model catalog")
+    catalog_sub = p.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
+    q = catalog_sub.add_parser(
+        "import", parents=[common], help="update prices and context windows from a LiteLLM price file"
+    )
+    q.add_argument("file", metavar="FILE", help="model_prices_and_context_window.json")
+    q.add_argument("--overrides", metavar="PATH", help="override file to write (default: user config dir)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_catalog_import)
+
+    p = sub.add_parser("demo", parents=[common], help="the console on simulated providers: no keys, no network")
+    p.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def run_async(coro) -> int:
+    """Run a command's coroutine; Ctrl-C ends it quietly."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except P402Error as error:
+        print(f"p402: {error.kind}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Configuration: a TOML file, then environment variables, then command-line flags.
+
+The file lives in the platform's user config dir (`p402 --config FILE` or
+`P402_CONFIG` point elsewhere). Keys come from the file or, overriding it, the
+provider's own environment variables. Keys are `SecretStr` so no repr, log or
+screen ever shows one.
+
+    [providers.openai]
+    api_key = "sk-..."            # or OPENAI_API_KEY
+    timeout_s = 60
+
+    [providers.ollama]            # any id the catalog does not know is an extra
+    wire = "openai"               # OpenAI-compatible provider
+    base_url = "http://localhost:11434/v1"
+    models = ["llama3.2", {model = "qwen2.5", context_window = 32768}]
+
+    [router]
+    mode = "balanced"
+    weights = {cost = 0.4, quality = 0.4, speed = 0.2}
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
+from .errors import ConfigError
+
+APP_NAME = "p402"
+Mode = Literal["cost", "quality", "speed", "balanced", "adaptive"]
+MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def default_db_path() -> Path:
+    return default_data_dir() / "p402.db"
+
+
+def default_overrides_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "catalog-overrides.json"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExtraModel(_Section):
+    model: str
+    name: str | None = None
+    context_window: int = 32768
+    max_output_tokens: int = 8192
+    input_per_1m: float = 0.0
+    output_per_1m: float = 0.0
+    capabilities: list[str] = Field(default_factory=lambda: ["chat", "streaming"])
+    tier: Literal["budget", "mid", "premium"] = "budget"
+    quality: float = 0.5
+    tokens_per_s: float = 40.0
+    ttft_ms: float = 300.0
+
+
+class ProviderConfig(_Section):
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    enabled: bool = True
+    timeout_s: float = Field(default=120.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    first_token_timeout_s: float = Field(default=60.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+    # Only for extra (OpenAI-compatible) providers the catalog does not know:
+    wire: Literal["openai"] | None = None
+    name: str | None = None
+    models: list[str | ExtraModel] = Field(default_factory=list)
+
+
+class RouterWeights(_Section):
+    cost: float = Field(default=0.4, ge=0)
+    quality: float = Field(default=0.4, ge=0)
+    speed: float = Field(default=0.2, ge=0)
+
+
+class RouterConfig(_Section):
+    mode: Mode = "balanced"
+    weights: RouterWeights = Field(default_factory=RouterWeights)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    default_output_tokens: int = Field(default=512, ge=1)
+    probe_interval_s: float | None = Field(default=None, gt=0)  # active health probes; off unless set
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    threshold: float = Field(default=0.90, gt=0, le=1)
+    ttl_s: float = Field(default=7 * 24 * 3600, gt=0)
+    max_entries: int = Field(default=100_000, ge=1)
+    embedder: str = "auto"  # auto | minilm | hashed | provider/model
+    model_dir: str | None = None
+
+
+class StoreConfig(_Section):
+    db_path: str | None = None
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=4020, ge=0, le=65535)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
+class ConfigFile(_Section):
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedProvider:
+    """One provider as it will be called: spec plus the settings in force."""
+
+    spec: ProviderSpec
+    base_url: str
+    api_key: SecretStr | None
+    enabled: bool
+    timeout_s: float
+    connect_timeout_s: float
+    first_token_timeout_s: float
+    headers: dict[str, str]
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def usable(self) -> bool:
+        """Configured (a key, or a keyless local server) and not disabled."""
+        return self.enabled and (self.api_key is not None or self.spec.keyless)
+
+    def key(self) -> str:
+        return self.api_key.get_secret_value() if self.api_key is not None else ""
+
+
+class Settings:
+    """The whole configuration in force, with the catalog it applies to."""
+
+    def __init__(self, file: ConfigFile, catalog: Catalog, env: Mapping[str, str], source: Path | None = None) -> None:
+        self.file = file
+        self.source = source
+        self.env = env
+        self.catalog = catalog.with_extra(*_extra_specs(file, set(catalog.providers)))
+        self.providers: dict[str, ResolvedProvider] = {
+            pid: _resolve(spec, file.providers.get(pid), env) for pid, spec in self.catalog.providers.items()
+        }
+        db = file.store.db_path or env.get("P402_DB")
+        self.db_path = Path(db).expanduser() if db else default_db_path()
+
+    @property
+    def router(self) -> RouterConfig:
+        return self.file.router
+
+    @property
+    def cache(self) -> CacheConfig:
+        return self.file.cache
+
+    @property
+    def gateway(self) -> GatewayConfig:
+        return self.file.gateway
+
+    def usable_providers(self) -> list[ResolvedProvider]:
+        return [p for p in self.providers.values() if p.usable]
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every key in force, so error text can be scrubbed of them."""
+        return tuple(p.key() for p in self.providers.values() if p.api_key is not None)
+
+    def point_at(self, base: str, key: str = "sim-key") -> "Settings":
+        """Every provider at `base/<id><official path>` with a key: how the demo and tests reach the simulator."""
+        base = base.rstrip("/")
+        for pid, provider in list(self.providers.items()):
+            self.providers[pid] = ResolvedProvider(
+                spec=provider.spec,
+                base_url=f"{base}/{pid}{provider.spec.base_path}",
+                api_key=provider.api_key if provider.spec.keyless else SecretStr(key),
+                enabled=provider.enabled,
+                timeout_s=provider.timeout_s,
+                connect_timeout_s=provider.connect_timeout_s,
+                first_token_timeout_s=provider.first_token_timeout_s,
+                headers=provider.headers,
+            )
+        return self
+
+    def with_overrides(self, *, db_path: str | None = None, mode: str | None = None) -> "Settings":
+        """Command-line flags, the last word."""
+        if db_path:
+            self.db_path = Path(db_path).expanduser()
+        if mode:
+            if mode not in MODES:
+                raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+            self.file.router.mode = mode  # type: ignore[assignment]
+        return self
+
+
+def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, str]) -> ResolvedProvider:
+    conf = conf or ProviderConfig()
+    key = conf.api_key
+    for name in spec.api_key_env:
+        if env.get(name):
+            key = SecretStr(env[name])
+            break
+    base_url = env.get(f"P402_{spec.id.upper()}_BASE_URL") or conf.base_url or spec.base_url
+    return ResolvedProvider(
+        spec=spec,
+        base_url=base_url.rstrip("/"),
+        api_key=key,
+        enabled=conf.enabled,
+        timeout_s=conf.timeout_s,
+        connect_timeout_s=conf.connect_timeout_s,
+        first_token_timeout_s=conf.first_token_timeout_s,
+        headers=dict(conf.headers),
+    )
+
+
+def _extra_specs(file: ConfigFile, known: set[str]) -> tuple[list[ProviderSpec], list[ModelSpec]]:
+    providers: list[ProviderSpec] = []
+    models: list[ModelSpec] = []
+    for pid, conf in file.providers.items():
+        if pid in known:
+            continue
+        if conf.wire != "openai" or not conf.base_url:
+            raise ConfigError(
+                f"provider {pid!r} is not in the catalog; an extra provider needs wire = \"openai\" and a base_url"
+            )
+        if "/" in pid:
+            raise ConfigError(f"provider id {pid!r} may not contain '/'")
+        providers.append(
+            ProviderSpec(
+                id=pid,
+                name=conf.name or pid,
+                wire="openai",
+                base_url=conf.base_url,
+                keyless=conf.api_key is None,
+            )
+        )
+        for entry in conf.models:
+            extra = ExtraModel(model=entry) if isinstance(entry, str) else entry
+            models.append(
+                ModelSpec(
+                    id=f"{pid}/{extra.model}",
+                    name=extra.name or extra.model,
+                    tier=extra.tier,
+                    context_window=extra.context_window,
+                    max_output_tokens=min(extra.max_output_tokens, extra.context_window),
+                    input_per_1m=extra.input_per_1m,
+                    output_per_1m=extra.output_per_1m,
+                    capabilities=frozenset(extra.capabilities),  # type: ignore[arg-type]
+                    quality=extra.quality,
+                    tokens_per_s=extra.tokens_per_s,
+                    ttft_ms=extra.ttft_ms,
+                    source="config",
+                )
+            )
+    return providers, models
+
+
+def read_config_file(path: Path) -> ConfigFile:
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    try:
+        return ConfigFile.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    catalog: Catalog | None = None,
+) -> Settings:
+    """File < environment < flags (flags are applied by the caller with `with_overrides`).
+
+    An explicit path (flag, then P402_CONFIG) must exist; the default path may be absent.
+    """
+    env = os.environ if env is None else env
+    explicit = config_path or env.get("P402_CONFIG")
+    path = Path(explicit).expanduser() if explicit else default_config_path()
+    if explicit or path.exists():
+        file = read_config_file(path)
+    else:
+        file, path = ConfigFile(), None  # type: ignore[assignment]
+    if catalog is None:
+        overrides = env.get("P402_CATALOG_OVERRIDES")
+        catalog = load_catalog(overrides_path=Path(overrides) if overrides else default_overrides_path())
+    if env.get("P402_MODE"):
+        if env["P402_MODE"] not in MODES:
+            raise ConfigError(f"P402_MODE={env['P402_MODE']!r} is not a mode; choose one of {', '.join(MODES)}")
+        file.router.mode = env["P402_MODE"]  # type: ignore[assignment]
+    return Settings(file, catalog, env, source=path)

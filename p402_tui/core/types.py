@@ -1,0 +1,311 @@
+"""The shapes every part of P402 speaks.
+
+Requests arrive in the OpenAI chat shape (pydantic, validated once at the edge).
+Responses and stream chunks are slotted dataclasses: they are built on the hot
+path, once per token, and only turned into OpenAI-shaped dicts when they leave.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Tier = Literal["budget", "mid", "premium"]
+Wire = Literal["openai", "anthropic", "gemini", "cohere"]
+Capability = Literal[
+    "chat",
+    "streaming",
+    "vision",
+    "function_calling",
+    "json_mode",
+    "reasoning",
+    "web_search",
+    "embeddings",
+]
+CAPABILITIES: tuple[str, ...] = Capability.__args__  # type: ignore[attr-defined]
+TIERS: tuple[str, ...] = Tier.__args__  # type: ignore[attr-defined]
+TIER_RANK = {tier: rank for rank, tier in enumerate(TIERS)}
+
+
+# --- Requests (OpenAI chat shape) ------------------------------------------
+
+
+class _Open(BaseModel):
+    """Wire models keep fields we do not know, so nothing a caller sent is lost."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ImageURL(_Open):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(_Open):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class FunctionCall(_Open):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Open):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's text, image parts left out."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content if part.type == "text")
+
+    def images(self) -> list[ImageURL]:
+        if isinstance(self.content, list):
+            return [p.image_url for p in self.content if p.type == "image_url" and p.image_url]
+        return []
+
+
+class FunctionDef(_Open):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Tool(_Open):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class ChatRequest(_Open):
+    """An OpenAI chat completion request. `model` is a wire id, `provider/model`, or None to route."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def has_images(self) -> bool:
+        return any(m.images() for m in self.messages)
+
+    def needs(self) -> set[str]:
+        """Capabilities the request itself implies."""
+        need = {"chat"}
+        if self.has_images():
+            need.add("vision")
+        if self.tools:
+            need.add("function_calling")
+        if self.response_format and self.response_format.get("type") in ("json_object", "json_schema"):
+            need.add("json_mode")
+        if self.stream:
+            need.add("streaming")
+        return need
+
+    def system_text(self) -> str:
+        return "\n\n".join(m.text() for m in self.messages if m.role in ("system", "developer"))
+
+    def last_user_text(self) -> str:
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.text()
+        return ""
+
+
+# --- Responses ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts as the provider reported them; never recounted."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # part of prompt_tokens read from the provider's prompt cache
+    reasoning_tokens: int = 0  # part of completion_tokens spent thinking
+    cache_write_tokens: int = 0  # Anthropic cache creation, billed above the input rate
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+        }
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call; pieces with the same index join up."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "function": {"arguments": self.arguments}}
+        if self.id is not None:
+            out["id"] = self.id
+            out["type"] = "function"
+        if self.name is not None:
+            out["function"]["name"] = self.name
+        return out
+
+
+@dataclass(slots=True)
+class ChatChunk:
+    """One streamed piece of an answer, in OpenAI's chunk terms."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    role: str | None = None
+    extra: dict[str, Any] | None = None  # provider extras: citations, search_results
+    error: dict[str, Any] | None = None  # set on the last chunk of a stream that broke
+
+    def to_openai(self, *, id: str, model: str, created: int) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if self.role:
+            delta["role"] = self.role
+        if self.content:
+            delta["content"] = self.content
+        if self.reasoning:
+            delta["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            delta["tool_calls"] = [t.to_openai() for t in self.tool_calls]
+        out: dict[str, Any] = {
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": self.finish_reason}],
+        }
+        if self.usage is not None:
+            out["usage"] = self.usage.to_openai()
+        if self.extra:
+            out.update(self.extra)
+        return out
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try at one model, kept whether it worked or not."""
+
+    provider: str
+    model: str
+    error_kind: str | None = None
+    error: str | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class P402Meta:
+    """What P402 adds to every answer: where it went, what it cost, how it got there."""
+
+    provider: str
+    model: str
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    decision_id: str | None = None
+    cached: bool = False
+    saved_usd: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "cost_usd": self.cost_usd,
+            "latency_ms": round(self.latency_ms, 3),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            "attempts": [
+                {"provider": a.provider, "model": a.model, "error_kind": a.error_kind, "error": a.error}
+                for a in self.attempts
+            ],
+            "decision_id": self.decision_id,
+            "cached": self.cached,
+            "saved_usd": self.saved_usd,
+        }
+
+
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(slots=True)
+class ChatResponse:
+    """A whole answer. `model` is the provider's wire id; `provider` the catalog provider id."""
+
+    provider: str
+    model: str
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI shape: {id, type, function: {name, arguments}}
+    finish_reason: str = "stop"
+    usage: Usage = field(default_factory=Usage)
+    id: str = field(default_factory=new_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+    extra: dict[str, Any] | None = None
+    p402: P402Meta | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning:
+            message["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
+            "usage": self.usage.to_openai(),
+        }
+        if self.extra:
+            out.update(self.extra)
+        if self.p402 is not None:
+            out["p402"] = self.p402.to_dict()
+        return out
+
+
+@dataclass(slots=True)
+class Embeddings:
+    provider: str
+    model: str
+    vectors: list[list[float]]
+    prompt_tokens: int = 0

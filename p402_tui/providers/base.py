@@ -1,0 +1,279 @@
+"""What every provider adapter offers, and the plumbing they share.
+
+An adapter turns our OpenAI-shaped `ChatRequest` into one provider's wire format
+and the provider's answer back into `ChatResponse` / `ChatChunk`. Each provider
+gets one pooled `httpx.AsyncClient`. Closing a stream (breaking out of the
+`async for`, or cancelling the task) closes the upstream response at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+
+from ..core.config import ResolvedProvider
+from ..core.errors import (
+    ConnectionLostError,
+    MalformedResponseError,
+    ProviderError,
+    StreamInterruptedError,
+    TimeoutError,
+    redact,
+)
+from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings
+
+
+@dataclass(slots=True)
+class HealthResult:
+    ok: bool
+    latency_ms: float
+    detail: str = ""
+
+
+class Adapter:
+    """Base class: subclasses implement the four wire-specific methods."""
+
+    wire: ClassVar[str] = ""
+
+    def __init__(self, provider: ResolvedProvider, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.provider = provider
+        self.id = provider.id
+        self.client = httpx.AsyncClient(
+            base_url=provider.base_url,
+            headers={**provider.spec.headers, **self.auth_headers(), **provider.headers},
+            timeout=httpx.Timeout(provider.timeout_s, connect=provider.connect_timeout_s),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.provider.base_url}>"
+
+    # --- what subclasses provide -------------------------------------------
+
+    def auth_headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
+        raise NotImplementedError
+
+    def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
+        raise NotImplementedError
+
+    async def list_models(self) -> list[str]:
+        raise NotImplementedError(f"{self.id} has no model list endpoint")
+
+    async def embed(self, texts: list[str], *, model: str) -> Embeddings:
+        raise NotImplementedError(f"{self.id} offers no embeddings")
+
+    async def health_check(self) -> HealthResult:
+        """A cheap authenticated call; the model list where there is one."""
+        start = time.perf_counter()
+        try:
+            await self.list_models()
+        except ProviderError as error:
+            return HealthResult(False, (time.perf_counter() - start) * 1000, f"{error.kind}: {error.message}")
+        return HealthResult(True, (time.perf_counter() - start) * 1000)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    # --- shared plumbing -------------------------------------------------------
+
+    def clean(self, text: str) -> str:
+        """Provider text with any key in force scrubbed out."""
+        return redact(text, (self.provider.key(),))
+
+    def transport_error(self, error: httpx.HTTPError, model: str, *, started: bool = False) -> ProviderError:
+        """Map an httpx failure to our hierarchy; `started` means content had begun to flow."""
+        where = {"provider": self.id, "model": model}
+        message = self.clean(str(error) or type(error).__name__)
+        if isinstance(error, httpx.ConnectTimeout):
+            return TimeoutError(f"connect timed out: {message}", phase="connect", **where)
+        if isinstance(error, httpx.TimeoutException):
+            return TimeoutError(f"read timed out: {message}", phase="read", **where)
+        if started:
+            return StreamInterruptedError(f"stream broke: {message}", **where)
+        return ConnectionLostError(f"connection failed: {message}", **where)
+
+    @asynccontextmanager
+    async def open_stream(self, method: str, url: str, model: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """Send a streaming request; raise mapped errors for a non-2xx answer; always close the response."""
+        try:
+            request = self.client.build_request(method, url, **kwargs)
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as error:
+            raise self.transport_error(error, model) from None
+        try:
+            if response.status_code >= 400:
+                body = await response.aread()
+                raise self.error_from_response(response.status_code, body, response.headers, model)
+            yield response
+        finally:
+            await response.aclose()
+
+    async def post_json(self, url: str, payload: dict[str, Any], model: str, **kwargs: Any) -> Any:
+        try:
+            response = await self.client.post(url, json=payload, **kwargs)
+        except httpx.HTTPError as error:
+            raise self.transport_error(error, model) from None
+        if response.status_code >= 400:
+            raise self.error_from_response(response.status_code, response.content, response.headers, model)
+        try:
+            return response.json()
+        except ValueError:
+            raise MalformedResponseError(
+                f"answer is not JSON: {self.clean(response.text[:200])}", provider=self.id, model=model
+            ) from None
+
+    async def get_json(self, url: str, model: str = "", **kwargs: Any) -> Any:
+        try:
+            response = await self.client.get(url, **kwargs)
+        except httpx.HTTPError as error:
+            raise self.transport_error(error, model) from None
+        if response.status_code >= 400:
+            raise self.error_from_response(response.status_code, response.content, response.headers, model)
+        try:
+            return response.json()
+        except ValueError:
+            raise MalformedResponseError("answer is not JSON", provider=self.id, model=model) from None
+
+    def error_from_response(
+        self, status: int, body: bytes, headers: httpx.Headers, model: str
+    ) -> ProviderError:
+        """Subclasses read their provider's error shape; see each wire module."""
+        raise NotImplementedError
+
+    def first_token_deadline(self) -> float:
+        return self.provider.first_token_timeout_s
+
+
+async def with_first_token_timeout(
+    chunks: AsyncIterator[ChatChunk], timeout_s: float, provider: str, model: str
+) -> AsyncIterator[ChatChunk]:
+    """Fail with a first-token timeout when nothing useful arrives in time; after that, pass through."""
+    iterator = chunks.__aiter__()
+    try:
+        try:
+            first = await asyncio.wait_for(iterator.__anext__(), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"no first token within {timeout_s:g}s", phase="first_token", provider=provider, model=model
+            ) from None
+        except StopAsyncIteration:
+            return
+        yield first
+        async for chunk in iterator:
+            yield chunk
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
+    """Server-sent events as (event, data) pairs.
+
+    Decodes raw bytes ourselves instead of `aiter_lines()`: splitting on b"\\n"
+    in one pass is the hot loop of every stream, and this keeps it cheap.
+    Comment lines (`: keep-alive`, `: OPENROUTER PROCESSING`) are skipped.
+    """
+    buffer = b""
+    event: str | None = None
+    data: list[str] = []
+    async for raw in response.aiter_bytes():
+        buffer += raw
+        if b"\n" not in buffer:
+            continue
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    yield event, "\n".join(data)
+                event, data = None, []
+                continue
+            if line.startswith(b"data:"):
+                value = line[5:]
+                data.append((value[1:] if value.startswith(b" ") else value).decode())
+            elif line.startswith(b"event:"):
+                event = line[6:].strip().decode()
+            # ":" comments, "id:" and "retry:" lines carry nothing we use
+    if buffer.strip().startswith(b"data:"):
+        value = buffer.strip()[5:]
+        data.append((value[1:] if value.startswith(b" ") else value).decode())
+    if data:
+        yield event, "\n".join(data)
+
+
+def retry_after_seconds(headers: httpx.Headers, body_hint: float | None = None) -> float | None:
+    """The wait a 429 asks for: Retry-After (seconds or HTTP date), then rate-limit reset headers."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            if parsed is not None:
+                return max(parsed.timestamp() - time.time(), 0.0)
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset"):
+        value = headers.get(name)
+        if value:
+            seconds = _duration(value)
+            if seconds is not None:
+                return seconds
+    return body_hint
+
+
+def _duration(value: str) -> float | None:
+    """OpenAI-style reset durations: '1s', '6m0s', '250ms', or plain seconds."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    total, number = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if value.startswith("ms", i) else ch
+        if unit not in units or not number:
+            return None
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    return total if not number else None
+
+
+def make_adapter(provider: ResolvedProvider, *, transport: httpx.AsyncBaseTransport | None = None) -> Adapter:
+    """The adapter for a provider's wire family."""
+    wire = provider.spec.wire
+    if wire == "openai":
+        from .openai_compat import OpenAICompatAdapter as cls
+    elif wire == "anthropic":
+        from .anthropic import AnthropicAdapter as cls  # type: ignore[assignment]
+    elif wire == "gemini":
+        from .gemini import GeminiAdapter as cls  # type: ignore[assignment]
+    elif wire == "cohere":
+        from .cohere import CohereAdapter as cls  # type: ignore[assignment]
+    else:  # pragma: no cover - the catalog schema admits only these four
+        raise ValueError(f"unknown wire family {wire!r}")
+    return cls(provider, transport=transport)

@@ -1,0 +1,233 @@
+"""The simulator's core: deterministic answers, latency profiles, faults and stats.
+
+Each wire family module (`sim/openai_family.py`, `sim/anthropic.py`,
+`sim/gemini.py`, `sim/cohere.py`) turns what this engine produces into its
+provider's exact wire format. The engine knows nothing of wire formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.catalog import Catalog, ModelSpec
+
+FaultKind = Literal["error", "rate_limit", "timeout", "disconnect", "malformed"]
+
+
+class Fault(BaseModel):
+    """A rehearsed outage: `POST /_sim/faults` takes this body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = "*"  # a provider id, or * for every provider
+    model: str | None = None  # a wire model id, or None for every model
+    kind: FaultKind
+    probability: float = Field(default=1.0, ge=0, le=1)
+    status: int | None = None  # error: 500 (default), 502, 503 or 529
+    retry_after_s: float | None = Field(default=None, ge=0)
+    after_tokens: int = Field(default=0, ge=0)  # disconnect / malformed / timeout mid-stream after N tokens
+    count: int | None = Field(default=None, ge=1)  # fire at most this many times, then retire
+
+    def matches(self, provider: str, model: str) -> bool:
+        return self.provider in ("*", provider) and self.model in (None, model)
+
+
+class SimDisconnect(Exception):
+    """Raised inside a response body to drop the connection mid-answer."""
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the simulated model says, before any wire format is applied."""
+
+    text: str
+    pieces: list[str]  # streamed deltas, joined they make `text`
+    prompt_tokens: int
+    completion_tokens: int
+    tool_call: dict[str, Any] | None = None  # {"id", "name", "arguments" (JSON text)}
+    finish_reason: Literal["stop", "length", "tool_calls"] = "stop"
+
+
+@dataclass(slots=True)
+class StreamStats:
+    opened: int = 0
+    completed: int = 0
+    cancelled: int = 0  # the client went away before the end
+    open_now: int = 0
+
+
+_WORDS = (
+    "the router weighs cost quality and speed before it picks a model for each request while the cache "
+    "remembers answers that were paid for once so a repeated question costs nothing a provider that fails "
+    "opens its circuit and traffic moves to the next candidate until a probe finds it healthy again every "
+    "token is counted every cent is kept in the ledger and the console shows decisions as they happen "
+    "latency budgets tiers context windows and capabilities narrow the field streaming answers arrive "
+    "piece by piece with the first token measured and the spend updated when the usage comes in"
+).split()
+
+
+class SimState:
+    """Everything one simulator process knows: catalog, faults, counters, randomness."""
+
+    def __init__(self, catalog: Catalog, *, seed: int = 0, latency: bool = True, speed: float = 1.0) -> None:
+        self.catalog = catalog
+        self.seed = seed
+        self.latency = latency
+        self.speed = speed  # >1 answers faster than the catalog profile
+        self.faults: list[Fault] = []
+        self.calls: dict[str, Counter[str]] = defaultdict(Counter)
+        self.streams = StreamStats()
+        self.started = time.time()
+        self._rng = random.Random(seed)
+        self._fired: Counter[int] = Counter()
+
+    # --- faults and stats ---------------------------------------------------
+
+    def add_fault(self, fault: Fault) -> None:
+        self.faults.append(fault)
+
+    def clear_faults(self, provider: str | None = None) -> None:
+        self.faults = [f for f in self.faults if provider is not None and f.provider != provider]
+
+    def fault_for(self, provider: str, model: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.matches(provider, model) and self._rng.random() < fault.probability:
+                key = id(fault)
+                self._fired[key] += 1
+                if fault.count is not None and self._fired[key] >= fault.count:
+                    self.faults.remove(fault)
+                return fault
+        return None
+
+    def record_call(self, provider: str, model: str) -> None:
+        self.calls[provider][model] += 1
+
+    def stats(self) -> dict[str, Any]:
+        providers = {
+            pid: {"calls": sum(models.values()), "models": dict(models)} for pid, models in sorted(self.calls.items())
+        }
+        return {
+            "calls": sum(p["calls"] for p in providers.values()),
+            "providers": providers,
+            "streams": asdict(self.streams),
+            "faults": [f.model_dump() for f in self.faults],
+            "uptime_s": round(time.time() - self.started, 3),
+        }
+
+    # --- models and answers -------------------------------------------------
+
+    def model_spec(self, provider: str, model: str) -> ModelSpec | None:
+        return self.catalog.models.get(f"{provider}/{model}")
+
+    def knows(self, provider: str, model: str) -> bool:
+        return f"{provider}/{model}" in self.catalog.models
+
+    def answer(
+        self,
+        provider: str,
+        model: str,
+        prompt_text: str,
+        *,
+        max_tokens: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        call_tool: str | None = None,
+    ) -> Answer:
+        """A deterministic answer: the same seed, model and prompt always give the same words.
+
+        `tools` are function definitions ({"name", "parameters"}); `call_tool` names the one to call
+        (the family module decides, from tool_choice and whether the last turn was a tool result).
+        """
+        from ..core.tokens import count_text
+
+        prompt_tokens = count_text(prompt_text).tokens
+        digest = hashlib.sha256(f"{self.seed}|{provider}/{model}|{prompt_text}".encode()).digest()
+        rng = random.Random(digest)
+        if call_tool and tools:
+            tool = next((t for t in tools if t.get("name") == call_tool), tools[0])
+            arguments = json.dumps(_arguments_for(tool.get("parameters") or {}, rng), separators=(",", ":"))
+            call = {"id": f"call_{digest.hex()[:24]}", "name": tool["name"], "arguments": arguments}
+            return Answer("", [], prompt_tokens, count_text(arguments).tokens, call, "tool_calls")
+        target = rng.randint(24, 90)
+        words = [rng.choice(_WORDS) for _ in range(target)]
+        pieces: list[str] = []
+        budget = max_tokens if max_tokens is not None else 1 << 30
+        finish: Literal["stop", "length"] = "stop"
+        sentence_start = True
+        for i, word in enumerate(words):
+            if i >= budget:
+                finish = "length"
+                break
+            text = word.capitalize() if sentence_start else word
+            sentence_start = rng.random() < 0.12 or i == len(words) - 1
+            punct = "." if sentence_start else ""
+            pieces.append(("" if i == 0 else " ") + text + punct)
+        text = "".join(pieces)
+        return Answer(text, pieces, prompt_tokens, count_text(text).tokens, None, finish)
+
+    # --- pacing ---------------------------------------------------------------
+
+    def profile(self, provider: str, model: str) -> tuple[float, float]:
+        """(time to first token in s, seconds per streamed piece); zero when latency is off."""
+        if not self.latency:
+            return 0.0, 0.0
+        spec = self.model_spec(provider, model)
+        ttft_ms = spec.ttft_ms if spec else 400.0
+        tps = spec.tokens_per_s if spec else 60.0
+        return ttft_ms / 1000 / self.speed, 1.0 / (tps * self.speed)
+
+    async def paced(
+        self, provider: str, model: str, pieces: list[str], fault: Fault | None = None
+    ) -> AsyncIterator[str]:
+        """Yield pieces at the model's pace; apply a mid-stream fault when one is due."""
+        first_wait, per_piece = self.profile(provider, model)
+        if first_wait:
+            await asyncio.sleep(first_wait)
+        for i, piece in enumerate(pieces):
+            if fault is not None and i == fault.after_tokens:
+                if fault.kind == "disconnect":
+                    raise SimDisconnect()
+                if fault.kind == "timeout":
+                    await asyncio.sleep(3600)
+            if per_piece and i:
+                await asyncio.sleep(per_piece)
+            yield piece
+
+    async def full_latency(self, provider: str, model: str, pieces: int) -> None:
+        """A non-streamed answer takes as long as its streamed twin would."""
+        first_wait, per_piece = self.profile(provider, model)
+        total = first_wait + per_piece * max(pieces - 1, 0)
+        if total:
+            await asyncio.sleep(total)
+
+
+def _arguments_for(schema: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """Plausible arguments that satisfy a JSON schema's required properties."""
+    out: dict[str, Any] = {}
+    properties = schema.get("properties") or {}
+    for name, prop in properties.items():
+        kind = prop.get("type", "string")
+        if "enum" in prop:
+            out[name] = prop["enum"][0]
+        elif kind == "integer":
+            out[name] = rng.randint(1, 100)
+        elif kind == "number":
+            out[name] = round(rng.uniform(0, 100), 2)
+        elif kind == "boolean":
+            out[name] = rng.random() < 0.5
+        elif kind == "array":
+            out[name] = []
+        elif kind == "object":
+            out[name] = _arguments_for(prop, rng)
+        else:
+            out[name] = rng.choice(("Paris", "Tokyo", "Lisbon", "Nairobi", "Lima"))
+    return out

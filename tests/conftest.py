@@ -1,0 +1,104 @@
+"""Shared fixtures: the real simulator over loopback, and settings pointed at it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from p402_tui.core.catalog import load_catalog
+from p402_tui.core.config import ConfigFile, Settings
+from p402_tui.sim.server import start_sim
+
+# The tests never read the developer's own config or keys.
+for _name in list(os.environ):
+    if _name.endswith("_API_KEY") or _name.startswith("P402_"):
+        del os.environ[_name]
+
+
+@pytest.fixture(scope="session")
+def catalog():
+    return load_catalog()
+
+
+@pytest.fixture
+async def sim(catalog):
+    """An in-process simulator with no latency, on a free loopback port."""
+    running = await start_sim(catalog, latency=False)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+def sim_settings(sim, catalog) -> Settings:
+    """Every provider pointed at the in-process simulator, with a key."""
+    return Settings(ConfigFile(), catalog, env={}).point_at(sim.url)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sim_config_text(url: str, catalog) -> str:
+    """A config file whose every provider points at a simulator at `url`."""
+    lines = []
+    for pid, spec in catalog.providers.items():
+        lines += [f"[providers.{pid}]", f'api_key = "sim-key-{pid}"', f'base_url = "{url}/{pid}{spec.base_path}"', ""]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def sim_process(tmp_path_factory, catalog):
+    """A real `p402 sim` process (no latency) and a config file pointing at it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p402_tui.cli", "sim", "--host", "127.0.0.1", "--port", str(port), "--no-latency"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"{url}/_sim/stats", timeout=0.5)
+            break
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"p402 sim did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+    config = tmp_path_factory.mktemp("simcfg") / "config.toml"
+    config.write_text(sim_config_text(url, catalog))
+    try:
+        yield {"url": url, "config": config, "process": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_cli(*args: str, config: Path | None = None, input: str | None = None, env: dict | None = None):
+    """Run `p402 ARGS` in a child process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    if config is not None:
+        full_env["P402_CONFIG"] = str(config)
+    return subprocess.run(
+        [sys.executable, "-m", "p402_tui.cli", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        env=full_env,
+        timeout=60,
+    )
