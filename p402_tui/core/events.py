@@ -1,0 +1,198 @@
+"""The event bus: how the console, the gateway's event stream and the store hear what happens.
+
+Publishing never waits. Each subscriber has a bounded queue; when a slow
+subscriber's queue is full its oldest event is dropped (and counted), so a
+stalled screen can never slow a request down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(slots=True)
+class Event:
+    """Base of all events. `kind` names the event on the wire (the gateway's SSE `event:` field)."""
+
+    kind: ClassVar[str] = "event"
+    ts: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"kind": self.kind, "ts": self.ts}
+        data.update(self.payload())
+        return data
+
+    def payload(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(slots=True)
+class RouteDecided(Event):
+    kind: ClassVar[str] = "route_decided"
+    decision: Any  # router.RouteDecision
+
+    def payload(self) -> dict[str, Any]:
+        return {"decision": self.decision.to_dict()}
+
+
+@dataclass(slots=True)
+class AttemptFailed(Event):
+    kind: ClassVar[str] = "attempt_failed"
+    request_id: str
+    decision_id: str | None
+    provider: str
+    model: str
+    error_kind: str
+    error: str
+    will_retry: bool
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "decision_id": self.decision_id,
+            "provider": self.provider,
+            "model": self.model,
+            "error_kind": self.error_kind,
+            "error": self.error,
+            "will_retry": self.will_retry,
+        }
+
+
+@dataclass(slots=True)
+class RequestCompleted(Event):
+    kind: ClassVar[str] = "request_completed"
+    record: Any  # hooks.RequestRecord
+
+    def payload(self) -> dict[str, Any]:
+        return {"record": self.record.to_dict()}
+
+
+@dataclass(slots=True)
+class HealthChanged(Event):
+    kind: ClassVar[str] = "health_changed"
+    provider: str
+    status: str  # healthy | degraded | down
+    previous: str
+    reason: str = ""
+    circuit: str = "closed"  # closed | open | half_open
+    retry_at: float | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "status": self.status,
+            "previous": self.previous,
+            "reason": self.reason,
+            "circuit": self.circuit,
+            "retry_at": self.retry_at,
+        }
+
+
+@dataclass(slots=True)
+class SpendUpdated(Event):
+    kind: ClassVar[str] = "spend_updated"
+    provider: str
+    model: str
+    cost_usd: float
+    session_id: str | None = None
+    total_today_usd: float | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "cost_usd": self.cost_usd,
+            "session_id": self.session_id,
+            "total_today_usd": self.total_today_usd,
+        }
+
+
+@dataclass(slots=True)
+class CacheHit(Event):
+    kind: ClassVar[str] = "cache_hit"
+    request_id: str
+    match: str  # exact | semantic
+    similarity: float
+    saved_usd: float
+    namespace: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "match": self.match,
+            "similarity": self.similarity,
+            "saved_usd": self.saved_usd,
+            "namespace": self.namespace,
+        }
+
+
+class Subscription:
+    """One subscriber's bounded queue. Iterate it, or call `get()`; `dropped` counts what it missed."""
+
+    def __init__(self, bus: "EventBus", maxsize: int, kinds: frozenset[str] | None) -> None:
+        self._bus = bus
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self.kinds = kinds
+        self.dropped = 0
+
+    def offer(self, event: Event) -> None:
+        if self.kinds is not None and event.kind not in self.kinds:
+            return
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(event)
+
+    async def get(self) -> Event:
+        return await self._queue.get()
+
+    def drain(self) -> list[Event]:
+        """Everything waiting, without waiting: how a UI batches its updates."""
+        events = []
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return events
+
+    def close(self) -> None:
+        self._bus.unsubscribe(self)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while True:
+            yield await self._queue.get()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscribers: list[Subscription] = []
+        self.published = 0
+
+    def subscribe(self, maxsize: int = 1000, kinds: set[str] | None = None) -> Subscription:
+        subscription = Subscription(self, maxsize, frozenset(kinds) if kinds else None)
+        self._subscribers.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        if subscription in self._subscribers:
+            self._subscribers.remove(subscription)
+
+    def publish(self, event: Event) -> None:
+        self.published += 1
+        for subscription in self._subscribers:
+            subscription.offer(event)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)

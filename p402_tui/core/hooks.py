@@ -1,0 +1,175 @@
+"""The seam between the orchestrator and what remembers: cache, budgets, ledger.
+
+The orchestrator calls these hooks around every request; the store package
+provides the real implementation (`store.persistence.Persistence`), and
+`NoHooks` runs the orchestrator with nothing remembered (tests of routing, the
+dry-run CLI). Hooks that write must not make the request wait: they enqueue.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .types import Attempt, ChatRequest, ChatResponse
+
+
+@dataclass(slots=True)
+class RouteOptions:
+    """How to choose a model. None means the configured default."""
+
+    mode: str | None = None
+    require: frozenset[str] = frozenset()
+    prefer: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_tier: str | None = None
+    max_cost_usd: float | None = None
+    model: str | None = None  # pin `provider/model` (or a bare id the catalog resolves)
+    failover: bool = True
+    max_retries: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "require": sorted(self.require),
+            "prefer": list(self.prefer),
+            "exclude": list(self.exclude),
+            "max_tier": self.max_tier,
+            "max_cost_usd": self.max_cost_usd,
+            "model": self.model,
+            "failover": self.failover,
+            "max_retries": self.max_retries,
+        }
+
+
+@dataclass(slots=True)
+class CallContext:
+    """Who asks and how the answer is kept."""
+
+    session_id: str | None = None
+    tag: str | None = None
+    namespace: str | None = None  # cache namespace; default: the session, else the gateway key, else "default"
+    cache: bool = True
+    api_key_id: str | None = None
+    source: str = "cli"  # cli | gateway | console | demo
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:20]}")
+
+    def cache_namespace(self) -> str:
+        return self.namespace or self.session_id or self.api_key_id or "default"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One ledger row: every request, failed and cached ones too."""
+
+    id: str
+    ts: float = field(default_factory=time.time)
+    session_id: str | None = None
+    api_key_id: str | None = None
+    tag: str | None = None
+    mode: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    est_cost_usd: float | None = None
+    saved_usd: float = 0.0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    status: str = "ok"  # ok | error
+    error_kind: str | None = None
+    error: str | None = None
+    cached: bool = False
+    decision_id: str | None = None
+    stream: bool = False
+    namespace: str | None = None
+    source: str = "cli"
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "session_id": self.session_id,
+            "api_key_id": self.api_key_id,
+            "tag": self.tag,
+            "mode": self.mode,
+            "provider": self.provider,
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cost_usd": self.cost_usd,
+            "est_cost_usd": self.est_cost_usd,
+            "saved_usd": self.saved_usd,
+            "latency_ms": self.latency_ms,
+            "ttft_ms": self.ttft_ms,
+            "status": self.status,
+            "error_kind": self.error_kind,
+            "error": self.error,
+            "cached": self.cached,
+            "decision_id": self.decision_id,
+            "stream": self.stream,
+            "namespace": self.namespace,
+            "source": self.source,
+            "attempts": [
+                {"provider": a.provider, "model": a.model, "error_kind": a.error_kind, "error": a.error}
+                for a in self.attempts
+            ],
+        }
+
+
+@dataclass(slots=True)
+class CachedAnswer:
+    """A cache hit: the stored answer and what it saves."""
+
+    response: ChatResponse
+    match: str  # exact | semantic
+    similarity: float
+    saved_usd: float
+
+
+class Hooks(Protocol):
+    async def lookup(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> CachedAnswer | None:
+        """Before routing: a cached answer, or None."""
+
+    async def check_budget(self, ctx: CallContext, est_cost_usd: float) -> None:
+        """Before any upstream call: raise BudgetExceededError if the session cannot afford it."""
+
+    def decided(self, decision: Any) -> None:
+        """A routing decision was made (enqueue its write)."""
+
+    def completed(
+        self, record: RequestRecord, request: ChatRequest, response: ChatResponse | None, options: RouteOptions, ctx: CallContext
+    ) -> None:
+        """After every request, ok or not: ledger row, cache insert on success (enqueue, never wait)."""
+
+    def health(self, snapshot: dict[str, Any]) -> None:
+        """A provider's health changed (enqueue a snapshot write)."""
+
+
+class NoHooks:
+    """Remember nothing."""
+
+    async def lookup(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> CachedAnswer | None:
+        return None
+
+    async def check_budget(self, ctx: CallContext, est_cost_usd: float) -> None:
+        return None
+
+    def decided(self, decision: Any) -> None:
+        return None
+
+    def completed(
+        self, record: RequestRecord, request: ChatRequest, response: ChatResponse | None, options: RouteOptions, ctx: CallContext
+    ) -> None:
+        return None
+
+    def health(self, snapshot: dict[str, Any]) -> None:
+        return None
