@@ -56,6 +56,7 @@ class ModelSpec(BaseModel):
     quality: float = Field(ge=0, le=1)
     tokens_per_s: float = Field(gt=0)
     ttft_ms: float = Field(default=500, gt=0)
+    deprecated_on: str | None = None  # YYYY-MM-DD the provider retires (or retired) this id, when announced
     source: str = ""
 
     @field_validator("id")
