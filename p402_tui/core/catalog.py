@@ -209,13 +209,123 @@ def load_catalog(path: Path = CATALOG_PATH, overrides_path: Path | None = None) 
     return parse_catalog(raw, overrides, origin=str(path.name))
 
 
+# --- `p402 catalog import`: LiteLLM's model_prices_and_context_window.json -------------
+
+# LiteLLM's `litellm_provider` value -> our provider id.
+LITELLM_PROVIDERS = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "gemini": "google",
+    "groq": "groq",
+    "deepseek": "deepseek",
+    "mistral": "mistral",
+    "codestral": "mistral",
+    "together_ai": "together",
+    "fireworks_ai": "fireworks",
+    "fireworks_ai-embedding-models": "fireworks",
+    "openrouter": "openrouter",
+    "cohere": "cohere",
+    "cohere_chat": "cohere",
+    "perplexity": "perplexity",
+    "ai21": "ai21",
+    "ai21_chat": "ai21",
+}
+# Routing prefixes LiteLLM puts in front of the provider's own model id.
+LITELLM_PREFIXES = frozenset(LITELLM_PROVIDERS) | {"google"}
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    updated: list[str]  # catalog ids with at least one changed value
+    unchanged: int  # known models whose values already match
+    unknown: int  # entries that name no model we know (ignored)
+
+
+def _litellm_model_id(key: str, entry: dict[str, Any]) -> str | None:
+    provider = LITELLM_PROVIDERS.get(str(entry.get("litellm_provider", "")))
+    if provider is None:
+        return None
+    prefix, _, rest = key.partition("/")
+    model = rest if rest and prefix in LITELLM_PREFIXES else key
+    return f"{provider}/{model}"
+
+
+def _per_1m(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    # 2.5e-06 * 1e6 is 2.4999999999999996; nine decimals keep every real price and drop the noise.
+    return round(value * 1e6, 9)
+
+
+def _tokens(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    return int(value)
+
+
+def _litellm_values(entry: dict[str, Any]) -> dict[str, float | int]:
+    values = {
+        "input_per_1m": _per_1m(entry.get("input_cost_per_token")),
+        "output_per_1m": _per_1m(entry.get("output_cost_per_token")),
+        "cached_input_per_1m": _per_1m(entry.get("cache_read_input_token_cost")),
+        "context_window": _tokens(entry.get("max_input_tokens")),
+        "max_output_tokens": _tokens(entry.get("max_output_tokens")),
+    }
+    return {field: value for field, value in values.items() if value is not None}
+
+
+def import_litellm_prices(litellm_json: dict[str, Any], catalog: Catalog) -> tuple[dict[str, Any], ImportReport]:
+    """Map LiteLLM's price file onto the models we know.
+
+    Returns an override dict in the `apply_overrides` shape holding only values that
+    differ from `catalog`, and a report. Entries for models we do not know are ignored.
+    """
+    changes: dict[str, dict[str, float | int]] = {}
+    unchanged = unknown = 0
+    seen: set[str] = set()
+    for key, entry in litellm_json.items():
+        if not isinstance(entry, dict) or key == "sample_spec":
+            continue
+        model_id = _litellm_model_id(key, entry)
+        known = catalog.models.get(model_id) if model_id else None
+        if known is None:
+            unknown += 1
+            continue
+        if known.id in seen:  # "deepseek-chat" and "deepseek/deepseek-chat" are one model; the first wins
+            continue
+        seen.add(known.id)
+        if "embeddings" in known.capabilities:
+            # our embedding entries bill no output; LiteLLM's output fields mean nothing for them
+            values = {k: v for k, v in _litellm_values(entry).items() if k in ("input_per_1m", "context_window")}
+        else:
+            values = _litellm_values(entry)
+        changed = {field: value for field, value in values.items() if getattr(known, field) != value}
+        if changed:
+            changes[known.id] = changed
+        else:
+            unchanged += 1
+    report = ImportReport(updated=sorted(changes), unchanged=unchanged, unknown=unknown)
+    return {"models": changes}, report
+
+
+def merge_overrides(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` over `existing`, field by field per model; neither argument is changed."""
+    models = {model_id: dict(fields) for model_id, fields in existing.get("models", {}).items()}
+    for model_id, fields in new.get("models", {}).items():
+        models[model_id] = {**models.get(model_id, {}), **fields}
+    return {**existing, **{k: v for k, v in new.items() if k != "models"}, "models": models}
+
+
 __all__ = [
     "CAPABILITIES",
     "CATALOG_PATH",
     "Catalog",
+    "ImportReport",
     "ModelSpec",
     "ProviderSpec",
     "apply_overrides",
+    "import_litellm_prices",
     "load_catalog",
+    "merge_overrides",
     "parse_catalog",
 ]
