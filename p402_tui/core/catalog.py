@@ -85,7 +85,12 @@ class ModelSpec(BaseModel):
         """USD for one call. Cached prompt tokens are billed at the cached rate where there is one."""
         cached_rate = self.input_per_1m if self.cached_input_per_1m is None else self.cached_input_per_1m
         fresh = max(prompt_tokens - cached_tokens, 0)
-        return (fresh * self.input_per_1m + cached_tokens * cached_rate + completion_tokens * self.output_per_1m) / 1e6
+        # Term by term, so that without cached tokens the float is exactly in*price/1e6 + out*price/1e6.
+        return (
+            fresh * self.input_per_1m / 1e6
+            + cached_tokens * cached_rate / 1e6
+            + completion_tokens * self.output_per_1m / 1e6
+        )
 
 
 class CatalogFile(BaseModel):
