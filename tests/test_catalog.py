@@ -128,6 +128,12 @@ def is_chat(model) -> bool:
 
 def test_twelve_providers_in_order(catalog):
     assert list(catalog.providers) == PROVIDER_IDS
+    # models come in provider blocks, in provider order
+    blocks: list[str] = []
+    for model in catalog.models.values():
+        if not blocks or blocks[-1] != model.provider:
+            blocks.append(model.provider)
+    assert blocks == PROVIDER_IDS
 
 
 @pytest.mark.parametrize("provider_id", PROVIDER_IDS)
