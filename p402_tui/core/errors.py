@@ -186,6 +186,13 @@ class UnknownModelError(P402Error):
     http_status = 404
 
 
+class InvalidRequestError(P402Error):
+    """A routing option we cannot honour as given: an unknown mode, capability, tier or provider."""
+
+    kind = "invalid_request"
+    http_status = 400
+
+
 class NoEligibleModelError(P402Error):
     kind = "no_eligible_model"
     http_status = 400
