@@ -97,6 +97,8 @@ class RouterConfig(_Section):
     weights: RouterWeights = Field(default_factory=RouterWeights)
     max_retries: int = Field(default=2, ge=0, le=10)
     default_output_tokens: int = Field(default=512, ge=1)
+    # Expected answer length per mode when a request sets no max_tokens; unset modes use default_output_tokens.
+    output_tokens: dict[Mode, int] = Field(default_factory=dict)
     probe_interval_s: float | None = Field(default=None, gt=0)  # active health probes; off unless set
 
 
