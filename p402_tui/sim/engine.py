@@ -63,7 +63,38 @@ class StreamStats:
     opened: int = 0
     completed: int = 0
     cancelled: int = 0  # the client went away before the end
+    broken: int = 0  # cut short or garbled on purpose by a fault
     open_now: int = 0
+
+
+class StreamTracker:
+    """Counts one streamed body: wrap the body generator's work in `with state.track_stream():`.
+
+    GeneratorExit or CancelledError inside the block means the client closed early.
+    """
+
+    __slots__ = ("stats", "broken")
+
+    def __init__(self, stats: StreamStats) -> None:
+        self.stats = stats
+        self.broken = False  # set when a fault garbles the stream but the body still ends normally
+
+    def __enter__(self) -> "StreamTracker":
+        self.stats.opened += 1
+        self.stats.open_now += 1
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        self.stats.open_now -= 1
+        if kind is None:
+            if self.broken:
+                self.stats.broken += 1
+            else:
+                self.stats.completed += 1
+        elif issubclass(kind, (GeneratorExit, asyncio.CancelledError)):
+            self.stats.cancelled += 1
+        else:
+            self.stats.broken += 1
 
 
 _WORDS = (
@@ -112,6 +143,13 @@ class SimState:
     def record_call(self, provider: str, model: str) -> None:
         self.calls[provider][model] += 1
 
+    def track_stream(self) -> StreamTracker:
+        return StreamTracker(self.streams)
+
+    def reset_stats(self) -> None:
+        self.calls.clear()
+        self.streams = StreamStats()
+
     def stats(self) -> dict[str, Any]:
         providers = {
             pid: {"calls": sum(models.values()), "models": dict(models)} for pid, models in sorted(self.calls.items())
@@ -141,11 +179,13 @@ class SimState:
         max_tokens: int | None = None,
         tools: list[dict[str, Any]] | None = None,
         call_tool: str | None = None,
+        words: int | None = None,
     ) -> Answer:
         """A deterministic answer: the same seed, model and prompt always give the same words.
 
         `tools` are function definitions ({"name", "parameters"}); `call_tool` names the one to call
         (the family module decides, from tool_choice and whether the last turn was a tool result).
+        `words` fixes the answer's length in streamed pieces (benchmarks want an exact count).
         """
         from ..core.tokens import count_text
 
@@ -157,20 +197,24 @@ class SimState:
             arguments = json.dumps(_arguments_for(tool.get("parameters") or {}, rng), separators=(",", ":"))
             call = {"id": f"call_{digest.hex()[:24]}", "name": tool["name"], "arguments": arguments}
             return Answer("", [], prompt_tokens, count_text(arguments).tokens, call, "tool_calls")
-        target = rng.randint(24, 90)
-        words = [rng.choice(_WORDS) for _ in range(target)]
+        target = words if words is not None else rng.randint(24, 90)
+        chosen = [rng.choice(_WORDS) for _ in range(target)]
         pieces: list[str] = []
         budget = max_tokens if max_tokens is not None else 1 << 30
+        spent = 0  # tokens so far, piece by piece, so completion tokens never exceed max_tokens
         finish: Literal["stop", "length"] = "stop"
         sentence_start = True
-        for i, word in enumerate(words):
-            if i >= budget:
-                finish = "length"
-                break
+        for i, word in enumerate(chosen):
             text = word.capitalize() if sentence_start else word
-            sentence_start = rng.random() < 0.12 or i == len(words) - 1
+            sentence_start = rng.random() < 0.12 or i == len(chosen) - 1
             punct = "." if sentence_start else ""
-            pieces.append(("" if i == 0 else " ") + text + punct)
+            piece = ("" if i == 0 else " ") + text + punct
+            if max_tokens is not None:
+                spent += count_text(piece).tokens
+                if spent > budget:
+                    finish = "length"
+                    break
+            pieces.append(piece)
         text = "".join(pieces)
         return Answer(text, pieces, prompt_tokens, count_text(text).tokens, None, finish)
 

@@ -5,15 +5,17 @@ URL, so `http://127.0.0.1:P/groq/openai/v1` stands for `https://api.groq.com/ope
 and both our adapters and the official SDKs work against it unchanged.
 
 Control API (for rehearsing outages):
-    POST   /_sim/faults   a Fault body; DELETE /_sim/faults[?provider=P] clears
+    POST   /_sim/faults   a Fault body; DELETE /_sim/faults[?provider=P] clears (all, or one provider's)
     GET    /_sim/faults   the faults in force
-    GET    /_sim/stats    calls per provider and model, stream counters
+    GET    /_sim/stats    calls per provider and model, stream counters; DELETE resets them
+Control errors are JSON: {"error": "..."} with status 400.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import socket
 from dataclasses import dataclass
 
@@ -21,11 +23,12 @@ import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import Send
 
 from ..core.catalog import Catalog
-from .engine import Fault, SimState
+from .engine import Fault, SimDisconnect, SimState
 
 FAMILY_MODULES = {
     "openai": "openai_family",
@@ -35,24 +38,89 @@ FAMILY_MODULES = {
 }
 
 
+class SimStream(StreamingResponse):
+    """A streamed body that is closed the moment the client goes away.
+
+    Starlette stops iterating a body when the client disconnects but leaves the
+    generator suspended for the garbage collector; closing it here runs its
+    `finally` (and `state.track_stream()`) at once, so stream stats are exact.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def hang_until_disconnect(request: Request, limit_s: float = 3600.0) -> None:
+    """A `timeout` fault: answer nothing until the client gives up (or `limit_s` passes)."""
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    try:
+        await asyncio.wait_for(client_gone(), limit_s)
+    except asyncio.TimeoutError:
+        pass
+
+
+class _QuietDisconnects(logging.Filter):
+    """A `disconnect` fault raises SimDisconnect on purpose; uvicorn need not log it as a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        return not isinstance(error, SimDisconnect)
+
+
+_quiet = _QuietDisconnects()
+
+
+def _family_module(wire: str):
+    """The wire family's simulator module, or None while that family is not written yet."""
+    name = f"{__package__}.{FAMILY_MODULES[wire]}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:
+            raise
+        logging.getLogger(__name__).warning("no simulator for the %s wire family yet", wire)
+        return None
+
+
 def _family_routes(state: SimState) -> list[BaseRoute]:
     mounts: list[BaseRoute] = []
     for provider in state.catalog.providers.values():
-        module = importlib.import_module(f"{__package__}.{FAMILY_MODULES[provider.wire]}")
-        mounts.append(Mount(f"/{provider.id}{provider.base_path}", routes=module.routes(state, provider)))
+        module = _family_module(provider.wire)
+        if module is not None:
+            mounts.append(Mount(f"/{provider.id}{provider.base_path}", routes=module.routes(state, provider)))
     return mounts
 
 
 def build_app(state: SimState) -> Starlette:
+    def refuse(message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=400)
+
     async def add_fault(request: Request) -> JSONResponse:
         try:
             fault = Fault.model_validate_json(await request.body())
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            return JSONResponse({"error": f"{where}: {first['msg']}"}, status_code=400)
+            return refuse(f"{where}: {first['msg']}")
         if fault.provider != "*" and fault.provider not in state.catalog.providers:
-            return JSONResponse({"error": f"unknown provider {fault.provider!r}"}, status_code=400)
+            return refuse(f"unknown provider {fault.provider!r}")
+        if fault.model is not None and fault.provider != "*" and not state.knows(fault.provider, fault.model):
+            return refuse(f"provider {fault.provider!r} has no model {fault.model!r}")
+        if fault.status is not None and fault.kind != "error":
+            return refuse(f"status only applies to kind 'error', not {fault.kind!r}")
+        if fault.status is not None and not 500 <= fault.status <= 599:
+            return refuse(f"status must be a 5xx server error (500, 502, 503, 529), not {fault.status}")
         state.add_fault(fault)
         return JSONResponse({"ok": True, "faults": len(state.faults)}, status_code=201)
 
@@ -60,17 +128,25 @@ def build_app(state: SimState) -> Starlette:
         return JSONResponse([f.model_dump() for f in state.faults])
 
     async def clear_faults(request: Request) -> JSONResponse:
-        state.clear_faults(request.query_params.get("provider"))
+        provider = request.query_params.get("provider")
+        if provider is not None and provider != "*" and provider not in state.catalog.providers:
+            return refuse(f"unknown provider {provider!r}")
+        state.clear_faults(None if provider == "*" else provider)
         return JSONResponse({"ok": True, "faults": len(state.faults)})
 
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse(state.stats())
+
+    async def reset_stats(request: Request) -> JSONResponse:
+        state.reset_stats()
+        return JSONResponse({"ok": True})
 
     control = [
         Route("/_sim/faults", add_fault, methods=["POST"]),
         Route("/_sim/faults", list_faults, methods=["GET"]),
         Route("/_sim/faults", clear_faults, methods=["DELETE"]),
         Route("/_sim/stats", stats, methods=["GET"]),
+        Route("/_sim/stats", reset_stats, methods=["DELETE"]),
     ]
     app = Starlette(routes=control + _family_routes(state))
     app.state.sim = state
@@ -109,6 +185,7 @@ async def start_sim(
     speed: float = 1.0,
 ) -> RunningSim:
     """Serve the simulator as a task in the running loop (port 0 picks a free one)."""
+    logging.getLogger("uvicorn.error").addFilter(_quiet)
     state = SimState(catalog, seed=seed, latency=latency, speed=speed)
     sock = _free_socket(host, port)
     config = uvicorn.Config(
