@@ -13,7 +13,8 @@ What differs from the OpenAI shape, and how it is bridged:
 - `temperature` is 0..1 here (0..2 in OpenAI's), so it is clamped; `seed` has no
   equivalent and is dropped.
 - Usage: the prompt is `input_tokens` plus both cache counts; `cache_read_input_tokens`
-  is what is billed at the cached rate.
+  is what is billed at the cached rate. A `cache_control` mark on a text part is passed on,
+  so prompt caching works through the OpenAI shape.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..core.errors import (
     StreamInterruptedError,
     error_for_status,
 )
-from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ToolCallDelta, Usage, new_id
+from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, ToolCallDelta, Usage, new_id
 from .base import Adapter, iter_sse, retry_after_seconds, with_first_token_timeout
 
 API_VERSION = "2023-06-01"
@@ -114,13 +115,9 @@ class AnthropicAdapter(Adapter):
             "max_tokens": request.max_tokens or self.default_max_tokens(model),
             "messages": self.messages(request.messages, model),
         }
-        system = [m.text() for m in request.messages if m.role in ("system", "developer")]
-        instruction = _json_instruction(request.response_format)
-        if instruction:
-            system.append(instruction)
-        system_text = "\n\n".join(s for s in system if s)
-        if system_text:
-            body["system"] = system_text
+        system = _system(request)
+        if system:
+            body["system"] = system
         if request.tools:
             body["tools"] = [_tool(t.function) for t in request.tools]
             choice = _tool_choice(request.tool_choice)
@@ -306,6 +303,38 @@ class AnthropicAdapter(Adapter):
 # --- request pieces ---------------------------------------------------------------
 
 
+def _system(request: ChatRequest) -> str | list[dict[str, Any]]:
+    """System and developer texts as one string, or as text blocks when one carries `cache_control`."""
+    blocks = [
+        block
+        for message in request.messages
+        if message.role in ("system", "developer")
+        for block in _text_blocks(message)
+    ]
+    instruction = _json_instruction(request.response_format)
+    if instruction:
+        blocks.append({"type": "text", "text": instruction})
+    if any("cache_control" in block for block in blocks):
+        return blocks
+    return "\n\n".join(block["text"] for block in blocks)
+
+
+def _text_blocks(message: ChatMessage) -> list[dict[str, Any]]:
+    if isinstance(message.content, str) or message.content is None:
+        return [{"type": "text", "text": message.content}] if message.content else []
+    return [_text_block(part) for part in message.content if part.type == "text" and part.text]
+
+
+def _text_block(part: ContentPart) -> dict[str, Any]:
+    # A `cache_control` mark on an OpenAI text part (as OpenRouter and LiteLLM accept it) is kept,
+    # so callers can use Anthropic's prompt caching through the OpenAI shape.
+    block: dict[str, Any] = {"type": "text", "text": part.text}
+    cache_control = (part.model_extra or {}).get("cache_control")
+    if cache_control:
+        block["cache_control"] = cache_control
+    return block
+
+
 def _user_blocks(message: ChatMessage, provider: str, model: str) -> list[dict[str, Any]]:
     if isinstance(message.content, str) or message.content is None:
         return [{"type": "text", "text": message.content}] if message.content else []
@@ -313,7 +342,7 @@ def _user_blocks(message: ChatMessage, provider: str, model: str) -> list[dict[s
     for part in message.content:
         if part.type == "text":
             if part.text:
-                blocks.append({"type": "text", "text": part.text})
+                blocks.append(_text_block(part))
         elif part.image_url is not None:
             blocks.append(_image(part.image_url.url, provider, model))
     return blocks

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,12 +19,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..core.catalog import ModelSpec, ProviderSpec
 from ..core.tokens import count_text
 from .engine import Answer, Fault, SimDisconnect, SimState
+from .server import SimStream, hang_until_disconnect
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 FAULT_ERRORS = {
@@ -49,6 +49,7 @@ CACHE_MIN_TOKENS = 1024  # shorter prefixes are not cached (Anthropic's prompt-c
 CACHE_TTL_S = 300.0
 LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
 JSON_PIECE_CHARS = 12
+UNPACED_BATCH = 64  # pieces per write when latency is off, as a server flushing its buffer
 
 
 class Invalid(Exception):
@@ -226,7 +227,7 @@ class MessagesAPI:
         headers = {"request-id": f"req_{uuid.uuid4().hex[:24]}"}
         if streaming:
             events = self._stream(reply, answer, stop_reason, stop_sequence, fault)
-            return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+            return SimStream(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
         await self.state.full_latency(provider, model, len(answer.pieces) or 1)
         reply.update(content=_content(answer), stop_reason=stop_reason, stop_sequence=stop_sequence)
         if fault is not None and fault.kind in ("malformed", "disconnect"):
@@ -239,7 +240,7 @@ class MessagesAPI:
             wait = fault.retry_after_s if fault.retry_after_s is not None else 1.0
             reset = datetime.now(timezone.utc) + timedelta(seconds=wait)
             headers = {
-                "retry-after": str(math.ceil(wait)),
+                "retry-after": f"{wait:g}",
                 "anthropic-ratelimit-requests-limit": "50",
                 "anthropic-ratelimit-requests-remaining": "0",
                 "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
@@ -249,12 +250,10 @@ class MessagesAPI:
         if fault.kind == "error" and not (streaming and fault.after_tokens):
             status = fault.status or 500
             kind, message = FAULT_ERRORS.get(status, ("api_error", "Internal server error"))
-            return error(status, kind, message)
+            headers = {"retry-after": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else None
+            return error(status, kind, message, headers)
         if fault.kind == "timeout" and not streaming:
-            # Hang, but notice when the client gives up so the handler does not outlive it.
-            deadline = time.monotonic() + 3600
-            while time.monotonic() < deadline and not await request.is_disconnected():
-                await asyncio.sleep(0.05)
+            await hang_until_disconnect(request)
             return Response(status_code=504)
         return None
 
@@ -289,53 +288,49 @@ class MessagesAPI:
         stop_sequence: str | None,
         fault: Fault | None,
     ) -> AsyncIterator[bytes]:
-        streams = self.state.streams
-        streams.opened += 1
-        streams.open_now += 1
-        outcome = "cancelled"
-        try:
-            start_usage = {**reply["usage"], "output_tokens": 1}
-            yield _event("message_start", {"type": "message_start", "message": {**reply, "usage": start_usage}})
-            if answer.tool_call is not None:
-                call = answer.tool_call
-                block = {"type": "tool_use", "id": _tool_use_id(call["id"]), "name": call["name"], "input": {}}
-                arguments = json.dumps(json.loads(call["arguments"]))
-                pieces = [arguments[i : i + JSON_PIECE_CHARS] for i in range(0, len(arguments), JSON_PIECE_CHARS)]
-                delta = _json_delta
+        """The named-event SSE body; faults strike between pieces, as a real stream breaks mid-answer."""
+        if answer.tool_call is not None:
+            call = answer.tool_call
+            block = {"type": "tool_use", "id": _tool_use_id(call["id"]), "name": call["name"], "input": {}}
+            arguments = json.dumps(json.loads(call["arguments"]))
+            pieces = [arguments[i : i + JSON_PIECE_CHARS] for i in range(0, len(arguments), JSON_PIECE_CHARS)]
+            delta = _json_delta
+        else:
+            block, pieces, delta = {"type": "text", "text": ""}, answer.pieces, _text_delta
+        late = fault if fault is not None and fault.kind in ("malformed", "error") else None
+        if late is not None:
+            pieces = pieces[: late.after_tokens]
+        batch = 1 if self.state.latency else UNPACED_BATCH
+        with self.state.track_stream() as tracker:
+            start = {**reply, "usage": {**reply["usage"], "output_tokens": 1}}
+            yield (
+                _event("message_start", {"type": "message_start", "message": start})
+                + _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+                + PING
+            )
+            frames: list[bytes] = []
+            try:
+                async for piece in self.state.paced(self.provider.id, reply["model"], pieces, fault):
+                    frames.append(delta(piece))
+                    if len(frames) >= batch:
+                        yield b"".join(frames)
+                        frames.clear()
+            except SimDisconnect:
+                if frames:
+                    yield b"".join(frames)
+                raise
+            if late is not None:
+                tracker.broken = True
+                frames.append(_late_fault(late))
             else:
-                block, pieces, delta = {"type": "text", "text": ""}, answer.pieces, _text_delta
-            yield _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-            yield PING
-            pace_fault = fault if fault is not None and fault.kind in ("disconnect", "timeout") else None
-            late_fault = fault if fault is not None and fault.kind in ("malformed", "error") else None
-            if late_fault is not None:
-                pieces = pieces[: late_fault.after_tokens]
-            async for piece in self.state.paced(self.provider.id, reply["model"], pieces, pace_fault):
-                yield delta(piece)
-            if late_fault is not None:
-                outcome = "faulted"
-                yield _late_fault(late_fault)
-                return
-            yield BLOCK_STOP
-            yield _event(
-                "message_delta",
-                {
+                usage = {k: v for k, v in reply["usage"].items() if k != "service_tier"}
+                message_delta = {
                     "type": "message_delta",
                     "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                    "usage": {k: v for k, v in reply["usage"].items() if k != "service_tier"},
-                },
-            )
-            yield MESSAGE_STOP
-            outcome = "completed"
-        except SimDisconnect:
-            outcome = "faulted"
-            raise
-        finally:
-            streams.open_now -= 1
-            if outcome == "completed":
-                streams.completed += 1
-            elif outcome == "cancelled":
-                streams.cancelled += 1
+                    "usage": usage,
+                }
+                frames += [BLOCK_STOP, _event("message_delta", message_delta), MESSAGE_STOP]
+            yield b"".join(frames)
 
 
 # --- request checks ---------------------------------------------------------------
@@ -599,4 +594,4 @@ def _broken_body(body: bytes, fault: Fault) -> Response:
         yield half
         raise SimDisconnect()
 
-    return StreamingResponse(drop(), media_type="application/json", headers={"content-length": str(len(body))})
+    return SimStream(drop(), media_type="application/json", headers={"content-length": str(len(body))})
