@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -211,12 +212,148 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
     merged = merge_overrides(existing, overrides)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    summary = {"overrides_file": str(target), **report.to_dict()}
+    summary = {
+        "overrides_file": str(target),
+        "updated": report.updated,
+        "unchanged": report.unchanged,
+        "unknown": report.unknown,
+    }
     if args.json:
         print_json(summary)
     else:
         print(f"updated {len(report.updated)} models, {report.unchanged} unchanged, "
               f"{report.unknown} entries of unknown models ignored -> {target}")
+    return 0
+
+
+# --- chat and the simulator ---------------------------------------------------------------
+
+
+async def chat_once(settings, model_ref: str, request, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One request straight to one model; the answer, its usage, cost and timing as a JSON-ready dict.
+
+    `on_text` sees streamed text as it arrives.
+    """
+    import time
+
+    from .core.costs import call_cost
+    from .core.errors import ConfigError
+    from .providers.base import StreamAssembler, make_adapter
+
+    spec = settings.catalog.model(model_ref)
+    provider = settings.providers[spec.provider]
+    if not provider.enabled:
+        raise ConfigError(f"provider {spec.provider!r} is disabled in the config")
+    if not provider.usable:
+        where = " or ".join(provider.spec.api_key_env) or "api_key"
+        raise ConfigError(f"provider {spec.provider!r} has no API key: set {where}, or api_key under [providers.{spec.provider}]")
+    adapter = make_adapter(provider)
+    start = time.perf_counter()
+    ttft_ms = None
+    try:
+        if request.stream:
+            assembler = StreamAssembler(spec.provider, spec.model)
+            async for chunk in adapter.stream(request, model=spec.model):
+                if ttft_ms is None and (chunk.content or chunk.reasoning or chunk.tool_calls):
+                    ttft_ms = (time.perf_counter() - start) * 1000
+                if chunk.content and on_text is not None:
+                    on_text(chunk.content)
+                assembler.add(chunk)
+            response = assembler.response()
+        else:
+            response = await adapter.complete(request, model=spec.model)
+            if response.content and on_text is not None:
+                on_text(response.content)
+    finally:
+        await adapter.aclose()
+    usage = response.usage
+    result: dict[str, Any] = {
+        "content": response.content,
+        "provider": spec.provider,
+        "model": spec.id,
+        "upstream_model": response.model,
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "total_tokens": usage.total_tokens,
+        },
+        "cost_usd": call_cost(spec, usage),
+        "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+        "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
+        "finish_reason": response.finish_reason,
+    }
+    if response.reasoning:
+        result["reasoning"] = response.reasoning
+    if response.tool_calls:
+        result["tool_calls"] = response.tool_calls
+    if response.extra:
+        result.update(response.extra)
+    return result
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .core.types import ChatRequest
+
+    settings = settings_from(args)
+    prompt = read_text_arg(args.prompt)
+    if not prompt.strip():
+        raise P402Error("the prompt is empty")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": prompt})
+    request = ChatRequest(messages=messages, max_tokens=args.max_tokens, stream=args.stream)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = run_async(chat_once(settings, args.model, request, on_text=None if args.json else show))
+    if isinstance(result, int):  # interrupted
+        return result
+    if args.json:
+        print_json(result)
+        return 0
+    for call in result.get("tool_calls") or ():
+        function = call.get("function") or {}
+        sys.stdout.write(f"[tool call] {function.get('name')}({function.get('arguments')})\n")
+    if result["content"]:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    import signal
+
+    from .sim.server import start_sim
+
+    catalog = settings_from(args).catalog
+
+    async def serve() -> None:
+        try:
+            running = await start_sim(
+                catalog, host=args.host, port=args.port, seed=args.seed, latency=not args.no_latency, speed=args.speed
+            )
+        except OSError as error:
+            raise P402Error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+        url = running.url
+        pace = "no latency" if args.no_latency else f"latency x{1 / args.speed:g}"
+        print(f"p402 sim: {len(catalog.providers)} providers at {url} (seed {args.seed}, {pace}); Ctrl-C stops it")
+        print(f"  each provider is at {url}/<provider><its official base path>, e.g. {url}/openai/v1")
+        print(f'  config: [providers.openai] base_url = "{url}/openai/v1" api_key = "any"')
+        print(f"  faults: POST {url}/_sim/faults {{\"provider\": \"openai\", \"kind\": \"rate_limit\"}}; stats: GET {url}/_sim/stats")
+        sys.stdout.flush()
+        await running.task
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal; both end here quietly.
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -280,6 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=cmd_catalog_import)
 
+    p = sub.add_parser("chat", parents=[common], help="send one prompt straight to one model")
+    p.add_argument("--model", metavar="ID", required=True, help="provider/model, as `p402 models` lists them")
+    p.add_argument("--stream", action="store_true", help="stream the answer (JSON then includes ttft_ms)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: content, usage, cost, timing")
+    p.add_argument("--system", metavar="S", help="a system prompt")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="cap the answer's length")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read stdin")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("sim", parents=[common], help="serve every provider's API on loopback: no keys, no network")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=4021, help="port (default 4021; 0 picks a free one)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the generated answers (default 0)")
+    p.add_argument("--no-latency", action="store_true", help="answer at once instead of at each model's pace")
+    p.add_argument("--speed", type=_positive_float, default=1.0, metavar="X", help="pace X times faster (default 1)")
+    p.set_defaults(func=cmd_sim)
+
     p = sub.add_parser("demo", parents=[common], help="the console on simulated providers: no keys, no network")
     p.set_defaults(func=cmd_demo)
 
@@ -290,6 +444,20 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
     return value
 
 
@@ -318,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except P402Error as error:
         print(f"p402: {error.kind}: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        if os.environ.get("P402_DEBUG"):
+            raise
+        print(f"p402: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,10 +17,13 @@ from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.sim.server import start_sim
 
-# The tests never read the developer's own config or keys.
+# The tests never read the developer's own config, data or keys.
 for _name in list(os.environ):
     if _name.endswith("_API_KEY") or _name.startswith("P402_"):
         del os.environ[_name]
+_HOME = tempfile.mkdtemp(prefix="p402-tests-")
+os.environ["XDG_CONFIG_HOME"] = os.path.join(_HOME, "config")
+os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")
 
 
 @pytest.fixture(scope="session")
