@@ -1,0 +1,791 @@
+"""The router: which model answers a request, and which ones stand behind it.
+
+Five modes rank the eligible models:
+
+    cost      lowest estimated cost for this prompt and expected answer
+    quality   highest quality prior (the catalog's score, the tier breaking near-ties)
+    speed     lowest expected latency: time to first token + answer length / tokens per second,
+              measured live per model, catalog figures until traffic is seen
+    balanced  weighted sum of normalised cost, quality and speed (weights in config)
+    adaptive  balanced, multiplied by live health (error rate, tail latency, circuits)
+
+A decision is made on every request, so it has to be cheap. Everything that does not
+depend on the request is computed once per catalog: per-model numbers live in numpy
+arrays sorted by id (so the first of equal scores is always the smallest id), and the
+filters that depend only on the options (capabilities, providers, tier, circuits) are
+cached per option set. Per request that leaves a cost vector, three masks and an argmin.
+The full ranking, every candidate's component scores and the excluded list are built
+only when someone reads them (failover, the console, `p402 route`).
+
+Component scores are normalised to 0..1 over the models that pass the option filters
+(cost and speed on a log scale: prices span four orders of magnitude). The health
+component is not normalised: it is the live 0..1 health itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .catalog import Catalog, ModelSpec
+from .config import MODES, RouterConfig
+from .errors import InvalidRequestError
+from .hooks import RouteOptions
+from .tokens import count_messages
+from .types import CAPABILITIES, TIER_RANK, TIERS, ChatRequest
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .health import HealthTracker
+
+# Model names that ask the router to choose; `p402/<mode>` also picks the mode.
+AUTO_MODELS = frozenset({"auto", "p402/auto", "router"})
+
+NOT_CONFIGURED = "provider not configured"
+DISABLED = "provider disabled"
+EXCLUDED_PROVIDER = "excluded provider"
+CIRCUIT_OPEN = "circuit open"
+OVER_TIER = "over max_tier"
+CONTEXT_TOO_SMALL = "context too small"
+OUTPUT_TOO_SMALL = "max_tokens over output limit"
+OVER_COST = "over max_cost_usd"
+
+_BIT = {cap: 1 << i for i, cap in enumerate(CAPABILITIES)}
+# A few extra tenths of a micro-dollar keep log(cost) finite for free (local) models.
+_COST_FLOOR = 1e-7
+# Added to the sort key of models outside `prefer`: larger than any real key in that mode.
+_PREFER_PENALTY = {"cost": 1e4, "speed": 1e9}
+_TIER_NUDGE = 0.01  # quality mode: the tier breaks near-ties of the quality prior
+
+
+def _bits(capabilities: Iterable[str]) -> int:
+    bits = 0
+    for cap in capabilities:
+        bits |= _BIT[cap]
+    return bits
+
+
+def _missing(have: int, need: int) -> str:
+    names = [cap for cap in CAPABILITIES if need & _BIT[cap] and not have & _BIT[cap]]
+    return ("missing capability " if len(names) == 1 else "missing capabilities ") + ", ".join(names)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One eligible model with its scores; `score` is the mode's total, components are 0..1."""
+
+    id: str
+    provider: str
+    model: str
+    tier: str
+    score: float
+    cost: float
+    quality: float
+    speed: float
+    health: float
+    est_cost_usd: float
+    est_latency_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "model": self.model,
+            "tier": self.tier,
+            "score": round(self.score, 6),
+            "components": {
+                "cost": round(self.cost, 6),
+                "quality": round(self.quality, 6),
+                "speed": round(self.speed, 6),
+                "health": round(self.health, 6),
+            },
+            "est_cost_usd": self.est_cost_usd,
+            "est_latency_ms": round(self.est_latency_ms, 1),
+        }
+
+
+@dataclass(slots=True)
+class Excluded:
+    id: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "reason": self.reason}
+
+
+class RouteDecision:
+    """What the router chose and why.
+
+    `candidates` (ranked, the chosen one first), `fallbacks` (ids to try next, in order)
+    and `excluded` (every other model with its reason) are built on first read.
+    """
+
+    __slots__ = (
+        "id",
+        "ts",
+        "mode",
+        "prompt_tokens",
+        "est_output_tokens",
+        "decision_us",
+        "options",
+        "_chosen",
+        "_candidates",
+        "_fallbacks",
+        "_excluded",
+        "_ranking",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        ts: float,
+        mode: str,
+        chosen: Candidate | None = None,
+        fallbacks: list[str] | None = None,
+        candidates: list[Candidate] | None = None,
+        excluded: list[Excluded] | None = None,
+        prompt_tokens: int = 0,
+        est_output_tokens: int = 0,
+        decision_us: float = 0.0,
+        options: RouteOptions | None = None,
+        ranking: _Ranking | None = None,
+    ) -> None:
+        self.id = id
+        self.ts = ts
+        self.mode = mode
+        self.prompt_tokens = prompt_tokens
+        self.est_output_tokens = est_output_tokens
+        self.decision_us = decision_us
+        self.options = options or RouteOptions()
+        self._chosen = chosen
+        self._candidates = candidates
+        self._fallbacks = fallbacks
+        self._excluded = excluded
+        self._ranking = ranking
+
+    @property
+    def chosen(self) -> Candidate | None:
+        if self._chosen is None and self._ranking is not None and self._ranking.chosen >= 0:
+            self._chosen = self._ranking.candidate(self._ranking.chosen)
+        return self._chosen
+
+    @property
+    def chosen_id(self) -> str | None:
+        """The chosen model's id, without building its scores."""
+        if self._ranking is not None:
+            return self._ranking.entry.ids[self._ranking.chosen] if self._ranking.chosen >= 0 else None
+        return self._chosen.id if self._chosen is not None else None
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        if self._candidates is None:
+            if self._ranking is None:
+                self._candidates = [self._chosen] if self._chosen is not None else []
+            else:
+                chosen = self.chosen
+                rest = [self._ranking.candidate(i) for i in self._ranking.order() if i != self._ranking.chosen]
+                self._candidates = ([chosen] if chosen is not None else []) + rest
+        return self._candidates
+
+    @property
+    def fallbacks(self) -> list[str]:
+        if self._fallbacks is None:
+            if not self.options.failover or self.chosen_id is None:
+                self._fallbacks = []
+            elif self._ranking is not None:
+                ids = self._ranking.entry.ids
+                self._fallbacks = [ids[i] for i in self._ranking.order() if i != self._ranking.chosen]
+            else:
+                self._fallbacks = [c.id for c in self.candidates[1:]]
+        return self._fallbacks
+
+    @property
+    def excluded(self) -> list[Excluded]:
+        if self._excluded is None:
+            self._excluded = self._ranking.excluded() if self._ranking is not None else []
+        return self._excluded
+
+    @property
+    def est_cost_usd(self) -> float:
+        chosen = self.chosen
+        return chosen.est_cost_usd if chosen is not None else 0.0
+
+    def plan(self) -> list[Candidate]:
+        """The models to try, in order: the chosen one, then its fallbacks."""
+        if self.chosen is None:
+            return []
+        return self.candidates[: 1 + len(self.fallbacks)]
+
+    def why_none(self) -> str:
+        """Why nothing was chosen: the pinned model's reason, else the commonest reasons."""
+        excluded = self.excluded
+        if not excluded:
+            return "no model in the catalog"
+        pinned = self.options.model
+        if self._ranking is not None and self._ranking.entry.pin is not None:
+            pinned = self._ranking.entry.pinned_id
+        if pinned is not None:
+            for item in excluded:
+                if item.id == pinned:
+                    return f"{item.id}: {item.reason}"
+        counts: dict[str, int] = {}
+        for item in excluded:
+            reason = item.reason.split(" on ", 1)[0]  # "retired on <date>" counts as one reason
+            counts[reason] = counts.get(reason, 0) + 1
+        parts = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return "; ".join(f"{n} {reason}" for reason, n in parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        chosen = self.chosen
+        options = self.options.to_dict()
+        options["mode"] = self.mode
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "mode": self.mode,
+            "chosen": None
+            if chosen is None
+            else {
+                "id": chosen.id,
+                "provider": chosen.provider,
+                "model": chosen.model,
+                "tier": chosen.tier,
+                "est_cost_usd": chosen.est_cost_usd,
+                "score": round(chosen.score, 6),
+            },
+            "fallbacks": list(self.fallbacks),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "excluded": [e.to_dict() for e in self.excluded],
+            "prompt_tokens": self.prompt_tokens,
+            "est_output_tokens": self.est_output_tokens,
+            "decision_us": round(self.decision_us, 2),
+            "options": options,
+        }
+
+    def __repr__(self) -> str:
+        return f"<RouteDecision {self.id} {self.mode} -> {self.chosen_id}>"
+
+
+class _Entry:
+    """The models that pass one option set's request-independent filters, with their numbers."""
+
+    __slots__ = (
+        "idx",
+        "ids",
+        "prices",
+        "ctx",
+        "min_ctx",
+        "max_out",
+        "min_max_out",
+        "q_key",
+        "q_n",
+        "prefer_penalty",
+        "cheapest",
+        "dearest",
+        "excluded",
+        "pin",
+        "pinned_id",
+        "mode",
+        "live",
+    )
+
+    def __init__(self) -> None:
+        self.live: dict[int, _Vectors] = {}
+
+
+@dataclass(slots=True)
+class _Vectors:
+    """Per-answer-length numbers of an entry's models under one health epoch."""
+
+    epoch: int
+    latency: np.ndarray  # expected ms
+    speed: np.ndarray  # 0..1
+    health: np.ndarray  # 0..1
+    rest: np.ndarray  # weighted quality + speed: the part of a balanced score that is not cost
+
+
+class _Ranking:
+    """Everything a decision needs to build its candidates and exclusions later."""
+
+    __slots__ = ("router", "entry", "cost", "key", "bad", "masks", "chosen", "ot", "live", "_order", "_cost_n", "_vectors")
+
+    def __init__(
+        self,
+        router: Router,
+        entry: _Entry,
+        cost: np.ndarray,
+        key: np.ndarray,
+        bad: np.ndarray | None,
+        masks: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None],
+        chosen: int,
+        ot: int,
+        live: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ) -> None:
+        self.router = router
+        self.entry = entry
+        self.cost = cost
+        self.key = key
+        self.bad = bad
+        self.masks = masks
+        self.chosen = chosen
+        self.ot = ot
+        self.live = live
+        self._order: list[int] | None = None
+        self._cost_n: np.ndarray | None = None
+        self._vectors: _Vectors | None = None
+
+    def order(self) -> list[int]:
+        """Eligible positions, best first (equal keys: smallest id first)."""
+        if self._order is None:
+            ranked = np.argsort(self.key, kind="stable")
+            valid = int(np.count_nonzero(np.isfinite(self.key)))
+            self._order = ranked[:valid].tolist()
+        return self._order
+
+    def candidate(self, i: int) -> Candidate:
+        entry = self.entry
+        router = self.router
+        m = int(entry.idx[i])
+        if self._cost_n is None:
+            self._cost_n = _log_score(self.cost + _COST_FLOOR)
+            self._vectors = router._live_vectors(entry, self.ot, self.live)
+        vectors = self._vectors
+        assert vectors is not None
+        cost_n, q_n, s_n, h = float(self._cost_n[i]), float(entry.q_n[i]), float(vectors.speed[i]), float(vectors.health[i])
+        mode = entry.mode
+        if mode == "cost":
+            score = cost_n
+        elif mode == "quality":
+            score = q_n
+        elif mode == "speed":
+            score = s_n
+        else:
+            wc, wq, ws = router._weights
+            score = wc * cost_n + wq * q_n + ws * s_n
+            if mode == "adaptive":
+                score *= h
+        spec = router._specs[m]
+        return Candidate(
+            id=spec.id,
+            provider=spec.provider,
+            model=spec.model,
+            tier=spec.tier,
+            score=score,
+            cost=cost_n,
+            quality=q_n,
+            speed=s_n,
+            health=h,
+            est_cost_usd=float(self.cost[i]),
+            est_latency_ms=float(vectors.latency[i]),
+        )
+
+    def excluded(self) -> list[Excluded]:
+        out = list(self.entry.excluded)
+        ctx_bad, out_bad, cost_bad = self.masks
+        if self.bad is not None:
+            ids = self.entry.ids
+            for i in np.flatnonzero(self.bad).tolist():
+                if ctx_bad is not None and ctx_bad[i]:
+                    reason = CONTEXT_TOO_SMALL
+                elif out_bad is not None and out_bad[i]:
+                    reason = OUTPUT_TOO_SMALL
+                else:
+                    reason = OVER_COST
+                out.append(Excluded(ids[i], reason))
+        out.sort(key=lambda e: e.id)
+        return out
+
+
+def _log_score(values: np.ndarray) -> np.ndarray:
+    """1 for the smallest value, 0 for the largest, on a log scale (all 1 when they are equal)."""
+    logs = np.log(values)
+    lo, hi = logs.min(), logs.max()
+    if hi - lo < 1e-12:
+        return np.ones_like(logs)
+    return (hi - logs) / (hi - lo)
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points that can be the minimum of `x * a + y * b` for some x, y >= 0.
+
+    Those lie on the lower-left convex hull of the (a, b) points, a handful even for a
+    large catalog, so the cheapest and dearest cost of any prompt size is a short scan.
+    """
+    front: list[tuple[float, float]] = []
+    for a, b in sorted(set(points)):
+        if front and b >= front[-1][1]:
+            continue  # dominated: another point is no dearer on both prices
+        while len(front) >= 2:
+            (a1, b1), (a2, b2) = front[-2], front[-1]
+            if (a2 - a1) * (b - b1) - (b2 - b1) * (a - a1) <= 0:
+                front.pop()  # the middle point is on or above the segment: never the minimum alone
+            else:
+                break
+        front.append((a, b))
+    return front or [(0.0, 0.0)]
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    lo, hi = values.min(), values.max()
+    if hi - lo < 1e-12:
+        return np.ones_like(values)
+    return (values - lo) / (hi - lo)
+
+
+class Router:
+    """Chooses a model per request over a catalog, the usable providers and live health."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        config: RouterConfig | None = None,
+        health: HealthTracker | None = None,
+        *,
+        usable: Iterable[str] | None = None,
+        disabled: Iterable[str] = (),
+        today: date | None = None,
+    ) -> None:
+        """`usable`: providers that may be called (None: all); the rest are `disabled` or not configured."""
+        self.catalog = catalog
+        self.config = config or RouterConfig()
+        self.health = health
+        specs = sorted(catalog.models.values(), key=lambda m: m.id)
+        self._specs: list[ModelSpec] = specs
+        self._ids = [m.id for m in specs]
+        self._position = {mid: i for i, mid in enumerate(self._ids)}
+        self._providers = list(catalog.providers)
+        self._by_provider: dict[str, list[int]] = {p: [] for p in self._providers}
+        for i, m in enumerate(specs):
+            self._by_provider.setdefault(m.provider, []).append(i)
+        self._caps = [_bits(m.capabilities) for m in specs]
+        self._tier = [TIER_RANK[m.tier] for m in specs]
+        self._prices = np.array([(m.input_per_1m / 1e6, m.output_per_1m / 1e6) for m in specs], dtype=np.float64)
+        self._ctx = np.array([m.context_window for m in specs], dtype=np.int64)
+        self._max_out = np.array([m.max_output_tokens for m in specs], dtype=np.int64)
+        self._quality = np.array([m.quality + _TIER_NUDGE * TIER_RANK[m.tier] for m in specs], dtype=np.float64)
+        self._catalog_ttft = np.array([m.ttft_ms for m in specs], dtype=np.float64)
+        self._catalog_mspt = np.array([1000.0 / m.tokens_per_s for m in specs], dtype=np.float64)
+        today_text = (today or date.today()).isoformat()
+        self._retired = [m.deprecated_on is not None and m.deprecated_on <= today_text for m in specs]
+        # Live numbers: replaced, never mutated, so a decision keeps the arrays it was made with.
+        self._ttft = self._catalog_ttft
+        self._mspt = self._catalog_mspt
+        self._health = np.ones(len(specs), dtype=np.float64)
+        self._blocked = [False] * len(specs)
+        self._epoch = 0
+        self._dirty: set[str] = set()
+        self._next_change = math.inf
+        self._entries: dict[tuple[Any, ...], _Entry] = {}
+        self._prompts: dict[tuple[Any, ...], tuple[int, int]] = {}
+        self._ids_counter = itertools.count(1)
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._weights = self._normalised_weights()
+        self.set_providers(catalog.providers if usable is None else usable, disabled)
+        if health is not None:
+            health.add_listener(self._dirty.add)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, health: HealthTracker | None = None) -> Router:
+        usable = [p.id for p in settings.usable_providers()]
+        disabled = [pid for pid, p in settings.providers.items() if not p.enabled]
+        return cls(settings.catalog, settings.router, health, usable=usable, disabled=disabled)
+
+    def set_providers(self, usable: Iterable[str], disabled: Iterable[str] = ()) -> None:
+        """Which providers may be called now (after a key was added or a provider switched off)."""
+        self.usable = frozenset(usable)
+        self.disabled = frozenset(disabled)
+        self._entries.clear()
+
+    def _normalised_weights(self) -> tuple[float, float, float]:
+        w = self.config.weights
+        total = w.cost + w.quality + w.speed
+        if total <= 0:
+            return (1 / 3, 1 / 3, 1 / 3)
+        return (w.cost / total, w.quality / total, w.speed / total)
+
+    # --- the decision --------------------------------------------------------------
+
+    def route(self, request: ChatRequest, options: RouteOptions | None = None) -> RouteDecision:
+        """Rank the eligible models for this request. Never calls anything; `chosen` is None when none is eligible."""
+        started = time.perf_counter_ns()
+        if options is None:
+            options = RouteOptions()
+        if self.health is not None and (self._dirty or self.health.clock() >= self._next_change):
+            self._refresh()
+        prompt_tokens, need = self._prompt(request)
+        pin = options.model
+        if pin is None and request.model is not None:
+            pin = request.model
+        require, prefer, exclude = options.require, options.prefer, options.exclude
+        if type(require) is not frozenset or type(prefer) is not tuple or type(exclude) is not tuple:
+            require, prefer, exclude = frozenset(require), tuple(prefer), tuple(exclude)
+        entry_key = (options.mode, need, require, prefer, exclude, options.max_tier, pin)
+        entry = self._entries.get(entry_key)
+        if entry is None:
+            entry = self._entry(entry_key)
+        mode = entry.mode
+        max_tokens = request.max_tokens
+        ot = max_tokens if max_tokens is not None else self.config.output_tokens.get(mode, self.config.default_output_tokens)  # type: ignore[call-overload]
+
+        cost = entry.prices.dot((prompt_tokens, ot))
+        ctx_bad = out_bad = cost_bad = None
+        if prompt_tokens + ot > entry.min_ctx:
+            ctx_bad = entry.ctx < prompt_tokens + ot
+        if max_tokens is not None and max_tokens > entry.min_max_out:
+            out_bad = entry.max_out < max_tokens
+        if options.max_cost_usd is not None:
+            cost_bad = cost > options.max_cost_usd
+        bad = ctx_bad
+        for mask in (out_bad, cost_bad):
+            if mask is not None:
+                bad = mask if bad is None else bad | mask
+
+        live = (self._ttft, self._mspt, self._health)
+        if mode == "cost":
+            key = cost.copy() if bad is not None or entry.prefer_penalty is not None else cost
+        elif mode == "quality":
+            key = entry.q_key.copy()
+        else:
+            vectors = self._live_vectors(entry, ot, live)
+            if mode == "speed":
+                key = vectors.latency.copy()
+            else:
+                # -(wc * cost_n + rest), with cost_n = (H - log c) / (H - L): the constant wc*H/(H-L)
+                # drops out of a balanced ranking; adaptive multiplies by health, so it stays in.
+                low = min(prompt_tokens * a + ot * b for a, b in entry.cheapest)
+                high = max(prompt_tokens * a + ot * b for a, b in entry.dearest)
+                span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
+                key = np.log(cost + _COST_FLOOR)
+                if span > 1e-12:
+                    key *= self._weights[0] / span
+                    key -= vectors.rest
+                    if mode == "adaptive":
+                        key -= self._weights[0] * (math.log(high + _COST_FLOOR) / span)
+                else:
+                    key = -(vectors.rest + self._weights[0])
+                if mode == "adaptive":
+                    key *= vectors.health
+        if entry.prefer_penalty is not None:
+            key += entry.prefer_penalty
+        if bad is not None:
+            key[bad] = np.inf
+
+        if entry.pin is not None:
+            chosen = entry.pin if entry.pin >= 0 and (bad is None or not bad[entry.pin]) else -1
+        elif len(key):
+            chosen = int(key.argmin())
+            if key[chosen] == np.inf:
+                chosen = -1
+        else:
+            chosen = -1
+        ranking = _Ranking(self, entry, cost, key, bad, (ctx_bad, out_bad, cost_bad), chosen, ot, live)
+        return RouteDecision(
+            id=f"dec-{self._id_prefix}-{next(self._ids_counter)}",
+            ts=time.time(),
+            mode=mode,
+            prompt_tokens=prompt_tokens,
+            est_output_tokens=ot,
+            decision_us=(time.perf_counter_ns() - started) / 1000,
+            options=options,
+            ranking=ranking,
+        )
+
+    def _prompt(self, request: ChatRequest) -> tuple[int, int]:
+        """(prompt tokens, capability bits the request needs), counted once per distinct prompt."""
+        parts: list[Any] = []
+        for m in request.messages:
+            content = m.content
+            if type(content) is str and m.tool_calls is None and m.name is None and m.tool_call_id is None:
+                parts.append(m.role)
+                parts.append(content)
+            else:
+                parts.append(m.model_dump_json(exclude_none=True))
+        tools = request.tools
+        if tools:
+            parts.append(tuple(t.model_dump_json() for t in tools))
+        response_format = request.response_format
+        fmt = response_format.get("type") if response_format else None
+        key = (request.stream, fmt, *parts)
+        found = self._prompts.get(key)
+        if found is None:
+            tokens = count_messages(request.messages, tools=tools).tokens
+            found = (tokens, _bits(request.needs()))
+            if len(self._prompts) >= 4096:
+                self._prompts.clear()
+            self._prompts[key] = found
+        return found
+
+    def _entry(self, key: tuple[Any, ...]) -> _Entry:
+        """Apply the request-independent filters of one option set (cached until health or providers change)."""
+        mode_opt, need, require, prefer, exclude, max_tier, pin_ref = key
+        pin_ref, mode = self._pin_and_mode(pin_ref, mode_opt)
+        unknown = set(require) - set(CAPABILITIES)
+        if unknown:
+            raise InvalidRequestError(f"unknown capability {sorted(unknown)[0]!r}; choose from {', '.join(CAPABILITIES)}")
+        if max_tier is not None and max_tier not in TIER_RANK:
+            raise InvalidRequestError(f"unknown tier {max_tier!r}; choose from {', '.join(TIERS)}")
+        for provider in (*prefer, *exclude):
+            if provider not in self.catalog.providers:
+                raise InvalidRequestError(f"unknown provider {provider!r}; `p402 providers` lists them")
+        need |= _bits(require)
+        pin = self._position[self.catalog.model(pin_ref).id] if pin_ref is not None else None
+        tier_cap = TIER_RANK[max_tier] if max_tier is not None else len(TIERS)
+        excluded_providers = set(exclude)
+
+        keep: list[int] = []
+        excluded: list[Excluded] = []
+        for i, spec in enumerate(self._specs):
+            provider = spec.provider
+            if provider not in self.usable:
+                reason = DISABLED if provider in self.disabled else NOT_CONFIGURED
+            elif provider in excluded_providers:
+                reason = EXCLUDED_PROVIDER
+            elif self._blocked[i]:
+                reason = CIRCUIT_OPEN
+            elif self._retired[i] and i != pin:
+                reason = f"retired on {spec.deprecated_on}"
+            elif self._caps[i] & need != need:
+                reason = _missing(self._caps[i], need)
+            elif self._tier[i] > tier_cap:
+                reason = OVER_TIER
+            else:
+                keep.append(i)
+                continue
+            excluded.append(Excluded(spec.id, reason))
+
+        entry = _Entry()
+        entry.mode = mode
+        entry.idx = np.array(keep, dtype=np.int64)
+        entry.ids = [self._ids[i] for i in keep]
+        entry.prices = np.ascontiguousarray(self._prices[entry.idx]) if keep else np.zeros((0, 2))
+        entry.ctx = self._ctx[entry.idx]
+        entry.max_out = self._max_out[entry.idx]
+        entry.min_ctx = int(entry.ctx.min()) if keep else 0
+        entry.min_max_out = int(entry.max_out.min()) if keep else 0
+        quality = self._quality[entry.idx]
+        entry.q_key = -quality
+        entry.q_n = _minmax(quality) if keep else quality
+        prices = [(float(a), float(b)) for a, b in entry.prices]
+        entry.cheapest = _lower_hull(prices)
+        entry.dearest = [(-a, -b) for a, b in _lower_hull([(-a, -b) for a, b in prices])]
+        entry.prefer_penalty = None
+        if prefer:
+            preferred = set(prefer)
+            penalty = _PREFER_PENALTY.get(mode, 10.0)
+            entry.prefer_penalty = np.array(
+                [0.0 if self._specs[i].provider in preferred else penalty for i in keep], dtype=np.float64
+            )
+        entry.excluded = excluded
+        entry.pinned_id = self._ids[pin] if pin is not None else None
+        entry.pin = keep.index(pin) if pin is not None and pin in keep else None
+        if pin is not None and entry.pin is None:
+            # The pinned model failed a filter: keep nothing choosable, the excluded list says why.
+            entry.pin = -1
+        if len(self._entries) >= 256:
+            self._entries.clear()
+        self._entries[key] = entry
+        return entry
+
+    def _pin_and_mode(self, pin_ref: str | None, mode: str | None) -> tuple[str | None, str]:
+        if pin_ref is not None:
+            if pin_ref in AUTO_MODELS:
+                pin_ref = None
+            elif pin_ref.startswith("p402/") and pin_ref[5:] in MODES:
+                mode = mode or pin_ref[5:]
+                pin_ref = None
+        mode = mode or self.config.mode
+        if mode not in MODES:
+            raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        return pin_ref, mode
+
+    def _live_vectors(self, entry: _Entry, ot: int, live: tuple[np.ndarray, np.ndarray, np.ndarray]) -> _Vectors:
+        """Latency, speed score and health of the entry's models, cached per answer length and health epoch."""
+        current = live[0] is self._ttft and live[1] is self._mspt and live[2] is self._health
+        cached = entry.live.get(ot) if current else None
+        if cached is not None and cached.epoch == self._epoch:
+            return cached
+        ttft, mspt, health = live
+        idx = entry.idx
+        latency = ttft[idx] + ot * mspt[idx]
+        speed = _log_score(latency) if len(latency) else latency
+        _, wq, ws = self._weights
+        vectors = _Vectors(self._epoch, latency, speed, health[idx], entry.q_n * wq + speed * ws)
+        if current:
+            if len(entry.live) >= 16:
+                entry.live.clear()
+            entry.live[ot] = vectors
+        return vectors
+
+    def _refresh(self) -> None:
+        """Fold health changes into the live arrays (copies: decisions in flight keep theirs)."""
+        health = self.health
+        assert health is not None
+        now = health.clock()
+        timed = now >= self._next_change
+        providers = set(self._by_provider) if timed else set(self._dirty)
+        self._dirty.clear()
+        ttft, mspt, scores = self._ttft.copy(), self._mspt.copy(), self._health.copy()
+        blocked = list(self._blocked)
+        for provider in providers:
+            factor = health.provider_factor(provider)
+            for i in self._by_provider.get(provider, ()):
+                model_id = self._ids[i]
+                live = health.model_live(model_id)
+                ttft[i] = live.ttft_ms if live is not None and live.ttft_ms is not None else self._catalog_ttft[i]
+                mspt[i] = (
+                    1000.0 / live.tokens_per_s
+                    if live is not None and live.tokens_per_s
+                    else self._catalog_mspt[i]
+                )
+                scores[i] = factor * (live.health if live is not None else 1.0)
+                blocked[i] = health.blocked(provider, model_id, now)
+        self._ttft, self._mspt, self._health = ttft, mspt, scores
+        self._epoch += 1
+        if blocked != self._blocked:
+            self._blocked = blocked
+            self._entries.clear()
+        self._next_change = health.next_change_at()
+
+    # --- for the console and the CLI --------------------------------------------------
+
+    def models(self) -> list[ModelSpec]:
+        return list(self._specs)
+
+    def usable_models(self) -> list[ModelSpec]:
+        return [m for m in self._specs if m.provider in self.usable]
+
+
+def options_from(
+    *,
+    mode: str | None = None,
+    require: Iterable[str] = (),
+    prefer: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    max_tier: str | None = None,
+    max_cost_usd: float | None = None,
+    model: str | None = None,
+    failover: bool = True,
+    max_retries: int | None = None,
+) -> RouteOptions:
+    """RouteOptions from loose values (CLI flags, JSON bodies), normalised for the router's cache."""
+    return RouteOptions(
+        mode=mode,
+        require=frozenset(require),
+        prefer=tuple(prefer),
+        exclude=tuple(exclude),
+        max_tier=max_tier,
+        max_cost_usd=max_cost_usd,
+        model=model,
+        failover=failover,
+        max_retries=max_retries,
+    )
+
