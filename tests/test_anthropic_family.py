@@ -115,6 +115,24 @@ async def test_sdk_tool_use_round_trip(sdk):
     assert answer.stop_reason == "end_turn" and answer.content[0].type == "text" and answer.content[0].text
 
 
+async def test_sdk_reads_thinking(sdk):
+    ask = {
+        "model": MODEL,
+        "max_tokens": 2048,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": "Think first"}],
+    }
+    message = await sdk.messages.create(**ask)
+    async with sdk.messages.stream(**ask) as stream:
+        final = await stream.get_final_message()
+    thinking, text = message.content
+    assert thinking.type == "thinking" and thinking.thinking and thinking.signature
+    assert text.type == "text" and text.text
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in message.content]
+    assert final.usage.output_tokens == message.usage.output_tokens
+    assert 0 < message.usage.output_tokens_details.thinking_tokens < message.usage.output_tokens
+
+
 async def test_sdk_models_and_errors(sdk):
     ids = [model.id async for model in await sdk.models.list(limit=5)]  # pages through has_more / last_id
     assert MODEL in ids and len(ids) == len(set(ids)) > 5
@@ -214,6 +232,21 @@ async def test_tool_calls_both_ways(adapter):
     assert results["role"] == "user" and [b["tool_use_id"] for b in results["content"]] == [call["id"], "toolu_second"]
     answer = await adapter.complete(follow_up)
     assert answer.finish_reason == "stop" and answer.content and not answer.tool_calls
+
+
+async def test_reasoning_effort_thinks(adapter):
+    request = chat(user("Think about routers"), reasoning_effort="low", temperature=0.2)
+    body = adapter.payload(request, MODEL)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024} and "temperature" not in body
+    assert body["max_tokens"] > 1024
+    assert "thinking" not in adapter.payload(chat(user("hi"), reasoning_effort="low", max_tokens=500), MODEL)
+
+    response = await adapter.complete(request)
+    chunks = await collect(adapter.stream(request))
+    assert response.reasoning and response.content
+    assert "".join(c.reasoning for c in chunks) == response.reasoning and joined(chunks) == response.content
+    assert 0 < response.usage.reasoning_tokens < response.usage.completion_tokens
+    assert chunks[-1].usage == response.usage
 
 
 async def test_tool_choice_mapping(adapter):

@@ -12,6 +12,8 @@ What differs from the OpenAI shape, and how it is bridged:
   becomes an instruction appended to `system` (with the schema when there is one).
 - `temperature` is 0..1 here (0..2 in OpenAI's), so it is clamped; `seed` has no
   equivalent and is dropped.
+- `reasoning_effort` turns on extended thinking with a token budget; thinking comes
+  back as `reasoning`, and its tokens as `reasoning_tokens`.
 - Usage: the prompt is `input_tokens` plus both cache counts; `cache_read_input_tokens`
   is what is billed at the cached rate. A `cache_control` mark on a text part is passed on,
   so prompt caching works through the OpenAI shape.
@@ -41,6 +43,9 @@ from .base import Adapter, iter_sse, retry_after_seconds, with_first_token_timeo
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
+MIN_THINKING_BUDGET = 1024
+# OpenAI's reasoning_effort as an Anthropic thinking budget (LiteLLM's mapping; 1024 is Anthropic's minimum).
+THINKING_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096, "xhigh": 8192}
 
 STOP_REASONS = {
     "end_turn": "stop",
@@ -118,12 +123,19 @@ class AnthropicAdapter(Adapter):
         system = _system(request)
         if system:
             body["system"] = system
+        choice = None
         if request.tools:
             body["tools"] = [_tool(t.function) for t in request.tools]
             choice = _tool_choice(request.tool_choice)
             if choice is not None:
                 body["tool_choice"] = choice
-        if request.temperature is not None:
+        thinking = self.thinking_budget(request, model, forced_tool=choice is not None and choice["type"] in ("any", "tool"))
+        if thinking:
+            body["thinking"] = {"type": "enabled", "budget_tokens": thinking}
+            if not request.max_tokens:
+                body["max_tokens"] = thinking + self.default_max_tokens(model)
+            # Anthropic refuses sampling settings while thinking, so they are left out.
+        elif request.temperature is not None:
             body["temperature"] = min(request.temperature, 1.0)
         elif request.top_p is not None:
             # Newer Claude models refuse temperature and top_p together; temperature wins.
@@ -133,6 +145,22 @@ class AnthropicAdapter(Adapter):
         if stream:
             body["stream"] = True
         return body
+
+    def thinking_budget(self, request: ChatRequest, model: str, *, forced_tool: bool) -> int | None:
+        """Extended thinking tokens for OpenAI's `reasoning_effort`, or None for no thinking.
+
+        None too when the catalog says the model cannot think, when a tool call is forced
+        (Anthropic refuses both at once), or when the caller's max_tokens leaves no room.
+        """
+        budget = THINKING_BUDGETS.get((request.model_extra or {}).get("reasoning_effort") or "")
+        spec = self.catalog.models.get(f"{self.id}/{model}")
+        if budget is None or forced_tool or (spec is not None and "reasoning" not in spec.capabilities):
+            return None
+        if request.max_tokens is not None:
+            if request.max_tokens <= MIN_THINKING_BUDGET:
+                return None
+            budget = min(budget, request.max_tokens - 1)
+        return budget
 
     def messages(self, messages: list[ChatMessage], model: str) -> list[dict[str, Any]]:
         """User and assistant turns as content blocks, same-role neighbours merged."""

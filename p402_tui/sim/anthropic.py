@@ -10,11 +10,13 @@ the named-event SSE sequence and prompt caching for blocks marked `cache_control
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -49,6 +51,7 @@ CACHE_MIN_TOKENS = 1024  # shorter prefixes are not cached (Anthropic's prompt-c
 CACHE_TTL_S = 300.0
 LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
 JSON_PIECE_CHARS = 12
+PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the OpenAI family)
 UNPACED_BATCH = 64  # pieces per write when latency is off, as a server flushing its buffer
 
 
@@ -81,24 +84,8 @@ def _event(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _text_delta(piece: str) -> bytes:
-    # Built by hand: this is one per streamed piece, and the rest of the event never changes.
-    return (
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-        b'"delta":{"type":"text_delta","text":' + json.dumps(piece).encode() + b"}}\n\n"
-    )
-
-
-def _json_delta(piece: str) -> bytes:
-    return (
-        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-        b'"delta":{"type":"input_json_delta","partial_json":' + json.dumps(piece).encode() + b"}}\n\n"
-    )
-
-
 PING = _event("ping", {"type": "ping"})
 MESSAGE_STOP = _event("message_stop", {"type": "message_stop"})
-BLOCK_STOP = _event("content_block_stop", {"type": "content_block_stop", "index": 0})
 
 
 class MessagesAPI:
@@ -180,33 +167,23 @@ class MessagesAPI:
                 f"max_tokens: {body['max_tokens']} > {spec.max_output_tokens}, which is the maximum allowed "
                 f"number of output tokens for {model}",
             )
+        if _thinks(body) and "reasoning" not in spec.capabilities:
+            return error(400, "invalid_request_error", f"'{model}' does not support thinking.")
         self.state.record_call(provider, model)
 
         parts = prompt_parts(body)
         prompt_text = "\n".join(text for text, _ in parts)
-        tools = [{"name": t["name"], "parameters": t.get("input_schema")} for t in body.get("tools") or ()]
-        choice = body.get("tool_choice") or {"type": "auto"}
-        call_tool = None
-        if tools and choice["type"] != "none" and not _answers_tool_use(body["messages"]):
-            call_tool = choice["name"] if choice["type"] == "tool" else tools[0]["name"]
-        answer_args = (provider, model, prompt_text)
-        answer_kw = {"max_tokens": body["max_tokens"], "tools": tools, "call_tool": call_tool}
         if len(prompt_text) > LARGE_PROMPT_CHARS:
-            answer = await asyncio.to_thread(self.state.answer, *answer_args, **answer_kw)
+            turn = await asyncio.to_thread(self._turn, request, body, spec, prompt_text)
         else:
-            answer = self.state.answer(*answer_args, **answer_kw)
-        if answer.prompt_tokens > spec.context_window:
+            turn = self._turn(request, body, spec, prompt_text)
+        if turn.answer.prompt_tokens > spec.context_window:
             return error(
                 400,
                 "invalid_request_error",
-                f"prompt is too long: {answer.prompt_tokens} tokens > {spec.context_window} maximum",
+                f"prompt is too long: {turn.answer.prompt_tokens} tokens > {spec.context_window} maximum",
             )
-        stop_reason, stop_sequence = STOP_REASONS[answer.finish_reason], None
-        if answer.tool_call is None and body.get("stop_sequences"):
-            answer, stop_sequence = _cut_at_stop(answer, body["stop_sequences"])
-            if stop_sequence is not None:
-                stop_reason = "stop_sequence"
-        usage = self._usage(model, parts, answer)
+        usage = self._usage(model, parts, turn)
 
         fault = self.state.fault_for(provider, model)
         streaming = bool(body.get("stream"))
@@ -226,13 +203,50 @@ class MessagesAPI:
         }
         headers = {"request-id": f"req_{uuid.uuid4().hex[:24]}"}
         if streaming:
-            events = self._stream(reply, answer, stop_reason, stop_sequence, fault)
+            events = self._stream(reply, turn, fault)
             return SimStream(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
-        await self.state.full_latency(provider, model, len(answer.pieces) or 1)
-        reply.update(content=_content(answer), stop_reason=stop_reason, stop_sequence=stop_sequence)
+        await self.state.full_latency(provider, model, sum(len(block.pieces) for block in turn.blocks))
+        reply.update(
+            content=[block.whole_shape for block in turn.blocks],
+            stop_reason=turn.stop_reason,
+            stop_sequence=turn.stop_sequence,
+        )
         if fault is not None and fault.kind in ("malformed", "disconnect"):
             return _broken_body(json.dumps(reply).encode(), fault)
         return JSONResponse(reply, headers=headers)
+
+    def _turn(self, request: Request, body: dict[str, Any], spec: ModelSpec, prompt_text: str) -> Turn:
+        """The engine's answer to a checked body: optional thinking, then words or one tool call."""
+        provider, model = self.provider.id, spec.model
+        budget = body["max_tokens"]
+        thinking = None
+        if _thinks(body):
+            limit = body["thinking"].get("budget_tokens") or budget // 2
+            thinking = self.state.answer(provider, model, f"think: {prompt_text}", max_tokens=min(limit, budget - 1))
+            budget -= thinking.completion_tokens
+        tools = [{"name": t["name"], "parameters": t.get("input_schema")} for t in body.get("tools") or ()]
+        choice = body.get("tool_choice") or {"type": "auto"}
+        call_tool = None
+        if tools and choice["type"] != "none" and not _answers_tool_use(body["messages"]):
+            call_tool = choice["name"] if choice["type"] == "tool" else tools[0]["name"]
+        pieces = request.headers.get(PIECES_HEADER, "")
+        answer = self.state.answer(
+            provider,
+            model,
+            prompt_text,
+            max_tokens=max(budget, 1),
+            tools=tools,
+            call_tool=call_tool,
+            words=int(pieces) if pieces.isdigit() else None,
+        )
+        stop_reason, stop_sequence = STOP_REASONS[answer.finish_reason], None
+        if answer.tool_call is None and body.get("stop_sequences"):
+            answer, stop_sequence = _cut_at_stop(answer, body["stop_sequences"])
+            if stop_sequence is not None:
+                stop_reason = "stop_sequence"
+        blocks = [] if thinking is None else [Block.thinking(thinking)]
+        blocks.append(Block.tool_use(answer.tool_call) if answer.tool_call is not None else Block.text(answer))
+        return Turn(answer, thinking, blocks, stop_reason, stop_sequence)
 
     async def _refuse(self, request: Request, fault: Fault, streaming: bool) -> Response | None:
         """The answer a fault gives before any content, or None when it strikes later."""
@@ -257,13 +271,13 @@ class MessagesAPI:
             return Response(status_code=504)
         return None
 
-    def _usage(self, model: str, parts: list[tuple[str, bool]], answer: Answer) -> dict[str, int]:
+    def _usage(self, model: str, parts: list[tuple[str, bool]], turn: Turn) -> dict[str, Any]:
         """Input split into fresh, cache-read and cache-written tokens, as prompt caching reports it."""
         read = written = 0
         marked = max((i for i, (_, mark) in enumerate(parts) if mark), default=-1)
         if marked >= 0:
             prefix = "\n".join(text for text, _ in parts[: marked + 1])
-            tokens = min(count_text(prefix).tokens, answer.prompt_tokens)
+            tokens = min(count_text(prefix).tokens, turn.answer.prompt_tokens)
             if tokens >= CACHE_MIN_TOKENS:
                 now = time.monotonic()
                 key = hashlib.sha256(f"{model}\n{prefix}".encode()).hexdigest()
@@ -272,46 +286,32 @@ class MessagesAPI:
                 else:
                     written = tokens
                 self.cache[key] = now + CACHE_TTL_S
-        return {
-            "input_tokens": answer.prompt_tokens - read - written,
+        thought = turn.thinking.completion_tokens if turn.thinking is not None else 0
+        usage: dict[str, Any] = {
+            "input_tokens": turn.answer.prompt_tokens - read - written,
             "cache_creation_input_tokens": written,
             "cache_read_input_tokens": read,
-            "output_tokens": answer.completion_tokens,
-            "service_tier": "standard",
+            "output_tokens": turn.answer.completion_tokens + thought,
         }
+        if turn.thinking is not None:
+            usage["output_tokens_details"] = {"thinking_tokens": thought}
+        return usage
 
-    async def _stream(
-        self,
-        reply: dict[str, Any],
-        answer: Answer,
-        stop_reason: str,
-        stop_sequence: str | None,
-        fault: Fault | None,
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, reply: dict[str, Any], turn: Turn, fault: Fault | None) -> AsyncIterator[bytes]:
         """The named-event SSE body; faults strike between pieces, as a real stream breaks mid-answer."""
-        if answer.tool_call is not None:
-            call = answer.tool_call
-            block = {"type": "tool_use", "id": _tool_use_id(call["id"]), "name": call["name"], "input": {}}
-            arguments = json.dumps(json.loads(call["arguments"]))
-            pieces = [arguments[i : i + JSON_PIECE_CHARS] for i in range(0, len(arguments), JSON_PIECE_CHARS)]
-            delta = _json_delta
-        else:
-            block, pieces, delta = {"type": "text", "text": ""}, answer.pieces, _text_delta
+        units = _stream_units(turn.blocks)
         late = fault if fault is not None and fault.kind in ("malformed", "error") else None
         if late is not None:
-            pieces = pieces[: late.after_tokens]
+            units = units[: late.after_tokens]
         batch = 1 if self.state.latency else UNPACED_BATCH
         with self.state.track_stream() as tracker:
             start = {**reply, "usage": {**reply["usage"], "output_tokens": 1}}
-            yield (
-                _event("message_start", {"type": "message_start", "message": start})
-                + _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-                + PING
-            )
+            start["usage"].pop("output_tokens_details", None)
+            yield _event("message_start", {"type": "message_start", "message": start}) + turn.blocks[0].start(0) + PING
             frames: list[bytes] = []
             try:
-                async for piece in self.state.paced(self.provider.id, reply["model"], pieces, fault):
-                    frames.append(delta(piece))
+                async for unit in self.state.paced(self.provider.id, reply["model"], units, fault):
+                    frames.append(unit.encode())
                     if len(frames) >= batch:
                         yield b"".join(frames)
                         frames.clear()
@@ -323,14 +323,89 @@ class MessagesAPI:
                 tracker.broken = True
                 frames.append(_late_fault(late))
             else:
-                usage = {k: v for k, v in reply["usage"].items() if k != "service_tier"}
                 message_delta = {
                     "type": "message_delta",
-                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                    "usage": usage,
+                    "delta": {"stop_reason": turn.stop_reason, "stop_sequence": turn.stop_sequence},
+                    "usage": reply["usage"],
                 }
-                frames += [BLOCK_STOP, _event("message_delta", message_delta), MESSAGE_STOP]
+                last = len(turn.blocks) - 1
+                frames += [turn.blocks[last].end(last), _event("message_delta", message_delta), MESSAGE_STOP]
             yield b"".join(frames)
+
+
+@dataclass(slots=True)
+class Block:
+    """One content block of an answer, whole (non-streamed) or as streamed pieces."""
+
+    start_shape: dict[str, Any]
+    whole_shape: dict[str, Any]
+    pieces: list[str]
+    delta_type: str
+    delta_field: str
+    signature: str | None = None
+
+    @classmethod
+    def text(cls, answer: Answer) -> Block:
+        # Every block streams at least one delta, so its start and stop frames have a piece to ride on.
+        pieces = answer.pieces or [""]
+        return cls({"type": "text", "text": ""}, {"type": "text", "text": answer.text}, pieces, "text_delta", "text")
+
+    @classmethod
+    def thinking(cls, answer: Answer) -> Block:
+        signature = base64.b64encode(hashlib.sha256(answer.text.encode()).digest()).decode()
+        return cls(
+            {"type": "thinking", "thinking": "", "signature": ""},
+            {"type": "thinking", "thinking": answer.text, "signature": signature},
+            answer.pieces or [""],
+            "thinking_delta",
+            "thinking",
+            signature,
+        )
+
+    @classmethod
+    def tool_use(cls, call: dict[str, Any]) -> Block:
+        tool_id, arguments = _tool_use_id(call["id"]), json.loads(call["arguments"])
+        text = json.dumps(arguments)  # spaced like the real API's partial_json
+        pieces = [text[i : i + JSON_PIECE_CHARS] for i in range(0, len(text), JSON_PIECE_CHARS)]
+        shape = {"type": "tool_use", "id": tool_id, "name": call["name"]}
+        return cls({**shape, "input": {}}, {**shape, "input": arguments}, pieces, "input_json_delta", "partial_json")
+
+    def start(self, index: int) -> bytes:
+        return _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": self.start_shape})
+
+    def end(self, index: int) -> bytes:
+        out = b""
+        if self.signature is not None:
+            delta = {"type": "signature_delta", "signature": self.signature}
+            out = _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+        return out + _event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def delta_prefix(self, index: int) -> str:
+        return (
+            f'event: content_block_delta\ndata: {{"type":"content_block_delta","index":{index},'
+            f'"delta":{{"type":"{self.delta_type}","{self.delta_field}":'
+        )
+
+
+@dataclass(slots=True)
+class Turn:
+    answer: Answer
+    thinking: Answer | None
+    blocks: list[Block]
+    stop_reason: str
+    stop_sequence: str | None
+
+
+def _stream_units(blocks: list[Block]) -> list[str]:
+    """One SSE text per paced piece; a block's first piece also closes the block before it and opens its own."""
+    units: list[str] = []
+    for index, block in enumerate(blocks):
+        prefix = block.delta_prefix(index)
+        opening = "" if index == 0 else (blocks[index - 1].end(index - 1) + block.start(index)).decode()
+        for n, piece in enumerate(block.pieces):
+            # Built by hand: one per streamed piece, and only the piece changes.
+            units.append((opening if n == 0 else "") + prefix + json.dumps(piece) + "}}\n\n")
+    return units
 
 
 # --- request checks ---------------------------------------------------------------
@@ -362,7 +437,36 @@ def validate(body: Any) -> None:
         raise Invalid("stream: Input should be a valid boolean")
     _check_system(body.get("system"))
     _check_tools(body.get("tools"), body.get("tool_choice"))
+    _check_thinking(body)
     _check_messages(body["messages"])
+
+
+def _thinks(body: dict[str, Any]) -> bool:
+    return isinstance(body.get("thinking"), dict) and body["thinking"].get("type") in ("enabled", "adaptive")
+
+
+def _check_thinking(body: dict[str, Any]) -> None:
+    thinking = body.get("thinking")
+    if thinking is None:
+        return
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled", "adaptive"):
+        raise Invalid("thinking: Input tag found using 'type' does not match any of the expected tags")
+    if thinking["type"] == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or budget < 1024:
+            raise Invalid("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
+        if body["max_tokens"] <= budget:
+            raise Invalid("`max_tokens` must be greater than `thinking.budget_tokens`")
+    if not _thinks(body):
+        return
+    if body.get("temperature") not in (None, 1):
+        raise Invalid("`temperature` may only be set to 1 when thinking is enabled or in adaptive mode.")
+    if body.get("top_p") is not None and body["top_p"] < 0.95:
+        raise Invalid("`top_p` must be greater than or equal to 0.95 or unset when thinking is enabled.")
+    if body.get("top_k") is not None:
+        raise Invalid("`top_k` must be unset when thinking is enabled.")
+    if (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
+        raise Invalid("Thinking may not be enabled when tool_choice forces tool use.")
 
 
 def _check_system(system: Any) -> None:
@@ -560,20 +664,6 @@ def _cut_at_stop(answer: Answer, stops: list[str]) -> tuple[Answer, str | None]:
 
 def _tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
-
-
-def _content(answer: Answer) -> list[dict[str, Any]]:
-    if answer.tool_call is not None:
-        call = answer.tool_call
-        return [
-            {
-                "type": "tool_use",
-                "id": _tool_use_id(call["id"]),
-                "name": call["name"],
-                "input": json.loads(call["arguments"]),
-            }
-        ]
-    return [{"type": "text", "text": answer.text}]
 
 
 def _late_fault(fault: Fault) -> bytes:
