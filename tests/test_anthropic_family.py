@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from contextlib import aclosing
+from datetime import datetime, timedelta, timezone
 
 import anthropic
 import httpx
@@ -137,7 +138,7 @@ async def test_sdk_models_and_errors(sdk):
     ids = [model.id async for model in await sdk.models.list(limit=5)]  # pages through has_more / last_id
     assert MODEL in ids and len(ids) == len(set(ids)) > 5
     with pytest.raises(anthropic.NotFoundError):
-        await sdk.messages.create(model="claude-nonexistent", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        await sdk.messages.create(model="claude-nonexistent", max_tokens=10, messages=[user("x")])
     with pytest.raises(anthropic.BadRequestError, match="roles must alternate"):
         await sdk.messages.create(
             model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
@@ -372,6 +373,24 @@ async def test_rate_limit_fault_carries_the_wait(adapter, sim):
         with pytest.raises(errors.RateLimitError) as caught:
             await attempt
         assert caught.value.status == 429 and caught.value.retry_after_s == 7
+
+
+async def test_rate_limit_wait_from_anthropic_reset_headers_and_no_key_in_messages(adapter):
+    soon = datetime.now(timezone.utc) + timedelta(seconds=30)
+    headers = httpx.Headers(
+        {
+            "anthropic-ratelimit-tokens-remaining": "0",
+            "anthropic-ratelimit-tokens-reset": soon.isoformat().replace("+00:00", "Z"),
+            "anthropic-ratelimit-requests-remaining": "12",  # not exhausted, so its reset is not the wait
+            "anthropic-ratelimit-requests-reset": (soon + timedelta(seconds=60)).isoformat(),
+        }
+    )
+    limited = adapter.error(429, "rate_limit_error", "slow down", headers, MODEL)
+    assert isinstance(limited, errors.RateLimitError) and 25 < limited.retry_after_s <= 30
+
+    key = adapter.provider.key()
+    refused = adapter.error(401, "authentication_error", f"invalid x-api-key {key}", httpx.Headers(), MODEL)
+    assert key not in str(refused) and key not in refused.message
 
 
 async def test_timeout_fault(sim_settings, sim):

@@ -129,7 +129,8 @@ class AnthropicAdapter(Adapter):
             choice = _tool_choice(request.tool_choice)
             if choice is not None:
                 body["tool_choice"] = choice
-        thinking = self.thinking_budget(request, model, forced_tool=choice is not None and choice["type"] in ("any", "tool"))
+        forced_tool = choice is not None and choice["type"] in ("any", "tool")
+        thinking = self.thinking_budget(request, model, forced_tool=forced_tool)
         if thinking:
             body["thinking"] = {"type": "enabled", "budget_tokens": thinking}
             if not request.max_tokens:
@@ -230,8 +231,8 @@ class AnthropicAdapter(Adapter):
             elif kind == "thinking":
                 thinking.append(block.get("thinking", ""))
             elif kind == "tool_use":
-                arguments = json.dumps(block.get("input") or {})
-                calls.append({"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}})
+                function = {"name": block["name"], "arguments": json.dumps(block.get("input") or {})}
+                calls.append({"id": block["id"], "type": "function", "function": function})
         return ChatResponse(
             provider=self.id,
             model=data.get("model") or model,
@@ -263,7 +264,8 @@ class AnthropicAdapter(Adapter):
                             if delta_type == "text_delta":
                                 chunk = ChatChunk(content=delta["text"], role=role)
                             elif delta_type == "input_json_delta":
-                                piece = ToolCallDelta(tool_index.get(message["index"], 0), arguments=delta["partial_json"])
+                                index = tool_index.get(message["index"], 0)
+                                piece = ToolCallDelta(index, arguments=delta["partial_json"])
                                 chunk = ChatChunk(tool_calls=[piece], role=role)
                             elif delta_type == "thinking_delta":
                                 chunk = ChatChunk(reasoning=delta["thinking"], role=role)
@@ -273,7 +275,8 @@ class AnthropicAdapter(Adapter):
                             block = message["content_block"]
                             if block["type"] == "tool_use":
                                 index = tool_index[message["index"]] = len(tool_index)
-                                chunk = ChatChunk(tool_calls=[ToolCallDelta(index, id=block["id"], name=block["name"])], role=role)
+                                piece = ToolCallDelta(index, id=block["id"], name=block["name"])
+                                chunk = ChatChunk(tool_calls=[piece], role=role)
                             elif block["type"] == "text" and block.get("text"):
                                 chunk = ChatChunk(content=block["text"], role=role)
                             else:
@@ -290,7 +293,8 @@ class AnthropicAdapter(Adapter):
                             return
                         elif kind == "error":
                             error = message["error"]
-                            raise self.error(None, error.get("type", ""), error.get("message", ""), response.headers, model)
+                            error_type, text = error.get("type", ""), error.get("message", "")
+                            raise self.error(None, error_type, text, response.headers, model)
                         else:  # content_block_stop, and event types newer than this code
                             continue
                     except (ValueError, KeyError, TypeError, AttributeError):
@@ -313,7 +317,9 @@ class AnthropicAdapter(Adapter):
             kind, message = "", body.decode(errors="replace")[:300] or f"HTTP {status}"
         return self.error(status, kind, message, headers, model)
 
-    def error(self, status: int | None, kind: str, message: str, headers: httpx.Headers, model: str) -> ProviderError:
+    def error(
+        self, status: int | None, kind: str, message: str, headers: httpx.Headers, model: str
+    ) -> ProviderError:
         """Our error for an Anthropic error type; `status` is None for an `error` event inside a stream."""
         status = status or ERROR_STATUS.get(kind, 500)
         text = self.clean(f"{kind}: {message}" if kind else message)
@@ -431,7 +437,7 @@ def _json_instruction(response_format: dict[str, Any] | None) -> str:
     if kind == "json_schema":
         schema = ((response_format or {}).get("json_schema") or {}).get("schema")
         if schema:
-            return f"Answer with one JSON object that matches this JSON schema, and nothing else: {json.dumps(schema)}"
+            return f"Answer with one JSON object that matches this JSON schema and nothing else: {json.dumps(schema)}"
         return "Answer with one JSON object and nothing else."
     return ""
 

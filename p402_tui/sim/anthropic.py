@@ -41,7 +41,8 @@ BODY_FIELDS = frozenset(
     {
         "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
         "tools", "tool_choice", "metadata", "thinking", "service_tier", "output_config", "container",
-        "mcp_servers", "context_management",
+        "mcp_servers", "context_management", "cache_control", "diagnostics", "inference_geo", "speed",
+        "user_profile_id", "workspace_id",
     }
 )  # fmt: skip
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
@@ -51,6 +52,7 @@ CACHE_MIN_TOKENS = 1024  # shorter prefixes are not cached (Anthropic's prompt-c
 CACHE_TTL_S = 300.0
 LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
 JSON_PIECE_CHARS = 12
+EMPTY_MESSAGE = "messages.{i}: all messages must have non-empty content except for the optional final assistant message"
 PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the OpenAI family)
 UNPACED_BATCH = 64  # pieces per write when latency is off, as a server flushing its buffer
 
@@ -371,7 +373,8 @@ class Block:
         return cls({**shape, "input": {}}, {**shape, "input": arguments}, pieces, "input_json_delta", "partial_json")
 
     def start(self, index: int) -> bytes:
-        return _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": self.start_shape})
+        start = {"type": "content_block_start", "index": index, "content_block": self.start_shape}
+        return _event("content_block_start", start)
 
     def end(self, index: int) -> bytes:
         out = b""
@@ -524,7 +527,8 @@ def _check_messages(messages: Any) -> None:
             raise Invalid(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         if role == previous_role:
             raise Invalid(
-                f'messages: roles must alternate between "user" and "assistant", but found multiple "{role}" roles in a row'
+                f'messages: roles must alternate between "user" and "assistant", '
+                f'but found multiple "{role}" roles in a row'
             )
         previous_role = role
         blocks = _blocks(message.get("content"), i, last_assistant=role == "assistant" and i == len(messages) - 1)
@@ -556,12 +560,12 @@ def _check_messages(messages: Any) -> None:
 def _blocks(content: Any, i: int, *, last_assistant: bool) -> list[dict[str, Any]]:
     if isinstance(content, str):
         if not content and not last_assistant:
-            raise Invalid(f"messages.{i}: all messages must have non-empty content except for the optional final assistant message")
+            raise Invalid(EMPTY_MESSAGE.format(i=i))
         return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list):
         raise Invalid(f"messages.{i}.content: Input should be a valid string or list of content blocks")
     if not content and not last_assistant:
-        raise Invalid(f"messages.{i}: all messages must have non-empty content except for the optional final assistant message")
+        raise Invalid(EMPTY_MESSAGE.format(i=i))
     for j, block in enumerate(content):
         where = f"messages.{i}.content.{j}"
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
@@ -589,7 +593,8 @@ def _check_image(source: Any, where: str) -> None:
     if source.get("type") == "base64":
         if source.get("media_type") not in IMAGE_TYPES:
             raise Invalid(
-                f"{where}.image.source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
+                f"{where}.image.source.base64.media_type: "
+                "Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
             )
         if not isinstance(source.get("data"), str) or not source["data"]:
             raise Invalid(f"{where}.image.source.base64.data: Field required")
@@ -625,6 +630,8 @@ def prompt_parts(body: dict[str, Any]) -> list[tuple[str, bool]]:
                 parts.append((json.dumps(block["input"]), marked))
             elif kind == "tool_result":
                 parts.append((_result_text(block.get("content")), marked))
+    if body.get("cache_control") and parts:  # top-level cache_control marks the last cacheable block
+        parts[-1] = (parts[-1][0], True)
     return parts
 
 
@@ -669,7 +676,7 @@ def _tool_use_id(call_id: str) -> str:
 def _late_fault(fault: Fault) -> bytes:
     """What a stream sends when a fault strikes after it began."""
     if fault.kind == "malformed":
-        return b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_del\n\n'
+        return b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"te\n\n'
     kind, message = FAULT_ERRORS.get(fault.status or 500, ("api_error", "Internal server error"))
     return _event("error", {"type": "error", "error": {"type": kind, "message": message}})
 
