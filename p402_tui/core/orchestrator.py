@@ -1,0 +1,612 @@
+"""The orchestrator: every request from the CLI, the gateway and the console goes through here.
+
+One request is: cache lookup (hooks) -> route -> budget check (hooks) -> call the
+chosen model -> on a retryable error, the next fallback -> record (hooks, events,
+health). Failover follows the error's scope: after a provider-level failure (5xx,
+overload, timeout, connection lost, rate limit) the rest of that provider's models
+are skipped; after a model-level one (prompt too long, model not found) the same
+provider's other models may follow; a rejected key moves to another provider; a bad
+request stops at once, because no other model would take it either.
+
+A stream fails over only until its first content has gone to the caller. After that
+an error ends it with one last chunk whose `error` is set and whose finish_reason is
+"error". Closing a stream (or cancelling its task) closes the upstream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from .catalog import ModelSpec
+from .config import Settings
+from .costs import call_cost
+from .errors import (
+    AllAttemptsFailedError,
+    NoEligibleModelError,
+    P402Error,
+    ProviderError,
+)
+from .events import AttemptFailed, CacheHit, EventBus, RequestCompleted, RouteDecided, SpendUpdated
+from .health import HealthTracker
+from .hooks import CallContext, Hooks, NoHooks, RequestRecord, RouteOptions
+from .router import RouteDecision, Router
+from .tokens import count_text, warm
+from .types import Attempt, ChatChunk, ChatRequest, ChatResponse, P402Meta, ToolCallDelta, Usage, new_id
+
+if TYPE_CHECKING:
+    from ..providers.base import Adapter
+
+log = logging.getLogger(__name__)
+
+
+class ChatStream:
+    """An answer as it arrives: an async iterator of `ChatChunk`.
+
+    `meta` fills in as the stream goes (provider and model once content flows, cost
+    and latency after the last chunk); `decision` is the routing decision. Use it as
+    `async with` or call `aclose()` to stop early: the upstream is closed at once.
+    """
+
+    def __init__(self, orchestrator: Orchestrator, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> None:
+        self.id = new_id()
+        self.created = int(time.time())
+        self.request_id = ctx.request_id
+        self.meta = P402Meta(provider="", model="")
+        self.decision: RouteDecision | None = None
+        self._chunks = orchestrator._stream(self, request, options, ctx)
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> ChatChunk:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _Plan:
+    """The models still to try for one request, and what the failures so far rule out."""
+
+    def __init__(self, orchestrator: Orchestrator, decision: RouteDecision, options: RouteOptions) -> None:
+        self._orchestrator = orchestrator
+        chosen = decision.chosen_id
+        self._queue = ([chosen] if chosen is not None else []) + (decision.fallbacks if options.failover else [])
+        retries = options.max_retries if options.max_retries is not None else orchestrator.settings.router.max_retries
+        self._left = 1 + (retries if options.failover else 0)
+        self._dead_providers: set[str] = set()
+        self.attempts: list[Attempt] = []
+        self.last_error: ProviderError | None = None
+        self.skipped_open = 0
+
+    def next(self) -> ModelSpec | None:
+        """The next model worth a call, or None when the plan is spent."""
+        if self._left <= 0:
+            return None
+        health = self._orchestrator.health
+        models = self._orchestrator.catalog.models
+        while self._queue:
+            spec = models[self._queue.pop(0)]
+            if spec.provider in self._dead_providers:
+                continue
+            if not health.allow(spec.provider, spec.id):
+                self.skipped_open += 1  # an open circuit, or a half-open one with its trial under way
+                continue
+            self._left -= 1
+            return spec
+        return None
+
+    def failed(self, spec: ModelSpec, error: ProviderError, latency_ms: float) -> bool:
+        """Note a failure; True when another model may still be tried."""
+        self.attempts.append(Attempt(spec.provider, spec.model, error.kind, str(error), latency_ms))
+        self.last_error = error
+        if error.kind == "authentication":
+            self._dead_providers.add(spec.provider)  # the same key will not work for its other models
+            return True
+        if not error.retryable:
+            self._left = 0
+            return False
+        if error.scope == "provider":
+            self._dead_providers.add(spec.provider)
+        return self._left > 0 and any(
+            models_provider not in self._dead_providers
+            for models_provider in (self._orchestrator.catalog.models[mid].provider for mid in self._queue)
+        )
+
+    def succeeded(self, spec: ModelSpec, latency_ms: float) -> None:
+        self.attempts.append(Attempt(spec.provider, spec.model, None, None, latency_ms))
+
+    def exhausted(self) -> P402Error:
+        """The error for a request no model answered."""
+        if self.last_error is not None and not self.last_error.retryable and self.last_error.kind != "authentication":
+            return self.last_error  # a bad request: the caller's to fix, as the provider said it
+        tried = len(self.attempts)
+        if not tried:
+            return AllAttemptsFailedError(
+                f"no call made: the circuit of every candidate is open ({self.skipped_open} skipped)", [], None
+            )
+        return AllAttemptsFailedError(
+            f"all {tried} attempt(s) failed; last: {self.last_error}", list(self.attempts), self.last_error
+        )
+
+
+class _Flow:
+    """One streamed attempt as it goes."""
+
+    __slots__ = ("spec", "prompt_tokens", "started", "text", "usage", "ttft_ms", "finish_reason")
+
+    def __init__(self, spec: ModelSpec, prompt_tokens: int) -> None:
+        self.spec = spec
+        self.prompt_tokens = prompt_tokens
+        self.started = time.perf_counter()
+        self.text: list[str] = []
+        self.usage: Usage | None = None
+        self.ttft_ms: float | None = None
+        self.finish_reason: str | None = None
+
+    def final_usage(self) -> Usage:
+        """The provider's usage; our own count when the stream ended without one."""
+        if self.usage is not None:
+            return self.usage
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=count_text("".join(self.text)).tokens)
+
+
+class Orchestrator:
+    """Routes, calls, fails over and records; the one way requests reach providers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bus: EventBus | None = None,
+        hooks: Hooks | None = None,
+        adapters: dict[str, Adapter] | None = None,
+        health: HealthTracker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = settings.catalog
+        self.bus = bus or EventBus()
+        self.hooks: Hooks = hooks or NoHooks()
+        self.health = health or HealthTracker(bus=self.bus)
+        if self.health.bus is None:
+            self.health.bus = self.bus
+        self.health.on_change = self._health_changed
+        self.router = Router.from_settings(settings, self.health)
+        self._adapters: dict[str, Adapter] = dict(adapters or {})
+
+    # --- life cycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load tokenizers off the loop; start active health probes when configured."""
+        await warm([None])
+        interval = self.settings.router.probe_interval_s
+        if interval:
+            adapters = {}
+            for provider in self.router.usable:
+                try:
+                    adapters[provider] = self.adapter(provider)
+                except ProviderError as error:
+                    log.warning("no health probe for %s: %s", provider, error)
+            self.health.start_probes(adapters, interval)
+
+    async def aclose(self) -> None:
+        await self.health.aclose()
+        adapters, self._adapters = list(self._adapters.values()), {}
+        for adapter in adapters:
+            await adapter.aclose()
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def refresh_providers(self) -> None:
+        """Re-read which providers are usable (after the settings changed)."""
+        usable = [p.id for p in self.settings.usable_providers()]
+        disabled = [pid for pid, p in self.settings.providers.items() if not p.enabled]
+        self.router.set_providers(usable, disabled)
+
+    def adapter(self, provider: str) -> Adapter:
+        """The provider's adapter, made on first use and kept (one connection pool per provider)."""
+        adapter = self._adapters.get(provider)
+        if adapter is None:
+            from ..providers.base import make_adapter
+
+            resolved = self.settings.providers.get(provider)
+            if resolved is None:
+                raise ProviderError(f"unknown provider {provider!r}", provider=provider)
+            try:
+                adapter = make_adapter(resolved)
+            except ImportError as error:
+                raise ProviderError(f"no adapter for wire {resolved.spec.wire!r}: {error}", provider=provider) from None
+            self._adapters[provider] = adapter
+        return adapter
+
+    def _health_changed(self, snapshot: dict[str, Any]) -> None:
+        self.hooks.health(snapshot)
+
+    # --- routing -------------------------------------------------------------------
+
+    def route(self, request: ChatRequest, options: RouteOptions | None = None) -> RouteDecision:
+        """A dry run: the decision, with no call made and nothing published."""
+        return self.router.route(request, options)
+
+    def _decide(self, request: ChatRequest, options: RouteOptions) -> RouteDecision:
+        decision = self.router.route(request, options)
+        self.bus.publish(RouteDecided(decision=decision))
+        self.hooks.decided(decision)
+        if decision.chosen_id is None:
+            raise NoEligibleModelError(f"no eligible model: {decision.why_none()}")
+        return decision
+
+    # --- complete ------------------------------------------------------------------
+
+    async def complete(
+        self, request: ChatRequest, options: RouteOptions | None = None, ctx: CallContext | None = None
+    ) -> ChatResponse:
+        """The whole answer, with `.p402` filled in."""
+        options = options or RouteOptions()
+        ctx = ctx or CallContext()
+        started = time.perf_counter()
+        record = self._record(ctx, stream=False)
+        decision: RouteDecision | None = None
+        plan: _Plan | None = None
+        spec: ModelSpec | None = None
+        try:
+            cached = await self._cached(request, options, ctx, record, started)
+            if cached is not None:
+                return cached
+            decision = self._decide(request, options)
+            self._note_decision(record, decision)
+            await self.hooks.check_budget(ctx, decision.est_cost_usd)
+            plan = _Plan(self, decision, options)
+            while (spec := plan.next()) is not None:
+                attempt_started = time.perf_counter()
+                try:
+                    response = await self.adapter(spec.provider).complete(request, model=spec.model)
+                except ProviderError as error:
+                    latency_ms = (time.perf_counter() - attempt_started) * 1000
+                    self.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
+                    again = plan.failed(spec, error, latency_ms)
+                    self._attempt_failed(ctx, decision, spec, error, again)
+                    if not again:
+                        break
+                    continue
+                latency_ms = (time.perf_counter() - attempt_started) * 1000
+                plan.succeeded(spec, latency_ms)
+                self.health.record_success(
+                    spec.provider, spec.id, latency_ms=latency_ms, output_tokens=response.usage.completion_tokens
+                )
+                cost = call_cost(spec, response.usage)
+                response.p402 = P402Meta(
+                    provider=spec.provider,
+                    model=spec.model,
+                    cost_usd=cost,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    ttft_ms=None,
+                    attempts=plan.attempts,
+                    decision_id=decision.id,
+                )
+                self._finish_ok(record, request, response, options, ctx, response.usage, cost, started, None)
+                return response
+            spec = None
+            raise plan.exhausted()
+        except asyncio.CancelledError:
+            if spec is not None:
+                self.health.release(spec.provider, spec.id)
+            self._finish_error(record, request, options, ctx, "cancelled", "the caller went away", plan, started)
+            raise
+        except P402Error as error:
+            if not record.cached:
+                self._finish_error(record, request, options, ctx, error.kind, str(error), plan, started)
+            raise
+
+    # --- stream ----------------------------------------------------------------------
+
+    def stream(
+        self, request: ChatRequest, options: RouteOptions | None = None, ctx: CallContext | None = None
+    ) -> ChatStream:
+        """The answer chunk by chunk; errors before the first chunk raise like `complete`."""
+        return ChatStream(self, request, options or RouteOptions(), ctx or CallContext())
+
+    async def _stream(
+        self, handle: ChatStream, request: ChatRequest, options: RouteOptions, ctx: CallContext
+    ) -> AsyncGenerator[ChatChunk, None]:
+        started = time.perf_counter()
+        record = self._record(ctx, stream=True)
+        plan: _Plan | None = None
+        flow: _Flow | None = None
+        finished = False
+        try:
+            cached = await self._cached(request, options, ctx, record, started)
+            if cached is not None:
+                finished = True
+                handle.meta = cached.p402  # type: ignore[assignment]
+                for chunk in _replay(cached):
+                    yield chunk
+                return
+            decision = self._decide(request, options)
+            handle.decision = decision
+            handle.meta.decision_id = decision.id
+            self._note_decision(record, decision)
+            await self.hooks.check_budget(ctx, decision.est_cost_usd)
+            plan = _Plan(self, decision, options)
+            handle.meta.attempts = plan.attempts
+            while (spec := plan.next()) is not None:
+                flow = _Flow(spec, decision.prompt_tokens)
+                upstream: AsyncIterator[ChatChunk] | None = None
+                held: list[ChatChunk] = []
+                try:
+                    upstream = self.adapter(spec.provider).stream(request, model=spec.model)
+                    async for chunk in upstream:
+                        if chunk.usage is not None:
+                            flow.usage = chunk.usage
+                        if flow.ttft_ms is None:
+                            if not (chunk.content or chunk.reasoning or chunk.tool_calls or chunk.finish_reason):
+                                held.append(chunk)  # a role-only preamble: safe to hold back while we may still fail over
+                                continue
+                            flow.ttft_ms = (time.perf_counter() - flow.started) * 1000
+                            handle.meta.provider, handle.meta.model = spec.provider, spec.model
+                            handle.meta.ttft_ms = (time.perf_counter() - started) * 1000
+                            for early in held:
+                                yield early
+                        if chunk.content:
+                            flow.text.append(chunk.content)
+                        if chunk.finish_reason:
+                            flow.finish_reason = chunk.finish_reason
+                        yield chunk
+                except ProviderError as error:
+                    latency_ms = (time.perf_counter() - flow.started) * 1000
+                    self.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
+                    if flow.ttft_ms is None:
+                        again = plan.failed(spec, error, latency_ms)
+                        self._attempt_failed(ctx, decision, spec, error, again)
+                        flow = None
+                        if not again:
+                            break
+                        continue
+                    # Content already reached the caller: no failover, a clean ending instead.
+                    plan.attempts.append(Attempt(spec.provider, spec.model, error.kind, str(error), latency_ms))
+                    self._attempt_failed(ctx, decision, spec, error, False)
+                    usage = flow.final_usage()
+                    cost = call_cost(spec, usage)
+                    self._fill_meta(handle.meta, spec, cost, started)
+                    finished = True
+                    self._finish_error(
+                        record, request, options, ctx, error.kind, str(error), plan, started,
+                        spec=spec, usage=usage, cost=cost, ttft_ms=handle.meta.ttft_ms,
+                    )
+                    yield ChatChunk(finish_reason="error", error={"kind": error.kind, "message": str(error)})
+                    return
+                finally:
+                    if upstream is not None:
+                        await upstream.aclose()  # type: ignore[attr-defined]
+                if flow.ttft_ms is None:  # an empty answer is still an answer
+                    for early in held:
+                        yield early
+                finished = True
+                self._stream_done(handle, flow, plan, record, request, options, ctx, started)
+                return
+            raise plan.exhausted()
+        except (asyncio.CancelledError, GeneratorExit):
+            if not finished and flow is not None:
+                if flow.finish_reason is not None and plan is not None:
+                    # The caller stopped reading after the answer's last chunk: that answer is complete.
+                    self._stream_done(handle, flow, plan, record, request, options, ctx, started)
+                    finished = True
+                else:
+                    self.health.release(flow.spec.provider, flow.spec.id)
+            if not finished:
+                self._finish_error(record, request, options, ctx, "cancelled", "the caller went away", plan, started)
+            raise
+        except P402Error as error:
+            if not finished:
+                self._finish_error(record, request, options, ctx, error.kind, str(error), plan, started)
+            raise
+
+    def _stream_done(
+        self,
+        handle: ChatStream,
+        flow: _Flow,
+        plan: _Plan,
+        record: RequestRecord,
+        request: ChatRequest,
+        options: RouteOptions,
+        ctx: CallContext,
+        started: float,
+    ) -> None:
+        spec = flow.spec
+        latency_ms = (time.perf_counter() - flow.started) * 1000
+        plan.succeeded(spec, latency_ms)
+        usage = flow.final_usage()
+        self.health.record_success(
+            spec.provider, spec.id, latency_ms=latency_ms, ttft_ms=flow.ttft_ms, output_tokens=usage.completion_tokens
+        )
+        cost = call_cost(spec, usage)
+        self._fill_meta(handle.meta, spec, cost, started)
+        response = ChatResponse(
+            provider=spec.provider,
+            model=spec.model,
+            content="".join(flow.text),
+            finish_reason=flow.finish_reason or "stop",
+            usage=usage,
+            id=handle.id,
+            created=handle.created,
+            p402=handle.meta,
+        )
+        self._finish_ok(record, request, response, options, ctx, usage, cost, started, handle.meta.ttft_ms)
+
+    # --- shared steps ------------------------------------------------------------------
+
+    async def _cached(
+        self, request: ChatRequest, options: RouteOptions, ctx: CallContext, record: RequestRecord, started: float
+    ) -> ChatResponse | None:
+        if not ctx.cache:
+            return None
+        hit = await self.hooks.lookup(request, options, ctx)
+        if hit is None:
+            return None
+        source = hit.response
+        meta = P402Meta(
+            provider=source.provider,
+            model=source.model,
+            cost_usd=0.0,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            ttft_ms=None,
+            cached=True,
+            saved_usd=hit.saved_usd,
+        )
+        response = dataclasses.replace(source, id=new_id(), created=int(time.time()), p402=meta)
+        record.cached = True
+        record.provider, record.model = source.provider, source.model
+        record.prompt_tokens = source.usage.prompt_tokens
+        record.completion_tokens = source.usage.completion_tokens
+        record.saved_usd = hit.saved_usd
+        record.latency_ms = meta.latency_ms
+        self.bus.publish(
+            CacheHit(
+                request_id=ctx.request_id,
+                match=hit.match,
+                similarity=hit.similarity,
+                saved_usd=hit.saved_usd,
+                namespace=ctx.cache_namespace(),
+            )
+        )
+        self.bus.publish(RequestCompleted(record=record))
+        self.hooks.completed(record, request, response, options, ctx)
+        return response
+
+    @staticmethod
+    def _record(ctx: CallContext, *, stream: bool) -> RequestRecord:
+        return RequestRecord(
+            id=ctx.request_id,
+            session_id=ctx.session_id,
+            api_key_id=ctx.api_key_id,
+            tag=ctx.tag,
+            stream=stream,
+            namespace=ctx.cache_namespace(),
+            source=ctx.source,
+        )
+
+    @staticmethod
+    def _note_decision(record: RequestRecord, decision: RouteDecision) -> None:
+        record.mode = decision.mode
+        record.decision_id = decision.id
+        record.est_cost_usd = decision.est_cost_usd
+
+    def _attempt_failed(
+        self, ctx: CallContext, decision: RouteDecision, spec: ModelSpec, error: ProviderError, will_retry: bool
+    ) -> None:
+        self.bus.publish(
+            AttemptFailed(
+                request_id=ctx.request_id,
+                decision_id=decision.id,
+                provider=spec.provider,
+                model=spec.model,
+                error_kind=error.kind,
+                error=str(error),
+                will_retry=will_retry,
+            )
+        )
+
+    @staticmethod
+    def _fill_meta(meta: P402Meta, spec: ModelSpec, cost: float, started: float) -> None:
+        meta.provider, meta.model = spec.provider, spec.model
+        meta.cost_usd = cost
+        meta.latency_ms = (time.perf_counter() - started) * 1000
+
+    def _finish_ok(
+        self,
+        record: RequestRecord,
+        request: ChatRequest,
+        response: ChatResponse,
+        options: RouteOptions,
+        ctx: CallContext,
+        usage: Usage,
+        cost: float,
+        started: float,
+        ttft_ms: float | None,
+    ) -> None:
+        meta = response.p402
+        assert meta is not None
+        record.provider, record.model = meta.provider, meta.model
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        record.cached_tokens = usage.cached_tokens
+        record.reasoning_tokens = usage.reasoning_tokens
+        record.cost_usd = cost
+        record.latency_ms = (time.perf_counter() - started) * 1000
+        record.ttft_ms = ttft_ms
+        record.attempts = list(meta.attempts)
+        self.bus.publish(RequestCompleted(record=record))
+        self.bus.publish(SpendUpdated(provider=meta.provider, model=meta.model, cost_usd=cost, session_id=ctx.session_id))
+        self.hooks.completed(record, request, response, options, ctx)
+
+    def _finish_error(
+        self,
+        record: RequestRecord,
+        request: ChatRequest,
+        options: RouteOptions,
+        ctx: CallContext,
+        kind: str,
+        message: str,
+        plan: _Plan | None,
+        started: float,
+        *,
+        spec: ModelSpec | None = None,
+        usage: Usage | None = None,
+        cost: float = 0.0,
+        ttft_ms: float | None = None,
+    ) -> None:
+        record.status = "error"
+        record.error_kind = kind
+        record.error = message
+        record.latency_ms = (time.perf_counter() - started) * 1000
+        record.ttft_ms = ttft_ms
+        if plan is not None:
+            record.attempts = list(plan.attempts)
+        if spec is not None:
+            record.provider, record.model = spec.provider, spec.model
+        if usage is not None:
+            record.prompt_tokens = usage.prompt_tokens
+            record.completion_tokens = usage.completion_tokens
+        record.cost_usd = cost
+        self.bus.publish(RequestCompleted(record=record))
+        if cost and spec is not None:
+            self.bus.publish(SpendUpdated(provider=spec.provider, model=spec.model, cost_usd=cost, session_id=ctx.session_id))
+        self.hooks.completed(record, request, None, options, ctx)
+
+
+def _replay(response: ChatResponse) -> list[ChatChunk]:
+    """A whole (cached) answer as the chunks a stream would have carried."""
+    chunks = [ChatChunk(role="assistant")]
+    if response.reasoning:
+        chunks.append(ChatChunk(reasoning=response.reasoning))
+    if response.content:
+        chunks.append(ChatChunk(content=response.content))
+    if response.tool_calls:
+        deltas = [
+            ToolCallDelta(
+                index=i,
+                id=call.get("id"),
+                name=call.get("function", {}).get("name"),
+                arguments=call.get("function", {}).get("arguments", ""),
+            )
+            for i, call in enumerate(response.tool_calls)
+        ]
+        chunks.append(ChatChunk(tool_calls=deltas))
+    chunks.append(ChatChunk(finish_reason=response.finish_reason, usage=response.usage))
+    return chunks
