@@ -1,0 +1,693 @@
+"""The chat view: ask any model (or let the router pick), watch the answer stream, see what it cost.
+
+Answers stream through `Markdown.get_stream()`, which coalesces fragments so
+the widget keeps up at a thousand tokens a second (appending to a plain
+`Markdown` falls behind at about twenty appends a second). Under each answer:
+where it went and why (model, mode, candidates, attempts) and what it took
+(cost, latency, time to first token, tokens, tokens/s).
+
+The screen talks to a `ChatLink`: the orchestrator in this process
+(`LocalLink`), or a gateway when the console is attached (`attach.RemoteLink`).
+The conversation is an agent session, created with the first message; with no
+store it is kept in memory, and the screen says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Label, Markdown, Select, Static
+from textual.widgets.markdown import MarkdownStream
+
+from ...core.config import MODES
+from ...core.hooks import CallContext, RouteOptions
+from ...core.types import ChatChunk, ChatMessage, ChatRequest, ContentPart, ImageURL, P402Meta, Usage
+from ..format import ms, short, usd
+from ..widgets.palette import palette_of
+from ..widgets.status import StatusLine, status_text
+
+AUTO = "auto"
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+IMAGE_TYPES = {  # magic bytes -> media type; the file's name is not trusted
+    b"\x89PNG\r\n\x1a\n": "image/png",
+    b"\xff\xd8\xff": "image/jpeg",
+    b"GIF87a": "image/gif",
+    b"GIF89a": "image/gif",
+}
+
+
+# --- where prompts go ----------------------------------------------------------------------
+
+
+class AnswerStream(Protocol):
+    """The orchestrator's `ChatStream`, or its remote twin: chunks, then `meta` and `decision`."""
+
+    meta: P402Meta
+
+    @property
+    def decision(self) -> Any: ...
+
+    def __aiter__(self) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ChatLink(Protocol):
+    where: str  # "in-process" or the gateway URL
+    persistent: bool  # False: sessions and their messages live only in this console
+
+    async def models(self) -> list[str]: ...
+
+    def default_mode(self) -> str: ...
+
+    def stream(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> AnswerStream: ...
+
+    async def create_session(self, name: str, metadata: dict[str, Any]) -> str | None: ...
+
+    async def add_message(self, session_id: str, role: str, content: str, model: str | None,
+                          request_id: str | None) -> None: ...
+
+    async def set_metadata(self, session_id: str, metadata: dict[str, Any]) -> None: ...
+
+
+class LocalLink:
+    """Prompts go to the orchestrator in this process; sessions to its store, when there is one."""
+
+    where = "in-process"
+
+    def __init__(self, orchestrator: Any, store: Any = None) -> None:
+        self.orchestrator = orchestrator
+        self.store = store
+
+    @property
+    def persistent(self) -> bool:
+        return self.store is not None
+
+    async def models(self) -> list[str]:
+        return [m.id for m in self.orchestrator.router.usable_models()]
+
+    def default_mode(self) -> str:
+        return self.orchestrator.router.config.mode
+
+    def stream(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> AnswerStream:
+        return self.orchestrator.stream(request, options, ctx)
+
+    async def create_session(self, name: str, metadata: dict[str, Any]) -> str | None:
+        if self.store is None:
+            return None
+        from ...store.sessions import create_session
+
+        return (await create_session(self.store, name=name, agent="console", metadata=metadata))["id"]
+
+    async def add_message(self, session_id: str, role: str, content: str, model: str | None,
+                          request_id: str | None) -> None:
+        from ...store.sessions import INSERT_MESSAGE
+
+        await self.store.run(INSERT_MESSAGE, (session_id, role, content, model, request_id, time.time()))
+
+    async def set_metadata(self, session_id: str, metadata: dict[str, Any]) -> None:
+        from ...store.sessions import update_session
+
+        await update_session(self.store, session_id, metadata=metadata)
+
+
+def chat_link(source: Any) -> ChatLink | None:
+    """The link behind the console's source: its runtime in-process, or the gateway it is attached to."""
+    if source is None:
+        return None
+    link = getattr(source, "chat_link", None)
+    if link is not None:
+        return link
+    runtime = getattr(source, "runtime", None)
+    if runtime is None:
+        return None
+    cached = getattr(source, "_chat_link", None)
+    if cached is None:
+        cached = LocalLink(runtime.orchestrator, getattr(runtime, "store", None))
+        source._chat_link = cached
+    return cached
+
+
+# --- a conversation kept as an agent session -----------------------------------------------------
+
+
+class SessionLog:
+    """The session behind a chat or a comparison: created with the first message, in memory without a store."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.session_id: str | None = None
+        self.in_memory: list[dict[str, Any]] = []  # every message, also when the store keeps them
+        self.metadata: dict[str, Any] = {"kind": kind, "source": "console"}
+        self.persistent: bool | None = None  # unknown until the first message
+
+    def describe(self) -> str:
+        if self.persistent is None:
+            return "new session"
+        count = len(self.in_memory)
+        where = f"session {self.session_id}" if self.persistent else "in memory (no store)"
+        return f"{where} · {count} message{'s' if count != 1 else ''}"
+
+    async def open(self, link: ChatLink, title: str) -> str | None:
+        """The session id, creating the session on the first message; None when nothing is stored."""
+        if self.persistent is None:
+            self.persistent = link.persistent
+            if self.persistent:
+                self.session_id = await link.create_session(f"{self.kind}: {short(title, 40)}", self.metadata)
+        return self.session_id
+
+    async def add(self, link: ChatLink, role: str, content: str, model: str | None = None,
+                  request_id: str | None = None) -> None:
+        self.in_memory.append({"role": role, "content": content, "model": model, "request_id": request_id,
+                               "ts": time.time()})
+        if self.session_id is not None:
+            await link.add_message(self.session_id, role, content, model, request_id)
+
+    async def update(self, link: ChatLink, **metadata: Any) -> None:
+        self.metadata.update(metadata)
+        if self.session_id is not None:
+            await link.set_metadata(self.session_id, self.metadata)
+
+
+# --- relaying a stream into a Markdown widget ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What came back, filled as it streams, so a stopped answer still knows what it got."""
+
+    parts: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+    elapsed_s: float = 0.0
+    stopped: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+async def relay(stream: AnswerStream, sink: MarkdownStream, outcome: Outcome) -> None:
+    """Feed every content chunk to the Markdown stream; note usage, first token and a broken stream."""
+    try:
+        async for chunk in stream:
+            assert isinstance(chunk, ChatChunk)
+            if chunk.error is not None:
+                outcome.error = str(chunk.error.get("message") or chunk.error.get("kind") or "the stream broke")
+                break
+            if chunk.usage is not None:
+                outcome.usage = chunk.usage
+            if chunk.content:
+                if outcome.first_token_s is None:
+                    outcome.first_token_s = time.monotonic() - outcome.started
+                outcome.parts.append(chunk.content)
+                await sink.write(chunk.content)
+    finally:
+        outcome.elapsed_s = time.monotonic() - outcome.started
+
+
+@dataclass(slots=True)
+class Figures:
+    """An answer's numbers as shown: under a chat answer, at the foot of a compare column."""
+
+    model: str
+    cost_usd: float | None
+    latency_ms: float | None
+    ttft_ms: float | None
+    tokens: int | None
+    tokens_estimated: bool
+    tokens_per_s: float | None
+    cached: bool
+    saved_usd: float
+
+    @classmethod
+    def of(cls, stream: AnswerStream, outcome: Outcome) -> "Figures":
+        meta = stream.meta
+        latency = meta.latency_ms or outcome.elapsed_s * 1000
+        ttft = meta.ttft_ms if meta.ttft_ms is not None else (
+            outcome.first_token_s * 1000 if outcome.first_token_s is not None else None)
+        if outcome.usage is not None and outcome.usage.completion_tokens:
+            tokens, estimated = outcome.usage.completion_tokens, False
+        elif outcome.parts:
+            tokens, estimated = len(outcome.parts), True  # one streamed piece is about one token
+        else:
+            tokens, estimated = (0 if not outcome.stopped else None), False
+        generating_ms = latency - (ttft or 0.0)
+        per_s = None
+        if tokens and latency:
+            per_s = tokens / ((generating_ms if generating_ms > 1 else latency) / 1000)
+        model = f"{meta.provider}/{meta.model}" if meta.provider else (meta.model or "?")
+        return cls(
+            model=model,
+            cost_usd=None if outcome.stopped and not meta.cost_usd else meta.cost_usd,
+            latency_ms=latency,
+            ttft_ms=ttft,
+            tokens=tokens,
+            tokens_estimated=estimated,
+            tokens_per_s=per_s,
+            cached=meta.cached,
+            saved_usd=meta.saved_usd,
+        )
+
+    def cost_text(self) -> str:
+        if self.cached:
+            return f"cached · $0 (saved {usd(self.saved_usd)})"
+        return usd(self.cost_usd)
+
+    def tokens_text(self) -> str:
+        if self.tokens is None:
+            return "- tok"
+        return f"{'≈' if self.tokens_estimated else ''}{self.tokens} tok"
+
+    def timing_text(self) -> str:
+        rate = f" · {self.tokens_per_s:,.0f} tok/s" if self.tokens_per_s else ""
+        return f"{ms(self.latency_ms)} · TTFT {ms(self.ttft_ms)}{rate}"
+
+
+def route_text(stream: AnswerStream, requested_mode: str | None) -> str:
+    """Where the answer went and how: chosen model, mode, candidates, attempts."""
+    meta, decision = stream.meta, stream.decision
+    served = f"{meta.provider}/{meta.model}" if meta.provider else None
+    if served is None and decision is not None and decision.chosen is not None:
+        served = decision.chosen.id
+    parts = [f"→ {served or '?'}"]
+    mode = decision.mode if decision is not None else requested_mode
+    if mode:
+        parts.append(mode)
+    if decision is not None:
+        count = len(decision.candidates)
+        parts.append(f"{count} candidate{'s' if count != 1 else ''}")
+    attempts = meta.attempts
+    failed = [a for a in attempts if a.error_kind]
+    tries = max(len(attempts), 1 if served else 0)
+    text = f"{tries} attempt{'s' if tries != 1 else ''}"
+    if failed:
+        text += " (" + ", ".join(f"{a.provider}/{a.model} {a.error_kind}" for a in failed[:3]) + ")"
+    parts.append(text)
+    return " · ".join(parts)
+
+
+# --- images from a path --------------------------------------------------------------------
+
+
+class ImageError(ValueError):
+    """A path that is not a readable image: the message says why, for a notice."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    name: str
+    media_type: str
+    size: int
+    data_url: str
+
+
+def load_image(path_text: str) -> Attachment:
+    """Read an image file into a data: URL. Blocking: call it with `asyncio.to_thread`."""
+    path = Path(path_text.strip().strip("'\"")).expanduser()
+    if not path_text.strip():
+        raise ImageError("give a path: /image PATH")
+    if not path.exists():
+        raise ImageError(f"no such file: {path}")
+    if not path.is_file():
+        raise ImageError(f"not a file: {path}")
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise ImageError(f"{path.name} is {size / 1e6:.1f} MB; images up to {MAX_IMAGE_BYTES // 10**6} MB")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ImageError(f"cannot read {path}: {error.strerror or error}") from None
+    media_type = next((kind for magic, kind in IMAGE_TYPES.items() if data.startswith(magic)), None)
+    if media_type is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        media_type = "image/webp"
+    if media_type is None:
+        raise ImageError(f"{path.name} is not a PNG, JPEG, GIF or WebP image")
+    encoded = base64.b64encode(data).decode("ascii")
+    return Attachment(path.name, media_type, size, f"data:{media_type};base64,{encoded}")
+
+
+def user_message(text: str, images: list[Attachment]) -> ChatMessage:
+    if not images:
+        return ChatMessage(role="user", content=text)
+    parts = [ContentPart(type="text", text=text)]
+    parts += [ContentPart(type="image_url", image_url=ImageURL(url=image.data_url)) for image in images]
+    return ChatMessage(role="user", content=parts)
+
+
+def stored_text(text: str, images: list[Attachment]) -> str:
+    """What the session keeps of a message: its text, and the names of its images (not their bytes)."""
+    return text + "".join(f"\n[image: {image.name}]" for image in images)
+
+
+# --- widgets ------------------------------------------------------------------------------
+
+
+class Prompt(Static):
+    """One message the user sent."""
+
+
+class AnswerView(Vertical):
+    """One answer: the streamed Markdown, then where it went and what it took."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(classes="answer")
+        self.border_title = label
+        self.markdown = Markdown()
+        self.route = Label("routing…", classes="meta-route")
+        self.cost = Label("", classes="meta-cost")
+        self.timing = Label("", classes="meta-timing")
+
+    def compose(self) -> ComposeResult:
+        yield self.markdown
+        with Horizontal(classes="answer-meta"):
+            yield self.route
+            yield self.cost
+            yield self.timing
+
+    def show(self, route: str, figures: Figures, note: str | None = None) -> None:
+        self.border_title = figures.model
+        self.route.update(route)
+        self.cost.update(f"{figures.cost_text()} · {figures.tokens_text()}")
+        self.timing.update(figures.timing_text())
+        if note:
+            self.border_subtitle = note
+
+    def fail(self, message: str) -> None:
+        self.add_class("-error")
+        self.route.update(Text(message, style="bold"))
+        self.border_subtitle = "failed"
+
+
+# --- the screen -------------------------------------------------------------------------------
+
+
+class ChatCommands(Provider):
+    """The chat view's actions in the command palette."""
+
+    def _commands(self) -> list[tuple[str, Any, str]]:
+        screen = self.screen
+        if not isinstance(screen, ChatScreen):
+            return []
+        return [
+            ("Chat: stop the answer", screen.action_stop, "Cancel the streaming answer and its upstream call (escape)"),
+            ("Chat: attach an image", screen.action_attach, "Type /image PATH to attach a PNG, JPEG, GIF or WebP (ctrl+o)"),
+            ("Chat: new conversation", screen.action_new_chat, "Start a new session (ctrl+n)"),
+            ("Chat: choose the model", screen.action_pick_model, "A catalog model, or auto to let the router pick (f2)"),
+            ("Chat: choose the routing mode", screen.action_pick_mode, "cost, quality, speed, balanced or adaptive (f3)"),
+        ]
+
+    async def discover(self) -> Hits:
+        for name, run, help_text in self._commands():
+            yield DiscoveryHit(name, run, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, run, help_text in self._commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), run, help=help_text)
+
+
+class ChatScreen(Screen):
+    """Streaming chat with any model, the router's choice made visible under each answer."""
+
+    COMMANDS = {ChatCommands}
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+o", "attach", "Image"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("f2", "pick_model", "Model"),
+        Binding("f3", "pick_mode", "Mode"),
+    ]
+
+    DEFAULT_CSS = """
+    ChatScreen #chat-bar { height: 3; padding: 0 1; }
+    ChatScreen #chat-bar Label { padding: 1 1 0 0; }
+    ChatScreen #chat-model { width: 44; }
+    ChatScreen #chat-mode { width: 18; }
+    ChatScreen #chat-session { width: 1fr; padding: 1 0 0 2; color: $text-muted; text-align: right; }
+    ChatScreen #chat-log { height: 1fr; padding: 0 1; }
+    ChatScreen #chat-empty { color: $text-muted; padding: 1 2; }
+    ChatScreen Prompt { margin: 1 0 0 8; padding: 0 1; background: $boost; border-left: thick $primary; }
+    ChatScreen .answer { height: auto; margin: 1 0 0 0; padding: 0 1; border: round $accent 50%;
+                         border-title-color: $accent; border-subtitle-color: $text-muted; }
+    ChatScreen .answer.-error { border: round $error; }
+    ChatScreen .answer Markdown { margin: 0; padding: 0; }
+    ChatScreen .answer-meta { height: auto; color: $text-muted; }
+    ChatScreen .answer-meta Label { margin-right: 3; }
+    ChatScreen .meta-route { color: $text; }
+    ChatScreen #chat-attachments { height: auto; padding: 0 2; color: $accent; display: none; }
+    ChatScreen #chat-attachments.-on { display: block; }
+    ChatScreen #chat-input { margin: 0 1; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__(id="chat")
+        self.session = SessionLog("chat")
+        self.history: list[ChatMessage] = []
+        self.attachments: list[Attachment] = []
+        self.streaming = False
+        self._models_loaded = False
+        self._said_in_memory = False
+
+    def compose(self) -> ComposeResult:
+        yield StatusLine()
+        with Horizontal(id="chat-bar"):
+            yield Label("Model")
+            yield Select([("auto: the router picks", AUTO)], value=AUTO, allow_blank=False, id="chat-model")
+            yield Label("Mode")
+            yield Select([(mode, mode) for mode in MODES], value="balanced", allow_blank=False, id="chat-mode")
+            yield Static(self.session.describe(), id="chat-session")
+        with VerticalScroll(id="chat-log"):
+            yield Static(
+                "Ask anything. [b]enter[/] sends, [b]escape[/] stops an answer, [b]/image PATH[/] attaches a picture.\n"
+                "Pick a model above, or leave [b]auto[/] and a routing mode: the router's choice shows under each answer.",
+                id="chat-empty",
+            )
+        yield Static(id="chat-attachments")
+        yield Input(placeholder="Ask something…  (/image PATH attaches an image)", id="chat-input")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#chat-input", Input).focus()
+        self.update_status()
+        self._load_models()
+
+    def on_screen_resume(self) -> None:
+        self.update_status()
+        self._load_models()
+
+    # --- what the app calls -------------------------------------------------------------
+
+    def show_state(self, state: Any) -> None:
+        self.update_status()
+        if not self._models_loaded:
+            self._load_models()
+
+    def update_status(self) -> None:
+        if self.is_mounted and hasattr(self.app, "status_fields"):
+            fields = self.app.status_fields()  # type: ignore[attr-defined]
+            self.query_one(StatusLine).show(status_text(fields, palette_of(self.app), view="Chat"))
+
+    @property
+    def link(self) -> ChatLink | None:
+        return chat_link(getattr(self.app, "source", None))
+
+    def _load_models(self) -> None:
+        link = self.link
+        if link is None or self._models_loaded:
+            return
+        self._models_loaded = True
+        self._fill_models(link)
+
+    @work(exclusive=True, group="chat-models", exit_on_error=False)
+    async def _fill_models(self, link: ChatLink) -> None:
+        try:
+            models = await link.models()
+        except Exception as error:
+            self._models_loaded = False
+            self.notify(f"could not list models: {error}", title="Chat", severity="error")
+            return
+        picker = self.query_one("#chat-model", Select)
+        picker.set_options([("auto: the router picks", AUTO)] + [(model, model) for model in models])
+        picker.value = AUTO
+        mode = link.default_mode()
+        if mode in MODES:
+            self.query_one("#chat-mode", Select).value = mode
+
+    # --- choosing --------------------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        value = self.query_one("#chat-model", Select).value
+        return value if isinstance(value, str) else AUTO
+
+    @property
+    def mode(self) -> str:
+        value = self.query_one("#chat-mode", Select).value
+        return value if isinstance(value, str) else "balanced"
+
+    @on(Select.Changed, "#chat-model")
+    def _model_changed(self, event: Select.Changed) -> None:
+        self.query_one("#chat-mode", Select).disabled = event.value != AUTO
+
+    def action_pick_model(self) -> None:
+        picker = self.query_one("#chat-model", Select)
+        picker.focus()
+        picker.expanded = True
+
+    def action_pick_mode(self) -> None:
+        picker = self.query_one("#chat-mode", Select)
+        if picker.disabled:
+            self.notify("the mode applies when the model is auto", severity="warning", timeout=3)
+            return
+        picker.focus()
+        picker.expanded = True
+
+    # --- sending ---------------------------------------------------------------------
+
+    @on(Input.Submitted, "#chat-input")
+    def _submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if text.startswith("/image"):
+            event.input.value = ""
+            self._attach(text[len("/image"):].strip())
+            return
+        if self.streaming:
+            self.notify("an answer is still streaming: escape stops it", severity="warning", timeout=3)
+            return
+        link = self.link
+        if link is None:
+            self.notify("the console is not connected yet", title="Chat", severity="warning")
+            return
+        event.input.value = ""
+        images, self.attachments = self.attachments, []
+        self._show_attachments()
+        self.streaming = True
+        self._ask(link, text, images, self.model, self.mode)
+
+    @work(exclusive=True, group="chat", exit_on_error=False, description="chat answer")
+    async def _ask(self, link: ChatLink, text: str, images: list[Attachment], model: str, mode: str) -> None:
+        log = self.query_one("#chat-log", VerticalScroll)
+        answer = AnswerView(model if model != AUTO else f"auto · {mode}")
+        outcome = Outcome()
+        try:
+            await self.query("#chat-empty").remove()
+            await log.mount(Prompt(stored_text(text, images)))
+            await log.mount(answer)
+            log.anchor()
+            self.history.append(user_message(text, images))
+            session_id = await self.session.open(link, text)
+            await self.session.add(link, "user", stored_text(text, images))
+            self._session_changed()
+            ctx = CallContext(session_id=session_id, source="console")
+            options = RouteOptions(mode=mode) if model == AUTO else RouteOptions(model=model)
+            request = ChatRequest(messages=list(self.history), stream=True)
+            await self._stream_answer(link, request, options, ctx, answer, outcome, mode if model == AUTO else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # an error is a notice and a red answer, never a crash
+            reason = getattr(error, "message", None) or str(error) or type(error).__name__
+            answer.fail(reason)
+            self.notify(reason, title="Chat", severity="error")
+            if not outcome.parts and self.history and self.history[-1].role == "user":
+                self.history.pop()  # nothing came back: the question is not part of the conversation
+        finally:
+            self.streaming = False
+            self._session_changed()
+
+    async def _stream_answer(self, link: ChatLink, request: ChatRequest, options: RouteOptions, ctx: CallContext,
+                             answer: AnswerView, outcome: Outcome, mode: str | None) -> None:
+        stream = link.stream(request, options, ctx)
+        sink = Markdown.get_stream(answer.markdown)
+        try:
+            await relay(stream, sink, outcome)
+        except asyncio.CancelledError:
+            outcome.stopped = True
+            raise
+        finally:  # stopped, broken or done: close the upstream, then show and keep what came
+            await sink.stop()
+            await stream.aclose()
+            await self._finish(link, stream, outcome, answer, mode, ctx)
+
+    async def _finish(self, link: ChatLink, stream: AnswerStream, outcome: Outcome, answer: AnswerView,
+                      mode: str | None, ctx: CallContext) -> None:
+        figures = Figures.of(stream, outcome)
+        note = "stopped" if outcome.stopped else ("broken: " + outcome.error if outcome.error else None)
+        answer.show(route_text(stream, mode), figures, note)
+        if outcome.error:
+            self.notify(f"the answer broke off: {outcome.error}", title="Chat", severity="error")
+        if outcome.stopped:
+            self.notify("stopped; the upstream call was cancelled", title="Chat", timeout=3)
+        if outcome.text:
+            self.history.append(ChatMessage(role="assistant", content=outcome.text))
+            try:
+                await self.session.add(link, "assistant", outcome.text, figures.model, ctx.request_id)
+            except Exception as error:
+                self.notify(f"the answer was not saved: {error}", title="Session", severity="error")
+
+    def _session_changed(self) -> None:
+        self.query_one("#chat-session", Static).update(self.session.describe())
+        if self.session.persistent is False and not self._said_in_memory:
+            self._said_in_memory = True
+            self.notify("no store: this conversation is kept in memory only", title="Chat", severity="warning")
+
+    def action_stop(self) -> None:
+        if not self.streaming:
+            return
+        self.workers.cancel_group(self, "chat")
+
+    def action_new_chat(self) -> None:
+        if self.streaming:
+            self.action_stop()
+        self.session = SessionLog("chat")
+        self.history = []
+        log = self.query_one("#chat-log", VerticalScroll)
+        log.remove_children()
+        log.mount(Static("New conversation. Ask away.", id="chat-empty"))
+        self.query_one("#chat-session", Static).update(self.session.describe())
+        self.query_one("#chat-input", Input).focus()
+
+    # --- attachments -------------------------------------------------------------------
+
+    def action_attach(self) -> None:
+        box = self.query_one("#chat-input", Input)
+        box.value = "/image "
+        box.cursor_position = len(box.value)
+        box.focus()
+
+    @work(group="chat-attach", exit_on_error=False, description="read an image")
+    async def _attach(self, path: str) -> None:
+        try:
+            image = await asyncio.to_thread(load_image, path)
+        except ImageError as error:
+            self.notify(str(error), title="Image not attached", severity="error")
+            return
+        except Exception as error:
+            self.notify(f"cannot attach {path}: {error}", title="Image not attached", severity="error")
+            return
+        self.attachments.append(image)
+        self._show_attachments()
+        self.notify(f"{image.name} attached ({image.size / 1024:.0f} KB); it goes with the next message", timeout=3)
+
+    def _show_attachments(self) -> None:
+        box = self.query_one("#chat-attachments", Static)
+        box.set_class(bool(self.attachments), "-on")
+        box.update("📎 " + ", ".join(a.name for a in self.attachments) if self.attachments else "")

@@ -1,0 +1,110 @@
+"""Where the console's data comes from.
+
+The console reads through a `ConsoleSource`: a bus subscription for live
+events, plus a few queries (health, spend, sessions, one decision). `LocalSource`
+reads a `Runtime` in this process (`p402`, `p402 demo`); a source that reads a
+remote gateway's `/api/v2` can stand in for it with the same methods.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from ..core.events import Subscription
+from .state import SpendSummary
+
+# Big enough to hold a couple of seconds at 500 events/s between two drains.
+SUBSCRIPTION_SIZE = 20_000
+
+
+class ConsoleSource(Protocol):
+    label: str  # shown in the header: "local", "SIMULATED", a gateway URL
+    simulated: bool
+
+    def subscribe(self) -> Subscription: ...
+
+    def providers(self) -> list[str]: ...
+
+    def health(self) -> dict[str, dict[str, Any]]: ...
+
+    async def summary(self) -> SpendSummary | None:
+        """Totals from the ledger, or None when there is no ledger (the console then keeps its own)."""
+
+    async def sessions(self) -> list[dict[str, Any]]: ...
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        """{"session": {...}, "requests": [...], "messages": [...]}"""
+
+    async def decision(self, decision_id: str) -> dict[str, Any] | None: ...
+
+
+class LocalSource:
+    """The console on a Runtime in this process."""
+
+    def __init__(self, runtime: Any, *, simulated: bool = False, label: str | None = None) -> None:
+        self.runtime = runtime
+        self.simulated = simulated
+        self.label = label or ("SIMULATED" if simulated else "local")
+
+    @property
+    def store(self) -> Any:
+        return getattr(self.runtime, "store", None)
+
+    def subscribe(self) -> Subscription:
+        return self.runtime.bus.subscribe(maxsize=SUBSCRIPTION_SIZE)
+
+    def providers(self) -> list[str]:
+        return [p.id for p in self.runtime.settings.usable_providers()]
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        snapshot = self.runtime.orchestrator.health.snapshot(self.providers())
+        return {pid: health.to_dict() for pid, health in snapshot.items()}
+
+    async def summary(self) -> SpendSummary | None:
+        store = self.store
+        if store is None:
+            return None
+        from ..store.spend import spend_summary
+
+        now = time.time()
+        today = await spend_summary(store, period="today", now=now)
+        week = await spend_summary(store, period="7d", now=now)
+        month = await spend_summary(store, period="30d", now=now, by="model")
+        top = sorted(month["breakdown"], key=lambda r: (-r["cost_usd"], r["key"]))[:5]
+        return SpendSummary(
+            today_usd=today["total_usd"],
+            week_usd=week["total_usd"],
+            month_usd=month["total_usd"],
+            requests_today=today["requests"],
+            saved_usd=month.get("saved_usd", 0.0),
+            cache_hits=month.get("cache_hits", 0),
+            top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
+        )
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        if self.store is None:
+            return []
+        from ..store.sessions import list_sessions
+
+        return await list_sessions(self.store)
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        from ..core.errors import P402Error
+        from ..store.queries import recent_requests
+        from ..store.sessions import get_session, session_messages
+
+        if self.store is None:
+            raise P402Error("sessions need the store, and this console runs without one")
+        return {
+            "session": await get_session(self.store, session_id),
+            "requests": await recent_requests(self.store, session_id=session_id, limit=200),
+            "messages": await session_messages(self.store, session_id),
+        }
+
+    async def decision(self, decision_id: str) -> dict[str, Any] | None:
+        if self.store is None:
+            return None
+        from ..store.queries import get_decision
+
+        return await get_decision(self.store, decision_id)

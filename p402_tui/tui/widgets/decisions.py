@@ -1,0 +1,45 @@
+"""The Decisions pane: every routed request, newest first, with what it cost and how it went."""
+
+from __future__ import annotations
+
+from ..format import clock, ms, short, usd
+from ..state import ConsoleState, DecisionRow
+from .palette import Palette
+from .table import Cell, Column, LiveTable, Row, num
+
+COLUMNS = (
+    Column("time", "Time", 8),
+    Column("mode", "Mode", 8),
+    Column("model", "Chosen model", 25),
+    Column("cands", "Cand", 4),
+    Column("est", "Est", 9),
+    Column("cost", "Cost", 9),
+    Column("latency", "Latency", 6),
+    Column("tries", "Try", 3),
+    Column("status", "Status", 7),
+)
+
+
+class DecisionsTable(LiveTable):
+    def __init__(self, max_rows: int = 200) -> None:
+        super().__init__(COLUMNS, sort_column="time", sort_reverse=True, max_rows=max_rows, id="decisions-table")
+
+
+def decision_cells(row: DecisionRow, colors: Palette) -> list[Cell]:
+    served = row.served_by
+    rerouted = row.provider is not None and served != row.chosen
+    return [
+        Cell(clock(row.ts), (row.ts, row.key)),
+        Cell(row.mode),
+        Cell(short(served, 25), served, style=colors.warning if rerouted else ""),
+        num(str(row.candidates), row.candidates),
+        num(usd(row.est_cost), row.est_cost),
+        num(usd(row.cost), row.cost),
+        num(ms(row.latency_ms), row.latency_ms),
+        num(str(row.attempts or "-"), row.attempts, style=colors.warning if row.attempts > 1 else ""),
+        Cell(row.status, style=colors.status(row.status)),
+    ]
+
+
+def decision_rows(state: ConsoleState, colors: Palette) -> list[Row]:
+    return [Row(row.key, row.rev, lambda row=row: decision_cells(row, colors)) for row in state.decisions.values()]

@@ -1,0 +1,109 @@
+"""A titled box around one live view, with its own `/` filter bar."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widget import Widget
+from textual.widgets import Input
+
+from .table import LiveTable
+
+
+class FilterBar(Input):
+    """Typed text filters the pane's table as you type; enter keeps it, escape clears it."""
+
+    BINDINGS = [Binding("escape", "clear", "Clear filter", show=True)]
+
+    def __init__(self) -> None:
+        super().__init__(placeholder="filter: words  !not  column:value  regex", classes="filter-bar")
+
+    def action_clear(self) -> None:
+        self.value = ""
+        pane = self.parent
+        if isinstance(pane, Pane):
+            pane.close_filter()
+
+
+class Pane(Vertical):
+    """One dashboard pane. `body` is its table or chart; `z` maximises it, `/` filters it."""
+
+    ALLOW_MAXIMIZE = True
+
+    def __init__(self, title: str, body: Widget, *, id: str) -> None:
+        super().__init__(id=id, classes="pane")
+        self.title = title
+        self.body = body
+        self.border_title = title
+
+    def compose(self) -> ComposeResult:
+        yield self.body
+        if isinstance(self.body, LiveTable):
+            bar = FilterBar()
+            bar.display = False
+            yield bar
+
+    @property
+    def table(self) -> LiveTable | None:
+        return self.body if isinstance(self.body, LiveTable) else None
+
+    @property
+    def filter_bar(self) -> FilterBar | None:
+        found = self.query(FilterBar)
+        return found.first() if found else None
+
+    def focus_body(self) -> None:
+        """Focus the table or chart inside (the spend pane's chart sits one level down)."""
+        if self.body.can_focus:
+            self.body.focus()
+            return
+        for widget in self.body.query("*"):
+            if widget.can_focus:
+                widget.focus()
+                return
+
+    def open_filter(self) -> bool:
+        bar = self.filter_bar
+        if bar is None:
+            return False
+        bar.display = True
+        bar.focus()
+        return True
+
+    def close_filter(self) -> None:
+        bar = self.filter_bar
+        if bar is None:
+            return
+        if not bar.value:
+            bar.display = False
+        self.body.focus()
+
+    @on(Input.Changed, ".filter-bar")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        if self.table is not None:
+            self.table.set_filter(event.value)
+            self.update_title()
+
+    @on(Input.Submitted, ".filter-bar")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.close_filter()
+
+    def update_title(self, extra: str = "") -> None:
+        """The border title: the pane's name, its row count, and the filter and sort in force."""
+        parts = [self.title]
+        table = self.table
+        if table is not None:
+            shown = table.row_count
+            parts.append(f"{shown}" if shown == table.total_rows else f"{shown}/{table.total_rows}")
+            if table.row_filter:
+                parts.append(f"/{table.row_filter.text}")
+            parts.append(f"sort {table.sort_label()}")
+        if extra:
+            parts.append(extra)
+        title = " · ".join(parts)
+        if title != self.border_title:
+            self.border_title = title

@@ -1,0 +1,123 @@
+"""The Spend pane: a plotext chart of spend over time by provider, and the totals beside it.
+
+plotext is called directly and its ANSI output turned into Rich text (the
+textual-plotext wrapper pins an older plotext). The chart is rebuilt only when
+the data or the widget's size changed.
+"""
+
+from __future__ import annotations
+
+import plotext
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.widget import Widget
+from textual.widgets import Static
+
+from ..format import short, usd
+from ..state import SpendSeries, SpendSummary
+from .palette import Palette
+
+
+def _rgb(colour: str) -> tuple[int, int, int] | None:
+    colour = colour.lstrip("#")
+    if len(colour) != 6:
+        return None
+    try:
+        return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16)
+    except ValueError:
+        return None
+
+
+def render_chart(series: SpendSeries, now: float, width: int, height: int, colours: list[str]) -> tuple[Text, int]:
+    """The chart as Rich text, and how many lines it drew (0: nothing to draw yet)."""
+    window, lines = series.cumulative(now)
+    if not lines or width < 20 or height < 5:
+        return Text("no spend in the last " + _span(series), style="dim"), 0
+    figure = plotext.figure
+    figure.clear()
+    figure.theme("simple")
+    figure.plot_size(width, height)
+    xs = list(range(len(window)))
+    for i, (provider, values) in enumerate(lines.items()):
+        rgb = _rgb(colours[i % len(colours)])
+        marker = plotext.marker("braille", pixel=rgb) if rgb else "braille"
+        signal = figure.signal(xs, values, marker=marker)
+        signal.lines()
+        signal.label(provider)
+        figure.draw(signal)
+    last = len(window) - 1
+    figure.ruler("x").ticks([0, last // 2, last], [f"-{_span(series)}", f"-{_span(series, 2)}", "now"])
+    figure.ruler("y").frequency(4)
+    ansi = figure.build().string()
+    return Text.from_ansi(ansi, no_wrap=True), len(lines)
+
+
+def _span(series: SpendSeries, divide: int = 1) -> str:
+    seconds = series.bucket_s * series.buckets / divide
+    return f"{seconds / 60:.0f}m" if seconds >= 60 else f"{seconds:.0f}s"
+
+
+class SpendChart(Widget, can_focus=True):
+    """Cumulative spend per provider over the window, redrawn on demand."""
+
+    DEFAULT_CSS = "SpendChart { width: 1fr; height: 1fr; }"
+
+    def __init__(self) -> None:
+        super().__init__(id="spend-chart")
+        self._text: Text = Text("waiting for traffic…", style="dim")
+        self._key: tuple[int, int, int, int] | None = None
+        self.lines = 0  # how many provider lines the last drawing had
+
+    def render(self) -> Text:
+        return self._text
+
+    def draw(self, series: SpendSeries, now: float, colors: Palette) -> None:
+        width, height = self.content_size
+        key = (series.rev, width, height, int(now // series.bucket_s))
+        if key == self._key:
+            return
+        self._key = key
+        series.trim(now)
+        self._text, self.lines = render_chart(series, now, width, height, colors.series())
+        self.refresh()
+
+    def on_resize(self) -> None:
+        self._key = None
+
+
+def summary_text(summary: SpendSummary, colors: Palette) -> Text:
+    text = Text()
+    label = "since start" if summary.since_start else "today"
+    text.append(f"{label:<12}", style="dim")
+    text.append(f"{usd(summary.today_usd):>10}\n", style="bold")
+    if not summary.since_start:
+        text.append(f"{'7 days':<12}", style="dim")
+        text.append(f"{usd(summary.week_usd):>10}\n")
+        text.append(f"{'30 days':<12}", style="dim")
+        text.append(f"{usd(summary.month_usd):>10}\n")
+    text.append(f"{'requests':<12}", style="dim")
+    text.append(f"{summary.requests_today:>10,}\n")
+    text.append(f"{'cache saved':<12}", style="dim")
+    text.append(f"{usd(summary.saved_usd):>10}\n", style=colors.ok)
+    text.append(f"{'cache hits':<12}", style="dim")
+    text.append(f"{summary.cache_hits:>10,}\n")
+    if summary.top_models:
+        text.append("\ntop models\n", style="bold")
+        for model, cost, _requests in summary.top_models[:5]:
+            text.append(f"{short(model, 22):<22} ", style="dim")
+            text.append(f"{usd(cost)}\n")
+    return text
+
+
+class SpendPane(Horizontal):
+    """The chart on the left, the totals on the right."""
+
+    def compose(self) -> ComposeResult:
+        yield SpendChart()
+        yield Static(id="spend-totals")
+
+    def show(self, series: SpendSeries, summary: SpendSummary, now: float, colors: Palette, summary_changed: bool) -> None:
+        self.query_one(SpendChart).draw(series, now, colors)
+        if summary_changed:
+            self.query_one("#spend-totals", Static).update(summary_text(summary, colors))
