@@ -1,0 +1,225 @@
+"""The SQLite file: schema, migrations, connections.
+
+One file holds everything P402 remembers. WAL lets the console and the CLI read
+while the writer task writes. The schema version lives in `PRAGMA user_version`;
+each migration is a script that moves the file one version up, run in one
+transaction, so a half-migrated file cannot exist.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from ..core.errors import P402Error
+
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    # NORMAL in WAL mode: a crashed process loses nothing committed; only power loss may drop the last commits.
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=5000",
+)
+
+# Spend views share one shape: key, cost_usd, saved_usd, requests, cached.
+_SPEND_COLUMNS = (
+    "SUM(cost_usd) AS cost_usd, SUM(saved_usd) AS saved_usd, COUNT(*) AS requests, SUM(cached) AS cached"
+)
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    f"""
+    CREATE TABLE requests (
+        id TEXT PRIMARY KEY,
+        ts REAL NOT NULL,
+        session_id TEXT,
+        api_key_id TEXT,
+        tag TEXT,
+        mode TEXT,
+        provider TEXT,
+        model TEXT,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        est_cost_usd REAL,
+        saved_usd REAL NOT NULL DEFAULT 0,
+        latency_ms REAL NOT NULL DEFAULT 0,
+        ttft_ms REAL,
+        status TEXT NOT NULL,
+        error_kind TEXT,
+        error TEXT,
+        cached INTEGER NOT NULL DEFAULT 0,
+        decision_id TEXT,
+        stream INTEGER NOT NULL DEFAULT 0,
+        namespace TEXT,
+        source TEXT,
+        attempts TEXT NOT NULL DEFAULT '[]',
+        needs TEXT,
+        prompt_key TEXT
+    );
+    CREATE INDEX requests_ts ON requests(ts);
+    CREATE INDEX requests_session ON requests(session_id, ts);
+    CREATE INDEX requests_model ON requests(provider, model);
+    CREATE INDEX requests_tag ON requests(tag);
+    CREATE INDEX requests_prompt_key ON requests(prompt_key);
+
+    CREATE TABLE router_decisions (
+        id TEXT PRIMARY KEY,
+        ts REAL NOT NULL,
+        mode TEXT,
+        chosen TEXT,
+        provider TEXT,
+        model TEXT,
+        tier TEXT,
+        est_cost_usd REAL,
+        prompt_tokens INTEGER,
+        decision_us REAL,
+        candidates INTEGER NOT NULL DEFAULT 0,
+        excluded INTEGER NOT NULL DEFAULT 0,
+        decision TEXT NOT NULL
+    );
+    CREATE INDEX router_decisions_ts ON router_decisions(ts);
+    CREATE INDEX router_decisions_chosen ON router_decisions(chosen);
+
+    CREATE TABLE agent_sessions (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        agent TEXT,
+        budget_usd REAL CHECK (budget_usd IS NULL OR budget_usd >= 0),
+        status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'paused', 'closed')),
+        metadata TEXT NOT NULL DEFAULT '{{}}',
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+
+    CREATE TABLE session_messages (
+        id INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES agent_sessions(id) ON DELETE CASCADE,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        model TEXT,
+        request_id TEXT,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX session_messages_session ON session_messages(session_id, id);
+
+    CREATE TABLE provider_health (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        provider TEXT NOT NULL,
+        status TEXT,
+        circuit TEXT,
+        error_rate REAL,
+        latency_ms_p50 REAL,
+        latency_ms_p95 REAL,
+        snapshot TEXT NOT NULL
+    );
+    CREATE INDEX provider_health_provider ON provider_health(provider, ts);
+
+    CREATE TABLE semantic_cache (
+        id INTEGER PRIMARY KEY,
+        namespace TEXT NOT NULL,
+        exact_key TEXT NOT NULL,
+        scope_key TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        model TEXT,
+        response TEXT NOT NULL,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        created REAL NOT NULL,
+        last_hit REAL NOT NULL,
+        hits INTEGER NOT NULL DEFAULT 0,
+        embedder TEXT,
+        embedding BLOB
+    );
+    CREATE UNIQUE INDEX semantic_cache_key ON semantic_cache(namespace, exact_key);
+
+    CREATE TABLE gateway_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        created REAL NOT NULL,
+        revoked REAL
+    );
+
+    CREATE VIEW spend_by_day AS
+        SELECT date(ts, 'unixepoch', 'localtime') AS day, {_SPEND_COLUMNS} FROM requests GROUP BY day;
+    CREATE VIEW spend_by_provider AS
+        SELECT provider, {_SPEND_COLUMNS} FROM requests GROUP BY provider;
+    CREATE VIEW spend_by_model AS
+        SELECT provider, model, {_SPEND_COLUMNS} FROM requests GROUP BY provider, model;
+    CREATE VIEW spend_by_session AS
+        SELECT session_id, {_SPEND_COLUMNS} FROM requests WHERE session_id IS NOT NULL GROUP BY session_id;
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(P402Error):
+    kind = "store"
+    http_status = 500
+
+
+async def connect(path: Path | str) -> aiosqlite.Connection:
+    """An open, migrated connection in autocommit mode (transactions are explicit)."""
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(path, isolation_level=None)
+    except (OSError, aiosqlite.Error) as error:
+        raise StoreError(f"cannot open database {path}: {error}") from None
+    try:
+        for pragma in PRAGMAS:
+            await conn.execute(pragma)
+        await migrate(conn, path)
+    except BaseException:
+        await conn.close()
+        raise
+    conn.row_factory = aiosqlite.Row
+    return conn
+
+
+async def migrate(conn: aiosqlite.Connection, path: Path | str = "database") -> int:
+    """Bring the file to SCHEMA_VERSION; refuse a file written by a newer P402.
+
+    Each step re-reads the version inside its write transaction, so two processes
+    opening a fresh file at once do not both run the same migration.
+    """
+    version = 0
+    try:
+        while True:
+            await conn.execute("BEGIN IMMEDIATE")
+            async with conn.execute("PRAGMA user_version") as cursor:
+                (version,) = await cursor.fetchone()
+            if version >= SCHEMA_VERSION:
+                await conn.execute("COMMIT")
+                break
+            for statement in _statements(MIGRATIONS[version]):
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version={version + 1}")
+            await conn.execute("COMMIT")
+    except aiosqlite.DatabaseError as error:
+        if conn.in_transaction:
+            await conn.rollback()
+        raise StoreError(f"cannot use database {path}: {error}") from None
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, newer than this P402 knows ({SCHEMA_VERSION}); upgrade p402"
+        )
+    return version
+
+
+def _statements(script: str) -> list[str]:
+    """A script cut into whole statements (execute() takes one at a time)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements

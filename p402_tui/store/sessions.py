@@ -1,0 +1,181 @@
+"""Agent sessions: a named budget that requests charge against, with its chat history.
+
+Spend and request counts are never stored on the session; they are summed from
+the ledger, so they cannot drift from what was actually recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from typing import Any
+
+from ..core.errors import P402Error
+from .store import Store
+
+STATUSES = ("active", "paused", "closed")
+
+
+class SessionError(P402Error):
+    kind = "invalid_session"
+    http_status = 400
+
+
+class SessionNotFoundError(SessionError):
+    kind = "session_not_found"
+    http_status = 404
+
+
+class SessionInactiveError(SessionError):
+    """Requests to a paused or closed session are refused before any upstream call."""
+
+    kind = "session_inactive"
+    http_status = 409
+
+
+_UNSET: Any = object()
+
+_SELECT = (
+    "SELECT s.*, COALESCE(SUM(r.cost_usd), 0.0) AS spent_usd, COUNT(r.id) AS requests, "
+    "COALESCE(SUM(r.saved_usd), 0.0) AS saved_usd "
+    "FROM agent_sessions s LEFT JOIN requests r ON r.session_id = s.id"
+)
+
+INSERT_MESSAGE = "INSERT INTO session_messages (session_id, role, content, model, request_id, ts) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    budget = row["budget_usd"]
+    spent = row["spent_usd"]
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "agent": row["agent"],
+        "budget_usd": budget,
+        "spent_usd": spent,
+        "remaining_usd": None if budget is None else budget - spent,
+        "requests": row["requests"],
+        "saved_usd": row["saved_usd"],
+        "status": row["status"],
+        "metadata": json.loads(row["metadata"] or "{}"),
+        "created": row["created"],
+        "updated": row["updated"],
+    }
+
+
+def _check_budget(budget_usd: float | None) -> float | None:
+    if budget_usd is None:
+        return None
+    if not isinstance(budget_usd, (int, float)) or not math.isfinite(budget_usd) or budget_usd < 0:
+        raise SessionError(f"budget must be a non-negative number of USD, not {budget_usd!r}")
+    return float(budget_usd)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise SessionError("a session needs a non-empty name")
+    return name.strip()
+
+
+def _check_status(status: str) -> str:
+    if status not in STATUSES:
+        raise SessionError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+    return status
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> str:
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, dict):
+        raise SessionError("metadata must be a JSON object")
+    try:
+        return json.dumps(metadata)
+    except (TypeError, ValueError) as error:
+        raise SessionError(f"metadata is not JSON: {error}") from None
+
+
+async def create_session(
+    store: Store,
+    *,
+    name: str,
+    budget_usd: float | None = None,
+    agent: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    status: str = "active",
+) -> dict[str, Any]:
+    now = time.time()
+    session_id = f"ses-{uuid.uuid4().hex[:12]}"
+    await store.run(
+        "INSERT INTO agent_sessions (id, name, agent, budget_usd, status, metadata, created, updated) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (session_id, _check_name(name), agent, _check_budget(budget_usd), _check_status(status),
+         _check_metadata(metadata), now, now),
+    )  # fmt: skip
+    return await get_session(store, session_id)
+
+
+async def get_session(store: Store, session_id: str) -> dict[str, Any]:
+    row = await store.fetchone(f"{_SELECT} WHERE s.id = ? GROUP BY s.id", (session_id,))
+    if row is None:
+        raise SessionNotFoundError(f"no session {session_id!r}; `p402 sessions list` shows them")
+    return _public(row)
+
+
+async def list_sessions(store: Store, *, status: str | None = None) -> list[dict[str, Any]]:
+    if status is not None:
+        rows = await store.fetchall(
+            f"{_SELECT} WHERE s.status = ? GROUP BY s.id ORDER BY s.created", (_check_status(status),)
+        )
+    else:
+        rows = await store.fetchall(f"{_SELECT} GROUP BY s.id ORDER BY s.created")
+    return [_public(r) for r in rows]
+
+
+async def update_session(
+    store: Store,
+    session_id: str,
+    *,
+    name: str = _UNSET,
+    budget_usd: float | None = _UNSET,
+    status: str = _UNSET,
+    agent: str | None = _UNSET,
+    metadata: dict[str, Any] | None = _UNSET,
+) -> dict[str, Any]:
+    """Change the fields given; `budget_usd=None` removes the budget."""
+    changes: dict[str, Any] = {}
+    if name is not _UNSET:
+        changes["name"] = _check_name(name)
+    if budget_usd is not _UNSET:
+        changes["budget_usd"] = _check_budget(budget_usd)
+    if status is not _UNSET:
+        changes["status"] = _check_status(status)
+    if agent is not _UNSET:
+        changes["agent"] = agent
+    if metadata is not _UNSET:
+        changes["metadata"] = _check_metadata(metadata)
+    changes["updated"] = time.time()
+    assignments = ", ".join(f"{column} = ?" for column in changes)
+    changed = await store.run(
+        f"UPDATE agent_sessions SET {assignments} WHERE id = ?", (*changes.values(), session_id)
+    )
+    if not changed:
+        raise SessionNotFoundError(f"no session {session_id!r}; `p402 sessions list` shows them")
+    return await get_session(store, session_id)
+
+
+async def delete_session(store: Store, session_id: str) -> None:
+    """Delete a session and its messages; its ledger rows stay, so past spend still adds up."""
+    if not await store.run("DELETE FROM agent_sessions WHERE id = ?", (session_id,)):
+        raise SessionNotFoundError(f"no session {session_id!r}; `p402 sessions list` shows them")
+
+
+async def session_messages(store: Store, session_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
+    """The session's chat history, oldest first."""
+    return await store.fetchall(
+        "SELECT * FROM (SELECT role, content, model, request_id, ts, id FROM session_messages "
+        "WHERE session_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+        (session_id, limit),
+    )
+

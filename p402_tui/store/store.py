@@ -1,0 +1,79 @@
+"""`Store`: the database file opened for one process.
+
+Two connections: the writer task's, and one for reads. In WAL mode reads never
+wait for the writer and only ever see whole, committed batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .db import connect
+from .writer import Params, Writer
+
+
+class Store:
+    def __init__(self, path: Path, reader: aiosqlite.Connection, writer: Writer) -> None:
+        self.path = path
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, path: Path | str, *, interval: float = 0.05) -> "Store":
+        path = Path(path).expanduser()
+        write_conn = await connect(path)
+        try:
+            reader = await connect(path)
+        except BaseException:
+            await write_conn.close()
+            raise
+        writer = Writer(write_conn, interval=interval)
+        writer.start()
+        return cls(path, reader, writer)
+
+    async def aclose(self) -> None:
+        """Commit everything queued, then close. Nothing put before this is lost."""
+        try:
+            await self.writer.aclose()
+        finally:
+            await self.writer.conn.close()
+            await self.reader.close()
+
+    async def __aenter__(self) -> "Store":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- writes ----------------------------------------------------------------
+
+    def put(self, sql: str, params: Params = (), *, done: Any = None) -> None:
+        self.writer.put(sql, params, done=done)
+
+    async def run(self, sql: str, params: Params = ()) -> int:
+        return await self.writer.run(sql, params)
+
+    async def flush(self) -> None:
+        await self.writer.flush()
+
+    # --- reads -----------------------------------------------------------------
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        async with self.reader.execute(sql, params) as cursor:
+            return [dict(row) for row in await cursor.fetchall()]
+
+    async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
+        async with self.reader.execute(sql, params) as cursor:
+            row = await cursor.fetchone()
+        return dict(row) if row is not None else None
+
+    async def scalar(self, sql: str, params: Params = ()) -> Any:
+        async with self.reader.execute(sql, params) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row is not None else None
+
+    async def integrity_check(self) -> str:
+        return await self.scalar("PRAGMA integrity_check")

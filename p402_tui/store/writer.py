@@ -1,0 +1,236 @@
+"""The one task that writes to the database.
+
+Requests never wait for SQLite: hooks `put` a statement on a queue and return.
+The writer gathers what arrived within `interval` (at most 100 ms by design) and
+commits it as one transaction, so a process killed mid-burst leaves either a
+whole batch or none of it. `flush()` waits until everything put before it is
+committed; `aclose()` flushes and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any
+
+import aiosqlite
+
+from .db import StoreError
+
+log = logging.getLogger("p402.store")
+
+Params = Sequence[Any] | dict[str, Any]
+
+
+@dataclass(slots=True)
+class Write:
+    sql: str
+    params: Params = ()
+    done: Callable[[], None] | None = None  # called after the batch ends, committed or not
+    result: asyncio.Future[int] | None = None  # set for writes a caller awaits (`run`)
+
+
+@dataclass(slots=True)
+class _Flush:
+    future: asyncio.Future[None]
+
+
+_STOP = object()
+
+
+@dataclass(slots=True)
+class WriterStats:
+    batches: int = 0
+    written: int = 0
+    failed: int = 0
+    retries: int = 0
+    largest_batch: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "written": self.written,
+            "failed": self.failed,
+            "retries": self.retries,
+            "largest_batch": self.largest_batch,
+            "last_errors": self.errors[-5:],
+        }
+
+
+class Writer:
+    """Batches writes into transactions on its own connection."""
+
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        *,
+        interval: float = 0.05,
+        max_batch: int = 2000,
+        busy_retries: int = 20,
+    ) -> None:
+        if not 0 <= interval <= 0.1:
+            raise ValueError("the writer flushes at least every 100 ms: interval must be within [0, 0.1]")
+        self.conn = conn
+        self.interval = interval
+        self.max_batch = max_batch
+        self.busy_retries = busy_retries
+        self.stats = WriterStats()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._urgent = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="p402-store-writer")
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def put(self, sql: str, params: Params = (), *, done: Callable[[], None] | None = None) -> None:
+        """Queue a write and return at once. A bad row is logged and dropped, never raised here."""
+        self._check_open()
+        self._queue.put_nowait(Write(sql, params, done))
+        if self._queue.qsize() >= self.max_batch:
+            self._urgent.set()
+
+    async def run(self, sql: str, params: Params = ()) -> int:
+        """Write now and wait for the commit; errors reach the caller. Returns the rows changed."""
+        self._check_open()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(Write(sql, params, result=future))
+        self._urgent.set()
+        return await future
+
+    async def flush(self) -> None:
+        """Wait until every write put before this call is committed."""
+        if self._task is None or self._task.done():
+            return
+        if self._closed:  # closing commits everything already queued
+            await asyncio.shield(self._task)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Flush(future))
+        self._urgent.set()
+        await future
+
+    async def aclose(self) -> None:
+        """Commit what is queued, then stop. Later `put`s raise."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is None:
+            return
+        self._queue.put_nowait(_STOP)
+        self._urgent.set()
+        await self._task
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the store is closed")
+        if self._task is None:
+            raise StoreError("the store writer was not started")
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if not self._urgent.is_set() and self.interval > 0 and self._queue.qsize() < self.max_batch - 1:
+                try:
+                    await asyncio.wait_for(self._urgent.wait(), self.interval)
+                except asyncio.TimeoutError:
+                    pass
+            self._urgent.clear()
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            writes = [item for item in batch if isinstance(item, Write)]
+            if writes:
+                await self._commit(writes)
+            for item in batch:
+                if isinstance(item, _Flush) and not item.future.done():
+                    item.future.set_result(None)
+            if any(item is _STOP for item in batch):
+                return
+
+    async def _commit(self, writes: list[Write]) -> None:
+        self.stats.largest_batch = max(self.stats.largest_batch, len(writes))
+        try:
+            await self._commit_retrying(writes)
+        except sqlite3.Error as error:
+            if len(writes) == 1:
+                self._failed(writes[0], error)
+            else:
+                # One bad row must not sink the rest: write them one by one, each in its own transaction.
+                for write in writes:
+                    try:
+                        await self._commit_retrying([write])
+                    except sqlite3.Error as single_error:
+                        self._failed(write, single_error)
+        finally:
+            for write in writes:
+                if write.done is not None:
+                    try:
+                        write.done()
+                    except Exception:  # a callback's bug must not stop the writer
+                        log.exception("store writer: done-callback failed")
+
+    async def _commit_retrying(self, writes: list[Write]) -> None:
+        for attempt in range(self.busy_retries + 1):
+            try:
+                counts = await self._transaction(writes)
+            except sqlite3.OperationalError as error:
+                # Another process holds the lock past busy_timeout: wait and try the batch again.
+                if not _is_busy(error) or attempt == self.busy_retries:
+                    raise
+                self.stats.retries += 1
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            self.stats.batches += 1
+            self.stats.written += len(writes)
+            for write, count in zip(writes, counts):
+                if write.result is not None and not write.result.done():
+                    write.result.set_result(count)
+            return
+
+    async def _transaction(self, writes: list[Write]) -> list[int]:
+        counts: list[int] = []
+        await self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, group in groupby(writes, key=lambda w: w.sql):
+                rows = list(group)
+                if len(rows) == 1 or any(w.result is not None for w in rows):
+                    for write in rows:
+                        cursor = await self.conn.execute(sql, write.params)
+                        counts.append(cursor.rowcount)
+                else:
+                    await self.conn.executemany(sql, [w.params for w in rows])
+                    counts.extend([1] * len(rows))
+            await self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                await self.conn.rollback()
+            raise
+        return counts
+
+    def _failed(self, write: Write, error: sqlite3.Error) -> None:
+        self.stats.failed += 1
+        if write.result is not None and not write.result.done():
+            write.result.set_exception(StoreError(f"database write failed: {error}"))
+            return
+        message = f"{type(error).__name__}: {error} in {write.sql.split('(')[0].strip()}"
+        self.stats.errors.append(message)
+        log.error("store writer dropped a row: %s", message)
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
