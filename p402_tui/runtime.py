@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class Runtime:
     store: Any = None  # store.Store once persistence is on (None with persist=False)
     cache: Any = None  # cache.SemanticCache once persistence is on
     sim: RunningSim | None = None
+    gateways: list[Any] = field(default_factory=list)  # gateway.server.RunningGateway, stopped first on exit
 
     @classmethod
     @asynccontextmanager
@@ -55,9 +56,36 @@ class Runtime:
             bus = EventBus()
             hooks: Hooks = NoHooks()
             store = cache = None
-            # Persistence seam: the store package opens the SQLite store and the semantic cache here
-            # (when `persist`) and passes its Hooks implementation to the orchestrator.
+            orchestrator: Orchestrator | None = None
+            if persist:
+                from .cache.semantic import SemanticCache
+                from .store.persistence import Persistence
+                from .store.store import Store
+
+                store = await Store.open(settings.db_path)
+                stack.push_async_callback(store.aclose)  # closed last: everything else may still write
+                # Provider embeddings use the orchestrator's adapters, looked up when first needed.
+                cache = SemanticCache.from_config(
+                    store, settings.cache, adapter_for=lambda provider: orchestrator.adapter(provider)
+                )
+                cache.start()  # embedder and entries load in the background; lookups wait for them
+                stack.push_async_callback(cache.aclose)
+                hooks = Persistence(store, cache)
             orchestrator = Orchestrator(settings, bus=bus, hooks=hooks)
             await orchestrator.start()
             stack.push_async_callback(orchestrator.aclose)
-            yield cls(settings=settings, bus=bus, orchestrator=orchestrator, store=store, cache=cache, sim=running)
+            runtime = cls(settings=settings, bus=bus, orchestrator=orchestrator, store=store, cache=cache, sim=running)
+            stack.push_async_callback(runtime.stop_gateways)
+            yield runtime
+
+    async def serve_gateway(self, host: str = "127.0.0.1", port: int = 4020) -> Any:
+        """Serve the HTTP gateway in this loop; the handle has `url` and `stop()` (also done on exit)."""
+        from .gateway.server import serve
+
+        running = await serve(self, host, port)
+        self.gateways.append(running)
+        return running
+
+    async def stop_gateways(self) -> None:
+        while self.gateways:
+            await self.gateways.pop().stop()

@@ -1,0 +1,459 @@
+"""The gateway's routes: OpenAI-compatible chat and models, and P402's /api/v2.
+
+One `Gateway` holds what the routes need (the orchestrator, the store, metrics,
+a ring of recent decisions) and builds the Starlette app. Every handler turns
+our errors into OpenAI-shaped ones; nothing else ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..core.errors import P402Error
+from ..core.events import RouteDecided
+from ..core.types import ChatChunk, ChatRequest
+from . import errors, sse
+from .auth import GatewayAuth
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .openapi import build_openapi
+from .bodies import CompareBody, SessionCreate, SessionPatch, parse_chat, validate
+
+logger = logging.getLogger("p402.gateway")
+
+Handler = Callable[[Request], Awaitable[Any]]
+
+HEARTBEAT_S = 15.0
+DECISION_RING = 500
+SESSION_STATUSES = ("active", "paused", "closed")
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(sse.dumps(data), status_code=status, media_type="application/json")
+
+
+def guarded(handler: Handler) -> Handler:
+    """Our errors become OpenAI-shaped answers; anything unexpected a short 500, logged here."""
+
+    async def endpoint(request: Request) -> Any:
+        try:
+            return await handler(request)
+        except errors.GatewayError as error:
+            return errors.from_gateway_error(error)
+        except P402Error as error:
+            return errors.from_p402_error(error)
+        except Exception:
+            logger.exception("unexpected error in %s %s", request.method, request.url.path)
+            return errors.error_response(500, "internal error in the gateway; see its log", code="internal_error")
+
+    endpoint.__name__ = handler.__name__
+    endpoint.__doc__ = handler.__doc__
+    return endpoint
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with a 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.GatewayError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.GatewayError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
+    try:
+        return json.loads(body) if body else {}
+    except ValueError as error:
+        raise errors.GatewayError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
+
+
+class Gateway:
+    """What the routes share. `start()` begins counting from the bus; `aclose()` ends it."""
+
+    def __init__(self, orchestrator: Any, *, settings: Any, store: Any = None, auth: GatewayAuth | None = None,
+                 heartbeat_s: float = HEARTBEAT_S) -> None:
+        self.orchestrator = orchestrator
+        self.settings = settings
+        self.store = store
+        self.bus = orchestrator.bus
+        self.auth = auth or GatewayAuth(None, required=False)
+        self.metrics = Metrics()
+        self.decisions: deque[Any] = deque(maxlen=DECISION_RING)
+        self.heartbeat_s = heartbeat_s
+        self.max_body = settings.gateway.max_body_bytes
+        self.closing = asyncio.Event()
+        self.started_at = time.time()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._openapi: bytes | None = None
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.metrics.follow(self.bus), name="p402-gateway-metrics"),
+            asyncio.create_task(self._remember_decisions(), name="p402-gateway-decisions"),
+        ]
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _remember_decisions(self) -> None:
+        subscription = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind})
+        try:
+            while True:
+                event = await subscription.get()
+                self.decisions.append(event.decision)  # type: ignore[attr-defined]
+        finally:
+            subscription.close()
+
+    # --- chat ------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Any:
+        body = await read_body(request, self.max_body)
+        no_cache = "no-cache" in request.headers.get("cache-control", "")
+        chat, options, ctx = parse_chat(
+            body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"), no_cache=no_cache
+        )
+        if chat.stream:
+            return await self._stream(chat, options, ctx)
+        response = await self.orchestrator.complete(chat, options, ctx)
+        return Response(sse.dumps(response.to_openai()), media_type="application/json")
+
+    async def _stream(self, chat: ChatRequest, options: Any, ctx: Any) -> Any:
+        stream = self.orchestrator.stream(chat, options, ctx)
+        try:
+            # Routing, budget and the first upstream byte happen here, so a refusal is still a
+            # proper HTTP error rather than an event inside a 200 stream.
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await stream.aclose()
+            raise
+        include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
+        return sse.EventStreamResponse(_chunk_frames(stream, first, include_usage))
+
+    # --- models and providers -----------------------------------------------------------
+
+    async def models(self, request: Request) -> Any:
+        created = _epoch(self.orchestrator.catalog.checked_on)
+        usable = {p.id for p in self.settings.usable_providers()}
+        data = [
+            {"id": m.id, "object": "model", "created": created, "owned_by": m.provider}
+            for m in self.orchestrator.catalog.models.values()
+            if m.provider in usable
+        ]
+        return json_response({"object": "list", "data": data})
+
+    async def providers(self, request: Request) -> Any:
+        catalog = self.orchestrator.catalog
+        health = self.orchestrator.health.snapshot()
+        out = []
+        for pid, provider in self.settings.providers.items():
+            spec = catalog.providers[pid]
+            status = health.get(pid)
+            out.append(
+                {
+                    "id": pid,
+                    "name": spec.name,
+                    "wire": spec.wire,
+                    "usable": provider.usable,
+                    "enabled": provider.enabled,
+                    "health": status.to_dict() if status is not None else None,
+                    "models": [_model_row(m) for m in catalog.models_of(pid)],
+                }
+            )
+        return json_response({"object": "list", "data": out})
+
+    async def compare(self, request: Request) -> Any:
+        from ..core.costs import compare
+
+        body = await read_json(request, self.max_body)
+        query = validate(CompareBody, body)
+        try:
+            rows = compare(
+                self.orchestrator.catalog, query.input_tokens, query.output_tokens,
+                require=set(query.require), top=query.top, max_tier=query.max_tier,
+            )
+        except ValueError as error:
+            raise errors.GatewayError(400, str(error), code="invalid_value") from None
+        return json_response({"object": "list", "data": [row.to_dict() for row in rows]})
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def _store(self) -> Any:
+        if self.store is None:
+            raise errors.GatewayError(503, "this gateway runs without a store: sessions and analytics are off",
+                                      code="no_store")
+        return self.store
+
+    async def list_sessions(self, request: Request) -> Any:
+        from ..store.sessions import list_sessions
+
+        status = request.query_params.get("status")
+        if status is not None and status not in SESSION_STATUSES:
+            raise errors.GatewayError(400, f"status must be one of {', '.join(SESSION_STATUSES)}", param="status")
+        return json_response({"object": "list", "data": await list_sessions(self._store(), status=status)})
+
+    async def create_session(self, request: Request) -> Any:
+        from ..store.sessions import create_session
+
+        body = validate(SessionCreate, await read_json(request, self.max_body))
+        return json_response(await create_session(self._store(), **body.model_dump()), status=201)
+
+    async def get_session(self, request: Request) -> Any:
+        from ..store.sessions import get_session
+
+        return json_response(await get_session(self._store(), request.path_params["session_id"]))
+
+    async def update_session(self, request: Request) -> Any:
+        from ..store.sessions import update_session
+
+        body = validate(SessionPatch, await read_json(request, self.max_body))
+        session_id = request.path_params["session_id"]
+        return json_response(await update_session(self._store(), session_id, **body.changes()))
+
+    async def delete_session(self, request: Request) -> Any:
+        from ..store.sessions import delete_session
+
+        session_id = request.path_params["session_id"]
+        await delete_session(self._store(), session_id)
+        return json_response({"id": session_id, "deleted": True})
+
+    # --- decisions and live events -------------------------------------------------------------
+
+    async def recent_decisions(self, request: Request) -> Any:
+        """Newest first: from the store when there is one, else from the ring this gateway heard."""
+        limit = _int_param(request, "limit", default=50, low=1, high=DECISION_RING)
+        if self.store is not None:
+            from ..store.queries import recent_decisions
+
+            return json_response({"object": "list", "data": await recent_decisions(self.store, limit=limit)})
+        decisions = list(self.decisions)[-limit:]
+        decisions.reverse()
+        return json_response({"object": "list", "data": [d.to_dict() for d in decisions]})
+
+    async def events(self, request: Request) -> Any:
+        kinds = request.query_params.get("kinds")
+        subscription = self.bus.subscribe(maxsize=1000, kinds=set(kinds.split(",")) if kinds else None)
+        return sse.EventStreamResponse(self._event_frames(subscription), stop=self.closing)
+
+    async def _event_frames(self, subscription: Any) -> AsyncIterator[bytes]:
+        try:
+            yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
+            while True:
+                try:
+                    async with asyncio.timeout(self.heartbeat_s):
+                        event = await subscription.get()
+                except TimeoutError:
+                    yield sse.HEARTBEAT
+                    continue
+                # Under load many events wait at once; one write carries them all.
+                frames = [sse.event_frame(event.kind, event.to_dict())]
+                frames += [sse.event_frame(e.kind, e.to_dict()) for e in subscription.drain()]
+                yield b"".join(frames)
+        finally:
+            subscription.close()
+
+    # --- operations ----------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Any:
+        return json_response(
+            {
+                "status": "ok",
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "providers_usable": len(self.settings.usable_providers()),
+            }
+        )
+
+    async def prometheus(self, request: Request) -> Any:
+        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    async def openapi(self, request: Request) -> Any:
+        if self._openapi is None:
+            self._openapi = sse.dumps(build_openapi())
+        return Response(self._openapi, media_type="application/json")
+
+    # --- the app --------------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        def route(path: str, handler: Handler, *methods: str) -> Route:
+            return Route(path, guarded(handler), methods=list(methods))
+
+        return [
+            route("/v1/chat/completions", self.chat, "POST"),
+            route("/api/v2/chat/completions", self.chat, "POST"),
+            route("/v1/models", self.models, "GET"),
+            route("/api/v2/providers", self.providers, "GET"),
+            route("/api/v2/providers", self.compare, "POST"),
+            route("/api/v2/sessions", self.list_sessions, "GET"),
+            route("/api/v2/sessions", self.create_session, "POST"),
+            route("/api/v2/sessions/{session_id}", self.get_session, "GET"),
+            route("/api/v2/sessions/{session_id}", self.update_session, "PATCH"),
+            route("/api/v2/sessions/{session_id}", self.delete_session, "DELETE"),
+            route("/api/v2/decisions", self.recent_decisions, "GET"),
+            route("/api/v2/events", self.events, "GET"),
+            route("/health", self.health, "GET"),
+            route("/metrics", self.prometheus, "GET"),
+            route("/openapi.json", self.openapi, "GET"),
+        ]
+
+    def app(self) -> ASGIApp:
+        starlette = Starlette(
+            routes=self.routes(),
+            exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        )
+        return _Front(starlette, self.auth)
+
+
+class _Front:
+    """The outermost layer: gateway keys, and a last guard so no traceback leaves the server."""
+
+    OPEN_PATHS = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, auth: GatewayAuth) -> None:
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] not in self.OPEN_PATHS:
+            try:
+                scope["p402.api_key_id"] = await self.auth.check(scope)
+            except errors.GatewayError as error:
+                await errors.from_gateway_error(error)(scope, receive, send)
+                return
+        started = False
+
+        async def watched_send(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            # Starlette re-raises after its 500 handler answered; log once, say nothing more.
+            logger.debug("request failed after its answer began", exc_info=True)
+            if not started:
+                await errors.error_response(500, "internal error in the gateway", code="internal_error")(
+                    scope, receive, send
+                )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+        return errors.error_response(405, message, code="method_not_allowed")
+    if exc.status_code == 404:
+        return errors.error_response(404, f"no such endpoint: {request.url.path}", code="not_found")
+    return errors.error_response(exc.status_code, str(exc.detail))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.error("unexpected error in %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return errors.error_response(500, "internal error in the gateway", code="internal_error")
+
+
+async def _chunk_frames(stream: Any, first: ChatChunk | None, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI `chat.completion.chunk` frames; P402's meta rides on the finishing chunk."""
+    chunk_id, created, model = stream.id, stream.created, stream.meta.model
+    usage = None
+    finishing: ChatChunk | None = None  # held back so it can carry the final p402 meta
+    try:
+        async with stream:
+            chunk = first
+            while chunk is not None:
+                if chunk.error is not None:
+                    yield sse.data_frame({"error": _stream_error(chunk.error)})
+                    yield sse.DONE
+                    return
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.finish_reason is not None:
+                    finishing = chunk
+                elif chunk.content or chunk.reasoning or chunk.tool_calls or chunk.role or chunk.extra:
+                    frame = chunk.to_openai(id=chunk_id, model=model, created=created)
+                    frame.pop("usage", None)
+                    yield sse.data_frame(frame)
+                chunk = await anext(stream, None)
+            meta = stream.meta.to_dict()
+            if finishing is not None:
+                frame = finishing.to_openai(id=chunk_id, model=model, created=created)
+                frame.pop("usage", None)
+                frame["p402"] = meta
+                yield sse.data_frame(frame)
+            if include_usage and usage is not None:
+                yield sse.data_frame(
+                    {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [], "usage": usage.to_openai(), "p402": meta}
+                )
+    except P402Error as error:
+        yield sse.data_frame(errors.error_body(errors.p402_status(error), error.message, code=error.kind))
+    yield sse.DONE
+
+
+def _stream_error(error: dict[str, Any]) -> dict[str, Any]:
+    kind = error.get("kind") or "stream_interrupted"
+    return errors.error_body(502, str(error.get("message") or kind), code=kind)["error"]
+
+
+def _epoch(day: str) -> int:
+    try:
+        return int(datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp())
+    except ValueError:
+        return 0
+
+
+def _model_row(model: Any) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "name": model.name,
+        "tier": model.tier,
+        "context_window": model.context_window,
+        "max_output_tokens": model.max_output_tokens,
+        "input_per_1m": model.input_per_1m,
+        "output_per_1m": model.output_per_1m,
+        "capabilities": sorted(model.capabilities),
+        "quality": model.quality,
+        "tokens_per_s": model.tokens_per_s,
+    }
+
+
+def _int_param(request: Request, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.GatewayError(400, f"{name} must be a whole number, not {raw!r}", param=name) from None
+    if not low <= value <= high:
+        raise errors.GatewayError(400, f"{name} must be between {low} and {high}", param=name)
+    return value

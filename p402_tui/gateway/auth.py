@@ -1,0 +1,115 @@
+"""Gateway keys on the request path: `Authorization: Bearer p402-...`.
+
+Keys are checked only when they are in force: when any key exists, or always
+when the gateway listens beyond loopback. The store is asked at most once per
+token and per few seconds (answers are remembered briefly), so a key made or
+revoked with `p402 keys` in another process takes effect within `ttl_s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import time
+from typing import Any, Protocol
+
+from starlette.types import Scope
+
+from .errors import GatewayError
+
+
+class KeyBackend(Protocol):
+    async def verify(self, token: str) -> str | None:
+        """The id of the active key `token` is, or None."""
+
+    async def active_count(self) -> int:
+        """How many keys are active."""
+
+
+class StoreKeys:
+    """Keys as the store keeps them (hashes only; see `store.queries`)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def verify(self, token: str) -> str | None:
+        from ..store.queries import verify_key
+
+        key = await verify_key(self.store, token)
+        return None if key is None else key["id"]
+
+    async def active_count(self) -> int:
+        from ..store.queries import list_keys
+
+        return sum(1 for key in await list_keys(self.store) if key["active"])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name could resolve anywhere
+
+
+def bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() or None if scheme.lower() == "bearer" else None
+    return None
+
+
+class GatewayAuth:
+    """Decides per request whether a key is needed and whose it is."""
+
+    MAX_REMEMBERED = 4096
+
+    def __init__(self, backend: KeyBackend | None, *, required: bool, ttl_s: float = 5.0) -> None:
+        self.backend = backend
+        self.required = required  # listening beyond loopback: keys always, even if none exist yet
+        self.ttl_s = ttl_s
+        self._keys_exist = False
+        self._keys_checked_at = float("-inf")
+        self._remembered: dict[bytes, tuple[str | None, float]] = {}
+
+    async def any_keys(self) -> bool:
+        return self.backend is not None and await self.backend.active_count() > 0
+
+    async def enforced(self) -> bool:
+        if self.required:
+            return True
+        if self.backend is None:
+            return False
+        now = time.monotonic()
+        if now - self._keys_checked_at > self.ttl_s:
+            self._keys_exist = await self.backend.active_count() > 0
+            self._keys_checked_at = now
+        return self._keys_exist
+
+    async def check(self, scope: Scope) -> str | None:
+        """The key id behind the request (None when keys are not in force); a 401 when it has none."""
+        if not await self.enforced():
+            return None
+        token = bearer(scope)
+        if token is None:
+            raise GatewayError(401, "this gateway needs a key: send Authorization: Bearer <key>", code="missing_api_key")
+        key_id = await self._verify(token)
+        if key_id is None:
+            raise GatewayError(401, "the gateway key is not valid or has been revoked", code="invalid_api_key")
+        return key_id
+
+    async def _verify(self, token: str) -> str | None:
+        if self.backend is None:
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        now = time.monotonic()
+        remembered = self._remembered.get(digest)
+        if remembered is not None and now - remembered[1] <= self.ttl_s:
+            return remembered[0]
+        key_id = await self.backend.verify(token)
+        if len(self._remembered) >= self.MAX_REMEMBERED:
+            self._remembered.clear()
+        self._remembered[digest] = (key_id, now)
+        return key_id

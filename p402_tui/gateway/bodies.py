@@ -1,0 +1,143 @@
+"""Request bodies as they arrive: validated once here, each error naming its field.
+
+A chat request is the OpenAI body plus P402's own `p402` object. The OpenAI SDK
+sends anything in `extra_body` as top-level JSON, so P402's options ride in one
+`p402` object and are taken out before the request goes upstream, where a
+provider would reject an unknown field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..core.catalog import Catalog
+from ..core.config import Mode
+from ..core.errors import UnknownModelError
+from ..core.hooks import CallContext, RouteOptions
+from ..core.types import Capability, ChatRequest, Tier
+from .errors import GatewayError, from_validation_error
+
+
+class Failover(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_retries: int | None = Field(default=None, ge=0, le=10)
+
+
+class P402Options(BaseModel):
+    """The `p402` object of a chat request body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode | None = None
+    require: list[Capability] = Field(default_factory=list)
+    prefer: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    max_tier: Tier | None = None
+    max_cost_usd: float | None = Field(default=None, ge=0)
+    cache: bool = True
+    namespace: str | None = None
+    session_id: str | None = None
+    tag: str | None = None
+    failover: Failover = Field(default_factory=Failover)
+
+
+AUTO = ("", "auto")
+
+
+def parse_chat(
+    body: bytes, catalog: Catalog, *, api_key_id: str | None, no_cache: bool
+) -> tuple[ChatRequest, RouteOptions, CallContext]:
+    """The request, how to route it and who asks; a 400 or 404 naming what is wrong."""
+    try:
+        request = ChatRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise from_validation_error(error) from None
+    extra = request.__pydantic_extra__
+    raw = extra.pop("p402", None) if extra else None
+    try:
+        p402 = P402Options() if raw is None else P402Options.model_validate(raw)
+    except ValidationError as error:
+        raise from_validation_error(error, prefix="p402.") from None
+    options = RouteOptions(
+        mode=p402.mode,
+        require=frozenset(p402.require),
+        prefer=tuple(p402.prefer),
+        exclude=tuple(p402.exclude),
+        max_tier=p402.max_tier,
+        max_cost_usd=p402.max_cost_usd,
+        model=resolve_model(catalog, request.model),
+        failover=p402.failover.enabled,
+        max_retries=p402.failover.max_retries,
+    )
+    ctx = CallContext(
+        session_id=p402.session_id,
+        tag=p402.tag,
+        namespace=p402.namespace,
+        cache=p402.cache and not no_cache,
+        api_key_id=api_key_id,
+        source="gateway",
+    )
+    return request, options, ctx
+
+
+def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
+    """None routes; `provider/model` or a bare wire id pins (404 if the catalog has no such model)."""
+    if ref is None or ref in AUTO:
+        return None
+    if ref in catalog.models:
+        return ref
+    try:
+        return catalog.model(ref).id
+    except UnknownModelError as error:  # unknown, or a bare id several providers share
+        raise GatewayError(404, str(error), param="model", code="model_not_found") from None
+
+
+class CompareBody(BaseModel):
+    """POST /api/v2/providers: what a call of this size costs on each model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    require: list[Capability] = Field(default_factory=list)
+    max_tier: Tier | None = None
+    top: int | None = Field(default=None, ge=1)
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    budget_usd: float | None = Field(default=None, ge=0)
+    agent: str | None = None
+    status: Literal["active", "paused", "closed"] = "active"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class SessionPatch(BaseModel):
+    """Only the fields sent change; `budget_usd: null` removes the budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1)
+    budget_usd: float | None = Field(default=None, ge=0)
+    agent: str | None = None
+    status: Literal["active", "paused", "closed"] | None = None
+    metadata: dict[str, Any] | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def validate(model: type[Body], data: Any) -> Body:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise from_validation_error(error) from None

@@ -1,0 +1,297 @@
+"""The OpenAPI 3.1 description of the gateway, served at /openapi.json.
+
+Request bodies come from the same pydantic models that validate them, so the
+document cannot drift from what the gateway accepts; answers are described by
+hand, in OpenAI's shapes where the route is OpenAI's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from .. import __version__
+from ..core.types import ChatRequest
+from .bodies import CompareBody, P402Options, SessionCreate, SessionPatch
+
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _list_of(schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": schema}},
+    }
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    reasons = {
+        400: "Invalid body or parameter; no eligible model",
+        401: "A gateway key is needed (Authorization: Bearer)",
+        402: "The session's budget would be exceeded",
+        404: "Unknown model or resource",
+        409: "The session is paused or closed",
+        413: "Body larger than the configured limit",
+        502: "Every upstream attempt failed; the message lists them",
+        503: "No store behind this gateway",
+    }
+    return {str(s): _json(_ref("Error"), reasons[s]) for s in statuses}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _schemas(*models: type[BaseModel]) -> dict[str, Any]:
+    """JSON schemas of the body models, their nested definitions lifted into components."""
+    out: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template=_REF)
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
+
+
+_AUTHED = [{"bearer": []}]
+_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+_CHAT = {
+    "post": {
+        "summary": "Chat completion, routed by P402 (OpenAI-compatible)",
+        "description": (
+            "`model` absent or `auto` routes; `provider/model` pins; a bare wire id is looked up in the catalog. "
+            "P402 options go in a `p402` object (the OpenAI SDK's `extra_body`). With `stream: true` the answer is "
+            "`text/event-stream` of `chat.completion.chunk` objects ending with `data: [DONE]`; "
+            "`stream_options.include_usage` adds a final chunk with `choices: []` and `usage`. "
+            "`Cache-Control: no-cache` skips the answer cache."
+        ),
+        "requestBody": _body("ChatCompletionRequest"),
+        "responses": {
+            "200": {
+                "description": "The answer, with a `p402` object: provider, model, cost, latency, attempts",
+                "content": {
+                    "application/json": {"schema": _ref("ChatCompletion")},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
+            **_errors(400, 401, 402, 404, 413, 502),
+        },
+    }
+}
+
+
+def build_openapi() -> dict[str, Any]:
+    schemas = _schemas(ChatRequest, P402Options, CompareBody, SessionCreate, SessionPatch)
+    schemas["ChatCompletionRequest"] = {
+        "allOf": [_ref("ChatRequest"), {"type": "object", "properties": {"p402": _ref("P402Options")}}]
+    }
+    schemas.update(
+        {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["message", "type", "param", "code"],
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "null"]},
+                        },
+                    }
+                },
+            },
+            "ChatCompletion": {
+                "type": "object",
+                "required": ["id", "object", "created", "model", "choices", "usage"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "chat.completion"},
+                    "created": {"type": "integer"},
+                    "model": {"type": "string"},
+                    "choices": {"type": "array", "items": {"type": "object"}},
+                    "usage": {"type": "object"},
+                    "p402": _ref("P402Meta"),
+                },
+            },
+            "P402Meta": {
+                "type": "object",
+                "properties": {
+                    "provider": {"type": "string"},
+                    "model": {"type": "string"},
+                    "cost_usd": {"type": "number"},
+                    "cached": {"type": "boolean"},
+                    "latency_ms": {"type": "number"},
+                    "ttft_ms": {"type": ["number", "null"]},
+                    "attempts": {"type": "array", "items": {"type": "object"}},
+                    "decision_id": {"type": ["string", "null"]},
+                    "saved_usd": {"type": "number"},
+                },
+            },
+            "Model": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer"},
+                    "owned_by": {"type": "string"},
+                },
+            },
+            "Provider": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "wire": {"type": "string"},
+                    "usable": {"type": "boolean"},
+                    "enabled": {"type": "boolean"},
+                    "health": {"type": ["object", "null"]},
+                    "models": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+            "Session": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "budget_usd": {"type": ["number", "null"]},
+                    "spent_usd": {"type": "number"},
+                    "requests": {"type": "integer"},
+                    "status": {"enum": ["active", "paused", "closed"]},
+                    "agent": {"type": ["string", "null"]},
+                    "metadata": {"type": "object"},
+                },
+            },
+        }
+    )
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": _CHAT,
+        "/api/v2/chat/completions": _CHAT,
+        "/v1/models": {
+            "get": {
+                "summary": "Every catalog model of a usable provider (OpenAI list shape)",
+                "responses": {"200": _json(_list_of(_ref("Model"))), **_errors(401)},
+            }
+        },
+        "/api/v2/providers": {
+            "get": {
+                "summary": "Providers with their models, usability and live health",
+                "responses": {"200": _json(_list_of(_ref("Provider"))), **_errors(401)},
+            },
+            "post": {
+                "summary": "What a call of a given size costs on each model, cheapest first",
+                "requestBody": _body("CompareBody"),
+                "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401, 413)},
+            },
+        },
+        "/api/v2/analytics/spend": {
+            "get": {
+                "summary": "Spend over a period, grouped",
+                "parameters": [
+                    {"name": "period", "in": "query", "schema": {"enum": ["today", "day", "week", "month", "all"]}},
+                    {"name": "by", "in": "query", "schema": {"enum": ["provider", "model", "day", "session", "tag"]}},
+                ],
+                "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 503)},
+            }
+        },
+        "/api/v2/analytics/recommendations": {
+            "get": {
+                "summary": "Ways to spend less, from the ledger",
+                "responses": {"200": _json(_list_of({"type": "object"})), **_errors(401, 503)},
+            }
+        },
+        "/api/v2/sessions": {
+            "get": {
+                "summary": "Agent sessions with their spend",
+                "parameters": [{"name": "status", "in": "query", "schema": {"enum": ["active", "paused", "closed"]}}],
+                "responses": {"200": _json(_list_of(_ref("Session"))), **_errors(400, 401, 503)},
+            },
+            "post": {
+                "summary": "Open a session (a named budget requests charge against)",
+                "requestBody": _body("SessionCreate"),
+                "responses": {"201": _json(_ref("Session"), "Created"), **_errors(400, 401, 413, 503)},
+            },
+        },
+        "/api/v2/sessions/{session_id}": {
+            "parameters": [_ID],
+            "get": {"summary": "One session", "responses": {"200": _json(_ref("Session")), **_errors(401, 404)}},
+            "patch": {
+                "summary": "Change a session's name, budget, status, agent or metadata",
+                "requestBody": _body("SessionPatch"),
+                "responses": {"200": _json(_ref("Session")), **_errors(400, 401, 404, 413)},
+            },
+            "delete": {
+                "summary": "Delete a session (its ledger rows stay)",
+                "responses": {"200": _json({"type": "object"}), **_errors(401, 404)},
+            },
+        },
+        "/api/v2/decisions": {
+            "get": {
+                "summary": "Recent router decisions with candidates and scores, newest first",
+                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401)},
+            }
+        },
+        "/api/v2/events": {
+            "get": {
+                "summary": "Live events as server-sent events (`event: <kind>`, `data: <json>`)",
+                "description": (
+                    "Kinds: route_decided, attempt_failed, request_completed, health_changed, spend_updated, "
+                    "cache_hit. Comment lines are heartbeats. `kinds=a,b` filters."
+                ),
+                "parameters": [{"name": "kinds", "in": "query", "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "An event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    **_errors(401),
+                },
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "Liveness (never needs a key)",
+                "security": [],
+                "responses": {"200": _json({"type": "object"})},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (p402_ prefix)",
+                "responses": {"200": {"description": "Text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            }
+        },
+        "/openapi.json": {
+            "get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "P402 gateway",
+            "version": __version__,
+            "description": "OpenAI-compatible chat routed across providers, plus P402's own API under /api/v2.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A gateway key from `p402 keys create`; needed once any key exists",
+                }
+            },
+        },
+        "security": _AUTHED,
+    }

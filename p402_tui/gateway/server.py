@@ -1,0 +1,114 @@
+"""Serving the gateway with uvicorn as a task in the running event loop.
+
+The gateway shares its loop with the orchestrator (and the console, when it
+runs inside one), so uvicorn's `Server.serve()` runs as a task and leaves the
+process's signals to whoever owns the process: `p402 serve` or the console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from ..core.errors import ConfigError
+from .app import Gateway
+from .auth import GatewayAuth, StoreKeys, is_loopback
+
+logger = logging.getLogger("p402.gateway")
+
+GRACE_S = 10.0  # how long in-flight requests may take to finish at shutdown
+
+
+class _TaskServer(uvicorn.Server):
+    """uvicorn without its signal handlers: stopping is the owner's call (`RunningGateway.stop`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class RunningGateway:
+    """A gateway serving in this loop; `url` is its base address."""
+
+    gateway: Gateway
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    url: str
+    host: str
+    port: int
+
+    async def stop(self) -> None:
+        """Stop accepting, end event streams, let in-flight requests finish (within the grace), then stop counting."""
+        self.gateway.closing.set()
+        self.server.should_exit = True
+        try:
+            await self.task
+        finally:
+            await self.gateway.aclose()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
+    """Bind, start counting, serve; refuse a non-loopback address unless gateway keys are in force."""
+    exposed = not is_loopback(host)
+    if exposed and not await gateway.auth.any_keys():
+        raise ConfigError(
+            f"refusing to listen on {host} without gateway keys: anyone who can reach it could spend on your "
+            "providers. Create one with `p402 keys create --name NAME`, or listen on 127.0.0.1"
+        )
+    # Beyond loopback a key is needed even if every key gets revoked later.
+    gateway.auth.required = exposed
+    sock = _bind(host, port)
+    config = uvicorn.Config(
+        gateway.app(),
+        log_level="warning",
+        access_log=False,  # per-request logging costs more CPU than the gateway's own work
+        lifespan="off",
+        server_header=False,
+        timeout_graceful_shutdown=grace_s,
+    )
+    server = _TaskServer(config)
+    await gateway.start()
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="p402-gateway")
+    while not server.started:
+        if task.done():
+            await gateway.aclose()
+            sock.close()
+            task.result()  # surfaces the start-up error
+            raise ConfigError(f"the gateway on {host}:{port} stopped while starting")
+        await asyncio.sleep(0.01)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return RunningGateway(gateway, server, task, f"http://{shown}:{bound}", host, bound)
+
+
+async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
+    """The gateway over a `Runtime`: its orchestrator, its store (ledger, sessions, keys)."""
+    keys = StoreKeys(runtime.store) if runtime.store is not None else None
+    gateway = Gateway(
+        runtime.orchestrator,
+        settings=runtime.settings,
+        store=runtime.store,
+        auth=GatewayAuth(keys, required=False),
+    )
+    return await start_gateway(gateway, host, port, grace_s=grace_s)
