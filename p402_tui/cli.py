@@ -363,6 +363,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from .tui.launch import run_console
+
+    return run_console(args, settings_from(args))
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 
@@ -435,7 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("demo", parents=[common], help="the console on simulated providers: no keys, no network")
+    p.add_argument("--db", metavar="PATH", help="keep the simulated ledger in this file (default: a temporary one)")
+    p.add_argument("--rate", type=_positive_float, default=3.0, metavar="N", help="requests per second, on average (default 3)")
+    p.add_argument("--seed", type=int, help="seed for the traffic (default: different every run)")
+    p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("console", parents=[common], help="the live console (the default command)")
+    p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="also serve the gateway here, from the same process")
+    p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
+    p.set_defaults(func=cmd_console)
 
     return parser
 
@@ -479,9 +495,8 @@ def run_async(coro) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "func", None):  # plain `p402` opens the console
+        args = parser.parse_args(["console", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args) or 0
     except P402Error as error:

@@ -69,6 +69,7 @@ class ConsoleApp(App):
         self.renders = 0
         self.dropped = 0
         self._pending_source = source
+        self._mounted = False
         self._initial_view = view
         self._store_polled = 0.0
         self._store_busy = False
@@ -82,6 +83,7 @@ class ConsoleApp(App):
     def on_mount(self) -> None:
         self.switch_mode(self._initial_view)
         self.call_after_refresh(self._first_frame)
+        self._mounted = True
         if self._pending_source is not None:
             self.connect(self._pending_source)
 
@@ -90,6 +92,9 @@ class ConsoleApp(App):
 
     def connect(self, source: ConsoleSource) -> None:
         """Start showing `source` live (the runtime may open after the first frame)."""
+        if not self._mounted:
+            self._pending_source = source
+            return
         self.source = source
         self.sub_title = source.label
         self._feed()

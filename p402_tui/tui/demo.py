@@ -1,17 +1,110 @@
-"""`p402 demo`: until the console lands, say what it will be."""
+"""`p402 demo`: the console on simulated providers, with traffic and incidents. No keys, no network.
+
+The simulator runs in this process with realistic latency and all 12 providers
+point at it; a traffic generator sends varied requests through the same
+orchestrator, store and cache as real traffic, and a script of incidents (a
+provider rate-limits, another goes down and recovers) keeps the health pane
+honest. Unless `--db` names a file, the ledger is a temporary database, removed
+on exit, so simulated spend never mixes with real spend.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-PLAN = """P402 Console demo (offline, simulated providers)
+from ..core.config import Settings
+from ..runtime import Runtime
+from ..sim.traffic import DEFAULT_CYCLE_S, Incident, SessionMaker, TrafficGenerator, demo_sessions
+from .source import LocalSource
 
-The full demo starts the simulator in-process, points all 12 providers at it and
-opens the Textual console: live router decisions, provider health, spend and
-sessions, while a traffic generator and scripted incidents keep it moving.
-"""
+
+@dataclass
+class Demo:
+    runtime: Runtime
+    traffic: TrafficGenerator
+    source: LocalSource
+
+
+def session_maker(store: Any) -> SessionMaker | None:
+    """Make (or, on a kept database, find again by name) the demo's agent sessions."""
+    if store is None:
+        return None
+    from ..store.sessions import create_session, list_sessions
+
+    async def make(name: str, budget_usd: float) -> str:
+        for session in await list_sessions(store):
+            if session["name"] == name:
+                return session["id"]
+        return (await create_session(store, name=name, budget_usd=budget_usd, agent="p402-demo"))["id"]
+
+    return make
+
+
+@asynccontextmanager
+async def open_demo(
+    settings: Settings,
+    *,
+    db_path: str | Path | None,
+    rate: float = 3.0,
+    seed: int | None = None,
+    incidents: list[Incident] | None = None,
+    cycle_s: float | None = DEFAULT_CYCLE_S,
+    time_scale: float = 1.0,
+    sim_speed: float = 1.0,
+    burst_every_s: tuple[float, float] = (20.0, 45.0),
+) -> AsyncIterator[Demo]:
+    """A running demo: simulator, runtime and traffic; `time_scale` < 1 and `sim_speed` > 1 fast-forward it."""
+    async with Runtime.open(settings, sim=True, db_path=db_path) as runtime:
+        assert runtime.sim is not None
+        runtime.sim.state.speed = sim_speed
+        sessions = await demo_sessions(session_maker(runtime.store))
+        traffic = TrafficGenerator(
+            runtime.orchestrator,
+            runtime.sim.state,
+            rate=rate,
+            seed=seed,
+            sessions=sessions,
+            incidents=incidents,
+            cycle_s=cycle_s,
+            time_scale=time_scale,
+            burst_every_s=burst_every_s,
+        )
+        traffic.start()
+        try:
+            yield Demo(runtime, traffic, LocalSource(runtime, simulated=True))
+        finally:
+            await traffic.stop()
 
 
 def run(args: argparse.Namespace) -> int:
-    print(PLAN)
-    return 0
+    from ..cli import settings_from
+    from .app import ConsoleApp
+    from .launch import run_app
+
+    settings = settings_from(args)
+    temp_dir = None if args.db else tempfile.mkdtemp(prefix="p402-demo-")
+    db_path = Path(args.db) if args.db else Path(temp_dir) / "demo.db"  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def open_source():
+        async with open_demo(settings, db_path=db_path, rate=args.rate, seed=args.seed) as demo:
+            yield demo.source
+
+    app = ConsoleApp(refresh_interval=args.refresh)
+    try:
+        asyncio.run(run_app(app, open_source))
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    where = f"kept in {db_path}" if args.db else "a temporary database, removed"
+    print(f"p402 demo: the simulated ledger was {where}", file=sys.stderr)
+    return app.return_code or 0

@@ -568,7 +568,7 @@ class ChatScreen(Screen):
             return
         if text.startswith("/image"):
             event.input.value = ""
-            self._attach(text[len("/image"):].strip())
+            self._attach_image(text[len("/image"):].strip())
             return
         if self.streaming:
             self.notify("an answer is still streaming: escape stops it", severity="warning", timeout=3)
@@ -674,7 +674,7 @@ class ChatScreen(Screen):
         box.focus()
 
     @work(group="chat-attach", exit_on_error=False, description="read an image")
-    async def _attach(self, path: str) -> None:
+    async def _attach_image(self, path: str) -> None:
         try:
             image = await asyncio.to_thread(load_image, path)
         except ImageError as error:

@@ -29,11 +29,14 @@ def _rgb(colour: str) -> tuple[int, int, int] | None:
         return None
 
 
-def render_chart(series: SpendSeries, now: float, width: int, height: int, colours: list[str]) -> tuple[Text, int]:
-    """The chart as Rich text, and how many lines it drew (0: nothing to draw yet)."""
+Legend = list[tuple[str, str, float]]  # (provider, colour, spend over the window)
+
+
+def render_chart(series: SpendSeries, now: float, width: int, height: int, colours: list[str]) -> tuple[Text, Legend]:
+    """The chart as Rich text, and its legend (empty: nothing to draw yet)."""
     window, lines = series.cumulative(now)
     if not lines or width < 20 or height < 5:
-        return Text("no spend in the last " + _span(series), style="dim"), 0
+        return Text("no spend in the last " + _span(series), style="dim"), []
     figure = plotext.figure
     figure.clear()
     figure.theme("simple")
@@ -44,13 +47,16 @@ def render_chart(series: SpendSeries, now: float, width: int, height: int, colou
         marker = plotext.marker("braille", pixel=rgb) if rgb else "braille"
         signal = figure.signal(xs, values, marker=marker)
         signal.lines()
-        signal.label(provider)
+        signal.density("full")
         figure.draw(signal)
+    figure.legend(False)  # the legend sits beside the chart, where it covers no line
     last = len(window) - 1
     figure.ruler("x").ticks([0, last // 2, last], [f"-{_span(series)}", f"-{_span(series, 2)}", "now"])
+    figure.ruler("x").alignment(tick="dynamic")
     figure.ruler("y").frequency(4)
     ansi = figure.build().string()
-    return Text.from_ansi(ansi, no_wrap=True), len(lines)
+    legend = [(p, colours[i % len(colours)], values[-1]) for i, (p, values) in enumerate(lines.items())]
+    return Text.from_ansi(ansi, no_wrap=True), legend
 
 
 def _span(series: SpendSeries, divide: int = 1) -> str:
@@ -67,27 +73,30 @@ class SpendChart(Widget, can_focus=True):
         super().__init__(id="spend-chart")
         self._text: Text = Text("waiting for traffic…", style="dim")
         self._key: tuple[int, int, int, int] | None = None
-        self.lines = 0  # how many provider lines the last drawing had
+        self.legend: Legend = []
 
     def render(self) -> Text:
         return self._text
 
-    def draw(self, series: SpendSeries, now: float, colors: Palette) -> None:
+    def draw(self, series: SpendSeries, now: float, colors: Palette) -> bool:
+        """Redraw if the data, the size or the window moved; True if it did."""
         width, height = self.content_size
         key = (series.rev, width, height, int(now // series.bucket_s))
         if key == self._key:
-            return
+            return False
         self._key = key
         series.trim(now)
-        self._text, self.lines = render_chart(series, now, width, height, colors.series())
+        self._text, self.legend = render_chart(series, now, width, height, colors.series())
         self.refresh()
+        return True
 
     def on_resize(self) -> None:
         self._key = None
 
 
-def summary_text(summary: SpendSummary, colors: Palette) -> Text:
-    text = Text()
+def summary_text(summary: SpendSummary, colors: Palette, legend: list[tuple[str, str, float]]) -> Text:
+    """Totals, the chart's legend (provider, colour, spend in the window) and the top models."""
+    text = Text(no_wrap=True, overflow="ellipsis")
     label = "since start" if summary.since_start else "today"
     text.append(f"{label:<12}", style="dim")
     text.append(f"{usd(summary.today_usd):>10}\n", style="bold")
@@ -102,11 +111,18 @@ def summary_text(summary: SpendSummary, colors: Palette) -> Text:
     text.append(f"{usd(summary.saved_usd):>10}\n", style=colors.ok)
     text.append(f"{'cache hits':<12}", style="dim")
     text.append(f"{summary.cache_hits:>10,}\n")
+    if legend:
+        text.append("\nlast window\n", style="bold")
+        for provider, colour, total in legend:
+            text.append("━━ ", style=colour)
+            text.append(f"{short(provider, 12):<12}", style="dim")
+            text.append(f"{usd(total):>10}\n")
     if summary.top_models:
         text.append("\ntop models\n", style="bold")
         for model, cost, _requests in summary.top_models[:5]:
-            text.append(f"{short(model, 22):<22} ", style="dim")
-            text.append(f"{usd(cost)}\n")
+            text.append(f"{usd(cost):>9} ")
+            text.append(f"{short(model.split('/', 1)[-1], 16)}\n", style="dim")
+    text.rstrip()
     return text
 
 
@@ -118,6 +134,6 @@ class SpendPane(Horizontal):
         yield Static(id="spend-totals")
 
     def show(self, series: SpendSeries, summary: SpendSummary, now: float, colors: Palette, summary_changed: bool) -> None:
-        self.query_one(SpendChart).draw(series, now, colors)
-        if summary_changed:
-            self.query_one("#spend-totals", Static).update(summary_text(summary, colors))
+        chart = self.query_one(SpendChart)
+        if chart.draw(series, now, colors) or summary_changed:
+            self.query_one("#spend-totals", Static).update(summary_text(summary, colors, chart.legend))
