@@ -50,7 +50,8 @@ USER_BLOCKS = frozenset({"text", "image", "document", "tool_result", "search_res
 ASSISTANT_BLOCKS = frozenset({"text", "tool_use", "thinking", "redacted_thinking", "server_tool_use"})
 CACHE_MIN_TOKENS = 1024  # shorter prefixes are not cached (Anthropic's prompt-caching docs)
 CACHE_TTL_S = 300.0
-LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
+CACHE_MAX_ENTRIES = 10_000  # expired prefixes are dropped when the cache reaches this size
+LARGE_PROMPT_CHARS = 50_000
 JSON_PIECE_CHARS = 12
 EMPTY_MESSAGE = "messages.{i}: all messages must have non-empty content except for the optional final assistant message"
 PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the OpenAI family)
@@ -174,18 +175,16 @@ class MessagesAPI:
         self.state.record_call(provider, model)
 
         parts = prompt_parts(body)
-        prompt_text = "\n".join(text for text, _ in parts)
-        if len(prompt_text) > LARGE_PROMPT_CHARS:
-            turn = await asyncio.to_thread(self._turn, request, body, spec, prompt_text)
+        if sum(len(text) for text, _ in parts) > LARGE_PROMPT_CHARS:  # counting that many tokens takes a while
+            turn, usage = await asyncio.to_thread(self._answer, request, body, spec, parts)
         else:
-            turn = self._turn(request, body, spec, prompt_text)
-        if turn.answer.prompt_tokens > spec.context_window:
+            turn, usage = self._answer(request, body, spec, parts)
+        if usage is None:
             return error(
                 400,
                 "invalid_request_error",
                 f"prompt is too long: {turn.answer.prompt_tokens} tokens > {spec.context_window} maximum",
             )
-        usage = self._usage(model, parts, turn)
 
         fault = self.state.fault_for(provider, model)
         streaming = bool(body.get("stream"))
@@ -216,6 +215,15 @@ class MessagesAPI:
         if fault is not None and fault.kind in ("malformed", "disconnect"):
             return _broken_body(json.dumps(reply).encode(), fault)
         return JSONResponse(reply, headers=headers)
+
+    def _answer(
+        self, request: Request, body: dict[str, Any], spec: ModelSpec, parts: list[tuple[str, bool]]
+    ) -> tuple[Turn, dict[str, Any] | None]:
+        """The turn and its usage; no usage (and no cache write) when the prompt does not fit."""
+        turn = self._turn(request, body, spec, "\n".join(text for text, _ in parts))
+        if turn.answer.prompt_tokens > spec.context_window:
+            return turn, None
+        return turn, self._usage(spec.model, parts, turn)
 
     def _turn(self, request: Request, body: dict[str, Any], spec: ModelSpec, prompt_text: str) -> Turn:
         """The engine's answer to a checked body: optional thinking, then words or one tool call."""
@@ -287,6 +295,8 @@ class MessagesAPI:
                     read = tokens
                 else:
                     written = tokens
+                    if len(self.cache) >= CACHE_MAX_ENTRIES:
+                        self.cache = {k: expiry for k, expiry in self.cache.items() if expiry > now}
                 self.cache[key] = now + CACHE_TTL_S
         thought = turn.thinking.completion_tokens if turn.thinking is not None else 0
         usage: dict[str, Any] = {
