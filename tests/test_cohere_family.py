@@ -50,9 +50,8 @@ async def adapter(sim_settings):
 
 @pytest.fixture
 async def sdk(sim):
-    client = cohere.AsyncClientV2(api_key="sim-key", base_url=f"{sim.url}/cohere", max_retries=0)
-    yield client
-    await client._client_wrapper.httpx_client.httpx_client.aclose()
+    async with httpx.AsyncClient() as http:
+        yield cohere.AsyncClientV2(api_key="sim-key", base_url=f"{sim.url}/cohere", httpx_client=http, max_retries=0)
 
 
 async def add_fault(sim, **fault) -> None:
@@ -137,9 +136,10 @@ async def test_sdk_models_embeddings_and_errors(sim, sdk):
 
     with pytest.raises(cohere.NotFoundError):
         await sdk.chat(model="command-nope", messages=[{"role": "user", "content": "Hi"}])
-    bad = cohere.AsyncClientV2(api_key="invalid-key", base_url=f"{sim.url}/cohere", max_retries=0)
-    with pytest.raises(cohere.UnauthorizedError) as caught:
-        await bad.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    async with httpx.AsyncClient() as http:
+        bad = cohere.AsyncClientV2(api_key="invalid-key", base_url=f"{sim.url}/cohere", httpx_client=http, max_retries=0)
+        with pytest.raises(cohere.UnauthorizedError) as caught:
+            await bad.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
     assert caught.value.body["message"] == "invalid api token"
 
 

@@ -57,9 +57,11 @@ async def adapter(sim_settings):
 
 
 @pytest.fixture
-def sdk(sim):
+async def sdk(sim):
     options = types.HttpOptions(base_url=f"{sim.url}/google", retry_options=types.HttpRetryOptions(attempts=1))
-    return genai.Client(api_key="sim-key", http_options=options)
+    client = genai.Client(api_key="sim-key", http_options=options)
+    yield client
+    await client.aio.aclose()
 
 
 async def add_fault(sim, **fault) -> None:
@@ -140,9 +142,12 @@ async def test_sdk_models_tokens_embeddings_and_errors(sim, sdk):
         await sdk.aio.models.generate_content(model="gemini-0-nope", contents="Hi")
     assert caught.value.code == 404 and caught.value.status == "NOT_FOUND"
     bad = genai.Client(api_key="invalid-key", http_options=types.HttpOptions(base_url=f"{sim.url}/google"))
-    with pytest.raises(genai_errors.ClientError) as caught:
-        await bad.aio.models.generate_content(model=MODEL, contents="Hi")
-    assert caught.value.code == 400 and "API key not valid" in caught.value.message
+    try:
+        with pytest.raises(genai_errors.ClientError) as caught:
+            await bad.aio.models.generate_content(model=MODEL, contents="Hi")
+        assert caught.value.code == 400 and "API key not valid" in caught.value.message
+    finally:
+        await bad.aio.aclose()
 
 
 # --- the simulator's own checks -------------------------------------------------------

@@ -38,6 +38,7 @@ REJECTED_KEY_PREFIX = "invalid"
 PREAMBLE_TOKENS = 165
 LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
 JSON_PIECE_CHARS = 12
+PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the other families)
 EMBEDDING_DIMS = {"embed-v4.0": 1536}  # the v3 models are 1024
 EMBEDDING_TYPES = ("float", "int8", "uint8")
 INPUT_TYPES = ("search_document", "search_query", "classification", "clustering", "image")
@@ -217,10 +218,12 @@ class CohereAPI:
             return error(400, f"invalid request: max_tokens cannot exceed {spec.max_output_tokens} for model '{spec.model}'")
         provider, model = self.provider.id, spec.model
         self.state.record_call(provider, model)
+        pieces = request.headers.get(PIECES_HEADER, "")
+        words = int(pieces) if pieces.isdigit() else None
         if len(prompt_text) > LARGE_PROMPT_CHARS:
-            reply = await asyncio.to_thread(self._reply, body, spec, prompt_text, tools, call_tool)
+            reply = await asyncio.to_thread(self._reply, body, spec, prompt_text, tools, call_tool, words)
         else:
-            reply = self._reply(body, spec, prompt_text, tools, call_tool)
+            reply = self._reply(body, spec, prompt_text, tools, call_tool, words)
         total = reply.billed_input + PREAMBLE_TOKENS
         if total > spec.context_window:
             return error(
@@ -244,7 +247,13 @@ class CohereAPI:
         return JSONResponse(payload)
 
     def _reply(
-        self, body: dict[str, Any], spec: ModelSpec, prompt_text: str, tools: list[dict[str, Any]], call_tool: str | None
+        self,
+        body: dict[str, Any],
+        spec: ModelSpec,
+        prompt_text: str,
+        tools: list[dict[str, Any]],
+        call_tool: str | None,
+        words: int | None,
     ) -> Reply:
         provider, model = self.provider.id, spec.model
         json_format = (body.get("response_format") or {}).get("type") == "json_object"
@@ -252,7 +261,8 @@ class CohereAPI:
             answer = _json_answer(self.state, provider, model, prompt_text, body["response_format"].get("json_schema"))
         else:
             answer = self.state.answer(
-                provider, model, prompt_text, max_tokens=body.get("max_tokens"), tools=tools, call_tool=call_tool
+                provider, model, prompt_text, max_tokens=body.get("max_tokens"), tools=tools, call_tool=call_tool,
+                words=words,
             )
             if answer.tool_call is None and body.get("stop_sequences"):
                 answer = _cut_at_stop(answer, body["stop_sequences"])

@@ -52,6 +52,7 @@ THOUGHT_WORDS = 16
 EMBEDDING_DIMS = 3072  # gemini-embedding-001's default outputDimensionality
 LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
 JSON_PIECE_CHARS = 12
+PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the other families)
 
 STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -274,10 +275,12 @@ class GeminiAPI:
                 "Update the value and try again.",
             )
         self.state.record_call(provider, model)
+        pieces = request.headers.get(PIECES_HEADER, "")
+        words = int(pieces) if pieces.isdigit() else None
         if len(prompt.text) > LARGE_PROMPT_CHARS:
-            answer, thought, cached = await asyncio.to_thread(self._answer, prompt, spec)
+            answer, thought, cached = await asyncio.to_thread(self._answer, prompt, spec, words)
         else:
-            answer, thought, cached = self._answer(prompt, spec)
+            answer, thought, cached = self._answer(prompt, spec, words)
         prompt_tokens = answer.prompt_tokens + IMAGE_TOKENS * prompt.images
         if prompt_tokens > spec.context_window:
             return error(
@@ -304,7 +307,7 @@ class GeminiAPI:
             return _broken_body(json.dumps(reply).encode(), fault)
         return JSONResponse(reply)
 
-    def _answer(self, prompt: Prompt, spec: ModelSpec) -> tuple[Answer, Answer | None, int]:
+    def _answer(self, prompt: Prompt, spec: ModelSpec, words: int | None) -> tuple[Answer, Answer | None, int]:
         """The answer, the thoughts before it (thinking models), and the implicitly cached prefix tokens."""
         provider, model = self.provider.id, spec.model
         text = prompt.text
@@ -313,7 +316,7 @@ class GeminiAPI:
             answer = _json_answer(self.state, provider, model, text, prompt.json_schema)
         else:
             answer = self.state.answer(
-                provider, model, text, max_tokens=prompt.max_output, tools=prompt.tools, call_tool=call_tool
+                provider, model, text, max_tokens=prompt.max_output, tools=prompt.tools, call_tool=call_tool, words=words
             )
             if answer.tool_call is None and prompt.stops:
                 answer = _cut_at_stop(answer, prompt.stops)
