@@ -283,13 +283,33 @@ async def test_tool_calls_both_ways_and_thought_signatures(adapter):
     assert json.loads(deltas[0].arguments) == json.loads(call["function"]["arguments"])
     assert chunks[-1].finish_reason == "tool_calls" and chunks[-1].usage == response.usage
 
-    result = {"role": "tool", "tool_call_id": call["id"], "content": '{"temp_c": 21}'}
-    answer = await adapter.complete(chat(question, {"role": "assistant", "tool_calls": [call]}, result, model=GEMINI_3, tools=[WEATHER]))
-    assert answer.finish_reason == "stop" and answer.content
+    signature = call["extra_content"]["google"]["thought_signature"]
+    assert call["id"].endswith(f"__thought__{signature}") and deltas[0].id.endswith(signature)
 
-    unsigned = {key: value for key, value in call.items() if key != "extra_content"}
-    with pytest.raises(errors.BadRequestError, match="thought_signature"):
-        await adapter.complete(chat(question, {"role": "assistant", "tool_calls": [unsigned]}, result, model=GEMINI_3, tools=[WEATHER]))
+    def history(tool_call: dict, model: str = GEMINI_3) -> ChatRequest:
+        result = {"role": "tool", "tool_call_id": tool_call["id"], "content": '{"temp_c": 21}'}
+        return chat(question, {"role": "assistant", "tool_calls": [tool_call]}, result, model=model, tools=[WEATHER])
+
+    answer = await adapter.complete(history(call))
+    assert answer.finish_reason == "stop" and answer.content
+    # A streamed call has only its id to carry the signature; the id is enough.
+    streamed = {"id": deltas[0].id, "type": "function", "function": {"name": "get_weather", "arguments": deltas[0].arguments}}
+    assert adapter.payload(history(streamed), GEMINI_3)["contents"][1]["parts"][0]["thoughtSignature"] == signature
+    assert (await adapter.complete(history(streamed))).content
+
+    # A call Gemini never made (say, from another provider before a failover) gets Google's stand-in.
+    foreign = {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    assert (await adapter.complete(history(foreign))).content
+    assert "thoughtSignature" not in adapter.payload(history(foreign, MODEL), MODEL)["contents"][1]["parts"][0]
+
+
+async def test_gemini_3_refuses_function_calls_without_signature(sim):
+    call = {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}}]}
+    result = {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 3}}}]}
+    body = {"contents": [{"role": "user", "parts": [{"text": "Weather?"}]}, call, result]}
+    refused = await raw(sim, "generateContent", body, model=GEMINI_3)
+    assert refused.status_code == 400 and "missing a thought_signature" in refused.json()["error"]["message"]
+    assert (await raw(sim, "generateContent", body, model=MODEL)).status_code == 200
 
 
 async def test_tool_choice(adapter):

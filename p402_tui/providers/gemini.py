@@ -9,9 +9,12 @@ What differs from the OpenAI shape, and how it is bridged:
   matches results by function name, not by id). Consecutive tool results share one turn.
 - Sampling options live in `generationConfig`; JSON mode is `responseMimeType`; OpenAI's
   `reasoning_effort` becomes a thinking budget with the thoughts returned (as reasoning).
-- Gemini's function calls carry no id, so ids are made here. A call's `thoughtSignature`
-  (Gemini 3 rejects history without it) rides along as `extra_content.google.thought_signature`,
-  the field Google's own OpenAI-compatible endpoint uses, and is sent back the same way.
+- Gemini's function calls carry no id, so ids are made here. Gemini 3 rejects history whose
+  function calls lost their `thoughtSignature`, so the signature rides along twice: in
+  `extra_content.google.thought_signature` (what Google's OpenAI-compatible endpoint returns)
+  and after `__thought__` in the call id (as LiteLLM does), which survives streaming and
+  clients that drop unknown fields. Calls that never had one (history from another model)
+  get the dummy signature Google documents for that case.
 - Streaming is `?alt=sse`: `data:` lines only, each a whole response; no terminator, the
   connection just closes. `usageMetadata` is cumulative on every chunk, so the last one counts.
 - Errors are Google RPC shaped. A bad key is HTTP 400 with reason `API_KEY_INVALID`, and a
@@ -20,6 +23,7 @@ What differs from the OpenAI shape, and how it is bridged:
 
 from __future__ import annotations
 
+import base64
 import json
 import mimetypes
 import uuid
@@ -56,6 +60,9 @@ FINISH_REASONS = {
 }
 
 TOOL_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+SIGNATURE_SEPARATOR = "__thought__"
+# Google's documented stand-in for function calls Gemini did not make (ai.google.dev thought-signatures FAQ).
+DUMMY_SIGNATURE = base64.b64encode(b"skip_thought_signature_validator").decode()
 # OpenAI's `reasoning_effort` as thinking budgets, the mapping Google's OpenAI-compatible endpoint uses.
 THINKING_BUDGETS = {"none": 0, "low": 1024, "medium": 8192, "high": 24576}
 
@@ -117,7 +124,7 @@ class GeminiAdapter(Adapter):
                 else:
                     turns.append({"role": "user", "parts": [part]})
             elif message.role == "assistant":
-                parts = _model_parts(message, names, self.id, model)
+                parts = _model_parts(message, names, self.id, model, signed=model.startswith("gemini-3"))
                 if parts:
                     turns.append({"role": "model", "parts": parts})
             else:
@@ -228,7 +235,8 @@ class GeminiAdapter(Adapter):
                             if "functionCall" in part:
                                 call = part["functionCall"]
                                 arguments = json.dumps(call.get("args") or {})
-                                delta = ToolCallDelta(calls, id=call.get("id") or _call_id(), name=call["name"], arguments=arguments)
+                                call_id = _call_id(call, part.get("thoughtSignature"))
+                                delta = ToolCallDelta(calls, id=call_id, name=call["name"], arguments=arguments)
                                 chunk.tool_calls = (chunk.tool_calls or []) + [delta]
                                 calls += 1
                             elif part.get("thought"):
@@ -320,7 +328,10 @@ def _image(url: str, provider: str, model: str) -> dict[str, Any]:
     raise BadRequestError(f"unsupported image URL {url[:40]!r}", provider=provider, model=model)
 
 
-def _model_parts(message: ChatMessage, names: dict[str, str], provider: str, model: str) -> list[dict[str, Any]]:
+def _model_parts(
+    message: ChatMessage, names: dict[str, str], provider: str, model: str, *, signed: bool
+) -> list[dict[str, Any]]:
+    """Text and function calls; `signed` models need a signature on a turn's first call."""
     text = message.text()
     parts: list[dict[str, Any]] = [{"text": text}] if text else []
     for call in message.tool_calls or ():
@@ -332,10 +343,13 @@ def _model_parts(message: ChatMessage, names: dict[str, str], provider: str, mod
             ) from None
         names[call.id] = call.function.name
         part: dict[str, Any] = {"functionCall": {"name": call.function.name, "args": arguments}}
-        extra = (call.model_extra or {}).get("extra_content") or {}
-        signature = (extra.get("google") or {}).get("thought_signature") if isinstance(extra, dict) else None
-        if signature:
-            part["thoughtSignature"] = signature
+        extra = (call.model_extra or {}).get("extra_content")
+        signature = ((extra.get("google") or {}).get("thought_signature") if isinstance(extra, dict) else None) or (
+            call.id.partition(SIGNATURE_SEPARATOR)[2]
+        )
+        first_call = not any("functionCall" in p for p in parts)
+        if signature or (signed and first_call):
+            part["thoughtSignature"] = signature or DUMMY_SIGNATURE
         parts.append(part)
     return parts
 
@@ -421,14 +435,15 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
 # --- answer pieces ------------------------------------------------------------------
 
 
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+def _call_id(call: dict[str, Any], signature: str | None) -> str:
+    call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+    return f"{call_id}{SIGNATURE_SEPARATOR}{signature}" if signature else call_id
 
 
 def _tool_call(part: dict[str, Any]) -> dict[str, Any]:
     call = part["functionCall"]
     out: dict[str, Any] = {
-        "id": call.get("id") or _call_id(),
+        "id": _call_id(call, part.get("thoughtSignature")),
         "type": "function",
         "function": {"name": call["name"], "arguments": json.dumps(call.get("args") or {})},
     }
