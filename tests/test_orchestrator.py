@@ -1,0 +1,322 @@
+"""The orchestrator against the real simulator over loopback: failover, circuits, streams, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from p402_tui.core.config import RouterWeights
+from p402_tui.core.errors import (
+    AllAttemptsFailedError,
+    AuthenticationError,
+    BadRequestError,
+    ContextLengthError,
+    NoEligibleModelError,
+    ServerError,
+)
+from p402_tui.core.events import AttemptFailed, HealthChanged, RequestCompleted, RouteDecided
+from p402_tui.core.health import HealthTracker
+from p402_tui.core.hooks import CachedAnswer, CallContext, NoHooks
+from p402_tui.core.orchestrator import Orchestrator, _Plan
+from p402_tui.core.router import options_from
+from p402_tui.core.types import ChatRequest, ChatResponse, Usage
+from p402_tui.sim.engine import Fault
+from p402_tui.sim.openai_family import REJECTED_KEY_PREFIX
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ask(text: str = "Say something about routers.", **kw) -> ChatRequest:
+    return ChatRequest(messages=[{"role": "user", "content": text}], **kw)
+
+
+@pytest.fixture
+async def orchestrator(sim_settings):
+    orchestrator = Orchestrator(sim_settings)
+    await orchestrator.start()
+    yield orchestrator
+    await orchestrator.aclose()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+async def clocked(sim_settings, clock):
+    """An orchestrator whose health runs on a clock the test moves."""
+    orchestrator = Orchestrator(sim_settings, health=HealthTracker(clock=clock))
+    yield orchestrator
+    await orchestrator.aclose()
+
+
+def winner(orchestrator: Orchestrator, mode: str, request: ChatRequest | None = None):
+    decision = orchestrator.route(request or ask(), options_from(mode=mode))
+    return orchestrator.catalog.models[decision.chosen_id]
+
+
+def first_other_provider(orchestrator: Orchestrator, mode: str, provider: str) -> str:
+    decision = orchestrator.route(ask(), options_from(mode=mode))
+    return next(orchestrator.catalog.models[mid] for mid in decision.fallbacks
+                if orchestrator.catalog.models[mid].provider != provider).provider
+
+
+async def test_a_503_on_the_cost_winner_is_answered_by_the_next_candidate(orchestrator, sim):
+    cost_winner = winner(orchestrator, "cost")
+    expected = first_other_provider(orchestrator, "cost", cost_winner.provider)
+    async with httpx.AsyncClient() as client:
+        reply = await client.post(
+            f"{sim.url}/_sim/faults", json={"provider": cost_winner.provider, "kind": "error", "status": 503}
+        )
+        assert reply.status_code == 201
+    events = orchestrator.bus.subscribe()
+    response = await orchestrator.complete(ask(), options_from(mode="cost"))
+    meta = response.p402
+    assert response.content and response.provider == expected == meta.provider
+    assert [(a.provider, a.error_kind) for a in meta.attempts] == [(cost_winner.provider, "server_error"), (expected, None)]
+    assert meta.cost_usd > 0 and meta.decision_id and not meta.cached
+    seen = events.drain()
+    assert [type(e) for e in seen if not isinstance(e, HealthChanged)][:3] == [RouteDecided, AttemptFailed, RequestCompleted]
+    record = next(e.record for e in seen if isinstance(e, RequestCompleted))
+    assert record.status == "ok" and len(record.attempts) == 2 and record.decision_id == meta.decision_id
+
+
+async def test_a_429_opens_the_circuit_for_its_wait_then_half_open_closes_it(clocked, sim, clock):
+    cost_winner = winner(clocked, "cost")
+    provider = cost_winner.provider
+    sim.state.add_fault(Fault(provider=provider, kind="rate_limit", retry_after_s=30, count=1))
+    events = clocked.bus.subscribe(kinds={"health_changed"})
+    response = await clocked.complete(ask(), options_from(mode="cost"))
+    assert response.p402.attempts[0].error_kind == "rate_limited" and response.provider != provider
+    state = clocked.health.provider(provider)
+    assert state.circuit == "open" and state.retry_at == pytest.approx(time.time() + 30, abs=2)
+
+    clock.now += 29.9
+    decision = clocked.route(ask(), options_from(mode="cost"))
+    assert {e.id: e.reason for e in decision.excluded}[cost_winner.id] == "circuit open"
+    assert (await clocked.complete(ask(), options_from(mode="cost"))).provider != provider
+
+    clock.now += 0.1  # the wait is over: a trial goes to the cost winner again and closes the circuit
+    response = await clocked.complete(ask(), options_from(mode="cost"))
+    assert response.provider == provider and len(response.p402.attempts) == 1
+    assert clocked.health.circuit(provider) == "closed"
+    circuits = [e.circuit for e in events.drain() if e.provider == provider]
+    assert circuits == ["open", "half_open", "closed"]
+
+
+async def test_adaptive_stops_choosing_a_failing_provider_and_returns_after_recovery(sim_settings, sim, clock):
+    # Speed out of the weights: the simulator answers at once, so measured speed would swamp the catalog's.
+    sim_settings.file.router.weights = RouterWeights(cost=0.5, quality=0.5, speed=0.0)
+    async with Orchestrator(sim_settings, health=HealthTracker(clock=clock)) as clocked:
+        await _adaptive_round_trip(clocked, sim, clock)
+
+
+async def _adaptive_round_trip(clocked: Orchestrator, sim, clock: Clock) -> None:
+    best = winner(clocked, "adaptive")
+    sim.state.add_fault(Fault(provider=best.provider, kind="error", status=500))
+    response = await clocked.complete(ask(), options_from(mode="adaptive"))
+    assert response.provider != best.provider and response.p402.attempts[0].error_kind == "server_error"
+    for _ in range(3):  # no circuit is open (one failure), adaptive scoring alone keeps it away
+        assert winner(clocked, "adaptive").provider != best.provider
+        assert (await clocked.complete(ask(), options_from(mode="adaptive"))).provider != best.provider
+    assert clocked.health.circuit(best.provider) == "closed"
+    assert winner(clocked, "balanced").id == best.id  # balanced does not look at health
+
+    sim.state.clear_faults()
+    clock.now += 61  # the failure leaves the 60 s window
+    assert winner(clocked, "adaptive").id == best.id
+    response = await clocked.complete(ask(), options_from(mode="adaptive"))
+    assert response.provider == best.provider and len(response.p402.attempts) == 1
+
+
+async def collect(stream) -> list:
+    return [chunk async for chunk in stream]
+
+
+async def test_a_stream_cut_before_its_first_token_fails_over_unseen(orchestrator, sim):
+    fastest = winner(orchestrator, "speed", ask(stream=True))
+    sim.state.add_fault(Fault(provider=fastest.provider, kind="disconnect", after_tokens=0))
+    stream = orchestrator.stream(ask(stream=True), options_from(mode="speed"))
+    chunks = await asyncio.wait_for(collect(stream), 10)
+    assert all(c.error is None for c in chunks)
+    assert "".join(c.content for c in chunks).strip()
+    assert chunks[-1].finish_reason in ("stop", "length") or any(c.finish_reason for c in chunks)
+    assert [a.provider for a in stream.meta.attempts][0] == fastest.provider
+    assert len(stream.meta.attempts) == 2 and stream.meta.attempts[1].error_kind is None
+    assert stream.meta.provider != fastest.provider and stream.meta.ttft_ms is not None
+    assert stream.meta.cost_usd > 0 and stream.decision is not None
+
+
+async def test_a_stream_cut_after_content_ends_with_an_error_chunk(orchestrator, sim):
+    fastest = winner(orchestrator, "speed", ask(stream=True))
+    sim.state.add_fault(Fault(provider=fastest.provider, kind="disconnect", after_tokens=3))
+    events = orchestrator.bus.subscribe(kinds={"request_completed"})
+    stream = orchestrator.stream(ask(stream=True), options_from(mode="speed"))
+    chunks = await asyncio.wait_for(collect(stream), 10)  # a hang fails here, fast
+    assert "".join(c.content for c in chunks)  # content did reach the caller
+    last = chunks[-1]
+    assert last.finish_reason == "error" and last.error["kind"] == "stream_interrupted"
+    assert [a.error_kind for a in stream.meta.attempts] == ["stream_interrupted"]  # no failover after content
+    assert stream.meta.provider == fastest.provider
+    (event,) = events.drain()
+    assert event.record.status == "error" and event.record.error_kind == "stream_interrupted"
+    assert event.record.completion_tokens > 0  # the partial answer is still counted
+
+
+@pytest.mark.parametrize("how", ["cancel", "aclose"])
+async def test_cancelling_a_stream_closes_the_upstream(orchestrator, sim, how):
+    fastest = winner(orchestrator, "speed", ask(stream=True))
+    sim.state.add_fault(Fault(provider=fastest.provider, kind="timeout", after_tokens=2))  # then it hangs
+    events = orchestrator.bus.subscribe(kinds={"request_completed"})
+    stream = orchestrator.stream(ask(stream=True), options_from(mode="speed"))
+    if how == "aclose":  # the caller stops reading mid-answer
+        chunk = await asyncio.wait_for(stream.__anext__(), 10)
+        while not chunk.content:
+            chunk = await asyncio.wait_for(stream.__anext__(), 10)
+        await stream.aclose()
+    else:  # the caller's task is cancelled while it waits on a hanging upstream
+        while True:
+            pending = asyncio.ensure_future(stream.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=0.3)
+            if not done:
+                break
+            assert pending.result().error is None
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+    for _ in range(200):
+        if sim.state.streams.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    assert sim.state.streams.cancelled == 1 and sim.state.streams.open_now == 0
+    (event,) = events.drain()
+    assert event.record.error_kind == "cancelled"
+
+
+async def test_aclose_after_the_last_chunk_counts_as_a_complete_answer(orchestrator):
+    events = orchestrator.bus.subscribe(kinds={"request_completed"})
+    stream = orchestrator.stream(ask(stream=True), options_from(mode="cost"))
+    async for chunk in stream:
+        if chunk.finish_reason:
+            break
+    await stream.aclose()
+    (event,) = events.drain()
+    assert event.record.status == "ok" and event.record.cost_usd > 0
+
+
+async def test_a_rejected_key_moves_to_another_provider(sim_settings, sim):
+    cost_winner = None
+    async with Orchestrator(sim_settings) as probe:
+        decision = probe.route(ask(), options_from(mode="cost", exclude=["anthropic", "google", "cohere"]))
+        cost_winner = probe.catalog.models[decision.chosen_id]
+    provider = sim_settings.providers[cost_winner.provider]
+    sim_settings.providers[cost_winner.provider] = dataclasses.replace(
+        provider, api_key=SecretStr(f"{REJECTED_KEY_PREFIX}-0123456789")
+    )
+    async with Orchestrator(sim_settings) as orchestrator:
+        response = await orchestrator.complete(
+            ask(), options_from(mode="cost", exclude=["anthropic", "google", "cohere"])
+        )
+        assert response.p402.attempts[0].error_kind == "authentication"
+        assert response.provider != cost_winner.provider
+        assert REJECTED_KEY_PREFIX not in response.p402.attempts[0].error
+        assert orchestrator.health.circuit(cost_winner.provider) == "open"
+
+
+async def test_failover_follows_the_error_scope(orchestrator):
+    decision = orchestrator.route(ask(), options_from(mode="cost"))
+    models = orchestrator.catalog.models
+    first = models[decision.chosen_id]
+
+    def fresh() -> _Plan:
+        plan = _Plan(orchestrator, decision, options_from(mode="cost", max_retries=10))
+        assert plan.next() is first
+        return plan
+
+    plan = fresh()
+    assert plan.failed(first, ServerError("down", provider=first.provider, status=503), 1.0)
+    assert plan.next().provider != first.provider  # provider-level: its other models are skipped
+
+    plan = fresh()
+    assert plan.failed(first, ContextLengthError("too long", provider=first.provider, status=400), 1.0)
+    same = [mid for mid in decision.fallbacks if models[mid].provider == first.provider]
+    assert plan.next().id == decision.fallbacks[0]  # model-level: the very next candidate, whoever it is
+    assert same  # (the cost winner's provider does have more models in the plan)
+
+    plan = fresh()
+    assert plan.failed(first, AuthenticationError("bad key", provider=first.provider, status=401), 1.0)
+    assert plan.next().provider != first.provider
+
+    plan = fresh()
+    assert not plan.failed(first, BadRequestError("nonsense", provider=first.provider, status=400), 1.0)
+    assert plan.next() is None
+    assert isinstance(plan.exhausted(), BadRequestError)
+
+
+async def test_max_retries_bounds_the_attempts(orchestrator, sim):
+    sim.state.add_fault(Fault(provider="*", kind="error", status=503))
+    with pytest.raises(AllAttemptsFailedError) as caught:
+        await orchestrator.complete(ask(), options_from(mode="cost", max_retries=1))
+    assert len(caught.value.attempts) == 2
+    assert len({a.provider for a in caught.value.attempts}) == 2
+    with pytest.raises(AllAttemptsFailedError) as caught:
+        await orchestrator.complete(ask(), options_from(mode="cost", failover=False))
+    assert len(caught.value.attempts) == 1
+
+
+async def test_nothing_eligible_is_an_error_and_still_recorded(orchestrator):
+    events = orchestrator.bus.subscribe(kinds={"request_completed"})
+    with pytest.raises(NoEligibleModelError, match="over max_cost_usd"):
+        await orchestrator.complete(ask(), options_from(max_cost_usd=1e-12))
+    (event,) = events.drain()
+    assert event.record.status == "error" and event.record.error_kind == "no_eligible_model"
+
+
+class CachingHooks(NoHooks):
+    """The cache seam as the store package fills it: one canned answer, and what was recorded."""
+
+    def __init__(self) -> None:
+        self.completed_records = []
+        self.budget_checks = []
+
+    async def lookup(self, request, options, ctx):
+        if request.last_user_text() != "cached?":
+            return None
+        answer = ChatResponse(provider="groq", model="m", content="from the cache", usage=Usage(10, 5))
+        return CachedAnswer(answer, "exact", 1.0, saved_usd=0.002)
+
+    async def check_budget(self, ctx, est_cost_usd):
+        self.budget_checks.append(est_cost_usd)
+
+    def completed(self, record, request, response, options, ctx):
+        self.completed_records.append(record)
+
+
+async def test_hooks_cache_hit_budget_check_and_ledger(sim_settings, sim):
+    hooks = CachingHooks()
+    async with Orchestrator(sim_settings, hooks=hooks) as orchestrator:
+        events = orchestrator.bus.subscribe()
+        hit = await orchestrator.complete(ask("cached?"), ctx=CallContext(session_id="s1"))
+        assert hit.content == "from the cache"
+        assert hit.p402.cached and hit.p402.cost_usd == 0 and hit.p402.saved_usd == 0.002
+        assert [e.kind for e in events.drain()] == ["cache_hit", "request_completed"]
+        assert sim.state.stats()["calls"] == 0 and hooks.budget_checks == []
+        chunks = [c async for c in orchestrator.stream(ask("cached?", stream=True))]
+        assert "".join(c.content for c in chunks) == "from the cache" and chunks[-1].usage.prompt_tokens == 10
+        miss = await orchestrator.complete(ask("fresh"), ctx=CallContext(session_id="s1"))
+        assert not miss.p402.cached and len(hooks.budget_checks) == 1 and hooks.budget_checks[0] > 0
+        assert [r.cached for r in hooks.completed_records] == [True, True, False]
+        assert hooks.completed_records[-1].session_id == "s1"
