@@ -23,9 +23,25 @@ from textual.binding import Binding
 from textual.reactive import reactive
 
 from .commands import ConsoleCommands
-from .views import REFRESH_STEPS, VIEWS
+from .views import REFRESH_STEPS, VIEWS, View, register_view
 from .source import ConsoleSource
 from .state import ConsoleState
+
+
+def _chat_screen() -> Any:
+    from .screens.chat import ChatScreen
+
+    return ChatScreen()
+
+
+def _compare_screen() -> Any:
+    from .screens.compare import CompareScreen
+
+    return CompareScreen()
+
+
+register_view(View("chat", "Chat", "c", _chat_screen, "Stream answers from any model or the router, cost under each"))
+register_view(View("compare", "Compare", "v", _compare_screen, "One prompt to 2-6 models side by side; mark a winner"))
 
 IDLE_POLL_S = 5.0  # with no events, health is still re-read this often (circuits reopen with time)
 STORE_POLL_S = 2.0  # sessions and ledger totals are re-read at most this often

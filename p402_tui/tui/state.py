@@ -62,9 +62,14 @@ class SpendSeries:
         series[index] = series.get(index, 0.0) + usd
         self.rev += 1
 
-    def window(self, now: float) -> list[int]:
+    def window(self, now: float, min_buckets: int = 6) -> list[int]:
+        """The buckets to show: the whole window, or from the first spend on once there is less."""
         last = int(now // self.bucket_s)
-        return list(range(last - self.buckets + 1, last + 1))
+        first = last - self.buckets + 1
+        seen = [min(series) for series in self.by_provider.values() if series]
+        if seen:
+            first = max(first, min(min(seen) - 1, last - min_buckets + 1))
+        return list(range(first, last + 1))
 
     def trim(self, now: float) -> None:
         first = int(now // self.bucket_s) - self.buckets + 1

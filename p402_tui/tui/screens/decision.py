@@ -32,10 +32,10 @@ CANDIDATE_COLUMNS = (
 EXCLUDED_COLUMNS = (Column("model", "Model", 30), Column("reason", "Reason", 28))
 ATTEMPT_COLUMNS = (
     Column("n", "#", 2),
-    Column("model", "Model", 28),
+    Column("model", "Model", 24),
     Column("result", "Result", 6),
     Column("kind", "Error kind", 12),
-    Column("error", "Error", 40),
+    Column("error", "Error", 30),
     Column("latency", "Latency", 7),
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..format import clock, ms, short, usd
 from ..state import ConsoleState, DecisionRow
 from .palette import Palette
-from .table import Cell, Column, LiveTable, Row, num
+from .table import Cell, Column, DrillTable, Row, num
 
 COLUMNS = (
     Column("time", "Time", 8),
@@ -14,13 +14,13 @@ COLUMNS = (
     Column("cands", "Cand", 4),
     Column("est", "Est", 9),
     Column("cost", "Cost", 9),
-    Column("latency", "Latency", 6),
+    Column("latency", "Time", 6),
     Column("tries", "Try", 3),
     Column("status", "Status", 7),
 )
 
 
-class DecisionsTable(LiveTable):
+class DecisionsTable(DrillTable):
     def __init__(self, max_rows: int = 200) -> None:
         super().__init__(COLUMNS, sort_column="time", sort_reverse=True, max_rows=max_rows, id="decisions-table")
 
@@ -32,7 +32,7 @@ def decision_cells(row: DecisionRow, colors: Palette) -> list[Cell]:
         Cell(clock(row.ts), (row.ts, row.key)),
         Cell(row.mode),
         Cell(short(served, 25), served, style=colors.warning if rerouted else ""),
-        num(str(row.candidates), row.candidates),
+        num(str(row.candidates) if row.decision is not None else "-", row.candidates),
         num(usd(row.est_cost), row.est_cost),
         num(usd(row.cost), row.cost),
         num(ms(row.latency_ms), row.latency_ms),

@@ -6,18 +6,18 @@ from typing import Any
 
 from ..format import bar, usd
 from .palette import Palette
-from .table import Cell, Column, LiveTable, Row, num
+from .table import Cell, Column, DrillTable, Row, num
 
 COLUMNS = (
-    Column("name", "Session", 18),
+    Column("name", "Session", 16),
     Column("budget", "Budget", 11),
     Column("spent", "Spent", 8),
     Column("requests", "Reqs", 5),
-    Column("status", "Status", 7),
+    Column("status", "Status", 6),
 )
 
 
-class SessionsTable(LiveTable):
+class SessionsTable(DrillTable):
     def __init__(self) -> None:
         super().__init__(COLUMNS, sort_column="name", id="sessions-table")
 

@@ -34,9 +34,9 @@ Legend = list[tuple[str, str, float]]  # (provider, colour, spend over the windo
 
 def render_chart(series: SpendSeries, now: float, width: int, height: int, colours: list[str]) -> tuple[Text, Legend]:
     """The chart as Rich text, and its legend (empty: nothing to draw yet)."""
-    window, lines = series.cumulative(now)
+    window, lines = series.cumulative(now, top=5)
     if not lines or width < 20 or height < 5:
-        return Text("no spend in the last " + _span(series), style="dim"), []
+        return Text(f"no spend in the last {_age(series.bucket_s * series.buckets)}", style="dim"), []
     figure = plotext.figure
     figure.clear()
     figure.theme("simple")
@@ -51,17 +51,18 @@ def render_chart(series: SpendSeries, now: float, width: int, height: int, colou
         figure.draw(signal)
     figure.legend(False)  # the legend sits beside the chart, where it covers no line
     last = len(window) - 1
-    figure.ruler("x").ticks([0, last // 2, last], [f"-{_span(series)}", f"-{_span(series, 2)}", "now"])
-    figure.ruler("x").alignment(tick="dynamic")
-    figure.ruler("y").frequency(4)
+    span = series.bucket_s * last
+    figure.ruler("x").ticks([0, last // 2, last], [f"-{_age(span)}", f"-{_age(span / 2)}", "now"])
+    top = max(values[-1] for values in lines.values())
+    ticks = [top * i / 3 for i in range(4)]
+    figure.ruler("y").ticks(ticks, [usd(t) for t in ticks])
     ansi = figure.build().string()
     legend = [(p, colours[i % len(colours)], values[-1]) for i, (p, values) in enumerate(lines.items())]
     return Text.from_ansi(ansi, no_wrap=True), legend
 
 
-def _span(series: SpendSeries, divide: int = 1) -> str:
-    seconds = series.bucket_s * series.buckets / divide
-    return f"{seconds / 60:.0f}m" if seconds >= 60 else f"{seconds:.0f}s"
+def _age(seconds: float) -> str:
+    return f"{seconds / 60:.0f}m" if seconds >= 120 else f"{seconds:.0f}s"
 
 
 class SpendChart(Widget, can_focus=True):
@@ -97,31 +98,28 @@ class SpendChart(Widget, can_focus=True):
 def summary_text(summary: SpendSummary, colors: Palette, legend: list[tuple[str, str, float]]) -> Text:
     """Totals, the chart's legend (provider, colour, spend in the window) and the top models."""
     text = Text(no_wrap=True, overflow="ellipsis")
-    label = "since start" if summary.since_start else "today"
-    text.append(f"{label:<12}", style="dim")
-    text.append(f"{usd(summary.today_usd):>10}\n", style="bold")
+    rows = [("this run" if summary.since_start else "today", usd(summary.today_usd), "bold")]
     if not summary.since_start:
-        text.append(f"{'7 days':<12}", style="dim")
-        text.append(f"{usd(summary.week_usd):>10}\n")
-        text.append(f"{'30 days':<12}", style="dim")
-        text.append(f"{usd(summary.month_usd):>10}\n")
-    text.append(f"{'requests':<12}", style="dim")
-    text.append(f"{summary.requests_today:>10,}\n")
-    text.append(f"{'cache saved':<12}", style="dim")
-    text.append(f"{usd(summary.saved_usd):>10}\n", style=colors.ok)
-    text.append(f"{'cache hits':<12}", style="dim")
-    text.append(f"{summary.cache_hits:>10,}\n")
+        rows += [("7 days", usd(summary.week_usd), ""), ("30 days", usd(summary.month_usd), "")]
+    rows += [
+        ("requests", f"{summary.requests_today:,}", ""),
+        ("cache saved", usd(summary.saved_usd), colors.ok),
+        ("cache hits", f"{summary.cache_hits:,}", ""),
+    ]
+    for label, value, style in rows:
+        text.append(f"{label:<14}", style="dim")
+        text.append(f"{value:>14}\n", style=style)
     if legend:
-        text.append("\nlast window\n", style="bold")
+        text.append("in the chart\n", style="bold")
         for provider, colour, total in legend:
             text.append("━━ ", style=colour)
-            text.append(f"{short(provider, 12):<12}", style="dim")
-            text.append(f"{usd(total):>10}\n")
+            text.append(f"{short(provider, 13):<13}", style="dim")
+            text.append(f"{usd(total):>12}\n")
     if summary.top_models:
-        text.append("\ntop models\n", style="bold")
-        for model, cost, _requests in summary.top_models[:5]:
-            text.append(f"{usd(cost):>9} ")
-            text.append(f"{short(model.split('/', 1)[-1], 16)}\n", style="dim")
+        text.append("top models\n" if summary.since_start else "top models · 30 days\n", style="bold")
+        for model, cost, _requests in summary.top_models[:3]:
+            text.append(f"{short(model, 17):<17}", style="dim")
+            text.append(f"{usd(cost):>11}\n")
     text.rstrip()
     return text
 

@@ -93,7 +93,6 @@ class LiveTable(DataTable):
     DEFAULT_CSS = """
     LiveTable { height: 1fr; }
     """
-    BINDINGS = [Binding("enter", "select_cursor", "Open")]
 
     def __init__(
         self,
@@ -214,3 +213,9 @@ def _sort_value(cell: Cell) -> Any:
 
 def _column_name(key: ColumnKey) -> str:
     return str(key.value)
+
+
+class DrillTable(LiveTable):
+    """A live table whose rows open a detail screen with enter (shown in the footer)."""
+
+    BINDINGS = [Binding("enter", "select_cursor", "Open")]
