@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import ConfigFile, Settings
+from p402_tui.providers.base import tls_context
 from p402_tui.sim.server import start_sim
 
 # The tests never read the developer's own config, data or keys.
@@ -45,6 +48,52 @@ async def sim(catalog):
 def sim_settings(sim, catalog) -> Settings:
     """Every provider pointed at the in-process simulator, with a key."""
     return Settings(ConfigFile(), catalog, env={}).point_at(sim.url)
+
+
+@pytest.fixture(scope="session")
+def shared_sim(catalog):
+    """One latency-free simulator for the whole session, served from its own thread.
+
+    Starting and stopping a simulator per test costs about 0.3 s; suites with many small
+    tests share this one. Use `fresh_sim` so no test sees another's faults or counts.
+    """
+    started = threading.Event()
+    holder: dict = {}
+
+    def serve() -> None:
+        async def main() -> None:
+            try:
+                holder["sim"] = await start_sim(catalog, latency=False)
+            finally:
+                holder["loop"] = asyncio.get_running_loop()
+                started.set()
+            await holder["sim"].task
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, name="shared-sim", daemon=True)
+    thread.start()
+    started.wait(30)
+    if "sim" not in holder:
+        raise RuntimeError("the shared simulator did not start")
+    yield holder["sim"]
+    holder["loop"].call_soon_threadsafe(setattr, holder["sim"].server, "should_exit", True)
+    thread.join(10)
+
+
+@pytest.fixture
+def fresh_sim(shared_sim):
+    """The shared simulator with its faults cleared and its counters at zero."""
+    with httpx.Client(base_url=shared_sim.url, verify=tls_context()) as client:
+        client.delete("/_sim/faults").raise_for_status()
+        client.delete("/_sim/stats").raise_for_status()
+    return shared_sim
+
+
+@pytest.fixture
+def fresh_sim_settings(fresh_sim, catalog) -> Settings:
+    """Every provider pointed at the shared simulator, with a key."""
+    return Settings(ConfigFile(), catalog, env={}).point_at(fresh_sim.url)
 
 
 def free_port() -> int:

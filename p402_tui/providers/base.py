@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +29,13 @@ from ..core.errors import (
     TimeoutError,
     redact,
 )
-from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings
+from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, Usage
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every provider's client: building one loads the CA bundle (tens of ms)."""
+    return httpx.create_ssl_context()
 
 
 @dataclass(slots=True)
@@ -51,6 +59,7 @@ class Adapter:
             timeout=httpx.Timeout(provider.timeout_s, connect=provider.connect_timeout_s),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             transport=transport,
+            verify=tls_context(),
         )
 
     def __repr__(self) -> str:
@@ -212,6 +221,60 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str | None, 
         data.append((value[1:] if value.startswith(b" ") else value).decode())
     if data:
         yield event, "\n".join(data)
+
+
+class StreamAssembler:
+    """Joins a stream's chunks into the `ChatResponse` its non-streamed twin would be.
+
+    Tool-call pieces join by index; usage and extras are the last ones sent.
+    """
+
+    __slots__ = ("provider", "model", "content", "reasoning", "calls", "finish_reason", "usage", "extra")
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.extra: dict[str, Any] | None = None
+
+    def add(self, chunk: ChatChunk) -> None:
+        if chunk.content:
+            self.content.append(chunk.content)
+        if chunk.reasoning:
+            self.reasoning.append(chunk.reasoning)
+        for delta in chunk.tool_calls or ():
+            call = self.calls.get(delta.index)
+            if call is None:
+                call = {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+                self.calls[delta.index] = call
+            if delta.id:
+                call["id"] = delta.id
+            if delta.name:
+                call["function"]["name"] += delta.name
+            call["function"]["arguments"] += delta.arguments
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if chunk.extra:
+            self.extra = {**(self.extra or {}), **chunk.extra}
+
+    def response(self) -> ChatResponse:
+        calls = [self.calls[i] for i in sorted(self.calls)] or None
+        return ChatResponse(
+            provider=self.provider,
+            model=self.model,
+            content="".join(self.content) if self.content or not calls else None,
+            reasoning="".join(self.reasoning) or None,
+            tool_calls=calls,
+            finish_reason=self.finish_reason or ("tool_calls" if calls else "stop"),
+            usage=self.usage if self.usage is not None else Usage(),
+            extra=self.extra,
+        )
 
 
 def retry_after_seconds(headers: httpx.Headers, body_hint: float | None = None) -> float | None:

@@ -14,10 +14,10 @@ import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..core.catalog import Catalog, ModelSpec
 
@@ -37,6 +37,7 @@ class Fault(BaseModel):
     retry_after_s: float | None = Field(default=None, ge=0)
     after_tokens: int = Field(default=0, ge=0)  # disconnect / malformed / timeout mid-stream after N tokens
     count: int | None = Field(default=None, ge=1)  # fire at most this many times, then retire
+    _fired: int = PrivateAttr(default=0)
 
     def matches(self, provider: str, model: str) -> bool:
         return self.provider in ("*", provider) and self.model in (None, model)
@@ -120,7 +121,6 @@ class SimState:
         self.streams = StreamStats()
         self.started = time.time()
         self._rng = random.Random(seed)
-        self._fired: Counter[int] = Counter()
 
     # --- faults and stats ---------------------------------------------------
 
@@ -133,9 +133,8 @@ class SimState:
     def fault_for(self, provider: str, model: str) -> Fault | None:
         for fault in self.faults:
             if fault.matches(provider, model) and self._rng.random() < fault.probability:
-                key = id(fault)
-                self._fired[key] += 1
-                if fault.count is not None and self._fired[key] >= fault.count:
+                fault._fired += 1
+                if fault.count is not None and fault._fired >= fault.count:
                     self.faults.remove(fault)
                 return fault
         return None

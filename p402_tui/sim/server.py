@@ -185,7 +185,11 @@ async def start_sim(
     speed: float = 1.0,
 ) -> RunningSim:
     """Serve the simulator as a task in the running loop (port 0 picks a free one)."""
+    from ..core.tokens import warm
+
     logging.getLogger("uvicorn.error").addFilter(_quiet)
+    # Load the tokenizers before serving so the first answer is as quick as the rest.
+    await warm([None, "openai/gpt-4o"])  # cl100k_base and o200k_base
     state = SimState(catalog, seed=seed, latency=latency, speed=speed)
     sock = _free_socket(host, port)
     config = uvicorn.Config(

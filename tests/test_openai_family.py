@@ -1,0 +1,611 @@
+"""The OpenAI-compatible adapter against the real simulator, for all nine providers of the family."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import replace
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from p402_tui.core import errors
+from p402_tui.core.config import ConfigFile, Settings
+from p402_tui.core.costs import call_cost
+from p402_tui.core.tokens import count_messages
+from p402_tui.core.types import ChatRequest
+from p402_tui.providers.base import StreamAssembler, make_adapter, tls_context
+from p402_tui.providers.openai_compat import OpenAICompatAdapter
+from p402_tui.sim.server import start_sim
+
+MODELS = {
+    "openai": "gpt-4o-mini",
+    "groq": "llama-3.3-70b-versatile",
+    "deepseek": "deepseek-chat",
+    "mistral": "mistral-small-latest",
+    "together": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+    "fireworks": "accounts/fireworks/models/llama-v3p1-405b-instruct",
+    "openrouter": "openai/gpt-4o",
+    "perplexity": "sonar",
+    "ai21": "jamba-mini-1.7",
+}
+PROVIDERS = list(MODELS)
+KEY = "sk-test-0123456789abcdef"
+LOCAL_URL = "http://localhost:11434/v1"  # where an Ollama server would be; the test serves it from the simulator
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather by city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def ask(text: str = "Say something about routers.", **fields) -> ChatRequest:
+    return ChatRequest(messages=[{"role": "user", "content": text}], **fields)
+
+
+@pytest.fixture
+async def adapters(fresh_sim_settings):
+    """Build adapters for the simulator (closed after the test); changes apply to the provider settings."""
+    made: list[OpenAICompatAdapter] = []
+
+    def build(pid: str, **changes) -> OpenAICompatAdapter:
+        provider = replace(fresh_sim_settings.providers[pid], api_key=SecretStr(KEY), **changes)
+        adapter = make_adapter(provider)
+        made.append(adapter)
+        return adapter
+
+    yield build
+    for adapter in made:
+        await adapter.aclose()
+
+
+@pytest.fixture
+async def control(fresh_sim):
+    async with httpx.AsyncClient(base_url=fresh_sim.url, verify=tls_context()) as client:
+
+        async def fault(**body) -> None:
+            response = await client.post("/_sim/faults", json=body)
+            assert response.status_code == 201, response.text
+
+        yield fault
+
+
+async def raw_answer(sim, catalog, adapter: OpenAICompatAdapter, request: ChatRequest, model: str, *, stream: bool):
+    """What the simulator sends for the adapter's own request body, read without our parser."""
+    spec = catalog.providers[adapter.id]
+    body = adapter.payload(request, model, stream=stream)
+    url = f"{sim.url}/{adapter.id}{spec.base_path}/chat/completions"
+    async with httpx.AsyncClient(verify=tls_context()) as client:
+        response = await client.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200, response.text
+    if not stream:
+        data = response.json()
+        return data["choices"][0]["message"].get("content"), data["usage"]
+    content, usage = [], None
+    for line in response.text.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        for choice in event.get("choices", []):
+            content.append(choice["delta"].get("content") or "")
+        usage = event.get("usage") or (event.get("x_groq") or {}).get("usage") or usage
+    return "".join(content), usage
+
+
+def priced(spec, usage: dict) -> float:
+    """The catalog's price math, written out: fresh input, cached input, output."""
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    cached_rate = spec.cached_input_per_1m if spec.cached_input_per_1m is not None else spec.input_per_1m
+    fresh = usage["prompt_tokens"] - cached
+    return (fresh * spec.input_per_1m + cached * cached_rate + usage["completion_tokens"] * spec.output_per_1m) / 1e6
+
+
+async def collect(adapter, request, model=None) -> tuple[list, object]:
+    chunks = [chunk async for chunk in adapter.stream(request, model=model)]
+    assembler = StreamAssembler(adapter.id, model or "")
+    for chunk in chunks:
+        assembler.add(chunk)
+    return chunks, assembler.response()
+
+
+# --- answers, usage and cost -------------------------------------------------------
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_complete_reports_the_usage_the_simulator_sent(pid, fresh_sim, catalog, adapters):
+    adapter = adapters(pid)
+    request = ask(max_tokens=200)
+    response = await adapter.complete(request, model=MODELS[pid])
+    content, usage = await raw_answer(fresh_sim, catalog, adapter, request, MODELS[pid], stream=False)
+    assert response.content == content and content
+    assert response.usage.prompt_tokens == usage["prompt_tokens"] > 0
+    assert response.usage.completion_tokens == usage["completion_tokens"] > 0
+    spec = catalog.models[f"{pid}/{MODELS[pid]}"]
+    assert math.isclose(call_cost(spec, response.usage), priced(spec, usage), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_stream_reports_the_usage_the_simulator_sent(pid, fresh_sim, catalog, adapters):
+    adapter = adapters(pid)
+    request = ask(max_tokens=200)
+    chunks, response = await collect(adapter, request, MODELS[pid])
+    content, usage = await raw_answer(fresh_sim, catalog, adapter, request, MODELS[pid], stream=True)
+    assert response.content == content and content
+    assert [c.usage for c in chunks if c.usage is not None] == [response.usage]  # usage exactly once
+    assert response.usage.prompt_tokens == usage["prompt_tokens"]
+    assert response.usage.completion_tokens == usage["completion_tokens"]
+    assert chunks[0].role == "assistant"
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_streamed_and_plain_twins_are_billed_the_same(pid, catalog, adapters):
+    adapter = adapters(pid)
+    spec = catalog.models[f"{pid}/{MODELS[pid]}"]
+    request = ask("Twins cost the same, right?", max_tokens=120)
+    plain = await adapter.complete(request, model=MODELS[pid])
+    _, streamed = await collect(adapter, request, MODELS[pid])
+    assert streamed.usage == plain.usage
+    assert streamed.content == plain.content
+    assert streamed.finish_reason == plain.finish_reason
+    assert call_cost(spec, streamed.usage) == call_cost(spec, plain.usage) > 0
+
+
+async def test_model_prefix_in_the_request_is_ours_not_the_providers(adapters):
+    adapter = adapters("openrouter")
+    response = await adapter.complete(ask(model="openrouter/anthropic/claude-sonnet-4.5", max_tokens=20))
+    assert response.model == "anthropic/claude-sonnet-4.5"
+
+
+async def test_image_parts_reach_the_provider(adapters):
+    adapter = adapters("openai")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+            ],
+        }
+    ]
+    response = await adapter.complete(ChatRequest(messages=messages), model="gpt-4o")
+    # The simulator counts a low-detail image as 85 prompt tokens, so the part arrived intact.
+    assert response.usage.prompt_tokens == count_messages(messages, "openai/gpt-4o").tokens
+    text_only = await adapter.complete(ask("What is this?"), model="gpt-4o")
+    assert response.usage.prompt_tokens - text_only.usage.prompt_tokens == 85
+
+
+async def test_cached_prompt_tokens_are_reported_and_priced_at_the_cached_rate(adapters, catalog):
+    adapter = adapters("openai")
+    spec = catalog.models["openai/gpt-4o-mini"]
+    request = ask("Context. " * 700, max_tokens=30)
+    first = await adapter.complete(request, model="gpt-4o-mini")
+    second = await adapter.complete(request, model="gpt-4o-mini")
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens == second.usage.prompt_tokens // 128 * 128 > 1024
+    expected = (
+        (second.usage.prompt_tokens - second.usage.cached_tokens) * spec.input_per_1m
+        + second.usage.cached_tokens * spec.cached_input_per_1m
+        + second.usage.completion_tokens * spec.output_per_1m
+    ) / 1e6
+    assert math.isclose(call_cost(spec, second.usage), expected, rel_tol=1e-12)
+    assert call_cost(spec, second.usage) < call_cost(spec, first.usage)
+
+
+async def test_deepseek_prompt_cache_hits_count_as_cached(adapters):
+    adapter = adapters("deepseek")
+    request = ask("Context. " * 100, max_tokens=30)
+    await adapter.complete(request, model="deepseek-chat")
+    _, streamed = await collect(adapter, request, "deepseek-chat")
+    assert streamed.usage.cached_tokens == streamed.usage.prompt_tokens // 64 * 64 > 0
+
+
+# --- provider quirks ------------------------------------------------------------------
+
+
+async def test_deepseek_reasoning_content_both_ways(adapters):
+    adapter = adapters("deepseek")
+    request = ask("Think first.", max_tokens=300)
+    plain = await adapter.complete(request, model="deepseek-reasoner")
+    chunks, streamed = await collect(adapter, request, "deepseek-reasoner")
+    assert plain.reasoning and plain.content
+    assert streamed.reasoning == plain.reasoning and streamed.content == plain.content
+    assert plain.usage.reasoning_tokens > 0 and streamed.usage == plain.usage
+    first_content = next(i for i, c in enumerate(chunks) if c.content)
+    assert all(c.reasoning for c in chunks[:first_content])  # thinking streams before the answer
+
+
+async def test_perplexity_citations_and_search_results_are_kept(adapters):
+    adapter = adapters("perplexity")
+    plain = await adapter.complete(ask(), model="sonar")
+    _, streamed = await collect(adapter, ask(), "sonar")
+    assert plain.extra["citations"] and plain.extra["search_results"][0]["url"] == plain.extra["citations"][0]
+    assert streamed.extra == plain.extra
+    assert plain.to_openai()["citations"] == plain.extra["citations"]
+
+
+async def test_perplexity_tools_are_dropped_not_refused(adapters):
+    adapter = adapters("perplexity")
+    response = await adapter.complete(ask(tools=[WEATHER], tool_choice="auto"), model="sonar")
+    assert response.content and not response.tool_calls
+
+
+async def test_openrouter_attribution_headers(fresh_sim_settings, monkeypatch):
+    monkeypatch.setenv("OPENROUTER_REFERER", "https://p402.example")
+    adapter = make_adapter(fresh_sim_settings.providers["openrouter"])
+    try:
+        assert adapter.client.headers["HTTP-Referer"] == "https://p402.example"
+        assert adapter.client.headers["X-Title"] == "P402 Console"
+        assert (await adapter.complete(ask(max_tokens=10), model="openai/gpt-4o")).content
+    finally:
+        await adapter.aclose()
+
+
+async def test_reasoning_models_get_max_completion_tokens(adapters):
+    adapter = adapters("openai")
+    body = adapter.payload(ask(max_tokens=64), "o3", stream=False)
+    assert body["max_completion_tokens"] == 64 and "max_tokens" not in body
+    # The simulator refuses max_tokens for o3 as OpenAI does, so this only works because of the mapping.
+    response = await adapter.complete(ask(max_tokens=64), model="o3")
+    assert response.usage.completion_tokens <= 64 and response.usage.reasoning_tokens > 0
+    assert adapter.payload(ask(max_tokens=64), "gpt-4o", stream=False)["max_tokens"] == 64
+
+
+async def test_request_fields_and_extras_pass_through(adapters):
+    adapter = adapters("openai")
+    request = ChatRequest(
+        messages=[{"role": "user", "content": "hi"}], temperature=0.2, seed=7, stop=["END"], user="u-1"
+    )
+    body = adapter.payload(request, "gpt-4o-mini", stream=True)
+    assert body["temperature"] == 0.2 and body["seed"] == 7 and body["stop"] == ["END"] and body["user"] == "u-1"
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert "top_p" not in body and "tools" not in body  # unset fields are not sent
+
+
+async def test_mistral_dialect(adapters):
+    adapter = adapters("mistral")
+    body = adapter.payload(
+        ask(seed=3, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}),
+        "mistral-small-latest",
+        stream=True,
+    )
+    assert body["random_seed"] == 3 and "seed" not in body
+    assert body["tool_choice"] == "any" and "stream_options" not in body
+    response = await adapter.complete(
+        ask(tools=[WEATHER], tool_choice="required"), model="mistral-small-latest"
+    )
+    assert response.tool_calls[0]["function"]["name"] == "get_weather"
+
+
+# --- tools -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pid", [pid for pid in PROVIDERS if pid != "perplexity"])  # Sonar has no tools
+async def test_tool_calls_both_ways(pid, adapters):
+    adapter = adapters(pid)
+    request = ask("What is the weather in Paris?", tools=[WEATHER])
+    plain = await adapter.complete(request, model=MODELS[pid])
+    assert plain.finish_reason == "tool_calls"
+    call = plain.tool_calls[0]
+    assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
+    chunks, streamed = await collect(adapter, request, MODELS[pid])
+    assert streamed.tool_calls == plain.tool_calls and streamed.usage == plain.usage
+    if pid != "ai21":  # AI21 cannot stream with tools; the adapter replays the whole answer
+        assert sum(1 for c in chunks if c.tool_calls) > 2  # arguments arrived in pieces
+    follow_up = ChatRequest(
+        messages=[
+            *request.messages,
+            {"role": "assistant", "content": None, "tool_calls": plain.tool_calls},
+            {"role": "tool", "tool_call_id": call["id"], "content": '{"temp_c": 21}'},
+        ],
+        tools=[WEATHER],
+    )
+    answer = await adapter.complete(follow_up, model=MODELS[pid])
+    assert answer.content and not answer.tool_calls and answer.finish_reason == "stop"
+
+
+async def test_tool_choice_none_gets_text(adapters):
+    adapter = adapters("openai")
+    response = await adapter.complete(ask(tools=[WEATHER], tool_choice="none"), model="gpt-4o-mini")
+    assert response.content and not response.tool_calls
+
+
+# --- models, embeddings, health ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_list_models_and_health(pid, adapters, catalog):
+    adapter = adapters(pid)
+    assert set(await adapter.list_models()) == {m.model for m in catalog.models_of(pid)}
+    health = await adapter.health_check()
+    assert health.ok and health.latency_ms > 0
+
+
+@pytest.mark.parametrize(
+    "pid,model,width",
+    [
+        ("openai", "text-embedding-3-small", 1536),
+        ("mistral", "mistral-embed", 1024),
+        ("together", "BAAI/bge-base-en-v1.5", 768),
+        ("fireworks", "nomic-ai/nomic-embed-text-v1.5", 768),
+        ("perplexity", "pplx-embed-v1-0.6b", 1024),
+    ],
+)
+async def test_embeddings(pid, model, width, adapters):
+    adapter = adapters(pid)
+    result = await adapter.embed(["a cat", "a dog", "a cat"], model=model)
+    assert [len(v) for v in result.vectors] == [width] * 3
+    assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-4) for v in result.vectors)
+    assert result.vectors[0] == result.vectors[2] != result.vectors[1]
+    assert result.prompt_tokens > 0
+
+
+async def test_no_embeddings_where_the_provider_has_none(adapters):
+    with pytest.raises(NotImplementedError):
+        await adapters("groq").embed(["x"], model="llama-3.3-70b-versatile")
+
+
+async def test_keyless_extra_provider(catalog):
+    """A configured OpenAI-compatible local server (Ollama, vLLM) needs no key."""
+    settings = Settings(
+        ConfigFile.model_validate(
+            {"providers": {"local": {"wire": "openai", "base_url": LOCAL_URL, "models": ["llama3.2"]}}}
+        ),
+        catalog,
+        env={},
+    )
+    running = await start_sim(settings.catalog, latency=False)
+    try:
+        local = replace(settings.providers["local"], base_url=f"{running.url}/local/v1")
+        assert local.usable and local.api_key is None
+        adapter = make_adapter(local)
+        try:
+            assert "authorization" not in adapter.client.headers
+            response = await adapter.complete(ask(model="local/llama3.2", max_tokens=30))
+            assert response.content and response.usage.completion_tokens > 0
+        finally:
+            await adapter.aclose()
+    finally:
+        await running.stop()
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_missing_key_is_an_authentication_error(pid, fresh_sim_settings):
+    adapter = make_adapter(replace(fresh_sim_settings.providers[pid], api_key=None))
+    try:
+        with pytest.raises(errors.AuthenticationError) as caught:
+            await adapter.complete(ask(), model=MODELS[pid])
+        assert caught.value.status == 401 and caught.value.message
+        assert not caught.value.retryable
+    finally:
+        await adapter.aclose()
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_unknown_model_is_model_not_found(pid, adapters):
+    adapter = adapters(pid)
+    with pytest.raises(errors.ModelNotFoundError):
+        await adapter.complete(ask(), model="no-such-model")
+    with pytest.raises(errors.ModelNotFoundError):
+        async for _ in adapter.stream(ask(), model="no-such-model"):
+            pass
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_context_length_exceeded(pid, adapters, catalog):
+    spec = min(
+        (m for m in catalog.models_of(pid) if "chat" in m.capabilities and not m.model.startswith(("o1", "o3", "o4"))),
+        key=lambda m: m.context_window,
+    )
+    adapter = adapters(pid)
+    with pytest.raises(errors.ContextLengthError) as caught:
+        await adapter.complete(ask(max_tokens=spec.context_window), model=spec.model)
+    assert caught.value.scope == "model" and caught.value.retryable
+
+
+async def test_bad_request_is_not_retryable(adapters, catalog):
+    adapter = adapters("openai")
+    too_long = catalog.models["openai/gpt-4o-mini"].max_output_tokens + 1
+    with pytest.raises(errors.BadRequestError) as caught:
+        await adapter.complete(ask(max_tokens=too_long), model="gpt-4o-mini")
+    assert type(caught.value) is errors.BadRequestError and not caught.value.retryable
+    assert "max_tokens is too large" in caught.value.message
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_server_error_faults(pid, adapters, fresh_sim):
+    adapter = adapters(pid)
+    async with httpx.AsyncClient(base_url=fresh_sim.url, verify=tls_context()) as control:
+        for status, kind in [(500, errors.ServerError), (502, errors.ServerError), (503, errors.ServerError),
+                             (529, errors.OverloadedError)]:
+            await control.delete("/_sim/faults")
+            await control.post("/_sim/faults", json={"provider": pid, "kind": "error", "status": status})
+            with pytest.raises(kind) as caught:
+                await adapter.complete(ask(), model=MODELS[pid])
+            assert caught.value.status == status and caught.value.retryable
+            assert (type(caught.value) is errors.OverloadedError) == (status == 529)
+            with pytest.raises(kind):
+                async for _ in adapter.stream(ask(), model=MODELS[pid]):
+                    pass
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_rate_limit_fault_carries_retry_after(pid, adapters, control):
+    await control(provider=pid, kind="rate_limit", retry_after_s=2.5)
+    adapter = adapters(pid)
+    with pytest.raises(errors.RateLimitError) as caught:
+        await adapter.complete(ask(), model=MODELS[pid])
+    assert caught.value.retry_after_s == 2.5 and caught.value.status == 429
+    with pytest.raises(errors.RateLimitError) as caught:
+        async for _ in adapter.stream(ask(), model=MODELS[pid]):
+            pass
+    assert caught.value.retry_after_s == 2.5
+
+
+@pytest.mark.parametrize("pid", ["openai", "deepseek", "openrouter", "ai21"])
+async def test_timeout_faults(pid, adapters, control):
+    await control(provider=pid, kind="timeout")
+    adapter = adapters(pid, timeout_s=0.3, first_token_timeout_s=0.3)
+    with pytest.raises(errors.TimeoutError) as caught:
+        await adapter.complete(ask(), model=MODELS[pid])
+    assert caught.value.phase == "read"
+    with pytest.raises(errors.TimeoutError) as caught:
+        async for _ in adapter.stream(ask(), model=MODELS[pid]):
+            pass
+    assert caught.value.phase == "first_token"
+
+
+async def test_a_stream_that_stalls_mid_answer_times_out(adapters, control):
+    await control(provider="openai", kind="timeout", after_tokens=3)
+    adapter = adapters("openai", timeout_s=0.3, first_token_timeout_s=5)
+    seen = []
+    with pytest.raises(errors.TimeoutError) as caught:
+        async for chunk in adapter.stream(ask(), model="gpt-4o-mini"):
+            seen.append(chunk.content)
+    assert caught.value.phase == "read" and len(seen) == 3
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_disconnect_faults(pid, adapters, control, fresh_sim):
+    await control(provider=pid, kind="disconnect", after_tokens=4)
+    adapter = adapters(pid)
+    seen = []
+    with pytest.raises(errors.StreamInterruptedError):
+        async for chunk in adapter.stream(ask(), model=MODELS[pid]):
+            seen.append(chunk.content)
+    assert len([s for s in seen if s]) == 4
+    with pytest.raises(errors.ConnectionLostError):
+        await adapter.complete(ask(), model=MODELS[pid])
+    assert fresh_sim.state.streams.broken == 1
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_malformed_faults(pid, adapters, control):
+    await control(provider=pid, kind="malformed", count=2)
+    adapter = adapters(pid)
+    with pytest.raises(errors.MalformedResponseError):
+        await adapter.complete(ask(), model=MODELS[pid])
+    with pytest.raises(errors.MalformedResponseError):  # garbage before any content
+        async for _ in adapter.stream(ask(), model=MODELS[pid]):
+            pass
+    await control(provider=pid, kind="malformed", after_tokens=5)
+    with pytest.raises(errors.StreamInterruptedError):  # garbage after content began
+        async for _ in adapter.stream(ask(), model=MODELS[pid]):
+            pass
+
+
+async def test_a_fault_for_one_model_spares_the_others(adapters, control):
+    await control(provider="openai", model="gpt-4o", kind="error", status=503)
+    adapter = adapters("openai")
+    assert (await adapter.complete(ask(max_tokens=10), model="gpt-4o-mini")).content
+    with pytest.raises(errors.ServerError):
+        await adapter.complete(ask(max_tokens=10), model="gpt-4o")
+
+
+async def test_connection_refused_is_connection_lost(fresh_sim_settings):
+    adapter = make_adapter(replace(fresh_sim_settings.providers["openai"], base_url="http://127.0.0.1:9/v1"))
+    try:
+        with pytest.raises(errors.ConnectionLostError):
+            await adapter.complete(ask(), model="gpt-4o-mini")
+    finally:
+        await adapter.aclose()
+
+
+@pytest.mark.parametrize(
+    "body,shape",
+    [
+        (b'{"error":{"message":"m1","type":"invalid_request_error","code":"context_length_exceeded"}}', "openai"),
+        (b'{"error":{"code":402,"message":"m2","metadata":{}}}', "openrouter"),
+        (b'{"detail":"m3"}', "fastapi"),
+        (b'{"detail":[{"msg":"m4","loc":["body"]}]}', "fastapi list"),
+        (b'{"object":"error","message":"m5","type":"rate_limited","code":"1300"}', "mistral"),
+        (b"<html>bad gateway</html>", "not json"),
+    ],
+)
+def test_error_bodies_of_every_shape(body, shape, fresh_sim_settings):
+    adapter = OpenAICompatAdapter(fresh_sim_settings.providers["openai"])
+    error = adapter.error_from_response(400, body, httpx.Headers(), "m")
+    assert error.message in {"m1", "m2", "m3", "m4", "m5", "<html>bad gateway</html>"}, shape
+    assert isinstance(error, errors.ContextLengthError) == (shape == "openai")
+
+
+def test_retry_wait_from_the_message_when_no_header(fresh_sim_settings):
+    adapter = OpenAICompatAdapter(fresh_sim_settings.providers["openai"])
+    body = b'{"error":{"message":"Rate limit reached. Please try again in 26.604s.","code":"rate_limit_exceeded"}}'
+    error = adapter.error_from_response(429, body, httpx.Headers(), "gpt-4o")
+    assert isinstance(error, errors.RateLimitError) and error.retry_after_s == 26.604
+
+
+async def test_keys_never_show(fresh_sim_settings):
+    secret = "sk-invalid-THE-SECRET-KEY-42"
+    adapter = make_adapter(replace(fresh_sim_settings.providers["openai"], api_key=SecretStr(secret)))
+    try:
+        # The simulator echoes a rejected key the way OpenAI's 401 does; we must not pass it on.
+        with pytest.raises(errors.AuthenticationError) as caught:
+            await adapter.complete(ask(), model="gpt-4o-mini")
+        texts = [str(caught.value), repr(caught.value), caught.value.message, json.dumps(caught.value.to_dict())]
+        texts += [repr(adapter), repr(adapter.provider), repr(adapter.client.headers), str(caught.value.body)]
+        assert caught.value.message.startswith("Incorrect API key provided: ***")
+        assert not any(secret in text for text in texts)
+    finally:
+        await adapter.aclose()
+
+
+# --- cancellation ------------------------------------------------------------------------------
+
+
+async def test_cancelled_stream_closes_upstream_at_once(catalog):
+    """Leaving a stream early closes the connection: the simulator sees the cancel while it is still pacing."""
+    running = await start_sim(catalog, latency=True, speed=4)
+    settings = Settings(ConfigFile(), catalog, env={}).point_at(running.url)
+    adapter = make_adapter(settings.providers["openai"])
+    try:
+        stream = adapter.stream(ask(), model="gpt-4o-mini")
+        got = []
+        async for chunk in stream:
+            got.append(chunk)
+            if len(got) == 2:
+                break
+        await stream.aclose()
+        for _ in range(100):
+            if running.state.streams.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        streams = running.state.streams
+        assert (streams.opened, streams.cancelled, streams.completed, streams.open_now) == (1, 1, 0, 0)
+    finally:
+        await adapter.aclose()
+        await running.stop()
+
+
+async def test_cancelling_the_consuming_task_closes_upstream(catalog):
+    running = await start_sim(catalog, latency=True, speed=4)
+    settings = Settings(ConfigFile(), catalog, env={}).point_at(running.url)
+    adapter = make_adapter(settings.providers["groq"])
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in adapter.stream(ask(), model=MODELS["groq"]):
+            started.set()
+
+    try:
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if running.state.streams.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert running.state.streams.cancelled == 1 and running.state.streams.open_now == 0
+    finally:
+        await adapter.aclose()
+        await running.stop()
