@@ -210,13 +210,19 @@ class Gateway:
                                       code="no_store")
         return self.store
 
+    async def _fresh_store(self) -> Any:
+        """The store with every queued write committed, so a reader sees the requests it just made."""
+        store = self._store()
+        await store.flush()
+        return store
+
     async def list_sessions(self, request: Request) -> Any:
         from ..store.sessions import list_sessions
 
         status = request.query_params.get("status")
         if status is not None and status not in SESSION_STATUSES:
             raise errors.GatewayError(400, f"status must be one of {', '.join(SESSION_STATUSES)}", param="status")
-        return json_response({"object": "list", "data": await list_sessions(self._store(), status=status)})
+        return json_response({"object": "list", "data": await list_sessions(await self._fresh_store(), status=status)})
 
     async def create_session(self, request: Request) -> Any:
         from ..store.sessions import create_session
@@ -227,7 +233,7 @@ class Gateway:
     async def get_session(self, request: Request) -> Any:
         from ..store.sessions import get_session
 
-        return json_response(await get_session(self._store(), request.path_params["session_id"]))
+        return json_response(await get_session(await self._fresh_store(), request.path_params["session_id"]))
 
     async def update_session(self, request: Request) -> Any:
         from ..store.sessions import update_session
@@ -243,6 +249,24 @@ class Gateway:
         await delete_session(self._store(), session_id)
         return json_response({"id": session_id, "deleted": True})
 
+    # --- analytics -----------------------------------------------------------------------------
+
+    async def spend(self, request: Request) -> Any:
+        from ..store.analytics import parse_period, spend
+
+        store = await self._fresh_store()
+        query = request.query_params
+        period = parse_period(query.get("period"), start=query.get("from"), end=query.get("to"))
+        return json_response(await spend(store, period, query.get("by") or "provider"))
+
+    async def recommendations(self, request: Request) -> Any:
+        from ..store.analytics import parse_period, recommendations
+
+        store = await self._fresh_store()
+        period = parse_period(request.query_params.get("period"))
+        data = await recommendations(store, self.orchestrator.catalog, period)
+        return json_response({"object": "list", "data": data})
+
     # --- decisions and live events -------------------------------------------------------------
 
     async def recent_decisions(self, request: Request) -> Any:
@@ -251,7 +275,8 @@ class Gateway:
         if self.store is not None:
             from ..store.queries import recent_decisions
 
-            return json_response({"object": "list", "data": await recent_decisions(self.store, limit=limit)})
+            data = await recent_decisions(await self._fresh_store(), limit=limit)
+            return json_response({"object": "list", "data": data})
         decisions = list(self.decisions)[-limit:]
         decisions.reverse()
         return json_response({"object": "list", "data": [d.to_dict() for d in decisions]})
@@ -309,6 +334,8 @@ class Gateway:
             route("/v1/models", self.models, "GET"),
             route("/api/v2/providers", self.providers, "GET"),
             route("/api/v2/providers", self.compare, "POST"),
+            route("/api/v2/analytics/spend", self.spend, "GET"),
+            route("/api/v2/analytics/recommendations", self.recommendations, "GET"),
             route("/api/v2/sessions", self.list_sessions, "GET"),
             route("/api/v2/sessions", self.create_session, "POST"),
             route("/api/v2/sessions/{session_id}", self.get_session, "GET"),

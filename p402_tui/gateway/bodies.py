@@ -103,7 +103,7 @@ class CompareBody(BaseModel):
 
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)
-    require: list[Capability] = Field(default_factory=list)
+    require: list[Capability] = Field(default_factory=lambda: ["chat"])  # embedding models price no answer
     max_tier: Tier | None = None
     top: int | None = Field(default=None, ge=1)
 

@@ -65,11 +65,10 @@ def p402_status(error: P402Error) -> int:
 
 
 def describe_attempts(error: AllAttemptsFailedError) -> str:
-    parts = []
-    for attempt in error.attempts:
-        where = f"{attempt.provider}/{attempt.model}"
-        parts.append(f"{where}: {attempt.error_kind or 'error'}: {attempt.error or ''}".rstrip(": "))
-    return "; ".join(parts)
+    """Each failed try in one line: `server_error 503 from groq/llama-3.3-70b: ...; timeout from ...`."""
+    failed = [a for a in error.attempts if a.error_kind is not None]
+    tries = "; ".join(a.error or f"{a.error_kind} from {a.provider}/{a.model}" for a in failed)
+    return f"all {len(failed)} upstream attempt(s) failed: {tries}"
 
 
 def from_p402_error(error: P402Error) -> Response:
@@ -77,7 +76,7 @@ def from_p402_error(error: P402Error) -> Response:
     message = str(error.message)
     param = None
     if isinstance(error, AllAttemptsFailedError) and error.attempts:
-        message = f"{message} ({describe_attempts(error)})"
+        message = describe_attempts(error)
     if error.kind == "model_not_found":
         param = "model"
     return error_response(status, message, param=param, code=error.kind)

@@ -63,6 +63,12 @@ def _schemas(*models: type[BaseModel]) -> dict[str, Any]:
 
 
 _AUTHED = [{"bearer": []}]
+_PERIOD = {
+    "name": "period",
+    "in": "query",
+    "description": "today, Nd (7d, 30d; the default), all, or FROM..TO local dates (YYYY-MM-DD)",
+    "schema": {"type": "string"},
+}
 _ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 _CHAT = {
@@ -200,15 +206,18 @@ def build_openapi() -> dict[str, Any]:
             "get": {
                 "summary": "Spend over a period, grouped",
                 "parameters": [
-                    {"name": "period", "in": "query", "schema": {"enum": ["today", "day", "week", "month", "all"]}},
-                    {"name": "by", "in": "query", "schema": {"enum": ["provider", "model", "day", "session", "tag"]}},
+                    _PERIOD,
+                    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
+                    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
+                    {"name": "by", "in": "query", "schema": {"enum": ["provider", "model", "session", "tag", "day"]}},
                 ],
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 503)},
             }
         },
         "/api/v2/analytics/recommendations": {
             "get": {
-                "summary": "Ways to spend less, from the ledger",
+                "summary": "Ways to spend less, from the ledger, biggest monthly saving first",
+                "parameters": [_PERIOD],
                 "responses": {"200": _json(_list_of({"type": "object"})), **_errors(401, 503)},
             }
         },

@@ -1,0 +1,500 @@
+"""The gateway against a real server on loopback, the real simulator behind it.
+
+The official OpenAI SDK is the client where the route is OpenAI's; httpx for
+P402's own /api/v2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from p402_tui.core.config import CacheConfig, ConfigFile, Settings
+from p402_tui.core.errors import ConfigError
+from p402_tui.runtime import Runtime
+from p402_tui.sim.engine import Fault
+from p402_tui.store.queries import create_key, revoke_key
+
+PINNED = "openai/gpt-4o-mini"
+HELLO = [{"role": "user", "content": "Say hello to the gateway."}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def settings_for(catalog, sim_url: str) -> Settings:
+    # The hashed embedder keeps the semantic cache on without loading a model.
+    return Settings(ConfigFile(cache=CacheConfig(embedder="hashed")), catalog, env={}).point_at(sim_url)
+
+
+@pytest.fixture
+async def runtime(sim, catalog, tmp_path):
+    async with Runtime.open(settings_for(catalog, sim.url), db_path=tmp_path / "p402.db") as rt:
+        yield rt
+
+
+@pytest.fixture
+async def gateway(runtime):
+    running = await runtime.serve_gateway("127.0.0.1", 0)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def http(gateway):
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+async def sdk(gateway):
+    client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused-without-gateway-keys", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def eventually(check, timeout: float = 3.0):
+    """Metrics are counted by a subscriber task: give it a moment."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(0.02)
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+# --- chat through the OpenAI SDK -----------------------------------------------------------
+
+
+async def test_sdk_chat_routes_and_reports_where_it_went(sdk):
+    completion = await sdk.chat.completions.create(model="auto", messages=HELLO)
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content
+    assert completion.usage.total_tokens > 0
+    p402 = completion.model_extra["p402"]
+    assert p402["provider"] and p402["model"] and p402["decision_id"]
+    assert p402["cost_usd"] > 0 and p402["cached"] is False
+
+
+async def test_sdk_chat_pins_a_model_and_resolves_a_bare_id(sdk):
+    pinned = await sdk.chat.completions.create(model=PINNED, messages=HELLO)
+    assert pinned.model_extra["p402"]["provider"] == "openai"
+    assert pinned.model == "gpt-4o-mini"
+    bare = await sdk.chat.completions.create(model="gpt-4o-mini", messages=HELLO, extra_headers={"cache-control": "no-cache"})
+    assert bare.model_extra["p402"]["provider"] == "openai"
+
+
+async def test_sdk_stream_with_usage(sdk):
+    stream = await sdk.chat.completions.create(
+        model=PINNED, messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishing] == ["stop"]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens > 0
+    assert last.model_extra["p402"]["provider"] == "openai"
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_stream_without_include_usage_sends_no_usage_chunk(sdk):
+    stream = await sdk.chat.completions.create(model=PINNED, messages=HELLO, stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+    assert chunks[-1].model_extra["p402"]["cost_usd"] > 0  # the finishing chunk carries P402's meta
+
+
+async def test_sdk_tool_call_round_trip(sdk):
+    first = await sdk.chat.completions.create(
+        model=PINNED, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER], tool_choice="required"
+    )
+    message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls"
+    call = message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert "city" in json.loads(call.function.arguments)
+    second = await sdk.chat.completions.create(
+        model=PINNED,
+        messages=[
+            {"role": "user", "content": "Weather in Oslo?"},
+            message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 4, "sky": "rain"}'},
+        ],
+        tools=[WEATHER],
+    )
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.content
+
+
+async def test_streamed_tool_call_deltas_pass_through(sdk):
+    stream = await sdk.chat.completions.create(
+        model=PINNED, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+        tool_choice="required", stream=True,
+    )
+    deltas = [tc async for chunk in stream if chunk.choices for tc in chunk.choices[0].delta.tool_calls or ()]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    assert json.loads("".join(d.function.arguments or "" for d in deltas))
+
+
+async def test_sdk_models_list_has_every_usable_model(sdk, runtime):
+    models = [model async for model in sdk.models.list()]
+    usable = {p.id for p in runtime.settings.usable_providers()}
+    expected = {m.id for m in runtime.settings.catalog.models.values() if m.provider in usable}
+    assert {m.id for m in models} == expected
+    assert all(m.object == "model" and m.owned_by == m.id.split("/")[0] and m.created > 0 for m in models)
+
+
+async def test_sdk_raises_its_own_typed_errors(sdk):
+    with pytest.raises(openai.BadRequestError) as bad:
+        await sdk.chat.completions.create(model=PINNED, messages=HELLO, temperature=5)
+    assert bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk.chat.completions.create(model="nowhere/no-such-model", messages=HELLO)
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as filtered:
+        await sdk.chat.completions.create(
+            model="auto", messages=HELLO, extra_body={"p402": {"require": ["embeddings", "vision"], "max_tier": "budget"}}
+        )
+    assert filtered.value.body["code"] == "no_eligible_model"
+
+
+async def test_sdk_authentication_error_when_keys_exist(gateway, runtime):
+    record, secret = await create_key(runtime.store, "ci")
+    anonymous = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="p402-not-a-key", max_retries=0)
+    keyed = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=secret, max_retries=0)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            await anonymous.chat.completions.create(model=PINNED, messages=HELLO)
+        with pytest.raises(openai.AuthenticationError):
+            await anonymous.models.list()
+        answer = await keyed.chat.completions.create(model=PINNED, messages=HELLO)
+        assert answer.choices[0].message.content
+    finally:
+        await anonymous.close()
+        await keyed.close()
+    async with httpx.AsyncClient(base_url=gateway.url) as http:
+        assert (await http.get("/health")).status_code == 200  # never needs a key
+        error = assert_openai_error(await http.get("/api/v2/providers"), 401, "missing_api_key")
+        assert "Bearer" in error["message"]
+        second, other_secret = await create_key(runtime.store, "second")
+        assert await revoke_key(runtime.store, record["id"])
+        gateway.gateway.auth.ttl_s = 0  # see the revocation now rather than after the remembered window
+        revoked = await http.get("/v1/models", headers={"authorization": f"Bearer {secret}"})
+        assert_openai_error(revoked, 401, "invalid_api_key")
+        assert (await http.get("/v1/models", headers={"authorization": f"Bearer {other_secret}"})).status_code == 200
+        assert await revoke_key(runtime.store, second["id"])
+        # No key left in force: on loopback the gateway is open again.
+        assert (await http.get("/v1/models")).status_code == 200
+
+
+# --- the p402 object and caching ----------------------------------------------------------------
+
+
+async def test_p402_options_steer_routing_and_are_not_sent_upstream(http, sim):
+    body = {
+        "messages": HELLO,
+        "p402": {"mode": "cost", "require": ["function_calling"], "exclude": ["openai"], "max_tier": "budget",
+                 "tag": "ci", "failover": {"enabled": False}},
+    }
+    response = await http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    p402 = response.json()["p402"]
+    assert p402["provider"] != "openai"
+    decision = (await http.get("/api/v2/decisions", params={"limit": 1})).json()["data"][0]
+    assert decision["id"] == p402["decision_id"]
+    assert decision["mode"] == "cost"
+    assert decision["options"]["exclude"] == ["openai"] and decision["options"]["failover"] is False
+
+
+async def test_p402_option_errors_name_the_param(http):
+    response = await http.post("/v1/chat/completions", json={"messages": HELLO, "p402": {"max_tier": "gold"}})
+    assert assert_openai_error(response, 400)["param"] == "p402.max_tier"
+    response = await http.post("/v1/chat/completions", json={"messages": HELLO, "p402": {"colour": "red"}})
+    assert assert_openai_error(response, 400)["param"] == "p402.colour"
+
+
+async def test_cache_control_no_cache_skips_the_cache(http):
+    body = {"model": PINNED, "messages": [{"role": "user", "content": "A question worth caching."}]}
+    first = (await http.post("/v1/chat/completions", json=body)).json()
+    assert first["p402"]["cached"] is False
+    again = await eventually(
+        lambda: _cached(http, body, {}), timeout=3.0
+    )  # the cache insert is queued, not awaited by the request
+    assert again
+    fresh = (await http.post("/v1/chat/completions", json=body, headers={"cache-control": "no-cache"})).json()
+    assert fresh["p402"]["cached"] is False
+
+
+async def _cached(http: httpx.AsyncClient, body: dict, headers: dict) -> bool:
+    response = await http.post("/v1/chat/completions", json=body, headers=headers)
+    return response.json()["p402"]["cached"]
+
+
+# --- error shapes -------------------------------------------------------------------------------
+
+
+async def test_invalid_json_and_body(http):
+    assert_openai_error(await http.post("/v1/chat/completions", content=b"{not json"), 400, "invalid_json")
+    error = assert_openai_error(await http.post("/v1/chat/completions", json={"messages": []}), 400)
+    assert error["param"] == "messages"
+    error = assert_openai_error(
+        await http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]}), 400
+    )
+    assert error["param"] == "messages[0].role"
+
+
+async def test_body_over_the_limit_is_413(http, runtime):
+    limit = runtime.settings.gateway.max_body_bytes
+    big = {"messages": [{"role": "user", "content": "x" * (limit + 1)}]}
+    assert_openai_error(await http.post("/v1/chat/completions", json=big), 413, "request_too_large")
+
+    async def chunked():  # no Content-Length: the limit holds while reading
+        for _ in range(limit // 65536 + 2):
+            yield b" " * 65536
+
+    assert_openai_error(await http.post("/v1/chat/completions", content=chunked()), 413, "request_too_large")
+
+
+async def test_unknown_routes_and_methods(http):
+    assert_openai_error(await http.get("/v1/nothing"), 404, "not_found")
+    assert_openai_error(await http.delete("/v1/models"), 405, "method_not_allowed")
+
+
+async def test_every_upstream_failing_is_502_listing_the_attempts(http, sim):
+    sim.state.add_fault(Fault(provider="*", kind="error", status=503))
+    response = await http.post("/v1/chat/completions", json={"messages": HELLO, "p402": {"failover": {"max_retries": 1}}})
+    error = assert_openai_error(response, 502, "upstream_failed")
+    assert error["message"].startswith("all 2 upstream attempt(s) failed: server_error 503 from ")
+    assert error["message"].count("server_error 503 from ") == 2  # the first choice and one retry, each named
+
+
+async def test_budget_exceeded_is_402(http):
+    session = (await http.post("/api/v2/sessions", json={"name": "tiny", "budget_usd": 0.0})).json()
+    response = await http.post("/v1/chat/completions", json={"messages": HELLO, "p402": {"session_id": session["id"]}})
+    error = assert_openai_error(response, 402, "budget_exceeded")
+    assert session["id"] in error["message"]
+
+
+async def test_mid_stream_failure_sends_an_error_chunk_then_done(http, sim):
+    sim.state.add_fault(Fault(provider="openai", kind="disconnect", after_tokens=3))
+    body = {"model": PINNED, "messages": HELLO, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = [line async for line in response.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])["error"]
+    assert error["code"] == "stream_interrupted" and error["message"]
+    assert any('"content"' in line for line in lines[:-2])  # the tokens before the break arrived
+
+
+async def test_a_stream_failing_before_content_is_a_plain_http_error(http, sim):
+    sim.state.add_fault(Fault(provider="*", kind="error", status=500))
+    body = {"model": PINNED, "messages": HELLO, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        await response.aread()
+    assert_openai_error(response, 502, "upstream_failed")
+
+
+# --- streams end when the client goes ---------------------------------------------------------------
+
+
+async def test_client_disconnect_cancels_the_upstream_stream(http, sim):
+    # The answer stalls after two tokens, as a slow model would: only the client's leaving can end it.
+    sim.state.add_fault(Fault(provider="openai", kind="timeout", after_tokens=2))
+    body = {"model": PINNED, "messages": HELLO, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if '"content"' in line:
+                break  # leave after the first token
+    stats = sim.state.streams
+    assert await eventually(_async(lambda: stats.cancelled == 1 and stats.open_now == 0), timeout=5)
+
+
+def _async(check):
+    async def run():
+        return check()
+
+    return run
+
+
+# --- /api/v2 ----------------------------------------------------------------------------------------
+
+
+async def test_providers_with_models_usability_and_health(http, sdk):
+    await sdk.chat.completions.create(model=PINNED, messages=HELLO)
+    data = (await http.get("/api/v2/providers")).json()["data"]
+    by_id = {p["id"]: p for p in data}
+    assert len(by_id) == 12 and all(p["usable"] for p in data)
+    openai_entry = by_id["openai"]
+    assert any(m["id"] == PINNED for m in openai_entry["models"])
+    assert openai_entry["health"]["status"] == "healthy"
+    assert openai_entry["health"]["requests"] >= 1
+
+
+async def test_provider_cost_comparison(http):
+    response = await http.post(
+        "/api/v2/providers", json={"input_tokens": 1000, "output_tokens": 500, "require": ["vision"], "top": 3}
+    )
+    rows = response.json()["data"]
+    assert len(rows) == 3
+    costs = [r["cost_usd"] for r in rows]
+    assert costs == sorted(costs)
+    assert_openai_error(await http.post("/api/v2/providers", json={"input_tokens": -1, "output_tokens": 1}), 400)
+    error = assert_openai_error(
+        await http.post("/api/v2/providers", json={"input_tokens": 1, "output_tokens": 1, "require": ["telepathy"]}), 400
+    )
+    assert error["param"] == "require[0]"
+
+
+async def test_spend_and_recommendations(http, sdk):
+    for _ in range(3):
+        await sdk.chat.completions.create(model=PINNED, messages=HELLO, extra_headers={"cache-control": "no-cache"})
+    spend = (await http.get("/api/v2/analytics/spend", params={"period": "today", "by": "model"})).json()
+    assert spend["requests"] == 3 and spend["total_usd"] > 0
+    assert spend["breakdown"][0]["key"] == PINNED
+    assert_openai_error(await http.get("/api/v2/analytics/spend", params={"period": "fortnight"}), 400)
+    assert_openai_error(await http.get("/api/v2/analytics/spend", params={"by": "colour"}), 400)
+    recommendations = (await http.get("/api/v2/analytics/recommendations")).json()
+    assert recommendations["object"] == "list"
+    assert all({"kind", "title", "monthly_saving_usd"} <= set(r) for r in recommendations["data"])
+
+
+async def test_sessions_crud(http):
+    created = await http.post(
+        "/api/v2/sessions", json={"name": "agent-1", "budget_usd": 1.5, "agent": "coder", "metadata": {"repo": "p402"}}
+    )
+    assert created.status_code == 201
+    session = created.json()
+    assert {"id", "name", "budget_usd", "spent_usd", "requests", "status", "agent", "metadata"} <= set(session)
+    assert session["status"] == "active" and session["spent_usd"] == 0 and session["requests"] == 0
+    sid = session["id"]
+    answer = await http.post("/v1/chat/completions", json={"model": PINNED, "messages": HELLO, "p402": {"session_id": sid}})
+    assert answer.status_code == 200
+    fetched = (await http.get(f"/api/v2/sessions/{sid}")).json()
+    assert fetched["requests"] == 1 and fetched["spent_usd"] == pytest.approx(answer.json()["p402"]["cost_usd"])
+    patched = (await http.patch(f"/api/v2/sessions/{sid}", json={"status": "paused", "budget_usd": None})).json()
+    assert patched["status"] == "paused" and patched["budget_usd"] is None and patched["name"] == "agent-1"
+    listed = (await http.get("/api/v2/sessions", params={"status": "paused"})).json()["data"]
+    assert [s["id"] for s in listed] == [sid]
+    assert (await http.delete(f"/api/v2/sessions/{sid}")).json() == {"id": sid, "deleted": True}
+    assert_openai_error(await http.get(f"/api/v2/sessions/{sid}"), 404, "session_not_found")
+    assert_openai_error(await http.patch("/api/v2/sessions/ses-nope", json={"name": "x"}), 404)
+    assert_openai_error(await http.delete("/api/v2/sessions/ses-nope"), 404)
+    assert_openai_error(await http.post("/api/v2/sessions", json={"budget_usd": 1}), 400)
+    assert_openai_error(await http.patch(f"/api/v2/sessions/{sid}", json={"status": "sleeping"}), 400)
+
+
+async def test_decisions_are_newest_first_with_candidates(http, sdk):
+    first = await sdk.chat.completions.create(model="auto", messages=HELLO)
+    second = await sdk.chat.completions.create(model="auto", messages=HELLO, extra_headers={"cache-control": "no-cache"})
+    data = (await http.get("/api/v2/decisions", params={"limit": 2})).json()["data"]
+    assert [d["id"] for d in data] == [second.model_extra["p402"]["decision_id"], first.model_extra["p402"]["decision_id"]]
+    candidate = data[0]["candidates"][0]
+    assert {"id", "score", "components", "est_cost_usd"} <= set(candidate)
+    assert_openai_error(await http.get("/api/v2/decisions", params={"limit": "many"}), 400)
+
+
+async def test_events_deliver_a_decision_made_after_subscribing(gateway, http):
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as listener:
+        async with listener.stream("GET", "/api/v2/events") as events:
+            assert events.headers["content-type"].startswith("text/event-stream")
+            lines = events.aiter_lines()
+            assert (await anext(lines)).startswith(":")  # subscribed
+            answer = await http.post("/v1/chat/completions", json={"model": PINNED, "messages": HELLO})
+            decision_id = answer.json()["p402"]["decision_id"]
+            kinds: list[str] = []
+            async with asyncio.timeout(5):
+                async for line in lines:
+                    if line.startswith("event: "):
+                        kinds.append(line[len("event: "):])
+                    elif line.startswith("data: ") and kinds[-1] == "route_decided":
+                        assert json.loads(line[len("data: "):])["decision"]["id"] == decision_id
+                        break
+    assert "route_decided" in kinds
+    assert gateway.gateway.bus.subscribers == 3  # metrics, decisions ring, the store's: the listener's is gone
+
+
+async def test_events_heartbeat_and_filter(runtime):
+    from p402_tui.gateway.app import Gateway
+    from p402_tui.gateway.server import start_gateway
+
+    gateway = Gateway(runtime.orchestrator, settings=runtime.settings, heartbeat_s=0.05)
+    running = await start_gateway(gateway, "127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=running.url, timeout=5) as http:
+            async with http.stream("GET", "/api/v2/events", params={"kinds": "health_changed"}) as events:
+                lines = events.aiter_lines()
+                seen = [await anext(lines) for _ in range(4)]
+        assert seen[0] == ": subscribed"
+        assert ": keep-alive" in seen
+    finally:
+        await running.stop()
+
+
+# --- operations ---------------------------------------------------------------------------------
+
+
+async def test_health_metrics_and_openapi(http, sdk):
+    health = (await http.get("/health")).json()
+    assert health["status"] == "ok" and health["providers_usable"] == 12
+    await sdk.chat.completions.create(model=PINNED, messages=HELLO)
+    stream = await sdk.chat.completions.create(
+        model=PINNED, messages=HELLO, stream=True, extra_headers={"cache-control": "no-cache"}
+    )
+    async for _ in stream:
+        pass
+
+    async def counted() -> str | None:
+        text = (await http.get("/metrics")).text
+        return text if 'p402_requests_total{provider="openai",model="gpt-4o-mini",status="ok"} 2' in text else None
+
+    text = await eventually(counted)
+    assert text, (await http.get("/metrics")).text
+    for name in ("p402_tokens_total", "p402_cost_usd_total", "p402_request_latency_seconds_bucket",
+                 "p402_ttft_seconds_count", "p402_errors_total", "p402_cache_hits_total"):
+        assert name in text
+    assert 'p402_ttft_seconds_count{provider="openai",model="gpt-4o-mini"} 1' in text
+    document = (await http.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    paths = set(document["paths"])
+    assert {
+        "/v1/chat/completions", "/api/v2/chat/completions", "/v1/models", "/api/v2/providers",
+        "/api/v2/analytics/spend", "/api/v2/analytics/recommendations", "/api/v2/sessions",
+        "/api/v2/sessions/{session_id}", "/api/v2/decisions", "/api/v2/events", "/health", "/metrics",
+        "/openapi.json",
+    } == paths
+    assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]
+
+
+async def test_api_v2_chat_is_the_same_route(http):
+    response = await http.post("/api/v2/chat/completions", json={"model": PINNED, "messages": HELLO})
+    assert response.json()["object"] == "chat.completion"
+
+
+async def test_refuses_a_non_loopback_address_without_keys(runtime):
+    with pytest.raises(ConfigError, match="without gateway keys"):
+        await runtime.serve_gateway("0.0.0.0", 0)
