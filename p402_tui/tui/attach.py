@@ -11,7 +11,7 @@ The link reconnects by itself with a growing backoff and says how it is doing
 (`AttachClient.link`), which the header shows. Attached, the console only
 watches: it sends chat and compare prompts like any other client.
 
-No Textual here: the client is plain asyncio + httpx, tested on its own.
+The client and the source are plain asyncio + httpx (no Textual), tested on their own.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from ..core.events import (
     RequestCompleted,
     RouteDecided,
     SpendUpdated,
+    Subscription,
 )
 from ..core.hooks import CallContext, RequestRecord, RouteOptions
 from ..core.router import Candidate, Excluded, RouteDecision
@@ -518,3 +519,186 @@ def _network_message(exc: BaseException) -> str:
         return "cannot connect to the gateway"
     text = str(exc).strip()
     return f"link error: {text}" if text else f"link error: {type(exc).__name__}"
+
+
+# --- the console's source and chat link on a gateway -------------------------------------------
+
+
+class RemoteLink:
+    """Chat and compare through the gateway: its `/v1/chat/completions` and its sessions API.
+
+    The gateway's store files each answered request's messages under its session, as
+    in-process; a gateway without a store answers 503 and the screens keep to memory.
+    """
+
+    def __init__(self, client: AttachClient) -> None:
+        self.client = client
+        self.where = client.url
+        self.persistent = True  # until the gateway says it has no store
+
+    async def models(self) -> list[str]:
+        providers = await self.client.providers()
+        return [
+            m["id"]
+            for p in providers
+            if p.get("usable")
+            for m in p.get("models") or ()
+            if "chat" in (m.get("capabilities") or ())
+        ]
+
+    def default_mode(self) -> str:
+        return "balanced"  # the gateway's own default is not on its API; the picker shows what is sent
+
+    def stream(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> RemoteChatStream:
+        return self.client.stream(request, options, ctx)
+
+    async def create_session(self, name: str, metadata: dict[str, Any]) -> str | None:
+        try:
+            created = await self.client.send_json("POST", "/api/v2/sessions",
+                                                  {"name": name, "agent": "console", "metadata": metadata})
+        except GatewayError as error:
+            if error.status == 503:
+                self.persistent = False
+                return None
+            raise
+        return created["id"]
+
+    async def set_metadata(self, session_id: str, metadata: dict[str, Any]) -> None:
+        await self.client.send_json("PATCH", f"/api/v2/sessions/{session_id}", {"metadata": metadata})
+
+
+class RemoteSource:
+    """`ConsoleSource` on a gateway: the attached event stream, and snapshots polled from `/api/v2`.
+
+    `health()` and `providers()` must answer at once (the app calls them on every
+    refresh), so a task keeps them fresh every `poll_s`; the last good snapshot stays
+    on screen while the link is down.
+    """
+
+    simulated = False
+
+    def __init__(self, client: AttachClient, *, poll_s: float = 2.0) -> None:
+        self.client = client
+        self.chat_link = RemoteLink(client)
+        self.poll_s = poll_s
+        self.on_change: Callable[[], None] | None = None  # the app's status line, told of link changes
+        self._health: dict[str, dict[str, Any]] = {}
+        self._providers: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+        client.watch(lambda _link: self._changed())
+
+    @property
+    def label(self) -> str:
+        return self.client.link.describe()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    async def start(self) -> None:
+        self.client.start()
+        self._task = asyncio.create_task(self._poll(), name="p402-attach-poll")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.aclose()
+
+    async def _poll(self) -> None:
+        polled = 0.0
+        while True:
+            if self.client.link.state == "down":
+                self._changed()  # the countdown to the next retry
+            elif time.monotonic() - polled >= self.poll_s:
+                polled = time.monotonic()
+                try:
+                    providers = await self.client.providers()
+                except GatewayError:
+                    pass  # the event stream's own retry says the link is down
+                else:
+                    usable = [p for p in providers if p.get("usable")]
+                    self._providers = [p["id"] for p in usable]
+                    self._health = {p["id"]: p["health"] for p in usable if p.get("health")}
+            await asyncio.sleep(1.0)
+
+    def subscribe(self) -> Subscription:
+        from .source import SUBSCRIPTION_SIZE
+
+        return self.client.bus.subscribe(maxsize=SUBSCRIPTION_SIZE)
+
+    def providers(self) -> list[str]:
+        return list(self._providers)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        return self._health
+
+    async def summary(self) -> Any:
+        from .state import SpendSummary
+
+        try:
+            today = await self.client.spend("today")
+            week = await self.client.spend("7d")
+            month = await self.client.spend("30d", by="model")
+        except GatewayError as error:
+            if error.status == 503:
+                return None  # no ledger there: the console keeps its own tally of what it sees
+            raise
+        top = sorted(month["breakdown"], key=lambda r: (-r["cost_usd"], r["key"]))[:5]
+        return SpendSummary(
+            today_usd=today["total_usd"],
+            week_usd=week["total_usd"],
+            month_usd=month["total_usd"],
+            requests_today=today["requests"],
+            saved_usd=month.get("saved_usd", 0.0),
+            cache_hits=month.get("cached", 0),
+            top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
+        )
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        return await self.client.sessions()
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        """The session; its requests and messages are not on the gateway's API, so those lists stay empty."""
+        session = await self.client.get_json(f"/api/v2/sessions/{session_id}")
+        return {"session": session, "requests": [], "messages": []}
+
+    async def decision(self, decision_id: str) -> dict[str, Any] | None:
+        known = self.client.decisions.get(decision_id)
+        if known is not None:
+            return known.to_dict()
+        for data in await self.client.recent_decisions(limit=RECENT_DECISIONS):
+            if data.get("id") == decision_id:
+                return data
+        return None
+
+
+def run_attached(url: str, key: str | None, refresh: float) -> int:
+    """`p402 console --attach URL`: the console on a running gateway until the user quits."""
+    from contextlib import asynccontextmanager
+
+    from .app import ConsoleApp
+    from .launch import run_app
+
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise P402Error(f"--attach wants the gateway's address, like http://127.0.0.1:4020, not {url!r}")
+    app = ConsoleApp(refresh_interval=refresh)
+
+    def status_changed() -> None:
+        update = getattr(app.screen, "update_status", None) if app.is_running else None
+        if update is not None:
+            update()
+
+    @asynccontextmanager
+    async def open_source() -> AsyncIterator[RemoteSource]:
+        source = RemoteSource(AttachClient(url, key))
+        source.on_change = status_changed
+        await source.start()
+        try:
+            yield source
+        finally:
+            await source.aclose()
+
+    asyncio.run(run_app(app, open_source))
+    return app.return_code or 0

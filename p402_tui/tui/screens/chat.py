@@ -66,7 +66,7 @@ class AnswerStream(Protocol):
 
 class ChatLink(Protocol):
     where: str  # "in-process" or the gateway URL
-    persistent: bool  # False: sessions and their messages live only in this console
+    persistent: bool  # False: no store behind it, so nothing outlives this console
 
     async def models(self) -> list[str]: ...
 
@@ -74,16 +74,18 @@ class ChatLink(Protocol):
 
     def stream(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> AnswerStream: ...
 
-    async def create_session(self, name: str, metadata: dict[str, Any]) -> str | None: ...
-
-    async def add_message(self, session_id: str, role: str, content: str, model: str | None,
-                          request_id: str | None) -> None: ...
+    async def create_session(self, name: str, metadata: dict[str, Any]) -> str | None:
+        """The new session's id; None when it turns out there is no store to keep it."""
 
     async def set_metadata(self, session_id: str, metadata: dict[str, Any]) -> None: ...
 
 
 class LocalLink:
-    """Prompts go to the orchestrator in this process; sessions to its store, when there is one."""
+    """Prompts go to the orchestrator in this process; sessions to its store, when there is one.
+
+    The store's hooks write each answered request's messages to its session, so the
+    link only creates the session and keeps its metadata.
+    """
 
     where = "in-process"
 
@@ -96,7 +98,7 @@ class LocalLink:
         return self.store is not None
 
     async def models(self) -> list[str]:
-        return [m.id for m in self.orchestrator.router.usable_models()]
+        return [m.id for m in self.orchestrator.router.usable_models() if "chat" in m.capabilities]
 
     def default_mode(self) -> str:
         return self.orchestrator.router.config.mode
@@ -110,12 +112,6 @@ class LocalLink:
         from ...store.sessions import create_session
 
         return (await create_session(self.store, name=name, agent="console", metadata=metadata))["id"]
-
-    async def add_message(self, session_id: str, role: str, content: str, model: str | None,
-                          request_id: str | None) -> None:
-        from ...store.sessions import INSERT_MESSAGE
-
-        await self.store.run(INSERT_MESSAGE, (session_id, role, content, model, request_id, time.time()))
 
     async def set_metadata(self, session_id: str, metadata: dict[str, Any]) -> None:
         from ...store.sessions import update_session
@@ -144,36 +140,33 @@ def chat_link(source: Any) -> ChatLink | None:
 
 
 class SessionLog:
-    """The session behind a chat or a comparison: created with the first message, in memory without a store."""
+    """The agent session behind a chat or a comparison, created with the first message.
+
+    Answered requests carry its id, so the store files their messages under it and
+    charges their cost to it. Without a store there is no session: the screen's own
+    list of messages is all there is, and the screen says so.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.session_id: str | None = None
-        self.in_memory: list[dict[str, Any]] = []  # every message, also when the store keeps them
         self.metadata: dict[str, Any] = {"kind": kind, "source": "console"}
         self.persistent: bool | None = None  # unknown until the first message
+        self.messages = 0
 
     def describe(self) -> str:
         if self.persistent is None:
             return "new session"
-        count = len(self.in_memory)
         where = f"session {self.session_id}" if self.persistent else "in memory (no store)"
-        return f"{where} · {count} message{'s' if count != 1 else ''}"
+        return f"{where} · {self.messages} message{'s' if self.messages != 1 else ''}"
 
     async def open(self, link: ChatLink, title: str) -> str | None:
         """The session id, creating the session on the first message; None when nothing is stored."""
         if self.persistent is None:
-            self.persistent = link.persistent
-            if self.persistent:
+            if link.persistent:
                 self.session_id = await link.create_session(f"{self.kind}: {short(title, 40)}", self.metadata)
+            self.persistent = self.session_id is not None
         return self.session_id
-
-    async def add(self, link: ChatLink, role: str, content: str, model: str | None = None,
-                  request_id: str | None = None) -> None:
-        self.in_memory.append({"role": role, "content": content, "model": model, "request_id": request_id,
-                               "ts": time.time()})
-        if self.session_id is not None:
-            await link.add_message(self.session_id, role, content, model, request_id)
 
     async def update(self, link: ChatLink, **metadata: Any) -> None:
         self.metadata.update(metadata)
@@ -349,8 +342,8 @@ def user_message(text: str, images: list[Attachment]) -> ChatMessage:
     return ChatMessage(role="user", content=parts)
 
 
-def stored_text(text: str, images: list[Attachment]) -> str:
-    """What the session keeps of a message: its text, and the names of its images (not their bytes)."""
+def shown_text(text: str, images: list[Attachment]) -> str:
+    """A sent message as the log shows it: its text, and the names of its images."""
     return text + "".join(f"\n[image: {image.name}]" for image in images)
 
 
@@ -374,8 +367,8 @@ class AnswerView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield self.markdown
+        yield self.route
         with Horizontal(classes="answer-meta"):
-            yield self.route
             yield self.cost
             yield self.timing
 
@@ -450,7 +443,7 @@ class ChatScreen(Screen):
     ChatScreen .answer Markdown { margin: 0; padding: 0; }
     ChatScreen .answer-meta { height: auto; color: $text-muted; }
     ChatScreen .answer-meta Label { margin-right: 3; }
-    ChatScreen .meta-route { color: $text; }
+    ChatScreen .meta-route { color: $text; width: 1fr; }
     ChatScreen #chat-attachments { height: auto; padding: 0 2; color: $accent; display: none; }
     ChatScreen #chat-attachments.-on { display: block; }
     ChatScreen #chat-input { margin: 0 1; }
@@ -590,12 +583,12 @@ class ChatScreen(Screen):
         outcome = Outcome()
         try:
             await self.query("#chat-empty").remove()
-            await log.mount(Prompt(stored_text(text, images)))
+            await log.mount(Prompt(shown_text(text, images)))
             await log.mount(answer)
             log.anchor()
             self.history.append(user_message(text, images))
             session_id = await self.session.open(link, text)
-            await self.session.add(link, "user", stored_text(text, images))
+            self.session.messages += 1
             self._session_changed()
             ctx = CallContext(session_id=session_id, source="console")
             options = RouteOptions(mode=mode) if model == AUTO else RouteOptions(model=model)
@@ -625,10 +618,9 @@ class ChatScreen(Screen):
         finally:  # stopped, broken or done: close the upstream, then show and keep what came
             await sink.stop()
             await stream.aclose()
-            await self._finish(link, stream, outcome, answer, mode, ctx)
+            self._finish(stream, outcome, answer, mode)
 
-    async def _finish(self, link: ChatLink, stream: AnswerStream, outcome: Outcome, answer: AnswerView,
-                      mode: str | None, ctx: CallContext) -> None:
+    def _finish(self, stream: AnswerStream, outcome: Outcome, answer: AnswerView, mode: str | None) -> None:
         figures = Figures.of(stream, outcome)
         note = "stopped" if outcome.stopped else ("broken: " + outcome.error if outcome.error else None)
         answer.show(route_text(stream, mode), figures, note)
@@ -638,10 +630,7 @@ class ChatScreen(Screen):
             self.notify("stopped; the upstream call was cancelled", title="Chat", timeout=3)
         if outcome.text:
             self.history.append(ChatMessage(role="assistant", content=outcome.text))
-            try:
-                await self.session.add(link, "assistant", outcome.text, figures.model, ctx.request_id)
-            except Exception as error:
-                self.notify(f"the answer was not saved: {error}", title="Session", severity="error")
+            self.session.messages += 1
 
     def _session_changed(self) -> None:
         self.query_one("#chat-session", Static).update(self.session.describe())
