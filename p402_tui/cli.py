@@ -364,6 +364,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    if args.attach:
+        from .tui.attach import run_attached
+
+        return run_attached(args.attach, args.key, args.refresh)
     from .tui.launch import run_console
 
     return run_console(args, settings_from(args))
@@ -450,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("console", parents=[common], help="the live console (the default command)")
     p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
     p.add_argument("--listen", metavar="HOST:PORT", help="also serve the gateway here, from the same process")
+    p.add_argument("--attach", metavar="URL", help="watch a running gateway (p402 serve) instead of routing here")
+    p.add_argument("--key", metavar="K", help="the gateway key for --attach (see p402 keys create)")
     p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
     p.set_defaults(func=cmd_console)
 
