@@ -75,12 +75,15 @@ FINISH_REASONS = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP"} 
 
 REQUEST_FIELDS = frozenset(
     {"model", "contents", "tools", "toolConfig", "safetySettings", "systemInstruction", "generationConfig",
-     "cachedContent", "labels"}
+     "cachedContent", "labels", "serviceTier", "store"}
 )  # fmt: skip
 FREE_FORM = frozenset(
     {"args", "response", "parameters", "parametersJsonSchema", "responseSchema", "responseJsonSchema", "labels"}
 )
-PART_DATA = ("text", "inlineData", "fileData", "functionCall", "functionResponse", "executableCode", "codeExecutionResult")
+PART_DATA = (
+    "text", "inlineData", "fileData", "functionCall", "functionResponse", "executableCode", "codeExecutionResult",
+    "toolCall", "toolResponse",
+)  # fmt: skip
 TOOL_MODES = ("MODE_UNSPECIFIED", "AUTO", "ANY", "NONE", "VALIDATED")
 UNREGISTERED = (
     "Method doesn't allow unregistered callers (callers without established identity). "
