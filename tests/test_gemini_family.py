@@ -358,6 +358,8 @@ async def test_models_and_embeddings(adapter):
     far = sum(a * b for a, b in zip(embedded.vectors[0], embedded.vectors[2]))
     assert close > far
     assert (await adapter.health_check()).ok
+    many = await adapter.embed([f"text {i}" for i in range(250)], model=embedded.provider + "/" + embedded.model)
+    assert len(many.vectors) == 250 and many.vectors[0] == (await adapter.embed(["text 0"], model=many.model)).vectors[0]
 
 
 # --- errors ---------------------------------------------------------------------------

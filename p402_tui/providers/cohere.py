@@ -47,6 +47,7 @@ FAILED_REASONS = ("ERROR", "TIMEOUT")
 
 _CONTEXT_PHRASES = ("too many tokens", "context length", "prompt is too long")
 P_MIN, P_MAX = 0.01, 0.99
+EMBED_BATCH = 96  # texts per /v2/embed call, the API's limit
 
 
 class CohereAdapter(Adapter):
@@ -153,14 +154,18 @@ class CohereAdapter(Adapter):
 
     async def embed(self, texts: list[str], *, model: str) -> Embeddings:
         name = model.removeprefix(f"{self.id}/")
-        payload = {"model": name, "texts": texts, "input_type": "search_document", "embedding_types": ["float"]}
-        data = await self.post_json("/v2/embed", payload, name)
-        try:
-            vectors = [list(v) for v in data["embeddings"]["float"]]
-        except (KeyError, TypeError):
-            raise MalformedResponseError("embedding answer has no float embeddings", provider=self.id, model=name) from None
-        billed = ((data.get("meta") or {}).get("billed_units") or {}).get("input_tokens") or 0
-        return Embeddings(provider=self.id, model=name, vectors=vectors, prompt_tokens=int(billed))
+        vectors: list[list[float]] = []
+        billed = 0
+        for start in range(0, len(texts), EMBED_BATCH):
+            batch = texts[start : start + EMBED_BATCH]
+            payload = {"model": name, "texts": batch, "input_type": "search_document", "embedding_types": ["float"]}
+            data = await self.post_json("/v2/embed", payload, name)
+            try:
+                vectors.extend(list(v) for v in data["embeddings"]["float"])
+            except (KeyError, TypeError):
+                raise MalformedResponseError("embedding answer has no float embeddings", provider=self.id, model=name) from None
+            billed += int(((data.get("meta") or {}).get("billed_units") or {}).get("input_tokens") or 0)
+        return Embeddings(provider=self.id, model=name, vectors=vectors, prompt_tokens=billed)
 
     # --- answers ----------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embe
 from .base import Adapter, iter_sse, retry_after_seconds, with_first_token_timeout
 
 API_VERSION = "v1beta"
+EMBED_BATCH = 100  # texts per batchEmbedContents call, the API's limit
 
 FINISH_REASONS = {
     "STOP": "stop",
@@ -164,12 +165,16 @@ class GeminiAdapter(Adapter):
 
     async def embed(self, texts: list[str], *, model: str) -> Embeddings:
         name = model.removeprefix(f"{self.id}/").removeprefix("models/")
-        payload = {"requests": [{"model": f"models/{name}", "content": {"parts": [{"text": t}]}} for t in texts]}
-        data = await self.post_json(f"/{API_VERSION}/models/{name}:batchEmbedContents", payload, name)
-        try:
-            vectors = [list(entry["values"]) for entry in data["embeddings"]]
-        except (KeyError, TypeError):
-            raise MalformedResponseError("embedding answer has no embeddings", provider=self.id, model=name) from None
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            batch = texts[start : start + EMBED_BATCH]
+            payload = {"requests": [{"model": f"models/{name}", "content": {"parts": [{"text": t}]}} for t in batch]}
+            data = await self.post_json(f"/{API_VERSION}/models/{name}:batchEmbedContents", payload, name)
+            try:
+                vectors.extend(list(entry["values"]) for entry in data["embeddings"])
+            except (KeyError, TypeError):
+                raise MalformedResponseError("embedding answer has no embeddings", provider=self.id, model=name) from None
+        # batchEmbedContents reports no token usage, so there is none to pass on.
         return Embeddings(provider=self.id, model=name, vectors=vectors)
 
     # --- answers ----------------------------------------------------------------

@@ -41,6 +41,7 @@ JSON_PIECE_CHARS = 12
 PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the other families)
 EMBEDDING_DIMS = {"embed-v4.0": 1536}  # the v3 models are 1024
 EMBEDDING_TYPES = ("float", "int8", "uint8")
+EMBED_BATCH = 96  # texts per call
 INPUT_TYPES = ("search_document", "search_query", "classification", "clustering", "image")
 
 FINISH_REASONS = {"stop": "COMPLETE", "length": "MAX_TOKENS", "tool_calls": "TOOL_CALL"}
@@ -462,8 +463,8 @@ def check_embed(body: dict[str, Any], spec: ModelSpec) -> tuple[list[str], list[
     texts = body.get("texts")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise Invalid("invalid request: texts must be a non-empty list of strings")
-    if len(texts) > 96:
-        raise Invalid(f"invalid request: texts must contain at most 96 items, received {len(texts)}")
+    if len(texts) > EMBED_BATCH:
+        raise Invalid(f"invalid request: texts must contain at most {EMBED_BATCH} items, received {len(texts)}")
     if body.get("input_type") not in INPUT_TYPES:
         raise Invalid("invalid request: valid input_type must be provided with the provided model")
     types = body.get("embedding_types") or ["float"]

@@ -52,6 +52,7 @@ THOUGHT_WORDS = 16
 EMBEDDING_DIMS = 3072  # gemini-embedding-001's default outputDimensionality
 LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
 JSON_PIECE_CHARS = 12
+EMBED_BATCH = 100  # batchEmbedContents' limit
 PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the other families)
 
 STATUS_NAMES = {
@@ -430,8 +431,8 @@ class GeminiAPI:
             entries = body.get("requests")
             if not isinstance(entries, list) or not entries:
                 raise Invalid("* BatchEmbedContentsRequest.requests: requests is not specified")
-            if len(entries) > 100:
-                raise Invalid("* BatchEmbedContentsRequest.requests: at most 100 requests can be in one batch")
+            if len(entries) > EMBED_BATCH:
+                raise Invalid(f"* BatchEmbedContentsRequest.requests: at most {EMBED_BATCH} requests can be in one batch")
         else:
             entries = [body]
         texts: list[str] = []
@@ -441,11 +442,7 @@ class GeminiAPI:
             if not isinstance(entry, dict):
                 raise Invalid(f"* BatchEmbedContentsRequest.{where}: must be an object")
             if batch and entry.get("model") not in (None, f"models/{spec.model}"):
-                raise Invalid(
-                    f"* BatchEmbedContentsRequest.{where}model: unexpected model name format"
-                    if not str(entry.get("model", "")).startswith("models/")
-                    else f"Model in request {entry['model']} does not match the model of the batch models/{spec.model}."
-                )
+                raise Invalid(f"Model in request {entry['model']} does not match the model of the batch models/{spec.model}.")
             content = entry.get("content")
             parts = content.get("parts") if isinstance(content, dict) else None
             if not isinstance(parts, list) or not parts:
@@ -455,10 +452,10 @@ class GeminiAPI:
             if not isinstance(size, int) or not 1 <= size <= EMBEDDING_DIMS:
                 raise Invalid(f"* EmbedContentRequest.{where}output_dimensionality: must be in [1, {EMBEDDING_DIMS}]")
             dims.append(size)
-        tokens = sum(count_text(t).tokens for t in texts)
-        if max((count_text(t).tokens for t in texts), default=0) > spec.context_window:
+        longest = max(count_text(t).tokens for t in texts)
+        if longest > spec.context_window:
             raise Invalid(
-                f"The input token count ({tokens}) exceeds the maximum number of tokens allowed ({spec.context_window})."
+                f"The input token count ({longest}) exceeds the maximum number of tokens allowed ({spec.context_window})."
             )
         self.state.record_call(self.provider.id, spec.model)
         fault = self.state.fault_for(self.provider.id, spec.model)
