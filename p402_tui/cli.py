@@ -373,6 +373,99 @@ def cmd_console(args: argparse.Namespace) -> int:
     return run_console(args, settings_from(args))
 
 
+# --- the gateway -------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    host = args.host or settings.gateway.host
+    port = settings.gateway.port if args.port is None else args.port
+    return run_served(serve_gateway(settings, host, port, sim=args.sim))
+
+
+async def serve_gateway(settings, host: str, port: int, *, sim: bool) -> int:
+    """The gateway, headless, until SIGINT or SIGTERM; then a clean stop (in-flight requests finish, the store flushes)."""
+    import signal
+
+    from .runtime import Runtime
+
+    async with Runtime.open(settings, sim=sim) as runtime:
+        gateway = await runtime.serve_gateway(host, port)
+        upstream = f"; providers simulated at {runtime.sim.url}" if runtime.sim else ""
+        print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}); Ctrl-C stops it", flush=True)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({stopping, gateway.task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            stopping.cancel()
+        if gateway.task.done():  # it stopped by itself: say why
+            gateway.task.result()
+            raise P402Error("the gateway stopped unexpectedly")
+        print("p402 gateway: stopping; in-flight requests may finish", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_served(coro) -> int:
+    """Like `run_async`, on uvloop when it is installed: a server's every request goes through the loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return run_async(coro)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    return run_async(_keys(args, settings_from(args)))
+
+
+async def _keys(args: argparse.Namespace, settings) -> int:
+    from .store import queries
+    from .store.store import Store
+
+    async with await Store.open(settings.db_path) as store:
+        if args.keys_command == "create":
+            if not args.name.strip():
+                raise P402Error("a key needs a non-empty --name")
+            record, secret = await queries.create_key(store, args.name.strip())
+            if args.json:
+                print_json({**record, "key": secret})
+            else:
+                print(f"created gateway key {record['id']} ({record['name']}); it is shown only this once:")
+                print(secret)
+                print("clients send it as `Authorization: Bearer <key>` (the OpenAI SDK's api_key)", file=sys.stderr)
+        elif args.keys_command == "list":
+            keys = await queries.list_keys(store)
+            if args.json:
+                print_json(keys)
+            else:
+                print_table(
+                    ["ID", "NAME", "PREFIX", "CREATED", "ACTIVE"],
+                    [[k["id"], k["name"], k["prefix"] + "...", _when(k["created"]), "yes" if k["active"] else "revoked"]
+                     for k in keys],
+                )
+        else:
+            if not await queries.revoke_key(store, args.id):
+                raise P402Error(f"no active key {args.id!r}; `p402 keys list` shows them")
+            print(f"revoked {args.id}")
+    return 0
+
+
+def _when(ts: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 
@@ -458,6 +551,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", metavar="K", help="the gateway key for --attach (see p402 keys create)")
     p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
     p.set_defaults(func=cmd_console)
+
+    p = sub.add_parser("serve", parents=[common], help="the OpenAI-compatible gateway, headless")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; beyond loopback needs a gateway key)")
+    p.add_argument("--port", type=_port, help="port (default 4020; 0 picks a free one)")
+    p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    p.add_argument("--sim", action="store_true", help="simulate every provider in-process: no keys, no network")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, revoke")
+    keys_sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    q = keys_sub.add_parser("create", parents=[common], help="make a key; it is printed once, only its hash is kept")
+    q.add_argument("--name", required=True, metavar="N", help="who or what uses it")
+    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = keys_sub.add_parser("list", parents=[common], help="every key, without its secret")
+    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = keys_sub.add_parser("revoke", parents=[common], help="stop a key from working")
+    q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
+    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    p.set_defaults(func=cmd_keys)
 
     return parser
 

@@ -1,0 +1,138 @@
+"""`p402 serve` and `p402 keys` as a user runs them: child processes, loopback only."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from conftest import run_cli
+
+HELLO = {"messages": [{"role": "user", "content": "Say hello to the gateway."}]}
+
+
+class Served:
+    """A `p402 serve` child; its URL is read from the line it prints."""
+
+    def __init__(self, *args: str) -> None:
+        # -X importtime lists every module imported on stderr: how we see that textual stays out.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "p402_tui.cli", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.stderr: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
+        self._reader.start()
+        line = self.proc.stdout.readline()
+        if not line.startswith("p402 gateway at "):
+            self.proc.kill()
+            self._reader.join(5)
+            raise AssertionError(f"p402 serve did not start: {line!r} {''.join(self.stderr)[-2000:]}")
+        self.url = line.split()[3]
+        self.sim_url = line.split("providers simulated at ")[-1].split(")")[0] if "simulated" in line else None
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
+        self.proc.send_signal(signum)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def imported(self) -> list[str]:
+        return [line.rsplit("|", 1)[-1].strip() for line in self.stderr if line.startswith("import time:")]
+
+
+def test_serve_headless_without_textual_and_ctrl_c_stops_it_cleanly(tmp_path):
+    served = Served("--sim", "--db", str(tmp_path / "p402.db"))
+    try:
+        assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
+        answer = httpx.post(f"{served.url}/v1/chat/completions", json=HELLO, timeout=30)
+        assert answer.status_code == 200 and answer.json()["p402"]["provider"]
+    finally:
+        code = served.stop(signal.SIGINT)
+    assert code == 0, "".join(served.stderr)[-2000:]
+    modules = served.imported()
+    assert "p402_tui.gateway.app" in modules and "uvicorn" in modules
+    assert not [m for m in modules if m == "textual" or m.startswith("textual.")]
+    assert not any("Traceback" in line for line in served.stderr)
+
+
+def test_serve_finishes_in_flight_requests_and_flushes_the_store(tmp_path):
+    db = tmp_path / "p402.db"
+    served = Served("--sim", "--db", str(db))  # the in-process simulator answers at a model's real pace
+    results: list[httpx.Response] = []
+    body = {**HELLO, "model": "openai/gpt-4o-mini", "max_tokens": 60}
+    request = threading.Thread(
+        target=lambda: results.append(httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=30))
+    )
+    try:
+        request.start()
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{served.sim_url}/_sim/stats").json()["calls"] == 0:  # wait until it reached the model
+            assert time.monotonic() < deadline and request.is_alive()
+            time.sleep(0.02)
+        code = served.stop(signal.SIGTERM)  # what a service manager sends
+    finally:
+        request.join(30)
+    assert code == 0
+    assert results and results[0].status_code == 200, results
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT status, provider, model FROM requests").fetchall()
+    assert rows == [("ok", "openai", "gpt-4o-mini")]
+
+
+def test_serve_refuses_a_public_address_without_keys(tmp_path):
+    result = run_cli("serve", "--sim", "--host", "0.0.0.0", "--port", "0", "--db", str(tmp_path / "p402.db"))
+    assert result.returncode == 1
+    assert "without gateway keys" in result.stderr and "p402 keys create" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_keys_create_list_revoke_and_the_gateway_honours_them(tmp_path):
+    db = str(tmp_path / "p402.db")
+    created = run_cli("keys", "create", "--name", "ci-bot", "--db", db, "--json")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    secret = key["key"]
+    assert secret.startswith("p402-") and key["active"] is True
+    listed = run_cli("keys", "list", "--db", db, "--json")
+    assert json.loads(listed.stdout) == [{k: v for k, v in key.items() if k != "key"}]
+    assert secret not in listed.stdout
+    with sqlite3.connect(db) as conn:
+        assert secret not in repr(conn.execute("SELECT * FROM gateway_keys").fetchall())  # only the hash is kept
+
+    served = Served("--sim", "--db", db)
+    try:
+        denied = httpx.get(f"{served.url}/v1/models")
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "missing_api_key"
+        allowed = httpx.get(f"{served.url}/v1/models", headers={"authorization": f"Bearer {secret}"})
+        assert allowed.status_code == 200 and allowed.json()["data"]
+        assert httpx.get(f"{served.url}/health").status_code == 200
+    finally:
+        assert served.stop() == 0
+
+    revoked = run_cli("keys", "revoke", key["id"], "--db", db)
+    assert revoked.returncode == 0 and key["id"] in revoked.stdout
+    again = run_cli("keys", "revoke", key["id"], "--db", db)
+    assert again.returncode == 1 and "no active key" in again.stderr and "Traceback" not in again.stderr
+    assert json.loads(run_cli("keys", "list", "--db", db, "--json").stdout)[0]["active"] is False
+
+
+def test_keys_create_prints_the_key_once(tmp_path):
+    result = run_cli("keys", "create", "--name", "laptop", "--db", str(tmp_path / "p402.db"))
+    assert result.returncode == 0
+    secrets = [line for line in result.stdout.splitlines() if line.startswith("p402-")]
+    assert len(secrets) == 1
+    table = run_cli("keys", "list", "--db", str(tmp_path / "p402.db")).stdout
+    assert "laptop" in table and secrets[0] not in table
+
+
+def test_serve_rejects_a_bad_port_without_a_traceback():
+    result = run_cli("serve", "--port", "70000")
+    assert result.returncode == 2 and "not a port" in result.stderr and "Traceback" not in result.stderr
+
