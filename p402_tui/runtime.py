@@ -56,7 +56,6 @@ class Runtime:
             bus = EventBus()
             hooks: Hooks = NoHooks()
             store = cache = None
-            orchestrator: Orchestrator | None = None
             if persist:
                 from .cache.semantic import SemanticCache
                 from .store.persistence import Persistence
