@@ -229,16 +229,59 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
 # --- chat and the simulator ---------------------------------------------------------------
 
 
-async def chat_once(settings, model_ref: str, request, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One request straight to one model; the answer, its usage, cost and timing as a JSON-ready dict.
+_ROUTE_HELP = """\
+Flags that steer the router (p402 route, p402 chat):
+  --mode M          cost | quality | speed | balanced | adaptive (default: the config's router.mode)
+  --require C       a capability every candidate must have (repeatable, or comma-separated)
+  --prefer P        try this provider's models first (repeatable)
+  --exclude P       never this provider (repeatable)
+  --max-tier T      budget | mid | premium: no tier above this
+  --max-cost USD    no model whose estimated cost for this request is higher
+"""
 
-    `on_text` sees streamed text as it arrives.
-    """
-    import time
 
-    from .core.costs import call_cost
+def _listed(values: list[str] | None) -> tuple[str, ...]:
+    """Repeatable flags that may also be comma-separated: --require vision,json_mode."""
+    return tuple(part.strip() for value in values or () for part in value.split(",") if part.strip())
+
+
+def route_options_from(args: argparse.Namespace, *, model: str | None = None, failover: bool = True):
+    from .core.router import options_from
+
+    return options_from(
+        mode=args.mode,
+        require=_listed(args.require),
+        prefer=_listed(args.prefer),
+        exclude=_listed(args.exclude),
+        max_tier=args.max_tier,
+        max_cost_usd=args.max_cost,
+        model=model,
+        failover=failover,
+        max_retries=getattr(args, "max_retries", None),
+    )
+
+
+def _messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    prompt = read_text_arg(args.prompt)
+    if not prompt.strip():
+        raise P402Error("the prompt is empty")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def _no_provider_error(hint: str = "") -> P402Error:
     from .core.errors import ConfigError
-    from .providers.base import StreamAssembler, make_adapter
+
+    return ConfigError(
+        "no provider is configured: set a provider's API key (`p402 providers` shows where), "
+        f"or point P402 at `p402 sim`{hint}"
+    )
+
+
+def _require_usable(settings, model_ref: str) -> None:
+    """A pinned model's provider must be callable; say exactly what is missing."""
+    from .core.errors import ConfigError
 
     spec = settings.catalog.model(model_ref)
     provider = settings.providers[spec.provider]
@@ -246,50 +289,80 @@ async def chat_once(settings, model_ref: str, request, on_text: Callable[[str], 
         raise ConfigError(f"provider {spec.provider!r} is disabled in the config")
     if not provider.usable:
         where = " or ".join(provider.spec.api_key_env) or "api_key"
-        raise ConfigError(f"provider {spec.provider!r} has no API key: set {where}, or api_key under [providers.{spec.provider}]")
-    adapter = make_adapter(provider)
-    start = time.perf_counter()
-    ttft_ms = None
-    try:
+        raise ConfigError(
+            f"provider {spec.provider!r} has no API key: set {where}, or api_key under [providers.{spec.provider}]"
+        )
+
+
+async def chat_once(settings, request, options, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One request through the orchestrator (routing, failover); the answer, usage, cost, timing and attempts.
+
+    `on_text` sees the text as it arrives. A stream that breaks after its first words
+    returns what came, with `error` set.
+    """
+    from .core.hooks import CallContext
+    from .providers.base import StreamAssembler
+    from .runtime import Runtime
+
+    if options.model is not None:
+        _require_usable(settings, options.model)
+    elif not settings.usable_providers():
+        raise _no_provider_error()
+    error = None
+    # Persistence seam: the store package turns the ledger and cache on here (persist, --db, --no-cache).
+    async with Runtime.open(settings, persist=False) as runtime:
+        orchestrator = runtime.orchestrator
+        ctx = CallContext(source="cli")
         if request.stream:
-            assembler = StreamAssembler(spec.provider, spec.model)
-            async for chunk in adapter.stream(request, model=spec.model):
-                if ttft_ms is None and (chunk.content or chunk.reasoning or chunk.tool_calls):
-                    ttft_ms = (time.perf_counter() - start) * 1000
-                if chunk.content and on_text is not None:
-                    on_text(chunk.content)
-                assembler.add(chunk)
-            response = assembler.response()
+            assembler = None
+            async with orchestrator.stream(request, options, ctx) as stream:
+                async for chunk in stream:
+                    if chunk.error is not None:
+                        error = chunk.error
+                        continue
+                    if assembler is None:
+                        assembler = StreamAssembler(stream.meta.provider, stream.meta.model)
+                    if chunk.content and on_text is not None:
+                        on_text(chunk.content)
+                    assembler.add(chunk)
+            response = assembler.response() if assembler is not None else None
+            meta = stream.meta
         else:
-            response = await adapter.complete(request, model=spec.model)
+            response = await orchestrator.complete(request, options, ctx)
+            meta = response.p402
             if response.content and on_text is not None:
                 on_text(response.content)
-    finally:
-        await adapter.aclose()
-    usage = response.usage
+    usage = response.usage if response is not None else None
     result: dict[str, Any] = {
-        "content": response.content,
-        "provider": spec.provider,
-        "model": spec.id,
-        "upstream_model": response.model,
-        "usage": {
+        "content": response.content if response is not None else "",
+        "provider": meta.provider,
+        "model": f"{meta.provider}/{meta.model}",
+        "upstream_model": response.model if response is not None else meta.model,
+        "usage": None
+        if usage is None
+        else {
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,
             "reasoning_tokens": usage.reasoning_tokens,
             "total_tokens": usage.total_tokens,
         },
-        "cost_usd": call_cost(spec, usage),
-        "latency_ms": round((time.perf_counter() - start) * 1000, 3),
-        "ttft_ms": None if ttft_ms is None else round(ttft_ms, 3),
-        "finish_reason": response.finish_reason,
+        "cost_usd": meta.cost_usd,
+        "latency_ms": round(meta.latency_ms, 3),
+        "ttft_ms": None if meta.ttft_ms is None else round(meta.ttft_ms, 3),
+        "finish_reason": "error" if error is not None else response.finish_reason,
+        "attempts": meta.to_dict()["attempts"],
+        "decision_id": meta.decision_id,
     }
-    if response.reasoning:
-        result["reasoning"] = response.reasoning
-    if response.tool_calls:
-        result["tool_calls"] = response.tool_calls
-    if response.extra:
-        result.update(response.extra)
+    if error is not None:
+        result["error"] = error
+    if response is not None:
+        if response.reasoning:
+            result["reasoning"] = response.reasoning
+        if response.tool_calls:
+            result["tool_calls"] = response.tool_calls
+        if response.extra:
+            result.update(response.extra)
     return result
 
 
@@ -297,29 +370,82 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .core.types import ChatRequest
 
     settings = settings_from(args)
-    prompt = read_text_arg(args.prompt)
-    if not prompt.strip():
-        raise P402Error("the prompt is empty")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": prompt})
-    request = ChatRequest(messages=messages, max_tokens=args.max_tokens, stream=args.stream)
+    request = ChatRequest(messages=_messages(args), max_tokens=args.max_tokens, stream=args.stream)
+    # --model pins one model and calls it alone; without it the router chooses and fails over.
+    options = route_options_from(args, model=args.model, failover=args.model is None)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = run_async(chat_once(settings, args.model, request, on_text=None if args.json else show))
+    result = run_async(chat_once(settings, request, options, on_text=None if args.json else show))
     if isinstance(result, int):  # interrupted
         return result
+    broken = result.get("error")
     if args.json:
         print_json(result)
-        return 0
-    for call in result.get("tool_calls") or ():
-        function = call.get("function") or {}
-        sys.stdout.write(f"[tool call] {function.get('name')}({function.get('arguments')})\n")
-    if result["content"]:
-        sys.stdout.write("\n")
+    else:
+        for call in result.get("tool_calls") or ():
+            function = call.get("function") or {}
+            sys.stdout.write(f"[tool call] {function.get('name')}({function.get('arguments')})\n")
+        if result["content"]:
+            sys.stdout.write("\n")
+    if broken:
+        print(f"p402: {broken['kind']}: {broken['message']}", file=sys.stderr)
+        return 1
     return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from .core.router import Router
+    from .core.tokens import count_text
+    from .core.types import ChatRequest
+
+    settings = settings_from(args)
+    if args.all:
+        router = Router(settings.catalog, settings.router)
+    else:
+        router = Router.from_settings(settings)
+        if not router.usable:
+            raise _no_provider_error("; or add --all to route over the whole catalog")
+    request = ChatRequest(messages=_messages(args), max_tokens=args.max_tokens)
+    count_text("")  # load the tokenizer first: a process's start-up, not the decision's time
+    decision = router.route(request, route_options_from(args))
+    if args.json:
+        print_json(decision.to_dict())
+    else:
+        _print_decision(decision, args.top)
+    if decision.chosen is None:
+        print(f"p402: no_eligible_model: {decision.why_none()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_decision(decision, top: int) -> None:
+    print(
+        f"{decision.id}  mode {decision.mode}  {decision.prompt_tokens} prompt tokens + "
+        f"{decision.est_output_tokens} expected out  decided in {decision.decision_us:.1f} us"
+    )
+    chosen = decision.chosen
+    if chosen is not None:
+        print(f"chosen: {chosen.id} ({chosen.tier})  est {usd(chosen.est_cost_usd)}  score {chosen.score:.3f}")
+        print()
+        rows = [
+            [i, c.id, c.tier, f"{c.score:.3f}", f"{c.cost:.2f}", f"{c.quality:.2f}", f"{c.speed:.2f}",
+             f"{c.health:.2f}", usd(c.est_cost_usd), f"{c.est_latency_ms:.0f}"]
+            for i, c in enumerate(decision.candidates[:top], 1)
+        ]
+        print_table(["#", "MODEL", "TIER", "SCORE", "COST", "QUALITY", "SPEED", "HEALTH", "EST $", "EST MS"], rows)
+        more = len(decision.candidates) - top
+        if more > 0:
+            print(f"... {more} more candidates (--top N, or --json for all)")
+    if decision.excluded:
+        counts: dict[str, int] = {}
+        for item in decision.excluded:
+            reason = item.reason.split(" on ", 1)[0]
+            counts[reason] = counts.get(reason, 0) + 1
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        print(f"excluded {len(decision.excluded)}: {parts}")
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -520,14 +646,45 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=cmd_catalog_import)
 
-    p = sub.add_parser("chat", parents=[common], help="send one prompt straight to one model")
-    p.add_argument("--model", metavar="ID", required=True, help="provider/model, as `p402 models` lists them")
+    p = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="send one prompt: routed with failover, or to one --model",
+        description="Send one prompt through the router (with failover), or straight to one --model.",
+        epilog=_ROUTE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", metavar="ID", help="pin provider/model (as `p402 models` lists them): no routing, no failover")
+    _add_route_flags(p)
+    p.add_argument("--max-retries", type=_non_negative_int, metavar="N", help="fallbacks to try after a failure (default: config)")
     p.add_argument("--stream", action="store_true", help="stream the answer (JSON then includes ttft_ms)")
-    p.add_argument("--json", action="store_true", help="print one JSON object: content, usage, cost, timing")
+    p.add_argument("--json", action="store_true", help="print one JSON object: content, usage, cost, timing, attempts")
     p.add_argument("--system", metavar="S", help="a system prompt")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="cap the answer's length")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read stdin")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "route",
+        parents=[common],
+        help="which model would answer a prompt, and why (a dry run: nothing is called)",
+        description=(
+            "A dry run of the router: the chosen model, its fallbacks, every candidate's scores\n"
+            "and every excluded model with its reason. Only configured providers take part;\n"
+            "--all routes over the whole catalog as if every provider were configured\n"
+            "(to explore before adding keys)."
+        ),
+        epilog=_ROUTE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_route_flags(p)
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="the answer's length cap (else the mode's default)")
+    p.add_argument("--system", metavar="S", help="a system prompt (it counts towards the prompt's tokens)")
+    p.add_argument("--all", action="store_true", help="count every catalog provider as configured")
+    p.add_argument("--top", type=_positive_int, default=10, metavar="K", help="candidates shown in the table (default 10)")
+    p.add_argument("--json", action="store_true", help="print the whole decision as JSON")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read stdin")
+    p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("sim", parents=[common], help="serve every provider's API on loopback: no keys, no network")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -574,6 +731,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys)
 
     return parser
+
+
+def _add_route_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["cost", "quality", "speed", "balanced", "adaptive"], help="how to rank models")
+    p.add_argument("--require", metavar="C", action="append", help="a capability every candidate needs (repeatable)")
+    p.add_argument("--prefer", metavar="P", action="append", help="try this provider first (repeatable)")
+    p.add_argument("--exclude", metavar="P", action="append", help="never this provider (repeatable)")
+    p.add_argument("--max-tier", choices=["budget", "mid", "premium"], help="no tier above this")
+    p.add_argument("--max-cost", type=_non_negative_float, metavar="USD", help="no model estimated above this per request")
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, not {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
