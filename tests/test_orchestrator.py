@@ -11,6 +11,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from conftest import run_cli
 from p402_tui.core.config import RouterWeights
 from p402_tui.core.errors import (
     AllAttemptsFailedError,
@@ -272,9 +273,12 @@ async def test_max_retries_bounds_the_attempts(orchestrator, sim):
         await orchestrator.complete(ask(), options_from(mode="cost", max_retries=1))
     assert len(caught.value.attempts) == 2
     assert len({a.provider for a in caught.value.attempts}) == 2
-    with pytest.raises(AllAttemptsFailedError) as caught:
+    events = orchestrator.bus.subscribe(kinds={"request_completed"})
+    with pytest.raises(ServerError) as single:  # one model tried: its own error, as the provider said it
         await orchestrator.complete(ask(), options_from(mode="cost", failover=False))
-    assert len(caught.value.attempts) == 1
+    assert single.value.status == 503
+    (event,) = events.drain()
+    assert len(event.record.attempts) == 1 and event.record.error_kind == "server_error"
 
 
 async def test_nothing_eligible_is_an_error_and_still_recorded(orchestrator):
@@ -320,3 +324,52 @@ async def test_hooks_cache_hit_budget_check_and_ledger(sim_settings, sim):
         assert not miss.p402.cached and len(hooks.budget_checks) == 1 and hooks.budget_checks[0] > 0
         assert [r.cached for r in hooks.completed_records] == [True, True, False]
         assert hooks.completed_records[-1].session_id == "s1"
+
+
+def test_cli_chat_routes_around_a_503_on_the_cost_winner(sim_process, catalog):
+    from p402_tui.core.config import load_settings
+    from p402_tui.core.router import Router
+
+    settings = load_settings(sim_process["config"], env={})
+    request = ask("Which river is longest?")
+    decision = Router.from_settings(settings).route(request, options_from(mode="cost"))
+    loser = catalog.models[decision.chosen_id].provider
+    httpx.delete(f"{sim_process['url']}/_sim/faults")
+    httpx.post(f"{sim_process['url']}/_sim/faults", json={"provider": loser, "kind": "error", "status": 503}).raise_for_status()
+    try:
+        result = run_cli("chat", "--mode", "cost", "--json", "Which river is longest?", config=sim_process["config"])
+    finally:
+        httpx.delete(f"{sim_process['url']}/_sim/faults")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [a["provider"] for a in data["attempts"]][0] == loser
+    assert len(data["attempts"]) == 2 and data["attempts"][0]["error_kind"] == "server_error"
+    assert data["provider"] != loser and data["content"] and data["decision_id"]
+    assert {"usage", "cost_usd", "latency_ms", "ttft_ms", "model"} <= set(data)
+
+
+def test_cli_route_dry_run_json_and_table(sim_process):
+    result = run_cli(
+        "route", "--mode", "cost", "--require", "vision", "--exclude", "groq", "--max-tier", "mid",
+        "--max-cost", "0.01", "--max-tokens", "200", "--json", "Describe the picture.", config=sim_process["config"],
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert {"id", "provider", "model", "tier", "est_cost_usd"} <= set(data["chosen"])
+    assert data["fallbacks"] == [c["id"] for c in data["candidates"][1:]]
+    assert all({"id", "score", "est_cost_usd", "components"} <= set(c) for c in data["candidates"])
+    reasons = {e["reason"] for e in data["excluded"]}
+    assert {"missing capability vision", "excluded provider", "over max_tier"} <= reasons
+    assert data["decision_us"] > 0 and data["est_output_tokens"] == 200
+    table = run_cli("route", "--mode", "quality", "--top", "3", "Hello", config=sim_process["config"])
+    assert table.returncode == 0 and "chosen:" in table.stdout and "MODEL" in table.stdout
+
+
+def test_cli_route_without_providers_says_so(tmp_path):
+    empty = tmp_path / "config.toml"
+    empty.write_text("")
+    result = run_cli("route", "Hello", config=empty)
+    assert result.returncode == 1 and result.stderr.startswith("p402: config: no provider is configured")
+    assert "--all" in result.stderr and result.stderr.count("\n") == 1
+    explore = run_cli("route", "--all", "--json", "Hello", config=empty)
+    assert explore.returncode == 0 and json.loads(explore.stdout)["chosen"]

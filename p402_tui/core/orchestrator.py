@@ -129,9 +129,10 @@ class _Plan:
 
     def exhausted(self) -> P402Error:
         """The error for a request no model answered."""
-        if self.last_error is not None and not self.last_error.retryable and self.last_error.kind != "authentication":
-            return self.last_error  # a bad request: the caller's to fix, as the provider said it
         tried = len(self.attempts)
+        if self.last_error is not None and (tried == 1 or not self.last_error.retryable):
+            # One model tried (a pin, failover off), or a bad request: the provider's own error says it best.
+            return self.last_error
         if not tried:
             return AllAttemptsFailedError(
                 f"no call made: the circuit of every candidate is open ({self.skipped_open} skipped)", [], None
