@@ -417,17 +417,12 @@ class HealthTracker:
 
     def provider(self, provider: str) -> ProviderHealth:
         now = self.clock()
-        stats = self._providers.get(provider)
         health = ProviderHealth(provider)
-        circuit = self._circuits.get(provider)
-        state = CLOSED
-        if circuit is not None:
-            state = HALF_OPEN if circuit.state == OPEN and self._due(circuit, now) else circuit.state
-        health.circuit = state
-        if circuit is not None and state == OPEN and circuit.retry_at is not None:
-            health.retry_at = time.time() + (circuit.retry_at - now)
+        health.status, health.circuit, health.reason, retry_in = self._condition(provider, now)
+        if retry_in is not None:
+            health.retry_at = time.time() + retry_in
+        stats = self._providers.get(provider)
         if stats is not None:
-            stats.expire(now, self.policy)
             ordered = stats.latencies()
             health.failures = stats.failures
             health.consecutive_failures = stats.consecutive_failures
@@ -442,7 +437,6 @@ class HealthTracker:
             health.tokens_per_s = stats.tps_ewma
             health.last_error = stats.last_error
             health.history = list(stats.history)
-        health.status, health.reason = self._status_of(health, circuit, now)
         return health
 
     def snapshot(self, providers: Iterable[str] | None = None) -> dict[str, ProviderHealth]:
@@ -470,14 +464,15 @@ class HealthTracker:
         """The provider's part of the router's 0..1 health score.
 
         Its success rate over the window, halved while its circuit is not closed, and
-        lowered when its p95 latency runs far above its median (it answers, but unevenly).
+        lowered when the p95 of its recent latencies runs far above their median (it
+        answers, but unevenly).
         """
         stats = self._providers.get(provider)
         factor = 1.0
         if stats is not None:
             stats.expire(self.clock(), self.policy)
             factor = 1.0 - stats.error_rate()
-            ordered = stats.latencies()
+            ordered = sorted(stats.history)  # the last calls: a bounded sort, however busy the provider
             if len(ordered) >= 5:
                 p50, p95 = _percentile(ordered, 0.5), _percentile(ordered, 0.95)
                 if p50 and p95 and p95 > 3 * p50:
@@ -506,17 +501,28 @@ class HealthTracker:
                 soonest = min(soonest, stats.window[0][0] + self.policy.window_s)
         return soonest
 
-    def _status_of(self, health: ProviderHealth, circuit: _Circuit | None, now: float) -> tuple[str, str]:
-        if health.circuit == OPEN and circuit is not None:
-            wait = (circuit.retry_at or now) - now
-            return DOWN, f"circuit open: {circuit.reason}; next try in {max(wait, 0):.1f}s"
-        if health.circuit == HALF_OPEN and circuit is not None:
-            return DEGRADED, f"half-open after {circuit.reason}: one trial request"
-        if health.consecutive_failures:
-            return DEGRADED, f"{health.consecutive_failures} consecutive failure(s): {health.last_error}"
-        if health.error_rate >= self.policy.degraded_error_rate:
-            return DEGRADED, f"error rate {health.error_rate:.0%} over the last {self.policy.window_s:g}s"
-        return HEALTHY, ""
+    def _condition(self, provider: str, now: float) -> tuple[str, str, str, float | None]:
+        """(status, circuit, reason, seconds until the next trial while open); cheap enough for every call."""
+        circuit = self._circuits.get(provider)
+        state = CLOSED
+        if circuit is not None:
+            state = HALF_OPEN if circuit.state == OPEN and self._due(circuit, now) else circuit.state
+        if state == OPEN:
+            assert circuit is not None and circuit.retry_at is not None
+            wait = max(circuit.retry_at - now, 0.0)
+            return DOWN, state, f"circuit open: {circuit.reason}; next try in {wait:.1f}s", wait
+        if state == HALF_OPEN:
+            assert circuit is not None
+            return DEGRADED, state, f"half-open after {circuit.reason}: one trial request", None
+        stats = self._providers.get(provider)
+        if stats is not None:
+            stats.expire(now, self.policy)
+            if stats.consecutive_failures:
+                return DEGRADED, state, f"{stats.consecutive_failures} consecutive failure(s): {stats.last_error}", None
+            rate = stats.error_rate()
+            if rate >= self.policy.degraded_error_rate:
+                return DEGRADED, state, f"error rate {rate:.0%} over the last {self.policy.window_s:g}s", None
+        return HEALTHY, state, "", None
 
     # --- change notification ----------------------------------------------------------
 
@@ -527,11 +533,12 @@ class HealthTracker:
     def _changed(self, provider: str) -> None:
         for listener in self._listeners:
             listener(provider)
-        health = self.provider(provider)
+        status, circuit, _, _ = self._condition(provider, self.clock())
         previous_status, previous_circuit = self._status.get(provider, (HEALTHY, CLOSED))
-        if (health.status, health.circuit) == (previous_status, previous_circuit):
+        if (status, circuit) == (previous_status, previous_circuit):
             return
-        self._status[provider] = (health.status, health.circuit)
+        self._status[provider] = (status, circuit)
+        health = self.provider(provider)
         if self.bus is not None:
             self.bus.publish(
                 HealthChanged(
