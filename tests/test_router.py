@@ -329,3 +329,11 @@ def test_cost_bounds_come_from_the_price_hull():
     for x in (0.0, 0.3, 1.0, 7.0, 100.0):
         for y in (0.0, 0.5, 2.0, 9.0):
             assert min(x * a + y * b for a, b in hull) == pytest.approx(min(x * a + y * b for a, b in points))
+
+
+@pytest.mark.parametrize("mode", ["cost", "quality", "speed", "balanced", "adaptive"])
+def test_no_model_passing_the_option_filters_is_an_empty_decision(router, mode):
+    decision = router.route(ask(), options_from(mode=mode, require=["web_search"]))
+    assert decision.chosen is None and decision.candidates == [] and decision.fallbacks == []
+    assert decision.why_none().startswith("5 missing capability web_search")
+    assert decision.to_dict()["chosen"] is None
