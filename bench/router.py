@@ -247,6 +247,7 @@ def main() -> int:
     if args.quick:
         args.n, args.litellm_n = 3_000, 300
 
+    load_before = round(os.getloadavg()[0], 2)
     # P402 before and after LiteLLM: both rounds pooled, so drift on a shared machine hits both sides.
     first = p402_part(args.n // 2)
     litellm = {"skipped": True} if args.skip_litellm else litellm_part(Path(args.litellm_venv), args.litellm_n)
@@ -254,7 +255,12 @@ def main() -> int:
     p402 = _pool(first, second)
 
     report: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_avg_1m_before_after": [load_before, round(os.getloadavg()[0], 2)],  # a shared machine skews both sides
+        },
         "filters": FILTERS,
         "p402": p402,
         "litellm": litellm,

@@ -111,18 +111,13 @@ class _Plan:
         """Note a failure; True when another model may still be tried."""
         self.attempts.append(Attempt(spec.provider, spec.model, error.kind, str(error), latency_ms))
         self.last_error = error
-        if error.kind == "authentication":
-            self._dead_providers.add(spec.provider)  # the same key will not work for its other models
-            return True
-        if not error.retryable:
-            self._left = 0
+        if not error.retryable and error.kind != "authentication":
+            self._left = 0  # a bad request: no other model would take it either
             return False
         if error.scope == "provider":
-            self._dead_providers.add(spec.provider)
-        return self._left > 0 and any(
-            models_provider not in self._dead_providers
-            for models_provider in (self._orchestrator.catalog.models[mid].provider for mid in self._queue)
-        )
+            self._dead_providers.add(spec.provider)  # a rejected key too: it will not work for the other models
+        models = self._orchestrator.catalog.models
+        return self._left > 0 and any(models[mid].provider not in self._dead_providers for mid in self._queue)
 
     def succeeded(self, spec: ModelSpec, latency_ms: float) -> None:
         self.attempts.append(Attempt(spec.provider, spec.model, None, None, latency_ms))

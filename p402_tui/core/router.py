@@ -295,6 +295,7 @@ class _Entry:
         "pin",
         "pinned_id",
         "mode",
+        "default_output",
         "live",
     )
 
@@ -534,7 +535,7 @@ class Router:
             entry = self._entry(entry_key)
         mode = entry.mode
         max_tokens = request.max_tokens
-        ot = max_tokens if max_tokens is not None else self.config.output_tokens.get(mode, self.config.default_output_tokens)  # type: ignore[call-overload]
+        ot = max_tokens if max_tokens is not None else entry.default_output
 
         cost = entry.prices.dot((prompt_tokens, ot))
         ctx_bad = out_bad = cost_bad = None
@@ -664,6 +665,7 @@ class Router:
 
         entry = _Entry()
         entry.mode = mode
+        entry.default_output = self.config.output_tokens.get(mode, self.config.default_output_tokens)  # type: ignore[call-overload]
         entry.idx = np.array(keep, dtype=np.int64)
         entry.ids = [self._ids[i] for i in keep]
         entry.prices = np.ascontiguousarray(self._prices[entry.idx]) if keep else np.zeros((0, 2))
