@@ -551,14 +551,15 @@ class Router:
                 bad = mask if bad is None else bad | mask
 
         live = (self._ttft, self._mspt, self._health)
+        marked = bad is not None or entry.prefer_penalty is not None  # the key is written to below
         if mode == "cost":
-            key = cost.copy() if bad is not None or entry.prefer_penalty is not None else cost
+            key = cost.copy() if marked else cost  # `cost` itself stays the estimate
         elif mode == "quality":
-            key = entry.q_key.copy()
+            key = entry.q_key.copy() if marked else entry.q_key
         else:
             vectors = self._live_vectors(entry, ot, live)
             if mode == "speed":
-                key = vectors.latency.copy()
+                key = vectors.latency.copy() if marked else vectors.latency
             else:
                 # -(wc * cost_n + rest), with cost_n = (H - log c) / (H - L): the constant wc*H/(H-L)
                 # drops out of a balanced ranking; adaptive multiplies by health, so it stays in.
