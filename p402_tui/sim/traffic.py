@@ -334,6 +334,8 @@ class TrafficGenerator:
             offset = (self.cycle_s or 0.0) * cycle
             for incident in sorted(self.incidents, key=lambda i: i.at_s):
                 await self._sleep_until((offset + incident.at_s) * self.time_scale)
+                while incident.provider is None and not self.stats.by_provider:
+                    await asyncio.sleep(0.1)  # aim at the traffic, so wait until there is some
                 self._begin(incident)
             if not self.cycle_s:
                 await self._sleep_until(float("inf"))
@@ -359,9 +361,7 @@ class TrafficGenerator:
         if incident.provider:
             return incident.provider
         busy = [p for p, _ in self.stats.by_provider.most_common() if not self.is_faulted(p)]
-        if busy:
-            return busy[0]
-        return next(iter(self.orchestrator.catalog.providers))
+        return busy[0] if busy else next(iter(self.stats.by_provider))
 
     def is_faulted(self, provider: str) -> bool:
         return any(a.provider == provider for a in self.active)

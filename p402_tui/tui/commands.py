@@ -62,14 +62,13 @@ class ConsoleCommands(Provider):
 
     @staticmethod
     def _zoom(screen, name: str) -> None:
-        screen.action_focus_pane(name)
-        if screen.maximized is None:
-            screen.action_maximize_pane()
+        pane = screen.query_one(f"#{name}")
+        screen.action_focus_pane(name)  # focus moves on the next turn: maximise the pane itself
+        screen.maximize(pane, container=False)
 
     @staticmethod
     def _filter(screen, name: str) -> None:
-        screen.action_focus_pane(name)
-        screen.action_filter()
+        screen.query_one(f"#{name}").open_filter()
 
     @staticmethod
     def _sort(screen, name: str, column: str) -> None:

@@ -65,20 +65,20 @@ class LocalSource:
         store = self.store
         if store is None:
             return None
-        from ..store.spend import spend_summary
+        from ..store.analytics import parse_period, spend
 
         now = time.time()
-        today = await spend_summary(store, period="today", now=now)
-        week = await spend_summary(store, period="7d", now=now)
-        month = await spend_summary(store, period="30d", now=now, by="model")
-        top = sorted(month["breakdown"], key=lambda r: (-r["cost_usd"], r["key"]))[:5]
+        today = await spend(store, parse_period("today", now=now))
+        week = await spend(store, parse_period("7d", now=now))
+        month = await spend(store, parse_period("30d", now=now), by="model")
+        top = [r for r in month["breakdown"] if r["key"] != "(none)"][:5]  # most expensive first
         return SpendSummary(
             today_usd=today["total_usd"],
             week_usd=week["total_usd"],
             month_usd=month["total_usd"],
             requests_today=today["requests"],
-            saved_usd=month.get("saved_usd", 0.0),
-            cache_hits=month.get("cache_hits", 0),
+            saved_usd=today["saved_usd"],
+            cache_hits=today["cached"],
             top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
         )
 

@@ -2,80 +2,80 @@
 
 from __future__ import annotations
 
+from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import Grid, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Markdown
+from textual.widgets import Static
 
 from ..views import VIEWS
 
-FILTERS = """\
-## Filters (`/` on any table)
+INTRO = (
+    "Keyboard first, like k9s: the footer shows the keys of the view you are in, ctrl+p finds every "
+    "action by name, tab moves between panes. Live panes redraw at most once per refresh interval "
+    "(+ and - change it); space freezes them while you read, and events keep being counted meanwhile."
+)
 
-| you type | shows rows |
-|---|---|
-| `groq` | with *groq* in any column |
-| `groq cost` | with both words |
-| `!cached` | without *cached* |
-| `status:error` | whose Status column has *error* |
-| `gpt-4.*mini` | matching the regular expression |
+FILTERS = [
+    ("groq", "rows with groq in any column"),
+    ("groq cost", "rows with both words"),
+    ("!cached", "rows without cached"),
+    ("status:error", "rows whose Status column has error"),
+    ("gpt-4.*mini", "a regular expression"),
+    ("enter / escape", "keep the filter / clear it"),
+]
 
-Enter keeps the filter and returns to the table; escape clears it.
-"""
+KEY_NAMES = {"question_mark": "?", "slash": "/", "equals_sign": "=", "plus": "+", "minus": "-"}
 
-INTRO = """\
-# P402 Console: keys
-
-Keyboard first, like k9s: the footer shows the keys of the view you are in,
-`ctrl+p` finds every action by name, and `tab` moves between panes.
-Live panes redraw at most once per refresh interval (`+` and `-` change it);
-`space` freezes them while you read, events keep being counted meanwhile.
-"""
+Section = tuple[str, list[tuple[str, str]]]
 
 
-def _key(binding: Binding) -> str:
+def _keys(binding: Binding) -> str:
     keys = binding.key_display or binding.key
-    names = {"question_mark": "?", "slash": "/", "equals_sign": "=", "space": "space", "backspace": "backspace"}
-    return ", ".join(f"`{names.get(k.strip(), k.strip())}`" for k in keys.split(","))
+    return " ".join(KEY_NAMES.get(k.strip(), k.strip()) for k in keys.split(","))
 
 
-def _section(title: str, bindings: list[Binding]) -> str:
-    lines = [f"## {title}", "", "| key | does |", "|---|---|"]
-    for binding in bindings:
-        lines.append(f"| {_key(binding)} | {binding.description or binding.action} |")
-    return "\n".join(lines) + "\n"
+def _own(cls: type) -> list[tuple[str, str]]:
+    bindings = [b if isinstance(b, Binding) else Binding(*b) for b in cls.__dict__.get("BINDINGS", [])]
+    return [(_keys(b), b.description or b.action) for b in bindings]
 
 
-def help_markdown() -> str:
+def help_sections() -> list[Section]:
     from ..app import ConsoleApp
-    from ..widgets.table import LiveTable
+    from ..widgets.pane import FilterBar
+    from ..widgets.table import DrillTable
     from .base import PaneScreen
     from .dashboard import DashboardScreen
     from .decision import DecisionScreen
     from .session import SessionScreen
 
-    def own(cls: type) -> list[Binding]:
-        return [b if isinstance(b, Binding) else Binding(*b) for b in cls.__dict__.get("BINDINGS", [])]
-
-    everywhere = own(ConsoleApp) + [
-        Binding(view.key, "", f"{view.title}: {view.description}") for view in VIEWS.values()
-    ] + [
-        Binding("ctrl+p", "", "Command palette: every action by name"),
-        Binding("tab,shift+tab", "", "Next / previous pane"),
+    everywhere = _own(ConsoleApp) + [(view.key, f"{view.title} view") for view in VIEWS.values()]
+    everywhere += [("ctrl+p", "Command palette: every action"), ("tab shift+tab", "Next / previous pane")]
+    panes = _own(PaneScreen) + _own(DrillTable) + [("↑ ↓ pgup pgdn", "Move in a table"), ("click header", "Sort by it")]
+    return [
+        ("Everywhere", everywhere),
+        ("Screens of panes", panes),
+        ("Dashboard", _own(DashboardScreen)),
+        ("Decision", _own(DecisionScreen)),
+        ("Session", _own(SessionScreen)),
+        ("Filter bar", _own(FilterBar)),
+        ("Filters (/ on any table)", FILTERS),
     ]
-    panes = own(PaneScreen) + own(LiveTable) + [Binding("up,down,pgup,pgdn,home,end", "", "Move in a table")]
-    return "\n".join(
-        [
-            INTRO,
-            _section("Everywhere", everywhere),
-            _section("Every screen of panes", panes),
-            _section("Dashboard", own(DashboardScreen)),
-            _section("Decision", own(DecisionScreen)),
-            _section("Session", own(SessionScreen)),
-            FILTERS,
-        ]
-    )
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None, padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    seen = set()
+    for keys, does in rows:
+        if (keys, does) in seen:
+            continue
+        seen.add((keys, does))
+        table.add_row(keys, does)
+    return table
 
 
 class HelpScreen(ModalScreen[None]):
@@ -83,7 +83,10 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
-            yield Markdown(help_markdown(), id="help-text")
+            yield Static(Text.assemble(("P402 Console: keys\n", "bold"), (INTRO, "dim")), id="help-intro")
+            with Grid(id="help-grid"):
+                for title, rows in help_sections():
+                    yield Static(_table(title, rows), classes="help-section")
 
     def action_close(self) -> None:
         self.dismiss()
