@@ -71,7 +71,6 @@ class _Stats:
         "ttft_ewma",
         "tps_ewma",
         "last_error",
-        "last_error_kind",
         "window",
         "window_failures",
         "history",
@@ -85,7 +84,6 @@ class _Stats:
         self.ttft_ewma: float | None = None
         self.tps_ewma: float | None = None
         self.last_error: str | None = None
-        self.last_error_kind: str | None = None
         self.window: deque[tuple[float, bool, float]] = deque()  # (t, ok, latency_ms)
         self.window_failures = 0
         self.history: deque[float] = deque(maxlen=policy.history)
@@ -260,7 +258,7 @@ class HealthTracker:
             stats = self._model_stats(model_id)
             stats.add(now, False, latency_ms, self.policy)
             stats.consecutive_failures += 1
-            stats.last_error, stats.last_error_kind = message, kind
+            stats.last_error = message
             circuit = self._model_circuits.setdefault(model_id, _Circuit())
             self._open(circuit, now, self.policy.max_cooldown_s, f"{model_id}: model not found")
             self._changed(provider)
@@ -268,7 +266,7 @@ class HealthTracker:
         for stats in (self._stats(provider), self._model_stats(model_id)):
             stats.add(now, False, latency_ms, self.policy)
             stats.consecutive_failures += 1
-            stats.last_error, stats.last_error_kind = message, kind
+            stats.last_error = message
             stats.history.append(latency_ms)
         self._trip(provider, now, kind, error)
         self._changed(provider)
@@ -289,7 +287,7 @@ class HealthTracker:
         now = self.clock()
         stats.add(now, False, latency_ms, self.policy)
         stats.consecutive_failures += 1
-        stats.last_error, stats.last_error_kind = f"probe: {detail}", kind
+        stats.last_error = f"probe: {detail}"
         self._trip(provider, now, kind, None)
         self._changed(provider)
 
@@ -298,18 +296,20 @@ class HealthTracker:
     def allow(self, provider: str, model_id: str | None = None) -> bool:
         """May a call go to this provider (and model) now? In half-open, only one trial at a time."""
         now = self.clock()
-        if model_id is not None:
-            model_circuit = self._model_circuits.get(model_id)
-            if model_circuit is not None and not self._admit(model_circuit, now):
-                return False
         circuit = self._circuits.get(provider)
-        if circuit is None:
-            return True
-        before = circuit.state
-        admitted = self._admit(circuit, now)
-        if circuit.state != before:
-            self._changed(provider)
-        return admitted
+        if circuit is not None:
+            before = circuit.state
+            admitted = self._admit(circuit, now)
+            if circuit.state != before:
+                self._changed(provider)
+            if not admitted:
+                return False
+        model_circuit = self._model_circuits.get(model_id) if model_id is not None else None
+        if model_circuit is not None and not self._admit(model_circuit, now):
+            if circuit is not None and circuit.state == HALF_OPEN:
+                circuit.trial_started = None  # the provider's trial slot goes back: no call is made
+            return False
+        return True
 
     def release(self, provider: str, model_id: str | None = None) -> None:
         """A call admitted by `allow` ended without an outcome (cancelled): free its trial slot."""
