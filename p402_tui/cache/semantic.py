@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import re
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -333,9 +334,9 @@ class SemanticCache:
                 log.warning(self.warning)
         now = time.time()
         self.store.put("DELETE FROM semantic_cache WHERE created < ?", (now - self.ttl_s,))
-        rows = await self.store.fetchall(
+        rows = await self.store.rows(
             "SELECT namespace, exact_key, scope_key, prompt, model, cost_usd, created, last_hit, hits, embedder, "
-            "embedding FROM semantic_cache WHERE created >= ? ORDER BY last_hit",
+            "embedding FROM semantic_cache WHERE created >= ?",
             (now - self.ttl_s,),
         )
         name = self.embedder.name
@@ -560,11 +561,12 @@ def _unindex(entry: Entry, indexes: dict[tuple[str, str], VectorIndex]) -> None:
     entry.row = -1
 
 
-def _build(rows: list[dict[str, Any]], embedder: str) -> tuple[OrderedDict[tuple[str, str], Entry], dict[tuple[str, str], VectorIndex]]:
-    """Entries and per-scope indexes from stored rows (oldest hit first). CPU work: runs in a thread."""
+def _build(rows: list[sqlite3.Row], embedder: str) -> tuple[OrderedDict[tuple[str, str], Entry], dict[tuple[str, str], VectorIndex]]:
+    """Entries (least recently used first) and per-scope indexes from stored rows. CPU work: runs in a thread."""
     entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
     grouped: dict[tuple[str, str], tuple[list[bytes], list[Entry]]] = {}
-    for row in rows:
+    # Sorted here, not by SQL: SQLite would drag every embedding through its sorter.
+    for row in sorted(rows, key=lambda r: r["last_hit"]):
         entry = Entry(
             namespace=row["namespace"],
             exact_key=row["exact_key"],

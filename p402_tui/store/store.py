@@ -6,6 +6,7 @@ wait for the writer and only ever see whole, committed batches.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,11 @@ class Store:
     async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
         async with self.reader.execute(sql, params) as cursor:
             return [dict(row) for row in await cursor.fetchall()]
+
+    async def rows(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        """Rows as `sqlite3.Row`, for bulk reads that are then processed off the event loop."""
+        async with self.reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
 
     async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
         async with self.reader.execute(sql, params) as cursor:
