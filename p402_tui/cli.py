@@ -467,7 +467,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         print(f"p402 sim: {len(catalog.providers)} providers at {url} (seed {args.seed}, {pace}); Ctrl-C stops it")
         print(f"  each provider is at {url}/<provider><its official base path>, e.g. {url}/openai/v1")
         print(f'  config: [providers.openai] base_url = "{url}/openai/v1" api_key = "any"')
-        print(f"  faults: POST {url}/_sim/faults {{\"provider\": \"openai\", \"kind\": \"rate_limit\"}}; stats: GET {url}/_sim/stats")
+        fault = '{"provider": "openai", "kind": "rate_limit"}'
+        print(f"  faults: POST {url}/_sim/faults {fault}; stats: GET {url}/_sim/stats")
         sys.stdout.flush()
         await running.task
 

@@ -38,6 +38,21 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+POOL_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+
+
+def default_transport() -> httpx.AsyncBaseTransport:
+    """aiohttp's connection pool behind httpx's API.
+
+    httpx's own pool collapses with many requests in flight: against the simulator at 64
+    concurrent calls it managed ~144 req/s at ~4.9 ms CPU each, where the aiohttp transport
+    did ~650 req/s at ~0.6 ms (bench/gateway.py measures it end to end).
+    """
+    from httpx_aiohttp import AiohttpTransport
+
+    return AiohttpTransport(verify=tls_context(), limits=POOL_LIMITS)
+
+
 @dataclass(slots=True)
 class HealthResult:
     ok: bool
@@ -57,9 +72,7 @@ class Adapter:
             base_url=provider.base_url,
             headers={**provider.spec.headers, **self.auth_headers(), **provider.headers},
             timeout=httpx.Timeout(provider.timeout_s, connect=provider.connect_timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            transport=transport,
-            verify=tls_context(),
+            transport=transport if transport is not None else default_transport(),
         )
 
     def __repr__(self) -> str:
@@ -190,37 +203,46 @@ async def with_first_token_timeout(
 async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
     """Server-sent events as (event, data) pairs.
 
-    Decodes raw bytes ourselves instead of `aiter_lines()`: splitting on b"\\n"
-    in one pass is the hot loop of every stream, and this keeps it cheap.
+    This is the hot loop of every stream, so it works on raw bytes: the buffer is
+    split into events at blank lines in one pass, and the usual event, a single
+    `data:` line, is sliced out without looking at its lines one by one.
     Comment lines (`: keep-alive`, `: OPENROUTER PROCESSING`) are skipped.
     """
     buffer = b""
-    event: str | None = None
-    data: list[str] = []
     async for raw in response.aiter_bytes():
-        buffer += raw
-        if b"\n" not in buffer:
+        buffer = buffer + raw if buffer else raw
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):
+                continue  # the \n of a \r\n may be in the next read
+            buffer = buffer.replace(b"\r\n", b"\n")
+        if b"\n\n" not in buffer:
             continue
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if data:
-                    yield event, "\n".join(data)
-                event, data = None, []
-                continue
-            if line.startswith(b"data:"):
-                value = line[5:]
-                data.append((value[1:] if value.startswith(b" ") else value).decode())
-            elif line.startswith(b"event:"):
-                event = line[6:].strip().decode()
-            # ":" comments, "id:" and "retry:" lines carry nothing we use
-    if buffer.strip().startswith(b"data:"):
-        value = buffer.strip()[5:]
-        data.append((value[1:] if value.startswith(b" ") else value).decode())
-    if data:
-        yield event, "\n".join(data)
+        *blocks, buffer = buffer.split(b"\n\n")
+        for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                yield None, block[6:].decode()
+            else:
+                event = _event(block)
+                if event is not None:
+                    yield event
+    if buffer.strip():
+        event = _event(buffer.replace(b"\r\n", b"\n"))
+        if event is not None:
+            yield event
+
+
+def _event(block: bytes) -> tuple[str | None, str] | None:
+    """One event's lines: `event:` names it, `data:` lines join; None when it carries no data."""
+    name: str | None = None
+    data: list[str] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append((value[1:] if value.startswith(b" ") else value).decode())
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode()
+        # ":" comments, "id:" and "retry:" lines carry nothing we use
+    return (name, "\n".join(data)) if data else None
 
 
 class StreamAssembler:

@@ -179,9 +179,11 @@ class OpenAICompatAdapter(Adapter):
                         yield chunk
                     return
                 async for _, data in iter_sse(response):
+                    if done:
+                        continue  # read to the end so the connection goes back to the pool
                     if data == "[DONE]":
                         done = True
-                        break
+                        continue
                     try:
                         obj = loads(data)
                     except ValueError:

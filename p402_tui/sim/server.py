@@ -188,10 +188,14 @@ async def start_sim(
     from ..core.tokens import warm
 
     logging.getLogger("uvicorn.error").addFilter(_quiet)
-    # Load the tokenizers before serving so the first answer is as quick as the rest.
-    await warm([None, "openai/gpt-4o"])  # cl100k_base and o200k_base
+    sock = _free_socket(host, port)  # first, so a busy port fails at once
+    try:
+        # Load the tokenizers before serving so the first answer is as quick as the rest.
+        await warm([None, "openai/gpt-4o"])  # cl100k_base and o200k_base
+    except BaseException:
+        sock.close()
+        raise
     state = SimState(catalog, seed=seed, latency=latency, speed=speed)
-    sock = _free_socket(host, port)
     config = uvicorn.Config(
         build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
     )
