@@ -244,7 +244,8 @@ def test_faults_add_list_and_clear(control):
     assert control.post("/_sim/faults", json={"provider": "openai", "kind": "error", "status": 503}).status_code == 201
     assert control.post("/_sim/faults", json={"provider": "groq", "kind": "timeout"}).status_code == 201
     listed = control.get("/_sim/faults").json()
-    assert [(f["provider"], f["kind"], f["status"]) for f in listed] == [("openai", "error", 503), ("groq", "timeout", None)]
+    expected = [("openai", "error", 503), ("groq", "timeout", None)]
+    assert [(f["provider"], f["kind"], f["status"]) for f in listed] == expected
     assert control.delete("/_sim/faults", params={"provider": "groq"}).json()["faults"] == 1
     assert [f["provider"] for f in control.get("/_sim/faults").json()] == ["openai"]
     assert control.delete("/_sim/faults").json()["faults"] == 0

@@ -9,6 +9,7 @@ gets one pooled `httpx.AsyncClient`. Closing a stream (breaking out of the
 from __future__ import annotations
 
 import asyncio
+import builtins
 import email.utils
 import functools
 import ssl
@@ -117,9 +118,10 @@ class Adapter:
         """Map an httpx failure to our hierarchy; `started` means content had begun to flow."""
         where = {"provider": self.id, "model": model}
         message = self.clean(str(error) or type(error).__name__)
-        if isinstance(error, httpx.ConnectTimeout):
+        timed_out = _timed_out(error)
+        if timed_out and isinstance(error, httpx.ConnectTimeout):
             return TimeoutError(f"connect timed out: {message}", phase="connect", **where)
-        if isinstance(error, httpx.TimeoutException):
+        if timed_out:
             return TimeoutError(f"read timed out: {message}", phase="read", **where)
         if started:
             return StreamInterruptedError(f"stream broke: {message}", **where)
@@ -175,6 +177,20 @@ class Adapter:
 
     def first_token_deadline(self) -> float:
         return self.provider.first_token_timeout_s
+
+
+def _timed_out(error: httpx.HTTPError) -> bool:
+    """Whether an httpx error really is a timeout.
+
+    httpx_aiohttp maps every aiohttp connection error (refused, reset, server gone)
+    to ConnectTimeout; behind it, only aiohttp's own timeout errors are timeouts.
+    """
+    if not isinstance(error, httpx.TimeoutException):
+        return False
+    cause = error.__cause__
+    if cause is not None and type(cause).__module__.startswith("aiohttp"):
+        return isinstance(cause, builtins.TimeoutError)  # ours shadows the name in this module
+    return True
 
 
 async def with_first_token_timeout(
