@@ -38,7 +38,7 @@ def table(app: ConsoleApp, pane: str):
 
 def rows(app: ConsoleApp, pane: str) -> list[str]:
     t = table(app, pane)
-    return [t.coordinate_to_cell_key((i, 0)).row_key.value for i in range(t.row_count)]
+    return t.keys()
 
 
 async def wait_until(pilot, condition, timeout: float = 5.0) -> None:
@@ -74,7 +74,7 @@ async def test_enter_opens_the_decision_and_escape_returns():
         await pilot.pause()
         failover = next(r for r in app.state.decisions.values() if r.attempts > 1)
         decisions = table(app, "decisions")
-        decisions.move_cursor(row=decisions.get_row_index(failover.key))
+        decisions.move_cursor(row=decisions.index_of(failover.key))
         await pilot.press("enter")
         await pilot.pause()
         screen = app.screen
@@ -83,9 +83,9 @@ async def test_enter_opens_the_decision_and_escape_returns():
         assert candidates[0] == failover.chosen and len(candidates) == failover.candidates
         attempts = table(app, "attempts")
         assert attempts.row_count == 2
-        assert attempts.get_cell_at((0, 2)).plain == "failed"
-        assert attempts.get_cell_at((0, 3)).plain == "server_error"
-        assert attempts.get_cell_at((1, 2)).plain == "ok"
+        assert attempts.cell_at(0, "result").plain == "failed"
+        assert attempts.cell_at(0, "kind").plain == "server_error"
+        assert attempts.cell_at(1, "result").plain == "ok"
         summary = str(screen.query_one("#decision-summary").render())
         assert "served by" in summary and failover.served_by in summary
         await pilot.press("escape")
@@ -101,7 +101,7 @@ async def test_decision_shows_every_exclusion_with_its_reason():
         app.push_screen(DecisionScreen(row))
         await pilot.pause()
         excluded = table(app, "excluded")
-        reasons = {excluded.get_cell_at((i, 0)).plain: excluded.get_cell_at((i, 1)).plain for i in range(excluded.row_count)}
+        reasons = {excluded.cell_at(i, "model").plain: excluded.cell_at(i, "reason").plain for i in range(excluded.row_count)}
         assert reasons == {e.id: e.reason for e in row.decision.excluded}
         await pilot.press("backspace")
         await pilot.pause()
@@ -115,7 +115,7 @@ async def test_enter_on_a_session_opens_it():
         await pilot.press("2")
         sessions = table(app, "sessions")
         assert app.focused is sessions
-        sessions.move_cursor(row=sessions.get_row_index("ses-review"))
+        sessions.move_cursor(row=sessions.index_of("ses-review"))
         await pilot.press("enter")
         await pilot.pause()
         assert isinstance(app.screen, SessionScreen)
@@ -166,10 +166,10 @@ async def test_sort_keys_cycle_columns_and_reverse():
         assert (decisions.sort_column, decisions.sort_reverse) == ("time", True)
         await pilot.press("s")
         assert decisions.sort_column == "mode"
-        modes = [decisions.get_cell_at((i, 1)).plain for i in range(decisions.row_count)]
+        modes = [decisions.cell_at(i, "mode").plain for i in range(decisions.row_count)]
         assert modes == sorted(modes, reverse=True)
         await pilot.press("S")
-        modes = [decisions.get_cell_at((i, 1)).plain for i in range(decisions.row_count)]
+        modes = [decisions.cell_at(i, "mode").plain for i in range(decisions.row_count)]
         assert modes == sorted(modes)
         assert "sort Mode ↑" in app.screen.query_one("#decisions", Pane).border_title
 
@@ -179,10 +179,10 @@ async def test_clicking_a_header_sorts_by_that_column():
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         health = table(app, "health")
-        health.post_message(health.HeaderSelected(health, health.ordered_columns[5].key, 5, label=None))  # type: ignore[arg-type]
-        await pilot.pause()
+        x = sum(c.width + 2 for c in health.spec[:5]) + 1  # inside the sixth header, "Err"
+        await pilot.click(health, offset=(x, 0))
         assert health.sort_column == "errors"
-        rates = [health.get_cell_at((i, 5)).sort_value for i in range(health.row_count)]
+        rates = [health.cell_at(i, "errors").sort_value for i in range(health.row_count)]
         assert rates == sorted(rates)
 
 
@@ -293,10 +293,10 @@ async def test_t_opens_the_theme_picker_and_a_theme_recolours_cells():
         assert isinstance(app.screen, CommandPalette)
         await pilot.press("escape")
         await pilot.pause()
-        before = table(app, "decisions").get_cell_at((1, 8)).style
+        before = table(app, "decisions").cell_at(1, "status").style
         app.theme = "nord"
         await pilot.pause()
-        after = table(app, "decisions").get_cell_at((1, 8)).style
+        after = table(app, "decisions").cell_at(1, "status").style
         assert str(before) != str(after)
 
 

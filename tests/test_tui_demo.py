@@ -43,11 +43,11 @@ async def test_demo_moves_traffic_away_from_an_outage(tmp_path):
             health = table(app, "health")
 
             def is_red() -> bool:
-                status = health.get_cell(down, "status")
+                status = health.cells_of(down)[1]
                 return status.plain.endswith("down") and app.state.health[down]["circuit"] == "open"
 
             await wait_until(pilot, is_red, timeout=15)
-            assert "bold" in str(health.get_cell(down, "status").style)  # drawn in the theme's error colour
+            assert "bold" in str(health.cells_of(down)[1].style)  # drawn in the theme's error colour
             went_down = max(r.ts for r in app.state.decisions.values())
             await asyncio.sleep(2.0)  # more traffic after the circuit opened
             await wait_until(pilot, lambda: any(r.ts > went_down + 0.5 and r.status == "ok" for r in app.state.decisions.values()))

@@ -19,12 +19,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.config import Settings
-from ..runtime import Runtime
-from ..sim.traffic import DEFAULT_CYCLE_S, Incident, SessionMaker, TrafficGenerator, demo_sessions
-from .source import LocalSource
+if TYPE_CHECKING:  # the runtime is imported only once the console's first frame is up
+    from ..core.config import Settings
+    from ..runtime import Runtime
+    from ..sim.traffic import SessionMaker, TrafficGenerator
+    from .source import LocalSource
 
 
 @dataclass
@@ -50,52 +51,37 @@ def session_maker(store: Any) -> SessionMaker | None:
 
 
 @asynccontextmanager
-async def open_demo(
-    settings: Settings,
-    *,
-    db_path: str | Path | None,
-    rate: float = 3.0,
-    seed: int | None = None,
-    incidents: list[Incident] | None = None,
-    cycle_s: float | None = DEFAULT_CYCLE_S,
-    time_scale: float = 1.0,
-    sim_speed: float = 1.0,
-    burst_every_s: tuple[float, float] = (20.0, 45.0),
-) -> AsyncIterator[Demo]:
-    """A running demo: simulator, runtime and traffic; `time_scale` < 1 and `sim_speed` > 1 fast-forward it."""
+async def open_demo(settings: Settings, *, db_path: str | Path | None, sim_speed: float = 1.0, **traffic: Any) -> AsyncIterator[Demo]:
+    """A running demo: simulator, runtime and traffic (`traffic` goes to the TrafficGenerator: rate, seed,
+    incidents, time_scale...). `sim_speed` > 1 answers faster than the catalog's pace (tests, benchmarks)."""
+    from ..runtime import Runtime
+    from ..sim.traffic import TrafficGenerator, demo_sessions
+    from .source import LocalSource
+
     async with Runtime.open(settings, sim=True, db_path=db_path) as runtime:
         assert runtime.sim is not None
         runtime.sim.state.speed = sim_speed
         sessions = await demo_sessions(session_maker(runtime.store))
-        traffic = TrafficGenerator(
-            runtime.orchestrator,
-            runtime.sim.state,
-            rate=rate,
-            seed=seed,
-            sessions=sessions,
-            incidents=incidents,
-            cycle_s=cycle_s,
-            time_scale=time_scale,
-            burst_every_s=burst_every_s,
-        )
-        traffic.start()
+        generator = TrafficGenerator(runtime.orchestrator, runtime.sim.state, sessions=sessions, **traffic)
+        generator.start()
         try:
-            yield Demo(runtime, traffic, LocalSource(runtime, simulated=True))
+            yield Demo(runtime, generator, LocalSource(runtime, simulated=True))
         finally:
-            await traffic.stop()
+            await generator.stop()
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import settings_from
     from .app import ConsoleApp
     from .launch import run_app
 
-    settings = settings_from(args)
     temp_dir = None if args.db else tempfile.mkdtemp(prefix="p402-demo-")
     db_path = Path(args.db) if args.db else Path(temp_dir) / "demo.db"  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def open_source():
+        from ..cli import settings_from
+
+        settings = settings_from(args)  # a broken config file ends the app with its one-line error
         async with open_demo(settings, db_path=db_path, rate=args.rate, seed=args.seed) as demo:
             yield demo.source
 

@@ -1,8 +1,9 @@
 """Start the console: the first frame at once, the runtime behind it as it comes up.
 
-`run_app` starts the Textual app and opens the data source concurrently in the
-same event loop, so the screen is up before the simulator, the store or the
-gateway have started; the panes go live when the source connects.
+`run_app` starts the Textual app and, once its first frame is drawn, opens the
+data source in the same event loop: the screen is up before the runtime's
+modules are even imported (they take longer than the app itself), and the panes
+go live when the source connects.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ async def run_app(app: ConsoleApp, open_source: Opener) -> None:
     """Run `app` until it quits, connected to the source `open_source` yields; close the source after."""
     shown = asyncio.create_task(app.run_async(), name="p402-console")
     try:
+        while app.first_frame_at is None and not shown.done():
+            await asyncio.sleep(0.01)
+        if shown.done():
+            return
         async with open_source() as source:
             if not shown.done():
                 app.connect(source)

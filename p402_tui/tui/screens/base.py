@@ -6,15 +6,29 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from ..widgets.pane import Pane
+from ..widgets.table import LiveTable
 
 
 class PaneScreen(Screen):
+    """Subclasses draw their panes in `redraw`, which runs again after a theme change."""
+
     BINDINGS = [
         Binding("slash", "filter", "Filter", key_display="/"),
         Binding("s", "sort", "Sort"),
         Binding("S", "reverse", "Reverse", show=False),
         Binding("z", "maximize_pane", "Zoom"),
     ]
+
+    def on_mount(self) -> None:
+        self.app.theme_changed_signal.subscribe(self, self._theme_changed)
+
+    def _theme_changed(self, _theme: object) -> None:
+        for table in self.query(LiveTable):
+            table.invalidate()  # colours live in the cells: build them again
+        self.redraw()
+
+    def redraw(self) -> None:
+        raise NotImplementedError
 
     def focused_pane(self) -> Pane | None:
         widget = self.focused

@@ -6,7 +6,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import DataTable, Footer
+from textual.widgets import Footer
 
 from ..state import ConsoleState
 from .base import PaneScreen
@@ -46,8 +46,8 @@ class DashboardScreen(PaneScreen):
         yield Footer()
 
     def on_mount(self) -> None:
+        super().on_mount()
         self.query_one(DecisionsTable).focus()
-        self.app.theme_changed_signal.subscribe(self, self._theme_changed)
         self.update_status()
         for pane in self.query(Pane):
             pane.update_title()
@@ -55,10 +55,8 @@ class DashboardScreen(PaneScreen):
     def on_screen_resume(self) -> None:
         self.show_state(self.app.state)  # type: ignore[attr-defined]
 
-    def _theme_changed(self, _theme: object) -> None:
+    def redraw(self) -> None:
         self._seen.clear()
-        for table in self.query(LiveTable):
-            table.invalidate()
         self.show_state(self.app.state)  # type: ignore[attr-defined]
 
     # --- drawing -----------------------------------------------------------------------
@@ -96,20 +94,18 @@ class DashboardScreen(PaneScreen):
         if self.maximized is not None:
             self.minimize()
 
-    @on(DataTable.RowSelected, "#decisions-table")
-    def _open_decision(self, event: DataTable.RowSelected) -> None:
+    @on(LiveTable.Selected, "#decisions-table")
+    def _open_decision(self, event: LiveTable.Selected) -> None:
         from .decision import DecisionScreen
 
-        key = event.row_key.value
-        row = self.app.state.decisions.get(key)  # type: ignore[attr-defined]
+        row = self.app.state.decisions.get(event.key)  # type: ignore[attr-defined]
         if row is not None:
             self.app.push_screen(DecisionScreen(row))
 
-    @on(DataTable.RowSelected, "#sessions-table")
-    def _open_session(self, event: DataTable.RowSelected) -> None:
+    @on(LiveTable.Selected, "#sessions-table")
+    def _open_session(self, event: LiveTable.Selected) -> None:
         from .session import SessionScreen
 
-        key = event.row_key.value
-        session = self.app.state.sessions.get(key)  # type: ignore[attr-defined]
+        session = self.app.state.sessions.get(event.key)  # type: ignore[attr-defined]
         if session is not None:
             self.app.push_screen(SessionScreen(session))

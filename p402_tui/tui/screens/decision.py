@@ -188,6 +188,7 @@ class DecisionScreen(PaneScreen):
         yield Footer()
 
     def on_mount(self) -> None:
+        super().on_mount()
         self.query_one("#decision-title", Static).update(Text(" Decision ", style="bold reverse"))
         if self.decision is None and self.row.decision is None and self.row.status not in ("cached",):
             self._load()
@@ -208,6 +209,9 @@ class DecisionScreen(PaneScreen):
         if found is not None:
             self.decision = found
             self.show_decision()
+
+    def redraw(self) -> None:
+        self.show_decision()
 
     def show_decision(self) -> None:
         colors = palette_of(self.app)

@@ -122,6 +122,7 @@ class SessionScreen(PaneScreen):
         yield Footer()
 
     def on_mount(self) -> None:
+        super().on_mount()
         self.show_session()
         self.query_one("#requests", Pane).focus_body()
         self.action_reload()
@@ -141,6 +142,9 @@ class SessionScreen(PaneScreen):
         self.session = detail["session"]
         self.requests = detail["requests"]
         self.messages = detail["messages"]
+        self.show_session()
+
+    def redraw(self) -> None:
         self.show_session()
 
     def show_session(self) -> None:

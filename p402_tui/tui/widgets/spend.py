@@ -134,4 +134,5 @@ class SpendPane(Horizontal):
     def show(self, series: SpendSeries, summary: SpendSummary, now: float, colors: Palette, summary_changed: bool) -> None:
         chart = self.query_one(SpendChart)
         if chart.draw(series, now, colors) or summary_changed:
-            self.query_one("#spend-totals", Static).update(summary_text(summary, colors, chart.legend))
+            totals = self.query_one("#spend-totals", Static)
+            totals.update(summary_text(summary, colors, chart.legend), layout=False)  # its size is fixed in CSS

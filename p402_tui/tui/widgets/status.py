@@ -46,4 +46,4 @@ class StatusLine(Static):
     def show(self, text: Text) -> None:
         if self._last is None or text.plain != self._last.plain or text.spans != self._last.spans:
             self._last = text
-            self.update(text)
+            self.update(text, layout=False)  # one line, always: no need to lay the screen out again
