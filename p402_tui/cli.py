@@ -294,11 +294,15 @@ def _require_usable(settings, model_ref: str) -> None:
         )
 
 
-async def chat_once(settings, request, options, on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+async def chat_once(
+    settings, request, options, on_text: Callable[[str], None] | None = None, *, ctx=None, persist: bool = True
+) -> dict[str, Any]:
     """One request through the orchestrator (routing, failover); the answer, usage, cost, timing and attempts.
 
     `on_text` sees the text as it arrives. A stream that breaks after its first words
-    returns what came, with `error` set.
+    returns what came, with `error` set. With `persist` the request goes into the
+    ledger and through the cache (`cached`, `saved_usd`); `ctx` carries session, tag,
+    namespace and the cache opt-out.
     """
     from .core.hooks import CallContext
     from .providers.base import StreamAssembler
@@ -309,10 +313,9 @@ async def chat_once(settings, request, options, on_text: Callable[[str], None] |
     elif not settings.usable_providers():
         raise _no_provider_error()
     error = None
-    # Persistence seam: the store package turns the ledger and cache on here (persist, --db, --no-cache).
-    async with Runtime.open(settings, persist=False) as runtime:
+    async with Runtime.open(settings, persist=persist) as runtime:
         orchestrator = runtime.orchestrator
-        ctx = CallContext(source="cli")
+        ctx = ctx or CallContext(source="cli")
         if request.stream:
             assembler = None
             async with orchestrator.stream(request, options, ctx) as stream:
@@ -353,6 +356,9 @@ async def chat_once(settings, request, options, on_text: Callable[[str], None] |
         "finish_reason": "error" if error is not None else response.finish_reason,
         "attempts": meta.to_dict()["attempts"],
         "decision_id": meta.decision_id,
+        "cached": meta.cached,
+        "saved_usd": meta.saved_usd,
+        "request_id": ctx.request_id,
     }
     if error is not None:
         result["error"] = error
@@ -373,12 +379,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     request = ChatRequest(messages=_messages(args), max_tokens=args.max_tokens, stream=args.stream)
     # --model pins one model and calls it alone; without it the router chooses and fails over.
     options = route_options_from(args, model=args.model, failover=args.model is None)
+    ctx = chat_context(args, settings)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = run_async(chat_once(settings, request, options, on_text=None if args.json else show))
+    result = run_async(chat_once(settings, request, options, on_text=None if args.json else show, ctx=ctx))
     if isinstance(result, int):  # interrupted
         return result
     broken = result.get("error")
@@ -394,6 +401,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"p402: {broken['kind']}: {broken['message']}", file=sys.stderr)
         return 1
     return 0
+
+
+def chat_context(args: argparse.Namespace, settings):
+    """Who asks and how the answer is kept: --session, --tag, --namespace, --cache/--no-cache."""
+    from .core.hooks import CallContext
+
+    if args.cache is not None:  # one request per process: the flag is the cache's setting for this run
+        settings.file.cache.enabled = args.cache
+    return CallContext(
+        source="cli",
+        session_id=args.session,
+        tag=args.tag,
+        namespace=args.namespace,
+        cache=args.cache is not False,
+    )
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -593,6 +615,174 @@ def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
 
 
+# --- ledger, sessions, cost intelligence, cache ------------------------------------------------
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    from .store.analytics import parse_period, spend
+
+    settings = settings_from(args)
+    period = parse_period(args.period, start=args.start, end=args.end)
+
+    async def report() -> dict[str, Any]:
+        from .store.store import Store
+
+        async with await Store.open(settings.db_path) as store:
+            return await spend(store, period, args.by)
+
+    result = run_async(report())
+    if isinstance(result, int):
+        return result
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{period.label}: {usd(result['total_usd'])} over {result['requests']} requests "
+          f"({result['cached']} from the cache, saving {usd(result['saved_usd'])}; {result['errors']} failed)")
+    if result["breakdown"]:
+        print()
+        print_table([args.by.upper(), "COST", "REQUESTS", "SAVED"],
+                    [[b["key"], usd(b["cost_usd"]), b["requests"], usd(b["saved_usd"])] for b in result["breakdown"]])
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    return run_async(_sessions(args, settings_from(args)))
+
+
+async def _sessions(args: argparse.Namespace, settings) -> int:
+    from .store import sessions
+    from .store.store import Store
+
+    async with await Store.open(settings.db_path) as store:
+        action = args.sessions_command
+        if action == "list":
+            found = await sessions.list_sessions(store, status=args.status)
+            if args.json:
+                print_json(found)
+            else:
+                print_table(
+                    ["ID", "NAME", "STATUS", "BUDGET", "SPENT", "REQUESTS"],
+                    [[s["id"], s["name"], s["status"], "-" if s["budget_usd"] is None else usd(s["budget_usd"]),
+                      usd(s["spent_usd"]), s["requests"]] for s in found],
+                )
+            return 0
+        if action == "create":
+            session = await sessions.create_session(
+                store, name=args.name, budget_usd=args.budget, agent=args.agent, metadata=_json_object(args.metadata)
+            )
+        elif action == "show":
+            session = await sessions.get_session(store, args.id)
+            session["messages"] = await sessions.session_messages(store, args.id, limit=args.messages)
+        elif action == "update":
+            changes: dict[str, Any] = {}
+            for flag in ("name", "status", "agent"):
+                if getattr(args, flag) is not None:
+                    changes[flag] = getattr(args, flag)
+            if args.no_budget:
+                changes["budget_usd"] = None
+            elif args.budget is not None:
+                changes["budget_usd"] = args.budget
+            if args.metadata is not None:
+                changes["metadata"] = _json_object(args.metadata)
+            if not changes:
+                raise P402Error("nothing to change: give --name, --budget, --no-budget, --status, --agent or --metadata")
+            session = await sessions.update_session(store, args.id, **changes)
+        else:
+            await sessions.delete_session(store, args.id)
+            if args.json:
+                print_json({"id": args.id, "deleted": True})
+            else:
+                print(f"deleted {args.id} (its requests stay in the ledger)")
+            return 0
+    if args.json:
+        print_json(session)
+    else:
+        budget = "no budget" if session["budget_usd"] is None else f"budget {usd(session['budget_usd'])}"
+        print(f"{session['id']}  {session['name']}  {session['status']}  {budget}  "
+              f"spent {usd(session['spent_usd'])} in {session['requests']} requests")
+        for message in session.get("messages", ()):
+            print(f"  [{message['role']}] {message['content']}")
+    return 0
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise P402Error(f"--metadata is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise P402Error("--metadata must be a JSON object, like '{\"team\": \"research\"}'")
+    return value
+
+
+def cmd_recommendations(args: argparse.Namespace) -> int:
+    from .store.analytics import parse_period, recommendations
+
+    settings = settings_from(args)
+    period = parse_period(args.period, start=args.start, end=args.end)
+
+    async def advise() -> list[dict[str, Any]]:
+        from .store.store import Store
+
+        async with await Store.open(settings.db_path) as store:
+            return await recommendations(store, settings.catalog, period)
+
+    found = run_async(advise())
+    if isinstance(found, int):
+        return found
+    if args.json:
+        print_json(found)
+    elif not found:
+        print(f"nothing to recommend from the ledger ({period.label})")
+    else:
+        for number, item in enumerate(found, 1):
+            saving = "" if item["monthly_saving_usd"] is None else f"  (~{usd(item['monthly_saving_usd'])}/month)"
+            print(f"{number}. {item['title']}{saving}")
+            print(f"   {item['detail']}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    return run_async(_cache(args, settings_from(args)))
+
+
+async def _cache(args: argparse.Namespace, settings) -> int:
+    from .cache.semantic import SemanticCache
+    from .store.store import Store
+
+    async with await Store.open(settings.db_path) as store:
+        cache = SemanticCache.from_config(store, settings.cache)
+        if args.cache_command == "clear":
+            removed = await cache.clear(args.namespace)
+            if args.json:
+                print_json({"removed": removed, "namespace": args.namespace})
+            else:
+                print(f"removed {removed} cached answers" + (f" from {args.namespace!r}" if args.namespace else ""))
+            return 0
+        await cache.ready()
+        info = cache.info()
+        info["namespaces"] = await store.fetchall(
+            "SELECT namespace, COUNT(*) AS entries, SUM(hits) AS hits FROM semantic_cache GROUP BY namespace "
+            "ORDER BY entries DESC"
+        )
+    if args.json:
+        print_json(info)
+    else:
+        embedder = info["embedder"]
+        state = "on" if info["enabled"] else "off (cache.enabled = false)"
+        print(f"cache {state}: {info['entries']} answers; embedder {embedder['name']} ({embedder['label']}, "
+              f"{embedder['dim']} dims); threshold {info['threshold']:.2f}; ttl {info['ttl_s']:.0f}s; "
+              f"max {info['max_entries']}")
+        if info["warning"]:
+            print(info["warning"])
+        if info["namespaces"]:
+            print()
+            print_table(["NAMESPACE", "ENTRIES", "HITS"], [[n["namespace"], n["entries"], n["hits"]] for n in info["namespaces"]])
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------
 
 
@@ -662,6 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: content, usage, cost, timing, attempts")
     p.add_argument("--system", metavar="S", help="a system prompt")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="cap the answer's length")
+    p.add_argument("--session", metavar="ID", help="charge an agent session (its budget is checked first)")
+    p.add_argument("--tag", metavar="T", help="a label for spend reports (p402 spend --by tag)")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="answer from / keep in the semantic cache (default: config cache.enabled, on)")
+    p.add_argument("--namespace", metavar="N", help="cache namespace (default: the session, else 'default')")
+    p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read stdin")
     p.set_defaults(func=cmd_chat)
 
@@ -730,6 +926,59 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
     q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
     p.set_defaults(func=cmd_keys)
+
+    db_help = "database file (default: the user data dir; or P402_DB)"
+    period = argparse.ArgumentParser(add_help=False)
+    period.add_argument("--period", metavar="P", help="today, 7d, 30d (default), all, or FROM..TO dates")
+    period.add_argument("--from", dest="start", metavar="YYYY-MM-DD", help="first day (instead of --period)")
+    period.add_argument("--to", dest="end", metavar="YYYY-MM-DD", help="last day, inclusive (instead of --period)")
+    period.add_argument("--db", metavar="PATH", help=db_help)
+    period.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("spend", parents=[common, period], help="what was spent in a period, broken down")
+    p.add_argument("--by", choices=["provider", "model", "session", "tag", "day"], default="provider",
+                   help="breakdown (default provider)")
+    p.set_defaults(func=cmd_spend)
+
+    p = sub.add_parser("recommendations", parents=[common, period], help="where the ledger says money or time goes to waste")
+    p.set_defaults(func=cmd_recommendations)
+
+    p = sub.add_parser("sessions", parents=[common], help="agent sessions: budgets, spend, status")
+    sessions_sub = p.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)
+    q = sessions_sub.add_parser("list", parents=[common], help="every session with its spend")
+    q.add_argument("--status", choices=["active", "paused", "closed"], help="only sessions with this status")
+    q = sessions_sub.add_parser("create", parents=[common], help="a new session")
+    q.add_argument("--name", required=True, metavar="N", help="what to call it")
+    q.add_argument("--budget", type=_non_negative_float, metavar="USD", help="refuse requests past this spend")
+    q.add_argument("--agent", metavar="A", help="the agent working in it")
+    q.add_argument("--metadata", metavar="JSON", help="a JSON object to keep with it")
+    q = sessions_sub.add_parser("show", parents=[common], help="one session and its chat history")
+    q.add_argument("id", metavar="ID")
+    q.add_argument("--messages", type=_positive_int, default=20, metavar="N", help="last N messages (default 20)")
+    q = sessions_sub.add_parser("update", parents=[common], help="change name, budget, status, agent or metadata")
+    q.add_argument("id", metavar="ID")
+    q.add_argument("--name", metavar="N")
+    q.add_argument("--budget", type=_non_negative_float, metavar="USD")
+    q.add_argument("--no-budget", action="store_true", help="remove the budget")
+    q.add_argument("--status", choices=["active", "paused", "closed"])
+    q.add_argument("--agent", metavar="A")
+    q.add_argument("--metadata", metavar="JSON", help="a JSON object (replaces the old one)")
+    q = sessions_sub.add_parser("delete", parents=[common], help="delete a session (its ledger rows stay)")
+    q.add_argument("id", metavar="ID")
+    for q in sessions_sub.choices.values():
+        q.add_argument("--db", metavar="PATH", help=db_help)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("cache", parents=[common], help="the semantic cache: which embedder, how full; clear it")
+    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    cache_sub.add_parser("stats", parents=[common], help="embedder, threshold, entries per namespace")
+    q = cache_sub.add_parser("clear", parents=[common], help="delete cached answers")
+    q.add_argument("--namespace", metavar="N", help="only this namespace")
+    for q in cache_sub.choices.values():
+        q.add_argument("--db", metavar="PATH", help=db_help)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_cache)
 
     return parser
 

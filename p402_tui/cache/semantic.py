@@ -509,7 +509,8 @@ class SemanticCache:
 
     async def clear(self, namespace: str | None = None) -> int:
         """Delete every entry (of one namespace); returns how many rows went."""
-        await self.ready()  # a load in progress would bring the entries back
+        if self._ready is not None:
+            await self.ready()  # a load in progress would bring the entries back
         for entry in [e for e in self._entries.values() if namespace is None or e.namespace == namespace]:
             self._drop(entry)
         if namespace is None:
