@@ -140,7 +140,7 @@ class RouteDecision:
         "_candidates",
         "_fallbacks",
         "_excluded",
-        "_ranking",
+        "_rank",
     )
 
     def __init__(
@@ -157,7 +157,6 @@ class RouteDecision:
         est_output_tokens: int = 0,
         decision_us: float = 0.0,
         options: RouteOptions | None = None,
-        ranking: _Ranking | None = None,
     ) -> None:
         self.id = id
         self.ts = ts
@@ -170,40 +169,65 @@ class RouteDecision:
         self._candidates = candidates
         self._fallbacks = fallbacks
         self._excluded = excluded
-        self._ranking = ranking
+        self._rank: _Ranking | tuple[Any, ...] | None = None
+
+    @classmethod
+    def _decided(
+        cls, id: str, ts: float, mode: str, prompt_tokens: int, est_output_tokens: int, decision_us: float,
+        options: RouteOptions, rank: tuple[Any, ...],
+    ) -> RouteDecision:
+        """The router's own constructor: positional, and the ranking left as the tuple it was made from."""
+        decision = cls.__new__(cls)
+        decision.id, decision.ts, decision.mode = id, ts, mode
+        decision.prompt_tokens, decision.est_output_tokens, decision.decision_us = prompt_tokens, est_output_tokens, decision_us
+        decision.options = options
+        decision._chosen = decision._candidates = decision._fallbacks = decision._excluded = None
+        decision._rank = rank
+        return decision
+
+    def _ranked(self) -> _Ranking | None:
+        rank = self._rank
+        if type(rank) is tuple:
+            rank = self._rank = _Ranking(*rank)
+        return rank
 
     @property
     def chosen(self) -> Candidate | None:
-        if self._chosen is None and self._ranking is not None and self._ranking.chosen >= 0:
-            self._chosen = self._ranking.candidate(self._ranking.chosen)
+        if self._chosen is None:
+            ranking = self._ranked()
+            if ranking is not None and ranking.chosen >= 0:
+                self._chosen = ranking.candidate(ranking.chosen)
         return self._chosen
 
     @property
     def chosen_id(self) -> str | None:
         """The chosen model's id, without building its scores."""
-        if self._ranking is not None:
-            return self._ranking.entry.ids[self._ranking.chosen] if self._ranking.chosen >= 0 else None
+        ranking = self._ranked()
+        if ranking is not None:
+            return ranking.entry.ids[ranking.chosen] if ranking.chosen >= 0 else None
         return self._chosen.id if self._chosen is not None else None
 
     @property
     def candidates(self) -> list[Candidate]:
         if self._candidates is None:
-            if self._ranking is None:
+            ranking = self._ranked()
+            if ranking is None:
                 self._candidates = [self._chosen] if self._chosen is not None else []
             else:
                 chosen = self.chosen
-                rest = [self._ranking.candidate(i) for i in self._ranking.order() if i != self._ranking.chosen]
+                rest = [ranking.candidate(i) for i in ranking.order() if i != ranking.chosen]
                 self._candidates = ([chosen] if chosen is not None else []) + rest
         return self._candidates
 
     @property
     def fallbacks(self) -> list[str]:
         if self._fallbacks is None:
+            ranking = self._ranked()
             if not self.options.failover or self.chosen_id is None:
                 self._fallbacks = []
-            elif self._ranking is not None:
-                ids = self._ranking.entry.ids
-                self._fallbacks = [ids[i] for i in self._ranking.order() if i != self._ranking.chosen]
+            elif ranking is not None:
+                ids = ranking.entry.ids
+                self._fallbacks = [ids[i] for i in ranking.order() if i != ranking.chosen]
             else:
                 self._fallbacks = [c.id for c in self.candidates[1:]]
         return self._fallbacks
@@ -211,7 +235,8 @@ class RouteDecision:
     @property
     def excluded(self) -> list[Excluded]:
         if self._excluded is None:
-            self._excluded = self._ranking.excluded() if self._ranking is not None else []
+            ranking = self._ranked()
+            self._excluded = ranking.excluded() if ranking is not None else []
         return self._excluded
 
     @property
@@ -231,8 +256,9 @@ class RouteDecision:
         if not excluded:
             return "no model in the catalog"
         pinned = self.options.model
-        if self._ranking is not None and self._ranking.entry.pin is not None:
-            pinned = self._ranking.entry.pinned_id
+        ranking = self._ranked()
+        if ranking is not None and ranking.entry.pin is not None:
+            pinned = ranking.entry.pinned_id
         if pinned is not None:
             for item in excluded:
                 if item.id == pinned:
@@ -589,16 +615,15 @@ class Router:
                 chosen = -1
         else:
             chosen = -1
-        ranking = _Ranking(self, entry, cost, key, bad, (ctx_bad, out_bad, cost_bad), chosen, ot, live)
-        return RouteDecision(
-            id=f"dec-{self._id_prefix}-{next(self._ids_counter)}",
-            ts=time.time(),
-            mode=mode,
-            prompt_tokens=prompt_tokens,
-            est_output_tokens=ot,
-            decision_us=(time.perf_counter_ns() - started) / 1000,
-            options=options,
-            ranking=ranking,
+        return RouteDecision._decided(
+            f"dec-{self._id_prefix}-{next(self._ids_counter)}",
+            time.time(),
+            mode,
+            prompt_tokens,
+            ot,
+            (time.perf_counter_ns() - started) / 1000,
+            options,
+            (self, entry, cost, key, bad, (ctx_bad, out_bad, cost_bad), chosen, ot, live),
         )
 
     def _prompt(self, request: ChatRequest) -> tuple[int, int]:
