@@ -386,3 +386,19 @@ async def test_opting_out_neither_reads_nor_writes_the_cache(orchestrated, store
     assert sim.state.stats()["calls"] == 2
     await store.flush()
     assert await store.scalar("SELECT COUNT(*) FROM semantic_cache") == 0
+
+
+async def test_provider_embeddings_go_through_the_adapters(sim, sim_settings, tmp_path):
+    from p402_tui.runtime import Runtime
+
+    sim_settings.file.cache.embedder = "cohere/embed-v4.0"
+    options = RouteOptions(model="openai/gpt-4o-mini")
+    async with Runtime.open(sim_settings, db_path=tmp_path / "provider.db") as runtime:
+        first = await runtime.orchestrator.complete(ask("What is the capital of France?"), options)
+        # The simulator's embeddings are hashed words: the same words in another order point the same way.
+        again = await runtime.orchestrator.complete(ask("France: what is the capital of?"), options)
+        info = runtime.cache.info()
+    assert not first.p402.cached and again.p402.cached and again.content == first.content
+    assert info["embedder"] == {"name": "cohere/embed-v4.0", "dim": 1536, "label": "semantic", "min_threshold": 0.0}
+    calls = sim.state.stats()["providers"]
+    assert calls["cohere"]["models"] == {"embed-v4.0": 2} and calls["openai"]["calls"] == 1
