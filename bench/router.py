@@ -11,7 +11,8 @@ only when read; "route_and_fallbacks_us" times both, as failover would pay them.
 LiteLLM: `Router.async_get_available_deployment()` (the call its benchmark in
 shared/bench-litellm times) with one deployment per catalog model in one model
 group, each with its catalog price, for cost-based-routing, latency-based-routing
-and simple-shuffle. It runs in a child process of LiteLLM's own virtualenv
+and simple-shuffle (and, for comparison with shared/bench-litellm, with only 16 of
+them). It runs in a child process of LiteLLM's own virtualenv
 (installed only for this benchmark, never a dependency of P402).
 
     python bench/router.py                                  # ~1 minute
@@ -188,9 +189,10 @@ def litellm_child(n: int) -> None:
     except Exception:  # the version is a label; the numbers stand without it
         pass
 
-    async def run() -> None:
+    async def time_strategies(model_list: list[dict[str, Any]]) -> dict[str, Any]:
+        results: dict[str, Any] = {}
         for strategy in LITELLM_STRATEGIES:
-            router = Router(model_list=deployments, routing_strategy=strategy)
+            router = Router(model_list=model_list, routing_strategy=strategy)
             for _ in range(50):
                 await router.async_get_available_deployment(model=LITELLM_GROUP, request_kwargs={}, messages=MESSAGES)
             gc.collect()
@@ -205,7 +207,13 @@ def litellm_child(n: int) -> None:
                 samples.append(time.perf_counter_ns() - started)
                 if time.monotonic() > deadline:
                     break
-            out["strategies"][strategy] = {**summary(samples), "chosen": chosen["model_info"]["id"] if chosen else None}
+            results[strategy] = {**summary(samples), "chosen": chosen["model_info"]["id"] if chosen else None}
+        return results
+
+    async def run() -> None:
+        out["strategies"] = await time_strategies(deployments)
+        # The shared baseline (shared/bench-litellm) used 16 deployments: the same size, for comparison.
+        out["strategies_16_deployments"] = await time_strategies(deployments[:16])
 
     asyncio.run(run())
     print(json.dumps(out))
