@@ -609,3 +609,21 @@ async def test_cancelling_the_consuming_task_closes_upstream(catalog):
     finally:
         await adapter.aclose()
         await running.stop()
+
+
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_an_error_event_mid_stream_interrupts_it(pid, adapters, control):
+    await control(provider=pid, kind="error", status=502, after_tokens=3)
+    adapter = adapters(pid)
+    seen = []
+    with pytest.raises(errors.StreamInterruptedError) as caught:
+        async for chunk in adapter.stream(ask(), model=MODELS[pid]):
+            seen.append(chunk.content)
+    assert len(seen) == 3 and caught.value.message.startswith("stream broke: ")
+
+
+async def test_openrouter_failure_inside_a_200_answer(adapters, control):
+    await control(provider="openrouter", kind="error", status=503, after_tokens=1)
+    with pytest.raises(errors.ServerError) as caught:
+        await adapters("openrouter").complete(ask(), model=MODELS["openrouter"])
+    assert caught.value.status == 503

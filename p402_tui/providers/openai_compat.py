@@ -209,6 +209,14 @@ class OpenAICompatAdapter(Adapter):
                             if finish:
                                 finished = True
                             yield chunk
+                    elif obj.get("error") or obj.get("detail") or obj.get("object") == "error":
+                        # An answer that fails after it began arrives as an error event, status 200.
+                        error = self.error_from_body(obj, 502, model, status_from_code=True)
+                        if started:
+                            raise StreamInterruptedError(
+                                f"stream broke: {error.message}", provider=self.id, model=model, status=error.status
+                            )
+                        raise error
                     raw_usage = obj.get("usage")
                     if raw_usage:
                         usage = usage_from(raw_usage)
@@ -216,13 +224,6 @@ class OpenAICompatAdapter(Adapter):
                         usage = usage_from(obj["x_groq"]["usage"])
                     if "citations" in obj or "search_results" in obj:
                         extra = _extras(obj)
-                    if "error" in obj and obj["error"]:
-                        error = self.error_from_body(obj, 502, model, status_from_code=True)
-                        if started:
-                            raise StreamInterruptedError(
-                                f"stream broke: {error.message}", provider=self.id, model=model, status=error.status
-                            )
-                        raise error
         except httpx.HTTPError as error:
             raise self.transport_error(error, model, started=started) from None
         if not done and not finished:

@@ -35,7 +35,9 @@ class Fault(BaseModel):
     probability: float = Field(default=1.0, ge=0, le=1)
     status: int | None = None  # error: 500 (default), 502, 503 or 529
     retry_after_s: float | None = Field(default=None, ge=0)
-    after_tokens: int = Field(default=0, ge=0)  # disconnect / malformed / timeout mid-stream after N tokens
+    # disconnect / malformed / timeout mid-stream after N tokens; an error with N > 0 breaks a stream that began
+    # (a family sends it the way its provider reports errors mid-answer)
+    after_tokens: int = Field(default=0, ge=0)
     count: int | None = Field(default=None, ge=1)  # fire at most this many times, then retire
     _fired: int = PrivateAttr(default=0)
 

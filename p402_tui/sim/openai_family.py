@@ -319,8 +319,15 @@ class OpenAIFamily:
         fault = self.state.fault_for(self.id, model)
         stream = body.get("stream") is True
         if fault is not None:
-            if fault.kind in ("error", "rate_limit"):
+            late_error = fault.kind == "error" and fault.after_tokens > 0
+            if fault.kind == "rate_limit" or (fault.kind == "error" and not late_error):
                 raise self._fault_error(fault, model)
+            if late_error and not stream:
+                # OpenRouter reports a failure after routing inside a 200 answer; the others as a status.
+                error = self._fault_error(fault, model)
+                if self.dialect.errors != "openrouter":
+                    raise error
+                return JSONResponse(self.error_body(error))
             if fault.kind == "timeout" and not stream:
                 await hang_until_disconnect(request)
                 return Response(status_code=504)
@@ -518,7 +525,7 @@ class OpenAIFamily:
         shown = reasoning.pieces if reasoning is not None else []
         calling = answer.tool_call is not None
         pieces = _fragments(answer.tool_call["arguments"]) if answer.tool_call is not None else answer.pieces
-        broken_at = fault.after_tokens if fault is not None and fault.kind == "malformed" else -1
+        broken_at = fault.after_tokens if fault is not None and fault.kind in ("malformed", "error") else -1
         # Unpaced answers go out in batches, as a real server flushes; a fault must see each piece sent first.
         batch = 1 if self.state.latency or fault is not None else UNPACED_BATCH
         with self.state.track_stream() as tracker:
@@ -553,7 +560,11 @@ class OpenAIFamily:
                 if frames:
                     yield b"".join(frames)
                 raise
-            if broken_at >= 0:
+            if broken_at >= 0 and fault is not None and fault.kind == "error":
+                # The error event OpenAI and OpenRouter send when an answer fails mid-stream.
+                tracker.broken = True
+                frames.append(_frame(self.error_body(self._fault_error(fault, reply.model))))
+            elif broken_at >= 0:
                 tracker.broken = True
                 frames.append(b'data: {"id":"' + reply.id.encode() + b'","object":"chat.completion.ch\n\n')
             else:
@@ -613,6 +624,9 @@ class OpenAIFamily:
         return SimError(status, message, kind, **headers)
 
     def error_response(self, error: SimError) -> JSONResponse:
+        return JSONResponse(self.error_body(error), status_code=error.status, headers=error.headers)
+
+    def error_body(self, error: SimError) -> dict[str, Any]:
         """The error in this provider's own body shape."""
         shape = self.dialect.errors
         if shape == "detail":
@@ -625,7 +639,7 @@ class OpenAIFamily:
         else:
             body = {"error": {"message": error.message, "type": error.type, "param": error.param,
                               "code": error.code}}
-        return JSONResponse(body, status_code=error.status, headers=error.headers)
+        return body
 
     # --- embeddings ---------------------------------------------------------------
 
