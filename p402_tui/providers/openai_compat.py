@@ -95,13 +95,9 @@ class OpenAICompatAdapter(Adapter):
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         else:
             body.pop("stream_options", None)
-        if (
-            self.id == "openai"
-            and model.startswith(MAX_COMPLETION_PREFIXES)
-            and "max_tokens" in body
-        ):
-            body.setdefault("max_completion_tokens", body.pop("max_tokens"))
-            body.pop("max_tokens", None)
+        if self.id == "openai" and "max_tokens" in body and model.startswith(MAX_COMPLETION_PREFIXES):
+            max_tokens = body.pop("max_tokens")
+            body.setdefault("max_completion_tokens", max_tokens)
         if self.id == "mistral":
             _to_mistral(body)
         for name in self.unsupported:
@@ -225,7 +221,8 @@ class OpenAICompatAdapter(Adapter):
                     if "citations" in obj or "search_results" in obj:
                         extra = _extras(obj)
         except httpx.HTTPError as error:
-            raise self.transport_error(error, model, started=started) from None
+            if not done:  # a connection lost while draining after [DONE] takes nothing from the answer
+                raise self.transport_error(error, model, started=started) from None
         if not done and not finished:
             raise self._broken("stream ended before the answer did", model, started)
         if usage is not None or extra:

@@ -306,12 +306,11 @@ class OpenAIFamily:
                 "context_length_exceeded",
                 "messages",
             )
-
         if max_tokens is not None and max_tokens > spec.max_output_tokens:
             raise SimError(
                 400,
                 f"max_tokens is too large: {max_tokens}. This model supports at most {spec.max_output_tokens} "
-                "completion tokens, whereas you provided {max_tokens}.".replace("{max_tokens}", str(max_tokens)),
+                f"completion tokens, whereas you provided {max_tokens}.",
                 "invalid_request_error",
                 "invalid_value",
                 "max_tokens",
