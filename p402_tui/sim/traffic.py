@@ -218,6 +218,14 @@ class TrafficGenerator:
         for active in list(self.active):
             self._lift(active)
 
+    async def drain(self) -> None:
+        """Stop sending and wait for the requests in flight to finish (faults stay as they are)."""
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def run(self) -> None:
         """Send traffic until cancelled."""
         self._started = time.monotonic()

@@ -29,13 +29,13 @@ CANDIDATE_COLUMNS = (
     Column("est", "Est cost", 10),
     Column("latency", "Est latency", 11),
 )
-EXCLUDED_COLUMNS = (Column("model", "Model", 30), Column("reason", "Reason", 28))
+EXCLUDED_COLUMNS = (Column("model", "Model", 29), Column("reason", "Reason", 27))
 ATTEMPT_COLUMNS = (
     Column("n", "#", 2),
     Column("model", "Model", 24),
     Column("result", "Result", 6),
     Column("kind", "Error kind", 12),
-    Column("error", "Error", 30),
+    Column("error", "Error", 29),
     Column("latency", "Latency", 7),
 )
 
@@ -177,6 +177,13 @@ class DecisionScreen(PaneScreen):
         super().__init__(id="decision-screen")
         self.row = row
         self.decision: dict[str, Any] | None = row.decision.to_dict() if row.decision is not None else None
+        self._rev = row.rev
+
+    def show_state(self, state: object) -> None:
+        """Live while open: a request still running fills in its outcome and attempts as they come."""
+        if self.row.rev != self._rev and self.is_mounted:
+            self._rev = self.row.rev
+            self.show_decision()
 
     def compose(self) -> ComposeResult:
         yield Static(id="decision-title", classes="screen-title")
