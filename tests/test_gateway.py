@@ -449,8 +449,10 @@ async def test_events_heartbeat_and_filter(runtime):
             async with http.stream("GET", "/api/v2/events", params={"kinds": "health_changed"}) as events:
                 lines = events.aiter_lines()
                 seen = [await anext(lines) for _ in range(4)]
+            error = assert_openai_error(await http.get("/api/v2/events", params={"kinds": "gossip"}), 400)
         assert seen[0] == ": subscribed"
         assert ": keep-alive" in seen
+        assert error["param"] == "kinds"
     finally:
         await running.stop()
 

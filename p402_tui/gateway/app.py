@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error
-from ..core.events import RouteDecided
+from ..core.events import AttemptFailed, CacheHit, HealthChanged, RequestCompleted, RouteDecided, SpendUpdated
 from ..core.types import ChatChunk, ChatRequest
 from . import errors, sse
 from .auth import GatewayAuth
@@ -40,6 +40,9 @@ Handler = Callable[[Request], Awaitable[Any]]
 HEARTBEAT_S = 15.0
 DECISION_RING = 500
 SESSION_STATUSES = ("active", "paused", "closed")
+EVENT_KINDS = frozenset(
+    kind.kind for kind in (RouteDecided, AttemptFailed, RequestCompleted, HealthChanged, SpendUpdated, CacheHit)
+)
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -283,7 +286,13 @@ class Gateway:
 
     async def events(self, request: Request) -> Any:
         kinds = request.query_params.get("kinds")
-        subscription = self.bus.subscribe(maxsize=1000, kinds=set(kinds.split(",")) if kinds else None)
+        wanted = {k.strip() for k in kinds.split(",") if k.strip()} if kinds else None
+        if wanted and not wanted <= EVENT_KINDS:
+            unknown = ", ".join(sorted(wanted - EVENT_KINDS))
+            raise errors.GatewayError(
+                400, f"unknown event kind {unknown}; choose from {', '.join(sorted(EVENT_KINDS))}", param="kinds"
+            )
+        subscription = self.bus.subscribe(maxsize=1000, kinds=wanted)
         return sse.EventStreamResponse(self._event_frames(subscription), stop=self.closing)
 
     async def _event_frames(self, subscription: Any) -> AsyncIterator[bytes]:

@@ -1,0 +1,500 @@
+#!/usr/bin/env python3
+"""What the gateway adds to a call, and how it compares with LiteLLM's proxy.
+
+Three processes besides this one: `p402 sim --no-latency` (the upstream),
+`p402 serve` pointed at it through a config file, and LiteLLM's proxy pointed
+at the same simulator (installed only for this benchmark, in its own venv).
+This process is the load generator (aiohttp, closed loop: each of C workers
+sends its next request when the last one is done). For every concurrency, with
+and without streaming, it measures the simulator called directly, then through
+P402 (as shipped, and in variants that show where its time goes), then through
+LiteLLM, and prints JSON:
+
+  latency (p50/p99) and, streamed, time to first token; "added" = through a gateway
+  minus direct at the same concurrency; requests/s; CPU ms per request of the
+  gateway process, read from /proc/<pid>/stat (utime + stime) around the run.
+
+    python bench/gateway.py                      # everything, ~3 minutes
+    python bench/gateway.py --duration 1 --skip-litellm
+    python bench/gateway.py --litellm-venv DIR   # reuse (or create) LiteLLM's venv there
+
+Like shared/bench-litellm/run.sh, it re-runs itself in a loopback-only network
+namespace when the machine allows it, so nothing in the run can reach further.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "openai/gpt-4o-mini"
+MESSAGES = [{"role": "user", "content": "In one sentence, what does a model router weigh?"}]
+MAX_TOKENS = 16
+LITELLM_VERSION = "1.108.7"  # the version measured in shared/bench-litellm/RESULTS-litellm.md
+TICKS = os.sysconf("SC_CLK_TCK")
+FIRST_CONTENT = re.compile(rb'"content":"[^"]')
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its children still running (LiteLLM may fork)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log = log
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, url: str, timeout_s: float, headers: dict[str, str] | None = None) -> float:
+        import urllib.request
+
+        start = time.perf_counter()
+        while time.perf_counter() - start < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-1500:]}")
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=1) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - start
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s}s: {self.log.read_text()[-1500:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+
+
+# --- the load --------------------------------------------------------------------------
+
+
+def percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return round(ordered[index], 3)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    ordered = sorted(values)
+    return {
+        "n": len(ordered),
+        "p50": percentile(ordered, 50),
+        "p90": percentile(ordered, 90),
+        "p99": percentile(ordered, 99),
+        "mean": round(statistics.fmean(ordered), 3) if ordered else None,
+    }
+
+
+async def load(
+    url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
+    max_requests: int, stream: bool, server_pid: int | None,
+) -> dict[str, Any]:
+    import aiohttp
+
+    body = json.dumps(payload).encode()
+    headers = {"content-type": "application/json", **headers}
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    failures: dict[str, int] = {}
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+
+    async def one(record: bool) -> None:
+        start = time.perf_counter()
+        first = None
+        try:
+            async with session.post(url, data=body, headers=headers) as response:
+                if response.status != 200:
+                    text = await response.text()
+                    raise RuntimeError(f"HTTP {response.status}: {text[:120]}")
+                if stream:
+                    async for line in response.content:
+                        if first is None and FIRST_CONTENT.search(line):
+                            first = time.perf_counter()
+                        if line.startswith(b"data: [DONE]"):
+                            break
+                else:
+                    await response.read()
+        except Exception as error:  # noqa: BLE001 - a benchmark counts failures, it does not stop on them
+            key = f"{type(error).__name__}: {error}"[:160]
+            failures[key] = failures.get(key, 0) + 1
+            return
+        if record:
+            latencies.append((time.perf_counter() - start) * 1000)
+            if first is not None:
+                ttfts.append((first - start) * 1000)
+
+    try:
+        await asyncio.gather(*(one(False) for _ in range(concurrency * 4)))  # open connections, warm caches
+        failures.clear()
+        budget = [max_requests]
+        cpu_before = cpu_seconds(server_pid) if server_pid else None
+        started = time.perf_counter()
+        deadline = started + duration
+
+        async def worker() -> None:
+            while budget[0] > 0 and time.perf_counter() < deadline:
+                budget[0] -= 1
+                await one(True)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        cpu_after = cpu_seconds(server_pid) if server_pid else None
+    finally:
+        await session.close()
+    done = len(latencies)
+    out: dict[str, Any] = {
+        "requests": done,
+        "errors": sum(failures.values()),
+        "rps": round(done / elapsed, 1) if elapsed else 0.0,
+        "latency_ms": summary(latencies),
+    }
+    if stream:
+        out["ttft_ms"] = summary(ttfts)
+    if cpu_before is not None and done:
+        out["server_cpu_ms_per_request"] = round((cpu_after - cpu_before) * 1000 / (done + sum(failures.values())), 3)
+    if failures:
+        out["error_kinds"] = dict(sorted(failures.items(), key=lambda kv: -kv[1])[:5])
+    return out
+
+
+# --- the contestants ---------------------------------------------------------------------
+
+
+def sim_config(sim_url: str) -> str:
+    sys.path.insert(0, str(ROOT))
+    from p402_tui.core.catalog import load_catalog
+
+    lines = []
+    for pid, spec in load_catalog().providers.items():
+        lines += [f"[providers.{pid}]", 'api_key = "sim-key"', f'base_url = "{sim_url}/{pid}{spec.base_path}"', ""]
+    return "\n".join(lines)
+
+
+def litellm_config(sim_url: str) -> str:
+    model = MODEL.split("/", 1)[1]
+    return "\n".join(
+        [
+            "model_list:",
+            "  - model_name: bench",
+            "    litellm_params:",
+            f"      model: openai/{model}",
+            f"      api_base: {sim_url}/openai/v1",
+            "      api_key: sim-key",
+            "litellm_settings:",
+            "  request_timeout: 30",
+            "",
+        ]
+    )
+
+
+def ensure_litellm(venv: Path) -> Path:
+    """LiteLLM's proxy in its own venv (never a dependency of P402); installed on first use."""
+    binary = venv / "bin" / "litellm"
+    probe = [str(venv / "bin" / "python"), "-c", "import litellm.proxy.proxy_server"]
+    if binary.exists() and subprocess.run(probe, capture_output=True, env=_litellm_env()).returncode == 0:
+        return binary
+    print(f"installing litellm[proxy]=={LITELLM_VERSION} into {venv} (once) ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"],
+        check=True, stdin=subprocess.DEVNULL,
+    )
+    return binary
+
+
+def _litellm_env() -> dict[str, str]:
+    # Without this, importing litellm fetches a price list over the network at start.
+    return {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+
+
+def in_netns() -> bool:
+    return os.environ.get("P402_BENCH_NETNS") == "1"
+
+
+def reexec_in_netns(argv: list[str]) -> None:
+    """Run again inside a loopback-only network namespace, when unshare allows it."""
+    if in_netns() or not shutil.which("unshare") or not shutil.which("ip"):
+        return
+    for flags in (["-n"], ["-rn"]):
+        if subprocess.run(["unshare", *flags, "true"], capture_output=True).returncode == 0:
+            inner = 'ip link set lo up && P402_BENCH_NETNS=1 exec "$0" "$@"'
+            os.execvp("unshare", ["unshare", *flags, "bash", "-c", inner, sys.executable, *argv])
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    scratch = Path(tempfile.mkdtemp(prefix="p402-bench-"))
+    python = sys.executable
+    children: list[Child] = []
+    result: dict[str, Any] = {
+        "bench": "gateway",
+        "model": MODEL,
+        "max_tokens": MAX_TOKENS,
+        "duration_s_per_run": args.duration,
+        "max_requests_per_run": args.requests,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": os.getloadavg()},
+        "network_namespace": in_netns(),
+        "variants": {name: VARIANTS[name] for name in args.variants},
+    }
+    try:
+        sim_port = free_port()
+        sim = Child("p402 sim", [python, "-m", "p402_tui.cli", "sim", "--no-latency", "--port", str(sim_port)],
+                    scratch / "sim.log")
+        children.append(sim)
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        sim.wait_ready(f"{sim_url}/_sim/stats", 30)
+        config = scratch / "p402.toml"
+        config.write_text(sim_config(sim_url))
+
+        targets: list[dict[str, Any]] = [
+            {"name": "direct", "url": f"{sim_url}/openai/v1/chat/completions", "model": MODEL.split("/", 1)[1],
+             "headers": {"authorization": "Bearer sim-key"}, "pid": sim.pid},
+        ]
+        for variant in args.variants:
+            port = free_port()
+            gateway = Child(
+                variant,
+                [python, str(Path(__file__).resolve()), "_serve", variant, "--config", str(config),
+                 "--port", str(port), "--db", str(scratch / f"{variant}.db")],
+                scratch / f"{variant}.log",
+            )
+            children.append(gateway)
+            url = f"http://127.0.0.1:{port}"
+            started = gateway.wait_ready(f"{url}/health", 30)
+            result.setdefault("startup_s", {})[variant] = round(started, 3)
+            # The answer cache would serve these identical prompts from memory; the benchmark measures routing.
+            targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
+                            "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
+        if args.litellm_venv:
+            binary = ensure_litellm(Path(args.litellm_venv))
+            (scratch / "litellm.yaml").write_text(litellm_config(sim_url))
+            port = free_port()
+            master = "sk-" + secrets.token_hex(24)  # the proxy refuses to start without a master key
+            proxy = Child(
+                "litellm proxy",
+                [str(binary), "--config", str(scratch / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(port),
+                 "--num_workers", "1"],
+                scratch / "litellm.log",
+                env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": master},
+            )
+            children.append(proxy)
+            url = f"http://127.0.0.1:{port}"
+            started = proxy.wait_ready(f"{url}/health/liveliness", 120)
+            result.setdefault("startup_s", {})["litellm"] = round(started, 3)
+            targets.append({"name": "litellm", "url": f"{url}/v1/chat/completions", "model": "bench",
+                            "headers": {"authorization": f"Bearer {master}"}, "pid": proxy.pid})
+
+        runs: dict[str, Any] = {}
+        for stream in args.streams:
+            for concurrency in args.concurrency:
+                key = f"{'stream' if stream else 'plain'}_c{concurrency}"
+                row: dict[str, Any] = {}
+                for target in targets:
+                    payload: dict[str, Any] = {"model": target["model"], "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+                    if stream:
+                        payload.update(stream=True, stream_options={"include_usage": True})
+                    measured = asyncio.run(
+                        load(target["url"], payload, target["headers"], concurrency=concurrency,
+                             duration=args.duration, max_requests=args.requests, stream=stream, server_pid=target["pid"])
+                    )
+                    row[target["name"]] = measured
+                    print(f"{key:>10} {target['name']:>14}: {measured['rps']:>8} req/s  p50 "
+                          f"{measured['latency_ms']['p50']} ms  cpu/req {measured.get('server_cpu_ms_per_request')} ms",
+                          file=sys.stderr, flush=True)
+                row["added"] = _added(row)
+                runs[key] = row
+        result["runs"] = runs
+        result["verdict"] = _verdict(runs, args)
+        result["machine"]["loadavg_after"] = os.getloadavg()
+    finally:
+        for child in reversed(children):
+            child.stop()
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _added(row: dict[str, Any]) -> dict[str, Any]:
+    """Each gateway minus direct, at the same concurrency: the latency it adds."""
+    direct = row["direct"]
+    out: dict[str, Any] = {}
+    for name, measured in row.items():
+        if name == "direct":
+            continue
+        added = {
+            "latency_p50_ms": _minus(measured["latency_ms"]["p50"], direct["latency_ms"]["p50"]),
+            "latency_p99_ms": _minus(measured["latency_ms"]["p99"], direct["latency_ms"]["p99"]),
+        }
+        if "ttft_ms" in measured:
+            added["ttft_p50_ms"] = _minus(measured["ttft_ms"]["p50"], direct["ttft_ms"]["p50"])
+            added["ttft_p99_ms"] = _minus(measured["ttft_ms"]["p99"], direct["ttft_ms"]["p99"])
+        out[name] = added
+    return out
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The issue's targets, checked for each P402 variant."""
+    verdict: dict[str, Any] = {}
+    for name in args.variants:
+        checks: dict[str, Any] = {}
+        for stream in args.streams:
+            kind = "stream" if stream else "plain"
+            c1 = runs.get(f"{kind}_c1")
+            if c1:
+                added = c1["added"][name]
+                checks[f"{kind}_c1_added_p50_ms<=1"] = added["latency_p50_ms"]
+                if stream:
+                    checks["stream_c1_added_ttft_p50_ms<=1"] = added["ttft_p50_ms"]
+            cpu = [runs[k][name].get("server_cpu_ms_per_request") for k in runs if k.startswith(kind)]
+            cpu = [c for c in cpu if c is not None]
+            if cpu:
+                checks[f"{kind}_max_cpu_ms_per_request<=1"] = max(cpu)
+            c64 = runs.get(f"{kind}_c64")
+            if c64 and "litellm" in c64 and c64["litellm"]["rps"]:
+                checks[f"{kind}_c64_rps_vs_litellm>=5x"] = round(c64[name]["rps"] / c64["litellm"]["rps"], 1)
+        verdict[name] = checks
+    return verdict
+
+
+VARIANTS = {
+    "p402": "p402 serve as shipped: aiohttp's pool upstream, ledger and cache on",
+    "p402_httpx": "the same on httpx's own connection pool",
+    "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",
+}
+
+
+def serve_with(variant: str, serve_args: list[str]) -> int:
+    """`p402 serve` as one of the VARIANTS."""
+    sys.path.insert(0, str(ROOT))
+    from p402_tui import cli, runtime
+    from p402_tui.providers import base
+
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
+    if variant == "p402_httpx":
+        import httpx
+
+        make_adapter = base.make_adapter
+
+        def on_httpx(provider, *, transport=None):
+            own = httpx.AsyncHTTPTransport(limits=base.POOL_LIMITS, verify=base.tls_context())
+            return make_adapter(provider, transport=own)
+
+        base.make_adapter = on_httpx  # the orchestrator looks it up when it makes each adapter
+    elif variant == "p402_nostore":
+        open_runtime = runtime.Runtime.open
+        runtime.Runtime.open = lambda settings, **kw: open_runtime(settings, **{**kw, "persist": False})
+    return cli.main(["serve", *serve_args])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_serve"]:
+        return serve_with(argv[1], argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measured run (default 3)")
+    parser.add_argument("--requests", type=int, default=20_000, help="at most this many requests per run")
+    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)")
+    parser.add_argument("--modes", default="plain,stream", help="plain, stream or both (default both)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="gateways to measure, each its own process: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+    parser.add_argument("--litellm-venv", default=str(Path(tempfile.gettempdir()) / "p402-bench-litellm"),
+                        help="LiteLLM's venv (created on first use)")
+    parser.add_argument("--skip-litellm", action="store_true", help="leave the peer out")
+    parser.add_argument("--no-netns", action="store_true", help="run in the host's network namespace")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, configs)")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    args.streams = [m == "stream" for m in args.modes.split(",") if m]
+    args.variants = [v for v in args.variants.split(",") if v]
+    if args.skip_litellm:
+        args.litellm_venv = None
+    elif not in_netns():
+        ensure_litellm(Path(args.litellm_venv))  # before the namespace: installing needs the package index
+    if not args.no_netns:
+        reexec_in_netns([str(Path(__file__).resolve()), *argv])
+    os.chdir(ROOT)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
