@@ -272,13 +272,14 @@ class Figures:
 
 
 def route_text(stream: AnswerStream, requested_mode: str | None) -> str:
-    """Where the answer went and how: chosen model, mode, candidates, attempts."""
+    """Where the answer went and how: chosen model, mode (or pinned), candidates, attempts."""
     meta, decision = stream.meta, stream.decision
     served = f"{meta.provider}/{meta.model}" if meta.provider else None
     if served is None and decision is not None and decision.chosen is not None:
         served = decision.chosen.id
     parts = [f"→ {served or '?'}"]
-    mode = decision.mode if decision is not None else requested_mode
+    pinned = decision is not None and decision.options.model is not None
+    mode = "pinned" if pinned else (decision.mode if decision is not None else requested_mode)
     if mode:
         parts.append(mode)
     if decision is not None:
@@ -503,7 +504,7 @@ class ChatScreen(Screen):
 
     def _load_models(self) -> None:
         link = self.link
-        if link is None or self._models_loaded:
+        if link is None or self._models_loaded or not self.is_mounted:
             return
         self._models_loaded = True
         self._fill_models(link)

@@ -211,7 +211,7 @@ class CompareScreen(Screen):
 
     def _load_models(self) -> None:
         link = self.link
-        if link is None or self._models_loaded:
+        if link is None or self._models_loaded or not self.is_mounted:
             return
         self._models_loaded = True
         self._fill_models(link)
@@ -232,6 +232,8 @@ class CompareScreen(Screen):
         picker = self.query_one("#compare-models", SelectionList)
         picker.clear_options()
         picker.add_options([Selection(model, model, model in self.chosen) for model in shown])
+        if shown:
+            picker.highlighted = 0  # so space toggles the best match at once
 
     @on(Input.Changed, "#compare-filter")
     def _filter_changed(self) -> None:
