@@ -1,0 +1,221 @@
+"""`p402 console --attach`: the console on a gateway served over loopback, fed by the gateway's own events."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from test_tui_fixtures import SIZE, T0
+from textual.widgets import Input
+
+from p402_tui.core.config import Settings
+from p402_tui.core.events import RequestCompleted, RouteDecided
+from p402_tui.core.hooks import RequestRecord, RouteOptions
+from p402_tui.core.types import Attempt, ChatMessage, ChatRequest
+from p402_tui.runtime import Runtime
+from p402_tui.store.queries import create_key
+from p402_tui.tui.app import ConsoleApp
+from p402_tui.tui.attach import AttachClient, RemoteSource, decision_from_dict, event_from_dict, sse_frames
+from p402_tui.tui.screens.chat import AnswerView, ChatScreen
+from p402_tui.tui.screens.dashboard import DashboardScreen
+from p402_tui.tui.widgets.decisions import DecisionsTable
+
+from conftest import run_cli
+
+
+async def wait_for(condition, timeout: float = 10.0, step: float = 0.02) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, *, db_path: Path | None = None, port: int = 0):
+    """A gateway over the real orchestrator (and a store when `db_path` is given) on a free loopback port."""
+    if db_path is not None:
+        settings.cache.enabled = False
+    async with Runtime.open(settings, db_path=db_path, persist=db_path is not None) as runtime:
+        running = await runtime.serve_gateway("127.0.0.1", port)
+        yield runtime, running
+
+
+def chat_body(text: str, **extra) -> dict:
+    return {"model": "auto", "messages": [{"role": "user", "content": text}], **extra}
+
+
+async def test_decisions_made_by_another_client_show_in_the_attached_dashboard(fresh_sim_settings):
+    async with gateway(fresh_sim_settings) as (_runtime, running):
+        source = RemoteSource(AttachClient(running.url))
+        await source.start()
+        try:
+            await source.client.wait_until_up()
+            app = ConsoleApp(source, clock=lambda: T0, refresh_interval=0.25)
+            async with app.run_test(size=SIZE) as pilot:
+                await pilot.pause()
+                assert isinstance(app.screen, DashboardScreen)
+                async with httpx.AsyncClient(base_url=running.url) as other:
+                    plain = await other.post("/v1/chat/completions", json=chat_body("one from elsewhere"))
+                    async with other.stream("POST", "/v1/chat/completions",
+                                            json=chat_body("two, streamed", stream=True)) as streamed:
+                        assert streamed.status_code == 200
+                        await streamed.aread()
+                assert plain.status_code == 200
+                decision_id = plain.json()["p402"]["decision_id"]
+                table = app.screen.query_one(DecisionsTable)
+                await wait_for(lambda: table.row_count == 2 and all(
+                    r.status == "ok" for r in app.state.decisions.values()))
+                row = app.state.decisions[decision_id]
+                assert row.candidates > 1 and row.cost and row.cost > 0
+                assert row.served_by == f"{plain.json()['p402']['provider']}/{plain.json()['p402']['model']}"
+                assert source.label == f"attached to {running.url}"
+                assert f"attached to {running.url}" in str(app.screen.query_one("#status-line").render())
+                # Enter on the row opens its decision, read from the attached event stream.
+                table.move_cursor(row=table.index_of(decision_id))
+                await pilot.press("enter")
+                await pilot.pause()
+                assert type(app.screen).__name__ == "DecisionScreen"
+                assert (await source.decision(decision_id))["id"] == decision_id
+        finally:
+            await source.aclose()
+
+
+async def test_the_link_goes_down_says_so_and_comes_back(fresh_sim_settings):
+    said: list[tuple[str, str]] = []  # (state, what the header would show) at each change
+    async with gateway(fresh_sim_settings) as (runtime, running):
+        port = running.port
+        client = AttachClient(running.url, backoff_first_s=0.05, backoff_max_s=0.2)
+        client.watch(lambda link: said.append((link.state, link.describe())))
+        async with client:
+            await client.wait_until_up()
+            await running.stop()
+            runtime.gateways.remove(running)
+            await wait_for(lambda: any(state == "down" for state, _ in said))
+            assert client.link.error
+            again = await runtime.serve_gateway("127.0.0.1", port)
+            await wait_for(lambda: client.link.state == "up")
+            async with httpx.AsyncClient(base_url=again.url) as other:
+                await other.post("/v1/chat/completions", json=chat_body("after the outage"))
+            await wait_for(lambda: len(client.decisions) == 1)
+    states = [state for state, _ in said]
+    assert states[0] == "up" and "down" in states and states[-1] == "up"
+    assert any(text.startswith("link down, retrying in ") for state, text in said if state == "down")
+    assert said[-1][1] == f"attached to {running.url}"
+
+
+def test_the_retry_countdown_reads_plainly():
+    client = AttachClient("http://127.0.0.1:9")
+    client.link.state, client.link.retry_at = "down", 100.0
+    assert client.link.describe(now=96.6) == "link down, retrying in 3s"
+    client.link.state = "up"
+    assert client.link.describe() == "attached to http://127.0.0.1:9"
+    assert "key" not in repr(AttachClient("http://127.0.0.1:9", key="p402-secret")) and "secret" not in repr(client)
+
+
+async def test_a_gateway_with_keys_wants_the_key(fresh_sim_settings, tmp_path):
+    async with gateway(fresh_sim_settings, db_path=tmp_path / "p402.db") as (runtime, running):
+        _, secret = await create_key(runtime.store, "console")
+        async with AttachClient(running.url, backoff_first_s=0.05) as keyless:
+            await wait_for(lambda: keyless.link.state == "down")
+            assert "401" in keyless.link.error
+            assert secret not in keyless.link.error
+        async with AttachClient(running.url, key=secret) as keyed:
+            await keyed.wait_until_up()
+            assert (await keyed.sessions()) == []
+
+
+async def test_sessions_spend_and_winners_go_through_the_gateway_api(fresh_sim_settings, tmp_path):
+    async with gateway(fresh_sim_settings, db_path=tmp_path / "p402.db") as (runtime, running):
+        source = RemoteSource(AttachClient(running.url))
+        await source.start()
+        try:
+            link = source.chat_link
+            session_id = await link.create_session("compare: remote", {"kind": "compare"})
+            await link.set_metadata(session_id, {"kind": "compare", "comparisons": [{"winner": "groq/x"}]})
+            async with httpx.AsyncClient(base_url=running.url) as other:
+                response = await other.post("/v1/chat/completions",
+                                            json=chat_body("charge it", p402={"session_id": session_id}))
+                assert response.status_code == 200
+            await runtime.store.flush()
+            sessions = await source.sessions()
+            assert [s["id"] for s in sessions] == [session_id]
+            assert sessions[0]["metadata"]["comparisons"][0]["winner"] == "groq/x"
+            assert sessions[0]["requests"] == 1
+            summary = await source.summary()
+            assert summary.requests_today == 1 and summary.today_usd == pytest.approx(response.json()["p402"]["cost_usd"])
+            assert "chat" in str(await link.models()) or len(await link.models()) > 100
+            await wait_for(lambda: source.providers() and source.health())
+        finally:
+            await source.aclose()
+
+
+async def test_chat_through_the_gateway_streams_and_escape_cancels_the_upstream(fresh_sim, fresh_sim_settings):
+    async with gateway(fresh_sim_settings) as (_runtime, running):
+        source = RemoteSource(AttachClient(running.url))
+        await source.start()
+        try:
+            await source.client.wait_until_up()
+            app = ConsoleApp(source, view="chat", clock=lambda: T0)
+            async with app.run_test(size=SIZE, notifications=True) as pilot:
+                await wait_for(lambda: isinstance(app.screen, ChatScreen) and app.screen.query("#chat-input"))
+                screen = app.screen
+                await wait_for(lambda: len(screen.query_one("#chat-model")._options) > 100)
+                box = screen.query_one("#chat-input", Input)
+                box.value = "through the gateway"
+                await pilot.press("enter")
+                await wait_for(lambda: screen.query(AnswerView) and not screen.streaming)
+                await pilot.pause()
+                answer = screen.query(AnswerView).last()
+                assert len(answer.markdown.source.split()) >= 20
+                assert str(answer.route.content).startswith("→ ") and "1 attempt" in str(answer.route.content)
+                assert str(answer.cost.content).startswith("$") and " tok" in str(answer.cost.content)
+                assert fresh_sim.state.streams.completed == 1
+                with httpx.Client(base_url=fresh_sim.url) as sim:  # the next answer hangs after three pieces
+                    sim.post("/_sim/faults", json={"kind": "timeout", "after_tokens": 3}).raise_for_status()
+                box.value = "and now hang"
+                await pilot.press("enter")
+                await wait_for(lambda: len(screen.query(AnswerView)) == 2 and screen.query(AnswerView).last().markdown.source)
+                await pilot.press("escape")
+                await wait_for(lambda: not screen.streaming)
+                await wait_for(lambda: fresh_sim.state.streams.cancelled == 1)
+                assert screen.query(AnswerView).last().border_subtitle == "stopped"
+        finally:
+            await source.aclose()
+
+
+def test_attach_wants_an_http_url():
+    result = run_cli("console", "--attach", "ftp://somewhere")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "--attach wants the gateway's address" in result.stderr
+
+
+# --- the wire, back to objects ------------------------------------------------------------------
+
+
+async def test_sse_frames_are_parsed_and_keep_alives_skipped():
+    async def lines():
+        for line in [": subscribed", "", "event: route_decided", 'data: {"a":', "data: 1}", "", ": keep-alive", ""]:
+            yield line
+
+    assert [frame async for frame in sse_frames(lines())] == [("route_decided", '{"a":\n1}')]
+
+
+def test_events_rebuild_as_the_objects_they_were(fresh_sim_settings):
+    from p402_tui.core.orchestrator import Orchestrator
+
+    orchestrator = Orchestrator(fresh_sim_settings)
+    decision = orchestrator.route(ChatRequest(messages=[ChatMessage(role="user", content="hi")]), RouteOptions(mode="cost"))
+    rebuilt = decision_from_dict(decision.to_dict())
+    assert rebuilt.to_dict() == decision.to_dict()
+    assert rebuilt.chosen.id == decision.chosen.id and len(rebuilt.candidates) == len(decision.candidates)
+    event = event_from_dict("route_decided", RouteDecided(decision=decision).to_dict())
+    assert isinstance(event, RouteDecided) and event.decision.to_dict() == decision.to_dict()
+    record = RequestRecord(id="req-1", provider="groq", model="m", cost_usd=0.5, decision_id=decision.id,
+                           attempts=[Attempt("openai", "x", "rate_limited", "slow down")])
+    back = event_from_dict("request_completed", RequestCompleted(record=record).to_dict())
+    assert back.record.to_dict() == record.to_dict()
+    assert event_from_dict("something_new", {"ts": 1.0}) is None
