@@ -391,3 +391,34 @@ async def test_a_failing_store_is_a_notice_not_a_crash(live_runtime, tmp_path):
         publish_request(live_runtime, 1)
         await wait_until(pilot, lambda: table(app, "decisions").row_count == 1)
         assert app.is_running
+
+
+# --- p402 console --listen: the gateway in the console's loop ------------------------------
+
+
+async def test_console_serves_the_gateway_and_shows_its_traffic(sim_settings, tmp_path):
+    import httpx
+
+    from p402_tui.tui.launch import open_console, parse_listen
+
+    async with open_console(sim_settings, db_path=str(tmp_path / "console.db"), listen=parse_listen("127.0.0.1:0")) as source:
+        app = ConsoleApp(source, refresh_interval=0.25)
+        async with app.run_test(size=SIZE) as pilot:
+            url = source.label.split("gateway ", 1)[1]
+            async with httpx.AsyncClient(timeout=30) as client:
+                answer = await client.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 200, answer.text
+            decision_id = answer.json()["p402"]["decision_id"]
+            await wait_until(pilot, lambda: rows(app, "decisions") == [decision_id], timeout=10)
+            await wait_until(pilot, lambda: app.state.decisions[decision_id].status == "ok")
+
+
+def test_listen_wants_host_and_port():
+    from p402_tui.core.errors import P402Error
+    from p402_tui.tui.launch import parse_listen
+
+    assert parse_listen("0.0.0.0:4020") == ("0.0.0.0", 4020)
+    assert parse_listen(":4020") == ("127.0.0.1", 4020)
+    for bad in ("4020", "host:", "host:99999", "host:port"):
+        with pytest.raises(P402Error, match="HOST:PORT"):
+            parse_listen(bad)

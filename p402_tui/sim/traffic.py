@@ -161,6 +161,7 @@ class TrafficGenerator:
 
     `orchestrator` is a core Orchestrator; `sim` the running simulator's state
     (None: no incidents). `time_scale` < 1 fast-forwards the script (tests).
+    `sessions` may grow while it runs: requests pick from whatever it holds.
     """
 
     def __init__(
@@ -178,6 +179,7 @@ class TrafficGenerator:
         burst_size: tuple[int, int] = (15, 40),
         concurrency: int = 32,
         max_tokens: int = 200,
+        opening_burst: int = 6,
         source: str = "demo",
     ) -> None:
         self.orchestrator = orchestrator
@@ -191,6 +193,7 @@ class TrafficGenerator:
         self.burst_every_s = burst_every_s
         self.burst_size = burst_size
         self.max_tokens = max_tokens
+        self.opening_burst = opening_burst
         self.source = source
         self.stats = TrafficStats()
         self.active: list[ActiveIncident] = []
@@ -242,6 +245,8 @@ class TrafficGenerator:
     # --- arrivals ------------------------------------------------------------------
 
     async def _arrivals(self) -> None:
+        for _ in range(self.opening_burst):  # something to look at from the first second
+            await self._launch()
         while True:
             await asyncio.sleep(self.rng.expovariate(self.rate))
             await self._launch()

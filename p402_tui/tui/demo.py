@@ -61,9 +61,9 @@ async def open_demo(settings: Settings, *, db_path: str | Path | None, sim_speed
     async with Runtime.open(settings, sim=True, db_path=db_path) as runtime:
         assert runtime.sim is not None
         runtime.sim.state.speed = sim_speed
-        sessions = await demo_sessions(session_maker(runtime.store))
-        generator = TrafficGenerator(runtime.orchestrator, runtime.sim.state, sessions=sessions, **traffic)
-        generator.start()
+        generator = TrafficGenerator(runtime.orchestrator, runtime.sim.state, **traffic)
+        generator.start()  # traffic first, so the panes fill at once; its sessions join as they are made
+        generator.sessions.extend(await demo_sessions(session_maker(runtime.store)))
         try:
             yield Demo(runtime, generator, LocalSource(runtime, simulated=True))
         finally:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from ..core.errors import P402Error
@@ -46,28 +46,27 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def run_console(args: argparse.Namespace, settings: Any) -> int:
-    """`p402` / `p402 console`: the orchestrator in this process, providers from the config."""
-    from contextlib import asynccontextmanager
-
+@asynccontextmanager
+async def open_console(
+    settings: Any, *, db_path: str | None = None, listen: tuple[str, int] | None = None
+) -> AsyncIterator[LocalSource]:
+    """The runtime for `p402 console`, and with `listen` the gateway served from the same loop."""
     from ..runtime import Runtime
 
+    async with Runtime.open(settings, db_path=db_path) as runtime:
+        label = "local"
+        if listen is not None:
+            gateway = await runtime.serve_gateway(*listen)
+            label = f"local · gateway {gateway.url}"
+        yield LocalSource(runtime, label=label)
+
+
+def run_console(args: argparse.Namespace, settings: Any) -> int:
+    """`p402` / `p402 console`: the orchestrator in this process, providers from the config."""
     listen = parse_listen(args.listen) if getattr(args, "listen", None) else None
     if not settings.usable_providers():
         raise P402Error("no provider is configured: set a key (see `p402 providers`), or try `p402 demo`")
-
-    @asynccontextmanager
-    async def open_source():
-        async with Runtime.open(settings, db_path=getattr(args, "db", None)) as runtime:
-            label = "local"
-            if listen is not None:
-                serve = getattr(runtime, "serve_gateway", None)
-                if serve is None:
-                    raise P402Error("this build cannot serve the gateway yet (--listen)")
-                await serve(*listen)
-                label = f"local · gateway on {listen[0]}:{listen[1]}"
-            yield LocalSource(runtime, label=label)
-
     app = ConsoleApp(refresh_interval=args.refresh)
-    asyncio.run(run_app(app, open_source))
+    db_path = getattr(args, "db", None)
+    asyncio.run(run_app(app, lambda: open_console(settings, db_path=db_path, listen=listen)))
     return app.return_code or 0

@@ -54,7 +54,7 @@ def candidate_rows(decision: dict[str, Any], colors: Palette, served_by: str | N
         if model_id == chosen:
             label, style = f"✓ {model_id}", f"bold {colors.ok}"
         elif model_id == served_by:
-            label, style = f"↪ {model_id}", f"bold {colors.warning}"
+            label, style = f"» {model_id}", f"bold {colors.warning}"
         else:
             label, style = f"  {model_id}", ""
         cells = [
