@@ -127,26 +127,28 @@ class ConsoleApp(App):
         assert source is not None
         subscription = source.subscribe()
         try:
-            await self._poll(source, force=True)
-            self.show_state()
+            events: list[Any] = []
+            force = True  # read the store now, not only once traffic comes
             while True:
+                try:  # one bad batch or read must not end the live view: say what broke and go on
+                    self.state.fold(events)
+                    self.dropped = subscription.dropped
+                    await self._poll(source, force=force)
+                    self._show_notices()
+                    if not self.paused:
+                        await asyncio.sleep(0)  # keys pressed while the batch gathered go first
+                        self.show_state()
+                except Exception as error:
+                    self.notify(f"could not update: {error}", title="Live view", severity="error")
+                    await asyncio.sleep(1.0)
                 try:
                     first = await asyncio.wait_for(subscription.get(), IDLE_POLL_S)
                 except asyncio.TimeoutError:
                     first = None
                 if first is not None:
                     await asyncio.sleep(self.refresh_interval)  # let a batch gather: one redraw per interval
-                try:
-                    events = ([first] if first is not None else []) + subscription.drain()
-                    self.state.fold(events)
-                    self.dropped = subscription.dropped
-                    await self._poll(source, force=first is None)
-                except Exception as error:  # keep the console alive; say what broke
-                    self.notify(f"could not update: {error}", title="Live view", severity="error")
-                    await asyncio.sleep(1.0)
-                self._show_notices()
-                if not self.paused:
-                    self.show_state()
+                events = ([first] if first is not None else []) + subscription.drain()
+                force = first is None
         finally:
             subscription.close()
 
