@@ -5,7 +5,7 @@
 It runs the demo headless: the real simulator, runtime, store and traffic
 generator, sped up, with a provider outage scripted early. Once traffic has
 flowed for `--seconds`, it saves each state in `SHOTS` (the dashboard, a
-decision that failed over, the help screen) at 160x48. Other views add their
+decision that failed over, the help screen, a chat, a comparison) at 160x48. Other views add their
 own `Shot` to `SHOTS`.
 
 PNG needs `rsvg-convert` (Debian: `apt-get install librsvg2-bin`) and the
@@ -67,10 +67,72 @@ async def _back(pilot: Pilot) -> None:
     await pilot.pause()
 
 
+async def _until(pilot: Pilot, condition: Callable[[], object], timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("the console did not reach the state to picture")
+        await pilot.pause(0.05)
+
+
+async def _chat(pilot: Pilot) -> None:
+    """Two questions: the first routed (auto, balanced), the second to a model picked by hand."""
+    from textual.widgets import Input, Select
+
+    from .screens.chat import ChatScreen
+
+    app = pilot.app
+    app.action_view("chat")  # type: ignore[attr-defined]
+    await _until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.query("#chat-input"))
+    screen = app.screen
+    await _until(pilot, lambda: len(screen.query_one("#chat-model", Select)._options) > 1)
+    questions = [("How does P402 pick a model for each request?", None),
+                 ("And when that provider goes down?", "openai/gpt-4o-mini")]
+    for question, model in questions:
+        if model is not None:
+            screen.query_one("#chat-model", Select).value = model
+        screen.query_one("#chat-input", Input).value = question
+        await pilot.press("enter")
+        await _until(pilot, lambda: not screen.streaming)  # type: ignore[attr-defined]
+    app.clear_notifications()
+    await pilot.pause(0.5)
+
+
+async def _compare(pilot: Pilot) -> None:
+    """Three models from healthy providers, side by side, the second marked the winner."""
+    from textual.widgets import Input
+
+    from .screens.compare import CompareScreen
+
+    app = pilot.app
+    app.action_view("compare")  # type: ignore[attr-defined]
+    await _until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.models)  # type: ignore[attr-defined]
+    screen = app.screen
+    health = app.state.health  # type: ignore[attr-defined]
+    wanted = ["openai/gpt-4o-mini", "google/gemini-2.5-flash", "anthropic/claude-sonnet-4-6",
+              "groq/llama-3.1-8b-instant", "mistral/mistral-small-latest", "deepseek/deepseek-chat"]
+    healthy = [m for m in wanted if health.get(m.split("/")[0], {}).get("status", "healthy") == "healthy"]
+    screen.choose(healthy[:3])  # type: ignore[attr-defined]
+    screen.query_one("#compare-prompt", Input).value = "Explain a circuit breaker in two sentences."
+    await pilot.press("f3", "enter")
+    await _until(pilot, lambda: screen.columns() and not screen.running)  # type: ignore[attr-defined]
+    await pilot.press("2")
+    await pilot.pause(0.3)
+    app.clear_notifications()
+    await pilot.pause(0.5)
+
+
+async def _to_dashboard(pilot: Pilot) -> None:
+    pilot.app.action_view("dashboard")  # type: ignore[attr-defined]
+    await pilot.pause()
+
+
 SHOTS: list[Shot] = [
     Shot("dashboard", _dashboard, _dashboard),
     Shot("decision", _decision, _back),
     Shot("help", _help, _back),
+    Shot("chat", _chat, _to_dashboard),
+    Shot("compare", _compare, _to_dashboard),
 ]
 
 
