@@ -157,7 +157,7 @@ class Gateway:
             await stream.aclose()
             raise
         include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
-        return sse.EventStreamResponse(_chunk_frames(stream, first, include_usage))
+        return sse.EventStreamResponse(_chunk_frames(stream, first, include_usage), cleanup=stream.aclose)
 
     # --- models and providers -----------------------------------------------------------
 

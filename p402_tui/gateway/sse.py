@@ -2,16 +2,16 @@
 
 uvicorn silently drops what is sent after a client disconnects, so a stream
 would otherwise run (and keep paying an upstream model) until it ended by
-itself. `EventStreamResponse` watches for the disconnect and cancels the
-stream's task, which closes the generator and, through it, the upstream call.
-A `stop` event ends long-lived streams the same way when the server shuts down.
+itself. `EventStreamResponse` watches for the disconnect and cancels the task
+that runs the frames, which closes the generator and, through it, the upstream
+call. A `stop` event ends long-lived streams the same way when the server shuts down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -39,49 +39,83 @@ def event_frame(kind: str, data: Any) -> bytes:
 
 
 class EventStreamResponse:
-    """An ASGI response streaming `frames`; a client disconnect cancels it."""
+    """An ASGI response streaming `frames`; a client disconnect (or `stop`) ends it early.
 
-    def __init__(self, frames: AsyncIterator[bytes], *, stop: asyncio.Event | None = None) -> None:
+    The frames are produced in a task of their own and written by this one, so frames
+    that are ready together leave in one write: an upstream read often carries many
+    chunks, and each write is a system call plus a wake-up of the client. The first
+    frame goes out on its own, so time to first token is not held back.
+    """
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        *,
+        stop: asyncio.Event | None = None,
+        cleanup: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.frames = frames
         self.stop = stop  # set when the server shuts down: the stream then ends cleanly
+        self.cleanup = cleanup  # runs last, even if the client left before the first frame was made
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        state = {"finished": False, "ended": False}
+        ready: list[bytes] = []
+        wake = asyncio.Event()
+
+        async def produce() -> None:
+            try:
+                first = True
+                async for frame in self.frames:
+                    ready.append(frame)
+                    wake.set()
+                    if first:
+                        first = False
+                        await asyncio.sleep(0)  # let the writer send it before the next upstream chunk is parsed
+            finally:
+                wake.set()
+
+        producer = asyncio.create_task(produce())
+        watcher = asyncio.create_task(self._end_early(receive, producer))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            while True:
+                await wake.wait()
+                wake.clear()
+                if ready:
+                    body = ready[0] if len(ready) == 1 else b"".join(ready)
+                    ready.clear()
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                if producer.done() and not ready:
+                    break
+            if not producer.cancelled():
+                producer.result()  # a failure inside the frames is a failure of the response
+        finally:
+            watcher.cancel()
+            if not producer.done():
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+            aclose = getattr(self.frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if self.cleanup is not None:
+                await self.cleanup()
+        # After a disconnect uvicorn drops this; after a stop it ends the response properly.
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _end_early(self, receive: Receive, producer: asyncio.Task[None]) -> None:
+        """Cancel the producer, and with it the upstream call, when the client goes or the server stops."""
 
         async def disconnected() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        async def watch() -> None:
-            if self.stop is None:
-                await disconnected()
-            else:
-                waiters = [asyncio.ensure_future(disconnected()), asyncio.ensure_future(self.stop.wait())]
-                try:
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for waiter in waiters:
-                        waiter.cancel()
-            if not state["finished"]:
-                state["ended"] = True
-                task.cancel()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-            async for frame in self.frames:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
-        except asyncio.CancelledError:
-            if not state["ended"]:
-                raise
-            task.uncancel()  # the cancel was ours (the client left, or the server stops): not an error
-        finally:
-            state["finished"] = True
-            watcher.cancel()
-            aclose = getattr(self.frames, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        # After a disconnect uvicorn drops this; after a stop it ends the response properly.
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.stop is None:
+            await disconnected()
+        else:
+            waiters = [asyncio.ensure_future(disconnected()), asyncio.ensure_future(self.stop.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        producer.cancel()
