@@ -771,10 +771,11 @@ async def _cache(args: argparse.Namespace, settings) -> int:
         print_json(info)
     else:
         embedder = info["embedder"]
-        state = "on" if info["enabled"] else "off (cache.enabled = false)"
-        print(f"cache {state}: {info['entries']} answers; embedder {embedder['name']} ({embedder['label']}, "
-              f"{embedder['dim']} dims); threshold {info['threshold']:.2f}; ttl {info['ttl_s']:.0f}s; "
-              f"max {info['max_entries']}")
+        if info["enabled"]:
+            print(f"cache on: embedder {embedder['name']} ({embedder['label']}, {embedder['dim']} dims); "
+                  f"threshold {info['threshold']:.2f}; ttl {info['ttl_s']:.0f}s; max {info['max_entries']} entries")
+        else:
+            print("cache off (cache.enabled = false)")
         if info["warning"]:
             print(info["warning"])
         if info["namespaces"]:

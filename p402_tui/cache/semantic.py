@@ -320,12 +320,15 @@ class SemanticCache:
             await asyncio.shield(self._ready)
 
     async def aclose(self) -> None:
-        if self._ready is not None and not self._ready.done():
-            self._ready.cancel()
-            try:
-                await self._ready
-            except (asyncio.CancelledError, Exception):
-                pass
+        task = self._ready
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass  # a failed load was raised to every lookup that waited for it
 
     async def _load(self) -> None:
         if not isinstance(self._loader, Embedder):
