@@ -180,6 +180,7 @@ async def test_sdk_raises_its_own_typed_errors(sdk):
             model="auto", messages=HELLO, extra_body={"p402": {"require": ["embeddings", "vision"], "max_tier": "budget"}}
         )
     assert filtered.value.body["code"] == "no_eligible_model"
+    assert "embeddings" in filtered.value.body["message"]  # the filter that left nothing is named
 
 
 async def test_sdk_authentication_error_when_keys_exist(gateway, runtime):
@@ -235,6 +236,15 @@ async def test_p402_option_errors_name_the_param(http):
     assert assert_openai_error(response, 400)["param"] == "p402.max_tier"
     response = await http.post("/v1/chat/completions", json={"messages": HELLO, "p402": {"colour": "red"}})
     assert assert_openai_error(response, 400)["param"] == "p402.colour"
+    response = await http.post("/v1/chat/completions", json={"messages": HELLO, "p402": {"exclude": ["groq", "nowhere"]}})
+    assert assert_openai_error(response, 400)["param"] == "p402.exclude[1]"
+
+
+async def test_the_routers_own_model_names_route(http):
+    response = await http.post("/v1/chat/completions", json={"model": "p402/quality", "messages": HELLO})
+    assert response.status_code == 200, response.text
+    decision = (await http.get("/api/v2/decisions", params={"limit": 1})).json()["data"][0]
+    assert decision["id"] == response.json()["p402"]["decision_id"] and decision["mode"] == "quality"
 
 
 async def test_cache_control_no_cache_skips_the_cache(http):

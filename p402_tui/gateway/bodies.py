@@ -13,9 +13,10 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.catalog import Catalog
-from ..core.config import Mode
+from ..core.config import MODES, Mode
 from ..core.errors import UnknownModelError
 from ..core.hooks import CallContext, RouteOptions
+from ..core.router import AUTO_MODELS
 from ..core.types import Capability, ChatRequest, Tier
 from .errors import GatewayError, from_validation_error
 
@@ -45,7 +46,6 @@ class P402Options(BaseModel):
     failover: Failover = Field(default_factory=Failover)
 
 
-AUTO = ("", "auto")
 
 
 def parse_chat(
@@ -62,6 +62,11 @@ def parse_chat(
         p402 = P402Options() if raw is None else P402Options.model_validate(raw)
     except ValidationError as error:
         raise from_validation_error(error, prefix="p402.") from None
+    for field in ("prefer", "exclude"):
+        for index, provider in enumerate(getattr(p402, field)):
+            if provider not in catalog.providers:
+                message = f"unknown provider {provider!r}; choose from {', '.join(catalog.providers)}"
+                raise GatewayError(400, message, param=f"p402.{field}[{index}]", code="invalid_value")
     options = RouteOptions(
         mode=p402.mode,
         require=frozenset(p402.require),
@@ -85,10 +90,11 @@ def parse_chat(
 
 
 def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
-    """None routes; `provider/model` or a bare wire id pins (404 if the catalog has no such model)."""
-    if ref is None or ref in AUTO:
+    """None routes; so do the router's own names (`auto`, `p402/cost`...); `provider/model` or a
+    bare wire id pins (404 if the catalog has no such model)."""
+    if not ref:
         return None
-    if ref in catalog.models:
+    if ref in catalog.models or ref in AUTO_MODELS or (ref.startswith("p402/") and ref[5:] in MODES):
         return ref
     try:
         return catalog.model(ref).id

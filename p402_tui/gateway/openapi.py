@@ -75,7 +75,8 @@ _CHAT = {
     "post": {
         "summary": "Chat completion, routed by P402 (OpenAI-compatible)",
         "description": (
-            "`model` absent or `auto` routes; `provider/model` pins; a bare wire id is looked up in the catalog. "
+            "`model` absent or `auto` routes (`p402/cost`, `p402/quality`... route in that mode); `provider/model` "
+            "pins; a bare wire id is looked up in the catalog. "
             "P402 options go in a `p402` object (the OpenAI SDK's `extra_body`). With `stream: true` the answer is "
             "`text/event-stream` of `chat.completion.chunk` objects ending with `data: [DONE]`; "
             "`stream_options.include_usage` adds a final chunk with `choices: []` and `usage`. "
@@ -90,7 +91,7 @@ _CHAT = {
                     "text/event-stream": {"schema": {"type": "string"}},
                 },
             },
-            **_errors(400, 401, 402, 404, 413, 502),
+            **_errors(400, 401, 402, 404, 409, 413, 502),
         },
     }
 }
