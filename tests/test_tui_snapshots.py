@@ -3,29 +3,15 @@
 Fixed data, a fixed clock, a fixed time zone and size, and no live source, so
 no timer moves anything between runs. Approve changes with
 `pytest tests/test_tui_snapshots.py --snapshot-update` after looking at the report.
-The SVGs live in tests/snapshots/<this file>/.
+The SVGs live where pytest-textual-snapshot keeps them: tests/__snapshots__/<this file>/.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pytest_textual_snapshot import SVGImageExtension
 from test_tui_fixtures import SIZE, T0, pin_timezone, sample_state
 
 from p402_tui.tui.app import ConsoleApp
 from p402_tui.tui.screens.decision import DecisionScreen
-
-SNAPSHOTS = Path(__file__).parent / "snapshots"
-
-
-def _dirname(cls, *, test_location) -> str:
-    return str(SNAPSHOTS / Path(test_location.filepath).stem)
-
-
-# Every Textual snapshot of the suite goes to tests/snapshots/<test file>/ (set at import, so
-# syrupy's end-of-session bookkeeping looks in the same place).
-SVGImageExtension.dirname = classmethod(_dirname)  # type: ignore[method-assign]
 
 pin_timezone()
 
