@@ -28,10 +28,10 @@ from ..core.events import AttemptFailed, CacheHit, HealthChanged, RequestComplet
 from ..core.types import ChatChunk, ChatRequest
 from . import errors, sse
 from .auth import GatewayAuth
+from .bodies import CompareBody, SessionCreate, SessionPatch, parse_chat, validate
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
-from .bodies import CompareBody, SessionCreate, SessionPatch, parse_chat, validate
 
 logger = logging.getLogger("p402.gateway")
 
@@ -94,8 +94,15 @@ async def read_json(request: Request, limit: int) -> Any:
 class Gateway:
     """What the routes share. `start()` begins counting from the bus; `aclose()` ends it."""
 
-    def __init__(self, orchestrator: Any, *, settings: Any, store: Any = None, auth: GatewayAuth | None = None,
-                 heartbeat_s: float = HEARTBEAT_S) -> None:
+    def __init__(
+        self,
+        orchestrator: Any,
+        *,
+        settings: Any,
+        store: Any = None,
+        auth: GatewayAuth | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+    ) -> None:
         self.orchestrator = orchestrator
         self.settings = settings
         self.store = store
@@ -111,10 +118,11 @@ class Gateway:
         self._openapi: bytes | None = None
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self.metrics.follow(self.bus), name="p402-gateway-metrics"),
-            asyncio.create_task(self._remember_decisions(), name="p402-gateway-decisions"),
-        ]
+        counted = self.metrics.subscribe(self.bus)
+        self._tasks = [asyncio.create_task(self.metrics.follow(counted), name="p402-gateway-metrics")]
+        if self.store is None:  # with a store, decisions are read from it
+            decided = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind})
+            self._tasks.append(asyncio.create_task(self._remember_decisions(decided), name="p402-gateway-decisions"))
 
     async def aclose(self) -> None:
         self.closing.set()
@@ -123,8 +131,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def _remember_decisions(self) -> None:
-        subscription = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind})
+    async def _remember_decisions(self, subscription: Any) -> None:
         try:
             while True:
                 event = await subscription.get()

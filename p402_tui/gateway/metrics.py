@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ..core.events import EventBus, RequestCompleted
+from ..core.events import EventBus, RequestCompleted, Subscription
 from ..core.hooks import RequestRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -93,9 +93,12 @@ class Metrics:
         out.append(f"p402_events_dropped_total {self.dropped}")
         return "\n".join(out) + "\n"
 
-    async def follow(self, bus: EventBus) -> None:
-        """Count every completed request on `bus` until cancelled."""
-        subscription = bus.subscribe(maxsize=10_000, kinds={RequestCompleted.kind})
+    def subscribe(self, bus: EventBus) -> Subscription:
+        """Subscribe now, so nothing published before `follow` first runs is missed."""
+        return bus.subscribe(maxsize=10_000, kinds={RequestCompleted.kind})
+
+    async def follow(self, subscription: Subscription) -> None:
+        """Count every completed request until cancelled; then unsubscribe."""
         try:
             while True:
                 event = await subscription.get()
