@@ -278,6 +278,17 @@ def test_minilm_weights_are_hash_checked(tmp_path):
         load_embedder("minilm", model_dir=tmp_path / "missing")
 
 
+def test_an_installed_package_failing_its_check_falls_back_to_lexical_and_says_why(tmp_path, monkeypatch):
+    for name in ("tokenizer.json", "config.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"tampered")
+    monkeypatch.setattr(embedders, "packaged_model_dir", lambda: tmp_path)
+    embedder, warning = load_embedder("auto")
+    assert embedder.info()["label"] == "lexical" and "not the all-MiniLM-L6-v2 weights" in warning
+    with pytest.raises(ConfigError, match="not the all-MiniLM-L6-v2 weights"):
+        load_embedder("minilm")  # asked for by name: no fallback
+
+
 def test_without_weights_auto_falls_back_to_the_lexical_embedder(monkeypatch):
     monkeypatch.setattr(embedders, "packaged_model_dir", lambda: None)
     embedder, warning = load_embedder("auto")

