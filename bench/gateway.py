@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)")
     parser.add_argument("--modes", default="plain,stream", help="plain, stream or both (default both)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="gateways to measure, each its own process: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+                        help="gateways to measure, each its own process: "
+                        + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     parser.add_argument("--litellm-venv", default=str(Path(tempfile.gettempdir()) / "p402-bench-litellm"),
                         help="LiteLLM's venv (created on first use)")
     parser.add_argument("--skip-litellm", action="store_true", help="leave the peer out")

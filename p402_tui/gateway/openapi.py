@@ -26,6 +26,10 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _text(media_type: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+
 def _list_of(schema: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -263,7 +267,7 @@ def build_openapi() -> dict[str, Any]:
                 ),
                 "parameters": [{"name": "kinds", "in": "query", "schema": {"type": "string"}}],
                 "responses": {
-                    "200": {"description": "An event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "200": _text("text/event-stream", "An event stream"),
                     **_errors(401),
                 },
             }
@@ -278,7 +282,7 @@ def build_openapi() -> dict[str, Any]:
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics (p402_ prefix)",
-                "responses": {"200": {"description": "Text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                "responses": {"200": _text("text/plain", "Prometheus text format 0.0.4")},
             }
         },
         "/openapi.json": {

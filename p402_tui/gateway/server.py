@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ import uvicorn
 from ..core.errors import ConfigError
 from .app import Gateway
 from .auth import GatewayAuth, StoreKeys, is_loopback
-
-logger = logging.getLogger("p402.gateway")
 
 GRACE_S = 10.0  # how long in-flight requests may take to finish at shutdown
 
