@@ -72,6 +72,17 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all but idle and iowait), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICKS
+
+
+def _ours_seconds(pids: list[int]) -> float:
+    own = os.times()
+    return own.user + own.system + sum(cpu_seconds(pid) for pid in pids)
+
+
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -153,7 +164,7 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 async def load(
     url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
-    max_requests: int, stream: bool, server_pid: int | None,
+    max_requests: int, stream: bool, server_pid: int | None, ours: list[int],
 ) -> dict[str, Any]:
     import aiohttp
 
@@ -195,6 +206,7 @@ async def load(
         failures.clear()
         budget = [max_requests]
         cpu_before = cpu_seconds(server_pid) if server_pid else None
+        machine_before, ours_before = machine_busy_seconds(), _ours_seconds(ours)
         started = time.perf_counter()
         deadline = started + duration
 
@@ -206,6 +218,7 @@ async def load(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         cpu_after = cpu_seconds(server_pid) if server_pid else None
+        machine_after, ours_after = machine_busy_seconds(), _ours_seconds(ours)
     finally:
         await session.close()
     done = len(latencies)
@@ -219,6 +232,9 @@ async def load(
         out["ttft_ms"] = summary(ttfts)
     if cpu_before is not None and done:
         out["server_cpu_ms_per_request"] = round((cpu_after - cpu_before) * 1000 / (done + sum(failures.values())), 3)
+    # Cores busy with processes outside this benchmark while it ran: the noise behind every figure.
+    foreign = (machine_after - machine_before) - (ours_after - ours_before)
+    out["other_processes_cores"] = round(max(foreign, 0.0) / elapsed, 2) if elapsed else None
     if failures:
         out["error_kinds"] = dict(sorted(failures.items(), key=lambda kv: -kv[1])[:5])
     return out
@@ -300,6 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": MODEL,
         "max_tokens": MAX_TOKENS,
         "duration_s_per_run": args.duration,
+        "repeats": args.repeats,
         "max_requests_per_run": args.requests,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": os.getloadavg()},
         "network_namespace": in_netns(),
@@ -357,19 +374,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for stream in args.streams:
             for concurrency in args.concurrency:
                 key = f"{'stream' if stream else 'plain'}_c{concurrency}"
-                row: dict[str, Any] = {}
-                for target in targets:
-                    payload: dict[str, Any] = {"model": target["model"], "messages": MESSAGES, "max_tokens": MAX_TOKENS}
-                    if stream:
-                        payload.update(stream=True, stream_options={"include_usage": True})
-                    measured = asyncio.run(
-                        load(target["url"], payload, target["headers"], concurrency=concurrency,
-                             duration=args.duration, max_requests=args.requests, stream=stream, server_pid=target["pid"])
-                    )
-                    row[target["name"]] = measured
-                    print(f"{key:>10} {target['name']:>14}: {measured['rps']:>8} req/s  p50 "
-                          f"{measured['latency_ms']['p50']} ms  cpu/req {measured.get('server_cpu_ms_per_request')} ms",
-                          file=sys.stderr, flush=True)
+                repeats: dict[str, list[dict[str, Any]]] = {t["name"]: [] for t in targets}
+                for _ in range(args.repeats):  # interleaved, so drift in the machine's load hits all alike
+                    for target in targets:
+                        payload: dict[str, Any] = {"model": target["model"], "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+                        if stream:
+                            payload.update(stream=True, stream_options={"include_usage": True})
+                        measured = asyncio.run(
+                            load(target["url"], payload, target["headers"], concurrency=concurrency,
+                                 duration=args.duration, max_requests=args.requests, stream=stream,
+                                 server_pid=target["pid"], ours=[c.pid for c in children])
+                        )
+                        repeats[target["name"]].append(measured)
+                        print(f"{key:>10} {target['name']:>14}: {measured['rps']:>8} req/s  p50 "
+                              f"{measured['latency_ms']['p50']} ms  cpu/req {measured.get('server_cpu_ms_per_request')} ms"
+                              f"  others {measured['other_processes_cores']} cores", file=sys.stderr, flush=True)
+                row: dict[str, Any] = {name: _median_of(runs_) for name, runs_ in repeats.items()}
                 row["added"] = _added(row)
                 runs[key] = row
         result["runs"] = runs
@@ -381,6 +401,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's repeats folded into medians (a single run is returned as it is)."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(values: list[Any]) -> Any:
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    out: dict[str, Any] = {
+        "repeats": len(runs),
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+        "rps": med([r["rps"] for r in runs]),
+        "other_processes_cores": med([r["other_processes_cores"] for r in runs]),
+    }
+    for part in ("latency_ms", "ttft_ms"):
+        if part in runs[0]:
+            out[part] = {q: med([r[part][q] for r in runs]) for q in ("p50", "p90", "p99", "mean")}
+    if "server_cpu_ms_per_request" in runs[0]:
+        out["server_cpu_ms_per_request"] = med([r.get("server_cpu_ms_per_request") for r in runs])
+    return out
 
 
 def _added(row: dict[str, Any]) -> dict[str, Any]:
@@ -467,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measured run (default 3)")
     parser.add_argument("--requests", type=int, default=20_000, help="at most this many requests per run")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per target, interleaved; medians are reported")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)")
     parser.add_argument("--modes", default="plain,stream", help="plain, stream or both (default both)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
