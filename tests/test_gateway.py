@@ -120,6 +120,34 @@ async def test_sdk_stream_with_usage(sdk):
     assert len({c.id for c in chunks}) == 1
 
 
+@pytest.mark.parametrize("provider", ["anthropic", "google", "cohere"])
+async def test_every_wire_streams_openai_chunks_with_the_first_token_in_the_first(sdk, runtime, provider):
+    others = [p for p in runtime.settings.catalog.providers if p != provider]
+    stream = await sdk.chat.completions.create(
+        model="auto", messages=HELLO, stream=True, extra_body={"p402": {"exclude": others}}
+    )
+    chunks = [chunk async for chunk in stream]
+    delta = chunks[0].choices[0].delta
+    assert delta.role == "assistant" and delta.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].model_extra["p402"]["provider"] == provider
+
+
+async def test_a_cached_answer_streams_with_its_first_token_in_the_first_chunk(sdk):
+    question = [{"role": "user", "content": "A question asked twice, the second time streamed."}]
+    await sdk.chat.completions.create(model=PINNED, messages=question)
+
+    async def replayed():
+        stream = await sdk.chat.completions.create(model=PINNED, messages=question, stream=True)
+        chunks = [chunk async for chunk in stream]
+        return chunks if chunks[-1].model_extra["p402"]["cached"] else None
+
+    chunks = await eventually(replayed)  # the cache insert is queued, not awaited by the first request
+    assert chunks
+    delta = chunks[0].choices[0].delta
+    assert delta.role == "assistant" and delta.content
+
+
 async def test_stream_without_include_usage_sends_no_usage_chunk(sdk):
     stream = await sdk.chat.completions.create(model=PINNED, messages=HELLO, stream=True)
     chunks = [chunk async for chunk in stream]

@@ -425,10 +425,27 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 async def _chunk_frames(stream: Any, first: ChatChunk | None, include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI `chat.completion.chunk` frames; P402's meta rides on the finishing chunk."""
+    """OpenAI `chat.completion.chunk` frames; P402's meta rides on the finishing chunk.
+
+    A role-only preamble is folded into the first chunk with content, so the first
+    frame a client sees carries the first token.
+    """
     chunk_id, created, model = stream.id, stream.created, stream.meta.model
+    role: str | None = None
     usage = None
     finishing: ChatChunk | None = None  # held back so it can carry the final p402 meta
+
+    def frame(chunk: ChatChunk, meta: dict[str, Any] | None = None) -> bytes:
+        nonlocal role
+        data = chunk.to_openai(id=chunk_id, model=model, created=created)
+        data.pop("usage", None)  # usage goes in its own final chunk, as OpenAI sends it
+        if role is not None:
+            data["choices"][0]["delta"] = {"role": role, **data["choices"][0]["delta"]}
+            role = None
+        if meta is not None:
+            data["p402"] = meta
+        return sse.data_frame(data)
+
     try:
         async with stream:
             chunk = first
@@ -440,18 +457,17 @@ async def _chunk_frames(stream: Any, first: ChatChunk | None, include_usage: boo
                 if chunk.usage is not None:
                     usage = chunk.usage
                 if chunk.finish_reason is not None:
+                    if finishing is not None:  # an earlier finish: pass it on as it came
+                        yield frame(finishing)
                     finishing = chunk
-                elif chunk.content or chunk.reasoning or chunk.tool_calls or chunk.role or chunk.extra:
-                    frame = chunk.to_openai(id=chunk_id, model=model, created=created)
-                    frame.pop("usage", None)
-                    yield sse.data_frame(frame)
+                elif chunk.content or chunk.reasoning or chunk.tool_calls or chunk.extra:
+                    yield frame(chunk)
+                elif chunk.role:
+                    role = chunk.role
                 chunk = await anext(stream, None)
             meta = stream.meta.to_dict()
             if finishing is not None:
-                frame = finishing.to_openai(id=chunk_id, model=model, created=created)
-                frame.pop("usage", None)
-                frame["p402"] = meta
-                yield sse.data_frame(frame)
+                yield frame(finishing, meta)
             if include_usage and usage is not None:
                 yield sse.data_frame(
                     {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
