@@ -422,3 +422,35 @@ def test_listen_wants_host_and_port():
     for bad in ("4020", "host:", "host:99999", "host:port"):
         with pytest.raises(P402Error, match="HOST:PORT"):
             parse_listen(bad)
+
+
+async def test_detail_screens_number_keys_and_help_keys():
+    app = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        row = next(r for r in app.state.decisions.values() if r.attempts > 1)
+        app.push_screen(DecisionScreen(row))
+        await pilot.pause()
+        for key, pane in (("2", "excluded"), ("3", "attempts"), ("1", "candidates")):
+            await pilot.press(key)
+            assert app.focused is table(app, pane)
+        await pilot.press("3", "z")
+        assert app.screen.maximized is app.screen.query_one("#attempts", Pane)
+        await pilot.press("escape")  # first escape restores the pane, the second goes back
+        assert isinstance(app.screen, DecisionScreen) and app.screen.maximized is None
+        await pilot.press("escape")
+        app.push_screen(SessionScreen(app.state.sessions["ses-support"]))
+        await pilot.pause()
+        await pilot.press("2")
+        assert app.focused is table(app, "messages")
+        await pilot.press("1")
+        assert app.focused is table(app, "requests")
+        await pilot.press("backspace", "f1")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("q")  # q closes help rather than quitting
+        assert app.is_running and isinstance(app.screen, DashboardScreen)
+        await pilot.press("question_mark", "question_mark")
+        assert isinstance(app.screen, DashboardScreen)
+        await pilot.press("d")  # the dashboard's own view key: already there
+        assert app.current_mode == "dashboard"

@@ -66,17 +66,17 @@ class DashboardScreen(PaneScreen):
             return
         colors = palette_of(self.app)
         now = self.app.clock()  # type: ignore[attr-defined]
-        decisions = self.query_one(DecisionsTable)
-        decisions.sync(decision_rows(state, colors))
-        if self._changed("health", state.health_rev) or self._changed("clock", int(now)):
-            self.query_one(HealthTable).sync(health_rows(state.health, state.health_rev, colors, now))
-        if self._changed("sessions", state.sessions_rev):
-            self.query_one(SessionsTable).sync(session_rows(state.sessions, state.sessions_rev, colors))
-        summary_changed = self._changed("summary", state.summary_rev)
-        self.query_one(SpendPane).show(state.spend, state.summary, now, colors, summary_changed)
-        for pane in self.query(Pane):
-            pane.update_title()
-        self.update_status()
+        with self.app.batch_update():  # every pane's changes land in one frame
+            self.query_one(DecisionsTable).sync(decision_rows(state, colors))
+            if self._changed("health", state.health_rev) or self._changed("clock", int(now)):
+                self.query_one(HealthTable).sync(health_rows(state.health, state.health_rev, colors, now))
+            if self._changed("sessions", state.sessions_rev):
+                self.query_one(SessionsTable).sync(session_rows(state.sessions, state.sessions_rev, colors))
+            summary_changed = self._changed("summary", state.summary_rev)
+            self.query_one(SpendPane).show(state.spend, state.summary, now, colors, summary_changed)
+            for pane in self.query(Pane):
+                pane.update_title()
+            self.update_status()
 
     def _changed(self, what: str, rev: int) -> bool:
         if self._seen.get(what) == rev:

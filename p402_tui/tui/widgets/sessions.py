@@ -9,9 +9,9 @@ from .palette import Palette
 from .table import Cell, Column, DrillTable, Row, num
 
 COLUMNS = (
-    Column("name", "Session", 16),
+    Column("name", "Session", 15),
     Column("budget", "Budget", 11),
-    Column("spent", "Spent", 8),
+    Column("spent", "Spent", 9),
     Column("requests", "Reqs", 5),
     Column("status", "Status", 6),
 )
