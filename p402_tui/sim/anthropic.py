@@ -26,8 +26,16 @@ from starlette.routing import Route
 
 from ..core.catalog import ModelSpec, ProviderSpec
 from ..core.tokens import count_text
-from .engine import Answer, Fault, SimDisconnect, SimState
-from .server import SimStream, hang_until_disconnect
+from .engine import (
+    LARGE_PROMPT_CHARS,
+    UNPACED_BATCH,
+    Answer,
+    Fault,
+    SimDisconnect,
+    SimState,
+    json_fragments,
+)
+from .server import Invalid, SimStream, hang_until_disconnect, whole_answer, words_asked
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 FAULT_ERRORS = {
@@ -51,15 +59,7 @@ ASSISTANT_BLOCKS = frozenset({"text", "tool_use", "thinking", "redacted_thinking
 CACHE_MIN_TOKENS = 1024  # shorter prefixes are not cached (Anthropic's prompt-caching docs)
 CACHE_TTL_S = 300.0
 CACHE_MAX_ENTRIES = 10_000  # expired prefixes are dropped when the cache reaches this size
-LARGE_PROMPT_CHARS = 50_000
-JSON_PIECE_CHARS = 12
 EMPTY_MESSAGE = "messages.{i}: all messages must have non-empty content except for the optional final assistant message"
-PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the OpenAI family)
-UNPACED_BATCH = 64  # pieces per write when latency is off, as a server flushing its buffer
-
-
-class Invalid(Exception):
-    """The body breaks one of the API's rules; the message is what the API would say."""
 
 
 def routes(state: SimState, provider: ProviderSpec) -> list[Route]:
@@ -188,10 +188,8 @@ class MessagesAPI:
 
         fault = self.state.fault_for(provider, model)
         streaming = bool(body.get("stream"))
-        if fault is not None:
-            refusal = await self._refuse(request, fault, streaming)
-            if refusal is not None:
-                return refusal
+        if fault is not None and fault.refuses(streaming):
+            return await _refuse(request, fault)
         reply = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
             "type": "message",
@@ -212,9 +210,7 @@ class MessagesAPI:
             stop_reason=turn.stop_reason,
             stop_sequence=turn.stop_sequence,
         )
-        if fault is not None and fault.kind in ("malformed", "disconnect"):
-            return _broken_body(json.dumps(reply).encode(), fault)
-        return JSONResponse(reply, headers=headers)
+        return whole_answer(reply, fault, headers)
 
     def _answer(
         self, request: Request, body: dict[str, Any], spec: ModelSpec, parts: list[tuple[str, bool]]
@@ -239,7 +235,6 @@ class MessagesAPI:
         call_tool = None
         if tools and choice["type"] != "none" and not _answers_tool_use(body["messages"]):
             call_tool = choice["name"] if choice["type"] == "tool" else tools[0]["name"]
-        pieces = request.headers.get(PIECES_HEADER, "")
         answer = self.state.answer(
             provider,
             model,
@@ -247,39 +242,16 @@ class MessagesAPI:
             max_tokens=max(budget, 1),
             tools=tools,
             call_tool=call_tool,
-            words=int(pieces) if pieces.isdigit() else None,
+            words=words_asked(request),
         )
         stop_reason, stop_sequence = STOP_REASONS[answer.finish_reason], None
         if answer.tool_call is None and body.get("stop_sequences"):
-            answer, stop_sequence = _cut_at_stop(answer, body["stop_sequences"])
+            answer, stop_sequence = answer.cut_at_stop(body["stop_sequences"])
             if stop_sequence is not None:
                 stop_reason = "stop_sequence"
         blocks = [] if thinking is None else [Block.thinking(thinking)]
         blocks.append(Block.tool_use(answer.tool_call) if answer.tool_call is not None else Block.text(answer))
         return Turn(answer, thinking, blocks, stop_reason, stop_sequence)
-
-    async def _refuse(self, request: Request, fault: Fault, streaming: bool) -> Response | None:
-        """The answer a fault gives before any content, or None when it strikes later."""
-        if fault.kind == "rate_limit":
-            wait = fault.retry_after_s if fault.retry_after_s is not None else 1.0
-            reset = datetime.now(timezone.utc) + timedelta(seconds=wait)
-            headers = {
-                "retry-after": f"{wait:g}",
-                "anthropic-ratelimit-requests-limit": "50",
-                "anthropic-ratelimit-requests-remaining": "0",
-                "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
-            }
-            message = "This request would exceed your organization's rate limit of 50 requests per minute"
-            return error(429, "rate_limit_error", message, headers)
-        if fault.kind == "error" and not (streaming and fault.after_tokens):
-            status = fault.status or 500
-            kind, message = FAULT_ERRORS.get(status, ("api_error", "Internal server error"))
-            headers = {"retry-after": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else None
-            return error(status, kind, message, headers)
-        if fault.kind == "timeout" and not streaming:
-            await hang_until_disconnect(request)
-            return Response(status_code=504)
-        return None
 
     def _usage(self, model: str, parts: list[tuple[str, bool]], turn: Turn) -> dict[str, Any]:
         """Input split into fresh, cache-read and cache-written tokens, as prompt caching reports it."""
@@ -312,7 +284,7 @@ class MessagesAPI:
     async def _stream(self, reply: dict[str, Any], turn: Turn, fault: Fault | None) -> AsyncIterator[bytes]:
         """The named-event SSE body; faults strike between pieces, as a real stream breaks mid-answer."""
         units = _stream_units(turn.blocks)
-        late = fault if fault is not None and fault.kind in ("malformed", "error") else None
+        late = fault if fault is not None and fault.written_in_stream else None
         if late is not None:
             units = units[: late.after_tokens]
         batch = 1 if self.state.latency else UNPACED_BATCH
@@ -377,8 +349,7 @@ class Block:
     @classmethod
     def tool_use(cls, call: dict[str, Any]) -> Block:
         tool_id, arguments = _tool_use_id(call["id"]), json.loads(call["arguments"])
-        text = json.dumps(arguments)  # spaced like the real API's partial_json
-        pieces = [text[i : i + JSON_PIECE_CHARS] for i in range(0, len(text), JSON_PIECE_CHARS)]
+        pieces = json_fragments(json.dumps(arguments))  # spaced like the real API's partial_json
         shape = {"type": "tool_use", "id": tool_id, "name": call["name"]}
         return cls({**shape, "input": {}}, {**shape, "input": arguments}, pieces, "input_json_delta", "partial_json")
 
@@ -660,27 +631,29 @@ def _answers_tool_use(messages: list[dict[str, Any]]) -> bool:
     return False
 
 
-def _cut_at_stop(answer: Answer, stops: list[str]) -> tuple[Answer, str | None]:
-    """The answer up to the first stop sequence, and which one stopped it."""
-    hits = [(answer.text.find(s), s) for s in stops if s in answer.text]
-    if not hits:
-        return answer, None
-    cut, sequence = min(hits)
-    pieces: list[str] = []
-    length = 0
-    for piece in answer.pieces:
-        if length + len(piece) >= cut:
-            if cut > length:
-                pieces.append(piece[: cut - length])
-            break
-        pieces.append(piece)
-        length += len(piece)
-    text = answer.text[:cut]
-    return Answer(text, pieces, answer.prompt_tokens, count_text(text).tokens, None, "stop"), sequence
-
-
 def _tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
+
+
+async def _refuse(request: Request, fault: Fault) -> Response:
+    """What a fault sends in place of the answer (see `Fault.refuses`)."""
+    if fault.kind == "rate_limit":
+        reset = datetime.now(timezone.utc) + timedelta(seconds=fault.wait_s)
+        headers = {
+            "retry-after": f"{fault.wait_s:g}",
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "0",
+            "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
+        }
+        message = "This request would exceed your organization's rate limit of 50 requests per minute"
+        return error(429, "rate_limit_error", message, headers)
+    if fault.kind == "timeout":
+        await hang_until_disconnect(request)
+        return Response(status_code=504)
+    status = fault.status or 500
+    kind, message = FAULT_ERRORS.get(status, ("api_error", "Internal server error"))
+    headers = {"retry-after": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else None
+    return error(status, kind, message, headers)
 
 
 def _late_fault(fault: Fault) -> bytes:
@@ -689,16 +662,3 @@ def _late_fault(fault: Fault) -> bytes:
         return b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"te\n\n'
     kind, message = FAULT_ERRORS.get(fault.status or 500, ("api_error", "Internal server error"))
     return _event("error", {"type": "error", "error": {"type": kind, "message": message}})
-
-
-def _broken_body(body: bytes, fault: Fault) -> Response:
-    """A non-streamed answer cut short: truncated JSON (malformed) or a dropped connection (disconnect)."""
-    half = body[: len(body) // 2]
-    if fault.kind == "malformed":
-        return Response(half, media_type="application/json")
-
-    async def drop() -> AsyncIterator[bytes]:
-        yield half
-        raise SimDisconnect()
-
-    return SimStream(drop(), media_type="application/json", headers={"content-length": str(len(body))})

@@ -15,7 +15,6 @@ tool-call-delta..., tool-call-end), message-end with finish_reason and usage.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import re
@@ -30,15 +29,12 @@ from starlette.routing import Route
 
 from ..core.catalog import ModelSpec, ProviderSpec
 from ..core.tokens import count_text
-from .engine import Answer, Fault, SimDisconnect, SimState
-from .server import SimStream, hang_until_disconnect
+from .engine import LARGE_PROMPT_CHARS, Answer, Fault, SimState, json_fragments, word_vector
+from .server import Invalid, SimStream, hang_until_disconnect, whole_answer, words_asked
 
 REJECTED_KEY_PREFIX = "invalid"
 # Tokens of the system preamble Cohere puts before every prompt: counted in `tokens`, not billed.
 PREAMBLE_TOKENS = 165
-LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
-JSON_PIECE_CHARS = 12
-PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the other families)
 EMBEDDING_DIMS = {"embed-v4.0": 1536}  # the v3 models are 1024
 EMBEDDING_TYPES = ("float", "int8", "uint8")
 EMBED_BATCH = 96  # texts per call
@@ -62,10 +58,6 @@ EMBED_FIELDS = frozenset(
      "truncate", "priority"}
 )  # fmt: skip
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class Invalid(Exception):
-    """The body breaks one of the API's rules; the message is what the API would say."""
 
 
 def routes(state: SimState, provider: ProviderSpec) -> list[Route]:
@@ -219,8 +211,7 @@ class CohereAPI:
             return error(400, f"invalid request: max_tokens cannot exceed {spec.max_output_tokens} for model '{spec.model}'")
         provider, model = self.provider.id, spec.model
         self.state.record_call(provider, model)
-        pieces = request.headers.get(PIECES_HEADER, "")
-        words = int(pieces) if pieces.isdigit() else None
+        words = words_asked(request)
         if len(prompt_text) > LARGE_PROMPT_CHARS:
             reply = await asyncio.to_thread(self._reply, body, spec, prompt_text, tools, call_tool, words)
         else:
@@ -235,17 +226,12 @@ class CohereAPI:
             )
         fault = self.state.fault_for(provider, model)
         streaming = bool(body.get("stream"))
-        if fault is not None:
-            refusal = await _refuse(request, fault, streaming)
-            if refusal is not None:
-                return refusal
+        if fault is not None and fault.refuses(streaming):
+            return await _refuse(request, fault)
         if streaming:
             return SimStream(self._stream(reply, fault), media_type="text/event-stream", headers={"cache-control": "no-cache"})
         await self.state.full_latency(provider, model, len(reply.answer.pieces) or 1)
-        payload = _response(reply)
-        if fault is not None and fault.kind in ("malformed", "disconnect"):
-            return _broken_body(json.dumps(payload).encode(), fault)
-        return JSONResponse(payload)
+        return whole_answer(_response(reply), fault)
 
     def _reply(
         self,
@@ -259,14 +245,14 @@ class CohereAPI:
         provider, model = self.provider.id, spec.model
         json_format = (body.get("response_format") or {}).get("type") == "json_object"
         if call_tool is None and json_format:
-            answer = _json_answer(self.state, provider, model, prompt_text, body["response_format"].get("json_schema"))
+            answer = self.state.json_answer(provider, model, prompt_text, body["response_format"].get("json_schema"))
         else:
             answer = self.state.answer(
                 provider, model, prompt_text, max_tokens=body.get("max_tokens"), tools=tools, call_tool=call_tool,
                 words=words,
             )
             if answer.tool_call is None and body.get("stop_sequences"):
-                answer = _cut_at_stop(answer, body["stop_sequences"])
+                answer, _ = answer.cut_at_stop(body["stop_sequences"])
         plan = ""
         output = answer.completion_tokens
         if answer.tool_call is not None:
@@ -279,12 +265,10 @@ class CohereAPI:
         call = answer.tool_call
         if call is not None:
             plan_pieces = re.findall(r"\S+\s*", reply.tool_plan)
-            arguments = call["arguments"]
-            pieces = plan_pieces + [arguments[i : i + JSON_PIECE_CHARS] for i in range(0, len(arguments), JSON_PIECE_CHARS)]
+            pieces = plan_pieces + json_fragments(call["arguments"])
         else:
             plan_pieces, pieces = [], answer.pieces
-        pace_fault = fault if fault is not None and fault.kind in ("disconnect", "timeout") else None
-        late_fault = fault if fault is not None and fault.kind in ("malformed", "error") else None
+        late_fault = fault if fault is not None and fault.written_in_stream else None
         strike_at = min(late_fault.after_tokens, len(pieces)) if late_fault else -1
         with self.state.track_stream() as tracker:
             start = {"role": "assistant", "content": [], "tool_plan": "", "tool_calls": [], "citations": []}
@@ -292,7 +276,7 @@ class CohereAPI:
             if call is None:
                 yield _event("content-start", {"index": 0, "delta": {"message": {"content": {"type": "text", "text": ""}}}})
             sent = 0
-            async for piece in self.state.paced(self.provider.id, reply.model, pieces, pace_fault):
+            async for piece in self.state.paced(self.provider.id, reply.model, pieces, fault):
                 if sent == strike_at:
                     break
                 if call is None:
@@ -334,12 +318,10 @@ class CohereAPI:
             return error(400, str(problem))
         self.state.record_call(self.provider.id, spec.model)
         fault = self.state.fault_for(self.provider.id, spec.model)
-        if fault is not None:
-            refusal = await _refuse(request, fault, streaming=False)
-            if refusal is not None:
-                return refusal
+        if fault is not None and fault.refuses(streaming=False):
+            return await _refuse(request, fault)
         await self.state.full_latency(self.provider.id, spec.model, 1)
-        floats = [embedding(t, dims) for t in texts]
+        floats = [word_vector(t, dims) for t in texts]
         embeddings: dict[str, Any] = {}
         for kind in types:
             if kind == "float":
@@ -355,9 +337,7 @@ class CohereAPI:
             "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": sum(count_text(t).tokens for t in texts)}},
             "response_type": "embeddings_by_type",
         }
-        if fault is not None and fault.kind in ("malformed", "disconnect"):
-            return _broken_body(json.dumps(payload).encode(), fault)
-        return JSONResponse(payload)
+        return whole_answer(payload, fault)
 
 
 # --- request checks ---------------------------------------------------------------------
@@ -502,73 +482,19 @@ def _response(reply: Reply) -> dict[str, Any]:
     }
 
 
-def _json_answer(state: SimState, provider: str, model: str, text: str, schema: dict[str, Any] | None) -> Answer:
-    """JSON mode: an object that fits the schema (or {"answer": ...}), streamed in short pieces."""
-    schema = schema or {"type": "object", "properties": {"answer": {"type": "string"}}}
-    made = state.answer(provider, model, text, tools=[{"name": "json", "parameters": schema}], call_tool="json")
-    body = made.tool_call["arguments"] if made.tool_call else "{}"
-    pieces = [body[i : i + JSON_PIECE_CHARS] for i in range(0, len(body), JSON_PIECE_CHARS)]
-    return Answer(body, pieces, made.prompt_tokens, made.completion_tokens, None, "stop")
-
-
-def _cut_at_stop(answer: Answer, stops: list[str]) -> Answer:
-    """The answer up to the first stop sequence, which is not returned."""
-    cut = min((answer.text.find(s) for s in stops if s and s in answer.text), default=-1)
-    if cut < 0:
-        return answer
-    pieces: list[str] = []
-    length = 0
-    for piece in answer.pieces:
-        if length + len(piece) >= cut:
-            if cut > length:
-                pieces.append(piece[: cut - length])
-            break
-        pieces.append(piece)
-        length += len(piece)
-    text = answer.text[:cut]
-    return Answer(text, pieces, answer.prompt_tokens, count_text(text).tokens, None, "stop")
-
-
-def embedding(text: str, dims: int) -> list[float]:
-    """A unit vector from hashed words: texts that share words point the same way."""
-    vector = [0.0] * dims
-    for word in re.findall(r"\w+", text.lower()) or [""]:
-        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
-        index = int.from_bytes(digest[:4], "little") % dims
-        vector[index] += 1.0 if digest[4] & 1 else -1.0
-    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-    return [round(v / norm, 6) for v in vector]
-
-
 # --- faults -------------------------------------------------------------------------------
 
 
-async def _refuse(request: Request, fault: Fault, streaming: bool) -> Response | None:
-    """The answer a fault gives before any content, or None when it strikes later."""
+async def _refuse(request: Request, fault: Fault) -> Response:
+    """What a fault sends in place of the answer (see `Fault.refuses`)."""
     if fault.kind == "rate_limit":
-        wait = fault.retry_after_s if fault.retry_after_s is not None else 1.0
         message = (
             "You are using a Trial key, which is limited to 20 API calls / minute. You can continue to use the "
             "Trial key for free or upgrade to a Production key with higher rate limits at "
             "'https://dashboard.cohere.com/api-keys'."
         )
-        return error(429, message, {"retry-after": str(math.ceil(wait))})
-    if fault.kind == "error" and not (streaming and fault.after_tokens):
-        return error(*FAULT_ERRORS.get(fault.status or 500, FAULT_ERRORS[500]))
-    if fault.kind == "timeout" and not streaming:
+        return error(429, message, {"retry-after": str(math.ceil(fault.wait_s))})
+    if fault.kind == "timeout":
         await hang_until_disconnect(request)
         return error(504, "gateway timeout")
-    return None
-
-
-def _broken_body(body: bytes, fault: Fault) -> Response:
-    """A non-streamed answer cut short: truncated JSON (malformed) or a dropped connection (disconnect)."""
-    half = body[: len(body) // 2]
-    if fault.kind == "malformed":
-        return Response(half, media_type="application/json")
-
-    async def drop() -> AsyncIterator[bytes]:
-        yield half
-        raise SimDisconnect()
-
-    return SimStream(drop(), media_type="application/json", headers={"content-length": str(len(body))})
+    return error(*FAULT_ERRORS.get(fault.status or 500, FAULT_ERRORS[500]))

@@ -10,18 +10,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
+import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..core.catalog import Catalog, ModelSpec
+from ..core.tokens import count_text
 
 FaultKind = Literal["error", "rate_limit", "timeout", "disconnect", "malformed"]
+Piece = TypeVar("Piece")
+
+# Counting the tokens of a longer prompt takes real CPU time, so families count it off the event loop.
+LARGE_PROMPT_CHARS = 50_000
+# Pieces sent per write when latency is off: as fast as a real server flushing its buffer.
+UNPACED_BATCH = 64
+# Streamed JSON (tool-call arguments, JSON-mode answers) goes out in fragments this long, as real streams send it.
+JSON_PIECE_CHARS = 12
 
 
 class Fault(BaseModel):
@@ -44,6 +55,32 @@ class Fault(BaseModel):
     def matches(self, provider: str, model: str) -> bool:
         return self.provider in ("*", provider) and self.model in (None, model)
 
+    @property
+    def wait_s(self) -> float:
+        """The wait a rate limit asks for."""
+        return self.retry_after_s if self.retry_after_s is not None else 1.0
+
+    def refuses(self, streaming: bool) -> bool:
+        """Whether the fault is sent instead of the answer, before any content.
+
+        A rate limit always is, an error unless it is to break a stream that began, and a
+        timeout when the answer is not streamed (the server hangs, then gives up). The others
+        strike later: while a stream is paced, written into its body, or cutting a whole answer.
+        """
+        if self.kind == "rate_limit":
+            return True
+        if self.kind == "error":
+            return not (streaming and self.after_tokens)
+        return self.kind == "timeout" and not streaming
+
+    @property
+    def written_in_stream(self) -> bool:
+        """Whether a stream carries this fault as content (a garbled frame or an error event).
+
+        Disconnects and timeouts need no words from a family: `SimState.paced` applies them.
+        """
+        return self.kind in ("malformed", "error")
+
 
 class SimDisconnect(Exception):
     """Raised inside a response body to drop the connection mid-answer."""
@@ -59,6 +96,24 @@ class Answer:
     completion_tokens: int
     tool_call: dict[str, Any] | None = None  # {"id", "name", "arguments" (JSON text)}
     finish_reason: Literal["stop", "length", "tool_calls"] = "stop"
+
+    def cut_at_stop(self, stops: list[str]) -> tuple[Answer, str | None]:
+        """The answer up to the first stop sequence (which it leaves out, as the APIs do), and that sequence."""
+        hits = [(self.text.find(s), s) for s in stops if s and s in self.text]
+        if not hits:
+            return self, None
+        cut, sequence = min(hits)
+        pieces: list[str] = []
+        length = 0
+        for piece in self.pieces:
+            if length + len(piece) >= cut:
+                if cut > length:
+                    pieces.append(piece[: cut - length])
+                break
+            pieces.append(piece)
+            length += len(piece)
+        text = self.text[:cut]
+        return Answer(text, pieces, self.prompt_tokens, count_text(text).tokens, None, "stop"), sequence
 
 
 @dataclass(slots=True)
@@ -188,8 +243,6 @@ class SimState:
         (the family module decides, from tool_choice and whether the last turn was a tool result).
         `words` fixes the answer's length in streamed pieces (benchmarks want an exact count).
         """
-        from ..core.tokens import count_text
-
         prompt_tokens = count_text(prompt_text).tokens
         digest = hashlib.sha256(f"{self.seed}|{provider}/{model}|{prompt_text}".encode()).digest()
         rng = random.Random(digest)
@@ -219,6 +272,13 @@ class SimState:
         text = "".join(pieces)
         return Answer(text, pieces, prompt_tokens, count_text(text).tokens, None, finish)
 
+    def json_answer(self, provider: str, model: str, prompt_text: str, schema: dict[str, Any] | None) -> Answer:
+        """JSON mode: an object that fits the schema (or {"answer": ...}), streamed in short pieces."""
+        schema = schema or {"type": "object", "properties": {"answer": {"type": "string"}}}
+        made = self.answer(provider, model, prompt_text, tools=[{"name": "json", "parameters": schema}], call_tool="json")
+        body = made.tool_call["arguments"] if made.tool_call else "{}"
+        return Answer(body, json_fragments(body), made.prompt_tokens, made.completion_tokens, None, "stop")
+
     # --- pacing ---------------------------------------------------------------
 
     def profile(self, provider: str, model: str) -> tuple[float, float]:
@@ -231,9 +291,9 @@ class SimState:
         return ttft_ms / 1000 / self.speed, 1.0 / (tps * self.speed)
 
     async def paced(
-        self, provider: str, model: str, pieces: list[str], fault: Fault | None = None
-    ) -> AsyncIterator[str]:
-        """Yield pieces at the model's pace; apply a mid-stream fault when one is due."""
+        self, provider: str, model: str, pieces: Sequence[Piece], fault: Fault | None = None
+    ) -> AsyncIterator[Piece]:
+        """Yield pieces at the model's pace; apply a disconnect or timeout fault when one is due."""
         first_wait, per_piece = self.profile(provider, model)
         if first_wait:
             await asyncio.sleep(first_wait)
@@ -253,6 +313,22 @@ class SimState:
         total = first_wait + per_piece * max(pieces - 1, 0)
         if total:
             await asyncio.sleep(total)
+
+
+def json_fragments(text: str) -> list[str]:
+    """JSON text in the short fragments a stream sends it in; at least one, so a stream has a piece to carry."""
+    return [text[i : i + JSON_PIECE_CHARS] for i in range(0, len(text), JSON_PIECE_CHARS)] or [""]
+
+
+def word_vector(text: str, dims: int) -> list[float]:
+    """A unit embedding from hashed words: texts that share words point the same way."""
+    vector = [0.0] * dims
+    for word in re.findall(r"\w+", text.lower()) or [""]:
+        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+        index = int.from_bytes(digest[:4], "little") % dims
+        vector[index] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [round(v / norm, 6) for v in vector]
 
 
 def _arguments_for(schema: dict[str, Any], rng: random.Random) -> dict[str, Any]:

@@ -38,8 +38,8 @@ from starlette.routing import Route
 
 from ..core.catalog import ModelSpec, ProviderSpec
 from ..core.tokens import count_text
-from .engine import Answer, Fault, SimDisconnect, SimState
-from .server import SimStream, hang_until_disconnect
+from .engine import LARGE_PROMPT_CHARS, Answer, Fault, SimState, word_vector
+from .server import Invalid, SimStream, hang_until_disconnect, whole_answer, words_asked
 
 API_VERSIONS = ("v1beta", "v1")
 CHAT_METHODS = ("generateContent", "streamGenerateContent", "countTokens")
@@ -50,10 +50,7 @@ CACHE_MIN_TOKENS = 1024  # implicit caching's minimum prefix (Gemini 2.5 Flash)
 CACHE_ENTRIES = 4096
 THOUGHT_WORDS = 16
 EMBEDDING_DIMS = 3072  # gemini-embedding-001's default outputDimensionality
-LARGE_PROMPT_CHARS = 50_000  # counting more than this off the event loop
-JSON_PIECE_CHARS = 12
 EMBED_BATCH = 100  # batchEmbedContents' limit
-PIECES_HEADER = "x-p402-sim-pieces"  # fixes the answer's length, for benchmarks (as in the other families)
 
 STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -91,10 +88,6 @@ UNREGISTERED = (
     "Please use API Key or other form of API consumer identity to call this API."
 )
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-:]{0,127}$")
-
-
-class Invalid(Exception):
-    """The body breaks one of the API's rules; the message is what the API would say."""
 
 
 def routes(state: SimState, provider: ProviderSpec) -> list[Route]:
@@ -279,8 +272,7 @@ class GeminiAPI:
                 "Update the value and try again.",
             )
         self.state.record_call(provider, model)
-        pieces = request.headers.get(PIECES_HEADER, "")
-        words = int(pieces) if pieces.isdigit() else None
+        words = words_asked(request)
         if len(prompt.text) > LARGE_PROMPT_CHARS:
             answer, thought, cached = await asyncio.to_thread(self._answer, prompt, spec, words)
         else:
@@ -294,10 +286,8 @@ class GeminiAPI:
             )
         usage = _usage(prompt_tokens, min(cached, prompt_tokens), answer.completion_tokens, thought, prompt.images)
         fault = self.state.fault_for(provider, model)
-        if fault is not None:
-            refusal = await _refuse(request, fault, streaming)
-            if refusal is not None:
-                return refusal
+        if fault is not None and fault.refuses(streaming):
+            return await _refuse(request, fault)
         response_id = uuid.uuid4().hex[:22]
         signature = _signature(answer) if thought is not None and answer.tool_call is not None else None
         if streaming:
@@ -307,9 +297,7 @@ class GeminiAPI:
         await self.state.full_latency(provider, model, len(answer.pieces) or 1)
         parts = _thought_parts(thought, prompt) + _answer_parts(answer, signature)
         reply = _reply(model, response_id, parts, FINISH_REASONS[answer.finish_reason], usage)
-        if fault is not None and fault.kind in ("malformed", "disconnect"):
-            return _broken_body(json.dumps(reply).encode(), fault)
-        return JSONResponse(reply)
+        return whole_answer(reply, fault)
 
     def _answer(self, prompt: Prompt, spec: ModelSpec, words: int | None) -> tuple[Answer, Answer | None, int]:
         """The answer, the thoughts before it (thinking models), and the implicitly cached prefix tokens."""
@@ -317,13 +305,13 @@ class GeminiAPI:
         text = prompt.text
         call_tool = _tool_to_call(prompt)
         if call_tool is None and prompt.json_mode:
-            answer = _json_answer(self.state, provider, model, text, prompt.json_schema)
+            answer = self.state.json_answer(provider, model, text, prompt.json_schema)
         else:
             answer = self.state.answer(
                 provider, model, text, max_tokens=prompt.max_output, tools=prompt.tools, call_tool=call_tool, words=words
             )
             if answer.tool_call is None and prompt.stops:
-                answer = _cut_at_stop(answer, prompt.stops)
+                answer, _ = answer.cut_at_stop(prompt.stops)
         thought = None
         if "reasoning" in spec.capabilities and prompt.thinking_budget != 0:
             thought = self.state.answer(provider, model, f"thinking|{text}", max_tokens=THOUGHT_WORDS)
@@ -370,8 +358,7 @@ class GeminiAPI:
             chunks += [[{"text": piece}] for piece in answer.pieces] or [[{"text": ""}]]
         answer_chunks = len(chunks) - first_answer_chunk
         finish = FINISH_REASONS[answer.finish_reason]
-        pace_fault = fault if fault is not None and fault.kind in ("disconnect", "timeout") else None
-        late_fault = fault if fault is not None and fault.kind in ("malformed", "error") else None
+        late_fault = fault if fault is not None and fault.written_in_stream else None
         strike_at = min(late_fault.after_tokens, len(chunks) - 1) if late_fault else -1
         opened = False
 
@@ -384,9 +371,7 @@ class GeminiAPI:
             return lead + b"\r\n" + payload
 
         with self.state.track_stream() as tracker:
-            labels = [str(i) for i in range(len(chunks))]
-            async for label in self.state.paced(self.provider.id, model, labels, pace_fault):
-                i = int(label)
+            async for i in self.state.paced(self.provider.id, model, range(len(chunks)), fault):
                 if i == strike_at:
                     tracker.broken = True
                     if late_fault.kind == "malformed":
@@ -459,16 +444,11 @@ class GeminiAPI:
             )
         self.state.record_call(self.provider.id, spec.model)
         fault = self.state.fault_for(self.provider.id, spec.model)
-        if fault is not None:
-            refusal = await _refuse(request, fault, streaming=False)
-            if refusal is not None:
-                return refusal
+        if fault is not None and fault.refuses(streaming=False):
+            return await _refuse(request, fault)
         await self.state.full_latency(self.provider.id, spec.model, 1)
-        vectors = [{"values": embedding(t, d)} for t, d in zip(texts, dims)]
-        reply = {"embeddings": vectors} if batch else {"embedding": vectors[0]}
-        if fault is not None and fault.kind in ("malformed", "disconnect"):
-            return _broken_body(json.dumps(reply).encode(), fault)
-        return JSONResponse(reply)
+        vectors = [{"values": word_vector(t, d)} for t, d in zip(texts, dims)]
+        return whole_answer({"embeddings": vectors} if batch else {"embedding": vectors[0]}, fault)
 
 
 # --- request checks ---------------------------------------------------------------------
@@ -706,33 +686,6 @@ def _tool_to_call(prompt: Prompt) -> str | None:
     return prompt.tools[0]["name"] if prompt.last_is_user_text else None
 
 
-def _json_answer(state: SimState, provider: str, model: str, text: str, schema: dict[str, Any] | None) -> Answer:
-    """JSON mode: an object that fits the schema (or {"answer": ...}), streamed in short pieces."""
-    schema = schema or {"type": "object", "properties": {"answer": {"type": "string"}}}
-    made = state.answer(provider, model, text, tools=[{"name": "json", "parameters": schema}], call_tool="json")
-    body = made.tool_call["arguments"] if made.tool_call else "{}"
-    pieces = [body[i : i + JSON_PIECE_CHARS] for i in range(0, len(body), JSON_PIECE_CHARS)]
-    return Answer(body, pieces, made.prompt_tokens, made.completion_tokens, None, "stop")
-
-
-def _cut_at_stop(answer: Answer, stops: list[str]) -> Answer:
-    """The answer up to the first stop sequence (which is not returned, as the real API does)."""
-    cut = min((answer.text.find(s) for s in stops if s in answer.text), default=-1)
-    if cut < 0:
-        return answer
-    pieces: list[str] = []
-    length = 0
-    for piece in answer.pieces:
-        if length + len(piece) >= cut:
-            if cut > length:
-                pieces.append(piece[: cut - length])
-            break
-        pieces.append(piece)
-        length += len(piece)
-    text = answer.text[:cut]
-    return Answer(text, pieces, answer.prompt_tokens, count_text(text).tokens, None, "stop")
-
-
 def _signature(answer: Answer) -> str:
     """An opaque thoughtSignature, as thinking models attach to a function call."""
     seed = (answer.tool_call or {}).get("id", "")
@@ -789,43 +742,17 @@ def _reply(model: str, response_id: str, parts: list[dict[str, Any]], finish: st
     return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model, "responseId": response_id}
 
 
-def embedding(text: str, dims: int) -> list[float]:
-    """A unit vector from hashed words: texts that share words point the same way."""
-    vector = [0.0] * dims
-    for word in re.findall(r"\w+", text.lower()) or [""]:
-        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
-        index = int.from_bytes(digest[:4], "little") % dims
-        vector[index] += 1.0 if digest[4] & 1 else -1.0
-    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-    return [round(v / norm, 6) for v in vector]
-
-
 # --- faults -------------------------------------------------------------------------------
 
 
-async def _refuse(request: Request, fault: Fault, streaming: bool) -> Response | None:
-    """The answer a fault gives before any content, or None when it strikes later."""
+async def _refuse(request: Request, fault: Fault) -> Response:
+    """What a fault sends in place of the answer (see `Fault.refuses`)."""
     if fault.kind == "rate_limit":
-        return _rate_limited(fault.retry_after_s if fault.retry_after_s is not None else 1.0)
-    if fault.kind == "error" and not (streaming and fault.after_tokens):
-        return error(*_fault_error(fault))
-    if fault.kind == "timeout" and not streaming:
+        return _rate_limited(fault.wait_s)
+    if fault.kind == "timeout":
         await hang_until_disconnect(request)
         return error(504, "Deadline expired before operation could complete.")
-    return None
-
-
-def _broken_body(body: bytes, fault: Fault) -> Response:
-    """A non-streamed answer cut short: truncated JSON (malformed) or a dropped connection (disconnect)."""
-    half = body[: len(body) // 2]
-    if fault.kind == "malformed":
-        return Response(half, media_type="application/json")
-
-    async def drop() -> AsyncIterator[bytes]:
-        yield half
-        raise SimDisconnect()
-
-    return SimStream(drop(), media_type="application/json", headers={"content-length": str(len(body))})
+    return error(*_fault_error(fault))
 
 
 def _version(request: Request) -> str:

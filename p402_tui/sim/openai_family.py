@@ -27,21 +27,24 @@ from starlette.routing import Route
 
 from ..core.catalog import ModelSpec, ProviderSpec
 from ..core.tokens import count_messages, count_text
-from .engine import Answer, Fault, SimDisconnect, SimState
-from .server import SimStream, hang_until_disconnect
+from .engine import (
+    LARGE_PROMPT_CHARS,
+    UNPACED_BATCH,
+    Answer,
+    Fault,
+    SimDisconnect,
+    SimState,
+    json_fragments,
+)
+from .server import PIECES_HEADER  # noqa: F401 - bench/adapter.py imports the header's name from here
+from .server import SimStream, hang_until_disconnect, whole_answer, words_asked
 
 ErrorShape = Literal["openai", "openrouter", "mistral", "detail"]
 StreamUsage = Literal["requested", "last_chunk", "final_message"]
 
 # Keys the simulator turns down (every other non-empty key is accepted).
 REJECTED_KEY_PREFIX = "sk-invalid"
-# A request header that fixes the answer's length in streamed pieces; the benchmark uses it.
-PIECES_HEADER = "x-p402-sim-pieces"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-# Parsing a long prompt's tokens takes real CPU time; above this many bytes it runs off the loop.
-THREAD_BODY_BYTES = 64 * 1024
-# Pieces sent per write when latency is off: as fast as a real server flushing its buffer.
-UNPACED_BATCH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +295,7 @@ class OpenAIFamily:
         tools = body.get("tools") if isinstance(body.get("tools"), list) else None
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
 
-        if len(await request.body()) > THREAD_BODY_BYTES:
+        if len(await request.body()) > LARGE_PROMPT_CHARS:
             prompt_tokens = (await asyncio.to_thread(count_messages, messages, spec.id, tools)).tokens
         else:
             prompt_tokens = count_messages(messages, spec.id, tools).tokens
@@ -317,31 +320,21 @@ class OpenAIFamily:
             )
         fault = self.state.fault_for(self.id, model)
         stream = body.get("stream") is True
-        if fault is not None:
-            late_error = fault.kind == "error" and fault.after_tokens > 0
-            if fault.kind == "rate_limit" or (fault.kind == "error" and not late_error):
-                raise self._fault_error(fault, model)
-            if late_error and not stream:
-                # OpenRouter reports a failure after routing inside a 200 answer; the others as a status.
-                error = self._fault_error(fault, model)
-                if self.dialect.errors != "openrouter":
-                    raise error
-                return JSONResponse(self.error_body(error))
-            if fault.kind == "timeout" and not stream:
+        if fault is not None and fault.refuses(stream):
+            if fault.kind == "timeout":
                 await hang_until_disconnect(request)
                 return Response(status_code=504)
+            error = self._fault_error(fault, model)
+            if fault.kind == "error" and fault.after_tokens and self.dialect.errors == "openrouter":
+                # OpenRouter reports a failure after routing inside a 200 answer; the others as a status.
+                return JSONResponse(self.error_body(error))
+            raise error
         reply = self._reply(request, body, spec, messages, tools, prompt_tokens)
         if stream:
             return SimStream(self._stream(reply, fault), media_type="text/event-stream",
                              headers={"cache-control": "no-cache"})
         await self.state.full_latency(self.id, model, len(reply.answer.pieces) + _pieces(reply.reasoning))
-        payload = json.dumps(self._completion(reply), separators=(",", ":")).encode()
-        if fault is not None and fault.kind == "disconnect":
-            return SimStream(_cut(payload), media_type="application/json",
-                             headers={"content-length": str(len(payload))})
-        if fault is not None and fault.kind == "malformed":
-            return Response(payload[: len(payload) // 2], media_type="application/json")
-        return Response(payload, media_type="application/json")
+        return whole_answer(self._completion(reply), fault)
 
     def _reply(
         self,
@@ -356,7 +349,6 @@ class OpenAIFamily:
         prompt_text = "\n".join(f"{m['role']}: {_text(m.get('content'))}" for m in messages)
         functions = [t["function"] for t in tools or () if isinstance(t, dict) and isinstance(t.get("function"), dict)]
         call_tool = self._tool_to_call(body, messages, functions)
-        pieces = request.headers.get(PIECES_HEADER)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         hidden = 0
         if self._reasons_hidden(spec):
@@ -372,7 +364,7 @@ class OpenAIFamily:
             max_tokens=max_tokens,
             tools=functions,
             call_tool=call_tool,
-            words=int(pieces) if pieces and pieces.isdigit() else None,
+            words=words_asked(request),
         )
         answer.prompt_tokens = prompt_tokens
         reasoning = None
@@ -523,8 +515,8 @@ class OpenAIFamily:
         answer, reasoning = reply.answer, reply.reasoning
         shown = reasoning.pieces if reasoning is not None else []
         calling = answer.tool_call is not None
-        pieces = _fragments(answer.tool_call["arguments"]) if answer.tool_call is not None else answer.pieces
-        broken_at = fault.after_tokens if fault is not None and fault.kind in ("malformed", "error") else -1
+        pieces = json_fragments(answer.tool_call["arguments"]) if answer.tool_call is not None else answer.pieces
+        broken_at = fault.after_tokens if fault is not None and fault.written_in_stream else -1
         # Unpaced answers go out in batches, as a real server flushes; a fault must see each piece sent first.
         batch = 1 if self.state.latency or fault is not None else UNPACED_BATCH
         with self.state.track_stream() as tracker:
@@ -693,11 +685,6 @@ def _pieces(answer: Answer | None) -> int:
     return len(answer.pieces) if answer is not None else 0
 
 
-def _fragments(arguments: str, size: int = 12) -> list[str]:
-    """Tool-call arguments in the small fragments real streams send."""
-    return [arguments[i : i + size] for i in range(0, len(arguments), size)] or [""]
-
-
 def _citations(text: str) -> dict[str, Any]:
     digest = hashlib.sha256(text.encode()).hexdigest()
     urls = [f"https://example.org/source/{digest[i : i + 8]}" for i in (0, 8)]
@@ -708,8 +695,3 @@ def _citations(text: str) -> dict[str, Any]:
         ],
     }
 
-
-async def _cut(payload: bytes) -> AsyncIterator[bytes]:
-    """Half the promised body, then a dropped connection."""
-    yield payload[: len(payload) // 2]
-    raise SimDisconnect()

@@ -17,13 +17,15 @@ import asyncio
 import importlib
 import logging
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Send
 
@@ -36,6 +38,18 @@ FAMILY_MODULES = {
     "gemini": "gemini",
     "cohere": "cohere",
 }
+# A request header that fixes the answer's length in streamed pieces, for benchmarks; every family reads it.
+PIECES_HEADER = "x-p402-sim-pieces"
+
+
+class Invalid(Exception):
+    """The body breaks one of the API's rules; the message is what the API would say."""
+
+
+def words_asked(request: Request) -> int | None:
+    """The answer length the PIECES_HEADER asks for, if any."""
+    pieces = request.headers.get(PIECES_HEADER, "")
+    return int(pieces) if pieces.isdigit() else None
 
 
 class SimStream(StreamingResponse):
@@ -68,6 +82,22 @@ async def hang_until_disconnect(request: Request, limit_s: float = 3600.0) -> No
         pass
 
 
+def whole_answer(body: dict[str, Any], fault: Fault | None, headers: dict[str, str] | None = None) -> Response:
+    """A non-streamed JSON answer, cut in half by a `malformed` fault or by a `disconnect` fault (which then drops the connection)."""
+    whole = JSONResponse(body, headers=headers)
+    if fault is None or fault.kind not in ("malformed", "disconnect"):
+        return whole
+    half = whole.body[: len(whole.body) // 2]
+    if fault.kind == "malformed":
+        return Response(half, media_type="application/json")
+
+    async def drop() -> AsyncIterator[bytes]:
+        yield half
+        raise SimDisconnect()
+
+    return SimStream(drop(), media_type="application/json", headers={"content-length": str(len(whole.body))})
+
+
 class _QuietDisconnects(logging.Filter):
     """A `disconnect` fault raises SimDisconnect on purpose; uvicorn need not log it as a crash."""
 
@@ -81,24 +111,12 @@ class _QuietDisconnects(logging.Filter):
 _quiet = _QuietDisconnects()
 
 
-def _family_module(wire: str):
-    """The wire family's simulator module, or None while that family is not written yet."""
-    name = f"{__package__}.{FAMILY_MODULES[wire]}"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        if error.name != name:
-            raise
-        logging.getLogger(__name__).warning("no simulator for the %s wire family yet", wire)
-        return None
-
-
 def _family_routes(state: SimState) -> list[BaseRoute]:
     mounts: list[BaseRoute] = []
     for provider in state.catalog.providers.values():
-        module = _family_module(provider.wire)
-        if module is not None:
-            mounts.append(Mount(f"/{provider.id}{provider.base_path}", routes=module.routes(state, provider)))
+        # Imported here: the family modules import this one for its helpers.
+        module = importlib.import_module(f"{__package__}.{FAMILY_MODULES[provider.wire]}")
+        mounts.append(Mount(f"/{provider.id}{provider.base_path}", routes=module.routes(state, provider)))
     return mounts
 
 
