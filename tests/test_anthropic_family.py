@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import anthropic
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from p402_tui.core import errors
 from p402_tui.core.config import ConfigFile, Settings
@@ -143,6 +144,26 @@ async def test_sdk_models_and_errors(sdk):
         await sdk.messages.create(
             model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
         )
+
+
+async def test_a_rejected_key_is_anthropics_401(sim, sim_settings):
+    key = "invalid-key-0123456789"
+    client = anthropic.AsyncAnthropic(base_url=f"{sim.url}/anthropic", api_key=key, max_retries=0)
+    try:
+        with pytest.raises(anthropic.AuthenticationError) as caught:
+            await client.messages.create(model=MODEL, max_tokens=10, messages=[user("x")])
+    finally:
+        await client.close()
+    assert caught.value.status_code == 401
+    assert caught.value.body["error"] == {"type": "authentication_error", "message": "invalid x-api-key"}
+
+    refused = AnthropicAdapter(dataclasses.replace(sim_settings.providers["anthropic"], api_key=SecretStr(key)))
+    try:
+        with pytest.raises(errors.AuthenticationError) as caught:
+            await refused.complete(chat(user("hi")))
+        assert caught.value.status == 401 and not caught.value.retryable and key not in str(caught.value)
+    finally:
+        await refused.aclose()
 
 
 # --- the adapter --------------------------------------------------------------------

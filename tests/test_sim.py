@@ -202,6 +202,31 @@ def test_each_provider_answers_in_its_own_error_shape(pid, status, body_key, fre
         assert response.json()["error"]["code"] == 401
 
 
+def family_call(pid: str, key: str) -> tuple[str, dict, dict]:
+    """A chat call to one provider of each wire family: path, body, and its key where that API takes it."""
+    if pid == "anthropic":
+        body = {"model": "claude-haiku-4-5-20251001", "max_tokens": 10, "messages": PROMPT}
+        return "/anthropic/v1/messages", body, {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    if pid == "google":
+        body = {"contents": [{"parts": [{"text": "Hi"}]}]}
+        return "/google/v1beta/models/gemini-2.5-flash:generateContent", body, {"x-goog-api-key": key}
+    if pid == "cohere":
+        return "/cohere/v2/chat", {"model": "command-a-03-2025", "messages": PROMPT}, {"Authorization": f"Bearer {key}"}
+    return "/openai/v1/chat/completions", {"model": MODELS["openai"], "messages": PROMPT}, {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("key", ["invalid-key", "sk-invalid-key", "sim-key"])
+def test_every_family_refuses_the_same_keys_in_its_own_status(key, fresh_sim):
+    statuses = {}
+    for pid in ("openai", "anthropic", "google", "cohere"):
+        path, body, headers = family_call(pid, key)
+        statuses[pid] = httpx.post(fresh_sim.url + path, json=body, headers=headers, verify=tls_context()).status_code
+    if key == "sim-key":
+        assert statuses == {"openai": 200, "anthropic": 200, "google": 200, "cohere": 200}
+    else:  # Google says API_KEY_INVALID with a 400; the others a 401
+        assert statuses == {"openai": 401, "anthropic": 401, "google": 400, "cohere": 401}
+
+
 def test_bad_bodies_are_400s(fresh_sim):
     url = f"{fresh_sim.url}/openai/v1/chat/completions"
     auth = {"Authorization": "Bearer k"}

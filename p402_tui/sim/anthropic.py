@@ -34,6 +34,7 @@ from .engine import (
     SimDisconnect,
     SimState,
     json_fragments,
+    key_is_known,
 )
 from .server import Invalid, SimStream, hang_until_disconnect, whole_answer, words_asked
 
@@ -71,10 +72,17 @@ def routes(state: SimState, provider: ProviderSpec) -> list[Route]:
     ]
 
 
-def _has_key(request: Request) -> bool:
-    """An `x-api-key`, or `Authorization: Bearer` (newer SDKs send the API key that way)."""
+def _refuse_key(request: Request) -> Response | None:
+    """Anthropic's 401 for a missing or unknown key: `x-api-key`, or `Authorization: Bearer` (newer SDKs send it so)."""
+    key = request.headers.get("x-api-key", "")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return bool(request.headers.get("x-api-key")) or (scheme.lower() == "bearer" and bool(token.strip()))
+    if not key and scheme.lower() == "bearer":
+        key = token
+    if not key.strip():
+        return error(401, "authentication_error", "x-api-key header is required")
+    if not key_is_known(key):
+        return error(401, "authentication_error", "invalid x-api-key")
+    return None
 
 
 def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -108,8 +116,9 @@ class MessagesAPI:
         }
 
     async def models(self, request: Request) -> Response:
-        if not _has_key(request):
-            return error(401, "authentication_error", "x-api-key header is required")
+        refusal = _refuse_key(request)
+        if refusal is not None:
+            return refusal
         specs = self.state.catalog.models_of(self.provider.id)
         ids = [s.model for s in specs]
         params = request.query_params
@@ -136,8 +145,9 @@ class MessagesAPI:
         )
 
     async def model(self, request: Request) -> Response:
-        if not _has_key(request):
-            return error(401, "authentication_error", "x-api-key header is required")
+        refusal = _refuse_key(request)
+        if refusal is not None:
+            return refusal
         model_id = request.path_params["model_id"]
         spec = self.state.model_spec(self.provider.id, model_id)
         if spec is None:
@@ -147,8 +157,9 @@ class MessagesAPI:
     # --- /v1/messages -----------------------------------------------------------
 
     async def messages(self, request: Request) -> Response:
-        if not _has_key(request):
-            return error(401, "authentication_error", "x-api-key header is required")
+        refusal = _refuse_key(request)
+        if refusal is not None:
+            return refusal
         if not request.headers.get("anthropic-version"):
             return error(400, "invalid_request_error", "anthropic-version: header is required")
         try:

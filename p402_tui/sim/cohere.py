@@ -2,8 +2,8 @@
 
 Requests are checked the way the real API checks them (Bearer key, unknown fields,
 roles, tool results that answer no tool call, `p` and `k` ranges, limits from the
-catalog) and refused in Cohere's shape `{"id", "message"}`. Keys starting with
-`invalid` stand for keys Cohere does not know (401 "invalid api token").
+catalog) and refused in Cohere's shape `{"id", "message"}`; a rejected key
+(`engine.key_is_known`) is a 401 "invalid api token".
 
 Answers come from the engine. Usage has Cohere's two counts: `billed_units` without
 the preamble Cohere prepends to every prompt, and `tokens` with it. Streams are SSE
@@ -29,10 +29,9 @@ from starlette.routing import Route
 
 from ..core.catalog import ModelSpec, ProviderSpec
 from ..core.tokens import count_text
-from .engine import LARGE_PROMPT_CHARS, Answer, Fault, SimState, json_fragments, word_vector
+from .engine import LARGE_PROMPT_CHARS, Answer, Fault, SimState, json_fragments, key_is_known, word_vector
 from .server import Invalid, SimStream, hang_until_disconnect, whole_answer, words_asked
 
-REJECTED_KEY_PREFIX = "invalid"
 # Tokens of the system preamble Cohere puts before every prompt: counted in `tokens`, not billed.
 PREAMBLE_TOKENS = 165
 EMBEDDING_DIMS = {"embed-v4.0": 1536}  # the v3 models are 1024
@@ -118,7 +117,7 @@ class CohereAPI:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             return error(401, "no api key supplied")
-        if key.startswith(REJECTED_KEY_PREFIX):
+        if not key_is_known(key):
             return error(401, "invalid api token")
         return None
 

@@ -27,12 +27,20 @@ from ..core.tokens import count_text
 FaultKind = Literal["error", "rate_limit", "timeout", "disconnect", "malformed"]
 Piece = TypeVar("Piece")
 
+# Keys that stand for ones a provider does not know (revoked, mistyped): they begin with "invalid",
+# bare or after OpenAI's "sk-". Every family refuses them, and blank keys, in its provider's words.
+REJECTED_KEY_PREFIXES = ("invalid", "sk-invalid")
 # Counting the tokens of a longer prompt takes real CPU time, so families count it off the event loop.
 LARGE_PROMPT_CHARS = 50_000
 # Pieces sent per write when latency is off: as fast as a real server flushing its buffer.
 UNPACED_BATCH = 64
 # Streamed JSON (tool-call arguments, JSON-mode answers) goes out in fragments this long, as real streams send it.
 JSON_PIECE_CHARS = 12
+
+
+def key_is_known(key: str) -> bool:
+    """Whether a simulated provider accepts this API key: any that is not blank or rejected."""
+    return bool(key.strip()) and not key.startswith(REJECTED_KEY_PREFIXES)
 
 
 class Fault(BaseModel):

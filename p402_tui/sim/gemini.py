@@ -5,8 +5,8 @@ streamed piece by piece), countTokens, embedContent, batchEmbedContents; GET mod
 models/{model}. Requests are checked the way the real API checks them and refused in
 Google's RPC error shape `{"error": {"code", "message", "status", "details"}}`:
 
-- a missing key is 403 PERMISSION_DENIED; an empty or rejected key is 400 with reason
-  API_KEY_INVALID (keys starting with `invalid` stand for keys Google does not know);
+- a missing key is 403 PERMISSION_DENIED; a blank or rejected key (`engine.key_is_known`) is 400
+  with reason API_KEY_INVALID;
 - unknown body fields, empty contents or parts, bad roles, function turns out of order,
   Gemini 3 function calls sent back without their `thoughtSignature`;
 - unknown models (404), prompts over the context window, maxOutputTokens over the limit.
@@ -38,13 +38,12 @@ from starlette.routing import Route
 
 from ..core.catalog import ModelSpec, ProviderSpec
 from ..core.tokens import count_text
-from .engine import LARGE_PROMPT_CHARS, Answer, Fault, SimState, word_vector
+from .engine import LARGE_PROMPT_CHARS, Answer, Fault, SimState, key_is_known, word_vector
 from .server import Invalid, SimStream, hang_until_disconnect, whole_answer, words_asked
 
 API_VERSIONS = ("v1beta", "v1")
 CHAT_METHODS = ("generateContent", "streamGenerateContent", "countTokens")
 EMBED_METHODS = ("embedContent", "batchEmbedContents")
-REJECTED_KEY_PREFIX = "invalid"
 IMAGE_TOKENS = 258  # what Gemini counts for an image of up to 384x384 pixels
 CACHE_MIN_TOKENS = 1024  # implicit caching's minimum prefix (Gemini 2.5 Flash)
 CACHE_ENTRIES = 4096
@@ -181,7 +180,7 @@ class GeminiAPI:
             key = request.query_params.get("key")
         if key is None:
             return error(403, UNREGISTERED)
-        if not key.strip() or key.startswith(REJECTED_KEY_PREFIX):
+        if not key_is_known(key):
             return _bad_key()
         return None
 

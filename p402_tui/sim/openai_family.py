@@ -35,6 +35,7 @@ from .engine import (
     SimDisconnect,
     SimState,
     json_fragments,
+    key_is_known,
 )
 from .server import PIECES_HEADER  # noqa: F401 - bench/adapter.py imports the header's name from here
 from .server import SimStream, hang_until_disconnect, whole_answer, words_asked
@@ -42,7 +43,7 @@ from .server import SimStream, hang_until_disconnect, whole_answer, words_asked
 ErrorShape = Literal["openai", "openrouter", "mistral", "detail"]
 StreamUsage = Literal["requested", "last_chunk", "final_message"]
 
-# Keys the simulator turns down (every other non-empty key is accepted).
+# How an OpenAI-style key the simulator refuses begins (`engine.key_is_known` has the rule).
 REJECTED_KEY_PREFIX = "sk-invalid"
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -194,7 +195,7 @@ class OpenAIFamily:
                 "invalid_request_error",
                 "invalid_api_key",
             )
-        if key.startswith(REJECTED_KEY_PREFIX):
+        if not key_is_known(key):
             # Real providers quote (part of) a rejected key back; adapters must scrub it.
             message = f"Incorrect API key provided: {key.strip()}."
             raise SimError(401, message, "invalid_request_error", "invalid_api_key")
