@@ -39,7 +39,7 @@ from ..core.errors import (
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, ToolCallDelta, Usage, new_id
-from .base import Adapter, iter_sse, retry_after_seconds, with_first_token_timeout
+from .base import Adapter, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -101,13 +101,8 @@ class AnthropicAdapter(Adapter):
 
     # --- requests ---------------------------------------------------------------
 
-    def wire_model(self, request: ChatRequest, model: str | None) -> str:
-        name = model or request.model or ""
-        prefix = f"{self.id}/"
-        name = name[len(prefix) :] if name.startswith(prefix) else name
-        if not name:
-            raise BadRequestError("no model given", provider=self.id)
-        return name
+    def chat_path(self, model: str) -> str:
+        return "/v1/messages"
 
     def default_max_tokens(self, model: str) -> int:
         spec = self.catalog.models.get(f"{self.id}/{model}")
@@ -142,7 +137,7 @@ class AnthropicAdapter(Adapter):
             # Newer Claude models refuse temperature and top_p together; temperature wins.
             body["top_p"] = request.top_p
         if request.stop:
-            body["stop_sequences"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+            body["stop_sequences"] = stop_sequences(request)
         if stream:
             body["stream"] = True
         return body
@@ -187,16 +182,6 @@ class AnthropicAdapter(Adapter):
 
     # --- calls ------------------------------------------------------------------
 
-    async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
-        name = self.wire_model(request, model)
-        data = await self.post_json("/v1/messages", self.payload(request, name), name)
-        return self.response(data, name)
-
-    def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
-        name = self.wire_model(request, model)
-        payload = self.payload(request, name, stream=True)
-        return with_first_token_timeout(self._events(payload, name), self.first_token_deadline(), self.id, name)
-
     async def list_models(self) -> list[str]:
         ids: list[str] = []
         params: dict[str, Any] = {"limit": 1000}
@@ -212,15 +197,7 @@ class AnthropicAdapter(Adapter):
 
     # --- answers ----------------------------------------------------------------
 
-    def response(self, data: Any, model: str) -> ChatResponse:
-        try:
-            return self._response(data, model)
-        except (KeyError, TypeError, AttributeError):
-            raise MalformedResponseError(
-                f"not a Messages answer: {self.clean(str(data)[:200])}", provider=self.id, model=model
-            ) from None
-
-    def _response(self, data: dict[str, Any], model: str) -> ChatResponse:
+    def read_answer(self, data: dict[str, Any], model: str) -> ChatResponse:
         text: list[str] = []
         thinking: list[str] = []
         calls: list[dict[str, Any]] = []
@@ -244,67 +221,62 @@ class AnthropicAdapter(Adapter):
             id=data.get("id") or new_id("msg"),
         )
 
-    async def _events(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
+    async def read_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
         """The Messages SSE sequence as chunks; the last one carries finish_reason and usage."""
         usage = Usage()
         tool_index: dict[int, int] = {}  # content block index -> OpenAI tool call index
         role: str | None = "assistant"  # rides on the first chunk that says something
         stop_reason = "end_turn"
-        async with self.open_stream("POST", "/v1/messages", model, json=payload) as response:
-            try:
-                async for event, data in iter_sse(response):
-                    if event == "ping":
+        async with self.open_events("/v1/messages", model, json=payload) as response:
+            async for event, data in iter_sse(response):
+                if event == "ping":
+                    continue
+                try:
+                    message = json.loads(data)
+                    kind = message["type"]
+                    if kind == "content_block_delta":
+                        delta = message["delta"]
+                        delta_type = delta["type"]
+                        if delta_type == "text_delta":
+                            chunk = ChatChunk(content=delta["text"], role=role)
+                        elif delta_type == "input_json_delta":
+                            index = tool_index.get(message["index"], 0)
+                            piece = ToolCallDelta(index, arguments=delta["partial_json"])
+                            chunk = ChatChunk(tool_calls=[piece], role=role)
+                        elif delta_type == "thinking_delta":
+                            chunk = ChatChunk(reasoning=delta["thinking"], role=role)
+                        else:  # signature and citation deltas have no place in the OpenAI shape
+                            continue
+                    elif kind == "content_block_start":
+                        block = message["content_block"]
+                        if block["type"] == "tool_use":
+                            index = tool_index[message["index"]] = len(tool_index)
+                            piece = ToolCallDelta(index, id=block["id"], name=block["name"])
+                            chunk = ChatChunk(tool_calls=[piece], role=role)
+                        elif block["type"] == "text" and block.get("text"):
+                            chunk = ChatChunk(content=block["text"], role=role)
+                        else:
+                            continue
+                    elif kind == "message_start":
+                        usage = _usage(message["message"]["usage"])
                         continue
-                    try:
-                        message = json.loads(data)
-                        kind = message["type"]
-                        if kind == "content_block_delta":
-                            delta = message["delta"]
-                            delta_type = delta["type"]
-                            if delta_type == "text_delta":
-                                chunk = ChatChunk(content=delta["text"], role=role)
-                            elif delta_type == "input_json_delta":
-                                index = tool_index.get(message["index"], 0)
-                                piece = ToolCallDelta(index, arguments=delta["partial_json"])
-                                chunk = ChatChunk(tool_calls=[piece], role=role)
-                            elif delta_type == "thinking_delta":
-                                chunk = ChatChunk(reasoning=delta["thinking"], role=role)
-                            else:  # signature and citation deltas have no place in the OpenAI shape
-                                continue
-                        elif kind == "content_block_start":
-                            block = message["content_block"]
-                            if block["type"] == "tool_use":
-                                index = tool_index[message["index"]] = len(tool_index)
-                                piece = ToolCallDelta(index, id=block["id"], name=block["name"])
-                                chunk = ChatChunk(tool_calls=[piece], role=role)
-                            elif block["type"] == "text" and block.get("text"):
-                                chunk = ChatChunk(content=block["text"], role=role)
-                            else:
-                                continue
-                        elif kind == "message_start":
-                            usage = _usage(message["message"]["usage"])
-                            continue
-                        elif kind == "message_delta":
-                            stop_reason = message["delta"].get("stop_reason") or stop_reason
-                            _update_usage(usage, message.get("usage") or {})
-                            continue
-                        elif kind == "message_stop":
-                            yield ChatChunk(finish_reason=STOP_REASONS.get(stop_reason, "stop"), usage=usage, role=role)
-                            return
-                        elif kind == "error":
-                            error = message["error"]
-                            error_type, text = error.get("type", ""), error.get("message", "")
-                            raise self.error(None, error_type, text, response.headers, model)
-                        else:  # content_block_stop, and event types newer than this code
-                            continue
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        raise StreamInterruptedError(
-                            f"unreadable event {self.clean(data[:120])!r}", provider=self.id, model=model
-                        ) from None
-                    role = None
-                    yield chunk
-            except httpx.HTTPError as error:
-                raise self.transport_error(error, model, started=True) from None
+                    elif kind == "message_delta":
+                        stop_reason = message["delta"].get("stop_reason") or stop_reason
+                        _update_usage(usage, message.get("usage") or {})
+                        continue
+                    elif kind == "message_stop":
+                        yield ChatChunk(finish_reason=STOP_REASONS.get(stop_reason, "stop"), usage=usage, role=role)
+                        return
+                    elif kind == "error":
+                        error = message["error"]
+                        error_type, text = error.get("type", ""), error.get("message", "")
+                        raise self.error(None, error_type, text, response.headers, model)
+                    else:  # content_block_stop, and event types newer than this code
+                        continue
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise self.unreadable_event(data, model) from None
+                role = None
+                yield chunk
         raise StreamInterruptedError("stream ended before message_stop", provider=self.id, model=model)
 
     # --- errors -----------------------------------------------------------------
@@ -384,10 +356,7 @@ def _user_blocks(message: ChatMessage, provider: str, model: str) -> list[dict[s
 
 def _image(url: str, provider: str, model: str) -> dict[str, Any]:
     if url.startswith("data:"):
-        header, _, data = url[5:].partition(",")
-        media_type, _, encoding = header.partition(";")
-        if encoding != "base64" or not data:
-            raise BadRequestError("an image data: URL must be base64", provider=provider, model=model)
+        media_type, data = split_data_url(url, provider, model)
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
@@ -398,12 +367,7 @@ def _assistant_blocks(message: ChatMessage, provider: str, model: str) -> list[d
     text = message.text()
     blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
     for call in message.tool_calls or ():
-        try:
-            arguments = json.loads(call.function.arguments or "{}")
-        except ValueError:
-            raise BadRequestError(
-                f"tool call {call.id} has arguments that are not JSON", provider=provider, model=model
-            ) from None
+        arguments = tool_arguments(call, provider, model)
         blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments})
     return blocks
 

@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import email.utils
 import functools
+import json
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ import httpx
 
 from ..core.config import ResolvedProvider
 from ..core.errors import (
+    BadRequestError,
     ConnectionLostError,
     MalformedResponseError,
     ProviderError,
@@ -30,7 +32,7 @@ from ..core.errors import (
     TimeoutError,
     redact,
 )
-from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, Usage
+from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCall, Usage
 
 
 @functools.cache
@@ -62,7 +64,12 @@ class HealthResult:
 
 
 class Adapter:
-    """Base class: subclasses implement the four wire-specific methods."""
+    """Base class for one wire family.
+
+    A family provides `auth_headers`, `error_from_response`, and either `complete` and
+    `stream` of its own or the four pieces the ones here are made of: `chat_path`,
+    `payload`, `read_answer` (a parsed JSON answer) and `read_stream` (the streamed one).
+    """
 
     wire: ClassVar[str] = ""
 
@@ -84,11 +91,31 @@ class Adapter:
     def auth_headers(self) -> dict[str, str]:
         raise NotImplementedError
 
-    async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
+    def chat_path(self, model: str) -> str:
+        """Where a non-streamed chat request goes, relative to the base URL."""
         raise NotImplementedError
 
-    def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
+    def payload(self, request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
+        """The provider's request body for an OpenAI-shaped request."""
         raise NotImplementedError
+
+    def read_answer(self, data: Any, model: str) -> ChatResponse:
+        """A non-streamed answer; may raise KeyError, TypeError, AttributeError or IndexError where it does not fit."""
+        raise NotImplementedError
+
+    def read_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
+        """Send a streamed request; its chunks, the last one with finish_reason and usage."""
+        raise NotImplementedError
+
+    async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
+        name = self.wire_model(request, model)
+        data = await self.post_json(self.chat_path(name), self.payload(request, name), name)
+        return self.response(data, name)
+
+    def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
+        name = self.wire_model(request, model)
+        payload = self.payload(request, name, stream=True)
+        return with_first_token_timeout(self.read_stream(payload, name), self.first_token_deadline(), self.id, name)
 
     async def list_models(self) -> list[str]:
         raise NotImplementedError(f"{self.id} has no model list endpoint")
@@ -113,6 +140,29 @@ class Adapter:
     def clean(self, text: str) -> str:
         """Provider text with any key in force scrubbed out."""
         return redact(text, (self.provider.key(),))
+
+    def wire_name(self, model: str) -> str:
+        """A model id as this provider's API spells it: ours without the `provider/` prefix."""
+        return model.removeprefix(f"{self.id}/")
+
+    def wire_model(self, request: ChatRequest, model: str | None) -> str:
+        """The model a call is for: `model`, else the request's, as the provider spells it."""
+        name = self.wire_name(model or request.model or "")
+        if not name:
+            raise BadRequestError("the request names no model", provider=self.id)
+        return name
+
+    def response(self, data: Any, model: str) -> ChatResponse:
+        """`read_answer`, with an answer that does not fit the wire format as a MalformedResponseError."""
+        try:
+            return self.read_answer(data, model)
+        except (KeyError, TypeError, AttributeError, IndexError):
+            raise MalformedResponseError(
+                f"unreadable {self.wire} answer: {self.clean(str(data)[:200])}", provider=self.id, model=model
+            ) from None
+
+    def unreadable_event(self, data: str, model: str) -> StreamInterruptedError:
+        return StreamInterruptedError(f"unreadable event {self.clean(data[:120])!r}", provider=self.id, model=model)
 
     def transport_error(self, error: httpx.HTTPError, model: str, *, started: bool = False) -> ProviderError:
         """Map an httpx failure to our hierarchy; `started` means content had begun to flow."""
@@ -143,9 +193,25 @@ class Adapter:
         finally:
             await response.aclose()
 
+    @asynccontextmanager
+    async def open_events(self, url: str, model: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """POST a streamed request (see `open_stream`); a connection that fails while it is read broke the stream."""
+        async with self.open_stream("POST", url, model, **kwargs) as response:
+            try:
+                yield response
+            except httpx.HTTPError as error:
+                raise self.transport_error(error, model, started=True) from None
+
     async def post_json(self, url: str, payload: dict[str, Any], model: str, **kwargs: Any) -> Any:
+        return await self.request_json("POST", url, model, json=payload, **kwargs)
+
+    async def get_json(self, url: str, model: str = "", **kwargs: Any) -> Any:
+        return await self.request_json("GET", url, model, **kwargs)
+
+    async def request_json(self, method: str, url: str, model: str, **kwargs: Any) -> Any:
+        """A JSON answer; transport failures, error statuses and non-JSON bodies raised as our errors."""
         try:
-            response = await self.client.post(url, json=payload, **kwargs)
+            response = await self.client.request(method, url, **kwargs)
         except httpx.HTTPError as error:
             raise self.transport_error(error, model) from None
         if response.status_code >= 400:
@@ -156,18 +222,6 @@ class Adapter:
             raise MalformedResponseError(
                 f"answer is not JSON: {self.clean(response.text[:200])}", provider=self.id, model=model
             ) from None
-
-    async def get_json(self, url: str, model: str = "", **kwargs: Any) -> Any:
-        try:
-            response = await self.client.get(url, **kwargs)
-        except httpx.HTTPError as error:
-            raise self.transport_error(error, model) from None
-        if response.status_code >= 400:
-            raise self.error_from_response(response.status_code, response.content, response.headers, model)
-        try:
-            return response.json()
-        except ValueError:
-            raise MalformedResponseError("answer is not JSON", provider=self.id, model=model) from None
 
     def error_from_response(
         self, status: int, body: bytes, headers: httpx.Headers, model: str
@@ -313,6 +367,31 @@ class StreamAssembler:
             usage=self.usage if self.usage is not None else Usage(),
             extra=self.extra,
         )
+
+
+def stop_sequences(request: ChatRequest) -> list[str]:
+    """OpenAI's `stop`, a string or a list, as the list other wires take."""
+    stop = request.stop or []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def tool_arguments(call: ToolCall, provider: str, model: str) -> Any:
+    """An assistant tool call's arguments, parsed from the JSON text OpenAI's shape keeps them in."""
+    try:
+        return json.loads(call.function.arguments or "{}")
+    except ValueError:
+        raise BadRequestError(
+            f"tool call {call.id} has arguments that are not JSON", provider=provider, model=model
+        ) from None
+
+
+def split_data_url(url: str, provider: str, model: str) -> tuple[str, str]:
+    """(media type, base64 data) of an image `data:` URL."""
+    header, _, data = url[5:].partition(",")
+    media_type, _, encoding = header.partition(";")
+    if encoding != "base64" or not data or not media_type:
+        raise BadRequestError("an image data: URL must be base64 with a media type", provider=provider, model=model)
+    return media_type, data
 
 
 def retry_after_seconds(headers: httpx.Headers, body_hint: float | None = None) -> float | None:

@@ -34,7 +34,7 @@ from ..core.errors import (
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, new_id
-from .base import Adapter, iter_sse, retry_after_seconds, with_first_token_timeout
+from .base import Adapter, iter_sse, retry_after_seconds, stop_sequences
 
 FINISH_REASONS = {
     "COMPLETE": "stop",
@@ -59,13 +59,8 @@ class CohereAdapter(Adapter):
 
     # --- requests ---------------------------------------------------------------
 
-    def wire_model(self, request: ChatRequest, model: str | None) -> str:
-        name = model or request.model or ""
-        prefix = f"{self.id}/"
-        name = name[len(prefix) :] if name.startswith(prefix) else name
-        if not name:
-            raise BadRequestError("no model given", provider=self.id)
-        return name
+    def chat_path(self, model: str) -> str:
+        return "/v2/chat"
 
     def payload(self, request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
         """The v2 chat body for an OpenAI-shaped request."""
@@ -92,7 +87,7 @@ class CohereAdapter(Adapter):
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         if request.stop:
-            body["stop_sequences"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+            body["stop_sequences"] = stop_sequences(request)
         if request.seed is not None:
             body["seed"] = request.seed
         body["stream"] = stream
@@ -128,16 +123,6 @@ class CohereAdapter(Adapter):
 
     # --- calls ------------------------------------------------------------------
 
-    async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
-        name = self.wire_model(request, model)
-        data = await self.post_json("/v2/chat", self.payload(request, name), name)
-        return self.response(data, name)
-
-    def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
-        name = self.wire_model(request, model)
-        payload = self.payload(request, name, stream=True)
-        return with_first_token_timeout(self._events(payload, name), self.first_token_deadline(), self.id, name)
-
     async def list_models(self) -> list[str]:
         names: list[str] = []
         params: dict[str, Any] = {"page_size": self.page_size}
@@ -153,7 +138,7 @@ class CohereAdapter(Adapter):
             params["page_token"] = token
 
     async def embed(self, texts: list[str], *, model: str) -> Embeddings:
-        name = model.removeprefix(f"{self.id}/")
+        name = self.wire_name(model)
         vectors: list[list[float]] = []
         billed = 0
         for start in range(0, len(texts), EMBED_BATCH):
@@ -169,15 +154,7 @@ class CohereAdapter(Adapter):
 
     # --- answers ----------------------------------------------------------------
 
-    def response(self, data: Any, model: str) -> ChatResponse:
-        try:
-            return self._response(data, model)
-        except (KeyError, TypeError, AttributeError):
-            raise MalformedResponseError(
-                f"not a v2 chat answer: {self.clean(str(data)[:200])}", provider=self.id, model=model
-            ) from None
-
-    def _response(self, data: dict[str, Any], model: str) -> ChatResponse:
+    def read_answer(self, data: dict[str, Any], model: str) -> ChatResponse:
         reason = data.get("finish_reason") or "COMPLETE"
         if reason in FAILED_REASONS:
             raise ServerError(f"generation ended with {reason}", provider=self.id, model=model)
@@ -208,59 +185,54 @@ class CohereAdapter(Adapter):
             id=f"chatcmpl-{data['id']}" if data.get("id") else new_id(),
         )
 
-    async def _events(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
+    async def read_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
         """The v2 SSE sequence as chunks; message-end gives the last one its finish_reason and usage."""
         role: str | None = "assistant"  # rides on the first chunk that says something
-        async with self.open_stream("POST", "/v2/chat", model, json=payload) as response:
-            try:
-                async for event, data in iter_sse(response):
-                    if data == "[DONE]":
-                        break
-                    try:
-                        message = json.loads(data)
-                        kind = message.get("type") or event
-                        delta = message.get("delta") or {}
-                        if kind == "content-delta":
-                            content = delta["message"]["content"]
-                            chunk = ChatChunk(content=content.get("text") or "", reasoning=content.get("thinking") or "", role=role)
-                        elif kind == "tool-plan-delta":
-                            chunk = ChatChunk(reasoning=delta["message"].get("tool_plan") or "", role=role)
-                        elif kind == "tool-call-start":
-                            call = delta["message"]["tool_calls"]
-                            function = call.get("function") or {}
-                            piece = ToolCallDelta(
-                                message.get("index") or 0, id=call["id"], name=function.get("name"),
-                                arguments=function.get("arguments") or "",
+        async with self.open_events("/v2/chat", model, json=payload) as response:
+            async for event, data in iter_sse(response):
+                if data == "[DONE]":
+                    break
+                try:
+                    message = json.loads(data)
+                    kind = message.get("type") or event
+                    delta = message.get("delta") or {}
+                    if kind == "content-delta":
+                        content = delta["message"]["content"]
+                        chunk = ChatChunk(content=content.get("text") or "", reasoning=content.get("thinking") or "", role=role)
+                    elif kind == "tool-plan-delta":
+                        chunk = ChatChunk(reasoning=delta["message"].get("tool_plan") or "", role=role)
+                    elif kind == "tool-call-start":
+                        call = delta["message"]["tool_calls"]
+                        function = call.get("function") or {}
+                        piece = ToolCallDelta(
+                            message.get("index") or 0, id=call["id"], name=function.get("name"),
+                            arguments=function.get("arguments") or "",
+                        )
+                        chunk = ChatChunk(tool_calls=[piece], role=role)
+                    elif kind == "tool-call-delta":
+                        arguments = delta["message"]["tool_calls"]["function"].get("arguments") or ""
+                        chunk = ChatChunk(tool_calls=[ToolCallDelta(message.get("index") or 0, arguments=arguments)], role=role)
+                    elif kind == "message-end":
+                        if delta.get("error"):
+                            raise StreamInterruptedError(
+                                self.clean(str(delta["error"])), provider=self.id, model=model
                             )
-                            chunk = ChatChunk(tool_calls=[piece], role=role)
-                        elif kind == "tool-call-delta":
-                            arguments = delta["message"]["tool_calls"]["function"].get("arguments") or ""
-                            chunk = ChatChunk(tool_calls=[ToolCallDelta(message.get("index") or 0, arguments=arguments)], role=role)
-                        elif kind == "message-end":
-                            if delta.get("error"):
-                                raise StreamInterruptedError(
-                                    self.clean(str(delta["error"])), provider=self.id, model=model
-                                )
-                            reason = delta.get("finish_reason") or "COMPLETE"
-                            if reason in FAILED_REASONS:
-                                raise StreamInterruptedError(f"generation ended with {reason}", provider=self.id, model=model)
-                            yield ChatChunk(
-                                finish_reason=FINISH_REASONS.get(reason, "stop"),
-                                usage=_usage(delta.get("usage") or {}),
-                                role=role,
-                            )
-                            return
-                        else:  # message-start, content-start/-end, tool-call-end, citations, debug
-                            continue
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        raise StreamInterruptedError(
-                            f"unreadable event {self.clean(data[:120])!r}", provider=self.id, model=model
-                        ) from None
-                    if chunk.content or chunk.reasoning or chunk.tool_calls:
-                        role = None
-                        yield chunk
-            except httpx.HTTPError as error:
-                raise self.transport_error(error, model, started=True) from None
+                        reason = delta.get("finish_reason") or "COMPLETE"
+                        if reason in FAILED_REASONS:
+                            raise StreamInterruptedError(f"generation ended with {reason}", provider=self.id, model=model)
+                        yield ChatChunk(
+                            finish_reason=FINISH_REASONS.get(reason, "stop"),
+                            usage=_usage(delta.get("usage") or {}),
+                            role=role,
+                        )
+                        return
+                    else:  # message-start, content-start/-end, tool-call-end, citations, debug
+                        continue
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise self.unreadable_event(data, model) from None
+                if chunk.content or chunk.reasoning or chunk.tool_calls:
+                    role = None
+                    yield chunk
         raise StreamInterruptedError("stream ended before message-end", provider=self.id, model=model)
 
     # --- errors -----------------------------------------------------------------

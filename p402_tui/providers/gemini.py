@@ -42,7 +42,7 @@ from ..core.errors import (
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, new_id
-from .base import Adapter, iter_sse, retry_after_seconds, with_first_token_timeout
+from .base import Adapter, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
 
 API_VERSION = "v1beta"
 EMBED_BATCH = 100  # texts per batchEmbedContents call, the API's limit
@@ -84,18 +84,15 @@ class GeminiAdapter(Adapter):
 
     # --- requests ---------------------------------------------------------------
 
-    def wire_model(self, request: ChatRequest, model: str | None) -> str:
-        name = model or request.model or ""
-        prefix = f"{self.id}/"
-        name = name[len(prefix) :] if name.startswith(prefix) else name
-        if name.startswith("models/"):
-            name = name[len("models/") :]
-        if not name:
-            raise BadRequestError("no model given", provider=self.id)
-        return name
+    def wire_name(self, model: str) -> str:
+        # Google's own clients name models `models/<id>`; its URLs want the bare id.
+        return super().wire_name(model).removeprefix("models/")
 
-    def payload(self, request: ChatRequest, model: str) -> dict[str, Any]:
-        """The generateContent body for an OpenAI-shaped request."""
+    def chat_path(self, model: str) -> str:
+        return f"/{API_VERSION}/models/{model}:generateContent"
+
+    def payload(self, request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
+        """The generateContent body for an OpenAI-shaped request (a streamed one goes to another method, not in the body)."""
         body: dict[str, Any] = {"contents": self.contents(request.messages, model)}
         system = request.system_text()
         if system:
@@ -139,16 +136,6 @@ class GeminiAdapter(Adapter):
 
     # --- calls ------------------------------------------------------------------
 
-    async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
-        name = self.wire_model(request, model)
-        data = await self.post_json(f"/{API_VERSION}/models/{name}:generateContent", self.payload(request, name), name)
-        return self.response(data, name)
-
-    def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
-        name = self.wire_model(request, model)
-        payload = self.payload(request, name)
-        return with_first_token_timeout(self._events(payload, name), self.first_token_deadline(), self.id, name)
-
     async def list_models(self) -> list[str]:
         ids: list[str] = []
         params: dict[str, Any] = {"pageSize": self.page_size}
@@ -164,7 +151,7 @@ class GeminiAdapter(Adapter):
             params["pageToken"] = token
 
     async def embed(self, texts: list[str], *, model: str) -> Embeddings:
-        name = model.removeprefix(f"{self.id}/").removeprefix("models/")
+        name = self.wire_name(model)
         vectors: list[list[float]] = []
         for start in range(0, len(texts), EMBED_BATCH):
             batch = texts[start : start + EMBED_BATCH]
@@ -179,15 +166,7 @@ class GeminiAdapter(Adapter):
 
     # --- answers ----------------------------------------------------------------
 
-    def response(self, data: Any, model: str) -> ChatResponse:
-        try:
-            return self._response(data, model)
-        except (KeyError, TypeError, AttributeError, IndexError):
-            raise MalformedResponseError(
-                f"not a generateContent answer: {self.clean(str(data)[:200])}", provider=self.id, model=model
-            ) from None
-
-    def _response(self, data: dict[str, Any], model: str) -> ChatResponse:
+    def read_answer(self, data: dict[str, Any], model: str) -> ChatResponse:
         text: list[str] = []
         thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
@@ -213,50 +192,45 @@ class GeminiAdapter(Adapter):
             id=f"chatcmpl-{data['responseId']}" if data.get("responseId") else new_id(),
         )
 
-    async def _events(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
+    async def read_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
         """SSE chunks as they come; the last chunk carries finish_reason and the last usage seen."""
         usage_raw: dict[str, Any] = {}
         finish: str | None = None
         calls = 0
         role: str | None = "assistant"  # rides on the first chunk that says something
         url = f"/{API_VERSION}/models/{model}:streamGenerateContent"
-        async with self.open_stream("POST", url, model, params={"alt": "sse"}, json=payload) as response:
-            try:
-                async for _, data in iter_sse(response):
-                    try:
-                        message = json.loads(data)
-                        if "error" in message:
-                            raise self.error(message["error"], response.headers, model, started=role is None)
-                        usage_raw = message.get("usageMetadata") or usage_raw
-                        candidates = message.get("candidates") or []
-                        if not candidates:
-                            if (message.get("promptFeedback") or {}).get("blockReason"):
-                                finish = "SAFETY"
-                            continue
-                        candidate = candidates[0]
-                        finish = candidate.get("finishReason") or finish
-                        chunk = ChatChunk(role=role)
-                        for part in (candidate.get("content") or {}).get("parts") or ():
-                            if "functionCall" in part:
-                                call = part["functionCall"]
-                                arguments = json.dumps(call.get("args") or {})
-                                call_id = _call_id(call, part.get("thoughtSignature"))
-                                delta = ToolCallDelta(calls, id=call_id, name=call["name"], arguments=arguments)
-                                chunk.tool_calls = (chunk.tool_calls or []) + [delta]
-                                calls += 1
-                            elif part.get("thought"):
-                                chunk.reasoning += part.get("text", "")
-                            else:
-                                chunk.content += part.get("text", "")
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        raise StreamInterruptedError(
-                            f"unreadable chunk {self.clean(data[:120])!r}", provider=self.id, model=model
-                        ) from None
-                    if chunk.content or chunk.reasoning or chunk.tool_calls:
-                        role = None
-                        yield chunk
-            except httpx.HTTPError as error:
-                raise self.transport_error(error, model, started=True) from None
+        async with self.open_events(url, model, params={"alt": "sse"}, json=payload) as response:
+            async for _, data in iter_sse(response):
+                try:
+                    message = json.loads(data)
+                    if "error" in message:
+                        raise self.error(message["error"], response.headers, model, started=role is None)
+                    usage_raw = message.get("usageMetadata") or usage_raw
+                    candidates = message.get("candidates") or []
+                    if not candidates:
+                        if (message.get("promptFeedback") or {}).get("blockReason"):
+                            finish = "SAFETY"
+                        continue
+                    candidate = candidates[0]
+                    finish = candidate.get("finishReason") or finish
+                    chunk = ChatChunk(role=role)
+                    for part in (candidate.get("content") or {}).get("parts") or ():
+                        if "functionCall" in part:
+                            call = part["functionCall"]
+                            arguments = json.dumps(call.get("args") or {})
+                            call_id = _call_id(call, part.get("thoughtSignature"))
+                            delta = ToolCallDelta(calls, id=call_id, name=call["name"], arguments=arguments)
+                            chunk.tool_calls = (chunk.tool_calls or []) + [delta]
+                            calls += 1
+                        elif part.get("thought"):
+                            chunk.reasoning += part.get("text", "")
+                        else:
+                            chunk.content += part.get("text", "")
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise self.unreadable_event(data, model) from None
+                if chunk.content or chunk.reasoning or chunk.tool_calls:
+                    role = None
+                    yield chunk
         if finish is None:
             # Gemini has no terminator, so a stream cut at a chunk boundary looks like a clean close.
             raise StreamInterruptedError("stream ended without a finishReason", provider=self.id, model=model)
@@ -322,10 +296,7 @@ def _user_parts(message: ChatMessage, provider: str, model: str) -> list[dict[st
 
 def _image(url: str, provider: str, model: str) -> dict[str, Any]:
     if url.startswith("data:"):
-        header, _, data = url[5:].partition(",")
-        mime_type, _, encoding = header.partition(";")
-        if encoding != "base64" or not data or not mime_type:
-            raise BadRequestError("an image data: URL must be base64 with a media type", provider=provider, model=model)
+        mime_type, data = split_data_url(url, provider, model)
         return {"inlineData": {"mimeType": mime_type, "data": data}}
     if url.startswith(("http://", "https://", "gs://")):
         mime_type = mimetypes.guess_type(url.split("?", 1)[0])[0] or "image/jpeg"
@@ -340,14 +311,8 @@ def _model_parts(
     text = message.text()
     parts: list[dict[str, Any]] = [{"text": text}] if text else []
     for call in message.tool_calls or ():
-        try:
-            arguments = json.loads(call.function.arguments or "{}")
-        except ValueError:
-            raise BadRequestError(
-                f"tool call {call.id} has arguments that are not JSON", provider=provider, model=model
-            ) from None
         names[call.id] = call.function.name
-        part: dict[str, Any] = {"functionCall": {"name": call.function.name, "args": arguments}}
+        part: dict[str, Any] = {"functionCall": {"name": call.function.name, "args": tool_arguments(call, provider, model)}}
         extra = (call.model_extra or {}).get("extra_content")
         signature = ((extra.get("google") or {}).get("thought_signature") if isinstance(extra, dict) else None) or (
             call.id.partition(SIGNATURE_SEPARATOR)[2]
@@ -420,7 +385,7 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
     if request.max_tokens is not None:
         config["maxOutputTokens"] = request.max_tokens
     if request.stop:
-        config["stopSequences"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+        config["stopSequences"] = stop_sequences(request)
     if request.seed is not None:
         config["seed"] = request.seed
     response_format = request.response_format or {}

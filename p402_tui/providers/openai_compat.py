@@ -25,7 +25,6 @@ from typing import Any
 import httpx
 
 from ..core.errors import (
-    BadRequestError,
     MalformedResponseError,
     ProviderError,
     StreamInterruptedError,
@@ -76,14 +75,6 @@ class OpenAICompatAdapter(Adapter):
         return headers
 
     # --- requests -------------------------------------------------------------
-
-    def wire_model(self, request: ChatRequest, model: str | None) -> str:
-        """The id this provider's API expects: `model`, or the request's without our `provider/` prefix."""
-        name = model or request.model
-        if not name:
-            raise BadRequestError("the request names no model", provider=self.id)
-        prefix = self.id + "/"
-        return name[len(prefix) :] if name.startswith(prefix) else name
 
     def payload(self, request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
         """The JSON body: what the caller set (extra fields too), in this provider's dialect."""
@@ -244,8 +235,7 @@ class OpenAICompatAdapter(Adapter):
     async def embed(self, texts: list[str], *, model: str) -> Embeddings:
         if self.id in NO_EMBEDDINGS:
             return await super().embed(texts, model=model)
-        prefix = self.id + "/"
-        model = model[len(prefix) :] if model.startswith(prefix) else model
+        model = self.wire_name(model)
         path = EMBEDDINGS_PATH.get(self.id, "/embeddings")
         data = await self.post_json(path, {"model": model, "input": texts}, model)
         try:
