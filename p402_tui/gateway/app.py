@@ -143,7 +143,8 @@ class Gateway:
 
     async def chat(self, request: Request) -> Any:
         body = await read_body(request, self.max_body)
-        no_cache = "no-cache" in request.headers.get("cache-control", "")
+        directives = request.headers.get("cache-control", "")
+        no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
         chat, options, ctx = parse_chat(
             body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"), no_cache=no_cache
         )
