@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import adapters_on
+
 from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.providers.base import tls_context
@@ -48,6 +50,16 @@ async def sim(catalog):
 def sim_settings(sim, catalog) -> Settings:
     """Every provider pointed at the in-process simulator, with a key."""
     return Settings(ConfigFile(), catalog, env={}).point_at(sim.url)
+
+
+@pytest.fixture
+async def adapter_for(sim_settings):
+    """Adapters on the in-process simulator, with the provider settings changed as asked; closed after the test.
+
+    `adapter_for("google", timeout_s=0.3)`, `adapter_for("cohere", api_key=SecretStr("invalid-key"))`.
+    """
+    async with adapters_on(sim_settings) as build:
+        yield build
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from contextlib import aclosing
 from datetime import datetime, timedelta, timezone
 
@@ -12,44 +11,28 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from helpers import PNG, WEATHER, add_fault, collect, joined, own_sim_adapter, user, wait_until
+
 from p402_tui.core import errors
-from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.costs import call_cost
 from p402_tui.core.types import ChatRequest, ToolCallDelta, Usage
-from p402_tui.providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicAdapter
-from p402_tui.providers.base import make_adapter
-from p402_tui.sim.server import start_sim
+from p402_tui.providers.anthropic import DEFAULT_MAX_TOKENS
 
 MODEL = "claude-haiku-4-5-20251001"  # 200k context, 64k output
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather by city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 SDK_WEATHER = {
     "name": "get_weather",
     "description": "Weather by city",
     "input_schema": WEATHER["function"]["parameters"],
 }
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 
 
 def chat(*messages: dict, **fields) -> ChatRequest:
     return ChatRequest(model=f"anthropic/{MODEL}", messages=list(messages), **fields)
 
 
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
 @pytest.fixture
-async def adapter(sim_settings):
-    adapter = make_adapter(sim_settings.providers["anthropic"])
-    yield adapter
-    await adapter.aclose()
+def adapter(adapter_for):
+    return adapter_for("anthropic")
 
 
 @pytest.fixture
@@ -57,20 +40,6 @@ async def sdk(sim):
     client = anthropic.AsyncAnthropic(base_url=f"{sim.url}/anthropic", api_key="sim-key", max_retries=0)
     yield client
     await client.close()
-
-
-async def add_fault(sim, **fault) -> None:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{sim.url}/_sim/faults", json={"provider": "anthropic", **fault})
-        assert response.status_code == 201, response.text
-
-
-async def collect(stream) -> list:
-    return [chunk async for chunk in stream]
-
-
-def joined(chunks) -> str:
-    return "".join(chunk.content for chunk in chunks)
 
 
 # --- the official SDK proves the wire format --------------------------------------
@@ -146,7 +115,7 @@ async def test_sdk_models_and_errors(sdk):
         )
 
 
-async def test_a_rejected_key_is_anthropics_401(sim, sim_settings):
+async def test_a_rejected_key_is_anthropics_401(sim, adapter_for):
     key = "invalid-key-0123456789"
     client = anthropic.AsyncAnthropic(base_url=f"{sim.url}/anthropic", api_key=key, max_retries=0)
     try:
@@ -157,13 +126,9 @@ async def test_a_rejected_key_is_anthropics_401(sim, sim_settings):
     assert caught.value.status_code == 401
     assert caught.value.body["error"] == {"type": "authentication_error", "message": "invalid x-api-key"}
 
-    refused = AnthropicAdapter(dataclasses.replace(sim_settings.providers["anthropic"], api_key=SecretStr(key)))
-    try:
-        with pytest.raises(errors.AuthenticationError) as caught:
-            await refused.complete(chat(user("hi")))
-        assert caught.value.status == 401 and not caught.value.retryable and key not in str(caught.value)
-    finally:
-        await refused.aclose()
+    with pytest.raises(errors.AuthenticationError) as caught:
+        await adapter_for("anthropic", api_key=SecretStr(key)).complete(chat(user("hi")))
+    assert caught.value.status == 401 and not caught.value.retryable and key not in str(caught.value)
 
 
 # --- the adapter --------------------------------------------------------------------
@@ -344,15 +309,12 @@ async def test_list_models_and_health(adapter, catalog):
 # --- errors ---------------------------------------------------------------------------
 
 
-async def test_missing_key_unknown_model_and_context_length(sim_settings, adapter, catalog):
-    keyless = AnthropicAdapter(dataclasses.replace(sim_settings.providers["anthropic"], api_key=None))
-    try:
-        with pytest.raises(errors.AuthenticationError) as caught:
-            await keyless.complete(chat(user("hi")))
-        assert caught.value.status == 401 and not caught.value.retryable
-        assert not (await keyless.health_check()).ok
-    finally:
-        await keyless.aclose()
+async def test_missing_key_unknown_model_and_context_length(adapter_for, adapter, catalog):
+    keyless = adapter_for("anthropic", api_key=None)
+    with pytest.raises(errors.AuthenticationError) as caught:
+        await keyless.complete(chat(user("hi")))
+    assert caught.value.status == 401 and not caught.value.retryable
+    assert not (await keyless.health_check()).ok
 
     with pytest.raises(errors.ModelNotFoundError) as caught:
         await adapter.complete(chat(user("hi")), model="claude-nonexistent")
@@ -371,7 +333,7 @@ async def test_missing_key_unknown_model_and_context_length(sim_settings, adapte
     [(500, errors.ServerError), (503, errors.ServerError), (529, errors.OverloadedError)],
 )
 async def test_error_faults(adapter, sim, status, expected):
-    await add_fault(sim, kind="error", status=status, count=2)
+    await add_fault(sim, "anthropic", kind="error", status=status, count=2)
     with pytest.raises(expected) as caught:
         await adapter.complete(chat(user("hi")))
     assert caught.value.status == status and caught.value.retryable
@@ -380,7 +342,7 @@ async def test_error_faults(adapter, sim, status, expected):
 
 
 async def test_overloaded_error_event_mid_stream(adapter, sim):
-    await add_fault(sim, kind="error", status=529, after_tokens=3)
+    await add_fault(sim, "anthropic", kind="error", status=529, after_tokens=3)
     chunks = []
     with pytest.raises(errors.OverloadedError, match="overloaded_error"):
         async for chunk in adapter.stream(chat(user("hi"))):
@@ -389,7 +351,7 @@ async def test_overloaded_error_event_mid_stream(adapter, sim):
 
 
 async def test_rate_limit_fault_carries_the_wait(adapter, sim):
-    await add_fault(sim, kind="rate_limit", retry_after_s=7, count=2)
+    await add_fault(sim, "anthropic", kind="rate_limit", retry_after_s=7, count=2)
     for attempt in (adapter.complete(chat(user("hi"))), collect(adapter.stream(chat(user("hi"))))):
         with pytest.raises(errors.RateLimitError) as caught:
             await attempt
@@ -414,23 +376,19 @@ async def test_rate_limit_wait_from_anthropic_reset_headers_and_no_key_in_messag
     assert key not in str(refused) and key not in refused.message
 
 
-async def test_timeout_fault(sim_settings, sim):
-    quick = dataclasses.replace(sim_settings.providers["anthropic"], timeout_s=0.3, first_token_timeout_s=0.3)
-    adapter = AnthropicAdapter(quick)
-    try:
-        await add_fault(sim, kind="timeout", count=2)
-        with pytest.raises(errors.TimeoutError) as caught:
-            await adapter.complete(chat(user("hi")))
-        assert caught.value.phase == "read"
-        with pytest.raises(errors.TimeoutError) as caught:
-            await collect(adapter.stream(chat(user("hi"))))
-        assert caught.value.phase == "first_token"
-    finally:
-        await adapter.aclose()
+async def test_timeout_fault(adapter_for, sim):
+    adapter = adapter_for("anthropic", timeout_s=0.3, first_token_timeout_s=0.3)
+    await add_fault(sim, "anthropic", kind="timeout", count=2)
+    with pytest.raises(errors.TimeoutError) as caught:
+        await adapter.complete(chat(user("hi")))
+    assert caught.value.phase == "read"
+    with pytest.raises(errors.TimeoutError) as caught:
+        await collect(adapter.stream(chat(user("hi"))))
+    assert caught.value.phase == "first_token"
 
 
 async def test_disconnect_fault(adapter, sim):
-    await add_fault(sim, kind="disconnect", after_tokens=3, count=2)
+    await add_fault(sim, "anthropic", kind="disconnect", after_tokens=3, count=2)
     with pytest.raises(errors.ConnectionLostError):
         await adapter.complete(chat(user("hi")))
     chunks = []
@@ -441,7 +399,7 @@ async def test_disconnect_fault(adapter, sim):
 
 
 async def test_malformed_fault(adapter, sim):
-    await add_fault(sim, kind="malformed", after_tokens=2, count=2)
+    await add_fault(sim, "anthropic", kind="malformed", after_tokens=2, count=2)
     with pytest.raises(errors.MalformedResponseError):
         await adapter.complete(chat(user("hi")))
     with pytest.raises(errors.StreamInterruptedError, match="unreadable event"):
@@ -453,10 +411,8 @@ async def test_malformed_fault(adapter, sim):
 
 
 async def test_closing_or_cancelling_a_stream_closes_the_upstream(catalog):
-    paced = await start_sim(catalog, latency=True, speed=2.0)
-    adapter = make_adapter(Settings(ConfigFile(), catalog, env={}).point_at(paced.url).providers["anthropic"])
-    streams = paced.state.streams
-    try:
+    async with own_sim_adapter(catalog, "anthropic", latency=True, speed=2.0) as (adapter, paced):
+        streams = paced.state.streams
         async with aclosing(adapter.stream(chat(user("Tell me a long story")))) as chunks:
             async for chunk in chunks:
                 if chunk.content:
@@ -473,11 +429,5 @@ async def test_closing_or_cancelling_a_stream_closes_the_upstream(catalog):
         with pytest.raises(asyncio.CancelledError):
             await reader
 
-        for _ in range(100):
-            if streams.cancelled == 2 and streams.open_now == 0:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: streams.cancelled == 2 and streams.open_now == 0)
         assert (streams.opened, streams.cancelled, streams.completed, streams.open_now) == (2, 2, 0, 0)
-    finally:
-        await adapter.aclose()
-        await paced.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 
 import cohere
@@ -11,41 +9,34 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from helpers import (
+    FAULTS_AND_ERRORS,
+    PNG,
+    TIME,
+    WEATHER,
+    add_fault,
+    collect,
+    joined,
+    own_sim_adapter,
+    user,
+    wait_until,
+    with_context_window,
+)
+
 from p402_tui.core import errors
-from p402_tui.core.catalog import Catalog
-from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.costs import call_cost
 from p402_tui.core.types import ChatRequest
-from p402_tui.providers.base import make_adapter
-from p402_tui.providers.cohere import CohereAdapter
-from p402_tui.sim.server import start_sim
 
 MODEL = "command-a-03-2025"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather by city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 
 
 def chat(*messages: dict, model: str = MODEL, **fields) -> ChatRequest:
     return ChatRequest(model=f"cohere/{model}", messages=list(messages), **fields)
 
 
-def user(content) -> dict:
-    return {"role": "user", "content": content}
-
-
 @pytest.fixture
-async def adapter(sim_settings):
-    adapter = make_adapter(sim_settings.providers["cohere"])
-    yield adapter
-    await adapter.aclose()
+def adapter(adapter_for):
+    return adapter_for("cohere")
 
 
 @pytest.fixture
@@ -54,24 +45,10 @@ async def sdk(sim):
         yield cohere.AsyncClientV2(api_key="sim-key", base_url=f"{sim.url}/cohere", httpx_client=http, max_retries=0)
 
 
-async def add_fault(sim, **fault) -> None:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{sim.url}/_sim/faults", json={"provider": "cohere", **fault})
-        assert response.status_code == 201, response.text
-
-
 async def raw(sim, body: dict, *, key: str | None = "sim-key", path: str = "/v2/chat") -> httpx.Response:
     headers = {} if key is None else {"authorization": f"Bearer {key}"}
     async with httpx.AsyncClient() as client:
         return await client.post(f"{sim.url}/cohere{path}", json=body, headers=headers)
-
-
-async def collect(stream) -> list:
-    return [chunk async for chunk in stream]
-
-
-def joined(chunks) -> str:
-    return "".join(chunk.content for chunk in chunks)
 
 
 # --- the official SDK proves the wire format --------------------------------------
@@ -276,48 +253,28 @@ async def test_models_and_embeddings(adapter):
 # --- errors ---------------------------------------------------------------------------
 
 
-async def test_bad_key_is_authentication(sim_settings):
-    adapter = CohereAdapter(dataclasses.replace(sim_settings.providers["cohere"], api_key=SecretStr("invalid-key")))
-    try:
-        with pytest.raises(errors.AuthenticationError) as caught:
-            await adapter.complete(chat(user("Hi")))
-        assert caught.value.status == 401 and caught.value.message == "invalid api token"
-        assert "invalid-key" not in str(caught.value)
-    finally:
-        await adapter.aclose()
+async def test_bad_key_is_authentication(adapter_for):
+    adapter = adapter_for("cohere", api_key=SecretStr("invalid-key"))
+    with pytest.raises(errors.AuthenticationError) as caught:
+        await adapter.complete(chat(user("Hi")))
+    assert caught.value.status == 401 and caught.value.message == "invalid api token"
+    assert "invalid-key" not in str(caught.value)
 
 
 async def test_unknown_model_and_context_length(adapter, catalog):
     with pytest.raises(errors.ModelNotFoundError):
         await adapter.complete(chat(user("Hi"), model="command-nope"))
 
-    spec = catalog.models[f"cohere/{MODEL}"]
-    small = Catalog(catalog.checked_on, catalog.providers, {**catalog.models, spec.id: spec.model_copy(update={"context_window": 200})})
-    tight = await start_sim(small, latency=False)
-    cramped = make_adapter(Settings(ConfigFile(), small, env={}).point_at(tight.url).providers["cohere"])
-    try:
+    small = with_context_window(catalog, f"cohere/{MODEL}", 200)
+    async with own_sim_adapter(small, "cohere", latency=False) as (cramped, _):
         with pytest.raises(errors.ContextLengthError) as caught:
             await cramped.complete(chat(user("word " * 100)))
-        assert "too many tokens" in caught.value.message
-    finally:
-        await cramped.aclose()
-        await tight.stop()
+    assert "too many tokens" in caught.value.message
 
 
-@pytest.mark.parametrize(
-    "fault, streamed, expected",
-    [
-        ({"kind": "error"}, False, errors.ServerError),
-        ({"kind": "error", "status": 503}, True, errors.OverloadedError),
-        ({"kind": "error", "after_tokens": 3}, True, errors.StreamInterruptedError),
-        ({"kind": "disconnect", "after_tokens": 3}, True, errors.StreamInterruptedError),
-        ({"kind": "disconnect"}, False, errors.ConnectionLostError),
-        ({"kind": "malformed"}, False, errors.MalformedResponseError),
-        ({"kind": "malformed", "after_tokens": 2}, True, errors.StreamInterruptedError),
-    ],
-)
+@pytest.mark.parametrize("fault, streamed, expected", FAULTS_AND_ERRORS)
 async def test_faults_map_to_error_kinds(sim, adapter, fault, streamed, expected):
-    await add_fault(sim, **fault)
+    await add_fault(sim, "cohere", **fault)
     request = chat(user("Hi"))
     with pytest.raises(expected):
         if streamed:
@@ -327,38 +284,27 @@ async def test_faults_map_to_error_kinds(sim, adapter, fault, streamed, expected
 
 
 async def test_rate_limit_wait_comes_from_retry_after(sim, adapter):
-    await add_fault(sim, kind="rate_limit", retry_after_s=7)
+    await add_fault(sim, "cohere", kind="rate_limit", retry_after_s=7)
     with pytest.raises(errors.RateLimitError) as caught:
         await adapter.complete(chat(user("Hi")))
     assert caught.value.retry_after_s == 7 and caught.value.status == 429 and caught.value.retryable
 
 
-async def test_timeouts(sim, sim_settings):
-    adapter = CohereAdapter(dataclasses.replace(sim_settings.providers["cohere"], timeout_s=0.3, first_token_timeout_s=0.3))
-    try:
-        await add_fault(sim, kind="timeout")
-        with pytest.raises(errors.TimeoutError):
-            await adapter.complete(chat(user("Hi")))
-        with pytest.raises(errors.TimeoutError):
-            await collect(adapter.stream(chat(user("Hi"))))
-    finally:
-        await adapter.aclose()
+async def test_timeouts(sim, adapter_for):
+    adapter = adapter_for("cohere", timeout_s=0.3, first_token_timeout_s=0.3)
+    await add_fault(sim, "cohere", kind="timeout")
+    with pytest.raises(errors.TimeoutError):
+        await adapter.complete(chat(user("Hi")))
+    with pytest.raises(errors.TimeoutError):
+        await collect(adapter.stream(chat(user("Hi"))))
 
 
 async def test_closing_a_stream_closes_the_upstream(catalog):
-    running = await start_sim(catalog, latency=True, speed=4)
-    adapter = make_adapter(Settings(ConfigFile(), catalog, env={}).point_at(running.url).providers["cohere"])
-    try:
+    async with own_sim_adapter(catalog, "cohere", latency=True, speed=4) as (adapter, running):
         stream = adapter.stream(chat(user("Tell me a long story.")))
         first = await anext(stream)
         assert first.content
         await stream.aclose()
         streams = running.state.streams
-        for _ in range(100):
-            if streams.cancelled:
-                break
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: streams.cancelled)
         assert streams.cancelled == 1 and streams.open_now == 0 and streams.completed == 0
-    finally:
-        await adapter.aclose()
-        await running.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 
 import httpx
@@ -11,49 +9,37 @@ import pytest
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
+from pydantic import SecretStr
+
+from helpers import (
+    FAULTS_AND_ERRORS,
+    PNG,
+    TIME,
+    WEATHER,
+    add_fault,
+    collect,
+    joined,
+    own_sim_adapter,
+    user,
+    wait_until,
+    with_context_window,
+)
 
 from p402_tui.core import errors
-from p402_tui.core.catalog import Catalog
-from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.costs import call_cost
 from p402_tui.core.types import ChatRequest
-from p402_tui.providers.base import make_adapter
-from p402_tui.providers.gemini import GeminiAdapter
-from p402_tui.sim.server import start_sim
 
 MODEL = "gemini-2.5-flash"  # thinks by default, cached input has its own price
 GEMINI_3 = "gemini-3-flash-preview"  # rejects function calls sent back without their thoughtSignature
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather by city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}},
-    },
-}
-PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 
 
 def chat(*messages: dict, model: str = MODEL, **fields) -> ChatRequest:
     return ChatRequest(model=f"google/{model}", messages=list(messages), **fields)
 
 
-def user(content) -> dict:
-    return {"role": "user", "content": content}
-
-
 @pytest.fixture
-async def adapter(sim_settings):
-    adapter = make_adapter(sim_settings.providers["google"])
-    yield adapter
-    await adapter.aclose()
+def adapter(adapter_for):
+    return adapter_for("google")
 
 
 @pytest.fixture
@@ -64,24 +50,10 @@ async def sdk(sim):
     await client.aio.aclose()
 
 
-async def add_fault(sim, **fault) -> None:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{sim.url}/_sim/faults", json={"provider": "google", **fault})
-        assert response.status_code == 201, response.text
-
-
 async def raw(sim, method: str, body: dict, *, model: str = MODEL, key: str | None = "sim-key", query: str = "") -> httpx.Response:
     headers = {} if key is None else {"x-goog-api-key": key}
     async with httpx.AsyncClient() as client:
         return await client.post(f"{sim.url}/google/v1beta/models/{model}:{method}{query}", json=body, headers=headers)
-
-
-async def collect(stream) -> list:
-    return [chunk async for chunk in stream]
-
-
-def joined(chunks) -> str:
-    return "".join(chunk.content for chunk in chunks)
 
 
 # --- the official SDK proves the wire format --------------------------------------
@@ -365,18 +337,14 @@ async def test_models_and_embeddings(adapter):
 # --- errors ---------------------------------------------------------------------------
 
 
-async def test_bad_key_is_authentication_even_though_400(sim_settings):
-    provider = dataclasses.replace(sim_settings.providers["google"], api_key=type(sim_settings.providers["google"].api_key)("invalid-key"))
-    adapter = GeminiAdapter(provider)
-    try:
-        with pytest.raises(errors.AuthenticationError) as caught:
-            await adapter.complete(chat(user("Hi")))
-        assert caught.value.status == 400 and not caught.value.retryable
-        assert "invalid-key" not in str(caught.value)
-        health = await adapter.health_check()
-        assert not health.ok and health.detail.startswith("authentication")
-    finally:
-        await adapter.aclose()
+async def test_bad_key_is_authentication_even_though_400(adapter_for):
+    adapter = adapter_for("google", api_key=SecretStr("invalid-key"))
+    with pytest.raises(errors.AuthenticationError) as caught:
+        await adapter.complete(chat(user("Hi")))
+    assert caught.value.status == 400 and not caught.value.retryable
+    assert "invalid-key" not in str(caught.value)
+    health = await adapter.health_check()
+    assert not health.ok and health.detail.startswith("authentication")
 
 
 async def test_unknown_model_and_context_length(sim, adapter, catalog):
@@ -385,33 +353,16 @@ async def test_unknown_model_and_context_length(sim, adapter, catalog):
     with pytest.raises(errors.ModelNotFoundError):
         await collect(adapter.stream(chat(user("Hi"), model="gemini-0-nope")))
 
-    spec = catalog.models[f"google/{MODEL}"]
-    small = Catalog(catalog.checked_on, catalog.providers, {**catalog.models, spec.id: spec.model_copy(update={"context_window": 40})})
-    tight = await start_sim(small, latency=False)
-    cramped = make_adapter(Settings(ConfigFile(), small, env={}).point_at(tight.url).providers["google"])
-    try:
+    small = with_context_window(catalog, f"google/{MODEL}", 40)
+    async with own_sim_adapter(small, "google", latency=False) as (cramped, _):
         with pytest.raises(errors.ContextLengthError) as caught:
             await cramped.complete(chat(user("word " * 100)))
-        assert "exceeds the maximum number of tokens" in caught.value.message
-    finally:
-        await cramped.aclose()
-        await tight.stop()
+    assert "exceeds the maximum number of tokens" in caught.value.message
 
 
-@pytest.mark.parametrize(
-    "fault, streamed, expected",
-    [
-        ({"kind": "error"}, False, errors.ServerError),
-        ({"kind": "error", "status": 503}, True, errors.OverloadedError),
-        ({"kind": "error", "after_tokens": 3}, True, errors.StreamInterruptedError),
-        ({"kind": "disconnect", "after_tokens": 3}, True, errors.StreamInterruptedError),
-        ({"kind": "disconnect"}, False, errors.ConnectionLostError),
-        ({"kind": "malformed"}, False, errors.MalformedResponseError),
-        ({"kind": "malformed", "after_tokens": 2}, True, errors.StreamInterruptedError),
-    ],
-)
+@pytest.mark.parametrize("fault, streamed, expected", FAULTS_AND_ERRORS)
 async def test_faults_map_to_error_kinds(sim, adapter, fault, streamed, expected):
-    await add_fault(sim, **fault)
+    await add_fault(sim, "google", **fault)
     request = chat(user("Hi"))
     with pytest.raises(expected):
         if streamed:
@@ -421,43 +372,31 @@ async def test_faults_map_to_error_kinds(sim, adapter, fault, streamed, expected
 
 
 async def test_rate_limit_wait_comes_from_retry_info(sim, adapter):
-    await add_fault(sim, kind="rate_limit", retry_after_s=12, count=1)
+    await add_fault(sim, "google", kind="rate_limit", retry_after_s=12, count=1)
     limited = await raw(sim, "generateContent", {"contents": [{"parts": [{"text": "Hi"}]}]})
     assert limited.status_code == 429 and "retry-after" not in limited.headers
     assert limited.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
-    await add_fault(sim, kind="rate_limit", retry_after_s=12.5)
+    await add_fault(sim, "google", kind="rate_limit", retry_after_s=12.5)
     with pytest.raises(errors.RateLimitError) as caught:
         await adapter.complete(chat(user("Hi")))
     assert caught.value.retry_after_s == 12.5 and caught.value.retryable
 
 
-async def test_timeouts(sim, sim_settings):
-    provider = dataclasses.replace(sim_settings.providers["google"], timeout_s=0.3, first_token_timeout_s=0.3)
-    adapter = GeminiAdapter(provider)
-    try:
-        await add_fault(sim, kind="timeout")
-        with pytest.raises(errors.TimeoutError):
-            await adapter.complete(chat(user("Hi")))
-        with pytest.raises(errors.TimeoutError):
-            await collect(adapter.stream(chat(user("Hi"))))
-    finally:
-        await adapter.aclose()
+async def test_timeouts(sim, adapter_for):
+    adapter = adapter_for("google", timeout_s=0.3, first_token_timeout_s=0.3)
+    await add_fault(sim, "google", kind="timeout")
+    with pytest.raises(errors.TimeoutError):
+        await adapter.complete(chat(user("Hi")))
+    with pytest.raises(errors.TimeoutError):
+        await collect(adapter.stream(chat(user("Hi"))))
 
 
 async def test_closing_a_stream_closes_the_upstream(catalog):
-    running = await start_sim(catalog, latency=True, speed=4)
-    adapter = make_adapter(Settings(ConfigFile(), catalog, env={}).point_at(running.url).providers["google"])
-    try:
+    async with own_sim_adapter(catalog, "google", latency=True, speed=4) as (adapter, running):
         stream = adapter.stream(chat(user("Tell me a long story.")))
         first = await anext(stream)
         assert first.content
         await stream.aclose()
         streams = running.state.streams
-        for _ in range(100):
-            if streams.cancelled:
-                break
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: streams.cancelled)
         assert streams.cancelled == 1 and streams.open_now == 0 and streams.completed == 0
-    finally:
-        await adapter.aclose()
-        await running.stop()

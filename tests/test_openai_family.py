@@ -11,6 +11,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from helpers import OPENAI_FAMILY_MODELS as MODELS
+from helpers import WEATHER, adapters_on, own_sim_adapter, wait_until
+
 from p402_tui.core import errors
 from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.costs import call_cost
@@ -20,28 +23,9 @@ from p402_tui.providers.base import StreamAssembler, make_adapter, tls_context
 from p402_tui.providers.openai_compat import OpenAICompatAdapter
 from p402_tui.sim.server import start_sim
 
-MODELS = {
-    "openai": "gpt-4o-mini",
-    "groq": "llama-3.3-70b-versatile",
-    "deepseek": "deepseek-chat",
-    "mistral": "mistral-small-latest",
-    "together": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
-    "fireworks": "accounts/fireworks/models/llama-v3p1-405b-instruct",
-    "openrouter": "openai/gpt-4o",
-    "perplexity": "sonar",
-    "ai21": "jamba-mini-1.7",
-}
 PROVIDERS = list(MODELS)
 KEY = "sk-test-0123456789abcdef"
 LOCAL_URL = "http://localhost:11434/v1"  # where an Ollama server would be; the test serves it from the simulator
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather by city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 def ask(text: str = "Say something about routers.", **fields) -> ChatRequest:
@@ -50,18 +34,9 @@ def ask(text: str = "Say something about routers.", **fields) -> ChatRequest:
 
 @pytest.fixture
 async def adapters(fresh_sim_settings):
-    """Build adapters for the simulator (closed after the test); changes apply to the provider settings."""
-    made: list[OpenAICompatAdapter] = []
-
-    def build(pid: str, **changes) -> OpenAICompatAdapter:
-        provider = replace(fresh_sim_settings.providers[pid], api_key=SecretStr(KEY), **changes)
-        adapter = make_adapter(provider)
-        made.append(adapter)
-        return adapter
-
-    yield build
-    for adapter in made:
-        await adapter.aclose()
+    """Build adapters for the shared simulator (closed after the test); changes apply to the provider settings."""
+    async with adapters_on(fresh_sim_settings, api_key=SecretStr(KEY)) as build:
+        yield build
 
 
 @pytest.fixture
@@ -563,10 +538,7 @@ async def test_keys_never_show(fresh_sim_settings):
 
 async def test_cancelled_stream_closes_upstream_at_once(catalog):
     """Leaving a stream early closes the connection: the simulator sees the cancel while it is still pacing."""
-    running = await start_sim(catalog, latency=True, speed=4)
-    settings = Settings(ConfigFile(), catalog, env={}).point_at(running.url)
-    adapter = make_adapter(settings.providers["openai"])
-    try:
+    async with own_sim_adapter(catalog, "openai", latency=True, speed=4) as (adapter, running):
         stream = adapter.stream(ask(), model="gpt-4o-mini")
         got = []
         async for chunk in stream:
@@ -574,41 +546,26 @@ async def test_cancelled_stream_closes_upstream_at_once(catalog):
             if len(got) == 2:
                 break
         await stream.aclose()
-        for _ in range(100):
-            if running.state.streams.cancelled:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: running.state.streams.cancelled)
         streams = running.state.streams
         assert (streams.opened, streams.cancelled, streams.completed, streams.open_now) == (1, 1, 0, 0)
-    finally:
-        await adapter.aclose()
-        await running.stop()
 
 
 async def test_cancelling_the_consuming_task_closes_upstream(catalog):
-    running = await start_sim(catalog, latency=True, speed=4)
-    settings = Settings(ConfigFile(), catalog, env={}).point_at(running.url)
-    adapter = make_adapter(settings.providers["groq"])
     started = asyncio.Event()
+    async with own_sim_adapter(catalog, "groq", latency=True, speed=4) as (adapter, running):
 
-    async def consume() -> None:
-        async for _ in adapter.stream(ask(), model=MODELS["groq"]):
-            started.set()
+        async def consume() -> None:
+            async for _ in adapter.stream(ask(), model=MODELS["groq"]):
+                started.set()
 
-    try:
         task = asyncio.create_task(consume())
         await asyncio.wait_for(started.wait(), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if running.state.streams.cancelled:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: running.state.streams.cancelled)
         assert running.state.streams.cancelled == 1 and running.state.streams.open_now == 0
-    finally:
-        await adapter.aclose()
-        await running.stop()
 
 
 @pytest.mark.parametrize("pid", PROVIDERS)

@@ -15,27 +15,12 @@ import httpx
 import openai
 import pytest
 
+from helpers import OPENAI_FAMILY_MODELS as MODELS
+from helpers import WEATHER
+
 from p402_tui.providers.base import tls_context
 
 PROMPT = [{"role": "user", "content": "Tell me about the router."}]
-MODELS = {
-    "openai": "gpt-4o-mini",
-    "groq": "llama-3.3-70b-versatile",
-    "deepseek": "deepseek-chat",
-    "mistral": "mistral-small-latest",
-    "together": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
-    "fireworks": "accounts/fireworks/models/llama-v3p1-405b-instruct",
-    "openrouter": "openai/gpt-4o",
-    "perplexity": "sonar",
-    "ai21": "jamba-mini-1.7",
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 @pytest.fixture

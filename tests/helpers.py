@@ -1,0 +1,116 @@
+"""What the wire-family tests share: requests, fault set-up, and simulators of a test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+
+from p402_tui.core import errors
+from p402_tui.core.catalog import Catalog
+from p402_tui.core.config import ConfigFile, Settings
+from p402_tui.providers.base import Adapter, make_adapter
+from p402_tui.sim.server import RunningSim, start_sim
+
+# One model of each OpenAI-compatible provider, as the simulator serves them.
+OPENAI_FAMILY_MODELS = {
+    "openai": "gpt-4o-mini",
+    "groq": "llama-3.3-70b-versatile",
+    "deepseek": "deepseek-chat",
+    "mistral": "mistral-small-latest",
+    "together": "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+    "fireworks": "accounts/fireworks/models/llama-v3p1-405b-instruct",
+    "openrouter": "openai/gpt-4o",
+    "perplexity": "sonar",
+    "ai21": "jamba-mini-1.7",
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather by city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}},
+}
+# A 1x1 PNG, base64.
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+# Each simulator fault, streamed or not, and the error our adapters must turn it into.
+FAULTS_AND_ERRORS = [
+    ({"kind": "error"}, False, errors.ServerError),
+    ({"kind": "error", "status": 503}, True, errors.OverloadedError),
+    ({"kind": "error", "after_tokens": 3}, True, errors.StreamInterruptedError),
+    ({"kind": "disconnect", "after_tokens": 3}, True, errors.StreamInterruptedError),
+    ({"kind": "disconnect"}, False, errors.ConnectionLostError),
+    ({"kind": "malformed"}, False, errors.MalformedResponseError),
+    ({"kind": "malformed", "after_tokens": 2}, True, errors.StreamInterruptedError),
+]
+
+
+def user(content) -> dict:
+    return {"role": "user", "content": content}
+
+
+async def collect(stream) -> list:
+    return [chunk async for chunk in stream]
+
+
+def joined(chunks) -> str:
+    return "".join(chunk.content for chunk in chunks)
+
+
+async def add_fault(sim: RunningSim, provider: str, **fault) -> None:
+    """Rehearse an outage through the simulator's control API, as a user would."""
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{sim.url}/_sim/faults", json={"provider": provider, **fault})
+        assert response.status_code == 201, response.text
+
+
+def with_context_window(catalog: Catalog, model_id: str, tokens: int) -> Catalog:
+    """The catalog with one model's context window shrunk, so a short prompt overflows it."""
+    spec = catalog.models[model_id]
+    return Catalog(catalog.checked_on, catalog.providers, {**catalog.models, model_id: spec.model_copy(update={"context_window": tokens})})
+
+
+@asynccontextmanager
+async def adapters_on(settings: Settings, **defaults) -> AsyncIterator[Callable[..., Adapter]]:
+    """`build(pid, **changes)` makes an adapter for one of `settings`' providers, its settings changed by
+    `defaults` and then `changes`; every adapter built is closed on the way out."""
+    made: list[Adapter] = []
+
+    def build(pid: str, **changes) -> Adapter:
+        adapter = make_adapter(dataclasses.replace(settings.providers[pid], **{**defaults, **changes}))
+        made.append(adapter)
+        return adapter
+
+    try:
+        yield build
+    finally:
+        for adapter in made:
+            await adapter.aclose()
+
+
+@asynccontextmanager
+async def own_sim_adapter(catalog: Catalog, provider: str, **sim_options) -> AsyncIterator[tuple[Adapter, RunningSim]]:
+    """An adapter for `provider` on a simulator of its own (started with `start_sim` options); both closed after."""
+    running = await start_sim(catalog, **sim_options)
+    adapter = make_adapter(Settings(ConfigFile(), catalog, env={}).point_at(running.url).providers[provider])
+    try:
+        yield adapter, running
+    finally:
+        await adapter.aclose()
+        await running.stop()
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
+    """Give the simulator's side of a closed connection a moment to notice; the caller asserts the outcome."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
