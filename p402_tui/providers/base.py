@@ -115,7 +115,8 @@ class Adapter:
     def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
         name = self.wire_model(request, model)
         payload = self.payload(request, name, stream=True)
-        return with_first_token_timeout(self.read_stream(payload, name), self.first_token_deadline(), self.id, name)
+        deadline = self.provider.first_token_timeout_s
+        return with_first_token_timeout(self.read_stream(payload, name), deadline, self.id, name)
 
     async def list_models(self) -> list[str]:
         raise NotImplementedError(f"{self.id} has no model list endpoint")
@@ -228,9 +229,6 @@ class Adapter:
     ) -> ProviderError:
         """Subclasses read their provider's error shape; see each wire module."""
         raise NotImplementedError
-
-    def first_token_deadline(self) -> float:
-        return self.provider.first_token_timeout_s
 
 
 def _timed_out(error: httpx.HTTPError) -> bool:

@@ -144,7 +144,7 @@ class OpenAICompatAdapter(Adapter):
             chunks = self._replay(request, model)
         else:
             chunks = self._stream(self.payload(request, model, stream=True), model)
-        return with_first_token_timeout(chunks, self.first_token_deadline(), self.id, model)
+        return with_first_token_timeout(chunks, self.provider.first_token_timeout_s, self.id, model)
 
     async def _replay(self, request: ChatRequest, model: str) -> AsyncIterator[ChatChunk]:
         for chunk in _as_chunks(await self.complete(request, model=model)):

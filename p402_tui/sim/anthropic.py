@@ -186,7 +186,7 @@ class MessagesAPI:
         self.state.record_call(provider, model)
 
         parts = prompt_parts(body)
-        if sum(len(text) for text, _ in parts) > LARGE_PROMPT_CHARS:  # counting that many tokens takes a while
+        if sum(len(text) for text, _ in parts) > LARGE_PROMPT_CHARS:
             turn, usage = await asyncio.to_thread(self._answer, request, body, spec, parts)
         else:
             turn, usage = self._answer(request, body, spec, parts)

@@ -47,7 +47,7 @@ EMBED_METHODS = ("embedContent", "batchEmbedContents")
 IMAGE_TOKENS = 258  # what Gemini counts for an image of up to 384x384 pixels
 CACHE_MIN_TOKENS = 1024  # implicit caching's minimum prefix (Gemini 2.5 Flash)
 CACHE_ENTRIES = 4096
-THOUGHT_WORDS = 16
+THOUGHT_TOKENS = 16  # how long a thinking model thinks, every time
 EMBEDDING_DIMS = 3072  # gemini-embedding-001's default outputDimensionality
 EMBED_BATCH = 100  # batchEmbedContents' limit
 
@@ -204,9 +204,10 @@ class GeminiAPI:
         if refusal is not None:
             return refusal
         specs = self.state.catalog.models_of(self.provider.id)
+        token = request.query_params.get("pageToken")
         try:
             size = int(request.query_params.get("pageSize", "50"))
-            start = int(base64.urlsafe_b64decode(request.query_params["pageToken"]).decode()) if request.query_params.get("pageToken") else 0
+            start = int(base64.urlsafe_b64decode(token).decode()) if token else 0
         except (ValueError, binascii.Error, UnicodeDecodeError):
             return error(400, "Invalid page token or page size.")
         size = min(max(size, 1), 1000)
@@ -313,7 +314,7 @@ class GeminiAPI:
                 answer, _ = answer.cut_at_stop(prompt.stops)
         thought = None
         if "reasoning" in spec.capabilities and prompt.thinking_budget != 0:
-            thought = self.state.answer(provider, model, f"thinking|{text}", max_tokens=THOUGHT_WORDS)
+            thought = self.state.answer(provider, model, f"thinking|{text}", max_tokens=THOUGHT_TOKENS)
         return answer, thought, self._cached_tokens(model, prompt.segments)
 
     def _cached_tokens(self, model: str, segments: list[str]) -> int:
@@ -730,8 +731,7 @@ def _usage_so_far(usage: dict[str, Any], done: int, total: int, last: bool) -> d
         return usage
     candidates = math.floor(usage["candidatesTokenCount"] * done / max(total, 1))
     thoughts = usage.get("thoughtsTokenCount", 0)
-    so_far = {**usage, "candidatesTokenCount": candidates, "totalTokenCount": usage["promptTokenCount"] + candidates + thoughts}
-    return so_far
+    return {**usage, "candidatesTokenCount": candidates, "totalTokenCount": usage["promptTokenCount"] + candidates + thoughts}
 
 
 def _reply(model: str, response_id: str, parts: list[dict[str, Any]], finish: str | None, usage: dict[str, Any]) -> dict[str, Any]:
