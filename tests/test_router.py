@@ -337,3 +337,26 @@ def test_no_model_passing_the_option_filters_is_an_empty_decision(router, mode):
     assert decision.chosen is None and decision.candidates == [] and decision.fallbacks == []
     assert decision.why_none().startswith("5 missing capability web_search")
     assert decision.to_dict()["chosen"] is None
+
+
+@pytest.mark.parametrize("mode", ["cost", "quality", "speed", "balanced", "adaptive"])
+@pytest.mark.parametrize(
+    "options, max_tokens",
+    [
+        ({}, None),
+        ({"max_cost_usd": 1e-5, "prefer": ["groq"]}, 16),
+        ({"require": ["vision"], "exclude": ["openai"], "failover": False}, 200_000),
+        ({"model": "openai/gpt-4o-mini"}, 16),
+    ],
+)
+def test_an_encoded_decision_reads_back_as_its_to_dict(mode, options, max_tokens):
+    import json
+
+    from p402_tui.core.router import decode_decision
+
+    router = Router(load_catalog())
+    request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=max_tokens)
+    decision = router.route(request, options_from(mode=mode, **options))
+    decoded = decode_decision(decision.encode())
+    assert json.dumps(decoded) == json.dumps(decision.to_dict())  # same keys, order and float digits
+    assert (decision.candidate_count, decision.excluded_count) == (len(decoded["candidates"]), len(decoded["excluded"]))

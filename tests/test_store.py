@@ -268,3 +268,16 @@ async def test_gateway_keys_create_verify_list_revoke(store, tmp_path):
     assert (await queries.list_keys(store))[0]["active"] is False
     await store.flush()
     assert secret.encode() not in Path(store.path).read_bytes() + Path(f"{store.path}-wal").read_bytes()
+
+
+async def test_a_route_decision_is_kept_compact_and_reads_back_whole(store):
+    from p402_tui.core.catalog import load_catalog
+    from p402_tui.core.router import Router
+    from p402_tui.core.types import ChatRequest
+
+    decision = Router(load_catalog()).route(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=16))
+    Persistence(store).decided(decision)
+    await store.flush()
+    assert await queries.get_decision(store, decision.id) == decision.to_dict()
+    row = await store.fetchone(f"SELECT chosen, candidates, excluded FROM router_decisions WHERE id = '{decision.id}'")
+    assert row == {"chosen": decision.chosen_id, "candidates": len(decision.candidates), "excluded": len(decision.excluded)}

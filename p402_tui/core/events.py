@@ -20,6 +20,8 @@ class Event:
 
     kind: ClassVar[str] = "event"
     ts: float = field(default_factory=time.time, kw_only=True)
+    # Its wire form, made by the first subscriber that sends it and shared by the rest.
+    frame: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"kind": self.kind, "ts": self.ts}

@@ -25,7 +25,9 @@ component is not normalised: it is the live 0..1 health itself.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import struct
 import time
 import uuid
 from collections.abc import Iterable
@@ -240,6 +242,22 @@ class RouteDecision:
         return self._excluded
 
     @property
+    def candidate_count(self) -> int:
+        """len(candidates), without building them."""
+        ranking = self._ranked()
+        if ranking is None or self._candidates is not None:
+            return len(self.candidates)
+        return int(np.count_nonzero(np.isfinite(ranking.key)))
+
+    @property
+    def excluded_count(self) -> int:
+        """len(excluded), without building it."""
+        ranking = self._ranked()
+        if ranking is None or self._excluded is not None:
+            return len(self.excluded)
+        return len(ranking.entry.excluded) + (int(np.count_nonzero(ranking.bad)) if ranking.bad is not None else 0)
+
+    @property
     def est_cost_usd(self) -> float:
         chosen = self.chosen
         return chosen.est_cost_usd if chosen is not None else 0.0
@@ -297,6 +315,19 @@ class RouteDecision:
             "options": options,
         }
 
+    def encode(self) -> bytes:
+        """The whole decision as `decode_decision` reads it back: what `to_dict()` holds, built in microseconds.
+
+        The store keeps every decision; building 100+ candidate dicts and their JSON per
+        request cost more CPU than the rest of a gateway call. This writes the router's
+        own arrays instead (columns in the entry's order plus the ranking), and the
+        models and static exclusions as text cached once per option set.
+        """
+        ranking = self._ranked()
+        if ranking is None or not len(ranking.entry.idx):
+            return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        return ranking.encode(self)
+
     def __repr__(self) -> str:
         return f"<RouteDecision {self.id} {self.mode} -> {self.chosen_id}>"
 
@@ -323,10 +354,12 @@ class _Entry:
         "mode",
         "default_output",
         "live",
+        "packed",
     )
 
     def __init__(self) -> None:
         self.live: dict[int, _Vectors] = {}
+        self.packed: bytes | None = None  # its models and static exclusions as a decision record stores them
 
 
 @dataclass(slots=True)
@@ -430,6 +463,137 @@ class _Ranking:
                 out.append(Excluded(ids[i], reason))
         out.sort(key=lambda e: e.id)
         return out
+
+    def encode(self, decision: RouteDecision) -> bytes:
+        entry = self.entry
+        if self._cost_n is None:
+            self._cost_n = _log_score(self.cost + _COST_FLOOR)
+            self._vectors = self.router._live_vectors(entry, self.ot, self.live)
+        vectors = self._vectors
+        assert vectors is not None
+        cost_n = self._cost_n
+        mode = entry.mode
+        if mode == "cost":
+            score = cost_n
+        elif mode == "quality":
+            score = entry.q_n
+        elif mode == "speed":
+            score = vectors.speed
+        else:
+            wc, wq, ws = self.router._weights  # the same float operations, in the same order, as `candidate`
+            score = wc * cost_n + wq * entry.q_n + ws * vectors.speed
+            if mode == "adaptive":
+                score = score * vectors.health
+        ranked = np.argsort(self.key, kind="stable")[: int(np.count_nonzero(np.isfinite(self.key)))]
+        chosen = self.chosen
+        if chosen >= 0:
+            ranked = np.concatenate(([chosen], ranked[ranked != chosen]))
+        columns = np.stack((score, cost_n, entry.q_n, vectors.speed, vectors.health, self.cost, vectors.latency))
+        bad_at = np.flatnonzero(self.bad) if self.bad is not None else np.zeros(0, dtype=np.int64)
+        reasons = b""
+        if len(bad_at):
+            ctx_bad, out_bad, _ = self.masks
+            codes = np.full(len(bad_at), 2, dtype=np.uint8)  # over max_cost_usd unless a mask below says otherwise
+            if out_bad is not None:
+                codes[out_bad[bad_at]] = 1
+            if ctx_bad is not None:
+                codes[ctx_bad[bad_at]] = 0
+            reasons = codes.tobytes()
+        options = decision.options.to_dict()
+        options["mode"] = decision.mode
+        header = json.dumps(
+            [decision.id, decision.ts, decision.mode, chosen >= 0, bool(decision.options.failover),
+             decision.prompt_tokens, decision.est_output_tokens, round(decision.decision_us, 2), options],
+            separators=(",", ":"),
+        ).encode()
+        if entry.packed is None:
+            specs = self.router._specs
+            models = "\n".join(
+                f"{s.id}\t{s.provider}\t{s.model}\t{s.tier}" for s in (specs[int(m)] for m in entry.idx)
+            ).encode()
+            excluded = "\n".join(f"{e.id}\t{e.reason}" for e in entry.excluded).encode()
+            entry.packed = struct.pack("<II", len(models), len(excluded)) + models + excluded
+        return b"".join(
+            (
+                _MAGIC,
+                struct.pack("<IIII", len(header), len(entry.idx), len(ranked), len(bad_at)),
+                header,
+                entry.packed,
+                ranked.astype("<u2").tobytes(),
+                columns.astype("<f8", copy=False).tobytes(),
+                bad_at.astype("<u2").tobytes(),
+                reasons,
+            )
+        )
+
+
+_MAGIC = b"P402dec1"
+_BAD_REASONS = (CONTEXT_TOO_SMALL, OUTPUT_TOO_SMALL, OVER_COST)
+
+
+def decode_decision(data: bytes | str) -> dict[str, Any]:
+    """`RouteDecision.to_dict()` of a decision from its `encode()` (or from its JSON, which older rows hold)."""
+    if isinstance(data, str) or not data.startswith(_MAGIC):
+        return json.loads(data)
+    at = len(_MAGIC)
+    header_len, n, m, b = struct.unpack_from("<IIII", data, at)
+    at += 16
+    id_, ts, mode, has_chosen, failover, prompt_tokens, est_output_tokens, decision_us, options = json.loads(
+        data[at : at + header_len]
+    )
+    at += header_len
+    models_len, excluded_len = struct.unpack_from("<II", data, at)
+    at += 8
+    models = [line.split("\t") for line in data[at : at + models_len].decode().split("\n")] if n else []
+    at += models_len
+    static = data[at : at + excluded_len].decode()
+    excluded = [Excluded(*line.split("\t", 1)) for line in static.split("\n")] if static else []
+    at += excluded_len
+    ranked = np.frombuffer(data, dtype="<u2", count=m, offset=at).tolist()
+    at += 2 * m
+    score, cost, quality, speed, health, est_cost, latency = (
+        np.frombuffer(data, dtype="<f8", count=7 * n, offset=at).reshape(7, n).tolist() if n else [[]] * 7
+    )
+    at += 8 * 7 * n
+    bad_at = np.frombuffer(data, dtype="<u2", count=b, offset=at).tolist()
+    codes = data[at + 2 * b : at + 3 * b]
+    excluded += [Excluded(models[i][0], _BAD_REASONS[code]) for i, code in zip(bad_at, codes)]
+    excluded.sort(key=lambda e: e.id)
+    candidates = [
+        {
+            "id": models[i][0],
+            "provider": models[i][1],
+            "model": models[i][2],
+            "tier": models[i][3],
+            "score": round(score[i], 6),
+            "components": {
+                "cost": round(cost[i], 6),
+                "quality": round(quality[i], 6),
+                "speed": round(speed[i], 6),
+                "health": round(health[i], 6),
+            },
+            "est_cost_usd": est_cost[i],
+            "est_latency_ms": round(latency[i], 1),
+        }
+        for i in ranked
+    ]
+    chosen = None
+    if has_chosen:
+        first = candidates[0]
+        chosen = {k: first[k] for k in ("id", "provider", "model", "tier", "est_cost_usd", "score")}
+    return {
+        "id": id_,
+        "ts": ts,
+        "mode": mode,
+        "chosen": chosen,
+        "fallbacks": [c["id"] for c in candidates[1:]] if has_chosen and failover else [],
+        "candidates": candidates,
+        "excluded": [e.to_dict() for e in excluded],
+        "prompt_tokens": prompt_tokens,
+        "est_output_tokens": est_output_tokens,
+        "decision_us": decision_us,
+        "options": options,
+    }
 
 
 def _log_score(values: np.ndarray) -> np.ndarray:

@@ -314,8 +314,8 @@ class Gateway:
                     yield sse.HEARTBEAT
                     continue
                 # Under load many events wait at once; one write carries them all.
-                frames = [sse.event_frame(event.kind, event.to_dict())]
-                frames += [sse.event_frame(e.kind, e.to_dict()) for e in subscription.drain()]
+                frames = [sse.bus_event_frame(event)]
+                frames += [sse.bus_event_frame(e) for e in subscription.drain()]
                 yield b"".join(frames)
         finally:
             subscription.close()

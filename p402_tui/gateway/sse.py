@@ -38,6 +38,13 @@ def event_frame(kind: str, data: Any) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
 
+def bus_event_frame(event: Any) -> bytes:
+    """A bus event's frame, serialised once however many clients stream it (a decision is ~40 kB of JSON)."""
+    if event.frame is None:
+        event.frame = event_frame(event.kind, event.to_dict())
+    return event.frame
+
+
 class EventStreamResponse:
     """An ASGI response streaming `frames`; a client disconnect (or `stop`) ends it early.
 

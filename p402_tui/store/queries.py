@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from ..core.hooks import RequestRecord
+from ..core.router import decode_decision
 from .store import Store
 
 # --- the ledger --------------------------------------------------------------------
@@ -92,34 +93,55 @@ INSERT_DECISION = (
 
 
 def decision_row(decision: Any) -> tuple:
-    """A decision (a RouteDecision or its to_dict()) as a row: the whole JSON plus the columns worth indexing."""
-    data = decision if isinstance(decision, dict) else decision.to_dict()
-    chosen = data.get("chosen") or {}
+    """A decision (a RouteDecision or its to_dict()) as a row: the whole decision plus the columns worth indexing.
+
+    A RouteDecision is stored as its compact `encode()` (decoded only when read), since
+    serialising every candidate of every request was most of the gateway's CPU.
+    """
+    if isinstance(decision, dict):
+        data = decision
+        chosen = data.get("chosen") or {}
+        return (
+            data["id"],
+            data.get("ts") or time.time(),
+            data.get("mode"),
+            chosen.get("id"),
+            chosen.get("provider"),
+            chosen.get("model"),
+            chosen.get("tier"),
+            chosen.get("est_cost_usd"),
+            data.get("prompt_tokens"),
+            data.get("decision_us"),
+            len(data.get("candidates") or ()),
+            len(data.get("excluded") or ()),
+            json.dumps(data, default=str),
+        )
+    chosen = decision.chosen
     return (
-        data["id"],
-        data.get("ts") or time.time(),
-        data.get("mode"),
-        chosen.get("id"),
-        chosen.get("provider"),
-        chosen.get("model"),
-        chosen.get("tier"),
-        chosen.get("est_cost_usd"),
-        data.get("prompt_tokens"),
-        data.get("decision_us"),
-        len(data.get("candidates") or ()),
-        len(data.get("excluded") or ()),
-        json.dumps(data, default=str),
+        decision.id,
+        decision.ts,
+        decision.mode,
+        None if chosen is None else chosen.id,
+        None if chosen is None else chosen.provider,
+        None if chosen is None else chosen.model,
+        None if chosen is None else chosen.tier,
+        None if chosen is None else chosen.est_cost_usd,
+        decision.prompt_tokens,
+        round(decision.decision_us, 2),
+        decision.candidate_count,
+        decision.excluded_count,
+        decision.encode(),
     )
 
 
 async def recent_decisions(store: Store, *, limit: int = 100) -> list[dict[str, Any]]:
     rows = await store.fetchall("SELECT decision FROM router_decisions ORDER BY ts DESC LIMIT ?", (limit,))
-    return [json.loads(r["decision"]) for r in rows]
+    return [decode_decision(r["decision"]) for r in rows]
 
 
 async def get_decision(store: Store, decision_id: str) -> dict[str, Any] | None:
     row = await store.fetchone("SELECT decision FROM router_decisions WHERE id = ?", (decision_id,))
-    return json.loads(row["decision"]) if row else None
+    return decode_decision(row["decision"]) if row else None
 
 
 # --- provider health ---------------------------------------------------------------
