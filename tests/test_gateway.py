@@ -530,8 +530,8 @@ async def test_health_metrics_and_openapi(http, sdk):
     assert {
         "/v1/chat/completions", "/api/v2/chat/completions", "/v1/models", "/api/v2/providers",
         "/api/v2/analytics/spend", "/api/v2/analytics/recommendations", "/api/v2/sessions",
-        "/api/v2/sessions/{session_id}", "/api/v2/decisions", "/api/v2/events", "/health", "/metrics",
-        "/openapi.json",
+        "/api/v2/sessions/{session_id}", "/api/v2/decisions", "/api/v2/events", "/api/v2/cache", "/health",
+        "/metrics", "/openapi.json",
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]
 

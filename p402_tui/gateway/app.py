@@ -100,12 +100,14 @@ class Gateway:
         *,
         settings: Any,
         store: Any = None,
+        cache: Any = None,
         auth: GatewayAuth | None = None,
         heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.orchestrator = orchestrator
         self.settings = settings
         self.store = store
+        self.cache = cache  # cache.SemanticCache, or None when the gateway runs without one
         self.bus = orchestrator.bus
         self.auth = auth or GatewayAuth(None, required=False)
         self.metrics = Metrics()
@@ -278,6 +280,12 @@ class Gateway:
         data = await recommendations(store, self.orchestrator.catalog, period)
         return json_response({"object": "list", "data": data})
 
+    async def cache_stats(self, request: Request) -> Any:
+        """The answer cache: which embedder is active, its threshold, and hits, misses and USD saved."""
+        if self.cache is None or not self.cache.enabled:
+            return json_response({"enabled": False})
+        return json_response(self.cache.snapshot())
+
     # --- decisions and live events -------------------------------------------------------------
 
     async def recent_decisions(self, request: Request) -> Any:
@@ -328,8 +336,16 @@ class Gateway:
                 "status": "ok",
                 "uptime_s": round(time.time() - self.started_at, 3),
                 "providers_usable": len(self.settings.usable_providers()),
+                "embedder": self._embedder(),
             }
         )
+
+    def _embedder(self) -> dict[str, Any] | None:
+        """The answer cache's embedder (name, dim, label); None with the cache off or its embedder still loading."""
+        cache = self.cache
+        if cache is None or not cache.enabled or cache.embedder is None:
+            return None
+        return cache.embedder.info()
 
     async def prometheus(self, request: Request) -> Any:
         return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
@@ -353,6 +369,7 @@ class Gateway:
             route("/api/v2/providers", self.compare, "POST"),
             route("/api/v2/analytics/spend", self.spend, "GET"),
             route("/api/v2/analytics/recommendations", self.recommendations, "GET"),
+            route("/api/v2/cache", self.cache_stats, "GET"),
             route("/api/v2/sessions", self.list_sessions, "GET"),
             route("/api/v2/sessions", self.create_session, "POST"),
             route("/api/v2/sessions/{session_id}", self.get_session, "GET"),

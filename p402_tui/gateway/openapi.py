@@ -172,6 +172,48 @@ def build_openapi() -> dict[str, Any]:
                     "models": {"type": "array", "items": {"type": "object"}},
                 },
             },
+            "Embedder": {
+                "type": "object",
+                "description": "What turns prompts into vectors for the semantic tier",
+                "properties": {
+                    "name": {"type": "string", "description": "all-MiniLM-L6-v2, hashed-ngram, or provider/model"},
+                    "dim": {"type": "integer"},
+                    "label": {
+                        "enum": ["semantic", "lexical"],
+                        "description": "lexical: no model weights, so only near-exact prompts match",
+                    },
+                    "min_threshold": {"type": "number"},
+                },
+            },
+            "CacheStats": {
+                "type": "object",
+                "required": ["enabled"],
+                "description": "Only `enabled: false` when the cache is off or the gateway has no store",
+                "properties": {
+                    "enabled": {"type": "boolean"},
+                    "embedder": {"anyOf": [_ref("Embedder"), {"type": "null"}]},
+                    "loaded": {"type": "boolean", "description": "the embedder and stored entries are loaded"},
+                    "threshold": {"type": "number", "description": "cosine in force (a lexical embedder raises it)"},
+                    "configured_threshold": {"type": "number"},
+                    "ttl_s": {"type": "number"},
+                    "max_entries": {"type": "integer"},
+                    "entries": {"type": "integer"},
+                    "indexed": {"type": "integer"},
+                    "index_bytes": {"type": "integer"},
+                    "warning": {"type": ["string", "null"]},
+                    "hits": {"type": "integer"},
+                    "exact_hits": {"type": "integer"},
+                    "semantic_hits": {"type": "integer"},
+                    "misses": {"type": "integer"},
+                    "hit_rate": {"type": "number"},
+                    "saved_usd": {"type": "number"},
+                    "refused_near_misses": {"type": "integer"},
+                    "inserts": {"type": "integer"},
+                    "evictions": {"type": "integer"},
+                    "expired": {"type": "integer"},
+                    "embed_errors": {"type": "integer"},
+                },
+            },
             "Session": {
                 "type": "object",
                 "properties": {
@@ -226,6 +268,12 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {"200": _json(_list_of({"type": "object"})), **_errors(401, 503)},
             }
         },
+        "/api/v2/cache": {
+            "get": {
+                "summary": "The answer cache: its active embedder, threshold, and hits, misses and USD saved since start",
+                "responses": {"200": _json(_ref("CacheStats")), **_errors(401)},
+            }
+        },
         "/api/v2/sessions": {
             "get": {
                 "summary": "Agent sessions with their spend",
@@ -274,9 +322,21 @@ def build_openapi() -> dict[str, Any]:
         },
         "/health": {
             "get": {
-                "summary": "Liveness (never needs a key)",
+                "summary": "Liveness (never needs a key), and which embedder the answer cache uses",
                 "security": [],
-                "responses": {"200": _json({"type": "object"})},
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "status": {"const": "ok"},
+                                "uptime_s": {"type": "number"},
+                                "providers_usable": {"type": "integer"},
+                                "embedder": {"anyOf": [_ref("Embedder"), {"type": "null"}]},
+                            },
+                        }
+                    )
+                },
             }
         },
         "/metrics": {

@@ -106,6 +106,7 @@ async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S)
         runtime.orchestrator,
         settings=runtime.settings,
         store=runtime.store,
+        cache=runtime.cache,
         auth=GatewayAuth(keys, required=False),
     )
     return await start_gateway(gateway, host, port, grace_s=grace_s)

@@ -1,0 +1,84 @@
+"""The gateway says which embedder the answer cache uses, and how the cache is doing.
+
+A real server on loopback with the real simulator behind it, as in test_gateway.py;
+the hashed embedder keeps the cache on without loading a model.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from test_gateway import HELLO, PINNED, eventually, settings_for
+
+from p402_tui.core.config import CacheConfig, ConfigFile, Settings
+from p402_tui.runtime import Runtime
+
+
+@pytest.fixture
+async def runtime(sim, catalog, tmp_path):
+    async with Runtime.open(settings_for(catalog, sim.url), db_path=tmp_path / "p402.db") as rt:
+        await rt.cache.ready()  # the embedder loads in the background; these tests read it
+        yield rt
+
+
+@pytest.fixture
+async def http(runtime):
+    running = await runtime.serve_gateway("127.0.0.1", 0)
+    async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+        yield client
+    await running.stop()
+
+
+async def test_cache_names_its_embedder_and_counts_hits_misses_and_savings(http):
+    before = (await http.get("/api/v2/cache")).json()
+    assert before["enabled"] is True and before["loaded"] is True
+    embedder = before["embedder"]
+    assert (embedder["name"], embedder["dim"], embedder["label"]) == ("hashed-ngram", 1024, "lexical")
+    # a lexical embedder holds the semantic tier to near-exact matches, above the configured 0.90
+    assert before["threshold"] == embedder["min_threshold"] > before["configured_threshold"] == 0.90
+    assert (before["hits"], before["misses"], before["entries"], before["saved_usd"]) == (0, 0, 0, 0.0)
+
+    body = {"model": PINNED, "messages": HELLO}
+    first = (await http.post("/v1/chat/completions", json=body)).json()["p402"]
+    assert first["cached"] is False
+
+    async def served_from_cache() -> bool:  # the insert is queued behind the first answer
+        return (await http.post("/v1/chat/completions", json=body)).json()["p402"]["cached"]
+
+    assert await eventually(served_from_cache)
+    after = (await http.get("/api/v2/cache")).json()
+    assert after["hits"] == after["exact_hits"] == 1 and after["entries"] == 1
+    assert after["hit_rate"] == pytest.approx(after["hits"] / (after["hits"] + after["misses"]))
+    assert after["saved_usd"] == pytest.approx(first["cost_usd"])
+
+
+async def test_health_says_which_embedder_is_active(http):
+    health = (await http.get("/health")).json()
+    assert health["status"] == "ok"
+    assert health["embedder"]["name"] == "hashed-ngram" and health["embedder"]["label"] == "lexical"
+
+
+async def test_openapi_describes_every_field_the_cache_answers(http):
+    document = (await http.get("/openapi.json")).json()
+    assert document["paths"]["/api/v2/cache"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CacheStats"
+    }
+    schemas = document["components"]["schemas"]
+    answer = (await http.get("/api/v2/cache")).json()
+    assert set(answer) == set(schemas["CacheStats"]["properties"])
+    assert set(answer["embedder"]) == set(schemas["Embedder"]["properties"])
+    health = document["paths"]["/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set((await http.get("/health")).json()) == set(health["properties"])
+
+
+@pytest.mark.parametrize(("enabled", "persist"), [(False, True), (True, False)], ids=["cache-disabled", "no-store"])
+async def test_a_gateway_without_a_cache_says_so(sim, catalog, tmp_path, enabled, persist):
+    settings = Settings(ConfigFile(cache=CacheConfig(enabled=enabled, embedder="hashed")), catalog, env={})
+    async with Runtime.open(settings.point_at(sim.url), db_path=tmp_path / "p402.db", persist=persist) as rt:
+        running = await rt.serve_gateway("127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+                assert (await client.get("/api/v2/cache")).json() == {"enabled": False}
+                assert (await client.get("/health")).json()["embedder"] is None
+        finally:
+            await running.stop()
