@@ -20,7 +20,7 @@ from p402_tui.core.hooks import RequestRecord
 from p402_tui.core.router import Router
 from p402_tui.core.types import Attempt
 from p402_tui.sim.traffic import TrafficGenerator
-from p402_tui.tui.state import ConsoleState, SpendSummary
+from p402_tui.tui.state import CacheInfo, ConsoleState, SpendSummary
 
 T0 = 1_790_000_000.0  # a fixed "now" for every picture
 SIZE = (160, 48)
@@ -152,6 +152,7 @@ def sample_state(decisions: int = 36) -> ConsoleState:
         SpendSummary(
             today_usd=4.8123, week_usd=31.07, month_usd=118.4, requests_today=1834, saved_usd=0.4172, cache_hits=212,
             top_models=[("anthropic/sonnet", 2.91, 310), ("openai/gpt-mini", 0.88, 902), ("groq/llama-fast", 0.12, 488)],
+            cache=CacheInfo(enabled=True, embedder="all-MiniLM-L6-v2", label="semantic"),
         )
     )  # fmt: skip
     return state

@@ -164,11 +164,14 @@ class ConsoleApp(App):
     @work(exclusive=True, group="store", exit_on_error=False, description="sessions and spend")
     async def _poll_store(self, source: ConsoleSource) -> None:
         self._store_busy = True
+        revs = (self.state.sessions_rev, self.state.summary_rev)
         try:
             self.state.set_sessions(await source.sessions())
             summary = await source.summary()
             if summary is not None:
                 self.state.set_summary(summary)
+            if not self.paused and (self.state.sessions_rev, self.state.summary_rev) != revs:
+                self.show_state()  # with no traffic the live loop waits seconds before it next draws
         except Exception as error:
             self.notify(f"could not read the store: {error}", title="Store", severity="error")
         finally:

@@ -345,6 +345,15 @@ class AttachClient:
         params = {"period": period} | ({"by": by} if by else {})
         return await self.get_json("/api/v2/analytics/spend", **params)
 
+    async def cache(self) -> dict[str, Any] | None:
+        """The answer cache's embedder and stats (`{"enabled": false}` when off); None from a gateway too old to say."""
+        try:
+            return await self.get_json("/api/v2/cache")
+        except GatewayError as error:
+            if error.status == 404:
+                return None
+            raise
+
     async def recent_decisions(self, limit: int = 50) -> list[dict[str, Any]]:
         return (await self.get_json("/api/v2/decisions", limit=limit))["data"]
 
@@ -634,7 +643,7 @@ class RemoteSource:
         return self._health
 
     async def summary(self) -> Any:
-        from .state import SpendSummary
+        from .state import CacheInfo, SpendSummary
 
         try:
             today = await self.client.spend("today")
@@ -645,6 +654,7 @@ class RemoteSource:
                 return None  # no ledger there: the console keeps its own tally of what it sees
             raise
         top = sorted(month["breakdown"], key=lambda r: (-r["cost_usd"], r["key"]))[:5]
+        cache = await self.client.cache()
         return SpendSummary(
             today_usd=today["total_usd"],
             week_usd=week["total_usd"],
@@ -653,6 +663,7 @@ class RemoteSource:
             saved_usd=month.get("saved_usd", 0.0),
             cache_hits=month.get("cached", 0),
             top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
+            cache=CacheInfo.from_snapshot(cache) if cache is not None else None,
         )
 
     async def sessions(self) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import time
 from typing import Any, Protocol
 
 from ..core.events import Subscription
-from .state import SpendSummary
+from .state import CacheInfo, SpendSummary
 
 # Big enough to hold a couple of seconds at 500 events/s between two drains.
 SUBSCRIPTION_SIZE = 20_000
@@ -72,6 +72,7 @@ class LocalSource:
         week = await spend(store, parse_period("7d", now=now))
         month = await spend(store, parse_period("30d", now=now), by="model")
         top = [r for r in month["breakdown"] if r["key"] != "(none)"][:5]  # most expensive first
+        cache = self.runtime.cache
         return SpendSummary(
             today_usd=today["total_usd"],
             week_usd=week["total_usd"],
@@ -80,6 +81,7 @@ class LocalSource:
             saved_usd=today["saved_usd"],
             cache_hits=today["cached"],
             top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
+            cache=CacheInfo.from_snapshot(cache.info()) if cache is not None else None,
         )
 
     async def sessions(self) -> list[dict[str, Any]]:

@@ -137,6 +137,21 @@ class Throughput:
         return n / over_s, (e / n if n else 0.0)
 
 
+@dataclass(slots=True, frozen=True)
+class CacheInfo:
+    """The answer cache as the console shows it: off, or the embedder it matches with (None while that loads)."""
+
+    enabled: bool
+    embedder: str | None = None  # all-MiniLM-L6-v2, hashed-ngram, or a provider's provider/model
+    label: str | None = None  # semantic, or lexical: no model weights, near-exact matches only
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> CacheInfo:
+        """From `SemanticCache.info()` in-process, or the gateway's /api/v2/cache."""
+        embedder = data.get("embedder") or {}
+        return cls(enabled=bool(data.get("enabled")), embedder=embedder.get("name"), label=embedder.get("label"))
+
+
 @dataclass(slots=True)
 class SpendSummary:
     """Totals the store keeps (or, with no store, what this console saw since it started)."""
@@ -149,6 +164,7 @@ class SpendSummary:
     cache_hits: int = 0
     top_models: list[tuple[str, float, int]] = field(default_factory=list)  # (model id, usd, requests)
     since_start: bool = False  # True: these are this session's numbers, not the ledger's
+    cache: CacheInfo | None = None  # None: there is no cache to ask (no store)
 
 
 class ConsoleState:

@@ -15,7 +15,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from ..format import short, usd
-from ..state import SpendSeries, SpendSummary
+from ..state import CacheInfo, SpendSeries, SpendSummary
 from .palette import Palette
 
 
@@ -95,6 +95,22 @@ class SpendChart(Widget, can_focus=True):
         self._key = None
 
 
+# The embedders' own names, shortened to fit beside their label in the totals column.
+EMBEDDER_NAMES = {"all-MiniLM-L6-v2": "MiniLM-L6", "hashed-ngram": "n-gram hash"}
+WIDTH = 28  # the totals column inside its padding (app.tcss: #spend-totals)
+
+
+def cache_text(cache: CacheInfo) -> str:
+    """What the cache matches with: MiniLM-L6 · semantic, n-gram hash · lexical, a provider's model, or off."""
+    if not cache.enabled:
+        return "off"
+    if cache.embedder is None:
+        return "loading…"
+    label = f" · {cache.label}" if cache.label else ""
+    name = EMBEDDER_NAMES.get(cache.embedder, cache.embedder)
+    return short(name, WIDTH - len("cache  ") - len(label)) + label
+
+
 def summary_text(summary: SpendSummary, colors: Palette, legend: list[tuple[str, str, float]]) -> Text:
     """Totals, the chart's legend (provider, colour, spend in the window) and the top models."""
     text = Text(no_wrap=True, overflow="ellipsis")
@@ -109,6 +125,9 @@ def summary_text(summary: SpendSummary, colors: Palette, legend: list[tuple[str,
     for label, value, style in rows:
         text.append(f"{label:<14}", style="dim")
         text.append(f"{value:>14}\n", style=style)
+    if summary.cache is not None:
+        text.append("cache", style="dim")
+        text.append(f"{cache_text(summary.cache):>{WIDTH - len('cache')}}\n")
     if legend:
         text.append("in the chart\n", style="bold")
         for provider, colour, total in legend:
