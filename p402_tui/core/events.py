@@ -101,7 +101,6 @@ class SpendUpdated(Event):
     model: str
     cost_usd: float
     session_id: str | None = None
-    total_today_usd: float | None = None
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -109,7 +108,6 @@ class SpendUpdated(Event):
             "model": self.model,
             "cost_usd": self.cost_usd,
             "session_id": self.session_id,
-            "total_today_usd": self.total_today_usd,
         }
 
 
