@@ -211,7 +211,8 @@ class HealthTracker:
         self._providers: dict[str, _Stats] = {}
         self._models: dict[str, _Stats] = {}
         self._circuits: dict[str, _Circuit] = {}
-        self._model_circuits: dict[str, _Circuit] = {}
+        self._model_circuits: dict[str, _Circuit] = {}  # only for models in _models
+        self._models_of: dict[str, list[str]] = {}  # provider -> ids of its models in _models
         self._status: dict[str, tuple[str, str]] = {}  # provider -> (status, circuit) last published
         self._listeners: list[Callable[[str], None]] = []
         self._probes: list[asyncio.Task[None]] = []
@@ -563,7 +564,12 @@ class HealthTracker:
         stats = self._models.get(model_id)
         if stats is None:
             stats = self._models[model_id] = _Stats(self.policy)
+            self._models_of.setdefault(model_id.split("/", 1)[0], []).append(model_id)
         return stats
+
+    def models_seen(self, provider: str) -> list[str]:
+        """The provider's models with live stats (and so perhaps a circuit of their own); the rest read as catalog figures."""
+        return self._models_of.get(provider, [])
 
     def _circuit(self, provider: str) -> _Circuit:
         circuit = self._circuits.get(provider)

@@ -929,8 +929,19 @@ class Router:
         blocked = list(self._blocked)
         for provider in providers:
             factor = health.provider_factor(provider)
-            for i in self._by_provider.get(provider, ()):
-                model_id = self._ids[i]
+            # Models never called read as catalog figures under the provider's own factor and circuit;
+            # only the few with live stats are looked at one by one (a provider may list dozens).
+            members = self._by_provider.get(provider, [])
+            ttft[members] = self._catalog_ttft[members]
+            mspt[members] = self._catalog_mspt[members]
+            scores[members] = factor
+            provider_blocked = health.blocked(provider, None, now)
+            for i in members:
+                blocked[i] = provider_blocked
+            for model_id in health.models_seen(provider):
+                i = self._position.get(model_id)
+                if i is None:
+                    continue
                 live = health.model_live(model_id)
                 ttft[i] = live.ttft_ms if live is not None and live.ttft_ms is not None else self._catalog_ttft[i]
                 mspt[i] = (
