@@ -82,7 +82,9 @@ class _Plan:
     def __init__(self, orchestrator: Orchestrator, decision: RouteDecision, options: RouteOptions) -> None:
         self._orchestrator = orchestrator
         chosen = decision.chosen_id
-        self._queue = ([chosen] if chosen is not None else []) + (decision.fallbacks if options.failover else [])
+        self._queue = [chosen] if chosen is not None else []
+        # Most calls succeed first time: rank the fallbacks only when one is needed.
+        self._fallbacks: RouteDecision | None = decision if options.failover and chosen is not None else None
         retries = options.max_retries if options.max_retries is not None else orchestrator.settings.router.max_retries
         self._left = 1 + (retries if options.failover else 0)
         self._dead_providers: set[str] = set()
@@ -96,7 +98,7 @@ class _Plan:
             return None
         health = self._orchestrator.health
         models = self._orchestrator.catalog.models
-        while self._queue:
+        while self._queue or self._unfold():
             spec = models[self._queue.pop(0)]
             if spec.provider in self._dead_providers:
                 continue
@@ -117,7 +119,16 @@ class _Plan:
         if error.scope == "provider":
             self._dead_providers.add(spec.provider)  # a rejected key too: it will not work for the other models
         models = self._orchestrator.catalog.models
+        self._unfold()
         return self._left > 0 and any(models[mid].provider not in self._dead_providers for mid in self._queue)
+
+    def _unfold(self) -> bool:
+        """Queue the decision's fallbacks (once); True if that added any."""
+        if self._fallbacks is None:
+            return False
+        self._queue.extend(self._fallbacks.fallbacks)
+        self._fallbacks = None
+        return bool(self._queue)
 
     def succeeded(self, spec: ModelSpec, latency_ms: float) -> None:
         self.attempts.append(Attempt(spec.provider, spec.model, None, None, latency_ms))

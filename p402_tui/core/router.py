@@ -259,6 +259,10 @@ class RouteDecision:
 
     @property
     def est_cost_usd(self) -> float:
+        ranking = self._ranked()
+        if ranking is not None and self._chosen is None:
+            # The chosen candidate's estimate, without scoring it (the budget check needs only this).
+            return float(ranking.cost[ranking.chosen]) if ranking.chosen >= 0 else 0.0
         chosen = self.chosen
         return chosen.est_cost_usd if chosen is not None else 0.0
 
