@@ -39,6 +39,7 @@ from ..widgets.palette import palette_of
 from ..widgets.status import StatusLine, status_text
 
 AUTO = "auto"
+FRAME_S = 1 / 30  # streamed text reaches the Markdown widget at most this often
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 IMAGE_TYPES = {  # magic bytes -> media type; the file's name is not trusted
     b"\x89PNG\r\n\x1a\n": "image/png",
@@ -194,11 +195,42 @@ class Outcome:
         return "".join(self.parts)
 
 
-async def relay(stream: AnswerStream, sink: MarkdownStream, outcome: Outcome) -> None:
-    """Feed every content chunk to the Markdown stream; note usage, first token and a broken stream."""
+async def relay(stream: AnswerStream, sink: MarkdownStream, outcome: Outcome, *, frame_s: float = FRAME_S) -> None:
+    """Feed the answer's text to the Markdown stream; note usage, first token and a broken stream.
+
+    Text goes to the widget at most once a frame: every append re-renders the answer's
+    last block, and appending per token at a thousand tokens a second would keep the
+    event loop rendering while keys wait. Frames are aligned to the clock, so columns
+    streaming side by side update in the same redraw. Text that arrives just before
+    the stream pauses is shown when its frame is due, never held back for the next chunk.
+    """
+    pending: list[str] = []
+    shown_frame = -1  # the clock frame (monotonic time // frame_s) the widget last got text in
+    chunks = stream.__aiter__()
+    waiting: asyncio.Future[ChatChunk] | None = None
+
+    async def show() -> None:
+        nonlocal shown_frame
+        if pending:
+            text = "".join(pending)
+            pending.clear()
+            shown_frame = int(time.monotonic() // frame_s)
+            await sink.write(text)
+
     try:
-        async for chunk in stream:
-            assert isinstance(chunk, ChatChunk)
+        while True:
+            if waiting is None:
+                waiting = asyncio.ensure_future(chunks.__anext__())
+            due = max(0.0, (shown_frame + 1) * frame_s - time.monotonic()) if pending else None
+            done, _ = await asyncio.wait((waiting,), timeout=due)
+            if not done:
+                await show()
+                continue
+            arrived, waiting = waiting, None
+            try:
+                chunk = arrived.result()
+            except StopAsyncIteration:
+                break
             if chunk.error is not None:
                 outcome.error = str(chunk.error.get("message") or chunk.error.get("kind") or "the stream broke")
                 break
@@ -208,9 +240,15 @@ async def relay(stream: AnswerStream, sink: MarkdownStream, outcome: Outcome) ->
                 if outcome.first_token_s is None:
                     outcome.first_token_s = time.monotonic() - outcome.started
                 outcome.parts.append(chunk.content)
-                await sink.write(chunk.content)
+                pending.append(chunk.content)
+                if time.monotonic() // frame_s > shown_frame:
+                    await show()
     finally:
+        if waiting is not None:  # stopped while a chunk was awaited: end that read before the stream is closed
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
         outcome.elapsed_s = time.monotonic() - outcome.started
+        await show()
 
 
 @dataclass(slots=True)

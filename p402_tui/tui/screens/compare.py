@@ -32,6 +32,7 @@ from .chat import ChatLink, Figures, Outcome, SessionLog, chat_link, relay
 
 MIN_MODELS = 2
 MAX_MODELS = 6
+COLUMN_FRAME_S = 1 / 10  # up to six answers re-render at once: each column takes new text less often than chat
 
 
 class Columns(Horizontal):
@@ -328,7 +329,7 @@ class CompareScreen(Screen):
         stream = None
         try:
             stream = link.stream(request, options, ctx)
-            await relay(stream, sink, outcome)
+            await relay(stream, sink, outcome, frame_s=COLUMN_FRAME_S)
         except asyncio.CancelledError:
             outcome.stopped = True
             raise
