@@ -490,10 +490,10 @@ class _Ranking:
                 score = score * vectors.health
         ranked = np.argsort(self.key, kind="stable")[: int(np.count_nonzero(np.isfinite(self.key)))]
         chosen = self.chosen
-        if chosen >= 0:
+        if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):  # a pin; otherwise the argmin already leads
             ranked = np.concatenate(([chosen], ranked[ranked != chosen]))
-        columns = np.stack((score, cost_n, entry.q_n, vectors.speed, vectors.health, self.cost, vectors.latency))
-        bad_at = np.flatnonzero(self.bad) if self.bad is not None else np.zeros(0, dtype=np.int64)
+        columns = (score, cost_n, entry.q_n, vectors.speed, vectors.health, self.cost, vectors.latency)
+        bad_at = np.flatnonzero(self.bad) if self.bad is not None else ()
         reasons = b""
         if len(bad_at):
             ctx_bad, out_bad, _ = self.masks
@@ -524,8 +524,8 @@ class _Ranking:
                 header,
                 entry.packed,
                 ranked.astype("<u2").tobytes(),
-                columns.astype("<f8", copy=False).tobytes(),
-                bad_at.astype("<u2").tobytes(),
+                *(column.astype("<f8", copy=False).tobytes() for column in columns),
+                np.asarray(bad_at, dtype="<u2").tobytes(),
                 reasons,
             )
         )
