@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from p402_tui.tui.screens.chat import AnswerView, ChatScreen
 from p402_tui.tui.screens.dashboard import DashboardScreen
 from p402_tui.tui.widgets.decisions import DecisionsTable
 
-from conftest import run_cli
+from conftest import free_port, run_cli
 
 
 async def wait_for(condition, timeout: float = 10.0, step: float = 0.02) -> None:
@@ -171,7 +175,8 @@ async def test_chat_through_the_gateway_streams_and_escape_cancels_the_upstream(
                 await pilot.pause()
                 answer = screen.query(AnswerView).last()
                 assert len(answer.markdown.source.split()) >= 20
-                assert str(answer.route.content).startswith("→ ") and "1 attempt" in str(answer.route.content)
+                route = str(answer.route.content)
+                assert route.startswith("→ ") and " · balanced · " in route and "1 attempt" in route
                 assert str(answer.cost.content).startswith("$") and " tok" in str(answer.cost.content)
                 assert fresh_sim.state.streams.completed == 1
                 with httpx.Client(base_url=fresh_sim.url) as sim:  # the next answer hangs after three pieces
@@ -219,3 +224,53 @@ def test_events_rebuild_as_the_objects_they_were(fresh_sim_settings):
     back = event_from_dict("request_completed", RequestCompleted(record=record).to_dict())
     assert back.record.to_dict() == record.to_dict()
     assert event_from_dict("something_new", {"ts": 1.0}) is None
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`p402 serve --sim` in its own process, as an operator would start it; its base URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p402_tui.cli", "serve", "--sim", "--port", str(port), "--db", str(tmp_path / "p402.db")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=0.5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"p402 serve --sim did not start: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def test_attached_to_p402_serve_sim_the_dashboard_shows_another_clients_decisions(served):
+    source = RemoteSource(AttachClient(served))
+    await source.start()
+    try:
+        await source.client.wait_until_up()
+        app = ConsoleApp(source, clock=lambda: T0, refresh_interval=0.25)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            async with httpx.AsyncClient(base_url=served, timeout=30) as other:
+                response = await other.post("/v1/chat/completions", json=chat_body("hello from another client"))
+            assert response.status_code == 200
+            decision_id = response.json()["p402"]["decision_id"]
+            table = app.screen.query_one(DecisionsTable)
+            await wait_for(lambda: table.index_of(decision_id) is not None
+                           and app.state.decisions[decision_id].status == "ok", timeout=15)
+            assert app.state.decisions[decision_id].candidates > 1
+    finally:
+        await source.aclose()

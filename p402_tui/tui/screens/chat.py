@@ -33,6 +33,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from ...core.config import MODES
 from ...core.hooks import CallContext, RouteOptions
+from ...core.router import AUTO_MODELS
 from ...core.types import ChatChunk, ChatMessage, ChatRequest, ContentPart, ImageURL, P402Meta, Usage
 from ..format import ms, short, usd
 from ..widgets.palette import palette_of
@@ -309,6 +310,11 @@ class Figures:
         return f"{ms(self.latency_ms)} · TTFT {ms(self.ttft_ms)}{rate}"
 
 
+def _is_pin(model: str | None) -> bool:
+    """Whether a decision's `model` option pinned a model (`auto` and `p402/<mode>` ask the router to choose)."""
+    return bool(model) and model not in AUTO_MODELS and not (model.startswith("p402/") and model[5:] in MODES)
+
+
 def route_text(stream: AnswerStream, requested_mode: str | None) -> str:
     """Where the answer went and how: chosen model, mode (or pinned), candidates, attempts."""
     meta, decision = stream.meta, stream.decision
@@ -316,7 +322,7 @@ def route_text(stream: AnswerStream, requested_mode: str | None) -> str:
     if served is None and decision is not None and decision.chosen is not None:
         served = decision.chosen.id
     parts = [f"→ {served or '?'}"]
-    pinned = decision is not None and decision.options.model is not None
+    pinned = decision is not None and _is_pin(decision.options.model)
     mode = "pinned" if pinned else (decision.mode if decision is not None else requested_mode)
     if mode:
         parts.append(mode)
