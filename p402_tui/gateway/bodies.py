@@ -46,6 +46,7 @@ class P402Options(BaseModel):
     failover: Failover = Field(default_factory=Failover)
 
 
+_NO_OPTIONS = P402Options()  # most bodies carry no `p402` object; only read, never changed
 
 
 def parse_chat(
@@ -59,7 +60,7 @@ def parse_chat(
     extra = request.__pydantic_extra__
     raw = extra.pop("p402", None) if extra else None
     try:
-        p402 = P402Options() if raw is None else P402Options.model_validate(raw)
+        p402 = _NO_OPTIONS if raw is None else P402Options.model_validate(raw)
     except ValidationError as error:
         raise from_validation_error(error, prefix="p402.") from None
     for field in ("prefer", "exclude"):
