@@ -41,7 +41,10 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-POOL_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+# Idle connections go before uvicorn's 5 s keep-alive closes them under us: a POST on a
+# connection the server just closed fails without a retry, and a burst of those after a
+# pause opened circuits (bench/gateway.py saw a whole run of 400s from it).
+POOL_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4.0)
 
 
 def default_transport() -> httpx.AsyncBaseTransport:
