@@ -542,7 +542,6 @@ class RemoteLink:
 
     def __init__(self, client: AttachClient) -> None:
         self.client = client
-        self.where = client.url
         self.persistent = True  # until the gateway says it has no store
 
     async def models(self) -> list[str]:

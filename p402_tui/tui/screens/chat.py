@@ -1,8 +1,9 @@
 """The chat view: ask any model (or let the router pick), watch the answer stream, see what it cost.
 
-Answers stream through `Markdown.get_stream()`, which coalesces fragments so
-the widget keeps up at a thousand tokens a second (appending to a plain
-`Markdown` falls behind at about twenty appends a second). Under each answer:
+Answers stream through `Markdown.get_stream()` (appending to a plain `Markdown`
+falls behind at about twenty appends a second), fed once a frame rather than
+once a token, so the view keeps up well past a thousand tokens a second and
+keys never wait behind rendering (`bench/tui_chat.py`). Under each answer:
 where it went and why (model, mode, candidates, attempts) and what it took
 (cost, latency, time to first token, tokens, tokens/s).
 
@@ -67,7 +68,6 @@ class AnswerStream(Protocol):
 
 
 class ChatLink(Protocol):
-    where: str  # "in-process" or the gateway URL
     persistent: bool  # False: no store behind it, so nothing outlives this console
 
     async def models(self) -> list[str]: ...
@@ -88,8 +88,6 @@ class LocalLink:
     The store's hooks write each answered request's messages to its session, so the
     link only creates the session and keeps its metadata.
     """
-
-    where = "in-process"
 
     def __init__(self, orchestrator: Any, store: Any = None) -> None:
         self.orchestrator = orchestrator
@@ -131,11 +129,7 @@ def chat_link(source: Any) -> ChatLink | None:
     runtime = getattr(source, "runtime", None)
     if runtime is None:
         return None
-    cached = getattr(source, "_chat_link", None)
-    if cached is None:
-        cached = LocalLink(runtime.orchestrator, getattr(runtime, "store", None))
-        source._chat_link = cached
-    return cached
+    return LocalLink(runtime.orchestrator, getattr(runtime, "store", None))
 
 
 # --- a conversation kept as an agent session -----------------------------------------------------
