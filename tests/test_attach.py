@@ -214,9 +214,13 @@ def test_events_rebuild_as_the_objects_they_were(fresh_sim_settings):
 
     orchestrator = Orchestrator(fresh_sim_settings)
     decision = orchestrator.route(ChatRequest(messages=[ChatMessage(role="user", content="hi")]), RouteOptions(mode="cost"))
-    rebuilt = decision_from_dict(decision.to_dict())
-    assert rebuilt.to_dict() == decision.to_dict()
+    sent = decision.to_dict()
+    rebuilt = decision_from_dict(sent)
+    assert rebuilt.to_dict() == sent
     assert rebuilt.chosen.id == decision.chosen.id and len(rebuilt.candidates) == len(decision.candidates)
+    assert [c.to_dict() for c in rebuilt.candidates] == sent["candidates"]  # built on demand, each as it was
+    assert [c.id for c in rebuilt.plan()] == [c.id for c in decision.plan()]
+    assert [e.to_dict() for e in rebuilt.excluded] == sent["excluded"]
     event = event_from_dict("route_decided", RouteDecided(decision=decision).to_dict())
     assert isinstance(event, RouteDecided) and event.decision.to_dict() == decision.to_dict()
     record = RequestRecord(id="req-1", provider="groq", model="m", cost_usd=0.5, decision_id=decision.id,

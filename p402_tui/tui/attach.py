@@ -20,9 +20,9 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import httpx
 
@@ -93,26 +93,68 @@ def _options(data: dict[str, Any]) -> RouteOptions:
     )
 
 
+class _Candidates(Sequence[Candidate]):
+    """A decision's candidates, each built from its dict only when read.
+
+    A busy gateway sends hundreds of decisions a second with every candidate in
+    each; the dashboard reads only how many there are and the chosen one.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self._rows = rows
+        self._built: dict[int, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Candidate]: ...
+
+    def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self._rows)))]
+        index = range(len(self._rows))[index]  # negative indexes, and IndexError past the end
+        if index not in self._built:
+            self._built[index] = _candidate(self._rows[index])
+        return self._built[index]
+
+
+class RemoteDecision(RouteDecision):
+    """A decision as the gateway sent it: read like a local one, and `to_dict()` is what came."""
+
+    __slots__ = ("_data",)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._data
+
+
 def decision_from_dict(data: dict[str, Any]) -> RouteDecision:
-    """A `RouteDecision` rebuilt from its `to_dict()`: the detail view reads it like a local one."""
-    candidates = [_candidate(c) for c in data.get("candidates") or ()]
+    """A `RouteDecision` rebuilt from its `to_dict()`: the panes and the detail view read it like a local one."""
+    rows = data.get("candidates") or []
+    candidates = _Candidates(rows)
     chosen = None
     if data.get("chosen"):
         chosen_id = data["chosen"]["id"]
-        chosen = next((c for c in candidates if c.id == chosen_id), None) or _candidate(data["chosen"])
-    return RouteDecision(
+        at = next((i for i, row in enumerate(rows) if row["id"] == chosen_id), None)
+        chosen = candidates[at] if at is not None else _candidate(data["chosen"])
+    decision = RemoteDecision(
         id=data["id"],
         ts=float(data.get("ts") or time.time()),
         mode=data.get("mode") or "-",
         chosen=chosen,
         fallbacks=list(data.get("fallbacks") or ()),
-        candidates=candidates,
+        candidates=candidates,  # type: ignore[arg-type]
         excluded=[Excluded(id=e["id"], reason=e.get("reason", "")) for e in data.get("excluded") or ()],
         prompt_tokens=int(data.get("prompt_tokens") or 0),
         est_output_tokens=int(data.get("est_output_tokens") or 0),
         decision_us=float(data.get("decision_us") or 0.0),
         options=_options(data.get("options") or {}),
     )
+    decision._data = data
+    return decision
 
 
 _RECORD_FIELDS = frozenset(RequestRecord.__dataclass_fields__) - {"attempts"}
@@ -184,7 +226,6 @@ class Link:
     state: str = "connecting"  # connecting | up | down
     retry_at: float | None = None
     error: str | None = None
-    since: float = 0.0
 
     def describe(self, now: float | None = None) -> str:
         if self.state == "up":
@@ -214,7 +255,6 @@ class AttachClient:
         self.decisions: OrderedDict[str, RouteDecision] = OrderedDict()  # recent ones, for chat's routing line
         self.backoff_first_s = backoff_first_s
         self.backoff_max_s = backoff_max_s
-        self.events_received = 0
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.AsyncClient(
             base_url=self.url,
@@ -252,7 +292,7 @@ class AttachClient:
         self._watchers.append(callback)
 
     def _set_link(self, state: str, *, retry_at: float | None = None, error: str | None = None) -> None:
-        self.link = Link(self.url, state, retry_at, error, time.time())
+        self.link = Link(self.url, state, retry_at, error)
         for callback in self._watchers:
             callback(self.link)
 
@@ -295,7 +335,6 @@ class AttachClient:
             return  # a frame this console cannot read must not end the link
         if event is None:
             return
-        self.events_received += 1
         if isinstance(event, RouteDecided):
             self.decisions[event.decision.id] = event.decision
             while len(self.decisions) > RECENT_DECISIONS:
@@ -323,11 +362,6 @@ class AttachClient:
             raise GatewayError(_error_message(response.status_code, response.text), status=response.status_code,
                                code=_error_code(response.text))
         return response.json()
-
-    async def health(self) -> dict[str, dict[str, Any]]:
-        """Provider health as `HealthTracker.snapshot()` gives it in-process, as dicts."""
-        providers = (await self.get_json("/api/v2/providers"))["data"]
-        return {p["id"]: p["health"] for p in providers if p.get("health")}
 
     async def providers(self) -> list[dict[str, Any]]:
         return (await self.get_json("/api/v2/providers"))["data"]
