@@ -116,6 +116,9 @@ async def test_escape_stops_every_column_and_cancels_their_upstreams(fresh_sim, 
         await wait_until(pilot, lambda: not screen.running)
         await wait_until(pilot, lambda: fresh_sim.state.streams.cancelled == 3)
         assert all("stopped" in str(c.cost.content) for c in screen.columns())
+        assert screen.comparisons[-1]["stopped"] and screen.comparisons[-1]["prompt"] == "go"
+        await pilot.click("#winner-1")  # what came before the stop can still be judged
+        await wait_until(pilot, lambda: screen.comparisons[-1]["winner"] == THREE[0])
         assert app.is_running
 
 

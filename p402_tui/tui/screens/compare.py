@@ -159,6 +159,7 @@ class CompareScreen(Screen):
         self.chosen: list[str] = []
         self.models: list[str] = []
         self.comparisons: list[dict[str, Any]] = []
+        self.current: dict[str, Any] | None = None  # the comparison on screen, once its columns are done
         self.running = False
         self._models_loaded = False
         self._said_in_memory = False
@@ -300,6 +301,8 @@ class CompareScreen(Screen):
     @work(exclusive=True, group="compare", exit_on_error=False, description="comparison")
     async def _run(self, link: ChatLink, prompt: str, models: list[str]) -> None:
         area = self.query_one("#compare-columns", Columns)
+        self.current = None
+        columns: list[CompareColumn] = []
         try:
             await area.remove_children()
             columns = [CompareColumn(i, model) for i, model in enumerate(models, 1)]
@@ -307,17 +310,25 @@ class CompareScreen(Screen):
             session_id = await self.session.open(link, prompt)
             self._say_where_kept()
             await asyncio.gather(*(self._answer(link, column, prompt, session_id) for column in columns))
-            self.comparisons.append({"ts": time.time(), "prompt": prompt, "models": models,
-                                     "results": [c.result() for c in columns], "winner": None})
-            await self.session.update(link, comparisons=self.comparisons)
-            area.focus()
         except asyncio.CancelledError:
+            if columns:
+                self._record(prompt, columns, stopped=True)
             raise
         except Exception as error:
             reason = getattr(error, "message", None) or str(error) or type(error).__name__
             self.notify(reason, title="Compare", severity="error")
+        else:
+            self._record(prompt, columns, stopped=False)
+            area.focus()
         finally:
             self.running = False
+
+    def _record(self, prompt: str, columns: list[CompareColumn], *, stopped: bool) -> None:
+        """Keep the comparison with the session, stopped ones too: what each model gave, and (later) the winner."""
+        self.current = {"ts": time.time(), "prompt": prompt, "models": [c.model for c in columns],
+                        "results": [c.result() for c in columns], "stopped": stopped, "winner": None}
+        self.comparisons.append(self.current)
+        self._save()
 
     async def _answer(self, link: ChatLink, column: CompareColumn, prompt: str, session_id: str | None) -> None:
         """One column: its own stream into its own Markdown; its errors stay in the column."""
@@ -362,37 +373,39 @@ class CompareScreen(Screen):
 
     def action_winner(self, index: int) -> None:
         columns = self.columns()
-        if not columns or not self.comparisons:
-            self.notify("run a comparison first", severity="warning", timeout=2)
-            return
         if self.running:
             self.notify("wait for every column to finish (or escape)", severity="warning", timeout=2)
+            return
+        if self.current is None or not columns:
+            self.notify("run a comparison first", severity="warning", timeout=2)
             return
         if not 1 <= index <= len(columns):
             self.notify(f"there are {len(columns)} columns", severity="warning", timeout=2)
             return
         for column in columns:
             column.crown(column.index == index)
-        winner = columns[index - 1].model
-        self.comparisons[-1]["winner"] = winner
-        self._keep_winner(winner)
+        self.current["winner"] = columns[index - 1].model
+        self._save(winner=self.current["winner"])
 
-    @work(exclusive=True, group="compare-winner", exit_on_error=False)
-    async def _keep_winner(self, winner: str) -> None:
+    @work(exclusive=True, group="compare-save", exit_on_error=False)
+    async def _save(self, winner: str | None = None) -> None:
+        """Write every comparison so far into the session's metadata (the latest write has them all)."""
         link = self.link
         try:
             if link is not None:
                 await self.session.update(link, comparisons=self.comparisons)
         except Exception as error:
-            self.notify(f"the winner was not saved: {error}", title="Compare", severity="error")
+            self.notify(f"the comparison was not saved: {error}", title="Compare", severity="error")
             return
-        where = f"session {self.session.session_id}" if self.session.session_id else "memory (no store)"
-        self.notify(f"winner: {winner}; kept in {where}", title="Compare", timeout=3)
+        if winner is not None:
+            where = f"session {self.session.session_id}" if self.session.session_id else "memory (no store)"
+            self.notify(f"winner: {winner}; kept in {where}", title="Compare", timeout=3)
 
     def action_new_session(self) -> None:
         if self.running:
             self.action_stop()
         self.session = SessionLog("compare")
         self.comparisons = []
+        self.current = None
         self.notify("the next comparison starts a new session", timeout=2)
 
