@@ -194,10 +194,16 @@ async def test_history_is_kept_in_an_agent_session(fresh_sim_settings, tmp_path)
         assert messages[1]["content"] == screen.history[1].content
 
 
-async def test_ctrl_n_starts_over_and_the_palette_reaches_the_chat_actions(fresh_sim_settings):
+async def test_ctrl_n_starts_over_and_the_palette_reaches_the_chat_actions(fresh_sim, fresh_sim_settings):
     async with chat_console(fresh_sim_settings) as (app, pilot, screen, _runtime):
         await ask(pilot, screen, "hello")
-        await pilot.press("ctrl+n")
+        with httpx.Client(base_url=fresh_sim.url) as sim:  # the next answer hangs after three pieces
+            sim.post("/_sim/faults", json={"kind": "timeout", "after_tokens": 3}).raise_for_status()
+        screen.query_one("#chat-input", Input).value = "a long one"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(screen.query(AnswerView)) == 2 and screen.query(AnswerView).last().markdown.source)
+        await pilot.press("ctrl+n")  # mid-answer: that answer stops, and nothing of it leaks into the new chat
+        await wait_until(pilot, lambda: not screen.streaming and fresh_sim.state.streams.cancelled == 1)
         await pilot.pause()
         assert screen.history == [] and not screen.query(AnswerView)
         assert screen.session.persistent is None

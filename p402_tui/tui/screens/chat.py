@@ -620,44 +620,44 @@ class ChatScreen(Screen):
         log = self.query_one("#chat-log", VerticalScroll)
         answer = AnswerView(model if model != AUTO else f"auto · {mode}")
         outcome = Outcome()
+        history, session = self.history, self.session  # ctrl+n may start a new conversation meanwhile
         try:
             await self.query("#chat-empty").remove()
             await log.mount(Prompt(shown_text(text, images)))
             await log.mount(answer)
             log.anchor()
-            self.history.append(user_message(text, images))
-            session_id = await self.session.open(link, text)
-            self.session.messages += 1
+            history.append(user_message(text, images))
+            session_id = await session.open(link, text)
+            session.messages += 1
             self._session_changed()
             ctx = CallContext(session_id=session_id, source="console")
             options = RouteOptions(mode=mode) if model == AUTO else RouteOptions(model=model)
-            request = ChatRequest(messages=list(self.history), stream=True)
-            await self._stream_answer(link, request, options, ctx, answer, outcome, mode if model == AUTO else None)
+            request = ChatRequest(messages=list(history), stream=True)
+            stream = link.stream(request, options, ctx)
+            sink = Markdown.get_stream(answer.markdown)
+            try:
+                await relay(stream, sink, outcome)
+            except asyncio.CancelledError:
+                outcome.stopped = True
+                raise
+            finally:  # stopped, broken or done: close the upstream, then show and keep what came
+                await sink.stop()
+                await stream.aclose()
+                self._finish(stream, outcome, answer, mode if model == AUTO else None)
+                if outcome.text:
+                    history.append(ChatMessage(role="assistant", content=outcome.text))
+                    session.messages += 1
         except asyncio.CancelledError:
             raise
         except Exception as error:  # an error is a notice and a red answer, never a crash
             reason = getattr(error, "message", None) or str(error) or type(error).__name__
             answer.fail(reason)
             self.notify(reason, title="Chat", severity="error")
-            if not outcome.parts and self.history and self.history[-1].role == "user":
-                self.history.pop()  # nothing came back: the question is not part of the conversation
+            if not outcome.parts and history and history[-1].role == "user":
+                history.pop()  # nothing came back: the question is not part of the conversation
         finally:
             self.streaming = False
             self._session_changed()
-
-    async def _stream_answer(self, link: ChatLink, request: ChatRequest, options: RouteOptions, ctx: CallContext,
-                             answer: AnswerView, outcome: Outcome, mode: str | None) -> None:
-        stream = link.stream(request, options, ctx)
-        sink = Markdown.get_stream(answer.markdown)
-        try:
-            await relay(stream, sink, outcome)
-        except asyncio.CancelledError:
-            outcome.stopped = True
-            raise
-        finally:  # stopped, broken or done: close the upstream, then show and keep what came
-            await sink.stop()
-            await stream.aclose()
-            self._finish(stream, outcome, answer, mode)
 
     def _finish(self, stream: AnswerStream, outcome: Outcome, answer: AnswerView, mode: str | None) -> None:
         figures = Figures.of(stream, outcome)
@@ -667,9 +667,6 @@ class ChatScreen(Screen):
             self.notify(f"the answer broke off: {outcome.error}", title="Chat", severity="error")
         if outcome.stopped:
             self.notify("stopped; the upstream call was cancelled", title="Chat", timeout=3)
-        if outcome.text:
-            self.history.append(ChatMessage(role="assistant", content=outcome.text))
-            self.session.messages += 1
 
     def _session_changed(self) -> None:
         self.query_one("#chat-session", Static).update(self.session.describe())
