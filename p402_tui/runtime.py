@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.config import Settings
 from .core.events import EventBus
 from .core.hooks import Hooks, NoHooks
 from .core.orchestrator import Orchestrator
-from .sim.server import RunningSim, start_sim
+
+if TYPE_CHECKING:  # the simulator (starlette, uvicorn) loads only when asked for: `p402 chat` never needs it
+    from .sim.server import RunningSim
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Runtime:
         async with AsyncExitStack() as stack:
             running = None
             if sim:
+                from .sim.server import start_sim
+
                 running = await start_sim(settings.catalog, latency=sim_latency)
                 stack.push_async_callback(running.stop)
                 settings.point_at(running.url)
