@@ -88,6 +88,11 @@ def chat(config, *args: str):
     return run_cli("chat", *args, config=config)
 
 
+def explain(run) -> str:
+    """Everything a failed child left behind, so a failure that does not repeat still explains itself."""
+    return f"{run.args[3:]} exited {run.returncode}\nstdout: {run.stdout[-2000:]!r}\nstderr: {run.stderr[-4000:]}"
+
+
 @pytest.mark.parametrize("pid", list(MODELS))
 def test_chat_json_for_every_provider(pid, sim_process, catalog):
     if pid in ADAPTER_MODULES:
@@ -95,14 +100,16 @@ def test_chat_json_for_every_provider(pid, sim_process, catalog):
     model_id = f"{pid}/{MODELS[pid]}"
     spec = catalog.models[model_id]
     base = ["--no-cache", "--model", model_id, "--json", PROMPT]
-    with ThreadPoolExecutor(2) as pool:  # two CLI processes at once: the suite stays quick
-        plain_run, stream_run = pool.map(lambda extra: chat(sim_process["config"], *extra, *base), [[], ["--stream"]])
-    text, prompt_tokens, completion_tokens = sdk_usage(
-        sim_process["url"], catalog.providers[pid].base_path, pid, MODELS[pid]
-    )
+    # Both CLI processes and the SDK's call at once: the SDK (and its first import) runs
+    # here while the children start, so a provider costs about one process's time.
+    with ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(chat, sim_process["config"], *extra, *base) for extra in ([], ["--stream"])]
+        sdk = pool.submit(sdk_usage, sim_process["url"], catalog.providers[pid].base_path, pid, MODELS[pid])
+        plain_run, stream_run = (run.result() for run in runs)
+        text, prompt_tokens, completion_tokens = sdk.result()
     expected_cost = (prompt_tokens * spec.input_per_1m + completion_tokens * spec.output_per_1m) / 1e6
     for run, streamed in ((plain_run, False), (stream_run, True)):
-        assert run.returncode == 0, run.stderr
+        assert run.returncode == 0, explain(run)
         out = json.loads(run.stdout)
         assert out["content"] == text and text
         assert (out["provider"], out["model"]) == (pid, model_id)
