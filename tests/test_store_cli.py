@@ -81,15 +81,18 @@ def test_an_expired_entry_misses(sim_process, tmp_path):
     db = tmp_path / "p402.db"
     before = sim_calls(sim_process)
     chat(sim_process, db, "Give me a haiku about rain.", config=config)
-    time.sleep(1.1)
+    with sqlite3.connect(db) as conn:
+        (created,) = conn.execute("SELECT created FROM semantic_cache").fetchone()
+    time.sleep(max(0.0, created + 1.05 - time.time()))  # only until the entry's second is up
     again = chat(sim_process, db, "Give me a haiku about rain.", config=config)
     assert not again["cached"] and sim_calls(sim_process) - before == 2
 
 
 def test_spend_json_totals_equal_the_ledger_per_breakdown_too(sim_process, tmp_path):
     db = tmp_path / "p402.db"
+    # --no-cache: the ledger is the subject, and each process then skips loading MiniLM.
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda args: chat(sim_process, db, *args), [
+        list(pool.map(lambda args: chat(sim_process, db, *args, "--no-cache"), [
             ("Tell me about owls.", "--tag", "birds"),
             ("Tell me about crows.", "--tag", "birds", "--model", "groq/llama-3.1-8b-instant"),
             ("Tell me about bees.",),
@@ -138,7 +141,7 @@ def test_sessions_commands_and_their_json(sim_process, tmp_path):
     created = sessions("create", "--name", "researcher", "--budget", "5", "--metadata", '{"team": "a"}')
     assert (created["name"], created["budget_usd"], created["spent_usd"], created["requests"], created["status"]) == (
         "researcher", 5.0, 0.0, 0, "active")  # fmt: skip
-    answer = chat(sim_process, db, "Summarise the water cycle.", "--session", created["id"])
+    answer = chat(sim_process, db, "Summarise the water cycle.", "--session", created["id"], "--no-cache")
     shown = sessions("show", created["id"])
     assert shown["requests"] == 1 and math.isclose(shown["spent_usd"], answer["cost_usd"])
     assert [m["role"] for m in shown["messages"]] == ["user", "assistant"]
