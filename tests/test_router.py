@@ -359,4 +359,6 @@ def test_an_encoded_decision_reads_back_as_its_to_dict(mode, options, max_tokens
     decision = router.route(request, options_from(mode=mode, **options))
     decoded = decode_decision(decision.encode())
     assert json.dumps(decoded) == json.dumps(decision.to_dict())  # same keys, order and float digits
+    record, digest, models = decision.encode_apart()
+    assert json.dumps(decode_decision(record, models)) == json.dumps(decoded)
     assert (decision.candidate_count, decision.excluded_count) == (len(decoded["candidates"]), len(decoded["excluded"]))

@@ -63,6 +63,27 @@ async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path):
         assert await second.scalar("PRAGMA user_version") == SCHEMA_VERSION
 
 
+async def test_a_version_1_file_is_migrated_and_its_decisions_still_read_back(tmp_path):
+    from p402_tui.core.catalog import load_catalog
+    from p402_tui.core.router import Router
+    from p402_tui.core.types import ChatRequest
+    from p402_tui.store.db import MIGRATIONS, _statements
+
+    decision = Router(load_catalog()).route(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=16))
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:
+        for statement in _statements(MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(  # a version-1 row: the whole self-contained record
+            "INSERT INTO router_decisions (id, ts, decision) VALUES (?, ?, ?)",
+            (decision.id, decision.ts, decision.encode()),
+        )
+    async with await Store.open(path) as opened:
+        assert await opened.scalar("PRAGMA user_version") == SCHEMA_VERSION
+        assert await queries.get_decision(opened, decision.id) == decision.to_dict()
+
+
 async def test_a_file_from_a_newer_p402_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "future.db"
     with sqlite3.connect(path) as conn:
@@ -275,9 +296,15 @@ async def test_a_route_decision_is_kept_compact_and_reads_back_whole(store):
     from p402_tui.core.router import Router
     from p402_tui.core.types import ChatRequest
 
-    decision = Router(load_catalog()).route(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=16))
-    Persistence(store).decided(decision)
+    router = Router(load_catalog())
+    request = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=16)
+    decision, again = router.route(request), router.route(request)
+    persistence = Persistence(store)
+    persistence.decided(decision)
+    persistence.decided(again)
     await store.flush()
     assert await queries.get_decision(store, decision.id) == decision.to_dict()
+    assert [d["id"] for d in await queries.recent_decisions(store)] == [again.id, decision.id]
+    assert await store.scalar("SELECT COUNT(*) FROM decision_models") == 1  # an option set's models are kept once
     row = await store.fetchone(f"SELECT chosen, candidates, excluded FROM router_decisions WHERE id = '{decision.id}'")
     assert row == {"chosen": decision.chosen_id, "candidates": len(decision.candidates), "excluded": len(decision.excluded)}

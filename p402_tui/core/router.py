@@ -24,6 +24,7 @@ component is not normalised: it is the live 0..1 health itself.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -332,6 +333,21 @@ class RouteDecision:
             return json.dumps(self.to_dict(), separators=(",", ":")).encode()
         return ranking.encode(self)
 
+    def encode_apart(self) -> tuple[bytes, bytes | None, bytes | None]:
+        """`encode()` with the option set's models left out: (record, models digest, models).
+
+        The models and static exclusions are half of a record and the same for every
+        request of an option set, so a store keeps them once under their digest and
+        passes them back to `decode_decision`. Digest and models are None for a
+        self-contained record.
+        """
+        ranking = self._ranked()
+        if ranking is None or not len(ranking.entry.idx):
+            return self.encode(), None, None
+        entry = ranking.entry
+        record = ranking.encode(self, apart=True)
+        return record, entry.digest, entry.packed
+
     def __repr__(self) -> str:
         return f"<RouteDecision {self.id} {self.mode} -> {self.chosen_id}>"
 
@@ -359,11 +375,13 @@ class _Entry:
         "default_output",
         "live",
         "packed",
+        "digest",
     )
 
     def __init__(self) -> None:
         self.live: dict[int, _Vectors] = {}
         self.packed: bytes | None = None  # its models and static exclusions as a decision record stores them
+        self.digest: bytes | None = None  # of `packed`: what a record kept apart from its models holds instead
 
 
 @dataclass(slots=True)
@@ -468,7 +486,7 @@ class _Ranking:
         out.sort(key=lambda e: e.id)
         return out
 
-    def encode(self, decision: RouteDecision) -> bytes:
+    def encode(self, decision: RouteDecision, *, apart: bool = False) -> bytes:
         entry = self.entry
         if self._cost_n is None:
             self._cost_n = _log_score(self.cost + _COST_FLOOR)
@@ -517,12 +535,13 @@ class _Ranking:
             ).encode()
             excluded = "\n".join(f"{e.id}\t{e.reason}" for e in entry.excluded).encode()
             entry.packed = struct.pack("<II", len(models), len(excluded)) + models + excluded
+            entry.digest = hashlib.blake2b(entry.packed, digest_size=_DIGEST_SIZE).digest()
         return b"".join(
             (
-                _MAGIC,
+                _MAGIC_APART if apart else _MAGIC,
                 struct.pack("<IIII", len(header), len(entry.idx), len(ranked), len(bad_at)),
                 header,
-                entry.packed,
+                entry.digest if apart else entry.packed,
                 ranked.astype("<u2").tobytes(),
                 *(column.astype("<f8", copy=False).tobytes() for column in columns),
                 np.asarray(bad_at, dtype="<u2").tobytes(),
@@ -532,13 +551,25 @@ class _Ranking:
 
 
 _MAGIC = b"P402dec1"
+_MAGIC_APART = b"P402dec2"  # the models are kept apart, under their digest
+_DIGEST_SIZE = 16
 _BAD_REASONS = (CONTEXT_TOO_SMALL, OUTPUT_TOO_SMALL, OVER_COST)
 
 
-def decode_decision(data: bytes | str) -> dict[str, Any]:
-    """`RouteDecision.to_dict()` of a decision from its `encode()` (or from its JSON, which older rows hold)."""
-    if isinstance(data, str) or not data.startswith(_MAGIC):
+def decode_decision(data: bytes | str, models: bytes | None = None) -> dict[str, Any]:
+    """`RouteDecision.to_dict()` of a decision from its `encode()` (or from its JSON, which older rows hold).
+
+    A record from `encode_apart()` needs the models that came with it.
+    """
+    if isinstance(data, str) or not data.startswith((_MAGIC, _MAGIC_APART)):
         return json.loads(data)
+    if data.startswith(_MAGIC_APART):
+        if models is None:
+            raise ValueError("this decision record was stored apart from its models; pass them in")
+        at = len(_MAGIC_APART)
+        header_len = struct.unpack_from("<I", data, at)[0]
+        digest_at = at + 16 + header_len
+        data = b"".join((_MAGIC, data[at:digest_at], models, data[digest_at + _DIGEST_SIZE :]))
     at = len(_MAGIC)
     header_len, n, m, b = struct.unpack_from("<IIII", data, at)
     at += 16

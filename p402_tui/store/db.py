@@ -155,6 +155,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE VIEW spend_by_session AS
         SELECT session_id, {_SPEND_COLUMNS} FROM requests WHERE session_id IS NOT NULL GROUP BY session_id;
     """,
+    # 2: a decision's models (half of its record, the same for every request of an option set) kept once
+    """
+    CREATE TABLE decision_models (
+        digest BLOB PRIMARY KEY,
+        models BLOB NOT NULL
+    ) WITHOUT ROWID;
+    ALTER TABLE router_decisions ADD COLUMN models BLOB;  -- a decision_models digest
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

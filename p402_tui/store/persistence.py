@@ -17,7 +17,15 @@ from ..cache.semantic import SemanticCache, request_keys
 from ..core.errors import BudgetExceededError
 from ..core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
 from ..core.types import ChatRequest, ChatResponse
-from .queries import INSERT_DECISION, INSERT_HEALTH, INSERT_REQUEST, decision_row, health_row, request_row
+from .queries import (
+    INSERT_DECISION,
+    INSERT_DECISION_MODELS,
+    INSERT_HEALTH,
+    INSERT_REQUEST,
+    decision_rows,
+    health_row,
+    request_row,
+)
 from .sessions import INSERT_MESSAGE, SessionInactiveError, get_session
 from .store import Store
 
@@ -29,6 +37,7 @@ class Persistence:
         self._queued: defaultdict[str, float] = defaultdict(float)
         self._committed: defaultdict[str, float] = defaultdict(float)
         self._reserved: dict[str, tuple[str, float]] = {}  # request id -> (session id, estimated USD)
+        self._models_put: set[bytes] = set()  # digests of the decision models already queued
 
     # --- before the call -------------------------------------------------------------
 
@@ -67,7 +76,11 @@ class Persistence:
     # --- after the call ----------------------------------------------------------------
 
     def decided(self, decision: Any) -> None:
-        self.store.put(INSERT_DECISION, decision_row(decision))
+        row, models = decision_rows(decision)
+        if models is not None and models[0] not in self._models_put:
+            self._models_put.add(models[0])
+            self.store.put(INSERT_DECISION_MODELS, models)
+        self.store.put(INSERT_DECISION, row)
 
     def completed(
         self,

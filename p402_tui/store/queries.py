@@ -88,20 +88,29 @@ def _where(*, session_id: str | None = None, since: float | None = None) -> tupl
 
 INSERT_DECISION = (
     "INSERT OR REPLACE INTO router_decisions (id, ts, mode, chosen, provider, model, tier, est_cost_usd, "
-    "prompt_tokens, decision_us, candidates, excluded, decision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "prompt_tokens, decision_us, candidates, excluded, decision, models) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+INSERT_DECISION_MODELS = "INSERT OR IGNORE INTO decision_models (digest, models) VALUES (?, ?)"
 
 
 def decision_row(decision: Any) -> tuple:
-    """A decision (a RouteDecision or its to_dict()) as a row: the whole decision plus the columns worth indexing.
+    """A decision (a RouteDecision or its to_dict()) as a row: the whole decision plus the columns worth indexing."""
+    return decision_rows(decision)[0]
 
-    A RouteDecision is stored as its compact `encode()` (decoded only when read), since
-    serialising every candidate of every request was most of the gateway's CPU.
+
+def decision_rows(decision: Any) -> tuple[tuple, tuple | None]:
+    """A decision's row, and the (digest, models) row its record refers to (None when it refers to none).
+
+    A RouteDecision is stored as its compact `encode_apart()` (decoded only when read), since
+    serialising every candidate of every request was most of the gateway's CPU. Its models,
+    the same for every request of an option set, are not in the row, only their digest:
+    they need writing once per option set.
     """
     if isinstance(decision, dict):
         data = decision
         chosen = data.get("chosen") or {}
-        return (
+        row = (
             data["id"],
             data.get("ts") or time.time(),
             data.get("mode"),
@@ -115,9 +124,12 @@ def decision_row(decision: Any) -> tuple:
             len(data.get("candidates") or ()),
             len(data.get("excluded") or ()),
             json.dumps(data, default=str),
+            None,
         )
+        return row, None
     chosen = decision.chosen
-    return (
+    record, digest, models = decision.encode_apart()
+    row = (
         decision.id,
         decision.ts,
         decision.mode,
@@ -130,18 +142,25 @@ def decision_row(decision: Any) -> tuple:
         round(decision.decision_us, 2),
         decision.candidate_count,
         decision.excluded_count,
-        decision.encode(),
+        record,
+        digest,
     )
+    return row, None if digest is None else (digest, models)
+
+
+_SELECT_DECISION = (
+    "SELECT d.decision, m.models FROM router_decisions d LEFT JOIN decision_models m ON m.digest = d.models"
+)
 
 
 async def recent_decisions(store: Store, *, limit: int = 100) -> list[dict[str, Any]]:
-    rows = await store.fetchall("SELECT decision FROM router_decisions ORDER BY ts DESC LIMIT ?", (limit,))
-    return [decode_decision(r["decision"]) for r in rows]
+    rows = await store.fetchall(f"{_SELECT_DECISION} ORDER BY d.ts DESC LIMIT ?", (limit,))
+    return [decode_decision(r["decision"], r["models"]) for r in rows]
 
 
 async def get_decision(store: Store, decision_id: str) -> dict[str, Any] | None:
-    row = await store.fetchone("SELECT decision FROM router_decisions WHERE id = ?", (decision_id,))
-    return decode_decision(row["decision"]) if row else None
+    row = await store.fetchone(f"{_SELECT_DECISION} WHERE d.id = ?", (decision_id,))
+    return decode_decision(row["decision"], row["models"]) if row else None
 
 
 # --- provider health ---------------------------------------------------------------
