@@ -16,13 +16,21 @@ from test_tui_fixtures import SIZE, T0
 from textual.widgets import Input
 
 from p402_tui.core.config import Settings
+from p402_tui.core.errors import P402Error
 from p402_tui.core.events import RequestCompleted, RouteDecided
 from p402_tui.core.hooks import RequestRecord, RouteOptions
 from p402_tui.core.types import Attempt, ChatMessage, ChatRequest
 from p402_tui.runtime import Runtime
 from p402_tui.store.queries import create_key
 from p402_tui.tui.app import ConsoleApp
-from p402_tui.tui.attach import AttachClient, RemoteSource, decision_from_dict, event_from_dict, sse_frames
+from p402_tui.tui.attach import (
+    AttachClient,
+    RemoteSource,
+    decision_from_dict,
+    event_from_dict,
+    gateway_url,
+    sse_frames,
+)
 from p402_tui.tui.screens.chat import AnswerView, ChatScreen
 from p402_tui.tui.screens.dashboard import DashboardScreen
 from p402_tui.tui.widgets.decisions import DecisionsTable
@@ -196,6 +204,10 @@ def test_attach_wants_an_http_url():
     result = run_cli("console", "--attach", "ftp://somewhere")
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "--attach wants the gateway's address" in result.stderr
+    for bad in ("notaurl", "http://", "http://127.0.0.1:99999"):
+        with pytest.raises(P402Error, match="--attach wants the gateway's address"):
+            gateway_url(bad)
+    assert gateway_url("https://gateway.example:4020/") == "https://gateway.example:4020"
 
 
 # --- the wire, back to objects ------------------------------------------------------------------

@@ -236,6 +236,18 @@ class Link:
         return f"link down, retrying in {wait}s"
 
 
+def gateway_url(text: str) -> str:
+    """The gateway's base URL, or a clear error for something that cannot be one."""
+    try:
+        url = httpx.URL(text)
+        port = url.port
+    except (httpx.InvalidURL, ValueError):
+        url, port = None, None
+    if url is None or url.scheme not in ("http", "https") or not url.host or not (port is None or 0 < port < 65536):
+        raise P402Error(f"--attach wants the gateway's address, like http://127.0.0.1:4020, not {text!r}")
+    return text.rstrip("/")
+
+
 class AttachClient:
     """The console's view of a running gateway: its live events on `bus`, its snapshots on request."""
 
@@ -249,7 +261,7 @@ class AttachClient:
         backoff_max_s: float = BACKOFF_MAX_S,
         read_timeout_s: float = HEARTBEAT_GRACE_S,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = gateway_url(url)
         self.bus = bus or EventBus()
         self.link = Link(self.url)
         self.decisions: OrderedDict[str, RouteDecision] = OrderedDict()  # recent ones, for chat's routing line
@@ -323,6 +335,8 @@ class AttachClient:
                 error = exc.message
             except (httpx.HTTPError, OSError) as exc:
                 error = _network_message(exc)
+            except Exception as exc:  # whatever the transport raises, the link retries rather than dies
+                error = f"link error: {exc}"
             self._set_link("down", retry_at=time.monotonic() + delay, error=error)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max_s)
@@ -724,9 +738,7 @@ def run_attached(url: str, key: str | None, refresh: float) -> int:
     from .app import ConsoleApp
     from .launch import run_app
 
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise P402Error(f"--attach wants the gateway's address, like http://127.0.0.1:4020, not {url!r}")
+    url = gateway_url(url)
     app = ConsoleApp(refresh_interval=refresh)
 
     def status_changed() -> None:
