@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_tui_fixtures import CATALOG, SIZE, T0, pin_timezone, sample_state
+from test_tui_fixtures import CATALOG, SIZE, T0, pin_timezone, run_command, sample_state
 from textual.command import CommandPalette
 
 from p402_tui.core.catalog import parse_catalog
@@ -259,14 +259,11 @@ async def test_command_palette_reaches_console_actions():
         await pilot.press("ctrl+p")
         await pilot.pause()
         assert isinstance(app.screen, CommandPalette)
-        await pilot.press(*"live: pause")
-        await pilot.pause(0.3)
-        await pilot.press("enter")
+        await run_command(pilot, "live: pause")
         await pilot.pause()
         assert app.paused
-        await pilot.press("ctrl+p", *"zoom health")
-        await pilot.pause(0.3)
-        await pilot.press("enter")
+        await pilot.press("ctrl+p")
+        await run_command(pilot, "zoom health")
         await pilot.pause()
         assert app.screen.maximized is app.screen.query_one("#health", Pane)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_tui_fixtures import SIZE, T0
+from test_tui_fixtures import SIZE, T0, run_command
 from textual.widgets import Input, Select
 
 from p402_tui.core.config import Settings
@@ -207,9 +207,8 @@ async def test_ctrl_n_starts_over_and_the_palette_reaches_the_chat_actions(fresh
         await pilot.pause()
         assert screen.history == [] and not screen.query(AnswerView)
         assert screen.session.persistent is None
-        await pilot.press("ctrl+p", *"routing mode")
-        await pilot.pause(0.3)
-        await pilot.press("enter")
+        await pilot.press("ctrl+p")
+        await run_command(pilot, "routing mode")
         await wait_until(pilot, lambda: app.screen is screen and screen.query_one("#chat-mode", Select).expanded)
 
 

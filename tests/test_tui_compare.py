@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-from test_tui_fixtures import SIZE, T0
+from test_tui_fixtures import SIZE, T0, run_command
 from textual.widgets import Input, SelectionList
 
 from p402_tui.core.config import Settings
@@ -167,9 +167,8 @@ async def test_v_opens_compare_and_the_palette_reaches_its_actions(fresh_sim_set
             await pilot.press("v")
             await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.models)
             screen = app.screen
-            await pilot.press("ctrl+p", *"type the prompt")
-            await pilot.pause(0.3)
-            await pilot.press("enter")
+            await pilot.press("ctrl+p")
+            await run_command(pilot, "type the prompt")
             await wait_until(pilot, lambda: app.screen is screen and screen.query_one("#compare-prompt").has_focus)
 
 

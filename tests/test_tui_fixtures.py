@@ -8,9 +8,12 @@ pinned so that they never change between runs.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from datetime import date
+
+from textual.command import CommandList, CommandPalette
 
 from p402_tui.core.catalog import parse_catalog
 from p402_tui.core.config import RouterConfig
@@ -156,3 +159,27 @@ def sample_state(decisions: int = 36) -> ConsoleState:
         )
     )  # fmt: skip
     return state
+
+
+async def run_command(pilot, query: str, timeout: float = 10.0) -> None:
+    """Type `query` into the open command palette and run the top hit once its title has every word of it.
+
+    The palette searches in a worker and lists hits in batches: after a fixed pause,
+    Enter on a loaded machine may pick an earlier query's hit, or nothing.
+    """
+    await pilot.press(*query)
+    words = query.lower().split()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        palette = pilot.app.screen
+        if isinstance(palette, CommandPalette):
+            hits = palette.query_one(CommandList)
+            if hits.option_count and hits.highlighted is not None:
+                title = hits.get_option_at_index(hits.highlighted).prompt.plain.split("\n")[0].lower()
+                if all(word in title for word in words):
+                    break
+        if loop.time() > deadline:
+            raise AssertionError(f"the palette offered no command for {query!r}")
+        await pilot.pause(0.02)
+    await pilot.press("enter")
