@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 from .catalog import ModelSpec
@@ -63,8 +63,8 @@ class ChatStream:
     def __aiter__(self) -> ChatStream:
         return self
 
-    async def __anext__(self) -> ChatChunk:
-        return await self._chunks.__anext__()
+    def __anext__(self) -> Awaitable[ChatChunk]:
+        return self._chunks.__anext__()  # the generator's own awaitable: no extra frame per chunk
 
     async def aclose(self) -> None:
         await self._chunks.aclose()

@@ -452,9 +452,21 @@ async def _chunk_frames(stream: Any, first: ChatChunk | None, include_usage: boo
     role: str | None = None
     usage = None
     finishing: ChatChunk | None = None  # held back so it can carry the final p402 meta
+    # Most chunks carry only text: their frame is this template around the text's JSON,
+    # byte for byte what `frame` makes of them, without a dict per chunk.
+    text_head = (
+        b'data: {"id":' + sse.dumps(chunk_id) + b',"object":"chat.completion.chunk","created":' + sse.dumps(created)
+        + b',"model":' + sse.dumps(model) + b',"choices":[{"index":0,"delta":{"content":'
+    )  # fmt: skip
+    text_tail = b'},"finish_reason":null}]}\n\n'
 
     def frame(chunk: ChatChunk, meta: dict[str, Any] | None = None) -> bytes:
         nonlocal role
+        if (
+            meta is None and role is None and chunk.content and not chunk.role and not chunk.reasoning
+            and not chunk.tool_calls and not chunk.extra and chunk.finish_reason is None
+        ):  # fmt: skip
+            return text_head + sse.dumps(chunk.content) + text_tail
         data = chunk.to_openai(id=chunk_id, model=model, created=created)
         data.pop("usage", None)  # usage goes in its own final chunk, as OpenAI sends it
         if role is not None:

@@ -26,8 +26,11 @@ _HEADERS = [
 ]
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # json.dumps would build one per call
+
+
 def dumps(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODE(data).encode()
 
 
 def data_frame(data: Any) -> bytes:

@@ -15,7 +15,7 @@ import functools
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -278,25 +278,48 @@ def _timed_out(error: httpx.HTTPError) -> bool:
     return True
 
 
-async def with_first_token_timeout(
+def with_first_token_timeout(
     chunks: AsyncIterator[ChatChunk], timeout_s: float, provider: str, model: str
 ) -> AsyncIterator[ChatChunk]:
     """Fail with a first-token timeout when nothing useful arrives in time; after that, pass through."""
-    iterator = chunks.__aiter__()
-    try:
+    return _FirstTokenDeadline(chunks.__aiter__(), timeout_s, provider, model)
+
+
+class _FirstTokenDeadline:
+    """`with_first_token_timeout`'s iterator. Once the first chunk is in, `__anext__` hands out
+    the inner iterator's own awaitable: the rest of the stream pays for no extra frame."""
+
+    __slots__ = ("_iterator", "_timeout_s", "_provider", "_model", "_waiting")
+
+    def __init__(self, iterator: AsyncIterator[ChatChunk], timeout_s: float, provider: str, model: str) -> None:
+        self._iterator = iterator
+        self._timeout_s = timeout_s
+        self._provider = provider
+        self._model = model
+        self._waiting = True
+
+    def __aiter__(self) -> _FirstTokenDeadline:
+        return self
+
+    def __anext__(self) -> Awaitable[ChatChunk]:
+        if self._waiting:
+            return self._first()
+        return self._iterator.__anext__()
+
+    async def _first(self) -> ChatChunk:
+        self._waiting = False
         try:
-            first = await asyncio.wait_for(iterator.__anext__(), timeout_s)
+            return await asyncio.wait_for(self._iterator.__anext__(), self._timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(
-                f"no first token within {timeout_s:g}s", phase="first_token", provider=provider, model=model
+                f"no first token within {self._timeout_s:g}s",
+                phase="first_token",
+                provider=self._provider,
+                model=self._model,
             ) from None
-        except StopAsyncIteration:
-            return
-        yield first
-        async for chunk in iterator:
-            yield chunk
-    finally:
-        aclose = getattr(iterator, "aclose", None)
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._iterator, "aclose", None)
         if aclose is not None:
             await aclose()
 
