@@ -243,6 +243,20 @@ async def test_completed_writes_every_record_field_to_the_ledger(store):
     assert len(row["prompt_key"]) == 64
 
 
+async def test_the_ledger_prompt_key_is_the_cache_key_of_the_request(store):
+    from p402_tui.cache.embedders import HashedNgramEmbedder
+    from p402_tui.cache.semantic import SemanticCache, request_keys
+
+    persistence = Persistence(store, SemanticCache(store, embedder=HashedNgramEmbedder()))
+    request = ChatRequest(messages=[{"role": "user", "content": "what is a router?"}], max_tokens=16)
+    options, ctx = RouteOptions(mode="cost"), CallContext()
+    assert await persistence.lookup(request, options, ctx) is None  # a miss: the cache keeps its keys for the ledger
+    persistence.completed(RequestRecord(id="req-k", status="error"), request, None, options, ctx)
+    await store.flush()
+    row = await queries.get_request(store, "req-k")
+    assert row["prompt_key"] == request_keys(request, options).exact
+
+
 async def test_decisions_are_kept_whole_with_indexed_columns(store):
     decision = {
         "id": "dec-7", "ts": 100.0, "mode": "balanced",

@@ -506,6 +506,11 @@ class SemanticCache:
         self._evict_overflow()
         return True
 
+    def probed_keys(self, request_id: str) -> RequestKeys | None:
+        """The keys a missed `lookup` computed for this request (so the ledger need not compute them again)."""
+        probe = self._probes.get(request_id)
+        return None if probe is None else probe.keys
+
     def forget(self, request_id: str) -> None:
         """Drop a probe whose request will not be inserted (it failed, or opted out)."""
         self._probes.pop(request_id, None)

@@ -103,11 +103,10 @@ class Persistence:
             done = committed
 
         needs = ",".join(sorted(request.needs()))
-        self.store.put(
-            INSERT_REQUEST,
-            request_row(record, needs=needs, prompt_key=request_keys(request, options).exact),
-            done=done,
-        )
+        keys = self.cache.probed_keys(ctx.request_id) if self.cache is not None else None  # before insert() takes them
+        if keys is None:
+            keys = request_keys(request, options)
+        self.store.put(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=keys.exact), done=done)
         ok = record.status == "ok" and response is not None
         if self.cache is not None:
             if ok and not record.cached and ctx.cache:
