@@ -39,7 +39,16 @@ def _keys(binding: Binding) -> str:
 
 def _own(cls: type) -> list[tuple[str, str]]:
     bindings = [b if isinstance(b, Binding) else Binding(*b) for b in cls.__dict__.get("BINDINGS", [])]
-    return [(_keys(b), b.description or b.action) for b in bindings]
+    rows = []
+    family_shown: set[str] = set()  # a binding with a key display ("1-6") speaks for its action's whole family
+    for binding in bindings:
+        family = binding.action.split("(", 1)[0]
+        if family in family_shown:
+            continue
+        if binding.key_display:
+            family_shown.add(family)
+        rows.append((_keys(binding), binding.description or binding.action))
+    return rows
 
 
 def help_sections() -> list[Section]:
@@ -47,6 +56,8 @@ def help_sections() -> list[Section]:
     from ..widgets.pane import FilterBar
     from ..widgets.table import DrillTable
     from .base import PaneScreen
+    from .chat import ChatScreen
+    from .compare import CompareScreen
     from .dashboard import DashboardScreen
     from .decision import DecisionScreen
     from .session import SessionScreen
@@ -60,6 +71,8 @@ def help_sections() -> list[Section]:
         ("Dashboard", _own(DashboardScreen)),
         ("Decision", _own(DecisionScreen)),
         ("Session", _own(SessionScreen)),
+        ("Chat", _own(ChatScreen)),
+        ("Compare", _own(CompareScreen)),
         ("Filter bar", _own(FilterBar)),
         ("Filters (/ on any table)", FILTERS),
     ]
