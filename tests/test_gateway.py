@@ -391,6 +391,9 @@ async def test_providers_with_models_usability_and_health(http, sdk):
     assert any(m["id"] == PINNED for m in openai_entry["models"])
     assert openai_entry["health"]["status"] == "healthy"
     assert openai_entry["health"]["requests"] >= 1
+    # A usable provider without traffic yet still has a health row (the attached console lists all twelve).
+    assert by_id["ai21"]["health"]["status"] == "healthy"
+    assert by_id["ai21"]["health"]["requests"] == 0
 
 
 async def test_provider_cost_comparison(http):

@@ -183,7 +183,8 @@ class Gateway:
 
     async def providers(self, request: Request) -> Any:
         catalog = self.orchestrator.catalog
-        health = self.orchestrator.health.snapshot()
+        # Every usable provider gets a health row, traffic or not, as the in-process console shows it.
+        health = self.orchestrator.health.snapshot(p.id for p in self.settings.usable_providers())
         out = []
         for pid, provider in self.settings.providers.items():
             spec = catalog.providers[pid]
