@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
@@ -12,7 +12,25 @@ from .views import REFRESH_STEPS, VIEWS
 Command = tuple[str, Callable[[], object], str]
 
 
-class ConsoleCommands(Provider):
+class ListedCommands(Provider):
+    """A palette provider over a plain list of (name, action, help): subclasses say what `commands()` are."""
+
+    def commands(self) -> Iterable[Command]:
+        raise NotImplementedError
+
+    async def discover(self) -> Hits:
+        for name, run, help_text in self.commands():
+            yield DiscoveryHit(name, run, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, run, help_text in self.commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), run, help=help_text)
+
+
+class ConsoleCommands(ListedCommands):
     """Views, live-view control, panes (focus, zoom, filter, sort) and drill-downs."""
 
     def commands(self) -> Iterator[Command]:
@@ -85,13 +103,3 @@ class ConsoleCommands(Provider):
         else:
             screen.notify(f"no {name} to open yet", severity="warning", timeout=2)
 
-    async def discover(self) -> Hits:
-        for name, run, help_text in self.commands():
-            yield DiscoveryHit(name, run, help=help_text)
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for name, run, help_text in self.commands():
-            score = matcher.match(name)
-            if score > 0:
-                yield Hit(score, matcher.highlight(name), run, help=help_text)

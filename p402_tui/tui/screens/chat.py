@@ -26,7 +26,6 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Markdown, Select, Static
@@ -36,6 +35,7 @@ from ...core.config import MODES
 from ...core.hooks import CallContext, RouteOptions
 from ...core.router import AUTO_MODELS
 from ...core.types import ChatChunk, ChatMessage, ChatRequest, ContentPart, ImageURL, P402Meta, Usage
+from ..commands import Command, ListedCommands
 from ..format import ms, short, usd
 from ..widgets.palette import palette_of
 from ..widgets.status import StatusLine, status_text
@@ -428,10 +428,10 @@ class AnswerView(Vertical):
 # --- the screen -------------------------------------------------------------------------------
 
 
-class ChatCommands(Provider):
+class ChatCommands(ListedCommands):
     """The chat view's actions in the command palette."""
 
-    def _commands(self) -> list[tuple[str, Any, str]]:
+    def commands(self) -> list[Command]:
         screen = self.screen
         if not isinstance(screen, ChatScreen):
             return []
@@ -442,17 +442,6 @@ class ChatCommands(Provider):
             ("Chat: choose the model", screen.action_pick_model, "A catalog model, or auto to let the router pick (f2)"),
             ("Chat: choose the routing mode", screen.action_pick_mode, "cost, quality, speed, balanced or adaptive (f3)"),
         ]
-
-    async def discover(self) -> Hits:
-        for name, run, help_text in self._commands():
-            yield DiscoveryHit(name, run, help=help_text)
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for name, run, help_text in self._commands():
-            score = matcher.match(name)
-            if score > 0:
-                yield Hit(score, matcher.highlight(name), run, help=help_text)
 
 
 class ChatScreen(Screen):

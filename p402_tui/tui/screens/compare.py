@@ -17,7 +17,6 @@ from typing import Any
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Markdown, SelectionList, Static
@@ -25,6 +24,7 @@ from textual.widgets.selection_list import Selection
 
 from ...core.hooks import CallContext, RouteOptions
 from ...core.types import ChatMessage, ChatRequest
+from ..commands import Command, ListedCommands
 from ..format import ms
 from ..widgets.palette import palette_of
 from ..widgets.status import StatusLine, status_text
@@ -89,10 +89,10 @@ class CompareColumn(Vertical):
         return out
 
 
-class CompareCommands(Provider):
+class CompareCommands(ListedCommands):
     """The compare view's actions in the command palette."""
 
-    def _commands(self) -> list[tuple[str, Any, str]]:
+    def commands(self) -> list[Command]:
         screen = self.screen
         if not isinstance(screen, CompareScreen):
             return []
@@ -106,17 +106,6 @@ class CompareCommands(Provider):
             commands.append((f"Compare: winner is {column.model}", lambda i=column.index: screen.action_winner(i),
                              f"Mark column {column.index} the winner ({column.index})"))
         return commands
-
-    async def discover(self) -> Hits:
-        for name, run, help_text in self._commands():
-            yield DiscoveryHit(name, run, help=help_text)
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for name, run, help_text in self._commands():
-            score = matcher.match(name)
-            if score > 0:
-                yield Hit(score, matcher.highlight(name), run, help=help_text)
 
 
 class CompareScreen(Screen):
