@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from textual.binding import Binding
 from textual.screen import Screen
 
 from ..widgets.pane import Pane
-from ..widgets.table import LiveTable
+from ..widgets.table import LiveTable, Row
 
 
 class PaneScreen(Screen):
@@ -29,6 +31,13 @@ class PaneScreen(Screen):
 
     def redraw(self) -> None:
         raise NotImplementedError
+
+    def fill(self, name: str, rows: Iterable[Row]) -> None:
+        """Bring one pane's table up to date with `rows` (only changed lines redraw) and retitle it."""
+        pane = self.query_one(f"#{name}", Pane)
+        assert pane.table is not None
+        pane.table.sync(rows)
+        pane.update_title()
 
     def focused_pane(self) -> Pane | None:
         widget = self.focused

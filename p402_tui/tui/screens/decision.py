@@ -230,10 +230,7 @@ class DecisionScreen(PaneScreen):
             "attempts": attempt_rows(attempts_of(self.row), colors),
         }
         for name, rows in panes.items():
-            pane = self.query_one(f"#{name}", Pane)
-            assert pane.table is not None
-            pane.table.sync(rows)
-            pane.update_title()
+            self.fill(name, rows)
 
     def action_back(self) -> None:
         if self.maximized is not None:

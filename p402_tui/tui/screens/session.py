@@ -150,11 +150,8 @@ class SessionScreen(PaneScreen):
     def show_session(self) -> None:
         colors = palette_of(self.app)
         self.query_one("#session-summary", Static).update(session_summary(self.session, colors))
-        for name, rows in (("requests", request_rows(self.requests, colors)), ("messages", message_rows(self.messages))):
-            pane = self.query_one(f"#{name}", Pane)
-            assert pane.table is not None
-            pane.table.sync(rows)
-            pane.update_title()
+        self.fill("requests", request_rows(self.requests, colors))
+        self.fill("messages", message_rows(self.messages))
 
     def action_back(self) -> None:
         if self.maximized is not None:
