@@ -444,9 +444,63 @@ class ChatCommands(ListedCommands):
         ]
 
 
-class ChatScreen(Screen):
+class LinkedScreen(Screen):
+    """A view that reaches models through the console's link (in-process or attached): chat and compare.
+
+    Subclasses name their VIEW and say in `show_model_list` what to do with the models once listed.
+    """
+
+    VIEW = ""
+
+    def __init__(self, *, id: str) -> None:
+        super().__init__(id=id)
+        self._models_loaded = False
+
+    def on_screen_resume(self) -> None:
+        self.update_status()
+        self._load_models()
+
+    # --- what the app calls -------------------------------------------------------------
+
+    def show_state(self, state: Any) -> None:
+        self.update_status()
+        if not self._models_loaded:
+            self._load_models()
+
+    def update_status(self) -> None:
+        if self.is_mounted and hasattr(self.app, "status_fields"):
+            fields = self.app.status_fields()  # type: ignore[attr-defined]
+            self.query_one(StatusLine).show(status_text(fields, palette_of(self.app), view=self.VIEW))
+
+    @property
+    def link(self) -> ChatLink | None:
+        return chat_link(getattr(self.app, "source", None))
+
+    def _load_models(self) -> None:
+        link = self.link
+        if link is None or self._models_loaded or not self.is_mounted:
+            return
+        self._models_loaded = True
+        self._fill_models(link)
+
+    @work(exclusive=True, group="models", exit_on_error=False)
+    async def _fill_models(self, link: ChatLink) -> None:
+        try:
+            models = await link.models()
+        except Exception as error:
+            self._models_loaded = False
+            self.notify(f"could not list models: {error}", title=self.VIEW, severity="error")
+            return
+        self.show_model_list(link, models)
+
+    def show_model_list(self, link: ChatLink, models: list[str]) -> None:
+        raise NotImplementedError
+
+
+class ChatScreen(LinkedScreen):
     """Streaming chat with any model, the router's choice made visible under each answer."""
 
+    VIEW = "Chat"
     COMMANDS = {ChatCommands}
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -483,7 +537,6 @@ class ChatScreen(Screen):
         self.history: list[ChatMessage] = []
         self.attachments: list[Attachment] = []
         self.streaming = False
-        self._models_loaded = False
         self._said_in_memory = False
 
     def compose(self) -> ComposeResult:
@@ -509,41 +562,7 @@ class ChatScreen(Screen):
         self.update_status()
         self._load_models()
 
-    def on_screen_resume(self) -> None:
-        self.update_status()
-        self._load_models()
-
-    # --- what the app calls -------------------------------------------------------------
-
-    def show_state(self, state: Any) -> None:
-        self.update_status()
-        if not self._models_loaded:
-            self._load_models()
-
-    def update_status(self) -> None:
-        if self.is_mounted and hasattr(self.app, "status_fields"):
-            fields = self.app.status_fields()  # type: ignore[attr-defined]
-            self.query_one(StatusLine).show(status_text(fields, palette_of(self.app), view="Chat"))
-
-    @property
-    def link(self) -> ChatLink | None:
-        return chat_link(getattr(self.app, "source", None))
-
-    def _load_models(self) -> None:
-        link = self.link
-        if link is None or self._models_loaded or not self.is_mounted:
-            return
-        self._models_loaded = True
-        self._fill_models(link)
-
-    @work(exclusive=True, group="chat-models", exit_on_error=False)
-    async def _fill_models(self, link: ChatLink) -> None:
-        try:
-            models = await link.models()
-        except Exception as error:
-            self._models_loaded = False
-            self.notify(f"could not list models: {error}", title="Chat", severity="error")
-            return
+    def show_model_list(self, link: ChatLink, models: list[str]) -> None:
         picker = self.query_one("#chat-model", Select)
         picker.set_options([("auto: the router picks", AUTO)] + [(model, model) for model in models])
         picker.value = AUTO

@@ -18,7 +18,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Markdown, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
@@ -26,9 +25,8 @@ from ...core.hooks import CallContext, RouteOptions
 from ...core.types import ChatMessage, ChatRequest
 from ..commands import Command, ListedCommands
 from ..format import ms
-from ..widgets.palette import palette_of
-from ..widgets.status import StatusLine, status_text
-from .chat import ChatLink, Figures, Outcome, SessionLog, chat_link, relay
+from ..widgets.status import StatusLine
+from .chat import ChatLink, Figures, LinkedScreen, Outcome, SessionLog, relay
 
 MIN_MODELS = 2
 MAX_MODELS = 6
@@ -108,9 +106,10 @@ class CompareCommands(ListedCommands):
         return commands
 
 
-class CompareScreen(Screen):
+class CompareScreen(LinkedScreen):
     """Two to six models answer the same prompt side by side."""
 
+    VIEW = "Compare"
     COMMANDS = {CompareCommands}
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -150,7 +149,6 @@ class CompareScreen(Screen):
         self.comparisons: list[dict[str, Any]] = []
         self.current: dict[str, Any] | None = None  # the comparison on screen, once its columns are done
         self.running = False
-        self._models_loaded = False
         self._said_in_memory = False
 
     def compose(self) -> ComposeResult:
@@ -175,46 +173,13 @@ class CompareScreen(Screen):
         self._load_models()
         self.query_one("#compare-filter", Input).focus()
 
-    def on_screen_resume(self) -> None:
-        self.update_status()
-        self._load_models()
-
-    # --- what the app calls -------------------------------------------------------------
-
-    def show_state(self, state: Any) -> None:
-        self.update_status()
-        if not self._models_loaded:
-            self._load_models()
-
-    def update_status(self) -> None:
-        if self.is_mounted and hasattr(self.app, "status_fields"):
-            fields = self.app.status_fields()  # type: ignore[attr-defined]
-            self.query_one(StatusLine).show(status_text(fields, palette_of(self.app), view="Compare"))
-
-    @property
-    def link(self) -> ChatLink | None:
-        return chat_link(getattr(self.app, "source", None))
-
     def columns(self) -> list[CompareColumn]:
         return list(self.query(CompareColumn))
 
     # --- choosing models -------------------------------------------------------------------
 
-    def _load_models(self) -> None:
-        link = self.link
-        if link is None or self._models_loaded or not self.is_mounted:
-            return
-        self._models_loaded = True
-        self._fill_models(link)
-
-    @work(exclusive=True, group="compare-models", exit_on_error=False)
-    async def _fill_models(self, link: ChatLink) -> None:
-        try:
-            self.models = await link.models()
-        except Exception as error:
-            self._models_loaded = False
-            self.notify(f"could not list models: {error}", title="Compare", severity="error")
-            return
+    def show_model_list(self, link: ChatLink, models: list[str]) -> None:
+        self.models = models
         self._show_models()
 
     def _show_models(self) -> None:
