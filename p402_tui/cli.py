@@ -93,24 +93,6 @@ def cmd_providers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_row(model) -> dict[str, Any]:
-    return {
-        "id": model.id,
-        "provider": model.provider,
-        "model": model.model,
-        "name": model.name,
-        "tier": model.tier,
-        "context_window": model.context_window,
-        "max_output_tokens": model.max_output_tokens,
-        "input_per_1m": model.input_per_1m,
-        "output_per_1m": model.output_per_1m,
-        "cached_input_per_1m": model.cached_input_per_1m,
-        "capabilities": sorted(model.capabilities),
-        "quality": model.quality,
-        "tokens_per_s": model.tokens_per_s,
-    }
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     from .core.types import CAPABILITIES, TIER_RANK
 
@@ -126,7 +108,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         models = [m for m in models if m.has(set(args.capability))]
     if args.max_tier:
         models = [m for m in models if m.tier_rank <= TIER_RANK[args.max_tier]]
-    rows = [_model_row(m) for m in models]
+    rows = [m.to_dict() for m in models]
     if args.json:
         print_json(rows)
     else:
@@ -153,25 +135,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         max_tier=args.max_tier,
     )
     if args.json:
-        print_json([_cost_row(r) for r in rows])
+        print_json([r.to_dict() for r in rows])
     else:
         print_table(
             ["MODEL", "TIER", "IN $/1M", "OUT $/1M", "COST"],
             [[r.id, r.tier, r.input_per_1m, r.output_per_1m, usd(r.cost_usd)] for r in rows],
         )
     return 0
-
-
-def _cost_row(row) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "provider": row.provider,
-        "model": row.model,
-        "tier": row.tier,
-        "input_per_1m": row.input_per_1m,
-        "output_per_1m": row.output_per_1m,
-        "cost_usd": row.cost_usd,
-    }
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:

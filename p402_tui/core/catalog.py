@@ -81,6 +81,24 @@ class ModelSpec(BaseModel):
     def has(self, capabilities: set[str] | frozenset[str]) -> bool:
         return capabilities <= self.capabilities
 
+    def to_dict(self) -> dict[str, Any]:
+        """The model as the CLI's and the gateway's JSON show it."""
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "model": self.model,
+            "name": self.name,
+            "tier": self.tier,
+            "context_window": self.context_window,
+            "max_output_tokens": self.max_output_tokens,
+            "input_per_1m": self.input_per_1m,
+            "output_per_1m": self.output_per_1m,
+            "cached_input_per_1m": self.cached_input_per_1m,
+            "capabilities": sorted(self.capabilities),
+            "quality": self.quality,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """USD for one call. Cached prompt tokens are billed at the cached rate where there is one."""
         cached_rate = self.input_per_1m if self.cached_input_per_1m is None else self.cached_input_per_1m

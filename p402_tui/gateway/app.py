@@ -197,7 +197,7 @@ class Gateway:
                     "usable": provider.usable,
                     "enabled": provider.enabled,
                     "health": status.to_dict() if status is not None else None,
-                    "models": [_model_row(m) for m in catalog.models_of(pid)],
+                    "models": [m.to_dict() for m in catalog.models_of(pid)],
                 }
             )
         return json_response({"object": "list", "data": out})
@@ -519,21 +519,6 @@ def _epoch(day: str) -> int:
         return int(datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp())
     except ValueError:
         return 0
-
-
-def _model_row(model: Any) -> dict[str, Any]:
-    return {
-        "id": model.id,
-        "name": model.name,
-        "tier": model.tier,
-        "context_window": model.context_window,
-        "max_output_tokens": model.max_output_tokens,
-        "input_per_1m": model.input_per_1m,
-        "output_per_1m": model.output_per_1m,
-        "capabilities": sorted(model.capabilities),
-        "quality": model.quality,
-        "tokens_per_s": model.tokens_per_s,
-    }
 
 
 def _int_param(request: Request, name: str, *, default: int, low: int, high: int) -> int:
