@@ -131,7 +131,7 @@ async def test_a_write_becomes_visible_without_flush_within_the_interval(store):
 
 def test_the_writer_refuses_an_interval_above_100_ms():
     with pytest.raises(ValueError, match="100 ms"):
-        Writer(None, interval=0.2)  # type: ignore[arg-type]
+        Writer(None, None, interval=0.2)  # type: ignore[arg-type]
 
 
 async def test_close_commits_everything_queued(tmp_path):

@@ -195,6 +195,21 @@ async def connect(path: Path | str) -> aiosqlite.Connection:
     return conn
 
 
+def open_sync(path: Path | str) -> sqlite3.Connection:
+    """A plain connection to a migrated file, in autocommit mode, for the thread that will use it alone."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot open database {path}: {error}") from None
+    try:
+        for pragma in PRAGMAS:
+            conn.execute(pragma)
+    except sqlite3.Error as error:
+        conn.close()
+        raise StoreError(f"cannot use database {path}: {error}") from None
+    return conn
+
+
 async def migrate(conn: aiosqlite.Connection, path: Path | str = "database") -> int:
     """Bring the file to SCHEMA_VERSION; refuse a file written by a newer P402.
 

@@ -1,6 +1,6 @@
 """`Store`: the database file opened for one process.
 
-Two connections: the writer task's, and one for reads. In WAL mode reads never
+Two connections: the writer's (on its own thread), and one for reads (aiosqlite). In WAL mode reads never
 wait for the writer and only ever see whole, committed batches.
 """
 
@@ -25,13 +25,12 @@ class Store:
     @classmethod
     async def open(cls, path: Path | str, *, interval: float = 0.05) -> "Store":
         path = Path(path).expanduser()
-        write_conn = await connect(path)
+        reader = await connect(path)  # creates and migrates the file
         try:
-            reader = await connect(path)
+            writer = await Writer.open(path, interval=interval)
         except BaseException:
-            await write_conn.close()
+            await reader.close()
             raise
-        writer = Writer(write_conn, interval=interval)
         writer.start()
         return cls(path, reader, writer)
 
@@ -40,7 +39,6 @@ class Store:
         try:
             await self.writer.aclose()
         finally:
-            await self.writer.conn.close()
             await self.reader.close()
 
     async def __aenter__(self) -> "Store":
