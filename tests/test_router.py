@@ -161,6 +161,28 @@ def test_speed_follows_live_measurements_over_catalog_figures(catalog):
     assert decision.chosen.est_latency_ms < 100
 
 
+def test_a_success_folds_in_within_the_interval_and_a_failure_at_once(catalog, monkeypatch):
+    from p402_tui.core import router as router_module
+
+    now = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
+    health = HealthTracker()
+    router = Router(catalog, RouterConfig(), health, usable=USABLE, today=TODAY)
+    speed = options_from(mode="speed")
+    health.record_success("alpha", "alpha/cheap", latency_ms=60, ttft_ms=10, output_tokens=500)
+    first = router.route(ask(), speed).chosen
+    assert first.id == "alpha/cheap"  # the first change folds in at once
+    for _ in range(20):  # alpha/cheap slows down a lot
+        health.record_success("alpha", "alpha/cheap", latency_ms=9000, ttft_ms=4000, output_tokens=500)
+    assert router.route(ask(), speed).chosen.est_latency_ms == first.est_latency_ms  # not yet: within the interval
+    now[0] += router_module.LIVE_FOLD_S
+    assert router.route(ask(), speed).chosen.id == "beta/fast"  # folded in
+    router.route(ask(), speed)
+    health.record_failure("beta", "beta/fast", "server_error")  # a failure does not wait
+    decision = router.route(ask(), options_from(mode="adaptive"))
+    assert {c.id: c for c in decision.candidates}["beta/fast"].health == 0.0
+
+
 # --- filters and exclusion reasons -------------------------------------------------------------
 
 

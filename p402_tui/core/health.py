@@ -243,10 +243,12 @@ class HealthTracker:
                 stats.tps_ewma = _ewma(stats.tps_ewma, tps, policy.ewma_alpha)
             stats.history.append(latency_ms)
         # Only a trial closes a circuit: a call that was already under way when it opened does not.
+        closed = False
         for circuit in (self._circuits.get(provider), self._model_circuits.get(model_id)):
             if circuit is not None and (circuit.state == HALF_OPEN or (circuit.state == OPEN and self._due(circuit, now))):
                 self._close(circuit)
-        self._changed(provider)
+                closed = True
+        self._changed(provider, urgent=closed)
 
     def record_failure(self, provider: str, model_id: str, error: ProviderError | str, *, latency_ms: float = 0.0) -> None:
         """A call that failed. Request-level errors (bad request, prompt too long) leave health alone."""
@@ -527,13 +529,17 @@ class HealthTracker:
 
     # --- change notification ----------------------------------------------------------
 
-    def add_listener(self, listener: Callable[[str], None]) -> None:
-        """`listener(provider)` is called after anything about that provider changes (the router's cue)."""
+    def add_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """`listener(provider, urgent)` is called after anything about that provider changes (the router's cue).
+
+        Urgent: a failure, a probe or a circuit changed what may be called. Not urgent: a
+        success only moved the provider's latency and speed figures.
+        """
         self._listeners.append(listener)
 
-    def _changed(self, provider: str) -> None:
+    def _changed(self, provider: str, *, urgent: bool = True) -> None:
         for listener in self._listeners:
-            listener(provider)
+            listener(provider, urgent)
         status, circuit, _, _ = self._condition(provider, self.clock())
         previous_status, previous_circuit = self._status.get(provider, (HEALTHY, CLOSED))
         if (status, circuit) == (previous_status, previous_circuit):

@@ -67,6 +67,7 @@ _COST_FLOOR = 1e-7
 # Added to the sort key of models outside `prefer`: larger than any real key in that mode.
 _PREFER_PENALTY = {"cost": 1e4, "speed": 1e9}
 _TIER_NUDGE = 0.01  # quality mode: the tier breaks near-ties of the quality prior
+LIVE_FOLD_S = 0.1  # a success's latency figures reach the ranking within this; failures and circuits at once
 
 
 def _bits(capabilities: Iterable[str]) -> int:
@@ -709,6 +710,8 @@ class Router:
         self._blocked = [False] * len(specs)
         self._epoch = 0
         self._dirty: set[str] = set()
+        self._urgent = False  # a dirty provider failed or changed circuit: fold it in before the next decision
+        self._fold_due = -math.inf  # monotonic time from which a success's new figures are folded in
         self._next_change = math.inf
         self._entries: dict[tuple[Any, ...], _Entry] = {}
         self._prompts: dict[tuple[Any, ...], tuple[int, int]] = {}
@@ -717,7 +720,12 @@ class Router:
         self._weights = self._normalised_weights()
         self.set_providers(catalog.providers if usable is None else usable, disabled)
         if health is not None:
-            health.add_listener(self._dirty.add)
+            health.add_listener(self._health_changed)
+
+    def _health_changed(self, provider: str, urgent: bool) -> None:
+        self._dirty.add(provider)
+        if urgent:
+            self._urgent = True
 
     @classmethod
     def from_settings(cls, settings: Settings, health: HealthTracker | None = None) -> Router:
@@ -745,7 +753,11 @@ class Router:
         started = time.perf_counter_ns()
         if options is None:
             options = RouteOptions()
-        if self.health is not None and (self._dirty or self.health.clock() >= self._next_change):
+        health = self.health
+        if health is not None and (
+            (self._dirty and (self._urgent or time.monotonic() >= self._fold_due))
+            or health.clock() >= self._next_change
+        ):
             self._refresh()
         prompt_tokens, need = self._prompt(request)
         pin = options.model
@@ -988,6 +1000,10 @@ class Router:
                 blocked[i] = health.blocked(provider, model_id, now)
         self._ttft, self._mspt, self._health = ttft, mspt, scores
         self._epoch += 1
+        self._urgent = False
+        # Under load every call moves some latency figure; folding each one in cost more than the
+        # rest of a decision, and figures 100 ms old rank models just as well.
+        self._fold_due = time.monotonic() + LIVE_FOLD_S
         if blocked != self._blocked:
             self._blocked = blocked
             self._entries.clear()
