@@ -103,6 +103,13 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def exact_key(request: ChatRequest, options: RouteOptions | None = None) -> str:
+    """`request_keys(...).exact` alone: the ledger's prompt key for a request the cache was not asked about."""
+    options = options or RouteOptions()
+    messages = [_message_key(m) for m in request.messages]
+    return _digest({"route": _route_key(request, options), "params": _params_key(request), "messages": messages})
+
+
 def request_keys(request: ChatRequest, options: RouteOptions | None = None) -> RequestKeys:
     options = options or RouteOptions()
     messages = [_message_key(m) for m in request.messages]

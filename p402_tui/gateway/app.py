@@ -388,17 +388,25 @@ class Gateway:
             routes=self.routes(),
             exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         )
-        return _Front(starlette, self.auth)
+        chat = guarded(self.chat)
+        direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
+        return _Front(starlette, self.auth, direct)
 
 
 class _Front:
-    """The outermost layer: gateway keys, and a last guard so no traceback leaves the server."""
+    """The outermost layer: gateway keys, and a last guard so no traceback leaves the server.
+
+    `direct` routes, the chat endpoints every proxied call takes, skip Starlette's
+    middleware and router: they cost ~30 us a request, a tenth of what the gateway
+    may add to a call. Starlette still answers everything else (405s included).
+    """
 
     OPEN_PATHS = frozenset({"/health"})
 
-    def __init__(self, app: ASGIApp, auth: GatewayAuth) -> None:
+    def __init__(self, app: ASGIApp, auth: GatewayAuth, direct: dict[tuple[str, str], Handler] | None = None) -> None:
         self.app = app
         self.auth = auth
+        self.direct = direct or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -418,7 +426,12 @@ class _Front:
             await send(message)
 
         try:
-            await self.app(scope, receive, watched_send)
+            handler = self.direct.get((scope["method"], scope["path"]))
+            if handler is None:
+                await self.app(scope, receive, watched_send)
+            else:
+                response = await handler(Request(scope, receive))
+                await response(scope, receive, watched_send)
         except Exception:
             # Starlette re-raises after its 500 handler answered; log once, say nothing more.
             logger.debug("request failed after its answer began", exc_info=True)

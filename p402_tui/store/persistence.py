@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from ..cache.semantic import SemanticCache, request_keys
+from ..cache.semantic import SemanticCache, exact_key
 from ..core.errors import BudgetExceededError
 from ..core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
 from ..core.types import ChatRequest, ChatResponse
@@ -104,9 +104,8 @@ class Persistence:
 
         needs = ",".join(sorted(request.needs()))
         keys = self.cache.probed_keys(ctx.request_id) if self.cache is not None else None  # before insert() takes them
-        if keys is None:
-            keys = request_keys(request, options)
-        self.store.put(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=keys.exact), done=done)
+        prompt_key = keys.exact if keys is not None else exact_key(request, options)
+        self.store.put(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=prompt_key), done=done)
         ok = record.status == "ok" and response is not None
         if self.cache is not None:
             if ok and not record.cached and ctx.cache:
