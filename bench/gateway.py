@@ -475,7 +475,6 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 VARIANTS = {
     "p402": "p402 serve as shipped: aiohttp's pool upstream, ledger and cache on",
-    "p402_httpx": "the same on httpx's own connection pool",
     "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",
 }
 
@@ -484,21 +483,10 @@ def serve_with(variant: str, serve_args: list[str]) -> int:
     """`p402 serve` as one of the VARIANTS."""
     sys.path.insert(0, str(ROOT))
     from p402_tui import cli, runtime
-    from p402_tui.providers import base
 
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
-    if variant == "p402_httpx":
-        import httpx
-
-        make_adapter = base.make_adapter
-
-        def on_httpx(provider, *, transport=None):
-            own = httpx.AsyncHTTPTransport(limits=base.POOL_LIMITS, verify=base.tls_context())
-            return make_adapter(provider, transport=own)
-
-        base.make_adapter = on_httpx  # the orchestrator looks it up when it makes each adapter
-    elif variant == "p402_nostore":
+    if variant == "p402_nostore":
         open_runtime = runtime.Runtime.open
         runtime.Runtime.open = lambda settings, **kw: open_runtime(settings, **{**kw, "persist": False})
     return cli.main(["serve", *serve_args])
