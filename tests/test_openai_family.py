@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
+import time
 from dataclasses import replace
+from types import SimpleNamespace
 
+import aiohttp
 import httpx
 import pytest
+from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from helpers import OPENAI_FAMILY_MODELS as MODELS
@@ -213,8 +218,8 @@ async def test_openrouter_attribution_headers(fresh_sim_settings, monkeypatch):
     monkeypatch.setenv("OPENROUTER_REFERER", "https://p402.example")
     adapter = make_adapter(fresh_sim_settings.providers["openrouter"])
     try:
-        assert adapter.client.headers["HTTP-Referer"] == "https://p402.example"
-        assert adapter.client.headers["X-Title"] == "P402 Console"
+        assert adapter.headers["HTTP-Referer"] == "https://p402.example"
+        assert adapter.headers["X-Title"] == "P402 Console"
         assert (await adapter.complete(ask(max_tokens=10), model="openai/gpt-4o")).content
     finally:
         await adapter.aclose()
@@ -339,7 +344,7 @@ async def test_keyless_extra_provider(catalog):
         assert local.usable and local.api_key is None
         adapter = make_adapter(local)
         try:
-            assert "authorization" not in adapter.client.headers
+            assert "authorization" not in adapter.headers
             response = await adapter.complete(ask(model="local/llama3.2", max_tokens=30))
             assert response.content and response.usage.completion_tokens > 0
         finally:
@@ -493,6 +498,72 @@ async def test_connection_refused_is_connection_lost(fresh_sim_settings):
         await adapter.aclose()
 
 
+async def test_a_connect_that_never_completes_is_a_connect_timeout(fresh_sim_settings):
+    """A listener whose accept queue is full drops new handshakes, so connecting hangs until the deadline."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued = [socket.socket() for _ in range(3)]  # one fills a backlog of 0; the others wait in SYN_SENT
+        for sock in queued:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        provider = replace(
+            fresh_sim_settings.providers["openai"],
+            base_url=f"http://127.0.0.1:{port}/v1", connect_timeout_s=0.2, timeout_s=10,
+        )
+        adapter = make_adapter(provider)
+        started = time.perf_counter()
+        try:
+            with pytest.raises(errors.TimeoutError) as caught:
+                await adapter.complete(ask(), model="gpt-4o-mini")
+        finally:
+            await adapter.aclose()
+            for sock in queued:
+                sock.close()
+    assert caught.value.phase == "connect" and caught.value.retryable
+    assert time.perf_counter() - started < 5
+
+
+CONNECTION_KEY = SimpleNamespace(host="api.openai.com", port=443, ssl=True)  # what aiohttp's connect errors name
+
+
+@pytest.mark.parametrize(
+    "error,started,kind,phase",
+    [
+        (aiohttp.ConnectionTimeoutError("Connection timeout to host"), False, errors.TimeoutError, "connect"),
+        (aiohttp.SocketTimeoutError("Timeout on reading data from socket"), False, errors.TimeoutError, "read"),
+        (aiohttp.SocketTimeoutError("Timeout on reading data from socket"), True, errors.TimeoutError, "read"),
+        (aiohttp.ClientConnectorDNSError(CONNECTION_KEY, OSError(-2, "Name or service not known")), False,
+         errors.ConnectionLostError, None),
+        (aiohttp.ClientConnectorError(CONNECTION_KEY, ConnectionRefusedError(111, "Connect call failed")), False,
+         errors.ConnectionLostError, None),
+        (aiohttp.ClientConnectionResetError("Connection reset by peer"), False, errors.ConnectionLostError, None),
+        (aiohttp.ServerDisconnectedError(), False, errors.ConnectionLostError, None),
+        (aiohttp.ClientConnectionResetError("Connection reset by peer"), True, errors.StreamInterruptedError, None),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), True, errors.StreamInterruptedError, None),
+    ],
+)
+def test_connection_failures_map_to_our_errors(error, started, kind, phase, fresh_sim_settings):
+    adapter = OpenAICompatAdapter(replace(fresh_sim_settings.providers["openai"], api_key=SecretStr(KEY)))
+    mapped = adapter.transport_error(error, "gpt-4o-mini", started=started)
+    assert type(mapped) is kind and mapped.provider == "openai" and mapped.model == "gpt-4o-mini"
+    assert getattr(mapped, "phase", None) == phase
+    leaky = adapter.transport_error(aiohttp.ClientOSError(f"proxy said: bad key {KEY}"), "gpt-4o-mini", started=started)
+    assert KEY not in leaky.message and "***" in leaky.message
+
+
+async def test_the_pool_is_made_on_first_use_and_closed_by_aclose(fresh_sim_settings):
+    adapter = make_adapter(fresh_sim_settings.providers["openai"])  # no session yet: nothing to close
+    await adapter.aclose()
+    adapter = make_adapter(fresh_sim_settings.providers["openai"])
+    assert (await adapter.complete(ask(max_tokens=5), model="gpt-4o-mini")).content
+    session = adapter.session
+    assert not session.closed
+    await adapter.aclose()
+    assert session.closed
+
+
 @pytest.mark.parametrize(
     "body,shape",
     [
@@ -506,7 +577,7 @@ async def test_connection_refused_is_connection_lost(fresh_sim_settings):
 )
 def test_error_bodies_of_every_shape(body, shape, fresh_sim_settings):
     adapter = OpenAICompatAdapter(fresh_sim_settings.providers["openai"])
-    error = adapter.error_from_response(400, body, httpx.Headers(), "m")
+    error = adapter.error_from_response(400, body, CIMultiDict(), "m")
     assert error.message in {"m1", "m2", "m3", "m4", "m5", "<html>bad gateway</html>"}, shape
     assert isinstance(error, errors.ContextLengthError) == (shape == "openai")
 
@@ -514,7 +585,7 @@ def test_error_bodies_of_every_shape(body, shape, fresh_sim_settings):
 def test_retry_wait_from_the_message_when_no_header(fresh_sim_settings):
     adapter = OpenAICompatAdapter(fresh_sim_settings.providers["openai"])
     body = b'{"error":{"message":"Rate limit reached. Please try again in 26.604s.","code":"rate_limit_exceeded"}}'
-    error = adapter.error_from_response(429, body, httpx.Headers(), "gpt-4o")
+    error = adapter.error_from_response(429, body, {}, "gpt-4o")
     assert isinstance(error, errors.RateLimitError) and error.retry_after_s == 26.604
 
 
@@ -526,7 +597,7 @@ async def test_keys_never_show(fresh_sim_settings):
         with pytest.raises(errors.AuthenticationError) as caught:
             await adapter.complete(ask(), model="gpt-4o-mini")
         texts = [str(caught.value), repr(caught.value), caught.value.message, json.dumps(caught.value.to_dict())]
-        texts += [repr(adapter), repr(adapter.provider), repr(adapter.client.headers), str(caught.value.body)]
+        texts += [repr(adapter), repr(adapter.provider), repr(adapter.headers), str(caught.value.body)]
         assert caught.value.message.startswith("Incorrect API key provided: ***")
         assert not any(secret in text for text in texts)
     finally:

@@ -27,8 +27,6 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-import httpx
-
 from ..core.catalog import Catalog, load_catalog
 from ..core.config import ResolvedProvider
 from ..core.errors import (
@@ -39,7 +37,7 @@ from ..core.errors import (
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, ToolCallDelta, Usage, new_id
-from .base import Adapter, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
+from .base import Adapter, Headers, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -85,14 +83,8 @@ def _shipped_catalog() -> Catalog:
 class AnthropicAdapter(Adapter):
     wire = "anthropic"
 
-    def __init__(
-        self,
-        provider: ResolvedProvider,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-        catalog: Catalog | None = None,
-    ) -> None:
-        super().__init__(provider, transport=transport)
+    def __init__(self, provider: ResolvedProvider, *, catalog: Catalog | None = None) -> None:
+        super().__init__(provider)
         # Read once here, at construction, so no request ever waits on the catalog file.
         self.catalog = catalog or _shipped_catalog()
 
@@ -227,7 +219,7 @@ class AnthropicAdapter(Adapter):
         tool_index: dict[int, int] = {}  # content block index -> OpenAI tool call index
         role: str | None = "assistant"  # rides on the first chunk that says something
         stop_reason = "end_turn"
-        async with self.open_events("/v1/messages", model, json=payload) as response:
+        async with self.open_events("/v1/messages", model, payload) as response:
             async for event, data in iter_sse(response):
                 if event == "ping":
                     continue
@@ -281,7 +273,7 @@ class AnthropicAdapter(Adapter):
 
     # --- errors -----------------------------------------------------------------
 
-    def error_from_response(self, status: int, body: bytes, headers: httpx.Headers, model: str) -> ProviderError:
+    def error_from_response(self, status: int, body: bytes, headers: Headers, model: str) -> ProviderError:
         try:
             error = json.loads(body)["error"]
             kind, message = error.get("type", ""), error.get("message", "")
@@ -290,7 +282,7 @@ class AnthropicAdapter(Adapter):
         return self.error(status, kind, message, headers, model)
 
     def error(
-        self, status: int | None, kind: str, message: str, headers: httpx.Headers, model: str
+        self, status: int | None, kind: str, message: str, headers: Headers, model: str
     ) -> ProviderError:
         """Our error for an Anthropic error type; `status` is None for an `error` event inside a stream."""
         status = status or ERROR_STATUS.get(kind, 500)
@@ -438,7 +430,7 @@ def _update_usage(usage: Usage, raw: dict[str, Any]) -> None:
         usage.prompt_tokens = fresh + usage.cached_tokens + usage.cache_write_tokens
 
 
-def _ratelimit_reset(headers: httpx.Headers) -> float | None:
+def _ratelimit_reset(headers: Headers) -> float | None:
     """Seconds until an exhausted `anthropic-ratelimit-*` limit resets (RFC 3339 timestamps)."""
     waits: list[float] = []
     for prefix in _RESET_HEADERS:

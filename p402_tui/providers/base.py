@@ -2,26 +2,30 @@
 
 An adapter turns our OpenAI-shaped `ChatRequest` into one provider's wire format
 and the provider's answer back into `ChatResponse` / `ChatChunk`. Each provider
-gets one pooled `httpx.AsyncClient`. Closing a stream (breaking out of the
+gets one pooled `aiohttp.ClientSession`, called directly: the same calls through
+httpx's API on top of aiohttp cost 0.15-0.35 ms more CPU each, up to a third of
+the gateway's 1 ms budget per request. Closing a stream (breaking out of the
 `async for`, or cancelling the task) closes the upstream response at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import email.utils
 import functools
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import httpx
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
 
+from .. import __version__
 from ..core.config import ResolvedProvider
 from ..core.errors import (
     BadRequestError,
@@ -34,29 +38,44 @@ from ..core.errors import (
 )
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCall, Usage
 
+# Response headers as the families read them: any case-insensitive mapping
+# (aiohttp's CIMultiDictProxy in practice; a CIMultiDict or httpx.Headers in tests).
+Headers = Mapping[str, str]
 
-@functools.cache
-def tls_context() -> ssl.SSLContext:
-    """One TLS context for every provider's client: building one loads the CA bundle (tens of ms)."""
-    return httpx.create_ssl_context()
-
-
+MAX_CONNECTIONS = 256
 # Idle connections go before uvicorn's 5 s keep-alive closes them under us: a POST on a
 # connection the server just closed fails without a retry, and a burst of those after a
 # pause opened circuits (bench/gateway.py saw a whole run of 400s from it).
-POOL_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4.0)
+KEEPALIVE_S = 4.0
+# A CIMultiDict, so aiohttp merges it into the session's headers without converting it first.
+JSON_HEADERS: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+# What a failing connection raises: aiohttp's errors, and OSError for the timeouts
+# (builtin TimeoutError is one) and any reset that reaches us unwrapped.
+TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
+# Request bodies as compact JSON (what httpx sent); one encoder, rather than json.dumps making one per call.
+# ASCII output, so encoding it cannot fail on a lone surrogate in a prompt.
+encode_json = json.JSONEncoder(separators=(",", ":")).encode
+# Header names whose values are credentials: `RequestHeaders` keeps them out of reprs.
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key"})
 
 
-def default_transport() -> httpx.AsyncBaseTransport:
-    """aiohttp's connection pool behind httpx's API.
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every provider's connections: building one loads the CA bundle (tens of ms).
 
-    httpx's own pool collapses with many requests in flight: against the simulator at 64
-    concurrent calls it managed ~144 req/s at ~4.9 ms CPU each, where the aiohttp transport
-    did ~650 req/s at ~0.6 ms (bench/gateway.py measures it end to end).
+    httpx's, so SSL_CERT_FILE / SSL_CERT_DIR and certifi's bundle apply as they always have.
     """
-    from httpx_aiohttp import AiohttpTransport
+    import httpx
 
-    return AiohttpTransport(verify=tls_context(), limits=POOL_LIMITS)
+    return httpx.create_ssl_context()
+
+
+class RequestHeaders(CIMultiDict[str]):
+    """An adapter's request headers; the repr masks credentials, for logs and tracebacks."""
+
+    def __repr__(self) -> str:
+        shown = {name: "[secure]" if name.lower() in SECRET_HEADERS else value for name, value in self.items()}
+        return f"<RequestHeaders {shown!r}>"
 
 
 @dataclass(slots=True)
@@ -76,17 +95,23 @@ class Adapter:
 
     wire: ClassVar[str] = ""
 
-    def __init__(self, provider: ResolvedProvider, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, provider: ResolvedProvider) -> None:
         self.provider = provider
         self.id = provider.id
-        self.transport = transport if transport is not None else default_transport()
-        self.client = httpx.AsyncClient(
-            base_url=provider.base_url,
-            headers={**provider.spec.headers, **self.auth_headers(), **provider.headers},
-            timeout=httpx.Timeout(provider.timeout_s, connect=provider.connect_timeout_s),
-            transport=self.transport,
+        self.base_url = provider.base_url.rstrip("/")
+        # Merged once here, not per call; ours first so a provider's own headers win.
+        self.headers = RequestHeaders(
+            {"User-Agent": f"p402/{__version__}", **provider.spec.headers, **self.auth_headers(), **provider.headers}
         )
-        self._templates: dict[str, httpx.Request] = {}
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,  # a stream lasts as long as it keeps sending
+            connect=provider.timeout_s,  # a free pooled connection, connecting included
+            sock_connect=provider.connect_timeout_s,
+            sock_read=provider.timeout_s,  # between reads, so a stream that stalls mid-answer times out too
+        )
+        self.tls = tls_context()  # loaded here, not on the first request
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.provider.base_url}>"
@@ -110,6 +135,10 @@ class Adapter:
 
     def read_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
         """Send a streamed request; its chunks, the last one with finish_reason and usage."""
+        raise NotImplementedError
+
+    def error_from_response(self, status: int, body: bytes, headers: Headers, model: str) -> ProviderError:
+        """Our error for a non-2xx answer; each wire module reads its provider's error shape."""
         raise NotImplementedError
 
     async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
@@ -139,7 +168,9 @@ class Adapter:
         return HealthResult(True, (time.perf_counter() - start) * 1000)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        """Close the session and its pooled connections."""
+        if self._session is not None:
+            await self._session.close()
 
     # --- shared plumbing -------------------------------------------------------
 
@@ -155,7 +186,7 @@ class Adapter:
         """The model a call is for: `model`, else the request's, as the provider spells it."""
         name = self.wire_name(model or request.model or "")
         if not name:
-            raise BadRequestError("the request names no model", provider=self.id)
+            raise BadRequestError("the request names no model", provider=self.id, model=model)
         return name
 
     def response(self, data: Any, model: str) -> ChatResponse:
@@ -170,112 +201,116 @@ class Adapter:
     def unreadable_event(self, data: str, model: str) -> StreamInterruptedError:
         return StreamInterruptedError(f"unreadable event {self.clean(data[:120])!r}", provider=self.id, model=model)
 
-    def transport_error(self, error: httpx.HTTPError, model: str, *, started: bool = False) -> ProviderError:
-        """Map an httpx failure to our hierarchy; `started` means content had begun to flow."""
+    def transport_error(self, error: BaseException, model: str, *, started: bool = False) -> ProviderError:
+        """Map a connection failure to our hierarchy; `started` means content had begun to flow."""
         where = {"provider": self.id, "model": model}
         message = self.clean(str(error) or type(error).__name__)
-        timed_out = _timed_out(error)
-        if timed_out and isinstance(error, httpx.ConnectTimeout):
+        if isinstance(error, aiohttp.ConnectionTimeoutError):  # connecting, or waiting for a pooled connection
             return TimeoutError(f"connect timed out: {message}", phase="connect", **where)
-        if timed_out:
+        if isinstance(error, asyncio.TimeoutError):  # sock_read's SocketTimeoutError, among others
             return TimeoutError(f"read timed out: {message}", phase="read", **where)
         if started:
             return StreamInterruptedError(f"stream broke: {message}", **where)
         return ConnectionLostError(f"connection failed: {message}", **where)
 
-    def build_request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:
-        """`client.build_request`, with the client's base URL, headers and timeout merged once per URL, not per call.
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session, made on first use: adapters are built outside a running loop, sessions need one."""
+        session = self._session
+        if session is None:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S, ssl=self.tls),
+                headers=self.headers,
+                timeout=self.timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),  # provider APIs set no cookies we should send back
+                # auto_decompress stays on: aiohttp's own Accept-Encoding asks for gzip, so it must undo it.
+                # Its other auto headers are Accept (harmless) and User-Agent (ours is in `headers`): none to skip.
+            )
+        return session
 
-        Parsing and merging them again on every call was the largest part of a call's CPU.
+    def url(self, path: str) -> URL:
+        """The base URL and `path`, parsed (and quoted) once per path rather than on every call."""
+        url = self._urls.get(path)
+        if url is None:
+            if len(self._urls) >= 256:  # paths carry model names (Gemini's); keep the cache bounded
+                self._urls.clear()
+            url = self._urls[path] = URL(self.base_url + path)
+        return url
+
+    async def send(
+        self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None
+    ) -> aiohttp.ClientResponse:
+        """Send a request (a JSON body when `payload` is given); connection failures raised as our errors.
+
+        The caller reads the response and closes it.
         """
-        template = self._templates.get(url)
-        if template is None:
-            if len(self._templates) >= 256:
-                self._templates.clear()
-            # A GET carries no body headers (Content-Length) into the requests made from it.
-            template = self._templates[url] = self.client.build_request("GET", url)
-        headers = template.headers
-        extra = kwargs.pop("headers", None)
-        if extra:
-            headers = headers.copy()
-            headers.update(extra)
-        return httpx.Request(method, template.url, headers=headers, extensions=dict(template.extensions), **kwargs)
+        try:
+            if payload is None:
+                return await self.session.request(method, self.url(path), params=params)
+            body = encode_json(payload).encode()
+            return await self.session.request(method, self.url(path), params=params, data=body, headers=JSON_HEADERS)
+        except TRANSPORT_ERRORS as error:
+            raise self.transport_error(error, model) from None
 
-    async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
-        """Send through the transport itself: the client's cookie jar, auth and redirect steps, which
-        provider calls never use, cost about a quarter of a millisecond of CPU per call."""
-        response = await self.transport.handle_async_request(request)
-        if not stream:
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        return response
+    async def read_body(self, response: aiohttp.ClientResponse, model: str) -> bytes:
+        """A whole response body; a connection that fails while it is read is our error."""
+        try:
+            return await response.read()
+        except TRANSPORT_ERRORS as error:
+            raise self.transport_error(error, model) from None
 
     @asynccontextmanager
-    async def open_stream(self, method: str, url: str, model: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-        """Send a streaming request; raise mapped errors for a non-2xx answer; always close the response."""
+    async def open_stream(
+        self, method: str, path: str, model: str, payload: Any = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send a streaming request; raise mapped errors for a non-2xx answer; always close the response.
+
+        `close`, not `release`: a stream left half-read drops its connection at once, so the
+        provider sees the cancel and stops generating (and billing). A response read to the
+        end has already gone back to the pool, and closing it does nothing.
+        """
+        response = await self.send(method, path, model, payload)
         try:
-            response = await self.send(self.build_request(method, url, **kwargs), stream=True)
-        except httpx.HTTPError as error:
-            raise self.transport_error(error, model) from None
-        try:
-            if response.status_code >= 400:
-                body = await response.aread()
-                raise self.error_from_response(response.status_code, body, response.headers, model)
+            if response.status >= 400:
+                body = await self.read_body(response, model)
+                raise self.error_from_response(response.status, body, response.headers, model)
             yield response
         finally:
-            await response.aclose()
+            response.close()
 
     @asynccontextmanager
-    async def open_events(self, url: str, model: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+    async def open_events(self, path: str, model: str, payload: Any) -> AsyncIterator[aiohttp.ClientResponse]:
         """POST a streamed request (see `open_stream`); a connection that fails while it is read broke the stream."""
-        async with self.open_stream("POST", url, model, **kwargs) as response:
+        async with self.open_stream("POST", path, model, payload) as response:
             try:
                 yield response
-            except httpx.HTTPError as error:
+            except TRANSPORT_ERRORS as error:
                 raise self.transport_error(error, model, started=True) from None
 
-    async def post_json(self, url: str, payload: dict[str, Any], model: str, **kwargs: Any) -> Any:
-        return await self.request_json("POST", url, model, json=payload, **kwargs)
+    async def post_json(self, path: str, payload: Any, model: str) -> Any:
+        return await self.request_json("POST", path, model, payload)
 
-    async def get_json(self, url: str, model: str = "", **kwargs: Any) -> Any:
-        return await self.request_json("GET", url, model, **kwargs)
+    async def get_json(self, path: str, model: str = "", *, params: Mapping[str, Any] | None = None) -> Any:
+        return await self.request_json("GET", path, model, params=params)
 
-    async def request_json(self, method: str, url: str, model: str, **kwargs: Any) -> Any:
+    async def request_json(
+        self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None
+    ) -> Any:
         """A JSON answer; transport failures, error statuses and non-JSON bodies raised as our errors."""
+        response = await self.send(method, path, model, payload, params=params)
         try:
-            response = await self.send(self.build_request(method, url, **kwargs))
-        except httpx.HTTPError as error:
-            raise self.transport_error(error, model) from None
-        if response.status_code >= 400:
-            raise self.error_from_response(response.status_code, response.content, response.headers, model)
+            body = await self.read_body(response, model)
+        finally:
+            response.close()  # read to the end, it is back in the pool already; cut short, it must go
+        if response.status >= 400:
+            raise self.error_from_response(response.status, body, response.headers, model)
         try:
-            return response.json()
+            return json.loads(body)
         except ValueError:
+            text = body[:200].decode(errors="replace")
             raise MalformedResponseError(
-                f"answer is not JSON: {self.clean(response.text[:200])}", provider=self.id, model=model
+                f"answer is not JSON: {self.clean(text)}", provider=self.id, model=model
             ) from None
-
-    def error_from_response(
-        self, status: int, body: bytes, headers: httpx.Headers, model: str
-    ) -> ProviderError:
-        """Subclasses read their provider's error shape; see each wire module."""
-        raise NotImplementedError
-
-
-def _timed_out(error: httpx.HTTPError) -> bool:
-    """Whether an httpx error really is a timeout.
-
-    httpx_aiohttp maps every aiohttp connection error (refused, reset, server gone)
-    to ConnectTimeout; behind it, only aiohttp's own timeout errors are timeouts.
-    """
-    if not isinstance(error, httpx.TimeoutException):
-        return False
-    cause = error.__cause__
-    if cause is not None and type(cause).__module__.startswith("aiohttp"):
-        return isinstance(cause, builtins.TimeoutError)  # ours shadows the name in this module
-    return True
 
 
 def with_first_token_timeout(
@@ -324,7 +359,7 @@ class _FirstTokenDeadline:
             await aclose()
 
 
-async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str | None, str]]:
+async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str | None, str]]:
     """Server-sent events as (event, data) pairs.
 
     This is the hot loop of every stream, so it works on raw bytes: the buffer is
@@ -333,7 +368,7 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[tuple[str | None, 
     Comment lines (`: keep-alive`, `: OPENROUTER PROCESSING`) are skipped.
     """
     buffer = b""
-    async for raw in response.aiter_bytes():
+    async for raw in response.content.iter_any():
         buffer = buffer + raw if buffer else raw
         if b"\r" in buffer:
             if buffer.endswith(b"\r"):
@@ -448,7 +483,7 @@ def split_data_url(url: str, provider: str, model: str) -> tuple[str, str]:
     return media_type, data
 
 
-def retry_after_seconds(headers: httpx.Headers, body_hint: float | None = None) -> float | None:
+def retry_after_seconds(headers: Headers, body_hint: float | None = None) -> float | None:
     """The wait a 429 asks for: Retry-After (seconds or HTTP date), then rate-limit reset headers."""
     value = headers.get("retry-after-ms")
     if value:
@@ -497,7 +532,7 @@ def _duration(value: str) -> float | None:
     return total if not number else None
 
 
-def make_adapter(provider: ResolvedProvider, *, transport: httpx.AsyncBaseTransport | None = None) -> Adapter:
+def make_adapter(provider: ResolvedProvider) -> Adapter:
     """The adapter for a provider's wire family."""
     wire = provider.spec.wire
     if wire == "openai":
@@ -510,4 +545,4 @@ def make_adapter(provider: ResolvedProvider, *, transport: httpx.AsyncBaseTransp
         from .cohere import CohereAdapter as cls  # type: ignore[assignment]
     else:  # pragma: no cover - the catalog schema admits only these four
         raise ValueError(f"unknown wire family {wire!r}")
-    return cls(provider, transport=transport)
+    return cls(provider)

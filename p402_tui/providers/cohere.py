@@ -20,8 +20,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from ..core.errors import (
     AuthenticationError,
     BadRequestError,
@@ -34,7 +32,7 @@ from ..core.errors import (
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, new_id
-from .base import Adapter, iter_sse, retry_after_seconds, stop_sequences
+from .base import Adapter, Headers, iter_sse, retry_after_seconds, stop_sequences
 
 FINISH_REASONS = {
     "COMPLETE": "stop",
@@ -188,7 +186,7 @@ class CohereAdapter(Adapter):
     async def read_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
         """The v2 SSE sequence as chunks; message-end gives the last one its finish_reason and usage."""
         role: str | None = "assistant"  # rides on the first chunk that says something
-        async with self.open_events("/v2/chat", model, json=payload) as response:
+        async with self.open_events("/v2/chat", model, payload) as response:
             async for event, data in iter_sse(response):
                 if data == "[DONE]":
                     break
@@ -237,7 +235,7 @@ class CohereAdapter(Adapter):
 
     # --- errors -----------------------------------------------------------------
 
-    def error_from_response(self, status: int, body: bytes, headers: httpx.Headers, model: str) -> ProviderError:
+    def error_from_response(self, status: int, body: bytes, headers: Headers, model: str) -> ProviderError:
         try:
             message = str(json.loads(body)["message"])
         except (ValueError, KeyError, TypeError):

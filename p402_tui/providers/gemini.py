@@ -30,8 +30,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from ..core.errors import (
     AuthenticationError,
     BadRequestError,
@@ -42,7 +40,7 @@ from ..core.errors import (
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, new_id
-from .base import Adapter, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
+from .base import Adapter, Headers, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
 
 API_VERSION = "v1beta"
 EMBED_BATCH = 100  # texts per batchEmbedContents call, the API's limit
@@ -198,8 +196,9 @@ class GeminiAdapter(Adapter):
         finish: str | None = None
         calls = 0
         role: str | None = "assistant"  # rides on the first chunk that says something
-        url = f"/{API_VERSION}/models/{model}:streamGenerateContent"
-        async with self.open_events(url, model, params={"alt": "sse"}, json=payload) as response:
+        # The query is part of the path, so the whole URL is parsed once per model, not per call.
+        path = f"/{API_VERSION}/models/{model}:streamGenerateContent?alt=sse"
+        async with self.open_events(path, model, payload) as response:
             async for _, data in iter_sse(response):
                 try:
                     message = json.loads(data)
@@ -238,7 +237,7 @@ class GeminiAdapter(Adapter):
 
     # --- errors -----------------------------------------------------------------
 
-    def error_from_response(self, status: int, body: bytes, headers: httpx.Headers, model: str) -> ProviderError:
+    def error_from_response(self, status: int, body: bytes, headers: Headers, model: str) -> ProviderError:
         try:
             parsed = json.loads(body)
             if isinstance(parsed, list):  # a JSON-array stream reports its error as a one-item array
@@ -252,7 +251,7 @@ class GeminiAdapter(Adapter):
         return self.error(error, headers, model, status=status)
 
     def error(
-        self, error: dict[str, Any], headers: httpx.Headers, model: str, *, status: int | None = None,
+        self, error: dict[str, Any], headers: Headers, model: str, *, status: int | None = None,
         started: bool = False,
     ) -> ProviderError:
         """Our error for a Google RPC error object; `started` means an answer had begun to stream."""

@@ -22,8 +22,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from ..core.errors import (
     MalformedResponseError,
     ProviderError,
@@ -32,7 +30,7 @@ from ..core.errors import (
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, new_id
-from .base import Adapter, iter_sse, retry_after_seconds, with_first_token_timeout
+from .base import TRANSPORT_ERRORS, Adapter, Headers, iter_sse, retry_after_seconds, with_first_token_timeout
 
 # OpenAI models that take max_completion_tokens and refuse max_tokens (openai-python completion_create_params).
 MAX_COMPLETION_PREFIXES = ("o1", "o3", "o4", "gpt-5")
@@ -158,10 +156,10 @@ class OpenAICompatAdapter(Adapter):
         extra: dict[str, Any] | None = None
         loads = json.loads
         try:
-            async with self.open_stream("POST", "/chat/completions", model, json=body) as response:
+            async with self.open_stream("POST", "/chat/completions", model, body) as response:
                 if "text/event-stream" not in response.headers.get("content-type", "text/event-stream"):
                     # Some servers ignore stream=true (or fail inside a 200); take the whole answer.
-                    data = _json_or_none(await response.aread())
+                    data = _json_or_none(await response.read())
                     for chunk in _as_chunks(self.parse_completion(data, model)):
                         yield chunk
                     return
@@ -211,7 +209,7 @@ class OpenAICompatAdapter(Adapter):
                         usage = usage_from(obj["x_groq"]["usage"])
                     if "citations" in obj or "search_results" in obj:
                         extra = _extras(obj)
-        except httpx.HTTPError as error:
+        except TRANSPORT_ERRORS as error:
             if not done:  # a connection lost while draining after [DONE] takes nothing from the answer
                 raise self.transport_error(error, model, started=started) from None
         if not done and not finished:
@@ -252,7 +250,7 @@ class OpenAICompatAdapter(Adapter):
 
     # --- errors ---------------------------------------------------------------------
 
-    def error_from_response(self, status: int, body: bytes, headers: httpx.Headers, model: str) -> ProviderError:
+    def error_from_response(self, status: int, body: bytes, headers: Headers, model: str) -> ProviderError:
         return self.error_from_body(_json_or_none(body), status, model, headers=headers, raw=body)
 
     def error_from_body(
@@ -261,7 +259,7 @@ class OpenAICompatAdapter(Adapter):
         status: int,
         model: str,
         *,
-        headers: httpx.Headers | None = None,
+        headers: Headers | None = None,
         raw: bytes = b"",
         status_from_code: bool = False,
     ) -> ProviderError:
