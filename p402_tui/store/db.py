@@ -8,7 +8,9 @@ transaction, so a half-migrated file cannot exist.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import aiosqlite
@@ -16,11 +18,11 @@ import aiosqlite
 from ..core.errors import P402Error
 
 PRAGMAS = (
+    "PRAGMA busy_timeout=5000",  # first: another process may be creating the same file right now
     "PRAGMA journal_mode=WAL",
     # NORMAL in WAL mode: a crashed process loses nothing committed; only power loss may drop the last commits.
     "PRAGMA synchronous=NORMAL",
     "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=5000",
 )
 
 # Spend views share one shape: key, cost_usd, saved_usd, requests, cached.
@@ -163,9 +165,28 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     ALTER TABLE router_decisions ADD COLUMN models BLOB;  -- a decision_models digest
     """,
+    # 3: the live figures a decision was ranked with, the same for every decision until health moves, kept once
+    """
+    CREATE TABLE decision_vectors (
+        digest BLOB PRIMARY KEY,
+        vectors BLOB NOT NULL
+    ) WITHOUT ROWID;
+    ALTER TABLE router_decisions ADD COLUMN vectors BLOB;  -- a decision_vectors digest
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# Turning a fresh file to WAL takes a lock that SQLite does not wait for (busy_timeout does not
+# apply): two processes creating one file at once retry it for up to a second.
+PRAGMA_TRIES = 50
+
+
+def is_busy(error: sqlite3.Error) -> bool:
+    """Another connection holds the lock this statement needs."""
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
 
 
 class StoreError(P402Error):
@@ -184,7 +205,14 @@ async def connect(path: Path | str) -> aiosqlite.Connection:
     try:
         try:
             for pragma in PRAGMAS:
-                await conn.execute(pragma)
+                for attempt in range(PRAGMA_TRIES):
+                    try:
+                        await conn.execute(pragma)
+                        break
+                    except aiosqlite.OperationalError as error:
+                        if not is_busy(error) or attempt == PRAGMA_TRIES - 1:
+                            raise
+                        await asyncio.sleep(0.02)
         except aiosqlite.DatabaseError as error:
             raise StoreError(f"cannot use database {path}: {error}") from None
         await migrate(conn, path)
@@ -203,7 +231,14 @@ def open_sync(path: Path | str) -> sqlite3.Connection:
         raise StoreError(f"cannot open database {path}: {error}") from None
     try:
         for pragma in PRAGMAS:
-            conn.execute(pragma)
+            for attempt in range(PRAGMA_TRIES):
+                try:
+                    conn.execute(pragma)
+                    break
+                except sqlite3.OperationalError as error:
+                    if not is_busy(error) or attempt == PRAGMA_TRIES - 1:
+                        raise
+                    time.sleep(0.02)
     except sqlite3.Error as error:
         conn.close()
         raise StoreError(f"cannot use database {path}: {error}") from None

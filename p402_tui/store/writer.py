@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .db import StoreError, open_sync
+from .db import StoreError, is_busy, open_sync
 
 log = logging.getLogger("p402.store")
 
@@ -208,7 +208,7 @@ class Writer:
                 counts = await loop.run_in_executor(self.thread, self._transaction, writes)
             except sqlite3.OperationalError as error:
                 # Another process holds the lock past busy_timeout: wait and try the batch again.
-                if not _is_busy(error) or attempt == self.busy_retries:
+                if not is_busy(error) or attempt == self.busy_retries:
                     raise
                 self.stats.retries += 1
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -246,8 +246,3 @@ class Writer:
         message = f"{type(error).__name__}: {error} in {write.sql.split('(')[0].strip()}"
         self.stats.errors.append(message)
         log.error("store writer dropped a row: %s", message)
-
-
-def _is_busy(error: sqlite3.OperationalError) -> bool:
-    text = str(error).lower()
-    return "locked" in text or "busy" in text
