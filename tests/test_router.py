@@ -381,6 +381,22 @@ def test_an_encoded_decision_reads_back_as_its_to_dict(mode, options, max_tokens
     decision = router.route(request, options_from(mode=mode, **options))
     decoded = decode_decision(decision.encode())
     assert json.dumps(decoded) == json.dumps(decision.to_dict())  # same keys, order and float digits
-    record, digest, models = decision.encode_apart()
-    assert json.dumps(decode_decision(record, models)) == json.dumps(decoded)
+    record, parts = decision.encode_apart()
+    shared = {kind: part for kind, _, part in parts}
+    assert json.dumps(decode_decision(record, shared.get("models"), shared.get("vectors"))) == json.dumps(decoded)
+    assert json.dumps(decode_decision(*_as_schema_2_record(decision.encode()))) == json.dumps(decoded)
     assert (decision.candidate_count, decision.excluded_count) == (len(decoded["candidates"]), len(decoded["excluded"]))
+
+
+def _as_schema_2_record(record: bytes) -> tuple[bytes, bytes | None]:
+    """A self-contained record as schema 2 stored it: its models apart (digest in place), the columns in it."""
+    import struct
+
+    if not record.startswith(b"P402dec1"):
+        return record, None
+    header_len = struct.unpack_from("<I", record, 8)[0]
+    models_at = 8 + 16 + header_len
+    models_len, excluded_len = struct.unpack_from("<II", record, models_at)
+    models_end = models_at + 8 + models_len + excluded_len
+    models = record[models_at:models_end]
+    return b"P402dec2" + record[8:models_at] + b"\0" * 16 + record[models_end:], models

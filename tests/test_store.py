@@ -320,5 +320,8 @@ async def test_a_route_decision_is_kept_compact_and_reads_back_whole(store):
     assert await queries.get_decision(store, decision.id) == decision.to_dict()
     assert [d["id"] for d in await queries.recent_decisions(store)] == [again.id, decision.id]
     assert await store.scalar("SELECT COUNT(*) FROM decision_models") == 1  # an option set's models are kept once
+    assert await store.scalar("SELECT COUNT(*) FROM decision_vectors") == 1  # and the live figures, until health moves
+    own = await store.scalar(f"SELECT length(decision) FROM router_decisions WHERE id = '{decision.id}'")
+    assert own < len(decision.encode()) / 3  # a record keeps what is its own: header, ranking, cost estimates
     row = await store.fetchone(f"SELECT chosen, candidates, excluded FROM router_decisions WHERE id = '{decision.id}'")
     assert row == {"chosen": decision.chosen_id, "candidates": len(decision.candidates), "excluded": len(decision.excluded)}

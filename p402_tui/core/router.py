@@ -37,6 +37,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 
 from .catalog import Catalog, ModelSpec
 from .config import MODES, RouterConfig
@@ -334,20 +335,19 @@ class RouteDecision:
             return json.dumps(self.to_dict(), separators=(",", ":")).encode()
         return ranking.encode(self)
 
-    def encode_apart(self) -> tuple[bytes, bytes | None, bytes | None]:
-        """`encode()` with the option set's models left out: (record, models digest, models).
+    def encode_apart(self) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
+        """`encode()` with the parts many decisions share left out: (record, [(kind, digest, part)]).
 
-        The models and static exclusions are half of a record and the same for every
-        request of an option set, so a store keeps them once under their digest and
-        passes them back to `decode_decision`. Digest and models are None for a
-        self-contained record.
+        A record keeps only what is its own (header, ranking, cost estimates): about a fifth
+        of `encode()`. Its option set's models and exclusions ("models") and the live figures
+        it was ranked with ("vectors") are the same for every request until health moves, so a
+        store keeps each part once under its digest and passes them back to `decode_decision`.
+        A decision with no ranking is self-contained: no parts.
         """
         ranking = self._ranked()
         if ranking is None or not len(ranking.entry.idx):
-            return self.encode(), None, None
-        entry = ranking.entry
-        record = ranking.encode(self, apart=True)
-        return record, entry.digest, entry.packed
+            return self.encode(), []
+        return ranking.encode_split(self)
 
     def __repr__(self) -> str:
         return f"<RouteDecision {self.id} {self.mode} -> {self.chosen_id}>"
@@ -394,6 +394,8 @@ class _Vectors:
     speed: np.ndarray  # 0..1
     health: np.ndarray  # 0..1
     rest: np.ndarray  # weighted quality + speed: the part of a balanced score that is not cost
+    packed: bytes | None = None  # weights, quality and these, as a decision record refers to them
+    digest: bytes | None = None  # of `packed`
 
 
 class _Ranking:
@@ -487,48 +489,48 @@ class _Ranking:
         out.sort(key=lambda e: e.id)
         return out
 
-    def encode(self, decision: RouteDecision, *, apart: bool = False) -> bytes:
+    def _columns(self) -> tuple[np.ndarray, np.ndarray, _Vectors]:
+        """(score, normalised cost, live vectors): what `candidate` computes, for every model at once."""
         entry = self.entry
         if self._cost_n is None:
             self._cost_n = _log_score(self.cost + _COST_FLOOR)
             self._vectors = self.router._live_vectors(entry, self.ot, self.live)
         vectors = self._vectors
         assert vectors is not None
-        cost_n = self._cost_n
-        mode = entry.mode
-        if mode == "cost":
-            score = cost_n
-        elif mode == "quality":
-            score = entry.q_n
-        elif mode == "speed":
-            score = vectors.speed
-        else:
-            wc, wq, ws = self.router._weights  # the same float operations, in the same order, as `candidate`
-            score = wc * cost_n + wq * entry.q_n + ws * vectors.speed
-            if mode == "adaptive":
-                score = score * vectors.health
+        score = _score(entry.mode, self.router._weights, self._cost_n, entry.q_n, vectors.speed, vectors.health)
+        return score, self._cost_n, vectors
+
+    def _record_order(self) -> np.ndarray:
+        """Eligible positions, best first, the chosen one leading (a pin need not be the best)."""
         ranked = np.argsort(self.key, kind="stable")[: int(np.count_nonzero(np.isfinite(self.key)))]
         chosen = self.chosen
         if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):  # a pin; otherwise the argmin already leads
             ranked = np.concatenate(([chosen], ranked[ranked != chosen]))
-        columns = (score, cost_n, entry.q_n, vectors.speed, vectors.health, self.cost, vectors.latency)
+        return ranked
+
+    def _bad(self) -> tuple[np.ndarray | tuple[()], bytes]:
+        """Positions filtered out by this request, and a reason code for each."""
         bad_at = np.flatnonzero(self.bad) if self.bad is not None else ()
-        reasons = b""
-        if len(bad_at):
-            ctx_bad, out_bad, _ = self.masks
-            codes = np.full(len(bad_at), 2, dtype=np.uint8)  # over max_cost_usd unless a mask below says otherwise
-            if out_bad is not None:
-                codes[out_bad[bad_at]] = 1
-            if ctx_bad is not None:
-                codes[ctx_bad[bad_at]] = 0
-            reasons = codes.tobytes()
+        if not len(bad_at):
+            return (), b""
+        ctx_bad, out_bad, _ = self.masks
+        codes = np.full(len(bad_at), 2, dtype=np.uint8)  # over max_cost_usd unless a mask below says otherwise
+        if out_bad is not None:
+            codes[out_bad[bad_at]] = 1
+        if ctx_bad is not None:
+            codes[ctx_bad[bad_at]] = 0
+        return bad_at, codes.tobytes()
+
+    def _header(self, decision: RouteDecision) -> bytes:
         options = decision.options.to_dict()
         options["mode"] = decision.mode
-        header = json.dumps(
-            [decision.id, decision.ts, decision.mode, chosen >= 0, bool(decision.options.failover),
-             decision.prompt_tokens, decision.est_output_tokens, round(decision.decision_us, 2), options],
-            separators=(",", ":"),
-        ).encode()
+        return orjson.dumps(
+            [decision.id, decision.ts, decision.mode, self.chosen >= 0, bool(decision.options.failover),
+             decision.prompt_tokens, decision.est_output_tokens, round(decision.decision_us, 2), options]
+        )
+
+    def _models_part(self) -> bytes:
+        entry = self.entry
         if entry.packed is None:
             specs = self.router._specs
             models = "\n".join(
@@ -537,12 +539,21 @@ class _Ranking:
             excluded = "\n".join(f"{e.id}\t{e.reason}" for e in entry.excluded).encode()
             entry.packed = struct.pack("<II", len(models), len(excluded)) + models + excluded
             entry.digest = hashlib.blake2b(entry.packed, digest_size=_DIGEST_SIZE).digest()
+        return entry.packed
+
+    def encode(self, decision: RouteDecision) -> bytes:
+        """The self-contained record (`P402dec1`): every column written out."""
+        score, cost_n, vectors = self._columns()
+        ranked = self._record_order()
+        bad_at, reasons = self._bad()
+        header = self._header(decision)
+        columns = (score, cost_n, self.entry.q_n, vectors.speed, vectors.health, self.cost, vectors.latency)
         return b"".join(
             (
-                _MAGIC_APART if apart else _MAGIC,
-                struct.pack("<IIII", len(header), len(entry.idx), len(ranked), len(bad_at)),
+                _MAGIC,
+                struct.pack("<IIII", len(header), len(self.entry.idx), len(ranked), len(bad_at)),
                 header,
-                entry.digest if apart else entry.packed,
+                self._models_part(),
                 ranked.astype("<u2").tobytes(),
                 *(column.astype("<f8", copy=False).tobytes() for column in columns),
                 np.asarray(bad_at, dtype="<u2").tobytes(),
@@ -550,27 +561,83 @@ class _Ranking:
             )
         )
 
+    def encode_split(self, decision: RouteDecision) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
+        """The record kept apart from its shared parts (`P402dec3`); see `RouteDecision.encode_apart`."""
+        entry = self.entry
+        models = self._models_part()
+        if self._vectors is None:
+            self._vectors = self.router._live_vectors(entry, self.ot, self.live)
+        vectors = self._vectors
+        if vectors.packed is None:
+            packed = b"".join(
+                (
+                    struct.pack("<I3d", len(entry.idx), *self.router._weights),
+                    *(column.astype("<f8", copy=False).tobytes()
+                      for column in (entry.q_n, vectors.speed, vectors.health, vectors.latency)),
+                )
+            )  # fmt: skip
+            vectors.digest = hashlib.blake2b(packed, digest_size=_DIGEST_SIZE).digest()
+            vectors.packed = packed
+        ranked = self._record_order()
+        bad_at, reasons = self._bad()
+        header = self._header(decision)
+        assert entry.digest is not None and vectors.digest is not None
+        record = b"".join(
+            (
+                _MAGIC_SPLIT,
+                struct.pack("<IIII", len(header), len(entry.idx), len(ranked), len(bad_at)),
+                header,
+                entry.digest,
+                vectors.digest,
+                ranked.astype("<u2").tobytes(),
+                self.cost.astype("<f8", copy=False).tobytes(),
+                np.asarray(bad_at, dtype="<u2").tobytes(),
+                reasons,
+            )
+        )
+        return record, [("models", entry.digest, models), ("vectors", vectors.digest, vectors.packed)]
+
+
+def _score(
+    mode: str, weights: tuple[float, float, float], cost_n: np.ndarray, q_n: np.ndarray, speed: np.ndarray,
+    health: np.ndarray,
+) -> np.ndarray:
+    """Every model's score: the same float operations, in the same order, as `_Ranking.candidate`."""
+    if mode == "cost":
+        return cost_n
+    if mode == "quality":
+        return q_n
+    if mode == "speed":
+        return speed
+    wc, wq, ws = weights
+    score = wc * cost_n + wq * q_n + ws * speed
+    return score * health if mode == "adaptive" else score
+
 
 _MAGIC = b"P402dec1"
-_MAGIC_APART = b"P402dec2"  # the models are kept apart, under their digest
+_MAGIC_APART = b"P402dec2"  # the models are kept apart, under their digest (written until schema 3)
+_MAGIC_SPLIT = b"P402dec3"  # the models and the live vectors are kept apart
 _DIGEST_SIZE = 16
 _BAD_REASONS = (CONTEXT_TOO_SMALL, OUTPUT_TOO_SMALL, OVER_COST)
 
 
-def decode_decision(data: bytes | str, models: bytes | None = None) -> dict[str, Any]:
+def decode_decision(data: bytes | str, models: bytes | None = None, vectors: bytes | None = None) -> dict[str, Any]:
     """`RouteDecision.to_dict()` of a decision from its `encode()` (or from its JSON, which older rows hold).
 
-    A record from `encode_apart()` needs the models that came with it.
+    A record from `encode_apart()` needs the parts stored with it: its models, and (from
+    schema 3) its vectors.
     """
-    if isinstance(data, str) or not data.startswith((_MAGIC, _MAGIC_APART)):
+    if isinstance(data, str) or not data.startswith((_MAGIC, _MAGIC_APART, _MAGIC_SPLIT)):
         return json.loads(data)
-    if data.startswith(_MAGIC_APART):
-        if models is None:
-            raise ValueError("this decision record was stored apart from its models; pass them in")
+    split = data.startswith(_MAGIC_SPLIT)
+    if data.startswith((_MAGIC_APART, _MAGIC_SPLIT)):
+        if models is None or (split and vectors is None):
+            raise ValueError("this decision record was stored apart from its models and vectors; pass them in")
         at = len(_MAGIC_APART)
         header_len = struct.unpack_from("<I", data, at)[0]
         digest_at = at + 16 + header_len
-        data = b"".join((_MAGIC, data[at:digest_at], models, data[digest_at + _DIGEST_SIZE :]))
+        rest_at = digest_at + _DIGEST_SIZE * (2 if split else 1)
+        data = b"".join((_MAGIC, data[at:digest_at], models, data[rest_at:]))
     at = len(_MAGIC)
     header_len, n, m, b = struct.unpack_from("<IIII", data, at)
     at += 16
@@ -580,27 +647,36 @@ def decode_decision(data: bytes | str, models: bytes | None = None) -> dict[str,
     at += header_len
     models_len, excluded_len = struct.unpack_from("<II", data, at)
     at += 8
-    models = [line.split("\t") for line in data[at : at + models_len].decode().split("\n")] if n else []
+    names = [line.split("\t") for line in data[at : at + models_len].decode().split("\n")] if n else []
     at += models_len
     static = data[at : at + excluded_len].decode()
     excluded = [Excluded(*line.split("\t", 1)) for line in static.split("\n")] if static else []
     at += excluded_len
     ranked = np.frombuffer(data, dtype="<u2", count=m, offset=at).tolist()
     at += 2 * m
-    score, cost, quality, speed, health, est_cost, latency = (
-        np.frombuffer(data, dtype="<f8", count=7 * n, offset=at).reshape(7, n).tolist() if n else [[]] * 7
-    )
-    at += 8 * 7 * n
+    if split:
+        assert vectors is not None
+        est = np.frombuffer(data, dtype="<f8", count=n, offset=at)
+        at += 8 * n
+        weights = struct.unpack_from("<3d", vectors, 4)
+        quality, speed, health, latency = np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
+        cost = _log_score(est + _COST_FLOOR)
+        score = _score(mode, weights, cost, quality, speed, health)
+        columns = [c.tolist() for c in (score, cost, quality, speed, health, est, latency)] if n else [[]] * 7
+    else:
+        columns = np.frombuffer(data, dtype="<f8", count=7 * n, offset=at).reshape(7, n).tolist() if n else [[]] * 7
+        at += 8 * 7 * n
+    score, cost, quality, speed, health, est_cost, latency = columns
     bad_at = np.frombuffer(data, dtype="<u2", count=b, offset=at).tolist()
     codes = data[at + 2 * b : at + 3 * b]
-    excluded += [Excluded(models[i][0], _BAD_REASONS[code]) for i, code in zip(bad_at, codes)]
+    excluded += [Excluded(names[i][0], _BAD_REASONS[code]) for i, code in zip(bad_at, codes)]
     excluded.sort(key=lambda e: e.id)
     candidates = [
         {
-            "id": models[i][0],
-            "provider": models[i][1],
-            "model": models[i][2],
-            "tier": models[i][3],
+            "id": names[i][0],
+            "provider": names[i][1],
+            "model": names[i][2],
+            "tier": names[i][3],
             "score": round(score[i], 6),
             "components": {
                 "cost": round(cost[i], 6),

@@ -19,7 +19,6 @@ from ..core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
 from ..core.types import ChatRequest, ChatResponse
 from .queries import (
     INSERT_DECISION,
-    INSERT_DECISION_MODELS,
     INSERT_HEALTH,
     INSERT_REQUEST,
     decision_rows,
@@ -37,7 +36,7 @@ class Persistence:
         self._queued: defaultdict[str, float] = defaultdict(float)
         self._committed: defaultdict[str, float] = defaultdict(float)
         self._reserved: dict[str, tuple[str, float]] = {}  # request id -> (session id, estimated USD)
-        self._models_put: set[bytes] = set()  # digests of the decision models already queued
+        self._parts_put: set[bytes] = set()  # digests of the decision parts already queued
 
     # --- before the call -------------------------------------------------------------
 
@@ -76,10 +75,13 @@ class Persistence:
     # --- after the call ----------------------------------------------------------------
 
     def decided(self, decision: Any) -> None:
-        row, models = decision_rows(decision)
-        if models is not None and models[0] not in self._models_put:
-            self._models_put.add(models[0])
-            self.store.put(INSERT_DECISION_MODELS, models)
+        row, parts = decision_rows(decision)
+        for sql, digest, part in parts:
+            if digest not in self._parts_put:
+                if len(self._parts_put) >= 10_000:
+                    self._parts_put.clear()  # INSERT OR IGNORE keeps a part written twice once
+                self._parts_put.add(digest)
+                self.store.put(sql, (digest, part))
         self.store.put(INSERT_DECISION, row)
 
     def completed(

@@ -10,6 +10,8 @@ import time
 import uuid
 from typing import Any
 
+import orjson
+
 from ..core.hooks import RequestRecord
 from ..core.router import decode_decision
 from .store import Store
@@ -48,7 +50,7 @@ def request_row(record: RequestRecord, *, needs: str | None = None, prompt_key: 
         record.cost_usd, record.est_cost_usd, record.saved_usd, record.latency_ms, record.ttft_ms,
         record.status, record.error_kind, record.error, int(record.cached), record.decision_id,
         int(record.stream), record.namespace, record.source,
-        json.dumps(attempts), needs, prompt_key,
+        orjson.dumps(attempts).decode(), needs, prompt_key,
     )  # fmt: skip
 
 
@@ -88,10 +90,14 @@ def _where(*, session_id: str | None = None, since: float | None = None) -> tupl
 
 INSERT_DECISION = (
     "INSERT OR REPLACE INTO router_decisions (id, ts, mode, chosen, provider, model, tier, est_cost_usd, "
-    "prompt_tokens, decision_us, candidates, excluded, decision, models) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "prompt_tokens, decision_us, candidates, excluded, decision, models, vectors) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-INSERT_DECISION_MODELS = "INSERT OR IGNORE INTO decision_models (digest, models) VALUES (?, ?)"
+# A decision record's shared parts, by kind: written once per digest.
+INSERT_DECISION_PART = {
+    "models": "INSERT OR IGNORE INTO decision_models (digest, models) VALUES (?, ?)",
+    "vectors": "INSERT OR IGNORE INTO decision_vectors (digest, vectors) VALUES (?, ?)",
+}
 
 
 def decision_row(decision: Any) -> tuple:
@@ -99,13 +105,13 @@ def decision_row(decision: Any) -> tuple:
     return decision_rows(decision)[0]
 
 
-def decision_rows(decision: Any) -> tuple[tuple, tuple | None]:
-    """A decision's row, and the (digest, models) row its record refers to (None when it refers to none).
+def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]:
+    """A decision's row, and the shared parts its record refers to: (insert statement, digest, part).
 
     A RouteDecision is stored as its compact `encode_apart()` (decoded only when read), since
-    serialising every candidate of every request was most of the gateway's CPU. Its models,
-    the same for every request of an option set, are not in the row, only their digest:
-    they need writing once per option set.
+    serialising every candidate of every request was most of the gateway's CPU. The parts
+    (the option set's models, the live figures it was ranked with) are the same for many
+    requests: they need writing once per digest.
     """
     if isinstance(decision, dict):
         data = decision
@@ -125,10 +131,12 @@ def decision_rows(decision: Any) -> tuple[tuple, tuple | None]:
             len(data.get("excluded") or ()),
             json.dumps(data, default=str),
             None,
+            None,
         )
-        return row, None
+        return row, []
     chosen = decision.chosen
-    record, digest, models = decision.encode_apart()
+    record, parts = decision.encode_apart()
+    digests = {kind: digest for kind, digest, _ in parts}
     row = (
         decision.id,
         decision.ts,
@@ -143,24 +151,26 @@ def decision_rows(decision: Any) -> tuple[tuple, tuple | None]:
         decision.candidate_count,
         decision.excluded_count,
         record,
-        digest,
+        digests.get("models"),
+        digests.get("vectors"),
     )
-    return row, None if digest is None else (digest, models)
+    return row, [(INSERT_DECISION_PART[kind], digest, part) for kind, digest, part in parts]
 
 
 _SELECT_DECISION = (
-    "SELECT d.decision, m.models FROM router_decisions d LEFT JOIN decision_models m ON m.digest = d.models"
+    "SELECT d.decision, m.models, v.vectors FROM router_decisions d "
+    "LEFT JOIN decision_models m ON m.digest = d.models LEFT JOIN decision_vectors v ON v.digest = d.vectors"
 )
 
 
 async def recent_decisions(store: Store, *, limit: int = 100) -> list[dict[str, Any]]:
     rows = await store.fetchall(f"{_SELECT_DECISION} ORDER BY d.ts DESC LIMIT ?", (limit,))
-    return [decode_decision(r["decision"], r["models"]) for r in rows]
+    return [decode_decision(r["decision"], r["models"], r["vectors"]) for r in rows]
 
 
 async def get_decision(store: Store, decision_id: str) -> dict[str, Any] | None:
     row = await store.fetchone(f"{_SELECT_DECISION} WHERE d.id = ?", (decision_id,))
-    return decode_decision(row["decision"], row["models"]) if row else None
+    return decode_decision(row["decision"], row["models"], row["vectors"]) if row else None
 
 
 # --- provider health ---------------------------------------------------------------
