@@ -10,10 +10,10 @@ call. A `stop` event ends long-lived streams the same way when the server shuts 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 from starlette.types import Receive, Scope, Send
 
 DONE = b"data: [DONE]\n\n"
@@ -26,11 +26,9 @@ _HEADERS = [
 ]
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # json.dumps would build one per call
-
-
 def dumps(data: Any) -> bytes:
-    return _ENCODE(data).encode()
+    """Compact JSON; orjson, since every answer and every streamed chunk passes through here (json: ~10x slower)."""
+    return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
 
 
 def data_frame(data: Any) -> bytes:
