@@ -655,3 +655,13 @@ async def test_openrouter_failure_inside_a_200_answer(adapters, control):
     with pytest.raises(errors.ServerError) as caught:
         await adapters("openrouter").complete(ask(), model=MODELS["openrouter"])
     assert caught.value.status == 503
+
+
+def test_wire_json_takes_what_orjson_refuses():
+    from p402_tui.core.types import json_bytes, json_value
+
+    assert json_bytes({"text": "caf\u00e9", "n": 1}) == '{"text":"café","n":1}'.encode()
+    assert json_bytes({"text": "half \ud83d pair"}) == b'{"text":"half \\ud83d pair"}'  # a lone surrogate: json's escape
+    assert json_value('{"text":"half \\ud83d pair"}') == {"text": "half \ud83d pair"}
+    with pytest.raises(ValueError):
+        json_value(b"{not json")

@@ -37,14 +37,13 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 
 from .catalog import Catalog, ModelSpec
 from .config import MODES, RouterConfig
 from .errors import InvalidRequestError
 from .hooks import RouteOptions
 from .tokens import count_messages
-from .types import CAPABILITIES, TIER_RANK, TIERS, ChatRequest
+from .types import CAPABILITIES, TIER_RANK, TIERS, ChatRequest, json_bytes
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -524,7 +523,7 @@ class _Ranking:
     def _header(self, decision: RouteDecision) -> bytes:
         options = decision.options.to_dict()
         options["mode"] = decision.mode
-        return orjson.dumps(
+        return json_bytes(
             [decision.id, decision.ts, decision.mode, self.chosen >= 0, bool(decision.options.failover),
              decision.prompt_tokens, decision.est_output_tokens, round(decision.decision_us, 2), options]
         )

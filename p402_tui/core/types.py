@@ -7,12 +7,34 @@ path, once per token, and only turned into OpenAI-shaped dicts when they leave.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
+
+_ASCII_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def json_bytes(data: Any) -> bytes:
+    """Compact JSON of wire data: orjson (~10x faster than json, and every answer and chunk passes through),
+    or ASCII-escaped json for what orjson refuses (a lone surrogate in a text, a huge integer)."""
+    try:
+        return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return _ASCII_JSON(data).encode()
+
+
+def json_value(data: str | bytes) -> Any:
+    """Parsed JSON: orjson, or json for what orjson refuses and json reads (a lone surrogate escape).
+    Raises ValueError when the text is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Tier = Literal["budget", "mid", "premium"]

@@ -36,7 +36,7 @@ from ..core.errors import (
     StreamInterruptedError,
     error_for_status,
 )
-from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, ToolCallDelta, Usage, new_id
+from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, ToolCallDelta, Usage, json_value, new_id
 from .base import Adapter, Headers, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
 
 API_VERSION = "2023-06-01"
@@ -224,7 +224,7 @@ class AnthropicAdapter(Adapter):
                 if event == "ping":
                     continue
                 try:
-                    message = json.loads(data)
+                    message = json_value(data)
                     kind = message["type"]
                     if kind == "content_block_delta":
                         delta = message["delta"]

@@ -36,7 +36,7 @@ from ..core.errors import (
     TimeoutError,
     redact,
 )
-from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCall, Usage
+from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCall, Usage, json_bytes, json_value
 
 # Response headers as the families read them: any case-insensitive mapping
 # (aiohttp's CIMultiDictProxy in practice; a CIMultiDict or httpx.Headers in tests).
@@ -52,9 +52,6 @@ JSON_HEADERS: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"
 # What a failing connection raises: aiohttp's errors, and OSError for the timeouts
 # (builtin TimeoutError is one) and any reset that reaches us unwrapped.
 TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
-# Request bodies as compact JSON (what httpx sent); one encoder, rather than json.dumps making one per call.
-# ASCII output, so encoding it cannot fail on a lone surrogate in a prompt.
-encode_json = json.JSONEncoder(separators=(",", ":")).encode
 # Header names whose values are credentials: `RequestHeaders` keeps them out of reprs.
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key"})
 
@@ -247,7 +244,7 @@ class Adapter:
         try:
             if payload is None:
                 return await self.session.request(method, self.url(path), params=params)
-            body = encode_json(payload).encode()
+            body = json_bytes(payload)
             return await self.session.request(method, self.url(path), params=params, data=body, headers=JSON_HEADERS)
         except TRANSPORT_ERRORS as error:
             raise self.transport_error(error, model) from None
@@ -305,7 +302,7 @@ class Adapter:
         if response.status >= 400:
             raise self.error_from_response(response.status, body, response.headers, model)
         try:
-            return json.loads(body)
+            return json_value(body)
         except ValueError:
             text = body[:200].decode(errors="replace")
             raise MalformedResponseError(
@@ -344,7 +341,8 @@ class _FirstTokenDeadline:
     async def _first(self) -> ChatChunk:
         self._waiting = False
         try:
-            return await asyncio.wait_for(self._iterator.__anext__(), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):  # not wait_for: that runs the read in a task of its own
+                return await self._iterator.__anext__()
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"no first token within {self._timeout_s:g}s",

@@ -31,7 +31,7 @@ from ..core.errors import (
     StreamInterruptedError,
     error_for_status,
 )
-from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, new_id
+from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, json_value, new_id
 from .base import Adapter, Headers, iter_sse, retry_after_seconds, stop_sequences
 
 FINISH_REASONS = {
@@ -191,7 +191,7 @@ class CohereAdapter(Adapter):
                 if data == "[DONE]":
                     break
                 try:
-                    message = json.loads(data)
+                    message = json_value(data)
                     kind = message.get("type") or event
                     delta = message.get("delta") or {}
                     if kind == "content-delta":

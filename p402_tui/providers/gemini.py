@@ -39,7 +39,7 @@ from ..core.errors import (
     StreamInterruptedError,
     error_for_status,
 )
-from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, new_id
+from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, json_value, new_id
 from .base import Adapter, Headers, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
 
 API_VERSION = "v1beta"
@@ -201,7 +201,7 @@ class GeminiAdapter(Adapter):
         async with self.open_events(path, model, payload) as response:
             async for _, data in iter_sse(response):
                 try:
-                    message = json.loads(data)
+                    message = json_value(data)
                     if "error" in message:
                         raise self.error(message["error"], response.headers, model, started=role is None)
                     usage_raw = message.get("usageMetadata") or usage_raw

@@ -6,7 +6,7 @@ differences, handled here: parameters a provider rejects are dropped, usage is
 read wherever the provider puts it, and provider extras (DeepSeek's reasoning,
 Perplexity's citations) are kept.
 
-Stream chunks are parsed with `json.loads` straight into `ChatChunk`: this loop
+Stream chunks are parsed with orjson (`json_value`) straight into `ChatChunk`: this loop
 runs once per token for every streamed answer, so it builds no pydantic models.
 """
 
@@ -29,7 +29,7 @@ from ..core.errors import (
     TimeoutError as UpstreamTimeout,
     error_for_status,
 )
-from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, new_id
+from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, json_value, new_id
 from .base import TRANSPORT_ERRORS, Adapter, Headers, iter_sse, retry_after_seconds, with_first_token_timeout
 
 # OpenAI models that take max_completion_tokens and refuse max_tokens (openai-python completion_create_params).
@@ -154,7 +154,7 @@ class OpenAICompatAdapter(Adapter):
         done = False  # [DONE] arrived
         usage: Usage | None = None
         extra: dict[str, Any] | None = None
-        loads = json.loads
+        loads = json_value
         try:
             async with self.open_stream("POST", "/chat/completions", model, body) as response:
                 if "text/event-stream" not in response.headers.get("content-type", "text/event-stream"):

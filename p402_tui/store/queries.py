@@ -10,10 +10,9 @@ import time
 import uuid
 from typing import Any
 
-import orjson
-
 from ..core.hooks import RequestRecord
 from ..core.router import decode_decision
+from ..core.types import json_bytes
 from .store import Store
 
 # --- the ledger --------------------------------------------------------------------
@@ -50,7 +49,7 @@ def request_row(record: RequestRecord, *, needs: str | None = None, prompt_key: 
         record.cost_usd, record.est_cost_usd, record.saved_usd, record.latency_ms, record.ttft_ms,
         record.status, record.error_kind, record.error, int(record.cached), record.decision_id,
         int(record.stream), record.namespace, record.source,
-        orjson.dumps(attempts).decode(), needs, prompt_key,
+        json_bytes(attempts).decode(), needs, prompt_key,
     )  # fmt: skip
 
 
