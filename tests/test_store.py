@@ -157,6 +157,31 @@ async def test_one_bad_row_is_dropped_and_logged_the_rest_of_its_batch_is_kept(s
     assert "CHECK constraint failed" in store.writer.stats.errors[-1]
 
 
+async def test_rows_made_later_are_made_in_order_and_a_failing_maker_loses_only_its_rows(store):
+    made: list[str] = []
+    done: list[str] = []
+
+    def rows(n: int):
+        made.append(f"made {n}")
+        return [(queries.INSERT_REQUEST, queries.request_row(record(n)))]
+
+    def broken():
+        raise RuntimeError("no row today")
+
+    store.put_later(lambda: rows(1), done=lambda: done.append("1"))
+    store.put_later(broken, done=lambda: done.append("broken"))
+    store.put(queries.INSERT_REQUEST, queries.request_row(record(2)))
+    store.put_later(lambda: rows(3))
+    assert made == []  # nothing is built while requests are being answered
+    await store.flush()
+    assert made == ["made 1", "made 3"]
+    assert sorted(done) == ["1", "broken"]
+    assert [r["id"] for r in await store.fetchall("SELECT id FROM requests ORDER BY rowid")] == [
+        record(1).id, record(2).id, record(3).id
+    ]
+    assert store.writer.stats.failed == 1 and "no row today" in store.writer.stats.errors[-1]
+
+
 async def test_run_waits_for_the_commit_and_raises_the_error(store):
     assert await store.run("INSERT INTO gateway_keys VALUES ('k', 'n', 'h', 'p', 0, NULL)") == 1
     with pytest.raises(StoreError, match="UNIQUE"):

@@ -212,6 +212,14 @@ class RouteDecision:
         return self._chosen.id if self._chosen is not None else None
 
     @property
+    def chosen_tier(self) -> str | None:
+        """The chosen model's tier, without scoring it."""
+        ranking = self._ranked()
+        if ranking is not None:
+            return ranking.router._specs[int(ranking.entry.idx[ranking.chosen])].tier if ranking.chosen >= 0 else None
+        return self._chosen.tier if self._chosen is not None else None
+
+    @property
     def candidates(self) -> list[Candidate]:
         if self._candidates is None:
             ranking = self._ranked()

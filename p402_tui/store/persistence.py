@@ -75,14 +75,20 @@ class Persistence:
     # --- after the call ----------------------------------------------------------------
 
     def decided(self, decision: Any) -> None:
+        # Encoded when the writer takes it, after the request is answered: a decision is immutable.
+        self.store.put_later(lambda: self._decision_writes(decision))
+
+    def _decision_writes(self, decision: Any) -> list[tuple[str, Any]]:
         row, parts = decision_rows(decision)
+        writes: list[tuple[str, Any]] = []
         for sql, digest, part in parts:
             if digest not in self._parts_put:
                 if len(self._parts_put) >= 10_000:
                     self._parts_put.clear()  # INSERT OR IGNORE keeps a part written twice once
                 self._parts_put.add(digest)
-                self.store.put(sql, (digest, part))
-        self.store.put(INSERT_DECISION, row)
+                writes.append((sql, (digest, part)))
+        writes.append((INSERT_DECISION, row))
+        return writes
 
     def completed(
         self,
@@ -104,10 +110,15 @@ class Persistence:
 
             done = committed
 
-        needs = ",".join(sorted(request.needs()))
         keys = self.cache.probed_keys(ctx.request_id) if self.cache is not None else None  # before insert() takes them
-        prompt_key = keys.exact if keys is not None else exact_key(request, options)
-        self.store.put(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=prompt_key), done=done)
+        known = keys.exact if keys is not None else None
+
+        def ledger_row() -> list[tuple[str, Any]]:  # made after the answer has gone: the record is final
+            prompt_key = known if known is not None else exact_key(request, options)
+            needs = ",".join(sorted(request.needs()))
+            return [(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=prompt_key))]
+
+        self.store.put_later(ledger_row, done=done)
         ok = record.status == "ok" and response is not None
         if self.cache is not None:
             if ok and not record.cached and ctx.cache:

@@ -133,18 +133,19 @@ def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]
             None,
         )
         return row, []
-    chosen = decision.chosen
+    chosen = decision.chosen_id  # its columns, without scoring it
+    provider, _, model = chosen.partition("/") if chosen is not None else (None, None, None)
     record, parts = decision.encode_apart()
     digests = {kind: digest for kind, digest, _ in parts}
     row = (
         decision.id,
         decision.ts,
         decision.mode,
-        None if chosen is None else chosen.id,
-        None if chosen is None else chosen.provider,
-        None if chosen is None else chosen.model,
-        None if chosen is None else chosen.tier,
-        None if chosen is None else chosen.est_cost_usd,
+        chosen,
+        provider,
+        model,
+        decision.chosen_tier,
+        None if chosen is None else decision.est_cost_usd,
         decision.prompt_tokens,
         round(decision.decision_us, 2),
         decision.candidate_count,

@@ -52,6 +52,9 @@ class Store:
     def put(self, sql: str, params: Params = (), *, done: Any = None) -> None:
         self.writer.put(sql, params, done=done)
 
+    def put_later(self, make: Any, *, done: Any = None) -> None:
+        self.writer.put_later(make, done=done)
+
     async def run(self, sql: str, params: Params = ()) -> int:
         return await self.writer.run(sql, params)
 

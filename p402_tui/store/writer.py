@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,14 @@ class Write:
     params: Params = ()
     done: Callable[[], None] | None = None  # called after the batch ends, committed or not
     result: asyncio.Future[int] | None = None  # set for writes a caller awaits (`run`)
+
+
+@dataclass(slots=True)
+class _Later:
+    """Writes made when their batch is assembled, by `make()`: [(sql, params), ...]."""
+
+    make: Callable[[], Iterable[tuple[str, Params]]]
+    done: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -115,6 +123,14 @@ class Writer:
         if self._queue.qsize() >= self.max_batch:
             self._urgent.set()
 
+    def put_later(self, make: Callable[[], Iterable[tuple[str, Params]]], *, done: Callable[[], None] | None = None) -> None:
+        """Queue writes whose rows `make()` builds when their batch is assembled, after the request
+        that recorded them has been answered. `done` is called once they are committed (or dropped)."""
+        self._check_open()
+        self._queue.put_nowait(_Later(make, done))
+        if self._queue.qsize() >= self.max_batch:
+            self._urgent.set()
+
     async def run(self, sql: str, params: Params = ()) -> int:
         """Write now and wait for the commit; errors reach the caller. Returns the rows changed."""
         self._check_open()
@@ -170,7 +186,12 @@ class Writer:
                     batch.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            writes = [item for item in batch if isinstance(item, Write)]
+            writes: list[Write] = []
+            for item in batch:
+                if isinstance(item, Write):
+                    writes.append(item)
+                elif isinstance(item, _Later):
+                    writes += self._made(item)
             if writes:
                 await self._commit(writes)
             for item in batch:
@@ -237,6 +258,21 @@ class Writer:
         finally:
             cursor.close()
         return counts
+
+    def _made(self, later: _Later) -> list[Write]:
+        try:
+            writes = [Write(sql, params) for sql, params in later.make()]
+        except Exception as error:  # a bug in a row builder loses its rows, never the batch
+            self.stats.failed += 1
+            self.stats.errors.append(f"{type(error).__name__}: {error} while making rows")
+            log.exception("store writer: could not make rows")
+            writes = []
+        if later.done is not None:
+            if writes:
+                writes[-1].done = later.done
+            else:
+                later.done()
+        return writes
 
     def _failed(self, write: Write, error: sqlite3.Error) -> None:
         self.stats.failed += 1
