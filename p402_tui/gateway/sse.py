@@ -48,10 +48,12 @@ def bus_event_frame(event: Any) -> bytes:
 class EventStreamResponse:
     """An ASGI response streaming `frames`; a client disconnect (or `stop`) ends it early.
 
-    The frames are produced in a task of their own and written by this one, so frames
-    that are ready together leave in one write: an upstream read often carries many
-    chunks, and each write is a system call plus a wake-up of the client. The first
-    frame goes out on its own, so time to first token is not held back.
+    The first frame goes out with the headers, before anything else is started: both
+    users have it ready at once (a chat stream's first chunk is read before the answer
+    begins, so a refusal can still be an HTTP error), and time to first token waits for
+    nothing. The rest are produced in a task of their own and written by this one, so
+    frames that are ready together leave in one write: an upstream read often carries
+    many chunks, and each write is a system call plus a wake-up of the client.
     """
 
     def __init__(
@@ -71,20 +73,21 @@ class EventStreamResponse:
 
         async def produce() -> None:
             try:
-                first = True
                 async for frame in self.frames:
                     ready.append(frame)
                     wake.set()
-                    if first:
-                        first = False
-                        await asyncio.sleep(0)  # let the writer send it before the next upstream chunk is parsed
             finally:
                 wake.set()
 
-        producer = asyncio.create_task(produce())
-        watcher = asyncio.create_task(self._end_early(receive, producer))
+        producer: asyncio.Task[None] | None = None
+        watcher: asyncio.Task[None] | None = None
         try:
+            first = await anext(self.frames, None)
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+            producer = asyncio.create_task(produce())
+            watcher = asyncio.create_task(self._end_early(receive, producer))
             while True:
                 await wake.wait()
                 wake.clear()
@@ -97,8 +100,9 @@ class EventStreamResponse:
             if not producer.cancelled():
                 producer.result()  # a failure inside the frames is a failure of the response
         finally:
-            watcher.cancel()
-            if not producer.done():
+            if watcher is not None:
+                watcher.cancel()
+            if producer is not None and not producer.done():
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
             aclose = getattr(self.frames, "aclose", None)
