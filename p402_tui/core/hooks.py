@@ -9,11 +9,10 @@ dry-run CLI). Hooks that write must not make the request wait: they enqueue.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .types import Attempt, ChatRequest, ChatResponse
+from .types import Attempt, ChatRequest, ChatResponse, new_id
 
 
 @dataclass(slots=True)
@@ -54,7 +53,7 @@ class CallContext:
     cache: bool = True
     api_key_id: str | None = None
     source: str = "cli"  # cli | gateway | console | demo
-    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:20]}")
+    request_id: str = field(default_factory=lambda: new_id("req", 10))
 
     def cache_namespace(self) -> str:
         return self.namespace or self.session_id or self.api_key_id or "default"

@@ -8,8 +8,8 @@ path, once per token, and only turned into OpenAI-shaped dicts when they leave.
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -284,8 +284,9 @@ class P402Meta:
         }
 
 
-def new_id(prefix: str = "chatcmpl") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def new_id(prefix: str = "chatcmpl", size: int = 12) -> str:
+    """A random id, `size` bytes as hex: as random as uuid4's, at a quarter of its cost (ids are made per request)."""
+    return f"{prefix}-{os.urandom(size).hex()}"
 
 
 @dataclass(slots=True)
