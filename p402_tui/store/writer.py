@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class _Flush:
 
 
 _STOP = object()
+MAKE_SLICE_S = 0.0003  # rows are made on the loop; at most this long before requests get a turn
 
 
 @dataclass(slots=True)
@@ -187,11 +189,15 @@ class Writer:
                 except asyncio.QueueEmpty:
                     break
             writes: list[Write] = []
+            began = time.perf_counter()
             for item in batch:
                 if isinstance(item, Write):
                     writes.append(item)
                 elif isinstance(item, _Later):
                     writes += self._made(item)
+                    if time.perf_counter() - began > MAKE_SLICE_S:
+                        await asyncio.sleep(0)  # let waiting requests through: a batch's rows are milliseconds of work
+                        began = time.perf_counter()
             if writes:
                 await self._commit(writes)
             for item in batch:
