@@ -80,6 +80,7 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
         gateway.app(),
         log_level="warning",
         access_log=False,  # per-request logging costs more CPU than the gateway's own work
+        proxy_headers=False,  # nothing here reads the client address: skip rewriting it from X-Forwarded-For
         lifespan="off",
         server_header=False,
         timeout_graceful_shutdown=grace_s,
