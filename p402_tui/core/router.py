@@ -408,32 +408,43 @@ class _Vectors:
 class _Ranking:
     """Everything a decision needs to build its candidates and exclusions later."""
 
-    __slots__ = ("router", "entry", "cost", "key", "bad", "masks", "chosen", "ot", "live", "_order", "_cost_n", "_vectors")
+    __slots__ = (
+        "router", "entry", "cost", "_key", "bad", "masks", "chosen", "prompt_tokens", "ot", "live",
+        "_order", "_cost_n", "_vectors",
+    )  # fmt: skip
 
     def __init__(
         self,
         router: Router,
         entry: _Entry,
         cost: np.ndarray,
-        key: np.ndarray,
+        key: np.ndarray | None,
         bad: np.ndarray | None,
         masks: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None],
         chosen: int,
+        prompt_tokens: int,
         ot: int,
         live: tuple[np.ndarray, np.ndarray, np.ndarray],
     ) -> None:
         self.router = router
         self.entry = entry
         self.cost = cost
-        self.key = key
+        self._key = key  # None until first read, for a pinned decision
         self.bad = bad
         self.masks = masks
         self.chosen = chosen
+        self.prompt_tokens = prompt_tokens
         self.ot = ot
         self.live = live
         self._order: list[int] | None = None
         self._cost_n: np.ndarray | None = None
         self._vectors: _Vectors | None = None
+
+    @property
+    def key(self) -> np.ndarray:
+        if self._key is None:
+            self._key = self.router._key(self.entry, self.cost, self.bad, self.prompt_tokens, self.ot, self.live)
+        return self._key
 
     def order(self) -> list[int]:
         """Eligible positions, best first (equal keys: smallest id first)."""
@@ -871,6 +882,33 @@ class Router:
                 bad = mask if bad is None else bad | mask
 
         live = (self._ttft, self._mspt, self._health)
+        if entry.pin is not None:
+            chosen = entry.pin if entry.pin >= 0 and (bad is None or not bad[entry.pin]) else -1
+            # The others are ranked when first asked for: a pinned call needs them only to fail
+            # over and for its record, which is written after the answer has gone.
+            key = None
+        else:
+            key = self._key(entry, cost, bad, prompt_tokens, ot, live)
+            chosen = int(key.argmin()) if len(key) else -1
+            if chosen >= 0 and key[chosen] == np.inf:
+                chosen = -1
+        return RouteDecision._decided(
+            f"dec-{self._id_prefix}-{next(self._ids_counter)}",
+            time.time(),
+            mode,
+            prompt_tokens,
+            ot,
+            (time.perf_counter_ns() - started) / 1000,
+            options,
+            (self, entry, cost, key, bad, (ctx_bad, out_bad, cost_bad), chosen, prompt_tokens, ot, live),
+        )
+
+    def _key(
+        self, entry: _Entry, cost: np.ndarray, bad: np.ndarray | None, prompt_tokens: int, ot: int,
+        live: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ) -> np.ndarray:
+        """Each model's sort key in the entry's mode (lower is better; filtered out: inf)."""
+        mode = entry.mode
         marked = bad is not None or entry.prefer_penalty is not None  # the key is written to below
         if mode == "cost":
             key = cost.copy() if marked else cost  # `cost` itself stays the estimate
@@ -900,25 +938,7 @@ class Router:
             key += entry.prefer_penalty
         if bad is not None:
             key[bad] = np.inf
-
-        if entry.pin is not None:
-            chosen = entry.pin if entry.pin >= 0 and (bad is None or not bad[entry.pin]) else -1
-        elif len(key):
-            chosen = int(key.argmin())
-            if key[chosen] == np.inf:
-                chosen = -1
-        else:
-            chosen = -1
-        return RouteDecision._decided(
-            f"dec-{self._id_prefix}-{next(self._ids_counter)}",
-            time.time(),
-            mode,
-            prompt_tokens,
-            ot,
-            (time.perf_counter_ns() - started) / 1000,
-            options,
-            (self, entry, cost, key, bad, (ctx_bad, out_bad, cost_bad), chosen, ot, live),
-        )
+        return key
 
     def _prompt(self, request: ChatRequest) -> tuple[int, int]:
         """(prompt tokens, capability bits the request needs), counted once per distinct prompt."""
