@@ -106,6 +106,10 @@ class Adapter:
             sock_connect=provider.connect_timeout_s,
             sock_read=provider.timeout_s,  # between reads, so a stream that stalls mid-answer times out too
         )
+        # A whole answer has one deadline: one timer a call, where sock_read re-arms one on every read.
+        self.answer_timeout = aiohttp.ClientTimeout(
+            total=provider.timeout_s, connect=provider.timeout_s, sock_connect=provider.connect_timeout_s
+        )
         self.tls = tls_context()  # loaded here, not on the first request
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
@@ -235,17 +239,21 @@ class Adapter:
         return url
 
     async def send(
-        self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None
+        self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
         """Send a request (a JSON body when `payload` is given); connection failures raised as our errors.
 
-        The caller reads the response and closes it.
+        The caller reads the response and closes it. `timeout`: the session's (for streams) unless given.
         """
+        timeout = timeout or self.timeout
         try:
             if payload is None:
-                return await self.session.request(method, self.url(path), params=params)
+                return await self.session.request(method, self.url(path), params=params, timeout=timeout)
             body = json_bytes(payload)
-            return await self.session.request(method, self.url(path), params=params, data=body, headers=JSON_HEADERS)
+            return await self.session.request(
+                method, self.url(path), params=params, data=body, headers=JSON_HEADERS, timeout=timeout
+            )
         except TRANSPORT_ERRORS as error:
             raise self.transport_error(error, model) from None
 
@@ -294,7 +302,7 @@ class Adapter:
         self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None
     ) -> Any:
         """A JSON answer; transport failures, error statuses and non-JSON bodies raised as our errors."""
-        response = await self.send(method, path, model, payload, params=params)
+        response = await self.send(method, path, model, payload, params=params, timeout=self.answer_timeout)
         try:
             body = await self.read_body(response, model)
         finally:

@@ -12,7 +12,6 @@ runs once per token for every streamed answer, so it builds no pydantic models.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -26,7 +25,6 @@ from ..core.errors import (
     MalformedResponseError,
     ProviderError,
     StreamInterruptedError,
-    TimeoutError as UpstreamTimeout,
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, json_value, new_id
@@ -97,14 +95,7 @@ class OpenAICompatAdapter(Adapter):
 
     async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
         model = self.wire_model(request, model)
-        body = self.payload(request, model, stream=False)
-        try:
-            async with asyncio.timeout(self.provider.timeout_s):
-                data = await self.post_json("/chat/completions", body, model)
-        except TimeoutError:  # the builtin one, from asyncio.timeout
-            raise UpstreamTimeout(
-                f"no answer within {self.provider.timeout_s:g}s", phase="read", provider=self.id, model=model
-            ) from None
+        data = await self.post_json("/chat/completions", self.payload(request, model, stream=False), model)
         return self.parse_completion(data, model)
 
     def parse_completion(self, data: Any, model: str) -> ChatResponse:
