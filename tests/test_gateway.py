@@ -547,3 +547,29 @@ async def test_api_v2_chat_is_the_same_route(http):
 async def test_refuses_a_non_loopback_address_without_keys(runtime):
     with pytest.raises(ConfigError, match="without gateway keys"):
         await runtime.serve_gateway("0.0.0.0", 0)
+
+
+async def test_the_gateway_socket_gets_no_delay_on_asyncio_s_own_loop():
+    """asyncio sets TCP_NODELAY only on sockets that say they are TCP; without it every answer's
+    body waited for the client's delayed ACK (~40 ms a request on asyncio's loop, as in the console)."""
+    import socket
+
+    from p402_tui.gateway.server import _bind
+
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[int] = loop.create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    server = await loop.create_server(Probe, sock=_bind("127.0.0.1", 0))
+    try:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(accepted, 5) == 1
+        writer.close()
+    finally:
+        server.close()
