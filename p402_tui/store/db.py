@@ -8,7 +8,6 @@ transaction, so a half-migrated file cannot exist.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -195,26 +194,15 @@ class StoreError(P402Error):
 
 
 async def connect(path: Path | str) -> aiosqlite.Connection:
-    """An open, migrated connection in autocommit mode (transactions are explicit)."""
+    """An open, migrated connection in autocommit mode (transactions are explicit), for reads."""
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
-    except (OSError, aiosqlite.Error) as error:
+    except OSError as error:
         raise StoreError(f"cannot open database {path}: {error}") from None
+    # aiosqlite.connect() is this with sqlite3.connect; the pragmas run on aiosqlite's thread too.
+    conn = await aiosqlite.Connection(lambda: open_sync(path), iter_chunk_size=64)
     try:
-        try:
-            for pragma in PRAGMAS:
-                for attempt in range(PRAGMA_TRIES):
-                    try:
-                        await conn.execute(pragma)
-                        break
-                    except aiosqlite.OperationalError as error:
-                        if not is_busy(error) or attempt == PRAGMA_TRIES - 1:
-                            raise
-                        await asyncio.sleep(0.02)
-        except aiosqlite.DatabaseError as error:
-            raise StoreError(f"cannot use database {path}: {error}") from None
         await migrate(conn, path)
     except BaseException:
         await conn.close()
@@ -224,7 +212,7 @@ async def connect(path: Path | str) -> aiosqlite.Connection:
 
 
 def open_sync(path: Path | str) -> sqlite3.Connection:
-    """A plain connection to a migrated file, in autocommit mode, for the thread that will use it alone."""
+    """A plain connection in autocommit mode with our pragmas, for the one thread that will use it."""
     try:
         conn = sqlite3.connect(path, isolation_level=None)
     except sqlite3.Error as error:

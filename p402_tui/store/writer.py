@@ -4,8 +4,9 @@ Requests never wait for SQLite: hooks `put` a statement on a queue and return.
 The writer gathers what arrived within `interval` (at most 100 ms by design) and
 commits it as one transaction, so a process killed mid-burst leaves either a
 whole batch or none of it. A batch crosses to the writer's own thread once, as a
-whole: a hop per statement (aiosqlite's way) cost the gateway a quarter of its CPU. `flush()` waits until everything put before it is
-committed; `aclose()` flushes and stops.
+whole: a hop per statement (aiosqlite's way) cost the gateway a quarter of its CPU.
+`flush()` waits until everything put before it is committed; `aclose()` flushes
+and stops.
 """
 
 from __future__ import annotations
@@ -84,8 +85,7 @@ class Writer:
         max_batch: int = 2000,
         busy_retries: int = 20,
     ) -> None:
-        if not 0 <= interval <= 0.1:
-            raise ValueError("the writer flushes at least every 100 ms: interval must be within [0, 0.1]")
+        _check_interval(interval)
         self.conn = conn
         self.thread = thread
         self.interval = interval
@@ -100,8 +100,7 @@ class Writer:
     @classmethod
     async def open(cls, path: Path, *, interval: float = 0.05) -> Writer:
         """A writer on its own connection to `path` (already migrated), opened on its own thread."""
-        if not 0 <= interval <= 0.1:
-            raise ValueError("the writer flushes at least every 100 ms: interval must be within [0, 0.1]")
+        _check_interval(interval)  # before a thread and a connection exist to be leaked
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p402-store-writer")
         try:
             conn = await asyncio.get_running_loop().run_in_executor(thread, open_sync, path)
@@ -288,3 +287,8 @@ class Writer:
         message = f"{type(error).__name__}: {error} in {write.sql.split('(')[0].strip()}"
         self.stats.errors.append(message)
         log.error("store writer dropped a row: %s", message)
+
+
+def _check_interval(interval: float) -> None:
+    if not 0 <= interval <= 0.1:
+        raise ValueError("the writer flushes at least every 100 ms: interval must be within [0, 0.1]")
