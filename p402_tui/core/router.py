@@ -446,6 +446,20 @@ class _Ranking:
             self._key = self.router._key(self.entry, self.cost, self.bad, self.prompt_tokens, self.ot, self.live)
         return self._key
 
+    @property
+    def cost_n(self) -> np.ndarray:
+        """Each model's normalised cost score (1 the cheapest)."""
+        if self._cost_n is None:
+            self._cost_n = _log_score(self.cost + _COST_FLOOR)
+        return self._cost_n
+
+    @property
+    def vectors(self) -> _Vectors:
+        """The live figures this decision was ranked with."""
+        if self._vectors is None:
+            self._vectors = self.router._live_vectors(self.entry, self.ot, self.live)
+        return self._vectors
+
     def order(self) -> list[int]:
         """Eligible positions, best first (equal keys: smallest id first)."""
         if self._order is None:
@@ -458,12 +472,8 @@ class _Ranking:
         entry = self.entry
         router = self.router
         m = int(entry.idx[i])
-        if self._cost_n is None:
-            self._cost_n = _log_score(self.cost + _COST_FLOOR)
-            self._vectors = router._live_vectors(entry, self.ot, self.live)
-        vectors = self._vectors
-        assert vectors is not None
-        cost_n, q_n, s_n, h = float(self._cost_n[i]), float(entry.q_n[i]), float(vectors.speed[i]), float(vectors.health[i])
+        vectors = self.vectors
+        cost_n, q_n, s_n, h = float(self.cost_n[i]), float(entry.q_n[i]), float(vectors.speed[i]), float(vectors.health[i])
         mode = entry.mode
         if mode == "cost":
             score = cost_n
@@ -506,17 +516,6 @@ class _Ranking:
                 out.append(Excluded(ids[i], reason))
         out.sort(key=lambda e: e.id)
         return out
-
-    def _columns(self) -> tuple[np.ndarray, np.ndarray, _Vectors]:
-        """(score, normalised cost, live vectors): what `candidate` computes, for every model at once."""
-        entry = self.entry
-        if self._cost_n is None:
-            self._cost_n = _log_score(self.cost + _COST_FLOOR)
-            self._vectors = self.router._live_vectors(entry, self.ot, self.live)
-        vectors = self._vectors
-        assert vectors is not None
-        score = _score(entry.mode, self.router._weights, self._cost_n, entry.q_n, vectors.speed, vectors.health)
-        return score, self._cost_n, vectors
 
     def _record_order(self) -> np.ndarray:
         """Eligible positions, best first, the chosen one leading (a pin need not be the best)."""
@@ -561,31 +560,15 @@ class _Ranking:
 
     def encode(self, decision: RouteDecision) -> bytes:
         """The self-contained record (`P402dec1`): every column written out."""
-        score, cost_n, vectors = self._columns()
-        ranked = self._record_order()
-        bad_at, reasons = self._bad()
-        header = self._header(decision)
-        columns = (score, cost_n, self.entry.q_n, vectors.speed, vectors.health, self.cost, vectors.latency)
-        return b"".join(
-            (
-                _MAGIC,
-                struct.pack("<IIII", len(header), len(self.entry.idx), len(ranked), len(bad_at)),
-                header,
-                self._models_part(),
-                ranked.astype("<u2").tobytes(),
-                *(column.astype("<f8", copy=False).tobytes() for column in columns),
-                np.asarray(bad_at, dtype="<u2").tobytes(),
-                reasons,
-            )
-        )
+        entry, vectors = self.entry, self.vectors
+        score = _score(entry.mode, self.router._weights, self.cost_n, entry.q_n, vectors.speed, vectors.health)
+        columns = (score, self.cost_n, entry.q_n, vectors.speed, vectors.health, self.cost, vectors.latency)
+        return self._record(decision, _MAGIC, self._models_part(), columns)
 
     def encode_split(self, decision: RouteDecision) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
         """The record kept apart from its shared parts (`P402dec3`); see `RouteDecision.encode_apart`."""
-        entry = self.entry
+        entry, vectors = self.entry, self.vectors
         models = self._models_part()
-        if self._vectors is None:
-            self._vectors = self.router._live_vectors(entry, self.ot, self.live)
-        vectors = self._vectors
         if vectors.packed is None:
             packed = b"".join(
                 (
@@ -596,24 +579,27 @@ class _Ranking:
             )  # fmt: skip
             vectors.digest = hashlib.blake2b(packed, digest_size=_DIGEST_SIZE).digest()
             vectors.packed = packed
+        assert entry.digest is not None and vectors.digest is not None
+        record = self._record(decision, _MAGIC_SPLIT, entry.digest + vectors.digest, (self.cost,))
+        return record, [("models", entry.digest, models), ("vectors", vectors.digest, vectors.packed)]
+
+    def _record(self, decision: RouteDecision, magic: bytes, shared: bytes, columns: tuple[np.ndarray, ...]) -> bytes:
+        """A record's layout: sizes, header, the shared part (or its digests), ranking, columns, filtered-out."""
         ranked = self._record_order()
         bad_at, reasons = self._bad()
         header = self._header(decision)
-        assert entry.digest is not None and vectors.digest is not None
-        record = b"".join(
+        return b"".join(
             (
-                _MAGIC_SPLIT,
-                struct.pack("<IIII", len(header), len(entry.idx), len(ranked), len(bad_at)),
+                magic,
+                struct.pack("<IIII", len(header), len(self.entry.idx), len(ranked), len(bad_at)),
                 header,
-                entry.digest,
-                vectors.digest,
+                shared,
                 ranked.astype("<u2").tobytes(),
-                self.cost.astype("<f8", copy=False).tobytes(),
+                *(column.astype("<f8", copy=False).tobytes() for column in columns),
                 np.asarray(bad_at, dtype="<u2").tobytes(),
                 reasons,
             )
         )
-        return record, [("models", entry.digest, models), ("vectors", vectors.digest, vectors.packed)]
 
 
 def _score(
