@@ -103,17 +103,20 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _keyed(request: ChatRequest, options: RouteOptions | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What every key is made of: the route and answer-changing params, and each message's key."""
+    base = {"route": _route_key(request, options or RouteOptions()), "params": _params_key(request)}
+    return base, [_message_key(m) for m in request.messages]
+
+
 def exact_key(request: ChatRequest, options: RouteOptions | None = None) -> str:
     """`request_keys(...).exact` alone: the ledger's prompt key for a request the cache was not asked about."""
-    options = options or RouteOptions()
-    messages = [_message_key(m) for m in request.messages]
-    return _digest({"route": _route_key(request, options), "params": _params_key(request), "messages": messages})
+    base, messages = _keyed(request, options)
+    return _digest({**base, "messages": messages})
 
 
 def request_keys(request: ChatRequest, options: RouteOptions | None = None) -> RequestKeys:
-    options = options or RouteOptions()
-    messages = [_message_key(m) for m in request.messages]
-    base = {"route": _route_key(request, options), "params": _params_key(request)}
+    base, messages = _keyed(request, options)
     last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None)
     context = list(messages)
     prompt = ""

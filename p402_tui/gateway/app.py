@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error
 from ..core.events import AttemptFailed, CacheHit, HealthChanged, RequestCompleted, RouteDecided, SpendUpdated
-from ..core.types import ChatChunk, ChatRequest
+from ..core.types import ChatChunk, ChatRequest, json_bytes
 from . import errors, sse
 from .auth import GatewayAuth
 from .bodies import CompareBody, SessionCreate, SessionPatch, parse_chat, validate
@@ -46,7 +46,7 @@ EVENT_KINDS = frozenset(
 
 
 def json_response(data: Any, status: int = 200) -> Response:
-    return Response(sse.dumps(data), status_code=status, media_type="application/json")
+    return Response(json_bytes(data), status_code=status, media_type="application/json")
 
 
 def guarded(handler: Handler) -> Handler:
@@ -153,7 +153,7 @@ class Gateway:
         if chat.stream:
             return await self._stream(chat, options, ctx)
         response = await self.orchestrator.complete(chat, options, ctx)
-        return Response(sse.dumps(response.to_openai()), media_type="application/json")
+        return Response(json_bytes(response.to_openai()), media_type="application/json")
 
     async def _stream(self, chat: ChatRequest, options: Any, ctx: Any) -> Any:
         stream = self.orchestrator.stream(chat, options, ctx)
@@ -353,7 +353,7 @@ class Gateway:
 
     async def openapi(self, request: Request) -> Any:
         if self._openapi is None:
-            self._openapi = sse.dumps(build_openapi())
+            self._openapi = json_bytes(build_openapi())
         return Response(self._openapi, media_type="application/json")
 
     # --- the app --------------------------------------------------------------------------------
@@ -469,8 +469,8 @@ async def _chunk_frames(stream: Any, first: ChatChunk | None, include_usage: boo
     # Most chunks carry only text: their frame is this template around the text's JSON,
     # byte for byte what `frame` makes of them, without a dict per chunk.
     text_head = (
-        b'data: {"id":' + sse.dumps(chunk_id) + b',"object":"chat.completion.chunk","created":' + sse.dumps(created)
-        + b',"model":' + sse.dumps(model) + b',"choices":[{"index":0,"delta":{"content":'
+        b'data: {"id":' + json_bytes(chunk_id) + b',"object":"chat.completion.chunk","created":' + json_bytes(created)
+        + b',"model":' + json_bytes(model) + b',"choices":[{"index":0,"delta":{"content":'
     )  # fmt: skip
     text_tail = b'},"finish_reason":null}]}\n\n'
 
@@ -480,7 +480,7 @@ async def _chunk_frames(stream: Any, first: ChatChunk | None, include_usage: boo
             meta is None and role is None and chunk.content and not chunk.role and not chunk.reasoning
             and not chunk.tool_calls and not chunk.extra and chunk.finish_reason is None
         ):  # fmt: skip
-            return text_head + sse.dumps(chunk.content) + text_tail
+            return text_head + json_bytes(chunk.content) + text_tail
         data = chunk.to_openai(id=chunk_id, model=model, created=created)
         data.pop("usage", None)  # usage goes in its own final chunk, as OpenAI sends it
         if role is not None:

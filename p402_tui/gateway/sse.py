@@ -27,15 +27,12 @@ _HEADERS = [
 ]
 
 
-dumps = json_bytes
-
-
 def data_frame(data: Any) -> bytes:
-    return b"data: " + dumps(data) + b"\n\n"
+    return b"data: " + json_bytes(data) + b"\n\n"
 
 
 def event_frame(kind: str, data: Any) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + dumps(data) + b"\n\n"
+    return b"event: " + kind.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
 
 
 def bus_event_frame(event: Any) -> bytes:
