@@ -122,6 +122,29 @@ async def test_stream_reports_the_usage_the_simulator_sent(pid, fresh_sim, catal
     assert chunks[0].role == "assistant"
 
 
+async def test_a_stream_comes_in_the_batches_it_was_read_in(adapters):
+    """The latency-free simulator flushes an answer in one write: its chunks come as one list, not one by one."""
+    adapter = adapters("openai")
+    request = ask(max_tokens=40)
+    batches = [batch async for batch in adapter.stream_batches(request, model=MODELS["openai"])]
+    chunks, _ = await collect(adapter, request, MODELS["openai"])
+    assert all(batches) and max(len(batch) for batch in batches) > 5
+    flat = [chunk for batch in batches for chunk in batch]
+    assert [(c.role, c.content, c.finish_reason, c.usage) for c in flat] == [
+        (c.role, c.content, c.finish_reason, c.usage) for c in chunks
+    ]
+
+
+async def test_an_error_event_read_with_content_lets_the_content_through_first(adapters, control):
+    """Content that arrived in the same read as an error event still reaches the caller before the error."""
+    await control(provider="openai", kind="error", status=502, after_tokens=3)
+    seen: list[str] = []
+    with pytest.raises(errors.StreamInterruptedError):
+        async for batch in adapters("openai").stream_batches(ask(), model=MODELS["openai"]):
+            seen += [chunk.content for chunk in batch]
+    assert len(seen) == 3
+
+
 @pytest.mark.parametrize("pid", PROVIDERS)
 async def test_streamed_and_plain_twins_are_billed_the_same(pid, catalog, adapters):
     adapter = adapters(pid)

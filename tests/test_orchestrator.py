@@ -147,6 +147,21 @@ async def collect(stream) -> list:
     return [chunk async for chunk in stream]
 
 
+async def test_a_stream_read_in_batches_carries_the_same_chunks(orchestrator):
+    """`batches()` hands on what arrived together; joined up it is what per-chunk reading gives."""
+    request = ask(stream=True, max_tokens=40)
+    options = options_from(model="openai/gpt-4o-mini")
+    stream = orchestrator.stream(request, options)
+    async with stream:
+        batches = [batch async for batch in stream.batches()]
+    chunks = await collect(orchestrator.stream(request, options))
+    flat = [chunk for batch in batches for chunk in batch]
+    assert len(batches) < len(flat) and all(batches)
+    assert flat[0].role == "assistant" and flat[0].content  # the held preamble leads the first content
+    assert [(c.content, c.finish_reason, c.usage) for c in flat] == [(c.content, c.finish_reason, c.usage) for c in chunks]
+    assert stream.meta.ttft_ms is not None and stream.meta.cost_usd > 0
+
+
 async def test_a_stream_cut_before_its_first_token_fails_over_unseen(orchestrator, sim):
     fastest = winner(orchestrator, "speed", ask(stream=True))
     sim.state.add_fault(Fault(provider=fastest.provider, kind="disconnect", after_tokens=0))

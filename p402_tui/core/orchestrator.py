@@ -19,7 +19,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from .catalog import ModelSpec
@@ -50,6 +51,7 @@ class ChatStream:
     `meta` fills in as the stream goes (provider and model once content flows, cost
     and latency after the last chunk); `decision` is the routing decision. Use it as
     `async with` or call `aclose()` to stop early: the upstream is closed at once.
+    A consumer that writes chunks on in bulk reads `batches()` instead (not both).
     """
 
     def __init__(self, orchestrator: Orchestrator, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> None:
@@ -58,16 +60,23 @@ class ChatStream:
         self.request_id = ctx.request_id
         self.meta = P402Meta(provider="", model="")
         self.decision: RouteDecision | None = None
-        self._chunks = orchestrator._stream(self, request, options, ctx)
+        self._batches = orchestrator._stream(self, request, options, ctx)
+        self._pending: deque[ChatChunk] = deque()
+
+    def batches(self) -> AsyncIterator[list[ChatChunk]]:
+        """The chunks in the lists they arrived in from upstream: one hop per read, not per chunk."""
+        return self._batches
 
     def __aiter__(self) -> ChatStream:
         return self
 
-    def __anext__(self) -> Awaitable[ChatChunk]:
-        return self._chunks.__anext__()  # the generator's own awaitable: no extra frame per chunk
+    async def __anext__(self) -> ChatChunk:
+        while not self._pending:
+            self._pending.extend(await self._batches.__anext__())
+        return self._pending.popleft()
 
     async def aclose(self) -> None:
-        await self._chunks.aclose()
+        await self._batches.aclose()
 
     async def __aenter__(self) -> ChatStream:
         return self
@@ -151,7 +160,7 @@ class _Plan:
 class _Flow:
     """One streamed attempt as it goes."""
 
-    __slots__ = ("spec", "prompt_tokens", "started", "text", "usage", "ttft_ms", "finish_reason")
+    __slots__ = ("spec", "prompt_tokens", "started", "text", "usage", "ttft_ms", "finish_reason", "held")
 
     def __init__(self, spec: ModelSpec, prompt_tokens: int) -> None:
         self.spec = spec
@@ -161,6 +170,29 @@ class _Flow:
         self.usage: Usage | None = None
         self.ttft_ms: float | None = None
         self.finish_reason: str | None = None
+        self.held: list[ChatChunk] = []  # a role-only preamble, held back while the attempt may still fail over
+
+    def take(self, batch: list[ChatChunk], meta: P402Meta, started: float) -> list[ChatChunk]:
+        """What of one upstream batch goes on to the caller; the first real chunk marks the first token."""
+        out: list[ChatChunk] = []
+        for chunk in batch:
+            if chunk.usage is not None:
+                self.usage = chunk.usage
+            if self.ttft_ms is None:
+                if not (chunk.content or chunk.reasoning or chunk.tool_calls or chunk.finish_reason):
+                    self.held.append(chunk)
+                    continue
+                now = time.perf_counter()
+                self.ttft_ms = (now - self.started) * 1000
+                meta.provider, meta.model = self.spec.provider, self.spec.model
+                meta.ttft_ms = (now - started) * 1000
+                out += self.held
+            if chunk.content:
+                self.text.append(chunk.content)
+            if chunk.finish_reason:
+                self.finish_reason = chunk.finish_reason
+            out.append(chunk)
+        return out
 
     def final_usage(self) -> Usage:
         """The provider's usage; our own count when the stream ended without one."""
@@ -331,7 +363,7 @@ class Orchestrator:
 
     async def _stream(
         self, handle: ChatStream, request: ChatRequest, options: RouteOptions, ctx: CallContext
-    ) -> AsyncGenerator[ChatChunk, None]:
+    ) -> AsyncGenerator[list[ChatChunk], None]:
         started = time.perf_counter()
         record = self._record(ctx, stream=True)
         plan: _Plan | None = None
@@ -342,8 +374,7 @@ class Orchestrator:
             if cached is not None:
                 finished = True
                 handle.meta = cached.p402  # type: ignore[assignment]
-                for chunk in _replay(cached):
-                    yield chunk
+                yield _replay(cached)
                 return
             decision = self._decide(request, options)
             handle.decision = decision
@@ -354,27 +385,13 @@ class Orchestrator:
             handle.meta.attempts = plan.attempts
             while (spec := plan.next()) is not None:
                 flow = _Flow(spec, decision.prompt_tokens)
-                upstream: AsyncIterator[ChatChunk] | None = None
-                held: list[ChatChunk] = []
+                upstream: AsyncIterator[list[ChatChunk]] | None = None
                 try:
-                    upstream = self.adapter(spec.provider).stream(request, model=spec.model)
-                    async for chunk in upstream:
-                        if chunk.usage is not None:
-                            flow.usage = chunk.usage
-                        if flow.ttft_ms is None:
-                            if not (chunk.content or chunk.reasoning or chunk.tool_calls or chunk.finish_reason):
-                                held.append(chunk)  # a role-only preamble: safe to hold back while we may still fail over
-                                continue
-                            flow.ttft_ms = (time.perf_counter() - flow.started) * 1000
-                            handle.meta.provider, handle.meta.model = spec.provider, spec.model
-                            handle.meta.ttft_ms = (time.perf_counter() - started) * 1000
-                            for early in held:
-                                yield early
-                        if chunk.content:
-                            flow.text.append(chunk.content)
-                        if chunk.finish_reason:
-                            flow.finish_reason = chunk.finish_reason
-                        yield chunk
+                    upstream = self.adapter(spec.provider).stream_batches(request, model=spec.model)
+                    async for batch in upstream:
+                        out = flow.take(batch, handle.meta, started)
+                        if out:
+                            yield out
                 except ProviderError as error:
                     latency_ms = (time.perf_counter() - flow.started) * 1000
                     self.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
@@ -396,14 +413,13 @@ class Orchestrator:
                         record, request, options, ctx, error.kind, str(error), plan, started,
                         spec=spec, usage=usage, cost=cost, ttft_ms=handle.meta.ttft_ms,
                     )
-                    yield ChatChunk(finish_reason="error", error={"kind": error.kind, "message": str(error)})
+                    yield [ChatChunk(finish_reason="error", error={"kind": error.kind, "message": str(error)})]
                     return
                 finally:
                     if upstream is not None:
                         await upstream.aclose()  # type: ignore[attr-defined]
-                if flow.ttft_ms is None:  # an empty answer is still an answer
-                    for early in held:
-                        yield early
+                if flow.ttft_ms is None and flow.held:  # an empty answer is still an answer
+                    yield flow.held
                 finished = True
                 self._stream_done(handle, flow, plan, record, request, options, ctx, started)
                 return

@@ -160,7 +160,7 @@ class Gateway:
         try:
             # Routing, budget and the first upstream byte happen here, so a refusal is still a
             # proper HTTP error rather than an event inside a 200 stream.
-            first = await stream.__anext__()
+            first = await stream.batches().__anext__()
         except StopAsyncIteration:
             first = None
         except BaseException:
@@ -456,8 +456,9 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return errors.error_response(500, "internal error in the gateway", code="internal_error")
 
 
-async def _chunk_frames(stream: Any, first: ChatChunk | None, include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI `chat.completion.chunk` frames; P402's meta rides on the finishing chunk.
+async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI `chat.completion.chunk` frames, those of one upstream batch in one piece;
+    P402's meta rides on the finishing chunk.
 
     A role-only preamble is folded into the first chunk with content, so the first
     frame a client sees carries the first token.
@@ -490,36 +491,43 @@ async def _chunk_frames(stream: Any, first: ChatChunk | None, include_usage: boo
             data["p402"] = meta
         return sse.data_frame(data)
 
+    tail: list[bytes] = []
     try:
         async with stream:
-            chunk = first
-            while chunk is not None:
-                if chunk.error is not None:
-                    yield sse.data_frame({"error": _stream_error(chunk.error)})
-                    yield sse.DONE
-                    return
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if chunk.finish_reason is not None:
-                    if finishing is not None:  # an earlier finish: pass it on as it came
-                        yield frame(finishing)
-                    finishing = chunk
-                elif chunk.content or chunk.reasoning or chunk.tool_calls or chunk.extra:
-                    yield frame(chunk)
-                elif chunk.role:
-                    role = chunk.role
-                chunk = await anext(stream, None)
+            batches = stream.batches()
+            batch = first
+            while batch is not None:
+                frames: list[bytes] = []
+                for chunk in batch:
+                    if chunk.error is not None:
+                        frames += (sse.data_frame({"error": _stream_error(chunk.error)}), sse.DONE)
+                        yield b"".join(frames)
+                        return
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chunk.finish_reason is not None:
+                        if finishing is not None:  # an earlier finish: pass it on as it came
+                            frames.append(frame(finishing))
+                        finishing = chunk
+                    elif chunk.content or chunk.reasoning or chunk.tool_calls or chunk.extra:
+                        frames.append(frame(chunk))
+                    elif chunk.role:
+                        role = chunk.role
+                if frames:
+                    yield frames[0] if len(frames) == 1 else b"".join(frames)
+                batch = await anext(batches, None)
             meta = stream.meta.to_dict()
             if finishing is not None:
-                yield frame(finishing, meta)
+                tail.append(frame(finishing, meta))
             if include_usage and usage is not None:
-                yield sse.data_frame(
+                tail.append(sse.data_frame(
                     {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
                      "choices": [], "usage": usage.to_openai(), "p402": meta}
-                )
+                ))  # fmt: skip
     except P402Error as error:
-        yield sse.data_frame(errors.error_body(errors.p402_status(error), error.message, code=error.kind))
-    yield sse.DONE
+        tail.append(sse.data_frame(errors.error_body(errors.p402_status(error), error.message, code=error.kind)))
+    tail.append(sse.DONE)
+    yield b"".join(tail)
 
 
 def _stream_error(error: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,15 @@ from ..core.errors import (
     error_for_status,
 )
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCallDelta, Usage, json_value, new_id
-from .base import TRANSPORT_ERRORS, Adapter, Headers, iter_sse, retry_after_seconds, with_first_token_timeout
+from .base import (
+    TRANSPORT_ERRORS,
+    Adapter,
+    Headers,
+    chunks_of,
+    retry_after_seconds,
+    sse_batches,
+    with_first_token_timeout,
+)
 
 # OpenAI models that take max_completion_tokens and refuse max_tokens (openai-python completion_create_params).
 MAX_COMPLETION_PREFIXES = ("o1", "o3", "o4", "gpt-5")
@@ -127,86 +135,44 @@ class OpenAICompatAdapter(Adapter):
         )
 
     def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
+        return chunks_of(self.stream_batches(request, model=model))
+
+    def stream_batches(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[list[ChatChunk]]:
         model = self.wire_model(request, model)
         if self.id == "ai21" and request.tools:
             # AI21 refuses stream=true with tools: ask for the whole answer and replay it as chunks.
-            chunks = self._replay(request, model)
+            batches = self._replay(request, model)
         else:
-            chunks = self._stream(self.payload(request, model, stream=True), model)
-        return with_first_token_timeout(chunks, self.provider.first_token_timeout_s, self.id, model)
+            batches = self._batches(self.payload(request, model, stream=True), model)
+        return with_first_token_timeout(batches, self.provider.first_token_timeout_s, self.id, model)
 
-    async def _replay(self, request: ChatRequest, model: str) -> AsyncIterator[ChatChunk]:
-        for chunk in _as_chunks(await self.complete(request, model=model)):
-            yield chunk
+    async def _replay(self, request: ChatRequest, model: str) -> AsyncIterator[list[ChatChunk]]:
+        yield _as_chunks(await self.complete(request, model=model))
 
-    async def _stream(self, body: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
-        started = False  # content has reached the caller
-        finished = False  # a finish_reason arrived
-        done = False  # [DONE] arrived
-        usage: Usage | None = None
-        extra: dict[str, Any] | None = None
-        loads = json_value
+    async def _batches(self, body: dict[str, Any], model: str) -> AsyncIterator[list[ChatChunk]]:
+        reader = _EventReader(self, model)
         try:
             async with self.open_stream("POST", "/chat/completions", model, body) as response:
                 if "text/event-stream" not in response.headers.get("content-type", "text/event-stream"):
                     # Some servers ignore stream=true (or fail inside a 200); take the whole answer.
                     data = _json_or_none(await response.read())
-                    for chunk in _as_chunks(self.parse_completion(data, model)):
-                        yield chunk
+                    yield _as_chunks(self.parse_completion(data, model))
                     return
-                async for _, data in iter_sse(response):
-                    if done:
-                        continue  # read to the end so the connection goes back to the pool
-                    if data == "[DONE]":
-                        done = True
-                        continue
-                    try:
-                        obj = loads(data)
-                    except ValueError:
-                        raise self._broken(f"unreadable stream event: {data[:80]!r}", model, started) from None
-                    if type(obj) is not dict:
-                        raise self._broken("stream event is not a JSON object", model, started)
-                    choices = obj.get("choices")
-                    if choices:
-                        choice = choices[0]
-                        delta = choice.get("delta") or _EMPTY
-                        content = delta.get("content") or ""
-                        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-                        calls = delta.get("tool_calls")
-                        finish = choice.get("finish_reason")
-                        if type(content) is list:
-                            content, thought = _content_and_thinking(content)
-                            content, reasoning = content or "", reasoning or thought or ""
-                        if content or reasoning or calls or finish:
-                            chunk = ChatChunk(content, reasoning, _tool_deltas(calls) if calls else None, finish)
-                            if not started:
-                                chunk.role = "assistant"
-                                started = True
-                            if finish:
-                                finished = True
-                            yield chunk
-                    elif obj.get("error") or obj.get("detail") or obj.get("object") == "error":
-                        # An answer that fails after it began arrives as an error event, status 200.
-                        error = self.error_from_body(obj, 502, model, status_from_code=True)
-                        if started:
-                            raise StreamInterruptedError(
-                                f"stream broke: {error.message}", provider=self.id, model=model, status=error.status
-                            )
-                        raise error
-                    raw_usage = obj.get("usage")
-                    if raw_usage:
-                        usage = usage_from(raw_usage)
-                    elif "x_groq" in obj and (obj["x_groq"] or _EMPTY).get("usage"):
-                        usage = usage_from(obj["x_groq"]["usage"])
-                    if "citations" in obj or "search_results" in obj:
-                        extra = _extras(obj)
+                async for events in sse_batches(response):
+                    at = 0
+                    while at < len(events) and not reader.done:  # after [DONE]: read on, so the connection is reused
+                        batch, error, at = reader.read(events, at)
+                        if batch:
+                            yield batch  # what came before a failure still reaches the caller
+                        if error is not None:
+                            raise error
         except TRANSPORT_ERRORS as error:
-            if not done:  # a connection lost while draining after [DONE] takes nothing from the answer
-                raise self.transport_error(error, model, started=started) from None
-        if not done and not finished:
-            raise self._broken("stream ended before the answer did", model, started)
-        if usage is not None or extra:
-            yield ChatChunk(usage=usage, extra=extra)
+            if not reader.done:  # a connection lost while draining after [DONE] takes nothing from the answer
+                raise self.transport_error(error, model, started=reader.started) from None
+        if not reader.done and not reader.finished:
+            raise self._broken("stream ended before the answer did", model, reader.started)
+        if reader.usage is not None or reader.extra:
+            yield [ChatChunk(usage=reader.usage, extra=reader.extra)]
 
     def _broken(self, message: str, model: str, started: bool) -> ProviderError:
         kind = StreamInterruptedError if started else MalformedResponseError
@@ -281,6 +247,81 @@ class OpenAICompatAdapter(Adapter):
 
 
 _EMPTY: dict[str, Any] = {}
+
+
+class _EventReader:
+    """One stream's events read into chunks, and what the stream has told so far."""
+
+    __slots__ = ("adapter", "model", "started", "finished", "done", "usage", "extra")
+
+    def __init__(self, adapter: OpenAICompatAdapter, model: str) -> None:
+        self.adapter = adapter
+        self.model = model
+        self.started = False  # content has reached the caller
+        self.finished = False  # a finish_reason arrived
+        self.done = False  # [DONE] arrived
+        self.usage: Usage | None = None
+        self.extra: dict[str, Any] | None = None
+
+    def read(
+        self, events: list[tuple[str | None, str]], at: int
+    ) -> tuple[list[ChatChunk], ProviderError | None, int]:
+        """The chunks of one read's events from `at` on, the error that ended them if one did, and
+        where to go on from. The first chunk with content comes alone, before the rest is parsed:
+        time to first token waits for nothing else."""
+        batch: list[ChatChunk] = []
+        adapter, model, loads = self.adapter, self.model, json_value
+        for at in range(at, len(events)):
+            data = events[at][1]
+            if data == "[DONE]":
+                self.done = True
+                break
+            try:
+                obj = loads(data)
+            except ValueError:
+                return batch, adapter._broken(f"unreadable stream event: {data[:80]!r}", model, self.started), at
+            if type(obj) is not dict:
+                return batch, adapter._broken("stream event is not a JSON object", model, self.started), at
+            choices = obj.get("choices")
+            if choices:
+                choice = choices[0]
+                delta = choice.get("delta") or _EMPTY
+                content = delta.get("content") or ""
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                calls = delta.get("tool_calls")
+                finish = choice.get("finish_reason")
+                if type(content) is list:
+                    content, thought = _content_and_thinking(content)
+                    content, reasoning = content or "", reasoning or thought or ""
+                if content or reasoning or calls or finish:
+                    chunk = ChatChunk(content, reasoning, _tool_deltas(calls) if calls else None, finish)
+                    if finish:
+                        self.finished = True
+                    batch.append(chunk)
+                    if not self.started:
+                        chunk.role = "assistant"
+                        self.started = True
+                        self._usage_and_extras(obj)
+                        return batch, None, at + 1
+            elif obj.get("error") or obj.get("detail") or obj.get("object") == "error":
+                # An answer that fails after it began arrives as an error event, status 200.
+                error = adapter.error_from_body(obj, 502, model, status_from_code=True)
+                if self.started:
+                    error = StreamInterruptedError(
+                        f"stream broke: {error.message}", provider=adapter.id, model=model, status=error.status
+                    )
+                return batch, error, at
+            self._usage_and_extras(obj)
+        return batch, None, len(events)
+
+    def _usage_and_extras(self, obj: dict[str, Any]) -> None:
+        raw_usage = obj.get("usage")
+        if raw_usage:
+            self.usage = usage_from(raw_usage)
+        elif "x_groq" in obj and (obj["x_groq"] or _EMPTY).get("usage"):
+            self.usage = usage_from(obj["x_groq"]["usage"])
+        if "citations" in obj or "search_results" in obj:
+            self.extra = _extras(obj)
 
 
 def usage_from(raw: dict[str, Any]) -> Usage:
