@@ -443,7 +443,10 @@ class _Ranking:
     @property
     def key(self) -> np.ndarray:
         if self._key is None:
-            self._key = self.router._key(self.entry, self.cost, self.bad, self.prompt_tokens, self.ot, self.live)
+            # Its own vectors: a record made after health moved on would compute them twice otherwise.
+            self._key = self.router._key(
+                self.entry, self.cost, self.bad, self.prompt_tokens, self.ot, self.live, self.vectors
+            )
         return self._key
 
     @property
@@ -891,9 +894,11 @@ class Router:
 
     def _key(
         self, entry: _Entry, cost: np.ndarray, bad: np.ndarray | None, prompt_tokens: int, ot: int,
-        live: tuple[np.ndarray, np.ndarray, np.ndarray],
+        live: tuple[np.ndarray, np.ndarray, np.ndarray], vectors: _Vectors | None = None,
     ) -> np.ndarray:
-        """Each model's sort key in the entry's mode (lower is better; filtered out: inf)."""
+        """Each model's sort key in the entry's mode (lower is better; filtered out: inf).
+
+        `vectors`: the live figures under `live`, when the caller has them already."""
         mode = entry.mode
         marked = bad is not None or entry.prefer_penalty is not None  # the key is written to below
         if mode == "cost":
@@ -901,7 +906,8 @@ class Router:
         elif mode == "quality":
             key = entry.q_key.copy() if marked else entry.q_key
         else:
-            vectors = self._live_vectors(entry, ot, live)
+            if vectors is None:
+                vectors = self._live_vectors(entry, ot, live)
             if mode == "speed":
                 key = vectors.latency.copy() if marked else vectors.latency
             else:
