@@ -475,6 +475,42 @@ async def test_a_stream_that_stalls_mid_answer_times_out(adapters, control):
     assert caught.value.phase == "read" and len(seen) == 3
 
 
+async def test_a_slow_stream_that_keeps_sending_outlives_the_idle_timeout(catalog):
+    """The idle timeout is between bytes, not for the whole answer: 1.2 s of tokens pass a 0.6 s limit."""
+    running = await start_sim(catalog, latency=True)
+    provider = Settings(ConfigFile(), catalog, env={}).point_at(running.url).providers["openai"]
+    adapter = make_adapter(replace(provider, timeout_s=0.6, first_token_timeout_s=5))
+    try:
+        started = time.perf_counter()
+        chunks = [c async for c in adapter.stream(ask("Tell me about routers in detail.", max_tokens=60), model="gpt-4o-mini")]
+        assert time.perf_counter() - started > 0.9 and chunks[-1].usage is not None
+    finally:
+        await adapter.aclose()
+        await running.stop()
+
+
+async def test_an_error_answer_whose_body_stalls_times_out(adapters):
+    """A 500 whose body never ends is cut by the idle timeout, as a stalled stream is."""
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    adapter = adapters("openai", base_url=f"http://127.0.0.1:{port}/v1", timeout_s=0.3, first_token_timeout_s=5)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(errors.TimeoutError) as caught:
+            async for _ in adapter.stream(ask(), model="gpt-4o-mini"):
+                pass
+        assert caught.value.phase == "read" and time.perf_counter() - started < 1.0
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("pid", PROVIDERS)
 async def test_disconnect_faults(pid, adapters, control, fresh_sim):
     await control(provider=pid, kind="disconnect", after_tokens=4)
