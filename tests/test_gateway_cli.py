@@ -86,6 +86,41 @@ def test_serve_finishes_in_flight_requests_and_flushes_the_store(tmp_path):
     assert rows == [("ok", "openai", "gpt-4o-mini")]
 
 
+def test_serve_ends_a_watching_event_stream_cleanly_when_it_stops(tmp_path):
+    """An attached console's event stream ends as a whole response on SIGTERM, not a cut connection."""
+    served = Served("--sim", "--db", str(tmp_path / "p402.db"))
+    seen: list[str] = []
+    outcome: list[BaseException | str] = []
+
+    def watch() -> None:
+        try:
+            with httpx.stream("GET", f"{served.url}/api/v2/events", timeout=30) as response:
+                for line in response.iter_lines():
+                    seen.append(line)
+            outcome.append("ended")
+        except BaseException as error:  # httpx.RemoteProtocolError when the body is cut short
+            outcome.append(error)
+
+    watcher = threading.Thread(target=watch)
+    try:
+        watcher.start()
+        deadline = time.monotonic() + 10
+        while ": subscribed" not in seen:
+            assert time.monotonic() < deadline and watcher.is_alive()
+            time.sleep(0.02)
+        assert httpx.post(f"{served.url}/v1/chat/completions", json=HELLO, timeout=30).status_code == 200
+        while not any(line.startswith("event: request_completed") for line in seen):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        started = time.monotonic()
+        code = served.stop(signal.SIGTERM)
+    finally:
+        watcher.join(30)
+    assert code == 0 and outcome == ["ended"], outcome
+    assert time.monotonic() - started < 10
+    assert not any("Traceback" in line for line in served.stderr)
+
+
 def test_serve_refuses_a_public_address_without_keys(tmp_path):
     result = run_cli("serve", "--sim", "--host", "0.0.0.0", "--port", "0", "--db", str(tmp_path / "p402.db"))
     assert result.returncode == 1

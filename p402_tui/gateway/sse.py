@@ -45,12 +45,16 @@ def bus_event_frame(event: Any) -> bytes:
 class EventStreamResponse:
     """An ASGI response streaming `frames`; a client disconnect (or `stop`) ends it early.
 
-    The first frame goes out with the headers, before anything else is started: both
-    users have it ready at once (a chat stream's first chunk is read before the answer
-    begins, so a refusal can still be an HTTP error), and time to first token waits for
-    nothing. The rest are produced in a task of their own and written by this one, so
-    frames that are ready together leave in one write: an upstream read often carries
-    many chunks, and each write is a system call plus a wake-up of the client.
+    Each item of `frames` is written as it comes: both producers already join what is
+    ready together into one item (a chat stream the chunks of one upstream read, the event
+    stream a burst of bus events), so a write is one system call and one wake-up of the
+    client. The first item goes out with the headers, before anything else is started:
+    a chat stream's first chunk is read before the answer begins (so a refusal can still
+    be an HTTP error), and time to first token waits for nothing. An item ending in
+    `data: [DONE]` is the last: it ends the response in the same write.
+
+    A watcher task waits for the client to go (or for `stop`) and cancels this one while
+    it streams; that closes the frames and, through them, the upstream call.
     """
 
     def __init__(
@@ -65,47 +69,43 @@ class EventStreamResponse:
         self.cleanup = cleanup  # runs last, even if the client left before the first frame was made
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ready: list[bytes] = []
-        wake = asyncio.Event()
-
-        async def produce() -> None:
-            try:
-                async for frame in self.frames:
-                    ready.append(frame)
-                    wake.set()
-            finally:
-                wake.set()
-
-        producer: asyncio.Task[None] | None = None
-        watcher: asyncio.Task[None] | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        streaming = False  # the watcher may cancel this task only while it streams
+        ended_early = False
         ended = False
+
+        async def watch() -> None:
+            nonlocal ended_early
+            await self._gone(receive)
+            if streaming:
+                ended_early = True
+                task.cancel()
+
+        watcher: asyncio.Task[None] | None = None
         try:
-            first = await anext(self.frames, None)
+            body = await anext(self.frames, None)
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-            if first is not None:
-                await send({"type": "http.response.body", "body": first, "more_body": True})
-            producer = asyncio.create_task(produce())
-            watcher = asyncio.create_task(self._end_early(receive, producer))
-            while True:
-                await wake.wait()
-                wake.clear()
-                # The last frames end the response in the same write: one system call fewer a stream.
-                last = producer.done() and not producer.cancelled() and producer.exception() is None
-                if ready:
-                    body = ready[0] if len(ready) == 1 else b"".join(ready)
-                    ready.clear()
-                    await send({"type": "http.response.body", "body": body, "more_body": not last})
-                    ended = last
-                if producer.done() and not ready:
-                    break
-            if not producer.cancelled():
-                producer.result()  # a failure inside the frames is a failure of the response
+            if body is not None:
+                ended = body.endswith(DONE)
+                await send({"type": "http.response.body", "body": body, "more_body": not ended})
+            if not ended:
+                streaming = True
+                watcher = asyncio.create_task(watch())
+                try:
+                    async for body in self.frames:
+                        ended = body.endswith(DONE)
+                        await send({"type": "http.response.body", "body": body, "more_body": not ended})
+                        if ended:
+                            break
+                except asyncio.CancelledError:
+                    if not ended_early or task.uncancel():
+                        raise  # a cancel of our own caller's, not the watcher's
+                finally:
+                    streaming = False
         finally:
             if watcher is not None:
                 watcher.cancel()
-            if producer is not None and not producer.done():
-                producer.cancel()
-                await asyncio.gather(producer, return_exceptions=True)
             aclose = getattr(self.frames, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -114,8 +114,8 @@ class EventStreamResponse:
         if not ended:  # after a disconnect uvicorn drops this; after a stop it ends the response properly
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _end_early(self, receive: Receive, producer: asyncio.Task[None]) -> None:
-        """Cancel the producer, and with it the upstream call, when the client goes or the server stops."""
+    async def _gone(self, receive: Receive) -> None:
+        """Return when the client has gone or the server stops."""
 
         async def disconnected() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -123,11 +123,10 @@ class EventStreamResponse:
 
         if self.stop is None:
             await disconnected()
-        else:
-            waiters = [asyncio.ensure_future(disconnected()), asyncio.ensure_future(self.stop.wait())]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
-        producer.cancel()
+            return
+        waiters = [asyncio.ensure_future(disconnected()), asyncio.ensure_future(self.stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
