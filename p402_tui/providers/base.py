@@ -53,8 +53,8 @@ JSON_HEADERS: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"
 # (builtin TimeoutError is one) and any reset that reaches us unwrapped.
 TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
 # Header names whose values are credentials: `RequestHeaders` keeps them out of reprs.
-_Item = TypeVar("_Item")  # a chunk, or a batch of them
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key"})
+_Item = TypeVar("_Item")  # what a stream yields: a chunk, or a batch of them
 
 
 @functools.cache
@@ -373,9 +373,7 @@ class _FirstTokenDeadline(Generic[_Item]):
             ) from None
 
     async def aclose(self) -> None:
-        aclose = getattr(self._iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose_iterator(self._iterator)
 
 
 async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str | None, str]]:
@@ -426,9 +424,7 @@ async def chunks_of(batches: AsyncIterator[list[ChatChunk]]) -> AsyncIterator[Ch
             for chunk in batch:
                 yield chunk
     finally:
-        aclose = getattr(batches, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose_iterator(batches)
 
 
 async def _one_each(chunks: AsyncIterator[ChatChunk]) -> AsyncIterator[list[ChatChunk]]:
@@ -436,9 +432,14 @@ async def _one_each(chunks: AsyncIterator[ChatChunk]) -> AsyncIterator[list[Chat
         async for chunk in chunks:
             yield [chunk]
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aclose_iterator(chunks)
+
+
+async def aclose_iterator(iterator: AsyncIterator[Any]) -> None:
+    """Close an async iterator that can be closed (a generator, a stream); others need nothing."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _event(block: bytes) -> tuple[str | None, str] | None:
