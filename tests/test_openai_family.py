@@ -584,7 +584,7 @@ async def test_a_connect_that_never_completes_is_a_connect_timeout(fresh_sim_set
     assert time.perf_counter() - started < 5
 
 
-CONNECTION_KEY = SimpleNamespace(host="api.openai.com", port=443, ssl=True)  # what aiohttp's connect errors name
+CONNECTION_KEY = SimpleNamespace(host="provider.invalid", port=443, ssl=True)  # what aiohttp's connect errors name (no connection is made)
 
 
 @pytest.mark.parametrize(
