@@ -514,7 +514,7 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
                     elif chunk.role:
                         role = chunk.role
                 if frames:
-                    yield frames[0] if len(frames) == 1 else b"".join(frames)
+                    yield b"".join(frames)  # one item: the same bytes, not a copy
                 batch = await anext(batches, None)
             meta = stream.meta.to_dict()
             if finishing is not None:
