@@ -18,6 +18,13 @@ LiteLLM, and prints JSON:
     python bench/gateway.py --duration 1 --skip-litellm
     python bench/gateway.py --litellm-venv DIR   # reuse (or create) LiteLLM's venv there
 
+Answers arrive all at once from a latency-free simulator, which is what the targets
+are set against. Real streams arrive token by token, one upstream read each, and a
+gateway pays per read; `--sim-speed` paces the simulator (20: twenty times a
+model's real speed) and `--max-tokens` makes the answers long enough to show it:
+
+    python bench/gateway.py --sim-speed 20 --max-tokens 200 --modes stream --concurrency 8
+
 Like shared/bench-litellm/run.sh, it re-runs itself in a loopback-only network
 namespace when the machine allows it, so nothing in the run can reach further.
 """
@@ -314,7 +321,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "bench": "gateway",
         "model": MODEL,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": args.max_tokens,
+        "sim_speed": args.sim_speed,  # None: no latency at all
         "duration_s_per_run": args.duration,
         "repeats": args.repeats,
         "max_requests_per_run": args.requests,
@@ -324,7 +332,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         sim_port = free_port()
-        sim = Child("p402 sim", [python, "-m", "p402_tui.cli", "sim", "--no-latency", "--port", str(sim_port)],
+        pace = ["--no-latency"] if args.sim_speed is None else ["--speed", str(args.sim_speed)]
+        sim = Child("p402 sim", [python, "-m", "p402_tui.cli", "sim", *pace, "--port", str(sim_port)],
                     scratch / "sim.log")
         children.append(sim)
         sim_url = f"http://127.0.0.1:{sim_port}"
@@ -377,7 +386,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 repeats: dict[str, list[dict[str, Any]]] = {t["name"]: [] for t in targets}
                 for _ in range(args.repeats):  # interleaved, so drift in the machine's load hits all alike
                     for target in targets:
-                        payload: dict[str, Any] = {"model": target["model"], "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+                        payload: dict[str, Any] = {"model": target["model"], "messages": MESSAGES,
+                                                   "max_tokens": args.max_tokens}
                         if stream:
                             payload.update(stream=True, stream_options={"include_usage": True})
                         measured = asyncio.run(
@@ -502,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per target, interleaved; medians are reported")
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)")
     parser.add_argument("--modes", default="plain,stream", help="plain, stream or both (default both)")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help=f"answer length (default {MAX_TOKENS})")
+    parser.add_argument("--sim-speed", type=float, help="pace the simulator this many times a model's real speed "
+                        "(default: no latency)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="gateways to measure, each its own process: "
                         + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
