@@ -84,6 +84,22 @@ def test_answer_changing_parameters_change_both_keys(params):
     assert changed.exact != plain.exact and changed.scope != plain.scope
 
 
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"temperature": 0.2}, {"temperature": 1}, {"top_p": 0.5, "max_tokens": 10, "seed": 7}, {"stop": "END"},
+     {"stop": ["\n", "END"]}, {"temperature": 1e-05}, {"response_format": {"type": "json_object"}},
+     {"frequency_penalty": 1.0, "max_tokens": 3}, {"user": "alice", "temperature": 0.0},
+     {"tools": [{"type": "function", "function": {"name": "lookup"}}], "tool_choice": "auto"}],
+)  # fmt: skip
+def test_the_parameters_key_is_what_model_dump_gives(params):
+    """Keys are stored (cache entries, the ledger's prompt keys): the fast path must not change one byte."""
+    from p402_tui.cache.semantic import ANSWER_PARAMS, NEUTRAL_EXTRAS, _params_key
+
+    request = ask("What is the capital of France?", **params)
+    extras = {name for name in (request.model_extra or {}) if name not in NEUTRAL_EXTRAS}
+    assert _params_key(request) == request.model_dump(include=ANSWER_PARAMS | extras, exclude_none=True, mode="json")
+
+
 def test_the_scope_is_everything_but_the_last_user_message():
     base = request_keys(ask("What is the capital of France?", system="Be brief."))
     other_question = request_keys(ask("Name France's capital", system="Be brief."))

@@ -43,6 +43,8 @@ log = logging.getLogger("p402.cache")
 EXACT, SEMANTIC = "exact", "semantic"
 # Request fields that change the answer; `stream` does not, so streamed and plain requests share entries.
 ANSWER_PARAMS = frozenset({"temperature", "top_p", "max_tokens", "tools", "tool_choice", "response_format", "seed", "stop"})
+# Of those, the ones that hold plain JSON values (numbers, strings, a list of strings).
+_PLAIN_PARAMS = ("temperature", "top_p", "max_tokens", "seed", "stop")
 # Unknown (extra) request fields are assumed to change the answer, except these.
 NEUTRAL_EXTRAS = frozenset({"user", "metadata", "cache", "store", "stream", "stream_options", "service_tier"})
 MINIMAL_PAIR_SPAN = 3
@@ -95,7 +97,11 @@ def _route_key(request: ChatRequest, options: RouteOptions) -> dict[str, Any]:
 
 def _params_key(request: ChatRequest) -> dict[str, Any]:
     extras = {name for name in (request.model_extra or {}) if name not in NEUTRAL_EXTRAS}
-    return request.model_dump(include=ANSWER_PARAMS | extras, exclude_none=True, mode="json")
+    if extras or request.tools is not None or request.tool_choice is not None or request.response_format is not None:
+        return request.model_dump(include=ANSWER_PARAMS | extras, exclude_none=True, mode="json")
+    # The usual request has plain values only: read as they are, they are what model_dump
+    # gives (a test holds the two equal), at a fifth of its cost on every cached request.
+    return {name: value for name in _PLAIN_PARAMS if (value := getattr(request, name)) is not None}
 
 
 # One encoder for every key: json.dumps with options builds a new one per call, a third of a key's cost.
