@@ -157,6 +157,13 @@ async def test_sessions_spend_and_winners_go_through_the_gateway_api(fresh_sim_s
             assert [s["id"] for s in sessions] == [session_id]
             assert sessions[0]["metadata"]["comparisons"][0]["winner"] == "groq/x"
             assert sessions[0]["requests"] == 1
+            detail = await source.session(session_id)  # the drill-down an attached console opens
+            assert detail["session"]["id"] == session_id
+            (ledger_row,) = detail["requests"]
+            assert ledger_row["session_id"] == session_id and ledger_row["status"] == "ok"
+            assert ledger_row["cost_usd"] == pytest.approx(response.json()["p402"]["cost_usd"])
+            assert [m["role"] for m in detail["messages"]] == ["user", "assistant"]
+            assert detail["messages"][0]["content"] == "charge it"
             summary = await source.summary()
             assert summary.requests_today == 1 and summary.today_usd == pytest.approx(response.json()["p402"]["cost_usd"])
             assert "chat" in str(await link.models()) or len(await link.models()) > 100

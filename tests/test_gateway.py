@@ -449,6 +449,28 @@ async def test_sessions_crud(http):
     assert_openai_error(await http.patch(f"/api/v2/sessions/{sid}", json={"status": "sleeping"}), 400)
 
 
+async def test_a_sessions_requests_and_messages(http):
+    sid = (await http.post("/api/v2/sessions", json={"name": "agent-2"})).json()["id"]
+    answers = []
+    for question in ("first question", "second question"):
+        body = {"model": PINNED, "messages": [{"role": "user", "content": question}], "p402": {"session_id": sid}}
+        answers.append((await http.post("/v1/chat/completions", json=body)).json())
+    requests = (await http.get(f"/api/v2/sessions/{sid}/requests")).json()
+    assert requests["object"] == "list" and len(requests["data"]) == 2
+    assert [r["session_id"] for r in requests["data"]] == [sid, sid]
+    assert requests["data"][0]["ts"] >= requests["data"][1]["ts"]  # newest first
+    assert sum(r["cost_usd"] for r in requests["data"]) == pytest.approx(sum(a["p402"]["cost_usd"] for a in answers))
+    assert (await http.get(f"/api/v2/sessions/{sid}/requests", params={"limit": 1})).json()["data"] == requests["data"][:1]
+    messages = (await http.get(f"/api/v2/sessions/{sid}/messages")).json()["data"]
+    assert [(m["role"], m["content"]) for m in messages][::2] == [("user", "first question"), ("user", "second question")]
+    assert [m["content"] for m in messages[1::2]] == [a["choices"][0]["message"]["content"] for a in answers]
+    assert messages[1]["model"] == PINNED
+    assert_openai_error(await http.get("/api/v2/sessions/ses-nope/requests"), 404, "session_not_found")
+    assert_openai_error(await http.get("/api/v2/sessions/ses-nope/messages"), 404, "session_not_found")
+    assert_openai_error(await http.get(f"/api/v2/sessions/{sid}/messages", params={"limit": 0}), 400)
+    assert_openai_error(await http.get(f"/api/v2/sessions/{sid}/requests", params={"limit": "all"}), 400)
+
+
 async def test_decisions_are_newest_first_with_candidates(http, sdk):
     first = await sdk.chat.completions.create(model="auto", messages=HELLO)
     second = await sdk.chat.completions.create(model="auto", messages=HELLO, extra_headers={"cache-control": "no-cache"})
@@ -533,7 +555,8 @@ async def test_health_metrics_and_openapi(http, sdk):
     assert {
         "/v1/chat/completions", "/api/v2/chat/completions", "/v1/models", "/api/v2/providers",
         "/api/v2/analytics/spend", "/api/v2/analytics/recommendations", "/api/v2/sessions",
-        "/api/v2/sessions/{session_id}", "/api/v2/decisions", "/api/v2/events", "/api/v2/cache", "/health",
+        "/api/v2/sessions/{session_id}", "/api/v2/sessions/{session_id}/requests",
+        "/api/v2/sessions/{session_id}/messages", "/api/v2/decisions", "/api/v2/events", "/api/v2/cache", "/health",
         "/metrics", "/openapi.json",
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]

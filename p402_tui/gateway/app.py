@@ -28,7 +28,15 @@ from ..core.events import AttemptFailed, CacheHit, HealthChanged, RequestComplet
 from ..core.types import ChatChunk, ChatRequest, json_bytes
 from . import errors, sse
 from .auth import GatewayAuth
-from .bodies import CompareBody, SessionCreate, SessionPatch, parse_chat, validate
+from .bodies import (
+    DECISION_RING,
+    SESSION_PAGE_MAX,
+    CompareBody,
+    SessionCreate,
+    SessionPatch,
+    parse_chat,
+    validate,
+)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
@@ -38,7 +46,6 @@ logger = logging.getLogger("p402.gateway")
 Handler = Callable[[Request], Awaitable[Any]]
 
 HEARTBEAT_S = 15.0
-DECISION_RING = 500
 SESSION_STATUSES = ("active", "paused", "closed")
 EVENT_KINDS = frozenset(
     kind.kind for kind in (RouteDecided, AttemptFailed, RequestCompleted, HealthChanged, SpendUpdated, CacheHit)
@@ -249,6 +256,26 @@ class Gateway:
 
         return json_response(await get_session(await self._fresh_store(), request.path_params["session_id"]))
 
+    async def session_requests(self, request: Request) -> Any:
+        from ..store.queries import recent_requests
+        from ..store.sessions import get_session
+
+        limit = _int_param(request, "limit", default=100, low=1, high=SESSION_PAGE_MAX)
+        store = await self._fresh_store()
+        session_id = request.path_params["session_id"]
+        await get_session(store, session_id)  # an unknown id is a 404, not an empty list
+        rows = await recent_requests(store, session_id=session_id, limit=limit)
+        return json_response({"object": "list", "data": rows})
+
+    async def session_messages(self, request: Request) -> Any:
+        from ..store.sessions import get_session, session_messages
+
+        limit = _int_param(request, "limit", default=200, low=1, high=SESSION_PAGE_MAX)
+        store = await self._fresh_store()
+        session_id = request.path_params["session_id"]
+        await get_session(store, session_id)
+        return json_response({"object": "list", "data": await session_messages(store, session_id, limit=limit)})
+
     async def update_session(self, request: Request) -> Any:
         from ..store.sessions import update_session
 
@@ -376,6 +403,8 @@ class Gateway:
             route("/api/v2/sessions/{session_id}", self.get_session, "GET"),
             route("/api/v2/sessions/{session_id}", self.update_session, "PATCH"),
             route("/api/v2/sessions/{session_id}", self.delete_session, "DELETE"),
+            route("/api/v2/sessions/{session_id}/requests", self.session_requests, "GET"),
+            route("/api/v2/sessions/{session_id}/messages", self.session_messages, "GET"),
             route("/api/v2/decisions", self.recent_decisions, "GET"),
             route("/api/v2/events", self.events, "GET"),
             route("/health", self.health, "GET"),

@@ -46,6 +46,11 @@ class P402Options(BaseModel):
     failover: Failover = Field(default_factory=Failover)
 
 
+# The most a list endpoint gives in one answer: recent decisions (the gateway keeps this many
+# in memory as well) and a session's requests or messages.
+DECISION_RING = 500
+SESSION_PAGE_MAX = 1000
+
 _NO_OPTIONS = P402Options()  # most bodies carry no `p402` object; only read, never changed
 
 

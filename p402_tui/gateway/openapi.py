@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..core.types import ChatRequest
-from .bodies import CompareBody, P402Options, SessionCreate, SessionPatch
+from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
 
 _REF = "#/components/schemas/{model}"
 
@@ -74,6 +74,11 @@ _PERIOD = {
     "schema": {"type": "string"},
 }
 _ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _limit(default: int, maximum: int = SESSION_PAGE_MAX) -> dict[str, Any]:
+    return {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": maximum,
+                                                       "default": default}}
 
 _CHAT = {
     "post": {
@@ -227,6 +232,38 @@ def build_openapi() -> dict[str, Any]:
                     "metadata": {"type": "object"},
                 },
             },
+            "LedgerRow": {
+                "type": "object",
+                "description": "One request as the spend ledger keeps it",
+                "properties": {
+                    **{name: {"type": "string"} for name in ("id", "status", "source")},
+                    **{
+                        name: {"type": ["string", "null"]}
+                        for name in ("session_id", "api_key_id", "tag", "mode", "provider", "model", "error_kind",
+                                     "error", "decision_id", "namespace", "needs", "prompt_key")
+                    },
+                    **{
+                        name: {"type": "integer"}
+                        for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+                    },
+                    **{name: {"type": "number"} for name in ("ts", "cost_usd", "saved_usd", "latency_ms")},
+                    **{name: {"type": ["number", "null"]} for name in ("est_cost_usd", "ttft_ms")},
+                    "cached": {"type": "boolean"},
+                    "stream": {"type": "boolean"},
+                    "attempts": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+            "SessionMessage": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "role": {"enum": ["user", "assistant"]},
+                    "content": {"type": "string"},
+                    "model": {"type": ["string", "null"], "description": "provider/model of an answer"},
+                    "request_id": {"type": ["string", "null"]},
+                    "ts": {"type": "number"},
+                },
+            },
         }
     )
     paths: dict[str, Any] = {
@@ -299,10 +336,26 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}), **_errors(401, 404)},
             },
         },
+        "/api/v2/sessions/{session_id}/requests": {
+            "parameters": [_ID],
+            "get": {
+                "summary": "The session's requests from the ledger, newest first",
+                "parameters": [_limit(100)],
+                "responses": {"200": _json(_list_of(_ref("LedgerRow"))), **_errors(400, 401, 404, 503)},
+            },
+        },
+        "/api/v2/sessions/{session_id}/messages": {
+            "parameters": [_ID],
+            "get": {
+                "summary": "The session's chat history (each answered request's question and answer), oldest first",
+                "parameters": [_limit(200)],
+                "responses": {"200": _json(_list_of(_ref("SessionMessage"))), **_errors(400, 401, 404, 503)},
+            },
+        },
         "/api/v2/decisions": {
             "get": {
                 "summary": "Recent router decisions with candidates and scores, newest first",
-                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                "parameters": [_limit(50, DECISION_RING)],
                 "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401)},
             }
         },

@@ -717,9 +717,13 @@ class RemoteSource:
         return await self.client.sessions()
 
     async def session(self, session_id: str) -> dict[str, Any]:
-        """The session; its requests and messages are not on the gateway's API, so those lists stay empty."""
-        session = await self.client.get_json(f"/api/v2/sessions/{session_id}")
-        return {"session": session, "requests": [], "messages": []}
+        base = f"/api/v2/sessions/{session_id}"
+        session, requests, messages = await asyncio.gather(
+            self.client.get_json(base),
+            self.client.get_json(f"{base}/requests", limit=200),
+            self.client.get_json(f"{base}/messages"),
+        )
+        return {"session": session, "requests": requests["data"], "messages": messages["data"]}
 
     async def decision(self, decision_id: str) -> dict[str, Any] | None:
         known = self.client.decisions.get(decision_id)
