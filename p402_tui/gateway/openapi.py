@@ -80,6 +80,18 @@ def _limit(default: int, maximum: int = SESSION_PAGE_MAX) -> dict[str, Any]:
     return {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": maximum,
                                                        "default": default}}
 
+
+def _session_list(summary: str, item: str, default_limit: int) -> dict[str, Any]:
+    """A list under one session: its path parameter, a limit, and 404 for an unknown session."""
+    return {
+        "parameters": [_ID],
+        "get": {
+            "summary": summary,
+            "parameters": [_limit(default_limit)],
+            "responses": {"200": _json(_list_of(_ref(item))), **_errors(400, 401, 404, 503)},
+        },
+    }
+
 _CHAT = {
     "post": {
         "summary": "Chat completion, routed by P402 (OpenAI-compatible)",
@@ -336,22 +348,14 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}), **_errors(401, 404)},
             },
         },
-        "/api/v2/sessions/{session_id}/requests": {
-            "parameters": [_ID],
-            "get": {
-                "summary": "The session's requests from the ledger, newest first",
-                "parameters": [_limit(100)],
-                "responses": {"200": _json(_list_of(_ref("LedgerRow"))), **_errors(400, 401, 404, 503)},
-            },
-        },
-        "/api/v2/sessions/{session_id}/messages": {
-            "parameters": [_ID],
-            "get": {
-                "summary": "The session's chat history (each answered request's question and answer), oldest first",
-                "parameters": [_limit(200)],
-                "responses": {"200": _json(_list_of(_ref("SessionMessage"))), **_errors(400, 401, 404, 503)},
-            },
-        },
+        "/api/v2/sessions/{session_id}/requests": _session_list(
+            "The session's requests from the ledger, newest first", "LedgerRow", 100
+        ),
+        "/api/v2/sessions/{session_id}/messages": _session_list(
+            "The session's chat history (each answered request's question and answer), oldest first",
+            "SessionMessage",
+            200,
+        ),
         "/api/v2/decisions": {
             "get": {
                 "summary": "Recent router decisions with candidates and scores, newest first",
