@@ -257,7 +257,7 @@ class RouteDecision:
         ranking = self._ranked()
         if ranking is None or self._candidates is not None:
             return len(self.candidates)
-        return int(np.count_nonzero(np.isfinite(ranking.key)))
+        return len(ranking.eligible)
 
     @property
     def excluded_count(self) -> int:
@@ -410,7 +410,7 @@ class _Ranking:
 
     __slots__ = (
         "router", "entry", "cost", "_key", "bad", "masks", "chosen", "prompt_tokens", "ot", "live",
-        "_order", "_cost_n", "_vectors",
+        "_eligible", "_order", "_cost_n", "_vectors",
     )  # fmt: skip
 
     def __init__(
@@ -436,6 +436,7 @@ class _Ranking:
         self.prompt_tokens = prompt_tokens
         self.ot = ot
         self.live = live
+        self._eligible: np.ndarray | None = None
         self._order: list[int] | None = None
         self._cost_n: np.ndarray | None = None
         self._vectors: _Vectors | None = None
@@ -463,12 +464,18 @@ class _Ranking:
             self._vectors = self.router._live_vectors(self.entry, self.ot, self.live)
         return self._vectors
 
+    @property
+    def eligible(self) -> np.ndarray:
+        """Eligible positions, best first (equal keys: smallest id first); sorted once for every use."""
+        if self._eligible is None:
+            key = self.key
+            self._eligible = np.argsort(key, kind="stable")[: int(np.count_nonzero(np.isfinite(key)))]
+        return self._eligible
+
     def order(self) -> list[int]:
-        """Eligible positions, best first (equal keys: smallest id first)."""
+        """`eligible` as a list."""
         if self._order is None:
-            ranked = np.argsort(self.key, kind="stable")
-            valid = int(np.count_nonzero(np.isfinite(self.key)))
-            self._order = ranked[:valid].tolist()
+            self._order = self.eligible.tolist()
         return self._order
 
     def candidate(self, i: int) -> Candidate:
@@ -522,7 +529,7 @@ class _Ranking:
 
     def _record_order(self) -> np.ndarray:
         """Eligible positions, best first, the chosen one leading (a pin need not be the best)."""
-        ranked = np.argsort(self.key, kind="stable")[: int(np.count_nonzero(np.isfinite(self.key)))]
+        ranked = self.eligible
         chosen = self.chosen
         if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):  # a pin; otherwise the argmin already leads
             ranked = np.concatenate(([chosen], ranked[ranked != chosen]))
