@@ -15,6 +15,7 @@ import pytest
 
 from p402_tui.core.config import CacheConfig, ConfigFile, Settings
 from p402_tui.core.errors import ConfigError
+from p402_tui.gateway.bodies import parse_chat
 from p402_tui.runtime import Runtime
 from p402_tui.sim.engine import Fault
 from p402_tui.store.queries import create_key, revoke_key
@@ -154,6 +155,26 @@ async def test_stream_without_include_usage_sends_no_usage_chunk(sdk):
     assert all(c.choices for c in chunks)
     assert all(c.usage is None for c in chunks)
     assert chunks[-1].model_extra["p402"]["cost_usd"] > 0  # the finishing chunk carries P402's meta
+
+
+async def test_a_stream_is_written_as_its_first_token_then_the_rest_with_the_end(gateway, runtime):
+    # What the gateway hands uvicorn, each item one write: the first token alone, for time to first
+    # token; from the finish on, everything waits for the meta and leaves with [DONE] in one write.
+    body = json.dumps({"model": PINNED, "messages": HELLO, "stream": True, "stream_options": {"include_usage": True}})
+    chat, options, ctx = parse_chat(body.encode(), runtime.orchestrator.catalog, api_key_id=None, no_cache=True)
+    response = await gateway.gateway._stream(chat, options, ctx)
+    writes = [item async for item in response.frames]
+    await response.cleanup()
+    frames = [item.split(b"\n\n")[:-1] for item in writes]
+    first = json.loads(frames[0][0][len(b"data: "):])
+    assert len(frames[0]) == 1 and first["choices"][0]["delta"]["content"]
+    last = frames[-1]
+    assert last[-1] == b"data: [DONE]"
+    assert len(last) > 3  # the latency-free simulator's last read holds text too: it left with the finish
+    finishing, usage = (json.loads(frame[len(b"data: "):]) for frame in last[-3:-1])
+    assert finishing["choices"][0]["finish_reason"] == "stop" and finishing["p402"]["cost_usd"] > 0
+    assert usage["usage"]["completion_tokens"] > 0
+    assert all(b"finish_reason\":\"stop" not in frame for item in frames[:-1] for frame in item)
 
 
 async def test_sdk_tool_call_round_trip(sdk):

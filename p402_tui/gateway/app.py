@@ -520,43 +520,45 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
             data["p402"] = meta
         return sse.data_frame(data)
 
-    tail: list[bytes] = []
+    # Frames wait here until yielded. From the finish on they wait for the end: only usage
+    # and [DONE] are still to come, so the rest of the answer leaves in one write.
+    out: list[bytes] = []
     try:
         async with stream:
             batches = stream.batches()
             batch = first
             while batch is not None:
-                frames: list[bytes] = []
                 for chunk in batch:
                     if chunk.error is not None:
-                        frames += (sse.data_frame({"error": _stream_error(chunk.error)}), sse.DONE)
-                        yield b"".join(frames)
+                        out += (sse.data_frame({"error": _stream_error(chunk.error)}), sse.DONE)
+                        yield b"".join(out)
                         return
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if chunk.finish_reason is not None:
                         if finishing is not None:  # an earlier finish: pass it on as it came
-                            frames.append(frame(finishing))
+                            out.append(frame(finishing))
                         finishing = chunk
                     elif chunk.content or chunk.reasoning or chunk.tool_calls or chunk.extra:
-                        frames.append(frame(chunk))
+                        out.append(frame(chunk))
                     elif chunk.role:
                         role = chunk.role
-                if frames:
-                    yield b"".join(frames)  # one item: the same bytes, not a copy
+                if out and finishing is None:
+                    yield b"".join(out)  # one item: the same bytes, not a copy
+                    out = []
                 batch = await anext(batches, None)
             meta = stream.meta.to_dict()
             if finishing is not None:
-                tail.append(frame(finishing, meta))
+                out.append(frame(finishing, meta))
             if include_usage and usage is not None:
-                tail.append(sse.data_frame(
+                out.append(sse.data_frame(
                     {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
                      "choices": [], "usage": usage.to_openai(), "p402": meta}
                 ))  # fmt: skip
     except P402Error as error:
-        tail.append(sse.data_frame(errors.error_body(errors.p402_status(error), error.message, code=error.kind)))
-    tail.append(sse.DONE)
-    yield b"".join(tail)
+        out.append(sse.data_frame(errors.error_body(errors.p402_status(error), error.message, code=error.kind)))
+    out.append(sse.DONE)
+    yield b"".join(out)
 
 
 def _stream_error(error: dict[str, Any]) -> dict[str, Any]:
