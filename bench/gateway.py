@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """What the gateway adds to a call, and how it compares with LiteLLM's proxy.
 
-Three processes besides this one: `p402 sim --no-latency` (the upstream),
-`p402 serve` pointed at it through a config file, and LiteLLM's proxy pointed
-at the same simulator (installed only for this benchmark, in its own venv).
+Processes besides this one: `p402 sim --no-latency` (the upstream), `p402 serve`
+pointed at it through a config file (once per variant), the no-logic floor proxy,
+and LiteLLM's proxy pointed at the same simulator (installed only for this
+benchmark, in its own venv).
 This process is the load generator (aiohttp, closed loop: each of C workers
 sends its next request when the last one is done). For every concurrency, with
 and without streaming, it measures the simulator called directly, then through
 P402 (as shipped, and in variants that show where its time goes), then through
-LiteLLM, and prints JSON:
+a proxy with no logic on the same libraries (bench/floor_proxy.py: the floor any
+gateway built on uvicorn and aiohttp stands on), then through LiteLLM, and prints JSON:
 
   latency (p50/p99) and, streamed, time to first token; "added" = through a gateway
   minus direct at the same concurrency; requests/s; CPU ms per request of the
@@ -329,6 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": os.getloadavg()},
         "network_namespace": in_netns(),
         "variants": {name: VARIANTS[name] for name in args.variants},
+        "floor": None if args.skip_floor else FLOOR,
     }
     try:
         sim_port = free_port()
@@ -360,6 +363,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # The answer cache would serve these identical prompts from memory; the benchmark measures routing.
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
                             "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
+        if not args.skip_floor:
+            port = free_port()
+            floor = Child("floor", [python, str(ROOT / "bench" / "floor_proxy.py"), sim_url, str(port)],
+                          scratch / "floor.log")
+            children.append(floor)
+            url = f"http://127.0.0.1:{port}"
+            result.setdefault("startup_s", {})["floor"] = round(floor.wait_ready(f"{url}/health", 30), 3)
+            targets.append({"name": "floor", "url": f"{url}/v1/chat/completions", "model": MODEL, "headers": {},
+                            "pid": floor.pid})
         if args.litellm_venv:
             binary = ensure_litellm(Path(args.litellm_venv))
             (scratch / "litellm.yaml").write_text(litellm_config(sim_url))
@@ -451,6 +463,10 @@ def _added(row: dict[str, Any]) -> dict[str, Any]:
         if "ttft_ms" in measured:
             added["ttft_p50_ms"] = _minus(measured["ttft_ms"]["p50"], direct["ttft_ms"]["p50"])
             added["ttft_p99_ms"] = _minus(measured["ttft_ms"]["p99"], direct["ttft_ms"]["p99"])
+        if "floor" in row and name in VARIANTS:
+            added["cpu_ms_per_request_over_floor"] = _minus(
+                measured.get("server_cpu_ms_per_request"), row["floor"].get("server_cpu_ms_per_request")
+            )
         out[name] = added
     return out
 
@@ -489,6 +505,10 @@ VARIANTS = {
 }
 
 
+FLOOR = ("bench/floor_proxy.py: uvicorn and aiohttp served as p402 serve is, passing the answer through with no "
+         "logic; the CPU any gateway on this stack spends. 'over_floor' in 'added' is P402's own work")
+
+
 def serve_with(variant: str, serve_args: list[str]) -> int:
     """`p402 serve` as one of the VARIANTS."""
     sys.path.insert(0, str(ROOT))
@@ -521,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--litellm-venv", default=str(Path(tempfile.gettempdir()) / "p402-bench-litellm"),
                         help="LiteLLM's venv (created on first use)")
     parser.add_argument("--skip-litellm", action="store_true", help="leave the peer out")
+    parser.add_argument("--skip-floor", action="store_true", help="leave out the no-logic proxy (bench/floor_proxy.py)")
     parser.add_argument("--no-netns", action="store_true", help="run in the host's network namespace")
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, configs)")
     parser.add_argument("--out", help="also write the JSON here")
