@@ -28,6 +28,13 @@ def json_bytes(data: Any) -> bytes:
         return _ASCII_JSON(data).encode()
 
 
+async def aclose_iterator(iterator: Any) -> None:
+    """Close an async iterator that can be closed (a generator, a stream); others need nothing."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def json_value(data: str | bytes) -> Any:
     """Parsed JSON: orjson, or json for what orjson refuses and json reads (a lone surrogate escape).
     Raises ValueError when the text is not JSON."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from ..core.types import json_bytes
+from ..core.types import aclose_iterator, json_bytes
 
 DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
@@ -106,9 +106,7 @@ class EventStreamResponse:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            aclose = getattr(self.frames, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose_iterator(self.frames)
             if self.cleanup is not None:
                 await self.cleanup()
         if not ended:  # after a disconnect uvicorn drops this; after a stop it ends the response properly

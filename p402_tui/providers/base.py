@@ -36,7 +36,9 @@ from ..core.errors import (
     TimeoutError,
     redact,
 )
-from ..core.types import ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCall, Usage, json_bytes, json_value
+from ..core.types import (
+    ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCall, Usage, aclose_iterator, json_bytes, json_value,
+)
 
 # Response headers as the families read them: any case-insensitive mapping
 # (aiohttp's CIMultiDictProxy in practice; a CIMultiDict or httpx.Headers in tests).
@@ -433,13 +435,6 @@ async def _one_each(chunks: AsyncIterator[ChatChunk]) -> AsyncIterator[list[Chat
             yield [chunk]
     finally:
         await aclose_iterator(chunks)
-
-
-async def aclose_iterator(iterator: AsyncIterator[Any]) -> None:
-    """Close an async iterator that can be closed (a generator, a stream); others need nothing."""
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 def _event(block: bytes) -> tuple[str | None, str] | None:

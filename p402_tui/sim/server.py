@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Send
 
 from ..core.catalog import Catalog
+from ..core.types import aclose_iterator
 from .engine import Fault, SimDisconnect, SimState
 
 FAMILY_MODULES = {
@@ -64,9 +65,7 @@ class SimStream(StreamingResponse):
         try:
             await super().stream_response(send)
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose_iterator(self.body_iterator)
 
 
 async def hang_until_disconnect(request: Request, limit_s: float = 3600.0) -> None:
