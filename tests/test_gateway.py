@@ -324,6 +324,9 @@ async def test_invalid_json_and_body(http):
         await http.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]}), 400
     )
     assert error["param"] == "messages[0].role"
+    # Beyond int64 the router's cost arithmetic would fail: refused at the edge like OpenAI does it.
+    error = assert_openai_error(await http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 10**23}), 400)
+    assert error["param"] == "max_tokens"
 
 
 async def test_body_over_the_limit_is_413(http, runtime):

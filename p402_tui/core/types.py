@@ -134,7 +134,7 @@ class ChatRequest(_Open):
     response_format: dict[str, Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)  # OpenAI's own bound; the router's arithmetic is int64
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
