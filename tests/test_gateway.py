@@ -256,6 +256,9 @@ async def test_sdk_authentication_error_when_keys_exist(gateway, runtime):
         revoked = await http.get("/v1/models", headers={"authorization": f"Bearer {secret}"})
         assert_openai_error(revoked, 401, "invalid_api_key")
         assert (await http.get("/v1/models", headers={"authorization": f"Bearer {other_secret}"})).status_code == 200
+        assert (await http.get("/openapi.json", headers={"authorization": f"Bearer {other_secret}"})).json()[
+            "security"
+        ] == [{"bearer": []}]  # keys in force: the document says every operation needs one
         assert await revoke_key(runtime.store, second["id"])
         # No key left in force: on loopback the gateway is open again.
         assert (await http.get("/v1/models")).status_code == 200
@@ -344,6 +347,19 @@ async def test_body_over_the_limit_is_413(http, runtime):
 async def test_unknown_routes_and_methods(http):
     assert_openai_error(await http.get("/v1/nothing"), 404, "not_found")
     assert_openai_error(await http.delete("/v1/models"), 405, "method_not_allowed")
+    # A 405 names every method the path takes, as RFC 9110 asks.
+    refused = await http.put("/api/v2/sessions/ses-1")
+    assert_openai_error(refused, 405, "method_not_allowed")
+    assert set(refused.headers["allow"].split(", ")) == {"GET", "HEAD", "PATCH", "DELETE"}
+    assert (await http.head("/api/v2/sessions")).status_code == 200
+
+
+async def test_a_request_without_a_body_is_a_400(http):
+    sid = (await http.post("/api/v2/sessions", json={"name": "empty"})).json()["id"]
+    for method, path in (("POST", "/v1/chat/completions"), ("POST", "/api/v2/sessions"),
+                         ("PATCH", f"/api/v2/sessions/{sid}"), ("POST", "/api/v2/providers")):
+        error = assert_openai_error(await http.request(method, path), 400, "invalid_json")
+        assert "no body" in error["message"]
 
 
 async def test_every_upstream_failing_is_502_listing_the_attempts(http, sim):
@@ -584,6 +600,14 @@ async def test_health_metrics_and_openapi(http, sdk):
         "/metrics", "/openapi.json",
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]
+    assert document["security"] == []  # no gateway key exists: no operation needs one
+    options = document["components"]["schemas"]["P402Options"]["properties"]
+    assert "groq" in options["prefer"]["items"]["enum"] and options["exclude"]["items"] == options["prefer"]["items"]
+    # Streams are described an event at a time (OpenAPI 3.2's itemSchema, read from `schema` by 3.1 tools).
+    chat_events = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    assert chat_events["schema"]["required"] == ["data"]
+    live = document["paths"]["/api/v2/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert "route_decided" in live["properties"]["event"]["enum"]
 
 
 async def test_api_v2_chat_is_the_same_route(http):

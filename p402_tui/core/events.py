@@ -130,6 +130,12 @@ class CacheHit(Event):
         }
 
 
+# What a subscriber can ask for by name (the gateway's `/api/v2/events?kinds=`), in the order they happen.
+EVENT_KINDS = tuple(
+    event.kind for event in (RouteDecided, AttemptFailed, RequestCompleted, HealthChanged, SpendUpdated, CacheHit)
+)
+
+
 class Subscription:
     """One subscriber's bounded queue. Iterate it, or call `get()`; `dropped` counts what it missed."""
 

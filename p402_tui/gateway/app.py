@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error
-from ..core.events import AttemptFailed, CacheHit, HealthChanged, RequestCompleted, RouteDecided, SpendUpdated
+from ..core.events import EVENT_KINDS, RouteDecided
 from ..core.types import ChatChunk, ChatRequest, json_bytes
 from . import errors, sse
 from .auth import GatewayAuth
@@ -47,9 +47,6 @@ Handler = Callable[[Request], Awaitable[Any]]
 
 HEARTBEAT_S = 15.0
 SESSION_STATUSES = ("active", "paused", "closed")
-EVENT_KINDS = frozenset(
-    kind.kind for kind in (RouteDecided, AttemptFailed, RequestCompleted, HealthChanged, SpendUpdated, CacheHit)
-)
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -76,7 +73,7 @@ def guarded(handler: Handler) -> Handler:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with a 413 as soon as it passes `limit` bytes."""
+    """The whole body, refused with a 413 as soon as it passes `limit` bytes, and with a 400 if there is none."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.GatewayError(413, f"request body is larger than {limit} bytes", code="request_too_large")
@@ -87,13 +84,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise errors.GatewayError(413, f"request body is larger than {limit} bytes", code="request_too_large")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    if not body.strip():  # every route that reads a body needs a JSON object
+        raise errors.GatewayError(400, "the request has no body; send a JSON object", code="invalid_json")
+    return body
 
 
 async def read_json(request: Request, limit: int) -> Any:
     body = await read_body(request, limit)
     try:
-        return json.loads(body) if body else {}
+        return json.loads(body)
     except ValueError as error:
         raise errors.GatewayError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
 
@@ -124,7 +124,7 @@ class Gateway:
         self.closing = asyncio.Event()
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
-        self._openapi: bytes | None = None
+        self._openapi: dict[bool, bytes] = {}  # by whether keys are in force
 
     async def start(self) -> None:
         counted = self.metrics.subscribe(self.bus)
@@ -331,10 +331,10 @@ class Gateway:
     async def events(self, request: Request) -> Any:
         kinds = request.query_params.get("kinds")
         wanted = {k.strip() for k in kinds.split(",") if k.strip()} if kinds else None
-        if wanted and not wanted <= EVENT_KINDS:
-            unknown = ", ".join(sorted(wanted - EVENT_KINDS))
+        if wanted and not wanted <= set(EVENT_KINDS):
+            unknown = ", ".join(sorted(wanted - set(EVENT_KINDS)))
             raise errors.GatewayError(
-                400, f"unknown event kind {unknown}; choose from {', '.join(sorted(EVENT_KINDS))}", param="kinds"
+                400, f"unknown event kind {unknown}; choose from {', '.join(EVENT_KINDS)}", param="kinds"
             )
         subscription = self.bus.subscribe(maxsize=1000, kinds=wanted)
         return sse.EventStreamResponse(self._event_frames(subscription), stop=self.closing)
@@ -379,38 +379,39 @@ class Gateway:
         return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Any:
-        if self._openapi is None:
-            self._openapi = json_bytes(build_openapi())
-        return Response(self._openapi, media_type="application/json")
+        # The document says whether keys are in force now: that changes when the first key is made.
+        enforced = await self.auth.enforced()
+        document = self._openapi.get(enforced)
+        if document is None:
+            providers = self.orchestrator.catalog.providers
+            document = self._openapi[enforced] = json_bytes(build_openapi(providers, keys_enforced=enforced))
+        return Response(document, media_type="application/json")
 
     # --- the app --------------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
-        def route(path: str, handler: Handler, *methods: str) -> Route:
-            return Route(path, guarded(handler), methods=list(methods))
-
-        return [
-            route("/v1/chat/completions", self.chat, "POST"),
-            route("/api/v2/chat/completions", self.chat, "POST"),
-            route("/v1/models", self.models, "GET"),
-            route("/api/v2/providers", self.providers, "GET"),
-            route("/api/v2/providers", self.compare, "POST"),
-            route("/api/v2/analytics/spend", self.spend, "GET"),
-            route("/api/v2/analytics/recommendations", self.recommendations, "GET"),
-            route("/api/v2/cache", self.cache_stats, "GET"),
-            route("/api/v2/sessions", self.list_sessions, "GET"),
-            route("/api/v2/sessions", self.create_session, "POST"),
-            route("/api/v2/sessions/{session_id}", self.get_session, "GET"),
-            route("/api/v2/sessions/{session_id}", self.update_session, "PATCH"),
-            route("/api/v2/sessions/{session_id}", self.delete_session, "DELETE"),
-            route("/api/v2/sessions/{session_id}/requests", self.session_requests, "GET"),
-            route("/api/v2/sessions/{session_id}/messages", self.session_messages, "GET"),
-            route("/api/v2/decisions", self.recent_decisions, "GET"),
-            route("/api/v2/events", self.events, "GET"),
-            route("/health", self.health, "GET"),
-            route("/metrics", self.prometheus, "GET"),
-            route("/openapi.json", self.openapi, "GET"),
-        ]
+        """One route a path, so that a 405 names every method the path takes in its Allow header."""
+        paths: dict[str, dict[str, Handler]] = {
+            "/v1/chat/completions": {"POST": self.chat},
+            "/api/v2/chat/completions": {"POST": self.chat},
+            "/v1/models": {"GET": self.models},
+            "/api/v2/providers": {"GET": self.providers, "POST": self.compare},
+            "/api/v2/analytics/spend": {"GET": self.spend},
+            "/api/v2/analytics/recommendations": {"GET": self.recommendations},
+            "/api/v2/cache": {"GET": self.cache_stats},
+            "/api/v2/sessions": {"GET": self.list_sessions, "POST": self.create_session},
+            "/api/v2/sessions/{session_id}": {
+                "GET": self.get_session, "PATCH": self.update_session, "DELETE": self.delete_session,
+            },
+            "/api/v2/sessions/{session_id}/requests": {"GET": self.session_requests},
+            "/api/v2/sessions/{session_id}/messages": {"GET": self.session_messages},
+            "/api/v2/decisions": {"GET": self.recent_decisions},
+            "/api/v2/events": {"GET": self.events},
+            "/health": {"GET": self.health},
+            "/metrics": {"GET": self.prometheus},
+            "/openapi.json": {"GET": self.openapi},
+        }
+        return [Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in paths.items()]
 
     def app(self) -> ASGIApp:
         starlette = Starlette(
@@ -420,6 +421,19 @@ class Gateway:
         chat = guarded(self.chat)
         direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
         return _Front(starlette, self.auth, direct)
+
+
+def _by_method(handlers: dict[str, Handler]) -> Handler:
+    """The endpoint of a path: each method's handler, guarded; HEAD is GET's (Starlette adds it to GET)."""
+    guarded_handlers = {method: guarded(handler) for method, handler in handlers.items()}
+    if len(guarded_handlers) == 1:
+        return next(iter(guarded_handlers.values()))
+
+    async def endpoint(request: Request) -> Any:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await guarded_handlers[method](request)
+
+    return endpoint
 
 
 class _Front:
@@ -474,7 +488,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
-        return errors.error_response(405, message, code="method_not_allowed")
+        return errors.error_response(405, message, code="method_not_allowed", headers=exc.headers)  # Allow
     if exc.status_code == 404:
         return errors.error_response(404, f"no such endpoint: {request.url.path}", code="not_found")
     return errors.error_response(exc.status_code, str(exc.detail))

@@ -7,11 +7,13 @@ hand, in OpenAI's shapes where the route is OpenAI's.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel
 
 from .. import __version__
+from ..core.events import EVENT_KINDS
 from ..core.types import ChatRequest
 from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
 
@@ -28,6 +30,14 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 def _text(media_type: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+def _events(data: str, event: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A `text/event-stream` answer: the schema of each event (OpenAPI 3.2's `itemSchema`; 3.1 tools read `schema`)."""
+    properties: dict[str, Any] = {"data": {"type": "string", "description": data}}
+    if event is not None:
+        properties["event"] = event
+    return {"type": "object", "required": ["data"], "properties": properties}
 
 
 def _list_of(schema: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +119,9 @@ _CHAT = {
                 "description": "The answer, with a `p402` object: provider, model, cost, latency, attempts",
                 "content": {
                     "application/json": {"schema": _ref("ChatCompletion")},
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {
+                        "schema": _events("A `chat.completion.chunk` as JSON; the last event's data is `[DONE]`")
+                    },
                 },
             },
             **_errors(400, 401, 402, 404, 409, 413, 502),
@@ -118,8 +130,13 @@ _CHAT = {
 }
 
 
-def build_openapi() -> dict[str, Any]:
+def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) -> dict[str, Any]:
+    """The document for a gateway routing to `providers`; without keys in force no operation needs one."""
     schemas = _schemas(ChatRequest, P402Options, CompareBody, SessionCreate, SessionPatch)
+    known = list(providers)
+    if known:
+        for field in ("prefer", "exclude"):
+            schemas["P402Options"]["properties"][field]["items"] = {"enum": known}
     schemas["ChatCompletionRequest"] = {
         "allOf": [_ref("ChatRequest"), {"type": "object", "properties": {"p402": _ref("P402Options")}}]
     }
@@ -314,7 +331,7 @@ def build_openapi() -> dict[str, Any]:
             "get": {
                 "summary": "Ways to spend less, from the ledger, biggest monthly saving first",
                 "parameters": [_PERIOD],
-                "responses": {"200": _json(_list_of({"type": "object"})), **_errors(401, 503)},
+                "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401, 503)},
             }
         },
         "/api/v2/cache": {
@@ -372,7 +389,14 @@ def build_openapi() -> dict[str, Any]:
                 ),
                 "parameters": [{"name": "kinds", "in": "query", "schema": {"type": "string"}}],
                 "responses": {
-                    "200": _text("text/event-stream", "An event stream"),
+                    "200": {
+                        "description": "An event stream",
+                        "content": {
+                            "text/event-stream": {
+                                "schema": _events("The event as JSON", {"enum": list(EVENT_KINDS)})
+                            }
+                        },
+                    },
                     **_errors(401),
                 },
             }
@@ -424,5 +448,5 @@ def build_openapi() -> dict[str, Any]:
                 }
             },
         },
-        "security": _AUTHED,
+        "security": _AUTHED if keys_enforced else [],
     }
