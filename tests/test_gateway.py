@@ -354,6 +354,23 @@ async def test_unknown_routes_and_methods(http):
     assert (await http.head("/api/v2/sessions")).status_code == 200
 
 
+async def test_json_types_are_taken_as_they_are(http):
+    """As OpenAI's API does: a number is no boolean, a boolean no number, a blank name no name."""
+    sid = (await http.post("/api/v2/sessions", json={"name": "strict"})).json()["id"]
+    for method, path, body, param in (
+        ("POST", "/v1/chat/completions", {"messages": HELLO, "stream": 0}, "stream"),
+        ("POST", "/v1/chat/completions", {"messages": HELLO, "temperature": "0.7"}, "temperature"),
+        ("POST", "/v1/chat/completions", {"messages": HELLO, "p402": {"cache": 0}}, "p402.cache"),
+        ("POST", "/api/v2/sessions", {"name": "x", "budget_usd": False}, "budget_usd"),
+        ("POST", "/api/v2/sessions", {"name": "\f"}, "name"),
+        ("PATCH", f"/api/v2/sessions/{sid}", {"budget_usd": True}, "budget_usd"),
+        ("POST", "/api/v2/providers", {"input_tokens": 10, "output_tokens": True}, "output_tokens"),
+    ):
+        error = assert_openai_error(await http.request(method, path, json=body), 400)
+        assert error["param"] == param, (body, error)
+    assert (await http.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 1})).status_code == 200
+
+
 async def test_a_request_without_a_body_is_a_400(http):
     sid = (await http.post("/api/v2/sessions", json={"name": "empty"})).json()["id"]
     for method, path in (("POST", "/v1/chat/completions"), ("POST", "/api/v2/sessions"),
@@ -459,6 +476,8 @@ async def test_spend_and_recommendations(http, sdk):
     assert spend["breakdown"][0]["key"] == PINNED
     assert_openai_error(await http.get("/api/v2/analytics/spend", params={"period": "fortnight"}), 400)
     assert_openai_error(await http.get("/api/v2/analytics/spend", params={"by": "colour"}), 400)
+    empty_date = assert_openai_error(await http.get("/api/v2/analytics/spend?to="), 400, "invalid_period")
+    assert "not a date" in empty_date["message"]  # given empty is wrong, not the default
     recommendations = (await http.get("/api/v2/analytics/recommendations")).json()
     assert recommendations["object"] == "list"
     assert all({"kind", "title", "monthly_saving_usd"} <= set(r) for r in recommendations["data"])
@@ -479,6 +498,11 @@ async def test_sessions_crud(http):
     assert fetched["requests"] == 1 and fetched["spent_usd"] == pytest.approx(answer.json()["p402"]["cost_usd"])
     patched = (await http.patch(f"/api/v2/sessions/{sid}", json={"status": "paused", "budget_usd": None})).json()
     assert patched["status"] == "paused" and patched["budget_usd"] is None and patched["name"] == "agent-1"
+    # A name or a status can be left out, not removed; an agent can be removed.
+    for field in ("name", "status"):
+        error = assert_openai_error(await http.patch(f"/api/v2/sessions/{sid}", json={field: None}), 400)
+        assert error["param"] == field and "cannot be null" in error["message"]
+    assert (await http.patch(f"/api/v2/sessions/{sid}", json={"agent": None})).json()["agent"] is None
     listed = (await http.get("/api/v2/sessions", params={"status": "paused"})).json()["data"]
     assert [s["id"] for s in listed] == [sid]
     assert (await http.delete(f"/api/v2/sessions/{sid}")).json() == {"id": sid, "deleted": True}

@@ -132,12 +132,13 @@ class ChatRequest(_Open):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)  # OpenAI's own bound; the router's arithmetic is int64
+    # Strict, as OpenAI's API is: `"0.7"` is no temperature and `0` no `stream: false`.
+    temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(default=None, ge=0, le=1, strict=True)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1, strict=True)  # the router's arithmetic is int64
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: int | None = Field(default=None, strict=True)
+    stream: bool = Field(default=False, strict=True)
     stream_options: dict[str, Any] | None = None
 
     def has_images(self) -> bool:

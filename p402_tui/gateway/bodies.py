@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from ..core.catalog import Catalog
 from ..core.config import MODES, Mode
@@ -21,8 +22,12 @@ from ..core.types import Capability, ChatRequest, Tier
 from .errors import GatewayError, from_validation_error
 
 
+# P402's own bodies take JSON's types as they are, as OpenAI's API does: `false` is no budget of 0, `0` no `false`.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class Failover(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     enabled: bool = True
     max_retries: int | None = Field(default=None, ge=0, le=10)
@@ -31,7 +36,7 @@ class Failover(BaseModel):
 class P402Options(BaseModel):
     """The `p402` object of a chat request body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     mode: Mode | None = None
     require: list[Capability] = Field(default_factory=list)
@@ -111,7 +116,7 @@ def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
 class CompareBody(BaseModel):
     """POST /api/v2/providers: what a call of this size costs on each model."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)
@@ -121,25 +126,41 @@ class CompareBody(BaseModel):
 
 
 class SessionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, pattern=r"\S")
     budget_usd: float | None = Field(default=None, ge=0)
     agent: str | None = None
     status: Literal["active", "paused", "closed"] = "active"
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # None here means "left out", which the schema says by not requiring it
+
+
 class SessionPatch(BaseModel):
-    """Only the fields sent change; `budget_usd: null` removes the budget."""
+    """Only the fields sent change; `budget_usd: null` removes the budget, `agent: null` the agent.
 
-    model_config = ConfigDict(extra="forbid")
+    A name and a status cannot be removed: left out they stay, sent as null they are a 400.
+    """
 
-    name: str | None = Field(default=None, min_length=1)
+    model_config = _STRICT
+
+    name: str | SkipJsonSchema[None] = Field(default=None, min_length=1, pattern=r"\S", json_schema_extra=_no_default)
     budget_usd: float | None = Field(default=None, ge=0)
     agent: str | None = None
-    status: Literal["active", "paused", "closed"] | None = None
+    status: Literal["active", "paused", "closed"] | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_no_default
+    )
     metadata: dict[str, Any] | None = None
+
+    @field_validator("name", "status", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("cannot be null; leave the field out to keep it")
+        return value
 
     def changes(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.model_fields_set}
