@@ -365,10 +365,15 @@ async def test_json_types_are_taken_as_they_are(http):
         ("POST", "/api/v2/sessions", {"name": "\f"}, "name"),
         ("PATCH", f"/api/v2/sessions/{sid}", {"budget_usd": True}, "budget_usd"),
         ("POST", "/api/v2/providers", {"input_tokens": 10, "output_tokens": True}, "output_tokens"),
+        ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": "16"}, "max_tokens"),
+        ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 16.5}, "max_tokens"),
     ):
         error = assert_openai_error(await http.request(method, path, json=body), 400)
         assert error["param"] == param, (body, error)
-    assert (await http.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 1})).status_code == 200
+    # JSON Schema's integers include 16.0, and a number may be written without a fraction.
+    ok = await http.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 1, "max_tokens": 16.0})
+    assert ok.status_code == 200, ok.text
+    assert (await http.post("/api/v2/providers", json={"input_tokens": 10.0, "output_tokens": 5})).status_code == 200
 
 
 async def test_a_request_without_a_body_is_a_400(http):

@@ -11,10 +11,10 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 _ASCII_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -62,6 +62,18 @@ TIER_RANK = {tier: rank for rank, tier in enumerate(TIERS)}
 
 
 # --- Requests (OpenAI chat shape) ------------------------------------------
+
+
+def _json_integer(value: Any) -> Any:
+    # Lax mode would read `true` as 1 and "16" as 16; OpenAI's API refuses both. 16.0 is an integer to JSON Schema.
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"expected an integer, not {json.dumps(value)}")
+    return value
+
+
+# Request fields take JSON's types as they are: Integer here, and `strict=True` on floats and booleans
+# (strict floats still take integers).
+Integer = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class _Open(BaseModel):
@@ -132,12 +144,11 @@ class ChatRequest(_Open):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    # Strict, as OpenAI's API is: `"0.7"` is no temperature and `0` no `stream: false`.
     temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
     top_p: float | None = Field(default=None, ge=0, le=1, strict=True)
-    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1, strict=True)  # the router's arithmetic is int64
+    max_tokens: Integer | None = Field(default=None, ge=1, le=2**31 - 1)  # OpenAI's bound; the router's sums are int64
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, strict=True)
+    seed: Integer | None = None
     stream: bool = Field(default=False, strict=True)
     stream_options: dict[str, Any] | None = None
 

@@ -18,33 +18,29 @@ from ..core.config import MODES, Mode
 from ..core.errors import UnknownModelError
 from ..core.hooks import CallContext, RouteOptions
 from ..core.router import AUTO_MODELS
-from ..core.types import Capability, ChatRequest, Tier
+from ..core.types import Capability, ChatRequest, Integer, Tier
 from .errors import GatewayError, from_validation_error
 
 
-# P402's own bodies take JSON's types as they are, as OpenAI's API does: `false` is no budget of 0, `0` no `false`.
-_STRICT = ConfigDict(extra="forbid", strict=True)
-
-
 class Failover(BaseModel):
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
-    max_retries: int | None = Field(default=None, ge=0, le=10)
+    enabled: bool = Field(default=True, strict=True)
+    max_retries: Integer | None = Field(default=None, ge=0, le=10)
 
 
 class P402Options(BaseModel):
     """The `p402` object of a chat request body."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid")
 
     mode: Mode | None = None
     require: list[Capability] = Field(default_factory=list)
     prefer: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     max_tier: Tier | None = None
-    max_cost_usd: float | None = Field(default=None, ge=0)
-    cache: bool = True
+    max_cost_usd: float | None = Field(default=None, ge=0, strict=True)
+    cache: bool = Field(default=True, strict=True)
     namespace: str | None = None
     session_id: str | None = None
     tag: str | None = None
@@ -116,20 +112,20 @@ def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
 class CompareBody(BaseModel):
     """POST /api/v2/providers: what a call of this size costs on each model."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid")
 
-    input_tokens: int = Field(ge=0)
-    output_tokens: int = Field(ge=0)
+    input_tokens: Integer = Field(ge=0)
+    output_tokens: Integer = Field(ge=0)
     require: list[Capability] = Field(default_factory=lambda: ["chat"])  # embedding models price no answer
     max_tier: Tier | None = None
-    top: int | None = Field(default=None, ge=1)
+    top: Integer | None = Field(default=None, ge=1)
 
 
 class SessionCreate(BaseModel):
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, pattern=r"\S")
-    budget_usd: float | None = Field(default=None, ge=0)
+    budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = None
     status: Literal["active", "paused", "closed"] = "active"
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -145,10 +141,10 @@ class SessionPatch(BaseModel):
     A name and a status cannot be removed: left out they stay, sent as null they are a 400.
     """
 
-    model_config = _STRICT
+    model_config = ConfigDict(extra="forbid")
 
     name: str | SkipJsonSchema[None] = Field(default=None, min_length=1, pattern=r"\S", json_schema_extra=_no_default)
-    budget_usd: float | None = Field(default=None, ge=0)
+    budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = None
     status: Literal["active", "paused", "closed"] | SkipJsonSchema[None] = Field(
         default=None, json_schema_extra=_no_default
