@@ -57,6 +57,7 @@ async def test_create_get_list_update_delete(store):
         "name": "researcher", "budget_usd": 2.5, "spent_usd": 0.0, "requests": 0, "status": "active",
         "agent": "crawler", "metadata": {"team": "a"},
     }  # fmt: skip
+    assert created == await get_session(store, created["id"])  # the answer is what was stored, not read back
     other = await create_session(store, name="writer")
     assert other["budget_usd"] is None and other["remaining_usd"] is None
     assert [s["id"] for s in await list_sessions(store)] == [created["id"], other["id"]]

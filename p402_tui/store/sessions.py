@@ -106,14 +106,18 @@ async def create_session(
     status: str = "active",
 ) -> dict[str, Any]:
     now = time.time()
-    session_id = f"ses-{uuid.uuid4().hex[:12]}"
+    row = {
+        "id": f"ses-{uuid.uuid4().hex[:12]}", "name": _check_name(name), "agent": agent,
+        "budget_usd": _check_budget(budget_usd), "status": _check_status(status),
+        "metadata": _check_metadata(metadata), "created": now, "updated": now,
+    }  # fmt: skip
     await store.run(
         "INSERT INTO agent_sessions (id, name, agent, budget_usd, status, metadata, created, updated) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (session_id, _check_name(name), agent, _check_budget(budget_usd), _check_status(status),
-         _check_metadata(metadata), now, now),
-    )  # fmt: skip
-    return await get_session(store, session_id)
+        "VALUES (:id, :name, :agent, :budget_usd, :status, :metadata, :created, :updated)",
+        row,
+    )
+    # Answered from what was written, not read back: another client may delete the session at once.
+    return _public({**row, "spent_usd": 0.0, "requests": 0, "saved_usd": 0.0})
 
 
 async def get_session(store: Store, session_id: str) -> dict[str, Any]:
