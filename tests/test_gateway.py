@@ -630,6 +630,20 @@ async def test_health_metrics_and_openapi(http, sdk):
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]
     assert document["security"] == []  # no gateway key exists: no operation needs one
+
+    def keywords(node):  # every key of every schema object in the document
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield key
+                yield from keywords(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from keywords(value)
+
+    # Pydantic writes `ge` instead of `minimum` when a constraint follows a validator: not JSON Schema.
+    assert not {"ge", "gt", "le", "lt"} & set(keywords(document["components"]))
+    max_tokens = document["components"]["schemas"]["ChatRequest"]["properties"]["max_tokens"]["anyOf"][0]
+    assert max_tokens == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
     options = document["components"]["schemas"]["P402Options"]["properties"]
     assert "groq" in options["prefer"]["items"]["enum"] and options["exclude"]["items"] == options["prefer"]["items"]
     # Streams are described an event at a time (OpenAPI 3.2's itemSchema, read from `schema` by 3.1 tools).

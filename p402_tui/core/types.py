@@ -71,9 +71,10 @@ def _json_integer(value: Any) -> Any:
     return value
 
 
-# Request fields take JSON's types as they are: Integer here, and `strict=True` on floats and booleans
-# (strict floats still take integers).
-Integer = Annotated[int, BeforeValidator(_json_integer)]
+# Request fields take JSON's types as they are: `Annotated[int, Field(...), JSON_INTEGER]` (the
+# constraints first, or the JSON schema loses them), and `strict=True` on floats (which still take
+# integers) and booleans.
+JSON_INTEGER = BeforeValidator(_json_integer)
 
 
 class _Open(BaseModel):
@@ -146,9 +147,10 @@ class ChatRequest(_Open):
     response_format: dict[str, Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
     top_p: float | None = Field(default=None, ge=0, le=1, strict=True)
-    max_tokens: Integer | None = Field(default=None, ge=1, le=2**31 - 1)  # OpenAI's bound; the router's sums are int64
+    # OpenAI's bound; the router's sums are int64.
+    max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1), JSON_INTEGER] | None = None
     stop: str | list[str] | None = None
-    seed: Integer | None = None
+    seed: Annotated[int, JSON_INTEGER] | None = None
     stream: bool = Field(default=False, strict=True)
     stream_options: dict[str, Any] | None = None
 

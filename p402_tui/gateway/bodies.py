@@ -8,7 +8,7 @@ provider would reject an unknown field.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -18,7 +18,7 @@ from ..core.config import MODES, Mode
 from ..core.errors import UnknownModelError
 from ..core.hooks import CallContext, RouteOptions
 from ..core.router import AUTO_MODELS
-from ..core.types import Capability, ChatRequest, Integer, Tier
+from ..core.types import JSON_INTEGER, Capability, ChatRequest, Tier
 from .errors import GatewayError, from_validation_error
 
 
@@ -26,7 +26,7 @@ class Failover(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(default=True, strict=True)
-    max_retries: Integer | None = Field(default=None, ge=0, le=10)
+    max_retries: Annotated[int, Field(ge=0, le=10), JSON_INTEGER] | None = None
 
 
 class P402Options(BaseModel):
@@ -114,11 +114,11 @@ class CompareBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_tokens: Integer = Field(ge=0)
-    output_tokens: Integer = Field(ge=0)
+    input_tokens: Annotated[int, Field(ge=0), JSON_INTEGER]
+    output_tokens: Annotated[int, Field(ge=0), JSON_INTEGER]
     require: list[Capability] = Field(default_factory=lambda: ["chat"])  # embedding models price no answer
     max_tier: Tier | None = None
-    top: Integer | None = Field(default=None, ge=1)
+    top: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
 
 
 class SessionCreate(BaseModel):

@@ -77,11 +77,12 @@ def _schemas(*models: type[BaseModel]) -> dict[str, Any]:
 
 
 _AUTHED = [{"bearer": []}]
+_DATE = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
 _PERIOD = {
     "name": "period",
     "in": "query",
     "description": "today, Nd (7d, 30d; the default), all, or FROM..TO local dates (YYYY-MM-DD)",
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": rf"^(today|all|[1-9][0-9]*d|({_DATE})?\.\.({_DATE})?)$"},
 }
 _ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
