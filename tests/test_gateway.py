@@ -483,6 +483,7 @@ async def test_spend_and_recommendations(http, sdk):
     assert_openai_error(await http.get("/api/v2/analytics/spend", params={"by": "colour"}), 400)
     empty_date = assert_openai_error(await http.get("/api/v2/analytics/spend?to="), 400, "invalid_period")
     assert "not a date" in empty_date["message"]  # given empty is wrong, not the default
+    assert_openai_error(await http.get("/api/v2/analytics/recommendations?period="), 400, "invalid_period")
     recommendations = (await http.get("/api/v2/analytics/recommendations")).json()
     assert recommendations["object"] == "list"
     assert all({"kind", "title", "monthly_saving_usd"} <= set(r) for r in recommendations["data"])

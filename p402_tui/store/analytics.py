@@ -79,14 +79,15 @@ def parse_period(
     """`today`, `Nd` (7d, 30d...), `all`, or local dates `start`..`end` (both inclusive; YYYY-MM-DD)."""
     now = time.time() if now is None else now
     if start is not None or end is not None:  # given empty, a date is wrong, not absent
-        if period:
+        if period is not None:
             raise PeriodError("give a period or from/to dates, not both")
         first = _parse_day(start) if start is not None else date(1970, 1, 2)
         last = _parse_day(end) if end is not None else datetime.fromtimestamp(now).date()
         if last < first:
             raise PeriodError(f"the period ends ({last}) before it starts ({first})")
         return Period(_midnight(first), _midnight(last + timedelta(days=1)), f"{first}..{last}")
-    period = period or "30d"
+    if period is None:
+        period = "30d"
     if period == "today":
         return Period(_midnight(datetime.fromtimestamp(now).date()), now, "today")
     if period == "all":
