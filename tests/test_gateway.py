@@ -351,7 +351,9 @@ async def test_unknown_routes_and_methods(http):
     refused = await http.put("/api/v2/sessions/ses-1")
     assert_openai_error(refused, 405, "method_not_allowed")
     assert set(refused.headers["allow"].split(", ")) == {"GET", "HEAD", "PATCH", "DELETE"}
-    assert (await http.head("/api/v2/sessions")).status_code == 200
+    head, get = await http.head("/api/v2/sessions"), await http.get("/api/v2/sessions")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
 
 
 async def test_json_types_are_taken_as_they_are(http):
@@ -367,6 +369,9 @@ async def test_json_types_are_taken_as_they_are(http):
         ("POST", "/api/v2/providers", {"input_tokens": 10, "output_tokens": True}, "output_tokens"),
         ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": "16"}, "max_tokens"),
         ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 16.5}, "max_tokens"),
+        ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2**31}, "max_tokens"),
+        ("POST", "/v1/chat/completions", {"messages": HELLO, "seed": 2**63}, "seed"),
+        ("PATCH", f"/api/v2/sessions/{sid}", {"name": " "}, "name"),
     ):
         error = assert_openai_error(await http.request(method, path, json=body), 400)
         assert error["param"] == param, (body, error)
@@ -374,6 +379,9 @@ async def test_json_types_are_taken_as_they_are(http):
     ok = await http.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 1, "max_tokens": 16.0})
     assert ok.status_code == 200, ok.text
     assert (await http.post("/api/v2/providers", json={"input_tokens": 10.0, "output_tokens": 5})).status_code == 200
+    # The largest max_tokens passes the edge; no model writes that much, which routing then says.
+    biggest = await http.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2**31 - 1})
+    assert_openai_error(biggest, 400, "no_eligible_model")
 
 
 async def test_a_request_without_a_body_is_a_400(http):
@@ -484,6 +492,12 @@ async def test_spend_and_recommendations(http, sdk):
     empty_date = assert_openai_error(await http.get("/api/v2/analytics/spend?to="), 400, "invalid_period")
     assert "not a date" in empty_date["message"]  # given empty is wrong, not the default
     assert_openai_error(await http.get("/api/v2/analytics/recommendations?period="), 400, "invalid_period")
+    # Periods the document's pattern allows are answered, however far they reach; the rest are 400s.
+    for period in ("99999d", "..9999-12-31", "0001-01-01..", ".."):
+        reply = await http.get("/api/v2/analytics/spend", params={"period": period})
+        assert reply.status_code == 200, (period, reply.text)
+    for period in ("100000d", "07d", "7d\n", "20240101..20240105", "2026-02-30.."):
+        assert_openai_error(await http.get("/api/v2/analytics/spend", params={"period": period}), 400, "invalid_period")
     recommendations = (await http.get("/api/v2/analytics/recommendations")).json()
     assert recommendations["object"] == "list"
     assert all({"kind", "title", "monthly_saving_usd"} <= set(r) for r in recommendations["data"])
@@ -599,7 +613,7 @@ async def test_without_a_store_decisions_come_from_the_ring_and_events_heartbeat
 # --- operations ---------------------------------------------------------------------------------
 
 
-async def test_health_metrics_and_openapi(http, sdk):
+async def test_health_metrics_and_openapi(http, sdk, runtime):
     health = (await http.get("/health")).json()
     assert health["status"] == "ok" and health["providers_usable"] == 12
     await sdk.chat.completions.create(model=PINNED, messages=HELLO)
@@ -620,7 +634,7 @@ async def test_health_metrics_and_openapi(http, sdk):
         assert name in text
     assert 'p402_ttft_seconds_count{provider="openai",model="gpt-4o-mini"} 1' in text
     document = (await http.get("/openapi.json")).json()
-    assert document["openapi"].startswith("3.1")
+    assert document["openapi"] == "3.2.0"
     paths = set(document["paths"])
     assert {
         "/v1/chat/completions", "/api/v2/chat/completions", "/v1/models", "/api/v2/providers",
@@ -646,12 +660,17 @@ async def test_health_metrics_and_openapi(http, sdk):
     max_tokens = document["components"]["schemas"]["ChatRequest"]["properties"]["max_tokens"]["anyOf"][0]
     assert max_tokens == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
     options = document["components"]["schemas"]["P402Options"]["properties"]
-    assert "groq" in options["prefer"]["items"]["enum"] and options["exclude"]["items"] == options["prefer"]["items"]
-    # Streams are described an event at a time (OpenAPI 3.2's itemSchema, read from `schema` by 3.1 tools).
+    assert options["prefer"]["items"]["enum"] == list(runtime.orchestrator.catalog.providers)
+    assert options["exclude"]["items"] == options["prefer"]["items"]
+    schemas = document["components"]["schemas"]
+    patch_name = schemas["SessionPatch"]["properties"]["name"]
+    assert patch_name == {"title": "Name", "type": "string", "minLength": 1, "pattern": r"\S"}
+    assert schemas["SessionCreate"]["properties"]["name"]["pattern"] == r"\S"
+    # A stream's body is text; each event is described by OpenAPI 3.2's itemSchema.
     chat_events = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
-    assert chat_events["schema"]["required"] == ["data"]
-    live = document["paths"]["/api/v2/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
-    assert "route_decided" in live["properties"]["event"]["enum"]
+    assert chat_events["schema"] == {"type": "string"} and chat_events["itemSchema"]["required"] == ["data"]
+    live = document["paths"]["/api/v2/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+    assert "route_decided" in live["itemSchema"]["properties"]["event"]["enum"]
 
 
 async def test_api_v2_chat_is_the_same_route(http):

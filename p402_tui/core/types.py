@@ -150,7 +150,7 @@ class ChatRequest(_Open):
     # OpenAI's bound; the router's sums are int64.
     max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1), JSON_INTEGER] | None = None
     stop: str | list[str] | None = None
-    seed: Annotated[int, JSON_INTEGER] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), JSON_INTEGER] | None = None  # int64, as providers take it
     stream: bool = Field(default=False, strict=True)
     stream_options: dict[str, Any] | None = None
 

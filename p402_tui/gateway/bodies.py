@@ -143,7 +143,10 @@ class SessionPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | SkipJsonSchema[None] = Field(default=None, min_length=1, pattern=r"\S", json_schema_extra=_no_default)
+    # The constraints sit on the str member: on the union, the document loses the pattern.
+    name: Annotated[str, Field(min_length=1, pattern=r"\S")] | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_no_default
+    )
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = None
     status: Literal["active", "paused", "closed"] | SkipJsonSchema[None] = Field(

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 description of the gateway, served at /openapi.json.
+"""The OpenAPI 3.2 description of the gateway, served at /openapi.json.
 
 Request bodies come from the same pydantic models that validate them, so the
 document cannot drift from what the gateway accepts; answers are described by
@@ -33,11 +33,12 @@ def _text(media_type: str, description: str) -> dict[str, Any]:
 
 
 def _events(data: str, event: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A `text/event-stream` answer: the schema of each event (OpenAPI 3.2's `itemSchema`; 3.1 tools read `schema`)."""
+    """A `text/event-stream` media type: the body is text, each event an object (OpenAPI 3.2's `itemSchema`)."""
     properties: dict[str, Any] = {"data": {"type": "string", "description": data}}
     if event is not None:
         properties["event"] = event
-    return {"type": "object", "required": ["data"], "properties": properties}
+    item = {"type": "object", "required": ["data"], "properties": properties}
+    return {"schema": {"type": "string"}, "itemSchema": item}
 
 
 def _list_of(schema: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +83,7 @@ _PERIOD = {
     "name": "period",
     "in": "query",
     "description": "today, Nd (7d, 30d; the default), all, or FROM..TO local dates (YYYY-MM-DD)",
-    "schema": {"type": "string", "pattern": rf"^(today|all|[1-9][0-9]*d|({_DATE})?\.\.({_DATE})?)$"},
+    "schema": {"type": "string", "pattern": rf"^(today|all|[1-9][0-9]{{0,4}}d|({_DATE})?\.\.({_DATE})?)$"},
 }
 _ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -120,9 +121,10 @@ _CHAT = {
                 "description": "The answer, with a `p402` object: provider, model, cost, latency, attempts",
                 "content": {
                     "application/json": {"schema": _ref("ChatCompletion")},
-                    "text/event-stream": {
-                        "schema": _events("A `chat.completion.chunk` as JSON; the last event's data is `[DONE]`")
-                    },
+                    "text/event-stream": _events(
+                        "A `chat.completion.chunk` as JSON, or `{\"error\": {...}}` if the stream breaks after it "
+                        "began; the last event's data is `[DONE]`"
+                    ),
                 },
             },
             **_errors(400, 401, 402, 404, 409, 413, 502),
@@ -393,9 +395,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "200": {
                         "description": "An event stream",
                         "content": {
-                            "text/event-stream": {
-                                "schema": _events("The event as JSON", {"enum": list(EVENT_KINDS)})
-                            }
+                            "text/event-stream": _events("The event as JSON", {"enum": list(EVENT_KINDS)})
                         },
                     },
                     **_errors(401),
@@ -432,7 +432,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         },
     }
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.2.0",  # for itemSchema: a stream described an event at a time
         "info": {
             "title": "P402 gateway",
             "version": __version__,

@@ -59,7 +59,10 @@ class Period:
         }
 
 
-_DAYS = re.compile(r"^(\d+)d$")
+_DAYS = re.compile(r"[1-9][0-9]{0,4}d", re.ASCII)  # fullmatch: up to 99999 days, more than the epoch holds
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+_EPOCH_DAY = date(1970, 1, 2)  # the first whole local day every timezone can turn into a timestamp
+_LAST_DAY = date.max - timedelta(days=1)  # the last whose next midnight is a date
 
 
 def _midnight(day: date) -> float:
@@ -68,9 +71,11 @@ def _midnight(day: date) -> float:
 
 def _parse_day(text: str) -> date:
     try:
-        return date.fromisoformat(text)
+        if _DATE.fullmatch(text):  # fromisoformat also takes 20240101 and week dates
+            return date.fromisoformat(text)
     except ValueError:
-        raise PeriodError(f"{text!r} is not a date; use YYYY-MM-DD") from None
+        pass
+    raise PeriodError(f"{text!r} is not a date; use YYYY-MM-DD")
 
 
 def parse_period(
@@ -81,24 +86,30 @@ def parse_period(
     if start is not None or end is not None:  # given empty, a date is wrong, not absent
         if period is not None:
             raise PeriodError("give a period or from/to dates, not both")
-        first = _parse_day(start) if start is not None else date(1970, 1, 2)
-        last = _parse_day(end) if end is not None else datetime.fromtimestamp(now).date()
-        if last < first:
-            raise PeriodError(f"the period ends ({last}) before it starts ({first})")
-        return Period(_midnight(first), _midnight(last + timedelta(days=1)), f"{first}..{last}")
+        return _dates(start, end, now)
     if period is None:
         period = "30d"
     if period == "today":
         return Period(_midnight(datetime.fromtimestamp(now).date()), now, "today")
     if period == "all":
         return Period(0.0, now, "all")
-    match = _DAYS.match(period)
-    if match and int(match.group(1)) > 0:
-        return Period(now - int(match.group(1)) * DAY, now, period)
+    if _DAYS.fullmatch(period):
+        return Period(max(0.0, now - int(period[:-1]) * DAY), now, period)
     if ".." in period:
         first_text, _, last_text = period.partition("..")
-        return parse_period(None, start=first_text or None, end=last_text or None, now=now)
+        return _dates(first_text or None, last_text or None, now)  # either side may be open
     raise PeriodError(f"unknown period {period!r}; use today, 7d, 30d, all, or FROM..TO dates")
+
+
+def _dates(start: str | None, end: str | None, now: float) -> Period:
+    """Local days `start`..`end`, both inclusive; an open side reaches the epoch or today.
+
+    Days beyond what timestamps hold are clamped: nothing was recorded before 1970 or after 9999."""
+    first = max(_parse_day(start), _EPOCH_DAY) if start is not None else _EPOCH_DAY
+    last = min(_parse_day(end), _LAST_DAY) if end is not None else datetime.fromtimestamp(now).date()
+    if last < first:
+        raise PeriodError(f"the period ends ({last}) before it starts ({first})")
+    return Period(_midnight(first), _midnight(last + timedelta(days=1)), f"{first}..{last}")
 
 
 # --- spend ------------------------------------------------------------------------------------
