@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from .. import __version__
 from ..core.events import EVENT_KINDS
 from ..core.types import ChatRequest
+from ..store.analytics import PERIOD_PATTERN
 from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
 
 _REF = "#/components/schemas/{model}"
@@ -78,12 +79,11 @@ def _schemas(*models: type[BaseModel]) -> dict[str, Any]:
 
 
 _AUTHED = [{"bearer": []}]
-_DATE = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
 _PERIOD = {
     "name": "period",
     "in": "query",
     "description": "today, Nd (7d, 30d; the default), all, or FROM..TO local dates (YYYY-MM-DD)",
-    "schema": {"type": "string", "pattern": rf"^(today|all|[1-9][0-9]{{0,4}}d|({_DATE})?\.\.({_DATE})?)$"},
+    "schema": {"type": "string", "pattern": PERIOD_PATTERN},
 }
 _ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
 

@@ -59,8 +59,12 @@ class Period:
         }
 
 
-_DAYS = re.compile(r"[1-9][0-9]{0,4}d", re.ASCII)  # fullmatch: up to 99999 days, more than the epoch holds
-_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)
+# A period's grammar, which the parser below and the gateway's OpenAPI document both use.
+DAYS_PATTERN = "[1-9][0-9]{0,4}d"  # up to 99999 days, more than the epoch holds
+DATE_PATTERN = "[0-9]{4}-[0-9]{2}-[0-9]{2}"
+PERIOD_PATTERN = rf"^(today|all|{DAYS_PATTERN}|({DATE_PATTERN})?\.\.({DATE_PATTERN})?)$"
+_DAYS = re.compile(DAYS_PATTERN, re.ASCII)  # fullmatch
+_DATE = re.compile(DATE_PATTERN, re.ASCII)
 _EPOCH_DAY = date(1970, 1, 2)  # the first whole local day every timezone can turn into a timestamp
 _LAST_DAY = date.max - timedelta(days=1)  # the last whose next midnight is a date
 
