@@ -384,6 +384,12 @@ async def test_json_types_are_taken_as_they_are(http):
     assert_openai_error(biggest, 400, "no_eligible_model")
 
 
+async def test_events_refuse_an_unknown_kind_naming_the_known_ones(http):
+    error = assert_openai_error(await http.get("/api/v2/events", params={"kinds": "route_decided,gossip"}), 400)
+    assert error["param"] == "kinds" and "unknown event kind gossip" in error["message"]
+    assert "route_decided, attempt_failed" in error["message"]  # in the order they happen
+
+
 async def test_a_request_without_a_body_is_a_400(http):
     sid = (await http.post("/api/v2/sessions", json={"name": "empty"})).json()["id"]
     for method, path in (("POST", "/v1/chat/completions"), ("POST", "/api/v2/sessions"),

@@ -331,10 +331,11 @@ class Gateway:
     async def events(self, request: Request) -> Any:
         kinds = request.query_params.get("kinds")
         wanted = {k.strip() for k in kinds.split(",") if k.strip()} if kinds else None
-        if wanted and not wanted <= set(EVENT_KINDS):
-            unknown = ", ".join(sorted(wanted - set(EVENT_KINDS)))
+        unknown = wanted.difference(EVENT_KINDS) if wanted else None
+        if unknown:
             raise errors.GatewayError(
-                400, f"unknown event kind {unknown}; choose from {', '.join(EVENT_KINDS)}", param="kinds"
+                400, f"unknown event kind {', '.join(sorted(unknown))}; choose from {', '.join(EVENT_KINDS)}",
+                param="kinds",
             )
         subscription = self.bus.subscribe(maxsize=1000, kinds=wanted)
         return sse.EventStreamResponse(self._event_frames(subscription), stop=self.closing)
