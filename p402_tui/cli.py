@@ -757,18 +757,21 @@ async def _cache(args: argparse.Namespace, settings) -> int:
 # --- the parser ----------------------------------------------------------------------------
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(default: Any = None) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="config file (default: the user config dir; or P402_CONFIG)")
+    common.add_argument(
+        "--config", metavar="FILE", default=default, help="config file (default: the user config dir; or P402_CONFIG)"
+    )
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
+    # A subcommand's own default would overwrite `p402 --config FILE COMMAND`'s file, so it sets none.
+    common = _common(default=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="p402",
         description="P402 Console: route, watch and price LLM traffic across 12 providers.",
-        parents=[common],
+        parents=[_common()],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

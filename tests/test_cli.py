@@ -126,6 +126,15 @@ def test_config_flag_and_env_are_accepted_everywhere(tmp_path):
     assert {r["id"]: r["configured"] for r in rows}["mistral"] is True
 
 
+def test_config_flag_before_the_command_is_not_dropped(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[providers.mistral]\napi_key = "m-key"\n')
+    rows = ok_json("--config", str(cfg), "providers", "--json")
+    assert {r["id"]: r["configured"] for r in rows}["mistral"] is True
+    result = run_cli("--config", str(tmp_path / "missing.toml"), "models")
+    assert result.returncode == 1 and "config file not found" in result.stderr
+
+
 @pytest.mark.parametrize("command", ["providers", "models", "compare", "tokens", "catalog", "demo"])
 def test_every_command_has_help(command):
     result = run_cli(command, "--help")
