@@ -183,6 +183,26 @@ def test_a_success_folds_in_within_the_interval_and_a_failure_at_once(catalog, m
     assert {c.id: c for c in decision.candidates}["beta/fast"].health == 0.0
 
 
+def test_a_record_made_after_health_moved_on_reuses_the_figures_it_was_ranked_with(catalog, monkeypatch):
+    from p402_tui.core import router as router_module
+
+    now = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
+    health = HealthTracker()
+    router = Router(catalog, RouterConfig(), health, usable=USABLE, today=TODAY)
+    pinned = router.route(ask(), options_from(model="alpha/cheap"))
+    ranked = router.route(ask(), options_from(model="alpha/cheap"))
+    ranked.encode_apart()  # what the store writer does once the answer has gone
+    health.record_success("alpha", "alpha/cheap", latency_ms=60, ttft_ms=10, output_tokens=500)
+    now[0] += router_module.LIVE_FOLD_S
+    later = router.route(ask(), options_from(model="alpha/cheap"))  # folds the success in: a new epoch
+    assert later._ranked().vectors.epoch > ranked._ranked().vectors.epoch
+    # Recorded after the fold, the first decision still gets its own epoch's figures, computed once.
+    assert pinned._ranked().vectors is ranked._ranked().vectors
+    assert pinned.encode_apart()[1][1] == ranked.encode_apart()[1][1]  # the same "vectors" part
+    assert pinned.candidates == ranked.candidates
+
+
 # --- filters and exclusion reasons -------------------------------------------------------------
 
 

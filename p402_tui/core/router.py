@@ -68,6 +68,8 @@ _COST_FLOOR = 1e-7
 _PREFER_PENALTY = {"cost": 1e4, "speed": 1e9}
 _TIER_NUDGE = 0.01  # quality mode: the tier breaks near-ties of the quality prior
 LIVE_FOLD_S = 0.1  # a success's latency figures reach the ranking within this; failures and circuits at once
+# What a decision was ranked with: the router's live arrays (ttft ms, ms per token, health) and their epoch.
+_Live = tuple[np.ndarray, np.ndarray, np.ndarray, int]
 
 
 def _bits(capabilities: Iterable[str]) -> int:
@@ -387,7 +389,7 @@ class _Entry:
     )
 
     def __init__(self) -> None:
-        self.live: dict[int, _Vectors] = {}
+        self.live: dict[tuple[int, int], _Vectors] = {}  # by (answer length, health epoch)
         self.packed: bytes | None = None  # its models and static exclusions as a decision record stores them
         self.digest: bytes | None = None  # of `packed`: what a record kept apart from its models holds instead
 
@@ -424,7 +426,7 @@ class _Ranking:
         chosen: int,
         prompt_tokens: int,
         ot: int,
-        live: tuple[np.ndarray, np.ndarray, np.ndarray],
+        live: _Live,
     ) -> None:
         self.router = router
         self.entry = entry
@@ -877,7 +879,7 @@ class Router:
             if mask is not None:
                 bad = mask if bad is None else bad | mask
 
-        live = (self._ttft, self._mspt, self._health)
+        live = (self._ttft, self._mspt, self._health, self._epoch)
         if entry.pin is not None:
             chosen = entry.pin if entry.pin >= 0 and (bad is None or not bad[entry.pin]) else -1
             # The others are ranked when first asked for: a pinned call needs them only to fail
@@ -901,7 +903,7 @@ class Router:
 
     def _key(
         self, entry: _Entry, cost: np.ndarray, bad: np.ndarray | None, prompt_tokens: int, ot: int,
-        live: tuple[np.ndarray, np.ndarray, np.ndarray], vectors: _Vectors | None = None,
+        live: _Live, vectors: _Vectors | None = None,
     ) -> np.ndarray:
         """Each model's sort key in the entry's mode (lower is better; filtered out: inf).
 
@@ -1048,22 +1050,23 @@ class Router:
             raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         return pin_ref, mode
 
-    def _live_vectors(self, entry: _Entry, ot: int, live: tuple[np.ndarray, np.ndarray, np.ndarray]) -> _Vectors:
-        """Latency, speed score and health of the entry's models, cached per answer length and health epoch."""
-        current = live[0] is self._ttft and live[1] is self._mspt and live[2] is self._health
-        cached = entry.live.get(ot) if current else None
-        if cached is not None and cached.epoch == self._epoch:
+    def _live_vectors(self, entry: _Entry, ot: int, live: _Live) -> _Vectors:
+        """Latency, speed score and health of the entry's models, cached per answer length and health epoch.
+
+        Keyed by the epoch a decision was ranked in, not the current one: records are encoded
+        after their answers, often once health has moved on, and would compute them again."""
+        ttft, mspt, health, epoch = live
+        cached = entry.live.get((ot, epoch))
+        if cached is not None:
             return cached
-        ttft, mspt, health = live
         idx = entry.idx
         latency = ttft[idx] + ot * mspt[idx]
         speed = _log_score(latency) if len(latency) else latency
         _, wq, ws = self._weights
-        vectors = _Vectors(self._epoch, latency, speed, health[idx], entry.q_n * wq + speed * ws)
-        if current:
-            if len(entry.live) >= 16:
-                entry.live.clear()
-            entry.live[ot] = vectors
+        vectors = _Vectors(epoch, latency, speed, health[idx], entry.q_n * wq + speed * ws)
+        if len(entry.live) >= 16:
+            entry.live.clear()
+        entry.live[(ot, epoch)] = vectors
         return vectors
 
     def _refresh(self) -> None:
