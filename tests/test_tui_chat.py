@@ -155,10 +155,12 @@ async def test_an_image_from_a_path_goes_with_the_next_message(fresh_sim_setting
         assert any("no such file" in m for m in notices(app))
         assert any("not a PNG, JPEG, GIF or WebP" in m for m in notices(app))
         assert screen.attachments == []
+        assert box.value == f"/image {text_file}"  # the mistyped command stays, to be corrected
         # A real image is read off the loop and rides with the next question.
         box.value = f"/image {image}"
         await pilot.press("enter")
         await wait_until(pilot, lambda: screen.attachments)
+        assert box.value == ""
         assert "dot.png" in str(screen.query_one("#chat-attachments").content)
         answer = await ask(pilot, screen, "what is in this picture?")
         served = str(answer.route.content).split()[1]

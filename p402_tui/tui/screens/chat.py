@@ -607,8 +607,7 @@ class ChatScreen(LinkedScreen):
         if not text:
             return
         if text.startswith("/image"):
-            event.input.value = ""
-            self._attach_image(text[len("/image"):].strip())
+            self._attach_image(text[len("/image"):].strip(), event.value)
             return
         if self.streaming:
             self.notify("an answer is still streaming: escape stops it", severity="warning", timeout=3)
@@ -707,7 +706,8 @@ class ChatScreen(LinkedScreen):
         box.focus()
 
     @work(group="chat-attach", exit_on_error=False, description="read an image")
-    async def _attach_image(self, path: str) -> None:
+    async def _attach_image(self, path: str, typed: str) -> None:
+        """Attach the image at `path`; the command stays in the box until it works, so a typo is fixed, not retyped."""
         try:
             image = await asyncio.to_thread(load_image, path)
         except ImageError as error:
@@ -718,6 +718,9 @@ class ChatScreen(LinkedScreen):
             return
         self.attachments.append(image)
         self._show_attachments()
+        box = self.query_one("#chat-input", Input)
+        if box.value == typed:  # unless the user has started typing something else meanwhile
+            box.value = ""
         self.notify(f"{image.name} attached ({image.size / 1024:.0f} KB); it goes with the next message", timeout=3)
 
     def _show_attachments(self) -> None:
