@@ -74,7 +74,7 @@ def describe_attempts(error: AllAttemptsFailedError) -> str:
 def from_p402_error(error: P402Error) -> Response:
     status = p402_status(error)
     message = str(error.message)
-    param = None
+    param = error.details.get("param")  # a field the store's own checks refused
     if isinstance(error, AllAttemptsFailedError) and error.attempts:
         message = describe_attempts(error)
     if error.kind == "model_not_found":

@@ -69,19 +69,19 @@ def _check_budget(budget_usd: float | None) -> float | None:
     if budget_usd is None:
         return None
     if not isinstance(budget_usd, (int, float)) or not math.isfinite(budget_usd) or budget_usd < 0:
-        raise SessionError(f"budget must be a non-negative number of USD, not {budget_usd!r}")
+        raise SessionError(f"budget must be a non-negative number of USD, not {budget_usd!r}", param="budget_usd")
     return float(budget_usd)
 
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise SessionError("a session needs a non-empty name")
+        raise SessionError("a session needs a non-empty name", param="name")
     return name.strip()
 
 
 def _check_status(status: str) -> str:
     if status not in STATUSES:
-        raise SessionError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        raise SessionError(f"status must be one of {', '.join(STATUSES)}, not {status!r}", param="status")
     return status
 
 
@@ -89,11 +89,11 @@ def _check_metadata(metadata: dict[str, Any] | None) -> str:
     if metadata is None:
         return "{}"
     if not isinstance(metadata, dict):
-        raise SessionError("metadata must be a JSON object")
+        raise SessionError("metadata must be a JSON object", param="metadata")
     try:
         return json.dumps(metadata)
     except (TypeError, ValueError) as error:
-        raise SessionError(f"metadata is not JSON: {error}") from None
+        raise SessionError(f"metadata is not JSON: {error}", param="metadata") from None
 
 
 async def create_session(
