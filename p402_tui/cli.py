@@ -787,8 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("compare", parents=[common], help="what a call of a given size costs on every model")
-    p.add_argument("--input-tokens", type=_non_negative_int, required=True, metavar="N")
-    p.add_argument("--output-tokens", type=_non_negative_int, required=True, metavar="M")
+    p.add_argument("--input-tokens", type=_token_count, required=True, metavar="N")
+    p.add_argument("--output-tokens", type=_token_count, required=True, metavar="M")
     p.add_argument("--capability", metavar="C", action="append", help="only models with this capability (repeatable)")
     p.add_argument("--max-tier", choices=["budget", "mid", "premium"], help="no tier above this")
     p.add_argument("--top", type=_positive_int, metavar="K", help="only the K cheapest")
@@ -998,6 +998,15 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def _token_count(text: str) -> int:
+    from .core.costs import MAX_COMPARED_TOKENS
+
+    value = _non_negative_int(text)
+    if value > MAX_COMPARED_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COMPARED_TOKENS:,}")
     return value
 
 

@@ -61,6 +61,12 @@ def test_compare_costs_every_model_ascending(catalog):
     assert costs == sorted(costs)
 
 
+def test_compare_refuses_a_count_no_float_holds():
+    result = run_cli("compare", "--input-tokens", "1" + "0" * 400, "--output-tokens", "5")  # was a traceback
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--input-tokens: must be at most 1,000,000,000,000,000" in result.stderr
+
+
 def test_compare_top_and_capability():
     rows = ok_json("compare", "--input-tokens", "2000", "--output-tokens", "100", "--capability", "vision", "--top", "3", "--json")
     assert len(rows) == 3

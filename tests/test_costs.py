@@ -126,8 +126,10 @@ def test_bad_arguments_are_clear(small):
         compare(small, 1, 1, require={"telepathy"})
     with pytest.raises(ValueError, match="unknown tier 'cheap'"):
         cheapest(small, {"chat"}, max_tier="cheap")
-    with pytest.raises(ValueError, match="zero or more"):
+    with pytest.raises(ValueError, match="from 0 to 1,000,000,000,000,000"):
         compare(small, -1, 1)
+    with pytest.raises(ValueError, match="from 0 to"):
+        cheapest(small, {"chat"}, input_tokens=1, output_tokens=10**400)
     with pytest.raises(ValueError, match="top"):
         compare(small, 1, 1, top=0)
 

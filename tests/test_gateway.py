@@ -367,6 +367,8 @@ async def test_json_types_are_taken_as_they_are(http):
         ("POST", "/api/v2/sessions", {"name": "\f"}, "name"),
         ("PATCH", f"/api/v2/sessions/{sid}", {"budget_usd": True}, "budget_usd"),
         ("POST", "/api/v2/providers", {"input_tokens": 10, "output_tokens": True}, "output_tokens"),
+        ("POST", "/api/v2/providers", {"input_tokens": 10**400, "output_tokens": 1}, "input_tokens"),  # was a 500
+        ("POST", "/api/v2/providers", {"input_tokens": 1, "output_tokens": 1e20}, "output_tokens"),
         ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": "16"}, "max_tokens"),
         ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 16.5}, "max_tokens"),
         ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2**31}, "max_tokens"),

@@ -15,6 +15,8 @@ from .types import CAPABILITIES, TIER_RANK, TIERS, Usage
 
 # Anthropic bills a 5-minute cache write at 1.25x the input rate (reference catalog.md, "Cache pricing").
 CACHE_WRITE_MULTIPLIER = 1.25
+# The most tokens a comparison prices: past any real volume, and exact as the floats prices are.
+MAX_COMPARED_TOKENS = 10**15
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +53,8 @@ def call_cost(model: ModelSpec, usage: Usage) -> float:
 
 
 def _check_tokens(input_tokens: int, output_tokens: int) -> None:
-    if input_tokens < 0 or output_tokens < 0:
-        raise ValueError("token counts must be zero or more")
+    if not (0 <= input_tokens <= MAX_COMPARED_TOKENS and 0 <= output_tokens <= MAX_COMPARED_TOKENS):
+        raise ValueError(f"token counts must be from 0 to {MAX_COMPARED_TOKENS:,}")
 
 
 def _check_filters(require: Iterable[str], max_tier: str | None) -> None:

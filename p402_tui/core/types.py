@@ -68,6 +68,9 @@ def _json_integer(value: Any) -> Any:
     # Lax mode would read `true` as 1 and "16" as 16; OpenAI's API refuses both. 16.0 is an integer to JSON Schema.
     if isinstance(value, (bool, str)):
         raise ValueError(f"expected an integer, not {json.dumps(value)}")
+    if isinstance(value, float) and value.is_integer():
+        # As an int, a whole 1e20 meets the field's bound and its message, not "unable to parse input string".
+        return int(value)
     return value
 
 

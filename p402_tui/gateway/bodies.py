@@ -15,6 +15,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from ..core.catalog import Catalog
 from ..core.config import MODES, Mode
+from ..core.costs import MAX_COMPARED_TOKENS
 from ..core.errors import UnknownModelError
 from ..core.hooks import CallContext, RouteOptions
 from ..core.router import AUTO_MODELS
@@ -114,8 +115,8 @@ class CompareBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_tokens: Annotated[int, Field(ge=0), JSON_INTEGER]
-    output_tokens: Annotated[int, Field(ge=0), JSON_INTEGER]
+    input_tokens: Annotated[int, Field(ge=0, le=MAX_COMPARED_TOKENS), JSON_INTEGER]
+    output_tokens: Annotated[int, Field(ge=0, le=MAX_COMPARED_TOKENS), JSON_INTEGER]
     require: list[Capability] = Field(default_factory=lambda: ["chat"])  # embedding models price no answer
     max_tier: Tier | None = None
     top: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
