@@ -198,6 +198,22 @@ async def test_z_zooms_the_focused_pane_and_z_or_escape_restores():
         assert app.screen.maximized is None
 
 
+async def test_a_zoomed_pane_fits_the_screen():
+    app = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        for key, pane in zip("1234", ("decisions", "sessions", "health", "spend")):
+            await pilot.press(key, "z")
+            await pilot.pause()
+            assert app.screen.maximized is app.screen.query_one(f"#{pane}", Pane)
+            assert app.screen.maximized.region.width == SIZE[0], pane  # its right border on screen
+            await pilot.press("z")
+        await pilot.press("4", "z")
+        await pilot.pause()
+        totals = app.screen.query_one("#spend-totals")
+        assert totals.region.right <= SIZE[0]
+
+
 async def test_number_keys_and_tab_move_between_panes():
     app = fixed_app()
     async with app.run_test(size=SIZE) as pilot:
