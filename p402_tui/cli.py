@@ -130,7 +130,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         settings.catalog,
         args.input_tokens,
         args.output_tokens,
-        require=set(args.capability or ()),
+        require=set(args.capability or ("chat",)),
         top=args.top,
         max_tier=args.max_tier,
     )
@@ -789,7 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", parents=[common], help="what a call of a given size costs on every model")
     p.add_argument("--input-tokens", type=_token_count, required=True, metavar="N")
     p.add_argument("--output-tokens", type=_token_count, required=True, metavar="M")
-    p.add_argument("--capability", metavar="C", action="append", help="only models with this capability (repeatable)")
+    # As the gateway's cost comparison: an embedding model is no answer to a call that writes tokens.
+    p.add_argument("--capability", metavar="C", action="append",
+                   help="only models with this capability (repeatable; default: chat)")
     p.add_argument("--max-tier", choices=["budget", "mid", "premium"], help="no tier above this")
     p.add_argument("--top", type=_positive_int, metavar="K", help="only the K cheapest")
     p.add_argument("--json", action="store_true", help="print JSON")

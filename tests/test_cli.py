@@ -51,9 +51,12 @@ def test_models_filters():
     assert all(r["provider"] == "anthropic" and "vision" in r["capabilities"] and r["tier"] != "premium" for r in rows)
 
 
-def test_compare_costs_every_model_ascending(catalog):
+def test_compare_costs_every_chat_model_ascending(catalog):
     rows = ok_json("compare", "--input-tokens", "1000", "--output-tokens", "500", "--json")
-    assert {r["id"] for r in rows} == set(catalog.models)
+    # Embedding models write no answer: priced at $0 output they would lead every comparison.
+    assert {r["id"] for r in rows} == {m.id for m in catalog.models.values() if "chat" in m.capabilities}
+    embedders = ok_json("compare", "--input-tokens", "1000", "--output-tokens", "0", "--capability", "embeddings", "--json")
+    assert embedders and all("chat" not in catalog.models[r["id"]].capabilities for r in embedders)
     for row in rows:
         model = catalog.models[row["id"]]
         assert row["cost_usd"] == pytest.approx(1000 * model.input_per_1m / 1e6 + 500 * model.output_per_1m / 1e6, abs=1e-15)
