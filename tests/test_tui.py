@@ -214,6 +214,29 @@ async def test_a_zoomed_pane_fits_the_screen():
         assert totals.region.right <= SIZE[0]
 
 
+async def test_an_80x24_terminal_shows_decisions_and_the_spend_totals():
+    app = fixed_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        decisions = table(app, "decisions")
+        assert decisions.size.height - 1 >= 5  # rows under the header, not the header alone
+        chart = app.screen.query_one(SpendChart)
+        assert not chart.display  # no room beside the totals: they take the pane, z shows the chart
+        assert "today" in str(app.screen.query_one("#spend-totals").render())
+        await pilot.press("4", "z")
+        await pilot.pause()
+        assert chart.display and chart.size.width >= 20
+        await wait_until(pilot, lambda: bool(chart.legend))  # drawn for its new size
+
+
+def test_a_chart_with_spend_but_no_room_does_not_say_there_is_none():
+    from p402_tui.tui.widgets.spend import render_chart
+
+    state = sample_state()
+    text, legend = render_chart(state.spend, T0, 10, 10, ["#ff0000"])
+    assert "no spend" not in text.plain and "z zooms" in text.plain and legend == []
+
+
 async def test_number_keys_and_tab_move_between_panes():
     app = fixed_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -30,13 +30,16 @@ def _rgb(colour: str) -> tuple[int, int, int] | None:
 
 
 Legend = list[tuple[str, str, float]]  # (provider, colour, spend over the window)
+CHART_MIN = (20, 5)  # columns and rows below which plotext draws nothing readable
 
 
 def render_chart(series: SpendSeries, now: float, width: int, height: int, colours: list[str]) -> tuple[Text, Legend]:
     """The chart as Rich text, and its legend (empty: nothing to draw yet)."""
     window, lines = series.cumulative(now, top=5)
-    if not lines or width < 20 or height < 5:
+    if not lines:
         return Text(f"no spend in the last {_age(series.bucket_s * series.buckets)}", style="dim"), []
+    if width < CHART_MIN[0] or height < CHART_MIN[1]:
+        return Text("too small for the chart: z zooms", style="dim"), []
     figure = plotext.figure
     figure.clear()
     figure.theme("simple")
@@ -149,6 +152,12 @@ class SpendPane(Horizontal):
     def compose(self) -> ComposeResult:
         yield SpendChart()
         yield Static(id="spend-totals")
+
+    def on_resize(self) -> None:
+        # Where the totals leave the chart too little room (80 columns), they take the pane alone; z brings it back.
+        self.query_one(SpendChart).display = self.content_size.width >= WIDTH + 2 + CHART_MIN[0]
+        if not getattr(self.app, "paused", True):  # a zoomed chart is drawn for its new size now, not at the next event
+            self.call_after_refresh(self.app.show_state)  # type: ignore[attr-defined]
 
     def show(self, series: SpendSeries, summary: SpendSummary, now: float, colors: Palette, summary_changed: bool) -> None:
         chart = self.query_one(SpendChart)
