@@ -209,6 +209,18 @@ async def test_streamed_tool_call_deltas_pass_through(sdk):
     assert json.loads("".join(d.function.arguments or "" for d in deltas))
 
 
+@pytest.mark.parametrize("model", [PINNED, "anthropic/claude-haiku-4-5-20251001", "google/gemini-2.5-flash"])
+async def test_max_completion_tokens_limits_every_provider(sdk, model):
+    """The SDK's newer name for max_tokens: Anthropic and Gemini took no limit from it."""
+    answer = await sdk.chat.completions.create(model=model, messages=HELLO, max_completion_tokens=5)
+    usage = answer.usage
+    written = usage.completion_tokens - (usage.completion_tokens_details.reasoning_tokens or 0)  # Gemini's own thinking
+    assert written <= 5 and answer.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as both:
+        await sdk.chat.completions.create(model=model, messages=HELLO, max_completion_tokens=5, max_tokens=6)
+    assert both.value.body["param"] == "max_completion_tokens"
+
+
 async def test_sdk_models_list_has_every_usable_model(sdk, runtime):
     models = [model async for model in sdk.models.list()]
     usable = {p.id for p in runtime.settings.usable_providers()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 _ASCII_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -152,10 +152,27 @@ class ChatRequest(_Open):
     top_p: float | None = Field(default=None, ge=0, le=1, strict=True)
     # OpenAI's bound; the router's sums are int64.
     max_tokens: Annotated[int, Field(ge=1, le=2**31 - 1), JSON_INTEGER] | None = None
+    # The OpenAI SDK's newer name for max_tokens. Read into max_tokens, so the router and every
+    # adapter see the one limit (each writes it in its provider's dialect), then left unset.
+    max_completion_tokens: Annotated[int, Field(ge=1, le=2**31 - 1), JSON_INTEGER] | None = None
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), JSON_INTEGER] | None = None  # int64, as providers take it
     stream: bool = Field(default=False, strict=True)
     stream_options: dict[str, Any] | None = None
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _same_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        max_tokens = info.data.get("max_tokens")
+        if value is not None and max_tokens is not None and value != max_tokens:
+            raise ValueError(f"differs from max_tokens ({max_tokens}); send one of the two")
+        return value
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> ChatRequest:
+        if self.max_completion_tokens is not None:
+            self.max_tokens, self.max_completion_tokens = self.max_completion_tokens, None
+        return self
 
     def has_images(self) -> bool:
         return any(m.images() for m in self.messages)
