@@ -229,6 +229,21 @@ async def test_sdk_models_list_has_every_usable_model(sdk, runtime):
     assert all(m.object == "model" and m.owned_by == m.id.split("/")[0] and m.created > 0 for m in models)
 
 
+async def test_sdk_models_retrieve_one_model(sdk, runtime, http, monkeypatch):
+    model = await sdk.models.retrieve(PINNED)
+    assert (model.id, model.object, model.owned_by) == (PINNED, "model", "openai") and model.created > 0
+    assert (await sdk.models.retrieve("gpt-4o-mini")).id == PINNED  # a bare wire id, as chat takes it
+    assert (await http.get("/v1/models/openai%2Fgpt-4o-mini")).json()["id"] == PINNED
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk.models.retrieve("nowhere/no-such-model")
+    assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"
+    usable = runtime.settings.usable_providers()
+    monkeypatch.setattr(runtime.settings, "usable_providers", lambda: [p for p in usable if p.id != "groq"])
+    unusable = next(m.id for m in runtime.settings.catalog.models.values() if m.provider == "groq")
+    error = assert_openai_error(await http.get(f"/v1/models/{unusable}"), 404, "model_not_found")
+    assert "not usable" in error["message"]
+
+
 async def test_sdk_raises_its_own_typed_errors(sdk):
     with pytest.raises(openai.BadRequestError) as bad:
         await sdk.chat.completions.create(model=PINNED, messages=HELLO, temperature=5)
@@ -660,7 +675,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
     assert document["openapi"] == "3.2.0"
     paths = set(document["paths"])
     assert {
-        "/v1/chat/completions", "/api/v2/chat/completions", "/v1/models", "/api/v2/providers",
+        "/v1/chat/completions", "/api/v2/chat/completions", "/v1/models", "/v1/models/{model}", "/api/v2/providers",
         "/api/v2/analytics/spend", "/api/v2/analytics/recommendations", "/api/v2/sessions",
         "/api/v2/sessions/{session_id}", "/api/v2/sessions/{session_id}/requests",
         "/api/v2/sessions/{session_id}/messages", "/api/v2/decisions", "/api/v2/events", "/api/v2/cache", "/health",

@@ -23,7 +23,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..core.errors import P402Error
+from ..core.catalog import ModelSpec
+from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, RouteDecided
 from ..core.types import ChatChunk, ChatRequest, json_bytes
 from . import errors, sse
@@ -179,14 +180,21 @@ class Gateway:
     # --- models and providers -----------------------------------------------------------
 
     async def models(self, request: Request) -> Any:
-        created = _epoch(self.orchestrator.catalog.checked_on)
         usable = {p.id for p in self.settings.usable_providers()}
-        data = [
-            {"id": m.id, "object": "model", "created": created, "owned_by": m.provider}
-            for m in self.orchestrator.catalog.models.values()
-            if m.provider in usable
-        ]
+        data = [self._model_object(m) for m in self.orchestrator.catalog.models.values() if m.provider in usable]
         return json_response({"object": "list", "data": data})
+
+    async def model(self, request: Request) -> Any:
+        """One model, as the OpenAI SDK's `models.retrieve()` asks: `provider/model` or a bare wire id."""
+        ref = request.path_params["model"]
+        spec = self.orchestrator.catalog.model(ref)  # unknown or ambiguous: a 404 that says which
+        if not any(p.id == spec.provider for p in self.settings.usable_providers()):
+            raise UnknownModelError(f"model {spec.id!r} is not served here: provider {spec.provider!r} is not usable")
+        return json_response(self._model_object(spec))
+
+    def _model_object(self, spec: ModelSpec) -> dict[str, Any]:
+        created = _epoch(self.orchestrator.catalog.checked_on)
+        return {"id": spec.id, "object": "model", "created": created, "owned_by": spec.provider}
 
     async def providers(self, request: Request) -> Any:
         catalog = self.orchestrator.catalog
@@ -396,6 +404,7 @@ class Gateway:
             "/v1/chat/completions": {"POST": self.chat},
             "/api/v2/chat/completions": {"POST": self.chat},
             "/v1/models": {"GET": self.models},
+            "/v1/models/{model:path}": {"GET": self.model},  # ids hold a slash
             "/api/v2/providers": {"GET": self.providers, "POST": self.compare},
             "/api/v2/analytics/spend": {"GET": self.spend},
             "/api/v2/analytics/recommendations": {"GET": self.recommendations},

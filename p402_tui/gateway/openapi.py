@@ -307,6 +307,21 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "responses": {"200": _json(_list_of(_ref("Model"))), **_errors(401)},
             }
         },
+        "/v1/models/{model}": {
+            "parameters": [
+                {
+                    "name": "model",
+                    "in": "path",
+                    "required": True,
+                    "description": "`provider/model`, or a wire id only one provider has; the slash may come as is",
+                    "schema": {"type": "string"},
+                }
+            ],
+            "get": {
+                "summary": "One model of a usable provider (OpenAI model object)",
+                "responses": {"200": _json(_ref("Model")), **_errors(401, 404)},
+            },
+        },
         "/api/v2/providers": {
             "get": {
                 "summary": "Providers with their models, usability and live health",
