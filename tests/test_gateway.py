@@ -400,6 +400,7 @@ async def test_json_types_are_taken_as_they_are(http):
         ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 16.5}, "max_tokens"),
         ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2**31}, "max_tokens"),
         ("POST", "/v1/chat/completions", {"messages": HELLO, "seed": 2**63}, "seed"),
+        ("POST", "/v1/chat/completions", {"messages": HELLO, "n": 2}, "n"),  # was answered with one choice
         ("PATCH", f"/api/v2/sessions/{sid}", {"name": " "}, "name"),
         # Whitespace to Python but not to the schema's \S: the store's own check refuses it, naming the field.
         ("POST", "/api/v2/sessions", {"name": "\x1c"}, "name"),
@@ -408,7 +409,7 @@ async def test_json_types_are_taken_as_they_are(http):
         error = assert_openai_error(await http.request(method, path, json=body), 400)
         assert error["param"] == param, (body, error)
     # JSON Schema's integers include 16.0, and a number may be written without a fraction.
-    ok = await http.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 1, "max_tokens": 16.0})
+    ok = await http.post("/v1/chat/completions", json={"messages": HELLO, "temperature": 1, "max_tokens": 16.0, "n": 1})
     assert ok.status_code == 200, ok.text
     assert (await http.post("/api/v2/providers", json={"input_tokens": 10.0, "output_tokens": 5})).status_code == 200
     # The largest max_tokens passes the edge; no model writes that much, which routing then says.
