@@ -336,6 +336,22 @@ async def test_t_opens_the_theme_picker_and_a_theme_recolours_cells():
         assert str(before) != str(after)
 
 
+@pytest.mark.parametrize("theme", ["ansi-dark", "ansi-light"])
+async def test_the_terminal_palette_themes_draw_every_screen(theme):
+    # Their colours are Textual names (ansi_red) that Rich cannot parse: every coloured cell would raise.
+    app = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.theme = theme
+        await pilot.pause()
+        assert app.is_running and isinstance(app.screen, DashboardScreen)
+        assert table(app, "decisions").cell_at(1, "status").style
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.is_running and isinstance(app.screen, DecisionScreen)
+        assert "Candidates" in app.export_screenshot()
+
+
 async def test_q_quits_at_once():
     app = fixed_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.color import Color as RichColor, ColorParseError
 from textual.app import App
 
 SERIES_FALLBACK = ("#4EBF71", "#0178D4", "#ffa62b", "#ba3c5b", "#a371f7", "#2ec4b6", "#e0e0e0")
@@ -47,10 +48,23 @@ class Palette:
 def palette_of(app: App) -> Palette:
     theme = app.current_theme
     return Palette(
-        ok=theme.success or "green",
-        error=theme.error or "red",
-        warning=theme.warning or "yellow",
-        accent=theme.accent or "cyan",
-        primary=theme.primary or "blue",
+        ok=_rich(theme.success, "green"),
+        error=_rich(theme.error, "red"),
+        warning=_rich(theme.warning, "yellow"),
+        accent=_rich(theme.accent, "cyan"),
+        primary=_rich(theme.primary, "blue"),
         muted="dim",
     )
+
+
+def _rich(colour: str | None, default: str) -> str:
+    """A theme colour as Rich spells it: the ANSI themes say ansi_red, which Rich only knows as red
+    (the terminal's own red, which is the point of those themes)."""
+    if not colour:
+        return default
+    colour = colour.removeprefix("ansi_")
+    try:
+        RichColor.parse(colour)
+    except ColorParseError:
+        return default
+    return colour
