@@ -214,6 +214,23 @@ async def test_ctrl_n_starts_over_and_the_palette_reaches_the_chat_actions(fresh
         await wait_until(pilot, lambda: app.screen is screen and screen.query_one("#chat-mode", Select).expanded)
 
 
+async def test_ctrl_n_on_an_empty_chat_or_twice_in_a_row_keeps_the_console_up(fresh_sim_settings):
+    async with chat_console(fresh_sim_settings) as (app, pilot, screen, _runtime):
+        await pilot.press("ctrl+n")  # nothing asked yet: the welcome text is still there
+        await pilot.pause()
+        await ask(pilot, screen, "hello")
+        await pilot.press("ctrl+n", "ctrl+n")
+        await pilot.pause()
+        assert app.is_running and app.screen is screen
+        assert len(screen.query("#chat-empty")) == 1 and not screen.query(AnswerView)
+        await ask(pilot, screen, "again")
+        assert not screen.query("#chat-empty")
+        await pilot.press("ctrl+p")
+        await run_command(pilot, "new conversation")  # the palette's way: the same action, awaited there too
+        await wait_until(pilot, lambda: app.screen is screen and not screen.query(AnswerView))
+        assert len(screen.query("#chat-empty")) == 1 and screen.history == []
+
+
 async def test_c_opens_the_chat_from_the_dashboard(fresh_sim_settings):
     async with Runtime.open(fresh_sim_settings, persist=False) as runtime:
         app = ConsoleApp(LocalSource(runtime), clock=lambda: T0)

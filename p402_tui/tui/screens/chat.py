@@ -686,14 +686,14 @@ class ChatScreen(LinkedScreen):
             return
         self.workers.cancel_group(self, "chat")
 
-    def action_new_chat(self) -> None:
+    async def action_new_chat(self) -> None:
         if self.streaming:
             self.action_stop()
         self.session = SessionLog("chat")
         self.history = []
         log = self.query_one("#chat-log", VerticalScroll)
-        log.remove_children()
-        log.mount(Static("New conversation. Ask away.", id="chat-empty"))
+        await log.remove_children()  # the old welcome text must be gone before the new one takes its id
+        await log.mount(Static("New conversation. Ask away.", id="chat-empty"))
         self.query_one("#chat-session", Static).update(self.session.describe())
         self.query_one("#chat-input", Input).focus()
 
