@@ -25,10 +25,12 @@ from p402_tui.store.queries import create_key
 from p402_tui.tui.app import ConsoleApp
 from p402_tui.tui.attach import (
     AttachClient,
+    GatewayError,
     RemoteSource,
     decision_from_dict,
     event_from_dict,
     gateway_url,
+    open_remote,
     sse_frames,
 )
 from p402_tui.tui.screens.chat import AnswerView, ChatScreen
@@ -138,6 +140,21 @@ async def test_a_gateway_with_keys_wants_the_key(fresh_sim_settings, tmp_path):
         async with AttachClient(running.url, key=secret) as keyed:
             await keyed.wait_until_up()
             assert (await keyed.sessions()) == []
+
+
+async def test_attaching_with_a_missing_or_wrong_key_is_an_error_not_a_retry(fresh_sim_settings, tmp_path):
+    async with gateway(fresh_sim_settings, db_path=tmp_path / "p402.db") as (runtime, running):
+        _, secret = await create_key(runtime.store, "console")
+        for key, hint in ((None, "give it with --key"), ("p402-wrong", "check --key")):
+            with pytest.raises(GatewayError, match="401") as refused:
+                async with open_remote(running.url, key):
+                    pass
+            assert hint in str(refused.value) and "p402 keys create" in str(refused.value)
+        async with open_remote(running.url, secret) as source:
+            await source.client.wait_until_up()
+    # Nobody there yet is not an error: the console comes up and the link retries.
+    async with open_remote(f"http://127.0.0.1:{free_port()}", None) as source:
+        assert source.client.link.state in ("connecting", "down")
 
 
 async def test_sessions_spend_and_winners_go_through_the_gateway_api(fresh_sim_settings, tmp_path):

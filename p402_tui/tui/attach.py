@@ -21,6 +21,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -735,10 +736,29 @@ class RemoteSource:
         return None
 
 
+@asynccontextmanager
+async def open_remote(url: str, key: str | None, on_change: Callable[[], None] | None = None) -> AsyncIterator[RemoteSource]:
+    """The gateway at `url` as a started source. A gateway that refuses the key ends it with a clear error:
+    retrying cannot mend a missing or revoked key, and the live view would only say the link is down."""
+    source = RemoteSource(AttachClient(url, key))
+    source.on_change = on_change
+    try:
+        await source.client.providers()
+    except GatewayError as error:
+        if error.status in (401, 403):
+            await source.aclose()
+            hint = "give it with --key" if not key else "check --key"
+            raise GatewayError(f"{error.message} ({hint}; `p402 keys create` makes one)", status=error.status) from None
+        # unreachable or failing for now: the console comes up and shows the link retrying
+    await source.start()
+    try:
+        yield source
+    finally:
+        await source.aclose()
+
+
 def run_attached(url: str, key: str | None, refresh: float) -> int:
     """`p402 console --attach URL`: the console on a running gateway until the user quits."""
-    from contextlib import asynccontextmanager
-
     from .app import ConsoleApp
     from .launch import run_app
 
@@ -750,15 +770,5 @@ def run_attached(url: str, key: str | None, refresh: float) -> int:
         if update is not None:
             update()
 
-    @asynccontextmanager
-    async def open_source() -> AsyncIterator[RemoteSource]:
-        source = RemoteSource(AttachClient(url, key))
-        source.on_change = status_changed
-        await source.start()
-        try:
-            yield source
-        finally:
-            await source.aclose()
-
-    asyncio.run(run_app(app, open_source))
+    asyncio.run(run_app(app, lambda: open_remote(url, key, status_changed)))
     return app.return_code or 0
