@@ -269,6 +269,16 @@ async def test_request_fields_and_extras_pass_through(adapters):
     assert "top_p" not in body and "tools" not in body  # unset fields are not sent
 
 
+@pytest.mark.parametrize("pid", PROVIDERS)
+async def test_the_developer_role_is_system_beyond_openai(adapters, pid):
+    adapter = adapters(pid)
+    request = ChatRequest(messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    model = MODELS[pid]
+    roles = [m["role"] for m in adapter.payload(request, model, stream=False)["messages"]]
+    assert roles == (["developer", "user"] if pid == "openai" else ["system", "user"])
+    assert (await adapter.complete(request, model=model)).content
+
+
 async def test_mistral_dialect(adapters):
     adapter = adapters("mistral")
     body = adapter.payload(

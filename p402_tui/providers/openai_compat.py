@@ -93,6 +93,8 @@ class OpenAICompatAdapter(Adapter):
         if self.id == "openai" and "max_tokens" in body and model.startswith(MAX_COMPLETION_PREFIXES):
             max_tokens = body.pop("max_tokens")
             body.setdefault("max_completion_tokens", max_tokens)
+        if self.id != "openai":
+            _developer_as_system(body["messages"])
         if self.id == "mistral":
             _to_mistral(body)
         for name in self.unsupported:
@@ -382,6 +384,14 @@ def _content_and_thinking(content: Any) -> tuple[str | None, str | None]:
 def _extras(data: dict[str, Any]) -> dict[str, Any] | None:
     extra = {key: data[key] for key in ("citations", "search_results") if data.get(key)}
     return extra or None
+
+
+def _developer_as_system(messages: list[dict[str, Any]]) -> None:
+    """OpenAI's newer name for the system role is OpenAI's own: other OpenAI-wire APIs refuse it
+    (DeepInfra answers 422) or let the model ignore it (models behind Ollama). It means the same."""
+    for message in messages:
+        if message["role"] == "developer":
+            message["role"] = "system"
 
 
 def _to_mistral(body: dict[str, Any]) -> None:
