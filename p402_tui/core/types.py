@@ -156,7 +156,7 @@ class ChatRequest(_Open):
     # adapter see the one limit (each writes it in its provider's dialect), then left unset.
     max_completion_tokens: Annotated[int, Field(ge=1, le=2**31 - 1), JSON_INTEGER] | None = None
     # One answer a request: each adapter reads one choice, so n > 1 would be answered short, silently.
-    n: Annotated[int, Field(ge=1, le=1, description="one choice an answer"), JSON_INTEGER] | None = None
+    n: Annotated[int, Field(ge=1, le=1, description="P402 answers with one choice"), JSON_INTEGER] | None = None
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), JSON_INTEGER] | None = None  # int64, as providers take it
     stream: bool = Field(default=False, strict=True)

@@ -181,7 +181,9 @@ class Gateway:
 
     async def models(self, request: Request) -> Any:
         usable = {p.id for p in self.settings.usable_providers()}
-        data = [self._model_object(m) for m in self.orchestrator.catalog.models.values() if m.provider in usable]
+        created = _epoch(self.orchestrator.catalog.checked_on)
+        models = self.orchestrator.catalog.models.values()
+        data = [_model_object(m, created) for m in models if m.provider in usable]
         return json_response({"object": "list", "data": data})
 
     async def model(self, request: Request) -> Any:
@@ -190,11 +192,7 @@ class Gateway:
         spec = self.orchestrator.catalog.model(ref)  # unknown or ambiguous: a 404 that says which
         if not any(p.id == spec.provider for p in self.settings.usable_providers()):
             raise UnknownModelError(f"model {spec.id!r} is not served here: provider {spec.provider!r} is not usable")
-        return json_response(self._model_object(spec))
-
-    def _model_object(self, spec: ModelSpec) -> dict[str, Any]:
-        created = _epoch(self.orchestrator.catalog.checked_on)
-        return {"id": spec.id, "object": "model", "created": created, "owned_by": spec.provider}
+        return json_response(_model_object(spec, _epoch(self.orchestrator.catalog.checked_on)))
 
     async def providers(self, request: Request) -> Any:
         catalog = self.orchestrator.catalog
@@ -431,6 +429,11 @@ class Gateway:
         chat = guarded(self.chat)
         direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
         return _Front(starlette, self.auth, direct)
+
+
+def _model_object(spec: ModelSpec, created: int) -> dict[str, Any]:
+    """A model as OpenAI's API shows one."""
+    return {"id": spec.id, "object": "model", "created": created, "owned_by": spec.provider}
 
 
 def _by_method(handlers: dict[str, Handler]) -> Handler:
