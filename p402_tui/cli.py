@@ -164,7 +164,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 def cmd_catalog_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .core.catalog import import_litellm_prices, load_catalog, merge_overrides
+    from .core.catalog import import_litellm_prices, load_catalog, merge_overrides, read_overrides
     from .core.config import default_overrides_path
 
     path = Path(args.file)
@@ -177,7 +177,7 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
     if not isinstance(data, dict):
         raise P402Error(f"{path} is not a LiteLLM price file (expected a JSON object of models)")
     target = Path(args.overrides) if args.overrides else default_overrides_path()
-    existing = json.loads(target.read_text(encoding="utf-8")) if target.exists() else {}
+    existing = read_overrides(target) if target.exists() else {}
     overrides, report = import_litellm_prices(data, load_catalog())
     merged = merge_overrides(existing, overrides)
     target.parent.mkdir(parents=True, exist_ok=True)

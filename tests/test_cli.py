@@ -119,6 +119,30 @@ def test_errors_are_one_line_and_non_zero(args, needle):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("[1]", "are not of the form"),
+        ('{"models": {"openai/gpt-4o": 3}}', "are not of the form"),
+        ('{"models": ', "cannot read catalog overrides"),
+        ('{"models": {"openai/gpt-4o": {"input_per_1m": "cheap"}}}', "with the overrides in"),
+    ],
+)
+def test_a_broken_catalog_override_file_is_named_not_a_traceback(tmp_path, content, needle):
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(content)
+    prices = tmp_path / "prices.json"
+    prices.write_text("{}")
+    for args, env in ((("models",), {"P402_CATALOG_OVERRIDES": str(overrides)}),
+                      (("catalog", "import", str(prices), "--overrides", str(overrides)), None)):
+        if "with the overrides" in needle and args[0] == "catalog":
+            continue  # a bad price is only found when the catalog is read with it
+        result = run_cli(*args, env=env)
+        assert result.returncode == 1, result.stdout
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert needle in result.stderr and str(overrides) in result.stderr
+
+
 def test_bad_config_file_is_a_clean_error(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[router]\nmode = 3\n")

@@ -224,12 +224,26 @@ def load_catalog(path: Path = CATALOG_PATH, overrides_path: Path | None = None) 
     except (OSError, json.JSONDecodeError) as error:
         raise CatalogError(f"cannot read catalog {path}: {error}") from None
     overrides = None
+    origin = str(path.name)
     if overrides_path is not None and overrides_path.exists():
-        try:
-            overrides = json.loads(overrides_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise CatalogError(f"cannot read catalog overrides {overrides_path}: {error}") from None
-    return parse_catalog(raw, overrides, origin=str(path.name))
+        overrides = read_overrides(overrides_path)
+        origin += f" with the overrides in {overrides_path}"  # a bad price there is not the shipped file's fault
+    return parse_catalog(raw, overrides, origin=origin)
+
+
+def read_overrides(path: Path) -> dict[str, Any]:
+    """An override file (see `apply_overrides`), or a CatalogError that names it and says what it should hold."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CatalogError(f"cannot read catalog overrides {path}: {error}") from None
+    models = data.get("models", {}) if isinstance(data, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(fields, dict) for fields in models.values()):
+        raise CatalogError(
+            f"catalog overrides {path} are not of the form "
+            '{"models": {"provider/model": {"input_per_1m": ...}}}; fix or delete the file'
+        )
+    return data
 
 
 # --- `p402 catalog import`: LiteLLM's model_prices_and_context_window.json -------------
@@ -351,4 +365,5 @@ __all__ = [
     "load_catalog",
     "merge_overrides",
     "parse_catalog",
+    "read_overrides",
 ]
