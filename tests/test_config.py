@@ -95,6 +95,9 @@ def test_extra_provider_needs_wire_and_base_url(tmp_path, catalog):
         load_settings(path, env={}, catalog=catalog)
 
 
+EXTRA = '[providers.local]\nwire = "openai"\nbase_url = "http://127.0.0.1:8000/v1"\n'
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [
@@ -102,6 +105,10 @@ def test_extra_provider_needs_wire_and_base_url(tmp_path, catalog):
         ("[providers.openai]\ntimeout_s = -1\n", "timeout_s"),
         ("not toml at all [[[", "cannot read config"),
         ("[surprise]\nx = 1\n", "surprise"),
+        # An extra provider's models are checked at their place in the file, not as a pydantic dump later.
+        (EXTRA + 'models = [{model = "m", capabilities = ["telepathy"]}]\n', r"providers\.local\.models\.0\.capabilities\.0"),
+        (EXTRA + 'models = [{model = "m", context_window = 0}]\n', r"providers\.local\.models\.0\.context_window"),
+        (EXTRA + 'models = ["ok", ""]\n', r"providers\.local\.models\.1\.model"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path, catalog, text, needle):

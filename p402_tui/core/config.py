@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
+from .types import Capability
 from .errors import ConfigError
 
 APP_NAME = "p402"
@@ -59,17 +60,18 @@ class _Section(BaseModel):
 
 
 class ExtraModel(_Section):
-    model: str
+    # The catalog's own limits, checked here so that a mistake is reported at its place in the config file.
+    model: str = Field(min_length=1)
     name: str | None = None
-    context_window: int = 32768
-    max_output_tokens: int = 8192
-    input_per_1m: float = 0.0
-    output_per_1m: float = 0.0
-    capabilities: list[str] = Field(default_factory=lambda: ["chat", "streaming"])
+    context_window: int = Field(default=32768, gt=0)
+    max_output_tokens: int = Field(default=8192, gt=0)
+    input_per_1m: float = Field(default=0.0, ge=0)
+    output_per_1m: float = Field(default=0.0, ge=0)
+    capabilities: list[Capability] = Field(default_factory=lambda: ["chat", "streaming"])
     tier: Literal["budget", "mid", "premium"] = "budget"
-    quality: float = 0.5
-    tokens_per_s: float = 40.0
-    ttft_ms: float = 300.0
+    quality: float = Field(default=0.5, ge=0, le=1)
+    tokens_per_s: float = Field(default=40.0, gt=0)
+    ttft_ms: float = Field(default=300.0, gt=0)
 
 
 class ProviderConfig(_Section):
@@ -83,7 +85,16 @@ class ProviderConfig(_Section):
     # Only for extra (OpenAI-compatible) providers the catalog does not know:
     wire: Literal["openai"] | None = None
     name: str | None = None
-    models: list[str | ExtraModel] = Field(default_factory=list)
+    models: list[ExtraModel] = Field(default_factory=list)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _bare_names(cls, value: Any) -> Any:
+        # "llama3.2" is short for {model = "llama3.2"}; as one type, a mistake is reported at its own field
+        # rather than as the string the entry is not.
+        if isinstance(value, list):
+            return [{"model": entry} if isinstance(entry, str) else entry for entry in value]
+        return value
 
 
 class RouterWeights(_Section):
@@ -256,8 +267,7 @@ def _extra_specs(file: ConfigFile, known: set[str]) -> tuple[list[ProviderSpec],
                 keyless=conf.api_key is None,
             )
         )
-        for entry in conf.models:
-            extra = ExtraModel(model=entry) if isinstance(entry, str) else entry
+        for extra in conf.models:
             models.append(
                 ModelSpec(
                     id=f"{pid}/{extra.model}",
@@ -267,7 +277,7 @@ def _extra_specs(file: ConfigFile, known: set[str]) -> tuple[list[ProviderSpec],
                     max_output_tokens=min(extra.max_output_tokens, extra.context_window),
                     input_per_1m=extra.input_per_1m,
                     output_per_1m=extra.output_per_1m,
-                    capabilities=frozenset(extra.capabilities),  # type: ignore[arg-type]
+                    capabilities=frozenset(extra.capabilities),
                     quality=extra.quality,
                     tokens_per_s=extra.tokens_per_s,
                     ttft_ms=extra.ttft_ms,
