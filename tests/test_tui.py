@@ -127,6 +127,26 @@ async def test_enter_on_a_session_opens_it():
         assert isinstance(app.screen, DashboardScreen)
 
 
+async def test_a_session_with_more_requests_than_shown_says_so():
+    app = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        session = {**app.state.sessions["ses-review"], "requests": 330}
+        app.push_screen(SessionScreen(session))
+        await pilot.pause()
+        screen = app.screen
+        screen.requests = [{"id": f"req-{i}", "ts": T0 - i, "provider": "groq", "model": "llama-fast", "cost_usd": 0.001}
+                           for i in range(200)]  # what the sources send: the latest 200
+        screen.show_session()
+        requests = screen.query_one("#requests", Pane)
+        assert "latest 200 of 330" in requests.border_title
+        await pilot.press("1", "s")  # a new sort keeps the note
+        assert "latest 200 of 330" in requests.border_title and "sort Mode" in requests.border_title
+        screen.session = {**session, "requests": 200}
+        screen.show_session()
+        assert "latest" not in requests.border_title
+
+
 async def test_slash_filters_the_focused_table_and_escape_clears_it():
     app = fixed_app()
     async with app.run_test(size=SIZE) as pilot:

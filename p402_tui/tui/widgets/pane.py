@@ -37,6 +37,7 @@ class Pane(Vertical):
         self.title = title
         self.body = body
         self.border_title = title
+        self.note = ""  # what the rows are, when not all there is (latest 200 of 330)
 
     def compose(self) -> ComposeResult:
         yield self.body
@@ -102,6 +103,8 @@ class Pane(Vertical):
             if table.row_filter:
                 parts.append(f"/{table.row_filter.text}")
             parts.append(f"sort {table.sort_label()}")
+        if self.note:
+            parts.append(self.note)
         if extra:
             parts.append(extra)
         title = " · ".join(parts)
