@@ -458,7 +458,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         pace = "no latency" if args.no_latency else f"latency x{1 / args.speed:g}"
         print(f"p402 sim: {len(catalog.providers)} providers at {url} (seed {args.seed}, {pace}); Ctrl-C stops it")
         print(f"  each provider is at {url}/<provider><its official base path>, e.g. {url}/openai/v1")
-        print(f'  config: [providers.openai] base_url = "{url}/openai/v1" api_key = "any"')
+        print("  in config.toml, a provider at the simulator (each the same way):")  # as TOML that reads back
+        print(f'    [providers.openai]\n    base_url = "{url}/openai/v1"\n    api_key = "any"')
         fault = '{"provider": "openai", "kind": "rate_limit"}'
         print(f"  faults: POST {url}/_sim/faults {fault}; stats: GET {url}/_sim/stats")
         sys.stdout.flush()

@@ -10,6 +10,8 @@ import math
 import signal
 import subprocess
 import sys
+import textwrap
+import tomllib
 
 import httpx
 import openai
@@ -332,6 +334,11 @@ def test_p402_sim_serves_until_signalled(stop):
         url = banner.split(" at ")[1].split()[0]
         hint = proc.stdout.readline() + proc.stdout.readline()
         assert f"{url}/openai/v1" in hint
+        block = []  # the config it suggests, up to the faults line: TOML as printed
+        while not (line := proc.stdout.readline()).lstrip().startswith("faults:") and line:
+            block.append(line)
+        config = tomllib.loads(textwrap.dedent("".join(block)))
+        assert config["providers"]["openai"] == {"base_url": f"{url}/openai/v1", "api_key": "any"}
         assert httpx.get(f"{url}/_sim/stats", verify=tls_context()).json()["calls"] == 0
         proc.send_signal(stop)
         assert proc.wait(timeout=10) == 0
