@@ -231,6 +231,18 @@ async def test_ctrl_n_on_an_empty_chat_or_twice_in_a_row_keeps_the_console_up(fr
         assert len(screen.query("#chat-empty")) == 1 and screen.history == []
 
 
+async def test_the_footer_offers_a_help_key_that_works_while_typing(fresh_sim_settings):
+    from textual.widgets._footer import FooterKey
+
+    from p402_tui.tui.screens.help import HelpScreen
+
+    async with chat_console(fresh_sim_settings) as (app, pilot, screen, _runtime):
+        assert screen.query_one("#chat-input", Input).has_focus  # "?" would be typed here
+        await wait_until(pilot, lambda: {k.description: k.key_display for k in screen.query(FooterKey)}.get("Help") == "f1")
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
+
+
 async def test_c_opens_the_chat_from_the_dashboard(fresh_sim_settings):
     async with Runtime.open(fresh_sim_settings, persist=False) as runtime:
         app = ConsoleApp(LocalSource(runtime), clock=lambda: T0)
