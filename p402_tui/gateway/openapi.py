@@ -315,6 +315,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "required": True,
                     "description": "`provider/model`, or a wire id only one provider has; the slash may come as is",
                     "schema": {"type": "string"},
+                    "example": "openai/gpt-4o-mini",
                 }
             ],
             "get": {
