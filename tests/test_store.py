@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from p402_tui.core.hooks import CallContext, RequestRecord, RouteOptions
 from p402_tui.core.types import Attempt, ChatRequest
 from p402_tui.store import queries
-from p402_tui.store.db import SCHEMA_VERSION, StoreError
+from p402_tui.store.db import SCHEMA_VERSION, StoreError, connect
 from p402_tui.store.persistence import Persistence
 from p402_tui.store.store import Store
 from p402_tui.store.writer import Writer
@@ -350,3 +351,12 @@ async def test_a_route_decision_is_kept_compact_and_reads_back_whole(store):
     assert own < len(decision.encode()) / 3  # a record keeps what is its own: header, ranking, cost estimates
     row = await store.fetchone(f"SELECT chosen, candidates, excluded FROM router_decisions WHERE id = '{decision.id}'")
     assert row == {"chosen": decision.chosen_id, "candidates": len(decision.candidates), "excluded": len(decision.excluded)}
+
+
+async def test_a_database_that_cannot_open_leaves_no_thread_behind(tmp_path):
+    """aiosqlite stops its thread without waiting; one still running answered a closed loop with tracebacks."""
+    before = set(threading.enumerate())
+    with pytest.raises(StoreError, match="cannot open database"):
+        await connect(tmp_path)  # a directory
+    left = [t for t in threading.enumerate() if t not in before and not t.name.startswith("asyncio_")]  # the loop's pool
+    assert [t for t in left if t.is_alive()] == []

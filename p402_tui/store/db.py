@@ -8,6 +8,7 @@ transaction, so a half-migrated file cannot exist.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -201,7 +202,16 @@ async def connect(path: Path | str) -> aiosqlite.Connection:
     except OSError as error:
         raise StoreError(f"cannot open database {path}: {error}") from None
     # aiosqlite.connect() is this with sqlite3.connect; the pragmas run on aiosqlite's thread too.
-    conn = await aiosqlite.Connection(lambda: open_sync(path), iter_chunk_size=64)
+    conn = aiosqlite.Connection(lambda: open_sync(path), iter_chunk_size=64)
+    try:
+        await conn
+    except BaseException:
+        # aiosqlite stops its thread without waiting for it, and the thread then answers the loop:
+        # a command that ended meanwhile printed "Event loop is closed" tracebacks after its error.
+        thread = getattr(conn, "_thread", None)
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 5)
+        raise
     try:
         await migrate(conn, path)
     except BaseException:
