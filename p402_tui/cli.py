@@ -598,7 +598,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
     async def report() -> dict[str, Any]:
         from .store.store import Store
 
-        async with await Store.open(settings.db_path) as store:
+        async with await Store.open(settings.db_path, create=False) as store:
             return await spend(store, period, args.by)
 
     result = run_async(report())
@@ -697,7 +697,7 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
     async def advise() -> list[dict[str, Any]]:
         from .store.store import Store
 
-        async with await Store.open(settings.db_path) as store:
+        async with await Store.open(settings.db_path, create=False) as store:
             return await recommendations(store, settings.catalog, period)
 
     found = run_async(advise())

@@ -169,8 +169,13 @@ def test_recommendations_see_repeated_prompts_that_skipped_the_cache(sim_process
 @pytest.mark.parametrize(
     ("args", "message"),
     [(("spend", "--period", "fortnight"), "p402: invalid_period: unknown period"),
-     (("sessions", "update", "ses-nope", "--name", "x"), "p402: session_not_found: ")],
+     (("sessions", "update", "ses-nope", "--name", "x"), "p402: session_not_found: "),
+     # A report on a mistyped --db says so, instead of making a new file and reporting $0 from it.
+     (("spend",), "p402: store: no P402 database at"),
+     (("recommendations",), "p402: store: no P402 database at")],
 )  # fmt: skip
 def test_bad_input_is_one_line_on_stderr(sim_process, tmp_path, args, message):
-    run = p402(sim_process, *args, "--db", str(tmp_path / "p402.db"))
+    run = p402(sim_process, *args, "--db", str(tmp_path / "typo" / "p402.db"))
     assert run.returncode == 1 and run.stderr.startswith(message) and run.stderr.count("\n") == 1
+    if args[0] in ("spend", "recommendations"):  # reports only read; `sessions` may write
+        assert not (tmp_path / "typo").exists()

@@ -6,13 +6,14 @@ wait for the writer and only ever see whole, committed batches.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from .db import connect
+from .db import StoreError, connect
 from .writer import Params, Writer
 
 
@@ -23,8 +24,11 @@ class Store:
         self.writer = writer
 
     @classmethod
-    async def open(cls, path: Path | str, *, interval: float = 0.05) -> "Store":
+    async def open(cls, path: Path | str, *, interval: float = 0.05, create: bool = True) -> "Store":
+        """`create=False` for reports: a mistyped --db then says so instead of reporting an empty new file."""
         path = Path(path).expanduser()
+        if not create and not await asyncio.to_thread(path.is_file):
+            raise StoreError(f"no P402 database at {path}: nothing has been recorded there")
         reader = await connect(path)  # creates and migrates the file
         try:
             writer = await Writer.open(path, interval=interval)
