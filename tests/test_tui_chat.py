@@ -243,6 +243,38 @@ async def test_the_footer_offers_a_help_key_that_works_while_typing(fresh_sim_se
         await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
 
 
+def footer_keys(screen) -> dict[str, str]:
+    from textual.widgets._footer import FooterKey
+
+    return {k.description: k.key_display for k in screen.query(FooterKey)}
+
+
+async def test_escape_leaves_the_input_so_letters_are_keys_again_and_still_stops_an_answer(fresh_sim, fresh_sim_settings):
+    from p402_tui.tui.screens.dashboard import DashboardScreen
+
+    with httpx.Client(base_url=fresh_sim.url) as sim:  # every answer hangs after three pieces
+        sim.post("/_sim/faults", json={"kind": "timeout", "after_tokens": 3}).raise_for_status()
+    async with chat_console(fresh_sim_settings) as (app, pilot, screen, _runtime):
+        box = screen.query_one("#chat-input", Input)
+        assert box.has_focus
+        await wait_until(pilot, lambda: "Leave input" in footer_keys(screen))
+        assert footer_keys(screen)["Leave input"] == "esc" and "Stop" not in footer_keys(screen)
+        box.value = "tell me everything"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.query(AnswerView) and screen.query(AnswerView).last().markdown.source)
+        await wait_until(pilot, lambda: "Stop" in footer_keys(screen))
+        assert "Leave input" not in footer_keys(screen)
+        await pilot.press("escape")  # while an answer streams, escape stops it and the box keeps the focus
+        await wait_until(pilot, lambda: not screen.streaming and fresh_sim.state.streams.cancelled == 1)
+        assert box.has_focus and screen.query(AnswerView).last().border_subtitle == "stopped"
+        await pilot.press("escape")
+        assert screen.query_one("#chat-log").has_focus
+        await wait_until(pilot, lambda: "Leave input" not in footer_keys(screen) and "Stop" not in footer_keys(screen))
+        await pilot.press("d")  # a key again, not a letter typed into the box
+        await wait_until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert box.value == ""
+
+
 async def test_c_opens_the_chat_from_the_dashboard(fresh_sim_settings):
     async with Runtime.open(fresh_sim_settings, persist=False) as runtime:
         app = ConsoleApp(LocalSource(runtime), clock=lambda: T0)

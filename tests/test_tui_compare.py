@@ -122,6 +122,37 @@ async def test_escape_stops_every_column_and_cancels_their_upstreams(fresh_sim, 
         assert app.is_running
 
 
+def footer_keys(screen) -> dict[str, str]:
+    from textual.widgets._footer import FooterKey
+
+    return {k.description: k.key_display for k in screen.query(FooterKey)}
+
+
+async def test_escape_leaves_a_text_box_for_the_columns_unless_a_comparison_runs(fresh_sim, fresh_sim_settings):
+    async with compare_console(fresh_sim_settings) as (app, pilot, screen, _runtime):
+        assert screen.query_one("#compare-filter", Input).has_focus
+        await wait_until(pilot, lambda: footer_keys(screen).get("Leave input") == "esc")
+        await pilot.press("escape")
+        assert app.screen.focused is screen.query_one("#compare-columns")
+        await pilot.press("v")  # a key again (this view's own), not a letter in the filter
+        assert screen.query_one("#compare-filter", Input).value == ""
+        screen.choose(THREE)
+        with httpx.Client(base_url=fresh_sim.url) as sim:
+            sim.post("/_sim/faults", json={"kind": "timeout", "after_tokens": 2}).raise_for_status()
+        await pilot.press("f3")
+        box = screen.query_one("#compare-prompt", Input)
+        box.value = "go"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(screen.columns()) == 3 and all(c.markdown.source for c in screen.columns()))
+        await wait_until(pilot, lambda: "Stop" in footer_keys(screen) and "Leave input" not in footer_keys(screen))
+        await pilot.press("escape")  # running: escape stops, the prompt keeps the focus
+        await wait_until(pilot, lambda: not screen.running)
+        assert box.has_focus and all("stopped" in str(c.cost.content) for c in screen.columns())
+        await pilot.press("escape", "1")
+        await wait_until(pilot, lambda: screen.comparisons[-1]["winner"] == THREE[0])
+        assert box.value == "go"  # the 1 picked the winner, it was not typed
+
+
 async def test_a_failing_model_fails_only_its_column(fresh_sim, fresh_sim_settings):
     with httpx.Client(base_url=fresh_sim.url) as sim:
         sim.post("/_sim/faults", json={"provider": "groq", "kind": "error", "status": 500}).raise_for_status()

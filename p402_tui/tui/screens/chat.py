@@ -27,6 +27,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Markdown, Select, Static
 from textual.widgets.markdown import MarkdownStream
@@ -448,9 +449,16 @@ class LinkedScreen(Screen):
     """A view that reaches models through the console's link (in-process or attached): chat and compare.
 
     Subclasses name their VIEW and say in `show_model_list` what to do with the models once listed.
+    Escape stops what is running; with nothing running it takes the focus out of a text box to MAIN,
+    where single-letter keys (d, c, v, q) are keys again rather than typed text.
     """
 
     VIEW = ""
+    MAIN = ""  # the selector of the screen's main content
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("escape", "leave_input", "Leave input"),
+    ]
 
     def __init__(self, *, id: str) -> None:
         super().__init__(id=id)
@@ -496,14 +504,30 @@ class LinkedScreen(Screen):
     def show_model_list(self, link: ChatLink, models: list[str]) -> None:
         raise NotImplementedError
 
+    @property
+    def busy(self) -> bool:
+        """Whether an answer or a comparison is running, which escape stops."""
+        raise NotImplementedError
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Both escape bindings stay out of the footer where they would do nothing.
+        if action == "stop":
+            return self.busy
+        if action == "leave_input":
+            return not self.busy and isinstance(self.focused, Input)
+        return True
+
+    def action_leave_input(self) -> None:
+        self.query_one(self.MAIN).focus()
+
 
 class ChatScreen(LinkedScreen):
     """Streaming chat with any model, the router's choice made visible under each answer."""
 
     VIEW = "Chat"
+    MAIN = "#chat-log"
     COMMANDS = {ChatCommands}
     BINDINGS = [
-        Binding("escape", "stop", "Stop"),
         Binding("ctrl+o", "attach", "Image"),
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("f2", "pick_model", "Model"),
@@ -531,12 +555,13 @@ class ChatScreen(LinkedScreen):
     ChatScreen #chat-input { margin: 0 1; }
     """
 
+    streaming: reactive[bool] = reactive(False, bindings=True)
+
     def __init__(self) -> None:
         super().__init__(id="chat")
         self.session = SessionLog("chat")
         self.history: list[ChatMessage] = []
         self.attachments: list[Attachment] = []
-        self.streaming = False
         self._said_in_memory = False
 
     def compose(self) -> ComposeResult:
@@ -561,6 +586,10 @@ class ChatScreen(LinkedScreen):
         self.query_one("#chat-input", Input).focus()
         self.update_status()
         self._load_models()
+
+    @property
+    def busy(self) -> bool:
+        return self.streaming
 
     def show_model_list(self, link: ChatLink, models: list[str]) -> None:
         picker = self.query_one("#chat-model", Select)

@@ -18,6 +18,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
 from textual.widgets import Button, Footer, Input, Label, Markdown, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
@@ -110,9 +111,9 @@ class CompareScreen(LinkedScreen):
     """Two to six models answer the same prompt side by side."""
 
     VIEW = "Compare"
+    MAIN = "#compare-columns"
     COMMANDS = {CompareCommands}
     BINDINGS = [
-        Binding("escape", "stop", "Stop"),
         Binding("f2", "pick", "Models"),
         Binding("f3", "prompt", "Prompt"),
         Binding("ctrl+n", "new_session", "New session"),
@@ -141,6 +142,8 @@ class CompareScreen(LinkedScreen):
     CompareScreen .winner-button { width: 1fr; margin: 0; }
     """
 
+    running: reactive[bool] = reactive(False, bindings=True)
+
     def __init__(self) -> None:
         super().__init__(id="compare")
         self.session = SessionLog("compare")
@@ -148,7 +151,6 @@ class CompareScreen(LinkedScreen):
         self.models: list[str] = []
         self.comparisons: list[dict[str, Any]] = []
         self.current: dict[str, Any] | None = None  # the comparison on screen, once its columns are done
-        self.running = False
         self._said_in_memory = False
 
     def compose(self) -> ComposeResult:
@@ -172,6 +174,10 @@ class CompareScreen(LinkedScreen):
         self.update_status()
         self._load_models()
         self.query_one("#compare-filter", Input).focus()
+
+    @property
+    def busy(self) -> bool:
+        return self.running
 
     def columns(self) -> list[CompareColumn]:
         return list(self.query(CompareColumn))

@@ -56,7 +56,7 @@ def help_sections() -> list[Section]:
     from ..widgets.pane import FilterBar
     from ..widgets.table import DrillTable
     from .base import PaneScreen
-    from .chat import ChatScreen
+    from .chat import ChatScreen, LinkedScreen
     from .compare import CompareScreen
     from .dashboard import DashboardScreen
     from .decision import DecisionScreen
@@ -71,8 +71,8 @@ def help_sections() -> list[Section]:
         ("Dashboard", _own(DashboardScreen)),
         ("Decision", _own(DecisionScreen)),
         ("Session", _own(SessionScreen)),
-        ("Chat", _own(ChatScreen)),
-        ("Compare", _own(CompareScreen)),
+        ("Chat", _own(LinkedScreen) + _own(ChatScreen)),
+        ("Compare", _own(LinkedScreen) + _own(CompareScreen)),
         ("Filter bar", _own(FilterBar)),
         ("Filters (/ on any table)", FILTERS),
     ]
