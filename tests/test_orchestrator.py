@@ -190,6 +190,8 @@ async def test_a_stream_cut_after_content_ends_with_an_error_chunk(orchestrator,
     (event,) = events.drain()
     assert event.record.status == "error" and event.record.error_kind == "stream_interrupted"
     assert event.record.completion_tokens > 0  # the partial answer is still counted
+    # The error chunk carries that count, so a client assembling the stream sees what it pays for.
+    assert last.usage is not None and last.usage.completion_tokens == event.record.completion_tokens
 
 
 @pytest.mark.parametrize("how", ["cancel", "aclose"])

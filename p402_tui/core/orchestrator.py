@@ -413,7 +413,8 @@ class Orchestrator:
                         record, request, options, ctx, error.kind, str(error), plan, started,
                         spec=spec, usage=usage, cost=cost, ttft_ms=handle.meta.ttft_ms,
                     )
-                    yield [ChatChunk(finish_reason="error", error={"kind": error.kind, "message": str(error)})]
+                    ended = {"kind": error.kind, "message": str(error)}
+                    yield [ChatChunk(finish_reason="error", usage=usage, error=ended)]
                     return
                 finally:
                     if upstream is not None:
