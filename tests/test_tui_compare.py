@@ -153,6 +153,34 @@ async def test_escape_leaves_a_text_box_for_the_columns_unless_a_comparison_runs
         assert box.value == "go"  # the 1 picked the winner, it was not typed
 
 
+async def test_ctrl_n_clears_the_columns_of_the_comparison_it_leaves_behind(fresh_sim, fresh_sim_settings):
+    async with compare_console(fresh_sim_settings) as (app, pilot, screen, _runtime):
+        screen.choose(THREE)
+        await run(pilot, screen, "first")
+        assert len(screen.columns()) == 3 and not screen.query("#compare-empty")
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: not screen.columns())
+        assert len(screen.query("#compare-empty")) == 1
+        assert screen.comparisons == [] and screen.current is None
+        # Mid-run too: the stopped columns go, and nothing of that run lands in the new session.
+        with httpx.Client(base_url=fresh_sim.url) as sim:
+            sim.post("/_sim/faults", json={"kind": "timeout", "after_tokens": 2}).raise_for_status()
+        await pilot.press("f3")
+        screen.query_one("#compare-prompt", Input).value = "second"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(screen.columns()) == 3 and all(c.markdown.source for c in screen.columns()))
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: not screen.running and fresh_sim.state.streams.cancelled == 3)
+        await pilot.pause()
+        assert not screen.columns() and len(screen.query("#compare-empty")) == 1
+        assert screen.comparisons == [] and screen.current is None
+        with httpx.Client(base_url=fresh_sim.url) as sim:
+            sim.delete("/_sim/faults").raise_for_status()
+        await run(pilot, screen, "third")  # the next comparison still runs after a fresh start
+        assert [c.model for c in screen.columns()] == THREE
+        assert [c["prompt"] for c in screen.comparisons] == ["third"]
+
+
 async def test_a_failing_model_fails_only_its_column(fresh_sim, fresh_sim_settings):
     with httpx.Client(base_url=fresh_sim.url) as sim:
         sim.post("/_sim/faults", json={"provider": "groq", "kind": "error", "status": 500}).raise_for_status()

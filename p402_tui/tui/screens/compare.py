@@ -162,11 +162,7 @@ class CompareScreen(LinkedScreen):
                 yield Static(self._picked_text(), id="compare-picked")
             with Vertical(id="compare-main"):
                 with Columns(id="compare-columns"):
-                    yield Static(
-                        "Choose 2 to 6 models on the left (space toggles), type a prompt below, press enter.\n"
-                        "The answers stream side by side; 1-6 marks the winner, which is kept with the session.",
-                        id="compare-empty",
-                    )
+                    yield self._empty()
                 yield Input(placeholder="One prompt for every chosen model…", id="compare-prompt")
         yield Footer()
 
@@ -174,6 +170,14 @@ class CompareScreen(LinkedScreen):
         self.update_status()
         self._load_models()
         self.query_one("#compare-filter", Input).focus()
+
+    @staticmethod
+    def _empty() -> Static:
+        return Static(
+            "Choose 2 to 6 models on the left (space toggles), type a prompt below, press enter.\n"
+            "The answers stream side by side; 1-6 marks the winner, which is kept with the session.",
+            id="compare-empty",
+        )
 
     @property
     def busy(self) -> bool:
@@ -262,16 +266,17 @@ class CompareScreen(LinkedScreen):
     async def _run(self, link: ChatLink, prompt: str, models: list[str]) -> None:
         area = self.query_one("#compare-columns", Columns)
         self.current = None
+        session = self.session
         columns: list[CompareColumn] = []
         try:
             await area.remove_children()
             columns = [CompareColumn(i, model) for i, model in enumerate(models, 1)]
             await area.mount_all(columns)
-            session_id = await self.session.open(link, prompt)
+            session_id = await session.open(link, prompt)
             self._say_where_kept()
             await asyncio.gather(*(self._answer(link, column, prompt, session_id) for column in columns))
         except asyncio.CancelledError:
-            if columns:
+            if columns and self.session is session:  # after ctrl+n the run's columns are gone, and so is its place
                 self._record(prompt, columns, stopped=True)
             raise
         except Exception as error:
@@ -361,11 +366,14 @@ class CompareScreen(LinkedScreen):
             where = f"session {self.session.session_id}" if self.session.session_id else "memory (no store)"
             self.notify(f"winner: {winner}; kept in {where}", title="Compare", timeout=3)
 
-    def action_new_session(self) -> None:
+    async def action_new_session(self) -> None:
         if self.running:
             self.action_stop()
         self.session = SessionLog("compare")
         self.comparisons = []
         self.current = None
+        area = self.query_one("#compare-columns", Columns)
+        await area.remove_children()  # columns left on screen would offer a winner for a comparison no longer kept
+        await area.mount(self._empty())
         self.notify("the next comparison starts a new session", timeout=2)
 
