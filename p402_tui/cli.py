@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -57,7 +58,12 @@ def _is_number(text: str) -> bool:
 
 
 def usd(value: float) -> str:
-    return f"${value:.6f}" if value < 0.01 else f"${value:.4f}"
+    if value >= 0.01:
+        return f"${value:.4f}"
+    if value <= 0:
+        return f"${value:.6f}"
+    # At least two significant digits: a call of a few tokens to a cheap model costs well under $0.000001.
+    return f"${value:.{max(6, 1 - math.floor(math.log10(value)))}f}"
 
 
 def read_text_arg(text: str) -> str:

@@ -75,6 +75,18 @@ def test_compare_top_and_capability():
     assert len(rows) == 3
 
 
+def test_compare_table_never_shows_a_nonzero_cost_as_zero():
+    rows = ok_json("compare", "--input-tokens", "1", "--output-tokens", "1", "--top", "8", "--json")
+    result = run_cli("compare", "--input-tokens", "1", "--output-tokens", "1", "--top", "8")
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert len(lines) == len(rows) and all(r["cost_usd"] > 0 for r in rows)
+    for line, row in zip(lines, rows):
+        shown = float(line.split()[-1].lstrip("$"))
+        assert shown == pytest.approx(row["cost_usd"], rel=0.05)  # two significant digits at least
+    assert {len(line) for line in [header, *lines]} == {len(header)}  # the COST column stays right-aligned
+
+
 def test_tokens_exact_offline_and_fast(tmp_path):
     # An empty tiktoken cache and a dead proxy: any download attempt would fail or hang.
     env = {
