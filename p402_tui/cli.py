@@ -163,7 +163,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         print_json({"tokens": result.tokens, "tokenizer": result.tokenizer, "exact": result.exact, "model": model})
     else:
         exact = "exact" if result.exact else "estimate"
-        print(f"{result.tokens} tokens ({result.tokenizer}, {exact})")
+        print(f"{result.tokens} token{'s' if result.tokens != 1 else ''} ({result.tokenizer}, {exact})")
     return 0
 
 

@@ -87,6 +87,11 @@ def test_compare_table_never_shows_a_nonzero_cost_as_zero():
     assert {len(line) for line in [header, *lines]} == {len(header)}  # the COST column stays right-aligned
 
 
+def test_tokens_says_token_for_one():
+    assert run_cli("tokens", "hi").stdout.startswith("1 token (")
+    assert run_cli("tokens", "hello world").stdout.startswith("2 tokens (")
+
+
 def test_tokens_exact_offline_and_fast(tmp_path):
     # An empty tiktoken cache and a dead proxy: any download attempt would fail or hang.
     env = {
