@@ -225,8 +225,13 @@ async def test_sdk_models_list_has_every_usable_model(sdk, runtime):
     models = [model async for model in sdk.models.list()]
     usable = {p.id for p in runtime.settings.usable_providers()}
     expected = {m.id for m in runtime.settings.catalog.models.values() if m.provider in usable}
-    assert {m.id for m in models} == expected
+    # The router's names lead, so a client that only picks from this list can still ask for routing.
+    assert [m.id for m in models[:6]] == ["p402/auto", "p402/cost", "p402/quality", "p402/speed", "p402/balanced",
+                                          "p402/adaptive"]
+    assert {m.id for m in models[6:]} == expected
     assert all(m.object == "model" and m.owned_by == m.id.split("/")[0] and m.created > 0 for m in models)
+    routed = await sdk.chat.completions.create(model=models[1].id, messages=HELLO)  # p402/cost
+    assert routed.model_extra["p402"]["decision_id"]
 
 
 async def test_sdk_models_retrieve_one_model(sdk, runtime, http, monkeypatch):
@@ -234,6 +239,7 @@ async def test_sdk_models_retrieve_one_model(sdk, runtime, http, monkeypatch):
     assert (model.id, model.object, model.owned_by) == (PINNED, "model", "openai") and model.created > 0
     assert (await sdk.models.retrieve("gpt-4o-mini")).id == PINNED  # a bare wire id, as chat takes it
     assert (await http.get("/v1/models/openai%2Fgpt-4o-mini")).json()["id"] == PINNED
+    assert (await sdk.models.retrieve("p402/auto")).owned_by == "p402"
     with pytest.raises(openai.NotFoundError) as missing:
         await sdk.models.retrieve("nowhere/no-such-model")
     assert missing.value.body["code"] == "model_not_found" and missing.value.body["param"] == "model"

@@ -23,7 +23,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..core.catalog import ModelSpec
 from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, RouteDecided
 from ..core.types import ChatChunk, ChatRequest, json_bytes
@@ -31,6 +30,7 @@ from . import errors, sse
 from .auth import GatewayAuth
 from .bodies import (
     DECISION_RING,
+    ROUTER_MODEL_IDS,
     SESSION_PAGE_MAX,
     CompareBody,
     SessionCreate,
@@ -183,16 +183,20 @@ class Gateway:
         usable = {p.id for p in self.settings.usable_providers()}
         created = _epoch(self.orchestrator.catalog.checked_on)
         models = self.orchestrator.catalog.models.values()
-        data = [_model_object(m, created) for m in models if m.provider in usable]
+        data = [_model_object(mid, "p402", created) for mid in ROUTER_MODEL_IDS]
+        data += [_model_object(m.id, m.provider, created) for m in models if m.provider in usable]
         return json_response({"object": "list", "data": data})
 
     async def model(self, request: Request) -> Any:
         """One model, as the OpenAI SDK's `models.retrieve()` asks: `provider/model` or a bare wire id."""
         ref = request.path_params["model"]
+        created = _epoch(self.orchestrator.catalog.checked_on)
+        if ref in ROUTER_MODEL_IDS:
+            return json_response(_model_object(ref, "p402", created))
         spec = self.orchestrator.catalog.model(ref)  # unknown or ambiguous: a 404 that says which
         if not any(p.id == spec.provider for p in self.settings.usable_providers()):
             raise UnknownModelError(f"model {spec.id!r} is not served here: provider {spec.provider!r} is not usable")
-        return json_response(_model_object(spec, _epoch(self.orchestrator.catalog.checked_on)))
+        return json_response(_model_object(spec.id, spec.provider, created))
 
     async def providers(self, request: Request) -> Any:
         catalog = self.orchestrator.catalog
@@ -431,9 +435,9 @@ class Gateway:
         return _Front(starlette, self.auth, direct)
 
 
-def _model_object(spec: ModelSpec, created: int) -> dict[str, Any]:
+def _model_object(model_id: str, owned_by: str, created: int) -> dict[str, Any]:
     """A model as OpenAI's API shows one."""
-    return {"id": spec.id, "object": "model", "created": created, "owned_by": spec.provider}
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
 
 
 def _by_method(handlers: dict[str, Handler]) -> Handler:

@@ -97,6 +97,10 @@ def parse_chat(
     return request, options, ctx
 
 
+# The router's own names as /v1/models lists them, so a client that picks from the list can pick routing.
+ROUTER_MODEL_IDS = ("p402/auto", *(f"p402/{mode}" for mode in MODES))
+
+
 def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
     """None routes; so do the router's own names (`auto`, `p402/cost`...); `provider/model` or a
     bare wire id pins (404 if the catalog has no such model)."""

@@ -303,7 +303,8 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/chat/completions": _CHAT,
         "/v1/models": {
             "get": {
-                "summary": "Every catalog model of a usable provider (OpenAI list shape)",
+                "summary": "The router's own names (p402/auto, p402/<mode>), then every catalog model of a usable provider"
+                " (OpenAI list shape)",
                 "responses": {"200": _json(_list_of(_ref("Model"))), **_errors(401)},
             }
         },

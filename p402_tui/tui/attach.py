@@ -407,7 +407,8 @@ class AttachClient:
         return (await self.get_json("/api/v2/decisions", limit=limit))["data"]
 
     async def models(self) -> list[str]:
-        return [m["id"] for m in (await self.get_json("/v1/models"))["data"]]
+        """Catalog models, as the in-process link lists them: the router's own names (owned by p402) are not models."""
+        return [m["id"] for m in (await self.get_json("/v1/models"))["data"] if m.get("owned_by") != "p402"]
 
     # --- chat ---------------------------------------------------------------------------
 
