@@ -168,6 +168,26 @@ async def test_slash_filters_the_focused_table_and_escape_clears_it():
         assert not bar.display
 
 
+async def test_a_capped_table_says_so_in_its_title_rather_than_reading_as_filtered():
+    app = fixed_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        pane = app.screen.query_one("#decisions", Pane)
+        assert pane.border_title.startswith("Decisions · 37 · ")
+        table(app, "decisions").max_rows = 10  # the dashboard draws the first 200 of however many there are
+        app.screen.show_state(app.state)
+        assert table(app, "decisions").row_count == 10
+        assert pane.border_title.startswith("Decisions · first 10 of 37 · sort Time ↓")
+        ok = sum(1 for r in app.state.decisions.values() if r.status == "ok")
+        assert ok > 10
+        await pilot.press("slash", *"status:ok")
+        await pilot.pause()
+        assert pane.border_title.startswith(f"Decisions · first 10 of {ok}/37 · /status:ok")
+        table(app, "decisions").max_rows = 200
+        app.screen.show_state(app.state)
+        assert pane.border_title.startswith(f"Decisions · {ok}/37 · /status:ok")
+
+
 async def test_typing_in_the_filter_never_triggers_shortcuts():
     app = fixed_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -98,8 +98,11 @@ class Pane(Vertical):
         parts = [self.title]
         table = self.table
         if table is not None:
-            shown = table.row_count
-            parts.append(f"{shown}" if shown == table.total_rows else f"{shown}/{table.total_rows}")
+            matched, total = table.matched_rows, table.total_rows
+            count = f"{matched}" if matched == total else f"{matched}/{total}"  # n/m: the filter's doing
+            if table.row_count < matched:  # the cap's: only the first rows in the sort order are drawn
+                count = f"first {table.row_count} of {count}"
+            parts.append(count)
             if table.row_filter:
                 parts.append(f"/{table.row_filter.text}")
             parts.append(f"sort {table.sort_label()}")

@@ -186,6 +186,7 @@ class LiveTable(ScrollView, can_focus=True):
         self.max_rows = max_rows
         self.row_filter = RowFilter("", self.column_keys)
         self.total_rows = 0  # rows offered before the filter and the cap
+        self.matched_rows = 0  # rows the filter lets through, before the cap
         self._cache: dict[str, tuple[int, list[Cell]]] = {}  # key -> (rev, cells) of every row offered
         self._shown: list[str] = []  # keys of the rows shown, top to bottom
         self._last: list[Row] = []
@@ -275,6 +276,7 @@ class LiveTable(ScrollView, can_focus=True):
         keys = [k for k, (_, cells) in fresh.items() if not self.row_filter or self.row_filter.match(cells)]
         index = self.column_keys.index(self.sort_column)
         keys.sort(key=lambda k: fresh[k][1][index].sort_value, reverse=self.sort_reverse)
+        self.matched_rows = len(keys)
         if self.max_rows is not None:
             keys = keys[: self.max_rows]
         if keys == self._shown and not changed:
