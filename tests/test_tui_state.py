@@ -15,6 +15,7 @@ def test_money_and_time_formats_keep_small_calls_apart():
     assert usd(None) == "-"
     assert usd(0) == "$0"
     assert usd(0.000123) == "$0.000123"
+    assert usd(1.3e-7) == "$0.00000013"  # a few tokens on a cheap model: not $0.000000, which reads as free
     assert usd(0.0123) == "$0.0123"
     assert usd(12.3456) == "$12.35"
     assert ms(None) == "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -15,7 +16,8 @@ def usd(value: float | None) -> str:
     if value == 0:
         return "$0"
     if abs(value) < 0.001:
-        return f"${value:.6f}"
+        # At least two significant digits: a few tokens on a cheap model cost well under $0.000001.
+        return f"${value:.{max(6, 1 - math.floor(math.log10(abs(value))))}f}"
     if abs(value) < 1:
         return f"${value:.4f}"
     return f"${value:,.2f}"
