@@ -15,9 +15,11 @@ def usd(value: float | None) -> str:
         return "-"
     if value == 0:
         return "$0"
+    if abs(value) < 0.000001:
+        # A few tokens on a cheap model: two significant digits, as six decimals would read as free.
+        return f"${value:.{1 - math.floor(math.log10(abs(value)))}f}"
     if abs(value) < 0.001:
-        # At least two significant digits: a few tokens on a cheap model cost well under $0.000001.
-        return f"${value:.{max(6, 1 - math.floor(math.log10(abs(value))))}f}"
+        return f"${value:.6f}"
     if abs(value) < 1:
         return f"${value:.4f}"
     return f"${value:,.2f}"
