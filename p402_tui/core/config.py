@@ -31,8 +31,8 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
-from .types import Capability
 from .errors import ConfigError
+from .types import Capability
 
 APP_NAME = "p402"
 Mode = Literal["cost", "quality", "speed", "balanced", "adaptive"]
