@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from .core.errors import P402Error
+from .tui.format import fine_usd
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -58,12 +58,7 @@ def _is_number(text: str) -> bool:
 
 
 def usd(value: float) -> str:
-    if value >= 0.01:
-        return f"${value:.4f}"
-    if value <= 0:
-        return f"${value:.6f}"
-    # At least two significant digits: a call of a few tokens to a cheap model costs well under $0.000001.
-    return f"${value:.{max(6, 1 - math.floor(math.log10(value)))}f}"
+    return f"${value:.4f}" if value >= 0.01 else fine_usd(value)
 
 
 def read_text_arg(text: str) -> str:

@@ -15,14 +15,19 @@ def usd(value: float | None) -> str:
         return "-"
     if value == 0:
         return "$0"
-    if abs(value) < 0.000001:
-        # A few tokens on a cheap model: two significant digits, as six decimals would read as free.
-        return f"${value:.{1 - math.floor(math.log10(abs(value)))}f}"
     if abs(value) < 0.001:
-        return f"${value:.6f}"
+        return fine_usd(value)
     if abs(value) < 1:
         return f"${value:.4f}"
     return f"${value:,.2f}"
+
+
+def fine_usd(value: float) -> str:
+    """Six decimals; under a micro-dollar (a few tokens on a cheap model) two significant digits,
+    since six decimals would read as free. The console and the CLI both price calls this small."""
+    if value and abs(value) < 0.000001:
+        return f"${value:.{1 - math.floor(math.log10(abs(value)))}f}"
+    return f"${value:.6f}"
 
 
 def ms(value: float | None) -> str:
