@@ -7,11 +7,12 @@ loop, alternating round by round, our OpenAI-compatible adapter and the SDK's
 the request to the last chunk. Prints JSON with the medians and their ratio (target:
 ours / SDK >= 1).
 
-`ours` is the adapter as shipped, on aiohttp; the SDK reads through httpx. So the two
-transports differ as well as the parsers, and two readers that parse nothing show
-how much is which: `raw_aiohttp` and `raw_httpx` read the same stream's bytes on
-each transport (the simulator's own pace, a ceiling for any parser on it). Read
-`ours` against `raw_aiohttp` and `openai_sdk` against `raw_httpx` for each parser's
+`ours` is the adapter as shipped, on our own client (p402_tui/providers/http.py); the
+SDK reads through httpx. So the two transports differ as well as the parsers, and
+readers that parse nothing show how much is which: `raw_ours`, `raw_httpx` and
+`raw_aiohttp` (the client the adapters used before) read the same stream's bytes
+on each transport (the simulator's own pace, a ceiling for any parser on it). Read
+`ours` against `raw_ours` and `openai_sdk` against `raw_httpx` for each parser's
 own cost. `cpu_us_per_chunk` is this process's CPU time per chunk; the simulator
 runs in another process, so that is the client's reading and parsing alone.
 
@@ -38,6 +39,7 @@ import openai
 from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.types import ChatRequest
+from p402_tui.providers import http
 from p402_tui.providers.base import make_adapter
 from p402_tui.sim.openai_family import PIECES_HEADER
 
@@ -102,6 +104,17 @@ async def raw_httpx(client: httpx.AsyncClient, url: str, chunks: int) -> int:
     return chunks  # nothing parsed: the count is what the simulator was asked for
 
 
+async def raw_ours(client: http.Client, url: str, chunks: int) -> int:
+    target = http.target(f"{url}/openai/v1/chat/completions")
+    response = await client.request("POST", target, json.dumps(BODY).encode(), timeouts=http.Timeouts(30, 30))
+    try:
+        async for _ in response:
+            pass
+    finally:
+        response.close()
+    return chunks
+
+
 async def raw_aiohttp(session: aiohttp.ClientSession, url: str, chunks: int) -> int:
     async with session.post(f"{url}/openai/v1/chat/completions", json=BODY, headers=raw_headers(chunks)) as response:
         async for _ in response.content.iter_any():
@@ -119,10 +132,12 @@ async def run(url: str, rounds: int, chunks: int) -> dict:
     )
     plain_httpx = httpx.AsyncClient()
     plain_aiohttp = aiohttp.ClientSession()
+    plain_ours = http.Client(raw_headers(chunks))
     request = ChatRequest(messages=MESSAGES)
     readers = {
         "ours": lambda: ours(adapter, request),
         "openai_sdk": lambda: sdk(client),
+        "raw_ours": lambda: raw_ours(plain_ours, url, chunks),
         "raw_aiohttp": lambda: raw_aiohttp(plain_aiohttp, url, chunks),
         "raw_httpx": lambda: raw_httpx(plain_httpx, url, chunks),
     }
@@ -144,6 +159,7 @@ async def run(url: str, rounds: int, chunks: int) -> dict:
         await client.close()
         await plain_httpx.aclose()
         await plain_aiohttp.close()
+        await plain_ours.aclose()
 
     def summary(name: str) -> dict:
         rates = sorted(chunks / s for s in wall[name])
@@ -165,10 +181,11 @@ async def run(url: str, rounds: int, chunks: int) -> dict:
         "simulator": "p402 sim --no-latency, separate process, loopback HTTP",
         "python": platform.python_version(),
         "openai_sdk_version": openai.__version__,
-        "our_transport": f"aiohttp {aiohttp.__version__}",
+        "our_transport": "p402_tui.providers.http (httptools parser)",
         "sdk_transport": f"httpx {httpx.__version__}",
         "ours": result["ours"],
         "openai_sdk": result["openai_sdk"],
+        "raw_ours": result["raw_ours"],
         "raw_aiohttp": result["raw_aiohttp"],
         "raw_httpx": result["raw_httpx"],
         "ratio_ours_over_sdk": round(ratio, 3),

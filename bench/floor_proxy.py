@@ -1,9 +1,9 @@
-"""The least a Python gateway on our stack can cost: uvicorn in, aiohttp out, no logic.
+"""The least a Python gateway on our stack can cost: uvicorn in, our HTTP client out, no logic.
 
 A reference target for bench/gateway.py, not a product. It reads the body, maps
 `provider/model` to the upstream's model name, calls the simulator through one
-aiohttp pool and passes the answer back: a whole answer re-encoded, a stream's
-bytes as they arrive. No routing, no parsing of chunks, no ledger, no metrics.
+pool of the client the adapters use (p402_tui/providers/http.py) and passes the
+answer back: a whole answer re-encoded, a stream's bytes as they arrive. No routing, no parsing of chunks, no ledger, no metrics.
 It is served exactly as `p402 serve` is (uvicorn with httptools on uvloop, the
 same switches), so what P402 costs beyond it is P402's own work.
 
@@ -15,18 +15,19 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import aiohttp
 import orjson
 import uvicorn
+
+from p402_tui.providers import http
 
 JSON = [(b"content-type", b"application/json")]
 EVENTS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
 def make_app(upstream: str) -> Any:
-    url = upstream.rstrip("/") + "/openai/v1/chat/completions"
-    headers = {"authorization": "Bearer sim-key", "content-type": "application/json"}
-    pool: list[aiohttp.ClientSession] = []  # made on first use, inside the server's loop
+    target = http.target(upstream.rstrip("/") + "/openai/v1/chat/completions")
+    client = http.Client({"Authorization": "Bearer sim-key"})
+    timeouts = http.Timeouts(connect=30, read=30)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -43,18 +44,19 @@ def make_app(upstream: str) -> Any:
                 break
         request = orjson.loads(body)
         request["model"] = request["model"].split("/", 1)[-1]
-        if not pool:
-            pool.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)))
-        async with pool[0].post(url, data=orjson.dumps(request), headers=headers) as response:
+        response = await client.request("POST", target, orjson.dumps(request), timeouts=timeouts)
+        try:
             if request.get("stream"):
                 await send({"type": "http.response.start", "status": response.status, "headers": EVENTS})
-                async for data in response.content.iter_any():
+                async for data in response:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
             else:
                 answer = orjson.loads(await response.read())
                 await send({"type": "http.response.start", "status": response.status, "headers": JSON})
                 await send({"type": "http.response.body", "body": orjson.dumps(answer)})
+        finally:
+            response.close()
 
     return app
 

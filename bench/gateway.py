@@ -10,7 +10,7 @@ sends its next request when the last one is done). For every concurrency, with
 and without streaming, it measures the simulator called directly, then through
 P402 (as shipped, and in variants that show where its time goes), then through
 a proxy with no logic on the same libraries (bench/floor_proxy.py: the floor any
-gateway built on uvicorn and aiohttp stands on), then through LiteLLM, and prints JSON:
+gateway built on uvicorn and our upstream client stands on), then through LiteLLM, and prints JSON:
 
   latency (p50/p99) and, streamed, time to first token; "added" = through a gateway
   minus direct at the same concurrency; requests/s; CPU ms per request of the
@@ -500,12 +500,12 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 VARIANTS = {
-    "p402": "p402 serve as shipped: aiohttp's pool upstream, ledger and cache on",
+    "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",
     "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",
 }
 
 
-FLOOR = ("bench/floor_proxy.py: uvicorn and aiohttp served as p402 serve is, passing the answer through with no "
+FLOOR = ("bench/floor_proxy.py: uvicorn and our HTTP client served as p402 serve is, passing the answer through with no "
          "logic; the CPU any gateway on this stack spends. added.<variant>.cpu_ms_per_request_over_floor is "
          "P402's own work")
 

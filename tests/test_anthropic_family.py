@@ -9,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 import anthropic
 import httpx
 import pytest
-from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from helpers import PNG, WEATHER, add_fault, collect, joined, own_sim_adapter, user, wait_until
@@ -17,6 +16,7 @@ from helpers import PNG, WEATHER, add_fault, collect, joined, own_sim_adapter, u
 from p402_tui.core import errors
 from p402_tui.core.costs import call_cost
 from p402_tui.core.types import ChatRequest, ToolCallDelta, Usage
+from p402_tui.providers import http
 from p402_tui.providers.anthropic import DEFAULT_MAX_TOKENS
 
 MODEL = "claude-haiku-4-5-20251001"  # 200k context, 64k output
@@ -361,7 +361,7 @@ async def test_rate_limit_fault_carries_the_wait(adapter, sim):
 
 async def test_rate_limit_wait_from_anthropic_reset_headers_and_no_key_in_messages(adapter):
     soon = datetime.now(timezone.utc) + timedelta(seconds=30)
-    headers = CIMultiDict(
+    headers = http.Headers(
         {
             "anthropic-ratelimit-tokens-remaining": "0",
             "anthropic-ratelimit-tokens-reset": soon.isoformat().replace("+00:00", "Z"),
@@ -373,7 +373,7 @@ async def test_rate_limit_wait_from_anthropic_reset_headers_and_no_key_in_messag
     assert isinstance(limited, errors.RateLimitError) and 25 < limited.retry_after_s <= 30
 
     key = adapter.provider.key()
-    refused = adapter.error(401, "authentication_error", f"invalid x-api-key {key}", CIMultiDict(), MODEL)
+    refused = adapter.error(401, "authentication_error", f"invalid x-api-key {key}", http.Headers(), MODEL)
     assert key not in str(refused) and key not in refused.message
 
 

@@ -6,14 +6,12 @@ import asyncio
 import json
 import math
 import socket
+import ssl
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
-import aiohttp
 import httpx
 import pytest
-from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from helpers import OPENAI_FAMILY_MODELS as MODELS
@@ -24,6 +22,7 @@ from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.costs import call_cost
 from p402_tui.core.tokens import count_messages
 from p402_tui.core.types import ChatRequest
+from p402_tui.providers import http
 from p402_tui.providers.base import StreamAssembler, make_adapter, tls_context
 from p402_tui.providers.openai_compat import OpenAICompatAdapter
 from p402_tui.sim.server import start_sim
@@ -594,23 +593,20 @@ async def test_a_connect_that_never_completes_is_a_connect_timeout(fresh_sim_set
     assert time.perf_counter() - started < 5
 
 
-CONNECTION_KEY = SimpleNamespace(host="provider.invalid", port=443, ssl=True)  # what aiohttp's connect errors name (no connection is made)
-
-
 @pytest.mark.parametrize(
     "error,started,kind,phase",
     [
-        (aiohttp.ConnectionTimeoutError("Connection timeout to host"), False, errors.TimeoutError, "connect"),
-        (aiohttp.SocketTimeoutError("Timeout on reading data from socket"), False, errors.TimeoutError, "read"),
-        (aiohttp.SocketTimeoutError("Timeout on reading data from socket"), True, errors.TimeoutError, "read"),
-        (aiohttp.ClientConnectorDNSError(CONNECTION_KEY, OSError(-2, "Name or service not known")), False,
-         errors.ConnectionLostError, None),
-        (aiohttp.ClientConnectorError(CONNECTION_KEY, ConnectionRefusedError(111, "Connect call failed")), False,
-         errors.ConnectionLostError, None),
-        (aiohttp.ClientConnectionResetError("Connection reset by peer"), False, errors.ConnectionLostError, None),
-        (aiohttp.ServerDisconnectedError(), False, errors.ConnectionLostError, None),
-        (aiohttp.ClientConnectionResetError("Connection reset by peer"), True, errors.StreamInterruptedError, None),
-        (aiohttp.ClientPayloadError("Response payload is not completed"), True, errors.StreamInterruptedError, None),
+        (http.ConnectTimeout("no connection to api.openai.com:443 in time"), False, errors.TimeoutError, "connect"),
+        (http.ReadTimeout("nothing arrived for 60s"), False, errors.TimeoutError, "read"),
+        (http.ReadTimeout("nothing arrived for 60s"), True, errors.TimeoutError, "read"),
+        (socket.gaierror(-2, "Name or service not known"), False, errors.ConnectionLostError, None),
+        (ConnectionRefusedError(111, "Connect call failed"), False, errors.ConnectionLostError, None),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), False, errors.ConnectionLostError, None),
+        (ConnectionResetError(104, "Connection reset by peer"), False, errors.ConnectionLostError, None),
+        (http.ConnectionClosed("closed before the response ended"), False, errors.ConnectionLostError, None),
+        (ConnectionResetError(104, "Connection reset by peer"), True, errors.StreamInterruptedError, None),
+        (http.ConnectionClosed("closed before the response ended"), True, errors.StreamInterruptedError, None),
+        (http.ProtocolError("unreadable HTTP response"), True, errors.StreamInterruptedError, None),
     ],
 )
 def test_connection_failures_map_to_our_errors(error, started, kind, phase, fresh_sim_settings):
@@ -618,19 +614,19 @@ def test_connection_failures_map_to_our_errors(error, started, kind, phase, fres
     mapped = adapter.transport_error(error, "gpt-4o-mini", started=started)
     assert type(mapped) is kind and mapped.provider == "openai" and mapped.model == "gpt-4o-mini"
     assert getattr(mapped, "phase", None) == phase
-    leaky = adapter.transport_error(aiohttp.ClientOSError(f"proxy said: bad key {KEY}"), "gpt-4o-mini", started=started)
+    leaky = adapter.transport_error(OSError(f"proxy said: bad key {KEY}"), "gpt-4o-mini", started=started)
     assert KEY not in leaky.message and "***" in leaky.message
 
 
-async def test_the_pool_is_made_on_first_use_and_closed_by_aclose(fresh_sim_settings):
-    adapter = make_adapter(fresh_sim_settings.providers["openai"])  # no session yet: nothing to close
-    await adapter.aclose()
+async def test_aclose_closes_the_pool(fresh_sim_settings):
     adapter = make_adapter(fresh_sim_settings.providers["openai"])
     assert (await adapter.complete(ask(max_tokens=5), model="gpt-4o-mini")).content
-    session = adapter.session
-    assert not session.closed
+    assert (await adapter.complete(ask(max_tokens=5), model="gpt-4o-mini")).content
+    assert len(adapter.client._open) == 1  # the second call reused the first one's connection
     await adapter.aclose()
-    assert session.closed
+    assert adapter.client.closed and not adapter.client._open
+    with pytest.raises(errors.ConnectionLostError, match="client was closed"):
+        await adapter.complete(ask(max_tokens=5), model="gpt-4o-mini")
 
 
 @pytest.mark.parametrize(
@@ -646,7 +642,7 @@ async def test_the_pool_is_made_on_first_use_and_closed_by_aclose(fresh_sim_sett
 )
 def test_error_bodies_of_every_shape(body, shape, fresh_sim_settings):
     adapter = OpenAICompatAdapter(fresh_sim_settings.providers["openai"])
-    error = adapter.error_from_response(400, body, CIMultiDict(), "m")
+    error = adapter.error_from_response(400, body, http.Headers(), "m")
     assert error.message in {"m1", "m2", "m3", "m4", "m5", "<html>bad gateway</html>"}, shape
     assert isinstance(error, errors.ContextLengthError) == (shape == "openai")
 

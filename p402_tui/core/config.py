@@ -26,6 +26,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -234,6 +235,12 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
             key = SecretStr(env[name])
             break
     base_url = env.get(f"P402_{spec.id.upper()}_BASE_URL") or conf.base_url or spec.base_url
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"provider {spec.id!r}: base_url {base_url!r} is not an http:// or https:// URL")
+    for name, value in conf.headers.items():
+        if not name or not f"{name}{value}".isascii() or any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name:
+            raise ConfigError(f"provider {spec.id!r}: header {name!r} has a character an HTTP header cannot carry")
     return ResolvedProvider(
         spec=spec,
         base_url=base_url.rstrip("/"),

@@ -2,10 +2,9 @@
 
 An adapter turns our OpenAI-shaped `ChatRequest` into one provider's wire format
 and the provider's answer back into `ChatResponse` / `ChatChunk`. Each provider
-gets one pooled `aiohttp.ClientSession`, called directly: the same calls through
-httpx's API on top of aiohttp cost 0.15-0.35 ms more CPU each, up to a third of
-the gateway's 1 ms budget per request. Closing a stream (breaking out of the
-`async for`, or cancelling the task) closes the upstream response at once.
+gets one pool of connections (`http.Client`, made for the gateway's budget of a
+millisecond of CPU per request). Closing a stream (breaking out of the `async for`,
+or cancelling the task) closes the upstream connection at once.
 """
 
 from __future__ import annotations
@@ -21,14 +20,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
-
 from .. import __version__
 from ..core.config import ResolvedProvider
 from ..core.errors import (
     BadRequestError,
+    ConfigError,
     ConnectionLostError,
     MalformedResponseError,
     ProviderError,
@@ -39,21 +35,19 @@ from ..core.errors import (
 from ..core.types import (
     ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCall, Usage, aclose_iterator, json_bytes, json_value,
 )
+from . import http
 
 # Response headers as the families read them: any case-insensitive mapping
-# (aiohttp's CIMultiDictProxy in practice; a CIMultiDict or httpx.Headers in tests).
+# (http.Headers in practice; httpx.Headers in some tests).
 Headers = Mapping[str, str]
 
 MAX_CONNECTIONS = 256
-# Idle connections go before uvicorn's 5 s keep-alive closes them under us: a POST on a
-# connection the server just closed fails without a retry, and a burst of those after a
-# pause opened circuits (bench/gateway.py saw a whole run of 400s from it).
-KEEPALIVE_S = 4.0
-# A CIMultiDict, so aiohttp merges it into the session's headers without converting it first.
-JSON_HEADERS: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
-# What a failing connection raises: aiohttp's errors, and OSError for the timeouts
-# (builtin TimeoutError is one) and any reset that reaches us unwrapped.
-TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
+# A connection idle longer is not reused: a new TLS handshake costs a real provider's
+# round trips, and servers keep theirs open for a minute or more. One a server closed
+# as it was reused is retried on a new connection (http.Client.request).
+KEEPALIVE_S = 30.0
+# What a failing connection raises: OSError, as the client's own errors and the socket's are.
+TRANSPORT_ERRORS = (OSError,)
 # Header names whose values are credentials: `RequestHeaders` keeps them out of reprs.
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key"})
 _Item = TypeVar("_Item")  # what a stream yields: a chunk, or a batch of them
@@ -70,11 +64,11 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-class RequestHeaders(CIMultiDict[str]):
+class RequestHeaders(http.Headers):
     """An adapter's request headers; the repr masks credentials, for logs and tracebacks."""
 
     def __repr__(self) -> str:
-        shown = {name: "[secure]" if name.lower() in SECRET_HEADERS else value for name, value in self.items()}
+        shown = {name: "[secure]" if name in SECRET_HEADERS else value for name, value in self.items()}
         return f"<RequestHeaders {shown!r}>"
 
 
@@ -103,19 +97,19 @@ class Adapter:
         self.headers = RequestHeaders(
             {"User-Agent": f"p402/{__version__}", **provider.spec.headers, **self.auth_headers(), **provider.headers}
         )
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,  # a stream lasts as long as it keeps sending
-            connect=provider.timeout_s,  # a free pooled connection, connecting included
-            sock_connect=provider.connect_timeout_s,
-            sock_read=provider.timeout_s,  # between reads, so a stream that stalls mid-answer times out too
-        )
-        # A whole answer has one deadline: one timer a call, where sock_read re-arms one on every read.
-        self.answer_timeout = aiohttp.ClientTimeout(
-            total=provider.timeout_s, connect=provider.timeout_s, sock_connect=provider.connect_timeout_s
-        )
+        # A stream lasts as long as it keeps sending: no deadline, but a silence of timeout_s
+        # fails it, mid-answer too. `connect` covers waiting for a free pooled connection.
+        self.timeouts = http.Timeouts(connect=provider.timeout_s, read=provider.timeout_s)
+        self.answer_timeouts = http.Timeouts(connect=provider.timeout_s, read=None, total=provider.timeout_s)
         self.tls = tls_context()  # loaded here, not on the first request
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
+        try:
+            self.client = http.Client(
+                self.headers, tls=self.tls, limit=MAX_CONNECTIONS, keepalive_s=KEEPALIVE_S,
+                connect_timeout=provider.connect_timeout_s,
+            )  # fmt: skip
+        except ValueError as error:  # a key or header with a line break in it, say
+            raise ConfigError(f"provider {self.id!r}: {error}") from None
+        self._targets: dict[str, http.Target] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.provider.base_url}>"
@@ -182,9 +176,8 @@ class Adapter:
         return HealthResult(True, (time.perf_counter() - start) * 1000)
 
     async def aclose(self) -> None:
-        """Close the session and its pooled connections."""
-        if self._session is not None:
-            await self._session.close()
+        """Close the pooled connections."""
+        await self.client.aclose()
 
     # --- shared plumbing -------------------------------------------------------
 
@@ -219,58 +212,42 @@ class Adapter:
         """Map a connection failure to our hierarchy; `started` means content had begun to flow."""
         where = {"provider": self.id, "model": model}
         message = self.clean(str(error) or type(error).__name__)
-        if isinstance(error, aiohttp.ConnectionTimeoutError):  # connecting, or waiting for a pooled connection
+        if isinstance(error, http.ConnectTimeout):  # connecting, or waiting for a pooled connection
             return TimeoutError(f"connect timed out: {message}", phase="connect", **where)
-        if isinstance(error, asyncio.TimeoutError):  # sock_read's SocketTimeoutError, among others
+        if isinstance(error, asyncio.TimeoutError):  # http.ReadTimeout, among others
             return TimeoutError(f"read timed out: {message}", phase="read", **where)
         if started:
             return StreamInterruptedError(f"stream broke: {message}", **where)
         return ConnectionLostError(f"connection failed: {message}", **where)
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled session, made on first use: adapters are built outside a running loop, sessions need one."""
-        session = self._session
-        if session is None:
-            session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_S, ssl=self.tls),
-                headers=self.headers,
-                timeout=self.timeout,
-                cookie_jar=aiohttp.DummyCookieJar(),  # provider APIs set no cookies we should send back
-                # auto_decompress stays on: aiohttp's own Accept-Encoding asks for gzip, so it must undo it.
-                # Its other auto headers are Accept (harmless) and User-Agent (ours is in `headers`): none to skip.
-            )
-        return session
-
-    def url(self, path: str) -> URL:
-        """The base URL and `path`, parsed (and quoted) once per path rather than on every call."""
-        url = self._urls.get(path)
-        if url is None:
-            if len(self._urls) >= 256:  # paths carry model names (Gemini's); keep the cache bounded
-                self._urls.clear()
-            url = self._urls[path] = URL(self.base_url + path)
-        return url
+    def target(self, path: str, params: Mapping[str, Any] | None = None) -> http.Target:
+        """The base URL and `path`, split once per path rather than on every call."""
+        if params:
+            return http.target(self.base_url + path, params)
+        target = self._targets.get(path)
+        if target is None:
+            if len(self._targets) >= 256:  # paths carry model names (Gemini's); keep the cache bounded
+                self._targets.clear()
+            target = self._targets[path] = http.target(self.base_url + path)
+        return target
 
     async def send(
         self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None,
-        timeout: aiohttp.ClientTimeout | None = None,
-    ) -> aiohttp.ClientResponse:
+        timeouts: http.Timeouts | None = None,
+    ) -> http.Response:
         """Send a request (a JSON body when `payload` is given); connection failures raised as our errors.
 
-        The caller reads the response and closes it. `timeout`: the session's (for streams) unless given.
+        The caller reads the response and closes it. `timeouts`: a stream's unless given.
         """
-        timeout = timeout or self.timeout
+        body = None if payload is None else json_bytes(payload)
         try:
-            if payload is None:
-                return await self.session.request(method, self.url(path), params=params, timeout=timeout)
-            body = json_bytes(payload)
-            return await self.session.request(
-                method, self.url(path), params=params, data=body, headers=JSON_HEADERS, timeout=timeout
+            return await self.client.request(
+                method, self.target(path, params), body, timeouts=timeouts or self.timeouts
             )
         except TRANSPORT_ERRORS as error:
             raise self.transport_error(error, model) from None
 
-    async def read_body(self, response: aiohttp.ClientResponse, model: str) -> bytes:
+    async def read_body(self, response: http.Response, model: str) -> bytes:
         """A whole response body; a connection that fails while it is read is our error."""
         try:
             return await response.read()
@@ -280,12 +257,11 @@ class Adapter:
     @asynccontextmanager
     async def open_stream(
         self, method: str, path: str, model: str, payload: Any = None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[http.Response]:
         """Send a streaming request; raise mapped errors for a non-2xx answer; always close the response.
 
-        `close`, not `release`: a stream left half-read drops its connection at once, so the
-        provider sees the cancel and stops generating (and billing). A response read to the
-        end has already gone back to the pool, and closing it does nothing.
+        A stream left half-read drops its connection at once, so the provider sees the
+        cancel and stops generating (and billing); one read to the end goes back to the pool.
         """
         response = await self.send(method, path, model, payload)
         try:
@@ -297,7 +273,7 @@ class Adapter:
             response.close()
 
     @asynccontextmanager
-    async def open_events(self, path: str, model: str, payload: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def open_events(self, path: str, model: str, payload: Any) -> AsyncIterator[http.Response]:
         """POST a streamed request (see `open_stream`); a connection that fails while it is read broke the stream."""
         async with self.open_stream("POST", path, model, payload) as response:
             try:
@@ -315,7 +291,7 @@ class Adapter:
         self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None
     ) -> Any:
         """A JSON answer; transport failures, error statuses and non-JSON bodies raised as our errors."""
-        response = await self.send(method, path, model, payload, params=params, timeout=self.answer_timeout)
+        response = await self.send(method, path, model, payload, params=params, timeouts=self.answer_timeouts)
         try:
             body = await self.read_body(response, model)
         finally:
@@ -378,14 +354,14 @@ class _FirstTokenDeadline(Generic[_Item]):
         await aclose_iterator(self._iterator)
 
 
-async def iter_sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str | None, str]]:
+async def iter_sse(response: http.Response) -> AsyncIterator[tuple[str | None, str]]:
     """Server-sent events as (event, data) pairs."""
     async for events in sse_batches(response):
         for event in events:
             yield event
 
 
-async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[tuple[str | None, str]]]:
+async def sse_batches(response: http.Response) -> AsyncIterator[list[tuple[str | None, str]]]:
     """Server-sent events as (event, data) pairs, in a list per read of the connection.
 
     This is the hot loop of every stream, so it works on raw bytes: the buffer is
@@ -394,7 +370,7 @@ async def sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[tu
     Comment lines (`: keep-alive`, `: OPENROUTER PROCESSING`) are skipped.
     """
     buffer = b""
-    async for raw in response.content.iter_any():
+    async for raw in response:
         buffer = buffer + raw if buffer else raw
         if b"\r" in buffer:
             if buffer.endswith(b"\r"):
