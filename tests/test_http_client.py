@@ -6,9 +6,11 @@ import asyncio
 import datetime
 import gzip
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -108,6 +110,37 @@ async def test_connections_are_kept_alive_and_reused():
         await client.aclose()
     assert up.connections == 1 and len(up.requests) == 5
     assert b"Content-Length" not in up.requests[0]  # a GET without a body says nothing of one
+
+
+def test_a_client_outlives_an_event_loop_and_serves_the_next():
+    """`asyncio.run` twice with one client, as a CLI command may: the first loop's connections stay behind."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, so the first loop leaves an idle connection
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = http.target(f"http://127.0.0.1:{server.server_address[1]}/")
+    client = http.Client({})
+
+    async def call() -> bytes:
+        return await (await client.request("GET", target, timeouts=TIMEOUTS)).read()
+
+    try:
+        assert asyncio.run(call()) == b"{}"
+        assert asyncio.run(call()) == b"{}"  # on a connection of its own loop's
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 async def test_a_chunked_body_arrives_piece_by_piece_as_it_is_sent():

@@ -273,10 +273,11 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def close(self) -> None:
-        self._cancel_timer()
-        if self.transport is not None and not self.closed:
-            self.transport.close()
-        self.closed = True
+        if not self.loop.is_closed():
+            self._cancel_timer()
+            if self.transport is not None and not self.closed:
+                self.transport.close()
+        self.closed = True  # of a loop already gone nothing can be closed: its socket goes with the transport
         self.client._forget(self)  # now, not when the socket reports it: its pool slot is free at once
 
     def recycle(self) -> None:
@@ -431,10 +432,12 @@ class Client:
         idle = self._idle.get(origin)
         if not idle:
             return None
-        stale_before = asyncio.get_running_loop().time() - self.keepalive_s
+        loop = asyncio.get_running_loop()
+        stale_before = loop.time() - self.keepalive_s
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.idle_since >= stale_before:
+            # A connection belongs to the loop that opened it: a CLI may run several loops in turn.
+            if not conn.closed and conn.idle_since >= stale_before and conn.loop is loop:
                 conn.reused = True
                 return conn
             conn.close()
