@@ -464,6 +464,17 @@ async def test_mid_stream_failure_sends_an_error_chunk_then_done(http, sim):
     assert any('"content"' in line for line in lines[:-2])  # the tokens before the break arrived
 
 
+async def test_mid_stream_failure_reports_what_was_used_before_the_error_when_asked(http, sim):
+    sim.state.add_fault(Fault(provider="openai", kind="disconnect", after_tokens=3))
+    body = {"model": PINNED, "messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2]
+    usage_chunk = json.loads(lines[-3][len("data: "):])
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] >= 3
+    assert usage_chunk["usage"]["prompt_tokens"] > 0 and usage_chunk["p402"]["cost_usd"] > 0
+
+
 async def test_a_stream_failing_before_content_is_a_plain_http_error(http, sim):
     sim.state.add_fault(Fault(provider="*", kind="error", status=500))
     body = {"model": PINNED, "messages": HELLO, "stream": True}

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, RouteDecided
-from ..core.types import ChatChunk, ChatRequest, json_bytes
+from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
 from . import errors, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -553,6 +553,12 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
 
     # Frames wait here until yielded. From the finish on they wait for the end: only usage
     # and [DONE] are still to come, so the rest of the answer leaves in one write.
+    def usage_frame(usage: Usage, meta: dict[str, Any]) -> bytes:
+        return sse.data_frame(
+            {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [], "usage": usage.to_openai(), "p402": meta}
+        )  # fmt: skip
+
     out: list[bytes] = []
     try:
         async with stream:
@@ -561,6 +567,9 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
             while batch is not None:
                 for chunk in batch:
                     if chunk.error is not None:
+                        # What the broken answer used (and cost) comes first: a client stops at the error.
+                        if include_usage and chunk.usage is not None:
+                            out.append(usage_frame(chunk.usage, stream.meta.to_dict()))
                         out += (sse.data_frame({"error": _stream_error(chunk.error)}), sse.DONE)
                         yield b"".join(out)
                         return
@@ -582,10 +591,7 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
             if finishing is not None:
                 out.append(frame(finishing, meta))
             if include_usage and usage is not None:
-                out.append(sse.data_frame(
-                    {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [], "usage": usage.to_openai(), "p402": meta}
-                ))  # fmt: skip
+                out.append(usage_frame(usage, meta))
     except P402Error as error:
         out.append(sse.data_frame(errors.error_body(errors.p402_status(error), error.message, code=error.kind)))
     out.append(sse.DONE)
