@@ -86,6 +86,15 @@ async def answer_ok(n: int, request: bytes, writer: asyncio.StreamWriter) -> Non
     writer.write(ok())
 
 
+async def get_bodies(up: Upstream, times: int) -> list[bytes]:
+    """`times` GETs in turn on one client, each body read whole."""
+    client = http.Client({})
+    try:
+        return [await (await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)).read() for _ in range(times)]
+    finally:
+        await client.aclose()
+
+
 async def test_a_request_carries_the_clients_headers_and_its_body():
     async with Upstream(answer_ok) as up:
         client = http.Client({"Authorization": "Bearer k", "User-Agent": "p402/test"})
@@ -103,11 +112,7 @@ async def test_a_request_carries_the_clients_headers_and_its_body():
 
 async def test_connections_are_kept_alive_and_reused():
     async with Upstream(answer_ok) as up:
-        client = http.Client({})
-        for _ in range(5):
-            response = await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)
-            assert await response.read() == b'{"ok":true}'
-        await client.aclose()
+        assert await get_bodies(up, 5) == [b'{"ok":true}'] * 5
     assert up.connections == 1 and len(up.requests) == 5
     assert b"Content-Length" not in up.requests[0]  # a GET without a body says nothing of one
 
@@ -179,11 +184,7 @@ async def test_a_body_without_a_length_ends_with_the_connection_which_is_not_reu
         writer.close()
 
     async with Upstream(script) as up:
-        client = http.Client({})
-        for _ in range(2):
-            response = await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)
-            assert await response.read() == b'{"whole":true}'
-        await client.aclose()
+        assert await get_bodies(up, 2) == [b'{"whole":true}'] * 2
     assert up.connections == 2
 
 
@@ -192,10 +193,7 @@ async def test_connection_close_is_honoured():
         writer.write(ok(b"{}", "Connection: close"))
 
     async with Upstream(script) as up:
-        client = http.Client({})
-        for _ in range(2):
-            assert await (await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)).read() == b"{}"
-        await client.aclose()
+        assert await get_bodies(up, 2) == [b"{}"] * 2
     assert up.connections == 2
 
 
@@ -262,10 +260,7 @@ async def test_a_keep_alive_connection_the_server_dropped_is_not_reused():
         writer.close()  # and then thinks better of keeping it
 
     async with Upstream(script) as up:
-        client = http.Client({})
-        for _ in range(3):
-            assert await (await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)).read() == b"{}"
-        await client.aclose()
+        assert await get_bodies(up, 3) == [b"{}"] * 3
     assert up.connections == 3 and len(up.requests) == 3
 
 
