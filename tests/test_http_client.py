@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import gzip
+import socket
 import ssl
+import struct
 import threading
 import time
 import zlib
@@ -213,18 +215,6 @@ async def test_a_compressed_body_is_decoded(encoding, encode):
         assert await response.read() == body
         await client.aclose()
     assert b"Accept-Encoding: identity" in up.requests[0]  # asked for none: a stream must not wait on a compressor
-
-
-async def test_an_encoding_it_cannot_read_is_a_protocol_error():
-    async def script(n, request, writer):
-        writer.write(ok(b"\x1b\x00", "Content-Encoding: br"))
-
-    async with Upstream(script) as up:
-        client = http.Client({})
-        with pytest.raises(http.ProtocolError, match="'br'"):
-            response = await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)
-            await response.read()
-        await client.aclose()
 
 
 async def test_an_informational_answer_before_the_real_one_is_skipped():
@@ -521,3 +511,171 @@ def test_config_refuses_a_base_url_or_header_no_request_could_use(catalog):
         Settings(ConfigFile.model_validate({"providers": {"openai": {"base_url": "localhost:11434/v1"}}}), catalog, env={})
     with pytest.raises(ConfigError, match="header 'X-Team'"):
         Settings(ConfigFile.model_validate({"providers": {"openai": {"headers": {"X-Team": "a\nb"}}}}), catalog, env={})
+
+
+# --- what a review of the client found (each failed before its fix) ---------------------------
+
+
+@pytest.mark.parametrize("ending", ["silence", "reset", "aclose"])
+async def test_a_body_that_ends_with_the_connection_is_not_complete_when_the_connection_fails(ending):
+    async def script(n, request, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n{\"partial\":")
+        await writer.drain()
+        if ending == "reset":  # a reset (SO_LINGER 0), not the end of the body
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            await asyncio.sleep(3)
+
+    async with Upstream(script) as up:
+        client = http.Client({})
+        response = await client.request("GET", http.target(up.url), timeouts=http.Timeouts(5, read=0.3))
+        assert await anext(response) == b'{"partial":'
+        if ending == "aclose":
+            await client.aclose()
+        expected = http.ReadTimeout if ending == "silence" else (http.ConnectionClosed, ConnectionResetError)
+        with pytest.raises(expected):
+            await response.read()
+        await client.aclose()
+
+
+async def test_a_cut_short_chunked_body_is_not_complete_whatever_the_case_of_its_header():
+    async def script(n, request, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n" + chunk(b"hello"))
+        await writer.drain()
+        writer.close()
+
+    async with Upstream(script) as up:
+        client = http.Client({})
+        response = await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)
+        with pytest.raises(http.ConnectionClosed):
+            await response.read()
+        await client.aclose()
+
+
+async def test_a_woken_waiter_that_is_cancelled_passes_its_connection_on():
+    release = asyncio.Event()
+
+    async def script(n, request, writer):
+        if n == 1:
+            await release.wait()
+        writer.write(ok())
+
+    async with Upstream(script) as up:
+        client = http.Client({}, limit=1)
+        busy = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
+        await asyncio.sleep(0.05)
+        first = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
+        second = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=http.Timeouts(1, 5)))
+        await asyncio.sleep(0.05)
+        release.set()
+        await (await busy).read()  # its connection goes back to the pool and wakes `first`...
+        first.cancel()  # ...whose caller leaves before it runs
+        assert await (await second).read() == b'{"ok":true}'
+        await client.aclose()
+
+
+async def test_a_connection_returned_with_its_reading_paused_reads_the_next_answer():
+    async def script(n, request, writer):
+        writer.write(ok(b"x" * ((1 << 20) + 1000) if n == 1 else b"second"))
+        await writer.drain()
+
+    async with Upstream(script) as up:
+        client = http.Client({})
+        first = await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)
+        conn = first._conn
+        await asyncio.sleep(0.3)
+        assert conn is not None and conn.complete and conn.paused
+        first.close()  # whole but unread: back to the pool
+        second = await client.request("GET", http.target(up.url), timeouts=http.Timeouts(5, read=1))
+        assert await second.read() == b"second"
+        await client.aclose()
+    assert up.connections == 1
+
+
+async def test_what_a_server_says_on_an_idle_connection_never_answers_the_next_request():
+    async def script(n, request, writer):
+        writer.write(ok(b"first" if n == 1 else b"second"))
+        await writer.drain()
+        if n == 1:
+            await asyncio.sleep(0.05)
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # out of turn
+
+    async with Upstream(script) as up:
+        client = http.Client({})
+        assert await (await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)).read() == b"first"
+        await asyncio.sleep(0.2)
+        second = await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)
+        assert second.status == 200 and await second.read() == b"second"
+        await client.aclose()
+    assert up.connections == 2
+
+
+async def test_closing_the_client_fails_requests_waiting_or_connecting():
+    release = asyncio.Event()
+
+    async def script(n, request, writer):
+        await release.wait()
+        writer.write(ok())
+
+    async with Upstream(script) as up:
+        client = http.Client({}, limit=1)
+        busy = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
+        await asyncio.sleep(0.05)
+        await client.aclose()
+        with pytest.raises(http.ConnectionClosed):
+            await waiting
+        busy.cancel()
+
+        late = http.Client({})
+        connecting = asyncio.create_task(late.request("GET", http.target(up.url), timeouts=TIMEOUTS))
+        while not late._open:
+            await asyncio.sleep(0)
+        await late.aclose()  # before the TCP handshake is done
+        with pytest.raises(http.ConnectionClosed):
+            await connecting
+        release.set()
+    assert up.connections == 2 and len(up.requests) <= 2
+
+
+async def test_a_request_dropped_after_the_server_worked_on_it_is_not_sent_again():
+    async def script(n, request, writer):
+        if n == 2:
+            await asyncio.sleep(http.RETRY_WITHIN_S + 0.2)  # long past a keep-alive race
+            writer.close()
+            return
+        writer.write(ok())
+
+    async with Upstream(script) as up:
+        client = http.Client({})
+        await (await client.request("POST", http.target(up.url), b'{"n":1}', timeouts=TIMEOUTS)).read()
+        with pytest.raises(http.ConnectionClosed):
+            await client.request("POST", http.target(up.url), b'{"n":2}', timeouts=TIMEOUTS)
+        await client.aclose()
+    assert [r.partition(b"\r\n\r\n")[2] for r in up.requests] == [b'{"n":1}', b'{"n":2}']
+
+
+async def test_compression_edges_raw_deflate_a_cut_stream_and_an_unreadable_encoding():
+    body = b'{"text":"' + b"abc " * 200 + b'"}'
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_deflate = raw.compress(body) + raw.flush()
+    cut_gzip = gzip.compress(body)[:-20]
+
+    async def script(n, request, writer):
+        if n == 1:
+            writer.write(ok(raw_deflate, "Content-Encoding: deflate"))
+        elif n == 2:
+            writer.write(ok(cut_gzip, "Content-Encoding: gzip"))
+        else:
+            writer.write(ok(b"\x1b\x00", "Content-Encoding: br"))
+
+    async with Upstream(script) as up:
+        client = http.Client({})
+        assert await (await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)).read() == body
+        with pytest.raises(http.ProtocolError, match="ended before"):
+            await (await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)).read()
+        with pytest.raises(http.ProtocolError, match="'br'"):  # at the request: no 200 to read first
+            await client.request("GET", http.target(up.url), timeouts=TIMEOUTS)
+        await client.aclose()

@@ -123,6 +123,7 @@ class Headers(Mapping[str, str]):
 
 
 _HIGH_WATER = 1 << 20  # body bytes held unread before the socket stops being read
+RETRY_WITHIN_S = 0.3  # a reused connection closed this soon after the request, with no answer, is retried
 
 
 class _Connection(asyncio.Protocol):
@@ -137,6 +138,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.reused = False  # it served a response before this one
+        self.in_flight = False  # a request was sent and its response is not yet recycled
+        self.sent_at = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reset()
@@ -152,6 +155,7 @@ class _Connection(asyncio.Protocol):
         self.error: OSError | None = None
         self.paused = False
         self.decoder: zlib._Decompress | None = None
+        self.encoding = "identity"
         self.until_eof = False
         self.informational = False
         self.reusable = False
@@ -163,8 +167,15 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.closed:  # closed (by the client's aclose) while it was still connecting
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_flight:
+            # A server speaking out of turn (a 408 before it hangs up, say): whatever it says
+            # would be read as the next request's answer. The connection is done.
+            self.close()
+            return
         self.received = True
         self.last_read = self.loop.time()
         try:
@@ -179,8 +190,11 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.client._forget(self)
-        if self.until_eof and self.headers is not None and not self.complete:
-            self._finish_body()  # a body without a length ends where the connection does
+        if self.until_eof and self.headers is not None and not self.complete and exc is None and self.error is None:
+            try:
+                self._finish_body()  # a body without a length ends where the connection does
+            except ProtocolError as error:
+                self.error = error
         elif not self.complete and self.error is None:
             reason = f": {exc}" if exc else ""
             self.error = ConnectionClosed(f"the server closed the connection before the response ended{reason}")
@@ -198,23 +212,30 @@ class _Connection(asyncio.Protocol):
             self.raw_headers = []
             self.informational = True
             return
-        self.status = status
-        headers = self.headers = Headers.received(self.raw_headers)
-        encoding = (headers.get("content-encoding") or "identity").strip().lower()
+        headers = Headers.received(self.raw_headers)
+        encoding = self.encoding = (headers.get("content-encoding") or "identity").strip().lower()
         if encoding == "gzip":
             self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
             self.decoder = zlib.decompressobj()
-        elif encoding != "identity":
+        elif encoding != "identity":  # before the head counts as arrived: the request itself fails
             raise ProtocolError(f"the server sent a body encoded as {encoding!r}, which this client cannot read")
-        self.until_eof = "content-length" not in headers and "chunked" not in (headers.get("transfer-encoding") or "")
+        chunked = "chunked" in (headers.get("transfer-encoding") or "").lower()
+        self.until_eof = "content-length" not in headers and not chunked
+        self.status = status
+        self.headers = headers
 
     def on_body(self, body: bytes) -> None:
         if self.decoder is not None:
             try:
                 body = self.decoder.decompress(body)
             except zlib.error as error:
-                raise ProtocolError(f"undecodable compressed body: {error}") from None
+                if self.encoding != "deflate" or self.body or self.decoder.unused_data:
+                    raise ProtocolError(f"undecodable compressed body: {error}") from None
+                # "deflate" as some servers send it: the raw stream, without zlib's header.
+                self.encoding = "raw deflate"
+                self.decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                return self.on_body(body)
         if body:
             self.body.append(body)
             self.buffered += len(body)
@@ -236,14 +257,17 @@ class _Connection(asyncio.Protocol):
             rest = self.decoder.flush()
             if rest:
                 self.body.append(rest)
+            if not self.decoder.eof:
+                raise ProtocolError("the compressed body ended before its compressed stream did")
         self.complete = True
         self._cancel_timer()
 
     # --- the response's side -----------------------------------------------------------
 
     def send(self, head: bytes, timeouts: Timeouts) -> None:
+        self.in_flight = True
         self.read_timeout = timeouts.read
-        now = self.last_read = self.loop.time()
+        now = self.last_read = self.sent_at = self.loop.time()
         self.deadline = None if timeouts.total is None else now + timeouts.total
         if timeouts.read is not None or timeouts.total is not None:
             self._arm()
@@ -273,15 +297,22 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def close(self) -> None:
+        if self.in_flight and not self.complete and self.error is None:
+            # Closed by us mid-answer: not the end of a body that ends with the connection.
+            self.error = ConnectionClosed("the connection was closed before the response ended")
         if not self.loop.is_closed():
             self._cancel_timer()
             if self.transport is not None and not self.closed:
                 self.transport.close()
         self.closed = True  # of a loop already gone nothing can be closed: its socket goes with the transport
         self.client._forget(self)  # now, not when the socket reports it: its pool slot is free at once
+        self._wake()
 
     def recycle(self) -> None:
+        if self.paused and self.transport is not None:  # a body left unread paused the socket
+            self.transport.resume_reading()
         self._reset()
+        self.in_flight = False
         self.idle_since = self.loop.time()
 
     def _wake(self) -> None:
@@ -305,12 +336,16 @@ class _Connection(asyncio.Protocol):
         now = self.loop.time()
         if self.deadline is not None and now >= self.deadline:
             self.fail(ReadTimeout("the whole answer did not arrive in time"))
-        elif self.read_timeout is not None and not self.paused and now - self.last_read >= self.read_timeout:
+        elif self.read_timeout is not None and not self._busy() and now - self.last_read >= self.read_timeout:
             self.fail(ReadTimeout(f"nothing arrived for {self.read_timeout:g}s"))
         else:
-            if self.paused:
-                self.last_read = now  # our reader is the slow one: the server is not silent
+            if self._busy():
+                self.last_read = now  # the server is not silent: we are slow, or still uploading
             self._arm()
+
+    def _busy(self) -> bool:
+        """Reading is paused by our slow reader, or the request is still being sent."""
+        return self.paused or (self.transport is not None and self.transport.get_write_buffer_size() > 0)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -340,12 +375,12 @@ class Response:
         while conn is not None:
             if conn.body:
                 return conn.take()
-            if conn.complete:
-                self._release()
-                break
             if conn.error is not None:
                 self._conn = None
                 raise conn.error
+            if conn.complete:
+                self._release()
+                break
             await conn.wait()
         raise StopAsyncIteration
 
@@ -399,10 +434,11 @@ class Client:
         try:
             return await self._exchange(conn, head, timeouts)
         except ConnectionClosed:
-            if conn.received or not conn.reused:
+            if conn.received or not conn.reused or conn.loop.time() - conn.sent_at > RETRY_WITHIN_S:
                 raise
-            # Closed with not a byte of answer: a server ending an idle keep-alive just as it
-            # was reused. A new connection is what any client would try next.
+            # Closed at once with not a byte of answer: a server ending an idle keep-alive just
+            # as it was reused. A new connection is what any client would try next. (Later, the
+            # server may have worked on the request: sending it again could bill it twice.)
         return await self._exchange(await self._connect(to, timeouts, fresh=True), head, timeouts)
 
     async def aclose(self) -> None:
@@ -455,13 +491,9 @@ class Client:
                     if idle is not None:
                         return idle
                     if not self._close_an_idle():
-                        slot = loop.create_future()
-                        self._slots.append(slot)
-                        try:
-                            await slot
-                        finally:
-                            if slot in self._slots:
-                                self._slots.remove(slot)
+                        await self._wait_for_a_slot(loop)
+                    if self.closed:
+                        raise ConnectionClosed("the client was closed")
                 conn = _Connection(self, to.origin)
                 self._open.add(conn)
                 try:
@@ -474,11 +506,26 @@ class Client:
                 except BaseException:
                     conn.close()
                     raise
+                if conn.closed:  # the client closed while it connected
+                    raise ConnectionClosed("the client was closed")
         except TimeoutError as error:
             if isinstance(error, (ConnectTimeout, ReadTimeout)):
                 raise
             raise ConnectTimeout(f"no connection to {to.host}:{to.port} in time") from None
         return conn
+
+    async def _wait_for_a_slot(self, loop: asyncio.AbstractEventLoop) -> None:
+        slot: asyncio.Future[None] = loop.create_future()
+        self._slots.append(slot)
+        try:
+            await slot
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self._wake_a_waiter()  # woken, then cancelled or timed out: the freed slot goes on
+            raise
+        finally:
+            if slot in self._slots:
+                self._slots.remove(slot)
 
     def _release(self, conn: _Connection) -> None:
         if conn.closed or self.closed or not conn.reusable:
