@@ -88,6 +88,25 @@ async def answer_ok(n: int, request: bytes, writer: asyncio.StreamWriter) -> Non
     writer.write(ok())
 
 
+def held_first(release: asyncio.Event) -> Script:
+    """Answers every request, the first only once `release` is set."""
+
+    async def script(n: int, request: bytes, writer: asyncio.StreamWriter) -> None:
+        if n == 1:
+            await release.wait()
+        writer.write(ok())
+
+    return script
+
+
+async def one_busy_connection(up: Upstream) -> tuple[http.Client, asyncio.Task[http.Response]]:
+    """A client allowed one connection, taken by a request still waiting for its answer."""
+    client = http.Client({}, limit=1)
+    busy = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
+    await asyncio.sleep(0.05)
+    return client, busy
+
+
 async def get_bodies(up: Upstream, times: int) -> list[bytes]:
     """`times` GETs in turn on one client, each body read whole."""
     client = http.Client({})
@@ -338,16 +357,8 @@ async def test_a_trickle_that_never_goes_quiet_still_meets_the_total_deadline():
 
 async def test_the_pool_limit_makes_a_request_wait_for_a_connection_then_time_out():
     release = asyncio.Event()
-
-    async def script(n, request, writer):
-        if n == 1:
-            await release.wait()
-        writer.write(ok())
-
-    async with Upstream(script) as up:
-        client = http.Client({}, limit=1)
-        busy = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
-        await asyncio.sleep(0.05)
+    async with Upstream(held_first(release)) as up:
+        client, busy = await one_busy_connection(up)
         with pytest.raises(http.ConnectTimeout):
             await client.request("GET", http.target(up.url), timeouts=http.Timeouts(connect=0.2, read=5))
         waiting = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
@@ -489,8 +500,8 @@ def test_targets_split_urls_once_for_the_request_line():
     assert (plain.origin, plain.host_header, plain.path) == (
         ("http", "127.0.0.1", 8080), b"127.0.0.1:8080", b"/v1/chat/completions"
     )
-    secure = http.target("https://api.example.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse")
-    assert secure.origin == ("https", "api.example.com", 443) and secure.host_header == b"api.example.com"
+    secure = http.target("https://llm.example.test/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse")
+    assert secure.origin == ("https", "llm.example.test", 443) and secure.host_header == b"llm.example.test"
     assert secure.path == b"/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
     assert http.target("http://[::1]:11434/v1", {"page size": 2}).host_header == b"[::1]:11434"
     assert http.target("http://h/v1/models", {"page size": 2}).path == b"/v1/models?page+size=2"
@@ -555,16 +566,8 @@ async def test_a_cut_short_chunked_body_is_not_complete_whatever_the_case_of_its
 
 async def test_a_woken_waiter_that_is_cancelled_passes_its_connection_on():
     release = asyncio.Event()
-
-    async def script(n, request, writer):
-        if n == 1:
-            await release.wait()
-        writer.write(ok())
-
-    async with Upstream(script) as up:
-        client = http.Client({}, limit=1)
-        busy = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
-        await asyncio.sleep(0.05)
+    async with Upstream(held_first(release)) as up:
+        client, busy = await one_busy_connection(up)
         first = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
         second = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=http.Timeouts(1, 5)))
         await asyncio.sleep(0.05)
@@ -613,15 +616,8 @@ async def test_what_a_server_says_on_an_idle_connection_never_answers_the_next_r
 
 async def test_closing_the_client_fails_requests_waiting_or_connecting():
     release = asyncio.Event()
-
-    async def script(n, request, writer):
-        await release.wait()
-        writer.write(ok())
-
-    async with Upstream(script) as up:
-        client = http.Client({}, limit=1)
-        busy = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
-        await asyncio.sleep(0.05)
+    async with Upstream(held_first(release)) as up:
+        client, busy = await one_busy_connection(up)
         waiting = asyncio.create_task(client.request("GET", http.target(up.url), timeouts=TIMEOUTS))
         await asyncio.sleep(0.05)
         await client.aclose()
