@@ -727,6 +727,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
     assert chat_events["schema"] == {"type": "string"} and chat_events["itemSchema"]["required"] == ["data"]
     live = document["paths"]["/api/v2/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
     assert "route_decided" in live["itemSchema"]["properties"]["event"]["enum"]
+    assert "400" in document["paths"]["/api/v2/events"]["get"]["responses"]  # an unknown kind (schemathesis)
 
 
 async def test_api_v2_chat_is_the_same_route(http):

@@ -405,7 +405,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "summary": "Live events as server-sent events (`event: <kind>`, `data: <json>`)",
                 "description": (
                     "Kinds: route_decided, attempt_failed, request_completed, health_changed, spend_updated, "
-                    "cache_hit. Comment lines are heartbeats. `kinds=a,b` filters."
+                    "cache_hit. Comment lines are heartbeats. `kinds=a,b` filters; an unknown kind is a 400."
                 ),
                 "parameters": [{"name": "kinds", "in": "query", "schema": {"type": "string"}}],
                 "responses": {
@@ -415,7 +415,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                             "text/event-stream": _events("The event as JSON", {"enum": list(EVENT_KINDS)})
                         },
                     },
-                    **_errors(401),
+                    **_errors(400, 401),
                 },
             }
         },
