@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from ..providers.http import check_header
 from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
 from .errors import ConfigError
 from .types import Capability
@@ -239,8 +240,10 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"provider {spec.id!r}: base_url {base_url!r} is not an http:// or https:// URL")
     for name, value in conf.headers.items():
-        if not name or not f"{name}{value}".isascii() or any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name:
-            raise ConfigError(f"provider {spec.id!r}: header {name!r} has a character an HTTP header cannot carry")
+        try:
+            check_header(name, value)
+        except ValueError as error:
+            raise ConfigError(f"provider {spec.id!r}: {error}") from None
     return ResolvedProvider(
         spec=spec,
         base_url=base_url.rstrip("/"),

@@ -551,14 +551,14 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
             data["p402"] = meta
         return sse.data_frame(data)
 
-    # Frames wait here until yielded. From the finish on they wait for the end: only usage
-    # and [DONE] are still to come, so the rest of the answer leaves in one write.
     def usage_frame(usage: Usage, meta: dict[str, Any]) -> bytes:
         return sse.data_frame(
             {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": [], "usage": usage.to_openai(), "p402": meta}
         )  # fmt: skip
 
+    # Frames wait here until yielded. From the finish on they wait for the end: only usage
+    # and [DONE] are still to come, so the rest of the answer leaves in one write.
     out: list[bytes] = []
     try:
         async with stream:

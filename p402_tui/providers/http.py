@@ -294,7 +294,6 @@ class _Connection(asyncio.Protocol):
         if self.error is None and not self.complete:
             self.error = error
         self.close()
-        self._wake()
 
     def close(self) -> None:
         if self.in_flight and not self.complete and self.error is None:
@@ -304,9 +303,9 @@ class _Connection(asyncio.Protocol):
             self._cancel_timer()
             if self.transport is not None and not self.closed:
                 self.transport.close()
+            self._wake()
         self.closed = True  # of a loop already gone nothing can be closed: its socket goes with the transport
         self.client._forget(self)  # now, not when the socket reports it: its pool slot is free at once
-        self._wake()
 
     def recycle(self) -> None:
         if self.paused and self.transport is not None:  # a body left unread paused the socket
@@ -503,9 +502,7 @@ class Client:
                     raise
                 if conn.closed:  # the client closed while it connected
                     raise ConnectionClosed("the client was closed")
-        except TimeoutError as error:
-            if isinstance(error, (ConnectTimeout, ReadTimeout)):
-                raise
+        except TimeoutError:  # our deadlines, or the kernel's own on connect
             raise ConnectTimeout(f"no connection to {to.host}:{to.port} in time") from None
         return conn
 
@@ -557,8 +554,13 @@ class Client:
         return False
 
 
-def _header_line(name: str, value: str) -> bytes:
-    line = f"{name}: {value}\r\n"
-    if not name or ":" in name or any(c in line[:-2] for c in "\r\n\0") or not line.isascii():
+def check_header(name: str, value: str) -> None:
+    """Refuse a header that could split a request or garble it: a line break, a NUL, non-ASCII, a colon in the name."""
+    text = f"{name}{value}"
+    if not name or ":" in name or not text.isascii() or any(c in text for c in "\r\n\0"):
         raise ValueError(f"HTTP header {name!r} has a character a header cannot carry")
-    return line.encode("ascii")
+
+
+def _header_line(name: str, value: str) -> bytes:
+    check_header(name, value)
+    return f"{name}: {value}\r\n".encode("ascii")
