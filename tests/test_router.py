@@ -408,6 +408,67 @@ def test_an_encoded_decision_reads_back_as_its_to_dict(mode, options, max_tokens
     assert (decision.candidate_count, decision.excluded_count) == (len(decoded["candidates"]), len(decoded["excluded"]))
 
 
+@pytest.mark.parametrize("mode", ["speed", "balanced", "adaptive"])
+def test_a_stored_record_ranks_again_as_the_router_did_under_live_health(mode, monkeypatch):
+    """The stored form holds no ranking: reading it ranks with the recorded live figures."""
+    import json
+
+    from p402_tui.core import router as router_module
+    from p402_tui.core.router import decode_decision
+
+    now = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
+    health = HealthTracker()
+    router = Router(load_catalog(), health=health)
+    for provider, model_id, latency_ms in (("groq", "groq/llama-3.1-8b-instant", 90), ("openai", "openai/gpt-4o-mini", 2400)):
+        for _ in range(5):
+            health.record_success(provider, model_id, latency_ms=latency_ms, ttft_ms=latency_ms / 4, output_tokens=200)
+    health.record_failure("mistral", "mistral/mistral-small-latest", "server_error")
+    now[0] += router_module.LIVE_FOLD_S
+    request = ChatRequest(messages=[{"role": "user", "content": "hello " * 300}], max_tokens=400)
+    for options in ({}, {"model": "openai/gpt-4o-mini"}, {"prefer": ["groq", "openai"], "max_cost_usd": 2e-4}):
+        decision = router.route(request, options_from(mode=mode, **options))
+        record, parts = decision.encode_apart()
+        assert record.startswith(b"P402dec4")
+        shared = {kind: part for kind, _, part in parts}
+        decoded = decode_decision(record, shared["models"], shared["vectors"])
+        assert json.dumps(decoded) == json.dumps(decision.to_dict())
+
+
+def test_recording_a_pinned_decision_ranks_nothing():
+    router = Router(load_catalog())
+    decision = router.route(ask(), options_from(model="openai/gpt-4o-mini", max_cost_usd=1e-5))
+    decision.encode_apart()
+    assert decision.candidate_count == len(decision.candidates)  # counted without ranking, then checked
+    pinned = router.route(ask(), options_from(model="openai/gpt-4o-mini"))
+    pinned.encode_apart()
+    pinned.candidate_count
+    assert pinned._ranked()._key is None and pinned._ranked()._eligible is None
+
+
+def test_records_written_by_schema_4_still_read_back():
+    """P402dec3 records (each with its ranking) as a schema-4 store holds them."""
+    import base64
+    import gzip
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from p402_tui.core.router import decode_decision
+
+    cases = json.loads(gzip.decompress((Path(__file__).parent / "data" / "decisions_schema4.json.gz").read_bytes()))
+    for case in cases:
+        record, models, vectors = (base64.b64decode(case[k]) for k in ("record", "models", "vectors"))
+        assert record.startswith(b"P402dec3")
+        decoded = decode_decision(record, models, vectors)
+        assert (decoded["chosen"]["id"], len(decoded["candidates"]), len(decoded["excluded"])) == (
+            case["chosen"], case["candidates"], case["excluded"]
+        )
+        assert hashlib.sha256(json.dumps(decoded).encode()).hexdigest() == case["sha256"]
+        with pytest.raises(ValueError, match="pass them in"):
+            decode_decision(record)
+
+
 def _as_schema_2_record(record: bytes) -> tuple[bytes, bytes | None]:
     """A self-contained record as schema 2 stored it: its models apart (digest in place), the columns in it."""
     import struct

@@ -259,7 +259,7 @@ class RouteDecision:
         ranking = self._ranked()
         if ranking is None or self._candidates is not None:
             return len(self.candidates)
-        return len(ranking.eligible)
+        return ranking.eligible_count()
 
     @property
     def excluded_count(self) -> int:
@@ -578,7 +578,12 @@ class _Ranking:
         return self._record(decision, _MAGIC, self._models_part(), columns)
 
     def encode_split(self, decision: RouteDecision) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
-        """The record kept apart from its shared parts (`P402dec3`); see `RouteDecision.encode_apart`."""
+        """The record kept apart from its shared parts (`P402dec4`); see `RouteDecision.encode_apart`.
+
+        It holds no ranking: `decode_decision` ranks again from the cost estimates, the shared
+        vectors and the filters, with the router's own `_sort_key`. Most gateway calls pin their
+        model, and ranking every other model for a record few people open was a tenth of a call.
+        """
         entry, vectors = self.entry, self.vectors
         models = self._models_part()
         if vectors.packed is None:
@@ -592,8 +597,33 @@ class _Ranking:
             vectors.digest = hashlib.blake2b(packed, digest_size=_DIGEST_SIZE).digest()
             vectors.packed = packed
         assert entry.digest is not None and vectors.digest is not None
-        record = self._record(decision, _MAGIC_SPLIT, entry.digest + vectors.digest, (self.cost,))
+        options = decision.options.to_dict()
+        options["mode"] = decision.mode
+        cost_range = _cost_range(entry, self.prompt_tokens, self.ot) if entry.mode in _RANGED_MODES else None
+        header = json_bytes(
+            [decision.id, decision.ts, decision.mode, self.chosen, bool(decision.options.failover),
+             decision.prompt_tokens, decision.est_output_tokens, round(decision.decision_us, 2), options, cost_range]
+        )  # fmt: skip
+        bad_at, reasons = self._bad()
+        record = b"".join(
+            (
+                _MAGIC_UNRANKED,
+                struct.pack("<III", len(header), len(entry.idx), len(bad_at)),
+                header,
+                entry.digest,
+                vectors.digest,
+                self.cost.astype("<f8", copy=False).tobytes(),
+                np.asarray(bad_at, dtype="<u2").tobytes(),
+                reasons,
+            )
+        )
         return record, [("models", entry.digest, models), ("vectors", vectors.digest, vectors.packed)]
+
+    def eligible_count(self) -> int:
+        """len(eligible), without ranking: every key is finite but those a filter set to inf."""
+        if self._eligible is not None:
+            return len(self._eligible)
+        return len(self.entry.idx) - (int(np.count_nonzero(self.bad)) if self.bad is not None else 0)
 
     def _record(self, decision: RouteDecision, magic: bytes, shared: bytes, columns: tuple[np.ndarray, ...]) -> bytes:
         """A record's layout: sizes, header, the shared part (or its digests), ranking, columns, filtered-out."""
@@ -630,9 +660,72 @@ def _score(
     return score * health if mode == "adaptive" else score
 
 
+def _sort_key(
+    mode: str, weights: tuple[float, float, float], cost: np.ndarray, q_key: np.ndarray, vectors: _Vectors | None,
+    prefer_penalty: np.ndarray | None, bad: np.ndarray | None, cost_range: tuple[float, float] | None,
+) -> np.ndarray:
+    """Each model's sort key (lower is better; filtered out by `bad`: inf).
+
+    The router ranks with it, and `decode_decision` ranks a stored decision with it again:
+    the same operations on the same stored numbers give the same order, so a record need
+    not carry its ranking. `vectors` is needed in speed, balanced and adaptive modes,
+    `cost_range` (`_cost_range`) in balanced and adaptive.
+    """
+    marked = bad is not None or prefer_penalty is not None  # the key is written to below
+    if mode == "cost":
+        key = cost.copy() if marked else cost  # `cost` itself stays the estimate
+    elif mode == "quality":
+        key = q_key.copy() if marked else q_key
+    else:
+        assert vectors is not None
+        if mode == "speed":
+            key = vectors.latency.copy() if marked else vectors.latency
+        else:
+            # -(wc * cost_n + rest), with cost_n = (H - log c) / (H - L): the constant wc*H/(H-L)
+            # drops out of a balanced ranking; adaptive multiplies by health, so it stays in.
+            assert cost_range is not None
+            low, high = cost_range
+            wc = weights[0]
+            span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
+            key = np.log(cost + _COST_FLOOR)
+            if span > 1e-12:
+                key *= wc / span
+                key -= vectors.rest
+                if mode == "adaptive":
+                    key -= wc * (math.log(high + _COST_FLOOR) / span)
+            else:
+                key = -(vectors.rest + wc)
+            if mode == "adaptive":
+                key *= vectors.health
+    if prefer_penalty is not None:
+        key += prefer_penalty
+    if bad is not None:
+        key[bad] = np.inf
+    return key
+
+
+def _cost_range(entry: _Entry, prompt_tokens: int, ot: int) -> tuple[float, float]:
+    """The cheapest and the dearest estimate of the entry's models: a short scan of their price hulls."""
+    return (
+        min(prompt_tokens * a + ot * b for a, b in entry.cheapest),
+        max(prompt_tokens * a + ot * b for a, b in entry.dearest),
+    )
+
+
+def _prefer_penalty(mode: str, prefer: Iterable[str], providers: Iterable[str]) -> np.ndarray | None:
+    """The key added to models outside `prefer` (None without a `prefer`)."""
+    preferred = set(prefer)
+    if not preferred:
+        return None
+    penalty = _PREFER_PENALTY.get(mode, 10.0)
+    return np.array([0.0 if provider in preferred else penalty for provider in providers], dtype=np.float64)
+
+
+_RANGED_MODES = ("balanced", "adaptive")  # the modes whose key needs the cost range
 _MAGIC = b"P402dec1"
 _MAGIC_APART = b"P402dec2"  # the models are kept apart, under their digest (written until schema 3)
-_MAGIC_SPLIT = b"P402dec3"  # the models and the live vectors are kept apart
+_MAGIC_SPLIT = b"P402dec3"  # the models and the live vectors are kept apart (written until schema 4)
+_MAGIC_UNRANKED = b"P402dec4"  # kept apart like dec3 and ranked when read (from schema 5)
 _DIGEST_SIZE = 16
 _BAD_REASONS = (CONTEXT_TOO_SMALL, OUTPUT_TOO_SMALL, OVER_COST)
 
@@ -643,48 +736,96 @@ def decode_decision(data: bytes | str, models: bytes | None = None, vectors: byt
     A record from `encode_apart()` needs the parts stored with it: its models, and (from
     schema 3) its vectors.
     """
-    if isinstance(data, str) or not data.startswith((_MAGIC, _MAGIC_APART, _MAGIC_SPLIT)):
+    if isinstance(data, str) or not data.startswith((_MAGIC, _MAGIC_APART, _MAGIC_SPLIT, _MAGIC_UNRANKED)):
         return json.loads(data)
-    split = data.startswith(_MAGIC_SPLIT)
+    split = data.startswith((_MAGIC_SPLIT, _MAGIC_UNRANKED))
+    if models is None and data.startswith((_MAGIC_APART, _MAGIC_SPLIT, _MAGIC_UNRANKED)) or (split and vectors is None):
+        raise ValueError("this decision record was stored apart from its models and vectors; pass them in")
+    if data.startswith(_MAGIC_UNRANKED):
+        assert models is not None and vectors is not None
+        return _decode_unranked(data, models, vectors)
     if data.startswith((_MAGIC_APART, _MAGIC_SPLIT)):
-        if models is None or (split and vectors is None):
-            raise ValueError("this decision record was stored apart from its models and vectors; pass them in")
         at = len(_MAGIC_APART)
         header_len = struct.unpack_from("<I", data, at)[0]
         digest_at = at + 16 + header_len
         rest_at = digest_at + _DIGEST_SIZE * (2 if split else 1)
-        data = b"".join((_MAGIC, data[at:digest_at], models, data[rest_at:]))
+        data = b"".join((_MAGIC, data[at:digest_at], models, data[rest_at:]))  # type: ignore[list-item]
     at = len(_MAGIC)
     header_len, n, m, b = struct.unpack_from("<IIII", data, at)
     at += 16
-    id_, ts, mode, has_chosen, failover, prompt_tokens, est_output_tokens, decision_us, options = json.loads(
-        data[at : at + header_len]
-    )
+    header = json.loads(data[at : at + header_len])
     at += header_len
     models_len, excluded_len = struct.unpack_from("<II", data, at)
-    at += 8
-    names = [line.split("\t") for line in data[at : at + models_len].decode().split("\n")] if n else []
-    at += models_len
-    static = data[at : at + excluded_len].decode()
-    excluded = [Excluded(*line.split("\t", 1)) for line in static.split("\n")] if static else []
-    at += excluded_len
+    names, excluded = _models(data[at : at + 8 + models_len + excluded_len], n)
+    at += 8 + models_len + excluded_len
     ranked = np.frombuffer(data, dtype="<u2", count=m, offset=at).tolist()
     at += 2 * m
     if split:
         assert vectors is not None
         est = np.frombuffer(data, dtype="<f8", count=n, offset=at)
         at += 8 * n
-        weights = struct.unpack_from("<3d", vectors, 4)
-        quality, speed, health, latency = np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
-        cost = _log_score(est + _COST_FLOOR)
-        score = _score(mode, weights, cost, quality, speed, health)
-        columns = [c.tolist() for c in (score, cost, quality, speed, health, est, latency)] if n else [[]] * 7
+        columns = _columns(header[2], est, vectors, n)
     else:
         columns = np.frombuffer(data, dtype="<f8", count=7 * n, offset=at).reshape(7, n).tolist() if n else [[]] * 7
         at += 8 * 7 * n
-    score, cost, quality, speed, health, est_cost, latency = columns
     bad_at = np.frombuffer(data, dtype="<u2", count=b, offset=at).tolist()
-    codes = data[at + 2 * b : at + 3 * b]
+    return _decoded(header, names, excluded, ranked, columns, bad_at, data[at + 2 * b : at + 3 * b])
+
+
+def _decode_unranked(data: bytes, models: bytes, vectors: bytes) -> dict[str, Any]:
+    """A `P402dec4` record, ranked again as the router ranked it (`_sort_key`)."""
+    at = len(_MAGIC_UNRANKED)
+    header_len, n, b = struct.unpack_from("<III", data, at)
+    at += 12
+    header = json.loads(data[at : at + header_len])
+    mode, chosen, options, cost_range = header[2], header[3], header[8], header[9]
+    at += header_len + 2 * _DIGEST_SIZE
+    est = np.frombuffer(data, dtype="<f8", count=n, offset=at)
+    at += 8 * n
+    bad_at = np.frombuffer(data, dtype="<u2", count=b, offset=at)
+    names, excluded = _models(models, n)
+    weights = struct.unpack_from("<3d", vectors, 4)
+    q_n, speed, health, latency = np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
+    live = _Vectors(0, latency, speed, health, q_n * weights[1] + speed * weights[2])  # as `Router._live_vectors`
+    bad = None
+    if b:
+        bad = np.zeros(n, dtype=bool)
+        bad[bad_at] = True
+    penalty = _prefer_penalty(mode, options.get("prefer") or (), (name[1] for name in names))
+    key = _sort_key(mode, weights, est, -q_n, live, penalty, bad, tuple(cost_range) if cost_range else None)
+    ranked = np.argsort(key, kind="stable")[: int(np.count_nonzero(np.isfinite(key)))].tolist()
+    if chosen >= 0 and (not ranked or ranked[0] != chosen):  # a pin leads, best or not
+        ranked = [chosen] + [i for i in ranked if i != chosen]
+    header[3] = chosen >= 0
+    return _decoded(header, names, excluded, ranked, _columns(mode, est, vectors, n), bad_at.tolist(),
+                    data[at + 2 * b : at + 3 * b])  # fmt: skip
+
+
+def _models(part: bytes, n: int) -> tuple[list[list[str]], list[Excluded]]:
+    """A models part: each model's id, provider, wire id and tier, and the option set's static exclusions."""
+    models_len, excluded_len = struct.unpack_from("<II", part, 0)
+    names = [line.split("\t") for line in part[8 : 8 + models_len].decode().split("\n")] if n else []
+    static = part[8 + models_len : 8 + models_len + excluded_len].decode()
+    return names, [Excluded(*line.split("\t", 1)) for line in static.split("\n")] if static else []
+
+
+def _columns(mode: str, est: np.ndarray, vectors: bytes, n: int) -> list[list[float]]:
+    """score, cost, quality, speed, health, estimate and latency columns from the estimates and a vectors part."""
+    if not n:
+        return [[]] * 7
+    weights = struct.unpack_from("<3d", vectors, 4)
+    quality, speed, health, latency = np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
+    cost = _log_score(est + _COST_FLOOR)
+    score = _score(mode, weights, cost, quality, speed, health)
+    return [c.tolist() for c in (score, cost, quality, speed, health, est, latency)]
+
+
+def _decoded(
+    header: list[Any], names: list[list[str]], excluded: list[Excluded], ranked: list[int],
+    columns: list[list[float]], bad_at: list[int], codes: bytes,
+) -> dict[str, Any]:
+    id_, ts, mode, has_chosen, failover, prompt_tokens, est_output_tokens, decision_us, options = header[:9]
+    score, cost, quality, speed, health, est_cost, latency = columns
     excluded += [Excluded(names[i][0], _BAD_REASONS[code]) for i, code in zip(bad_at, codes)]
     excluded.sort(key=lambda e: e.id)
     candidates = [
@@ -905,41 +1046,14 @@ class Router:
         self, entry: _Entry, cost: np.ndarray, bad: np.ndarray | None, prompt_tokens: int, ot: int,
         live: _Live, vectors: _Vectors | None = None,
     ) -> np.ndarray:
-        """Each model's sort key in the entry's mode (lower is better; filtered out: inf).
+        """Each model's sort key in the entry's mode (`_sort_key`).
 
         `vectors`: the live figures under `live`, when the caller has them already."""
         mode = entry.mode
-        marked = bad is not None or entry.prefer_penalty is not None  # the key is written to below
-        if mode == "cost":
-            key = cost.copy() if marked else cost  # `cost` itself stays the estimate
-        elif mode == "quality":
-            key = entry.q_key.copy() if marked else entry.q_key
-        else:
-            if vectors is None:
-                vectors = self._live_vectors(entry, ot, live)
-            if mode == "speed":
-                key = vectors.latency.copy() if marked else vectors.latency
-            else:
-                # -(wc * cost_n + rest), with cost_n = (H - log c) / (H - L): the constant wc*H/(H-L)
-                # drops out of a balanced ranking; adaptive multiplies by health, so it stays in.
-                low = min(prompt_tokens * a + ot * b for a, b in entry.cheapest)
-                high = max(prompt_tokens * a + ot * b for a, b in entry.dearest)
-                span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
-                key = np.log(cost + _COST_FLOOR)
-                if span > 1e-12:
-                    key *= self._weights[0] / span
-                    key -= vectors.rest
-                    if mode == "adaptive":
-                        key -= self._weights[0] * (math.log(high + _COST_FLOOR) / span)
-                else:
-                    key = -(vectors.rest + self._weights[0])
-                if mode == "adaptive":
-                    key *= vectors.health
-        if entry.prefer_penalty is not None:
-            key += entry.prefer_penalty
-        if bad is not None:
-            key[bad] = np.inf
-        return key
+        if vectors is None and mode not in ("cost", "quality"):
+            vectors = self._live_vectors(entry, ot, live)
+        cost_range = _cost_range(entry, prompt_tokens, ot) if mode in _RANGED_MODES else None
+        return _sort_key(mode, self._weights, cost, entry.q_key, vectors, entry.prefer_penalty, bad, cost_range)
 
     def _prompt(self, request: ChatRequest) -> tuple[int, int]:
         """(prompt tokens, capability bits the request needs), counted once per distinct prompt."""
@@ -1015,18 +1129,12 @@ class Router:
         entry.min_ctx = int(entry.ctx.min()) if keep else 0
         entry.min_max_out = int(entry.max_out.min()) if keep else 0
         quality = self._quality[entry.idx]
-        entry.q_key = -quality
         entry.q_n = _minmax(quality) if keep else quality
+        entry.q_key = -entry.q_n  # from q_n, which a decision record keeps: it can rank again when read
         prices = [(float(a), float(b)) for a, b in entry.prices]
         entry.cheapest = _lower_hull(prices)
         entry.dearest = [(-a, -b) for a, b in _lower_hull([(-a, -b) for a, b in prices])]
-        entry.prefer_penalty = None
-        if prefer:
-            preferred = set(prefer)
-            penalty = _PREFER_PENALTY.get(mode, 10.0)
-            entry.prefer_penalty = np.array(
-                [0.0 if self._specs[i].provider in preferred else penalty for i in keep], dtype=np.float64
-            )
+        entry.prefer_penalty = _prefer_penalty(mode, prefer, (self._specs[i].provider for i in keep))
         entry.excluded = excluded
         entry.pinned_id = self._ids[pin] if pin is not None else None
         entry.pin = keep.index(pin) if pin is not None and pin in keep else None

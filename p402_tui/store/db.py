@@ -173,6 +173,11 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     ALTER TABLE router_decisions ADD COLUMN vectors BLOB;  -- a decision_vectors digest
     """,
+    # 4: decision records without their ranking (P402dec4, ranked when read). No table changes:
+    # the version is raised so that an older P402, which cannot read them, refuses the file.
+    """
+    PRAGMA user_version;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
