@@ -25,6 +25,18 @@ PRAGMAS = (
     "PRAGMA foreign_keys=ON",
 )
 
+
+
+def _as_is(value: object) -> object:
+    return value
+
+
+# sqlite3 passes every parameter that is not exactly an int, float or str through its adapter
+# protocol. For None and bytes (half of a ledger row) that is a failed attribute lookup: an
+# exception made and dropped per value. Registered as they are, each is a dictionary hit instead.
+sqlite3.register_adapter(type(None), _as_is)
+sqlite3.register_adapter(bytes, bytes)  # bytes(b) is b
+
 # Spend views share one shape: key, cost_usd, saved_usd, requests, cached.
 _SPEND_COLUMNS = (
     "SUM(cost_usd) AS cost_usd, SUM(saved_usd) AS saved_usd, COUNT(*) AS requests, SUM(cached) AS cached"
