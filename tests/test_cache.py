@@ -85,6 +85,26 @@ def test_answer_changing_parameters_change_both_keys(params):
 
 
 @pytest.mark.parametrize(
+    "text, params",
+    [("What is the capital of France?", {}), ("Où est « Paris » ? 中文 \u2028 tab\tquote\" back\\slash", {"temperature": 0.7}),
+     ("Sum 17 and 23", {"top_p": 0.95, "max_tokens": 100_000, "seed": -3, "stop": ["\n", "END"]}),
+     ("Call it", {"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"b": 1, "a": [1.5, None]}}}]})],
+)  # fmt: skip
+def test_keys_are_the_bytes_the_standard_library_encoder_made(text, params):
+    """Keys are stored (cache entries, the ledger's prompt keys): moving to orjson must not change them."""
+    import hashlib
+    import json
+
+    from p402_tui.cache.semantic import _digest, _keyed
+
+    base, messages = _keyed(ask(text, **params), None)
+    data = {**base, "messages": messages}
+    before = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    assert _digest(data) == hashlib.sha256(before).hexdigest()
+    assert _digest({"n": 2**70, "s": "\ud800"})  # what orjson refuses, the standard library still keys
+
+
+@pytest.mark.parametrize(
     "params",
     [{}, {"temperature": 0.2}, {"temperature": 1}, {"top_p": 0.5, "max_tokens": 10, "seed": 7}, {"stop": "END"},
      {"stop": ["\n", "END"]}, {"temperature": 1e-05}, {"response_format": {"type": "json_object"}},

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ..core.errors import P402Error
 from ..core.hooks import CachedAnswer, RouteOptions
@@ -104,12 +105,22 @@ def _params_key(request: ChatRequest) -> dict[str, Any]:
     return {name: value for name in _PLAIN_PARAMS if (value := getattr(request, name)) is not None}
 
 
-# One encoder for every key: json.dumps with options builds a new one per call, a third of a key's cost.
+# For what orjson will not take (an int past 64 bits, a lone surrogate).
 _KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def _digest(data: Any) -> str:
-    return hashlib.sha256(_KEY_JSON.encode(data).encode()).hexdigest()
+    """sha256 of the data's canonical JSON: keys sorted, no spaces, UTF-8.
+
+    orjson writes the same bytes as the standard library's encoder did (a test holds the two
+    equal) at a sixth of the cost, except for floats under 1e-4 and non-finite ones: a key
+    with those changed once, when P402 moved to orjson.
+    """
+    try:
+        text = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        text = _KEY_JSON.encode(data).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(text).hexdigest()
 
 
 def _keyed(request: ChatRequest, options: RouteOptions | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
