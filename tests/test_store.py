@@ -55,6 +55,20 @@ async def test_fresh_file_is_migrated_to_the_current_schema_in_wal_mode(store):
     assert set(RequestRecord.__dataclass_fields__) <= ledger  # every RequestRecord field has a column
 
 
+async def test_every_index_is_one_a_query_searches_by(store):
+    """Each index costs every request a B-tree insert: keep only those the reads use."""
+    indexes = {r["name"] for r in await store.fetchall("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+    assert {"requests_ts", "requests_session", "router_decisions_ts"} <= indexes
+    assert not indexes & {"requests_model", "requests_tag", "requests_prompt_key", "router_decisions_chosen"}
+    plan = " ".join(
+        r["detail"] for r in await store.fetchall(
+            "EXPLAIN QUERY PLAN SELECT provider, model, COUNT(*) FROM requests WHERE ts >= ? AND ts < ? "
+            "AND status = 'ok' GROUP BY provider, model", (0, 1)
+        )
+    )  # fmt: skip
+    assert "requests_ts" in plan
+
+
 async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path):
     path = tmp_path / "p402.db"
     async with await Store.open(path) as first:

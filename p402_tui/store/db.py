@@ -185,10 +185,14 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     ALTER TABLE router_decisions ADD COLUMN vectors BLOB;  -- a decision_vectors digest
     """,
-    # 4: decision records without their ranking (P402dec4, ranked when read). No table changes:
-    # the version is raised so that an older P402, which cannot read them, refuses the file.
+    # 4: decision records without their ranking (P402dec4, ranked when read), which an older P402
+    # cannot read: it refuses a file of this version. And indexes no query uses go: each cost every
+    # request a B-tree insert (spend, recommendations and session totals all search by time).
     """
-    PRAGMA user_version;
+    DROP INDEX requests_model;
+    DROP INDEX requests_tag;
+    DROP INDEX requests_prompt_key;
+    DROP INDEX router_decisions_chosen;
     """,
 )
 
