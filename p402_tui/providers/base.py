@@ -254,20 +254,29 @@ class Adapter:
         except TRANSPORT_ERRORS as error:
             raise self.transport_error(error, model) from None
 
-    @asynccontextmanager
-    async def open_stream(
-        self, method: str, path: str, model: str, payload: Any = None
-    ) -> AsyncIterator[http.Response]:
-        """Send a streaming request; raise mapped errors for a non-2xx answer; always close the response.
+    async def start_stream(self, method: str, path: str, model: str, payload: Any = None) -> http.Response:
+        """Send a streaming request and return its 2xx response, which the caller must close;
+        a non-2xx answer is raised as our error (and closed).
 
         A stream left half-read drops its connection at once, so the provider sees the
         cancel and stops generating (and billing); one read to the end goes back to the pool.
         """
         response = await self.send(method, path, model, payload)
-        try:
-            if response.status >= 400:
+        if response.status >= 400:
+            try:
                 body = await self.read_body(response, model)
-                raise self.error_from_response(response.status, body, response.headers, model)
+            finally:
+                response.close()
+            raise self.error_from_response(response.status, body, response.headers, model)
+        return response
+
+    @asynccontextmanager
+    async def open_stream(
+        self, method: str, path: str, model: str, payload: Any = None
+    ) -> AsyncIterator[http.Response]:
+        """`start_stream` as a context manager that always closes the response."""
+        response = await self.start_stream(method, path, model, payload)
+        try:
             yield response
         finally:
             response.close()

@@ -154,7 +154,9 @@ class OpenAICompatAdapter(Adapter):
     async def _batches(self, body: dict[str, Any], model: str) -> AsyncIterator[list[ChatChunk]]:
         reader = _EventReader(self, model)
         try:
-            async with self.open_stream("POST", "/chat/completions", model, body) as response:
+            # Not `open_stream`: every call's stream would pay for a context manager's generator.
+            response = await self.start_stream("POST", "/chat/completions", model, body)
+            try:
                 if "text/event-stream" not in response.headers.get("content-type", "text/event-stream"):
                     # Some servers ignore stream=true (or fail inside a 200); take the whole answer.
                     data = _json_or_none(await response.read())
@@ -168,6 +170,8 @@ class OpenAICompatAdapter(Adapter):
                             yield batch  # what came before a failure still reaches the caller
                         if error is not None:
                             raise error
+            finally:
+                response.close()
         except TRANSPORT_ERRORS as error:
             if not reader.done:  # a connection lost while draining after [DONE] takes nothing from the answer
                 raise self.transport_error(error, model, started=reader.started) from None
