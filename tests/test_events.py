@@ -44,6 +44,27 @@ def test_each_subscriber_has_its_own_queue_and_kind_filter():
     assert health_only.dropped == 0
 
 
+def test_a_listener_sees_every_event_of_its_kinds_as_it_is_published(caplog):
+    bus = EventBus()
+    seen: list[float] = []
+    stop = bus.listen(lambda event: seen.append(event.cost_usd), kinds={"spend_updated"})
+
+    def broken(event) -> None:
+        raise RuntimeError("a bug in a counter")
+
+    bus.listen(broken)
+    subscriber = bus.subscribe()
+    for i in range(3):
+        bus.publish(spend(i))  # the broken listener is logged; the others, and the publisher, go on
+    bus.publish(HealthChanged(provider="groq", status="down", previous="healthy"))
+    assert seen == [0.0, 1.0, 2.0]
+    assert len(subscriber.drain()) == 4
+    assert "a bug in a counter" in caplog.text
+    stop()
+    bus.publish(spend(9))
+    assert seen == [0.0, 1.0, 2.0]
+
+
 async def test_async_subscribers_receive_in_order_and_can_leave():
     bus = EventBus()
     received: list[str] = []

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
-from ..core.events import EVENT_KINDS, RouteDecided
+from ..core.events import EVENT_KINDS, RequestCompleted, RouteDecided
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
 from . import errors, sse
 from .auth import GatewayAuth
@@ -125,17 +125,19 @@ class Gateway:
         self.closing = asyncio.Event()
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stop_counting: Callable[[], None] = lambda: None
         self._openapi: dict[bool, bytes] = {}  # by whether keys are in force
 
     async def start(self) -> None:
-        counted = self.metrics.subscribe(self.bus)
-        self._tasks = [asyncio.create_task(self.metrics.follow(counted), name="p402-gateway-metrics")]
+        self._stop_counting = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
+        self._tasks = []
         if self.store is None:  # with a store, decisions are read from it
             decided = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind})
             self._tasks.append(asyncio.create_task(self._remember_decisions(decided), name="p402-gateway-decisions"))
 
     async def aclose(self) -> None:
         self.closing.set()
+        self._stop_counting()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
