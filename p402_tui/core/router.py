@@ -368,7 +368,8 @@ class _Entry:
     __slots__ = (
         "idx",
         "ids",
-        "prices",
+        "price_in",
+        "price_out",
         "ctx",
         "min_ctx",
         "max_out",
@@ -385,13 +386,15 @@ class _Entry:
         "default_output",
         "live",
         "packed",
+        "part",
         "digest",
     )
 
     def __init__(self) -> None:
         self.live: dict[tuple[int, int], _Vectors] = {}  # by (answer length, health epoch)
         self.packed: bytes | None = None  # its models and static exclusions as a decision record stores them
-        self.digest: bytes | None = None  # of `packed`: what a record kept apart from its models holds instead
+        self.part: bytes | None = None  # `packed` and the models' prices: the part records kept apart share
+        self.digest: bytes | None = None  # of `part`: what a record kept apart from its models holds instead
 
 
 @dataclass(slots=True)
@@ -567,8 +570,16 @@ class _Ranking:
             ).encode()
             excluded = "\n".join(f"{e.id}\t{e.reason}" for e in entry.excluded).encode()
             entry.packed = struct.pack("<II", len(models), len(excluded)) + models + excluded
-            entry.digest = hashlib.blake2b(entry.packed, digest_size=_DIGEST_SIZE).digest()
         return entry.packed
+
+    def _shared_models(self) -> bytes:
+        """The models part a record kept apart shares: `packed`, then each model's input and output price."""
+        entry = self.entry
+        if entry.part is None:
+            prices = np.concatenate((entry.price_in, entry.price_out)).astype("<f8", copy=False).tobytes()
+            entry.part = self._models_part() + prices
+            entry.digest = hashlib.blake2b(entry.part, digest_size=_DIGEST_SIZE).digest()
+        return entry.part
 
     def encode(self, decision: RouteDecision) -> bytes:
         """The self-contained record (`P402dec1`): every column written out."""
@@ -580,12 +591,14 @@ class _Ranking:
     def encode_split(self, decision: RouteDecision) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
         """The record kept apart from its shared parts (`P402dec4`); see `RouteDecision.encode_apart`.
 
-        It holds no ranking: `decode_decision` ranks again from the cost estimates, the shared
-        vectors and the filters, with the router's own `_sort_key`. Most gateway calls pin their
-        model, and ranking every other model for a record few people open was a tenth of a call.
+        It holds neither its cost estimates nor its ranking: `decode_decision` makes both again
+        from the prices in the models part, the live vectors and the filters, with the router's
+        own operations (`_sort_key`), so the order is the router's. Most gateway calls pin their
+        model, and ranking every other model for a record few people open was a tenth of a call;
+        the record is a few hundred bytes where the estimates alone were a kilobyte.
         """
         entry, vectors = self.entry, self.vectors
-        models = self._models_part()
+        models = self._shared_models()
         if vectors.packed is None:
             packed = b"".join(
                 (
@@ -612,7 +625,6 @@ class _Ranking:
                 header,
                 entry.digest,
                 vectors.digest,
-                self.cost.astype("<f8", copy=False).tobytes(),
                 np.asarray(bad_at, dtype="<u2").tobytes(),
                 reasons,
             )
@@ -725,7 +737,7 @@ _RANGED_MODES = ("balanced", "adaptive")  # the modes whose key needs the cost r
 _MAGIC = b"P402dec1"
 _MAGIC_APART = b"P402dec2"  # the models are kept apart, under their digest (written until schema 3)
 _MAGIC_SPLIT = b"P402dec3"  # the models and the live vectors are kept apart (written until schema 4)
-_MAGIC_UNRANKED = b"P402dec4"  # kept apart like dec3 and ranked when read (from schema 5)
+_MAGIC_UNRANKED = b"P402dec4"  # parts as dec3, prices in the models part; estimates and ranking made when read
 _DIGEST_SIZE = 16
 _BAD_REASONS = (CONTEXT_TOO_SMALL, OUTPUT_TOO_SMALL, OVER_COST)
 
@@ -773,17 +785,18 @@ def decode_decision(data: bytes | str, models: bytes | None = None, vectors: byt
 
 
 def _decode_unranked(data: bytes, models: bytes, vectors: bytes) -> dict[str, Any]:
-    """A `P402dec4` record, ranked again as the router ranked it (`_sort_key`)."""
+    """A `P402dec4` record: its estimates and its ranking made again as the router made them."""
     at = len(_MAGIC_UNRANKED)
     header_len, n, b = struct.unpack_from("<III", data, at)
     at += 12
     header = json.loads(data[at : at + header_len])
-    mode, chosen, options, cost_range = header[2], header[3], header[8], header[9]
+    mode, chosen, prompt_tokens, ot, options, cost_range = header[2], header[3], header[5], header[6], header[8], header[9]
     at += header_len + 2 * _DIGEST_SIZE
-    est = np.frombuffer(data, dtype="<f8", count=n, offset=at)
-    at += 8 * n
     bad_at = np.frombuffer(data, dtype="<u2", count=b, offset=at)
     names, excluded = _models(models, n)
+    models_len, excluded_len = struct.unpack_from("<II", models, 0)
+    price_in, price_out = np.frombuffer(models, dtype="<f8", count=2 * n, offset=8 + models_len + excluded_len).reshape(2, n)
+    est = price_in * prompt_tokens + price_out * ot  # as `Router.route`
     weights = struct.unpack_from("<3d", vectors, 4)
     q_n, speed, health, latency = np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
     live = _Vectors(0, latency, speed, health, q_n * weights[1] + speed * weights[2])  # as `Router._live_vectors`
@@ -1007,7 +1020,8 @@ class Router:
         max_tokens = request.max_tokens
         ot = max_tokens if max_tokens is not None else entry.default_output
 
-        cost = entry.prices.dot((prompt_tokens, ot))
+        # Elementwise, never fused: a stored record recomputes these same estimates from its prices.
+        cost = entry.price_in * prompt_tokens + entry.price_out * ot
         ctx_bad = out_bad = cost_bad = None
         if prompt_tokens + ot > entry.min_ctx:
             ctx_bad = entry.ctx < prompt_tokens + ot
@@ -1123,7 +1137,8 @@ class Router:
         entry.default_output = self.config.output_tokens.get(mode, self.config.default_output_tokens)  # type: ignore[call-overload]
         entry.idx = np.array(keep, dtype=np.int64)
         entry.ids = [self._ids[i] for i in keep]
-        entry.prices = np.ascontiguousarray(self._prices[entry.idx]) if keep else np.zeros((0, 2))
+        entry.price_in = np.ascontiguousarray(self._prices[entry.idx, 0]) if keep else np.zeros(0)
+        entry.price_out = np.ascontiguousarray(self._prices[entry.idx, 1]) if keep else np.zeros(0)
         entry.ctx = self._ctx[entry.idx]
         entry.max_out = self._max_out[entry.idx]
         entry.min_ctx = int(entry.ctx.min()) if keep else 0
@@ -1131,7 +1146,7 @@ class Router:
         quality = self._quality[entry.idx]
         entry.q_n = _minmax(quality) if keep else quality
         entry.q_key = -entry.q_n  # from q_n, which a decision record keeps: it can rank again when read
-        prices = [(float(a), float(b)) for a, b in entry.prices]
+        prices = list(zip(entry.price_in.tolist(), entry.price_out.tolist()))
         entry.cheapest = _lower_hull(prices)
         entry.dearest = [(-a, -b) for a, b in _lower_hull([(-a, -b) for a, b in prices])]
         entry.prefer_penalty = _prefer_penalty(mode, prefer, (self._specs[i].provider for i in keep))
