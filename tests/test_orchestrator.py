@@ -390,3 +390,14 @@ def test_cli_route_without_providers_says_so(tmp_path):
     assert "--all" in result.stderr and result.stderr.count("\n") == 1
     explore = run_cli("route", "--all", "--json", "Hello", config=empty)
     assert explore.returncode == 0 and json.loads(explore.stdout)["chosen"]
+
+
+def test_ids_are_hex_of_their_size_and_do_not_repeat():
+    import re
+
+    from p402_tui.core.types import new_id
+
+    ids = {new_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(re.fullmatch(r"chatcmpl-[0-9a-f]{24}", i) for i in ids)
+    assert re.fullmatch(r"req-[0-9a-f]{20}", new_id("req", 10))
