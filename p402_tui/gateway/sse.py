@@ -20,6 +20,8 @@ from ..core.types import aclose_iterator, json_bytes
 DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
 
+WATCH_AFTER_S = 0.05  # how long a stream runs before a task watches for its client going
+
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -54,7 +56,9 @@ class EventStreamResponse:
     `data: [DONE]` is the last: it ends the response in the same write.
 
     A watcher task waits for the client to go (or for `stop`) and cancels this one while
-    it streams; that closes the frames and, through them, the upstream call.
+    it streams; that closes the frames and, through them, the upstream call. It starts
+    `WATCH_AFTER_S` into the stream: most answers are done by then and never need one,
+    and a client that left sooner is seen as gone the moment it starts.
     """
 
     def __init__(
@@ -83,6 +87,13 @@ class EventStreamResponse:
                 task.cancel()
 
         watcher: asyncio.Task[None] | None = None
+
+        def start_watching() -> None:
+            nonlocal watcher
+            if streaming:
+                watcher = asyncio.create_task(watch())
+
+        timer: asyncio.TimerHandle | None = None
         try:
             body = await anext(self.frames, None)
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
@@ -91,7 +102,7 @@ class EventStreamResponse:
                 await send({"type": "http.response.body", "body": body, "more_body": not ended})
             if not ended:
                 streaming = True
-                watcher = asyncio.create_task(watch())
+                timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watching)
                 try:
                     async for body in self.frames:
                         ended = body.endswith(DONE)
@@ -104,6 +115,8 @@ class EventStreamResponse:
                 finally:
                     streaming = False
         finally:
+            if timer is not None:
+                timer.cancel()
             if watcher is not None:
                 watcher.cancel()
             await aclose_iterator(self.frames)
