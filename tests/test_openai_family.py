@@ -18,6 +18,7 @@ from helpers import OPENAI_FAMILY_MODELS as MODELS
 from helpers import WEATHER, adapters_on, own_sim_adapter, wait_until
 
 from p402_tui.core import errors
+from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.costs import call_cost
 from p402_tui.core.tokens import count_messages
@@ -730,3 +731,30 @@ def test_wire_json_takes_what_orjson_refuses():
     assert json_value('{"text":"half \\ud83d pair"}') == {"text": "half \ud83d pair"}
     with pytest.raises(ValueError):
         json_value(b"{not json")
+
+
+def test_each_kind_of_delta_is_read_whatever_else_it_carries():
+    """Providers send a delta's fields alone or together: text, reasoning, tool calls, a finish, usage."""
+    from p402_tui.providers.openai_compat import _EventReader
+
+    settings = Settings(ConfigFile(), load_catalog(), env={}).point_at("http://127.0.0.1:9")
+    reader = _EventReader(make_adapter(settings.providers["deepseek"]), "deepseek-reasoner")
+    events = [
+        {"choices": [{"delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"delta": {"reasoning_content": "Think."}}]},  # alone: OpenAI-style providers omit content
+        {"choices": [{"delta": {"reasoning": " More."}}]},  # OpenRouter's name
+        {"choices": [{"delta": {"content": "Answer"}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}]}}]},
+        {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5}},
+    ]
+    data = [(None, json.dumps(e)) for e in events] + [(None, "[DONE]")]
+    chunks, at = [], 0
+    while at < len(data) and not reader.done:
+        batch, error, at = reader.read(data, at)
+        assert error is None
+        chunks += batch
+    assert [(c.reasoning, c.content) for c in chunks[:3]] == [("Think.", ""), (" More.", ""), ("", "Answer")]
+    assert chunks[0].role == "assistant"
+    assert chunks[3].tool_calls[0].name == "f" and chunks[4].finish_reason == "stop"
+    assert reader.usage.completion_tokens == 5 and reader.done

@@ -21,6 +21,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
 from ..core.errors import (
     MalformedResponseError,
     ProviderError,
@@ -253,6 +255,7 @@ class OpenAICompatAdapter(Adapter):
 
 
 _EMPTY: dict[str, Any] = {}
+_loads = orjson.loads
 
 
 class _EventReader:
@@ -274,18 +277,25 @@ class _EventReader:
     ) -> tuple[list[ChatChunk], ProviderError | None, int]:
         """The chunks of one read's events from `at` on, the error that ended them if one did, and
         where to go on from. The first chunk with content comes alone, before the rest is parsed:
-        time to first token waits for nothing else."""
+        time to first token waits for nothing else.
+
+        Every streamed token passes here, so the usual event (text only, no usage, no extras)
+        takes as few steps as it can.
+        """
         batch: list[ChatChunk] = []
-        adapter, model, loads = self.adapter, self.model, json_value
+        adapter, model = self.adapter, self.model
         for at in range(at, len(events)):
             data = events[at][1]
             if data == "[DONE]":
                 self.done = True
                 break
             try:
-                obj = loads(data)
+                obj = _loads(data)
             except ValueError:
-                return batch, adapter._broken(f"unreadable stream event: {data[:80]!r}", model, self.started), at
+                try:
+                    obj = json_value(data)  # what orjson refuses and json reads (a lone surrogate escape)
+                except ValueError:
+                    return batch, adapter._broken(f"unreadable stream event: {data[:80]!r}", model, self.started), at
             if type(obj) is not dict:
                 return batch, adapter._broken("stream event is not a JSON object", model, self.started), at
             choices = obj.get("choices")
@@ -293,14 +303,23 @@ class _EventReader:
                 choice = choices[0]
                 delta = choice.get("delta") or _EMPTY
                 content = delta.get("content") or ""
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-                calls = delta.get("tool_calls")
                 finish = choice.get("finish_reason")
-                if type(content) is list:
-                    content, thought = _content_and_thinking(content)
-                    content, reasoning = content or "", reasoning or thought or ""
-                if content or reasoning or calls or finish:
-                    chunk = ChatChunk(content, reasoning, _tool_deltas(calls) if calls else None, finish)
+                if len(delta) == 1 and "content" in delta and type(content) is str:  # text alone
+                    if content or finish:
+                        chunk = ChatChunk(content, "", None, finish)
+                    else:
+                        chunk = None
+                else:
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                    calls = delta.get("tool_calls")
+                    if type(content) is list:
+                        content, thought = _content_and_thinking(content)
+                        content, reasoning = content or "", reasoning or thought or ""
+                    if content or reasoning or calls or finish:
+                        chunk = ChatChunk(content, reasoning, _tool_deltas(calls) if calls else None, finish)
+                    else:
+                        chunk = None
+                if chunk is not None:
                     if finish:
                         self.finished = True
                     batch.append(chunk)
@@ -317,7 +336,8 @@ class _EventReader:
                         f"stream broke: {error.message}", provider=adapter.id, model=model, status=error.status
                     )
                 return batch, error, at
-            self._usage_and_extras(obj)
+            if obj.get("usage") or "x_groq" in obj or "citations" in obj or "search_results" in obj:
+                self._usage_and_extras(obj)
         return batch, None, len(events)
 
     def _usage_and_extras(self, obj: dict[str, Any]) -> None:
