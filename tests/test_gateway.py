@@ -376,6 +376,14 @@ async def test_body_over_the_limit_is_413(http, runtime):
 
     assert_openai_error(await http.post("/v1/chat/completions", content=chunked()), 413, "request_too_large")
 
+    async def in_pieces():  # a body under the limit, sent in pieces, is read whole
+        text = json.dumps({"model": PINNED, "messages": HELLO}).encode()
+        for at in range(0, len(text), 7):
+            yield text[at : at + 7]
+
+    response = await http.post("/v1/chat/completions", content=in_pieces())
+    assert response.status_code == 200 and response.json()["p402"]["model"]
+
 
 async def test_unknown_routes_and_methods(http):
     assert_openai_error(await http.get("/v1/nothing"), 404, "not_found")

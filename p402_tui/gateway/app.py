@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -80,12 +80,19 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise errors.GatewayError(413, f"request body is larger than {limit} bytes", code="request_too_large")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    receive = request.receive  # not request.stream(): an async generator more on every call
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()  # gone before its body arrived: nobody to answer
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise errors.GatewayError(413, f"request body is larger than {limit} bytes", code="request_too_large")
         chunks.append(chunk)
-    body = b"".join(chunks)
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if not body.strip():  # every route that reads a body needs a JSON object
         raise errors.GatewayError(400, "the request has no body; send a JSON object", code="invalid_json")
     return body
