@@ -589,7 +589,10 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
                             out.append(frame(finishing))
                         finishing = chunk
                     elif chunk.content or chunk.reasoning or chunk.tool_calls or chunk.extra:
-                        out.append(frame(chunk))
+                        if role is None and not (chunk.role or chunk.reasoning or chunk.tool_calls or chunk.extra):
+                            out.append(text_head + json_bytes(chunk.content) + text_tail)  # frame()'s text case, inline
+                        else:
+                            out.append(frame(chunk))
                     elif chunk.role:
                         role = chunk.role
                 if out and finishing is None:
