@@ -368,8 +368,7 @@ class _Entry:
     __slots__ = (
         "idx",
         "ids",
-        "price_in",
-        "price_out",
+        "prices",
         "ctx",
         "min_ctx",
         "max_out",
@@ -576,7 +575,7 @@ class _Ranking:
         """The models part a record kept apart shares: `packed`, then each model's input and output price."""
         entry = self.entry
         if entry.part is None:
-            prices = np.concatenate((entry.price_in, entry.price_out)).astype("<f8", copy=False).tobytes()
+            prices = entry.prices.astype("<f8", copy=False).tobytes()
             entry.part = self._models_part() + prices
             entry.digest = hashlib.blake2b(entry.part, digest_size=_DIGEST_SIZE).digest()
         return entry.part
@@ -593,9 +592,12 @@ class _Ranking:
 
         It holds neither its cost estimates nor its ranking: `decode_decision` makes both again
         from the prices in the models part, the live vectors and the filters, with the router's
-        own operations (`_sort_key`), so the order is the router's. Most gateway calls pin their
-        model, and ranking every other model for a record few people open was a tenth of a call;
-        the record is a few hundred bytes where the estimates alone were a kilobyte.
+        own operations (`_sort_key`), so the order is the router's. (The estimates are a dot
+        product, which another machine's BLAS may round differently in the last bit: read
+        elsewhere, a record's estimates can differ there, and so the order of exact ties.)
+        Most gateway calls pin their model, and ranking every other model for a record few
+        people open was a tenth of a call; the record is a few hundred bytes where the
+        estimates alone were a kilobyte.
         """
         entry, vectors = self.entry, self.vectors
         models = self._shared_models()
@@ -795,8 +797,8 @@ def _decode_unranked(data: bytes, models: bytes, vectors: bytes) -> dict[str, An
     bad_at = np.frombuffer(data, dtype="<u2", count=b, offset=at)
     names, excluded = _models(models, n)
     models_len, excluded_len = struct.unpack_from("<II", models, 0)
-    price_in, price_out = np.frombuffer(models, dtype="<f8", count=2 * n, offset=8 + models_len + excluded_len).reshape(2, n)
-    est = price_in * prompt_tokens + price_out * ot  # as `Router.route`
+    prices = np.frombuffer(models, dtype="<f8", count=2 * n, offset=8 + models_len + excluded_len).reshape(n, 2).copy()
+    est = prices.dot((prompt_tokens, ot))  # as `Router.route`, on an array laid out as its own
     weights = struct.unpack_from("<3d", vectors, 4)
     q_n, speed, health, latency = np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
     live = _Vectors(0, latency, speed, health, q_n * weights[1] + speed * weights[2])  # as `Router._live_vectors`
@@ -1020,8 +1022,7 @@ class Router:
         max_tokens = request.max_tokens
         ot = max_tokens if max_tokens is not None else entry.default_output
 
-        # Elementwise, never fused: a stored record recomputes these same estimates from its prices.
-        cost = entry.price_in * prompt_tokens + entry.price_out * ot
+        cost = entry.prices.dot((prompt_tokens, ot))
         ctx_bad = out_bad = cost_bad = None
         if prompt_tokens + ot > entry.min_ctx:
             ctx_bad = entry.ctx < prompt_tokens + ot
@@ -1137,8 +1138,7 @@ class Router:
         entry.default_output = self.config.output_tokens.get(mode, self.config.default_output_tokens)  # type: ignore[call-overload]
         entry.idx = np.array(keep, dtype=np.int64)
         entry.ids = [self._ids[i] for i in keep]
-        entry.price_in = np.ascontiguousarray(self._prices[entry.idx, 0]) if keep else np.zeros(0)
-        entry.price_out = np.ascontiguousarray(self._prices[entry.idx, 1]) if keep else np.zeros(0)
+        entry.prices = np.ascontiguousarray(self._prices[entry.idx]) if keep else np.zeros((0, 2))
         entry.ctx = self._ctx[entry.idx]
         entry.max_out = self._max_out[entry.idx]
         entry.min_ctx = int(entry.ctx.min()) if keep else 0
@@ -1146,7 +1146,7 @@ class Router:
         quality = self._quality[entry.idx]
         entry.q_n = _minmax(quality) if keep else quality
         entry.q_key = -entry.q_n  # from q_n, which a decision record keeps: it can rank again when read
-        prices = list(zip(entry.price_in.tolist(), entry.price_out.tolist()))
+        prices = [(float(a), float(b)) for a, b in entry.prices]
         entry.cheapest = _lower_hull(prices)
         entry.dearest = [(-a, -b) for a, b in _lower_hull([(-a, -b) for a, b in prices])]
         entry.prefer_penalty = _prefer_penalty(mode, prefer, (self._specs[i].provider for i in keep))
