@@ -748,12 +748,13 @@ def decode_decision(data: bytes | str, models: bytes | None = None, vectors: byt
     """`RouteDecision.to_dict()` of a decision from its `encode()` (or from its JSON, which older rows hold).
 
     A record from `encode_apart()` needs the parts stored with it: its models, and (from
-    schema 3) its vectors.
+    schema 3) its vectors. From schema 5 (`P402dec4`) the estimates and the ranking are made
+    here again, as the router made them.
     """
     if isinstance(data, str) or not data.startswith((_MAGIC, _MAGIC_APART, _MAGIC_SPLIT, _MAGIC_UNRANKED)):
         return json.loads(data)
     split = data.startswith((_MAGIC_SPLIT, _MAGIC_UNRANKED))
-    if models is None and data.startswith((_MAGIC_APART, _MAGIC_SPLIT, _MAGIC_UNRANKED)) or (split and vectors is None):
+    if (models is None and data.startswith((_MAGIC_APART, _MAGIC_SPLIT, _MAGIC_UNRANKED))) or (split and vectors is None):
         raise ValueError("this decision record was stored apart from its models and vectors; pass them in")
     if data.startswith(_MAGIC_UNRANKED):
         assert models is not None and vectors is not None
@@ -778,7 +779,7 @@ def decode_decision(data: bytes | str, models: bytes | None = None, vectors: byt
         assert vectors is not None
         est = np.frombuffer(data, dtype="<f8", count=n, offset=at)
         at += 8 * n
-        columns = _columns(header[2], est, vectors, n)
+        columns = _columns(header[2], est, _vectors_part(vectors, n))
     else:
         columns = np.frombuffer(data, dtype="<f8", count=7 * n, offset=at).reshape(7, n).tolist() if n else [[]] * 7
         at += 8 * 7 * n
@@ -799,8 +800,8 @@ def _decode_unranked(data: bytes, models: bytes, vectors: bytes) -> dict[str, An
     models_len, excluded_len = struct.unpack_from("<II", models, 0)
     prices = np.frombuffer(models, dtype="<f8", count=2 * n, offset=8 + models_len + excluded_len).reshape(n, 2).copy()
     est = prices.dot((prompt_tokens, ot))  # as `Router.route`, on an array laid out as its own
-    weights = struct.unpack_from("<3d", vectors, 4)
-    q_n, speed, health, latency = np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
+    part = _vectors_part(vectors, n)
+    weights, (q_n, speed, health, latency) = part
     live = _Vectors(0, latency, speed, health, q_n * weights[1] + speed * weights[2])  # as `Router._live_vectors`
     bad = None
     if b:
@@ -812,7 +813,7 @@ def _decode_unranked(data: bytes, models: bytes, vectors: bytes) -> dict[str, An
     if chosen >= 0 and (not ranked or ranked[0] != chosen):  # a pin leads, best or not
         ranked = [chosen] + [i for i in ranked if i != chosen]
     header[3] = chosen >= 0
-    return _decoded(header, names, excluded, ranked, _columns(mode, est, vectors, n), bad_at.tolist(),
+    return _decoded(header, names, excluded, ranked, _columns(mode, est, part), bad_at.tolist(),
                     data[at + 2 * b : at + 3 * b])  # fmt: skip
 
 
@@ -824,12 +825,18 @@ def _models(part: bytes, n: int) -> tuple[list[list[str]], list[Excluded]]:
     return names, [Excluded(*line.split("\t", 1)) for line in static.split("\n")] if static else []
 
 
-def _columns(mode: str, est: np.ndarray, vectors: bytes, n: int) -> list[list[float]]:
+def _vectors_part(vectors: bytes, n: int) -> tuple[tuple[float, float, float], np.ndarray]:
+    """A vectors part: the weights, and the quality, speed, health and latency rows."""
+    return struct.unpack_from("<3d", vectors, 4), np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
+
+
+def _columns(
+    mode: str, est: np.ndarray, part: tuple[tuple[float, float, float], np.ndarray]
+) -> list[list[float]]:
     """score, cost, quality, speed, health, estimate and latency columns from the estimates and a vectors part."""
-    if not n:
+    weights, (quality, speed, health, latency) = part
+    if not len(est):
         return [[]] * 7
-    weights = struct.unpack_from("<3d", vectors, 4)
-    quality, speed, health, latency = np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
     cost = _log_score(est + _COST_FLOOR)
     score = _score(mode, weights, cost, quality, speed, health)
     return [c.tolist() for c in (score, cost, quality, speed, health, est, latency)]
