@@ -15,6 +15,8 @@ import pytest
 
 from p402_tui.core.config import CacheConfig, ConfigFile, Settings
 from p402_tui.core.errors import ConfigError
+from p402_tui.core.types import ChatChunk
+from p402_tui.gateway import sse
 from p402_tui.gateway.bodies import parse_chat
 from p402_tui.runtime import Runtime
 from p402_tui.sim.engine import Fault
@@ -175,6 +177,11 @@ async def test_a_stream_is_written_as_its_first_token_then_the_rest_with_the_end
     assert finishing["choices"][0]["finish_reason"] == "stop" and finishing["p402"]["cost_usd"] > 0
     assert usage["usage"]["completion_tokens"] > 0
     assert all(b"finish_reason\":\"stop" not in frame for item in frames[:-1] for frame in item)
+    # A text chunk's frame is written from a template: the same bytes as the generic path.
+    text = json.loads(frames[1][0][len(b"data: "):])
+    chunk = ChatChunk(text["choices"][0]["delta"]["content"])
+    generic = chunk.to_openai(id=text["id"], model=text["model"], created=text["created"])
+    assert frames[1][0] + b"\n\n" == sse.data_frame(generic)
 
 
 async def test_sdk_tool_call_round_trip(sdk):

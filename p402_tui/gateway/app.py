@@ -536,8 +536,8 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
     role: str | None = None
     usage = None
     finishing: ChatChunk | None = None  # held back so it can carry the final p402 meta
-    # Most chunks carry only text: their frame is this template around the text's JSON,
-    # byte for byte what `frame` makes of them, without a dict per chunk.
+    # Most chunks carry only text: the loop writes their frame as this template around the
+    # text's JSON, byte for byte what `frame` would make of them, without a dict per chunk.
     text_head = (
         b'data: {"id":' + json_bytes(chunk_id) + b',"object":"chat.completion.chunk","created":' + json_bytes(created)
         + b',"model":' + json_bytes(model) + b',"choices":[{"index":0,"delta":{"content":'
@@ -546,11 +546,6 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
 
     def frame(chunk: ChatChunk, meta: dict[str, Any] | None = None) -> bytes:
         nonlocal role
-        if (
-            meta is None and role is None and chunk.content and not chunk.role and not chunk.reasoning
-            and not chunk.tool_calls and not chunk.extra and chunk.finish_reason is None
-        ):  # fmt: skip
-            return text_head + json_bytes(chunk.content) + text_tail
         data = chunk.to_openai(id=chunk_id, model=model, created=created)
         data.pop("usage", None)  # usage goes in its own final chunk, as OpenAI sends it
         if role is not None:
@@ -590,7 +585,7 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
                         finishing = chunk
                     elif chunk.content or chunk.reasoning or chunk.tool_calls or chunk.extra:
                         if role is None and not (chunk.role or chunk.reasoning or chunk.tool_calls or chunk.extra):
-                            out.append(text_head + json_bytes(chunk.content) + text_tail)  # frame()'s text case, inline
+                            out.append(text_head + json_bytes(chunk.content) + text_tail)
                         else:
                             out.append(frame(chunk))
                     elif chunk.role:

@@ -26,7 +26,6 @@ PRAGMAS = (
 )
 
 
-
 def _as_is(value: object) -> object:
     return value
 
