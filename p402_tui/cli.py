@@ -694,6 +694,30 @@ def _json_object(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+def cmd_decisions(args: argparse.Namespace) -> int:
+    from .core.router import RouteDecision
+    from .store.queries import get_decision
+
+    settings = settings_from(args)
+
+    async def read() -> dict[str, Any] | None:
+        from .store.store import Store
+
+        async with await Store.open(settings.db_path, create=False) as store:
+            return await get_decision(store, args.id)
+
+    found = run_async(read())
+    if isinstance(found, int):
+        return found
+    if found is None:
+        raise P402Error(f"no decision {args.id!r} in {settings.db_path}")
+    if args.json:
+        print_json(found)
+    else:
+        _print_decision(RouteDecision.from_dict(found), args.top)
+    return 0
+
+
 def cmd_recommendations(args: argparse.Namespace) -> int:
     from .store.analytics import parse_period, recommendations
 
@@ -925,6 +949,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recommendations", parents=[common, period], help="where the ledger says money or time goes to waste")
     p.set_defaults(func=cmd_recommendations)
+
+    p = sub.add_parser("decisions", parents=[common], help="a routing decision as it was made")
+    decisions_sub = p.add_subparsers(dest="decisions_command", metavar="ACTION", required=True)
+    q = decisions_sub.add_parser("show", parents=[common], help="one decision: its ranking, scores and exclusions")
+    q.add_argument("id", metavar="ID", help="a decision id (`decision_id` in a chat's --json)")
+    q.add_argument("--db", metavar="PATH", help=db_help)
+    q.add_argument("--top", type=_positive_int, default=10, metavar="K", help="candidates shown in the table (default 10)")
+    q.add_argument("--json", action="store_true", help="print the whole decision as JSON")
+    q.set_defaults(func=cmd_decisions)
 
     p = sub.add_parser("sessions", parents=[common], help="agent sessions: budgets, spend, status")
     sessions_sub = p.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)

@@ -192,14 +192,14 @@ def test_a_record_made_after_health_moved_on_reuses_the_figures_it_was_ranked_wi
     router = Router(catalog, RouterConfig(), health, usable=USABLE, today=TODAY)
     pinned = router.route(ask(), options_from(model="alpha/cheap"))
     ranked = router.route(ask(), options_from(model="alpha/cheap"))
-    ranked.encode_apart()  # what the store writer does once the answer has gone
+    ranked.snapshot()  # what the store writer does once the answer has gone
     health.record_success("alpha", "alpha/cheap", latency_ms=60, ttft_ms=10, output_tokens=500)
     now[0] += router_module.LIVE_FOLD_S
     later = router.route(ask(), options_from(model="alpha/cheap"))  # folds the success in: a new epoch
     assert later._ranked().vectors.epoch > ranked._ranked().vectors.epoch
     # Recorded after the fold, the first decision still gets its own epoch's figures, computed once.
     assert pinned._ranked().vectors is ranked._ranked().vectors
-    assert pinned.encode_apart()[1][1] == ranked.encode_apart()[1][1]  # the same "vectors" part
+    assert pinned.snapshot().live is ranked.snapshot().live  # one live part for the store to keep
     assert pinned.candidates == ranked.candidates
 
 
@@ -391,93 +391,25 @@ def test_no_model_passing_the_option_filters_is_an_empty_decision(router, mode):
         ({"model": "openai/gpt-4o-mini"}, 16),
     ],
 )
-def test_an_encoded_decision_reads_back_as_its_to_dict(mode, options, max_tokens):
+def test_a_decision_dict_is_its_candidates_and_reads_back_through_from_dict(mode, options, max_tokens):
     import json
 
-    from p402_tui.core.router import decode_decision
+    from p402_tui.core.router import RouteDecision
 
     router = Router(load_catalog())
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=max_tokens)
     decision = router.route(request, options_from(mode=mode, **options))
-    decoded = decode_decision(decision.encode())
-    assert json.dumps(decoded) == json.dumps(decision.to_dict())  # same keys, order and float digits
-    record, parts = decision.encode_apart()
-    shared = {kind: part for kind, _, part in parts}
-    assert json.dumps(decode_decision(record, shared.get("models"), shared.get("vectors"))) == json.dumps(decoded)
-    assert json.dumps(decode_decision(*_as_schema_2_record(decision.encode()))) == json.dumps(decoded)
-    assert (decision.candidate_count, decision.excluded_count) == (len(decoded["candidates"]), len(decoded["excluded"]))
+    data = decision.to_dict()
+    assert data["candidates"] == [c.to_dict() for c in decision.candidates]
+    assert data["excluded"] == [e.to_dict() for e in decision.excluded]
+    assert data["fallbacks"] == decision.fallbacks
+    again = RouteDecision.from_dict(data)
+    assert json.dumps(again.to_dict()) == json.dumps(data)  # same keys, order and float digits
+    assert [c.id for c in again.plan()] == [c.id for c in decision.plan()]
 
 
-@pytest.mark.parametrize("mode", ["speed", "balanced", "adaptive"])
-def test_a_stored_record_ranks_again_as_the_router_did_under_live_health(mode, monkeypatch):
-    """The stored form holds no ranking: reading it ranks with the recorded live figures."""
-    import json
-
-    from p402_tui.core import router as router_module
-    from p402_tui.core.router import decode_decision
-
-    now = [1000.0]
-    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
-    health = HealthTracker()
-    router = Router(load_catalog(), health=health)
-    for provider, model_id, latency_ms in (("groq", "groq/llama-3.1-8b-instant", 90), ("openai", "openai/gpt-4o-mini", 2400)):
-        for _ in range(5):
-            health.record_success(provider, model_id, latency_ms=latency_ms, ttft_ms=latency_ms / 4, output_tokens=200)
-    health.record_failure("mistral", "mistral/mistral-small-latest", "server_error")
-    now[0] += router_module.LIVE_FOLD_S
-    request = ChatRequest(messages=[{"role": "user", "content": "hello " * 300}], max_tokens=400)
-    for options in ({}, {"model": "openai/gpt-4o-mini"}, {"prefer": ["groq", "openai"], "max_cost_usd": 2e-4}):
-        decision = router.route(request, options_from(mode=mode, **options))
-        record, parts = decision.encode_apart()
-        assert record.startswith(b"P402dec4")
-        shared = {kind: part for kind, _, part in parts}
-        decoded = decode_decision(record, shared["models"], shared["vectors"])
-        assert json.dumps(decoded) == json.dumps(decision.to_dict())
-
-
-def test_recording_a_pinned_decision_ranks_nothing():
+def test_a_pinned_decision_ranks_the_others_only_when_read():
     router = Router(load_catalog())
-    decision = router.route(ask(), options_from(model="openai/gpt-4o-mini", max_cost_usd=1e-5))
-    decision.encode_apart()
-    assert decision.candidate_count == len(decision.candidates)  # counted without ranking, then checked
     pinned = router.route(ask(), options_from(model="openai/gpt-4o-mini"))
-    pinned.encode_apart()
-    pinned.candidate_count
     assert pinned._ranked()._key is None and pinned._ranked()._eligible is None
-
-
-def test_records_written_by_schema_4_still_read_back():
-    """P402dec3 records (each with its ranking) as a schema-4 store holds them."""
-    import base64
-    import gzip
-    import hashlib
-    import json
-    from pathlib import Path
-
-    from p402_tui.core.router import decode_decision
-
-    cases = json.loads(gzip.decompress((Path(__file__).parent / "data" / "decisions_schema4.json.gz").read_bytes()))
-    for case in cases:
-        record, models, vectors = (base64.b64decode(case[k]) for k in ("record", "models", "vectors"))
-        assert record.startswith(b"P402dec3")
-        decoded = decode_decision(record, models, vectors)
-        assert (decoded["chosen"]["id"], len(decoded["candidates"]), len(decoded["excluded"])) == (
-            case["chosen"], case["candidates"], case["excluded"]
-        )
-        assert hashlib.sha256(json.dumps(decoded).encode()).hexdigest() == case["sha256"]
-        with pytest.raises(ValueError, match="pass them in"):
-            decode_decision(record)
-
-
-def _as_schema_2_record(record: bytes) -> tuple[bytes, bytes | None]:
-    """A self-contained record as schema 2 stored it: its models apart (digest in place), the columns in it."""
-    import struct
-
-    if not record.startswith(b"P402dec1"):
-        return record, None
-    header_len = struct.unpack_from("<I", record, 8)[0]
-    models_at = 8 + 16 + header_len
-    models_len, excluded_len = struct.unpack_from("<II", record, models_at)
-    models_end = models_at + 8 + models_len + excluded_len
-    models = record[models_at:models_end]
-    return b"P402dec2" + record[8:models_at] + b"\0" * 16 + record[models_end:], models
+    assert pinned.snapshot().ranked[0] == pinned._ranked().chosen  # the pin leads its ranking, best or not

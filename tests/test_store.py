@@ -78,25 +78,22 @@ async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path):
         assert await second.scalar("PRAGMA user_version") == SCHEMA_VERSION
 
 
-async def test_a_version_1_file_is_migrated_and_its_decisions_still_read_back(tmp_path):
-    from p402_tui.core.catalog import load_catalog
-    from p402_tui.core.router import Router
-    from p402_tui.core.types import ChatRequest
+async def test_a_version_1_file_is_migrated_keeping_json_decisions_and_dropping_ranked_records(tmp_path):
     from p402_tui.store.db import MIGRATIONS, _statements
 
-    decision = Router(load_catalog()).route(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=16))
     path = tmp_path / "v1.db"
+    kept = {"id": "dec-json", "ts": 1.0, "mode": "cost", "chosen": None, "candidates": []}
     with sqlite3.connect(path) as conn:
         for statement in _statements(MIGRATIONS[0]):
             conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
-        conn.execute(  # a version-1 row: the whole self-contained record
-            "INSERT INTO router_decisions (id, ts, decision) VALUES (?, ?, ?)",
-            (decision.id, decision.ts, decision.encode()),
-        )
+        # A binary record of the old formats is read only by ranking it again with today's code: dropped.
+        conn.execute("INSERT INTO router_decisions (id, ts, decision) VALUES ('dec-old', 2.0, x'50343032646563310000')")
+        conn.execute("INSERT INTO router_decisions (id, ts, decision) VALUES (?, 1.0, ?)", ("dec-json", json.dumps(kept)))
     async with await Store.open(path) as opened:
         assert await opened.scalar("PRAGMA user_version") == SCHEMA_VERSION
-        assert await queries.get_decision(opened, decision.id) == decision.to_dict()
+        assert await queries.get_decision(opened, "dec-old") is None
+        assert await queries.get_decision(opened, "dec-json") == kept
 
 
 async def test_a_file_from_a_newer_p402_is_refused_with_a_clear_error(tmp_path):
@@ -362,7 +359,8 @@ async def test_a_route_decision_is_kept_compact_and_reads_back_whole(store):
     assert await store.scalar("SELECT COUNT(*) FROM decision_models") == 1  # an option set's models are kept once
     assert await store.scalar("SELECT COUNT(*) FROM decision_vectors") == 1  # and the live figures, until health moves
     own = await store.scalar(f"SELECT length(decision) FROM router_decisions WHERE id = '{decision.id}'")
-    assert own < len(decision.encode()) / 3  # a record keeps what is its own: header, ranking, cost estimates
+    # Header, ranking, and each candidate's score, cost score and estimate: 26 bytes a candidate.
+    assert own < 600 + 26 * len(decision.candidates)
     row = await store.fetchone(f"SELECT chosen, candidates, excluded FROM router_decisions WHERE id = '{decision.id}'")
     assert row == {"chosen": decision.chosen_id, "candidates": len(decision.candidates), "excluded": len(decision.excluded)}
 

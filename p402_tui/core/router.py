@@ -24,11 +24,8 @@ component is not normalised: it is the live 0..1 health itself.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
-import struct
 import time
 import uuid
 from collections.abc import Iterable
@@ -43,7 +40,7 @@ from .config import MODES, RouterConfig
 from .errors import InvalidRequestError
 from .hooks import RouteOptions
 from .tokens import count_messages
-from .types import CAPABILITIES, TIER_RANK, TIERS, ChatRequest, json_bytes
+from .types import CAPABILITIES, TIER_RANK, TIERS, ChatRequest
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -125,6 +122,98 @@ class Excluded:
 
     def to_dict(self) -> dict[str, str]:
         return {"id": self.id, "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ModelListing:
+    """The models an option set ranks, as (id, provider, wire model, tier), and the ones its filters left out.
+
+    Every decision of one option set holds the same listing object, until providers or circuits change."""
+
+    models: tuple[tuple[str, str, str, str], ...]
+    excluded: tuple[Excluded, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LiveColumns:
+    """The live figures of a listing's models, in its order: quality, speed and health scores, latency in ms.
+
+    Every decision ranked with the same figures (one option set, answer length and health epoch) holds the same object."""
+
+    quality: np.ndarray
+    speed: np.ndarray
+    health: np.ndarray
+    latency: np.ndarray
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DecisionSnapshot:
+    """A decision as plain columns: what `to_dict()` shows, without a dict per model.
+
+    `ranked` holds positions in `listing.models`, best first (the chosen model first, when
+    one was chosen); `score`, `cost` (the 0..1 cost score) and `est_cost_usd` follow `ranked`.
+    `filtered` holds the positions this request's own figures excluded, with their reasons.
+    """
+
+    id: str
+    ts: float
+    mode: str
+    chosen: bool
+    prompt_tokens: int
+    est_output_tokens: int
+    decision_us: float
+    options: dict[str, Any]  # `RouteOptions.to_dict()`, its mode the one the decision used
+    listing: ModelListing
+    live: LiveColumns
+    ranked: np.ndarray
+    score: np.ndarray
+    cost: np.ndarray
+    est_cost_usd: np.ndarray
+    filtered: tuple[tuple[int, str], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        models = self.listing.models
+        live = self.live
+        quality, speed, health, latency = (c.tolist() for c in (live.quality, live.speed, live.health, live.latency))
+        candidates = [
+            {
+                "id": models[i][0],
+                "provider": models[i][1],
+                "model": models[i][2],
+                "tier": models[i][3],
+                "score": round(score, 6),
+                "components": {
+                    "cost": round(cost, 6),
+                    "quality": round(quality[i], 6),
+                    "speed": round(speed[i], 6),
+                    "health": round(health[i], 6),
+                },
+                "est_cost_usd": est,
+                "est_latency_ms": round(latency[i], 1),
+            }
+            for i, score, cost, est in zip(
+                self.ranked.tolist(), self.score.tolist(), self.cost.tolist(), self.est_cost_usd.tolist()
+            )
+        ]
+        excluded = [*self.listing.excluded, *(Excluded(models[i][0], reason) for i, reason in self.filtered)]
+        excluded.sort(key=lambda e: e.id)
+        chosen = None
+        if self.chosen:
+            first = candidates[0]
+            chosen = {k: first[k] for k in ("id", "provider", "model", "tier", "est_cost_usd", "score")}
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "mode": self.mode,
+            "chosen": chosen,
+            "fallbacks": [c["id"] for c in candidates[1:]] if self.chosen and self.options.get("failover", True) else [],
+            "candidates": candidates,
+            "excluded": [e.to_dict() for e in excluded],
+            "prompt_tokens": self.prompt_tokens,
+            "est_output_tokens": self.est_output_tokens,
+            "decision_us": round(self.decision_us, 2),
+            "options": self.options,
+        }
 
 
 class RouteDecision:
@@ -214,14 +303,6 @@ class RouteDecision:
         return self._chosen.id if self._chosen is not None else None
 
     @property
-    def chosen_tier(self) -> str | None:
-        """The chosen model's tier, without scoring it."""
-        ranking = self._ranked()
-        if ranking is not None:
-            return ranking.router._specs[int(ranking.entry.idx[ranking.chosen])].tier if ranking.chosen >= 0 else None
-        return self._chosen.tier if self._chosen is not None else None
-
-    @property
     def candidates(self) -> list[Candidate]:
         if self._candidates is None:
             ranking = self._ranked()
@@ -252,22 +333,6 @@ class RouteDecision:
             ranking = self._ranked()
             self._excluded = ranking.excluded() if ranking is not None else []
         return self._excluded
-
-    @property
-    def candidate_count(self) -> int:
-        """len(candidates), without building them."""
-        ranking = self._ranked()
-        if ranking is None or self._candidates is not None:
-            return len(self.candidates)
-        return ranking.eligible_count()
-
-    @property
-    def excluded_count(self) -> int:
-        """len(excluded), without building it."""
-        ranking = self._ranked()
-        if ranking is None or self._excluded is not None:
-            return len(self.excluded)
-        return len(ranking.entry.excluded) + (int(np.count_nonzero(ranking.bad)) if ranking.bad is not None else 0)
 
     @property
     def est_cost_usd(self) -> float:
@@ -305,58 +370,69 @@ class RouteDecision:
         return "; ".join(f"{n} {reason}" for reason, n in parts)
 
     def to_dict(self) -> dict[str, Any]:
-        chosen = self.chosen
+        return self.snapshot().to_dict()
+
+    def snapshot(self) -> DecisionSnapshot:
+        """The decision as it stands: its ranking, scores and exclusions, which nothing later changes."""
         options = self.options.to_dict()
         options["mode"] = self.mode
-        return {
-            "id": self.id,
-            "ts": self.ts,
-            "mode": self.mode,
-            "chosen": None
-            if chosen is None
-            else {
-                "id": chosen.id,
-                "provider": chosen.provider,
-                "model": chosen.model,
-                "tier": chosen.tier,
-                "est_cost_usd": chosen.est_cost_usd,
-                "score": round(chosen.score, 6),
-            },
-            "fallbacks": list(self.fallbacks),
-            "candidates": [c.to_dict() for c in self.candidates],
-            "excluded": [e.to_dict() for e in self.excluded],
-            "prompt_tokens": self.prompt_tokens,
-            "est_output_tokens": self.est_output_tokens,
-            "decision_us": round(self.decision_us, 2),
-            "options": options,
-        }
-
-    def encode(self) -> bytes:
-        """The whole decision as `decode_decision` reads it back: what `to_dict()` holds, built in microseconds.
-
-        The store keeps every decision; building 100+ candidate dicts and their JSON per
-        request cost more CPU than the rest of a gateway call. This writes the router's
-        own arrays instead (columns in the entry's order plus the ranking), and the
-        models and static exclusions as text cached once per option set.
-        """
         ranking = self._ranked()
-        if ranking is None or not len(ranking.entry.idx):
-            return json.dumps(self.to_dict(), separators=(",", ":")).encode()
-        return ranking.encode(self)
+        if ranking is not None and len(ranking.entry.idx):
+            return ranking.snapshot(self, options)
+        candidates = self.candidates
+        return DecisionSnapshot(
+            id=self.id,
+            ts=self.ts,
+            mode=self.mode,
+            chosen=self.chosen is not None,
+            prompt_tokens=self.prompt_tokens,
+            est_output_tokens=self.est_output_tokens,
+            decision_us=self.decision_us,
+            options=options,
+            listing=ModelListing(tuple((c.id, c.provider, c.model, c.tier) for c in candidates), tuple(self.excluded)),
+            live=LiveColumns(*(np.array([getattr(c, name) for c in candidates], dtype=np.float64)
+                               for name in ("quality", "speed", "health", "est_latency_ms"))),
+            ranked=np.arange(len(candidates)),
+            score=np.array([c.score for c in candidates], dtype=np.float64),
+            cost=np.array([c.cost for c in candidates], dtype=np.float64),
+            est_cost_usd=np.array([c.est_cost_usd for c in candidates], dtype=np.float64),
+            filtered=(),
+        )  # fmt: skip
 
-    def encode_apart(self) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
-        """`encode()` with the parts many decisions share left out: (record, [(kind, digest, part)]).
-
-        A record keeps only what is its own (header, ranking, cost estimates): about a fifth
-        of `encode()`. Its option set's models and exclusions ("models") and the live figures
-        it was ranked with ("vectors") are the same for every request until health moves, so a
-        store keeps each part once under its digest and passes them back to `decode_decision`.
-        A decision with no ranking is self-contained: no parts.
-        """
-        ranking = self._ranked()
-        if ranking is None or not len(ranking.entry.idx):
-            return self.encode(), []
-        return ranking.encode_split(self)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RouteDecision:
+        """A decision from its `to_dict()`: the same candidates, exclusions and options, `to_dict()` the same again."""
+        candidates = [
+            Candidate(
+                id=c["id"],
+                provider=c["provider"],
+                model=c["model"],
+                tier=c["tier"],
+                score=c["score"],
+                cost=c["components"]["cost"],
+                quality=c["components"]["quality"],
+                speed=c["components"]["speed"],
+                health=c["components"]["health"],
+                est_cost_usd=c["est_cost_usd"],
+                est_latency_ms=c["est_latency_ms"],
+            )
+            for c in data["candidates"]
+        ]
+        options = dict(data["options"])
+        options["mode"] = data["mode"]
+        return cls(
+            id=data["id"],
+            ts=data["ts"],
+            mode=data["mode"],
+            chosen=candidates[0] if data["chosen"] is not None else None,
+            fallbacks=list(data["fallbacks"]),
+            candidates=candidates,
+            excluded=[Excluded(e["id"], e["reason"]) for e in data["excluded"]],
+            prompt_tokens=data["prompt_tokens"],
+            est_output_tokens=data["est_output_tokens"],
+            decision_us=data["decision_us"],
+            options=options_from(**options),
+        )
 
     def __repr__(self) -> str:
         return f"<RouteDecision {self.id} {self.mode} -> {self.chosen_id}>"
@@ -384,16 +460,12 @@ class _Entry:
         "mode",
         "default_output",
         "live",
-        "packed",
-        "part",
-        "digest",
+        "listing",
     )
 
     def __init__(self) -> None:
         self.live: dict[tuple[int, int], _Vectors] = {}  # by (answer length, health epoch)
-        self.packed: bytes | None = None  # its models and static exclusions as a decision record stores them
-        self.part: bytes | None = None  # `packed` and the models' prices: the part records kept apart share
-        self.digest: bytes | None = None  # of `part`: what a record kept apart from its models holds instead
+        self.listing: ModelListing | None = None  # built when a decision of this option set is first snapshot
 
 
 @dataclass(slots=True)
@@ -405,8 +477,7 @@ class _Vectors:
     speed: np.ndarray  # 0..1
     health: np.ndarray  # 0..1
     rest: np.ndarray  # weighted quality + speed: the part of a balanced score that is not cost
-    packed: bytes | None = None  # weights, quality and these, as a decision record refers to them
-    digest: bytes | None = None  # of `packed`
+    columns: LiveColumns | None = None  # built when a decision ranked with these is first snapshot
 
 
 class _Ranking:
@@ -448,7 +519,7 @@ class _Ranking:
     @property
     def key(self) -> np.ndarray:
         if self._key is None:
-            # Its own vectors: a record made after health moved on would compute them twice otherwise.
+            # Its own vectors: a snapshot taken after health moved on would compute them twice otherwise.
             self._key = self.router._key(
                 self.entry, self.cost, self.bad, self.prompt_tokens, self.ot, self.live, self.vectors
             )
@@ -516,145 +587,58 @@ class _Ranking:
         )
 
     def excluded(self) -> list[Excluded]:
-        out = list(self.entry.excluded)
-        ctx_bad, out_bad, cost_bad = self.masks
-        if self.bad is not None:
-            ids = self.entry.ids
-            for i in np.flatnonzero(self.bad).tolist():
-                if ctx_bad is not None and ctx_bad[i]:
-                    reason = CONTEXT_TOO_SMALL
-                elif out_bad is not None and out_bad[i]:
-                    reason = OUTPUT_TOO_SMALL
-                else:
-                    reason = OVER_COST
-                out.append(Excluded(ids[i], reason))
+        ids = self.entry.ids
+        out = [*self.entry.excluded, *(Excluded(ids[i], reason) for i, reason in self.filtered())]
         out.sort(key=lambda e: e.id)
         return out
 
-    def _record_order(self) -> np.ndarray:
-        """Eligible positions, best first, the chosen one leading (a pin need not be the best)."""
+    def filtered(self) -> tuple[tuple[int, str], ...]:
+        """The positions this request's own figures (size, max_tokens, cost cap) excluded, with the reason."""
+        if self.bad is None:
+            return ()
+        ctx_bad, out_bad, _ = self.masks
+        out = []
+        for i in np.flatnonzero(self.bad).tolist():
+            if ctx_bad is not None and ctx_bad[i]:
+                reason = CONTEXT_TOO_SMALL
+            elif out_bad is not None and out_bad[i]:
+                reason = OUTPUT_TOO_SMALL
+            else:
+                reason = OVER_COST
+            out.append((i, reason))
+        return tuple(out)
+
+    def snapshot(self, decision: RouteDecision, options: dict[str, Any]) -> DecisionSnapshot:
+        entry, vectors = self.entry, self.vectors
+        if entry.listing is None:
+            specs = self.router._specs
+            entry.listing = ModelListing(
+                tuple((s.id, s.provider, s.model, s.tier) for s in (specs[int(m)] for m in entry.idx)),
+                tuple(entry.excluded),
+            )
+        if vectors.columns is None:
+            vectors.columns = LiveColumns(entry.q_n, vectors.speed, vectors.health, vectors.latency)
         ranked = self.eligible
         chosen = self.chosen
         if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):  # a pin; otherwise the argmin already leads
             ranked = np.concatenate(([chosen], ranked[ranked != chosen]))
-        return ranked
-
-    def _bad(self) -> tuple[np.ndarray | tuple[()], bytes]:
-        """Positions filtered out by this request, and a reason code for each."""
-        bad_at = np.flatnonzero(self.bad) if self.bad is not None else ()
-        if not len(bad_at):
-            return (), b""
-        ctx_bad, out_bad, _ = self.masks
-        codes = np.full(len(bad_at), 2, dtype=np.uint8)  # over max_cost_usd unless a mask below says otherwise
-        if out_bad is not None:
-            codes[out_bad[bad_at]] = 1
-        if ctx_bad is not None:
-            codes[ctx_bad[bad_at]] = 0
-        return bad_at, codes.tobytes()
-
-    def _header(self, decision: RouteDecision) -> bytes:
-        options = decision.options.to_dict()
-        options["mode"] = decision.mode
-        return json_bytes(
-            [decision.id, decision.ts, decision.mode, self.chosen >= 0, bool(decision.options.failover),
-             decision.prompt_tokens, decision.est_output_tokens, round(decision.decision_us, 2), options]
-        )
-
-    def _models_part(self) -> bytes:
-        entry = self.entry
-        if entry.packed is None:
-            specs = self.router._specs
-            models = "\n".join(
-                f"{s.id}\t{s.provider}\t{s.model}\t{s.tier}" for s in (specs[int(m)] for m in entry.idx)
-            ).encode()
-            excluded = "\n".join(f"{e.id}\t{e.reason}" for e in entry.excluded).encode()
-            entry.packed = struct.pack("<II", len(models), len(excluded)) + models + excluded
-        return entry.packed
-
-    def _shared_models(self) -> bytes:
-        """The models part a record kept apart shares: `packed`, then each model's input and output price."""
-        entry = self.entry
-        if entry.part is None:
-            prices = entry.prices.astype("<f8", copy=False).tobytes()
-            entry.part = self._models_part() + prices
-            entry.digest = hashlib.blake2b(entry.part, digest_size=_DIGEST_SIZE).digest()
-        return entry.part
-
-    def encode(self, decision: RouteDecision) -> bytes:
-        """The self-contained record (`P402dec1`): every column written out."""
-        entry, vectors = self.entry, self.vectors
         score = _score(entry.mode, self.router._weights, self.cost_n, entry.q_n, vectors.speed, vectors.health)
-        columns = (score, self.cost_n, entry.q_n, vectors.speed, vectors.health, self.cost, vectors.latency)
-        return self._record(decision, _MAGIC, self._models_part(), columns)
-
-    def encode_split(self, decision: RouteDecision) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
-        """The record kept apart from its shared parts (`P402dec4`); see `RouteDecision.encode_apart`.
-
-        It holds neither its cost estimates nor its ranking: `decode_decision` makes both again
-        from the prices in the models part, the live vectors and the filters, with the router's
-        own operations (`_sort_key`), so the order is the router's. (The estimates are a dot
-        product, which another machine's BLAS may round differently in the last bit: read
-        elsewhere, a record's estimates can differ there, and so the order of exact ties.)
-        Most gateway calls pin their model, and ranking every other model for a record few
-        people open was a tenth of a call; the record is a few hundred bytes where the
-        estimates alone were a kilobyte.
-        """
-        entry, vectors = self.entry, self.vectors
-        models = self._shared_models()
-        if vectors.packed is None:
-            packed = b"".join(
-                (
-                    struct.pack("<I3d", len(entry.idx), *self.router._weights),
-                    *(column.astype("<f8", copy=False).tobytes()
-                      for column in (entry.q_n, vectors.speed, vectors.health, vectors.latency)),
-                )
-            )  # fmt: skip
-            vectors.digest = hashlib.blake2b(packed, digest_size=_DIGEST_SIZE).digest()
-            vectors.packed = packed
-        assert entry.digest is not None and vectors.digest is not None
-        options = decision.options.to_dict()
-        options["mode"] = decision.mode
-        cost_range = _cost_range(entry, self.prompt_tokens, self.ot) if entry.mode in _RANGED_MODES else None
-        header = json_bytes(
-            [decision.id, decision.ts, decision.mode, self.chosen, bool(decision.options.failover),
-             decision.prompt_tokens, decision.est_output_tokens, round(decision.decision_us, 2), options, cost_range]
-        )  # fmt: skip
-        bad_at, reasons = self._bad()
-        record = b"".join(
-            (
-                _MAGIC_UNRANKED,
-                struct.pack("<III", len(header), len(entry.idx), len(bad_at)),
-                header,
-                entry.digest,
-                vectors.digest,
-                np.asarray(bad_at, dtype="<u2").tobytes(),
-                reasons,
-            )
-        )
-        return record, [("models", entry.digest, models), ("vectors", vectors.digest, vectors.packed)]
-
-    def eligible_count(self) -> int:
-        """len(eligible), without ranking: every key is finite but those a filter set to inf."""
-        if self._eligible is not None:
-            return len(self._eligible)
-        return len(self.entry.idx) - (int(np.count_nonzero(self.bad)) if self.bad is not None else 0)
-
-    def _record(self, decision: RouteDecision, magic: bytes, shared: bytes, columns: tuple[np.ndarray, ...]) -> bytes:
-        """A record's layout: sizes, header, the shared part (or its digests), ranking, columns, filtered-out."""
-        ranked = self._record_order()
-        bad_at, reasons = self._bad()
-        header = self._header(decision)
-        return b"".join(
-            (
-                magic,
-                struct.pack("<IIII", len(header), len(self.entry.idx), len(ranked), len(bad_at)),
-                header,
-                shared,
-                ranked.astype("<u2").tobytes(),
-                *(column.astype("<f8", copy=False).tobytes() for column in columns),
-                np.asarray(bad_at, dtype="<u2").tobytes(),
-                reasons,
-            )
+        return DecisionSnapshot(
+            id=decision.id,
+            ts=decision.ts,
+            mode=decision.mode,
+            chosen=chosen >= 0,
+            prompt_tokens=decision.prompt_tokens,
+            est_output_tokens=decision.est_output_tokens,
+            decision_us=decision.decision_us,
+            options=options,
+            listing=entry.listing,
+            live=vectors.columns,
+            ranked=ranked,
+            score=score[ranked],
+            cost=self.cost_n[ranked],
+            est_cost_usd=self.cost[ranked],
+            filtered=self.filtered(),
         )
 
 
@@ -680,10 +664,8 @@ def _sort_key(
 ) -> np.ndarray:
     """Each model's sort key (lower is better; filtered out by `bad`: inf).
 
-    The router ranks with it, and `decode_decision` ranks a stored decision with it again:
-    the same operations on the same stored numbers give the same order, so a record need
-    not carry its ranking. `vectors` is needed in speed, balanced and adaptive modes,
-    `cost_range` (`_cost_range`) in balanced and adaptive.
+    `vectors` is needed in speed, balanced and adaptive modes, `cost_range` (`_cost_range`)
+    in balanced and adaptive.
     """
     marked = bad is not None or prefer_penalty is not None  # the key is written to below
     if mode == "cost":
@@ -736,157 +718,6 @@ def _prefer_penalty(mode: str, prefer: Iterable[str], providers: Iterable[str]) 
 
 
 _RANGED_MODES = ("balanced", "adaptive")  # the modes whose key needs the cost range
-_MAGIC = b"P402dec1"
-_MAGIC_APART = b"P402dec2"  # the models are kept apart, under their digest (written until schema 3)
-_MAGIC_SPLIT = b"P402dec3"  # the models and the live vectors are kept apart (written until schema 4)
-_MAGIC_UNRANKED = b"P402dec4"  # parts as dec3, prices in the models part; estimates and ranking made when read
-_DIGEST_SIZE = 16
-_BAD_REASONS = (CONTEXT_TOO_SMALL, OUTPUT_TOO_SMALL, OVER_COST)
-
-
-def decode_decision(data: bytes | str, models: bytes | None = None, vectors: bytes | None = None) -> dict[str, Any]:
-    """`RouteDecision.to_dict()` of a decision from its `encode()` (or from its JSON, which older rows hold).
-
-    A record from `encode_apart()` needs the parts stored with it: its models, and (from
-    schema 3) its vectors. From schema 5 (`P402dec4`) the estimates and the ranking are made
-    here again, as the router made them.
-    """
-    if isinstance(data, str) or not data.startswith((_MAGIC, _MAGIC_APART, _MAGIC_SPLIT, _MAGIC_UNRANKED)):
-        return json.loads(data)
-    split = data.startswith((_MAGIC_SPLIT, _MAGIC_UNRANKED))
-    if (models is None and data.startswith((_MAGIC_APART, _MAGIC_SPLIT, _MAGIC_UNRANKED))) or (split and vectors is None):
-        raise ValueError("this decision record was stored apart from its models and vectors; pass them in")
-    if data.startswith(_MAGIC_UNRANKED):
-        assert models is not None and vectors is not None
-        return _decode_unranked(data, models, vectors)
-    if data.startswith((_MAGIC_APART, _MAGIC_SPLIT)):
-        at = len(_MAGIC_APART)
-        header_len = struct.unpack_from("<I", data, at)[0]
-        digest_at = at + 16 + header_len
-        rest_at = digest_at + _DIGEST_SIZE * (2 if split else 1)
-        data = b"".join((_MAGIC, data[at:digest_at], models, data[rest_at:]))  # type: ignore[list-item]
-    at = len(_MAGIC)
-    header_len, n, m, b = struct.unpack_from("<IIII", data, at)
-    at += 16
-    header = json.loads(data[at : at + header_len])
-    at += header_len
-    models_len, excluded_len = struct.unpack_from("<II", data, at)
-    names, excluded = _models(data[at : at + 8 + models_len + excluded_len], n)
-    at += 8 + models_len + excluded_len
-    ranked = np.frombuffer(data, dtype="<u2", count=m, offset=at).tolist()
-    at += 2 * m
-    if split:
-        assert vectors is not None
-        est = np.frombuffer(data, dtype="<f8", count=n, offset=at)
-        at += 8 * n
-        columns = _columns(header[2], est, _vectors_part(vectors, n))
-    else:
-        columns = np.frombuffer(data, dtype="<f8", count=7 * n, offset=at).reshape(7, n).tolist() if n else [[]] * 7
-        at += 8 * 7 * n
-    bad_at = np.frombuffer(data, dtype="<u2", count=b, offset=at).tolist()
-    return _decoded(header, names, excluded, ranked, columns, bad_at, data[at + 2 * b : at + 3 * b])
-
-
-def _decode_unranked(data: bytes, models: bytes, vectors: bytes) -> dict[str, Any]:
-    """A `P402dec4` record: its estimates and its ranking made again as the router made them."""
-    at = len(_MAGIC_UNRANKED)
-    header_len, n, b = struct.unpack_from("<III", data, at)
-    at += 12
-    header = json.loads(data[at : at + header_len])
-    mode, chosen, prompt_tokens, ot, options, cost_range = header[2], header[3], header[5], header[6], header[8], header[9]
-    at += header_len + 2 * _DIGEST_SIZE
-    bad_at = np.frombuffer(data, dtype="<u2", count=b, offset=at)
-    names, excluded = _models(models, n)
-    models_len, excluded_len = struct.unpack_from("<II", models, 0)
-    prices = np.frombuffer(models, dtype="<f8", count=2 * n, offset=8 + models_len + excluded_len).reshape(n, 2).copy()
-    est = prices.dot((prompt_tokens, ot))  # as `Router.route`, on an array laid out as its own
-    part = _vectors_part(vectors, n)
-    weights, (q_n, speed, health, latency) = part
-    live = _Vectors(0, latency, speed, health, q_n * weights[1] + speed * weights[2])  # as `Router._live_vectors`
-    bad = None
-    if b:
-        bad = np.zeros(n, dtype=bool)
-        bad[bad_at] = True
-    penalty = _prefer_penalty(mode, options.get("prefer") or (), (name[1] for name in names))
-    key = _sort_key(mode, weights, est, -q_n, live, penalty, bad, tuple(cost_range) if cost_range else None)
-    ranked = np.argsort(key, kind="stable")[: int(np.count_nonzero(np.isfinite(key)))].tolist()
-    if chosen >= 0 and (not ranked or ranked[0] != chosen):  # a pin leads, best or not
-        ranked = [chosen] + [i for i in ranked if i != chosen]
-    header[3] = chosen >= 0
-    return _decoded(header, names, excluded, ranked, _columns(mode, est, part), bad_at.tolist(),
-                    data[at + 2 * b : at + 3 * b])  # fmt: skip
-
-
-def _models(part: bytes, n: int) -> tuple[list[list[str]], list[Excluded]]:
-    """A models part: each model's id, provider, wire id and tier, and the option set's static exclusions."""
-    models_len, excluded_len = struct.unpack_from("<II", part, 0)
-    names = [line.split("\t") for line in part[8 : 8 + models_len].decode().split("\n")] if n else []
-    static = part[8 + models_len : 8 + models_len + excluded_len].decode()
-    return names, [Excluded(*line.split("\t", 1)) for line in static.split("\n")] if static else []
-
-
-def _vectors_part(vectors: bytes, n: int) -> tuple[tuple[float, float, float], np.ndarray]:
-    """A vectors part: the weights, and the quality, speed, health and latency rows."""
-    return struct.unpack_from("<3d", vectors, 4), np.frombuffer(vectors, dtype="<f8", count=4 * n, offset=28).reshape(4, n)
-
-
-def _columns(
-    mode: str, est: np.ndarray, part: tuple[tuple[float, float, float], np.ndarray]
-) -> list[list[float]]:
-    """score, cost, quality, speed, health, estimate and latency columns from the estimates and a vectors part."""
-    weights, (quality, speed, health, latency) = part
-    if not len(est):
-        return [[]] * 7
-    cost = _log_score(est + _COST_FLOOR)
-    score = _score(mode, weights, cost, quality, speed, health)
-    return [c.tolist() for c in (score, cost, quality, speed, health, est, latency)]
-
-
-def _decoded(
-    header: list[Any], names: list[list[str]], excluded: list[Excluded], ranked: list[int],
-    columns: list[list[float]], bad_at: list[int], codes: bytes,
-) -> dict[str, Any]:
-    id_, ts, mode, has_chosen, failover, prompt_tokens, est_output_tokens, decision_us, options = header[:9]
-    score, cost, quality, speed, health, est_cost, latency = columns
-    excluded += [Excluded(names[i][0], _BAD_REASONS[code]) for i, code in zip(bad_at, codes)]
-    excluded.sort(key=lambda e: e.id)
-    candidates = [
-        {
-            "id": names[i][0],
-            "provider": names[i][1],
-            "model": names[i][2],
-            "tier": names[i][3],
-            "score": round(score[i], 6),
-            "components": {
-                "cost": round(cost[i], 6),
-                "quality": round(quality[i], 6),
-                "speed": round(speed[i], 6),
-                "health": round(health[i], 6),
-            },
-            "est_cost_usd": est_cost[i],
-            "est_latency_ms": round(latency[i], 1),
-        }
-        for i in ranked
-    ]
-    chosen = None
-    if has_chosen:
-        first = candidates[0]
-        chosen = {k: first[k] for k in ("id", "provider", "model", "tier", "est_cost_usd", "score")}
-    return {
-        "id": id_,
-        "ts": ts,
-        "mode": mode,
-        "chosen": chosen,
-        "fallbacks": [c["id"] for c in candidates[1:]] if has_chosen and failover else [],
-        "candidates": candidates,
-        "excluded": [e.to_dict() for e in excluded],
-        "prompt_tokens": prompt_tokens,
-        "est_output_tokens": est_output_tokens,
-        "decision_us": decision_us,
-        "options": options,
-    }
-
-
 def _log_score(values: np.ndarray) -> np.ndarray:
     """1 for the smallest value, 0 for the largest, on a log scale (all 1 when they are equal)."""
     logs = np.log(values)
@@ -1152,7 +983,7 @@ class Router:
         entry.min_max_out = int(entry.max_out.min()) if keep else 0
         quality = self._quality[entry.idx]
         entry.q_n = _minmax(quality) if keep else quality
-        entry.q_key = -entry.q_n  # from q_n, which a decision record keeps: it can rank again when read
+        entry.q_key = -entry.q_n
         prices = [(float(a), float(b)) for a, b in entry.prices]
         entry.cheapest = _lower_hull(prices)
         entry.dearest = [(-a, -b) for a, b in _lower_hull([(-a, -b) for a, b in prices])]
@@ -1183,8 +1014,8 @@ class Router:
     def _live_vectors(self, entry: _Entry, ot: int, live: _Live) -> _Vectors:
         """Latency, speed score and health of the entry's models, cached per answer length and health epoch.
 
-        Keyed by the epoch a decision was ranked in, not the current one: records are encoded
-        after their answers, often once health has moved on, and would compute them again."""
+        Keyed by the epoch a decision was ranked in, not the current one: decisions are snapshot for
+        the store after their answers, often once health has moved on, and would compute them again."""
         ttft, mspt, health, epoch = live
         cached = entry.live.get((ot, epoch))
         if cached is not None:

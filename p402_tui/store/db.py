@@ -193,6 +193,14 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX requests_prompt_key;
     DROP INDEX router_decisions_chosen;
     """,
+    # 5: decision records hold what was decided (P402rec1, `store.decisions`). Binary records of the
+    # versions before cannot be read without ranking them again with today's code, so they go with
+    # their parts; rows kept as JSON already hold their decision and stay. The ledger is untouched.
+    """
+    DELETE FROM router_decisions WHERE typeof(decision) = 'blob';
+    DELETE FROM decision_models;
+    DELETE FROM decision_vectors;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -11,8 +11,8 @@ import uuid
 from typing import Any
 
 from ..core.hooks import RequestRecord
-from ..core.router import decode_decision
 from ..core.types import json_bytes
+from . import decisions
 from .store import Store
 
 # --- the ledger --------------------------------------------------------------------
@@ -92,25 +92,19 @@ INSERT_DECISION = (
     "prompt_tokens, decision_us, candidates, excluded, decision, models, vectors) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# A decision record's shared parts, by kind: written once per digest.
+# A decision record's shared parts (`store.decisions`), by kind: written once per digest.
 INSERT_DECISION_PART = {
     "models": "INSERT OR IGNORE INTO decision_models (digest, models) VALUES (?, ?)",
     "vectors": "INSERT OR IGNORE INTO decision_vectors (digest, vectors) VALUES (?, ?)",
 }
 
 
-def decision_row(decision: Any) -> tuple:
-    """A decision (a RouteDecision or its to_dict()) as a row: the whole decision plus the columns worth indexing."""
-    return decision_rows(decision)[0]
-
-
 def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]:
     """A decision's row, and the shared parts its record refers to: (insert statement, digest, part).
 
-    A RouteDecision is stored as its compact `encode_apart()` (decoded only when read), since
-    serialising every candidate of every request was most of the gateway's CPU. The parts
-    (the option set's models, the live figures it was ranked with) are the same for many
-    requests: they need writing once per digest.
+    A RouteDecision is kept as its snapshot (`store.decisions`); its listing and live figures
+    are the same for many requests and need writing once per digest. A dict (a decision as
+    another process sent it) is kept as its JSON.
     """
     if isinstance(decision, dict):
         data = decision
@@ -133,28 +127,30 @@ def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]
             None,
         )
         return row, []
-    chosen = decision.chosen_id  # its columns, without scoring it
-    provider, _, model = chosen.partition("/") if chosen is not None else (None, None, None)
-    record, parts = decision.encode_apart()
-    digests = {kind: digest for kind, digest, _ in parts}
+    snapshot = decision.snapshot()
+    record, listing_digest, listing, live_digest, live = decisions.encode(snapshot)
+    provider = model = tier = est_cost_usd = chosen = None
+    if snapshot.chosen:
+        chosen, provider, model, tier = snapshot.listing.models[int(snapshot.ranked[0])]
+        est_cost_usd = float(snapshot.est_cost_usd[0])
     row = (
-        decision.id,
-        decision.ts,
-        decision.mode,
+        snapshot.id,
+        snapshot.ts,
+        snapshot.mode,
         chosen,
         provider,
         model,
-        decision.chosen_tier,
-        None if chosen is None else decision.est_cost_usd,
-        decision.prompt_tokens,
-        round(decision.decision_us, 2),
-        decision.candidate_count,
-        decision.excluded_count,
+        tier,
+        est_cost_usd,
+        snapshot.prompt_tokens,
+        round(snapshot.decision_us, 2),
+        len(snapshot.ranked),
+        len(snapshot.listing.excluded) + len(snapshot.filtered),
         record,
-        digests.get("models"),
-        digests.get("vectors"),
+        listing_digest,
+        live_digest,
     )
-    return row, [(INSERT_DECISION_PART[kind], digest, part) for kind, digest, part in parts]
+    return row, [(INSERT_DECISION_PART["models"], listing_digest, listing), (INSERT_DECISION_PART["vectors"], live_digest, live)]
 
 
 _SELECT_DECISION = (
@@ -165,12 +161,12 @@ _SELECT_DECISION = (
 
 async def recent_decisions(store: Store, *, limit: int = 100) -> list[dict[str, Any]]:
     rows = await store.fetchall(f"{_SELECT_DECISION} ORDER BY d.ts DESC LIMIT ?", (limit,))
-    return [decode_decision(r["decision"], r["models"], r["vectors"]) for r in rows]
+    return [decisions.decode(r["decision"], r["models"], r["vectors"]) for r in rows]
 
 
 async def get_decision(store: Store, decision_id: str) -> dict[str, Any] | None:
     row = await store.fetchone(f"{_SELECT_DECISION} WHERE d.id = ?", (decision_id,))
-    return decode_decision(row["decision"], row["models"], row["vectors"]) if row else None
+    return decisions.decode(row["decision"], row["models"], row["vectors"]) if row else None
 
 
 # --- provider health ---------------------------------------------------------------

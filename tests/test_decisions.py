@@ -1,0 +1,163 @@
+"""A stored router decision is a fact: it reads back as it was made, whatever the ranking or the prices are now."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from p402_tui.core import router as router_module
+from p402_tui.core.catalog import load_catalog
+from p402_tui.core.config import CacheConfig, ConfigFile, Settings
+from p402_tui.core.events import RouteDecided
+from p402_tui.core.health import HealthTracker
+from p402_tui.core.router import Router, options_from
+from p402_tui.core.types import ChatRequest
+from p402_tui.runtime import Runtime
+from p402_tui.store import queries
+from p402_tui.store.persistence import Persistence
+from p402_tui.store.store import Store
+from p402_tui.tui.source import LocalSource
+
+OPTIONS = [
+    ({}, None),
+    ({"max_cost_usd": 1e-5, "prefer": ["groq"]}, 16),
+    ({"require": ["vision"], "exclude": ["openai"], "failover": False}, 200_000),
+    ({"model": "openai/gpt-4o-mini"}, 16),
+    ({"model": "openai/gpt-4o-mini", "max_cost_usd": 1e-9}, 16),  # the pin filtered out: nothing chosen
+]
+
+
+@pytest.fixture
+async def store(tmp_path):
+    async with await Store.open(tmp_path / "p402.db") as opened:
+        yield opened
+
+
+async def stored(store, *decisions):
+    persistence = Persistence(store)
+    for decision in decisions:
+        persistence.decided(decision)
+    await store.flush()
+    return [await queries.get_decision(store, d.id) for d in decisions]
+
+
+def text(data) -> str:
+    return json.dumps(data)  # same keys, order and float digits
+
+
+@pytest.mark.parametrize("mode", ["cost", "quality", "speed", "balanced", "adaptive"])
+async def test_every_mode_and_filter_reads_back_as_routed(store, mode):
+    router = Router(load_catalog())
+    request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
+    decisions = [
+        router.route(request.model_copy(update={"max_tokens": max_tokens}), options_from(mode=mode, **options))
+        for options, max_tokens in OPTIONS
+    ]
+    for decision, read in zip(decisions, await stored(store, *decisions)):
+        assert text(read) == text(decision.to_dict())
+
+
+@pytest.mark.parametrize("mode", ["speed", "adaptive"])
+async def test_decisions_under_live_health_read_back_as_routed(store, mode, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
+    health = HealthTracker()
+    router = Router(load_catalog(), health=health)
+    request = ChatRequest(messages=[{"role": "user", "content": "hello " * 300}], max_tokens=400)
+    before = router.route(request, options_from(mode=mode))
+    for provider, model_id, latency_ms in (("groq", "groq/llama-3.1-8b-instant", 90), ("openai", "openai/gpt-4o-mini", 2400)):
+        for _ in range(5):
+            health.record_success(provider, model_id, latency_ms=latency_ms, ttft_ms=latency_ms / 4, output_tokens=200)
+    health.record_failure("mistral", "mistral/mistral-small-latest", "server_error")
+    now[0] += router_module.LIVE_FOLD_S
+    after = router.route(request, options_from(mode=mode))
+    assert text(before.to_dict()["candidates"]) != text(after.to_dict()["candidates"])
+    for decision, read in zip((before, after), await stored(store, before, after)):
+        assert text(read) == text(decision.to_dict())
+    assert await store.scalar("SELECT COUNT(*) FROM decision_vectors") == 2  # one set of live figures each
+
+
+async def test_a_new_ranking_function_leaves_stored_decisions_as_they_were(store, monkeypatch):
+    router = Router(load_catalog())
+    request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
+    decision = router.route(request, options_from(mode="balanced"))
+    routed = decision.to_dict()
+    await stored(store, decision)
+
+    def reversed_key(*args, **kwargs):
+        return -original(*args, **kwargs)
+
+    original = router_module._sort_key
+    monkeypatch.setattr(router_module, "_sort_key", reversed_key)
+    monkeypatch.setattr(router_module, "_score", lambda *args: np.zeros(len(args[2])))
+    reranked = Router(load_catalog()).route(request, options_from(mode="balanced"))
+    assert reranked.to_dict()["chosen"]["id"] != routed["chosen"]["id"]  # the new ranking does differ
+    assert text(await queries.get_decision(store, decision.id)) == text(routed)
+
+
+async def test_a_new_price_leaves_stored_decisions_as_they_were(store, tmp_path):
+    request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
+    decision = Router(load_catalog()).route(request, options_from(mode="cost"))
+    routed = decision.to_dict()
+    await stored(store, decision)
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps({"models": {routed["chosen"]["id"]: {"input_per_1m": 90.0, "output_per_1m": 90.0}}}))
+    repriced = Router(load_catalog(overrides_path=overrides)).route(request, options_from(mode="cost"))
+    assert repriced.to_dict()["chosen"]["id"] != routed["chosen"]["id"]
+    assert text(await queries.get_decision(store, decision.id)) == text(routed)
+
+
+async def test_a_record_is_compact_and_shares_its_listing(store):
+    router = Router(load_catalog())
+    request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
+    first, second = router.route(request), router.route(request.model_copy(update={"max_tokens": 32}))
+    await stored(store, first, second)
+    assert await store.scalar("SELECT COUNT(*) FROM decision_models") == 1  # the option set's listing, once
+    own = await store.scalar(f"SELECT length(decision) FROM router_decisions WHERE id = '{first.id}'")
+    whole = len(text(first.to_dict()))
+    assert own < 600 + 26 * len(first.candidates) < whole / 10
+
+
+async def test_a_decision_routed_then_repriced_reads_back_whole_in_the_cli_the_gateway_and_the_console(
+    sim, catalog, tmp_path
+):
+    db = tmp_path / "p402.db"
+    overrides = tmp_path / "overrides.json"
+
+    def settings(with_catalog):
+        return Settings(ConfigFile(cache=CacheConfig(enabled=False)), with_catalog, env={}).point_at(sim.url)
+
+    request = ChatRequest(messages=[{"role": "user", "content": "Which model is cheapest?"}], max_tokens=16)
+    async with Runtime.open(settings(catalog), db_path=db) as runtime:
+        decided = runtime.bus.subscribe(kinds={RouteDecided.kind})
+        await runtime.orchestrator.complete(request, options_from(mode="cost"))
+        routed = json.loads(json.dumps((await decided.get()).decision.to_dict()))  # as the events stream sends it
+        await runtime.store.flush()
+
+    chosen = routed["chosen"]["id"]
+    overrides.write_text(json.dumps({"models": {chosen: {"input_per_1m": 90.0, "output_per_1m": 90.0}}}))
+    repriced = load_catalog(overrides_path=overrides)
+    assert Router(repriced).route(request, options_from(mode="cost")).chosen_id != chosen
+
+    async with Runtime.open(settings(repriced), db_path=db) as runtime:
+        assert await LocalSource(runtime).decision(routed["id"]) == routed
+        gateway = await runtime.serve_gateway("127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+                listed = (await http.get("/api/v2/decisions", params={"limit": 1})).json()["data"]
+        finally:
+            await gateway.stop()
+    assert listed == [routed]
+
+    shown = run_cli("decisions", "show", routed["id"], "--db", str(db), "--json",
+                    env={"P402_CATALOG_OVERRIDES": str(overrides)})  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == routed
+    table = run_cli("decisions", "show", routed["id"], "--db", str(db), env={"P402_CATALOG_OVERRIDES": str(overrides)})
+    assert table.returncode == 0 and chosen in table.stdout
+    missing = run_cli("decisions", "show", "dec-nope", "--db", str(db))
+    assert missing.returncode != 0 and "no decision 'dec-nope'" in missing.stderr and "Traceback" not in missing.stderr
