@@ -62,7 +62,7 @@ class Runtime:
             store = cache = None
             if persist:
                 from .cache.semantic import SemanticCache
-                from .store.persistence import Persistence
+                from .persistence import Persistence
                 from .store.store import Store
 
                 store = await Store.open(settings.db_path)

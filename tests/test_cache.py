@@ -20,7 +20,7 @@ from p402_tui.core.hooks import CallContext, RouteOptions
 from p402_tui.core.orchestrator import Orchestrator
 from p402_tui.core.types import ChatRequest, ChatResponse, Usage
 from p402_tui.store import queries
-from p402_tui.store.persistence import Persistence
+from p402_tui.persistence import Persistence
 from p402_tui.store.store import Store
 
 PAIRS = json.loads((Path(__file__).parent / "data" / "cache_pairs.json").read_text())

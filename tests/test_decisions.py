@@ -18,7 +18,7 @@ from p402_tui.core.router import Router, options_from
 from p402_tui.core.types import ChatRequest
 from p402_tui.runtime import Runtime
 from p402_tui.store import queries
-from p402_tui.store.persistence import Persistence
+from p402_tui.persistence import Persistence
 from p402_tui.store.store import Store
 from p402_tui.tui.source import LocalSource
 

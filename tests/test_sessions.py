@@ -12,7 +12,7 @@ from p402_tui.core.hooks import CallContext, RequestRecord, RouteOptions
 from p402_tui.core.orchestrator import Orchestrator
 from p402_tui.core.types import ChatRequest
 from p402_tui.store import queries
-from p402_tui.store.persistence import Persistence
+from p402_tui.persistence import Persistence
 from p402_tui.store.sessions import (
     SessionError,
     SessionInactiveError,

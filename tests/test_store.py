@@ -20,7 +20,7 @@ from p402_tui.core.hooks import CallContext, RequestRecord, RouteOptions
 from p402_tui.core.types import Attempt, ChatRequest
 from p402_tui.store import queries
 from p402_tui.store.db import SCHEMA_VERSION, StoreError, connect
-from p402_tui.store.persistence import Persistence
+from p402_tui.persistence import Persistence
 from p402_tui.store.store import Store
 from p402_tui.store.writer import Writer
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from ..cache.semantic import SemanticCache, exact_key
-from ..core.errors import BudgetExceededError
-from ..core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
-from ..core.types import ChatRequest, ChatResponse
-from .queries import (
+from .cache.semantic import SemanticCache, exact_key
+from .core.errors import BudgetExceededError
+from .core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
+from .core.types import ChatRequest, ChatResponse
+from .store.queries import (
     INSERT_DECISION,
     INSERT_HEALTH,
     INSERT_REQUEST,
@@ -25,8 +25,8 @@ from .queries import (
     health_row,
     request_row,
 )
-from .sessions import INSERT_MESSAGE, SessionInactiveError, get_session
-from .store import Store
+from .store.sessions import INSERT_MESSAGE, SessionInactiveError, get_session
+from .store.store import Store
 
 class Persistence:
     def __init__(self, store: Store, cache: SemanticCache | None = None) -> None:
