@@ -36,11 +36,11 @@ import aiohttp
 import httpx
 import openai
 
+from p402_tui.core.adapters import make_adapter
 from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.types import ChatRequest
 from p402_tui.providers import http
-from p402_tui.providers.base import make_adapter
 from p402_tui.sim.openai_family import PIECES_HEADER
 
 MODEL = "gpt-4o-mini"

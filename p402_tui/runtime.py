@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import providers  # noqa: F401  registers the wire families the orchestrator makes adapters from
 from .core.config import Settings
 from .core.events import EventBus
 from .core.hooks import Hooks, NoHooks

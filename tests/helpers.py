@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 import httpx
 
 from p402_tui.core import errors
+from p402_tui.core.adapters import make_adapter
 from p402_tui.core.catalog import Catalog
 from p402_tui.core.config import ConfigFile, Settings
-from p402_tui.providers.base import Adapter, make_adapter
+from p402_tui.providers.base import Adapter
 from p402_tui.sim.server import RunningSim, start_sim
 
 # One model of each OpenAI-compatible provider, as the simulator serves them.

@@ -11,7 +11,7 @@ from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.errors import BadRequestError, ContextLengthError, RateLimitError, ServerError
 from p402_tui.core.events import EventBus, HealthChanged
 from p402_tui.core.health import HealthPolicy, HealthTracker
-from p402_tui.providers.base import make_adapter
+from p402_tui.core.adapters import make_adapter
 
 
 class Clock:

@@ -18,13 +18,14 @@ from helpers import OPENAI_FAMILY_MODELS as MODELS
 from helpers import WEATHER, adapters_on, own_sim_adapter, wait_until
 
 from p402_tui.core import errors
+from p402_tui.core.adapters import make_adapter
 from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.core.costs import call_cost
 from p402_tui.core.tokens import count_messages
 from p402_tui.core.types import ChatRequest
 from p402_tui.providers import http
-from p402_tui.providers.base import StreamAssembler, make_adapter, tls_context
+from p402_tui.providers.base import StreamAssembler, tls_context
 from p402_tui.providers.openai_compat import OpenAICompatAdapter
 from p402_tui.sim.server import start_sim
 

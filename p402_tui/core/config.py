@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from ..providers.http import check_header
 from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
 from .errors import ConfigError
 from .types import Capability
@@ -226,6 +225,19 @@ class Settings:
                 raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
             self.file.router.mode = mode  # type: ignore[assignment]
         return self
+
+
+def settings_from(args: Any) -> Settings:
+    """Settings with file < env < flags applied; `args` (a command line's) may carry `config`, `db` and `mode`."""
+    settings = load_settings(getattr(args, "config", None))
+    return settings.with_overrides(db_path=getattr(args, "db", None), mode=getattr(args, "mode", None))
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse a header that could split a request or garble it: a line break, a NUL, non-ASCII, a colon in the name."""
+    text = f"{name}{value}"
+    if not name or ":" in name or not text.isascii() or any(c in text for c in "\r\n\0"):
+        raise ValueError(f"HTTP header {name!r} has a character a header cannot carry")
 
 
 def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, str]) -> ResolvedProvider:

@@ -32,7 +32,7 @@ from .errors import ProviderError
 from .events import EventBus, HealthChanged
 
 if TYPE_CHECKING:
-    from ..providers.base import Adapter
+    from .adapters import Adapter
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"

@@ -1,7 +1,7 @@
 """The seam between the orchestrator and what remembers: cache, budgets, ledger.
 
-The orchestrator calls these hooks around every request; the store package
-provides the real implementation (`persistence.Persistence`), and
+The orchestrator calls these hooks around every request; `persistence.Persistence`
+is the real implementation, on the store and the cache, and
 `NoHooks` runs the orchestrator with nothing remembered (tests of routing, the
 dry-run CLI). Hooks that write must not make the request wait: they enqueue.
 """

@@ -21,8 +21,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .adapters import Adapter, make_adapter
 from .catalog import ModelSpec
 from .config import Settings
 from .costs import call_cost
@@ -38,9 +39,6 @@ from .hooks import CallContext, Hooks, NoHooks, RequestRecord, RouteOptions
 from .router import RouteDecision, Router
 from .tokens import count_text, warm
 from .types import Attempt, ChatChunk, ChatRequest, ChatResponse, P402Meta, ToolCallDelta, Usage, new_id
-
-if TYPE_CHECKING:
-    from ..providers.base import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -262,15 +260,10 @@ class Orchestrator:
         """The provider's adapter, made on first use and kept (one connection pool per provider)."""
         adapter = self._adapters.get(provider)
         if adapter is None:
-            from ..providers.base import make_adapter
-
             resolved = self.settings.providers.get(provider)
             if resolved is None:
                 raise ProviderError(f"unknown provider {provider!r}", provider=provider)
-            try:
-                adapter = make_adapter(resolved)
-            except ImportError as error:
-                raise ProviderError(f"no adapter for wire {resolved.spec.wire!r}: {error}", provider=provider) from None
+            adapter = make_adapter(resolved)
             self._adapters[provider] = adapter
         return adapter
 

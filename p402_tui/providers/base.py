@@ -17,10 +17,10 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from .. import __version__
+from ..core.adapters import HealthResult
 from ..core.config import ResolvedProvider
 from ..core.errors import (
     BadRequestError,
@@ -72,15 +72,8 @@ class RequestHeaders(http.Headers):
         return f"<RequestHeaders {shown!r}>"
 
 
-@dataclass(slots=True)
-class HealthResult:
-    ok: bool
-    latency_ms: float
-    detail: str = ""
-
-
 class Adapter:
-    """Base class for one wire family.
+    """Base class for one wire family: an implementation of `core.adapters.Adapter`.
 
     A family provides `auth_headers`, `error_from_response`, and either `complete` and
     `stream` of its own or the four pieces the ones here are made of: `chat_path`,
@@ -565,19 +558,3 @@ def _duration(value: str) -> float | None:
         number = ""
         i += len(unit)
     return total if not number else None
-
-
-def make_adapter(provider: ResolvedProvider) -> Adapter:
-    """The adapter for a provider's wire family."""
-    wire = provider.spec.wire
-    if wire == "openai":
-        from .openai_compat import OpenAICompatAdapter as cls
-    elif wire == "anthropic":
-        from .anthropic import AnthropicAdapter as cls  # type: ignore[assignment]
-    elif wire == "gemini":
-        from .gemini import GeminiAdapter as cls  # type: ignore[assignment]
-    elif wire == "cohere":
-        from .cohere import CohereAdapter as cls  # type: ignore[assignment]
-    else:  # pragma: no cover - the catalog schema admits only these four
-        raise ValueError(f"unknown wire family {wire!r}")
-    return cls(provider)

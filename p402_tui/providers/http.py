@@ -27,6 +27,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import httptools
 
+from ..core.config import check_header
+
 
 class ConnectTimeout(TimeoutError):
     """No connection in time: connecting took too long, or the pool had none free."""
@@ -552,13 +554,6 @@ class Client:
                 idle[0].close()
                 return True
         return False
-
-
-def check_header(name: str, value: str) -> None:
-    """Refuse a header that could split a request or garble it: a line break, a NUL, non-ASCII, a colon in the name."""
-    text = f"{name}{value}"
-    if not name or ":" in name or not text.isascii() or any(c in text for c in "\r\n\0"):
-        raise ValueError(f"HTTP header {name!r} has a character a header cannot carry")
 
 
 def _header_line(name: str, value: str) -> bytes:

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     @asynccontextmanager
     async def open_source():
-        from ..cli import settings_from
+        from ..core.config import settings_from
 
         settings = settings_from(args)  # a broken config file ends the app with its one-line error
         async with open_demo(settings, db_path=db_path, rate=args.rate, seed=args.seed) as demo:
