@@ -447,22 +447,6 @@ class HealthTracker:
         wanted = list(self._providers) if providers is None else list(providers)
         return {pid: self.provider(pid) for pid in wanted}
 
-    def model_stats(self, model_id: str) -> dict[str, Any] | None:
-        stats = self._models.get(model_id)
-        if stats is None:
-            return None
-        stats.expire(self.clock(), self.policy)
-        return {
-            "id": model_id,
-            "requests": stats.requests,
-            "failures": stats.failures,
-            "error_rate": stats.error_rate(),
-            "latency_ms_ewma": stats.latency_ewma,
-            "ttft_ms_ewma": stats.ttft_ewma,
-            "tokens_per_s": stats.tps_ewma,
-            "last_error": stats.last_error,
-        }
-
     def provider_factor(self, provider: str) -> float:
         """The provider's part of the router's 0..1 health score.
 

@@ -250,12 +250,6 @@ class Orchestrator:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def refresh_providers(self) -> None:
-        """Re-read which providers are usable (after the settings changed)."""
-        usable = [p.id for p in self.settings.usable_providers()]
-        disabled = [pid for pid, p in self.settings.providers.items() if not p.enabled]
-        self.router.set_providers(usable, disabled)
-
     def adapter(self, provider: str) -> Adapter:
         """The provider's adapter, made on first use and kept (one connection pool per provider)."""
         adapter = self._adapters.get(provider)

@@ -138,7 +138,8 @@ class ModelListing:
 class LiveColumns:
     """The live figures of a listing's models, in its order: quality, speed and health scores, latency in ms.
 
-    Every decision ranked with the same figures (one option set, answer length and health epoch) holds the same object."""
+    Every decision ranked with the same figures (one option set, answer length and health epoch)
+    holds the same object."""
 
     quality: np.ndarray
     speed: np.ndarray
@@ -449,8 +450,8 @@ class _Entry:
         "min_ctx",
         "max_out",
         "min_max_out",
-        "q_key",
-        "q_n",
+        "quality_key",
+        "quality",
         "prefer_penalty",
         "cheapest",
         "dearest",
@@ -484,7 +485,7 @@ class _Ranking:
     """Everything a decision needs to build its candidates and exclusions later."""
 
     __slots__ = (
-        "router", "entry", "cost", "_key", "bad", "masks", "chosen", "prompt_tokens", "ot", "live",
+        "router", "entry", "cost", "_key", "bad", "masks", "chosen", "prompt_tokens", "answer_tokens", "live",
         "_eligible", "_order", "_cost_n", "_vectors",
     )  # fmt: skip
 
@@ -498,7 +499,7 @@ class _Ranking:
         masks: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None],
         chosen: int,
         prompt_tokens: int,
-        ot: int,
+        answer_tokens: int,
         live: _Live,
     ) -> None:
         self.router = router
@@ -509,7 +510,7 @@ class _Ranking:
         self.masks = masks
         self.chosen = chosen
         self.prompt_tokens = prompt_tokens
-        self.ot = ot
+        self.answer_tokens = answer_tokens
         self.live = live
         self._eligible: np.ndarray | None = None
         self._order: list[int] | None = None
@@ -521,12 +522,12 @@ class _Ranking:
         if self._key is None:
             # Its own vectors: a snapshot taken after health moved on would compute them twice otherwise.
             self._key = self.router._key(
-                self.entry, self.cost, self.bad, self.prompt_tokens, self.ot, self.live, self.vectors
+                self.entry, self.cost, self.bad, self.prompt_tokens, self.answer_tokens, self.live, self.vectors
             )
         return self._key
 
     @property
-    def cost_n(self) -> np.ndarray:
+    def cost_score(self) -> np.ndarray:
         """Each model's normalised cost score (1 the cheapest)."""
         if self._cost_n is None:
             self._cost_n = _log_score(self.cost + _COST_FLOOR)
@@ -536,7 +537,7 @@ class _Ranking:
     def vectors(self) -> _Vectors:
         """The live figures this decision was ranked with."""
         if self._vectors is None:
-            self._vectors = self.router._live_vectors(self.entry, self.ot, self.live)
+            self._vectors = self.router._live_vectors(self.entry, self.answer_tokens, self.live)
         return self._vectors
 
     @property
@@ -558,19 +559,21 @@ class _Ranking:
         router = self.router
         m = int(entry.idx[i])
         vectors = self.vectors
-        cost_n, q_n, s_n, h = float(self.cost_n[i]), float(entry.q_n[i]), float(vectors.speed[i]), float(vectors.health[i])
+        cost_score, quality, speed, health = (
+            float(self.cost_score[i]), float(entry.quality[i]), float(vectors.speed[i]), float(vectors.health[i])
+        )
         mode = entry.mode
         if mode == "cost":
-            score = cost_n
+            score = cost_score
         elif mode == "quality":
-            score = q_n
+            score = quality
         elif mode == "speed":
-            score = s_n
+            score = speed
         else:
-            wc, wq, ws = router._weights
-            score = wc * cost_n + wq * q_n + ws * s_n
+            cost_weight, quality_weight, speed_weight = router._weights
+            score = cost_weight * cost_score + quality_weight * quality + speed_weight * speed
             if mode == "adaptive":
-                score *= h
+                score *= health
         spec = router._specs[m]
         return Candidate(
             id=spec.id,
@@ -578,10 +581,10 @@ class _Ranking:
             model=spec.model,
             tier=spec.tier,
             score=score,
-            cost=cost_n,
-            quality=q_n,
-            speed=s_n,
-            health=h,
+            cost=cost_score,
+            quality=quality,
+            speed=speed,
+            health=health,
             est_cost_usd=float(self.cost[i]),
             est_latency_ms=float(vectors.latency[i]),
         )
@@ -617,12 +620,12 @@ class _Ranking:
                 tuple(entry.excluded),
             )
         if vectors.columns is None:
-            vectors.columns = LiveColumns(entry.q_n, vectors.speed, vectors.health, vectors.latency)
+            vectors.columns = LiveColumns(entry.quality, vectors.speed, vectors.health, vectors.latency)
         ranked = self.eligible
         chosen = self.chosen
         if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):  # a pin; otherwise the argmin already leads
             ranked = np.concatenate(([chosen], ranked[ranked != chosen]))
-        score = _score(entry.mode, self.router._weights, self.cost_n, entry.q_n, vectors.speed, vectors.health)
+        score = _score(entry.mode, self.router._weights, self.cost_score, entry.quality, vectors.speed, vectors.health)
         return DecisionSnapshot(
             id=decision.id,
             ts=decision.ts,
@@ -636,30 +639,30 @@ class _Ranking:
             live=vectors.columns,
             ranked=ranked,
             score=score[ranked],
-            cost=self.cost_n[ranked],
+            cost=self.cost_score[ranked],
             est_cost_usd=self.cost[ranked],
             filtered=self.filtered(),
         )
 
 
 def _score(
-    mode: str, weights: tuple[float, float, float], cost_n: np.ndarray, q_n: np.ndarray, speed: np.ndarray,
+    mode: str, weights: tuple[float, float, float], cost_score: np.ndarray, quality: np.ndarray, speed: np.ndarray,
     health: np.ndarray,
 ) -> np.ndarray:
     """Every model's score: the same float operations, in the same order, as `_Ranking.candidate`."""
     if mode == "cost":
-        return cost_n
+        return cost_score
     if mode == "quality":
-        return q_n
+        return quality
     if mode == "speed":
         return speed
-    wc, wq, ws = weights
-    score = wc * cost_n + wq * q_n + ws * speed
+    cost_weight, quality_weight, speed_weight = weights
+    score = cost_weight * cost_score + quality_weight * quality + speed_weight * speed
     return score * health if mode == "adaptive" else score
 
 
 def _sort_key(
-    mode: str, weights: tuple[float, float, float], cost: np.ndarray, q_key: np.ndarray, vectors: _Vectors | None,
+    mode: str, weights: tuple[float, float, float], cost: np.ndarray, quality_key: np.ndarray, vectors: _Vectors | None,
     prefer_penalty: np.ndarray | None, bad: np.ndarray | None, cost_range: tuple[float, float] | None,
 ) -> np.ndarray:
     """Each model's sort key (lower is better; filtered out by `bad`: inf).
@@ -671,26 +674,26 @@ def _sort_key(
     if mode == "cost":
         key = cost.copy() if marked else cost  # `cost` itself stays the estimate
     elif mode == "quality":
-        key = q_key.copy() if marked else q_key
+        key = quality_key.copy() if marked else quality_key
     else:
         assert vectors is not None
         if mode == "speed":
             key = vectors.latency.copy() if marked else vectors.latency
         else:
-            # -(wc * cost_n + rest), with cost_n = (H - log c) / (H - L): the constant wc*H/(H-L)
-            # drops out of a balanced ranking; adaptive multiplies by health, so it stays in.
+            # -(cost_weight * cost_score + rest), with cost_score = (H - log c) / (H - L): the constant
+            # cost_weight * H / (H - L) drops out of a balanced ranking; adaptive multiplies by health, so it stays in.
             assert cost_range is not None
             low, high = cost_range
-            wc = weights[0]
+            cost_weight = weights[0]
             span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
             key = np.log(cost + _COST_FLOOR)
             if span > 1e-12:
-                key *= wc / span
+                key *= cost_weight / span
                 key -= vectors.rest
                 if mode == "adaptive":
-                    key -= wc * (math.log(high + _COST_FLOOR) / span)
+                    key -= cost_weight * (math.log(high + _COST_FLOOR) / span)
             else:
-                key = -(vectors.rest + wc)
+                key = -(vectors.rest + cost_weight)
             if mode == "adaptive":
                 key *= vectors.health
     if prefer_penalty is not None:
@@ -700,11 +703,11 @@ def _sort_key(
     return key
 
 
-def _cost_range(entry: _Entry, prompt_tokens: int, ot: int) -> tuple[float, float]:
+def _cost_range(entry: _Entry, prompt_tokens: int, answer_tokens: int) -> tuple[float, float]:
     """The cheapest and the dearest estimate of the entry's models: a short scan of their price hulls."""
     return (
-        min(prompt_tokens * a + ot * b for a, b in entry.cheapest),
-        max(prompt_tokens * a + ot * b for a, b in entry.dearest),
+        min(prompt_tokens * a + answer_tokens * b for a, b in entry.cheapest),
+        max(prompt_tokens * a + answer_tokens * b for a, b in entry.dearest),
     )
 
 
@@ -858,12 +861,12 @@ class Router:
             entry = self._entry(entry_key)
         mode = entry.mode
         max_tokens = request.max_tokens
-        ot = max_tokens if max_tokens is not None else entry.default_output
+        answer_tokens = max_tokens if max_tokens is not None else entry.default_output
 
-        cost = entry.prices.dot((prompt_tokens, ot))
+        cost = entry.prices.dot((prompt_tokens, answer_tokens))
         ctx_bad = out_bad = cost_bad = None
-        if prompt_tokens + ot > entry.min_ctx:
-            ctx_bad = entry.ctx < prompt_tokens + ot
+        if prompt_tokens + answer_tokens > entry.min_ctx:
+            ctx_bad = entry.ctx < prompt_tokens + answer_tokens
         if max_tokens is not None and max_tokens > entry.min_max_out:
             out_bad = entry.max_out < max_tokens
         if options.max_cost_usd is not None:
@@ -880,7 +883,7 @@ class Router:
             # over and for its record, which is written after the answer has gone.
             key = None
         else:
-            key = self._key(entry, cost, bad, prompt_tokens, ot, live)
+            key = self._key(entry, cost, bad, prompt_tokens, answer_tokens, live)
             chosen = int(key.argmin()) if len(key) else -1
             if chosen >= 0 and key[chosen] == np.inf:
                 chosen = -1
@@ -889,14 +892,14 @@ class Router:
             time.time(),
             mode,
             prompt_tokens,
-            ot,
+            answer_tokens,
             (time.perf_counter_ns() - started) / 1000,
             options,
-            (self, entry, cost, key, bad, (ctx_bad, out_bad, cost_bad), chosen, prompt_tokens, ot, live),
+            (self, entry, cost, key, bad, (ctx_bad, out_bad, cost_bad), chosen, prompt_tokens, answer_tokens, live),
         )
 
     def _key(
-        self, entry: _Entry, cost: np.ndarray, bad: np.ndarray | None, prompt_tokens: int, ot: int,
+        self, entry: _Entry, cost: np.ndarray, bad: np.ndarray | None, prompt_tokens: int, answer_tokens: int,
         live: _Live, vectors: _Vectors | None = None,
     ) -> np.ndarray:
         """Each model's sort key in the entry's mode (`_sort_key`).
@@ -904,9 +907,9 @@ class Router:
         `vectors`: the live figures under `live`, when the caller has them already."""
         mode = entry.mode
         if vectors is None and mode not in ("cost", "quality"):
-            vectors = self._live_vectors(entry, ot, live)
-        cost_range = _cost_range(entry, prompt_tokens, ot) if mode in _RANGED_MODES else None
-        return _sort_key(mode, self._weights, cost, entry.q_key, vectors, entry.prefer_penalty, bad, cost_range)
+            vectors = self._live_vectors(entry, answer_tokens, live)
+        cost_range = _cost_range(entry, prompt_tokens, answer_tokens) if mode in _RANGED_MODES else None
+        return _sort_key(mode, self._weights, cost, entry.quality_key, vectors, entry.prefer_penalty, bad, cost_range)
 
     def _prompt(self, request: ChatRequest) -> tuple[int, int]:
         """(prompt tokens, capability bits the request needs), counted once per distinct prompt."""
@@ -981,9 +984,9 @@ class Router:
         entry.max_out = self._max_out[entry.idx]
         entry.min_ctx = int(entry.ctx.min()) if keep else 0
         entry.min_max_out = int(entry.max_out.min()) if keep else 0
-        quality = self._quality[entry.idx]
-        entry.q_n = _minmax(quality) if keep else quality
-        entry.q_key = -entry.q_n
+        prior = self._quality[entry.idx]
+        entry.quality = _minmax(prior) if keep else prior  # 0..1 over the models kept
+        entry.quality_key = -entry.quality
         prices = [(float(a), float(b)) for a, b in entry.prices]
         entry.cheapest = _lower_hull(prices)
         entry.dearest = [(-a, -b) for a, b in _lower_hull([(-a, -b) for a, b in prices])]
@@ -1011,23 +1014,23 @@ class Router:
             raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         return pin_ref, mode
 
-    def _live_vectors(self, entry: _Entry, ot: int, live: _Live) -> _Vectors:
+    def _live_vectors(self, entry: _Entry, answer_tokens: int, live: _Live) -> _Vectors:
         """Latency, speed score and health of the entry's models, cached per answer length and health epoch.
 
         Keyed by the epoch a decision was ranked in, not the current one: decisions are snapshot for
         the store after their answers, often once health has moved on, and would compute them again."""
         ttft, mspt, health, epoch = live
-        cached = entry.live.get((ot, epoch))
+        cached = entry.live.get((answer_tokens, epoch))
         if cached is not None:
             return cached
         idx = entry.idx
-        latency = ttft[idx] + ot * mspt[idx]
+        latency = ttft[idx] + answer_tokens * mspt[idx]
         speed = _log_score(latency) if len(latency) else latency
-        _, wq, ws = self._weights
-        vectors = _Vectors(epoch, latency, speed, health[idx], entry.q_n * wq + speed * ws)
+        _, quality_weight, speed_weight = self._weights
+        vectors = _Vectors(epoch, latency, speed, health[idx], entry.quality * quality_weight + speed * speed_weight)
         if len(entry.live) >= 16:
             entry.live.clear()
-        entry.live[(ot, epoch)] = vectors
+        entry.live[(answer_tokens, epoch)] = vectors
         return vectors
 
     def _refresh(self) -> None:

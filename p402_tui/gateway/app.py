@@ -466,8 +466,8 @@ class _Front:
     """The outermost layer: gateway keys, and a last guard so no traceback leaves the server.
 
     `direct` routes, the chat endpoints every proxied call takes, skip Starlette's
-    middleware and router: they cost ~30 us a request, a tenth of what the gateway
-    may add to a call. Starlette still answers everything else (405s included).
+    middleware and router, a sizeable share of what the gateway may add to a call.
+    Starlette still answers everything else (405s included).
     """
 
     OPEN_PATHS = frozenset({"/health"})

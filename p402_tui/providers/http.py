@@ -2,13 +2,10 @@
 
 Keep-alive pools per origin, request heads written in one piece, and bodies handed
 out as they arrive; the parsing is httptools (llhttp, the parser uvicorn serves
-with). It replaces aiohttp, measured: a proxy passing a stream from the simulator
-through aiohttp spent 0.60 to 0.74 ms of CPU a request at concurrency 1, the same
-proxy on this client 0.33, and 0.50 against 0.24 for whole answers (bench/floor_proxy.py,
-interleaved runs). Most of aiohttp's cost is machinery no provider API needs, so this
-client leaves it out: redirects, cookies, proxies, HTTP/2, and compression other
-than gzip and deflate (it asks for none; it undoes those two when a server sends
-them anyway).
+with). It leaves out what no provider API needs and a general client (aiohttp, the
+one it replaced) pays for on every request: redirects, cookies, proxies, HTTP/2,
+and compression other than gzip and deflate (it asks for none; it undoes those two
+when a server sends them anyway).
 
 Failures are OSError subclasses, as the socket's own are: `ConnectTimeout` (no
 connection in time), `ReadTimeout` (a silence, or an answer past its deadline),

@@ -150,7 +150,8 @@ def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]
         listing_digest,
         live_digest,
     )
-    return row, [(INSERT_DECISION_PART["models"], listing_digest, listing), (INSERT_DECISION_PART["vectors"], live_digest, live)]
+    parts = [(INSERT_DECISION_PART["models"], listing_digest, listing), (INSERT_DECISION_PART["vectors"], live_digest, live)]
+    return row, parts
 
 
 _SELECT_DECISION = (
