@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from p402_tui.core import errors
 from p402_tui.core.adapters import make_adapter
 from p402_tui.core.catalog import Catalog
 from p402_tui.core.config import ConfigFile, Settings
@@ -42,16 +41,6 @@ TIME = {
 }
 # A 1x1 PNG, base64.
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
-# Each simulator fault, streamed or not, and the error our adapters must turn it into.
-FAULTS_AND_ERRORS = [
-    ({"kind": "error"}, False, errors.ServerError),
-    ({"kind": "error", "status": 503}, True, errors.OverloadedError),
-    ({"kind": "error", "after_tokens": 3}, True, errors.StreamInterruptedError),
-    ({"kind": "disconnect", "after_tokens": 3}, True, errors.StreamInterruptedError),
-    ({"kind": "disconnect"}, False, errors.ConnectionLostError),
-    ({"kind": "malformed"}, False, errors.MalformedResponseError),
-    ({"kind": "malformed", "after_tokens": 2}, True, errors.StreamInterruptedError),
-]
 
 
 def user(content) -> dict:

@@ -1,9 +1,11 @@
-"""The Anthropic wire family end to end: the official SDK and our adapter against the simulator."""
+"""The Anthropic wire family end to end: the official SDK and our adapter against the simulator.
+
+What every provider does alike (answers, usage, tools, images, each fault, errors, closing a
+stream) is tested once for all in test_provider_suite.py; this file holds what this family does its own way.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from contextlib import aclosing
 from datetime import datetime, timedelta, timezone
 
 import anthropic
@@ -11,7 +13,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from helpers import PNG, WEATHER, add_fault, collect, joined, own_sim_adapter, user, wait_until
+from helpers import PNG, WEATHER, add_fault, collect, joined, user
 
 from p402_tui.core import errors
 from p402_tui.core.costs import call_cost
@@ -301,12 +303,6 @@ async def test_prompt_cache_usage_is_priced_at_the_cached_rate(adapter, catalog)
     assert call_cost(spec, second) < call_cost(spec, first.usage)
 
 
-async def test_list_models_and_health(adapter, catalog):
-    models = await adapter.list_models()
-    assert models == [m.model for m in catalog.models_of("anthropic")]
-    assert (await adapter.health_check()).ok
-
-
 # --- errors ---------------------------------------------------------------------------
 
 
@@ -329,19 +325,6 @@ async def test_missing_key_unknown_model_and_context_length(adapter_for, adapter
         assert caught.value.retryable and caught.value.scope == "model"
 
 
-@pytest.mark.parametrize(
-    ("status", "expected"),
-    [(500, errors.ServerError), (503, errors.ServerError), (529, errors.OverloadedError)],
-)
-async def test_error_faults(adapter, sim, status, expected):
-    await add_fault(sim, "anthropic", kind="error", status=status, count=2)
-    with pytest.raises(expected) as caught:
-        await adapter.complete(chat(user("hi")))
-    assert caught.value.status == status and caught.value.retryable
-    with pytest.raises(expected):
-        await collect(adapter.stream(chat(user("hi"))))
-
-
 async def test_overloaded_error_event_mid_stream(adapter, sim):
     await add_fault(sim, "anthropic", kind="error", status=529, after_tokens=3)
     chunks = []
@@ -349,14 +332,6 @@ async def test_overloaded_error_event_mid_stream(adapter, sim):
         async for chunk in adapter.stream(chat(user("hi"))):
             chunks.append(chunk)
     assert len(chunks) == 3 and all(c.content for c in chunks)
-
-
-async def test_rate_limit_fault_carries_the_wait(adapter, sim):
-    await add_fault(sim, "anthropic", kind="rate_limit", retry_after_s=7, count=2)
-    for attempt in (adapter.complete(chat(user("hi"))), collect(adapter.stream(chat(user("hi"))))):
-        with pytest.raises(errors.RateLimitError) as caught:
-            await attempt
-        assert caught.value.status == 429 and caught.value.retry_after_s == 7
 
 
 async def test_rate_limit_wait_from_anthropic_reset_headers_and_no_key_in_messages(adapter):
@@ -375,60 +350,3 @@ async def test_rate_limit_wait_from_anthropic_reset_headers_and_no_key_in_messag
     key = adapter.provider.key()
     refused = adapter.error(401, "authentication_error", f"invalid x-api-key {key}", http.Headers(), MODEL)
     assert key not in str(refused) and key not in refused.message
-
-
-async def test_timeout_fault(adapter_for, sim):
-    adapter = adapter_for("anthropic", timeout_s=0.3, first_token_timeout_s=0.3)
-    await add_fault(sim, "anthropic", kind="timeout", count=2)
-    with pytest.raises(errors.TimeoutError) as caught:
-        await adapter.complete(chat(user("hi")))
-    assert caught.value.phase == "read"
-    with pytest.raises(errors.TimeoutError) as caught:
-        await collect(adapter.stream(chat(user("hi"))))
-    assert caught.value.phase == "first_token"
-
-
-async def test_disconnect_fault(adapter, sim):
-    await add_fault(sim, "anthropic", kind="disconnect", after_tokens=3, count=2)
-    with pytest.raises(errors.ConnectionLostError):
-        await adapter.complete(chat(user("hi")))
-    chunks = []
-    with pytest.raises(errors.StreamInterruptedError):
-        async for chunk in adapter.stream(chat(user("hi"))):
-            chunks.append(chunk)
-    assert len(chunks) == 3
-
-
-async def test_malformed_fault(adapter, sim):
-    await add_fault(sim, "anthropic", kind="malformed", after_tokens=2, count=2)
-    with pytest.raises(errors.MalformedResponseError):
-        await adapter.complete(chat(user("hi")))
-    with pytest.raises(errors.StreamInterruptedError, match="unreadable event"):
-        await collect(adapter.stream(chat(user("hi"))))
-    assert sim.state.streams.broken == 1
-
-
-# --- cancellation ---------------------------------------------------------------------
-
-
-async def test_closing_or_cancelling_a_stream_closes_the_upstream(catalog):
-    async with own_sim_adapter(catalog, "anthropic", latency=True, speed=2.0) as (adapter, paced):
-        streams = paced.state.streams
-        async with aclosing(adapter.stream(chat(user("Tell me a long story")))) as chunks:
-            async for chunk in chunks:
-                if chunk.content:
-                    break
-
-        async def read_all():
-            return await collect(adapter.stream(chat(user("Another long story"))))
-
-        reader = asyncio.create_task(read_all())
-        while streams.opened < 2:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
-        reader.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reader
-
-        await wait_until(lambda: streams.cancelled == 2 and streams.open_now == 0)
-        assert (streams.opened, streams.cancelled, streams.completed, streams.open_now) == (2, 2, 0, 0)

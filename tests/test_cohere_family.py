@@ -1,4 +1,8 @@
-"""The Cohere wire family end to end: the official cohere SDK and our adapter against the simulator."""
+"""The Cohere wire family end to end: the official cohere SDK and our adapter against the simulator.
+
+What every provider does alike (answers, usage, tools, images, each fault, errors, closing a
+stream) is tested once for all in test_provider_suite.py; this file holds what this family does its own way.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,13 @@ import pytest
 from pydantic import SecretStr
 
 from helpers import (
-    FAULTS_AND_ERRORS,
     PNG,
     TIME,
     WEATHER,
-    add_fault,
     collect,
     joined,
     own_sim_adapter,
     user,
-    wait_until,
     with_context_window,
 )
 
@@ -270,41 +271,3 @@ async def test_unknown_model_and_context_length(adapter, catalog):
         with pytest.raises(errors.ContextLengthError) as caught:
             await cramped.complete(chat(user("word " * 100)))
     assert "too many tokens" in caught.value.message
-
-
-@pytest.mark.parametrize("fault, streamed, expected", FAULTS_AND_ERRORS)
-async def test_faults_map_to_error_kinds(sim, adapter, fault, streamed, expected):
-    await add_fault(sim, "cohere", **fault)
-    request = chat(user("Hi"))
-    with pytest.raises(expected):
-        if streamed:
-            await collect(adapter.stream(request))
-        else:
-            await adapter.complete(request)
-
-
-async def test_rate_limit_wait_comes_from_retry_after(sim, adapter):
-    await add_fault(sim, "cohere", kind="rate_limit", retry_after_s=7)
-    with pytest.raises(errors.RateLimitError) as caught:
-        await adapter.complete(chat(user("Hi")))
-    assert caught.value.retry_after_s == 7 and caught.value.status == 429 and caught.value.retryable
-
-
-async def test_timeouts(sim, adapter_for):
-    adapter = adapter_for("cohere", timeout_s=0.3, first_token_timeout_s=0.3)
-    await add_fault(sim, "cohere", kind="timeout")
-    with pytest.raises(errors.TimeoutError):
-        await adapter.complete(chat(user("Hi")))
-    with pytest.raises(errors.TimeoutError):
-        await collect(adapter.stream(chat(user("Hi"))))
-
-
-async def test_closing_a_stream_closes_the_upstream(catalog):
-    async with own_sim_adapter(catalog, "cohere", latency=True, speed=4) as (adapter, running):
-        stream = adapter.stream(chat(user("Tell me a long story.")))
-        first = await anext(stream)
-        assert first.content
-        await stream.aclose()
-        streams = running.state.streams
-        await wait_until(lambda: streams.cancelled)
-        assert streams.cancelled == 1 and streams.open_now == 0 and streams.completed == 0

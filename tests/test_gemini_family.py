@@ -1,4 +1,8 @@
-"""The Gemini wire family end to end: the official google-genai SDK and our adapter against the simulator."""
+"""The Gemini wire family end to end: the official google-genai SDK and our adapter against the simulator.
+
+What every provider does alike (answers, usage, tools, images, each fault, errors, closing a
+stream) is tested once for all in test_provider_suite.py; this file holds what this family does its own way.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ from google.genai import types
 from pydantic import SecretStr
 
 from helpers import (
-    FAULTS_AND_ERRORS,
     PNG,
     TIME,
     WEATHER,
@@ -21,7 +24,6 @@ from helpers import (
     joined,
     own_sim_adapter,
     user,
-    wait_until,
     with_context_window,
 )
 
@@ -360,17 +362,6 @@ async def test_unknown_model_and_context_length(sim, adapter, catalog):
     assert "exceeds the maximum number of tokens" in caught.value.message
 
 
-@pytest.mark.parametrize("fault, streamed, expected", FAULTS_AND_ERRORS)
-async def test_faults_map_to_error_kinds(sim, adapter, fault, streamed, expected):
-    await add_fault(sim, "google", **fault)
-    request = chat(user("Hi"))
-    with pytest.raises(expected):
-        if streamed:
-            await collect(adapter.stream(request))
-        else:
-            await adapter.complete(request)
-
-
 async def test_rate_limit_wait_comes_from_retry_info(sim, adapter):
     await add_fault(sim, "google", kind="rate_limit", retry_after_s=12, count=1)
     limited = await raw(sim, "generateContent", {"contents": [{"parts": [{"text": "Hi"}]}]})
@@ -380,23 +371,3 @@ async def test_rate_limit_wait_comes_from_retry_info(sim, adapter):
     with pytest.raises(errors.RateLimitError) as caught:
         await adapter.complete(chat(user("Hi")))
     assert caught.value.retry_after_s == 12.5 and caught.value.retryable
-
-
-async def test_timeouts(sim, adapter_for):
-    adapter = adapter_for("google", timeout_s=0.3, first_token_timeout_s=0.3)
-    await add_fault(sim, "google", kind="timeout")
-    with pytest.raises(errors.TimeoutError):
-        await adapter.complete(chat(user("Hi")))
-    with pytest.raises(errors.TimeoutError):
-        await collect(adapter.stream(chat(user("Hi"))))
-
-
-async def test_closing_a_stream_closes_the_upstream(catalog):
-    async with own_sim_adapter(catalog, "google", latency=True, speed=4) as (adapter, running):
-        stream = adapter.stream(chat(user("Tell me a long story.")))
-        first = await anext(stream)
-        assert first.content
-        await stream.aclose()
-        streams = running.state.streams
-        await wait_until(lambda: streams.cancelled)
-        assert streams.cancelled == 1 and streams.open_now == 0 and streams.completed == 0

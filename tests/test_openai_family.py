@@ -1,4 +1,8 @@
-"""The OpenAI-compatible adapter against the real simulator, for all nine providers of the family."""
+"""The OpenAI-compatible adapter against the real simulator, for all nine providers of the family.
+
+What every provider does alike (answers, usage, tools, images, each fault, errors, closing a
+stream) is tested once for all in test_provider_suite.py; this file holds what this family does its own way.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import pytest
 from pydantic import SecretStr
 
 from helpers import OPENAI_FAMILY_MODELS as MODELS
-from helpers import WEATHER, adapters_on, own_sim_adapter, wait_until
+from helpers import WEATHER, adapters_on
 
 from p402_tui.core import errors
 from p402_tui.core.adapters import make_adapter
@@ -144,19 +148,6 @@ async def test_an_error_event_read_with_content_lets_the_content_through_first(a
         async for batch in adapters("openai").stream_batches(ask(), model=MODELS["openai"]):
             seen += [chunk.content for chunk in batch]
     assert len(seen) == 3
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
-async def test_streamed_and_plain_twins_are_billed_the_same(pid, catalog, adapters):
-    adapter = adapters(pid)
-    spec = catalog.models[f"{pid}/{MODELS[pid]}"]
-    request = ask("Twins cost the same, right?", max_tokens=120)
-    plain = await adapter.complete(request, model=MODELS[pid])
-    _, streamed = await collect(adapter, request, MODELS[pid])
-    assert streamed.usage == plain.usage
-    assert streamed.content == plain.content
-    assert streamed.finish_reason == plain.finish_reason
-    assert call_cost(spec, streamed.usage) == call_cost(spec, plain.usage) > 0
 
 
 async def test_model_prefix_in_the_request_is_ours_not_the_providers(adapters):
@@ -298,30 +289,6 @@ async def test_mistral_dialect(adapters):
 # --- tools -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pid", [pid for pid in PROVIDERS if pid != "perplexity"])  # Sonar has no tools
-async def test_tool_calls_both_ways(pid, adapters):
-    adapter = adapters(pid)
-    request = ask("What is the weather in Paris?", tools=[WEATHER])
-    plain = await adapter.complete(request, model=MODELS[pid])
-    assert plain.finish_reason == "tool_calls"
-    call = plain.tool_calls[0]
-    assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
-    chunks, streamed = await collect(adapter, request, MODELS[pid])
-    assert streamed.tool_calls == plain.tool_calls and streamed.usage == plain.usage
-    if pid != "ai21":  # AI21 cannot stream with tools; the adapter replays the whole answer
-        assert sum(1 for c in chunks if c.tool_calls) > 2  # arguments arrived in pieces
-    follow_up = ChatRequest(
-        messages=[
-            *request.messages,
-            {"role": "assistant", "content": None, "tool_calls": plain.tool_calls},
-            {"role": "tool", "tool_call_id": call["id"], "content": '{"temp_c": 21}'},
-        ],
-        tools=[WEATHER],
-    )
-    answer = await adapter.complete(follow_up, model=MODELS[pid])
-    assert answer.content and not answer.tool_calls and answer.finish_reason == "stop"
-
-
 async def test_tool_choice_none_gets_text(adapters):
     adapter = adapters("openai")
     response = await adapter.complete(ask(tools=[WEATHER], tool_choice="none"), model="gpt-4o-mini")
@@ -329,14 +296,6 @@ async def test_tool_choice_none_gets_text(adapters):
 
 
 # --- models, embeddings, health ----------------------------------------------------------
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
-async def test_list_models_and_health(pid, adapters, catalog):
-    adapter = adapters(pid)
-    assert set(await adapter.list_models()) == {m.model for m in catalog.models_of(pid)}
-    health = await adapter.health_check()
-    assert health.ok and health.latency_ms > 0
 
 
 @pytest.mark.parametrize(
@@ -391,28 +350,6 @@ async def test_keyless_extra_provider(catalog):
 
 
 @pytest.mark.parametrize("pid", PROVIDERS)
-async def test_missing_key_is_an_authentication_error(pid, fresh_sim_settings):
-    adapter = make_adapter(replace(fresh_sim_settings.providers[pid], api_key=None))
-    try:
-        with pytest.raises(errors.AuthenticationError) as caught:
-            await adapter.complete(ask(), model=MODELS[pid])
-        assert caught.value.status == 401 and caught.value.message
-        assert not caught.value.retryable
-    finally:
-        await adapter.aclose()
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
-async def test_unknown_model_is_model_not_found(pid, adapters):
-    adapter = adapters(pid)
-    with pytest.raises(errors.ModelNotFoundError):
-        await adapter.complete(ask(), model="no-such-model")
-    with pytest.raises(errors.ModelNotFoundError):
-        async for _ in adapter.stream(ask(), model="no-such-model"):
-            pass
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
 async def test_context_length_exceeded(pid, adapters, catalog):
     spec = min(
         (m for m in catalog.models_of(pid) if "chat" in m.capabilities and not m.model.startswith(("o1", "o3", "o4"))),
@@ -431,49 +368,6 @@ async def test_bad_request_is_not_retryable(adapters, catalog):
         await adapter.complete(ask(max_tokens=too_long), model="gpt-4o-mini")
     assert type(caught.value) is errors.BadRequestError and not caught.value.retryable
     assert "max_tokens is too large" in caught.value.message
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
-async def test_server_error_faults(pid, adapters, fresh_sim):
-    adapter = adapters(pid)
-    async with httpx.AsyncClient(base_url=fresh_sim.url, verify=tls_context()) as control:
-        for status, kind in [(500, errors.ServerError), (502, errors.ServerError), (503, errors.ServerError),
-                             (529, errors.OverloadedError)]:
-            await control.delete("/_sim/faults")
-            await control.post("/_sim/faults", json={"provider": pid, "kind": "error", "status": status})
-            with pytest.raises(kind) as caught:
-                await adapter.complete(ask(), model=MODELS[pid])
-            assert caught.value.status == status and caught.value.retryable
-            assert (type(caught.value) is errors.OverloadedError) == (status == 529)
-            with pytest.raises(kind):
-                async for _ in adapter.stream(ask(), model=MODELS[pid]):
-                    pass
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
-async def test_rate_limit_fault_carries_retry_after(pid, adapters, control):
-    await control(provider=pid, kind="rate_limit", retry_after_s=2.5)
-    adapter = adapters(pid)
-    with pytest.raises(errors.RateLimitError) as caught:
-        await adapter.complete(ask(), model=MODELS[pid])
-    assert caught.value.retry_after_s == 2.5 and caught.value.status == 429
-    with pytest.raises(errors.RateLimitError) as caught:
-        async for _ in adapter.stream(ask(), model=MODELS[pid]):
-            pass
-    assert caught.value.retry_after_s == 2.5
-
-
-@pytest.mark.parametrize("pid", ["openai", "deepseek", "openrouter", "ai21"])
-async def test_timeout_faults(pid, adapters, control):
-    await control(provider=pid, kind="timeout")
-    adapter = adapters(pid, timeout_s=0.3, first_token_timeout_s=0.3)
-    with pytest.raises(errors.TimeoutError) as caught:
-        await adapter.complete(ask(), model=MODELS[pid])
-    assert caught.value.phase == "read"
-    with pytest.raises(errors.TimeoutError) as caught:
-        async for _ in adapter.stream(ask(), model=MODELS[pid]):
-            pass
-    assert caught.value.phase == "first_token"
 
 
 async def test_a_stream_that_stalls_mid_answer_times_out(adapters, control):
@@ -520,35 +414,6 @@ async def test_an_error_answer_whose_body_stalls_times_out(adapters):
         assert caught.value.phase == "read" and time.perf_counter() - started < 1.0
     finally:
         server.close()
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
-async def test_disconnect_faults(pid, adapters, control, fresh_sim):
-    await control(provider=pid, kind="disconnect", after_tokens=4)
-    adapter = adapters(pid)
-    seen = []
-    with pytest.raises(errors.StreamInterruptedError):
-        async for chunk in adapter.stream(ask(), model=MODELS[pid]):
-            seen.append(chunk.content)
-    assert len([s for s in seen if s]) == 4
-    with pytest.raises(errors.ConnectionLostError):
-        await adapter.complete(ask(), model=MODELS[pid])
-    assert fresh_sim.state.streams.broken == 1
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
-async def test_malformed_faults(pid, adapters, control):
-    await control(provider=pid, kind="malformed", count=2)
-    adapter = adapters(pid)
-    with pytest.raises(errors.MalformedResponseError):
-        await adapter.complete(ask(), model=MODELS[pid])
-    with pytest.raises(errors.MalformedResponseError):  # garbage before any content
-        async for _ in adapter.stream(ask(), model=MODELS[pid]):
-            pass
-    await control(provider=pid, kind="malformed", after_tokens=5)
-    with pytest.raises(errors.StreamInterruptedError):  # garbage after content began
-        async for _ in adapter.stream(ask(), model=MODELS[pid]):
-            pass
 
 
 async def test_a_fault_for_one_model_spares_the_others(adapters, control):
@@ -669,52 +534,6 @@ async def test_keys_never_show(fresh_sim_settings):
         assert not any(secret in text for text in texts)
     finally:
         await adapter.aclose()
-
-
-# --- cancellation ------------------------------------------------------------------------------
-
-
-async def test_cancelled_stream_closes_upstream_at_once(catalog):
-    """Leaving a stream early closes the connection: the simulator sees the cancel while it is still pacing."""
-    async with own_sim_adapter(catalog, "openai", latency=True, speed=4) as (adapter, running):
-        stream = adapter.stream(ask(), model="gpt-4o-mini")
-        got = []
-        async for chunk in stream:
-            got.append(chunk)
-            if len(got) == 2:
-                break
-        await stream.aclose()
-        await wait_until(lambda: running.state.streams.cancelled)
-        streams = running.state.streams
-        assert (streams.opened, streams.cancelled, streams.completed, streams.open_now) == (1, 1, 0, 0)
-
-
-async def test_cancelling_the_consuming_task_closes_upstream(catalog):
-    started = asyncio.Event()
-    async with own_sim_adapter(catalog, "groq", latency=True, speed=4) as (adapter, running):
-
-        async def consume() -> None:
-            async for _ in adapter.stream(ask(), model=MODELS["groq"]):
-                started.set()
-
-        task = asyncio.create_task(consume())
-        await asyncio.wait_for(started.wait(), 5)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await wait_until(lambda: running.state.streams.cancelled)
-        assert running.state.streams.cancelled == 1 and running.state.streams.open_now == 0
-
-
-@pytest.mark.parametrize("pid", PROVIDERS)
-async def test_an_error_event_mid_stream_interrupts_it(pid, adapters, control):
-    await control(provider=pid, kind="error", status=502, after_tokens=3)
-    adapter = adapters(pid)
-    seen = []
-    with pytest.raises(errors.StreamInterruptedError) as caught:
-        async for chunk in adapter.stream(ask(), model=MODELS[pid]):
-            seen.append(chunk.content)
-    assert len(seen) == 3 and caught.value.message.startswith("stream broke: ")
 
 
 async def test_openrouter_failure_inside_a_200_answer(adapters, control):
