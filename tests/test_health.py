@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from conftest import free_port
+from helpers import adapters_on
 from p402_tui.core.config import ConfigFile, HealthConfig, Settings
 from p402_tui.core.errors import (
     AuthenticationError,
@@ -18,7 +19,9 @@ from p402_tui.core.errors import (
 )
 from p402_tui.core.events import EventBus, HealthChanged
 from p402_tui.core.health import HealthPolicy, HealthTracker
+from p402_tui.core.types import ChatRequest
 from p402_tui.providers.base import make_adapter
+from p402_tui.sim.engine import Fault
 
 
 class Clock:
@@ -124,6 +127,7 @@ def test_an_ordinary_error_rate_keeps_serving(health):
 
 def test_several_ejected_models_eject_their_provider(health, bus):
     events = bus.subscribe()
+    health.record_success("groq", "groq/fine", latency_ms=10)  # a model seen, never in trouble
     for _ in range(20):
         fail(health, model="groq/a")
     assert health.circuit("groq") == "closed" and health.allow("groq", "groq/b")
@@ -138,16 +142,33 @@ def test_several_ejected_models_eject_their_provider(health, bus):
 
 def test_refused_connections_eject_the_provider_fast(health):
     def refused():
-        health.record_failure("groq", "groq/m", ConnectionLostError("refused", provider="groq"))
+        health.record_failure("groq", "groq/m", ConnectionLostError("refused", provider="groq", phase="connect"))
 
     refused()
     refused()
     fail(health)  # another kind of failure breaks the run
     refused()
     refused()
+    for _ in range(5):  # a connection the server closed before answering is an ordinary failure
+        health.record_failure("groq", "groq/m", ConnectionLostError("closed", provider="groq", phase="read"))
+    refused()
+    refused()
     assert health.circuit("groq") == "closed"
     refused()
-    assert health.circuit("groq") == "open" and "3 consecutive connection failures" in health.provider("groq").reason
+    assert health.circuit("groq") == "open" and "3 connections refused in a row" in health.provider("groq").reason
+
+
+async def test_a_refused_connection_is_told_from_one_closed_mid_answer(sim, adapter_for, sim_settings):
+    dead = Settings(ConfigFile(), sim_settings.catalog, env={}).point_at(f"http://127.0.0.1:{free_port()}")
+    request = ChatRequest(messages=[{"role": "user", "content": "hi"}])
+    async with adapters_on(dead) as build:
+        with pytest.raises(ConnectionLostError) as refused:
+            await build("groq").complete(request, model="llama-3.3-70b-versatile")
+    assert refused.value.phase == "connect"
+    sim.state.add_fault(Fault(provider="groq", kind="disconnect", count=1))
+    with pytest.raises(ConnectionLostError) as closed:
+        await adapter_for("groq").complete(request, model="llama-3.3-70b-versatile")
+    assert closed.value.phase == "read"
 
 
 def test_a_rejected_key_ejects_the_provider_at_once(health, clock):
@@ -320,3 +341,17 @@ async def test_active_probes_call_the_real_adapter(sim, sim_settings):
         await health.aclose()
         await alive.aclose()
         await dead.aclose()
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "google", "cohere", "mistral"])
+async def test_a_bare_429_carries_no_wait_and_throttles_for_the_default(sim, adapter_for, provider):
+    # The simulator's `wait_hint: false` is a 429 without Retry-After (or reset header, or RetryInfo).
+    adapter = adapter_for(provider)
+    model = next(m.model for m in sim.state.catalog.models.values() if m.provider == provider)
+    sim.state.add_fault(Fault(provider=provider, kind="rate_limit", wait_hint=False, count=1))
+    with pytest.raises(RateLimitError) as limited:
+        await adapter.complete(ChatRequest(messages=[{"role": "user", "content": "hi"}]), model=model)
+    assert limited.value.status == 429 and limited.value.retry_after_s is None
+    health = HealthTracker()
+    health.record_failure(provider, f"{provider}/{model}", limited.value)
+    assert health.ejection(provider, f"{provider}/{model}").retry_in_s == pytest.approx(5, abs=0.1)

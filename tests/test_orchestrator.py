@@ -131,7 +131,7 @@ async def test_beyond_the_ejection_cap_the_least_bad_candidates_are_tried_anyway
         health.record_success(best, f"{best}/x", latency_ms=10)
     for provider in clocked.router.usable:
         for _ in range(3):
-            health.record_failure(provider, f"{provider}/x", ConnectionLostError("refused", provider=provider))
+            health.record_failure(provider, f"{provider}/x", ConnectionLostError("refused", provider=provider, phase="connect"))
     assert all(health.circuit(p) == "open" for p in clocked.router.usable)
     assert clocked.route(ask(), options_from(mode="cost")).chosen is None
     response = await clocked.complete(ask(), options_from(mode="cost"))

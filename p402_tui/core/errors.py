@@ -136,7 +136,14 @@ class TimeoutError(ProviderError):  # noqa: A001 - deliberately our own name ins
 
 
 class ConnectionLostError(ProviderError):
+    """`phase` is connect (no connection made: refused, name unknown, certificate refused) or read (closed before
+    the answer)."""
+
     kind = "connection"
+
+    def __init__(self, message: str, *, phase: str = "read", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.phase = phase
 
 
 class StreamInterruptedError(ProviderError):

@@ -54,8 +54,6 @@ HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
 # Errors that say nothing about the provider's health: the request itself was wrong,
 # or too long for that one model (a bigger model will take it).
 _NOT_HEALTH = frozenset({"bad_request", "context_length"})
-# A refused connection says the host is unreachable, whatever the model.
-_HARD = frozenset({"connection"})
 
 
 @dataclass(slots=True)
@@ -345,7 +343,9 @@ class HealthTracker:
             stats.consecutive_failures += 1
             stats.last_error = message
             stats.history.append(latency_ms)
-        self._judge(provider, model_id, kind, now)
+        # A connection refused (not one closed mid-answer) says the host is unreachable, whatever the model.
+        hard = kind == "connection" and getattr(error, "phase", "connect") == "connect"
+        self._judge(provider, model_id, kind, hard, now)
         self._changed(provider)
 
     def record_probe(self, provider: str, ok: bool, latency_ms: float, detail: str = "") -> None:
@@ -367,12 +367,12 @@ class HealthTracker:
         stats.add(now, False, latency_ms, self.policy)
         stats.consecutive_failures += 1
         stats.last_error = f"probe: {detail}"
-        self._judge(provider, None, kind, now)
+        self._judge(provider, None, kind, kind == "connection", now)
         self._changed(provider)
 
     # --- deciding ----------------------------------------------------------------
 
-    def _judge(self, provider: str, model_id: str | None, kind: str, now: float) -> None:
+    def _judge(self, provider: str, model_id: str | None, kind: str, hard: bool, now: float) -> None:
         """Eject whatever this failure calls for: the fast path, a failed trial, then the error rates."""
         policy = self.policy
         gate = self._gate(provider)
@@ -380,9 +380,9 @@ class HealthTracker:
             # A rejected key will not fix itself soon, and no model of the provider takes it either.
             self._eject(gate, now, "authentication failed", policy.auth_ejection_s)
             return
-        gate.hard = gate.hard + 1 if kind in _HARD else 0
+        gate.hard = gate.hard + 1 if hard else 0
         if gate.hard >= policy.hard_failures and not gate.ejected(now):
-            self._eject(gate, now, f"{gate.hard} consecutive {kind} failures")
+            self._eject(gate, now, f"{gate.hard} connections refused in a row")
             return
         if gate.trial_due(now):
             self._eject(gate, now, f"trial request failed ({kind})")
@@ -399,7 +399,8 @@ class HealthTracker:
             self._eject(model_gate, now, f"error rate {failed / n:.0%} over {n} calls ({kind})")
         else:
             return
-        ejected = [mid for mid in self._models_of.get(provider, []) if self._model_gates[mid].ejected(now)]
+        gates = self._model_gates
+        ejected = [mid for mid in self._models_of.get(provider, []) if mid in gates and gates[mid].ejected(now)]
         if len(ejected) >= policy.provider_ejected_models and not gate.ejected(now):
             self._eject(gate, now, f"{len(ejected)} of its models ejected ({', '.join(ejected[:3])})")
 
