@@ -263,10 +263,17 @@ def test_a_429_throttles_only_its_model_for_its_retry_after(health, clock, bus):
     assert changes(events) == [("degraded", "closed"), ("healthy", "closed")]
 
 
-def test_a_429_without_retry_after_waits_the_default_and_a_long_one_is_capped(health):
+def test_a_429_without_retry_after_waits_a_doubling_default_and_a_long_one_is_capped(health, clock):
+    waits = []
+    for _ in range(4):
+        limited(health, model="groq/a")
+        waits.append(health.ejection("groq", "groq/a").retry_in_s)
+        clock.advance(waits[-1])
+    assert waits == [1, 2, 4, 8]
+    health.record_success("groq", "groq/a", latency_ms=10)  # the limit has passed: back to the short wait
     limited(health, model="groq/a")
+    assert health.ejection("groq", "groq/a").retry_in_s == pytest.approx(1)
     limited(health, model="groq/b", retry_after_s=86400)
-    assert health.ejection("groq", "groq/a").retry_in_s == pytest.approx(5)
     assert health.ejection("groq", "groq/b").retry_in_s == pytest.approx(300)
 
 
@@ -354,4 +361,4 @@ async def test_a_bare_429_carries_no_wait_and_throttles_for_the_default(sim, ada
     assert limited.value.status == 429 and limited.value.retry_after_s is None
     health = HealthTracker()
     health.record_failure(provider, f"{provider}/{model}", limited.value)
-    assert health.ejection(provider, f"{provider}/{model}").retry_in_s == pytest.approx(5, abs=0.1)
+    assert health.ejection(provider, f"{provider}/{model}").retry_in_s == pytest.approx(1, abs=0.1)

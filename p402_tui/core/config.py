@@ -144,8 +144,9 @@ class HealthConfig(_Section):
     a wrong ejection costs capacity and a right one is soon confirmed by failed trials.
     Never more than half the candidates are skipped for ejection: past that, trying the
     least-bad is better than refusing. Three trials at once, so one slow trial cannot
-    hold a provider out. A 429 without Retry-After waits 5 s; an asked-for wait is
-    honoured up to 5 min.
+    hold a provider out. A 429 without Retry-After waits 1 s, doubled while 429s go on
+    (a lasting limit is soon waited out properly, a passing one costs the model little);
+    an asked-for wait is honoured up to 5 min.
     """
 
     window_s: float = Field(default=30.0, gt=0)  # the sliding window error rates are taken over
@@ -158,7 +159,7 @@ class HealthConfig(_Section):
     max_ejection_s: float = Field(default=120.0, gt=0)  # ... up to this
     max_ejection_percent: float = Field(default=50.0, ge=0, le=100)  # of a request's candidates
     half_open_trials: int = Field(default=3, ge=1)  # calls admitted at once after an ejection
-    rate_limit_default_s: float = Field(default=5.0, gt=0)  # a 429 without Retry-After
+    rate_limit_default_s: float = Field(default=1.0, gt=0)  # a 429 without Retry-After; doubled while they go on
     rate_limit_max_s: float = Field(default=300.0, gt=0)  # the longest Retry-After honoured
     auth_ejection_s: float = Field(default=60.0, gt=0)  # a rejected key
     trial_timeout_s: float = Field(default=30.0, gt=0)  # a trial that never reports frees its slot

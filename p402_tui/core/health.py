@@ -13,7 +13,8 @@ Ejection follows Envoy's outlier detection, per model first:
       once, or at once on a rejected key, or after `hard_failures` consecutive refused
       connections (the fast path: those say the whole host is unreachable);
     a 429 throttles only the model it came from (the provider when the key's whole
-      quota is spent) for its Retry-After, `rate_limit_default_s` without one;
+      quota is spent) for its Retry-After; without one for `rate_limit_default_s`,
+      doubled for each further 429 before a success;
     an ejection lasts `base_ejection_s`, doubled for each ejection in a row up to
       `max_ejection_s`; then half-open admits up to `half_open_trials` calls at once:
       a success closes it, a failure ejects again for longer.
@@ -70,7 +71,7 @@ class HealthPolicy:
     max_ejection_s: float = 120.0
     max_ejection_percent: float = 50.0
     half_open_trials: int = 3
-    rate_limit_default_s: float = 5.0
+    rate_limit_default_s: float = 1.0
     rate_limit_max_s: float = 300.0
     auth_ejection_s: float = 60.0
     trial_timeout_s: float = 30.0  # a trial that never reports frees its slot
@@ -160,7 +161,7 @@ class _Gate:
     """Ejection and throttle state of one model or one provider."""
 
     __slots__ = ("state", "until", "ejections", "reason", "trials", "since", "closed_at", "hard",
-                 "throttled_until", "throttle_reason")
+                 "throttled_until", "throttle_reason", "limited")
 
     def __init__(self) -> None:
         self.state = CLOSED
@@ -173,6 +174,7 @@ class _Gate:
         self.hard = 0  # consecutive hard failures (providers only)
         self.throttled_until = 0.0
         self.throttle_reason = ""
+        self.limited = 0  # 429s without a wait since the last success: the default wait's exponent
 
     def ejected(self, now: float) -> bool:
         return self.state == OPEN and now < self.until
@@ -313,6 +315,7 @@ class HealthTracker:
             if gate is None:
                 continue
             gate.hard = 0
+            gate.limited = 0
             if gate.trial_due(now):
                 self._close(gate, now)
                 closed = True
@@ -412,7 +415,6 @@ class HealthTracker:
         """A 429: the model (or, when the key's whole quota is spent, the provider) waits as asked."""
         policy = self.policy
         asked = error.retry_after_s if error is not None else None
-        wait = min(asked if asked is not None else policy.rate_limit_default_s, policy.rate_limit_max_s)
         stats = self._model_stats(model_id)
         stats.requests += 1
         stats.failures += 1
@@ -421,6 +423,10 @@ class HealthTracker:
         key_wide = error is not None and isinstance(error.body, dict) and "insufficient_quota" in (
             error.body.get("code"), error.body.get("type"))
         gate = self._gate(provider) if key_wide else self._model_gate(model_id)
+        if asked is None:  # no wait given: a short one, doubled while the 429s go on
+            asked = policy.rate_limit_default_s * 2 ** min(gate.limited, 16)
+            gate.limited += 1
+        wait = min(asked, policy.rate_limit_max_s)
         until = now + wait
         if until > gate.throttled_until:
             gate.throttled_until = until
