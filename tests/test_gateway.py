@@ -471,6 +471,8 @@ async def test_no_candidate_left_is_a_503_with_retry_after_never_a_400(http, sim
         response = await http.post("/v1/chat/completions", json=body, headers=NO_CACHE)
         error = assert_openai_error(response, 503, "overloaded")
         assert error["type"] == "overloaded_error" and 29 <= int(response.headers["retry-after"]) <= 30
+    documented = (await http.get("/openapi.json")).json()["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "Retry-After" in documented["503"]["headers"]
 
 
 async def test_the_sdk_sees_a_retryable_503_and_its_retry_is_answered(gateway, sdk, sim):

@@ -137,6 +137,9 @@ async def test_beyond_the_ejection_cap_the_least_bad_candidates_are_tried_anyway
     response = await clocked.complete(ask(), options_from(mode="cost"))
     assert response.content and response.provider == best and len(response.p402.attempts) == 1
     assert health.circuit(best) == "open"  # a call sent despite the ejection is no trial: it does not close it
+    pinned = await clocked.complete(ask(), options_from(model=response.p402.provider + "/" + response.p402.model,
+                                                        failover=False))
+    assert pinned.content  # a pin is the whole candidate set: ejected, it is still the least bad
     clock.now += 5
     await clocked.complete(ask(), options_from(mode="cost"))
     assert any(health.circuit(p) == "closed" for p in clocked.router.usable)  # trials closed one

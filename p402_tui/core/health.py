@@ -467,6 +467,9 @@ class HealthTracker:
         if any(g.throttled(now) for g in gates):
             return False
         if despite_ejection:
+            for gate in gates:
+                if gate.state != CLOSED and not gate.ejected(now):
+                    gate.trials.append(now)  # over the limit, but `release` gives back what was taken
             return True
         trials = []
         for gate in gates:
