@@ -138,7 +138,7 @@ class HealthConfig(_Section):
     """Outlier ejection (core/health.py), after Envoy's, with defaults for a handful of providers.
 
     Why these numbers: one failure in twenty is ordinary noise, so a model is ejected only at
-    half its calls failing, and only once 20 calls in 30 s make that rate mean something.
+    half its calls failing, and only once 20 calls in the last minute make that rate mean something.
     Three refused connections in a row say the host is gone. Two ejected models say it is
     the provider, not a model. Ejection starts short (5 s, doubling, at most 2 min) because
     a wrong ejection costs capacity and a right one is soon confirmed by failed trials.
@@ -149,7 +149,7 @@ class HealthConfig(_Section):
     an asked-for wait is honoured up to 5 min.
     """
 
-    window_s: float = Field(default=30.0, gt=0)  # the sliding window error rates are taken over
+    window_s: float = Field(default=60.0, gt=0)  # the sliding window error rates are taken over
     window_max: int = Field(default=500, ge=1)  # ... holding at most this many calls
     min_requests: int = Field(default=20, ge=1)  # calls in the window before its error rate may eject
     error_rate_threshold: float = Field(default=0.5, gt=0, le=1)

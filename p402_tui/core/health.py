@@ -61,7 +61,7 @@ _NOT_HEALTH = frozenset({"bad_request", "context_length"})
 class HealthPolicy:
     """When a model or provider is ejected and for how long: the `[health]` table (config.HealthConfig)."""
 
-    window_s: float = 30.0
+    window_s: float = 60.0
     window_max: int = 500  # the window also holds at most this many calls
     min_requests: int = 20
     error_rate_threshold: float = 0.5
@@ -161,7 +161,7 @@ class _Gate:
     """Ejection and throttle state of one model or one provider."""
 
     __slots__ = ("state", "until", "ejections", "reason", "trials", "since", "closed_at", "hard",
-                 "throttled_until", "throttle_reason", "limited")
+                 "throttled_until", "throttle_reason", "limited", "missing")
 
     def __init__(self) -> None:
         self.state = CLOSED
@@ -175,6 +175,7 @@ class _Gate:
         self.throttled_until = 0.0
         self.throttle_reason = ""
         self.limited = 0  # 429s without a wait since the last success: the default wait's exponent
+        self.missing = False  # ejected because the provider does not know the model: says nothing of the provider
 
     def ejected(self, now: float) -> bool:
         return self.state == OPEN and now < self.until
@@ -338,7 +339,9 @@ class HealthTracker:
             stats.add(now, False, latency_ms, policy)
             stats.consecutive_failures += 1
             stats.last_error = message
-            self._eject(self._model_gate(model_id), now, f"{model_id}: model not found", policy.max_ejection_s)
+            gate = self._model_gate(model_id)
+            self._eject(gate, now, f"{model_id}: model not found", policy.max_ejection_s)
+            gate.missing = True
             self._changed(provider)
             return
         for stats in (self._stats(provider), self._model_stats(model_id)):
@@ -403,7 +406,10 @@ class HealthTracker:
         else:
             return
         gates = self._model_gates
-        ejected = [mid for mid in self._models_of.get(provider, []) if mid in gates and gates[mid].ejected(now)]
+        ejected = [
+            mid for mid in self._models_of.get(provider, [])
+            if mid in gates and gates[mid].ejected(now) and not gates[mid].missing
+        ]
         if len(ejected) >= policy.provider_ejected_models and not gate.ejected(now):
             self._eject(gate, now, f"{len(ejected)} of its models ejected ({', '.join(ejected[:3])})")
 
@@ -445,6 +451,7 @@ class HealthTracker:
         gate.ejections += 1
         gate.reason = reason
         gate.trials.clear()
+        gate.missing = False
         self._wake_at(wait_s)
 
     @staticmethod
