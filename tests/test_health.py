@@ -127,7 +127,8 @@ def test_an_ordinary_error_rate_keeps_serving(health):
 
 def test_several_ejected_models_eject_their_provider(health, bus):
     events = bus.subscribe()
-    health.record_success("groq", "groq/fine", latency_ms=10)  # a model seen, never in trouble
+    for _ in range(60):  # a busy model that never fails keeps the provider's own rate under half
+        health.record_success("groq", "groq/fine", latency_ms=10)
     for _ in range(20):
         fail(health, model="groq/a")
     assert health.circuit("groq") == "closed" and health.allow("groq", "groq/b")
@@ -138,6 +139,16 @@ def test_several_ejected_models_eject_their_provider(health, bus):
     assert "2 of its models ejected (groq/a, groq/b)" in state.reason
     assert health.blocked("groq") and not health.allow("groq", "groq/never-called")
     assert changes(events)[-2:] == [("degraded", "closed"), ("down", "open")]
+
+
+def test_several_models_failing_together_eject_their_provider(health):
+    for _ in range(30):  # one model failing alone, however badly, is that model's trouble
+        fail(health, model="groq/a")
+    assert health.circuit("groq") == "closed" and health.blocked("groq", "groq/a")
+    assert health.allow("groq", "groq/b")
+    fail(health, model="groq/b")  # a second model fails too: it is the provider
+    state = health.provider("groq")
+    assert state.circuit == "open" and "error rate 100% over 31 calls to 2 of its models" in state.reason
 
 
 def test_refused_connections_eject_the_provider_fast(health):

@@ -138,7 +138,9 @@ class HealthConfig(_Section):
     """Outlier ejection (core/health.py), after Envoy's, with defaults for a handful of providers.
 
     Why these numbers: one failure in twenty is ordinary noise, so a model is ejected only at
-    half its calls failing, and only once 20 calls in the last minute make that rate mean something.
+    half its calls failing, and only once 20 calls in the last minute make that rate mean something;
+    the window keeps at most the last 100 calls, so however busy the model was, an outage
+    ejects it within about as many failures.
     Three refused connections in a row say the host is gone. Two ejected models say it is
     the provider, not a model. Ejection starts short (5 s, doubling, at most 2 min) because
     a wrong ejection costs capacity and a right one is soon confirmed by failed trials.
@@ -150,11 +152,11 @@ class HealthConfig(_Section):
     """
 
     window_s: float = Field(default=60.0, gt=0)  # the sliding window error rates are taken over
-    window_max: int = Field(default=500, ge=1)  # ... holding at most this many calls
+    window_max: int = Field(default=100, ge=1)  # ... holding at most this many calls
     min_requests: int = Field(default=20, ge=1)  # calls in the window before its error rate may eject
     error_rate_threshold: float = Field(default=0.5, gt=0, le=1)
     hard_failures: int = Field(default=3, ge=1)  # consecutive refused connections that eject a provider at once
-    provider_ejected_models: int = Field(default=2, ge=1)  # ejected models that eject their provider
+    provider_ejected_models: int = Field(default=2, ge=1)  # ejected (or failing together) models that eject it
     base_ejection_s: float = Field(default=5.0, gt=0)  # doubled for each ejection in a row ...
     max_ejection_s: float = Field(default=120.0, gt=0)  # ... up to this
     max_ejection_percent: float = Field(default=50.0, ge=0, le=100)  # of a request's candidates

@@ -10,8 +10,9 @@ Ejection follows Envoy's outlier detection, per model first:
     a model is ejected when its error rate over the window reaches `error_rate_threshold`
       once the window holds `min_requests` calls (one unlucky call never ejects anything);
     a provider is ejected when `provider_ejected_models` of its models are ejected at
-      once, or at once on a rejected key, or after `hard_failures` consecutive refused
-      connections (the fast path: those say the whole host is unreachable);
+      once, or fail together at that rate and volume (one model may draw all its traffic),
+      or at once on a rejected key, or after `hard_failures` connections refused in a row
+      (the fast path: those say the whole host is unreachable);
     a 429 throttles only the model it came from (the provider when the key's whole
       quota is spent) for its Retry-After; without one for `rate_limit_default_s`,
       doubled for each further 429 before a success;
@@ -62,7 +63,7 @@ class HealthPolicy:
     """When a model or provider is ejected and for how long: the `[health]` table (config.HealthConfig)."""
 
     window_s: float = 60.0
-    window_max: int = 500  # the window also holds at most this many calls
+    window_max: int = 100  # the window also holds at most this many calls
     min_requests: int = 20
     error_rate_threshold: float = 0.5
     hard_failures: int = 3
@@ -403,15 +404,22 @@ class HealthTracker:
         elif model_gate.state == CLOSED and self._rate_exceeded(self._models[model_id], model_gate):
             n, failed = self._models[model_id].tally_since(model_gate.since)
             self._eject(model_gate, now, f"error rate {failed / n:.0%} over {n} calls ({kind})")
-        else:
+        if gate.state != CLOSED:
             return
+        # The provider, when several of its models fail: each ejected on its own, or failing
+        # together at the ejecting rate (one busy model ejected may have drawn all its traffic).
         gates = self._model_gates
-        ejected = [
-            mid for mid in self._models_of.get(provider, [])
-            if mid in gates and gates[mid].ejected(now) and not gates[mid].missing
-        ]
-        if len(ejected) >= policy.provider_ejected_models and not gate.ejected(now):
+        mine = [mid for mid in self._models_of.get(provider, []) if not (mid in gates and gates[mid].missing)]
+        ejected = [mid for mid in mine if mid in gates and gates[mid].ejected(now)]
+        if len(ejected) >= policy.provider_ejected_models:
             self._eject(gate, now, f"{len(ejected)} of its models ejected ({', '.join(ejected[:3])})")
+            return
+        stats = self._providers[provider]
+        if self._rate_exceeded(stats, gate):
+            failing = [mid for mid in mine if self._models[mid].tally_since(gate.since)[1]]
+            if len(failing) >= policy.provider_ejected_models:
+                n, failed = stats.tally_since(gate.since)
+                self._eject(gate, now, f"error rate {failed / n:.0%} over {n} calls to {len(failing)} of its models")
 
     def _rate_exceeded(self, stats: _Stats, gate: _Gate) -> bool:
         n, failed = stats.tally_since(gate.since)

@@ -135,8 +135,8 @@ def _rate_limited(wait: float | None) -> JSONResponse:
         details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait:g}s"})
     message = (
         "You exceeded your current quota, please check your plan and billing details. "
-        f"For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. "
-        + (f"Please retry in {wait:g}s." if wait is not None else "")
+        "For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits."
+        + (f" Please retry in {wait:g}s." if wait is not None else "")
     )
     return error(429, message, details)
 
