@@ -195,3 +195,17 @@ def test_empty_prompt_is_refused(sim_process, monkeypatch, capsys):
     env = {"P402_CONFIG": str(sim_process["config"])}
     code, _, err = p402(monkeypatch, capsys, "chat", "--model", "openai/gpt-4o-mini", "-", stdin="  \n", env=env)
     assert code == 1 and err.startswith("p402: ") and "empty" in err
+
+
+def test_every_provider_failing_is_one_line_saying_when_to_retry(sim_process, monkeypatch, capsys):
+    import httpx
+
+    faults = f"{sim_process['url']}/_sim/faults"
+    httpx.post(faults, json={"provider": "*", "kind": "error", "status": 503}).raise_for_status()
+    try:
+        env = {"P402_CONFIG": str(sim_process["config"])}
+        code, out, err = p402(monkeypatch, capsys, "chat", "--no-cache", PROMPT, env=env)
+    finally:
+        httpx.delete(faults).raise_for_status()
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("p402: overloaded: all 3 attempt(s) failed") and "try again in 1s" in err

@@ -24,6 +24,7 @@ from p402_tui.store.queries import create_key, revoke_key
 
 PINNED = "openai/gpt-4o-mini"
 HELLO = [{"role": "user", "content": "Say hello to the gateway."}]
+NO_CACHE = {"cache-control": "no-cache"}
 WEATHER = {
     "type": "function",
     "function": {
@@ -452,12 +453,43 @@ async def test_a_request_without_a_body_is_a_400(http):
         assert "no body" in error["message"]
 
 
-async def test_every_upstream_failing_is_502_listing_the_attempts(http, sim):
+async def test_every_upstream_failing_is_a_503_with_retry_after_listing_the_attempts(http, sim):
     sim.state.add_fault(Fault(provider="*", kind="error", status=503))
     response = await http.post("/v1/chat/completions", json={"messages": HELLO, "p402": {"failover": {"max_retries": 1}}})
-    error = assert_openai_error(response, 502, "upstream_failed")
+    error = assert_openai_error(response, 503, "overloaded")
+    assert error["type"] == "overloaded_error" and int(response.headers["retry-after"]) >= 1
     assert error["message"].startswith("all 2 upstream attempt(s) failed: server_error 503 from ")
     assert error["message"].count("server_error 503 from ") == 2  # the first choice and one retry, each named
+
+
+async def test_no_candidate_left_is_a_503_with_retry_after_never_a_400(http, sim):
+    sim.state.add_fault(Fault(provider="openai", model="gpt-4o-mini", kind="rate_limit", retry_after_s=30, count=1))
+    first = await http.post("/v1/chat/completions", json={"model": PINNED, "messages": HELLO}, headers=NO_CACHE)
+    assert first.status_code == 200 and first.json()["p402"]["attempts"][0]["error_kind"] == "rate_limited"
+    for stream in (False, True):  # the pinned model is throttled, and without failover nothing else may answer
+        body = {"model": PINNED, "messages": HELLO, "stream": stream, "p402": {"failover": {"enabled": False}}}
+        response = await http.post("/v1/chat/completions", json=body, headers=NO_CACHE)
+        error = assert_openai_error(response, 503, "overloaded")
+        assert error["type"] == "overloaded_error" and 29 <= int(response.headers["retry-after"]) <= 30
+    documented = (await http.get("/openapi.json")).json()["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "Retry-After" in documented["503"]["headers"]
+
+
+async def test_the_sdk_sees_a_retryable_503_and_its_retry_is_answered(gateway, sdk, sim):
+    sim.state.add_fault(Fault(provider="openai", model="gpt-4o-mini", kind="rate_limit", retry_after_s=1, count=1))
+    await sdk.chat.completions.create(model=PINNED, messages=HELLO, extra_headers=NO_CACHE)  # fails over
+    pinned_only = {"p402": {"failover": {"enabled": False}}}
+    with pytest.raises(openai.InternalServerError) as refused:  # the model waits its second: nothing else may answer
+        await sdk.chat.completions.create(model=PINNED, messages=HELLO, extra_headers=NO_CACHE, extra_body=pinned_only)
+    assert refused.value.status_code == 503 and refused.value.code == "overloaded"
+    assert refused.value.response.headers["retry-after"] == "1"
+    retrying = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused-without-gateway-keys", max_retries=2)
+    try:
+        raw = await retrying.chat.completions.with_raw_response.create(
+            model=PINNED, messages=HELLO, extra_headers=NO_CACHE, extra_body=pinned_only)
+    finally:
+        await retrying.close()
+    assert raw.retries_taken >= 1 and raw.parse().choices[0].message.content
 
 
 async def test_budget_exceeded_is_402(http):
@@ -495,7 +527,7 @@ async def test_a_stream_failing_before_content_is_a_plain_http_error(http, sim):
     body = {"model": PINNED, "messages": HELLO, "stream": True}
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         await response.aread()
-    assert_openai_error(response, 502, "upstream_failed")
+    assert_openai_error(response, 503, "overloaded")
 
 
 # --- streams end when the client goes ---------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 
 import httpx
 import pytest
@@ -17,9 +16,12 @@ from p402_tui.core.errors import (
     AllAttemptsFailedError,
     AuthenticationError,
     BadRequestError,
+    ConnectionLostError,
     ContextLengthError,
     NoEligibleModelError,
+    RateLimitError,
     ServerError,
+    UnavailableError,
 )
 from p402_tui.core.events import AttemptFailed, HealthChanged, RequestCompleted, RouteDecided
 from p402_tui.core.health import HealthTracker
@@ -95,27 +97,77 @@ async def test_a_503_on_the_cost_winner_is_answered_by_the_next_candidate(orches
     assert record.status == "ok" and len(record.attempts) == 2 and record.decision_id == meta.decision_id
 
 
-async def test_a_429_opens_the_circuit_for_its_wait_then_half_open_closes_it(clocked, sim, clock):
+async def test_a_429_throttles_only_its_model_for_its_wait(clocked, sim, clock):
+    # A 429 is about the model (or key) it came from: the provider's other models go on serving.
     cost_winner = winner(clocked, "cost")
     provider = cost_winner.provider
-    sim.state.add_fault(Fault(provider=provider, kind="rate_limit", retry_after_s=30, count=1))
+    sim.state.add_fault(Fault(provider=provider, model=cost_winner.model, kind="rate_limit", retry_after_s=30, count=1))
     events = clocked.bus.subscribe(kinds={"health_changed"})
     response = await clocked.complete(ask(), options_from(mode="cost"))
     assert response.p402.attempts[0].error_kind == "rate_limited" and response.provider != provider
     state = clocked.health.provider(provider)
-    assert state.circuit == "open" and state.retry_at == pytest.approx(time.time() + 30, abs=2)
+    assert state.circuit == "closed" and state.status == "degraded" and f"{cost_winner.id} throttled" in state.reason
 
     clock.now += 29.9
     decision = clocked.route(ask(), options_from(mode="cost"))
-    assert {e.id: e.reason for e in decision.excluded}[cost_winner.id] == "circuit open"
-    assert (await clocked.complete(ask(), options_from(mode="cost"))).provider != provider
+    assert [e.id for e in decision.excluded if e.reason == "circuit open"] == [cost_winner.id]
+    assert (await clocked.complete(ask(), options_from(mode="cost"))).model != cost_winner.model
 
-    clock.now += 0.1  # the wait is over: a trial goes to the cost winner again and closes the circuit
+    clock.now += 0.1  # the wait is over: the cost winner answers again
     response = await clocked.complete(ask(), options_from(mode="cost"))
-    assert response.provider == provider and len(response.p402.attempts) == 1
-    assert clocked.health.circuit(provider) == "closed"
-    circuits = [e.circuit for e in events.drain() if e.provider == provider]
-    assert circuits == ["open", "half_open", "closed"]
+    assert response.model == cost_winner.model and len(response.p402.attempts) == 1
+    assert clocked.health.provider(provider).status == "healthy"
+    assert [(e.status, e.circuit) for e in events.drain() if e.provider == provider] == [
+        ("degraded", "closed"), ("healthy", "closed")]
+
+
+async def test_beyond_the_ejection_cap_the_least_bad_candidates_are_tried_anyway(clocked, clock):
+    # Every provider ejected (three refused connections each) would refuse everything; the cap keeps serving,
+    # from the least bad: the one provider that also answered lately.
+    health = clocked.health
+    best = sorted(clocked.router.usable)[3]
+    for _ in range(10):
+        health.record_success(best, f"{best}/x", latency_ms=10)
+    for provider in clocked.router.usable:
+        for _ in range(3):
+            health.record_failure(provider, f"{provider}/x", ConnectionLostError("refused", provider=provider, phase="connect"))
+    assert all(health.circuit(p) == "open" for p in clocked.router.usable)
+    assert clocked.route(ask(), options_from(mode="cost")).chosen is None
+    response = await clocked.complete(ask(), options_from(mode="cost"))
+    assert response.content and response.provider == best and len(response.p402.attempts) == 1
+    assert health.circuit(best) == "open"  # a call sent despite the ejection is no trial: it does not close it
+    pinned = await clocked.complete(ask(), options_from(model=response.p402.provider + "/" + response.p402.model,
+                                                        failover=False))
+    assert pinned.content  # a pin is the whole candidate set: ejected, it is still the least bad
+    clock.now += 5
+    await clocked.complete(ask(), options_from(mode="cost"))
+    assert any(health.circuit(p) == "closed" for p in clocked.router.usable)  # trials closed one
+
+
+async def test_with_every_candidate_throttled_the_answer_is_503_with_the_soonest_retry(clocked, clock):
+    health = clocked.health
+    pin = "openai/gpt-4o-mini"
+    health.record_failure("openai", pin, RateLimitError("slow down", provider="openai", status=429, retry_after_s=30))
+    clock.now += 10
+    with pytest.raises(UnavailableError) as refused:
+        await clocked.complete(ask(), options_from(model=pin, failover=False))
+    assert refused.value.http_status == 503 and refused.value.retry_after_s == pytest.approx(20)
+    assert refused.value.attempts == [] and "no candidate can be called now" in str(refused.value)
+
+    response = await clocked.complete(ask(), options_from(model=pin))  # with failover, the others answer
+    assert response.content and response.model != "gpt-4o-mini"
+
+    spent = {"type": "insufficient_quota", "code": "insufficient_quota"}  # the key's quota: the whole provider
+    for i, provider in enumerate(sorted(clocked.router.usable)):
+        error = RateLimitError("quota", provider=provider, status=429, retry_after_s=12 + i, body=spent)
+        health.record_failure(provider, f"{provider}/x", error)
+    with pytest.raises(UnavailableError) as refused:
+        await clocked.complete(ask())
+    assert refused.value.retry_after_s == pytest.approx(12)
+    with pytest.raises(UnavailableError):
+        async with clocked.stream(ask()) as stream:
+            async for _ in stream:
+                pass
 
 
 async def test_adaptive_stops_choosing_a_failing_provider_and_returns_after_recovery(sim_settings, sim, clock):

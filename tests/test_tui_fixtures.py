@@ -79,7 +79,7 @@ def pin_timezone() -> None:
 
 
 def sample_health() -> dict[str, dict]:
-    """Four providers: groq healthy and busy, anthropic degraded, mistral down with its circuit open."""
+    """Four providers: groq healthy and busy, anthropic degraded, mistral down (refusing connections), ejected."""
     now = [1000.0]
     tracker = HealthTracker(clock=lambda: now[0])
     for i in range(40):
@@ -93,7 +93,7 @@ def sample_health() -> dict[str, dict]:
         if i < 34:
             tracker.record_success("mistral", "mistral/small", latency_ms=500 + (i * 29) % 300, ttft_ms=260, output_tokens=100)
         else:
-            tracker.record_failure("mistral", "mistral/small", "server_error", latency_ms=120)
+            tracker.record_failure("mistral", "mistral/small", "connection", latency_ms=120)
     snapshot = {pid: h.to_dict() for pid, h in tracker.snapshot(["anthropic", "groq", "mistral", "openai"]).items()}
     for health in snapshot.values():
         if health["retry_at"] is not None:

@@ -133,12 +133,47 @@ class GatewayConfig(_Section):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
 
+class HealthConfig(_Section):
+    """Outlier ejection (core/health.py), after Envoy's, with defaults for a handful of providers.
+
+    Why these numbers: one failure in twenty is ordinary noise, so a model is ejected only at
+    half its calls failing, and only once 20 calls in the last minute make that rate mean something;
+    the window keeps at most the last 100 calls, so however busy the model was, an outage
+    ejects it within about as many failures.
+    Three refused connections in a row say the host is gone. Two ejected models say it is
+    the provider, not a model. Ejection starts short (5 s, doubling, at most 2 min) because
+    a wrong ejection costs capacity and a right one is soon confirmed by failed trials.
+    Never more than half the candidates are skipped for ejection: past that, trying the
+    least-bad is better than refusing. Three trials at once, so one slow trial cannot
+    hold a provider out. A 429 without Retry-After waits 1 s, doubled while 429s go on
+    (a lasting limit is soon waited out properly, a passing one costs the model little);
+    an asked-for wait is honoured up to 5 min.
+    """
+
+    window_s: float = Field(default=60.0, gt=0)  # the sliding window error rates are taken over
+    window_max: int = Field(default=100, ge=1)  # ... holding at most this many calls
+    min_requests: int = Field(default=20, ge=1)  # calls in the window before its error rate may eject
+    error_rate_threshold: float = Field(default=0.5, gt=0, le=1)
+    hard_failures: int = Field(default=3, ge=1)  # consecutive refused connections that eject a provider at once
+    provider_ejected_models: int = Field(default=2, ge=1)  # ejected (or failing together) models that eject it
+    base_ejection_s: float = Field(default=5.0, gt=0)  # doubled for each ejection in a row ...
+    max_ejection_s: float = Field(default=120.0, gt=0)  # ... up to this
+    max_ejection_percent: float = Field(default=50.0, ge=0, le=100)  # of a request's candidates
+    half_open_trials: int = Field(default=3, ge=1)  # calls admitted at once after an ejection
+    rate_limit_default_s: float = Field(default=1.0, gt=0)  # a 429 without Retry-After; doubled while they go on
+    rate_limit_max_s: float = Field(default=300.0, gt=0)  # the longest Retry-After honoured
+    auth_ejection_s: float = Field(default=60.0, gt=0)  # a rejected key
+    trial_timeout_s: float = Field(default=30.0, gt=0)  # a trial that never reports frees its slot
+    degraded_error_rate: float = Field(default=0.2, gt=0, le=1)  # shown as degraded from this error rate
+
+
 class ConfigFile(_Section):
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     router: RouterConfig = Field(default_factory=RouterConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +227,10 @@ class Settings:
     @property
     def gateway(self) -> GatewayConfig:
         return self.file.gateway
+
+    @property
+    def health(self) -> HealthConfig:
+        return self.file.health
 
     def usable_providers(self) -> list[ResolvedProvider]:
         return [p for p in self.providers.values() if p.usable]

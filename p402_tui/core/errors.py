@@ -136,7 +136,14 @@ class TimeoutError(ProviderError):  # noqa: A001 - deliberately our own name ins
 
 
 class ConnectionLostError(ProviderError):
+    """`phase` is connect (no connection made: refused, name unknown, certificate refused) or read (closed before
+    the answer)."""
+
     kind = "connection"
+
+    def __init__(self, message: str, *, phase: str = "read", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.phase = phase
 
 
 class StreamInterruptedError(ProviderError):
@@ -213,3 +220,20 @@ class AllAttemptsFailedError(P402Error):
         super().__init__(message)
         self.attempts = attempts
         self.last = last
+
+
+class UnavailableError(AllAttemptsFailedError):
+    """No candidate can answer now: each is ejected, throttled, or just failed. Worth retrying after `retry_after_s`.
+
+    Not the caller's fault, so never a 4xx: a 503 that clients and SDKs retry.
+    """
+
+    kind = "overloaded"
+    http_status = 503
+    retryable = True
+
+    def __init__(
+        self, message: str, attempts: list[Any], last: ProviderError | None = None, *, retry_after_s: float
+    ) -> None:
+        super().__init__(message, attempts, last)
+        self.retry_after_s = retry_after_s

@@ -1,17 +1,33 @@
-"""Live provider health: passive stats from every call, a circuit breaker, optional probes.
+"""Live provider health: passive stats from every call, outlier ejection, optional probes.
 
 Every attempt the orchestrator makes is recorded here. Per provider (and per model)
 we keep EWMA latency, time to first token and tokens/s, an error rate over a
 sliding window, consecutive failures, requests per minute and a short latency
 history for sparklines.
 
-The circuit breaker works per provider, plus per model for errors that only
-concern one model (`model_not_found`):
+Ejection follows Envoy's outlier detection, per model first:
 
-    closed --N consecutive failures, or a high error rate--> open
-    closed --429 with a wait--> open for exactly that wait
-    open --wait over--> half_open (one trial request)
-    half_open --success--> closed        half_open --failure--> open, wait doubled
+    a model is ejected when its error rate over the window reaches `error_rate_threshold`
+      once the window holds `min_requests` calls (one unlucky call never ejects anything);
+    a provider is ejected when `provider_ejected_models` of its models are ejected at
+      once, or fail together at that rate and volume (one model may draw all its traffic),
+      or at once on a rejected key, or after `hard_failures` connections refused in a row
+      (the fast path: those say the whole host is unreachable);
+    a 429 throttles only the model it came from (the provider when the key's whole
+      quota is spent) for its Retry-After; without one for `rate_limit_default_s`,
+      doubled for each further 429 before a success;
+    an ejection lasts `base_ejection_s`, doubled for each ejection in a row up to
+      `max_ejection_s`; then half-open admits up to `half_open_trials` calls at once:
+      a success closes it, a failure ejects again for longer.
+
+Ejection is advice, not a wall: the orchestrator never lets more than
+`max_ejection_percent` of a request's candidates be skipped for ejection; beyond
+that it tries the least-bad ejected ones anyway (`ejection()` says how bad). Only
+a throttle, which the provider asked for, is always honoured.
+
+`ProviderHealth` sums it up per provider for the console and the API: down while
+the provider is ejected or its key throttled, degraded while half-open, while any
+of its models is ejected or throttled, or while it fails often.
 
 Time comes from an injectable clock (`time.monotonic` by default) so tests can
 drive it without sleeping. Status changes are published as `HealthChanged`.
@@ -44,17 +60,22 @@ _NOT_HEALTH = frozenset({"bad_request", "context_length"})
 
 @dataclass(slots=True)
 class HealthPolicy:
-    """When a circuit opens and for how long."""
+    """When a model or provider is ejected and for how long: the `[health]` table (config.HealthConfig)."""
 
-    failure_threshold: int = 3  # consecutive provider-level failures
-    error_rate_threshold: float = 0.5  # over the window ...
-    min_requests: int = 10  # ... once it holds at least this many calls
     window_s: float = 60.0
-    window_max: int = 500  # the window also holds at most this many calls
-    cooldown_s: float = 10.0  # first open; doubled on each failed trial
-    max_cooldown_s: float = 300.0
-    auth_cooldown_s: float = 60.0  # a rejected key will not fix itself soon
-    trial_timeout_s: float = 30.0  # a half-open trial that never reports frees its slot
+    window_max: int = 100  # the window also holds at most this many calls
+    min_requests: int = 20
+    error_rate_threshold: float = 0.5
+    hard_failures: int = 3
+    provider_ejected_models: int = 2
+    base_ejection_s: float = 5.0
+    max_ejection_s: float = 120.0
+    max_ejection_percent: float = 50.0
+    half_open_trials: int = 3
+    rate_limit_default_s: float = 1.0
+    rate_limit_max_s: float = 300.0
+    auth_ejection_s: float = 60.0
+    trial_timeout_s: float = 30.0  # a trial that never reports frees its slot
     degraded_error_rate: float = 0.2
     ewma_alpha: float = 0.3
     history: int = 60  # latency points kept for sparklines
@@ -111,6 +132,18 @@ class _Stats:
     def error_rate(self) -> float:
         return self.window_failures / len(self.window) if self.window else 0.0
 
+    def tally_since(self, since: float) -> tuple[int, int]:
+        """(calls, failures) in the window after `since`."""
+        if not self.window or self.window[0][0] > since:
+            return len(self.window), self.window_failures
+        calls = failed = 0
+        for t, ok, _ in reversed(self.window):
+            if t <= since:
+                break
+            calls += 1
+            failed += not ok
+        return calls, failed
+
     def latencies(self) -> list[float]:
         return sorted(lat for _, ok, lat in self.window if ok)
 
@@ -125,16 +158,44 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-class _Circuit:
-    __slots__ = ("state", "retry_at", "cooldown_s", "reason", "trial_started", "opens")
+class _Gate:
+    """Ejection and throttle state of one model or one provider."""
+
+    __slots__ = ("state", "until", "ejections", "reason", "trials", "since", "closed_at", "hard",
+                 "throttled_until", "throttle_reason", "limited", "missing")
 
     def __init__(self) -> None:
         self.state = CLOSED
-        self.retry_at: float | None = None  # clock time the next trial may go
-        self.cooldown_s = 0.0
+        self.until = 0.0  # while OPEN: clock time half-open begins
+        self.ejections = 0  # in a row: the backoff's exponent
         self.reason = ""
-        self.trial_started: float | None = None
-        self.opens = 0
+        self.trials: list[float] = []  # start times of the trials under way while half-open
+        self.since = -math.inf  # the error rate that ejects counts only calls after the last closing
+        self.closed_at = -math.inf
+        self.hard = 0  # consecutive hard failures (providers only)
+        self.throttled_until = 0.0
+        self.throttle_reason = ""
+        self.limited = 0  # 429s without a wait since the last success: the default wait's exponent
+        self.missing = False  # ejected because the provider does not know the model: says nothing of the provider
+
+    def ejected(self, now: float) -> bool:
+        return self.state == OPEN and now < self.until
+
+    def throttled(self, now: float) -> bool:
+        return now < self.throttled_until
+
+    def trial_due(self, now: float) -> bool:
+        """Half-open, or open with its time served: a call now is a trial."""
+        return self.state == HALF_OPEN or (self.state == OPEN and now >= self.until)
+
+
+@dataclass(slots=True)
+class Ejection:
+    """Why a model may not be called now, for the orchestrator's least-bad choice."""
+
+    throttled: bool  # the provider asked for the wait: never overridden
+    retry_in_s: float  # until it may be called again (a half-open one with its trials full: about now)
+    error_rate: float  # over the window, the worse of the model's and its provider's
 
 
 @dataclass(slots=True)
@@ -194,7 +255,14 @@ class LiveModel:
 
 
 class HealthTracker:
-    """Health of every provider and model, from the calls that pass through."""
+    """Health of every provider and model, from the calls that pass through; decides ejections and throttles.
+
+    The orchestrator asks `allow()` before each call (it takes a half-open trial slot),
+    reports the outcome with `record_success` / `record_failure` (or `release` when the
+    call was cancelled), and asks `ejection()` when it must choose which ejected
+    candidates to try anyway. The router reads `blocked()`, `provider_factor()` and
+    `model_live()`; the console and the API read `provider()` / `snapshot()`.
+    """
 
     def __init__(
         self,
@@ -210,11 +278,11 @@ class HealthTracker:
         self.on_change = on_change  # called with ProviderHealth.to_dict() when status or circuit changes
         self._providers: dict[str, _Stats] = {}
         self._models: dict[str, _Stats] = {}
-        self._circuits: dict[str, _Circuit] = {}
-        self._model_circuits: dict[str, _Circuit] = {}  # only for models in _models
+        self._gates: dict[str, _Gate] = {}  # provider id -> its gate
+        self._model_gates: dict[str, _Gate] = {}  # only for models in _models
         self._models_of: dict[str, list[str]] = {}  # provider -> ids of its models in _models
         self._status: dict[str, tuple[str, str]] = {}  # provider -> (status, circuit) last published
-        self._listeners: list[Callable[[str], None]] = []
+        self._listeners: list[Callable[[str, bool], None]] = []
         self._probes: list[asyncio.Task[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -242,11 +310,16 @@ class HealthTracker:
             if tps is not None:
                 stats.tps_ewma = _ewma(stats.tps_ewma, tps, policy.ewma_alpha)
             stats.history.append(latency_ms)
-        # Only a trial closes a circuit: a call that was already under way when it opened does not.
+        # Only a trial closes a gate: a call already under way when it was ejected, or sent
+        # despite the ejection, does not.
         closed = False
-        for circuit in (self._circuits.get(provider), self._model_circuits.get(model_id)):
-            if circuit is not None and (circuit.state == HALF_OPEN or (circuit.state == OPEN and self._due(circuit, now))):
-                self._close(circuit)
+        for gate in (self._gates.get(provider), self._model_gates.get(model_id)):
+            if gate is None:
+                continue
+            gate.hard = 0
+            gate.limited = 0
+            if gate.trial_due(now):
+                self._close(gate, now)
                 closed = True
         self._changed(provider, urgent=closed)
 
@@ -256,148 +329,230 @@ class HealthTracker:
         if kind in _NOT_HEALTH:
             return
         now = self.clock()
+        policy = self.policy
         message = kind if isinstance(error, str) else str(error)
+        if kind == "rate_limited":
+            self._throttle(provider, model_id, None if isinstance(error, str) else error, message, now)
+            self._changed(provider)
+            return
         if kind == "model_not_found":
             stats = self._model_stats(model_id)
-            stats.add(now, False, latency_ms, self.policy)
+            stats.add(now, False, latency_ms, policy)
             stats.consecutive_failures += 1
             stats.last_error = message
-            circuit = self._model_circuits.setdefault(model_id, _Circuit())
-            self._open(circuit, now, self.policy.max_cooldown_s, f"{model_id}: model not found")
+            gate = self._model_gate(model_id)
+            self._eject(gate, now, f"{model_id}: model not found", policy.max_ejection_s)
+            gate.missing = True
             self._changed(provider)
             return
         for stats in (self._stats(provider), self._model_stats(model_id)):
-            stats.add(now, False, latency_ms, self.policy)
+            stats.add(now, False, latency_ms, policy)
             stats.consecutive_failures += 1
             stats.last_error = message
             stats.history.append(latency_ms)
-        self._trip(provider, now, kind, error)
+        # A connection refused (not one closed mid-answer) says the host is unreachable, whatever the model.
+        hard = kind == "connection" and getattr(error, "phase", "connect") == "connect"
+        self._judge(provider, model_id, kind, hard, now)
         self._changed(provider)
 
     def record_probe(self, provider: str, ok: bool, latency_ms: float, detail: str = "") -> None:
-        """An active probe's outcome: a failure counts like a failed call, a success closes a half-open circuit."""
+        """An active probe's outcome: a failure counts like a failed call, a success closes a half-open provider."""
+        now = self.clock()
+        stats = self._stats(provider)
+        gate = self._gate(provider)
         if ok:
-            stats = self._stats(provider)
-            stats.add(self.clock(), True, latency_ms, self.policy)
+            stats.add(now, True, latency_ms, self.policy)
             stats.consecutive_failures = 0
-            circuit = self._circuit(provider)
-            if circuit.state == HALF_OPEN or (circuit.state == OPEN and self._due(circuit, self.clock())):
-                self._close(circuit)
+            gate.hard = 0
+            if gate.trial_due(now):
+                self._close(gate, now)
             self._changed(provider)
             return
         kind = detail.split(":", 1)[0] if ":" in detail else "connection"
-        stats = self._stats(provider)
-        now = self.clock()
+        if kind in _NOT_HEALTH:
+            return
         stats.add(now, False, latency_ms, self.policy)
         stats.consecutive_failures += 1
         stats.last_error = f"probe: {detail}"
-        self._trip(provider, now, kind, None)
+        self._judge(provider, None, kind, kind == "connection", now)
         self._changed(provider)
 
-    # --- the circuit ---------------------------------------------------------------
+    # --- deciding ----------------------------------------------------------------
 
-    def allow(self, provider: str, model_id: str | None = None) -> bool:
-        """May a call go to this provider (and model) now? In half-open, only one trial at a time."""
+    def _judge(self, provider: str, model_id: str | None, kind: str, hard: bool, now: float) -> None:
+        """Eject whatever this failure calls for: the fast path, a failed trial, then the error rates."""
+        policy = self.policy
+        gate = self._gate(provider)
+        if kind == "authentication":
+            # A rejected key will not fix itself soon, and no model of the provider takes it either.
+            self._eject(gate, now, "authentication failed", policy.auth_ejection_s)
+            return
+        gate.hard = gate.hard + 1 if hard else 0
+        if gate.hard >= policy.hard_failures and not gate.ejected(now):
+            self._eject(gate, now, f"{gate.hard} connections refused in a row")
+            return
+        if gate.trial_due(now):
+            self._eject(gate, now, f"trial request failed ({kind})")
+            return
+        if model_id is None:
+            if gate.state == CLOSED and self._rate_exceeded(self._providers[provider], gate):
+                self._eject(gate, now, f"error rate {self._providers[provider].error_rate():.0%} (probes)")
+            return
+        model_gate = self._model_gate(model_id)
+        if model_gate.trial_due(now):
+            self._eject(model_gate, now, f"trial request failed ({kind})")
+        elif model_gate.state == CLOSED and self._rate_exceeded(self._models[model_id], model_gate):
+            n, failed = self._models[model_id].tally_since(model_gate.since)
+            self._eject(model_gate, now, f"error rate {failed / n:.0%} over {n} calls ({kind})")
+        if gate.state != CLOSED:
+            return
+        # The provider, when several of its models fail: each ejected on its own, or failing
+        # together at the ejecting rate (one busy model ejected may have drawn all its traffic).
+        gates = self._model_gates
+        mine = [mid for mid in self._models_of.get(provider, []) if not (mid in gates and gates[mid].missing)]
+        ejected = [mid for mid in mine if mid in gates and gates[mid].ejected(now)]
+        if len(ejected) >= policy.provider_ejected_models:
+            self._eject(gate, now, f"{len(ejected)} of its models ejected ({', '.join(ejected[:3])})")
+            return
+        stats = self._providers[provider]
+        if self._rate_exceeded(stats, gate):
+            failing = [mid for mid in mine if self._models[mid].tally_since(gate.since)[1]]
+            if len(failing) >= policy.provider_ejected_models:
+                n, failed = stats.tally_since(gate.since)
+                self._eject(gate, now, f"error rate {failed / n:.0%} over {n} calls to {len(failing)} of its models")
+
+    def _rate_exceeded(self, stats: _Stats, gate: _Gate) -> bool:
+        n, failed = stats.tally_since(gate.since)
+        return n >= self.policy.min_requests and failed >= self.policy.error_rate_threshold * n
+
+    def _throttle(self, provider: str, model_id: str, error: ProviderError | None, message: str, now: float) -> None:
+        """A 429: the model (or, when the key's whole quota is spent, the provider) waits as asked."""
+        policy = self.policy
+        asked = error.retry_after_s if error is not None else None
+        stats = self._model_stats(model_id)
+        stats.requests += 1
+        stats.failures += 1
+        stats.last_error = message
+        # A throttle is capacity, not a fault: it stays out of the windows that eject.
+        key_wide = error is not None and isinstance(error.body, dict) and "insufficient_quota" in (
+            error.body.get("code"), error.body.get("type"))
+        gate = self._gate(provider) if key_wide else self._model_gate(model_id)
+        if asked is None:  # no wait given: a short one, doubled while the 429s go on
+            asked = policy.rate_limit_default_s * 2 ** min(gate.limited, 16)
+            gate.limited += 1
+        wait = min(asked, policy.rate_limit_max_s)
+        until = now + wait
+        if until > gate.throttled_until:
+            gate.throttled_until = until
+            scope = "key quota" if key_wide else model_id
+            gate.throttle_reason = f"rate limited ({scope}): retry after {wait:g}s"
+            self._wake_at(wait)
+
+    def _eject(self, gate: _Gate, now: float, reason: str, wait_s: float | None = None) -> None:
+        policy = self.policy
+        if gate.state == CLOSED and now - gate.closed_at > policy.max_ejection_s:
+            gate.ejections = 0  # healthy for a whole maximum ejection: the backoff starts over
+        if wait_s is None:
+            wait_s = min(policy.base_ejection_s * 2**gate.ejections, policy.max_ejection_s)
+        gate.state = OPEN
+        gate.until = now + wait_s
+        gate.ejections += 1
+        gate.reason = reason
+        gate.trials.clear()
+        gate.missing = False
+        self._wake_at(wait_s)
+
+    @staticmethod
+    def _close(gate: _Gate, now: float) -> None:
+        gate.state = CLOSED
+        gate.reason = ""
+        gate.trials.clear()
+        gate.since = now  # the failures that ejected it are judged and done with
+        gate.closed_at = now
+
+    # --- admission -------------------------------------------------------------------
+
+    def allow(self, provider: str, model_id: str | None = None, *, despite_ejection: bool = False) -> bool:
+        """May a call go to this provider (and model) now? Takes a trial slot when half-open.
+
+        `despite_ejection`: the orchestrator's ejection cap sends it anyway; a throttle still holds.
+        """
         now = self.clock()
-        circuit = self._circuits.get(provider)
-        if circuit is not None:
-            before = circuit.state
-            admitted = self._admit(circuit, now)
-            if circuit.state != before:
-                self._changed(provider)
-            if not admitted:
-                return False
-        model_circuit = self._model_circuits.get(model_id) if model_id is not None else None
-        if model_circuit is not None and not self._admit(model_circuit, now):
-            if circuit is not None and circuit.state == HALF_OPEN:
-                circuit.trial_started = None  # the provider's trial slot goes back: no call is made
+        gates = [g for g in (self._gates.get(provider), self._model_gates.get(model_id or "")) if g is not None]
+        if any(g.throttled(now) for g in gates):
             return False
+        if despite_ejection:
+            for gate in gates:
+                if gate.state != CLOSED and not gate.ejected(now):
+                    gate.trials.append(now)  # over the limit, but `release` gives back what was taken
+            return True
+        trials = []
+        for gate in gates:
+            if gate.state == CLOSED:
+                continue
+            if gate.ejected(now):
+                return False
+            if gate.state == OPEN:
+                gate.state = HALF_OPEN
+                self._changed(provider)
+            timeout = self.policy.trial_timeout_s
+            gate.trials[:] = [t for t in gate.trials if now - t < timeout]
+            if len(gate.trials) >= self.policy.half_open_trials:
+                return False
+            trials.append(gate)
+        for gate in trials:
+            gate.trials.append(now)
         return True
 
     def release(self, provider: str, model_id: str | None = None) -> None:
         """A call admitted by `allow` ended without an outcome (cancelled): free its trial slot."""
-        for circuit in (self._circuits.get(provider), self._model_circuits.get(model_id or "")):
-            if circuit is not None and circuit.state == HALF_OPEN:
-                circuit.trial_started = None
+        for gate in (self._gates.get(provider), self._model_gates.get(model_id or "")):
+            if gate is not None and gate.state == HALF_OPEN and gate.trials:
+                gate.trials.pop(0)
 
     def blocked(self, provider: str, model_id: str | None = None, now: float | None = None) -> bool:
-        """True while an open circuit keeps calls away (a half-open one lets a trial through)."""
+        """True while an ejection or a throttle keeps calls away (a half-open gate lets trials through)."""
         now = self.clock() if now is None else now
-        circuit = self._circuits.get(provider)
-        if circuit is not None and circuit.state == OPEN and not self._due(circuit, now):
+        gate = self._gates.get(provider)
+        if gate is not None and (gate.ejected(now) or gate.throttled(now)):
             return True
         if model_id is not None:
-            model_circuit = self._model_circuits.get(model_id)
-            if model_circuit is not None and model_circuit.state == OPEN and not self._due(model_circuit, now):
+            gate = self._model_gates.get(model_id)
+            if gate is not None and (gate.ejected(now) or gate.throttled(now)):
                 return True
         return False
 
+    def ejection(self, provider: str, model_id: str) -> Ejection | None:
+        """Why the model may not be called now (None: it may)."""
+        now = self.clock()
+        throttled = False
+        wait = 0.0
+        held = False
+        for gate in (self._gates.get(provider), self._model_gates.get(model_id)):
+            if gate is None:
+                continue
+            if gate.throttled(now):
+                throttled = held = True
+                wait = max(wait, gate.throttled_until - now)
+            if gate.ejected(now):
+                held = True
+                wait = max(wait, gate.until - now)
+            elif gate.state != CLOSED and len(gate.trials) >= self.policy.half_open_trials:
+                held = True  # its trials are under way: the soonest any ends is unknown, call it a second
+                wait = max(wait, 1.0)
+        if not held:
+            return None
+        rates = [stats.error_rate() for stats in (self._providers.get(provider), self._models.get(model_id)) if stats]
+        return Ejection(throttled, wait, max(rates, default=0.0))
+
     def circuit(self, provider: str) -> str:
-        circuit = self._circuits.get(provider)
-        if circuit is None:
+        gate = self._gates.get(provider)
+        if gate is None or gate.state == CLOSED:
             return CLOSED
-        if circuit.state == OPEN and self._due(circuit, self.clock()):
-            return HALF_OPEN
-        return circuit.state
-
-    def _admit(self, circuit: _Circuit, now: float) -> bool:
-        if circuit.state == CLOSED:
-            return True
-        if circuit.state == OPEN:
-            if not self._due(circuit, now):
-                return False
-            circuit.state = HALF_OPEN
-            circuit.trial_started = None
-        if circuit.trial_started is not None and now - circuit.trial_started < self.policy.trial_timeout_s:
-            return False
-        circuit.trial_started = now
-        return True
-
-    @staticmethod
-    def _due(circuit: _Circuit, now: float) -> bool:
-        return circuit.retry_at is not None and now >= circuit.retry_at
-
-    def _trip(self, provider: str, now: float, kind: str, error: ProviderError | None) -> None:
-        """Open the provider's circuit when this failure calls for it."""
-        policy = self.policy
-        circuit = self._circuit(provider)
-        stats = self._providers[provider]
-        retry_after = getattr(error, "retry_after_s", None)
-        if kind == "rate_limited" and retry_after is not None:
-            self._open(circuit, now, retry_after, f"rate limited: retry after {retry_after:g}s")
-        elif kind == "authentication":
-            self._open(circuit, now, policy.auth_cooldown_s, "authentication failed")
-        elif circuit.state == HALF_OPEN or (circuit.state == OPEN and self._due(circuit, now)):
-            wait = min(max(circuit.cooldown_s * 2, policy.cooldown_s), policy.max_cooldown_s)
-            self._open(circuit, now, wait, f"trial request failed ({kind})")
-        elif circuit.state == CLOSED:
-            if stats.consecutive_failures >= policy.failure_threshold:
-                reason = f"{stats.consecutive_failures} consecutive failures ({kind})"
-            elif len(stats.window) >= policy.min_requests and stats.error_rate() >= policy.error_rate_threshold:
-                reason = f"error rate {stats.error_rate():.0%} over {len(stats.window)} calls"
-            else:
-                return
-            self._open(circuit, now, policy.cooldown_s, reason)
-
-    def _open(self, circuit: _Circuit, now: float, wait_s: float, reason: str) -> None:
-        circuit.state = OPEN
-        circuit.retry_at = now + wait_s
-        circuit.cooldown_s = wait_s
-        circuit.reason = reason
-        circuit.trial_started = None
-        circuit.opens += 1
-        self._wake_at(wait_s)
-
-    @staticmethod
-    def _close(circuit: _Circuit) -> None:
-        circuit.state = CLOSED
-        circuit.retry_at = None
-        circuit.cooldown_s = 0.0
-        circuit.reason = ""
-        circuit.trial_started = None
+        return OPEN if gate.ejected(self.clock()) else HALF_OPEN
 
     def _wake_at(self, delay_s: float) -> None:
-        """Re-evaluate when an open circuit's wait ends, so the half-open turn is published on time."""
+        """Re-evaluate when an ejection or throttle ends, so the change is published on time."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -412,8 +567,8 @@ class HealthTracker:
         self._timers.add(handle)
 
     def tick(self) -> None:
-        """Publish the changes that time alone makes (an open circuit's wait ending, failures ageing out)."""
-        for provider in list(self._providers):
+        """Publish the changes that time alone makes (an ejection or throttle ending, failures ageing out)."""
+        for provider in dict.fromkeys([*self._providers, *self._gates, *self._models_of]):
             self._changed(provider)
 
     # --- reading -------------------------------------------------------------------
@@ -440,19 +595,25 @@ class HealthTracker:
             health.tokens_per_s = stats.tps_ewma
             health.last_error = stats.last_error
             health.history = list(stats.history)
+        elif provider in self._models_of:
+            health.last_error = next(
+                (self._models[m].last_error for m in self._models_of[provider] if self._models[m].last_error), None)
         return health
 
     def snapshot(self, providers: Iterable[str] | None = None) -> dict[str, ProviderHealth]:
         """Health of the given providers (default: every provider seen so far)."""
-        wanted = list(self._providers) if providers is None else list(providers)
+        if providers is None:
+            wanted = [*self._providers, *(p for p in self._models_of if p not in self._providers)]
+        else:
+            wanted = list(providers)
         return {pid: self.provider(pid) for pid in wanted}
 
     def provider_factor(self, provider: str) -> float:
         """The provider's part of the router's 0..1 health score.
 
-        Its success rate over the window, halved while its circuit is not closed, and
-        lowered when the p95 of its recent latencies runs far above their median (it
-        answers, but unevenly).
+        Its success rate over the window, halved while the provider itself is ejected or
+        half-open, and lowered when the p95 of its recent latencies runs far above their
+        median (it answers, but unevenly).
         """
         stats = self._providers.get(provider)
         factor = 1.0
@@ -464,8 +625,8 @@ class HealthTracker:
                 p50, p95 = _percentile(ordered, 0.5), _percentile(ordered, 0.95)
                 if p50 and p95 and p95 > 3 * p50:
                     factor *= max(0.5, 3 * p50 / p95)
-        circuit = self._circuits.get(provider)
-        if circuit is not None and circuit.state != CLOSED:
+        gate = self._gates.get(provider)
+        if gate is not None and gate.state != CLOSED:
             factor *= 0.5
         return factor
 
@@ -480,44 +641,56 @@ class HealthTracker:
     def next_change_at(self) -> float:
         """The clock time at which time alone next changes what `live`/`blocked` say (inf: never)."""
         soonest = math.inf
-        for circuit in (*self._circuits.values(), *self._model_circuits.values()):
-            if circuit.state == OPEN and circuit.retry_at is not None:
-                soonest = min(soonest, circuit.retry_at)
+        now = self.clock()
+        for gate in (*self._gates.values(), *self._model_gates.values()):
+            if gate.state == OPEN and gate.until > now:
+                soonest = min(soonest, gate.until)
+            if gate.throttled_until > now:
+                soonest = min(soonest, gate.throttled_until)
         for stats in (*self._providers.values(), *self._models.values()):
             if stats.window_failures and stats.window:
                 soonest = min(soonest, stats.window[0][0] + self.policy.window_s)
         return soonest
 
     def _condition(self, provider: str, now: float) -> tuple[str, str, str, float | None]:
-        """(status, circuit, reason, seconds until the next trial while open); cheap enough for every call."""
-        circuit = self._circuits.get(provider)
-        state = CLOSED
-        if circuit is not None:
-            state = HALF_OPEN if circuit.state == OPEN and self._due(circuit, now) else circuit.state
-        if state == OPEN:
-            assert circuit is not None and circuit.retry_at is not None
-            wait = max(circuit.retry_at - now, 0.0)
-            return DOWN, state, f"circuit open: {circuit.reason}; next try in {wait:.1f}s", wait
-        if state == HALF_OPEN:
-            assert circuit is not None
-            return DEGRADED, state, f"half-open after {circuit.reason}: one trial request", None
+        """(status, circuit, reason, seconds until it may be called while down); cheap enough for every call."""
+        gate = self._gates.get(provider)
+        if gate is not None:
+            wait = max(gate.until - now if gate.ejected(now) else 0.0, gate.throttled_until - now)
+            if wait > 0:
+                why = gate.reason if gate.ejected(now) else gate.throttle_reason
+                return DOWN, OPEN, f"ejected: {why}; next try in {wait:.1f}s", wait
+            if gate.state != CLOSED:
+                trials = self.policy.half_open_trials
+                return DEGRADED, HALF_OPEN, f"half-open after {gate.reason}: up to {trials} trial requests", None
+        held = []
+        for model_id in self._models_of.get(provider, ()):
+            model_gate = self._model_gates.get(model_id)
+            if model_gate is None:
+                continue
+            if model_gate.throttled(now):
+                held.append(f"{model_id} throttled ({model_gate.throttled_until - now:.1f}s)")
+            elif model_gate.ejected(now):
+                held.append(f"{model_id} ejected ({model_gate.until - now:.1f}s)")
+        if held:
+            return DEGRADED, CLOSED, "; ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else ""), None
         stats = self._providers.get(provider)
         if stats is not None:
             stats.expire(now, self.policy)
             if stats.consecutive_failures:
-                return DEGRADED, state, f"{stats.consecutive_failures} consecutive failure(s): {stats.last_error}", None
+                return DEGRADED, CLOSED, f"{stats.consecutive_failures} consecutive failure(s): {stats.last_error}", None
             rate = stats.error_rate()
             if rate >= self.policy.degraded_error_rate:
-                return DEGRADED, state, f"error rate {rate:.0%} over the last {self.policy.window_s:g}s", None
-        return HEALTHY, state, "", None
+                return DEGRADED, CLOSED, f"error rate {rate:.0%} over the last {self.policy.window_s:g}s", None
+        return HEALTHY, CLOSED, "", None
 
     # --- change notification ----------------------------------------------------------
 
     def add_listener(self, listener: Callable[[str, bool], None]) -> None:
         """`listener(provider, urgent)` is called after anything about that provider changes (the router's cue).
 
-        Urgent: a failure, a probe or a circuit changed what may be called. Not urgent: a
-        success only moved the provider's latency and speed figures.
+        Urgent: a failure, a probe, an ejection or a throttle changed what may be called.
+        Not urgent: a success only moved the provider's latency and speed figures.
         """
         self._listeners.append(listener)
 
@@ -558,14 +731,21 @@ class HealthTracker:
         return stats
 
     def models_seen(self, provider: str) -> list[str]:
-        """The provider's models with live stats (and so perhaps a circuit of their own); the rest read as catalog figures."""
+        """The provider's models with live stats (and so perhaps a gate of their own); the rest read as catalog figures."""
         return self._models_of.get(provider, [])
 
-    def _circuit(self, provider: str) -> _Circuit:
-        circuit = self._circuits.get(provider)
-        if circuit is None:
-            circuit = self._circuits[provider] = _Circuit()
-        return circuit
+    def _gate(self, provider: str) -> _Gate:
+        gate = self._gates.get(provider)
+        if gate is None:
+            gate = self._gates[provider] = _Gate()
+        return gate
+
+    def _model_gate(self, model_id: str) -> _Gate:
+        self._model_stats(model_id)
+        gate = self._model_gates.get(model_id)
+        if gate is None:
+            gate = self._model_gates[model_id] = _Gate()
+        return gate
 
     # --- active probes -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -28,15 +29,15 @@ from .catalog import ModelSpec
 from .config import Settings
 from .costs import call_cost
 from .errors import (
-    AllAttemptsFailedError,
     NoEligibleModelError,
     P402Error,
     ProviderError,
+    UnavailableError,
 )
 from .events import AttemptFailed, CacheHit, EventBus, RequestCompleted, RouteDecided, SpendUpdated
-from .health import HealthTracker
+from .health import HealthPolicy, HealthTracker
 from .hooks import CallContext, Hooks, NoHooks, RequestRecord, RouteOptions
-from .router import RouteDecision, Router
+from .router import CIRCUIT_OPEN, RouteDecision, Router
 from .tokens import count_text, warm
 from .types import Attempt, ChatChunk, ChatRequest, ChatResponse, P402Meta, ToolCallDelta, Usage, new_id
 
@@ -88,16 +89,21 @@ class _Plan:
 
     def __init__(self, orchestrator: Orchestrator, decision: RouteDecision, options: RouteOptions) -> None:
         self._orchestrator = orchestrator
+        self._decision = decision
         chosen = decision.chosen_id
         self._queue = [chosen] if chosen is not None else []
         # Most calls succeed first time: rank the fallbacks only when one is needed.
-        self._fallbacks: RouteDecision | None = decision if options.failover and chosen is not None else None
+        self._fallbacks: RouteDecision | None = decision if options.failover else None
+        # The candidates the router left out as ejected, looked at once the others are spent.
+        self._ejected: RouteDecision | None = decision if options.failover or chosen is None else None
+        self._despite: set[str] = set()  # ejected, but sent anyway under the ejection cap
+        self._failover = options.failover
         retries = options.max_retries if options.max_retries is not None else orchestrator.settings.router.max_retries
         self._left = 1 + (retries if options.failover else 0)
         self._dead_providers: set[str] = set()
         self.attempts: list[Attempt] = []
         self.last_error: ProviderError | None = None
-        self.skipped_open = 0
+        self.skipped: list[str] = []  # candidates not called because they are ejected or throttled
 
     def next(self) -> ModelSpec | None:
         """The next model worth a call, or None when the plan is spent."""
@@ -105,16 +111,60 @@ class _Plan:
             return None
         health = self._orchestrator.health
         models = self._orchestrator.catalog.models
-        while self._queue or self._unfold():
-            spec = models[self._queue.pop(0)]
+        while self._queue or self._unfold() or self._over_cap():
+            model_id = self._queue.pop(0)
+            spec = models[model_id]
             if spec.provider in self._dead_providers:
                 continue
-            if not health.allow(spec.provider, spec.id):
-                self.skipped_open += 1  # an open circuit, or a half-open one with its trial under way
+            if not health.allow(spec.provider, spec.id, despite_ejection=model_id in self._despite):
+                self.skipped.append(model_id)  # ejected, throttled, or half-open with its trials under way
                 continue
             self._left -= 1
             return spec
         return None
+
+    def _over_cap(self) -> bool:
+        """Queue the least-bad ejected candidates beyond `max_ejection_percent` of them all (once)."""
+        decision, self._ejected = self._ejected, None
+        if decision is None:
+            return False
+        orchestrator = self._orchestrator
+        models = orchestrator.catalog.models
+        pt, ot, max_cost = decision.prompt_tokens, decision.est_output_tokens, decision.options.max_cost_usd
+        # The router stopped at the ejection: the request's own limits still apply.
+        ejected = [
+            e.id for e in decision.excluded
+            if e.reason == CIRCUIT_OPEN and models[e.id].context_window >= pt + ot and models[e.id].max_output_tokens >= ot
+            and (max_cost is None or call_cost(models[e.id], Usage(prompt_tokens=pt, completion_tokens=ot)) <= max_cost)
+        ]
+        ranked_out = len(ejected)
+        ejected += [mid for mid in dict.fromkeys(self.skipped) if mid not in ejected]
+        if not ejected:
+            return False
+        eligible = (decision.chosen_id is not None) + len(decision.fallbacks)  # ids only: no scores built
+        total = (eligible if self._failover else 0) + ranked_out
+        room = len(ejected) - math.floor(total * orchestrator.health.policy.max_ejection_percent / 100)
+        standing = [(mid, orchestrator.health.ejection(models[mid].provider, mid)) for mid in ejected]
+        tryable = [(e.error_rate, e.retry_in_s, mid) for mid, e in standing if e is not None and not e.throttled]
+        tryable.sort()
+        for _, _, mid in tryable[: max(room, 0)]:
+            self._despite.add(mid)
+            self._queue.append(mid)
+        return bool(self._queue)
+
+    def retry_after_s(self) -> float:
+        """The soonest any candidate may be called again, for a refusal's Retry-After."""
+        health = self._orchestrator.health
+        models = self._orchestrator.catalog.models
+        decision = self._decision
+        ids = [*self.skipped, *(e.id for e in decision.excluded if e.reason == CIRCUIT_OPEN)]
+        ids += [a.provider + "/" + a.model for a in self.attempts]
+        waits = []
+        for mid in dict.fromkeys(ids):
+            spec = models.get(mid)
+            standing = health.ejection(spec.provider, mid) if spec is not None else None
+            waits.append(standing.retry_in_s if standing is not None else 0.0)
+        return max(min(waits, default=0.0), 1.0)
 
     def failed(self, spec: ModelSpec, error: ProviderError, latency_ms: float) -> bool:
         """Note a failure; True when another model may still be tried."""
@@ -127,14 +177,19 @@ class _Plan:
             self._dead_providers.add(spec.provider)  # a rejected key too: it will not work for the other models
         models = self._orchestrator.catalog.models
         self._unfold()
+        if self._left > 0 and not any(models[mid].provider not in self._dead_providers for mid in self._queue):
+            self._over_cap()
         return self._left > 0 and any(models[mid].provider not in self._dead_providers for mid in self._queue)
 
     def _unfold(self) -> bool:
         """Queue the decision's fallbacks (once); True if that added any."""
         if self._fallbacks is None:
             return False
-        self._queue.extend(self._fallbacks.fallbacks)
-        self._fallbacks = None
+        decision, self._fallbacks = self._fallbacks, None
+        if decision.chosen_id is not None:
+            self._queue.extend(decision.fallbacks)
+        else:  # the pinned model is ejected or throttled: failing over from it is still failing over
+            self._queue.extend(c.id for c in decision.candidates)
         return bool(self._queue)
 
     def succeeded(self, spec: ModelSpec, latency_ms: float) -> None:
@@ -143,15 +198,19 @@ class _Plan:
     def exhausted(self) -> P402Error:
         """The error for a request no model answered."""
         tried = len(self.attempts)
-        if self.last_error is not None and (tried == 1 or not self.last_error.retryable):
-            # One model tried (a pin, failover off), or a bad request: the provider's own error says it best.
-            return self.last_error
+        last = self.last_error
+        if last is not None and (not last.retryable or (tried == 1 and not self._failover)):
+            # A bad request, or the one model failover-off allows: the provider's own error says it best.
+            return last
+        retry = self.retry_after_s()
         if not tried:
-            return AllAttemptsFailedError(
-                f"no call made: the circuit of every candidate is open ({self.skipped_open} skipped)", [], None
+            return UnavailableError(
+                f"no candidate can be called now: {len(self.skipped) or 'every'} ejected or throttled; "
+                f"try again in {retry:.0f}s", [], None, retry_after_s=retry,
             )
-        return AllAttemptsFailedError(
-            f"all {tried} attempt(s) failed; last: {self.last_error}", list(self.attempts), self.last_error
+        return UnavailableError(
+            f"all {tried} attempt(s) failed; last: {last}; try again in {retry:.0f}s",
+            list(self.attempts), last, retry_after_s=retry,
         )
 
 
@@ -215,7 +274,7 @@ class Orchestrator:
         self.catalog = settings.catalog
         self.bus = bus or EventBus()
         self.hooks: Hooks = hooks or NoHooks()
-        self.health = health or HealthTracker(bus=self.bus)
+        self.health = health or HealthTracker(bus=self.bus, policy=HealthPolicy(**settings.health.model_dump()))
         if self.health.bus is None:
             self.health.bus = self.bus
         self.health.on_change = self._health_changed
@@ -274,7 +333,7 @@ class Orchestrator:
         decision = self.router.route(request, options)
         self.bus.publish(RouteDecided(decision=decision))
         self.hooks.decided(decision)
-        if decision.chosen_id is None:
+        if decision.chosen_id is None and not any(e.reason == CIRCUIT_OPEN for e in decision.excluded):
             raise NoEligibleModelError(f"no eligible model: {decision.why_none()}")
         return decision
 

@@ -961,14 +961,14 @@ class Router:
                 reason = DISABLED if provider in self.disabled else NOT_CONFIGURED
             elif provider in excluded_providers:
                 reason = EXCLUDED_PROVIDER
-            elif self._blocked[i]:
-                reason = CIRCUIT_OPEN
             elif self._retired[i] and i != pin:
                 reason = f"retired on {spec.deprecated_on}"
             elif self._caps[i] & need != need:
                 reason = _missing(self._caps[i], need)
             elif self._tier[i] > tier_cap:
                 reason = OVER_TIER
+            elif self._blocked[i]:  # last: the orchestrator may still try a model left out only for this
+                reason = CIRCUIT_OPEN
             else:
                 keep.append(i)
                 continue

@@ -7,12 +7,13 @@ fault: the official SDKs pick their exception class from the status alone.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from ..core.errors import AllAttemptsFailedError, P402Error, ProviderError
+from ..core.errors import AllAttemptsFailedError, P402Error, ProviderError, UnavailableError
 
 # OpenAI's error `type` for each status we send.
 _TYPES = {
@@ -41,8 +42,13 @@ class GatewayError(Exception):
         self.code = code
 
 
+# Our own refusals whose `type` says more than the status's: OpenAI's SDKs still go by the status.
+_KIND_TYPES = {"overloaded": "overloaded_error"}
+
+
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+    kind = _KIND_TYPES.get(code or "") or _TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(
@@ -79,7 +85,10 @@ def from_p402_error(error: P402Error) -> Response:
         message = describe_attempts(error)
     if error.kind == "model_not_found":
         param = "model"
-    return error_response(status, message, param=param, code=error.kind)
+    headers = None
+    if isinstance(error, UnavailableError):
+        headers = {"retry-after": str(max(1, math.ceil(error.retry_after_s)))}
+    return error_response(status, message, param=param, code=error.kind, headers=headers)
 
 
 def from_validation_error(error: ValidationError, *, prefix: str = "") -> GatewayError:

@@ -128,6 +128,12 @@ _CHAT = {
                 },
             },
             **_errors(400, 401, 402, 404, 409, 413, 502),
+            "503": {
+                **_json(_ref("Error"), "No candidate can answer now (each throttled or ejected, or every attempt "
+                        "failed): `type` overloaded_error; try again after Retry-After"),
+                "headers": {"Retry-After": {"description": "Seconds until the soonest candidate may be called",
+                                            "schema": {"type": "integer", "minimum": 1}}},
+            },
         },
     }
 }

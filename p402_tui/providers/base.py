@@ -13,6 +13,7 @@ import asyncio
 import email.utils
 import functools
 import json
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -211,6 +212,8 @@ class Adapter:
             return TimeoutError(f"read timed out: {message}", phase="read", **where)
         if started:
             return StreamInterruptedError(f"stream broke: {message}", **where)
+        if isinstance(error, (ConnectionRefusedError, socket.gaierror, ssl.SSLCertVerificationError)):
+            return ConnectionLostError(f"cannot connect: {message}", phase="connect", **where)
         return ConnectionLostError(f"connection failed: {message}", **where)
 
     def target(self, path: str, params: Mapping[str, Any] | None = None) -> http.Target:

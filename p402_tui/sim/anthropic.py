@@ -650,12 +650,10 @@ async def _refuse(request: Request, fault: Fault) -> Response:
     """What a fault sends in place of the answer (see `Fault.refuses`)."""
     if fault.kind == "rate_limit":
         reset = datetime.now(timezone.utc) + timedelta(seconds=fault.wait_s)
-        headers = {
-            "retry-after": f"{fault.wait_s:g}",
-            "anthropic-ratelimit-requests-limit": "50",
-            "anthropic-ratelimit-requests-remaining": "0",
-            "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
-        }
+        headers = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "0"}
+        if fault.wait_hint:
+            headers["retry-after"] = f"{fault.wait_s:g}"
+            headers["anthropic-ratelimit-requests-reset"] = reset.isoformat().replace("+00:00", "Z")
         message = "This request would exceed your organization's rate limit of 50 requests per minute"
         return error(429, "rate_limit_error", message, headers)
     if fault.kind == "timeout":

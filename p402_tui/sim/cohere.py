@@ -492,7 +492,7 @@ async def _refuse(request: Request, fault: Fault) -> Response:
             "Trial key for free or upgrade to a Production key with higher rate limits at "
             "'https://dashboard.cohere.com/api-keys'."
         )
-        return error(429, message, {"retry-after": str(math.ceil(fault.wait_s))})
+        return error(429, message, {"retry-after": str(math.ceil(fault.wait_s))} if fault.wait_hint else {})
     if fault.kind == "timeout":
         await hang_until_disconnect(request)
         return error(504, "gateway timeout")

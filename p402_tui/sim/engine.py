@@ -54,6 +54,8 @@ class Fault(BaseModel):
     probability: float = Field(default=1.0, ge=0, le=1)
     status: int | None = None  # error: 500 (default), 502, 503 or 529
     retry_after_s: float | None = Field(default=None, ge=0)
+    # rate_limit: False sends a bare 429 with no hint of the wait (no Retry-After, reset header or RetryInfo)
+    wait_hint: bool = True
     # disconnect / malformed / timeout mid-stream after N tokens; an error with N > 0 breaks a stream that began
     # (a family sends it the way its provider reports errors mid-answer)
     after_tokens: int = Field(default=0, ge=0)

@@ -118,7 +118,7 @@ def _bad_key() -> JSONResponse:
     return error(400, "API key not valid. Please pass a valid API key.", [info])
 
 
-def _rate_limited(wait: float) -> JSONResponse:
+def _rate_limited(wait: float | None) -> JSONResponse:
     # No Retry-After header: the real API puts the wait only in the RetryInfo detail.
     details = [
         {
@@ -130,12 +130,13 @@ def _rate_limited(wait: float) -> JSONResponse:
                 }
             ],
         },
-        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait:g}s"},
     ]
+    if wait is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait:g}s"})
     message = (
         "You exceeded your current quota, please check your plan and billing details. "
-        f"For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. "
-        f"Please retry in {wait:g}s."
+        "For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits."
+        + (f" Please retry in {wait:g}s." if wait is not None else "")
     )
     return error(429, message, details)
 
@@ -747,7 +748,7 @@ def _reply(model: str, response_id: str, parts: list[dict[str, Any]], finish: st
 async def _refuse(request: Request, fault: Fault) -> Response:
     """What a fault sends in place of the answer (see `Fault.refuses`)."""
     if fault.kind == "rate_limit":
-        return _rate_limited(fault.wait_s)
+        return _rate_limited(fault.wait_s if fault.wait_hint else None)
     if fault.kind == "timeout":
         await hang_until_disconnect(request)
         return error(504, "Deadline expired before operation could complete.")

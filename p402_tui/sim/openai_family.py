@@ -593,13 +593,15 @@ class OpenAIFamily:
     def _fault_error(self, fault: Fault, model: str) -> SimError:
         if fault.kind == "rate_limit":
             wait = fault.retry_after_s if fault.retry_after_s is not None else 1.0
-            headers = {"retry-after": f"{wait:g}", "x-ratelimit-remaining-requests": "0"}
+            headers = {"x-ratelimit-remaining-requests": "0"}
+            if fault.wait_hint:
+                headers["retry-after"] = f"{wait:g}"
             if self.dialect.errors == "mistral":
                 return SimError(429, "Rate limit exceeded", "rate_limited", "1300", **headers)
             return SimError(
                 429,
                 f"Rate limit reached for {model} on requests per min (RPM): Limit 60, Used 60, Requested 1. "
-                f"Please try again in {wait:g}s.",
+                + (f"Please try again in {wait:g}s." if fault.wait_hint else "Please try again later."),
                 "requests",
                 "rate_limit_exceeded",
                 **headers,
