@@ -13,7 +13,9 @@ import gc
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 from .core.errors import P402Error
@@ -66,6 +68,56 @@ def read_text_arg(text: str) -> str:
     return sys.stdin.read() if text == "-" else text
 
 
+@contextmanager
+def ledger_for(args: argparse.Namespace, settings, *, simulated: bool) -> Iterator[str]:
+    """Point `settings` at the database a recording command writes to; yield how to name it on start-up.
+
+    Simulated traffic never enters a real ledger: unless --db names a file, a simulated run
+    records into a temporary database that is removed when the command ends.
+    """
+    import tempfile
+
+    if not simulated or getattr(args, "db", None):
+        yield f"ledger {settings.db_path}" + (" (simulated rows are marked)" if simulated else "")
+        return
+    with tempfile.TemporaryDirectory(prefix="p402-sim-") as temp:
+        settings.db_path = Path(temp) / "sim.db"
+        yield f"ledger {settings.db_path} (temporary: simulated, removed on exit; --db keeps it)"
+
+
+def db_exists(args: argparse.Namespace, settings) -> bool:
+    """Whether the database a report reads exists. A report on a --db that names no file says so (a typo
+    reported as $0 would mislead); the default database merely has no traffic yet."""
+    if Path(settings.db_path).expanduser().is_file():
+        return True
+    if getattr(args, "db", None):
+        from .store.db import StoreError
+
+        raise StoreError(f"no P402 database at {settings.db_path}: nothing has been recorded there")
+    return False
+
+
+@asynccontextmanager
+async def open_store(settings, *, create: bool) -> AsyncIterator[Any]:
+    """The database. Without `create`, a file not made yet reads as an empty one: reading never creates it."""
+    import tempfile
+
+    from .store.store import Store
+
+    path = Path(settings.db_path).expanduser()
+    if create or await asyncio.to_thread(path.is_file):
+        async with await Store.open(path) as store:
+            yield store
+        return
+    with tempfile.TemporaryDirectory(prefix="p402-empty-") as temp:
+        async with await Store.open(Path(temp) / "empty.db") as store:
+            yield store
+
+
+def written_to(settings) -> str:
+    return f"(in {Path(settings.db_path).expanduser()})"
+
+
 # --- foundation commands --------------------------------------------------------------
 
 
@@ -89,9 +141,13 @@ def cmd_providers(args: argparse.Namespace) -> int:
         print_json(rows)
     else:
         print_table(
-            ["ID", "NAME", "WIRE", "MODELS", "CONFIGURED", "BASE URL"],
-            [[r["id"], r["name"], r["wire"], r["models"], "yes" if r["configured"] else "no", r["base_url"]] for r in rows],
+            ["ID", "NAME", "WIRE", "MODELS", "CONFIGURED", "KEY ENV", "BASE URL"],
+            [[r["id"], r["name"], r["wire"], r["models"], "yes" if r["configured"] else "no",
+              " or ".join(r["key_env"]) or "-", r["base_url"]] for r in rows],
         )
+        if not any(r["configured"] for r in rows):
+            print("\nno provider is configured: export one KEY ENV variable (or set api_key under [providers.<id>] "
+                  "in the config), or point P402 at `p402 sim` (see README), or try `p402 serve --sim`")
     return 0
 
 
@@ -502,10 +558,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     host = args.host or settings.gateway.host
     port = settings.gateway.port if args.port is None else args.port
-    return run_served(serve_gateway(settings, host, port, sim=args.sim))
+    with ledger_for(args, settings, simulated=args.sim) as ledger:
+        return run_served(serve_gateway(settings, host, port, sim=args.sim, ledger=ledger))
 
 
-async def serve_gateway(settings, host: str, port: int, *, sim: bool) -> int:
+async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: str = "") -> int:
     """The gateway, headless, until SIGINT or SIGTERM; then a clean stop (in-flight requests finish, the store flushes)."""
     import signal
 
@@ -518,7 +575,12 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool) -> int:
         gc.collect()
         gc.freeze()
         upstream = f"; providers simulated at {runtime.sim.url}" if runtime.sim else ""
-        print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}); Ctrl-C stops it", flush=True)
+        recording = f"; {ledger}" if ledger else ""
+        print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}){recording}; Ctrl-C stops it",
+              flush=True)
+        if not settings.usable_providers():
+            print(f"p402 serve: not ready: {_no_provider_error(' (or run p402 serve --sim)')}; every chat request "
+                  "is refused and /health answers 503 until one is", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -556,17 +618,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 async def _keys(args: argparse.Namespace, settings) -> int:
     from .store import queries
-    from .store.store import Store
 
-    async with await Store.open(settings.db_path) as store:
+    if args.keys_command == "create" and not args.name.strip():
+        raise P402Error("a key needs a non-empty --name")
+    async with open_store(settings, create=args.keys_command == "create") as store:
         if args.keys_command == "create":
-            if not args.name.strip():
-                raise P402Error("a key needs a non-empty --name")
             record, secret = await queries.create_key(store, args.name.strip())
             if args.json:
                 print_json({**record, "key": secret})
             else:
-                print(f"created gateway key {record['id']} ({record['name']}); it is shown only this once:")
+                print(f"created gateway key {record['id']} ({record['name']}) {written_to(settings)}; "
+                      "it is shown only this once:")
                 print(secret)
                 print("clients send it as `Authorization: Bearer <key>` (the OpenAI SDK's api_key)", file=sys.stderr)
         elif args.keys_command == "list":
@@ -582,7 +644,7 @@ async def _keys(args: argparse.Namespace, settings) -> int:
         else:
             if not await queries.revoke_key(store, args.id):
                 raise P402Error(f"no active key {args.id!r}; `p402 keys list` shows them")
-            print(f"revoked {args.id}")
+            print(f"revoked {args.id} {written_to(settings)}")
     return 0
 
 
@@ -602,19 +664,23 @@ def cmd_spend(args: argparse.Namespace) -> int:
     period = parse_period(args.period, start=args.start, end=args.end)
 
     async def report() -> dict[str, Any]:
-        from .store.store import Store
+        async with open_store(settings, create=False) as store:
+            return await spend(store, period, args.by, include_simulated=args.include_simulated)
 
-        async with await Store.open(settings.db_path, create=False) as store:
-            return await spend(store, period, args.by)
-
+    fresh = not db_exists(args, settings)
     result = run_async(report())
     if isinstance(result, int):
         return result
     if args.json:
         print_json(result)
         return 0
+    if fresh:
+        print(f"{period.label}: {usd(0.0)} over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
+        return 0
     print(f"{period.label}: {usd(result['total_usd'])} over {result['requests']} requests "
           f"({result['cached']} from the cache, saving {usd(result['saved_usd'])}; {result['errors']} failed)")
+    if result.get("simulated_left_out"):
+        print(f"{result['simulated_left_out']} simulated requests left out (--include-simulated counts them)")
     if result["breakdown"]:
         print()
         print_table([args.by.upper(), "COST", "REQUESTS", "SAVED"],
@@ -628,9 +694,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 async def _sessions(args: argparse.Namespace, settings) -> int:
     from .store import sessions
-    from .store.store import Store
 
-    async with await Store.open(settings.db_path) as store:
+    async with open_store(settings, create=args.sessions_command == "create") as store:
         action = args.sessions_command
         if action == "list":
             found = await sessions.list_sessions(store, status=args.status)
@@ -669,7 +734,7 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
             if args.json:
                 print_json({"id": args.id, "deleted": True})
             else:
-                print(f"deleted {args.id} (its requests stay in the ledger)")
+                print(f"deleted {args.id} {written_to(settings)}; its requests stay in the ledger")
             return 0
     if args.json:
         print_json(session)
@@ -677,6 +742,8 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
         budget = "no budget" if session["budget_usd"] is None else f"budget {usd(session['budget_usd'])}"
         print(f"{session['id']}  {session['name']}  {session['status']}  {budget}  "
               f"spent {usd(session['spent_usd'])} in {session['requests']} requests")
+        if args.sessions_command in ("create", "update"):
+            print(f"{args.sessions_command}d {written_to(settings)}", file=sys.stderr)
         for message in session.get("messages", ()):
             print(f"  [{message['role']}] {message['content']}")
     return 0
@@ -701,16 +768,17 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
     period = parse_period(args.period, start=args.start, end=args.end)
 
     async def advise() -> list[dict[str, Any]]:
-        from .store.store import Store
+        async with open_store(settings, create=False) as store:
+            return await recommendations(store, settings.catalog, period, include_simulated=args.include_simulated)
 
-        async with await Store.open(settings.db_path, create=False) as store:
-            return await recommendations(store, settings.catalog, period)
-
+    fresh = not db_exists(args, settings)
     found = run_async(advise())
     if isinstance(found, int):
         return found
     if args.json:
         print_json(found)
+    elif fresh:
+        print(f"nothing to recommend: no traffic yet (nothing recorded in {settings.db_path})")
     elif not found:
         print(f"nothing to recommend from the ledger ({period.label})")
     else:
@@ -727,16 +795,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 async def _cache(args: argparse.Namespace, settings) -> int:
     from .cache.semantic import SemanticCache
-    from .store.store import Store
 
-    async with await Store.open(settings.db_path) as store:
+    async with open_store(settings, create=False) as store:
         cache = SemanticCache.from_config(store, settings.cache)
         if args.cache_command == "clear":
             removed = await cache.clear(args.namespace)
             if args.json:
                 print_json({"removed": removed, "namespace": args.namespace})
             else:
-                print(f"removed {removed} cached answers" + (f" from {args.namespace!r}" if args.namespace else ""))
+                print(f"removed {removed} cached answers" + (f" from {args.namespace!r}" if args.namespace else "")
+                      + f" {written_to(settings)}")
             return 0
         await cache.ready()
         info = cache.info()
@@ -780,6 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="P402 Console: route, watch and price LLM traffic across 12 providers.",
         parents=[_common()],
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"p402 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("providers", parents=[common], help="list providers and whether they are configured")
@@ -886,6 +957,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="also serve the gateway here, from the same process")
     p.add_argument("--attach", metavar="URL", help="watch a running gateway (p402 serve) instead of routing here")
     p.add_argument("--key", metavar="K", help="the gateway key for --attach (see p402 keys create)")
+    p.add_argument("--sim", action="store_true",
+                   help="route to simulated providers: no keys, no network (a temporary ledger unless --db)")
     p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
     p.set_defaults(func=cmd_console)
 
@@ -916,6 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
     period.add_argument("--from", dest="start", metavar="YYYY-MM-DD", help="first day (instead of --period)")
     period.add_argument("--to", dest="end", metavar="YYYY-MM-DD", help="last day, inclusive (instead of --period)")
     period.add_argument("--db", metavar="PATH", help=db_help)
+    period.add_argument("--include-simulated", action="store_true",
+                        help="count requests the simulator answered too (left out by default)")
     period.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("spend", parents=[common, period], help="what was spent in a period, broken down")

@@ -118,8 +118,10 @@ class Gateway:
         cache: Any = None,
         auth: GatewayAuth | None = None,
         heartbeat_s: float = HEARTBEAT_S,
+        simulated: bool = False,
     ) -> None:
         self.orchestrator = orchestrator
+        self.simulated = simulated  # every provider is the simulator: its reports count simulated rows by default
         self.settings = settings
         self.store = store
         self.cache = cache  # cache.SemanticCache, or None when the gateway runs without one
@@ -317,15 +319,25 @@ class Gateway:
         store = await self._fresh_store()
         query = request.query_params
         period = parse_period(query.get("period"), start=query.get("from"), end=query.get("to"))
-        return json_response(await spend(store, period, query.get("by") or "provider"))
+        everything = self._include_simulated(request)
+        return json_response(await spend(store, period, query.get("by") or "provider", include_simulated=everything))
 
     async def recommendations(self, request: Request) -> Any:
         from ..store.analytics import parse_period, recommendations
 
         store = await self._fresh_store()
         period = parse_period(request.query_params.get("period"))
-        data = await recommendations(store, self.orchestrator.catalog, period)
+        everything = self._include_simulated(request)
+        data = await recommendations(store, self.orchestrator.catalog, period, include_simulated=everything)
         return json_response({"object": "list", "data": data})
+
+    def _include_simulated(self, request: Request) -> bool:
+        value = request.query_params.get("include_simulated")
+        if value is None:
+            return self.simulated
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise errors.GatewayError(400, "include_simulated must be true or false", param="include_simulated")
+        return value.lower() in ("true", "1")
 
     async def cache_stats(self, request: Request) -> Any:
         """The answer cache: which embedder is active, its threshold, and hits, misses and USD saved."""
@@ -379,13 +391,17 @@ class Gateway:
     # --- operations ----------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Any:
+        usable = len(self.settings.usable_providers())
+        # Up but unable to answer anything: a load balancer's readiness check must not send traffic here.
         return json_response(
             {
-                "status": "ok",
+                "status": "ok" if usable else "not_ready",
+                "reason": None if usable else "no provider is configured (see `p402 providers`)",
                 "uptime_s": round(time.time() - self.started_at, 3),
-                "providers_usable": len(self.settings.usable_providers()),
+                "providers_usable": usable,
                 "embedder": self._embedder(),
-            }
+            },
+            status=200 if usable else 503,
         )
 
     def _embedder(self) -> dict[str, Any] | None:

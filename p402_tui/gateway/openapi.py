@@ -86,6 +86,12 @@ _PERIOD = {
     "schema": {"type": "string", "pattern": PERIOD_PATTERN},
 }
 _ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_INCLUDE_SIMULATED = {
+    "name": "include_simulated",
+    "in": "query",
+    "description": "count requests the simulator answered (default: only on a gateway that simulates, `serve --sim`)",
+    "schema": {"type": "boolean"},
+}
 
 
 def _limit(default: int, maximum: int = SESSION_PAGE_MAX) -> dict[str, Any]:
@@ -103,6 +109,17 @@ def _session_list(summary: str, item: str, default_limit: int) -> dict[str, Any]
             "responses": {"200": _json(_list_of(_ref(item))), **_errors(400, 401, 404, 503)},
         },
     }
+
+_HEALTH = {
+    "type": "object",
+    "properties": {
+        "status": {"enum": ["ok", "not_ready"]},
+        "reason": {"type": ["string", "null"]},
+        "uptime_s": {"type": "number"},
+        "providers_usable": {"type": "integer"},
+        "embedder": {"anyOf": [_ref("Embedder"), {"type": "null"}]},
+    },
+}
 
 _CHAT = {
     "post": {
@@ -343,6 +360,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
                     {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
                     {"name": "by", "in": "query", "schema": {"enum": ["provider", "model", "session", "tag", "day"]}},
+                    _INCLUDE_SIMULATED,
                 ],
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 503)},
             }
@@ -350,7 +368,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/analytics/recommendations": {
             "get": {
                 "summary": "Ways to spend less, from the ledger, biggest monthly saving first",
-                "parameters": [_PERIOD],
+                "parameters": [_PERIOD, _INCLUDE_SIMULATED],
                 "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401, 503)},
             }
         },
@@ -421,20 +439,12 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         },
         "/health": {
             "get": {
-                "summary": "Liveness (never needs a key), and which embedder the answer cache uses",
+                "summary": "Readiness (never needs a key), and which embedder the answer cache uses",
+                "description": "503 `not_ready` while no provider is usable: every chat request would be refused.",
                 "security": [],
                 "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "properties": {
-                                "status": {"const": "ok"},
-                                "uptime_s": {"type": "number"},
-                                "providers_usable": {"type": "integer"},
-                                "embedder": {"anyOf": [_ref("Embedder"), {"type": "null"}]},
-                            },
-                        }
-                    )
+                    "200": _json(_HEALTH),
+                    "503": _json(_HEALTH),
                 },
             }
         },

@@ -193,6 +193,12 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX requests_prompt_key;
     DROP INDEX router_decisions_chosen;
     """,
+    # 5: what was made against the simulator, marked so spend and recommendations can leave it out
+    """
+    ALTER TABLE requests ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE router_decisions ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE provider_health ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
