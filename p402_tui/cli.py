@@ -344,6 +344,10 @@ async def chat_once(
     async with Runtime.open(settings, persist=persist) as runtime:
         orchestrator = runtime.orchestrator
         ctx = ctx or CallContext(source="cli")
+        if ctx.session_id is not None and runtime.store is not None:
+            from .store.sessions import resolve_session
+
+            ctx.session_id = await resolve_session(runtime.store, ctx.session_id)
         if request.stream:
             assembler = None
             async with orchestrator.stream(request, options, ctx) as stream:
@@ -697,6 +701,8 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
 
     async with open_store(settings, create=args.sessions_command == "create") as store:
         action = args.sessions_command
+        if action in ("show", "update", "delete"):
+            args.id = await sessions.resolve_session(store, args.id)
         if action == "list":
             found = await sessions.list_sessions(store, status=args.status)
             if args.json:
@@ -906,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: content, usage, cost, timing, attempts")
     p.add_argument("--system", metavar="S", help="a system prompt")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="cap the answer's length")
-    p.add_argument("--session", metavar="ID", help="charge an agent session (its budget is checked first)")
+    p.add_argument("--session", metavar="ID", help="charge an agent session, by id or name (its budget is checked first)")
     p.add_argument("--tag", metavar="T", help="a label for spend reports (p402 spend --by tag)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="answer from / keep in the semantic cache (default: config cache.enabled, on)")
@@ -1011,10 +1017,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--agent", metavar="A", help="the agent working in it")
     q.add_argument("--metadata", metavar="JSON", help="a JSON object to keep with it")
     q = sessions_sub.add_parser("show", parents=[common], help="one session and its chat history")
-    q.add_argument("id", metavar="ID")
+    q.add_argument("id", metavar="ID", help="its id or name")
     q.add_argument("--messages", type=_positive_int, default=20, metavar="N", help="last N messages (default 20)")
     q = sessions_sub.add_parser("update", parents=[common], help="change name, budget, status, agent or metadata")
-    q.add_argument("id", metavar="ID")
+    q.add_argument("id", metavar="ID", help="its id or name")
     q.add_argument("--name", metavar="N")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD")
     q.add_argument("--no-budget", action="store_true", help="remove the budget")
@@ -1022,7 +1028,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--agent", metavar="A")
     q.add_argument("--metadata", metavar="JSON", help="a JSON object (replaces the old one)")
     q = sessions_sub.add_parser("delete", parents=[common], help="delete a session (its ledger rows stay)")
-    q.add_argument("id", metavar="ID")
+    q.add_argument("id", metavar="ID", help="its id or name")
     for q in sessions_sub.choices.values():
         q.add_argument("--db", metavar="PATH", help=db_help)
         q.add_argument("--json", action="store_true", help="print JSON")

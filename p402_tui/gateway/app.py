@@ -169,6 +169,10 @@ class Gateway:
         chat, options, ctx = parse_chat(
             body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"), no_cache=no_cache
         )
+        if ctx.session_id is not None and self.store is not None:
+            from ..store.sessions import resolve_session
+
+            ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
         if chat.stream:
             return await self._stream(chat, options, ctx)
         response = await self.orchestrator.complete(chat, options, ctx)
@@ -270,12 +274,22 @@ class Gateway:
         from ..store.sessions import create_session
 
         body = validate(SessionCreate, await read_json(request, self.max_body))
-        return json_response(await create_session(self._store(), **body.model_dump()), status=201)
+        return json_response(
+            await create_session(self._store(), **body.model_dump(), api_key_id=request.scope.get("p402.api_key_id")),
+            status=201,
+        )
+
+    async def _session_id(self, request: Request, store: Any) -> str:
+        """The session the path names, by id or by name."""
+        from ..store.sessions import resolve_session
+
+        return await resolve_session(store, request.path_params["session_id"], request.scope.get("p402.api_key_id"))
 
     async def get_session(self, request: Request) -> Any:
         from ..store.sessions import get_session
 
-        return json_response(await get_session(await self._fresh_store(), request.path_params["session_id"]))
+        store = await self._fresh_store()
+        return json_response(await get_session(store, await self._session_id(request, store)))
 
     async def session_requests(self, request: Request) -> Any:
         from ..store.queries import recent_requests
@@ -283,7 +297,7 @@ class Gateway:
 
         limit = _int_param(request, "limit", default=100, low=1, high=SESSION_PAGE_MAX)
         store = await self._fresh_store()
-        session_id = request.path_params["session_id"]
+        session_id = await self._session_id(request, store)
         await get_session(store, session_id)  # an unknown id is a 404, not an empty list
         rows = await recent_requests(store, session_id=session_id, limit=limit)
         return json_response({"object": "list", "data": rows})
@@ -293,7 +307,7 @@ class Gateway:
 
         limit = _int_param(request, "limit", default=200, low=1, high=SESSION_PAGE_MAX)
         store = await self._fresh_store()
-        session_id = request.path_params["session_id"]
+        session_id = await self._session_id(request, store)
         await get_session(store, session_id)
         return json_response({"object": "list", "data": await session_messages(store, session_id, limit=limit)})
 
@@ -301,13 +315,13 @@ class Gateway:
         from ..store.sessions import update_session
 
         body = validate(SessionPatch, await read_json(request, self.max_body))
-        session_id = request.path_params["session_id"]
+        session_id = await self._session_id(request, self._store())
         return json_response(await update_session(self._store(), session_id, **body.changes()))
 
     async def delete_session(self, request: Request) -> Any:
         from ..store.sessions import delete_session
 
-        session_id = request.path_params["session_id"]
+        session_id = await self._session_id(request, self._store())
         await delete_session(self._store(), session_id)
         return json_response({"id": session_id, "deleted": True})
 

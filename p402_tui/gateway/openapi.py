@@ -85,7 +85,8 @@ _PERIOD = {
     "description": "today, Nd (7d, 30d; the default), all, or FROM..TO local dates (YYYY-MM-DD)",
     "schema": {"type": "string", "pattern": PERIOD_PATTERN},
 }
-_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID = {"name": "session_id", "in": "path", "required": True, "description": "the session's id, or its name",
+       "schema": {"type": "string"}}
 _INCLUDE_SIMULATED = {
     "name": "include_simulated",
     "in": "query",
