@@ -139,3 +139,41 @@ def test_version_and_python_dash_m(home):
     assert version.returncode == 0 and version.stdout.strip() == f"p402 {__version__}"
     module = subprocess.run([sys.executable, "-m", "p402_tui", "--version"], capture_output=True, text=True, timeout=60)
     assert module.returncode == 0 and module.stdout == version.stdout
+
+
+def test_the_gateway_finds_a_session_by_name(tmp_path):
+    served = Served("--sim", "--db", str(tmp_path / "p402.db"))
+    try:
+        made = httpx.post(f"{served.url}/api/v2/sessions", json={"name": "research", "budget_usd": 5})
+        assert made.status_code == 201
+        again = httpx.post(f"{served.url}/api/v2/sessions", json={"name": "research"})
+        assert again.status_code == 409 and again.json()["error"]["code"] == "session_name_taken"
+        body = {**HELLO, "p402": {"session_id": "research"}}
+        assert httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+        by_name = httpx.get(f"{served.url}/api/v2/sessions/research").json()
+        assert by_name["id"] == made.json()["id"] and by_name["requests"] == 1
+        unknown = httpx.post(f"{served.url}/v1/chat/completions", json={**HELLO, "p402": {"session_id": "nobody"}})
+        assert unknown.status_code == 404
+    finally:
+        assert served.stop() == 0
+
+
+def test_ledger_for_a_simulated_run_is_temporary_unless_named(tmp_path):
+    import argparse
+
+    from p402_tui.cli import ledger_for
+    from p402_tui.core.config import load_settings
+
+    settings = load_settings(None)
+    real = settings.db_path
+    with ledger_for(argparse.Namespace(db=None), settings, simulated=True) as line:
+        temporary = settings.db_path
+        assert temporary != real and str(temporary) in line and "temporary" in line
+        temporary.write_text("")
+    assert not temporary.exists()
+    kept = tmp_path / "kept.db"
+    settings.db_path = kept
+    with ledger_for(argparse.Namespace(db=str(kept)), settings, simulated=True) as line:
+        assert settings.db_path == kept and str(kept) in line
+    with ledger_for(argparse.Namespace(db=None), settings, simulated=False) as line:
+        assert settings.db_path == kept and line == f"ledger {kept}"

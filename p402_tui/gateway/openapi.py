@@ -56,7 +56,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "A gateway key is needed (Authorization: Bearer)",
         402: "The session's budget would be exceeded",
         404: "Unknown model or resource",
-        409: "The session is paused or closed",
+        409: "The session is paused or closed, or the name is taken",
         413: "Body larger than the configured limit",
         502: "Every upstream attempt failed; the message lists them",
         503: "No store behind this gateway",
@@ -388,7 +388,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
             "post": {
                 "summary": "Open a session (a named budget requests charge against)",
                 "requestBody": _body("SessionCreate"),
-                "responses": {"201": _json(_ref("Session"), "Created"), **_errors(400, 401, 413, 503)},
+                "responses": {"201": _json(_ref("Session"), "Created"), **_errors(400, 401, 409, 413, 503)},
             },
         },
         "/api/v2/sessions/{session_id}": {
@@ -397,7 +397,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
             "patch": {
                 "summary": "Change a session's name, budget, status, agent or metadata",
                 "requestBody": _body("SessionPatch"),
-                "responses": {"200": _json(_ref("Session")), **_errors(400, 401, 404, 413)},
+                "responses": {"200": _json(_ref("Session")), **_errors(400, 401, 404, 409, 413)},
             },
             "delete": {
                 "summary": "Delete a session (its ledger rows stay)",
