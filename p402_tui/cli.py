@@ -679,7 +679,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     if fresh:
-        print(f"{period.label}: {usd(0.0)} over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
+        print(f"{period.label}: $0 over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
         return 0
     print(f"{period.label}: {usd(result['total_usd'])} over {result['requests']} requests "
           f"({result['cached']} from the cache, saving {usd(result['saved_usd'])}; {result['errors']} failed)")

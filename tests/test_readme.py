@@ -7,6 +7,7 @@ SKIPPED with the reason; an entry that matches no block fails, so the list canno
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -62,7 +63,7 @@ def env(tmp_path_factory, catalog):
         key = run_cli("keys", "create", "--name", "readme-test", "--json", env=variables)
         assert key.returncode == 0, key.stderr
         served = Served("--sim", "--db", str(db))
-        secret = __import__("json").loads(key.stdout)["key"]
+        secret = json.loads(key.stdout)["key"]
         yield {
             "variables": variables,
             "home": home,
