@@ -13,7 +13,9 @@ import gc
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from .core.errors import P402Error
@@ -65,6 +67,39 @@ def read_text_arg(text: str) -> str:
     return sys.stdin.read() if text == "-" else text
 
 
+def db_exists(args: argparse.Namespace, settings) -> bool:
+    """Whether the database a report reads exists. A report on a --db that names no file says so (a typo
+    reported as $0 would mislead); the default database merely has no traffic yet."""
+    if Path(settings.db_path).expanduser().is_file():
+        return True
+    if getattr(args, "db", None):
+        from .store.db import StoreError
+
+        raise StoreError(f"no P402 database at {settings.db_path}: nothing has been recorded there")
+    return False
+
+
+@asynccontextmanager
+async def open_store(settings, *, create: bool) -> AsyncIterator[Any]:
+    """The database. Without `create`, a file not made yet reads as an empty one: reading never creates it."""
+    import tempfile
+
+    from .store.store import Store
+
+    path = Path(settings.db_path).expanduser()
+    if create or await asyncio.to_thread(path.is_file):
+        async with await Store.open(path) as store:
+            yield store
+        return
+    with tempfile.TemporaryDirectory(prefix="p402-empty-") as temp:
+        async with await Store.open(Path(temp) / "empty.db") as store:
+            yield store
+
+
+def written_to(settings) -> str:
+    return f"(in {Path(settings.db_path).expanduser()})"
+
+
 # --- foundation commands --------------------------------------------------------------
 
 
@@ -88,9 +123,13 @@ def cmd_providers(args: argparse.Namespace) -> int:
         print_json(rows)
     else:
         print_table(
-            ["ID", "NAME", "WIRE", "MODELS", "CONFIGURED", "BASE URL"],
-            [[r["id"], r["name"], r["wire"], r["models"], "yes" if r["configured"] else "no", r["base_url"]] for r in rows],
+            ["ID", "NAME", "WIRE", "MODELS", "CONFIGURED", "KEY ENV", "BASE URL"],
+            [[r["id"], r["name"], r["wire"], r["models"], "yes" if r["configured"] else "no",
+              " or ".join(r["key_env"]) or "-", r["base_url"]] for r in rows],
         )
+        if not any(r["configured"] for r in rows):
+            print("\nno provider is configured: export one KEY ENV variable (or set api_key under [providers.<id>] "
+                  "in the config), or point P402 at `p402 sim` (see README), or try `p402 serve --sim`")
     return 0
 
 
@@ -287,6 +326,10 @@ async def chat_once(
     async with Runtime.open(settings, persist=persist) as runtime:
         orchestrator = runtime.orchestrator
         ctx = ctx or CallContext(source="cli")
+        if ctx.session_id is not None and runtime.store is not None:
+            from .store.sessions import resolve_session
+
+            ctx.session_id = await resolve_session(runtime.store, ctx.session_id)
         if request.stream:
             assembler = None
             async with orchestrator.stream(request, options, ctx) as stream:
@@ -501,10 +544,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     host = args.host or settings.gateway.host
     port = settings.gateway.port if args.port is None else args.port
-    return run_served(serve_gateway(settings, host, port, sim=args.sim))
+    from .runtime import ledger_for
+
+    with ledger_for(settings, simulated=args.sim, named=bool(args.db)) as ledger:
+        return run_served(serve_gateway(settings, host, port, sim=args.sim, ledger=ledger))
 
 
-async def serve_gateway(settings, host: str, port: int, *, sim: bool) -> int:
+async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: str = "") -> int:
     """The gateway, headless, until SIGINT or SIGTERM; then a clean stop (in-flight requests finish, the store flushes)."""
     import signal
 
@@ -517,7 +563,12 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool) -> int:
         gc.collect()
         gc.freeze()
         upstream = f"; providers simulated at {runtime.sim.url}" if runtime.sim else ""
-        print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}); Ctrl-C stops it", flush=True)
+        recording = f"; {ledger}" if ledger else ""
+        print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}){recording}; Ctrl-C stops it",
+              flush=True)
+        if not settings.usable_providers():
+            print(f"p402 serve: not ready: {_no_provider_error(' (or run p402 serve --sim)')}; every chat request "
+                  "is refused and /health answers 503 until one is", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -555,17 +606,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 async def _keys(args: argparse.Namespace, settings) -> int:
     from .store import queries
-    from .store.store import Store
 
-    async with await Store.open(settings.db_path) as store:
+    if args.keys_command == "create" and not args.name.strip():
+        raise P402Error("a key needs a non-empty --name")
+    async with open_store(settings, create=args.keys_command == "create") as store:
         if args.keys_command == "create":
-            if not args.name.strip():
-                raise P402Error("a key needs a non-empty --name")
             record, secret = await queries.create_key(store, args.name.strip())
             if args.json:
                 print_json({**record, "key": secret})
             else:
-                print(f"created gateway key {record['id']} ({record['name']}); it is shown only this once:")
+                print(f"created gateway key {record['id']} ({record['name']}) {written_to(settings)}; "
+                      "it is shown only this once:")
                 print(secret)
                 print("clients send it as `Authorization: Bearer <key>` (the OpenAI SDK's api_key)", file=sys.stderr)
         elif args.keys_command == "list":
@@ -581,7 +632,7 @@ async def _keys(args: argparse.Namespace, settings) -> int:
         else:
             if not await queries.revoke_key(store, args.id):
                 raise P402Error(f"no active key {args.id!r}; `p402 keys list` shows them")
-            print(f"revoked {args.id}")
+            print(f"revoked {args.id} {written_to(settings)}")
     return 0
 
 
@@ -601,19 +652,23 @@ def cmd_spend(args: argparse.Namespace) -> int:
     period = parse_period(args.period, start=args.start, end=args.end)
 
     async def report() -> dict[str, Any]:
-        from .store.store import Store
+        async with open_store(settings, create=False) as store:
+            return await spend(store, period, args.by, include_simulated=args.include_simulated)
 
-        async with await Store.open(settings.db_path, create=False) as store:
-            return await spend(store, period, args.by)
-
+    fresh = not db_exists(args, settings)
     result = run_async(report())
     if isinstance(result, int):
         return result
     if args.json:
         print_json(result)
         return 0
+    if fresh:
+        print(f"{period.label}: $0 over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
+        return 0
     print(f"{period.label}: {usd(result['total_usd'])} over {result['requests']} requests "
           f"({result['cached']} from the cache, saving {usd(result['saved_usd'])}; {result['errors']} failed)")
+    if result.get("simulated_left_out"):
+        print(f"{result['simulated_left_out']} simulated requests left out (--include-simulated counts them)")
     if result["breakdown"]:
         print()
         print_table([args.by.upper(), "COST", "REQUESTS", "SAVED"],
@@ -627,10 +682,11 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 async def _sessions(args: argparse.Namespace, settings) -> int:
     from .store import sessions
-    from .store.store import Store
 
-    async with await Store.open(settings.db_path) as store:
+    async with open_store(settings, create=args.sessions_command == "create") as store:
         action = args.sessions_command
+        if action in ("show", "update", "delete"):
+            args.id = await sessions.resolve_session(store, args.id)
         if action == "list":
             found = await sessions.list_sessions(store, status=args.status)
             if args.json:
@@ -668,7 +724,7 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
             if args.json:
                 print_json({"id": args.id, "deleted": True})
             else:
-                print(f"deleted {args.id} (its requests stay in the ledger)")
+                print(f"deleted {args.id} {written_to(settings)}; its requests stay in the ledger")
             return 0
     if args.json:
         print_json(session)
@@ -676,6 +732,8 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
         budget = "no budget" if session["budget_usd"] is None else f"budget {usd(session['budget_usd'])}"
         print(f"{session['id']}  {session['name']}  {session['status']}  {budget}  "
               f"spent {usd(session['spent_usd'])} in {session['requests']} requests")
+        if args.sessions_command in ("create", "update"):
+            print(f"{args.sessions_command}d {written_to(settings)}", file=sys.stderr)
         for message in session.get("messages", ()):
             print(f"  [{message['role']}] {message['content']}")
     return 0
@@ -724,16 +782,17 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
     period = parse_period(args.period, start=args.start, end=args.end)
 
     async def advise() -> list[dict[str, Any]]:
-        from .store.store import Store
+        async with open_store(settings, create=False) as store:
+            return await recommendations(store, settings.catalog, period, include_simulated=args.include_simulated)
 
-        async with await Store.open(settings.db_path, create=False) as store:
-            return await recommendations(store, settings.catalog, period)
-
+    fresh = not db_exists(args, settings)
     found = run_async(advise())
     if isinstance(found, int):
         return found
     if args.json:
         print_json(found)
+    elif fresh:
+        print(f"nothing to recommend: no traffic yet (nothing recorded in {settings.db_path})")
     elif not found:
         print(f"nothing to recommend from the ledger ({period.label})")
     else:
@@ -750,16 +809,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 async def _cache(args: argparse.Namespace, settings) -> int:
     from .cache.semantic import SemanticCache
-    from .store.store import Store
 
-    async with await Store.open(settings.db_path) as store:
+    async with open_store(settings, create=False) as store:
         cache = SemanticCache.from_config(store, settings.cache)
         if args.cache_command == "clear":
             removed = await cache.clear(args.namespace)
             if args.json:
                 print_json({"removed": removed, "namespace": args.namespace})
             else:
-                print(f"removed {removed} cached answers" + (f" from {args.namespace!r}" if args.namespace else ""))
+                print(f"removed {removed} cached answers" + (f" from {args.namespace!r}" if args.namespace else "")
+                      + f" {written_to(settings)}")
             return 0
         await cache.ready()
         info = cache.info()
@@ -803,6 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="P402 Console: route, watch and price LLM traffic across 12 providers.",
         parents=[_common()],
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"p402 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("providers", parents=[common], help="list providers and whether they are configured")
@@ -858,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: content, usage, cost, timing, attempts")
     p.add_argument("--system", metavar="S", help="a system prompt")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="cap the answer's length")
-    p.add_argument("--session", metavar="ID", help="charge an agent session (its budget is checked first)")
+    p.add_argument("--session", metavar="ID", help="charge an agent session, by id or name (its budget is checked first)")
     p.add_argument("--tag", metavar="T", help="a label for spend reports (p402 spend --by tag)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="answer from / keep in the semantic cache (default: config cache.enabled, on)")
@@ -909,6 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="also serve the gateway here, from the same process")
     p.add_argument("--attach", metavar="URL", help="watch a running gateway (p402 serve) instead of routing here")
     p.add_argument("--key", metavar="K", help="the gateway key for --attach (see p402 keys create)")
+    p.add_argument("--sim", action="store_true",
+                   help="route to simulated providers: no keys, no network (a temporary ledger unless --db)")
     p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
     p.set_defaults(func=cmd_console)
 
@@ -939,6 +1003,8 @@ def build_parser() -> argparse.ArgumentParser:
     period.add_argument("--from", dest="start", metavar="YYYY-MM-DD", help="first day (instead of --period)")
     period.add_argument("--to", dest="end", metavar="YYYY-MM-DD", help="last day, inclusive (instead of --period)")
     period.add_argument("--db", metavar="PATH", help=db_help)
+    period.add_argument("--include-simulated", action="store_true",
+                        help="count requests the simulator answered too (left out by default)")
     period.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("spend", parents=[common, period], help="what was spent in a period, broken down")
@@ -968,10 +1034,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--agent", metavar="A", help="the agent working in it")
     q.add_argument("--metadata", metavar="JSON", help="a JSON object to keep with it")
     q = sessions_sub.add_parser("show", parents=[common], help="one session and its chat history")
-    q.add_argument("id", metavar="ID")
+    q.add_argument("id", metavar="ID", help="its id or name")
     q.add_argument("--messages", type=_positive_int, default=20, metavar="N", help="last N messages (default 20)")
     q = sessions_sub.add_parser("update", parents=[common], help="change name, budget, status, agent or metadata")
-    q.add_argument("id", metavar="ID")
+    q.add_argument("id", metavar="ID", help="its id or name")
     q.add_argument("--name", metavar="N")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD")
     q.add_argument("--no-budget", action="store_true", help="remove the budget")
@@ -979,7 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--agent", metavar="A")
     q.add_argument("--metadata", metavar="JSON", help="a JSON object (replaces the old one)")
     q = sessions_sub.add_parser("delete", parents=[common], help="delete a session (its ledger rows stay)")
-    q.add_argument("id", metavar="ID")
+    q.add_argument("id", metavar="ID", help="its id or name")
     for q in sessions_sub.choices.values():
         q.add_argument("--db", metavar="PATH", help=db_help)
         q.add_argument("--json", action="store_true", help="print JSON")

@@ -29,9 +29,11 @@ from .store.sessions import INSERT_MESSAGE, SessionInactiveError, get_session
 from .store.store import Store
 
 class Persistence:
-    def __init__(self, store: Store, cache: SemanticCache | None = None) -> None:
+    def __init__(self, store: Store, cache: SemanticCache | None = None, *, simulated: bool = False) -> None:
+        """`simulated`: every provider is the simulator, and each row says so."""
         self.store = store
         self.cache = cache
+        self.simulated = int(simulated)
         # Per session: USD queued for the ledger, and USD of it committed (both only grow).
         self._queued: defaultdict[str, float] = defaultdict(float)
         self._committed: defaultdict[str, float] = defaultdict(float)
@@ -87,7 +89,7 @@ class Persistence:
                     self._parts_put.clear()  # INSERT OR IGNORE keeps a part written twice once
                 self._parts_put.add(digest)
                 writes.append((sql, (digest, part)))
-        writes.append((INSERT_DECISION, row))
+        writes.append((INSERT_DECISION, (*row, self.simulated)))
         return writes
 
     def completed(
@@ -116,7 +118,7 @@ class Persistence:
         def ledger_row() -> list[tuple[str, Any]]:  # made after the answer has gone: the record is final
             prompt_key = known if known is not None else exact_key(request, options)
             needs = ",".join(sorted(request.needs()))
-            return [(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=prompt_key))]
+            return [(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=prompt_key, simulated=self.simulated))]
 
         self.store.put_later(ledger_row, done=done)
         ok = record.status == "ok" and response is not None
@@ -132,7 +134,7 @@ class Persistence:
             self.store.put(INSERT_MESSAGE, (session_id, "assistant", response.content or "", model, record.id, record.ts))
 
     def health(self, snapshot: dict[str, Any]) -> None:
-        self.store.put(INSERT_HEALTH, health_row(snapshot))
+        self.store.put(INSERT_HEALTH, (*health_row(snapshot), self.simulated))
 
 
 def _require_active(session: dict[str, Any]) -> None:

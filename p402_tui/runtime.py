@@ -10,8 +10,9 @@ and every provider is pointed at it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ class Runtime:
                 )
                 cache.start()  # embedder and entries load in the background; lookups wait for them
                 stack.push_async_callback(cache.aclose)
-                hooks = Persistence(store, cache)
+                hooks = Persistence(store, cache, simulated=sim)
             orchestrator = Orchestrator(settings, bus=bus, hooks=hooks)
             await orchestrator.start()
             stack.push_async_callback(orchestrator.aclose)
@@ -93,3 +94,18 @@ class Runtime:
     async def stop_gateways(self) -> None:
         while self.gateways:
             await self.gateways.pop().stop()
+
+
+@contextmanager
+def ledger_for(settings: Settings, *, simulated: bool, named: bool) -> Iterator[str]:
+    """Point `settings` at the database a recording command writes to; yield how to name it on start-up.
+
+    Simulated traffic never enters a real ledger: unless the user named a database (`named`),
+    a simulated run records into a temporary one that is removed when the command ends.
+    """
+    if not simulated or named:
+        yield f"ledger {settings.db_path}" + (" (simulated rows are marked)" if simulated else "")
+        return
+    with tempfile.TemporaryDirectory(prefix="p402-sim-") as temp:
+        settings.db_path = Path(temp) / "sim.db"
+        yield f"ledger {settings.db_path} (temporary: simulated, removed on exit; --db keeps it)"

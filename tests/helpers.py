@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -104,3 +109,34 @@ async def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> Non
         if condition():
             return
         await asyncio.sleep(0.02)
+
+
+class Served:
+    """A `p402 serve` child; its URL is read from the line it prints."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        # -X importtime lists every module imported on stderr: how we see that textual stays out.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "p402_tui.cli", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=None if env is None else {**os.environ, **env},
+        )
+        self.stderr: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
+        self._reader.start()
+        line = self.proc.stdout.readline()
+        if not line.startswith("p402 gateway at "):
+            self.proc.kill()
+            self._reader.join(5)
+            raise AssertionError(f"p402 serve did not start: {line!r} {''.join(self.stderr)[-2000:]}")
+        self.line = line
+        self.url = line.split()[3]
+        self.sim_url = line.split("providers simulated at ")[-1].split(")")[0] if "simulated" in line else None
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
+        self.proc.send_signal(signum)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def imported(self) -> list[str]:
+        return [line.rsplit("|", 1)[-1].strip() for line in self.stderr if line.startswith("import time:")]

@@ -5,46 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
 from conftest import run_cli
+from helpers import Served
 
 HELLO = {"messages": [{"role": "user", "content": "Say hello to the gateway."}]}
-
-
-class Served:
-    """A `p402 serve` child; its URL is read from the line it prints."""
-
-    def __init__(self, *args: str) -> None:
-        # -X importtime lists every module imported on stderr: how we see that textual stays out.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-X", "importtime", "-m", "p402_tui.cli", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self.stderr: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
-        self._reader.start()
-        line = self.proc.stdout.readline()
-        if not line.startswith("p402 gateway at "):
-            self.proc.kill()
-            self._reader.join(5)
-            raise AssertionError(f"p402 serve did not start: {line!r} {''.join(self.stderr)[-2000:]}")
-        self.url = line.split()[3]
-        self.sim_url = line.split("providers simulated at ")[-1].split(")")[0] if "simulated" in line else None
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
-        self.proc.send_signal(signum)
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def imported(self) -> list[str]:
-        return [line.rsplit("|", 1)[-1].strip() for line in self.stderr if line.startswith("import time:")]
 
 
 def test_serve_headless_without_textual_and_ctrl_c_stops_it_cleanly(tmp_path):

@@ -20,7 +20,9 @@ from p402_tui.store.sessions import (
     create_session,
     delete_session,
     get_session,
+    SessionNameTakenError,
     list_sessions,
+    resolve_session,
     session_messages,
     update_session,
 )
@@ -93,6 +95,26 @@ async def test_unknown_sessions_are_not_found(store):
                    delete_session(store, "ses-nope")):  # fmt: skip
         with pytest.raises(SessionNotFoundError, match="ses-nope"):
             await action
+
+
+async def test_a_session_is_found_by_name_too_and_a_name_is_unique_per_key(store):
+    made = await create_session(store, name="research")
+    assert await resolve_session(store, "research") == made["id"]
+    assert await resolve_session(store, made["id"]) == made["id"]
+    with pytest.raises(SessionNameTakenError):
+        await create_session(store, name=" research ")
+    other = await create_session(store, name="other")
+    with pytest.raises(SessionNameTakenError):
+        await update_session(store, other["id"], name="research")
+    # Another key may use the name; that key finds its own session first, the CLI's otherwise.
+    keyed = await create_session(store, name="research", api_key_id="key-a")
+    assert await resolve_session(store, "research", "key-a") == keyed["id"]
+    assert await resolve_session(store, "research", "key-b") == made["id"]
+    assert await resolve_session(store, "research") == made["id"]
+    with pytest.raises(SessionNotFoundError):
+        await resolve_session(store, "nobody")
+    with pytest.raises(SessionError, match="look like a session id"):
+        await create_session(store, name="ses-0123456789ab")
 
 
 async def test_spend_and_requests_come_from_the_ledger_and_outlive_the_session(store):
@@ -201,3 +223,22 @@ async def test_a_session_keeps_its_chat_history_and_spend(orchestrator, store, s
     assert history[1]["model"] == "openai/gpt-4o"
     current = await get_session(store, session["id"])
     assert current["requests"] == 1 and math.isclose(current["spent_usd"], response.p402.cost_usd)
+
+
+async def test_older_files_with_two_sessions_of_one_name_keep_both(tmp_path):
+    import sqlite3
+
+    from p402_tui.store.db import MIGRATIONS, _statements
+
+    path = tmp_path / "v4.db"
+    with sqlite3.connect(path) as conn:
+        for script in MIGRATIONS[:4]:
+            for statement in _statements(script):
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 4")
+        for sid in ("ses-000000000001", "ses-000000000002"):
+            conn.execute("INSERT INTO agent_sessions (id, name, created, updated) VALUES (?, 'twin', 0, 0)", (sid,))
+    async with await Store.open(path) as opened:
+        names = sorted(s["name"] for s in await list_sessions(opened))
+        assert names == ["twin", "twin (ses-000000000002)"]
+        assert await resolve_session(opened, "twin") == "ses-000000000001"

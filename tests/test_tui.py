@@ -546,3 +546,22 @@ async def test_detail_screens_number_keys_and_help_keys():
         assert isinstance(app.screen, DashboardScreen)
         await pilot.press("d")  # the dashboard's own view key: already there
         assert app.current_mode == "dashboard"
+
+
+async def test_console_on_the_simulator_counts_its_simulated_spend(catalog, tmp_path):
+    """`p402 console --sim`: providers simulated in-process, rows marked, and its spend pane shows them."""
+    from p402_tui.core.config import ConfigFile, Settings
+    from p402_tui.core.hooks import CallContext
+    from p402_tui.core.types import ChatRequest
+    from p402_tui.tui.launch import open_console
+
+    settings = Settings(ConfigFile(), catalog, env={})
+    settings.db_path = tmp_path / "console.db"
+    async with open_console(settings, sim=True) as source:
+        assert source.simulated and source.runtime.sim is not None
+        request = ChatRequest(messages=[{"role": "user", "content": "hi"}], model="openai/gpt-4o-mini")
+        await source.runtime.orchestrator.complete(request, ctx=CallContext(source="console"))
+        await source.runtime.store.flush()
+        summary = await source.summary()
+        assert summary.requests_today == 1
+        assert await source.runtime.store.scalar("SELECT simulated FROM requests") == 1

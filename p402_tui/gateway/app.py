@@ -118,8 +118,10 @@ class Gateway:
         cache: Any = None,
         auth: GatewayAuth | None = None,
         heartbeat_s: float = HEARTBEAT_S,
+        simulated: bool = False,
     ) -> None:
         self.orchestrator = orchestrator
+        self.simulated = simulated  # every provider is the simulator: its reports count simulated rows by default
         self.settings = settings
         self.store = store
         self.cache = cache  # cache.SemanticCache, or None when the gateway runs without one
@@ -167,6 +169,10 @@ class Gateway:
         chat, options, ctx = parse_chat(
             body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"), no_cache=no_cache
         )
+        if ctx.session_id is not None and self.store is not None:
+            from ..store.sessions import resolve_session
+
+            ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
         if chat.stream:
             return await self._stream(chat, options, ctx)
         response = await self.orchestrator.complete(chat, options, ctx)
@@ -268,12 +274,22 @@ class Gateway:
         from ..store.sessions import create_session
 
         body = validate(SessionCreate, await read_json(request, self.max_body))
-        return json_response(await create_session(self._store(), **body.model_dump()), status=201)
+        return json_response(
+            await create_session(self._store(), **body.model_dump(), api_key_id=request.scope.get("p402.api_key_id")),
+            status=201,
+        )
+
+    async def _session_id(self, request: Request, store: Any) -> str:
+        """The session the path names, by id or by name."""
+        from ..store.sessions import resolve_session
+
+        return await resolve_session(store, request.path_params["session_id"], request.scope.get("p402.api_key_id"))
 
     async def get_session(self, request: Request) -> Any:
         from ..store.sessions import get_session
 
-        return json_response(await get_session(await self._fresh_store(), request.path_params["session_id"]))
+        store = await self._fresh_store()
+        return json_response(await get_session(store, await self._session_id(request, store)))
 
     async def session_requests(self, request: Request) -> Any:
         from ..store.queries import recent_requests
@@ -281,7 +297,7 @@ class Gateway:
 
         limit = _int_param(request, "limit", default=100, low=1, high=SESSION_PAGE_MAX)
         store = await self._fresh_store()
-        session_id = request.path_params["session_id"]
+        session_id = await self._session_id(request, store)
         await get_session(store, session_id)  # an unknown id is a 404, not an empty list
         rows = await recent_requests(store, session_id=session_id, limit=limit)
         return json_response({"object": "list", "data": rows})
@@ -291,7 +307,7 @@ class Gateway:
 
         limit = _int_param(request, "limit", default=200, low=1, high=SESSION_PAGE_MAX)
         store = await self._fresh_store()
-        session_id = request.path_params["session_id"]
+        session_id = await self._session_id(request, store)
         await get_session(store, session_id)
         return json_response({"object": "list", "data": await session_messages(store, session_id, limit=limit)})
 
@@ -299,13 +315,13 @@ class Gateway:
         from ..store.sessions import update_session
 
         body = validate(SessionPatch, await read_json(request, self.max_body))
-        session_id = request.path_params["session_id"]
+        session_id = await self._session_id(request, self._store())
         return json_response(await update_session(self._store(), session_id, **body.changes()))
 
     async def delete_session(self, request: Request) -> Any:
         from ..store.sessions import delete_session
 
-        session_id = request.path_params["session_id"]
+        session_id = await self._session_id(request, self._store())
         await delete_session(self._store(), session_id)
         return json_response({"id": session_id, "deleted": True})
 
@@ -317,15 +333,25 @@ class Gateway:
         store = await self._fresh_store()
         query = request.query_params
         period = parse_period(query.get("period"), start=query.get("from"), end=query.get("to"))
-        return json_response(await spend(store, period, query.get("by") or "provider"))
+        everything = self._include_simulated(request)
+        return json_response(await spend(store, period, query.get("by") or "provider", include_simulated=everything))
 
     async def recommendations(self, request: Request) -> Any:
         from ..store.analytics import parse_period, recommendations
 
         store = await self._fresh_store()
         period = parse_period(request.query_params.get("period"))
-        data = await recommendations(store, self.orchestrator.catalog, period)
+        everything = self._include_simulated(request)
+        data = await recommendations(store, self.orchestrator.catalog, period, include_simulated=everything)
         return json_response({"object": "list", "data": data})
+
+    def _include_simulated(self, request: Request) -> bool:
+        value = request.query_params.get("include_simulated")
+        if value is None:
+            return self.simulated
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise errors.GatewayError(400, "include_simulated must be true or false", param="include_simulated")
+        return value.lower() in ("true", "1")
 
     async def cache_stats(self, request: Request) -> Any:
         """The answer cache: which embedder is active, its threshold, and hits, misses and USD saved."""
@@ -379,13 +405,17 @@ class Gateway:
     # --- operations ----------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Any:
+        usable = len(self.settings.usable_providers())
+        # Up but unable to answer anything: a load balancer's readiness check must not send traffic here.
         return json_response(
             {
-                "status": "ok",
+                "status": "ok" if usable else "not_ready",
+                "reason": None if usable else "no provider is configured (see `p402 providers`)",
                 "uptime_s": round(time.time() - self.started_at, 3),
-                "providers_usable": len(self.settings.usable_providers()),
+                "providers_usable": usable,
                 "embedder": self._embedder(),
-            }
+            },
+            status=200 if usable else 503,
         )
 
     def _embedder(self) -> dict[str, Any] | None:

@@ -43,7 +43,7 @@ class P402Options(BaseModel):
     max_cost_usd: float | None = Field(default=None, ge=0, strict=True)
     cache: bool = Field(default=True, strict=True)
     namespace: str | None = None
-    session_id: str | None = None
+    session_id: str | None = Field(default=None, description="a session's id, or its name")
     tag: str | None = None
     failover: Failover = Field(default_factory=Failover)
 

@@ -56,7 +56,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "A gateway key is needed (Authorization: Bearer)",
         402: "The session's budget would be exceeded",
         404: "Unknown model or resource",
-        409: "The session is paused or closed",
+        409: "The session is paused or closed, or the name is taken",
         413: "Body larger than the configured limit",
         502: "Every upstream attempt failed; the message lists them",
         503: "No store behind this gateway",
@@ -85,7 +85,14 @@ _PERIOD = {
     "description": "today, Nd (7d, 30d; the default), all, or FROM..TO local dates (YYYY-MM-DD)",
     "schema": {"type": "string", "pattern": PERIOD_PATTERN},
 }
-_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID = {"name": "session_id", "in": "path", "required": True, "description": "the session's id, or its name",
+       "schema": {"type": "string"}}
+_INCLUDE_SIMULATED = {
+    "name": "include_simulated",
+    "in": "query",
+    "description": "count requests the simulator answered (default: only on a gateway that simulates, `serve --sim`)",
+    "schema": {"type": "boolean"},
+}
 
 
 def _limit(default: int, maximum: int = SESSION_PAGE_MAX) -> dict[str, Any]:
@@ -103,6 +110,17 @@ def _session_list(summary: str, item: str, default_limit: int) -> dict[str, Any]
             "responses": {"200": _json(_list_of(_ref(item))), **_errors(400, 401, 404, 503)},
         },
     }
+
+_HEALTH = {
+    "type": "object",
+    "properties": {
+        "status": {"enum": ["ok", "not_ready"]},
+        "reason": {"type": ["string", "null"]},
+        "uptime_s": {"type": "number"},
+        "providers_usable": {"type": "integer"},
+        "embedder": {"anyOf": [_ref("Embedder"), {"type": "null"}]},
+    },
+}
 
 _CHAT = {
     "post": {
@@ -349,6 +367,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
                     {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
                     {"name": "by", "in": "query", "schema": {"enum": ["provider", "model", "session", "tag", "day"]}},
+                    _INCLUDE_SIMULATED,
                 ],
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 503)},
             }
@@ -356,7 +375,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/analytics/recommendations": {
             "get": {
                 "summary": "Ways to spend less, from the ledger, biggest monthly saving first",
-                "parameters": [_PERIOD],
+                "parameters": [_PERIOD, _INCLUDE_SIMULATED],
                 "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401, 503)},
             }
         },
@@ -375,7 +394,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
             "post": {
                 "summary": "Open a session (a named budget requests charge against)",
                 "requestBody": _body("SessionCreate"),
-                "responses": {"201": _json(_ref("Session"), "Created"), **_errors(400, 401, 413, 503)},
+                "responses": {"201": _json(_ref("Session"), "Created"), **_errors(400, 401, 409, 413, 503)},
             },
         },
         "/api/v2/sessions/{session_id}": {
@@ -384,7 +403,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
             "patch": {
                 "summary": "Change a session's name, budget, status, agent or metadata",
                 "requestBody": _body("SessionPatch"),
-                "responses": {"200": _json(_ref("Session")), **_errors(400, 401, 404, 413)},
+                "responses": {"200": _json(_ref("Session")), **_errors(400, 401, 404, 409, 413)},
             },
             "delete": {
                 "summary": "Delete a session (its ledger rows stay)",
@@ -427,20 +446,12 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         },
         "/health": {
             "get": {
-                "summary": "Liveness (never needs a key), and which embedder the answer cache uses",
+                "summary": "Readiness (never needs a key), and which embedder the answer cache uses",
+                "description": "503 `not_ready` while no provider is usable: every chat request would be refused.",
                 "security": [],
                 "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "properties": {
-                                "status": {"const": "ok"},
-                                "uptime_s": {"type": "number"},
-                                "providers_usable": {"type": "integer"},
-                                "embedder": {"anyOf": [_ref("Embedder"), {"type": "null"}]},
-                            },
-                        }
-                    )
+                    "200": _json(_HEALTH),
+                    "503": _json(_HEALTH),
                 },
             }
         },

@@ -111,5 +111,6 @@ async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S)
         store=runtime.store,
         cache=runtime.cache,
         auth=GatewayAuth(keys, required=False),
+        simulated=runtime.sim is not None,
     )
     return await start_gateway(gateway, host, port, grace_s=grace_s)

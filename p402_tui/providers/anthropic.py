@@ -8,8 +8,9 @@ What differs from the OpenAI shape, and how it is bridged:
 - Content is blocks. Images become `image` blocks (data: URLs as base64, http(s) as url).
   Assistant `tool_calls` become `tool_use` blocks; `tool` messages become `tool_result`
   blocks in a user turn. Consecutive turns of the same role are merged into one.
-- There is no JSON-mode flag on every model, so `response_format` json_object / json_schema
-  becomes an instruction appended to `system` (with the schema when there is one).
+- `response_format` json_schema becomes Anthropic's structured output (`output_config.format`)
+  on the models that have it; json_object, and json_schema on older models, become an
+  instruction appended to `system` (with the schema when there is one): there is no JSON-mode flag.
 - `temperature` is 0..1 here (0..2 in OpenAI's), so it is clamped; `seed` has no
   equivalent and is dropped.
 - `reasoning_effort` turns on extended thinking with a token budget; thinking comes
@@ -107,9 +108,12 @@ class AnthropicAdapter(Adapter):
             "max_tokens": request.max_tokens or self.default_max_tokens(model),
             "messages": self.messages(request.messages, model),
         }
-        system = _system(request)
+        schema = _output_schema(request.response_format, model)
+        system = _system(request, structured=schema is not None)
         if system:
             body["system"] = system
+        if schema is not None:
+            body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
         choice = None
         if request.tools:
             body["tools"] = [_tool(t.function) for t in request.tools]
@@ -301,7 +305,19 @@ class AnthropicAdapter(Adapter):
 # --- request pieces ---------------------------------------------------------------
 
 
-def _system(request: ChatRequest) -> str | list[dict[str, Any]]:
+# Models from before structured outputs (Sonnet 4.5, Opus 4.1 and Haiku 4.5 were the first to have them).
+_UNSTRUCTURED = ("claude-3", "claude-opus-4-20250514", "claude-sonnet-4-20250514")
+
+
+def _output_schema(response_format: dict[str, Any] | None, model: str) -> dict[str, Any] | None:
+    """The JSON schema for `output_config.format`, when the request has one and the model takes it."""
+    if (response_format or {}).get("type") != "json_schema" or model.startswith(_UNSTRUCTURED):
+        return None
+    schema = ((response_format or {}).get("json_schema") or {}).get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
+def _system(request: ChatRequest, *, structured: bool = False) -> str | list[dict[str, Any]]:
     """System and developer texts as one string, or as text blocks when one carries `cache_control`."""
     blocks = [
         block
@@ -309,7 +325,7 @@ def _system(request: ChatRequest) -> str | list[dict[str, Any]]:
         if message.role in ("system", "developer")
         for block in _text_blocks(message)
     ]
-    instruction = _json_instruction(request.response_format)
+    instruction = "" if structured else _json_instruction(request.response_format)
     if instruction:
         blocks.append({"type": "text", "text": instruction})
     if any("cache_control" in block for block in blocks):

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -246,15 +247,19 @@ class MessagesAPI:
         call_tool = None
         if tools and choice["type"] != "none" and not _answers_tool_use(body["messages"]):
             call_tool = choice["name"] if choice["type"] == "tool" else tools[0]["name"]
-        answer = self.state.answer(
-            provider,
-            model,
-            prompt_text,
-            max_tokens=max(budget, 1),
-            tools=tools,
-            call_tool=call_tool,
-            words=words_asked(request),
-        )
+        json_mode, schema = _json_wanted(body)
+        if json_mode and call_tool is None:
+            answer = self.state.json_answer(provider, model, prompt_text, schema)
+        else:
+            answer = self.state.answer(
+                provider,
+                model,
+                prompt_text,
+                max_tokens=max(budget, 1),
+                tools=tools,
+                call_tool=call_tool,
+                words=words_asked(request),
+            )
         stop_reason, stop_sequence = STOP_REASONS[answer.finish_reason], None
         if answer.tool_call is None and body.get("stop_sequences"):
             answer, stop_sequence = answer.cut_at_stop(body["stop_sequences"])
@@ -431,6 +436,7 @@ def validate(body: Any) -> None:
     if "stream" in body and not isinstance(body["stream"], bool):
         raise Invalid("stream: Input should be a valid boolean")
     _check_system(body.get("system"))
+    _check_output_config(body.get("output_config"))
     _check_tools(body.get("tools"), body.get("tool_choice"))
     _check_thinking(body)
     _check_messages(body["messages"])
@@ -472,6 +478,35 @@ def _check_system(system: Any) -> None:
     for i, block in enumerate(system):
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
             raise Invalid(f"system.{i}: Input should be a text block")
+
+
+def _check_output_config(config: Any) -> None:
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise Invalid("output_config: Input should be a valid dictionary")
+    extra = sorted(set(config) - {"format", "effort"})
+    if extra:
+        raise Invalid(f"output_config.{extra[0]}: Extra inputs are not permitted")
+    fmt = config.get("format")
+    if fmt is not None and (
+        not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict)
+    ):
+        raise Invalid("output_config.format: Input should be {'type': 'json_schema', 'schema': {...}}")
+
+
+# A system prompt that tells the model to answer in JSON (the only JSON mode older models have).
+_JSON_ASKED = re.compile(r"\b(answer|respond|reply|output)\b[^.]*\bJSON\b", re.IGNORECASE)
+
+
+def _json_wanted(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the answer must be JSON, and the schema it must fit: structured output, or asked for in words."""
+    fmt = (body.get("output_config") or {}).get("format")
+    if fmt is not None:
+        return True, fmt["schema"]
+    system = body.get("system")
+    text = system if isinstance(system, str) else " ".join(b["text"] for b in system or ())
+    return bool(_JSON_ASKED.search(text)), None
 
 
 def _check_tools(tools: Any, choice: Any) -> None:

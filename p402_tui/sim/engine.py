@@ -342,23 +342,98 @@ def word_vector(text: str, dims: int) -> list[float]:
 
 
 def _arguments_for(schema: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-    """Plausible arguments that satisfy a JSON schema's required properties."""
-    out: dict[str, Any] = {}
-    properties = schema.get("properties") or {}
-    for name, prop in properties.items():
-        kind = prop.get("type", "string")
-        if "enum" in prop:
-            out[name] = prop["enum"][0]
-        elif kind == "integer":
-            out[name] = rng.randint(1, 100)
-        elif kind == "number":
-            out[name] = round(rng.uniform(0, 100), 2)
-        elif kind == "boolean":
-            out[name] = rng.random() < 0.5
-        elif kind == "array":
-            out[name] = []
-        elif kind == "object":
-            out[name] = _arguments_for(prop, rng)
-        else:
-            out[name] = rng.choice(("Paris", "Tokyo", "Lisbon", "Nairobi", "Lima"))
-    return out
+    """Plausible arguments that satisfy a JSON schema (an object's, as tools and JSON mode take)."""
+    value = instance_of(schema, rng)
+    return value if isinstance(value, dict) else {"answer": value}
+
+
+_STRINGS = ("Paris", "Tokyo", "Lisbon", "Nairobi", "Lima")
+_FORMATS = {
+    "date": "2026-03-03",
+    "date-time": "2026-03-03T12:00:00Z",
+    "time": "12:00:00",
+    "email": "ada@example.com",
+    "uri": "https://example.com/",
+    "uuid": "123e4567-e89b-12d3-a456-426614174000",
+}
+# Lowercased: Gemini's responseSchema spells types in capitals (OBJECT, STRING).
+_TYPE_ORDER = ("object", "array", "string", "integer", "number", "boolean", "null")
+
+
+def instance_of(schema: Any, rng: random.Random, root: dict[str, Any] | None = None, depth: int = 0) -> Any:
+    """A small value that validates against `schema`: types, required, enums, consts, arrays, nested
+    objects, anyOf/oneOf/allOf and local $refs ($defs, definitions), as pydantic and the SDKs emit them."""
+    if not isinstance(schema, dict):
+        return {}
+    root = schema if root is None else root
+    if depth > 12:  # a recursive model: stop where an empty value is allowed
+        return None if _types(schema) & {"null"} else ([] if "array" in _types(schema) else {})
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(target, dict) else {}
+        return instance_of({**target, **{k: v for k, v in schema.items() if k != "$ref"}}, rng, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        options = [o for o in schema.get(key) or () if isinstance(o, dict)]
+        if options:
+            # The first option that is not null: Optional[X] answers an X.
+            chosen = next((o for o in options if _types(o) != {"null"}), options[0])
+            return instance_of(chosen, rng, root, depth + 1)
+    if schema.get("allOf"):
+        rest = {k: v for k, v in schema.items() if k != "allOf"}
+        values = [instance_of(part, rng, root, depth + 1) for part in schema["allOf"]]
+        if "properties" in rest or "type" in rest:
+            values.append(instance_of(rest, rng, root, depth + 1))
+        if all(isinstance(v, dict) for v in values):
+            return {k: v for value in values for k, v in value.items()}
+        return values[0]
+    types = _types(schema)
+    kind = next((t for t in _TYPE_ORDER if t in types and t != "null"), None)
+    if kind is None:
+        kind = "object" if "properties" in schema else ("array" if "items" in schema else "null" if types else "string")
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        return {name: instance_of(prop, rng, root, depth + 1) for name, prop in properties.items()}
+    if kind == "array":
+        low = schema.get("minItems") or 1
+        count = min(low, schema["maxItems"]) if isinstance(schema.get("maxItems"), int) else low
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        return [instance_of(items, rng, root, depth + 1) for _ in range(count)]
+    if kind == "integer":
+        return _bounded(schema, rng.randint(1, 100), integer=True)
+    if kind == "number":
+        return _bounded(schema, round(rng.uniform(0, 100), 2), integer=False)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    text = _FORMATS.get(schema.get("format"), rng.choice(_STRINGS))
+    low, high = schema.get("minLength") or 0, schema.get("maxLength")
+    text = text.ljust(low, "x")
+    return text[:high] if isinstance(high, int) else text
+
+
+def _types(schema: dict[str, Any]) -> set[str]:
+    kind = schema.get("type")
+    names = kind if isinstance(kind, list) else [kind] if isinstance(kind, str) else []
+    found = {str(name).lower() for name in names}
+    if schema.get("nullable") is True:
+        found.add("null")
+    return found
+
+
+def _bounded(schema: dict[str, Any], value: float, *, integer: bool) -> float:
+    """`value` moved inside the schema's minimum and maximum."""
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    step = 1 if integer else 0.5
+    if isinstance(low, int | float) and value <= low:
+        value = low + (step if "exclusiveMinimum" in schema and "minimum" not in schema else 0)
+    if isinstance(high, int | float) and value >= high:
+        value = high - (step if "exclusiveMaximum" in schema and "maximum" not in schema else 0)
+    return int(value) if integer else value

@@ -276,6 +276,22 @@ class OpenAIFamily:
             raise SimError(
                 422, "tool_choice must be one of 'auto', 'none', 'any'", "invalid_request_error", param="tool_choice"
             )
+        response_format = body.get("response_format")
+        if response_format is not None and (
+            not isinstance(response_format, dict)
+            or response_format.get("type") not in ("text", "json_object", "json_schema")
+        ):
+            raise SimError(
+                400,
+                "Invalid value for 'response_format.type': expected one of 'text', 'json_object', 'json_schema'.",
+                "invalid_request_error",
+                param="response_format",
+            )
+        if response_format is not None and response_format["type"] == "json_schema":
+            described = response_format.get("json_schema")
+            if not isinstance(described, dict) or not isinstance(described.get("name"), str):
+                raise SimError(400, "Missing required parameter: 'response_format.json_schema.name'.",
+                               "invalid_request_error", param="response_format.json_schema.name")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise SimError(400, "max_tokens must be a positive integer", "invalid_request_error", param="max_tokens")
@@ -358,15 +374,19 @@ class OpenAIFamily:
             if max_tokens is not None:
                 hidden = min(hidden, max_tokens)
                 max_tokens -= hidden
-        answer = self.state.answer(
-            self.id,
-            model,
-            prompt_text,
-            max_tokens=max_tokens,
-            tools=functions,
-            call_tool=call_tool,
-            words=words_asked(request),
-        )
+        json_mode, schema = _json_format(body.get("response_format"))
+        if json_mode and call_tool is None:
+            answer = self.state.json_answer(self.id, model, prompt_text, schema)
+        else:
+            answer = self.state.answer(
+                self.id,
+                model,
+                prompt_text,
+                max_tokens=max_tokens,
+                tools=functions,
+                call_tool=call_tool,
+                words=words_asked(request),
+            )
         answer.prompt_tokens = prompt_tokens
         reasoning = None
         if self._shows_reasoning(spec, body) and answer.tool_call is None:
@@ -670,6 +690,15 @@ def unit_vector(key: str, dimensions: int) -> np.ndarray:
     seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
     vector = np.random.default_rng(seed).standard_normal(dimensions).astype(np.float32)
     return vector / np.linalg.norm(vector)
+
+
+def _json_format(response_format: Any) -> tuple[bool, dict[str, Any] | None]:
+    """(whether the answer must be JSON, the schema it must fit) from a checked response_format."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_schema":
+        schema = response_format["json_schema"].get("schema")
+        return True, schema if isinstance(schema, dict) else None
+    return kind == "json_object", None
 
 
 def _frame(obj: dict[str, Any]) -> bytes:

@@ -119,28 +119,40 @@ def _dates(start: str | None, end: str | None, now: float) -> Period:
 # --- spend ------------------------------------------------------------------------------------
 
 
-async def spend(store: Store, period: Period, by: str = "provider") -> dict[str, Any]:
+def _rows(include_simulated: bool, alias: str = "") -> str:
+    """The ledger rows a report counts: simulated ones only when asked for."""
+    return "" if include_simulated else f" AND {alias}simulated = 0"
+
+
+async def spend(
+    store: Store, period: Period, by: str = "provider", *, include_simulated: bool = False
+) -> dict[str, Any]:
     """Totals for the period and a breakdown by provider, model, session, tag or day (most expensive first)."""
     if by not in BREAKDOWNS:
         raise PeriodError(f"cannot break spend down by {by!r}; choose {', '.join(BREAKDOWNS)}")
     window = (period.start, period.end)
+    real = _rows(include_simulated)
     totals = await store.fetchone(
         "SELECT COALESCE(SUM(cost_usd), 0.0) AS cost_usd, COUNT(*) AS requests, COALESCE(SUM(saved_usd), 0.0) AS saved_usd, "
         "COALESCE(SUM(cached), 0) AS cached, COALESCE(SUM(status != 'ok'), 0) AS errors, "
         "COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, COALESCE(SUM(completion_tokens), 0) AS completion_tokens "
-        "FROM requests WHERE ts >= ? AND ts < ?",
+        f"FROM requests WHERE ts >= ? AND ts < ?{real}",
         window,
     )
     assert totals is not None
     order = "key" if by == "day" else "cost_usd DESC, key"
     rows = await store.fetchall(
         f"SELECT {BREAKDOWNS[by]} AS key, SUM(cost_usd) AS cost_usd, COUNT(*) AS requests, SUM(saved_usd) AS saved_usd, "
-        f"SUM(cached) AS cached FROM requests WHERE ts >= ? AND ts < ? GROUP BY key ORDER BY {order}",
+        f"SUM(cached) AS cached FROM requests WHERE ts >= ? AND ts < ?{real} GROUP BY key ORDER BY {order}",
         window,
+    )
+    left_out = 0 if include_simulated else await store.scalar(
+        "SELECT COUNT(*) FROM requests WHERE ts >= ? AND ts < ? AND simulated = 1", window
     )
     return {
         "period": period.to_dict(),
         "by": by,
+        "simulated_left_out": left_out,
         "total_usd": totals["cost_usd"],
         "requests": totals["requests"],
         "saved_usd": totals["saved_usd"],
@@ -165,30 +177,35 @@ def _monthly(amount: float, span_days: float) -> float:
     return amount / span_days * MONTH_DAYS
 
 
-async def recommendations(store: Store, catalog: Catalog, period: Period) -> list[dict[str, Any]]:
+async def recommendations(
+    store: Store, catalog: Catalog, period: Period, *, include_simulated: bool = False
+) -> list[dict[str, Any]]:
     """Advice with its numbers, the biggest monthly saving first.
 
     Each item: {kind, title, detail, monthly_saving_usd (None where the gain is not money), numbers}.
     """
     window = (period.start, period.end)
-    first_ts = await store.scalar("SELECT MIN(ts) FROM requests WHERE ts >= ? AND ts < ?", window)
+    real = _rows(include_simulated)
+    first_ts = await store.scalar(f"SELECT MIN(ts) FROM requests WHERE ts >= ? AND ts < ?{real}", window)
     span = _span_days(first_ts, period)
     found = (
-        await _cheaper_models(store, catalog, window, span)
-        + await _repeated_prompts(store, window, span)
-        + await _unreliable_providers(store, window)
-        + await _sessions_burning(store, period)
+        await _cheaper_models(store, catalog, window, span, real)
+        + await _repeated_prompts(store, window, span, real)
+        + await _unreliable_providers(store, window, real)
+        + await _sessions_burning(store, period, _rows(include_simulated, "r."))
     )
     found.sort(key=lambda r: -(r["monthly_saving_usd"] or 0.0))
     return found
 
 
-async def _cheaper_models(store: Store, catalog: Catalog, window: tuple[float, float], span: float) -> list[dict[str, Any]]:
+async def _cheaper_models(
+    store: Store, catalog: Catalog, window: tuple[float, float], span: float, real: str
+) -> list[dict[str, Any]]:
     """Premium-tier traffic not routed for quality, priced on the cheapest non-premium model with what it needed."""
     rows = await store.fetchall(
         "SELECT provider, model, GROUP_CONCAT(DISTINCT needs) AS needs, COUNT(*) AS requests, "
         "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, SUM(cost_usd) AS cost_usd "
-        "FROM requests WHERE ts >= ? AND ts < ? AND status = 'ok' AND cached = 0 "
+        f"FROM requests WHERE ts >= ? AND ts < ? AND status = 'ok' AND cached = 0{real} "
         "AND (mode IS NULL OR mode != 'quality') AND provider IS NOT NULL AND model IS NOT NULL "
         "GROUP BY provider, model",
         window,
@@ -241,14 +258,14 @@ async def _cheaper_models(store: Store, catalog: Catalog, window: tuple[float, f
     return found
 
 
-async def _repeated_prompts(store: Store, window: tuple[float, float], span: float) -> list[dict[str, Any]]:
+async def _repeated_prompts(store: Store, window: tuple[float, float], span: float, real: str) -> list[dict[str, Any]]:
     """Requests asking exactly what an earlier request of the same namespace asked, answered upstream anyway."""
     row = await store.fetchone(
         "SELECT COUNT(*) AS repeats, COALESCE(SUM(cost_usd), 0.0) AS cost_usd, "
-        "(SELECT COUNT(*) FROM requests WHERE ts >= ?1 AND ts < ?2 AND status = 'ok') AS requests FROM ("
+        f"(SELECT COUNT(*) FROM requests WHERE ts >= ?1 AND ts < ?2 AND status = 'ok'{real}) AS requests FROM ("
         "  SELECT cost_usd, cached, ROW_NUMBER() OVER ("
         "    PARTITION BY COALESCE(namespace, ''), prompt_key ORDER BY ts, id) AS occurrence"
-        "  FROM requests WHERE ts >= ?1 AND ts < ?2 AND status = 'ok' AND prompt_key IS NOT NULL"
+        f"  FROM requests WHERE ts >= ?1 AND ts < ?2 AND status = 'ok' AND prompt_key IS NOT NULL{real}"
         ") WHERE occurrence > 1 AND cached = 0",
         window,
     )
@@ -278,11 +295,11 @@ async def _repeated_prompts(store: Store, window: tuple[float, float], span: flo
     ]
 
 
-async def _unreliable_providers(store: Store, window: tuple[float, float]) -> list[dict[str, Any]]:
+async def _unreliable_providers(store: Store, window: tuple[float, float], real: str) -> list[dict[str, Any]]:
     """Providers whose failed attempts cost failovers and waiting time."""
     rows = await store.fetchall(
         "SELECT provider, status, error_kind, latency_ms, attempts FROM requests "
-        "WHERE ts >= ? AND ts < ? AND cached = 0",
+        f"WHERE ts >= ? AND ts < ? AND cached = 0{real}",
         window,
     )
     attempts: defaultdict[str, int] = defaultdict(int)
@@ -336,14 +353,14 @@ async def _unreliable_providers(store: Store, window: tuple[float, float]) -> li
     return found
 
 
-async def _sessions_burning(store: Store, period: Period) -> list[dict[str, Any]]:
+async def _sessions_burning(store: Store, period: Period, real: str) -> list[dict[str, Any]]:
     """Active sessions that have used most of their budget or will run out within a week at their pace."""
     rows = await store.fetchall(
         "SELECT s.id, s.name, s.budget_usd, "
-        "(SELECT COALESCE(SUM(cost_usd), 0.0) FROM requests r WHERE r.session_id = s.id) AS spent_usd, "
-        "(SELECT COALESCE(SUM(cost_usd), 0.0) FROM requests r WHERE r.session_id = s.id AND r.ts >= ? AND r.ts < ?) "
+        f"(SELECT COALESCE(SUM(cost_usd), 0.0) FROM requests r WHERE r.session_id = s.id{real}) AS spent_usd, "
+        f"(SELECT COALESCE(SUM(cost_usd), 0.0) FROM requests r WHERE r.session_id = s.id AND r.ts >= ? AND r.ts < ?{real}) "
         "AS period_usd, "
-        "(SELECT MIN(ts) FROM requests r WHERE r.session_id = s.id AND r.ts >= ? AND r.ts < ?) AS first_ts "
+        f"(SELECT MIN(ts) FROM requests r WHERE r.session_id = s.id AND r.ts >= ? AND r.ts < ?{real}) AS first_ts "
         "FROM agent_sessions s WHERE s.status = 'active' AND s.budget_usd IS NOT NULL",
         (period.start, period.end, period.start, period.end),
     )

@@ -201,6 +201,17 @@ MIGRATIONS: tuple[str, ...] = (
     DELETE FROM decision_models;
     DELETE FROM decision_vectors;
     """,
+    # 6: what was made against the simulator, marked so spend and recommendations can leave it out;
+    # sessions found by name too, so a name is unique per gateway key (older duplicates get their id added)
+    """
+    ALTER TABLE requests ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE router_decisions ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE provider_health ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agent_sessions ADD COLUMN api_key_id TEXT;
+    UPDATE agent_sessions SET name = name || ' (' || id || ')'
+        WHERE rowid NOT IN (SELECT MIN(rowid) FROM agent_sessions GROUP BY name);
+    CREATE UNIQUE INDEX agent_sessions_name ON agent_sessions(COALESCE(api_key_id, ''), name);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -22,7 +22,7 @@ LEDGER_COLUMNS = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
     "cost_usd", "est_cost_usd", "saved_usd", "latency_ms", "ttft_ms",
     "status", "error_kind", "error", "cached", "decision_id", "stream", "namespace", "source",
-    "attempts", "needs", "prompt_key",
+    "attempts", "needs", "prompt_key", "simulated",
 )  # fmt: skip
 INSERT_REQUEST = (
     f"INSERT OR REPLACE INTO requests ({', '.join(LEDGER_COLUMNS)}) "
@@ -30,8 +30,11 @@ INSERT_REQUEST = (
 )
 
 
-def request_row(record: RequestRecord, *, needs: str | None = None, prompt_key: str | None = None) -> tuple:
-    """A ledger row from a record. `needs`: the capabilities the request asked for; `prompt_key`: its exact-cache key."""
+def request_row(
+    record: RequestRecord, *, needs: str | None = None, prompt_key: str | None = None, simulated: bool = False
+) -> tuple:
+    """A ledger row from a record. `needs`: the capabilities the request asked for; `prompt_key`: its exact-cache key;
+    `simulated`: it was answered by the simulator."""
     attempts = [
         {
             "provider": a.provider,
@@ -49,7 +52,7 @@ def request_row(record: RequestRecord, *, needs: str | None = None, prompt_key: 
         record.cost_usd, record.est_cost_usd, record.saved_usd, record.latency_ms, record.ttft_ms,
         record.status, record.error_kind, record.error, int(record.cached), record.decision_id,
         int(record.stream), record.namespace, record.source,
-        json_bytes(attempts).decode(), needs, prompt_key,
+        json_bytes(attempts).decode(), needs, prompt_key, int(simulated),
     )  # fmt: skip
 
 
@@ -87,10 +90,11 @@ def _where(*, session_id: str | None = None, since: float | None = None) -> tupl
 
 # --- routing decisions -----------------------------------------------------------
 
+# Its parameters: a row of `decision_rows`, then whether the simulator answered (0 or 1).
 INSERT_DECISION = (
     "INSERT OR REPLACE INTO router_decisions (id, ts, mode, chosen, provider, model, tier, est_cost_usd, "
-    "prompt_tokens, decision_us, candidates, excluded, decision, models, vectors) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "prompt_tokens, decision_us, candidates, excluded, decision, models, vectors, simulated) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # A decision record's shared parts (`store.decisions`), by kind: written once per digest.
 INSERT_DECISION_PART = {
@@ -172,9 +176,10 @@ async def get_decision(store: Store, decision_id: str) -> dict[str, Any] | None:
 
 # --- provider health ---------------------------------------------------------------
 
+# Its parameters: a `health_row`, then whether the provider was the simulator (0 or 1).
 INSERT_HEALTH = (
-    "INSERT INTO provider_health (ts, provider, status, circuit, error_rate, latency_ms_p50, latency_ms_p95, snapshot) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO provider_health (ts, provider, status, circuit, error_rate, latency_ms_p50, latency_ms_p95, snapshot, "
+    "simulated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sqlite3
 import time
 import uuid
 from typing import Any
 
 from ..core.errors import P402Error
+from .db import StoreError
 from .store import Store
 
 STATUSES = ("active", "paused", "closed")
+SESSION_ID = re.compile(r"ses-[0-9a-f]{12}")  # what create_session makes; a name may not look like one
 
 
 class SessionError(P402Error):
@@ -26,6 +30,11 @@ class SessionError(P402Error):
 class SessionNotFoundError(SessionError):
     kind = "session_not_found"
     http_status = 404
+
+
+class SessionNameTakenError(SessionError):
+    kind = "session_name_taken"
+    http_status = 409
 
 
 class SessionInactiveError(SessionError):
@@ -76,7 +85,30 @@ def _check_budget(budget_usd: float | None) -> float | None:
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise SessionError("a session needs a non-empty name", param="name")
+    if SESSION_ID.fullmatch(name.strip()):
+        raise SessionError(f"a session's name cannot look like a session id ({name.strip()!r})", param="name")
     return name.strip()
+
+
+def _name_taken(name: str) -> SessionNameTakenError:
+    return SessionNameTakenError(
+        f"a session named {name!r} exists already; names are unique (per gateway key)", param="name"
+    )
+
+
+async def resolve_session(store: Store, ref: str, api_key_id: str | None = None) -> str:
+    """The id of the session `ref` names: an id as it is, else a name, looked up among the sessions
+    made with this gateway key, then among those made without one (the CLI's)."""
+    if SESSION_ID.fullmatch(ref):
+        return ref
+    row = await store.fetchone(
+        "SELECT id FROM agent_sessions WHERE name = ? AND (api_key_id = ? OR api_key_id IS NULL) "
+        "ORDER BY api_key_id IS NULL LIMIT 1",
+        (ref.strip(), api_key_id),
+    )
+    if row is None:
+        raise SessionNotFoundError(f"no session {ref!r}; `p402 sessions list` shows them")
+    return row["id"]
 
 
 def _check_status(status: str) -> str:
@@ -104,18 +136,25 @@ async def create_session(
     agent: str | None = None,
     metadata: dict[str, Any] | None = None,
     status: str = "active",
+    api_key_id: str | None = None,
 ) -> dict[str, Any]:
+    """A new session; `api_key_id`: the gateway key making it (its name is unique among that key's)."""
     now = time.time()
     row = {
         "id": f"ses-{uuid.uuid4().hex[:12]}", "name": _check_name(name), "agent": agent,
         "budget_usd": _check_budget(budget_usd), "status": _check_status(status),
-        "metadata": _check_metadata(metadata), "created": now, "updated": now,
+        "metadata": _check_metadata(metadata), "created": now, "updated": now, "api_key_id": api_key_id,
     }  # fmt: skip
-    await store.run(
-        "INSERT INTO agent_sessions (id, name, agent, budget_usd, status, metadata, created, updated) "
-        "VALUES (:id, :name, :agent, :budget_usd, :status, :metadata, :created, :updated)",
-        row,
-    )
+    try:
+        await store.run(
+            "INSERT INTO agent_sessions (id, name, agent, budget_usd, status, metadata, created, updated, api_key_id) "
+            "VALUES (:id, :name, :agent, :budget_usd, :status, :metadata, :created, :updated, :api_key_id)",
+            row,
+        )
+    except StoreError as error:
+        if isinstance(error.__cause__, sqlite3.IntegrityError):
+            raise _name_taken(row["name"]) from None
+        raise
     # Answered from what was written, not read back: another client may delete the session at once.
     return _public({**row, "spent_usd": 0.0, "requests": 0, "saved_usd": 0.0})
 
@@ -161,9 +200,14 @@ async def update_session(
         changes["metadata"] = _check_metadata(metadata)
     changes["updated"] = time.time()
     assignments = ", ".join(f"{column} = ?" for column in changes)
-    changed = await store.run(
-        f"UPDATE agent_sessions SET {assignments} WHERE id = ?", (*changes.values(), session_id)
-    )
+    try:
+        changed = await store.run(
+            f"UPDATE agent_sessions SET {assignments} WHERE id = ?", (*changes.values(), session_id)
+        )
+    except StoreError as error:
+        if isinstance(error.__cause__, sqlite3.IntegrityError):
+            raise _name_taken(changes["name"]) from None
+        raise
     if not changed:
         raise SessionNotFoundError(f"no session {session_id!r}; `p402 sessions list` shows them")
     return await get_session(store, session_id)

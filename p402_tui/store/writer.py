@@ -282,7 +282,9 @@ class Writer:
     def _failed(self, write: Write, error: sqlite3.Error) -> None:
         self.stats.failed += 1
         if write.result is not None and not write.result.done():
-            write.result.set_exception(StoreError(f"database write failed: {error}"))
+            failure = StoreError(f"database write failed: {error}")
+            failure.__cause__ = error  # a caller may tell a broken constraint from a broken disk
+            write.result.set_exception(failure)
             return
         message = f"{type(error).__name__}: {error} in {write.sql.split('(')[0].strip()}"
         self.stats.errors.append(message)

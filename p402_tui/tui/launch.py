@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -48,25 +49,29 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 @asynccontextmanager
 async def open_console(
-    settings: Any, *, db_path: str | None = None, listen: tuple[str, int] | None = None
+    settings: Any, *, db_path: str | None = None, listen: tuple[str, int] | None = None, sim: bool = False
 ) -> AsyncIterator[LocalSource]:
-    """The runtime for `p402 console`, and with `listen` the gateway served from the same loop."""
+    """The runtime for `p402 console`, with `listen` the gateway served from the same loop, with `sim` on the simulator."""
     from ..runtime import Runtime
 
-    async with Runtime.open(settings, db_path=db_path) as runtime:
-        label = "local"
+    async with Runtime.open(settings, db_path=db_path, sim=sim) as runtime:
+        label = "SIMULATED" if sim else "local"
         if listen is not None:
             gateway = await runtime.serve_gateway(*listen)
             label = f"local · gateway {gateway.url}"
-        yield LocalSource(runtime, label=label)
+        yield LocalSource(runtime, label=label, simulated=sim)
 
 
 def run_console(args: argparse.Namespace, settings: Any) -> int:
-    """`p402` / `p402 console`: the orchestrator in this process, providers from the config."""
+    """`p402` / `p402 console`: the orchestrator in this process, providers from the config (or `--sim`)."""
+    from ..runtime import ledger_for
+
     listen = parse_listen(args.listen) if getattr(args, "listen", None) else None
-    if not settings.usable_providers():
+    sim = bool(getattr(args, "sim", False))
+    if not sim and not settings.usable_providers():
         raise P402Error("no provider is configured: set a key (see `p402 providers`), or try `p402 demo`")
     app = ConsoleApp(refresh_interval=args.refresh)
-    db_path = getattr(args, "db", None)
-    asyncio.run(run_app(app, lambda: open_console(settings, db_path=db_path, listen=listen)))
+    with ledger_for(settings, simulated=sim, named=bool(getattr(args, "db", None))) as ledger:
+        print(f"p402 console: {ledger}", file=sys.stderr, flush=True)
+        asyncio.run(run_app(app, lambda: open_console(settings, listen=listen, sim=sim)))
     return app.return_code or 0

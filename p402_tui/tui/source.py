@@ -68,9 +68,10 @@ class LocalSource:
         from ..store.analytics import parse_period, spend
 
         now = time.time()
-        today = await spend(store, parse_period("today", now=now))
-        week = await spend(store, parse_period("7d", now=now))
-        month = await spend(store, parse_period("30d", now=now), by="model")
+        everything = self.simulated  # on the simulator, its traffic is the traffic to show
+        today = await spend(store, parse_period("today", now=now), include_simulated=everything)
+        week = await spend(store, parse_period("7d", now=now), include_simulated=everything)
+        month = await spend(store, parse_period("30d", now=now), by="model", include_simulated=everything)
         top = [r for r in month["breakdown"] if r["key"] != "(none)"][:5]  # most expensive first
         cache = self.runtime.cache
         return SpendSummary(
