@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
-from ..core.events import EVENT_KINDS, RequestCompleted, RouteDecided
+from ..core.events import EVENT_KINDS, RequestCompleted, RequestRejected, RouteDecided
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
 from . import errors, sse
 from .auth import GatewayAuth
@@ -61,8 +61,10 @@ def guarded(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except errors.GatewayError as error:
+            refused(request.scope, error.code, error.message)
             return errors.from_gateway_error(error)
         except P402Error as error:
+            refused(request.scope, error.kind, error.message)
             return errors.from_p402_error(error)
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, request.url.path)
@@ -71,6 +73,11 @@ def guarded(handler: Handler) -> Handler:
     endpoint.__name__ = handler.__name__
     endpoint.__doc__ = handler.__doc__
     return endpoint
+
+
+def refused(scope: Scope, reason: str | None, message: str) -> None:
+    """Why this request is being refused, for the `RequestRejected` event its 4xx answer publishes."""
+    scope["p402.refusal"] = (reason, message)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -136,7 +143,9 @@ class Gateway:
         self._openapi: dict[bool, bytes] = {}  # by whether keys are in force
 
     async def start(self) -> None:
-        self._stop_counting = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
+        stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
+        stop_rejected = self.bus.listen(self.metrics.count_rejected, kinds={RequestRejected.kind})
+        self._stop_counting = lambda: (stop_completed(), stop_rejected())
         self._tasks = []
         if self.store is None:  # with a store, decisions are read from it
             decided = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind})
@@ -167,6 +176,7 @@ class Gateway:
         chat, options, ctx = parse_chat(
             body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"), no_cache=no_cache
         )
+        request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
         if chat.stream:
             return await self._stream(chat, options, ctx)
         response = await self.orchestrator.complete(chat, options, ctx)
@@ -441,7 +451,16 @@ class Gateway:
         )
         chat = guarded(self.chat)
         direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
-        return _Front(starlette, self.auth, direct)
+        return _Front(starlette, self.auth, direct, on_rejected=self._rejected)
+
+    def _rejected(self, scope: Scope, status: int) -> None:
+        reason, message = scope.get("p402.refusal") or (None, "")
+        self.bus.publish(
+            RequestRejected(
+                status=status, reason=reason or f"http_{status}", method=scope["method"], path=scope["path"],
+                message=message, request_id=scope.get("p402.request_id"),
+            )
+        )  # fmt: skip
 
 
 def _model_object(model_id: str, owned_by: str, created: int) -> dict[str, Any]:
@@ -472,10 +491,17 @@ class _Front:
 
     OPEN_PATHS = frozenset({"/health"})
 
-    def __init__(self, app: ASGIApp, auth: GatewayAuth, direct: dict[tuple[str, str], Handler] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: GatewayAuth,
+        direct: dict[tuple[str, str], Handler] | None = None,
+        on_rejected: Callable[[Scope, int], None] | None = None,
+    ) -> None:
         self.app = app
         self.auth = auth
         self.direct = direct or {}
+        self.on_rejected = on_rejected  # told of every 4xx answer, as it starts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -485,13 +511,20 @@ class _Front:
             try:
                 scope["p402.api_key_id"] = await self.auth.check(scope)
             except errors.GatewayError as error:
+                refused(scope, error.code, error.message)
+                if self.on_rejected is not None:
+                    self.on_rejected(scope, error.status)
                 await errors.from_gateway_error(error)(scope, receive, send)
                 return
         started = False
 
         async def watched_send(message: Any) -> None:
             nonlocal started
-            started = True
+            if not started:
+                started = True
+                status = message.get("status", 200)
+                if 400 <= status < 500 and self.on_rejected is not None:
+                    self.on_rejected(scope, status)
             await send(message)
 
         try:
@@ -514,8 +547,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
+        refused(request.scope, "method_not_allowed", message)
         return errors.error_response(405, message, code="method_not_allowed", headers=exc.headers)  # Allow
     if exc.status_code == 404:
+        refused(request.scope, "not_found", f"no such endpoint: {request.url.path}")
         return errors.error_response(404, f"no such endpoint: {request.url.path}", code="not_found")
     return errors.error_response(exc.status_code, str(exc.detail))
 
