@@ -360,14 +360,9 @@ async def test_palette_lists_a_command_for_every_pane_action():
             assert expected in names
 
 
-async def test_t_opens_the_theme_picker_and_a_theme_recolours_cells():
+async def test_a_theme_recolours_cells():
     app = fixed_app()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("t")
-        await pilot.pause()
-        assert isinstance(app.screen, CommandPalette)
-        await pilot.press("escape")
         await pilot.pause()
         before = table(app, "decisions").cell_at(1, "status").style
         app.theme = "nord"

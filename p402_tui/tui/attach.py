@@ -35,6 +35,7 @@ from ..core.events import (
     EventBus,
     HealthChanged,
     RequestCompleted,
+    RequestRejected,
     RouteDecided,
     SpendUpdated,
     Subscription,
@@ -189,7 +190,7 @@ def event_from_dict(kind: str, data: dict[str, Any]) -> Event | None:
         return RouteDecided(decision=decision_from_dict(data["decision"]), ts=ts)
     if kind == RequestCompleted.kind:
         return RequestCompleted(record=record_from_dict(data["record"]), ts=ts)
-    for cls in (AttemptFailed, HealthChanged, SpendUpdated, CacheHit):
+    for cls in (AttemptFailed, RequestRejected, HealthChanged, SpendUpdated, CacheHit):
         if kind == cls.kind:
             return cls(**_fields(cls, data), ts=ts)
     return None

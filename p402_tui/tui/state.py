@@ -30,7 +30,7 @@ class DecisionRow:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     attempts: int = 0
-    status: str = "routing"  # routing | retrying | ok | error | cached
+    status: str = "routing"  # routing | retrying | ok | error | cached | refused (a 4xx from the gateway)
     provider: str | None = None
     model: str | None = None  # where the answer finally came from
     session_id: str | None = None
@@ -281,6 +281,21 @@ class ConsoleState:
         if self.summary.since_start:
             self._summarise_own()
 
+    def _request_rejected(self, event: Any) -> None:
+        why = f"{event.status} {event.reason}"
+        if event.request_id is not None:  # the orchestrator's RequestCompleted came first and was counted
+            row = self.row_for_request(event.request_id)
+            if row is not None:
+                row.status, row.error = "refused", row.error or why
+                self._bump(row)
+            return
+        key = f"rejected-{self.seen}"
+        row = DecisionRow(key=key, ts=event.ts, mode="-", chosen=why, candidates=0, est_cost=None,
+                          status="refused", error=event.message or why)
+        self.decisions[key] = row
+        self._bump(row)
+        self.throughput.add(event.ts, True)
+
     def _health_changed(self, event: Any) -> None:
         if event.status == event.previous:
             return
@@ -342,5 +357,6 @@ _HANDLERS = {
     "route_decided": ConsoleState._route_decided,
     "attempt_failed": ConsoleState._attempt_failed,
     "request_completed": ConsoleState._request_completed,
+    "request_rejected": ConsoleState._request_rejected,
     "health_changed": ConsoleState._health_changed,
 }

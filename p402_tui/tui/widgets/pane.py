@@ -31,6 +31,8 @@ class Pane(Vertical):
     """One dashboard pane. `body` is its table or chart; `z` maximises it, `/` filters it."""
 
     ALLOW_MAXIMIZE = True
+    # Only while a filter is kept; otherwise escape goes on to the screen (restore, back).
+    BINDINGS = [Binding("escape", "clear_filter", "Clear filter")]
 
     def __init__(self, title: str, body: Widget, *, id: str) -> None:
         super().__init__(id=id, classes="pane")
@@ -73,6 +75,21 @@ class Pane(Vertical):
         bar.focus()
         return True
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "clear_filter":
+            return self.table is not None and bool(self.table.row_filter)
+        return True
+
+    def action_clear_filter(self) -> None:
+        bar = self.filter_bar
+        if bar is not None:
+            bar.value = ""
+            bar.display = False
+        if self.table is not None:
+            self.table.set_filter("")
+            self.update_title()
+        self.refresh_bindings()
+
     def close_filter(self) -> None:
         bar = self.filter_bar
         if bar is None:
@@ -87,6 +104,7 @@ class Pane(Vertical):
         if self.table is not None:
             self.table.set_filter(event.value)
             self.update_title()
+            self.refresh_bindings()
 
     @on(Input.Submitted, ".filter-bar")
     def _filter_submitted(self, event: Input.Submitted) -> None:
