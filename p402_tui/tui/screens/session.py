@@ -150,8 +150,8 @@ class SessionScreen(PaneScreen):
     def show_session(self) -> None:
         colors = palette_of(self.app)
         self.query_one("#session-summary", Static).update(session_summary(self.session, colors))
-        total = self.session.get("requests") or 0  # the sources send the latest requests only
-        self.query_one("#requests", Pane).note = f"latest {len(self.requests)} of {total:,}" if len(self.requests) < total else ""
+        # The sources send the latest requests only; the title counts them against all there are.
+        self.query_one("#requests", Pane).whole = self.session.get("requests") or 0
         self.fill("requests", request_rows(self.requests, colors))
         self.fill("messages", message_rows(self.messages))
 

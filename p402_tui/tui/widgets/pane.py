@@ -39,7 +39,7 @@ class Pane(Vertical):
         self.title = title
         self.body = body
         self.border_title = title
-        self.note = ""  # what the rows are, when not all there is (latest 200 of 330)
+        self.whole = 0  # rows there are beyond those the table was given (a session's requests), when known
 
     def compose(self) -> ComposeResult:
         yield self.body
@@ -120,12 +120,12 @@ class Pane(Vertical):
             count = f"{matched}" if matched == total else f"{matched}/{total}"  # n/m: the filter's doing
             if table.row_count < matched:  # the cap's: only the first rows in the sort order are drawn
                 count = f"first {table.row_count} of {count}"
+            elif self.whole > total:  # the source's cap, said the same way
+                count = f"first {total} of {self.whole}" if matched == total else f"{matched}/first {total} of {self.whole}"
             parts.append(count)
             if table.row_filter:
                 parts.append(f"/{table.row_filter.text}")
             parts.append(f"sort {table.sort_label()}")
-        if self.note:
-            parts.append(self.note)
         if extra:
             parts.append(extra)
         title = " · ".join(parts)
