@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, RequestCompleted, RequestRejected, RouteDecided
-from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
+from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes, round_costs
 from . import errors, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -51,7 +51,7 @@ SESSION_STATUSES = ("active", "paused", "closed")
 
 
 def json_response(data: Any, status: int = 200) -> Response:
-    return Response(json_bytes(data), status_code=status, media_type="application/json")
+    return Response(json_bytes(round_costs(data)), status_code=status, media_type="application/json")
 
 
 def guarded(handler: Handler) -> Handler:
@@ -134,6 +134,7 @@ class Gateway:
         self.auth = auth or GatewayAuth(None, required=False)
         self.metrics = Metrics()
         self.decisions: deque[Any] = deque(maxlen=DECISION_RING)
+        self.outcomes: OrderedDict[str, Any] = OrderedDict()  # decision id -> its request's record (no store)
         self.heartbeat_s = heartbeat_s
         self.max_body = settings.gateway.max_body_bytes
         self.closing = asyncio.Event()
@@ -148,7 +149,7 @@ class Gateway:
         self._stop_counting = lambda: (stop_completed(), stop_rejected())
         self._tasks = []
         if self.store is None:  # with a store, decisions are read from it
-            decided = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind})
+            decided = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind, RequestCompleted.kind})
             self._tasks.append(asyncio.create_task(self._remember_decisions(decided), name="p402-gateway-decisions"))
 
     async def aclose(self) -> None:
@@ -163,7 +164,12 @@ class Gateway:
         try:
             while True:
                 event = await subscription.get()
-                self.decisions.append(event.decision)  # type: ignore[attr-defined]
+                if isinstance(event, RouteDecided):
+                    self.decisions.append(event.decision)
+                elif event.record.decision_id:  # type: ignore[attr-defined]
+                    self.outcomes[event.record.decision_id] = event.record  # type: ignore[attr-defined]
+                    while len(self.outcomes) > DECISION_RING:
+                        self.outcomes.popitem(last=False)
         finally:
             subscription.close()
 
@@ -346,16 +352,44 @@ class Gateway:
     # --- decisions and live events -------------------------------------------------------------
 
     async def recent_decisions(self, request: Request) -> Any:
-        """Newest first: from the store when there is one, else from the ring this gateway heard."""
-        limit = _int_param(request, "limit", default=50, low=1, high=DECISION_RING)
-        if self.store is not None:
-            from ..store.queries import recent_decisions
+        """A page of decisions in brief, newest first: from the store when there is one, else from
+        the ring this gateway heard. `before` (a decision id) pages on; the whole decision is
+        `/api/v2/decisions/{id}` (a summary is ~0.4 kB, a decision with every candidate ~40 kB)."""
+        from ..store.queries import decision_summaries, decision_summary
 
-            data = await recent_decisions(await self._fresh_store(), limit=limit)
-            return json_response({"object": "list", "data": data})
-        decisions = list(self.decisions)[-limit:]
-        decisions.reverse()
-        return json_response({"object": "list", "data": [d.to_dict() for d in decisions]})
+        limit = _int_param(request, "limit", default=20, low=1, high=DECISION_RING)
+        before = request.query_params.get("before")
+        if self.store is not None:
+            try:
+                data, more = await decision_summaries(await self._fresh_store(), limit=limit, before=before)
+            except ValueError as error:
+                raise errors.GatewayError(400, f"before: {error}", param="before", code="invalid_value") from None
+        else:
+            decisions = list(self.decisions)
+            decisions.reverse()
+            if before is not None:
+                at = next((i for i, d in enumerate(decisions) if d.id == before), None)
+                if at is None:
+                    raise errors.GatewayError(400, f"before: no decision {before!r}", param="before", code="invalid_value")
+                decisions = decisions[at + 1 :]
+            more = len(decisions) > limit
+            data = [decision_summary(_brief(d), _outcome(self.outcomes.get(d.id))) for d in decisions[:limit]]
+        page = {"object": "list", "data": data, "has_more": more}
+        page["first_id"], page["last_id"] = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        return json_response(page)
+
+    async def decision(self, request: Request) -> Any:
+        """One decision whole: every candidate with its scores, every exclusion with its reason."""
+        decision_id = request.path_params["decision_id"]
+        if self.store is not None:
+            from ..store.queries import get_decision
+
+            found = await get_decision(await self._fresh_store(), decision_id)
+        else:
+            found = next((d.to_dict() for d in self.decisions if d.id == decision_id), None)
+        if found is None:
+            raise errors.GatewayError(404, f"no decision {decision_id!r}", code="decision_not_found")
+        return json_response(found)
 
     async def events(self, request: Request) -> Any:
         kinds = request.query_params.get("kinds")
@@ -437,6 +471,7 @@ class Gateway:
             "/api/v2/sessions/{session_id}/requests": {"GET": self.session_requests},
             "/api/v2/sessions/{session_id}/messages": {"GET": self.session_messages},
             "/api/v2/decisions": {"GET": self.recent_decisions},
+            "/api/v2/decisions/{decision_id}": {"GET": self.decision},
             "/api/v2/events": {"GET": self.events},
             "/health": {"GET": self.health},
             "/metrics": {"GET": self.prometheus},
@@ -461,6 +496,26 @@ class Gateway:
                 message=message, request_id=scope.get("p402.request_id"),
             )
         )  # fmt: skip
+
+
+def _brief(decision: Any) -> dict[str, Any]:
+    """A decision's columns as the store indexes them, read without building its candidates."""
+    chosen = decision.chosen_id
+    return {
+        "id": decision.id, "ts": decision.ts, "mode": decision.mode, "chosen": chosen,
+        "est_cost_usd": None if chosen is None else decision.est_cost_usd,
+        "candidates": decision.candidate_count, "excluded": decision.excluded_count,
+    }  # fmt: skip
+
+
+def _outcome(record: Any) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {
+        "id": record.id, "provider": record.provider, "model": record.model, "cost_usd": record.cost_usd,
+        "latency_ms": record.latency_ms, "status": record.status, "error_kind": record.error_kind,
+        "session_id": record.session_id,
+    }  # fmt: skip
 
 
 def _model_object(model_id: str, owned_by: str, created: int) -> dict[str, Any]:
