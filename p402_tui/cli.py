@@ -885,7 +885,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
     p.add_argument("--listen", metavar="HOST:PORT", help="also serve the gateway here, from the same process")
     p.add_argument("--attach", metavar="URL", help="watch a running gateway (p402 serve) instead of routing here")
-    p.add_argument("--key", metavar="K", help="the gateway key for --attach (see p402 keys create)")
+    # From the environment by default: a key on the command line shows in `ps` and the shell's history.
+    p.add_argument("--key", metavar="K", default=os.environ.get("P402_KEY") or None,
+                   help="the gateway key for --attach (default: $P402_KEY; see p402 keys create)")
     p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
     p.set_defaults(func=cmd_console)
 

@@ -107,3 +107,74 @@ async def test_without_a_store_the_ring_gives_the_same_summaries(runtime):
             assert (await http.get(f"/api/v2/decisions/{ids[0]}")).json()["candidates"]
     finally:
         await running.stop()
+
+
+# --- the attached console ------------------------------------------------------------------------
+
+
+async def test_the_attached_console_starts_with_what_the_gateway_did_before_it(fresh_sim_settings, tmp_path):
+    from test_attach import chat_body, wait_for
+    from test_attach import gateway as serving
+    from test_tui_fixtures import SIZE
+
+    from p402_tui.tui.app import ConsoleApp
+    from p402_tui.tui.attach import open_remote
+    from p402_tui.tui.widgets.decisions import DecisionsTable
+
+    async with serving(fresh_sim_settings, db_path=tmp_path / "p402.db") as (_runtime, running):
+        async with httpx.AsyncClient(base_url=running.url) as other:
+            before = [(await other.post("/v1/chat/completions", json=chat_body(f"asked before, {n}"))).json()["p402"]
+                      for n in range(3)]
+            async with open_remote(running.url, None) as source:
+                assert set(source.health()) == set(source.providers()) and source.providers()  # before going live
+                app = ConsoleApp(source, refresh_interval=0.25)
+                async with app.run_test(size=SIZE) as pilot:
+                    await wait_for(lambda: all(p["decision_id"] in app.state.decisions for p in before))
+                    first = before[0]
+                    row = app.state.decisions[first["decision_id"]]
+                    assert row.status == "ok" and row.cost == first["cost_usd"] and row.candidates > 1
+                    assert row.served_by == f"{first['provider']}/{first['model']}"
+                    await wait_for(lambda: app.state.summary.requests_today == 3)  # the ledger's spend
+                    table = app.screen.query_one(DecisionsTable)
+                    await wait_for(lambda: table.index_of(first["decision_id"]) is not None)
+
+                    # A refusal after attaching: a row of its own, counted in the error rate.
+                    assert (await other.post("/v1/chat/completions", content=b"{oops")).status_code == 400
+                    await wait_for(lambda: any(r.status == "refused" for r in app.state.decisions.values()))
+                    refused = next(r for r in app.state.decisions.values() if r.status == "refused")
+                    assert refused.chosen == "400 invalid_json" and app.state.rates(refused.ts + 1)[1] > 0  # the second it fell in
+
+                    # A decision from before opens whole, read from /api/v2/decisions/{id}.
+                    table.focus()
+                    table.move_cursor(table.index_of(first["decision_id"]))
+                    await pilot.press("enter")
+                    await wait_for(lambda: getattr(app.screen, "decision", None) is not None)
+                    assert len(app.screen.decision["candidates"]) == row.candidates
+
+
+def test_the_attach_key_comes_from_p402_key(monkeypatch):
+    from p402_tui.cli import build_parser
+
+    monkeypatch.setenv("P402_KEY", "p402-from-env")
+    assert build_parser().parse_args(["console", "--attach", "http://127.0.0.1:4020"]).key == "p402-from-env"
+    args = build_parser().parse_args(["console", "--attach", "http://127.0.0.1:4020", "--key", "p402-given"])
+    assert args.key == "p402-given"
+    monkeypatch.delenv("P402_KEY")
+    assert build_parser().parse_args(["console"]).key is None
+
+
+def test_every_event_kind_rebuilds_from_its_wire_form():
+    from p402_tui.core.events import AttemptFailed, CacheHit, HealthChanged, SpendUpdated
+    from p402_tui.tui.attach import event_from_dict
+
+    sent = [
+        AttemptFailed(request_id="req-1", decision_id="dec-1", provider="groq", model="m", error_kind="timeout",
+                      error="slow", will_retry=True),
+        RequestRejected(status=413, reason="request_too_large", method="POST", path="/v1/chat/completions"),
+        HealthChanged(provider="groq", status="down", previous="healthy", reason="5 errors", circuit="open", retry_at=9.0),
+        SpendUpdated(provider="groq", model="m", cost_usd=0.25, session_id="ses-1"),
+        CacheHit(request_id="req-2", match="semantic", similarity=0.97, saved_usd=0.01),
+    ]
+    for event in sent:  # each was dropped as unreadable on the attached console before
+        back = event_from_dict(event.kind, event.to_dict())
+        assert type(back) is type(event) and back.to_dict() == event.to_dict()

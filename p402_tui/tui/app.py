@@ -131,8 +131,12 @@ class ConsoleApp(App):
     async def _feed(self) -> None:
         source = self.source
         assert source is not None
-        subscription = source.subscribe()
+        subscription = source.subscribe()  # first: nothing decided while the history is read goes missing
         try:
+            try:
+                self.state.backfill(await source.history())
+            except Exception as error:
+                self.notify(f"past decisions not read: {error}", severity="warning")
             events: list[Any] = []
             force = True  # read the store now, not only once traffic comes
             while True:

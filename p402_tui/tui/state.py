@@ -312,6 +312,46 @@ class ConsoleState:
 
     # --- snapshots from the source ----------------------------------------------------
 
+    def backfill(self, summaries: Iterable[dict[str, Any]]) -> None:
+        """Decisions made before this console looked (in brief, newest first, as `/api/v2/decisions`
+        gives them), put behind those it has seen since."""
+        older: OrderedDict[str, DecisionRow] = OrderedDict()
+        for brief in reversed(list(summaries)):
+            key = brief["id"]
+            if key in self.decisions:
+                continue
+            provider, _, model = (brief.get("model") or "").partition("/")
+            row = DecisionRow(
+                key=key,
+                ts=brief["ts"],
+                mode=brief.get("mode") or "-",
+                chosen=brief.get("chosen") or "-",
+                candidates=brief.get("candidates") or 0,
+                est_cost=brief.get("est_cost_usd"),
+                cost=brief.get("cost_usd"),
+                latency_ms=brief.get("latency_ms"),
+                attempts=1 if provider else 0,
+                status={"pending": "routing", "no_model": "error"}.get(brief.get("status") or "", brief.get("status") or "-"),
+                provider=provider or None,
+                model=model or None,
+                session_id=brief.get("session_id"),
+                request_id=brief.get("request_id"),
+                error=brief.get("error_kind"),
+            )
+            self._bump(row)
+            older[key] = row
+            if row.request_id:
+                self._request_rows[row.request_id] = key
+            if provider and row.cost:
+                self.spend.add(row.ts, provider, row.cost)
+        if older:
+            older.update(self.decisions)
+            self.decisions = older
+            while len(self.decisions) > self.max_decisions:
+                _, row = self.decisions.popitem(last=False)
+                if row.request_id:
+                    self._request_rows.pop(row.request_id, None)
+
     def set_health(self, snapshot: dict[str, dict[str, Any]]) -> None:
         if snapshot != self.health:
             self.health = snapshot

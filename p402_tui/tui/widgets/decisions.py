@@ -32,7 +32,7 @@ def decision_cells(row: DecisionRow, colors: Palette) -> list[Cell]:
         Cell(clock(row.ts), (row.ts, row.key)),
         Cell(row.mode),
         Cell(served, style=colors.warning if rerouted else "", middle=True),
-        num(str(row.candidates) if row.decision is not None else "-", row.candidates),
+        num(str(row.candidates) if row.decision is not None or row.candidates else "-", row.candidates),
         num(usd(row.est_cost), row.est_cost),
         num(usd(row.cost), row.cost),
         num(ms(row.latency_ms), row.latency_ms),
