@@ -178,3 +178,35 @@ def test_every_event_kind_rebuilds_from_its_wire_form():
     for event in sent:  # each was dropped as unreadable on the attached console before
         back = event_from_dict(event.kind, event.to_dict())
         assert type(back) is type(event) and back.to_dict() == event.to_dict()
+
+
+# --- the catalog on the command line -------------------------------------------------------------
+
+
+def test_models_mark_the_retired_ones(catalog):
+    from datetime import date
+
+    from test_cli import ok_json
+
+    from conftest import run_cli
+
+    today = date.today().isoformat()
+    rows = {r["id"]: r for r in ok_json("models", "--json")}
+    retired = {m.id for m in catalog.models.values() if m.deprecated_on and m.deprecated_on <= today}
+    assert retired and {i for i, r in rows.items() if r["retired"]} == retired
+    some = sorted(retired)[0]
+    table = run_cli("models", "--provider", some.split("/")[0]).stdout
+    line = next(line for line in table.splitlines() if line.startswith(some + " "))
+    assert line.rstrip().endswith(f"retired {catalog.models[some].deprecated_on}")
+
+
+def test_compare_prices_a_chat_turn_when_not_told_the_size():
+    from test_cli import ok_json
+
+    from conftest import run_cli
+
+    assert ok_json("compare", "--json", "--top", "3") == ok_json(
+        "compare", "--json", "--top", "3", "--input-tokens", "1000", "--output-tokens", "500")
+    result = run_cli("compare", "--top", "3")
+    assert result.returncode == 0 and result.stderr.startswith("one call of 1,000 tokens in and 500 out")
+    assert result.stdout.startswith("MODEL ")
