@@ -81,7 +81,7 @@ def short_id(text: str, width: int) -> str:
 
     `fireworks/accounts/fireworks/models/llama-v3p1-8b-instruct` in 34 columns is
     `fireworks/…/llama-v3p1-8b-instruct`: whole path segments are dropped while they must
-    be, and only a name too long for what is left loses characters from its middle.
+    be, and only a name too long for what is left loses characters from its own middle.
     """
     if len(text) <= width:
         return text
@@ -94,8 +94,10 @@ def short_id(text: str, width: int) -> str:
             tail = "/".join(parts[at:])
             if len(head) + 3 + len(tail) <= width:
                 return f"{head}/…/{tail}"
-        keep = width - len(head) - 2
-        if keep >= 8:  # the end of the name, after the provider
-            return f"{head}/…{rest[-keep:]}"
+        name, dropped = parts[-1], "…/" if len(parts) > 1 else ""
+        keep = width - len(head) - len(dropped) - 2
+        if keep >= 6:  # the provider, then the name's start and (more of) its end: sizes and versions
+            front = keep * 2 // 5
+            return f"{head}/{dropped}{name[:front]}…{name[len(name) - (keep - front):]}"
     front = (width - 1) // 2
     return text[:front] + "…" + text[len(text) - (width - 1 - front):]
