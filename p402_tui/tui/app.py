@@ -149,7 +149,7 @@ class ConsoleApp(App):
                         await asyncio.sleep(0)  # keys pressed while the batch gathered go first
                         self.show_state()
                 except Exception as error:
-                    self.notify(f"could not update: {error}", title="Live view", severity="error")
+                    self.notify(f"live view not updated: {error}", severity="error")
                     await asyncio.sleep(1.0)
                 try:
                     first = await asyncio.wait_for(subscription.get(), IDLE_POLL_S)
@@ -183,7 +183,7 @@ class ConsoleApp(App):
             if not self.paused and (self.state.sessions_rev, self.state.summary_rev) != revs:
                 self.show_state()  # with no traffic the live loop waits seconds before it next draws
         except Exception as error:
-            self.notify(f"could not read the store: {error}", title="Store", severity="error")
+            self.notify(f"could not read the store: {error}", severity="error")
         finally:
             self._store_busy = False
 
@@ -261,7 +261,7 @@ class ConsoleApp(App):
 
     def set_refresh_interval(self, seconds: float) -> None:
         self.refresh_interval = seconds
-        self.notify(f"refreshing every {seconds:g}s", title="Refresh interval", timeout=2)
+        self.notify(f"refreshing every {seconds:g}s", timeout=2)
 
     def watch_refresh_interval(self) -> None:
         self._status_changed()
