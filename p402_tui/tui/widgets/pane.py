@@ -39,7 +39,7 @@ class Pane(Vertical):
         self.title = title
         self.body = body
         self.border_title = title
-        self.whole = 0  # rows there are beyond those the table was given (a session's requests), when known
+        self.whole = 0  # how many rows there are in all, when the source sent only some (a session's requests)
 
     def compose(self) -> ComposeResult:
         yield self.body
