@@ -134,6 +134,8 @@ def cmd_providers(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from datetime import date
+
     from .core.types import CAPABILITIES, TIER_RANK
 
     settings = settings_from(args)
@@ -148,18 +150,35 @@ def cmd_models(args: argparse.Namespace) -> int:
         models = [m for m in models if m.has(set(args.capability))]
     if args.max_tier:
         models = [m for m in models if m.tier_rank <= TIER_RANK[args.max_tier]]
-    rows = [m.to_dict() for m in models]
+    today = date.today().isoformat()  # as the router counts a model retired
+    rows = [
+        m.to_dict() | {"deprecated_on": m.deprecated_on, "retired": m.deprecated_on is not None and m.deprecated_on <= today}
+        for m in models
+    ]
     if args.json:
         print_json(rows)
     else:
         print_table(
-            ["ID", "TIER", "CONTEXT", "IN $/1M", "OUT $/1M", "CAPABILITIES"],
+            ["ID", "TIER", "CONTEXT", "IN $/1M", "OUT $/1M", "CAPABILITIES", "RETIRED"],
             [
-                [r["id"], r["tier"], f"{r['context_window']:,}", r["input_per_1m"], r["output_per_1m"], ",".join(r["capabilities"])]
+                [r["id"], r["tier"], f"{r['context_window']:,}", r["input_per_1m"], r["output_per_1m"],
+                 ",".join(r["capabilities"]), _retirement(r)]
                 for r in rows
             ],
         )
     return 0
+
+
+def _retirement(row: dict[str, Any]) -> str:
+    """`retired 2026-02-19` (the router no longer picks it), `from 2026-08-05` (announced), or nothing."""
+    if row["deprecated_on"] is None:
+        return ""
+    return f"retired {row['deprecated_on']}" if row["retired"] else f"from {row['deprecated_on']}"
+
+
+# What `p402 compare` prices when not told: one chat turn with some context, and a paragraph back.
+COMPARE_INPUT_TOKENS = 1_000
+COMPARE_OUTPUT_TOKENS = 500
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -177,6 +196,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print_json([r.to_dict() for r in rows])
     else:
+        # On stderr: the table stays the whole of stdout, for whatever it is piped to.
+        print(f"one call of {args.input_tokens:,} tokens in and {args.output_tokens:,} out "
+              "(--input-tokens, --output-tokens)", file=sys.stderr)
         print_table(
             ["MODEL", "TIER", "IN $/1M", "OUT $/1M", "COST"],
             [[r.id, r.tier, r.input_per_1m, r.output_per_1m, usd(r.cost_usd)] for r in rows],
@@ -879,8 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("compare", parents=[common], help="what a call of a given size costs on every model")
-    p.add_argument("--input-tokens", type=_token_count, required=True, metavar="N")
-    p.add_argument("--output-tokens", type=_token_count, required=True, metavar="M")
+    p.add_argument("--input-tokens", type=_token_count, default=COMPARE_INPUT_TOKENS, metavar="N",
+                   help=f"prompt tokens of the call (default {COMPARE_INPUT_TOKENS:,})")
+    p.add_argument("--output-tokens", type=_token_count, default=COMPARE_OUTPUT_TOKENS, metavar="M",
+                   help=f"tokens of the answer (default {COMPARE_OUTPUT_TOKENS:,})")
     # As the gateway's cost comparison: an embedding model is no answer to a call that writes tokens.
     p.add_argument("--capability", metavar="C", action="append",
                    help="only models with this capability (repeatable; default: chat)")
@@ -970,7 +994,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
     p.add_argument("--listen", metavar="HOST:PORT", help="also serve the gateway here, from the same process")
     p.add_argument("--attach", metavar="URL", help="watch a running gateway (p402 serve) instead of routing here")
-    p.add_argument("--key", metavar="K", help="the gateway key for --attach (see p402 keys create)")
+    # From the environment by default: a key on the command line shows in `ps` and the shell's history.
+    p.add_argument("--key", metavar="K", default=os.environ.get("P402_KEY") or None,
+                   help="the gateway key for --attach (default: $P402_KEY; see p402 keys create)")
     p.add_argument("--sim", action="store_true",
                    help="route to simulated providers: no keys, no network (a temporary ledger unless --db)")
     p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")

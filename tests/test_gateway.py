@@ -318,7 +318,7 @@ async def test_p402_options_steer_routing_and_are_not_sent_upstream(http, sim):
     assert response.status_code == 200, response.text
     p402 = response.json()["p402"]
     assert p402["provider"] != "openai"
-    decision = (await http.get("/api/v2/decisions", params={"limit": 1})).json()["data"][0]
+    decision = (await http.get(f"/api/v2/decisions/{p402['decision_id']}")).json()
     assert decision["id"] == p402["decision_id"]
     assert decision["mode"] == "cost"
     assert decision["options"]["exclude"] == ["openai"] and decision["options"]["failover"] is False
@@ -663,7 +663,7 @@ async def test_decisions_are_newest_first_with_candidates(http, sdk):
     second = await sdk.chat.completions.create(model="auto", messages=HELLO, extra_headers={"cache-control": "no-cache"})
     data = (await http.get("/api/v2/decisions", params={"limit": 2})).json()["data"]
     assert [d["id"] for d in data] == [second.model_extra["p402"]["decision_id"], first.model_extra["p402"]["decision_id"]]
-    candidate = data[0]["candidates"][0]
+    candidate = (await http.get(f"/api/v2/decisions/{data[0]['id']}")).json()["candidates"][0]
     assert {"id", "score", "components", "est_cost_usd"} <= set(candidate)
     assert_openai_error(await http.get("/api/v2/decisions", params={"limit": "many"}), 400)
 
@@ -743,7 +743,8 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
         "/v1/chat/completions", "/api/v2/chat/completions", "/v1/models", "/v1/models/{model}", "/api/v2/providers",
         "/api/v2/analytics/spend", "/api/v2/analytics/recommendations", "/api/v2/sessions",
         "/api/v2/sessions/{session_id}", "/api/v2/sessions/{session_id}/requests",
-        "/api/v2/sessions/{session_id}/messages", "/api/v2/decisions", "/api/v2/events", "/api/v2/cache", "/health",
+        "/api/v2/sessions/{session_id}/messages", "/api/v2/decisions", "/api/v2/decisions/{decision_id}",
+        "/api/v2/events", "/api/v2/cache", "/health",
         "/metrics", "/openapi.json",
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]

@@ -131,9 +131,37 @@ class CacheHit(Event):
         }
 
 
+@dataclass(slots=True)
+class RequestRejected(Event):
+    """The gateway refused a request with a 4xx: bad body, no key, over budget, too large, unknown model.
+
+    `request_id` is set when the request reached the orchestrator, which has already
+    published its `RequestCompleted` (as an error): counters of requests must not count it twice.
+    """
+
+    kind: ClassVar[str] = "request_rejected"
+    status: int
+    reason: str  # the error code of the answer: invalid_api_key, request_too_large, budget_exceeded
+    method: str
+    path: str
+    message: str = ""
+    request_id: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "method": self.method,
+            "path": self.path,
+            "message": self.message,
+            "request_id": self.request_id,
+        }
+
+
 # What a subscriber can ask for by name (the gateway's `/api/v2/events?kinds=`), in the order they happen.
 EVENT_KINDS = tuple(
-    event.kind for event in (RouteDecided, AttemptFailed, RequestCompleted, HealthChanged, SpendUpdated, CacheHit)
+    event.kind
+    for event in (RouteDecided, AttemptFailed, RequestCompleted, RequestRejected, HealthChanged, SpendUpdated, CacheHit)
 )
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .types import Attempt, ChatRequest, ChatResponse, new_id
+from .types import Attempt, ChatRequest, ChatResponse, new_id, usd_json
 
 
 @dataclass(slots=True)
@@ -104,9 +104,9 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
             "reasoning_tokens": self.reasoning_tokens,
-            "cost_usd": self.cost_usd,
-            "est_cost_usd": self.est_cost_usd,
-            "saved_usd": self.saved_usd,
+            "cost_usd": usd_json(self.cost_usd),
+            "est_cost_usd": None if self.est_cost_usd is None else usd_json(self.est_cost_usd),
+            "saved_usd": usd_json(self.saved_usd),
             "latency_ms": self.latency_ms,
             "ttft_ms": self.ttft_ms,
             "status": self.status,

@@ -40,7 +40,7 @@ from .config import MODES, RouterConfig
 from .errors import InvalidRequestError
 from .hooks import RouteOptions
 from .tokens import count_messages
-from .types import CAPABILITIES, TIER_RANK, TIERS, ChatRequest
+from .types import CAPABILITIES, TIER_RANK, TIERS, ChatRequest, usd_json
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -110,7 +110,7 @@ class Candidate:
                 "speed": round(self.speed, 6),
                 "health": round(self.health, 6),
             },
-            "est_cost_usd": self.est_cost_usd,
+            "est_cost_usd": usd_json(self.est_cost_usd),
             "est_latency_ms": round(self.est_latency_ms, 1),
         }
 
@@ -189,7 +189,7 @@ class DecisionSnapshot:
                     "speed": round(speed[i], 6),
                     "health": round(health[i], 6),
                 },
-                "est_cost_usd": est,
+                "est_cost_usd": usd_json(est),
                 "est_latency_ms": round(latency[i], 1),
             }
             for i, score, cost, est in zip(

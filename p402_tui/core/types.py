@@ -28,6 +28,22 @@ def json_bytes(data: Any) -> bytes:
         return _ASCII_JSON(data).encode()
 
 
+def usd_json(value: float) -> float:
+    """A dollar figure as JSON carries it: 12 significant digits, so a sum of binary fractions
+    reads as the decimal it is (0.07, not 0.07000000000000001)."""
+    return float(f"{value:.12g}")
+
+
+def round_costs(data: Any) -> Any:
+    """`data` with every `*_usd` number in it, at any depth, put through `usd_json` (a copy: the
+    snapshots it is given may be live state)."""
+    if isinstance(data, dict):
+        return {k: usd_json(v) if isinstance(v, float) and k.endswith("_usd") else round_costs(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [round_costs(v) for v in data]
+    return data
+
+
 async def aclose_iterator(iterator: Any) -> None:
     """Close an async iterator that can be closed (a generator, a stream); others need nothing."""
     aclose = getattr(iterator, "aclose", None)
@@ -314,7 +330,7 @@ class P402Meta:
         return {
             "provider": self.provider,
             "model": self.model,
-            "cost_usd": self.cost_usd,
+            "cost_usd": usd_json(self.cost_usd),
             "latency_ms": round(self.latency_ms, 3),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "attempts": [
@@ -323,7 +339,7 @@ class P402Meta:
             ],
             "decision_id": self.decision_id,
             "cached": self.cached,
-            "saved_usd": self.saved_usd,
+            "saved_usd": usd_json(self.saved_usd),
         }
 
 

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -24,8 +24,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
-from ..core.events import EVENT_KINDS, RequestCompleted, RouteDecided
-from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
+from ..core.events import EVENT_KINDS, RequestCompleted, RequestRejected, RouteDecided
+from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes, round_costs
 from . import errors, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -51,7 +51,7 @@ SESSION_STATUSES = ("active", "paused", "closed")
 
 
 def json_response(data: Any, status: int = 200) -> Response:
-    return Response(json_bytes(data), status_code=status, media_type="application/json")
+    return Response(json_bytes(round_costs(data)), status_code=status, media_type="application/json")
 
 
 def guarded(handler: Handler) -> Handler:
@@ -61,8 +61,10 @@ def guarded(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except errors.GatewayError as error:
+            refused(request.scope, error.code, error.message)
             return errors.from_gateway_error(error)
         except P402Error as error:
+            refused(request.scope, error.kind, error.message)
             return errors.from_p402_error(error)
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, request.url.path)
@@ -71,6 +73,11 @@ def guarded(handler: Handler) -> Handler:
     endpoint.__name__ = handler.__name__
     endpoint.__doc__ = handler.__doc__
     return endpoint
+
+
+def refused(scope: Scope, reason: str | None, message: str) -> None:
+    """Why this request is being refused, for the `RequestRejected` event its 4xx answer publishes."""
+    scope["p402.refusal"] = (reason, message)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -129,6 +136,7 @@ class Gateway:
         self.auth = auth or GatewayAuth(None, required=False)
         self.metrics = Metrics()
         self.decisions: deque[Any] = deque(maxlen=DECISION_RING)
+        self.outcomes: OrderedDict[str, Any] = OrderedDict()  # decision id -> its request's record (no store)
         self.heartbeat_s = heartbeat_s
         self.max_body = settings.gateway.max_body_bytes
         self.closing = asyncio.Event()
@@ -138,10 +146,12 @@ class Gateway:
         self._openapi: dict[bool, bytes] = {}  # by whether keys are in force
 
     async def start(self) -> None:
-        self._stop_counting = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
+        stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
+        stop_rejected = self.bus.listen(self.metrics.count_rejected, kinds={RequestRejected.kind})
+        self._stop_counting = lambda: (stop_completed(), stop_rejected())
         self._tasks = []
         if self.store is None:  # with a store, decisions are read from it
-            decided = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind})
+            decided = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind, RequestCompleted.kind})
             self._tasks.append(asyncio.create_task(self._remember_decisions(decided), name="p402-gateway-decisions"))
 
     async def aclose(self) -> None:
@@ -156,7 +166,12 @@ class Gateway:
         try:
             while True:
                 event = await subscription.get()
-                self.decisions.append(event.decision)  # type: ignore[attr-defined]
+                if isinstance(event, RouteDecided):
+                    self.decisions.append(event.decision)
+                elif event.record.decision_id:  # type: ignore[attr-defined]
+                    self.outcomes[event.record.decision_id] = event.record  # type: ignore[attr-defined]
+                    while len(self.outcomes) > DECISION_RING:
+                        self.outcomes.popitem(last=False)
         finally:
             subscription.close()
 
@@ -173,6 +188,7 @@ class Gateway:
             from ..store.sessions import resolve_session
 
             ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
+        request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
         if chat.stream:
             return await self._stream(chat, options, ctx)
         response = await self.orchestrator.complete(chat, options, ctx)
@@ -362,16 +378,44 @@ class Gateway:
     # --- decisions and live events -------------------------------------------------------------
 
     async def recent_decisions(self, request: Request) -> Any:
-        """Newest first: from the store when there is one, else from the ring this gateway heard."""
-        limit = _int_param(request, "limit", default=50, low=1, high=DECISION_RING)
-        if self.store is not None:
-            from ..store.queries import recent_decisions
+        """A page of decisions in brief, newest first: from the store when there is one, else from
+        the ring this gateway heard. `before` (a decision id) pages on; the whole decision is
+        `/api/v2/decisions/{id}` (a summary is ~0.4 kB, a decision with every candidate ~40 kB)."""
+        from ..store.queries import decision_summaries, decision_summary
 
-            data = await recent_decisions(await self._fresh_store(), limit=limit)
-            return json_response({"object": "list", "data": data})
-        decisions = list(self.decisions)[-limit:]
-        decisions.reverse()
-        return json_response({"object": "list", "data": [d.to_dict() for d in decisions]})
+        limit = _int_param(request, "limit", default=20, low=1, high=DECISION_RING)
+        before = request.query_params.get("before")
+        if self.store is not None:
+            try:
+                data, more = await decision_summaries(await self._fresh_store(), limit=limit, before=before)
+            except ValueError as error:
+                raise errors.GatewayError(400, f"before: {error}", param="before", code="invalid_value") from None
+        else:
+            decisions = list(self.decisions)
+            decisions.reverse()
+            if before is not None:
+                at = next((i for i, d in enumerate(decisions) if d.id == before), None)
+                if at is None:
+                    raise errors.GatewayError(400, f"before: no decision {before!r}", param="before", code="invalid_value")
+                decisions = decisions[at + 1 :]
+            more = len(decisions) > limit
+            data = [decision_summary(_brief(d), _outcome(self.outcomes.get(d.id))) for d in decisions[:limit]]
+        page = {"object": "list", "data": data, "has_more": more}
+        page["first_id"], page["last_id"] = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+        return json_response(page)
+
+    async def decision(self, request: Request) -> Any:
+        """One decision whole: every candidate with its scores, every exclusion with its reason."""
+        decision_id = request.path_params["decision_id"]
+        if self.store is not None:
+            from ..store.queries import get_decision
+
+            found = await get_decision(await self._fresh_store(), decision_id)
+        else:
+            found = next((d.to_dict() for d in self.decisions if d.id == decision_id), None)
+        if found is None:
+            raise errors.GatewayError(404, f"no decision {decision_id!r}", code="decision_not_found")
+        return json_response(found)
 
     async def events(self, request: Request) -> Any:
         kinds = request.query_params.get("kinds")
@@ -457,6 +501,7 @@ class Gateway:
             "/api/v2/sessions/{session_id}/requests": {"GET": self.session_requests},
             "/api/v2/sessions/{session_id}/messages": {"GET": self.session_messages},
             "/api/v2/decisions": {"GET": self.recent_decisions},
+            "/api/v2/decisions/{decision_id}": {"GET": self.decision},
             "/api/v2/events": {"GET": self.events},
             "/health": {"GET": self.health},
             "/metrics": {"GET": self.prometheus},
@@ -471,7 +516,36 @@ class Gateway:
         )
         chat = guarded(self.chat)
         direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
-        return _Front(starlette, self.auth, direct)
+        return _Front(starlette, self.auth, direct, on_rejected=self._rejected)
+
+    def _rejected(self, scope: Scope, status: int) -> None:
+        reason, message = scope.get("p402.refusal") or (None, "")
+        self.bus.publish(
+            RequestRejected(
+                status=status, reason=reason or f"http_{status}", method=scope["method"], path=scope["path"],
+                message=message, request_id=scope.get("p402.request_id"),
+            )
+        )  # fmt: skip
+
+
+def _brief(decision: Any) -> dict[str, Any]:
+    """A decision's columns as the store indexes them (only a gateway without a store reads these)."""
+    chosen = decision.chosen_id
+    return {
+        "id": decision.id, "ts": decision.ts, "mode": decision.mode, "chosen": chosen,
+        "est_cost_usd": None if chosen is None else decision.est_cost_usd,
+        "candidates": len(decision.candidates), "excluded": len(decision.excluded),
+    }  # fmt: skip
+
+
+def _outcome(record: Any) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    return {
+        "id": record.id, "provider": record.provider, "model": record.model, "cost_usd": record.cost_usd,
+        "latency_ms": record.latency_ms, "status": record.status, "error_kind": record.error_kind,
+        "session_id": record.session_id,
+    }  # fmt: skip
 
 
 def _model_object(model_id: str, owned_by: str, created: int) -> dict[str, Any]:
@@ -502,10 +576,17 @@ class _Front:
 
     OPEN_PATHS = frozenset({"/health"})
 
-    def __init__(self, app: ASGIApp, auth: GatewayAuth, direct: dict[tuple[str, str], Handler] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: GatewayAuth,
+        direct: dict[tuple[str, str], Handler] | None = None,
+        on_rejected: Callable[[Scope, int], None] | None = None,
+    ) -> None:
         self.app = app
         self.auth = auth
         self.direct = direct or {}
+        self.on_rejected = on_rejected  # told of every 4xx answer, as it starts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -515,13 +596,20 @@ class _Front:
             try:
                 scope["p402.api_key_id"] = await self.auth.check(scope)
             except errors.GatewayError as error:
+                refused(scope, error.code, error.message)
+                if self.on_rejected is not None:
+                    self.on_rejected(scope, error.status)
                 await errors.from_gateway_error(error)(scope, receive, send)
                 return
         started = False
 
         async def watched_send(message: Any) -> None:
             nonlocal started
-            started = True
+            if not started:
+                started = True
+                status = message.get("status", 200)
+                if 400 <= status < 500 and self.on_rejected is not None:
+                    self.on_rejected(scope, status)
             await send(message)
 
         try:
@@ -544,8 +632,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
+        refused(request.scope, "method_not_allowed", message)
         return errors.error_response(405, message, code="method_not_allowed", headers=exc.headers)  # Allow
     if exc.status_code == 404:
+        refused(request.scope, "not_found", f"no such endpoint: {request.url.path}")
         return errors.error_response(404, f"no such endpoint: {request.url.path}", code="not_found")
     return errors.error_response(exc.status_code, str(exc.detail))
 

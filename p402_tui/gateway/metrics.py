@@ -1,6 +1,6 @@
 """Prometheus metrics, counted from the event bus.
 
-A bus listener counts each `RequestCompleted` event as it is published, so
+Bus listeners count each `RequestCompleted` and `RequestRejected` event as it is published, so
 requests made by the console or the CLI in the same process count too. Counting
 is a few dictionary updates: cheaper inline than a queue and a task woken per
 request. `render()` writes the text exposition format (version 0.0.4).
@@ -52,12 +52,17 @@ class Metrics:
         self.tokens: dict[Labels, float] = defaultdict(float)
         self.cost: dict[Labels, float] = defaultdict(float)
         self.cache_hits: dict[Labels, float] = defaultdict(float)
+        self.rejected: dict[Labels, float] = defaultdict(float)
         self.latency: dict[Labels, Histogram] = {}
         self.ttft: dict[Labels, Histogram] = {}
 
     def count(self, event: Event) -> None:
         """A bus listener for `RequestCompleted`."""
         self.observe(event.record)  # type: ignore[attr-defined]
+
+    def count_rejected(self, event: Event) -> None:
+        """A bus listener for `RequestRejected`: the gateway's 4xx answers, by status and error code."""
+        self.rejected[(("status", str(event.status)), ("reason", event.reason))] += 1  # type: ignore[attr-defined]
 
     def observe(self, record: RequestRecord) -> None:
         where = (("provider", record.provider or ""), ("model", record.model or ""))
@@ -90,6 +95,7 @@ class Metrics:
         _counter(out, "p402_tokens_total", "Tokens reported by providers.", self.tokens)
         _counter(out, "p402_cost_usd_total", "Spend in US dollars.", self.cost)
         _counter(out, "p402_cache_hits_total", "Requests answered from the cache.", self.cache_hits)
+        _counter(out, "p402_rejected_total", "Requests the gateway refused with a 4xx, by status and reason.", self.rejected)
         _histogram(out, "p402_request_latency_seconds", "Time to the whole answer.", self.latency)
         _histogram(out, "p402_ttft_seconds", "Time to the first token of streamed answers.", self.ttft)
         return "\n".join(out) + "\n"

@@ -50,6 +50,17 @@ def _list_of(schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _page_of(schema: dict[str, Any]) -> dict[str, Any]:
+    page = _list_of(schema)
+    page["required"] = ["object", "data", "has_more"]
+    page["properties"] |= {
+        "has_more": {"type": "boolean"},
+        "first_id": {"type": ["string", "null"]},
+        "last_id": {"type": ["string", "null"]},
+    }
+    return page
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Invalid body or parameter; no eligible model",
@@ -309,6 +320,22 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "attempts": {"type": "array", "items": {"type": "object"}},
                 },
             },
+            "DecisionSummary": {
+                "type": "object",
+                "description": "A routing decision in brief, and how its request went once it finished",
+                "properties": {
+                    "id": {"type": "string"},
+                    "ts": {"type": "number"},
+                    "mode": {"type": "string"},
+                    "chosen": {"type": ["string", "null"], "description": "provider/model the router chose"},
+                    "model": {"type": ["string", "null"], "description": "provider/model that answered (a failover differs)"},
+                    "status": {"enum": ["ok", "error", "pending", "no_model"]},
+                    **{name: {"type": ["string", "null"]} for name in ("error_kind", "request_id", "session_id")},
+                    **{name: {"type": ["number", "null"]} for name in ("est_cost_usd", "cost_usd", "latency_ms")},
+                    "candidates": {"type": "integer", "description": "eligible models ranked"},
+                    "excluded": {"type": "integer", "description": "models excluded, each with a reason in the detail"},
+                },
+            },
             "SessionMessage": {
                 "type": "object",
                 "properties": {
@@ -420,17 +447,29 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         ),
         "/api/v2/decisions": {
             "get": {
-                "summary": "Recent router decisions with candidates and scores, newest first",
-                "parameters": [_limit(50, DECISION_RING)],
-                "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401)},
+                "summary": "Recent router decisions in brief, newest first, a page at a time",
+                "description": "`before` (the `last_id` of a page) gives the next page; one decision whole is "
+                "`/api/v2/decisions/{decision_id}`.",
+                "parameters": [
+                    _limit(20, DECISION_RING),
+                    {"name": "before", "in": "query", "schema": {"type": "string"}, "description": "a decision id"},
+                ],
+                "responses": {"200": _json(_page_of(_ref("DecisionSummary"))), **_errors(400, 401)},
+            }
+        },
+        "/api/v2/decisions/{decision_id}": {
+            "get": {
+                "summary": "One router decision whole: every candidate with its scores, every exclusion with its reason",
+                "parameters": [{"name": "decision_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _json({"type": "object"}), **_errors(401, 404)},
             }
         },
         "/api/v2/events": {
             "get": {
                 "summary": "Live events as server-sent events (`event: <kind>`, `data: <json>`)",
                 "description": (
-                    "Kinds: route_decided, attempt_failed, request_completed, health_changed, spend_updated, "
-                    "cache_hit. Comment lines are heartbeats. `kinds=a,b` filters; an unknown kind is a 400."
+                    f"Kinds: {', '.join(EVENT_KINDS)}. Comment lines are heartbeats. `kinds=a,b` filters; "
+                    "an unknown kind is a 400."
                 ),
                 "parameters": [{"name": "kinds", "in": "query", "schema": {"type": "string"}}],
                 "responses": {

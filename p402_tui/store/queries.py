@@ -169,6 +169,64 @@ async def recent_decisions(store: Store, *, limit: int = 100) -> list[dict[str, 
     return [decisions.decode(r["decision"], r["models"], r["vectors"]) for r in rows]
 
 
+# A request's ledger row is stamped when it starts, before it is routed (the cache is looked up
+# first), so its outcome is looked for this far before the decision: the time index, not a scan.
+OUTCOME_WINDOW_S = 300.0
+
+
+async def decision_summaries(store: Store, *, limit: int = 20, before: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+    """A page of decisions, newest first, each in a few hundred bytes: what was chosen and how it went,
+    the candidates and exclusions counted. `before` is the id of the page's last decision; with it
+    the next page follows. Returns the page and whether there is more. ValueError: `before` names no decision."""
+    where, params = "", []
+    if before is not None:
+        cursor = await store.fetchone("SELECT ts, id FROM router_decisions WHERE id = ?", (before,))
+        if cursor is None:
+            raise ValueError(f"no decision {before!r}")
+        where, params = "WHERE ts < ? OR (ts = ? AND id < ?)", [cursor["ts"], cursor["ts"], cursor["id"]]
+    rows = await store.fetchall(
+        f"SELECT id, ts, mode, chosen, est_cost_usd, candidates, excluded FROM router_decisions {where} "
+        "ORDER BY ts DESC, id DESC LIMIT ?",
+        (*params, limit + 1),
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    outcomes: dict[str, dict[str, Any]] = {}
+    if rows:
+        ids = [r["id"] for r in rows]
+        found = await store.fetchall(
+            "SELECT decision_id, id, provider, model, cost_usd, latency_ms, status, error_kind, session_id FROM requests "
+            f"WHERE ts >= ? AND ts <= ? AND decision_id IN ({', '.join('?' for _ in ids)})",
+            (min(r["ts"] for r in rows) - OUTCOME_WINDOW_S, max(r["ts"] for r in rows), *ids),
+        )
+        outcomes = {o["decision_id"]: o for o in found}
+    return [decision_summary(r, outcomes.get(r["id"])) for r in rows], more
+
+
+def decision_summary(decision: dict[str, Any], outcome: dict[str, Any] | None) -> dict[str, Any]:
+    """One decision in brief: its indexed columns and, once the request finished, its ledger row's outcome."""
+    if outcome is not None:
+        status = outcome["status"]
+    else:
+        status = "pending" if decision["chosen"] else "no_model"
+    return {
+        "id": decision["id"],
+        "ts": decision["ts"],
+        "mode": decision["mode"],
+        "chosen": decision["chosen"],
+        "model": f"{outcome['provider']}/{outcome['model']}" if outcome and outcome["provider"] else None,
+        "status": status,
+        "error_kind": outcome["error_kind"] if outcome else None,
+        "est_cost_usd": decision["est_cost_usd"],
+        "cost_usd": outcome["cost_usd"] if outcome else None,
+        "latency_ms": outcome["latency_ms"] if outcome else None,
+        "candidates": decision["candidates"],
+        "excluded": decision["excluded"],
+        "request_id": outcome["id"] if outcome else None,
+        "session_id": outcome["session_id"] if outcome else None,
+    }
+
+
 async def get_decision(store: Store, decision_id: str) -> dict[str, Any] | None:
     row = await store.fetchone(f"{_SELECT_DECISION} WHERE d.id = ?", (decision_id,))
     return decisions.decode(row["decision"], row["models"], row["vectors"]) if row else None

@@ -19,6 +19,7 @@ from typing import Any
 
 from textual import work
 from textual.app import App
+from textual.notifications import Notify, SeverityLevel
 from textual.binding import Binding
 from textual.reactive import reactive
 
@@ -64,7 +65,8 @@ class ConsoleApp(App):
         Binding("space", "toggle_pause", "Pause"),
         Binding("plus,equals_sign", "faster", "Faster", show=False),
         Binding("minus", "slower", "Slower", show=False),
-        Binding("t", "change_theme", "Theme", show=False),
+        # k9s habit: one key, the next theme; the palette's theme picker would keep the keys that follow.
+        Binding("t", "cycle_theme", "Theme", show=False),
     ]
 
     paused: reactive[bool] = reactive(False)
@@ -99,6 +101,8 @@ class ConsoleApp(App):
     # --- lifecycle -------------------------------------------------------------------
 
     def on_mount(self) -> None:
+        # A screen coming back shows the current message; the toasts it held of older ones leave holders.
+        self.screen_change_signal.subscribe(self, lambda screen: self.call_after_refresh(self._tidy_toasts, screen))
         self.switch_mode(self._initial_view)
         self.call_after_refresh(self._first_frame)
         self._mounted = True
@@ -127,8 +131,12 @@ class ConsoleApp(App):
     async def _feed(self) -> None:
         source = self.source
         assert source is not None
-        subscription = source.subscribe()
+        subscription = source.subscribe()  # first: nothing decided while the history is read goes missing
         try:
+            try:
+                self.state.backfill(await source.history())
+            except Exception as error:
+                self.notify(f"past decisions not read: {error}", severity="warning")
             events: list[Any] = []
             force = True  # read the store now, not only once traffic comes
             while True:
@@ -141,7 +149,7 @@ class ConsoleApp(App):
                         await asyncio.sleep(0)  # keys pressed while the batch gathered go first
                         self.show_state()
                 except Exception as error:
-                    self.notify(f"could not update: {error}", title="Live view", severity="error")
+                    self.notify(f"live view not updated: {error}", severity="error")
                     await asyncio.sleep(1.0)
                 try:
                     first = await asyncio.wait_for(subscription.get(), IDLE_POLL_S)
@@ -175,14 +183,16 @@ class ConsoleApp(App):
             if not self.paused and (self.state.sessions_rev, self.state.summary_rev) != revs:
                 self.show_state()  # with no traffic the live loop waits seconds before it next draws
         except Exception as error:
-            self.notify(f"could not read the store: {error}", title="Store", severity="error")
+            self.notify(f"could not read the store: {error}", severity="error")
         finally:
             self._store_busy = False
 
     def _show_notices(self) -> None:
-        for severity, message in self.state.notices[-5:]:
-            self.notify(message, title="Provider health", severity=severity)  # type: ignore[arg-type]
-        self.state.notices.clear()
+        notices = self.state.notices
+        if notices:
+            worst = next((s for s in ("error", "warning") if any(n[0] == s for n in notices)), "information")
+            self.notify("; ".join(message for _, message in notices[-3:]), severity=worst)  # type: ignore[arg-type]
+        notices.clear()
 
     def show_state(self) -> None:
         """Redraw the live parts of the screen on top."""
@@ -203,6 +213,38 @@ class ConsoleApp(App):
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 
+    def action_cycle_theme(self) -> None:
+        names = sorted(self.available_themes)
+        at = names.index(self.theme) if self.theme in names else -1
+        self.theme = names[(at + 1) % len(names)]
+        self.notify(f"theme {self.theme}", timeout=2)
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """One line in the message corner (top right, over the end of the status line), which the
+        newest message takes over: the title leads the text, since a second line or a stack of
+        toasts would cover the panes under them."""
+        text = " ".join((f"{title}: {message}" if title else message).split())
+        super().notify(text, severity=severity, timeout=timeout, markup=markup)
+
+    def on_notify(self, event: Notify) -> None:
+        self.clear_notifications()  # runs before App's own handler adds the new one
+        self._tidy_toasts(self.screen, every=True)
+
+    def _tidy_toasts(self, screen: Any, every: bool = False) -> None:
+        """Textual takes a replaced toast out but leaves its holder: a blank line in the one-line
+        message corner that would push the next toast out of sight."""
+        for holder in screen.query("ToastHolder"):
+            if every or not holder.children:
+                holder.remove()
+
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused
 
@@ -219,7 +261,7 @@ class ConsoleApp(App):
 
     def set_refresh_interval(self, seconds: float) -> None:
         self.refresh_interval = seconds
-        self.notify(f"refreshing every {seconds:g}s", title="Refresh interval", timeout=2)
+        self.notify(f"refreshing every {seconds:g}s", timeout=2)
 
     def watch_refresh_interval(self) -> None:
         self._status_changed()

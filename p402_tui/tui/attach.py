@@ -7,6 +7,9 @@ the orchestrator's in-process, so its panes work unchanged in both modes. The
 snapshots the panes poll (provider health, sessions, spend) come from the
 gateway's JSON endpoints, and chat goes through its `/v1/chat/completions`.
 
+The decisions made before the console attached come from `/api/v2/decisions` (in brief; one
+whole when opened), so the list is full from the first frame.
+
 The link reconnects by itself with a growing backoff and says how it is doing
 (`AttachClient.link`), which the header shows. Attached, the console only
 watches: it sends chat and compare prompts like any other client.
@@ -17,6 +20,7 @@ The client and the source are plain asyncio + httpx (no Textual), tested on thei
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import OrderedDict
@@ -35,6 +39,7 @@ from ..core.events import (
     EventBus,
     HealthChanged,
     RequestCompleted,
+    RequestRejected,
     RouteDecided,
     SpendUpdated,
     Subscription,
@@ -178,7 +183,9 @@ def _attempt(data: dict[str, Any]) -> Attempt:
 
 
 def _fields(cls: type[Event], data: dict[str, Any]) -> dict[str, Any]:
-    names = set(cls.__dataclass_fields__) - {"ts"}
+    # dataclasses.fields, not __dataclass_fields__: that holds `kind` (a ClassVar) too, and an
+    # event rebuilt with kind= raised, so it was dropped as unreadable.
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - {"ts"}
     return {k: v for k, v in data.items() if k in names}
 
 
@@ -189,7 +196,7 @@ def event_from_dict(kind: str, data: dict[str, Any]) -> Event | None:
         return RouteDecided(decision=decision_from_dict(data["decision"]), ts=ts)
     if kind == RequestCompleted.kind:
         return RequestCompleted(record=record_from_dict(data["record"]), ts=ts)
-    for cls in (AttemptFailed, HealthChanged, SpendUpdated, CacheHit):
+    for cls in (AttemptFailed, RequestRejected, HealthChanged, SpendUpdated, CacheHit):
         if kind == cls.kind:
             return cls(**_fields(cls, data), ts=ts)
     return None
@@ -403,8 +410,18 @@ class AttachClient:
                 return None
             raise
 
-    async def recent_decisions(self, limit: int = 50) -> list[dict[str, Any]]:
+    async def recent_decisions(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest decisions in brief (chosen model, outcome, cost, counts), newest first."""
         return (await self.get_json("/api/v2/decisions", limit=limit))["data"]
+
+    async def decision(self, decision_id: str) -> dict[str, Any] | None:
+        """One decision whole, with every candidate; None when the gateway no longer has it."""
+        try:
+            return await self.get_json(f"/api/v2/decisions/{decision_id}")
+        except GatewayError as error:
+            if error.status == 404:
+                return None
+            raise
 
     async def models(self) -> list[str]:
         """Catalog models, as the in-process link lists them: the router's own names (owned by p402) are not models."""
@@ -663,22 +680,30 @@ class RemoteSource:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.client.aclose()
 
+    async def refresh(self) -> None:
+        """Read the providers and their health now. GatewayError: the gateway refused or is out of reach."""
+        usable = [p for p in await self.client.providers() if p.get("usable")]
+        self._providers = [p["id"] for p in usable]
+        self._health = {p["id"]: p["health"] for p in usable if p.get("health")}
+
     async def _poll(self) -> None:
-        polled = 0.0
+        polled = time.monotonic()  # `open_remote` has just read them
         while True:
             if self.client.link.state == "down":
                 self._changed()  # the countdown to the next retry
             elif time.monotonic() - polled >= self.poll_s:
                 polled = time.monotonic()
                 try:
-                    providers = await self.client.providers()
+                    await self.refresh()
                 except GatewayError:
                     pass  # the event stream's own retry says the link is down
-                else:
-                    usable = [p for p in providers if p.get("usable")]
-                    self._providers = [p["id"] for p in usable]
-                    self._health = {p["id"]: p["health"] for p in usable if p.get("health")}
             await asyncio.sleep(1.0)
+
+    async def history(self) -> list[dict[str, Any]]:
+        """The decisions the gateway made before the console attached, in brief, newest first."""
+        from .source import HISTORY
+
+        return await self.client.recent_decisions(limit=HISTORY)
 
     def subscribe(self) -> Subscription:
         from .source import SUBSCRIPTION_SIZE
@@ -731,10 +756,7 @@ class RemoteSource:
         known = self.client.decisions.get(decision_id)
         if known is not None:
             return known.to_dict()
-        for data in await self.client.recent_decisions(limit=RECENT_DECISIONS):
-            if data.get("id") == decision_id:
-                return data
-        return None
+        return await self.client.decision(decision_id)
 
 
 @asynccontextmanager
@@ -744,7 +766,7 @@ async def open_remote(url: str, key: str | None, on_change: Callable[[], None] |
     source = RemoteSource(AttachClient(url, key))
     source.on_change = on_change
     try:
-        await source.client.providers()
+        await source.refresh()  # health is on screen from the first frame the source feeds
     except GatewayError as error:
         if error.status in (401, 403):
             await source.aclose()

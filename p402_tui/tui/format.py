@@ -74,3 +74,30 @@ def sparkline(values: Sequence[float], width: int = 12) -> str:
 
 def short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def short_id(text: str, width: int) -> str:
+    """A model id cut in the middle, where ids differ least: the provider and the model's own name stay.
+
+    `fireworks/accounts/fireworks/models/llama-v3p1-8b-instruct` in 34 columns is
+    `fireworks/…/llama-v3p1-8b-instruct`: whole path segments are dropped while they must
+    be, and only a name too long for what is left loses characters from its own middle.
+    """
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return text[:width]
+    head, sep, rest = text.partition("/")
+    if sep and len(head) + 3 < width:
+        parts = rest.split("/")
+        for at in range(1, len(parts)):
+            tail = "/".join(parts[at:])
+            if len(head) + 3 + len(tail) <= width:
+                return f"{head}/…/{tail}"
+        name, dropped = parts[-1], "…/" if len(parts) > 1 else ""
+        keep = width - len(head) - len(dropped) - 2
+        if keep >= 6:  # the provider, then the name's start and (more of) its end: sizes and versions
+            front = keep * 2 // 5
+            return f"{head}/{dropped}{name[:front]}…{name[len(name) - (keep - front):]}"
+    front = (width - 1) // 2
+    return text[:front] + "…" + text[len(text) - (width - 1 - front):]

@@ -16,6 +16,7 @@ from .state import CacheInfo, SpendSummary
 
 # Big enough to hold a couple of seconds at 500 events/s between two drains.
 SUBSCRIPTION_SIZE = 20_000
+HISTORY = 200  # past decisions read at start: as many as the decisions pane shows
 
 
 class ConsoleSource(Protocol):
@@ -37,6 +38,9 @@ class ConsoleSource(Protocol):
         """{"session": {...}, "requests": [...], "messages": [...]}"""
 
     async def decision(self, decision_id: str) -> dict[str, Any] | None: ...
+
+    async def history(self) -> list[dict[str, Any]]:
+        """Decisions made before the console started, in brief, newest first (as /api/v2/decisions gives them)."""
 
 
 class LocalSource:
@@ -111,3 +115,10 @@ class LocalSource:
         from ..store.queries import get_decision
 
         return await get_decision(self.store, decision_id)
+
+    async def history(self) -> list[dict[str, Any]]:
+        if self.store is None:
+            return []
+        from ..store.queries import decision_summaries
+
+        return (await decision_summaries(self.store, limit=HISTORY))[0]

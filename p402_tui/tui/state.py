@@ -30,7 +30,7 @@ class DecisionRow:
     latency_ms: float | None = None
     ttft_ms: float | None = None
     attempts: int = 0
-    status: str = "routing"  # routing | retrying | ok | error | cached
+    status: str = "routing"  # routing | retrying | ok | error | cached | refused (a 4xx from the gateway)
     provider: str | None = None
     model: str | None = None  # where the answer finally came from
     session_id: str | None = None
@@ -281,6 +281,21 @@ class ConsoleState:
         if self.summary.since_start:
             self._summarise_own()
 
+    def _request_rejected(self, event: Any) -> None:
+        why = f"{event.status} {event.reason}"
+        if event.request_id is not None:  # the orchestrator's RequestCompleted came first and was counted
+            row = self.row_for_request(event.request_id)
+            if row is not None:
+                row.status, row.error = "refused", row.error or why
+                self._bump(row)
+            return
+        key = f"rejected-{self.seen}"
+        row = DecisionRow(key=key, ts=event.ts, mode="-", chosen=why, candidates=0, est_cost=None,
+                          status="refused", error=event.message or why)
+        self.decisions[key] = row
+        self._bump(row)
+        self.throughput.add(event.ts, True)
+
     def _health_changed(self, event: Any) -> None:
         if event.status == event.previous:
             return
@@ -296,6 +311,46 @@ class ConsoleState:
         self.health_rev += 1
 
     # --- snapshots from the source ----------------------------------------------------
+
+    def backfill(self, summaries: Iterable[dict[str, Any]]) -> None:
+        """Decisions made before this console looked (in brief, newest first, as `/api/v2/decisions`
+        gives them), put behind those it has seen since."""
+        older: OrderedDict[str, DecisionRow] = OrderedDict()
+        for brief in reversed(list(summaries)):
+            key = brief["id"]
+            if key in self.decisions:
+                continue
+            provider, _, model = (brief.get("model") or "").partition("/")
+            row = DecisionRow(
+                key=key,
+                ts=brief["ts"],
+                mode=brief.get("mode") or "-",
+                chosen=brief.get("chosen") or "-",
+                candidates=brief.get("candidates") or 0,
+                est_cost=brief.get("est_cost_usd"),
+                cost=brief.get("cost_usd"),
+                latency_ms=brief.get("latency_ms"),
+                attempts=1 if provider else 0,
+                status={"pending": "routing", "no_model": "error"}.get(brief.get("status") or "", brief.get("status") or "-"),
+                provider=provider or None,
+                model=model or None,
+                session_id=brief.get("session_id"),
+                request_id=brief.get("request_id"),
+                error=brief.get("error_kind"),
+            )
+            self._bump(row)
+            older[key] = row
+            if row.request_id:
+                self._request_rows[row.request_id] = key
+            if provider and row.cost:
+                self.spend.add(row.ts, provider, row.cost)
+        if older:
+            older.update(self.decisions)
+            self.decisions = older
+            while len(self.decisions) > self.max_decisions:
+                _, row = self.decisions.popitem(last=False)
+                if row.request_id:
+                    self._request_rows.pop(row.request_id, None)
 
     def set_health(self, snapshot: dict[str, dict[str, Any]]) -> None:
         if snapshot != self.health:
@@ -342,5 +397,6 @@ _HANDLERS = {
     "route_decided": ConsoleState._route_decided,
     "attempt_failed": ConsoleState._attempt_failed,
     "request_completed": ConsoleState._request_completed,
+    "request_rejected": ConsoleState._request_rejected,
     "health_changed": ConsoleState._health_changed,
 }

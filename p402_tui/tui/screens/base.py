@@ -14,6 +14,10 @@ from ..widgets.table import LiveTable, Row
 class PaneScreen(Screen):
     """Subclasses draw their panes in `redraw`, which runs again after a theme change."""
 
+    # Escape's own bindings decide: a kept filter goes first, then the zoom (Textual would
+    # otherwise take escape for the zoom before any binding sees it).
+    ESCAPE_TO_MINIMIZE = False
+
     BINDINGS = [
         Binding("slash", "filter", "Filter", key_display="/"),
         Binding("s", "sort", "Sort"),

@@ -497,7 +497,7 @@ class LinkedScreen(Screen):
             models = await link.models()
         except Exception as error:
             self._models_loaded = False
-            self.notify(f"could not list models: {error}", title=self.VIEW, severity="error")
+            self.notify(f"could not list models: {error}", severity="error")
             return
         self.show_model_list(link, models)
 
@@ -643,7 +643,7 @@ class ChatScreen(LinkedScreen):
             return
         link = self.link
         if link is None:
-            self.notify("the console is not connected yet", title="Chat", severity="warning")
+            self.notify("the console is not connected yet", severity="warning")
             return
         event.input.value = ""
         images, self.attachments = self.attachments, []
@@ -688,7 +688,7 @@ class ChatScreen(LinkedScreen):
         except Exception as error:  # an error is a notice and a red answer, never a crash
             reason = getattr(error, "message", None) or str(error) or type(error).__name__
             answer.fail(reason)
-            self.notify(reason, title="Chat", severity="error")
+            self.notify(reason, severity="error")
             if not outcome.parts and history and history[-1].role == "user":
                 history.pop()  # nothing came back: the question is not part of the conversation
         finally:
@@ -700,15 +700,15 @@ class ChatScreen(LinkedScreen):
         note = "stopped" if outcome.stopped else ("broken: " + outcome.error if outcome.error else None)
         answer.show(route_text(stream, mode), figures, note)
         if outcome.error:
-            self.notify(f"the answer broke off: {outcome.error}", title="Chat", severity="error")
+            self.notify(f"the answer broke off: {outcome.error}", severity="error")
         if outcome.stopped:
-            self.notify("stopped; the upstream call was cancelled", title="Chat", timeout=3)
+            self.notify("stopped; the upstream call was cancelled", timeout=3)
 
     def _session_changed(self) -> None:
         self.query_one("#chat-session", Static).update(self.session.describe())
         if self.session.persistent is False and not self._said_in_memory:
             self._said_in_memory = True
-            self.notify("no store: this conversation is kept in memory only", title="Chat", severity="warning")
+            self.notify("no store: this conversation is kept in memory only", severity="warning")
 
     def action_stop(self) -> None:
         if not self.streaming:

@@ -253,11 +253,11 @@ class CompareScreen(LinkedScreen):
             self.notify("a comparison is still running: escape stops it", severity="warning", timeout=3)
             return
         if not MIN_MODELS <= len(self.chosen) <= MAX_MODELS:
-            self.notify(f"choose {MIN_MODELS} to {MAX_MODELS} models first (f2)", title="Compare", severity="warning")
+            self.notify(f"choose {MIN_MODELS} to {MAX_MODELS} models first (f2)", severity="warning")
             return
         link = self.link
         if link is None:
-            self.notify("the console is not connected yet", title="Compare", severity="warning")
+            self.notify("the console is not connected yet", severity="warning")
             return
         self.running = True
         self._run(link, prompt, list(self.chosen))
@@ -281,7 +281,7 @@ class CompareScreen(LinkedScreen):
             raise
         except Exception as error:
             reason = getattr(error, "message", None) or str(error) or type(error).__name__
-            self.notify(reason, title="Compare", severity="error")
+            self.notify(reason, severity="error")
         else:
             self._record(prompt, columns, stopped=False)
             area.focus()
@@ -321,7 +321,7 @@ class CompareScreen(LinkedScreen):
     def _say_where_kept(self) -> None:
         if self.session.persistent is False and not self._said_in_memory:
             self._said_in_memory = True
-            self.notify("no store: comparisons and winners are kept in memory only", title="Compare",
+            self.notify("no store: comparisons and winners are kept in memory only",
                         severity="warning")
 
     def action_stop(self) -> None:
@@ -360,11 +360,11 @@ class CompareScreen(LinkedScreen):
             if link is not None:
                 await self.session.update(link, comparisons=self.comparisons)
         except Exception as error:
-            self.notify(f"the comparison was not saved: {error}", title="Compare", severity="error")
+            self.notify(f"the comparison was not saved: {error}", severity="error")
             return
         if winner is not None:
             where = f"session {self.session.session_id}" if self.session.session_id else "memory (no store)"
-            self.notify(f"winner: {winner}; kept in {where}", title="Compare", timeout=3)
+            self.notify(f"winner: {winner}; kept in {where}", timeout=3)
 
     async def action_new_session(self) -> None:
         if self.running:

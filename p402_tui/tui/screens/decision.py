@@ -19,7 +19,7 @@ from .base import PaneScreen
 
 CANDIDATE_COLUMNS = (
     Column("rank", "#", 3),
-    Column("model", "Model", 44),
+    Column("model", "Model", 30, flex=True),
     Column("tier", "Tier", 7),
     Column("score", "Score", 6),
     Column("cost", "Cost", 6),
@@ -29,10 +29,10 @@ CANDIDATE_COLUMNS = (
     Column("est", "Est cost", 10),
     Column("latency", "Est latency", 11),
 )
-EXCLUDED_COLUMNS = (Column("model", "Model", 29), Column("reason", "Reason", 27))
+EXCLUDED_COLUMNS = (Column("model", "Model", 29, flex=True), Column("reason", "Reason", 27))
 ATTEMPT_COLUMNS = (
     Column("n", "#", 2),
-    Column("model", "Model", 24),
+    Column("model", "Model", 24, flex=True),
     Column("result", "Result", 6),
     Column("kind", "Error kind", 12),
     Column("error", "Error", 29),
@@ -59,7 +59,7 @@ def candidate_rows(decision: dict[str, Any], colors: Palette, served_by: str | N
             label, style = f"  {model_id}", ""
         cells = [
             num(str(rank), rank),
-            Cell(label, model_id, style=style),
+            Cell(label, model_id, style=style, middle=True),
             Cell(candidate.get("tier") or "-"),
             _score(candidate.get("score")),
             _score(components.get("cost")),
@@ -75,7 +75,7 @@ def candidate_rows(decision: dict[str, Any], colors: Palette, served_by: str | N
 
 def excluded_rows(decision: dict[str, Any]) -> list[Row]:
     return [
-        Row(item["id"], 0, lambda item=item: [Cell(item["id"]), Cell(item.get("reason") or "-")])
+        Row(item["id"], 0, lambda item=item: [Cell(item["id"], middle=True), Cell(item.get("reason") or "-")])
         for item in decision.get("excluded") or []
     ]
 
@@ -107,7 +107,7 @@ def attempt_rows(attempts: list[dict[str, Any]], colors: Palette) -> list[Row]:
         model = f"{attempt['provider']}/{attempt['model']}"
         cells = [
             num(str(n), n),
-            Cell(model),
+            Cell(model, middle=True),
             Cell("failed" if failed else "ok", style=colors.status("error" if failed else "ok")),
             Cell(attempt.get("error_kind") or "-"),
             Cell(attempt.get("error") or "-"),
@@ -156,7 +156,8 @@ def summary_text(row: DecisionRow, decision: dict[str, Any] | None, colors: Pale
             text.append("  ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items()))
     else:
         text.append("\nno routing decision: ", style="dim")
-        text.append("answered from the cache" if row.status == "cached" else "the request failed before routing")
+        text.append({"cached": "answered from the cache", "refused": "refused by the gateway"}.get(
+            row.status, "the request failed before routing"))
     if row.error:
         text.append("\nerror ", style="dim")
         text.append(row.error, style=colors.error)
@@ -197,7 +198,7 @@ class DecisionScreen(PaneScreen):
     def on_mount(self) -> None:
         super().on_mount()
         self.query_one("#decision-title", Static).update(Text(" Decision ", style="bold reverse"))
-        if self.decision is None and self.row.decision is None and self.row.status not in ("cached",):
+        if self.decision is None and self.row.decision is None and self.row.status not in ("cached", "refused"):
             self._load()
         self.show_decision()
         self.query_one("#candidates", Pane).focus_body()

@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.containers import Grid
 from textual.widgets import Footer, Static
 
-from ..format import bar, clock, ms, short, stamp, usd
+from ..format import bar, clock, ms, stamp, usd
 from ..widgets.palette import Palette, palette_of
 from ..widgets.pane import Pane
 from ..widgets.sessions import budget_fraction
@@ -20,7 +20,7 @@ from .base import PaneScreen
 REQUEST_COLUMNS = (
     Column("time", "Time", 8),
     Column("mode", "Mode", 8),
-    Column("model", "Model", 30),
+    Column("model", "Model", 24, flex=True),
     Column("tokens", "Tokens", 7),
     Column("cost", "Cost", 9),
     Column("latency", "Latency", 7),
@@ -43,7 +43,7 @@ def request_rows(requests: list[dict[str, Any]], colors: Palette) -> list[Row]:
         cells = [
             Cell(clock(request["ts"]), request["ts"]),
             Cell(request.get("mode") or "-"),
-            Cell(short(model, 30), model),
+            Cell(model, middle=True),
             num(f"{tokens:,}", tokens),
             num(usd(request.get("cost_usd")), request.get("cost_usd")),
             num(ms(request.get("latency_ms")), request.get("latency_ms")),
@@ -150,8 +150,8 @@ class SessionScreen(PaneScreen):
     def show_session(self) -> None:
         colors = palette_of(self.app)
         self.query_one("#session-summary", Static).update(session_summary(self.session, colors))
-        total = self.session.get("requests") or 0  # the sources send the latest requests only
-        self.query_one("#requests", Pane).note = f"latest {len(self.requests)} of {total:,}" if len(self.requests) < total else ""
+        # The sources send the latest requests only; the title counts them against all there are.
+        self.query_one("#requests", Pane).whole = self.session.get("requests") or 0
         self.fill("requests", request_rows(self.requests, colors))
         self.fill("messages", message_rows(self.messages))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..format import clock, ms, short, usd
+from ..format import clock, ms, usd
 from ..state import ConsoleState, DecisionRow
 from .palette import Palette
 from .table import Cell, Column, DrillTable, Row, num
@@ -10,7 +10,7 @@ from .table import Cell, Column, DrillTable, Row, num
 COLUMNS = (
     Column("time", "Time", 8),
     Column("mode", "Mode", 8),
-    Column("model", "Chosen model", 25),
+    Column("model", "Chosen model", 16, flex=True),
     Column("cands", "Cand", 4),
     Column("est", "Est", 9),
     Column("cost", "Cost", 9),
@@ -31,8 +31,8 @@ def decision_cells(row: DecisionRow, colors: Palette) -> list[Cell]:
     return [
         Cell(clock(row.ts), (row.ts, row.key)),
         Cell(row.mode),
-        Cell(short(served, 25), served, style=colors.warning if rerouted else ""),
-        num(str(row.candidates) if row.decision is not None else "-", row.candidates),
+        Cell(served, style=colors.warning if rerouted else "", middle=True),
+        num(str(row.candidates) if row.decision is not None or row.candidates else "-", row.candidates),
         num(usd(row.est_cost), row.est_cost),
         num(usd(row.cost), row.cost),
         num(ms(row.latency_ms), row.latency_ms),

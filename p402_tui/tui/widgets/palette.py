@@ -27,6 +27,7 @@ class Palette:
             "cached": self.accent,
             "active": self.ok,
             "error": f"bold {self.error}",
+            "refused": self.error,
             "down": f"bold {self.error}",
             "open": f"bold {self.error}",
             "retrying": self.warning,

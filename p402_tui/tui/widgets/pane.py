@@ -31,13 +31,15 @@ class Pane(Vertical):
     """One dashboard pane. `body` is its table or chart; `z` maximises it, `/` filters it."""
 
     ALLOW_MAXIMIZE = True
+    # Only while a filter is kept; otherwise escape goes on to the screen (restore, back).
+    BINDINGS = [Binding("escape", "clear_filter", "Clear filter")]
 
     def __init__(self, title: str, body: Widget, *, id: str) -> None:
         super().__init__(id=id, classes="pane")
         self.title = title
         self.body = body
         self.border_title = title
-        self.note = ""  # what the rows are, when not all there is (latest 200 of 330)
+        self.whole = 0  # how many rows there are in all, when the source sent only some (a session's requests)
 
     def compose(self) -> ComposeResult:
         yield self.body
@@ -73,6 +75,21 @@ class Pane(Vertical):
         bar.focus()
         return True
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "clear_filter":
+            return self.table is not None and bool(self.table.row_filter)
+        return True
+
+    def action_clear_filter(self) -> None:
+        bar = self.filter_bar
+        if bar is not None:
+            bar.value = ""
+            bar.display = False
+        if self.table is not None:
+            self.table.set_filter("")
+            self.update_title()
+        self.refresh_bindings()
+
     def close_filter(self) -> None:
         bar = self.filter_bar
         if bar is None:
@@ -87,6 +104,7 @@ class Pane(Vertical):
         if self.table is not None:
             self.table.set_filter(event.value)
             self.update_title()
+            self.refresh_bindings()
 
     @on(Input.Submitted, ".filter-bar")
     def _filter_submitted(self, event: Input.Submitted) -> None:
@@ -102,12 +120,12 @@ class Pane(Vertical):
             count = f"{matched}" if matched == total else f"{matched}/{total}"  # n/m: the filter's doing
             if table.row_count < matched:  # the cap's: only the first rows in the sort order are drawn
                 count = f"first {table.row_count} of {count}"
+            elif self.whole > total:  # the source's cap, said the same way
+                count = f"first {total} of {self.whole}" if matched == total else f"{matched}/first {total} of {self.whole}"
             parts.append(count)
             if table.row_filter:
                 parts.append(f"/{table.row_filter.text}")
             parts.append(f"sort {table.sort_label()}")
-        if self.note:
-            parts.append(self.note)
         if extra:
             parts.append(extra)
         title = " · ".join(parts)

@@ -14,7 +14,7 @@ from textual.containers import Horizontal
 from textual.widget import Widget
 from textual.widgets import Static
 
-from ..format import short, usd
+from ..format import short, short_id, usd
 from ..state import CacheInfo, SpendSeries, SpendSummary
 from .palette import Palette
 
@@ -140,7 +140,7 @@ def summary_text(summary: SpendSummary, colors: Palette, legend: list[tuple[str,
     if summary.top_models:
         text.append("top models\n" if summary.since_start else "top models · 30 days\n", style="bold")
         for model, cost, _requests in summary.top_models[:3]:
-            text.append(f"{short(model, 17):<17}", style="dim")
+            text.append(f"{short_id(model, 17):<17}", style="dim")
             text.append(f"{usd(cost):>11}\n")
     text.rstrip()
     return text

@@ -35,13 +35,21 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from ..format import short_id
+
 
 class Cell(Text):
-    """Text that also carries the value it sorts by (the number behind "$0.0012", say)."""
+    """Text that also carries the value it sorts by (the number behind "$0.0012", say).
 
-    def __init__(self, text: str, sort: Any = None, style: str = "", justify: str | None = None) -> None:
+    `middle`: too long for its column, it loses its middle rather than its end (model ids).
+    """
+
+    def __init__(
+        self, text: str, sort: Any = None, style: str = "", justify: str | None = None, *, middle: bool = False
+    ) -> None:
         super().__init__(text, style=style, justify=justify, no_wrap=True, overflow="ellipsis")  # type: ignore[arg-type]
         self.sort_value = text.lower() if sort is None else sort
+        self.middle = middle
 
     def same(self, other: "Cell") -> bool:
         return self.plain == other.plain and str(self.style) == str(other.style)
@@ -54,9 +62,12 @@ def num(text: str, value: float | None, style: str = "") -> Cell:
 
 @dataclass(frozen=True, slots=True)
 class Column:
+    """`flex`: the column takes the room the others leave, as much as its longest cell needs (`width` at the least)."""
+
     key: str
     label: str
     width: int
+    flex: bool = False
 
 
 @dataclass(slots=True)
@@ -109,8 +120,10 @@ def _style(text: str) -> Style:
     return Style.parse(text) if text else Style()
 
 
-def _fit(text: str, width: int, justify: str | None) -> str:
+def _fit(text: str, width: int, justify: str | None, middle: bool = False) -> str:
     if len(text) > width:
+        if middle:
+            return short_id(text, width)
         return text[: max(width - 1, 0)] + "…" if width else ""
     return text.rjust(width) if justify == "right" else text.ljust(width)
 
@@ -193,7 +206,10 @@ class LiveTable(ScrollView, can_focus=True):
         self._lines: dict[tuple[Any, ...], Strip] = {}
         self._header: Strip | None = None
         self._base: Style | None = None  # the widget's own style, read once per style change (it is not cheap)
-        self._width = sum(c.width + 2 for c in self.spec)
+        self._widths = [c.width for c in self.spec]  # as drawn: flex columns grow with the table
+        self._flex = [i for i, c in enumerate(self.spec) if c.flex]
+        self._longest: list[int] = [0] * len(self.spec)  # the widest cell shown, per flex column
+        self._width = sum(w + 2 for w in self._widths)
 
     # --- the public knobs ------------------------------------------------------
 
@@ -281,6 +297,13 @@ class LiveTable(ScrollView, can_focus=True):
             keys = keys[: self.max_rows]
         if keys == self._shown and not changed:
             return
+        if self._flex:
+            longest = list(self._longest)
+            for i in self._flex:
+                longest[i] = max((len(fresh[k][1][i].plain) for k in keys), default=0)
+            if longest != self._longest:
+                self._longest = longest
+                self._fit_columns()
         anchor = self.highlighted_key if self.cursor_row > 0 else None  # at the top: follow the newest
         self._shown = keys
         if len(self._lines) > 4 * max(len(keys), 100):
@@ -295,6 +318,27 @@ class LiveTable(ScrollView, can_focus=True):
         self.refresh()
 
     # --- drawing ---------------------------------------------------------------------
+
+    def on_resize(self) -> None:
+        self._fit_columns()
+
+    def _fit_columns(self) -> None:
+        """Give the flex columns the room the fixed ones leave (the vertical scrollbar's kept free)."""
+        flex = self._flex
+        if not flex:
+            return
+        room = self.size.width - self.styles.scrollbar_size_vertical - sum(c.width + 2 for c in self.spec)
+        share, extra = divmod(max(room, 0), len(flex))
+        widths = [c.width for c in self.spec]
+        for n, i in enumerate(flex):
+            widths[i] = min(widths[i] + share + (1 if n < extra else 0), max(widths[i], self._longest[i]))
+        if widths != self._widths:
+            self._widths = widths
+            self._width = sum(w + 2 for w in widths)
+            self._lines.clear()
+            self._header = None
+            self.virtual_size = Size(self._width, len(self._shown) + 1)
+            self.refresh()
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
@@ -326,20 +370,20 @@ class LiveTable(ScrollView, can_focus=True):
 
     def _row_line(self, cells: Sequence[Cell], base: Style, cursor: bool) -> Strip:
         segments = []
-        for column, cell in zip(self.spec, cells):
+        for width, cell in zip(self._widths, cells):
             style = base if cursor else base + _style(str(cell.style))
-            segments.append(Segment(" " + _fit(cell.plain, column.width, cell.justify) + " ", style))
+            segments.append(Segment(" " + _fit(cell.plain, width, cell.justify, cell.middle) + " ", style))
         return Strip(segments, self._width)
 
     def _header_line(self) -> Strip:
         if self._header is None:
             style = self.get_component_rich_style("live-table--header")
             segments = []
-            for column in self.spec:
+            for column, width in zip(self.spec, self._widths):
                 label = column.label
                 if column.key == self.sort_column:
                     label = f"{label}{'↓' if self.sort_reverse else '↑'}"
-                segments.append(Segment(" " + _fit(label, column.width, None) + " ", style))
+                segments.append(Segment(" " + _fit(label, width, None) + " ", style))
             self._header = Strip(segments, self._width)
         return self._header
 
@@ -395,8 +439,8 @@ class LiveTable(ScrollView, can_focus=True):
         x, y = event.x + self.scroll_offset.x, event.y
         if y == 0:
             edge = 0
-            for column in self.spec:
-                edge += column.width + 2
+            for column, width in zip(self.spec, self._widths):
+                edge += width + 2
                 if x < edge:
                     self.sort_by(column.key)
                     break
