@@ -156,6 +156,9 @@ class Tool(_Open):
     function: FunctionDef
 
 
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
 class ChatRequest(_Open):
     """An OpenAI chat completion request. `model` is a wire id, `provider/model`, or None to route."""
 
@@ -177,6 +180,24 @@ class ChatRequest(_Open):
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), JSON_INTEGER] | None = None  # int64, as providers take it
     stream: bool = Field(default=False, strict=True)
     stream_options: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        kind = value.get("type")
+        if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
+            raise ValueError(f"type must be one of {', '.join(RESPONSE_FORMATS)}")
+        if kind == "json_schema" and not isinstance(value.get("json_schema"), dict):
+            raise ValueError("json_schema must be an object with the schema's name and schema")
+        return value
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, value: Any) -> Any:
+        # OpenAI's document declares `stream` nullable (default false); typed clients send the null.
+        return False if value is None else value
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -366,7 +387,8 @@ class ChatResponse:
     p402: P402Meta | None = None
 
     def to_openai(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        # `refusal` and `logprobs` are required by OpenAI's published document, null when absent.
+        message: dict[str, Any] = {"role": "assistant", "content": self.content, "refusal": None}
         if self.reasoning:
             message["reasoning_content"] = self.reasoning
         if self.tool_calls:
@@ -376,7 +398,7 @@ class ChatResponse:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}],
             "usage": self.usage.to_openai(),
         }
         if self.extra:

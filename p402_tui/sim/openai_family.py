@@ -96,6 +96,7 @@ def routes(state: SimState, provider: ProviderSpec) -> list[Route]:
     found = [
         Route("/chat/completions", family.chat, methods=["POST"]),
         Route("/models", family.models, methods=["GET"]),
+        Route("/models/{model:path}", family.model, methods=["GET"]),
     ]
     if any("embeddings" in m.capabilities for m in state.catalog.models_of(provider.id)):
         found.append(Route("/embeddings", family.embeddings, methods=["POST"]))
@@ -168,6 +169,15 @@ class OpenAIFamily:
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    async def model(self, request: Request) -> Response:
+        """One model, as `models.retrieve()` asks for it; a 404 in the provider's words otherwise."""
+        try:
+            self._check_auth(request)
+            spec = self._model({"model": request.path_params["model"]})
+        except SimError as error:
+            return self.error_response(error)
+        return JSONResponse({"id": spec.model, "object": "model", "created": int(self.state.started), "owned_by": self.id})
+
     async def embeddings(self, request: Request) -> Response:
         try:
             self._check_auth(request)
@@ -235,12 +245,24 @@ class OpenAIFamily:
         if not isinstance(messages, list) or not messages:
             raise SimError(400, "'messages' must be a non-empty array", "invalid_request_error", param="messages")
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else None
+            if not isinstance(role, str) or role not in ROLES:
                 raise SimError(
                     400,
                     f"Invalid value for 'messages[{i}].role': expected one of {', '.join(sorted(ROLES))}.",
                     "invalid_request_error",
                     param=f"messages[{i}].role",
+                )
+            _check_message(i, message)
+        tools = body.get("tools")
+        for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+            if not isinstance(tool, dict):
+                raise SimError(
+                    400,
+                    f"Invalid type for 'tools[{i}]': expected an object, but got {_json_type(tool)} instead.",
+                    "invalid_request_error",
+                    "invalid_type",
+                    f"tools[{i}]",
                 )
         if "chat" not in spec.capabilities:
             raise SimError(
@@ -727,3 +749,53 @@ def _citations(text: str) -> dict[str, Any]:
         ],
     }
 
+
+
+def _json_type(value: Any) -> str:
+    """How OpenAI's errors name a JSON value's type: 'an array', 'a string', 'null'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "an array", str: "a string"}.get(type(value), "an object")
+
+
+_PART_FIELDS = {"text": ("text", str), "image_url": ("image_url", dict), "input_audio": ("input_audio", dict),
+                "file": ("file", dict), "refusal": ("refusal", str)}
+
+
+def _check_message(i: int, message: dict[str, Any]) -> None:
+    """A message's fields have the types OpenAI's API takes, or a 400 names the first that does not."""
+    def wrong(path: str, expected: str, value: Any) -> SimError:
+        return SimError(
+            400,
+            f"Invalid type for 'messages[{i}].{path}': expected {expected}, but got {_json_type(value)} instead.",
+            "invalid_request_error",
+            "invalid_type",
+            f"messages[{i}].{path}",
+        )
+
+    for name in ("name", "tool_call_id"):
+        if name in message and not isinstance(message[name], str):
+            raise wrong(name, "a string", message[name])
+    content = message.get("content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str) or kind not in _PART_FIELDS:
+                raise wrong(f"content[{j}]", f"an object with a type of {', '.join(_PART_FIELDS)}", part)
+            field, expected = _PART_FIELDS[kind]
+            if not isinstance(part.get(field), expected):
+                raise wrong(f"content[{j}].{field}", "a string" if expected is str else "an object", part.get(field))
+    elif content is not None and not isinstance(content, str):
+        raise wrong("content", "a string or an array of content parts", content)
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise wrong("tool_calls", "an array", calls)
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise wrong(f"tool_calls[{j}].function", "an object with a name", function)
