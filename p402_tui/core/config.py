@@ -113,6 +113,9 @@ class RouterConfig(_Section):
     # Expected answer length per mode when a request sets no max_tokens; unset modes use default_output_tokens.
     output_tokens: dict[Mode, int] = Field(default_factory=dict)
     probe_interval_s: float | None = Field(default=None, gt=0)  # active health probes; off unless set
+    # A request's whole life across attempts (each attempt has its provider's timeout_s): room for one
+    # attempt that times out at the default 120 s and a fallback that answers.
+    request_timeout_s: float | None = Field(default=180.0, gt=0)
 
 
 class CacheConfig(_Section):

@@ -54,6 +54,7 @@ class CallContext:
     api_key_id: str | None = None
     source: str = "cli"  # cli | gateway | console | demo
     request_id: str = field(default_factory=lambda: new_id("req", 10))
+    timeout_s: float | None = None  # the whole request's deadline, across attempts; None: [router] request_timeout_s
 
     def cache_namespace(self) -> str:
         return self.namespace or self.session_id or self.api_key_id or "default"

@@ -24,7 +24,8 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -301,6 +302,18 @@ def count_messages(
     return TokenCount(total, tokenizer, exact and budget.exact)
 
 
+COUNT_THREADS = 2  # large counts at once: a burst of big prompts takes at most this many cores (and malloc arenas)
+_pool: ThreadPoolExecutor | None = None
+
+
+async def off_loop(count: Callable[..., Any], *args: Any) -> Any:
+    """`count(*args)` on the small pool large counts share, off the event loop."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=COUNT_THREADS, thread_name_prefix="p402-count")
+    return await asyncio.get_running_loop().run_in_executor(_pool, count, *args)
+
+
 async def warm(models: Iterable[str | None] = (None,)) -> None:
     """Load the encodings these models need, in a thread, so later counts never wait on disk."""
     wanted = list(models)
@@ -322,6 +335,7 @@ __all__ = [
     "count_messages",
     "count_text",
     "encoding_for",
+    "off_loop",
     "tiktoken_cache_dir",
     "warm",
 ]
