@@ -15,6 +15,12 @@ from typing import Any, Protocol
 from .types import Attempt, ChatRequest, ChatResponse, new_id
 
 
+# What one request may carry, so its work stays bounded: every surface refuses more with a clear error.
+MAX_MESSAGES = 2048  # OpenAI's own limit on a request's messages
+MAX_LABEL_CHARS = 128  # a tag, cache namespace or session id
+MAX_SESSION_NAME_CHARS = 200
+
+
 @dataclass(slots=True)
 class RouteOptions:
     """How to choose a model. None means the configured default."""
