@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 
 import httpx
 import pytest
 
 from p402_tui.core.config import CacheConfig, ConfigFile, Settings
+from p402_tui.core.events import HealthChanged
 from p402_tui.core.hooks import MAX_LABEL_CHARS, MAX_MESSAGES
 from p402_tui.runtime import Runtime
 from p402_tui.sim.engine import Fault
@@ -74,3 +77,154 @@ async def test_a_hung_upstream_is_a_504_at_the_requests_deadline(http, sim):
     assert_openai_error(response, 504, "deadline_exceeded")
     response = await http.post("/v1/chat/completions", json={**body, "stream": True})
     assert_openai_error(response, 504, "deadline_exceeded")  # nothing streamed yet: still an HTTP error
+
+
+# --- event streams ------------------------------------------------------------------------
+
+
+def limited(catalog, sim_url: str, **gateway) -> Settings:
+    from p402_tui.core.config import GatewayConfig
+
+    return settings_for(catalog, sim_url, gateway=GatewayConfig(**gateway))
+
+
+@pytest.fixture
+async def serve_with(sim, catalog, tmp_path):
+    """A gateway with these [gateway] settings, on loopback: `url = await serve_with(max_event_subscribers=1)`."""
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as stack:
+
+        async def serve(**gateway) -> str:
+            settings = limited(catalog, sim.url, **gateway)
+            rt = await stack.enter_async_context(Runtime.open(settings, db_path=tmp_path / "p402.db"))
+            running = await rt.serve_gateway("127.0.0.1", 0)
+            stack.push_async_callback(running.stop)
+            serve.runtime = rt
+            return running.url
+
+        yield serve
+
+
+async def _chat(url: str, n: int) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for i in range(n):
+            body = {"model": "auto", "messages": [{"role": "user", "content": f"question {i}"}], "p402": {"cache": False}}
+            (await client.post("/v1/chat/completions", json=body)).raise_for_status()
+
+
+async def test_a_subscriber_that_falls_behind_gets_lagged_and_is_let_go(serve_with):
+    url = await serve_with(event_buffer_events=5)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with client.stream("GET", "/api/v2/events") as events:
+            lines = events.aiter_lines()
+            assert await anext(lines) == ": subscribed"
+            for _ in range(20):  # in one go: more than the stream's buffer holds before it can write any
+                serve_with.runtime.bus.publish(HealthChanged(provider="openai", status="down", previous="healthy"))
+            rest = [line async for line in lines]  # the stream ends by itself
+    assert "event: lagged" in rest
+    lagged = json.loads(rest[rest.index("event: lagged") + 1].removeprefix("data: "))
+    assert lagged["kind"] == "lagged" and lagged["dropped"] >= 5
+    # The slot is free again: a new subscriber is served.
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with client.stream("GET", "/api/v2/events") as events:
+            assert events.status_code == 200
+
+
+async def test_subscribers_past_the_cap_get_a_503(serve_with):
+    url = await serve_with(max_event_subscribers=1)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with client.stream("GET", "/api/v2/events") as first:
+            assert first.status_code == 200
+            assert_openai_error(await client.get("/api/v2/events"), 503, "too_many_subscribers")
+        for _ in range(100):  # the first one's slot frees when its stream ends
+            async with client.stream("GET", "/api/v2/events") as again:
+                if again.status_code == 200:
+                    break
+            await asyncio.sleep(0.02)
+        assert again.status_code == 200
+
+
+async def test_a_subscriber_that_never_reads_is_cut_off(serve_with):
+    url = await serve_with(event_buffer_bytes=64 * 1024)
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    writer.write(b"GET /api/v2/events HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await reader.readuntil(b": subscribed\n\n")
+    # Megabytes of decision frames, unread: the socket fills, the stream's write blocks, its buffer passes 64 kB.
+    await _chat(url, 400)
+    async with asyncio.timeout(10):
+        try:
+            while await reader.read(65536):  # the server cut the connection: reading to its end returns
+                pass
+        except ConnectionResetError:
+            pass
+    writer.close()
+
+
+# --- connections ----------------------------------------------------------------------------
+
+
+async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
+    began = time.perf_counter()
+    async with asyncio.timeout(seconds):
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionResetError:
+            pass
+    return time.perf_counter() - began
+
+
+async def test_slow_headers_slow_bodies_and_idle_connections_are_closed(serve_with):
+    url = await serve_with(header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_s=0.5)
+    slow_headers, slow_body, idle = await _open(url), await _open(url), await _open(url)
+    slow_headers[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # and the rest never comes
+    slow_body[1].write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+    idle[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        for _ in range(5):  # meanwhile others are served
+            assert (await client.get("/health")).status_code == 200
+            await asyncio.sleep(0.05)
+    closes = await asyncio.gather(*(_closed_within(reader, 3) for reader, _ in (slow_headers, slow_body, idle)))
+    assert all(took < 3 for took in closes)
+    for _, writer in (slow_headers, slow_body, idle):
+        writer.close()
+
+
+async def test_past_the_connection_cap_new_connections_are_closed(serve_with):
+    url = await serve_with(max_connections=2)
+    held = [await _open(url), await _open(url)]
+    for _, writer in held:
+        writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    await asyncio.gather(*(reader.readuntil(b'"status":"ok"') for reader, _ in held))
+    refused, _ = await _open(url)
+    await _closed_within(refused, 3)
+    for _, writer in held:
+        writer.close()
+    await asyncio.sleep(0.1)
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_past_limit_concurrency_requests_get_a_503_with_retry_after(serve_with, sim):
+    url = await serve_with(limit_concurrency=1)
+    sim.state.add_fault(Fault(kind="timeout"))
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        body = {"model": "auto", "messages": HELLO, "p402": {"timeout_s": 1}}
+        hung = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+        await asyncio.sleep(0.3)
+        response = await client.post("/v1/chat/completions", json=body)
+        assert_openai_error(response, 503, "overloaded")
+        assert response.headers["retry-after"] == "1"
+        assert (await client.get("/health")).status_code == 200  # always answered
+        assert_openai_error(await hung, 504, "deadline_exceeded")

@@ -135,6 +135,18 @@ class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=4020, ge=0, le=65535)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # /api/v2/events: how many may listen, and how far one may fall behind before it is let go.
+    max_event_subscribers: int = Field(default=1024, ge=1)
+    event_buffer_events: int = Field(default=1000, ge=1)
+    event_buffer_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Connections: a request's headers, then its body, must arrive within these; an idle keep-alive
+    # connection is closed after keep_alive_s. Past limit_concurrency (connections or requests) new
+    # requests get a 503; past max_connections new connections are closed at once.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    limit_concurrency: int = Field(default=2048, ge=1)
+    max_connections: int = Field(default=4096, ge=1)
 
 
 class ConfigFile(_Section):

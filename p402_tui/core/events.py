@@ -2,7 +2,10 @@
 
 Publishing never waits. Each subscriber has a bounded queue; when a slow
 subscriber's queue is full its oldest event is dropped (and counted), so a
-stalled screen can never slow a request down.
+stalled screen can never slow a request down. A subscriber that must see every
+event or none (the gateway's event stream) asks for `on_lag` instead: when its
+queue passes its bound in events or in bytes, the queue is let go, the subscriber
+leaves the bus, and its next `get()` raises `SubscriberLagged`.
 """
 
 from __future__ import annotations
@@ -137,31 +140,93 @@ EVENT_KINDS = tuple(
 )
 
 
-class Subscription:
-    """One subscriber's bounded queue. Iterate it, or call `get()`; `dropped` counts what it missed."""
+class SubscriberLagged(Exception):
+    """The subscriber fell further behind than its bound: it has left the bus."""
 
-    def __init__(self, bus: "EventBus", maxsize: int, kinds: frozenset[str] | None) -> None:
+
+_LAGGED: Any = object()  # wakes a `get()` that waits on a subscription that lagged
+
+
+class Subscription:
+    """One subscriber's bounded queue. Iterate it, or call `get()`; `dropped` counts what it missed.
+
+    `size(event)` is an event's weight in bytes for `max_bytes` (events are shared between
+    subscribers, so this bounds what one may pin, not a copy it owns).
+    """
+
+    def __init__(
+        self,
+        bus: "EventBus",
+        maxsize: int,
+        kinds: frozenset[str] | None,
+        *,
+        max_bytes: int | None = None,
+        size: Callable[[Event], int] | None = None,
+        on_lag: Callable[[], None] | None = None,
+    ) -> None:
         self._bus = bus
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
         self.kinds = kinds
         self.dropped = 0
+        self.max_bytes = max_bytes
+        self._size = size
+        self._bytes = 0
+        self._on_lag = on_lag
+        self.lagged = False
 
     def offer(self, event: Event) -> None:
         if self.kinds is not None and event.kind not in self.kinds:
             return
-        if self._queue.full():
-            self._queue.get_nowait()
+        weight = self._size(event) if self._size is not None else 0
+        if self._queue.full() or (self.max_bytes is not None and self._bytes and self._bytes + weight > self.max_bytes):
+            if self._on_lag is not None:
+                self._lag()
+                return
+            self._take(self._queue.get_nowait())
             self.dropped += 1
+        self._bytes += weight
         self._queue.put_nowait(event)
 
-    async def get(self) -> Event:
-        return await self._queue.get()
-
-    def drain(self) -> list[Event]:
-        """Everything waiting, without waiting: how a UI batches its updates."""
-        events = []
+    def _lag(self) -> None:
+        self.lagged = True
+        self.dropped += self._queue.qsize()
         while not self._queue.empty():
-            events.append(self._queue.get_nowait())
+            self._queue.get_nowait()
+        self._bytes = 0
+        self._queue.put_nowait(_LAGGED)
+        self.close()
+        assert self._on_lag is not None
+        self._on_lag()
+
+    def _take(self, event: Event) -> Event:
+        if self._size is not None and event is not _LAGGED:
+            self._bytes -= self._size(event)
+        return event
+
+    async def get(self) -> Event:
+        if self.lagged and self._queue.empty():
+            raise SubscriberLagged
+        event = self._take(await self._queue.get())
+        if event is _LAGGED:
+            raise SubscriberLagged
+        return event
+
+    def drain(self, max_bytes: int | None = None) -> list[Event]:
+        """What is waiting, without waiting: how a UI batches its updates. With `max_bytes`, stop
+        once that many bytes of events are taken, so that a writer's pieces stay bounded."""
+        events: list[Event] = []
+        taken = 0
+        while not self._queue.empty():
+            if max_bytes is not None and taken >= max_bytes:
+                break
+            event = self._queue.get_nowait()
+            if event is _LAGGED:
+                self._queue.put_nowait(event)  # for the next `get()`
+                break
+            self._take(event)
+            events.append(event)
+            if self._size is not None:
+                taken += self._size(event)
         return events
 
     def close(self) -> None:
@@ -190,8 +255,19 @@ class EventBus:
         self._listeners: list[tuple[frozenset[str] | None, Callable[[Event], None]]] = []
         self.published = 0
 
-    def subscribe(self, maxsize: int = 1000, kinds: set[str] | None = None) -> Subscription:
-        subscription = Subscription(self, maxsize, frozenset(kinds) if kinds else None)
+    def subscribe(
+        self,
+        maxsize: int = 1000,
+        kinds: set[str] | None = None,
+        *,
+        max_bytes: int | None = None,
+        size: Callable[[Event], int] | None = None,
+        on_lag: Callable[[], None] | None = None,
+    ) -> Subscription:
+        """A queue of what is published from now on; see `Subscription` for the bounds."""
+        subscription = Subscription(
+            self, maxsize, frozenset(kinds) if kinds else None, max_bytes=max_bytes, size=size, on_lag=on_lag
+        )
         self._subscribers.append(subscription)
         return subscription
 
@@ -223,7 +299,7 @@ class EventBus:
                     callback(event)
                 except Exception:  # a broken counter must not fail the request that published
                     log.exception("event listener %r failed on %s", callback, event.kind)
-        for subscription in self._subscribers:
+        for subscription in tuple(self._subscribers):  # a subscriber that lags leaves the list meanwhile
             subscription.offer(event)
 
     @property

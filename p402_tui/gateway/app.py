@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
-from ..core.events import EVENT_KINDS, RequestCompleted, RouteDecided
+from ..core.events import EVENT_KINDS, RequestCompleted, RouteDecided, SubscriberLagged
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
 from . import errors, sse
 from .auth import GatewayAuth
@@ -47,6 +47,7 @@ logger = logging.getLogger("p402.gateway")
 Handler = Callable[[Request], Awaitable[Any]]
 
 HEARTBEAT_S = 15.0
+LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if its stream has not ended
 SESSION_STATUSES = ("active", "paused", "closed")
 
 
@@ -134,6 +135,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_counting: Callable[[], None] = lambda: None
         self._openapi: dict[bool, bytes] = {}  # by whether keys are in force
+        self.event_subscribers = 0
 
     async def start(self) -> None:
         self._stop_counting = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -356,8 +358,37 @@ class Gateway:
                 400, f"unknown event kind {', '.join(sorted(unknown))}; choose from {', '.join(EVENT_KINDS)}",
                 param="kinds",
             )
-        subscription = self.bus.subscribe(maxsize=1000, kinds=wanted)
-        return sse.EventStreamResponse(self._event_frames(subscription), stop=self.closing)
+        conf = self.settings.gateway
+        if self.event_subscribers >= conf.max_event_subscribers:
+            raise errors.GatewayError(
+                503, f"this gateway already streams events to {conf.max_event_subscribers} subscribers "
+                "([gateway] max_event_subscribers); try again later", code="too_many_subscribers",
+            )
+        # A client that stops reading blocks its stream in a write; its queue then passes its bound
+        # and it is let go: told so if it still reads, its connection cut if it does not.
+        transport = request.scope.get("p402.transport")
+        cut: list[asyncio.TimerHandle] = []
+
+        def lagged() -> None:
+            if transport is not None:
+                cut.append(asyncio.get_running_loop().call_later(LAG_GRACE_S, _abort, transport))
+
+        subscription = self.bus.subscribe(
+            maxsize=conf.event_buffer_events, kinds=wanted, max_bytes=conf.event_buffer_bytes,
+            size=sse.bus_event_size, on_lag=lagged,
+        )
+        self.event_subscribers += 1
+        response = sse.EventStreamResponse(self._event_frames(subscription), stop=self.closing)
+
+        async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await response(scope, receive, send)
+            finally:
+                self.event_subscribers -= 1
+                for handle in cut:  # it ended in time: the connection may serve the next request
+                    handle.cancel()
+
+        return respond
 
     async def _event_frames(self, subscription: Any) -> AsyncIterator[bytes]:
         try:
@@ -369,9 +400,12 @@ class Gateway:
                 except TimeoutError:
                     yield sse.HEARTBEAT
                     continue
-                # Under load many events wait at once; one write carries them all.
+                except SubscriberLagged:
+                    yield sse.lagged_frame(subscription.dropped)
+                    return
+                # Under load many events wait at once; one write carries them, up to a bounded piece.
                 frames = [sse.bus_event_frame(event)]
-                frames += [sse.bus_event_frame(e) for e in subscription.drain()]
+                frames += [sse.bus_event_frame(e) for e in subscription.drain(max_bytes=sse.PIECE_BYTES)]
                 yield b"".join(frames)
         finally:
             subscription.close()
@@ -441,7 +475,12 @@ class Gateway:
         )
         chat = guarded(self.chat)
         direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
-        return _Front(starlette, self.auth, direct)
+        return _Front(starlette, self.auth, direct, limit=self.settings.gateway.limit_concurrency)
+
+
+def _abort(transport: Any) -> None:
+    if not transport.is_closing():
+        transport.abort()
 
 
 def _model_object(model_id: str, owned_by: str, created: int) -> dict[str, Any]:
@@ -472,15 +511,31 @@ class _Front:
 
     OPEN_PATHS = frozenset({"/health"})
 
-    def __init__(self, app: ASGIApp, auth: GatewayAuth, direct: dict[tuple[str, str], Handler] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, auth: GatewayAuth, direct: dict[tuple[str, str], Handler] | None = None,
+        *, limit: int | None = None,
+    ) -> None:
         self.app = app
         self.auth = auth
         self.direct = direct or {}
+        self.limit = limit  # requests at once ([gateway] limit_concurrency); /health is always answered
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.limit is not None and self.in_flight >= self.limit and scope["path"] not in self.OPEN_PATHS:
+            message = f"the gateway is serving {self.limit} requests already ([gateway] limit_concurrency); retry shortly"
+            await errors.error_response(503, message, code="overloaded", headers={"retry-after": "1"})(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] not in self.OPEN_PATHS:
             try:
                 scope["p402.api_key_id"] = await self.auth.check(scope)

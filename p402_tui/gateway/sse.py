@@ -20,6 +20,7 @@ from ..core.types import aclose_iterator, json_bytes
 DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
 
+PIECE_BYTES = 64 * 1024  # the most the event stream joins into one write (about the transport's high-water mark)
 WATCH_AFTER_S = 0.05  # how long a stream runs before a task watches for its client going
 
 _HEADERS = [
@@ -42,6 +43,17 @@ def bus_event_frame(event: Any) -> bytes:
     if event.frame is None:
         event.frame = event_frame(event.kind, event.to_dict())
     return event.frame
+
+
+def bus_event_size(event: Any) -> int:
+    """A bus event's weight in a subscriber's buffer: the bytes of its frame."""
+    return len(bus_event_frame(event))
+
+
+def lagged_frame(dropped: int) -> bytes:
+    """The last frame a subscriber that fell behind gets: how many events it lost."""
+    return event_frame("lagged", {"kind": "lagged", "dropped": dropped, "message": "this subscriber fell too far "
+                                  "behind and was disconnected; reconnect to resume (events meanwhile are lost)"})
 
 
 class EventStreamResponse:
