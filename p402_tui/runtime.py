@@ -73,7 +73,7 @@ class Runtime:
                 )
                 cache.start()  # embedder and entries load in the background; lookups wait for them
                 stack.push_async_callback(cache.aclose)
-                hooks = Persistence(store, cache)
+                hooks = Persistence(store, cache, strict=settings.file.store.durability == "strict")
             orchestrator = Orchestrator(settings, bus=bus, hooks=hooks)
             await orchestrator.start()
             stack.push_async_callback(orchestrator.aclose)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import time
 
 import httpx
@@ -228,3 +229,99 @@ async def test_past_limit_concurrency_requests_get_a_503_with_retry_after(serve_
         assert response.headers["retry-after"] == "1"
         assert (await client.get("/health")).status_code == 200  # always answered
         assert_openai_error(await hung, 504, "deadline_exceeded")
+
+
+# --- the ledger -----------------------------------------------------------------------------
+
+
+def _rows(db) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_strict_durability_commits_the_row_before_the_last_byte(sim, catalog, tmp_path, stream):
+    from p402_tui.core.config import StoreConfig
+
+    db = tmp_path / "p402.db"
+    settings = settings_for(catalog, sim.url, store=StoreConfig(durability="strict"))
+    async with Runtime.open(settings, db_path=db) as rt:
+        running = await rt.serve_gateway("127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+                for i in range(5):
+                    body = {"model": "auto", "messages": [{"role": "user", "content": f"q{i}"}], "stream": stream}
+                    if stream:
+                        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                            async for line in response.aiter_lines():
+                                if line == "data: [DONE]":
+                                    assert _rows(db) == i + 1  # read the moment [DONE] arrives
+                    else:
+                        (await client.post("/v1/chat/completions", json=body)).raise_for_status()
+                        assert _rows(db) == i + 1
+        finally:
+            await running.stop()
+
+
+async def test_a_locked_database_delays_the_ledger_and_loses_nothing(serve_with, tmp_path):
+    url = await serve_with()
+    store = serve_with.runtime.store
+    await store.flush()
+    await asyncio.get_running_loop().run_in_executor(
+        store.writer.thread, store.writer.conn.execute, "PRAGMA busy_timeout=50"
+    )
+    store.writer.max_pending = 3
+    holder = sqlite3.connect(tmp_path / "p402.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holding the file, longer than any busy timeout
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            answered = 0
+            for i in range(20):
+                body = {"model": "auto", "messages": [{"role": "user", "content": f"locked {i}"}]}
+                response = await client.post("/v1/chat/completions", json=body)
+                if response.status_code == 503:
+                    assert_openai_error(response, 503, "store_overloaded")
+                    assert response.headers["retry-after"] == "1"
+                    break
+                assert response.status_code == 200
+                answered += 1
+            else:
+                pytest.fail("a saturated ledger writer never refused a request")
+            await asyncio.sleep(0.5)  # several tries of the batch fail meanwhile
+            assert store.writer.stats.retries >= 2 and store.writer.stats.failed == 0
+            metrics = (await client.get("/metrics")).text
+            assert "p402_store_refused_total 1" in metrics
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    await store.flush()
+    assert _rows(tmp_path / "p402.db") == answered  # every answered request, none dropped while locked
+
+
+async def test_a_revoked_key_stops_at_once_here_and_within_a_second_elsewhere(serve_with, tmp_path):
+    from p402_tui.store.queries import create_key, revoke_key
+
+    url = await serve_with()
+    store = serve_with.runtime.store
+    here, here_secret = await create_key(store, "here")
+    there, there_secret = await create_key(store, "there")
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        for secret in (here_secret, there_secret):
+            assert (await client.get("/v1/models", headers={"authorization": f"Bearer {secret}"})).status_code == 200
+        assert await revoke_key(store, here["id"])  # in this process
+        revoked = await client.get("/v1/models", headers={"authorization": f"Bearer {here_secret}"})
+        assert_openai_error(revoked, 401, "invalid_api_key")
+        result = await asyncio.to_thread(run_cli, "keys", "revoke", there["id"], "--db", str(tmp_path / "p402.db"))
+        assert result.returncode == 0, result.stderr
+        revoked_at = time.perf_counter()
+        while (await client.get("/v1/models", headers={"authorization": f"Bearer {there_secret}"})).status_code == 200:
+            assert time.perf_counter() - revoked_at < 1.0
+            await asyncio.sleep(0.05)
+
+
+async def test_openapi_documents_the_401s_of_metrics_and_itself(http):
+    document = (await http.get("/openapi.json")).json()
+    for path in ("/metrics", "/openapi.json"):
+        assert document["paths"][path]["get"]["responses"]["401"]["content"]["application/json"]
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"503", "504"} <= set(chat)

@@ -129,6 +129,10 @@ class CacheConfig(_Section):
 
 class StoreConfig(_Section):
     db_path: str | None = None
+    # batch: a request's ledger row is committed within ~25 ms after its answer (one writer batch),
+    # so a kill -9 may lose the rows of that window. strict: the gateway sends an answer's last
+    # byte (a stream's [DONE]) only once its row is committed.
+    durability: Literal["batch", "strict"] = "batch"
 
 
 class GatewayConfig(_Section):

@@ -136,6 +136,10 @@ class Gateway:
         self._stop_counting: Callable[[], None] = lambda: None
         self._openapi: dict[bool, bytes] = {}  # by whether keys are in force
         self.event_subscribers = 0
+        # Strict durability: an answer's last byte waits for its ledger row's commit.
+        strict = store is not None and settings.file.store.durability == "strict"
+        self.durable: Callable[[str], Awaitable[None]] | None = orchestrator.hooks.committed if strict else None
+        self.store_refused = 0  # requests refused because the ledger writer could not keep up
 
     async def start(self) -> None:
         self._stop_counting = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -163,6 +167,10 @@ class Gateway:
     # --- chat ------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Any:
+        if self.store is not None and self.store.writer.saturated:
+            self.store_refused += 1
+            message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
+            raise errors.GatewayError(503, message, code="store_overloaded", headers={"retry-after": "1"})
         body = await read_body(request, self.max_body)
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
@@ -172,6 +180,8 @@ class Gateway:
         if chat.stream:
             return await self._stream(chat, options, ctx)
         response = await self.orchestrator.complete(chat, options, ctx)
+        if self.durable is not None:
+            await self.durable(ctx.request_id)
         return Response(json_bytes(response.to_openai()), media_type="application/json")
 
     async def _stream(self, chat: ChatRequest, options: Any, ctx: Any) -> Any:
@@ -186,7 +196,8 @@ class Gateway:
             await stream.aclose()
             raise
         include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
-        return sse.EventStreamResponse(_chunk_frames(stream, first, include_usage), cleanup=stream.aclose)
+        frames = _chunk_frames(stream, first, include_usage, self.durable)
+        return sse.EventStreamResponse(frames, cleanup=stream.aclose)
 
     # --- models and providers -----------------------------------------------------------
 
@@ -363,6 +374,7 @@ class Gateway:
             raise errors.GatewayError(
                 503, f"this gateway already streams events to {conf.max_event_subscribers} subscribers "
                 "([gateway] max_event_subscribers); try again later", code="too_many_subscribers",
+                headers={"retry-after": "5"},
             )
         # A client that stops reading blocks its stream in a write; its queue then passes its bound
         # and it is let go: told so if it still reads, its connection cut if it does not.
@@ -430,7 +442,17 @@ class Gateway:
         return cache.embedder.info()
 
     async def prometheus(self, request: Request) -> Any:
-        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+        text = self.metrics.render()
+        if self.store is not None:
+            text += (
+                "# HELP p402_store_pending_writes Ledger writes queued, not yet committed.\n"
+                "# TYPE p402_store_pending_writes gauge\n"
+                f"p402_store_pending_writes {self.store.writer.pending}\n"
+                "# HELP p402_store_refused_total Requests refused because the ledger could not keep up.\n"
+                "# TYPE p402_store_refused_total counter\n"
+                f"p402_store_refused_total {self.store_refused}\n"
+            )
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Any:
         # The document says whether keys are in force now: that changes when the first key is made.
@@ -580,9 +602,13 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return errors.error_response(500, "internal error in the gateway", code="internal_error")
 
 
-async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chunk_frames(
+    stream: Any, first: list[ChatChunk] | None, include_usage: bool,
+    durable: Callable[[str], Awaitable[None]] | None = None,
+) -> AsyncIterator[bytes]:
     """OpenAI `chat.completion.chunk` frames, those of one upstream batch in one piece;
-    P402's meta rides on the finishing chunk.
+    P402's meta rides on the finishing chunk. With `durable`, the answer's last piece
+    waits for its ledger row's commit.
 
     A role-only preamble is folded into the first chunk with content, so the first
     frame a client sees carries the first token.
@@ -654,6 +680,8 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
                 out.append(frame(finishing, meta))
             if include_usage and usage is not None:
                 out.append(usage_frame(usage, meta))
+            if durable is not None:
+                await durable(stream.request_id)
     except P402Error as error:
         out.append(sse.data_frame(errors.error_body(errors.p402_status(error), error.message, code=error.kind)))
     out.append(sse.DONE)

@@ -187,11 +187,14 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
 async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
     """The gateway over a `Runtime`: its orchestrator, its store (ledger, sessions, keys)."""
     keys = StoreKeys(runtime.store) if runtime.store is not None else None
+    auth = GatewayAuth(keys, required=False)
+    if runtime.store is not None:
+        runtime.store.key_listeners.append(auth.forget)
     gateway = Gateway(
         runtime.orchestrator,
         settings=runtime.settings,
         store=runtime.store,
         cache=runtime.cache,
-        auth=GatewayAuth(keys, required=False),
+        auth=auth,
     )
     return await start_gateway(gateway, host, port, grace_s=grace_s)
