@@ -499,6 +499,9 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .gateway.memory import limit_arenas
+
+    limit_arenas()  # before any thread allocates: a thread's arena keeps what it freed
     settings = settings_from(args)
     host = args.host or settings.gateway.host
     port = settings.gateway.port if args.port is None else args.port

@@ -325,3 +325,24 @@ async def test_openapi_documents_the_401s_of_metrics_and_itself(http):
         assert document["paths"][path]["get"]["responses"]["401"]["content"]["application/json"]
     chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"503", "504"} <= set(chat)
+
+
+async def test_a_large_prompt_is_answered_and_its_memory_trimmed_after(serve_with):
+    from p402_tui.gateway import memory
+
+    url = await serve_with()
+    gateway = serve_with.runtime.gateways[-1].gateway
+    prompt = "All work and no play makes a long prompt. " * 50_000  # 2 MB
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for stream in (False, True):
+            body = {"model": "auto", "messages": [{"role": "user", "content": prompt}], "stream": stream,
+                    "p402": {"cache": False}}
+            response = await client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text[:300]
+            assert (await client.get("/health")).status_code == 200
+    if memory._libc is not None:
+        for _ in range(100):
+            if gateway.trimmer.trims:
+                break
+            await asyncio.sleep(0.05)
+        assert gateway.trimmer.trims >= 1

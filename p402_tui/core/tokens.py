@@ -302,12 +302,13 @@ def count_messages(
     return TokenCount(total, tokenizer, exact and budget.exact)
 
 
-COUNT_THREADS = 2  # large counts at once: a burst of big prompts takes at most this many cores (and malloc arenas)
+COUNT_THREADS = 2  # large requests' CPU work at once: a burst of them takes at most this many cores (and arenas)
 _pool: ThreadPoolExecutor | None = None
 
 
 async def off_loop(count: Callable[..., Any], *args: Any) -> Any:
-    """`count(*args)` on the small pool large counts share, off the event loop."""
+    """`count(*args)` off the event loop, on the small pool the CPU work of large requests shares
+    (counting their prompts, parsing their bodies)."""
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=COUNT_THREADS, thread_name_prefix="p402-count")

@@ -8,6 +8,7 @@ our errors into OpenAI-shaped ones; nothing else ever reaches the client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -25,8 +26,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, RequestCompleted, RouteDecided, SubscriberLagged
+from ..core.tokens import off_loop
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
-from . import errors, sse
+from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
     DECISION_RING,
@@ -47,6 +49,7 @@ logger = logging.getLogger("p402.gateway")
 Handler = Callable[[Request], Awaitable[Any]]
 
 HEARTBEAT_S = 15.0
+LARGE_BODY_BYTES = 1024 * 1024  # a body this large is parsed off the loop, and memory trimmed after it
 LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if its stream has not ended
 SESSION_STATUSES = ("active", "paused", "closed")
 
@@ -140,6 +143,7 @@ class Gateway:
         strict = store is not None and settings.file.store.durability == "strict"
         self.durable: Callable[[str], Awaitable[None]] | None = orchestrator.hooks.committed if strict else None
         self.store_refused = 0  # requests refused because the ledger writer could not keep up
+        self.trimmer = memory.Trimmer()
 
     async def start(self) -> None:
         self._stop_counting = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -174,17 +178,30 @@ class Gateway:
         body = await read_body(request, self.max_body)
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
-        chat, options, ctx = parse_chat(
-            body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"), no_cache=no_cache
+        parse = functools.partial(
+            parse_chat, body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"),
+            no_cache=no_cache,
         )
-        if chat.stream:
-            return await self._stream(chat, options, ctx)
-        response = await self.orchestrator.complete(chat, options, ctx)
+        if len(body) < LARGE_BODY_BYTES:
+            chat, options, ctx = parse()
+            if chat.stream:
+                return await self._stream(chat, options, ctx)
+            response = await self.orchestrator.complete(chat, options, ctx)
+        else:
+            # Megabytes of JSON hold the loop for tens of ms: parsed on the small pool, and what the
+            # request used is handed back to the OS once it is done.
+            try:
+                chat, options, ctx = await off_loop(parse)
+                if chat.stream:
+                    return await self._stream(chat, options, ctx, large=True)
+                response = await self.orchestrator.complete(chat, options, ctx)
+            finally:
+                self.trimmer.soon()
         if self.durable is not None:
             await self.durable(ctx.request_id)
         return Response(json_bytes(response.to_openai()), media_type="application/json")
 
-    async def _stream(self, chat: ChatRequest, options: Any, ctx: Any) -> Any:
+    async def _stream(self, chat: ChatRequest, options: Any, ctx: Any, *, large: bool = False) -> Any:
         stream = self.orchestrator.stream(chat, options, ctx)
         try:
             # Routing, budget and the first upstream byte happen here, so a refusal is still a
@@ -197,7 +214,14 @@ class Gateway:
             raise
         include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
         frames = _chunk_frames(stream, first, include_usage, self.durable)
-        return sse.EventStreamResponse(frames, cleanup=stream.aclose)
+        if not large:
+            return sse.EventStreamResponse(frames, cleanup=stream.aclose)
+
+        async def cleanup() -> None:
+            await stream.aclose()
+            self.trimmer.soon()
+
+        return sse.EventStreamResponse(frames, cleanup=cleanup)
 
     # --- models and providers -----------------------------------------------------------
 
