@@ -2,17 +2,20 @@
 
 Publishing never waits. Each subscriber has a bounded queue; when a slow
 subscriber's queue is full its oldest event is dropped (and counted), so a
-stalled screen can never slow a request down. A subscriber that must see every
-event or none (the gateway's event stream) asks for `on_lag` instead: when its
-queue passes its bound in events or in bytes, the queue is let go, the subscriber
-leaves the bus, and its next `get()` raises `SubscriberLagged`.
+stalled screen can never slow a request down.
+
+Many readers that must see every event or none (the gateway's event streams) share
+one `EventLog` instead: an event is appended once however many read it, and a
+reader that falls further behind than the log holds is told it lagged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -140,93 +143,31 @@ EVENT_KINDS = tuple(
 )
 
 
-class SubscriberLagged(Exception):
-    """The subscriber fell further behind than its bound: it has left the bus."""
-
-
-_LAGGED: Any = object()  # wakes a `get()` that waits on a subscription that lagged
-
-
 class Subscription:
-    """One subscriber's bounded queue. Iterate it, or call `get()`; `dropped` counts what it missed.
+    """One subscriber's bounded queue. Iterate it, or call `get()`; `dropped` counts what it missed."""
 
-    `size(event)` is an event's weight in bytes for `max_bytes` (events are shared between
-    subscribers, so this bounds what one may pin, not a copy it owns).
-    """
-
-    def __init__(
-        self,
-        bus: "EventBus",
-        maxsize: int,
-        kinds: frozenset[str] | None,
-        *,
-        max_bytes: int | None = None,
-        size: Callable[[Event], int] | None = None,
-        on_lag: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, bus: "EventBus", maxsize: int, kinds: frozenset[str] | None) -> None:
         self._bus = bus
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
         self.kinds = kinds
         self.dropped = 0
-        self.max_bytes = max_bytes
-        self._size = size
-        self._bytes = 0
-        self._on_lag = on_lag
-        self.lagged = False
 
     def offer(self, event: Event) -> None:
         if self.kinds is not None and event.kind not in self.kinds:
             return
-        weight = self._size(event) if self._size is not None else 0
-        if self._queue.full() or (self.max_bytes is not None and self._bytes and self._bytes + weight > self.max_bytes):
-            if self._on_lag is not None:
-                self._lag()
-                return
-            self._take(self._queue.get_nowait())
+        if self._queue.full():
+            self._queue.get_nowait()
             self.dropped += 1
-        self._bytes += weight
         self._queue.put_nowait(event)
 
-    def _lag(self) -> None:
-        self.lagged = True
-        self.dropped += self._queue.qsize()
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._bytes = 0
-        self._queue.put_nowait(_LAGGED)
-        self.close()
-        assert self._on_lag is not None
-        self._on_lag()
-
-    def _take(self, event: Event) -> Event:
-        if self._size is not None and event is not _LAGGED:
-            self._bytes -= self._size(event)
-        return event
-
     async def get(self) -> Event:
-        if self.lagged and self._queue.empty():
-            raise SubscriberLagged
-        event = self._take(await self._queue.get())
-        if event is _LAGGED:
-            raise SubscriberLagged
-        return event
+        return await self._queue.get()
 
-    def drain(self, max_bytes: int | None = None) -> list[Event]:
-        """What is waiting, without waiting: how a UI batches its updates. With `max_bytes`, stop
-        once that many bytes of events are taken, so that a writer's pieces stay bounded."""
-        events: list[Event] = []
-        taken = 0
+    def drain(self) -> list[Event]:
+        """Everything waiting, without waiting: how a UI batches its updates."""
+        events = []
         while not self._queue.empty():
-            if max_bytes is not None and taken >= max_bytes:
-                break
-            event = self._queue.get_nowait()
-            if event is _LAGGED:
-                self._queue.put_nowait(event)  # for the next `get()`
-                break
-            self._take(event)
-            events.append(event)
-            if self._size is not None:
-                taken += self._size(event)
+            events.append(self._queue.get_nowait())
         return events
 
     def close(self) -> None:
@@ -255,19 +196,8 @@ class EventBus:
         self._listeners: list[tuple[frozenset[str] | None, Callable[[Event], None]]] = []
         self.published = 0
 
-    def subscribe(
-        self,
-        maxsize: int = 1000,
-        kinds: set[str] | None = None,
-        *,
-        max_bytes: int | None = None,
-        size: Callable[[Event], int] | None = None,
-        on_lag: Callable[[], None] | None = None,
-    ) -> Subscription:
-        """A queue of what is published from now on; see `Subscription` for the bounds."""
-        subscription = Subscription(
-            self, maxsize, frozenset(kinds) if kinds else None, max_bytes=max_bytes, size=size, on_lag=on_lag
-        )
+    def subscribe(self, maxsize: int = 1000, kinds: set[str] | None = None) -> Subscription:
+        subscription = Subscription(self, maxsize, frozenset(kinds) if kinds else None)
         self._subscribers.append(subscription)
         return subscription
 
@@ -299,9 +229,120 @@ class EventBus:
                     callback(event)
                 except Exception:  # a broken counter must not fail the request that published
                     log.exception("event listener %r failed on %s", callback, event.kind)
-        for subscription in tuple(self._subscribers):  # a subscriber that lags leaves the list meanwhile
+        for subscription in self._subscribers:
             subscription.offer(event)
 
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
+
+
+class SubscriberLagged(Exception):
+    """The reader's next event has already left the log: it fell too far behind."""
+
+
+class LogReader:
+    """One reader's place in an `EventLog`: the sequence number of the next event it takes."""
+
+    __slots__ = ("cursor", "kinds", "on_lag", "lagged")
+
+    def __init__(self, cursor: int, kinds: frozenset[str] | None, on_lag: Callable[[], None] | None) -> None:
+        self.cursor = cursor
+        self.kinds = kinds
+        self.on_lag = on_lag
+        self.lagged = False
+
+
+class EventLog:
+    """The recent events, once, for many readers: bounded by `max_events` and by `max_bytes`
+    (each event weighs `size(event)`), so one reader's lag costs nothing the others do not share.
+
+    Publishing costs the same for one reader or a thousand: an append, and waking the readers
+    waiting at that moment (each then takes everything new in one read). A reader stuck
+    elsewhere, such as a write to a client that stopped reading, is found by a sweep at most
+    once a second; its `on_lag` is called once.
+    """
+
+    SWEEP_S = 1.0
+
+    def __init__(self, bus: "EventBus", *, max_events: int, max_bytes: int, size: Callable[[Event], int]) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._size = size
+        self._events: deque[tuple[Event, int]] = deque()
+        self.first = 0  # the sequence number of the oldest event held
+        self.bytes = 0
+        self.readers: set[LogReader] = set()
+        self._changed: asyncio.Future[None] | None = None
+        self._swept = time.monotonic()
+        self._stop = bus.listen(self._append)
+
+    @property
+    def end(self) -> int:
+        """The sequence number the next event will get."""
+        return self.first + len(self._events)
+
+    def reader(self, kinds: set[str] | None = None, on_lag: Callable[[], None] | None = None) -> LogReader:
+        """A reader from the next event on; `forget` it when done."""
+        reader = LogReader(self.end, frozenset(kinds) if kinds else None, on_lag)
+        self.readers.add(reader)
+        return reader
+
+    def forget(self, reader: LogReader) -> None:
+        self.readers.discard(reader)
+
+    def close(self) -> None:
+        self._stop()
+
+    def _append(self, event: Event) -> None:
+        weight = self._size(event)
+        self._events.append((event, weight))
+        self.bytes += weight
+        while len(self._events) > self.max_events or (self.bytes > self.max_bytes and len(self._events) > 1):
+            self.bytes -= self._events.popleft()[1]
+            self.first += 1
+        if self._changed is not None:
+            if not self._changed.done():
+                self._changed.set_result(None)
+            self._changed = None
+        now = time.monotonic()
+        if now - self._swept >= self.SWEEP_S:
+            self._swept = now
+            for reader in [r for r in self.readers if r.cursor < self.first and not r.lagged]:
+                self._lag(reader)
+
+    def _lag(self, reader: LogReader) -> None:
+        reader.lagged = True
+        if reader.on_lag is not None:
+            reader.on_lag()
+
+    async def wait(self, reader: LogReader, timeout: float) -> bool:
+        """Until there is something past the reader's place (True) or `timeout` passes (False)."""
+        if reader.cursor < self.end:
+            return True
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        # asyncio.wait, not await: one reader's cancellation must not cancel the future the others wait on.
+        done, _ = await asyncio.wait((self._changed,), timeout=timeout)
+        return bool(done)
+
+    def read(self, reader: LogReader, max_bytes: int) -> list[Event]:
+        """The reader's events from its place on, about `max_bytes` of them; SubscriberLagged if
+        its place has left the log."""
+        if reader.cursor < self.first:
+            if not reader.lagged:
+                self._lag(reader)
+            raise SubscriberLagged
+        out: list[Event] = []
+        taken = 0
+        kinds = reader.kinds
+        cursor = reader.cursor
+        for event, weight in itertools.islice(self._events, cursor - self.first, None):
+            if taken >= max_bytes:
+                break
+            cursor += 1
+            if kinds is None or event.kind in kinds:
+                out.append(event)
+                taken += weight
+        reader.cursor = cursor
+        return out

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
-from ..core.events import EVENT_KINDS, RequestCompleted, RouteDecided, SubscriberLagged
+from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RouteDecided, SubscriberLagged
 from ..core.tokens import off_loop
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
 from . import errors, memory, sse
@@ -51,6 +51,9 @@ Handler = Callable[[Request], Awaitable[Any]]
 HEARTBEAT_S = 15.0
 LARGE_BODY_BYTES = 1024 * 1024  # a body this large is parsed off the loop, and memory trimmed after it
 LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if its stream has not ended
+# After each write an event stream waits this long before its next: what arrives meanwhile goes in one
+# write, so a subscriber costs at most ten wake-ups a second however fast events come.
+EVENT_TICK_S = 0.1
 SESSION_STATUSES = ("active", "paused", "closed")
 
 
@@ -139,6 +142,7 @@ class Gateway:
         self._stop_counting: Callable[[], None] = lambda: None
         self._openapi: dict[bool, bytes] = {}  # by whether keys are in force
         self.event_subscribers = 0
+        self.event_log: EventLog | None = None  # while anyone subscribes
         # Strict durability: an answer's last byte waits for its ledger row's commit.
         strict = store is not None and settings.file.store.durability == "strict"
         self.durable: Callable[[str], Awaitable[None]] | None = orchestrator.hooks.committed if strict else None
@@ -409,42 +413,44 @@ class Gateway:
             if transport is not None:
                 cut.append(asyncio.get_running_loop().call_later(LAG_GRACE_S, _abort, transport))
 
-        subscription = self.bus.subscribe(
-            maxsize=conf.event_buffer_events, kinds=wanted, max_bytes=conf.event_buffer_bytes,
-            size=sse.bus_event_size, on_lag=lagged,
-        )
+        log = self.event_log
+        if log is None:
+            log = self.event_log = EventLog(
+                self.bus, max_events=conf.event_buffer_events, max_bytes=conf.event_buffer_bytes,
+                size=sse.bus_event_size,
+            )
+        reader = log.reader(wanted, on_lag=lagged)
         self.event_subscribers += 1
-        response = sse.EventStreamResponse(self._event_frames(subscription), stop=self.closing)
+        response = sse.EventStreamResponse(self._event_frames(log, reader), stop=self.closing)
 
         async def respond(scope: Scope, receive: Receive, send: Send) -> None:
             try:
                 await response(scope, receive, send)
             finally:
+                log.forget(reader)
                 self.event_subscribers -= 1
+                if not self.event_subscribers and self.event_log is log:
+                    log.close()  # nobody listens: events are no longer framed for the log
+                    self.event_log = None
                 for handle in cut:  # it ended in time: the connection may serve the next request
                     handle.cancel()
 
         return respond
 
-    async def _event_frames(self, subscription: Any) -> AsyncIterator[bytes]:
-        try:
-            yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
-            while True:
-                try:
-                    async with asyncio.timeout(self.heartbeat_s):
-                        event = await subscription.get()
-                except TimeoutError:
-                    yield sse.HEARTBEAT
-                    continue
-                except SubscriberLagged:
-                    yield sse.lagged_frame(subscription.dropped)
-                    return
-                # Under load many events wait at once; one write carries them, up to a bounded piece.
-                frames = [sse.bus_event_frame(event)]
-                frames += [sse.bus_event_frame(e) for e in subscription.drain(max_bytes=sse.PIECE_BYTES)]
-                yield b"".join(frames)
-        finally:
-            subscription.close()
+    async def _event_frames(self, log: EventLog, reader: Any) -> AsyncIterator[bytes]:
+        yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
+        while True:
+            if not await log.wait(reader, self.heartbeat_s):
+                yield sse.HEARTBEAT
+                continue
+            try:
+                events = log.read(reader, sse.PIECE_BYTES)
+            except SubscriberLagged:
+                yield sse.lagged_frame()
+                return
+            if events:
+                yield b"".join([sse.bus_event_frame(event) for event in events])
+            await asyncio.sleep(EVENT_TICK_S)
 
     # --- operations ----------------------------------------------------------------------------
 

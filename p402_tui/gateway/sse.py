@@ -10,6 +10,7 @@ call. A `stop` event ends long-lived streams the same way when the server shuts 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -50,10 +51,10 @@ def bus_event_size(event: Any) -> int:
     return len(bus_event_frame(event))
 
 
-def lagged_frame(dropped: int) -> bytes:
-    """The last frame a subscriber that fell behind gets: how many events it lost."""
-    return event_frame("lagged", {"kind": "lagged", "dropped": dropped, "message": "this subscriber fell too far "
-                                  "behind and was disconnected; reconnect to resume (events meanwhile are lost)"})
+def lagged_frame() -> bytes:
+    """The last frame a subscriber that fell too far behind gets."""
+    return event_frame("lagged", {"kind": "lagged", "ts": time.time(), "message": "this subscriber fell too far "
+                                  "behind and is disconnected; reconnect to resume (events meanwhile are lost)"})
 
 
 class EventStreamResponse:
