@@ -261,18 +261,13 @@ async def _subscriber(port: int) -> socket.socket:
     return sock
 
 
-def _open_count(socks: list[socket.socket]) -> int:
-    """How many of these connections the server has not closed (a peek sees EOF or a reset)."""
-    alive = 0
-    for sock in socks:
-        try:
-            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            alive += bool(data)
-        except BlockingIOError:
-            alive += 1
-        except OSError:
-            pass
-    return alive
+async def subscribers(client: Any, url: str) -> int:
+    """How many event streams the gateway says it serves (its /metrics gauge)."""
+    async with client.get(f"{url}/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith("p402_event_subscribers "):
+                return int(line.split()[1])
+    return -1
 
 
 async def stalled_subscribers(scratch: Path, count: int = 500, duration: float = 15.0) -> dict[str, Any]:
@@ -284,10 +279,16 @@ async def stalled_subscribers(scratch: Path, count: int = 500, duration: float =
             baseline = await closed_loop(client, stack.url, concurrency=16, duration=duration)
             socks = [await _subscriber(stack.port) for _ in range(count)]
             await asyncio.sleep(1)
+            connected = await subscribers(client, stack.url)
             with_subs_rss = await settle(stack, 0.5)
+            slices = []
             with Sampler(stack.serve.pid) as during:
-                loaded = await closed_loop(client, stack.url, concurrency=16, duration=duration)
-            still_open = _open_count(socks)
+                for _ in range(3):  # the first slice pays for the stalled ones until they are cut
+                    slices.append(await closed_loop(client, stack.url, concurrency=16, duration=duration / 3))
+            loaded = {"rps": round(statistics.fmean(s["rps"] for s in slices), 1),
+                      "failures": {k: v for s in slices for k, v in s["failures"].items()}}
+            await asyncio.sleep(2)
+            still_open = await subscribers(client, stack.url)
             with Sampler(stack.serve.pid) as disconnect:
                 for sock in socks:
                     sock.close()
@@ -299,13 +300,15 @@ async def stalled_subscribers(scratch: Path, count: int = 500, duration: float =
     return {
         "subscribers": count,
         "rss_before_mb": base_rss,
+        "subscribed": connected,
         "rss_with_subscribers_idle_mb": with_subs_rss,
         "rss_peak_under_load_mb": round(during.peak_mb, 1),
         "cost_mb": round(during.peak_mb - base_rss, 1),
-        "still_connected_after_load": still_open,
+        "still_subscribed_after_load": still_open,
         "rss_peak_at_disconnect_mb": round(disconnect.peak_mb, 1),
         "rss_after_mb": after,
-        "rps_without": baseline["rps"], "rps_with": loaded["rps"], "rps_after": again["rps"],
+        "rps_without": baseline["rps"], "rps_with": loaded["rps"], "rps_with_by_5s": [s["rps"] for s in slices],
+        "rps_after": again["rps"],
         "slowdown_pct": round(100 * (1 - loaded["rps"] / baseline["rps"]), 1) if baseline["rps"] else None,
         "failures": {**loaded["failures"], **baseline["failures"]},
         "targets": {"cost_mb": "< 100", "slowdown_pct": "<= 5", "disconnect": "no spike over rss_peak_under_load"},

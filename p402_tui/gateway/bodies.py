@@ -131,10 +131,13 @@ class CompareBody(BaseModel):
     top: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
 
 
+SessionName = Annotated[str, Field(min_length=1, max_length=MAX_SESSION_NAME_CHARS, pattern=r"\S")]
+
+
 class SessionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=MAX_SESSION_NAME_CHARS, pattern=r"\S")
+    name: SessionName
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
     status: Literal["active", "paused", "closed"] = "active"
@@ -154,9 +157,7 @@ class SessionPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # The constraints sit on the str member: on the union, the document loses the pattern.
-    name: Annotated[str, Field(min_length=1, max_length=MAX_SESSION_NAME_CHARS, pattern=r"\S")] | SkipJsonSchema[None] = Field(
-        default=None, json_schema_extra=_no_default
-    )
+    name: SessionName | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_no_default)
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
     status: Literal["active", "paused", "closed"] | SkipJsonSchema[None] = Field(
