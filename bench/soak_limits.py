@@ -12,6 +12,7 @@ file, with a fresh database), drives them over loopback from this process, and r
                       normal requests go on: when they are closed
   kill9               kill -9 under load: acknowledged requests missing from the ledger (strict, four
                       runs; batch, with the window they were answered in)
+  durability_cost     request latency with durability batch and strict
   rss_batches         RSS across two batches of 10,000 distinct requests with the cache on, against
                       what the cache's entries account for
 
@@ -449,6 +450,23 @@ async def kill9(scratch: Path) -> dict[str, Any]:
             "targets": {"strict_missing_total": 0, "batch_window_ms_max": "< 50"}}
 
 
+async def durability_cost(scratch: Path, duration: float = 8.0) -> dict[str, Any]:
+    """What strict durability costs a request: latency at 1 and 16 concurrent, batch against strict, no cache."""
+    out: dict[str, Any] = {}
+    for mode in ("batch", "strict"):
+        stack = Stack(scratch / mode, f'[store]\ndurability = "{mode}"\n')
+        try:
+            async with session() as client:
+                body = lambda i: chat_body(f"cost {i}", p402={"cache": False})  # noqa: E731
+                await closed_loop(client, stack.url, concurrency=4, duration=1, body=body)
+                out[mode] = {f"c{c}": await closed_loop(client, stack.url, concurrency=c, duration=duration, body=body)
+                             for c in (1, 16)}
+        finally:
+            stack.stop()
+    out["added_p50_ms"] = {c: round(out["strict"][c]["p50_ms"] - out["batch"][c]["p50_ms"], 2) for c in ("c1", "c16")}
+    return out
+
+
 async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
     stack = Stack(scratch)
     out: dict[str, Any] = {}
@@ -474,12 +492,14 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
         stack.stop()
     added = (entries[1].get("entries") or 0) - (entries[0].get("entries") or 0)
     growth = rss[2] - rss[1]
-    # An entry: its vector (in index_bytes), the answer and its keys in Python objects; ~2 kB measured
-    # bound for a 16-token answer (an Entry, two hex digests, the decoded response and its usage).
+    # An entry beyond its vector (counted in index_bytes): an Entry object with two 64-char digests, its
+    # prompt, its slot in the LRU dict and the index's row map, ~1 kB; 2 kB allowed for allocator slack.
     per_entry_kb = 2.0
     accounted = added * per_entry_kb / 1024 + (entries[1].get("index_bytes", 0) - entries[0].get("index_bytes", 0)) / 2**20
     out.update({"rss_start_mb": rss[0], "growth_second_batch_mb": round(growth, 1),
                 "cache_entries_added": added, "cache_accounts_for_mb": round(accounted, 1),
+                "per_entry_kb_assumed": per_entry_kb,
+                "growth_per_entry_kb": round(growth * 1024 / added, 2) if added else None,
                 "within": growth <= accounted})
     return out
 
@@ -490,6 +510,7 @@ SCENARIOS: dict[str, Callable[[Path], Any]] = {
     "hung_upstream": hung_upstream,
     "slow_headers": slow_headers,
     "kill9": kill9,
+    "durability_cost": durability_cost,
     "rss_batches": rss_batches,
 }
 
