@@ -443,7 +443,7 @@ async def _kill_run(scratch: Path, durability: str, seconds: float = 4.0) -> dic
 
 async def kill9(scratch: Path) -> dict[str, Any]:
     strict = [await _kill_run(scratch / f"strict{i}", "strict") for i in range(4)]
-    batch = [await _kill_run(scratch / f"batch{i}", "batch") for i in range(2)]
+    batch = [await _kill_run(scratch / f"batch{i}", "batch") for i in range(4)]
     return {"strict": strict, "batch": batch,
             "strict_missing_total": sum(run["missing"] for run in strict),
             "batch_window_ms_max": max(run["window_ms"] for run in batch),

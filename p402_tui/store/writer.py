@@ -2,7 +2,8 @@
 
 Requests never wait for SQLite: hooks `put` a statement on a queue and return.
 The writer gathers what arrived within `interval` (25 ms by default, at most 100 ms
-by design) and commits it as one transaction, so a process killed mid-burst leaves
+by design; writes that queued during the previous commit go at once) and commits it
+as one transaction, so a process killed mid-burst leaves
 either a whole batch or none of it. What a `kill -9` can lose is what was answered
 within that window plus one commit; `urgent` writes (the gateway's strict durability)
 are committed without waiting for the window.
@@ -192,8 +193,11 @@ class Writer:
 
     async def _run(self) -> None:
         while True:
+            # Writes that queued while the last batch was committed have waited a commit already:
+            # they go at once, so that a row's age at its commit stays within interval + one commit.
+            waited = not self._queue.empty()
             first = await self._queue.get()
-            if not self._urgent.is_set() and self.interval > 0 and self._queue.qsize() < self.max_batch - 1:
+            if not (waited or self._urgent.is_set()) and self.interval > 0 and self._queue.qsize() < self.max_batch - 1:
                 try:
                     await asyncio.wait_for(self._urgent.wait(), self.interval)
                 except asyncio.TimeoutError:
