@@ -563,6 +563,9 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .gateway.memory import limit_arenas
+
+    limit_arenas()  # before any thread allocates: a thread's arena keeps what it freed
     settings = settings_from(args)
     host = args.host or settings.gateway.host
     port = settings.gateway.port if args.port is None else args.port
@@ -944,11 +947,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: content, usage, cost, timing, attempts")
     p.add_argument("--system", metavar="S", help="a system prompt")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="cap the answer's length")
-    p.add_argument("--session", metavar="ID", help="charge an agent session, by id or name (its budget is checked first)")
-    p.add_argument("--tag", metavar="T", help="a label for spend reports (p402 spend --by tag)")
+    p.add_argument("--session", type=_label, metavar="ID", help="charge an agent session, by id or name (its budget is checked first)")
+    p.add_argument("--tag", type=_label, metavar="T", help="a label for spend reports (p402 spend --by tag)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="answer from / keep in the semantic cache (default: config cache.enabled, on)")
-    p.add_argument("--namespace", metavar="N", help="cache namespace (default: the session, else 'default')")
+    p.add_argument("--namespace", type=_label, metavar="N", help="cache namespace (default: the session, else 'default')")
     p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read stdin")
     p.set_defaults(func=cmd_chat)
@@ -1055,20 +1058,20 @@ def build_parser() -> argparse.ArgumentParser:
     q = sessions_sub.add_parser("list", parents=[common], help="every session with its spend")
     q.add_argument("--status", choices=["active", "paused", "closed"], help="only sessions with this status")
     q = sessions_sub.add_parser("create", parents=[common], help="a new session")
-    q.add_argument("--name", required=True, metavar="N", help="what to call it")
+    q.add_argument("--name", required=True, type=_session_name, metavar="N", help="what to call it")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD", help="refuse requests past this spend")
-    q.add_argument("--agent", metavar="A", help="the agent working in it")
+    q.add_argument("--agent", type=_label, metavar="A", help="the agent working in it")
     q.add_argument("--metadata", metavar="JSON", help="a JSON object to keep with it")
     q = sessions_sub.add_parser("show", parents=[common], help="one session and its chat history")
     q.add_argument("id", metavar="ID", help="its id or name")
     q.add_argument("--messages", type=_positive_int, default=20, metavar="N", help="last N messages (default 20)")
     q = sessions_sub.add_parser("update", parents=[common], help="change name, budget, status, agent or metadata")
     q.add_argument("id", metavar="ID", help="its id or name")
-    q.add_argument("--name", metavar="N")
+    q.add_argument("--name", type=_session_name, metavar="N")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD")
     q.add_argument("--no-budget", action="store_true", help="remove the budget")
     q.add_argument("--status", choices=["active", "paused", "closed"])
-    q.add_argument("--agent", metavar="A")
+    q.add_argument("--agent", type=_label, metavar="A")
     q.add_argument("--metadata", metavar="JSON", help="a JSON object (replaces the old one)")
     q = sessions_sub.add_parser("delete", parents=[common], help="delete a session (its ledger rows stay)")
     q.add_argument("id", metavar="ID", help="its id or name")
@@ -1125,6 +1128,22 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
     return value
+
+
+def _label(text: str) -> str:
+    from .core.hooks import MAX_LABEL_CHARS
+
+    if len(text) > MAX_LABEL_CHARS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_LABEL_CHARS} characters, not {len(text)}")
+    return text
+
+
+def _session_name(text: str) -> str:
+    from .core.hooks import MAX_SESSION_NAME_CHARS
+
+    if len(text) > MAX_SESSION_NAME_CHARS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SESSION_NAME_CHARS} characters, not {len(text)}")
+    return text
 
 
 def _non_negative_int(text: str) -> int:

@@ -3,6 +3,9 @@
 Reads that decide a request (cache lookup, budget check) are awaited; every write
 is queued for the writer task, so recording never slows an answer down.
 
+With `strict` durability, each ledger row is queued for an immediate commit and
+`committed(request_id)` waits for it: the gateway holds an answer's last byte until then.
+
 Budgets are checked against what the ledger holds plus what is queued but not yet
 committed plus what requests in flight estimated, so a burst of concurrent
 requests cannot slip past a budget between two commits.
@@ -10,6 +13,7 @@ requests cannot slip past a budget between two commits.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Any
 
@@ -29,11 +33,16 @@ from .store.sessions import INSERT_MESSAGE, SessionInactiveError, get_session
 from .store.store import Store
 
 class Persistence:
-    def __init__(self, store: Store, cache: SemanticCache | None = None, *, simulated: bool = False) -> None:
-        """`simulated`: every provider is the simulator, and each row says so."""
+    def __init__(
+        self, store: Store, cache: SemanticCache | None = None, *, simulated: bool = False, strict: bool = False
+    ) -> None:
+        """`simulated`: every provider is the simulator, and each row says so. `strict`: an answer's
+        last byte waits for its ledger row's commit (`committed`)."""
         self.store = store
         self.cache = cache
         self.simulated = int(simulated)
+        self.strict = strict
+        self._commits: dict[str, asyncio.Future[None]] = {}  # strict: request id -> its row's commit
         # Per session: USD queued for the ledger, and USD of it committed (both only grow).
         self._queued: defaultdict[str, float] = defaultdict(float)
         self._committed: defaultdict[str, float] = defaultdict(float)
@@ -102,15 +111,21 @@ class Persistence:
     ) -> None:
         self._reserved.pop(ctx.request_id, None)
         session_id = record.session_id
-        done = None
-        if session_id is not None and record.cost_usd:
-            cost = record.cost_usd
-            self._queued[session_id] += cost
+        charged = session_id is not None and record.cost_usd
+        if charged:
+            self._queued[session_id] += record.cost_usd  # type: ignore[index]
+        landed: asyncio.Future[None] | None = None
+        if self.strict:
+            landed = self._commits[ctx.request_id] = asyncio.get_running_loop().create_future()
+        cost = record.cost_usd
 
-            def committed() -> None:
-                self._committed[session_id] += cost
-
-            done = committed
+        def done() -> None:
+            if charged:
+                self._committed[session_id] += cost  # type: ignore[index]
+            if landed is not None:
+                self._commits.pop(ctx.request_id, None)
+                if not landed.done():
+                    landed.set_result(None)
 
         keys = self.cache.probed_keys(ctx.request_id) if self.cache is not None else None  # before insert() takes them
         known = keys.exact if keys is not None else None
@@ -120,7 +135,7 @@ class Persistence:
             needs = ",".join(sorted(request.needs()))
             return [(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=prompt_key, simulated=self.simulated))]
 
-        self.store.put_later(ledger_row, done=done)
+        self.store.put_later(ledger_row, done=done, urgent=self.strict)
         ok = record.status == "ok" and response is not None
         if self.cache is not None:
             if ok and not record.cached and ctx.cache:
@@ -132,6 +147,12 @@ class Persistence:
             model = f"{response.provider}/{response.model}"
             self.store.put(INSERT_MESSAGE, (session_id, "user", request.last_user_text(), None, record.id, record.ts))
             self.store.put(INSERT_MESSAGE, (session_id, "assistant", response.content or "", model, record.id, record.ts))
+
+    async def committed(self, request_id: str) -> None:
+        """Wait until the request's ledger row is committed (strict durability; at once otherwise)."""
+        landed = self._commits.get(request_id)  # gone once committed
+        if landed is not None:
+            await landed
 
     def health(self, snapshot: dict[str, Any]) -> None:
         self.store.put(INSERT_HEALTH, (*health_row(snapshot), self.simulated))

@@ -5,7 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 
-from p402_tui.core.events import AttemptFailed, CacheHit, EventBus, HealthChanged, SpendUpdated
+import pytest
+
+from p402_tui.core.events import (
+    AttemptFailed,
+    CacheHit,
+    EventBus,
+    EventLog,
+    HealthChanged,
+    SpendUpdated,
+    SubscriberLagged,
+)
 
 
 def spend(i: int) -> SpendUpdated:
@@ -92,3 +102,40 @@ def test_events_serialise_with_their_kind():
     )
     data = event.to_dict()
     assert data["kind"] == "attempt_failed" and data["will_retry"] is True and data["ts"] > 0
+
+
+async def test_an_event_log_is_shared_bounded_and_says_who_lagged(monkeypatch):
+    bus = EventBus()
+    log = EventLog(bus, max_events=100, max_bytes=250, size=lambda event: 10)
+    lagged = []
+    fast, slow = log.reader(on_lag=lambda: lagged.append("fast")), log.reader(on_lag=lambda: lagged.append("slow"))
+    spends = log.reader(kinds={"spend_updated"})
+    waiting = asyncio.ensure_future(log.wait(fast, timeout=5))
+    await asyncio.sleep(0)
+    bus.publish(spend(0))
+    assert await waiting
+    bus.publish(HealthChanged(provider="p", status="down", previous="healthy"))
+    assert [e.kind for e in log.read(fast, max_bytes=1000)] == ["spend_updated", "health_changed"]
+    assert [e.cost_usd for e in log.read(spends, max_bytes=1000)] == [0]
+    for i in range(1, 21):  # 22 events in all: the log holds 25
+        bus.publish(spend(i))
+    assert len(log.read(fast, max_bytes=50)) == 5  # a piece at a time
+    assert len(log.read(fast, max_bytes=1000)) == 15
+    for i in range(21, 40):  # 41 events of 10 bytes: the log keeps the last 25
+        bus.publish(spend(i))
+    assert log.end - log.first == 25 and log.bytes == 250
+    assert [e.cost_usd for e in log.read(fast, max_bytes=1000)] == list(range(21, 40))
+    with pytest.raises(SubscriberLagged):
+        log.read(slow, max_bytes=1000)  # its next event left the log
+    assert lagged == ["slow"]
+    assert not await log.wait(fast, timeout=0.01)  # nothing new: the heartbeat's turn
+    log.forget(fast)
+    monkeypatch.setattr(EventLog, "SWEEP_S", 0.0)
+    log.reader(on_lag=lambda: lagged.append("stuck"))  # never reads, like a stream blocked in a write
+    for i in range(30):
+        bus.publish(spend(i))
+    assert lagged == ["slow", "stuck"]  # found by the sweep, told once
+    log.close()
+    end = log.end
+    bus.publish(spend(99))
+    assert log.end == end  # closed: no longer listening

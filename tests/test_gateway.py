@@ -768,7 +768,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
     assert options["exclude"]["items"] == options["prefer"]["items"]
     schemas = document["components"]["schemas"]
     patch_name = schemas["SessionPatch"]["properties"]["name"]
-    assert patch_name == {"title": "Name", "type": "string", "minLength": 1, "pattern": r"\S"}
+    assert patch_name == {"title": "Name", "type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"}
     assert schemas["SessionCreate"]["properties"]["name"]["pattern"] == r"\S"
     # A stream's body is text; each event is described by OpenAPI 3.2's itemSchema.
     chat_events = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]

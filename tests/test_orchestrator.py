@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 
 import httpx
 import pytest
@@ -17,7 +18,9 @@ from p402_tui.core.errors import (
     AuthenticationError,
     BadRequestError,
     ConnectionLostError,
+    BudgetExceededError,
     ContextLengthError,
+    DeadlineExceededError,
     NoEligibleModelError,
     RateLimitError,
     ServerError,
@@ -276,6 +279,36 @@ async def test_cancelling_a_stream_closes_the_upstream(orchestrator, sim, how):
     assert event.record.error_kind == "cancelled"
 
 
+async def test_a_hung_upstream_ends_at_the_requests_deadline_across_attempts(orchestrator, sim):
+    sim.state.add_fault(Fault(kind="timeout"))  # every provider hangs; each attempt alone would wait 120 s
+    events = orchestrator.bus.subscribe(kinds={"request_completed"})
+    began = time.perf_counter()
+    with pytest.raises(DeadlineExceededError) as caught:
+        await orchestrator.complete(ask(), ctx=CallContext(timeout_s=0.5))
+    took = time.perf_counter() - began
+    assert 0.5 <= took < 2 and caught.value.http_status == 504
+    (event,) = events.drain()
+    assert event.record.error_kind == "deadline_exceeded"
+    assert event.record.attempts[-1].error_kind == "deadline_exceeded"
+
+
+async def test_a_stream_past_its_deadline_ends_with_an_error_chunk(orchestrator, sim):
+    fastest = winner(orchestrator, "speed", ask(stream=True))
+    sim.state.add_fault(Fault(provider=fastest.provider, kind="timeout", after_tokens=2))  # then it hangs
+    events = orchestrator.bus.subscribe(kinds={"request_completed"})
+    stream = orchestrator.stream(ask(stream=True), options_from(mode="speed"), CallContext(timeout_s=1.0))
+    chunks = [c async for c in stream]
+    assert any(c.content for c in chunks[:-1])
+    assert chunks[-1].finish_reason == "error" and chunks[-1].error["kind"] == "deadline_exceeded"
+    (event,) = events.drain()
+    assert event.record.error_kind == "deadline_exceeded" and event.record.completion_tokens > 0
+    for _ in range(200):
+        if sim.state.streams.cancelled:
+            break
+        await asyncio.sleep(0.01)
+    assert sim.state.streams.open_now == 0
+
+
 async def test_aclose_after_the_last_chunk_counts_as_a_complete_answer(orchestrator):
     events = orchestrator.bus.subscribe(kinds={"request_completed"})
     stream = orchestrator.stream(ask(stream=True), options_from(mode="cost"))
@@ -358,14 +391,29 @@ async def test_nothing_eligible_is_an_error_and_still_recorded(orchestrator):
     assert event.record.status == "error" and event.record.error_kind == "no_eligible_model"
 
 
+async def test_a_refused_request_never_reaches_the_cache(sim_settings, sim):
+    hooks = CachingHooks(budget_left=0.0)
+    async with Orchestrator(sim_settings, hooks=hooks) as orchestrator:
+        with pytest.raises(NoEligibleModelError):
+            await orchestrator.complete(ask("cached?"), options_from(max_cost_usd=1e-12))
+        with pytest.raises(BudgetExceededError):
+            await orchestrator.complete(ask("cached?"), ctx=CallContext(session_id="s1"))
+        with pytest.raises(BudgetExceededError):
+            await orchestrator.stream(ask("cached?", stream=True), ctx=CallContext(session_id="s1")).__anext__()
+    assert hooks.lookups == 0 and len(hooks.budget_checks) == 2 and sim.state.stats()["calls"] == 0
+
+
 class CachingHooks(NoHooks):
     """The cache seam as the store package fills it: one canned answer, and what was recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget_left: float = float("inf")) -> None:
         self.completed_records = []
         self.budget_checks = []
+        self.lookups = 0
+        self.budget_left = budget_left
 
     async def lookup(self, request, options, ctx):
+        self.lookups += 1
         if request.last_user_text() != "cached?":
             return None
         answer = ChatResponse(provider="groq", model="m", content="from the cache", usage=Usage(10, 5))
@@ -373,6 +421,8 @@ class CachingHooks(NoHooks):
 
     async def check_budget(self, ctx, est_cost_usd):
         self.budget_checks.append(est_cost_usd)
+        if est_cost_usd > self.budget_left:
+            raise BudgetExceededError("over the test's budget")
 
     def completed(self, record, request, response, options, ctx):
         self.completed_records.append(record)
@@ -386,11 +436,12 @@ async def test_hooks_cache_hit_budget_check_and_ledger(sim_settings, sim):
         assert hit.content == "from the cache"
         assert hit.p402.cached and hit.p402.cost_usd == 0 and hit.p402.saved_usd == 0.002
         assert [e.kind for e in events.drain()] == ["cache_hit", "request_completed"]
-        assert sim.state.stats()["calls"] == 0 and hooks.budget_checks == []
+        # The budget is checked before the cache: only a request that could be served costs a lookup.
+        assert sim.state.stats()["calls"] == 0 and len(hooks.budget_checks) == 1
         chunks = [c async for c in orchestrator.stream(ask("cached?", stream=True))]
         assert "".join(c.content for c in chunks) == "from the cache" and chunks[-1].usage.prompt_tokens == 10
         miss = await orchestrator.complete(ask("fresh"), ctx=CallContext(session_id="s1"))
-        assert not miss.p402.cached and len(hooks.budget_checks) == 1 and hooks.budget_checks[0] > 0
+        assert not miss.p402.cached and len(hooks.budget_checks) == 3 and hooks.budget_checks[-1] > 0
         assert [r.cached for r in hooks.completed_records] == [True, True, False]
         assert hooks.completed_records[-1].session_id == "s1"
 

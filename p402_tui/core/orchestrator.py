@@ -1,8 +1,12 @@
 """The orchestrator: every request from the CLI, the gateway and the console goes through here.
 
-One request is: cache lookup (hooks) -> route -> budget check (hooks) -> call the
+One request is: route -> budget check (hooks) -> cache lookup (hooks) -> call the
 chosen model -> on a retryable error, the next fallback -> record (hooks, events,
-health). Failover follows the error's scope: after a provider-level failure (5xx,
+health). The cache is asked only once a request could be served: a refused one
+costs no embedding. A large prompt is counted on a small thread pool first, so
+routing it never holds the event loop. A request has one deadline across all its
+attempts (`[router] request_timeout_s`, or the caller's `timeout_s`), apart from
+each attempt's own timeout: past it, `DeadlineExceededError`. Failover follows the error's scope: after a provider-level failure (5xx,
 overload, timeout, connection lost, rate limit) the rest of that provider's models
 are skipped; after a model-level one (prompt too long, model not found) the same
 provider's other models may follow; a rejected key moves to another provider; a bad
@@ -29,6 +33,7 @@ from .catalog import ModelSpec
 from .config import Settings
 from .costs import call_cost
 from .errors import (
+    DeadlineExceededError,
     NoEligibleModelError,
     P402Error,
     ProviderError,
@@ -38,7 +43,7 @@ from .events import AttemptFailed, CacheHit, EventBus, RequestCompleted, RouteDe
 from .health import HealthPolicy, HealthTracker
 from .hooks import CallContext, Hooks, NoHooks, RequestRecord, RouteOptions
 from .router import CIRCUIT_OPEN, RouteDecision, Router
-from .tokens import count_text, warm
+from .tokens import PIECE_CHARS, count_text, off_loop, warm
 from .types import Attempt, ChatChunk, ChatRequest, ChatResponse, P402Meta, ToolCallDelta, Usage, new_id
 
 log = logging.getLogger(__name__)
@@ -329,13 +334,44 @@ class Orchestrator:
         """A dry run: the decision, with no call made and nothing published."""
         return self.router.route(request, options)
 
-    def _decide(self, request: ChatRequest, options: RouteOptions) -> RouteDecision:
+    async def _admit(
+        self, request: ChatRequest, options: RouteOptions, ctx: CallContext, record: RequestRecord
+    ) -> RouteDecision:
+        """Route and check the budget; the decision is published now only if it refuses the request."""
+        if _prompt_chars(request) > PIECE_CHARS:
+            await off_loop(self.router.count_prompt, request)  # routing below finds the count made
         decision = self.router.route(request, options)
+        # Only ejected models left: the plan may still try the least bad of them, or answer 503.
+        if decision.chosen_id is None and not any(e.reason == CIRCUIT_OPEN for e in decision.excluded):
+            self.bus.publish(RouteDecided(decision=decision))
+            self.hooks.decided(decision)
+            raise NoEligibleModelError(f"no eligible model: {decision.why_none()}")
+        try:
+            await self.hooks.check_budget(ctx, decision.est_cost_usd)
+        except P402Error:
+            self._publish(decision, record)
+            raise
+        return decision
+
+    def _publish(self, decision: RouteDecision, record: RequestRecord) -> None:
+        """A decision that goes on to a call (or a budget refusal): told to the bus and the ledger."""
         self.bus.publish(RouteDecided(decision=decision))
         self.hooks.decided(decision)
-        if decision.chosen_id is None and not any(e.reason == CIRCUIT_OPEN for e in decision.excluded):
-            raise NoEligibleModelError(f"no eligible model: {decision.why_none()}")
-        return decision
+        self._note_decision(record, decision)
+
+    def _deadline(self, ctx: CallContext) -> asyncio.Timeout:
+        timeout = ctx.timeout_s if ctx.timeout_s is not None else self.settings.router.request_timeout_s
+        return asyncio.timeout(timeout)
+
+    def _past_deadline(self, ctx: CallContext, plan: _Plan | None, spec: ModelSpec | None) -> DeadlineExceededError:
+        """The error for a request whose deadline passed (cutting short the attempt on `spec`, if any)."""
+        timeout = ctx.timeout_s if ctx.timeout_s is not None else self.settings.router.request_timeout_s
+        error = DeadlineExceededError(f"no complete answer within the request's deadline of {timeout:g}s")
+        if spec is not None:
+            self.health.release(spec.provider, spec.id)
+            if plan is not None:
+                plan.attempts.append(Attempt(spec.provider, spec.model, error.kind, str(error), 0.0))
+        return error
 
     # --- complete ------------------------------------------------------------------
 
@@ -350,45 +386,52 @@ class Orchestrator:
         decision: RouteDecision | None = None
         plan: _Plan | None = None
         spec: ModelSpec | None = None
+        deadline = self._deadline(ctx)
         try:
-            cached = await self._cached(request, options, ctx, record, started)
-            if cached is not None:
-                return cached
-            decision = self._decide(request, options)
-            self._note_decision(record, decision)
-            await self.hooks.check_budget(ctx, decision.est_cost_usd)
-            plan = _Plan(self, decision, options)
-            while (spec := plan.next()) is not None:
-                attempt_started = time.perf_counter()
-                try:
-                    response = await self.adapter(spec.provider).complete(request, model=spec.model)
-                except ProviderError as error:
+            async with deadline:
+                decision = await self._admit(request, options, ctx, record)
+                cached = await self._cached(request, options, ctx, record, started)
+                if cached is not None:
+                    return cached
+                self._publish(decision, record)
+                plan = _Plan(self, decision, options)
+                while (spec := plan.next()) is not None:
+                    attempt_started = time.perf_counter()
+                    try:
+                        response = await self.adapter(spec.provider).complete(request, model=spec.model)
+                    except ProviderError as error:
+                        latency_ms = (time.perf_counter() - attempt_started) * 1000
+                        self.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
+                        again = plan.failed(spec, error, latency_ms)
+                        self._attempt_failed(ctx, decision, spec, error, again)
+                        if not again:
+                            break
+                        continue
                     latency_ms = (time.perf_counter() - attempt_started) * 1000
-                    self.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
-                    again = plan.failed(spec, error, latency_ms)
-                    self._attempt_failed(ctx, decision, spec, error, again)
-                    if not again:
-                        break
-                    continue
-                latency_ms = (time.perf_counter() - attempt_started) * 1000
-                plan.succeeded(spec, latency_ms)
-                self.health.record_success(
-                    spec.provider, spec.id, latency_ms=latency_ms, output_tokens=response.usage.completion_tokens
-                )
-                cost = call_cost(spec, response.usage)
-                response.p402 = P402Meta(
-                    provider=spec.provider,
-                    model=spec.model,
-                    cost_usd=cost,
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                    ttft_ms=None,
-                    attempts=plan.attempts,
-                    decision_id=decision.id,
-                )
-                self._finish_ok(record, request, response, options, ctx, response.usage, cost, started, None)
-                return response
-            spec = None
-            raise plan.exhausted()
+                    plan.succeeded(spec, latency_ms)
+                    self.health.record_success(
+                        spec.provider, spec.id, latency_ms=latency_ms, output_tokens=response.usage.completion_tokens
+                    )
+                    cost = call_cost(spec, response.usage)
+                    response.p402 = P402Meta(
+                        provider=spec.provider,
+                        model=spec.model,
+                        cost_usd=cost,
+                        latency_ms=(time.perf_counter() - started) * 1000,
+                        ttft_ms=None,
+                        attempts=plan.attempts,
+                        decision_id=decision.id,
+                    )
+                    self._finish_ok(record, request, response, options, ctx, response.usage, cost, started, None)
+                    return response
+                spec = None
+                raise plan.exhausted()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            error = self._past_deadline(ctx, plan, spec)
+            self._finish_error(record, request, options, ctx, error.kind, str(error), plan, started)
+            raise error from None
         except asyncio.CancelledError:
             if spec is not None:
                 self.health.release(spec.provider, spec.id)
@@ -415,18 +458,25 @@ class Orchestrator:
         plan: _Plan | None = None
         flow: _Flow | None = None
         finished = False
+        deadline = self._deadline(ctx)
+        when = deadline.when()
         try:
-            cached = await self._cached(request, options, ctx, record, started)
+            try:
+                async with deadline:  # no yield inside: the deadline's task is the one reading
+                    decision = await self._admit(request, options, ctx, record)
+                    cached = await self._cached(request, options, ctx, record, started)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                raise self._past_deadline(ctx, None, None) from None
             if cached is not None:
                 finished = True
                 handle.meta = cached.p402  # type: ignore[assignment]
                 yield _replay(cached)
                 return
-            decision = self._decide(request, options)
             handle.decision = decision
             handle.meta.decision_id = decision.id
-            self._note_decision(record, decision)
-            await self.hooks.check_budget(ctx, decision.est_cost_usd)
+            self._publish(decision, record)
             plan = _Plan(self, decision, options)
             handle.meta.attempts = plan.attempts
             while (spec := plan.next()) is not None:
@@ -434,20 +484,27 @@ class Orchestrator:
                 upstream: AsyncIterator[list[ChatChunk]] | None = None
                 try:
                     upstream = self.adapter(spec.provider).stream_batches(request, model=spec.model)
-                    async for batch in upstream:
+                    while (batch := await _next_before(upstream, when)) is not None:
                         out = flow.take(batch, handle.meta, started)
                         if out:
                             yield out
-                except ProviderError as error:
+                except (ProviderError, TimeoutError) as caught:
                     latency_ms = (time.perf_counter() - flow.started) * 1000
-                    self.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
-                    if flow.ttft_ms is None:
-                        again = plan.failed(spec, error, latency_ms)
-                        self._attempt_failed(ctx, decision, spec, error, again)
-                        flow = None
-                        if not again:
-                            break
-                        continue
+                    if isinstance(caught, ProviderError):
+                        error: P402Error = caught
+                        self.health.record_failure(spec.provider, spec.id, caught, latency_ms=latency_ms)
+                        if flow.ttft_ms is None:
+                            again = plan.failed(spec, caught, latency_ms)
+                            self._attempt_failed(ctx, decision, spec, caught, again)
+                            flow = None
+                            if not again:
+                                break
+                            continue
+                    else:
+                        error = self._past_deadline(ctx, plan, spec)
+                        if flow.ttft_ms is None:
+                            flow = None
+                            raise error from None
                     # Content already reached the caller: no failover, a clean ending instead.
                     plan.attempts.append(Attempt(spec.provider, spec.model, error.kind, str(error), latency_ms))
                     self._attempt_failed(ctx, decision, spec, error, False)
@@ -658,6 +715,17 @@ class Orchestrator:
         if cost and spec is not None:
             self.bus.publish(SpendUpdated(provider=spec.provider, model=spec.model, cost_usd=cost, session_id=ctx.session_id))
         self.hooks.completed(record, request, None, options, ctx)
+
+
+def _prompt_chars(request: ChatRequest) -> int:
+    """About how much text the prompt holds (plain-text messages; enough to spot a large one)."""
+    return sum(len(m.content) for m in request.messages if type(m.content) is str)
+
+
+async def _next_before(upstream: AsyncIterator[list[ChatChunk]], when: float | None) -> list[ChatChunk] | None:
+    """The stream's next batch (None at its end); TimeoutError once the loop's clock passes `when`."""
+    async with asyncio.timeout_at(when):
+        return await anext(upstream, None)
 
 
 def _replay(response: ChatResponse) -> list[ChatChunk]:

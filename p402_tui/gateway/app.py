@@ -8,8 +8,10 @@ our errors into OpenAI-shaped ones; nothing else ever reaches the client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,9 +26,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
-from ..core.events import EVENT_KINDS, RequestCompleted, RequestRejected, RouteDecided
+from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged
+from ..core.tokens import off_loop
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes, round_costs
-from . import errors, sse
+from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
     DECISION_RING,
@@ -47,6 +50,12 @@ logger = logging.getLogger("p402.gateway")
 Handler = Callable[[Request], Awaitable[Any]]
 
 HEARTBEAT_S = 15.0
+LARGE_BODY_BYTES = 1024 * 1024  # a body this large is parsed off the loop, and memory trimmed after it
+LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if its stream has not ended
+# After each write an event stream waits this long before its next: what arrives meanwhile goes in one
+# write, so a subscriber costs at most ten wake-ups a second however fast events come.
+EVENT_TICK_S = 0.1
+EVENT_SNDBUF = 256 * 1024  # ~2.5 MB/s to a subscriber 100 ms away
 SESSION_STATUSES = ("active", "paused", "closed")
 
 
@@ -144,6 +153,13 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_counting: Callable[[], None] = lambda: None
         self._openapi: dict[bool, bytes] = {}  # by whether keys are in force
+        self.event_subscribers = 0
+        self.event_log: EventLog | None = None  # while anyone subscribes
+        # Strict durability: an answer's last byte waits for its ledger row's commit.
+        strict = store is not None and settings.file.store.durability == "strict"
+        self.durable: Callable[[str], Awaitable[None]] | None = orchestrator.hooks.committed if strict else None
+        self.store_refused = 0  # requests refused because the ledger writer could not keep up
+        self.trimmer = memory.Trimmer()
 
     async def start(self) -> None:
         stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -178,23 +194,38 @@ class Gateway:
     # --- chat ------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Any:
+        if self.store is not None and self.store.writer.saturated:
+            self.store_refused += 1
+            message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
+            raise errors.GatewayError(503, message, code="store_overloaded", headers={"retry-after": "1"})
         body = await read_body(request, self.max_body)
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
-        chat, options, ctx = parse_chat(
-            body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"), no_cache=no_cache
+        parse = functools.partial(
+            parse_chat, body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"),
+            no_cache=no_cache,
         )
-        if ctx.session_id is not None and self.store is not None:
-            from ..store.sessions import resolve_session
+        large = len(body) >= LARGE_BODY_BYTES
+        try:
+            # Megabytes of JSON hold the loop for tens of ms: parsed on the small pool, and what the
+            # request used is handed back to the OS once it is done.
+            chat, options, ctx = await off_loop(parse) if large else parse()
+            if ctx.session_id is not None and self.store is not None:
+                from ..store.sessions import resolve_session
 
-            ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
-        request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
-        if chat.stream:
-            return await self._stream(chat, options, ctx)
-        response = await self.orchestrator.complete(chat, options, ctx)
+                ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
+            request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
+            if chat.stream:
+                return await self._stream(chat, options, ctx, large=large)
+            response = await self.orchestrator.complete(chat, options, ctx)
+        finally:
+            if large:
+                self.trimmer.soon()
+        if self.durable is not None:
+            await self.durable(ctx.request_id)
         return Response(json_bytes(response.to_openai()), media_type="application/json")
 
-    async def _stream(self, chat: ChatRequest, options: Any, ctx: Any) -> Any:
+    async def _stream(self, chat: ChatRequest, options: Any, ctx: Any, *, large: bool = False) -> Any:
         stream = self.orchestrator.stream(chat, options, ctx)
         try:
             # Routing, budget and the first upstream byte happen here, so a refusal is still a
@@ -206,7 +237,15 @@ class Gateway:
             await stream.aclose()
             raise
         include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
-        return sse.EventStreamResponse(_chunk_frames(stream, first, include_usage), cleanup=stream.aclose)
+        frames = _chunk_frames(stream, first, include_usage, self.durable)
+        if not large:
+            return sse.EventStreamResponse(frames, cleanup=stream.aclose)
+
+        async def cleanup() -> None:
+            await stream.aclose()
+            self.trimmer.soon()
+
+        return sse.EventStreamResponse(frames, cleanup=cleanup)
 
     # --- models and providers -----------------------------------------------------------
 
@@ -426,25 +465,66 @@ class Gateway:
                 400, f"unknown event kind {', '.join(sorted(unknown))}; choose from {', '.join(EVENT_KINDS)}",
                 param="kinds",
             )
-        subscription = self.bus.subscribe(maxsize=1000, kinds=wanted)
-        return sse.EventStreamResponse(self._event_frames(subscription), stop=self.closing)
+        conf = self.settings.gateway
+        if self.event_subscribers >= conf.max_event_subscribers:
+            raise errors.GatewayError(
+                503, f"this gateway already streams events to {conf.max_event_subscribers} subscribers "
+                "([gateway] max_event_subscribers); try again later", code="too_many_subscribers",
+                headers={"retry-after": "5"},
+            )
+        # A client that stops reading blocks its stream in a write; its place then leaves the shared
+        # log and it is let go: told so if it still reads, its connection cut if it does not.
+        transport = request.scope.get("p402.transport")
+        cut: list[asyncio.TimerHandle] = []
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                # The kernel's send buffer grows to megabytes by itself: held small, a client that stopped
+                # reading stops taking bytes after ~EVENT_SNDBUF rather than after several MB per subscriber.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EVENT_SNDBUF)
 
-    async def _event_frames(self, subscription: Any) -> AsyncIterator[bytes]:
-        try:
-            yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
-            while True:
-                try:
-                    async with asyncio.timeout(self.heartbeat_s):
-                        event = await subscription.get()
-                except TimeoutError:
-                    yield sse.HEARTBEAT
-                    continue
-                # Under load many events wait at once; one write carries them all.
-                frames = [sse.bus_event_frame(event)]
-                frames += [sse.bus_event_frame(e) for e in subscription.drain()]
-                yield b"".join(frames)
-        finally:
-            subscription.close()
+        def lagged() -> None:
+            if transport is not None:
+                cut.append(asyncio.get_running_loop().call_later(LAG_GRACE_S, _abort, transport))
+
+        log = self.event_log
+        if log is None:
+            log = self.event_log = EventLog(
+                self.bus, max_events=conf.event_buffer_events, max_bytes=conf.event_buffer_bytes,
+                size=sse.bus_event_size,
+            )
+        reader = log.reader(wanted, on_lag=lagged)
+        self.event_subscribers += 1
+        response = sse.EventStreamResponse(self._event_frames(log, reader), stop=self.closing)
+
+        async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await response(scope, receive, send)
+            finally:
+                log.forget(reader)
+                self.event_subscribers -= 1
+                if not self.event_subscribers and self.event_log is log:
+                    log.close()  # nobody listens: events are no longer framed for the log
+                    self.event_log = None
+                for handle in cut:  # it ended in time: the connection may serve the next request
+                    handle.cancel()
+
+        return respond
+
+    async def _event_frames(self, log: EventLog, reader: Any) -> AsyncIterator[bytes]:
+        yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
+        while True:
+            if not await log.wait(reader, self.heartbeat_s):
+                yield sse.HEARTBEAT
+                continue
+            try:
+                events = log.read(reader, sse.PIECE_BYTES)
+            except SubscriberLagged:
+                yield sse.lagged_frame()
+                return
+            if events:
+                yield b"".join([sse.bus_event_frame(event) for event in events])
+            await asyncio.sleep(EVENT_TICK_S)
 
     # --- operations ----------------------------------------------------------------------------
 
@@ -470,7 +550,22 @@ class Gateway:
         return cache.embedder.info()
 
     async def prometheus(self, request: Request) -> Any:
-        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+        text = self.metrics.render()
+        text += (
+            "# HELP p402_event_subscribers Clients streaming /api/v2/events now.\n"
+            "# TYPE p402_event_subscribers gauge\n"
+            f"p402_event_subscribers {self.event_subscribers}\n"
+        )
+        if self.store is not None:
+            text += (
+                "# HELP p402_store_pending_writes Ledger writes queued, not yet committed.\n"
+                "# TYPE p402_store_pending_writes gauge\n"
+                f"p402_store_pending_writes {self.store.writer.pending}\n"
+                "# HELP p402_store_refused_total Requests refused because the ledger could not keep up.\n"
+                "# TYPE p402_store_refused_total counter\n"
+                f"p402_store_refused_total {self.store_refused}\n"
+            )
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Any:
         # The document says whether keys are in force now: that changes when the first key is made.
@@ -516,7 +611,9 @@ class Gateway:
         )
         chat = guarded(self.chat)
         direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
-        return _Front(starlette, self.auth, direct, on_rejected=self._rejected)
+        return _Front(
+            starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency
+        )
 
     def _rejected(self, scope: Scope, status: int) -> None:
         reason, message = scope.get("p402.refusal") or (None, "")
@@ -546,6 +643,11 @@ def _outcome(record: Any) -> dict[str, Any] | None:
         "latency_ms": record.latency_ms, "status": record.status, "error_kind": record.error_kind,
         "session_id": record.session_id,
     }  # fmt: skip
+
+
+def _abort(transport: Any) -> None:
+    if not transport.is_closing():
+        transport.abort()
 
 
 def _model_object(model_id: str, owned_by: str, created: int) -> dict[str, Any]:
@@ -582,16 +684,32 @@ class _Front:
         auth: GatewayAuth,
         direct: dict[tuple[str, str], Handler] | None = None,
         on_rejected: Callable[[Scope, int], None] | None = None,
+        *,
+        limit: int | None = None,
     ) -> None:
         self.app = app
         self.auth = auth
         self.direct = direct or {}
         self.on_rejected = on_rejected  # told of every 4xx answer, as it starts
+        self.limit = limit  # requests at once ([gateway] limit_concurrency); /health is always answered
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.limit is not None and self.in_flight >= self.limit and scope["path"] not in self.OPEN_PATHS:
+            message = f"the gateway is serving {self.limit} requests already ([gateway] limit_concurrency)"
+            refusal = errors.error_response(503, message, code="overloaded", headers={"retry-after": "1"})
+            await refusal(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] not in self.OPEN_PATHS:
             try:
                 scope["p402.api_key_id"] = await self.auth.check(scope)
@@ -645,9 +763,13 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return errors.error_response(500, "internal error in the gateway", code="internal_error")
 
 
-async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chunk_frames(
+    stream: Any, first: list[ChatChunk] | None, include_usage: bool,
+    durable: Callable[[str], Awaitable[None]] | None = None,
+) -> AsyncIterator[bytes]:
     """OpenAI `chat.completion.chunk` frames, those of one upstream batch in one piece;
-    P402's meta rides on the finishing chunk.
+    P402's meta rides on the finishing chunk. With `durable`, the answer's last piece
+    waits for its ledger row's commit.
 
     A role-only preamble is folded into the first chunk with content, so the first
     frame a client sees carries the first token.
@@ -719,6 +841,8 @@ async def _chunk_frames(stream: Any, first: list[ChatChunk] | None, include_usag
                 out.append(frame(finishing, meta))
             if include_usage and usage is not None:
                 out.append(usage_frame(usage, meta))
+            if durable is not None:
+                await durable(stream.request_id)
     except P402Error as error:
         out.append(sse.data_frame(errors.error_body(errors.p402_status(error), error.message, code=error.kind)))
     out.append(sse.DONE)

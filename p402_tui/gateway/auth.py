@@ -2,8 +2,9 @@
 
 Keys are checked only when they are in force: when any key exists, or always
 when the gateway listens beyond loopback. The store is asked at most once per
-token and per few seconds (answers are remembered briefly), so a key made or
-revoked with `p402 keys` in another process takes effect within `ttl_s`.
+token and per second (answers are remembered briefly), so a key made or revoked
+with `p402 keys` in another process takes effect within `ttl_s`; one made or
+revoked in this process, at once (`forget`).
 """
 
 from __future__ import annotations
@@ -66,13 +67,18 @@ class GatewayAuth:
 
     MAX_REMEMBERED = 4096
 
-    def __init__(self, backend: KeyBackend | None, *, required: bool, ttl_s: float = 5.0) -> None:
+    def __init__(self, backend: KeyBackend | None, *, required: bool, ttl_s: float = 1.0) -> None:
         self.backend = backend
         self.required = required  # listening beyond loopback: keys always, even if none exist yet
         self.ttl_s = ttl_s
         self._keys_exist = False
         self._keys_checked_at = float("-inf")
         self._remembered: dict[bytes, tuple[str | None, float]] = {}
+
+    def forget(self) -> None:
+        """Drop what was remembered: the next request asks the store again."""
+        self._remembered.clear()
+        self._keys_checked_at = float("-inf")
 
     async def any_keys(self) -> bool:
         return self.backend is not None and await self.backend.active_count() > 0

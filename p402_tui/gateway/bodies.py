@@ -17,7 +17,7 @@ from ..core.catalog import Catalog
 from ..core.config import MODES, Mode
 from ..core.costs import MAX_COMPARED_TOKENS
 from ..core.errors import UnknownModelError
-from ..core.hooks import CallContext, RouteOptions
+from ..core.hooks import MAX_LABEL_CHARS, MAX_MESSAGES, MAX_SESSION_NAME_CHARS, CallContext, RouteOptions
 from ..core.router import AUTO_MODELS
 from ..core.types import JSON_INTEGER, Capability, ChatRequest, Tier
 from .errors import GatewayError, from_validation_error
@@ -42,10 +42,11 @@ class P402Options(BaseModel):
     max_tier: Tier | None = None
     max_cost_usd: float | None = Field(default=None, ge=0, strict=True)
     cache: bool = Field(default=True, strict=True)
-    namespace: str | None = None
-    session_id: str | None = Field(default=None, description="a session's id, or its name")
-    tag: str | None = None
+    namespace: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
+    session_id: str | None = Field(default=None, max_length=MAX_LABEL_CHARS, description="a session's id, or its name")
+    tag: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
     failover: Failover = Field(default_factory=Failover)
+    timeout_s: float | None = Field(default=None, gt=0, le=3600, strict=True)  # this request's deadline across attempts
 
 
 # The most a list endpoint gives in one answer: recent decisions (the gateway keeps this many
@@ -64,6 +65,9 @@ def parse_chat(
         request = ChatRequest.model_validate_json(body)
     except ValidationError as error:
         raise from_validation_error(error) from None
+    if len(request.messages) > MAX_MESSAGES:
+        message = f"messages holds {len(request.messages)} messages; at most {MAX_MESSAGES} are accepted"
+        raise GatewayError(400, message, param="messages", code="too_many_messages")
     extra = request.__pydantic_extra__
     raw = extra.pop("p402", None) if extra else None
     try:
@@ -93,6 +97,7 @@ def parse_chat(
         cache=p402.cache and not no_cache,
         api_key_id=api_key_id,
         source="gateway",
+        timeout_s=p402.timeout_s,
     )
     return request, options, ctx
 
@@ -126,12 +131,15 @@ class CompareBody(BaseModel):
     top: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
 
 
+SessionName = Annotated[str, Field(min_length=1, max_length=MAX_SESSION_NAME_CHARS, pattern=r"\S")]
+
+
 class SessionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, pattern=r"\S")
+    name: SessionName
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
-    agent: str | None = None
+    agent: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
     status: Literal["active", "paused", "closed"] = "active"
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -149,11 +157,9 @@ class SessionPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # The constraints sit on the str member: on the union, the document loses the pattern.
-    name: Annotated[str, Field(min_length=1, pattern=r"\S")] | SkipJsonSchema[None] = Field(
-        default=None, json_schema_extra=_no_default
-    )
+    name: SessionName | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_no_default)
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
-    agent: str | None = None
+    agent: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
     status: Literal["active", "paused", "closed"] | SkipJsonSchema[None] = Field(
         default=None, json_schema_extra=_no_default
     )

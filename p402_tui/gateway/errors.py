@@ -34,12 +34,16 @@ _TYPES = {
 class GatewayError(Exception):
     """A refusal the gateway itself makes (bad body, no key, too large)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # a 503's Retry-After
 
 
 # Our own refusals whose `type` says more than the status's: OpenAI's SDKs still go by the status.
@@ -59,7 +63,7 @@ def error_response(
 
 
 def from_gateway_error(error: GatewayError) -> Response:
-    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else error.headers
     return error_response(error.status, error.message, param=error.param, code=error.code, headers=headers)
 
 

@@ -70,7 +70,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "The session is paused or closed, or the name is taken",
         413: "Body larger than the configured limit",
         502: "Every upstream attempt failed; the message lists them",
-        503: "No store behind this gateway",
+        503: "No store behind this gateway, or one of its limits reached (Retry-After says when to retry)",
+        504: "The request's deadline (p402.timeout_s, else [router] request_timeout_s) passed",
     }
     return {str(s): _json(_ref("Error"), reasons[s]) for s in statuses}
 
@@ -156,11 +157,12 @@ _CHAT = {
                     ),
                 },
             },
-            **_errors(400, 401, 402, 404, 409, 413, 502),
+            **_errors(400, 401, 402, 404, 409, 413, 502, 504),
             "503": {
                 **_json(_ref("Error"), "No candidate can answer now (each throttled or ejected, or every attempt "
-                        "failed): `type` overloaded_error; try again after Retry-After"),
-                "headers": {"Retry-After": {"description": "Seconds until the soonest candidate may be called",
+                        "failed; `type` overloaded_error), or one of the gateway's own limits is reached "
+                        "(`code` overloaded or store_overloaded): try again after Retry-After"),
+                "headers": {"Retry-After": {"description": "Seconds until a retry may be answered",
                                             "schema": {"type": "integer", "minimum": 1}}},
             },
         },
@@ -469,17 +471,19 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "summary": "Live events as server-sent events (`event: <kind>`, `data: <json>`)",
                 "description": (
                     f"Kinds: {', '.join(EVENT_KINDS)}. Comment lines are heartbeats. `kinds=a,b` filters; "
-                    "an unknown kind is a 400."
+                    "an unknown kind is a 400. A subscriber that falls further behind than its buffer gets a "
+                    "last `lagged` event and is disconnected; past [gateway] max_event_subscribers a new one "
+                    "gets a 503."
                 ),
                 "parameters": [{"name": "kinds", "in": "query", "schema": {"type": "string"}}],
                 "responses": {
                     "200": {
                         "description": "An event stream",
                         "content": {
-                            "text/event-stream": _events("The event as JSON", {"enum": list(EVENT_KINDS)})
+                            "text/event-stream": _events("The event as JSON", {"enum": [*EVENT_KINDS, "lagged"]})
                         },
                     },
-                    **_errors(400, 401),
+                    **_errors(400, 401, 503),
                 },
             }
         },
@@ -497,11 +501,11 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics (p402_ prefix)",
-                "responses": {"200": _text("text/plain", "Prometheus text format 0.0.4")},
+                "responses": {"200": _text("text/plain", "Prometheus text format 0.0.4"), **_errors(401)},
             }
         },
         "/openapi.json": {
-            "get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}},
+            "get": {"summary": "This document", "responses": {"200": _json({"type": "object"}), **_errors(401)}},
         },
     }
     return {

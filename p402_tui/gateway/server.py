@@ -3,6 +3,12 @@
 The gateway shares its loop with the orchestrator (and the console, when it
 runs inside one), so uvicorn's `Server.serve()` runs as a task and leaves the
 process's signals to whoever owns the process: `p402 serve` or the console.
+
+uvicorn bounds how long an idle keep-alive connection lives and how many requests
+run at once, but not how long a client may take to send its headers or body: a
+connection that sends a header line every few seconds would live for ever. Its
+protocol is wrapped here (`_GuardedProtocol`) to close such connections, and to
+close new ones past `[gateway] max_connections` at once.
 """
 
 from __future__ import annotations
@@ -15,12 +21,85 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.errors import ConfigError
 from .app import Gateway
 from .auth import GatewayAuth, StoreKeys, is_loopback
 
 GRACE_S = 10.0  # how long in-flight requests may take to finish at shutdown
+
+
+class _GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with deadlines for a request's headers and body, and a connection cap.
+
+    The header clock starts when a connection opens or a request's first byte arrives (an
+    idle connection between requests is uvicorn's keep-alive timeout's); the body clock
+    when the headers are complete. The connection's transport rides in the scope as
+    `p402.transport`, so a route can cut a client that stopped reading.
+    """
+
+    header_timeout_s = 10.0
+    body_timeout_s = 60.0
+    max_connections = 4096
+
+    _timer: asyncio.TimerHandle | None = None
+    _refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            self._refused = True
+            transport.abort()
+            return
+        super().connection_made(transport)
+        self._arm(self.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["p402.transport"] = self.transport  # type: ignore[typeddict-unknown-key]
+        self._arm(self.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        self._arm(self.body_timeout_s)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self, timeout_s: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(timeout_s, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def _guarded_protocol(conf: Any) -> type[_GuardedProtocol]:
+    """The protocol class with this gateway's limits (uvicorn makes one instance per connection)."""
+    return type(
+        "GuardedProtocol",
+        (_GuardedProtocol,),
+        {
+            "header_timeout_s": conf.header_timeout_s,
+            "body_timeout_s": conf.body_timeout_s,
+            "max_connections": conf.max_connections,
+        },
+    )
 
 
 class _TaskServer(uvicorn.Server):
@@ -78,8 +157,11 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
     # Beyond loopback a key is needed even if every key gets revoked later.
     gateway.auth.required = exposed
     sock = _bind(host, port)
+    conf = gateway.settings.gateway
     config = uvicorn.Config(
         gateway.app(),
+        http=_guarded_protocol(conf),
+        timeout_keep_alive=conf.keep_alive_s,  # type: ignore[arg-type]  # a float works: it goes to call_later
         log_level="warning",
         access_log=False,  # per-request logging costs more CPU than the gateway's own work
         proxy_headers=False,  # nothing here reads the client address: skip rewriting it from X-Forwarded-For
@@ -105,12 +187,15 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
 async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
     """The gateway over a `Runtime`: its orchestrator, its store (ledger, sessions, keys)."""
     keys = StoreKeys(runtime.store) if runtime.store is not None else None
+    auth = GatewayAuth(keys, required=False)
+    if runtime.store is not None:
+        runtime.store.key_listeners.append(auth.forget)
     gateway = Gateway(
         runtime.orchestrator,
         settings=runtime.settings,
         store=runtime.store,
         cache=runtime.cache,
-        auth=GatewayAuth(keys, required=False),
+        auth=auth,
         simulated=runtime.sim is not None,
     )
     return await start_gateway(gateway, host, port, grace_s=grace_s)

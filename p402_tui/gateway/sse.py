@@ -10,6 +10,7 @@ call. A `stop` event ends long-lived streams the same way when the server shuts 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..core.types import aclose_iterator, json_bytes
 DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
 
+PIECE_BYTES = 64 * 1024  # the most the event stream joins into one write (about the transport's high-water mark)
 WATCH_AFTER_S = 0.05  # how long a stream runs before a task watches for its client going
 
 _HEADERS = [
@@ -42,6 +44,17 @@ def bus_event_frame(event: Any) -> bytes:
     if event.frame is None:
         event.frame = event_frame(event.kind, event.to_dict())
     return event.frame
+
+
+def bus_event_size(event: Any) -> int:
+    """A bus event's weight in a subscriber's buffer: the bytes of its frame."""
+    return len(bus_event_frame(event))
+
+
+def lagged_frame() -> bytes:
+    """The last frame a subscriber that fell too far behind gets."""
+    return event_frame("lagged", {"kind": "lagged", "ts": time.time(), "message": "this subscriber fell too far "
+                                  "behind and is disconnected; reconnect to resume (events meanwhile are lost)"})
 
 
 class EventStreamResponse:

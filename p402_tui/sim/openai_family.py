@@ -37,7 +37,6 @@ from .engine import (
     json_fragments,
     key_is_known,
 )
-from .server import PIECES_HEADER  # noqa: F401 - bench/adapter.py imports the header's name from here
 from .server import SimStream, hang_until_disconnect, whole_answer, words_asked
 
 ErrorShape = Literal["openai", "openrouter", "mistral", "detail"]

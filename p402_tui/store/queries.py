@@ -310,6 +310,7 @@ async def create_key(store: Store, name: str) -> tuple[dict[str, Any], str]:
         "INSERT INTO gateway_keys (id, name, hash, prefix, created, revoked) VALUES (?, ?, ?, ?, ?, ?)",
         (row["id"], row["name"], row["hash"], row["prefix"], row["created"], row["revoked"]),
     )
+    store.keys_changed()
     return _public_key(row), secret
 
 
@@ -331,4 +332,5 @@ async def revoke_key(store: Store, key_id: str) -> bool:
     changed = await store.run(
         "UPDATE gateway_keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), key_id)
     )
+    store.keys_changed()  # this process's gateways stop taking the key at once; others within their ttl
     return changed > 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,14 @@ class Store:
         self.path = path
         self.reader = reader
         self.writer = writer
+        self.key_listeners: list[Callable[[], None]] = []  # told when this process makes or revokes a key
+
+    def keys_changed(self) -> None:
+        for listener in self.key_listeners:
+            listener()
 
     @classmethod
-    async def open(cls, path: Path | str, *, interval: float = 0.05, create: bool = True) -> "Store":
+    async def open(cls, path: Path | str, *, interval: float = 0.025, create: bool = True) -> "Store":
         """`create=False` for reports: a mistyped --db then says so instead of reporting an empty new file."""
         path = Path(path).expanduser()
         if not create and not await asyncio.to_thread(path.is_file):
@@ -56,8 +62,8 @@ class Store:
     def put(self, sql: str, params: Params = (), *, done: Any = None) -> None:
         self.writer.put(sql, params, done=done)
 
-    def put_later(self, make: Any, *, done: Any = None) -> None:
-        self.writer.put_later(make, done=done)
+    def put_later(self, make: Any, *, done: Any = None, urgent: bool = False) -> None:
+        self.writer.put_later(make, done=done, urgent=urgent)
 
     async def run(self, sql: str, params: Params = ()) -> int:
         return await self.writer.run(sql, params)

@@ -1,9 +1,17 @@
 """The one task that writes to the database.
 
 Requests never wait for SQLite: hooks `put` a statement on a queue and return.
-The writer gathers what arrived within `interval` (at most 100 ms by design) and
-commits it as one transaction, so a process killed mid-burst leaves either a
-whole batch or none of it. A batch crosses to the writer's own thread once, as a
+The writer gathers what arrived within `interval` (25 ms by default, at most 100 ms
+by design; writes that queued during the previous commit go at once) and commits it
+as one transaction, so a process killed mid-burst leaves
+either a whole batch or none of it. What a `kill -9` can lose is what was answered
+within that window plus one commit; `urgent` writes (the gateway's strict durability)
+are committed without waiting for the window.
+
+A batch is never dropped because another process holds the database: it is retried
+with a backoff capped at `MAX_BACKOFF_S` for as long as the lock lasts. Meanwhile the
+queue grows; past `max_pending` the writer is `saturated` and the gateway refuses new
+requests (503) instead of queueing rows it cannot write. A batch crosses to the writer's own thread once, as a
 whole: a hop per statement (aiosqlite's way) cost the gateway a quarter of its CPU.
 `flush()` waits until everything put before it is committed; `aclose()` flushes
 and stops.
@@ -51,6 +59,8 @@ class _Flush:
 
 _STOP = object()
 MAKE_SLICE_S = 0.0003  # rows are made on the loop; at most this long before requests get a turn
+MAX_BACKOFF_S = 1.0  # between tries of a batch while the database is locked
+MAX_PENDING = 50_000  # queued writes past which new requests are refused (about 15k requests' rows)
 
 
 @dataclass(slots=True)
@@ -81,16 +91,16 @@ class Writer:
         conn: sqlite3.Connection,
         thread: ThreadPoolExecutor,
         *,
-        interval: float = 0.05,
+        interval: float = 0.025,
         max_batch: int = 2000,
-        busy_retries: int = 20,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         _check_interval(interval)
         self.conn = conn
         self.thread = thread
         self.interval = interval
         self.max_batch = max_batch
-        self.busy_retries = busy_retries
+        self.max_pending = max_pending
         self.stats = WriterStats()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._urgent = asyncio.Event()
@@ -98,7 +108,7 @@ class Writer:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, *, interval: float = 0.05) -> Writer:
+    async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
         """A writer on its own connection to `path` (already migrated), opened on its own thread."""
         _check_interval(interval)  # before a thread and a connection exist to be leaked
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p402-store-writer")
@@ -117,6 +127,11 @@ class Writer:
     def pending(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def saturated(self) -> bool:
+        """More is queued than the database has kept up with: new work should wait or be refused."""
+        return self._queue.qsize() >= self.max_pending
+
     def put(self, sql: str, params: Params = (), *, done: Callable[[], None] | None = None) -> None:
         """Queue a write and return at once. A bad row is logged and dropped, never raised here."""
         self._check_open()
@@ -124,12 +139,16 @@ class Writer:
         if self._queue.qsize() >= self.max_batch:
             self._urgent.set()
 
-    def put_later(self, make: Callable[[], Iterable[tuple[str, Params]]], *, done: Callable[[], None] | None = None) -> None:
+    def put_later(
+        self, make: Callable[[], Iterable[tuple[str, Params]]], *, done: Callable[[], None] | None = None,
+        urgent: bool = False,
+    ) -> None:
         """Queue writes whose rows `make()` builds when their batch is assembled, after the request
-        that recorded them has been answered. `done` is called once they are committed (or dropped)."""
+        that recorded them has been answered. `done` is called once they are committed (or dropped).
+        `urgent`: commit as soon as the writer is free, without waiting for `interval`."""
         self._check_open()
         self._queue.put_nowait(_Later(make, done))
-        if self._queue.qsize() >= self.max_batch:
+        if urgent or self._queue.qsize() >= self.max_batch:
             self._urgent.set()
 
     async def run(self, sql: str, params: Params = ()) -> int:
@@ -174,8 +193,11 @@ class Writer:
 
     async def _run(self) -> None:
         while True:
+            # Writes that queued while the last batch was committed have waited a commit already:
+            # they go at once, so that a row's age at its commit stays within interval + one commit.
+            waited = not self._queue.empty()
             first = await self._queue.get()
-            if not self._urgent.is_set() and self.interval > 0 and self._queue.qsize() < self.max_batch - 1:
+            if not (waited or self._urgent.is_set()) and self.interval > 0 and self._queue.qsize() < self.max_batch - 1:
                 try:
                     await asyncio.wait_for(self._urgent.wait(), self.interval)
                 except asyncio.TimeoutError:
@@ -229,15 +251,20 @@ class Writer:
 
     async def _commit_retrying(self, writes: list[Write]) -> None:
         loop = asyncio.get_running_loop()
-        for attempt in range(self.busy_retries + 1):
+        attempt = 0
+        while True:
             try:
                 counts = await loop.run_in_executor(self.thread, self._transaction, writes)
             except sqlite3.OperationalError as error:
-                # Another process holds the lock past busy_timeout: wait and try the batch again.
-                if not is_busy(error) or attempt == self.busy_retries:
+                # Another process holds the lock past busy_timeout: wait and try the batch again, for as
+                # long as it takes. Dropping it would lose answered requests from the ledger.
+                if not is_busy(error):
                     raise
+                attempt += 1
                 self.stats.retries += 1
-                await asyncio.sleep(0.05 * (attempt + 1))
+                if attempt % 10 == 1:
+                    log.warning("store writer: database locked; %d writes wait (try %d)", self.pending, attempt)
+                await asyncio.sleep(min(MAX_BACKOFF_S, 0.05 * attempt))
                 continue
             self.stats.batches += 1
             self.stats.written += len(writes)

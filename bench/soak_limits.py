@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""Soak scenarios for the gateway's limits: memory per request and per subscriber, deadlines, slow
+clients, durability under kill -9, and RSS across long runs. Prints JSON.
+
+Each scenario starts its own `p402 sim --no-latency` and `p402 serve` (pointed at it through a config
+file, with a fresh database), drives them over loopback from this process, and returns a dict:
+
+  big_prompt          one 8 MB prompt, then six at once: serve's RSS growth and peak, /health latency
+  stalled_subscribers 500 /api/v2/events subscribers that never read: RSS, throughput, disconnect spike
+  hung_upstream       every provider hangs: a request with the default deadline, and one with timeout_s
+  slow_headers        1,000 connections sending a header line every 10 s (and 500 slow bodies), while
+                      normal requests go on: when they are closed
+  kill9               kill -9 under load: acknowledged requests missing from the ledger (strict, four
+                      runs; batch, with the window they were answered in)
+  durability_cost     request latency with durability batch and strict
+  rss_batches         RSS across two batches of 10,000 distinct requests with the cache on, against
+                      what the cache's entries account for
+
+    python bench/soak_limits.py                       # every scenario, ~10 minutes
+    python bench/soak_limits.py --scenario big_prompt --scenario kill9
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway import Child, free_port, percentile, sim_config  # noqa: E402 - bench/gateway.py, beside this file
+
+PYTHON = sys.executable
+MODEL = "openai/gpt-4o-mini"
+HEALTH_EVERY_S = 0.02
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+class Stack:
+    """A simulator and a gateway in front of it, with the extra config given; `stop()` ends both."""
+
+    def __init__(self, scratch: Path, extra_config: str = "", *, name: str = "serve") -> None:
+        self.scratch = scratch
+        scratch.mkdir(parents=True, exist_ok=True)
+        sim_port, port = free_port(), free_port()
+        self.sim = Child("sim", [PYTHON, "-m", "p402_tui.cli", "sim", "--no-latency", "--port", str(sim_port)],
+                         scratch / "sim.log")
+        self.sim_url = f"http://127.0.0.1:{sim_port}"
+        self.sim.wait_ready(f"{self.sim_url}/_sim/stats", 30)
+        config = scratch / "p402.toml"
+        config.write_text(sim_config(self.sim_url) + "\n" + extra_config)
+        self.db = scratch / "p402.db"
+        self.serve = Child(name, [PYTHON, "-m", "p402_tui.cli", "serve", "--config", str(config),
+                                  "--port", str(port), "--db", str(self.db)], scratch / f"{name}.log")
+        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+        self.serve.wait_ready(f"{self.url}/health", 60)
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.serve.pid)
+
+    def stop(self) -> None:
+        self.serve.stop()
+        self.sim.stop()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Sampler:
+    """RSS of a process every 20 ms, in a thread, while a block runs: `peak_mb`."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_mb = max(self.peak_mb, rss_mb(self.pid))
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def settle(stack: Stack, seconds: float = 1.0) -> float:
+    """RSS once it has stopped falling (memory is trimmed a moment after a large request)."""
+    await asyncio.sleep(seconds)
+    return round(stack.rss_mb(), 1)
+
+
+# --- clients -----------------------------------------------------------------------------
+
+
+def chat_body(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 16, **extra}
+
+
+async def closed_loop(session: Any, url: str, *, concurrency: int, duration: float,
+                      body: Callable[[int], dict[str, Any]] | None = None, limit: int | None = None) -> dict[str, Any]:
+    """C workers, each sending its next request when the last is done; requests/s and latency."""
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    counter = [0]
+    deadline = time.perf_counter() + duration
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline and (limit is None or counter[0] < limit):
+            i = counter[0]
+            counter[0] += 1
+            payload = body(i) if body else chat_body(f"closed loop {i % 50}")
+            began = time.perf_counter()
+            try:
+                async with session.post(f"{url}/v1/chat/completions", json=payload) as response:
+                    await response.read()
+                    if response.status != 200:
+                        failures[str(response.status)] = failures.get(str(response.status), 0) + 1
+                        continue
+            except Exception as error:  # noqa: BLE001 - a soak counts failures, it does not stop on them
+                key = type(error).__name__
+                failures[key] = failures.get(key, 0) + 1
+                continue
+            latencies.append((time.perf_counter() - began) * 1000)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    ordered = sorted(latencies)
+    return {"requests": len(ordered), "rps": round(len(ordered) / elapsed, 1), "failures": failures,
+            "p50_ms": percentile(ordered, 50), "p99_ms": percentile(ordered, 99)}
+
+
+_PROBE = """
+import http.client, json, sys, threading, time
+host, port, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+stop, out = threading.Event(), []
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+conn = http.client.HTTPConnection(host, port, timeout=30)
+while not stop.is_set():
+    began = time.perf_counter()
+    conn.request("GET", "/health")
+    conn.getresponse().read()
+    out.append((time.perf_counter() - began) * 1000)
+    time.sleep(every)
+print(json.dumps(out))
+"""
+
+
+class HealthProbe:
+    """/health every 20 ms from a process of its own (so this one's work is not in the figures)."""
+
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen([PYTHON, "-c", _PROBE, "127.0.0.1", str(port), str(HEALTH_EVERY_S)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def stop(self) -> list[float]:
+        out, _ = self.proc.communicate("", timeout=30)
+        return json.loads(out)
+
+
+def latency_summary(values: list[float]) -> dict[str, Any]:
+    ordered = sorted(values)
+    return {"n": len(ordered), "p50_ms": percentile(ordered, 50), "p99_ms": percentile(ordered, 99),
+            "max_ms": round(ordered[-1], 1) if ordered else None}
+
+
+def session(**kw: Any) -> Any:
+    import aiohttp
+
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=kw.pop("total", 300)),
+                                 connector=aiohttp.TCPConnector(limit=kw.pop("limit", 100)))
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+async def _big_prompt(stack: Stack) -> dict[str, Any]:
+    prompt = ("All work and no play makes a very long prompt indeed. " * 150_000)[:8_000_000]
+    out: dict[str, Any] = {}
+    async with session() as client:
+        for i in range(5):  # warm: tokenizer, routes, connection pool
+            async with client.post(f"{stack.url}/v1/chat/completions", json=chat_body(f"warm {i}")) as r:
+                await r.read()
+        base = await settle(stack)
+        for label, copies, model in (("one", 1, "auto"), ("six", 6, "auto"), ("one_pinned", 1, MODEL)):
+            probe = HealthProbe(stack.port)
+            await asyncio.sleep(0.2)
+            statuses: list[int] = []
+
+            bodies = [json.dumps(chat_body(f"{i} {prompt}", model=model)).encode() for i in range(copies)]
+
+            async def big(i: int) -> None:
+                headers = {"content-type": "application/json"}
+                async with client.post(f"{stack.url}/v1/chat/completions", data=bodies[i], headers=headers) as response:
+                    await response.read()
+                    statuses.append(response.status)
+
+            began = time.perf_counter()
+            with Sampler(stack.serve.pid) as sampler:
+                await asyncio.gather(*(big(i) for i in range(copies)))
+                took = time.perf_counter() - began
+                await asyncio.sleep(0.5)  # the trim after it, too
+                health = probe.stop()
+            after = await settle(stack, 2.0)
+            out[label] = {
+                "statuses": statuses, "seconds": round(took, 2), "rss_before_mb": base,
+                "rss_peak_mb": round(sampler.peak_mb, 1), "rss_after_mb": after,
+                "rss_growth_mb": round(after - base, 1), "health": latency_summary(health),
+            }
+            base = after
+    return out
+
+
+async def big_prompt(scratch: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"targets": {"one_growth_mb": "< 50", "six_peak_mb": "< 400", "health_max_ms": "< 50"}}
+    for label, extra in (("cache_on", ""), ("cache_off", "[cache]\nenabled = false\n")):
+        stack = Stack(scratch / label, extra)
+        try:
+            out[label] = await _big_prompt(stack)
+        finally:
+            stack.stop()
+    return out
+
+
+async def _subscriber(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, b"GET /api/v2/events HTTP/1.1\r\nhost: soak\r\n\r\n")
+    return sock
+
+
+async def subscribers(client: Any, url: str) -> int:
+    """How many event streams the gateway says it serves (its /metrics gauge)."""
+    async with client.get(f"{url}/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith("p402_event_subscribers "):
+                return int(line.split()[1])
+    return -1
+
+
+async def stalled_subscribers(scratch: Path, count: int = 500, duration: float = 15.0) -> dict[str, Any]:
+    stack = Stack(scratch, "[gateway]\nmax_event_subscribers = 1024\n")
+    try:
+        async with session() as client:
+            await closed_loop(client, stack.url, concurrency=8, duration=2)  # warm
+            base_rss = await settle(stack)
+            baseline = await closed_loop(client, stack.url, concurrency=16, duration=duration)
+            socks = [await _subscriber(stack.port) for _ in range(count)]
+            await asyncio.sleep(1)
+            connected = await subscribers(client, stack.url)
+            with_subs_rss = await settle(stack, 0.5)
+            slices = []
+            with Sampler(stack.serve.pid) as during:
+                for _ in range(3):  # the first slice pays for the stalled ones until they are cut
+                    slices.append(await closed_loop(client, stack.url, concurrency=16, duration=duration / 3))
+            loaded = {"rps": round(statistics.fmean(s["rps"] for s in slices), 1),
+                      "failures": {k: v for s in slices for k, v in s["failures"].items()}}
+            await asyncio.sleep(2)
+            still_open = await subscribers(client, stack.url)
+            with Sampler(stack.serve.pid) as disconnect:
+                for sock in socks:
+                    sock.close()
+                await asyncio.sleep(2)
+            after = await settle(stack)
+            again = await closed_loop(client, stack.url, concurrency=16, duration=duration / 3)
+    finally:
+        stack.stop()
+    return {
+        "subscribers": count,
+        "rss_before_mb": base_rss,
+        "subscribed": connected,
+        "rss_with_subscribers_idle_mb": with_subs_rss,
+        "rss_peak_under_load_mb": round(during.peak_mb, 1),
+        "cost_mb": round(during.peak_mb - base_rss, 1),
+        "still_subscribed_after_load": still_open,
+        "rss_peak_at_disconnect_mb": round(disconnect.peak_mb, 1),
+        "rss_after_mb": after,
+        "rps_without": baseline["rps"], "rps_with": loaded["rps"], "rps_with_by_5s": [s["rps"] for s in slices],
+        "rps_after": again["rps"],
+        "slowdown_pct": round(100 * (1 - loaded["rps"] / baseline["rps"]), 1) if baseline["rps"] else None,
+        "failures": {**loaded["failures"], **baseline["failures"]},
+        "targets": {"cost_mb": "< 100", "slowdown_pct": "<= 5", "disconnect": "no spike over rss_peak_under_load"},
+    }
+
+
+async def hung_upstream(scratch: Path) -> dict[str, Any]:
+    stack = Stack(scratch)
+    try:
+        async with session(total=600) as client:
+            async with client.post(f"{stack.sim_url}/_sim/faults", json={"kind": "timeout"}) as r:
+                r.raise_for_status()
+
+            async def one(label: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+                began = time.perf_counter()
+                async with client.post(f"{stack.url}/v1/chat/completions", json=body) as response:
+                    text = await response.text()
+                took = time.perf_counter() - began
+                code = None
+                if response.status != 200 and text.startswith("{"):
+                    code = json.loads(text).get("error", {}).get("code")
+                elif body.get("stream"):
+                    code = "error chunk" if '"error"' in text else "no error"
+                return label, {"status": response.status, "code": code, "seconds": round(took, 2)}
+
+            results = dict(await asyncio.gather(
+                one("default_deadline", chat_body("hang")),
+                one("default_deadline_stream", chat_body("hang", stream=True)),
+                one("timeout_s_5", chat_body("hang", p402={"timeout_s": 5})),
+            ))
+    finally:
+        stack.stop()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from p402_tui.core.config import RouterConfig
+
+    return {"request_timeout_s": RouterConfig().request_timeout_s, **results,
+            "target": "each ends within its deadline (+1 s), with 504 deadline_exceeded"}
+
+
+async def _slow_client(port: int, lines: list[bytes], every_s: float, stop_at: float) -> float | None:
+    """Send `lines` one every `every_s`; seconds until the server closed the connection (None: it never did)."""
+    began = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return 0.0
+    try:
+        for line in lines:
+            writer.write(line)
+            try:
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(1), every_s)
+                if not data:
+                    return time.perf_counter() - began
+            except asyncio.TimeoutError:
+                if time.perf_counter() > stop_at:
+                    return None
+            except (ConnectionError, OSError):
+                return time.perf_counter() - began
+        return None
+    finally:
+        writer.close()
+
+
+async def slow_headers(scratch: Path, headers: int = 1000, bodies: int = 500, every_s: float = 10.0,
+                       window_s: float = 60.0) -> dict[str, Any]:
+    stack = Stack(scratch)
+    try:
+        stop_at = time.perf_counter() + window_s
+        header_lines = [b"GET /health HTTP/1.1\r\n"] + [f"x-slow-{i}: {i}\r\n".encode() for i in range(100)]
+        body_lines = [b"POST /v1/chat/completions HTTP/1.1\r\nhost: soak\r\ncontent-length: 1000\r\n\r\n"]
+        body_lines += [b"{"] * 999
+        slow = [asyncio.create_task(_slow_client(stack.port, header_lines, every_s, stop_at)) for _ in range(headers)]
+        slow += [asyncio.create_task(_slow_client(stack.port, body_lines, every_s, stop_at)) for _ in range(bodies)]
+        await asyncio.sleep(1)
+        async with session() as client:
+            normal = await closed_loop(client, stack.url, concurrency=4, duration=20)
+        closed = await asyncio.gather(*slow)
+    finally:
+        stack.stop()
+
+    def summary(times: list[float | None]) -> dict[str, Any]:
+        done = sorted(t for t in times if t is not None)
+        return {"connections": len(times), "closed": len(done), "never_closed": len(times) - len(done),
+                "closed_within_30s": sum(t <= 30 for t in done),
+                "median_s": round(statistics.median(done), 1) if done else None,
+                "max_s": round(done[-1], 1) if done else None}
+
+    return {"slow_headers": summary(closed[:headers]), "slow_bodies": summary(closed[headers:]),
+            "normal_requests_meanwhile": normal, "target": "1,000 slow-header connections closed within 30 s"}
+
+
+async def _kill_run(scratch: Path, durability: str, seconds: float = 4.0) -> dict[str, Any]:
+    stack = Stack(scratch, f'[store]\ndurability = "{durability}"\n')
+    acknowledged: dict[str, float] = {}
+    killed_at = [0.0]
+    try:
+        async with session(total=30) as client:
+            stop = asyncio.Event()
+
+            async def worker(w: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    tag = f"k{w}-{i}"
+                    i += 1
+                    try:
+                        async with client.post(f"{stack.url}/v1/chat/completions",
+                                               json=chat_body(f"kill {tag}", p402={"tag": tag, "cache": False})) as r:
+                            await r.read()
+                            if r.status == 200:
+                                acknowledged[tag] = time.perf_counter()
+                    except Exception:  # noqa: BLE001 - the server is killed mid-request: expected
+                        return
+
+            workers = [asyncio.create_task(worker(w)) for w in range(16)]
+            await asyncio.sleep(seconds)
+            os.killpg(stack.serve.proc.pid, signal.SIGKILL)
+            killed_at[0] = time.perf_counter()
+            stop.set()
+            await asyncio.gather(*workers, return_exceptions=True)
+    finally:
+        stack.stop()
+    with sqlite3.connect(stack.db) as conn:
+        tags = {row[0] for row in conn.execute("SELECT tag FROM requests")}
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    missing = [tag for tag in acknowledged if tag not in tags and acknowledged[tag] <= killed_at[0]]
+    window = max((killed_at[0] - acknowledged[tag]) * 1000 for tag in missing) if missing else 0.0
+    return {"acknowledged": len(acknowledged), "ledger_rows": len(tags), "missing": len(missing),
+            "window_ms": round(window, 1), "rps": round(len(acknowledged) / seconds, 1), "integrity": integrity}
+
+
+async def kill9(scratch: Path) -> dict[str, Any]:
+    strict = [await _kill_run(scratch / f"strict{i}", "strict") for i in range(4)]
+    batch = [await _kill_run(scratch / f"batch{i}", "batch") for i in range(4)]
+    return {"strict": strict, "batch": batch,
+            "strict_missing_total": sum(run["missing"] for run in strict),
+            "batch_window_ms_max": max(run["window_ms"] for run in batch),
+            "targets": {"strict_missing_total": 0, "batch_window_ms_max": "< 50"}}
+
+
+async def durability_cost(scratch: Path, duration: float = 8.0) -> dict[str, Any]:
+    """What strict durability costs a request: latency at 1 and 16 concurrent, batch against strict, no cache."""
+    out: dict[str, Any] = {}
+    for mode in ("batch", "strict"):
+        stack = Stack(scratch / mode, f'[store]\ndurability = "{mode}"\n')
+        try:
+            async with session() as client:
+                body = lambda i: chat_body(f"cost {i}", p402={"cache": False})  # noqa: E731
+                await closed_loop(client, stack.url, concurrency=4, duration=1, body=body)
+                out[mode] = {f"c{c}": await closed_loop(client, stack.url, concurrency=c, duration=duration, body=body)
+                             for c in (1, 16)}
+        finally:
+            stack.stop()
+    out["added_p50_ms"] = {c: round(out["strict"][c]["p50_ms"] - out["batch"][c]["p50_ms"], 2) for c in ("c1", "c16")}
+    return out
+
+
+async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
+    stack = Stack(scratch)
+    out: dict[str, Any] = {}
+    try:
+        async with session() as client:
+            await closed_loop(client, stack.url, concurrency=8, duration=2, body=lambda i: chat_body(f"warm {i}"))
+            rss = [await settle(stack)]
+            entries = []
+            for batch in range(2):
+                run = await closed_loop(
+                    client, stack.url, concurrency=16, duration=600, limit=per_batch,
+                    body=lambda i, b=batch: chat_body(f"batch {b} question {i}: what is {i} plus {b}?"),
+                )
+                rss.append(await settle(stack, 2.0))
+                async with client.get(f"{stack.url}/api/v2/cache") as r:
+                    cache = await r.json()
+                entries.append(cache)
+                out[f"batch{batch + 1}"] = {"requests": run["requests"], "rps": run["rps"],
+                                            "failures": run["failures"], "rss_after_mb": rss[-1],
+                                            "cache_entries": cache.get("entries"),
+                                            "cache_index_mb": round(cache.get("index_bytes", 0) / 2**20, 2)}
+    finally:
+        stack.stop()
+    added = (entries[1].get("entries") or 0) - (entries[0].get("entries") or 0)
+    growth = rss[2] - rss[1]
+    # An entry beyond its vector (counted in index_bytes): an Entry object with two 64-char digests, its
+    # prompt, its slot in the LRU dict and the index's row map, ~1 kB; 2 kB allowed for allocator slack.
+    per_entry_kb = 2.0
+    accounted = added * per_entry_kb / 1024 + (entries[1].get("index_bytes", 0) - entries[0].get("index_bytes", 0)) / 2**20
+    out.update({"rss_start_mb": rss[0], "growth_second_batch_mb": round(growth, 1),
+                "cache_entries_added": added, "cache_accounts_for_mb": round(accounted, 1),
+                "per_entry_kb_assumed": per_entry_kb,
+                "growth_per_entry_kb": round(growth * 1024 / added, 2) if added else None,
+                "within": growth <= accounted})
+    return out
+
+
+SCENARIOS: dict[str, Callable[[Path], Any]] = {
+    "big_prompt": big_prompt,
+    "stalled_subscribers": stalled_subscribers,
+    "hung_upstream": hung_upstream,
+    "slow_headers": slow_headers,
+    "kill9": kill9,
+    "durability_cost": durability_cost,
+    "rss_batches": rss_batches,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only these (repeatable)")
+    args = parser.parse_args(argv)
+    names = args.scenario or list(SCENARIOS)
+    scratch = Path(tempfile.mkdtemp(prefix="p402-soak-"))
+    result: dict[str, Any] = {"bench": "soak_limits", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                                                  "loadavg_before": os.getloadavg()}}
+    for name in names:
+        began = time.perf_counter()
+        try:
+            result[name] = asyncio.run(SCENARIOS[name](scratch / name))
+        except Exception as error:  # noqa: BLE001 - one broken scenario must not hide the others' figures
+            result[name] = {"error": f"{type(error).__name__}: {error}"}
+        result[name]["elapsed_s"] = round(time.perf_counter() - began, 1)
+        print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

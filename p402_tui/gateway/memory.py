@@ -1,0 +1,64 @@
+"""Giving memory back to the OS after large requests, where the C library is glibc.
+
+glibc keeps what Python frees in its arenas, one per thread that allocated, and
+returns little of it: one 8 MB prompt parsed, counted and embedded left the
+process ~1 GB larger for good. `limit_arenas` caps the arenas (`p402 serve` sets
+it once, before its threads start); `trim_soon` runs `malloc_trim(0)` shortly
+after a large request, off the event loop, at most one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+log = logging.getLogger("p402.gateway")
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+ARENAS = 2  # the loop's thread and one more: enough for the count pool and the writer's thread
+TRIM_AFTER_S = 0.2  # a large request's memory is freed once its answer has gone; trim a moment later
+
+_libc: ctypes.CDLL | None = None
+if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        _libc = None
+
+
+def limit_arenas(arenas: int = ARENAS) -> bool:
+    """Cap glibc's malloc arenas for this process; False where that is not glibc."""
+    return _libc is not None and _libc.mallopt(M_ARENA_MAX, arenas) == 1
+
+
+def trim() -> None:
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+class Trimmer:
+    """`soon()` after each large request; one trim runs `TRIM_AFTER_S` later, on a thread."""
+
+    def __init__(self) -> None:
+        self._pending: asyncio.TimerHandle | None = None
+        self.trims = 0
+
+    def soon(self) -> None:
+        if _libc is None or self._pending is not None:
+            return
+        self._pending = asyncio.get_running_loop().call_later(TRIM_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        task = asyncio.ensure_future(asyncio.to_thread(trim))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        self._pending = None
+        self.trims += 1
+        if task.exception() is not None:
+            log.warning("malloc_trim failed: %s", task.exception())

@@ -1,0 +1,348 @@
+"""Bounds on what one request, one subscriber and one connection may cost, on real servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from p402_tui.core.config import CacheConfig, ConfigFile, Settings
+from p402_tui.core.events import HealthChanged
+from p402_tui.core.hooks import MAX_LABEL_CHARS, MAX_MESSAGES
+from p402_tui.runtime import Runtime
+from p402_tui.sim.engine import Fault
+from conftest import run_cli
+from test_gateway import assert_openai_error
+
+HELLO = [{"role": "user", "content": "Say hello to the gateway."}]
+
+
+def settings_for(catalog, sim_url: str, **sections) -> Settings:
+    file = ConfigFile(cache=CacheConfig(embedder="hashed"), **sections)
+    return Settings(file, catalog, env={}).point_at(sim_url)
+
+
+@pytest.fixture
+async def runtime(sim, catalog, tmp_path):
+    async with Runtime.open(settings_for(catalog, sim.url), db_path=tmp_path / "p402.db") as rt:
+        yield rt
+
+
+@pytest.fixture
+async def http(runtime):
+    running = await runtime.serve_gateway("127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+            yield client
+    finally:
+        await running.stop()
+
+
+# --- what one request may carry -------------------------------------------------------------
+
+
+async def test_too_many_messages_and_overlong_labels_are_400s(http):
+    many = [{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1)
+    response = await http.post("/v1/chat/completions", json={"model": "auto", "messages": many})
+    assert assert_openai_error(response, 400, "too_many_messages")["param"] == "messages"
+    for field in ("tag", "namespace", "session_id"):
+        body = {"model": "auto", "messages": HELLO, "p402": {field: "x" * (MAX_LABEL_CHARS + 1)}}
+        response = await http.post("/v1/chat/completions", json=body)
+        assert assert_openai_error(response, 400)["param"] == f"p402.{field}"
+    response = await http.post("/api/v2/sessions", json={"name": "n" * 1000})
+    assert assert_openai_error(response, 400)["param"] == "name"
+
+
+def test_the_cli_refuses_an_overlong_tag_in_one_line():
+    result = run_cli("chat", "--tag", "t" * (MAX_LABEL_CHARS + 1), "hello", config=None)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"p402 chat: error: argument --tag: at most {MAX_LABEL_CHARS} characters, not {MAX_LABEL_CHARS + 1}"
+    )
+
+
+# --- deadlines ------------------------------------------------------------------------------
+
+
+async def test_a_hung_upstream_is_a_504_at_the_requests_deadline(http, sim):
+    sim.state.add_fault(Fault(kind="timeout"))
+    began = time.perf_counter()
+    body = {"model": "auto", "messages": HELLO, "p402": {"timeout_s": 0.5}}
+    response = await http.post("/v1/chat/completions", json=body)
+    assert time.perf_counter() - began < 3
+    assert_openai_error(response, 504, "deadline_exceeded")
+    response = await http.post("/v1/chat/completions", json={**body, "stream": True})
+    assert_openai_error(response, 504, "deadline_exceeded")  # nothing streamed yet: still an HTTP error
+
+
+# --- event streams ------------------------------------------------------------------------
+
+
+def limited(catalog, sim_url: str, **gateway) -> Settings:
+    from p402_tui.core.config import GatewayConfig
+
+    return settings_for(catalog, sim_url, gateway=GatewayConfig(**gateway))
+
+
+@pytest.fixture
+async def serve_with(sim, catalog, tmp_path):
+    """A gateway with these [gateway] settings, on loopback: `url = await serve_with(max_event_subscribers=1)`."""
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as stack:
+
+        async def serve(**gateway) -> str:
+            settings = limited(catalog, sim.url, **gateway)
+            rt = await stack.enter_async_context(Runtime.open(settings, db_path=tmp_path / "p402.db"))
+            running = await rt.serve_gateway("127.0.0.1", 0)
+            stack.push_async_callback(running.stop)
+            serve.runtime = rt
+            return running.url
+
+        yield serve
+
+
+async def _chat(url: str, n: int) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for i in range(n):
+            body = {"model": "auto", "messages": [{"role": "user", "content": f"question {i}"}], "p402": {"cache": False}}
+            (await client.post("/v1/chat/completions", json=body)).raise_for_status()
+
+
+async def test_a_subscriber_that_falls_behind_gets_lagged_and_is_let_go(serve_with):
+    url = await serve_with(event_buffer_events=5)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with client.stream("GET", "/api/v2/events") as events:
+            lines = events.aiter_lines()
+            assert await anext(lines) == ": subscribed"
+            for _ in range(20):  # in one go: more than the stream's buffer holds before it can write any
+                serve_with.runtime.bus.publish(HealthChanged(provider="openai", status="down", previous="healthy"))
+            rest = [line async for line in lines]  # the stream ends by itself
+    assert "event: lagged" in rest
+    lagged = json.loads(rest[rest.index("event: lagged") + 1].removeprefix("data: "))
+    assert lagged["kind"] == "lagged" and "reconnect" in lagged["message"]
+    # The slot is free again: a new subscriber is served.
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with client.stream("GET", "/api/v2/events") as events:
+            assert events.status_code == 200
+
+
+async def test_subscribers_past_the_cap_get_a_503(serve_with):
+    url = await serve_with(max_event_subscribers=1)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        async with client.stream("GET", "/api/v2/events") as first:
+            assert first.status_code == 200
+            assert_openai_error(await client.get("/api/v2/events"), 503, "too_many_subscribers")
+        for _ in range(100):  # the first one's slot frees when its stream ends
+            async with client.stream("GET", "/api/v2/events") as again:
+                if again.status_code == 200:
+                    break
+            await asyncio.sleep(0.02)
+        assert again.status_code == 200
+
+
+async def test_a_subscriber_that_never_reads_is_cut_off(serve_with):
+    url = await serve_with(event_buffer_bytes=64 * 1024)
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    writer.write(b"GET /api/v2/events HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await reader.readuntil(b": subscribed\n\n")
+    # Megabytes of decision frames, unread: the socket fills, the stream's write blocks, its buffer passes 64 kB.
+    await _chat(url, 400)
+    async with asyncio.timeout(10):
+        try:
+            while await reader.read(65536):  # the server cut the connection: reading to its end returns
+                pass
+        except ConnectionResetError:
+            pass
+    writer.close()
+
+
+# --- connections ----------------------------------------------------------------------------
+
+
+async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
+    began = time.perf_counter()
+    async with asyncio.timeout(seconds):
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionResetError:
+            pass
+    return time.perf_counter() - began
+
+
+async def test_slow_headers_slow_bodies_and_idle_connections_are_closed(serve_with):
+    url = await serve_with(header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_s=0.5)
+    slow_headers, slow_body, idle = await _open(url), await _open(url), await _open(url)
+    slow_headers[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # and the rest never comes
+    slow_body[1].write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+    idle[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        for _ in range(5):  # meanwhile others are served
+            assert (await client.get("/health")).status_code == 200
+            await asyncio.sleep(0.05)
+    closes = await asyncio.gather(*(_closed_within(reader, 3) for reader, _ in (slow_headers, slow_body, idle)))
+    assert all(took < 3 for took in closes)
+    for _, writer in (slow_headers, slow_body, idle):
+        writer.close()
+
+
+async def test_past_the_connection_cap_new_connections_are_closed(serve_with):
+    url = await serve_with(max_connections=2)
+    held = [await _open(url), await _open(url)]
+    for _, writer in held:
+        writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    await asyncio.gather(*(reader.readuntil(b'"status":"ok"') for reader, _ in held))
+    refused, _ = await _open(url)
+    await _closed_within(refused, 3)
+    for _, writer in held:
+        writer.close()
+    await asyncio.sleep(0.1)
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_past_limit_concurrency_requests_get_a_503_with_retry_after(serve_with, sim):
+    url = await serve_with(limit_concurrency=1)
+    sim.state.add_fault(Fault(kind="timeout"))
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        body = {"model": "auto", "messages": HELLO, "p402": {"timeout_s": 1}}
+        hung = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+        await asyncio.sleep(0.3)
+        response = await client.post("/v1/chat/completions", json=body)
+        assert_openai_error(response, 503, "overloaded")
+        assert response.headers["retry-after"] == "1"
+        assert (await client.get("/health")).status_code == 200  # always answered
+        assert_openai_error(await hung, 504, "deadline_exceeded")
+
+
+# --- the ledger -----------------------------------------------------------------------------
+
+
+def _rows(db) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_strict_durability_commits_the_row_before_the_last_byte(sim, catalog, tmp_path, stream):
+    from p402_tui.core.config import StoreConfig
+
+    db = tmp_path / "p402.db"
+    settings = settings_for(catalog, sim.url, store=StoreConfig(durability="strict"))
+    async with Runtime.open(settings, db_path=db) as rt:
+        running = await rt.serve_gateway("127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+                for i in range(5):
+                    body = {"model": "auto", "messages": [{"role": "user", "content": f"q{i}"}], "stream": stream}
+                    if stream:
+                        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                            async for line in response.aiter_lines():
+                                if line == "data: [DONE]":
+                                    assert _rows(db) == i + 1  # read the moment [DONE] arrives
+                    else:
+                        (await client.post("/v1/chat/completions", json=body)).raise_for_status()
+                        assert _rows(db) == i + 1
+        finally:
+            await running.stop()
+
+
+async def test_a_locked_database_delays_the_ledger_and_loses_nothing(serve_with, tmp_path):
+    url = await serve_with()
+    store = serve_with.runtime.store
+    await store.flush()
+    await asyncio.get_running_loop().run_in_executor(
+        store.writer.thread, store.writer.conn.execute, "PRAGMA busy_timeout=50"
+    )
+    store.writer.max_pending = 3
+    holder = sqlite3.connect(tmp_path / "p402.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holding the file, longer than any busy timeout
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            answered = 0
+            for i in range(20):
+                body = {"model": "auto", "messages": [{"role": "user", "content": f"locked {i}"}]}
+                response = await client.post("/v1/chat/completions", json=body)
+                if response.status_code == 503:
+                    assert_openai_error(response, 503, "store_overloaded")
+                    assert response.headers["retry-after"] == "1"
+                    break
+                assert response.status_code == 200
+                answered += 1
+            else:
+                pytest.fail("a saturated ledger writer never refused a request")
+            await asyncio.sleep(0.5)  # several tries of the batch fail meanwhile
+            assert store.writer.stats.retries >= 2 and store.writer.stats.failed == 0
+            metrics = (await client.get("/metrics")).text
+            assert "p402_store_refused_total 1" in metrics
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    await store.flush()
+    assert _rows(tmp_path / "p402.db") == answered  # every answered request, none dropped while locked
+
+
+async def test_a_revoked_key_stops_at_once_here_and_within_a_second_elsewhere(serve_with, tmp_path):
+    from p402_tui.store.queries import create_key, revoke_key
+
+    url = await serve_with()
+    store = serve_with.runtime.store
+    here, here_secret = await create_key(store, "here")
+    there, there_secret = await create_key(store, "there")
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        for secret in (here_secret, there_secret):
+            assert (await client.get("/v1/models", headers={"authorization": f"Bearer {secret}"})).status_code == 200
+        assert await revoke_key(store, here["id"])  # in this process
+        revoked = await client.get("/v1/models", headers={"authorization": f"Bearer {here_secret}"})
+        assert_openai_error(revoked, 401, "invalid_api_key")
+        result = await asyncio.to_thread(run_cli, "keys", "revoke", there["id"], "--db", str(tmp_path / "p402.db"))
+        assert result.returncode == 0, result.stderr
+        revoked_at = time.perf_counter()
+        while (await client.get("/v1/models", headers={"authorization": f"Bearer {there_secret}"})).status_code == 200:
+            assert time.perf_counter() - revoked_at < 1.0
+            await asyncio.sleep(0.05)
+
+
+async def test_openapi_documents_the_401s_of_metrics_and_itself(http):
+    document = (await http.get("/openapi.json")).json()
+    for path in ("/metrics", "/openapi.json"):
+        assert document["paths"][path]["get"]["responses"]["401"]["content"]["application/json"]
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"503", "504"} <= set(chat)
+
+
+async def test_a_large_prompt_is_answered_and_its_memory_trimmed_after(serve_with):
+    from p402_tui.gateway import memory
+
+    url = await serve_with()
+    gateway = serve_with.runtime.gateways[-1].gateway
+    prompt = "All work and no play makes a long prompt. " * 50_000  # 2 MB
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for stream in (False, True):
+            body = {"model": "auto", "messages": [{"role": "user", "content": prompt}], "stream": stream,
+                    "p402": {"cache": False}}
+            response = await client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text[:300]
+            assert (await client.get("/health")).status_code == 200
+    if memory._libc is not None:
+        for _ in range(100):
+            if gateway.trimmer.trims:
+                break
+            await asyncio.sleep(0.05)
+        assert gateway.trimmer.trims >= 1
