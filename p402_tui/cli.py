@@ -377,8 +377,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def chat_context(args: argparse.Namespace, settings):
     """Who asks and how the answer is kept: --session, --tag, --namespace, --cache/--no-cache."""
-    from .core.hooks import CallContext
+    from .core.errors import ConfigError
+    from .core.hooks import CallContext, reserved_namespace
 
+    if args.namespace is not None and (reason := reserved_namespace(args.namespace)) is not None:
+        raise ConfigError(f"--namespace: {reason}")
     if args.cache is not None:  # one request per process: the flag is the cache's setting for this run
         settings.file.cache.enabled = args.cache
     return CallContext(
