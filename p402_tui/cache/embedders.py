@@ -167,8 +167,12 @@ class MiniLMEmbedder(LocalEmbedder):
             )
 
     @classmethod
-    def load(cls, folder: Path, *, expected_sha256: str = MINILM_SAFETENSORS_SHA256) -> "MiniLMEmbedder":
-        """Load and verify a model folder (sync: call it in a thread). Raises ConfigError with the reason."""
+    def load(
+        cls, folder: Path, *, expected_sha256: str = MINILM_SAFETENSORS_SHA256, verified: bool = False
+    ) -> "MiniLMEmbedder":
+        """Load and verify a model folder (sync: call it in a thread). Raises ConfigError with the reason.
+
+        `verified`: the caller has just checked the hash (hashing 90 MB costs ~0.2 s of CPU)."""
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
@@ -176,7 +180,7 @@ class MiniLMEmbedder(LocalEmbedder):
         for needed in (weights_path, folder / "tokenizer.json", folder / "config.json"):
             if not needed.is_file():
                 raise ConfigError(f"MiniLM model folder {folder} lacks {needed.name}")
-        digest = file_sha256(weights_path)
+        digest = expected_sha256 if verified else file_sha256(weights_path)
         if digest != expected_sha256:
             raise ConfigError(
                 f"{weights_path} is not the all-MiniLM-L6-v2 weights P402 knows (sha256 {digest[:16]}..., "
@@ -283,6 +287,9 @@ class StaticEmbedder(LocalEmbedder):
         self.table = table
         self.dim = table.shape[1]
         self.name = name
+        # The index search is a matrix-vector product: with two BLAS threads on a busy machine it
+        # took 1.0 ms at 3,500 rows, with one 0.06 ms (measured here).
+        _one_blas_thread()
 
     @classmethod
     def load(cls, folder: Path, *, build: bool, expected_sha256: str = MINILM_SAFETENSORS_SHA256) -> "StaticEmbedder | None":
@@ -292,7 +299,8 @@ class StaticEmbedder(LocalEmbedder):
         name = f"static-minilm-{expected_sha256[:8]}-v{STATIC_FORMAT}"
         if path.is_file():
             try:
-                return cls(_plain_tokenizer(folder), np.load(path), name)
+                # Mapped, not read: only the rows prompts use become resident (idle RSS is a target).
+                return cls(_plain_tokenizer(folder), np.load(path, mmap_mode="r"), name)
             except (OSError, ValueError):
                 path.unlink(missing_ok=True)  # a torn or foreign file: made again below
         if not build:
@@ -451,7 +459,7 @@ def plan_embedders(
     return EmbedderPlan(
         static,
         build=None if static is not None else functools.partial(StaticEmbedder.load, folder, build=True),
-        confirmer=functools.partial(MiniLMEmbedder.load, folder),
+        confirmer=functools.partial(MiniLMEmbedder.load, folder, verified=True),
     )
 
 
