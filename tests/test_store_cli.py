@@ -71,6 +71,8 @@ def test_repeat_paraphrase_and_namespace_through_p402_chat(static_table, sim_pro
     # static vectors find candidates, MiniLM (loaded only when a candidate needs it) confirms
     assert stats["embedder"] == {"name": "static-minilm-53aa5117-v1", "dim": 256, "label": "semantic", "min_threshold": 0.0}
     assert stats["confirmer"] == {"loaded": False} and stats["candidate_threshold"] == 0.70
+    built = p402_json(sim_process, "cache", "build", "--db", str(db))  # made by the static_table fixture already
+    assert built["built"] is False and built["embedder"] == stats["embedder"]
     assert stats["threshold"] == 0.84
     assert {n["namespace"]: n["entries"] for n in stats["namespaces"]} == {"default": 1, "team-b": 1}
     assert p402_json(sim_process, "cache", "clear", "--namespace", "team-b", "--db", str(db)) == {
