@@ -8,7 +8,9 @@ benchmark, in its own venv).
 This process is the load generator (aiohttp, closed loop: each of C workers
 sends its next request when the last one is done). For every concurrency, with
 and without streaming, it measures the simulator called directly, then through
-P402 (as shipped, and in variants that show where its time goes), then through
+P402: first in its default configuration (row p402_default: the answer cache on,
+every prompt different), then the same process with the cache off (row p402:
+`cache-control: no-cache`) and variants that show where its time goes, then through
 a proxy with no logic on the same libraries (bench/floor_proxy.py: the floor any
 gateway built on uvicorn and our upstream client stands on), then through LiteLLM, and prints JSON:
 
