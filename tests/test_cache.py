@@ -503,3 +503,14 @@ async def test_provider_embeddings_go_through_the_adapters(sim, sim_settings, tm
     assert info["embedder"] == {"name": "cohere/embed-v4.0", "dim": 1536, "label": "semantic", "min_threshold": 0.0}
     calls = sim.state.stats()["providers"]
     assert calls["cohere"]["models"] == {"embed-v4.0": 2} and calls["openai"]["calls"] == 1
+
+
+async def test_a_confirmer_that_will_not_load_turns_semantic_hits_off_and_says_why(static_table, store):
+    cache = SemanticCache(store, embedder=static_table,
+                          confirmer=lambda: MiniLMEmbedder.load(Path("/nonexistent-minilm")))  # fmt: skip
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    for i in range(2):
+        assert await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id=f"p{i}") is None
+    assert cache.stats.embed_errors == 2 and "confirmer did not load" in cache.info()["warning"]
+    hit = await cache.lookup(ask("What is the capital of France?"), None, "default", request_id="e")
+    assert hit is not None and hit.match == "exact"  # the exact tier is untouched

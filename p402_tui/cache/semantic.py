@@ -382,6 +382,7 @@ class SemanticCache:
         self.confirmer: LocalEmbedder | None = confirmer if isinstance(confirmer, LocalEmbedder) else None
         self._confirmer_loader = None if isinstance(confirmer, LocalEmbedder) else confirmer
         self._confirmer_lock = threading.Lock()
+        self._confirmer_failed: P402Error | None = None
         self.warning: str | None = None
         self.building = False  # the index embedder is being made in the background
         self._loader = embedder
@@ -606,7 +607,14 @@ class SemanticCache:
             # Only the static stage's best: on the tune split, confirming the top 4 found no more
             # paraphrases (0.793 vs 0.784 recall) and served the project's pairs one wrong answer,
             # and MiniLM's cost grows with every text it reads.
-            candidates = await self._confirm(keys.prompt, [candidates[0][0]])
+            try:
+                candidates = await self._confirm(keys.prompt, [candidates[0][0]])
+            except P402Error as error:  # MiniLM would not load: answer upstream, say why once
+                self.stats.embed_errors += 1
+                if self.warning is None:
+                    self.warning = f"semantic hits off: the confirmer did not load: {error}"
+                    log.warning(self.warning)
+                return None
         for entry, similarity in candidates:
             if similarity < self.threshold:
                 continue
@@ -636,7 +644,13 @@ class SemanticCache:
         with self._confirmer_lock:
             if self.confirmer is None:
                 assert self._confirmer_loader is not None
-                self.confirmer = self._confirmer_loader()
+                if self._confirmer_failed is not None:  # tried once: not again at every candidate
+                    raise self._confirmer_failed
+                try:
+                    self.confirmer = self._confirmer_loader()
+                except P402Error as error:
+                    self._confirmer_failed = error
+                    raise
             return self.confirmer
 
     async def _serve(self, entry: Entry, match: str, similarity: float, now: float) -> CachedAnswer | None:
