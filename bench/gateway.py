@@ -192,18 +192,23 @@ class UniquePrompts:
     near-miss guard turn candidates down without judging them, flattering the cache.
     """
 
-    def __init__(self, payload: dict[str, Any], seed: int = 402) -> None:
+    # One generator for every run of the benchmark: a run must not repeat an earlier run's prompts
+    # (the warm-up's included), or the cache would answer them from its exact tier.
+    rng: Any = None
+
+    def __init__(self, payload: dict[str, Any]) -> None:
         import random
 
         text = (ROOT / "bench" / "data" / "cache_pairs.jsonl").read_text(encoding="utf-8")
         self.words = sorted(set(re.findall(r"[a-z]{3,}", text.lower())))
-        self.rng = random.Random(seed)
+        if UniquePrompts.rng is None:
+            UniquePrompts.rng = random.Random(402)
         marker = "\x00prompt\x00"
         body = json.dumps({**payload, "messages": [{"role": "user", "content": marker}]})
         self.head, self.tail = (part.encode() for part in body.split(json.dumps(marker)))
 
     def __call__(self) -> bytes:
-        prompt = " ".join(self.rng.choices(self.words, k=10)).capitalize() + "?"
+        prompt = " ".join(UniquePrompts.rng.choices(self.words, k=10)).capitalize() + "?"
         return self.head + json.dumps(prompt).encode() + self.tail
 
 
