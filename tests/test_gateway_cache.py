@@ -12,6 +12,7 @@ from test_gateway import HELLO, PINNED, eventually, settings_for
 
 from p402_tui.core.config import CacheConfig, ConfigFile, Settings
 from p402_tui.runtime import Runtime
+from p402_tui.store.queries import create_key
 
 
 @pytest.fixture
@@ -34,8 +35,8 @@ async def test_cache_names_its_embedder_and_counts_hits_misses_and_savings(http)
     assert before["enabled"] is True and before["loaded"] is True
     embedder = before["embedder"]
     assert (embedder["name"], embedder["dim"], embedder["label"]) == ("hashed-ngram", 1024, "lexical")
-    # a lexical embedder holds the semantic tier to near-exact matches, above the configured 0.90
-    assert before["threshold"] == embedder["min_threshold"] > before["configured_threshold"] == 0.90
+    # a lexical embedder holds the semantic tier to near-exact matches, above the configured 0.84
+    assert before["threshold"] == embedder["min_threshold"] > before["configured_threshold"] == 0.84
     assert (before["hits"], before["misses"], before["entries"], before["saved_usd"]) == (0, 0, 0, 0.0)
 
     body = {"model": PINNED, "messages": HELLO}
@@ -82,3 +83,33 @@ async def test_a_gateway_without_a_cache_says_so(sim, catalog, tmp_path, enabled
                 assert (await client.get("/health")).json()["embedder"] is None
         finally:
             await running.stop()
+
+
+async def test_one_keys_answers_reach_another_only_through_a_namespace_both_name(runtime, http):
+    (_, alice), (_, bob) = await create_key(runtime.store, "alice"), await create_key(runtime.store, "bob")
+
+    async def ask(secret: str, text: str, namespace: str | None = None) -> httpx.Response:
+        body: dict = {"model": PINNED, "messages": [{"role": "user", "content": text}]}
+        if namespace is not None:
+            body["p402"] = {"namespace": namespace}
+        return await http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {secret}"})
+
+    async def cached(secret: str, text: str, namespace: str | None = None) -> bool:
+        return (await ask(secret, text, namespace)).json()["p402"]["cached"]
+
+    # No namespace given: each key's answers are its own.
+    assert not await cached(alice, "What does alice's contract say?")
+    assert await eventually(lambda: cached(alice, "What does alice's contract say?"))
+    assert not await cached(bob, "What does alice's contract say?")
+    # Different namespaces given: still apart.
+    assert not await cached(alice, "What is in the roadmap?", "alice-team")
+    assert await eventually(lambda: cached(alice, "What is in the roadmap?", "alice-team"))
+    assert not await cached(bob, "What is in the roadmap?", "bob-team")
+    # The same namespace given to both: shared.
+    assert not await cached(alice, "What is the office wifi called?", "company")
+    assert await eventually(lambda: cached(alice, "What is the office wifi called?", "company"))
+    assert await cached(bob, "What is the office wifi called?", "company")  # bob's first time
+    # A key cannot name another key's own namespace.
+    refused = await ask(bob, "What does alice's contract say?", "key:anything/default")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "p402.namespace" and "own" in refused.json()["error"]["message"]

@@ -45,7 +45,7 @@ def both(first, second):
         return a.result(), b.result()
 
 
-def test_repeat_paraphrase_and_namespace_through_p402_chat(sim_process, tmp_path):
+def test_repeat_paraphrase_and_namespace_through_p402_chat(static_table, sim_process, tmp_path):
     db = tmp_path / "p402.db"
     before = sim_calls(sim_process)
     first = chat(sim_process, db, "What is the capital of France?")
@@ -68,8 +68,12 @@ def test_repeat_paraphrase_and_namespace_through_p402_chat(sim_process, tmp_path
     assert sorted(ledger) == [(0, first["cost_usd"], 0.0), (1, 0.0, first["cost_usd"]), (1, 0.0, first["cost_usd"])]
 
     stats = p402_json(sim_process, "cache", "stats", "--db", str(db))
-    assert stats["embedder"] == {"name": "all-MiniLM-L6-v2", "dim": 384, "label": "semantic", "min_threshold": 0.0}
-    assert stats["threshold"] == 0.9
+    # static vectors find candidates, MiniLM (loaded only when a candidate needs it) confirms
+    assert stats["embedder"] == {"name": "static-minilm-53aa5117-v1", "dim": 256, "label": "semantic", "min_threshold": 0.0}
+    assert stats["confirmer"] == {"loaded": False} and stats["candidate_threshold"] == 0.70
+    built = p402_json(sim_process, "cache", "build", "--db", str(db))  # made by the static_table fixture already
+    assert built["built"] is False and built["embedder"] == stats["embedder"]
+    assert stats["threshold"] == 0.84
     assert {n["namespace"]: n["entries"] for n in stats["namespaces"]} == {"default": 1, "team-b": 1}
     assert p402_json(sim_process, "cache", "clear", "--namespace", "team-b", "--db", str(db)) == {
         "removed": 1, "namespace": "team-b"}  # fmt: skip

@@ -23,9 +23,11 @@ import json
 import logging
 import re
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +38,7 @@ from ..core.errors import P402Error
 from ..core.hooks import CachedAnswer, RouteOptions
 from ..core.types import ChatMessage, ChatRequest, ChatResponse, Usage
 from ..store.store import Store
-from .embedders import Embedder, load_embedder
+from .embedders import MAX_CHARS, Embedder, EmbedderPlan, LocalEmbedder, plan_embedders, release_memory
 from .index import VectorIndex, search
 
 log = logging.getLogger("p402.cache")
@@ -157,22 +159,58 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _WORD = re.compile(r"\w+")
 
 
+# Words whose presence turns a question around; an inserted one is never a paraphrase.
+_NEGATIONS = frozenset({"not", "no", "never", "without", "cannot", "t"})  # "t": what is left of "don't"
+# Opposites that embeddings rate as near-synonyms (both sides of a pair are "the same topic").
+_OPPOSITES = {
+    frozenset(pair)
+    for pair in (
+        ("up", "down"), ("in", "out"), ("on", "off"), ("first", "last"), ("good", "bad"), ("better", "worse"),
+        ("best", "worst"), ("before", "after"), ("above", "below"), ("over", "under"), ("high", "low"),
+        ("higher", "lower"), ("increase", "decrease"), ("raise", "lower"), ("enable", "disable"), ("open", "close"),
+        ("start", "stop"), ("add", "remove"), ("push", "pull"), ("import", "export"), ("read", "write"),
+        ("encode", "decode"), ("encrypt", "decrypt"), ("min", "max"), ("minimum", "maximum"), ("more", "less"),
+        ("most", "least"), ("largest", "smallest"), ("biggest", "smallest"), ("hottest", "coldest"),
+        ("fastest", "slowest"), ("faster", "slower"), ("fast", "slow"), ("hot", "cold"), ("north", "south"),
+        ("east", "west"), ("left", "right"), ("true", "false"), ("yes", "no"), ("pros", "cons"),
+        ("advantages", "disadvantages"), ("benefits", "risks"), ("safe", "dangerous"), ("like", "dislike"),
+        ("love", "hate"), ("buy", "sell"), ("win", "lose"), ("send", "receive"), ("upload", "download"),
+        ("install", "uninstall"), ("ascending", "descending"), ("early", "late"), ("old", "new"), ("young", "old"),
+        ("male", "female"), ("light", "dark"), ("gain", "lose"), ("plus", "minus"), ("lock", "unlock"),
+        ("mount", "unmount"), ("zip", "unzip"), ("follow", "unfollow"), ("subscribe", "unsubscribe"),
+    )
+}
+_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non", "de")
+
+
+def _opposed(a: str, b: str) -> bool:
+    if frozenset((a, b)) in _OPPOSITES:
+        return True
+    short, long = sorted((a, b), key=len)
+    return any(long == prefix + short for prefix in _PREFIXES)
+
+
 def near_miss(query: str, cached: str, similarity: float) -> str | None:
     """Why a semantic match must not be served, or None.
 
     Embeddings rate prompts that share most words as close even when the one
-    word that differs changes the answer. Two cheap checks catch the common cases:
+    word that differs changes the answer. Cheap checks catch the common cases:
     - the numbers must be the same ("17 times 23" is not "17 times 24");
+    - the same words in another order ask another thing ("list to a string" /
+      "string to a list", "Is Linux better than Windows" / "... Windows ... Linux");
     - when the prompts are word for word the same except one short span (a
-      "minimal pair"), that span is the whole question: the same words reordered
-      ("Celsius to Fahrenheit" / "Fahrenheit to Celsius") never match, and a
-      swapped word ("by value" / "by key") needs cosine >= 0.95, which synonyms
-      ("fastest" / "quickest") reach and different things mostly do not.
+      "minimal pair"), that span is the whole question: an inserted negation
+      ("safe" / "not safe"), a word and its opposite ("up" / "down", "safe" /
+      "unsafe") never match, and any other swapped word ("by value" / "by key")
+      needs cosine >= 0.95, which synonyms ("fastest" / "quickest") reach and
+      different things mostly do not.
     """
     if _NUMBER.findall(query) != _NUMBER.findall(cached):
         return "the numbers differ"
     a = _WORD.findall(query.lower())
     b = _WORD.findall(cached.lower())
+    if a != b and sorted(a) == sorted(b):
+        return "the same words in another order"
     prefix = 0
     while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
         prefix += 1
@@ -180,10 +218,12 @@ def near_miss(query: str, cached: str, similarity: float) -> str | None:
     while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
         suffix += 1
     span_a, span_b = a[prefix : len(a) - suffix], b[prefix : len(b) - suffix]
-    if span_a and span_b and len(span_a) <= MINIMAL_PAIR_SPAN and len(span_b) <= MINIMAL_PAIR_SPAN:
-        if sorted(span_a) == sorted(span_b):
-            return "the same words in another order"
-        if similarity < MINIMAL_PAIR_MIN_SIMILARITY:
+    if len(span_a) <= MINIMAL_PAIR_SPAN and len(span_b) <= MINIMAL_PAIR_SPAN:
+        if _NEGATIONS.intersection(span_a) != _NEGATIONS.intersection(span_b):
+            return "one is negated"
+        if any(_opposed(x, y) for x in span_a for y in span_b):
+            return f"opposites ({' '.join(span_a)!r} vs {' '.join(span_b)!r})"
+        if span_a and span_b and similarity < MINIMAL_PAIR_MIN_SIMILARITY:
             return f"one part differs ({' '.join(span_a)!r} vs {' '.join(span_b)!r})"
     return None
 
@@ -267,6 +307,9 @@ class CacheStats:
     evictions: int = 0
     expired: int = 0
     embed_errors: int = 0
+    semantic_lookups: int = 0  # lookups that reached the semantic tier (embedded their prompt)
+    semantic_cpu_s: float = 0.0  # worker-thread CPU of those: embedding, search, confirmation
+    confirmations: int = 0  # lookups whose candidates the confirmer had to judge
 
     @property
     def hits(self) -> int:
@@ -280,6 +323,13 @@ class CacheStats:
             "semantic_hits": self.semantic_hits,
             "misses": self.misses,
             "hit_rate": self.hits / lookups if lookups else 0.0,
+            "exact_hit_rate": self.exact_hits / lookups if lookups else 0.0,
+            "semantic_hit_rate": self.semantic_hits / lookups if lookups else 0.0,
+            "semantic_lookups": self.semantic_lookups,
+            "semantic_cpu_ms_per_lookup": (
+                self.semantic_cpu_s * 1000 / self.semantic_lookups if self.semantic_lookups else 0.0
+            ),
+            "confirmations": self.confirmations,
             "saved_usd": self.saved_usd,
             "refused_near_misses": self.refused,
             "inserts": self.inserts,
@@ -296,7 +346,16 @@ _INSERT = (
 _TOUCH = "UPDATE semantic_cache SET hits = hits + 1, last_hit = ? WHERE namespace = ? AND exact_key = ?"
 _DELETE = "DELETE FROM semantic_cache WHERE namespace = ? AND exact_key = ? AND created <= ?"
 
-EmbedderLoader = Callable[[], tuple[Embedder, str | None]]
+EmbedderLoader = Callable[[], EmbedderPlan]
+# Embedding and searching run here, never on the event loop, at most this many at once:
+# on a small machine more threads only queue for the same cores (and each keeps a malloc arena).
+EMBED_WORKERS = 2
+
+
+def _timed(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    started = time.thread_time()
+    result = work(*args)
+    return result, time.thread_time() - started
 
 
 class SemanticCache:
@@ -305,20 +364,29 @@ class SemanticCache:
         store: Store,
         *,
         embedder: Embedder | EmbedderLoader,
+        confirmer: LocalEmbedder | Callable[[], LocalEmbedder] | None = None,
         enabled: bool = True,
-        threshold: float = 0.90,
+        threshold: float = 0.84,
+        candidate_threshold: float = 0.70,
         ttl_s: float = 7 * 24 * 3600,
         max_entries: int = 100_000,
     ) -> None:
         self.store = store
         self.enabled = enabled
-        self.configured_threshold = threshold
+        self.configured_threshold = threshold  # the confirmer's cosine, or the embedder's when there is none
+        self.candidate_threshold = candidate_threshold  # the embedder's cosine for a candidate to confirm
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.stats = CacheStats()
         self.embedder: Embedder | None = embedder if isinstance(embedder, Embedder) else None
+        self.confirmer: LocalEmbedder | None = confirmer if isinstance(confirmer, LocalEmbedder) else None
+        self._confirmer_loader = None if isinstance(confirmer, LocalEmbedder) else confirmer
+        self._confirmer_lock = threading.Lock()
+        self._confirmer_failed: P402Error | None = None
         self.warning: str | None = None
+        self.building = False  # the index embedder is being made in the background
         self._loader = embedder
+        self._pool = ThreadPoolExecutor(EMBED_WORKERS, thread_name_prefix="p402-embed")
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # in LRU order, oldest first
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
         self._probes: OrderedDict[str, _Probe] = OrderedDict()
@@ -329,9 +397,10 @@ class SemanticCache:
         """A cache as `[cache]` in the config file describes it (`core.config.CacheConfig`)."""
         return cls(
             store,
-            embedder=lambda: load_embedder(config.embedder, model_dir=config.model_dir, adapter_for=adapter_for),
+            embedder=lambda: plan_embedders(config.embedder, model_dir=config.model_dir, adapter_for=adapter_for),
             enabled=config.enabled,
             threshold=config.threshold,
+            candidate_threshold=config.candidate_threshold,
             ttl_s=config.ttl_s,
             max_entries=config.max_entries,
         )
@@ -350,6 +419,7 @@ class SemanticCache:
             await asyncio.shield(self._ready)
 
     async def aclose(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         task = self._ready
         if task is None:
             return
@@ -362,9 +432,14 @@ class SemanticCache:
 
     async def _load(self) -> None:
         if not isinstance(self._loader, Embedder):
-            self.embedder, self.warning = await asyncio.to_thread(self._loader)
+            plan = await asyncio.to_thread(self._loader)
+            self.embedder, self.warning = plan.embedder, plan.warning
+            if plan.confirmer is not None and self.confirmer is None and self._confirmer_loader is None:
+                self._confirmer_loader = plan.confirmer
             if self.warning:
                 log.warning(self.warning)
+            if plan.embedder is None and plan.build is not None:
+                self._build_in_background(plan.build)
         now = time.time()
         self.store.put("DELETE FROM semantic_cache WHERE created < ?", (now - self.ttl_s,))
         rows = await self.store.rows(
@@ -372,10 +447,40 @@ class SemanticCache:
             "embedding FROM semantic_cache WHERE created >= ?",
             (now - self.ttl_s,),
         )
-        name = self.embedder.name
+        name = self.embedder.name if self.embedder is not None else None
         # Nothing can be inserted meanwhile: inserts follow lookups, and lookups wait for this.
         self._entries, self._indexes = await asyncio.to_thread(_build, rows, name)
         self._evict_overflow()
+
+    def _build_in_background(self, build: Callable[[], Embedder]) -> None:
+        """Make the index embedder on a thread of its own; until it is done the semantic tier is skipped.
+
+        A daemon thread, not the loop's executor: shutting down must not wait a minute and
+        a half for a table the next start can finish. Prompts cached meanwhile serve exact hits.
+        """
+        loop = asyncio.get_running_loop()
+        self.building = True
+        log.info("cache: distilling static vectors from MiniLM (once, about 1-2 minutes); semantic tier waits")
+
+        def done(embedder: Embedder | None, error: BaseException | None) -> None:
+            self.building = False
+            if error is not None:
+                self.warning = f"semantic tier off: the static vectors could not be made: {error}"
+                log.warning(self.warning)
+            else:
+                self.embedder = embedder
+
+        def work() -> None:
+            try:
+                result, error = build(), None
+            except Exception as exc:  # noqa: BLE001 - reported as the cache's warning
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(done, result, error)
+            except RuntimeError:  # the loop has closed: the table is on disk for the next start
+                pass
+
+        threading.Thread(target=work, name="p402-static-build", daemon=True).start()
 
     # --- what the outside sees ------------------------------------------------------------
 
@@ -387,11 +492,17 @@ class SemanticCache:
 
     def info(self) -> dict[str, Any]:
         """Which embedder is active and how the cache is set up (for the console and the API)."""
+        confirming = self.confirmer is not None or self._confirmer_loader is not None
         return {
             "enabled": self.enabled,
             "embedder": self.embedder.info() if self.embedder is not None else None,
+            "building": self.building,
+            "confirmer": (self.confirmer.info() if self.confirmer is not None else {"loaded": False})
+            if confirming
+            else None,
             "loaded": self._ready is not None and self._ready.done(),
             "threshold": self.threshold,
+            "candidate_threshold": self.candidate_threshold if confirming else None,
             "configured_threshold": self.configured_threshold,
             "ttl_s": self.ttl_s,
             "max_entries": self.max_entries,
@@ -426,35 +537,86 @@ class SemanticCache:
         vector = None
         embedder = self.embedder
         if keys.prompt and embedder is not None:
+            index = self._indexes.get((namespace, keys.scope))
+            found: list[tuple[int, float]] = []
             try:
-                vector = (await embedder.embed([keys.prompt]))[0]
+                vector, found = await self._embed_and_search(embedder, keys.prompt, index)
             except P402Error as error:  # a provider embedder that failed: the exact tier still works
                 self.stats.embed_errors += 1
                 log.warning("cache: embedding failed, semantic tier skipped: %s", error)
-            if vector is not None:
-                answer = await self._semantic(namespace, keys, vector, now)
+            if found and index is not None:
+                answer = await self._semantic(keys, index, found, vector, now)
                 if answer is not None:
                     return answer
         self._remember(request_id, _Probe(namespace, keys, vector, embedder.name if embedder else None))
         self.stats.misses += 1
         return None
 
-    async def _semantic(self, namespace: str, keys: RequestKeys, vector: np.ndarray, now: float) -> CachedAnswer | None:
-        index = self._indexes.get((namespace, keys.scope))
-        if index is None or not len(index) or index.dim != vector.shape[0]:
-            return None
-        threshold = self.threshold
-        found = await asyncio.to_thread(search, index.snapshot(), vector, threshold)
+    @property
+    def _confirming(self) -> bool:
+        return self.confirmer is not None or self._confirmer_loader is not None
+
+    async def _embed_and_search(
+        self, embedder: Embedder, prompt: str, index: VectorIndex | None
+    ) -> tuple[np.ndarray, list[tuple[int, float]]]:
+        """The prompt's vector and the index rows close to it, computed on the cache's worker pool."""
+        if index is not None and (not len(index) or index.dim != embedder.dim):
+            index = None
+        snapshot = index.snapshot() if index is not None else None
+        threshold = self.candidate_threshold if self._confirming else self.threshold
+        if not isinstance(embedder, LocalEmbedder):  # a provider's endpoint: the wait is the network's
+            vector = (await embedder.embed([prompt]))[0]
+            if snapshot is None:
+                return vector, []
+            return vector, await asyncio.get_running_loop().run_in_executor(self._pool, search, snapshot, vector, threshold)
+
+        def work() -> tuple[np.ndarray, list[tuple[int, float]]]:
+            vector = embedder.encode([prompt])[0]
+            found = [] if snapshot is None else search(snapshot, vector, threshold)
+            if len(prompt) > MAX_CHARS:
+                release_memory()
+            return vector, found
+
+        (vector, found), cpu = await asyncio.get_running_loop().run_in_executor(self._pool, _timed, work)
+        self.stats.semantic_lookups += 1
+        self.stats.semantic_cpu_s += cpu
+        return vector, found
+
+    async def _semantic(
+        self, keys: RequestKeys, index: VectorIndex, found: list[tuple[int, float]], vector: np.ndarray, now: float
+    ) -> CachedAnswer | None:
+        candidates: list[tuple[Entry, float]] = []
+        floor = self.candidate_threshold if self._confirming else self.threshold
         for row, _ in found:
             if row >= len(index):
                 continue
             entry = index.owners[row]
             # The loop may have moved rows while the thread searched: score the entry where it is now.
             similarity = index.score(entry.row, vector) if entry.index is index else -1.0
-            if similarity < threshold:
+            if similarity < floor:
                 continue
             if self._expired(entry, now):
                 self._evict(entry, expired=True)
+                continue
+            # The checks that do not depend on the cosine, before paying for a confirmation.
+            if near_miss(keys.prompt, entry.prompt, 1.0) is not None:
+                self.stats.refused += 1
+                continue
+            candidates.append((entry, similarity))
+        if candidates and self._confirming:
+            # Only the static stage's best: on the tune split, confirming the top 4 found no more
+            # paraphrases (0.793 vs 0.784 recall) and served the project's pairs one wrong answer,
+            # and MiniLM's cost grows with every text it reads.
+            try:
+                candidates = await self._confirm(keys.prompt, [candidates[0][0]])
+            except P402Error as error:  # MiniLM would not load: answer upstream, say why once
+                self.stats.embed_errors += 1
+                if self.warning is None:
+                    self.warning = f"semantic hits off: the confirmer did not load: {error}"
+                    log.warning(self.warning)
+                return None
+        for entry, similarity in candidates:
+            if similarity < self.threshold:
                 continue
             if near_miss(keys.prompt, entry.prompt, similarity) is not None:
                 self.stats.refused += 1
@@ -463,6 +625,33 @@ class SemanticCache:
             if answer is not None:
                 return answer
         return None
+
+    async def _confirm(self, prompt: str, entries: list[Entry]) -> list[tuple[Entry, float]]:
+        """The candidates with the confirmer's cosine, best first (MiniLM loads here the first time)."""
+        texts = [prompt, *(entry.prompt for entry in entries)]
+
+        def work() -> np.ndarray:
+            vectors = self._confirmer_now().encode(texts)
+            return vectors[1:] @ vectors[0]
+
+        scores, cpu = await asyncio.get_running_loop().run_in_executor(self._pool, _timed, work)
+        self.stats.confirmations += 1
+        self.stats.semantic_cpu_s += cpu
+        return sorted(zip(entries, map(float, scores)), key=lambda pair: -pair[1])
+
+    def _confirmer_now(self) -> LocalEmbedder:
+        """The confirmer, loaded by the first worker that needs it (sync: runs on the pool)."""
+        with self._confirmer_lock:
+            if self.confirmer is None:
+                assert self._confirmer_loader is not None
+                if self._confirmer_failed is not None:  # tried once: not again at every candidate
+                    raise self._confirmer_failed
+                try:
+                    self.confirmer = self._confirmer_loader()
+                except P402Error as error:
+                    self._confirmer_failed = error
+                    raise
+            return self.confirmer
 
     async def _serve(self, entry: Entry, match: str, similarity: float, now: float) -> CachedAnswer | None:
         payload = entry.payload

@@ -49,13 +49,23 @@ class RouteOptions:
         }
 
 
+KEY_NAMESPACE_PREFIX = "key:"
+
+
+def reserved_namespace(name: str) -> str | None:
+    """Why `name` cannot be given as a cache namespace, or None."""
+    if name.startswith(KEY_NAMESPACE_PREFIX):
+        return f"cache namespaces starting with {KEY_NAMESPACE_PREFIX!r} are each gateway key's own; choose another name"
+    return None
+
+
 @dataclass(slots=True)
 class CallContext:
     """Who asks and how the answer is kept."""
 
     session_id: str | None = None
     tag: str | None = None
-    namespace: str | None = None  # cache namespace; default: the session, else the gateway key, else "default"
+    namespace: str | None = None  # explicit cache namespace: shared by every caller that names it
     cache: bool = True
     api_key_id: str | None = None
     source: str = "cli"  # cli | gateway | console | demo
@@ -63,7 +73,12 @@ class CallContext:
     timeout_s: float | None = None  # the whole request's deadline, across attempts; None: [router] request_timeout_s
 
     def cache_namespace(self) -> str:
-        return self.namespace or self.session_id or self.api_key_id or "default"
+        """The named namespace; else the session's, else "default", each inside the gateway key's own."""
+        if self.namespace:
+            return self.namespace
+        implicit = self.session_id or "default"
+        # Explicit names may not start with the prefix (`reserved_namespace`), so no caller can name another key's.
+        return implicit if self.api_key_id is None else f"{KEY_NAMESPACE_PREFIX}{self.api_key_id}/{implicit}"
 
 
 @dataclass(slots=True)

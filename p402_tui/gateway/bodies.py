@@ -17,7 +17,14 @@ from ..core.catalog import Catalog
 from ..core.config import MODES, Mode
 from ..core.costs import MAX_COMPARED_TOKENS
 from ..core.errors import UnknownModelError
-from ..core.hooks import MAX_LABEL_CHARS, MAX_MESSAGES, MAX_SESSION_NAME_CHARS, CallContext, RouteOptions
+from ..core.hooks import (
+    MAX_LABEL_CHARS,
+    MAX_MESSAGES,
+    MAX_SESSION_NAME_CHARS,
+    CallContext,
+    RouteOptions,
+    reserved_namespace,
+)
 from ..core.router import AUTO_MODELS
 from ..core.types import JSON_INTEGER, Capability, ChatRequest, Tier
 from .errors import GatewayError, from_validation_error
@@ -74,6 +81,8 @@ def parse_chat(
         p402 = _NO_OPTIONS if raw is None else P402Options.model_validate(raw)
     except ValidationError as error:
         raise from_validation_error(error, prefix="p402.") from None
+    if p402.namespace is not None and (reason := reserved_namespace(p402.namespace)) is not None:
+        raise GatewayError(400, reason, param="p402.namespace", code="invalid_value")
     for field in ("prefer", "exclude"):
         for index, provider in enumerate(getattr(p402, field)):
             if provider not in catalog.providers:

@@ -86,7 +86,7 @@ class LocalSource:
             saved_usd=today["saved_usd"],
             cache_hits=today["cached"],
             top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
-            cache=CacheInfo.from_snapshot(cache.info()) if cache is not None else None,
+            cache=CacheInfo.from_snapshot(cache.snapshot()) if cache is not None else None,
         )
 
     async def sessions(self) -> list[dict[str, Any]]:

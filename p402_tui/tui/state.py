@@ -143,13 +143,27 @@ class CacheInfo:
 
     enabled: bool
     embedder: str | None = None  # all-MiniLM-L6-v2, hashed-ngram, or a provider's provider/model
-    label: str | None = None  # semantic, or lexical: no model weights, near-exact matches only
+    label: str | None = None  # semantic, two-stage (static candidates, MiniLM confirms), or lexical
+    exact_hit_rate: float | None = None  # hits per lookup, by tier (None: no lookups yet)
+    semantic_hit_rate: float | None = None
+    semantic_cpu_ms: float | None = None  # worker CPU of the semantic tier per lookup that reached it
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> CacheInfo:
-        """From `SemanticCache.info()` in-process, or the gateway's /api/v2/cache."""
+        """From `SemanticCache.snapshot()` in-process, or the gateway's /api/v2/cache."""
         embedder = data.get("embedder") or {}
-        return cls(enabled=bool(data.get("enabled")), embedder=embedder.get("name"), label=embedder.get("label"))
+        name, label = embedder.get("name"), embedder.get("label")
+        if name is not None and data.get("confirmer") is not None:
+            name, label = "all-MiniLM-L6-v2", "two-stage"  # static vectors find, MiniLM confirms
+        looked_up = data.get("hits", 0) + data.get("misses", 0)
+        return cls(
+            enabled=bool(data.get("enabled")),
+            embedder=name,
+            label=label,
+            exact_hit_rate=data.get("exact_hit_rate") if looked_up else None,
+            semantic_hit_rate=data.get("semantic_hit_rate") if looked_up else None,
+            semantic_cpu_ms=data.get("semantic_cpu_ms_per_lookup") if data.get("semantic_lookups") else None,
+        )
 
 
 @dataclass(slots=True)

@@ -114,6 +114,16 @@ def cache_text(cache: CacheInfo) -> str:
     return short(name, WIDTH - len("cache  ") - len(label)) + label
 
 
+def tier_rows(cache: CacheInfo) -> list[tuple[str, str]]:
+    """Hit rate by tier and the semantic tier's CPU per lookup, once there is something to show."""
+    rows = []
+    if cache.exact_hit_rate is not None and cache.semantic_hit_rate is not None:
+        rows.append(("hits exact·sem", f"{cache.exact_hit_rate:.0%} · {cache.semantic_hit_rate:.0%}"))
+    if cache.semantic_cpu_ms is not None:
+        rows.append(("semantic cpu", f"{cache.semantic_cpu_ms:.2f} ms/req"))
+    return rows
+
+
 def summary_text(summary: SpendSummary, colors: Palette, legend: list[tuple[str, str, float]]) -> Text:
     """Totals, the chart's legend (provider, colour, spend in the window) and the top models."""
     text = Text(no_wrap=True, overflow="ellipsis")
@@ -131,6 +141,9 @@ def summary_text(summary: SpendSummary, colors: Palette, legend: list[tuple[str,
     if summary.cache is not None:
         text.append("cache", style="dim")
         text.append(f"{cache_text(summary.cache):>{WIDTH - len('cache')}}\n")
+        for label, value in tier_rows(summary.cache):
+            text.append(f"{label:<14}", style="dim")
+            text.append(f"{value:>14}\n")
     if legend:
         text.append("in the chart\n", style="bold")
         for provider, colour, total in legend:
