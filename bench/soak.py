@@ -19,6 +19,22 @@ set-up in `Rig`, and register themselves in SCENARIOS):
     python bench/soak.py --scenario faults
     python bench/soak.py --scenario faults --requests 1000 --concurrency 16
 
+The limits' scenarios (bench/soak_limits.py, each with its own processes and database):
+
+  big_prompt          one 8 MB prompt, then six at once: serve's RSS growth and peak, /health latency
+  stalled_subscribers 500 /api/v2/events subscribers that never read: RSS, throughput, disconnect spike
+  hung_upstream       every provider hangs: a request with the default deadline, and one with timeout_s
+  slow_headers        1,000 connections sending a header line every 10 s (and 500 slow bodies), while
+                      normal requests go on: when they are closed
+  kill9               kill -9 under load: acknowledged requests missing from the ledger (strict, four
+                      runs; batch, with the window they were answered in)
+  durability_cost     request latency with durability batch and strict
+  rss_batches         RSS across two batches of 10,000 distinct requests with the cache on, against
+                      what the cache's entries account for
+
+    python bench/soak.py --scenario big_prompt --scenario kill9
+    python bench/soak.py --scenario all        # every scenario, about 25 minutes
+
 Every attempt has a 1 s timeout (set in the serve config) so a hung upstream costs a
 bounded time; the whole run stops issuing requests after `--max-seconds`. Like
 bench/gateway.py it re-runs itself in a loopback-only network namespace when it can.
@@ -44,6 +60,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway import Child, free_port, in_netns, percentile, reexec_in_netns, sim_config  # noqa: E402 - bench/gateway.py
+from soak_limits import SCENARIOS as LIMITS  # noqa: E402 - bench/soak_limits.py
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTEMPT_TIMEOUT_S = 1.0
@@ -382,22 +399,32 @@ async def faults(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="p402-soak-"))
+    names = sorted({*SCENARIOS, *LIMITS}) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
     result: dict[str, Any] = {
         "bench": "soak",
-        "scenario": args.scenario,
+        "scenarios": names,
         "attempt_timeout_s": ATTEMPT_TIMEOUT_S,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": os.getloadavg()},
         "network_namespace": in_netns(),
     }
-    children: list[Child] = []
-    try:
-        rig, children = open_rig(scratch)
+    for name in names:
         started = time.perf_counter()
-        result[args.scenario] = asyncio.run(SCENARIOS[args.scenario](rig, args))
-        result["seconds"] = round(time.perf_counter() - started, 1)
-    finally:
-        for child in reversed(children):
-            child.stop()
+        if name in LIMITS:
+            try:
+                result[name] = asyncio.run(LIMITS[name](scratch / name))
+            except Exception as error:  # noqa: BLE001 - one broken scenario must not hide the others' figures
+                result[name] = {"error": f"{type(error).__name__}: {error}"}
+        else:
+            children: list[Child] = []
+            try:
+                (scratch / name).mkdir(parents=True)
+                rig, children = open_rig(scratch / name)
+                result[name] = asyncio.run(SCENARIOS[name](rig, args))
+            finally:
+                for child in reversed(children):
+                    child.stop()
+        result[name]["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
     if args.keep:
         result["scratch"] = str(scratch)
     return result
@@ -406,7 +433,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="faults")
+    parser.add_argument("--scenario", action="append", choices=[*sorted({*SCENARIOS, *LIMITS}), "all"],
+                        help="run this scenario (repeatable; default faults)")
     parser.add_argument("--requests", type=int, default=5000, help="requests in the main phase (default 5000)")
     parser.add_argument("--concurrency", type=int, default=64, help="clients at once (default 64)")
     parser.add_argument("--fault-rate", type=float, default=0.20, help="share of upstream calls that fail (0.20)")
@@ -416,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, config, database)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
+    args.scenario = args.scenario or ["faults"]
     if not args.no_netns:
         reexec_in_netns([str(Path(__file__).resolve()), *argv])
     os.chdir(ROOT)

@@ -1,39 +1,23 @@
 #!/usr/bin/env python3
 """Soak scenarios for the gateway's limits: memory per request and per subscriber, deadlines, slow
-clients, durability under kill -9, and RSS across long runs. Prints JSON.
+clients, durability under kill -9, and RSS across long runs. Run them through bench/soak.py.
 
 Each scenario starts its own `p402 sim --no-latency` and `p402 serve` (pointed at it through a config
-file, with a fresh database), drives them over loopback from this process, and returns a dict:
-
-  big_prompt          one 8 MB prompt, then six at once: serve's RSS growth and peak, /health latency
-  stalled_subscribers 500 /api/v2/events subscribers that never read: RSS, throughput, disconnect spike
-  hung_upstream       every provider hangs: a request with the default deadline, and one with timeout_s
-  slow_headers        1,000 connections sending a header line every 10 s (and 500 slow bodies), while
-                      normal requests go on: when they are closed
-  kill9               kill -9 under load: acknowledged requests missing from the ledger (strict, four
-                      runs; batch, with the window they were answered in)
-  durability_cost     request latency with durability batch and strict
-  rss_batches         RSS across two batches of 10,000 distinct requests with the cache on, against
-                      what the cache's entries account for
-
-    python bench/soak_limits.py                       # every scenario, ~10 minutes
-    python bench/soak_limits.py --scenario big_prompt --scenario kill9
+file, with a fresh database), drives them over loopback from this process, and returns a dict; the
+list of them, with what each measures, is in bench/soak.py's docstring.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -513,27 +497,3 @@ SCENARIOS: dict[str, Callable[[Path], Any]] = {
     "durability_cost": durability_cost,
     "rss_batches": rss_batches,
 }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="run only these (repeatable)")
-    args = parser.parse_args(argv)
-    names = args.scenario or list(SCENARIOS)
-    scratch = Path(tempfile.mkdtemp(prefix="p402-soak-"))
-    result: dict[str, Any] = {"bench": "soak_limits", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                                  "loadavg_before": os.getloadavg()}}
-    for name in names:
-        began = time.perf_counter()
-        try:
-            result[name] = asyncio.run(SCENARIOS[name](scratch / name))
-        except Exception as error:  # noqa: BLE001 - one broken scenario must not hide the others' figures
-            result[name] = {"error": f"{type(error).__name__}: {error}"}
-        result[name]["elapsed_s"] = round(time.perf_counter() - began, 1)
-        print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
