@@ -20,6 +20,7 @@ from typing import Any
 from .cache.semantic import SemanticCache, exact_key
 from .core.errors import BudgetExceededError
 from .core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
+from .core.tokens import PIECE_CHARS, off_loop
 from .core.types import ChatRequest, ChatResponse
 from .store.queries import (
     INSERT_DECISION,
@@ -43,6 +44,7 @@ class Persistence:
         self.simulated = int(simulated)
         self.strict = strict
         self._commits: dict[str, asyncio.Future[None]] = {}  # strict: request id -> its row's commit
+        self._keying: set[asyncio.Task[None]] = set()  # large prompts' ledger rows, keyed on the pool first
         # Per session: USD queued for the ledger, and USD of it committed (both only grow).
         self._queued: defaultdict[str, float] = defaultdict(float)
         self._committed: defaultdict[str, float] = defaultdict(float)
@@ -101,6 +103,11 @@ class Persistence:
         writes.append((INSERT_DECISION, (*row, self.simulated)))
         return writes
 
+    async def drain(self) -> None:
+        """Wait for ledger rows still being keyed on the pool to be queued."""
+        if self._keying:
+            await asyncio.gather(*self._keying, return_exceptions=True)
+
     def completed(
         self,
         record: RequestRecord,
@@ -130,12 +137,22 @@ class Persistence:
         keys = self.cache.probed_keys(ctx.request_id) if self.cache is not None else None  # before insert() takes them
         known = keys.exact if keys is not None else None
 
-        def ledger_row() -> list[tuple[str, Any]]:  # made after the answer has gone: the record is final
-            prompt_key = known if known is not None else exact_key(request, options)
+        def ledger_row(prompt_key: str | None = known) -> list[tuple[str, Any]]:  # made after the answer has gone
+            prompt_key = prompt_key if prompt_key is not None else exact_key(request, options)
             needs = ",".join(sorted(request.needs()))
             return [(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=prompt_key, simulated=self.simulated))]
 
-        self.store.put_later(ledger_row, done=done, urgent=self.strict)
+        if known is None and request.prompt_chars() > PIECE_CHARS:
+            # Keying megabytes of prompt would hold the loop (the writer makes rows on it) for tens of ms.
+            async def keyed_first() -> None:
+                key = await off_loop(exact_key, request, options)
+                self.store.put_later(lambda: ledger_row(key), done=done, urgent=self.strict)
+
+            task = asyncio.create_task(keyed_first())
+            self._keying.add(task)
+            task.add_done_callback(self._keying.discard)
+        else:
+            self.store.put_later(ledger_row, done=done, urgent=self.strict)
         ok = record.status == "ok" and response is not None
         if self.cache is not None:
             if ok and not record.cached and ctx.cache:

@@ -75,7 +75,10 @@ class Runtime:
                 )
                 cache.start()  # embedder and entries load in the background; lookups wait for them
                 stack.push_async_callback(cache.aclose)
-                hooks = Persistence(store, cache, simulated=sim, strict=settings.file.store.durability == "strict")
+                hooks = persistence = Persistence(
+                    store, cache, simulated=sim, strict=settings.file.store.durability == "strict"
+                )
+                stack.push_async_callback(persistence.drain)  # before the store closes
             orchestrator = Orchestrator(settings, bus=bus, hooks=hooks)
             await orchestrator.start()
             stack.push_async_callback(orchestrator.aclose)

@@ -514,3 +514,17 @@ async def test_a_confirmer_that_will_not_load_turns_semantic_hits_off_and_says_w
     assert cache.stats.embed_errors == 2 and "confirmer did not load" in cache.info()["warning"]
     hit = await cache.lookup(ask("What is the capital of France?"), None, "default", request_id="e")
     assert hit is not None and hit.match == "exact"  # the exact tier is untouched
+
+
+def test_a_long_text_normalises_in_pieces_to_the_same_words():
+    from p402_tui.cache.semantic import _normalise_text
+    from p402_tui.core.tokens import PIECE_CHARS
+
+    word_over_a_piece = "w" * (PIECE_CHARS + 7)
+    for text in (
+        " lead  " + "a b\tc\n" * PIECE_CHARS,  # cuts fall inside runs of white space
+        "x" * (3 * PIECE_CHARS),  # no white space at all
+        "start " + word_over_a_piece + " \n\n end ",
+        ("é  ü\u3000" * PIECE_CHARS) + "  ",  # non-ASCII words and white space
+    ):
+        assert _normalise_text(text) == " ".join(text.split())

@@ -346,3 +346,23 @@ async def test_a_large_prompt_is_answered_and_its_memory_trimmed_after(serve_wit
                 break
             await asyncio.sleep(0.05)
         assert gateway.trimmer.trims >= 1
+
+
+async def test_a_large_prompt_is_keyed_off_the_loop_and_its_ledger_row_keeps_the_same_key(serve_with):
+    """Keying megabytes of prompt for the ledger holds the GIL for tens of ms: it runs on the pool in
+    pieces, and the row it makes carries the key a small prompt's row would."""
+    from p402_tui.cache.semantic import exact_key
+    from p402_tui.gateway.bodies import parse_chat
+
+    url = await serve_with()
+    runtime = serve_with.runtime
+    prompt = "Whitespace,\tof every   kind;\n" * 60_000  # 1.8 MB, well past one piece
+    body = {"model": "auto", "messages": [{"role": "user", "content": prompt}], "p402": {"cache": False}}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text[:300]
+    await runtime.orchestrator.hooks.drain()
+    await runtime.store.flush()
+    row = await runtime.store.fetchone("SELECT prompt_key FROM requests ORDER BY ts DESC LIMIT 1")
+    chat, options, _ = parse_chat(json.dumps(body).encode(), runtime.orchestrator.catalog, api_key_id=None, no_cache=False)
+    assert row["prompt_key"] == exact_key(chat, options)

@@ -36,6 +36,7 @@ import orjson
 
 from ..core.errors import P402Error
 from ..core.hooks import CachedAnswer, RouteOptions
+from ..core.tokens import PIECE_CHARS, off_loop
 from ..core.types import ChatMessage, ChatRequest, ChatResponse, Usage
 from ..store.store import Store
 from .embedders import MAX_CHARS, Embedder, EmbedderPlan, LocalEmbedder, plan_embedders, release_memory
@@ -66,7 +67,24 @@ class RequestKeys:
 
 
 def _normalise_text(text: str) -> str:
-    return " ".join(text.split())
+    """Its words joined by single spaces. A long text goes in pieces cut at white space (the same
+    words): each piece is one call holding the GIL, so keying a huge prompt on a worker thread
+    lets the event loop run in between."""
+    if len(text) <= PIECE_CHARS:
+        return " ".join(text.split())
+    parts = []
+    start = 0
+    while start < len(text):
+        cut = _SPACE.search(text, min(start + PIECE_CHARS, len(text)))
+        end = cut.start() if cut is not None else len(text)
+        part = " ".join(text[start:end].split())
+        if part:
+            parts.append(part)
+        start = end
+    return " ".join(parts)
+
+
+_SPACE = re.compile(r"\s")
 
 
 def _message_key(message: ChatMessage) -> dict[str, Any]:
@@ -524,7 +542,8 @@ class SemanticCache:
         if not self.enabled:
             return None
         await self.ready()
-        keys = request_keys(request, options)
+        large = request.prompt_chars() > PIECE_CHARS  # keyed on the pool: megabytes hold the loop for tens of ms
+        keys = await off_loop(request_keys, request, options) if large else request_keys(request, options)
         now = time.time()
         entry = self._entries.get((namespace, keys.exact))
         if entry is not None:

@@ -338,7 +338,7 @@ class Orchestrator:
         self, request: ChatRequest, options: RouteOptions, ctx: CallContext, record: RequestRecord
     ) -> RouteDecision:
         """Route and check the budget; the decision is published now only if it refuses the request."""
-        if _prompt_chars(request) > PIECE_CHARS:
+        if request.prompt_chars() > PIECE_CHARS:
             await off_loop(self.router.count_prompt, request)  # routing below finds the count made
         decision = self.router.route(request, options)
         # Only ejected models left: the plan may still try the least bad of them, or answer 503.
@@ -715,11 +715,6 @@ class Orchestrator:
         if cost and spec is not None:
             self.bus.publish(SpendUpdated(provider=spec.provider, model=spec.model, cost_usd=cost, session_id=ctx.session_id))
         self.hooks.completed(record, request, None, options, ctx)
-
-
-def _prompt_chars(request: ChatRequest) -> int:
-    """About how much text the prompt holds (plain-text messages; enough to spot a large one)."""
-    return sum(len(m.content) for m in request.messages if type(m.content) is str)
 
 
 async def _next_before(upstream: AsyncIterator[list[ChatChunk]], when: float | None) -> list[ChatChunk] | None:

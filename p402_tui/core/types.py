@@ -213,6 +213,10 @@ class ChatRequest(_Open):
             self.max_tokens, self.max_completion_tokens = self.max_completion_tokens, None
         return self
 
+    def prompt_chars(self) -> int:
+        """About how much text the prompt holds (plain-text messages; enough to spot a large one)."""
+        return sum(len(m.content) for m in self.messages if type(m.content) is str)
+
     def has_images(self) -> bool:
         return any(m.images() for m in self.messages)
 
