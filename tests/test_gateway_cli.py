@@ -140,3 +140,21 @@ def test_serve_rejects_a_bad_port_without_a_traceback():
     result = run_cli("serve", "--port", "70000")
     assert result.returncode == 2 and "not a port" in result.stderr and "Traceback" not in result.stderr
 
+
+
+def test_serve_stopped_while_it_distils_the_static_vectors_exits_cleanly(tmp_path):
+    """A first start distils the cache's static vectors on a thread for a minute or two; stopping
+    the gateway meanwhile ends that thread between two batches (a thread still inside numpy when
+    Python finalises can crash the process) and leaves no table behind."""
+    cache_dir = tmp_path / "cache"
+    served = Served("--sim", "--db", str(tmp_path / "p402.db"), env={"XDG_CACHE_HOME": str(cache_dir)})
+    try:
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"{served.url}/api/v2/cache", timeout=5).json().get("building"):
+            assert time.monotonic() < deadline, "the static vectors were never being made"
+            time.sleep(0.1)
+        time.sleep(1.0)  # well inside the first batches
+    finally:
+        code = served.stop()
+    assert code == 0, "".join(served.stderr)[-2000:]
+    assert not list(cache_dir.rglob("*.npy")) and not list(cache_dir.rglob("*.tmp"))

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,7 +250,11 @@ def static_table_path(folder: Path, digest: str) -> Path:
     return Path(platformdirs.user_cache_dir("p402")) / f"static-minilm-{digest[:16]}-v{STATIC_FORMAT}-{STATIC_DIMS}.npy"
 
 
-def distill_static_table(model: MiniLMEmbedder, batch: int = 1024) -> np.ndarray:
+class BuildStopped(Exception):
+    """The static table's distillation was stopped before it was done (the process is closing)."""
+
+
+def distill_static_table(model: MiniLMEmbedder, batch: int = 256, stop: threading.Event | None = None) -> np.ndarray:
     """One row per word piece: MiniLM's output for "[CLS] piece [SEP]", centred, PCA-reduced, Zipf-weighted.
 
     model2vec's recipe. The weight log(1 + rank) turns down frequent pieces
@@ -257,7 +262,8 @@ def distill_static_table(model: MiniLMEmbedder, batch: int = 1024) -> np.ndarray
     words from "the" on roughly by frequency, so the rank is the id counted from
     there. On the tune split of bench/data this separated paraphrases from
     unrelated prompts best (PCA 128/256, with and without weights, SIF, tried).
-    About 90 s of one core here (sync: run it in a thread).
+    About 90 s of one core here (sync: run it in a thread). `stop` is looked at between batches
+    (about a second each), so a closing process never finalises under a running forward pass.
     """
     tokenizer = model.tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
@@ -265,6 +271,8 @@ def distill_static_table(model: MiniLMEmbedder, batch: int = 1024) -> np.ndarray
     raw = np.empty((size, model.dim), np.float32)
     ones = np.ones((batch, 3), np.float32)
     for start in range(0, size, batch):
+        if stop is not None and stop.is_set():
+            raise BuildStopped("the process is closing")
         ids = np.arange(start, min(size, start + batch))
         triples = np.stack([np.full_like(ids, cls_id), ids, np.full_like(ids, sep_id)], axis=1)
         raw[start : start + len(ids)] = model._pooled(triples, ones[: len(ids)])
@@ -292,7 +300,10 @@ class StaticEmbedder(LocalEmbedder):
         _one_blas_thread()
 
     @classmethod
-    def load(cls, folder: Path, *, build: bool, expected_sha256: str = MINILM_SAFETENSORS_SHA256) -> "StaticEmbedder | None":
+    def load(
+        cls, folder: Path, *, build: bool, expected_sha256: str = MINILM_SAFETENSORS_SHA256,
+        stop: threading.Event | None = None,
+    ) -> "StaticEmbedder | None":
         """The table for the weights in `folder`, read from the user cache dir, or distilled and saved there
         when `build` (sync, slow: call it in a thread); None when it is not there and `build` is false."""
         path = static_table_path(folder, expected_sha256)
@@ -306,7 +317,7 @@ class StaticEmbedder(LocalEmbedder):
         if not build:
             return None
         model = MiniLMEmbedder.load(folder, expected_sha256=expected_sha256)
-        table = distill_static_table(model)
+        table = distill_static_table(model, stop=stop)
         del model
         release_memory()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ Entries expire after `ttl_s`; past `max_entries` the least recently used go.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import json
 import logging
@@ -39,7 +40,15 @@ from ..core.hooks import CachedAnswer, RouteOptions
 from ..core.tokens import PIECE_CHARS, off_loop
 from ..core.types import ChatMessage, ChatRequest, ChatResponse, Usage
 from ..store.store import Store
-from .embedders import MAX_CHARS, Embedder, EmbedderPlan, LocalEmbedder, plan_embedders, release_memory
+from .embedders import (
+    MAX_CHARS,
+    BuildStopped,
+    Embedder,
+    EmbedderPlan,
+    LocalEmbedder,
+    plan_embedders,
+    release_memory,
+)
 from .index import VectorIndex, search
 
 log = logging.getLogger("p402.cache")
@@ -376,6 +385,27 @@ def _timed(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     return result, time.thread_time() - started
 
 
+class _Builder:
+    """The thread distilling the static table, and how to stop it (at close, or at exit)."""
+
+    running: set[_Builder] = set()
+
+    def __init__(self, thread: threading.Thread, stop_event: threading.Event) -> None:
+        self.thread, self.stop_event = thread, stop_event
+        _Builder.running.add(self)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout)
+        _Builder.running.discard(self)
+
+
+@atexit.register
+def _stop_builders() -> None:
+    for builder in list(_Builder.running):
+        builder.stop()
+
+
 class SemanticCache:
     def __init__(
         self,
@@ -403,6 +433,7 @@ class SemanticCache:
         self._confirmer_failed: P402Error | None = None
         self.warning: str | None = None
         self.building = False  # the index embedder is being made in the background
+        self._builder: _Builder | None = None
         self._loader = embedder
         self._pool = ThreadPoolExecutor(EMBED_WORKERS, thread_name_prefix="p402-embed")
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # in LRU order, oldest first
@@ -437,6 +468,8 @@ class SemanticCache:
             await asyncio.shield(self._ready)
 
     async def aclose(self) -> None:
+        if self._builder is not None:
+            await asyncio.to_thread(self._builder.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
         task = self._ready
         if task is None:
@@ -470,11 +503,13 @@ class SemanticCache:
         self._entries, self._indexes = await asyncio.to_thread(_build, rows, name)
         self._evict_overflow()
 
-    def _build_in_background(self, build: Callable[[], Embedder]) -> None:
+    def _build_in_background(self, build: Callable[..., Embedder]) -> None:
         """Make the index embedder on a thread of its own; until it is done the semantic tier is skipped.
 
-        A daemon thread, not the loop's executor: shutting down must not wait a minute and
-        a half for a table the next start can finish. Prompts cached meanwhile serve exact hits.
+        Not the loop's executor: shutting down must not wait a minute and a half for a table
+        the next start can finish. Closing (or the interpreter's exit) stops the build between
+        two batches instead; a daemon thread still inside numpy when Python finalises can crash
+        the process. Prompts cached meanwhile serve exact hits.
         """
         loop = asyncio.get_running_loop()
         self.building = True
@@ -488,9 +523,13 @@ class SemanticCache:
             else:
                 self.embedder = embedder
 
+        stop = threading.Event()
+
         def work() -> None:
             try:
-                result, error = build(), None
+                result, error = build(stop=stop), None
+            except BuildStopped:
+                return
             except Exception as exc:  # noqa: BLE001 - reported as the cache's warning
                 result, error = None, exc
             try:
@@ -498,7 +537,8 @@ class SemanticCache:
             except RuntimeError:  # the loop has closed: the table is on disk for the next start
                 pass
 
-        threading.Thread(target=work, name="p402-static-build", daemon=True).start()
+        self._builder = _Builder(threading.Thread(target=work, name="p402-static-build", daemon=True), stop)
+        self._builder.thread.start()
 
     # --- what the outside sees ------------------------------------------------------------
 
