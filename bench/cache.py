@@ -44,7 +44,7 @@ from p402_tui.core.types import ChatRequest, ChatResponse, Usage  # noqa: E402
 from p402_tui.store.store import Store  # noqa: E402
 
 DIM = 256
-THRESHOLD = 0.70  # the static stage's search threshold (cache.candidate_threshold)
+THRESHOLD = 0.74  # the static stage's search threshold (cache.candidate_threshold)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -70,7 +70,7 @@ def test_repeat_paraphrase_and_namespace_through_p402_chat(static_table, sim_pro
     stats = p402_json(sim_process, "cache", "stats", "--db", str(db))
     # static vectors find candidates, MiniLM (loaded only when a candidate needs it) confirms
     assert stats["embedder"] == {"name": "static-minilm-53aa5117-v1", "dim": 256, "label": "semantic", "min_threshold": 0.0}
-    assert stats["confirmer"] == {"loaded": False} and stats["candidate_threshold"] == 0.70
+    assert stats["confirmer"] == {"loaded": False} and stats["candidate_threshold"] == 0.74
     built = p402_json(sim_process, "cache", "build", "--db", str(db))  # made by the static_table fixture already
     assert built["built"] is False and built["embedder"] == stats["embedder"]
     assert stats["threshold"] == 0.84

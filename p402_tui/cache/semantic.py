@@ -415,7 +415,7 @@ class SemanticCache:
         confirmer: LocalEmbedder | Callable[[], LocalEmbedder] | None = None,
         enabled: bool = True,
         threshold: float = 0.84,
-        candidate_threshold: float = 0.70,
+        candidate_threshold: float = 0.74,
         ttl_s: float = 7 * 24 * 3600,
         max_entries: int = 100_000,
     ) -> None:
