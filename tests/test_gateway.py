@@ -35,9 +35,9 @@ WEATHER = {
 }
 
 
-def settings_for(catalog, sim_url: str) -> Settings:
+def settings_for(catalog, sim_url: str, **sections) -> Settings:
     # The hashed embedder keeps the semantic cache on without loading a model.
-    return Settings(ConfigFile(cache=CacheConfig(embedder="hashed")), catalog, env={}).point_at(sim_url)
+    return Settings(ConfigFile(cache=CacheConfig(embedder="hashed"), **sections), catalog, env={}).point_at(sim_url)
 
 
 @pytest.fixture

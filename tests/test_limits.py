@@ -11,26 +11,13 @@ import time
 import httpx
 import pytest
 
-from p402_tui.core.config import CacheConfig, ConfigFile, Settings
+from p402_tui.core.config import Settings
 from p402_tui.core.events import HealthChanged
 from p402_tui.core.hooks import MAX_LABEL_CHARS, MAX_MESSAGES
 from p402_tui.runtime import Runtime
 from p402_tui.sim.engine import Fault
 from conftest import run_cli
-from test_gateway import assert_openai_error
-
-HELLO = [{"role": "user", "content": "Say hello to the gateway."}]
-
-
-def settings_for(catalog, sim_url: str, **sections) -> Settings:
-    file = ConfigFile(cache=CacheConfig(embedder="hashed"), **sections)
-    return Settings(file, catalog, env={}).point_at(sim_url)
-
-
-@pytest.fixture
-async def runtime(sim, catalog, tmp_path):
-    async with Runtime.open(settings_for(catalog, sim.url), db_path=tmp_path / "p402.db") as rt:
-        yield rt
+from test_gateway import HELLO, assert_openai_error, runtime, settings_for  # noqa: F401 - runtime: a fixture
 
 
 @pytest.fixture
