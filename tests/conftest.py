@@ -123,6 +123,22 @@ def fresh_sim_settings(fresh_sim, catalog) -> Settings:
     return Settings(ConfigFile(), catalog, env={}).point_at(fresh_sim.url)
 
 
+@pytest.fixture
+async def fault(fresh_sim):
+    """`await fault(provider=..., kind=...)` on the shared simulator; `fault.clear()` lifts them all."""
+    async with httpx.AsyncClient(base_url=fresh_sim.url, verify=tls_context()) as client:
+
+        async def add(**body) -> None:
+            response = await client.post("/_sim/faults", json=body)
+            assert response.status_code == 201, response.text
+
+        async def clear() -> None:
+            (await client.delete("/_sim/faults")).raise_for_status()
+
+        add.clear = clear  # type: ignore[attr-defined]
+        yield add
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -49,17 +49,6 @@ async def adapters(fresh_sim_settings):
         yield build
 
 
-@pytest.fixture
-async def control(fresh_sim):
-    async with httpx.AsyncClient(base_url=fresh_sim.url, verify=tls_context()) as client:
-
-        async def fault(**body) -> None:
-            response = await client.post("/_sim/faults", json=body)
-            assert response.status_code == 201, response.text
-
-        yield fault
-
-
 async def raw_answer(sim, catalog, adapter: OpenAICompatAdapter, request: ChatRequest, model: str, *, stream: bool):
     """What the simulator sends for the adapter's own request body, read without our parser."""
     spec = catalog.providers[adapter.id]
@@ -140,9 +129,9 @@ async def test_a_stream_comes_in_the_batches_it_was_read_in(adapters):
     ]
 
 
-async def test_an_error_event_read_with_content_lets_the_content_through_first(adapters, control):
+async def test_an_error_event_read_with_content_lets_the_content_through_first(adapters, fault):
     """Content that arrived in the same read as an error event still reaches the caller before the error."""
-    await control(provider="openai", kind="error", status=502, after_tokens=3)
+    await fault(provider="openai", kind="error", status=502, after_tokens=3)
     seen: list[str] = []
     with pytest.raises(errors.StreamInterruptedError):
         async for batch in adapters("openai").stream_batches(ask(), model=MODELS["openai"]):
@@ -370,8 +359,8 @@ async def test_bad_request_is_not_retryable(adapters, catalog):
     assert "max_tokens is too large" in caught.value.message
 
 
-async def test_a_stream_that_stalls_mid_answer_times_out(adapters, control):
-    await control(provider="openai", kind="timeout", after_tokens=3)
+async def test_a_stream_that_stalls_mid_answer_times_out(adapters, fault):
+    await fault(provider="openai", kind="timeout", after_tokens=3)
     adapter = adapters("openai", timeout_s=0.3, first_token_timeout_s=5)
     seen = []
     with pytest.raises(errors.TimeoutError) as caught:
@@ -416,8 +405,8 @@ async def test_an_error_answer_whose_body_stalls_times_out(adapters):
         server.close()
 
 
-async def test_a_fault_for_one_model_spares_the_others(adapters, control):
-    await control(provider="openai", model="gpt-4o", kind="error", status=503)
+async def test_a_fault_for_one_model_spares_the_others(adapters, fault):
+    await fault(provider="openai", model="gpt-4o", kind="error", status=503)
     adapter = adapters("openai")
     assert (await adapter.complete(ask(max_tokens=10), model="gpt-4o-mini")).content
     with pytest.raises(errors.ServerError):
@@ -536,8 +525,8 @@ async def test_keys_never_show(fresh_sim_settings):
         await adapter.aclose()
 
 
-async def test_openrouter_failure_inside_a_200_answer(adapters, control):
-    await control(provider="openrouter", kind="error", status=503, after_tokens=1)
+async def test_openrouter_failure_inside_a_200_answer(adapters, fault):
+    await fault(provider="openrouter", kind="error", status=503, after_tokens=1)
     with pytest.raises(errors.ServerError) as caught:
         await adapters("openrouter").complete(ask(), model=MODELS["openrouter"])
     assert caught.value.status == 503

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
 
 from helpers import OPENAI_FAMILY_MODELS, PNG, WEATHER, adapters_on, own_sim_adapter, wait_until, with_context_window
@@ -19,7 +18,7 @@ from helpers import OPENAI_FAMILY_MODELS, PNG, WEATHER, adapters_on, own_sim_ada
 from p402_tui.core import errors
 from p402_tui.core.costs import call_cost
 from p402_tui.core.types import ChatRequest
-from p402_tui.providers.base import StreamAssembler, tls_context
+from p402_tui.providers.base import StreamAssembler
 
 MODELS = {
     **OPENAI_FAMILY_MODELS,
@@ -50,21 +49,6 @@ def ask(text: str = "Say something about routers.", **fields) -> ChatRequest:
 async def adapters(fresh_sim_settings):
     async with adapters_on(fresh_sim_settings) as build:
         yield build
-
-
-@pytest.fixture
-async def fault(fresh_sim):
-    async with httpx.AsyncClient(base_url=fresh_sim.url, verify=tls_context()) as client:
-
-        async def add(**body) -> None:
-            response = await client.post("/_sim/faults", json=body)
-            assert response.status_code == 201, response.text
-
-        async def clear() -> None:
-            (await client.delete("/_sim/faults")).raise_for_status()
-
-        add.clear = clear  # type: ignore[attr-defined]
-        yield add
 
 
 async def streamed(adapter, request, model):
