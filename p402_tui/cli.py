@@ -278,19 +278,19 @@ def _listed(values: list[str] | None) -> tuple[str, ...]:
 
 
 def route_options_from(args: argparse.Namespace, *, model: str | None = None, failover: bool = True):
-    from .core.router import options_from
+    from .core.hooks import RouteOptions
 
-    return options_from(
-        mode=args.mode,
-        require=_listed(args.require),
-        prefer=_listed(args.prefer),
-        exclude=_listed(args.exclude),
-        max_tier=args.max_tier,
-        max_cost_usd=args.max_cost,
-        model=model,
-        failover=failover,
-        max_retries=getattr(args, "max_retries", None),
-    )
+    return RouteOptions.from_dict({
+        "mode": args.mode,
+        "require": _listed(args.require),
+        "prefer": _listed(args.prefer),
+        "exclude": _listed(args.exclude),
+        "max_tier": args.max_tier,
+        "max_cost_usd": args.max_cost,
+        "model": model,
+        "failover": failover,
+        "max_retries": getattr(args, "max_retries", None),
+    })
 
 
 def _messages(args: argparse.Namespace) -> list[dict[str, str]]:

@@ -14,7 +14,8 @@ from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import CacheConfig, ConfigFile, Settings
 from p402_tui.core.events import RouteDecided
 from p402_tui.core.health import HealthTracker
-from p402_tui.core.router import Router, options_from
+from p402_tui.core.hooks import RouteOptions
+from p402_tui.core.router import Router
 from p402_tui.core.types import ChatRequest
 from p402_tui.runtime import Runtime
 from p402_tui.store import queries
@@ -54,7 +55,7 @@ async def test_every_mode_and_filter_reads_back_as_routed(store, mode):
     router = Router(load_catalog())
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
     decisions = [
-        router.route(request.model_copy(update={"max_tokens": max_tokens}), options_from(mode=mode, **options))
+        router.route(request.model_copy(update={"max_tokens": max_tokens}), RouteOptions.from_dict({"mode": mode, **options}))
         for options, max_tokens in OPTIONS
     ]
     for decision, read in zip(decisions, await stored(store, *decisions)):
@@ -68,13 +69,13 @@ async def test_decisions_under_live_health_read_back_as_routed(store, mode, monk
     health = HealthTracker()
     router = Router(load_catalog(), health=health)
     request = ChatRequest(messages=[{"role": "user", "content": "hello " * 300}], max_tokens=400)
-    before = router.route(request, options_from(mode=mode))
+    before = router.route(request, RouteOptions(mode=mode))
     for provider, model_id, latency_ms in (("groq", "groq/llama-3.1-8b-instant", 90), ("openai", "openai/gpt-4o-mini", 2400)):
         for _ in range(5):
             health.record_success(provider, model_id, latency_ms=latency_ms, ttft_ms=latency_ms / 4, output_tokens=200)
     health.record_failure("mistral", "mistral/mistral-small-latest", "server_error")
     now[0] += router_module.LIVE_FOLD_S
-    after = router.route(request, options_from(mode=mode))
+    after = router.route(request, RouteOptions(mode=mode))
     assert text(before.to_dict()["candidates"]) != text(after.to_dict()["candidates"])
     for decision, read in zip((before, after), await stored(store, before, after)):
         assert text(read) == text(decision.to_dict())
@@ -84,7 +85,7 @@ async def test_decisions_under_live_health_read_back_as_routed(store, mode, monk
 async def test_a_new_ranking_function_leaves_stored_decisions_as_they_were(store, monkeypatch):
     router = Router(load_catalog())
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
-    decision = router.route(request, options_from(mode="balanced"))
+    decision = router.route(request, RouteOptions(mode="balanced"))
     routed = decision.to_dict()
     await stored(store, decision)
 
@@ -94,19 +95,19 @@ async def test_a_new_ranking_function_leaves_stored_decisions_as_they_were(store
     original = router_module._sort_key
     monkeypatch.setattr(router_module, "_sort_key", reversed_key)
     monkeypatch.setattr(router_module, "_score", lambda *args: np.zeros(len(args[2])))
-    reranked = Router(load_catalog()).route(request, options_from(mode="balanced"))
+    reranked = Router(load_catalog()).route(request, RouteOptions(mode="balanced"))
     assert reranked.to_dict()["chosen"]["id"] != routed["chosen"]["id"]  # the new ranking does differ
     assert text(await queries.get_decision(store, decision.id)) == text(routed)
 
 
 async def test_a_new_price_leaves_stored_decisions_as_they_were(store, tmp_path):
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
-    decision = Router(load_catalog()).route(request, options_from(mode="cost"))
+    decision = Router(load_catalog()).route(request, RouteOptions(mode="cost"))
     routed = decision.to_dict()
     await stored(store, decision)
     overrides = tmp_path / "overrides.json"
     overrides.write_text(json.dumps({"models": {routed["chosen"]["id"]: {"input_per_1m": 90.0, "output_per_1m": 90.0}}}))
-    repriced = Router(load_catalog(overrides_path=overrides)).route(request, options_from(mode="cost"))
+    repriced = Router(load_catalog(overrides_path=overrides)).route(request, RouteOptions(mode="cost"))
     assert repriced.to_dict()["chosen"]["id"] != routed["chosen"]["id"]
     assert text(await queries.get_decision(store, decision.id)) == text(routed)
 
@@ -134,14 +135,14 @@ async def test_a_decision_routed_then_repriced_reads_back_whole_in_the_cli_the_g
     request = ChatRequest(messages=[{"role": "user", "content": "Which model is cheapest?"}], max_tokens=16)
     async with Runtime.open(settings(catalog), db_path=db) as runtime:
         decided = runtime.bus.subscribe(kinds={RouteDecided.kind})
-        await runtime.orchestrator.complete(request, options_from(mode="cost"))
+        await runtime.orchestrator.complete(request, RouteOptions(mode="cost"))
         routed = json.loads(json.dumps((await decided.get()).decision.to_dict()))  # as the events stream sends it
         await runtime.store.flush()
 
     chosen = routed["chosen"]["id"]
     overrides.write_text(json.dumps({"models": {chosen: {"input_per_1m": 90.0, "output_per_1m": 90.0}}}))
     repriced = load_catalog(overrides_path=overrides)
-    assert Router(repriced).route(request, options_from(mode="cost")).chosen_id != chosen
+    assert Router(repriced).route(request, RouteOptions(mode="cost")).chosen_id != chosen
 
     async with Runtime.open(settings(repriced), db_path=db) as runtime:
         assert await LocalSource(runtime).decision(routed["id"]) == routed

@@ -9,6 +9,7 @@ dry-run CLI). Hooks that write must not make the request wait: they enqueue.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,6 +48,30 @@ class RouteOptions:
             "failover": self.failover,
             "max_retries": self.max_retries,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RouteOptions:
+        """From `to_dict()`'s shape or any part of it (CLI flags, a request body, a stored decision): a missing
+        key is the default, lists become the frozenset and tuples the router's cache keys on."""
+        unknown = data.keys() - _OPTION_KEYS
+        if unknown:
+            raise TypeError(f"unknown route option {sorted(unknown)[0]!r}")
+        get = data.get
+        failover = get("failover")
+        return cls(
+            mode=get("mode"),
+            require=frozenset(get("require") or ()),
+            prefer=tuple(get("prefer") or ()),
+            exclude=tuple(get("exclude") or ()),
+            max_tier=get("max_tier"),
+            max_cost_usd=get("max_cost_usd"),
+            model=get("model"),
+            failover=True if failover is None else failover,
+            max_retries=get("max_retries"),
+        )
+
+
+_OPTION_KEYS = frozenset(RouteOptions.__dataclass_fields__)
 
 
 KEY_NAMESPACE_PREFIX = "key:"

@@ -432,7 +432,7 @@ class RouteDecision:
             prompt_tokens=data["prompt_tokens"],
             est_output_tokens=data["est_output_tokens"],
             decision_us=data["decision_us"],
-            options=options_from(**options),
+            options=RouteOptions.from_dict(options),
         )
 
     def __repr__(self) -> str:
@@ -1089,30 +1089,4 @@ class Router:
 
     def usable_models(self) -> list[ModelSpec]:
         return [m for m in self._specs if m.provider in self.usable]
-
-
-def options_from(
-    *,
-    mode: str | None = None,
-    require: Iterable[str] = (),
-    prefer: Iterable[str] = (),
-    exclude: Iterable[str] = (),
-    max_tier: str | None = None,
-    max_cost_usd: float | None = None,
-    model: str | None = None,
-    failover: bool = True,
-    max_retries: int | None = None,
-) -> RouteOptions:
-    """RouteOptions from loose values (CLI flags, JSON bodies), normalised for the router's cache."""
-    return RouteOptions(
-        mode=mode,
-        require=frozenset(require),
-        prefer=tuple(prefer),
-        exclude=tuple(exclude),
-        max_tier=max_tier,
-        max_cost_usd=max_cost_usd,
-        model=model,
-        failover=failover,
-        max_retries=max_retries,
-    )
 

@@ -85,20 +85,6 @@ def _candidate(data: dict[str, Any]) -> Candidate:
     )
 
 
-def _options(data: dict[str, Any]) -> RouteOptions:
-    return RouteOptions(
-        mode=data.get("mode"),
-        require=frozenset(data.get("require") or ()),
-        prefer=tuple(data.get("prefer") or ()),
-        exclude=tuple(data.get("exclude") or ()),
-        max_tier=data.get("max_tier"),
-        max_cost_usd=data.get("max_cost_usd"),
-        model=data.get("model"),
-        failover=data.get("failover", True),
-        max_retries=data.get("max_retries"),
-    )
-
-
 class _Candidates(Sequence[Candidate]):
     """A decision's candidates, each built from its dict only when read.
 
@@ -157,7 +143,7 @@ def decision_from_dict(data: dict[str, Any]) -> RouteDecision:
         prompt_tokens=int(data.get("prompt_tokens") or 0),
         est_output_tokens=int(data.get("est_output_tokens") or 0),
         decision_us=float(data.get("decision_us") or 0.0),
-        options=_options(data.get("options") or {}),
+        options=RouteOptions.from_dict(data.get("options") or {}),
     )
     decision._data = data
     return decision
