@@ -422,6 +422,28 @@ def test_route_options_come_from_one_mapping_shape():
         RouteOptions.from_dict({"max_cost": 1.0})
 
 
+@pytest.mark.parametrize(
+    "ref, parsed",
+    [
+        (None, (None, None)), ("", (None, None)), ("auto", (None, None)), ("p402/auto", (None, None)),
+        ("router", (None, None)), ("p402/cost", (None, "cost")), ("p402/adaptive", (None, "adaptive")),
+        ("openai/gpt-4o-mini", ("openai/gpt-4o-mini", None)), ("gpt-4o-mini", ("gpt-4o-mini", None)),
+        ("p402/fastest", ("p402/fastest", None)),  # no such mode: a model the catalog will not know
+    ],
+)
+def test_a_model_reference_asks_the_router_or_pins_a_model(ref, parsed):
+    from p402_tui.core.router import parse_model_ref
+
+    assert parse_model_ref(ref) == parsed
+
+
+def test_the_router_takes_the_mode_a_model_reference_names_unless_the_options_name_one():
+    router = Router(load_catalog())
+    assert router.route(ask(model="p402/quality")).mode == "quality"
+    assert router.route(ask(model="p402/quality"), RouteOptions(mode="cost")).mode == "cost"
+    assert router.route(ask(model="auto")).mode == router.config.mode
+
+
 def test_a_pinned_decision_ranks_the_others_only_when_read():
     router = Router(load_catalog())
     pinned = router.route(ask(), RouteOptions(model="openai/gpt-4o-mini"))

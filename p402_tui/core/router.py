@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -48,6 +48,27 @@ if TYPE_CHECKING:
 
 # Model names that ask the router to choose; `p402/<mode>` also picks the mode.
 AUTO_MODELS = frozenset({"auto", "p402/auto", "router"})
+ROUTER_PREFIX = "p402/"
+
+
+class ModelRef(NamedTuple):
+    """What a request's `model` asks for: a model to pin, or the router's choice (in `mode` when it names one)."""
+
+    pin: str | None = None
+    mode: str | None = None
+
+
+def parse_model_ref(ref: str | None) -> ModelRef:
+    """Absent, `auto`, `p402/auto` or `router`: the router chooses; `p402/<mode>`: it chooses in that mode;
+    anything else pins a model (`provider/model`, or a bare wire id the catalog resolves)."""
+    if not ref or ref in AUTO_MODELS:
+        return _CHOOSE
+    if ref.startswith(ROUTER_PREFIX) and ref[len(ROUTER_PREFIX) :] in MODES:
+        return ModelRef(mode=ref[len(ROUTER_PREFIX) :])
+    return ModelRef(pin=ref)
+
+
+_CHOOSE = ModelRef()
 
 NOT_CONFIGURED = "provider not configured"
 DISABLED = "provider disabled"
@@ -1007,13 +1028,8 @@ class Router:
         return entry
 
     def _pin_and_mode(self, pin_ref: str | None, mode: str | None) -> tuple[str | None, str]:
-        if pin_ref is not None:
-            if pin_ref in AUTO_MODELS:
-                pin_ref = None
-            elif pin_ref.startswith("p402/") and pin_ref[5:] in MODES:
-                mode = mode or pin_ref[5:]
-                pin_ref = None
-        mode = mode or self.config.mode
+        pin_ref, named_mode = parse_model_ref(pin_ref)
+        mode = mode or named_mode or self.config.mode
         if mode not in MODES:
             raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         return pin_ref, mode

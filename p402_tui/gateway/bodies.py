@@ -25,7 +25,7 @@ from ..core.hooks import (
     RouteOptions,
     reserved_namespace,
 )
-from ..core.router import AUTO_MODELS
+from ..core.router import ROUTER_PREFIX, parse_model_ref
 from ..core.types import JSON_INTEGER, Capability, ChatRequest, Tier
 from .errors import GatewayError, from_validation_error
 
@@ -112,7 +112,7 @@ def parse_chat(
 
 
 # The router's own names as /v1/models lists them, so a client that picks from the list can pick routing.
-ROUTER_MODEL_IDS = ("p402/auto", *(f"p402/{mode}" for mode in MODES))
+ROUTER_MODEL_IDS = tuple(f"{ROUTER_PREFIX}{name}" for name in ("auto", *MODES))
 
 
 def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
@@ -120,7 +120,7 @@ def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
     bare wire id pins (404 if the catalog has no such model)."""
     if not ref:
         return None
-    if ref in catalog.models or ref in AUTO_MODELS or (ref.startswith("p402/") and ref[5:] in MODES):
+    if ref in catalog.models or parse_model_ref(ref).pin is None:
         return ref
     try:
         return catalog.model(ref).id

@@ -34,7 +34,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from ...core.config import MODES
 from ...core.hooks import CallContext, RouteOptions
-from ...core.router import AUTO_MODELS
+from ...core.router import parse_model_ref
 from ...core.types import ChatChunk, ChatMessage, ChatRequest, ContentPart, ImageURL, P402Meta, Usage
 from ..commands import Command, ListedCommands
 from ..format import ms, short, usd
@@ -307,7 +307,7 @@ class Figures:
 
 def _is_pin(model: str | None) -> bool:
     """Whether a decision's `model` option pinned a model (`auto` and `p402/<mode>` ask the router to choose)."""
-    return bool(model) and model not in AUTO_MODELS and not (model.startswith("p402/") and model[5:] in MODES)
+    return parse_model_ref(model).pin is not None
 
 
 def route_text(stream: AnswerStream, requested_mode: str | None) -> str:
