@@ -28,10 +28,10 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import numpy as np
 
@@ -119,21 +119,49 @@ class Candidate:
     est_latency_ms: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "provider": self.provider,
-            "model": self.model,
-            "tier": self.tier,
-            "score": round(self.score, 6),
-            "components": {
-                "cost": round(self.cost, 6),
-                "quality": round(self.quality, 6),
-                "speed": round(self.speed, 6),
-                "health": round(self.health, 6),
-            },
-            "est_cost_usd": usd_json(self.est_cost_usd),
-            "est_latency_ms": round(self.est_latency_ms, 1),
-        }
+        return _candidate_dict(
+            self.id, self.provider, self.model, self.tier, self.score, self.cost, self.quality, self.speed, self.health,
+            self.est_cost_usd, self.est_latency_ms,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Candidate:
+        components = data["components"]
+        return cls(
+            id=data["id"],
+            provider=data["provider"],
+            model=data["model"],
+            tier=data["tier"],
+            score=data["score"],
+            cost=components["cost"],
+            quality=components["quality"],
+            speed=components["speed"],
+            health=components["health"],
+            est_cost_usd=data["est_cost_usd"],
+            est_latency_ms=data["est_latency_ms"],
+        )
+
+
+def _candidate_dict(
+    id: str, provider: str, model: str, tier: str, score: float, cost: float, quality: float, speed: float,
+    health: float, est_cost_usd: float, est_latency_ms: float,
+) -> dict[str, Any]:
+    """A candidate as a decision's dict shows it (`Candidate.from_dict` reads it back)."""
+    return {
+        "id": id,
+        "provider": provider,
+        "model": model,
+        "tier": tier,
+        "score": round(score, 6),
+        "components": {
+            "cost": round(cost, 6),
+            "quality": round(quality, 6),
+            "speed": round(speed, 6),
+            "health": round(health, 6),
+        },
+        "est_cost_usd": usd_json(est_cost_usd),
+        "est_latency_ms": round(est_latency_ms, 1),
+    }
 
 
 @dataclass(slots=True)
@@ -198,21 +226,7 @@ class DecisionSnapshot:
         live = self.live
         quality, speed, health, latency = (c.tolist() for c in (live.quality, live.speed, live.health, live.latency))
         candidates = [
-            {
-                "id": models[i][0],
-                "provider": models[i][1],
-                "model": models[i][2],
-                "tier": models[i][3],
-                "score": round(score, 6),
-                "components": {
-                    "cost": round(cost, 6),
-                    "quality": round(quality[i], 6),
-                    "speed": round(speed[i], 6),
-                    "health": round(health[i], 6),
-                },
-                "est_cost_usd": usd_json(est),
-                "est_latency_ms": round(latency[i], 1),
-            }
+            _candidate_dict(*models[i], score, cost, quality[i], speed[i], health[i], est, latency[i])
             for i, score, cost, est in zip(
                 self.ranked.tolist(), self.score.tolist(), self.cost.tolist(), self.est_cost_usd.tolist()
             )
@@ -268,7 +282,7 @@ class RouteDecision:
         mode: str,
         chosen: Candidate | None = None,
         fallbacks: list[str] | None = None,
-        candidates: list[Candidate] | None = None,
+        candidates: Sequence[Candidate] | None = None,
         excluded: list[Excluded] | None = None,
         prompt_tokens: int = 0,
         est_output_tokens: int = 0,
@@ -325,7 +339,7 @@ class RouteDecision:
         return self._chosen.id if self._chosen is not None else None
 
     @property
-    def candidates(self) -> list[Candidate]:
+    def candidates(self) -> Sequence[Candidate]:
         if self._candidates is None:
             ranking = self._ranked()
             if ranking is None:
@@ -421,28 +435,12 @@ class RouteDecision:
             filtered=(),
         )  # fmt: skip
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RouteDecision:
-        """A decision from its `to_dict()`: the same candidates, exclusions and options, `to_dict()` the same again."""
-        candidates = [
-            Candidate(
-                id=c["id"],
-                provider=c["provider"],
-                model=c["model"],
-                tier=c["tier"],
-                score=c["score"],
-                cost=c["components"]["cost"],
-                quality=c["components"]["quality"],
-                speed=c["components"]["speed"],
-                health=c["components"]["health"],
-                est_cost_usd=c["est_cost_usd"],
-                est_latency_ms=c["est_latency_ms"],
-            )
-            for c in data["candidates"]
-        ]
-        options = dict(data["options"])
-        options["mode"] = data["mode"]
-        return cls(
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> RouteDecision:
+        """A decision from its `to_dict()` (a stored one, or one a gateway sent): read like the decision
+        routed, and its `to_dict()` is `data` itself. A candidate is built from its dict when first read."""
+        candidates = _CandidateRows(data["candidates"])
+        decision = _ReadBack(
             id=data["id"],
             ts=data["ts"],
             mode=data["mode"],
@@ -453,11 +451,51 @@ class RouteDecision:
             prompt_tokens=data["prompt_tokens"],
             est_output_tokens=data["est_output_tokens"],
             decision_us=data["decision_us"],
-            options=RouteOptions.from_dict(options),
+            options=RouteOptions.from_dict(data["options"]),
         )
+        decision._data = data
+        return decision
 
     def __repr__(self) -> str:
         return f"<RouteDecision {self.id} {self.mode} -> {self.chosen_id}>"
+
+
+class _ReadBack(RouteDecision):
+    """A decision rebuilt by `RouteDecision.from_dict`: its dict is the one it was read from."""
+
+    __slots__ = ("_data",)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._data
+
+
+class _CandidateRows(Sequence[Candidate]):
+    """A read-back decision's candidates, each built from its dict only when read.
+
+    A busy gateway sends hundreds of decisions a second with every candidate in each;
+    the console's dashboard reads only how many there are and the chosen one.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self._rows = rows
+        self._built: dict[int, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Candidate]: ...
+
+    def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self._rows)))]
+        index = range(len(self._rows))[index]  # negative indexes, and IndexError past the end
+        if index not in self._built:
+            self._built[index] = Candidate.from_dict(self._rows[index])
+        return self._built[index]
 
 
 class _Entry:
