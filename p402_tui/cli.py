@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import P402Error
+from .core.sessions import SESSION_STATUSES
 from .tui.format import fine_usd
 
 Handler = Callable[[argparse.Namespace], int]
@@ -1088,7 +1089,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sessions", parents=[common], help="agent sessions: budgets, spend, status")
     sessions_sub = p.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)
     q = sessions_sub.add_parser("list", parents=[common], help="every session with its spend")
-    q.add_argument("--status", choices=["active", "paused", "closed"], help="only sessions with this status")
+    q.add_argument("--status", choices=SESSION_STATUSES, help="only sessions with this status")
     q = sessions_sub.add_parser("create", parents=[common], help="a new session")
     q.add_argument("--name", required=True, type=_session_name, metavar="N", help="what to call it")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD", help="refuse requests past this spend")
@@ -1102,7 +1103,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", type=_session_name, metavar="N")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD")
     q.add_argument("--no-budget", action="store_true", help="remove the budget")
-    q.add_argument("--status", choices=["active", "paused", "closed"])
+    q.add_argument("--status", choices=SESSION_STATUSES)
     q.add_argument("--agent", type=_label, metavar="A")
     q.add_argument("--metadata", metavar="JSON", help="a JSON object (replaces the old one)")
     q = sessions_sub.add_parser("delete", parents=[common], help="delete a session (its ledger rows stay)")

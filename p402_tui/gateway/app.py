@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged
 from ..core.tokens import off_loop
+from ..core.sessions import SESSION_STATUSES
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes, round_costs
 from . import errors, memory, sse
 from .auth import GatewayAuth
@@ -56,7 +57,6 @@ LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if
 # write, so a subscriber costs at most ten wake-ups a second however fast events come.
 EVENT_TICK_S = 0.1
 EVENT_SNDBUF = 256 * 1024  # ~2.5 MB/s to a subscriber 100 ms away
-SESSION_STATUSES = ("active", "paused", "closed")
 
 
 def json_response(data: Any, status: int = 200) -> Response:

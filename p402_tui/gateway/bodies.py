@@ -8,7 +8,7 @@ provider would reject an unknown field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -26,6 +26,7 @@ from ..core.hooks import (
     reserved_namespace,
 )
 from ..core.router import ROUTER_PREFIX, parse_model_ref
+from ..core.sessions import SessionStatus
 from ..core.types import JSON_INTEGER, Capability, ChatRequest, Tier
 from .errors import GatewayError, from_validation_error
 
@@ -149,7 +150,7 @@ class SessionCreate(BaseModel):
     name: SessionName
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
-    status: Literal["active", "paused", "closed"] = "active"
+    status: SessionStatus = "active"
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -169,7 +170,7 @@ class SessionPatch(BaseModel):
     name: SessionName | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_no_default)
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
-    status: Literal["active", "paused", "closed"] | SkipJsonSchema[None] = Field(
+    status: SessionStatus | SkipJsonSchema[None] = Field(
         default=None, json_schema_extra=_no_default
     )
     metadata: dict[str, Any] | None = None

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..core.events import EVENT_KINDS
+from ..core.sessions import SESSION_STATUSES
 from ..core.types import ChatRequest
 from ..store.analytics import PERIOD_PATTERN
 from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
@@ -314,7 +315,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "budget_usd": {"type": ["number", "null"]},
                     "spent_usd": {"type": "number"},
                     "requests": {"type": "integer"},
-                    "status": {"enum": ["active", "paused", "closed"]},
+                    "status": {"enum": list(SESSION_STATUSES)},
                     "agent": {"type": ["string", "null"]},
                     "metadata": {"type": "object"},
                 },
@@ -435,7 +436,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/sessions": {
             "get": {
                 "summary": "Agent sessions with their spend",
-                "parameters": [{"name": "status", "in": "query", "schema": {"enum": ["active", "paused", "closed"]}}],
+                "parameters": [{"name": "status", "in": "query", "schema": {"enum": list(SESSION_STATUSES)}}],
                 "responses": {"200": _json(_list_of(_ref("Session"))), **_errors(400, 401, 503)},
             },
             "post": {
