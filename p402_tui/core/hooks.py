@@ -196,6 +196,9 @@ class Hooks(Protocol):
     ) -> None:
         """After every request, ok or not: ledger row, cache insert on success (enqueue, never wait)."""
 
+    async def committed(self, request_id: str) -> None:
+        """Return once the request's ledger row is committed (the gateway's strict durability waits on this)."""
+
     def health(self, snapshot: dict[str, Any]) -> None:
         """A provider's health changed (enqueue a snapshot write)."""
 
@@ -215,6 +218,9 @@ class NoHooks:
     def completed(
         self, record: RequestRecord, request: ChatRequest, response: ChatResponse | None, options: RouteOptions, ctx: CallContext
     ) -> None:
+        return None
+
+    async def committed(self, request_id: str) -> None:
         return None
 
     def health(self, snapshot: dict[str, Any]) -> None:

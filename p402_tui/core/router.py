@@ -120,8 +120,8 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return _candidate_dict(
-            self.id, self.provider, self.model, self.tier, self.score, self.cost, self.quality, self.speed, self.health,
-            self.est_cost_usd, self.est_latency_ms,
+            (self.id, self.provider, self.model, self.tier), self.score, self.cost, self.quality, self.speed,
+            self.health, self.est_cost_usd, self.est_latency_ms,
         )  # fmt: skip
 
     @classmethod
@@ -143,15 +143,17 @@ class Candidate:
 
 
 def _candidate_dict(
-    id: str, provider: str, model: str, tier: str, score: float, cost: float, quality: float, speed: float,
-    health: float, est_cost_usd: float, est_latency_ms: float,
+    model: tuple[str, str, str, str], score: float, cost: float, quality: float, speed: float, health: float,
+    est_cost_usd: float, est_latency_ms: float,
 ) -> dict[str, Any]:
-    """A candidate as a decision's dict shows it (`Candidate.from_dict` reads it back)."""
+    """A candidate as a decision's dict shows it (`Candidate.from_dict` reads it back).
+
+    `model`: (id, provider, wire model, tier), as a `ModelListing` holds it."""
     return {
-        "id": id,
-        "provider": provider,
-        "model": model,
-        "tier": tier,
+        "id": model[0],
+        "provider": model[1],
+        "model": model[2],
+        "tier": model[3],
         "score": round(score, 6),
         "components": {
             "cost": round(cost, 6),
@@ -226,7 +228,7 @@ class DecisionSnapshot:
         live = self.live
         quality, speed, health, latency = (c.tolist() for c in (live.quality, live.speed, live.health, live.latency))
         candidates = [
-            _candidate_dict(*models[i], score, cost, quality[i], speed[i], health[i], est, latency[i])
+            _candidate_dict(models[i], score, cost, quality[i], speed[i], health[i], est, latency[i])
             for i, score, cost, est in zip(
                 self.ranked.tolist(), self.score.tolist(), self.cost.tolist(), self.est_cost_usd.tolist()
             )
@@ -383,7 +385,7 @@ class RouteDecision:
         """The models to try, in order: the chosen one, then its fallbacks."""
         if self.chosen is None:
             return []
-        return self.candidates[: 1 + len(self.fallbacks)]
+        return list(self.candidates[: 1 + len(self.fallbacks)])
 
     def why_none(self) -> str:
         """Why nothing was chosen: the pinned model's reason, else the commonest reasons."""
@@ -464,6 +466,7 @@ class _ReadBack(RouteDecision):
     """A decision rebuilt by `RouteDecision.from_dict`: its dict is the one it was read from."""
 
     __slots__ = ("_data",)
+    _data: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return self._data

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -45,6 +45,15 @@ from .bodies import (
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
+
+if TYPE_CHECKING:
+    from ..cache.semantic import SemanticCache
+    from ..core.config import Settings
+    from ..core.events import LogReader, Subscription
+    from ..core.hooks import CallContext, RequestRecord, RouteOptions
+    from ..core.orchestrator import ChatStream, Orchestrator
+    from ..core.router import RouteDecision
+    from ..store.store import Store
 
 logger = logging.getLogger("p402.gateway")
 
@@ -127,11 +136,11 @@ class Gateway:
 
     def __init__(
         self,
-        orchestrator: Any,
+        orchestrator: Orchestrator,
         *,
-        settings: Any,
-        store: Any = None,
-        cache: Any = None,
+        settings: Settings,
+        store: Store | None = None,
+        cache: SemanticCache | None = None,
         auth: GatewayAuth | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         simulated: bool = False,
@@ -140,12 +149,12 @@ class Gateway:
         self.simulated = simulated  # every provider is the simulator: its reports count simulated rows by default
         self.settings = settings
         self.store = store
-        self.cache = cache  # cache.SemanticCache, or None when the gateway runs without one
+        self.cache = cache  # None when the gateway runs without one
         self.bus = orchestrator.bus
         self.auth = auth or GatewayAuth(None, required=False)
         self.metrics = Metrics()
-        self.decisions: deque[Any] = deque(maxlen=DECISION_RING)
-        self.outcomes: OrderedDict[str, Any] = OrderedDict()  # decision id -> its request's record (no store)
+        self.decisions: deque[RouteDecision] = deque(maxlen=DECISION_RING)
+        self.outcomes: OrderedDict[str, RequestRecord] = OrderedDict()  # decision id -> its request's record (no store)
         self.heartbeat_s = heartbeat_s
         self.max_body = settings.gateway.max_body_bytes
         self.closing = asyncio.Event()
@@ -178,7 +187,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def _remember_decisions(self, subscription: Any) -> None:
+    async def _remember_decisions(self, subscription: Subscription) -> None:
         try:
             while True:
                 event = await subscription.get()
@@ -225,7 +234,7 @@ class Gateway:
             await self.durable(ctx.request_id)
         return Response(json_bytes(response.to_openai()), media_type="application/json")
 
-    async def _stream(self, chat: ChatRequest, options: Any, ctx: Any, *, large: bool = False) -> Any:
+    async def _stream(self, chat: ChatRequest, options: RouteOptions, ctx: CallContext, *, large: bool = False) -> Any:
         stream = self.orchestrator.stream(chat, options, ctx)
         try:
             # Routing, budget and the first upstream byte happen here, so a refusal is still a
@@ -305,13 +314,13 @@ class Gateway:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    def _store(self) -> Any:
+    def _store(self) -> Store:
         if self.store is None:
             raise errors.GatewayError(503, "this gateway runs without a store: sessions and analytics are off",
                                       code="no_store")
         return self.store
 
-    async def _fresh_store(self) -> Any:
+    async def _fresh_store(self) -> Store:
         """The store with every queued write committed, so a reader sees the requests it just made."""
         store = self._store()
         await store.flush()
@@ -334,7 +343,7 @@ class Gateway:
             status=201,
         )
 
-    async def _session_id(self, request: Request, store: Any) -> str:
+    async def _session_id(self, request: Request, store: Store) -> str:
         """The session the path names, by id or by name."""
         from ..store.sessions import resolve_session
 
@@ -511,7 +520,7 @@ class Gateway:
 
         return respond
 
-    async def _event_frames(self, log: EventLog, reader: Any) -> AsyncIterator[bytes]:
+    async def _event_frames(self, log: EventLog, reader: LogReader) -> AsyncIterator[bytes]:
         yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
         while True:
             if not await log.wait(reader, self.heartbeat_s):
@@ -625,7 +634,7 @@ class Gateway:
         )  # fmt: skip
 
 
-def _brief(decision: Any) -> dict[str, Any]:
+def _brief(decision: RouteDecision) -> dict[str, Any]:
     """A decision's columns as the store indexes them (only a gateway without a store reads these)."""
     chosen = decision.chosen_id
     return {
@@ -635,7 +644,7 @@ def _brief(decision: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _outcome(record: Any) -> dict[str, Any] | None:
+def _outcome(record: RequestRecord | None) -> dict[str, Any] | None:
     if record is None:
         return None
     return {
@@ -764,7 +773,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 async def _chunk_frames(
-    stream: Any, first: list[ChatChunk] | None, include_usage: bool,
+    stream: ChatStream, first: list[ChatChunk] | None, include_usage: bool,
     durable: Callable[[str], Awaitable[None]] | None = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI `chat.completion.chunk` frames, those of one upstream batch in one piece;

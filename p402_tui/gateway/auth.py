@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.types import Scope
 
 from .errors import GatewayError
+
+if TYPE_CHECKING:
+    from ..store.store import Store
 
 
 class KeyBackend(Protocol):
@@ -30,7 +33,7 @@ class KeyBackend(Protocol):
 class StoreKeys:
     """Keys as the store keeps them (hashes only; see `store.queries`)."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     async def verify(self, token: str) -> str | None:
