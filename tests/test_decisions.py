@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -15,12 +16,13 @@ from p402_tui.core.config import CacheConfig, ConfigFile, Settings
 from p402_tui.core.events import RouteDecided
 from p402_tui.core.health import HealthTracker
 from p402_tui.core.hooks import RouteOptions
-from p402_tui.core.router import Router
+from p402_tui.core.router import RouteDecision, Router
 from p402_tui.core.types import ChatRequest
 from p402_tui.runtime import Runtime
 from p402_tui.store import queries
 from p402_tui.persistence import Persistence
 from p402_tui.store.store import Store
+from p402_tui.tui.attach import open_remote
 from p402_tui.tui.source import LocalSource
 
 OPTIONS = [
@@ -133,10 +135,23 @@ async def test_a_decision_routed_then_repriced_reads_back_whole_in_the_cli_the_g
         return Settings(ConfigFile(cache=CacheConfig(enabled=False)), with_catalog, env={}).point_at(sim.url)
 
     request = ChatRequest(messages=[{"role": "user", "content": "Which model is cheapest?"}], max_tokens=16)
+    body = {**request.model_dump(mode="json", exclude_none=True), "p402": {"mode": "cost"}}
     async with Runtime.open(settings(catalog), db_path=db) as runtime:
         decided = runtime.bus.subscribe(kinds={RouteDecided.kind})
-        await runtime.orchestrator.complete(request, RouteOptions(mode="cost"))
-        routed = json.loads(json.dumps((await decided.get()).decision.to_dict()))  # as the events stream sends it
+        gateway = await runtime.serve_gateway("127.0.0.1", 0)
+        async with open_remote(gateway.url, None) as attached:  # `p402 console --attach`, live
+            await attached.client.wait_until_up()
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+                answer = (await http.post("/v1/chat/completions", json=body)).json()
+            routed = json.loads(json.dumps((await decided.get()).decision.to_dict()))  # as the events stream sends it
+            assert answer["p402"]["decision_id"] == routed["id"]
+            for _ in range(500):
+                if routed["id"] in attached.client.decisions:
+                    break
+                await asyncio.sleep(0.02)
+            heard = attached.client.decisions[routed["id"]]  # rebuilt from the event stream by RouteDecision.from_dict
+            assert heard.to_dict() == routed and await attached.decision(routed["id"]) == routed
+        await gateway.stop()
         await runtime.store.flush()
 
     chosen = routed["chosen"]["id"]
@@ -150,9 +165,13 @@ async def test_a_decision_routed_then_repriced_reads_back_whole_in_the_cli_the_g
         try:
             async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
                 served = (await http.get(f"/api/v2/decisions/{routed['id']}")).json()
+            async with open_remote(gateway.url, None) as attached:  # attached after the fact: read from the gateway
+                assert routed["id"] not in attached.client.decisions
+                assert await attached.decision(routed["id"]) == routed
         finally:
             await gateway.stop()
     assert served == routed
+    assert RouteDecision.from_dict(served).chosen_id == chosen  # what the CLI's table and the console's detail read
 
     shown = run_cli("decisions", "show", routed["id"], "--db", str(db), "--json",
                     env={"P402_CATALOG_OVERRIDES": str(overrides)})  # fmt: skip
