@@ -53,9 +53,8 @@ class RouteOptions:
     def from_dict(cls, data: Mapping[str, Any]) -> RouteOptions:
         """From `to_dict()`'s shape or any part of it (CLI flags, a request body, a stored decision): a missing
         key is the default, lists become the frozenset and tuples the router's cache keys on."""
-        unknown = data.keys() - _OPTION_KEYS
-        if unknown:
-            raise TypeError(f"unknown route option {sorted(unknown)[0]!r}")
+        if not _OPTION_KEYS.issuperset(data):
+            raise TypeError(f"unknown route option {sorted(data.keys() - _OPTION_KEYS)[0]!r}")
         get = data.get
         failover = get("failover")
         return cls(

@@ -89,17 +89,21 @@ def parse_chat(
             if provider not in catalog.providers:
                 message = f"unknown provider {provider!r}; choose from {', '.join(catalog.providers)}"
                 raise GatewayError(400, message, param=f"p402.{field}[{index}]", code="invalid_value")
-    options = RouteOptions.from_dict({
-        "mode": p402.mode,
-        "require": p402.require,
-        "prefer": p402.prefer,
-        "exclude": p402.exclude,
-        "max_tier": p402.max_tier,
-        "max_cost_usd": p402.max_cost_usd,
-        "model": resolve_model(catalog, request.model),
-        "failover": p402.failover.enabled,
-        "max_retries": p402.failover.max_retries,
-    })
+    model = resolve_model(catalog, request.model)
+    if raw is None:  # most bodies carry no `p402` object: the defaults and the model they name
+        options = RouteOptions(model=model)
+    else:
+        options = RouteOptions.from_dict({
+            "mode": p402.mode,
+            "require": p402.require,
+            "prefer": p402.prefer,
+            "exclude": p402.exclude,
+            "max_tier": p402.max_tier,
+            "max_cost_usd": p402.max_cost_usd,
+            "model": model,
+            "failover": p402.failover.enabled,
+            "max_retries": p402.failover.max_retries,
+        })
     ctx = CallContext(
         session_id=p402.session_id,
         tag=p402.tag,
