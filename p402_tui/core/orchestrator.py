@@ -25,15 +25,17 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from .adapters import Adapter, make_adapter
 from .catalog import ModelSpec
-from .config import Settings
+from .config import ResolvedProvider, Settings
 from .costs import call_cost
 from .errors import (
+    LOCAL_KINDS,
     DeadlineExceededError,
+    EgressFailedError,
     NoEligibleModelError,
     P402Error,
     ProviderError,
@@ -207,6 +209,12 @@ class _Plan:
         if last is not None and (not last.retryable or (tried == 1 and not self._failover)):
             # A bad request, or the one model failover-off allows: the provider's own error says it best.
             return last
+        kinds = {attempt.error_kind for attempt in self.attempts}
+        if tried > 1 and last is not None and kinds == {last.kind} and last.kind in LOCAL_KINDS:
+            return EgressFailedError(
+                f"every provider failed for the same local reason: {last.message}",
+                list(self.attempts), last, reason=last.kind,
+            )  # fmt: skip
         retry = self.retry_after_s()
         if not tried:
             return UnavailableError(
@@ -274,8 +282,11 @@ class Orchestrator:
         hooks: Hooks | None = None,
         adapters: dict[str, Adapter] | None = None,
         health: HealthTracker | None = None,
+        transport_for: Callable[[ResolvedProvider], Any] | None = None,
     ) -> None:
+        """`transport_for`: the transport a provider's adapter calls through (the runtime's egress choice)."""
         self.settings = settings
+        self._transport_for = transport_for
         self.catalog = settings.catalog
         self.bus = bus or EventBus()
         self.hooks: Hooks = hooks or NoHooks()
@@ -321,7 +332,7 @@ class Orchestrator:
             resolved = self.settings.providers.get(provider)
             if resolved is None:
                 raise ProviderError(f"unknown provider {provider!r}", provider=provider)
-            adapter = make_adapter(resolved)
+            adapter = make_adapter(resolved, self._transport_for(resolved) if self._transport_for else None)
             self._adapters[provider] = adapter
         return adapter
 

@@ -15,13 +15,16 @@ connection in time), `ReadTimeout` (a silence, or an answer past its deadline),
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit
 
+import aiohappyeyeballs
 import httptools
 
 from ..core.config import check_header
@@ -41,6 +44,15 @@ class ConnectionClosed(ConnectionError):
 
 class ProtocolError(OSError):
     """The server's bytes are not HTTP/1.1 this client can read."""
+
+
+class ProxyRefused(OSError):
+    """The forward proxy would not carry the request: it answered `status` (407, 403, 502 ...) or could not be reached."""
+
+    def __init__(self, message: str, *, proxy: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.proxy = proxy  # as shown: without its credentials
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +131,16 @@ class Headers(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"Headers({self._values!r})"
+
+
+class RequestHeaders(Headers):
+    """Headers every request of an adapter carries, written out once as `wire` (header lines) for the head."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(items)
+        self.wire = b"".join(_header_line(k, v) for k, v in self.items())
 
 
 _HIGH_WATER = 1 << 20  # body bytes held unread before the socket stops being read
@@ -397,13 +419,18 @@ class Response:
 class Client:
     """Pooled connections to the origins an adapter calls, every request carrying `headers`."""
 
+    route = "direct"
+
     def __init__(
-        self, headers: Mapping[str, str], *, tls: ssl.SSLContext | None = None, limit: int = 256,
-        keepalive_s: float = 30.0, connect_timeout: float | None = None,
+        self, headers: Mapping[str, str] = {}, *, tls: ssl.SSLContext | None = None, limit: int = 256,
+        keepalive_s: float = 30.0, connect_timeout: float | None = None, happy_eyeballs_delay: float = 0.25,
+        resolve: Resolver | None = None,
     ) -> None:  # fmt: skip
         # No compression asked for: a compressing server may hold a stream's events back to fill
         # its blocks, and answers here are small. (One that compresses anyway is still read.)
         self._head = b"Accept-Encoding: identity\r\n" + b"".join(_header_line(k, v) for k, v in headers.items())
+        self.happy_eyeballs_delay = happy_eyeballs_delay
+        self.resolve = resolve  # host, port -> getaddrinfo's answer; the loop's getaddrinfo unless given
         self.tls = tls
         self.limit = limit
         self.keepalive_s = keepalive_s
@@ -415,10 +442,12 @@ class Client:
 
     async def request(
         self, method: str, to: Target, body: bytes | None = None, *, timeouts: Timeouts,
-        content_type: bytes = b"application/json",
+        content_type: bytes = b"application/json", headers: RequestHeaders | None = None,
     ) -> Response:  # fmt: skip
-        """Send a request and wait for its response's head."""
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method.encode("ascii"), to.path, to.host_header, self._head)
+        """Send a request (with `headers` besides the client's own) and wait for its response's head."""
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s" % (
+            method.encode("ascii"), to.path, to.host_header, self._head, b"" if headers is None else headers.wire
+        )  # fmt: skip
         if body is not None:
             head += b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (content_type, len(body), body)
         else:
@@ -491,8 +520,9 @@ class Client:
                 self._open.add(conn)
                 try:
                     async with asyncio.timeout(self.connect_timeout):
+                        sock = await _dial(loop, to.host, to.port, self.happy_eyeballs_delay, self.resolve)
                         await loop.create_connection(
-                            lambda: conn, to.host, to.port,
+                            lambda: conn, sock=sock,
                             ssl=(self.tls or True) if to.scheme == "https" else None,
                             server_hostname=to.host if to.scheme == "https" else None,
                         )  # fmt: skip
@@ -551,6 +581,32 @@ class Client:
                 idle[0].close()
                 return True
         return False
+
+
+AddrInfo = tuple[int, int, int, str, tuple]  # one of getaddrinfo's answers
+Resolver = Callable[[str, int], Awaitable[list[AddrInfo]]]
+
+
+async def _dial(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, delay: float, resolve: Resolver | None = None
+) -> socket.socket:
+    """A connected socket to `host`: its addresses raced IPv6 against IPv4 as RFC 8305 says (Happy Eyeballs),
+    so a broken route of one family costs `delay`, not the whole connect timeout. (asyncio's own
+    `happy_eyeballs_delay` is not in uvloop, hence aiohappyeyeballs and `create_connection(sock=...)`.)"""
+    try:
+        infos = [(_family(host), socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]  # a literal: no lookup
+    except ValueError:
+        if resolve is not None:
+            infos = await resolve(host, port)
+        else:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    if not infos:
+        raise socket.gaierror(f"no address for {host}")
+    return await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=delay, interleave=1, loop=loop)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
 def _header_line(name: str, value: str) -> bytes:
