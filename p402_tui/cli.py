@@ -365,6 +365,8 @@ async def chat_once(
                         on_text(chunk.content)
                     assembler.add(chunk)
             response = assembler.response() if assembler is not None else None
+            if response is not None and stream.usage is not None:
+                response.usage = stream.usage  # as billed: the provider's, or our count when it sent none
             meta = stream.meta
         else:
             response = await orchestrator.complete(request, options, ctx)
@@ -386,6 +388,7 @@ async def chat_once(
             "reasoning_tokens": usage.reasoning_tokens,
             "total_tokens": usage.total_tokens,
         },
+        "usage_estimated": meta.usage_estimated,  # the provider sent no usage: tokens and cost are our count
         "cost_usd": meta.cost_usd,
         "latency_ms": round(meta.latency_ms, 3),
         "ttft_ms": None if meta.ttft_ms is None else round(meta.ttft_ms, 3),
@@ -519,7 +522,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     async def serve() -> None:
         try:
             running = await start_sim(
-                catalog, host=args.host, port=args.port, seed=args.seed, latency=not args.no_latency, speed=args.speed
+                catalog, host=args.host, port=args.port, seed=args.seed, latency=not args.no_latency, speed=args.speed,
+                usage=not args.no_usage,
             )
         except OSError as error:
             raise P402Error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
@@ -1016,6 +1020,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the generated answers (default 0)")
     p.add_argument("--no-latency", action="store_true", help="answer at once instead of at each model's pace")
     p.add_argument("--speed", type=_positive_float, default=1.0, metavar="X", help="pace X times faster (default 1)")
+    p.add_argument("--no-usage", action="store_true",
+                   help="OpenAI-compatible providers report no usage, as some self-hosted servers do")
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("demo", parents=[common], help="the console on simulated providers: no keys, no network")

@@ -122,13 +122,20 @@ def authority(folder: Path) -> Authority:
 @contextmanager
 def tls_sim(catalog, ca: Authority, **options) -> Iterator[RunningSim]:
     """The simulator over HTTPS with the test CA's certificate, served from its own thread."""
+    with threaded_sim(catalog, tls=(str(ca.cert), str(ca.key)), **options) as running:
+        yield running
+
+
+@contextmanager
+def threaded_sim(catalog, **options) -> Iterator[RunningSim]:
+    """A latency-free simulator (`start_sim`'s options) served from its own thread."""
     started = threading.Event()
     holder: dict = {}
 
     def serve() -> None:
         async def main() -> None:
             try:
-                holder["sim"] = await start_sim(catalog, latency=False, tls=(str(ca.cert), str(ca.key)), **options)
+                holder["sim"] = await start_sim(catalog, latency=False, **options)
             finally:
                 holder["loop"] = asyncio.get_running_loop()
                 started.set()
@@ -136,11 +143,11 @@ def tls_sim(catalog, ca: Authority, **options) -> Iterator[RunningSim]:
 
         asyncio.run(main())
 
-    thread = threading.Thread(target=serve, name="tls-sim", daemon=True)
+    thread = threading.Thread(target=serve, name="threaded-sim", daemon=True)
     thread.start()
     started.wait(30)
     if "sim" not in holder:
-        raise RuntimeError("the TLS simulator did not start")
+        raise RuntimeError("the simulator did not start")
     try:
         yield holder["sim"]
     finally:

@@ -65,6 +65,7 @@ class ChatStream:
         self.created = int(time.time())
         self.request_id = ctx.request_id
         self.meta = P402Meta(provider="", model="")
+        self.usage: Usage | None = None  # what the answer was billed on, once it is done (an estimate if none came)
         self.decision: RouteDecision | None = None
         self._batches = orchestrator._stream(self, request, options, ctx)
         self._pending: deque[ChatChunk] = deque()
@@ -268,7 +269,15 @@ class _Flow:
         """The provider's usage; our own count when the stream ended without one."""
         if self.usage is not None:
             return self.usage
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=count_text("".join(self.text)).tokens)
+        return Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=count_text("".join(self.text)).tokens, estimated=True
+        )
+
+
+def _estimated_usage(response: ChatResponse, prompt_tokens: int) -> Usage:
+    """Usage for an answer that came with none (a self-hosted server, say): our count, flagged as such."""
+    text = (response.content or "") + "".join(str(call) for call in response.tool_calls or ())
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=count_text(text).tokens, estimated=True)
 
 
 class Orchestrator:
@@ -420,6 +429,8 @@ class Orchestrator:
                         continue
                     latency_ms = (time.perf_counter() - attempt_started) * 1000
                     plan.succeeded(spec, latency_ms)
+                    if not response.usage.total_tokens and (response.content or response.tool_calls):
+                        response.usage = _estimated_usage(response, decision.prompt_tokens)
                     self.health.record_success(
                         spec.provider, spec.id, latency_ms=latency_ms, output_tokens=response.usage.completion_tokens
                     )
@@ -432,6 +443,7 @@ class Orchestrator:
                         ttft_ms=None,
                         attempts=plan.attempts,
                         decision_id=decision.id,
+                        usage_estimated=response.usage.estimated,
                     )
                     self._finish_ok(record, request, response, options, ctx, response.usage, cost, started, None)
                     return response
@@ -575,6 +587,8 @@ class Orchestrator:
         )
         cost = call_cost(spec, usage)
         self._fill_meta(handle.meta, spec, cost, started)
+        handle.meta.usage_estimated = usage.estimated
+        handle.usage = usage
         response = ChatResponse(
             provider=spec.provider,
             model=spec.model,
@@ -685,6 +699,7 @@ class Orchestrator:
         record.completion_tokens = usage.completion_tokens
         record.cached_tokens = usage.cached_tokens
         record.reasoning_tokens = usage.reasoning_tokens
+        record.usage_estimated = usage.estimated
         record.cost_usd = cost
         record.latency_ms = (time.perf_counter() - started) * 1000
         record.ttft_ms = ttft_ms
@@ -721,6 +736,7 @@ class Orchestrator:
         if usage is not None:
             record.prompt_tokens = usage.prompt_tokens
             record.completion_tokens = usage.completion_tokens
+            record.usage_estimated = usage.estimated
         record.cost_usd = cost
         self.bus.publish(RequestCompleted(record=record))
         if cost and spec is not None:

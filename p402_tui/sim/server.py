@@ -201,9 +201,10 @@ async def start_sim(
     latency: bool = True,
     speed: float = 1.0,
     tls: tuple[str, str] | None = None,
+    usage: bool = True,
 ) -> RunningSim:
     """Serve the simulator as a task in the running loop (port 0 picks a free one); over HTTPS with
-    `tls`, a (certificate file, key file) pair."""
+    `tls`, a (certificate file, key file) pair. `usage=False`: the OpenAI family reports no usage."""
     from ..core.tokens import warm
 
     logging.getLogger("uvicorn.error").addFilter(_quiet)
@@ -214,7 +215,7 @@ async def start_sim(
     except BaseException:
         sock.close()
         raise
-    state = SimState(catalog, seed=seed, latency=latency, speed=speed)
+    state = SimState(catalog, seed=seed, latency=latency, speed=speed, usage=usage)
     config = uvicorn.Config(
         build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1,
         ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
