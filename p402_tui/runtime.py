@@ -10,6 +10,7 @@ and every provider is pointed at it.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -50,6 +51,7 @@ class Runtime:
     ) -> AsyncIterator[Runtime]:
         """Start everything; on exit stop it in reverse order."""
         async with AsyncExitStack() as stack:
+            warn_if_unverified(settings)
             running = None
             if sim:
                 from .sim.server import start_sim
@@ -97,6 +99,15 @@ class Runtime:
     async def stop_gateways(self) -> None:
         while self.gateways:
             await self.gateways.pop().stop()
+
+
+def warn_if_unverified(settings: Settings) -> None:
+    """TLS verification is never off silently: a config that turns it off hears so, in one line, at every start."""
+    from .providers.trust import insecure_warning
+
+    warning = insecure_warning(settings.network)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
 
 def egress(settings: Settings) -> Callable[[ResolvedProvider], Any]:

@@ -286,3 +286,34 @@ async def test_a_dead_ipv6_address_costs_the_happy_eyeballs_delay_not_the_connec
         server.close()
         filler.close()
         dead.close()
+
+
+async def test_verification_off_is_said_at_start_up_in_one_line(catalog, capsys):
+    conf = Settings(ConfigFile(network=NetworkConfig(verify=False)), catalog, env={})
+    async with Runtime.open(conf, persist=False):
+        pass
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert lines == ["p402: WARNING: TLS verification is OFF ([network] verify = false): any server can pose as a provider"]
+
+
+def test_the_sdks_variable_names_are_read(catalog):
+    def resolved(env):
+        return Settings(ConfigFile(), catalog, env=env).providers
+
+    assert resolved({"GOOGLE_API_KEY": "g1", "GEMINI_API_KEY": "g2"})["google"].key() == "g1"  # google-genai's order
+    assert resolved({"GEMINI_API_KEY": "g2"})["google"].key() == "g2"
+    assert resolved({"CO_API_KEY": "c1", "COHERE_API_KEY": "c2"})["cohere"].key() == "c1"
+    assert resolved({"COHERE_API_KEY": "c2"})["cohere"].key() == "c2"
+    urls = resolved({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"})
+    assert (urls["openai"].base_url, urls["anthropic"].base_url) == ("http://127.0.0.1:9/v1", "http://127.0.0.1:9")
+    ours = resolved({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "P402_OPENAI_BASE_URL": "http://127.0.0.1:8/v1"})
+    assert ours["openai"].base_url == "http://127.0.0.1:8/v1"
+
+
+def test_the_readme_lists_every_providers_variables(catalog):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for provider in catalog.providers.values():
+        for name in [*provider.api_key_env, *provider.base_url_env, f"P402_{provider.id.upper()}_BASE_URL"]:
+            assert f"`{name}`" in readme, name

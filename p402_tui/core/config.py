@@ -331,7 +331,8 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
         if env.get(name):
             key = SecretStr(env[name])
             break
-    base_url = env.get(f"P402_{spec.id.upper()}_BASE_URL") or conf.base_url or spec.base_url
+    sdk_url = next((env[name] for name in spec.base_url_env if env.get(name)), None)
+    base_url = env.get(f"P402_{spec.id.upper()}_BASE_URL") or sdk_url or conf.base_url or spec.base_url
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"provider {spec.id!r}: base_url {base_url!r} is not an http:// or https:// URL")
