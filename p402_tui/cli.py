@@ -133,6 +133,35 @@ def cmd_providers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Each configured provider's route, DNS, TCP, TLS and an authenticated call; exit 1 when one fails."""
+    from .providers.doctor import diagnose
+
+    settings = settings_from(args)
+    if not settings.usable_providers():
+        raise _no_provider_error()
+    checkups = run_async(diagnose(settings, args.provider or None))
+    if isinstance(checkups, int):
+        return checkups
+    if args.json:
+        print_json([c.to_dict() for c in checkups])
+    else:
+        mark = {True: "ok", False: "FAIL", None: "-"}
+        rows = []
+        for c in checkups:
+            steps = {s.name: s for s in c.steps}
+            rows.append([c.provider, c.route] + [mark[steps[n].ok] if n in steps else "" for n in ("dns", "tcp", "tls", "auth")]
+                        + [c.verdict])  # fmt: skip
+        print_table(["PROVIDER", "ROUTE", "DNS", "TCP", "TLS", "AUTH", "VERDICT"], rows)
+        for c in checkups:
+            for step in c.steps:
+                if step.name != "route" and step.ok is not None:
+                    print(f"  {c.provider} {step.name}: {step.detail}" + (f" ({step.ms:g} ms)" if step.ms is not None else ""))
+            if c.fix:
+                print(f"  {c.provider} fix: {c.fix}")
+    return 1 if any(c.verdict != "ok" for c in checkups) else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from datetime import date
 
@@ -931,6 +960,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("providers", parents=[common], help="list providers and whether they are configured")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_providers)
+
+    p = sub.add_parser("doctor", parents=[common], help="check each configured provider's route, DNS, TCP, TLS and key")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--provider", action="append", metavar="ID", help="only this provider (repeatable)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("models", parents=[common], help="list models with prices and capabilities")
     p.add_argument("--provider", metavar="P", help="only this provider's models")
