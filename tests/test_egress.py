@@ -317,3 +317,36 @@ def test_the_readme_lists_every_providers_variables(catalog):
     for provider in catalog.providers.values():
         for name in [*provider.api_key_env, *provider.base_url_env, f"P402_{provider.id.upper()}_BASE_URL"]:
             assert f"`{name}`" in readme, name
+
+
+async def test_the_gateway_502_says_the_one_local_reason(catalog, upstream, auth_proxy, ca):
+    import httpx
+
+    port = port_of(upstream.url)
+    conf = settings(catalog, {"HTTPS_PROXY": auth_proxy.url("alice:wrong")}, INTERNAL, port, ca_bundle=str(ca.ca_pem))
+    async with Runtime.open(conf, persist=False) as runtime:
+        gateway = await runtime.serve_gateway(port=0)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            answer = await client.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert error["code"] == "egress_failed"
+    assert error["message"].startswith(f"every provider failed for the same local reason: the proxy at {auth_proxy.shown}")
+    assert "wrong" not in answer.text
+
+
+def test_the_cli_says_the_one_local_reason_in_one_line(upstream, auth_proxy, ca, tmp_path, monkeypatch, capsys):
+    from p402_tui.cli import main
+
+    port = port_of(upstream.url)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[network]\nproxy = "{auth_proxy.url("alice:wrong")}"\nca_bundle = "{ca.ca_pem}"\n'
+        + "".join(f'[providers.{pid}]\napi_key = "sim-key"\nbase_url = "https://{INTERNAL}:{port}/{pid}{path}"\n'
+                  for pid, path in (("openai", "/v1"), ("anthropic", ""), ("cohere", "")))
+    )  # fmt: skip
+    monkeypatch.setenv("P402_CONFIG", str(config))
+    code = main(["chat", "--no-cache", "--db", str(tmp_path / "db.sqlite"), "hello"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith(f"p402: egress_failed: every provider failed for the same local reason: the proxy at {auth_proxy.shown}")
