@@ -46,14 +46,15 @@ class ForwardProxy:
     port: int
     log: Path
     auth: str | None
+    scheme: str = "http"
 
     def url(self, auth: str | None = None) -> str:
         credentials = auth if auth is not None else self.auth
-        return f"http://{credentials + '@' if credentials else ''}127.0.0.1:{self.port}"
+        return f"{self.scheme}://{credentials + '@' if credentials else ''}127.0.0.1:{self.port}"
 
     @property
     def shown(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def lines(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
@@ -63,8 +64,8 @@ class ForwardProxy:
 
 
 @contextmanager
-def forward_proxy(folder: Path, *, auth: str | None = None) -> Iterator[ForwardProxy]:
-    """proxy.py on a free loopback port, its access log in `folder`."""
+def forward_proxy(folder: Path, *, auth: str | None = None, tls: Authority | None = None) -> Iterator[ForwardProxy]:
+    """proxy.py on a free loopback port, its access log in `folder`; with `tls`, an https:// proxy."""
     need("proxy")
     port = free_port()
     log = folder / f"proxy-{port}.log"
@@ -74,6 +75,8 @@ def forward_proxy(folder: Path, *, auth: str | None = None) -> Iterator[ForwardP
     ]  # fmt: skip
     if auth:
         command += ["--basic-auth", auth]
+    if tls:
+        command += ["--cert-file", str(tls.cert), "--key-file", str(tls.key)]
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
         env.pop(name, None)
@@ -88,7 +91,7 @@ def forward_proxy(folder: Path, *, auth: str | None = None) -> Iterator[ForwardP
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"proxy.py did not start: {log.read_text() if log.exists() else ''}") from None
                 time.sleep(0.1)
-        yield ForwardProxy(port, log, auth)
+        yield ForwardProxy(port, log, auth, "https" if tls else "http")
     finally:
         process.terminate()
         try:

@@ -96,13 +96,29 @@ async def test_no_proxy_bypasses_and_without_it_the_same_call_tunnels(catalog, u
     try:
         assert direct.transport.route == "direct" and isinstance(direct.transport, http.Client)
         assert (await direct.complete(ask(), model="gpt-4o-mini")).content
-        assert isinstance(proxied.transport, ProxiedTransport)
+        assert proxied.transport.route == f"proxy {proxy.shown}"
         assert (await proxied.complete(ask(), model="gpt-4o-mini")).content
     finally:
         await direct.aclose()
         await proxied.aclose()
     await asyncio.sleep(0.3)
     assert len(proxy.connects(f"127.0.0.1:{port}")) == 1  # the proxied call only
+
+
+async def test_an_https_proxy_goes_through_httpx_tls_to_the_proxy_then_to_the_provider(catalog, upstream, folder, ca):
+    port = port_of(upstream.url)
+    with forward_proxy(folder, tls=ca) as secure:
+        conf = settings(catalog, {"HTTPS_PROXY": secure.url()}, INTERNAL, port, ca_bundle=str(ca.ca_pem))
+        for provider, model in (("openai", MODELS["openai"]), ("google", MODELS["google"])):
+            client = adapter(conf, provider)
+            try:
+                assert isinstance(client.transport, ProxiedTransport) and client.transport.route == f"proxy {secure.shown}"
+                assert (await client.complete(ask(), model=model)).content
+                assert "".join([c.content async for c in client.stream(ask(), model=model) if c.content])
+            finally:
+                await client.aclose()
+        await asyncio.sleep(0.3)
+        assert secure.connects(f"{INTERNAL}:{port}")
 
 
 async def test_proxy_credentials_are_sent_and_a_wrong_password_is_a_clear_407(catalog, upstream, auth_proxy, ca):

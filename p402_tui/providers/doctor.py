@@ -10,7 +10,6 @@ configured base URLs and proxies.
 from __future__ import annotations
 
 import asyncio
-import base64
 import socket
 import ssl
 import time
@@ -88,19 +87,30 @@ async def _checkup(provider: ResolvedProvider, network: NetworkConfig, env: Mapp
     try:
         async with asyncio.timeout(STEP_TIMEOUT_S):
             sock = await http._dial(loop, dial_host, dial_port, 0.25)
-            reader, writer = await asyncio.open_connection(sock=sock)
     except (OSError, TimeoutError) as error:
         where = f"{dial_host}:{dial_port}" + ("" if proxy is None else " (the proxy)")
         reason = "timed out" if isinstance(error, TimeoutError) else str(error)
         fix = ("is the proxy running, and is its address right?" if proxy is not None
                else "check the base_url's port, and any firewall; on a network that needs a proxy, set HTTPS_PROXY")
         return _failed(up, Step("tcp", False, f"no connection to {where}: {reason}", _ms(start)), fix)
+    if proxy is not None and proxy.url.startswith("https://"):  # TLS to the proxy carries the rest: the call tells
+        sock.close()
+        up.steps.append(Step("tcp", True, f"{proxy.shown}", _ms(start)))
+        up.steps.append(Step("tls", None, "inside the https proxy's own TLS: the call below checks it"))
+        return await _call(up, provider, network, env)
+    if proxy is not None and scheme == "https":
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT_S):
+                via = http.ForwardProxy(dial_host, dial_port, proxy.shown, proxy.authorization)
+                await http._open_tunnel(loop, sock, via, http.target(provider.base_url))
+        except (OSError, TimeoutError) as error:
+            sock.close()
+            status = getattr(error, "status", None)
+            detail = str(error) or f"the proxy at {proxy.shown} did not answer the tunnel request in time"
+            return _failed(up, Step("tcp", False, detail, _ms(start)), _proxy_fix(status))
+    reader, writer = await asyncio.open_connection(sock=sock)
     try:
         if proxy is not None:
-            status = await _tunnel(reader, writer, proxy, host, port) if scheme == "https" else 200
-            if status != 200:
-                detail = f"the proxy at {proxy.shown} refused the tunnel to {host}:{port}: {status}"
-                return _failed(up, Step("tcp", False, detail, _ms(start)), _proxy_fix(status))
             up.steps.append(Step("tcp", True, f"{proxy.shown} tunnel to {host}:{port}" if scheme == "https"
                                  else f"{proxy.shown} (plain http: no tunnel)", _ms(start)))  # fmt: skip
         else:
@@ -123,6 +133,11 @@ async def _checkup(provider: ResolvedProvider, network: NetworkConfig, env: Mapp
             up.steps.append(Step("tls", True, f"issued by {_issuer(writer)}", _ms(start)))
     finally:
         writer.close()
+    return await _call(up, provider, network, env)
+
+
+async def _call(up: Checkup, provider: ResolvedProvider, network: NetworkConfig, env: Mapping[str, str]) -> Checkup:
+    """One cheap authenticated call, through the transport real calls take."""
     adapter = make_adapter(provider, transport_for(provider, network, env))
     start = time.perf_counter()
     try:
@@ -142,26 +157,12 @@ async def _checkup(provider: ResolvedProvider, network: NetworkConfig, env: Mapp
     return up
 
 
-async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: Proxy, host: str, port: int) -> int:
-    """Ask the proxy for a tunnel (as a client's CONNECT); its status."""
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-    if proxy.username or proxy.password:
-        pair = base64.b64encode(f"{proxy.username}:{proxy.password}".encode()).decode()
-        head += f"Proxy-Authorization: Basic {pair}\r\n"
-    writer.write((head + "\r\n").encode("latin-1"))
-    async with asyncio.timeout(STEP_TIMEOUT_S):
-        answer = await reader.readuntil(b"\r\n\r\n")
-    words = answer.split(b" ", 2)
-    return int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
-
-
 def _proxy_address(proxy: Proxy) -> tuple[str, int]:
     parts = urlsplit(proxy.url)
     return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def _proxy_fix(status: int) -> str:
+def _proxy_fix(status: int | None) -> str:
     if status == 407:
         return "the proxy wants credentials: put them in the proxy URL, http://user:password@host:port"
     if status == 403:

@@ -21,7 +21,7 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohappyeyeballs
@@ -60,6 +60,16 @@ class Timeouts:
     connect: float | None  # a connection from the pool, or a new one made
     read: float | None  # the longest silence while the response is awaited or read
     total: float | None = None  # the whole response, body included
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardProxy:
+    """An http:// forward proxy: https origins through a CONNECT tunnel, http ones in absolute form."""
+
+    host: str
+    port: int
+    shown: str  # scheme://host:port, no credentials: what errors say
+    authorization: str = field(default="", repr=False)  # Proxy-Authorization's value, from the URL's credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,13 +434,18 @@ class Client:
     def __init__(
         self, headers: Mapping[str, str] = {}, *, tls: ssl.SSLContext | None = None, limit: int = 256,
         keepalive_s: float = 30.0, connect_timeout: float | None = None, happy_eyeballs_delay: float = 0.25,
-        resolve: Resolver | None = None,
+        resolve: Resolver | None = None, proxy: ForwardProxy | None = None,
     ) -> None:  # fmt: skip
         # No compression asked for: a compressing server may hold a stream's events back to fill
         # its blocks, and answers here are small. (One that compresses anyway is still read.)
         self._head = b"Accept-Encoding: identity\r\n" + b"".join(_header_line(k, v) for k, v in headers.items())
         self.happy_eyeballs_delay = happy_eyeballs_delay
         self.resolve = resolve  # host, port -> getaddrinfo's answer; the loop's getaddrinfo unless given
+        self.proxy = proxy
+        if proxy is not None:
+            self.route = f"proxy {proxy.shown}"
+            auth = proxy.authorization
+            self._proxy_head = _header_line("Proxy-Authorization", auth) if auth else b""
         self.tls = tls
         self.limit = limit
         self.keepalive_s = keepalive_s
@@ -445,16 +460,25 @@ class Client:
         content_type: bytes = b"application/json", headers: RequestHeaders | None = None,
     ) -> Response:  # fmt: skip
         """Send a request (with `headers` besides the client's own) and wait for its response's head."""
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s" % (
-            method.encode("ascii"), to.path, to.host_header, self._head, b"" if headers is None else headers.wire
-        )  # fmt: skip
+        path, extra = to.path, b"" if headers is None else headers.wire
+        proxied_http = self.proxy is not None and to.scheme == "http"
+        if proxied_http:  # absolute form, to the proxy (an https origin is reached through a tunnel instead)
+            path, extra = b"http://%s%s" % (to.host_header, to.path), extra + self._proxy_head
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s" % (method.encode("ascii"), path, to.host_header, self._head, extra)
         if body is not None:
             head += b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (content_type, len(body), body)
         else:
             head += b"\r\n"
         conn = self._reuse(to.origin) or await self._connect(to, timeouts)
         try:
-            return await self._exchange(conn, head, timeouts)
+            response = await self._exchange(conn, head, timeouts)
+            if proxied_http and response.status == 407:
+                response.close()
+                raise ProxyRefused(
+                    f"the proxy at {self.proxy.shown} refused the request: 407 Proxy Authentication Required",  # type: ignore[union-attr]
+                    proxy=self.proxy.shown, status=407,  # type: ignore[union-attr]
+                )  # fmt: skip
+            return response
         except ConnectionClosed:
             if conn.received or not conn.reused or conn.loop.time() - conn.sent_at > RETRY_WITHIN_S:
                 raise
@@ -520,7 +544,10 @@ class Client:
                 self._open.add(conn)
                 try:
                     async with asyncio.timeout(self.connect_timeout):
-                        sock = await _dial(loop, to.host, to.port, self.happy_eyeballs_delay, self.resolve)
+                        if self.proxy is None:
+                            sock = await _dial(loop, to.host, to.port, self.happy_eyeballs_delay, self.resolve)
+                        else:
+                            sock = await self._through_proxy(loop, to)
                         await loop.create_connection(
                             lambda: conn, sock=sock,
                             ssl=(self.tls or True) if to.scheme == "https" else None,
@@ -534,6 +561,22 @@ class Client:
         except TimeoutError:  # our deadlines, or the kernel's own on connect
             raise ConnectTimeout(f"no connection to {to.host}:{to.port} in time") from None
         return conn
+
+    async def _through_proxy(self, loop: asyncio.AbstractEventLoop, to: Target) -> socket.socket:
+        """A socket to the proxy; for an https origin, a tunnel through it, ready for TLS with the origin."""
+        proxy = self.proxy
+        assert proxy is not None
+        try:
+            sock = await _dial(loop, proxy.host, proxy.port, self.happy_eyeballs_delay, self.resolve)
+        except OSError as error:
+            raise ProxyRefused(f"the proxy at {proxy.shown} cannot be reached: {error}", proxy=proxy.shown) from None
+        if to.scheme == "https":
+            try:
+                await _open_tunnel(loop, sock, proxy, to)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
 
     async def _wait_for_a_slot(self, loop: asyncio.AbstractEventLoop) -> None:
         slot: asyncio.Future[None] = loop.create_future()
@@ -603,6 +646,25 @@ async def _dial(
     if not infos:
         raise socket.gaierror(f"no address for {host}")
     return await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=delay, interleave=1, loop=loop)
+
+
+async def _open_tunnel(loop: asyncio.AbstractEventLoop, sock: socket.socket, proxy: ForwardProxy, to: Target) -> None:
+    """CONNECT through the proxy on `sock`; on a 200 the socket is a pipe to the origin."""
+    authority = f"[{to.host}]:{to.port}" if ":" in to.host else f"{to.host}:{to.port}"
+    auth = f"Proxy-Authorization: {proxy.authorization}\r\n" if proxy.authorization else ""
+    await loop.sock_sendall(sock, f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode("latin-1"))
+    answer = b""
+    while (end := answer.find(b"\r\n\r\n")) < 0:
+        data = await loop.sock_recv(sock, 4096)
+        if not data or len(answer) > 65536:
+            raise ProxyRefused(f"the proxy at {proxy.shown} ended the tunnel request without an answer", proxy=proxy.shown)
+        answer += data
+    line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    words = line.split(" ", 2)
+    status = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+    if status is None or not 200 <= status < 300 or end + 4 != len(answer):
+        said = " ".join(words[1:]) or repr(line)
+        raise ProxyRefused(f"the proxy at {proxy.shown} refused the tunnel: {said}", proxy=proxy.shown, status=status)
 
 
 def _family(host: str) -> socket.AddressFamily:

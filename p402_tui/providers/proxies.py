@@ -8,6 +8,7 @@ provider's own, else `[network]`'s) override the environment's.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,18 @@ class Proxy:
 
     def __repr__(self) -> str:
         return f"Proxy({self.shown})"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def authorization(self) -> str:
+        """The Proxy-Authorization value for the URL's credentials ("" without any)."""
+        if not (self.username or self.password):
+            return ""
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
 
 
 def parse_proxy(value: str, where: str) -> Proxy:

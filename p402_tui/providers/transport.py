@@ -6,10 +6,11 @@ status, headers and a body to iterate comes out; failures are OSError subclasses
 (`http.ConnectTimeout`, `http.ReadTimeout`, `http.ConnectionClosed`, `http.ProtocolError`,
 `http.ProxyRefused`, and the socket's and ssl's own).
 
-Two implementations: `http.Client`, the fast httptools client, for every direct connection;
-`ProxiedTransport` (httpx) for a provider reached through a forward proxy: a CONNECT tunnel
-then TLS to the origin for https, absolute-form requests for http, `Proxy-Authorization:
-Basic` from the proxy URL's credentials. The runtime hands each adapter the one its
+Two implementations. `http.Client`, the fast httptools client, serves direct connections and
+http:// forward proxies: a CONNECT tunnel then TLS to the origin (SNI and hostname checks)
+for https, absolute-form requests for http, `Proxy-Authorization: Basic` from the proxy URL's
+credentials. `ProxiedTransport` (httpx) serves what it does not: an https:// proxy, where
+TLS to the proxy carries TLS to the origin. The runtime hands each adapter the one its
 provider's route needs (`transport_for`); a test may hand one of its own.
 """
 
@@ -61,13 +62,19 @@ def transport_for(
     """The transport `provider`'s calls take: through its proxy, or the direct client."""
     tls = tls_context_for(network, env)
     proxy = proxy_for(provider, network, env)
-    if proxy is not None:
+    if proxy is not None and proxy.url.startswith("https://"):  # TLS to the proxy, then TLS inside it: httpx
         return ProxiedTransport(proxy, tls=tls, connect_timeout=provider.connect_timeout_s)
-    return http.Client(tls=tls, limit=MAX_CONNECTIONS, keepalive_s=KEEPALIVE_S, connect_timeout=provider.connect_timeout_s)
+    via = None
+    if proxy is not None:
+        host, port = proxy.address
+        via = http.ForwardProxy(host, port, proxy.shown, proxy.authorization)
+    return http.Client(
+        tls=tls, limit=MAX_CONNECTIONS, keepalive_s=KEEPALIVE_S, connect_timeout=provider.connect_timeout_s, proxy=via
+    )
 
 
 class ProxiedTransport:
-    """Requests through a forward proxy, by httpx (the fast client speaks only direct)."""
+    """Requests through a forward proxy, by httpx: for an https:// proxy, which the fast client does not speak."""
 
     def __init__(self, proxy: Proxy, *, tls: ssl.SSLContext, connect_timeout: float | None = None) -> None:
         self.proxy = proxy
@@ -75,7 +82,7 @@ class ProxiedTransport:
         self.connect_timeout = connect_timeout
         self._closing: set[asyncio.Task[None]] = set()  # responses let go of before their end, being closed
         self._client = httpx.AsyncClient(
-            proxy=proxy.url, verify=tls, trust_env=False, follow_redirects=False,
+            proxy=httpx.Proxy(proxy.url, ssl_context=tls), verify=tls, trust_env=False, follow_redirects=False,
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_S),
         )  # fmt: skip
 
