@@ -602,8 +602,9 @@ ROWS = {
 VARIANTS = {
     "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",
     "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",
-    "p402_proxied": "p402 serve reaching the simulator through a forward proxy on loopback (proxy.py; "
-                    "[network] proxy): the httpx transport's CPU per request, the proxy's own CPU not counted",
+    "p402_proxied": "p402 serve reaching the simulator through a forward proxy on loopback (proxy.py, "
+                    "[network] proxy; plain http, so absolute-form requests): the gateway's CPU per request, "
+                    "the proxy's own not counted",
 }
 
 
