@@ -366,3 +366,36 @@ def test_the_cli_says_the_one_local_reason_in_one_line(upstream, auth_proxy, ca,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert err[-1].startswith(f"p402: egress_failed: every provider failed for the same local reason: the proxy at {auth_proxy.shown}")
+
+
+async def test_ssl_cert_dir_trusts_a_hashed_folder_and_certifi_backs_a_missing_os_store(catalog, upstream, ca, tmp_path, monkeypatch):
+    import shutil
+    import ssl
+    import subprocess
+
+    from p402_tui.providers import trust
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed (it names the hashed file SSL_CERT_DIR wants)")
+    digest = subprocess.run([openssl, "x509", "-hash", "-noout", "-in", str(ca.ca_pem)], capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    folder = tmp_path / "certs"
+    folder.mkdir()
+    shutil.copy(ca.ca_pem, folder / f"{digest}.0")
+    client = adapter(settings(catalog, {"SSL_CERT_DIR": str(folder)}, "127.0.0.1", port_of(upstream.url)), "cohere")
+    try:
+        assert (await client.complete(ask(), model=MODELS["cohere"])).content
+    finally:
+        await client.aclose()
+    # No OpenSSL default paths and none of the distributions' bundle files: certifi's bundle is the trust.
+    empty = ssl.DefaultVerifyPaths(None, None, "/nonexistent/cert.pem", "", "/nonexistent/certs", "")
+    monkeypatch.setattr(trust.ssl, "get_default_verify_paths", lambda: empty)
+    monkeypatch.setattr(trust, "_CA_FILES", ("/nonexistent/ca-certificates.crt",))
+    monkeypatch.setattr(trust.sys, "platform", "linux")
+    assert trust._os_store() is None
+    assert trust.trust_source(NetworkConfig(), {}) == "certifi's bundle"
+    import certifi
+
+    fallback = trust._context.__wrapped__(None, True, None, None)  # uncached: built under the patched paths
+    assert len(fallback.get_ca_certs()) == len(ssl.create_default_context(cafile=certifi.where()).get_ca_certs()) > 50
