@@ -4,6 +4,7 @@ trust settings, egress error kinds, redirects, dual stack. Every byte stays on l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 
@@ -119,6 +120,30 @@ async def test_an_https_proxy_goes_through_httpx_tls_to_the_proxy_then_to_the_pr
                 await client.aclose()
         await asyncio.sleep(0.3)
         assert secure.connects(f"{INTERNAL}:{port}")
+
+
+async def test_plain_http_goes_to_the_proxy_in_absolute_form_with_its_credentials(catalog, auth_proxy):
+    from egress_servers import threaded_sim
+
+    with threaded_sim(catalog) as plain:
+        port = port_of(plain.url)
+        base = Settings(ConfigFile(), catalog, env={"HTTP_PROXY": auth_proxy.url()})
+        conf = pointed(base, INTERNAL, port)
+        for pid, provider in conf.providers.items():
+            conf.providers[pid] = dataclasses.replace(provider, base_url=provider.base_url.replace("https://", "http://"))
+        good = adapter(conf, "anthropic")
+        bad = make_adapter(conf.providers["anthropic"], transport_for(
+            conf.providers["anthropic"], NetworkConfig(proxy=auth_proxy.url("alice:wrong")), {}))
+        try:
+            assert (await good.complete(ask(), model=MODELS["anthropic"])).content
+            with pytest.raises(Exception) as caught:
+                await bad.complete(ask(), model=MODELS["anthropic"])
+        finally:
+            await good.aclose()
+            await bad.aclose()
+    assert caught.value.kind == "proxy" and caught.value.status == 407 and auth_proxy.shown in caught.value.message
+    await asyncio.sleep(0.3)
+    assert [line for line in auth_proxy.lines() if f"POST {INTERNAL}:{port}/anthropic/v1/messages - 200" in line]
 
 
 async def test_proxy_credentials_are_sent_and_a_wrong_password_is_a_clear_407(catalog, upstream, auth_proxy, ca):

@@ -472,20 +472,19 @@ class Client:
         conn = self._reuse(to.origin) or await self._connect(to, timeouts)
         try:
             response = await self._exchange(conn, head, timeouts)
-            if proxied_http and response.status == 407:
-                response.close()
-                raise ProxyRefused(
-                    f"the proxy at {self.proxy.shown} refused the request: 407 Proxy Authentication Required",  # type: ignore[union-attr]
-                    proxy=self.proxy.shown, status=407,  # type: ignore[union-attr]
-                )  # fmt: skip
-            return response
         except ConnectionClosed:
             if conn.received or not conn.reused or conn.loop.time() - conn.sent_at > RETRY_WITHIN_S:
                 raise
             # Closed at once with not a byte of answer: a server ending an idle keep-alive just
             # as it was reused. A new connection is what any client would try next. (Later, the
             # server may have worked on the request: sending it again could bill it twice.)
-        return await self._exchange(await self._connect(to, timeouts, fresh=True), head, timeouts)
+            response = await self._exchange(await self._connect(to, timeouts, fresh=True), head, timeouts)
+        if proxied_http and response.status == 407:
+            response.close()
+            shown = self.proxy.shown  # type: ignore[union-attr]
+            raise ProxyRefused(f"the proxy at {shown} refused the request: 407 Proxy Authentication Required",
+                               proxy=shown, status=407)  # fmt: skip
+        return response
 
     async def aclose(self) -> None:
         """Close every connection, idle or in use."""
