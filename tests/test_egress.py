@@ -296,7 +296,11 @@ async def test_a_redirect_is_an_error_naming_status_and_location(catalog):
 async def test_a_dead_ipv6_address_costs_the_happy_eyeballs_delay_not_the_connect_timeout():
     # ::1 with a full accept queue drops every SYN: a route that swallows packets. IPv4 answers.
     dead = socket.socket(socket.AF_INET6)
-    dead.bind(("::1", 0))
+    try:
+        dead.bind(("::1", 0))
+    except OSError:
+        dead.close()
+        pytest.skip("this machine has no IPv6 loopback (::1)")
     dead.listen(0)
     port = dead.getsockname()[1]
     filler = socket.socket(socket.AF_INET6)
