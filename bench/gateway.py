@@ -164,6 +164,18 @@ class Child:
         self._out.close()
 
 
+def _wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s") from None
+            time.sleep(0.1)
+
+
 # --- the load --------------------------------------------------------------------------
 
 
@@ -392,10 +404,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              "headers": {"authorization": "Bearer sim-key"}, "pid": sim.pid},
         ]
         for variant in args.variants:
+            variant_config = config
+            if variant == "p402_proxied":
+                proxy_port = free_port()
+                forward = Child("forward proxy", [python, "-m", "proxy", "--hostname", "127.0.0.1", "--port",
+                                str(proxy_port), "--num-workers", "1", "--num-acceptors", "1"], scratch / "proxy.log")
+                children.append(forward)
+                _wait_for_port(proxy_port, 30)
+                variant_config = scratch / "p402-proxied.toml"
+                variant_config.write_text(f'[network]\nproxy = "http://127.0.0.1:{proxy_port}"\n\n' + config.read_text())
             port = free_port()
             gateway = Child(
                 variant,
-                [python, str(Path(__file__).resolve()), "_serve", variant, "--config", str(config),
+                [python, str(Path(__file__).resolve()), "_serve", variant, "--config", str(variant_config),
                  "--port", str(port), "--db", str(scratch / f"{variant}.db")],
                 scratch / f"{variant}.log",
             )
@@ -581,6 +602,9 @@ ROWS = {
 VARIANTS = {
     "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",
     "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",
+    "p402_proxied": "p402 serve reaching the simulator through a forward proxy on loopback (proxy.py, "
+                    "[network] proxy; plain http, so absolute-form requests): the gateway's CPU per request, "
+                    "the proxy's own not counted",
 }
 
 

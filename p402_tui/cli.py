@@ -134,6 +134,35 @@ def cmd_providers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Each configured provider's route, DNS, TCP, TLS and an authenticated call; exit 1 when one fails."""
+    from .providers.doctor import diagnose
+
+    settings = settings_from(args)
+    if not settings.usable_providers():
+        raise _no_provider_error()
+    checkups = run_async(diagnose(settings, args.provider or None))
+    if isinstance(checkups, int):
+        return checkups
+    if args.json:
+        print_json([c.to_dict() for c in checkups])
+    else:
+        mark = {True: "ok", False: "FAIL", None: "-"}
+        rows = []
+        for c in checkups:
+            steps = {s.name: s for s in c.steps}
+            rows.append([c.provider, c.route] + [mark[steps[n].ok] if n in steps else "" for n in ("dns", "tcp", "tls", "auth")]
+                        + [c.verdict])  # fmt: skip
+        print_table(["PROVIDER", "ROUTE", "DNS", "TCP", "TLS", "AUTH", "VERDICT"], rows)
+        for c in checkups:
+            for step in c.steps:
+                if step.name != "route" and step.ok is not None:
+                    print(f"  {c.provider} {step.name}: {step.detail}" + (f" ({step.ms:g} ms)" if step.ms is not None else ""))
+            if c.fix:
+                print(f"  {c.provider} fix: {c.fix}")
+    return 1 if any(c.verdict != "ok" for c in checkups) else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from datetime import date
 
@@ -366,6 +395,8 @@ async def chat_once(
                         on_text(chunk.content)
                     assembler.add(chunk)
             response = assembler.response() if assembler is not None else None
+            if response is not None and stream.usage is not None:
+                response.usage = stream.usage  # as billed: the provider's, or our count when it sent none
             meta = stream.meta
         else:
             response = await orchestrator.complete(request, options, ctx)
@@ -387,6 +418,7 @@ async def chat_once(
             "reasoning_tokens": usage.reasoning_tokens,
             "total_tokens": usage.total_tokens,
         },
+        "usage_estimated": meta.usage_estimated,  # the provider sent no usage: tokens and cost are our count
         "cost_usd": meta.cost_usd,
         "latency_ms": round(meta.latency_ms, 3),
         "ttft_ms": None if meta.ttft_ms is None else round(meta.ttft_ms, 3),
@@ -520,7 +552,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     async def serve() -> None:
         try:
             running = await start_sim(
-                catalog, host=args.host, port=args.port, seed=args.seed, latency=not args.no_latency, speed=args.speed
+                catalog, host=args.host, port=args.port, seed=args.seed, latency=not args.no_latency, speed=args.speed,
+                usage=not args.no_usage,
             )
         except OSError as error:
             raise P402Error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
@@ -929,6 +962,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_providers)
 
+    p = sub.add_parser("doctor", parents=[common], help="check each configured provider's route, DNS, TCP, TLS and key")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--provider", action="append", metavar="ID", help="only this provider (repeatable)")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("models", parents=[common], help="list models with prices and capabilities")
     p.add_argument("--provider", metavar="P", help="only this provider's models")
     p.add_argument("--capability", metavar="C", action="append", help="only models with this capability (repeatable)")
@@ -1017,6 +1055,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the generated answers (default 0)")
     p.add_argument("--no-latency", action="store_true", help="answer at once instead of at each model's pace")
     p.add_argument("--speed", type=_positive_float, default=1.0, metavar="X", help="pace X times faster (default 1)")
+    p.add_argument("--no-usage", action="store_true",
+                   help="OpenAI-compatible providers report no usage, as some self-hosted servers do")
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("demo", parents=[common], help="the console on simulated providers: no keys, no network")

@@ -38,14 +38,14 @@ PROVIDER_IDS = [
 PROVIDER_WIRING = {
     "openai": ("openai", "https://api.openai.com/v1", ["OPENAI_API_KEY"]),
     "anthropic": ("anthropic", "https://api.anthropic.com", ["ANTHROPIC_API_KEY"]),
-    "google": ("gemini", "https://generativelanguage.googleapis.com", ["GOOGLE_AI_API_KEY", "GEMINI_API_KEY"]),
+    "google": ("gemini", "https://generativelanguage.googleapis.com", ["GOOGLE_API_KEY", "GEMINI_API_KEY", "GOOGLE_AI_API_KEY"]),
     "groq": ("openai", "https://api.groq.com/openai/v1", ["GROQ_API_KEY"]),
     "deepseek": ("openai", "https://api.deepseek.com", ["DEEPSEEK_API_KEY"]),
     "mistral": ("openai", "https://api.mistral.ai/v1", ["MISTRAL_API_KEY"]),
     "together": ("openai", "https://api.together.xyz/v1", ["TOGETHER_API_KEY"]),
     "fireworks": ("openai", "https://api.fireworks.ai/inference/v1", ["FIREWORKS_API_KEY"]),
     "openrouter": ("openai", "https://openrouter.ai/api/v1", ["OPENROUTER_API_KEY"]),
-    "cohere": ("cohere", "https://api.cohere.com", ["COHERE_API_KEY"]),
+    "cohere": ("cohere", "https://api.cohere.com", ["CO_API_KEY", "COHERE_API_KEY"]),
     "perplexity": ("openai", "https://api.perplexity.ai", ["PERPLEXITY_API_KEY"]),
     "ai21": ("openai", "https://api.ai21.com/studio/v1", ["AI21_API_KEY"]),
 }

@@ -29,7 +29,8 @@ class ProviderSpec(BaseModel):
     name: str
     wire: Wire
     base_url: str
-    api_key_env: list[str] = Field(default_factory=list)
+    api_key_env: list[str] = Field(default_factory=list)  # the official SDK's names, its first choice first
+    base_url_env: list[str] = Field(default_factory=list)  # the official SDK's base URL variable, if it reads one
     keyless: bool = False  # a local server (Ollama, vLLM) that needs no key
     headers: dict[str, str] = Field(default_factory=dict)
     unsupported_params: list[str] = Field(default_factory=list)

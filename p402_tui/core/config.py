@@ -83,6 +83,9 @@ class ProviderConfig(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     first_token_timeout_s: float = Field(default=60.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
+    # This provider's own proxy and exceptions, over [network]'s (and the environment's).
+    proxy: str | None = None
+    no_proxy: list[str] | None = None
     # Only for extra (OpenAI-compatible) providers the catalog does not know:
     wire: Literal["openai"] | None = None
     name: str | None = None
@@ -191,7 +194,17 @@ class HealthConfig(_Section):
     degraded_error_rate: float = Field(default=0.2, gt=0, le=1)  # shown as degraded from this error rate
 
 
+class NetworkConfig(_Section):
+    """How provider calls leave this machine; each key overrides its environment variable."""
+
+    proxy: str | None = None  # over HTTPS_PROXY / HTTP_PROXY / ALL_PROXY; "" for none
+    no_proxy: list[str] | None = None  # over NO_PROXY: hosts, .domain suffixes, host:port, IPs, CIDR ranges, "*"
+    ca_bundle: str | None = None  # a PEM bundle trusted besides the OS store (or SSL_CERT_FILE / SSL_CERT_DIR)
+    verify: bool = True  # false turns TLS verification off, and every start-up says so
+
+
 class ConfigFile(_Section):
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     router: RouterConfig = Field(default_factory=RouterConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
@@ -212,6 +225,8 @@ class ResolvedProvider:
     connect_timeout_s: float
     first_token_timeout_s: float
     headers: dict[str, str]
+    proxy: str | None = None  # the provider's own [providers.x] proxy, over [network]'s
+    no_proxy: tuple[str, ...] | None = None
 
     @property
     def id(self) -> str:
@@ -256,6 +271,10 @@ class Settings:
     def health(self) -> HealthConfig:
         return self.file.health
 
+    @property
+    def network(self) -> NetworkConfig:
+        return self.file.network
+
     def usable_providers(self) -> list[ResolvedProvider]:
         return [p for p in self.providers.values() if p.usable]
 
@@ -276,6 +295,8 @@ class Settings:
                 connect_timeout_s=provider.connect_timeout_s,
                 first_token_timeout_s=provider.first_token_timeout_s,
                 headers=provider.headers,
+                proxy=provider.proxy,
+                no_proxy=("*",),  # the simulator is on this machine: never reached through a proxy
             )
         return self
 
@@ -310,7 +331,8 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
         if env.get(name):
             key = SecretStr(env[name])
             break
-    base_url = env.get(f"P402_{spec.id.upper()}_BASE_URL") or conf.base_url or spec.base_url
+    sdk_url = next((env[name] for name in spec.base_url_env if env.get(name)), None)
+    base_url = env.get(f"P402_{spec.id.upper()}_BASE_URL") or sdk_url or conf.base_url or spec.base_url
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"provider {spec.id!r}: base_url {base_url!r} is not an http:// or https:// URL")
@@ -328,6 +350,8 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
         connect_timeout_s=conf.connect_timeout_s,
         first_token_timeout_s=conf.first_token_timeout_s,
         headers=dict(conf.headers),
+        proxy=conf.proxy,
+        no_proxy=None if conf.no_proxy is None else tuple(conf.no_proxy),
     )
 
 

@@ -121,6 +121,7 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    usage_estimated: bool = False  # the provider sent no usage: tokens and cost are on our count
     cost_usd: float = 0.0
     est_cost_usd: float | None = None
     saved_usd: float = 0.0
@@ -150,6 +151,7 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
             "reasoning_tokens": self.reasoning_tokens,
+            "usage_estimated": self.usage_estimated,
             "cost_usd": usd_json(self.cost_usd),
             "est_cost_usd": None if self.est_cost_usd is None else usd_json(self.est_cost_usd),
             "saved_usd": usd_json(self.saved_usd),

@@ -255,6 +255,7 @@ class Usage:
     cached_tokens: int = 0  # part of prompt_tokens read from the provider's prompt cache
     reasoning_tokens: int = 0  # part of completion_tokens spent thinking
     cache_write_tokens: int = 0  # Anthropic cache creation, billed above the input rate
+    estimated: bool = False  # the provider sent none: our count of the prompt and the text received
 
     @property
     def total_tokens(self) -> int:
@@ -350,6 +351,7 @@ class P402Meta:
     decision_id: str | None = None
     cached: bool = False
     saved_usd: float = 0.0
+    usage_estimated: bool = False  # billed on our token count: the provider reported no usage
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -365,6 +367,7 @@ class P402Meta:
             "decision_id": self.decision_id,
             "cached": self.cached,
             "saved_usd": usd_json(self.saved_usd),
+            "usage_estimated": self.usage_estimated,
         }
 
 

@@ -848,6 +848,7 @@ async def _chunk_frames(
             meta = stream.meta.to_dict()
             if finishing is not None:
                 out.append(frame(finishing, meta))
+            usage = usage or stream.usage  # none from upstream: our count, flagged in `meta`
             if include_usage and usage is not None:
                 out.append(usage_frame(usage, meta))
             if durable is not None:

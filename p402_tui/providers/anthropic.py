@@ -39,6 +39,7 @@ from ..core.errors import (
 )
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, ToolCallDelta, Usage, json_value, new_id
 from .base import Adapter, Headers, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
+from .transport import Transport
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -84,8 +85,10 @@ def _shipped_catalog() -> Catalog:
 class AnthropicAdapter(Adapter):
     wire = "anthropic"
 
-    def __init__(self, provider: ResolvedProvider, *, catalog: Catalog | None = None) -> None:
-        super().__init__(provider)
+    def __init__(
+        self, provider: ResolvedProvider, transport: Transport | None = None, *, catalog: Catalog | None = None
+    ) -> None:
+        super().__init__(provider, transport)
         # Read once here, at construction, so no request ever waits on the catalog file.
         self.catalog = catalog or _shipped_catalog()
 

@@ -178,8 +178,11 @@ _WORDS = (
 class SimState:
     """Everything one simulator process knows: catalog, faults, counters, randomness."""
 
-    def __init__(self, catalog: Catalog, *, seed: int = 0, latency: bool = True, speed: float = 1.0) -> None:
+    def __init__(
+        self, catalog: Catalog, *, seed: int = 0, latency: bool = True, speed: float = 1.0, usage: bool = True
+    ) -> None:
         self.catalog = catalog
+        self.usage = usage  # False: the OpenAI family reports no usage, as some self-hosted servers do
         self.seed = seed
         self.latency = latency
         self.speed = speed  # >1 answers faster than the catalog profile

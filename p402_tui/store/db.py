@@ -212,6 +212,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE rowid NOT IN (SELECT MIN(rowid) FROM agent_sessions GROUP BY name);
     CREATE UNIQUE INDEX agent_sessions_name ON agent_sessions(COALESCE(api_key_id, ''), name);
     """,
+    # usage a provider did not send: the row's tokens and cost are our own count, flagged as such
+    """
+    ALTER TABLE requests ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -463,6 +463,7 @@ class RemoteChatStream:
             decision_id=data.get("decision_id"),
             cached=bool(data.get("cached")),
             saved_usd=float(data.get("saved_usd") or 0.0),
+            usage_estimated=bool(data.get("usage_estimated")),
         )
 
 

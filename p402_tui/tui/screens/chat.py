@@ -260,6 +260,7 @@ class Figures:
     tokens_per_s: float | None
     cached: bool
     saved_usd: float
+    usage_estimated: bool = False  # billed on our count: the provider sent no usage
 
     @classmethod
     def of(cls, stream: AnswerStream, outcome: Outcome) -> "Figures":
@@ -268,7 +269,7 @@ class Figures:
         ttft = meta.ttft_ms if meta.ttft_ms is not None else (
             outcome.first_token_s * 1000 if outcome.first_token_s is not None else None)
         if outcome.usage is not None and outcome.usage.completion_tokens:
-            tokens, estimated = outcome.usage.completion_tokens, False
+            tokens, estimated = outcome.usage.completion_tokens, outcome.usage.estimated or meta.usage_estimated
         elif outcome.parts:
             tokens, estimated = len(outcome.parts), True  # one streamed piece is about one token
         else:
@@ -288,12 +289,13 @@ class Figures:
             tokens_per_s=per_s,
             cached=meta.cached,
             saved_usd=meta.saved_usd,
+            usage_estimated=meta.usage_estimated,
         )
 
     def cost_text(self) -> str:
         if self.cached:
             return f"cached · $0 (saved {usd(self.saved_usd)})"
-        return usd(self.cost_usd)
+        return ("~" if self.usage_estimated else "") + usd(self.cost_usd)
 
     def tokens_text(self) -> str:
         if self.tokens is None:
