@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged
 from ..core.tokens import off_loop
-from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes, round_costs
+from ..core.types import ChatChunk, ChatRequest, ChatResponse, Usage, json_bytes, round_costs
 from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -48,6 +48,9 @@ from .openapi import build_openapi
 logger = logging.getLogger("p402.gateway")
 
 Handler = Callable[[Request], Awaitable[Any]]
+Parse = Callable[..., tuple[ChatRequest, Any, Any]]
+Answer = Callable[[ChatResponse], Response]
+Frames = Callable[[Any, "list[ChatChunk] | None", ChatRequest, "Callable[[str], Awaitable[None]] | None"], AsyncIterator[bytes]]
 
 HEARTBEAT_S = 15.0
 LARGE_BODY_BYTES = 1024 * 1024  # a body this large is parsed off the loop, and memory trimmed after it
@@ -194,6 +197,16 @@ class Gateway:
     # --- chat ------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Any:
+        return await self.run(request, parse_chat, _openai_answer, _openai_frames)
+
+    async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
+        """A request of any surface through the orchestrator: the ledger's back-pressure, the body,
+        sessions, routing, failover, cache and ledger as the chat route has them.
+
+        `parse(body, catalog, api_key_id=, no_cache=)` gives the chat request, its route options and
+        context; `answer(response)` the whole answer's HTTP response, `frames(stream, first, chat,
+        durable)` a stream's bytes.
+        """
         if self.store is not None and self.store.writer.saturated:
             self.store_refused += 1
             message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
@@ -202,7 +215,7 @@ class Gateway:
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
         parse = functools.partial(
-            parse_chat, body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"),
+            parse, body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"),
             no_cache=no_cache,
         )
         large = len(body) >= LARGE_BODY_BYTES
@@ -216,16 +229,19 @@ class Gateway:
                 ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
             request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
             if chat.stream:
-                return await self._stream(chat, options, ctx, large=large)
+                return await self._stream(chat, options, ctx, frames, large=large)
             response = await self.orchestrator.complete(chat, options, ctx)
         finally:
             if large:
                 self.trimmer.soon()
         if self.durable is not None:
             await self.durable(ctx.request_id)
-        return Response(json_bytes(response.to_openai()), media_type="application/json")
+        return answer(response)
 
-    async def _stream(self, chat: ChatRequest, options: Any, ctx: Any, *, large: bool = False) -> Any:
+    async def _stream(
+        self, chat: ChatRequest, options: Any, ctx: Any, frames: Frames | None = None, *, large: bool = False
+    ) -> Any:
+        frames = frames or _openai_frames
         stream = self.orchestrator.stream(chat, options, ctx)
         try:
             # Routing, budget and the first upstream byte happen here, so a refusal is still a
@@ -236,16 +252,15 @@ class Gateway:
         except BaseException:
             await stream.aclose()
             raise
-        include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
-        frames = _chunk_frames(stream, first, include_usage, self.durable)
+        body = frames(stream, first, chat, self.durable)
         if not large:
-            return sse.EventStreamResponse(frames, cleanup=stream.aclose)
+            return sse.EventStreamResponse(body, cleanup=stream.aclose)
 
         async def cleanup() -> None:
             await stream.aclose()
             self.trimmer.soon()
 
-        return sse.EventStreamResponse(frames, cleanup=cleanup)
+        return sse.EventStreamResponse(body, cleanup=cleanup)
 
     # --- models and providers -----------------------------------------------------------
 
@@ -761,6 +776,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     logger.error("unexpected error in %s %s: %s", request.method, request.url.path, type(exc).__name__)
     return errors.error_response(500, "internal error in the gateway", code="internal_error")
+
+
+def _openai_answer(response: ChatResponse) -> Response:
+    return Response(json_bytes(response.to_openai()), media_type="application/json")
+
+
+def _openai_frames(
+    stream: Any, first: list[ChatChunk] | None, chat: ChatRequest, durable: Callable[[str], Awaitable[None]] | None
+) -> AsyncIterator[bytes]:
+    include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
+    return _chunk_frames(stream, first, include_usage, durable)
 
 
 async def _chunk_frames(
