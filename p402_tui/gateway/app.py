@@ -42,6 +42,9 @@ from .bodies import (
     validate,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .messages import PATHS as MESSAGES_PATHS
+from .messages import MessagesRoute
+from .messages import from_gateway_error as anthropic_errors
 from .metrics import Metrics
 from .openapi import build_openapi
 
@@ -163,6 +166,7 @@ class Gateway:
         self.durable: Callable[[str], Awaitable[None]] | None = orchestrator.hooks.committed if strict else None
         self.store_refused = 0  # requests refused because the ledger writer could not keep up
         self.trimmer = memory.Trimmer()
+        self.messages = MessagesRoute(self, read_body)  # Anthropic's Messages API
 
     async def start(self) -> None:
         stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -598,6 +602,8 @@ class Gateway:
         paths: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat},
             "/api/v2/chat/completions": {"POST": self.chat},
+            "/v1/messages": {"POST": self.messages.create},
+            "/v1/messages/count_tokens": {"POST": self.messages.count_tokens},
             "/v1/models": {"GET": self.models},
             "/v1/models/{model:path}": {"GET": self.model},  # ids hold a slash
             "/api/v2/providers": {"GET": self.providers, "POST": self.compare},
@@ -625,9 +631,12 @@ class Gateway:
             exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         )
         chat = guarded(self.chat)
-        direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
+        direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat,
+                  ("POST", "/v1/messages"): self.messages.create}  # fmt: skip
+        shaped = {path: anthropic_errors for path in MESSAGES_PATHS}
         return _Front(
-            starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency
+            starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency,
+            shaped=shaped,
         )
 
     def _rejected(self, scope: Scope, status: int) -> None:
@@ -701,8 +710,10 @@ class _Front:
         on_rejected: Callable[[Scope, int], None] | None = None,
         *,
         limit: int | None = None,
+        shaped: dict[str, Callable[[errors.GatewayError], Response]] | None = None,
     ) -> None:
         self.app = app
+        self.shaped = shaped or {}  # paths whose refusals take another API's error shape (Anthropic's)
         self.auth = auth
         self.direct = direct or {}
         self.on_rejected = on_rejected  # told of every 4xx answer, as it starts
@@ -715,8 +726,8 @@ class _Front:
             return
         if self.limit is not None and self.in_flight >= self.limit and scope["path"] not in self.OPEN_PATHS:
             message = f"the gateway is serving {self.limit} requests already ([gateway] limit_concurrency)"
-            refusal = errors.error_response(503, message, code="overloaded", headers={"retry-after": "1"})
-            await refusal(scope, receive, send)
+            error = errors.GatewayError(503, message, code="overloaded", headers={"retry-after": "1"})
+            await self.shaped.get(scope["path"], errors.from_gateway_error)(error)(scope, receive, send)
             return
         self.in_flight += 1
         try:
@@ -732,7 +743,7 @@ class _Front:
                 refused(scope, error.code, error.message)
                 if self.on_rejected is not None:
                     self.on_rejected(scope, error.status)
-                await errors.from_gateway_error(error)(scope, receive, send)
+                await self.shaped.get(scope["path"], errors.from_gateway_error)(error)(scope, receive, send)
                 return
         started = False
 
@@ -763,6 +774,12 @@ class _Front:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/v1/messages"):
+        message = f"{request.method} is not allowed on {request.url.path}" if exc.status_code == 405 else \
+            f"no such endpoint: {request.url.path}"
+        refused(request.scope, "method_not_allowed" if exc.status_code == 405 else "not_found", message)
+        headers = exc.headers if exc.status_code == 405 else None
+        return anthropic_errors(errors.GatewayError(exc.status_code, message, headers=headers))
     if exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
         refused(request.scope, "method_not_allowed", message)

@@ -1,0 +1,133 @@
+"""Anthropic's Messages API on the gateway: `POST /v1/messages` and `/v1/messages/count_tokens`.
+
+Any routed model answers, through the same path as the chat route (`Gateway.run`):
+routing, failover, the cache, budgets, sessions and the ledger. Every refusal is in
+Anthropic's error shape, with its status, so Anthropic's SDKs raise their own typed
+exceptions; 529 `overloaded_error` when no candidate could answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..core.errors import AllAttemptsFailedError, P402Error, UnavailableError
+from ..core.tokens import count_messages, off_loop
+from ..core.types import ChatResponse, json_bytes, json_value
+from . import anthropic_wire as wire
+from .bodies import route_options
+from .errors import GatewayError, describe_attempts
+
+logger = logging.getLogger("p402.gateway")
+
+PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+LARGE_COUNT_BYTES = 256 * 1024  # a body this large is counted off the loop
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(json_bytes(wire.error_body(kind, message)), status_code=status, media_type="application/json",
+                    headers=headers)  # fmt: skip
+
+
+def from_gateway_error(error: GatewayError) -> Response:
+    """One of the gateway's own refusals (bad body, no key, too large) in Anthropic's shape."""
+    message = error.message
+    if error.status == 401:
+        message += " (Anthropic's SDKs send it as x-api-key: set ANTHROPIC_API_KEY to a P402 key)"
+    kind = wire.ERROR_TYPES.get(error.status, "api_error")
+    return error_response(error.status, kind, message, error.headers)
+
+
+def from_p402_error(error: P402Error) -> Response:
+    status, kind = wire.status_and_type(error)
+    message = str(error.message)
+    if isinstance(error, AllAttemptsFailedError) and error.attempts:
+        message = describe_attempts(error)
+    headers = None
+    if isinstance(error, UnavailableError):
+        headers = {"retry-after": str(max(1, round(error.retry_after_s + 0.5)))}
+    return error_response(status, kind, message, headers)
+
+
+def _refused(request: Request, reason: str | None, message: str) -> None:
+    request.scope["p402.refusal"] = (reason, message)  # read by the gateway's RequestRejected event
+
+
+class MessagesRoute:
+    """The Messages endpoints of one gateway."""
+
+    def __init__(self, gateway: Any, read_body: Any) -> None:
+        self.gateway = gateway
+        self.read_body = read_body  # the gateway's, with its size limit
+
+    async def create(self, request: Request) -> Response:
+        try:
+            return await self.gateway.run(request, parse_messages, answer, frames)
+        except Exception as error:
+            return self._refusal(request, error)
+
+    async def count_tokens(self, request: Request) -> Response:
+        try:
+            return await self._count(request)
+        except Exception as error:
+            return self._refusal(request, error)
+
+    def _refusal(self, request: Request, error: Exception) -> Response:
+        if isinstance(error, GatewayError):
+            _refused(request, error.code, error.message)
+            return from_gateway_error(error)
+        if isinstance(error, P402Error):
+            _refused(request, error.kind, error.message)
+            return from_p402_error(error)
+        logger.exception("unexpected error in %s %s", request.method, request.url.path)
+        return error_response(500, "api_error", "internal error in the gateway; see its log")
+
+    async def _count(self, request: Request) -> Response:
+        catalog = self.gateway.orchestrator.catalog
+        body = await self.read_body(request, self.gateway.max_body)
+        data = _json(body)
+        parsed = wire.validated(wire.CountBody, data)
+        data.pop("p402", None)
+        model = wire.resolve(catalog, parsed.model)
+        chat = wire.to_chat(parsed, data, model)
+        spec = catalog.models.get(model or "")
+        wire_model = spec.model if spec is not None else None
+        if len(body) >= LARGE_COUNT_BYTES:
+            count = await off_loop(count_messages, chat.messages, wire_model, chat.tools)
+        else:
+            count = count_messages(chat.messages, wire_model, chat.tools)
+        how = f"p402; tokenizer={count.tokenizer}; {'exact' if count.exact else 'estimate'}"
+        return Response(json_bytes({"input_tokens": count.tokens}), media_type="application/json",
+                        headers={"p402-token-count": how})  # fmt: skip
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json_value(body)
+    except ValueError as error:
+        raise GatewayError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise GatewayError(400, "the request body must be a JSON object", code="invalid_value")
+    return data
+
+
+def parse_messages(body: bytes, catalog: Any, *, api_key_id: str | None, no_cache: bool) -> tuple[Any, Any, Any]:
+    """A Messages body as the chat request, route options and context `Gateway.run` takes."""
+    data = _json(body)
+    parsed = wire.validated(wire.MessagesBody, data)
+    raw_options = data.pop("p402", None)
+    model = wire.resolve(catalog, parsed.model)
+    options, ctx = route_options(raw_options, model, catalog, api_key_id=api_key_id, no_cache=no_cache)
+    return wire.to_chat(parsed, data, model), options, ctx
+
+
+def answer(response: ChatResponse) -> Response:
+    return Response(json_bytes(wire.message(response)), media_type="application/json",
+                    headers=wire.meta_headers(response.p402))  # fmt: skip
+
+
+def frames(stream: Any, first: Any, chat: Any, durable: Any) -> Any:
+    return wire.message_events(stream, first, durable)

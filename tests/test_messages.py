@@ -1,0 +1,186 @@
+"""Anthropic's Messages API on the gateway, with the official `anthropic` SDK against `p402 serve --sim`.
+
+One gateway (keys in force, the SDK sending a P402 key as ANTHROPIC_API_KEY would) serves the
+module; the 529 test starts its own, since it takes every provider down.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx
+import openai
+import pytest
+from conftest import run_cli
+from helpers import PNG, Served
+
+# One model of each wire family; Anthropic's named as Claude Code names it, without its date.
+FAMILIES = {
+    "anthropic": "claude-haiku-4-5",
+    "openai": "openai/gpt-4o-mini",
+    "gemini": "google/gemini-3.5-flash",
+    "cohere": "cohere/command-r-plus-08-2024",
+}
+VISION = ("anthropic", "openai", "gemini")
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather by city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+NO_CACHE = {"cache-control": "no-cache"}
+QUESTION = [{"role": "user", "content": "Say hello to the gateway."}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    db = str(tmp_path_factory.mktemp("messages") / "p402.db")
+    created = run_cli("keys", "create", "--name", "claude-code", "--db", db, "--json")
+    assert created.returncode == 0, created.stderr
+    gateway = Served("--sim", "--db", db)
+    gateway.key = json.loads(created.stdout)["key"]
+    yield gateway
+    assert gateway.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with anthropic.Anthropic(base_url=served.url, api_key=served.key, max_retries=0) as sdk:
+        yield sdk
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_create_and_stream_with_every_family(client, family):
+    model = FAMILIES[family]
+    message = client.messages.create(model=model, max_tokens=64, messages=QUESTION, extra_headers=NO_CACHE)
+    assert message.type == "message" and message.role == "assistant"
+    assert message.content and message.content[-1].type == "text" and message.content[-1].text
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+
+    with client.messages.stream(model=model, max_tokens=64, messages=QUESTION, extra_headers=NO_CACHE) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "content_block_start" in kinds and "content_block_stop" in kinds and "message_delta" in kinds
+    assert final.content[-1].type == "text" and final.content[-1].text and final.usage.output_tokens > 0 and final.stop_reason
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_tool_round_trip_with_every_family(client, family):
+    model = FAMILIES[family]
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    asked = client.messages.create(model=model, max_tokens=300, tools=[WEATHER], messages=question)
+    assert asked.stop_reason == "tool_use"
+    call = next(block for block in asked.content if block.type == "tool_use")
+    assert call.name == "get_weather" and isinstance(call.input, dict) and call.id
+
+    answered = client.messages.create(
+        model=model, max_tokens=300, tools=[WEATHER],
+        messages=[*question, {"role": "assistant", "content": asked.content},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18C, sunny"}]}],
+    )  # fmt: skip
+    assert answered.stop_reason in ("end_turn", "max_tokens") and answered.content[-1].type == "text"
+
+    with client.messages.stream(model=model, max_tokens=300, tools=[WEATHER], messages=question) as stream:
+        streamed = stream.get_final_message()
+    used = next(block for block in streamed.content if block.type == "tool_use")
+    assert streamed.stop_reason == "tool_use" and used.name == "get_weather" and "city" in used.input
+
+
+@pytest.mark.parametrize("family", VISION)
+def test_an_image(client, family):
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    messages = [{"role": "user", "content": [image, {"type": "text", "text": "What is in this picture?"}]}]
+    answer = client.messages.create(model=FAMILIES[family], max_tokens=64, messages=messages, extra_headers=NO_CACHE)
+    assert answer.content[-1].text and answer.usage.input_tokens > 0
+
+
+def test_count_tokens_and_model_ids_with_and_without_their_date(client, served):
+    counted = client.messages.count_tokens(model="claude-sonnet-4-5", messages=QUESTION)
+    assert counted.input_tokens > 0
+    dated = client.messages.count_tokens(model="claude-sonnet-4-5-20250929", messages=QUESTION, tools=[WEATHER])
+    assert dated.input_tokens > counted.input_tokens  # the tool's definition counts too
+    raw = httpx.post(f"{served.url}/v1/messages/count_tokens", headers={"x-api-key": served.key},
+                     json={"model": "openai/gpt-4o-mini", "messages": QUESTION})  # fmt: skip
+    assert raw.json() == {"input_tokens": raw.json()["input_tokens"]}  # only Anthropic's field in the body
+    assert raw.headers["p402-token-count"].startswith("p402; tokenizer=")  # P402's own count, and says so
+
+    for model in ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929", "anthropic/claude-sonnet-4-5-20250929"):
+        answer = client.messages.create(model=model, max_tokens=16, messages=QUESTION)
+        assert answer.model == "claude-sonnet-4-5-20250929"
+
+
+def test_typed_exceptions_for_400_401_404(client, served):
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model="claude-haiku-4-5", max_tokens=0, messages=QUESTION)
+    assert bad.value.body["type"] == "error" and bad.value.body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in bad.value.body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="claude-nonexistent-9", max_tokens=16, messages=QUESTION)
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    with anthropic.Anthropic(base_url=served.url, api_key="p402-not-a-key", max_retries=0) as stranger:
+        with pytest.raises(anthropic.AuthenticationError) as denied:
+            stranger.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=QUESTION)
+    assert denied.value.body["error"]["type"] == "authentication_error"
+    wrong_method = httpx.get(f"{served.url}/v1/messages", headers={"x-api-key": served.key})
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_529_overloaded_when_every_candidate_is_down(tmp_path):
+    gateway = Served("--sim", "--db", str(tmp_path / "p402.db"))
+    try:
+        fault = httpx.post(f"{gateway.sim_url}/_sim/faults", json={"kind": "error", "status": 503})
+        assert fault.status_code == 201, fault.text
+        with anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0) as sdk:
+            with pytest.raises(anthropic.OverloadedError) as down:
+                sdk.messages.create(model="auto", max_tokens=16, messages=QUESTION)
+            assert down.value.status_code == 529 and down.value.body["error"]["type"] == "overloaded_error"
+            with pytest.raises(anthropic.OverloadedError):
+                with sdk.messages.stream(model="claude-haiku-4-5", max_tokens=16, messages=QUESTION) as stream:
+                    stream.get_final_message()
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_the_stream_is_anthropics_exact_event_sequence(served):
+    """Raw events, as the wire carries them: the SDK hides pings."""
+    for model in (FAMILIES["anthropic"], FAMILIES["openai"]):
+        body = {"model": model, "max_tokens": 32, "messages": QUESTION, "stream": True}
+        with httpx.stream("POST", f"{served.url}/v1/messages", json=body,
+                          headers={"x-api-key": served.key, **NO_CACHE}) as response:  # fmt: skip
+            assert response.headers["content-type"].startswith("text/event-stream")
+            text = response.read().decode()
+        events = [block.split("\n") for block in text.strip().split("\n\n")]
+        names = [lines[0].removeprefix("event: ") for lines in events]
+        datas = [json.loads(lines[1].removeprefix("data: ")) for lines in events]
+        assert [d["type"] for d in datas] == names  # each event's name is its data's type
+        assert names[0] == "message_start" and "ping" in names and names[-2:] == ["message_delta", "message_stop"]
+        blocks = [n for n in names if n.startswith("content_block")]
+        assert blocks[0] == "content_block_start" and blocks[-1] == "content_block_stop"
+        assert datas[-2]["delta"]["stop_reason"] in ("end_turn", "max_tokens") and datas[-2]["usage"]["output_tokens"] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_usage_and_cost_equal_the_chat_routes(client, served, family):
+    model = FAMILIES[family]
+    chat = openai.OpenAI(base_url=f"{served.url}/v1", api_key=served.key, max_retries=0)
+    prompt = f"Compare the two routes for {family}, please."
+    via_chat = chat.chat.completions.create(
+        model=model if "/" in model else f"anthropic/{model}-20251001", max_tokens=48,
+        messages=[{"role": "user", "content": prompt}], extra_headers=NO_CACHE,
+    )
+    raw = client.messages.with_raw_response.create(
+        model=model, max_tokens=48, messages=[{"role": "user", "content": prompt}], extra_headers=NO_CACHE
+    )
+    via_messages = raw.parse()
+    usage = via_messages.usage
+    assert usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens == via_chat.usage.prompt_tokens
+    assert usage.output_tokens == via_chat.usage.completion_tokens
+    assert float(raw.headers["p402-cost-usd"]) == via_chat.model_extra["p402"]["cost_usd"]
+
+    with client.messages.stream(model=model, max_tokens=48, messages=[{"role": "user", "content": prompt}],
+                                extra_headers=NO_CACHE) as stream:  # fmt: skip
+        streamed = stream.get_final_message()
+    assert streamed.usage.output_tokens == via_chat.usage.completion_tokens
+    assert streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens == via_chat.usage.prompt_tokens
