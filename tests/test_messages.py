@@ -184,3 +184,35 @@ def test_usage_and_cost_equal_the_chat_routes(client, served, family):
         streamed = stream.get_final_message()
     assert streamed.usage.output_tokens == via_chat.usage.completion_tokens
     assert streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens == via_chat.usage.prompt_tokens
+
+
+def test_an_anthropic_model_gets_the_body_as_sent_and_its_answer_comes_back_whole(client):
+    """Thinking blocks and their signatures, cache_control marks and fields P402 does not know pass both ways."""
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    question = [{"role": "user", "content": "Think, then say hello."}]
+    thought = client.messages.create(model="claude-haiku-4-5", max_tokens=2048, thinking=thinking, messages=question,
+                                     extra_headers=NO_CACHE)  # fmt: skip
+    block = thought.content[0]
+    assert block.type == "thinking" and block.thinking and block.signature  # the signature survives the gateway
+    with client.messages.stream(model="claude-haiku-4-5", max_tokens=2048, thinking=thinking, messages=question,
+                                extra_headers=NO_CACHE) as stream:  # fmt: skip
+        streamed = stream.get_final_message()
+    assert streamed.content[0].type == "thinking" and streamed.content[0].signature  # signature_delta passed on
+    follow_up = [*question, {"role": "assistant", "content": thought.content}, {"role": "user", "content": "Again."}]
+    again = client.messages.create(model="claude-haiku-4-5", max_tokens=2048, thinking=thinking, messages=follow_up,
+                                   extra_headers=NO_CACHE)  # fmt: skip
+    assert again.content[-1].type == "text"
+
+    # A system prefix marked for Anthropic's prompt cache: written on the first call, read on the second.
+    system = [{"type": "text", "text": "You answer briefly. " * 400, "cache_control": {"type": "ephemeral"}}]
+    first = client.messages.create(model="claude-haiku-4-5", max_tokens=16, system=system, messages=question,
+                                   extra_headers=NO_CACHE)  # fmt: skip
+    second = client.messages.create(model="claude-haiku-4-5", max_tokens=16, system=system, messages=question,
+                                    extra_headers=NO_CACHE)  # fmt: skip
+    assert first.usage.cache_creation_input_tokens > 0 and second.usage.cache_read_input_tokens > 0
+
+    # A field P402 does not know reaches Anthropic as sent: the simulator refuses it as Anthropic would.
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=question,
+                               extra_body={"not_a_field": 1}, extra_headers=NO_CACHE)  # fmt: skip
+    assert "not_a_field" in refused.value.body["error"]["message"]
