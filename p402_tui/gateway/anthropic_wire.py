@@ -368,6 +368,7 @@ def event(kind: str, data: dict[str, Any]) -> bytes:
 
 PING = event("ping", {"type": "ping"})
 MESSAGE_STOP = event("message_stop", {"type": "message_stop"})
+STREAM_END = b'"message_stop"}\n\n'  # how a stream's last event ends, ours or Anthropic's own
 
 
 class EventWriter:
@@ -378,13 +379,14 @@ class EventWriter:
     stop reason and usage, and message_stop.
     """
 
-    __slots__ = ("kind", "index", "tool", "out")
+    __slots__ = ("kind", "index", "tool", "out", "text_head")
 
     def __init__(self) -> None:
         self.kind: str | None = None  # the open block's type
         self.index = -1
         self.tool: int | None = None  # the chat tool call index of the open tool_use block
         self.out: list[bytes] = []
+        self.text_head = b""
 
     def start(self, message_id: str, model: str, input_tokens: int) -> None:
         self.out.append(event("message_start", {"type": "message_start", "message": {
@@ -420,7 +422,10 @@ class EventWriter:
         if chunk.content:
             if self.kind != "text":
                 self._open("text", {"type": "text", "text": ""})
-            self._delta({"type": "text_delta", "text": chunk.content})
+                self.text_head = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                                  + str(self.index).encode() + b',"delta":{"type":"text_delta","text":')
+            # The usual event, written around the text's JSON: byte for byte what `_delta` makes of it.
+            self.out.append(self.text_head + json_bytes(chunk.content) + b"}}\n\n")
         for call in chunk.tool_calls or ():
             if self.kind != "tool_use" or (call.index != self.tool and (call.id is not None or call.name is not None)):
                 block = {"type": "tool_use", "id": call.id or new_id("toolu", 12), "name": call.name or "", "input": {}}

@@ -257,14 +257,15 @@ class Gateway:
             await stream.aclose()
             raise
         body = frames(stream, first, chat, self.durable)
+        end = getattr(frames, "end", sse.DONE)  # how its last piece ends
         if not large:
-            return sse.EventStreamResponse(body, cleanup=stream.aclose)
+            return sse.EventStreamResponse(body, cleanup=stream.aclose, end=end)
 
         async def cleanup() -> None:
             await stream.aclose()
             self.trimmer.soon()
 
-        return sse.EventStreamResponse(body, cleanup=cleanup)
+        return sse.EventStreamResponse(body, cleanup=cleanup, end=end)
 
     # --- models and providers -----------------------------------------------------------
 

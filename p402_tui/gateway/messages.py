@@ -24,6 +24,7 @@ from .errors import GatewayError, describe_attempts
 logger = logging.getLogger("p402.gateway")
 
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+SOURCE = "gateway:messages"  # a record's source: the gateway, through this API
 LARGE_COUNT_BYTES = 256 * 1024  # a body this large is counted off the loop
 
 
@@ -121,6 +122,7 @@ def parse_messages(body: bytes, catalog: Any, *, api_key_id: str | None, no_cach
     raw_options = data.pop("p402", None)
     model = wire.resolve(catalog, parsed.model)
     options, ctx = route_options(raw_options, model, catalog, api_key_id=api_key_id, no_cache=no_cache)
+    ctx.source = SOURCE
     return wire.to_chat(parsed, data, model), options, ctx
 
 
@@ -131,3 +133,123 @@ def answer(response: ChatResponse) -> Response:
 
 def frames(stream: Any, first: Any, chat: Any, durable: Any) -> Any:
     return wire.message_events(stream, first, durable)
+
+
+frames.end = wire.STREAM_END  # type: ignore[attr-defined]
+
+
+# --- the OpenAPI document's part ------------------------------------------------------------
+
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"enum": sorted(set(wire.ERROR_TYPES.values()))}, "message": {"type": "string"}},
+        },
+    },
+}
+_USAGE = {
+    "type": "object",
+    "required": ["input_tokens", "output_tokens"],
+    "properties": {name: {"type": "integer"} for name in
+                   ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")},
+}  # fmt: skip
+_MESSAGE = {
+    "type": "object",
+    "required": ["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "message"},
+        "role": {"const": "assistant"},
+        "model": {"type": "string"},
+        "content": {"type": "array", "items": {"type": "object", "required": ["type"],
+                                               "properties": {"type": {"type": "string"}}}},  # fmt: skip
+        "stop_reason": {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal", None]},
+        "stop_sequence": {"type": ["string", "null"]},
+        "usage": _USAGE,
+    },
+}
+_STATUSES = {
+    400: "Invalid body (`invalid_request_error`)",
+    401: "A gateway key is needed: `x-api-key` or `Authorization: Bearer` (`authentication_error`)",
+    402: "The session's budget would be exceeded (`billing_error`)",
+    404: "Unknown model (`not_found_error`)",
+    413: "Body larger than the configured limit (`request_too_large`)",
+    504: "The request's deadline passed (`timeout_error`)",
+    529: "No candidate could answer: every one is down or failed (`overloaded_error`)",
+}
+
+
+def _refusals(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"description": _STATUSES[s], "content": {"application/json": {"schema": _ANTHROPIC_ERROR}}}
+            for s in statuses}  # fmt: skip
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The request bodies' schemas, for the document's components."""
+    out: dict[str, Any] = {}
+    for name, model in (("MessagesRequest", wire.MessagesBody), ("CountTokensRequest", wire.CountBody)):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[name] = schema
+    return out
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The Messages routes as the gateway's OpenAPI document describes them."""
+    security = [{"bearer": []}, {"x_api_key": []}]
+    body = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MessagesRequest"}}}}
+    count_body = {"required": True,
+                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CountTokensRequest"}}}}
+    return {
+        "/v1/messages": {
+            "post": {
+                "summary": "Anthropic's Messages API, answered by any routed model",
+                "description": (
+                    "Anthropic's request and answer shapes for every model P402 routes to: an Anthropic model gets "
+                    "the body as sent and its answer comes back whole; other models' answers are translated. "
+                    "`model` takes Anthropic's ids with or without their date, `provider/model`, or `auto`. P402 "
+                    "options go in a `p402` object; P402's figures come back in `p402-*` headers (provider, model, "
+                    "cost, decision id). With `stream: true`, Anthropic's named events: message_start, ping, "
+                    "content_block_start/delta/stop, message_delta, message_stop (or error)."
+                ),
+                "security": security,
+                "requestBody": body,
+                "responses": {
+                    "200": {
+                        "description": "The answer, an Anthropic message",
+                        "content": {
+                            "application/json": {"schema": _MESSAGE},
+                            "text/event-stream": {"schema": {"type": "string"}, "itemSchema": {
+                                "type": "object", "required": ["event", "data"],
+                                "properties": {"event": {"enum": ["message_start", "ping", "content_block_start",
+                                                                  "content_block_delta", "content_block_stop",
+                                                                  "message_delta", "message_stop", "error"]},
+                                               "data": {"type": "string", "description": "The event as JSON"}},
+                            }},
+                        },
+                    },
+                    **_refusals(400, 401, 402, 404, 413, 504, 529),
+                },
+            }
+        },
+        "/v1/messages/count_tokens": {
+            "post": {
+                "summary": "Tokens a Messages request's prompt holds",
+                "description": "Counted by P402's tokenizer for the model; the `p402-token-count` header says which "
+                               "tokenizer and whether the count is exact or an estimate.",
+                "security": security,
+                "requestBody": count_body,
+                "responses": {
+                    "200": {"description": "The count", "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["input_tokens"],
+                        "properties": {"input_tokens": {"type": "integer"}}}}}},  # fmt: skip
+                    **_refusals(400, 401, 404, 413),
+                },
+            }
+        },
+    }

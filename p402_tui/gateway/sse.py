@@ -80,8 +80,10 @@ class EventStreamResponse:
         *,
         stop: asyncio.Event | None = None,
         cleanup: Callable[[], Awaitable[None]] | None = None,
+        end: bytes = DONE,
     ) -> None:
         self.frames = frames
+        self.end = end  # how the last item ends (an Anthropic stream's message_stop): the response ends with it
         self.stop = stop  # set when the server shuts down: the stream then ends cleanly
         self.cleanup = cleanup  # runs last, even if the client left before the first frame was made
 
@@ -111,14 +113,14 @@ class EventStreamResponse:
             body = await anext(self.frames, None)
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             if body is not None:
-                ended = body.endswith(DONE)
+                ended = body.endswith(self.end)
                 await send({"type": "http.response.body", "body": body, "more_body": not ended})
             if not ended:
                 streaming = True
                 timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watching)
                 try:
                     async for body in self.frames:
-                        ended = body.endswith(DONE)
+                        ended = body.endswith(self.end)
                         await send({"type": "http.response.body", "body": body, "more_body": not ended})
                         if ended:
                             break
