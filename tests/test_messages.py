@@ -11,7 +11,9 @@ import json
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
+from anthropic import BaseModel
 from conftest import run_cli
 from helpers import PNG, Served
 
@@ -216,3 +218,59 @@ def test_an_anthropic_model_gets_the_body_as_sent_and_its_answer_comes_back_whol
         client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=question,
                                extra_body={"not_a_field": 1}, extra_headers=NO_CACHE)  # fmt: skip
     assert "not_a_field" in refused.value.body["error"]["message"]
+
+
+def extra_fields(value, where: str = "") -> list[str]:
+    """Fields of `value` (a parsed SDK object) its type does not declare, at any depth."""
+    found = []
+    if isinstance(value, BaseModel):
+        found += [f"{where}.{name}" for name in (value.model_extra or {})]
+        for name in type(value).model_fields:
+            found += extra_fields(getattr(value, name), f"{where}.{name}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += extra_fields(item, f"{where}[{index}]")
+    return found
+
+
+EVENT_TYPES = {
+    "message_start": anthropic.types.RawMessageStartEvent,
+    "content_block_start": anthropic.types.RawContentBlockStartEvent,
+    "content_block_delta": anthropic.types.RawContentBlockDeltaEvent,
+    "content_block_stop": anthropic.types.RawContentBlockStopEvent,
+    "message_delta": anthropic.types.RawMessageDeltaEvent,
+    "message_stop": anthropic.types.RawMessageStopEvent,
+}
+
+
+def strictly(sdk_type, data):
+    """`data` as the SDK's type, refusing what the type leaves out and what it does not declare."""
+    parsed = pydantic.TypeAdapter(sdk_type).validate_python(data)
+    assert extra_fields(parsed) == [], data
+    return parsed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answers_validate_strictly_as_the_sdks_types(served, family):
+    """Every field the SDK's types require is there, and nothing they do not declare, plain and streamed."""
+    headers = {"x-api-key": served.key, **NO_CACHE}
+    tools = {"tools": [WEATHER], "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    for extra in ({}, tools, {"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048}):
+        body = {"model": FAMILIES[family], "max_tokens": 300, "messages": QUESTION, **extra}
+        answer = httpx.post(f"{served.url}/v1/messages", json=body, headers=headers, timeout=30)
+        assert answer.status_code == 200, answer.text
+        strictly(anthropic.types.Message, answer.json())
+        with httpx.stream("POST", f"{served.url}/v1/messages", json={**body, "stream": True}, headers=headers,
+                          timeout=30) as response:  # fmt: skip
+            text = response.read().decode()
+        for block in text.strip().split("\n\n"):
+            event = json.loads(block.split("data: ", 1)[1])
+            if event["type"] != "ping":  # the SDK has no type for pings: it drops them
+                strictly(EVENT_TYPES[event["type"]], event)
+    counted = httpx.post(f"{served.url}/v1/messages/count_tokens", json={"model": FAMILIES[family], "messages": QUESTION},
+                         headers=headers)  # fmt: skip
+    strictly(anthropic.types.MessageTokensCount, counted.json())
+    refused = httpx.post(f"{served.url}/v1/messages", json={"model": FAMILIES[family], "messages": QUESTION},
+                         headers=headers)  # fmt: skip
+    assert refused.status_code == 400
+    strictly(anthropic.types.ErrorResponse, refused.json())

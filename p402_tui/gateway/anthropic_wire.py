@@ -10,6 +10,7 @@ bodies stay exactly Anthropic's.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,6 +57,27 @@ ERROR_TYPES = {
 _EFFORTS = ((1024, "low"), (4096, "medium"))
 
 _DATED = re.compile(r"^(.*)-(\d{8})$")
+_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")  # what Anthropic's document allows in a tool_use id
+_ENCODED_ID = "toolu_p402_"  # an upstream tool call id outside that alphabet, base64url-encoded after this
+
+
+def tool_use_id(upstream: str) -> str:
+    """A tool call's id as a tool_use id: as it is when Anthropic's alphabet allows it, else encoded
+    (Gemini's carry thought signatures with `/`, `+`, `=`), so that it comes back unchanged."""
+    if _TOOL_ID.match(upstream):
+        return upstream
+    return _ENCODED_ID + base64.urlsafe_b64encode(upstream.encode()).decode().rstrip("=")
+
+
+def upstream_id(tool_id: str) -> str:
+    """The upstream's tool call id for a tool_use id `tool_use_id` gave out."""
+    if not tool_id.startswith(_ENCODED_ID):
+        return tool_id
+    encoded = tool_id[len(_ENCODED_ID):]
+    try:
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except ValueError:
+        return tool_id
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -221,8 +243,8 @@ def _user(content: str | list[dict[str, Any]], where: str) -> list[dict[str, Any
 
 
 def _tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
-    call_id = block.get("tool_use_id")
-    if not isinstance(call_id, str) or not call_id:
+    tool_id = block.get("tool_use_id")
+    if not isinstance(tool_id, str) or not tool_id:
         raise GatewayError(400, f"{where}.tool_use_id: required", param=f"{where}.tool_use_id", code="invalid_value")
     content = block.get("content")
     if isinstance(content, list):
@@ -231,7 +253,7 @@ def _tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
         text = content if isinstance(content, str) else ""
     if block.get("is_error"):
         text = f"Error: {text}"
-    return {"role": "tool", "tool_call_id": call_id, "content": text}
+    return {"role": "tool", "tool_call_id": upstream_id(tool_id), "content": text}
 
 
 def _assistant(content: str | list[dict[str, Any]], where: str) -> dict[str, Any]:
@@ -245,11 +267,12 @@ def _assistant(content: str | list[dict[str, Any]], where: str) -> dict[str, Any
         if kind == "text":
             text.append(_text_of(block, at))
         elif kind == "tool_use":
-            name, call_id = block.get("name"), block.get("id")
-            if not isinstance(name, str) or not isinstance(call_id, str):
+            name, tool_id = block.get("name"), block.get("id")
+            if not isinstance(name, str) or not isinstance(tool_id, str):
                 raise GatewayError(400, f"{at}: a tool_use block needs its id and name", param=at, code="invalid_value")
             arguments = json.dumps(block.get("input") or {})
-            calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+            function = {"name": name, "arguments": arguments}
+            calls.append({"id": upstream_id(tool_id), "type": "function", "function": function})
         elif kind in ("thinking", "redacted_thinking"):
             continue  # only Anthropic's models read their own thinking back; they get the body as sent
         else:
@@ -303,13 +326,30 @@ def _effort(thinking: dict[str, Any] | None) -> str | None:
 # --- answers -----------------------------------------------------------------------------
 
 
-def usage(usage: Usage) -> dict[str, Any]:
-    """Anthropic's usage: `input_tokens` is the prompt less what the provider's prompt cache read or wrote."""
+DIRECT = {"type": "direct"}  # a tool_use block's caller: the model itself
+
+
+def delta_usage(usage: Usage) -> dict[str, Any]:
+    """Anthropic's usage as `message_delta` carries it: `input_tokens` is the prompt less what the
+    provider's prompt cache read or wrote. Every field Anthropic's document requires is there, null
+    where P402 has no value."""
     return {
         "input_tokens": max(0, usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens),
         "output_tokens": usage.completion_tokens,
         "cache_read_input_tokens": usage.cached_tokens,
         "cache_creation_input_tokens": usage.cache_write_tokens,
+        "output_tokens_details": {"thinking_tokens": usage.reasoning_tokens} if usage.reasoning_tokens else None,
+        "server_tool_use": None,
+    }
+
+
+def usage(usage: Usage) -> dict[str, Any]:
+    """Anthropic's usage as a message carries it."""
+    return {
+        **delta_usage(usage),
+        "cache_creation": {"ephemeral_5m_input_tokens": usage.cache_write_tokens, "ephemeral_1h_input_tokens": 0},
+        "inference_geo": None,
+        "service_tier": None,
     }
 
 
@@ -321,15 +361,16 @@ def message(response: ChatResponse) -> dict[str, Any]:
     if response.reasoning:
         content.append({"type": "thinking", "thinking": response.reasoning, "signature": ""})
     if response.content:
-        content.append({"type": "text", "text": response.content})
+        content.append({"type": "text", "text": response.content, "citations": None})
     for call in response.tool_calls or ():
         function = call.get("function") or {}
         try:
             arguments = json.loads(function.get("arguments") or "{}")
         except ValueError:
             arguments = {}
-        content.append({"type": "tool_use", "id": call.get("id") or new_id("toolu", 12), "name": function.get("name"),
-                        "input": arguments if isinstance(arguments, dict) else {}})  # fmt: skip
+        content.append({"type": "tool_use", "id": tool_use_id(call.get("id") or new_id("toolu", 12)),
+                        "name": function.get("name"), "input": arguments if isinstance(arguments, dict) else {},
+                        "caller": DIRECT})  # fmt: skip
     return {
         "id": _message_id(response.id),
         "type": "message",
@@ -338,7 +379,9 @@ def message(response: ChatResponse) -> dict[str, Any]:
         "content": content,
         "stop_reason": STOP_REASONS.get(response.finish_reason, "end_turn"),
         "stop_sequence": None,
+        "stop_details": None,
         "usage": usage(response.usage),
+        "container": None,
     }
 
 
@@ -391,9 +434,8 @@ class EventWriter:
     def start(self, message_id: str, model: str, input_tokens: int) -> None:
         self.out.append(event("message_start", {"type": "message_start", "message": {
             "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 0,
-                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            "stop_reason": None, "stop_sequence": None, "stop_details": None,
+            "usage": usage(Usage(prompt_tokens=input_tokens)), "container": None,
         }}))  # fmt: skip
         self.out.append(PING)
 
@@ -421,14 +463,15 @@ class EventWriter:
             self._delta({"type": "thinking_delta", "thinking": chunk.reasoning})
         if chunk.content:
             if self.kind != "text":
-                self._open("text", {"type": "text", "text": ""})
+                self._open("text", {"type": "text", "text": "", "citations": None})
                 self.text_head = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
                                   + str(self.index).encode() + b',"delta":{"type":"text_delta","text":')
             # The usual event, written around the text's JSON: byte for byte what `_delta` makes of it.
             self.out.append(self.text_head + json_bytes(chunk.content) + b"}}\n\n")
         for call in chunk.tool_calls or ():
             if self.kind != "tool_use" or (call.index != self.tool and (call.id is not None or call.name is not None)):
-                block = {"type": "tool_use", "id": call.id or new_id("toolu", 12), "name": call.name or "", "input": {}}
+                block = {"type": "tool_use", "id": tool_use_id(call.id or new_id("toolu", 12)), "name": call.name or "",
+                         "input": {}, "caller": DIRECT}  # fmt: skip
                 self._open("tool_use", block)
                 self.tool = call.index
             if call.arguments:
@@ -436,9 +479,10 @@ class EventWriter:
 
     def finish(self, finish_reason: str | None, final: Usage | None) -> None:
         self.close()
-        delta = {"stop_reason": STOP_REASONS.get(finish_reason or "stop", "end_turn"), "stop_sequence": None}
+        delta = {"stop_reason": STOP_REASONS.get(finish_reason or "stop", "end_turn"), "stop_sequence": None,
+                 "stop_details": None, "container": None}  # fmt: skip
         self.out.append(event("message_delta", {"type": "message_delta", "delta": delta,
-                                                "usage": usage(final or Usage())}))  # fmt: skip
+                                                "usage": delta_usage(final or Usage())}))  # fmt: skip
         self.out.append(MESSAGE_STOP)
 
     def take(self) -> bytes:
@@ -517,8 +561,8 @@ def _stream_error_type(kind: str | None) -> str:
 # --- errors -----------------------------------------------------------------------------------
 
 
-def error_body(kind: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": kind, "message": message}}
+def error_body(kind: str, message: str, request_id: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
 
 
 def error_event(kind: str, message: str) -> bytes:
@@ -532,7 +576,3 @@ def status_and_type(error: P402Error) -> tuple[int, str]:
         return 529, "overloaded_error"
     status = errors.p402_status(error)
     return status, ERROR_TYPES.get(status, "api_error")
-
-
-def error_response_body(status: int, message: str) -> bytes:
-    return json_bytes(error_body(ERROR_TYPES.get(status, "api_error"), message))

@@ -28,21 +28,23 @@ SOURCE = "gateway:messages"  # a record's source: the gateway, through this API
 LARGE_COUNT_BYTES = 256 * 1024  # a body this large is counted off the loop
 
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(json_bytes(wire.error_body(kind, message)), status_code=status, media_type="application/json",
-                    headers=headers)  # fmt: skip
+def error_response(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None, request_id: str | None = None
+) -> Response:
+    body = json_bytes(wire.error_body(kind, message, request_id))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def from_gateway_error(error: GatewayError) -> Response:
+def from_gateway_error(error: GatewayError, request_id: str | None = None) -> Response:
     """One of the gateway's own refusals (bad body, no key, too large) in Anthropic's shape."""
     message = error.message
     if error.status == 401:
         message += " (Anthropic's SDKs send it as x-api-key: set ANTHROPIC_API_KEY to a P402 key)"
     kind = wire.ERROR_TYPES.get(error.status, "api_error")
-    return error_response(error.status, kind, message, error.headers)
+    return error_response(error.status, kind, message, error.headers, request_id)
 
 
-def from_p402_error(error: P402Error) -> Response:
+def from_p402_error(error: P402Error, request_id: str | None = None) -> Response:
     status, kind = wire.status_and_type(error)
     message = str(error.message)
     if isinstance(error, AllAttemptsFailedError) and error.attempts:
@@ -50,7 +52,7 @@ def from_p402_error(error: P402Error) -> Response:
     headers = None
     if isinstance(error, UnavailableError):
         headers = {"retry-after": str(max(1, round(error.retry_after_s + 0.5)))}
-    return error_response(status, kind, message, headers)
+    return error_response(status, kind, message, headers, request_id)
 
 
 def _refused(request: Request, reason: str | None, message: str) -> None:
@@ -77,12 +79,13 @@ class MessagesRoute:
             return self._refusal(request, error)
 
     def _refusal(self, request: Request, error: Exception) -> Response:
+        request_id = request.scope.get("p402.request_id")  # the ledger row, once the request has one
         if isinstance(error, GatewayError):
             _refused(request, error.code, error.message)
-            return from_gateway_error(error)
+            return from_gateway_error(error, request_id)
         if isinstance(error, P402Error):
             _refused(request, error.kind, error.message)
-            return from_p402_error(error)
+            return from_p402_error(error, request_id)
         logger.exception("unexpected error in %s %s", request.method, request.url.path)
         return error_response(500, "api_error", "internal error in the gateway; see its log")
 
@@ -142,9 +145,10 @@ frames.end = wire.STREAM_END  # type: ignore[attr-defined]
 
 _ANTHROPIC_ERROR = {
     "type": "object",
-    "required": ["type", "error"],
+    "required": ["type", "error", "request_id"],
     "properties": {
         "type": {"const": "error"},
+        "request_id": {"type": ["string", "null"], "description": "P402's id of the request, once it has one"},
         "error": {
             "type": "object",
             "required": ["type", "message"],
@@ -160,7 +164,8 @@ _USAGE = {
 }  # fmt: skip
 _MESSAGE = {
     "type": "object",
-    "required": ["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"],
+    "required": ["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "stop_details", "usage",
+                 "container"],
     "properties": {
         "id": {"type": "string"},
         "type": {"const": "message"},
@@ -170,7 +175,9 @@ _MESSAGE = {
                                                "properties": {"type": {"type": "string"}}}},  # fmt: skip
         "stop_reason": {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal", None]},
         "stop_sequence": {"type": ["string", "null"]},
+        "stop_details": {"type": ["object", "null"]},
         "usage": _USAGE,
+        "container": {"type": ["object", "null"]},
     },
 }
 _STATUSES = {
