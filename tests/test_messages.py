@@ -274,3 +274,24 @@ def test_answers_validate_strictly_as_the_sdks_types(served, family):
                          headers=headers)  # fmt: skip
     assert refused.status_code == 400
     strictly(anthropic.types.ErrorResponse, refused.json())
+
+
+async def test_pings_keep_a_slow_stream_alive(catalog, tmp_path):
+    """While the model is slow to send its next piece, Anthropic's ping goes out every heartbeat."""
+    from p402_tui.runtime import Runtime
+    from p402_tui.sim.server import start_sim
+    from test_gateway import settings_for
+
+    sim = await start_sim(catalog)  # paced at each model's real speed
+    try:
+        async with Runtime.open(settings_for(catalog, sim.url), db_path=tmp_path / "p402.db") as runtime:
+            gateway = await runtime.serve_gateway("127.0.0.1", 0)
+            gateway.gateway.heartbeat_s = 0.005  # shorter than the pause between two of its tokens
+            body = {"model": "openai/gpt-4o-mini", "max_tokens": 60, "messages": QUESTION, "stream": True}
+            async with httpx.AsyncClient(timeout=30) as http:
+                response = await http.post(f"{gateway.url}/v1/messages", json=body, headers=NO_CACHE)
+            await gateway.stop()
+    finally:
+        await sim.stop()
+    names = [block.split("\n")[0].removeprefix("event: ") for block in response.text.strip().split("\n\n")]
+    assert names[-1] == "message_stop" and names.count("ping") > 1, names

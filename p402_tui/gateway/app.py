@@ -257,15 +257,17 @@ class Gateway:
             await stream.aclose()
             raise
         body = frames(stream, first, chat, self.durable)
-        end = getattr(frames, "end", sse.DONE)  # how its last piece ends
+        # How its last piece ends, and what it sends while upstream is silent (Anthropic's ping).
+        shape = {"end": getattr(frames, "end", sse.DONE), "ping": getattr(frames, "ping", None),
+                 "ping_every_s": self.heartbeat_s}  # fmt: skip
         if not large:
-            return sse.EventStreamResponse(body, cleanup=stream.aclose, end=end)
+            return sse.EventStreamResponse(body, cleanup=stream.aclose, **shape)
 
         async def cleanup() -> None:
             await stream.aclose()
             self.trimmer.soon()
 
-        return sse.EventStreamResponse(body, cleanup=cleanup, end=end)
+        return sse.EventStreamResponse(body, cleanup=cleanup, **shape)
 
     # --- models and providers -----------------------------------------------------------
 

@@ -139,6 +139,7 @@ def frames(stream: Any, first: Any, chat: Any, durable: Any) -> Any:
 
 
 frames.end = wire.STREAM_END  # type: ignore[attr-defined]
+frames.ping = wire.PING  # type: ignore[attr-defined]
 
 
 # --- the OpenAPI document's part ------------------------------------------------------------

@@ -81,22 +81,43 @@ class EventStreamResponse:
         stop: asyncio.Event | None = None,
         cleanup: Callable[[], Awaitable[None]] | None = None,
         end: bytes = DONE,
+        ping: bytes | None = None,
+        ping_every_s: float = 15.0,
     ) -> None:
         self.frames = frames
         self.end = end  # how the last item ends (an Anthropic stream's message_stop): the response ends with it
+        # Sent when nothing else was for `ping_every_s` (Anthropic's `ping` while a model thinks), by the
+        # watcher task: the stream's own task is waiting on upstream meanwhile.
+        self.ping = ping
+        self.ping_every_s = ping_every_s
         self.stop = stop  # set when the server shuts down: the stream then ends cleanly
         self.cleanup = cleanup  # runs last, even if the client left before the first frame was made
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        streaming = False  # the watcher may cancel this task only while it streams
+        streaming = False  # the watcher may cancel this task (or ping) only while it streams
         ended_early = False
         ended = False
+        sent = 0  # pieces written so far: the watcher pings only after a silence
+
+        async def pinging(ping: bytes) -> None:
+            """Wait for the client to go (or a stop), pinging after each silence meanwhile."""
+            gone = asyncio.ensure_future(self._gone(receive))
+            try:
+                while True:
+                    seen = sent
+                    done, _ = await asyncio.wait({gone}, timeout=self.ping_every_s)
+                    if done:
+                        return
+                    if streaming and sent == seen:  # no await between this check and the write
+                        await send({"type": "http.response.body", "body": ping, "more_body": True})
+            finally:
+                gone.cancel()
 
         async def watch() -> None:
             nonlocal ended_early
-            await self._gone(receive)
+            await (self._gone(receive) if self.ping is None else pinging(self.ping))
             if streaming:
                 ended_early = True
                 task.cancel()
@@ -121,6 +142,9 @@ class EventStreamResponse:
                 try:
                     async for body in self.frames:
                         ended = body.endswith(self.end)
+                        sent += 1
+                        if ended:
+                            streaming = False  # no ping may follow the last piece
                         await send({"type": "http.response.body", "body": body, "more_body": not ended})
                         if ended:
                             break
