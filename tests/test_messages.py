@@ -107,6 +107,10 @@ def test_count_tokens_and_model_ids_with_and_without_their_date(client, served):
                      json={"model": "openai/gpt-4o-mini", "messages": QUESTION})  # fmt: skip
     assert raw.json() == {"input_tokens": raw.json()["input_tokens"]}  # only Anthropic's field in the body
     assert raw.headers["p402-token-count"].startswith("p402; tokenizer=")  # P402's own count, and says so
+    own = httpx.post(f"{served.url}/v1/messages/count_tokens", headers={"x-api-key": served.key},
+                     json={"model": "claude-sonnet-4-5", "messages": QUESTION})  # fmt: skip
+    assert own.headers["p402-token-count"] == "provider; anthropic"  # Anthropic's models: Anthropic's own count
+    assert own.json()["input_tokens"] == counted.input_tokens > 0
 
     for model in ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929", "anthropic/claude-sonnet-4-5-20250929"):
         answer = client.messages.create(model=model, max_tokens=16, messages=QUESTION)

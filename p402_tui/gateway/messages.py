@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..core.errors import AllAttemptsFailedError, P402Error, UnavailableError
+from ..core.errors import AllAttemptsFailedError, P402Error, ProviderError, UnavailableError
 from ..core.tokens import count_messages, off_loop
 from ..core.types import ChatResponse, json_bytes, json_value
 from . import anthropic_wire as wire
@@ -98,6 +98,11 @@ class MessagesRoute:
         model = wire.resolve(catalog, parsed.model)
         chat = wire.to_chat(parsed, data, model)
         spec = catalog.models.get(model or "")
+        if spec is not None and catalog.providers[spec.provider].wire == wire.WIRE:
+            counted = await self._provider_count(chat, spec)
+            if counted is not None:  # Anthropic's own count
+                return Response(json_bytes({"input_tokens": counted}), media_type="application/json",
+                                headers={"p402-token-count": f"provider; {spec.provider}"})  # fmt: skip
         wire_model = spec.model if spec is not None else None
         if len(body) >= LARGE_COUNT_BYTES:
             count = await off_loop(count_messages, chat.messages, wire_model, chat.tools)
@@ -106,6 +111,19 @@ class MessagesRoute:
         how = f"p402; tokenizer={count.tokenizer}; {'exact' if count.exact else 'estimate'}"
         return Response(json_bytes({"input_tokens": count.tokens}), media_type="application/json",
                         headers={"p402-token-count": how})  # fmt: skip
+
+
+    async def _provider_count(self, chat: Any, spec: Any) -> int | None:
+        """The provider's own count; None (P402 counts instead) when it cannot be asked or does not answer.
+        A request the provider refuses as bad is refused here too."""
+        try:
+            adapter = self.gateway.orchestrator.adapter(spec.provider)
+            return await adapter.count_tokens(chat, model=spec.model)
+        except ProviderError as error:
+            if error.scope == "request" and 400 <= error.http_status < 500:
+                raise
+            logger.info("no token count from %s, counting here: %s", spec.provider, error.message)
+            return None
 
 
 def _json(body: bytes) -> dict[str, Any]:
@@ -248,7 +266,8 @@ def openapi_paths() -> dict[str, Any]:
         "/v1/messages/count_tokens": {
             "post": {
                 "summary": "Tokens a Messages request's prompt holds",
-                "description": "Counted by P402's tokenizer for the model; the `p402-token-count` header says which "
+                "description": "Anthropic's models: Anthropic's own count (`p402-token-count: provider; anthropic`). "
+                               "Others: P402's tokenizer for the model; the `p402-token-count` header says which "
                                "tokenizer and whether the count is exact or an estimate.",
                 "security": security,
                 "requestBody": count_body,

@@ -74,6 +74,10 @@ ERROR_STATUS = {
     "overloaded_error": 529,
 }
 
+# What a count_tokens body takes of a Messages body.
+COUNT_FIELDS = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "output_config", "context_management"}
+)
 _CONTEXT_PHRASES = ("prompt is too long", "exceed context limit", "context window")
 _RESET_HEADERS = tuple(
     f"anthropic-ratelimit-{kind}" for kind in ("requests", "tokens", "input-tokens", "output-tokens")
@@ -188,6 +192,18 @@ class AnthropicAdapter(Adapter):
         return turns
 
     # --- calls ------------------------------------------------------------------
+
+    async def count_tokens(self, request: ChatRequest, *, model: str) -> int:
+        """The prompt's input tokens as Anthropic counts them (`/v1/messages/count_tokens`)."""
+        name = self.wire_name(model)
+        payload = self.payload(request, name)
+        body = {key: value for key, value in payload.items() if key in COUNT_FIELDS}
+        data = await self.post_json("/v1/messages/count_tokens", body, name)
+        try:
+            return int(data["input_tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise MalformedResponseError(f"unreadable token count: {self.clean(str(data)[:200])}", provider=self.id,
+                                         model=name) from None  # fmt: skip
 
     async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
         name = self.wire_model(request, model)

@@ -58,6 +58,9 @@ BODY_FIELDS = frozenset(
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 USER_BLOCKS = frozenset({"text", "image", "document", "tool_result", "search_result"})
 ASSISTANT_BLOCKS = frozenset({"text", "tool_use", "thinking", "redacted_thinking", "server_tool_use"})
+COUNT_FIELDS = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "output_config", "context_management"}
+)
 # The usage fields a message_delta event carries (a message's usage has three more).
 DELTA_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens",
                "output_tokens_details", "server_tool_use")
@@ -71,6 +74,7 @@ def routes(state: SimState, provider: ProviderSpec) -> list[Route]:
     api = MessagesAPI(state, provider)
     return [
         Route("/v1/messages", api.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", api.count_tokens, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
     ]
@@ -228,6 +232,31 @@ class MessagesAPI:
             stop_sequence=turn.stop_sequence,
         )
         return whole_answer(reply, fault, headers)
+
+    async def count_tokens(self, request: Request) -> Response:
+        """`{"input_tokens": N}`: the prompt's texts (and tool definitions) as the simulator counts them."""
+        refusal = _refuse_key(request)
+        if refusal is not None:
+            return refusal
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return error(400, "invalid_request_error", "There was an error parsing the body of your request")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+            return error(400, "invalid_request_error", "messages: Field required")
+        extra = sorted(set(body) - COUNT_FIELDS)
+        if extra:
+            return error(400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted")
+        model = body.get("model")
+        if not isinstance(model, str) or self.state.model_spec(self.provider.id, model) is None:
+            return error(404, "not_found_error", f"model: {model}")
+        try:
+            texts = [text for text, _ in prompt_parts(body)]
+        except (KeyError, TypeError, AttributeError):
+            return error(400, "invalid_request_error", "messages: Input should be a valid list of messages")
+        if body.get("tools"):
+            texts.append(json.dumps(body["tools"]))
+        return JSONResponse({"input_tokens": sum(count_text(text).tokens for text in texts) + 3 * len(body["messages"])})
 
     def _answer(
         self, request: Request, body: dict[str, Any], spec: ModelSpec, parts: list[tuple[str, bool]]
