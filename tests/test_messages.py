@@ -190,6 +190,9 @@ def test_usage_and_cost_equal_the_chat_routes(client, served, family):
         streamed = stream.get_final_message()
     assert streamed.usage.output_tokens == via_chat.usage.completion_tokens
     assert streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens == via_chat.usage.prompt_tokens
+    ledger = httpx.get(f"{served.url}/api/v2/decisions", params={"limit": 1}, headers={"x-api-key": served.key})
+    latest = ledger.json()["data"][0]  # the streamed request, as the ledger recorded it
+    assert latest["cost_usd"] == via_chat.model_extra["p402"]["cost_usd"] and latest["status"] == "ok"
 
 
 def test_an_anthropic_model_gets_the_body_as_sent_and_its_answer_comes_back_whole(client):
