@@ -86,8 +86,8 @@ class EventStreamResponse:
     ) -> None:
         self.frames = frames
         self.end = end  # how the last item ends (an Anthropic stream's message_stop): the response ends with it
-        # Sent when nothing else was for `ping_every_s` (Anthropic's `ping` while a model thinks), by the
-        # watcher task: the stream's own task is waiting on upstream meanwhile.
+        # Sent when nothing else was for `ping_every_s` (Anthropic's `ping` while a model thinks), from a
+        # timer: the stream's own task is waiting on upstream meanwhile.
         self.ping = ping
         self.ping_every_s = ping_every_s
         self.stop = stop  # set when the server shuts down: the stream then ends cleanly
@@ -96,38 +96,45 @@ class EventStreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        streaming = False  # the watcher may cancel this task (or ping) only while it streams
+        streaming = False  # the watcher may cancel this task (and a ping be sent) only while it streams
         ended_early = False
         ended = False
-        sent = 0  # pieces written so far: the watcher pings only after a silence
-
-        async def pinging(ping: bytes) -> None:
-            """Wait for the client to go (or a stop), pinging after each silence meanwhile."""
-            gone = asyncio.ensure_future(self._gone(receive))
-            try:
-                while True:
-                    seen = sent
-                    done, _ = await asyncio.wait({gone}, timeout=self.ping_every_s)
-                    if done:
-                        return
-                    if streaming and sent == seen:  # no await between this check and the write
-                        await send({"type": "http.response.body", "body": ping, "more_body": True})
-            finally:
-                gone.cancel()
+        sent = 0  # pieces written so far: a ping goes out only after a silence
 
         async def watch() -> None:
             nonlocal ended_early
-            await (self._gone(receive) if self.ping is None else pinging(self.ping))
+            await self._gone(receive)
             if streaming:
                 ended_early = True
                 task.cancel()
 
         watcher: asyncio.Task[None] | None = None
+        pinger: asyncio.TimerHandle | None = None
+        pings: set[asyncio.Task[None]] = set()
+        seen = -1
+
+        async def ping(frame: bytes) -> None:
+            if streaming:  # checked as it is written: nothing may follow the last piece
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+
+        def tick() -> None:
+            """Every `ping_every_s`: a ping if nothing was written since the last tick."""
+            nonlocal pinger, seen
+            if not streaming or self.ping is None:
+                return
+            if sent == seen:
+                task = asyncio.create_task(ping(self.ping))
+                pings.add(task)
+                task.add_done_callback(pings.discard)
+            seen = sent
+            pinger = asyncio.get_running_loop().call_later(self.ping_every_s, tick)
 
         def start_watching() -> None:
             nonlocal watcher
             if streaming:
                 watcher = asyncio.create_task(watch())
+                if self.ping is not None:
+                    tick()
 
         timer: asyncio.TimerHandle | None = None
         try:
@@ -156,6 +163,8 @@ class EventStreamResponse:
         finally:
             if timer is not None:
                 timer.cancel()
+            if pinger is not None:
+                pinger.cancel()
             if watcher is not None:
                 watcher.cancel()
             await aclose_iterator(self.frames)
