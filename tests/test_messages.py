@@ -302,3 +302,32 @@ async def test_pings_keep_a_slow_stream_alive(catalog, tmp_path):
         await sim.stop()
     names = [block.split("\n")[0].removeprefix("event: ") for block in response.text.strip().split("\n\n")]
     assert names[-1] == "message_stop" and names.count("ping") > 1, names
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({"model": "auto", "messages": QUESTION}, "max_tokens"),
+        ({"model": "auto", "max_tokens": 8, "messages": []}, "messages"),
+        ({"model": "auto", "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+         "messages[0].content[0].source"),
+        ({"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+         "messages[0].content[0].type"),
+        ({"model": "auto", "max_tokens": 8, "messages": QUESTION, "tools": [{"type": "web_search_20250305", "name": "w"}]},
+         "tools[0].type"),
+        ({"model": "auto", "max_tokens": 8, "messages": QUESTION, "tools": [WEATHER], "tool_choice": {"type": "maybe"}},
+         "tool_choice.type"),
+        ({"model": "auto", "max_tokens": 8, "messages": QUESTION, "temperature": 1.5}, "temperature"),
+        ({"model": "auto", "max_tokens": 8, "messages": QUESTION, "p402": {"mode": "fastest-ever"}}, "p402.mode"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_bad_bodies_are_anthropic_shaped_400s_naming_the_field(served, body, names):
+    refused = httpx.post(f"{served.url}/v1/messages", json=body, headers={"x-api-key": served.key})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert names in error["error"]["message"]
+    garbled = httpx.post(f"{served.url}/v1/messages", content=b"{not json", headers={"x-api-key": served.key})
+    assert garbled.status_code == 400 and garbled.json()["error"]["type"] == "invalid_request_error"

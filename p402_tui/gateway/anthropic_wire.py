@@ -138,12 +138,15 @@ def resolve(catalog: Catalog, ref: str) -> str | None:
         dated = _DATED.match(bare)
         if dated is not None and f"{WIRE}/{dated.group(1)}" in catalog.models:
             return f"{WIRE}/{dated.group(1)}"
-        newest = sorted(
-            (m.id for m in catalog.models_of(WIRE) if _DATED.match(m.model) and _DATED.match(m.model).group(1) == bare),  # type: ignore[union-attr]
-        )
-        if newest:
-            return newest[-1]
+        dated_ids = sorted(m.id for m in catalog.models_of(WIRE) if _undated(m.model) == bare)
+        if dated_ids:
+            return dated_ids[-1]  # the newest snapshot, as Anthropic's undated aliases point at
         raise
+
+
+def _undated(model: str) -> str | None:
+    dated = _DATED.match(model)
+    return dated.group(1) if dated is not None else None
 
 
 def to_chat(body: MessagesBody | CountBody, raw: dict[str, Any], model: str | None) -> NativeRequest:
@@ -205,11 +208,12 @@ def _text_part(block: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     source = block.get("source")
-    kind = source.get("type") if isinstance(source, dict) else None
-    if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):  # type: ignore[union-attr]
-        url = f"data:{source['media_type']};base64,{source['data']}"  # type: ignore[index]
-    elif kind == "url" and isinstance(source.get("url"), str):  # type: ignore[union-attr]
-        url = source["url"]  # type: ignore[index]
+    source = source if isinstance(source, dict) else {}
+    data, media_type, link = source.get("data"), source.get("media_type"), source.get("url")
+    if source.get("type") == "base64" and isinstance(data, str) and isinstance(media_type, str):
+        url = f"data:{media_type};base64,{data}"
+    elif source.get("type") == "url" and isinstance(link, str):
+        url = link
     else:
         message = f"{where}.source: an image needs a base64 source (media_type, data) or a url source"
         raise GatewayError(400, message, param=f"{where}.source", code="invalid_value")
@@ -248,7 +252,8 @@ def _tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
         raise GatewayError(400, f"{where}.tool_use_id: required", param=f"{where}.tool_use_id", code="invalid_value")
     content = block.get("content")
     if isinstance(content, list):
-        text = "".join(part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text")
+        texts = (part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text")
+        text = "".join(texts)
     else:
         text = content if isinstance(content, str) else ""
     if block.get("is_error"):

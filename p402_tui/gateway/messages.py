@@ -228,7 +228,8 @@ def openapi_schemas() -> dict[str, Any]:
 def openapi_paths() -> dict[str, Any]:
     """The Messages routes as the gateway's OpenAPI document describes them."""
     security = [{"bearer": []}, {"x_api_key": []}]
-    body = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MessagesRequest"}}}}
+    body = {"required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MessagesRequest"}}}}  # fmt: skip
     count_body = {"required": True,
                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CountTokensRequest"}}}}
     return {

@@ -256,7 +256,8 @@ class MessagesAPI:
             return error(400, "invalid_request_error", "messages: Input should be a valid list of messages")
         if body.get("tools"):
             texts.append(json.dumps(body["tools"]))
-        return JSONResponse({"input_tokens": sum(count_text(text).tokens for text in texts) + 3 * len(body["messages"])})
+        tokens = sum(count_text(text).tokens for text in texts) + 3 * len(body["messages"])
+        return JSONResponse({"input_tokens": tokens})
 
     def _answer(
         self, request: Request, body: dict[str, Any], spec: ModelSpec, parts: list[tuple[str, bool]]
@@ -386,8 +387,8 @@ class Block:
     def text(cls, answer: Answer) -> Block:
         # Every block streams at least one delta, so its start and stop frames have a piece to ride on.
         pieces = answer.pieces or [""]
-        start, whole = {"type": "text", "text": "", "citations": None}, {"type": "text", "text": answer.text, "citations": None}
-        return cls(start, whole, pieces, "text_delta", "text")
+        start = {"type": "text", "text": "", "citations": None}
+        return cls(start, {**start, "text": answer.text}, pieces, "text_delta", "text")
 
     @classmethod
     def thinking(cls, answer: Answer) -> Block:
