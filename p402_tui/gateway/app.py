@@ -41,19 +41,24 @@ from .bodies import (
     parse_chat,
     validate,
 )
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .messages import PATHS as MESSAGES_PATHS
 from .messages import MessagesRoute
 from .messages import from_gateway_error as anthropic_errors
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
 
 logger = logging.getLogger("p402.gateway")
 
 Handler = Callable[[Request], Awaitable[Any]]
+# What a surface of the gateway gives `Gateway.run`: how to read its body, write a whole answer, and
+# write a stream (from the orchestrator's stream, its first batch, the request, and the ledger's commit
+# to wait for). A frames function may say how its stream ends (`end`) and what it sends while upstream is
+# silent (`ping`), as attributes.
 Parse = Callable[..., tuple[ChatRequest, Any, Any]]
 Answer = Callable[[ChatResponse], Response]
-Frames = Callable[[Any, "list[ChatChunk] | None", ChatRequest, "Callable[[str], Awaitable[None]] | None"], AsyncIterator[bytes]]
+Durable = Callable[[str], Awaitable[None]] | None
+Frames = Callable[[Any, "list[ChatChunk] | None", ChatRequest, Durable], AsyncIterator[bytes]]
 
 HEARTBEAT_S = 15.0
 LARGE_BODY_BYTES = 1024 * 1024  # a body this large is parsed off the loop, and memory trimmed after it
