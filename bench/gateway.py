@@ -59,7 +59,7 @@ MESSAGES = [{"role": "user", "content": "In one sentence, what does a model rout
 MAX_TOKENS = 16
 LITELLM_VERSION = "1.108.7"  # the version measured in shared/bench-litellm/RESULTS-litellm.md
 TICKS = os.sysconf("SC_CLK_TCK")
-FIRST_CONTENT = re.compile(rb'"content":"[^"]')
+FIRST_CONTENT = re.compile(rb'"(?:content|text)":"[^"]')  # a chat chunk's text, or a Messages text_delta
 
 
 # --- processes -----------------------------------------------------------------------
@@ -434,6 +434,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Cache off (what earlier READMEs quoted): `cache-control: no-cache` skips lookup and insert.
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
                             "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
+            if variant == "p402":  # the same request through Anthropic's Messages API, same process
+                targets.append({"name": "p402_messages", "url": f"{url}/v1/messages", "model": MODEL,
+                                "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "shape": "messages"})
         if not args.skip_floor:
             port = free_port()
             floor = Child("floor", [python, str(ROOT / "bench" / "floor_proxy.py"), sim_url, str(port)],
@@ -471,7 +474,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for target in targets:
                         payload: dict[str, Any] = {"model": target["model"], "messages": MESSAGES,
                                                    "max_tokens": args.max_tokens}
-                        if stream:
+                        if stream and target.get("shape") == "messages":
+                            payload["stream"] = True
+                        elif stream:
                             payload.update(stream=True, stream_options={"include_usage": True})
                         measured = asyncio.run(
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
@@ -591,6 +596,15 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             if c64 and "litellm" in c64 and c64["litellm"]["rps"]:
                 checks[f"{kind}_c64_rps_vs_litellm>=10x"] = round(c64["p402_default"]["rps"] / c64["litellm"]["rps"], 1)
         verdict["p402_default"] = checks
+        messages = {}
+        for stream in args.streams:
+            kind = "stream" if stream else "plain"
+            over = [_minus(runs[k]["p402_messages"].get("server_cpu_ms_per_request"),
+                           runs[k]["p402"].get("server_cpu_ms_per_request")) for k in runs if k.startswith(kind)]
+            over = [o for o in over if o is not None]
+            if over:
+                messages[f"{kind}_max_cpu_ms_per_request_over_chat<=0.2"] = max(over)
+        verdict["p402_messages"] = messages
     return verdict
 
 
@@ -598,6 +612,7 @@ ROWS = {
     "p402_default": "p402 serve in its default configuration: cache on, every prompt new (each one misses, is "
                     "embedded, searched and inserted); measured first",
     "p402": "the same process with `cache-control: no-cache` on every request: the cache neither read nor written",
+    "p402_messages": "the same request in Anthropic's Messages shape on /v1/messages, same process, cache off",
 }
 VARIANTS = {
     "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",

@@ -83,6 +83,14 @@ def reserved_namespace(name: str) -> str | None:
     return None
 
 
+def api_of(source: str) -> str:
+    """The API a request came through, from its source: the gateway's routes by name (chat_completions,
+    messages), else where it was made (cli, console)."""
+    if source == "gateway":
+        return "chat_completions"
+    return source.removeprefix("gateway:")
+
+
 @dataclass(slots=True)
 class CallContext:
     """Who asks and how the answer is kept."""
@@ -92,7 +100,8 @@ class CallContext:
     namespace: str | None = None  # explicit cache namespace: shared by every caller that names it
     cache: bool = True
     api_key_id: str | None = None
-    source: str = "cli"  # cli | gateway | console | demo
+    # cli | console | demo | gateway (its chat completions) | gateway:<api> (its other APIs: gateway:messages)
+    source: str = "cli"
     request_id: str = field(default_factory=lambda: new_id("req", 10))
     timeout_s: float | None = None  # the whole request's deadline, across attempts; None: [router] request_timeout_s
 

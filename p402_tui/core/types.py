@@ -302,6 +302,9 @@ class ChatChunk:
     role: str | None = None
     extra: dict[str, Any] | None = None  # provider extras: citations, search_results
     error: dict[str, Any] | None = None  # set on the last chunk of a stream that broke
+    # The upstream's own events this chunk was read from, (event, data) as they came, for a caller
+    # that speaks the provider's API and passes its stream through (`NativeRequest`).
+    native: list[tuple[str, str]] | None = None
 
     def to_openai(self, *, id: str, model: str, created: int) -> dict[str, Any]:
         delta: dict[str, Any] = {}
@@ -392,6 +395,7 @@ class ChatResponse:
     created: int = field(default_factory=lambda: int(time.time()))
     extra: dict[str, Any] | None = None
     p402: P402Meta | None = None
+    native: dict[str, Any] | None = None  # the upstream's answer as it came, for a caller speaking its API
 
     def to_openai(self) -> dict[str, Any]:
         # `refusal` and `logprobs` are required by OpenAI's published document, null when absent.

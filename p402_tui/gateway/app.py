@@ -29,7 +29,7 @@ from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged
 from ..core.tokens import off_loop
 from ..core.sessions import SESSION_STATUSES
-from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes, round_costs
+from ..core.types import ChatChunk, ChatRequest, ChatResponse, Usage, json_bytes, round_costs
 from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -42,6 +42,9 @@ from .bodies import (
     parse_chat,
     validate,
 )
+from .messages import PATHS as MESSAGES_PATHS
+from .messages import MessagesRoute
+from .messages import from_gateway_error as anthropic_errors
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
@@ -58,6 +61,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger("p402.gateway")
 
 Handler = Callable[[Request], Awaitable[Any]]
+# What a surface of the gateway gives `Gateway.run`: how to read its body, write a whole answer, and
+# write a stream (from the orchestrator's stream, its first batch, the request, and the ledger's commit
+# to wait for). A frames function may say how its stream ends (`end`) and what it sends while upstream is
+# silent (`ping`), as attributes.
+Parse = Callable[..., tuple[ChatRequest, Any, Any]]
+Answer = Callable[[ChatResponse], Response]
+Durable = Callable[[str], Awaitable[None]] | None
+Frames = Callable[[Any, "list[ChatChunk] | None", ChatRequest, Durable], AsyncIterator[bytes]]
 
 HEARTBEAT_S = 15.0
 LARGE_BODY_BYTES = 1024 * 1024  # a body this large is parsed off the loop, and memory trimmed after it
@@ -169,6 +180,7 @@ class Gateway:
         self.durable: Callable[[str], Awaitable[None]] | None = orchestrator.hooks.committed if strict else None
         self.store_refused = 0  # requests refused because the ledger writer could not keep up
         self.trimmer = memory.Trimmer()
+        self.messages = MessagesRoute(self, read_body)  # Anthropic's Messages API
 
     async def start(self) -> None:
         stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -203,6 +215,16 @@ class Gateway:
     # --- chat ------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Any:
+        return await self.run(request, parse_chat, _openai_answer, _openai_frames)
+
+    async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
+        """A request of any surface through the orchestrator: the ledger's back-pressure, the body,
+        sessions, routing, failover, cache and ledger as the chat route has them.
+
+        `parse(body, catalog, api_key_id=, no_cache=)` gives the chat request, its route options and
+        context; `answer(response)` the whole answer's HTTP response, `frames(stream, first, chat,
+        durable)` a stream's bytes.
+        """
         if self.store is not None and self.store.writer.saturated:
             self.store_refused += 1
             message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
@@ -211,7 +233,7 @@ class Gateway:
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
         parse = functools.partial(
-            parse_chat, body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"),
+            parse, body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"),
             no_cache=no_cache,
         )
         large = len(body) >= LARGE_BODY_BYTES
@@ -225,16 +247,20 @@ class Gateway:
                 ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
             request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
             if chat.stream:
-                return await self._stream(chat, options, ctx, large=large)
+                return await self._stream(chat, options, ctx, frames, large=large)
             response = await self.orchestrator.complete(chat, options, ctx)
         finally:
             if large:
                 self.trimmer.soon()
         if self.durable is not None:
             await self.durable(ctx.request_id)
-        return Response(json_bytes(response.to_openai()), media_type="application/json")
+        return answer(response)
 
-    async def _stream(self, chat: ChatRequest, options: RouteOptions, ctx: CallContext, *, large: bool = False) -> Any:
+    async def _stream(
+        self, chat: ChatRequest, options: RouteOptions, ctx: CallContext, frames: Frames | None = None,
+        *, large: bool = False,
+    ) -> Any:
+        frames = frames or _openai_frames
         stream = self.orchestrator.stream(chat, options, ctx)
         try:
             # Routing, budget and the first upstream byte happen here, so a refusal is still a
@@ -245,16 +271,18 @@ class Gateway:
         except BaseException:
             await stream.aclose()
             raise
-        include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
-        frames = _chunk_frames(stream, first, include_usage, self.durable)
+        body = frames(stream, first, chat, self.durable)
+        # How its last piece ends, and what it sends while upstream is silent (Anthropic's ping).
+        shape = {"end": getattr(frames, "end", sse.DONE), "ping": getattr(frames, "ping", None),
+                 "ping_every_s": self.heartbeat_s}  # fmt: skip
         if not large:
-            return sse.EventStreamResponse(frames, cleanup=stream.aclose)
+            return sse.EventStreamResponse(body, cleanup=stream.aclose, **shape)
 
         async def cleanup() -> None:
             await stream.aclose()
             self.trimmer.soon()
 
-        return sse.EventStreamResponse(frames, cleanup=cleanup)
+        return sse.EventStreamResponse(body, cleanup=cleanup, **shape)
 
     # --- models and providers -----------------------------------------------------------
 
@@ -592,6 +620,8 @@ class Gateway:
         paths: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat},
             "/api/v2/chat/completions": {"POST": self.chat},
+            "/v1/messages": {"POST": self.messages.create},
+            "/v1/messages/count_tokens": {"POST": self.messages.count_tokens},
             "/v1/models": {"GET": self.models},
             "/v1/models/{model:path}": {"GET": self.model},  # ids hold a slash
             "/api/v2/providers": {"GET": self.providers, "POST": self.compare},
@@ -619,9 +649,12 @@ class Gateway:
             exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         )
         chat = guarded(self.chat)
-        direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
+        direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat,
+                  ("POST", "/v1/messages"): self.messages.create}  # fmt: skip
+        shaped = {path: anthropic_errors for path in MESSAGES_PATHS}
         return _Front(
-            starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency
+            starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency,
+            shaped=shaped,
         )
 
     def _rejected(self, scope: Scope, status: int) -> None:
@@ -695,8 +728,10 @@ class _Front:
         on_rejected: Callable[[Scope, int], None] | None = None,
         *,
         limit: int | None = None,
+        shaped: dict[str, Callable[[errors.GatewayError], Response]] | None = None,
     ) -> None:
         self.app = app
+        self.shaped = shaped or {}  # paths whose refusals take another API's error shape (Anthropic's)
         self.auth = auth
         self.direct = direct or {}
         self.on_rejected = on_rejected  # told of every 4xx answer, as it starts
@@ -709,8 +744,8 @@ class _Front:
             return
         if self.limit is not None and self.in_flight >= self.limit and scope["path"] not in self.OPEN_PATHS:
             message = f"the gateway is serving {self.limit} requests already ([gateway] limit_concurrency)"
-            refusal = errors.error_response(503, message, code="overloaded", headers={"retry-after": "1"})
-            await refusal(scope, receive, send)
+            error = errors.GatewayError(503, message, code="overloaded", headers={"retry-after": "1"})
+            await self.shaped.get(scope["path"], errors.from_gateway_error)(error)(scope, receive, send)
             return
         self.in_flight += 1
         try:
@@ -726,7 +761,7 @@ class _Front:
                 refused(scope, error.code, error.message)
                 if self.on_rejected is not None:
                     self.on_rejected(scope, error.status)
-                await errors.from_gateway_error(error)(scope, receive, send)
+                await self.shaped.get(scope["path"], errors.from_gateway_error)(error)(scope, receive, send)
                 return
         started = False
 
@@ -757,6 +792,12 @@ class _Front:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/v1/messages"):
+        message = f"{request.method} is not allowed on {request.url.path}" if exc.status_code == 405 else \
+            f"no such endpoint: {request.url.path}"
+        refused(request.scope, "method_not_allowed" if exc.status_code == 405 else "not_found", message)
+        headers = exc.headers if exc.status_code == 405 else None
+        return anthropic_errors(errors.GatewayError(exc.status_code, message, headers=headers))
     if exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
         refused(request.scope, "method_not_allowed", message)
@@ -770,6 +811,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     logger.error("unexpected error in %s %s: %s", request.method, request.url.path, type(exc).__name__)
     return errors.error_response(500, "internal error in the gateway", code="internal_error")
+
+
+def _openai_answer(response: ChatResponse) -> Response:
+    return Response(json_bytes(response.to_openai()), media_type="application/json")
+
+
+def _openai_frames(
+    stream: ChatStream, first: list[ChatChunk] | None, chat: ChatRequest, durable: Callable[[str], Awaitable[None]] | None
+) -> AsyncIterator[bytes]:
+    include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
+    return _chunk_frames(stream, first, include_usage, durable)
 
 
 async def _chunk_frames(

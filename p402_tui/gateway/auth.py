@@ -1,4 +1,4 @@
-"""Gateway keys on the request path: `Authorization: Bearer p402-...`.
+"""Gateway keys on the request path: `Authorization: Bearer p402-...` (or `x-api-key: p402-...`).
 
 Keys are checked only when they are in force: when any key exists, or always
 when the gateway listens beyond loopback. The store is asked at most once per
@@ -58,11 +58,15 @@ def is_loopback(host: str) -> bool:
 
 
 def bearer(scope: Scope) -> str | None:
+    """The key in `Authorization: Bearer`, else in `x-api-key` (as Anthropic's SDKs send it)."""
+    api_key = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() or None if scheme.lower() == "bearer" else None
-    return None
+        if name == b"x-api-key":
+            api_key = value.decode("latin-1").strip() or None
+    return api_key
 
 
 class GatewayAuth:

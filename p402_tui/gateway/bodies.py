@@ -78,6 +78,17 @@ def parse_chat(
         raise GatewayError(400, message, param="messages", code="too_many_messages")
     extra = request.__pydantic_extra__
     raw = extra.pop("p402", None) if extra else None
+    options, ctx = route_options(raw, request.model, catalog, api_key_id=api_key_id, no_cache=no_cache)
+    return request, options, ctx
+
+
+def route_options(
+    raw: Any, model: str | None, catalog: Catalog, *, api_key_id: str | None, no_cache: bool
+) -> tuple[RouteOptions, CallContext]:
+    """How to route a request and who asks, from its `p402` object (`raw`, None when absent) and `model`.
+
+    Every surface (chat, Messages) reads its P402 options here, so they mean the same on each.
+    """
     try:
         p402 = _NO_OPTIONS if raw is None else P402Options.model_validate(raw)
     except ValidationError as error:
@@ -89,7 +100,7 @@ def parse_chat(
             if provider not in catalog.providers:
                 message = f"unknown provider {provider!r}; choose from {', '.join(catalog.providers)}"
                 raise GatewayError(400, message, param=f"p402.{field}[{index}]", code="invalid_value")
-    model = resolve_model(catalog, request.model)
+    model = resolve_model(catalog, model)
     if raw is None:  # most bodies carry no `p402` object: the defaults and the model they name
         options = RouteOptions(model=model)
     else:
@@ -113,7 +124,7 @@ def parse_chat(
         source="gateway",
         timeout_s=p402.timeout_s,
     )
-    return request, options, ctx
+    return options, ctx
 
 
 # The router's own names as /v1/models lists them, so a client that picks from the list can pick routing.

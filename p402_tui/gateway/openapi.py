@@ -18,6 +18,8 @@ from ..core.sessions import SESSION_STATUSES
 from ..core.types import ChatRequest
 from ..store.analytics import PERIOD_PATTERN
 from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
+from .messages import openapi_paths as messages_paths
+from .messages import openapi_schemas as messages_schemas
 
 _REF = "#/components/schemas/{model}"
 
@@ -526,6 +528,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/openapi.json": {
             "get": {"summary": "This document", "responses": {"200": _json({"type": "object"}), **_errors(401)}},
         },
+        **messages_paths(),
     }
     return {
         "openapi": "3.2.0",  # for itemSchema: a stream described an event at a time
@@ -536,13 +539,19 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         },
         "paths": paths,
         "components": {
-            "schemas": schemas,
+            "schemas": {**schemas, **messages_schemas()},
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
                     "description": "A gateway key from `p402 keys create`; needed once any key exists",
-                }
+                },
+                "x_api_key": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "The same key as Anthropic's SDKs send it (ANTHROPIC_API_KEY)",
+                },
             },
         },
         "security": _AUTHED if keys_enforced else [],

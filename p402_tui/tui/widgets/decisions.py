@@ -30,7 +30,7 @@ def decision_cells(row: DecisionRow, colors: Palette) -> list[Cell]:
     rerouted = row.provider is not None and served != row.chosen
     return [
         Cell(clock(row.ts), (row.ts, row.key)),
-        Cell(row.mode),
+        Cell(f"{row.mode} {row.api}" if row.api else row.mode),  # which API, when not chat completions
         Cell(served, style=colors.warning if rerouted else "", middle=True),
         num(str(row.candidates) if row.decision is not None or row.candidates else "-", row.candidates),
         num(usd(row.est_cost), row.est_cost),
