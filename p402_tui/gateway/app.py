@@ -41,9 +41,11 @@ from .bodies import (
     parse_chat,
     validate,
 )
+from .embeddings import Embeddings
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
+from .responses import Responses
 
 logger = logging.getLogger("p402.gateway")
 
@@ -193,11 +195,23 @@ class Gateway:
 
     # --- chat ------------------------------------------------------------------------
 
-    async def chat(self, request: Request) -> Any:
+    def check_ledger(self) -> None:
+        """A 503 while the ledger writer is saturated: every route that records a request asks first."""
         if self.store is not None and self.store.writer.saturated:
             self.store_refused += 1
             message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
             raise errors.GatewayError(503, message, code="store_overloaded", headers={"retry-after": "1"})
+
+    async def bind(self, request: Request, ctx: Any) -> None:
+        """The session named by id or name resolved, and the request's id noted for its refusal event."""
+        if ctx.session_id is not None and self.store is not None:
+            from ..store.sessions import resolve_session
+
+            ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
+        request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
+
+    async def chat(self, request: Request) -> Any:
+        self.check_ledger()
         body = await read_body(request, self.max_body)
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
@@ -210,11 +224,7 @@ class Gateway:
             # Megabytes of JSON hold the loop for tens of ms: parsed on the small pool, and what the
             # request used is handed back to the OS once it is done.
             chat, options, ctx = await off_loop(parse) if large else parse()
-            if ctx.session_id is not None and self.store is not None:
-                from ..store.sessions import resolve_session
-
-                ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
-            request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
+            await self.bind(request, ctx)
             if chat.stream:
                 return await self._stream(chat, options, ctx, large=large)
             response = await self.orchestrator.complete(chat, options, ctx)
@@ -580,8 +590,12 @@ class Gateway:
 
     def routes(self) -> list[Route]:
         """One route a path, so that a 405 names every method the path takes in its Allow header."""
+        embeddings, responses = Embeddings(self), Responses(self)
         paths: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat},
+            "/v1/embeddings": {"POST": embeddings.create},
+            "/v1/responses": {"POST": responses.create},
+            "/v1/responses/{response_id}": {"GET": responses.get, "DELETE": responses.delete},
             "/api/v2/chat/completions": {"POST": self.chat},
             "/v1/models": {"GET": self.models},
             "/v1/models/{model:path}": {"GET": self.model},  # ids hold a slash

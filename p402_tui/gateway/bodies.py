@@ -77,6 +77,14 @@ def parse_chat(
         raise GatewayError(400, message, param="messages", code="too_many_messages")
     extra = request.__pydantic_extra__
     raw = extra.pop("p402", None) if extra else None
+    options, ctx = route_and_context(raw, catalog, request.model, api_key_id=api_key_id, no_cache=no_cache)
+    return request, options, ctx
+
+
+def route_and_context(
+    raw: Any, catalog: Catalog, model: str | None, *, api_key_id: str | None, no_cache: bool
+) -> tuple[RouteOptions, CallContext]:
+    """A body's `p402` object (None when absent) and its `model` as routing options and a call context."""
     try:
         p402 = _NO_OPTIONS if raw is None else P402Options.model_validate(raw)
     except ValidationError as error:
@@ -95,7 +103,7 @@ def parse_chat(
         exclude=tuple(p402.exclude),
         max_tier=p402.max_tier,
         max_cost_usd=p402.max_cost_usd,
-        model=resolve_model(catalog, request.model),
+        model=resolve_model(catalog, model),
         failover=p402.failover.enabled,
         max_retries=p402.failover.max_retries,
     )
@@ -108,7 +116,7 @@ def parse_chat(
         source="gateway",
         timeout_s=p402.timeout_s,
     )
-    return request, options, ctx
+    return options, ctx
 
 
 # The router's own names as /v1/models lists them, so a client that picks from the list can pick routing.

@@ -212,6 +212,17 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE rowid NOT IN (SELECT MIN(rowid) FROM agent_sessions GROUP BY name);
     CREATE UNIQUE INDEX agent_sessions_name ON agent_sessions(COALESCE(api_key_id, ''), name);
     """,
+    # 7: Responses API answers kept for GET /v1/responses/{id} and previous_response_id: the answer as
+    # sent, and the conversation (chat messages, instructions left out) that a next turn continues
+    """
+    CREATE TABLE stored_responses (
+        id TEXT PRIMARY KEY,
+        ts REAL NOT NULL,
+        api_key_id TEXT,
+        response TEXT NOT NULL,
+        conversation TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
