@@ -36,12 +36,8 @@ class EmbeddingsBody(BaseModel):
 
     def texts(self) -> list[str]:
         raw = self.input
-        if isinstance(raw, str):
-            items: list[Any] = [raw]
-        elif raw and all(isinstance(x, int) for x in raw):
-            items = [raw]  # one token array
-        else:
-            items = list(raw)
+        single = isinstance(raw, str) or bool(raw and all(isinstance(x, int) for x in raw))  # a text or one token array
+        items: list[Any] = [raw] if single else list(raw)
         if not items:
             raise GatewayError(400, "input: must hold at least one item", param="input", code="invalid_value")
         if len(items) > MAX_INPUTS:
@@ -49,7 +45,7 @@ class EmbeddingsBody(BaseModel):
             raise GatewayError(400, message, param="input", code="invalid_value")
         texts = []
         for index, item in enumerate(items):
-            where = "input" if len(items) == 1 and not isinstance(raw, list) else f"input[{index}]"
+            where = "input" if single else f"input[{index}]"
             if isinstance(item, list):
                 if not item:
                     raise GatewayError(400, f"{where}: a token array cannot be empty", param=where, code="invalid_value")
