@@ -283,3 +283,15 @@ async def test_another_keys_responses_are_not_found(gateway, runtime):
         assert_openai_error(deleted, 404)
         mine = await client.get(f"/v1/responses/{rid}", headers={"authorization": f"Bearer {first}"})
         assert mine.status_code == 200
+
+
+async def test_a_models_reasoning_comes_as_a_reasoning_item_plain_and_streamed(sdk):
+    model = "deepseek/deepseek-reasoner"  # the simulator gives its reasoning, as the provider does
+    plain = await sdk.responses.create(model=model, input="Think: what is 2+2?", extra_body=UNCACHED)
+    assert [item.type for item in plain.output] == ["reasoning", "message"]
+    assert plain.output[0].summary[0].text and plain.output_text
+    async with sdk.responses.stream(model=model, input="Think: what is 2+2?", extra_body=UNCACHED) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert "response.reasoning_summary_text.delta" in kinds and "response.reasoning_summary_text.done" in kinds
+    assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text
