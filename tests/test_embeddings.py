@@ -142,3 +142,16 @@ async def test_a_pinned_model_does_not_fail_over_and_auto_does(http, sim):
     sim.state.add_fault(Fault(provider="perplexity", kind="error", status=503))
     data = (await http.post("/v1/embeddings", json={"model": "auto", "input": "y"})).json()
     assert data["p402"]["provider"] != "perplexity" and data["p402"]["attempts"][0]["error_kind"] is not None
+
+
+async def test_openapi_documents_embeddings_and_responses(http):
+    document = (await http.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    post = document["paths"]["/v1/embeddings"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/EmbeddingsBody")
+    assert set(schemas["EmbeddingsBody"]["properties"]) >= {"input", "model", "dimensions", "encoding_format", "p402"}
+    assert schemas["EmbeddingsBody"]["properties"]["encoding_format"]["enum"] == ["float", "base64"]
+    assert set(document["paths"]["/v1/responses/{response_id}"]) >= {"get", "delete"}
+    responses = document["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]
+    assert set(responses) == {"application/json", "text/event-stream"}
+    assert {"previous_response_id", "store", "tools", "text"} <= set(schemas["ResponsesBody"]["properties"])
