@@ -60,6 +60,7 @@ MAX_TOKENS = 16
 LITELLM_VERSION = "1.108.7"  # the version measured in shared/bench-litellm/RESULTS-litellm.md
 TICKS = os.sysconf("SC_CLK_TCK")
 FIRST_CONTENT = re.compile(rb'"content":"[^"]')
+FIRST_DELTA = re.compile(rb'"delta":"[^"]')  # the Responses API's first text event
 
 
 # --- processes -----------------------------------------------------------------------
@@ -215,6 +216,7 @@ class UniquePrompts:
 async def load(
     url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
     max_requests: int, stream: bool, server_pid: int | None, ours: list[int], unique: bool = False,
+    first_content: re.Pattern[bytes] = FIRST_CONTENT,
 ) -> dict[str, Any]:
     import aiohttp
 
@@ -237,7 +239,7 @@ async def load(
                     raise RuntimeError(f"HTTP {response.status}: {text[:120]}")
                 if stream:
                     async for line in response.content:
-                        if first is None and FIRST_CONTENT.search(line):
+                        if first is None and first_content.search(line):
                             first = time.perf_counter()
                         if line.startswith(b"data: [DONE]"):
                             break
@@ -413,6 +415,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Cache off (what earlier READMEs quoted): `cache-control: no-cache` skips lookup and insert.
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
                             "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
+            if variant == "p402":  # the same request through the Responses API, beside chat in the same run
+                targets.append({"name": "p402_responses", "url": f"{url}/v1/responses", "model": MODEL,
+                                "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "api": "responses"})
         if not args.skip_floor:
             port = free_port()
             floor = Child("floor", [python, str(ROOT / "bench" / "floor_proxy.py"), sim_url, str(port)],
@@ -452,11 +457,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                    "max_tokens": args.max_tokens}
                         if stream:
                             payload.update(stream=True, stream_options={"include_usage": True})
+                        if target.get("api") == "responses":
+                            payload = {"model": target["model"], "input": MESSAGES[0]["content"],
+                                       "max_output_tokens": args.max_tokens, "stream": stream}
                         measured = asyncio.run(
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
                                  duration=args.duration, max_requests=args.requests, stream=stream,
                                  server_pid=target["pid"], ours=[c.pid for c in children],
-                                 unique=target.get("unique", False))
+                                 unique=target.get("unique", False),
+                                 first_content=FIRST_DELTA if target.get("api") == "responses" else FIRST_CONTENT)
                         )
                         repeats[target["name"]].append(measured)
                         print(f"{key:>10} {target['name']:>14}: {measured['rps']:>8} req/s  p50 "
@@ -570,6 +579,13 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             if c64 and "litellm" in c64 and c64["litellm"]["rps"]:
                 checks[f"{kind}_c64_rps_vs_litellm>=10x"] = round(c64["p402_default"]["rps"] / c64["litellm"]["rps"], 1)
         verdict["p402_default"] = checks
+        checks = {}  # the Responses API's CPU beside chat's, same process, same run
+        for key, row in runs.items():
+            if "p402_responses" in row:
+                checks[f"{key}_cpu_ms_minus_chat<=0.2"] = _minus(
+                    row["p402_responses"].get("server_cpu_ms_per_request"), row["p402"].get("server_cpu_ms_per_request")
+                )
+        verdict["p402_responses"] = checks
     return verdict
 
 
@@ -577,6 +593,7 @@ ROWS = {
     "p402_default": "p402 serve in its default configuration: cache on, every prompt new (each one misses, is "
                     "embedded, searched and inserted); measured first",
     "p402": "the same process with `cache-control: no-cache` on every request: the cache neither read nor written",
+    "p402_responses": "the same request through /v1/responses (OpenAI's Responses API), cache off like row p402",
 }
 VARIANTS = {
     "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",
