@@ -278,10 +278,13 @@ async def _events(
         return response_object(body, response_id=response_id, created_at=created, model=stream.meta.model,
                                status=status, output=output.items, **extra)  # fmt: skip
 
+    started = json_bytes(snapshot("in_progress"))  # one object, written as both opening events
     out = [
-        output.event("response.created", {"response": snapshot("in_progress")}),
-        output.event("response.in_progress", {"response": snapshot("in_progress")}),
-    ]
+        b'event: response.created\ndata: {"type":"response.created","sequence_number":0,"response":' + started
+        + b'}\n\nevent: response.in_progress\ndata: {"type":"response.in_progress","sequence_number":1,"response":'
+        + started + b"}\n\n"
+    ]  # fmt: skip
+    output.seq = 2
     usage: Usage | None = None
     finish: str | None = None
     try:
@@ -296,7 +299,7 @@ async def _events(
                         meta = stream.meta.to_dict()
                         done = snapshot("failed", error=failure, answer_usage=chunk.usage, p402=meta)
                         out.append(output.event("response.failed", {"response": done}))
-                        yield b"".join(out)
+                        yield sse.Last(b"".join(out))
                         return
                     if chunk.usage is not None:
                         usage = chunk.usage
@@ -322,4 +325,4 @@ async def _events(
         code = _ERROR_CODES.get(error.kind, "server_error")
         failure = {"code": code, "message": f"{error.message} (HTTP {p402_status(error)})"}
         out.append(output.event("response.failed", {"response": snapshot("failed", error=failure)}))
-    yield b"".join(out)
+    yield sse.Last(b"".join(out))
