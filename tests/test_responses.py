@@ -181,6 +181,10 @@ async def test_max_output_tokens_ends_an_answer_incomplete(sdk):
                                           extra_body=UNCACHED)
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
     assert response.usage.output_tokens <= 16
+    stream = await sdk.responses.create(model=FAMILIES[0], input="Tell me a long story.", max_output_tokens=16,
+                                        stream=True, extra_body=UNCACHED)
+    events = [event async for event in stream]
+    assert events[-1].type == "response.incomplete" and events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
 async def test_an_image_input_routes_to_a_vision_model(sdk):

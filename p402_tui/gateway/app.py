@@ -619,12 +619,12 @@ class Gateway:
         return [Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in paths.items()]
 
     def app(self) -> ASGIApp:
-        starlette = Starlette(
-            routes=self.routes(),
-            exception_handlers={HTTPException: _http_error, Exception: _internal_error},
-        )
+        routes = self.routes()
+        starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
         chat = guarded(self.chat)
         direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
+        # The other APIs agents proxy every call through take the same short way.
+        direct |= {("POST", r.path): r.endpoint for r in routes if r.path in ("/v1/responses", "/v1/embeddings")}
         return _Front(
             starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency
         )

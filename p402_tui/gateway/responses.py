@@ -270,7 +270,7 @@ async def _events(
     stream: Any, first: list[ChatChunk] | None, body: ResponsesBody, response_id: str,
     keep: Callable[..., None] | None, durable: Callable[[str], Awaitable[None]] | None,
 ) -> AsyncIterator[bytes]:
-    """The Responses stream: created, in_progress, each item's events, then completed (or failed)."""
+    """The Responses stream: created, in_progress, each item's events, then completed (incomplete, failed)."""
     output = _Output()
     created = stream.created
 
@@ -306,7 +306,7 @@ async def _events(
                     if chunk.finish_reason is not None:
                         finish = chunk.finish_reason
                     output.take(chunk, out)
-                if out:
+                if out and finish is None:  # from the finish on, the rest leaves in one write with the end
                     yield b"".join(out)
                     out = []
                 batch = await anext(batches, None)
@@ -319,7 +319,9 @@ async def _events(
                 keep(done, output.items)
             if durable is not None:
                 await durable(stream.request_id)
-            out.append(output.event("response.completed", {"response": done}))
+            # An answer cut short (max_output_tokens) ends as OpenAI ends one: response.incomplete.
+            last = "response.incomplete" if done["status"] == "incomplete" else "response.completed"
+            out.append(output.event(last, {"response": done}))
     except P402Error as error:
         output.close(out)
         code = _ERROR_CODES.get(error.kind, "server_error")

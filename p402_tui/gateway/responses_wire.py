@@ -223,9 +223,7 @@ def response_format(text: dict[str, Any]) -> dict[str, Any] | None:
 # --- answers -------------------------------------------------------------------------------
 
 
-def usage(usage: Usage | None) -> dict[str, Any] | None:
-    if usage is None:
-        return None
+def usage(usage: Usage) -> dict[str, Any]:
     return {
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": usage.cached_tokens},
@@ -276,6 +274,12 @@ def assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
     return turn
 
 
+def _echoed(tool: dict[str, Any]) -> dict[str, Any]:
+    """A function tool as a Response lists it: every field the document requires, null where not given."""
+    return {"type": "function", "name": tool.get("name"), "description": tool.get("description"),
+            "parameters": tool.get("parameters"), "strict": tool.get("strict")}  # fmt: skip
+
+
 def response_object(
     body: ResponsesBody,
     *,
@@ -312,13 +316,15 @@ def response_object(
         "temperature": body.temperature,
         "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
         "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
-        "tools": body.tools or [],
+        "tools": [_echoed(tool) for tool in body.tools or []],
         "top_p": body.top_p,
         "truncation": "disabled",
-        "usage": usage(answer_usage),
-        "user": body.user,
         "metadata": body.metadata or {},
     }
+    if answer_usage is not None:  # not nullable in the document: left out until there is one
+        out["usage"] = usage(answer_usage)
+    if body.user is not None:
+        out["user"] = body.user
     if p402 is not None:
         out["p402"] = p402
     return out
