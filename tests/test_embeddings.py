@@ -155,3 +155,14 @@ async def test_openapi_documents_embeddings_and_responses(http):
     responses = document["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]
     assert set(responses) == {"application/json", "text/event-stream"}
     assert {"previous_response_id", "store", "tools", "text"} <= set(schemas["ResponsesBody"]["properties"])
+
+
+async def test_max_cost_and_the_deadline_hold_for_embeddings(http, sim):
+    pinned = {"model": "openai/text-embedding-3-large", "input": "a few words"}
+    response = await http.post("/v1/embeddings", json={**pinned, "p402": {"max_cost_usd": 1e-12}})
+    assert_openai_error(response, 400, "no_eligible_model")
+    data = (await http.post("/v1/embeddings", json={"model": "auto", "input": "x", "p402": {"max_cost_usd": 1e-3}})).json()
+    assert data["p402"]["cost_usd"] <= 1e-3
+    sim.state.add_fault(Fault(provider="openai", model="text-embedding-3-large", kind="timeout"))
+    response = await http.post("/v1/embeddings", json={**pinned, "p402": {"timeout_s": 0.3}})
+    assert_openai_error(response, 504)

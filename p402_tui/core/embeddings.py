@@ -22,7 +22,14 @@ import numpy as np
 
 from .catalog import ModelSpec
 from .costs import call_cost
-from .errors import InvalidRequestError, NoEligibleModelError, P402Error, ProviderError, UnavailableError
+from .errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NoEligibleModelError,
+    P402Error,
+    ProviderError,
+    UnavailableError,
+)
 from .events import CacheHit, RequestCompleted, SpendUpdated
 from .hooks import CallContext, RequestRecord, RouteOptions
 from .router import AUTO_MODELS
@@ -101,9 +108,11 @@ class EmbeddingResult:
 
 
 def candidates(
-    orchestrator: Orchestrator, options: RouteOptions, *, dimensions: int | None, longest: int
+    orchestrator: Orchestrator, options: RouteOptions, *, dimensions: int | None, longest: int, tokens: int
 ) -> tuple[list[ModelSpec], bool]:
-    """The embedding models to try in order, and whether the caller pinned one."""
+    """The embedding models to try in order, and whether the caller pinned one. `longest`: the tokens of
+    the longest input; `tokens`: of them all, for `max_cost_usd`."""
+    limit = options.max_cost_usd
     catalog = orchestrator.catalog
     ref = options.model
     mode = options.mode
@@ -122,6 +131,8 @@ def candidates(
             raise InvalidRequestError(f"an input holds {longest} tokens; {spec.id} takes at most {spec.context_window}")
         if spec.provider not in orchestrator.router.usable:
             raise NoEligibleModelError(f"{spec.id} is not usable here: provider {spec.provider!r} has no key or is off")
+        if limit is not None and call_cost(spec, Usage(prompt_tokens=tokens)) > limit:
+            raise NoEligibleModelError(f"{spec.id} would cost more than max_cost_usd ({limit:g}) for these inputs")
         return [spec], True
     tier_cap = TIER_RANK[options.max_tier] if options.max_tier is not None else len(TIER_RANK)
     found = [
@@ -130,6 +141,7 @@ def candidates(
         and m.provider not in options.exclude and m.tier_rank <= tier_cap and m.has(options.require - {"chat"})
         and (dimensions is None or m.id in SHORTENS) and longest <= m.context_window
         and m.deprecated_on is None
+        and (limit is None or call_cost(m, Usage(prompt_tokens=tokens)) <= limit)
     ]  # fmt: skip
     if not found:
         raise NoEligibleModelError(
@@ -164,85 +176,21 @@ async def embed(
     )  # fmt: skip
     ledger = EmbeddingLedgerEntry(model=options.model, messages=[{"role": "user", "content": "\n".join(texts)}])
     counts = [count_text(t).tokens for t in texts]
-    plan, pinned = candidates(orchestrator, options, dimensions=dimensions, longest=max(counts, default=0))
     estimate = sum(counts)
+    plan, pinned = candidates(
+        orchestrator, options, dimensions=dimensions, longest=max(counts, default=0), tokens=estimate
+    )
     record.est_cost_usd = call_cost(plan[0], Usage(prompt_tokens=estimate))
     attempts: list[Attempt] = []
-    spec: ModelSpec | None = None
+    timeout = ctx.timeout_s if ctx.timeout_s is not None else orchestrator.settings.router.request_timeout_s
     try:
-        await orchestrator.hooks.check_budget(ctx, record.est_cost_usd)
-        use_cache = cache is not None and ctx.cache
-        tries = 1 if pinned or not options.failover else len(plan)
-        if not pinned and options.max_retries is not None:
-            tries = min(tries, 1 + options.max_retries)
-        last: ProviderError | None = None
-        for spec in plan[:tries]:
-            keys = [VectorCache.key(record.namespace or "", spec.id, dimensions, t) for t in texts] if use_cache else []
-            found: list[np.ndarray | None] = [cache.get(k) for k in keys] if use_cache else [None] * len(texts)  # type: ignore[union-attr]
-            missing = [i for i, v in enumerate(found) if v is None]
-            saved_tokens = sum(counts[i] for i, v in enumerate(found) if v is not None)
-            billed_tokens = 0
-            if missing:
-                if not orchestrator.health.allow(spec.provider, spec.id):
-                    attempts.append(Attempt(spec.provider, spec.model, "circuit_open", "ejected or throttled", 0.0))
-                    continue
-                called = time.perf_counter()
-                try:
-                    result = await orchestrator.adapter(spec.provider).embed(
-                        [texts[i] for i in missing], model=spec.id, dimensions=dimensions
-                    )
-                except ProviderError as error:
-                    latency_ms = (time.perf_counter() - called) * 1000
-                    orchestrator.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
-                    attempts.append(Attempt(spec.provider, spec.model, error.kind, str(error), latency_ms))
-                    last = error
-                    if not error.retryable and error.kind != "authentication":
-                        raise
-                    continue
-                except asyncio.CancelledError:
-                    orchestrator.health.release(spec.provider, spec.id)
-                    raise
-                latency_ms = (time.perf_counter() - called) * 1000
-                orchestrator.health.record_success(spec.provider, spec.id, latency_ms=latency_ms, output_tokens=0)
-                attempts.append(Attempt(spec.provider, spec.model, None, None, latency_ms))
-                # Gemini reports no usage: its tokens are counted here, as a stream without usage is.
-                billed_tokens = result.prompt_tokens or sum(counts[i] for i in missing)
-                for index, vector in zip(missing, result.vectors):
-                    found[index] = array = np.asarray(vector, dtype=np.float64)
-                    if use_cache:
-                        cache.put(keys[index], array)  # type: ignore[union-attr]
-            cost = call_cost(spec, Usage(prompt_tokens=billed_tokens))
-            saved = call_cost(spec, Usage(prompt_tokens=saved_tokens))
-            meta = P402Meta(
-                provider=spec.provider, model=spec.model, cost_usd=cost,
-                latency_ms=(time.perf_counter() - started) * 1000, attempts=attempts,
-                cached=not missing, saved_usd=saved,
-            )  # fmt: skip
-            record.provider, record.model = spec.provider, spec.model
-            record.prompt_tokens = billed_tokens + saved_tokens
-            record.cost_usd, record.saved_usd = cost, saved
-            record.cached = not missing
-            record.latency_ms = meta.latency_ms
-            record.attempts = list(attempts)
-            if not missing:
-                orchestrator.bus.publish(
-                    CacheHit(request_id=ctx.request_id, match="exact", similarity=1.0, saved_usd=saved,
-                             namespace=record.namespace or "")
-                )  # fmt: skip
-            orchestrator.bus.publish(RequestCompleted(record=record))
-            if cost:
-                orchestrator.bus.publish(
-                    SpendUpdated(provider=spec.provider, model=spec.model, cost_usd=cost, session_id=ctx.session_id)
-                )
-            orchestrator.hooks.completed(record, ledger, None, options, ctx)
-            return EmbeddingResult([v for v in found if v is not None], record.prompt_tokens, meta, spec.model, attempts)
-        spec = None
-        if last is not None and pinned:
-            raise last
-        raise UnavailableError(
-            f"all {len(attempts)} embedding attempt(s) failed" + (f"; last: {last}" if last else ""),
-            attempts, last, retry_after_s=1.0,
-        )
+        async with asyncio.timeout(timeout):
+            return await _run(orchestrator, texts, plan, pinned, counts, record, ledger, options, ctx, dimensions,
+                              cache, attempts, started)
+    except TimeoutError:
+        error = DeadlineExceededError(f"no complete answer within the request's deadline of {timeout:g}s")
+        _failed(orchestrator, record, ledger, options, ctx, error.kind, str(error), attempts, started)
+        raise error from None
     except asyncio.CancelledError:
         _failed(orchestrator, record, ledger, options, ctx, "cancelled", "the caller went away", attempts, started)
         raise
@@ -250,6 +198,85 @@ async def embed(
         _failed(orchestrator, record, ledger, options, ctx, error.kind, str(error), attempts, started)
         raise
 
+
+async def _run(
+    orchestrator: Orchestrator, texts: list[str], plan: list[ModelSpec], pinned: bool, counts: list[int],
+    record: RequestRecord, ledger: ChatRequest, options: RouteOptions, ctx: CallContext, dimensions: int | None,
+    cache: VectorCache | None, attempts: list[Attempt], started: float,
+) -> EmbeddingResult:
+    """The tries in order until one answers; the caller records a failure."""
+    await orchestrator.hooks.check_budget(ctx, record.est_cost_usd or 0.0)
+    use_cache = cache is not None and ctx.cache
+    tries = 1 if pinned or not options.failover else len(plan)
+    if not pinned and options.max_retries is not None:
+        tries = min(tries, 1 + options.max_retries)
+    last: ProviderError | None = None
+    for spec in plan[:tries]:
+        keys = [VectorCache.key(record.namespace or "", spec.id, dimensions, t) for t in texts] if use_cache else []
+        found: list[np.ndarray | None] = [cache.get(k) for k in keys] if use_cache else [None] * len(texts)  # type: ignore[union-attr]
+        missing = [i for i, v in enumerate(found) if v is None]
+        saved_tokens = sum(counts[i] for i, v in enumerate(found) if v is not None)
+        billed_tokens = 0
+        if missing:
+            if not orchestrator.health.allow(spec.provider, spec.id):
+                attempts.append(Attempt(spec.provider, spec.model, "circuit_open", "ejected or throttled", 0.0))
+                continue
+            called = time.perf_counter()
+            try:
+                result = await orchestrator.adapter(spec.provider).embed(
+                    [texts[i] for i in missing], model=spec.id, dimensions=dimensions
+                )
+            except ProviderError as error:
+                latency_ms = (time.perf_counter() - called) * 1000
+                orchestrator.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
+                attempts.append(Attempt(spec.provider, spec.model, error.kind, str(error), latency_ms))
+                last = error
+                if not error.retryable and error.kind != "authentication":
+                    raise
+                continue
+            except asyncio.CancelledError:
+                orchestrator.health.release(spec.provider, spec.id)
+                raise
+            latency_ms = (time.perf_counter() - called) * 1000
+            orchestrator.health.record_success(spec.provider, spec.id, latency_ms=latency_ms, output_tokens=0)
+            attempts.append(Attempt(spec.provider, spec.model, None, None, latency_ms))
+            # Gemini reports no usage: its tokens are counted here, as a stream without usage is.
+            billed_tokens = result.prompt_tokens or sum(counts[i] for i in missing)
+            for index, vector in zip(missing, result.vectors):
+                found[index] = array = np.asarray(vector, dtype=np.float64)
+                if use_cache:
+                    cache.put(keys[index], array)  # type: ignore[union-attr]
+        cost = call_cost(spec, Usage(prompt_tokens=billed_tokens))
+        saved = call_cost(spec, Usage(prompt_tokens=saved_tokens))
+        meta = P402Meta(
+            provider=spec.provider, model=spec.model, cost_usd=cost,
+            latency_ms=(time.perf_counter() - started) * 1000, attempts=attempts,
+            cached=not missing, saved_usd=saved,
+        )  # fmt: skip
+        record.provider, record.model = spec.provider, spec.model
+        record.prompt_tokens = billed_tokens + saved_tokens
+        record.cost_usd, record.saved_usd = cost, saved
+        record.cached = not missing
+        record.latency_ms = meta.latency_ms
+        record.attempts = list(attempts)
+        if not missing:
+            orchestrator.bus.publish(
+                CacheHit(request_id=ctx.request_id, match="exact", similarity=1.0, saved_usd=saved,
+                         namespace=record.namespace or "")
+            )  # fmt: skip
+        orchestrator.bus.publish(RequestCompleted(record=record))
+        if cost:
+            orchestrator.bus.publish(
+                SpendUpdated(provider=spec.provider, model=spec.model, cost_usd=cost, session_id=ctx.session_id)
+            )
+        orchestrator.hooks.completed(record, ledger, None, options, ctx)
+        return EmbeddingResult([v for v in found if v is not None], record.prompt_tokens, meta, spec.model, attempts)
+    if last is not None and pinned:
+        raise last
+    raise UnavailableError(
+        f"all {len(attempts)} embedding attempt(s) failed" + (f"; last: {last}" if last else ""),
+        attempts, last, retry_after_s=1.0,
+    )
 
 def _failed(
     orchestrator: Orchestrator, record: RequestRecord, ledger: ChatRequest, options: RouteOptions, ctx: CallContext,

@@ -181,7 +181,7 @@ class OpenAIFamily:
         try:
             self._check_auth(request)
             body = await self._json_body(request)
-            return await self._embeddings(body)
+            return await self._embeddings(request, body)
         except SimError as error:
             return self.error_response(error)
 
@@ -678,7 +678,7 @@ class OpenAIFamily:
 
     # --- embeddings ---------------------------------------------------------------
 
-    async def _embeddings(self, body: dict[str, Any]) -> Response:
+    async def _embeddings(self, request: Request, body: dict[str, Any]) -> Response:
         spec = self._model(body)
         if "embeddings" not in spec.capabilities:
             raise SimError(400, f"{spec.model} is not an embeddings model", "invalid_request_error", param="model")
@@ -688,6 +688,9 @@ class OpenAIFamily:
                            "invalid_request_error", param="input")
         self.state.record_call(self.id, spec.model)
         fault = self.state.fault_for(self.id, spec.model)
+        if fault is not None and fault.kind == "timeout":
+            await hang_until_disconnect(request)
+            return Response(status_code=504)
         if fault is not None and fault.kind in ("error", "rate_limit"):
             raise self._fault_error(fault, spec.model)
         dimensions = body.get("dimensions") or EMBED_DIMENSIONS.get(spec.model, 1024)
