@@ -63,15 +63,16 @@ class Embeddings:
     """The route, and the vectors it has already fetched, by exact input."""
 
     def __init__(self, gateway: Any) -> None:
+        from .app import read_body  # made by the app, once it is loaded
+
         self.gateway = gateway
+        self.read_body = read_body
         self.cache = VectorCache()
 
     async def create(self, request: Request) -> Any:
-        from .app import read_body
-
         gateway = self.gateway
         gateway.check_ledger()
-        body = await read_body(request, gateway.max_body)
+        body = await self.read_body(request, gateway.max_body)
         try:
             parsed = EmbeddingsBody.model_validate_json(body)
         except ValidationError as error:

@@ -21,9 +21,10 @@ from starlette.responses import Response
 
 from ..core.errors import P402Error
 from ..core.tokens import off_loop
-from ..core.types import ChatChunk, Usage, json_bytes
+from ..core.hooks import MAX_MESSAGES
+from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
 from . import sse
-from .bodies import parse_chat
+from .bodies import route_and_context
 from .errors import GatewayError, from_validation_error, p402_status
 from .responses_wire import (
     ResponsesBody,
@@ -45,17 +46,19 @@ class Responses:
     """The routes, and the answers kept for the next turn."""
 
     def __init__(self, gateway: Any) -> None:
+        from .app import LARGE_BODY_BYTES, read_body  # made by the app, once it is loaded
+
         self.gateway = gateway
+        self.read_body = read_body
+        self.large = LARGE_BODY_BYTES
         self.recent: OrderedDict[str, tuple[str | None, dict[str, Any], list[Any]]] = OrderedDict()
 
     # --- POST /v1/responses -----------------------------------------------------------
 
     async def create(self, request: Request) -> Any:
-        from .app import LARGE_BODY_BYTES, read_body
-
         gateway = self.gateway
         gateway.check_ledger()
-        raw = await read_body(request, gateway.max_body)
+        raw = await self.read_body(request, gateway.max_body)
         try:
             body = ResponsesBody.model_validate_json(raw)
         except ValidationError as error:
@@ -69,12 +72,9 @@ class Responses:
                                    "or was deleted", param="previous_response_id", code="previous_response_not_found")
             history = found[1]
         directives = request.headers.get("cache-control", "")
-        chat_dict, conversation = chat_body(body, history)
-        parse = functools.partial(
-            parse_chat, json_bytes(chat_dict), gateway.orchestrator.catalog, api_key_id=key_id,
-            no_cache="no-cache" in directives or "no-store" in directives,
-        )  # fmt: skip
-        chat, options, ctx = await off_loop(parse) if len(raw) >= LARGE_BODY_BYTES else parse()
+        no_cache = "no-cache" in directives or "no-store" in directives
+        parse = functools.partial(_chat_request, body, history, gateway.orchestrator.catalog, key_id, no_cache)
+        chat, options, ctx, conversation = await off_loop(parse) if len(raw) >= self.large else parse()
         await gateway.bind(request, ctx)
         response_id = new_item_id("resp")
         if chat.stream:
@@ -153,6 +153,23 @@ class Responses:
                         media_type="application/json")  # fmt: skip
 
 
+def _chat_request(
+    body: ResponsesBody, history: list[Any], catalog: Any, key_id: str | None, no_cache: bool
+) -> tuple[ChatRequest, Any, Any, list[Any]]:
+    """The chat request this one runs as, validated as the chat route validates its own, how to route it,
+    who asks, and the conversation it continues."""
+    chat_dict, conversation = chat_body(body, history)
+    try:
+        chat = ChatRequest.model_validate(chat_dict)
+    except ValidationError as error:
+        raise from_validation_error(error) from None
+    if len(chat.messages) > MAX_MESSAGES:
+        message = f"the conversation holds {len(chat.messages)} messages; at most {MAX_MESSAGES} are accepted"
+        raise GatewayError(400, message, param="input", code="too_many_messages")
+    options, ctx = route_and_context(body.p402, catalog, chat.model, api_key_id=key_id, no_cache=no_cache)
+    return chat, options, ctx, conversation
+
+
 def _not_found(response_id: str) -> GatewayError:
     return GatewayError(404, f"no stored response {response_id!r}", param="response_id", code="not_found")
 
@@ -183,7 +200,7 @@ class _Output:
         self.open = (kind, item, index)
         self.text = []
         self.items.append(item)
-        out.append(self.event("response.output_item.added", {"output_index": index, "item": dict(item)}))
+        out.append(self.event("response.output_item.added", {"output_index": index, "item": item}))  # written now
         where = _where(item, index)
         if kind == "message":
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}

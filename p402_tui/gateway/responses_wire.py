@@ -89,7 +89,7 @@ def chat_body(body: ResponsesBody, history: list[dict[str, Any]]) -> tuple[dict[
     if body.text is not None and (fmt := response_format(body.text)) is not None:
         chat["response_format"] = fmt
     for name, value in (("max_tokens", body.max_output_tokens), ("temperature", body.temperature),
-                        ("top_p", body.top_p), ("p402", body.p402)):  # fmt: skip
+                        ("top_p", body.top_p)):  # fmt: skip
         if value is not None:
             chat[name] = value
     return chat, conversation
