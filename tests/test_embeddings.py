@@ -109,6 +109,7 @@ async def test_bad_requests_are_openai_shaped_400s_and_404s(http):
         ({"model": "auto", "input": [""]}, 400, "input[0]"),
         ({"model": "auto", "input": [[]]}, 400, "input[0]"),
         ({"model": "auto", "input": [10**9]}, 400, "input"),
+        ({"model": "auto", "input": [[1, 1064470817308]]}, 400, "input[0][1]"),
         ({"model": "auto", "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
         ({"model": "auto", "input": "x", "dimensions": 0}, 400, "dimensions"),
         ({"model": "auto", "input": ["x"] * 2049}, 400, "input"),

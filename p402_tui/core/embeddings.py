@@ -305,5 +305,5 @@ def untokenize(tokens: list[int]) -> str:
         raise InvalidRequestError("token arrays need the cl100k_base tokenizer, which is not installed; send text")
     try:
         return encoding.decode(tokens, errors="strict")
-    except (KeyError, ValueError, UnicodeDecodeError) as error:
+    except (KeyError, ValueError, OverflowError) as error:  # an id past the vocabulary, or past any integer it has
         raise InvalidRequestError(f"input holds token ids that do not decode: {error}") from None

@@ -21,7 +21,7 @@ from .errors import GatewayError, from_validation_error
 
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
 
-Tokens = list[Annotated[int, Field(ge=0), JSON_INTEGER]]
+Tokens = list[Annotated[int, Field(ge=0, le=2**31 - 1), JSON_INTEGER]]
 
 
 class EmbeddingsBody(BaseModel):

@@ -721,7 +721,7 @@ def _embedding_texts(raw: Any) -> list[str] | None:
             encoding, _ = encoding_for("text-embedding-3-small")
             try:
                 item = encoding.decode(item) if encoding is not None else None
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, OverflowError):
                 item = None
         if not isinstance(item, str) or not item:
             return None
