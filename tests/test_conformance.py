@@ -14,6 +14,7 @@ random value could not be routed: `model` is one of a few ids the simulator serv
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -192,7 +193,8 @@ def sse_events(text: str) -> list[Any]:
     """The JSON of each `data:` event in a stream, and the `[DONE]` marker as the string."""
     events = []
     for block in text.split("\n\n"):
-        data = "\n".join(line[5:].lstrip() for line in block.splitlines() if line.startswith("data:"))
+        # Lines end at CR or LF only, as SSE says (str.splitlines would also cut at U+2028 inside a JSON string).
+        data = "\n".join(line[5:].lstrip() for line in re.split(r"\r\n|\r|\n", block) if line.startswith("data:"))
         if data:
             events.append(data if data == "[DONE]" else json.loads(data))
     return events

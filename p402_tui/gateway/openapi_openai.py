@@ -103,7 +103,8 @@ def paths() -> dict[str, Any]:
                     "typed events: response.created, response.in_progress, response.output_item.added, "
                     "response.content_part.added, response.output_text.delta/.done, "
                     "response.function_call_arguments.delta/.done, response.output_item.done, and "
-                    "response.completed (or response.failed if the stream breaks after it began)."
+                    "response.completed (response.incomplete when max_output_tokens cut it short, response.failed if the "
+                    "stream breaks after it began)."
                 ),
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ResponsesBody")}}},
                 "responses": {
