@@ -218,7 +218,7 @@ class Adapter:
         if isinstance(error, socket.gaierror):
             return DnsError(f"the name {host} does not resolve: {message}", **where)
         if isinstance(error, ssl.SSLCertVerificationError):
-            reason = error.verify_message or message
+            reason = getattr(error, "verify_message", None) or message
             return TlsError(f"the certificate of {host} is not trusted: {reason}", **where)
         if isinstance(error, ssl.SSLError):
             return TlsError(f"TLS with {host} failed: {message}", **where)
