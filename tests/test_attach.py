@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from textual.widgets import Input
 
 from p402_tui.core.config import Settings
 from p402_tui.core.errors import P402Error
-from p402_tui.core.events import RequestCompleted, RouteDecided
+from p402_tui.core.events import DecisionBrief, RequestCompleted, RouteDecided
 from p402_tui.core.hooks import RequestRecord, RouteOptions
 from p402_tui.core.types import Attempt, ChatMessage, ChatRequest
 from p402_tui.runtime import Runtime
@@ -316,3 +317,22 @@ async def test_attached_to_p402_serve_sim_the_dashboard_shows_another_clients_de
             assert app.state.decisions[decision_id].candidates > 1
     finally:
         await source.aclose()
+
+
+async def test_the_event_stream_sends_decisions_in_brief_and_each_is_read_whole_by_id(fresh_sim_settings, tmp_path):
+    async with gateway(fresh_sim_settings, db_path=tmp_path / "p402.db") as (_runtime, running):
+        async with httpx.AsyncClient(base_url=running.url, timeout=10) as http:
+            async with http.stream("GET", "/api/v2/events", params={"kinds": "route_decided"}) as events:
+                frames = sse_frames(events.aiter_lines())
+                answer = await http.post("/v1/chat/completions", json=chat_body("in brief, please"))
+                kind, data = await anext(frames)
+            decision_id = answer.json()["p402"]["decision_id"]
+            assert kind == "route_decided" and len(data) < 1024  # whole, a decision is ~40 kB
+            brief = json.loads(data)["decision"]
+            listed = (await http.get("/api/v2/decisions", params={"limit": 1})).json()["data"][0]
+            assert brief.keys() == listed.keys() and brief["id"] == listed["id"] == decision_id
+            assert brief["chosen"] == listed["chosen"] and brief["candidates"] == listed["candidates"] > 1
+            event = event_from_dict(kind, json.loads(data))
+            assert isinstance(event.decision, DecisionBrief) and event.decision.chosen == brief["chosen"]
+            whole = (await http.get(f"/api/v2/decisions/{decision_id}")).json()
+            assert len(whole["candidates"]) == brief["candidates"]

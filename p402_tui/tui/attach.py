@@ -7,8 +7,10 @@ the orchestrator's in-process, so its panes work unchanged in both modes. The
 snapshots the panes poll (provider health, sessions, spend) come from the
 gateway's JSON endpoints, and chat goes through its `/v1/chat/completions`.
 
-The decisions made before the console attached come from `/api/v2/decisions` (in brief; one
-whole when opened), so the list is full from the first frame.
+The event stream carries each decision in brief (the shape `/api/v2/decisions` lists), so
+hundreds of watchers cost the gateway little; a decision is read whole, by its id, when the
+console opens it. The decisions made before the console attached come from `/api/v2/decisions`,
+so the list is full from the first frame.
 
 The link reconnects by itself with a growing backoff and says how it is doing
 (`AttachClient.link`), which the header shows. Attached, the console only
@@ -35,6 +37,7 @@ from ..core.errors import P402Error
 from ..core.events import (
     AttemptFailed,
     CacheHit,
+    DecisionBrief,
     Event,
     EventBus,
     HealthChanged,
@@ -193,7 +196,10 @@ def event_from_dict(kind: str, data: dict[str, Any]) -> Event | None:
     """The `core.events` object an SSE frame carries; None for kinds this console does not know."""
     ts = float(data.get("ts") or time.time())
     if kind == RouteDecided.kind:
-        return RouteDecided(decision=decision_from_dict(data["decision"]), ts=ts)
+        decision = data["decision"]
+        if isinstance(decision.get("candidates"), list):  # whole, as in process
+            return RouteDecided(decision=decision_from_dict(decision), ts=ts)
+        return RouteDecided(decision=DecisionBrief.from_dict(decision), ts=ts)  # in brief, as the gateway streams it
     if kind == RequestCompleted.kind:
         return RequestCompleted(record=record_from_dict(data["record"]), ts=ts)
     for cls in (AttemptFailed, RequestRejected, HealthChanged, SpendUpdated, CacheHit):
@@ -272,7 +278,7 @@ class AttachClient:
         self.url = gateway_url(url)
         self.bus = bus or EventBus()
         self.link = Link(self.url)
-        self.decisions: OrderedDict[str, RouteDecision] = OrderedDict()  # recent ones, for chat's routing line
+        self.decisions: OrderedDict[str, DecisionBrief | RouteDecision] = OrderedDict()  # recent ones, in brief
         self.backoff_first_s = backoff_first_s
         self.backoff_max_s = backoff_max_s
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -462,11 +468,12 @@ class RemoteChatStream:
         self._chunks: AsyncIterator[ChatChunk] | None = None
         self._response: httpx.Response | None = None
         self._started = time.monotonic()
+        self._decision: RouteDecision | None = None
 
     @property
     def decision(self) -> RouteDecision | None:
-        """The routing decision, when its event has arrived on the attached event stream."""
-        return self.client.decisions.get(self.meta.decision_id) if self.meta.decision_id else None
+        """The routing decision, read whole from the gateway once the answer has ended."""
+        return self._decision
 
     def __aiter__(self) -> "RemoteChatStream":
         return self
@@ -502,6 +509,7 @@ class RemoteChatStream:
                                    code=_error_code(text))
             async for _, data in sse_frames(response.aiter_lines()):
                 if data == "[DONE]":
+                    await self._read_decision()
                     return
                 frame = json.loads(data)
                 if "error" in frame:
@@ -516,6 +524,17 @@ class RemoteChatStream:
             raise GatewayError(_network_message(exc)) from None
         finally:
             await response.aclose()
+
+    async def _read_decision(self) -> None:
+        """The answer's decision whole (the event stream sends it in brief), for its routing line."""
+        if self.meta.decision_id is None:
+            return
+        try:
+            found = await self.client.decision(self.meta.decision_id)
+        except GatewayError:
+            return  # the answer stands without its routing line
+        if found is not None:
+            self._decision = decision_from_dict(found)
 
     def _chunk(self, frame: dict[str, Any]) -> ChatChunk | None:
         if "p402" in frame:
@@ -754,7 +773,7 @@ class RemoteSource:
 
     async def decision(self, decision_id: str) -> dict[str, Any] | None:
         known = self.client.decisions.get(decision_id)
-        if known is not None:
+        if isinstance(known, RouteDecision):
             return known.to_dict()
         return await self.client.decision(decision_id)
 
