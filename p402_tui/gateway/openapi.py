@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from .. import __version__
 from ..core.events import EVENT_KINDS
 from ..core.types import ChatRequest
-from ..store.analytics import PERIOD_PATTERN
+from ..service.spend import PERIOD_PATTERN
 from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
 
 _REF = "#/components/schemas/{model}"
