@@ -24,16 +24,10 @@ from p402_tui.core.types import Attempt, ChatMessage, ChatRequest
 from p402_tui.runtime import Runtime
 from p402_tui.store.queries import create_key
 from p402_tui.tui.app import ConsoleApp
-from p402_tui.tui.attach import (
-    AttachClient,
-    GatewayError,
-    RemoteSource,
-    decision_from_dict,
-    event_from_dict,
-    gateway_url,
-    open_remote,
-    sse_frames,
-)
+from p402_tui.client import event_from_dict
+from p402_tui.core.router import RouteDecision
+from p402_tui.core.sse import iter_sse
+from p402_tui.tui.attach import AttachClient, GatewayError, RemoteSource, gateway_url, open_remote
 from p402_tui.tui.screens.chat import AnswerView, ChatScreen
 from p402_tui.tui.screens.dashboard import DashboardScreen
 from p402_tui.tui.widgets.decisions import DecisionsTable
@@ -140,7 +134,7 @@ async def test_a_gateway_with_keys_wants_the_key(fresh_sim_settings, tmp_path):
             assert secret not in keyless.link.error
         async with AttachClient(running.url, key=secret) as keyed:
             await keyed.wait_until_up()
-            assert (await keyed.sessions()) == []
+            assert (await keyed.api.sessions()) == []
 
 
 async def test_attaching_with_a_missing_or_wrong_key_is_an_error_not_a_retry(fresh_sim_settings, tmp_path):
@@ -241,11 +235,12 @@ def test_attach_wants_an_http_url():
 
 
 async def test_sse_frames_are_parsed_and_keep_alives_skipped():
-    async def lines():
-        for line in [": subscribed", "", "event: route_decided", 'data: {"a":', "data: 1}", "", ": keep-alive", ""]:
-            yield line
+    async def pieces():  # split anywhere, as reads of a connection are
+        text = b': subscribed\n\nevent: route_decided\r\ndata: {"a":\ndata: 1}\n\n: keep-alive\n\ndata: [DONE]\n\n'
+        for at in range(0, len(text), 7):
+            yield text[at : at + 7]
 
-    assert [frame async for frame in sse_frames(lines())] == [("route_decided", '{"a":\n1}')]
+    assert [frame async for frame in iter_sse(pieces())] == [("route_decided", '{"a":\n1}'), (None, "[DONE]")]
 
 
 def test_events_rebuild_as_the_objects_they_were(fresh_sim_settings):
@@ -254,7 +249,7 @@ def test_events_rebuild_as_the_objects_they_were(fresh_sim_settings):
     orchestrator = Orchestrator(fresh_sim_settings)
     decision = orchestrator.route(ChatRequest(messages=[ChatMessage(role="user", content="hi")]), RouteOptions(mode="cost"))
     sent = decision.to_dict()
-    rebuilt = decision_from_dict(sent)
+    rebuilt = RouteDecision.from_dict(sent)
     assert rebuilt.to_dict() == sent
     assert rebuilt.chosen.id == decision.chosen.id and len(rebuilt.candidates) == len(decision.candidates)
     assert [c.to_dict() for c in rebuilt.candidates] == sent["candidates"]  # built on demand, each as it was
@@ -323,7 +318,7 @@ async def test_the_event_stream_sends_decisions_in_brief_and_each_is_read_whole_
     async with gateway(fresh_sim_settings, db_path=tmp_path / "p402.db") as (_runtime, running):
         async with httpx.AsyncClient(base_url=running.url, timeout=10) as http:
             async with http.stream("GET", "/api/v2/events", params={"kinds": "route_decided"}) as events:
-                frames = sse_frames(events.aiter_lines())
+                frames = iter_sse(events.aiter_raw())
                 answer = await http.post("/v1/chat/completions", json=chat_body("in brief, please"))
                 kind, data = await anext(frames)
             decision_id = answer.json()["p402"]["decision_id"]
