@@ -38,6 +38,10 @@ class Event:
     def payload(self) -> dict[str, Any]:
         return {}
 
+    def wire(self) -> dict[str, Any]:
+        """Its form on the gateway's event stream."""
+        return self.to_dict()
+
 
 @dataclass(slots=True)
 class RouteDecided(Event):

@@ -42,8 +42,7 @@ def event_frame(kind: str, data: Any) -> bytes:
 def bus_event_frame(event: Any) -> bytes:
     """A bus event's frame, serialised once however many clients stream it (a decision goes in brief)."""
     if event.frame is None:
-        wire = getattr(event, "wire", None)
-        event.frame = event_frame(event.kind, wire() if wire is not None else event.to_dict())
+        event.frame = event_frame(event.kind, event.wire())
     return event.frame
 
 
