@@ -207,7 +207,9 @@ class AsyncP402:
         """The answer cache: its embedder and stats (`{"enabled": false}` when off)."""
         return await self._call("GET", "/api/v2/cache")
 
-    async def events(self, kinds: Iterable[str] = (), *, on_open: Callable[[], None] | None = None) -> AsyncIterator[Event]:
+    async def events(
+        self, kinds: Iterable[str] = (), *, on_open: Callable[[], None] | None = None
+    ) -> AsyncIterator[Event]:
         """The live events, as the `core.events` objects they were (a decision in brief:
         `decision(id)` has it whole), until the gateway ends the stream; `kinds` filters.
         `on_open` is called once the gateway has taken the subscription."""

@@ -314,7 +314,8 @@ class Gateway:
 
     async def create_session(self, request: Request) -> Any:
         body = validate(SessionCreate, await read_json(request, self.max_body))
-        created = await self.service.create_session(**body.model_dump(), api_key_id=request.scope.get("p402.api_key_id"))
+        key_id = request.scope.get("p402.api_key_id")
+        created = await self.service.create_session(**body.model_dump(), api_key_id=key_id)
         return json_response(created, status=201)
 
     @staticmethod

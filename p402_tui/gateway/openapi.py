@@ -490,7 +490,8 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "description": (
                     f"Kinds: {', '.join(EVENT_KINDS)}. Comment lines are heartbeats. `kinds=a,b` filters; "
                     "an unknown kind is a 400. `route_decided` carries the decision in brief (a "
-                    "`DecisionSummary`); `/api/v2/decisions/{decision_id}` has it whole. A subscriber that falls further behind than its buffer gets a "
+                    "`DecisionSummary`); `/api/v2/decisions/{decision_id}` has it whole. A subscriber that "
+                    "falls further behind than its buffer gets a "
                     "last `lagged` event and is disconnected; past [gateway] max_event_subscribers a new one "
                     "gets a 503."
                 ),

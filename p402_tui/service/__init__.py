@@ -88,10 +88,14 @@ class Service:
     async def resolve_session(self, ref: str, *, api_key_id: str | None = None) -> str:
         return await sessions.resolve(self._store(), ref, api_key_id)
 
-    async def session_requests(self, ref: str, *, limit: int = 100, api_key_id: str | None = None) -> list[dict[str, Any]]:
+    async def session_requests(
+        self, ref: str, *, limit: int = 100, api_key_id: str | None = None
+    ) -> list[dict[str, Any]]:
         return await sessions.requests(await self._fresh(), ref, limit=limit, api_key_id=api_key_id)
 
-    async def session_messages(self, ref: str, *, limit: int = 200, api_key_id: str | None = None) -> list[dict[str, Any]]:
+    async def session_messages(
+        self, ref: str, *, limit: int = 200, api_key_id: str | None = None
+    ) -> list[dict[str, Any]]:
         return await sessions.messages(await self._fresh(), ref, limit=limit, api_key_id=api_key_id)
 
     # --- spend and advice ----------------------------------------------------------------
@@ -101,8 +105,9 @@ class Service:
         end: str | None = None, include_simulated: bool | None = None,
     ) -> Spend:  # fmt: skip
         return await spend.spend(  # type: ignore[return-value]
-            await self._fresh(), period, by=by, start=start, end=end, include_simulated=self._simulated(include_simulated)
-        )
+            await self._fresh(), period, by=by, start=start, end=end,
+            include_simulated=self._simulated(include_simulated),
+        )  # fmt: skip
 
     async def recommendations(
         self, period: str | None = "30d", *, start: str | None = None, end: str | None = None,

@@ -40,7 +40,9 @@ from ..core.hooks import CallContext, RouteOptions
 from ..core.router import RouteDecision
 from ..core.types import ChatRequest
 
-__all__ = ["AttachClient", "GatewayError", "Link", "RemoteLink", "RemoteSource", "gateway_url", "open_remote", "run_attached"]
+__all__ = [
+    "AttachClient", "GatewayError", "Link", "RemoteLink", "RemoteSource", "gateway_url", "open_remote", "run_attached",
+]  # fmt: skip
 
 HEARTBEAT_GRACE_S = 45.0  # the gateway sends a keep-alive every 15 s; three missed ones mean the link is dead
 BACKOFF_FIRST_S = 0.5
