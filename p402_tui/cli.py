@@ -74,27 +74,20 @@ def db_exists(args: argparse.Namespace, settings) -> bool:
     if Path(settings.db_path).expanduser().is_file():
         return True
     if getattr(args, "db", None):
-        from .store.db import StoreError
+        from .service import StoreError
 
         raise StoreError(f"no P402 database at {settings.db_path}: nothing has been recorded there")
     return False
 
 
 @asynccontextmanager
-async def open_store(settings, *, create: bool) -> AsyncIterator[Any]:
-    """The database. Without `create`, a file not made yet reads as an empty one: reading never creates it."""
-    import tempfile
+async def open_service(settings, *, create: bool, must_exist: bool = False) -> AsyncIterator[Any]:
+    """The use cases on the database. Without `create`, a file not made yet reads as an empty one:
+    reading never creates it."""
+    from . import service
 
-    from .store.store import Store
-
-    path = Path(settings.db_path).expanduser()
-    if create or await asyncio.to_thread(path.is_file):
-        async with await Store.open(path) as store:
-            yield store
-        return
-    with tempfile.TemporaryDirectory(prefix="p402-empty-") as temp:
-        async with await Store.open(Path(temp) / "empty.db") as store:
-            yield store
+    async with service.open_service(settings.db_path, settings.catalog, create=create, must_exist=must_exist) as found:
+        yield found
 
 
 def written_to(settings) -> str:
@@ -378,10 +371,8 @@ async def chat_once(
     async with Runtime.open(settings, persist=persist) as runtime:
         orchestrator = runtime.orchestrator
         ctx = ctx or CallContext(source="cli")
-        if ctx.session_id is not None and runtime.store is not None:
-            from .store.sessions import resolve_session
-
-            ctx.session_id = await resolve_session(runtime.store, ctx.session_id)
+        if ctx.session_id is not None and runtime.service.persistent:
+            ctx.session_id = await runtime.service.resolve_session(ctx.session_id)
         if request.stream:
             assembler = None
             async with orchestrator.stream(request, options, ctx) as stream:
@@ -667,13 +658,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 async def _keys(args: argparse.Namespace, settings) -> int:
-    from .store import queries
-
     if args.keys_command == "create" and not args.name.strip():
         raise P402Error("a key needs a non-empty --name")
-    async with open_store(settings, create=args.keys_command == "create") as store:
+    async with open_service(settings, create=args.keys_command == "create") as service:
         if args.keys_command == "create":
-            record, secret = await queries.create_key(store, args.name.strip())
+            record, secret = await service.create_key(args.name)
             if args.json:
                 print_json({**record, "key": secret})
             else:
@@ -682,7 +671,7 @@ async def _keys(args: argparse.Namespace, settings) -> int:
                 print(secret)
                 print("clients send it as `Authorization: Bearer <key>` (the OpenAI SDK's api_key)", file=sys.stderr)
         elif args.keys_command == "list":
-            keys = await queries.list_keys(store)
+            keys = await service.keys()
             if args.json:
                 print_json(keys)
             else:
@@ -692,8 +681,7 @@ async def _keys(args: argparse.Namespace, settings) -> int:
                      for k in keys],
                 )
         else:
-            if not await queries.revoke_key(store, args.id):
-                raise P402Error(f"no active key {args.id!r}; `p402 keys list` shows them")
+            await service.revoke_key(args.id)
             print(f"revoked {args.id} {written_to(settings)}")
     return 0
 
@@ -708,14 +696,15 @@ def _when(ts: float) -> str:
 
 
 def cmd_spend(args: argparse.Namespace) -> int:
-    from .store.analytics import parse_period, spend
+    from .service.spend import period_label
 
     settings = settings_from(args)
-    period = parse_period(args.period, start=args.start, end=args.end)
+    label = period_label(args.period, start=args.start, end=args.end)
 
     async def report() -> dict[str, Any]:
-        async with open_store(settings, create=False) as store:
-            return await spend(store, period, args.by, include_simulated=args.include_simulated)
+        async with open_service(settings, create=False) as service:
+            return await service.spend(args.period, by=args.by, start=args.start, end=args.end,
+                                       include_simulated=args.include_simulated)
 
     fresh = not db_exists(args, settings)
     result = run_async(report())
@@ -725,9 +714,9 @@ def cmd_spend(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     if fresh:
-        print(f"{period.label}: $0 over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
+        print(f"{label}: $0 over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
         return 0
-    print(f"{period.label}: {usd(result['total_usd'])} over {result['requests']} requests "
+    print(f"{label}: {usd(result['total_usd'])} over {result['requests']} requests "
           f"({result['cached']} from the cache, saving {usd(result['saved_usd'])}; {result['errors']} failed)")
     if result.get("simulated_left_out"):
         print(f"{result['simulated_left_out']} simulated requests left out (--include-simulated counts them)")
@@ -743,14 +732,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 async def _sessions(args: argparse.Namespace, settings) -> int:
-    from .store import sessions
-
-    async with open_store(settings, create=args.sessions_command == "create") as store:
+    async with open_service(settings, create=args.sessions_command == "create") as service:
         action = args.sessions_command
         if action in ("show", "update", "delete"):
-            args.id = await sessions.resolve_session(store, args.id)
+            args.id = await service.resolve_session(args.id)
         if action == "list":
-            found = await sessions.list_sessions(store, status=args.status)
+            found = await service.sessions(status=args.status)
             if args.json:
                 print_json(found)
             else:
@@ -761,12 +748,12 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
                 )
             return 0
         if action == "create":
-            session = await sessions.create_session(
-                store, name=args.name, budget_usd=args.budget, agent=args.agent, metadata=_json_object(args.metadata)
+            session = await service.create_session(
+                args.name, budget_usd=args.budget, agent=args.agent, metadata=_json_object(args.metadata)
             )
         elif action == "show":
-            session = await sessions.get_session(store, args.id)
-            session["messages"] = await sessions.session_messages(store, args.id, limit=args.messages)
+            session = await service.session(args.id)
+            session["messages"] = await service.session_messages(args.id, limit=args.messages)
         elif action == "update":
             changes: dict[str, Any] = {}
             for flag in ("name", "status", "agent"):
@@ -780,9 +767,9 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
                 changes["metadata"] = _json_object(args.metadata)
             if not changes:
                 raise P402Error("nothing to change: give --name, --budget, --no-budget, --status, --agent or --metadata")
-            session = await sessions.update_session(store, args.id, **changes)
+            session = await service.update_session(args.id, **changes)
         else:
-            await sessions.delete_session(store, args.id)
+            await service.delete_session(args.id)
             if args.json:
                 print_json({"id": args.id, "deleted": True})
             else:
@@ -815,15 +802,12 @@ def _json_object(text: str | None) -> dict[str, Any] | None:
 
 def cmd_decisions(args: argparse.Namespace) -> int:
     from .core.router import RouteDecision
-    from .store.queries import get_decision
 
     settings = settings_from(args)
 
     async def read() -> dict[str, Any] | None:
-        from .store.store import Store
-
-        async with await Store.open(settings.db_path, create=False) as store:
-            return await get_decision(store, args.id)
+        async with open_service(settings, create=False, must_exist=True) as service:
+            return await service.decision(args.id)
 
     found = run_async(read())
     if isinstance(found, int):
@@ -838,14 +822,15 @@ def cmd_decisions(args: argparse.Namespace) -> int:
 
 
 def cmd_recommendations(args: argparse.Namespace) -> int:
-    from .store.analytics import parse_period, recommendations
+    from .service.spend import period_label
 
     settings = settings_from(args)
-    period = parse_period(args.period, start=args.start, end=args.end)
+    label = period_label(args.period, start=args.start, end=args.end)
 
     async def advise() -> list[dict[str, Any]]:
-        async with open_store(settings, create=False) as store:
-            return await recommendations(store, settings.catalog, period, include_simulated=args.include_simulated)
+        async with open_service(settings, create=False) as service:
+            return await service.recommendations(args.period, start=args.start, end=args.end,
+                                                 include_simulated=args.include_simulated)
 
     fresh = not db_exists(args, settings)
     found = run_async(advise())
@@ -856,7 +841,7 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
     elif fresh:
         print(f"nothing to recommend: no traffic yet (nothing recorded in {settings.db_path})")
     elif not found:
-        print(f"nothing to recommend from the ledger ({period.label})")
+        print(f"nothing to recommend from the ledger ({label})")
     else:
         for number, item in enumerate(found, 1):
             saving = "" if item["monthly_saving_usd"] is None else f"  (~{usd(item['monthly_saving_usd'])}/month)"
@@ -874,7 +859,8 @@ async def _cache(args: argparse.Namespace, settings) -> int:
 
     if args.cache_command == "build":
         return await _cache_build(args, settings)
-    async with open_store(settings, create=False) as store:
+    async with open_service(settings, create=False) as service:
+        store = service.store
         cache = SemanticCache.from_config(store, settings.cache)
         if args.cache_command == "clear":
             removed = await cache.clear(args.namespace)

@@ -26,10 +26,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
-from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged
+from ..core.events import (
+    EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged, decision_columns,
+    decision_summary,
+)  # fmt: skip
 from ..core.tokens import off_loop
-from ..core.sessions import SESSION_STATUSES
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Usage, json_bytes, round_costs
+from ..service import Service
 from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -78,7 +81,7 @@ LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if
 # After each write an event stream waits this long before its next: what arrives meanwhile goes in one
 # write, so a subscriber costs at most ten wake-ups a second however fast events come.
 EVENT_TICK_S = 0.1
-EVENT_SNDBUF = 256 * 1024  # ~2.5 MB/s to a subscriber 100 ms away
+EVENT_SNDBUF = 32 * 1024  # ~320 kB/s to a subscriber 100 ms away: ~300 requests/s of events in brief
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -157,8 +160,10 @@ class Gateway:
         auth: GatewayAuth | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         simulated: bool = False,
+        service: Service | None = None,
     ) -> None:
         self.orchestrator = orchestrator
+        self.service = service or Service(store, orchestrator.catalog, simulated=simulated)
         self.simulated = simulated  # every provider is the simulator: its reports count simulated rows by default
         self.settings = settings
         self.store = store
@@ -228,10 +233,8 @@ class Gateway:
 
     async def bind(self, request: Request, ctx: Any) -> None:
         """The session named by id or name resolved, and the request's id noted for its refusal event."""
-        if ctx.session_id is not None and self.store is not None:
-            from ..store.sessions import resolve_session
-
-            ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
+        if ctx.session_id is not None and self.service.persistent:  # a name, or the id
+            ctx.session_id = await self.service.resolve_session(ctx.session_id, api_key_id=ctx.api_key_id)
         request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
 
     async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
@@ -352,99 +355,54 @@ class Gateway:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    def _store(self) -> Store:
-        if self.store is None:
-            raise errors.GatewayError(503, "this gateway runs without a store: sessions and analytics are off",
-                                      code="no_store")
-        return self.store
-
-    async def _fresh_store(self) -> Store:
-        """The store with every queued write committed, so a reader sees the requests it just made."""
-        store = self._store()
-        await store.flush()
-        return store
-
     async def list_sessions(self, request: Request) -> Any:
-        from ..store.sessions import list_sessions
-
-        status = request.query_params.get("status")
-        if status is not None and status not in SESSION_STATUSES:
-            raise errors.GatewayError(400, f"status must be one of {', '.join(SESSION_STATUSES)}", param="status")
-        return json_response({"object": "list", "data": await list_sessions(await self._fresh_store(), status=status)})
+        sessions = await self.service.sessions(status=request.query_params.get("status"))
+        return json_response({"object": "list", "data": sessions})
 
     async def create_session(self, request: Request) -> Any:
-        from ..store.sessions import create_session
-
         body = validate(SessionCreate, await read_json(request, self.max_body))
-        return json_response(
-            await create_session(self._store(), **body.model_dump(), api_key_id=request.scope.get("p402.api_key_id")),
-            status=201,
-        )
+        key_id = request.scope.get("p402.api_key_id")
+        created = await self.service.create_session(**body.model_dump(), api_key_id=key_id)
+        return json_response(created, status=201)
 
-    async def _session_id(self, request: Request, store: Store) -> str:
-        """The session the path names, by id or by name."""
-        from ..store.sessions import resolve_session
-
-        return await resolve_session(store, request.path_params["session_id"], request.scope.get("p402.api_key_id"))
+    @staticmethod
+    def _session_ref(request: Request) -> dict[str, Any]:
+        """The session the path names (by id or by name), as the key asking sees its names."""
+        return {"ref": request.path_params["session_id"], "api_key_id": request.scope.get("p402.api_key_id")}
 
     async def get_session(self, request: Request) -> Any:
-        from ..store.sessions import get_session
-
-        store = await self._fresh_store()
-        return json_response(await get_session(store, await self._session_id(request, store)))
+        return json_response(await self.service.session(**self._session_ref(request)))
 
     async def session_requests(self, request: Request) -> Any:
-        from ..store.queries import recent_requests
-        from ..store.sessions import get_session
-
         limit = _int_param(request, "limit", default=100, low=1, high=SESSION_PAGE_MAX)
-        store = await self._fresh_store()
-        session_id = await self._session_id(request, store)
-        await get_session(store, session_id)  # an unknown id is a 404, not an empty list
-        rows = await recent_requests(store, session_id=session_id, limit=limit)
+        rows = await self.service.session_requests(**self._session_ref(request), limit=limit)
         return json_response({"object": "list", "data": rows})
 
     async def session_messages(self, request: Request) -> Any:
-        from ..store.sessions import get_session, session_messages
-
         limit = _int_param(request, "limit", default=200, low=1, high=SESSION_PAGE_MAX)
-        store = await self._fresh_store()
-        session_id = await self._session_id(request, store)
-        await get_session(store, session_id)
-        return json_response({"object": "list", "data": await session_messages(store, session_id, limit=limit)})
+        rows = await self.service.session_messages(**self._session_ref(request), limit=limit)
+        return json_response({"object": "list", "data": rows})
 
     async def update_session(self, request: Request) -> Any:
-        from ..store.sessions import update_session
-
         body = validate(SessionPatch, await read_json(request, self.max_body))
-        session_id = await self._session_id(request, self._store())
-        return json_response(await update_session(self._store(), session_id, **body.changes()))
+        return json_response(await self.service.update_session(**self._session_ref(request), **body.changes()))
 
     async def delete_session(self, request: Request) -> Any:
-        from ..store.sessions import delete_session
-
-        session_id = await self._session_id(request, self._store())
-        await delete_session(self._store(), session_id)
+        session_id = await self.service.delete_session(**self._session_ref(request))
         return json_response({"id": session_id, "deleted": True})
 
     # --- analytics -----------------------------------------------------------------------------
 
     async def spend(self, request: Request) -> Any:
-        from ..store.analytics import parse_period, spend
-
-        store = await self._fresh_store()
         query = request.query_params
-        period = parse_period(query.get("period"), start=query.get("from"), end=query.get("to"))
-        everything = self._include_simulated(request)
-        return json_response(await spend(store, period, query.get("by") or "provider", include_simulated=everything))
+        return json_response(await self.service.spend(
+            query.get("period"), by=query.get("by") or "provider", start=query.get("from"), end=query.get("to"),
+            include_simulated=self._include_simulated(request),
+        ))  # fmt: skip
 
     async def recommendations(self, request: Request) -> Any:
-        from ..store.analytics import parse_period, recommendations
-
-        store = await self._fresh_store()
-        period = parse_period(request.query_params.get("period"))
-        everything = self._include_simulated(request)
-        data = await recommendations(store, self.orchestrator.catalog, period, include_simulated=everything)
+        period = request.query_params.get("period")
+        data = await self.service.recommendations(period, include_simulated=self._include_simulated(request))
         return json_response({"object": "list", "data": data})
 
     def _include_simulated(self, request: Request) -> bool:
@@ -467,15 +425,11 @@ class Gateway:
         """A page of decisions in brief, newest first: from the store when there is one, else from
         the ring this gateway heard. `before` (a decision id) pages on; the whole decision is
         `/api/v2/decisions/{id}` (a summary is ~0.4 kB, a decision with every candidate ~40 kB)."""
-        from ..store.queries import decision_summaries, decision_summary
-
         limit = _int_param(request, "limit", default=20, low=1, high=DECISION_RING)
         before = request.query_params.get("before")
-        if self.store is not None:
-            try:
-                data, more = await decision_summaries(await self._fresh_store(), limit=limit, before=before)
-            except ValueError as error:
-                raise errors.GatewayError(400, f"before: {error}", param="before", code="invalid_value") from None
+        if self.service.persistent:
+            found = await self.service.decisions(limit=limit, before=before)
+            data, more = found["data"], found["has_more"]
         else:
             decisions = list(self.decisions)
             decisions.reverse()
@@ -485,7 +439,7 @@ class Gateway:
                     raise errors.GatewayError(400, f"before: no decision {before!r}", param="before", code="invalid_value")
                 decisions = decisions[at + 1 :]
             more = len(decisions) > limit
-            data = [decision_summary(_brief(d), _outcome(self.outcomes.get(d.id))) for d in decisions[:limit]]
+            data = [decision_summary(decision_columns(d), _outcome(self.outcomes.get(d.id))) for d in decisions[:limit]]
         page = {"object": "list", "data": data, "has_more": more}
         page["first_id"], page["last_id"] = (data[0]["id"], data[-1]["id"]) if data else (None, None)
         return json_response(page)
@@ -493,10 +447,8 @@ class Gateway:
     async def decision(self, request: Request) -> Any:
         """One decision whole: every candidate with its scores, every exclusion with its reason."""
         decision_id = request.path_params["decision_id"]
-        if self.store is not None:
-            from ..store.queries import get_decision
-
-            found = await get_decision(await self._fresh_store(), decision_id)
+        if self.service.persistent:
+            found = await self.service.decision(decision_id)
         else:
             found = next((d.to_dict() for d in self.decisions if d.id == decision_id), None)
         if found is None:
@@ -679,16 +631,6 @@ class Gateway:
                 message=message, request_id=scope.get("p402.request_id"),
             )
         )  # fmt: skip
-
-
-def _brief(decision: RouteDecision) -> dict[str, Any]:
-    """A decision's columns as the store indexes them (only a gateway without a store reads these)."""
-    chosen = decision.chosen_id
-    return {
-        "id": decision.id, "ts": decision.ts, "mode": decision.mode, "chosen": chosen,
-        "est_cost_usd": None if chosen is None else decision.est_cost_usd,
-        "candidates": len(decision.candidates), "excluded": len(decision.excluded),
-    }  # fmt: skip
 
 
 def _outcome(record: RequestRecord | None) -> dict[str, Any] | None:

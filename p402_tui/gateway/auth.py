@@ -31,21 +31,20 @@ class KeyBackend(Protocol):
 
 
 class StoreKeys:
-    """Keys as the store keeps them (hashes only; see `store.queries`)."""
+    """Keys as the store keeps them (hashes only), through the keys use case."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
     async def verify(self, token: str) -> str | None:
-        from ..store.queries import verify_key
+        from ..service import keys
 
-        key = await verify_key(self.store, token)
-        return None if key is None else key["id"]
+        return await keys.verify(self.store, token)
 
     async def active_count(self) -> int:
-        from ..store.queries import list_keys
+        from ..service import keys
 
-        return sum(1 for key in await list_keys(self.store) if key["active"])
+        return await keys.active_count(self.store)
 
 
 def is_loopback(host: str) -> bool:

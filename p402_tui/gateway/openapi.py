@@ -16,7 +16,7 @@ from .. import __version__
 from ..core.events import EVENT_KINDS
 from ..core.sessions import SESSION_STATUSES
 from ..core.types import ChatRequest
-from ..store.analytics import PERIOD_PATTERN
+from ..service.spend import PERIOD_PATTERN
 from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
 from .messages import openapi_paths as messages_paths
 from .messages import openapi_schemas as messages_schemas
@@ -492,7 +492,9 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "summary": "Live events as server-sent events (`event: <kind>`, `data: <json>`)",
                 "description": (
                     f"Kinds: {', '.join(EVENT_KINDS)}. Comment lines are heartbeats. `kinds=a,b` filters; "
-                    "an unknown kind is a 400. A subscriber that falls further behind than its buffer gets a "
+                    "an unknown kind is a 400. `route_decided` carries the decision in brief (a "
+                    "`DecisionSummary`); `/api/v2/decisions/{decision_id}` has it whole. A subscriber that "
+                    "falls further behind than its buffer gets a "
                     "last `lagged` event and is disconnected; past [gateway] max_event_subscribers a new one "
                     "gets a 503."
                 ),

@@ -197,5 +197,6 @@ async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S)
         cache=runtime.cache,
         auth=auth,
         simulated=runtime.sim is not None,
+        service=runtime.service,
     )
     return await start_gateway(gateway, host, port, grace_s=grace_s)

@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+from ..core.events import decision_summary
 from ..core.hooks import RequestRecord
 from ..core.types import json_bytes
 from . import decisions
@@ -202,30 +203,6 @@ async def decision_summaries(store: Store, *, limit: int = 20, before: str | Non
         )
         outcomes = {o["decision_id"]: o for o in found}
     return [decision_summary(r, outcomes.get(r["id"])) for r in rows], more
-
-
-def decision_summary(decision: dict[str, Any], outcome: dict[str, Any] | None) -> dict[str, Any]:
-    """One decision in brief: its indexed columns and, once the request finished, its ledger row's outcome."""
-    if outcome is not None:
-        status = outcome["status"]
-    else:
-        status = "pending" if decision["chosen"] else "no_model"
-    return {
-        "id": decision["id"],
-        "ts": decision["ts"],
-        "mode": decision["mode"],
-        "chosen": decision["chosen"],
-        "model": f"{outcome['provider']}/{outcome['model']}" if outcome and outcome["provider"] else None,
-        "status": status,
-        "error_kind": outcome["error_kind"] if outcome else None,
-        "est_cost_usd": decision["est_cost_usd"],
-        "cost_usd": outcome["cost_usd"] if outcome else None,
-        "latency_ms": outcome["latency_ms"] if outcome else None,
-        "candidates": decision["candidates"],
-        "excluded": decision["excluded"],
-        "request_id": outcome["id"] if outcome else None,
-        "session_id": outcome["session_id"] if outcome else None,
-    }
 
 
 async def get_decision(store: Store, decision_id: str) -> dict[str, Any] | None:
