@@ -20,6 +20,7 @@ BELOW = {
     "sim": {"core"},
     "cache": {"core", "store"},
     "persistence": {"core", "store", "cache"},
+    "policy": {"core", "store"},
 }
 
 

@@ -29,6 +29,7 @@ from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged
 from ..core.tokens import off_loop
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes, round_costs
+from ..policy.engine import PolicyEngine
 from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -44,6 +45,7 @@ from .bodies import (
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
+from .scoping import event_key, own_key, role_refusal
 
 logger = logging.getLogger("p402.gateway")
 
@@ -143,6 +145,8 @@ class Gateway:
         self.cache = cache  # cache.SemanticCache, or None when the gateway runs without one
         self.bus = orchestrator.bus
         self.auth = auth or GatewayAuth(None, required=False)
+        self.policy = PolicyEngine(store, orchestrator.catalog)
+        self.auth.describe = self.policy.key_info
         self.metrics = Metrics()
         self.decisions: deque[Any] = deque(maxlen=DECISION_RING)
         self.outcomes: OrderedDict[str, Any] = OrderedDict()  # decision id -> its request's record (no store)
@@ -210,10 +214,7 @@ class Gateway:
             # Megabytes of JSON hold the loop for tens of ms: parsed on the small pool, and what the
             # request used is handed back to the OS once it is done.
             chat, options, ctx = await off_loop(parse) if large else parse()
-            if ctx.session_id is not None and self.store is not None:
-                from ..store.sessions import resolve_session
-
-                ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
+            await self.policy.enforce(request.scope, chat, options, ctx)  # the key's rules; the session by name or id
             request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
             if chat.stream:
                 return await self._stream(chat, options, ctx, large=large)
@@ -323,7 +324,9 @@ class Gateway:
         status = request.query_params.get("status")
         if status is not None and status not in SESSION_STATUSES:
             raise errors.GatewayError(400, f"status must be one of {', '.join(SESSION_STATUSES)}", param="status")
-        return json_response({"object": "list", "data": await list_sessions(await self._fresh_store(), status=status)})
+        store = await self._fresh_store()
+        data = await list_sessions(store, status=status, api_key_id=own_key(request.scope))
+        return json_response({"object": "list", "data": data})
 
     async def create_session(self, request: Request) -> Any:
         from ..store.sessions import create_session
@@ -338,7 +341,10 @@ class Gateway:
         """The session the path names, by id or by name."""
         from ..store.sessions import resolve_session
 
-        return await resolve_session(store, request.path_params["session_id"], request.scope.get("p402.api_key_id"))
+        session_id = await resolve_session(store, request.path_params["session_id"], request.scope.get("p402.api_key_id"))
+        if own_key(request.scope) is not None:
+            await self.policy.require_own_session(request.scope["p402.key"], session_id)
+        return session_id
 
     async def get_session(self, request: Request) -> Any:
         from ..store.sessions import get_session
@@ -389,11 +395,15 @@ class Gateway:
         query = request.query_params
         period = parse_period(query.get("period"), start=query.get("from"), end=query.get("to"))
         everything = self._include_simulated(request)
-        return json_response(await spend(store, period, query.get("by") or "provider", include_simulated=everything))
+        by = query.get("by") or "provider"
+        return json_response(await spend(store, period, by, include_simulated=everything, api_key_id=own_key(request.scope)))
 
     async def recommendations(self, request: Request) -> Any:
         from ..store.analytics import parse_period, recommendations
 
+        if own_key(request.scope) is not None:
+            raise errors.GatewayError(403, "recommendations read every key's traffic: ask with a viewer or admin key",
+                                      code="permission_denied")
         store = await self._fresh_store()
         period = parse_period(request.query_params.get("period"))
         everything = self._include_simulated(request)
@@ -426,7 +436,9 @@ class Gateway:
         before = request.query_params.get("before")
         if self.store is not None:
             try:
-                data, more = await decision_summaries(await self._fresh_store(), limit=limit, before=before)
+                data, more = await decision_summaries(
+                    await self._fresh_store(), limit=limit, before=before, api_key_id=own_key(request.scope)
+                )
             except ValueError as error:
                 raise errors.GatewayError(400, f"before: {error}", param="before", code="invalid_value") from None
         else:
@@ -449,7 +461,7 @@ class Gateway:
         if self.store is not None:
             from ..store.queries import get_decision
 
-            found = await get_decision(await self._fresh_store(), decision_id)
+            found = await get_decision(await self._fresh_store(), decision_id, api_key_id=own_key(request.scope))
         else:
             found = next((d.to_dict() for d in self.decisions if d.id == decision_id), None)
         if found is None:
@@ -495,7 +507,8 @@ class Gateway:
             )
         reader = log.reader(wanted, on_lag=lagged)
         self.event_subscribers += 1
-        response = sse.EventStreamResponse(self._event_frames(log, reader), stop=self.closing)
+        frames = self._event_frames(log, reader, own_key(request.scope))
+        response = sse.EventStreamResponse(frames, stop=self.closing)
 
         async def respond(scope: Scope, receive: Receive, send: Send) -> None:
             try:
@@ -511,7 +524,8 @@ class Gateway:
 
         return respond
 
-    async def _event_frames(self, log: EventLog, reader: Any) -> AsyncIterator[bytes]:
+    async def _event_frames(self, log: EventLog, reader: Any, key_id: str | None = None) -> AsyncIterator[bytes]:
+        """`key_id`: only that key's traffic (a `user` key's stream)."""
         yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
         while True:
             if not await log.wait(reader, self.heartbeat_s):
@@ -522,6 +536,8 @@ class Gateway:
             except SubscriberLagged:
                 yield sse.lagged_frame()
                 return
+            if key_id is not None:
+                events = [event for event in events if event_key(event) == key_id]
             if events:
                 yield b"".join([sse.bus_event_frame(event) for event in events])
             await asyncio.sleep(EVENT_TICK_S)
@@ -620,7 +636,7 @@ class Gateway:
         self.bus.publish(
             RequestRejected(
                 status=status, reason=reason or f"http_{status}", method=scope["method"], path=scope["path"],
-                message=message, request_id=scope.get("p402.request_id"),
+                message=message, request_id=scope.get("p402.request_id"), api_key_id=scope.get("p402.api_key_id"),
             )
         )  # fmt: skip
 
@@ -712,7 +728,11 @@ class _Front:
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] not in self.OPEN_PATHS:
             try:
-                scope["p402.api_key_id"] = await self.auth.check(scope)
+                key = scope["p402.key"] = await self.auth.check(scope)
+                scope["p402.api_key_id"] = None if key is None else key.id
+                refusal = role_refusal(scope)
+                if refusal is not None:
+                    raise refusal
             except errors.GatewayError as error:
                 refused(scope, error.code, error.message)
                 if self.on_rejected is not None:
@@ -728,6 +748,12 @@ class _Front:
                 status = message.get("status", 200)
                 if 400 <= status < 500 and self.on_rejected is not None:
                     self.on_rejected(scope, status)
+                limits = scope.get("p402.ratelimit")
+                if limits and message["type"] == "http.response.start":
+                    # The key's x-ratelimit-* figures ride on every answer, as OpenAI sends them.
+                    have = {name for name, _ in message.get("headers", ())}
+                    extra = [(k.encode(), v.encode()) for k, v in limits.items() if k.encode() not in have]
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         try:

@@ -28,6 +28,7 @@ BREAKDOWNS = {
     "model": "CASE WHEN model IS NULL THEN '(none)' ELSE provider || '/' || model END",
     "session": "COALESCE(session_id, '(none)')",
     "tag": "COALESCE(tag, '(none)')",
+    "key": "COALESCE(api_key_id, '(none)')",
     "day": "date(ts, 'unixepoch', 'localtime')",
 }
 
@@ -125,13 +126,17 @@ def _rows(include_simulated: bool, alias: str = "") -> str:
 
 
 async def spend(
-    store: Store, period: Period, by: str = "provider", *, include_simulated: bool = False
+    store: Store, period: Period, by: str = "provider", *, include_simulated: bool = False, api_key_id: str | None = None
 ) -> dict[str, Any]:
-    """Totals for the period and a breakdown by provider, model, session, tag or day (most expensive first)."""
+    """Totals for the period and a breakdown by provider, model, session, tag, gateway key or day (most expensive
+    first); with `api_key_id`, of that key's requests only."""
     if by not in BREAKDOWNS:
         raise PeriodError(f"cannot break spend down by {by!r}; choose {', '.join(BREAKDOWNS)}")
-    window = (period.start, period.end)
+    window: tuple[Any, ...] = (period.start, period.end)
     real = _rows(include_simulated)
+    if api_key_id is not None:
+        real += " AND api_key_id = ?"
+        window += (api_key_id,)
     totals = await store.fetchone(
         "SELECT COALESCE(SUM(cost_usd), 0.0) AS cost_usd, COUNT(*) AS requests, COALESCE(SUM(saved_usd), 0.0) AS saved_usd, "
         "COALESCE(SUM(cached), 0) AS cached, COALESCE(SUM(status != 'ok'), 0) AS errors, "
@@ -147,7 +152,8 @@ async def spend(
         window,
     )
     left_out = 0 if include_simulated else await store.scalar(
-        "SELECT COUNT(*) FROM requests WHERE ts >= ? AND ts < ? AND simulated = 1", window
+        "SELECT COUNT(*) FROM requests WHERE ts >= ? AND ts < ? AND simulated = 1"
+        + (" AND api_key_id = ?" if api_key_id is not None else ""), window
     )
     return {
         "period": period.to_dict(),

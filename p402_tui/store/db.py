@@ -212,6 +212,23 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE rowid NOT IN (SELECT MIN(rowid) FROM agent_sessions GROUP BY name);
     CREATE UNIQUE INDEX agent_sessions_name ON agent_sessions(COALESCE(api_key_id, ''), name);
     """,
+    # policy: each key's role and policy (JSON), the ledger grouped by key, and which guardrail rules
+    # fired on a request and how often (never what they matched). Keys made before roles stay admins.
+    """
+    ALTER TABLE gateway_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE gateway_keys ADD COLUMN policy TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE gateway_keys ADD COLUMN updated REAL;
+    CREATE INDEX requests_key ON requests(api_key_id, ts);
+    CREATE TABLE guardrail_hits (
+        request_id TEXT NOT NULL,
+        api_key_id TEXT,
+        ts REAL NOT NULL,
+        rule TEXT NOT NULL,
+        action TEXT NOT NULL,
+        count INTEGER NOT NULL
+    );
+    CREATE INDEX guardrail_hits_key ON guardrail_hits(api_key_id, ts);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
