@@ -594,6 +594,15 @@ class Gateway:
 
     # --- the app --------------------------------------------------------------------------------
 
+    def _keys(self, name: str) -> Handler:
+        """A `/api/v2/keys` handler (`gateway.keys`), bound to this gateway."""
+        from . import keys
+
+        handler = functools.partial(getattr(keys, name), self)
+        handler.__name__ = name  # type: ignore[attr-defined]
+        handler.__doc__ = getattr(keys, name).__doc__
+        return handler
+
     def routes(self) -> list[Route]:
         """One route a path, so that a 405 names every method the path takes in its Allow header."""
         paths: dict[str, dict[str, Handler]] = {
@@ -614,6 +623,10 @@ class Gateway:
             "/api/v2/decisions": {"GET": self.recent_decisions},
             "/api/v2/decisions/{decision_id}": {"GET": self.decision},
             "/api/v2/events": {"GET": self.events},
+            "/api/v2/keys": {"GET": self._keys("list_keys"), "POST": self._keys("create_key")},
+            "/api/v2/keys/{key_id}": {
+                "GET": self._keys("show_key"), "PATCH": self._keys("update_key"), "DELETE": self._keys("revoke_key"),
+            },
             "/health": {"GET": self.health},
             "/metrics": {"GET": self.prometheus},
             "/openapi.json": {"GET": self.openapi},

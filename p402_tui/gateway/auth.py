@@ -1,6 +1,6 @@
 """Gateway keys on the request path: `Authorization: Bearer p402-...`.
 
-Keys are checked only when they are in force: when any key exists, or always
+Keys are checked only when they are in force: once any key was made, or always
 when the gateway listens beyond loopback. The store is asked at most once per
 token and per half second (answers are remembered briefly), so a key made, changed
 or revoked with `p402 keys` in another process takes effect within `ttl_s`; one
@@ -25,8 +25,8 @@ class KeyBackend(Protocol):
     async def verify(self, token: str) -> dict[str, Any] | None:
         """The record (id, name, role, policy) of the active key `token` is, or None."""
 
-    async def active_count(self) -> int:
-        """How many keys are active."""
+    async def key_count(self) -> int:
+        """How many keys were ever made, revoked ones included."""
 
 
 class StoreKeys:
@@ -40,10 +40,9 @@ class StoreKeys:
 
         return await verify_key(self.store, token)
 
-    async def active_count(self) -> int:
-        from ..store.queries import list_keys
-
-        return sum(1 for key in await list_keys(self.store) if key["active"])
+    async def key_count(self) -> int:
+        # Revoked keys count: revoking the last key must not open the gateway to anyone, that key included.
+        return int(await self.store.scalar("SELECT COUNT(*) FROM gateway_keys"))
 
 
 def is_loopback(host: str) -> bool:
@@ -87,7 +86,7 @@ class GatewayAuth:
         self._keys_checked_at = float("-inf")
 
     async def any_keys(self) -> bool:
-        return self.backend is not None and await self.backend.active_count() > 0
+        return self.backend is not None and await self.backend.key_count() > 0
 
     async def enforced(self) -> bool:
         if self.required:
@@ -96,7 +95,7 @@ class GatewayAuth:
             return False
         now = time.monotonic()
         if now - self._keys_checked_at > self.ttl_s:
-            self._keys_exist = await self.backend.active_count() > 0
+            self._keys_exist = await self.backend.key_count() > 0
             self._keys_checked_at = now
         return self._keys_exist
 

@@ -45,12 +45,13 @@ def _limited(message: str, verdict: Verdict) -> RateLimitedError:
 class Admission:
     """One request's claim on its key's tokens and budget, from routing to its ledger row."""
 
-    __slots__ = ("engine", "key", "reserved")
+    __slots__ = ("engine", "key", "reserved", "headers")
 
-    def __init__(self, engine: PolicyEngine, key: KeyInfo) -> None:
+    def __init__(self, engine: PolicyEngine, key: KeyInfo, headers: dict[str, str]) -> None:
         self.engine = engine
         self.key = key
         self.reserved = False
+        self.headers = headers  # the answer's x-ratelimit-* (the request's scope holds the same dict)
 
     async def admit(self, ctx: CallContext, decision: Any) -> None:
         policy = self.key.rules.policy
@@ -64,6 +65,7 @@ class Admission:
                 raise _limited(
                     f"this key may use {policy.tpm} tokens a minute; this request is estimated at {estimate}", verdict
                 )
+            self.headers.update(verdict.headers)
         if policy.budget_usd is not None:
             try:
                 await engine.budgets.reserve(
@@ -161,13 +163,14 @@ class PolicyEngine:
             counts = rules.redactor.request(chat)
             if counts:
                 self._hits(ctx, key, counts, "redact")
+        headers: dict[str, str] = {}
         if policy.rpm is not None or policy.tpm is not None:
             verdict = self.windows[key.id].take_request(policy.rpm, policy.tpm, self.clock())
             if not verdict.ok:
                 raise _limited(f"this key may make {policy.rpm} requests a minute; retry after the window", verdict)
-            scope["p402.ratelimit"] = verdict.headers
+            headers = scope["p402.ratelimit"] = verdict.headers
         if policy.tpm is not None or policy.budget_usd is not None:
-            ctx.policy = Admission(self, key)
+            ctx.policy = Admission(self, key, headers)
 
     def _model_rules(self, rules: Compiled, options: RouteOptions) -> None:
         policy = rules.policy

@@ -70,7 +70,7 @@ def parse_policy(data: dict[str, Any]) -> KeyPolicy:
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"]) or "policy"
-        raise ValueError(f"{where}: {first['msg']}") from None
+        raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def model_matches(patterns: list[str], model_id: str) -> bool:
