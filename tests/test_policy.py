@@ -17,6 +17,7 @@ from p402_tui.core.hooks import RouteOptions
 from p402_tui.core.router import NOT_ALLOWED
 from p402_tui.core.types import ChatRequest
 from p402_tui.policy import keys
+from p402_tui.store.sessions import create_session
 from conftest import run_cli
 from test_gateway import HELLO, assert_openai_error, runtime, settings_for  # noqa: F401 - runtime: a fixture
 
@@ -64,7 +65,10 @@ async def test_roles_decide_what_every_route_returns(runtime, gateway, admin):
             body = {"status": "paused"} if method == "PATCH" else None
             response = await b.request(method, f"/api/v2/sessions/{session}{path}", json=body)
             assert_openai_error(response, 404, "session_not_found")
-        assert (await b.get("/api/v2/sessions")).json()["data"] == []
+        # The operator's sessions (made without a key) every key finds by name, and sees.
+        shared = await create_session(runtime.store, name="shared", budget_usd=1.0)
+        assert [s["id"] for s in (await b.get("/api/v2/sessions")).json()["data"]] == [shared["id"]]
+        assert (await b.get("/api/v2/sessions/shared")).status_code == 200
         assert_openai_error(await b.get(f"/api/v2/decisions/{decision_id}"), 404, "decision_not_found")
         assert (await b.get("/api/v2/decisions")).json()["data"] == []
         spend = (await b.get("/api/v2/analytics/spend", params={"by": "key"})).json()
@@ -74,13 +78,13 @@ async def test_roles_decide_what_every_route_returns(runtime, gateway, admin):
                 await client.chat.completions.create(model=PINNED, messages=HELLO, extra_body={"p402": {"session_id": session}})
 
         # Its owner sees it all.
-        assert [s["id"] for s in (await a.get("/api/v2/sessions")).json()["data"]] == [session]
+        assert [s["id"] for s in (await a.get("/api/v2/sessions")).json()["data"]] == [session, shared["id"]]
         assert (await a.get(f"/api/v2/sessions/{session}/messages")).json()["data"]
         assert [d["id"] for d in (await a.get("/api/v2/decisions")).json()["data"]] == [decision_id]
         assert (await a.get(f"/api/v2/decisions/{decision_id}")).status_code == 200
 
         # A viewer reads everything and calls no model.
-        assert [s["id"] for s in (await v.get("/api/v2/sessions")).json()["data"]] == [session]
+        assert [s["id"] for s in (await v.get("/api/v2/sessions")).json()["data"]] == [session, shared["id"]]
         assert (await v.get(f"/api/v2/decisions/{decision_id}")).status_code == 200
         assert (await v.get("/metrics")).status_code == 200
         async with sdk(gateway, viewer) as client:

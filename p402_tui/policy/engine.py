@@ -201,9 +201,10 @@ class PolicyEngine:
             self.store.put(INSERT_HIT, (ctx.request_id, key.id, now, rule, action, count))
 
     async def require_own_session(self, key: KeyInfo, session_id: str) -> None:
-        """A `user` key sees only sessions made with it: another's is as good as missing (404)."""
+        """A `user` key sees the sessions made with it and the operator's (made without a key, which every key
+        finds by name): another key's is as good as missing (404)."""
         from ..store.sessions import SessionNotFoundError
 
         owner = await self.store.fetchone("SELECT api_key_id FROM agent_sessions WHERE id = ?", (session_id,))
-        if owner is None or owner["api_key_id"] != key.id:
+        if owner is None or owner["api_key_id"] not in (None, key.id):
             raise SessionNotFoundError(f"no session {session_id!r}; `GET /api/v2/sessions` lists yours")

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..core.config import Mode
+from ..core.hooks import reserved_namespace
 from ..core.types import JSON_INTEGER, TIER_RANK, Tier
 from .guardrails import Redactor, compile_redactor
 
@@ -30,6 +31,13 @@ class Defaults(BaseModel):
     tag: str | None = Field(default=None, max_length=128)
     namespace: str | None = Field(default=None, max_length=128)
     session_prefix: str | None = Field(default=None, max_length=64)
+
+    @field_validator("namespace")
+    @classmethod
+    def _not_reserved(cls, value: str | None) -> str | None:
+        if value is not None and (reason := reserved_namespace(value)) is not None:
+            raise ValueError(reason)  # a key's own namespace would read another key's answers
+        return value
 
 
 class KeyPolicy(BaseModel):
