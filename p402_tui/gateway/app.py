@@ -627,6 +627,7 @@ class Gateway:
             "/api/v2/keys/{key_id}": {
                 "GET": self._keys("show_key"), "PATCH": self._keys("update_key"), "DELETE": self._keys("revoke_key"),
             },
+            "/api/v2/keys/{key_id}/requests": {"GET": self._keys("key_requests")},
             "/health": {"GET": self.health},
             "/metrics": {"GET": self.prometheus},
             "/openapi.json": {"GET": self.openapi},

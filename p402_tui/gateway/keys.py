@@ -6,7 +6,6 @@ requests in the last minute and refusals in the last hour.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,16 +33,7 @@ class KeyPatch(BaseModel):
 
 
 def _live(gateway: Any, key: dict[str, Any]) -> dict[str, Any]:
-    engine = gateway.policy
-    now = time.time()
-    window = engine.windows.get(key["id"])
-    if window is not None:
-        window._trim(engine.clock())
-    key["live"] = {
-        "requests_last_minute": 0 if window is None else len(window.requests),
-        "tokens_last_minute": 0 if window is None else window.used_tokens(),
-        "refusals_last_hour": sum(1 for ts, kid, _ in engine.refusals if kid == key["id"] and ts > now - 3600),
-    }
+    key["live"] = gateway.policy.live(key["id"])
     return key
 
 
@@ -67,6 +57,13 @@ async def show_key(gateway: Any, request: Request) -> Any:
     from .app import json_response
 
     return json_response(_live(gateway, await keys.show_key(await gateway._fresh_store(), request.path_params["key_id"])))
+
+
+async def key_requests(gateway: Any, request: Request) -> Any:
+    from .app import json_response
+
+    data = await keys.key_requests(await gateway._fresh_store(), request.path_params["key_id"])
+    return json_response({"object": "list", "data": data})
 
 
 async def update_key(gateway: Any, request: Request) -> Any:

@@ -115,6 +115,18 @@ class PolicyEngine:
             compiled = self._compiled[(record["id"], text)] = compile_policy(policy, list(self.catalog.models))
         return KeyInfo(record["id"], record["name"], record.get("role") or "admin", compiled)
 
+    def live(self, key_id: str) -> dict[str, Any]:
+        """This process's figures for a key: requests and tokens in the last minute, refusals in the last hour."""
+        window = self.windows.get(key_id)
+        if window is not None:
+            window.trim(self.clock())
+        since = time.time() - 3600
+        return {
+            "requests_last_minute": 0 if window is None else len(window.requests),
+            "tokens_last_minute": 0 if window is None else window.used_tokens(),
+            "refusals_last_hour": sum(1 for ts, kid, _ in self.refusals if kid == key_id and ts > since),
+        }
+
     def refused(self, key_id: str, reason: str) -> None:
         self.refusals.append((time.time(), key_id, reason))
 

@@ -75,6 +75,12 @@ async def update_key(
     return await show_key(store, key_id)
 
 
+async def key_requests(store: Any, key_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
+    """The key's latest requests from the ledger, newest first."""
+    await show_key(store, key_id)  # an unknown key is a 404, not an empty list
+    return await queries.recent_requests(store, api_key_id=key_id, limit=limit)
+
+
 async def revoke_key(store: Any, key_id: str) -> dict[str, Any]:
     if not await queries.revoke_key(store, key_id):
         raise KeyNotFoundError(f"no active key {key_id!r}; `p402 keys list` shows them")

@@ -38,7 +38,7 @@ class Window:
     requests: deque[float] = field(default_factory=deque)
     tokens: dict[str, tuple[float, int]] = field(default_factory=dict)  # request id -> (when, tokens)
 
-    def _trim(self, now: float) -> None:
+    def trim(self, now: float) -> None:
         start = now - WINDOW_S
         while self.requests and self.requests[0] <= start:
             self.requests.popleft()
@@ -51,7 +51,7 @@ class Window:
 
     def take_request(self, rpm: int | None, tpm: int | None, now: float) -> Verdict:
         """Count one request if `rpm` allows it."""
-        self._trim(now)
+        self.trim(now)
         ok = rpm is None or len(self.requests) < rpm
         wait = 0.0 if ok else self.requests[0] + WINDOW_S - now
         if ok:
@@ -60,7 +60,7 @@ class Window:
 
     def take_tokens(self, request_id: str, estimate: int, tpm: int | None, rpm: int | None, now: float) -> Verdict:
         """Reserve `estimate` tokens for the request if `tpm` allows them."""
-        self._trim(now)
+        self.trim(now)
         used = self.used_tokens()
         if tpm is not None and used + estimate > tpm:
             # Wait until enough of the window's tokens have aged out (a whole window if it can never fit).

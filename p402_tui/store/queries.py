@@ -64,10 +64,11 @@ def _ledger_dict(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def recent_requests(
-    store: Store, *, limit: int = 100, session_id: str | None = None, since: float | None = None
+    store: Store, *, limit: int = 100, session_id: str | None = None, since: float | None = None,
+    api_key_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """Newest first."""
-    where, params = _where(session_id=session_id, since=since)
+    where, params = _where(session_id=session_id, since=since, api_key_id=api_key_id)
     rows = await store.fetchall(f"SELECT * FROM requests {where} ORDER BY ts DESC LIMIT ?", (*params, limit))
     return [_ledger_dict(r) for r in rows]
 
@@ -77,8 +78,13 @@ async def get_request(store: Store, request_id: str) -> dict[str, Any] | None:
     return _ledger_dict(row) if row else None
 
 
-def _where(*, session_id: str | None = None, since: float | None = None) -> tuple[str, list[Any]]:
+def _where(
+    *, session_id: str | None = None, since: float | None = None, api_key_id: str | None = None
+) -> tuple[str, list[Any]]:
     clauses, params = [], []
+    if api_key_id is not None:
+        clauses.append("api_key_id = ?")
+        params.append(api_key_id)
     if session_id is not None:
         clauses.append("session_id = ?")
         params.append(session_id)

@@ -743,6 +743,12 @@ class RemoteSource:
     async def sessions(self) -> list[dict[str, Any]]:
         return await self.client.sessions()
 
+    async def keys(self) -> list[dict[str, Any]]:
+        return (await self.client.get_json("/api/v2/keys"))["data"]  # an admin key's; others get a 403
+
+    async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
+        return (await self.client.get_json(f"/api/v2/keys/{key_id}/requests"))["data"]
+
     async def session(self, session_id: str) -> dict[str, Any]:
         base = f"/api/v2/sessions/{session_id}"
         session, requests, messages = await asyncio.gather(

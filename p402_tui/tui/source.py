@@ -42,6 +42,12 @@ class ConsoleSource(Protocol):
     async def history(self) -> list[dict[str, Any]]:
         """Decisions made before the console started, in brief, newest first (as /api/v2/decisions gives them)."""
 
+    async def keys(self) -> list[dict[str, Any]]:
+        """Gateway keys as /api/v2/keys lists them: role, policy, usage, and `live` figures where known."""
+
+    async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
+        """A key's latest requests, newest first."""
+
 
 class LocalSource:
     """The console on a Runtime in this process."""
@@ -122,3 +128,21 @@ class LocalSource:
         from ..store.queries import decision_summaries
 
         return (await decision_summaries(self.store, limit=HISTORY))[0]
+
+    async def keys(self) -> list[dict[str, Any]]:
+        if self.store is None:
+            return []
+        from ..policy.keys import list_keys
+
+        found = await list_keys(self.store)
+        gateways = getattr(self.runtime, "gateways", [])
+        if gateways:  # this process serves the gateway: its rate windows and refusals are here
+            engine = gateways[0].gateway.policy
+            for key in found:
+                key["live"] = engine.live(key["id"])
+        return found
+
+    async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
+        from ..policy.keys import key_requests
+
+        return [] if self.store is None else await key_requests(self.store, key_id)
