@@ -745,7 +745,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
         "/api/v2/sessions/{session_id}", "/api/v2/sessions/{session_id}/requests",
         "/api/v2/sessions/{session_id}/messages", "/api/v2/decisions", "/api/v2/decisions/{decision_id}",
         "/api/v2/events", "/api/v2/cache", "/health",
-        "/metrics", "/openapi.json",
+        "/metrics", "/openapi.json", "/api/v2/keys", "/api/v2/keys/{key_id}", "/api/v2/keys/{key_id}/requests",
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]
     assert document["security"] == []  # no gateway key exists: no operation needs one

@@ -348,3 +348,49 @@ def test_cli_keys_create_prints_the_key_once_and_validates(tmp_path):
     assert missing.returncode != 0 and "key_not_found" in missing.stderr
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM gateway_keys WHERE hash LIKE ?", (f"%{key['key']}%",)).fetchone()[0] == 0
+
+
+async def test_a_streamed_answer_settles_the_key_budget_like_a_whole_one(runtime, gateway, admin):
+    record, secret = await keys.create_key(runtime.store, "streamer", policy={"budget_usd": 1.0, "tpm": 100_000})
+    engine = gateway.gateway.policy
+    async with sdk(gateway, secret) as client:
+        stream = await client.chat.completions.create(
+            model=PINNED, messages=HELLO, stream=True, stream_options={"include_usage": True}, extra_headers=NO_CACHE
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage.total_tokens > 0
+    book = engine.budgets.books[record["id"]]
+    assert book.reserved == {} and book.settled_usd > 0  # the estimate gave way to the real cost
+    window = engine.windows[record["id"]]
+    assert window.used_tokens() == chunks[-1].usage.total_tokens
+
+
+def test_no_key_reaches_the_logs_of_p402_serve_or_its_database(tmp_path, sim_process):
+    from helpers import Served
+
+    db = tmp_path / "p402.db"
+    env = {"P402_CONFIG": str(sim_process["config"])}
+    made = []
+    for role in ("admin", "user", "viewer"):
+        result = run_cli("keys", "create", "--name", role, "--role", role, "--rpm", "3", "--json", "--db", str(db), env=env)
+        assert result.returncode == 0, result.stderr
+        made.append(json.loads(result.stdout)["key"])
+    served = Served("--db", str(db), env=env)
+    try:
+        with openai.OpenAI(base_url=f"{served.url}/v1", api_key=made[1], max_retries=0) as client:
+            for _ in range(4):  # the fourth is over the key's rpm
+                try:
+                    client.chat.completions.create(model=PINNED, messages=HELLO)
+                except openai.RateLimitError:
+                    pass
+        for secret in made:
+            httpx.get(f"{served.url}/v1/models", headers={"authorization": f"Bearer {secret}x"})  # not a key: 401
+        metrics = httpx.get(f"{served.url}/metrics", headers={"authorization": f"Bearer {made[2]}"}).text
+        assert 'p402_rejected_total{status="429"' in metrics
+    finally:
+        served.stop()
+    logs = "".join(served.stderr)
+    files = b"".join(p.read_bytes() for p in tmp_path.glob("p402.db*"))
+    for secret in made:
+        assert secret not in logs and secret not in metrics
+        assert secret.encode() not in files
