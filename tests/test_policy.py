@@ -106,6 +106,11 @@ async def test_roles_decide_what_every_route_returns(runtime, gateway, admin):
         by_key = (await root.get("/api/v2/analytics/spend", params={"by": "key"})).json()["breakdown"]
         assert [row["key"] for row in by_key] == [alice_key["id"]]
         assert bob_key["id"] not in {row["key"] for row in by_key}
+        assert (await root.get("/api/v2/analytics/spend", params={"key": alice_key["id"]})).json()["requests"] == 1
+        assert (await root.get("/api/v2/analytics/spend", params={"key": bob_key["id"]})).json()["requests"] == 0
+        assert (await b.get("/api/v2/analytics/spend", params={"key": alice_key["id"]})).json()["requests"] == 0
+        alices = (await root.get("/api/v2/sessions", params={"key": alice_key["id"]})).json()["data"]
+        assert [s["id"] for s in alices] == [session, shared["id"]]
         assert (await root.delete(f"/api/v2/sessions/{session}")).status_code == 200
 
 

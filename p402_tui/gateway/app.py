@@ -45,7 +45,7 @@ from .bodies import (
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
-from .scoping import event_key, own_key, role_refusal
+from .scoping import event_key, key_filter, own_key, role_refusal
 
 logger = logging.getLogger("p402.gateway")
 
@@ -325,7 +325,7 @@ class Gateway:
         if status is not None and status not in SESSION_STATUSES:
             raise errors.GatewayError(400, f"status must be one of {', '.join(SESSION_STATUSES)}", param="status")
         store = await self._fresh_store()
-        data = await list_sessions(store, status=status, api_key_id=own_key(request.scope))
+        data = await list_sessions(store, status=status, api_key_id=key_filter(request.scope, request.query_params.get("key")))
         return json_response({"object": "list", "data": data})
 
     async def create_session(self, request: Request) -> Any:
@@ -396,7 +396,8 @@ class Gateway:
         period = parse_period(query.get("period"), start=query.get("from"), end=query.get("to"))
         everything = self._include_simulated(request)
         by = query.get("by") or "provider"
-        return json_response(await spend(store, period, by, include_simulated=everything, api_key_id=own_key(request.scope)))
+        key = key_filter(request.scope, query.get("key"))
+        return json_response(await spend(store, period, by, include_simulated=everything, api_key_id=key))
 
     async def recommendations(self, request: Request) -> Any:
         from ..store.analytics import parse_period, recommendations

@@ -174,6 +174,10 @@ _CHAT = {
 }
 
 
+_KEY_FILTER = {
+    "name": "key", "in": "query", "schema": {"type": "string"},
+    "description": "only this gateway key's (a user key always sees only its own)",
+}
 _KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
 # Admin keys only: any other role gets a 403.
 _KEYS: dict[str, Any] = {
@@ -453,6 +457,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
                     {"name": "by", "in": "query",
                      "schema": {"enum": ["provider", "model", "session", "tag", "key", "day"]}},
+                    _KEY_FILTER,
                     _INCLUDE_SIMULATED,
                 ],
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 503)},
@@ -474,7 +479,10 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/sessions": {
             "get": {
                 "summary": "Agent sessions with their spend",
-                "parameters": [{"name": "status", "in": "query", "schema": {"enum": ["active", "paused", "closed"]}}],
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": {"enum": ["active", "paused", "closed"]}},
+                    _KEY_FILTER,
+                ],
                 "responses": {"200": _json(_list_of(_ref("Session"))), **_errors(400, 401, 503)},
             },
             "post": {

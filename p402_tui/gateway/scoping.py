@@ -24,6 +24,11 @@ def own_key(scope: Scope) -> str | None:
     return key.id if key is not None and key.role == "user" else None
 
 
+def key_filter(scope: Scope, asked: str | None) -> str | None:
+    """The key whose traffic a read covers: a `user` key's own whatever it asks; else the `key` it asks for, if any."""
+    return own_key(scope) or asked
+
+
 def role_refusal(scope: Scope) -> GatewayError | None:
     """A 403 when the key's role may not take this route at all."""
     key: Any = scope.get("p402.key")
