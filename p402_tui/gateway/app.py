@@ -325,7 +325,8 @@ class Gateway:
         if status is not None and status not in SESSION_STATUSES:
             raise errors.GatewayError(400, f"status must be one of {', '.join(SESSION_STATUSES)}", param="status")
         store = await self._fresh_store()
-        data = await list_sessions(store, status=status, api_key_id=key_filter(request.scope, request.query_params.get("key")))
+        key = key_filter(request.scope, request.query_params.get("key"))
+        data = await list_sessions(store, status=status, api_key_id=key)
         return json_response({"object": "list", "data": data})
 
     async def create_session(self, request: Request) -> Any:
