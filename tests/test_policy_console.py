@@ -66,7 +66,7 @@ async def test_the_keys_screen_shows_spend_rate_and_refusals_and_opens_a_keys_re
 
 async def test_attached_with_a_user_key_the_console_shows_only_its_own_traffic(fresh_sim_settings, tmp_path):
     async with gateway(fresh_sim_settings, db_path=tmp_path / "p402.db") as (runtime, running):
-        _, mine = await keys.create_key(runtime.store, "me")
+        me, mine = await keys.create_key(runtime.store, "me", policy={"rpm": 1})
         _, theirs = await keys.create_key(runtime.store, "them")
         source = RemoteSource(AttachClient(running.url, key=mine))
         await source.start()
@@ -82,6 +82,12 @@ async def test_attached_with_a_user_key_the_console_shows_only_its_own_traffic(f
                 await wait_for(lambda: own in app.state.decisions)
                 await pilot.pause(0.5)
                 assert other not in app.state.decisions and table.row_count == 1
+                async with httpx.AsyncClient(base_url=running.url, headers={"authorization": f"Bearer {mine}"}) as me_client:
+                    assert (await me_client.post("/v1/chat/completions", json=chat("again"))).status_code == 429
+                # The key's own refusal shows in its decision list, with its reason and the key it is about.
+                await wait_for(lambda: any(r.status == "refused" for r in app.state.decisions.values()))
+                refused = next(r for r in app.state.decisions.values() if r.status == "refused")
+                assert refused.chosen == f"429 rate_limit_exceeded · {me['id']}"
                 await pilot.press("ctrl+p")
                 await run_command(pilot, "Keys: gateway keys")
                 await wait_for(lambda: isinstance(app.screen, KeysScreen) and app.screen.problem is not None)
