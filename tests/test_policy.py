@@ -109,6 +109,9 @@ async def test_roles_decide_what_every_route_returns(runtime, gateway, admin):
         assert (await root.get("/api/v2/analytics/spend", params={"key": alice_key["id"]})).json()["requests"] == 1
         assert (await root.get("/api/v2/analytics/spend", params={"key": bob_key["id"]})).json()["requests"] == 0
         assert (await b.get("/api/v2/analytics/spend", params={"key": alice_key["id"]})).json()["requests"] == 0
+        assert (await b.get("/api/v2/analytics/recommendations")).json()["data"] == []  # from bob's traffic: none
+        assert (await root.get("/api/v2/analytics/recommendations", params={"key": alice_key["id"]})).status_code == 200
+        assert_openai_error(await root.get("/api/v2/analytics/recommendations", params={"key": "x' OR 1"}), 400)
         alices = (await root.get("/api/v2/sessions", params={"key": alice_key["id"]})).json()["data"]
         assert [s["id"] for s in alices] == [session, shared["id"]]
         assert (await root.delete(f"/api/v2/sessions/{session}")).status_code == 200

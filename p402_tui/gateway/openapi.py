@@ -466,7 +466,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/analytics/recommendations": {
             "get": {
                 "summary": "Ways to spend less, from the ledger, biggest monthly saving first",
-                "parameters": [_PERIOD, _INCLUDE_SIMULATED],
+                "parameters": [_PERIOD, _INCLUDE_SIMULATED, _KEY_FILTER],
                 "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401, 503)},
             }
         },

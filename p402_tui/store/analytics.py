@@ -120,9 +120,17 @@ def _dates(start: str | None, end: str | None, now: float) -> Period:
 # --- spend ------------------------------------------------------------------------------------
 
 
-def _rows(include_simulated: bool, alias: str = "") -> str:
-    """The ledger rows a report counts: simulated ones only when asked for."""
-    return "" if include_simulated else f" AND {alias}simulated = 0"
+KEY_ID = re.compile(r"key-[0-9a-f]{12}")  # what `queries.create_key` makes
+
+
+def _rows(include_simulated: bool, alias: str = "", api_key_id: str | None = None) -> str:
+    """The ledger rows a report counts: simulated ones only when asked for; with `api_key_id`, that key's only."""
+    real = "" if include_simulated else f" AND {alias}simulated = 0"
+    if api_key_id is None:
+        return real
+    if not KEY_ID.fullmatch(api_key_id):  # checked, so it can sit in the SQL of every query a report makes
+        raise PeriodError(f"no gateway key {api_key_id!r}: key ids look like key-0123456789ab", param="key")
+    return f"{real} AND {alias}api_key_id = '{api_key_id}'"
 
 
 async def spend(
@@ -184,21 +192,21 @@ def _monthly(amount: float, span_days: float) -> float:
 
 
 async def recommendations(
-    store: Store, catalog: Catalog, period: Period, *, include_simulated: bool = False
+    store: Store, catalog: Catalog, period: Period, *, include_simulated: bool = False, api_key_id: str | None = None
 ) -> list[dict[str, Any]]:
-    """Advice with its numbers, the biggest monthly saving first.
+    """Advice with its numbers, the biggest monthly saving first; with `api_key_id`, from that key's traffic.
 
     Each item: {kind, title, detail, monthly_saving_usd (None where the gain is not money), numbers}.
     """
     window = (period.start, period.end)
-    real = _rows(include_simulated)
+    real = _rows(include_simulated, api_key_id=api_key_id)
     first_ts = await store.scalar(f"SELECT MIN(ts) FROM requests WHERE ts >= ? AND ts < ?{real}", window)
     span = _span_days(first_ts, period)
     found = (
         await _cheaper_models(store, catalog, window, span, real)
         + await _repeated_prompts(store, window, span, real)
         + await _unreliable_providers(store, window, real)
-        + await _sessions_burning(store, period, _rows(include_simulated, "r."))
+        + await _sessions_burning(store, period, _rows(include_simulated, "r.", api_key_id))
     )
     found.sort(key=lambda r: -(r["monthly_saving_usd"] or 0.0))
     return found
