@@ -301,8 +301,9 @@ async def test_sdk_authentication_error_when_keys_exist(gateway, runtime):
             "security"
         ] == [{"bearer": []}]  # keys in force: the document says every operation needs one
         assert await revoke_key(runtime.store, second["id"])
-        # No key left in force: on loopback the gateway is open again.
-        assert (await http.get("/v1/models")).status_code == 200
+        # Every key revoked: the gateway stays locked (opening it again would let the revoked keys back in).
+        assert_openai_error(await http.get("/v1/models"), 401, "missing_api_key")
+        assert_openai_error(await http.get("/v1/models", headers={"authorization": f"Bearer {other_secret}"}), 401)
 
 
 # --- the p402 object and caching ----------------------------------------------------------------

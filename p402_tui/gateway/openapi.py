@@ -588,7 +588,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "A gateway key from `p402 keys create`; needed once any key exists",
+                    "description": "A gateway key from `p402 keys create`; needed once any key was made (revoked ones count)",
                 }
             },
         },
