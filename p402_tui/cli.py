@@ -657,32 +657,67 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return run_async(_keys(args, settings_from(args)))
 
 
+def _key_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy fields given on the command line (`p402 keys create|update`)."""
+    given = {
+        "budget_usd": args.budget_usd, "budget_period": args.budget_period, "rpm": args.rpm, "tpm": args.tpm,
+        "models": args.models or None, "max_tier": args.max_tier, "max_cost_per_request_usd": args.max_cost_usd,
+        "redact": args.redact or None, "deny": args.deny or None,
+    }  # fmt: skip
+    policy = {field: value for field, value in given.items() if value is not None}
+    defaults = {"mode": args.mode, "tag": args.tag, "namespace": args.namespace, "session_prefix": args.session_prefix}
+    if any(v is not None for v in defaults.values()):
+        policy["defaults"] = {k: v for k, v in defaults.items() if v is not None}
+    return policy
+
+
+def _print_key(key: dict[str, Any]) -> None:
+    usage = key["usage"]
+    budget = "none" if usage["budget_usd"] is None else f"{usd(usage['budget_usd'])} a {usage['period']}"
+    print(f"{key['id']}  {key['name']}  role {key['role']}  {'active' if key['active'] else 'revoked'}")
+    print(f"  spent {usd(usage['spent_usd'])} over {usage['requests']} requests this {usage['period']}; budget {budget}")
+    print(f"  policy {json.dumps(key['policy'], sort_keys=True)}")
+
+
 async def _keys(args: argparse.Namespace, settings) -> int:
-    if args.keys_command == "create" and not args.name.strip():
-        raise P402Error("a key needs a non-empty --name")
-    async with open_service(settings, create=args.keys_command == "create") as service:
-        if args.keys_command == "create":
-            record, secret = await service.create_key(args.name)
+    command = args.keys_command
+    async with open_service(settings, create=command == "create") as service:
+        if command == "create":
+            record, secret = await service.create_key(args.name, role=args.role, policy=_key_policy(args))
             if args.json:
                 print_json({**record, "key": secret})
             else:
-                print(f"created gateway key {record['id']} ({record['name']}) {written_to(settings)}; "
+                print(f"created gateway key {record['id']} ({record['name']}, {record['role']}) {written_to(settings)}; "
                       "it is shown only this once:")
                 print(secret)
                 print("clients send it as `Authorization: Bearer <key>` (the OpenAI SDK's api_key)", file=sys.stderr)
-        elif args.keys_command == "list":
-            keys = await service.keys()
+            return 0
+        if command == "list":
+            found = await service.keys()
             if args.json:
-                print_json(keys)
+                print_json(found)
             else:
                 print_table(
-                    ["ID", "NAME", "PREFIX", "CREATED", "ACTIVE"],
-                    [[k["id"], k["name"], k["prefix"] + "...", _when(k["created"]), "yes" if k["active"] else "revoked"]
-                     for k in keys],
+                    ["ID", "NAME", "ROLE", "PREFIX", "CREATED", "SPENT", "BUDGET", "ACTIVE"],
+                    [[k["id"], k["name"], k["role"], k["prefix"] + "...", _when(k["created"]), usd(k["usage"]["spent_usd"]),
+                      "-" if k["usage"]["budget_usd"] is None else usd(k["usage"]["budget_usd"]),
+                      "yes" if k["active"] else "revoked"] for k in found],
                 )
+            return 0
+        if command == "show":
+            key = await service.key(args.id)
+        elif command == "update":
+            key = await service.update_key(
+                args.id, name=args.name, role=args.role, policy=_key_policy(args), clear=tuple(args.clear or ())
+            )
         else:
-            await service.revoke_key(args.id)
-            print(f"revoked {args.id} {written_to(settings)}")
+            key = await service.revoke_key(args.id)
+        if args.json:
+            print_json(key)
+        else:
+            if command != "show":
+                print(f"{'updated' if command == 'update' else 'revoked'} {args.id} {written_to(settings)}")
+            _print_key(key)
     return 0
 
 
@@ -1071,18 +1106,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", action="store_true", help="simulate every provider in-process: no keys, no network")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, revoke")
+    p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, show, update, revoke")
     keys_sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    q = keys_sub.add_parser("create", parents=[common], help="make a key; it is printed once, only its hash is kept")
+    keyed = argparse.ArgumentParser(add_help=False)
+    keyed.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    keyed.add_argument("--json", action="store_true", help="print JSON")
+    rules = argparse.ArgumentParser(add_help=False)
+    rules.add_argument("--budget-usd", type=float, metavar="X", help="what the key may spend a period")
+    rules.add_argument("--budget-period", choices=["day", "month", "total"], help="the budget's period (default month)")
+    rules.add_argument("--rpm", type=_positive_int, metavar="N", help="requests a minute")
+    rules.add_argument("--tpm", type=_positive_int, metavar="N", help="tokens a minute")
+    rules.add_argument("--models", action="append", metavar="PATTERN", help="allowed models: openai/*, */llama-* (repeat)")
+    rules.add_argument("--max-tier", choices=["budget", "mid", "premium"], help="no tier above this")
+    rules.add_argument("--max-cost-usd", type=float, metavar="X", help="most a request may be estimated to cost")
+    rules.add_argument("--redact", action="append", metavar="RULE",
+                       help="email, phone, card, iban, secret, or NAME=REGEX (repeat)")
+    rules.add_argument("--deny", action="append", metavar="REGEX", help="refuse requests matching it (repeat)")
+    rules.add_argument("--mode", choices=["cost", "quality", "speed", "balanced", "adaptive"], help="default routing mode")
+    rules.add_argument("--tag", help="default tag")
+    rules.add_argument("--namespace", help="default cache namespace")
+    rules.add_argument("--session-prefix", metavar="P", help="put before every session name the key sends")
+    q = keys_sub.add_parser("create", parents=[common, keyed, rules],
+                            help="make a key; it is printed once, only its hash is kept")
     q.add_argument("--name", required=True, metavar="N", help="who or what uses it")
-    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
-    q.add_argument("--json", action="store_true", help="print JSON")
-    q = keys_sub.add_parser("list", parents=[common], help="every key, without its secret")
-    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
-    q.add_argument("--json", action="store_true", help="print JSON")
-    q = keys_sub.add_parser("revoke", parents=[common], help="stop a key from working")
+    q.add_argument("--role", choices=["admin", "user", "viewer"], default="user", help="default user")
+    keys_sub.add_parser("list", parents=[common, keyed], help="every key with its spend, without its secret")
+    q = keys_sub.add_parser("show", parents=[common, keyed], help="one key: role, policy, spend against its budget")
     q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
-    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    q = keys_sub.add_parser("update", parents=[common, keyed, rules],
+                            help="change a key's name, role or policy; gateways apply it within a second")
+    q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
+    q.add_argument("--name", metavar="N", help="a new name")
+    q.add_argument("--role", choices=["admin", "user", "viewer"])
+    q.add_argument("--clear", action="append", metavar="FIELD", help="drop a policy field, e.g. rpm (repeat)")
+    q = keys_sub.add_parser("revoke", parents=[common, keyed], help="stop a key from working")
+    q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
     p.set_defaults(func=cmd_keys)
 
     db_help = "database file (default: the user data dir; or P402_DB)"
@@ -1096,7 +1154,7 @@ def build_parser() -> argparse.ArgumentParser:
     period.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("spend", parents=[common, period], help="what was spent in a period, broken down")
-    p.add_argument("--by", choices=["provider", "model", "session", "tag", "day"], default="provider",
+    p.add_argument("--by", choices=["provider", "model", "session", "tag", "key", "day"], default="provider",
                    help="breakdown (default provider)")
     p.set_defaults(func=cmd_spend)
 

@@ -20,8 +20,9 @@ BELOW = {
     "sim": {"core"},
     "cache": {"core", "store"},
     "persistence": {"core", "store", "cache"},
-    "service": {"core", "store"},
+    "service": {"core", "store", "policy"},
     "client": {"core", "service"},
+    "policy": {"core", "store"},
 }
 # The front ends: each reaches sessions, spend, decisions and keys through `service`, never the store.
 FRONT_ENDS = ("gateway", "cli", "tui")

@@ -49,6 +49,7 @@ class RouteDecided(Event):
 
     kind: ClassVar[str] = "route_decided"
     decision: Any  # router.RouteDecision, or a DecisionBrief where only the brief travelled
+    api_key_id: str | None = None  # the gateway key that asked
 
     def payload(self) -> dict[str, Any]:
         return {"decision": self.decision.to_dict()}
@@ -222,9 +223,11 @@ class RequestRejected(Event):
     path: str
     message: str = ""
     request_id: str | None = None
+    api_key_id: str | None = None
 
     def payload(self) -> dict[str, Any]:
         return {
+            "api_key_id": self.api_key_id,
             "status": self.status,
             "reason": self.reason,
             "method": self.method,

@@ -78,6 +78,7 @@ OVER_TIER = "over max_tier"
 CONTEXT_TOO_SMALL = "context too small"
 OUTPUT_TOO_SMALL = "max_tokens over output limit"
 OVER_COST = "over max_cost_usd"
+NOT_ALLOWED = "not allowed for the gateway key"
 
 _BIT = {cap: 1 << i for i, cap in enumerate(CAPABILITIES)}
 # A few extra tenths of a micro-dollar keep log(cost) finite for free (local) models.
@@ -917,7 +918,7 @@ class Router:
         require, prefer, exclude = options.require, options.prefer, options.exclude
         if type(require) is not frozenset or type(prefer) is not tuple or type(exclude) is not tuple:
             require, prefer, exclude = frozenset(require), tuple(prefer), tuple(exclude)
-        entry_key = (options.mode, need, require, prefer, exclude, options.max_tier, pin)
+        entry_key = (options.mode, need, require, prefer, exclude, options.max_tier, pin, options.allow)
         entry = self._entries.get(entry_key)
         if entry is None:
             entry = self._entry(entry_key)
@@ -1004,7 +1005,7 @@ class Router:
 
     def _entry(self, key: tuple[Any, ...]) -> _Entry:
         """Apply the request-independent filters of one option set (cached until health or providers change)."""
-        mode_opt, need, require, prefer, exclude, max_tier, pin_ref = key
+        mode_opt, need, require, prefer, exclude, max_tier, pin_ref, allow = key
         pin_ref, mode = self._pin_and_mode(pin_ref, mode_opt)
         unknown = set(require) - set(CAPABILITIES)
         if unknown:
@@ -1027,6 +1028,8 @@ class Router:
                 reason = DISABLED if provider in self.disabled else NOT_CONFIGURED
             elif provider in excluded_providers:
                 reason = EXCLUDED_PROVIDER
+            elif allow is not None and spec.id not in allow:
+                reason = NOT_ALLOWED
             elif self._retired[i] and i != pin:
                 reason = f"retired on {spec.deprecated_on}"
             elif self._caps[i] & need != need:

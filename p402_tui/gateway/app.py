@@ -33,6 +33,7 @@ from ..core.events import (
 from ..core.tokens import off_loop
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Usage, json_bytes, round_costs
 from ..service import Service
+from ..policy.engine import PolicyEngine
 from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -53,6 +54,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
 from .responses import Responses
+from .scoping import event_key, key_filter, own_key, role_refusal
 
 if TYPE_CHECKING:
     from ..cache.semantic import SemanticCache
@@ -170,6 +172,8 @@ class Gateway:
         self.cache = cache  # None when the gateway runs without one
         self.bus = orchestrator.bus
         self.auth = auth or GatewayAuth(None, required=False)
+        self.policy = PolicyEngine(store, orchestrator.catalog)
+        self.auth.describe = self.policy.key_info
         self.metrics = Metrics()
         self.decisions: deque[RouteDecision] = deque(maxlen=DECISION_RING)
         self.outcomes: OrderedDict[str, RequestRecord] = OrderedDict()  # decision id -> its request's record (no store)
@@ -231,10 +235,10 @@ class Gateway:
             message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
             raise errors.GatewayError(503, message, code="store_overloaded", headers={"retry-after": "1"})
 
-    async def bind(self, request: Request, ctx: Any) -> None:
-        """The session named by id or name resolved, and the request's id noted for its refusal event."""
-        if ctx.session_id is not None and self.service.persistent:  # a name, or the id
-            ctx.session_id = await self.service.resolve_session(ctx.session_id, api_key_id=ctx.api_key_id)
+    async def bind(self, request: Request, chat: ChatRequest, options: RouteOptions, ctx: CallContext) -> None:
+        """The key's policy applied (its rules, defaults and guardrails; the session by name or id), and the
+        request's id noted for its refusal event."""
+        await self.policy.enforce(request.scope, chat, options, ctx)
         request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
 
     async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
@@ -258,7 +262,7 @@ class Gateway:
             # Megabytes of JSON hold the loop for tens of ms: parsed on the small pool, and what the
             # request used is handed back to the OS once it is done.
             chat, options, ctx = await off_loop(parse) if large else parse()
-            await self.bind(request, ctx)
+            await self.bind(request, chat, options, ctx)
             if chat.stream:
                 return await self._stream(chat, options, ctx, frames, large=large)
             response = await self.orchestrator.complete(chat, options, ctx)
@@ -356,7 +360,9 @@ class Gateway:
     # --- sessions ------------------------------------------------------------------------------
 
     async def list_sessions(self, request: Request) -> Any:
-        sessions = await self.service.sessions(status=request.query_params.get("status"))
+        sessions = await self.service.sessions(
+            status=request.query_params.get("status"), api_key_id=key_filter(request.scope, request.query_params.get("key"))
+        )
         return json_response({"object": "list", "data": sessions})
 
     async def create_session(self, request: Request) -> Any:
@@ -365,30 +371,34 @@ class Gateway:
         created = await self.service.create_session(**body.model_dump(), api_key_id=key_id)
         return json_response(created, status=201)
 
-    @staticmethod
-    def _session_ref(request: Request) -> dict[str, Any]:
-        """The session the path names (by id or by name), as the key asking sees its names."""
-        return {"ref": request.path_params["session_id"], "api_key_id": request.scope.get("p402.api_key_id")}
+    async def _session_ref(self, request: Request) -> dict[str, Any]:
+        """The session the path names (by id or by name), as the key asking sees its names; a `user` key
+        reaches only its own (another key's is a 404)."""
+        ref, key_id = request.path_params["session_id"], request.scope.get("p402.api_key_id")
+        if own_key(request.scope) is not None:
+            ref = await self.service.resolve_session(ref, api_key_id=key_id)
+            await self.policy.require_own_session(request.scope["p402.key"], ref)
+        return {"ref": ref, "api_key_id": key_id}
 
     async def get_session(self, request: Request) -> Any:
-        return json_response(await self.service.session(**self._session_ref(request)))
+        return json_response(await self.service.session(**await self._session_ref(request)))
 
     async def session_requests(self, request: Request) -> Any:
         limit = _int_param(request, "limit", default=100, low=1, high=SESSION_PAGE_MAX)
-        rows = await self.service.session_requests(**self._session_ref(request), limit=limit)
+        rows = await self.service.session_requests(**await self._session_ref(request), limit=limit)
         return json_response({"object": "list", "data": rows})
 
     async def session_messages(self, request: Request) -> Any:
         limit = _int_param(request, "limit", default=200, low=1, high=SESSION_PAGE_MAX)
-        rows = await self.service.session_messages(**self._session_ref(request), limit=limit)
+        rows = await self.service.session_messages(**await self._session_ref(request), limit=limit)
         return json_response({"object": "list", "data": rows})
 
     async def update_session(self, request: Request) -> Any:
         body = validate(SessionPatch, await read_json(request, self.max_body))
-        return json_response(await self.service.update_session(**self._session_ref(request), **body.changes()))
+        return json_response(await self.service.update_session(**await self._session_ref(request), **body.changes()))
 
     async def delete_session(self, request: Request) -> Any:
-        session_id = await self.service.delete_session(**self._session_ref(request))
+        session_id = await self.service.delete_session(**await self._session_ref(request))
         return json_response({"id": session_id, "deleted": True})
 
     # --- analytics -----------------------------------------------------------------------------
@@ -397,12 +407,15 @@ class Gateway:
         query = request.query_params
         return json_response(await self.service.spend(
             query.get("period"), by=query.get("by") or "provider", start=query.get("from"), end=query.get("to"),
-            include_simulated=self._include_simulated(request),
+            include_simulated=self._include_simulated(request), api_key_id=key_filter(request.scope, query.get("key")),
         ))  # fmt: skip
 
     async def recommendations(self, request: Request) -> Any:
         period = request.query_params.get("period")
-        data = await self.service.recommendations(period, include_simulated=self._include_simulated(request))
+        data = await self.service.recommendations(
+            period, include_simulated=self._include_simulated(request),
+            api_key_id=key_filter(request.scope, request.query_params.get("key")),
+        )
         return json_response({"object": "list", "data": data})
 
     def _include_simulated(self, request: Request) -> bool:
@@ -428,7 +441,7 @@ class Gateway:
         limit = _int_param(request, "limit", default=20, low=1, high=DECISION_RING)
         before = request.query_params.get("before")
         if self.service.persistent:
-            found = await self.service.decisions(limit=limit, before=before)
+            found = await self.service.decisions(limit=limit, before=before, api_key_id=own_key(request.scope))
             data, more = found["data"], found["has_more"]
         else:
             decisions = list(self.decisions)
@@ -448,7 +461,7 @@ class Gateway:
         """One decision whole: every candidate with its scores, every exclusion with its reason."""
         decision_id = request.path_params["decision_id"]
         if self.service.persistent:
-            found = await self.service.decision(decision_id)
+            found = await self.service.decision(decision_id, api_key_id=own_key(request.scope))
         else:
             found = next((d.to_dict() for d in self.decisions if d.id == decision_id), None)
         if found is None:
@@ -494,7 +507,8 @@ class Gateway:
             )
         reader = log.reader(wanted, on_lag=lagged)
         self.event_subscribers += 1
-        response = sse.EventStreamResponse(self._event_frames(log, reader), stop=self.closing)
+        frames = self._event_frames(log, reader, own_key(request.scope))
+        response = sse.EventStreamResponse(frames, stop=self.closing)
 
         async def respond(scope: Scope, receive: Receive, send: Send) -> None:
             try:
@@ -510,7 +524,8 @@ class Gateway:
 
         return respond
 
-    async def _event_frames(self, log: EventLog, reader: LogReader) -> AsyncIterator[bytes]:
+    async def _event_frames(self, log: EventLog, reader: LogReader, key_id: str | None = None) -> AsyncIterator[bytes]:
+        """`key_id`: only that key's traffic (a `user` key's stream)."""
         yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
         while True:
             if not await log.wait(reader, self.heartbeat_s):
@@ -521,6 +536,8 @@ class Gateway:
             except SubscriberLagged:
                 yield sse.lagged_frame()
                 return
+            if key_id is not None:
+                events = [event for event in events if event_key(event) == key_id]
             if events:
                 yield b"".join([sse.bus_event_frame(event) for event in events])
             await asyncio.sleep(EVENT_TICK_S)
@@ -577,6 +594,15 @@ class Gateway:
 
     # --- the app --------------------------------------------------------------------------------
 
+    def _keys(self, name: str) -> Handler:
+        """A `/api/v2/keys` handler (`gateway.keys`), bound to this gateway."""
+        from . import keys
+
+        handler = functools.partial(getattr(keys, name), self)
+        handler.__name__ = name  # type: ignore[attr-defined]
+        handler.__doc__ = getattr(keys, name).__doc__
+        return handler
+
     def routes(self) -> list[Route]:
         """One route a path, so that a 405 names every method the path takes in its Allow header."""
         embeddings, responses = Embeddings(self), Responses(self)
@@ -603,6 +629,11 @@ class Gateway:
             "/api/v2/decisions": {"GET": self.recent_decisions},
             "/api/v2/decisions/{decision_id}": {"GET": self.decision},
             "/api/v2/events": {"GET": self.events},
+            "/api/v2/keys": {"GET": self._keys("list_keys"), "POST": self._keys("create_key")},
+            "/api/v2/keys/{key_id}": {
+                "GET": self._keys("show_key"), "PATCH": self._keys("update_key"), "DELETE": self._keys("revoke_key"),
+            },
+            "/api/v2/keys/{key_id}/requests": {"GET": self._keys("key_requests")},
             "/health": {"GET": self.health},
             "/metrics": {"GET": self.prometheus},
             "/openapi.json": {"GET": self.openapi},
@@ -628,7 +659,7 @@ class Gateway:
         self.bus.publish(
             RequestRejected(
                 status=status, reason=reason or f"http_{status}", method=scope["method"], path=scope["path"],
-                message=message, request_id=scope.get("p402.request_id"),
+                message=message, request_id=scope.get("p402.request_id"), api_key_id=scope.get("p402.api_key_id"),
             )
         )  # fmt: skip
 
@@ -712,7 +743,11 @@ class _Front:
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] not in self.OPEN_PATHS:
             try:
-                scope["p402.api_key_id"] = await self.auth.check(scope)
+                key = scope["p402.key"] = await self.auth.check(scope)
+                scope["p402.api_key_id"] = None if key is None else key.id
+                refusal = role_refusal(scope)
+                if refusal is not None:
+                    raise refusal
             except errors.GatewayError as error:
                 refused(scope, error.code, error.message)
                 if self.on_rejected is not None:
@@ -728,6 +763,12 @@ class _Front:
                 status = message.get("status", 200)
                 if 400 <= status < 500 and self.on_rejected is not None:
                     self.on_rejected(scope, status)
+                limits = scope.get("p402.ratelimit")
+                if limits and message["type"] == "http.response.start":
+                    # The key's x-ratelimit-* figures ride on every answer, as OpenAI sends them.
+                    have = {name for name, _ in message.get("headers", ())}
+                    extra = [(k.encode(), v.encode()) for k, v in limits.items() if k.encode() not in have]
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         try:

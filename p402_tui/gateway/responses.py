@@ -75,7 +75,7 @@ class Responses:
         no_cache = "no-cache" in directives or "no-store" in directives
         parse = functools.partial(_chat_request, body, history, gateway.orchestrator.catalog, key_id, no_cache)
         chat, options, ctx, conversation = await off_loop(parse) if len(raw) >= self.large else parse()
-        await gateway.bind(request, ctx)
+        await gateway.bind(request, chat, options, ctx)
         response_id = new_item_id("resp")
         if chat.stream:
             stream = gateway.orchestrator.stream(chat, options, ctx)

@@ -64,8 +64,9 @@ class Service:
 
     # --- sessions ----------------------------------------------------------------------
 
-    async def sessions(self, *, status: str | None = None) -> list[Session]:
-        return await sessions.listed(await self._fresh(), status=status)  # type: ignore[return-value]
+    async def sessions(self, *, status: str | None = None, api_key_id: str | None = None) -> list[Session]:
+        """Every session; with `api_key_id`, that key's and the operator's (made without a key)."""
+        return await sessions.listed(await self._fresh(), status=status, api_key_id=api_key_id)  # type: ignore[return-value]
 
     async def session(self, ref: str, *, api_key_id: str | None = None) -> Session:
         return await sessions.get(await self._fresh(), ref, api_key_id)  # type: ignore[return-value]
@@ -102,46 +103,60 @@ class Service:
 
     async def spend(
         self, period: str | None = "today", *, by: str = "provider", start: str | None = None,
-        end: str | None = None, include_simulated: bool | None = None,
+        end: str | None = None, include_simulated: bool | None = None, api_key_id: str | None = None,
     ) -> Spend:  # fmt: skip
         return await spend.spend(  # type: ignore[return-value]
             await self._fresh(), period, by=by, start=start, end=end,
-            include_simulated=self._simulated(include_simulated),
+            include_simulated=self._simulated(include_simulated), api_key_id=api_key_id,
         )  # fmt: skip
 
     async def recommendations(
         self, period: str | None = "30d", *, start: str | None = None, end: str | None = None,
-        include_simulated: bool | None = None,
+        include_simulated: bool | None = None, api_key_id: str | None = None,
     ) -> list[Recommendation]:  # fmt: skip
         return await spend.recommendations(  # type: ignore[return-value]
             await self._fresh(), self.catalog, period, start=start, end=end,
-            include_simulated=self._simulated(include_simulated),
+            include_simulated=self._simulated(include_simulated), api_key_id=api_key_id,
         )  # fmt: skip
 
     # --- decisions -----------------------------------------------------------------------
 
-    async def decisions(self, *, limit: int = 20, before: str | None = None) -> DecisionPage:
-        return await decisions.page(await self._fresh(), limit=limit, before=before)  # type: ignore[return-value]
+    async def decisions(
+        self, *, limit: int = 20, before: str | None = None, api_key_id: str | None = None
+    ) -> DecisionPage:
+        return await decisions.page(await self._fresh(), limit=limit, before=before, api_key_id=api_key_id)  # type: ignore[return-value]
 
-    async def decision(self, decision_id: str) -> dict[str, Any] | None:
-        return await decisions.get(await self._fresh(), decision_id)
+    async def decision(self, decision_id: str, *, api_key_id: str | None = None) -> dict[str, Any] | None:
+        return await decisions.get(await self._fresh(), decision_id, api_key_id=api_key_id)
 
     # --- keys ------------------------------------------------------------------------------
 
-    async def create_key(self, name: str) -> tuple[dict[str, Any], str]:
-        return await keys.create(self._store(), name)
+    async def create_key(
+        self, name: str, *, role: str = "user", policy: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """(the key's record, its secret: shown this once)."""
+        return await keys.create_key(self._store(), name, role=role, policy=policy)
 
     async def keys(self) -> list[dict[str, Any]]:
-        return await keys.listed(self._store())
+        return await keys.list_keys(await self._fresh())
 
-    async def revoke_key(self, key_id: str) -> None:
-        await keys.revoke(self._store(), key_id)
+    async def key(self, key_id: str) -> dict[str, Any]:
+        return await keys.show_key(await self._fresh(), key_id)
 
-    async def verify_key(self, secret: str) -> str | None:
+    async def update_key(self, key_id: str, **changes: Any) -> dict[str, Any]:
+        return await keys.update_key(self._store(), key_id, **changes)
+
+    async def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return await keys.revoke_key(self._store(), key_id)
+
+    async def key_requests(self, key_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
+        return await keys.key_requests(await self._fresh(), key_id, limit=limit)
+
+    async def verify_key(self, secret: str) -> dict[str, Any] | None:
         return await keys.verify(self._store(), secret)
 
-    async def active_keys(self) -> int:
-        return await keys.active_count(self._store())
+    async def key_count(self) -> int:
+        return await keys.key_count(self._store())
 
 
 @asynccontextmanager

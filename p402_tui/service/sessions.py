@@ -18,10 +18,12 @@ async def resolve(store: Store, ref: str, api_key_id: str | None = None) -> str:
     return await stored.resolve_session(store, ref, api_key_id)
 
 
-async def listed(store: Store, *, status: str | None = None) -> list[dict[str, Any]]:
+async def listed(
+    store: Store, *, status: str | None = None, api_key_id: str | None = None
+) -> list[dict[str, Any]]:
     if status is not None and status not in SESSION_STATUSES:
         raise SessionError(f"status must be one of {', '.join(SESSION_STATUSES)}", param="status")
-    return await stored.list_sessions(store, status=status)
+    return await stored.list_sessions(store, status=status, api_key_id=api_key_id)
 
 
 async def get(store: Store, ref: str, api_key_id: str | None = None) -> dict[str, Any]:

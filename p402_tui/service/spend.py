@@ -19,15 +19,19 @@ def period_label(period: str | None, *, start: str | None = None, end: str | Non
 
 async def spend(
     store: Store, period: str | None, *, by: str = "provider", start: str | None = None, end: str | None = None,
-    include_simulated: bool = False,
+    include_simulated: bool = False, api_key_id: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     window = analytics.parse_period(period, start=start, end=end)
-    return await analytics.spend(store, window, by or "provider", include_simulated=include_simulated)
+    return await analytics.spend(
+        store, window, by or "provider", include_simulated=include_simulated, api_key_id=api_key_id
+    )
 
 
 async def recommendations(
     store: Store, catalog: Catalog, period: str | None, *, start: str | None = None, end: str | None = None,
-    include_simulated: bool = False,
+    include_simulated: bool = False, api_key_id: str | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     window = analytics.parse_period(period, start=start, end=end)
-    return await analytics.recommendations(store, catalog, window, include_simulated=include_simulated)
+    return await analytics.recommendations(
+        store, catalog, window, include_simulated=include_simulated, api_key_id=api_key_id
+    )

@@ -41,6 +41,12 @@ class ConsoleSource(Protocol):
     async def history(self) -> list[dict[str, Any]]:
         """Decisions made before the console started, in brief, newest first (as /api/v2/decisions gives them)."""
 
+    async def keys(self) -> list[dict[str, Any]]:
+        """Gateway keys as /api/v2/keys lists them: role, policy, usage, and `live` figures where known."""
+
+    async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
+        """A key's latest requests, newest first."""
+
 
 class LocalSource:
     """The console on a Runtime in this process."""
@@ -112,3 +118,17 @@ class LocalSource:
         if not self.service.persistent:
             return []
         return (await self.service.decisions(limit=HISTORY))["data"]
+
+    async def keys(self) -> list[dict[str, Any]]:
+        if not self.service.persistent:
+            return []
+        found = await self.service.keys()
+        gateways = getattr(self.runtime, "gateways", [])
+        if gateways:  # this process serves the gateway: its rate windows and refusals are here
+            engine = gateways[0].gateway.policy
+            for key in found:
+                key["live"] = engine.live(key["id"])
+        return found
+
+    async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
+        return await self.service.key_requests(key_id) if self.service.persistent else []

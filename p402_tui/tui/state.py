@@ -306,6 +306,9 @@ class ConsoleState:
 
     def _request_rejected(self, event: Any) -> None:
         why = f"{event.status} {event.reason}"
+        key_id = getattr(event, "api_key_id", None)
+        if key_id is not None:  # a key's own refusal (its rate, budget, model rules, guardrails) names the key
+            why = f"{why} · {key_id}"
         if event.request_id is not None:  # the orchestrator's RequestCompleted came first and was counted
             row = self.row_for_request(event.request_id)
             if row is not None:
