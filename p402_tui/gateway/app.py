@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from ..core.hooks import CallContext, RequestRecord, RouteOptions
     from ..core.orchestrator import ChatStream, Orchestrator
     from ..core.router import RouteDecision
-    from ..store.store import Store
+    from ..service import Store
 
 logger = logging.getLogger("p402.gateway")
 
@@ -230,9 +230,9 @@ class Gateway:
 
     def check_ledger(self) -> None:
         """A 503 while the ledger writer is saturated: every route that records a request asks first."""
-        if self.store is not None and self.store.writer.saturated:
+        if self.service.writes_saturated:
             self.store_refused += 1
-            message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
+            message = f"the ledger cannot keep up ({self.service.writes_pending} writes queued); retry shortly"
             raise errors.GatewayError(503, message, code="store_overloaded", headers={"retry-after": "1"})
 
     async def bind(self, request: Request, chat: ChatRequest, options: RouteOptions, ctx: CallContext) -> None:
@@ -576,7 +576,7 @@ class Gateway:
             text += (
                 "# HELP p402_store_pending_writes Ledger writes queued, not yet committed.\n"
                 "# TYPE p402_store_pending_writes gauge\n"
-                f"p402_store_pending_writes {self.store.writer.pending}\n"
+                f"p402_store_pending_writes {self.service.writes_pending}\n"
                 "# HELP p402_store_refused_total Requests refused because the ledger could not keep up.\n"
                 "# TYPE p402_store_refused_total counter\n"
                 f"p402_store_refused_total {self.store_refused}\n"

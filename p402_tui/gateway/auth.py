@@ -21,7 +21,7 @@ from starlette.types import Scope
 from .errors import GatewayError
 
 if TYPE_CHECKING:
-    from ..store.store import Store
+    from ..service import Service
 
 
 class KeyBackend(Protocol):
@@ -35,18 +35,14 @@ class KeyBackend(Protocol):
 class StoreKeys:
     """Keys as the store keeps them (hashes only), through the keys use case."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
     async def verify(self, token: str) -> dict[str, Any] | None:
-        from ..service import keys
-
-        return await keys.verify(self.store, token)
+        return await self.service.verify_key(token)
 
     async def key_count(self) -> int:
-        from ..service import keys
-
-        return await keys.key_count(self.store)
+        return await self.service.key_count()
 
 
 def is_loopback(host: str) -> bool:

@@ -108,23 +108,13 @@ class Responses:
         self.recent[data["id"]] = (key_id, data, turns)
         while len(self.recent) > RECENT:
             self.recent.popitem(last=False)
-        store = self.gateway.store
-        if store is not None:
-            from ..store.responses import INSERT_RESPONSE, response_row
-
-            store.put(INSERT_RESPONSE, response_row(data["id"], data["created_at"], key_id, data, turns))
+        self.gateway.service.keep_response(data["id"], data["created_at"], key_id, data, turns)
 
     async def _find(self, response_id: str, key_id: str | None) -> tuple[dict[str, Any], list[Any]] | None:
         kept = self.recent.get(response_id)
         if kept is not None:
             return (kept[1], kept[2]) if kept[0] == key_id else None
-        store = self.gateway.store
-        if store is None:
-            return None
-        from ..store.responses import get_response
-
-        await store.flush()  # one kept a moment ago may still be queued
-        return await get_response(store, response_id, key_id)
+        return await self.gateway.service.stored_response(response_id, key_id)
 
     # --- GET and DELETE /v1/responses/{id} --------------------------------------------
 
@@ -142,11 +132,7 @@ class Responses:
         deleted = kept is not None and kept[0] == key_id
         if deleted:
             del self.recent[response_id]
-        store = self.gateway.store
-        if store is not None:
-            from ..store.responses import delete_response
-
-            deleted = await delete_response(store, response_id, key_id) or deleted
+        deleted = await self.gateway.service.delete_response(response_id, key_id) or deleted
         if not deleted:
             raise _not_found(response_id)
         return Response(json_bytes({"id": response_id, "object": "response.deleted", "deleted": True}),

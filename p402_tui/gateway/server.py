@@ -186,7 +186,7 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
 
 async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
     """The gateway over a `Runtime`: its orchestrator, its store (ledger, sessions, keys)."""
-    keys = StoreKeys(runtime.store) if runtime.store is not None else None
+    keys = StoreKeys(runtime.service) if runtime.store is not None else None
     auth = GatewayAuth(keys, required=False)
     if runtime.store is not None:
         runtime.store.key_listeners.append(auth.forget)

@@ -19,12 +19,12 @@ from ..core.catalog import Catalog
 from ..core.errors import P402Error
 from ..store.db import StoreError
 from ..store.store import Store
-from . import decisions, keys, sessions, spend
+from . import decisions, keys, responses, sessions, spend
 from .protocol import DecisionPage, DecisionSummary, P402Service, Recommendation, Session, Spend
 
 __all__ = [
     "DecisionPage", "DecisionSummary", "NoStoreError", "P402Service", "Recommendation", "Service", "Session",
-    "Spend", "StoreError", "open_service",
+    "Spend", "Store", "StoreError", "open_service",
 ]  # fmt: skip
 
 
@@ -128,6 +128,34 @@ class Service:
 
     async def decision(self, decision_id: str, *, api_key_id: str | None = None) -> dict[str, Any] | None:
         return await decisions.get(await self._fresh(), decision_id, api_key_id=api_key_id)
+
+    # --- the ledger's writer -------------------------------------------------------------
+
+    @property
+    def writes_pending(self) -> int:
+        """Ledger writes queued, not yet committed (0 without a store)."""
+        return 0 if self.store is None else self.store.writer.pending
+
+    @property
+    def writes_saturated(self) -> bool:
+        """Whether the ledger's writer is too far behind to take another request."""
+        return self.store is not None and self.store.writer.saturated
+
+    # --- stored Responses API answers ------------------------------------------------------
+
+    def keep_response(
+        self, response_id: str, ts: float, api_key_id: str | None, response: dict[str, Any], conversation: list[Any]
+    ) -> None:
+        if self.store is not None:
+            responses.keep(self.store, response_id, ts, api_key_id, response, conversation)
+
+    async def stored_response(
+        self, response_id: str, api_key_id: str | None
+    ) -> tuple[dict[str, Any], list[Any]] | None:
+        return None if self.store is None else await responses.find(self.store, response_id, api_key_id)
+
+    async def delete_response(self, response_id: str, api_key_id: str | None) -> bool:
+        return self.store is not None and await responses.delete(self.store, response_id, api_key_id)
 
     # --- keys ------------------------------------------------------------------------------
 

@@ -332,10 +332,10 @@ class RemoteSource:
             raise
 
     async def keys(self) -> list[dict[str, Any]]:
-        return (await self.client.get_json("/api/v2/keys"))["data"]  # an admin key's; others get a 403
+        return (await self.client.api.get_json("/api/v2/keys"))["data"]  # an admin key's; others get a 403
 
     async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
-        return (await self.client.get_json(f"/api/v2/keys/{key_id}/requests"))["data"]
+        return (await self.client.api.get_json(f"/api/v2/keys/{key_id}/requests"))["data"]
 
     async def session(self, session_id: str) -> dict[str, Any]:
         api = self.client.api
