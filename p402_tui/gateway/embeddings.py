@@ -19,6 +19,7 @@ from ..core.types import JSON_INTEGER, ChatMessage, ChatRequest, json_bytes
 from .bodies import route_options
 from .errors import GatewayError, from_validation_error
 
+SOURCE = "gateway:embeddings"  # a record's source: the gateway, through this API
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
 
 Tokens = list[Annotated[int, Field(ge=0, le=2**31 - 1), JSON_INTEGER]]
@@ -84,6 +85,7 @@ class Embeddings:
             api_key_id=request.scope.get("p402.api_key_id"),
             no_cache="no-cache" in directives or "no-store" in directives,
         )  # fmt: skip
+        ctx.source = SOURCE
         # The key's rules, limits and guardrails read the inputs as a chat's messages; what they redact
         # is what is embedded.
         chat = ChatRequest(model=parsed.model, messages=[ChatMessage(role="user", content=text) for text in texts])

@@ -38,6 +38,7 @@ from .responses_wire import (
     response_object,
 )
 
+SOURCE = "gateway:responses"  # a record's source: the gateway, through this API
 RECENT = 1000  # answers kept in memory as well (without a store: the only ones kept)
 _ERROR_CODES = {"rate_limit": "rate_limit_exceeded"}  # the document's ResponseErrorCode; the rest server_error
 
@@ -153,6 +154,7 @@ def _chat_request(
         message = f"the conversation holds {len(chat.messages)} messages; at most {MAX_MESSAGES} are accepted"
         raise GatewayError(400, message, param="input", code="too_many_messages")
     options, ctx = route_options(body.p402, chat.model, catalog, api_key_id=key_id, no_cache=no_cache)
+    ctx.source = SOURCE
     return chat, options, ctx, conversation
 
 
@@ -317,6 +319,7 @@ async def _events(
             if not output.items:  # an empty answer is still a message
                 output._opening("message", 0, message_item(new_item_id("msg"), "", "in_progress") | {"content": []}, out)
                 output.close(out)
+            usage = usage or stream.usage  # none from upstream: our count, as the chat route falls back to
             done = snapshot("completed", answer_usage=usage, finish_reason=finish, p402=stream.meta.to_dict())
             if keep is not None:
                 keep(done, output.items)
