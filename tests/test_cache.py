@@ -528,3 +528,22 @@ def test_a_long_text_normalises_in_pieces_to_the_same_words():
         ("é  ü\u3000" * PIECE_CHARS) + "  ",  # non-ASCII words and white space
     ):
         assert _normalise_text(text) == " ".join(text.split())
+
+
+async def test_lookups_that_arrive_together_share_one_worker_job_and_each_gets_its_own_answer(static_table, store, minilm):
+    cache = SemanticCache(store, embedder=static_table, confirmer=minilm)
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    await remember(cache, ask("How do I check my disk space on Linux?"), "df -h")
+    batches = cache.stats.semantic_batches
+    texts = ["What's the capital city of France?", "How can I see how much disk space is free on Linux?",
+             "How do I bake sourdough bread at home?", "What is the capital of Germany?"] * 4  # fmt: skip
+    found = await asyncio.gather(*(cache.lookup(ask(t), None, "default", request_id=f"b{i}") for i, t in enumerate(texts)))
+    contents = [hit.response.content if hit is not None else None for hit in found]
+    assert contents == ["Paris.", "df -h", None, None] * 4
+    assert cache.stats.semantic_batches - batches < len(texts)  # batched: fewer jobs than lookups
+    # Each miss keeps its own vector for the insert that follows.
+    assert cache.insert("b2", answer("Flour, water, salt, time."), 0.01)
+    hit = await cache.lookup(ask("How do I bake sourdough bread at home?"), None, "default", request_id="again")
+    assert hit is not None and hit.match == "exact"
+    hit = await cache.lookup(ask("How can I bake sourdough bread at home?"), None, "default", request_id="para")
+    assert hit is not None and hit.response.content == "Flour, water, salt, time."

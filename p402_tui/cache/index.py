@@ -70,13 +70,13 @@ class VectorIndex:
     def nbytes(self) -> int:
         return self.vectors.nbytes + self.codes.nbytes
 
-    def add(self, vector: np.ndarray, owner: Any) -> int:
-        """Append a unit vector; returns its row."""
+    def add(self, vector: np.ndarray, owner: Any, code: np.ndarray | None = None) -> int:
+        """Append a unit vector (and its sign code, if the caller has it); returns its row."""
         if self.size == self.vectors.shape[0]:
             self._grow(self.size * 2)
         row = self.size
         self.vectors[row] = vector
-        self.codes[:, row] = sign_codes(vector.reshape(1, -1))[:, 0]
+        self.codes[:, row] = sign_codes(vector.reshape(1, -1))[:, 0] if code is None else code
         self.owners.append(owner)
         self.size += 1
         return row
@@ -119,15 +119,18 @@ class VectorIndex:
         self.vectors, self.codes = vectors, codes
 
 
-def search(snapshot: Snapshot, query: np.ndarray, threshold: float, k: int = 4) -> list[tuple[int, float]]:
-    """Up to k (row, cosine) at or above threshold, best first. Pure function of its arguments: safe in a thread."""
+def search(
+    snapshot: Snapshot, query: np.ndarray, threshold: float, k: int = 4, code: np.ndarray | None = None
+) -> list[tuple[int, float]]:
+    """Up to k (row, cosine) at or above threshold, best first (`code`: the query's sign code, if known).
+    Pure function of its arguments: safe in a thread."""
     vectors, codes = snapshot
     n = vectors.shape[0]
     if n == 0:
         return []
     rows: np.ndarray | None = None
     if n > FULL_SCAN_ROWS:
-        query_code = sign_codes(query.reshape(1, -1))[:, 0]
+        query_code = sign_codes(query.reshape(1, -1))[:, 0] if code is None else code
         distance = np.bitwise_count(codes[0] ^ query_code[0]).astype(np.uint16)
         for word in range(1, CODE_WORDS):
             distance += np.bitwise_count(codes[word] ^ query_code[word])
