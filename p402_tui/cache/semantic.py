@@ -49,7 +49,7 @@ from .embedders import (
     plan_embedders,
     release_memory,
 )
-from .index import Snapshot, VectorIndex, search, sign_codes
+from .index import Snapshot, Trained, VectorIndex, search, search_many, sign_codes, train_buckets
 
 log = logging.getLogger("p402.cache")
 
@@ -326,6 +326,7 @@ class _Probe:
     keys: RequestKeys
     vector: np.ndarray | None
     code: np.ndarray | None  # the vector's sign code, when the worker made it
+    bucket: tuple[np.ndarray, int] | None  # its closest bucket, and the centres that was measured against
     embedder: str | None
 
 
@@ -337,7 +338,11 @@ class _Ask:
     prompt: str
     index: VectorIndex | None
     threshold: float
-    future: asyncio.Future[tuple[np.ndarray, np.ndarray, list[tuple[int, float]]]]
+    future: asyncio.Future[_Found]
+
+
+# A lookup's vector, its sign code, the rows close to it, and its closest bucket with the centres it is one of.
+_Found = tuple[np.ndarray, np.ndarray | None, list[tuple[int, float]], tuple[np.ndarray, int] | None]
 
 
 @dataclass(slots=True)
@@ -398,20 +403,31 @@ EmbedderLoader = Callable[[], EmbedderPlan]
 EMBED_WORKERS = 2
 
 
-def _search_batch(
-    embedder: LocalEmbedder, jobs: list[tuple[str, Snapshot | None, float]]
-) -> tuple[np.ndarray, np.ndarray, list[list[tuple[int, float]]]]:
-    """Each prompt's vector, sign code and close rows: one worker job for a batch of lookups."""
+def _search_batch(embedder: LocalEmbedder, jobs: list[tuple[str, Snapshot | None, float]]) -> tuple[
+    np.ndarray, np.ndarray, list[list[tuple[int, float]]], list[tuple[np.ndarray, int] | None]
+]:
+    """Each prompt's vector, sign code, close rows and closest bucket (with the centres it is one of):
+    one worker job for a batch of lookups. Lookups of one scope are searched together."""
     prompts = [prompt for prompt, _, _ in jobs]
     vectors = embedder.encode(prompts)
     codes = sign_codes(vectors)
-    found = [
-        [] if snapshot is None else search(snapshot, vectors[i], threshold, code=codes[:, i])
-        for i, (_, snapshot, threshold) in enumerate(jobs)
-    ]
+    found: list[list[tuple[int, float]]] = [[] for _ in jobs]
+    nearest: list[tuple[np.ndarray, int] | None] = [None] * len(jobs)
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, (_, snapshot, threshold) in enumerate(jobs):
+        if snapshot is not None:
+            groups.setdefault((id(snapshot), threshold), []).append(i)
+    for (_, threshold), members in groups.items():
+        snapshot = jobs[members[0]][1]
+        assert snapshot is not None
+        results, buckets = search_many(snapshot, vectors[members], threshold, codes[members])
+        for j, i in enumerate(members):
+            found[i] = results[j]
+            if buckets is not None and snapshot.buckets is not None:
+                nearest[i] = (snapshot.buckets.centres, int(buckets[j]))
     if any(len(prompt) > MAX_CHARS for prompt in prompts):
         release_memory()
-    return vectors, codes, found
+    return vectors, codes, found, nearest
 
 
 def _timed(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -633,13 +649,13 @@ class SemanticCache:
                 answer = await self._serve(entry, EXACT, 1.0, now)
                 if answer is not None:
                     return answer
-        vector = code = None
+        vector = code = bucket = None
         embedder = self.embedder
         if keys.prompt and embedder is not None:
             index = self._indexes.get((namespace, keys.scope))
             found: list[tuple[int, float]] = []
             try:
-                vector, code, found = await self._embed_and_search(embedder, keys.prompt, index)
+                vector, code, found, bucket = await self._embed_and_search(embedder, keys.prompt, index)
             except P402Error as error:  # a provider embedder that failed: the exact tier still works
                 self.stats.embed_errors += 1
                 log.warning("cache: embedding failed, semantic tier skipped: %s", error)
@@ -647,7 +663,7 @@ class SemanticCache:
                 answer = await self._semantic(keys, index, found, vector, now)
                 if answer is not None:
                     return answer
-        self._remember(request_id, _Probe(namespace, keys, vector, code, embedder.name if embedder else None))
+        self._remember(request_id, _Probe(namespace, keys, vector, code, bucket, embedder.name if embedder else None))
         self.stats.misses += 1
         return None
 
@@ -655,9 +671,7 @@ class SemanticCache:
     def _confirming(self) -> bool:
         return self.confirmer is not None or self._confirmer_loader is not None
 
-    async def _embed_and_search(
-        self, embedder: Embedder, prompt: str, index: VectorIndex | None
-    ) -> tuple[np.ndarray, np.ndarray | None, list[tuple[int, float]]]:
+    async def _embed_and_search(self, embedder: Embedder, prompt: str, index: VectorIndex | None) -> _Found:
         """The prompt's vector, its sign code (None from a provider) and the index rows close to it, computed
         on the cache's worker pool."""
         if index is not None and (not len(index) or index.dim != embedder.dim):
@@ -666,14 +680,13 @@ class SemanticCache:
         if not isinstance(embedder, LocalEmbedder):  # a provider's endpoint: the wait is the network's
             vector = (await embedder.embed([prompt]))[0]
             if index is None:
-                return vector, None, []
+                return vector, None, [], None
             snapshot = index.snapshot()
             found = await asyncio.get_running_loop().run_in_executor(self._pool, search, snapshot, vector, threshold)
-            return vector, None, found
+            return vector, None, found, None
         # Every lookup that arrives while a batch is on the pool goes in the next batch: one hand-off
         # to a worker and one wake-up of the loop per batch, not per request.
-        future: asyncio.Future[tuple[np.ndarray, np.ndarray, list[tuple[int, float]]]]
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Found] = asyncio.get_running_loop().create_future()
         self._asks.append(_Ask(embedder, prompt, index, threshold, future))
         if not self._asking:
             self._asking = True
@@ -689,7 +702,13 @@ class SemanticCache:
         batch = [ask for ask in self._asks if ask.embedder is embedder]
         self._asks = [ask for ask in self._asks if ask.embedder is not embedder]
         # Snapshots taken now, not when each lookup asked: rows inserted meanwhile are searched too.
-        jobs = [(ask.prompt, ask.index.snapshot() if ask.index is not None else None, ask.threshold) for ask in batch]
+        snapshots: dict[int, Snapshot] = {}
+        for ask in batch:
+            if ask.index is not None and id(ask.index) not in snapshots:
+                snapshots[id(ask.index)] = ask.index.snapshot()
+                if ask.index.wants_training():
+                    self._train(ask.index)
+        jobs = [(ask.prompt, snapshots[id(ask.index)] if ask.index is not None else None, ask.threshold) for ask in batch]
         loop = asyncio.get_running_loop()
 
         def work() -> None:
@@ -708,6 +727,32 @@ class SemanticCache:
         except RuntimeError as error:  # the pool has shut down: the cache is closing
             self._asks_done(batch, error)
 
+    def _train(self, index: VectorIndex) -> None:
+        """Split a grown index into buckets on the pool; the loop takes them unless rows moved meanwhile."""
+        index.training = True
+        loop = asyncio.get_running_loop()
+        vectors, removals = index.vectors[: len(index)], index.removals
+
+        def work() -> None:
+            try:
+                trained: Trained | None = train_buckets(vectors)
+            except Exception:  # noqa: BLE001 - the index keeps searching as it did
+                log.exception("cache: training the index's buckets failed")
+                trained = None
+            try:
+                loop.call_soon_threadsafe(installed, trained)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        def installed(trained: Trained | None) -> None:
+            if trained is None or not index.install(trained, removals):
+                index.training = False
+
+        try:
+            self._pool.submit(work)
+        except RuntimeError:  # the pool has shut down
+            index.training = False
+
     def _asks_done(self, batch: list[_Ask], result: Any) -> None:
         self._in_flight = []
         if isinstance(result, BaseException):
@@ -715,13 +760,13 @@ class SemanticCache:
                 if not ask.future.done():
                     ask.future.set_exception(result)
         else:
-            (vectors, codes, found), cpu = result
+            (vectors, codes, found, nearest), cpu = result
             self.stats.semantic_lookups += len(batch)
             self.stats.semantic_batches += 1
             self.stats.semantic_cpu_s += cpu
             for i, ask in enumerate(batch):
                 if not ask.future.done():
-                    ask.future.set_result((vectors[i], codes[:, i], found[i]))
+                    ask.future.set_result((vectors[i], codes[i], found[i], nearest[i]))
         self._send_asks()
 
     async def _semantic(
@@ -851,7 +896,10 @@ class SemanticCache:
                 index = self._indexes[(probe.namespace, probe.keys.scope)] = VectorIndex(vector.shape[0])
             if index.dim == vector.shape[0]:
                 entry.index = index
-                entry.row = index.add(vector, entry, code=probe.code)
+                bucket = None
+                if probe.bucket is not None and index.buckets is not None and probe.bucket[0] is index.buckets.centres:
+                    bucket = probe.bucket[1]
+                entry.row = index.add(vector, entry, code=probe.code, bucket=bucket)
 
         def committed() -> None:
             entry.payload = None
