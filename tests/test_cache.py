@@ -13,7 +13,8 @@ import pytest
 
 from p402_tui.cache import embedders
 from p402_tui.cache.embedders import HashedNgramEmbedder, MiniLMEmbedder, load_embedder
-from p402_tui.cache.index import FULL_SCAN_ROWS, VectorIndex, search
+from p402_tui.cache import index as index_module
+from p402_tui.cache.index import FULL_SCAN_ROWS, VectorIndex, search, search_many, sign_codes
 from p402_tui.cache.semantic import SemanticCache, near_miss, request_keys
 from p402_tui.core.errors import ConfigError
 from p402_tui.core.hooks import CallContext, RouteOptions
@@ -547,3 +548,85 @@ async def test_lookups_that_arrive_together_share_one_worker_job_and_each_gets_i
     assert hit is not None and hit.match == "exact"
     hit = await cache.lookup(ask("How can I bake sourdough bread at home?"), None, "default", request_id="para")
     assert hit is not None and hit.response.content == "Flour, water, salt, time."
+
+
+def _assert_buckets_hold_every_row_once(index: VectorIndex) -> None:
+    buckets = index.buckets
+    assert buckets is not None
+    seen = []
+    for bucket in range(len(buckets.centres)):
+        rows = buckets.rows[bucket][: buckets.sizes[bucket]]
+        for slot, row in enumerate(rows.tolist()):
+            assert index.bucket_of[row] == bucket and index.slot_of[row] == slot
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(len(index)))
+
+
+def test_buckets_keep_every_row_through_adds_and_removes_and_find_what_a_full_scan_finds(monkeypatch):
+    monkeypatch.setattr(index_module, "BUCKET_FROM_ROWS", 256)
+    monkeypatch.setattr(index_module, "BUCKET_ROWS", 16)
+    rng = np.random.default_rng(11)
+    centres = _unit(rng.standard_normal((40, 64)))
+    def near_a_centre(n: int) -> np.ndarray:
+        return _unit(centres[rng.integers(0, 40, n)] + rng.standard_normal((n, 64)) * 0.05)
+    index = VectorIndex(64)
+    index.extend(near_a_centre(300), list(range(300)))
+    assert index.wants_training()
+    index.training = True
+    assert not index.wants_training()  # one training at a time
+    assert index.install(index_module.train_buckets(index.vectors[: len(index)]), index.removals)
+    assert index.buckets is not None and len(index.buckets.centres) == 300 // 16 and not index.wants_training()
+    owners = 300
+    for step in range(600):  # adds (some giving their bucket, as a lookup's probe does) and removes
+        if step % 3 == 2:
+            moved = index.remove(int(rng.integers(0, len(index))))
+            assert moved is None or index.owners[index.owners.index(moved)] == moved
+        else:
+            vector = near_a_centre(1)[0]
+            bucket = int(np.argmax(index.buckets.centres @ vector)) if step % 2 else None
+            index.add(vector, owners, bucket=bucket)
+            owners += 1
+    _assert_buckets_hold_every_row_once(index)
+    snapshot = index.snapshot()
+    flat = index_module.Snapshot(snapshot.vectors, snapshot.codes, None)
+    queries = near_a_centre(50)
+    found, nearest = search_many(snapshot, queries, 0.9, sign_codes(queries))
+    assert nearest is not None and len(nearest) == 50
+    agree = sum(f[:1] == search(flat, q, 0.9)[:1] for f, q in zip(found, queries))
+    assert agree >= 48  # buckets are approximate; on clustered data they miss almost nothing
+
+
+def test_buckets_trained_while_rows_moved_are_dropped_and_trained_again():
+    rng = np.random.default_rng(5)
+    index = VectorIndex(32)
+    index.extend(_unit(rng.standard_normal((100, 32))), list(range(100)))
+    trained = index_module.train_buckets(index.vectors[: len(index)])
+    removals = index.removals
+    index.remove(3)  # a row moved while the worker trained
+    assert not index.install(trained, removals) and index.buckets is None and not index.training
+    index.add(_unit(rng.standard_normal(32)), 100)  # rows added meanwhile are put in their buckets at install
+    trained = index_module.train_buckets(index.vectors[:90])
+    assert index.install(trained, index.removals)
+    _assert_buckets_hold_every_row_once(index)
+
+
+async def test_the_cache_trains_buckets_off_the_loop_and_still_finds_paraphrases(static_table, store, minilm, monkeypatch):
+    monkeypatch.setattr(index_module, "BUCKET_FROM_ROWS", 64)
+    monkeypatch.setattr(index_module, "BUCKET_ROWS", 8)
+    cache = SemanticCache(store, embedder=static_table, confirmer=minilm, max_entries=150)
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    words = "river stone cloud paper engine garden silver window music letter orange bridge".split()
+    rng = np.random.default_rng(2)
+    for i in range(200):  # past the entry cap: the oldest go, rows move while buckets are trained and used
+        text = " ".join(rng.choice(words, 6)).capitalize() + f" {chr(97 + i % 26)}{i // 26}?"
+        await cache.lookup(ask(text), None, "default", request_id=f"f{i}")
+        cache.insert(f"f{i}", answer(text), 0.0)
+        if i == 100:
+            hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h")
+            assert hit is not None and hit.response.content == "Paris."  # touched: not the oldest any more
+    await asyncio.sleep(0.2)  # the last training's result, if one is still on the pool
+    [index] = cache._indexes.values()
+    assert index.buckets is not None and index.trained_rows >= 64
+    _assert_buckets_hold_every_row_once(index)
+    hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h2")
+    assert hit is not None and hit.response.content == "Paris."

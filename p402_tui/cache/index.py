@@ -123,7 +123,7 @@ class VectorIndex:
         return row
 
     def extend(self, vectors: np.ndarray, owners: list[Any]) -> None:
-        """Append many rows at once (loading from the database, in a thread: buckets are trained here)."""
+        """Append many rows at once (loading from the database; the first search asks for buckets)."""
         needed = self.size + len(vectors)
         if needed > self.vectors.shape[0]:
             self._grow(max(needed, self.vectors.shape[0] * 2))
@@ -135,8 +135,6 @@ class VectorIndex:
         if self.buckets is not None:
             for row, bucket in zip(range(start, needed), nearest_bucket(self.buckets.centres, vectors)):
                 self._put(row, int(bucket))
-        elif self.wants_training():
-            self.install(train_buckets(self.vectors[: self.size]), self.removals)
 
     def remove(self, row: int) -> Any | None:
         """Remove a row by moving the last row into it; returns the owner that moved (now at `row`), if any."""
