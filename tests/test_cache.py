@@ -630,3 +630,14 @@ async def test_the_cache_trains_buckets_off_the_loop_and_still_finds_paraphrases
     _assert_buckets_hold_every_row_once(index)
     hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h2")
     assert hit is not None and hit.response.content == "Paris."
+
+
+def test_the_static_stage_reads_each_word_once_and_gets_the_tokenizers_pieces(static_table):
+    from p402_tui.cache.embedders import MAX_CHARS
+
+    texts = [text for pair in PAIRS["paraphrase"] + PAIRS["near_miss"] for text in pair]
+    texts += ["Ünïcödé café naïve résumé 東京は日本の首都です", "tabs\tand\nnewlines  and   spaces",
+              "don't stop-believing!!! (really?) x=3.14", "", "   ", "Explain the printing press. " * 2000]  # fmt: skip
+    for text in texts:
+        assert static_table._ids(text) == static_table.tokenizer.encode(text[:MAX_CHARS], add_special_tokens=False).ids
+    assert "café" in static_table._pieces
