@@ -74,7 +74,7 @@ def bench_size(n: int, rounds: int, rng: np.random.Generator) -> dict:
         index.add(rows[i], i)
         inserts.append(time.perf_counter() - started)
     started = time.process_time()
-    index.install(train_buckets(index.vectors[:n]), index.removals)  # as the cache does, on its pool
+    index.install(train_buckets(index.start_training()))  # as the cache does, on its pool
     train_s = time.process_time() - started
     misses = unit(rng.standard_normal((rounds, DIM), dtype=np.float32))
     targets = rng.integers(0, n, rounds)
@@ -125,7 +125,7 @@ def bucket_recall(static, n: int) -> dict:
     seconds = static.encode([pair["b"] for pair in data])
     index = VectorIndex(static.dim)
     index.extend(np.vstack([static.encode(filler), firsts]), list(range(n + len(data))))
-    index.install(train_buckets(index.vectors[: len(index)]), index.removals)
+    index.install(train_buckets(index.start_training()))
     bucketed = index.snapshot()
     flat = Snapshot(bucketed.vectors, bucketed.codes, None)
     codes = sign_codes(seconds)

@@ -572,9 +572,9 @@ def test_buckets_keep_every_row_through_adds_and_removes_and_find_what_a_full_sc
     index = VectorIndex(64)
     index.extend(near_a_centre(300), list(range(300)))
     assert index.wants_training()
-    index.training = True
+    rows = index.start_training()
     assert not index.wants_training()  # one training at a time
-    assert index.install(index_module.train_buckets(index.vectors[: len(index)]), index.removals)
+    index.install(index_module.train_buckets(rows))
     assert index.buckets is not None and len(index.buckets.centres) == 300 // 16 and not index.wants_training()
     owners = 300
     for step in range(600):  # adds (some giving their bucket, as a lookup's probe does) and removes
@@ -596,18 +596,21 @@ def test_buckets_keep_every_row_through_adds_and_removes_and_find_what_a_full_sc
     assert agree >= 48  # buckets are approximate; on clustered data they miss almost nothing
 
 
-def test_buckets_trained_while_rows_moved_are_dropped_and_trained_again():
+def test_rows_moved_or_added_while_buckets_train_are_put_in_their_closest_bucket():
     rng = np.random.default_rng(5)
     index = VectorIndex(32)
     index.extend(_unit(rng.standard_normal((100, 32))), list(range(100)))
-    trained = index_module.train_buckets(index.vectors[: len(index)])
-    removals = index.removals
-    index.remove(3)  # a row moved while the worker trained
-    assert not index.install(trained, removals) and index.buckets is None and not index.training
-    index.add(_unit(rng.standard_normal(32)), 100)  # rows added meanwhile are put in their buckets at install
-    trained = index_module.train_buckets(index.vectors[:90])
-    assert index.install(trained, index.removals)
+    trained = index_module.train_buckets(index.start_training())  # on a worker, while the loop goes on:
+    for row in (3, 98, 40):
+        index.remove(row)  # the last row moves into the gap
+    index.add(_unit(rng.standard_normal(32)), 100)  # lands on a row the training saw with another vector
+    index.add(_unit(rng.standard_normal(32)), 101)
+    index.remove(0)
+    index.install(trained)
+    assert not index.training and index.trained_rows == len(index) == 98
     _assert_buckets_hold_every_row_once(index)
+    closest = np.argmax(index.vectors[: len(index)] @ index.buckets.centres.T, axis=1)
+    assert np.array_equal(index.bucket_of[: len(index)], closest)
 
 
 async def test_the_cache_trains_buckets_off_the_loop_and_still_finds_paraphrases(static_table, store, minilm, monkeypatch):

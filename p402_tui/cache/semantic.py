@@ -728,10 +728,9 @@ class SemanticCache:
             self._asks_done(batch, error)
 
     def _train(self, index: VectorIndex) -> None:
-        """Split a grown index into buckets on the pool; the loop takes them unless rows moved meanwhile."""
-        index.training = True
+        """Split a grown index into buckets on the pool; the loop takes them (and mends rows moved meanwhile)."""
         loop = asyncio.get_running_loop()
-        vectors, removals = index.vectors[: len(index)], index.removals
+        vectors = index.start_training()
 
         def work() -> None:
             try:
@@ -745,8 +744,10 @@ class SemanticCache:
                 pass
 
         def installed(trained: Trained | None) -> None:
-            if trained is None or not index.install(trained, removals):
+            if trained is None:
                 index.training = False
+            else:
+                index.install(trained)
 
         try:
             self._pool.submit(work)
