@@ -163,10 +163,12 @@ class VectorIndex:
         return float(self.vectors[row] @ query)
 
     def snapshot(self) -> Snapshot:
-        buckets = self.buckets
-        if buckets is not None:  # the list and sizes as they are now; a row array itself may change under a search
+        """The rows as they are now (taken in the batch worker while the loop may add rows: each array is
+        cut at one size, read once; a row array of a bucket may still change under a search)."""
+        size, buckets = self.size, self.buckets
+        if buckets is not None:
             buckets = Buckets(buckets.centres, list(buckets.rows), buckets.sizes.copy())
-        return Snapshot(self.vectors[: self.size], self.codes[: self.size], buckets)
+        return Snapshot(self.vectors[:size], self.codes[:size], buckets)
 
     # --- buckets ---------------------------------------------------------------------
 
@@ -354,5 +356,6 @@ def search_many(
         return [[] for _ in range(len(queries))], None
     if vectors.shape[0] <= FULL_SCAN_ROWS and len(queries) > 1:
         scores = vectors @ np.ascontiguousarray(queries.T)
-        return [_best(scores[:, i], None, threshold, k) for i in range(len(queries))], None
+        close = scores.max(axis=0) >= threshold  # most lookups have no candidate: one reduction answers them all
+        return [_best(scores[:, i], None, threshold, k) if close[i] else [] for i in range(len(queries))], None
     return [search(snapshot, query, threshold, k, code=codes[i]) for i, query in enumerate(queries)], None
