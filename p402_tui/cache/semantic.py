@@ -492,10 +492,8 @@ class SemanticCache:
         self._probes: OrderedDict[str, _Probe] = OrderedDict()
         self._ready: asyncio.Task[None] | None = None
         self._asks: list[_Ask] = []  # lookups waiting for the next batch
-        self._asks_lock = threading.Lock()  # the loop adds to `_asks`, the batch worker takes them
         self._in_flight: list[_Ask] = []  # the batch on the pool
-        self._asking = False  # the batch worker is running, or about to start
-        self._closed = False
+        self._asking = False  # a batch is on the pool, or about to be sent
 
     @classmethod
     def from_config(cls, store: Store, config: Any, *, adapter_for: Callable[[str], Any] | None = None) -> "SemanticCache":
@@ -526,7 +524,6 @@ class SemanticCache:
     async def aclose(self) -> None:
         if self._builder is not None:
             await asyncio.to_thread(self._builder.stop)
-        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         for ask in [*self._in_flight, *self._asks]:  # a cancelled job would never answer them
             ask.future.cancel()
@@ -687,39 +684,34 @@ class SemanticCache:
             snapshot = index.snapshot()
             found = await asyncio.get_running_loop().run_in_executor(self._pool, search, snapshot, vector, threshold)
             return vector, None, found, None
-        # Every lookup that arrives while a batch is on the pool goes in the next batch, which the same
-        # worker takes as soon as it is done: while lookups keep coming, no thread is woken per batch
-        # (on a busy machine each wake-up cost the loop its core), and the loop wakes once per batch.
+        # Every lookup that arrives while a batch is on the pool goes in the next batch: one hand-off
+        # to a worker and one wake-up of the loop per batch, not per request.
         future: asyncio.Future[_Found] = asyncio.get_running_loop().create_future()
-        with self._asks_lock:
-            self._asks.append(_Ask(embedder, prompt, index, threshold, future))
-            start, self._asking = not self._asking, True
-        if start:
-            try:
-                self._pool.submit(self._answer_asks, asyncio.get_running_loop())
-            except RuntimeError as error:  # the pool has shut down: the cache is closing
-                with self._asks_lock:
-                    batch, self._asks, self._asking = self._asks, [], False
-                self._asks_done(batch, error)
+        self._asks.append(_Ask(embedder, prompt, index, threshold, future))
+        if not self._asking:
+            self._asking = True
+            asyncio.get_running_loop().call_soon(self._send_asks)
         return await future
 
-    def _answer_asks(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The batch worker: search the waiting lookups (those of one embedder) as one job, until none wait."""
-        while not self._closed:
-            with self._asks_lock:
-                if not self._asks:
-                    self._asking = False
-                    return
-                embedder = self._asks[0].embedder
-                batch = [ask for ask in self._asks if ask.embedder is embedder]
-                self._asks = [ask for ask in self._asks if ask.embedder is not embedder]
-                self._in_flight = batch
-            # Snapshots taken now, not when each lookup asked: rows inserted meanwhile are searched too.
-            snapshots: dict[int, Snapshot] = {}
-            for ask in batch:
-                if ask.index is not None and id(ask.index) not in snapshots:
-                    snapshots[id(ask.index)] = ask.index.snapshot()
-            jobs = [(ask.prompt, snapshots[id(ask.index)] if ask.index is not None else None, ask.threshold) for ask in batch]
+    def _send_asks(self) -> None:
+        """Put the waiting lookups (those of one embedder) on the pool as one job."""
+        if not self._asks:
+            self._asking = False
+            return
+        embedder = self._asks[0].embedder
+        batch = [ask for ask in self._asks if ask.embedder is embedder]
+        self._asks = [ask for ask in self._asks if ask.embedder is not embedder]
+        # Snapshots taken now, not when each lookup asked: rows inserted meanwhile are searched too.
+        snapshots: dict[int, Snapshot] = {}
+        for ask in batch:
+            if ask.index is not None and id(ask.index) not in snapshots:
+                snapshots[id(ask.index)] = ask.index.snapshot()
+                if ask.index.wants_training():
+                    self._train(ask.index)
+        jobs = [(ask.prompt, snapshots[id(ask.index)] if ask.index is not None else None, ask.threshold) for ask in batch]
+        loop = asyncio.get_running_loop()
+
+        def work() -> None:
             try:
                 result: Any = _timed(_search_batch, embedder, jobs)
             except BaseException as error:  # noqa: BLE001 - handed to every lookup of the batch
@@ -727,7 +719,13 @@ class SemanticCache:
             try:
                 loop.call_soon_threadsafe(self._asks_done, batch, result)
             except RuntimeError:  # the loop has closed
-                return
+                pass
+
+        self._in_flight = batch
+        try:
+            self._pool.submit(work)
+        except RuntimeError as error:  # the pool has shut down: the cache is closing
+            self._asks_done(batch, error)
 
     def _train(self, index: VectorIndex) -> None:
         """Split a grown index into buckets on the pool; the loop takes them (and mends rows moved meanwhile)."""
@@ -757,24 +755,20 @@ class SemanticCache:
             index.training = False
 
     def _asks_done(self, batch: list[_Ask], result: Any) -> None:
+        self._in_flight = []
         if isinstance(result, BaseException):
             for ask in batch:
                 if not ask.future.done():
                     ask.future.set_exception(result)
-            return
-        (vectors, codes, found, nearest), cpu = result
-        self.stats.semantic_lookups += len(batch)
-        self.stats.semantic_batches += 1
-        self.stats.semantic_cpu_s += cpu
-        trained: set[int] = set()
-        for i, ask in enumerate(batch):
-            if not ask.future.done():
-                ask.future.set_result((vectors[i], codes[i], found[i], nearest[i]))
-            index = ask.index
-            if index is not None and id(index) not in trained:
-                trained.add(id(index))
-                if index.wants_training():
-                    self._train(index)
+        else:
+            (vectors, codes, found, nearest), cpu = result
+            self.stats.semantic_lookups += len(batch)
+            self.stats.semantic_batches += 1
+            self.stats.semantic_cpu_s += cpu
+            for i, ask in enumerate(batch):
+                if not ask.future.done():
+                    ask.future.set_result((vectors[i], codes[i], found[i], nearest[i]))
+        self._send_asks()
 
     async def _semantic(
         self, keys: RequestKeys, index: VectorIndex, found: list[tuple[int, float]], vector: np.ndarray, now: float
