@@ -565,6 +565,7 @@ def _assert_buckets_hold_every_row_once(index: VectorIndex) -> None:
 def test_buckets_keep_every_row_through_adds_and_removes_and_find_what_a_full_scan_finds(monkeypatch):
     monkeypatch.setattr(index_module, "BUCKET_FROM_ROWS", 256)
     monkeypatch.setattr(index_module, "BUCKET_ROWS", 16)
+    monkeypatch.setattr(index_module, "BATCH_SCAN_ROWS", 0)  # searched by buckets, not one product
     rng = np.random.default_rng(11)
     centres = _unit(rng.standard_normal((40, 64)))
     def near_a_centre(n: int) -> np.ndarray:
@@ -616,6 +617,7 @@ def test_rows_moved_or_added_while_buckets_train_are_put_in_their_closest_bucket
 async def test_the_cache_trains_buckets_off_the_loop_and_still_finds_paraphrases(static_table, store, minilm, monkeypatch):
     monkeypatch.setattr(index_module, "BUCKET_FROM_ROWS", 64)
     monkeypatch.setattr(index_module, "BUCKET_ROWS", 8)
+    monkeypatch.setattr(index_module, "BATCH_SCAN_ROWS", 0)
     cache = SemanticCache(store, embedder=static_table, confirmer=minilm, max_entries=150)
     await remember(cache, ask("What is the capital of France?"), "Paris.")
     words = "river stone cloud paper engine garden silver window music letter orange bridge".split()
