@@ -14,6 +14,7 @@ served any answer other than one cached for exactly its own text.
 
     python bench/cache_eval.py                 # the default configuration (static stage + MiniLM)
     python bench/cache_eval.py --minilm-only   # MiniLM on every lookup, at --threshold (0.90 before)
+    python bench/cache_eval.py --fill 20000    # amid 20,000 gateway-like prompts: the index searched by buckets
 
 Targets: near-misses served <= 1 in 50 on every split; held-out paraphrase recall >= 50 %.
 """
@@ -73,6 +74,29 @@ def make_cache(store: Store, args: argparse.Namespace) -> SemanticCache:
     return SemanticCache(store, embedder=plan.embedder, confirmer=plan.confirmer, **kwargs)
 
 
+async def fill(cache: SemanticCache, namespace: str, count: int) -> None:
+    """`count` gateway-like prompts (ten words drawn from the pairs, as bench/gateway.py sends) cached
+    first, 64 at a time as concurrent requests arrive, so the index is searched by its buckets."""
+    import random
+    import re
+
+    words = sorted(set(re.findall(r"[a-z]{3,}", DATA.read_text(encoding="utf-8").lower())))
+    rng = random.Random(402)
+    filler = ChatResponse(provider="sim", model="m", content="(filler)", usage=Usage(5, 5))
+
+    async def one(i: int) -> None:
+        text = " ".join(rng.choices(words, k=10)).capitalize() + "?"
+        if await cache.lookup(ask(text), None, namespace, request_id=f"fill-{i}") is None:
+            cache.insert(f"fill-{i}", filler, 0.0)
+
+    for start in range(0, count, 64):
+        await asyncio.gather(*(one(i) for i in range(start, min(count, start + 64))))
+    for _ in range(200):  # the last training of the buckets, if one is still on the pool
+        if all(not index.training for index in cache._indexes.values()):
+            break
+        await asyncio.sleep(0.05)
+
+
 async def evaluate(split: str, pairs: list[dict[str, str]], args: argparse.Namespace, folder: Path) -> dict:
     store = await Store.open(folder / f"{split}.db")
     try:
@@ -81,6 +105,8 @@ async def evaluate(split: str, pairs: list[dict[str, str]], args: argparse.Names
         await store.aclose()
         raise
     try:
+        if args.fill:
+            await fill(cache, split, args.fill)
         for i, text in enumerate(dict.fromkeys(pair["a"] for pair in pairs)):
             await cache.lookup(ask(text), None, split, request_id=f"seed-{i}")
             cache.insert(f"seed-{i}", ChatResponse(provider="sim", model="m", content=text, usage=Usage(5, 5)), 0.001)
@@ -105,6 +131,7 @@ async def evaluate(split: str, pairs: list[dict[str, str]], args: argparse.Names
         await cache.aclose()
         await store.aclose()
     return {
+        "filled_with": args.fill,
         "paraphrase_pairs": len(paraphrases),
         "paraphrase_recall": round(recalled / len(paraphrases), 3),
         "paraphrases_served_another_answer": wrong,
@@ -137,6 +164,8 @@ async def main_async(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minilm-only", action="store_true", help="MiniLM on every lookup, no static stage")
+    parser.add_argument("--fill", type=int, default=0, help="cache this many gateway-like prompts first, so the "
+                        "index is large enough to search by buckets (e.g. 20000)")
     parser.add_argument("--threshold", type=float, help="the hit threshold (MiniLM cosine)")
     parser.add_argument("--candidate-threshold", type=float, help="the static stage's cosine for a candidate")
     args = parser.parse_args()

@@ -13,7 +13,8 @@ import pytest
 
 from p402_tui.cache import embedders
 from p402_tui.cache.embedders import HashedNgramEmbedder, MiniLMEmbedder, load_embedder
-from p402_tui.cache.index import FULL_SCAN_ROWS, VectorIndex, search
+from p402_tui.cache import index as index_module
+from p402_tui.cache.index import FULL_SCAN_ROWS, VectorIndex, search, search_many, sign_codes
 from p402_tui.cache.semantic import SemanticCache, near_miss, request_keys
 from p402_tui.core.errors import ConfigError
 from p402_tui.core.hooks import CallContext, RouteOptions
@@ -528,3 +529,120 @@ def test_a_long_text_normalises_in_pieces_to_the_same_words():
         ("é  ü\u3000" * PIECE_CHARS) + "  ",  # non-ASCII words and white space
     ):
         assert _normalise_text(text) == " ".join(text.split())
+
+
+async def test_lookups_that_arrive_together_share_one_worker_job_and_each_gets_its_own_answer(static_table, store, minilm):
+    cache = SemanticCache(store, embedder=static_table, confirmer=minilm)
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    await remember(cache, ask("How do I check my disk space on Linux?"), "df -h")
+    batches = cache.stats.semantic_batches
+    texts = ["What's the capital city of France?", "How can I see how much disk space is free on Linux?",
+             "How do I bake sourdough bread at home?", "What is the capital of Germany?"] * 4  # fmt: skip
+    found = await asyncio.gather(*(cache.lookup(ask(t), None, "default", request_id=f"b{i}") for i, t in enumerate(texts)))
+    contents = [hit.response.content if hit is not None else None for hit in found]
+    assert contents == ["Paris.", "df -h", None, None] * 4
+    assert cache.stats.semantic_batches - batches < len(texts)  # batched: fewer jobs than lookups
+    # Each miss keeps its own vector for the insert that follows.
+    assert cache.insert("b2", answer("Flour, water, salt, time."), 0.01)
+    hit = await cache.lookup(ask("How do I bake sourdough bread at home?"), None, "default", request_id="again")
+    assert hit is not None and hit.match == "exact"
+    hit = await cache.lookup(ask("How can I bake sourdough bread at home?"), None, "default", request_id="para")
+    assert hit is not None and hit.response.content == "Flour, water, salt, time."
+
+
+def _assert_buckets_hold_every_row_once(index: VectorIndex) -> None:
+    buckets = index.buckets
+    assert buckets is not None
+    seen = []
+    for bucket in range(len(buckets.centres)):
+        rows = buckets.rows[bucket][: buckets.sizes[bucket]]
+        for slot, row in enumerate(rows.tolist()):
+            assert index.bucket_of[row] == bucket and index.slot_of[row] == slot
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(len(index)))
+
+
+def test_buckets_keep_every_row_through_adds_and_removes_and_find_what_a_full_scan_finds(monkeypatch):
+    monkeypatch.setattr(index_module, "BUCKET_FROM_ROWS", 256)
+    monkeypatch.setattr(index_module, "BUCKET_ROWS", 16)
+    monkeypatch.setattr(index_module, "BATCH_SCAN_ROWS", 0)  # searched by buckets, not one product
+    rng = np.random.default_rng(11)
+    centres = _unit(rng.standard_normal((40, 64)))
+    def near_a_centre(n: int) -> np.ndarray:
+        return _unit(centres[rng.integers(0, 40, n)] + rng.standard_normal((n, 64)) * 0.05)
+    index = VectorIndex(64)
+    index.extend(near_a_centre(300), list(range(300)))
+    assert index.wants_training()
+    rows = index.start_training()
+    assert not index.wants_training()  # one training at a time
+    index.install(index_module.train_buckets(rows))
+    assert index.buckets is not None and len(index.buckets.centres) == 300 // 16 and not index.wants_training()
+    owners = 300
+    for step in range(600):  # adds (some giving their bucket, as a lookup's probe does) and removes
+        if step % 3 == 2:
+            moved = index.remove(int(rng.integers(0, len(index))))
+            assert moved is None or index.owners[index.owners.index(moved)] == moved
+        else:
+            vector = near_a_centre(1)[0]
+            bucket = int(np.argmax(index.buckets.centres @ vector)) if step % 2 else None
+            index.add(vector, owners, bucket=bucket)
+            owners += 1
+    _assert_buckets_hold_every_row_once(index)
+    snapshot = index.snapshot()
+    flat = index_module.Snapshot(snapshot.vectors, snapshot.codes, None)
+    queries = near_a_centre(50)
+    found, nearest = search_many(snapshot, queries, 0.9, sign_codes(queries))
+    assert nearest is not None and len(nearest) == 50
+    agree = sum(f[:1] == search(flat, q, 0.9)[:1] for f, q in zip(found, queries))
+    assert agree >= 48  # buckets are approximate; on clustered data they miss almost nothing
+
+
+def test_rows_moved_or_added_while_buckets_train_are_put_in_their_closest_bucket():
+    rng = np.random.default_rng(5)
+    index = VectorIndex(32)
+    index.extend(_unit(rng.standard_normal((100, 32))), list(range(100)))
+    trained = index_module.train_buckets(index.start_training())  # on a worker, while the loop goes on:
+    for row in (3, 98, 40):
+        index.remove(row)  # the last row moves into the gap
+    index.add(_unit(rng.standard_normal(32)), 100)  # lands on a row the training saw with another vector
+    index.add(_unit(rng.standard_normal(32)), 101)
+    index.remove(0)
+    index.install(trained)
+    assert not index.training and index.trained_rows == len(index) == 98
+    _assert_buckets_hold_every_row_once(index)
+    closest = np.argmax(index.vectors[: len(index)] @ index.buckets.centres.T, axis=1)
+    assert np.array_equal(index.bucket_of[: len(index)], closest)
+
+
+async def test_the_cache_trains_buckets_off_the_loop_and_still_finds_paraphrases(static_table, store, minilm, monkeypatch):
+    monkeypatch.setattr(index_module, "BUCKET_FROM_ROWS", 64)
+    monkeypatch.setattr(index_module, "BUCKET_ROWS", 8)
+    monkeypatch.setattr(index_module, "BATCH_SCAN_ROWS", 0)
+    cache = SemanticCache(store, embedder=static_table, confirmer=minilm, max_entries=150)
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    words = "river stone cloud paper engine garden silver window music letter orange bridge".split()
+    rng = np.random.default_rng(2)
+    for i in range(200):  # past the entry cap: the oldest go, rows move while buckets are trained and used
+        text = " ".join(rng.choice(words, 6)).capitalize() + f" {chr(97 + i % 26)}{i // 26}?"
+        await cache.lookup(ask(text), None, "default", request_id=f"f{i}")
+        cache.insert(f"f{i}", answer(text), 0.0)
+        if i == 100:
+            hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h")
+            assert hit is not None and hit.response.content == "Paris."  # touched: not the oldest any more
+    await asyncio.sleep(0.2)  # the last training's result, if one is still on the pool
+    [index] = cache._indexes.values()
+    assert index.buckets is not None and index.trained_rows >= 64
+    _assert_buckets_hold_every_row_once(index)
+    hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h2")
+    assert hit is not None and hit.response.content == "Paris."
+
+
+def test_the_static_stage_reads_each_word_once_and_gets_the_tokenizers_pieces(static_table):
+    from p402_tui.cache.embedders import MAX_CHARS
+
+    texts = [text for pair in PAIRS["paraphrase"] + PAIRS["near_miss"] for text in pair]
+    texts += ["Ünïcödé café naïve résumé 東京は日本の首都です", "tabs\tand\nnewlines  and   spaces",
+              "don't stop-believing!!! (really?) x=3.14", "", "   ", "Explain the printing press. " * 2000]  # fmt: skip
+    for text in texts:
+        assert static_table._ids(text) == static_table.tokenizer.encode(text[:MAX_CHARS], add_special_tokens=False).ids
+    assert "café" in static_table._pieces

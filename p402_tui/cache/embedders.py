@@ -47,6 +47,7 @@ MAX_CHARS = MINILM_MAX_TOKENS * 16
 STATIC_DIMS = 256
 STATIC_FORMAT = 1  # bump when the way the table is made changes: the file name carries it
 LEXICAL_MIN_THRESHOLD = 0.98
+MEMO_WORDS = 20_000  # words whose word pieces the static stage remembers (about 3 MB)
 
 
 class Embedder:
@@ -292,7 +293,8 @@ class StaticEmbedder(LocalEmbedder):
 
     def __init__(self, tokenizer: Any, table: np.ndarray, name: str) -> None:
         self.tokenizer = tokenizer
-        self.table = table
+        self.table = table.view(np.ndarray)  # still mapped, without np.memmap's slower indexing
+        self._pieces: dict[str, list[int]] = {}  # word -> its word-piece ids
         self.dim = table.shape[1]
         self.name = name
         # The index search is a matrix-vector product: on a busy machine a second BLAS thread slows it
@@ -329,11 +331,35 @@ class StaticEmbedder(LocalEmbedder):
 
     def encode(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), np.float32)
-        encodings = self.tokenizer.encode_batch([text[:MAX_CHARS] for text in texts], add_special_tokens=False)
-        for row, encoding in enumerate(encodings):
-            if encoding.ids:
-                out[row] = self.table[encoding.ids].mean(0, dtype=np.float32)
-        return _unit_rows(out)
+        pieces = [self._ids(text) for text in texts]
+        # One gather and one sum for the whole batch: the rows of every text, summed text by text.
+        lengths = np.fromiter((len(ids) for ids in pieces), np.int64, len(pieces))
+        filled = np.flatnonzero(lengths)
+        if filled.size:
+            ids = np.fromiter((i for text_ids in pieces for i in text_ids), np.int64, int(lengths.sum()))
+            starts = np.concatenate(([0], np.cumsum(lengths[filled])[:-1]))
+            out[filled] = np.add.reduceat(self.table[ids], starts, axis=0, dtype=np.float32)
+        return _unit_rows(out)  # the mean's direction: the sum's
+
+    def _ids(self, text: str) -> list[int]:
+        """The text's word-piece ids, as the tokenizer gives them, word by word from a memo.
+
+        BERT's tokenizer never joins pieces across white space, so a text's ids are its words' ids
+        in a row. Tokenizing a ten-word prompt costs about 35 us; looking its words up, 1.5 us,
+        and a cache's prompts share most of their words.
+        """
+        ids: list[int] = []
+        memo = self._pieces
+        for word in text[:MAX_CHARS].split():
+            known = memo.get(word)
+            if known is None:
+                if len(memo) >= MEMO_WORDS:
+                    memo.clear()
+                known = memo[word] = self.tokenizer.encode(word, add_special_tokens=False).ids
+            ids.extend(known)
+            if len(ids) >= MINILM_MAX_TOKENS:
+                return ids[:MINILM_MAX_TOKENS]
+        return ids
 
 
 def release_memory() -> None:

@@ -49,7 +49,7 @@ from .embedders import (
     plan_embedders,
     release_memory,
 )
-from .index import VectorIndex, search
+from .index import Snapshot, Trained, VectorIndex, search, search_many, sign_codes, train_buckets
 
 log = logging.getLogger("p402.cache")
 
@@ -259,29 +259,34 @@ def near_miss(query: str, cached: str, similarity: float) -> str | None:
 
 
 def encode_response(response: ChatResponse) -> str:
-    return json.dumps(
-        {
-            "provider": response.provider,
-            "model": response.model,
-            "content": response.content,
-            "reasoning": response.reasoning,
-            "tool_calls": response.tool_calls,
-            "finish_reason": response.finish_reason,
-            "usage": {
-                "prompt_tokens": response.usage.prompt_tokens,
-                "completion_tokens": response.usage.completion_tokens,
-                "cached_tokens": response.usage.cached_tokens,
-                "reasoning_tokens": response.usage.reasoning_tokens,
-                "cache_write_tokens": response.usage.cache_write_tokens,
-            },
-            "extra": response.extra,
-        }
-    )
+    data = {
+        "provider": response.provider,
+        "model": response.model,
+        "content": response.content,
+        "reasoning": response.reasoning,
+        "tool_calls": response.tool_calls,
+        "finish_reason": response.finish_reason,
+        "usage": {
+            "prompt_tokens": response.usage.prompt_tokens,
+            "completion_tokens": response.usage.completion_tokens,
+            "cached_tokens": response.usage.cached_tokens,
+            "reasoning_tokens": response.usage.reasoning_tokens,
+            "cache_write_tokens": response.usage.cache_write_tokens,
+        },
+        "extra": response.extra,
+    }
+    try:  # every miss is encoded on the loop: orjson at a fifth of the standard library's cost
+        return orjson.dumps(data).decode()
+    except TypeError:  # what orjson will not take (an int past 64 bits, a lone surrogate)
+        return json.dumps(data)
 
 
 def decode_response(text: str) -> ChatResponse:
     """A fresh response (new id, created now) carrying the stored answer."""
-    data = json.loads(text)
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:  # a lone surrogate, written by the standard library's encoder
+        data = json.loads(text)
     return ChatResponse(
         provider=data["provider"],
         model=data["model"],
@@ -320,7 +325,24 @@ class _Probe:
     namespace: str
     keys: RequestKeys
     vector: np.ndarray | None
+    code: np.ndarray | None  # the vector's sign code, when the worker made it
+    bucket: tuple[np.ndarray, int] | None  # its closest bucket, and the centres that was measured against
     embedder: str | None
+
+
+@dataclass(slots=True, eq=False)
+class _Ask:
+    """A lookup waiting for the next batch on the worker pool."""
+
+    embedder: LocalEmbedder
+    prompt: str
+    index: VectorIndex | None
+    threshold: float
+    future: asyncio.Future[_Found]
+
+
+# A lookup's vector, its sign code, the rows close to it, and its closest bucket with the centres it is one of.
+_Found = tuple[np.ndarray, np.ndarray | None, list[tuple[int, float]], tuple[np.ndarray, int] | None]
 
 
 @dataclass(slots=True)
@@ -337,6 +359,7 @@ class CacheStats:
     semantic_lookups: int = 0  # lookups that reached the semantic tier (embedded their prompt)
     semantic_cpu_s: float = 0.0  # worker-thread CPU of those: embedding, search, confirmation
     confirmations: int = 0  # lookups whose candidates the confirmer had to judge
+    semantic_batches: int = 0  # worker jobs those lookups went in (lookups that queue together share one)
 
     @property
     def hits(self) -> int:
@@ -353,6 +376,7 @@ class CacheStats:
             "exact_hit_rate": self.exact_hits / lookups if lookups else 0.0,
             "semantic_hit_rate": self.semantic_hits / lookups if lookups else 0.0,
             "semantic_lookups": self.semantic_lookups,
+            "semantic_batches": self.semantic_batches,
             "semantic_cpu_ms_per_lookup": (
                 self.semantic_cpu_s * 1000 / self.semantic_lookups if self.semantic_lookups else 0.0
             ),
@@ -377,6 +401,33 @@ EmbedderLoader = Callable[[], EmbedderPlan]
 # Embedding and searching run here, never on the event loop, at most this many at once:
 # on a small machine more threads only queue for the same cores (and each keeps a malloc arena).
 EMBED_WORKERS = 2
+
+
+def _search_batch(embedder: LocalEmbedder, jobs: list[tuple[str, Snapshot | None, float]]) -> tuple[
+    np.ndarray, np.ndarray, list[list[tuple[int, float]]], list[tuple[np.ndarray, int] | None]
+]:
+    """Each prompt's vector, sign code, close rows and closest bucket (with the centres it is one of):
+    one worker job for a batch of lookups. Lookups of one scope are searched together."""
+    prompts = [prompt for prompt, _, _ in jobs]
+    vectors = embedder.encode(prompts)
+    codes = sign_codes(vectors)
+    found: list[list[tuple[int, float]]] = [[] for _ in jobs]
+    nearest: list[tuple[np.ndarray, int] | None] = [None] * len(jobs)
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, (_, snapshot, threshold) in enumerate(jobs):
+        if snapshot is not None:
+            groups.setdefault((id(snapshot), threshold), []).append(i)
+    for (_, threshold), members in groups.items():
+        snapshot = jobs[members[0]][1]
+        assert snapshot is not None
+        results, buckets = search_many(snapshot, vectors[members], threshold, codes[members])
+        for j, i in enumerate(members):
+            found[i] = results[j]
+            if buckets is not None and snapshot.buckets is not None:
+                nearest[i] = (snapshot.buckets.centres, int(buckets[j]))
+    if any(len(prompt) > MAX_CHARS for prompt in prompts):
+        release_memory()
+    return vectors, codes, found, nearest
 
 
 def _timed(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -440,6 +491,9 @@ class SemanticCache:
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
         self._probes: OrderedDict[str, _Probe] = OrderedDict()
         self._ready: asyncio.Task[None] | None = None
+        self._asks: list[_Ask] = []  # lookups waiting for the next batch
+        self._in_flight: list[_Ask] = []  # the batch on the pool
+        self._asking = False  # a batch is on the pool, or about to be sent
 
     @classmethod
     def from_config(cls, store: Store, config: Any, *, adapter_for: Callable[[str], Any] | None = None) -> "SemanticCache":
@@ -471,6 +525,8 @@ class SemanticCache:
         if self._builder is not None:
             await asyncio.to_thread(self._builder.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for ask in [*self._in_flight, *self._asks]:  # a cancelled job would never answer them
+            ask.future.cancel()
         task = self._ready
         if task is None:
             return
@@ -593,13 +649,13 @@ class SemanticCache:
                 answer = await self._serve(entry, EXACT, 1.0, now)
                 if answer is not None:
                     return answer
-        vector = None
+        vector = code = bucket = None
         embedder = self.embedder
         if keys.prompt and embedder is not None:
             index = self._indexes.get((namespace, keys.scope))
             found: list[tuple[int, float]] = []
             try:
-                vector, found = await self._embed_and_search(embedder, keys.prompt, index)
+                vector, code, found, bucket = await self._embed_and_search(embedder, keys.prompt, index)
             except P402Error as error:  # a provider embedder that failed: the exact tier still works
                 self.stats.embed_errors += 1
                 log.warning("cache: embedding failed, semantic tier skipped: %s", error)
@@ -607,7 +663,7 @@ class SemanticCache:
                 answer = await self._semantic(keys, index, found, vector, now)
                 if answer is not None:
                     return answer
-        self._remember(request_id, _Probe(namespace, keys, vector, embedder.name if embedder else None))
+        self._remember(request_id, _Probe(namespace, keys, vector, code, bucket, embedder.name if embedder else None))
         self.stats.misses += 1
         return None
 
@@ -615,31 +671,104 @@ class SemanticCache:
     def _confirming(self) -> bool:
         return self.confirmer is not None or self._confirmer_loader is not None
 
-    async def _embed_and_search(
-        self, embedder: Embedder, prompt: str, index: VectorIndex | None
-    ) -> tuple[np.ndarray, list[tuple[int, float]]]:
-        """The prompt's vector and the index rows close to it, computed on the cache's worker pool."""
+    async def _embed_and_search(self, embedder: Embedder, prompt: str, index: VectorIndex | None) -> _Found:
+        """The prompt's vector, its sign code (None from a provider) and the index rows close to it, computed
+        on the cache's worker pool."""
         if index is not None and (not len(index) or index.dim != embedder.dim):
             index = None
-        snapshot = index.snapshot() if index is not None else None
         threshold = self.candidate_threshold if self._confirming else self.threshold
         if not isinstance(embedder, LocalEmbedder):  # a provider's endpoint: the wait is the network's
             vector = (await embedder.embed([prompt]))[0]
-            if snapshot is None:
-                return vector, []
-            return vector, await asyncio.get_running_loop().run_in_executor(self._pool, search, snapshot, vector, threshold)
+            if index is None:
+                return vector, None, [], None
+            snapshot = index.snapshot()
+            found = await asyncio.get_running_loop().run_in_executor(self._pool, search, snapshot, vector, threshold)
+            return vector, None, found, None
+        # Every lookup that arrives while a batch is on the pool goes in the next batch: one hand-off
+        # to a worker and one wake-up of the loop per batch, not per request.
+        future: asyncio.Future[_Found] = asyncio.get_running_loop().create_future()
+        self._asks.append(_Ask(embedder, prompt, index, threshold, future))
+        if not self._asking:
+            self._asking = True
+            asyncio.get_running_loop().call_soon(self._send_asks)
+        return await future
 
-        def work() -> tuple[np.ndarray, list[tuple[int, float]]]:
-            vector = embedder.encode([prompt])[0]
-            found = [] if snapshot is None else search(snapshot, vector, threshold)
-            if len(prompt) > MAX_CHARS:
-                release_memory()
-            return vector, found
+    def _send_asks(self) -> None:
+        """Put the waiting lookups (those of one embedder) on the pool as one job."""
+        if not self._asks:
+            self._asking = False
+            return
+        embedder = self._asks[0].embedder
+        batch = [ask for ask in self._asks if ask.embedder is embedder]
+        self._asks = [ask for ask in self._asks if ask.embedder is not embedder]
+        # Snapshots taken now, not when each lookup asked: rows inserted meanwhile are searched too.
+        snapshots: dict[int, Snapshot] = {}
+        for ask in batch:
+            if ask.index is not None and id(ask.index) not in snapshots:
+                snapshots[id(ask.index)] = ask.index.snapshot()
+                if ask.index.wants_training():
+                    self._train(ask.index)
+        jobs = [(ask.prompt, snapshots[id(ask.index)] if ask.index is not None else None, ask.threshold) for ask in batch]
+        loop = asyncio.get_running_loop()
 
-        (vector, found), cpu = await asyncio.get_running_loop().run_in_executor(self._pool, _timed, work)
-        self.stats.semantic_lookups += 1
-        self.stats.semantic_cpu_s += cpu
-        return vector, found
+        def work() -> None:
+            try:
+                result: Any = _timed(_search_batch, embedder, jobs)
+            except BaseException as error:  # noqa: BLE001 - handed to every lookup of the batch
+                result = error
+            try:
+                loop.call_soon_threadsafe(self._asks_done, batch, result)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        self._in_flight = batch
+        try:
+            self._pool.submit(work)
+        except RuntimeError as error:  # the pool has shut down: the cache is closing
+            self._asks_done(batch, error)
+
+    def _train(self, index: VectorIndex) -> None:
+        """Split a grown index into buckets on the pool; the loop takes them (and mends rows moved meanwhile)."""
+        loop = asyncio.get_running_loop()
+        vectors = index.start_training()
+
+        def work() -> None:
+            try:
+                trained: Trained | None = train_buckets(vectors)
+            except Exception:  # noqa: BLE001 - the index keeps searching as it did
+                log.exception("cache: training the index's buckets failed")
+                trained = None
+            try:
+                loop.call_soon_threadsafe(installed, trained)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        def installed(trained: Trained | None) -> None:
+            if trained is None:
+                index.training = False
+            else:
+                index.install(trained)
+
+        try:
+            self._pool.submit(work)
+        except RuntimeError:  # the pool has shut down
+            index.training = False
+
+    def _asks_done(self, batch: list[_Ask], result: Any) -> None:
+        self._in_flight = []
+        if isinstance(result, BaseException):
+            for ask in batch:
+                if not ask.future.done():
+                    ask.future.set_exception(result)
+        else:
+            (vectors, codes, found, nearest), cpu = result
+            self.stats.semantic_lookups += len(batch)
+            self.stats.semantic_batches += 1
+            self.stats.semantic_cpu_s += cpu
+            for i, ask in enumerate(batch):
+                if not ask.future.done():
+                    ask.future.set_result((vectors[i], codes[i], found[i], nearest[i]))
+        self._send_asks()
 
     async def _semantic(
         self, keys: RequestKeys, index: VectorIndex, found: list[tuple[int, float]], vector: np.ndarray, now: float
@@ -768,7 +897,10 @@ class SemanticCache:
                 index = self._indexes[(probe.namespace, probe.keys.scope)] = VectorIndex(vector.shape[0])
             if index.dim == vector.shape[0]:
                 entry.index = index
-                entry.row = index.add(vector, entry)
+                bucket = None
+                if probe.bucket is not None and index.buckets is not None and probe.bucket[0] is index.buckets.centres:
+                    bucket = probe.bucket[1]
+                entry.row = index.add(vector, entry, code=probe.code, bucket=bucket)
 
         def committed() -> None:
             entry.payload = None

@@ -338,6 +338,10 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "exact_hit_rate": {"type": "number", "description": "exact-tier hits / lookups"},
                     "semantic_hit_rate": {"type": "number", "description": "semantic-tier hits / lookups"},
                     "semantic_lookups": {"type": "integer", "description": "lookups that embedded their prompt"},
+                    "semantic_batches": {
+                        "type": "integer",
+                        "description": "worker jobs those lookups went in (lookups that arrive together share one)",
+                    },
                     "semantic_cpu_ms_per_lookup": {
                         "type": "number",
                         "description": "worker CPU of the semantic tier (embed, search, confirm) per such lookup",
