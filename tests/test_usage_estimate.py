@@ -14,7 +14,7 @@ from p402_tui.cli import main
 from p402_tui.core.config import ConfigFile, Settings
 from p402_tui.runtime import Runtime
 from p402_tui.store.queries import _ledger_dict
-from p402_tui.tui.attach import record_from_dict
+from p402_tui.client.wire import record_from_dict
 from p402_tui.tui.state import DecisionRow
 from p402_tui.tui.widgets.decisions import decision_cells
 from p402_tui.tui.widgets.palette import Palette
