@@ -38,6 +38,7 @@ FAMILY_MODULES = {
     "anthropic": "anthropic",
     "gemini": "gemini",
     "cohere": "cohere",
+    "azure": "azure",
 }
 # A request header that fixes the answer's length in streamed pieces, for benchmarks; every family reads it.
 PIECES_HEADER = "x-p402-sim-pieces"
@@ -200,6 +201,7 @@ async def start_sim(
     seed: int = 0,
     latency: bool = True,
     speed: float = 1.0,
+    azure_deployments: dict[str, str] | None = None,
 ) -> RunningSim:
     """Serve the simulator as a task in the running loop (port 0 picks a free one)."""
     from ..core.tokens import warm
@@ -212,7 +214,7 @@ async def start_sim(
     except BaseException:
         sock.close()
         raise
-    state = SimState(catalog, seed=seed, latency=latency, speed=speed)
+    state = SimState(catalog, seed=seed, latency=latency, speed=speed, azure_deployments=azure_deployments)
     config = uvicorn.Config(
         build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
     )

@@ -424,8 +424,9 @@ class AttachClient:
             raise
 
     async def models(self) -> list[str]:
-        """Catalog models, as the in-process link lists them: the router's own names (owned by p402) are not models."""
-        return [m["id"] for m in (await self.get_json("/v1/models"))["data"] if m.get("owned_by") != "p402"]
+        """Aliases and catalog models, as the in-process link lists them: the router's own `p402/<mode>` names are not models."""
+        listed = (await self.get_json("/v1/models"))["data"]
+        return [m["id"] for m in listed if not (m.get("owned_by") == "p402" and "/" in m["id"])]
 
     # --- chat ---------------------------------------------------------------------------
 

@@ -99,7 +99,8 @@ class LocalLink:
         return self.store is not None
 
     async def models(self) -> list[str]:
-        return [m.id for m in self.orchestrator.router.usable_models() if "chat" in m.capabilities]
+        aliases = list(self.orchestrator.router.aliases)  # configured names first, as /v1/models lists them
+        return aliases + [m.id for m in self.orchestrator.router.usable_models() if "chat" in m.capabilities]
 
     def default_mode(self) -> str:
         return self.orchestrator.router.config.mode
