@@ -161,8 +161,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print_table(
             ["ID", "TIER", "CONTEXT", "IN $/1M", "OUT $/1M", "CAPABILITIES", "RETIRED"],
             [
-                [r["id"], r["tier"], f"{r['context_window']:,}", r["input_per_1m"], r["output_per_1m"],
-                 ",".join(r["capabilities"]), _retirement(r)]
+                [r["id"], r["tier"], f"{r['context_window']:,}", *(("unpriced", "-") if not r["priced"] else
+                 (r["input_per_1m"], r["output_per_1m"])), ",".join(r["capabilities"]), _retirement(r)]
                 for r in rows
             ],
         )
@@ -471,7 +471,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     if args.all:
-        router = Router(settings.catalog, settings.router)
+        router = Router(settings.catalog, settings.router, aliases=settings.aliases)
     else:
         router = Router.from_settings(settings)
         if not router.usable:

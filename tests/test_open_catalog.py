@@ -203,6 +203,9 @@ def test_config_model_mistakes_are_clear(tmp_path, catalog):
     settings = settings_from_toml(tmp_path, '[providers.groq]\nmodels = ["x", {model = "y", context_window = 8000}]\n', catalog)
     assert settings.catalog.models["groq/x"].source == "config" and not settings.catalog.models["groq/x"].priced
     assert settings.catalog.models["groq/y"].context_window == 8000
+    from p402_tui.core.costs import compare
+
+    assert "groq/x" not in {row.id for row in compare(settings.catalog, 1000, 500)}  # no price to compare
 
 
 # --- 3 and 4. aliases and deployments -----------------------------------------------------------
@@ -489,3 +492,18 @@ async def test_the_console_offers_aliases_and_routes_them(sim, catalog, tmp_path
         [chunk async for chunk in stream]
         assert f"{stream.meta.provider}/{stream.meta.model}" in (
             "groq/llama-3.3-70b-versatile", "together/meta-llama/Llama-3.3-70B-Instruct-Turbo")
+
+
+def test_apply_rules_leaves_the_callers_request_alone():
+    from p402_tui.core.params import apply_rules
+
+    request = ChatRequest(messages=HELLO, temperature=0.5, max_tokens=10, seed=3, logit_bias={"1": 2})
+    shaped, dropped = apply_rules(request, frozenset({"seed", "logit_bias", "top_p"}),
+                                  {"max_tokens": "max_completion_tokens"}, {"reasoning_effort": "low"})
+    assert dropped == ["logit_bias", "seed"]  # top_p was not set: nothing to report
+    body = shaped.model_dump(exclude_none=True)
+    assert body["max_completion_tokens"] == 10 and "max_tokens" not in body and "seed" not in body
+    assert body["reasoning_effort"] == "low" and "logit_bias" not in body and body["temperature"] == 0.5
+    assert request.seed == 3 and request.max_tokens == 10 and request.model_extra == {"logit_bias": {"1": 2}}
+    same, none = apply_rules(request, frozenset({"top_p"}), {}, {})
+    assert same is request and none == []

@@ -47,38 +47,43 @@ def apply_rules(request: ChatRequest, drops: frozenset[str], renames: dict[str, 
                 requires: dict[str, Any]) -> tuple[ChatRequest, list[str]]:
     """The request as this model takes it, and the parameters the caller set that were dropped.
 
-    The caller's request is never changed: an attempt on another model starts from it again."""
-    sent = request.model_dump(exclude_none=True, exclude={"messages", "model", "stream"})
-    dropped = sorted(name for name in drops if name in sent)
-    moved = {old: new for old, new in renames.items() if old in sent and old not in drops}
-    missing = {name: value for name, value in requires.items() if name not in sent}
+    The caller's request is never changed: an attempt on another model starts from it again.
+    Only the parameters the rules name are looked at (no dump of the request: this runs per attempt)."""
+    declared = type(request).model_fields
+    extra = request.model_extra or {}
+
+    def value(name: str) -> Any:
+        return getattr(request, name) if name in declared else extra.get(name)
+
+    dropped = sorted(name for name in drops if value(name) is not None)
+    moved = {old: new for old, new in renames.items() if old not in drops and value(old) is not None}
+    missing = {name: v for name, v in requires.items() if value(name) is None}
     if not (dropped or moved or missing):
         return request, []
-    declared = type(request).model_fields
     update: dict[str, Any] = {}
-    extra = dict(request.model_extra or {})
+    extra = dict(extra)
     for name in dropped:
         if name in declared:
             update[name] = None
         else:
             extra.pop(name, None)
     for old, new in moved.items():
-        value = sent[old]
+        moved_value = value(old)
         if old in declared:
             update[old] = None
         else:
             extra.pop(old, None)
         if new in declared:
-            update[new] = value
+            update[new] = moved_value
         else:
-            extra[new] = value
-    for name, value in missing.items():
+            extra[new] = moved_value
+    for name, required in missing.items():
         if name in declared:
-            update[name] = value
+            update[name] = required
         else:
-            extra[name] = value
+            extra[name] = required
     changed = request.model_copy(update=update)
-    # model_copy keeps the original's extras dict; give the copy its own
+    # model_copy shares the original's extras dict; the copy gets its own
     object.__setattr__(changed, "__pydantic_extra__", extra)
     return changed, dropped
 

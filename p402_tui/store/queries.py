@@ -59,6 +59,8 @@ def request_row(
 def _ledger_dict(row: dict[str, Any]) -> dict[str, Any]:
     row["cached"] = bool(row["cached"])
     row["stream"] = bool(row["stream"])
+    if "priced" in row:
+        row["priced"] = bool(row["priced"])
     row["attempts"] = json.loads(row["attempts"] or "[]")
     return row
 

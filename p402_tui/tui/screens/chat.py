@@ -621,6 +621,18 @@ class ChatScreen(LinkedScreen):
         picker.focus()
         picker.expanded = True
 
+    def _pin(self, model: str) -> None:
+        """`/model provider/<id>`: any model, listed or not (an unlisted one is unpriced); the router says if it is unknown."""
+        if not model:
+            self.notify("give a model: /model provider/id, e.g. /model openai/gpt-4o-mini", severity="warning")
+            return
+        picker = self.query_one("#chat-model", Select)
+        offered = [value for _, value in picker._options if isinstance(value, str)]
+        if model not in offered:
+            picker.set_options([(label, value) for label, value in picker._options if isinstance(value, str)]
+                               + [(model, model)])
+        picker.value = model
+
     def action_pick_mode(self) -> None:
         picker = self.query_one("#chat-mode", Select)
         if picker.disabled:
@@ -638,6 +650,10 @@ class ChatScreen(LinkedScreen):
             return
         if text.startswith("/image"):
             self._attach_image(text[len("/image"):].strip(), event.value)
+            return
+        if text.startswith("/model"):
+            self._pin(text[len("/model"):].strip())
+            event.input.value = ""
             return
         if self.streaming:
             self.notify("an answer is still streaming: escape stops it", severity="warning", timeout=3)
