@@ -86,6 +86,7 @@ def test_the_router_never_picks_an_unpriced_model_unasked(tmp_path, catalog):
 async def test_a_pinned_unknown_model_through_the_gateway_is_unpriced_everywhere(sim, catalog, tmp_path):
     db = tmp_path / "p402.db"
     settings = Settings(ConfigFile(), catalog, env={}).point_at(sim.url)
+    settings.file.store.durability = "strict"  # each row committed before its answer ends
     async with Runtime.open(settings, db_path=db) as runtime:
         gateway = await runtime.serve_gateway("127.0.0.1", 0)
         client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
@@ -105,16 +106,9 @@ async def test_a_pinned_unknown_model_through_the_gateway_is_unpriced_everywhere
                 await client.chat.completions.create(model="gpt-heldout-9", messages=HELLO)
             # A priced call beside it, so the spend shows both lines.
             await client.chat.completions.create(model="openai/gpt-4o-mini", messages=HELLO)
-            await runtime.store.flush() if hasattr(runtime.store, "flush") else None
             async with httpx.AsyncClient(base_url=gateway.url) as http:
-                for _ in range(50):
-                    spend = (await http.get("/api/v2/analytics/spend", params={"period": "today", "by": "model",
-                                                                                "include_simulated": "true"})).json()
-                    if spend["requests"] >= 3:
-                        break
-                    import asyncio
-
-                    await asyncio.sleep(0.05)
+                spend = (await http.get("/api/v2/analytics/spend", params={
+                    "period": "today", "by": "model", "include_simulated": "true"})).json()
         finally:
             await client.close()
             await gateway.stop()
@@ -416,8 +410,9 @@ async def test_a_dropped_parameter_never_reaches_the_model_and_is_reported(sim, 
 
 async def test_parameter_rules_through_the_gateway_and_overridden_in_config(sim, catalog, tmp_path):
     settings = settings_from_toml(
-        tmp_path, '[models."openai/gpt-4o-mini"]\ndrops = ["seed", "top_p"]\n', catalog, sim.url)
+        tmp_path, '[models."openai/gpt-4o-mini"]\ndrops = ["seed", "top_p"]\ninput_per_1m = 9.0\n', catalog, sim.url)
     assert settings.catalog.models["openai/gpt-4o-mini"].to_dict()["drops"] == ["seed", "top_p"]
+    settings.file.store.durability = "strict"  # each row committed before its answer ends
     async with Runtime.open(settings, db_path=tmp_path / "p402.db") as runtime:
         gateway = await runtime.serve_gateway("127.0.0.1", 0)
         client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
@@ -430,6 +425,13 @@ async def test_parameter_rules_through_the_gateway_and_overridden_in_config(sim,
             await gateway.stop()
     assert answer.model_extra["p402"]["dropped_params"] == ["seed"]
     assert o3.model_extra["p402"]["dropped_params"] == ["temperature"]
+    # The config's price is the one billed, in the answer and in the ledger.
+    usage = answer.usage
+    billed = usage.prompt_tokens * 9.0 / 1e6 + usage.completion_tokens * 0.6 / 1e6
+    assert answer.model_extra["p402"]["cost_usd"] == pytest.approx(billed)
+    with sqlite3.connect(tmp_path / "p402.db") as conn:
+        (ledger,) = conn.execute("SELECT cost_usd FROM requests WHERE model = 'gpt-4o-mini'").fetchone()
+    assert ledger == pytest.approx(billed)
 
 
 def test_models_json_shows_rules_and_source():
@@ -507,3 +509,16 @@ def test_apply_rules_leaves_the_callers_request_alone():
     assert request.seed == 3 and request.max_tokens == 10 and request.model_extra == {"logit_bias": {"1": 2}}
     same, none = apply_rules(request, frozenset({"top_p"}), {}, {})
     assert same is request and none == []
+
+
+async def test_an_answer_azure_cut_short_for_its_content_filter_is_a_clear_error(tmp_path, catalog):
+    settings = settings_from_toml(tmp_path, '[providers.azure]\napi_key = "k"\n', catalog)
+    filtered = {"id": "x", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Part of"},
+                             "finish_reason": "content_filter"}]}
+    async with adapters_on(settings) as build:
+        adapter = build("azure")
+        assert adapter.headers["api-key"] == "k" and "Authorization" not in adapter.headers
+        with pytest.raises(ContentFilterError, match="content filter stopped the answer") as caught:
+            adapter.parse_completion(filtered, "gpt-4o-mini")
+    assert caught.value.kind == "content_filter" and not caught.value.retryable
