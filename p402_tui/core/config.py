@@ -14,6 +14,17 @@ screen ever shows one.
     base_url = "http://localhost:11434/v1"
     models = ["llama3.2", {model = "qwen2.5", context_window = 32768}]
 
+    [providers.openai-eu]         # another deployment of a built-in provider
+    inherits = "openai"
+    base_url = "https://eu.example.com/v1"
+
+    [models."openai/gpt-new"]     # a model the catalog lacks (both prices), or fields of one it has
+    input_per_1m = 1.0
+    output_per_1m = 2.0
+
+    [aliases.fast]                # a model name whose members the router chooses among
+    models = ["openai/gpt-4o-mini", "openai-eu/gpt-4o-mini"]
+
     [router]
     mode = "balanced"
     weights = {cost = 0.4, quality = 0.4, speed = 0.2}
@@ -32,7 +43,7 @@ from urllib.parse import urlsplit
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
+from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog, unlisted_model
 from .errors import ConfigError, UnknownModelError
 from .params import rules_for
 from .types import Capability
@@ -478,8 +489,6 @@ def _builtin_models(pid: str, conf: ProviderConfig, catalog: Catalog) -> list[Mo
                 f"provider {pid!r}: models = [...] under a built-in provider adds unpriced ids; "
                 f'price {extra.model!r} under [models."{model_id}"] instead'
             )
-        from .catalog import unlisted_model
-
         out.append(unlisted_model(
             model_id, catalog, source="config",
             **{k: getattr(extra, k) for k in extra.model_fields_set if k not in ("model",)},
@@ -497,8 +506,6 @@ def _azure_models(conf: ProviderConfig, catalog: Catalog) -> list[ModelSpec]:
         if openai_spec is not None:
             out.append(_renamed(openai_spec, f"azure/{model}"))
         else:
-            from .catalog import unlisted_model
-
             out.append(unlisted_model(f"azure/{model}", catalog, source="config"))
     return out
 
