@@ -59,7 +59,7 @@ MESSAGES = [{"role": "user", "content": "In one sentence, what does a model rout
 MAX_TOKENS = 16
 LITELLM_VERSION = "1.108.7"  # the version measured in shared/bench-litellm/RESULTS-litellm.md
 TICKS = os.sysconf("SC_CLK_TCK")
-FIRST_CONTENT = re.compile(rb'"content":"[^"]')
+FIRST_CONTENT = re.compile(rb'"(?:content|text)":"[^"]')  # a chat chunk's text, or a Messages text_delta
 
 
 # --- processes -----------------------------------------------------------------------
@@ -162,6 +162,18 @@ class Child:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._out.close()
+
+
+def _wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s") from None
+            time.sleep(0.1)
 
 
 # --- the load --------------------------------------------------------------------------
@@ -392,10 +404,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              "headers": {"authorization": "Bearer sim-key"}, "pid": sim.pid},
         ]
         for variant in args.variants:
+            variant_config = config
+            if variant == "p402_proxied":
+                proxy_port = free_port()
+                forward = Child("forward proxy", [python, "-m", "proxy", "--hostname", "127.0.0.1", "--port",
+                                str(proxy_port), "--num-workers", "1", "--num-acceptors", "1"], scratch / "proxy.log")
+                children.append(forward)
+                _wait_for_port(proxy_port, 30)
+                variant_config = scratch / "p402-proxied.toml"
+                variant_config.write_text(f'[network]\nproxy = "http://127.0.0.1:{proxy_port}"\n\n' + config.read_text())
             port = free_port()
             gateway = Child(
                 variant,
-                [python, str(Path(__file__).resolve()), "_serve", variant, "--config", str(config),
+                [python, str(Path(__file__).resolve()), "_serve", variant, "--config", str(variant_config),
                  "--port", str(port), "--db", str(scratch / f"{variant}.db")],
                 scratch / f"{variant}.log",
             )
@@ -413,6 +434,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Cache off (what earlier READMEs quoted): `cache-control: no-cache` skips lookup and insert.
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
                             "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
+            if variant == "p402":  # the same request through Anthropic's Messages API, same process
+                targets.append({"name": "p402_messages", "url": f"{url}/v1/messages", "model": MODEL,
+                                "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "shape": "messages"})
         if not args.skip_floor:
             port = free_port()
             floor = Child("floor", [python, str(ROOT / "bench" / "floor_proxy.py"), sim_url, str(port)],
@@ -450,7 +474,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for target in targets:
                         payload: dict[str, Any] = {"model": target["model"], "messages": MESSAGES,
                                                    "max_tokens": args.max_tokens}
-                        if stream:
+                        if stream and target.get("shape") == "messages":
+                            payload["stream"] = True
+                        elif stream:
                             payload.update(stream=True, stream_options={"include_usage": True})
                         measured = asyncio.run(
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
@@ -570,6 +596,15 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             if c64 and "litellm" in c64 and c64["litellm"]["rps"]:
                 checks[f"{kind}_c64_rps_vs_litellm>=10x"] = round(c64["p402_default"]["rps"] / c64["litellm"]["rps"], 1)
         verdict["p402_default"] = checks
+        messages = {}
+        for stream in args.streams:
+            kind = "stream" if stream else "plain"
+            over = [_minus(runs[k]["p402_messages"].get("server_cpu_ms_per_request"),
+                           runs[k]["p402"].get("server_cpu_ms_per_request")) for k in runs if k.startswith(kind)]
+            over = [o for o in over if o is not None]
+            if over:
+                messages[f"{kind}_max_cpu_ms_per_request_over_chat<=0.2"] = max(over)
+        verdict["p402_messages"] = messages
     return verdict
 
 
@@ -577,10 +612,14 @@ ROWS = {
     "p402_default": "p402 serve in its default configuration: cache on, every prompt new (each one misses, is "
                     "embedded, searched and inserted); measured first",
     "p402": "the same process with `cache-control: no-cache` on every request: the cache neither read nor written",
+    "p402_messages": "the same request in Anthropic's Messages shape on /v1/messages, same process, cache off",
 }
 VARIANTS = {
     "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",
     "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",
+    "p402_proxied": "p402 serve reaching the simulator through a forward proxy on loopback (proxy.py, "
+                    "[network] proxy; plain http, so absolute-form requests): the gateway's CPU per request, "
+                    "the proxy's own not counted",
 }
 
 

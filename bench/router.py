@@ -82,7 +82,8 @@ def p402_part(n: int) -> dict[str, Any]:
     from p402_tui.core.catalog import load_catalog
     from p402_tui.core.config import RouterConfig
     from p402_tui.core.health import HealthTracker
-    from p402_tui.core.router import Router, options_from
+    from p402_tui.core.hooks import RouteOptions
+    from p402_tui.core.router import Router
     from p402_tui.core.tokens import count_messages
     from p402_tui.core.types import ChatRequest
 
@@ -103,7 +104,7 @@ def p402_part(n: int) -> dict[str, Any]:
     }
     gc.collect()
     for mode in MODES:
-        options = options_from(mode=mode, **filters)
+        options = RouteOptions.from_dict({"mode": mode, **filters})
         decision = router.route(request, options)
         for _ in range(1000):
             router.route(request, options)
@@ -128,7 +129,7 @@ def p402_part(n: int) -> dict[str, Any]:
         out["route_and_fallbacks"][mode] = summary(samples)
 
     # A health update between every two decisions: the cost of folding live stats in.
-    options = options_from(mode="adaptive", **filters)
+    options = RouteOptions.from_dict({"mode": "adaptive", **filters})
     samples = []
     model = catalog.models["groq/llama-3.1-8b-instant"]
     for i in range(max(n // 10, 200)):
@@ -143,7 +144,7 @@ def p402_part(n: int) -> dict[str, Any]:
         ChatRequest(messages=[MESSAGES[0], {"role": "user", "content": f"{MESSAGES[1]['content']} Case {i}."}], max_tokens=400)
         for i in range(max(n // 10, 200))
     ]
-    options = options_from(mode="cost", **filters)
+    options = RouteOptions.from_dict({"mode": "cost", **filters})
     samples = []
     for req in fresh:
         started = clock()

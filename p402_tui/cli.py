@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import P402Error
+from .core.sessions import SESSION_STATUSES
 from .tui.format import fine_usd
 
 Handler = Callable[[argparse.Namespace], int]
@@ -131,6 +132,35 @@ def cmd_providers(args: argparse.Namespace) -> int:
             print("\nno provider is configured: export one KEY ENV variable (or set api_key under [providers.<id>] "
                   "in the config), or point P402 at `p402 sim` (see README), or try `p402 serve --sim`")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Each configured provider's route, DNS, TCP, TLS and an authenticated call; exit 1 when one fails."""
+    from .providers.doctor import diagnose
+
+    settings = settings_from(args)
+    if not settings.usable_providers():
+        raise _no_provider_error()
+    checkups = run_async(diagnose(settings, args.provider or None))
+    if isinstance(checkups, int):
+        return checkups
+    if args.json:
+        print_json([c.to_dict() for c in checkups])
+    else:
+        mark = {True: "ok", False: "FAIL", None: "-"}
+        rows = []
+        for c in checkups:
+            steps = {s.name: s for s in c.steps}
+            rows.append([c.provider, c.route] + [mark[steps[n].ok] if n in steps else "" for n in ("dns", "tcp", "tls", "auth")]
+                        + [c.verdict])  # fmt: skip
+        print_table(["PROVIDER", "ROUTE", "DNS", "TCP", "TLS", "AUTH", "VERDICT"], rows)
+        for c in checkups:
+            for step in c.steps:
+                if step.name != "route" and step.ok is not None:
+                    print(f"  {c.provider} {step.name}: {step.detail}" + (f" ({step.ms:g} ms)" if step.ms is not None else ""))
+            if c.fix:
+                print(f"  {c.provider} fix: {c.fix}")
+    return 1 if any(c.verdict != "ok" for c in checkups) else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -283,19 +313,19 @@ def _listed(values: list[str] | None) -> tuple[str, ...]:
 
 
 def route_options_from(args: argparse.Namespace, *, model: str | None = None, failover: bool = True):
-    from .core.router import options_from
+    from .core.hooks import RouteOptions
 
-    return options_from(
-        mode=args.mode,
-        require=_listed(args.require),
-        prefer=_listed(args.prefer),
-        exclude=_listed(args.exclude),
-        max_tier=args.max_tier,
-        max_cost_usd=args.max_cost,
-        model=model,
-        failover=failover,
-        max_retries=getattr(args, "max_retries", None),
-    )
+    return RouteOptions.from_dict({
+        "mode": args.mode,
+        "require": _listed(args.require),
+        "prefer": _listed(args.prefer),
+        "exclude": _listed(args.exclude),
+        "max_tier": args.max_tier,
+        "max_cost_usd": args.max_cost,
+        "model": model,
+        "failover": failover,
+        "max_retries": getattr(args, "max_retries", None),
+    })
 
 
 def _messages(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -370,6 +400,8 @@ async def chat_once(
                         on_text(chunk.content)
                     assembler.add(chunk)
             response = assembler.response() if assembler is not None else None
+            if response is not None and stream.usage is not None:
+                response.usage = stream.usage  # as billed: the provider's, or our count when it sent none
             meta = stream.meta
         else:
             response = await orchestrator.complete(request, options, ctx)
@@ -391,6 +423,7 @@ async def chat_once(
             "reasoning_tokens": usage.reasoning_tokens,
             "total_tokens": usage.total_tokens,
         },
+        "usage_estimated": meta.usage_estimated,  # the provider sent no usage: tokens and cost are our count
         "cost_usd": meta.cost_usd,
         "priced": meta.priced,
         "dropped_params": list(meta.dropped_params),
@@ -529,6 +562,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
             running = await start_sim(
                 catalog, host=args.host, port=args.port, seed=args.seed, latency=not args.no_latency, speed=args.speed,
                 azure_deployments=settings.azure_deployments(),
+                usage=not args.no_usage,
             )
         except OSError as error:
             raise P402Error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
@@ -942,6 +976,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_providers)
 
+    p = sub.add_parser("doctor", parents=[common], help="check each configured provider's route, DNS, TCP, TLS and key")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--provider", action="append", metavar="ID", help="only this provider (repeatable)")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("models", parents=[common], help="list models with prices and capabilities")
     p.add_argument("--provider", metavar="P", help="only this provider's models")
     p.add_argument("--capability", metavar="C", action="append", help="only models with this capability (repeatable)")
@@ -1032,6 +1071,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the generated answers (default 0)")
     p.add_argument("--no-latency", action="store_true", help="answer at once instead of at each model's pace")
     p.add_argument("--speed", type=_positive_float, default=1.0, metavar="X", help="pace X times faster (default 1)")
+    p.add_argument("--no-usage", action="store_true",
+                   help="OpenAI-compatible providers report no usage, as some self-hosted servers do")
     p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("demo", parents=[common], help="the console on simulated providers: no keys, no network")
@@ -1104,7 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sessions", parents=[common], help="agent sessions: budgets, spend, status")
     sessions_sub = p.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)
     q = sessions_sub.add_parser("list", parents=[common], help="every session with its spend")
-    q.add_argument("--status", choices=["active", "paused", "closed"], help="only sessions with this status")
+    q.add_argument("--status", choices=SESSION_STATUSES, help="only sessions with this status")
     q = sessions_sub.add_parser("create", parents=[common], help="a new session")
     q.add_argument("--name", required=True, type=_session_name, metavar="N", help="what to call it")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD", help="refuse requests past this spend")
@@ -1118,7 +1159,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", type=_session_name, metavar="N")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD")
     q.add_argument("--no-budget", action="store_true", help="remove the budget")
-    q.add_argument("--status", choices=["active", "paused", "closed"])
+    q.add_argument("--status", choices=SESSION_STATUSES)
     q.add_argument("--agent", type=_label, metavar="A")
     q.add_argument("--metadata", metavar="JSON", help="a JSON object (replaces the old one)")
     q = sessions_sub.add_parser("delete", parents=[common], help="delete a session (its ledger rows stay)")

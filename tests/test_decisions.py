@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -14,12 +15,14 @@ from p402_tui.core.catalog import load_catalog
 from p402_tui.core.config import CacheConfig, ConfigFile, Settings
 from p402_tui.core.events import RouteDecided
 from p402_tui.core.health import HealthTracker
-from p402_tui.core.router import Router, options_from
+from p402_tui.core.hooks import RouteOptions
+from p402_tui.core.router import RouteDecision, Router
 from p402_tui.core.types import ChatRequest
 from p402_tui.runtime import Runtime
 from p402_tui.store import queries
 from p402_tui.persistence import Persistence
 from p402_tui.store.store import Store
+from p402_tui.tui.attach import open_remote
 from p402_tui.tui.source import LocalSource
 
 OPTIONS = [
@@ -54,7 +57,7 @@ async def test_every_mode_and_filter_reads_back_as_routed(store, mode):
     router = Router(load_catalog())
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
     decisions = [
-        router.route(request.model_copy(update={"max_tokens": max_tokens}), options_from(mode=mode, **options))
+        router.route(request.model_copy(update={"max_tokens": max_tokens}), RouteOptions.from_dict({"mode": mode, **options}))
         for options, max_tokens in OPTIONS
     ]
     for decision, read in zip(decisions, await stored(store, *decisions)):
@@ -68,13 +71,13 @@ async def test_decisions_under_live_health_read_back_as_routed(store, mode, monk
     health = HealthTracker()
     router = Router(load_catalog(), health=health)
     request = ChatRequest(messages=[{"role": "user", "content": "hello " * 300}], max_tokens=400)
-    before = router.route(request, options_from(mode=mode))
+    before = router.route(request, RouteOptions(mode=mode))
     for provider, model_id, latency_ms in (("groq", "groq/llama-3.1-8b-instant", 90), ("openai", "openai/gpt-4o-mini", 2400)):
         for _ in range(5):
             health.record_success(provider, model_id, latency_ms=latency_ms, ttft_ms=latency_ms / 4, output_tokens=200)
     health.record_failure("mistral", "mistral/mistral-small-latest", "server_error")
     now[0] += router_module.LIVE_FOLD_S
-    after = router.route(request, options_from(mode=mode))
+    after = router.route(request, RouteOptions(mode=mode))
     assert text(before.to_dict()["candidates"]) != text(after.to_dict()["candidates"])
     for decision, read in zip((before, after), await stored(store, before, after)):
         assert text(read) == text(decision.to_dict())
@@ -84,7 +87,7 @@ async def test_decisions_under_live_health_read_back_as_routed(store, mode, monk
 async def test_a_new_ranking_function_leaves_stored_decisions_as_they_were(store, monkeypatch):
     router = Router(load_catalog())
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
-    decision = router.route(request, options_from(mode="balanced"))
+    decision = router.route(request, RouteOptions(mode="balanced"))
     routed = decision.to_dict()
     await stored(store, decision)
 
@@ -94,19 +97,19 @@ async def test_a_new_ranking_function_leaves_stored_decisions_as_they_were(store
     original = router_module._sort_key
     monkeypatch.setattr(router_module, "_sort_key", reversed_key)
     monkeypatch.setattr(router_module, "_score", lambda *args: np.zeros(len(args[2])))
-    reranked = Router(load_catalog()).route(request, options_from(mode="balanced"))
+    reranked = Router(load_catalog()).route(request, RouteOptions(mode="balanced"))
     assert reranked.to_dict()["chosen"]["id"] != routed["chosen"]["id"]  # the new ranking does differ
     assert text(await queries.get_decision(store, decision.id)) == text(routed)
 
 
 async def test_a_new_price_leaves_stored_decisions_as_they_were(store, tmp_path):
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
-    decision = Router(load_catalog()).route(request, options_from(mode="cost"))
+    decision = Router(load_catalog()).route(request, RouteOptions(mode="cost"))
     routed = decision.to_dict()
     await stored(store, decision)
     overrides = tmp_path / "overrides.json"
     overrides.write_text(json.dumps({"models": {routed["chosen"]["id"]: {"input_per_1m": 90.0, "output_per_1m": 90.0}}}))
-    repriced = Router(load_catalog(overrides_path=overrides)).route(request, options_from(mode="cost"))
+    repriced = Router(load_catalog(overrides_path=overrides)).route(request, RouteOptions(mode="cost"))
     assert repriced.to_dict()["chosen"]["id"] != routed["chosen"]["id"]
     assert text(await queries.get_decision(store, decision.id)) == text(routed)
 
@@ -132,16 +135,29 @@ async def test_a_decision_routed_then_repriced_reads_back_whole_in_the_cli_the_g
         return Settings(ConfigFile(cache=CacheConfig(enabled=False)), with_catalog, env={}).point_at(sim.url)
 
     request = ChatRequest(messages=[{"role": "user", "content": "Which model is cheapest?"}], max_tokens=16)
+    body = {**request.model_dump(mode="json", exclude_none=True), "p402": {"mode": "cost"}}
     async with Runtime.open(settings(catalog), db_path=db) as runtime:
         decided = runtime.bus.subscribe(kinds={RouteDecided.kind})
-        await runtime.orchestrator.complete(request, options_from(mode="cost"))
-        routed = json.loads(json.dumps((await decided.get()).decision.to_dict()))  # as the events stream sends it
+        gateway = await runtime.serve_gateway("127.0.0.1", 0)
+        async with open_remote(gateway.url, None) as attached:  # `p402 console --attach`, live
+            await attached.client.wait_until_up()
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+                answer = (await http.post("/v1/chat/completions", json=body)).json()
+            routed = json.loads(json.dumps((await decided.get()).decision.to_dict()))  # as the events stream sends it
+            assert answer["p402"]["decision_id"] == routed["id"]
+            for _ in range(500):
+                if routed["id"] in attached.client.decisions:
+                    break
+                await asyncio.sleep(0.02)
+            heard = attached.client.decisions[routed["id"]]  # rebuilt from the event stream by RouteDecision.from_dict
+            assert heard.to_dict() == routed and await attached.decision(routed["id"]) == routed
+        await gateway.stop()
         await runtime.store.flush()
 
     chosen = routed["chosen"]["id"]
     overrides.write_text(json.dumps({"models": {chosen: {"input_per_1m": 90.0, "output_per_1m": 90.0}}}))
     repriced = load_catalog(overrides_path=overrides)
-    assert Router(repriced).route(request, options_from(mode="cost")).chosen_id != chosen
+    assert Router(repriced).route(request, RouteOptions(mode="cost")).chosen_id != chosen
 
     async with Runtime.open(settings(repriced), db_path=db) as runtime:
         assert await LocalSource(runtime).decision(routed["id"]) == routed
@@ -149,9 +165,13 @@ async def test_a_decision_routed_then_repriced_reads_back_whole_in_the_cli_the_g
         try:
             async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
                 served = (await http.get(f"/api/v2/decisions/{routed['id']}")).json()
+            async with open_remote(gateway.url, None) as attached:  # attached after the fact: read from the gateway
+                assert routed["id"] not in attached.client.decisions
+                assert await attached.decision(routed["id"]) == routed
         finally:
             await gateway.stop()
     assert served == routed
+    assert RouteDecision.from_dict(served).chosen_id == chosen  # what the CLI's table and the console's detail read
 
     shown = run_cli("decisions", "show", routed["id"], "--db", str(db), "--json",
                     env={"P402_CATALOG_OVERRIDES": str(overrides)})  # fmt: skip

@@ -728,7 +728,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
 
     async def counted() -> str | None:
         text = (await http.get("/metrics")).text
-        return text if 'p402_requests_total{provider="openai",model="gpt-4o-mini",status="ok"} 2' in text else None
+        return text if 'p402_requests_total{provider="openai",model="gpt-4o-mini",status="ok",endpoint="chat_completions"} 2' in text else None
 
     text = await eventually(counted)
     assert text, (await http.get("/metrics")).text
@@ -745,7 +745,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
         "/api/v2/sessions/{session_id}", "/api/v2/sessions/{session_id}/requests",
         "/api/v2/sessions/{session_id}/messages", "/api/v2/decisions", "/api/v2/decisions/{decision_id}",
         "/api/v2/events", "/api/v2/cache", "/health",
-        "/metrics", "/openapi.json",
+        "/metrics", "/openapi.json", "/v1/messages", "/v1/messages/count_tokens",
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]
     assert document["security"] == []  # no gateway key exists: no operation needs one

@@ -23,7 +23,8 @@ from p402_tui.core.config import ConfigFile, Settings, read_config_file
 from p402_tui.core.errors import ConfigError, ContentFilterError, UnknownModelError
 from p402_tui.core.hooks import CallContext
 from p402_tui.core.orchestrator import Orchestrator
-from p402_tui.core.router import UNPRICED, Router, options_from
+from p402_tui.core.hooks import RouteOptions
+from p402_tui.core.router import UNPRICED, Router
 from p402_tui.core.types import ChatRequest
 from p402_tui.providers.base import tls_context
 from p402_tui.runtime import Runtime
@@ -76,11 +77,11 @@ def test_the_router_never_picks_an_unpriced_model_unasked(tmp_path, catalog):
     assert settings.catalog.models["groq/llama-heldout-2"].priced is False
     router = Router.from_settings(settings)
     for mode in ("cost", "quality", "speed", "balanced"):
-        decision = router.route(ask(), options_from(mode=mode))
+        decision = router.route(ask(), RouteOptions(mode=mode))
         assert decision.chosen_id != "groq/llama-heldout-2"
         assert "groq/llama-heldout-2" not in decision.fallbacks
     assert {"id": "groq/llama-heldout-2", "reason": UNPRICED} in decision.to_dict()["excluded"]
-    assert router.route(ask(), options_from(model="groq/llama-heldout-2")).chosen_id == "groq/llama-heldout-2"
+    assert router.route(ask(), RouteOptions(model="groq/llama-heldout-2")).chosen_id == "groq/llama-heldout-2"
 
 
 async def test_a_pinned_unknown_model_through_the_gateway_is_unpriced_everywhere(sim, catalog, tmp_path):
@@ -177,13 +178,13 @@ def test_config_models_in_models_and_compare(tmp_path):
 async def test_config_priced_models_route_and_bill(sim, catalog, tmp_path):
     settings = settings_from_toml(tmp_path, HELDOUT_PRICED, catalog, sim.url)
     async with Orchestrator(settings) as orchestrator:
-        decision = orchestrator.route(ask(), options_from(mode="cost"))
+        decision = orchestrator.route(ask(), RouteOptions(mode="cost"))
         assert decision.chosen_id == "openai/gpt-heldout-10"  # the cheapest model of all, as the config prices it
-        answer = await orchestrator.complete(ask(), options_from(mode="cost"))
+        answer = await orchestrator.complete(ask(), RouteOptions(mode="cost"))
         usage = answer.usage
         assert answer.p402.model == "gpt-heldout-10" and answer.p402.priced
         assert answer.p402.cost_usd == pytest.approx(usage.prompt_tokens * 0.001 / 1e6 + usage.completion_tokens * 0.002 / 1e6)
-        mini = await orchestrator.complete(ask(), options_from(model="openai/gpt-4o-mini"))
+        mini = await orchestrator.complete(ask(), RouteOptions(model="openai/gpt-4o-mini"))
         assert mini.p402.cost_usd == pytest.approx(mini.usage.prompt_tokens * 9.0 / 1e6 + mini.usage.completion_tokens * 0.6 / 1e6)
 
 
@@ -244,12 +245,12 @@ async def test_an_alias_routes_only_among_its_members_and_shares_equal_ones(sim,
     settings = settings_from_toml(tmp_path, DEPLOYMENTS, catalog, sim.url)
     settings.file.cache.enabled = False
     async with Orchestrator(settings) as orchestrator:
-        decision = orchestrator.route(ask(), options_from(model="open"))
+        decision = orchestrator.route(ask(), RouteOptions(model="open"))
         assert {decision.chosen_id, *decision.fallbacks} == {
             "groq/llama-3.3-70b-versatile", "together/meta-llama/Llama-3.3-70B-Instruct-Turbo"}
         served = Counter()
         for _ in range(100):
-            answer = await orchestrator.complete(ask(), options_from(model="mini"))
+            answer = await orchestrator.complete(ask(), RouteOptions(model="mini"))
             served[answer.p402.provider] += 1
     assert set(served) == {"openai", "openai-eu"} and max(served.values()) <= 70, served
 
@@ -268,7 +269,7 @@ async def test_an_alias_fails_over_among_its_members_and_inherits_has_its_own_ci
     async with Orchestrator(settings) as orchestrator:
         served = Counter()
         for _ in range(20):
-            answer = await orchestrator.complete(ask(), options_from(model="mini"))
+            answer = await orchestrator.complete(ask(), RouteOptions(model="mini"))
             served[answer.p402.provider] += 1
             assert all(f"{a.provider}/{a.model}" in ("openai/gpt-4o-mini", "openai-eu/gpt-4o-mini")
                        for a in answer.p402.attempts)
@@ -377,17 +378,17 @@ async def test_azure_through_the_orchestrator_and_its_content_filter(sim, catalo
     settings = settings_from_toml(tmp_path, DEPLOYMENTS, catalog, sim.url)
     sim.state.azure_deployments["prod-4o-mini"] = "gpt-4o-mini"
     async with Orchestrator(settings) as orchestrator:
-        answer = await orchestrator.complete(ask(), options_from(model="azure/gpt-4o-mini"))
+        answer = await orchestrator.complete(ask(), RouteOptions(model="azure/gpt-4o-mini"))
         parent = catalog.models["openai/gpt-4o-mini"]
         assert answer.p402.provider == "azure" and answer.p402.cost_usd == pytest.approx(
             answer.usage.prompt_tokens * parent.input_per_1m / 1e6 + answer.usage.completion_tokens * parent.output_per_1m / 1e6)
-        streamed = orchestrator.stream(ask(stream=True), options_from(model="azure/gpt-4o-mini"))
+        streamed = orchestrator.stream(ask(stream=True), RouteOptions(model="azure/gpt-4o-mini"))
         text = "".join([chunk.content async for chunk in streamed])
         assert text == answer.content and streamed.meta.cost_usd == answer.p402.cost_usd
         filtered = ChatRequest(messages=[{"role": "user", "content": f"please {CONTENT_FILTER_TRIGGER}"}])
         with pytest.raises(ContentFilterError, match="content filter") as caught:
             # failover is on (the fallbacks include openai/gpt-4o-mini), but a content filter's refusal ends it
-            await orchestrator.complete(filtered, options_from(model="azure/gpt-4o-mini"))
+            await orchestrator.complete(filtered, RouteOptions(model="azure/gpt-4o-mini"))
         assert not caught.value.retryable and caught.value.provider == "azure"
     assert (await sim_calls(sim))["azure"]["models"]["gpt-4o-mini"] >= 2
 
@@ -400,12 +401,12 @@ async def test_a_dropped_parameter_never_reaches_the_model_and_is_reported(sim, 
     assert "temperature" in catalog.models["openai/o3"].drops
     async with Orchestrator(settings) as orchestrator:
         # The simulator refuses temperature for o3 as OpenAI does: this answers only because it was dropped.
-        answer = await orchestrator.complete(ask(temperature=0.2, max_tokens=200), options_from(model="openai/o3"))
+        answer = await orchestrator.complete(ask(temperature=0.2, max_tokens=200), RouteOptions(model="openai/o3"))
         assert answer.p402.dropped_params == ["temperature"] and answer.content is not None
-        stream = orchestrator.stream(ask(temperature=0.2, stream=True), options_from(model="openai/o3"))
+        stream = orchestrator.stream(ask(temperature=0.2, stream=True), RouteOptions(model="openai/o3"))
         [chunk async for chunk in stream]
         assert stream.meta.dropped_params == ["temperature"]
-        plain = await orchestrator.complete(ask(temperature=0.2), options_from(model="openai/gpt-4o-mini"))
+        plain = await orchestrator.complete(ask(temperature=0.2), RouteOptions(model="openai/gpt-4o-mini"))
         assert plain.p402.dropped_params == []
 
 
@@ -482,7 +483,6 @@ def test_catalog_import_adds_models_it_did_not_have(tmp_path):
 
 
 async def test_the_console_offers_aliases_and_routes_them(sim, catalog, tmp_path):
-    from p402_tui.core.hooks import RouteOptions
     from p402_tui.tui.screens.chat import LocalLink
 
     settings = settings_from_toml(tmp_path, DEPLOYMENTS, catalog, sim.url)

@@ -483,9 +483,9 @@ async def test_aclose_closes_the_pool(fresh_sim_settings):
     adapter = make_adapter(fresh_sim_settings.providers["openai"])
     assert (await adapter.complete(ask(max_tokens=5), model="gpt-4o-mini")).content
     assert (await adapter.complete(ask(max_tokens=5), model="gpt-4o-mini")).content
-    assert len(adapter.client._open) == 1  # the second call reused the first one's connection
+    assert len(adapter.transport._open) == 1  # the second call reused the first one's connection
     await adapter.aclose()
-    assert adapter.client.closed and not adapter.client._open
+    assert adapter.transport.closed and not adapter.transport._open
     with pytest.raises(errors.ConnectionLostError, match="client was closed"):
         await adapter.complete(ask(max_tokens=5), model="gpt-4o-mini")
 

@@ -30,7 +30,7 @@ from p402_tui.core.events import AttemptFailed, HealthChanged, RequestCompleted,
 from p402_tui.core.health import HealthTracker
 from p402_tui.core.hooks import CachedAnswer, CallContext, NoHooks
 from p402_tui.core.orchestrator import Orchestrator, _Plan
-from p402_tui.core.router import options_from
+from p402_tui.core.hooks import RouteOptions
 from p402_tui.core.types import ChatRequest, ChatResponse, Usage
 from p402_tui.sim.engine import Fault
 from p402_tui.sim.openai_family import REJECTED_KEY_PREFIX
@@ -70,12 +70,12 @@ async def clocked(sim_settings, clock):
 
 
 def winner(orchestrator: Orchestrator, mode: str, request: ChatRequest | None = None):
-    decision = orchestrator.route(request or ask(), options_from(mode=mode))
+    decision = orchestrator.route(request or ask(), RouteOptions(mode=mode))
     return orchestrator.catalog.models[decision.chosen_id]
 
 
 def first_other_provider(orchestrator: Orchestrator, mode: str, provider: str) -> str:
-    decision = orchestrator.route(ask(), options_from(mode=mode))
+    decision = orchestrator.route(ask(), RouteOptions(mode=mode))
     return next(orchestrator.catalog.models[mid] for mid in decision.fallbacks
                 if orchestrator.catalog.models[mid].provider != provider).provider
 
@@ -89,7 +89,7 @@ async def test_a_503_on_the_cost_winner_is_answered_by_the_next_candidate(orches
         )
         assert reply.status_code == 201
     events = orchestrator.bus.subscribe()
-    response = await orchestrator.complete(ask(), options_from(mode="cost"))
+    response = await orchestrator.complete(ask(), RouteOptions(mode="cost"))
     meta = response.p402
     assert response.content and response.provider == expected == meta.provider
     assert [(a.provider, a.error_kind) for a in meta.attempts] == [(cost_winner.provider, "server_error"), (expected, None)]
@@ -106,18 +106,18 @@ async def test_a_429_throttles_only_its_model_for_its_wait(clocked, sim, clock):
     provider = cost_winner.provider
     sim.state.add_fault(Fault(provider=provider, model=cost_winner.model, kind="rate_limit", retry_after_s=30, count=1))
     events = clocked.bus.subscribe(kinds={"health_changed"})
-    response = await clocked.complete(ask(), options_from(mode="cost"))
+    response = await clocked.complete(ask(), RouteOptions(mode="cost"))
     assert response.p402.attempts[0].error_kind == "rate_limited" and response.provider != provider
     state = clocked.health.provider(provider)
     assert state.circuit == "closed" and state.status == "degraded" and f"{cost_winner.id} throttled" in state.reason
 
     clock.now += 29.9
-    decision = clocked.route(ask(), options_from(mode="cost"))
+    decision = clocked.route(ask(), RouteOptions(mode="cost"))
     assert [e.id for e in decision.excluded if e.reason == "circuit open"] == [cost_winner.id]
-    assert (await clocked.complete(ask(), options_from(mode="cost"))).model != cost_winner.model
+    assert (await clocked.complete(ask(), RouteOptions(mode="cost"))).model != cost_winner.model
 
     clock.now += 0.1  # the wait is over: the cost winner answers again
-    response = await clocked.complete(ask(), options_from(mode="cost"))
+    response = await clocked.complete(ask(), RouteOptions(mode="cost"))
     assert response.model == cost_winner.model and len(response.p402.attempts) == 1
     assert clocked.health.provider(provider).status == "healthy"
     assert [(e.status, e.circuit) for e in events.drain() if e.provider == provider] == [
@@ -135,15 +135,14 @@ async def test_beyond_the_ejection_cap_the_least_bad_candidates_are_tried_anyway
         for _ in range(3):
             health.record_failure(provider, f"{provider}/x", ConnectionLostError("refused", provider=provider, phase="connect"))
     assert all(health.circuit(p) == "open" for p in clocked.router.usable)
-    assert clocked.route(ask(), options_from(mode="cost")).chosen is None
-    response = await clocked.complete(ask(), options_from(mode="cost"))
+    assert clocked.route(ask(), RouteOptions(mode="cost")).chosen is None
+    response = await clocked.complete(ask(), RouteOptions(mode="cost"))
     assert response.content and response.provider == best and len(response.p402.attempts) == 1
     assert health.circuit(best) == "open"  # a call sent despite the ejection is no trial: it does not close it
-    pinned = await clocked.complete(ask(), options_from(model=response.p402.provider + "/" + response.p402.model,
-                                                        failover=False))
+    pinned = await clocked.complete(ask(), RouteOptions(model=response.p402.provider + "/" + response.p402.model, failover=False))
     assert pinned.content  # a pin is the whole candidate set: ejected, it is still the least bad
     clock.now += 5
-    await clocked.complete(ask(), options_from(mode="cost"))
+    await clocked.complete(ask(), RouteOptions(mode="cost"))
     assert any(health.circuit(p) == "closed" for p in clocked.router.usable)  # trials closed one
 
 
@@ -153,11 +152,11 @@ async def test_with_every_candidate_throttled_the_answer_is_503_with_the_soonest
     health.record_failure("openai", pin, RateLimitError("slow down", provider="openai", status=429, retry_after_s=30))
     clock.now += 10
     with pytest.raises(UnavailableError) as refused:
-        await clocked.complete(ask(), options_from(model=pin, failover=False))
+        await clocked.complete(ask(), RouteOptions(model=pin, failover=False))
     assert refused.value.http_status == 503 and refused.value.retry_after_s == pytest.approx(20)
     assert refused.value.attempts == [] and "no candidate can be called now" in str(refused.value)
 
-    response = await clocked.complete(ask(), options_from(model=pin))  # with failover, the others answer
+    response = await clocked.complete(ask(), RouteOptions(model=pin))  # with failover, the others answer
     assert response.content and response.model != "gpt-4o-mini"
 
     spent = {"type": "insufficient_quota", "code": "insufficient_quota"}  # the key's quota: the whole provider
@@ -183,18 +182,18 @@ async def test_adaptive_stops_choosing_a_failing_provider_and_returns_after_reco
 async def _adaptive_round_trip(clocked: Orchestrator, sim, clock: Clock) -> None:
     best = winner(clocked, "adaptive")
     sim.state.add_fault(Fault(provider=best.provider, kind="error", status=500))
-    response = await clocked.complete(ask(), options_from(mode="adaptive"))
+    response = await clocked.complete(ask(), RouteOptions(mode="adaptive"))
     assert response.provider != best.provider and response.p402.attempts[0].error_kind == "server_error"
     for _ in range(3):  # no circuit is open (one failure), adaptive scoring alone keeps it away
         assert winner(clocked, "adaptive").provider != best.provider
-        assert (await clocked.complete(ask(), options_from(mode="adaptive"))).provider != best.provider
+        assert (await clocked.complete(ask(), RouteOptions(mode="adaptive"))).provider != best.provider
     assert clocked.health.circuit(best.provider) == "closed"
     assert winner(clocked, "balanced").id == best.id  # balanced does not look at health
 
     sim.state.clear_faults()
     clock.now += 61  # the failure leaves the 60 s window
     assert winner(clocked, "adaptive").id == best.id
-    response = await clocked.complete(ask(), options_from(mode="adaptive"))
+    response = await clocked.complete(ask(), RouteOptions(mode="adaptive"))
     assert response.provider == best.provider and len(response.p402.attempts) == 1
 
 
@@ -205,7 +204,7 @@ async def collect(stream) -> list:
 async def test_a_stream_read_in_batches_carries_the_same_chunks(orchestrator):
     """`batches()` hands on what arrived together; joined up it is what per-chunk reading gives."""
     request = ask(stream=True, max_tokens=40)
-    options = options_from(model="openai/gpt-4o-mini")
+    options = RouteOptions(model="openai/gpt-4o-mini")
     stream = orchestrator.stream(request, options)
     async with stream:
         batches = [batch async for batch in stream.batches()]
@@ -220,7 +219,7 @@ async def test_a_stream_read_in_batches_carries_the_same_chunks(orchestrator):
 async def test_a_stream_cut_before_its_first_token_fails_over_unseen(orchestrator, sim):
     fastest = winner(orchestrator, "speed", ask(stream=True))
     sim.state.add_fault(Fault(provider=fastest.provider, kind="disconnect", after_tokens=0))
-    stream = orchestrator.stream(ask(stream=True), options_from(mode="speed"))
+    stream = orchestrator.stream(ask(stream=True), RouteOptions(mode="speed"))
     chunks = await asyncio.wait_for(collect(stream), 10)
     assert all(c.error is None for c in chunks)
     assert "".join(c.content for c in chunks).strip()
@@ -235,7 +234,7 @@ async def test_a_stream_cut_after_content_ends_with_an_error_chunk(orchestrator,
     fastest = winner(orchestrator, "speed", ask(stream=True))
     sim.state.add_fault(Fault(provider=fastest.provider, kind="disconnect", after_tokens=3))
     events = orchestrator.bus.subscribe(kinds={"request_completed"})
-    stream = orchestrator.stream(ask(stream=True), options_from(mode="speed"))
+    stream = orchestrator.stream(ask(stream=True), RouteOptions(mode="speed"))
     chunks = await asyncio.wait_for(collect(stream), 10)  # a hang fails here, fast
     assert "".join(c.content for c in chunks)  # content did reach the caller
     last = chunks[-1]
@@ -254,7 +253,7 @@ async def test_cancelling_a_stream_closes_the_upstream(orchestrator, sim, how):
     fastest = winner(orchestrator, "speed", ask(stream=True))
     sim.state.add_fault(Fault(provider=fastest.provider, kind="timeout", after_tokens=2))  # then it hangs
     events = orchestrator.bus.subscribe(kinds={"request_completed"})
-    stream = orchestrator.stream(ask(stream=True), options_from(mode="speed"))
+    stream = orchestrator.stream(ask(stream=True), RouteOptions(mode="speed"))
     if how == "aclose":  # the caller stops reading mid-answer
         chunk = await asyncio.wait_for(stream.__anext__(), 10)
         while not chunk.content:
@@ -296,7 +295,7 @@ async def test_a_stream_past_its_deadline_ends_with_an_error_chunk(orchestrator,
     fastest = winner(orchestrator, "speed", ask(stream=True))
     sim.state.add_fault(Fault(provider=fastest.provider, kind="timeout", after_tokens=2))  # then it hangs
     events = orchestrator.bus.subscribe(kinds={"request_completed"})
-    stream = orchestrator.stream(ask(stream=True), options_from(mode="speed"), CallContext(timeout_s=1.0))
+    stream = orchestrator.stream(ask(stream=True), RouteOptions(mode="speed"), CallContext(timeout_s=1.0))
     chunks = [c async for c in stream]
     assert any(c.content for c in chunks[:-1])
     assert chunks[-1].finish_reason == "error" and chunks[-1].error["kind"] == "deadline_exceeded"
@@ -311,7 +310,7 @@ async def test_a_stream_past_its_deadline_ends_with_an_error_chunk(orchestrator,
 
 async def test_aclose_after_the_last_chunk_counts_as_a_complete_answer(orchestrator):
     events = orchestrator.bus.subscribe(kinds={"request_completed"})
-    stream = orchestrator.stream(ask(stream=True), options_from(mode="cost"))
+    stream = orchestrator.stream(ask(stream=True), RouteOptions(mode="cost"))
     async for chunk in stream:
         if chunk.finish_reason:
             break
@@ -323,7 +322,7 @@ async def test_aclose_after_the_last_chunk_counts_as_a_complete_answer(orchestra
 async def test_a_rejected_key_moves_to_another_provider(sim_settings, sim):
     cost_winner = None
     async with Orchestrator(sim_settings) as probe:
-        decision = probe.route(ask(), options_from(mode="cost", exclude=["anthropic", "google", "cohere"]))
+        decision = probe.route(ask(), RouteOptions.from_dict({"mode": "cost", "exclude": ["anthropic", "google", "cohere"]}))
         cost_winner = probe.catalog.models[decision.chosen_id]
     provider = sim_settings.providers[cost_winner.provider]
     sim_settings.providers[cost_winner.provider] = dataclasses.replace(
@@ -331,7 +330,7 @@ async def test_a_rejected_key_moves_to_another_provider(sim_settings, sim):
     )
     async with Orchestrator(sim_settings) as orchestrator:
         response = await orchestrator.complete(
-            ask(), options_from(mode="cost", exclude=["anthropic", "google", "cohere"])
+            ask(), RouteOptions.from_dict({"mode": "cost", "exclude": ["anthropic", "google", "cohere"]})
         )
         assert response.p402.attempts[0].error_kind == "authentication"
         assert response.provider != cost_winner.provider
@@ -340,12 +339,12 @@ async def test_a_rejected_key_moves_to_another_provider(sim_settings, sim):
 
 
 async def test_failover_follows_the_error_scope(orchestrator):
-    decision = orchestrator.route(ask(), options_from(mode="cost"))
+    decision = orchestrator.route(ask(), RouteOptions(mode="cost"))
     models = orchestrator.catalog.models
     first = models[decision.chosen_id]
 
     def fresh() -> _Plan:
-        plan = _Plan(orchestrator, decision, options_from(mode="cost", max_retries=10))
+        plan = _Plan(orchestrator, decision, RouteOptions(mode="cost", max_retries=10))
         assert plan.next() is first
         return plan
 
@@ -372,12 +371,12 @@ async def test_failover_follows_the_error_scope(orchestrator):
 async def test_max_retries_bounds_the_attempts(orchestrator, sim):
     sim.state.add_fault(Fault(provider="*", kind="error", status=503))
     with pytest.raises(AllAttemptsFailedError) as caught:
-        await orchestrator.complete(ask(), options_from(mode="cost", max_retries=1))
+        await orchestrator.complete(ask(), RouteOptions(mode="cost", max_retries=1))
     assert len(caught.value.attempts) == 2
     assert len({a.provider for a in caught.value.attempts}) == 2
     events = orchestrator.bus.subscribe(kinds={"request_completed"})
     with pytest.raises(ServerError) as single:  # one model tried: its own error, as the provider said it
-        await orchestrator.complete(ask(), options_from(mode="cost", failover=False))
+        await orchestrator.complete(ask(), RouteOptions(mode="cost", failover=False))
     assert single.value.status == 503
     (event,) = events.drain()
     assert len(event.record.attempts) == 1 and event.record.error_kind == "server_error"
@@ -386,7 +385,7 @@ async def test_max_retries_bounds_the_attempts(orchestrator, sim):
 async def test_nothing_eligible_is_an_error_and_still_recorded(orchestrator):
     events = orchestrator.bus.subscribe(kinds={"request_completed"})
     with pytest.raises(NoEligibleModelError, match="over max_cost_usd"):
-        await orchestrator.complete(ask(), options_from(max_cost_usd=1e-12))
+        await orchestrator.complete(ask(), RouteOptions(max_cost_usd=1e-12))
     (event,) = events.drain()
     assert event.record.status == "error" and event.record.error_kind == "no_eligible_model"
 
@@ -395,7 +394,7 @@ async def test_a_refused_request_never_reaches_the_cache(sim_settings, sim):
     hooks = CachingHooks(budget_left=0.0)
     async with Orchestrator(sim_settings, hooks=hooks) as orchestrator:
         with pytest.raises(NoEligibleModelError):
-            await orchestrator.complete(ask("cached?"), options_from(max_cost_usd=1e-12))
+            await orchestrator.complete(ask("cached?"), RouteOptions(max_cost_usd=1e-12))
         with pytest.raises(BudgetExceededError):
             await orchestrator.complete(ask("cached?"), ctx=CallContext(session_id="s1"))
         with pytest.raises(BudgetExceededError):
@@ -452,7 +451,7 @@ def test_cli_chat_routes_around_a_503_on_the_cost_winner(sim_process, catalog):
 
     settings = load_settings(sim_process["config"], env={})
     request = ask("Which river is longest?")
-    decision = Router.from_settings(settings).route(request, options_from(mode="cost"))
+    decision = Router.from_settings(settings).route(request, RouteOptions(mode="cost"))
     loser = catalog.models[decision.chosen_id].provider
     httpx.delete(f"{sim_process['url']}/_sim/faults")
     httpx.post(f"{sim_process['url']}/_sim/faults", json={"provider": loser, "kind": "error", "status": 503}).raise_for_status()

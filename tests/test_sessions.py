@@ -242,3 +242,27 @@ async def test_older_files_with_two_sessions_of_one_name_keep_both(tmp_path):
         names = sorted(s["name"] for s in await list_sessions(opened))
         assert names == ["twin", "twin (ses-000000000002)"]
         assert await resolve_session(opened, "twin") == "ses-000000000001"
+
+
+async def test_every_surface_offers_the_same_session_statuses(store):
+    from p402_tui.cli import build_parser
+    from p402_tui.core.sessions import SESSION_STATUSES
+    from p402_tui.gateway.bodies import SessionCreate, SessionPatch
+    from p402_tui.gateway.openapi import build_openapi
+
+    assert SESSION_STATUSES == ("active", "paused", "closed")
+    document = build_openapi(["openai"])
+    assert document["components"]["schemas"]["Session"]["properties"]["status"]["enum"] == list(SESSION_STATUSES)
+    listed = document["paths"]["/api/v2/sessions"]["get"]["parameters"][0]
+    assert listed["name"] == "status" and listed["schema"]["enum"] == list(SESSION_STATUSES)
+    for body in (SessionCreate, SessionPatch):
+        assert body.model_json_schema()["properties"]["status"]["enum"] == list(SESSION_STATUSES)
+    for action in ("list", "update"):
+        args = ["sessions", action, *(["ses-1"] if action == "update" else []), "--status"]
+        assert build_parser().parse_args([*args, "paused"]).status == "paused"
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*args, "archived"])
+    for status in SESSION_STATUSES:
+        assert (await create_session(store, name=f"s-{status}", status=status))["status"] == status
+    with pytest.raises(SessionError, match="status must be one of active, paused, closed"):
+        await create_session(store, name="s-archived", status="archived")

@@ -119,8 +119,8 @@ def _one_blas_thread() -> None:
     """Run BLAS on one thread in this process.
 
     The cache embeds one short prompt at a time: matrices too small to gain from
-    threads. On a busy 2-core machine OpenBLAS's extra thread spins instead of
-    working: 42 prompts took 19 s with two threads and 2 s with one (measured here).
+    threads. On a busy machine OpenBLAS's extra thread spins instead of working,
+    and every prompt waits for it.
     """
     from threadpoolctl import threadpool_limits
 
@@ -295,8 +295,8 @@ class StaticEmbedder(LocalEmbedder):
         self.table = table
         self.dim = table.shape[1]
         self.name = name
-        # The index search is a matrix-vector product: with two BLAS threads on a busy machine it
-        # took 1.0 ms at 3,500 rows, with one 0.06 ms (measured here).
+        # The index search is a matrix-vector product: on a busy machine a second BLAS thread slows it
+        # down instead of sharing the work.
         _one_blas_thread()
 
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import ResolvedProvider
 from .errors import ProviderError
@@ -37,7 +37,9 @@ class Adapter(Protocol):
     async def aclose(self) -> None: ...
 
 
-AdapterFactory = Callable[[ResolvedProvider], Adapter]
+# (provider, transport or None) -> adapter. The transport is opaque here: whatever the
+# providers package's adapters send their requests through (None: they pick their own).
+AdapterFactory = Callable[[ResolvedProvider, Any], Adapter]
 
 # Wire family (a catalog provider's `wire`) -> what makes its adapter.
 WIRE_FAMILIES: dict[str, AdapterFactory] = {}
@@ -47,11 +49,11 @@ def register_wire_family(wire: str, factory: AdapterFactory) -> None:
     WIRE_FAMILIES[wire] = factory
 
 
-def make_adapter(provider: ResolvedProvider) -> Adapter:
-    """The adapter for a provider, from its wire family's registered factory."""
+def make_adapter(provider: ResolvedProvider, transport: Any = None) -> Adapter:
+    """The adapter for a provider, from its wire family's registered factory, calling through `transport`."""
     wire = provider.spec.wire
     factory = WIRE_FAMILIES.get(wire)
     if factory is None:
         known = ", ".join(sorted(WIRE_FAMILIES)) or "none (p402_tui.providers registers the built-in ones)"
         raise ProviderError(f"no adapter for wire family {wire!r}; registered: {known}", provider=provider.id)
-    return factory(provider)
+    return factory(provider, transport)

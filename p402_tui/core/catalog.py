@@ -30,13 +30,13 @@ class ProviderSpec(BaseModel):
     name: str
     wire: Wire
     base_url: str
-    api_key_env: list[str] = Field(default_factory=list)
+    api_key_env: list[str] = Field(default_factory=list)  # the official SDK's names, its first choice first
+    base_url_env: list[str] = Field(default_factory=list)  # the official SDK's base URL variable, if it reads one
     keyless: bool = False  # a local server (Ollama, vLLM) that needs no key
     headers: dict[str, str] = Field(default_factory=dict)
     unsupported_params: list[str] = Field(default_factory=list)
     notes: str = ""
     inherits: str | None = None  # a configured deployment of this built-in provider: its wire and catalog
-    base_url_env: list[str] = Field(default_factory=list)  # environment variables that set base_url
     api_version: str | None = None  # Azure: the default api-version (OPENAI_API_VERSION or the config overrides it)
 
     @property

@@ -96,6 +96,9 @@ class ProviderConfig(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     first_token_timeout_s: float = Field(default=60.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
+    # This provider's own proxy and exceptions, over [network]'s (and the environment's).
+    proxy: str | None = None
+    no_proxy: list[str] | None = None
     # Only for extra (OpenAI-compatible) providers the catalog does not know:
     wire: Literal["openai"] | None = None
     name: str | None = None
@@ -249,7 +252,17 @@ class AliasConfig(_Section):
     mode: Mode | None = None
 
 
+class NetworkConfig(_Section):
+    """How provider calls leave this machine; each key overrides its environment variable."""
+
+    proxy: str | None = None  # over HTTPS_PROXY / HTTP_PROXY / ALL_PROXY; "" for none
+    no_proxy: list[str] | None = None  # over NO_PROXY: hosts, .domain suffixes, host:port, IPs, CIDR ranges, "*"
+    ca_bundle: str | None = None  # a PEM bundle trusted besides the OS store (or SSL_CERT_FILE / SSL_CERT_DIR)
+    verify: bool = True  # false turns TLS verification off, and every start-up says so
+
+
 class ConfigFile(_Section):
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     aliases: dict[str, AliasConfig] = Field(default_factory=dict)
@@ -274,6 +287,8 @@ class ResolvedProvider:
     headers: dict[str, str]
     deployments: dict[str, str] = dataclass_field(default_factory=dict)  # Azure: model -> deployment
     api_version: str | None = None  # Azure's api-version query parameter
+    proxy: str | None = None  # the provider's own [providers.x] proxy, over [network]'s
+    no_proxy: tuple[str, ...] | None = None
 
     @property
     def id(self) -> str:
@@ -329,6 +344,10 @@ class Settings:
             for model, deployment in provider.deployments.items()
         }
 
+    @property
+    def network(self) -> NetworkConfig:
+        return self.file.network
+
     def usable_providers(self) -> list[ResolvedProvider]:
         return [p for p in self.providers.values() if p.usable]
 
@@ -345,6 +364,7 @@ class Settings:
                 provider,
                 base_url=f"{base}/{mount}{provider.spec.base_path}",
                 api_key=provider.api_key if provider.spec.keyless else SecretStr(key),
+                no_proxy=("*",),  # the simulator is on this machine: never reached through a proxy
             )
         return self
 
@@ -379,8 +399,9 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
         if env.get(name):
             key = SecretStr(env[name])
             break
-    base_url = env.get(f"P402_{spec.id.upper().replace('-', '_')}_BASE_URL") or conf.base_url
-    base_url = base_url or next((env[name] for name in spec.base_url_env if env.get(name)), None) or spec.base_url
+    sdk_url = next((env[name] for name in spec.base_url_env if env.get(name)), None)
+    own = env.get(f"P402_{spec.id.upper().replace('-', '_')}_BASE_URL")
+    base_url = own or sdk_url or conf.base_url or spec.base_url
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"provider {spec.id!r}: base_url {base_url!r} is not an http:// or https:// URL")
@@ -400,6 +421,8 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
         headers=dict(conf.headers),
         deployments=dict(conf.deployments),
         api_version=(conf.api_version or env.get("OPENAI_API_VERSION") or spec.api_version) if spec.api_version else None,
+        proxy=conf.proxy,
+        no_proxy=None if conf.no_proxy is None else tuple(conf.no_proxy),
     )
 
 

@@ -152,6 +152,53 @@ class ConnectionLostError(ProviderError):
         self.phase = phase
 
 
+class DnsError(ConnectionLostError):
+    """The provider's host name did not resolve."""
+
+    kind = "dns"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, phase="connect", **kw)
+
+
+class ConnectionRefusedError(ConnectionLostError):  # noqa: A001 - ours, as TimeoutError above
+    kind = "connection_refused"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, phase="connect", **kw)
+
+
+class TlsError(ConnectionLostError):
+    """The provider's certificate was not trusted, or the TLS handshake failed."""
+
+    kind = "tls"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, phase="connect", **kw)
+
+
+class ProxyError(ConnectionLostError):
+    """The forward proxy refused the tunnel or the request, or could not be reached: a fault on our side
+    of the network, not the provider's, so it counts against no provider's health."""
+
+    kind = "proxy"
+
+    def __init__(self, message: str, *, proxy: str = "", **kw: Any) -> None:
+        super().__init__(message, phase="connect", **kw)
+        self.proxy = proxy
+
+
+class RedirectError(ProviderError):
+    """A 3xx: provider APIs do not redirect, so the base URL is wrong (or something between rewrites it)."""
+
+    kind = "redirect"
+    retryable = True
+
+
+# Failures that, shared by every attempt of a request, point at this machine's network, not the providers.
+LOCAL_KINDS = frozenset({"proxy", "dns", "tls"})
+
+
 class StreamInterruptedError(ProviderError):
     """The stream broke or sent garbage after it had started."""
 
@@ -233,6 +280,18 @@ class AllAttemptsFailedError(P402Error):
         super().__init__(message)
         self.attempts = attempts
         self.last = last
+
+
+class EgressFailedError(AllAttemptsFailedError):
+    """Every attempt failed for one reason on this machine's side (a proxy refusing, no DNS, a TLS
+    interceptor nobody trusts): said once, as that reason, rather than as twelve providers down."""
+
+    kind = "egress_failed"
+    http_status = 502
+
+    def __init__(self, message: str, attempts: list[Any], last: ProviderError | None = None, *, reason: str) -> None:
+        super().__init__(message, attempts, last)
+        self.reason = reason  # the shared error kind: proxy, dns or tls
 
 
 class UnavailableError(AllAttemptsFailedError):

@@ -56,6 +56,10 @@ HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
 # Errors that say nothing about the provider's health: the request itself was wrong,
 # or too long for that one model (a bigger model will take it).
 _NOT_HEALTH = frozenset({"bad_request", "context_length"})
+# Errors of this machine's own egress (a proxy refusing): no provider is at fault, none is marked down.
+_LOCAL = frozenset({"proxy"})
+# Errors that mean no connection could be made to the provider's host.
+_CONNECT_KINDS = frozenset({"connection", "connection_refused", "dns", "tls"})
 
 
 @dataclass(slots=True)
@@ -328,6 +332,9 @@ class HealthTracker:
         kind = error if isinstance(error, str) else error.kind
         if kind in _NOT_HEALTH:
             return
+        if kind in _LOCAL:
+            self.release(provider, model_id)
+            return
         now = self.clock()
         policy = self.policy
         message = kind if isinstance(error, str) else str(error)
@@ -351,7 +358,7 @@ class HealthTracker:
             stats.last_error = message
             stats.history.append(latency_ms)
         # A connection refused (not one closed mid-answer) says the host is unreachable, whatever the model.
-        hard = kind == "connection" and getattr(error, "phase", "connect") == "connect"
+        hard = kind in _CONNECT_KINDS and getattr(error, "phase", "connect") == "connect"
         self._judge(provider, model_id, kind, hard, now)
         self._changed(provider)
 
@@ -369,7 +376,7 @@ class HealthTracker:
             self._changed(provider)
             return
         kind = detail.split(":", 1)[0] if ":" in detail else "connection"
-        if kind in _NOT_HEALTH:
+        if kind in _NOT_HEALTH or kind in _LOCAL:
             return
         stats.add(now, False, latency_ms, self.policy)
         stats.consecutive_failures += 1

@@ -9,6 +9,7 @@ dry-run CLI). Hooks that write must not make the request wait: they enqueue.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +49,29 @@ class RouteOptions:
             "max_retries": self.max_retries,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RouteOptions:
+        """From `to_dict()`'s shape or any part of it (CLI flags, a request body, a stored decision): a missing
+        key is the default, lists become the frozenset and tuples the router's cache keys on."""
+        if not _OPTION_KEYS.issuperset(data):
+            raise TypeError(f"unknown route option {sorted(data.keys() - _OPTION_KEYS)[0]!r}")
+        get = data.get
+        failover = get("failover")
+        return cls(
+            mode=get("mode"),
+            require=frozenset(get("require") or ()),
+            prefer=tuple(get("prefer") or ()),
+            exclude=tuple(get("exclude") or ()),
+            max_tier=get("max_tier"),
+            max_cost_usd=get("max_cost_usd"),
+            model=get("model"),
+            failover=True if failover is None else failover,
+            max_retries=get("max_retries"),
+        )
+
+
+_OPTION_KEYS = frozenset(RouteOptions.__dataclass_fields__)
+
 
 KEY_NAMESPACE_PREFIX = "key:"
 
@@ -59,6 +83,14 @@ def reserved_namespace(name: str) -> str | None:
     return None
 
 
+def api_of(source: str) -> str:
+    """The API a request came through, from its source: the gateway's routes by name (chat_completions,
+    messages), else where it was made (cli, console)."""
+    if source == "gateway":
+        return "chat_completions"
+    return source.removeprefix("gateway:")
+
+
 @dataclass(slots=True)
 class CallContext:
     """Who asks and how the answer is kept."""
@@ -68,7 +100,8 @@ class CallContext:
     namespace: str | None = None  # explicit cache namespace: shared by every caller that names it
     cache: bool = True
     api_key_id: str | None = None
-    source: str = "cli"  # cli | gateway | console | demo
+    # cli | console | demo | gateway (its chat completions) | gateway:<api> (its other APIs: gateway:messages)
+    source: str = "cli"
     request_id: str = field(default_factory=lambda: new_id("req", 10))
     timeout_s: float | None = None  # the whole request's deadline, across attempts; None: [router] request_timeout_s
 
@@ -97,6 +130,7 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    usage_estimated: bool = False  # the provider sent no usage: tokens and cost are on our count
     cost_usd: float | None = 0.0  # None: unpriced (the model has no known price)
     est_cost_usd: float | None = None
     saved_usd: float = 0.0
@@ -126,6 +160,7 @@ class RequestRecord:
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
             "reasoning_tokens": self.reasoning_tokens,
+            "usage_estimated": self.usage_estimated,
             "cost_usd": None if self.cost_usd is None else usd_json(self.cost_usd),
             "priced": self.cost_usd is not None,
             "est_cost_usd": None if self.est_cost_usd is None else usd_json(self.est_cost_usd),
@@ -172,6 +207,9 @@ class Hooks(Protocol):
     ) -> None:
         """After every request, ok or not: ledger row, cache insert on success (enqueue, never wait)."""
 
+    async def committed(self, request_id: str) -> None:
+        """Return once the request's ledger row is committed (the gateway's strict durability waits on this)."""
+
     def health(self, snapshot: dict[str, Any]) -> None:
         """A provider's health changed (enqueue a snapshot write)."""
 
@@ -191,6 +229,9 @@ class NoHooks:
     def completed(
         self, record: RequestRecord, request: ChatRequest, response: ChatResponse | None, options: RouteOptions, ctx: CallContext
     ) -> None:
+        return None
+
+    async def committed(self, request_id: str) -> None:
         return None
 
     def health(self, snapshot: dict[str, Any]) -> None:

@@ -25,15 +25,17 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from .adapters import Adapter, make_adapter
 from .catalog import ModelSpec
-from .config import Settings
+from .config import ResolvedProvider, Settings
 from .costs import call_cost
 from .errors import (
+    LOCAL_KINDS,
     DeadlineExceededError,
+    EgressFailedError,
     NoEligibleModelError,
     P402Error,
     ProviderError,
@@ -64,6 +66,7 @@ class ChatStream:
         self.created = int(time.time())
         self.request_id = ctx.request_id
         self.meta = P402Meta(provider="", model="")
+        self.usage: Usage | None = None  # what the answer was billed on, once it is done (an estimate if none came)
         self.decision: RouteDecision | None = None
         self._batches = orchestrator._stream(self, request, options, ctx)
         self._pending: deque[ChatChunk] = deque()
@@ -208,6 +211,12 @@ class _Plan:
         if last is not None and (not last.retryable or (tried == 1 and not self._failover)):
             # A bad request, or the one model failover-off allows: the provider's own error says it best.
             return last
+        kinds = {attempt.error_kind for attempt in self.attempts}
+        if tried > 1 and last is not None and kinds == {last.kind} and last.kind in LOCAL_KINDS:
+            return EgressFailedError(
+                f"every provider failed for the same local reason: {last.message}",
+                list(self.attempts), last, reason=last.kind,
+            )  # fmt: skip
         retry = self.retry_after_s()
         if not tried:
             return UnavailableError(
@@ -261,7 +270,15 @@ class _Flow:
         """The provider's usage; our own count when the stream ended without one."""
         if self.usage is not None:
             return self.usage
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=count_text("".join(self.text)).tokens)
+        return Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=count_text("".join(self.text)).tokens, estimated=True
+        )
+
+
+def _estimated_usage(response: ChatResponse, prompt_tokens: int) -> Usage:
+    """Usage for an answer that came with none (a self-hosted server, say): our count, flagged as such."""
+    text = (response.content or "") + "".join(str(call) for call in response.tool_calls or ())
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=count_text(text).tokens, estimated=True)
 
 
 class Orchestrator:
@@ -275,8 +292,11 @@ class Orchestrator:
         hooks: Hooks | None = None,
         adapters: dict[str, Adapter] | None = None,
         health: HealthTracker | None = None,
+        transport_for: Callable[[ResolvedProvider], Any] | None = None,
     ) -> None:
+        """`transport_for`: the transport a provider's adapter calls through (the runtime's egress choice)."""
         self.settings = settings
+        self._transport_for = transport_for
         self.catalog = settings.catalog
         self.bus = bus or EventBus()
         self.hooks: Hooks = hooks or NoHooks()
@@ -322,7 +342,7 @@ class Orchestrator:
             resolved = self.settings.providers.get(provider)
             if resolved is None:
                 raise ProviderError(f"unknown provider {provider!r}", provider=provider)
-            adapter = make_adapter(resolved)
+            adapter = make_adapter(resolved, self._transport_for(resolved) if self._transport_for else None)
             self._adapters[provider] = adapter
         return adapter
 
@@ -411,6 +431,8 @@ class Orchestrator:
                         continue
                     latency_ms = (time.perf_counter() - attempt_started) * 1000
                     plan.succeeded(spec, latency_ms)
+                    if not response.usage.total_tokens and (response.content or response.tool_calls):
+                        response.usage = _estimated_usage(response, decision.prompt_tokens)
                     self.health.record_success(
                         spec.provider, spec.id, latency_ms=latency_ms, output_tokens=response.usage.completion_tokens
                     )
@@ -424,6 +446,7 @@ class Orchestrator:
                         attempts=plan.attempts,
                         decision_id=decision.id,
                         dropped_params=dropped,
+                        usage_estimated=response.usage.estimated,
                     )
                     self._finish_ok(record, request, response, options, ctx, response.usage, cost, started, None)
                     return response
@@ -568,6 +591,8 @@ class Orchestrator:
         )
         cost = call_cost(spec, usage) if spec.priced else None
         self._fill_meta(handle.meta, spec, cost, started)
+        handle.meta.usage_estimated = usage.estimated
+        handle.usage = usage
         response = ChatResponse(
             provider=spec.provider,
             model=spec.model,
@@ -678,6 +703,7 @@ class Orchestrator:
         record.completion_tokens = usage.completion_tokens
         record.cached_tokens = usage.cached_tokens
         record.reasoning_tokens = usage.reasoning_tokens
+        record.usage_estimated = usage.estimated
         record.cost_usd = cost
         record.latency_ms = (time.perf_counter() - started) * 1000
         record.ttft_ms = ttft_ms
@@ -715,6 +741,7 @@ class Orchestrator:
         if usage is not None:
             record.prompt_tokens = usage.prompt_tokens
             record.completion_tokens = usage.completion_tokens
+            record.usage_estimated = usage.estimated
         record.cost_usd = cost
         self.bus.publish(RequestCompleted(record=record))
         if cost and spec is not None:

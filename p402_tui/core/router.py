@@ -28,10 +28,10 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import numpy as np
 
@@ -48,6 +48,27 @@ if TYPE_CHECKING:
 
 # Model names that ask the router to choose; `p402/<mode>` also picks the mode.
 AUTO_MODELS = frozenset({"auto", "p402/auto", "router"})
+ROUTER_PREFIX = "p402/"
+
+
+class ModelRef(NamedTuple):
+    """What a request's `model` asks for: a model to pin, or the router's choice (in `mode` when it names one)."""
+
+    pin: str | None = None
+    mode: str | None = None
+
+
+def parse_model_ref(ref: str | None) -> ModelRef:
+    """Absent, `auto`, `p402/auto` or `router`: the router chooses; `p402/<mode>`: it chooses in that mode;
+    anything else pins a model (`provider/model`, or a bare wire id the catalog resolves)."""
+    if not ref or ref in AUTO_MODELS:
+        return _CHOOSE
+    if ref.startswith(ROUTER_PREFIX) and ref[len(ROUTER_PREFIX) :] in MODES:
+        return ModelRef(mode=ref[len(ROUTER_PREFIX) :])
+    return ModelRef(pin=ref)
+
+
+_CHOOSE = ModelRef()
 
 NOT_CONFIGURED = "provider not configured"
 DISABLED = "provider disabled"
@@ -99,21 +120,51 @@ class Candidate:
     est_latency_ms: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "provider": self.provider,
-            "model": self.model,
-            "tier": self.tier,
-            "score": round(self.score, 6),
-            "components": {
-                "cost": round(self.cost, 6),
-                "quality": round(self.quality, 6),
-                "speed": round(self.speed, 6),
-                "health": round(self.health, 6),
-            },
-            "est_cost_usd": usd_json(self.est_cost_usd),
-            "est_latency_ms": round(self.est_latency_ms, 1),
-        }
+        return _candidate_dict(
+            (self.id, self.provider, self.model, self.tier), self.score, self.cost, self.quality, self.speed,
+            self.health, self.est_cost_usd, self.est_latency_ms,
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Candidate:
+        components = data["components"]
+        return cls(
+            id=data["id"],
+            provider=data["provider"],
+            model=data["model"],
+            tier=data["tier"],
+            score=data["score"],
+            cost=components["cost"],
+            quality=components["quality"],
+            speed=components["speed"],
+            health=components["health"],
+            est_cost_usd=data["est_cost_usd"],
+            est_latency_ms=data["est_latency_ms"],
+        )
+
+
+def _candidate_dict(
+    model: tuple[str, str, str, str], score: float, cost: float, quality: float, speed: float, health: float,
+    est_cost_usd: float, est_latency_ms: float,
+) -> dict[str, Any]:
+    """A candidate as a decision's dict shows it (`Candidate.from_dict` reads it back).
+
+    `model`: (id, provider, wire model, tier), as a `ModelListing` holds it."""
+    return {
+        "id": model[0],
+        "provider": model[1],
+        "model": model[2],
+        "tier": model[3],
+        "score": round(score, 6),
+        "components": {
+            "cost": round(cost, 6),
+            "quality": round(quality, 6),
+            "speed": round(speed, 6),
+            "health": round(health, 6),
+        },
+        "est_cost_usd": usd_json(est_cost_usd),
+        "est_latency_ms": round(est_latency_ms, 1),
+    }
 
 
 @dataclass(slots=True)
@@ -178,21 +229,7 @@ class DecisionSnapshot:
         live = self.live
         quality, speed, health, latency = (c.tolist() for c in (live.quality, live.speed, live.health, live.latency))
         candidates = [
-            {
-                "id": models[i][0],
-                "provider": models[i][1],
-                "model": models[i][2],
-                "tier": models[i][3],
-                "score": round(score, 6),
-                "components": {
-                    "cost": round(cost, 6),
-                    "quality": round(quality[i], 6),
-                    "speed": round(speed[i], 6),
-                    "health": round(health[i], 6),
-                },
-                "est_cost_usd": usd_json(est),
-                "est_latency_ms": round(latency[i], 1),
-            }
+            _candidate_dict(models[i], score, cost, quality[i], speed[i], health[i], est, latency[i])
             for i, score, cost, est in zip(
                 self.ranked.tolist(), self.score.tolist(), self.cost.tolist(), self.est_cost_usd.tolist()
             )
@@ -248,7 +285,7 @@ class RouteDecision:
         mode: str,
         chosen: Candidate | None = None,
         fallbacks: list[str] | None = None,
-        candidates: list[Candidate] | None = None,
+        candidates: Sequence[Candidate] | None = None,
         excluded: list[Excluded] | None = None,
         prompt_tokens: int = 0,
         est_output_tokens: int = 0,
@@ -305,7 +342,7 @@ class RouteDecision:
         return self._chosen.id if self._chosen is not None else None
 
     @property
-    def candidates(self) -> list[Candidate]:
+    def candidates(self) -> Sequence[Candidate]:
         if self._candidates is None:
             ranking = self._ranked()
             if ranking is None:
@@ -349,7 +386,7 @@ class RouteDecision:
         """The models to try, in order: the chosen one, then its fallbacks."""
         if self.chosen is None:
             return []
-        return self.candidates[: 1 + len(self.fallbacks)]
+        return list(self.candidates[: 1 + len(self.fallbacks)])
 
     def why_none(self) -> str:
         """Why nothing was chosen: the pinned model's reason, else the commonest reasons."""
@@ -401,28 +438,12 @@ class RouteDecision:
             filtered=(),
         )  # fmt: skip
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RouteDecision:
-        """A decision from its `to_dict()`: the same candidates, exclusions and options, `to_dict()` the same again."""
-        candidates = [
-            Candidate(
-                id=c["id"],
-                provider=c["provider"],
-                model=c["model"],
-                tier=c["tier"],
-                score=c["score"],
-                cost=c["components"]["cost"],
-                quality=c["components"]["quality"],
-                speed=c["components"]["speed"],
-                health=c["components"]["health"],
-                est_cost_usd=c["est_cost_usd"],
-                est_latency_ms=c["est_latency_ms"],
-            )
-            for c in data["candidates"]
-        ]
-        options = dict(data["options"])
-        options["mode"] = data["mode"]
-        return cls(
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> RouteDecision:
+        """A decision from its `to_dict()` (a stored one, or one a gateway sent): read like the decision
+        routed, and its `to_dict()` is `data` itself. A candidate is built from its dict when first read."""
+        candidates = _CandidateRows(data["candidates"])
+        decision = _ReadBack(
             id=data["id"],
             ts=data["ts"],
             mode=data["mode"],
@@ -433,11 +454,52 @@ class RouteDecision:
             prompt_tokens=data["prompt_tokens"],
             est_output_tokens=data["est_output_tokens"],
             decision_us=data["decision_us"],
-            options=options_from(**options),
+            options=RouteOptions.from_dict(data["options"]),
         )
+        decision._data = data
+        return decision
 
     def __repr__(self) -> str:
         return f"<RouteDecision {self.id} {self.mode} -> {self.chosen_id}>"
+
+
+class _ReadBack(RouteDecision):
+    """A decision rebuilt by `RouteDecision.from_dict`: its dict is the one it was read from."""
+
+    __slots__ = ("_data",)
+    _data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._data
+
+
+class _CandidateRows(Sequence[Candidate]):
+    """A read-back decision's candidates, each built from its dict only when read.
+
+    A busy gateway sends hundreds of decisions a second with every candidate in each;
+    the console's dashboard reads only how many there are and the chosen one.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self._rows = rows
+        self._built: dict[int, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Candidate]: ...
+
+    def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self._rows)))]
+        index = range(len(self._rows))[index]  # negative indexes, and IndexError past the end
+        if index not in self._built:
+            self._built[index] = Candidate.from_dict(self._rows[index])
+        return self._built[index]
 
 
 class _Entry:
@@ -1058,13 +1120,8 @@ class Router:
         return entry
 
     def _pin_and_mode(self, pin_ref: str | None, mode: str | None) -> tuple[str | None, str]:
-        if pin_ref is not None:
-            if pin_ref in AUTO_MODELS:
-                pin_ref = None
-            elif pin_ref.startswith("p402/") and pin_ref[5:] in MODES:
-                mode = mode or pin_ref[5:]
-                pin_ref = None
-        mode = mode or self.config.mode
+        pin_ref, named_mode = parse_model_ref(pin_ref)
+        mode = mode or named_mode or self.config.mode
         if mode not in MODES:
             raise InvalidRequestError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         return pin_ref, mode
@@ -1140,30 +1197,4 @@ class Router:
 
     def usable_models(self) -> list[ModelSpec]:
         return [m for m in self._specs if m.provider in self.usable]
-
-
-def options_from(
-    *,
-    mode: str | None = None,
-    require: Iterable[str] = (),
-    prefer: Iterable[str] = (),
-    exclude: Iterable[str] = (),
-    max_tier: str | None = None,
-    max_cost_usd: float | None = None,
-    model: str | None = None,
-    failover: bool = True,
-    max_retries: int | None = None,
-) -> RouteOptions:
-    """RouteOptions from loose values (CLI flags, JSON bodies), normalised for the router's cache."""
-    return RouteOptions(
-        mode=mode,
-        require=frozenset(require),
-        prefer=tuple(prefer),
-        exclude=tuple(exclude),
-        max_tier=max_tier,
-        max_cost_usd=max_cost_usd,
-        model=model,
-        failover=failover,
-        max_retries=max_retries,
-    )
 

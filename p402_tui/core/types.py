@@ -255,6 +255,7 @@ class Usage:
     cached_tokens: int = 0  # part of prompt_tokens read from the provider's prompt cache
     reasoning_tokens: int = 0  # part of completion_tokens spent thinking
     cache_write_tokens: int = 0  # Anthropic cache creation, billed above the input rate
+    estimated: bool = False  # the provider sent none: our count of the prompt and the text received
 
     @property
     def total_tokens(self) -> int:
@@ -301,6 +302,9 @@ class ChatChunk:
     role: str | None = None
     extra: dict[str, Any] | None = None  # provider extras: citations, search_results
     error: dict[str, Any] | None = None  # set on the last chunk of a stream that broke
+    # The upstream's own events this chunk was read from, (event, data) as they came, for a caller
+    # that speaks the provider's API and passes its stream through (`NativeRequest`).
+    native: list[tuple[str, str]] | None = None
 
     def to_openai(self, *, id: str, model: str, created: int) -> dict[str, Any]:
         delta: dict[str, Any] = {}
@@ -350,6 +354,7 @@ class P402Meta:
     decision_id: str | None = None
     cached: bool = False
     saved_usd: float = 0.0
+    usage_estimated: bool = False  # billed on our token count: the provider reported no usage
     dropped_params: list[str] = field(default_factory=list)  # what the model's parameter rules left out
 
     @property
@@ -372,6 +377,7 @@ class P402Meta:
             "decision_id": self.decision_id,
             "cached": self.cached,
             "saved_usd": usd_json(self.saved_usd),
+            "usage_estimated": self.usage_estimated,
         }
 
 
@@ -396,6 +402,7 @@ class ChatResponse:
     created: int = field(default_factory=lambda: int(time.time()))
     extra: dict[str, Any] | None = None
     p402: P402Meta | None = None
+    native: dict[str, Any] | None = None  # the upstream's answer as it came, for a caller speaking its API
 
     def to_openai(self) -> dict[str, Any]:
         # `refusal` and `logprobs` are required by OpenAI's published document, null when absent.

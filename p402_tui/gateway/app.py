@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,7 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..core.errors import P402Error, UnknownModelError
 from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged
 from ..core.tokens import off_loop
-from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes, round_costs
+from ..core.sessions import SESSION_STATUSES
+from ..core.types import ChatChunk, ChatRequest, ChatResponse, Usage, json_bytes, round_costs
 from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -41,13 +42,33 @@ from .bodies import (
     parse_chat,
     validate,
 )
+from .messages import PATHS as MESSAGES_PATHS
+from .messages import MessagesRoute
+from .messages import from_gateway_error as anthropic_errors
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
 
+if TYPE_CHECKING:
+    from ..cache.semantic import SemanticCache
+    from ..core.config import Settings
+    from ..core.events import LogReader, Subscription
+    from ..core.hooks import CallContext, RequestRecord, RouteOptions
+    from ..core.orchestrator import ChatStream, Orchestrator
+    from ..core.router import RouteDecision
+    from ..store.store import Store
+
 logger = logging.getLogger("p402.gateway")
 
 Handler = Callable[[Request], Awaitable[Any]]
+# What a surface of the gateway gives `Gateway.run`: how to read its body, write a whole answer, and
+# write a stream (from the orchestrator's stream, its first batch, the request, and the ledger's commit
+# to wait for). A frames function may say how its stream ends (`end`) and what it sends while upstream is
+# silent (`ping`), as attributes.
+Parse = Callable[..., tuple[ChatRequest, Any, Any]]
+Answer = Callable[[ChatResponse], Response]
+Durable = Callable[[str], Awaitable[None]] | None
+Frames = Callable[[Any, "list[ChatChunk] | None", ChatRequest, Durable], AsyncIterator[bytes]]
 
 HEARTBEAT_S = 15.0
 LARGE_BODY_BYTES = 1024 * 1024  # a body this large is parsed off the loop, and memory trimmed after it
@@ -56,7 +77,6 @@ LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if
 # write, so a subscriber costs at most ten wake-ups a second however fast events come.
 EVENT_TICK_S = 0.1
 EVENT_SNDBUF = 256 * 1024  # ~2.5 MB/s to a subscriber 100 ms away
-SESSION_STATUSES = ("active", "paused", "closed")
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -127,11 +147,11 @@ class Gateway:
 
     def __init__(
         self,
-        orchestrator: Any,
+        orchestrator: Orchestrator,
         *,
-        settings: Any,
-        store: Any = None,
-        cache: Any = None,
+        settings: Settings,
+        store: Store | None = None,
+        cache: SemanticCache | None = None,
         auth: GatewayAuth | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         simulated: bool = False,
@@ -140,12 +160,12 @@ class Gateway:
         self.simulated = simulated  # every provider is the simulator: its reports count simulated rows by default
         self.settings = settings
         self.store = store
-        self.cache = cache  # cache.SemanticCache, or None when the gateway runs without one
+        self.cache = cache  # None when the gateway runs without one
         self.bus = orchestrator.bus
         self.auth = auth or GatewayAuth(None, required=False)
         self.metrics = Metrics()
-        self.decisions: deque[Any] = deque(maxlen=DECISION_RING)
-        self.outcomes: OrderedDict[str, Any] = OrderedDict()  # decision id -> its request's record (no store)
+        self.decisions: deque[RouteDecision] = deque(maxlen=DECISION_RING)
+        self.outcomes: OrderedDict[str, RequestRecord] = OrderedDict()  # decision id -> its request's record (no store)
         self.heartbeat_s = heartbeat_s
         self.max_body = settings.gateway.max_body_bytes
         self.closing = asyncio.Event()
@@ -160,6 +180,7 @@ class Gateway:
         self.durable: Callable[[str], Awaitable[None]] | None = orchestrator.hooks.committed if strict else None
         self.store_refused = 0  # requests refused because the ledger writer could not keep up
         self.trimmer = memory.Trimmer()
+        self.messages = MessagesRoute(self, read_body)  # Anthropic's Messages API
 
     async def start(self) -> None:
         stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -178,7 +199,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def _remember_decisions(self, subscription: Any) -> None:
+    async def _remember_decisions(self, subscription: Subscription) -> None:
         try:
             while True:
                 event = await subscription.get()
@@ -194,6 +215,16 @@ class Gateway:
     # --- chat ------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Any:
+        return await self.run(request, parse_chat, _openai_answer, _openai_frames)
+
+    async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
+        """A request of any surface through the orchestrator: the ledger's back-pressure, the body,
+        sessions, routing, failover, cache and ledger as the chat route has them.
+
+        `parse(body, catalog, api_key_id=, no_cache=)` gives the chat request, its route options and
+        context; `answer(response)` the whole answer's HTTP response, `frames(stream, first, chat,
+        durable)` a stream's bytes.
+        """
         if self.store is not None and self.store.writer.saturated:
             self.store_refused += 1
             message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
@@ -202,7 +233,7 @@ class Gateway:
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
         parse = functools.partial(
-            parse_chat, body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"),
+            parse, body, self.orchestrator.catalog, api_key_id=request.scope.get("p402.api_key_id"),
             no_cache=no_cache,
         )
         large = len(body) >= LARGE_BODY_BYTES
@@ -216,16 +247,20 @@ class Gateway:
                 ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
             request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
             if chat.stream:
-                return await self._stream(chat, options, ctx, large=large)
+                return await self._stream(chat, options, ctx, frames, large=large)
             response = await self.orchestrator.complete(chat, options, ctx)
         finally:
             if large:
                 self.trimmer.soon()
         if self.durable is not None:
             await self.durable(ctx.request_id)
-        return Response(json_bytes(response.to_openai()), media_type="application/json")
+        return answer(response)
 
-    async def _stream(self, chat: ChatRequest, options: Any, ctx: Any, *, large: bool = False) -> Any:
+    async def _stream(
+        self, chat: ChatRequest, options: RouteOptions, ctx: CallContext, frames: Frames | None = None,
+        *, large: bool = False,
+    ) -> Any:
+        frames = frames or _openai_frames
         stream = self.orchestrator.stream(chat, options, ctx)
         try:
             # Routing, budget and the first upstream byte happen here, so a refusal is still a
@@ -236,16 +271,18 @@ class Gateway:
         except BaseException:
             await stream.aclose()
             raise
-        include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
-        frames = _chunk_frames(stream, first, include_usage, self.durable)
+        body = frames(stream, first, chat, self.durable)
+        # How its last piece ends, and what it sends while upstream is silent (Anthropic's ping).
+        shape = {"end": getattr(frames, "end", sse.DONE), "ping": getattr(frames, "ping", None),
+                 "ping_every_s": self.heartbeat_s}  # fmt: skip
         if not large:
-            return sse.EventStreamResponse(frames, cleanup=stream.aclose)
+            return sse.EventStreamResponse(body, cleanup=stream.aclose, **shape)
 
         async def cleanup() -> None:
             await stream.aclose()
             self.trimmer.soon()
 
-        return sse.EventStreamResponse(frames, cleanup=cleanup)
+        return sse.EventStreamResponse(body, cleanup=cleanup, **shape)
 
     # --- models and providers -----------------------------------------------------------
 
@@ -306,13 +343,13 @@ class Gateway:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    def _store(self) -> Any:
+    def _store(self) -> Store:
         if self.store is None:
             raise errors.GatewayError(503, "this gateway runs without a store: sessions and analytics are off",
                                       code="no_store")
         return self.store
 
-    async def _fresh_store(self) -> Any:
+    async def _fresh_store(self) -> Store:
         """The store with every queued write committed, so a reader sees the requests it just made."""
         store = self._store()
         await store.flush()
@@ -335,7 +372,7 @@ class Gateway:
             status=201,
         )
 
-    async def _session_id(self, request: Request, store: Any) -> str:
+    async def _session_id(self, request: Request, store: Store) -> str:
         """The session the path names, by id or by name."""
         from ..store.sessions import resolve_session
 
@@ -512,7 +549,7 @@ class Gateway:
 
         return respond
 
-    async def _event_frames(self, log: EventLog, reader: Any) -> AsyncIterator[bytes]:
+    async def _event_frames(self, log: EventLog, reader: LogReader) -> AsyncIterator[bytes]:
         yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
         while True:
             if not await log.wait(reader, self.heartbeat_s):
@@ -584,6 +621,8 @@ class Gateway:
         paths: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat},
             "/api/v2/chat/completions": {"POST": self.chat},
+            "/v1/messages": {"POST": self.messages.create},
+            "/v1/messages/count_tokens": {"POST": self.messages.count_tokens},
             "/v1/models": {"GET": self.models},
             "/v1/models/{model:path}": {"GET": self.model},  # ids hold a slash
             "/api/v2/providers": {"GET": self.providers, "POST": self.compare},
@@ -611,9 +650,12 @@ class Gateway:
             exception_handlers={HTTPException: _http_error, Exception: _internal_error},
         )
         chat = guarded(self.chat)
-        direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat}
+        direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat,
+                  ("POST", "/v1/messages"): self.messages.create}  # fmt: skip
+        shaped = {path: anthropic_errors for path in MESSAGES_PATHS}
         return _Front(
-            starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency
+            starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency,
+            shaped=shaped,
         )
 
     def _rejected(self, scope: Scope, status: int) -> None:
@@ -626,7 +668,7 @@ class Gateway:
         )  # fmt: skip
 
 
-def _brief(decision: Any) -> dict[str, Any]:
+def _brief(decision: RouteDecision) -> dict[str, Any]:
     """A decision's columns as the store indexes them (only a gateway without a store reads these)."""
     chosen = decision.chosen_id
     return {
@@ -636,7 +678,7 @@ def _brief(decision: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _outcome(record: Any) -> dict[str, Any] | None:
+def _outcome(record: RequestRecord | None) -> dict[str, Any] | None:
     if record is None:
         return None
     return {
@@ -687,8 +729,10 @@ class _Front:
         on_rejected: Callable[[Scope, int], None] | None = None,
         *,
         limit: int | None = None,
+        shaped: dict[str, Callable[[errors.GatewayError], Response]] | None = None,
     ) -> None:
         self.app = app
+        self.shaped = shaped or {}  # paths whose refusals take another API's error shape (Anthropic's)
         self.auth = auth
         self.direct = direct or {}
         self.on_rejected = on_rejected  # told of every 4xx answer, as it starts
@@ -701,8 +745,8 @@ class _Front:
             return
         if self.limit is not None and self.in_flight >= self.limit and scope["path"] not in self.OPEN_PATHS:
             message = f"the gateway is serving {self.limit} requests already ([gateway] limit_concurrency)"
-            refusal = errors.error_response(503, message, code="overloaded", headers={"retry-after": "1"})
-            await refusal(scope, receive, send)
+            error = errors.GatewayError(503, message, code="overloaded", headers={"retry-after": "1"})
+            await self.shaped.get(scope["path"], errors.from_gateway_error)(error)(scope, receive, send)
             return
         self.in_flight += 1
         try:
@@ -718,7 +762,7 @@ class _Front:
                 refused(scope, error.code, error.message)
                 if self.on_rejected is not None:
                     self.on_rejected(scope, error.status)
-                await errors.from_gateway_error(error)(scope, receive, send)
+                await self.shaped.get(scope["path"], errors.from_gateway_error)(error)(scope, receive, send)
                 return
         started = False
 
@@ -749,6 +793,12 @@ class _Front:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/v1/messages"):
+        message = f"{request.method} is not allowed on {request.url.path}" if exc.status_code == 405 else \
+            f"no such endpoint: {request.url.path}"
+        refused(request.scope, "method_not_allowed" if exc.status_code == 405 else "not_found", message)
+        headers = exc.headers if exc.status_code == 405 else None
+        return anthropic_errors(errors.GatewayError(exc.status_code, message, headers=headers))
     if exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}"
         refused(request.scope, "method_not_allowed", message)
@@ -764,8 +814,19 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return errors.error_response(500, "internal error in the gateway", code="internal_error")
 
 
+def _openai_answer(response: ChatResponse) -> Response:
+    return Response(json_bytes(response.to_openai()), media_type="application/json")
+
+
+def _openai_frames(
+    stream: ChatStream, first: list[ChatChunk] | None, chat: ChatRequest, durable: Callable[[str], Awaitable[None]] | None
+) -> AsyncIterator[bytes]:
+    include_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
+    return _chunk_frames(stream, first, include_usage, durable)
+
+
 async def _chunk_frames(
-    stream: Any, first: list[ChatChunk] | None, include_usage: bool,
+    stream: ChatStream, first: list[ChatChunk] | None, include_usage: bool,
     durable: Callable[[str], Awaitable[None]] | None = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI `chat.completion.chunk` frames, those of one upstream batch in one piece;
@@ -840,6 +901,7 @@ async def _chunk_frames(
             meta = stream.meta.to_dict()
             if finishing is not None:
                 out.append(frame(finishing, meta))
+            usage = usage or stream.usage  # none from upstream: our count, flagged in `meta`
             if include_usage and usage is not None:
                 out.append(usage_frame(usage, meta))
             if durable is not None:

@@ -1,4 +1,4 @@
-"""Gateway keys on the request path: `Authorization: Bearer p402-...`.
+"""Gateway keys on the request path: `Authorization: Bearer p402-...` (or `x-api-key: p402-...`).
 
 Keys are checked only when they are in force: when any key exists, or always
 when the gateway listens beyond loopback. The store is asked at most once per
@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.types import Scope
 
 from .errors import GatewayError
+
+if TYPE_CHECKING:
+    from ..store.store import Store
 
 
 class KeyBackend(Protocol):
@@ -30,7 +33,7 @@ class KeyBackend(Protocol):
 class StoreKeys:
     """Keys as the store keeps them (hashes only; see `store.queries`)."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     async def verify(self, token: str) -> str | None:
@@ -55,11 +58,15 @@ def is_loopback(host: str) -> bool:
 
 
 def bearer(scope: Scope) -> str | None:
+    """The key in `Authorization: Bearer`, else in `x-api-key` (as Anthropic's SDKs send it)."""
+    api_key = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() or None if scheme.lower() == "bearer" else None
-    return None
+        if name == b"x-api-key":
+            api_key = value.decode("latin-1").strip() or None
+    return api_key
 
 
 class GatewayAuth:

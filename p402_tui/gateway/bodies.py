@@ -8,7 +8,7 @@ provider would reject an unknown field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -25,7 +25,8 @@ from ..core.hooks import (
     RouteOptions,
     reserved_namespace,
 )
-from ..core.router import AUTO_MODELS
+from ..core.router import ROUTER_PREFIX, parse_model_ref
+from ..core.sessions import SessionStatus
 from ..core.types import JSON_INTEGER, Capability, ChatRequest, Tier
 from .errors import GatewayError, from_validation_error
 
@@ -77,6 +78,17 @@ def parse_chat(
         raise GatewayError(400, message, param="messages", code="too_many_messages")
     extra = request.__pydantic_extra__
     raw = extra.pop("p402", None) if extra else None
+    options, ctx = route_options(raw, request.model, catalog, api_key_id=api_key_id, no_cache=no_cache)
+    return request, options, ctx
+
+
+def route_options(
+    raw: Any, model: str | None, catalog: Catalog, *, api_key_id: str | None, no_cache: bool
+) -> tuple[RouteOptions, CallContext]:
+    """How to route a request and who asks, from its `p402` object (`raw`, None when absent) and `model`.
+
+    Every surface (chat, Messages) reads its P402 options here, so they mean the same on each.
+    """
     try:
         p402 = _NO_OPTIONS if raw is None else P402Options.model_validate(raw)
     except ValidationError as error:
@@ -88,17 +100,21 @@ def parse_chat(
             if provider not in catalog.providers:
                 message = f"unknown provider {provider!r}; choose from {', '.join(catalog.providers)}"
                 raise GatewayError(400, message, param=f"p402.{field}[{index}]", code="invalid_value")
-    options = RouteOptions(
-        mode=p402.mode,
-        require=frozenset(p402.require),
-        prefer=tuple(p402.prefer),
-        exclude=tuple(p402.exclude),
-        max_tier=p402.max_tier,
-        max_cost_usd=p402.max_cost_usd,
-        model=resolve_model(catalog, request.model),
-        failover=p402.failover.enabled,
-        max_retries=p402.failover.max_retries,
-    )
+    model = resolve_model(catalog, model)
+    if raw is None:  # most bodies carry no `p402` object: the defaults and the model they name
+        options = RouteOptions(model=model)
+    else:
+        options = RouteOptions.from_dict({
+            "mode": p402.mode,
+            "require": p402.require,
+            "prefer": p402.prefer,
+            "exclude": p402.exclude,
+            "max_tier": p402.max_tier,
+            "max_cost_usd": p402.max_cost_usd,
+            "model": model,
+            "failover": p402.failover.enabled,
+            "max_retries": p402.failover.max_retries,
+        })
     ctx = CallContext(
         session_id=p402.session_id,
         tag=p402.tag,
@@ -108,11 +124,11 @@ def parse_chat(
         source="gateway",
         timeout_s=p402.timeout_s,
     )
-    return request, options, ctx
+    return options, ctx
 
 
 # The router's own names as /v1/models lists them, so a client that picks from the list can pick routing.
-ROUTER_MODEL_IDS = ("p402/auto", *(f"p402/{mode}" for mode in MODES))
+ROUTER_MODEL_IDS = tuple(f"{ROUTER_PREFIX}{name}" for name in ("auto", *MODES))
 
 
 def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
@@ -120,7 +136,7 @@ def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
     `provider/model` (any id of a known provider) or a bare wire id the catalog lists pins (else a 404)."""
     if not ref:
         return None
-    if ref in catalog.models or ref in AUTO_MODELS or (ref.startswith("p402/") and ref[5:] in MODES):
+    if ref in catalog.models or parse_model_ref(ref).pin is None:
         return ref
     if ref in catalog.aliases:
         return ref
@@ -151,7 +167,7 @@ class SessionCreate(BaseModel):
     name: SessionName
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
-    status: Literal["active", "paused", "closed"] = "active"
+    status: SessionStatus = "active"
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -171,7 +187,7 @@ class SessionPatch(BaseModel):
     name: SessionName | SkipJsonSchema[None] = Field(default=None, json_schema_extra=_no_default)
     budget_usd: float | None = Field(default=None, ge=0, strict=True)
     agent: str | None = Field(default=None, max_length=MAX_LABEL_CHARS)
-    status: Literal["active", "paused", "closed"] | SkipJsonSchema[None] = Field(
+    status: SessionStatus | SkipJsonSchema[None] = Field(
         default=None, json_schema_extra=_no_default
     )
     metadata: dict[str, Any] | None = None

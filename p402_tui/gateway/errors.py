@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from ..core.errors import AllAttemptsFailedError, P402Error, ProviderError, UnavailableError
+from ..core.errors import AllAttemptsFailedError, EgressFailedError, P402Error, ProviderError, UnavailableError
 
 # OpenAI's error `type` for each status we send.
 _TYPES = {
@@ -85,8 +85,8 @@ def from_p402_error(error: P402Error) -> Response:
     status = p402_status(error)
     message = str(error.message)
     param = error.details.get("param")  # a field the store's own checks refused
-    if isinstance(error, AllAttemptsFailedError) and error.attempts:
-        message = describe_attempts(error)
+    if isinstance(error, AllAttemptsFailedError) and error.attempts and not isinstance(error, EgressFailedError):
+        message = describe_attempts(error)  # (one local reason for them all is said once, as itself)
     if error.kind == "model_not_found":
         param = "model"
     headers = None

@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..core.events import Event
-from ..core.hooks import RequestRecord
+from ..core.hooks import RequestRecord, api_of
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,7 +66,7 @@ class Metrics:
 
     def observe(self, record: RequestRecord) -> None:
         where = (("provider", record.provider or ""), ("model", record.model or ""))
-        self.requests[where + (("status", record.status),)] += 1
+        self.requests[where + (("status", record.status), ("endpoint", api_of(record.source)))] += 1
         if record.status != "ok":
             self.errors[where + (("kind", record.error_kind or "error"),)] += 1
         if record.prompt_tokens:
@@ -90,7 +90,8 @@ class Metrics:
 
     def render(self) -> str:
         out: list[str] = []
-        _counter(out, "p402_requests_total", "Requests finished, by outcome.", self.requests)
+        _counter(out, "p402_requests_total", "Requests finished, by outcome and the API they came through.",
+                 self.requests)
         _counter(out, "p402_errors_total", "Requests that failed, by error kind.", self.errors)
         _counter(out, "p402_tokens_total", "Tokens reported by providers.", self.tokens)
         _counter(out, "p402_cost_usd_total", "Spend in US dollars.", self.cost)

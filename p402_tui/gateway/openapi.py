@@ -14,9 +14,12 @@ from pydantic import BaseModel
 
 from .. import __version__
 from ..core.events import EVENT_KINDS
+from ..core.sessions import SESSION_STATUSES
 from ..core.types import ChatRequest
 from ..store.analytics import PERIOD_PATTERN
 from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
+from .messages import openapi_paths as messages_paths
+from .messages import openapi_schemas as messages_schemas
 
 _REF = "#/components/schemas/{model}"
 
@@ -317,7 +320,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "budget_usd": {"type": ["number", "null"]},
                     "spent_usd": {"type": "number"},
                     "requests": {"type": "integer"},
-                    "status": {"enum": ["active", "paused", "closed"]},
+                    "status": {"enum": list(SESSION_STATUSES)},
                     "agent": {"type": ["string", "null"]},
                     "metadata": {"type": "object"},
                 },
@@ -439,7 +442,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/sessions": {
             "get": {
                 "summary": "Agent sessions with their spend",
-                "parameters": [{"name": "status", "in": "query", "schema": {"enum": ["active", "paused", "closed"]}}],
+                "parameters": [{"name": "status", "in": "query", "schema": {"enum": list(SESSION_STATUSES)}}],
                 "responses": {"200": _json(_list_of(_ref("Session"))), **_errors(400, 401, 503)},
             },
             "post": {
@@ -529,6 +532,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/openapi.json": {
             "get": {"summary": "This document", "responses": {"200": _json({"type": "object"}), **_errors(401)}},
         },
+        **messages_paths(),
     }
     return {
         "openapi": "3.2.0",  # for itemSchema: a stream described an event at a time
@@ -539,13 +543,19 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         },
         "paths": paths,
         "components": {
-            "schemas": schemas,
+            "schemas": {**schemas, **messages_schemas()},
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
                     "description": "A gateway key from `p402 keys create`; needed once any key exists",
-                }
+                },
+                "x_api_key": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "The same key as Anthropic's SDKs send it (ANTHROPIC_API_KEY)",
+                },
             },
         },
         "security": _AUTHED if keys_enforced else [],

@@ -80,17 +80,26 @@ class EventStreamResponse:
         *,
         stop: asyncio.Event | None = None,
         cleanup: Callable[[], Awaitable[None]] | None = None,
+        end: bytes = DONE,
+        ping: bytes | None = None,
+        ping_every_s: float = 15.0,
     ) -> None:
         self.frames = frames
+        self.end = end  # how the last item ends (an Anthropic stream's message_stop): the response ends with it
+        # Sent when nothing else was for `ping_every_s` (Anthropic's `ping` while a model thinks), from a
+        # timer: the stream's own task is waiting on upstream meanwhile.
+        self.ping = ping
+        self.ping_every_s = ping_every_s
         self.stop = stop  # set when the server shuts down: the stream then ends cleanly
         self.cleanup = cleanup  # runs last, even if the client left before the first frame was made
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        streaming = False  # the watcher may cancel this task only while it streams
+        streaming = False  # the watcher may cancel this task (and a ping be sent) only while it streams
         ended_early = False
         ended = False
+        sent = 0  # pieces written so far: a ping goes out only after a silence
 
         async def watch() -> None:
             nonlocal ended_early
@@ -100,25 +109,49 @@ class EventStreamResponse:
                 task.cancel()
 
         watcher: asyncio.Task[None] | None = None
+        pinger: asyncio.TimerHandle | None = None
+        pings: set[asyncio.Task[None]] = set()
+        seen = -1
+
+        async def ping(frame: bytes) -> None:
+            if streaming:  # checked as it is written: nothing may follow the last piece
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+
+        def tick() -> None:
+            """Every `ping_every_s`: a ping if nothing was written since the last tick."""
+            nonlocal pinger, seen
+            if not streaming or self.ping is None:
+                return
+            if sent == seen:
+                task = asyncio.create_task(ping(self.ping))
+                pings.add(task)
+                task.add_done_callback(pings.discard)
+            seen = sent
+            pinger = asyncio.get_running_loop().call_later(self.ping_every_s, tick)
 
         def start_watching() -> None:
             nonlocal watcher
             if streaming:
                 watcher = asyncio.create_task(watch())
+                if self.ping is not None:
+                    tick()
 
         timer: asyncio.TimerHandle | None = None
         try:
             body = await anext(self.frames, None)
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             if body is not None:
-                ended = body.endswith(DONE)
+                ended = body.endswith(self.end)
                 await send({"type": "http.response.body", "body": body, "more_body": not ended})
             if not ended:
                 streaming = True
                 timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watching)
                 try:
                     async for body in self.frames:
-                        ended = body.endswith(DONE)
+                        ended = body.endswith(self.end)
+                        sent += 1
+                        if ended:
+                            streaming = False  # no ping may follow the last piece
                         await send({"type": "http.response.body", "body": body, "more_body": not ended})
                         if ended:
                             break
@@ -130,6 +163,8 @@ class EventStreamResponse:
         finally:
             if timer is not None:
                 timer.cancel()
+            if pinger is not None:
+                pinger.cancel()
             if watcher is not None:
                 watcher.cancel()
             await aclose_iterator(self.frames)

@@ -18,6 +18,9 @@ What differs from the OpenAI shape, and how it is bridged:
 - Usage: the prompt is `input_tokens` plus both cache counts; `cache_read_input_tokens`
   is what is billed at the cached rate. A `cache_control` mark on a text part is passed on,
   so prompt caching works through the OpenAI shape.
+- A request that came to the gateway in the Messages shape (`NativeRequest`) is sent as it
+  came, and its answer (or every event of its stream) is kept beside the chat shape, so the
+  gateway can hand it back without loss.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from ..core.errors import (
     StreamInterruptedError,
     error_for_status,
 )
+from ..core.native import native_body
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, ToolCallDelta, Usage, json_value, new_id
 from .base import Adapter, Headers, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
+from .transport import Transport
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -70,6 +75,10 @@ ERROR_STATUS = {
     "overloaded_error": 529,
 }
 
+# What a count_tokens body takes of a Messages body.
+COUNT_FIELDS = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "output_config", "context_management"}
+)
 _CONTEXT_PHRASES = ("prompt is too long", "exceed context limit", "context window")
 _RESET_HEADERS = tuple(
     f"anthropic-ratelimit-{kind}" for kind in ("requests", "tokens", "input-tokens", "output-tokens")
@@ -84,8 +93,10 @@ def _shipped_catalog() -> Catalog:
 class AnthropicAdapter(Adapter):
     wire = "anthropic"
 
-    def __init__(self, provider: ResolvedProvider, *, catalog: Catalog | None = None) -> None:
-        super().__init__(provider)
+    def __init__(
+        self, provider: ResolvedProvider, transport: Transport | None = None, *, catalog: Catalog | None = None
+    ) -> None:
+        super().__init__(provider, transport)
         # Read once here, at construction, so no request ever waits on the catalog file.
         self.catalog = catalog or _shipped_catalog()
 
@@ -102,7 +113,14 @@ class AnthropicAdapter(Adapter):
         return min(spec.max_output_tokens, DEFAULT_MAX_TOKENS) if spec else DEFAULT_MAX_TOKENS
 
     def payload(self, request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
-        """The Messages API body for an OpenAI-shaped request."""
+        """The Messages API body for an OpenAI-shaped request, or the caller's own Messages body."""
+        native = native_body(request, self.wire)
+        if native is not None:
+            body = {**native, "model": model}
+            body.pop("stream", None)
+            if stream:
+                body["stream"] = True
+            return body
         body: dict[str, Any] = {
             "model": model,
             "max_tokens": request.max_tokens or self.default_max_tokens(model),
@@ -178,6 +196,25 @@ class AnthropicAdapter(Adapter):
 
     # --- calls ------------------------------------------------------------------
 
+    async def count_tokens(self, request: ChatRequest, *, model: str) -> int:
+        """The prompt's input tokens as Anthropic counts them (`/v1/messages/count_tokens`)."""
+        name = self.wire_name(model)
+        payload = self.payload(request, name)
+        body = {key: value for key, value in payload.items() if key in COUNT_FIELDS}
+        data = await self.post_json("/v1/messages/count_tokens", body, name)
+        try:
+            return int(data["input_tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise MalformedResponseError(f"unreadable token count: {self.clean(str(data)[:200])}", provider=self.id,
+                                         model=name) from None  # fmt: skip
+
+    async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
+        name = self.wire_model(request, model)
+        data = await self.post_json(self.chat_path(name), self.payload(request, name), name)
+        response = self.response(data, name)
+        response.native = data
+        return response
+
     async def list_models(self) -> list[str]:
         ids: list[str] = []
         params: dict[str, Any] = {"limit": 1000}
@@ -223,8 +260,10 @@ class AnthropicAdapter(Adapter):
         tool_index: dict[int, int] = {}  # content block index -> OpenAI tool call index
         role: str | None = "assistant"  # rides on the first chunk that says something
         stop_reason = "end_turn"
+        events: list[tuple[str, str]] = []  # as they came, since the last chunk: for `ChatChunk.native`
         async with self.open_events("/v1/messages", model, payload) as response:
             async for event, data in iter_sse(response):
+                events.append((event or "", data))
                 if event == "ping":
                     continue
                 try:
@@ -261,7 +300,8 @@ class AnthropicAdapter(Adapter):
                         _update_usage(usage, message.get("usage") or {})
                         continue
                     elif kind == "message_stop":
-                        yield ChatChunk(finish_reason=STOP_REASONS.get(stop_reason, "stop"), usage=usage, role=role)
+                        finish = STOP_REASONS.get(stop_reason, "stop")
+                        yield ChatChunk(finish_reason=finish, usage=usage, role=role, native=events)
                         return
                     elif kind == "error":
                         error = message["error"]
@@ -272,6 +312,7 @@ class AnthropicAdapter(Adapter):
                 except (ValueError, KeyError, TypeError, AttributeError):
                     raise self.unreadable_event(data, model) from None
                 role = None
+                chunk.native, events = events, []
                 yield chunk
         raise StreamInterruptedError("stream ended before message_stop", provider=self.id, model=model)
 

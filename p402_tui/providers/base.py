@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import functools
+import errno
 import json
+import os
 import socket
 import ssl
 import time
@@ -22,31 +23,33 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from .. import __version__
 from ..core.adapters import HealthResult
-from ..core.config import ResolvedProvider
+from ..core.config import NetworkConfig, ResolvedProvider
 from ..core.errors import (
     BadRequestError,
     ConfigError,
     ConnectionLostError,
+    DnsError,
     MalformedResponseError,
     ProviderError,
+    ProxyError,
+    RedirectError,
     StreamInterruptedError,
     TimeoutError,
+    TlsError,
     redact,
 )
+from ..core.errors import ConnectionRefusedError as RefusedError
 from ..core.types import (
     ChatChunk, ChatRequest, ChatResponse, Embeddings, ToolCall, Usage, aclose_iterator, json_bytes, json_value,
 )
 from . import http
+from .transport import Response, Transport, transport_for
+from .trust import tls_context_for
 
 # Response headers as the families read them: any case-insensitive mapping
 # (http.Headers in practice; httpx.Headers in some tests).
 Headers = Mapping[str, str]
 
-MAX_CONNECTIONS = 256
-# A connection idle longer is not reused: a new TLS handshake costs a real provider's
-# round trips, and servers keep theirs open for a minute or more. One a server closed
-# as it was reused is retried on a new connection (http.Client.request).
-KEEPALIVE_S = 30.0
 # What a failing connection raises: OSError, as the client's own errors and the socket's are.
 TRANSPORT_ERRORS = (OSError,)
 # Header names whose values are credentials: `RequestHeaders` keeps them out of reprs.
@@ -54,18 +57,12 @@ SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key",
 _Item = TypeVar("_Item")  # what a stream yields: a chunk, or a batch of them
 
 
-@functools.cache
 def tls_context() -> ssl.SSLContext:
-    """One TLS context for every provider's connections: building one loads the CA bundle (tens of ms).
-
-    httpx's, so SSL_CERT_FILE / SSL_CERT_DIR and certifi's bundle apply as they always have.
-    """
-    import httpx
-
-    return httpx.create_ssl_context()
+    """The TLS context provider connections use with no [network] settings: for tests' own clients."""
+    return tls_context_for(NetworkConfig(), os.environ)
 
 
-class RequestHeaders(http.Headers):
+class RequestHeaders(http.RequestHeaders):
     """An adapter's request headers; the repr masks credentials, for logs and tracebacks."""
 
     def __repr__(self) -> str:
@@ -83,28 +80,26 @@ class Adapter:
 
     wire: ClassVar[str] = ""
 
-    def __init__(self, provider: ResolvedProvider) -> None:
+    def __init__(self, provider: ResolvedProvider, transport: Transport | None = None) -> None:
+        """`transport`: what calls go through (the runtime's choice for this provider); unless given,
+        the one the environment alone calls for."""
         self.provider = provider
         self.id = provider.id
         # Which provider's dialect this speaks: a configured deployment (`inherits`) speaks its parent's.
         self.flavor = provider.spec.inherits or provider.id
         self.base_url = provider.base_url.rstrip("/")
         # Merged once here, not per call; ours first so a provider's own headers win.
-        self.headers = RequestHeaders(
-            {"User-Agent": f"p402/{__version__}", **provider.spec.headers, **self.auth_headers(), **provider.headers}
-        )
+        try:
+            self.headers = RequestHeaders(
+                {"User-Agent": f"p402/{__version__}", **provider.spec.headers, **self.auth_headers(), **provider.headers}
+            )
+        except ValueError as error:  # a key or header with a line break in it, say
+            raise ConfigError(f"provider {self.id!r}: {error}") from None
         # A stream lasts as long as it keeps sending: no deadline, but a silence of timeout_s
         # fails it, mid-answer too. `connect` covers waiting for a free pooled connection.
         self.timeouts = http.Timeouts(connect=provider.timeout_s, read=provider.timeout_s)
         self.answer_timeouts = http.Timeouts(connect=provider.timeout_s, read=None, total=provider.timeout_s)
-        self.tls = tls_context()  # loaded here, not on the first request
-        try:
-            self.client = http.Client(
-                self.headers, tls=self.tls, limit=MAX_CONNECTIONS, keepalive_s=KEEPALIVE_S,
-                connect_timeout=provider.connect_timeout_s,
-            )  # fmt: skip
-        except ValueError as error:  # a key or header with a line break in it, say
-            raise ConfigError(f"provider {self.id!r}: {error}") from None
+        self.transport: Transport = transport or transport_for(provider, NetworkConfig(), os.environ)
         self._targets: dict[str, http.Target] = {}
 
     def __repr__(self) -> str:
@@ -173,7 +168,7 @@ class Adapter:
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
-        await self.client.aclose()
+        await self.transport.aclose()
 
     # --- shared plumbing -------------------------------------------------------
 
@@ -205,17 +200,31 @@ class Adapter:
         return StreamInterruptedError(f"unreadable event {self.clean(data[:120])!r}", provider=self.id, model=model)
 
     def transport_error(self, error: BaseException, model: str, *, started: bool = False) -> ProviderError:
-        """Map a connection failure to our hierarchy; `started` means content had begun to flow."""
+        """Map a connection failure to our hierarchy; `started` means content had begun to flow.
+
+        Each cause of a failed connection is its own kind, with a one-line message: a proxy that
+        refused, a name that did not resolve, a certificate not trusted, a refused connection,
+        a timeout."""
         where = {"provider": self.id, "model": model}
         message = self.clean(str(error) or type(error).__name__)
+        if isinstance(error, http.ProxyRefused):
+            return ProxyError(message, proxy=error.proxy, status=error.status, **where)
         if isinstance(error, http.ConnectTimeout):  # connecting, or waiting for a pooled connection
             return TimeoutError(f"connect timed out: {message}", phase="connect", **where)
         if isinstance(error, asyncio.TimeoutError):  # http.ReadTimeout, among others
             return TimeoutError(f"read timed out: {message}", phase="read", **where)
         if started:
             return StreamInterruptedError(f"stream broke: {message}", **where)
-        if isinstance(error, (ConnectionRefusedError, socket.gaierror, ssl.SSLCertVerificationError)):
-            return ConnectionLostError(f"cannot connect: {message}", phase="connect", **where)
+        host = self.target("").host
+        if isinstance(error, socket.gaierror):
+            return DnsError(f"the name {host} does not resolve: {message}", **where)
+        if isinstance(error, ssl.SSLCertVerificationError):
+            reason = error.verify_message or message
+            return TlsError(f"the certificate of {host} is not trusted: {reason}", **where)
+        if isinstance(error, ssl.SSLError):
+            return TlsError(f"TLS with {host} failed: {message}", **where)
+        if isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) == errno.ECONNREFUSED:
+            return RefusedError(f"{host} refused the connection: {message}", **where)
         return ConnectionLostError(f"connection failed: {message}", **where)
 
     def target(self, path: str, params: Mapping[str, Any] | None = None) -> http.Target:
@@ -232,27 +241,40 @@ class Adapter:
     async def send(
         self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None,
         timeouts: http.Timeouts | None = None,
-    ) -> http.Response:
+    ) -> Response:
         """Send a request (a JSON body when `payload` is given); connection failures raised as our errors.
 
         The caller reads the response and closes it. `timeouts`: a stream's unless given.
         """
         body = None if payload is None else json_bytes(payload)
         try:
-            return await self.client.request(
-                method, self.target(path, params), body, timeouts=timeouts or self.timeouts
+            response = await self.transport.request(
+                method, self.target(path, params), body, timeouts=timeouts or self.timeouts, headers=self.headers
             )
         except TRANSPORT_ERRORS as error:
             raise self.transport_error(error, model) from None
+        if 300 <= response.status < 400:
+            response.close()
+            raise self.redirect_error(response.status, response.headers, model)
+        return response
 
-    async def read_body(self, response: http.Response, model: str) -> bytes:
+    def redirect_error(self, status: int, headers: Headers, model: str) -> RedirectError:
+        """A 3xx is never an answer: provider APIs do not redirect, so the base URL needs fixing."""
+        location = headers.get("location") or "(no Location)"
+        return RedirectError(
+            f"{status} redirect to {self.clean(location)}: provider APIs answer where they are asked; "
+            f"check the base URL {self.provider.base_url}",
+            provider=self.id, model=model, status=status,
+        )  # fmt: skip
+
+    async def read_body(self, response: Response, model: str) -> bytes:
         """A whole response body; a connection that fails while it is read is our error."""
         try:
             return await response.read()
         except TRANSPORT_ERRORS as error:
             raise self.transport_error(error, model) from None
 
-    async def start_stream(self, method: str, path: str, model: str, payload: Any = None) -> http.Response:
+    async def start_stream(self, method: str, path: str, model: str, payload: Any = None) -> Response:
         """Send a streaming request and return its 2xx response, which the caller must close;
         a non-2xx answer is raised as our error (and closed).
 
@@ -271,7 +293,7 @@ class Adapter:
     @asynccontextmanager
     async def open_stream(
         self, method: str, path: str, model: str, payload: Any = None
-    ) -> AsyncIterator[http.Response]:
+    ) -> AsyncIterator[Response]:
         """`start_stream` as a context manager that always closes the response."""
         response = await self.start_stream(method, path, model, payload)
         try:
@@ -280,7 +302,7 @@ class Adapter:
             response.close()
 
     @asynccontextmanager
-    async def open_events(self, path: str, model: str, payload: Any) -> AsyncIterator[http.Response]:
+    async def open_events(self, path: str, model: str, payload: Any) -> AsyncIterator[Response]:
         """POST a streamed request (see `open_stream`); a connection that fails while it is read broke the stream."""
         async with self.open_stream("POST", path, model, payload) as response:
             try:
@@ -361,14 +383,14 @@ class _FirstTokenDeadline(Generic[_Item]):
         await aclose_iterator(self._iterator)
 
 
-async def iter_sse(response: http.Response) -> AsyncIterator[tuple[str | None, str]]:
+async def iter_sse(response: Response) -> AsyncIterator[tuple[str | None, str]]:
     """Server-sent events as (event, data) pairs."""
     async for events in sse_batches(response):
         for event in events:
             yield event
 
 
-async def sse_batches(response: http.Response) -> AsyncIterator[list[tuple[str | None, str]]]:
+async def sse_batches(response: Response) -> AsyncIterator[list[tuple[str | None, str]]]:
     """Server-sent events as (event, data) pairs, in a list per read of the connection.
 
     This is the hot loop of every stream, so it works on raw bytes: the buffer is

@@ -15,13 +15,16 @@ connection in time), `ReadTimeout` (a silence, or an answer past its deadline),
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode, urlsplit
 
+import aiohappyeyeballs
 import httptools
 
 from ..core.config import check_header
@@ -43,11 +46,30 @@ class ProtocolError(OSError):
     """The server's bytes are not HTTP/1.1 this client can read."""
 
 
+class ProxyRefused(OSError):
+    """The forward proxy would not carry the request: it answered `status` (407, 403, 502 ...) or could not be reached."""
+
+    def __init__(self, message: str, *, proxy: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.proxy = proxy  # as shown: without its credentials
+        self.status = status
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float | None  # a connection from the pool, or a new one made
     read: float | None  # the longest silence while the response is awaited or read
     total: float | None = None  # the whole response, body included
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardProxy:
+    """An http:// forward proxy: https origins through a CONNECT tunnel, http ones in absolute form."""
+
+    host: str
+    port: int
+    shown: str  # scheme://host:port, no credentials: what errors say
+    authorization: str = field(default="", repr=False)  # Proxy-Authorization's value, from the URL's credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +141,16 @@ class Headers(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"Headers({self._values!r})"
+
+
+class RequestHeaders(Headers):
+    """Headers every request of an adapter carries, written out once as `wire` (header lines) for the head."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(items)
+        self.wire = b"".join(_header_line(k, v) for k, v in self.items())
 
 
 _HIGH_WATER = 1 << 20  # body bytes held unread before the socket stops being read
@@ -397,13 +429,23 @@ class Response:
 class Client:
     """Pooled connections to the origins an adapter calls, every request carrying `headers`."""
 
+    route = "direct"
+
     def __init__(
-        self, headers: Mapping[str, str], *, tls: ssl.SSLContext | None = None, limit: int = 256,
-        keepalive_s: float = 30.0, connect_timeout: float | None = None,
+        self, headers: Mapping[str, str] = {}, *, tls: ssl.SSLContext | None = None, limit: int = 256,
+        keepalive_s: float = 30.0, connect_timeout: float | None = None, happy_eyeballs_delay: float = 0.25,
+        resolve: Resolver | None = None, proxy: ForwardProxy | None = None,
     ) -> None:  # fmt: skip
         # No compression asked for: a compressing server may hold a stream's events back to fill
         # its blocks, and answers here are small. (One that compresses anyway is still read.)
         self._head = b"Accept-Encoding: identity\r\n" + b"".join(_header_line(k, v) for k, v in headers.items())
+        self.happy_eyeballs_delay = happy_eyeballs_delay
+        self.resolve = resolve  # host, port -> getaddrinfo's answer; the loop's getaddrinfo unless given
+        self.proxy = proxy
+        if proxy is not None:
+            self.route = f"proxy {proxy.shown}"
+            auth = proxy.authorization
+            self._proxy_head = _header_line("Proxy-Authorization", auth) if auth else b""
         self.tls = tls
         self.limit = limit
         self.keepalive_s = keepalive_s
@@ -415,24 +457,34 @@ class Client:
 
     async def request(
         self, method: str, to: Target, body: bytes | None = None, *, timeouts: Timeouts,
-        content_type: bytes = b"application/json",
+        content_type: bytes = b"application/json", headers: RequestHeaders | None = None,
     ) -> Response:  # fmt: skip
-        """Send a request and wait for its response's head."""
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method.encode("ascii"), to.path, to.host_header, self._head)
+        """Send a request (with `headers` besides the client's own) and wait for its response's head."""
+        path, extra = to.path, b"" if headers is None else headers.wire
+        proxied_http = self.proxy is not None and to.scheme == "http"
+        if proxied_http:  # absolute form, to the proxy (an https origin is reached through a tunnel instead)
+            path, extra = b"http://%s%s" % (to.host_header, to.path), extra + self._proxy_head
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s" % (method.encode("ascii"), path, to.host_header, self._head, extra)
         if body is not None:
             head += b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (content_type, len(body), body)
         else:
             head += b"\r\n"
         conn = self._reuse(to.origin) or await self._connect(to, timeouts)
         try:
-            return await self._exchange(conn, head, timeouts)
+            response = await self._exchange(conn, head, timeouts)
         except ConnectionClosed:
             if conn.received or not conn.reused or conn.loop.time() - conn.sent_at > RETRY_WITHIN_S:
                 raise
             # Closed at once with not a byte of answer: a server ending an idle keep-alive just
             # as it was reused. A new connection is what any client would try next. (Later, the
             # server may have worked on the request: sending it again could bill it twice.)
-        return await self._exchange(await self._connect(to, timeouts, fresh=True), head, timeouts)
+            response = await self._exchange(await self._connect(to, timeouts, fresh=True), head, timeouts)
+        if proxied_http and response.status == 407:
+            response.close()
+            shown = self.proxy.shown  # type: ignore[union-attr]
+            raise ProxyRefused(f"the proxy at {shown} refused the request: 407 Proxy Authentication Required",
+                               proxy=shown, status=407)  # fmt: skip
+        return response
 
     async def aclose(self) -> None:
         """Close every connection, idle or in use."""
@@ -491,8 +543,12 @@ class Client:
                 self._open.add(conn)
                 try:
                     async with asyncio.timeout(self.connect_timeout):
+                        if self.proxy is None:
+                            sock = await _dial(loop, to.host, to.port, self.happy_eyeballs_delay, self.resolve)
+                        else:
+                            sock = await self._through_proxy(loop, to)
                         await loop.create_connection(
-                            lambda: conn, to.host, to.port,
+                            lambda: conn, sock=sock,
                             ssl=(self.tls or True) if to.scheme == "https" else None,
                             server_hostname=to.host if to.scheme == "https" else None,
                         )  # fmt: skip
@@ -504,6 +560,22 @@ class Client:
         except TimeoutError:  # our deadlines, or the kernel's own on connect
             raise ConnectTimeout(f"no connection to {to.host}:{to.port} in time") from None
         return conn
+
+    async def _through_proxy(self, loop: asyncio.AbstractEventLoop, to: Target) -> socket.socket:
+        """A socket to the proxy; for an https origin, a tunnel through it, ready for TLS with the origin."""
+        proxy = self.proxy
+        assert proxy is not None
+        try:
+            sock = await _dial(loop, proxy.host, proxy.port, self.happy_eyeballs_delay, self.resolve)
+        except OSError as error:
+            raise ProxyRefused(f"the proxy at {proxy.shown} cannot be reached: {error}", proxy=proxy.shown) from None
+        if to.scheme == "https":
+            try:
+                await _open_tunnel(loop, sock, proxy, to)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
 
     async def _wait_for_a_slot(self, loop: asyncio.AbstractEventLoop) -> None:
         slot: asyncio.Future[None] = loop.create_future()
@@ -551,6 +623,51 @@ class Client:
                 idle[0].close()
                 return True
         return False
+
+
+AddrInfo = tuple[int, int, int, str, tuple]  # one of getaddrinfo's answers
+Resolver = Callable[[str, int], Awaitable[list[AddrInfo]]]
+
+
+async def _dial(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, delay: float, resolve: Resolver | None = None
+) -> socket.socket:
+    """A connected socket to `host`: its addresses raced IPv6 against IPv4 as RFC 8305 says (Happy Eyeballs),
+    so a broken route of one family costs `delay`, not the whole connect timeout. (asyncio's own
+    `happy_eyeballs_delay` is not in uvloop, hence aiohappyeyeballs and `create_connection(sock=...)`.)"""
+    try:
+        infos = [(_family(host), socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]  # a literal: no lookup
+    except ValueError:
+        if resolve is not None:
+            infos = await resolve(host, port)
+        else:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    if not infos:
+        raise socket.gaierror(f"no address for {host}")
+    return await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=delay, interleave=1, loop=loop)
+
+
+async def _open_tunnel(loop: asyncio.AbstractEventLoop, sock: socket.socket, proxy: ForwardProxy, to: Target) -> None:
+    """CONNECT through the proxy on `sock`; on a 200 the socket is a pipe to the origin."""
+    authority = f"[{to.host}]:{to.port}" if ":" in to.host else f"{to.host}:{to.port}"
+    auth = f"Proxy-Authorization: {proxy.authorization}\r\n" if proxy.authorization else ""
+    await loop.sock_sendall(sock, f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode("latin-1"))
+    answer = b""
+    while (end := answer.find(b"\r\n\r\n")) < 0:
+        data = await loop.sock_recv(sock, 4096)
+        if not data or len(answer) > 65536:
+            raise ProxyRefused(f"the proxy at {proxy.shown} ended the tunnel request without an answer", proxy=proxy.shown)
+        answer += data
+    line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    words = line.split(" ", 2)
+    status = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+    if status is None or not 200 <= status < 300 or end + 4 != len(answer):
+        said = " ".join(words[1:]) or repr(line)
+        raise ProxyRefused(f"the proxy at {proxy.shown} refused the tunnel: {said}", proxy=proxy.shown, status=status)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
 def _header_line(name: str, value: str) -> bytes:

@@ -58,6 +58,12 @@ BODY_FIELDS = frozenset(
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 USER_BLOCKS = frozenset({"text", "image", "document", "tool_result", "search_result"})
 ASSISTANT_BLOCKS = frozenset({"text", "tool_use", "thinking", "redacted_thinking", "server_tool_use"})
+COUNT_FIELDS = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking", "mcp_servers", "output_config", "context_management"}
+)
+# The usage fields a message_delta event carries (a message's usage has three more).
+DELTA_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens",
+               "output_tokens_details", "server_tool_use")
 CACHE_MIN_TOKENS = 1024  # shorter prefixes are not cached (Anthropic's prompt-caching docs)
 CACHE_TTL_S = 300.0
 CACHE_MAX_ENTRIES = 10_000  # expired prefixes are dropped when the cache reaches this size
@@ -68,6 +74,7 @@ def routes(state: SimState, provider: ProviderSpec) -> list[Route]:
     api = MessagesAPI(state, provider)
     return [
         Route("/v1/messages", api.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", api.count_tokens, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
     ]
@@ -210,7 +217,9 @@ class MessagesAPI:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
+            "stop_details": None,
             "usage": usage,
+            "container": None,
         }
         headers = {"request-id": f"req_{uuid.uuid4().hex[:24]}"}
         if streaming:
@@ -223,6 +232,32 @@ class MessagesAPI:
             stop_sequence=turn.stop_sequence,
         )
         return whole_answer(reply, fault, headers)
+
+    async def count_tokens(self, request: Request) -> Response:
+        """`{"input_tokens": N}`: the prompt's texts (and tool definitions) as the simulator counts them."""
+        refusal = _refuse_key(request)
+        if refusal is not None:
+            return refusal
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return error(400, "invalid_request_error", "There was an error parsing the body of your request")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+            return error(400, "invalid_request_error", "messages: Field required")
+        extra = sorted(set(body) - COUNT_FIELDS)
+        if extra:
+            return error(400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted")
+        model = body.get("model")
+        if not isinstance(model, str) or self.state.model_spec(self.provider.id, model) is None:
+            return error(404, "not_found_error", f"model: {model}")
+        try:
+            texts = [text for text, _ in prompt_parts(body)]
+        except (KeyError, TypeError, AttributeError):
+            return error(400, "invalid_request_error", "messages: Input should be a valid list of messages")
+        if body.get("tools"):
+            texts.append(json.dumps(body["tools"]))
+        tokens = sum(count_text(text).tokens for text in texts) + 3 * len(body["messages"])
+        return JSONResponse({"input_tokens": tokens})
 
     def _answer(
         self, request: Request, body: dict[str, Any], spec: ModelSpec, parts: list[tuple[str, bool]]
@@ -287,14 +322,18 @@ class MessagesAPI:
                         self.cache = {k: expiry for k, expiry in self.cache.items() if expiry > now}
                 self.cache[key] = now + CACHE_TTL_S
         thought = turn.thinking.completion_tokens if turn.thinking is not None else 0
+        # Every field Anthropic's published document requires, null where the real API sends null.
         usage: dict[str, Any] = {
             "input_tokens": turn.answer.prompt_tokens - read - written,
             "cache_creation_input_tokens": written,
             "cache_read_input_tokens": read,
+            "cache_creation": {"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0},
             "output_tokens": turn.answer.completion_tokens + thought,
+            "output_tokens_details": None if turn.thinking is None else {"thinking_tokens": thought},
+            "server_tool_use": None,
+            "service_tier": "standard",
+            "inference_geo": None,
         }
-        if turn.thinking is not None:
-            usage["output_tokens_details"] = {"thinking_tokens": thought}
         return usage
 
     async def _stream(self, reply: dict[str, Any], turn: Turn, fault: Fault | None) -> AsyncIterator[bytes]:
@@ -305,8 +344,7 @@ class MessagesAPI:
             units = units[: late.after_tokens]
         batch = 1 if self.state.latency else UNPACED_BATCH
         with self.state.track_stream() as tracker:
-            start = {**reply, "usage": {**reply["usage"], "output_tokens": 1}}
-            start["usage"].pop("output_tokens_details", None)
+            start = {**reply, "usage": {**reply["usage"], "output_tokens": 1, "output_tokens_details": None}}
             yield _event("message_start", {"type": "message_start", "message": start}) + turn.blocks[0].start(0) + PING
             frames: list[bytes] = []
             try:
@@ -325,8 +363,9 @@ class MessagesAPI:
             else:
                 message_delta = {
                     "type": "message_delta",
-                    "delta": {"stop_reason": turn.stop_reason, "stop_sequence": turn.stop_sequence},
-                    "usage": reply["usage"],
+                    "delta": {"stop_reason": turn.stop_reason, "stop_sequence": turn.stop_sequence, "stop_details": None,
+                              "container": None},
+                    "usage": {k: reply["usage"][k] for k in DELTA_USAGE},
                 }
                 last = len(turn.blocks) - 1
                 frames += [turn.blocks[last].end(last), _event("message_delta", message_delta), MESSAGE_STOP]
@@ -348,7 +387,8 @@ class Block:
     def text(cls, answer: Answer) -> Block:
         # Every block streams at least one delta, so its start and stop frames have a piece to ride on.
         pieces = answer.pieces or [""]
-        return cls({"type": "text", "text": ""}, {"type": "text", "text": answer.text}, pieces, "text_delta", "text")
+        start = {"type": "text", "text": "", "citations": None}
+        return cls(start, {**start, "text": answer.text}, pieces, "text_delta", "text")
 
     @classmethod
     def thinking(cls, answer: Answer) -> Block:
@@ -366,7 +406,7 @@ class Block:
     def tool_use(cls, call: dict[str, Any]) -> Block:
         tool_id, arguments = _tool_use_id(call["id"]), json.loads(call["arguments"])
         pieces = json_fragments(json.dumps(arguments))  # spaced like the real API's partial_json
-        shape = {"type": "tool_use", "id": tool_id, "name": call["name"]}
+        shape = {"type": "tool_use", "id": tool_id, "name": call["name"], "caller": {"type": "direct"}}
         return cls({**shape, "input": {}}, {**shape, "input": arguments}, pieces, "input_json_delta", "partial_json")
 
     def start(self, index: int) -> bytes:

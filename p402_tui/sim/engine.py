@@ -184,7 +184,7 @@ class SimState:
     """Everything one simulator process knows: catalog, faults, counters, randomness."""
 
     def __init__(
-        self, catalog: Catalog, *, seed: int = 0, latency: bool = True, speed: float = 1.0,
+        self, catalog: Catalog, *, seed: int = 0, latency: bool = True, speed: float = 1.0, usage: bool = True,
         azure_deployments: dict[str, str] | None = None,
     ) -> None:
         # The providers' own model lists as they stand at start: ids callers pin later are not added to them.
@@ -192,6 +192,7 @@ class SimState:
             catalog.checked_on, dict(catalog.providers),
             {mid: m for mid, m in catalog.models.items() if m.source != "pinned"}, catalog.rules,
         )
+        self.usage = usage  # False: the OpenAI family reports no usage, as some self-hosted servers do
         self.azure_deployments = dict(azure_deployments or {})  # Azure: deployment name -> OpenAI model
         self.seed = seed
         self.latency = latency

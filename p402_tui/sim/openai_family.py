@@ -534,8 +534,9 @@ class OpenAIFamily:
             "created": reply.created,
             "model": reply.model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish_reason}],
-            "usage": self.usage(reply),
         }
+        if self.state.usage:
+            out["usage"] = self.usage(reply)
         if self.dialect.openai_extras:
             out["system_fingerprint"] = "fp_p402sim"
         if self.dialect.x_groq:
@@ -626,6 +627,8 @@ class OpenAIFamily:
         """The finish chunk, usage wherever this provider puts it, and [DONE]."""
         dialect = self.dialect
         last = self._chunk(reply, {}, reply.answer.finish_reason)
+        if not self.state.usage:  # a server that counts nothing: the stream just ends
+            return [_frame({**last, **reply.extra}), b"data: [DONE]\n\n"]
         usage = self.usage(reply)
         if dialect.stream_usage == "last_chunk":
             last["usage"] = usage

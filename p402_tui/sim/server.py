@@ -201,9 +201,12 @@ async def start_sim(
     seed: int = 0,
     latency: bool = True,
     speed: float = 1.0,
+    tls: tuple[str, str] | None = None,
+    usage: bool = True,
     azure_deployments: dict[str, str] | None = None,
 ) -> RunningSim:
-    """Serve the simulator as a task in the running loop (port 0 picks a free one)."""
+    """Serve the simulator as a task in the running loop (port 0 picks a free one); over HTTPS with
+    `tls`, a (certificate file, key file) pair. `usage=False`: the OpenAI family reports no usage."""
     from ..core.tokens import warm
 
     logging.getLogger("uvicorn.error").addFilter(_quiet)
@@ -214,10 +217,11 @@ async def start_sim(
     except BaseException:
         sock.close()
         raise
-    state = SimState(catalog, seed=seed, latency=latency, speed=speed, azure_deployments=azure_deployments)
+    state = SimState(catalog, seed=seed, latency=latency, speed=speed, usage=usage, azure_deployments=azure_deployments)
     config = uvicorn.Config(
-        build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
-    )
+        build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1,
+        ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
+    )  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -225,4 +229,4 @@ async def start_sim(
             task.result()  # surfaces the start-up error
         await asyncio.sleep(0.01)
     bound_port = sock.getsockname()[1]
-    return RunningSim(state, server, task, f"http://{host}:{bound_port}")
+    return RunningSim(state, server, task, f"{'https' if tls else 'http'}://{host}:{bound_port}")

@@ -212,7 +212,11 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE rowid NOT IN (SELECT MIN(rowid) FROM agent_sessions GROUP BY name);
     CREATE UNIQUE INDEX agent_sessions_name ON agent_sessions(COALESCE(api_key_id, ''), name);
     """,
-    # 7: a call to a model without a known price (an unlisted id) costs NULL, not $0, and is flagged unpriced.
+    # usage a provider did not send: the row's tokens and cost are our own count, flagged as such
+    """
+    ALTER TABLE requests ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0;
+    """,
+    # a call to a model without a known price (an unlisted id) costs NULL, not $0, and is flagged unpriced.
     # SQLite cannot drop a NOT NULL constraint by ALTER; the table's declaration is edited in place, as
     # https://sqlite.org/lang_altertable.html#otheralter allows for constraints that change no stored data
     # (RESET reloads the schema; the ALTER after it bumps the schema cookie for every other connection).

@@ -22,7 +22,7 @@ LEDGER_COLUMNS = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
     "cost_usd", "est_cost_usd", "saved_usd", "latency_ms", "ttft_ms",
     "status", "error_kind", "error", "cached", "decision_id", "stream", "namespace", "source",
-    "attempts", "needs", "prompt_key", "simulated", "priced",
+    "attempts", "needs", "prompt_key", "simulated", "usage_estimated", "priced",
 )  # fmt: skip
 INSERT_REQUEST = (
     f"INSERT OR REPLACE INTO requests ({', '.join(LEDGER_COLUMNS)}) "
@@ -52,13 +52,15 @@ def request_row(
         record.cost_usd, record.est_cost_usd, record.saved_usd, record.latency_ms, record.ttft_ms,
         record.status, record.error_kind, record.error, int(record.cached), record.decision_id,
         int(record.stream), record.namespace, record.source,
-        json_bytes(attempts).decode(), needs, prompt_key, int(simulated), int(record.cost_usd is not None),
+        json_bytes(attempts).decode(), needs, prompt_key, int(simulated), int(record.usage_estimated),
+        int(record.cost_usd is not None),
     )  # fmt: skip
 
 
 def _ledger_dict(row: dict[str, Any]) -> dict[str, Any]:
     row["cached"] = bool(row["cached"])
     row["stream"] = bool(row["stream"])
+    row["usage_estimated"] = bool(row.get("usage_estimated"))
     if "priced" in row:
         row["priced"] = bool(row["priced"])
     row["attempts"] = json.loads(row["attempts"] or "[]")

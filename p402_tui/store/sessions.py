@@ -15,10 +15,10 @@ import uuid
 from typing import Any
 
 from ..core.errors import P402Error
+from ..core.sessions import SESSION_STATUSES, SessionStatus
 from .db import StoreError
 from .store import Store
 
-STATUSES = ("active", "paused", "closed")
 SESSION_ID = re.compile(r"ses-[0-9a-f]{12}")  # what create_session makes; a name may not look like one
 
 
@@ -112,8 +112,8 @@ async def resolve_session(store: Store, ref: str, api_key_id: str | None = None)
 
 
 def _check_status(status: str) -> str:
-    if status not in STATUSES:
-        raise SessionError(f"status must be one of {', '.join(STATUSES)}, not {status!r}", param="status")
+    if status not in SESSION_STATUSES:
+        raise SessionError(f"status must be one of {', '.join(SESSION_STATUSES)}, not {status!r}", param="status")
     return status
 
 
@@ -135,7 +135,7 @@ async def create_session(
     budget_usd: float | None = None,
     agent: str | None = None,
     metadata: dict[str, Any] | None = None,
-    status: str = "active",
+    status: SessionStatus = "active",
     api_key_id: str | None = None,
 ) -> dict[str, Any]:
     """A new session; `api_key_id`: the gateway key making it (its name is unique among that key's)."""

@@ -24,10 +24,10 @@ import dataclasses
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any
 
 import httpx
 
@@ -45,7 +45,7 @@ from ..core.events import (
     Subscription,
 )
 from ..core.hooks import CallContext, RequestRecord, RouteOptions
-from ..core.router import Candidate, Excluded, RouteDecision
+from ..core.router import RouteDecision
 from ..core.types import Attempt, ChatChunk, ChatRequest, P402Meta, ToolCallDelta, Usage
 
 HEARTBEAT_GRACE_S = 45.0  # the gateway sends a keep-alive every 15 s; three missed ones mean the link is dead
@@ -66,101 +66,6 @@ class GatewayError(P402Error):
 
 
 # --- events back from their wire form ---------------------------------------------------
-
-
-def _candidate(data: dict[str, Any]) -> Candidate:
-    components = data.get("components") or {}
-    return Candidate(
-        id=data["id"],
-        provider=data.get("provider", data["id"].split("/", 1)[0]),
-        model=data.get("model", data["id"].split("/", 1)[-1]),
-        tier=data.get("tier", ""),
-        score=float(data.get("score") or 0.0),
-        cost=float(components.get("cost", 0.0)),
-        quality=float(components.get("quality", 0.0)),
-        speed=float(components.get("speed", 0.0)),
-        health=float(components.get("health", 0.0)),
-        est_cost_usd=float(data.get("est_cost_usd") or 0.0),
-        est_latency_ms=float(data.get("est_latency_ms") or 0.0),
-    )
-
-
-def _options(data: dict[str, Any]) -> RouteOptions:
-    return RouteOptions(
-        mode=data.get("mode"),
-        require=frozenset(data.get("require") or ()),
-        prefer=tuple(data.get("prefer") or ()),
-        exclude=tuple(data.get("exclude") or ()),
-        max_tier=data.get("max_tier"),
-        max_cost_usd=data.get("max_cost_usd"),
-        model=data.get("model"),
-        failover=data.get("failover", True),
-        max_retries=data.get("max_retries"),
-    )
-
-
-class _Candidates(Sequence[Candidate]):
-    """A decision's candidates, each built from its dict only when read.
-
-    A busy gateway sends hundreds of decisions a second with every candidate in
-    each; the dashboard reads only how many there are and the chosen one.
-    """
-
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self._rows = rows
-        self._built: dict[int, Candidate] = {}
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    @overload
-    def __getitem__(self, index: int) -> Candidate: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Candidate]: ...
-
-    def __getitem__(self, index: int | slice) -> Candidate | list[Candidate]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self._rows)))]
-        index = range(len(self._rows))[index]  # negative indexes, and IndexError past the end
-        if index not in self._built:
-            self._built[index] = _candidate(self._rows[index])
-        return self._built[index]
-
-
-class RemoteDecision(RouteDecision):
-    """A decision as the gateway sent it: read like a local one, and `to_dict()` is what came."""
-
-    __slots__ = ("_data",)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self._data
-
-
-def decision_from_dict(data: dict[str, Any]) -> RouteDecision:
-    """A `RouteDecision` rebuilt from its `to_dict()`: the panes and the detail view read it like a local one."""
-    rows = data.get("candidates") or []
-    candidates = _Candidates(rows)
-    chosen = None
-    if data.get("chosen"):
-        chosen_id = data["chosen"]["id"]
-        at = next((i for i, row in enumerate(rows) if row["id"] == chosen_id), None)
-        chosen = candidates[at] if at is not None else _candidate(data["chosen"])
-    decision = RemoteDecision(
-        id=data["id"],
-        ts=float(data.get("ts") or time.time()),
-        mode=data.get("mode") or "-",
-        chosen=chosen,
-        fallbacks=list(data.get("fallbacks") or ()),
-        candidates=candidates,  # type: ignore[arg-type]
-        excluded=[Excluded(id=e["id"], reason=e.get("reason", "")) for e in data.get("excluded") or ()],
-        prompt_tokens=int(data.get("prompt_tokens") or 0),
-        est_output_tokens=int(data.get("est_output_tokens") or 0),
-        decision_us=float(data.get("decision_us") or 0.0),
-        options=_options(data.get("options") or {}),
-    )
-    decision._data = data
-    return decision
 
 
 _RECORD_FIELDS = frozenset(RequestRecord.__dataclass_fields__) - {"attempts"}
@@ -193,7 +98,7 @@ def event_from_dict(kind: str, data: dict[str, Any]) -> Event | None:
     """The `core.events` object an SSE frame carries; None for kinds this console does not know."""
     ts = float(data.get("ts") or time.time())
     if kind == RouteDecided.kind:
-        return RouteDecided(decision=decision_from_dict(data["decision"]), ts=ts)
+        return RouteDecided(decision=RouteDecision.from_dict(data["decision"]), ts=ts)
     if kind == RequestCompleted.kind:
         return RequestCompleted(record=record_from_dict(data["record"]), ts=ts)
     for cls in (AttemptFailed, RequestRejected, HealthChanged, SpendUpdated, CacheHit):
@@ -559,6 +464,7 @@ class RemoteChatStream:
             decision_id=data.get("decision_id"),
             cached=bool(data.get("cached")),
             saved_usd=float(data.get("saved_usd") or 0.0),
+            usage_estimated=bool(data.get("usage_estimated")),
         )
 
 
@@ -728,7 +634,7 @@ class RemoteSource:
             if error.status == 503:
                 return None  # no ledger there: the console keeps its own tally of what it sees
             raise
-        top = sorted(month["breakdown"], key=lambda r: (-r["cost_usd"], r["key"]))[:5]
+        top = sorted(month["breakdown"], key=lambda r: (-(r["cost_usd"] or 0.0), r["key"]))[:5]  # None: unpriced
         cache = await self.client.cache()
         return SpendSummary(
             today_usd=today["total_usd"],
@@ -737,7 +643,7 @@ class RemoteSource:
             requests_today=today["requests"],
             saved_usd=month.get("saved_usd", 0.0),
             cache_hits=month.get("cached", 0),
-            top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
+            top_models=[(r["key"], r["cost_usd"] or 0.0, r["requests"]) for r in top],
             cache=CacheInfo.from_snapshot(cache) if cache is not None else None,
         )
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.hooks import api_of
+
 
 @dataclass(slots=True)
 class DecisionRow:
@@ -38,6 +40,7 @@ class DecisionRow:
     error: str | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)  # AttemptFailed payloads, in order
     record: Any = None  # the RequestRecord once the request completed
+    api: str = ""  # the gateway API it came through when not chat completions (messages), from its record
     rev: int = 0
 
     @property
@@ -270,6 +273,7 @@ class ConsoleState:
             )
             self.decisions[key] = row
         row.record = record
+        row.api = api_of(record.source) if record.source.startswith("gateway:") else ""
         row.request_id = record.id
         row.session_id = record.session_id
         row.cost = record.cost_usd

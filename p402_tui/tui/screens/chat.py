@@ -34,7 +34,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from ...core.config import MODES
 from ...core.hooks import CallContext, RouteOptions
-from ...core.router import AUTO_MODELS
+from ...core.router import parse_model_ref
 from ...core.types import ChatChunk, ChatMessage, ChatRequest, ContentPart, ImageURL, P402Meta, Usage
 from ..commands import Command, ListedCommands
 from ..format import ms, short, usd
@@ -261,6 +261,7 @@ class Figures:
     tokens_per_s: float | None
     cached: bool
     saved_usd: float
+    usage_estimated: bool = False  # billed on our count: the provider sent no usage
 
     @classmethod
     def of(cls, stream: AnswerStream, outcome: Outcome) -> "Figures":
@@ -269,7 +270,7 @@ class Figures:
         ttft = meta.ttft_ms if meta.ttft_ms is not None else (
             outcome.first_token_s * 1000 if outcome.first_token_s is not None else None)
         if outcome.usage is not None and outcome.usage.completion_tokens:
-            tokens, estimated = outcome.usage.completion_tokens, False
+            tokens, estimated = outcome.usage.completion_tokens, outcome.usage.estimated or meta.usage_estimated
         elif outcome.parts:
             tokens, estimated = len(outcome.parts), True  # one streamed piece is about one token
         else:
@@ -289,12 +290,13 @@ class Figures:
             tokens_per_s=per_s,
             cached=meta.cached,
             saved_usd=meta.saved_usd,
+            usage_estimated=meta.usage_estimated,
         )
 
     def cost_text(self) -> str:
         if self.cached:
             return f"cached · $0 (saved {usd(self.saved_usd)})"
-        return usd(self.cost_usd)
+        return ("~" if self.usage_estimated else "") + usd(self.cost_usd)
 
     def tokens_text(self) -> str:
         if self.tokens is None:
@@ -308,7 +310,7 @@ class Figures:
 
 def _is_pin(model: str | None) -> bool:
     """Whether a decision's `model` option pinned a model (`auto` and `p402/<mode>` ask the router to choose)."""
-    return bool(model) and model not in AUTO_MODELS and not (model.startswith("p402/") and model[5:] in MODES)
+    return parse_model_ref(model).pin is not None
 
 
 def route_text(stream: AnswerStream, requested_mode: str | None) -> str:

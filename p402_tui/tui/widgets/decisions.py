@@ -30,15 +30,20 @@ def decision_cells(row: DecisionRow, colors: Palette) -> list[Cell]:
     rerouted = row.provider is not None and served != row.chosen
     return [
         Cell(clock(row.ts), (row.ts, row.key)),
-        Cell(row.mode),
+        Cell(f"{row.mode} {row.api}" if row.api else row.mode),  # which API, when not chat completions
         Cell(served, style=colors.warning if rerouted else "", middle=True),
         num(str(row.candidates) if row.decision is not None or row.candidates else "-", row.candidates),
         num(usd(row.est_cost), row.est_cost),
-        num(usd(row.cost), row.cost),
+        num(_estimated(row) + usd(row.cost), row.cost),
         num(ms(row.latency_ms), row.latency_ms),
         num(str(row.attempts or "-"), row.attempts, style=colors.warning if row.attempts > 1 else ""),
         Cell(row.status, style=colors.status(row.status)),
     ]
+
+
+def _estimated(row: DecisionRow) -> str:
+    """`~` before a cost billed on our own token count (the provider sent no usage)."""
+    return "~" if getattr(row.record, "usage_estimated", False) else ""
 
 
 def decision_rows(state: ConsoleState, colors: Palette) -> list[Row]:
