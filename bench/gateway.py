@@ -60,6 +60,7 @@ MAX_TOKENS = 16
 LITELLM_VERSION = "1.108.7"  # the version measured in shared/bench-litellm/RESULTS-litellm.md
 TICKS = os.sysconf("SC_CLK_TCK")
 FIRST_CONTENT = re.compile(rb'"(?:content|text)":"[^"]')  # a chat chunk's text, or a Messages text_delta
+FIRST_DELTA = re.compile(rb'"delta":"[^"]')  # the Responses API's first text event
 
 
 # --- processes -----------------------------------------------------------------------
@@ -227,6 +228,7 @@ class UniquePrompts:
 async def load(
     url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
     max_requests: int, stream: bool, server_pid: int | None, ours: list[int], unique: bool = False,
+    first_content: re.Pattern[bytes] = FIRST_CONTENT,
 ) -> dict[str, Any]:
     import aiohttp
 
@@ -249,7 +251,7 @@ async def load(
                     raise RuntimeError(f"HTTP {response.status}: {text[:120]}")
                 if stream:
                     async for line in response.content:
-                        if first is None and FIRST_CONTENT.search(line):
+                        if first is None and first_content.search(line):
                             first = time.perf_counter()
                         if line.startswith(b"data: [DONE]"):
                             break
@@ -437,6 +439,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if variant == "p402":  # the same request through Anthropic's Messages API, same process
                 targets.append({"name": "p402_messages", "url": f"{url}/v1/messages", "model": MODEL,
                                 "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "shape": "messages"})
+            if variant == "p402":  # the same request through the Responses API, beside chat in the same run
+                targets.append({"name": "p402_responses", "url": f"{url}/v1/responses", "model": MODEL,
+                                "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "api": "responses"})
         if not args.skip_floor:
             port = free_port()
             floor = Child("floor", [python, str(ROOT / "bench" / "floor_proxy.py"), sim_url, str(port)],
@@ -478,11 +483,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             payload["stream"] = True
                         elif stream:
                             payload.update(stream=True, stream_options={"include_usage": True})
+                        if target.get("api") == "responses":
+                            payload = {"model": target["model"], "input": MESSAGES[0]["content"],
+                                       "max_output_tokens": args.max_tokens, "stream": stream}
                         measured = asyncio.run(
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
                                  duration=args.duration, max_requests=args.requests, stream=stream,
                                  server_pid=target["pid"], ours=[c.pid for c in children],
-                                 unique=target.get("unique", False))
+                                 unique=target.get("unique", False),
+                                 first_content=FIRST_DELTA if target.get("api") == "responses" else FIRST_CONTENT)
                         )
                         repeats[target["name"]].append(measured)
                         print(f"{key:>10} {target['name']:>14}: {measured['rps']:>8} req/s  p50 "
@@ -605,6 +614,13 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             if over:
                 messages[f"{kind}_max_cpu_ms_per_request_over_chat<=0.2"] = max(over)
         verdict["p402_messages"] = messages
+        checks = {}  # the Responses API's CPU beside chat's, same process, same run
+        for key, row in runs.items():
+            if "p402_responses" in row:
+                checks[f"{key}_cpu_ms_minus_chat<=0.2"] = _minus(
+                    row["p402_responses"].get("server_cpu_ms_per_request"), row["p402"].get("server_cpu_ms_per_request")
+                )
+        verdict["p402_responses"] = checks
     return verdict
 
 
@@ -613,6 +629,7 @@ ROWS = {
                     "embedded, searched and inserted); measured first",
     "p402": "the same process with `cache-control: no-cache` on every request: the cache neither read nor written",
     "p402_messages": "the same request in Anthropic's Messages shape on /v1/messages, same process, cache off",
+    "p402_responses": "the same request through /v1/responses (OpenAI's Responses API), cache off like row p402",
 }
 VARIANTS = {
     "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",

@@ -14,6 +14,7 @@ random value could not be routed: `model` is one of a few ids the simulator serv
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +40,10 @@ SPEC_URI = "urn:openai-openapi"
 # Gateway ids the router takes, and the wire ids the simulator's OpenAI family serves.
 GATEWAY_MODELS = ["auto", "p402/cost", "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5-20251001", "google/gemini-2.5-flash"]
 SIM_MODELS = ["gpt-4o-mini", "gpt-4.1-nano", "gpt-5-mini"]
+# Embedding models of each family that has them, and the router's own name; what the simulator's OpenAI wire serves.
+GATEWAY_EMBEDDERS = ["auto", "openai/text-embedding-3-small", "google/gemini-embedding-001", "cohere/embed-v4.0",
+                     "mistral/mistral-embed"]
+SIM_EMBEDDERS = ["text-embedding-3-small", "text-embedding-3-large"]
 CHECKS = [response_schema_conformance, not_a_server_error, content_type_conformance]
 EXAMPLES = 100  # answered cases per operation, at the least
 
@@ -122,16 +127,62 @@ SSE_EVENT = {
 }
 
 
-def narrowed(base_url: str, models: list[str]) -> dict[str, Any]:
+def _events_of(schema_name: str) -> dict[str, Any]:
+    """SSE_EVENT for a stream whose events are the document's `schema_name` (the Responses API's)."""
+    event = json.loads(json.dumps(SSE_EVENT))
+    event["properties"]["data"] = {"type": "string", "contentMediaType": "application/json",
+                                   "contentSchema": {"$ref": f"#/components/schemas/{schema_name}"}}
+    return event
+
+
+def _responses_request(models: list[str]) -> dict[str, Any]:
+    """CreateResponse as P402 serves it: the document's own parts, less what P402 refuses by design (built-in
+    tools, conversations, background runs, stored prompts; each a 400 tested on its own) and ids that never
+    exist (`previous_response_id`), so generated requests reach a model."""
+    ref = "#/components/schemas/{}".format
+    properties = {
+        "model": {"type": "string", "enum": models},
+        "input": {"anyOf": [{"type": "string", "minLength": 1},
+                            {"type": "array", "minItems": 1, "maxItems": 4, "items": {"$ref": ref("EasyInputMessage")}}]},
+        "instructions": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "tools": {"type": "array", "maxItems": 2, "items": {"$ref": ref("FunctionTool")}},
+        "tool_choice": {"enum": ["auto", "none", "required"]},
+        "text": {"$ref": ref("ResponseTextParam")},
+        "store": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+        "stream": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+        "parallel_tool_calls": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+    }
+    published_parts = published()["components"]["schemas"]
+    for name in ("metadata", "temperature", "top_p", "user"):
+        properties[name] = published_parts["ModelResponseProperties"]["properties"][name]
+    properties["max_output_tokens"] = published_parts["CreateResponse"]["allOf"][2]["properties"]["max_output_tokens"]
+    return {"type": "object", "required": ["model", "input"], "properties": properties, "additionalProperties": False}
+
+
+def narrowed(base_url: str, models: list[str], embedders: list[str], *, responses: bool = False) -> dict[str, Any]:
     """The document cut to the routes P402 serves, `model` narrowed to ids that route."""
     spec = json.loads(json.dumps(published(), default=str))
     spec["servers"] = [{"url": base_url}]
     _mapped_discriminators(spec["components"], spec["components"]["schemas"])
     spec["paths"]["/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"] = SSE_EVENT
-    keep = {"/chat/completions": "post", "/models": "get", "/models/{model}": "get"}
+    keep = {"/chat/completions": "post", "/models": "get", "/models/{model}": "get", "/embeddings": "post"}
+    if responses:
+        keep["/responses"] = "post"
+        created = spec["paths"]["/responses"]["post"]
+        created["responses"]["200"]["content"]["text/event-stream"]["schema"] = _events_of("ResponseStreamEvent")
+        created["requestBody"]["content"]["application/json"]["schema"] = _responses_request(models)
     spec["paths"] = {path: {method: spec["paths"][path][method]} for path, method in keep.items()}
     request = spec["components"]["schemas"]["CreateChatCompletionRequest"]["allOf"][1]
     request["properties"]["model"] = {"type": "string", "enum": models}
+    embedding = spec["components"]["schemas"]["CreateEmbeddingRequest"]["properties"]
+    embedding["model"] = {"type": "string", "enum": embedders}
+    # Sizes every model that shortens its vectors takes; token ids that exist in cl100k_base.
+    embedding["dimensions"] = {"type": "integer", "enum": [256, 512, 1024]}
+    token_arrays = embedding["input"]["oneOf"]
+    token_arrays[2]["items"] = token_arrays[3]["items"]["items"] = {"type": "integer", "minimum": 0, "maximum": 100_000}
+    # The document says an embedding is an array of floats, which OpenAI's own base64 answers are not:
+    # the float encoding is checked against it, base64 in test_embeddings_conform_field_by_field.
+    embedding["encoding_format"] = {"type": "string", "enum": ["float"]}
     for parameter in spec["paths"]["/models/{model}"]["get"]["parameters"]:
         if parameter["name"] == "model":
             parameter["schema"] = {"type": "string", "enum": models}
@@ -142,19 +193,44 @@ def sse_events(text: str) -> list[Any]:
     """The JSON of each `data:` event in a stream, and the `[DONE]` marker as the string."""
     events = []
     for block in text.split("\n\n"):
-        data = "\n".join(line[5:].lstrip() for line in block.splitlines() if line.startswith("data:"))
+        # Lines end at CR or LF only, as SSE says (str.splitlines would also cut at U+2028 inside a JSON string).
+        data = "\n".join(line[5:].lstrip() for line in re.split(r"\r\n|\r|\n", block) if line.startswith("data:"))
         if data:
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
 
+@cache
+def response_event_schemas() -> dict[str, str]:
+    """Each Responses stream event's `type` -> the document's schema for it (ResponseStreamEvent's branches)."""
+    schemas = published()["components"]["schemas"]
+    out = {}
+    for branch in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = branch["$ref"].rsplit("/", 1)[-1]
+        for kind in schemas[name].get("properties", {}).get("type", {}).get("enum", []):
+            out[kind] = name
+    return out
+
+
+RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
+
+
 def check_stream(response: Any) -> None:
     """Every chunk of a 200 event stream is a document-valid chunk; a broken stream's last event
-    is a document-valid error; the stream ends with [DONE]."""
+    is a document-valid error; the stream ends with [DONE]. A Responses stream's events are each
+    a document-valid ResponseStreamEvent, numbered in order, the last one ending the response."""
     content_type = response.headers.get("content-type", [""])  # schemathesis keeps every value of a header
     if response.status_code != 200 or not content_type[0].startswith("text/event-stream"):
         return
     events = sse_events(response.text)
+    if events and isinstance(events[0], dict) and str(events[0].get("type", "")).startswith("response."):
+        assert events[-1]["type"] in RESPONSE_ENDS, response.text[-600:]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        for event in events:
+            name = response_event_schemas().get(event["type"], "ResponseStreamEvent")
+            found = violations(event, name)
+            assert not found, f"{name}: {found[:3]} in {str(event)[:600]}"
+        return
     assert events and events[-1] == "[DONE]", response.text[-600:]
     for event in events[:-1]:
         name = "ErrorResponse" if "error" in event else "CreateChatCompletionStreamResponse"
@@ -208,8 +284,8 @@ def sim_url():
     _stop(proc)
 
 
-def _schema(base_url: str, models: list[str]) -> Any:
-    schema = schemathesis.openapi.from_dict(narrowed(base_url, models))
+def _schema(base_url: str, models: list[str], embedders: list[str], *, responses: bool = False) -> Any:
+    schema = schemathesis.openapi.from_dict(narrowed(base_url, models, embedders, responses=responses))
     schema.config.update(base_url=base_url)
     schema.config.max_stream_events = 100_000  # read each stream to its end: its [DONE] is checked too
     # The coverage phase sends ~1,000 boundary cases a route, nearly all refused before routing;
@@ -220,12 +296,12 @@ def _schema(base_url: str, models: list[str]) -> Any:
 
 @pytest.fixture(scope="module")
 def gateway_schema(gateway_url):
-    return _schema(f"{gateway_url}/v1", GATEWAY_MODELS)
+    return _schema(f"{gateway_url}/v1", GATEWAY_MODELS, GATEWAY_EMBEDDERS, responses=True)
 
 
 @pytest.fixture(scope="module")
 def sim_schema(sim_url):
-    return _schema(f"{sim_url}/openai/v1", SIM_MODELS)
+    return _schema(f"{sim_url}/openai/v1", SIM_MODELS, SIM_EMBEDDERS)
 
 
 CASES: dict[str, int] = {}  # generated cases sent, by target and operation
@@ -268,7 +344,8 @@ def test_each_operation_was_answered_often_enough_to_count():
     were answered 200, so that many answers were held to the document. (Retrieving a model takes
     only the few ids that exist: each of them answered.)"""
     for target, models in (("gateway", GATEWAY_MODELS), ("sim", SIM_MODELS)):
-        for label in ("POST /chat/completions", "GET /models"):
+        labels = ["POST /chat/completions", "GET /models", "POST /embeddings"]
+        for label in labels + (["POST /responses"] if target == "gateway" else []):
             assert CASES.get(f"{target} {label}", 0) >= EXAMPLES, CASES
             assert ANSWERED.get(f"{target} {label}", 0) >= EXAMPLES, ANSWERED
         assert ANSWERED.get(f"{target} GET /models/{{model}}", 0) >= len(models), ANSWERED
@@ -359,3 +436,43 @@ def test_messages_answers_conform_to_anthropics_document(gateway_url, model):
         httpx.post(f"{gateway_url}/v1/messages", json={**bodies[0], "model": "claude-none-1"}, headers=headers, timeout=30),
     ):
         assert refused.status_code in (400, 404) and anthropic_violations(refused.json(), "ErrorResponse") == []
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_embeddings_conform_field_by_field(gateway_url, encoding):
+    """A base64 answer differs from the document only where OpenAI's own does: each embedding is a string."""
+    body = {"model": "openai/text-embedding-3-small", "input": ["Hello", "again"], "encoding_format": encoding}
+    response = httpx.post(f"{gateway_url}/v1/embeddings", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    if encoding == "base64":
+        assert all(isinstance(item["embedding"], str) for item in data["data"])
+        data = {**data, "data": [{**item, "embedding": [0.0]} for item in data["data"]]}
+    assert not violations(data, "CreateEmbeddingResponse"), violations(data, "CreateEmbeddingResponse")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_and_its_events_conform_field_by_field(gateway_url, stream):
+    """A function call and a reasoning model's answer, plain and streamed, and a stored one read back."""
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    for body in ({"model": "openai/gpt-4o-mini", "input": "Weather?", "tools": [tool], "tool_choice": "required"},
+                 {"model": "deepseek/deepseek-reasoner", "input": "Think.", "max_output_tokens": 16}):
+        response = httpx.post(f"{gateway_url}/v1/responses", json={**body, "stream": stream}, timeout=30)
+        assert response.status_code == 200, response.text
+        if stream:
+            check_stream(_Schemathesised(response))
+            continue
+        data = response.json()
+        assert not violations(data, "Response"), violations(data, "Response")
+        again = httpx.get(f"{gateway_url}/v1/responses/{data['id']}", timeout=30).json()
+        assert again == data
+        deleted = httpx.delete(f"{gateway_url}/v1/responses/{data['id']}", timeout=30).json()
+        assert not violations(deleted, "DeleteResponse") if "DeleteResponse" in published()["components"]["schemas"] else deleted["deleted"]
+
+
+class _Schemathesised:
+    """An httpx answer as check_stream reads one from schemathesis (each header a list)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status_code, self.text = response.status_code, response.text
+        self.headers = {k: [v] for k, v in response.headers.items()}

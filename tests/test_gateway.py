@@ -746,6 +746,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
         "/api/v2/sessions/{session_id}/messages", "/api/v2/decisions", "/api/v2/decisions/{decision_id}",
         "/api/v2/events", "/api/v2/cache", "/health",
         "/metrics", "/openapi.json", "/v1/messages", "/v1/messages/count_tokens",
+        "/v1/embeddings", "/v1/responses", "/v1/responses/{response_id}",
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]
     assert document["security"] == []  # no gateway key exists: no operation needs one

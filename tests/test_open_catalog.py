@@ -523,3 +523,20 @@ async def test_an_answer_azure_cut_short_for_its_content_filter_is_a_clear_error
         with pytest.raises(ContentFilterError, match="content filter stopped the answer") as caught:
             adapter.parse_completion(filtered, "gpt-4o-mini")
     assert caught.value.kind == "content_filter" and not caught.value.retryable
+
+
+async def test_a_pinned_unknown_embedding_model_through_the_gateway(sim, catalog, tmp_path):
+    settings = Settings(ConfigFile(), catalog, env={}).point_at(sim.url)
+    settings.file.store.durability = "strict"
+    async with Runtime.open(settings, db_path=tmp_path / "p402.db") as runtime:
+        gateway = await runtime.serve_gateway("127.0.0.1", 0)
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+        try:
+            vectors = await client.embeddings.create(model="openai/text-embedding-heldout", input=["one", "two"])
+        finally:
+            await client.close()
+            await gateway.stop()
+    assert len(vectors.data) == 2 and (await sim_calls(sim))["openai"]["models"]["text-embedding-heldout"] == 1
+    with sqlite3.connect(tmp_path / "p402.db") as conn:
+        assert conn.execute("SELECT cost_usd, priced FROM requests WHERE model = 'text-embedding-heldout'").fetchall() == [
+            (None, 0)]

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from .config import ResolvedProvider
 from .errors import ProviderError
-from .types import ChatChunk, ChatRequest, ChatResponse
+from .types import ChatChunk, ChatRequest, ChatResponse, Embeddings
 
 
 @dataclass(slots=True)
@@ -31,6 +31,8 @@ class Adapter(Protocol):
     def stream_batches(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[list[ChatChunk]]:
         """The answer as it arrives, the chunks of one upstream read together."""
         ...
+
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings: ...
 
     async def health_check(self) -> HealthResult: ...
 

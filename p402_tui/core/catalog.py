@@ -227,7 +227,7 @@ def unlisted_model(ref: str, catalog: Catalog, **fields: Any) -> ModelSpec:
         "max_output_tokens": 10_000_000,
         "input_per_1m": 0.0,
         "output_per_1m": 0.0,
-        "capabilities": frozenset(c for c in CAPABILITIES if c != "embeddings"),
+        "capabilities": frozenset(CAPABILITIES),
         "quality": 0.5,
         "tokens_per_s": 50.0,
         "source": "pinned",

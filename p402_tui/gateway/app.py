@@ -45,9 +45,11 @@ from .bodies import (
 from .messages import PATHS as MESSAGES_PATHS
 from .messages import MessagesRoute
 from .messages import from_gateway_error as anthropic_errors
+from .embeddings import Embeddings
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
+from .responses import Responses
 
 if TYPE_CHECKING:
     from ..cache.semantic import SemanticCache
@@ -217,6 +219,21 @@ class Gateway:
     async def chat(self, request: Request) -> Any:
         return await self.run(request, parse_chat, _openai_answer, _openai_frames)
 
+    def check_ledger(self) -> None:
+        """A 503 while the ledger writer is saturated: every route that records a request asks first."""
+        if self.store is not None and self.store.writer.saturated:
+            self.store_refused += 1
+            message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
+            raise errors.GatewayError(503, message, code="store_overloaded", headers={"retry-after": "1"})
+
+    async def bind(self, request: Request, ctx: Any) -> None:
+        """The session named by id or name resolved, and the request's id noted for its refusal event."""
+        if ctx.session_id is not None and self.store is not None:
+            from ..store.sessions import resolve_session
+
+            ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
+        request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
+
     async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
         """A request of any surface through the orchestrator: the ledger's back-pressure, the body,
         sessions, routing, failover, cache and ledger as the chat route has them.
@@ -225,10 +242,7 @@ class Gateway:
         context; `answer(response)` the whole answer's HTTP response, `frames(stream, first, chat,
         durable)` a stream's bytes.
         """
-        if self.store is not None and self.store.writer.saturated:
-            self.store_refused += 1
-            message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
-            raise errors.GatewayError(503, message, code="store_overloaded", headers={"retry-after": "1"})
+        self.check_ledger()
         body = await read_body(request, self.max_body)
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives  # neither read nor write the answer cache
@@ -241,11 +255,7 @@ class Gateway:
             # Megabytes of JSON hold the loop for tens of ms: parsed on the small pool, and what the
             # request used is handed back to the OS once it is done.
             chat, options, ctx = await off_loop(parse) if large else parse()
-            if ctx.session_id is not None and self.store is not None:
-                from ..store.sessions import resolve_session
-
-                ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
-            request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
+            await self.bind(request, ctx)
             if chat.stream:
                 return await self._stream(chat, options, ctx, frames, large=large)
             response = await self.orchestrator.complete(chat, options, ctx)
@@ -618,8 +628,12 @@ class Gateway:
 
     def routes(self) -> list[Route]:
         """One route a path, so that a 405 names every method the path takes in its Allow header."""
+        embeddings, responses = Embeddings(self), Responses(self)
         paths: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat},
+            "/v1/embeddings": {"POST": embeddings.create},
+            "/v1/responses": {"POST": responses.create},
+            "/v1/responses/{response_id}": {"GET": responses.get, "DELETE": responses.delete},
             "/api/v2/chat/completions": {"POST": self.chat},
             "/v1/messages": {"POST": self.messages.create},
             "/v1/messages/count_tokens": {"POST": self.messages.count_tokens},
@@ -645,13 +659,13 @@ class Gateway:
         return [Route(path, _by_method(handlers), methods=list(handlers)) for path, handlers in paths.items()]
 
     def app(self) -> ASGIApp:
-        starlette = Starlette(
-            routes=self.routes(),
-            exception_handlers={HTTPException: _http_error, Exception: _internal_error},
-        )
+        routes = self.routes()
+        starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
         chat = guarded(self.chat)
         direct = {("POST", "/v1/chat/completions"): chat, ("POST", "/api/v2/chat/completions"): chat,
                   ("POST", "/v1/messages"): self.messages.create}  # fmt: skip
+        # The other APIs agents proxy every call through take the same short way.
+        direct |= {("POST", r.path): r.endpoint for r in routes if r.path in ("/v1/responses", "/v1/embeddings")}
         shaped = {path: anthropic_errors for path in MESSAGES_PATHS}
         return _Front(
             starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency,

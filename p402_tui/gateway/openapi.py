@@ -534,6 +534,10 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         },
         **messages_paths(),
     }
+    from . import openapi_openai  # the routes beyond chat, in their own module
+
+    schemas.update(openapi_openai.schemas())
+    paths.update(openapi_openai.paths())
     return {
         "openapi": "3.2.0",  # for itemSchema: a stream described an event at a time
         "info": {

@@ -31,6 +31,10 @@ _HEADERS = [
 ]
 
 
+class Last(bytes):
+    """A stream's final item where the stream has no `data: [DONE]` of its own (the Responses API's)."""
+
+
 def data_frame(data: Any) -> bytes:
     return b"data: " + json_bytes(data) + b"\n\n"
 
@@ -66,7 +70,7 @@ class EventStreamResponse:
     client. The first item goes out with the headers, before anything else is started:
     a chat stream's first chunk is read before the answer begins (so a refusal can still
     be an HTTP error), and time to first token waits for nothing. An item ending in
-    `data: [DONE]` is the last: it ends the response in the same write.
+    `data: [DONE]` (or a `Last`) is the last: it ends the response in the same write.
 
     A watcher task waits for the client to go (or for `stop`) and cancels this one while
     it streams; that closes the frames and, through them, the upstream call. It starts
@@ -141,14 +145,14 @@ class EventStreamResponse:
             body = await anext(self.frames, None)
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             if body is not None:
-                ended = body.endswith(self.end)
+                ended = body.endswith(self.end) or type(body) is Last
                 await send({"type": "http.response.body", "body": body, "more_body": not ended})
             if not ended:
                 streaming = True
                 timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, start_watching)
                 try:
                     async for body in self.frames:
-                        ended = body.endswith(self.end)
+                        ended = body.endswith(self.end) or type(body) is Last
                         sent += 1
                         if ended:
                             streaming = False  # no ping may follow the last piece

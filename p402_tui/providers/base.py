@@ -154,7 +154,8 @@ class Adapter:
     async def list_models(self) -> list[str]:
         raise NotImplementedError(f"{self.id} has no model list endpoint")
 
-    async def embed(self, texts: list[str], *, model: str) -> Embeddings:
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
+        """One vector per text; `dimensions` asks for shorter vectors where the model can give them."""
         raise NotImplementedError(f"{self.id} offers no embeddings")
 
     async def health_check(self) -> HealthResult:

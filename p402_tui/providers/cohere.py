@@ -135,13 +135,17 @@ class CohereAdapter(Adapter):
                 return names
             params["page_token"] = token
 
-    async def embed(self, texts: list[str], *, model: str) -> Embeddings:
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
         name = self.wire_name(model)
         vectors: list[list[float]] = []
         billed = 0
         for start in range(0, len(texts), EMBED_BATCH):
             batch = texts[start : start + EMBED_BATCH]
-            payload = {"model": name, "texts": batch, "input_type": "search_document", "embedding_types": ["float"]}
+            payload: dict[str, Any] = {
+                "model": name, "texts": batch, "input_type": "search_document", "embedding_types": ["float"]
+            }
+            if dimensions is not None:
+                payload["output_dimension"] = dimensions
             data = await self.post_json("/v2/embed", payload, name)
             try:
                 vectors.extend(list(v) for v in data["embeddings"]["float"])

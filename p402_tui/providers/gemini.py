@@ -148,12 +148,15 @@ class GeminiAdapter(Adapter):
                 return ids
             params["pageToken"] = token
 
-    async def embed(self, texts: list[str], *, model: str) -> Embeddings:
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
         name = self.wire_name(model)
         vectors: list[list[float]] = []
+        sized = {} if dimensions is None else {"outputDimensionality": dimensions}
         for start in range(0, len(texts), EMBED_BATCH):
             batch = texts[start : start + EMBED_BATCH]
-            payload = {"requests": [{"model": f"models/{name}", "content": {"parts": [{"text": t}]}} for t in batch]}
+            payload = {
+                "requests": [{"model": f"models/{name}", "content": {"parts": [{"text": t}]}, **sized} for t in batch]
+            }
             data = await self.post_json(f"/{API_VERSION}/models/{name}:batchEmbedContents", payload, name)
             try:
                 vectors.extend(list(entry["values"]) for entry in data["embeddings"])

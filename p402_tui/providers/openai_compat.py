@@ -194,12 +194,15 @@ class OpenAICompatAdapter(Adapter):
             raise MalformedResponseError("model list has no data", provider=self.id)
         return [item["id"] for item in items if isinstance(item, dict) and "id" in item]
 
-    async def embed(self, texts: list[str], *, model: str) -> Embeddings:
+    async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
         if self.flavor in NO_EMBEDDINGS:
             return await super().embed(texts, model=model)
         model = self.wire_name(model)
         path = EMBEDDINGS_PATH.get(self.flavor, "/embeddings")
-        data = await self.post_json(path, {"model": model, "input": texts}, model)
+        payload: dict[str, Any] = {"model": model, "input": texts}
+        if dimensions is not None:
+            payload["dimensions"] = dimensions
+        data = await self.post_json(path, payload, model)
         try:
             items = sorted(data["data"], key=lambda item: item["index"])
             vectors = [_vector(item["embedding"]) for item in items]

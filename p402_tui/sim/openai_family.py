@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..core.catalog import ModelSpec, ProviderSpec
-from ..core.tokens import count_messages, count_text
+from ..core.tokens import count_messages, count_text, encoding_for
 from .engine import (
     LARGE_PROMPT_CHARS,
     UNPACED_BATCH,
@@ -181,7 +181,7 @@ class OpenAIFamily:
         try:
             self._check_auth(request)
             body = await self._json_body(request)
-            return await self._embeddings(body)
+            return await self._embeddings(request, body)
         except SimError as error:
             return self.error_response(error)
 
@@ -691,18 +691,19 @@ class OpenAIFamily:
 
     # --- embeddings ---------------------------------------------------------------
 
-    async def _embeddings(self, body: dict[str, Any]) -> Response:
+    async def _embeddings(self, request: Request, body: dict[str, Any]) -> Response:
         spec = self._model(body)
         if "embeddings" not in spec.capabilities:
             raise SimError(400, f"{spec.model} is not an embeddings model", "invalid_request_error", param="model")
-        texts = body.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise SimError(400, "'input' must be a string or a non-empty array of strings", "invalid_request_error",
-                           param="input")
+        texts = _embedding_texts(body.get("input"))
+        if texts is None:
+            raise SimError(400, "'input' must be a string, a non-empty array of strings, or token arrays",
+                           "invalid_request_error", param="input")
         self.state.record_call(self.id, spec.model)
         fault = self.state.fault_for(self.id, spec.model)
+        if fault is not None and fault.kind == "timeout":
+            await hang_until_disconnect(request)
+            return Response(status_code=504)
         if fault is not None and fault.kind in ("error", "rate_limit"):
             raise self._fault_error(fault, spec.model)
         dimensions = body.get("dimensions") or EMBED_DIMENSIONS.get(spec.model, 1024)
@@ -717,6 +718,28 @@ class OpenAIFamily:
         tokens = sum(count_text(t).tokens for t in texts)
         return JSONResponse({"object": "list", "data": data, "model": spec.model,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _embedding_texts(raw: Any) -> list[str] | None:
+    """`input` as texts: a string, strings, one token array or token arrays (cl100k ids, as OpenAI reads them)."""
+    if isinstance(raw, str):
+        raw = [raw]
+    elif isinstance(raw, list) and raw and all(type(t) is int for t in raw):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        return None
+    texts = []
+    for item in raw:
+        if isinstance(item, list) and item and all(type(t) is int for t in item):
+            encoding, _ = encoding_for("text-embedding-3-small")
+            try:
+                item = encoding.decode(item) if encoding is not None else None
+            except (KeyError, ValueError, OverflowError):
+                item = None
+        if not isinstance(item, str) or not item:
+            return None
+        texts.append(item)
+    return texts
 
 
 def unit_vector(key: str, dimensions: int) -> np.ndarray:

@@ -216,6 +216,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE requests ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0;
     """,
+    # 7: Responses API answers kept for GET /v1/responses/{id} and previous_response_id: the answer as
+    # sent, and the conversation (chat messages, instructions left out) that a next turn continues
+    """
+    CREATE TABLE stored_responses (
+        id TEXT PRIMARY KEY,
+        ts REAL NOT NULL,
+        api_key_id TEXT,
+        response TEXT NOT NULL,
+        conversation TEXT NOT NULL
+    );
+    """,
     # a call to a model without a known price (an unlisted id) costs NULL, not $0, and is flagged unpriced.
     # SQLite cannot drop a NOT NULL constraint by ALTER; the table's declaration is edited in place, as
     # https://sqlite.org/lang_altertable.html#otheralter allows for constraints that change no stored data
