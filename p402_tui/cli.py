@@ -74,27 +74,20 @@ def db_exists(args: argparse.Namespace, settings) -> bool:
     if Path(settings.db_path).expanduser().is_file():
         return True
     if getattr(args, "db", None):
-        from .store.db import StoreError
+        from .service import StoreError
 
         raise StoreError(f"no P402 database at {settings.db_path}: nothing has been recorded there")
     return False
 
 
 @asynccontextmanager
-async def open_store(settings, *, create: bool) -> AsyncIterator[Any]:
-    """The database. Without `create`, a file not made yet reads as an empty one: reading never creates it."""
-    import tempfile
+async def open_service(settings, *, create: bool, must_exist: bool = False) -> AsyncIterator[Any]:
+    """The use cases on the database. Without `create`, a file not made yet reads as an empty one:
+    reading never creates it."""
+    from . import service
 
-    from .store.store import Store
-
-    path = Path(settings.db_path).expanduser()
-    if create or await asyncio.to_thread(path.is_file):
-        async with await Store.open(path) as store:
-            yield store
-        return
-    with tempfile.TemporaryDirectory(prefix="p402-empty-") as temp:
-        async with await Store.open(Path(temp) / "empty.db") as store:
-            yield store
+    async with service.open_service(settings.db_path, settings.catalog, create=create, must_exist=must_exist) as found:
+        yield found
 
 
 def written_to(settings) -> str:
@@ -383,10 +376,8 @@ async def chat_once(
     async with Runtime.open(settings, persist=persist) as runtime:
         orchestrator = runtime.orchestrator
         ctx = ctx or CallContext(source="cli")
-        if ctx.session_id is not None and runtime.store is not None:
-            from .store.sessions import resolve_session
-
-            ctx.session_id = await resolve_session(runtime.store, ctx.session_id)
+        if ctx.session_id is not None and runtime.service.persistent:
+            ctx.session_id = await runtime.service.resolve_session(ctx.session_id)
         if request.stream:
             assembler = None
             async with orchestrator.stream(request, options, ctx) as stream:
@@ -675,35 +666,67 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return run_async(_keys(args, settings_from(args)))
 
 
-async def _keys(args: argparse.Namespace, settings) -> int:
-    from .store import queries
+def _key_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy fields given on the command line (`p402 keys create|update`)."""
+    given = {
+        "budget_usd": args.budget_usd, "budget_period": args.budget_period, "rpm": args.rpm, "tpm": args.tpm,
+        "models": args.models or None, "max_tier": args.max_tier, "max_cost_per_request_usd": args.max_cost_usd,
+        "redact": args.redact or None, "deny": args.deny or None,
+    }  # fmt: skip
+    policy = {field: value for field, value in given.items() if value is not None}
+    defaults = {"mode": args.mode, "tag": args.tag, "namespace": args.namespace, "session_prefix": args.session_prefix}
+    if any(v is not None for v in defaults.values()):
+        policy["defaults"] = {k: v for k, v in defaults.items() if v is not None}
+    return policy
 
-    if args.keys_command == "create" and not args.name.strip():
-        raise P402Error("a key needs a non-empty --name")
-    async with open_store(settings, create=args.keys_command == "create") as store:
-        if args.keys_command == "create":
-            record, secret = await queries.create_key(store, args.name.strip())
+
+def _print_key(key: dict[str, Any]) -> None:
+    usage = key["usage"]
+    budget = "none" if usage["budget_usd"] is None else f"{usd(usage['budget_usd'])} a {usage['period']}"
+    print(f"{key['id']}  {key['name']}  role {key['role']}  {'active' if key['active'] else 'revoked'}")
+    print(f"  spent {usd(usage['spent_usd'])} over {usage['requests']} requests this {usage['period']}; budget {budget}")
+    print(f"  policy {json.dumps(key['policy'], sort_keys=True)}")
+
+
+async def _keys(args: argparse.Namespace, settings) -> int:
+    command = args.keys_command
+    async with open_service(settings, create=command == "create") as service:
+        if command == "create":
+            record, secret = await service.create_key(args.name, role=args.role, policy=_key_policy(args))
             if args.json:
                 print_json({**record, "key": secret})
             else:
-                print(f"created gateway key {record['id']} ({record['name']}) {written_to(settings)}; "
+                print(f"created gateway key {record['id']} ({record['name']}, {record['role']}) {written_to(settings)}; "
                       "it is shown only this once:")
                 print(secret)
                 print("clients send it as `Authorization: Bearer <key>` (the OpenAI SDK's api_key)", file=sys.stderr)
-        elif args.keys_command == "list":
-            keys = await queries.list_keys(store)
+            return 0
+        if command == "list":
+            found = await service.keys()
             if args.json:
-                print_json(keys)
+                print_json(found)
             else:
                 print_table(
-                    ["ID", "NAME", "PREFIX", "CREATED", "ACTIVE"],
-                    [[k["id"], k["name"], k["prefix"] + "...", _when(k["created"]), "yes" if k["active"] else "revoked"]
-                     for k in keys],
+                    ["ID", "NAME", "ROLE", "PREFIX", "CREATED", "SPENT", "BUDGET", "ACTIVE"],
+                    [[k["id"], k["name"], k["role"], k["prefix"] + "...", _when(k["created"]), usd(k["usage"]["spent_usd"]),
+                      "-" if k["usage"]["budget_usd"] is None else usd(k["usage"]["budget_usd"]),
+                      "yes" if k["active"] else "revoked"] for k in found],
                 )
+            return 0
+        if command == "show":
+            key = await service.key(args.id)
+        elif command == "update":
+            key = await service.update_key(
+                args.id, name=args.name, role=args.role, policy=_key_policy(args), clear=tuple(args.clear or ())
+            )
         else:
-            if not await queries.revoke_key(store, args.id):
-                raise P402Error(f"no active key {args.id!r}; `p402 keys list` shows them")
-            print(f"revoked {args.id} {written_to(settings)}")
+            key = await service.revoke_key(args.id)
+        if args.json:
+            print_json(key)
+        else:
+            if command != "show":
+                print(f"{'updated' if command == 'update' else 'revoked'} {args.id} {written_to(settings)}")
+            _print_key(key)
     return 0
 
 
@@ -717,14 +740,15 @@ def _when(ts: float) -> str:
 
 
 def cmd_spend(args: argparse.Namespace) -> int:
-    from .store.analytics import parse_period, spend
+    from .service.spend import period_label
 
     settings = settings_from(args)
-    period = parse_period(args.period, start=args.start, end=args.end)
+    label = period_label(args.period, start=args.start, end=args.end)
 
     async def report() -> dict[str, Any]:
-        async with open_store(settings, create=False) as store:
-            return await spend(store, period, args.by, include_simulated=args.include_simulated)
+        async with open_service(settings, create=False) as service:
+            return await service.spend(args.period, by=args.by, start=args.start, end=args.end,
+                                       include_simulated=args.include_simulated)
 
     fresh = not db_exists(args, settings)
     result = run_async(report())
@@ -734,9 +758,9 @@ def cmd_spend(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     if fresh:
-        print(f"{period.label}: $0 over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
+        print(f"{label}: $0 over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
         return 0
-    print(f"{period.label}: {usd(result['total_usd'])} over {result['requests']} requests "
+    print(f"{label}: {usd(result['total_usd'])} over {result['requests']} requests "
           f"({result['cached']} from the cache, saving {usd(result['saved_usd'])}; {result['errors']} failed)")
     if result.get("simulated_left_out"):
         print(f"{result['simulated_left_out']} simulated requests left out (--include-simulated counts them)")
@@ -757,14 +781,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 async def _sessions(args: argparse.Namespace, settings) -> int:
-    from .store import sessions
-
-    async with open_store(settings, create=args.sessions_command == "create") as store:
+    async with open_service(settings, create=args.sessions_command == "create") as service:
         action = args.sessions_command
         if action in ("show", "update", "delete"):
-            args.id = await sessions.resolve_session(store, args.id)
+            args.id = await service.resolve_session(args.id)
         if action == "list":
-            found = await sessions.list_sessions(store, status=args.status)
+            found = await service.sessions(status=args.status)
             if args.json:
                 print_json(found)
             else:
@@ -775,12 +797,12 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
                 )
             return 0
         if action == "create":
-            session = await sessions.create_session(
-                store, name=args.name, budget_usd=args.budget, agent=args.agent, metadata=_json_object(args.metadata)
+            session = await service.create_session(
+                args.name, budget_usd=args.budget, agent=args.agent, metadata=_json_object(args.metadata)
             )
         elif action == "show":
-            session = await sessions.get_session(store, args.id)
-            session["messages"] = await sessions.session_messages(store, args.id, limit=args.messages)
+            session = await service.session(args.id)
+            session["messages"] = await service.session_messages(args.id, limit=args.messages)
         elif action == "update":
             changes: dict[str, Any] = {}
             for flag in ("name", "status", "agent"):
@@ -794,9 +816,9 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
                 changes["metadata"] = _json_object(args.metadata)
             if not changes:
                 raise P402Error("nothing to change: give --name, --budget, --no-budget, --status, --agent or --metadata")
-            session = await sessions.update_session(store, args.id, **changes)
+            session = await service.update_session(args.id, **changes)
         else:
-            await sessions.delete_session(store, args.id)
+            await service.delete_session(args.id)
             if args.json:
                 print_json({"id": args.id, "deleted": True})
             else:
@@ -829,15 +851,12 @@ def _json_object(text: str | None) -> dict[str, Any] | None:
 
 def cmd_decisions(args: argparse.Namespace) -> int:
     from .core.router import RouteDecision
-    from .store.queries import get_decision
 
     settings = settings_from(args)
 
     async def read() -> dict[str, Any] | None:
-        from .store.store import Store
-
-        async with await Store.open(settings.db_path, create=False) as store:
-            return await get_decision(store, args.id)
+        async with open_service(settings, create=False, must_exist=True) as service:
+            return await service.decision(args.id)
 
     found = run_async(read())
     if isinstance(found, int):
@@ -852,14 +871,15 @@ def cmd_decisions(args: argparse.Namespace) -> int:
 
 
 def cmd_recommendations(args: argparse.Namespace) -> int:
-    from .store.analytics import parse_period, recommendations
+    from .service.spend import period_label
 
     settings = settings_from(args)
-    period = parse_period(args.period, start=args.start, end=args.end)
+    label = period_label(args.period, start=args.start, end=args.end)
 
     async def advise() -> list[dict[str, Any]]:
-        async with open_store(settings, create=False) as store:
-            return await recommendations(store, settings.catalog, period, include_simulated=args.include_simulated)
+        async with open_service(settings, create=False) as service:
+            return await service.recommendations(args.period, start=args.start, end=args.end,
+                                                 include_simulated=args.include_simulated)
 
     fresh = not db_exists(args, settings)
     found = run_async(advise())
@@ -870,7 +890,7 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
     elif fresh:
         print(f"nothing to recommend: no traffic yet (nothing recorded in {settings.db_path})")
     elif not found:
-        print(f"nothing to recommend from the ledger ({period.label})")
+        print(f"nothing to recommend from the ledger ({label})")
     else:
         for number, item in enumerate(found, 1):
             saving = "" if item["monthly_saving_usd"] is None else f"  (~{usd(item['monthly_saving_usd'])}/month)"
@@ -888,7 +908,8 @@ async def _cache(args: argparse.Namespace, settings) -> int:
 
     if args.cache_command == "build":
         return await _cache_build(args, settings)
-    async with open_store(settings, create=False) as store:
+    async with open_service(settings, create=False) as service:
+        store = service.store
         cache = SemanticCache.from_config(store, settings.cache)
         if args.cache_command == "clear":
             removed = await cache.clear(args.namespace)
@@ -1101,18 +1122,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", action="store_true", help="simulate every provider in-process: no keys, no network")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, revoke")
+    p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, show, update, revoke")
     keys_sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    q = keys_sub.add_parser("create", parents=[common], help="make a key; it is printed once, only its hash is kept")
+    keyed = argparse.ArgumentParser(add_help=False)
+    keyed.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    keyed.add_argument("--json", action="store_true", help="print JSON")
+    rules = argparse.ArgumentParser(add_help=False)
+    rules.add_argument("--budget-usd", type=float, metavar="X", help="what the key may spend a period")
+    rules.add_argument("--budget-period", choices=["day", "month", "total"], help="the budget's period (default month)")
+    rules.add_argument("--rpm", type=_positive_int, metavar="N", help="requests a minute")
+    rules.add_argument("--tpm", type=_positive_int, metavar="N", help="tokens a minute")
+    rules.add_argument("--models", action="append", metavar="PATTERN", help="allowed models: openai/*, */llama-* (repeat)")
+    rules.add_argument("--max-tier", choices=["budget", "mid", "premium"], help="no tier above this")
+    rules.add_argument("--max-cost-usd", type=float, metavar="X", help="most a request may be estimated to cost")
+    rules.add_argument("--redact", action="append", metavar="RULE",
+                       help="email, phone, card, iban, secret, or NAME=REGEX (repeat)")
+    rules.add_argument("--deny", action="append", metavar="REGEX", help="refuse requests matching it (repeat)")
+    rules.add_argument("--mode", choices=["cost", "quality", "speed", "balanced", "adaptive"], help="default routing mode")
+    rules.add_argument("--tag", help="default tag")
+    rules.add_argument("--namespace", help="default cache namespace")
+    rules.add_argument("--session-prefix", metavar="P", help="put before every session name the key sends")
+    q = keys_sub.add_parser("create", parents=[common, keyed, rules],
+                            help="make a key; it is printed once, only its hash is kept")
     q.add_argument("--name", required=True, metavar="N", help="who or what uses it")
-    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
-    q.add_argument("--json", action="store_true", help="print JSON")
-    q = keys_sub.add_parser("list", parents=[common], help="every key, without its secret")
-    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
-    q.add_argument("--json", action="store_true", help="print JSON")
-    q = keys_sub.add_parser("revoke", parents=[common], help="stop a key from working")
+    q.add_argument("--role", choices=["admin", "user", "viewer"], default="user", help="default user")
+    keys_sub.add_parser("list", parents=[common, keyed], help="every key with its spend, without its secret")
+    q = keys_sub.add_parser("show", parents=[common, keyed], help="one key: role, policy, spend against its budget")
     q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
-    q.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    q = keys_sub.add_parser("update", parents=[common, keyed, rules],
+                            help="change a key's name, role or policy; gateways apply it within a second")
+    q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
+    q.add_argument("--name", metavar="N", help="a new name")
+    q.add_argument("--role", choices=["admin", "user", "viewer"])
+    q.add_argument("--clear", action="append", metavar="FIELD", help="drop a policy field, e.g. rpm (repeat)")
+    q = keys_sub.add_parser("revoke", parents=[common, keyed], help="stop a key from working")
+    q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
     p.set_defaults(func=cmd_keys)
 
     db_help = "database file (default: the user data dir; or P402_DB)"
@@ -1126,7 +1170,7 @@ def build_parser() -> argparse.ArgumentParser:
     period.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("spend", parents=[common, period], help="what was spent in a period, broken down")
-    p.add_argument("--by", choices=["provider", "model", "session", "tag", "day"], default="provider",
+    p.add_argument("--by", choices=["provider", "model", "session", "tag", "key", "day"], default="provider",
                    help="breakdown (default provider)")
     p.set_defaults(func=cmd_spend)
 

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from .core.hooks import Hooks, NoHooks
 from .core.orchestrator import Orchestrator
 
 if TYPE_CHECKING:  # the simulator (starlette, uvicorn) loads only when asked for: `p402 chat` never needs it
+    from .service import Service
     from .sim.server import RunningSim
 
 
@@ -89,6 +91,13 @@ class Runtime:
             runtime = cls(settings=settings, bus=bus, orchestrator=orchestrator, store=store, cache=cache, sim=running)
             stack.push_async_callback(runtime.stop_gateways)
             yield runtime
+
+    @cached_property
+    def service(self) -> Service:
+        """The use cases the front ends call: sessions, spend, decisions, keys."""
+        from .service import Service
+
+        return Service(self.store, self.settings.catalog, simulated=self.sim is not None)
 
     async def serve_gateway(self, host: str = "127.0.0.1", port: int = 4020) -> Any:
         """Serve the HTTP gateway in this loop; the handle has `url` and `stop()` (also done on exit)."""

@@ -20,7 +20,12 @@ BELOW = {
     "sim": {"core"},
     "cache": {"core", "store"},
     "persistence": {"core", "store", "cache"},
+    "service": {"core", "store", "policy"},
+    "client": {"core", "service"},
+    "policy": {"core", "store"},
 }
+# The front ends: each reaches sessions, spend, decisions and keys through `service`, never the store.
+FRONT_ENDS = ("gateway", "cli", "tui")
 
 
 def modules() -> dict[str, Path]:
@@ -112,7 +117,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_parts_import_each_other_without_a_cycle():
     _, by_part = graphs()
-    assert {"core", "providers", "store", "cache", "persistence", "gateway", "tui", "cli", "runtime"} <= (
+    assert {"core", "providers", "store", "cache", "persistence", "service", "gateway", "tui", "cli", "runtime"} <= (
         set(by_part) | {b for targets in by_part.values() for b in targets}
     )
     found = cycles({a: set(targets) for a, targets in by_part.items()})
@@ -126,6 +131,12 @@ def test_arrows_point_down():
         f"{a} -> {b}": sorted(by_part[a][b]) for a, allowed in BELOW.items() for b in by_part.get(a, {}) if b not in allowed
     }
     assert upward == {}
+
+
+def test_front_ends_reach_the_store_only_through_the_service():
+    _, by_part = graphs()
+    assert {f: sorted(by_part.get(f, {}).get("store", ())) for f in FRONT_ENDS} == {f: [] for f in FRONT_ENDS}
+    assert all("service" in by_part.get(f, {}) for f in FRONT_ENDS)
 
 
 def test_the_wire_families_and_their_base_import_each_other_without_a_cycle():

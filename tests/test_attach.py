@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -17,22 +18,16 @@ from textual.widgets import Input
 
 from p402_tui.core.config import Settings
 from p402_tui.core.errors import P402Error
-from p402_tui.core.events import RequestCompleted, RouteDecided
+from p402_tui.core.events import DecisionBrief, RequestCompleted, RouteDecided
 from p402_tui.core.hooks import RequestRecord, RouteOptions
 from p402_tui.core.router import RouteDecision
 from p402_tui.core.types import Attempt, ChatMessage, ChatRequest
 from p402_tui.runtime import Runtime
 from p402_tui.store.queries import create_key
 from p402_tui.tui.app import ConsoleApp
-from p402_tui.tui.attach import (
-    AttachClient,
-    GatewayError,
-    RemoteSource,
-    event_from_dict,
-    gateway_url,
-    open_remote,
-    sse_frames,
-)
+from p402_tui.client import event_from_dict
+from p402_tui.core.sse import iter_sse
+from p402_tui.tui.attach import AttachClient, GatewayError, RemoteSource, gateway_url, open_remote
 from p402_tui.tui.screens.chat import AnswerView, ChatScreen
 from p402_tui.tui.screens.dashboard import DashboardScreen
 from p402_tui.tui.widgets.decisions import DecisionsTable
@@ -139,7 +134,7 @@ async def test_a_gateway_with_keys_wants_the_key(fresh_sim_settings, tmp_path):
             assert secret not in keyless.link.error
         async with AttachClient(running.url, key=secret) as keyed:
             await keyed.wait_until_up()
-            assert (await keyed.sessions()) == []
+            assert (await keyed.api.sessions()) == []
 
 
 async def test_attaching_with_a_missing_or_wrong_key_is_an_error_not_a_retry(fresh_sim_settings, tmp_path):
@@ -240,11 +235,12 @@ def test_attach_wants_an_http_url():
 
 
 async def test_sse_frames_are_parsed_and_keep_alives_skipped():
-    async def lines():
-        for line in [": subscribed", "", "event: route_decided", 'data: {"a":', "data: 1}", "", ": keep-alive", ""]:
-            yield line
+    async def pieces():  # split anywhere, as reads of a connection are
+        text = b': subscribed\n\nevent: route_decided\r\ndata: {"a":\ndata: 1}\n\n: keep-alive\n\ndata: [DONE]\n\n'
+        for at in range(0, len(text), 7):
+            yield text[at : at + 7]
 
-    assert [frame async for frame in sse_frames(lines())] == [("route_decided", '{"a":\n1}')]
+    assert [frame async for frame in iter_sse(pieces())] == [("route_decided", '{"a":\n1}'), (None, "[DONE]")]
 
 
 def test_events_rebuild_as_the_objects_they_were(fresh_sim_settings):
@@ -316,3 +312,22 @@ async def test_attached_to_p402_serve_sim_the_dashboard_shows_another_clients_de
             assert app.state.decisions[decision_id].candidates > 1
     finally:
         await source.aclose()
+
+
+async def test_the_event_stream_sends_decisions_in_brief_and_each_is_read_whole_by_id(fresh_sim_settings, tmp_path):
+    async with gateway(fresh_sim_settings, db_path=tmp_path / "p402.db") as (_runtime, running):
+        async with httpx.AsyncClient(base_url=running.url, timeout=10) as http:
+            async with http.stream("GET", "/api/v2/events", params={"kinds": "route_decided"}) as events:
+                frames = iter_sse(events.aiter_raw())
+                answer = await http.post("/v1/chat/completions", json=chat_body("in brief, please"))
+                kind, data = await anext(frames)
+            decision_id = answer.json()["p402"]["decision_id"]
+            assert kind == "route_decided" and len(data) < 1024  # whole, a decision is ~40 kB
+            brief = json.loads(data)["decision"]
+            listed = (await http.get("/api/v2/decisions", params={"limit": 1})).json()["data"][0]
+            assert brief.keys() == listed.keys() and brief["id"] == listed["id"] == decision_id
+            assert brief["chosen"] == listed["chosen"] and brief["candidates"] == listed["candidates"] > 1
+            event = event_from_dict(kind, json.loads(data))
+            assert isinstance(event.decision, DecisionBrief) and event.decision.chosen == brief["chosen"]
+            whole = (await http.get(f"/api/v2/decisions/{decision_id}")).json()
+            assert len(whole["candidates"]) == brief["candidates"]

@@ -301,8 +301,9 @@ async def test_sdk_authentication_error_when_keys_exist(gateway, runtime):
             "security"
         ] == [{"bearer": []}]  # keys in force: the document says every operation needs one
         assert await revoke_key(runtime.store, second["id"])
-        # No key left in force: on loopback the gateway is open again.
-        assert (await http.get("/v1/models")).status_code == 200
+        # Every key revoked: the gateway stays locked (opening it again would let the revoked keys back in).
+        assert_openai_error(await http.get("/v1/models"), 401, "missing_api_key")
+        assert_openai_error(await http.get("/v1/models", headers={"authorization": f"Bearer {other_secret}"}), 401)
 
 
 # --- the p402 object and caching ----------------------------------------------------------------
@@ -747,6 +748,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
         "/api/v2/events", "/api/v2/cache", "/health",
         "/metrics", "/openapi.json", "/v1/messages", "/v1/messages/count_tokens",
         "/v1/embeddings", "/v1/responses", "/v1/responses/{response_id}",
+        "/api/v2/keys", "/api/v2/keys/{key_id}", "/api/v2/keys/{key_id}/requests",
     } == paths
     assert "p402" in document["components"]["schemas"]["ChatCompletionRequest"]["allOf"][1]["properties"]
     assert document["security"] == []  # no gateway key exists: no operation needs one

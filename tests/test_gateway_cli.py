@@ -105,7 +105,9 @@ def test_keys_create_list_revoke_and_the_gateway_honours_them(tmp_path):
     secret = key["key"]
     assert secret.startswith("p402-") and key["active"] is True
     listed = run_cli("keys", "list", "--db", db, "--json")
-    assert json.loads(listed.stdout) == [{k: v for k, v in key.items() if k != "key"}]
+    (row,) = json.loads(listed.stdout)
+    assert row.pop("usage")["spent_usd"] == 0  # the list adds what each key spent
+    assert row == {k: v for k, v in key.items() if k != "key"}
     assert secret not in listed.stdout
     with sqlite3.connect(db) as conn:
         assert secret not in repr(conn.execute("SELECT * FROM gateway_keys").fetchall())  # only the hash is kept

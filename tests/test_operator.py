@@ -165,7 +165,7 @@ def test_the_attach_key_comes_from_p402_key(monkeypatch):
 
 def test_every_event_kind_rebuilds_from_its_wire_form():
     from p402_tui.core.events import AttemptFailed, CacheHit, HealthChanged, SpendUpdated
-    from p402_tui.tui.attach import event_from_dict
+    from p402_tui.client import event_from_dict
 
     sent = [
         AttemptFailed(request_id="req-1", decision_id="dec-1", provider="groq", model="m", error_kind="timeout",

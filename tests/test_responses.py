@@ -299,3 +299,21 @@ async def test_a_models_reasoning_comes_as_a_reasoning_item_plain_and_streamed(s
         final = await stream.get_final_response()
     assert "response.reasoning_summary_text.delta" in kinds and "response.reasoning_summary_text.done" in kinds
     assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text
+
+
+async def test_metrics_and_the_ledger_name_the_api_each_request_came_through(http, runtime):
+    from test_gateway import eventually
+
+    await http.post("/v1/responses", json={"model": FAMILIES[0], "input": "Which API?"}, headers=NO_CACHE)
+    await http.post("/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": "Which API?"})
+
+    async def counted() -> str | None:
+        text = (await http.get("/metrics")).text
+        wanted = ('model="gpt-4o-mini",status="ok",endpoint="responses"} 1',
+                  'model="text-embedding-3-small",status="ok",endpoint="embeddings"} 1')
+        return text if all(w in text for w in wanted) else None
+
+    assert await eventually(counted), (await http.get("/metrics")).text
+    await runtime.store.flush()
+    sources = {row["source"] for row in await runtime.store.fetchall("SELECT source FROM requests")}
+    assert {"gateway:responses", "gateway:embeddings"} <= sources

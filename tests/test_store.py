@@ -25,7 +25,7 @@ from p402_tui.store.store import Store
 from p402_tui.store.writer import Writer
 
 TABLES = {"requests", "router_decisions", "agent_sessions", "session_messages", "provider_health", "semantic_cache",
-          "gateway_keys"}  # fmt: skip
+          "gateway_keys", "guardrail_hits"}  # fmt: skip
 VIEWS = {"spend_by_day", "spend_by_provider", "spend_by_model", "spend_by_session"}
 
 
@@ -195,9 +195,9 @@ async def test_rows_made_later_are_made_in_order_and_a_failing_maker_loses_only_
 
 
 async def test_run_waits_for_the_commit_and_raises_the_error(store):
-    assert await store.run("INSERT INTO gateway_keys VALUES ('k', 'n', 'h', 'p', 0, NULL)") == 1
+    assert await store.run("INSERT INTO gateway_keys (id, name, hash, prefix, created) VALUES ('k', 'n', 'h', 'p', 0)") == 1
     with pytest.raises(StoreError, match="UNIQUE"):
-        await store.run("INSERT INTO gateway_keys VALUES ('k2', 'n', 'h', 'p', 0, NULL)")
+        await store.run("INSERT INTO gateway_keys (id, name, hash, prefix, created) VALUES ('k2', 'n', 'h', 'p', 0)")
 
 
 CHILD = r"""

@@ -11,7 +11,7 @@ import sys
 
 import p402_tui
 
-HEADLESS_PACKAGES = ("core", "providers", "store", "cache", "gateway", "sim")
+HEADLESS_PACKAGES = ("core", "providers", "store", "cache", "service", "client", "gateway", "sim")
 HEADLESS_MODULES = ("p402_tui.cli", "p402_tui.runtime", "p402_tui.tui.state", "p402_tui.tui.format", "p402_tui.tui.source")
 
 

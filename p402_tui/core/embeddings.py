@@ -32,7 +32,7 @@ from .errors import (
 )
 from .events import CacheHit, RequestCompleted, SpendUpdated
 from .hooks import CallContext, RequestRecord, RouteOptions
-from .router import AUTO_MODELS
+from .router import parse_model_ref
 from .tokens import count_text
 from .types import TIER_RANK, Attempt, ChatRequest, P402Meta, Usage
 
@@ -114,12 +114,8 @@ def candidates(
     the longest input; `tokens`: of them all, for `max_cost_usd`."""
     limit = options.max_cost_usd
     catalog = orchestrator.catalog
-    ref = options.model
-    mode = options.mode
-    if ref is not None and ref.startswith("p402/") and ref[5:] not in ("auto",):
-        mode, ref = mode or ref[5:], None
-    if ref is not None and ref in AUTO_MODELS:
-        ref = None
+    ref, named_mode = parse_model_ref(options.model)
+    mode = options.mode or named_mode
     if ref is not None:
         spec = catalog.resolve(ref)  # `provider/<any id>` passes through, unpriced
         if "embeddings" not in spec.capabilities:

@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,14 +38,85 @@ class Event:
     def payload(self) -> dict[str, Any]:
         return {}
 
+    def wire(self) -> dict[str, Any]:
+        """Its form on the gateway's event stream."""
+        return self.to_dict()
+
 
 @dataclass(slots=True)
 class RouteDecided(Event):
+    """A decision made: whole in process; on the gateway's event stream, in brief (`wire()`)."""
+
     kind: ClassVar[str] = "route_decided"
-    decision: Any  # router.RouteDecision
+    decision: Any  # router.RouteDecision, or a DecisionBrief where only the brief travelled
+    api_key_id: str | None = None  # the gateway key that asked
 
     def payload(self) -> dict[str, Any]:
         return {"decision": self.decision.to_dict()}
+
+    def wire(self) -> dict[str, Any]:
+        # ~0.35 kB rather than ~40 kB with every candidate: hundreds of subscribers each get every
+        # one. `/api/v2/decisions/{id}` has the whole decision for whoever opens it.
+        return {"kind": self.kind, "ts": self.ts, "decision": decision_summary(decision_columns(self.decision), None)}
+
+
+def decision_columns(decision: Any) -> dict[str, Any]:
+    """A `RouteDecision`'s indexed columns, counted as the store counts them (from its snapshot)."""
+    snapshot = decision.snapshot()
+    chosen = snapshot.listing.models[int(snapshot.ranked[0])][0] if snapshot.chosen else None
+    return {
+        "id": snapshot.id, "ts": snapshot.ts, "mode": snapshot.mode, "chosen": chosen,
+        "est_cost_usd": float(snapshot.est_cost_usd[0]) if snapshot.chosen else None,
+        "candidates": len(snapshot.ranked), "excluded": len(snapshot.listing.excluded) + len(snapshot.filtered),
+    }  # fmt: skip
+
+
+def decision_summary(decision: Mapping[str, Any], outcome: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One decision in brief: its indexed columns and, once the request finished, its ledger row's outcome."""
+    if outcome is not None:
+        status = outcome["status"]
+    else:
+        status = "pending" if decision["chosen"] else "no_model"
+    return {
+        "id": decision["id"],
+        "ts": decision["ts"],
+        "mode": decision["mode"],
+        "chosen": decision["chosen"],
+        "model": f"{outcome['provider']}/{outcome['model']}" if outcome and outcome["provider"] else None,
+        "status": status,
+        "error_kind": outcome["error_kind"] if outcome else None,
+        "est_cost_usd": decision["est_cost_usd"],
+        "cost_usd": outcome["cost_usd"] if outcome else None,
+        "latency_ms": outcome["latency_ms"] if outcome else None,
+        "candidates": decision["candidates"],
+        "excluded": decision["excluded"],
+        "request_id": outcome["id"] if outcome else None,
+        "session_id": outcome["session_id"] if outcome else None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionBrief:
+    """A decision as `decision_summary` gives it: what a console shows in a row, and the id to
+    fetch the whole decision by."""
+
+    id: str
+    ts: float
+    mode: str
+    chosen: str | None  # provider/model the router chose
+    est_cost_usd: float | None
+    candidates: int
+    excluded: int
+    status: str = "pending"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DecisionBrief:
+        return cls(
+            id=data["id"], ts=float(data.get("ts") or time.time()), mode=data.get("mode") or "-",
+            chosen=data.get("chosen"), est_cost_usd=data.get("est_cost_usd"),
+            candidates=int(data.get("candidates") or 0), excluded=int(data.get("excluded") or 0),
+            status=data.get("status") or "pending",
+        )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -152,9 +223,11 @@ class RequestRejected(Event):
     path: str
     message: str = ""
     request_id: str | None = None
+    api_key_id: str | None = None
 
     def payload(self) -> dict[str, Any]:
         return {
+            "api_key_id": self.api_key_id,
             "status": self.status,
             "reason": self.reason,
             "method": self.method,

@@ -35,6 +35,7 @@ class RouteOptions:
     model: str | None = None  # pin `provider/model` (or a bare id the catalog resolves)
     failover: bool = True
     max_retries: int | None = None
+    allow: frozenset[str] | None = None  # the only models that may be chosen (a gateway key's rules); None: any
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +105,9 @@ class CallContext:
     source: str = "cli"
     request_id: str = field(default_factory=lambda: new_id("req", 10))
     timeout_s: float | None = None  # the whole request's deadline, across attempts; None: [router] request_timeout_s
+    # A key's claim on its budget and tokens (`policy.engine.Admission`): `admit(ctx, decision)` after routing,
+    # before any upstream call; `settle(record)` when the request is over.
+    policy: Any = None
 
     def cache_namespace(self) -> str:
         """The named namespace; else the session's, else "default", each inside the gateway key's own."""

@@ -364,11 +364,13 @@ class Orchestrator:
         decision = self.router.route(request, options)
         # Only ejected models left: the plan may still try the least bad of them, or answer 503.
         if decision.chosen_id is None and not any(e.reason == CIRCUIT_OPEN for e in decision.excluded):
-            self.bus.publish(RouteDecided(decision=decision))
+            self.bus.publish(RouteDecided(decision=decision, api_key_id=ctx.api_key_id))
             self.hooks.decided(decision)
             raise NoEligibleModelError(f"no eligible model: {decision.why_none()}")
         try:
             await self.hooks.check_budget(ctx, decision.est_cost_usd)
+            if ctx.policy is not None:
+                await ctx.policy.admit(ctx, decision)
         except P402Error:
             self._publish(decision, record)
             raise
@@ -376,7 +378,7 @@ class Orchestrator:
 
     def _publish(self, decision: RouteDecision, record: RequestRecord) -> None:
         """A decision that goes on to a call (or a budget refusal): told to the bus and the ledger."""
-        self.bus.publish(RouteDecided(decision=decision))
+        self.bus.publish(RouteDecided(decision=decision, api_key_id=record.api_key_id))
         self.hooks.decided(decision)
         self._note_decision(record, decision)
 
@@ -642,8 +644,16 @@ class Orchestrator:
             )
         )
         self.bus.publish(RequestCompleted(record=record))
-        self.hooks.completed(record, request, response, options, ctx)
+        self._completed(record, request, response, options, ctx)
         return response
+
+    def _completed(
+        self, record: RequestRecord, request: ChatRequest, response: ChatResponse | None, options: RouteOptions,
+        ctx: CallContext,
+    ) -> None:
+        if ctx.policy is not None:
+            ctx.policy.settle(record)
+        self.hooks.completed(record, request, response, options, ctx)
 
     @staticmethod
     def _record(ctx: CallContext, *, stream: bool) -> RequestRecord:
@@ -711,7 +721,7 @@ class Orchestrator:
         self.bus.publish(RequestCompleted(record=record))
         if cost is not None:  # an unpriced call spent no known money
             self.bus.publish(SpendUpdated(provider=meta.provider, model=meta.model, cost_usd=cost, session_id=ctx.session_id))
-        self.hooks.completed(record, request, response, options, ctx)
+        self._completed(record, request, response, options, ctx)
 
     def _finish_error(
         self,
@@ -746,7 +756,7 @@ class Orchestrator:
         self.bus.publish(RequestCompleted(record=record))
         if cost and spec is not None:
             self.bus.publish(SpendUpdated(provider=spec.provider, model=spec.model, cost_usd=cost, session_id=ctx.session_id))
-        self.hooks.completed(record, request, None, options, ctx)
+        self._completed(record, request, None, options, ctx)
 
 
 def _shaped(request: ChatRequest, spec: ModelSpec) -> tuple[ChatRequest, list[str]]:

@@ -79,6 +79,7 @@ CONTEXT_TOO_SMALL = "context too small"
 OUTPUT_TOO_SMALL = "max_tokens over output limit"
 OVER_COST = "over max_cost_usd"
 UNPRICED = "unpriced (used only when pinned or in an alias)"
+NOT_ALLOWED = "not allowed for the gateway key"
 
 _BIT = {cap: 1 << i for i, cap in enumerate(CAPABILITIES)}
 # A few extra tenths of a micro-dollar keep log(cost) finite for free (local) models.
@@ -953,7 +954,7 @@ class Router:
         require, prefer, exclude = options.require, options.prefer, options.exclude
         if type(require) is not frozenset or type(prefer) is not tuple or type(exclude) is not tuple:
             require, prefer, exclude = frozenset(require), tuple(prefer), tuple(exclude)
-        entry_key = (options.mode, need, require, prefer, exclude, options.max_tier, pin)
+        entry_key = (options.mode, need, require, prefer, exclude, options.max_tier, pin, options.allow)
         entry = self._entries.get(entry_key)
         if entry is None:
             entry = self._entry(entry_key)
@@ -1045,7 +1046,7 @@ class Router:
 
     def _entry(self, key: tuple[Any, ...]) -> _Entry:
         """Apply the request-independent filters of one option set (cached until health or providers change)."""
-        mode_opt, need, require, prefer, exclude, max_tier, pin_ref = key
+        mode_opt, need, require, prefer, exclude, max_tier, pin_ref, allow = key
         alias = self.aliases.get(pin_ref) if pin_ref is not None else None
         if alias is not None:
             pin_ref, mode_opt = None, mode_opt or alias[1]
@@ -1076,6 +1077,8 @@ class Router:
                 reason = EXCLUDED_PROVIDER
             elif self._unpriced[i] and i != pin and members is None:
                 reason = UNPRICED
+            elif allow is not None and spec.id not in allow:
+                reason = NOT_ALLOWED
             elif self._retired[i] and i != pin:
                 reason = f"retired on {spec.deprecated_on}"
             elif self._caps[i] & need != need:

@@ -26,10 +26,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.errors import P402Error, UnknownModelError
-from ..core.events import EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged
+from ..core.events import (
+    EVENT_KINDS, EventLog, RequestCompleted, RequestRejected, RouteDecided, SubscriberLagged, decision_columns,
+    decision_summary,
+)  # fmt: skip
 from ..core.tokens import off_loop
-from ..core.sessions import SESSION_STATUSES
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Usage, json_bytes, round_costs
+from ..service import Service
+from ..policy.engine import PolicyEngine
 from . import errors, memory, sse
 from .auth import GatewayAuth
 from .bodies import (
@@ -50,6 +54,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
 from .responses import Responses
+from .scoping import event_key, key_filter, own_key, role_refusal
 
 if TYPE_CHECKING:
     from ..cache.semantic import SemanticCache
@@ -58,7 +63,7 @@ if TYPE_CHECKING:
     from ..core.hooks import CallContext, RequestRecord, RouteOptions
     from ..core.orchestrator import ChatStream, Orchestrator
     from ..core.router import RouteDecision
-    from ..store.store import Store
+    from ..service import Store
 
 logger = logging.getLogger("p402.gateway")
 
@@ -78,7 +83,7 @@ LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if
 # After each write an event stream waits this long before its next: what arrives meanwhile goes in one
 # write, so a subscriber costs at most ten wake-ups a second however fast events come.
 EVENT_TICK_S = 0.1
-EVENT_SNDBUF = 256 * 1024  # ~2.5 MB/s to a subscriber 100 ms away
+EVENT_SNDBUF = 32 * 1024  # ~320 kB/s to a subscriber 100 ms away: ~300 requests/s of events in brief
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -157,14 +162,18 @@ class Gateway:
         auth: GatewayAuth | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         simulated: bool = False,
+        service: Service | None = None,
     ) -> None:
         self.orchestrator = orchestrator
+        self.service = service or Service(store, orchestrator.catalog, simulated=simulated)
         self.simulated = simulated  # every provider is the simulator: its reports count simulated rows by default
         self.settings = settings
         self.store = store
         self.cache = cache  # None when the gateway runs without one
         self.bus = orchestrator.bus
         self.auth = auth or GatewayAuth(None, required=False)
+        self.policy = PolicyEngine(store, orchestrator.catalog)
+        self.auth.describe = self.policy.key_info
         self.metrics = Metrics()
         self.decisions: deque[RouteDecision] = deque(maxlen=DECISION_RING)
         self.outcomes: OrderedDict[str, RequestRecord] = OrderedDict()  # decision id -> its request's record (no store)
@@ -221,17 +230,15 @@ class Gateway:
 
     def check_ledger(self) -> None:
         """A 503 while the ledger writer is saturated: every route that records a request asks first."""
-        if self.store is not None and self.store.writer.saturated:
+        if self.service.writes_saturated:
             self.store_refused += 1
-            message = f"the ledger cannot keep up ({self.store.writer.pending} writes queued); retry shortly"
+            message = f"the ledger cannot keep up ({self.service.writes_pending} writes queued); retry shortly"
             raise errors.GatewayError(503, message, code="store_overloaded", headers={"retry-after": "1"})
 
-    async def bind(self, request: Request, ctx: Any) -> None:
-        """The session named by id or name resolved, and the request's id noted for its refusal event."""
-        if ctx.session_id is not None and self.store is not None:
-            from ..store.sessions import resolve_session
-
-            ctx.session_id = await resolve_session(self.store, ctx.session_id, ctx.api_key_id)  # a name, or the id
+    async def bind(self, request: Request, chat: ChatRequest, options: RouteOptions, ctx: CallContext) -> None:
+        """The key's policy applied (its rules, defaults and guardrails; the session by name or id), and the
+        request's id noted for its refusal event."""
+        await self.policy.enforce(request.scope, chat, options, ctx)
         request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
 
     async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
@@ -255,7 +262,7 @@ class Gateway:
             # Megabytes of JSON hold the loop for tens of ms: parsed on the small pool, and what the
             # request used is handed back to the OS once it is done.
             chat, options, ctx = await off_loop(parse) if large else parse()
-            await self.bind(request, ctx)
+            await self.bind(request, chat, options, ctx)
             if chat.stream:
                 return await self._stream(chat, options, ctx, frames, large=large)
             response = await self.orchestrator.complete(chat, options, ctx)
@@ -353,99 +360,63 @@ class Gateway:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    def _store(self) -> Store:
-        if self.store is None:
-            raise errors.GatewayError(503, "this gateway runs without a store: sessions and analytics are off",
-                                      code="no_store")
-        return self.store
-
-    async def _fresh_store(self) -> Store:
-        """The store with every queued write committed, so a reader sees the requests it just made."""
-        store = self._store()
-        await store.flush()
-        return store
-
     async def list_sessions(self, request: Request) -> Any:
-        from ..store.sessions import list_sessions
-
-        status = request.query_params.get("status")
-        if status is not None and status not in SESSION_STATUSES:
-            raise errors.GatewayError(400, f"status must be one of {', '.join(SESSION_STATUSES)}", param="status")
-        return json_response({"object": "list", "data": await list_sessions(await self._fresh_store(), status=status)})
+        sessions = await self.service.sessions(
+            status=request.query_params.get("status"), api_key_id=key_filter(request.scope, request.query_params.get("key"))
+        )
+        return json_response({"object": "list", "data": sessions})
 
     async def create_session(self, request: Request) -> Any:
-        from ..store.sessions import create_session
-
         body = validate(SessionCreate, await read_json(request, self.max_body))
-        return json_response(
-            await create_session(self._store(), **body.model_dump(), api_key_id=request.scope.get("p402.api_key_id")),
-            status=201,
-        )
+        key_id = request.scope.get("p402.api_key_id")
+        created = await self.service.create_session(**body.model_dump(), api_key_id=key_id)
+        return json_response(created, status=201)
 
-    async def _session_id(self, request: Request, store: Store) -> str:
-        """The session the path names, by id or by name."""
-        from ..store.sessions import resolve_session
-
-        return await resolve_session(store, request.path_params["session_id"], request.scope.get("p402.api_key_id"))
+    async def _session_ref(self, request: Request) -> dict[str, Any]:
+        """The session the path names (by id or by name), as the key asking sees its names; a `user` key
+        reaches only its own (another key's is a 404)."""
+        ref, key_id = request.path_params["session_id"], request.scope.get("p402.api_key_id")
+        if own_key(request.scope) is not None:
+            ref = await self.service.resolve_session(ref, api_key_id=key_id)
+            await self.policy.require_own_session(request.scope["p402.key"], ref)
+        return {"ref": ref, "api_key_id": key_id}
 
     async def get_session(self, request: Request) -> Any:
-        from ..store.sessions import get_session
-
-        store = await self._fresh_store()
-        return json_response(await get_session(store, await self._session_id(request, store)))
+        return json_response(await self.service.session(**await self._session_ref(request)))
 
     async def session_requests(self, request: Request) -> Any:
-        from ..store.queries import recent_requests
-        from ..store.sessions import get_session
-
         limit = _int_param(request, "limit", default=100, low=1, high=SESSION_PAGE_MAX)
-        store = await self._fresh_store()
-        session_id = await self._session_id(request, store)
-        await get_session(store, session_id)  # an unknown id is a 404, not an empty list
-        rows = await recent_requests(store, session_id=session_id, limit=limit)
+        rows = await self.service.session_requests(**await self._session_ref(request), limit=limit)
         return json_response({"object": "list", "data": rows})
 
     async def session_messages(self, request: Request) -> Any:
-        from ..store.sessions import get_session, session_messages
-
         limit = _int_param(request, "limit", default=200, low=1, high=SESSION_PAGE_MAX)
-        store = await self._fresh_store()
-        session_id = await self._session_id(request, store)
-        await get_session(store, session_id)
-        return json_response({"object": "list", "data": await session_messages(store, session_id, limit=limit)})
+        rows = await self.service.session_messages(**await self._session_ref(request), limit=limit)
+        return json_response({"object": "list", "data": rows})
 
     async def update_session(self, request: Request) -> Any:
-        from ..store.sessions import update_session
-
         body = validate(SessionPatch, await read_json(request, self.max_body))
-        session_id = await self._session_id(request, self._store())
-        return json_response(await update_session(self._store(), session_id, **body.changes()))
+        return json_response(await self.service.update_session(**await self._session_ref(request), **body.changes()))
 
     async def delete_session(self, request: Request) -> Any:
-        from ..store.sessions import delete_session
-
-        session_id = await self._session_id(request, self._store())
-        await delete_session(self._store(), session_id)
+        session_id = await self.service.delete_session(**await self._session_ref(request))
         return json_response({"id": session_id, "deleted": True})
 
     # --- analytics -----------------------------------------------------------------------------
 
     async def spend(self, request: Request) -> Any:
-        from ..store.analytics import parse_period, spend
-
-        store = await self._fresh_store()
         query = request.query_params
-        period = parse_period(query.get("period"), start=query.get("from"), end=query.get("to"))
-        everything = self._include_simulated(request)
-        return json_response(await spend(store, period, query.get("by") or "provider", include_simulated=everything))
+        return json_response(await self.service.spend(
+            query.get("period"), by=query.get("by") or "provider", start=query.get("from"), end=query.get("to"),
+            include_simulated=self._include_simulated(request), api_key_id=key_filter(request.scope, query.get("key")),
+        ))  # fmt: skip
 
     async def recommendations(self, request: Request) -> Any:
-        from ..store.analytics import parse_period, recommendations
-
-        store = await self._fresh_store()
-        period = parse_period(request.query_params.get("period"))
-        everything = self._include_simulated(request)
-        data = await recommendations(store, self.orchestrator.catalog, period, include_simulated=everything)
+        period = request.query_params.get("period")
+        data = await self.service.recommendations(
+            period, include_simulated=self._include_simulated(request),
+            api_key_id=key_filter(request.scope, request.query_params.get("key")),
+        )
         return json_response({"object": "list", "data": data})
 
     def _include_simulated(self, request: Request) -> bool:
@@ -468,15 +439,11 @@ class Gateway:
         """A page of decisions in brief, newest first: from the store when there is one, else from
         the ring this gateway heard. `before` (a decision id) pages on; the whole decision is
         `/api/v2/decisions/{id}` (a summary is ~0.4 kB, a decision with every candidate ~40 kB)."""
-        from ..store.queries import decision_summaries, decision_summary
-
         limit = _int_param(request, "limit", default=20, low=1, high=DECISION_RING)
         before = request.query_params.get("before")
-        if self.store is not None:
-            try:
-                data, more = await decision_summaries(await self._fresh_store(), limit=limit, before=before)
-            except ValueError as error:
-                raise errors.GatewayError(400, f"before: {error}", param="before", code="invalid_value") from None
+        if self.service.persistent:
+            found = await self.service.decisions(limit=limit, before=before, api_key_id=own_key(request.scope))
+            data, more = found["data"], found["has_more"]
         else:
             decisions = list(self.decisions)
             decisions.reverse()
@@ -486,7 +453,7 @@ class Gateway:
                     raise errors.GatewayError(400, f"before: no decision {before!r}", param="before", code="invalid_value")
                 decisions = decisions[at + 1 :]
             more = len(decisions) > limit
-            data = [decision_summary(_brief(d), _outcome(self.outcomes.get(d.id))) for d in decisions[:limit]]
+            data = [decision_summary(decision_columns(d), _outcome(self.outcomes.get(d.id))) for d in decisions[:limit]]
         page = {"object": "list", "data": data, "has_more": more}
         page["first_id"], page["last_id"] = (data[0]["id"], data[-1]["id"]) if data else (None, None)
         return json_response(page)
@@ -494,10 +461,8 @@ class Gateway:
     async def decision(self, request: Request) -> Any:
         """One decision whole: every candidate with its scores, every exclusion with its reason."""
         decision_id = request.path_params["decision_id"]
-        if self.store is not None:
-            from ..store.queries import get_decision
-
-            found = await get_decision(await self._fresh_store(), decision_id)
+        if self.service.persistent:
+            found = await self.service.decision(decision_id, api_key_id=own_key(request.scope))
         else:
             found = next((d.to_dict() for d in self.decisions if d.id == decision_id), None)
         if found is None:
@@ -543,7 +508,8 @@ class Gateway:
             )
         reader = log.reader(wanted, on_lag=lagged)
         self.event_subscribers += 1
-        response = sse.EventStreamResponse(self._event_frames(log, reader), stop=self.closing)
+        frames = self._event_frames(log, reader, own_key(request.scope))
+        response = sse.EventStreamResponse(frames, stop=self.closing)
 
         async def respond(scope: Scope, receive: Receive, send: Send) -> None:
             try:
@@ -559,7 +525,8 @@ class Gateway:
 
         return respond
 
-    async def _event_frames(self, log: EventLog, reader: LogReader) -> AsyncIterator[bytes]:
+    async def _event_frames(self, log: EventLog, reader: LogReader, key_id: str | None = None) -> AsyncIterator[bytes]:
+        """`key_id`: only that key's traffic (a `user` key's stream)."""
         yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
         while True:
             if not await log.wait(reader, self.heartbeat_s):
@@ -570,6 +537,8 @@ class Gateway:
             except SubscriberLagged:
                 yield sse.lagged_frame()
                 return
+            if key_id is not None:
+                events = [event for event in events if event_key(event) == key_id]
             if events:
                 yield b"".join([sse.bus_event_frame(event) for event in events])
             await asyncio.sleep(EVENT_TICK_S)
@@ -608,7 +577,7 @@ class Gateway:
             text += (
                 "# HELP p402_store_pending_writes Ledger writes queued, not yet committed.\n"
                 "# TYPE p402_store_pending_writes gauge\n"
-                f"p402_store_pending_writes {self.store.writer.pending}\n"
+                f"p402_store_pending_writes {self.service.writes_pending}\n"
                 "# HELP p402_store_refused_total Requests refused because the ledger could not keep up.\n"
                 "# TYPE p402_store_refused_total counter\n"
                 f"p402_store_refused_total {self.store_refused}\n"
@@ -625,6 +594,15 @@ class Gateway:
         return Response(document, media_type="application/json")
 
     # --- the app --------------------------------------------------------------------------------
+
+    def _keys(self, name: str) -> Handler:
+        """A `/api/v2/keys` handler (`gateway.keys`), bound to this gateway."""
+        from . import keys
+
+        handler = functools.partial(getattr(keys, name), self)
+        handler.__name__ = name  # type: ignore[attr-defined]
+        handler.__doc__ = getattr(keys, name).__doc__
+        return handler
 
     def routes(self) -> list[Route]:
         """One route a path, so that a 405 names every method the path takes in its Allow header."""
@@ -652,6 +630,11 @@ class Gateway:
             "/api/v2/decisions": {"GET": self.recent_decisions},
             "/api/v2/decisions/{decision_id}": {"GET": self.decision},
             "/api/v2/events": {"GET": self.events},
+            "/api/v2/keys": {"GET": self._keys("list_keys"), "POST": self._keys("create_key")},
+            "/api/v2/keys/{key_id}": {
+                "GET": self._keys("show_key"), "PATCH": self._keys("update_key"), "DELETE": self._keys("revoke_key"),
+            },
+            "/api/v2/keys/{key_id}/requests": {"GET": self._keys("key_requests")},
             "/health": {"GET": self.health},
             "/metrics": {"GET": self.prometheus},
             "/openapi.json": {"GET": self.openapi},
@@ -677,19 +660,9 @@ class Gateway:
         self.bus.publish(
             RequestRejected(
                 status=status, reason=reason or f"http_{status}", method=scope["method"], path=scope["path"],
-                message=message, request_id=scope.get("p402.request_id"),
+                message=message, request_id=scope.get("p402.request_id"), api_key_id=scope.get("p402.api_key_id"),
             )
         )  # fmt: skip
-
-
-def _brief(decision: RouteDecision) -> dict[str, Any]:
-    """A decision's columns as the store indexes them (only a gateway without a store reads these)."""
-    chosen = decision.chosen_id
-    return {
-        "id": decision.id, "ts": decision.ts, "mode": decision.mode, "chosen": chosen,
-        "est_cost_usd": None if chosen is None else decision.est_cost_usd,
-        "candidates": len(decision.candidates), "excluded": len(decision.excluded),
-    }  # fmt: skip
 
 
 def _outcome(record: RequestRecord | None) -> dict[str, Any] | None:
@@ -771,7 +744,11 @@ class _Front:
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] not in self.OPEN_PATHS:
             try:
-                scope["p402.api_key_id"] = await self.auth.check(scope)
+                key = scope["p402.key"] = await self.auth.check(scope)
+                scope["p402.api_key_id"] = None if key is None else key.id
+                refusal = role_refusal(scope)
+                if refusal is not None:
+                    raise refusal
             except errors.GatewayError as error:
                 refused(scope, error.code, error.message)
                 if self.on_rejected is not None:
@@ -787,6 +764,12 @@ class _Front:
                 status = message.get("status", 200)
                 if 400 <= status < 500 and self.on_rejected is not None:
                     self.on_rejected(scope, status)
+                limits = scope.get("p402.ratelimit")
+                if limits and message["type"] == "http.response.start":
+                    # The key's x-ratelimit-* figures ride on every answer, as OpenAI sends them.
+                    have = {name for name, _ in message.get("headers", ())}
+                    extra = [(k.encode(), v.encode()) for k, v in limits.items() if k.encode() not in have]
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         try:

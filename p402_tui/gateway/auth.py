@@ -1,10 +1,11 @@
 """Gateway keys on the request path: `Authorization: Bearer p402-...` (or `x-api-key: p402-...`).
 
-Keys are checked only when they are in force: when any key exists, or always
+Keys are checked only when they are in force: once any key was made, or always
 when the gateway listens beyond loopback. The store is asked at most once per
-token and per second (answers are remembered briefly), so a key made or revoked
-with `p402 keys` in another process takes effect within `ttl_s`; one made or
-revoked in this process, at once (`forget`).
+token and per half second (answers are remembered briefly), so a key made, changed
+or revoked with `p402 keys` in another process takes effect within `ttl_s`; one
+made, changed or revoked in this process, at once (`forget`). Tokens are looked up
+by their SHA-256 and compared with `hmac.compare_digest`: never in the clear.
 """
 
 from __future__ import annotations
@@ -12,40 +13,36 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import time
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.types import Scope
 
 from .errors import GatewayError
 
 if TYPE_CHECKING:
-    from ..store.store import Store
+    from ..service import Service
 
 
 class KeyBackend(Protocol):
-    async def verify(self, token: str) -> str | None:
-        """The id of the active key `token` is, or None."""
+    async def verify(self, token: str) -> dict[str, Any] | None:
+        """The record (id, name, role, policy) of the active key `token` is, or None."""
 
-    async def active_count(self) -> int:
-        """How many keys are active."""
+    async def key_count(self) -> int:
+        """How many keys were ever made, revoked ones included."""
 
 
 class StoreKeys:
-    """Keys as the store keeps them (hashes only; see `store.queries`)."""
+    """Keys as the store keeps them (hashes only), through the keys use case."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
-    async def verify(self, token: str) -> str | None:
-        from ..store.queries import verify_key
+    async def verify(self, token: str) -> dict[str, Any] | None:
+        return await self.service.verify_key(token)
 
-        key = await verify_key(self.store, token)
-        return None if key is None else key["id"]
-
-    async def active_count(self) -> int:
-        from ..store.queries import list_keys
-
-        return sum(1 for key in await list_keys(self.store) if key["active"])
+    async def key_count(self) -> int:
+        return await self.service.key_count()
 
 
 def is_loopback(host: str) -> bool:
@@ -74,13 +71,18 @@ class GatewayAuth:
 
     MAX_REMEMBERED = 4096
 
-    def __init__(self, backend: KeyBackend | None, *, required: bool, ttl_s: float = 1.0) -> None:
+    def __init__(
+        self, backend: KeyBackend | None, *, required: bool, ttl_s: float = 0.5,
+        describe: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
         self.backend = backend
+        # What a verified key's record becomes for the request path (the gateway's: `policy.KeyInfo`).
+        self.describe: Callable[[dict[str, Any]], Any] = describe or (lambda record: record)
         self.required = required  # listening beyond loopback: keys always, even if none exist yet
         self.ttl_s = ttl_s
         self._keys_exist = False
         self._keys_checked_at = float("-inf")
-        self._remembered: dict[bytes, tuple[str | None, float]] = {}
+        self._remembered: dict[bytes, tuple[Any, float]] = {}
 
     def forget(self) -> None:
         """Drop what was remembered: the next request asks the store again."""
@@ -88,7 +90,7 @@ class GatewayAuth:
         self._keys_checked_at = float("-inf")
 
     async def any_keys(self) -> bool:
-        return self.backend is not None and await self.backend.active_count() > 0
+        return self.backend is not None and await self.backend.key_count() > 0
 
     async def enforced(self) -> bool:
         if self.required:
@@ -97,23 +99,23 @@ class GatewayAuth:
             return False
         now = time.monotonic()
         if now - self._keys_checked_at > self.ttl_s:
-            self._keys_exist = await self.backend.active_count() > 0
+            self._keys_exist = await self.backend.key_count() > 0
             self._keys_checked_at = now
         return self._keys_exist
 
-    async def check(self, scope: Scope) -> str | None:
-        """The key id behind the request (None when keys are not in force); a 401 when it has none."""
+    async def check(self, scope: Scope) -> Any:
+        """The key behind the request, described (None when keys are not in force); a 401 when it has none."""
         if not await self.enforced():
             return None
         token = bearer(scope)
         if token is None:
             raise GatewayError(401, "this gateway needs a key: send Authorization: Bearer <key>", code="missing_api_key")
-        key_id = await self._verify(token)
-        if key_id is None:
+        key = await self._verify(token)
+        if key is None:
             raise GatewayError(401, "the gateway key is not valid or has been revoked", code="invalid_api_key")
-        return key_id
+        return key
 
-    async def _verify(self, token: str) -> str | None:
+    async def _verify(self, token: str) -> Any:
         if self.backend is None:
             return None
         digest = hashlib.sha256(token.encode()).digest()
@@ -121,8 +123,9 @@ class GatewayAuth:
         remembered = self._remembered.get(digest)
         if remembered is not None and now - remembered[1] <= self.ttl_s:
             return remembered[0]
-        key_id = await self.backend.verify(token)
+        record = await self.backend.verify(token)
+        key = None if record is None else self.describe(record)
         if len(self._remembered) >= self.MAX_REMEMBERED:
             self._remembered.clear()
-        self._remembered[digest] = (key_id, now)
-        return key_id
+        self._remembered[digest] = (key, now)
+        return key

@@ -15,10 +15,11 @@ from starlette.responses import Response
 
 from ..core.embeddings import VectorCache, as_base64, embed, untokenize
 from ..core.errors import InvalidRequestError
-from ..core.types import JSON_INTEGER, json_bytes
+from ..core.types import JSON_INTEGER, ChatMessage, ChatRequest, json_bytes
 from .bodies import route_options
 from .errors import GatewayError, from_validation_error
 
+SOURCE = "gateway:embeddings"  # a record's source: the gateway, through this API
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
 
 Tokens = list[Annotated[int, Field(ge=0, le=2**31 - 1), JSON_INTEGER]]
@@ -84,7 +85,12 @@ class Embeddings:
             api_key_id=request.scope.get("p402.api_key_id"),
             no_cache="no-cache" in directives or "no-store" in directives,
         )  # fmt: skip
-        await gateway.bind(request, ctx)
+        ctx.source = SOURCE
+        # The key's rules, limits and guardrails read the inputs as a chat's messages; what they redact
+        # is what is embedded.
+        chat = ChatRequest(model=parsed.model, messages=[ChatMessage(role="user", content=text) for text in texts])
+        await gateway.bind(request, chat, options, ctx)
+        texts = [message.content for message in chat.messages]
         result = await embed(
             gateway.orchestrator, texts, options=options, ctx=ctx, dimensions=parsed.dimensions, cache=self.cache
         )

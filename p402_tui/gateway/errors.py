@@ -20,6 +20,7 @@ _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
     402: "insufficient_quota",
+    403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -89,7 +90,7 @@ def from_p402_error(error: P402Error) -> Response:
         message = describe_attempts(error)  # (one local reason for them all is said once, as itself)
     if error.kind == "model_not_found":
         param = "model"
-    headers = None
+    headers = error.details.get("headers")  # a key's refusal: Retry-After and x-ratelimit-*
     if isinstance(error, UnavailableError):
         headers = {"retry-after": str(max(1, math.ceil(error.retry_after_s)))}
     return error_response(status, message, param=param, code=error.kind, headers=headers)

@@ -16,10 +16,12 @@ from .. import __version__
 from ..core.events import EVENT_KINDS
 from ..core.sessions import SESSION_STATUSES
 from ..core.types import ChatRequest
-from ..store.analytics import PERIOD_PATTERN
+from ..service.spend import PERIOD_PATTERN
+from ..policy.rules import KeyPolicy
 from .bodies import DECISION_RING, SESSION_PAGE_MAX, CompareBody, P402Options, SessionCreate, SessionPatch
 from .messages import openapi_paths as messages_paths
 from .messages import openapi_schemas as messages_schemas
+from .keys import KeyCreate, KeyPatch
 
 _REF = "#/components/schemas/{model}"
 
@@ -68,10 +70,12 @@ def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Invalid body or parameter; no eligible model",
         401: "A gateway key is needed (Authorization: Bearer)",
-        402: "The session's budget would be exceeded",
+        402: "The session's or the key's budget would be exceeded (code budget_exceeded)",
+        403: "The key's role or model rules refuse it (code permission_denied or model_not_allowed)",
         404: "Unknown model or resource",
         409: "The session is paused or closed, or the name is taken",
         413: "Body larger than the configured limit",
+        429: "The key's requests or tokens a minute are reached; Retry-After and x-ratelimit-* say when",
         502: "Every upstream attempt failed; the message lists them",
         503: "No store behind this gateway, or one of its limits reached (Retry-After says when to retry)",
         504: "The request's deadline (p402.timeout_s, else [router] request_timeout_s) passed",
@@ -160,7 +164,7 @@ _CHAT = {
                     ),
                 },
             },
-            **_errors(400, 401, 402, 404, 409, 413, 502, 504),
+            **_errors(400, 401, 402, 403, 404, 409, 413, 429, 502, 504),
             "503": {
                 **_json(_ref("Error"), "No candidate can answer now (each throttled or ejected, or every attempt "
                         "failed; `type` overloaded_error), or one of the gateway's own limits is reached "
@@ -173,9 +177,47 @@ _CHAT = {
 }
 
 
+_KEY_FILTER = {
+    "name": "key", "in": "query", "schema": {"type": "string"},
+    "description": "only this gateway key's (a user key always sees only its own)",
+}
+_KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+# Admin keys only: any other role gets a 403.
+_KEYS: dict[str, Any] = {
+    "/api/v2/keys": {
+        "get": {
+            "summary": "Every gateway key (never its secret) with its role, policy, spend this period and live figures",
+            "responses": {"200": _json(_list_of({"type": "object"})), **_errors(401, 403)},
+        },
+        "post": {
+            "summary": "Make a key; the answer's `key` is the secret, shown this once (policy: see KeyPolicy)",
+            "requestBody": _body("KeyCreate"),
+            "responses": {"201": _json({"type": "object"}, "Created"), **_errors(400, 401, 403, 413)},
+        },
+    },
+    "/api/v2/keys/{key_id}": {
+        "parameters": [_KEY_ID],
+        "get": {"summary": "One key", "responses": {"200": _json({"type": "object"}), **_errors(401, 403, 404)}},
+        "patch": {
+            "summary": "Change a key's name, role or policy (merged; a field sent as null goes); gateways apply it at once",
+            "requestBody": _body("KeyPatch"),
+            "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 403, 404, 413)},
+        },
+        "delete": {"summary": "Revoke a key", "responses": {"200": _json({"type": "object"}), **_errors(401, 403, 404)}},
+    },
+    "/api/v2/keys/{key_id}/requests": {
+        "parameters": [_KEY_ID],
+        "get": {
+            "summary": "The key's latest requests from the ledger, newest first",
+            "responses": {"200": _json(_list_of(_ref("LedgerRow"))), **_errors(401, 403, 404)},
+        },
+    },
+}
+
+
 def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) -> dict[str, Any]:
     """The document for a gateway routing to `providers`; without keys in force no operation needs one."""
-    schemas = _schemas(ChatRequest, P402Options, CompareBody, SessionCreate, SessionPatch)
+    schemas = _schemas(ChatRequest, P402Options, CompareBody, SessionCreate, SessionPatch, KeyCreate, KeyPatch, KeyPolicy)
     known = list(providers)
     if known:
         for field in ("prefer", "exclude"):
@@ -420,7 +462,9 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     _PERIOD,
                     {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"}},
                     {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"}},
-                    {"name": "by", "in": "query", "schema": {"enum": ["provider", "model", "session", "tag", "day"]}},
+                    {"name": "by", "in": "query",
+                     "schema": {"enum": ["provider", "model", "session", "tag", "key", "day"]}},
+                    _KEY_FILTER,
                     _INCLUDE_SIMULATED,
                 ],
                 "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 503)},
@@ -429,7 +473,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/analytics/recommendations": {
             "get": {
                 "summary": "Ways to spend less, from the ledger, biggest monthly saving first",
-                "parameters": [_PERIOD, _INCLUDE_SIMULATED],
+                "parameters": [_PERIOD, _INCLUDE_SIMULATED, _KEY_FILTER],
                 "responses": {"200": _json(_list_of({"type": "object"})), **_errors(400, 401, 503)},
             }
         },
@@ -442,7 +486,10 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
         "/api/v2/sessions": {
             "get": {
                 "summary": "Agent sessions with their spend",
-                "parameters": [{"name": "status", "in": "query", "schema": {"enum": list(SESSION_STATUSES)}}],
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": {"enum": list(SESSION_STATUSES)}},
+                    _KEY_FILTER,
+                ],
                 "responses": {"200": _json(_list_of(_ref("Session"))), **_errors(400, 401, 503)},
             },
             "post": {
@@ -496,7 +543,9 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "summary": "Live events as server-sent events (`event: <kind>`, `data: <json>`)",
                 "description": (
                     f"Kinds: {', '.join(EVENT_KINDS)}. Comment lines are heartbeats. `kinds=a,b` filters; "
-                    "an unknown kind is a 400. A subscriber that falls further behind than its buffer gets a "
+                    "an unknown kind is a 400. `route_decided` carries the decision in brief (a "
+                    "`DecisionSummary`); `/api/v2/decisions/{decision_id}` has it whole. A subscriber that "
+                    "falls further behind than its buffer gets a "
                     "last `lagged` event and is disconnected; past [gateway] max_event_subscribers a new one "
                     "gets a 503."
                 ),
@@ -529,6 +578,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "responses": {"200": _text("text/plain", "Prometheus text format 0.0.4"), **_errors(401)},
             }
         },
+        **_KEYS,
         "/openapi.json": {
             "get": {"summary": "This document", "responses": {"200": _json({"type": "object"}), **_errors(401)}},
         },
@@ -552,7 +602,7 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "A gateway key from `p402 keys create`; needed once any key exists",
+                    "description": "A gateway key from `p402 keys create`; needed once any key was made (revoked ones count)",
                 },
                 "x_api_key": {
                     "type": "apiKey",

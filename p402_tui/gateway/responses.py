@@ -38,6 +38,7 @@ from .responses_wire import (
     response_object,
 )
 
+SOURCE = "gateway:responses"  # a record's source: the gateway, through this API
 RECENT = 1000  # answers kept in memory as well (without a store: the only ones kept)
 _ERROR_CODES = {"rate_limit": "rate_limit_exceeded"}  # the document's ResponseErrorCode; the rest server_error
 
@@ -75,7 +76,7 @@ class Responses:
         no_cache = "no-cache" in directives or "no-store" in directives
         parse = functools.partial(_chat_request, body, history, gateway.orchestrator.catalog, key_id, no_cache)
         chat, options, ctx, conversation = await off_loop(parse) if len(raw) >= self.large else parse()
-        await gateway.bind(request, ctx)
+        await gateway.bind(request, chat, options, ctx)
         response_id = new_item_id("resp")
         if chat.stream:
             stream = gateway.orchestrator.stream(chat, options, ctx)
@@ -108,23 +109,13 @@ class Responses:
         self.recent[data["id"]] = (key_id, data, turns)
         while len(self.recent) > RECENT:
             self.recent.popitem(last=False)
-        store = self.gateway.store
-        if store is not None:
-            from ..store.responses import INSERT_RESPONSE, response_row
-
-            store.put(INSERT_RESPONSE, response_row(data["id"], data["created_at"], key_id, data, turns))
+        self.gateway.service.keep_response(data["id"], data["created_at"], key_id, data, turns)
 
     async def _find(self, response_id: str, key_id: str | None) -> tuple[dict[str, Any], list[Any]] | None:
         kept = self.recent.get(response_id)
         if kept is not None:
             return (kept[1], kept[2]) if kept[0] == key_id else None
-        store = self.gateway.store
-        if store is None:
-            return None
-        from ..store.responses import get_response
-
-        await store.flush()  # one kept a moment ago may still be queued
-        return await get_response(store, response_id, key_id)
+        return await self.gateway.service.stored_response(response_id, key_id)
 
     # --- GET and DELETE /v1/responses/{id} --------------------------------------------
 
@@ -142,11 +133,7 @@ class Responses:
         deleted = kept is not None and kept[0] == key_id
         if deleted:
             del self.recent[response_id]
-        store = self.gateway.store
-        if store is not None:
-            from ..store.responses import delete_response
-
-            deleted = await delete_response(store, response_id, key_id) or deleted
+        deleted = await self.gateway.service.delete_response(response_id, key_id) or deleted
         if not deleted:
             raise _not_found(response_id)
         return Response(json_bytes({"id": response_id, "object": "response.deleted", "deleted": True}),
@@ -167,6 +154,7 @@ def _chat_request(
         message = f"the conversation holds {len(chat.messages)} messages; at most {MAX_MESSAGES} are accepted"
         raise GatewayError(400, message, param="input", code="too_many_messages")
     options, ctx = route_options(body.p402, chat.model, catalog, api_key_id=key_id, no_cache=no_cache)
+    ctx.source = SOURCE
     return chat, options, ctx, conversation
 
 
@@ -331,6 +319,7 @@ async def _events(
             if not output.items:  # an empty answer is still a message
                 output._opening("message", 0, message_item(new_item_id("msg"), "", "in_progress") | {"content": []}, out)
                 output.close(out)
+            usage = usage or stream.usage  # none from upstream: our count, as the chat route falls back to
             done = snapshot("completed", answer_usage=usage, finish_reason=finish, p402=stream.meta.to_dict())
             if keep is not None:
                 keep(done, output.items)

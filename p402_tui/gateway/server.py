@@ -186,7 +186,7 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
 
 async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
     """The gateway over a `Runtime`: its orchestrator, its store (ledger, sessions, keys)."""
-    keys = StoreKeys(runtime.store) if runtime.store is not None else None
+    keys = StoreKeys(runtime.service) if runtime.store is not None else None
     auth = GatewayAuth(keys, required=False)
     if runtime.store is not None:
         runtime.store.key_listeners.append(auth.forget)
@@ -197,5 +197,6 @@ async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S)
         cache=runtime.cache,
         auth=auth,
         simulated=runtime.sim is not None,
+        service=runtime.service,
     )
     return await start_gateway(gateway, host, port, grace_s=grace_s)

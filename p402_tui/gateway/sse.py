@@ -44,9 +44,9 @@ def event_frame(kind: str, data: Any) -> bytes:
 
 
 def bus_event_frame(event: Any) -> bytes:
-    """A bus event's frame, serialised once however many clients stream it (a decision is ~40 kB of JSON)."""
+    """A bus event's frame, serialised once however many clients stream it (a decision goes in brief)."""
     if event.frame is None:
-        event.frame = event_frame(event.kind, event.to_dict())
+        event.frame = event_frame(event.kind, event.wire())
     return event.frame
 
 

@@ -123,7 +123,7 @@ async def _checkup(provider: ResolvedProvider, network: NetworkConfig, env: Mapp
                 async with asyncio.timeout(STEP_TIMEOUT_S):
                     await writer.start_tls(tls, server_hostname=host)
             except ssl.SSLCertVerificationError as error:
-                detail = f"the certificate of {host} is not trusted: {error.verify_message or error}"
+                detail = f"the certificate of {host} is not trusted: {getattr(error, 'verify_message', None) or error}"
                 return _failed(up, Step("tls", False, detail, _ms(start)),
                                "if your network inspects TLS, point [network] ca_bundle (or SSL_CERT_FILE) at its "
                                "root CA; otherwise something between you and the provider is posing as it")  # fmt: skip

@@ -14,7 +14,7 @@ import math
 import random
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeVar
@@ -202,6 +202,7 @@ class SimState:
         self.streams = StreamStats()
         self.started = time.time()
         self._rng = random.Random(seed)
+        self.prompts: deque[str] = deque(maxlen=200)  # the latest prompts as they arrived, for tests to inspect
 
     # --- faults and stats ---------------------------------------------------
 
@@ -270,6 +271,7 @@ class SimState:
         (the family module decides, from tool_choice and whether the last turn was a tool result).
         `words` fixes the answer's length in streamed pieces (benchmarks want an exact count).
         """
+        self.prompts.append(prompt_text)
         prompt_tokens = count_text(prompt_text).tokens
         digest = hashlib.sha256(f"{self.seed}|{provider}/{model}|{prompt_text}".encode()).digest()
         rng = random.Random(digest)

@@ -28,6 +28,7 @@ BREAKDOWNS = {
     "model": "CASE WHEN model IS NULL THEN '(none)' ELSE provider || '/' || model END",
     "session": "COALESCE(session_id, '(none)')",
     "tag": "COALESCE(tag, '(none)')",
+    "key": "COALESCE(api_key_id, '(none)')",
     "day": "date(ts, 'unixepoch', 'localtime')",
 }
 
@@ -119,19 +120,31 @@ def _dates(start: str | None, end: str | None, now: float) -> Period:
 # --- spend ------------------------------------------------------------------------------------
 
 
-def _rows(include_simulated: bool, alias: str = "") -> str:
-    """The ledger rows a report counts: simulated ones only when asked for."""
-    return "" if include_simulated else f" AND {alias}simulated = 0"
+KEY_ID = re.compile(r"key-[0-9a-f]{12}")  # what `queries.create_key` makes
+
+
+def _rows(include_simulated: bool, alias: str = "", api_key_id: str | None = None) -> str:
+    """The ledger rows a report counts: simulated ones only when asked for; with `api_key_id`, that key's only."""
+    real = "" if include_simulated else f" AND {alias}simulated = 0"
+    if api_key_id is None:
+        return real
+    if not KEY_ID.fullmatch(api_key_id):  # checked, so it can sit in the SQL of every query a report makes
+        raise PeriodError(f"no gateway key {api_key_id!r}: key ids look like key-0123456789ab", param="key")
+    return f"{real} AND {alias}api_key_id = '{api_key_id}'"
 
 
 async def spend(
-    store: Store, period: Period, by: str = "provider", *, include_simulated: bool = False
+    store: Store, period: Period, by: str = "provider", *, include_simulated: bool = False, api_key_id: str | None = None
 ) -> dict[str, Any]:
-    """Totals for the period and a breakdown by provider, model, session, tag or day (most expensive first)."""
+    """Totals for the period and a breakdown by provider, model, session, tag, gateway key or day (most expensive
+    first); with `api_key_id`, of that key's requests only."""
     if by not in BREAKDOWNS:
         raise PeriodError(f"cannot break spend down by {by!r}; choose {', '.join(BREAKDOWNS)}")
-    window = (period.start, period.end)
+    window: tuple[Any, ...] = (period.start, period.end)
     real = _rows(include_simulated)
+    if api_key_id is not None:
+        real += " AND api_key_id = ?"
+        window += (api_key_id,)
     totals = await store.fetchone(
         "SELECT COALESCE(SUM(cost_usd), 0.0) AS cost_usd, COUNT(*) AS requests, COALESCE(SUM(saved_usd), 0.0) AS saved_usd, "
         "COALESCE(SUM(cached), 0) AS cached, COALESCE(SUM(status != 'ok'), 0) AS errors, "
@@ -151,7 +164,8 @@ async def spend(
         window,
     )
     left_out = 0 if include_simulated else await store.scalar(
-        "SELECT COUNT(*) FROM requests WHERE ts >= ? AND ts < ? AND simulated = 1", window
+        "SELECT COUNT(*) FROM requests WHERE ts >= ? AND ts < ? AND simulated = 1"
+        + (" AND api_key_id = ?" if api_key_id is not None else ""), window
     )
     return {
         "period": period.to_dict(),
@@ -188,21 +202,21 @@ def _monthly(amount: float, span_days: float) -> float:
 
 
 async def recommendations(
-    store: Store, catalog: Catalog, period: Period, *, include_simulated: bool = False
+    store: Store, catalog: Catalog, period: Period, *, include_simulated: bool = False, api_key_id: str | None = None
 ) -> list[dict[str, Any]]:
-    """Advice with its numbers, the biggest monthly saving first.
+    """Advice with its numbers, the biggest monthly saving first; with `api_key_id`, from that key's traffic.
 
     Each item: {kind, title, detail, monthly_saving_usd (None where the gain is not money), numbers}.
     """
     window = (period.start, period.end)
-    real = _rows(include_simulated)
+    real = _rows(include_simulated, api_key_id=api_key_id)
     first_ts = await store.scalar(f"SELECT MIN(ts) FROM requests WHERE ts >= ? AND ts < ?{real}", window)
     span = _span_days(first_ts, period)
     found = (
         await _cheaper_models(store, catalog, window, span, real)
         + await _repeated_prompts(store, window, span, real)
         + await _unreliable_providers(store, window, real)
-        + await _sessions_burning(store, period, _rows(include_simulated, "r."))
+        + await _sessions_burning(store, period, _rows(include_simulated, "r.", api_key_id))
     )
     found.sort(key=lambda r: -(r["monthly_saving_usd"] or 0.0))
     return found

@@ -216,7 +216,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE requests ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0;
     """,
-    # 7: Responses API answers kept for GET /v1/responses/{id} and previous_response_id: the answer as
+    # Responses API answers kept for GET /v1/responses/{id} and previous_response_id: the answer as
     # sent, and the conversation (chat messages, instructions left out) that a next turn continues
     """
     CREATE TABLE stored_responses (
@@ -226,6 +226,23 @@ MIGRATIONS: tuple[str, ...] = (
         response TEXT NOT NULL,
         conversation TEXT NOT NULL
     );
+    """,
+    # policy: each key's role and policy (JSON), the ledger grouped by key, and which guardrail rules
+    # fired on a request and how often (never what they matched). Keys made before roles stay admins.
+    """
+    ALTER TABLE gateway_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE gateway_keys ADD COLUMN policy TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE gateway_keys ADD COLUMN updated REAL;
+    CREATE INDEX requests_key ON requests(api_key_id, ts);
+    CREATE TABLE guardrail_hits (
+        request_id TEXT NOT NULL,
+        api_key_id TEXT,
+        ts REAL NOT NULL,
+        rule TEXT NOT NULL,
+        action TEXT NOT NULL,
+        count INTEGER NOT NULL
+    );
+    CREATE INDEX guardrail_hits_key ON guardrail_hits(api_key_id, ts);
     """,
     # a call to a model without a known price (an unlisted id) costs NULL, not $0, and is flagged unpriced.
     # SQLite cannot drop a NOT NULL constraint by ALTER; the table's declaration is edited in place, as

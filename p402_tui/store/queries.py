@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+from ..core.events import decision_summary
 from ..core.hooks import RequestRecord
 from ..core.types import json_bytes
 from . import decisions
@@ -68,10 +69,11 @@ def _ledger_dict(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def recent_requests(
-    store: Store, *, limit: int = 100, session_id: str | None = None, since: float | None = None
+    store: Store, *, limit: int = 100, session_id: str | None = None, since: float | None = None,
+    api_key_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """Newest first."""
-    where, params = _where(session_id=session_id, since=since)
+    where, params = _where(session_id=session_id, since=since, api_key_id=api_key_id)
     rows = await store.fetchall(f"SELECT * FROM requests {where} ORDER BY ts DESC LIMIT ?", (*params, limit))
     return [_ledger_dict(r) for r in rows]
 
@@ -81,8 +83,13 @@ async def get_request(store: Store, request_id: str) -> dict[str, Any] | None:
     return _ledger_dict(row) if row else None
 
 
-def _where(*, session_id: str | None = None, since: float | None = None) -> tuple[str, list[Any]]:
+def _where(
+    *, session_id: str | None = None, since: float | None = None, api_key_id: str | None = None
+) -> tuple[str, list[Any]]:
     clauses, params = [], []
+    if api_key_id is not None:
+        clauses.append("api_key_id = ?")
+        params.append(api_key_id)
     if session_id is not None:
         clauses.append("session_id = ?")
         params.append(session_id)
@@ -178,16 +185,25 @@ async def recent_decisions(store: Store, *, limit: int = 100) -> list[dict[str, 
 OUTCOME_WINDOW_S = 300.0
 
 
-async def decision_summaries(store: Store, *, limit: int = 20, before: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+async def decision_summaries(
+    store: Store, *, limit: int = 20, before: str | None = None, api_key_id: str | None = None
+) -> tuple[list[dict[str, Any]], bool]:
     """A page of decisions, newest first, each in a few hundred bytes: what was chosen and how it went,
     the candidates and exclusions counted. `before` is the id of the page's last decision; with it
-    the next page follows. Returns the page and whether there is more. ValueError: `before` names no decision."""
-    where, params = "", []
+    the next page follows. Returns the page and whether there is more. ValueError: `before` names no decision.
+    `api_key_id`: only the decisions of that gateway key's requests."""
+    conditions: list[str] = []
+    params: list[Any] = []
     if before is not None:
         cursor = await store.fetchone("SELECT ts, id FROM router_decisions WHERE id = ?", (before,))
         if cursor is None:
             raise ValueError(f"no decision {before!r}")
-        where, params = "WHERE ts < ? OR (ts = ? AND id < ?)", [cursor["ts"], cursor["ts"], cursor["id"]]
+        conditions.append("(ts < ? OR (ts = ? AND id < ?))")
+        params += [cursor["ts"], cursor["ts"], cursor["id"]]
+    if api_key_id is not None:
+        conditions.append(_OF_KEY)
+        params.append(api_key_id)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
     rows = await store.fetchall(
         f"SELECT id, ts, mode, chosen, est_cost_usd, candidates, excluded FROM router_decisions {where} "
         "ORDER BY ts DESC, id DESC LIMIT ?",
@@ -207,32 +223,14 @@ async def decision_summaries(store: Store, *, limit: int = 20, before: str | Non
     return [decision_summary(r, outcomes.get(r["id"])) for r in rows], more
 
 
-def decision_summary(decision: dict[str, Any], outcome: dict[str, Any] | None) -> dict[str, Any]:
-    """One decision in brief: its indexed columns and, once the request finished, its ledger row's outcome."""
-    if outcome is not None:
-        status = outcome["status"]
-    else:
-        status = "pending" if decision["chosen"] else "no_model"
-    return {
-        "id": decision["id"],
-        "ts": decision["ts"],
-        "mode": decision["mode"],
-        "chosen": decision["chosen"],
-        "model": f"{outcome['provider']}/{outcome['model']}" if outcome and outcome["provider"] else None,
-        "status": status,
-        "error_kind": outcome["error_kind"] if outcome else None,
-        "est_cost_usd": decision["est_cost_usd"],
-        "cost_usd": outcome["cost_usd"] if outcome else None,
-        "latency_ms": outcome["latency_ms"] if outcome else None,
-        "candidates": decision["candidates"],
-        "excluded": decision["excluded"],
-        "request_id": outcome["id"] if outcome else None,
-        "session_id": outcome["session_id"] if outcome else None,
-    }
+_OF_KEY = "id IN (SELECT decision_id FROM requests WHERE api_key_id = ? AND decision_id IS NOT NULL)"
 
 
-async def get_decision(store: Store, decision_id: str) -> dict[str, Any] | None:
-    row = await store.fetchone(f"{_SELECT_DECISION} WHERE d.id = ?", (decision_id,))
+async def get_decision(store: Store, decision_id: str, *, api_key_id: str | None = None) -> dict[str, Any] | None:
+    """One decision whole; with `api_key_id`, only if that key's request made it."""
+    mine = "" if api_key_id is None else f" AND d.{_OF_KEY}"
+    params = (decision_id,) if api_key_id is None else (decision_id, api_key_id)
+    row = await store.fetchone(f"{_SELECT_DECISION} WHERE d.id = ?{mine}", params)
     return decisions.decode(row["decision"], row["models"], row["vectors"]) if row else None
 
 
@@ -288,31 +286,43 @@ def _hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+ROLES = ("admin", "user", "viewer")
+
+
 def _public_key(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"],
         "name": row["name"],
+        "role": row.get("role") or "admin",
         "prefix": row["prefix"],
         "created": row["created"],
+        "updated": row.get("updated"),
         "revoked": row["revoked"],
         "active": row["revoked"] is None,
+        "policy": json.loads(row.get("policy") or "{}"),
     }
 
 
-async def create_key(store: Store, name: str) -> tuple[dict[str, Any], str]:
+async def create_key(
+    store: Store, name: str, *, role: str = "admin", policy: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
     """A new gateway key: (its public record, the secret). The secret is shown once and never stored."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     row = {
         "id": f"key-{uuid.uuid4().hex[:12]}",
         "name": name,
+        "role": role,
         "hash": _hash_key(secret),
         "prefix": secret[:12],
         "created": time.time(),
         "revoked": None,
+        "policy": json.dumps(policy or {}, sort_keys=True),
     }
     await store.run(
-        "INSERT INTO gateway_keys (id, name, hash, prefix, created, revoked) VALUES (?, ?, ?, ?, ?, ?)",
-        (row["id"], row["name"], row["hash"], row["prefix"], row["created"], row["revoked"]),
+        "INSERT INTO gateway_keys (id, name, role, hash, prefix, created, revoked, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (row["id"], row["name"], row["role"], row["hash"], row["prefix"], row["created"], row["revoked"], row["policy"]),
     )
     store.keys_changed()
     return _public_key(row), secret
@@ -329,6 +339,28 @@ async def verify_key(store: Store, secret: str) -> dict[str, Any] | None:
 
 async def list_keys(store: Store) -> list[dict[str, Any]]:
     return [_public_key(r) for r in await store.fetchall("SELECT * FROM gateway_keys ORDER BY created")]
+
+
+async def get_key(store: Store, key_id: str) -> dict[str, Any] | None:
+    row = await store.fetchone("SELECT * FROM gateway_keys WHERE id = ?", (key_id,))
+    return None if row is None else _public_key(row)
+
+
+async def update_key(
+    store: Store, key_id: str, *, name: str | None = None, role: str | None = None, policy: dict[str, Any] | None = None
+) -> bool:
+    """Change what is given of an active key; True if there was one. Gateways see it as they see a revocation."""
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    changes = {"name": name, "role": role, "policy": None if policy is None else json.dumps(policy, sort_keys=True)}
+    sets = [(column, value) for column, value in changes.items() if value is not None]
+    sql = ", ".join(f"{column} = ?" for column, _ in sets) + (", " if sets else "") + "updated = ?"
+    changed = await store.run(
+        f"UPDATE gateway_keys SET {sql} WHERE id = ? AND revoked IS NULL",
+        (*[value for _, value in sets], time.time(), key_id),
+    )
+    store.keys_changed()
+    return changed > 0
 
 
 async def revoke_key(store: Store, key_id: str) -> bool:

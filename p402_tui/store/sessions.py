@@ -166,13 +166,18 @@ async def get_session(store: Store, session_id: str) -> dict[str, Any]:
     return _public(row)
 
 
-async def list_sessions(store: Store, *, status: str | None = None) -> list[dict[str, Any]]:
+async def list_sessions(store: Store, *, status: str | None = None, api_key_id: str | None = None) -> list[dict[str, Any]]:
+    """Every session; with `status` those in it; with `api_key_id` those made with that gateway key and the
+    operator's, made without one (the sessions `resolve_session` finds for that key)."""
+    conditions, params = [], []
     if status is not None:
-        rows = await store.fetchall(
-            f"{_SELECT} WHERE s.status = ? GROUP BY s.id ORDER BY s.created", (_check_status(status),)
-        )
-    else:
-        rows = await store.fetchall(f"{_SELECT} GROUP BY s.id ORDER BY s.created")
+        conditions.append("s.status = ?")
+        params.append(_check_status(status))
+    if api_key_id is not None:
+        conditions.append("(s.api_key_id = ? OR s.api_key_id IS NULL)")
+        params.append(api_key_id)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    rows = await store.fetchall(f"{_SELECT}{where} GROUP BY s.id ORDER BY s.created", tuple(params))
     return [_public(r) for r in rows]
 
 

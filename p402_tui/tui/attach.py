@@ -7,21 +7,22 @@ the orchestrator's in-process, so its panes work unchanged in both modes. The
 snapshots the panes poll (provider health, sessions, spend) come from the
 gateway's JSON endpoints, and chat goes through its `/v1/chat/completions`.
 
-The decisions made before the console attached come from `/api/v2/decisions` (in brief; one
-whole when opened), so the list is full from the first frame.
+The event stream carries each decision in brief (the shape `/api/v2/decisions` lists), so
+hundreds of watchers cost the gateway little; a decision is read whole, by its id, when the
+console opens it. The decisions made before the console attached come from `/api/v2/decisions`,
+so the list is full from the first frame.
 
 The link reconnects by itself with a growing backoff and says how it is doing
 (`AttachClient.link`), which the header shows. Attached, the console only
 watches: it sends chat and compare prompts like any other client.
 
-The client and the source are plain asyncio + httpx (no Textual), tested on their own.
+The gateway's API is read through `p402_tui.client.AsyncP402`; the source adds the link's
+state, its reconnects and the polling (no Textual here either).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -31,104 +32,22 @@ from typing import Any
 
 import httpx
 
+from ..client import AsyncP402, ChatStream, GatewayError, gateway_url as client_url
+from ..client.wire import network_message
 from ..core.errors import P402Error
-from ..core.events import (
-    AttemptFailed,
-    CacheHit,
-    Event,
-    EventBus,
-    HealthChanged,
-    RequestCompleted,
-    RequestRejected,
-    RouteDecided,
-    SpendUpdated,
-    Subscription,
-)
-from ..core.hooks import CallContext, RequestRecord, RouteOptions
+from ..core.events import DecisionBrief, Event, EventBus, RouteDecided, Subscription
+from ..core.hooks import CallContext, RouteOptions
 from ..core.router import RouteDecision
-from ..core.types import Attempt, ChatChunk, ChatRequest, P402Meta, ToolCallDelta, Usage
+from ..core.types import ChatRequest
+
+__all__ = [
+    "AttachClient", "GatewayError", "Link", "RemoteLink", "RemoteSource", "gateway_url", "open_remote", "run_attached",
+]  # fmt: skip
 
 HEARTBEAT_GRACE_S = 45.0  # the gateway sends a keep-alive every 15 s; three missed ones mean the link is dead
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 RECENT_DECISIONS = 500
-
-
-class GatewayError(P402Error):
-    """The gateway answered with an error (its OpenAI-shaped body), or could not be reached."""
-
-    kind = "gateway"
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-# --- events back from their wire form ---------------------------------------------------
-
-
-_RECORD_FIELDS = frozenset(RequestRecord.__dataclass_fields__) - {"attempts"}
-
-
-def record_from_dict(data: dict[str, Any]) -> RequestRecord:
-    record = RequestRecord(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
-    record.attempts = [_attempt(a) for a in data.get("attempts") or ()]
-    return record
-
-
-def _attempt(data: dict[str, Any]) -> Attempt:
-    return Attempt(
-        provider=data.get("provider", ""),
-        model=data.get("model", ""),
-        error_kind=data.get("error_kind"),
-        error=data.get("error"),
-        latency_ms=float(data.get("latency_ms") or 0.0),
-    )
-
-
-def _fields(cls: type[Event], data: dict[str, Any]) -> dict[str, Any]:
-    # dataclasses.fields, not __dataclass_fields__: that holds `kind` (a ClassVar) too, and an
-    # event rebuilt with kind= raised, so it was dropped as unreadable.
-    names = {f.name for f in dataclasses.fields(cls) if f.init} - {"ts"}
-    return {k: v for k, v in data.items() if k in names}
-
-
-def event_from_dict(kind: str, data: dict[str, Any]) -> Event | None:
-    """The `core.events` object an SSE frame carries; None for kinds this console does not know."""
-    ts = float(data.get("ts") or time.time())
-    if kind == RouteDecided.kind:
-        return RouteDecided(decision=RouteDecision.from_dict(data["decision"]), ts=ts)
-    if kind == RequestCompleted.kind:
-        return RequestCompleted(record=record_from_dict(data["record"]), ts=ts)
-    for cls in (AttemptFailed, RequestRejected, HealthChanged, SpendUpdated, CacheHit):
-        if kind == cls.kind:
-            return cls(**_fields(cls, data), ts=ts)
-    return None
-
-
-async def sse_frames(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) pairs from server-sent event lines; comments (keep-alives) are skipped."""
-    event, data = "message", []
-    async for line in lines:
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-    if data:
-        yield event, "\n".join(data)
-
-
-# --- the link ----------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -152,17 +71,13 @@ class Link:
 def gateway_url(text: str) -> str:
     """The gateway's base URL, or a clear error for something that cannot be one."""
     try:
-        url = httpx.URL(text)
-        port = url.port
-    except (httpx.InvalidURL, ValueError):
-        url, port = None, None
-    if url is None or url.scheme not in ("http", "https") or not url.host or not (port is None or 0 < port < 65536):
-        raise P402Error(f"--attach wants the gateway's address, like http://127.0.0.1:4020, not {text!r}")
-    return text.rstrip("/")
+        return client_url(text)
+    except GatewayError as error:
+        raise P402Error(f"--attach {error.message}") from None
 
 
 class AttachClient:
-    """The console's view of a running gateway: its live events on `bus`, its snapshots on request."""
+    """The console's view of a running gateway: its live events on `bus`, its API as `api`."""
 
     def __init__(
         self,
@@ -175,17 +90,12 @@ class AttachClient:
         read_timeout_s: float = HEARTBEAT_GRACE_S,
     ) -> None:
         self.url = gateway_url(url)
+        self.api = AsyncP402(self.url, key, timeout=10.0, read_timeout=read_timeout_s)
         self.bus = bus or EventBus()
         self.link = Link(self.url)
-        self.decisions: OrderedDict[str, RouteDecision] = OrderedDict()  # recent ones, for chat's routing line
+        self.decisions: OrderedDict[str, DecisionBrief | RouteDecision] = OrderedDict()  # recent ones, in brief
         self.backoff_first_s = backoff_first_s
         self.backoff_max_s = backoff_max_s
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(10.0, read=read_timeout_s),
-        )
         self._task: asyncio.Task[None] | None = None
         self._watchers: list[Callable[[Link], None]] = []
 
@@ -203,7 +113,7 @@ class AttachClient:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self._http.aclose()
+        await self.api.aclose()
 
     async def __aenter__(self) -> "AttachClient":
         self.start()
@@ -231,23 +141,23 @@ class AttachClient:
 
     async def _follow(self) -> None:
         delay = self.backoff_first_s
+
+        def opened() -> None:
+            nonlocal delay
+            self._set_link("up")
+            delay = self.backoff_first_s
+
         while True:
             try:
-                async with self._http.stream("GET", "/api/v2/events", headers={"Accept": "text/event-stream"}) as response:
-                    if response.status_code != 200:
-                        body = (await response.aread()).decode(errors="replace")
-                        raise GatewayError(_error_message(response.status_code, body), status=response.status_code)
-                    self._set_link("up")
-                    delay = self.backoff_first_s
-                    async for kind, data in sse_frames(response.aiter_lines()):
-                        self._dispatch(kind, data)
+                async for event in self.api.events(on_open=opened):
+                    self._dispatch(event)
                 error = "the gateway closed the event stream"
             except asyncio.CancelledError:
                 raise
             except GatewayError as exc:
                 error = exc.message
             except (httpx.HTTPError, OSError) as exc:
-                error = _network_message(exc)
+                error = network_message(exc)
             except Exception as exc:  # whatever the transport raises, the link retries rather than dies
                 error = f"link error: {exc}"
             self._set_link("down", retry_at=time.monotonic() + delay, error=error)
@@ -255,253 +165,19 @@ class AttachClient:
             delay = min(delay * 2, self.backoff_max_s)
             self._set_link("connecting")
 
-    def _dispatch(self, kind: str, data: str) -> None:
-        try:
-            event = event_from_dict(kind, json.loads(data))
-        except (ValueError, KeyError, TypeError):
-            return  # a frame this console cannot read must not end the link
-        if event is None:
-            return
+    def _dispatch(self, event: Event) -> None:
         if isinstance(event, RouteDecided):
             self.decisions[event.decision.id] = event.decision
             while len(self.decisions) > RECENT_DECISIONS:
                 self.decisions.popitem(last=False)
         self.bus.publish(event)
 
-    # --- snapshots ----------------------------------------------------------------------
-
-    async def get_json(self, path: str, **params: Any) -> Any:
-        try:
-            response = await self._http.get(path, params=params or None)
-        except (httpx.HTTPError, OSError) as exc:
-            raise GatewayError(_network_message(exc)) from None
-        if response.status_code != 200:
-            raise GatewayError(_error_message(response.status_code, response.text), status=response.status_code,
-                               code=_error_code(response.text))
-        return response.json()
-
-    async def send_json(self, method: str, path: str, body: dict[str, Any]) -> Any:
-        try:
-            response = await self._http.request(method, path, json=body)
-        except (httpx.HTTPError, OSError) as exc:
-            raise GatewayError(_network_message(exc)) from None
-        if response.status_code not in (200, 201):
-            raise GatewayError(_error_message(response.status_code, response.text), status=response.status_code,
-                               code=_error_code(response.text))
-        return response.json()
-
-    async def providers(self) -> list[dict[str, Any]]:
-        return (await self.get_json("/api/v2/providers"))["data"]
-
-    async def sessions(self) -> list[dict[str, Any]]:
-        """The gateway's sessions; none when it runs without a store."""
-        try:
-            return (await self.get_json("/api/v2/sessions"))["data"]
-        except GatewayError as error:
-            if error.status == 503:
-                return []
-            raise
-
-    async def spend(self, period: str = "today", by: str | None = None) -> dict[str, Any]:
-        params = {"period": period} | ({"by": by} if by else {})
-        return await self.get_json("/api/v2/analytics/spend", **params)
-
-    async def cache(self) -> dict[str, Any] | None:
-        """The answer cache's embedder and stats (`{"enabled": false}` when off); None from a gateway too old to say."""
-        try:
-            return await self.get_json("/api/v2/cache")
-        except GatewayError as error:
-            if error.status == 404:
-                return None
-            raise
-
-    async def recent_decisions(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The latest decisions in brief (chosen model, outcome, cost, counts), newest first."""
-        return (await self.get_json("/api/v2/decisions", limit=limit))["data"]
-
-    async def decision(self, decision_id: str) -> dict[str, Any] | None:
-        """One decision whole, with every candidate; None when the gateway no longer has it."""
-        try:
-            return await self.get_json(f"/api/v2/decisions/{decision_id}")
-        except GatewayError as error:
-            if error.status == 404:
-                return None
-            raise
-
-    async def models(self) -> list[str]:
-        """Aliases and catalog models, as the in-process link lists them: the router's own `p402/<mode>` names are not models."""
-        listed = (await self.get_json("/v1/models"))["data"]
-        return [m["id"] for m in listed if not (m.get("owned_by") == "p402" and "/" in m["id"])]
-
     # --- chat ---------------------------------------------------------------------------
 
-    def stream(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> "RemoteChatStream":
-        return RemoteChatStream(self, _chat_body(request, options, ctx))
-
-
-def _chat_body(request: ChatRequest, options: RouteOptions, ctx: CallContext) -> dict[str, Any]:
-    body = request.model_dump(mode="json", exclude_none=True)
-    body["model"] = options.model or "auto"
-    body["stream"] = True
-    body["stream_options"] = {"include_usage": True}
-    p402: dict[str, Any] = {"cache": ctx.cache}
-    if options.mode:
-        p402["mode"] = options.mode
-    if ctx.session_id:
-        p402["session_id"] = ctx.session_id
-    if ctx.tag:
-        p402["tag"] = ctx.tag
-    body["p402"] = p402
-    return body
-
-
-class RemoteChatStream:
-    """One answer streamed through the gateway, shaped like the orchestrator's `ChatStream`.
-
-    `aclose()` drops the connection; the gateway sees the disconnect and cancels the upstream call.
-    """
-
-    def __init__(self, client: AttachClient, body: dict[str, Any]) -> None:
-        self.client = client
-        self.body = body
-        self.meta = P402Meta(provider="", model=body.get("model") or "auto")
-        self._chunks: AsyncIterator[ChatChunk] | None = None
-        self._response: httpx.Response | None = None
-        self._started = time.monotonic()
-
-    @property
-    def decision(self) -> RouteDecision | None:
-        """The routing decision, when its event has arrived on the attached event stream."""
-        return self.client.decisions.get(self.meta.decision_id) if self.meta.decision_id else None
-
-    def __aiter__(self) -> "RemoteChatStream":
-        return self
-
-    async def __anext__(self) -> ChatChunk:
-        if self._chunks is None:
-            self._chunks = self._read()
-        return await self._chunks.__anext__()
-
-    async def __aenter__(self) -> "RemoteChatStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._chunks is not None:
-            await self._chunks.aclose()  # type: ignore[attr-defined]
-        if self._response is not None:
-            await self._response.aclose()
-
-    async def _read(self) -> AsyncIterator[ChatChunk]:
-        http = self.client._http
-        try:
-            request = http.build_request("POST", "/v1/chat/completions", json=self.body)
-            self._response = response = await http.send(request, stream=True)
-        except (httpx.HTTPError, OSError) as exc:
-            raise GatewayError(_network_message(exc)) from None
-        try:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                raise GatewayError(_error_message(response.status_code, text), status=response.status_code,
-                                   code=_error_code(text))
-            async for _, data in sse_frames(response.aiter_lines()):
-                if data == "[DONE]":
-                    return
-                frame = json.loads(data)
-                if "error" in frame:
-                    error = frame["error"] or {}
-                    yield ChatChunk(error={"kind": error.get("code") or "upstream_failed",
-                                           "message": error.get("message") or "the stream broke"})
-                    return
-                chunk = self._chunk(frame)
-                if chunk is not None:
-                    yield chunk
-        except (httpx.HTTPError, OSError) as exc:
-            raise GatewayError(_network_message(exc)) from None
-        finally:
-            await response.aclose()
-
-    def _chunk(self, frame: dict[str, Any]) -> ChatChunk | None:
-        if "p402" in frame:
-            self._take_meta(frame["p402"])
-        usage = _usage(frame.get("usage"))
-        choices = frame.get("choices") or []
-        if not choices:
-            return ChatChunk(usage=usage) if usage else None
-        delta = choices[0].get("delta") or {}
-        if delta.get("content") and self.meta.ttft_ms is None:
-            self.meta.ttft_ms = (time.monotonic() - self._started) * 1000
-        tool_calls = None
-        if delta.get("tool_calls"):
-            tool_calls = [
-                ToolCallDelta(
-                    index=t.get("index", 0),
-                    id=t.get("id"),
-                    name=(t.get("function") or {}).get("name"),
-                    arguments=(t.get("function") or {}).get("arguments") or "",
-                )
-                for t in delta["tool_calls"]
-            ]
-        return ChatChunk(
-            content=delta.get("content") or "",
-            reasoning=delta.get("reasoning_content") or "",
-            tool_calls=tool_calls,
-            finish_reason=choices[0].get("finish_reason"),
-            usage=usage,
-            role=delta.get("role"),
-        )
-
-    def _take_meta(self, data: dict[str, Any]) -> None:
-        self.meta = P402Meta(
-            provider=data.get("provider") or "",
-            model=data.get("model") or "",
-            cost_usd=float(data.get("cost_usd") or 0.0),
-            latency_ms=float(data.get("latency_ms") or 0.0),
-            ttft_ms=data.get("ttft_ms", self.meta.ttft_ms),
-            attempts=[_attempt(a) for a in data.get("attempts") or ()],
-            decision_id=data.get("decision_id"),
-            cached=bool(data.get("cached")),
-            saved_usd=float(data.get("saved_usd") or 0.0),
-            usage_estimated=bool(data.get("usage_estimated")),
-        )
-
-
-def _usage(data: dict[str, Any] | None) -> Usage | None:
-    if not data:
-        return None
-    return Usage(
-        prompt_tokens=data.get("prompt_tokens") or 0,
-        completion_tokens=data.get("completion_tokens") or 0,
-        cached_tokens=(data.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
-        reasoning_tokens=(data.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0,
-    )
-
-
-def _error_code(body: str) -> str | None:
-    try:
-        return json.loads(body)["error"].get("code")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def _error_message(status: int, body: str) -> str:
-    """The gateway's own words for an error (its OpenAI-shaped body), else the status."""
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = body.strip()[:200] or "no details"
-    return f"gateway answered {status}: {message}"
-
-
-def _network_message(exc: BaseException) -> str:
-    if isinstance(exc, httpx.ReadTimeout):
-        return "no word from the gateway (not even a keep-alive)"
-    if isinstance(exc, httpx.ConnectError):
-        return "cannot connect to the gateway"
-    text = str(exc).strip()
-    return f"link error: {text}" if text else f"link error: {type(exc).__name__}"
+    def stream(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> ChatStream:
+        extra = request.model_dump(mode="json", exclude_none=True, exclude={"messages", "model", "stream"})
+        return self.api.stream(request.messages, model=options.model or "auto", mode=options.mode,
+                               session=ctx.session_id, tag=ctx.tag, cache=ctx.cache, extra=extra)
 
 
 # --- the console's source and chat link on a gateway -------------------------------------------
@@ -519,7 +195,7 @@ class RemoteLink:
         self.persistent = True  # until the gateway says it has no store
 
     async def models(self) -> list[str]:
-        providers = await self.client.providers()
+        providers = await self.client.api.providers()
         return [
             m["id"]
             for p in providers
@@ -531,13 +207,12 @@ class RemoteLink:
     def default_mode(self) -> str:
         return "balanced"  # the gateway's own default is not on its API; the picker shows what is sent
 
-    def stream(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> RemoteChatStream:
+    def stream(self, request: ChatRequest, options: RouteOptions, ctx: CallContext) -> ChatStream:
         return self.client.stream(request, options, ctx)
 
     async def create_session(self, name: str, metadata: dict[str, Any]) -> str | None:
         try:
-            created = await self.client.send_json("POST", "/api/v2/sessions",
-                                                  {"name": name, "agent": "console", "metadata": metadata})
+            created = await self.client.api.create_session(name, agent="console", metadata=metadata)
         except GatewayError as error:
             if error.status == 503:
                 self.persistent = False
@@ -546,7 +221,7 @@ class RemoteLink:
         return created["id"]
 
     async def set_metadata(self, session_id: str, metadata: dict[str, Any]) -> None:
-        await self.client.send_json("PATCH", f"/api/v2/sessions/{session_id}", {"metadata": metadata})
+        await self.client.api.update_session(session_id, metadata=metadata)
 
 
 class RemoteSource:
@@ -589,7 +264,7 @@ class RemoteSource:
 
     async def refresh(self) -> None:
         """Read the providers and their health now. GatewayError: the gateway refused or is out of reach."""
-        usable = [p for p in await self.client.providers() if p.get("usable")]
+        usable = [p for p in await self.client.api.providers() if p.get("usable")]
         self._providers = [p["id"] for p in usable]
         self._health = {p["id"]: p["health"] for p in usable if p.get("health")}
 
@@ -610,7 +285,7 @@ class RemoteSource:
         """The decisions the gateway made before the console attached, in brief, newest first."""
         from .source import HISTORY
 
-        return await self.client.recent_decisions(limit=HISTORY)
+        return list((await self.client.api.decisions(limit=HISTORY))["data"])
 
     def subscribe(self) -> Subscription:
         from .source import SUBSCRIPTION_SIZE
@@ -627,15 +302,15 @@ class RemoteSource:
         from .state import CacheInfo, SpendSummary
 
         try:
-            today = await self.client.spend("today")
-            week = await self.client.spend("7d")
-            month = await self.client.spend("30d", by="model")
+            today = await self.client.api.spend("today")
+            week = await self.client.api.spend("7d")
+            month = await self.client.api.spend("30d", by="model")
         except GatewayError as error:
             if error.status == 503:
                 return None  # no ledger there: the console keeps its own tally of what it sees
             raise
         top = sorted(month["breakdown"], key=lambda r: (-(r["cost_usd"] or 0.0), r["key"]))[:5]  # None: unpriced
-        cache = await self.client.cache()
+        cache = await self.client.api.cache()
         return SpendSummary(
             today_usd=today["total_usd"],
             week_usd=week["total_usd"],
@@ -648,22 +323,32 @@ class RemoteSource:
         )
 
     async def sessions(self) -> list[dict[str, Any]]:
-        return await self.client.sessions()
+        """The gateway's sessions; none when it runs without a store."""
+        try:
+            return list(await self.client.api.sessions())
+        except GatewayError as error:
+            if error.status == 503:
+                return []
+            raise
+
+    async def keys(self) -> list[dict[str, Any]]:
+        return (await self.client.api.get_json("/api/v2/keys"))["data"]  # an admin key's; others get a 403
+
+    async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
+        return (await self.client.api.get_json(f"/api/v2/keys/{key_id}/requests"))["data"]
 
     async def session(self, session_id: str) -> dict[str, Any]:
-        base = f"/api/v2/sessions/{session_id}"
+        api = self.client.api
         session, requests, messages = await asyncio.gather(
-            self.client.get_json(base),
-            self.client.get_json(f"{base}/requests", limit=200),
-            self.client.get_json(f"{base}/messages"),
+            api.session(session_id), api.session_requests(session_id, limit=200), api.session_messages(session_id)
         )
-        return {"session": session, "requests": requests["data"], "messages": messages["data"]}
+        return {"session": session, "requests": requests, "messages": messages}
 
     async def decision(self, decision_id: str) -> dict[str, Any] | None:
         known = self.client.decisions.get(decision_id)
-        if known is not None:
+        if isinstance(known, RouteDecision):
             return known.to_dict()
-        return await self.client.decision(decision_id)
+        return await self.client.api.decision(decision_id)
 
 
 @asynccontextmanager

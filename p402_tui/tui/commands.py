@@ -51,6 +51,7 @@ class ConsoleCommands(ListedCommands):
                 "How often live panes redraw (+ and - step through these)",
             )
         yield "Help: keys and filters", app.action_help, "Every key of every view (?)"  # type: ignore[attr-defined]
+        yield "Keys: gateway keys", partial(self._keys, app), "Each key's role, spend against budget, rate, refusals"
         yield "Screenshot: save SVG", partial(app.action_screenshot), "Save an SVG of the screen in the current directory"
 
         from .screens.dashboard import PANES, DashboardScreen
@@ -77,6 +78,13 @@ class ConsoleCommands(ListedCommands):
             back = getattr(screen, "action_back", None)
             if back is not None:
                 yield "Back", back, "Return to the previous screen (escape)"
+
+    @staticmethod
+    def _keys(app) -> None:
+        from .screens.keys import KeysScreen
+
+        if not isinstance(app.screen, KeysScreen):
+            app.push_screen(KeysScreen())
 
     @staticmethod
     def _zoom(screen, name: str) -> None:

@@ -35,17 +35,16 @@ class Demo:
     source: LocalSource
 
 
-def session_maker(store: Any) -> SessionMaker | None:
+def session_maker(service: Any) -> SessionMaker | None:
     """Make (or, on a kept database, find again by name) the demo's agent sessions."""
-    if store is None:
+    if not service.persistent:
         return None
-    from ..store.sessions import create_session, list_sessions
 
     async def make(name: str, budget_usd: float) -> str:
-        for session in await list_sessions(store):
+        for session in await service.sessions():
             if session["name"] == name:
                 return session["id"]
-        return (await create_session(store, name=name, budget_usd=budget_usd, agent="p402-demo"))["id"]
+        return (await service.create_session(name, budget_usd=budget_usd, agent="p402-demo"))["id"]
 
     return make
 
@@ -63,7 +62,7 @@ async def open_demo(settings: Settings, *, db_path: str | Path | None, sim_speed
         runtime.sim.state.speed = sim_speed
         generator = TrafficGenerator(runtime.orchestrator, runtime.sim.state, **traffic)
         generator.start()  # traffic first, so the panes fill at once; its sessions join as they are made
-        generator.sessions.extend(await demo_sessions(session_maker(runtime.store)))
+        generator.sessions.extend(await demo_sessions(session_maker(runtime.service)))
         try:
             yield Demo(runtime, generator, LocalSource(runtime, simulated=True))
         finally:

@@ -8,7 +8,6 @@ remote gateway's `/api/v2` can stand in for it with the same methods.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Protocol
 
 from ..core.events import Subscription
@@ -42,6 +41,12 @@ class ConsoleSource(Protocol):
     async def history(self) -> list[dict[str, Any]]:
         """Decisions made before the console started, in brief, newest first (as /api/v2/decisions gives them)."""
 
+    async def keys(self) -> list[dict[str, Any]]:
+        """Gateway keys as /api/v2/keys lists them: role, policy, usage, and `live` figures where known."""
+
+    async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
+        """A key's latest requests, newest first."""
+
 
 class LocalSource:
     """The console on a Runtime in this process."""
@@ -52,8 +57,9 @@ class LocalSource:
         self.label = label or ("SIMULATED" if simulated else "local")
 
     @property
-    def store(self) -> Any:
-        return getattr(self.runtime, "store", None)
+    def service(self) -> Any:
+        """The runtime's use cases (`service.Service`); without a store they have nothing to read."""
+        return self.runtime.service
 
     def subscribe(self) -> Subscription:
         return self.runtime.bus.subscribe(maxsize=SUBSCRIPTION_SIZE)
@@ -66,16 +72,13 @@ class LocalSource:
         return {pid: health.to_dict() for pid, health in snapshot.items()}
 
     async def summary(self) -> SpendSummary | None:
-        store = self.store
-        if store is None:
+        service = self.service
+        if not service.persistent:
             return None
-        from ..store.analytics import parse_period, spend
-
-        now = time.time()
         everything = self.simulated  # on the simulator, its traffic is the traffic to show
-        today = await spend(store, parse_period("today", now=now), include_simulated=everything)
-        week = await spend(store, parse_period("7d", now=now), include_simulated=everything)
-        month = await spend(store, parse_period("30d", now=now), by="model", include_simulated=everything)
+        today = await service.spend("today", include_simulated=everything)
+        week = await service.spend("7d", include_simulated=everything)
+        month = await service.spend("30d", by="model", include_simulated=everything)
         top = [r for r in month["breakdown"] if r["key"] != "(none)"][:5]  # most expensive first
         cache = self.runtime.cache
         return SpendSummary(
@@ -90,35 +93,42 @@ class LocalSource:
         )
 
     async def sessions(self) -> list[dict[str, Any]]:
-        if self.store is None:
+        if not self.service.persistent:
             return []
-        from ..store.sessions import list_sessions
-
-        return await list_sessions(self.store)
+        return await self.service.sessions()
 
     async def session(self, session_id: str) -> dict[str, Any]:
         from ..core.errors import P402Error
-        from ..store.queries import recent_requests
-        from ..store.sessions import get_session, session_messages
 
-        if self.store is None:
+        service = self.service
+        if not service.persistent:
             raise P402Error("sessions need the store, and this console runs without one")
         return {
-            "session": await get_session(self.store, session_id),
-            "requests": await recent_requests(self.store, session_id=session_id, limit=200),
-            "messages": await session_messages(self.store, session_id),
+            "session": await service.session(session_id),
+            "requests": await service.session_requests(session_id, limit=200),
+            "messages": await service.session_messages(session_id),
         }
 
     async def decision(self, decision_id: str) -> dict[str, Any] | None:
-        if self.store is None:
+        if not self.service.persistent:
             return None
-        from ..store.queries import get_decision
-
-        return await get_decision(self.store, decision_id)
+        return await self.service.decision(decision_id)
 
     async def history(self) -> list[dict[str, Any]]:
-        if self.store is None:
+        if not self.service.persistent:
             return []
-        from ..store.queries import decision_summaries
+        return (await self.service.decisions(limit=HISTORY))["data"]
 
-        return (await decision_summaries(self.store, limit=HISTORY))[0]
+    async def keys(self) -> list[dict[str, Any]]:
+        if not self.service.persistent:
+            return []
+        found = await self.service.keys()
+        gateways = getattr(self.runtime, "gateways", [])
+        if gateways:  # this process serves the gateway: its rate windows and refusals are here
+            engine = gateways[0].gateway.policy
+            for key in found:
+                key["live"] = engine.live(key["id"])
+        return found
+
+    async def key_requests(self, key_id: str) -> list[dict[str, Any]]:
+        return await self.service.key_requests(key_id) if self.service.persistent else []

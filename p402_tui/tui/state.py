@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.hooks import api_of
+from ..core.events import DecisionBrief
 
 
 @dataclass(slots=True)
@@ -233,18 +234,22 @@ class ConsoleState:
 
     def _route_decided(self, event: Any) -> None:
         decision = event.decision
-        chosen = decision.chosen
         row = self.decisions.get(decision.id)
         if row is None:
             row = DecisionRow(key=decision.id, ts=decision.ts, mode=decision.mode, chosen="-", candidates=0, est_cost=None)
             self.decisions[decision.id] = row
         # else the request completed first: its events can arrive in one batch, in any order
-        row.decision = decision
         row.mode = decision.mode
-        row.candidates = candidate_count(decision)
-        row.chosen = chosen.id if chosen is not None else "-"
-        row.est_cost = chosen.est_cost_usd if chosen is not None else None
-        if chosen is None and row.status == "routing":
+        if isinstance(decision, DecisionBrief):  # from a gateway: the whole decision is fetched when opened
+            chosen_id, row.est_cost, row.candidates = decision.chosen, decision.est_cost_usd, decision.candidates
+        else:
+            chosen = decision.chosen
+            row.decision = decision
+            row.candidates = candidate_count(decision)
+            chosen_id = chosen.id if chosen is not None else None
+            row.est_cost = chosen.est_cost_usd if chosen is not None else None
+        row.chosen = chosen_id or "-"
+        if chosen_id is None and row.status == "routing":
             row.status = "error"
         self._bump(row)
 
@@ -301,6 +306,9 @@ class ConsoleState:
 
     def _request_rejected(self, event: Any) -> None:
         why = f"{event.status} {event.reason}"
+        key_id = getattr(event, "api_key_id", None)
+        if key_id is not None:  # a key's own refusal (its rate, budget, model rules, guardrails) names the key
+            why = f"{why} · {key_id}"
         if event.request_id is not None:  # the orchestrator's RequestCompleted came first and was counted
             row = self.row_for_request(event.request_id)
             if row is not None:

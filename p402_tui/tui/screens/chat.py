@@ -36,6 +36,7 @@ from ...core.config import MODES
 from ...core.hooks import CallContext, RouteOptions
 from ...core.router import parse_model_ref
 from ...core.types import ChatChunk, ChatMessage, ChatRequest, ContentPart, ImageURL, P402Meta, Usage
+from ...service.protocol import P402Service
 from ..commands import Command, ListedCommands
 from ..format import ms, short, usd
 from ..widgets.palette import palette_of
@@ -90,13 +91,13 @@ class LocalLink:
     link only creates the session and keeps its metadata.
     """
 
-    def __init__(self, orchestrator: Any, store: Any = None) -> None:
+    def __init__(self, orchestrator: Any, service: P402Service | None = None) -> None:
         self.orchestrator = orchestrator
-        self.store = store
+        self.service = service
 
     @property
     def persistent(self) -> bool:
-        return self.store is not None
+        return self.service is not None and getattr(self.service, "persistent", True)
 
     async def models(self) -> list[str]:
         aliases = list(self.orchestrator.router.aliases)  # configured names first, as /v1/models lists them
@@ -109,16 +110,13 @@ class LocalLink:
         return self.orchestrator.stream(request, options, ctx)
 
     async def create_session(self, name: str, metadata: dict[str, Any]) -> str | None:
-        if self.store is None:
+        if self.service is None or not self.persistent:
             return None
-        from ...store.sessions import create_session
-
-        return (await create_session(self.store, name=name, agent="console", metadata=metadata))["id"]
+        return (await self.service.create_session(name, agent="console", metadata=metadata))["id"]
 
     async def set_metadata(self, session_id: str, metadata: dict[str, Any]) -> None:
-        from ...store.sessions import update_session
-
-        await update_session(self.store, session_id, metadata=metadata)
+        if self.service is not None:
+            await self.service.update_session(session_id, metadata=metadata)
 
 
 def chat_link(source: Any) -> ChatLink | None:
@@ -131,7 +129,7 @@ def chat_link(source: Any) -> ChatLink | None:
     runtime = getattr(source, "runtime", None)
     if runtime is None:
         return None
-    return LocalLink(runtime.orchestrator, getattr(runtime, "store", None))
+    return LocalLink(runtime.orchestrator, runtime.service)
 
 
 # --- a conversation kept as an agent session -----------------------------------------------------
