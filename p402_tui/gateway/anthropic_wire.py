@@ -401,7 +401,8 @@ def meta_headers(meta: P402Meta | None) -> dict[str, str]:
     return {
         "p402-provider": meta.provider,
         "p402-model": meta.model,
-        "p402-cost-usd": repr(meta.to_dict()["cost_usd"]),
+        "p402-cost-usd": "null" if meta.cost_usd is None else repr(meta.to_dict()["cost_usd"]),  # null: unpriced
+        "p402-priced": "true" if meta.cost_usd is not None else "false",
         "p402-cached": "true" if meta.cached else "false",
         "p402-decision-id": meta.decision_id or "",
     }

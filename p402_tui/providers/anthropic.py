@@ -109,7 +109,7 @@ class AnthropicAdapter(Adapter):
         return "/v1/messages"
 
     def default_max_tokens(self, model: str) -> int:
-        spec = self.catalog.models.get(f"{self.id}/{model}")
+        spec = self.catalog.models.get(f"{self.flavor}/{model}")  # a deployment (`inherits`) reads its parent's entry
         return min(spec.max_output_tokens, DEFAULT_MAX_TOKENS) if spec else DEFAULT_MAX_TOKENS
 
     def payload(self, request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
@@ -163,7 +163,7 @@ class AnthropicAdapter(Adapter):
         (Anthropic refuses both at once), or when the caller's max_tokens leaves no room.
         """
         budget = THINKING_BUDGETS.get((request.model_extra or {}).get("reasoning_effort") or "")
-        spec = self.catalog.models.get(f"{self.id}/{model}")
+        spec = self.catalog.models.get(f"{self.flavor}/{model}")  # a deployment (`inherits`) reads its parent's entry
         if budget is None or forced_tool or (spec is not None and "reasoning" not in spec.capabilities):
             return None
         if request.max_tokens is not None:

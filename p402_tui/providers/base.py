@@ -86,6 +86,8 @@ class Adapter:
         the one the environment alone calls for."""
         self.provider = provider
         self.id = provider.id
+        # Which provider's dialect this speaks: a configured deployment (`inherits`) speaks its parent's.
+        self.flavor = provider.spec.inherits or provider.id
         self.base_url = provider.base_url.rstrip("/")
         # Merged once here, not per call; ours first so a provider's own headers win.
         try:
