@@ -671,7 +671,7 @@ def _outcome(record: RequestRecord | None) -> dict[str, Any] | None:
     return {
         "id": record.id, "provider": record.provider, "model": record.model, "cost_usd": record.cost_usd,
         "latency_ms": record.latency_ms, "status": record.status, "error_kind": record.error_kind,
-        "session_id": record.session_id,
+        "session_id": record.session_id, "source": record.source,
     }  # fmt: skip
 
 

@@ -404,6 +404,9 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "model": {"type": ["string", "null"], "description": "provider/model that answered (a failover differs)"},
                     "status": {"enum": ["ok", "error", "pending", "no_model"]},
                     **{name: {"type": ["string", "null"]} for name in ("error_kind", "request_id", "session_id")},
+                    "source": {"type": ["string", "null"], "description": "where the request came from, as recorded"},
+                    "api": {"type": ["string", "null"], "description": "the API it came through: chat_completions, "
+                            "messages, responses or embeddings; cli or console when not through the gateway"},
                     **{name: {"type": ["number", "null"]} for name in ("est_cost_usd", "cost_usd", "latency_ms")},
                     "candidates": {"type": "integer", "description": "eligible models ranked"},
                     "excluded": {"type": "integer", "description": "models excluded, each with a reason in the detail"},

@@ -199,6 +199,8 @@ class SimState:
         self.speed = speed  # >1 answers faster than the catalog profile
         self.faults: list[Fault] = []
         self.calls: dict[str, Counter[str]] = defaultdict(Counter)
+        # Values of the API headers that steer an answer (Anthropic's betas and version), as received.
+        self.headers: dict[str, Counter[str]] = defaultdict(Counter)
         self.streams = StreamStats()
         self.started = time.time()
         self._rng = random.Random(seed)
@@ -224,11 +226,18 @@ class SimState:
     def record_call(self, provider: str, model: str) -> None:
         self.calls[provider][model] += 1
 
+    def record_headers(self, received: Any, names: Sequence[str]) -> None:
+        for name in names:
+            value = received.get(name)
+            if value:
+                self.headers[name][value] += 1
+
     def track_stream(self) -> StreamTracker:
         return StreamTracker(self.streams)
 
     def reset_stats(self) -> None:
         self.calls.clear()
+        self.headers.clear()
         self.streams = StreamStats()
 
     def stats(self) -> dict[str, Any]:
@@ -239,6 +248,7 @@ class SimState:
             "calls": sum(p["calls"] for p in providers.values()),
             "providers": providers,
             "streams": asdict(self.streams),
+            "headers": {name: dict(values) for name, values in sorted(self.headers.items())},
             "faults": [f.model_dump() for f in self.faults],
             "uptime_s": round(time.time() - self.started, 3),
         }

@@ -7,7 +7,7 @@ and both our adapters and the official SDKs work against it unchanged.
 Control API (for rehearsing outages):
     POST   /_sim/faults   a Fault body; DELETE /_sim/faults[?provider=P] clears (all, or one provider's)
     GET    /_sim/faults   the faults in force
-    GET    /_sim/stats    calls per provider and model, stream counters; DELETE resets them
+    GET    /_sim/stats    calls per provider and model, stream counters, steering headers received; DELETE resets them
 Control errors are JSON: {"error": "..."} with status 400.
 """
 

@@ -215,7 +215,8 @@ async def decision_summaries(
     if rows:
         ids = [r["id"] for r in rows]
         found = await store.fetchall(
-            "SELECT decision_id, id, provider, model, cost_usd, latency_ms, status, error_kind, session_id FROM requests "
+            "SELECT decision_id, id, provider, model, cost_usd, latency_ms, status, error_kind, session_id, source "
+            "FROM requests "
             f"WHERE ts >= ? AND ts <= ? AND decision_id IN ({', '.join('?' for _ in ids)})",
             (min(r["ts"] for r in rows) - OUTCOME_WINDOW_S, max(r["ts"] for r in rows), *ids),
         )
