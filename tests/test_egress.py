@@ -19,7 +19,8 @@ from p402_tui.core.hooks import RouteOptions
 from p402_tui.core.types import ChatRequest
 from p402_tui.providers import http
 from p402_tui.providers.proxies import bypassed, proxy_for
-from p402_tui.providers.transport import ProxiedTransport, transport_for
+from p402_tui.providers.proxied import ProxiedTransport
+from p402_tui.providers.transport import transport_for
 from p402_tui.runtime import Runtime
 
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-5-5", "google": "gemini-3.5-flash", "cohere": "command-r-08-2024"}
