@@ -184,8 +184,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print_table(
             ["ID", "TIER", "CONTEXT", "IN $/1M", "OUT $/1M", "CAPABILITIES", "RETIRED"],
             [
-                [r["id"], r["tier"], f"{r['context_window']:,}", r["input_per_1m"], r["output_per_1m"],
-                 ",".join(r["capabilities"]), _retirement(r)]
+                [r["id"], r["tier"], f"{r['context_window']:,}", *(("unpriced", "-") if not r["priced"] else
+                 (r["input_per_1m"], r["output_per_1m"])), ",".join(r["capabilities"]), _retirement(r)]
                 for r in rows
             ],
         )
@@ -263,20 +263,25 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
         raise P402Error(f"{path} is not a LiteLLM price file (expected a JSON object of models)")
     target = Path(args.overrides) if args.overrides else default_overrides_path()
     existing = read_overrides(target) if target.exists() else {}
-    overrides, report = import_litellm_prices(data, load_catalog())
+    catalog = load_catalog(overrides_path=target)  # what earlier imports added counts as known
+    providers = set(_listed(args.provider)) if args.provider else None
+    for pid in sorted(providers or ()):
+        catalog.provider(pid)  # an unknown id is a clear error
+    overrides, report = import_litellm_prices(data, catalog, providers)
     merged = merge_overrides(existing, overrides)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     summary = {
         "overrides_file": str(target),
         "updated": report.updated,
+        "added": report.added,
         "unchanged": report.unchanged,
         "unknown": report.unknown,
     }
     if args.json:
         print_json(summary)
     else:
-        print(f"updated {len(report.updated)} models, {report.unchanged} unchanged, "
+        print(f"updated {len(report.updated)} models, added {len(report.added)}, {report.unchanged} unchanged, "
               f"{report.unknown} entries of unknown models ignored -> {target}")
     return 0
 
@@ -338,7 +343,7 @@ def _require_usable(settings, model_ref: str) -> None:
     """A pinned model's provider must be callable; say exactly what is missing."""
     from .core.errors import ConfigError
 
-    spec = settings.catalog.model(model_ref)
+    spec = settings.catalog.resolve(model_ref)  # `provider/<any id>` passes through, unpriced
     provider = settings.providers[spec.provider]
     if not provider.enabled:
         raise ConfigError(f"provider {spec.provider!r} is disabled in the config")
@@ -363,7 +368,7 @@ async def chat_once(
     from .providers.base import StreamAssembler
     from .runtime import Runtime
 
-    if options.model is not None:
+    if options.model is not None and options.model not in settings.aliases:
         _require_usable(settings, options.model)
     elif not settings.usable_providers():
         raise _no_provider_error()
@@ -411,6 +416,8 @@ async def chat_once(
         },
         "usage_estimated": meta.usage_estimated,  # the provider sent no usage: tokens and cost are our count
         "cost_usd": meta.cost_usd,
+        "priced": meta.priced,
+        "dropped_params": list(meta.dropped_params),
         "latency_ms": round(meta.latency_ms, 3),
         "ttft_ms": None if meta.ttft_ms is None else round(meta.ttft_ms, 3),
         "finish_reason": "error" if error is not None else response.finish_reason,
@@ -437,8 +444,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     request = ChatRequest(messages=_messages(args), max_tokens=args.max_tokens, stream=args.stream)
-    # --model pins one model and calls it alone; without it the router chooses and fails over.
-    options = route_options_from(args, model=args.model, failover=args.model is None)
+    # --model pins one model and calls it alone; without it, or naming an alias, the router chooses and fails over.
+    options = route_options_from(args, model=args.model, failover=args.model is None or args.model in settings.aliases)
     ctx = chat_context(args, settings)
 
     def show(text: str) -> None:
@@ -488,7 +495,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     if args.all:
-        router = Router(settings.catalog, settings.router)
+        router = Router(settings.catalog, settings.router, aliases=settings.aliases)
     else:
         router = Router.from_settings(settings)
         if not router.usable:
@@ -538,12 +545,14 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     from .sim.server import start_sim
 
-    catalog = settings_from(args).catalog
+    settings = settings_from(args)
+    catalog = settings.catalog
 
     async def serve() -> None:
         try:
             running = await start_sim(
                 catalog, host=args.host, port=args.port, seed=args.seed, latency=not args.no_latency, speed=args.speed,
+                azure_deployments=settings.azure_deployments(),
                 usage=not args.no_usage,
             )
         except OSError as error:
@@ -755,10 +764,15 @@ def cmd_spend(args: argparse.Namespace) -> int:
           f"({result['cached']} from the cache, saving {usd(result['saved_usd'])}; {result['errors']} failed)")
     if result.get("simulated_left_out"):
         print(f"{result['simulated_left_out']} simulated requests left out (--include-simulated counts them)")
+    unpriced = result["unpriced"]
+    if unpriced["requests"]:
+        print(f"unpriced: {unpriced['requests']} requests to models without a known price, "
+              f"{unpriced['prompt_tokens']:,} tokens in, {unpriced['completion_tokens']:,} out (not in the total)")
     if result["breakdown"]:
         print()
         print_table([args.by.upper(), "COST", "REQUESTS", "SAVED"],
-                    [[b["key"], usd(b["cost_usd"]), b["requests"], usd(b["saved_usd"])] for b in result["breakdown"]])
+                    [[b["key"], "unpriced" if b["cost_usd"] is None else usd(b["cost_usd"]), b["requests"],
+                      usd(b["saved_usd"])] for b in result["breakdown"]])
     return 0
 
 
@@ -1023,9 +1037,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("catalog", parents=[common], help="manage the model catalog")
     catalog_sub = p.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
     q = catalog_sub.add_parser(
-        "import", parents=[common], help="update prices and context windows from a LiteLLM price file"
+        "import", parents=[common],
+        help="update prices and context windows from a LiteLLM price file, and add the chat models it prices that we lack",
     )
     q.add_argument("file", metavar="FILE", help="model_prices_and_context_window.json")
+    q.add_argument("--provider", action="append", metavar="ID", help="only this provider's models (repeatable)")
     q.add_argument("--overrides", metavar="PATH", help="override file to write (default: user config dir)")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=cmd_catalog_import)

@@ -156,7 +156,7 @@ class Persistence:
         ok = record.status == "ok" and response is not None
         if self.cache is not None:
             if ok and not record.cached and ctx.cache:
-                self.cache.insert(ctx.request_id, response, record.cost_usd)  # type: ignore[arg-type]
+                self.cache.insert(ctx.request_id, response, record.cost_usd or 0.0)  # unpriced: saves nothing known
             else:
                 self.cache.forget(ctx.request_id)
         if ok and session_id is not None:

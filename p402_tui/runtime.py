@@ -58,7 +58,9 @@ class Runtime:
             if sim:
                 from .sim.server import start_sim
 
-                running = await start_sim(settings.catalog, latency=sim_latency)
+                running = await start_sim(
+                    settings.catalog, latency=sim_latency, azure_deployments=settings.azure_deployments()
+                )
                 stack.push_async_callback(running.stop)
                 settings.point_at(running.url)
             if db_path is not None:

@@ -30,6 +30,7 @@ from p402_tui.core.sse import iter_sse
 from p402_tui.tui.attach import AttachClient, GatewayError, RemoteSource, gateway_url, open_remote
 from p402_tui.tui.screens.chat import AnswerView, ChatScreen
 from p402_tui.tui.screens.dashboard import DashboardScreen
+from p402_tui.tui.source import LocalSource
 from p402_tui.tui.widgets.decisions import DecisionsTable
 
 from conftest import free_port, run_cli
@@ -184,6 +185,47 @@ async def test_sessions_spend_and_winners_go_through_the_gateway_api(fresh_sim_s
             await wait_for(lambda: source.providers() and source.health())
         finally:
             await source.aclose()
+
+
+async def test_stored_decisions_show_the_api_they_came_through_at_start_and_on_attach(fresh_sim_settings, tmp_path):
+    """Rows read back from the store name the API of their request, as live rows do: in a console
+    started on the store and in one attached to a gateway, both after the requests were made."""
+    db = tmp_path / "p402.db"
+    async with gateway(fresh_sim_settings, db_path=db) as (runtime, running):
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as other:
+            sent = {
+                "messages": await other.post("/v1/messages", json={"model": "auto", "max_tokens": 32,
+                                                                   "messages": [{"role": "user", "content": "hi"}]}),
+                "responses": await other.post("/v1/responses", json={"model": "auto", "input": "hi"}),
+                "": await other.post("/v1/chat/completions", json=chat_body("hi")),  # chat names no API
+            }  # fmt: skip
+        assert all(r.status_code == 200 for r in sent.values()), {k: r.text for k, r in sent.items()}
+        decided = {api: r.headers.get("p402-decision-id") or r.json()["p402"]["decision_id"] for api, r in sent.items()}
+        await runtime.store.flush()
+        listed = {d["id"]: d for d in (await runtime.service.decisions(limit=10))["data"]}
+        assert [listed[decided[api]]["api"] for api in ("messages", "responses", "")] == [
+            "messages", "responses", "chat_completions"]
+        assert listed[decided["messages"]]["source"] == "gateway:messages"
+
+    async def shows_each_api(source) -> None:
+        app = ConsoleApp(source, clock=lambda: T0, refresh_interval=0.25)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            await wait_for(lambda: all(d in app.state.decisions for d in decided.values()))
+            assert {api: app.state.decisions[d].api for api, d in decided.items()} == {a: a for a in decided}
+            table = app.screen.query_one(DecisionsTable)
+            await wait_for(lambda: table.index_of(decided["messages"]) is not None)
+            assert table.cell_at(table.index_of(decided["messages"]), "mode").plain.endswith(" messages")
+
+    async with Runtime.open(fresh_sim_settings, db_path=db, persist=True) as started:  # `p402 console` on the store
+        await shows_each_api(LocalSource(started))
+    async with gateway(fresh_sim_settings, db_path=db) as (_runtime, running):  # `p402 console --attach`
+        remote = RemoteSource(AttachClient(running.url))
+        await remote.start()
+        try:
+            await shows_each_api(remote)
+        finally:
+            await remote.aclose()
 
 
 async def test_chat_through_the_gateway_streams_and_escape_cancels_the_upstream(fresh_sim, fresh_sim_settings):

@@ -32,6 +32,7 @@ PROVIDER_IDS = [
     "cohere",
     "perplexity",
     "ai21",
+    "azure",
 ]
 
 # What each provider's official SDK means by base_url, and where its key lives.
@@ -48,7 +49,10 @@ PROVIDER_WIRING = {
     "cohere": ("cohere", "https://api.cohere.com", ["CO_API_KEY", "COHERE_API_KEY"]),
     "perplexity": ("openai", "https://api.perplexity.ai", ["PERPLEXITY_API_KEY"]),
     "ai21": ("openai", "https://api.ai21.com/studio/v1", ["AI21_API_KEY"]),
+    "azure": ("azure", "https://YOUR-RESOURCE.openai.azure.com", ["AZURE_OPENAI_API_KEY"]),
 }
+# Azure's models are its configured deployments of OpenAI's: the shipped catalog lists none.
+LISTING_PROVIDERS = [p for p in PROVIDER_IDS if p != "azure"]
 
 # The seed list and the current models users pick.
 SEED_MODELS = [
@@ -126,14 +130,14 @@ def is_chat(model) -> bool:
     return "chat" in model.capabilities
 
 
-def test_twelve_providers_in_order(catalog):
+def test_thirteen_providers_in_order(catalog):
     assert list(catalog.providers) == PROVIDER_IDS
     # models come in provider blocks, in provider order
     blocks: list[str] = []
     for model in catalog.models.values():
         if not blocks or blocks[-1] != model.provider:
             blocks.append(model.provider)
-    assert blocks == PROVIDER_IDS
+    assert blocks == LISTING_PROVIDERS
 
 
 @pytest.mark.parametrize("provider_id", PROVIDER_IDS)
@@ -164,7 +168,8 @@ def test_enough_models_and_no_duplicate_ids(raw, catalog):
 
 
 def test_every_provider_has_models(catalog):
-    for provider_id in PROVIDER_IDS:
+    assert catalog.models_of("azure") == []
+    for provider_id in LISTING_PROVIDERS:
         assert len(catalog.models_of(provider_id)) >= 4, provider_id
 
 
@@ -220,7 +225,7 @@ def test_seed_models_present(catalog):
 
 def test_each_provider_has_a_budget_tool_model(catalog):
     # Perplexity's Sonar has no function calling (wire-formats.md section 5).
-    for provider_id in PROVIDER_IDS:
+    for provider_id in LISTING_PROVIDERS:
         budget_chat = [m for m in catalog.models_of(provider_id) if m.tier == "budget" and is_chat(m)]
         if provider_id == "perplexity":
             assert all("function_calling" not in m.capabilities for m in catalog.models_of(provider_id))
@@ -371,12 +376,17 @@ def test_import_maps_litellm_keys_onto_known_models(litellm_file, catalog):
             "google/gemini-2.5-flash": {"output_per_1m": 2.0},
             "perplexity/sonar": {"context_window": 127072},
             "deepseek/deepseek-chat": {"input_per_1m": 0.27},
+            # a chat model of ours the catalog lacks: added whole, with its prices
+            "openai/gpt-99-imaginary": {
+                "input_per_1m": 0.1, "output_per_1m": 0.1, "capabilities": ["chat", "streaming"], "source": "import",
+            },
         }
     }
-    assert report.updated == sorted(overrides["models"])
+    assert report.updated == sorted(set(overrides["models"]) - {"openai/gpt-99-imaginary"})
+    assert report.added == ["openai/gpt-99-imaginary"]
     # groq llama, cohere command-r, mistral small and the embedding model match already
     assert report.unchanged == 4
-    assert report.unknown == 3
+    assert report.unknown == 2  # vertex's and azure's hosts are not ours
 
 
 def test_imported_overrides_load_and_leave_the_shipped_file_alone(litellm_file, catalog, tmp_path: Path):

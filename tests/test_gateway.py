@@ -560,7 +560,7 @@ async def test_providers_with_models_usability_and_health(http, sdk):
     await sdk.chat.completions.create(model=PINNED, messages=HELLO)
     data = (await http.get("/api/v2/providers")).json()["data"]
     by_id = {p["id"]: p for p in data}
-    assert len(by_id) == 12 and all(p["usable"] for p in data)
+    assert len(by_id) == 13 and all(p["usable"] for p in data)
     openai_entry = by_id["openai"]
     assert any(m["id"] == PINNED for m in openai_entry["models"])
     assert openai_entry["health"]["status"] == "healthy"
@@ -719,7 +719,7 @@ async def test_without_a_store_decisions_come_from_the_ring_and_events_heartbeat
 
 async def test_health_metrics_and_openapi(http, sdk, runtime):
     health = (await http.get("/health")).json()
-    assert health["status"] == "ok" and health["providers_usable"] == 12
+    assert health["status"] == "ok" and health["providers_usable"] == 13
     await sdk.chat.completions.create(model=PINNED, messages=HELLO)
     stream = await sdk.chat.completions.create(
         model=PINNED, messages=HELLO, stream=True, extra_headers={"cache-control": "no-cache"}

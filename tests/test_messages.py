@@ -227,6 +227,41 @@ def test_an_anthropic_model_gets_the_body_as_sent_and_its_answer_comes_back_whol
     assert "not_a_field" in refused.value.body["error"]["message"]
 
 
+def test_anthropic_beta_and_version_headers_reach_an_anthropic_upstream_only(client, served):
+    """Claude Code's betas (context management, say) come as `anthropic-beta`: an Anthropic model's
+    upstream gets them and the `anthropic-version` as sent; other families' calls leave them behind."""
+
+    def received(name):
+        return httpx.get(f"{served.sim_url}/_sim/stats").json()["headers"].get(name, {})
+
+    def calls_with(beta):  # the SDK adds betas of its own (token-counting for count_tokens)
+        return sum(n for value, n in received("anthropic-beta").items() if beta in value.split(","))
+
+    beta = "context-management-2025-06-27"
+    edits = {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    before = calls_with(beta)
+    created = client.beta.messages.create(model="claude-haiku-4-5", max_tokens=32, messages=QUESTION, betas=[beta],
+                                          context_management=edits, extra_headers=NO_CACHE)  # fmt: skip
+    assert created.content[-1].text
+    with client.beta.messages.stream(model="claude-haiku-4-5", max_tokens=32, messages=QUESTION, betas=[beta],
+                                     context_management=edits, extra_headers=NO_CACHE) as stream:  # fmt: skip
+        assert stream.get_final_message().content[-1].text
+    counted = client.beta.messages.count_tokens(model="claude-haiku-4-5", messages=QUESTION, betas=[beta])
+    assert counted.input_tokens > 0
+    assert calls_with(beta) == before + 3  # created, streamed and counted
+
+    # Two betas, and a version of the caller's own, as headers any Anthropic SDK can send.
+    two = "interleaved-thinking-2025-05-14,p402-test-beta"
+    client.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=QUESTION,
+                           extra_headers={**NO_CACHE, "anthropic-beta": two, "anthropic-version": "2023-01-01"})
+    assert received("anthropic-beta").get(two) == 1 and received("anthropic-version").get("2023-01-01") == 1
+
+    # Another family's model answers, and no Anthropic upstream saw the beta.
+    other = client.beta.messages.create(model=FAMILIES["openai"], max_tokens=16, messages=QUESTION,
+                                        betas=["p402-other-family-beta"], extra_headers=NO_CACHE)  # fmt: skip
+    assert other.content[-1].text and calls_with("p402-other-family-beta") == 0
+
+
 def extra_fields(value, where: str = "") -> list[str]:
     """Fields of `value` (a parsed SDK object) its type does not declare, at any depth."""
     found = []

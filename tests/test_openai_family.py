@@ -229,12 +229,17 @@ async def test_openrouter_attribution_headers(fresh_sim_settings, monkeypatch):
         await adapter.aclose()
 
 
-async def test_reasoning_models_get_max_completion_tokens(adapters):
+async def test_reasoning_models_get_max_completion_tokens(adapters, catalog):
+    """The catalog's rule for o3 (data, applied by the orchestrator before any adapter) renames the limit."""
+    from p402_tui.core.params import apply_rules
+
     adapter = adapters("openai")
-    body = adapter.payload(ask(max_tokens=64), "o3", stream=False)
-    assert body["max_completion_tokens"] == 64 and "max_tokens" not in body
-    # The simulator refuses max_tokens for o3 as OpenAI does, so this only works because of the mapping.
-    response = await adapter.complete(ask(max_tokens=64), model="o3")
+    o3 = catalog.models["openai/o3"]
+    shaped, dropped = apply_rules(ask(max_tokens=64), o3.drops, o3.renames, o3.requires)
+    body = adapter.payload(shaped, "o3", stream=False)
+    assert body["max_completion_tokens"] == 64 and "max_tokens" not in body and dropped == []
+    # The simulator refuses max_tokens for o3 as OpenAI does, so this only works because of the rule.
+    response = await adapter.complete(shaped, model="o3")
     assert response.usage.completion_tokens <= 64 and response.usage.reasoning_tokens > 0
     assert adapter.payload(ask(max_tokens=64), "gpt-4o", stream=False)["max_tokens"] == 64
 

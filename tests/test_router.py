@@ -295,8 +295,10 @@ def test_a_pinned_model_is_chosen_with_optional_fallbacks(router):
     assert decision.chosen.id == "alpha/smart"
     decision = router.route(ask(), RouteOptions(model="omega/any"))
     assert decision.chosen is None and decision.why_none() == "omega/any: provider not configured"
-    with pytest.raises(UnknownModelError):
-        router.route(ask(), RouteOptions(model="alpha/nope"))
+    decision = router.route(ask(), RouteOptions(model="alpha/nope"))  # beyond the catalog: passed through, unpriced
+    assert decision.chosen.id == "alpha/nope" and decision.est_cost_usd == 0.0
+    with pytest.raises(UnknownModelError):  # a bare id the catalog does not know stays unknown
+        router.route(ask(), RouteOptions(model="nope"))
 
 
 def test_request_model_auto_and_mode_aliases_route(router):

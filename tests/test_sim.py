@@ -330,7 +330,7 @@ def test_p402_sim_serves_until_signalled(stop):
     )
     try:
         banner = proc.stdout.readline()
-        assert banner.startswith("p402 sim: 12 providers at http://127.0.0.1:"), banner + proc.stderr.read()
+        assert banner.startswith("p402 sim: 13 providers at http://127.0.0.1:"), banner + proc.stderr.read()
         url = banner.split(" at ")[1].split()[0]
         hint = proc.stdout.readline() + proc.stdout.readline()
         assert f"{url}/openai/v1" in hint

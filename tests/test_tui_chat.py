@@ -321,3 +321,17 @@ def test_chat_snapshot(snap_compare, fresh_sim_settings):
         await steady(pilot, runtime)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+async def test_slash_model_pins_a_model_beyond_the_catalog(fresh_sim, fresh_sim_settings):
+    """`/model provider/<id>` reaches any model the provider serves; one the catalog lacks is unpriced."""
+    async with chat_console(fresh_sim_settings) as (app, pilot, screen, _runtime):
+        box = screen.query_one("#chat-input", Input)
+        box.focus()
+        box.value = "/model openai/gpt-heldout-5"
+        await pilot.press("enter")
+        picker = screen.query_one("#chat-model", Select)
+        await wait_until(pilot, lambda: picker.value == "openai/gpt-heldout-5")
+        answer = await ask(pilot, screen, "hello there")
+        assert str(answer.route.content).startswith("→ openai/gpt-heldout-5 · pinned · ")
+        assert fresh_sim.state.calls["openai"]["gpt-heldout-5"] == 1

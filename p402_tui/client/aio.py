@@ -200,8 +200,9 @@ class AsyncP402:
         return (await self._call("GET", "/api/v2/providers"))["data"]
 
     async def models(self) -> list[str]:
-        """Catalog models (`provider/model`); the router's own names (`p402/...`) left out."""
-        return [m["id"] for m in (await self._call("GET", "/v1/models"))["data"] if m.get("owned_by") != "p402"]
+        """Configured aliases, then catalog models (`provider/model`); the router's own names (`p402/...`) left out."""
+        listed = (await self._call("GET", "/v1/models"))["data"]
+        return [m["id"] for m in listed if not (m.get("owned_by") == "p402" and "/" in m["id"])]
 
     async def cache(self) -> dict[str, Any]:
         """The answer cache: its embedder and stats (`{"enabled": false}` when off)."""

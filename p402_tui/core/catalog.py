@@ -8,7 +8,7 @@ shipped file is never changed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CatalogError, UnknownModelError
+from .params import ParamRule, rules_for
 from .types import CAPABILITIES, TIER_RANK, Capability, Tier, Wire
 
 CATALOG_PATH = Path(__file__).with_name("catalog.json")
@@ -35,6 +36,8 @@ class ProviderSpec(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     unsupported_params: list[str] = Field(default_factory=list)
     notes: str = ""
+    inherits: str | None = None  # a configured deployment of this built-in provider: its wire and catalog
+    api_version: str | None = None  # Azure: the default api-version (OPENAI_API_VERSION or the config overrides it)
 
     @property
     def base_path(self) -> str:
@@ -58,7 +61,14 @@ class ModelSpec(BaseModel):
     tokens_per_s: float = Field(gt=0)
     ttft_ms: float = Field(default=500, gt=0)
     deprecated_on: str | None = None  # YYYY-MM-DD the provider retires (or retired) this id, when announced
-    source: str = ""
+    reference: str = ""  # where the catalog's figures for it come from
+    source: str = "catalog"  # catalog | config | import | pinned (an unlisted id a caller named)
+    # False: no price is known (an unlisted id); its calls cost NULL, and the router never picks it unasked.
+    priced: bool = True
+    # Parameter rules (core/params.py): merged from the catalog's param_rules unless the entry sets them.
+    drops: frozenset[str] = frozenset()
+    renames: dict[str, str] = Field(default_factory=dict)
+    requires: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("id")
     @classmethod
@@ -92,12 +102,17 @@ class ModelSpec(BaseModel):
             "tier": self.tier,
             "context_window": self.context_window,
             "max_output_tokens": self.max_output_tokens,
-            "input_per_1m": self.input_per_1m,
-            "output_per_1m": self.output_per_1m,
-            "cached_input_per_1m": self.cached_input_per_1m,
+            "input_per_1m": self.input_per_1m if self.priced else None,
+            "output_per_1m": self.output_per_1m if self.priced else None,
+            "cached_input_per_1m": self.cached_input_per_1m if self.priced else None,
             "capabilities": sorted(self.capabilities),
             "quality": self.quality,
             "tokens_per_s": self.tokens_per_s,
+            "source": self.source,
+            "priced": self.priced,
+            "drops": sorted(self.drops),
+            "renames": dict(self.renames),
+            "requires": dict(self.requires),
         }
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
@@ -118,6 +133,7 @@ class CatalogFile(BaseModel):
     checked_on: str
     providers: list[ProviderSpec]
     models: list[ModelSpec]
+    param_rules: list[ParamRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> "CatalogFile":
@@ -141,19 +157,40 @@ class Catalog:
     checked_on: str
     providers: dict[str, ProviderSpec]
     models: dict[str, ModelSpec]
+    rules: tuple[ParamRule, ...] = ()
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # configured names -> member ids
 
     def model(self, ref: str) -> ModelSpec:
         """A model by `provider/model`, or by a bare wire id that only one provider has."""
         found = self.models.get(ref)
         if found is not None:
             return found
-        matches = [m for m in self.models.values() if m.model == ref]
+        # Unlisted ids callers pinned are found by their full id only: a bare id names a listed model.
+        matches = [m for m in self.models.values() if m.model == ref and m.source != "pinned"]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
             options = ", ".join(m.id for m in matches)
             raise UnknownModelError(f"model {ref!r} is ambiguous; say which provider: {options}")
         raise UnknownModelError(f"unknown model {ref!r}; `p402 models` lists the known ones")
+
+    def resolve(self, ref: str) -> ModelSpec:
+        """`model(ref)`, and beyond the catalog any `provider/<id>` of a known provider: an unpriced
+        model, added here so that it is listed from now on. A bare id the catalog does not know stays unknown."""
+        try:
+            return self.model(ref)
+        except UnknownModelError:
+            provider, _, name = ref.partition("/")
+            if not name or provider not in self.providers or name.strip() != name or len(ref) > MAX_MODEL_ID:
+                raise
+        if sum(1 for m in self.models.values() if m.source == "pinned") >= MAX_PINNED:
+            raise UnknownModelError(
+                f"unknown model {ref!r}, and {MAX_PINNED} unlisted models are in use already; "
+                'list it under [models."..."] in the config'
+            )
+        spec = unlisted_model(ref, self)
+        self.models[spec.id] = spec
+        return spec
 
     def provider(self, provider_id: str) -> ProviderSpec:
         try:
@@ -170,7 +207,37 @@ class Catalog:
         all_providers.update({p.id: p for p in providers})
         all_models = dict(self.models)
         all_models.update({m.id: m for m in models})
-        return Catalog(self.checked_on, all_providers, all_models)
+        return Catalog(self.checked_on, all_providers, all_models, self.rules, dict(self.aliases))
+
+
+# An unlisted model is taken on trust: the provider, not the catalog, says what it accepts.
+MAX_PINNED = 1000  # unlisted ids one process keeps, so a client cannot grow the catalog without end
+MAX_MODEL_ID = 256
+
+
+def unlisted_model(ref: str, catalog: Catalog, **fields: Any) -> ModelSpec:
+    """An unpriced model for an id the catalog does not list, with the catalog's rules that match it."""
+    provider, _, name = ref.partition("/")
+    rules = rules_for(ref, catalog.rules, catalog.providers[provider].unsupported_params)
+    values: dict[str, Any] = {
+        "id": ref,
+        "name": name,
+        "tier": "mid",
+        "context_window": 10_000_000,
+        "max_output_tokens": 10_000_000,
+        "input_per_1m": 0.0,
+        "output_per_1m": 0.0,
+        "capabilities": frozenset(CAPABILITIES),
+        "quality": 0.5,
+        "tokens_per_s": 50.0,
+        "source": "pinned",
+        "priced": False,
+        "drops": frozenset(rules["drops"]),
+        "renames": rules["renames"],
+        "requires": rules["requires"],
+    }
+    values.update(fields)
+    return ModelSpec(**values)
 
 
 def _describe(error: ValidationError, raw: dict[str, Any]) -> str:
@@ -196,26 +263,59 @@ def parse_catalog(raw: dict[str, Any], overrides: dict[str, Any] | None = None, 
         parsed = CatalogFile.model_validate(raw)
     except ValidationError as error:
         raise CatalogError(f"broken {origin}: {_describe(error, raw)}") from None
-    return Catalog(
-        checked_on=parsed.checked_on,
-        providers={p.id: p for p in parsed.providers},
-        models={m.id: m for m in parsed.models},
-    )
+    providers = {p.id: p for p in parsed.providers}
+    rules = tuple(parsed.param_rules)
+    models = {}
+    for model in parsed.models:
+        # A model's own rule fields win; else the provider's unsupported parameters and every matching rule.
+        own = {k for k in ("drops", "renames", "requires") if k in model.model_fields_set}
+        merged = rules_for(model.id, rules, providers[model.provider].unsupported_params)
+        update = {k: (frozenset(v) if k == "drops" else v) for k, v in merged.items() if k not in own}
+        models[model.id] = model.model_copy(update=update) if update else model
+    return Catalog(checked_on=parsed.checked_on, providers=providers, models=models, rules=rules)
 
 
 OVERRIDABLE = ("input_per_1m", "output_per_1m", "cached_input_per_1m", "context_window", "max_output_tokens")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Override file shape: {"models": {"provider/model": {"input_per_1m": ..., ...}}}."""
+    """Override file shape: {"models": {"provider/model": {"input_per_1m": ..., ...}}}.
+
+    An entry for a model the catalog lacks, written by `p402 catalog import` (`"source": "import"`),
+    adds that model."""
     changes = overrides.get("models", {})
     models = []
+    known = set()
     for entry in raw.get("models", []):
+        known.add(entry.get("id"))
         patch = changes.get(entry.get("id"))
         if patch:
             entry = {**entry, **{k: v for k, v in patch.items() if k in OVERRIDABLE}}
         models.append(entry)
+    providers = {p.get("id") for p in raw.get("providers", [])}
+    for model_id, fields in changes.items():
+        if model_id not in known and fields.get("source") == "import" and model_id.split("/", 1)[0] in providers:
+            models.append(imported_entry(model_id, fields))
     return {**raw, "models": models}
+
+
+# What an imported model gets for the fields a price file does not say.
+IMPORT_DEFAULTS: dict[str, Any] = {
+    "tier": "mid",
+    "context_window": 128_000,
+    "max_output_tokens": 8_192,
+    "capabilities": ["chat", "streaming"],
+    "quality": 0.5,
+    "tokens_per_s": 50.0,
+}
+IMPORTED_FIELDS = (*OVERRIDABLE, *IMPORT_DEFAULTS, "name", "source")
+
+
+def imported_entry(model_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    entry = {"id": model_id, "name": model_id.split("/", 1)[1], **IMPORT_DEFAULTS}
+    entry.update({k: v for k, v in fields.items() if k in IMPORTED_FIELDS})
+    entry["max_output_tokens"] = min(entry["max_output_tokens"], entry["context_window"])
+    return entry
 
 
 def load_catalog(path: Path = CATALOG_PATH, overrides_path: Path | None = None) -> Catalog:
@@ -276,7 +376,8 @@ LITELLM_PREFIXES = frozenset(LITELLM_PROVIDERS) | {"google"}
 class ImportReport:
     updated: list[str]  # catalog ids with at least one changed value
     unchanged: int  # known models whose values already match
-    unknown: int  # entries that name no model we know (ignored)
+    unknown: int  # entries that name no model we know and were not added (no provider of ours, no price, not chat)
+    added: list[str] = field(default_factory=list)  # models the catalog did not have, added with their prices
 
 
 def _litellm_model_id(key: str, entry: dict[str, Any]) -> str | None:
@@ -312,22 +413,61 @@ def _litellm_values(entry: dict[str, Any]) -> dict[str, float | int]:
     return {field: value for field, value in values.items() if value is not None}
 
 
-def import_litellm_prices(litellm_json: dict[str, Any], catalog: Catalog) -> tuple[dict[str, Any], ImportReport]:
-    """Map LiteLLM's price file onto the models we know.
+# LiteLLM's `supports_*` flags -> our capabilities.
+LITELLM_CAPABILITIES = {
+    "supports_vision": "vision",
+    "supports_function_calling": "function_calling",
+    "supports_response_schema": "json_mode",
+    "supports_reasoning": "reasoning",
+    "supports_web_search": "web_search",
+}
 
-    Returns an override dict in the `apply_overrides` shape holding only values that
-    differ from `catalog`, and a report. Entries for models we do not know are ignored.
+
+def _litellm_new_model(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """A chat model's full entry from LiteLLM's, or None when it is not a priced chat model."""
+    if entry.get("mode") != "chat":
+        return None
+    values: dict[str, Any] = dict(_litellm_values(entry))
+    if "input_per_1m" not in values or "output_per_1m" not in values:
+        return None
+    capabilities = ["chat", "streaming"]
+    capabilities += [cap for flag, cap in LITELLM_CAPABILITIES.items() if entry.get(flag) is True]
+    values["capabilities"] = capabilities
+    values["source"] = "import"
+    return values
+
+
+def import_litellm_prices(
+    litellm_json: dict[str, Any], catalog: Catalog, providers: set[str] | None = None
+) -> tuple[dict[str, Any], ImportReport]:
+    """Map LiteLLM's price file onto our providers' models.
+
+    Returns an override dict in the `apply_overrides` shape holding the values that differ
+    from `catalog` for models it knows, and whole entries for priced chat models it does
+    not have yet; and a report. `providers` limits both to those provider ids.
     """
-    changes: dict[str, dict[str, float | int]] = {}
+    changes: dict[str, dict[str, Any]] = {}
+    added: list[str] = []
     unchanged = unknown = 0
     seen: set[str] = set()
     for key, entry in litellm_json.items():
         if not isinstance(entry, dict) or key == "sample_spec":
             continue
         model_id = _litellm_model_id(key, entry)
+        if model_id is not None and providers is not None and model_id.split("/", 1)[0] not in providers:
+            continue
         known = catalog.models.get(model_id) if model_id else None
-        if known is None:
-            unknown += 1
+        if known is not None and known.source in ("pinned", "import") or known is None:
+            new = _litellm_new_model(entry) if model_id and model_id not in seen else None
+            if new is None:
+                unknown += 1
+                continue
+            seen.add(model_id)  # type: ignore[arg-type]
+            if known is None or any(getattr(known, k, None) != v for k, v in new.items() if k in OVERRIDABLE):
+                changes[model_id] = new  # type: ignore[index]
+                added.append(model_id)  # type: ignore[arg-type]
+            else:
+                unchanged += 1
             continue
         if known.id in seen:  # "deepseek-chat" and "deepseek/deepseek-chat" are one model; the first wins
             continue
@@ -342,7 +482,8 @@ def import_litellm_prices(litellm_json: dict[str, Any], catalog: Catalog) -> tup
             changes[known.id] = changed
         else:
             unchanged += 1
-    report = ImportReport(updated=sorted(changes), unchanged=unchanged, unknown=unknown)
+    updated = sorted(mid for mid in changes if mid not in added)
+    report = ImportReport(updated=updated, unchanged=unchanged, unknown=unknown, added=sorted(added))
     return {"models": changes}, report
 
 

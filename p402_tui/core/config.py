@@ -14,6 +14,17 @@ screen ever shows one.
     base_url = "http://localhost:11434/v1"
     models = ["llama3.2", {model = "qwen2.5", context_window = 32768}]
 
+    [providers.openai-eu]         # another deployment of a built-in provider
+    inherits = "openai"
+    base_url = "https://eu.example.com/v1"
+
+    [models."openai/gpt-new"]     # a model the catalog lacks (both prices), or fields of one it has
+    input_per_1m = 1.0
+    output_per_1m = 2.0
+
+    [aliases.fast]                # a model name whose members the router chooses among
+    models = ["openai/gpt-4o-mini", "openai-eu/gpt-4o-mini"]
+
     [router]
     mode = "balanced"
     weights = {cost = 0.4, quality = 0.4, speed = 0.2}
@@ -23,7 +34,8 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 from urllib.parse import urlsplit
@@ -31,8 +43,9 @@ from urllib.parse import urlsplit
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog
-from .errors import ConfigError
+from .catalog import Catalog, ModelSpec, ProviderSpec, load_catalog, unlisted_model
+from .errors import ConfigError, UnknownModelError
+from .params import rules_for
 from .types import Capability
 
 APP_NAME = "p402"
@@ -89,7 +102,13 @@ class ProviderConfig(_Section):
     # Only for extra (OpenAI-compatible) providers the catalog does not know:
     wire: Literal["openai"] | None = None
     name: str | None = None
+    # For an extra provider, its models; for a built-in one, ids beyond the catalog, served unpriced.
     models: list[ExtraModel] = Field(default_factory=list)
+    # Another deployment of a built-in provider: its wire and its models, under this provider's own id.
+    inherits: str | None = None
+    # Azure OpenAI: catalog model -> deployment name, and the data-plane API version.
+    deployments: dict[str, str] = Field(default_factory=dict)
+    api_version: str | None = None
 
     @field_validator("models", mode="before")
     @classmethod
@@ -194,6 +213,45 @@ class HealthConfig(_Section):
     degraded_error_rate: float = Field(default=0.2, gt=0, le=1)  # shown as degraded from this error rate
 
 
+class ModelConfig(_Section):
+    """`[models."provider/model"]`: a model the catalog lacks (both prices required), or fields of one it has."""
+
+    name: str | None = None
+    tier: Literal["budget", "mid", "premium"] | None = None
+    context_window: int | None = Field(default=None, gt=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    input_per_1m: float | None = Field(default=None, ge=0)
+    output_per_1m: float | None = Field(default=None, ge=0)
+    cached_input_per_1m: float | None = Field(default=None, ge=0)
+    capabilities: list[Capability] | None = None
+    quality: float | None = Field(default=None, ge=0, le=1)
+    tokens_per_s: float | None = Field(default=None, gt=0)
+    ttft_ms: float | None = Field(default=None, gt=0)
+    deprecated_on: str | None = None
+    drops: list[str] | None = None
+    renames: dict[str, str] | None = None
+    requires: dict[str, Any] | None = None
+
+
+# What a model added in `[models."..."]` gets for the fields it leaves out.
+NEW_MODEL_DEFAULTS: dict[str, Any] = {
+    "tier": "mid",
+    "context_window": 128_000,
+    "max_output_tokens": 16_384,
+    "capabilities": ["chat", "streaming"],
+    "quality": 0.5,
+    "tokens_per_s": 50.0,
+    "ttft_ms": 500.0,
+}
+
+
+class AliasConfig(_Section):
+    """`[aliases.NAME]`: a model name clients send; the router chooses among `models` only."""
+
+    models: list[str] = Field(min_length=1)
+    mode: Mode | None = None
+
+
 class NetworkConfig(_Section):
     """How provider calls leave this machine; each key overrides its environment variable."""
 
@@ -206,6 +264,8 @@ class NetworkConfig(_Section):
 class ConfigFile(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    aliases: dict[str, AliasConfig] = Field(default_factory=dict)
     router: RouterConfig = Field(default_factory=RouterConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -225,6 +285,8 @@ class ResolvedProvider:
     connect_timeout_s: float
     first_token_timeout_s: float
     headers: dict[str, str]
+    deployments: dict[str, str] = dataclass_field(default_factory=dict)  # Azure: model -> deployment
+    api_version: str | None = None  # Azure's api-version query parameter
     proxy: str | None = None  # the provider's own [providers.x] proxy, over [network]'s
     no_proxy: tuple[str, ...] | None = None
 
@@ -248,10 +310,13 @@ class Settings:
         self.file = file
         self.source = source
         self.env = env
-        self.catalog = catalog.with_extra(*_extra_specs(file, set(catalog.providers)))
+        self.catalog = catalog.with_extra(*_extra_specs(file, catalog))
+        _configured_models(self.catalog, file)
         self.providers: dict[str, ResolvedProvider] = {
             pid: _resolve(spec, file.providers.get(pid), env) for pid, spec in self.catalog.providers.items()
         }
+        self.aliases = _aliases(self.catalog, file)
+        self.catalog.aliases.update({name: tuple(alias.models) for name, alias in self.aliases.items()})
         db = file.store.db_path or env.get("P402_DB")
         self.db_path = Path(db).expanduser() if db else default_db_path()
 
@@ -271,6 +336,14 @@ class Settings:
     def health(self) -> HealthConfig:
         return self.file.health
 
+    def azure_deployments(self) -> dict[str, str]:
+        """Deployment name -> OpenAI model, over every Azure provider (the built-in one and any that inherit it)."""
+        return {
+            deployment: model
+            for provider in self.providers.values() if (provider.spec.inherits or provider.id) == "azure"
+            for model, deployment in provider.deployments.items()
+        }
+
     @property
     def network(self) -> NetworkConfig:
         return self.file.network
@@ -286,16 +359,11 @@ class Settings:
         """Every provider at `base/<id><official path>` with a key: how the demo and tests reach the simulator."""
         base = base.rstrip("/")
         for pid, provider in list(self.providers.items()):
-            self.providers[pid] = ResolvedProvider(
-                spec=provider.spec,
-                base_url=f"{base}/{pid}{provider.spec.base_path}",
+            mount = provider.spec.inherits or pid  # another deployment of a provider is served where it is
+            self.providers[pid] = replace(
+                provider,
+                base_url=f"{base}/{mount}{provider.spec.base_path}",
                 api_key=provider.api_key if provider.spec.keyless else SecretStr(key),
-                enabled=provider.enabled,
-                timeout_s=provider.timeout_s,
-                connect_timeout_s=provider.connect_timeout_s,
-                first_token_timeout_s=provider.first_token_timeout_s,
-                headers=provider.headers,
-                proxy=provider.proxy,
                 no_proxy=("*",),  # the simulator is on this machine: never reached through a proxy
             )
         return self
@@ -332,7 +400,8 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
             key = SecretStr(env[name])
             break
     sdk_url = next((env[name] for name in spec.base_url_env if env.get(name)), None)
-    base_url = env.get(f"P402_{spec.id.upper()}_BASE_URL") or sdk_url or conf.base_url or spec.base_url
+    own = env.get(f"P402_{spec.id.upper().replace('-', '_')}_BASE_URL")
+    base_url = own or sdk_url or conf.base_url or spec.base_url
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"provider {spec.id!r}: base_url {base_url!r} is not an http:// or https:// URL")
@@ -350,23 +419,48 @@ def _resolve(spec: ProviderSpec, conf: ProviderConfig | None, env: Mapping[str, 
         connect_timeout_s=conf.connect_timeout_s,
         first_token_timeout_s=conf.first_token_timeout_s,
         headers=dict(conf.headers),
+        deployments=dict(conf.deployments),
+        api_version=(conf.api_version or env.get("OPENAI_API_VERSION") or spec.api_version) if spec.api_version else None,
         proxy=conf.proxy,
         no_proxy=None if conf.no_proxy is None else tuple(conf.no_proxy),
     )
 
 
-def _extra_specs(file: ConfigFile, known: set[str]) -> tuple[list[ProviderSpec], list[ModelSpec]]:
+def _extra_specs(file: ConfigFile, catalog: Catalog) -> tuple[list[ProviderSpec], list[ModelSpec]]:
+    """Providers the catalog does not know (OpenAI-compatible servers, or deployments that inherit
+    a built-in provider), with their models; and Azure's models, one per configured deployment."""
     providers: list[ProviderSpec] = []
     models: list[ModelSpec] = []
     for pid, conf in file.providers.items():
-        if pid in known:
+        if pid in catalog.providers:
+            models += _builtin_models(pid, conf, catalog)
+            continue
+        if "/" in pid:
+            raise ConfigError(f"provider id {pid!r} may not contain '/'")
+        if conf.inherits is not None:
+            parent = catalog.providers.get(conf.inherits)
+            if parent is None:
+                raise ConfigError(
+                    f"provider {pid!r}: inherits {conf.inherits!r}, which is not a built-in provider "
+                    f"({', '.join(catalog.providers)})"
+                )
+            if parent.inherits is not None:
+                raise ConfigError(f"provider {pid!r}: inherits {conf.inherits!r}, which itself inherits")
+            providers.append(parent.model_copy(update={
+                "id": pid, "name": conf.name or f"{parent.name} ({pid})", "inherits": parent.id, "api_key_env": [],
+                "base_url_env": [], "base_url": conf.base_url or parent.base_url,
+            }))
+            if parent.id == "azure":
+                source = _azure_models(conf, catalog)
+            else:
+                source = catalog.models_of(parent.id) + _builtin_models(parent.id, conf, catalog)
+            models += [_renamed(m, f"{pid}/{m.model}") for m in source]
             continue
         if conf.wire != "openai" or not conf.base_url:
             raise ConfigError(
-                f"provider {pid!r} is not in the catalog; an extra provider needs wire = \"openai\" and a base_url"
+                f"provider {pid!r} is not in the catalog; an extra provider needs wire = \"openai\" and a base_url, "
+                "or inherits = \"<built-in provider>\" for another deployment of one"
             )
-        if "/" in pid:
-            raise ConfigError(f"provider id {pid!r} may not contain '/'")
         providers.append(
             ProviderSpec(
                 id=pid,
@@ -394,6 +488,103 @@ def _extra_specs(file: ConfigFile, known: set[str]) -> tuple[list[ProviderSpec],
                 )
             )
     return providers, models
+
+
+def _renamed(spec: ModelSpec, model_id: str) -> ModelSpec:
+    """The same model under another id (a deployment's): a new spec, so no cached part of the old id remains."""
+    return ModelSpec(**{**spec.model_dump(), "id": model_id})
+
+
+def _builtin_models(pid: str, conf: ProviderConfig, catalog: Catalog) -> list[ModelSpec]:
+    """`models = [...]` under a built-in provider: ids beyond the catalog, served unpriced ([models."..."] prices one)."""
+    if pid == "azure":
+        if conf.models:
+            raise ConfigError('provider "azure": its models come from deployments = {"<model>" = "<deployment>"}')
+        return _azure_models(conf, catalog)
+    out = []
+    for extra in conf.models:
+        model_id = f"{pid}/{extra.model}"
+        if model_id in catalog.models:
+            continue  # listed already, with its price
+        priced = extra.model_fields_set & {"input_per_1m", "output_per_1m"}
+        if priced:
+            raise ConfigError(
+                f"provider {pid!r}: models = [...] under a built-in provider adds unpriced ids; "
+                f'price {extra.model!r} under [models."{model_id}"] instead'
+            )
+        out.append(unlisted_model(
+            model_id, catalog, source="config",
+            **{k: getattr(extra, k) for k in extra.model_fields_set if k not in ("model",)},
+        ))
+    return out
+
+
+def _azure_models(conf: ProviderConfig, catalog: Catalog) -> list[ModelSpec]:
+    """One model per Azure deployment, priced and described as the OpenAI model it deploys."""
+    out = []
+    for model, deployment in conf.deployments.items():
+        if not deployment or "/" in deployment:
+            raise ConfigError(f"provider \"azure\": deployment name {deployment!r} for {model!r} is not a name")
+        openai_spec = catalog.models.get(f"openai/{model}")
+        if openai_spec is not None:
+            out.append(_renamed(openai_spec, f"azure/{model}"))
+        else:
+            out.append(unlisted_model(f"azure/{model}", catalog, source="config"))
+    return out
+
+
+def _configured_models(catalog: Catalog, file: ConfigFile) -> None:
+    """`[models."..."]`: fields of a model the catalog has, or a whole new one, priced from the config."""
+    for model_id, conf in file.models.items():
+        provider, _, name = model_id.partition("/")
+        if not name or provider not in catalog.providers:
+            raise ConfigError(
+                f'[models."{model_id}"]: a model id is "provider/model" with a known provider '
+                f"({', '.join(catalog.providers)})"
+            )
+        given = {k: getattr(conf, k) for k in conf.model_fields_set if getattr(conf, k) is not None}
+        if "drops" in given:
+            given["drops"] = frozenset(given["drops"])
+        if "capabilities" in given:
+            given["capabilities"] = frozenset(given["capabilities"])
+        known = catalog.models.get(model_id)
+        if known is not None and known.priced:
+            values = {**known.model_dump(), **given, "source": "config"}
+        else:
+            missing = [k for k in ("input_per_1m", "output_per_1m") if k not in given]
+            if missing:
+                raise ConfigError(
+                    f'[models."{model_id}"]: a model the catalog does not list needs {" and ".join(missing)}'
+                )
+            rules = rules_for(model_id, catalog.rules, catalog.providers[provider].unsupported_params)
+            values = {"id": model_id, "name": name, **NEW_MODEL_DEFAULTS, "drops": frozenset(rules["drops"]),
+                      "renames": rules["renames"], "requires": rules["requires"], **given, "source": "config"}
+        values["max_output_tokens"] = min(values["max_output_tokens"], values["context_window"])
+        try:
+            catalog.models[model_id] = ModelSpec(**values)
+        except ValueError as error:
+            raise ConfigError(f'[models."{model_id}"]: {error}') from None
+
+
+RESERVED_NAMES = frozenset({"auto", "router"})
+
+
+def _aliases(catalog: Catalog, file: ConfigFile) -> dict[str, AliasConfig]:
+    """Aliases with their members as catalog ids; a member beyond the catalog is an unpriced model."""
+    out = {}
+    for name, alias in file.aliases.items():
+        if name in RESERVED_NAMES or name.startswith("p402/") or name in catalog.models or "/" in name:
+            raise ConfigError(
+                f"[aliases.{name}]: an alias name may not be a model id, contain '/', or be auto or router"
+            )
+        members = []
+        for ref in alias.models:
+            try:
+                members.append(catalog.resolve(ref).id)
+            except UnknownModelError as error:
+                raise ConfigError(f"[aliases.{name}]: {error}") from None
+        out[name] = AliasConfig(models=list(dict.fromkeys(members)), mode=alias.mode)
+    return out
 
 
 def read_config_file(path: Path) -> ConfigFile:

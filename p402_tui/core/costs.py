@@ -74,7 +74,8 @@ def _eligible(
     return [
         m
         for m in catalog.models.values()
-        if m.has(needed) and m.tier_rank <= cap and (providers is None or m.provider in providers)
+        # An unpriced model has no cost to compare; $0 would rank it first.
+        if m.priced and m.has(needed) and m.tier_rank <= cap and (providers is None or m.provider in providers)
     ]
 
 

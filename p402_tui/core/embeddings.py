@@ -117,7 +117,7 @@ def candidates(
     ref, named_mode = parse_model_ref(options.model)
     mode = options.mode or named_mode
     if ref is not None:
-        spec = catalog.model(ref)
+        spec = catalog.resolve(ref)  # `provider/<any id>` passes through, unpriced
         if "embeddings" not in spec.capabilities:
             raise InvalidRequestError(f"{spec.id} is not an embedding model; `auto` routes among those that are")
         if dimensions is not None and spec.id not in SHORTENS:
@@ -127,13 +127,13 @@ def candidates(
             raise InvalidRequestError(f"an input holds {longest} tokens; {spec.id} takes at most {spec.context_window}")
         if spec.provider not in orchestrator.router.usable:
             raise NoEligibleModelError(f"{spec.id} is not usable here: provider {spec.provider!r} has no key or is off")
-        if limit is not None and call_cost(spec, Usage(prompt_tokens=tokens)) > limit:
+        if limit is not None and spec.priced and call_cost(spec, Usage(prompt_tokens=tokens)) > limit:
             raise NoEligibleModelError(f"{spec.id} would cost more than max_cost_usd ({limit:g}) for these inputs")
         return [spec], True
     tier_cap = TIER_RANK[options.max_tier] if options.max_tier is not None else len(TIER_RANK)
     found = [
         m for m in catalog.models.values()
-        if "embeddings" in m.capabilities and m.provider in orchestrator.router.usable
+        if "embeddings" in m.capabilities and m.priced and m.provider in orchestrator.router.usable
         and m.provider not in options.exclude and m.tier_rank <= tier_cap and m.has(options.require - {"chat"})
         and (dimensions is None or m.id in SHORTENS) and longest <= m.context_window
         and m.deprecated_on is None
@@ -242,8 +242,9 @@ async def _run(
                 found[index] = array = np.asarray(vector, dtype=np.float64)
                 if use_cache:
                     cache.put(keys[index], array)  # type: ignore[union-attr]
-        cost = call_cost(spec, Usage(prompt_tokens=billed_tokens))
-        saved = call_cost(spec, Usage(prompt_tokens=saved_tokens))
+        # An unpriced (unlisted) model's cost is unknown: None, and no saving claimed for it.
+        cost = call_cost(spec, Usage(prompt_tokens=billed_tokens)) if spec.priced else None
+        saved = call_cost(spec, Usage(prompt_tokens=saved_tokens)) if spec.priced else 0.0
         meta = P402Meta(
             provider=spec.provider, model=spec.model, cost_usd=cost,
             latency_ms=(time.perf_counter() - started) * 1000, attempts=attempts,

@@ -96,6 +96,12 @@ class BadRequestError(ProviderError):
     scope: Scope = "request"
 
 
+class ContentFilterError(BadRequestError):
+    """The provider's content filter refused the prompt or stopped the answer (Azure OpenAI): asking again will not help."""
+
+    kind = "content_filter"
+
+
 class ContextLengthError(BadRequestError):
     """The prompt does not fit this model; a larger model may take it."""
 

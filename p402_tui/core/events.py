@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .hooks import api_of
+
 
 @dataclass(slots=True)
 class Event:
@@ -72,11 +74,13 @@ def decision_columns(decision: Any) -> dict[str, Any]:
 
 
 def decision_summary(decision: Mapping[str, Any], outcome: Mapping[str, Any] | None) -> dict[str, Any]:
-    """One decision in brief: its indexed columns and, once the request finished, its ledger row's outcome."""
+    """One decision in brief: its indexed columns and, once the request finished, its ledger row's outcome
+    (with the API it came through: `source` as recorded, `api` as `hooks.api_of` names it)."""
     if outcome is not None:
         status = outcome["status"]
     else:
         status = "pending" if decision["chosen"] else "no_model"
+    source = outcome.get("source") if outcome else None
     return {
         "id": decision["id"],
         "ts": decision["ts"],
@@ -92,6 +96,8 @@ def decision_summary(decision: Mapping[str, Any], outcome: Mapping[str, Any] | N
         "excluded": decision["excluded"],
         "request_id": outcome["id"] if outcome else None,
         "session_id": outcome["session_id"] if outcome else None,
+        "source": source,
+        "api": api_of(source) if source else None,
     }
 
 

@@ -135,7 +135,7 @@ class RequestRecord:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     usage_estimated: bool = False  # the provider sent no usage: tokens and cost are on our count
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0  # None: unpriced (the model has no known price)
     est_cost_usd: float | None = None
     saved_usd: float = 0.0
     latency_ms: float = 0.0
@@ -165,7 +165,8 @@ class RequestRecord:
             "cached_tokens": self.cached_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "usage_estimated": self.usage_estimated,
-            "cost_usd": usd_json(self.cost_usd),
+            "cost_usd": None if self.cost_usd is None else usd_json(self.cost_usd),
+            "priced": self.cost_usd is not None,
             "est_cost_usd": None if self.est_cost_usd is None else usd_json(self.est_cost_usd),
             "saved_usd": usd_json(self.saved_usd),
             "latency_ms": self.latency_ms,

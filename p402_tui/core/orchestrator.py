@@ -44,6 +44,7 @@ from .errors import (
 from .events import AttemptFailed, CacheHit, EventBus, RequestCompleted, RouteDecided, SpendUpdated
 from .health import HealthPolicy, HealthTracker
 from .hooks import CallContext, Hooks, NoHooks, RequestRecord, RouteOptions
+from .params import apply_rules
 from .router import CIRCUIT_OPEN, RouteDecision, Router
 from .tokens import PIECE_CHARS, count_text, off_loop, warm
 from .types import Attempt, ChatChunk, ChatRequest, ChatResponse, P402Meta, ToolCallDelta, Usage, new_id
@@ -419,8 +420,9 @@ class Orchestrator:
                 plan = _Plan(self, decision, options)
                 while (spec := plan.next()) is not None:
                     attempt_started = time.perf_counter()
+                    call, dropped = _shaped(request, spec)
                     try:
-                        response = await self.adapter(spec.provider).complete(request, model=spec.model)
+                        response = await self.adapter(spec.provider).complete(call, model=spec.model)
                     except ProviderError as error:
                         latency_ms = (time.perf_counter() - attempt_started) * 1000
                         self.health.record_failure(spec.provider, spec.id, error, latency_ms=latency_ms)
@@ -436,7 +438,7 @@ class Orchestrator:
                     self.health.record_success(
                         spec.provider, spec.id, latency_ms=latency_ms, output_tokens=response.usage.completion_tokens
                     )
-                    cost = call_cost(spec, response.usage)
+                    cost = call_cost(spec, response.usage) if spec.priced else None
                     response.p402 = P402Meta(
                         provider=spec.provider,
                         model=spec.model,
@@ -445,6 +447,7 @@ class Orchestrator:
                         ttft_ms=None,
                         attempts=plan.attempts,
                         decision_id=decision.id,
+                        dropped_params=dropped,
                         usage_estimated=response.usage.estimated,
                     )
                     self._finish_ok(record, request, response, options, ctx, response.usage, cost, started, None)
@@ -507,8 +510,9 @@ class Orchestrator:
             while (spec := plan.next()) is not None:
                 flow = _Flow(spec, decision.prompt_tokens)
                 upstream: AsyncIterator[list[ChatChunk]] | None = None
+                call, handle.meta.dropped_params = _shaped(request, spec)
                 try:
-                    upstream = self.adapter(spec.provider).stream_batches(request, model=spec.model)
+                    upstream = self.adapter(spec.provider).stream_batches(call, model=spec.model)
                     while (batch := await _next_before(upstream, when)) is not None:
                         out = flow.take(batch, handle.meta, started)
                         if out:
@@ -534,7 +538,7 @@ class Orchestrator:
                     plan.attempts.append(Attempt(spec.provider, spec.model, error.kind, str(error), latency_ms))
                     self._attempt_failed(ctx, decision, spec, error, False)
                     usage = flow.final_usage()
-                    cost = call_cost(spec, usage)
+                    cost = call_cost(spec, usage) if spec.priced else None
                     self._fill_meta(handle.meta, spec, cost, started)
                     finished = True
                     self._finish_error(
@@ -587,7 +591,7 @@ class Orchestrator:
         self.health.record_success(
             spec.provider, spec.id, latency_ms=latency_ms, ttft_ms=flow.ttft_ms, output_tokens=usage.completion_tokens
         )
-        cost = call_cost(spec, usage)
+        cost = call_cost(spec, usage) if spec.priced else None
         self._fill_meta(handle.meta, spec, cost, started)
         handle.meta.usage_estimated = usage.estimated
         handle.usage = usage
@@ -685,7 +689,7 @@ class Orchestrator:
         )
 
     @staticmethod
-    def _fill_meta(meta: P402Meta, spec: ModelSpec, cost: float, started: float) -> None:
+    def _fill_meta(meta: P402Meta, spec: ModelSpec, cost: float | None, started: float) -> None:
         meta.provider, meta.model = spec.provider, spec.model
         meta.cost_usd = cost
         meta.latency_ms = (time.perf_counter() - started) * 1000
@@ -698,7 +702,7 @@ class Orchestrator:
         options: RouteOptions,
         ctx: CallContext,
         usage: Usage,
-        cost: float,
+        cost: float | None,
         started: float,
         ttft_ms: float | None,
     ) -> None:
@@ -715,7 +719,8 @@ class Orchestrator:
         record.ttft_ms = ttft_ms
         record.attempts = list(meta.attempts)
         self.bus.publish(RequestCompleted(record=record))
-        self.bus.publish(SpendUpdated(provider=meta.provider, model=meta.model, cost_usd=cost, session_id=ctx.session_id))
+        if cost is not None:  # an unpriced call spent no known money
+            self.bus.publish(SpendUpdated(provider=meta.provider, model=meta.model, cost_usd=cost, session_id=ctx.session_id))
         self._completed(record, request, response, options, ctx)
 
     def _finish_error(
@@ -731,7 +736,7 @@ class Orchestrator:
         *,
         spec: ModelSpec | None = None,
         usage: Usage | None = None,
-        cost: float = 0.0,
+        cost: float | None = 0.0,
         ttft_ms: float | None = None,
     ) -> None:
         record.status = "error"
@@ -752,6 +757,13 @@ class Orchestrator:
         if cost and spec is not None:
             self.bus.publish(SpendUpdated(provider=spec.provider, model=spec.model, cost_usd=cost, session_id=ctx.session_id))
         self._completed(record, request, None, options, ctx)
+
+
+def _shaped(request: ChatRequest, spec: ModelSpec) -> tuple[ChatRequest, list[str]]:
+    """The request as this model takes it (its parameter rules), and the parameters dropped for it."""
+    if not (spec.drops or spec.renames or spec.requires):
+        return request, []
+    return apply_rules(request, spec.drops, spec.renames, spec.requires)
 
 
 async def _next_before(upstream: AsyncIterator[list[ChatChunk]], when: float | None) -> list[ChatChunk] | None:

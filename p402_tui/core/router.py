@@ -78,6 +78,7 @@ OVER_TIER = "over max_tier"
 CONTEXT_TOO_SMALL = "context too small"
 OUTPUT_TOO_SMALL = "max_tokens over output limit"
 OVER_COST = "over max_cost_usd"
+UNPRICED = "unpriced (used only when pinned or in an alias)"
 NOT_ALLOWED = "not allowed for the gateway key"
 
 _BIT = {cap: 1 << i for i, cap in enumerate(CAPABILITIES)}
@@ -525,6 +526,8 @@ class _Entry:
         "default_output",
         "live",
         "listing",
+        "peers",
+        "turn",
     )
 
     def __init__(self) -> None:
@@ -813,6 +816,18 @@ def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front or [(0.0, 0.0)]
 
 
+def _peers(specs: list[ModelSpec]) -> list[list[int]]:
+    """For each position, the positions of models equal to it in every figure the router ranks by."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    keys = []
+    for i, m in enumerate(specs):
+        key = (m.input_per_1m, m.output_per_1m, m.quality, m.tier, m.tokens_per_s, m.ttft_ms, m.context_window,
+               m.max_output_tokens, m.capabilities)
+        groups.setdefault(key, []).append(i)
+        keys.append(key)
+    return [groups[key] for key in keys]
+
+
 def _minmax(values: np.ndarray) -> np.ndarray:
     lo, hi = values.min(), values.max()
     if hi - lo < 1e-12:
@@ -832,16 +847,38 @@ class Router:
         usable: Iterable[str] | None = None,
         disabled: Iterable[str] = (),
         today: date | None = None,
+        aliases: dict[str, Any] | None = None,
     ) -> None:
         """`usable`: providers that may be called (None: all); the rest are `disabled` or not configured."""
         self.catalog = catalog
         self.config = config or RouterConfig()
         self.health = health
-        specs = sorted(catalog.models.values(), key=lambda m: m.id)
+        # Alias name -> (its member ids, its mode or None).
+        self.aliases: dict[str, tuple[tuple[str, ...], str | None]] = {
+            name: (tuple(alias.models), alias.mode) for name, alias in (aliases or {}).items()
+        }
+        self._today = (today or date.today()).isoformat()
+        self._dirty: set[str] = set()
+        self._urgent = False  # a dirty provider failed or changed circuit: fold it in before the next decision
+        self._fold_due = -math.inf  # monotonic time from which a success's new figures are folded in
+        self._next_change = math.inf
+        self._entries: dict[tuple[Any, ...], _Entry] = {}
+        self._index()
+        self._prompts: dict[tuple[Any, ...], tuple[int, int]] = {}
+        self._ids_counter = itertools.count(1)
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._weights = self._normalised_weights()
+        self.set_providers(catalog.providers if usable is None else usable, disabled)
+        if health is not None:
+            health.add_listener(self._health_changed)
+
+    def _index(self) -> None:
+        """The catalog's per-model numbers as arrays sorted by id; live figures start from the catalog's."""
+        specs = sorted(self.catalog.models.values(), key=lambda m: m.id)
         self._specs: list[ModelSpec] = specs
         self._ids = [m.id for m in specs]
         self._position = {mid: i for i, mid in enumerate(self._ids)}
-        self._providers = list(catalog.providers)
+        self._providers = list(self.catalog.providers)
         self._by_provider: dict[str, list[int]] = {p: [] for p in self._providers}
         for i, m in enumerate(specs):
             self._by_provider.setdefault(m.provider, []).append(i)
@@ -853,26 +890,25 @@ class Router:
         self._quality = np.array([m.quality + _TIER_NUDGE * TIER_RANK[m.tier] for m in specs], dtype=np.float64)
         self._catalog_ttft = np.array([m.ttft_ms for m in specs], dtype=np.float64)
         self._catalog_mspt = np.array([1000.0 / m.tokens_per_s for m in specs], dtype=np.float64)
-        today_text = (today or date.today()).isoformat()
-        self._retired = [m.deprecated_on is not None and m.deprecated_on <= today_text for m in specs]
+        self._retired = [m.deprecated_on is not None and m.deprecated_on <= self._today for m in specs]
+        self._unpriced = [not m.priced for m in specs]
         # Live numbers: replaced, never mutated, so a decision keeps the arrays it was made with.
         self._ttft = self._catalog_ttft
         self._mspt = self._catalog_mspt
         self._health = np.ones(len(specs), dtype=np.float64)
         self._blocked = [False] * len(specs)
-        self._epoch = 0
-        self._dirty: set[str] = set()
-        self._urgent = False  # a dirty provider failed or changed circuit: fold it in before the next decision
-        self._fold_due = -math.inf  # monotonic time from which a success's new figures are folded in
-        self._next_change = math.inf
-        self._entries: dict[tuple[Any, ...], _Entry] = {}
-        self._prompts: dict[tuple[Any, ...], tuple[int, int]] = {}
-        self._ids_counter = itertools.count(1)
-        self._id_prefix = uuid.uuid4().hex[:8]
-        self._weights = self._normalised_weights()
-        self.set_providers(catalog.providers if usable is None else usable, disabled)
-        if health is not None:
-            health.add_listener(self._health_changed)
+        self._epoch = getattr(self, "_epoch", -1) + 1
+        self._entries.clear()
+        if self.health is not None and hasattr(self, "_ids_counter"):
+            self._dirty = set(self._by_provider)  # a model was added: every live figure is read again
+            self._refresh()
+
+    def _known(self, ref: str) -> int:
+        """A pinned model's position; a `provider/<id>` the catalog lacks is added (unpriced) first."""
+        spec = self.catalog.resolve(ref)
+        if spec.id not in self._position:
+            self._index()
+        return self._position[spec.id]
 
     def _health_changed(self, provider: str, urgent: bool) -> None:
         self._dirty.add(provider)
@@ -883,7 +919,7 @@ class Router:
     def from_settings(cls, settings: Settings, health: HealthTracker | None = None) -> Router:
         usable = [p.id for p in settings.usable_providers()]
         disabled = [pid for pid, p in settings.providers.items() if not p.enabled]
-        return cls(settings.catalog, settings.router, health, usable=usable, disabled=disabled)
+        return cls(settings.catalog, settings.router, health, usable=usable, disabled=disabled, aliases=settings.aliases)
 
     def set_providers(self, usable: Iterable[str], disabled: Iterable[str] = ()) -> None:
         """Which providers may be called now (after a key was added or a provider switched off)."""
@@ -950,6 +986,11 @@ class Router:
             chosen = int(key.argmin()) if len(key) else -1
             if chosen >= 0 and key[chosen] == np.inf:
                 chosen = -1
+            elif chosen >= 0 and entry.peers is not None and len(entry.peers[chosen]) > 1:
+                # Equal members of an alias (one model's deployments) take turns instead of one taking all.
+                group = [i for i in entry.peers[chosen] if key[i] != np.inf]
+                entry.turn += 1
+                chosen = group[entry.turn % len(group)]
         return RouteDecision._decided(
             f"dec-{self._id_prefix}-{next(self._ids_counter)}",
             time.time(),
@@ -1006,6 +1047,9 @@ class Router:
     def _entry(self, key: tuple[Any, ...]) -> _Entry:
         """Apply the request-independent filters of one option set (cached until health or providers change)."""
         mode_opt, need, require, prefer, exclude, max_tier, pin_ref, allow = key
+        alias = self.aliases.get(pin_ref) if pin_ref is not None else None
+        if alias is not None:
+            pin_ref, mode_opt = None, mode_opt or alias[1]
         pin_ref, mode = self._pin_and_mode(pin_ref, mode_opt)
         unknown = set(require) - set(CAPABILITIES)
         if unknown:
@@ -1016,7 +1060,8 @@ class Router:
             if provider not in self.catalog.providers:
                 raise InvalidRequestError(f"unknown provider {provider!r}; `p402 providers` lists them")
         need |= _bits(require)
-        pin = self._position[self.catalog.model(pin_ref).id] if pin_ref is not None else None
+        pin = self._known(pin_ref) if pin_ref is not None else None
+        members = {self._known(mid) for mid in alias[0]} if alias is not None else None
         tier_cap = TIER_RANK[max_tier] if max_tier is not None else len(TIERS)
         excluded_providers = set(exclude)
 
@@ -1024,10 +1069,14 @@ class Router:
         excluded: list[Excluded] = []
         for i, spec in enumerate(self._specs):
             provider = spec.provider
+            if members is not None and i not in members:
+                continue  # an alias chooses among its members only
             if provider not in self.usable:
                 reason = DISABLED if provider in self.disabled else NOT_CONFIGURED
             elif provider in excluded_providers:
                 reason = EXCLUDED_PROVIDER
+            elif self._unpriced[i] and i != pin and members is None:
+                reason = UNPRICED
             elif allow is not None and spec.id not in allow:
                 reason = NOT_ALLOWED
             elif self._retired[i] and i != pin:
@@ -1066,6 +1115,8 @@ class Router:
         if pin is not None and entry.pin is None:
             # The pinned model failed a filter: keep nothing choosable, the excluded list says why.
             entry.pin = -1
+        entry.peers = _peers([self._specs[i] for i in keep]) if members is not None else None
+        entry.turn = 0
         if len(self._entries) >= 256:
             self._entries.clear()
         self._entries[key] = entry

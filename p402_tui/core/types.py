@@ -61,7 +61,7 @@ def json_value(data: str | bytes) -> Any:
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Tier = Literal["budget", "mid", "premium"]
-Wire = Literal["openai", "anthropic", "gemini", "cohere"]
+Wire = Literal["openai", "anthropic", "gemini", "cohere", "azure"]
 Capability = Literal[
     "chat",
     "streaming",
@@ -347,7 +347,7 @@ class P402Meta:
 
     provider: str
     model: str
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0  # None: the model has no known price (an unlisted id)
     latency_ms: float = 0.0
     ttft_ms: float | None = None
     attempts: list[Attempt] = field(default_factory=list)
@@ -355,12 +355,19 @@ class P402Meta:
     cached: bool = False
     saved_usd: float = 0.0
     usage_estimated: bool = False  # billed on our token count: the provider reported no usage
+    dropped_params: list[str] = field(default_factory=list)  # what the model's parameter rules left out
+
+    @property
+    def priced(self) -> bool:
+        return self.cost_usd is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "provider": self.provider,
             "model": self.model,
-            "cost_usd": usd_json(self.cost_usd),
+            "cost_usd": None if self.cost_usd is None else usd_json(self.cost_usd),
+            "priced": self.cost_usd is not None,
+            "dropped_params": list(self.dropped_params),
             "latency_ms": round(self.latency_ms, 3),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "attempts": [

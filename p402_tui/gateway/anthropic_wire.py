@@ -149,8 +149,11 @@ def _undated(model: str) -> str | None:
     return dated.group(1) if dated is not None else None
 
 
-def to_chat(body: MessagesBody | CountBody, raw: dict[str, Any], model: str | None) -> NativeRequest:
-    """The chat request a Messages body stands for, with `raw` (less P402's own object) kept for Anthropic."""
+def to_chat(
+    body: MessagesBody | CountBody, raw: dict[str, Any], model: str | None, headers: dict[str, str] | None = None
+) -> NativeRequest:
+    """The chat request a Messages body stands for, with `raw` (less P402's own object) and the
+    `headers` for Anthropic's upstream (see `upstream_headers`) kept for Anthropic."""
     messages: list[dict[str, Any]] = []
     system = _system(body.system)
     if system is not None:
@@ -177,7 +180,7 @@ def to_chat(body: MessagesBody | CountBody, raw: dict[str, Any], model: str | No
         effort = _effort(body.thinking)
         if effort is not None:
             chat["reasoning_effort"] = effort
-    return NativeRequest.of(chat, wire=WIRE, body=raw)
+    return NativeRequest.of(chat, wire=WIRE, body=raw, headers=headers)
 
 
 def _text_of(block: dict[str, Any], where: str) -> str:
@@ -401,7 +404,8 @@ def meta_headers(meta: P402Meta | None) -> dict[str, str]:
     return {
         "p402-provider": meta.provider,
         "p402-model": meta.model,
-        "p402-cost-usd": repr(meta.to_dict()["cost_usd"]),
+        "p402-cost-usd": "null" if meta.cost_usd is None else repr(meta.to_dict()["cost_usd"]),  # null: unpriced
+        "p402-priced": "true" if meta.cost_usd is not None else "false",
         "p402-cached": "true" if meta.cached else "false",
         "p402-decision-id": meta.decision_id or "",
     }
@@ -581,3 +585,16 @@ def status_and_type(error: P402Error) -> tuple[int, str]:
         return 529, "overloaded_error"
     status = errors.p402_status(error)
     return status, ERROR_TYPES.get(status, "api_error")
+
+
+def upstream_headers(headers: Any) -> dict[str, str]:
+    """The request headers an Anthropic model's upstream gets as they came: `anthropic-beta` (the betas
+    a body's beta fields need; given twice, joined as Anthropic reads a list) and `anthropic-version`."""
+    out: dict[str, str] = {}
+    betas = headers.getlist("anthropic-beta")
+    if betas:
+        out["anthropic-beta"] = ",".join(betas)
+    version = headers.get("anthropic-version")
+    if version:
+        out["anthropic-version"] = version
+    return out

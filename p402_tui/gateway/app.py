@@ -308,6 +308,7 @@ class Gateway:
         created = _epoch(self.orchestrator.catalog.checked_on)
         models = self.orchestrator.catalog.models.values()
         data = [_model_object(mid, "p402", created) for mid in ROUTER_MODEL_IDS]
+        data += [_model_object(name, "p402", created) for name in self.orchestrator.catalog.aliases]
         data += [_model_object(m.id, m.provider, created) for m in models if m.provider in usable]
         return json_response({"object": "list", "data": data})
 
@@ -315,7 +316,7 @@ class Gateway:
         """One model, as the OpenAI SDK's `models.retrieve()` asks: `provider/model` or a bare wire id."""
         ref = request.path_params["model"]
         created = _epoch(self.orchestrator.catalog.checked_on)
-        if ref in ROUTER_MODEL_IDS:
+        if ref in ROUTER_MODEL_IDS or ref in self.orchestrator.catalog.aliases:
             return json_response(_model_object(ref, "p402", created))
         spec = self.orchestrator.catalog.model(ref)  # unknown or ambiguous: a 404 that says which
         if not any(p.id == spec.provider for p in self.settings.usable_providers()):
@@ -670,7 +671,7 @@ def _outcome(record: RequestRecord | None) -> dict[str, Any] | None:
     return {
         "id": record.id, "provider": record.provider, "model": record.model, "cost_usd": record.cost_usd,
         "latency_ms": record.latency_ms, "status": record.status, "error_kind": record.error_kind,
-        "session_id": record.session_id,
+        "session_id": record.session_id, "source": record.source,
     }  # fmt: skip
 
 

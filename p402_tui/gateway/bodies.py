@@ -132,14 +132,16 @@ ROUTER_MODEL_IDS = tuple(f"{ROUTER_PREFIX}{name}" for name in ("auto", *MODES))
 
 
 def resolve_model(catalog: Catalog, ref: str | None) -> str | None:
-    """None routes; so do the router's own names (`auto`, `p402/cost`...); `provider/model` or a
-    bare wire id pins (404 if the catalog has no such model)."""
+    """None routes; so do the router's own names (`auto`, `p402/cost`...) and configured aliases;
+    `provider/model` (any id of a known provider) or a bare wire id the catalog lists pins (else a 404)."""
     if not ref:
         return None
     if ref in catalog.models or parse_model_ref(ref).pin is None:
         return ref
+    if ref in catalog.aliases:
+        return ref
     try:
-        return catalog.model(ref).id
+        return catalog.resolve(ref).id
     except UnknownModelError as error:  # unknown, or a bare id several providers share
         raise GatewayError(404, str(error), param="model", code="model_not_found") from None
 

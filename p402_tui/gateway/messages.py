@@ -8,6 +8,7 @@ exceptions; 529 `overloaded_error` when no candidate could answer.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -68,7 +69,8 @@ class MessagesRoute:
 
     async def create(self, request: Request) -> Response:
         try:
-            return await self.gateway.run(request, parse_messages, answer, frames)
+            parse = functools.partial(parse_messages, headers=wire.upstream_headers(request.headers))
+            return await self.gateway.run(request, parse, answer, frames)
         except Exception as error:
             return self._refusal(request, error)
 
@@ -96,7 +98,7 @@ class MessagesRoute:
         parsed = wire.validated(wire.CountBody, data)
         data.pop("p402", None)
         model = wire.resolve(catalog, parsed.model)
-        chat = wire.to_chat(parsed, data, model)
+        chat = wire.to_chat(parsed, data, model, wire.upstream_headers(request.headers))
         spec = catalog.models.get(model or "")
         if spec is not None and catalog.providers[spec.provider].wire == wire.WIRE:
             counted = await self._provider_count(chat, spec)
@@ -136,15 +138,18 @@ def _json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_messages(body: bytes, catalog: Any, *, api_key_id: str | None, no_cache: bool) -> tuple[Any, Any, Any]:
-    """A Messages body as the chat request, route options and context `Gateway.run` takes."""
+def parse_messages(
+    body: bytes, catalog: Any, *, api_key_id: str | None, no_cache: bool, headers: dict[str, str] | None = None
+) -> tuple[Any, Any, Any]:
+    """A Messages body as the chat request, route options and context `Gateway.run` takes;
+    `headers`: those an Anthropic model's upstream gets as they came (see `anthropic_wire.upstream_headers`)."""
     data = _json(body)
     parsed = wire.validated(wire.MessagesBody, data)
     raw_options = data.pop("p402", None)
     model = wire.resolve(catalog, parsed.model)
     options, ctx = route_options(raw_options, model, catalog, api_key_id=api_key_id, no_cache=no_cache)
     ctx.source = SOURCE
-    return wire.to_chat(parsed, data, model), options, ctx
+    return wire.to_chat(parsed, data, model, headers), options, ctx
 
 
 def answer(response: ChatResponse) -> Response:

@@ -261,7 +261,10 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                 "properties": {
                     "provider": {"type": "string"},
                     "model": {"type": "string"},
-                    "cost_usd": {"type": "number"},
+                    "cost_usd": {"type": ["number", "null"], "description": "null: the model has no known price"},
+                    "priced": {"type": "boolean"},
+                    "dropped_params": {"type": "array", "items": {"type": "string"},
+                                       "description": "parameters the model's rules left out of the request"},
                     "cached": {"type": "boolean"},
                     "latency_ms": {"type": "number"},
                     "ttft_ms": {"type": ["number", "null"]},
@@ -382,8 +385,9 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                         name: {"type": "integer"}
                         for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
                     },
-                    **{name: {"type": "number"} for name in ("ts", "cost_usd", "saved_usd", "latency_ms")},
-                    **{name: {"type": ["number", "null"]} for name in ("est_cost_usd", "ttft_ms")},
+                    **{name: {"type": "number"} for name in ("ts", "saved_usd", "latency_ms")},
+                    **{name: {"type": ["number", "null"]} for name in ("cost_usd", "est_cost_usd", "ttft_ms")},
+                    "priced": {"type": "boolean", "description": "false: the model had no known price (cost_usd null)"},
                     "cached": {"type": "boolean"},
                     "stream": {"type": "boolean"},
                     "attempts": {"type": "array", "items": {"type": "object"}},
@@ -400,6 +404,9 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "model": {"type": ["string", "null"], "description": "provider/model that answered (a failover differs)"},
                     "status": {"enum": ["ok", "error", "pending", "no_model"]},
                     **{name: {"type": ["string", "null"]} for name in ("error_kind", "request_id", "session_id")},
+                    "source": {"type": ["string", "null"], "description": "where the request came from, as recorded"},
+                    "api": {"type": ["string", "null"], "description": "the API it came through: chat_completions, "
+                            "messages, responses or embeddings; cli or console when not through the gateway"},
                     **{name: {"type": ["number", "null"]} for name in ("est_cost_usd", "cost_usd", "latency_ms")},
                     "candidates": {"type": "integer", "description": "eligible models ranked"},
                     "excluded": {"type": "integer", "description": "models excluded, each with a reason in the detail"},

@@ -2,9 +2,10 @@
 
 from ..core.adapters import register_wire_family
 from .anthropic import AnthropicAdapter
+from .azure import AzureAdapter
 from .cohere import CohereAdapter
 from .gemini import GeminiAdapter
 from .openai_compat import OpenAICompatAdapter
 
-for _family in (OpenAICompatAdapter, AnthropicAdapter, GeminiAdapter, CohereAdapter):
+for _family in (OpenAICompatAdapter, AnthropicAdapter, GeminiAdapter, CohereAdapter, AzureAdapter):
     register_wire_family(_family.wire, _family)

@@ -19,7 +19,7 @@ What differs from the OpenAI shape, and how it is bridged:
   is what is billed at the cached rate. A `cache_control` mark on a text part is passed on,
   so prompt caching works through the OpenAI shape.
 - A request that came to the gateway in the Messages shape (`NativeRequest`) is sent as it
-  came, and its answer (or every event of its stream) is kept beside the chat shape, so the
+  came, with the `anthropic-beta` and `anthropic-version` headers it came with, and its answer (or every event of its stream) is kept beside the chat shape, so the
   gateway can hand it back without loss.
 """
 
@@ -40,9 +40,12 @@ from ..core.errors import (
     StreamInterruptedError,
     error_for_status,
 )
-from ..core.native import native_body
+from ..core.native import native_body, native_headers
 from ..core.types import ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, ToolCallDelta, Usage, json_value, new_id
-from .base import Adapter, Headers, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments
+from .base import (
+    Adapter, Headers, RequestHeaders, iter_sse, retry_after_seconds, split_data_url, stop_sequences, tool_arguments,
+    with_first_token_timeout,
+)
 from .transport import Transport
 
 API_VERSION = "2023-06-01"
@@ -109,7 +112,7 @@ class AnthropicAdapter(Adapter):
         return "/v1/messages"
 
     def default_max_tokens(self, model: str) -> int:
-        spec = self.catalog.models.get(f"{self.id}/{model}")
+        spec = self.catalog.models.get(f"{self.flavor}/{model}")  # a deployment (`inherits`) reads its parent's entry
         return min(spec.max_output_tokens, DEFAULT_MAX_TOKENS) if spec else DEFAULT_MAX_TOKENS
 
     def payload(self, request: ChatRequest, model: str, *, stream: bool = False) -> dict[str, Any]:
@@ -163,7 +166,7 @@ class AnthropicAdapter(Adapter):
         (Anthropic refuses both at once), or when the caller's max_tokens leaves no room.
         """
         budget = THINKING_BUDGETS.get((request.model_extra or {}).get("reasoning_effort") or "")
-        spec = self.catalog.models.get(f"{self.id}/{model}")
+        spec = self.catalog.models.get(f"{self.flavor}/{model}")  # a deployment (`inherits`) reads its parent's entry
         if budget is None or forced_tool or (spec is not None and "reasoning" not in spec.capabilities):
             return None
         if request.max_tokens is not None:
@@ -201,7 +204,7 @@ class AnthropicAdapter(Adapter):
         name = self.wire_name(model)
         payload = self.payload(request, name)
         body = {key: value for key, value in payload.items() if key in COUNT_FIELDS}
-        data = await self.post_json("/v1/messages/count_tokens", body, name)
+        data = await self.post_json("/v1/messages/count_tokens", body, name, headers=self.call_headers(request))
         try:
             return int(data["input_tokens"])
         except (KeyError, TypeError, ValueError):
@@ -210,10 +213,21 @@ class AnthropicAdapter(Adapter):
 
     async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
         name = self.wire_model(request, model)
-        data = await self.post_json(self.chat_path(name), self.payload(request, name), name)
+        data = await self.post_json(self.chat_path(name), self.payload(request, name), name,
+                                    headers=self.call_headers(request))  # fmt: skip
         response = self.response(data, name)
         response.native = data
         return response
+
+    def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
+        name = self.wire_model(request, model)
+        chunks = self.read_stream(self.payload(request, name, stream=True), name, headers=self.call_headers(request))
+        return with_first_token_timeout(chunks, self.provider.first_token_timeout_s, self.id, name)
+
+    def call_headers(self, request: ChatRequest) -> RequestHeaders | None:
+        """The adapter's headers with the caller's `anthropic-beta` / `anthropic-version` over them,
+        for a request that came in the Messages shape with them; else None (the adapter's own)."""
+        return self.with_headers(native_headers(request, self.wire))
 
     async def list_models(self) -> list[str]:
         ids: list[str] = []
@@ -254,14 +268,16 @@ class AnthropicAdapter(Adapter):
             id=data.get("id") or new_id("msg"),
         )
 
-    async def read_stream(self, payload: dict[str, Any], model: str) -> AsyncIterator[ChatChunk]:
+    async def read_stream(
+        self, payload: dict[str, Any], model: str, *, headers: RequestHeaders | None = None
+    ) -> AsyncIterator[ChatChunk]:
         """The Messages SSE sequence as chunks; the last one carries finish_reason and usage."""
         usage = Usage()
         tool_index: dict[int, int] = {}  # content block index -> OpenAI tool call index
         role: str | None = "assistant"  # rides on the first chunk that says something
         stop_reason = "end_turn"
         events: list[tuple[str, str]] = []  # as they came, since the last chunk: for `ChatChunk.native`
-        async with self.open_events("/v1/messages", model, payload) as response:
+        async with self.open_events("/v1/messages", model, payload, headers=headers) as response:
             async for event, data in iter_sse(response):
                 events.append((event or "", data))
                 if event == "ping":

@@ -86,6 +86,8 @@ class Adapter:
         the one the environment alone calls for."""
         self.provider = provider
         self.id = provider.id
+        # Which provider's dialect this speaks: a configured deployment (`inherits`) speaks its parent's.
+        self.flavor = provider.spec.inherits or provider.id
         self.base_url = provider.base_url.rstrip("/")
         # Merged once here, not per call; ours first so a provider's own headers win.
         try:
@@ -238,18 +240,29 @@ class Adapter:
             target = self._targets[path] = http.target(self.base_url + path)
         return target
 
+    def with_headers(self, extra: Mapping[str, str]) -> RequestHeaders | None:
+        """The adapter's headers with one request's `extra` over them; None (the adapter's own) when none."""
+        if not extra:
+            return None
+        try:
+            return RequestHeaders({**self.headers, **extra})
+        except ValueError as error:  # a line break in a value
+            raise BadRequestError(f"unusable request header: {error}", provider=self.id) from None
+
     async def send(
         self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None,
-        timeouts: http.Timeouts | None = None,
+        timeouts: http.Timeouts | None = None, headers: RequestHeaders | None = None,
     ) -> Response:
         """Send a request (a JSON body when `payload` is given); connection failures raised as our errors.
 
-        The caller reads the response and closes it. `timeouts`: a stream's unless given.
+        The caller reads the response and closes it. `timeouts`: a stream's unless given; `headers`:
+        the adapter's own unless given (see `with_headers`).
         """
         body = None if payload is None else json_bytes(payload)
         try:
             response = await self.transport.request(
-                method, self.target(path, params), body, timeouts=timeouts or self.timeouts, headers=self.headers
+                method, self.target(path, params), body, timeouts=timeouts or self.timeouts,
+                headers=headers or self.headers,
             )
         except TRANSPORT_ERRORS as error:
             raise self.transport_error(error, model) from None
@@ -274,14 +287,16 @@ class Adapter:
         except TRANSPORT_ERRORS as error:
             raise self.transport_error(error, model) from None
 
-    async def start_stream(self, method: str, path: str, model: str, payload: Any = None) -> Response:
+    async def start_stream(
+        self, method: str, path: str, model: str, payload: Any = None, *, headers: RequestHeaders | None = None
+    ) -> Response:
         """Send a streaming request and return its 2xx response, which the caller must close;
         a non-2xx answer is raised as our error (and closed).
 
         A stream left half-read drops its connection at once, so the provider sees the
         cancel and stops generating (and billing); one read to the end goes back to the pool.
         """
-        response = await self.send(method, path, model, payload)
+        response = await self.send(method, path, model, payload, headers=headers)
         if response.status >= 400:
             try:
                 body = await self.read_body(response, model)
@@ -292,35 +307,40 @@ class Adapter:
 
     @asynccontextmanager
     async def open_stream(
-        self, method: str, path: str, model: str, payload: Any = None
+        self, method: str, path: str, model: str, payload: Any = None, *, headers: RequestHeaders | None = None
     ) -> AsyncIterator[Response]:
         """`start_stream` as a context manager that always closes the response."""
-        response = await self.start_stream(method, path, model, payload)
+        response = await self.start_stream(method, path, model, payload, headers=headers)
         try:
             yield response
         finally:
             response.close()
 
     @asynccontextmanager
-    async def open_events(self, path: str, model: str, payload: Any) -> AsyncIterator[Response]:
+    async def open_events(
+        self, path: str, model: str, payload: Any, *, headers: RequestHeaders | None = None
+    ) -> AsyncIterator[Response]:
         """POST a streamed request (see `open_stream`); a connection that fails while it is read broke the stream."""
-        async with self.open_stream("POST", path, model, payload) as response:
+        async with self.open_stream("POST", path, model, payload, headers=headers) as response:
             try:
                 yield response
             except TRANSPORT_ERRORS as error:
                 raise self.transport_error(error, model, started=True) from None
 
-    async def post_json(self, path: str, payload: Any, model: str) -> Any:
-        return await self.request_json("POST", path, model, payload)
+    async def post_json(self, path: str, payload: Any, model: str, *, headers: RequestHeaders | None = None) -> Any:
+        return await self.request_json("POST", path, model, payload, headers=headers)
 
     async def get_json(self, path: str, model: str = "", *, params: Mapping[str, Any] | None = None) -> Any:
         return await self.request_json("GET", path, model, params=params)
 
     async def request_json(
-        self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None
+        self, method: str, path: str, model: str, payload: Any = None, *, params: Mapping[str, Any] | None = None,
+        headers: RequestHeaders | None = None,
     ) -> Any:
         """A JSON answer; transport failures, error statuses and non-JSON bodies raised as our errors."""
-        response = await self.send(method, path, model, payload, params=params, timeouts=self.answer_timeouts)
+        response = await self.send(
+            method, path, model, payload, params=params, timeouts=self.answer_timeouts, headers=headers
+        )
         try:
             body = await self.read_body(response, model)
         finally:

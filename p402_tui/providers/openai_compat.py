@@ -40,8 +40,6 @@ from .base import (
     with_first_token_timeout,
 )
 
-# OpenAI models that take max_completion_tokens and refuse max_tokens (openai-python completion_create_params).
-MAX_COMPLETION_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 # Providers of this family without an embeddings endpoint (reference wire-formats.md section 0).
 NO_EMBEDDINGS = frozenset({"groq", "deepseek", "openrouter", "ai21"})
 # Where the embeddings endpoint is, relative to the base URL, when it is not /embeddings.
@@ -71,7 +69,7 @@ class OpenAICompatAdapter(Adapter):
         key = self.provider.key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        if self.provider.id == "openrouter":
+        if self.flavor == "openrouter":
             # App attribution; X-Title is the older name some OpenRouter deployments still read.
             referer = os.environ.get("OPENROUTER_REFERER")
             if referer:
@@ -92,12 +90,9 @@ class OpenAICompatAdapter(Adapter):
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         else:
             body.pop("stream_options", None)
-        if self.id == "openai" and "max_tokens" in body and model.startswith(MAX_COMPLETION_PREFIXES):
-            max_tokens = body.pop("max_tokens")
-            body.setdefault("max_completion_tokens", max_tokens)
-        if self.id != "openai":
+        if self.flavor not in ("openai", "azure"):
             _developer_as_system(body["messages"])
-        if self.id == "mistral":
+        if self.flavor == "mistral":
             _to_mistral(body)
         for name in self.unsupported:
             body.pop(name, None)
@@ -105,9 +100,13 @@ class OpenAICompatAdapter(Adapter):
 
     # --- chat -------------------------------------------------------------------
 
+    def chat_url(self, model: str) -> str:
+        """Where chat requests for `model` go, relative to the base URL."""
+        return "/chat/completions"
+
     async def complete(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
         model = self.wire_model(request, model)
-        data = await self.post_json("/chat/completions", self.payload(request, model, stream=False), model)
+        data = await self.post_json(self.chat_url(model), self.payload(request, model, stream=False), model)
         return self.parse_completion(data, model)
 
     def parse_completion(self, data: Any, model: str) -> ChatResponse:
@@ -143,7 +142,7 @@ class OpenAICompatAdapter(Adapter):
 
     def stream_batches(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[list[ChatChunk]]:
         model = self.wire_model(request, model)
-        if self.id == "ai21" and request.tools:
+        if self.flavor == "ai21" and request.tools:
             # AI21 refuses stream=true with tools: ask for the whole answer and replay it as chunks.
             batches = self._replay(request, model)
         else:
@@ -157,7 +156,7 @@ class OpenAICompatAdapter(Adapter):
         reader = _EventReader(self, model)
         try:
             # Not `open_stream`: every call's stream would pay for a context manager's generator.
-            response = await self.start_stream("POST", "/chat/completions", model, body)
+            response = await self.start_stream("POST", self.chat_url(model), model, body)
             try:
                 if "text/event-stream" not in response.headers.get("content-type", "text/event-stream"):
                     # Some servers ignore stream=true (or fail inside a 200); take the whole answer.
@@ -196,10 +195,10 @@ class OpenAICompatAdapter(Adapter):
         return [item["id"] for item in items if isinstance(item, dict) and "id" in item]
 
     async def embed(self, texts: list[str], *, model: str, dimensions: int | None = None) -> Embeddings:
-        if self.id in NO_EMBEDDINGS:
+        if self.flavor in NO_EMBEDDINGS:
             return await super().embed(texts, model=model)
         model = self.wire_name(model)
-        path = EMBEDDINGS_PATH.get(self.id, "/embeddings")
+        path = EMBEDDINGS_PATH.get(self.flavor, "/embeddings")
         payload: dict[str, Any] = {"model": model, "input": texts}
         if dimensions is not None:
             payload["dimensions"] = dimensions

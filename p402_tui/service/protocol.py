@@ -41,6 +41,8 @@ class DecisionSummary(TypedDict):
     excluded: int
     request_id: str | None
     session_id: str | None
+    source: str | None  # where the request came from, as recorded (gateway:messages, cli...)
+    api: str | None  # the API it came through: chat_completions, messages, responses, embeddings; else cli, console...
 
 
 class DecisionPage(TypedDict):

@@ -64,6 +64,8 @@ COUNT_FIELDS = frozenset(
 # The usage fields a message_delta event carries (a message's usage has three more).
 DELTA_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens",
                "output_tokens_details", "server_tool_use")
+# Headers the stats record as received (`GET /_sim/stats`): what a gateway passed on is seen there.
+RECORDED_HEADERS = ("anthropic-beta", "anthropic-version")
 CACHE_MIN_TOKENS = 1024  # shorter prefixes are not cached (Anthropic's prompt-caching docs)
 CACHE_TTL_S = 300.0
 CACHE_MAX_ENTRIES = 10_000  # expired prefixes are dropped when the cache reaches this size
@@ -192,6 +194,7 @@ class MessagesAPI:
         if _thinks(body) and "reasoning" not in spec.capabilities:
             return error(400, "invalid_request_error", f"'{model}' does not support thinking.")
         self.state.record_call(provider, model)
+        self.state.record_headers(request.headers, RECORDED_HEADERS)
 
         parts = prompt_parts(body)
         if sum(len(text) for text, _ in parts) > LARGE_PROMPT_CHARS:
@@ -238,6 +241,7 @@ class MessagesAPI:
         refusal = _refuse_key(request)
         if refusal is not None:
             return refusal
+        self.state.record_headers(request.headers, RECORDED_HEADERS)
         try:
             body = json.loads(await request.body())
         except ValueError:

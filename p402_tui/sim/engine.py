@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from ..core.catalog import Catalog, ModelSpec
+from ..core.catalog import Catalog, ModelSpec, unlisted_model
 from ..core.tokens import count_text
 
 FaultKind = Literal["error", "rate_limit", "timeout", "disconnect", "malformed"]
@@ -36,6 +36,11 @@ LARGE_PROMPT_CHARS = 50_000
 UNPACED_BATCH = 64
 # Streamed JSON (tool-call arguments, JSON-mode answers) goes out in fragments this long, as real streams send it.
 JSON_PIECE_CHARS = 12
+
+
+# A model id holding this is one the simulated provider serves though the catalog does not list it
+# (released after the catalog was checked): how tests reach a model beyond the catalog.
+HELD_OUT = "heldout"
 
 
 def key_is_known(key: str) -> bool:
@@ -179,15 +184,23 @@ class SimState:
     """Everything one simulator process knows: catalog, faults, counters, randomness."""
 
     def __init__(
-        self, catalog: Catalog, *, seed: int = 0, latency: bool = True, speed: float = 1.0, usage: bool = True
+        self, catalog: Catalog, *, seed: int = 0, latency: bool = True, speed: float = 1.0, usage: bool = True,
+        azure_deployments: dict[str, str] | None = None,
     ) -> None:
-        self.catalog = catalog
+        # The providers' own model lists as they stand at start: ids callers pin later are not added to them.
+        self.catalog = Catalog(
+            catalog.checked_on, dict(catalog.providers),
+            {mid: m for mid, m in catalog.models.items() if m.source != "pinned"}, catalog.rules,
+        )
         self.usage = usage  # False: the OpenAI family reports no usage, as some self-hosted servers do
+        self.azure_deployments = dict(azure_deployments or {})  # Azure: deployment name -> OpenAI model
         self.seed = seed
         self.latency = latency
         self.speed = speed  # >1 answers faster than the catalog profile
         self.faults: list[Fault] = []
         self.calls: dict[str, Counter[str]] = defaultdict(Counter)
+        # Values of the API headers that steer an answer (Anthropic's betas and version), as received.
+        self.headers: dict[str, Counter[str]] = defaultdict(Counter)
         self.streams = StreamStats()
         self.started = time.time()
         self._rng = random.Random(seed)
@@ -213,11 +226,18 @@ class SimState:
     def record_call(self, provider: str, model: str) -> None:
         self.calls[provider][model] += 1
 
+    def record_headers(self, received: Any, names: Sequence[str]) -> None:
+        for name in names:
+            value = received.get(name)
+            if value:
+                self.headers[name][value] += 1
+
     def track_stream(self) -> StreamTracker:
         return StreamTracker(self.streams)
 
     def reset_stats(self) -> None:
         self.calls.clear()
+        self.headers.clear()
         self.streams = StreamStats()
 
     def stats(self) -> dict[str, Any]:
@@ -228,6 +248,7 @@ class SimState:
             "calls": sum(p["calls"] for p in providers.values()),
             "providers": providers,
             "streams": asdict(self.streams),
+            "headers": {name: dict(values) for name, values in sorted(self.headers.items())},
             "faults": [f.model_dump() for f in self.faults],
             "uptime_s": round(time.time() - self.started, 3),
         }
@@ -235,10 +256,13 @@ class SimState:
     # --- models and answers -------------------------------------------------
 
     def model_spec(self, provider: str, model: str) -> ModelSpec | None:
-        return self.catalog.models.get(f"{provider}/{model}")
+        found = self.catalog.models.get(f"{provider}/{model}")
+        if found is None and HELD_OUT in model and provider in self.catalog.providers:
+            found = unlisted_model(f"{provider}/{model}", self.catalog)
+        return found
 
     def knows(self, provider: str, model: str) -> bool:
-        return f"{provider}/{model}" in self.catalog.models
+        return self.model_spec(provider, model) is not None
 
     def answer(
         self,

@@ -290,6 +290,16 @@ class OpenAIFamily:
                 "unsupported_parameter",
                 "max_tokens",
             )
+        temperature = body.get("temperature")
+        if self._reasons_hidden(spec) and temperature is not None and temperature != 1:
+            raise SimError(
+                400,
+                f"Unsupported value: 'temperature' does not support {temperature} with this model. "
+                "Only the default (1) value is supported.",
+                "invalid_request_error",
+                "unsupported_value",
+                "temperature",
+            )
         if self.dialect.tools_forbid_stream and body.get("stream") and body.get("tools"):
             raise SimError(422, "stream must be False if using tools", "invalid_request_error", param="stream")
         choice = body.get("tool_choice")

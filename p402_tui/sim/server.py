@@ -7,7 +7,7 @@ and both our adapters and the official SDKs work against it unchanged.
 Control API (for rehearsing outages):
     POST   /_sim/faults   a Fault body; DELETE /_sim/faults[?provider=P] clears (all, or one provider's)
     GET    /_sim/faults   the faults in force
-    GET    /_sim/stats    calls per provider and model, stream counters; DELETE resets them
+    GET    /_sim/stats    calls per provider and model, stream counters, steering headers received; DELETE resets them
 Control errors are JSON: {"error": "..."} with status 400.
 """
 
@@ -38,6 +38,7 @@ FAMILY_MODULES = {
     "anthropic": "anthropic",
     "gemini": "gemini",
     "cohere": "cohere",
+    "azure": "azure",
 }
 # A request header that fixes the answer's length in streamed pieces, for benchmarks; every family reads it.
 PIECES_HEADER = "x-p402-sim-pieces"
@@ -202,6 +203,7 @@ async def start_sim(
     speed: float = 1.0,
     tls: tuple[str, str] | None = None,
     usage: bool = True,
+    azure_deployments: dict[str, str] | None = None,
 ) -> RunningSim:
     """Serve the simulator as a task in the running loop (port 0 picks a free one); over HTTPS with
     `tls`, a (certificate file, key file) pair. `usage=False`: the OpenAI family reports no usage."""
@@ -215,7 +217,7 @@ async def start_sim(
     except BaseException:
         sock.close()
         raise
-    state = SimState(catalog, seed=seed, latency=latency, speed=speed, usage=usage)
+    state = SimState(catalog, seed=seed, latency=latency, speed=speed, usage=usage, azure_deployments=azure_deployments)
     config = uvicorn.Config(
         build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1,
         ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,

@@ -148,7 +148,10 @@ async def spend(
     totals = await store.fetchone(
         "SELECT COALESCE(SUM(cost_usd), 0.0) AS cost_usd, COUNT(*) AS requests, COALESCE(SUM(saved_usd), 0.0) AS saved_usd, "
         "COALESCE(SUM(cached), 0) AS cached, COALESCE(SUM(status != 'ok'), 0) AS errors, "
-        "COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, COALESCE(SUM(completion_tokens), 0) AS completion_tokens "
+        "COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, COALESCE(SUM(completion_tokens), 0) AS completion_tokens, "
+        "COALESCE(SUM(priced = 0), 0) AS unpriced, "
+        "COALESCE(SUM(CASE WHEN priced = 0 THEN prompt_tokens END), 0) AS unpriced_prompt_tokens, "
+        "COALESCE(SUM(CASE WHEN priced = 0 THEN completion_tokens END), 0) AS unpriced_completion_tokens "
         f"FROM requests WHERE ts >= ? AND ts < ?{real}",
         window,
     )
@@ -156,7 +159,8 @@ async def spend(
     order = "key" if by == "day" else "cost_usd DESC, key"
     rows = await store.fetchall(
         f"SELECT {BREAKDOWNS[by]} AS key, SUM(cost_usd) AS cost_usd, COUNT(*) AS requests, SUM(saved_usd) AS saved_usd, "
-        f"SUM(cached) AS cached FROM requests WHERE ts >= ? AND ts < ?{real} GROUP BY key ORDER BY {order}",
+        f"SUM(cached) AS cached, SUM(priced = 0) AS unpriced FROM requests WHERE ts >= ? AND ts < ?{real} "
+        f"GROUP BY key ORDER BY {order}",
         window,
     )
     left_out = 0 if include_simulated else await store.scalar(
@@ -174,6 +178,12 @@ async def spend(
         "errors": totals["errors"],
         "prompt_tokens": totals["prompt_tokens"],
         "completion_tokens": totals["completion_tokens"],
+        # Calls to models without a known price: counted here, not as $0 in total_usd (their cost_usd is null).
+        "unpriced": {
+            "requests": totals["unpriced"],
+            "prompt_tokens": totals["unpriced_prompt_tokens"],
+            "completion_tokens": totals["unpriced_completion_tokens"],
+        },
         "breakdown": rows,
     }
 
@@ -219,7 +229,7 @@ async def _cheaper_models(
     rows = await store.fetchall(
         "SELECT provider, model, GROUP_CONCAT(DISTINCT needs) AS needs, COUNT(*) AS requests, "
         "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, SUM(cost_usd) AS cost_usd "
-        f"FROM requests WHERE ts >= ? AND ts < ? AND status = 'ok' AND cached = 0{real} "
+        f"FROM requests WHERE ts >= ? AND ts < ? AND status = 'ok' AND cached = 0 AND priced = 1{real} "
         "AND (mode IS NULL OR mode != 'quality') AND provider IS NOT NULL AND model IS NOT NULL "
         "GROUP BY provider, model",
         window,

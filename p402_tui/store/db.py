@@ -244,6 +244,17 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX guardrail_hits_key ON guardrail_hits(api_key_id, ts);
     """,
+    # a call to a model without a known price (an unlisted id) costs NULL, not $0, and is flagged unpriced.
+    # SQLite cannot drop a NOT NULL constraint by ALTER; the table's declaration is edited in place, as
+    # https://sqlite.org/lang_altertable.html#otheralter allows for constraints that change no stored data
+    # (RESET reloads the schema; the ALTER after it bumps the schema cookie for every other connection).
+    """
+    PRAGMA writable_schema=ON;
+    UPDATE sqlite_schema SET sql = replace(sql, 'cost_usd REAL NOT NULL DEFAULT 0', 'cost_usd REAL DEFAULT 0')
+        WHERE type = 'table' AND name = 'requests';
+    PRAGMA writable_schema=RESET;
+    ALTER TABLE requests ADD COLUMN priced INTEGER NOT NULL DEFAULT 1;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

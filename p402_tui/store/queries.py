@@ -23,7 +23,7 @@ LEDGER_COLUMNS = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
     "cost_usd", "est_cost_usd", "saved_usd", "latency_ms", "ttft_ms",
     "status", "error_kind", "error", "cached", "decision_id", "stream", "namespace", "source",
-    "attempts", "needs", "prompt_key", "simulated", "usage_estimated",
+    "attempts", "needs", "prompt_key", "simulated", "usage_estimated", "priced",
 )  # fmt: skip
 INSERT_REQUEST = (
     f"INSERT OR REPLACE INTO requests ({', '.join(LEDGER_COLUMNS)}) "
@@ -54,6 +54,7 @@ def request_row(
         record.status, record.error_kind, record.error, int(record.cached), record.decision_id,
         int(record.stream), record.namespace, record.source,
         json_bytes(attempts).decode(), needs, prompt_key, int(simulated), int(record.usage_estimated),
+        int(record.cost_usd is not None),
     )  # fmt: skip
 
 
@@ -61,6 +62,8 @@ def _ledger_dict(row: dict[str, Any]) -> dict[str, Any]:
     row["cached"] = bool(row["cached"])
     row["stream"] = bool(row["stream"])
     row["usage_estimated"] = bool(row.get("usage_estimated"))
+    if "priced" in row:
+        row["priced"] = bool(row["priced"])
     row["attempts"] = json.loads(row["attempts"] or "[]")
     return row
 
@@ -212,7 +215,8 @@ async def decision_summaries(
     if rows:
         ids = [r["id"] for r in rows]
         found = await store.fetchall(
-            "SELECT decision_id, id, provider, model, cost_usd, latency_ms, status, error_kind, session_id FROM requests "
+            "SELECT decision_id, id, provider, model, cost_usd, latency_ms, status, error_kind, session_id, source "
+            "FROM requests "
             f"WHERE ts >= ? AND ts <= ? AND decision_id IN ({', '.join('?' for _ in ids)})",
             (min(r["ts"] for r in rows) - OUTCOME_WINDOW_S, max(r["ts"] for r in rows), *ids),
         )

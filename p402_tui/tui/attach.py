@@ -309,7 +309,7 @@ class RemoteSource:
             if error.status == 503:
                 return None  # no ledger there: the console keeps its own tally of what it sees
             raise
-        top = sorted(month["breakdown"], key=lambda r: (-r["cost_usd"], r["key"]))[:5]
+        top = sorted(month["breakdown"], key=lambda r: (-(r["cost_usd"] or 0.0), r["key"]))[:5]  # None: unpriced
         cache = await self.client.api.cache()
         return SpendSummary(
             today_usd=today["total_usd"],
@@ -318,7 +318,7 @@ class RemoteSource:
             requests_today=today["requests"],
             saved_usd=month.get("saved_usd", 0.0),
             cache_hits=month.get("cached", 0),
-            top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
+            top_models=[(r["key"], r["cost_usd"] or 0.0, r["requests"]) for r in top],
             cache=CacheInfo.from_snapshot(cache) if cache is not None else None,
         )
 

@@ -88,7 +88,7 @@ class LocalSource:
             requests_today=today["requests"],
             saved_usd=today["saved_usd"],
             cache_hits=today["cached"],
-            top_models=[(r["key"], r["cost_usd"], r["requests"]) for r in top],
+            top_models=[(r["key"], r["cost_usd"] or 0.0, r["requests"]) for r in top],  # None: unpriced
             cache=CacheInfo.from_snapshot(cache.snapshot()) if cache is not None else None,
         )
 

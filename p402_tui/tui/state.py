@@ -278,7 +278,7 @@ class ConsoleState:
             )
             self.decisions[key] = row
         row.record = record
-        row.api = api_of(record.source) if record.source.startswith("gateway:") else ""
+        row.api = _shown_api(record.source)
         row.request_id = record.id
         row.session_id = record.session_id
         row.cost = record.cost_usd
@@ -363,6 +363,7 @@ class ConsoleState:
                 session_id=brief.get("session_id"),
                 request_id=brief.get("request_id"),
                 error=brief.get("error_kind"),
+                api=_shown_api(brief.get("source") or ""),
             )
             self._bump(row)
             older[key] = row
@@ -426,3 +427,8 @@ _HANDLERS = {
     "request_rejected": ConsoleState._request_rejected,
     "health_changed": ConsoleState._health_changed,
 }
+
+
+def _shown_api(source: str) -> str:
+    """The API a row names: the gateway's routes other than chat completions (messages, responses...)."""
+    return api_of(source) if source.startswith("gateway:") else ""

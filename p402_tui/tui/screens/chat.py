@@ -100,7 +100,8 @@ class LocalLink:
         return self.service is not None and getattr(self.service, "persistent", True)
 
     async def models(self) -> list[str]:
-        return [m.id for m in self.orchestrator.router.usable_models() if "chat" in m.capabilities]
+        aliases = list(self.orchestrator.router.aliases)  # configured names first, as /v1/models lists them
+        return aliases + [m.id for m in self.orchestrator.router.usable_models() if "chat" in m.capabilities]
 
     def default_mode(self) -> str:
         return self.orchestrator.router.config.mode
@@ -620,6 +621,18 @@ class ChatScreen(LinkedScreen):
         picker.focus()
         picker.expanded = True
 
+    def _pin(self, model: str) -> None:
+        """`/model provider/<id>`: any model, listed or not (an unlisted one is unpriced); the router says if it is unknown."""
+        if not model:
+            self.notify("give a model: /model provider/id, e.g. /model openai/gpt-4o-mini", severity="warning")
+            return
+        picker = self.query_one("#chat-model", Select)
+        offered = [value for _, value in picker._options if isinstance(value, str)]
+        if model not in offered:
+            picker.set_options([(label, value) for label, value in picker._options if isinstance(value, str)]
+                               + [(model, model)])
+        picker.value = model
+
     def action_pick_mode(self) -> None:
         picker = self.query_one("#chat-mode", Select)
         if picker.disabled:
@@ -637,6 +650,10 @@ class ChatScreen(LinkedScreen):
             return
         if text.startswith("/image"):
             self._attach_image(text[len("/image"):].strip(), event.value)
+            return
+        if text.startswith("/model"):
+            self._pin(text[len("/model"):].strip())
+            event.input.value = ""
             return
         if self.streaming:
             self.notify("an answer is still streaming: escape stops it", severity="warning", timeout=3)
