@@ -743,12 +743,12 @@ def cmd_spend(args: argparse.Namespace) -> int:
     from .service.spend import period_label
 
     settings = settings_from(args)
-    label = period_label(args.period, start=args.start, end=args.end)
+    label = period_label(args.period, start=args.start, end=args.end) + (f", key {args.key}" if args.key else "")
 
     async def report() -> dict[str, Any]:
         async with open_service(settings, create=False) as service:
             return await service.spend(args.period, by=args.by, start=args.start, end=args.end,
-                                       include_simulated=args.include_simulated)
+                                       include_simulated=args.include_simulated, api_key_id=await _key_id(service, args))
 
     fresh = not db_exists(args, settings)
     result = run_async(report())
@@ -776,6 +776,11 @@ def cmd_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _key_id(service: Any, args: argparse.Namespace) -> str | None:
+    """The id of the gateway key `--key` names (by id or name), or None without one."""
+    return None if args.key is None else await service.resolve_key(args.key)
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     return run_async(_sessions(args, settings_from(args)))
 
@@ -786,7 +791,7 @@ async def _sessions(args: argparse.Namespace, settings) -> int:
         if action in ("show", "update", "delete"):
             args.id = await service.resolve_session(args.id)
         if action == "list":
-            found = await service.sessions(status=args.status)
+            found = await service.sessions(status=args.status, api_key_id=await _key_id(service, args))
             if args.json:
                 print_json(found)
             else:
@@ -874,12 +879,13 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
     from .service.spend import period_label
 
     settings = settings_from(args)
-    label = period_label(args.period, start=args.start, end=args.end)
+    label = period_label(args.period, start=args.start, end=args.end) + (f", key {args.key}" if args.key else "")
 
     async def advise() -> list[dict[str, Any]]:
         async with open_service(settings, create=False) as service:
             return await service.recommendations(args.period, start=args.start, end=args.end,
-                                                 include_simulated=args.include_simulated)
+                                                 include_simulated=args.include_simulated,
+                                                 api_key_id=await _key_id(service, args))
 
     fresh = not db_exists(args, settings)
     found = run_async(advise())
@@ -1168,6 +1174,7 @@ def build_parser() -> argparse.ArgumentParser:
     period.add_argument("--include-simulated", action="store_true",
                         help="count requests the simulator answered too (left out by default)")
     period.add_argument("--json", action="store_true", help="print JSON")
+    period.add_argument("--key", metavar="ID", help="only this gateway key's requests (its id or name)")
 
     p = sub.add_parser("spend", parents=[common, period], help="what was spent in a period, broken down")
     p.add_argument("--by", choices=["provider", "model", "session", "tag", "key", "day"], default="provider",
@@ -1190,6 +1197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sessions_sub = p.add_subparsers(dest="sessions_command", metavar="ACTION", required=True)
     q = sessions_sub.add_parser("list", parents=[common], help="every session with its spend")
     q.add_argument("--status", choices=SESSION_STATUSES, help="only sessions with this status")
+    q.add_argument("--key", metavar="ID", help="only sessions this gateway key sees: its own and the operator's")
     q = sessions_sub.add_parser("create", parents=[common], help="a new session")
     q.add_argument("--name", required=True, type=_session_name, metavar="N", help="what to call it")
     q.add_argument("--budget", type=_non_negative_float, metavar="USD", help="refuse requests past this spend")

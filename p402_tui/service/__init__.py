@@ -177,6 +177,10 @@ class Service:
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
         return await keys.revoke_key(self._store(), key_id)
 
+    async def resolve_key(self, ref: str) -> str:
+        """The id of the key `ref` names, by id or name."""
+        return await keys.resolve_key(await self._fresh(), ref)
+
     async def key_requests(self, key_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
         return await keys.key_requests(await self._fresh(), key_id, limit=limit)
 

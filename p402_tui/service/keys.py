@@ -75,6 +75,18 @@ async def update_key(
     return await show_key(store, key_id)
 
 
+async def resolve_key(store: Any, ref: str) -> str:
+    """The id of the key `ref` names: its id, else its name (revoked keys too: their history stays)."""
+    if await queries.get_key(store, ref) is not None:
+        return ref
+    named = [key["id"] for key in await queries.list_keys(store) if key["name"] == ref.strip()]
+    if not named:
+        raise KeyNotFoundError(f"no key {ref!r} (by id or name); `p402 keys list` shows them")
+    if len(named) > 1:
+        raise InvalidKeyError(f"{len(named)} keys are named {ref!r} ({', '.join(named)}); give its id", param="key")
+    return named[0]
+
+
 async def key_requests(store: Any, key_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
     """The key's latest requests from the ledger, newest first."""
     await show_key(store, key_id)  # an unknown key is a 404, not an empty list
