@@ -215,9 +215,24 @@ def response_format(text: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "json_schema":
         if not isinstance(fmt.get("schema"), dict) or not isinstance(fmt.get("name"), str):
             raise refuse("text.format: a json_schema format needs a name and a schema", "text.format")
+        if not isinstance(fmt.get("strict"), (bool, type(None))) or not isinstance(fmt.get("description"), (str, type(None))):
+            raise refuse("text.format: strict must be a boolean and description a string", "text.format")
         schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if fmt.get(k) is not None}
         return {"type": "json_schema", "json_schema": schema}
     raise refuse("text.format.type: must be text, json_object or json_schema", "text.format.type")
+
+
+def echoed_format(text: dict[str, Any] | None) -> dict[str, Any]:
+    """The answer's `text.format`: what `response_format` accepted, in the document's shape and no more
+    (a request's stray fields are not echoed back into an answer they would make invalid)."""
+    fmt = (text or {}).get("format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        keep = {k: fmt[k] for k in ("name", "schema", "strict", "description") if fmt.get(k) is not None}
+        return {"type": "json_schema", **keep}
+    return {"type": "text"}
 
 
 # --- answers -------------------------------------------------------------------------------
@@ -314,7 +329,7 @@ def response_object(
         "reasoning": {"effort": None, "summary": None},
         "store": body.store,
         "temperature": body.temperature,
-        "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
+        "text": {"format": echoed_format(body.text)},
         "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
         "tools": [_echoed(tool) for tool in body.tools or []],
         "top_p": body.top_p,
