@@ -34,7 +34,7 @@ from ..core.tokens import off_loop
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Usage, json_bytes, round_costs
 from ..service import Service
 from ..policy.engine import PolicyEngine
-from . import errors, memory, sse
+from . import errors, memory, probes, sse
 from .auth import GatewayAuth
 from .bodies import (
     DECISION_RING,
@@ -635,6 +635,8 @@ class Gateway:
             },
             "/api/v2/keys/{key_id}/requests": {"GET": self._keys("key_requests")},
             "/health": {"GET": self.health},
+            "/health/live": {"GET": probes.live},
+            "/health/ready": {"GET": probes.ready(self)},
             "/metrics": {"GET": self.prometheus},
             "/openapi.json": {"GET": self.openapi},
         }
@@ -705,7 +707,7 @@ class _Front:
     Starlette still answers everything else (405s included).
     """
 
-    OPEN_PATHS = frozenset({"/health"})
+    OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 
     def __init__(
         self,
