@@ -51,3 +51,52 @@ def test_ready_is_503_without_a_provider(tmp_path):
         assert document["paths"]["/health/live"]["get"]["security"] == []
     finally:
         assert served.stop() == 0
+
+
+HELLO = {"messages": [{"role": "user", "content": "Say hello to the gateway."}]}
+
+
+def test_x_request_id_is_echoed_on_every_answer_and_kept_in_the_ledger(tmp_path):
+    db = tmp_path / "p402.db"
+    served = Served("--sim", "--db", str(db))
+    try:
+        chat = f"{served.url}/v1/chat/completions"
+        mine = httpx.post(chat, json=HELLO, headers={"x-request-id": "client-abc.123"}, timeout=30)
+        assert mine.status_code == 200 and mine.headers["x-request-id"] == "client-abc.123"
+        ours = httpx.post(chat, json=HELLO, timeout=30)
+        assert ours.headers["x-request-id"].startswith("req")  # none sent: the ledger's own id
+        with httpx.stream("POST", chat, json={**HELLO, "stream": True}, headers={"x-request-id": "s-1"}) as stream:
+            assert stream.status_code == 200 and stream.headers["x-request-id"] == "s-1"
+            stream.read()
+        strange = httpx.post(chat, json=HELLO, headers={"x-request-id": "a b<script>"}, timeout=30)
+        assert strange.headers["x-request-id"].startswith("req")  # unsafe: ignored, ours instead
+        too_long = httpx.post(chat, json=HELLO, headers={"x-request-id": "x" * 129}, timeout=30)
+        assert too_long.headers["x-request-id"].startswith("req")
+        messages = httpx.post(
+            f"{served.url}/v1/messages", headers={"x-request-id": "anthropic-7"}, timeout=30,
+            json={"model": "anthropic/claude-sonnet-4-5-20250929", "max_tokens": 50, **HELLO},
+        )  # fmt: skip
+        assert messages.status_code == 200 and messages.headers["x-request-id"] == "anthropic-7", messages.text
+        embeddings = httpx.post(
+            f"{served.url}/v1/embeddings", json={"model": "openai/text-embedding-3-small", "input": "hi"}, headers={"x-request-id": "emb-1"}, timeout=30
+        )
+        assert embeddings.status_code == 200 and embeddings.headers["x-request-id"] == "emb-1"
+        bad = httpx.post(chat, content=b"{", headers={"x-request-id": "bad-1"}, timeout=30)
+        assert bad.status_code == 400 and bad.headers["x-request-id"] == "bad-1"
+    finally:
+        assert served.stop() == 0
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT id, client_request_id FROM requests").fetchall())
+    assert sorted(v for v in rows.values() if v) == ["anthropic-7", "client-abc.123", "emb-1", "s-1"]
+    assert rows[ours.headers["x-request-id"]] is None and len(rows) == 7
+
+
+def test_x_request_id_rides_on_refusals(tmp_path):
+    db = tmp_path / "p402.db"
+    served = Served("--sim", "--db", str(db))
+    try:
+        assert run_cli("keys", "create", "--name", "ops", "--db", str(db)).returncode == 0
+        refused = httpx.post(f"{served.url}/v1/chat/completions", json=HELLO, headers={"x-request-id": "r-9"})
+        assert refused.status_code == 401 and refused.headers["x-request-id"] == "r-9"
+    finally:
+        assert served.stop() == 0

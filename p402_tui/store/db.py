@@ -244,6 +244,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX guardrail_hits_key ON guardrail_hits(api_key_id, ts);
     """,
+    # the caller's own id of a request (x-request-id), beside ours: callers reuse theirs on retries,
+    # so it cannot be the key. Not indexed: no query of ours searches by it.
+    """
+    ALTER TABLE requests ADD COLUMN client_request_id TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

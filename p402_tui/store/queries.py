@@ -23,7 +23,7 @@ LEDGER_COLUMNS = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
     "cost_usd", "est_cost_usd", "saved_usd", "latency_ms", "ttft_ms",
     "status", "error_kind", "error", "cached", "decision_id", "stream", "namespace", "source",
-    "attempts", "needs", "prompt_key", "simulated", "usage_estimated",
+    "attempts", "needs", "prompt_key", "simulated", "usage_estimated", "client_request_id",
 )  # fmt: skip
 INSERT_REQUEST = (
     f"INSERT OR REPLACE INTO requests ({', '.join(LEDGER_COLUMNS)}) "
@@ -54,6 +54,7 @@ def request_row(
         record.status, record.error_kind, record.error, int(record.cached), record.decision_id,
         int(record.stream), record.namespace, record.source,
         json_bytes(attempts).decode(), needs, prompt_key, int(simulated), int(record.usage_estimated),
+        record.client_request_id,
     )  # fmt: skip
 
 
