@@ -885,6 +885,45 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    """The store's upkeep: status (read-only), migrate, prune old history."""
+    from .service import operations
+
+    settings = settings_from(args)
+    path = settings.db_path
+
+    async def act() -> dict[str, Any]:
+        if args.db_command == "status":
+            return await operations.status(path)
+        if args.db_command == "migrate":
+            return await operations.migrate(path)
+        older_than = operations.age_seconds(args.older_than)
+        async with open_service(settings, create=False, must_exist=True) as service:
+            return {"older_than": args.older_than, **await service.prune(older_than)}
+
+    found = run_async(act())
+    if isinstance(found, int):
+        return found
+    if args.json:
+        print_json(found)
+    elif args.db_command == "status":
+        if not found["exists"]:
+            print(f"no database at {found['path']} yet (it is made on first use; `p402 db migrate` makes it now)")
+            return 0
+        state = "current" if found["up_to_date"] else "behind: run `p402 db migrate`"
+        if (found["schema_version"] or 0) > found["current_version"]:
+            state = "newer than this P402: upgrade p402"
+        print(f"engine  {found['engine']}\npath    {found['path']}\nsize    {found['size_bytes'] / 1e6:.2f} MB")
+        print(f"schema  {found['schema_version']} of {found['current_version']} ({state})")
+        print_table(["TABLE", "ROWS"], [[t, n] for t, n in found["rows"].items()])
+    elif args.db_command == "migrate":
+        print(f"{found['path']}: schema {found['from_version'] or 0} -> {found['to_version']}")
+    else:
+        removed = ", ".join(f"{n} {t}" for t, n in found["removed"].items())
+        print(f"removed {found['total']} rows older than {args.older_than}: {removed}")
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     return run_async(_cache(args, settings_from(args)))
 
@@ -1196,6 +1235,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--db", metavar="PATH", help=db_help)
         q.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("db", parents=[common], help="the store: status, migrate, prune old history")
+    db_sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    db_sub.add_parser("status", parents=[common], help="engine, schema version, rows of the main tables, size")
+    db_sub.add_parser("migrate", parents=[common], help="bring the store to this P402's schema")
+    q = db_sub.add_parser("prune", parents=[common], help="delete ledger, decisions and health history older than AGE")
+    q.add_argument("--older-than", required=True, metavar="AGE", help="30d, 12h, 90m, 2w (a bare number is days)")
+    for q in db_sub.choices.values():
+        q.add_argument("--db", metavar="PATH", help=db_help)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("cache", parents=[common], help="the semantic cache: which embedder, how full; clear it")
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)

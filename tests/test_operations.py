@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import time
 
 import httpx
 
@@ -100,3 +102,61 @@ def test_x_request_id_rides_on_refusals(tmp_path):
         assert refused.status_code == 401 and refused.headers["x-request-id"] == "r-9"
     finally:
         assert served.stop() == 0
+
+
+def test_db_status_migrate_and_prune_through_the_cli(tmp_path):
+    from p402_tui.store.db import MIGRATIONS, SCHEMA_VERSION, _statements
+
+    db = tmp_path / "p402.db"
+    with sqlite3.connect(db) as conn:  # a file an older P402 wrote: every migration but the last
+        for number, script in enumerate(MIGRATIONS[:-1], 1):
+            for statement in _statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+    before = json.loads(run_cli("db", "status", "--db", str(db), "--json").stdout)
+    assert before["engine"] == "sqlite" and before["schema_version"] == SCHEMA_VERSION - 1
+    assert not before["up_to_date"] and before["rows"]["requests"] == 0 and before["size_bytes"] > 0
+    text = run_cli("db", "status", "--db", str(db))
+    assert text.returncode == 0 and "behind: run `p402 db migrate`" in text.stdout
+    migrated = run_cli("db", "migrate", "--db", str(db), "--json")
+    assert json.loads(migrated.stdout)["to_version"] == SCHEMA_VERSION, migrated.stderr
+    assert json.loads(run_cli("db", "status", "--db", str(db), "--json").stdout)["up_to_date"]
+
+    served = Served("--sim", "--db", str(db))
+    try:
+        for _ in range(3):
+            assert httpx.post(f"{served.url}/v1/chat/completions", json=HELLO, timeout=30).status_code == 200
+    finally:
+        assert served.stop() == 0
+    old = time.time() - 40 * 86400
+    with sqlite3.connect(db) as conn:  # 1,200 rows from 40 days ago beside today's three: several batches
+        conn.execute(
+            "INSERT INTO requests (id, ts, status) WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+            "WHERE i < 1200) SELECT 'old' || i, ?, 'ok' FROM n", (old,),
+        )
+        conn.execute("UPDATE router_decisions SET ts = ? WHERE rowid = (SELECT MIN(rowid) FROM router_decisions)", (old,))
+    status = json.loads(run_cli("db", "status", "--db", str(db), "--json").stdout)
+    decisions = status["rows"]["router_decisions"]
+    assert status["rows"]["requests"] == 1203 and decisions >= 1
+    pruned = run_cli("db", "prune", "--older-than", "30d", "--db", str(db), "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    report = json.loads(pruned.stdout)
+    assert report["removed"]["requests"] == 1200 and report["removed"]["router_decisions"] == 1
+    assert report["total"] == 1201
+    after = json.loads(run_cli("db", "status", "--db", str(db), "--json").stdout)
+    assert after["rows"]["requests"] == 3 and after["rows"]["router_decisions"] == decisions - 1
+    again = run_cli("db", "prune", "--older-than", "30d", "--db", str(db))
+    assert again.returncode == 0 and again.stdout.startswith("removed 0 rows older than 30d")
+
+
+def test_db_commands_refuse_bad_input_in_one_line(tmp_path):
+    bad_age = run_cli("db", "prune", "--older-than", "soon", "--db", str(tmp_path / "p402.db"))
+    assert bad_age.returncode == 1 and bad_age.stderr.strip().count("\n") == 0 and "not an age" in bad_age.stderr
+    missing = run_cli("db", "prune", "--older-than", "1d", "--db", str(tmp_path / "none.db"))
+    assert missing.returncode == 1 and "no P402 database" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "none.db").exists()
+    (tmp_path / "junk.db").write_text("not a database")
+    junk = run_cli("db", "status", "--db", str(tmp_path / "junk.db"))
+    assert junk.returncode == 1 and "Traceback" not in junk.stderr and "junk.db" in junk.stderr
+    fresh = run_cli("db", "status", "--db", str(tmp_path / "new.db"))
+    assert fresh.returncode == 0 and "no database" in fresh.stdout and not (tmp_path / "new.db").exists()
