@@ -615,6 +615,11 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         # the collector's sight, full collections scan only what requests leave behind.
         gc.collect()
         gc.freeze()
+        # Caught before the line that says it is up: a supervisor may signal as soon as it reads it.
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
         upstream = f"; providers simulated at {runtime.sim.url}" if runtime.sim else ""
         recording = f"; {ledger}" if ledger else ""
         print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}){recording}; Ctrl-C stops it",
@@ -622,10 +627,6 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         if not settings.usable_providers():
             print(f"p402 serve: not ready: {_no_provider_error(' (or run p402 serve --sim)')}; every chat request "
                   "is refused and /health answers 503 until one is", file=sys.stderr, flush=True)
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({stopping, gateway.task}, return_when=asyncio.FIRST_COMPLETED)

@@ -160,3 +160,30 @@ def test_db_commands_refuse_bad_input_in_one_line(tmp_path):
     assert junk.returncode == 1 and "Traceback" not in junk.stderr and "junk.db" in junk.stderr
     fresh = run_cli("db", "status", "--db", str(tmp_path / "new.db"))
     assert fresh.returncode == 0 and "no database" in fresh.stdout and not (tmp_path / "new.db").exists()
+
+
+def test_retention_days_prunes_old_history_in_the_background(tmp_path):
+    db = tmp_path / "p402.db"
+    assert run_cli("db", "migrate", "--db", str(db)).returncode == 0
+    old, recent = time.time() - 40 * 86400, time.time() - 5 * 86400
+    with sqlite3.connect(db) as conn:
+        conn.executemany("INSERT INTO requests (id, ts, status) VALUES (?, ?, 'ok')",
+                         [(f"old{i}", old) for i in range(700)] + [("recent", recent)])  # fmt: skip
+    config = tmp_path / "config.toml"
+    config.write_text("[store]\nretention_days = 30\n")
+    served = Served("--sim", "--db", str(db), env={"P402_CONFIG": str(config)})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with sqlite3.connect(db) as conn:
+                ids = [row[0] for row in conn.execute("SELECT id FROM requests")]
+            if ids == ["recent"]:
+                break
+            assert time.monotonic() < deadline, len(ids)
+            time.sleep(0.1)
+    finally:
+        assert served.stop() == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[store]\nretention_days = 0\n")
+    refused = run_cli("db", "status", "--db", str(db), config=bad)
+    assert refused.returncode != 0 and "retention_days" in refused.stderr and "Traceback" not in refused.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from ..core.errors import P402Error
 from ..store import maintenance
 from ..store.store import Store
 
+logger = logging.getLogger(__name__)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_S = {"": 86400.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
@@ -49,6 +51,21 @@ async def prune(store: Store, older_than_s: float) -> dict[str, Any]:
     before = time.time() - older_than_s
     removed = await maintenance.prune(store, before)
     return {"before_ts": before, "removed": removed, "total": sum(removed.values())}
+
+
+RETAIN_EVERY_S = 3600.0
+
+
+async def retain(store: Store, days: float, *, every_s: float = RETAIN_EVERY_S) -> None:
+    """`[store] retention_days`: prune at start, then every `every_s`, until cancelled."""
+    while True:
+        try:
+            removed = await prune(store, days * 86400)
+            if removed["total"]:
+                logger.info("retention: removed %d rows older than %g days", removed["total"], days)
+        except P402Error as error:  # the store closing or refusing: try again next round
+            logger.warning("retention: %s", error)
+        await asyncio.sleep(every_s)
 
 
 async def ready(store: Store | None, usable_providers: int) -> tuple[bool, dict[str, Any]]:
