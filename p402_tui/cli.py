@@ -624,6 +624,11 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         # the collector's sight, full collections scan only what requests leave behind.
         gc.collect()
         gc.freeze()
+        # Caught before the line that says it is up: a supervisor may signal as soon as it reads it.
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
         upstream = f"; providers simulated at {runtime.sim.url}" if runtime.sim else ""
         recording = f"; {ledger}" if ledger else ""
         print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}){recording}; Ctrl-C stops it",
@@ -631,10 +636,6 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         if not settings.usable_providers():
             print(f"p402 serve: not ready: {_no_provider_error(' (or run p402 serve --sim)')}; every chat request "
                   "is refused and /health answers 503 until one is", file=sys.stderr, flush=True)
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({stopping, gateway.task}, return_when=asyncio.FIRST_COMPLETED)
@@ -902,6 +903,45 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
             saving = "" if item["monthly_saving_usd"] is None else f"  (~{usd(item['monthly_saving_usd'])}/month)"
             print(f"{number}. {item['title']}{saving}")
             print(f"   {item['detail']}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """The store's upkeep: status (read-only), migrate, prune old history."""
+    from .service import operations
+
+    settings = settings_from(args)
+    path = settings.db_path
+
+    async def act() -> dict[str, Any]:
+        if args.db_command == "status":
+            return await operations.status(path)
+        if args.db_command == "migrate":
+            return await operations.migrate(path)
+        older_than = operations.age_seconds(args.older_than)
+        async with open_service(settings, create=False, must_exist=True) as service:
+            return {"older_than": args.older_than, **await service.prune(older_than)}
+
+    found = run_async(act())
+    if isinstance(found, int):
+        return found
+    if args.json:
+        print_json(found)
+    elif args.db_command == "status":
+        if not found["exists"]:
+            print(f"no database at {found['path']} yet (it is made on first use; `p402 db migrate` makes it now)")
+            return 0
+        state = "current" if found["up_to_date"] else "behind: run `p402 db migrate`"
+        if (found["schema_version"] or 0) > found["current_version"]:
+            state = "newer than this P402: upgrade p402"
+        print(f"engine  {found['engine']}\npath    {found['path']}\nsize    {found['size_bytes'] / 1e6:.2f} MB")
+        print(f"schema  {found['schema_version']} of {found['current_version']} ({state})")
+        print_table(["TABLE", "ROWS"], [[t, n] for t, n in found["rows"].items()])
+    elif args.db_command == "migrate":
+        print(f"{found['path']}: schema {found['from_version'] or 0} -> {found['to_version']}")
+    else:
+        removed = ", ".join(f"{n} {t}" for t, n in found["removed"].items())
+        print(f"removed {found['total']} rows older than {args.older_than}: {removed}")
     return 0
 
 
@@ -1220,6 +1260,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--db", metavar="PATH", help=db_help)
         q.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("db", parents=[common], help="the store: status, migrate, prune old history")
+    db_sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    db_sub.add_parser("status", parents=[common], help="engine, schema version, rows of the main tables, size")
+    db_sub.add_parser("migrate", parents=[common], help="bring the store to this P402's schema")
+    q = db_sub.add_parser("prune", parents=[common], help="delete ledger, decisions and health history older than AGE")
+    q.add_argument("--older-than", required=True, metavar="AGE", help="30d, 12h, 90m, 2w (a bare number is days)")
+    for q in db_sub.choices.values():
+        q.add_argument("--db", metavar="PATH", help=db_help)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("cache", parents=[common], help="the semantic cache: which embedder, how full; clear it")
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)

@@ -10,6 +10,7 @@ and every provider is pointed at it.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -75,6 +76,11 @@ class Runtime:
 
                 store = await Store.open(settings.db_path)
                 stack.push_async_callback(store.aclose)  # closed last: everything else may still write
+                if settings.file.store.retention_days:
+                    from .service.operations import retain
+
+                    task = asyncio.create_task(retain(store, settings.file.store.retention_days), name="p402-retention")
+                    stack.push_async_callback(_stopped, task)  # before the store closes
                 # Provider embeddings use the orchestrator's adapters, looked up when first needed.
                 cache = SemanticCache.from_config(
                     store, settings.cache, adapter_for=lambda provider: orchestrator.adapter(provider)
@@ -110,6 +116,11 @@ class Runtime:
     async def stop_gateways(self) -> None:
         while self.gateways:
             await self.gateways.pop().stop()
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def warn_if_unverified(settings: Settings) -> None:

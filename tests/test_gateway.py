@@ -745,7 +745,7 @@ async def test_health_metrics_and_openapi(http, sdk, runtime):
         "/api/v2/analytics/spend", "/api/v2/analytics/recommendations", "/api/v2/sessions",
         "/api/v2/sessions/{session_id}", "/api/v2/sessions/{session_id}/requests",
         "/api/v2/sessions/{session_id}/messages", "/api/v2/decisions", "/api/v2/decisions/{decision_id}",
-        "/api/v2/events", "/api/v2/cache", "/health",
+        "/api/v2/events", "/api/v2/cache", "/health", "/health/live", "/health/ready",
         "/metrics", "/openapi.json", "/v1/messages", "/v1/messages/count_tokens",
         "/v1/embeddings", "/v1/responses", "/v1/responses/{response_id}",
         "/api/v2/keys", "/api/v2/keys/{key_id}", "/api/v2/keys/{key_id}/requests",

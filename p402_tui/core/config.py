@@ -159,6 +159,9 @@ class StoreConfig(_Section):
     # so a kill -9 may lose the rows of that window. strict: the gateway sends an answer's last
     # byte (a stream's [DONE]) only once its row is committed.
     durability: Literal["batch", "strict"] = "batch"
+    # Ledger, decisions and health history older than this many days are deleted in the background
+    # (at start, then hourly, a few hundred rows a transaction); None keeps everything.
+    retention_days: float | None = Field(default=None, gt=0)
 
 
 class GatewayConfig(_Section):

@@ -169,6 +169,7 @@ async def embed(
     record = RequestRecord(
         id=ctx.request_id, session_id=ctx.session_id, api_key_id=ctx.api_key_id, tag=ctx.tag,
         namespace=ctx.cache_namespace(), source=ctx.source, mode=options.mode or "cost",
+        client_request_id=ctx.client_request_id,
     )  # fmt: skip
     ledger = EmbeddingLedgerEntry(model=options.model, messages=[{"role": "user", "content": "\n".join(texts)}])
     counts = [count_text(t).tokens for t in texts]

@@ -104,6 +104,7 @@ class CallContext:
     # cli | console | demo | gateway (its chat completions) | gateway:<api> (its other APIs: gateway:messages)
     source: str = "cli"
     request_id: str = field(default_factory=lambda: new_id("req", 10))
+    client_request_id: str | None = None  # the caller's own id for it (x-request-id), kept beside ours
     timeout_s: float | None = None  # the whole request's deadline, across attempts; None: [router] request_timeout_s
     # A key's claim on its budget and tokens (`policy.engine.Admission`): `admit(ctx, decision)` after routing,
     # before any upstream call; `settle(record)` when the request is over.
@@ -149,6 +150,7 @@ class RequestRecord:
     namespace: str | None = None
     source: str = "cli"
     attempts: list[Attempt] = field(default_factory=list)
+    client_request_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +181,7 @@ class RequestRecord:
             "stream": self.stream,
             "namespace": self.namespace,
             "source": self.source,
+            "client_request_id": self.client_request_id,
             "attempts": [
                 {"provider": a.provider, "model": a.model, "error_kind": a.error_kind, "error": a.error}
                 for a in self.attempts

@@ -665,6 +665,7 @@ class Orchestrator:
             stream=stream,
             namespace=ctx.cache_namespace(),
             source=ctx.source,
+            client_request_id=ctx.client_request_id,
         )
 
     @staticmethod

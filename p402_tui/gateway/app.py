@@ -34,7 +34,7 @@ from ..core.tokens import off_loop
 from ..core.types import ChatChunk, ChatRequest, ChatResponse, Usage, json_bytes, round_costs
 from ..service import Service
 from ..policy.engine import PolicyEngine
-from . import errors, memory, sse
+from . import errors, memory, probes, request_ids, sse
 from .auth import GatewayAuth
 from .bodies import (
     DECISION_RING,
@@ -239,6 +239,7 @@ class Gateway:
         """The key's policy applied (its rules, defaults and guardrails; the session by name or id), and the
         request's id noted for its refusal event."""
         await self.policy.enforce(request.scope, chat, options, ctx)
+        ctx.client_request_id = request.scope.get("p402.client_request_id")
         request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
 
     async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
@@ -636,6 +637,8 @@ class Gateway:
             },
             "/api/v2/keys/{key_id}/requests": {"GET": self._keys("key_requests")},
             "/health": {"GET": self.health},
+            "/health/live": {"GET": probes.live},
+            "/health/ready": {"GET": probes.ready(self)},
             "/metrics": {"GET": self.prometheus},
             "/openapi.json": {"GET": self.openapi},
         }
@@ -706,7 +709,7 @@ class _Front:
     Starlette still answers everything else (405s included).
     """
 
-    OPEN_PATHS = frozenset({"/health"})
+    OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 
     def __init__(
         self,
@@ -742,6 +745,7 @@ class _Front:
             self.in_flight -= 1
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["p402.client_request_id"] = request_ids.from_client(scope)
         if scope["path"] not in self.OPEN_PATHS:
             try:
                 key = scope["p402.key"] = await self.auth.check(scope)
@@ -753,7 +757,8 @@ class _Front:
                 refused(scope, error.code, error.message)
                 if self.on_rejected is not None:
                     self.on_rejected(scope, error.status)
-                await self.shaped.get(scope["path"], errors.from_gateway_error)(error)(scope, receive, send)
+                refusal_answer = self.shaped.get(scope["path"], errors.from_gateway_error)(error)
+                await refusal_answer(scope, receive, functools.partial(_tagged_send, scope, send))
                 return
         started = False
 
@@ -770,6 +775,7 @@ class _Front:
                     have = {name for name, _ in message.get("headers", ())}
                     extra = [(k.encode(), v.encode()) for k, v in limits.items() if k.encode() not in have]
                     message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                message = request_ids.tagged(scope, message)
             await send(message)
 
         try:
@@ -784,8 +790,12 @@ class _Front:
             logger.debug("request failed after its answer began", exc_info=True)
             if not started:
                 await errors.error_response(500, "internal error in the gateway", code="internal_error")(
-                    scope, receive, send
+                    scope, receive, functools.partial(_tagged_send, scope, send)
                 )
+
+
+async def _tagged_send(scope: Scope, send: Send, message: Any) -> None:
+    await send(request_ids.tagged(scope, message))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -595,6 +595,9 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
 
     schemas.update(openapi_openai.schemas())
     paths.update(openapi_openai.paths())
+    from .probes import openapi_paths as probe_paths
+
+    paths.update(probe_paths())
     return {
         "openapi": "3.2.0",  # for itemSchema: a stream described an event at a time
         "info": {

@@ -19,7 +19,7 @@ from ..core.catalog import Catalog
 from ..core.errors import P402Error
 from ..store.db import StoreError
 from ..store.store import Store
-from . import decisions, keys, responses, sessions, spend
+from . import decisions, keys, operations, responses, sessions, spend
 from .protocol import DecisionPage, DecisionSummary, P402Service, Recommendation, Session, Spend
 
 __all__ = [
@@ -189,6 +189,16 @@ class Service:
 
     async def key_count(self) -> int:
         return await keys.key_count(self._store())
+
+    # --- operations --------------------------------------------------------------------
+
+    async def ready(self, usable_providers: int) -> tuple[bool, dict[str, Any]]:
+        """(ready, each check): the store (when there is one) and the providers."""
+        return await operations.ready(self.store, usable_providers)
+
+    async def prune(self, older_than_s: float) -> dict[str, Any]:
+        """Delete the ledger, decisions and health history older than `older_than_s`, in small batches."""
+        return await operations.prune(self._store(), older_than_s)
 
 
 @asynccontextmanager

@@ -255,6 +255,11 @@ MIGRATIONS: tuple[str, ...] = (
     PRAGMA writable_schema=RESET;
     ALTER TABLE requests ADD COLUMN priced INTEGER NOT NULL DEFAULT 1;
     """,
+    # the caller's own id of a request (x-request-id), beside ours: callers reuse theirs on retries,
+    # so it cannot be the key. Not indexed: no query of ours searches by it.
+    """
+    ALTER TABLE requests ADD COLUMN client_request_id TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

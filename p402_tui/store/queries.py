@@ -23,7 +23,7 @@ LEDGER_COLUMNS = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
     "cost_usd", "est_cost_usd", "saved_usd", "latency_ms", "ttft_ms",
     "status", "error_kind", "error", "cached", "decision_id", "stream", "namespace", "source",
-    "attempts", "needs", "prompt_key", "simulated", "usage_estimated", "priced",
+    "attempts", "needs", "prompt_key", "simulated", "usage_estimated", "priced", "client_request_id",
 )  # fmt: skip
 INSERT_REQUEST = (
     f"INSERT OR REPLACE INTO requests ({', '.join(LEDGER_COLUMNS)}) "
@@ -55,6 +55,7 @@ def request_row(
         int(record.stream), record.namespace, record.source,
         json_bytes(attempts).decode(), needs, prompt_key, int(simulated), int(record.usage_estimated),
         int(record.cost_usd is not None),
+        record.client_request_id,
     )  # fmt: skip
 
 
