@@ -317,3 +317,18 @@ async def test_metrics_and_the_ledger_name_the_api_each_request_came_through(htt
     await runtime.store.flush()
     sources = {row["source"] for row in await runtime.store.fetchall("SELECT source FROM requests")}
     assert {"gateway:responses", "gateway:embeddings"} <= sources
+
+
+async def test_a_streamed_answer_with_no_output_is_still_one_empty_message(http):
+    """A stream that yields no text and no call (here a cached answer replayed) ends as one empty message
+    with every event in order, never a 500 (found by the conformance fuzz)."""
+    tool = {"type": "function", "name": "f", "parameters": None, "strict": None}
+    body = {"model": "openai/gpt-4o-mini", "input": "x=", "tools": [tool], "max_output_tokens": 16}
+    assert (await http.post("/v1/responses", json={**body, "stream": True})).status_code == 200
+    assert (await http.post("/v1/responses", json=body)).status_code == 200
+    again = await http.post("/v1/responses", json={**body, "stream": True})
+    assert again.status_code == 200, again.text
+    events = [line.split(": ", 1)[1] for line in again.text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    done = json.loads(again.text.strip().split("\n\n")[-1].split("data: ", 1)[1])
+    assert done["response"]["output"], done

@@ -317,7 +317,7 @@ async def _events(
                 batch = await anext(batches, None)
             output.close(out)
             if not output.items:  # an empty answer is still a message
-                output._opening("message", 0, message_item(new_item_id("msg"), "", "in_progress") | {"content": []}, out)
+                output._opening("message", message_item(new_item_id("msg"), "", "in_progress") | {"content": []}, out)
                 output.close(out)
             usage = usage or stream.usage  # none from upstream: our count, as the chat route falls back to
             done = snapshot("completed", answer_usage=usage, finish_reason=finish, p402=stream.meta.to_dict())
