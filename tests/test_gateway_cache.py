@@ -113,3 +113,15 @@ async def test_one_keys_answers_reach_another_only_through_a_namespace_both_name
     refused = await ask(bob, "What does alice's contract say?", "key:anything/default")
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "p402.namespace" and "own" in refused.json()["error"]["message"]
+
+
+async def test_a_streamed_tool_call_is_not_cached_as_an_empty_answer(http):
+    """A streamed answer's tool calls arrive in deltas; the same request unstreamed must get them from
+    the provider again, never an empty answer from the cache."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+            "tools": [tool], "tool_choice": "required", "max_tokens": 64}
+    streamed = await http.post("/v1/chat/completions", json={**body, "stream": True})
+    assert '"tool_calls"' in streamed.text
+    whole = (await http.post("/v1/chat/completions", json=body)).json()
+    assert not whole["p402"]["cached"] and whole["choices"][0]["message"]["tool_calls"]

@@ -232,7 +232,7 @@ class _Plan:
 class _Flow:
     """One streamed attempt as it goes."""
 
-    __slots__ = ("spec", "prompt_tokens", "started", "text", "usage", "ttft_ms", "finish_reason", "held")
+    __slots__ = ("spec", "prompt_tokens", "started", "text", "usage", "ttft_ms", "finish_reason", "held", "called")
 
     def __init__(self, spec: ModelSpec, prompt_tokens: int) -> None:
         self.spec = spec
@@ -243,6 +243,7 @@ class _Flow:
         self.ttft_ms: float | None = None
         self.finish_reason: str | None = None
         self.held: list[ChatChunk] = []  # a role-only preamble, held back while the attempt may still fail over
+        self.called = False  # the answer holds tool calls (in deltas, not assembled here)
 
     def take(self, batch: list[ChatChunk], meta: P402Meta, started: float) -> list[ChatChunk]:
         """What of one upstream batch goes on to the caller; the first real chunk marks the first token."""
@@ -261,6 +262,8 @@ class _Flow:
                 out += self.held
             if chunk.content:
                 self.text.append(chunk.content)
+            if chunk.tool_calls:
+                self.called = True
             if chunk.finish_reason:
                 self.finish_reason = chunk.finish_reason
             out.append(chunk)
@@ -605,6 +608,9 @@ class Orchestrator:
             created=handle.created,
             p402=handle.meta,
         )
+        if flow.called:
+            # The response above holds the text only: cached, a tool call would come back as an empty answer.
+            ctx.cache = False
         self._finish_ok(record, request, response, options, ctx, usage, cost, started, handle.meta.ttft_ms)
 
     # --- shared steps ------------------------------------------------------------------
