@@ -198,3 +198,26 @@ def run_cli(*args: str, config: Path | None = None, input: str | None = None, en
         env=full_env,
         timeout=60,
     )
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One real PostgreSQL cluster for the test session (tests/postgres.py); skipped where none is installed."""
+    from postgres import remove_cluster, start_cluster
+
+    try:
+        cluster = start_cluster()
+    except LookupError as why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL: {why}")
+        pytest.skip(str(why))
+    try:
+        yield cluster
+    finally:
+        remove_cluster(cluster)
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL cluster."""
+    return pg_cluster.create_database()
