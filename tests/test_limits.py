@@ -88,7 +88,7 @@ async def serve_with(sim, catalog, tmp_path):
             rt = await stack.enter_async_context(Runtime.open(settings, db_path=tmp_path / "p402.db"))
             running = await rt.serve_gateway("127.0.0.1", 0)
             stack.push_async_callback(running.stop)
-            serve.runtime = rt
+            serve.runtime, serve.running = rt, running
             return running.url
 
         yield serve
@@ -152,6 +152,69 @@ async def test_a_subscriber_that_never_reads_is_cut_off(serve_with):
         except ConnectionResetError:
             pass
     writer.close()
+
+
+async def _stalled_subscriber(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A subscriber with a small receive window that reads nothing after `: subscribed`."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+    writer.write(b"GET /api/v2/events HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await reader.readuntil(b": subscribed\n\n")
+    return reader, writer
+
+
+def _write_buffers(running) -> list[int]:
+    """The bytes each of the gateway's connections holds in its transport, waiting for the client to read."""
+    return [p.transport.get_write_buffer_size() for p in running.server.server_state.connections if p.transport]
+
+
+async def test_a_stalled_subscriber_holds_at_most_a_piece_in_the_gateway(serve_with):
+    from p402_tui.gateway.app import EVENT_WRITE_HIGH
+    from p402_tui.gateway.sse import EVENT_PIECE_BYTES
+
+    # A log large enough that it is not cut while it is looked at: what it holds then is the bound.
+    url = await serve_with(event_buffer_events=1_000_000, event_buffer_bytes=256 * 2**20)
+    _, writer = await _stalled_subscriber(url)
+    held: list[int] = []
+    for _ in range(200):  # ~2 MB of frames in all, far past what the socket takes
+        for _ in range(10):
+            serve_with.runtime.bus.publish(HealthChanged(provider="openai", status="down", previous="healthy",
+                                                         reason="x" * 800))
+        await asyncio.sleep(0.01)
+        held.append(max(_write_buffers(serve_with.running), default=0))
+    assert max(held) > 0  # it did stall: the gateway holds bytes for it
+    assert max(held) <= EVENT_WRITE_HIGH + EVENT_PIECE_BYTES + 1024  # one piece past the high-water mark, and its chunk framing
+    writer.close()
+
+
+async def test_a_subscriber_that_reads_is_not_held_to_a_piece_a_tick(serve_with):
+    from p402_tui.gateway.app import EVENT_TICK_S
+    from p402_tui.gateway.sse import EVENT_PIECE_BYTES, bus_event_frame
+
+    url = await serve_with(event_buffer_events=1_000_000, event_buffer_bytes=256 * 2**20)
+    events = [HealthChanged(provider="openai", status="down", previous="healthy", reason=f"{i:08d}" + "x" * 800)
+              for i in range(1000)]
+    pieces = sum(len(bus_event_frame(event)) for event in events) / EVENT_PIECE_BYTES
+    assert pieces > 40  # forty ticks, four seconds, if each tick wrote one piece
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client, client.stream("GET", "/api/v2/events") as stream:
+        lines = stream.aiter_lines()
+        assert await anext(lines) == ": subscribed"
+        for event in events:
+            serve_with.runtime.bus.publish(event)
+        began = time.perf_counter()
+        seen = 0
+        async for line in lines:
+            if line == "event: health_changed":
+                seen += 1
+                if seen == len(events):
+                    break
+        took = time.perf_counter() - began
+    # Generous against a loaded machine, and still half of what a piece a tick would take.
+    assert took < pieces * EVENT_TICK_S / 2, took
 
 
 # --- connections ----------------------------------------------------------------------------

@@ -80,10 +80,14 @@ Frames = Callable[[Any, "list[ChatChunk] | None", ChatRequest, Durable], AsyncIt
 HEARTBEAT_S = 15.0
 LARGE_BODY_BYTES = 1024 * 1024  # a body this large is parsed off the loop, and memory trimmed after it
 LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if its stream has not ended
-# After each write an event stream waits this long before its next: what arrives meanwhile goes in one
-# write, so a subscriber costs at most ten wake-ups a second however fast events come.
+# An event stream that has caught up waits this long before its next write: what arrives meanwhile goes
+# in one write, so a subscriber that keeps up costs at most ten wake-ups a second however fast events
+# come. One that is behind writes its next piece at once (its writes wait on the client instead).
 EVENT_TICK_S = 0.1
 EVENT_SNDBUF = 32 * 1024  # ~320 kB/s to a subscriber 100 ms away: ~300 requests/s of events in brief
+# What an event stream's transport holds before its writes wait (asyncio's default is 64 kB): with the
+# piece being written, what a subscriber that stopped reading costs in this process.
+EVENT_WRITE_HIGH = 16 * 1024
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -496,6 +500,7 @@ class Gateway:
                 # The kernel's send buffer grows to megabytes by itself: held small, a client that stopped
                 # reading stops taking bytes after ~EVENT_SNDBUF rather than after several MB per subscriber.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EVENT_SNDBUF)
+            transport.set_write_buffer_limits(high=EVENT_WRITE_HIGH)
 
         def lagged() -> None:
             if transport is not None:
@@ -523,6 +528,8 @@ class Gateway:
                     self.event_log = None
                 for handle in cut:  # it ended in time: the connection may serve the next request
                     handle.cancel()
+                if transport is not None:
+                    transport.set_write_buffer_limits()  # asyncio's defaults again, for that request
 
         return respond
 
@@ -534,7 +541,7 @@ class Gateway:
                 yield sse.HEARTBEAT
                 continue
             try:
-                events = log.read(reader, sse.PIECE_BYTES)
+                events = log.read(reader, sse.EVENT_PIECE_BYTES)
             except SubscriberLagged:
                 yield sse.lagged_frame()
                 return
@@ -542,7 +549,8 @@ class Gateway:
                 events = [event for event in events if event_key(event) == key_id]
             if events:
                 yield b"".join([sse.bus_event_frame(event) for event in events])
-            await asyncio.sleep(EVENT_TICK_S)
+            if reader.cursor >= log.end:  # caught up: let the next events gather; behind: the next piece now
+                await asyncio.sleep(EVENT_TICK_S)
 
     # --- operations ----------------------------------------------------------------------------
 

@@ -21,7 +21,9 @@ from ..core.types import aclose_iterator, json_bytes
 DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
 
-PIECE_BYTES = 64 * 1024  # the most the event stream joins into one write (about the transport's high-water mark)
+# The most the event stream joins into one write. Small: a subscriber that stops reading leaves the
+# gateway holding about this plus the transport's high-water mark (app.EVENT_WRITE_HIGH), per subscriber.
+EVENT_PIECE_BYTES = 16 * 1024
 WATCH_AFTER_S = 0.05  # how long a stream runs before a task watches for its client going
 
 _HEADERS = [
