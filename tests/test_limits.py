@@ -53,6 +53,74 @@ def test_the_cli_refuses_an_overlong_tag_in_one_line():
     )
 
 
+# --- faults -------------------------------------------------------------------------------
+
+
+# The probe's mix, less the hung upstream (its attempt timeout is bench/soak.py's to pay): 20 % of upstream
+# calls fail in five equal parts; the simulator tries them in order, so each is scaled by what the earlier leave.
+PROBE_FAULTS = [
+    {"kind": "error", "status": 503},
+    {"kind": "rate_limit", "retry_after_s": 1},
+    {"kind": "rate_limit", "wait_hint": False},
+    {"kind": "disconnect"},
+    {"kind": "malformed"},
+]
+
+
+def _judged(response: httpx.Response, stream: bool) -> str:
+    """"ok", or why the client would count the answer a failure ("malformed" for a broken stream or body)."""
+    if response.status_code != 200:
+        return f"HTTP {response.status_code}" + (" with Retry-After" if "retry-after" in response.headers else "")
+    if not stream:
+        return "ok" if response.json()["choices"][0]["finish_reason"] not in (None, "error") else "error"
+    frames = [f for f in response.text.split("\n\n") if f.strip() and not f.startswith(":")]
+    if not frames or frames[-1] != "data: [DONE]":
+        return "malformed"
+    chunks = [json.loads(frame.removeprefix("data: ")) for frame in frames[:-1]]
+    if any("error" in chunk for chunk in chunks):
+        return "error chunk"
+    return "ok" if any(c.get("finish_reason") for chunk in chunks for c in chunk["choices"]) else "malformed"
+
+
+async def test_under_the_probes_fault_mix_the_gateway_keeps_serving_and_counts_every_request(serve_with, sim, tmp_path):
+    url = await serve_with()
+    share, left = 0.20 / len(PROBE_FAULTS), 1.0
+    for fault in PROBE_FAULTS:
+        sim.state.add_fault(Fault(probability=share / left, **fault))
+        left -= share
+    requests, outcomes = 500, []
+    counter = iter(range(requests))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            body = {"model": "auto", "messages": [{"role": "user", "content": f"fault mix {i}"}], "max_tokens": 16,
+                    "stream": bool(i % 2), "p402": {"cache": False}}
+            outcomes.append(_judged(await client.post("/v1/chat/completions", json=body), bool(i % 2)))
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:  # a request past 30 s is hung: it raises
+        await asyncio.gather(*(worker(client) for _ in range(16)))
+        sim.state.clear_faults()
+        await serve_with.runtime.orchestrator.hooks.drain()
+        await serve_with.runtime.store.flush()
+        await asyncio.sleep(0.2)  # /metrics counts from a listener of the same events
+        metrics = (await client.get("/metrics")).text
+    failed = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) == requests and set(failed) <= {"HTTP 503 with Retry-After"}, failed
+    # Without outlier detection about half failed. The issue's 2 % is bench/soak.py's, over 5,000 requests;
+    # over 500 the count's own noise needs the margin (it runs at 1 to 1.4 %, 0.2 ** 3 of them every attempt failing).
+    assert len(failed) <= 0.03 * requests, failed
+    with sqlite3.connect(tmp_path / "p402.db") as conn:
+        ledger = dict(conn.execute("SELECT status, count(*) FROM requests GROUP BY status").fetchall())
+    assert sum(ledger.values()) == requests
+    counted: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("p402_requests_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counted[status] = counted.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    assert counted == {status: float(n) for status, n in ledger.items()}
+    assert ledger.get("ok", 0) == requests - len(failed)
+
+
 # --- deadlines ------------------------------------------------------------------------------
 
 
