@@ -549,8 +549,9 @@ class Gateway:
                 events = [event for event in events if event_key(event) == key_id]
             if events:
                 yield b"".join([sse.bus_event_frame(event) for event in events])
-            if reader.cursor >= log.end:  # caught up: let the next events gather; behind: the next piece now
-                await asyncio.sleep(EVENT_TICK_S)
+            # Caught up: let the next events gather. Behind: the next piece now, once the others had the loop
+            # (a key's stream can pass a whole log of other keys' events without writing a byte).
+            await asyncio.sleep(EVENT_TICK_S if reader.cursor >= log.end else 0)
 
     # --- operations ----------------------------------------------------------------------------
 
