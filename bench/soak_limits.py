@@ -252,6 +252,14 @@ async def _subscriber(port: int) -> socket.socket:
     return sock
 
 
+async def all_subscribed(client: Any, url: str, count: int, within: float = 15.0) -> int:
+    """Wait (up to `within` s) until the gateway says it serves `count` event streams; how many it does."""
+    deadline = time.perf_counter() + within
+    while (connected := await subscribers(client, url)) < count and time.perf_counter() < deadline:
+        await asyncio.sleep(0.1)
+    return connected
+
+
 async def subscribers(client: Any, url: str) -> int:
     """How many event streams the gateway says it serves (its /metrics gauge)."""
     async with client.get(f"{url}/metrics") as response:
@@ -319,8 +327,7 @@ async def stalled_subscribers(scratch: Path, count: int = 500, slice_s: float = 
                 await closed_loop(client, stack.url, concurrency=16, duration=slice_s, body=_subscriber_load)
             bases = {"control": await settle(control), "subscribed": await settle(subscribed)}
             socks = [await _subscriber(subscribed.port) for _ in range(count)]
-            await asyncio.sleep(1)
-            connected = await subscribers(client, subscribed.url)
+            connected = await all_subscribed(client, subscribed.url, count)
             idle_mb = await settle(subscribed, 0.5)
             slices: dict[str, list[dict[str, Any]]] = {"control": [], "subscribed": []}
             for k in range(pairs):
@@ -335,7 +342,7 @@ async def stalled_subscribers(scratch: Path, count: int = 500, slice_s: float = 
             await asyncio.sleep(1)
             # The disconnect: a fresh set, each holding what it has not read, closes together.
             socks = [await _subscriber(subscribed.port) for _ in range(count)]
-            await asyncio.sleep(1)
+            await all_subscribed(client, subscribed.url, count)
             await closed_loop(client, subscribed.url, concurrency=16, duration=60, body=_subscriber_load, limit=burst)
             await asyncio.sleep(1)
             held = await subscribers(client, subscribed.url)
