@@ -93,8 +93,10 @@ def test_tokens_says_token_for_one():
     assert run_cli("tokens", "hello world").stdout.startswith("2 tokens (")
 
 
-def test_tokens_exact_offline_and_fast(tmp_path):
+def test_tokens_exact_offline(tmp_path):
     # An empty tiktoken cache and a dead proxy: any download attempt would fail or hang.
+    # The bound catches a hang (a download retried against the dead proxy), not slowness: a loaded
+    # CI machine takes 2 s to start a process that imports tiktoken.
     env = {
         "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"),
         "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -106,7 +108,7 @@ def test_tokens_exact_offline_and_fast(tmp_path):
     assert data["tokens"] == 2
     assert data["exact"] is True
     assert data["tokenizer"].startswith("cl100k_base")
-    assert elapsed < 2.0
+    assert elapsed < 15.0
 
 
 def test_tokens_reads_stdin():
