@@ -637,7 +637,7 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
 
     sim_url = worker.sim_url if worker else None
     async with Runtime.open(settings, sim=sim, sim_url=sim_url) as runtime:
-        gateway = await runtime.serve_gateway(host, port, sock=worker.socket() if worker else None)
+        gateway = await runtime.serve_gateway(host, port, sock=worker.socket(host, port) if worker else None)
         # What start-up made (modules, the catalog, validators) lives as long as the process: out of
         # the collector's sight, full collections scan only what requests leave behind.
         gc.collect()
@@ -673,12 +673,12 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
 
 
 async def supervise(args: argparse.Namespace, settings, host: str, port: int, count: int, *, ledger: str) -> int:
-    """`p402 serve --workers N`: the port bound once, N workers serving it (gateway.workers), one simulator for all."""
+    """`p402 serve --workers N`: N workers sharing the port (gateway.workers), one simulator for all."""
     import signal
 
-    from .gateway.workers import CannotStart, Supervisor, listen
+    from .gateway.workers import CannotStart, Supervisor, reserve
 
-    sock = listen(host, port)
+    sock = reserve(host, port)
     try:
         sim = None
         if args.sim:
@@ -686,11 +686,14 @@ async def supervise(args: argparse.Namespace, settings, host: str, port: int, co
 
             sim = await start_sim(settings.catalog, azure_deployments=settings.azure_deployments())
         bound = sock.getsockname()[1]
-        argv = [sys.executable, "-m", "p402_tui.cli", "serve", "--host", host, "--port", str(bound),
-                "--db", str(settings.db_path)]
+        argv = [sys.executable, "-m", "p402_tui.cli", "serve", "--host", host, "--port", str(bound)]
         if getattr(args, "config", None):
             argv += ["--config", args.config]
-        supervisor = Supervisor(count, argv, sock, sim.url if sim else None)
+        # The database as the user named it, or the temporary one a simulated run records into.
+        db = args.db or (str(settings.db_path) if args.sim else None)
+        if db:
+            argv += ["--db", db]
+        supervisor = Supervisor(count, argv, sim.url if sim else None)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -17,6 +17,7 @@ from conftest import run_cli
 from helpers import Served
 
 BODY = {"messages": [{"role": "user", "content": "Say hello to the workers."}], "max_tokens": 8}
+FRESH = {"cache-control": "no-cache"}  # every request routed and decided, none answered from the cache
 
 
 def worker_pids(served: Served) -> list[int]:
@@ -41,7 +42,7 @@ async def send(url: str, count: int, concurrency: int) -> list[httpx.Response]:
 
         async def one() -> httpx.Response:
             async with gate:
-                return await client.post("/v1/chat/completions", json=BODY)
+                return await client.post("/v1/chat/completions", json=BODY, headers=FRESH)
 
         return await asyncio.gather(*(one() for _ in range(count)))
 
@@ -78,7 +79,7 @@ def test_sigterm_mid_load_loses_no_answered_request(tmp_path):
 
                 async def one() -> None:
                     try:
-                        answers.append(await client.post("/v1/chat/completions", json=BODY))
+                        answers.append(await client.post("/v1/chat/completions", json=BODY, headers=FRESH))
                     except httpx.HTTPError as error:  # refused once the workers stop accepting
                         answers.append(error)
 
@@ -109,11 +110,11 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path):
         os.kill(victim, signal.SIGKILL)
         while not gone(victim):
             time.sleep(0.01)
-        # While worker 2 is down, every new connection is accepted by worker 1 from the one socket.
+        # While worker 2 is down, its socket has left the port: every new connection reaches worker 1.
         down = []
         while not any("worker 2 is back" in line for line in served.stderr):
             with httpx.Client(base_url=served.url, timeout=30) as client:  # a new connection each time
-                down.append(client.post("/v1/chat/completions", json=BODY))
+                down.append(client.post("/v1/chat/completions", json=BODY, headers=FRESH))
             assert len(down) < 500, "".join(served.stderr)[-2000:]
         assert down and {a.status_code for a in down} == {200}
         assert any(f"worker 2 (pid {victim}) was killed by SIGKILL; restarting it in" in line for line in served.stderr)
@@ -154,7 +155,7 @@ def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path)
             time.sleep(0.02)
         for _ in range(50):  # a new connection each: some land on the watched worker
             with httpx.Client(base_url=served.url, timeout=30) as client:
-                answer = client.post("/v1/chat/completions", json=BODY)
+                answer = client.post("/v1/chat/completions", json=BODY, headers=FRESH)
             if answer.headers["x-p402-worker"] == streamed["worker"]:
                 break
         assert answer.status_code == 200 and answer.headers["x-p402-worker"] == streamed["worker"]
@@ -201,3 +202,41 @@ def test_a_worker_that_cannot_start_is_one_line_and_the_exit_code(tmp_path):
     assert result.returncode == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "schema version 999" in lines[0], result.stderr
+
+
+def test_an_attached_console_follows_one_worker_live_and_every_worker_through_the_store(tmp_path):
+    from p402_tui.tui.attach import AttachClient, RemoteSource
+
+    served = Served("--workers", "2", "--sim", "--db", str(tmp_path / "p402.db"))
+
+    async def attached() -> None:
+        source = RemoteSource(AttachClient(served.url))
+        await source.refresh()
+        await source.start()
+        try:
+            await source.client.wait_until_up(20)
+            assert source.providers()  # polled snapshots answer from whichever worker
+            made = []
+            for _ in range(20):  # a new connection each: both workers answer some
+                async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+                    answer = await client.post("/v1/chat/completions", json=BODY, headers=FRESH)
+                made.append((answer.headers["x-p402-worker"], answer.json()["p402"]["decision_id"]))
+            assert {worker for worker, _ in made} == {"1", "2"}
+            ids = {decision for _, decision in made}
+            deadline = time.monotonic() + 20
+            while not ids & set(source.client.decisions):  # live: the decisions of the stream's worker
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            live = ids & set(source.client.decisions)
+            assert live < ids  # and only that worker's, for now
+            while not ids <= {d["id"] for d in await source.history()}:  # the store: every worker's
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            await source.aclose()
+
+    try:
+        asyncio.run(attached())
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, "".join(served.stderr)[-2000:]

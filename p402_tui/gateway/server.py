@@ -131,12 +131,15 @@ class RunningGateway:
             await self.gateway.aclose()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """`reuse_port`: the port is shared with the other sockets bound so (`p402 serve --workers`)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP said outright: asyncio's loop sets TCP_NODELAY only on sockets that say it, and
     # without it each answer's body waited for the client's delayed ACK (~40 ms a request).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as error:

@@ -1,14 +1,16 @@
 """`p402 serve --workers N`: N gateway processes on one port, under a supervising parent.
 
-The parent binds the port once and every worker inherits the listening socket (uvicorn's
-multiprocess model); each worker is a whole `p402 serve` (its own orchestrator, store writer and
-cache) accepting from that one socket. Chosen over SO_REUSEPORT, which spread connections no more
-evenly on Linux here (README, Workers), because with one socket a port in use is found once, before
-any worker starts, `--port 0` works, no other process can join the port, a connection queued while a
-worker dies is accepted by another instead of reset, and it works where SO_REUSEPORT does not
-balance (macOS gives every connection to the last socket bound).
+Each worker is a whole `p402 serve` (its own orchestrator, store writer and cache) with its own
+listening socket on the port, bound with SO_REUSEPORT, so the kernel hands each new connection to
+one of them by a hash of its addresses. Chosen over one socket bound by the parent and inherited by
+every worker (uvicorn's model): there, whichever worker wakes first accepts every connection waiting,
+and a burst of them (a client opening its pool) could all land on one worker, which measured up to
+all of them under load (README, Workers); the hash spreads any burst. Linux only: elsewhere
+SO_REUSEPORT does not balance (macOS gives every connection to the last socket bound).
 
-The first worker starts alone: it migrates the database, and a start-up error (a bad config, keys
+The parent binds the port too, without listening, so a port in use is found before any worker
+starts, `--port 0` picks one port for all, and the port stays held while a worker restarts. The
+first worker starts alone: it migrates the database, and a start-up error (a bad config, keys
 missing for a public address) is its one line and the parent's exit code. The rest start together.
 Workers run in their own process groups, so a terminal's Ctrl-C reaches the parent only, which tells
 each worker to stop with SIGTERM: each drains as a lone `p402 serve` does. A worker whose parent
@@ -26,13 +28,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..core.errors import ConfigError
 from . import request_ids
 from .server import GRACE_S, _bind
 
-ENV = "P402_WORKER"  # set by the parent for its workers: "slot:listen_fd:ready_fd:parent_pid"
+ENV = "P402_WORKER"  # set by the parent for its workers: "slot:ready_fd:parent_pid"
 ENV_SIM = "P402_WORKER_SIM"  # the parent's simulator, shared by its workers (`--workers N --sim`)
 HEADER = b"x-p402-worker"
-BACKLOG = 2048
 START_TIMEOUT_S = 120.0  # a worker not ready by then is stopped (a first start of the cache may be slow)
 BACKOFF_S = 0.5  # before restarting a worker that died; doubled for each death soon after a start
 MAX_BACKOFF_S = 30.0
@@ -56,7 +58,6 @@ class Worker:
     """This process as one of a parent's workers, from what the parent put in its environment."""
 
     slot: int
-    listen_fd: int
     ready_fd: int
     parent: int
     sim_url: str | None
@@ -66,13 +67,13 @@ class Worker:
         spec = os.environ.get(ENV)
         if not spec:
             return None
-        slot, listen_fd, ready_fd, parent = (int(part) for part in spec.split(":"))
-        return cls(slot, listen_fd, ready_fd, parent, os.environ.get(ENV_SIM) or None)
+        slot, ready_fd, parent = (int(part) for part in spec.split(":"))
+        return cls(slot, ready_fd, parent, os.environ.get(ENV_SIM) or None)
 
-    def socket(self) -> socket.socket:
-        """The parent's listening socket; every answer from here on names this worker."""
+    def socket(self, host: str, port: int) -> socket.socket:
+        """This worker's socket on the shared port; every answer from here on names this worker."""
         request_ids.STAMP.append((HEADER, str(self.slot).encode()))
-        return socket.socket(fileno=self.listen_fd)
+        return _bind(host, port, reuse_port=True)
 
     def ready(self) -> None:
         """Tell the parent this worker serves."""
@@ -88,11 +89,11 @@ class Worker:
 # --- in the parent ------------------------------------------------------------------------------
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The one socket every worker accepts from."""
-    sock = _bind(host, port)  # its errors are the one-line ConfigError a lone `p402 serve` gives
-    sock.listen(BACKLOG)
-    return sock
+def reserve(host: str, port: int) -> socket.socket:
+    """The port, bound for the workers to share and never listened on: no connection comes to it."""
+    if not sys.platform.startswith("linux"):
+        raise ConfigError("--workers needs Linux, where SO_REUSEPORT spreads connections over the workers")
+    return _bind(host, port, reuse_port=True)  # its errors are the one-line ConfigError a lone `p402 serve` gives
 
 
 @dataclass
@@ -106,11 +107,10 @@ class _Slot:
 
 @dataclass
 class Supervisor:
-    """Starts `count` workers running `argv` on `sock`, keeps them running, stops them."""
+    """Starts `count` workers running `argv`, keeps them running, stops them."""
 
     count: int
     argv: Sequence[str]
-    sock: socket.socket
     sim_url: str | None = None
     grace_s: float = GRACE_S  # each worker's, for its in-flight requests
     say: Callable[[str], None] = lambda line: print(f"p402 serve: {line}", file=sys.stderr, flush=True)
@@ -162,13 +162,12 @@ class Supervisor:
     async def _spawn(self, slot: _Slot) -> None:
         """Start the slot's worker and wait until it says it serves."""
         read_end, write_end = os.pipe()
-        listen_fd = self.sock.fileno()
-        env = {**os.environ, ENV: f"{slot.id}:{listen_fd}:{write_end}:{os.getpid()}"}
+        env = {**os.environ, ENV: f"{slot.id}:{write_end}:{os.getpid()}"}
         if self.sim_url is not None:
             env[ENV_SIM] = self.sim_url
         try:
             slot.proc = await asyncio.create_subprocess_exec(
-                *self.argv, pass_fds=(listen_fd, write_end), env=env, stdin=asyncio.subprocess.DEVNULL,
+                *self.argv, pass_fds=(write_end,), env=env, stdin=asyncio.subprocess.DEVNULL,
                 process_group=0,
             )
         except BaseException:
