@@ -249,6 +249,7 @@ class UniquePrompts:
 async def load(
     url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
     max_requests: int, stream: bool, server_pid: int | None, ours: list[int], unique: bool = False,
+    upstream_pid: int | None = None,
     first_content: re.Pattern[bytes] = FIRST_CONTENT,
 ) -> dict[str, Any]:
     import aiohttp
@@ -298,6 +299,7 @@ async def load(
         cpu_before = cpu_seconds(server_pid) if server_pid else None
         machine_before, ours_before = machine_busy_seconds(), _ours_seconds(ours)
         client_before = sum(os.times()[:2])
+        upstream_before = cpu_seconds(upstream_pid) if upstream_pid else None
         started = time.perf_counter()
         deadline = started + duration
 
@@ -311,6 +313,7 @@ async def load(
         cpu_after = cpu_seconds(server_pid) if server_pid else None
         machine_after, ours_after = machine_busy_seconds(), _ours_seconds(ours)
         client_after = sum(os.times()[:2])
+        upstream_after = cpu_seconds(upstream_pid) if upstream_pid else None
     finally:
         await session.close()
     done = len(latencies)
@@ -326,6 +329,8 @@ async def load(
         out["server_cpu_ms_per_request"] = round((cpu_after - cpu_before) * 1000 / (done + sum(failures.values())), 3)
         # This load generator's own CPU: on a small machine it competes with the gateway for the cores.
         out["client_cpu_ms_per_request"] = round((client_after - client_before) * 1000 / done, 3)
+        if upstream_before is not None:  # the simulator's, behind a gateway: the third share of the machine
+            out["upstream_cpu_ms_per_request"] = round((upstream_after - upstream_before) * 1000 / done, 3)
     # Cores busy with processes outside this benchmark while it ran: the noise behind every figure.
     foreign = (machine_after - machine_before) - (ours_after - ours_before)
     out["other_processes_cores"] = round(max(foreign, 0.0) / elapsed, 2) if elapsed else None
@@ -523,6 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
                                  duration=args.duration, max_requests=args.requests, stream=stream,
                                  server_pid=target["pid"], ours=[c.pid for c in children],
+                                 upstream_pid=None if target["pid"] == sim.pid else sim.pid,
                                  unique=target.get("unique", False),
                                  first_content=FIRST_DELTA if target.get("api") == "responses" else FIRST_CONTENT)
                         )
@@ -578,7 +584,7 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for part in ("latency_ms", "ttft_ms"):
         if part in runs[0]:
             out[part] = {q: med([r[part][q] for r in runs]) for q in ("p50", "p90", "p99", "mean")}
-    for part in ("server_cpu_ms_per_request", "client_cpu_ms_per_request"):
+    for part in ("server_cpu_ms_per_request", "client_cpu_ms_per_request", "upstream_cpu_ms_per_request"):
         if part in runs[0]:
             out[part] = med([r.get(part) for r in runs])
     return out
