@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -240,3 +241,32 @@ def test_an_attached_console_follows_one_worker_live_and_every_worker_through_th
     finally:
         code = served.stop(signal.SIGTERM)
     assert code == 0, "".join(served.stderr)[-2000:]
+
+
+def test_a_worker_that_keeps_dying_is_restarted_later_each_time(tmp_path):
+    """The supervisor on its own, over a worker that says it is ready and dies at once."""
+    from p402_tui.gateway.workers import ENV, Supervisor
+
+    dies = (
+        "import os, sys, time\n"
+        f"slot, ready, parent = map(int, os.environ[{ENV!r}].split(':'))\n"
+        "os.write(ready, b'ready\\n')\n"
+        "time.sleep(0.05)\n"
+        "sys.exit(7)\n"
+    )
+    said: list[str] = []
+
+    async def run() -> int:
+        supervisor = Supervisor(1, [sys.executable, "-c", dies], say=said.append)
+        await supervisor.start()
+        deadline = time.monotonic() + 20
+        while not any("restarting it in 2 s" in line for line in said):
+            assert time.monotonic() < deadline, said
+            await asyncio.sleep(0.05)
+        return await supervisor.stop()
+
+    assert asyncio.run(run()) == 0  # nothing was left running to stop
+    delays = [line.split("restarting it in ")[1] for line in said if "restarting it in" in line]
+    assert delays[:3] == ["0.5 s", "1 s", "2 s"], said
+    assert all("exited with status 7" in line for line in said if "restarting" in line)
+    assert sum("is back" in line for line in said) >= 2
