@@ -270,3 +270,20 @@ def test_a_worker_that_keeps_dying_is_restarted_later_each_time(tmp_path):
     assert delays[:3] == ["0.5 s", "1 s", "2 s"], said
     assert all("exited with status 7" in line for line in said if "restarting" in line)
     assert sum("is back" in line for line in said) >= 2
+
+
+def test_workers_whose_parent_is_killed_drain_and_stop_by_themselves(tmp_path):
+    db = tmp_path / "p402.db"
+    served = Served("--workers", "2", "--sim", "--db", str(db))
+    try:
+        pids = worker_pids(served)
+        answers = asyncio.run(send(served.url, 20, 4))
+        assert {a.status_code for a in answers} == {200}
+    finally:
+        served.proc.kill()
+        served.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, "orphaned workers kept running"
+        time.sleep(0.05)
+    assert sorted(ledger(db)) == sorted(a.headers["x-request-id"] for a in answers)  # each flushed before it went
