@@ -628,8 +628,9 @@ def _up_line(url: str, sim_url: str | None, ledger: str, more: str = "") -> str:
 async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: str = "", worker=None) -> int:
     """The gateway, headless, until SIGINT or SIGTERM; then a clean stop (in-flight requests finish, the store flushes).
 
-    As one of `p402 serve --workers`'s processes (`worker`), it serves the parent's socket, tells the
-    parent when it is ready instead of printing, and stops on SIGTERM or when the parent is gone.
+    As one of `p402 serve --workers`'s processes (`worker`), it listens on the port beside the other
+    workers, tells the parent when it is ready instead of printing, and stops on SIGTERM or when the
+    parent is gone.
     """
     import signal
 
