@@ -58,6 +58,7 @@ def test_two_workers_share_the_load_and_the_ledger_and_sigterm_stops_both_cleanl
         assert statuses == {200: 400}, [a.text for a in answers if a.status_code != 200][:3]
         by_worker = collections.Counter(a.headers["x-p402-worker"] for a in answers)
         assert set(by_worker) == {"1", "2"} and min(by_worker.values()) >= 40, by_worker
+        assert httpx.get(f"{served.sim_url}/_sim/stats").json()["calls"] >= 400  # one simulator behind both
         pids = worker_pids(served)
     finally:
         code = served.stop(signal.SIGTERM)
@@ -168,7 +169,7 @@ def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path)
         assert metrics.status_code == 200 and metrics.headers["x-p402-worker"] in {"1", "2"}
         assert "p402_" in metrics.text
     finally:
-        code = served.stop(signal.SIGTERM)
+        code = served.stop(signal.SIGINT)  # Ctrl-C: the parent tells each worker to drain
         watcher.join(15)
     assert code == 0, "".join(served.stderr)[-2000:]
 
