@@ -154,6 +154,15 @@ class Child:
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} not ready after {timeout_s}s: {self.log.read_text()[-1500:]}")
 
+    def wait_logged(self, text: str, timeout_s: float) -> float:
+        """Seconds until `text` shows in the child's output."""
+        start = time.perf_counter()
+        while text not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.perf_counter() - start > timeout_s:
+                raise RuntimeError(f"{self.name} never said {text!r}: {self.log.read_text()[-1500:]}")
+            time.sleep(0.05)
+        return time.perf_counter() - start
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -240,6 +249,7 @@ class UniquePrompts:
 async def load(
     url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
     max_requests: int, stream: bool, server_pid: int | None, ours: list[int], unique: bool = False,
+    upstream_pid: int | None = None,
     first_content: re.Pattern[bytes] = FIRST_CONTENT,
 ) -> dict[str, Any]:
     import aiohttp
@@ -288,6 +298,8 @@ async def load(
         budget = [max_requests]
         cpu_before = cpu_seconds(server_pid) if server_pid else None
         machine_before, ours_before = machine_busy_seconds(), _ours_seconds(ours)
+        client_before = sum(os.times()[:2])
+        upstream_before = cpu_seconds(upstream_pid) if upstream_pid else None
         started = time.perf_counter()
         deadline = started + duration
 
@@ -300,6 +312,8 @@ async def load(
         elapsed = time.perf_counter() - started
         cpu_after = cpu_seconds(server_pid) if server_pid else None
         machine_after, ours_after = machine_busy_seconds(), _ours_seconds(ours)
+        client_after = sum(os.times()[:2])
+        upstream_after = cpu_seconds(upstream_pid) if upstream_pid else None
     finally:
         await session.close()
     done = len(latencies)
@@ -313,9 +327,15 @@ async def load(
         out["ttft_ms"] = summary(ttfts)
     if cpu_before is not None and done:
         out["server_cpu_ms_per_request"] = round((cpu_after - cpu_before) * 1000 / (done + sum(failures.values())), 3)
+        # This load generator's own CPU: on a small machine it competes with the gateway for the cores.
+        out["client_cpu_ms_per_request"] = round((client_after - client_before) * 1000 / done, 3)
+        if upstream_before is not None:  # the simulator's, behind a gateway: the third share of the machine
+            out["upstream_cpu_ms_per_request"] = round((upstream_after - upstream_before) * 1000 / done, 3)
     # Cores busy with processes outside this benchmark while it ran: the noise behind every figure.
     foreign = (machine_after - machine_before) - (ours_after - ours_before)
     out["other_processes_cores"] = round(max(foreign, 0.0) / elapsed, 2) if elapsed else None
+    # Cores busy on the whole machine: near the core count, throughput is bounded by the machine, not the gateway.
+    out["machine_busy_cores"] = round((machine_after - machine_before) / elapsed, 2) if elapsed else None
     if failures:
         out["error_kinds"] = dict(sorted(failures.items(), key=lambda kv: -kv[1])[:5])
     return out
@@ -441,6 +461,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             children.append(gateway)
             url = f"http://127.0.0.1:{port}"
             started = gateway.wait_ready(f"{url}/health", 30)
+            if variant == "p402_workers2":  # /health answers once the first worker is up; the line, once all are
+                started += gateway.wait_logged("p402 gateway at ", 60)
             result.setdefault("startup_s", {})[variant] = round(started, 3)
             if variant == "p402":
                 # The default configuration first: the cache on, every prompt new (each misses and is
@@ -506,6 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
                                  duration=args.duration, max_requests=args.requests, stream=stream,
                                  server_pid=target["pid"], ours=[c.pid for c in children],
+                                 upstream_pid=None if target["pid"] == sim.pid else sim.pid,
                                  unique=target.get("unique", False),
                                  first_content=FIRST_DELTA if target.get("api") == "responses" else FIRST_CONTENT)
                         )
@@ -556,12 +579,14 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": sum(r["errors"] for r in runs),
         "rps": med([r["rps"] for r in runs]),
         "other_processes_cores": med([r["other_processes_cores"] for r in runs]),
+        "machine_busy_cores": med([r.get("machine_busy_cores") for r in runs]),
     }
     for part in ("latency_ms", "ttft_ms"):
         if part in runs[0]:
             out[part] = {q: med([r[part][q] for r in runs]) for q in ("p50", "p90", "p99", "mean")}
-    if "server_cpu_ms_per_request" in runs[0]:
-        out["server_cpu_ms_per_request"] = med([r.get("server_cpu_ms_per_request") for r in runs])
+    for part in ("server_cpu_ms_per_request", "client_cpu_ms_per_request", "upstream_cpu_ms_per_request"):
+        if part in runs[0]:
+            out[part] = med([r.get(part) for r in runs])
     return out
 
 
@@ -638,6 +663,14 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                     row["p402_responses"].get("server_cpu_ms_per_request"), row["p402"].get("server_cpu_ms_per_request")
                 )
         verdict["p402_responses"] = checks
+    if "p402" in args.variants and "p402_workers2" in args.variants:
+        checks = {}  # two workers beside one, same run, both with the cache off
+        for stream in args.streams:
+            kind = "stream" if stream else "plain"
+            c64 = runs.get(f"{kind}_c64")
+            if c64 and c64["p402"]["rps"]:
+                checks[f"{kind}_c64_rps_vs_one_worker>=1.6x"] = round(c64["p402_workers2"]["rps"] / c64["p402"]["rps"], 2)
+        verdict["p402_workers2"] = checks
     return verdict
 
 
@@ -652,6 +685,8 @@ ROWS = {
 VARIANTS = {
     "p402": "p402 serve as shipped: our HTTP client upstream, ledger and cache on",
     "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",
+    "p402_workers2": "p402 serve --workers 2: two gateway processes on one port under a supervising parent, "
+                     "cache off like row p402; CPU per request counts the parent and both workers",
     "p402_proxied": "p402 serve reaching the simulator through a forward proxy on loopback (proxy.py, "
                     "[network] proxy; plain http, so absolute-form requests): the gateway's CPU per request, "
                     "the proxy's own not counted",
@@ -670,6 +705,8 @@ def serve_with(variant: str, serve_args: list[str]) -> int:
 
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
+    if variant == "p402_workers2":
+        serve_args = ["--workers", "2", *serve_args]
     if variant == "p402_nostore":
         open_runtime = runtime.Runtime.open
         runtime.Runtime.open = lambda settings, **kw: open_runtime(settings, **{**kw, "persist": False})

@@ -606,20 +606,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     host = args.host or settings.gateway.host
     port = settings.gateway.port if args.port is None else args.port
+    workers = settings.gateway.workers if args.workers is None else args.workers
+    from .gateway.workers import Worker
     from .runtime import ledger_for
 
+    worker = Worker.from_environ()
+    if worker is not None:
+        return run_served(serve_gateway(settings, host, port, sim=False, worker=worker))
     with ledger_for(settings, simulated=args.sim, named=bool(args.db)) as ledger:
+        if workers > 1:
+            return run_async(supervise(args, settings, host, port, workers, ledger=ledger))
         return run_served(serve_gateway(settings, host, port, sim=args.sim, ledger=ledger))
 
 
-async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: str = "") -> int:
-    """The gateway, headless, until SIGINT or SIGTERM; then a clean stop (in-flight requests finish, the store flushes)."""
+def _up_line(url: str, sim_url: str | None, ledger: str, more: str = "") -> str:
+    upstream = f"; providers simulated at {sim_url}" if sim_url else ""
+    recording = f"; {ledger}" if ledger else ""
+    return f"p402 gateway at {url} (OpenAI base_url {url}/v1{upstream}){recording}{more}; Ctrl-C stops it"
+
+
+async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: str = "", worker=None) -> int:
+    """The gateway, headless, until SIGINT or SIGTERM; then a clean stop (in-flight requests finish, the store flushes).
+
+    As one of `p402 serve --workers`'s processes (`worker`), it listens on the port beside the other
+    workers, tells the parent when it is ready instead of printing, and stops on SIGTERM or when the
+    parent is gone.
+    """
     import signal
 
     from .runtime import Runtime
 
-    async with Runtime.open(settings, sim=sim) as runtime:
-        gateway = await runtime.serve_gateway(host, port)
+    sim_url = worker.sim_url if worker else None
+    async with Runtime.open(settings, sim=sim, sim_url=sim_url) as runtime:
+        gateway = await runtime.serve_gateway(host, port, sock=worker.socket(host, port) if worker else None)
         # What start-up made (modules, the catalog, validators) lives as long as the process: out of
         # the collector's sight, full collections scan only what requests leave behind.
         gc.collect()
@@ -629,25 +648,85 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        upstream = f"; providers simulated at {runtime.sim.url}" if runtime.sim else ""
-        recording = f"; {ledger}" if ledger else ""
-        print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}){recording}; Ctrl-C stops it",
-              flush=True)
-        if not settings.usable_providers():
+        stopping = asyncio.create_task(stop.wait())
+        watched = {stopping, gateway.task}
+        if worker is not None:
+            watched.add(asyncio.create_task(worker.orphaned()))
+            worker.ready()
+        else:
+            print(_up_line(gateway.url, runtime.sim_url, ledger), flush=True)
+        if not settings.usable_providers() and (worker is None or worker.slot == 1):
             print(f"p402 serve: not ready: {_no_provider_error(' (or run p402 serve --sim)')}; every chat request "
                   "is refused and /health answers 503 until one is", file=sys.stderr, flush=True)
-        stopping = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait({stopping, gateway.task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
-            stopping.cancel()
+            for task in watched - {gateway.task}:
+                task.cancel()
         if gateway.task.done():  # it stopped by itself: say why
             gateway.task.result()
             raise P402Error("the gateway stopped unexpectedly")
-        print("p402 gateway: stopping; in-flight requests may finish", file=sys.stderr, flush=True)
+        if worker is None:
+            print("p402 gateway: stopping; in-flight requests may finish", file=sys.stderr, flush=True)
     return 0
+
+
+async def supervise(args: argparse.Namespace, settings, host: str, port: int, count: int, *, ledger: str) -> int:
+    """`p402 serve --workers N`: N workers sharing the port (gateway.workers), one simulator for all."""
+    import signal
+
+    from .gateway.workers import CannotStart, Supervisor, reserve
+
+    sock = reserve(host, port)
+    try:
+        sim = None
+        if args.sim:
+            from .sim.server import start_sim
+
+            sim = await start_sim(settings.catalog, azure_deployments=settings.azure_deployments())
+        bound = sock.getsockname()[1]
+        argv = [sys.executable, "-m", "p402_tui.cli", "serve", "--host", host, "--port", str(bound)]
+        if getattr(args, "config", None):
+            argv += ["--config", args.config]
+        # The database as the user named it, or the temporary one a simulated run records into.
+        db = args.db or (str(settings.db_path) if args.sim else None)
+        if db:
+            argv += ["--db", db]
+        supervisor = Supervisor(count, argv, sim.url if sim else None)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            starting = asyncio.create_task(supervisor.start())
+            await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # stopped while starting
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                return await supervisor.stop()
+            try:
+                starting.result()
+            except CannotStart as error:  # the worker said why, in its own line
+                return error.code if error.code and error.code > 0 else 1
+            shown = f"[{host}]" if ":" in host else host
+            pids = ", ".join(map(str, supervisor.pids))
+            print(_up_line(f"http://{shown}:{bound}", sim.url if sim else None, ledger, f"; {count} workers (pids {pids})"),
+                  flush=True)
+            await stop.wait()
+            print(f"p402 gateway: stopping {count} workers; in-flight requests may finish", file=sys.stderr, flush=True)
+            code = await supervisor.stop()
+            if code:
+                print("p402 serve: a worker did not stop cleanly (see above)", file=sys.stderr, flush=True)
+            return code
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            if sim is not None:
+                await sim.stop()
+    finally:
+        sock.close()
 
 
 def run_served(coro) -> int:
@@ -1166,6 +1245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, help="port (default 4020; 0 picks a free one)")
     p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
     p.add_argument("--sim", action="store_true", help="simulate every provider in-process: no keys, no network")
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="processes serving the port, each a whole gateway (default 1; or [gateway] workers)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, show, update, revoke")
@@ -1306,6 +1387,16 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of processes, not {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 64, not {value}")
     return value
 
 

@@ -39,6 +39,7 @@ class Runtime:
     store: Any = None  # store.Store once persistence is on (None with persist=False)
     cache: Any = None  # cache.SemanticCache once persistence is on
     sim: RunningSim | None = None
+    sim_url: str | None = None  # where the simulated providers answer: this process's simulator or another's
     gateways: list[Any] = field(default_factory=list)  # gateway.server.RunningGateway, stopped first on exit
 
     @classmethod
@@ -51,8 +52,13 @@ class Runtime:
         sim: bool = False,
         persist: bool = True,
         sim_latency: bool = True,
+        sim_url: str | None = None,
     ) -> AsyncIterator[Runtime]:
-        """Start everything; on exit stop it in reverse order."""
+        """Start everything; on exit stop it in reverse order.
+
+        `sim_url`: providers are simulated by a simulator another process runs (the supervisor's,
+        under `p402 serve --workers`), instead of one started here.
+        """
         async with AsyncExitStack() as stack:
             warn_if_unverified(settings)
             running = None
@@ -63,7 +69,9 @@ class Runtime:
                     settings.catalog, latency=sim_latency, azure_deployments=settings.azure_deployments()
                 )
                 stack.push_async_callback(running.stop)
-                settings.point_at(running.url)
+                sim_url = running.url
+            if sim_url is not None:
+                settings.point_at(sim_url)
             if db_path is not None:
                 settings.db_path = Path(db_path).expanduser()
             bus = EventBus()
@@ -88,13 +96,16 @@ class Runtime:
                 cache.start()  # embedder and entries load in the background; lookups wait for them
                 stack.push_async_callback(cache.aclose)
                 hooks = persistence = Persistence(
-                    store, cache, simulated=sim, strict=settings.file.store.durability == "strict"
+                    store, cache, simulated=sim_url is not None, strict=settings.file.store.durability == "strict"
                 )
                 stack.push_async_callback(persistence.drain)  # before the store closes
             orchestrator = Orchestrator(settings, bus=bus, hooks=hooks, transport_for=egress(settings))
             await orchestrator.start()
             stack.push_async_callback(orchestrator.aclose)
-            runtime = cls(settings=settings, bus=bus, orchestrator=orchestrator, store=store, cache=cache, sim=running)
+            runtime = cls(
+                settings=settings, bus=bus, orchestrator=orchestrator, store=store, cache=cache, sim=running,
+                sim_url=sim_url,
+            )
             stack.push_async_callback(runtime.stop_gateways)
             yield runtime
 
@@ -103,13 +114,20 @@ class Runtime:
         """The use cases the front ends call: sessions, spend, decisions, keys."""
         from .service import Service
 
-        return Service(self.store, self.settings.catalog, simulated=self.sim is not None)
+        return Service(self.store, self.settings.catalog, simulated=self.simulated)
 
-    async def serve_gateway(self, host: str = "127.0.0.1", port: int = 4020) -> Any:
-        """Serve the HTTP gateway in this loop; the handle has `url` and `stop()` (also done on exit)."""
+    @property
+    def simulated(self) -> bool:
+        return self.sim_url is not None
+
+    async def serve_gateway(self, host: str = "127.0.0.1", port: int = 4020, *, sock: Any = None) -> Any:
+        """Serve the HTTP gateway in this loop; the handle has `url` and `stop()` (also done on exit).
+
+        `sock`: a listening socket to serve instead of binding `host:port` (a worker's, inherited).
+        """
         from .gateway.server import serve
 
-        running = await serve(self, host, port)
+        running = await serve(self, host, port, sock=sock)
         self.gateways.append(running)
         return running
 

@@ -180,6 +180,8 @@ class GatewayConfig(_Section):
     keep_alive_s: float = Field(default=5.0, gt=0)
     limit_concurrency: int = Field(default=2048, ge=1)
     max_connections: int = Field(default=4096, ge=1)
+    # Processes serving the one port (`p402 serve --workers`); limits above are each worker's.
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class HealthConfig(_Section):

@@ -12,6 +12,8 @@ from ..core.types import new_id
 HEADER = b"x-request-id"
 MAX_LENGTH = 128
 _SAFE = re.compile(rb"[A-Za-z0-9._:@+=/-]{1,%d}" % MAX_LENGTH)
+# Headers every answer carries besides its id: `x-p402-worker` under `p402 serve --workers` (gateway.workers).
+STAMP: list[tuple[bytes, bytes]] = []
 
 
 def from_client(scope: Scope) -> str | None:
@@ -27,4 +29,4 @@ def tagged(scope: Scope, message: Any) -> Any:
     if message["type"] != "http.response.start":
         return message
     value = scope.get("p402.client_request_id") or scope.get("p402.request_id") or new_id("req", 10)
-    return {**message, "headers": [*message.get("headers", ()), (HEADER, value.encode())]}
+    return {**message, "headers": [*message.get("headers", ()), (HEADER, value.encode()), *STAMP]}

@@ -131,12 +131,15 @@ class RunningGateway:
             await self.gateway.aclose()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """`reuse_port`: the port is shared with the other sockets bound so (`p402 serve --workers`)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP said outright: asyncio's loop sets TCP_NODELAY only on sockets that say it, and
     # without it each answer's body waited for the client's delayed ACK (~40 ms a request).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as error:
@@ -146,8 +149,11 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
-    """Bind, start counting, serve; refuse a non-loopback address unless gateway keys are in force."""
+async def start_gateway(
+    gateway: Gateway, host: str, port: int, *, grace_s: float = GRACE_S, sock: socket.socket | None = None
+) -> RunningGateway:
+    """Bind (unless given a listening `sock`), start counting, serve; refuse a non-loopback address unless
+    gateway keys are in force."""
     exposed = not is_loopback(host)
     if exposed and not await gateway.auth.any_keys():
         raise ConfigError(
@@ -156,7 +162,8 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
         )
     # Beyond loopback a key is needed even if every key gets revoked later.
     gateway.auth.required = exposed
-    sock = _bind(host, port)
+    if sock is None:
+        sock = _bind(host, port)
     conf = gateway.settings.gateway
     config = uvicorn.Config(
         gateway.app(),
@@ -184,7 +191,9 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
     return RunningGateway(gateway, server, task, f"http://{shown}:{bound}", host, bound)
 
 
-async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
+async def serve(
+    runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S, sock: socket.socket | None = None
+) -> RunningGateway:
     """The gateway over a `Runtime`: its orchestrator, its store (ledger, sessions, keys)."""
     keys = StoreKeys(runtime.service) if runtime.store is not None else None
     auth = GatewayAuth(keys, required=False)
@@ -196,7 +205,7 @@ async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S)
         store=runtime.store,
         cache=runtime.cache,
         auth=auth,
-        simulated=runtime.sim is not None,
+        simulated=runtime.simulated,
         service=runtime.service,
     )
-    return await start_gateway(gateway, host, port, grace_s=grace_s)
+    return await start_gateway(gateway, host, port, grace_s=grace_s, sock=sock)

@@ -1,0 +1,290 @@
+"""`p402 serve --workers N`: several gateway processes on one port under a supervising parent, as users run it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from conftest import run_cli
+from helpers import Served
+
+BODY = {"messages": [{"role": "user", "content": "Say hello to the workers."}], "max_tokens": 8}
+FRESH = {"cache-control": "no-cache"}  # every request routed and decided, none answered from the cache
+
+
+def worker_pids(served: Served) -> list[int]:
+    """The workers' pids, as the parent's one start-up line names them."""
+    return [int(pid) for pid in served.line.split("(pids ")[1].split(")")[0].split(", ")]
+
+
+def gone(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "zombie" in status.read_text()
+
+
+def ledger(db) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM requests")]
+
+
+async def send(url: str, count: int, concurrency: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def one() -> httpx.Response:
+            async with gate:
+                return await client.post("/v1/chat/completions", json=BODY, headers=FRESH)
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_two_workers_share_the_load_and_the_ledger_and_sigterm_stops_both_cleanly(tmp_path):
+    db = tmp_path / "p402.db"
+    served = Served("--workers", "2", "--sim", "--db", str(db))
+    try:
+        assert "2 workers (pids " in served.line and "providers simulated at " in served.line
+        answers = asyncio.run(send(served.url, 400, 32))
+        statuses = collections.Counter(a.status_code for a in answers)
+        assert statuses == {200: 400}, [a.text for a in answers if a.status_code != 200][:3]
+        by_worker = collections.Counter(a.headers["x-p402-worker"] for a in answers)
+        assert set(by_worker) == {"1", "2"} and min(by_worker.values()) >= 40, by_worker
+        assert httpx.get(f"{served.sim_url}/_sim/stats").json()["calls"] >= 400  # one simulator behind both
+        pids = worker_pids(served)
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, "".join(served.stderr)[-2000:]
+    for pid in pids:  # every worker is gone with its parent
+        assert gone(pid)
+    # Each answer's x-request-id is its ledger row's id: every one is there, once, after the workers drained.
+    assert sorted(ledger(db)) == sorted(a.headers["x-request-id"] for a in answers)
+    assert not any("Traceback" in line for line in served.stderr)
+
+
+def test_sigterm_mid_load_loses_no_answered_request(tmp_path):
+    db = tmp_path / "p402.db"
+    served = Served("--workers", "2", "--sim", "--db", str(db))
+    answers: list[httpx.Response | BaseException] = []
+
+    def load() -> None:
+        async def main() -> None:
+            async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+
+                async def one() -> None:
+                    try:
+                        answers.append(await client.post("/v1/chat/completions", json=BODY, headers=FRESH))
+                    except httpx.HTTPError as error:  # refused once the workers stop accepting
+                        answers.append(error)
+
+                await asyncio.gather(*(one() for _ in range(64)))
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=load)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{served.sim_url}/_sim/stats").json()["calls"] < 8:  # requests in flight upstream
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        code = served.stop(signal.SIGTERM)
+        thread.join(60)
+    assert code == 0, "".join(served.stderr)[-2000:]
+    answered = [a.headers["x-request-id"] for a in answers if isinstance(a, httpx.Response) and a.status_code == 200]
+    assert answered  # the requests in flight at SIGTERM finished
+    assert set(answered) <= set(ledger(db))
+
+
+def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path):
+    served = Served("--workers", "2", "--sim", "--db", str(tmp_path / "p402.db"))
+    try:
+        victim = worker_pids(served)[1]
+        os.kill(victim, signal.SIGKILL)
+        while not gone(victim):
+            time.sleep(0.01)
+        # While worker 2 is down, its socket has left the port: every new connection reaches worker 1.
+        down = []
+        while not any("worker 2 is back" in line for line in served.stderr):
+            with httpx.Client(base_url=served.url, timeout=30) as client:  # a new connection each time
+                down.append(client.post("/v1/chat/completions", json=BODY, headers=FRESH))
+            assert len(down) < 500, "".join(served.stderr)[-2000:]
+        assert down and {a.status_code for a in down} == {200}
+        assert any(f"worker 2 (pid {victim}) was killed by SIGKILL; restarting it in" in line for line in served.stderr)
+        back = int(next(line for line in served.stderr if "worker 2 is back" in line).split("pid ")[1].rstrip(")\n"))
+        assert back != victim
+        seen = set()
+        for _ in range(50):  # the restarted worker serves again
+            with httpx.Client(base_url=served.url, timeout=30) as client:
+                seen.add(client.get("/health").headers["x-p402-worker"])
+            if seen == {"1", "2"}:
+                break
+        assert seen == {"1", "2"}
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, "".join(served.stderr)[-2000:]
+
+
+def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path):
+    """Per worker for now: a watcher sees the decisions of the worker its connection landed on."""
+    config = tmp_path / "config.toml"
+    config.write_text("[gateway]\nworkers = 2\n")  # the setting, with no flag
+    served = Served("--config", str(config), "--sim", "--db", str(tmp_path / "p402.db"))
+    seen: list[str] = []
+    streamed: dict[str, str] = {}
+
+    def watch() -> None:
+        with httpx.stream("GET", f"{served.url}/api/v2/events", timeout=60) as response:
+            streamed["worker"] = response.headers["x-p402-worker"]
+            seen.extend(response.iter_lines())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        assert "2 workers" in served.line
+        watcher.start()
+        deadline = time.monotonic() + 20
+        while ": subscribed" not in seen:
+            assert time.monotonic() < deadline and watcher.is_alive()
+            time.sleep(0.02)
+        for _ in range(50):  # a new connection each: some land on the watched worker
+            with httpx.Client(base_url=served.url, timeout=30) as client:
+                answer = client.post("/v1/chat/completions", json=BODY, headers=FRESH)
+            if answer.headers["x-p402-worker"] == streamed["worker"]:
+                break
+        assert answer.status_code == 200 and answer.headers["x-p402-worker"] == streamed["worker"]
+        decision = answer.json()["p402"]["decision_id"]
+        while not any(decision in line for line in seen):
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.02)
+        metrics = httpx.get(f"{served.url}/metrics")
+        assert metrics.status_code == 200 and metrics.headers["x-p402-worker"] in {"1", "2"}
+        assert "p402_" in metrics.text
+    finally:
+        code = served.stop(signal.SIGINT)  # Ctrl-C: the parent tells each worker to drain
+        watcher.join(15)
+    assert code == 0, "".join(served.stderr)[-2000:]
+
+
+def test_bad_worker_counts_are_one_line_errors(tmp_path):
+    for value, said in (("0", "must be from 1 to 64, not 0"), ("two", "must be a whole number of processes, not 'two'")):
+        result = run_cli("serve", "--workers", value)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == f"p402 serve: error: argument --workers: {said}"
+    config = tmp_path / "config.toml"
+    config.write_text("[gateway]\nworkers = 0\n")
+    result = run_cli("serve", "--config", str(config), "--sim", "--db", str(tmp_path / "p402.db"))
+    assert result.returncode != 0 and "workers" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_port_in_use_stops_the_parent_before_any_worker_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--workers", "2", "--sim", "--port", str(port), "--db", str(tmp_path / "p402.db"))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"p402: config: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_a_worker_that_cannot_start_is_one_line_and_the_exit_code(tmp_path):
+    db = tmp_path / "p402.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version=999")  # written by a newer P402: the first worker refuses it
+    result = run_cli("serve", "--workers", "2", "--sim", "--port", "0", "--db", str(db))
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "schema version 999" in lines[0], result.stderr
+
+
+def test_an_attached_console_follows_one_worker_live_and_every_worker_through_the_store(tmp_path):
+    from p402_tui.tui.attach import AttachClient, RemoteSource
+
+    served = Served("--workers", "2", "--sim", "--db", str(tmp_path / "p402.db"))
+
+    async def attached() -> None:
+        source = RemoteSource(AttachClient(served.url))
+        await source.refresh()
+        await source.start()
+        try:
+            await source.client.wait_until_up(20)
+            assert source.providers()  # polled snapshots answer from whichever worker
+            made = []
+            for _ in range(20):  # a new connection each: both workers answer some
+                async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+                    answer = await client.post("/v1/chat/completions", json=BODY, headers=FRESH)
+                made.append((answer.headers["x-p402-worker"], answer.json()["p402"]["decision_id"]))
+            assert {worker for worker, _ in made} == {"1", "2"}
+            ids = {decision for _, decision in made}
+            deadline = time.monotonic() + 20
+            while not ids & set(source.client.decisions):  # live: the decisions of the stream's worker
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            live = ids & set(source.client.decisions)
+            assert live < ids  # and only that worker's, for now
+            while not ids <= {d["id"] for d in await source.history()}:  # the store: every worker's
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            await source.aclose()
+
+    try:
+        asyncio.run(attached())
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, "".join(served.stderr)[-2000:]
+
+
+def test_a_worker_that_keeps_dying_is_restarted_later_each_time(tmp_path):
+    """The supervisor on its own, over a worker that says it is ready and dies at once."""
+    from p402_tui.gateway.workers import ENV, Supervisor
+
+    dies = (
+        "import os, sys, time\n"
+        f"slot, ready, parent = map(int, os.environ[{ENV!r}].split(':'))\n"
+        "os.write(ready, b'ready\\n')\n"
+        "time.sleep(0.05)\n"
+        "sys.exit(7)\n"
+    )
+    said: list[str] = []
+
+    async def run() -> int:
+        supervisor = Supervisor(1, [sys.executable, "-c", dies], say=said.append)
+        await supervisor.start()
+        deadline = time.monotonic() + 20
+        while not any("restarting it in 2 s" in line for line in said):
+            assert time.monotonic() < deadline, said
+            await asyncio.sleep(0.05)
+        return await supervisor.stop()
+
+    assert asyncio.run(run()) == 0  # nothing was left running to stop
+    delays = [line.split("restarting it in ")[1] for line in said if "restarting it in" in line]
+    assert delays[:3] == ["0.5 s", "1 s", "2 s"], said
+    assert all("exited with status 7" in line for line in said if "restarting" in line)
+    assert sum("is back" in line for line in said) >= 2
+
+
+def test_workers_whose_parent_is_killed_drain_and_stop_by_themselves(tmp_path):
+    db = tmp_path / "p402.db"
+    served = Served("--workers", "2", "--sim", "--db", str(db))
+    try:
+        pids = worker_pids(served)
+        answers = asyncio.run(send(served.url, 20, 4))
+        assert {a.status_code for a in answers} == {200}
+    finally:
+        served.proc.kill()
+        served.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, "orphaned workers kept running"
+        time.sleep(0.05)
+    assert sorted(ledger(db)) == sorted(a.headers["x-request-id"] for a in answers)  # each flushed before it went
