@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -603,21 +603,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .gateway.memory import limit_arenas
 
     limit_arenas()  # before any thread allocates: a thread's arena keeps what it freed
-    settings = settings_from(args)
+    settings = log_settings(settings_from(args), args)
     host = args.host or settings.gateway.host
     port = settings.gateway.port if args.port is None else args.port
     from .runtime import ledger_for
 
-    with ledger_for(settings, simulated=args.sim, named=bool(args.db)) as ledger:
+    with ledger_for(settings, simulated=args.sim, named=bool(args.db)) as ledger, server_logs(settings):
         return run_served(serve_gateway(settings, host, port, sim=args.sim, ledger=ledger))
 
 
+def log_settings(settings, args: argparse.Namespace):
+    """`--log-format`, `--log-level` and `--no-access-log` over the file and the environment."""
+    conf = settings.gateway
+    if getattr(args, "log_format", None):
+        conf.log_format = args.log_format
+    if getattr(args, "log_level", None):
+        conf.log_level = args.log_level
+    if getattr(args, "no_access_log", False):
+        conf.access_log = False
+    return settings
+
+
+@contextmanager
+def server_logs(settings):
+    """The process's logs in the configured format while a gateway runs; what is queued is written at the end."""
+    from . import logs, telemetry
+
+    running = logs.Logs(settings.gateway.log_format, settings.gateway.log_level)
+    try:
+        yield running
+    finally:
+        telemetry.shutdown()  # its exporter may still log a failure: before the logs stop
+        running.stop()
+
+
 async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: str = "") -> int:
-    """The gateway, headless, until SIGINT or SIGTERM; then a clean stop (in-flight requests finish, the store flushes)."""
+    """The gateway, headless, until SIGINT or SIGTERM; then a drain: new connections are refused, requests in
+    flight get `[gateway] drain_timeout_s` to finish (a second signal cuts them at once), the ledger is flushed."""
+    import logging
     import signal
 
     from .runtime import Runtime
 
+    log = logging.getLogger("p402.gateway")
     async with Runtime.open(settings, sim=sim) as runtime:
         gateway = await runtime.serve_gateway(host, port)
         # What start-up made (modules, the catalog, validators) lives as long as the process: out of
@@ -646,7 +674,22 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         if gateway.task.done():  # it stopped by itself: say why
             gateway.task.result()
             raise P402Error("the gateway stopped unexpectedly")
-        print("p402 gateway: stopping; in-flight requests may finish", file=sys.stderr, flush=True)
+        runtime.gateways.remove(gateway)
+        bound = settings.gateway.drain_timeout_s
+        log.info("draining: new connections refused; %d request(s) in flight get up to %gs to finish",
+                    gateway.in_flight, bound)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal: cut them now
+            loop.add_signal_handler(signum, setattr, gateway.server, "force_exit", True)
+        try:
+            cut = await gateway.stop()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+        if cut:
+            log.warning("drained: %d request(s) cut short past the %gs bound", cut, bound)
+        else:
+            log.info("drained: every request in flight finished")
+    log.info("stopped: the ledger is flushed")
     return 0
 
 
@@ -1026,6 +1069,14 @@ def _common(default: Any = None) -> argparse.ArgumentParser:
     return common
 
 
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="stderr log lines: text, or one JSON object a line (default [gateway] log_format; or P402_LOG_FORMAT)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="least severe record logged (default info; or P402_LOG_LEVEL)")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request ([gateway] access_log = false)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # A subcommand's own default would overwrite `p402 --config FILE COMMAND`'s file, so it sets none.
     common = _common(default=argparse.SUPPRESS)
@@ -1166,6 +1217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, help="port (default 4020; 0 picks a free one)")
     p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
     p.add_argument("--sim", action="store_true", help="simulate every provider in-process: no keys, no network")
+    _log_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, show, update, revoke")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..core.errors import ConfigError
 from .app import Gateway
 from .auth import GatewayAuth, StoreKeys, is_loopback
-
-GRACE_S = 10.0  # how long in-flight requests may take to finish at shutdown
 
 
 class _GuardedProtocol(HttpToolsProtocol):
@@ -103,11 +101,24 @@ def _guarded_protocol(conf: Any) -> type[_GuardedProtocol]:
 
 
 class _TaskServer(uvicorn.Server):
-    """uvicorn without its signal handlers: stopping is the owner's call (`RunningGateway.stop`)."""
+    """uvicorn without its signal handlers: stopping is the owner's call (`RunningGateway.stop`).
+
+    At shutdown uvicorn stops accepting, lets in-flight requests (streams too) finish within
+    `timeout_graceful_shutdown`, then cancels the rest: `cut` counts those.
+    """
+
+    cut = 0
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def _wait_tasks_to_complete(self) -> None:
+        try:
+            await super()._wait_tasks_to_complete()
+        except asyncio.CancelledError:  # the grace ran out: uvicorn cancels what is left
+            self.cut = len(self.server_state.tasks)
+            raise
 
 
 @dataclass
@@ -121,14 +132,21 @@ class RunningGateway:
     host: str
     port: int
 
-    async def stop(self) -> None:
-        """Stop accepting, end event streams, let in-flight requests finish (within the grace), then stop counting."""
+    @property
+    def in_flight(self) -> int:
+        """Requests being served now (event streams included)."""
+        return len(self.server.server_state.tasks)
+
+    async def stop(self) -> int:
+        """Stop accepting, end event streams, let in-flight requests finish (within the grace), then stop
+        counting; the number of requests cut short when the grace ran out."""
         self.gateway.closing.set()
         self.server.should_exit = True
         try:
             await self.task
         finally:
             await self.gateway.aclose()
+        return getattr(self.server, "cut", 0)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -146,8 +164,11 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
-    """Bind, start counting, serve; refuse a non-loopback address unless gateway keys are in force."""
+async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: float | None = None) -> RunningGateway:
+    """Bind, start counting, serve; refuse a non-loopback address unless gateway keys are in force.
+
+    `grace_s` bounds how long in-flight requests may take to finish at shutdown (default `[gateway] drain_timeout_s`).
+    """
     exposed = not is_loopback(host)
     if exposed and not await gateway.auth.any_keys():
         raise ConfigError(
@@ -158,16 +179,19 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
     gateway.auth.required = exposed
     sock = _bind(host, port)
     conf = gateway.settings.gateway
+    if gateway.observe is None:
+        gateway.observe = observers(gateway.settings)
     config = uvicorn.Config(
         gateway.app(),
         http=_guarded_protocol(conf),
         timeout_keep_alive=conf.keep_alive_s,  # type: ignore[arg-type]  # a float works: it goes to call_later
+        log_config=None,  # uvicorn's records go to the process's logging (`p402_tui.logs`), in its format
         log_level="warning",
-        access_log=False,  # per-request logging costs more CPU than the gateway's own work
+        access_log=False,  # the gateway writes its own access line (`_Front.observe`), with the request's outcome
         proxy_headers=False,  # nothing here reads the client address: skip rewriting it from X-Forwarded-For
         lifespan="off",
         server_header=False,
-        timeout_graceful_shutdown=grace_s,
+        timeout_graceful_shutdown=conf.drain_timeout_s if grace_s is None else grace_s,
     )
     server = _TaskServer(config)
     await gateway.start()
@@ -184,7 +208,30 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
     return RunningGateway(gateway, server, task, f"http://{shown}:{bound}", host, bound)
 
 
-async def serve(runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S) -> RunningGateway:
+def observers(settings: Any) -> Callable[[Any, float], None] | None:
+    """What is told of each request once it is over: the access line (`[gateway] access_log`, when the
+    process's logs run) and its trace (when OpenTelemetry is on); None when neither."""
+    from .. import logs
+    from ..telemetry import tracer
+
+    found = []
+    if settings.gateway.access_log and logs.active is not None:
+        found.append(logs.AccessLog(logs.active).write)
+    traced = tracer(settings)
+    if traced is not None:
+        found.append(traced)
+    if len(found) < 2:
+        return found[0] if found else None
+    first, second = found
+
+    def both(scope: Any, started: float) -> None:
+        first(scope, started)
+        second(scope, started)
+
+    return both
+
+
+async def serve(runtime: Any, host: str, port: int, *, grace_s: float | None = None) -> RunningGateway:
     """The gateway over a `Runtime`: its orchestrator, its store (ledger, sessions, keys)."""
     keys = StoreKeys(runtime.service) if runtime.store is not None else None
     auth = GatewayAuth(keys, required=False)

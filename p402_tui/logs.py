@@ -1,0 +1,182 @@
+"""The server's logs: one line per record, JSON or text, written to stderr by a thread of their own.
+
+Every `logging` record (P402's warnings and errors, uvicorn's) goes through a `QueueHandler` that
+only enqueues it; a `QueueListener` thread formats and writes, so a slow or blocked stderr never
+holds the event loop. The gateway's access line takes a shorter way still: `AccessLog.write` puts
+a tuple of what it saw on the same queue, and the listener builds the line from it. Past
+`MAX_QUEUED` lines waiting, new ones are dropped and counted rather than grow memory without end.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import queue
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
+
+from .core.types import usd_json
+
+FORMATS = ("text", "json")
+LEVELS = ("debug", "info", "warning", "error")
+MAX_QUEUED = 100_000
+ACCESS_LOGGER = "p402.access"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def access_fields(item: tuple[Any, ...]) -> dict[str, Any]:
+    """An access line's fields, in their stable order: what `AccessLog.write` enqueued, read off the thread."""
+    ts, method, path, status, latency_ms, key_id, request_id, client_request_id, ctx = item
+    record = getattr(ctx, "record", None)
+    fields: dict[str, Any] = {
+        "ts": _iso(ts), "level": "info", "logger": ACCESS_LOGGER, "msg": "access",
+        "method": method, "path": path, "status": status, "latency_ms": round(latency_ms, 2),
+        "key_id": key_id, "request_id": request_id, "client_request_id": client_request_id,
+        "model": None, "provider": None, "cost_usd": None, "cached": None, "stream": None, "error_kind": None,
+    }  # fmt: skip
+    if record is not None:
+        fields["model"] = record.model
+        fields["provider"] = record.provider
+        fields["cost_usd"] = None if record.cost_usd is None else usd_json(record.cost_usd)
+        fields["cached"] = record.cached
+        fields["stream"] = record.stream
+        fields["error_kind"] = record.error_kind
+    return fields
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """Any other record's fields: ts, level, logger, msg (and exc, a traceback's text, when it has one)."""
+    fields = {
+        "ts": _iso(record.created), "level": record.levelname.lower(), "logger": record.name,
+        "msg": record.getMessage(),
+    }  # fmt: skip
+    if record.exc_info:
+        fields["exc"] = logging.Formatter().formatException(record.exc_info)
+    return fields
+
+
+def json_line(fields: dict[str, Any]) -> str:
+    return orjson.dumps(fields).decode()
+
+
+def text_line(fields: dict[str, Any]) -> str:
+    """`TS LEVEL logger msg`; an access line's fields follow as key=value, the empty ones left out."""
+    if fields.get("logger") == ACCESS_LOGGER:
+        head = f"{fields['ts']} INFO access {fields['method']} {fields['path']} {fields['status']} {fields['latency_ms']}ms"
+        rest = " ".join(
+            f"{name}={_text(value)}" for name, value in fields.items()
+            if name not in _ACCESS_HEAD and value is not None
+        )  # fmt: skip
+        return f"{head} {rest}" if rest else head
+    line = f"{fields['ts']} {fields['level'].upper()} {fields['logger']} {fields['msg']}"
+    if "exc" in fields:
+        line += "\n" + fields["exc"]
+    return line
+
+
+_ACCESS_HEAD = frozenset({"ts", "level", "logger", "msg", "method", "path", "status", "latency_ms"})
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+class _Listener(logging.handlers.QueueListener):
+    """Formats and writes on its own thread: logging records and access tuples alike."""
+
+    def __init__(self, q: queue.SimpleQueue[Any], stream: TextIO, line: Any) -> None:
+        super().__init__(q)
+        self.stream = stream
+        self.line = line
+
+    def handle(self, record: Any) -> None:
+        try:
+            fields = access_fields(record) if type(record) is tuple else record_fields(record)
+            self.stream.write(self.line(fields) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError, TypeError):  # a closed stderr or an odd value: the line is lost, the server runs on
+            return
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Enqueues the record as it is: formatting waits for the listener's thread."""
+
+    def __init__(self, logs: Logs) -> None:
+        super().__init__(logs.queue)
+        self.logs = logs
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+    def enqueue(self, record: Any) -> None:
+        self.logs.put(record)
+
+
+class Logs:
+    """The process's log output while it runs; `stop()` writes what is queued and restores logging."""
+
+    def __init__(self, fmt: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"log format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        if level not in LEVELS:
+            raise ValueError(f"log level {level!r}: choose one of {', '.join(LEVELS)}")
+        self.format = fmt
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.dropped = 0
+        self._listener = _Listener(self.queue, stream or sys.stderr, json_line if fmt == "json" else text_line)
+        self._handler = _Enqueue(self)
+        self._root = logging.getLogger()
+        self._saved = (self._root.level, list(self._root.handlers))
+        self._root.handlers = [self._handler]
+        self._root.setLevel(level.upper())
+        self._listener.start()
+        global active
+        active = self
+
+    def put(self, item: Any) -> None:
+        if self.queue.qsize() >= MAX_QUEUED:
+            self.dropped += 1
+            return
+        self.queue.put(item)
+
+    def stop(self) -> None:
+        """Write what is queued (and how many lines were dropped, if any), then put logging back as it was."""
+        if self.dropped:
+            logging.getLogger("p402.logs").warning("%d log lines dropped: stderr could not keep up", self.dropped)
+        self._root.handlers, level = self._saved[1], self._saved[0]
+        self._root.setLevel(level)
+        self._listener.stop()
+        global active
+        if active is self:
+            active = None
+
+
+active: Logs | None = None  # the process's, while one runs: the gateway writes its access lines there
+
+
+class AccessLog:
+    """One line per gateway request, enqueued as a tuple: the hot path neither formats nor writes."""
+
+    __slots__ = ("put",)
+
+    def __init__(self, logs: Logs) -> None:
+        self.put = logs.put
+
+    def write(self, scope: dict[str, Any], started: float) -> None:
+        now = time.perf_counter()
+        self.put((
+            time.time(), scope["method"], scope["path"], scope.get("p402.status", 0), (now - started) * 1000,
+            scope.get("p402.api_key_id"), scope.get("p402.request_id"), scope.get("p402.client_request_id"),
+            scope.get("p402.ctx"),
+        ))  # fmt: skip
