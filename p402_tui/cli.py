@@ -679,7 +679,7 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         log.info("draining: new connections refused; %d request(s) in flight get up to %gs to finish",
                     gateway.in_flight, bound)
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal: cut them now
-            loop.add_signal_handler(signum, setattr, gateway.server, "force_exit", True)
+            loop.add_signal_handler(signum, gateway.cut_now)
         try:
             cut = await gateway.stop()
         finally:

@@ -132,6 +132,7 @@ class Logs:
         if level not in LEVELS:
             raise ValueError(f"log level {level!r}: choose one of {', '.join(LEVELS)}")
         self.format = fmt
+        self.access = level in ("debug", "info")  # access lines are info: a warning level leaves them out
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.dropped = 0
         self._listener = _Listener(self.queue, stream or sys.stderr, json_line if fmt == "json" else text_line)

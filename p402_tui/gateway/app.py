@@ -193,6 +193,7 @@ class Gateway:
         self.trimmer = memory.Trimmer()
         self.messages = MessagesRoute(self, read_body)  # Anthropic's Messages API
         self.observe: Callable[[Scope, float], None] | None = None  # see `_Front.observe`; set before `app()`
+        self.front: _Front | None = None  # the app `app()` made
 
     async def start(self) -> None:
         stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -655,10 +656,11 @@ class Gateway:
         # The other APIs agents proxy every call through take the same short way.
         direct |= {("POST", r.path): r.endpoint for r in routes if r.path in ("/v1/responses", "/v1/embeddings")}
         shaped = {path: anthropic_errors for path in MESSAGES_PATHS}
-        return _Front(
+        self.front = _Front(
             starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency,
             shaped=shaped, observe=self.observe,
         )
+        return self.front
 
     def _rejected(self, scope: Scope, status: int) -> None:
         reason, message = scope.get("p402.refusal") or (None, "")
@@ -735,6 +737,7 @@ class _Front:
         # the access log and traces. The scope holds its status (`p402.status`, 0 if no answer began),
         # ids, and `p402.ctx`, the request's CallContext with its record and decision.
         self.observe = observe
+        self.cutting = False  # set when a drain's bound passes (`RunningGateway.cut_now`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -753,6 +756,11 @@ class _Front:
         started = time.perf_counter() if observe is not None else 0.0
         try:
             await self._serve(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.cutting:
+                raise
+            # Cut at the drain's bound: its connection is gone and the orchestrator recorded it; ending
+            # quietly keeps uvicorn from logging the cancel as a crash.
         finally:
             self.in_flight -= 1
             if observe is not None:

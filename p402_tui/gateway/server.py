@@ -101,24 +101,11 @@ def _guarded_protocol(conf: Any) -> type[_GuardedProtocol]:
 
 
 class _TaskServer(uvicorn.Server):
-    """uvicorn without its signal handlers: stopping is the owner's call (`RunningGateway.stop`).
-
-    At shutdown uvicorn stops accepting, lets in-flight requests (streams too) finish within
-    `timeout_graceful_shutdown`, then cancels the rest: `cut` counts those.
-    """
-
-    cut = 0
+    """uvicorn without its signal handlers: stopping is the owner's call (`RunningGateway.stop`)."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-    async def _wait_tasks_to_complete(self) -> None:
-        try:
-            await super()._wait_tasks_to_complete()
-        except asyncio.CancelledError:  # the grace ran out: uvicorn cancels what is left
-            self.cut = len(self.server_state.tasks)
-            raise
 
 
 @dataclass
@@ -131,6 +118,8 @@ class RunningGateway:
     url: str
     host: str
     port: int
+    drain_s: float = 30.0
+    cut: int = 0  # requests cut short at the drain's bound
 
     @property
     def in_flight(self) -> int:
@@ -138,15 +127,31 @@ class RunningGateway:
         return len(self.server.server_state.tasks)
 
     async def stop(self) -> int:
-        """Stop accepting, end event streams, let in-flight requests finish (within the grace), then stop
-        counting; the number of requests cut short when the grace ran out."""
+        """Stop accepting, end event streams, let in-flight requests finish within `drain_s`, cut what
+        remains (`cut_now`), then stop counting; the number cut."""
         self.gateway.closing.set()
-        self.server.should_exit = True
+        self.server.should_exit = True  # uvicorn closes the listening socket: new connections are refused
+        cutter = asyncio.get_running_loop().call_later(self.drain_s, self.cut_now)
         try:
             await self.task
         finally:
+            cutter.cancel()
             await self.gateway.aclose()
-        return getattr(self.server, "cut", 0)
+        return self.cut
+
+    def cut_now(self) -> None:
+        """Cut every request still in flight: its connection is dropped and its task cancelled, so
+        the orchestrator records it as cancelled; the gateway lets the cancel end it quietly."""
+        tasks = list(self.server.server_state.tasks)
+        if self.gateway.front is not None:
+            self.gateway.front.cutting = True
+        for connection in list(self.server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+        for task in tasks:
+            task.cancel()
+        self.cut += len(tasks)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -179,6 +184,7 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
     gateway.auth.required = exposed
     sock = _bind(host, port)
     conf = gateway.settings.gateway
+    drain_s = conf.drain_timeout_s if grace_s is None else grace_s
     if gateway.observe is None:
         gateway.observe = observers(gateway.settings)
     config = uvicorn.Config(
@@ -191,7 +197,8 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
         proxy_headers=False,  # nothing here reads the client address: skip rewriting it from X-Forwarded-For
         lifespan="off",
         server_header=False,
-        timeout_graceful_shutdown=conf.drain_timeout_s if grace_s is None else grace_s,
+        # `RunningGateway.stop` cuts at the bound; uvicorn's own cancel is only a backstop.
+        timeout_graceful_shutdown=drain_s + 5,
     )
     server = _TaskServer(config)
     await gateway.start()
@@ -205,7 +212,7 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
         await asyncio.sleep(0.01)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    return RunningGateway(gateway, server, task, f"http://{shown}:{bound}", host, bound)
+    return RunningGateway(gateway, server, task, f"http://{shown}:{bound}", host, bound, drain_s)
 
 
 def observers(settings: Any) -> Callable[[Any, float], None] | None:
@@ -215,7 +222,7 @@ def observers(settings: Any) -> Callable[[Any, float], None] | None:
     from ..telemetry import tracer
 
     found = []
-    if settings.gateway.access_log and logs.active is not None:
+    if settings.gateway.access_log and logs.active is not None and logs.active.access:
         found.append(logs.AccessLog(logs.active).write)
     traced = tracer(settings)
     if traced is not None:
