@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -603,38 +603,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .gateway.memory import limit_arenas
 
     limit_arenas()  # before any thread allocates: a thread's arena keeps what it freed
-    settings = log_settings(settings_from(args), args)
+    from .logs import from_flags, server_logs
+
+    settings = from_flags(settings_from(args), args)
     host = args.host or settings.gateway.host
     port = settings.gateway.port if args.port is None else args.port
     from .runtime import ledger_for
 
     with ledger_for(settings, simulated=args.sim, named=bool(args.db)) as ledger, server_logs(settings):
         return run_served(serve_gateway(settings, host, port, sim=args.sim, ledger=ledger))
-
-
-def log_settings(settings, args: argparse.Namespace):
-    """`--log-format`, `--log-level` and `--no-access-log` over the file and the environment."""
-    conf = settings.gateway
-    if getattr(args, "log_format", None):
-        conf.log_format = args.log_format
-    if getattr(args, "log_level", None):
-        conf.log_level = args.log_level
-    if getattr(args, "no_access_log", False):
-        conf.access_log = False
-    return settings
-
-
-@contextmanager
-def server_logs(settings):
-    """The process's logs in the configured format while a gateway runs; what is queued is written at the end."""
-    from . import logs, telemetry
-
-    running = logs.Logs(settings.gateway.log_format, settings.gateway.log_level)
-    try:
-        yield running
-    finally:
-        telemetry.shutdown()  # its exporter may still log a failure: before the logs stop
-        running.stop()
 
 
 async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: str = "") -> int:
@@ -1210,6 +1187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", action="store_true",
                    help="route to simulated providers: no keys, no network (a temporary ledger unless --db)")
     p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
+    _log_flags(p)  # the --listen gateway's, written only when stderr is not the console's terminal
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("serve", parents=[common], help="the OpenAI-compatible gateway, headless")

@@ -14,6 +14,8 @@ import logging.handlers
 import queue
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -181,3 +183,28 @@ class AccessLog:
             scope.get("p402.api_key_id"), scope.get("p402.request_id"), scope.get("p402.client_request_id"),
             scope.get("p402.ctx"),
         ))  # fmt: skip
+
+
+def from_flags(settings: Any, args: Any) -> Any:
+    """`--log-format`, `--log-level` and `--no-access-log` over the file and the environment."""
+    conf = settings.gateway
+    if getattr(args, "log_format", None):
+        conf.log_format = args.log_format
+    if getattr(args, "log_level", None):
+        conf.log_level = args.log_level
+    if getattr(args, "no_access_log", False):
+        conf.access_log = False
+    return settings
+
+
+@contextmanager
+def server_logs(settings: Any) -> Iterator[Logs]:
+    """The process's logs in the configured format while a gateway runs; what is queued is written at the end."""
+    from . import telemetry
+
+    running = Logs(settings.gateway.log_format, settings.gateway.log_level)
+    try:
+        yield running
+    finally:
+        telemetry.shutdown()  # its exporter may still log a failure: before the logs stop
+        running.stop()
