@@ -655,15 +655,22 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         bound = settings.gateway.drain_timeout_s
         log.info("draining: new connections refused; %d request(s) in flight get up to %gs to finish",
                     gateway.in_flight, bound)
+        forced: list[int] = []
+
+        def cut_now(signum: int) -> None:
+            forced.append(signum)
+            gateway.cut_now()
+
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal: cut them now
-            loop.add_signal_handler(signum, gateway.cut_now)
+            loop.add_signal_handler(signum, cut_now, signum)
         try:
             cut = await gateway.stop()
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
         if cut:
-            log.warning("drained: %d request(s) cut short past the %gs bound", cut, bound)
+            why = f"by a second signal ({signal.Signals(forced[0]).name})" if forced else f"past the {bound:g}s bound"
+            log.warning("drained: %d request(s) cut short %s", cut, why)
         else:
             log.info("drained: every request in flight finished")
     log.info("stopped: the ledger is flushed")

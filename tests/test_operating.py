@@ -216,3 +216,21 @@ def test_a_bad_log_setting_in_the_environment_is_a_clear_error(tmp_path, value):
     name = "P402_LOG_FORMAT" if value == "xml" else "P402_LOG_LEVEL"
     result = run_cli("serve", "--sim", "--port", "0", "--db", str(tmp_path / "p402.db"), env={name: value})
     assert result.returncode != 0 and f"{name}={value!r}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_second_signal_cuts_the_drain_short(tmp_path):
+    db = tmp_path / "p402.db"
+    served = Served("--sim", "--db", str(db), "--log-format", "json")  # the default bound: 30 s
+    thread, seen, outcome = _in_flight(served.url)
+    served.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while not any("draining" in line for line in served.stderr):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    code = served.stop(signal.SIGINT)
+    thread.join(30)
+    assert code == 0 and "data: [DONE]" not in seen
+    messages = [line["msg"] for line in json_lines(served) if line["logger"] == "p402.gateway"]
+    assert "drained: 1 request(s) cut short by a second signal (SIGINT)" in messages
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status, error_kind FROM requests").fetchall() == [("error", "cancelled")]
