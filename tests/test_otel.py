@@ -98,16 +98,19 @@ async def test_a_request_is_a_server_span_with_a_client_span_per_upstream_attemp
             assert answer.status_code == 200, answer.text
             refused = await http.post("/v1/chat/completions", content=b"{not json")
             assert refused.status_code == 400
+            streamed = {"messages": [{"role": "user", "content": "stream me"}], "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=streamed) as response:
+                assert response.status_code == 200 and "[DONE]" in "".join([t async for t in response.aiter_text()])
         meta = answer.json()["p402"]
         await running.stop()
     telemetry.shutdown()  # what is batched goes out now
     for _ in range(100):
-        if len(receiver.spans) >= 4:
+        if len(receiver.spans) >= 6:
             break
         await asyncio.sleep(0.05)
     assert receiver.resources[0]["service.name"] == "p402"
     roots = [span for span in receiver.spans if span["kind"] == SERVER]
-    chat, bad = sorted(roots, key=lambda span: span["start"])
+    chat, bad, stream = sorted(roots, key=lambda span: span["start"])
     assert chat["name"] == "POST /v1/chat/completions" and chat["trace_id"] == trace_id  # the caller's trace
     assert chat["parent"] == "00f067aa0ba902b7"
     a = chat["attributes"]
@@ -129,6 +132,10 @@ async def test_a_request_is_a_server_span_with_a_client_span_per_upstream_attemp
     assert chat["start"] <= failed["start"] < failed["end"] <= answered["start"] < answered["end"] <= chat["end"]
     assert bad["attributes"]["http.response.status_code"] == 400 and bad["trace_id"] != trace_id
     assert not [s for s in receiver.spans if s["parent"] == bad["span_id"]]
+    assert stream["attributes"]["p402.stream"] is True and stream["attributes"]["gen_ai.usage.output_tokens"] > 0
+    (attempt,) = [s for s in receiver.spans if s["parent"] == stream["span_id"]]
+    assert attempt["kind"] == CLIENT and attempt["attributes"]["gen_ai.system"] == stream["attributes"]["gen_ai.system"]
+    assert stream["start"] <= attempt["start"] < attempt["end"] <= stream["end"]
 
 
 def test_otel_on_in_the_config_without_the_extra_is_a_clear_error(catalog, monkeypatch):

@@ -182,11 +182,11 @@ async def start_gateway(gateway: Gateway, host: str, port: int, *, grace_s: floa
         )
     # Beyond loopback a key is needed even if every key gets revoked later.
     gateway.auth.required = exposed
+    if gateway.observe is None:
+        gateway.observe = observers(gateway.settings)  # before binding: [telemetry] may refuse to start
     sock = _bind(host, port)
     conf = gateway.settings.gateway
     drain_s = conf.drain_timeout_s if grace_s is None else grace_s
-    if gateway.observe is None:
-        gateway.observe = observers(gateway.settings)
     config = uvicorn.Config(
         gateway.app(),
         http=_guarded_protocol(conf),
