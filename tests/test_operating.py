@@ -138,8 +138,7 @@ def test_a_blocked_stderr_never_blocks_the_caller():
 def _slow_stream(url: str, seen: list[str], outcome: list) -> None:
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=SLOW, timeout=60) as response:
-            for line in response.iter_lines():
-                seen.append(line)
+            seen.extend(response.iter_lines())  # line by line, as they arrive: the test watches them
         outcome.append("ended")
     except httpx.HTTPError as error:
         outcome.append(error)
@@ -229,7 +228,7 @@ def test_a_second_signal_cuts_the_drain_short(tmp_path):
         time.sleep(0.02)
     code = served.stop(signal.SIGINT)
     thread.join(30)
-    assert code == 0 and "data: [DONE]" not in seen
+    assert code == 0 and "data: [DONE]" not in seen and outcome != ["ended"]
     messages = [line["msg"] for line in json_lines(served) if line["logger"] == "p402.gateway"]
     assert "drained: 1 request(s) cut short by a second signal (SIGINT)" in messages
     with sqlite3.connect(db) as conn:

@@ -9,21 +9,21 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
 
-import uvicorn  # noqa: E402
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
+import uvicorn
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from starlette.applications import Starlette  # noqa: E402
-from starlette.requests import Request  # noqa: E402
-from starlette.responses import Response  # noqa: E402
-from starlette.routing import Route  # noqa: E402
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from p402_tui import telemetry  # noqa: E402
-from p402_tui.core.config import CacheConfig, ConfigFile, Settings, TelemetryConfig  # noqa: E402
-from p402_tui.core.errors import ConfigError  # noqa: E402
-from p402_tui.runtime import Runtime  # noqa: E402
-from tests.helpers import Served  # noqa: E402
+from p402_tui import telemetry
+from p402_tui.core.config import CacheConfig, ConfigFile, Settings, TelemetryConfig
+from p402_tui.core.errors import ConfigError
+from p402_tui.runtime import Runtime
+from tests.helpers import Served
 
 SERVER, CLIENT = 2, 3  # Span.SpanKind in the protocol
 ERROR = 2  # Status.StatusCode
