@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 
 import httpx
 import pytest
 
-if importlib.util.find_spec("opentelemetry.sdk") is None:
+from p402_tui import telemetry  # imports nothing of OpenTelemetry
+
+if not telemetry.installed():
     if os.environ.get("CI"):  # CI installs the test extra, which brings the otel one: its absence is a failure
         raise ImportError("CI needs the otel extra (opentelemetry-sdk) for the traces tests")
     pytest.skip("the otel extra is not installed", allow_module_level=True)
@@ -24,7 +25,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from p402_tui import telemetry
 from p402_tui.core.config import CacheConfig, ConfigFile, Settings, TelemetryConfig
 from p402_tui.core.errors import ConfigError
 from p402_tui.runtime import Runtime

@@ -26,9 +26,13 @@ def wanted(settings: Any) -> bool:
 
 
 def installed() -> bool:
-    return importlib.util.find_spec("opentelemetry.sdk") is not None and (
-        importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is not None
-    )
+    """Whether the otel extra is there (looked up only once traces are asked for)."""
+    try:
+        return importlib.util.find_spec("opentelemetry.sdk") is not None and (
+            importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is not None
+        )
+    except ModuleNotFoundError:  # not even the `opentelemetry` namespace
+        return False
 
 
 def tracer(settings: Any) -> Callable[[Any, float], None] | None:
