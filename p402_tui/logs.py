@@ -1,10 +1,11 @@
 """The server's logs: one line per record, JSON or text, written to stderr by a thread of their own.
 
 Every `logging` record (P402's warnings and errors, uvicorn's) goes through a `QueueHandler` that
-only enqueues it; a `QueueListener` thread formats and writes, so a slow or blocked stderr never
-holds the event loop. The gateway's access line takes a shorter way still: `AccessLog.write` puts
-a tuple of what it saw on the same queue, and the listener builds the line from it. Past
-`MAX_QUEUED` lines waiting, new ones are dropped and counted rather than grow memory without end.
+only enqueues it; a `QueueListener` thread formats what waits every 0.1 s and writes it in one
+go, so a slow or blocked stderr never holds the event loop. The gateway's access line takes a
+shorter way still: `AccessLog.write` puts a tuple of what it saw on the same queue, and the
+listener builds the line from it. Past `MAX_QUEUED` lines waiting (each holds its request's
+record), new ones are dropped and counted rather than grow memory without end.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .core.types import usd_json
 
 FORMATS = ("text", "json")
 LEVELS = ("debug", "info", "warning", "error")
-MAX_QUEUED = 100_000
+MAX_QUEUED = 10_000  # seconds of traffic at full speed; a batch is usually ~100 lines
 ACCESS_LOGGER = "p402.access"
 
 
@@ -191,8 +192,9 @@ class Logs:
 
     def stop(self) -> None:
         """Write what is queued (and how many lines were dropped, if any), then put logging back as it was."""
-        if self.dropped:
-            logging.getLogger("p402.logs").warning("%d log lines dropped: stderr could not keep up", self.dropped)
+        if self.dropped:  # said past the bound: the queue may still be full
+            message = "%d log lines dropped: stderr could not keep up"
+            self.queue.put(logging.LogRecord("p402.logs", logging.WARNING, __file__, 0, message, (self.dropped,), None))
         self._root.handlers, level = self._saved[1], self._saved[0]
         self._root.setLevel(level)
         self._listener.stop()

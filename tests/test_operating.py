@@ -233,3 +233,20 @@ def test_a_second_signal_cuts_the_drain_short(tmp_path):
     assert "drained: 1 request(s) cut short by a second signal (SIGINT)" in messages
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT status, error_kind FROM requests").fetchall() == [("error", "cancelled")]
+
+
+def test_past_the_queue_bound_lines_are_dropped_and_counted(monkeypatch):
+    monkeypatch.setattr(logs, "MAX_QUEUED", 50)
+    stuck = _Stuck()
+    running = logs.Logs("json", "info", stream=stuck)
+    try:
+        access = logs.AccessLog(running)
+        for _ in range(200):
+            access.write({"method": "GET", "path": "/health/live", "p402.status": 200}, time.perf_counter())
+    finally:
+        stuck.release.set()
+        running.stop()
+    lines = [json.loads(line) for line in stuck.getvalue().splitlines()]
+    assert running.dropped >= 100  # 150 unless the listener woke (every 0.1 s) and took a batch mid-loop
+    assert lines[-1]["level"] == "warning" and lines[-1]["msg"] == f"{running.dropped} log lines dropped: stderr could not keep up"
+    assert len(lines) == 200 - running.dropped + 1
