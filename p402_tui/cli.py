@@ -639,8 +639,8 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         print(f"p402 gateway at {gateway.url} (OpenAI base_url {gateway.url}/v1{upstream}){recording}; Ctrl-C stops it",
               flush=True)
         if not settings.usable_providers():
-            print(f"p402 serve: not ready: {_no_provider_error(' (or run p402 serve --sim)')}; every chat request "
-                  "is refused and /health answers 503 until one is", file=sys.stderr, flush=True)
+            log.warning("p402 serve: not ready: %s; every chat request is refused and /health answers 503 until one is",
+                        _no_provider_error(" (or run p402 serve --sim)"))
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({stopping, gateway.task}, return_when=asyncio.FIRST_COMPLETED)

@@ -250,3 +250,12 @@ def test_past_the_queue_bound_lines_are_dropped_and_counted(monkeypatch):
     assert running.dropped >= 100  # 150 unless the listener woke (every 0.1 s) and took a batch mid-loop
     assert lines[-1]["level"] == "warning" and lines[-1]["msg"] == f"{running.dropped} log lines dropped: stderr could not keep up"
     assert len(lines) == 200 - running.dropped + 1
+
+
+def test_start_up_warnings_are_log_lines_too(tmp_path):
+    config = tmp_path / "p402.toml"
+    config.write_text("[network]\nverify = false\n")
+    served = Served("--sim", "--db", str(tmp_path / "p402.db"), "--config", str(config), "--log-format", "json")
+    assert served.stop() == 0
+    (warning,) = [line for line in json_lines(served) if line["level"] == "warning"]
+    assert warning["logger"] == "p402" and warning["msg"].startswith("TLS verification is OFF")
