@@ -603,7 +603,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .gateway.memory import limit_arenas
 
     limit_arenas()  # before any thread allocates: a thread's arena keeps what it freed
-    settings = settings_from(args)
+    from .logs import from_flags, server_logs
+
+    settings = from_flags(settings_from(args), args)
     host = args.host or settings.gateway.host
     port = settings.gateway.port if args.port is None else args.port
     workers = settings.gateway.workers if args.workers is None else args.workers
@@ -612,8 +614,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     worker = Worker.from_environ()
     if worker is not None:
-        return run_served(serve_gateway(settings, host, port, sim=False, worker=worker))
-    with ledger_for(settings, simulated=args.sim, named=bool(args.db)) as ledger:
+        with server_logs(settings):
+            return run_served(serve_gateway(settings, host, port, sim=False, worker=worker))
+    with ledger_for(settings, simulated=args.sim, named=bool(args.db)) as ledger, server_logs(settings):
         if workers > 1:
             return run_async(supervise(args, settings, host, port, workers, ledger=ledger))
         return run_served(serve_gateway(settings, host, port, sim=args.sim, ledger=ledger))
@@ -626,16 +629,19 @@ def _up_line(url: str, sim_url: str | None, ledger: str, more: str = "") -> str:
 
 
 async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: str = "", worker=None) -> int:
-    """The gateway, headless, until SIGINT or SIGTERM; then a clean stop (in-flight requests finish, the store flushes).
+    """The gateway, headless, until SIGINT or SIGTERM; then a drain: new connections are refused, requests in
+    flight get `[gateway] drain_timeout_s` to finish (a second signal cuts them at once), the ledger is flushed.
 
     As one of `p402 serve --workers`'s processes (`worker`), it listens on the port beside the other
     workers, tells the parent when it is ready instead of printing, and stops on SIGTERM or when the
     parent is gone.
     """
+    import logging
     import signal
 
     from .runtime import Runtime
 
+    log = logging.getLogger("p402.gateway")
     sim_url = worker.sim_url if worker else None
     async with Runtime.open(settings, sim=sim, sim_url=sim_url) as runtime:
         gateway = await runtime.serve_gateway(host, port, sock=worker.socket(host, port) if worker else None)
@@ -656,8 +662,8 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         else:
             print(_up_line(gateway.url, runtime.sim_url, ledger), flush=True)
         if not settings.usable_providers() and (worker is None or worker.slot == 1):
-            print(f"p402 serve: not ready: {_no_provider_error(' (or run p402 serve --sim)')}; every chat request "
-                  "is refused and /health answers 503 until one is", file=sys.stderr, flush=True)
+            log.warning("p402 serve: not ready: %s; every chat request is refused and /health answers 503 until one is",
+                        _no_provider_error(" (or run p402 serve --sim)"))
         try:
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -668,8 +674,29 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         if gateway.task.done():  # it stopped by itself: say why
             gateway.task.result()
             raise P402Error("the gateway stopped unexpectedly")
-        if worker is None:
-            print("p402 gateway: stopping; in-flight requests may finish", file=sys.stderr, flush=True)
+        runtime.gateways.remove(gateway)
+        bound = settings.gateway.drain_timeout_s
+        log.info("draining: new connections refused; %d request(s) in flight get up to %gs to finish",
+                    gateway.in_flight, bound)
+        forced: list[int] = []
+
+        def cut_now(signum: int) -> None:
+            forced.append(signum)
+            gateway.cut_now()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal: cut them now
+            loop.add_signal_handler(signum, cut_now, signum)
+        try:
+            cut = await gateway.stop()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+        if cut:
+            why = f"by a second signal ({signal.Signals(forced[0]).name})" if forced else f"past the {bound:g}s bound"
+            log.warning("drained: %d request(s) cut short %s", cut, why)
+        else:
+            log.info("drained: every request in flight finished")
+    log.info("stopped: the ledger is flushed")
     return 0
 
 
@@ -694,6 +721,12 @@ async def supervise(args: argparse.Namespace, settings, host: str, port: int, co
         db = args.db or (str(settings.db_path) if args.sim else None)
         if db:
             argv += ["--db", db]
+        if args.log_format:
+            argv += ["--log-format", args.log_format]
+        if args.log_level:
+            argv += ["--log-level", args.log_level]
+        if args.no_access_log:
+            argv.append("--no-access-log")
         supervisor = Supervisor(count, argv, sim.url if sim else None)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -1105,6 +1138,14 @@ def _common(default: Any = None) -> argparse.ArgumentParser:
     return common
 
 
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="stderr log lines: text, or one JSON object a line (default [gateway] log_format; or P402_LOG_FORMAT)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="least severe record logged (default info; or P402_LOG_LEVEL)")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request ([gateway] access_log = false)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # A subcommand's own default would overwrite `p402 --config FILE COMMAND`'s file, so it sets none.
     common = _common(default=argparse.SUPPRESS)
@@ -1238,6 +1279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", action="store_true",
                    help="route to simulated providers: no keys, no network (a temporary ledger unless --db)")
     p.add_argument("--refresh", type=_positive_float, default=0.5, metavar="S", help="seconds between redraws (default 0.5)")
+    _log_flags(p)  # the --listen gateway's, written only when stderr is not the console's terminal
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("serve", parents=[common], help="the OpenAI-compatible gateway, headless")
@@ -1247,6 +1289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim", action="store_true", help="simulate every provider in-process: no keys, no network")
     p.add_argument("--workers", type=_workers, metavar="N",
                    help="processes serving the port, each a whole gateway (default 1; or [gateway] workers)")
+    _log_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, show, update, revoke")

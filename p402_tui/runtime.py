@@ -11,6 +11,7 @@ and every provider is pointed at it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -146,7 +147,13 @@ def warn_if_unverified(settings: Settings) -> None:
     from .providers.trust import insecure_warning
 
     warning = insecure_warning(settings.network)
-    if warning:
+    if not warning:
+        return
+    from . import logs
+
+    if logs.active is not None:  # a server's stderr holds log lines only (one JSON object each, in JSON)
+        logging.getLogger("p402").warning(warning.removeprefix("p402: WARNING: "))
+    else:
         print(warning, file=sys.stderr, flush=True)
 
 

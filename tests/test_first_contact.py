@@ -122,7 +122,7 @@ def test_serve_without_a_provider_says_so_and_is_not_ready(home):
     served = Served(env=home)
     try:
         deadline = time.monotonic() + 10
-        while not (warnings := [line for line in served.stderr if line.startswith("p402 serve: not ready")]):
+        while not (warnings := [line for line in served.stderr if " WARNING p402.gateway p402 serve: not ready" in line]):
             assert time.monotonic() < deadline, "".join(served.stderr)[-2000:]
             time.sleep(0.05)
         assert len(warnings) == 1 and "p402 providers" in warnings[0]

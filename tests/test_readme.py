@@ -64,6 +64,7 @@ def env(tmp_path_factory, catalog):
         assert key.returncode == 0, key.stderr
         served = Served("--sim", "--db", str(db))
         secret = json.loads(key.stdout)["key"]
+        spare = free_port()  # for a block that starts a gateway of its own
         yield {
             "variables": variables,
             "home": home,
@@ -74,6 +75,8 @@ def env(tmp_path_factory, catalog):
                 "127.0.0.1:P/": f"127.0.0.1:{sim_port}/",
                 "p402-...": secret,
                 "--key K": f"--key {secret}",
+                "--port 4031": f"--port {spare}",
+                "127.0.0.1:4031": f"127.0.0.1:{spare}",
             },
         }
     finally:
@@ -118,9 +121,15 @@ def test_readme_block_runs(block, env):
         run = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, cwd=ROOT,
                              env=process_env, timeout=60)
     else:
-        # `p402` is this checkout's code, whatever is on PATH; every line must succeed.
-        script = f'set -euo pipefail\np402() {{ "{sys.executable}" -m p402_tui.cli "$@"; }}\n{text}'
-        run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=process_env,
-                             timeout=120)
+        # `p402` is this checkout's code, whatever is on PATH; every line must succeed. A command of its own
+        # rather than a shell function, so `p402 serve ... &` makes `$!` the server itself.
+        bin_dir = env["home"] / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        (bin_dir / "p402").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m p402_tui.cli "$@"\n')
+        (bin_dir / "p402").chmod(0o755)
+        script = f"set -euo pipefail\n{text}"
+        process_env["PATH"] = f"{bin_dir}{os.pathsep}{process_env['PATH']}"
+        run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=env["home"],
+                             env=process_env, timeout=120)
     assert run.returncode == 0, f"{block_id(block)}\n{text}\nstdout: {run.stdout[-2000:]}\nstderr: {run.stderr[-2000:]}"
     assert "Traceback" not in run.stderr

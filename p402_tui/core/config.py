@@ -182,6 +182,20 @@ class GatewayConfig(_Section):
     max_connections: int = Field(default=4096, ge=1)
     # Processes serving the one port (`p402 serve --workers`); limits above are each worker's.
     workers: int = Field(default=1, ge=1, le=64)
+    # Logs on stderr (`p402 serve`): one JSON object or one text line per record, and an access line
+    # per request unless access_log is false. P402_LOG_FORMAT / P402_LOG_LEVEL override the file.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    # SIGTERM: new connections are refused at once; requests in flight (streams too) get this long to
+    # finish, then the rest are cut. The ledger is flushed either way.
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class TelemetryConfig(_Section):
+    # OpenTelemetry traces (the `otel` extra): on when this is true or OTEL_EXPORTER_OTLP_ENDPOINT
+    # (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set; the exporter reads the other OTEL_* variables.
+    otel: bool = False
 
 
 class HealthConfig(_Section):
@@ -276,6 +290,7 @@ class ConfigFile(_Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,4 +646,10 @@ def load_settings(
         if env["P402_MODE"] not in MODES:
             raise ConfigError(f"P402_MODE={env['P402_MODE']!r} is not a mode; choose one of {', '.join(MODES)}")
         file.router.mode = env["P402_MODE"]  # type: ignore[assignment]
+    for name, field, choices in (("P402_LOG_FORMAT", "log_format", ("text", "json")),
+                                 ("P402_LOG_LEVEL", "log_level", ("debug", "info", "warning", "error"))):  # fmt: skip
+        if env.get(name):
+            if env[name] not in choices:
+                raise ConfigError(f"{name}={env[name]!r}: choose one of {', '.join(choices)}")
+            setattr(file.gateway, field, env[name])
     return Settings(file, catalog, env, source=path)

@@ -109,6 +109,10 @@ class CallContext:
     # A key's claim on its budget and tokens (`policy.engine.Admission`): `admit(ctx, decision)` after routing,
     # before any upstream call; `settle(record)` when the request is over.
     policy: Any = None
+    # What became of it, for whoever observes the request from outside (the gateway's access log, traces):
+    # its ledger row (filled in as it goes) and its routing decision, once made.
+    record: RequestRecord | None = None
+    decision: Any = None
 
     def cache_namespace(self) -> str:
         """The named namespace; else the session's, else "default", each inside the gateway key's own."""

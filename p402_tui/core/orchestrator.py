@@ -364,7 +364,7 @@ class Orchestrator:
         """Route and check the budget; the decision is published now only if it refuses the request."""
         if request.prompt_chars() > PIECE_CHARS:
             await off_loop(self.router.count_prompt, request)  # routing below finds the count made
-        decision = self.router.route(request, options)
+        decision = ctx.decision = self.router.route(request, options)
         # Only ejected models left: the plan may still try the least bad of them, or answer 503.
         if decision.chosen_id is None and not any(e.reason == CIRCUIT_OPEN for e in decision.excluded):
             self.bus.publish(RouteDecided(decision=decision, api_key_id=ctx.api_key_id))
@@ -663,7 +663,7 @@ class Orchestrator:
 
     @staticmethod
     def _record(ctx: CallContext, *, stream: bool) -> RequestRecord:
-        return RequestRecord(
+        record = ctx.record = RequestRecord(
             id=ctx.request_id,
             session_id=ctx.session_id,
             api_key_id=ctx.api_key_id,
@@ -673,6 +673,7 @@ class Orchestrator:
             source=ctx.source,
             client_request_id=ctx.client_request_id,
         )
+        return record
 
     @staticmethod
     def _note_decision(record: RequestRecord, decision: RouteDecision) -> None:

@@ -196,6 +196,8 @@ class Gateway:
         self.store_refused = 0  # requests refused because the ledger writer could not keep up
         self.trimmer = memory.Trimmer()
         self.messages = MessagesRoute(self, read_body)  # Anthropic's Messages API
+        self.observe: Callable[[Scope, float], None] | None = None  # see `_Front.observe`; set before `app()`
+        self.front: _Front | None = None  # the app `app()` made
 
     async def start(self) -> None:
         stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
@@ -245,6 +247,7 @@ class Gateway:
         await self.policy.enforce(request.scope, chat, options, ctx)
         ctx.client_request_id = request.scope.get("p402.client_request_id")
         request.scope["p402.request_id"] = ctx.request_id  # from here on the orchestrator records its outcome
+        request.scope["p402.ctx"] = ctx
 
     async def run(self, request: Request, parse: Parse, answer: Answer, frames: Frames) -> Any:
         """A request of any surface through the orchestrator: the ledger's back-pressure, the body,
@@ -662,10 +665,11 @@ class Gateway:
         # The other APIs agents proxy every call through take the same short way.
         direct |= {("POST", r.path): r.endpoint for r in routes if r.path in ("/v1/responses", "/v1/embeddings")}
         shaped = {path: anthropic_errors for path in MESSAGES_PATHS}
-        return _Front(
+        self.front = _Front(
             starlette, self.auth, direct, on_rejected=self._rejected, limit=self.settings.gateway.limit_concurrency,
-            shaped=shaped,
+            shaped=shaped, observe=self.observe,
         )
+        return self.front
 
     def _rejected(self, scope: Scope, status: int) -> None:
         reason, message = scope.get("p402.refusal") or (None, "")
@@ -729,6 +733,7 @@ class _Front:
         *,
         limit: int | None = None,
         shaped: dict[str, Callable[[errors.GatewayError], Response]] | None = None,
+        observe: Callable[[Scope, float], None] | None = None,
     ) -> None:
         self.app = app
         self.shaped = shaped or {}  # paths whose refusals take another API's error shape (Anthropic's)
@@ -737,6 +742,11 @@ class _Front:
         self.on_rejected = on_rejected  # told of every 4xx answer, as it starts
         self.limit = limit  # requests at once ([gateway] limit_concurrency); /health is always answered
         self.in_flight = 0
+        # Told of every request once it is over, with the scope and its start (`time.perf_counter()`):
+        # the access log and traces. The scope holds its status (`p402.status`, 0 if no answer began),
+        # ids, and `p402.ctx`, the request's CallContext with its record and decision.
+        self.observe = observe
+        self.cutting = False  # set when a drain's bound passes (`RunningGateway.cut_now`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -746,12 +756,24 @@ class _Front:
             message = f"the gateway is serving {self.limit} requests already ([gateway] limit_concurrency)"
             error = errors.GatewayError(503, message, code="overloaded", headers={"retry-after": "1"})
             await self.shaped.get(scope["path"], errors.from_gateway_error)(error)(scope, receive, send)
+            if self.observe is not None:
+                scope["p402.status"] = 503
+                self.observe(scope, time.perf_counter())
             return
         self.in_flight += 1
+        observe = self.observe
+        started = time.perf_counter() if observe is not None else 0.0
         try:
             await self._serve(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.cutting:
+                raise
+            # Cut at the drain's bound: its connection is gone and the orchestrator recorded it; ending
+            # quietly keeps uvicorn from logging the cancel as a crash.
         finally:
             self.in_flight -= 1
+            if observe is not None:
+                observe(scope, started)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["p402.client_request_id"] = request_ids.from_client(scope)
@@ -775,7 +797,7 @@ class _Front:
             nonlocal started
             if not started:
                 started = True
-                status = message.get("status", 200)
+                status = scope["p402.status"] = message.get("status", 200)
                 if 400 <= status < 500 and self.on_rejected is not None:
                     self.on_rejected(scope, status)
                 limits = scope.get("p402.ratelimit")
@@ -804,6 +826,8 @@ class _Front:
 
 
 async def _tagged_send(scope: Scope, send: Send, message: Any) -> None:
+    if message["type"] == "http.response.start":
+        scope["p402.status"] = message.get("status", 200)
     await send(request_ids.tagged(scope, message))
 
 

@@ -28,5 +28,7 @@ def tagged(scope: Scope, message: Any) -> Any:
     """A response's start with its `x-request-id`: the caller's, else the ledger's id of the request, else a new one."""
     if message["type"] != "http.response.start":
         return message
-    value = scope.get("p402.client_request_id") or scope.get("p402.request_id") or new_id("req", 10)
+    value = scope.get("p402.client_request_id") or scope.get("p402.request_id")
+    if value is None:
+        value = scope["p402.request_id"] = new_id("req", 10)  # the access line names the id the caller got
     return {**message, "headers": [*message.get("headers", ()), (HEADER, value.encode()), *STAMP]}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..core.errors import ConfigError
 from .app import Gateway
 from .auth import GatewayAuth, StoreKeys, is_loopback
-
-GRACE_S = 10.0  # how long in-flight requests may take to finish at shutdown
 
 
 class _GuardedProtocol(HttpToolsProtocol):
@@ -120,15 +118,40 @@ class RunningGateway:
     url: str
     host: str
     port: int
+    drain_s: float = 30.0
+    cut: int = 0  # requests cut short at the drain's bound
 
-    async def stop(self) -> None:
-        """Stop accepting, end event streams, let in-flight requests finish (within the grace), then stop counting."""
+    @property
+    def in_flight(self) -> int:
+        """Requests being served now (event streams included)."""
+        return len(self.server.server_state.tasks)
+
+    async def stop(self) -> int:
+        """Stop accepting, end event streams, let in-flight requests finish within `drain_s`, cut what
+        remains (`cut_now`), then stop counting; the number cut."""
         self.gateway.closing.set()
-        self.server.should_exit = True
+        self.server.should_exit = True  # uvicorn closes the listening socket: new connections are refused
+        cutter = asyncio.get_running_loop().call_later(self.drain_s, self.cut_now)
         try:
             await self.task
         finally:
+            cutter.cancel()
             await self.gateway.aclose()
+        return self.cut
+
+    def cut_now(self) -> None:
+        """Cut every request still in flight: its connection is dropped and its task cancelled, so
+        the orchestrator records it as cancelled; the gateway lets the cancel end it quietly."""
+        tasks = list(self.server.server_state.tasks)
+        if self.gateway.front is not None:
+            self.gateway.front.cutting = True
+        for connection in list(self.server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+        for task in tasks:
+            task.cancel()
+        self.cut += len(tasks)
 
 
 def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -150,10 +173,13 @@ def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
 
 
 async def start_gateway(
-    gateway: Gateway, host: str, port: int, *, grace_s: float = GRACE_S, sock: socket.socket | None = None
+    gateway: Gateway, host: str, port: int, *, grace_s: float | None = None, sock: socket.socket | None = None
 ) -> RunningGateway:
     """Bind (unless given a listening `sock`), start counting, serve; refuse a non-loopback address unless
-    gateway keys are in force."""
+    gateway keys are in force.
+
+    `grace_s` bounds how long in-flight requests may take to finish at shutdown (default `[gateway] drain_timeout_s`).
+    """
     exposed = not is_loopback(host)
     if exposed and not await gateway.auth.any_keys():
         raise ConfigError(
@@ -162,19 +188,24 @@ async def start_gateway(
         )
     # Beyond loopback a key is needed even if every key gets revoked later.
     gateway.auth.required = exposed
+    if gateway.observe is None:
+        gateway.observe = observers(gateway.settings)  # before binding: [telemetry] may refuse to start
     if sock is None:
         sock = _bind(host, port)
     conf = gateway.settings.gateway
+    drain_s = conf.drain_timeout_s if grace_s is None else grace_s
     config = uvicorn.Config(
         gateway.app(),
         http=_guarded_protocol(conf),
         timeout_keep_alive=conf.keep_alive_s,  # type: ignore[arg-type]  # a float works: it goes to call_later
+        log_config=None,  # uvicorn's records go to the process's logging (`p402_tui.logs`), in its format
         log_level="warning",
-        access_log=False,  # per-request logging costs more CPU than the gateway's own work
+        access_log=False,  # the gateway writes its own access line (`_Front.observe`), with the request's outcome
         proxy_headers=False,  # nothing here reads the client address: skip rewriting it from X-Forwarded-For
         lifespan="off",
         server_header=False,
-        timeout_graceful_shutdown=grace_s,
+        # `RunningGateway.stop` cuts at the bound; uvicorn's own cancel is only a backstop.
+        timeout_graceful_shutdown=drain_s + 5,
     )
     server = _TaskServer(config)
     await gateway.start()
@@ -188,11 +219,34 @@ async def start_gateway(
         await asyncio.sleep(0.01)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    return RunningGateway(gateway, server, task, f"http://{shown}:{bound}", host, bound)
+    return RunningGateway(gateway, server, task, f"http://{shown}:{bound}", host, bound, drain_s)
+
+
+def observers(settings: Any) -> Callable[[Any, float], None] | None:
+    """What is told of each request once it is over: the access line (`[gateway] access_log`, when the
+    process's logs run) and its trace (when OpenTelemetry is on); None when neither."""
+    from .. import logs
+    from ..telemetry import tracer
+
+    found = []
+    if settings.gateway.access_log and logs.active is not None and logs.active.access:
+        found.append(logs.AccessLog(logs.active).write)
+    traced = tracer(settings)
+    if traced is not None:
+        found.append(traced)
+    if len(found) < 2:
+        return found[0] if found else None
+    first, second = found
+
+    def both(scope: Any, started: float) -> None:
+        first(scope, started)
+        second(scope, started)
+
+    return both
 
 
 async def serve(
-    runtime: Any, host: str, port: int, *, grace_s: float = GRACE_S, sock: socket.socket | None = None
+    runtime: Any, host: str, port: int, *, grace_s: float | None = None, sock: socket.socket | None = None
 ) -> RunningGateway:
     """The gateway over a `Runtime`: its orchestrator, its store (ledger, sessions, keys)."""
     keys = StoreKeys(runtime.service) if runtime.store is not None else None

@@ -218,9 +218,11 @@ async def start_sim(
         sock.close()
         raise
     state = SimState(catalog, seed=seed, latency=latency, speed=speed, usage=usage, azure_deployments=azure_deployments)
+    # Where the process set up its logging (`p402 serve --sim`), uvicorn's records follow it; alone, uvicorn's own.
+    own_logging = {"log_config": None} if logging.getLogger().handlers else {}
     config = uvicorn.Config(
         build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1,
-        ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None,
+        ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None, **own_logging,
     )  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
 from ..core.errors import P402Error
@@ -71,7 +71,11 @@ def run_console(args: argparse.Namespace, settings: Any) -> int:
     if not sim and not settings.usable_providers():
         raise P402Error("no provider is configured: set a key (see `p402 providers`), or try `p402 demo`")
     app = ConsoleApp(refresh_interval=args.refresh)
-    with ledger_for(settings, simulated=sim, named=bool(getattr(args, "db", None))) as ledger:
+    from .. import logs
+
+    # The gateway's logs go to stderr as `p402 serve` writes them, unless stderr is where the console draws.
+    logged = logs.server_logs(logs.from_flags(settings, args)) if listen and not sys.stderr.isatty() else nullcontext()
+    with ledger_for(settings, simulated=sim, named=bool(getattr(args, "db", None))) as ledger, logged:
         print(f"p402 console: {ledger}", file=sys.stderr, flush=True)
         asyncio.run(run_app(app, lambda: open_console(settings, listen=listen, sim=sim)))
     return app.return_code or 0
