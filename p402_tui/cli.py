@@ -727,7 +727,7 @@ async def supervise(args: argparse.Namespace, settings, host: str, port: int, co
             argv += ["--log-level", args.log_level]
         if args.no_access_log:
             argv.append("--no-access-log")
-        supervisor = Supervisor(count, argv, sim.url if sim else None)
+        supervisor = Supervisor(count, argv, sim.url if sim else None, grace_s=settings.gateway.drain_timeout_s)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):

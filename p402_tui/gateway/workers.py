@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import ConfigError
 from . import request_ids
-from .server import GRACE_S, _bind
+from .server import _bind
 
 ENV = "P402_WORKER"  # set by the parent for its workers: "slot:ready_fd:parent_pid"
 ENV_SIM = "P402_WORKER_SIM"  # the parent's simulator, shared by its workers (`--workers N --sim`)
@@ -112,7 +112,7 @@ class Supervisor:
     count: int
     argv: Sequence[str]
     sim_url: str | None = None
-    grace_s: float = GRACE_S  # each worker's, for its in-flight requests
+    grace_s: float = 30.0  # each worker's drain bound ([gateway] drain_timeout_s), for its in-flight requests
     say: Callable[[str], None] = lambda line: print(f"p402 serve: {line}", file=sys.stderr, flush=True)
     slots: list[_Slot] = field(init=False)
     stopping: asyncio.Event = field(init=False, default_factory=asyncio.Event)
