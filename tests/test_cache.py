@@ -665,7 +665,7 @@ def test_a_scan_of_the_projections_finds_exactly_what_a_full_scan_finds(monkeypa
     index = VectorIndex(256)
     index.extend(near_a_centre(600, 0.03), list(range(600)))
     assert index.wants_projection()
-    index.install_projection(*index_module.fit_projection(index.start_projection()))
+    index.install_projection(*index_module.fit_projection(index.start_projection(), 0.74))
     assert not index.wants_projection()  # until it doubles
     _assert_projections_are_current(index)
     snapshot = index.snapshot()
@@ -680,17 +680,24 @@ def test_a_scan_of_the_projections_finds_exactly_what_a_full_scan_finds(monkeypa
             assert sum(bool(f) for f in found[:40]) == 40 and not any(found[40:])
 
 
+def _few_directions(rng: np.random.Generator, n: int, mix: np.ndarray) -> np.ndarray:
+    """Unit rows mostly within the span of `mix`'s rows, as prompts' static vectors mostly are within a few."""
+    return _unit(rng.standard_normal((n, len(mix))) @ mix + rng.standard_normal((n, mix.shape[1])) * 0.02)
+
+
 def test_rows_moved_or_added_while_the_basis_is_fitted_get_their_projections(monkeypatch):
     monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 100)
     rng = np.random.default_rng(8)
+    mix = rng.standard_normal((24, 256))
     index = VectorIndex(256)
-    index.extend(_unit(rng.standard_normal((150, 256))), list(range(150)))
-    fitted = index_module.fit_projection(index.start_projection())  # on a worker, while the loop goes on:
+    index.extend(_few_directions(rng, 150, mix), list(range(150)))
+    fitted = index_module.fit_projection(index.start_projection(), 0.74)  # on a worker, while the loop goes on:
     for row in (3, 148, 40):
         index.remove(row)  # the last row moves into the gap
-    index.add(_unit(rng.standard_normal(256)), 150)  # lands on a row the fit saw with another vector
-    index.add(_unit(rng.standard_normal(256)), 151)
+    index.add(_few_directions(rng, 1, mix)[0], 150)  # lands on a row the fit saw with another vector
+    index.add(_few_directions(rng, 1, mix)[0], 151)
     index.remove(0)
+    assert fitted is not None
     index.install_projection(*fitted)
     assert not index.fitting and index.fitted_rows == len(index) == 148
     _assert_projections_are_current(index)
@@ -698,7 +705,7 @@ def test_rows_moved_or_added_while_the_basis_is_fitted_get_their_projections(mon
         if step % 4 == 3:
             index.remove(int(rng.integers(0, len(index))))
         else:
-            vector = _unit(rng.standard_normal(256))
+            vector = _few_directions(rng, 1, mix)[0]
             head = index_module.project(index.basis, vector.reshape(1, -1))[0] if step % 2 else None
             index.add(vector, 1000 + step, head=head)
     _assert_projections_are_current(index)
@@ -708,17 +715,33 @@ def test_projections_are_dropped_past_twice_the_scan_size_and_fitted_again_below
     monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 40)
     monkeypatch.setattr(index_module, "PROJECT_SCAN_ROWS", 60)
     rng = np.random.default_rng(3)
+    mix = rng.standard_normal((24, 256))
     index = VectorIndex(256)
-    index.extend(_unit(rng.standard_normal((50, 256))), list(range(50)))
-    index.install_projection(*index_module.fit_projection(index.start_projection()))
+    index.extend(_few_directions(rng, 50, mix), list(range(50)))
+    index.install_projection(*index_module.fit_projection(index.start_projection(), 0.74))
     assert index.nbytes > index.vectors.nbytes + index.codes.nbytes + index.heads.nbytes
     for i in range(80):
-        index.add(_unit(rng.standard_normal(256)), 50 + i)
+        index.add(_few_directions(rng, 1, mix)[0], 50 + i)
     assert index.basis is None and index.heads is None  # the memory went with them
     assert index.nbytes == index.vectors.nbytes + index.codes.nbytes + index.bucket_of.nbytes + index.slot_of.nbytes
     assert not index.wants_projection()  # too large to scan
     while len(index) > 60:
         index.remove(0)
+    assert index.wants_projection()
+
+
+def test_rows_with_no_few_main_directions_get_no_projection():
+    rng = np.random.default_rng(6)
+    index = VectorIndex(256)
+    # Random rows and a low threshold: the bound would let most row pairs through, so a scan of it would only add work.
+    index.extend(_unit(rng.standard_normal((1200, 256))), list(range(1200)))
+    assert index.wants_projection()
+    fitted = index_module.fit_projection(index.start_projection(), 0.5)
+    assert fitted is None
+    index.install_projection(fitted)
+    assert index.basis is None and not index.fitting and index.fitted_rows == 1200
+    assert not index.wants_projection()  # asked again once the index has doubled
+    index.extend(_unit(rng.standard_normal((1200, 256))), list(range(1200, 2400)))
     assert index.wants_projection()
 
 

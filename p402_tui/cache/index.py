@@ -29,7 +29,9 @@ the length of what is left. A query's cosine to a row is at most the product of
 the two projections plus the product of the two lengths left (Cauchy-Schwarz on
 the rest), so a scan reads the projections, a quarter of the bytes, and scores
 exactly only the rows whose bound reaches the threshold: no row above it is
-missed. Amid gateway-like prompts about 1 row in 600 gets through.
+missed. Amid gateway-like prompts about 1 row in 600 gets through. Up to
+`PROJECT_SCAN_ROWS` rows this scan is how a fitted index is searched; past it
+the buckets take over (they read a bounded number of rows whatever the size).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ CODE_BITS = 384
 CODE_WORDS = CODE_BITS // 64
 FULL_SCAN_ROWS = 4096  # below this a plain product is faster than filtering first
 PREFILTER_SIGMAS = 4.0
-BUCKET_FROM_ROWS = 8192  # buckets from this many rows on, trained again at each doubling
+# Buckets from this many rows on, trained again at each doubling: ready before an index outgrows the
+# projections' scan (`PROJECT_SCAN_ROWS`), which searches smaller ones faster.
+BUCKET_FROM_ROWS = 16_384
 # Up to this many rows a batch of lookups is scored by one matrix product: below about 10,000 rows that
 # beat the buckets (at 8,192 rows 73 us a lookup against 94; at 13,000, 153 against 96; measured here).
 BATCH_SCAN_ROWS = 10_000
@@ -59,6 +63,8 @@ PROJECT_FROM_ROWS = 1024  # below this a plain product is cheap enough
 PROJECT_SCAN_ROWS = 20_000
 FIT_SAMPLE = 8192  # rows the principal directions are fitted on
 BOUND_SLACK = 1e-3  # float32 rounding in the bound: a row within this below the threshold is scored exactly
+MAX_PASSED = 0.05  # a basis whose bound passes more of the sampled row pairs than this (beyond the true matches) is not worth scanning
+PASS_QUERIES = 256  # rows a fit leaves out and measures that with, as queries against the rows it fitted
 
 
 @functools.lru_cache(maxsize=8)
@@ -236,10 +242,15 @@ class VectorIndex:
         self._refit, self._fit_low = [], self.size
         return self.vectors[: self.size]
 
-    def install_projection(self, basis: np.ndarray, heads: np.ndarray) -> None:
+    def install_projection(self, basis: np.ndarray | None, heads: np.ndarray | None = None) -> None:
         """Take a basis fitted to this index's first `len(heads)` rows, and their projections; rows changed or
-        added since are projected here (a few: the loop's own inserts and evictions while the worker fitted)."""
+        added since are projected here (a few: the loop's own inserts and evictions while the worker fitted).
+        None: the fit found no basis worth scanning; the index is searched as it was until it doubles."""
         self.fitting = False
+        if basis is None or heads is None:
+            self._refit = []
+            self.fitted_rows = self.size
+            return
         kept = min(len(heads), self._fit_low)
         laid = np.empty((self.vectors.shape[0], basis.shape[1] + 1), np.float32)
         laid[:kept] = heads[:kept]
@@ -346,14 +357,24 @@ def project(basis: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_projection(vectors: np.ndarray, seed: int = 402) -> tuple[np.ndarray, np.ndarray]:
+def fit_projection(vectors: np.ndarray, threshold: float, seed: int = 402) -> tuple[np.ndarray, np.ndarray] | None:
     """The `PROJECT_DIMS` principal directions of the rows (no centring: cosines are about the origin) and every
-    row's projection (CPU: a worker's)."""
+    row's projection (CPU: a worker's); None when the bound would let more than `MAX_PASSED` of row pairs through
+    at `threshold` that are not above it (rows with no few dominant directions, random-like vectors: a scan of the
+    projections would then cost more than a plain one)."""
     rng = np.random.default_rng(seed)
-    sample = vectors if len(vectors) <= FIT_SAMPLE else vectors[np.sort(rng.choice(len(vectors), FIT_SAMPLE, replace=False))]
-    sample = sample.astype(np.float64)
-    _, directions = np.linalg.eigh(sample.T @ sample)  # ascending
+    # Fitted on some rows, measured with others as the queries: a lookup's prompt was not in the fit either.
+    sample = vectors[rng.permutation(len(vectors))[: FIT_SAMPLE + PASS_QUERIES]]
+    held = min(PASS_QUERIES, len(sample) // 4)
+    queries, fitted = sample[:held], sample[held:]
+    wide = fitted.astype(np.float64)
+    _, directions = np.linalg.eigh(wide.T @ wide)  # ascending
     basis = np.ascontiguousarray(directions[:, ::-1][:, :PROJECT_DIMS], dtype=np.float32)
+    rows = fitted[:2048]
+    bound = project(basis, rows) @ project(basis, queries).T
+    # Pairs the bound lets through that a full scan would not have found anyway: the scan's extra work.
+    if bound.size and float(np.mean(bound >= threshold - BOUND_SLACK) - np.mean(rows @ queries.T >= threshold)) > MAX_PASSED:
+        return None
     return basis, project(basis, vectors)
 
 

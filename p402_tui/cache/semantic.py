@@ -658,7 +658,11 @@ class SemanticCache:
         """A stored answer for this request in this namespace, or None (and remember the probe for `insert`)."""
         if not self.enabled:
             return None
-        await self.ready()
+        loading = self._ready
+        if loading is None or not loading.done():
+            await self.ready()
+        else:
+            loading.result()  # raises what the load raised, as ready() does
         large = request.prompt_chars() > PIECE_CHARS  # keyed on the pool: megabytes hold the loop for tens of ms
         keys = await off_loop(request_keys, request, options) if large else request_keys(request, options)
         now = time.time()
@@ -730,7 +734,7 @@ class SemanticCache:
                 if ask.index.wants_training():
                     self._train(ask.index)
                 if ask.index.wants_projection():
-                    self._fit(ask.index)
+                    self._fit(ask.index, ask.threshold)
         jobs = [(ask.prompt, snapshots[id(ask.index)] if ask.index is not None else None, ask.threshold) for ask in batch]
         loop = asyncio.get_running_loop()
 
@@ -777,25 +781,28 @@ class SemanticCache:
         except RuntimeError:  # the pool has shut down
             index.training = False
 
-    def _fit(self, index: VectorIndex) -> None:
+    def _fit(self, index: VectorIndex, threshold: float) -> None:
         """Fit the index's projection basis on the pool; the loop installs it (and projects rows moved meanwhile)."""
         loop = asyncio.get_running_loop()
         vectors = index.start_projection()
 
         def work() -> None:
+            failed = False
             try:
-                fitted: tuple[np.ndarray, np.ndarray] | None = fit_projection(vectors)
+                fitted = fit_projection(vectors, threshold)
             except Exception:  # noqa: BLE001 - the index keeps scanning as it did
                 log.exception("cache: fitting the index's projection failed")
-                fitted = None
+                fitted, failed = None, True
             try:
-                loop.call_soon_threadsafe(installed, fitted)
+                loop.call_soon_threadsafe(installed, fitted, failed)
             except RuntimeError:  # the loop has closed
                 pass
 
-        def installed(fitted: tuple[np.ndarray, np.ndarray] | None) -> None:
-            if fitted is None:
+        def installed(fitted: tuple[np.ndarray, np.ndarray] | None, failed: bool) -> None:
+            if failed:
                 index.fitting = False
+            elif fitted is None:
+                index.install_projection(None)  # not worth it for these rows: asked again when the index doubles
             else:
                 index.install_projection(*fitted)
 
