@@ -474,7 +474,7 @@ def _projected(
     scores = np.einsum("ij,ij->i", snapshot.vectors[rows], queries[columns])
     for i in np.flatnonzero(scores >= threshold):
         found[int(columns[i])].append((int(rows[i]), float(scores[i])))
-    for i, close in enumerate(found):
+    for close in found:
         if close:
             close.sort(key=lambda pair: -pair[1])
             del close[k:]
