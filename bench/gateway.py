@@ -474,6 +474,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Cache off (what earlier READMEs quoted): `cache-control: no-cache` skips lookup and insert.
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
                             "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
+            if variant == "p402":  # cache off with every prompt new: what unique prompts cost without the cache
+                targets.append({"name": "p402_unique", "url": f"{url}/v1/chat/completions", "model": MODEL,
+                                "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "unique": True})
             if variant == "p402":  # the same request through Anthropic's Messages API, same process
                 targets.append({"name": "p402_messages", "url": f"{url}/v1/messages", "model": MODEL,
                                 "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "shape": "messages"})
@@ -644,6 +647,16 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             c64 = runs.get(f"{kind}_c64")
             if c64 and c64["p402"]["rps"]:
                 checks[f"{kind}_c64_rps_vs_cache_off>=0.7"] = round(c64["p402_default"]["rps"] / c64["p402"]["rps"], 2)
+            if c64 and c64.get("p402_unique", {}).get("rps"):
+                # The split of that ratio: the cache's own share (against unique prompts, cache off) and what is
+                # left to unique prompts themselves (token counts, cost estimates and decision rows not memoised).
+                checks[f"{kind}_c64_rps_vs_unique_cache_off"] = round(
+                    c64["p402_default"]["rps"] / c64["p402_unique"]["rps"], 2)
+                checks[f"{kind}_c64_cpu_ms_cache_minus_unique"] = _minus(
+                    c64["p402_default"].get("server_cpu_ms_per_request"),
+                    c64["p402_unique"].get("server_cpu_ms_per_request"))
+                checks[f"{kind}_c64_cpu_ms_unique_minus_fixed"] = _minus(
+                    c64["p402_unique"].get("server_cpu_ms_per_request"), c64["p402"].get("server_cpu_ms_per_request"))
             if c64 and "litellm" in c64 and c64["litellm"]["rps"]:
                 checks[f"{kind}_c64_rps_vs_litellm>=10x"] = round(c64["p402_default"]["rps"] / c64["litellm"]["rps"], 1)
         verdict["p402_default"] = checks
@@ -679,6 +692,9 @@ ROWS = {
                     "embedded, searched and inserted); measured first, in steady state: its warm-up sends one "
                     "paraphrase pair, so MiniLM's one-time load (at the first candidate) is not in the run",
     "p402": "the same process with `cache-control: no-cache` on every request: the cache neither read nor written",
+    "p402_unique": "the same process, cache off as in row p402, every prompt new as in row p402_default: "
+                   "p402_default minus this row is the cache's own cost, this row minus p402 what unique prompts "
+                   "cost a gateway with no cache",
     "p402_messages": "the same request in Anthropic's Messages shape on /v1/messages, same process, cache off",
     "p402_responses": "the same request through /v1/responses (OpenAI's Responses API), cache off like row p402",
 }

@@ -646,3 +646,121 @@ def test_the_static_stage_reads_each_word_once_and_gets_the_tokenizers_pieces(st
     for text in texts:
         assert static_table._ids(text) == static_table.tokenizer.encode(text[:MAX_CHARS], add_special_tokens=False).ids
     assert "café" in static_table._pieces
+
+
+def _assert_projections_are_current(index: VectorIndex) -> None:
+    assert index.basis is not None and index.heads is not None
+    size = len(index)
+    expected = index_module.project(index.basis, index.vectors[:size])
+    assert np.allclose(index.heads[:size, :-1], expected[:, :-1], atol=1e-5)
+    assert np.allclose(index.heads[:size, -1], expected[:, -1], atol=2e-3)  # a length near 0 is rounding's
+
+
+def test_a_scan_of_the_projections_finds_exactly_what_a_full_scan_finds(monkeypatch):
+    monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 200)
+    rng = np.random.default_rng(21)
+    centres = _unit(rng.standard_normal((30, 256)))
+    def near_a_centre(n: int, spread: float) -> np.ndarray:
+        return _unit(centres[rng.integers(0, 30, n)] + rng.standard_normal((n, 256)) * spread)
+    index = VectorIndex(256)
+    index.extend(near_a_centre(600, 0.03), list(range(600)))
+    assert index.wants_projection()
+    index.install_projection(*index_module.fit_projection(index.start_projection(), 0.74))
+    assert not index.wants_projection()  # until it doubles
+    _assert_projections_are_current(index)
+    snapshot = index.snapshot()
+    flat = index_module.Snapshot(snapshot.vectors, snapshot.codes)
+    queries = np.concatenate([near_a_centre(40, 0.03), _unit(rng.standard_normal((40, 256)))])
+    for threshold in (0.3, 0.6, 0.74, 0.9):
+        expected = [search(flat, query, threshold) for query in queries]
+        found, _ = search_many(snapshot, queries, threshold, sign_codes(queries))
+        assert [[row for row, _ in f] for f in found] == [[row for row, _ in e] for e in expected]
+        assert [search(snapshot, query, threshold) for query in queries[:5]] == found[:5]  # one query at a time too
+        if threshold == 0.74:  # the queries near a centre found rows there: the bound let them through
+            assert sum(bool(f) for f in found[:40]) == 40 and not any(found[40:])
+
+
+def _few_directions(rng: np.random.Generator, n: int, mix: np.ndarray) -> np.ndarray:
+    """Unit rows mostly within the span of `mix`'s rows, as prompts' static vectors mostly are within a few."""
+    return _unit(rng.standard_normal((n, len(mix))) @ mix + rng.standard_normal((n, mix.shape[1])) * 0.02)
+
+
+def test_rows_moved_or_added_while_the_basis_is_fitted_get_their_projections(monkeypatch):
+    monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 100)
+    rng = np.random.default_rng(8)
+    mix = rng.standard_normal((24, 256))
+    index = VectorIndex(256)
+    index.extend(_few_directions(rng, 150, mix), list(range(150)))
+    fitted = index_module.fit_projection(index.start_projection(), 0.74)  # on a worker, while the loop goes on:
+    for row in (3, 148, 40):
+        index.remove(row)  # the last row moves into the gap
+    index.add(_few_directions(rng, 1, mix)[0], 150)  # lands on a row the fit saw with another vector
+    index.add(_few_directions(rng, 1, mix)[0], 151)
+    index.remove(0)
+    assert fitted is not None
+    index.install_projection(*fitted)
+    assert not index.fitting and index.fitted_rows == len(index) == 148
+    _assert_projections_are_current(index)
+    for step in range(300):  # adds (some with the projection a lookup computed) and removes, growing past capacity
+        if step % 4 == 3:
+            index.remove(int(rng.integers(0, len(index))))
+        else:
+            vector = _few_directions(rng, 1, mix)[0]
+            head = index_module.project(index.basis, vector.reshape(1, -1))[0] if step % 2 else None
+            index.add(vector, 1000 + step, head=head)
+    _assert_projections_are_current(index)
+
+
+def test_projections_are_dropped_past_twice_the_scan_size_and_fitted_again_below_it(monkeypatch):
+    monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 40)
+    monkeypatch.setattr(index_module, "PROJECT_SCAN_ROWS", 60)
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((24, 256))
+    index = VectorIndex(256)
+    index.extend(_few_directions(rng, 50, mix), list(range(50)))
+    index.install_projection(*index_module.fit_projection(index.start_projection(), 0.74))
+    assert index.nbytes > index.vectors.nbytes + index.codes.nbytes + index.heads.nbytes
+    for i in range(80):
+        index.add(_few_directions(rng, 1, mix)[0], 50 + i)
+    assert index.basis is None and index.heads is None  # the memory went with them
+    assert index.nbytes == index.vectors.nbytes + index.codes.nbytes + index.bucket_of.nbytes + index.slot_of.nbytes
+    assert not index.wants_projection()  # too large to scan
+    while len(index) > 60:
+        index.remove(0)
+    assert index.wants_projection()
+
+
+def test_rows_with_no_few_main_directions_get_no_projection():
+    rng = np.random.default_rng(6)
+    index = VectorIndex(256)
+    # Random rows and a low threshold: the bound would let most row pairs through, so a scan of it would only add work.
+    index.extend(_unit(rng.standard_normal((1200, 256))), list(range(1200)))
+    assert index.wants_projection()
+    fitted = index_module.fit_projection(index.start_projection(), 0.5)
+    assert fitted is None
+    index.install_projection(fitted)
+    assert index.basis is None and not index.fitting and index.fitted_rows == 1200
+    assert not index.wants_projection()  # asked again once the index has doubled
+    index.extend(_unit(rng.standard_normal((1200, 256))), list(range(1200, 2400)))
+    assert index.wants_projection()
+
+
+async def test_the_cache_fits_projections_off_the_loop_and_still_finds_paraphrases(static_table, store, minilm, monkeypatch):
+    monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 64)
+    cache = SemanticCache(store, embedder=static_table, confirmer=minilm, max_entries=150)
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    words = "river stone cloud paper engine garden silver window music letter orange bridge".split()
+    rng = np.random.default_rng(4)
+    for i in range(200):  # past the entry cap: the oldest go, rows move while the basis is fitted and used
+        text = " ".join(rng.choice(words, 6)).capitalize() + f" {chr(97 + i % 26)}{i // 26}?"
+        await cache.lookup(ask(text), None, "default", request_id=f"p{i}")
+        cache.insert(f"p{i}", answer(text), 0.0)
+        if i == 100:
+            hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h")
+            assert hit is not None and hit.response.content == "Paris."  # touched: not the oldest any more
+    await asyncio.sleep(0.2)  # the last fit's result, if one is still on the pool
+    [index] = cache._indexes.values()
+    assert index.basis is not None and index.fitted_rows >= 64
+    _assert_projections_are_current(index)  # inserts took the projection the worker computed, or made one
+    hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h2")
+    assert hit is not None and hit.response.content == "Paris."

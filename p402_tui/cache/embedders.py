@@ -213,7 +213,9 @@ class MiniLMEmbedder(LocalEmbedder):
         heads, head_dim = self.heads, self.dim // self.heads
 
         x = self.word[ids] + self.position[:length] + self.token_type
-        x = _layer_norm(x, *self.embed_norm, self.eps)
+        # Tokens as the rows of one matrix for the dense layers: numpy multiplies a 3-d stack by a
+        # matrix item by item, a 2-d matrix in one BLAS call (1.6x faster here, same products).
+        x = _layer_norm(x.reshape(batch * length, self.dim), *self.embed_norm, self.eps)
         # Padding positions get a large negative score so softmax gives them no weight.
         pad_bias = ((1.0 - mask) * -1e9)[:, None, None, :].astype(np.float32)
         scale = np.float32(1.0 / math.sqrt(head_dim))
@@ -226,9 +228,10 @@ class MiniLMEmbedder(LocalEmbedder):
             scores -= scores.max(-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(-1, keepdims=True)
-            context = (scores @ v).transpose(0, 2, 1, 3).reshape(batch, length, self.dim)
+            context = (scores @ v).transpose(0, 2, 1, 3).reshape(batch * length, self.dim)
             x = _layer_norm(x + context @ out_w + out_b, *norm1, self.eps)
             x = _layer_norm(x + _gelu(x @ up_w + up_b) @ down_w + down_b, *norm2, self.eps)
+        x = x.reshape(batch, length, self.dim)
         pooled = (x * mask[:, :, None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1.0)
         return _unit_rows(pooled)
 

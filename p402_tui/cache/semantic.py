@@ -49,7 +49,17 @@ from .embedders import (
     plan_embedders,
     release_memory,
 )
-from .index import Snapshot, Trained, VectorIndex, search, search_many, sign_codes, train_buckets
+from .index import (
+    Snapshot,
+    Trained,
+    VectorIndex,
+    fit_projection,
+    project,
+    search,
+    search_many,
+    sign_codes,
+    train_buckets,
+)
 
 log = logging.getLogger("p402.cache")
 
@@ -327,6 +337,7 @@ class _Probe:
     vector: np.ndarray | None
     code: np.ndarray | None  # the vector's sign code, when the worker made it
     bucket: tuple[np.ndarray, int] | None  # its closest bucket, and the centres that was measured against
+    head: tuple[np.ndarray, np.ndarray] | None  # the basis it was projected on, and its projection
     embedder: str | None
 
 
@@ -341,8 +352,12 @@ class _Ask:
     future: asyncio.Future[_Found]
 
 
-# A lookup's vector, its sign code, the rows close to it, and its closest bucket with the centres it is one of.
-_Found = tuple[np.ndarray, np.ndarray | None, list[tuple[int, float]], tuple[np.ndarray, int] | None]
+# A lookup's vector, its sign code, the rows close to it, its closest bucket with the centres it is one of,
+# and its projection with the basis it was taken on.
+_Found = tuple[
+    np.ndarray, np.ndarray | None, list[tuple[int, float]], tuple[np.ndarray, int] | None,
+    tuple[np.ndarray, np.ndarray] | None,
+]
 
 
 @dataclass(slots=True)
@@ -404,15 +419,18 @@ EMBED_WORKERS = 2
 
 
 def _search_batch(embedder: LocalEmbedder, jobs: list[tuple[str, Snapshot | None, float]]) -> tuple[
-    np.ndarray, np.ndarray, list[list[tuple[int, float]]], list[tuple[np.ndarray, int] | None]
+    np.ndarray, np.ndarray, list[list[tuple[int, float]]], list[tuple[np.ndarray, int] | None],
+    list[tuple[np.ndarray, np.ndarray] | None],
 ]:
-    """Each prompt's vector, sign code, close rows and closest bucket (with the centres it is one of):
-    one worker job for a batch of lookups. Lookups of one scope are searched together."""
+    """Each prompt's vector, sign code, close rows, closest bucket (with the centres it is one of) and
+    projection (with its basis): one worker job for a batch of lookups. Lookups of one scope are searched
+    together; what a miss's insert needs is computed here, once, not again on the loop."""
     prompts = [prompt for prompt, _, _ in jobs]
     vectors = embedder.encode(prompts)
     codes = sign_codes(vectors)
     found: list[list[tuple[int, float]]] = [[] for _ in jobs]
     nearest: list[tuple[np.ndarray, int] | None] = [None] * len(jobs)
+    projected: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(jobs)
     groups: dict[tuple[int, float], list[int]] = {}
     for i, (_, snapshot, threshold) in enumerate(jobs):
         if snapshot is not None:
@@ -420,14 +438,17 @@ def _search_batch(embedder: LocalEmbedder, jobs: list[tuple[str, Snapshot | None
     for (_, threshold), members in groups.items():
         snapshot = jobs[members[0]][1]
         assert snapshot is not None
-        results, buckets = search_many(snapshot, vectors[members], threshold, codes[members])
+        heads = None if snapshot.basis is None else project(snapshot.basis, vectors[members])
+        results, buckets = search_many(snapshot, vectors[members], threshold, codes[members], heads=heads)
         for j, i in enumerate(members):
             found[i] = results[j]
             if buckets is not None and snapshot.buckets is not None:
                 nearest[i] = (snapshot.buckets.centres, int(buckets[j]))
+            if heads is not None and snapshot.basis is not None:
+                projected[i] = (snapshot.basis, heads[j])
     if any(len(prompt) > MAX_CHARS for prompt in prompts):
         release_memory()
-    return vectors, codes, found, nearest
+    return vectors, codes, found, nearest, projected
 
 
 def _timed(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -637,7 +658,11 @@ class SemanticCache:
         """A stored answer for this request in this namespace, or None (and remember the probe for `insert`)."""
         if not self.enabled:
             return None
-        await self.ready()
+        loading = self._ready
+        if loading is None or not loading.done():
+            await self.ready()
+        else:
+            loading.result()  # raises what the load raised, as ready() does
         large = request.prompt_chars() > PIECE_CHARS  # keyed on the pool: megabytes hold the loop for tens of ms
         keys = await off_loop(request_keys, request, options) if large else request_keys(request, options)
         now = time.time()
@@ -649,13 +674,13 @@ class SemanticCache:
                 answer = await self._serve(entry, EXACT, 1.0, now)
                 if answer is not None:
                     return answer
-        vector = code = bucket = None
+        vector = code = bucket = head = None
         embedder = self.embedder
         if keys.prompt and embedder is not None:
             index = self._indexes.get((namespace, keys.scope))
             found: list[tuple[int, float]] = []
             try:
-                vector, code, found, bucket = await self._embed_and_search(embedder, keys.prompt, index)
+                vector, code, found, bucket, head = await self._embed_and_search(embedder, keys.prompt, index)
             except P402Error as error:  # a provider embedder that failed: the exact tier still works
                 self.stats.embed_errors += 1
                 log.warning("cache: embedding failed, semantic tier skipped: %s", error)
@@ -663,7 +688,7 @@ class SemanticCache:
                 answer = await self._semantic(keys, index, found, vector, now)
                 if answer is not None:
                     return answer
-        self._remember(request_id, _Probe(namespace, keys, vector, code, bucket, embedder.name if embedder else None))
+        self._remember(request_id, _Probe(namespace, keys, vector, code, bucket, head, embedder.name if embedder else None))
         self.stats.misses += 1
         return None
 
@@ -680,10 +705,10 @@ class SemanticCache:
         if not isinstance(embedder, LocalEmbedder):  # a provider's endpoint: the wait is the network's
             vector = (await embedder.embed([prompt]))[0]
             if index is None:
-                return vector, None, [], None
+                return vector, None, [], None, None
             snapshot = index.snapshot()
             found = await asyncio.get_running_loop().run_in_executor(self._pool, search, snapshot, vector, threshold)
-            return vector, None, found, None
+            return vector, None, found, None, None
         # Every lookup that arrives while a batch is on the pool goes in the next batch: one hand-off
         # to a worker and one wake-up of the loop per batch, not per request.
         future: asyncio.Future[_Found] = asyncio.get_running_loop().create_future()
@@ -708,6 +733,8 @@ class SemanticCache:
                 snapshots[id(ask.index)] = ask.index.snapshot()
                 if ask.index.wants_training():
                     self._train(ask.index)
+                if ask.index.wants_projection():
+                    self._fit(ask.index, ask.threshold)
         jobs = [(ask.prompt, snapshots[id(ask.index)] if ask.index is not None else None, ask.threshold) for ask in batch]
         loop = asyncio.get_running_loop()
 
@@ -754,6 +781,36 @@ class SemanticCache:
         except RuntimeError:  # the pool has shut down
             index.training = False
 
+    def _fit(self, index: VectorIndex, threshold: float) -> None:
+        """Fit the index's projection basis on the pool; the loop installs it (and projects rows moved meanwhile)."""
+        loop = asyncio.get_running_loop()
+        vectors = index.start_projection()
+
+        def work() -> None:
+            failed = False
+            try:
+                fitted = fit_projection(vectors, threshold)
+            except Exception:  # noqa: BLE001 - the index keeps scanning as it did
+                log.exception("cache: fitting the index's projection failed")
+                fitted, failed = None, True
+            try:
+                loop.call_soon_threadsafe(installed, fitted, failed)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        def installed(fitted: tuple[np.ndarray, np.ndarray] | None, failed: bool) -> None:
+            if failed:
+                index.fitting = False
+            elif fitted is None:
+                index.install_projection(None)  # not worth it for these rows: asked again when the index doubles
+            else:
+                index.install_projection(*fitted)
+
+        try:
+            self._pool.submit(work)
+        except RuntimeError:  # the pool has shut down
+            index.fitting = False
+
     def _asks_done(self, batch: list[_Ask], result: Any) -> None:
         self._in_flight = []
         if isinstance(result, BaseException):
@@ -761,13 +818,13 @@ class SemanticCache:
                 if not ask.future.done():
                     ask.future.set_exception(result)
         else:
-            (vectors, codes, found, nearest), cpu = result
+            (vectors, codes, found, nearest, projected), cpu = result
             self.stats.semantic_lookups += len(batch)
             self.stats.semantic_batches += 1
             self.stats.semantic_cpu_s += cpu
             for i, ask in enumerate(batch):
                 if not ask.future.done():
-                    ask.future.set_result((vectors[i], codes[i], found[i], nearest[i]))
+                    ask.future.set_result((vectors[i], codes[i], found[i], nearest[i], projected[i]))
         self._send_asks()
 
     async def _semantic(
@@ -897,10 +954,12 @@ class SemanticCache:
                 index = self._indexes[(probe.namespace, probe.keys.scope)] = VectorIndex(vector.shape[0])
             if index.dim == vector.shape[0]:
                 entry.index = index
-                bucket = None
+                bucket = head = None
                 if probe.bucket is not None and index.buckets is not None and probe.bucket[0] is index.buckets.centres:
                     bucket = probe.bucket[1]
-                entry.row = index.add(vector, entry, code=probe.code, bucket=bucket)
+                if probe.head is not None and probe.head[0] is index.basis:
+                    head = probe.head[1]
+                entry.row = index.add(vector, entry, code=probe.code, bucket=bucket, head=head)
 
         def committed() -> None:
             entry.payload = None
