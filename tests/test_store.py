@@ -79,12 +79,12 @@ async def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path):
 
 
 async def test_a_version_1_file_is_migrated_keeping_json_decisions_and_dropping_ranked_records(tmp_path):
-    from p402_tui.store.db import MIGRATIONS, _statements
+    from p402_tui.store.db import MIGRATIONS, migration_sql, statements
 
     path = tmp_path / "v1.db"
     kept = {"id": "dec-json", "ts": 1.0, "mode": "cost", "chosen": None, "candidates": []}
     with sqlite3.connect(path) as conn:
-        for statement in _statements(MIGRATIONS[0]):
+        for statement in statements(migration_sql(MIGRATIONS[0], "sqlite")):
             conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
         # A binary record of the old formats is read only by ranking it again with today's code: dropped.

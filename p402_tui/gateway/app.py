@@ -229,7 +229,14 @@ class Gateway:
         return await self.run(request, parse_chat, _openai_answer, _openai_frames)
 
     def check_ledger(self) -> None:
-        """A 503 while the ledger writer is saturated: every route that records a request asks first."""
+        """A 503 while the ledger writer is saturated or its server away: every route that records a request asks first."""
+        down = self.service.store_unavailable
+        if down:
+            self.store_refused += 1
+            raise errors.GatewayError(
+                503, f"the store does not answer ({down}); retry shortly", code="store_unavailable",
+                headers={"retry-after": "1"},
+            )
         if self.service.writes_saturated:
             self.store_refused += 1
             message = f"the ledger cannot keep up ({self.service.writes_pending} writes queued); retry shortly"

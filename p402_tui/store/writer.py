@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .db import StoreError, is_busy, open_sync
+from .db import ConstraintError, StoreError, is_busy, open_sync
 
 log = logging.getLogger("p402.store")
 
@@ -83,21 +83,16 @@ class WriterStats:
         }
 
 
-class Writer:
-    """Batches writes into transactions on its own connection, used only from its own thread."""
+class BatchWriter:
+    """Batches writes into transactions; an engine supplies how a batch is committed (`_transact`)
+    and which of its errors mean "try again later" (`_is_busy`) rather than "this row is bad"."""
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)  # what a bad row or a busy database raises
 
     def __init__(
-        self,
-        conn: sqlite3.Connection,
-        thread: ThreadPoolExecutor,
-        *,
-        interval: float = 0.025,
-        max_batch: int = 2000,
-        max_pending: int = MAX_PENDING,
+        self, *, interval: float = 0.025, max_batch: int = 2000, max_pending: int = MAX_PENDING
     ) -> None:
         _check_interval(interval)
-        self.conn = conn
-        self.thread = thread
         self.interval = interval
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -107,17 +102,19 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
-    @classmethod
-    async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
-        """A writer on its own connection to `path` (already migrated), opened on its own thread."""
-        _check_interval(interval)  # before a thread and a connection exist to be leaked
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p402-store-writer")
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(thread, open_sync, path)
-        except BaseException:
-            thread.shutdown(wait=False)
-            raise
-        return cls(conn, thread, interval=interval)
+    async def _transact(self, writes: list[Write]) -> list[int]:
+        """Commit `writes` as one transaction; the rows each changed."""
+        raise NotImplementedError
+
+    def _is_busy(self, error: BaseException) -> bool:
+        """The batch could not be committed now but may be later: it is retried, never dropped."""
+        raise NotImplementedError
+
+    def _is_constraint(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.IntegrityError)
+
+    async def _close(self) -> None:
+        """Release the engine's connection."""
 
     def start(self) -> None:
         if self._task is None:
@@ -182,8 +179,7 @@ class Writer:
                 self._urgent.set()
                 await self._task
         finally:
-            await asyncio.get_running_loop().run_in_executor(self.thread, self.conn.close)
-            self.thread.shutdown(wait=False)
+            await self._close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -231,7 +227,7 @@ class Writer:
         self.stats.largest_batch = max(self.stats.largest_batch, len(writes))
         try:
             await self._commit_retrying(writes)
-        except sqlite3.Error as error:
+        except self.errors as error:
             if len(writes) == 1:
                 self._failed(writes[0], error)
             else:
@@ -239,7 +235,7 @@ class Writer:
                 for write in writes:
                     try:
                         await self._commit_retrying([write])
-                    except sqlite3.Error as single_error:
+                    except self.errors as single_error:
                         self._failed(write, single_error)
         finally:
             for write in writes:
@@ -250,20 +246,19 @@ class Writer:
                         log.exception("store writer: done-callback failed")
 
     async def _commit_retrying(self, writes: list[Write]) -> None:
-        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             try:
-                counts = await loop.run_in_executor(self.thread, self._transaction, writes)
-            except sqlite3.OperationalError as error:
-                # Another process holds the lock past busy_timeout: wait and try the batch again, for as
-                # long as it takes. Dropping it would lose answered requests from the ledger.
-                if not is_busy(error):
+                counts = await self._transact(writes)
+            except self.errors as error:
+                # Another process holds the lock, or the server is away: wait and try the batch again,
+                # for as long as it takes. Dropping it would lose answered requests from the ledger.
+                if not self._is_busy(error):
                     raise
                 attempt += 1
                 self.stats.retries += 1
                 if attempt % 10 == 1:
-                    log.warning("store writer: database locked; %d writes wait (try %d)", self.pending, attempt)
+                    log.warning("store writer: %s; %d writes wait (try %d)", _first_line(error), self.pending, attempt)
                 await asyncio.sleep(min(MAX_BACKOFF_S, 0.05 * attempt))
                 continue
             self.stats.batches += 1
@@ -272,6 +267,64 @@ class Writer:
                 if write.result is not None and not write.result.done():
                     write.result.set_result(count)
             return
+
+    def _made(self, later: _Later) -> list[Write]:
+        try:
+            writes = [Write(sql, params) for sql, params in later.make()]
+        except Exception as error:  # a bug in a row builder loses its rows, never the batch
+            self.stats.failed += 1
+            self.stats.errors.append(f"{type(error).__name__}: {error} while making rows")
+            log.exception("store writer: could not make rows")
+            writes = []
+        if later.done is not None:
+            if writes:
+                writes[-1].done = later.done
+            else:
+                later.done()
+        return writes
+
+    def _failed(self, write: Write, error: BaseException) -> None:
+        self.stats.failed += 1
+        if write.result is not None and not write.result.done():
+            kind = ConstraintError if self._is_constraint(error) else StoreError
+            failure = kind(f"database write failed: {_first_line(error)}")
+            failure.__cause__ = error  # a caller may tell a broken constraint from a broken disk
+            write.result.set_exception(failure)
+            return
+        message = f"{type(error).__name__}: {error} in {write.sql.split('(')[0].strip()}"
+        self.stats.errors.append(message)
+        log.error("store writer dropped a row: %s", message)
+
+
+class Writer(BatchWriter):
+    """The SQLite file's writer: its own connection, used only from its own thread."""
+
+    def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor, **options: Any) -> None:
+        super().__init__(**options)
+        self.conn = conn
+        self.thread = thread
+
+    @classmethod
+    async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
+        """A writer on its own connection to `path` (already migrated), opened on its own thread."""
+        _check_interval(interval)  # before a thread and a connection exist to be leaked
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p402-store-writer")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(thread, open_sync, path)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        return cls(conn, thread, interval=interval)
+
+    async def _transact(self, writes: list[Write]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.thread, self._transaction, writes)
+
+    def _is_busy(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.OperationalError) and is_busy(error)
+
+    async def _close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.thread, self.conn.close)
+        self.thread.shutdown(wait=False)
 
     def _transaction(self, writes: list[Write]) -> list[int]:
         """One batch, on the writer's thread: all of it committed, or none."""
@@ -291,31 +344,9 @@ class Writer:
             cursor.close()
         return counts
 
-    def _made(self, later: _Later) -> list[Write]:
-        try:
-            writes = [Write(sql, params) for sql, params in later.make()]
-        except Exception as error:  # a bug in a row builder loses its rows, never the batch
-            self.stats.failed += 1
-            self.stats.errors.append(f"{type(error).__name__}: {error} while making rows")
-            log.exception("store writer: could not make rows")
-            writes = []
-        if later.done is not None:
-            if writes:
-                writes[-1].done = later.done
-            else:
-                later.done()
-        return writes
 
-    def _failed(self, write: Write, error: sqlite3.Error) -> None:
-        self.stats.failed += 1
-        if write.result is not None and not write.result.done():
-            failure = StoreError(f"database write failed: {error}")
-            failure.__cause__ = error  # a caller may tell a broken constraint from a broken disk
-            write.result.set_exception(failure)
-            return
-        message = f"{type(error).__name__}: {error} in {write.sql.split('(')[0].strip()}"
-        self.stats.errors.append(message)
-        log.error("store writer dropped a row: %s", message)
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _check_interval(interval: float) -> None:
