@@ -6,6 +6,7 @@ import asyncio
 import math
 
 import pytest
+from conftest import ENGINES, SQLITE_ONLY, open_engine_store
 
 from p402_tui.core.errors import BudgetExceededError
 from p402_tui.core.hooks import CallContext, RequestRecord, RouteOptions
@@ -29,9 +30,9 @@ from p402_tui.store.sessions import (
 from p402_tui.store.store import Store
 
 
-@pytest.fixture
-async def store(tmp_path):
-    opened = await Store.open(tmp_path / "sessions.db")
+@pytest.fixture(params=ENGINES)
+async def store(request, tmp_path):
+    opened = await open_engine_store(request, tmp_path / "sessions.db")
     try:
         yield opened
     finally:

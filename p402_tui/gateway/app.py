@@ -755,7 +755,11 @@ class _Front:
         scope["p402.client_request_id"] = request_ids.from_client(scope)
         if scope["path"] not in self.OPEN_PATHS:
             try:
-                key = scope["p402.key"] = await self.auth.check(scope)
+                try:
+                    key = scope["p402.key"] = await self.auth.check(scope)
+                except P402Error as failure:  # the store that holds the keys does not answer
+                    retry = {"retry-after": "1"} if failure.http_status == 503 else None
+                    raise errors.GatewayError(failure.http_status, failure.message, code=failure.kind, headers=retry) from None
                 scope["p402.api_key_id"] = None if key is None else key.id
                 refusal = role_refusal(scope)
                 if refusal is not None:

@@ -28,6 +28,9 @@ from .dialect import POSTGRES, postgres_sql
 from .writer import BatchWriter, Params, Write
 
 log = logging.getLogger("p402.store")
+# The pool logs each failed reconnection, several a second while the server is away; the store says
+# once that it is away and once that it is back.
+logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 try:
     import psycopg
@@ -176,17 +179,20 @@ def _shapes(writes: list[Write]) -> list[list[int]]:
 
 
 class PgWriter(BatchWriter):
-    def __init__(self, pool: Any, on_reach: Callable[[BaseException | None], None], **options: Any) -> None:
+    def __init__(
+        self, pool: Any, on_reach: Callable[[BaseException | None], None], down: Callable[[], bool], **options: Any
+    ) -> None:
         super().__init__(**options)
         self.pool = pool
         self.on_reach = on_reach  # told after each try whether the server answered (None) or not
+        self.down = down  # whether the server is known to be away: then a connection is not waited for long
         self.errors = (psycopg.Error,)
 
     async def _transact(self, writes: list[Write]) -> list[int]:
         counts = [1] * len(writes)
         alone: list[tuple[int, Any]] = []
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=0.5 if self.down() else POOL_TIMEOUT_S) as conn:
                 async with conn.pipeline(), conn.transaction():
                     for group in _shapes(writes):
                         sql = postgres_sql(writes[group[0]].sql)
@@ -228,7 +234,7 @@ class PgStore:
         self.url = url
         self.path = redact(url)  # how commands name the store they use
         self.pool = pool
-        self.writer = PgWriter(pool, self._reached, interval=interval)
+        self.writer = PgWriter(pool, self._reached, lambda: self._down is not None, interval=interval)
         self.key_listeners: list[Callable[[], None]] = []
         self._down: str | None = None  # why the server last failed to answer; None while it answers
         self._probed = 0.0
@@ -323,7 +329,8 @@ class PgStore:
         query = postgres_sql(sql)
         for attempt in (1, 2):
             try:
-                async with self.pool.connection() as conn:
+                # Known to be away: a short wait, so requests are refused at once rather than held.
+                async with self.pool.connection(timeout=0.5 if self._down else POOL_TIMEOUT_S) as conn:
                     cursor = await conn.execute(query, params)
                     found = await (cursor.fetchone() if one else cursor.fetchall())
             except psycopg.OperationalError as error:

@@ -60,6 +60,7 @@ class _Flush:
 _STOP = object()
 MAKE_SLICE_S = 0.0003  # rows are made on the loop; at most this long before requests get a turn
 MAX_BACKOFF_S = 1.0  # between tries of a batch while the database is locked
+CLOSE_GRACE_S = 5.0  # closing, a batch the database still refuses is given up after this: shutdown is bounded
 MAX_PENDING = 50_000  # queued writes past which new requests are refused (about 15k requests' rows)
 
 
@@ -101,6 +102,7 @@ class BatchWriter:
         self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._give_up_at: float | None = None  # set by aclose
 
     async def _transact(self, writes: list[Write]) -> list[int]:
         """Commit `writes` as one transaction; the rows each changed."""
@@ -173,6 +175,7 @@ class BatchWriter:
         if self._closed:
             return
         self._closed = True
+        self._give_up_at = time.monotonic() + CLOSE_GRACE_S
         try:
             if self._task is not None:
                 self._queue.put_nowait(_STOP)
@@ -228,7 +231,9 @@ class BatchWriter:
         try:
             await self._commit_retrying(writes)
         except self.errors as error:
-            if len(writes) == 1:
+            if self._is_busy(error):  # closing, and the database still refuses: these rows are lost
+                self._lost(writes, error)
+            elif len(writes) == 1:
                 self._failed(writes[0], error)
             else:
                 # One bad row must not sink the rest: write them one by one, each in its own transaction.
@@ -253,7 +258,7 @@ class BatchWriter:
             except self.errors as error:
                 # Another process holds the lock, or the server is away: wait and try the batch again,
                 # for as long as it takes. Dropping it would lose answered requests from the ledger.
-                if not self._is_busy(error):
+                if not self._is_busy(error) or (self._give_up_at is not None and time.monotonic() > self._give_up_at):
                     raise
                 attempt += 1
                 self.stats.retries += 1
@@ -283,6 +288,15 @@ class BatchWriter:
                 later.done()
         return writes
 
+    def _lost(self, writes: list[Write], error: BaseException) -> None:
+        self.stats.failed += len(writes)
+        message = f"{len(writes)} writes lost at close: {_first_line(error)}"
+        self.stats.errors.append(message)
+        log.error("store writer: %s", message)
+        for write in writes:
+            if write.result is not None and not write.result.done():
+                write.result.set_exception(StoreError(f"database write failed: {_first_line(error)}"))
+
     def _failed(self, write: Write, error: BaseException) -> None:
         self.stats.failed += 1
         if write.result is not None and not write.result.done():
@@ -291,7 +305,7 @@ class BatchWriter:
             failure.__cause__ = error  # a caller may tell a broken constraint from a broken disk
             write.result.set_exception(failure)
             return
-        message = f"{type(error).__name__}: {error} in {write.sql.split('(')[0].strip()}"
+        message = f"{type(error).__name__}: {_first_line(error)} in {write.sql.split('(')[0].strip()}"
         self.stats.errors.append(message)
         log.error("store writer dropped a row: %s", message)
 
