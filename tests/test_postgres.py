@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import run_cli
 from helpers import Served
 
@@ -160,3 +159,56 @@ def test_ready_goes_unready_while_postgresql_is_stopped_and_requests_get_503s(ow
     finally:
         assert served.stop() == 0
     assert int(own_cluster.psql("SELECT COUNT(*) FROM requests", url.rsplit("/", 1)[1])) == 2
+
+
+async def test_the_writer_keeps_every_row_while_the_server_is_away_and_commits_them_when_it_returns(own_cluster):
+    import asyncio
+
+    from p402_tui.core.hooks import RequestRecord
+    from p402_tui.store import queries
+    from p402_tui.store.engine import open_store
+
+    def row(n: int):
+        return queries.request_row(RequestRecord(id=f"req-{n}", provider="openai", model="gpt-4o", cost_usd=n / 1000))
+
+    url = own_cluster.create_database()
+    store = await open_store(url)
+    try:
+        for n in range(500):
+            store.put(queries.INSERT_REQUEST, row(n))
+        await store.flush()
+        assert store.writer.stats.batches < 20  # hundreds of rows, a handful of transactions
+        assert store.unavailable is None
+        await asyncio.to_thread(own_cluster.stop)
+        for n in range(500, 800):
+            store.put(queries.INSERT_REQUEST, row(n))
+        deadline = asyncio.get_running_loop().time() + 20
+        while store.unavailable is None or store.writer.stats.retries < 2:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        assert store.writer.stats.failed == 0
+        await asyncio.to_thread(own_cluster.start)
+        await asyncio.wait_for(store.flush(), 30)
+        assert store.writer.stats.failed == 0
+        assert await store.scalar("SELECT COUNT(*) FROM requests") == 800
+        assert await store.scalar("SELECT SUM(cost_usd) FROM requests") == pytest.approx(sum(range(800)) / 1000)
+        assert store.unavailable is None
+    finally:
+        await store.aclose()
+
+
+async def test_two_gateways_migrating_one_fresh_database_at_once_both_succeed(pg_url):
+    import asyncio
+
+    from p402_tui.store.db import SCHEMA_VERSION
+    from p402_tui.store.engine import open_store
+
+    stores = await asyncio.gather(open_store(pg_url), open_store(pg_url))
+    try:
+        assert [await s.schema_version() for s in stores] == [SCHEMA_VERSION, SCHEMA_VERSION]
+        assert await stores[0].scalar("SELECT COUNT(*) FROM p402_schema") == 1
+        await stores[0].run("INSERT INTO gateway_keys (id, name, hash, prefix, created) VALUES ('k', 'n', 'h', 'p', 0)")
+        assert await stores[1].scalar("SELECT name FROM gateway_keys WHERE id = 'k'") == "n"  # one database, both see it
+    finally:
+        for store in stores:
+            await store.aclose()

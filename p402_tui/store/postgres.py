@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
 from ..core.config import describe_store as redact
 from .db import (
     MIGRATIONS,

@@ -1,6 +1,6 @@
-"""The one task that writes to the database.
+"""The one task that writes to the database (`BatchWriter`; `Writer` is SQLite's, `postgres.PgWriter` PostgreSQL's).
 
-Requests never wait for SQLite: hooks `put` a statement on a queue and return.
+Requests never wait for the database: hooks `put` a statement on a queue and return.
 The writer gathers what arrived within `interval` (25 ms by default, at most 100 ms
 by design; writes that queued during the previous commit go at once) and commits it
 as one transaction, so a process killed mid-burst leaves
@@ -8,13 +8,13 @@ either a whole batch or none of it. What a `kill -9` can lose is what was answer
 within that window plus one commit; `urgent` writes (the gateway's strict durability)
 are committed without waiting for the window.
 
-A batch is never dropped because another process holds the database: it is retried
+A batch is never dropped because another process holds the database (or its server is away): it is retried
 with a backoff capped at `MAX_BACKOFF_S` for as long as the lock lasts. Meanwhile the
 queue grows; past `max_pending` the writer is `saturated` and the gateway refuses new
 requests (503) instead of queueing rows it cannot write. A batch crosses to the writer's own thread once, as a
 whole: a hop per statement (aiosqlite's way) cost the gateway a quarter of its CPU.
 `flush()` waits until everything put before it is committed; `aclose()` flushes
-and stops.
+and stops, giving up on a batch the database still refuses after `CLOSE_GRACE_S`.
 """
 
 from __future__ import annotations
