@@ -192,17 +192,16 @@ class PgWriter(BatchWriter):
     async def _transact(self, writes: list[Write]) -> list[int]:
         counts = [1] * len(writes)
         alone: list[tuple[int, Any]] = []
+        groups = _shapes(writes)
         try:
             async with self.pool.connection(timeout=0.5 if self.down() else POOL_TIMEOUT_S) as conn:
-                async with conn.pipeline(), conn.transaction():
-                    for group in _shapes(writes):
-                        sql = postgres_sql(writes[group[0]].sql)
-                        cursor = conn.cursor()
-                        if len(group) == 1:
-                            await cursor.execute(sql, writes[group[0]].params)
-                            alone.append((group[0], cursor))
-                        else:
-                            await cursor.executemany(sql, [writes[i].params for i in group])
+                if len(groups) == 1 and len(groups[0]) == 1:
+                    # One statement is a transaction of its own (autocommit): no BEGIN and COMMIT to wait for.
+                    cursor = await conn.execute(postgres_sql(writes[0].sql), writes[0].params)
+                    alone.append((0, cursor))
+                else:
+                    async with conn.transaction():
+                        await self._send(conn, writes, groups, alone)
         except psycopg.OperationalError as error:
             self.on_reach(error)
             raise
@@ -210,6 +209,18 @@ class PgWriter(BatchWriter):
         for i, cursor in alone:
             counts[i] = max(cursor.rowcount, 0)
         return counts
+
+    @staticmethod
+    async def _send(conn: Any, writes: list[Write], groups: list[list[int]], alone: list[tuple[int, Any]]) -> None:
+        cursor = conn.cursor()
+        for group in groups:
+            sql = postgres_sql(writes[group[0]].sql)
+            if len(group) == 1:
+                await cursor.execute(sql, writes[group[0]].params)
+                alone.append((group[0], cursor))
+                cursor = conn.cursor()
+            else:  # a pipeline of its own: one round trip for the group
+                await cursor.executemany(sql, [writes[i].params for i in group])
 
     def _is_busy(self, error: BaseException) -> bool:
         # The server away, restarting or out of connections, a lock or deadlock timeout: all pass.
