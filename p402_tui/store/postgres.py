@@ -48,6 +48,15 @@ POOL_MAX = 8
 PROBE_EVERY_S = 1.0  # while unavailable, how often a caller's question sends a probe
 
 
+def transient(error: BaseException) -> bool:
+    """The server away, restarting, out of connections or space, a lock or deadlock timeout: what passes.
+    A statement the server refuses for what it is (a value too large, say) does not."""
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = getattr(error, "sqlstate", None)
+    return state is None or state[:2] in ("08", "40", "53", "57") or state == "55P03"
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -203,7 +212,8 @@ class PgWriter(BatchWriter):
                     async with conn.transaction():
                         await self._send(conn, writes, groups, alone)
         except psycopg.OperationalError as error:
-            self.on_reach(error)
+            if transient(error):
+                self.on_reach(error)
             raise
         self.on_reach(None)
         for i, cursor in alone:
@@ -223,8 +233,7 @@ class PgWriter(BatchWriter):
                 await cursor.executemany(sql, [writes[i].params for i in group])
 
     def _is_busy(self, error: BaseException) -> bool:
-        # The server away, restarting or out of connections, a lock or deadlock timeout: all pass.
-        return isinstance(error, psycopg.OperationalError)
+        return transient(error)
 
     def _is_constraint(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.IntegrityError)
@@ -346,6 +355,8 @@ class PgStore:
                     cursor = await conn.execute(query, params)
                     found = await (cursor.fetchone() if one else cursor.fetchall())
             except psycopg.OperationalError as error:
+                if not transient(error):
+                    raise StoreError(f"database read failed: {_first_line(error)}") from error
                 self._reached(error)
                 # A connection the server dropped (a restart) fails once; a fresh one may not.
                 if attempt == 1 and not isinstance(error, PoolTimeout):
