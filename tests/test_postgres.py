@@ -212,3 +212,20 @@ async def test_two_gateways_migrating_one_fresh_database_at_once_both_succeed(pg
     finally:
         for store in stores:
             await store.aclose()
+
+
+def test_db_prune_on_postgresql_removes_old_history_in_batches(pg_cluster, pg_url):
+    assert run_cli("db", "migrate", "--db", pg_url).returncode == 0
+    old = time.time() - 40 * 86400
+    dbname = pg_url.rsplit("/", 1)[1]
+    pg_cluster.psql(
+        f"INSERT INTO requests (id, ts, status) SELECT 'old' || i, {old}, 'ok' FROM generate_series(1, 1200) AS i; "
+        f"INSERT INTO requests (id, ts, status) VALUES ('new', {time.time()}, 'ok'); "
+        f"INSERT INTO provider_health (ts, provider, snapshot) VALUES ({old}, 'openai', '{{}}')",
+        dbname,
+    )
+    pruned = run_cli("db", "prune", "--older-than", "30d", "--db", pg_url, "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    report = json.loads(pruned.stdout)
+    assert report["removed"]["requests"] == 1200 and report["removed"]["provider_health"] == 1
+    assert pg_cluster.psql("SELECT id FROM requests", dbname).split() == ["new"]
