@@ -229,3 +229,17 @@ def test_db_prune_on_postgresql_removes_old_history_in_batches(pg_cluster, pg_ur
     report = json.loads(pruned.stdout)
     assert report["removed"]["requests"] == 1200 and report["removed"]["provider_health"] == 1
     assert pg_cluster.psql("SELECT id FROM requests", dbname).split() == ["new"]
+
+
+def test_p402_db_and_store_url_in_the_config_select_postgresql_too(pg_url, tmp_path):
+    assert run_cli("db", "migrate", "--db", pg_url).returncode == 0
+    by_env = run_cli("db", "status", "--json", env={"P402_DB": pg_url})
+    assert by_env.returncode == 0 and json.loads(by_env.stdout)["engine"] == "postgresql", by_env.stderr
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\nurl = "{pg_url}"\n')
+    by_config = run_cli("db", "status", "--json", config=config)
+    assert by_config.returncode == 0, by_config.stderr
+    assert json.loads(by_config.stdout)["engine"] == "postgresql" and json.loads(by_config.stdout)["up_to_date"]
+    file = tmp_path / "p402.db"
+    by_flag = run_cli("db", "status", "--json", "--db", str(file), config=config)  # the flag has the last word
+    assert json.loads(by_flag.stdout)["engine"] == "sqlite"
