@@ -237,3 +237,9 @@ async def open_engine_store(request, path, **options):
     if request.param == "postgres":
         return await open_store(request.getfixturevalue("pg_url"), **options)
     return await open_store(path, **options)
+
+
+@pytest.fixture(params=ENGINES)
+def engine_db(request, tmp_path) -> str:
+    """What `--db` takes, on either engine: a SQLite file's path, or a fresh PostgreSQL database's URL."""
+    return request.getfixturevalue("pg_url") if request.param == "postgres" else str(tmp_path / "p402.db")
