@@ -50,8 +50,10 @@ def test_an_unreachable_or_malformed_postgresql_url_is_one_line(tmp_path):
         assert down.returncode == 1, (args, down.stdout)
         assert down.stderr.strip().count("\n") == 0 and "Traceback" not in down.stderr, down.stderr
         assert "cannot reach PostgreSQL" in down.stderr and "secret" not in down.stderr
-    bad = run_cli("db", "status", "--db", "postgresql://p402@127.0.0.1:notaport/x")
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr, bad.stderr
+    for url in ("postgresql://p402:secret@127.0.0.1:notaport/x", "postgresql://p402:secret@[broken/x"):
+        bad = run_cli("db", "status", "--db", url)
+        assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr, bad.stderr
+        assert "PostgreSQL" in bad.stderr and "secret" not in bad.stderr, bad.stderr
     config = tmp_path / "config.toml"
     config.write_text('[store]\nurl = "mysql://somewhere/else"\n')
     refused = run_cli("db", "status", config=config)

@@ -79,10 +79,13 @@ def describe_store(value: str | Path) -> str:
     """How messages name a store: a file's path, or a URL without its password."""
     if not is_store_url(value):
         return str(Path(value).expanduser())
-    parts = urlsplit(str(value))
-    if parts.password is None:
-        return str(value)
-    netloc = f"{parts.username}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    try:
+        parts = urlsplit(str(value))
+        if parts.password is None:
+            return str(value)
+        netloc = f"{parts.username}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # not a URL urllib can read (a bad port, a broken [host]): named by its scheme only
+        return str(value).split("://", 1)[0] + "://..."
     return urlunsplit(parts._replace(netloc=netloc))
 
 

@@ -92,9 +92,11 @@ async def connect(url: str) -> Any:
             url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, row_factory=dict_row
         )
     except psycopg.OperationalError as error:
-        raise StoreUnavailableError(f"cannot reach PostgreSQL at {where}: {_first_line(error)}") from None
+        why = _first_line(error).replace(url, where)  # libpq may quote the URL, password and all
+        raise StoreUnavailableError(f"cannot reach PostgreSQL at {where}: {why}") from None
     except psycopg.Error as error:
-        raise StoreError(f"not a usable PostgreSQL URL {where}: {_first_line(error)}") from None
+        why = _first_line(error).replace(url, where)
+        raise StoreError(f"not a usable PostgreSQL URL {where}: {why}") from None
     _adapt(conn)
     return conn
 
