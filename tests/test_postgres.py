@@ -245,3 +245,22 @@ def test_p402_db_and_store_url_in_the_config_select_postgresql_too(pg_url, tmp_p
     file = tmp_path / "p402.db"
     by_flag = run_cli("db", "status", "--json", "--db", str(file), config=config)  # the flag has the last word
     assert json.loads(by_flag.stdout)["engine"] == "sqlite"
+
+
+async def test_local_days_on_postgresql_are_this_process_s_as_on_sqlite(pg_url, tmp_path, monkeypatch):
+    from p402_tui.store.engine import open_store
+
+    monkeypatch.setenv("TZ", "Pacific/Auckland")  # far from UTC: 23:30 UTC is the next day there
+    time.tzset()
+    try:
+        ts = 1767223800.0  # 2025-12-31 23:30 UTC
+        for target in (tmp_path / "p402.db", pg_url):
+            store = await open_store(target)
+            try:
+                day = await store.scalar(f"SELECT {store.dialect.local_day('?')}", (ts,))
+            finally:
+                await store.aclose()
+            assert day == "2026-01-01", (target, day)
+    finally:
+        monkeypatch.undo()
+        time.tzset()

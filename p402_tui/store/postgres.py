@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +78,27 @@ if psycopg is not None:
             return b"1" if obj else b"0"
 
 
+def local_zone() -> str | None:
+    """This process's time zone by name, so the server's local days (`dialect.local_day`) are ours, as
+    SQLite's 'localtime' is: TZ, else what /etc/localtime links to; None when neither says."""
+    zone = os.environ.get("TZ", "").lstrip(":")
+    if not zone:
+        try:
+            zone = os.path.realpath("/etc/localtime").split("/zoneinfo/", 1)[1]
+        except (OSError, IndexError):
+            return None
+    return zone or None
+
+
+async def _set_zone(conn: Any) -> None:
+    zone = local_zone()
+    if zone:
+        try:
+            await conn.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+        except psycopg.DataError:  # a name the server does not know: its own zone stays
+            pass
+
+
 def _adapt(conn: Any) -> None:
     conn.adapters.register_dumper(bool, _BoolAsInt)
     # SUM and AVG of integers are NUMERIC in PostgreSQL: floats here, as SQLite gives them.
@@ -98,6 +120,7 @@ async def connect(url: str) -> Any:
         why = _first_line(error).replace(url, where)
         raise StoreError(f"not a usable PostgreSQL URL {where}: {why}") from None
     _adapt(conn)
+    await _set_zone(conn)
     return conn
 
 
@@ -393,4 +416,5 @@ class PgStore:
 
 async def _configured(conn: Any) -> None:
     _adapt(conn)
+    await _set_zone(conn)
 
