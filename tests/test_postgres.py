@@ -264,3 +264,30 @@ async def test_local_days_on_postgresql_are_this_process_s_as_on_sqlite(pg_url, 
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_gateway_keys_with_budgets_on_postgresql(pg_cluster, pg_url):
+    def key(*args: str) -> tuple[str, str]:
+        made = run_cli("keys", "create", *args, "--json", "--db", pg_url)
+        assert made.returncode == 0, made.stderr
+        found = json.loads(made.stdout)
+        return found["id"], found["key"]
+
+    _, admin = key("--name", "root")
+    frugal_id, frugal = key("--name", "frugal", "--role", "user", "--budget-usd", "0.0000001", "--budget-period", "day")
+    served = Served("--sim", "--db", pg_url)
+    try:
+        def chat(secret: str):
+            return httpx.post(f"{served.url}/v1/chat/completions", json=HELLO, timeout=30,
+                              headers={"authorization": f"Bearer {secret}"})  # fmt: skip
+
+        assert chat("p402-nope").status_code == 401
+        assert chat(admin).status_code == 200
+        refused = chat(frugal)
+        assert refused.status_code == 402 and "budget" in refused.json()["error"]["message"], refused.text
+        assert run_cli("keys", "revoke", frugal_id, "--db", pg_url).returncode == 0
+        _until(lambda: chat(frugal).status_code == 401, timeout=5)  # the gateway reads keys from the same database
+    finally:
+        assert served.stop() == 0
+    dbname = pg_url.rsplit("/", 1)[1]
+    assert pg_cluster.psql("SELECT COUNT(*) FROM requests WHERE api_key_id IS NOT NULL AND status = 'ok'", dbname).strip() == "1"
