@@ -71,8 +71,10 @@ def read_text_arg(text: str) -> str:
 def db_exists(args: argparse.Namespace, settings) -> bool:
     """Whether the database a report reads exists. A report on a --db that names no file says so (a typo
     reported as $0 would mislead); the default database merely has no traffic yet."""
-    if Path(settings.db_path).expanduser().is_file():
-        return True
+    from .core.config import is_store_url
+
+    if is_store_url(settings.db_path) or Path(settings.db_path).expanduser().is_file():
+        return True  # a server's database without P402's tables is refused when opened, by name
     if getattr(args, "db", None):
         from .service import StoreError
 
@@ -90,8 +92,18 @@ async def open_service(settings, *, create: bool, must_exist: bool = False) -> A
         yield found
 
 
+DB_HELP = "database file, or postgresql://user@host:port/dbname (default: the user data dir; or P402_DB)"
+
+
+def where(settings) -> str:
+    """The store a command uses, as messages name it: a file's path, or a URL without its password."""
+    from .core.config import describe_store
+
+    return describe_store(settings.db_path)
+
+
 def written_to(settings) -> str:
-    return f"(in {Path(settings.db_path).expanduser()})"
+    return f"(in {where(settings)})"
 
 
 # --- foundation commands --------------------------------------------------------------
@@ -871,7 +883,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     if fresh:
-        print(f"{label}: $0 over 0 requests: no traffic yet (nothing recorded in {settings.db_path})")
+        print(f"{label}: $0 over 0 requests: no traffic yet (nothing recorded in {where(settings)})")
         return 0
     print(f"{label}: {usd(result['total_usd'])} over {result['requests']} requests "
           f"({result['cached']} from the cache, saving {usd(result['saved_usd'])}; {result['errors']} failed)")
@@ -980,7 +992,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     if isinstance(found, int):
         return found
     if found is None:
-        raise P402Error(f"no decision {args.id!r} in {settings.db_path}")
+        raise P402Error(f"no decision {args.id!r} in {where(settings)}")
     if args.json:
         print_json(found)
     else:
@@ -1007,7 +1019,7 @@ def cmd_recommendations(args: argparse.Namespace) -> int:
     if args.json:
         print_json(found)
     elif fresh:
-        print(f"nothing to recommend: no traffic yet (nothing recorded in {settings.db_path})")
+        print(f"nothing to recommend: no traffic yet (nothing recorded in {where(settings)})")
     elif not found:
         print(f"nothing to recommend from the ledger ({label})")
     else:
@@ -1226,7 +1238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="answer from / keep in the semantic cache (default: config cache.enabled, on)")
     p.add_argument("--namespace", type=_label, metavar="N", help="cache namespace (default: the session, else 'default')")
-    p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    p.add_argument("--db", metavar="PATH|URL", help=DB_HELP)
     p.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read stdin")
     p.set_defaults(func=cmd_chat)
 
@@ -1270,7 +1282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("console", parents=[common], help="the live console (the default command)")
-    p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    p.add_argument("--db", metavar="PATH|URL", help=DB_HELP)
     p.add_argument("--listen", metavar="HOST:PORT", help="also serve the gateway here, from the same process")
     p.add_argument("--attach", metavar="URL", help="watch a running gateway (p402 serve) instead of routing here")
     # From the environment by default: a key on the command line shows in `ps` and the shell's history.
@@ -1285,7 +1297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="the OpenAI-compatible gateway, headless")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; beyond loopback needs a gateway key)")
     p.add_argument("--port", type=_port, help="port (default 4020; 0 picks a free one)")
-    p.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    p.add_argument("--db", metavar="PATH|URL", help=DB_HELP)
     p.add_argument("--sim", action="store_true", help="simulate every provider in-process: no keys, no network")
     p.add_argument("--workers", type=_workers, metavar="N",
                    help="processes serving the port, each a whole gateway (default 1; or [gateway] workers)")
@@ -1295,7 +1307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", parents=[common], help="gateway keys: create, list, show, update, revoke")
     keys_sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     keyed = argparse.ArgumentParser(add_help=False)
-    keyed.add_argument("--db", metavar="PATH", help="database file (default: the user data dir; or P402_DB)")
+    keyed.add_argument("--db", metavar="PATH|URL", help=DB_HELP)
     keyed.add_argument("--json", action="store_true", help="print JSON")
     rules = argparse.ArgumentParser(add_help=False)
     rules.add_argument("--budget-usd", type=float, metavar="X", help="what the key may spend a period")
@@ -1329,12 +1341,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id", metavar="ID", help="the key's id, as `p402 keys list` shows it")
     p.set_defaults(func=cmd_keys)
 
-    db_help = "database file (default: the user data dir; or P402_DB)"
+    db_help = DB_HELP
     period = argparse.ArgumentParser(add_help=False)
     period.add_argument("--period", metavar="P", help="today, 7d, 30d (default), all, or FROM..TO dates")
     period.add_argument("--from", dest="start", metavar="YYYY-MM-DD", help="first day (instead of --period)")
     period.add_argument("--to", dest="end", metavar="YYYY-MM-DD", help="last day, inclusive (instead of --period)")
-    period.add_argument("--db", metavar="PATH", help=db_help)
+    period.add_argument("--db", metavar="PATH|URL", help=db_help)
     period.add_argument("--include-simulated", action="store_true",
                         help="count requests the simulator answered too (left out by default)")
     period.add_argument("--json", action="store_true", help="print JSON")
@@ -1352,7 +1364,7 @@ def build_parser() -> argparse.ArgumentParser:
     decisions_sub = p.add_subparsers(dest="decisions_command", metavar="ACTION", required=True)
     q = decisions_sub.add_parser("show", parents=[common], help="one decision: its ranking, scores and exclusions")
     q.add_argument("id", metavar="ID", help="a decision id (`decision_id` in a chat's --json)")
-    q.add_argument("--db", metavar="PATH", help=db_help)
+    q.add_argument("--db", metavar="PATH|URL", help=db_help)
     q.add_argument("--top", type=_positive_int, default=10, metavar="K", help="candidates shown in the table (default 10)")
     q.add_argument("--json", action="store_true", help="print the whole decision as JSON")
     q.set_defaults(func=cmd_decisions)
@@ -1381,7 +1393,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sessions_sub.add_parser("delete", parents=[common], help="delete a session (its ledger rows stay)")
     q.add_argument("id", metavar="ID", help="its id or name")
     for q in sessions_sub.choices.values():
-        q.add_argument("--db", metavar="PATH", help=db_help)
+        q.add_argument("--db", metavar="PATH|URL", help=db_help)
         q.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_sessions)
 
@@ -1392,7 +1404,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = db_sub.add_parser("prune", parents=[common], help="delete ledger, decisions and health history older than AGE")
     q.add_argument("--older-than", required=True, metavar="AGE", help="30d, 12h, 90m, 2w (a bare number is days)")
     for q in db_sub.choices.values():
-        q.add_argument("--db", metavar="PATH", help=db_help)
+        q.add_argument("--db", metavar="PATH|URL", help=db_help)
         q.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_db)
 
@@ -1403,7 +1415,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--namespace", metavar="N", help="only this namespace")
     cache_sub.add_parser("build", parents=[common], help="make the static vectors now (else: at first use)")
     for q in cache_sub.choices.values():
-        q.add_argument("--db", metavar="PATH", help=db_help)
+        q.add_argument("--db", metavar="PATH|URL", help=db_help)
         q.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_cache)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import providers  # noqa: F401  registers the wire families the orchestrator makes adapters from
-from .core.config import ResolvedProvider, Settings
+from .core.config import ResolvedProvider, Settings, describe_store, store_target
 from .core.events import EventBus
 from .core.hooks import Hooks, NoHooks
 from .core.orchestrator import Orchestrator
@@ -74,16 +74,16 @@ class Runtime:
             if sim_url is not None:
                 settings.point_at(sim_url)
             if db_path is not None:
-                settings.db_path = Path(db_path).expanduser()
+                settings.db_path = store_target(db_path)
             bus = EventBus()
             hooks: Hooks = NoHooks()
             store = cache = None
             if persist:
                 from .cache.semantic import SemanticCache
                 from .persistence import Persistence
-                from .store.store import Store
+                from .store.engine import open_store
 
-                store = await Store.open(settings.db_path)
+                store = await open_store(settings.db_path)
                 stack.push_async_callback(store.aclose)  # closed last: everything else may still write
                 if settings.file.store.retention_days:
                     from .service.operations import retain
@@ -173,7 +173,7 @@ def ledger_for(settings: Settings, *, simulated: bool, named: bool) -> Iterator[
     a simulated run records into a temporary one that is removed when the command ends.
     """
     if not simulated or named:
-        yield f"ledger {settings.db_path}" + (" (simulated rows are marked)" if simulated else "")
+        yield f"ledger {describe_store(settings.db_path)}" + (" (simulated rows are marked)" if simulated else "")
         return
     with tempfile.TemporaryDirectory(prefix="p402-sim-") as temp:
         settings.db_path = Path(temp) / "sim.db"

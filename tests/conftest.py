@@ -221,3 +221,25 @@ def pg_cluster():
 def pg_url(pg_cluster) -> str:
     """The URL of a new, empty database on the session's PostgreSQL cluster."""
     return pg_cluster.create_database()
+
+
+# --- the store on either engine ------------------------------------------------------------------
+
+ENGINES = ["sqlite", "postgres"]
+# For a test of what only a SQLite file has (its pragmas, its bytes on disk): `@SQLITE_ONLY`.
+SQLITE_ONLY = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+
+
+async def open_engine_store(request, path, **options):
+    """A store on `request.param`'s engine: the SQLite file at `path`, or a fresh PostgreSQL database."""
+    from p402_tui.store.engine import open_store
+
+    if request.param == "postgres":
+        return await open_store(request.getfixturevalue("pg_url"), **options)
+    return await open_store(path, **options)
+
+
+@pytest.fixture(params=ENGINES)
+def engine_db(request, tmp_path) -> str:
+    """What `--db` takes, on either engine: a SQLite file's path, or a fresh PostgreSQL database's URL."""
+    return request.getfixturevalue("pg_url") if request.param == "postgres" else str(tmp_path / "p402.db")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ENGINES, open_engine_store
 
 from p402_tui.cache import embedders
 from p402_tui.cache.embedders import HashedNgramEmbedder, MiniLMEmbedder, load_embedder
@@ -22,6 +23,7 @@ from p402_tui.core.orchestrator import Orchestrator
 from p402_tui.core.types import ChatRequest, ChatResponse, Usage
 from p402_tui.store import queries
 from p402_tui.persistence import Persistence
+from p402_tui.store.engine import open_store
 from p402_tui.store.store import Store
 
 PAIRS = json.loads((Path(__file__).parent / "data" / "cache_pairs.json").read_text())
@@ -34,9 +36,9 @@ def minilm() -> MiniLMEmbedder:
     return embedder  # type: ignore[return-value]
 
 
-@pytest.fixture
-async def store(tmp_path):
-    opened = await Store.open(tmp_path / "cache.db")
+@pytest.fixture(params=ENGINES)
+async def store(request, tmp_path):
+    opened = await open_engine_store(request, tmp_path / "cache.db")
     try:
         yield opened
     finally:
@@ -189,12 +191,13 @@ async def test_past_max_entries_the_least_recently_used_entry_goes(store):
     assert cache.stats.evictions == 1
 
 
-async def test_entries_and_vectors_survive_a_restart(tmp_path, minilm):
-    path = tmp_path / "restart.db"
-    async with await Store.open(path) as first:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_entries_and_vectors_survive_a_restart(tmp_path, minilm, engine, request):
+    path = request.getfixturevalue("pg_url") if engine == "postgres" else tmp_path / "restart.db"
+    async with await open_store(path) as first:
         cache = SemanticCache(first, embedder=minilm)
         await remember(cache, ask("How do I undo the last git commit?"), "git reset --soft HEAD~1")
-    async with await Store.open(path) as second:
+    async with await open_store(path) as second:
         cache = SemanticCache(second, embedder=minilm)
         exact = await cache.lookup(ask("How do I undo the last git commit?"), None, "default", request_id="a")
         close = await cache.lookup(ask("How can I undo my most recent git commit?"), None, "default", request_id="b")

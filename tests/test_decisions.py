@@ -8,6 +8,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+from conftest import ENGINES, open_engine_store
 
 from conftest import run_cli
 from p402_tui.core import router as router_module
@@ -34,9 +35,9 @@ OPTIONS = [
 ]
 
 
-@pytest.fixture
-async def store(tmp_path):
-    async with await Store.open(tmp_path / "p402.db") as opened:
+@pytest.fixture(params=ENGINES)
+async def store(request, tmp_path):
+    async with await open_engine_store(request, tmp_path / "p402.db") as opened:
         yield opened
 
 

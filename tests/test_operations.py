@@ -105,12 +105,12 @@ def test_x_request_id_rides_on_refusals(tmp_path):
 
 
 def test_db_status_migrate_and_prune_through_the_cli(tmp_path):
-    from p402_tui.store.db import MIGRATIONS, SCHEMA_VERSION, _statements
+    from p402_tui.store.db import MIGRATIONS, SCHEMA_VERSION, migration_sql, statements
 
     db = tmp_path / "p402.db"
     with sqlite3.connect(db) as conn:  # a file an older P402 wrote: every migration but the last
         for number, script in enumerate(MIGRATIONS[:-1], 1):
-            for statement in _statements(script):
+            for statement in statements(migration_sql(script, "sqlite")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={number}")
     before = json.loads(run_cli("db", "status", "--db", str(db), "--json").stdout)

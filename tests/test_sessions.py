@@ -6,6 +6,7 @@ import asyncio
 import math
 
 import pytest
+from conftest import ENGINES, SQLITE_ONLY, open_engine_store
 
 from p402_tui.core.errors import BudgetExceededError
 from p402_tui.core.hooks import CallContext, RequestRecord, RouteOptions
@@ -29,9 +30,9 @@ from p402_tui.store.sessions import (
 from p402_tui.store.store import Store
 
 
-@pytest.fixture
-async def store(tmp_path):
-    opened = await Store.open(tmp_path / "sessions.db")
+@pytest.fixture(params=ENGINES)
+async def store(request, tmp_path):
+    opened = await open_engine_store(request, tmp_path / "sessions.db")
     try:
         yield opened
     finally:
@@ -228,12 +229,12 @@ async def test_a_session_keeps_its_chat_history_and_spend(orchestrator, store, s
 async def test_older_files_with_two_sessions_of_one_name_keep_both(tmp_path):
     import sqlite3
 
-    from p402_tui.store.db import MIGRATIONS, _statements
+    from p402_tui.store.db import MIGRATIONS, migration_sql, statements
 
     path = tmp_path / "v4.db"
     with sqlite3.connect(path) as conn:
         for script in MIGRATIONS[:4]:
-            for statement in _statements(script):
+            for statement in statements(migration_sql(script, "sqlite")):
                 conn.execute(statement)
         conn.execute("PRAGMA user_version = 4")
         for sid in ("ses-000000000001", "ses-000000000002"):

@@ -127,8 +127,8 @@ def test_spend_json_totals_equal_the_ledger_per_breakdown_too(sim_process, tmp_p
         assert got.keys() == by_hand.keys() and all(math.isclose(got[k], v) for k, v in by_hand.items())
 
 
-def test_a_session_with_a_tiny_budget_refuses_and_the_simulator_sees_no_call(sim_process, tmp_path):
-    db = str(tmp_path / "p402.db")
+def test_a_session_with_a_tiny_budget_refuses_and_the_simulator_sees_no_call(sim_process, engine_db):
+    db = engine_db
     session = p402_json(sim_process, "sessions", "create", "--name", "frugal", "--budget", "0.000000001", "--db", db)
     before = sim_calls(sim_process)
     run = p402(sim_process, "chat", "--model", MODEL, "--session", session["id"], "--db", db, "Write an essay on tides.")
@@ -136,8 +136,8 @@ def test_a_session_with_a_tiny_budget_refuses_and_the_simulator_sees_no_call(sim
     assert sim_calls(sim_process) == before
 
 
-def test_sessions_commands_and_their_json(sim_process, tmp_path):
-    db = str(tmp_path / "p402.db")
+def test_sessions_commands_and_their_json(sim_process, engine_db):
+    db = engine_db
 
     def sessions(*args: str):
         return p402_json(sim_process, "sessions", *args, "--db", db)

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import re
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -406,8 +405,11 @@ class CacheStats:
 
 
 _INSERT = (
-    "INSERT OR REPLACE INTO semantic_cache (namespace, exact_key, scope_key, prompt, model, response, cost_usd, "
-    "created, last_hit, hits, embedder, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO semantic_cache (namespace, exact_key, scope_key, prompt, model, response, cost_usd, "
+    "created, last_hit, hits, embedder, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (namespace, exact_key) DO UPDATE SET scope_key = excluded.scope_key, prompt = excluded.prompt, "
+    "model = excluded.model, response = excluded.response, cost_usd = excluded.cost_usd, created = excluded.created, "
+    "last_hit = excluded.last_hit, hits = excluded.hits, embedder = excluded.embedder, embedding = excluded.embedding"
 )
 _TOUCH = "UPDATE semantic_cache SET hits = hits + 1, last_hit = ? WHERE namespace = ? AND exact_key = ?"
 _DELETE = "DELETE FROM semantic_cache WHERE namespace = ? AND exact_key = ? AND created <= ?"
@@ -1039,7 +1041,7 @@ def _unindex(entry: Entry, indexes: dict[tuple[str, str], VectorIndex]) -> None:
     entry.row = -1
 
 
-def _build(rows: list[sqlite3.Row], embedder: str) -> tuple[OrderedDict[tuple[str, str], Entry], dict[tuple[str, str], VectorIndex]]:
+def _build(rows: list[Any], embedder: str) -> tuple[OrderedDict[tuple[str, str], Entry], dict[tuple[str, str], VectorIndex]]:
     """Entries (least recently used first) and per-scope indexes from stored rows. CPU work: runs in a thread."""
     entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
     grouped: dict[tuple[str, str], tuple[list[bytes], list[Entry]]] = {}

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -63,6 +63,30 @@ def default_data_dir() -> Path:
 
 def default_db_path() -> Path:
     return default_data_dir() / "p402.db"
+
+
+def is_store_url(value: object) -> bool:
+    """A PostgreSQL URL (the store on a server), not a SQLite file's path."""
+    return isinstance(value, str) and value.startswith(("postgresql://", "postgres://"))
+
+
+def store_target(value: str | Path) -> str | Path:
+    """Where the store is: a PostgreSQL URL kept as it is, else a SQLite file's path."""
+    return value if is_store_url(value) else Path(value).expanduser()
+
+
+def describe_store(value: str | Path) -> str:
+    """How messages name a store: a file's path, or a URL without its password."""
+    if not is_store_url(value):
+        return str(Path(value).expanduser())
+    try:
+        parts = urlsplit(str(value))
+        if parts.password is None:
+            return str(value)
+        netloc = f"{parts.username}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # not a URL urllib can read (a bad port, a broken [host]): named by its scheme only
+        return str(value).split("://", 1)[0] + "://..."
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def default_overrides_path() -> Path:
@@ -155,6 +179,8 @@ class CacheConfig(_Section):
 
 class StoreConfig(_Section):
     db_path: str | None = None
+    # postgresql://user@host:port/dbname: the store on a PostgreSQL server (beside db_path, which names a file)
+    url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
     # batch: a request's ledger row is committed within ~25 ms after its answer (one writer batch),
     # so a kill -9 may lose the rows of that window. strict: the gateway sends an answer's last
     # byte (a stream's [DONE]) only once its row is committed.
@@ -337,8 +363,8 @@ class Settings:
         }
         self.aliases = _aliases(self.catalog, file)
         self.catalog.aliases.update({name: tuple(alias.models) for name, alias in self.aliases.items()})
-        db = file.store.db_path or env.get("P402_DB")
-        self.db_path = Path(db).expanduser() if db else default_db_path()
+        db = file.store.url or file.store.db_path or env.get("P402_DB")
+        self.db_path = store_target(db) if db else default_db_path()
 
     @property
     def router(self) -> RouterConfig:
@@ -391,7 +417,7 @@ class Settings:
     def with_overrides(self, *, db_path: str | None = None, mode: str | None = None) -> "Settings":
         """Command-line flags, the last word."""
         if db_path:
-            self.db_path = Path(db_path).expanduser()
+            self.db_path = store_target(db_path)
         if mode:
             if mode not in MODES:
                 raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

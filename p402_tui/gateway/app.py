@@ -235,7 +235,14 @@ class Gateway:
         return await self.run(request, parse_chat, _openai_answer, _openai_frames)
 
     def check_ledger(self) -> None:
-        """A 503 while the ledger writer is saturated: every route that records a request asks first."""
+        """A 503 while the ledger writer is saturated or its server away: every route that records a request asks first."""
+        down = self.service.store_unavailable
+        if down:
+            self.store_refused += 1
+            raise errors.GatewayError(
+                503, f"the store does not answer ({down}); retry shortly", code="store_unavailable",
+                headers={"retry-after": "1"},
+            )
         if self.service.writes_saturated:
             self.store_refused += 1
             message = f"the ledger cannot keep up ({self.service.writes_pending} writes queued); retry shortly"
@@ -779,7 +786,11 @@ class _Front:
         scope["p402.client_request_id"] = request_ids.from_client(scope)
         if scope["path"] not in self.OPEN_PATHS:
             try:
-                key = scope["p402.key"] = await self.auth.check(scope)
+                try:
+                    key = scope["p402.key"] = await self.auth.check(scope)
+                except P402Error as failure:  # the store that holds the keys does not answer
+                    retry = {"retry-after": "1"} if failure.http_status == 503 else None
+                    raise errors.GatewayError(failure.http_status, failure.message, code=failure.kind, headers=retry) from None
                 scope["p402.api_key_id"] = None if key is None else key.id
                 refusal = role_refusal(scope)
                 if refusal is not None:

@@ -8,7 +8,6 @@ protocol over a running gateway.
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,14 +16,16 @@ from typing import Any
 
 from ..core.catalog import Catalog
 from ..core.errors import P402Error
-from ..store.db import StoreError
+from ..core.config import describe_store
+from ..store.db import StoreError, StoreUnavailableError
+from ..store.engine import exists, open_store
 from ..store.store import Store
 from . import decisions, keys, operations, responses, sessions, spend
 from .protocol import DecisionPage, DecisionSummary, P402Service, Recommendation, Session, Spend
 
 __all__ = [
     "DecisionPage", "DecisionSummary", "NoStoreError", "P402Service", "Recommendation", "Service", "Session",
-    "Spend", "Store", "StoreError", "open_service",
+    "Spend", "Store", "StoreError", "StoreUnavailableError", "describe_store", "open_service",
 ]  # fmt: skip
 
 
@@ -141,6 +142,11 @@ class Service:
         """Whether the ledger's writer is too far behind to take another request."""
         return self.store is not None and self.store.writer.saturated
 
+    @property
+    def store_unavailable(self) -> str | None:
+        """Why the store's server does not answer (None while it does, and always for a SQLite file)."""
+        return None if self.store is None else self.store.unavailable
+
     # --- stored Responses API answers ------------------------------------------------------
 
     def keep_response(
@@ -210,9 +216,8 @@ async def open_service(
     Without `create`, a file not made yet reads as an empty one (reading never creates it);
     with `must_exist` it is a StoreError instead.
     """
-    path = Path(db_path).expanduser()
-    if create or must_exist or await asyncio.to_thread(path.is_file):
-        async with await Store.open(path, create=create) as store:
+    if create or must_exist or await exists(db_path):
+        async with await open_store(db_path, create=create) as store:
             yield Service(store, catalog)
         return
     with tempfile.TemporaryDirectory(prefix="p402-empty-") as temp:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core.errors import P402Error
 from ..store import maintenance
+from ..store.engine import open_store
 from ..store.store import Store
 
 logger = logging.getLogger(__name__)
@@ -32,14 +33,14 @@ def age_seconds(text: str) -> float:
 
 
 async def status(path: str | Path) -> dict[str, Any]:
-    """The store at `path` as it is (never created nor migrated)."""
-    return await asyncio.to_thread(maintenance.status, path)
+    """The store at `path` (a file, or a PostgreSQL URL) as it is (never created nor migrated)."""
+    return await maintenance.status(path)
 
 
 async def migrate(path: str | Path) -> dict[str, Any]:
     """Bring the store at `path` to this P402's schema: its version before and after."""
     before = (await status(path))["schema_version"]
-    async with await Store.open(path):  # opening migrates
+    async with await open_store(path):  # opening migrates
         pass
     after = await status(path)
     return {"engine": after["engine"], "path": after["path"], "from_version": before,

@@ -1,4 +1,4 @@
-"""The SQLite file: schema, migrations, connections.
+"""The schema and its migrations (both engines), and the SQLite file's connections.
 
 One file holds everything P402 remembers. WAL lets the console and the CLI read
 while the writer task writes. The schema version lives in `PRAGMA user_version`;
@@ -9,6 +9,7 @@ transaction, so a half-migrated file cannot exist.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -41,9 +42,9 @@ _SPEND_COLUMNS = (
     "SUM(cost_usd) AS cost_usd, SUM(saved_usd) AS saved_usd, COUNT(*) AS requests, SUM(cached) AS cached"
 )
 
-MIGRATIONS: tuple[str, ...] = (
-    # 1: the first schema
-    f"""
+# The first schema, with what the engines spell differently left open: a local day, and the column
+# holding a decision record (binary, which PostgreSQL's TEXT cannot hold).
+_FIRST_SCHEMA = f"""
     CREATE TABLE requests (
         id TEXT PRIMARY KEY,
         ts REAL NOT NULL,
@@ -93,7 +94,7 @@ MIGRATIONS: tuple[str, ...] = (
         decision_us REAL,
         candidates INTEGER NOT NULL DEFAULT 0,
         excluded INTEGER NOT NULL DEFAULT 0,
-        decision TEXT NOT NULL
+        decision {{record}} NOT NULL
     );
     CREATE INDEX router_decisions_ts ON router_decisions(ts);
     CREATE INDEX router_decisions_chosen ON router_decisions(chosen);
@@ -104,7 +105,7 @@ MIGRATIONS: tuple[str, ...] = (
         agent TEXT,
         budget_usd REAL CHECK (budget_usd IS NULL OR budget_usd >= 0),
         status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'paused', 'closed')),
-        metadata TEXT NOT NULL DEFAULT '{{}}',
+        metadata TEXT NOT NULL DEFAULT '{{{{}}}}',
         created REAL NOT NULL,
         updated REAL NOT NULL
     );
@@ -160,14 +161,26 @@ MIGRATIONS: tuple[str, ...] = (
     );
 
     CREATE VIEW spend_by_day AS
-        SELECT date(ts, 'unixepoch', 'localtime') AS day, {_SPEND_COLUMNS} FROM requests GROUP BY day;
+        SELECT {{day}} AS day, {_SPEND_COLUMNS} FROM requests GROUP BY day;
     CREATE VIEW spend_by_provider AS
         SELECT provider, {_SPEND_COLUMNS} FROM requests GROUP BY provider;
     CREATE VIEW spend_by_model AS
         SELECT provider, model, {_SPEND_COLUMNS} FROM requests GROUP BY provider, model;
     CREATE VIEW spend_by_session AS
         SELECT session_id, {_SPEND_COLUMNS} FROM requests WHERE session_id IS NOT NULL GROUP BY session_id;
-    """,
+    """
+
+# An entry is SQL both engines run (PostgreSQL reads SQLite's REAL as DOUBLE PRECISION, BLOB as BYTEA
+# and INTEGER PRIMARY KEY as an identity column: `postgres_ddl`), or a pair (sqlite, postgres) where
+# they must differ. Each moves a store one version up, in one transaction.
+Migration = str | tuple[str, str]
+
+MIGRATIONS: tuple[Migration, ...] = (
+    # 1: the first schema
+    (
+        _FIRST_SCHEMA.format(day="date(ts, 'unixepoch', 'localtime')", record="TEXT"),
+        _FIRST_SCHEMA.format(day="to_char(to_timestamp(ts), 'YYYY-MM-DD')", record="BLOB"),
+    ),
     # 2: a decision's models (half of its record, the same for every request of an option set) kept once
     """
     CREATE TABLE decision_models (
@@ -196,22 +209,29 @@ MIGRATIONS: tuple[str, ...] = (
     # 5: decision records hold what was decided (P402rec1, `store.decisions`). Binary records of the
     # versions before cannot be read without ranking them again with today's code, so they go with
     # their parts; rows kept as JSON already hold their decision and stay. The ledger is untouched.
-    """
-    DELETE FROM router_decisions WHERE typeof(decision) = 'blob';
-    DELETE FROM decision_models;
-    DELETE FROM decision_vectors;
-    """,
+    (
+        """
+        DELETE FROM router_decisions WHERE typeof(decision) = 'blob';
+        DELETE FROM decision_models;
+        DELETE FROM decision_vectors;
+        """,
+        # a PostgreSQL store began after those versions: none of its records is of them
+        "DELETE FROM decision_models; DELETE FROM decision_vectors;",
+    ),
     # 6: what was made against the simulator, marked so spend and recommendations can leave it out;
     # sessions found by name too, so a name is unique per gateway key (older duplicates get their id added)
-    """
-    ALTER TABLE requests ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE router_decisions ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE provider_health ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE agent_sessions ADD COLUMN api_key_id TEXT;
-    UPDATE agent_sessions SET name = name || ' (' || id || ')'
-        WHERE rowid NOT IN (SELECT MIN(rowid) FROM agent_sessions GROUP BY name);
-    CREATE UNIQUE INDEX agent_sessions_name ON agent_sessions(COALESCE(api_key_id, ''), name);
-    """,
+    tuple(
+        f"""
+        ALTER TABLE requests ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE router_decisions ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE provider_health ADD COLUMN simulated INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE agent_sessions ADD COLUMN api_key_id TEXT;
+        UPDATE agent_sessions SET name = name || ' (' || id || ')'
+            WHERE {row} NOT IN (SELECT MIN({row}) FROM agent_sessions GROUP BY name);
+        CREATE UNIQUE INDEX agent_sessions_name ON agent_sessions(COALESCE(api_key_id, ''), name);
+        """
+        for row in ("rowid", "ctid")
+    ),
     # usage a provider did not send: the row's tokens and cost are our own count, flagged as such
     """
     ALTER TABLE requests ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0;
@@ -248,13 +268,19 @@ MIGRATIONS: tuple[str, ...] = (
     # SQLite cannot drop a NOT NULL constraint by ALTER; the table's declaration is edited in place, as
     # https://sqlite.org/lang_altertable.html#otheralter allows for constraints that change no stored data
     # (RESET reloads the schema; the ALTER after it bumps the schema cookie for every other connection).
-    """
-    PRAGMA writable_schema=ON;
-    UPDATE sqlite_schema SET sql = replace(sql, 'cost_usd REAL NOT NULL DEFAULT 0', 'cost_usd REAL DEFAULT 0')
-        WHERE type = 'table' AND name = 'requests';
-    PRAGMA writable_schema=RESET;
-    ALTER TABLE requests ADD COLUMN priced INTEGER NOT NULL DEFAULT 1;
-    """,
+    (
+        """
+        PRAGMA writable_schema=ON;
+        UPDATE sqlite_schema SET sql = replace(sql, 'cost_usd REAL NOT NULL DEFAULT 0', 'cost_usd REAL DEFAULT 0')
+            WHERE type = 'table' AND name = 'requests';
+        PRAGMA writable_schema=RESET;
+        ALTER TABLE requests ADD COLUMN priced INTEGER NOT NULL DEFAULT 1;
+        """,
+        """
+        ALTER TABLE requests ALTER COLUMN cost_usd DROP NOT NULL;
+        ALTER TABLE requests ADD COLUMN priced INTEGER NOT NULL DEFAULT 1;
+        """,
+    ),
     # the caller's own id of a request (x-request-id), beside ours: callers reuse theirs on retries,
     # so it cannot be the key. Not indexed: no query of ours searches by it.
     """
@@ -279,6 +305,41 @@ def is_busy(error: sqlite3.Error) -> bool:
 class StoreError(P402Error):
     kind = "store"
     http_status = 500
+
+
+class ConstraintError(StoreError):
+    """A write broke a constraint (a unique name taken, a check failed), in either engine."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database server does not answer; a retry may succeed once it is back."""
+
+    kind = "store_unavailable"
+    http_status = 503
+
+
+def migration_sql(entry: Migration, engine: str) -> str:
+    """The script of one migration for `engine` ("sqlite" or "postgresql")."""
+    if isinstance(entry, tuple):
+        entry = entry[0] if engine == "sqlite" else entry[1]
+    return entry if engine == "sqlite" else postgres_ddl(entry)
+
+
+_PG_TYPES = (
+    (re.compile(r"\bINTEGER\s+PRIMARY\s+KEY(\s+AUTOINCREMENT)?\b", re.IGNORECASE),
+     "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"),
+    # PostgreSQL's REAL is 4 bytes: a timestamp would keep minutes. SQLite's REAL is 8.
+    (re.compile(r"\bREAL\b", re.IGNORECASE), "DOUBLE PRECISION"),
+    (re.compile(r"\bBLOB\b", re.IGNORECASE), "BYTEA"),
+    (re.compile(r"\)\s*WITHOUT\s+ROWID\b", re.IGNORECASE), ")"),
+)
+
+
+def postgres_ddl(sql: str) -> str:
+    """SQLite's column types as PostgreSQL spells the same storage."""
+    for pattern, replacement in _PG_TYPES:
+        sql = pattern.sub(replacement, sql)
+    return sql
 
 
 async def connect(path: Path | str) -> aiosqlite.Connection:
@@ -345,7 +406,7 @@ async def migrate(conn: aiosqlite.Connection, path: Path | str = "database") -> 
             if version >= SCHEMA_VERSION:
                 await conn.execute("COMMIT")
                 break
-            for statement in _statements(MIGRATIONS[version]):
+            for statement in statements(migration_sql(MIGRATIONS[version], "sqlite")):
                 await conn.execute(statement)
             await conn.execute(f"PRAGMA user_version={version + 1}")
             await conn.execute("COMMIT")
@@ -360,7 +421,7 @@ async def migrate(conn: aiosqlite.Connection, path: Path | str = "database") -> 
     return version
 
 
-def _statements(script: str) -> list[str]:
+def statements(script: str) -> list[str]:
     """A script cut into whole statements (execute() takes one at a time)."""
     statements, current = [], ""
     for line in script.splitlines(keepends=True):

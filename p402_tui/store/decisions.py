@@ -73,7 +73,7 @@ def encode(snapshot: DecisionSnapshot) -> tuple[bytes, bytes, bytes, bytes, byte
 
 def decode(record: bytes | str, listing: bytes | None, live: bytes | None) -> dict[str, Any]:
     """A stored decision's `to_dict()`; a row written from a dict holds that dict as JSON."""
-    if isinstance(record, str):
+    if isinstance(record, str) or record[:1] == b"{":  # JSON, kept as text before and as bytes now
         return json.loads(record)
     if not record.startswith(MAGIC):
         raise ValueError("not a decision record")

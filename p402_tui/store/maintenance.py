@@ -1,7 +1,7 @@
 """The store's upkeep: its status without touching it, whether it can serve, and pruning old history.
 
-Everything here names tables and asks the engine through `Store`; a second engine answers the
-same functions with its own SQL.
+Everything here names tables and asks the engine through its store; what the engines report
+differently (a file's size, a server's database) comes from each engine's own module.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from ..core.config import is_store_url
 from .db import SCHEMA_VERSION, StoreError
 from .store import Store
 
@@ -21,12 +22,19 @@ HISTORY_TABLES = ("requests", "router_decisions", "provider_health", "guardrail_
 PRUNE_BATCH = 500  # rows a transaction: the writer's other work waits at most one batch
 
 
-def status(path: Path | str) -> dict[str, Any]:
-    """Engine, path, schema version against this P402's, rows of the main tables, file size.
+async def status(target: Path | str) -> dict[str, Any]:
+    """Engine, path (or URL), schema version against this P402's, rows of the main tables, size.
 
-    Read-only: a file of an older version is reported as it is, not migrated (that is `migrate`).
+    Read-only: a store of an older version is reported as it is, not migrated (that is `migrate`).
     """
-    path = Path(path).expanduser()
+    if is_store_url(target):
+        from . import postgres
+
+        return await postgres.status(str(target), MAIN_TABLES)
+    return await asyncio.to_thread(_file_status, Path(target).expanduser())
+
+
+def _file_status(path: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "engine": ENGINE, "path": str(path), "exists": path.is_file(), "schema_version": None,
         "current_version": SCHEMA_VERSION, "up_to_date": False, "size_bytes": 0, "rows": {},
@@ -52,9 +60,14 @@ def status(path: Path | str) -> dict[str, Any]:
 
 async def check(store: Store) -> dict[str, Any]:
     """Whether the store answers and is at this P402's schema version: {ok, schema_version, reason}."""
+    down = store.unavailable
+    if down:  # the writer or a read found the server away: no need to wait on it again
+        return {"ok": False, "schema_version": None, "reason": f"the store does not answer: {down}"}
     try:
-        version = await asyncio.wait_for(store.scalar("PRAGMA user_version"), 2.0)
-    except (sqlite3.Error, TimeoutError, ValueError) as error:  # ValueError: its connection was closed
+        version = await asyncio.wait_for(store.schema_version(), 2.0)
+    except TimeoutError:
+        return {"ok": False, "schema_version": None, "reason": "the store does not answer within 2 s"}
+    except (sqlite3.Error, StoreError, ValueError) as error:  # ValueError: its connection was closed
         return {"ok": False, "schema_version": None, "reason": f"the store does not answer: {error}"}
     if version != SCHEMA_VERSION:
         reason = f"schema version {version}, this P402 needs {SCHEMA_VERSION} (run `p402 db migrate`)"
@@ -68,7 +81,8 @@ async def prune(store: Store, before_ts: float, *, batch: int = PRUNE_BATCH) -> 
     for table in HISTORY_TABLES:
         total = 0
         while True:
-            sql = f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE ts < ? LIMIT ?)"
+            row = store.dialect.rowid
+            sql = f"DELETE FROM {table} WHERE {row} IN (SELECT {row} FROM {table} WHERE ts < ? LIMIT ?)"
             count = await store.run(sql, (before_ts, batch))
             total += count
             if count < batch:

@@ -26,8 +26,8 @@ LEDGER_COLUMNS = (
     "attempts", "needs", "prompt_key", "simulated", "usage_estimated", "priced", "client_request_id",
 )  # fmt: skip
 INSERT_REQUEST = (
-    f"INSERT OR REPLACE INTO requests ({', '.join(LEDGER_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in LEDGER_COLUMNS)})"
+    f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join('?' for _ in LEDGER_COLUMNS)}) "
+    f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in LEDGER_COLUMNS[1:])}"
 )
 
 
@@ -103,15 +103,18 @@ def _where(
 # --- routing decisions -----------------------------------------------------------
 
 # Its parameters: a row of `decision_rows`, then whether the simulator answered (0 or 1).
+_DECISION_COLUMNS = (
+    "id", "ts", "mode", "chosen", "provider", "model", "tier", "est_cost_usd",
+    "prompt_tokens", "decision_us", "candidates", "excluded", "decision", "models", "vectors", "simulated",
+)  # fmt: skip
 INSERT_DECISION = (
-    "INSERT OR REPLACE INTO router_decisions (id, ts, mode, chosen, provider, model, tier, est_cost_usd, "
-    "prompt_tokens, decision_us, candidates, excluded, decision, models, vectors, simulated) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO router_decisions ({', '.join(_DECISION_COLUMNS)}) VALUES ({', '.join('?' for _ in _DECISION_COLUMNS)}) "
+    f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _DECISION_COLUMNS[1:])}"
 )
 # A decision record's shared parts (`store.decisions`), by kind: written once per digest.
 INSERT_DECISION_PART = {
-    "models": "INSERT OR IGNORE INTO decision_models (digest, models) VALUES (?, ?)",
-    "vectors": "INSERT OR IGNORE INTO decision_vectors (digest, vectors) VALUES (?, ?)",
+    "models": "INSERT INTO decision_models (digest, models) VALUES (?, ?) ON CONFLICT (digest) DO NOTHING",
+    "vectors": "INSERT INTO decision_vectors (digest, vectors) VALUES (?, ?) ON CONFLICT (digest) DO NOTHING",
 }
 
 
@@ -138,7 +141,7 @@ def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]
             data.get("decision_us"),
             len(data.get("candidates") or ()),
             len(data.get("excluded") or ()),
-            json.dumps(data, default=str),
+            json.dumps(data, default=str).encode(),  # bytes like a record: PostgreSQL keeps both as BYTEA
             None,
             None,
         )
@@ -272,7 +275,7 @@ async def health_history(
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     rows = await store.fetchall(
         "SELECT * FROM (SELECT ts, provider, status, circuit, error_rate, latency_ms_p50, latency_ms_p95 "
-        f"FROM provider_health {where} ORDER BY ts DESC LIMIT ?) ORDER BY ts",
+        f"FROM provider_health {where} ORDER BY ts DESC LIMIT ?) AS latest ORDER BY ts",
         (*params, limit),
     )
     return rows

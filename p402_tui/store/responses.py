@@ -11,7 +11,11 @@ from typing import Any
 from ..core.types import json_bytes, json_value
 from .store import Store
 
-INSERT_RESPONSE = "INSERT OR REPLACE INTO stored_responses (id, ts, api_key_id, response, conversation) VALUES (?, ?, ?, ?, ?)"
+INSERT_RESPONSE = (
+    "INSERT INTO stored_responses (id, ts, api_key_id, response, conversation) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET ts = excluded.ts, api_key_id = excluded.api_key_id, "
+    "response = excluded.response, conversation = excluded.conversation"
+)
 _OWNED = "id = ? AND COALESCE(api_key_id, '') = COALESCE(?, '')"
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 import time
 import uuid
 from typing import Any
 
 from ..core.errors import P402Error
 from ..core.sessions import SESSION_STATUSES, SessionStatus
-from .db import StoreError
+from .db import ConstraintError
 from .store import Store
 
 SESSION_ID = re.compile(r"ses-[0-9a-f]{12}")  # what create_session makes; a name may not look like one
@@ -151,10 +150,8 @@ async def create_session(
             "VALUES (:id, :name, :agent, :budget_usd, :status, :metadata, :created, :updated, :api_key_id)",
             row,
         )
-    except StoreError as error:
-        if isinstance(error.__cause__, sqlite3.IntegrityError):
-            raise _name_taken(row["name"]) from None
-        raise
+    except ConstraintError:
+        raise _name_taken(row["name"]) from None
     # Answered from what was written, not read back: another client may delete the session at once.
     return _public({**row, "spent_usd": 0.0, "requests": 0, "saved_usd": 0.0})
 
@@ -209,10 +206,10 @@ async def update_session(
         changed = await store.run(
             f"UPDATE agent_sessions SET {assignments} WHERE id = ?", (*changes.values(), session_id)
         )
-    except StoreError as error:
-        if isinstance(error.__cause__, sqlite3.IntegrityError):
-            raise _name_taken(changes["name"]) from None
-        raise
+    except ConstraintError:
+        if "name" not in changes:
+            raise
+        raise _name_taken(changes["name"]) from None
     if not changed:
         raise SessionNotFoundError(f"no session {session_id!r}; `p402 sessions list` shows them")
     return await get_session(store, session_id)
@@ -228,7 +225,7 @@ async def session_messages(store: Store, session_id: str, *, limit: int = 200) -
     """The session's chat history, oldest first."""
     return await store.fetchall(
         "SELECT * FROM (SELECT role, content, model, request_id, ts, id FROM session_messages "
-        "WHERE session_id = ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+        "WHERE session_id = ? ORDER BY id DESC LIMIT ?) AS latest ORDER BY id",
         (session_id, limit),
     )
 

@@ -1,4 +1,4 @@
-"""`Store`: the database file opened for one process.
+"""`Store`: the SQLite file opened for one process (`postgres.PgStore` is the same for a server).
 
 Two connections: the writer's (on its own thread), and one for reads (aiosqlite). In WAL mode reads never
 wait for the writer and only ever see whole, committed batches.
@@ -15,10 +15,15 @@ from typing import Any
 import aiosqlite
 
 from .db import StoreError, connect
+from .dialect import SQLITE
 from .writer import Params, Writer
 
 
 class Store:
+    engine = "sqlite"
+    dialect = SQLITE
+    unavailable: str | None = None  # a file does not go away as a server does
+
     def __init__(self, path: Path, reader: aiosqlite.Connection, writer: Writer) -> None:
         self.path = path
         self.reader = reader
@@ -91,6 +96,9 @@ class Store:
         async with self.reader.execute(sql, params) as cursor:
             row = await cursor.fetchone()
         return row[0] if row is not None else None
+
+    async def schema_version(self) -> int:
+        return await self.scalar("PRAGMA user_version")
 
     async def integrity_check(self) -> str:
         return await self.scalar("PRAGMA integrity_check")

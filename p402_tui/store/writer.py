@@ -1,6 +1,6 @@
-"""The one task that writes to the database.
+"""The one task that writes to the database (`BatchWriter`; `Writer` is SQLite's, `postgres.PgWriter` PostgreSQL's).
 
-Requests never wait for SQLite: hooks `put` a statement on a queue and return.
+Requests never wait for the database: hooks `put` a statement on a queue and return.
 The writer gathers what arrived within `interval` (25 ms by default, at most 100 ms
 by design; writes that queued during the previous commit go at once) and commits it
 as one transaction, so a process killed mid-burst leaves
@@ -8,13 +8,13 @@ either a whole batch or none of it. What a `kill -9` can lose is what was answer
 within that window plus one commit; `urgent` writes (the gateway's strict durability)
 are committed without waiting for the window.
 
-A batch is never dropped because another process holds the database: it is retried
+A batch is never dropped because another process holds the database (or its server is away): it is retried
 with a backoff capped at `MAX_BACKOFF_S` for as long as the lock lasts. Meanwhile the
 queue grows; past `max_pending` the writer is `saturated` and the gateway refuses new
 requests (503) instead of queueing rows it cannot write. A batch crosses to the writer's own thread once, as a
 whole: a hop per statement (aiosqlite's way) cost the gateway a quarter of its CPU.
 `flush()` waits until everything put before it is committed; `aclose()` flushes
-and stops.
+and stops, giving up on a batch the database still refuses after `CLOSE_GRACE_S`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .db import StoreError, is_busy, open_sync
+from .db import ConstraintError, StoreError, is_busy, open_sync
 
 log = logging.getLogger("p402.store")
 
@@ -60,6 +60,7 @@ class _Flush:
 _STOP = object()
 MAKE_SLICE_S = 0.0003  # rows are made on the loop; at most this long before requests get a turn
 MAX_BACKOFF_S = 1.0  # between tries of a batch while the database is locked
+CLOSE_GRACE_S = 5.0  # closing, a batch the database still refuses is given up after this: shutdown is bounded
 MAX_PENDING = 50_000  # queued writes past which new requests are refused (about 15k requests' rows)
 
 
@@ -83,21 +84,16 @@ class WriterStats:
         }
 
 
-class Writer:
-    """Batches writes into transactions on its own connection, used only from its own thread."""
+class BatchWriter:
+    """Batches writes into transactions; an engine supplies how a batch is committed (`_transact`)
+    and which of its errors mean "try again later" (`_is_busy`) rather than "this row is bad"."""
+
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)  # what a bad row or a busy database raises
 
     def __init__(
-        self,
-        conn: sqlite3.Connection,
-        thread: ThreadPoolExecutor,
-        *,
-        interval: float = 0.025,
-        max_batch: int = 2000,
-        max_pending: int = MAX_PENDING,
+        self, *, interval: float = 0.025, max_batch: int = 2000, max_pending: int = MAX_PENDING
     ) -> None:
         _check_interval(interval)
-        self.conn = conn
-        self.thread = thread
         self.interval = interval
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -106,18 +102,21 @@ class Writer:
         self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._give_up_at: float | None = None  # set by aclose
 
-    @classmethod
-    async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
-        """A writer on its own connection to `path` (already migrated), opened on its own thread."""
-        _check_interval(interval)  # before a thread and a connection exist to be leaked
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p402-store-writer")
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(thread, open_sync, path)
-        except BaseException:
-            thread.shutdown(wait=False)
-            raise
-        return cls(conn, thread, interval=interval)
+    async def _transact(self, writes: list[Write]) -> list[int]:
+        """Commit `writes` as one transaction; the rows each changed."""
+        raise NotImplementedError
+
+    def _is_busy(self, error: BaseException) -> bool:
+        """The batch could not be committed now but may be later: it is retried, never dropped."""
+        raise NotImplementedError
+
+    def _is_constraint(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.IntegrityError)
+
+    async def _close(self) -> None:
+        """Release the engine's connection."""
 
     def start(self) -> None:
         if self._task is None:
@@ -176,14 +175,14 @@ class Writer:
         if self._closed:
             return
         self._closed = True
+        self._give_up_at = time.monotonic() + CLOSE_GRACE_S
         try:
             if self._task is not None:
                 self._queue.put_nowait(_STOP)
                 self._urgent.set()
                 await self._task
         finally:
-            await asyncio.get_running_loop().run_in_executor(self.thread, self.conn.close)
-            self.thread.shutdown(wait=False)
+            await self._close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -231,15 +230,17 @@ class Writer:
         self.stats.largest_batch = max(self.stats.largest_batch, len(writes))
         try:
             await self._commit_retrying(writes)
-        except sqlite3.Error as error:
-            if len(writes) == 1:
+        except self.errors as error:
+            if self._is_busy(error):  # closing, and the database still refuses: these rows are lost
+                self._lost(writes, error)
+            elif len(writes) == 1:
                 self._failed(writes[0], error)
             else:
                 # One bad row must not sink the rest: write them one by one, each in its own transaction.
                 for write in writes:
                     try:
                         await self._commit_retrying([write])
-                    except sqlite3.Error as single_error:
+                    except self.errors as single_error:
                         self._failed(write, single_error)
         finally:
             for write in writes:
@@ -250,20 +251,19 @@ class Writer:
                         log.exception("store writer: done-callback failed")
 
     async def _commit_retrying(self, writes: list[Write]) -> None:
-        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             try:
-                counts = await loop.run_in_executor(self.thread, self._transaction, writes)
-            except sqlite3.OperationalError as error:
-                # Another process holds the lock past busy_timeout: wait and try the batch again, for as
-                # long as it takes. Dropping it would lose answered requests from the ledger.
-                if not is_busy(error):
+                counts = await self._transact(writes)
+            except self.errors as error:
+                # Another process holds the lock, or the server is away: wait and try the batch again,
+                # for as long as it takes. Dropping it would lose answered requests from the ledger.
+                if not self._is_busy(error) or (self._give_up_at is not None and time.monotonic() > self._give_up_at):
                     raise
                 attempt += 1
                 self.stats.retries += 1
                 if attempt % 10 == 1:
-                    log.warning("store writer: database locked; %d writes wait (try %d)", self.pending, attempt)
+                    log.warning("store writer: %s; %d writes wait (try %d)", _first_line(error), self.pending, attempt)
                 await asyncio.sleep(min(MAX_BACKOFF_S, 0.05 * attempt))
                 continue
             self.stats.batches += 1
@@ -272,6 +272,73 @@ class Writer:
                 if write.result is not None and not write.result.done():
                     write.result.set_result(count)
             return
+
+    def _made(self, later: _Later) -> list[Write]:
+        try:
+            writes = [Write(sql, params) for sql, params in later.make()]
+        except Exception as error:  # a bug in a row builder loses its rows, never the batch
+            self.stats.failed += 1
+            self.stats.errors.append(f"{type(error).__name__}: {error} while making rows")
+            log.exception("store writer: could not make rows")
+            writes = []
+        if later.done is not None:
+            if writes:
+                writes[-1].done = later.done
+            else:
+                later.done()
+        return writes
+
+    def _lost(self, writes: list[Write], error: BaseException) -> None:
+        self.stats.failed += len(writes)
+        message = f"{len(writes)} writes lost at close: {_first_line(error)}"
+        self.stats.errors.append(message)
+        log.error("store writer: %s", message)
+        for write in writes:
+            if write.result is not None and not write.result.done():
+                write.result.set_exception(StoreError(f"database write failed: {_first_line(error)}"))
+
+    def _failed(self, write: Write, error: BaseException) -> None:
+        self.stats.failed += 1
+        if write.result is not None and not write.result.done():
+            kind = ConstraintError if self._is_constraint(error) else StoreError
+            failure = kind(f"database write failed: {_first_line(error)}")
+            failure.__cause__ = error  # a caller may tell a broken constraint from a broken disk
+            write.result.set_exception(failure)
+            return
+        message = f"{type(error).__name__}: {_first_line(error)} in {write.sql.split('(')[0].strip()}"
+        self.stats.errors.append(message)
+        log.error("store writer dropped a row: %s", message)
+
+
+class Writer(BatchWriter):
+    """The SQLite file's writer: its own connection, used only from its own thread."""
+
+    def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor, **options: Any) -> None:
+        super().__init__(**options)
+        self.conn = conn
+        self.thread = thread
+
+    @classmethod
+    async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
+        """A writer on its own connection to `path` (already migrated), opened on its own thread."""
+        _check_interval(interval)  # before a thread and a connection exist to be leaked
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p402-store-writer")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(thread, open_sync, path)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        return cls(conn, thread, interval=interval)
+
+    async def _transact(self, writes: list[Write]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.thread, self._transaction, writes)
+
+    def _is_busy(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.OperationalError) and is_busy(error)
+
+    async def _close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.thread, self.conn.close)
+        self.thread.shutdown(wait=False)
 
     def _transaction(self, writes: list[Write]) -> list[int]:
         """One batch, on the writer's thread: all of it committed, or none."""
@@ -291,31 +358,9 @@ class Writer:
             cursor.close()
         return counts
 
-    def _made(self, later: _Later) -> list[Write]:
-        try:
-            writes = [Write(sql, params) for sql, params in later.make()]
-        except Exception as error:  # a bug in a row builder loses its rows, never the batch
-            self.stats.failed += 1
-            self.stats.errors.append(f"{type(error).__name__}: {error} while making rows")
-            log.exception("store writer: could not make rows")
-            writes = []
-        if later.done is not None:
-            if writes:
-                writes[-1].done = later.done
-            else:
-                later.done()
-        return writes
 
-    def _failed(self, write: Write, error: sqlite3.Error) -> None:
-        self.stats.failed += 1
-        if write.result is not None and not write.result.done():
-            failure = StoreError(f"database write failed: {error}")
-            failure.__cause__ = error  # a caller may tell a broken constraint from a broken disk
-            write.result.set_exception(failure)
-            return
-        message = f"{type(error).__name__}: {error} in {write.sql.split('(')[0].strip()}"
-        self.stats.errors.append(message)
-        log.error("store writer dropped a row: %s", message)
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _check_interval(interval: float) -> None:

@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     from .launch import run_app
 
     temp_dir = None if args.db else tempfile.mkdtemp(prefix="p402-demo-")
-    db_path = Path(args.db) if args.db else Path(temp_dir) / "demo.db"  # type: ignore[arg-type]
+    from ..core.config import store_target
+
+    db_path = store_target(args.db) if args.db else Path(temp_dir) / "demo.db"  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def open_source():
