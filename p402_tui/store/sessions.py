@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core.errors import P402Error
 from ..core.sessions import SESSION_STATUSES, SessionStatus
+from . import shared
 from .db import StoreError
 from .store import Store
 
@@ -215,6 +216,8 @@ async def update_session(
         raise
     if not changed:
         raise SessionNotFoundError(f"no session {session_id!r}; `p402 sessions list` shows them")
+    if "budget_usd" in changes:
+        shared.forget(store, f"session:{session_id}")  # made again from the ledger, which holds every request
     return await get_session(store, session_id)
 
 
