@@ -40,6 +40,7 @@ class Runtime:
     cache: Any = None  # cache.SemanticCache once persistence is on
     sim: RunningSim | None = None
     gateways: list[Any] = field(default_factory=list)  # gateway.server.RunningGateway, stopped first on exit
+    fleet: Any = None  # fleet.link.FleetLink while a gateway serves with [fleet] enabled
 
     @classmethod
     @asynccontextmanager
@@ -81,6 +82,8 @@ class Runtime:
 
                     task = asyncio.create_task(retain(store, settings.file.store.retention_days), name="p402-retention")
                     stack.push_async_callback(_stopped, task)  # before the store closes
+                upkeep = asyncio.create_task(_reclaim_holds(store), name="p402-reclaim-holds")
+                stack.push_async_callback(_stopped, upkeep)
                 # Provider embeddings use the orchestrator's adapters, looked up when first needed.
                 cache = SemanticCache.from_config(
                     store, settings.cache, adapter_for=lambda provider: orchestrator.adapter(provider)
@@ -109,13 +112,43 @@ class Runtime:
         """Serve the HTTP gateway in this loop; the handle has `url` and `stop()` (also done on exit)."""
         from .gateway.server import serve
 
+        await self._join_fleet()
         running = await serve(self, host, port)
         self.gateways.append(running)
         return running
 
+    async def _join_fleet(self) -> None:
+        """With [fleet] enabled (or P402_FLEET=1), tell the other gateways on this database what happens here."""
+        conf = self.settings.file.fleet
+        env = self.settings.env
+        if self.fleet is not None or self.store is None or not (conf.enabled or env.get("P402_FLEET") == "1"):
+            return
+        from .fleet.bus import gateway_id
+        from .fleet.link import FleetLink, open_bus
+
+        bus = open_bus(self.store, gateway_id(conf.name or env.get("P402_FLEET_NAME")))
+        link = FleetLink(bus, self.bus, self.orchestrator.health, self.cache, relay_events=conf.events)
+        await link.start()
+        self.fleet = link
+
     async def stop_gateways(self) -> None:
         while self.gateways:
             await self.gateways.pop().stop()
+        if self.fleet is not None:
+            fleet, self.fleet = self.fleet, None
+            await fleet.aclose()
+
+
+async def _reclaim_holds(store: Any, every_s: float = 60.0) -> None:
+    """Give back the budget reservations of processes that died (their holds expired), now and then."""
+    from .store import shared
+
+    while True:
+        try:
+            shared.reclaim(store)
+        except Exception:  # the store closing: the next process reclaims what is left
+            return
+        await asyncio.sleep(every_s)
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:

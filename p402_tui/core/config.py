@@ -182,6 +182,15 @@ class GatewayConfig(_Section):
     max_connections: int = Field(default=4096, ge=1)
 
 
+class FleetConfig(_Section):
+    # Several gateways on one database: each tells the others of the circuits it opens, the answers it
+    # caches and (with `events`) every event it publishes, so each shows the fleet's. `name` labels this
+    # gateway (default hostname:pid). P402_FLEET=1 and P402_FLEET_NAME do the same from the environment.
+    enabled: bool = False
+    name: str | None = None
+    events: bool = True
+
+
 class HealthConfig(_Section):
     """Outlier ejection (core/health.py), after Envoy's, with defaults for a handful of providers.
 
@@ -274,6 +283,7 @@ class ConfigFile(_Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
 
 
 @dataclass(frozen=True, slots=True)
