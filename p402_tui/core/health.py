@@ -166,11 +166,12 @@ class _Gate:
     """Ejection and throttle state of one model or one provider."""
 
     __slots__ = ("state", "until", "ejections", "reason", "trials", "since", "closed_at", "hard",
-                 "throttled_until", "throttle_reason", "limited", "missing", "scope", "target")
+                 "throttled_until", "throttle_reason", "limited", "missing", "scope", "target", "source")
 
     def __init__(self, scope: str = "provider", target: str = "") -> None:
         self.scope = scope  # provider | model
         self.target = target  # its id
+        self.source: str | None = None  # the other gateway whose ejection or throttle holds it (None: this one's)
         self.state = CLOSED
         self.until = 0.0  # while OPEN: clock time half-open begins
         self.ejections = 0  # in a row: the backoff's exponent
@@ -458,6 +459,7 @@ class HealthTracker:
             gate.throttled_until = until
             scope = "key quota" if key_wide else model_id
             gate.throttle_reason = f"rate limited ({scope}): retry after {wait:g}s"
+            gate.source = None
             self._wake_at(wait)
             self._tell(gate, "throttle", wait, gate.throttle_reason)
 
@@ -473,6 +475,7 @@ class HealthTracker:
         gate.reason = reason
         gate.trials.clear()
         gate.missing = False
+        gate.source = None
         self._wake_at(wait_s)
         self._tell(gate, "eject", wait_s, reason)
 
@@ -495,6 +498,7 @@ class HealthTracker:
                 return
             gate.throttled_until = now + wait
             gate.throttle_reason = label
+            gate.source = source
         else:
             if gate.ejected(now) and gate.until >= now + wait:
                 return
@@ -502,6 +506,7 @@ class HealthTracker:
             gate.until = now + wait
             gate.reason = label
             gate.trials.clear()
+            gate.source = source
         self._wake_at(wait)
         self._changed(target if scope == "provider" else target.split("/", 1)[0])
 
@@ -711,10 +716,11 @@ class HealthTracker:
             model_gate = self._model_gates.get(model_id)
             if model_gate is None:
                 continue
+            by = f", from {model_gate.source}" if model_gate.source else ""
             if model_gate.throttled(now):
-                held.append(f"{model_id} throttled ({model_gate.throttled_until - now:.1f}s)")
+                held.append(f"{model_id} throttled ({model_gate.throttled_until - now:.1f}s{by})")
             elif model_gate.ejected(now):
-                held.append(f"{model_id} ejected ({model_gate.until - now:.1f}s)")
+                held.append(f"{model_id} ejected ({model_gate.until - now:.1f}s{by})")
         if held:
             return DEGRADED, CLOSED, "; ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else ""), None
         stats = self._providers.get(provider)
