@@ -174,3 +174,27 @@ def test_health_holds_what_another_gateway_ejected_or_throttled():
     assert changes and changes[-1]["circuit"] == "open"
     here.apply_remote("provider", "gemini", "eject", time.time() - 1, "long over", "gw-a")
     assert not here.blocked("gemini")
+
+
+async def test_an_entry_cached_in_one_process_is_adopted_with_its_vector_by_another(two_stores):
+    from test_cache import ask, remember
+
+    from p402_tui.cache.embedders import load_embedder
+    from p402_tui.cache.semantic import SemanticCache
+
+    embedder, _ = load_embedder("minilm")
+    a, b = two_stores
+    here, there = SemanticCache(a, embedder=embedder), SemanticCache(b, embedder=embedder)
+    await here.ready()
+    await there.ready()  # loaded before the entry existed: only the bus can tell it
+    told: list = []
+    here.on_insert = lambda namespace, key: told.append((namespace, key))
+    await remember(here, ask("How do I undo the last git commit?"), "git reset --soft HEAD~1")
+    await a.flush()
+    assert len(told) == 1
+    assert await there.adopt(*told[0])
+    exact = await there.lookup(ask("How do I undo the last git commit?"), None, "default", request_id="x")
+    close = await there.lookup(ask("How can I undo my most recent git commit?"), None, "default", request_id="y")
+    assert exact.match == "exact" and close.match == "semantic"  # the vector came with it, from the store
+    assert close.response.content == "git reset --soft HEAD~1" and there.info()["indexed"] == 1
+    assert not await there.adopt("default", "no-such-key")

@@ -8,6 +8,7 @@ for tokens and budget on the decision's worst-case estimate, and settles it afte
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -43,6 +44,10 @@ def _limited(message: str, verdict: Verdict) -> RateLimitedError:
     return RateLimitedError(message, headers=headers)
 
 
+async def _maybe(work: Any) -> Any:
+    return None if work is None else await work
+
+
 class Admission:
     """One request's claim on its key's tokens and budget, from routing to its ledger row."""
 
@@ -59,31 +64,42 @@ class Admission:
         policy = self.key.rules.policy
         engine = self.engine
         scope = f"key:{self.key.id}"
+        estimate = decision.prompt_tokens + decision.est_output_tokens
+        now = engine.now()
+        # Both asked at once: their writes share one commit. A refusal of either gives back what the other took.
+        tokens = budget = None
         if policy.tpm is not None:
-            estimate = decision.prompt_tokens + decision.est_output_tokens
-            now = engine.now()
-            taken, window = await shared.take(engine.store, scope, now, tokens=estimate, tpm=policy.tpm)
+            tokens = shared.take(engine.store, scope, now, tokens=estimate, tpm=policy.tpm)
+        if policy.budget_usd is not None:
+            budget = engine.budgets.reserve(
+                self.key.id, policy.budget_usd, policy.budget_period, ctx.request_id, decision.est_cost_usd
+            )
+        took, reserved = await asyncio.gather(_maybe(tokens), _maybe(budget), return_exceptions=True)
+        counted = took is not None and not isinstance(took, BaseException)
+        rate_refused = counted and not took[0]  # type: ignore[index]
+        if rate_refused or isinstance(took, BaseException) or isinstance(reserved, BaseException):
+            if counted and took[0]:  # type: ignore[index]
+                shared.retoken(engine.store, scope, took[1].start, -estimate)  # type: ignore[index]
+            if budget is not None and not isinstance(reserved, BaseException):
+                engine.budgets.settle(ctx.request_id, 0.0)
+            if isinstance(took, BaseException):
+                raise took
+            if not rate_refused:  # the budget refused (a refusal of the rate is told below, first)
+                if isinstance(reserved, PolicyError):
+                    engine.refused(self.key.id, reserved.kind)
+                raise reserved  # type: ignore[misc]
+        if took is not None:
+            taken, window = took
             engine.seen[self.key.id] = window
             figures = headers(window, policy.rpm, policy.tpm, now)
             if not taken:
                 engine.refused(self.key.id, "rate_limit_exceeded")
                 raise _limited(
                     f"this key may use {policy.tpm} tokens a minute; this request is estimated at {estimate}",
-                    Verdict(False, token_wait(window, estimate, policy.tpm, now), figures),
+                    Verdict(False, token_wait(window, estimate, policy.tpm, now), figures),  # type: ignore[arg-type]
                 )
             self.headers.update(figures)
             self.tokens = (window.start, estimate)
-        if policy.budget_usd is not None:
-            try:
-                await engine.budgets.reserve(
-                    self.key.id, policy.budget_usd, policy.budget_period, ctx.request_id, decision.est_cost_usd
-                )
-            except PolicyError:
-                if self.tokens is not None:
-                    shared.retoken(engine.store, scope, self.tokens[0], -self.tokens[1])
-                    self.tokens = None
-                engine.refused(self.key.id, "budget_exceeded")
-                raise
         self.reserved = True
 
     def settle(self, record: Any) -> None:
