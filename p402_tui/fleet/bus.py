@@ -50,6 +50,9 @@ class FleetBus(Protocol):
     def publish(self, kind: str, payload: dict[str, Any]) -> None:
         """Send to every other gateway; never waits."""
 
+    def publish_later(self, kind: str, make: Callable[[], dict[str, Any]]) -> None:
+        """Send what `make()` returns, made off the request's path (when the message is written or sent)."""
+
     def subscribe(self, callback: Listener) -> Callable[[], None]:
         """Call `callback` with each message from another gateway; returns what stops it."""
 
@@ -99,6 +102,13 @@ class StoreBus:
     def publish(self, kind: str, payload: dict[str, Any]) -> None:
         self.sent += 1
         self.store.put(_INSERT, (time.time(), self.gateway, kind, json.dumps(payload, separators=(",", ":"))))
+
+    def publish_later(self, kind: str, make: Callable[[], dict[str, Any]]) -> None:
+        self.sent += 1
+        ts = time.time()
+        self.store.put_later(
+            lambda: [(_INSERT, (ts, self.gateway, kind, json.dumps(make(), separators=(",", ":"))))]
+        )
 
     def subscribe(self, callback: Listener) -> Callable[[], None]:
         return self.listeners.add(callback)

@@ -58,7 +58,7 @@ class FleetLink:
         await self.bus.aclose()
 
     def _tell_event(self, event: Event) -> None:
-        self.bus.publish("event", {"event": event.wire(), "api_key_id": _key_of(event)})
+        self.bus.publish_later("event", lambda: {"event": event.wire(), "api_key_id": _key_of(event)})
 
     def _heard(self, message: Message) -> None:
         payload = message.payload

@@ -33,16 +33,29 @@ class PostgresBus:
         self.sent = 0
         self.received = 0
         self.dropped = 0
-        self._outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
+        self._outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
         self._listening = asyncio.Event()
 
     def publish(self, kind: str, payload: dict[str, Any]) -> None:
-        text = json.dumps({"g": self.gateway, "k": kind, "p": payload}, separators=(",", ":"))
-        if len(text.encode()) > MAX_PAYLOAD or self._outbox.full():
+        self.publish_later(kind, lambda: payload)
+
+    def publish_later(self, kind: str, make: Callable[[], dict[str, Any]]) -> None:
+        if self._outbox.full():
             self.dropped += 1
             return
-        self._outbox.put_nowait(text)
+        self._outbox.put_nowait((kind, make))
+
+    def _encoded(self, kind: str, make: Callable[[], dict[str, Any]]) -> str | None:
+        try:
+            text = json.dumps({"g": self.gateway, "k": kind, "p": make()}, separators=(",", ":"))
+        except Exception:
+            log.exception("fleet bus: could not make a %s message", kind)
+            text = None
+        if text is None or len(text.encode()) > MAX_PAYLOAD:
+            self.dropped += 1
+            return None
+        return text
 
     def subscribe(self, callback: Listener) -> Callable[[], None]:
         return self.listeners.add(callback)
@@ -99,10 +112,12 @@ class PostgresBus:
         conn = None
         try:
             while True:
-                text = await self._outbox.get()
-                batch = [text]
-                while not self._outbox.empty() and len(batch) < 100:
-                    batch.append(self._outbox.get_nowait())
+                items = [await self._outbox.get()]
+                while not self._outbox.empty() and len(items) < 100:
+                    items.append(self._outbox.get_nowait())
+                batch = [text for text in (self._encoded(*item) for item in items) if text is not None]
+                if not batch:
+                    continue
                 try:
                     if conn is None or conn.closed:
                         conn = await self._connect()

@@ -97,12 +97,11 @@ async def reserve(
     hold = Hold(f"{scope}|{request_id}", scope, period_start, amount)
     # Queued before the reservation, so it is committed with it or before it: a reservation never lacks its hold.
     store.put(_HOLD, (hold.id, scope, period_start, amount, time.time() + HOLD_TTL_S))
-    row = None
-    for _ in range(2):
+    for tried in range(2):
         if await store.run(_RESERVE, (amount, scope, period_start, amount, budget)):
             return hold, 0.0
         row = await store.fetchone(_USAGE, (scope, period_start))
-        if row is not None:
+        if row is not None or tried:
             break
         # No counter yet: made from the ledger (this process's queued rows first), then tried again.
         await store.flush()
