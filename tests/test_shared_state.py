@@ -119,6 +119,14 @@ async def test_the_store_bus_carries_messages_between_processes_within_a_second(
         assert [(m.gateway, m.kind, m.payload) for m in heard_b] == [("gw-a", "gate", {"target": "openai", "n": 1})]
         await asyncio.sleep(0.3)
         assert heard_a == []  # a gateway never hears itself
+        twin = StoreBus(b, "gw-a")  # another worker under the same name is another gateway all the same
+        heard_twin: list = []
+        twin.subscribe(heard_twin.append)
+        await twin.start()
+        bus_a.publish("cache", {"n": 2})
+        await asyncio.sleep(0.5)
+        await twin.aclose()
+        assert [(m.gateway, m.payload) for m in heard_twin] == [("gw-a", {"n": 2})]
     finally:
         await bus_a.aclose()
         await bus_b.aclose()

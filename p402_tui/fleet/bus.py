@@ -1,7 +1,7 @@
 """The fleet bus: messages from one gateway to every other on the same database.
 
 A message is a kind and a JSON payload, stamped with the gateway that sent it; a gateway never
-hears its own. Delivery is best effort and quick (well within a second): what travels here is
+hears its own (told apart by an instance id, so workers sharing one configured name hear each other). Delivery is best effort and quick (well within a second): what travels here is
 news (a circuit opened, an answer cached, a decision made), never state that must not be lost,
 which lives in the database itself.
 
@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +28,11 @@ log = logging.getLogger("p402.fleet")
 
 KEEP_S = 60.0  # a message older than this is of no use to anyone: pruned
 PRUNE_EVERY_S = 10.0
+
+
+def instance_id() -> str:
+    """What tells this bus apart from every other, whatever its label."""
+    return uuid.uuid4().hex[:12]
 
 
 def gateway_id(name: str | None = None) -> str:
@@ -92,6 +98,7 @@ class StoreBus:
     def __init__(self, store: Any, gateway: str, *, interval: float = 0.2) -> None:
         self.store = store
         self.gateway = gateway
+        self.sender = f"{gateway}#{instance_id()}"  # the row's gateway column: its label, then who sent it
         self.interval = interval
         self.listeners = Listeners()
         self.cursor = 0
@@ -101,13 +108,13 @@ class StoreBus:
 
     def publish(self, kind: str, payload: dict[str, Any]) -> None:
         self.sent += 1
-        self.store.put(_INSERT, (time.time(), self.gateway, kind, json.dumps(payload, separators=(",", ":"))))
+        self.store.put(_INSERT, (time.time(), self.sender, kind, json.dumps(payload, separators=(",", ":"))))
 
     def publish_later(self, kind: str, make: Callable[[], dict[str, Any]]) -> None:
         self.sent += 1
         ts = time.time()
         self.store.put_later(
-            lambda: [(_INSERT, (ts, self.gateway, kind, json.dumps(make(), separators=(",", ":"))))]
+            lambda: [(_INSERT, (ts, self.sender, kind, json.dumps(make(), separators=(",", ":"))))]
         )
 
     def subscribe(self, callback: Listener) -> Callable[[], None]:
@@ -141,8 +148,9 @@ class StoreBus:
         rows = await self.store.fetchall(_SINCE, (self.cursor,))
         for row in rows:
             self.cursor = max(self.cursor, int(row["id"]))
-            if row["gateway"] == self.gateway:
+            if row["gateway"] == self.sender:
                 continue
             self.received += 1
-            self.listeners.deliver(Message(row["gateway"], row["kind"], json.loads(row["payload"])))
+            label = row["gateway"].rpartition("#")[0] or row["gateway"]
+            self.listeners.deliver(Message(label, row["kind"], json.loads(row["payload"])))
         return len(rows)

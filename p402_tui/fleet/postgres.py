@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .bus import Listener, Listeners, Message
+from .bus import Listener, Listeners, Message, instance_id
 
 log = logging.getLogger("p402.fleet")
 
@@ -28,6 +28,7 @@ class PostgresBus:
     def __init__(self, url: str, gateway: str, *, channel: str = CHANNEL) -> None:
         self.url = url
         self.gateway = gateway
+        self.instance = instance_id()  # tells its own messages apart, whatever the label
         self.channel = channel
         self.listeners = Listeners()
         self.sent = 0
@@ -48,7 +49,7 @@ class PostgresBus:
 
     def _encoded(self, kind: str, make: Callable[[], dict[str, Any]]) -> str | None:
         try:
-            text = json.dumps({"g": self.gateway, "k": kind, "p": make()}, separators=(",", ":"))
+            text = json.dumps({"g": self.gateway, "i": self.instance, "k": kind, "p": make()}, separators=(",", ":"))
         except Exception:
             log.exception("fleet bus: could not make a %s message", kind)
             text = None
@@ -101,10 +102,11 @@ class PostgresBus:
         try:
             data = json.loads(text)
             message = Message(data["g"], data["k"], data["p"])
+            own = data.get("i") == self.instance
         except (ValueError, KeyError, TypeError):
             log.warning("fleet bus: a message that is not ours on %s", self.channel)
             return
-        if message.gateway != self.gateway:
+        if not own:
             self.received += 1
             self.listeners.deliver(message)
 
