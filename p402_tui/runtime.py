@@ -126,7 +126,7 @@ class Runtime:
         from .fleet.bus import gateway_id
         from .fleet.link import FleetLink, open_bus
 
-        bus = open_bus(self.store, gateway_id(conf.name or env.get("P402_FLEET_NAME")))
+        bus = open_bus(self.store, gateway_id(conf.name or env.get("P402_FLEET_NAME")), conf.bus_url or env.get("P402_FLEET_BUS"))
         link = FleetLink(bus, self.bus, self.orchestrator.health, self.cache, relay_events=conf.events)
         await link.start()
         self.fleet = link

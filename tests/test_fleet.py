@@ -64,11 +64,17 @@ def store_url(request, tmp_path) -> str:
     return str(tmp_path / "fleet.db")
 
 
+@pytest.fixture(params=["store", "postgres"])
+def bus_url(request) -> str:
+    """The fleet's bus: the store's own, or LISTEN/NOTIFY on a real PostgreSQL."""
+    return request.getfixturevalue("pg_url") if request.param == "postgres" else ""
+
+
 @pytest.fixture
-def fleet(sim, store_url):
+def fleet(sim, store_url, bus_url):
     """Start gateways on the one database: `fleet("gw-a", "gw-b")` -> their URLs by name."""
     served: list[Served] = []
-    env = {"P402_CONFIG": str(sim["config"]), "P402_FLEET": "1"}
+    env = {"P402_CONFIG": str(sim["config"]), "P402_FLEET": "1", "P402_FLEET_BUS": bus_url}
 
     def start(*names: str) -> dict[str, str]:
         urls = {}
@@ -212,7 +218,8 @@ async def test_each_gateway_streams_the_whole_fleets_events_labelled(fleet):
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             labelled = {(e["kind"], e.get("gateway")) for e in seen}
-            if {("route_decided", "gw-a"), ("route_decided", "gw-b"), ("request_completed", "gw-a")} <= labelled:
+            if {("route_decided", "gw-a"), ("route_decided", "gw-b"), ("request_completed", "gw-a"),
+                    ("request_completed", "gw-b")} <= labelled:
                 break
             await asyncio.sleep(0.05)
         task.cancel()

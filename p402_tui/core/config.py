@@ -189,6 +189,9 @@ class FleetConfig(_Section):
     enabled: bool = False
     name: str | None = None
     events: bool = True
+    # The bus: by default the store's own (its table on SQLite, LISTEN/NOTIFY on PostgreSQL); a
+    # postgresql:// URL here (or P402_FLEET_BUS) puts it on that server, whatever the store.
+    bus_url: str | None = None
 
 
 class HealthConfig(_Section):

@@ -82,9 +82,9 @@ class FleetLink:
             log.warning("fleet: could not load a cached answer: %s", task.exception())
 
 
-def open_bus(store: Any, gateway: str) -> FleetBus:
-    """The bus for the store the gateway runs on: LISTEN/NOTIFY on PostgreSQL, the polled table on SQLite."""
-    url = str(getattr(store, "url", "") or "")
+def open_bus(store: Any, gateway: str, url: str | None = None) -> FleetBus:
+    """LISTEN/NOTIFY on the PostgreSQL server at `url`, else on the store's if it is one; else the store's table."""
+    url = url or str(getattr(store, "url", "") or "")
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresBus
 
