@@ -25,7 +25,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from gateway import cpu_seconds, free_port, sim_config  # noqa: E402
+from gateway import cpu_seconds, free_port, sim_config
 
 MODEL = "openai/gpt-4o-mini"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "One word?"}], "max_tokens": 8}

@@ -140,7 +140,7 @@ class StoreBus:
                 if time.monotonic() - pruned > PRUNE_EVERY_S:
                     pruned = time.monotonic()
                     self.store.put(_PRUNE, (time.time() - KEEP_S,))
-            except Exception as error:  # the database away for a moment: the next tick tries again
+            except Exception as error:  # noqa: BLE001 - the database away for a moment: the next tick tries again
                 log.warning("fleet bus: %s", error)
 
     async def poll(self) -> int:

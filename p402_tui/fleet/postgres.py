@@ -94,7 +94,7 @@ class PostgresBus:
                     await conn.close()
             except asyncio.CancelledError:
                 raise
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - a server gone for a while: listened to again
                 log.warning("fleet bus: listening failed (%s); again in %gs", error, RECONNECT_S)
                 await asyncio.sleep(RECONNECT_S)
 
@@ -129,7 +129,7 @@ class PostgresBus:
                     self.sent += len(batch)
                 except asyncio.CancelledError:
                     raise
-                except Exception as error:
+                except Exception as error:  # noqa: BLE001 - news lost, the sender carries on
                     self.dropped += len(batch)
                     log.warning("fleet bus: sending failed (%s)", error)
                     if conn is not None:
