@@ -41,6 +41,7 @@ class Runtime:
     sim: RunningSim | None = None
     gateways: list[Any] = field(default_factory=list)  # gateway.server.RunningGateway, stopped first on exit
     fleet: Any = None  # fleet.link.FleetLink while a gateway serves with [fleet] enabled
+    upkeep: asyncio.Task[None] | None = None  # while a gateway serves: reclaims dead processes' budget holds
 
     @classmethod
     @asynccontextmanager
@@ -82,8 +83,6 @@ class Runtime:
 
                     task = asyncio.create_task(retain(store, settings.file.store.retention_days), name="p402-retention")
                     stack.push_async_callback(_stopped, task)  # before the store closes
-                upkeep = asyncio.create_task(_reclaim_holds(store), name="p402-reclaim-holds")
-                stack.push_async_callback(_stopped, upkeep)
                 # Provider embeddings use the orchestrator's adapters, looked up when first needed.
                 cache = SemanticCache.from_config(
                     store, settings.cache, adapter_for=lambda provider: orchestrator.adapter(provider)
@@ -113,6 +112,8 @@ class Runtime:
         from .gateway.server import serve
 
         await self._join_fleet()
+        if self.store is not None and self.upkeep is None:
+            self.upkeep = asyncio.create_task(_reclaim_holds(self.store), name="p402-reclaim-holds")
         running = await serve(self, host, port)
         self.gateways.append(running)
         return running
@@ -137,6 +138,9 @@ class Runtime:
         if self.fleet is not None:
             fleet, self.fleet = self.fleet, None
             await fleet.aclose()
+        if self.upkeep is not None:
+            upkeep, self.upkeep = self.upkeep, None
+            await _stopped(upkeep)
 
 
 async def _reclaim_holds(store: Any, every_s: float = 60.0) -> None:
