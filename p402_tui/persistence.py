@@ -6,15 +6,14 @@ is queued for the writer task, so recording never slows an answer down.
 With `strict` durability, each ledger row is queued for an immediate commit and
 `committed(request_id)` waits for it: the gateway holds an answer's last byte until then.
 
-Budgets are checked against what the ledger holds plus what is queued but not yet
-committed plus what requests in flight estimated, so a burst of concurrent
-requests cannot slip past a budget between two commits.
+A session's budget is reserved in the database on each request's estimate and settled on
+its cost (`store.shared`), so concurrent requests, in this process or in any other gateway on
+the same database, cannot together slip past it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from typing import Any
 
 from .cache.semantic import SemanticCache, exact_key
@@ -30,6 +29,7 @@ from .store.queries import (
     health_row,
     request_row,
 )
+from .store import shared
 from .store.sessions import INSERT_MESSAGE, SessionInactiveError, get_session
 from .store.store import Store
 
@@ -45,10 +45,7 @@ class Persistence:
         self.strict = strict
         self._commits: dict[str, asyncio.Future[None]] = {}  # strict: request id -> its row's commit
         self._keying: set[asyncio.Task[None]] = set()  # large prompts' ledger rows, keyed on the pool first
-        # Per session: USD queued for the ledger, and USD of it committed (both only grow).
-        self._queued: defaultdict[str, float] = defaultdict(float)
-        self._committed: defaultdict[str, float] = defaultdict(float)
-        self._reserved: dict[str, tuple[str, float]] = {}  # request id -> (session id, estimated USD)
+        self._holds: dict[str, shared.Hold] = {}  # request id -> its reservation on its session's budget
         self._parts_put: set[bytes] = set()  # digests of the decision parts already queued
 
     # --- before the call -------------------------------------------------------------
@@ -65,25 +62,24 @@ class Persistence:
         session_id = ctx.session_id
         if session_id is None:
             return
-        committed_before = self._committed[session_id]
         session = await get_session(self.store, session_id)
         _require_active(session)
         budget = session["budget_usd"]
-        if budget is not None:
-            # Counted from before the read: a commit during it is counted twice, never missed.
-            unflushed = self._queued[session_id] - committed_before
-            in_flight = sum(cost for sid, cost in self._reserved.values() if sid == session_id)
-            spent = session["spent_usd"] + unflushed + in_flight
-            if spent + est_cost_usd > budget:
-                raise BudgetExceededError(
-                    f"session {session['name']!r} ({session_id}) has ${budget - spent:.6f} of its "
-                    f"${budget:.6f} budget left; this request is estimated at ${est_cost_usd:.6f}",
-                    session_id=session_id,
-                    budget_usd=budget,
-                    spent_usd=spent,
-                    estimated_usd=est_cost_usd,
-                )
-        self._reserved[ctx.request_id] = (session_id, est_cost_usd)
+        if budget is None:
+            return
+        hold, spent = await shared.reserve(
+            self.store, f"session:{session_id}", 0.0, est_cost_usd, budget, ctx.request_id
+        )
+        if hold is None:
+            raise BudgetExceededError(
+                f"session {session['name']!r} ({session_id}) has ${max(0.0, budget - spent):.6f} of its "
+                f"${budget:.6f} budget left; this request is estimated at ${est_cost_usd:.6f}",
+                session_id=session_id,
+                budget_usd=budget,
+                spent_usd=spent,
+                estimated_usd=est_cost_usd,
+            )
+        self._holds[ctx.request_id] = hold
 
     # --- after the call ----------------------------------------------------------------
 
@@ -116,19 +112,15 @@ class Persistence:
         options: RouteOptions,
         ctx: CallContext,
     ) -> None:
-        self._reserved.pop(ctx.request_id, None)
+        hold = self._holds.pop(ctx.request_id, None)
+        if hold is not None:
+            shared.settle(self.store, hold, record.cost_usd)
         session_id = record.session_id
-        charged = session_id is not None and record.cost_usd
-        if charged:
-            self._queued[session_id] += record.cost_usd  # type: ignore[index]
         landed: asyncio.Future[None] | None = None
         if self.strict:
             landed = self._commits[ctx.request_id] = asyncio.get_running_loop().create_future()
-        cost = record.cost_usd
 
         def done() -> None:
-            if charged:
-                self._committed[session_id] += cost  # type: ignore[index]
             if landed is not None:
                 self._commits.pop(ctx.request_id, None)
                 if not landed.done():

@@ -42,6 +42,8 @@ class Runtime:
     sim: RunningSim | None = None
     sim_url: str | None = None  # where the simulated providers answer: this process's simulator or another's
     gateways: list[Any] = field(default_factory=list)  # gateway.server.RunningGateway, stopped first on exit
+    fleet: Any = None  # fleet.link.FleetLink while a gateway serves with [fleet] enabled
+    upkeep: asyncio.Task[None] | None = None  # while a gateway serves: reclaims dead processes' budget holds
 
     @classmethod
     @asynccontextmanager
@@ -128,13 +130,48 @@ class Runtime:
         """
         from .gateway.server import serve
 
+        await self._join_fleet()
+        if self.store is not None and self.upkeep is None:
+            self.upkeep = asyncio.create_task(_reclaim_holds(self.store), name="p402-reclaim-holds")
         running = await serve(self, host, port, sock=sock)
         self.gateways.append(running)
         return running
 
+    async def _join_fleet(self) -> None:
+        """With [fleet] enabled (or P402_FLEET=1), tell the other gateways on this database what happens here."""
+        conf = self.settings.file.fleet
+        env = self.settings.env
+        if self.fleet is not None or self.store is None or not (conf.enabled or env.get("P402_FLEET") == "1"):
+            return
+        from .fleet.bus import gateway_id
+        from .fleet.link import FleetLink, open_bus
+
+        bus = open_bus(self.store, gateway_id(conf.name or env.get("P402_FLEET_NAME")), conf.bus_url or env.get("P402_FLEET_BUS"))
+        link = FleetLink(bus, self.bus, self.orchestrator.health, self.cache, relay_events=conf.events)
+        await link.start()
+        self.fleet = link
+
     async def stop_gateways(self) -> None:
         while self.gateways:
             await self.gateways.pop().stop()
+        if self.fleet is not None:
+            fleet, self.fleet = self.fleet, None
+            await fleet.aclose()
+        if self.upkeep is not None:
+            upkeep, self.upkeep = self.upkeep, None
+            await _stopped(upkeep)
+
+
+async def _reclaim_holds(store: Any, every_s: float = 60.0) -> None:
+    """Give back the budget reservations of processes that died (their holds expired), now and then."""
+    from .store import shared
+
+    while True:
+        try:
+            shared.reclaim(store)
+        except Exception:  # the store closing: the next process reclaims what is left
+            return
+        await asyncio.sleep(every_s)
 
 
 async def _stopped(task: asyncio.Task[None]) -> None:

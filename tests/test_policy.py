@@ -367,10 +367,15 @@ async def test_a_streamed_answer_settles_the_key_budget_like_a_whole_one(runtime
         )
         chunks = [chunk async for chunk in stream]
     assert chunks[-1].usage.total_tokens > 0
-    book = engine.budgets.books[record["id"]]
-    assert book.reserved == {} and book.settled_usd > 0  # the estimate gave way to the real cost
-    window = engine.windows[record["id"]]
-    assert window.used_tokens() == chunks[-1].usage.total_tokens
+    await runtime.store.flush()
+    scope = f"key:{record['id']}"
+    usage = await runtime.store.fetchone("SELECT spent, reserved FROM budget_usage WHERE scope = ?", (scope,))
+    cost = await runtime.store.scalar("SELECT SUM(cost_usd) FROM requests WHERE api_key_id = ?", (record["id"],))
+    assert engine.budgets.holds == {} and usage["reserved"] == pytest.approx(0.0, abs=1e-12)
+    assert usage["spent"] == pytest.approx(cost) and cost > 0  # the estimate gave way to the real cost
+    assert await runtime.store.scalar("SELECT COUNT(*) FROM budget_holds") == 0
+    tokens = await runtime.store.scalar("SELECT tokens FROM rate_windows WHERE scope = ?", (scope,))
+    assert tokens == chunks[-1].usage.total_tokens
 
 
 def test_no_key_reaches_the_logs_of_p402_serve_or_its_database(tmp_path, sim_process):

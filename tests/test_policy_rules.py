@@ -1,4 +1,4 @@
-"""The policy's pure parts: detectors, pattern matching, windows, periods."""
+"""The policy's pure parts: detectors, pattern matching, rate-limit headers, periods."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 
 from p402_tui.policy.budget import period_bounds
 from p402_tui.policy.guardrails import compile_redactor, iban_ok, luhn_ok
-from p402_tui.policy.limits import Window, duration
+from p402_tui.policy.limits import duration, headers, token_wait
 from p402_tui.policy.rules import compile_policy, model_matches, parse_policy
+from p402_tui.store.shared import Window
 
 
 def redact(text: str, *rules: str) -> tuple[str, Counter]:
@@ -60,20 +61,16 @@ def test_a_bad_policy_names_its_field(policy, field):
         parse_policy(policy)
 
 
-def test_the_window_slides_and_says_when_to_come_back():
-    window = Window()
-    for t in (0.0, 10.0, 20.0):
-        assert window.take_request(3, None, t).ok
-    refused = window.take_request(3, None, 30.0)
-    assert not refused.ok and refused.retry_after_s == pytest.approx(30.0)
-    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
-    assert refused.headers["x-ratelimit-reset-requests"] == "30s"
-    assert window.take_request(3, None, 60.5).ok  # the first has left the window
-    assert window.take_tokens("a", 80, 100, None, 61.0).ok
-    held = window.take_tokens("b", 30, 100, None, 70.0)
-    assert not held.ok and held.retry_after_s == pytest.approx(51.0)
-    window.settle_tokens("a", 50)  # the real count was lower: room again
-    assert window.take_tokens("b", 30, 100, None, 70.0).ok
+def test_a_window_says_what_is_left_and_when_to_come_back():
+    window = Window(start=100.0, requests=3, tokens=80)
+    figures = headers(window, 3, 100, 130.0)
+    assert figures["x-ratelimit-remaining-requests"] == "0" and figures["x-ratelimit-reset-requests"] == "30s"
+    assert figures["x-ratelimit-remaining-tokens"] == "20" and figures["x-ratelimit-reset-tokens"] == "30s"
+    assert window.reset_in(130.0) == pytest.approx(30.0) and window.reset_in(200.0) == 0.0
+    assert token_wait(window, 30, 100, 130.0) == pytest.approx(30.0)
+    assert token_wait(window, 101, 100, 130.0) == 60.0  # it can never fit: a whole window
+    assert headers(Window(0.0, 0, 0), None, 10, 5.0) == {
+        "x-ratelimit-limit-tokens": "10", "x-ratelimit-remaining-tokens": "10", "x-ratelimit-reset-tokens": "0ms"}
     assert [duration(s) for s in (0.02, 1, 59.2, 360)] == ["20ms", "1s", "1m0s", "6m0s"]
 
 

@@ -514,6 +514,8 @@ class SemanticCache:
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
         self._probes: OrderedDict[str, _Probe] = OrderedDict()
         self._ready: asyncio.Task[None] | None = None
+        # Told (namespace, exact key) once an entry made here is committed: the other gateways of a fleet `adopt` it.
+        self.on_insert: Callable[[str, str], None] | None = None
         self._asks: list[_Ask] = []  # lookups waiting for the next batch
         self._in_flight: list[_Ask] = []  # the batch on the pool
         self._asking = False  # a batch is on the pool, or about to be sent
@@ -965,6 +967,8 @@ class SemanticCache:
 
         def committed() -> None:
             entry.payload = None
+            if self.on_insert is not None and self._entries.get(key) is entry:
+                self.on_insert(entry.namespace, entry.exact_key)
 
         self.store.put(
             _INSERT,
@@ -974,6 +978,40 @@ class SemanticCache:
             done=committed,
         )  # fmt: skip
         self.stats.inserts += 1
+        self._evict_overflow()
+        return True
+
+    async def adopt(self, namespace: str, exact_key: str) -> bool:
+        """An entry another process cached: read from the store, vector and all, into this process's tiers."""
+        if not self.enabled:
+            return False
+        await self.ready()
+        row = await self.store.fetchone(
+            "SELECT namespace, exact_key, scope_key, prompt, model, cost_usd, created, last_hit, hits, embedder, "
+            "embedding FROM semantic_cache WHERE namespace = ? AND exact_key = ?",
+            (namespace, exact_key),
+        )
+        if row is None:
+            return False
+        key = (namespace, exact_key)
+        old = self._entries.get(key)
+        if old is not None:
+            self._drop(old)
+        entry = Entry(
+            namespace=namespace, exact_key=exact_key, scope_key=row["scope_key"], prompt=row["prompt"],
+            model=row["model"], cost_usd=row["cost_usd"], created=row["created"], last_hit=row["last_hit"],
+            hits=row["hits"],
+        )  # fmt: skip
+        self._entries[key] = entry
+        current = self.embedder.name if self.embedder is not None else None
+        if row["embedding"] and row["embedder"] == current:
+            vector = np.frombuffer(row["embedding"], dtype=np.float32)
+            index = self._indexes.get((namespace, entry.scope_key))
+            if index is None:
+                index = self._indexes[(namespace, entry.scope_key)] = VectorIndex(vector.shape[0])
+            if index.dim == vector.shape[0]:
+                entry.index = index
+                entry.row = index.add(vector, entry)
         self._evict_overflow()
         return True
 

@@ -90,13 +90,14 @@ def event_from_dict(kind: str, data: dict[str, Any]) -> Event | None:
     A `route_decided` from the gateway carries a `DecisionBrief`; one whole (as in process) a `RouteDecision`.
     """
     ts = float(data.get("ts") or time.time())
+    gateway = data.get("gateway")  # the gateway of a fleet that made it
     if kind == RouteDecided.kind:
         decision = data["decision"]
         if isinstance(decision.get("candidates"), list):
-            return RouteDecided(decision=RouteDecision.from_dict(decision), ts=ts)
-        return RouteDecided(decision=DecisionBrief.from_dict(decision), ts=ts)
+            return RouteDecided(decision=RouteDecision.from_dict(decision), ts=ts, gateway=gateway)
+        return RouteDecided(decision=DecisionBrief.from_dict(decision), ts=ts, gateway=gateway)
     if kind == RequestCompleted.kind:
-        return RequestCompleted(record=record_from_dict(data["record"]), ts=ts)
+        return RequestCompleted(record=record_from_dict(data["record"]), ts=ts, gateway=gateway)
     for cls in (AttemptFailed, RequestRejected, HealthChanged, SpendUpdated, CacheHit):
         if kind == cls.kind:
             return cls(**_fields(cls, data), ts=ts)

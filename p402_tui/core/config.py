@@ -224,6 +224,18 @@ class TelemetryConfig(_Section):
     otel: bool = False
 
 
+class FleetConfig(_Section):
+    # Several gateways on one database: each tells the others of the circuits it opens, the answers it
+    # caches and (with `events`) every event it publishes, so each shows the fleet's. `name` labels this
+    # gateway (default hostname:pid). P402_FLEET=1 and P402_FLEET_NAME do the same from the environment.
+    enabled: bool = False
+    name: str | None = None
+    events: bool = True
+    # The bus: by default the store's own (its table on SQLite, LISTEN/NOTIFY on PostgreSQL); a
+    # postgresql:// URL here (or P402_FLEET_BUS) puts it on that server, whatever the store.
+    bus_url: str | None = None
+
+
 class HealthConfig(_Section):
     """Outlier ejection (core/health.py), after Envoy's, with defaults for a handful of providers.
 
@@ -317,6 +329,7 @@ class ConfigFile(_Section):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
 
 
 @dataclass(frozen=True, slots=True)

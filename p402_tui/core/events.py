@@ -29,11 +29,14 @@ class Event:
 
     kind: ClassVar[str] = "event"
     ts: float = field(default_factory=time.time, kw_only=True)
+    gateway: str | None = field(default=None, kw_only=True, compare=False)  # which gateway of a fleet made it
     # Its wire form, made by the first subscriber that sends it and shared by the rest.
     frame: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"kind": self.kind, "ts": self.ts}
+        if self.gateway is not None:
+            data["gateway"] = self.gateway
         data.update(self.payload())
         return data
 
@@ -59,7 +62,10 @@ class RouteDecided(Event):
     def wire(self) -> dict[str, Any]:
         # ~0.35 kB rather than ~40 kB with every candidate: hundreds of subscribers each get every
         # one. `/api/v2/decisions/{id}` has the whole decision for whoever opens it.
-        return {"kind": self.kind, "ts": self.ts, "decision": decision_summary(decision_columns(self.decision), None)}
+        data = {"kind": self.kind, "ts": self.ts, "decision": decision_summary(decision_columns(self.decision), None)}
+        if self.gateway is not None:
+            data["gateway"] = self.gateway
+        return data
 
 
 def decision_columns(decision: Any) -> dict[str, Any]:
@@ -243,6 +249,28 @@ class RequestRejected(Event):
         }
 
 
+class Relayed(Event):
+    """An event another gateway of the fleet published, as it travels (its wire form, labelled with that
+    gateway): for the event stream, which shows the whole fleet's, never for counters of this process."""
+
+    __slots__ = ("api_key_id", "data")
+
+    def __init__(self, data: dict[str, Any], api_key_id: str | None = None) -> None:
+        super().__init__(ts=float(data.get("ts") or time.time()), gateway=data.get("gateway"))
+        self.data = data
+        self.api_key_id = api_key_id
+
+    @property  # type: ignore[override]
+    def kind(self) -> str:  # type: ignore[override]
+        return str(self.data.get("kind") or "event")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
+
+    def wire(self) -> dict[str, Any]:
+        return self.data
+
+
 # What a subscriber can ask for by name (the gateway's `/api/v2/events?kinds=`), in the order they happen.
 EVENT_KINDS = tuple(
     event.kind
@@ -301,7 +329,9 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: list[Subscription] = []
         self._listeners: list[tuple[frozenset[str] | None, Callable[[Event], None]]] = []
+        self._relayed: list[tuple[frozenset[str] | None, Callable[[Event], None]]] = []
         self.published = 0
+        self.gateway: str | None = None  # set in a fleet: the label of every event published here
 
     def subscribe(self, maxsize: int = 1000, kinds: set[str] | None = None) -> Subscription:
         subscription = Subscription(self, maxsize, frozenset(kinds) if kinds else None)
@@ -312,24 +342,41 @@ class EventBus:
         if subscription in self._subscribers:
             self._subscribers.remove(subscription)
 
-    def listen(self, callback: Callable[[Event], None], kinds: set[str] | None = None) -> Callable[[], None]:
+    def listen(
+        self, callback: Callable[[Event], None], kinds: set[str] | None = None, *, relayed: bool = False
+    ) -> Callable[[], None]:
         """Call `callback` with each event (of `kinds`) as it is published; returns what stops it.
 
         For bookkeeping that must see every event and costs microseconds, such as counters:
         no queue, no task woken per event, nothing dropped. The callback runs inside
         `publish`, so it never waits; one that raises is logged and stays listening.
+        `relayed`: it hears the other gateways' events (`relay`) too.
         """
         entry = (frozenset(kinds) if kinds else None, callback)
-        self._listeners.append(entry)
+        lists = (self._listeners, self._relayed) if relayed else (self._listeners,)
+        for listeners in lists:
+            listeners.append(entry)
 
         def stop() -> None:
-            if entry in self._listeners:
-                self._listeners.remove(entry)
+            for listeners in lists:
+                if entry in listeners:
+                    listeners.remove(entry)
 
         return stop
 
+    def relay(self, event: Relayed) -> None:
+        """An event from another gateway of the fleet: only for the listeners that asked for those."""
+        for kinds, callback in self._relayed:
+            if kinds is None or event.kind in kinds:
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("event listener %r failed on a relayed %s", callback, event.kind)
+
     def publish(self, event: Event) -> None:
         self.published += 1
+        if self.gateway is not None and event.gateway is None:
+            event.gateway = self.gateway
         for kinds, callback in self._listeners:
             if kinds is None or event.kind in kinds:
                 try:
@@ -382,7 +429,7 @@ class EventLog:
         self.readers: set[LogReader] = set()
         self._changed: asyncio.Future[None] | None = None
         self._swept = time.monotonic()
-        self._stop = bus.listen(self._append)
+        self._stop = bus.listen(self._append, relayed=True)
 
     @property
     def end(self) -> int:

@@ -166,9 +166,12 @@ class _Gate:
     """Ejection and throttle state of one model or one provider."""
 
     __slots__ = ("state", "until", "ejections", "reason", "trials", "since", "closed_at", "hard",
-                 "throttled_until", "throttle_reason", "limited", "missing")
+                 "throttled_until", "throttle_reason", "limited", "missing", "scope", "target", "source")
 
-    def __init__(self) -> None:
+    def __init__(self, scope: str = "provider", target: str = "") -> None:
+        self.scope = scope  # provider | model
+        self.target = target  # its id
+        self.source: str | None = None  # the other gateway whose ejection or throttle holds it (None: this one's)
         self.state = CLOSED
         self.until = 0.0  # while OPEN: clock time half-open begins
         self.ejections = 0  # in a row: the backoff's exponent
@@ -280,6 +283,9 @@ class HealthTracker:
         self.policy = policy or HealthPolicy()
         self.clock = clock
         self.on_change = on_change  # called with ProviderHealth.to_dict() when status or circuit changes
+        # Told of each ejection and throttle decided here (not those applied from elsewhere), for the
+        # other gateways of a fleet: {"scope", "target", "kind": eject|throttle, "until" (wall-clock), "reason"}.
+        self.on_gate: Callable[[dict[str, Any]], None] | None = None
         self._providers: dict[str, _Stats] = {}
         self._models: dict[str, _Stats] = {}
         self._gates: dict[str, _Gate] = {}  # provider id -> its gate
@@ -453,7 +459,9 @@ class HealthTracker:
             gate.throttled_until = until
             scope = "key quota" if key_wide else model_id
             gate.throttle_reason = f"rate limited ({scope}): retry after {wait:g}s"
+            gate.source = None
             self._wake_at(wait)
+            self._tell(gate, "throttle", wait, gate.throttle_reason)
 
     def _eject(self, gate: _Gate, now: float, reason: str, wait_s: float | None = None) -> None:
         policy = self.policy
@@ -467,7 +475,40 @@ class HealthTracker:
         gate.reason = reason
         gate.trials.clear()
         gate.missing = False
+        gate.source = None
         self._wake_at(wait_s)
+        self._tell(gate, "eject", wait_s, reason)
+
+    def _tell(self, gate: _Gate, kind: str, wait_s: float, reason: str) -> None:
+        if self.on_gate is not None:
+            self.on_gate({"scope": gate.scope, "target": gate.target, "kind": kind,
+                          "until": time.time() + wait_s, "reason": reason})  # fmt: skip
+
+    def apply_remote(self, scope: str, target: str, kind: str, until: float, reason: str, source: str) -> None:
+        """Another gateway (`source`) ejected or throttled `target`, a provider or a model, until `until`
+        (wall-clock): held here too, so no call of this one goes where the fleet knows it will fail."""
+        wait = until - time.time()
+        if wait <= 0 or kind not in ("eject", "throttle") or scope not in ("provider", "model"):
+            return
+        now = self.clock()
+        gate = self._gate(target) if scope == "provider" else self._model_gate(target)
+        label = f"{reason} (from {source})"
+        if kind == "throttle":
+            if now + wait <= gate.throttled_until:
+                return
+            gate.throttled_until = now + wait
+            gate.throttle_reason = label
+            gate.source = source
+        else:
+            if gate.ejected(now) and gate.until >= now + wait:
+                return
+            gate.state = OPEN
+            gate.until = now + wait
+            gate.reason = label
+            gate.trials.clear()
+            gate.source = source
+        self._wake_at(wait)
+        self._changed(target if scope == "provider" else target.split("/", 1)[0])
 
     @staticmethod
     def _close(gate: _Gate, now: float) -> None:
@@ -675,10 +716,11 @@ class HealthTracker:
             model_gate = self._model_gates.get(model_id)
             if model_gate is None:
                 continue
+            by = f", from {model_gate.source}" if model_gate.source else ""
             if model_gate.throttled(now):
-                held.append(f"{model_id} throttled ({model_gate.throttled_until - now:.1f}s)")
+                held.append(f"{model_id} throttled ({model_gate.throttled_until - now:.1f}s{by})")
             elif model_gate.ejected(now):
-                held.append(f"{model_id} ejected ({model_gate.until - now:.1f}s)")
+                held.append(f"{model_id} ejected ({model_gate.until - now:.1f}s{by})")
         if held:
             return DEGRADED, CLOSED, "; ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else ""), None
         stats = self._providers.get(provider)
@@ -744,14 +786,14 @@ class HealthTracker:
     def _gate(self, provider: str) -> _Gate:
         gate = self._gates.get(provider)
         if gate is None:
-            gate = self._gates[provider] = _Gate()
+            gate = self._gates[provider] = _Gate("provider", provider)
         return gate
 
     def _model_gate(self, model_id: str) -> _Gate:
         self._model_stats(model_id)
         gate = self._model_gates.get(model_id)
         if gate is None:
-            gate = self._model_gates[model_id] = _Gate()
+            gate = self._model_gates[model_id] = _Gate("model", model_id)
         return gate
 
     # --- active probes -------------------------------------------------------------------

@@ -8,19 +8,21 @@ for tokens and budget on the decision's worst-case estimate, and settles it afte
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from ..core.catalog import Catalog
 from ..core.hooks import CallContext, RouteOptions
 from ..core.types import TIER_RANK, TIERS, ChatRequest
+from ..store import shared
 from .budget import Budgets
 from .errors import ForbiddenError, GuardrailError, ModelNotAllowedError, PolicyError, RateLimitedError
 from .guardrails import denied
-from .limits import Verdict, Window
+from .limits import Verdict, headers, token_wait
 from .rules import Compiled, compile_policy, parse_policy
 
 INSERT_HIT = "INSERT INTO guardrail_hits (request_id, api_key_id, ts, rule, action, count) VALUES (?, ?, ?, ?, ?, ?)"
@@ -42,39 +44,62 @@ def _limited(message: str, verdict: Verdict) -> RateLimitedError:
     return RateLimitedError(message, headers=headers)
 
 
+async def _maybe(work: Any) -> Any:
+    return None if work is None else await work
+
+
 class Admission:
     """One request's claim on its key's tokens and budget, from routing to its ledger row."""
 
-    __slots__ = ("engine", "key", "reserved", "headers")
+    __slots__ = ("engine", "key", "reserved", "headers", "tokens")
 
     def __init__(self, engine: PolicyEngine, key: KeyInfo, headers: dict[str, str]) -> None:
         self.engine = engine
         self.key = key
         self.reserved = False
         self.headers = headers  # the answer's x-ratelimit-* (the request's scope holds the same dict)
+        self.tokens: tuple[float, int] | None = None  # (the window they were taken in, the estimate)
 
     async def admit(self, ctx: CallContext, decision: Any) -> None:
         policy = self.key.rules.policy
         engine = self.engine
-        window = engine.windows[self.key.id]
+        scope = f"key:{self.key.id}"
+        estimate = decision.prompt_tokens + decision.est_output_tokens
+        now = engine.now()
+        # Both asked at once: their writes share one commit. A refusal of either gives back what the other took.
+        tokens = budget = None
         if policy.tpm is not None:
-            estimate = decision.prompt_tokens + decision.est_output_tokens
-            verdict = window.take_tokens(ctx.request_id, estimate, policy.tpm, policy.rpm, engine.clock())
-            if not verdict.ok:
+            tokens = shared.take(engine.store, scope, now, tokens=estimate, tpm=policy.tpm)
+        if policy.budget_usd is not None:
+            budget = engine.budgets.reserve(
+                self.key.id, policy.budget_usd, policy.budget_period, ctx.request_id, decision.est_cost_usd
+            )
+        took, reserved = await asyncio.gather(_maybe(tokens), _maybe(budget), return_exceptions=True)
+        counted = took is not None and not isinstance(took, BaseException)
+        rate_refused = counted and not took[0]  # type: ignore[index]
+        if rate_refused or isinstance(took, BaseException) or isinstance(reserved, BaseException):
+            if counted and took[0]:  # type: ignore[index]
+                shared.retoken(engine.store, scope, took[1].start, -estimate)  # type: ignore[index]
+            if budget is not None and not isinstance(reserved, BaseException):
+                engine.budgets.settle(ctx.request_id, 0.0)
+            if isinstance(took, BaseException):
+                raise took
+            if not rate_refused:  # the budget refused (a refusal of the rate is told below, first)
+                if isinstance(reserved, PolicyError):
+                    engine.refused(self.key.id, reserved.kind)
+                raise reserved  # type: ignore[misc]
+        if took is not None:
+            taken, window = took
+            engine.seen[self.key.id] = window
+            figures = headers(window, policy.rpm, policy.tpm, now)
+            if not taken:
                 engine.refused(self.key.id, "rate_limit_exceeded")
                 raise _limited(
-                    f"this key may use {policy.tpm} tokens a minute; this request is estimated at {estimate}", verdict
+                    f"this key may use {policy.tpm} tokens a minute; this request is estimated at {estimate}",
+                    Verdict(False, token_wait(window, estimate, policy.tpm, now), figures),  # type: ignore[arg-type]
                 )
-            self.headers.update(verdict.headers)
-        if policy.budget_usd is not None:
-            try:
-                await engine.budgets.reserve(
-                    self.key.id, policy.budget_usd, policy.budget_period, ctx.request_id, decision.est_cost_usd
-                )
-            except PolicyError:
-                window.drop_tokens(ctx.request_id)
-                engine.refused(self.key.id, "budget_exceeded")
-                raise
+            self.headers.update(figures)
+            self.tokens = (window.start, estimate)
         self.reserved = True
 
     def settle(self, record: Any) -> None:
@@ -82,17 +107,18 @@ class Admission:
         if not self.reserved:
             return
         self.reserved = False
-        tokens = 0 if record.cached else record.prompt_tokens + record.completion_tokens
-        self.engine.windows[self.key.id].settle_tokens(record.id, tokens)
-        self.engine.budgets.settle(self.key.id, record.id, record.cost_usd)
+        if self.tokens is not None:
+            used = 0 if record.cached else record.prompt_tokens + record.completion_tokens
+            shared.retoken(self.engine.store, f"key:{self.key.id}", self.tokens[0], used - self.tokens[1])
+        self.engine.budgets.settle(record.id, record.cost_usd)
 
 
 class PolicyEngine:
     def __init__(self, store: Any, catalog: Catalog) -> None:
         self.store = store
         self.catalog = catalog
-        self.clock = time.monotonic  # the rate windows' clock
-        self.windows: defaultdict[str, Window] = defaultdict(Window)
+        self.clock = time.monotonic  # shifts the rate windows' time (`now`): a test moves it past a minute
+        self.seen: dict[str, shared.Window] = {}  # key id -> its window as this process last read it
         self.budgets = Budgets(store)
         self.refusals: deque[tuple[float, str, str]] = deque(maxlen=REFUSALS_KEPT)  # (time, key id, reason)
         self._compiled: dict[tuple[str, str], Compiled] = {}
@@ -115,15 +141,19 @@ class PolicyEngine:
             compiled = self._compiled[(record["id"], text)] = compile_policy(policy, list(self.catalog.models))
         return KeyInfo(record["id"], record["name"], record.get("role") or "admin", compiled)
 
+    def now(self) -> float:
+        """The rate windows' time: wall-clock, as every gateway on the database counts them."""
+        return time.time() + self.clock() - time.monotonic()
+
     def live(self, key_id: str) -> dict[str, Any]:
-        """This process's figures for a key: requests and tokens in the last minute, refusals in the last hour."""
-        window = self.windows.get(key_id)
-        if window is not None:
-            window.trim(self.clock())
+        """A key's figures: requests and tokens in its current window (the fleet's, as last read here),
+        this process's refusals in the last hour."""
+        window = self.seen.get(key_id)
+        current = window is not None and window.reset_in(self.now()) > 0
         since = time.time() - 3600
         return {
-            "requests_last_minute": 0 if window is None else len(window.requests),
-            "tokens_last_minute": 0 if window is None else window.used_tokens(),
+            "requests_last_minute": window.requests if current else 0,  # type: ignore[union-attr]
+            "tokens_last_minute": window.tokens if current else 0,  # type: ignore[union-attr]
             "refusals_last_hour": sum(1 for ts, kid, _ in self.refusals if kid == key_id and ts > since),
         }
 
@@ -138,6 +168,7 @@ class PolicyEngine:
         if key is not None:
             try:
                 self._before_routing(scope, key, chat, options, ctx)
+                await self._take_request(scope, key, ctx)
             except PolicyError as error:
                 self.refused(key.id, error.kind)
                 raise
@@ -175,14 +206,24 @@ class PolicyEngine:
             counts = rules.redactor.request(chat)
             if counts:
                 self._hits(ctx, key, counts, "redact")
-        headers: dict[str, str] = {}
+
+    async def _take_request(self, scope: dict[str, Any], key: KeyInfo, ctx: CallContext) -> None:
+        """The request counted in its key's window (the fleet's, in the database), if the key has limits."""
+        policy = key.rules.policy
+        figures: dict[str, str] = {}
         if policy.rpm is not None or policy.tpm is not None:
-            verdict = self.windows[key.id].take_request(policy.rpm, policy.tpm, self.clock())
-            if not verdict.ok:
-                raise _limited(f"this key may make {policy.rpm} requests a minute; retry after the window", verdict)
-            headers = scope["p402.ratelimit"] = verdict.headers
+            now = self.now()
+            taken, window = await shared.take(self.store, f"key:{key.id}", now, requests=1, rpm=policy.rpm)
+            self.seen[key.id] = window
+            figures = headers(window, policy.rpm, policy.tpm, now)
+            if not taken:
+                raise _limited(
+                    f"this key may make {policy.rpm} requests a minute; retry after the window",
+                    Verdict(False, window.reset_in(now), figures),
+                )
+            scope["p402.ratelimit"] = figures
         if policy.tpm is not None or policy.budget_usd is not None:
-            ctx.policy = Admission(self, key, headers)
+            ctx.policy = Admission(self, key, figures)
 
     def _model_rules(self, rules: Compiled, options: RouteOptions) -> None:
         policy = rules.policy

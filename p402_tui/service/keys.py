@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from ..core.errors import P402Error
-from ..store import queries
+from ..store import queries, shared
 from ..policy.budget import period_bounds
 from ..policy.rules import ROLES, parse_policy
 
@@ -72,6 +72,8 @@ async def update_key(
             merged.pop(field, None)
     checked = _checked(name, role, merged)
     await queries.update_key(store, key_id, name=None if name is None else name.strip(), role=role, policy=checked)
+    if checked is not None:
+        shared.forget(store, f"key:{key_id}")  # the budget may have changed: made again from the ledger
     return await show_key(store, key_id)
 
 

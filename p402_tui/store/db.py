@@ -286,6 +286,38 @@ MIGRATIONS: tuple[Migration, ...] = (
     """
     ALTER TABLE requests ADD COLUMN client_request_id TEXT;
     """,
+    # state gateways share (store/shared.py): budgets as counters reserved and settled atomically, with a
+    # row per reservation to reclaim what a dead process held; rate windows; the SQLite fleet bus's messages
+    """
+    CREATE TABLE budget_usage (
+        scope TEXT NOT NULL,
+        period_start REAL NOT NULL,
+        spent REAL NOT NULL DEFAULT 0,
+        reserved REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period_start)
+    );
+    CREATE TABLE budget_holds (
+        id TEXT PRIMARY KEY,
+        scope TEXT NOT NULL,
+        period_start REAL NOT NULL,
+        amount REAL NOT NULL,
+        expires REAL NOT NULL
+    );
+    CREATE INDEX budget_holds_expires ON budget_holds(expires);
+    CREATE TABLE rate_windows (
+        scope TEXT PRIMARY KEY,
+        window_start REAL NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        tokens INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE fleet_messages (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        gateway TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

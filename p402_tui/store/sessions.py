@@ -15,6 +15,7 @@ from typing import Any
 
 from ..core.errors import P402Error
 from ..core.sessions import SESSION_STATUSES, SessionStatus
+from . import shared
 from .db import ConstraintError
 from .store import Store
 
@@ -212,6 +213,8 @@ async def update_session(
         raise _name_taken(changes["name"]) from None
     if not changed:
         raise SessionNotFoundError(f"no session {session_id!r}; `p402 sessions list` shows them")
+    if "budget_usd" in changes:
+        shared.forget(store, f"session:{session_id}")  # made again from the ledger, which holds every request
     return await get_session(store, session_id)
 
 
