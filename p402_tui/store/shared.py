@@ -97,11 +97,16 @@ async def reserve(
     hold = Hold(f"{scope}|{request_id}", scope, period_start, amount)
     # Queued before the reservation, so it is committed with it or before it: a reservation never lacks its hold.
     store.put(_HOLD, (hold.id, scope, period_start, amount, time.time() + HOLD_TTL_S))
-    for tried in range(2):
+    row = None
+    for tried in range(3):
         if await store.run(_RESERVE, (amount, scope, period_start, amount, budget)):
             return hold, 0.0
         row = await store.fetchone(_USAGE, (scope, period_start))
-        if row is not None or tried:
+        if row is not None:
+            if float(row["spent"]) + float(row["reserved"]) + amount > budget:
+                break
+            continue  # the counter was made after the UPDATE looked (by a request beside this one): again
+        if tried:
             break
         # No counter yet: made from the ledger (this process's queued rows first), then tried again.
         await store.flush()
