@@ -163,13 +163,19 @@ _REPEATS = (
     f"CASE WHEN status = 'ok' AND cached = 0 AND prompt_key IS NOT NULL AND {rollups.REPEAT_SQL} "
     "THEN COALESCE(cost_usd, 0.0) ELSE 0.0 END"
 )
-_SUMS = (
-    "SUM(requests) AS requests, SUM(ok) AS ok, SUM(cached) AS cached, SUM(cost_usd) AS cost_usd, "
-    "SUM(saved_usd) AS saved_usd, SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, "
-    "SUM(unpriced) AS unpriced, SUM(unpriced_prompt_tokens) AS unpriced_prompt_tokens, "
-    "SUM(unpriced_completion_tokens) AS unpriced_completion_tokens, MIN(first_ts) AS first_ts, "
-    "SUM(repeats) AS repeats, SUM(repeat_cost_usd) AS repeat_cost_usd"
-)
+
+
+def _count(column: str) -> str:
+    # PostgreSQL sums BIGINTs as NUMERIC, which Python gets as Decimal: counts come back as integers.
+    return f"CAST(SUM({column}) AS BIGINT) AS {column}"
+
+
+_SUMS = ", ".join(
+    [*(_count(c) for c in ("requests", "ok", "cached", "prompt_tokens", "completion_tokens", "unpriced",
+                           "unpriced_prompt_tokens", "unpriced_completion_tokens", "repeats")),
+     "SUM(cost_usd) AS cost_usd", "SUM(saved_usd) AS saved_usd", "MIN(first_ts) AS first_ts",
+     "SUM(repeat_cost_usd) AS repeat_cost_usd"]
+)  # fmt: skip
 # Per breakdown: the dim of `spend_hourly` it reads, and its key there and in the ledger.
 _KEYS = {
     "provider": ("provider", "value", rollups.DIM_SQL["provider"]),
@@ -371,8 +377,8 @@ async def _cheaper_models(store: Store, catalog: Catalog, cut: _Cut, span: float
         )
         args += [start, end, *params]
     grouped = await store.fetchall(
-        "SELECT provider, model, needs, SUM(requests) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
-        f"SUM(completion_tokens) AS completion_tokens, SUM(cost_usd) AS cost_usd FROM ({' UNION ALL '.join(parts)}) "
+        f"SELECT provider, model, needs, {_count('requests')}, {_count('prompt_tokens')}, "
+        f"{_count('completion_tokens')}, SUM(cost_usd) AS cost_usd FROM ({' UNION ALL '.join(parts)}) "
         "AS parts GROUP BY provider, model, needs ORDER BY provider, model",
         args,
     )
@@ -464,7 +470,7 @@ async def _unreliable_providers(store: Store, cut: _Cut, rows: _Rows) -> list[di
     where, params = rows.sql()
     sums: dict[str, list[float]] = {}
     for row in await store.fetchall(
-        "SELECT provider, SUM(attempts) AS attempts, SUM(failures) AS failures, SUM(failovers) AS failovers, "
+        f"SELECT provider, {_count('attempts')}, {_count('failures')}, {_count('failovers')}, "
         f"SUM(wasted_ms) AS wasted_ms FROM attempt_hourly WHERE hour >= ? AND hour < ?{where} GROUP BY provider",
         (cut.lo, cut.hi, *params),
     ):

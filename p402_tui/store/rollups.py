@@ -78,7 +78,8 @@ UPSERT_ATTEMPTS = (
     "wasted_ms = attempt_hourly.wasted_ms + excluded.wasted_ms"
 )
 
-# The migration's DDL; BACKFILL then sums the ledger already written (also after a bulk load).
+# The migration's DDL; BACKFILL then sums the ledger already written (also after a bulk load). DOUBLE PRECISION
+# and BIGINT, which SQLite reads as REAL and INTEGER: PostgreSQL's REAL is 4 bytes, its INTEGER overflows.
 TABLES = f"""
 CREATE TABLE spend_hourly (
     dim TEXT NOT NULL,
@@ -86,19 +87,19 @@ CREATE TABLE spend_hourly (
     value TEXT NOT NULL,
     api_key_id TEXT NOT NULL,
     simulated INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    ok INTEGER NOT NULL,
-    cached INTEGER NOT NULL,
-    cost_usd REAL NOT NULL,
-    saved_usd REAL NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    unpriced INTEGER NOT NULL,
-    unpriced_prompt_tokens INTEGER NOT NULL,
-    unpriced_completion_tokens INTEGER NOT NULL,
-    first_ts REAL NOT NULL,
-    repeats INTEGER NOT NULL DEFAULT 0,
-    repeat_cost_usd REAL NOT NULL DEFAULT 0,
+    requests BIGINT NOT NULL,
+    ok BIGINT NOT NULL,
+    cached BIGINT NOT NULL,
+    cost_usd DOUBLE PRECISION NOT NULL,
+    saved_usd DOUBLE PRECISION NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    unpriced BIGINT NOT NULL,
+    unpriced_prompt_tokens BIGINT NOT NULL,
+    unpriced_completion_tokens BIGINT NOT NULL,
+    first_ts DOUBLE PRECISION NOT NULL,
+    repeats BIGINT NOT NULL DEFAULT 0,
+    repeat_cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
     PRIMARY KEY {_KEY}
 );
 CREATE TABLE model_hourly (
@@ -108,10 +109,10 @@ CREATE TABLE model_hourly (
     needs TEXT NOT NULL,
     api_key_id TEXT NOT NULL,
     simulated INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cost_usd REAL NOT NULL,
+    requests BIGINT NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    cost_usd DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (hour, provider, model, needs, api_key_id, simulated)
 );
 CREATE TABLE attempt_hourly (
@@ -119,15 +120,15 @@ CREATE TABLE attempt_hourly (
     provider TEXT NOT NULL,
     api_key_id TEXT NOT NULL,
     simulated INTEGER NOT NULL,
-    attempts INTEGER NOT NULL,
-    failures INTEGER NOT NULL,
-    failovers INTEGER NOT NULL,
-    wasted_ms REAL NOT NULL,
+    attempts BIGINT NOT NULL,
+    failures BIGINT NOT NULL,
+    failovers BIGINT NOT NULL,
+    wasted_ms DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (hour, provider, api_key_id, simulated)
 );
 CREATE TABLE rollup_state (
     name TEXT PRIMARY KEY,
-    value REAL
+    value DOUBLE PRECISION
 );
 CREATE INDEX requests_prompt ON requests(prompt_key) WHERE status = 'ok';
 """
