@@ -133,7 +133,9 @@ CREATE TABLE rollup_state (
 CREATE INDEX requests_prompt ON requests(prompt_key) WHERE status = 'ok';
 """
 
-_LEDGER = (
+# The ledger with each row's hour and, for the provider dim (which keeps the repeats), its prompt's occurrence.
+_LEDGER = f"SELECT r.*, {HOUR_SQL} AS hour, 0 AS occurrence FROM requests r"
+_LEDGER_OCCURRENCES = (
     f"SELECT r.*, {HOUR_SQL} AS hour, CASE WHEN status = 'ok' AND cached = 0 AND prompt_key IS NOT NULL "
     "THEN ROW_NUMBER() OVER (PARTITION BY status, simulated, COALESCE(namespace, ''), prompt_key ORDER BY ts, id) "
     "ELSE 0 END AS occurrence FROM requests r"
@@ -141,7 +143,8 @@ _LEDGER = (
 
 
 def _spend_backfill(dim: str) -> str:
-    repeat = "occurrence > 1" if dim == "provider" else "1 = 0"  # repeats are kept on the provider dim
+    ledger = _LEDGER_OCCURRENCES if dim == "provider" else _LEDGER
+    repeat = "occurrence > 1"
     return (
         "INSERT INTO spend_hourly (dim, hour, value, api_key_id, simulated, requests, ok, cached, cost_usd, saved_usd, "
         "prompt_tokens, completion_tokens, unpriced, unpriced_prompt_tokens, unpriced_completion_tokens, first_ts, "
@@ -150,7 +153,7 @@ def _spend_backfill(dim: str) -> str:
         "SUM(prompt_tokens), SUM(completion_tokens), SUM(1 - priced), SUM(CASE WHEN priced = 0 THEN prompt_tokens "
         "ELSE 0 END), SUM(CASE WHEN priced = 0 THEN completion_tokens ELSE 0 END), MIN(ts), "
         f"SUM(CASE WHEN {repeat} THEN 1 ELSE 0 END), SUM(CASE WHEN {repeat} THEN COALESCE(cost_usd, 0.0) ELSE 0.0 END) "
-        f"FROM ({_LEDGER}) AS b GROUP BY hour, {DIM_SQL[dim]}, COALESCE(api_key_id, ''), simulated;"
+        f"FROM ({ledger}) AS b GROUP BY hour, {DIM_SQL[dim]}, COALESCE(api_key_id, ''), simulated;"
     )
 
 
