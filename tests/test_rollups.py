@@ -11,7 +11,7 @@ import pytest
 
 from p402_tui.core.hooks import RequestRecord
 from p402_tui.core.types import Attempt
-from p402_tui.store import analytics, db, queries, rollups
+from p402_tui.store import analytics, db, maintenance, queries, rollups
 from p402_tui.store.analytics import Period
 from p402_tui.store.sessions import create_session
 from p402_tui.store.store import Store
@@ -197,6 +197,18 @@ async def test_reports_over_periods_that_cut_hours_are_exact(store, catalog):
     spent = math.fsum(r["cost_usd"] or 0.0 for r in rows if r["session_id"] == session["id"] and not r["simulated"])
     burning = next(r for r in await analytics.recommendations(store, catalog, PERIODS[0]) if r["kind"] == "session_budget")
     assert math.isclose(burning["numbers"]["spent_usd"], spent, abs_tol=1e-9)
+
+
+async def test_pruning_the_ledger_prunes_its_whole_hours_from_the_rollups(store):
+    write_through_writer(store, ledger())
+    await store.flush()
+    cut = BASE + 2 * HOUR + 100
+    removed = await maintenance.prune(store, cut, batch=50)
+    assert removed["requests"] > 50 and removed["spend_hourly"] > 0
+    assert await store.scalar("SELECT MIN(hour) FROM spend_hourly") == (BASE + 2 * HOUR) // HOUR
+    rows = await _ledger_rows(store)
+    after = Period(BASE + 3 * HOUR, BASE + 40 * HOUR, "after the cut hour")
+    assert_spend_matches(await analytics.spend(store, after, "model"), by_hand_spend(rows, after, "model"))
 
 
 def _database_before_rollups(path) -> None:
