@@ -64,9 +64,9 @@ MARK_REPEAT = (
 )
 UPSERT_MODEL = (
     "INSERT INTO model_hourly (hour, provider, model, needs, api_key_id, simulated, requests, prompt_tokens, "
-    "completion_tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
+    "completion_tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (hour, provider, model, needs, api_key_id, simulated) DO UPDATE SET "
-    "requests = model_hourly.requests + 1, prompt_tokens = model_hourly.prompt_tokens + excluded.prompt_tokens, "
+    "requests = model_hourly.requests + excluded.requests, prompt_tokens = model_hourly.prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = model_hourly.completion_tokens + excluded.completion_tokens, "
     "cost_usd = model_hourly.cost_usd + excluded.cost_usd"
 )
@@ -181,6 +181,45 @@ MIGRATION = TABLES + "\n".join(BACKFILL)
 ROLLUP_TABLES = ("spend_hourly", "model_hourly", "attempt_hourly")
 
 
+# Each upsert's key (its first parameters), the parameters it adds, and the one it keeps the least of.
+_ADDITIVE = {
+    UPSERT_SPEND: (5, range(5, 5 + len(_SPEND_SUMS)), 5 + len(_SPEND_SUMS)),
+    UPSERT_MODEL: (6, range(6, 10), None),
+    UPSERT_ATTEMPTS: (4, range(4, 8), None),
+}
+
+
+def coalesce(writes: list[Any]) -> list[Any]:
+    """A batch's writes with the rollup upserts of one key merged into the first (`Write`s of the writer).
+
+    A burst of requests lands in a few rollup rows: one upsert each instead of four or more per request.
+    The merged upsert takes the place of the first, so whatever follows any of them (a repeat's mark)
+    still finds its row. Writes with a callback or a caller waiting are left as they are."""
+    merged: dict[tuple, Any] = {}
+    out = []
+    for write in writes:
+        shape = _ADDITIVE.get(write.sql)
+        if shape is None or write.done is not None or write.result is not None:
+            out.append(write)
+            continue
+        size, sums, least = shape
+        key = (write.sql, write.params[:size])
+        first = merged.get(key)
+        if first is None:
+            merged[key] = write
+            out.append(write)
+            continue
+        into = first.params
+        if type(into) is tuple:
+            into = first.params = list(into)
+        params = write.params
+        for i in sums:
+            into[i] += params[i]
+        if least is not None and params[least] < into[least]:
+            into[least] = params[least]
+    return out
+
+
 def hour_of(ts: float) -> int:
     return int(ts // HOUR)
 
@@ -230,7 +269,7 @@ def writes(record: RequestRecord, *, needs: str | None, prompt_key: str | None, 
         out.append((MARK_REPEAT, (cost, hour, provider, key, sim, record.id)))
     if (ok and not cached and priced and record.mode != "quality" and record.provider is not None
             and record.model is not None):  # fmt: skip
-        out.append((UPSERT_MODEL, (hour, record.provider, record.model, needs or "", key, sim,
+        out.append((UPSERT_MODEL, (hour, record.provider, record.model, needs or "", key, sim, 1,
                                    record.prompt_tokens, record.completion_tokens, cost)))  # fmt: skip
     if not cached:
         tries = [{"provider": a.provider, "error_kind": a.error_kind, "latency_ms": a.latency_ms} for a in record.attempts]
