@@ -198,6 +198,11 @@ def fill_sqlite(path: Path, total: int, now: float, timeout: float) -> dict[str,
 def fill_postgres(url: str, total: int, now: float, timeout: float) -> dict[str, Any]:
     import psycopg
 
+    # Asked first: a P402 without the PostgreSQL engine would take the URL for a file name and make one.
+    _, _, done = _run([sys.executable, "-m", "p402_tui", "db", "status", "--db", url, "--json"], timeout)
+    engine = json.loads(done.stdout).get("engine") if done.returncode == 0 else None
+    if not engine or not engine.startswith("postg"):
+        raise SystemExit(f"this P402 has no PostgreSQL engine: `p402 db status --db URL` answers engine {engine!r}")
     migrate(url, timeout)
     began = time.perf_counter()
     attempts: dict[Any, list[float]] = {}
