@@ -343,8 +343,8 @@ async def recommendations(
     """Advice with its numbers, the biggest monthly saving first; with `api_key_id`, from that key's traffic.
 
     Each item: {kind, title, detail, monthly_saving_usd (None where the gain is not money), numbers}.
-    A repeat is a request answered upstream whose exact prompt an earlier answered request of its namespace
-    had asked (under any key: the cache is shared by namespace), so the cache could have answered it.
+    A repeat is a request answered upstream whose exact prompt an answered request of its namespace had asked
+    within the cache's default lifetime before it (under any key: the cache is shared by namespace).
     """
     cut = _cut(period)
     rows = _Rows(include_simulated, _key_filter(api_key_id))

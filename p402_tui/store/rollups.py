@@ -34,12 +34,13 @@ CANDIDATE_SQL = (
     "status = 'ok' AND cached = 0 AND priced = 1 AND (mode IS NULL OR mode != 'quality') "
     "AND provider IS NOT NULL AND model IS NOT NULL"
 )
-# A ledger row that, earlier in time, an answered request of the same namespace (and simulated-ness) had
-# asked exactly: the cache could have answered it. `r` is the row's alias.
+# A ledger row that an answered request of the same namespace (and simulated-ness) had asked exactly within
+# the cache's default lifetime before it: the cache could have answered it. `r` is the row's alias.
+REPEAT_WINDOW_S = 7 * 86400  # CacheConfig.ttl_s's default
 REPEAT_SQL = (
     "EXISTS (SELECT 1 FROM requests p WHERE p.prompt_key = r.prompt_key AND p.status = 'ok' "
     "AND p.simulated = r.simulated AND COALESCE(p.namespace, '') = COALESCE(r.namespace, '') "
-    "AND (p.ts < r.ts OR (p.ts = r.ts AND p.id < r.id)))"
+    f"AND (p.ts < r.ts OR (p.ts = r.ts AND p.id < r.id)) AND p.ts >= r.ts - {REPEAT_WINDOW_S})"
 )
 # Ledger rows whose attempt list the SQL backfill cannot read (it holds JSON): failed or failed over.
 TANGLED_SQL = "(status != 'ok' OR attempts LIKE '%},{%')"
@@ -133,18 +134,20 @@ CREATE TABLE rollup_state (
 CREATE INDEX requests_prompt ON requests(prompt_key) WHERE status = 'ok';
 """
 
-# The ledger with each row's hour and, for the provider dim (which keeps the repeats), its prompt's occurrence.
-_LEDGER = f"SELECT r.*, {HOUR_SQL} AS hour, 0 AS occurrence FROM requests r"
-_LEDGER_OCCURRENCES = (
-    f"SELECT r.*, {HOUR_SQL} AS hour, CASE WHEN status = 'ok' AND cached = 0 AND prompt_key IS NOT NULL "
-    "THEN ROW_NUMBER() OVER (PARTITION BY status, simulated, COALESCE(namespace, ''), prompt_key ORDER BY ts, id) "
-    "ELSE 0 END AS occurrence FROM requests r"
+# The ledger with each row's hour and, for the provider dim (which keeps the repeats), when its prompt was
+# answered last before it: a repeat is a row answered upstream whose prompt was answered within the window.
+_LEDGER = f"SELECT r.*, {HOUR_SQL} AS hour, 0 AS is_repeat FROM requests r"
+_LEDGER_REPEATS = (
+    f"SELECT b.*, CASE WHEN status = 'ok' AND cached = 0 AND previous_ts >= ts - {REPEAT_WINDOW_S} THEN 1 ELSE 0 END "
+    f"AS is_repeat FROM (SELECT r.*, {HOUR_SQL} AS hour, CASE WHEN status = 'ok' AND prompt_key IS NOT NULL THEN "
+    "LAG(ts) OVER (PARTITION BY status, simulated, COALESCE(namespace, ''), prompt_key ORDER BY ts, id) END "
+    "AS previous_ts FROM requests r) AS b"
 )
 
 
 def _spend_backfill(dim: str) -> str:
-    ledger = _LEDGER_OCCURRENCES if dim == "provider" else _LEDGER
-    repeat = "occurrence > 1"
+    ledger = _LEDGER_REPEATS if dim == "provider" else _LEDGER
+    repeat = "is_repeat = 1"
     return (
         "INSERT INTO spend_hourly (dim, hour, value, api_key_id, simulated, requests, ok, cached, cost_usd, saved_usd, "
         "prompt_tokens, completion_tokens, unpriced, unpriced_prompt_tokens, unpriced_completion_tokens, first_ts, "
