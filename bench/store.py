@@ -104,12 +104,12 @@ def generate(total: int, now: float, seed: int = 402):
             prompt, completion = rng.randint(50, 4000), rng.randint(10, 1200)
             roll = rng.random()
             cached = roll < 0.08
-            latency = rng.uniform(200, 4000)
+            latency = round(rng.uniform(200, 4000), 1)  # as the attempt list keeps it
             status, error_kind, tries = "ok", None, [_attempt(provider, model, None, latency)]
             sums = [(provider, 1, 0, 0, 0.0)]
             if 0.08 <= roll < 0.13:  # failed over from another provider
                 other = models[(models.index((provider, model, spec, _)) + 3) % len(models)]
-                wasted = rng.uniform(100, 3000)
+                wasted = round(rng.uniform(100, 3000), 1)
                 tries.insert(0, _attempt(other[0], other[1], "rate_limited", wasted))
                 sums.append((other[0], 1, 1, 1, wasted))
             elif 0.13 <= roll < 0.16:  # failed
