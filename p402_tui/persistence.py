@@ -24,10 +24,9 @@ from .core.types import ChatRequest, ChatResponse
 from .store.queries import (
     INSERT_DECISION,
     INSERT_HEALTH,
-    INSERT_REQUEST,
     decision_rows,
     health_row,
-    request_row,
+    ledger_writes,
 )
 from .store import shared
 from .store.sessions import INSERT_MESSAGE, SessionInactiveError, get_session
@@ -132,7 +131,7 @@ class Persistence:
         def ledger_row(prompt_key: str | None = known) -> list[tuple[str, Any]]:  # made after the answer has gone
             prompt_key = prompt_key if prompt_key is not None else exact_key(request, options)
             needs = ",".join(sorted(request.needs()))
-            return [(INSERT_REQUEST, request_row(record, needs=needs, prompt_key=prompt_key, simulated=self.simulated))]
+            return ledger_writes(record, needs=needs, prompt_key=prompt_key, simulated=self.simulated)
 
         if known is None and request.prompt_chars() > PIECE_CHARS:
             # Keying megabytes of prompt would hold the loop (the writer makes rows on it) for tens of ms.

@@ -30,7 +30,7 @@ async def store(tmp_path):
 
 def put(store: Store, rid: str, *, needs: str = "chat", prompt_key: str | None = None, **fields) -> None:
     record = RequestRecord(id=rid, **fields)
-    store.put(queries.INSERT_REQUEST, queries.request_row(record, needs=needs, prompt_key=prompt_key or rid))
+    store.put_later(lambda: queries.ledger_writes(record, needs=needs, prompt_key=prompt_key or rid))
 
 
 # --- periods -----------------------------------------------------------------------------------

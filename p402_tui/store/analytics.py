@@ -1,6 +1,7 @@
 """Cost intelligence from the ledger: where the money went, and where it need not go.
 
-Every number comes from the `requests` table; nothing is kept twice. Monthly
+Whole UTC hours are read from the ledger's hourly sums (`store.rollups`), the cut hours at a
+period's edges from the ledger itself, so every figure is the ledger's to the row. Monthly
 figures extrapolate the volume seen: (amount over the observed span) / days * 30,
 where the observed span runs from the period's first request to its end (at least
 one day), so a young ledger is not diluted by empty days.
@@ -9,9 +10,9 @@ one day), so a young ledger is not diluted by empty days.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -19,18 +20,13 @@ from typing import Any
 from ..core.catalog import Catalog
 from ..core.costs import cheapest
 from ..core.errors import P402Error
+from . import rollups
+from .rollups import HOUR
 from .store import Store
 
 DAY = 86400.0
 MONTH_DAYS = 30.0
-BREAKDOWNS = {
-    "provider": "COALESCE(provider, '(none)')",
-    "model": "CASE WHEN model IS NULL THEN '(none)' ELSE provider || '/' || model END",
-    "session": "COALESCE(session_id, '(none)')",
-    "tag": "COALESCE(tag, '(none)')",
-    "key": "COALESCE(api_key_id, '(none)')",
-    "day": "date(ts, 'unixepoch', 'localtime')",
-}
+BREAKDOWNS = ("provider", "model", "session", "tag", "key", "day")
 
 # Recommendation thresholds, kept here so the numbers behind each advice are visible.
 PROVIDER_MIN_ATTEMPTS = 5
@@ -117,20 +113,177 @@ def _dates(start: str | None, end: str | None, now: float) -> Period:
     return Period(_midnight(first), _midnight(last + timedelta(days=1)), f"{first}..{last}")
 
 
+# --- periods as whole hours and edges ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Cut:
+    """A period as the whole hours [lo, hi) the rollups hold, and the ledger's ranges around them."""
+
+    lo: int
+    hi: int
+    edges: tuple[tuple[float, float], ...]
+
+
+def _cut(period: Period) -> _Cut:
+    lo, hi = math.ceil(period.start / HOUR), math.floor(period.end / HOUR)
+    if lo >= hi:
+        return _Cut(0, 0, ((period.start, period.end),) if period.start < period.end else ())
+    edges = []
+    if period.start < lo * HOUR:
+        edges.append((period.start, float(lo * HOUR)))
+    if hi * HOUR < period.end:
+        edges.append((float(hi * HOUR), period.end))
+    return _Cut(lo, hi, tuple(edges))
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """Which rows a report counts: simulated ones only when asked for; with `api_key_id`, that key's only."""
+
+    include_simulated: bool = False
+    api_key_id: str | None = None
+    simulated_only: bool = False
+
+    def sql(self) -> tuple[str, tuple[Any, ...]]:
+        where = " AND simulated = 1" if self.simulated_only else "" if self.include_simulated else " AND simulated = 0"
+        if self.api_key_id is None:
+            return where, ()
+        return where + " AND api_key_id = ?", (self.api_key_id,)
+
+
+# Ledger rows in the shape of `spend_hourly`'s (aliased `r`); repeats are worked out only when asked for.
+_LEDGER_SPEND = (
+    "1, CASE WHEN status = 'ok' THEN 1 ELSE 0 END, cached, COALESCE(cost_usd, 0.0), saved_usd, prompt_tokens, "
+    "completion_tokens, 1 - priced, CASE WHEN priced = 0 THEN prompt_tokens ELSE 0 END, "
+    "CASE WHEN priced = 0 THEN completion_tokens ELSE 0 END, ts"
+)
+_REPEATS = (
+    f"CASE WHEN status = 'ok' AND cached = 0 AND prompt_key IS NOT NULL AND {rollups.REPEAT_SQL} THEN 1 ELSE 0 END, "
+    f"CASE WHEN status = 'ok' AND cached = 0 AND prompt_key IS NOT NULL AND {rollups.REPEAT_SQL} "
+    "THEN COALESCE(cost_usd, 0.0) ELSE 0.0 END"
+)
+
+
+def _count(column: str) -> str:
+    # PostgreSQL sums BIGINTs as NUMERIC, which Python gets as Decimal: counts come back as integers.
+    return f"CAST(SUM({column}) AS BIGINT) AS {column}"
+
+
+_SUMS = ", ".join(
+    [*(_count(c) for c in ("requests", "ok", "cached", "prompt_tokens", "completion_tokens", "unpriced",
+                           "unpriced_prompt_tokens", "unpriced_completion_tokens", "repeats")),
+     "SUM(cost_usd) AS cost_usd", "SUM(saved_usd) AS saved_usd", "MIN(first_ts) AS first_ts",
+     "SUM(repeat_cost_usd) AS repeat_cost_usd"]
+)  # fmt: skip
+# Per breakdown: the dim of `spend_hourly` it reads, and its key there and in the ledger.
+_KEYS = {
+    "provider": ("provider", "value", rollups.DIM_SQL["provider"]),
+    "model": ("model", "value", rollups.DIM_SQL["model"]),
+    "session": ("session", "value", rollups.DIM_SQL["session"]),
+    "tag": ("tag", "value", rollups.DIM_SQL["tag"]),
+    "key": (
+        "provider", f"CASE WHEN api_key_id = '' THEN '{rollups.NONE}' ELSE api_key_id END",
+        f"COALESCE(api_key_id, '{rollups.NONE}')",
+    ),
+}
+
+
+def _spend_parts(
+    by: str, cut: _Cut, rows: _Rows, *, repeats: bool = False, skip_hours: tuple[int, ...] = (),
+    edge_keys: tuple[int, ...] = (),
+) -> tuple[str, tuple[Any, ...]]:  # fmt: skip
+    """A UNION ALL of the rollup's whole hours and the ledger's edges, in `spend_hourly`'s columns plus `key`.
+
+    `by="day"` keys rollup rows by hour and edge i by -(i + 1) (`edge_keys`), for the caller to date."""
+    where, params = rows.sql()
+    dim, roll_key, ledger_key = _KEYS["provider" if by in ("day", "total") else by]
+    if by == "day":
+        roll_key = "hour"
+    skip = f" AND hour NOT IN ({', '.join('?' for _ in skip_hours)})" if skip_hours else ""
+    parts = [
+        (
+            f"SELECT {roll_key} AS key, requests, ok, cached, cost_usd, saved_usd, prompt_tokens, completion_tokens, "
+            "unpriced, unpriced_prompt_tokens, unpriced_completion_tokens, first_ts, repeats, repeat_cost_usd "
+            f"FROM spend_hourly WHERE dim = ? AND hour >= ? AND hour < ?{skip}{where}"
+        )
+    ]
+    args: list[Any] = [dim, cut.lo, cut.hi, *skip_hours, *params]
+    for index, (start, end) in enumerate(cut.edges):
+        key = "CAST(? AS INTEGER)" if by == "day" else ledger_key
+        parts.append(
+            f"SELECT {key}, {_LEDGER_SPEND}, {_REPEATS if repeats else '0, 0.0'} "
+            f"FROM requests r WHERE ts >= ? AND ts < ?{where}"
+        )
+        args += [*((edge_keys[index],) if by == "day" else ()), start, end, *params]
+    return " UNION ALL ".join(parts), tuple(args)
+
+
+async def _spend_rows(store: Store, by: str, cut: _Cut, rows: _Rows, **kw: Any) -> list[dict[str, Any]]:
+    parts, args = _spend_parts(by, cut, rows, **kw)
+    return await store.fetchall(f"SELECT key, {_SUMS} FROM ({parts}) AS parts GROUP BY key", args)
+
+
+async def _spend_total(store: Store, cut: _Cut, rows: _Rows, *, repeats: bool = False) -> dict[str, Any]:
+    parts, args = _spend_parts("total", cut, rows, repeats=repeats)
+    total = await store.fetchone(f"SELECT {_SUMS} FROM ({parts}) AS parts", args)
+    assert total is not None
+    return {k: v or 0 for k, v in total.items()} | {"first_ts": total["first_ts"]}
+
+
+async def _by_day(store: Store, period: Period, cut: _Cut, rows: _Rows) -> list[dict[str, Any]]:
+    """Local days: whole hours dated by their start, and ledger ranges each within one local day.
+
+    An hour that a local midnight cuts (zones off the whole hour) is read from the ledger too."""
+    midnights = []
+    day = datetime.fromtimestamp(max(period.start, 0.0)).date() + timedelta(days=1)
+    while day <= _LAST_DAY and (m := _midnight(day)) < period.end:
+        midnights.append(m)
+        day += timedelta(days=1)
+    split = [m for m in midnights if m % HOUR]
+    skip = tuple(sorted({int(m // HOUR) for m in split if cut.lo <= m // HOUR < cut.hi}))
+    ranges = [*cut.edges, *((h * HOUR, (h + 1) * HOUR) for h in skip)]
+    edges = []
+    for start, end in ranges:  # cut at the local midnights within
+        for m in midnights:
+            if start < m < end:
+                edges.append((start, m))
+                start = m
+        edges.append((start, end))
+    ledger = _Cut(cut.lo, cut.hi, tuple(edges))
+    labels = tuple(-(i + 1) for i in range(len(edges)))
+    found = await _spend_rows(store, "day", ledger, rows, skip_hours=skip, edge_keys=labels)
+    days: dict[str, dict[str, Any]] = {}
+    for row in found:
+        key = row["key"]
+        ts = edges[-key - 1][0] if key < 0 else key * HOUR
+        label = datetime.fromtimestamp(ts).date().isoformat()
+        if label in days:
+            into = days[label]
+            for column in ("requests", "cost_usd", "saved_usd", "cached", "unpriced"):
+                into[column] += row[column]
+        else:
+            days[label] = row | {"key": label}
+    return list(days.values())
+
+
+def _breakdown(row: dict[str, Any]) -> dict[str, Any]:
+    # A group of unpriced calls only has no known cost: null, not $0.
+    cost = None if row["unpriced"] == row["requests"] else row["cost_usd"]
+    return {"key": row["key"], "cost_usd": cost, "requests": row["requests"], "saved_usd": row["saved_usd"],
+            "cached": row["cached"], "unpriced": row["unpriced"]}  # fmt: skip
+
+
+def _key_filter(api_key_id: str | None) -> str | None:
+    if api_key_id is not None and not KEY_ID.fullmatch(api_key_id):
+        raise PeriodError(f"no gateway key {api_key_id!r}: key ids look like key-0123456789ab", param="key")
+    return api_key_id
+
+
 # --- spend ------------------------------------------------------------------------------------
 
 
 KEY_ID = re.compile(r"key-[0-9a-f]{12}")  # what `queries.create_key` makes
-
-
-def _rows(include_simulated: bool, alias: str = "", api_key_id: str | None = None) -> str:
-    """The ledger rows a report counts: simulated ones only when asked for; with `api_key_id`, that key's only."""
-    real = "" if include_simulated else f" AND {alias}simulated = 0"
-    if api_key_id is None:
-        return real
-    if not KEY_ID.fullmatch(api_key_id):  # checked, so it can sit in the SQL of every query a report makes
-        raise PeriodError(f"no gateway key {api_key_id!r}: key ids look like key-0123456789ab", param="key")
-    return f"{real} AND {alias}api_key_id = '{api_key_id}'"
 
 
 async def spend(
@@ -140,42 +293,25 @@ async def spend(
     first); with `api_key_id`, of that key's requests only."""
     if by not in BREAKDOWNS:
         raise PeriodError(f"cannot break spend down by {by!r}; choose {', '.join(BREAKDOWNS)}")
-    window: tuple[Any, ...] = (period.start, period.end)
-    real = _rows(include_simulated)
-    if api_key_id is not None:
-        real += " AND api_key_id = ?"
-        window += (api_key_id,)
-    totals = await store.fetchone(
-        "SELECT COALESCE(SUM(cost_usd), 0.0) AS cost_usd, COUNT(*) AS requests, COALESCE(SUM(saved_usd), 0.0) AS saved_usd, "
-        "COALESCE(SUM(cached), 0) AS cached, COALESCE(SUM(status != 'ok'), 0) AS errors, "
-        "COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, COALESCE(SUM(completion_tokens), 0) AS completion_tokens, "
-        "COALESCE(SUM(priced = 0), 0) AS unpriced, "
-        "COALESCE(SUM(CASE WHEN priced = 0 THEN prompt_tokens END), 0) AS unpriced_prompt_tokens, "
-        "COALESCE(SUM(CASE WHEN priced = 0 THEN completion_tokens END), 0) AS unpriced_completion_tokens "
-        f"FROM requests WHERE ts >= ? AND ts < ?{real}",
-        window,
-    )
-    assert totals is not None
-    order = "key" if by == "day" else "cost_usd DESC, key"
-    rows = await store.fetchall(
-        f"SELECT {BREAKDOWNS[by]} AS key, SUM(cost_usd) AS cost_usd, COUNT(*) AS requests, SUM(saved_usd) AS saved_usd, "
-        f"SUM(cached) AS cached, SUM(priced = 0) AS unpriced FROM requests WHERE ts >= ? AND ts < ?{real} "
-        f"GROUP BY key ORDER BY {order}",
-        window,
-    )
-    left_out = 0 if include_simulated else await store.scalar(
-        "SELECT COUNT(*) FROM requests WHERE ts >= ? AND ts < ? AND simulated = 1"
-        + (" AND api_key_id = ?" if api_key_id is not None else ""), window
-    )
+    cut = _cut(period)
+    rows = _Rows(include_simulated, api_key_id)
+    totals = await _spend_total(store, cut, rows)
+    if by == "day":
+        breakdown = sorted((_breakdown(r) for r in await _by_day(store, period, cut, rows)), key=lambda b: b["key"])
+    else:
+        breakdown = [_breakdown(r) for r in await _spend_rows(store, by, cut, rows)]
+        breakdown.sort(key=lambda b: (b["cost_usd"] is None, -(b["cost_usd"] or 0.0), b["key"]))
+    left_out = 0 if include_simulated else (await _spend_total(store, cut, _Rows(api_key_id=api_key_id,
+                                                                                   simulated_only=True)))["requests"]  # fmt: skip
     return {
         "period": period.to_dict(),
         "by": by,
         "simulated_left_out": left_out,
-        "total_usd": totals["cost_usd"],
+        "total_usd": float(totals["cost_usd"]),
         "requests": totals["requests"],
-        "saved_usd": totals["saved_usd"],
+        "saved_usd": float(totals["saved_usd"]),
         "cached": totals["cached"],
-        "errors": totals["errors"],
+        "errors": totals["requests"] - totals["ok"],
         "prompt_tokens": totals["prompt_tokens"],
         "completion_tokens": totals["completion_tokens"],
         # Calls to models without a known price: counted here, not as $0 in total_usd (their cost_usd is null).
@@ -184,7 +320,7 @@ async def spend(
             "prompt_tokens": totals["unpriced_prompt_tokens"],
             "completion_tokens": totals["unpriced_completion_tokens"],
         },
-        "breakdown": rows,
+        "breakdown": breakdown,
     }
 
 
@@ -207,39 +343,58 @@ async def recommendations(
     """Advice with its numbers, the biggest monthly saving first; with `api_key_id`, from that key's traffic.
 
     Each item: {kind, title, detail, monthly_saving_usd (None where the gain is not money), numbers}.
+    A repeat is a request answered upstream whose exact prompt an answered request of its namespace had asked
+    within the cache's default lifetime before it (under any key: the cache is shared by namespace).
     """
-    window = (period.start, period.end)
-    real = _rows(include_simulated, api_key_id=api_key_id)
-    first_ts = await store.scalar(f"SELECT MIN(ts) FROM requests WHERE ts >= ? AND ts < ?{real}", window)
-    span = _span_days(first_ts, period)
+    cut = _cut(period)
+    rows = _Rows(include_simulated, _key_filter(api_key_id))
+    totals = await _spend_total(store, cut, rows, repeats=True)
+    span = _span_days(totals["first_ts"], period)
     found = (
-        await _cheaper_models(store, catalog, window, span, real)
-        + await _repeated_prompts(store, window, span, real)
-        + await _unreliable_providers(store, window, real)
-        + await _sessions_burning(store, period, _rows(include_simulated, "r.", api_key_id))
+        await _cheaper_models(store, catalog, cut, span, rows)
+        + _repeated_prompts(totals, span)
+        + await _unreliable_providers(store, cut, rows)
+        + await _sessions_burning(store, period, cut, rows)
     )
     found.sort(key=lambda r: -(r["monthly_saving_usd"] or 0.0))
     return found
 
 
-async def _cheaper_models(
-    store: Store, catalog: Catalog, window: tuple[float, float], span: float, real: str
-) -> list[dict[str, Any]]:
+async def _cheaper_models(store: Store, catalog: Catalog, cut: _Cut, span: float, rows: _Rows) -> list[dict[str, Any]]:
     """Premium-tier traffic not routed for quality, priced on the cheapest non-premium model with what it needed."""
-    rows = await store.fetchall(
-        "SELECT provider, model, GROUP_CONCAT(DISTINCT needs) AS needs, COUNT(*) AS requests, "
-        "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, SUM(cost_usd) AS cost_usd "
-        f"FROM requests WHERE ts >= ? AND ts < ? AND status = 'ok' AND cached = 0 AND priced = 1{real} "
-        "AND (mode IS NULL OR mode != 'quality') AND provider IS NOT NULL AND model IS NOT NULL "
-        "GROUP BY provider, model",
-        window,
+    where, params = rows.sql()
+    parts = [
+        (
+            "SELECT provider, model, needs, requests, prompt_tokens, completion_tokens, cost_usd FROM model_hourly "
+            f"WHERE hour >= ? AND hour < ?{where}"
+        )
+    ]
+    args: list[Any] = [cut.lo, cut.hi, *params]
+    for start, end in cut.edges:
+        parts.append(
+            "SELECT provider, model, COALESCE(needs, ''), 1, prompt_tokens, completion_tokens, cost_usd FROM requests "
+            f"WHERE ts >= ? AND ts < ? AND {rollups.CANDIDATE_SQL}{where}"
+        )
+        args += [start, end, *params]
+    grouped = await store.fetchall(
+        f"SELECT provider, model, needs, {_count('requests')}, {_count('prompt_tokens')}, "
+        f"{_count('completion_tokens')}, SUM(cost_usd) AS cost_usd FROM ({' UNION ALL '.join(parts)}) "
+        "AS parts GROUP BY provider, model, needs ORDER BY provider, model",
+        args,
     )
+    models: dict[tuple[str, str], dict[str, Any]] = {}
+    for part in grouped:  # one row per model and set of needs: a model's needs are all its sets'
+        row = models.setdefault((part["provider"], part["model"]), {
+            "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "needs": set()})  # fmt: skip
+        for column in ("requests", "prompt_tokens", "completion_tokens", "cost_usd"):
+            row[column] += part[column]
+        row["needs"].update(need for need in part["needs"].split(",") if need)
     found = []
-    for row in rows:
-        current = catalog.models.get(f"{row['provider']}/{row['model']}")
+    for (provider, model), row in models.items():
+        current = catalog.models.get(f"{provider}/{model}")
         if current is None or current.tier != "premium":
             continue
-        needs = {need for joined in (row["needs"] or "chat").split(",") for need in joined.split(",") if need}
+        needs = row["needs"] or {"chat"}
         alternative = cheapest(
             catalog, needs, max_tier="mid",
             input_tokens=row["prompt_tokens"], output_tokens=row["completion_tokens"],
@@ -282,83 +437,74 @@ async def _cheaper_models(
     return found
 
 
-async def _repeated_prompts(store: Store, window: tuple[float, float], span: float, real: str) -> list[dict[str, Any]]:
+def _repeated_prompts(totals: dict[str, Any], span: float) -> list[dict[str, Any]]:
     """Requests asking exactly what an earlier request of the same namespace asked, answered upstream anyway."""
-    row = await store.fetchone(
-        "SELECT COUNT(*) AS repeats, COALESCE(SUM(cost_usd), 0.0) AS cost_usd, "
-        f"(SELECT COUNT(*) FROM requests WHERE ts >= ?1 AND ts < ?2 AND status = 'ok'{real}) AS requests FROM ("
-        "  SELECT cost_usd, cached, ROW_NUMBER() OVER ("
-        "    PARTITION BY COALESCE(namespace, ''), prompt_key ORDER BY ts, id) AS occurrence"
-        f"  FROM requests WHERE ts >= ?1 AND ts < ?2 AND status = 'ok' AND prompt_key IS NOT NULL{real}"
-        ") WHERE occurrence > 1 AND cached = 0",
-        window,
-    )
-    assert row is not None
-    if not row["repeats"] or row["cost_usd"] <= 0:
+    repeats, cost, answered = totals["repeats"], float(totals["repeat_cost_usd"]), totals["ok"]
+    if not repeats or cost <= 0:
         return []
-    rate = row["repeats"] / row["requests"]
-    monthly = _monthly(row["cost_usd"], span)
+    rate = repeats / answered
+    monthly = _monthly(cost, span)
     return [
         {
             "kind": "cache_repeats",
             "title": f"Cache repeated prompts: {rate:.0%} of requests asked again",
             "detail": (
-                f"{row['repeats']} of {row['requests']} requests repeated an earlier prompt exactly and still went "
-                f"upstream for ${row['cost_usd']:.4f}; the cache would have answered them for free: about "
+                f"{repeats} of {answered} requests repeated an earlier prompt exactly and still went "
+                f"upstream for ${cost:.4f}; the cache would have answered them for free: about "
                 f"${monthly:.2f} a month. Keep `cache.enabled` on and stop passing --no-cache / Cache-Control: no-cache."
             ),
             "monthly_saving_usd": monthly,
             "numbers": {
-                "repeats": row["repeats"],
-                "requests": row["requests"],
+                "repeats": repeats,
+                "requests": answered,
                 "repeat_rate": rate,
-                "saving_usd": row["cost_usd"],
+                "saving_usd": cost,
                 "span_days": span,
             },
         }
     ]
 
 
-async def _unreliable_providers(store: Store, window: tuple[float, float], real: str) -> list[dict[str, Any]]:
+async def _unreliable_providers(store: Store, cut: _Cut, rows: _Rows) -> list[dict[str, Any]]:
     """Providers whose failed attempts cost failovers and waiting time."""
-    rows = await store.fetchall(
-        "SELECT provider, status, error_kind, latency_ms, attempts FROM requests "
-        f"WHERE ts >= ? AND ts < ? AND cached = 0{real}",
-        window,
-    )
-    attempts: defaultdict[str, int] = defaultdict(int)
-    failures: defaultdict[str, int] = defaultdict(int)
-    wasted_ms: defaultdict[str, float] = defaultdict(float)
-    failovers: defaultdict[str, int] = defaultdict(int)
-    for row in rows:
-        tries = json.loads(row["attempts"] or "[]")
-        if not tries and row["provider"]:
-            # No attempt list: the row itself is the one try.
-            tries = [{"provider": row["provider"], "error_kind": row["error_kind"] if row["status"] != "ok" else None,
-                      "latency_ms": row["latency_ms"]}]  # fmt: skip
-        for position, attempt in enumerate(tries):
-            provider = attempt.get("provider")
-            if not provider:
-                continue
-            attempts[provider] += 1
-            if attempt.get("error_kind"):
-                failures[provider] += 1
-                wasted_ms[provider] += attempt.get("latency_ms") or 0.0
-                if position < len(tries) - 1:
-                    failovers[provider] += 1
+    where, params = rows.sql()
+    sums: dict[str, list[float]] = {}
+    for row in await store.fetchall(
+        f"SELECT provider, {_count('attempts')}, {_count('failures')}, {_count('failovers')}, "
+        f"SUM(wasted_ms) AS wasted_ms FROM attempt_hourly WHERE hour >= ? AND hour < ?{where} GROUP BY provider",
+        (cut.lo, cut.hi, *params),
+    ):
+        sums[row["provider"]] = [row["attempts"], row["failures"], row["failovers"], row["wasted_ms"]]
+    # The ledger's own rows: at the edges, and the failed ones the migration's SQL could not sum.
+    ranges = [(start, end, "") for start, end in cut.edges]
+    summed_to = await store.scalar("SELECT value FROM rollup_state WHERE name = 'attempts_summed_to'")
+    if summed_to is not None and cut.lo < cut.hi and cut.lo * HOUR <= summed_to:
+        ranges.append((cut.lo * HOUR, min(cut.hi * HOUR, summed_to + 1e-6), f" AND {rollups.TANGLED_SQL}"))
+    for start, end, tangled in ranges:
+        for row in await store.rows(
+            "SELECT provider, status, error_kind, latency_ms, attempts FROM requests "
+            f"WHERE ts >= ? AND ts < ? AND cached = 0{tangled}{where}",
+            (start, end, *params),
+        ):
+            tries = json.loads(row["attempts"] or "[]")
+            for provider, counts in rollups.attempt_sums(
+                row["provider"], row["status"], row["error_kind"], row["latency_ms"], tries
+            ).items():
+                into = sums.setdefault(provider, [0, 0, 0, 0.0])
+                for i, value in enumerate(counts):
+                    into[i] += value
     found = []
-    for provider, total in attempts.items():
-        failed = failures[provider]
-        rate = failed / total
-        if total < PROVIDER_MIN_ATTEMPTS or rate < PROVIDER_ERROR_RATE:
+    for provider, (total, failed, failovers, wasted_ms) in sums.items():
+        if total < PROVIDER_MIN_ATTEMPTS or failed / total < PROVIDER_ERROR_RATE:
             continue
+        rate = failed / total
         found.append(
             {
                 "kind": "unreliable_provider",
                 "title": f"{provider} fails {rate:.0%} of attempts",
                 "detail": (
-                    f"{failed} of {total} attempts on {provider} failed; {failovers[provider]} requests failed over "
-                    f"after waiting {wasted_ms[provider]:.0f} ms in all ({wasted_ms[provider] / failed:.0f} ms each). "
+                    f"{failed} of {total} attempts on {provider} failed; {failovers} requests failed over "
+                    f"after waiting {wasted_ms:.0f} ms in all ({wasted_ms / failed:.0f} ms each). "
                     f"Exclude it or route around it until it recovers."
                 ),
                 "monthly_saving_usd": None,
@@ -367,9 +513,9 @@ async def _unreliable_providers(store: Store, window: tuple[float, float], real:
                     "attempts": total,
                     "failures": failed,
                     "error_rate": rate,
-                    "failovers": failovers[provider],
-                    "added_latency_ms": wasted_ms[provider],
-                    "added_latency_ms_per_failure": wasted_ms[provider] / failed,
+                    "failovers": failovers,
+                    "added_latency_ms": wasted_ms,
+                    "added_latency_ms_per_failure": wasted_ms / failed,
                 },
             }
         )
@@ -377,24 +523,31 @@ async def _unreliable_providers(store: Store, window: tuple[float, float], real:
     return found
 
 
-async def _sessions_burning(store: Store, period: Period, real: str) -> list[dict[str, Any]]:
+async def _sessions_burning(store: Store, period: Period, cut: _Cut, rows: _Rows) -> list[dict[str, Any]]:
     """Active sessions that have used most of their budget or will run out within a week at their pace."""
-    rows = await store.fetchall(
-        "SELECT s.id, s.name, s.budget_usd, "
-        f"(SELECT COALESCE(SUM(cost_usd), 0.0) FROM requests r WHERE r.session_id = s.id{real}) AS spent_usd, "
-        f"(SELECT COALESCE(SUM(cost_usd), 0.0) FROM requests r WHERE r.session_id = s.id AND r.ts >= ? AND r.ts < ?{real}) "
-        "AS period_usd, "
-        f"(SELECT MIN(ts) FROM requests r WHERE r.session_id = s.id AND r.ts >= ? AND r.ts < ?{real}) AS first_ts "
-        "FROM agent_sessions s WHERE s.status = 'active' AND s.budget_usd IS NOT NULL",
-        (period.start, period.end, period.start, period.end),
+    sessions = await store.fetchall(
+        "SELECT id, name, budget_usd FROM agent_sessions WHERE status = 'active' AND budget_usd IS NOT NULL"
     )
+    if not sessions:
+        return []
+    where, params = rows.sql()
+    spent = {
+        row["value"]: row["spent_usd"]
+        for row in await store.fetchall(
+            f"SELECT value, SUM(cost_usd) AS spent_usd FROM spend_hourly WHERE dim = 'session'{where} GROUP BY value",
+            params,
+        )
+    }
+    in_period = {row["key"]: row for row in await _spend_rows(store, "session", cut, rows)}
     found = []
-    for row in rows:
-        budget, spent = row["budget_usd"], row["spent_usd"]
-        per_day = row["period_usd"] / _span_days(row["first_ts"], period)
-        remaining = budget - spent
+    for row in sessions:
+        budget, spent_usd = row["budget_usd"], float(spent.get(row["id"]) or 0.0)
+        used_in_period = in_period.get(row["id"])
+        period_usd = float(used_in_period["cost_usd"]) if used_in_period else 0.0
+        per_day = period_usd / _span_days(used_in_period["first_ts"] if used_in_period else None, period)
+        remaining = budget - spent_usd
         days_left = remaining / per_day if per_day > 0 else None
-        used = spent / budget if budget > 0 else 1.0
+        used = spent_usd / budget if budget > 0 else 1.0
         if used < SESSION_USED_SHARE and (days_left is None or days_left > SESSION_DAYS_LEFT):
             continue
         runway = "its budget is spent" if remaining <= 0 else (
@@ -404,12 +557,12 @@ async def _sessions_burning(store: Store, period: Period, real: str) -> list[dic
             {
                 "kind": "session_budget",
                 "title": f"Session {row['name']!r} has used {used:.0%} of its budget",
-                "detail": f"{row['id']} spent ${spent:.4f} of ${budget:.4f}; {runway}. Raise the budget or rein it in.",
+                "detail": f"{row['id']} spent ${spent_usd:.4f} of ${budget:.4f}; {runway}. Raise the budget or rein it in.",
                 "monthly_saving_usd": None,
                 "numbers": {
                     "session_id": row["id"],
                     "budget_usd": budget,
-                    "spent_usd": spent,
+                    "spent_usd": spent_usd,
                     "used_share": used,
                     "per_day_usd": per_day,
                     "days_left": days_left,

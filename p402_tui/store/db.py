@@ -17,6 +17,7 @@ from pathlib import Path
 import aiosqlite
 
 from ..core.errors import P402Error
+from . import rollups
 
 PRAGMAS = (
     "PRAGMA busy_timeout=5000",  # first: another process may be creating the same file right now
@@ -318,6 +319,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         payload TEXT NOT NULL
     );
     """,
+    # the ledger summed by hour (`store.rollups`), kept in step by every ledger write and filled here from the
+    # rows already written, so spend and recommendations read thousands of sums, not millions of rows
+    rollups.MIGRATION,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..core.config import is_store_url
 from .db import SCHEMA_VERSION, StoreError
+from .rollups import HOUR, ROLLUP_TABLES
 from .store import Store
 
 ENGINE = "sqlite"
@@ -20,6 +21,7 @@ ENGINE = "sqlite"
 MAIN_TABLES = ("requests", "router_decisions", "provider_health", "agent_sessions", "gateway_keys", "semantic_cache")
 HISTORY_TABLES = ("requests", "router_decisions", "provider_health", "guardrail_hits")
 PRUNE_BATCH = 500  # rows a transaction: the writer's other work waits at most one batch
+ROLLUP_PRUNE_HOURS = 6  # hours of rollups a transaction, some thousands of rows
 
 
 async def status(target: Path | str) -> dict[str, Any]:
@@ -87,5 +89,13 @@ async def prune(store: Store, before_ts: float, *, batch: int = PRUNE_BATCH) -> 
             total += count
             if count < batch:
                 break
+        removed[table] = total
+    # The ledger's hourly sums go with it, whole hours only (the hour the cut falls in still counts its rows),
+    # a few hours a transaction.
+    cut = int(before_ts // HOUR)
+    for table in ROLLUP_TABLES:
+        total = 0
+        while (first := await store.scalar(f"SELECT MIN(hour) FROM {table}")) is not None and first < cut:
+            total += await store.run(f"DELETE FROM {table} WHERE hour < ?", (min(cut, first + ROLLUP_PRUNE_HOURS),))
         removed[table] = total
     return removed

@@ -13,7 +13,7 @@ from typing import Any
 from ..core.events import decision_summary
 from ..core.hooks import RequestRecord
 from ..core.types import json_bytes
-from . import decisions
+from . import decisions, rollups
 from .store import Store
 
 # --- the ledger --------------------------------------------------------------------
@@ -57,6 +57,14 @@ def request_row(
         int(record.cost_usd is not None),
         record.client_request_id,
     )  # fmt: skip
+
+
+def ledger_writes(
+    record: RequestRecord, *, needs: str | None = None, prompt_key: str | None = None, simulated: bool = False
+) -> list[tuple[str, tuple]]:
+    """A ledger row and what it adds to the rollups: to be written in one transaction (`put_later`)."""
+    row = request_row(record, needs=needs, prompt_key=prompt_key, simulated=simulated)
+    return [(INSERT_REQUEST, row), *rollups.writes(record, needs=needs, prompt_key=prompt_key, simulated=simulated)]
 
 
 def _ledger_dict(row: dict[str, Any]) -> dict[str, Any]:

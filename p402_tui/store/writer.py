@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .db import ConstraintError, StoreError, is_busy, open_sync
+from .rollups import coalesce
 
 log = logging.getLogger("p402.store")
 
@@ -219,7 +220,7 @@ class BatchWriter:
                         await asyncio.sleep(0)  # let waiting requests through: a batch's rows are milliseconds of work
                         began = time.perf_counter()
             if writes:
-                await self._commit(writes)
+                await self._commit(coalesce(writes))
             for item in batch:
                 if isinstance(item, _Flush) and not item.future.done():
                     item.future.set_result(None)
