@@ -678,7 +678,12 @@ def test_a_scan_of_the_projections_finds_exactly_what_a_full_scan_finds(monkeypa
         expected = [search(flat, query, threshold) for query in queries]
         found, _ = search_many(snapshot, queries, threshold, sign_codes(queries))
         assert [[row for row, _ in f] for f in found] == [[row for row, _ in e] for e in expected]
-        assert [search(snapshot, query, threshold) for query in queries[:5]] == found[:5]  # one query at a time too
+        alone = [search(snapshot, query, threshold) for query in queries[:5]]  # one query at a time too
+        assert [[row for row, _ in f] for f in alone] == [[row for row, _ in f] for f in found[:5]]
+        # The same cosines, to float32 rounding: a plain product and a pairwise one sum in other orders.
+        assert [[score for _, score in f] for f in alone] == [
+            [pytest.approx(score, abs=1e-5) for _, score in f] for f in found[:5]
+        ]
         if threshold == 0.74:  # the queries near a centre found rows there: the bound let them through
             assert sum(bool(f) for f in found[:40]) == 40 and not any(found[40:])
 
@@ -767,3 +772,23 @@ async def test_the_cache_fits_projections_off_the_loop_and_still_finds_paraphras
     _assert_projections_are_current(index)  # inserts took the projection the worker computed, or made one
     hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h2")
     assert hit is not None and hit.response.content == "Paris."
+
+
+def test_prompts_from_one_template_keep_the_projection_scan_to_the_best_few(monkeypatch):
+    """Thousands of rows close to each query (a ticket number changed) are the plain product's work, each
+    query keeping its k best, as the full scan does."""
+    monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 200)
+    rng = np.random.default_rng(5)
+    centre = _unit(rng.standard_normal((1, 256)))
+    rows = _unit(centre + rng.standard_normal((3000, 256)) * 0.02)
+    index = VectorIndex(256)
+    index.extend(_unit(np.concatenate([rows, rng.standard_normal((3000, 256))])), list(range(6000)))
+    index.install_projection(*index_module.fit_projection(index.start_projection(), 0.74))
+    snapshot = index.snapshot()
+    assert snapshot.heads is not None
+    flat = index_module.Snapshot(snapshot.vectors, snapshot.codes)
+    queries = _unit(centre + rng.standard_normal((16, 256)) * 0.02)
+    found, _ = search_many(snapshot, queries, 0.74, sign_codes(queries), k=4)
+    expected = [search(flat, query, 0.74, k=4) for query in queries]
+    assert [len(f) for f in found] == [4] * 16
+    assert [[row for row, _ in f] for f in found] == [[row for row, _ in e] for e in expected]

@@ -64,6 +64,7 @@ PROJECT_SCAN_ROWS = 20_000
 FIT_SAMPLE = 8192  # rows the principal directions are fitted on
 BOUND_SLACK = 1e-3  # float32 rounding in the bound: a row within this below the threshold is scored exactly
 MAX_PASSED = 0.05  # a basis whose bound passes more of the sampled row pairs than this (beyond the true matches) is not worth scanning
+DENSE_PASSED = 16  # past 1 pair in this many passing the bound, the plain product scores them faster
 PASS_QUERIES = 256  # rows a fit leaves out and measures that with, as queries against the rows it fitted
 
 
@@ -462,22 +463,31 @@ def _best(scores: np.ndarray, rows: np.ndarray | None, threshold: float, k: int)
 def _projected(
     snapshot: Snapshot, queries: np.ndarray, heads: np.ndarray, threshold: float, k: int
 ) -> list[list[tuple[int, float]]]:
-    """`search` for each query by a scan of the projections: only rows whose bound reaches the threshold are scored."""
+    """`search` for each query by a scan of the projections: only rows whose bound reaches the threshold are scored.
+
+    Prompts made from one template (a ticket number, a name changed) pass the bound by the thousand: then
+    the plain product is cheaper than scoring the passed pairs one by one, and either way each query keeps
+    its k best in numpy, never in a loop over every close row."""
     assert snapshot.heads is not None
     count = len(queries)
     bound = snapshot.heads @ np.ascontiguousarray(heads.T)  # (rows, queries); this order is the faster product
     passed = np.flatnonzero(bound.ravel() >= threshold - BOUND_SLACK)
-    found: list[list[tuple[int, float]]] = [[] for _ in range(count)]
     if not passed.size:
-        return found
+        return [[] for _ in range(count)]
+    if passed.size > bound.size // DENSE_PASSED:
+        dense = snapshot.vectors @ np.ascontiguousarray(queries.T)
+        return [_best(dense[:, j], None, threshold, k) for j in range(count)]
     rows, columns = np.divmod(passed, count)
     scores = np.einsum("ij,ij->i", snapshot.vectors[rows], queries[columns])
-    for i in np.flatnonzero(scores >= threshold):
-        found[int(columns[i])].append((int(rows[i]), float(scores[i])))
-    for close in found:
-        if close:
-            close.sort(key=lambda pair: -pair[1])
-            del close[k:]
+    kept = scores >= threshold
+    rows, columns, scores = rows[kept], columns[kept], scores[kept]
+    order = np.lexsort((-scores, columns))  # by query, best first
+    rows, columns, scores = rows[order], columns[order], scores[order]
+    rank = np.arange(columns.size) - np.searchsorted(columns, columns)  # place within its query's run
+    top = rank < k
+    found: list[list[tuple[int, float]]] = [[] for _ in range(count)]
+    for row, column, score in zip(rows[top].tolist(), columns[top].tolist(), scores[top].tolist()):
+        found[column].append((row, score))
     return found
 
 
