@@ -48,7 +48,7 @@ def test_release_free_memory_reaches_glibc():
 
 def test_an_idle_serve_loads_no_optional_engine_and_trims_after_start_up(tmp_path, static_table):
     out = subprocess.run([sys.executable, "-c", PROBE, str(free_port()), str(tmp_path / "p.db")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     loaded = [m for m in seen["modules"] if m.split(".")[0] in NOT_AT_IDLE or m in NOT_AT_IDLE
               or any(m.startswith(name + ".") for name in NOT_AT_IDLE)]
