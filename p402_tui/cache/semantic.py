@@ -36,6 +36,7 @@ import orjson
 
 from ..core.errors import P402Error
 from ..core.hooks import CachedAnswer, RouteOptions
+from ..core.malloc import release_free_memory
 from ..core.tokens import PIECE_CHARS, off_loop
 from ..core.types import ChatMessage, ChatRequest, ChatResponse, Usage
 from ..store.store import Store
@@ -583,6 +584,8 @@ class SemanticCache:
         # Nothing can be inserted meanwhile: inserts follow lookups, and lookups wait for this.
         self._entries, self._indexes = await asyncio.to_thread(_build, rows, name)
         self._evict_overflow()
+        # The last step of a gateway's start-up: what it parsed and freed need not stay in its RSS.
+        await asyncio.to_thread(release_free_memory)
 
     def _build_in_background(self, build: Callable[..., Embedder]) -> None:
         """Make the index embedder on a thread of its own; until it is done the semantic tier is skipped.

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from .malloc import release_free_memory
+
 if TYPE_CHECKING:
     import tiktoken
 
@@ -322,6 +324,7 @@ async def warm(models: Iterable[str | None] = (None,)) -> None:
     def load() -> None:
         for model in wanted:
             _resolve(model)
+        release_free_memory()  # checking a blob read it whole; an idle process need not keep those pages
 
     await asyncio.to_thread(load)
 
