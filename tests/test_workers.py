@@ -387,3 +387,47 @@ def test_workers_join_a_fleet_unless_the_config_says_no():
     assert fleet_env(FleetConfig.model_validate({"enabled": False}), {}, "127.0.0.1", 4020) == {}
     assert fleet_env(FleetConfig(), {"P402_FLEET": "0"}, "127.0.0.1", 4020) == {}
     assert fleet_name("edge", {ENV: "2:7:99"}) == "edge/w2" and fleet_name("edge", {}) == "edge"
+
+
+def test_a_circuit_one_worker_opens_the_other_holds_within_a_second(tmp_path):
+    served = Served("--workers", "2", "--sim", "--db", str(tmp_path / "p402.db"))
+    body = {"model": "auto", "mode": "cost", "messages": BODY["messages"], "max_tokens": 16}
+    try:
+        first = _fresh_connection(served.url, body, FRESH).json()["p402"]
+        chosen = f"{first['provider']}/{first['model']}"
+        provider, wire = chosen.split("/", 1)
+        httpx.post(f"{served.sim_url}/_sim/faults", json={"provider": provider, "model": wire, "kind": "rate_limit",
+                                                           "retry_after_s": 30}).raise_for_status()
+        for _ in range(20):  # the first worker to meet the 429 fails over (a worker may have ranked another first)
+            met = _fresh_connection(served.url, body, FRESH)
+            if met.json()["p402"]["attempts"][0]["error_kind"] == "rate_limited":
+                break
+        opened = time.monotonic()
+        assert met.status_code == 200 and met.json()["p402"]["attempts"][0]["error_kind"] == "rate_limited"
+        opener = met.headers["x-p402-worker"]
+        seen = None
+        while time.monotonic() - opened < 3:
+            with httpx.Client(base_url=served.url, timeout=30) as client:
+                answer = client.get("/api/v2/providers")
+            if answer.headers["x-p402-worker"] != opener:
+                health = next(p["health"] for p in answer.json()["data"] if p["id"] == provider)
+                if health and f"/w{opener}" in (health.get("reason") or ""):
+                    seen = time.monotonic() - opened
+                    break
+            time.sleep(0.02)
+        assert seen is not None and seen < 1.0
+        others = []
+        for _ in range(40):  # no request of the other worker's meets the 429 the opener met
+            answer = _fresh_connection(served.url, body, FRESH)
+            if answer.headers["x-p402-worker"] != opener:
+                others.append(answer)
+            if len(others) == 3:
+                break
+        assert len(others) == 3
+        for answer in others:
+            meta = answer.json()["p402"]
+            assert answer.status_code == 200 and [a["error_kind"] for a in meta["attempts"]] in ([], [None])
+            assert f"{meta['provider']}/{meta['model']}" != chosen
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, "".join(served.stderr)[-2000:]
