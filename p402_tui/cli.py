@@ -716,7 +716,7 @@ async def supervise(args: argparse.Namespace, settings, host: str, port: int, co
     """`p402 serve --workers N`: N workers sharing the port (gateway.workers), one simulator for all."""
     import signal
 
-    from .gateway.workers import CannotStart, Supervisor, reserve
+    from .gateway.workers import CannotStart, Supervisor, fleet_env, reserve
 
     sock = reserve(host, port)
     try:
@@ -739,7 +739,8 @@ async def supervise(args: argparse.Namespace, settings, host: str, port: int, co
             argv += ["--log-level", args.log_level]
         if args.no_access_log:
             argv.append("--no-access-log")
-        supervisor = Supervisor(count, argv, sim.url if sim else None, grace_s=settings.gateway.drain_timeout_s)
+        fleet = fleet_env(settings.file.fleet, settings.env, host, bound)
+        supervisor = Supervisor(count, argv, sim.url if sim else None, env=fleet, grace_s=settings.gateway.drain_timeout_s)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -145,8 +145,10 @@ class Runtime:
             return
         from .fleet.bus import gateway_id
         from .fleet.link import FleetLink, open_bus
+        from .gateway.workers import fleet_name
 
-        bus = open_bus(self.store, gateway_id(conf.name or env.get("P402_FLEET_NAME")), conf.bus_url or env.get("P402_FLEET_BUS"))
+        name = fleet_name(gateway_id(conf.name or env.get("P402_FLEET_NAME")), env)
+        bus = open_bus(self.store, name, conf.bus_url or env.get("P402_FLEET_BUS"))
         link = FleetLink(bus, self.bus, self.orchestrator.health, self.cache, relay_events=conf.events)
         await link.start()
         self.fleet = link

@@ -415,16 +415,47 @@ def live_runtime():
     return Runtime(settings=settings, bus=bus, orchestrator=Orchestrator(settings, bus=bus))
 
 
-def publish_request(runtime: Runtime, n: int, mode: str = "cost") -> str:
+def publish_request(runtime: Runtime, n: int, mode: str = "cost", gateway: str | None = None) -> str:
     from p402_tui.core.hooks import RouteOptions
 
     decision = runtime.orchestrator.route(ChatRequest(messages=[ChatMessage(role="user", content=f"q{n}")]), RouteOptions(mode=mode))
-    runtime.bus.publish(RouteDecided(decision=decision))
+    runtime.bus.publish(RouteDecided(decision=decision, gateway=gateway))
     chosen = decision.chosen
     record = RequestRecord(id=f"req-{n}", provider=chosen.provider, model=chosen.model, cost_usd=chosen.est_cost_usd,
                            latency_ms=200.0, decision_id=decision.id, mode=mode)  # fmt: skip
-    runtime.bus.publish(RequestCompleted(record=record))
+    runtime.bus.publish(RequestCompleted(record=record, gateway=gateway))
     return decision.id
+
+
+async def test_the_gateway_column_and_field_appear_once_two_gateways_made_decisions(live_runtime):
+    app = ConsoleApp(LocalSource(live_runtime), refresh_interval=0.25)
+    async with app.run_test(size=SIZE) as pilot:
+        decisions = table(app, "decisions")
+        first = publish_request(live_runtime, 1, gateway="edge/w1")
+        await wait_until(pilot, lambda: decisions.row_count == 1)
+        assert "gateway" not in decisions.column_keys  # one gateway: the table as it always was
+        second = publish_request(live_runtime, 2, gateway="edge/w2")
+        await wait_until(pilot, lambda: decisions.row_count == 2 and "gateway" in decisions.column_keys)
+        shown = {decisions.key_at(i): decisions.cell_at(i, "gateway").plain for i in range(2)}
+        assert shown == {first: "edge/w1", second: "edge/w2"}
+        assert decisions.cell_at(0, "status").plain == "ok"  # the other columns stay where they were
+        decisions.move_cursor(row=decisions.index_of(second))
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, DecisionScreen)
+        assert "gateway edge/w2" in str(app.screen.query_one("#decision-summary").render())
+
+
+async def test_unlabelled_decisions_show_no_gateway(live_runtime):
+    app = ConsoleApp(LocalSource(live_runtime), refresh_interval=0.25)
+    async with app.run_test(size=SIZE) as pilot:
+        decisions = table(app, "decisions")
+        publish_request(live_runtime, 1)
+        await wait_until(pilot, lambda: decisions.row_count == 1)
+        assert "gateway" not in decisions.column_keys and not app.state.gateways
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "gateway" not in str(app.screen.query_one("#decision-summary").render())
 
 
 async def test_live_events_arrive_batched_and_space_pauses(live_runtime):

@@ -124,3 +124,16 @@ def test_throughput_rate_and_errors():
     rate, errors = throughput.rate(T0, over_s=10)
     assert rate == 5.0
     assert errors == 0.1
+
+
+def test_a_refusal_from_another_gateway_keeps_its_label_over_the_wire():
+    from p402_tui.client.wire import event_from_dict
+
+    frame = {"kind": "request_rejected", "ts": T0, "status": 429, "reason": "rate_limited", "method": "POST",
+             "path": "/v1/chat/completions", "gateway": "edge/w2"}
+    event = event_from_dict("request_rejected", frame)
+    assert event is not None and event.gateway == "edge/w2" and event.status == 429
+    state = ConsoleState()
+    state.fold([event])
+    (row,) = state.decisions.values()
+    assert row.gateway == "edge/w2" and row.status == "refused" and state.gateways == {"edge/w2"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import signal
 import socket
@@ -135,7 +136,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path):
 
 
 def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path):
-    """Per worker for now: a watcher sees the decisions of the worker its connection landed on."""
+    """A watcher sees the decisions of the worker its connection landed on; /metrics counts that worker's."""
     config = tmp_path / "config.toml"
     config.write_text("[gateway]\nworkers = 2\n")  # the setting, with no flag
     served = Served("--config", str(config), "--sim", "--db", str(tmp_path / "p402.db"))
@@ -206,7 +207,7 @@ def test_a_worker_that_cannot_start_is_one_line_and_the_exit_code(tmp_path):
     assert len(lines) == 1 and "schema version 999" in lines[0], result.stderr
 
 
-def test_an_attached_console_follows_one_worker_live_and_every_worker_through_the_store(tmp_path):
+def test_an_attached_console_follows_every_worker_live_and_through_the_store(tmp_path):
     from p402_tui.tui.attach import AttachClient, RemoteSource
 
     served = Served("--workers", "2", "--sim", "--db", str(tmp_path / "p402.db"))
@@ -226,11 +227,9 @@ def test_an_attached_console_follows_one_worker_live_and_every_worker_through_th
             assert {worker for worker, _ in made} == {"1", "2"}
             ids = {decision for _, decision in made}
             deadline = time.monotonic() + 20
-            while not ids & set(source.client.decisions):  # live: the decisions of the stream's worker
+            while not ids <= set(source.client.decisions):  # live: every worker's, through the fleet bus
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
-            live = ids & set(source.client.decisions)
-            assert live < ids  # and only that worker's, for now
             while not ids <= {d["id"] for d in await source.history()}:  # the store: every worker's
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
@@ -288,3 +287,147 @@ def test_workers_whose_parent_is_killed_drain_and_stop_by_themselves(tmp_path):
         assert time.monotonic() < deadline, "orphaned workers kept running"
         time.sleep(0.05)
     assert sorted(ledger(db)) == sorted(a.headers["x-request-id"] for a in answers)  # each flushed before it went
+
+
+# --- the workers as a fleet (p402_tui/fleet): on by default, over the store's bus ------------------
+
+
+def _fresh_connection(url: str, body: dict, headers: dict | None = None) -> httpx.Response:
+    """A new connection: the kernel picks the worker by its addresses, so a run of these reaches each."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        return client.post("/v1/chat/completions", json=body, headers=headers or {})
+
+
+def test_one_rpm_limit_holds_across_two_workers(tmp_path):
+    db = tmp_path / "p402.db"
+    made = run_cli("keys", "create", "--name", "shared", "--rpm", "30", "--json", "--db", str(db))
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["key"]
+    served = Served("--workers", "2", "--sim", "--db", str(db))
+    try:
+        auth = {"authorization": f"Bearer {key}", **FRESH}
+        answers = [_fresh_connection(served.url, BODY, auth) for _ in range(80)]
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, "".join(served.stderr)[-2000:]
+    statuses = collections.Counter(a.status_code for a in answers)
+    assert set(statuses) == {200, 429} and statuses[200] == 30, statuses  # one window, not 30 for each worker
+    assert {a.headers["x-p402-worker"] for a in answers if a.status_code == 200} == {"1", "2"}
+    assert {a.headers["x-p402-worker"] for a in answers if a.status_code == 429} == {"1", "2"}
+
+
+def test_any_workers_event_stream_shows_every_workers_decisions_labelled(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[fleet]\nname = "edge"\n')  # a name, never `enabled`: the workers still share the bus
+    served = Served("--workers", "2", "--config", str(config), "--sim", "--db", str(tmp_path / "p402.db"))
+    seen: list[dict] = []
+    opened = threading.Event()
+
+    def watch() -> None:
+        with httpx.stream("GET", f"{served.url}/api/v2/events?kinds=route_decided", timeout=60) as response:
+            opened.set()
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        watcher.start()
+        assert opened.wait(20)
+        time.sleep(0.3)  # past ": subscribed"
+        answered = {}
+        for _ in range(40):
+            answer = _fresh_connection(served.url, BODY, FRESH)
+            answered[answer.json()["p402"]["decision_id"]] = answer.headers["x-p402-worker"]
+            if set(answered.values()) == {"1", "2"}:
+                break
+        assert set(answered.values()) == {"1", "2"}
+        deadline = time.monotonic() + 10
+        while not set(answered) <= {e["decision"]["id"] for e in seen}:
+            assert time.monotonic() < deadline, (answered, seen)
+            time.sleep(0.05)
+    finally:
+        code = served.stop(signal.SIGTERM)
+        watcher.join(15)
+    assert code == 0, "".join(served.stderr)[-2000:]
+    labels = {e["decision"]["id"]: e.get("gateway") for e in seen}
+    assert {decision: labels[decision] for decision in answered} == {
+        decision: f"edge/w{worker}" for decision, worker in answered.items()
+    }
+
+
+def test_an_answer_cached_through_one_worker_is_a_hit_through_the_other(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[cache]\nembedder = "hashed"\n')
+    served = Served("--workers", "2", "--config", str(config), "--sim", "--db", str(tmp_path / "p402.db"))
+    body = {"messages": [{"role": "user", "content": "What is the capital of the workers?"}], "max_tokens": 16}
+    try:
+        first = _fresh_connection(served.url, body)
+        assert first.status_code == 200 and not first.json()["p402"]["cached"]
+        time.sleep(1.0)  # the bus carries the news in a fraction of that
+        for _ in range(40):
+            other = _fresh_connection(served.url, body)
+            if other.headers["x-p402-worker"] != first.headers["x-p402-worker"]:
+                break
+        assert other.headers["x-p402-worker"] != first.headers["x-p402-worker"]
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, "".join(served.stderr)[-2000:]
+    assert other.json()["p402"]["cached"], other.json()["p402"]
+    assert other.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+
+
+def test_workers_join_a_fleet_unless_the_config_says_no():
+    from p402_tui.core.config import FleetConfig
+    from p402_tui.gateway.workers import ENV, fleet_env, fleet_name
+
+    on = fleet_env(FleetConfig(), {}, "127.0.0.1", 4020)
+    assert on["P402_FLEET"] == "1" and on["P402_FLEET_NAME"].endswith(":4020")
+    assert fleet_env(FleetConfig(name="edge"), {}, "127.0.0.1", 4020)["P402_FLEET_NAME"] == "edge"
+    assert fleet_env(FleetConfig.model_validate({"enabled": False}), {}, "127.0.0.1", 4020) == {}
+    assert fleet_env(FleetConfig(), {"P402_FLEET": "0"}, "127.0.0.1", 4020) == {}
+    assert fleet_name("edge", {ENV: "2:7:99"}) == "edge/w2" and fleet_name("edge", {}) == "edge"
+
+
+def test_a_circuit_one_worker_opens_the_other_holds_within_a_second(tmp_path):
+    served = Served("--workers", "2", "--sim", "--db", str(tmp_path / "p402.db"))
+    body = {"model": "auto", "mode": "cost", "messages": BODY["messages"], "max_tokens": 16}
+    try:
+        first = _fresh_connection(served.url, body, FRESH).json()["p402"]
+        chosen = f"{first['provider']}/{first['model']}"
+        provider, wire = chosen.split("/", 1)
+        httpx.post(f"{served.sim_url}/_sim/faults", json={"provider": provider, "model": wire, "kind": "rate_limit",
+                                                           "retry_after_s": 30}).raise_for_status()
+        for _ in range(20):  # the first worker to meet the 429 fails over (a worker may have ranked another first)
+            met = _fresh_connection(served.url, body, FRESH)
+            if met.json()["p402"]["attempts"][0]["error_kind"] == "rate_limited":
+                break
+        opened = time.monotonic()
+        assert met.status_code == 200 and met.json()["p402"]["attempts"][0]["error_kind"] == "rate_limited"
+        opener = met.headers["x-p402-worker"]
+        seen = None
+        while time.monotonic() - opened < 3:
+            with httpx.Client(base_url=served.url, timeout=30) as client:
+                answer = client.get("/api/v2/providers")
+            if answer.headers["x-p402-worker"] != opener:
+                health = next(p["health"] for p in answer.json()["data"] if p["id"] == provider)
+                if health and f"/w{opener}" in (health.get("reason") or ""):
+                    seen = time.monotonic() - opened
+                    break
+            time.sleep(0.02)
+        assert seen is not None and seen < 1.0
+        others = []
+        for _ in range(40):  # no request of the other worker's meets the 429 the opener met
+            answer = _fresh_connection(served.url, body, FRESH)
+            if answer.headers["x-p402-worker"] != opener:
+                others.append(answer)
+            if len(others) == 3:
+                break
+        assert len(others) == 3
+        for answer in others:
+            meta = answer.json()["p402"]
+            assert answer.status_code == 200 and [a["error_kind"] for a in meta["attempts"]] in ([], [None])
+            assert f"{meta['provider']}/{meta['model']}" != chosen
+    finally:
+        code = served.stop(signal.SIGTERM)
+    assert code == 0, "".join(served.stderr)[-2000:]

@@ -80,7 +80,7 @@ def attempt_from_dict(data: dict[str, Any]) -> Attempt:
 
 def _fields(cls: type[Event], data: dict[str, Any]) -> dict[str, Any]:
     # dataclasses.fields, not __dataclass_fields__: that holds `kind` (a ClassVar) too.
-    names = {f.name for f in dataclasses.fields(cls) if f.init} - {"ts"}
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - {"ts", "gateway"}
     return {k: v for k, v in data.items() if k in names}
 
 
@@ -100,7 +100,7 @@ def event_from_dict(kind: str, data: dict[str, Any]) -> Event | None:
         return RequestCompleted(record=record_from_dict(data["record"]), ts=ts, gateway=gateway)
     for cls in (AttemptFailed, RequestRejected, HealthChanged, SpendUpdated, CacheHit):
         if kind == cls.kind:
-            return cls(**_fields(cls, data), ts=ts)
+            return cls(**_fields(cls, data), ts=ts, gateway=gateway)
     return None
 
 

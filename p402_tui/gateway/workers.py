@@ -15,6 +15,9 @@ missing for a public address) is its one line and the parent's exit code. The re
 Workers run in their own process groups, so a terminal's Ctrl-C reaches the parent only, which tells
 each worker to stop with SIGTERM: each drains as a lone `p402 serve` does. A worker whose parent
 died stops by itself.
+
+Workers are a fleet (p402_tui/fleet) unless `[fleet] enabled = false` says otherwise: `fleet_env` turns
+the bus on for them, so a circuit, a cached answer and every event of one worker reach the others.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..core.errors import ConfigError
 from . import request_ids
@@ -89,6 +93,20 @@ class Worker:
 # --- in the parent ------------------------------------------------------------------------------
 
 
+def fleet_env(fleet: Any, env: Mapping[str, str], host: str, port: int) -> dict[str, str]:
+    """What puts the workers on one fleet bus: on unless the config or P402_FLEET turned it off.
+    Each worker labels itself with the fleet name (default host:port) and its slot (`fleet_name`)."""
+    if ("enabled" in fleet.model_fields_set and not fleet.enabled) or env.get("P402_FLEET") == "0":
+        return {}
+    return {"P402_FLEET": "1", "P402_FLEET_NAME": fleet.name or env.get("P402_FLEET_NAME") or f"{socket.gethostname()}:{port}"}
+
+
+def fleet_name(name: str, env: Mapping[str, str]) -> str:
+    """A gateway's label in the fleet: a worker's is its parent's name with its slot, `<name>/w<slot>`."""
+    spec = env.get(ENV)
+    return f"{name}/w{spec.split(':')[0]}" if spec else name
+
+
 def reserve(host: str, port: int) -> socket.socket:
     """The port, bound for the workers to share and never listened on: no connection comes to it."""
     if not sys.platform.startswith("linux"):
@@ -112,6 +130,7 @@ class Supervisor:
     count: int
     argv: Sequence[str]
     sim_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # more for every worker's environment (the fleet's)
     grace_s: float = 30.0  # each worker's drain bound ([gateway] drain_timeout_s), for its in-flight requests
     say: Callable[[str], None] = lambda line: print(f"p402 serve: {line}", file=sys.stderr, flush=True)
     slots: list[_Slot] = field(init=False)
@@ -162,7 +181,7 @@ class Supervisor:
     async def _spawn(self, slot: _Slot) -> None:
         """Start the slot's worker and wait until it says it serves."""
         read_end, write_end = os.pipe()
-        env = {**os.environ, ENV: f"{slot.id}:{write_end}:{os.getpid()}"}
+        env = {**os.environ, **self.env, ENV: f"{slot.id}:{write_end}:{os.getpid()}"}
         if self.sim_url is not None:
             env[ENV_SIM] = self.sim_url
         try:

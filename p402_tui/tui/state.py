@@ -42,6 +42,7 @@ class DecisionRow:
     failures: list[dict[str, Any]] = field(default_factory=list)  # AttemptFailed payloads, in order
     record: Any = None  # the RequestRecord once the request completed
     api: str = ""  # the gateway API it came through when not chat completions (messages), from its record
+    gateway: str | None = None  # the gateway of a fleet that made it, as its events are labelled
     rev: int = 0
 
     @property
@@ -210,6 +211,7 @@ class ConsoleState:
         self._models: Counter[str] = Counter()
         self._model_usd: Counter[str] = Counter()
         self._request_rows: dict[str, str] = {}  # request id -> row key, to find a request's row
+        self.gateways: set[str] = set()  # the gateway labels the events carried: more than one is a fleet
 
     def _bump(self, row: DecisionRow) -> None:
         self._rev += 1
@@ -226,6 +228,9 @@ class ConsoleState:
             if handler is not None:
                 handler(self, event)
                 changed = True
+                gateway = getattr(event, "gateway", None)
+                if gateway is not None:
+                    self.gateways.add(gateway)
         while len(self.decisions) > self.max_decisions:
             _, row = self.decisions.popitem(last=False)
             if row.request_id:
@@ -249,6 +254,7 @@ class ConsoleState:
             chosen_id = chosen.id if chosen is not None else None
             row.est_cost = chosen.est_cost_usd if chosen is not None else None
         row.chosen = chosen_id or "-"
+        row.gateway = event.gateway or row.gateway
         if chosen_id is None and row.status == "routing":
             row.status = "error"
         self._bump(row)
@@ -278,6 +284,7 @@ class ConsoleState:
             )
             self.decisions[key] = row
         row.record = record
+        row.gateway = event.gateway or row.gateway
         row.api = _shown_api(record.source)
         row.request_id = record.id
         row.session_id = record.session_id
@@ -317,7 +324,7 @@ class ConsoleState:
             return
         key = f"rejected-{self.seen}"
         row = DecisionRow(key=key, ts=event.ts, mode="-", chosen=why, candidates=0, est_cost=None,
-                          status="refused", error=event.message or why)
+                          status="refused", error=event.message or why, gateway=event.gateway)
         self.decisions[key] = row
         self._bump(row)
         self.throughput.add(event.ts, True)

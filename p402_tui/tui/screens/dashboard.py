@@ -10,7 +10,7 @@ from textual.widgets import Footer
 
 from ..state import ConsoleState
 from .base import PaneScreen
-from ..widgets.decisions import DecisionsTable, decision_rows
+from ..widgets.decisions import DecisionsTable
 from ..widgets.health import HealthTable, health_rows
 from ..widgets.palette import palette_of
 from ..widgets.pane import Pane
@@ -67,7 +67,7 @@ class DashboardScreen(PaneScreen):
         colors = palette_of(self.app)
         now = self.app.clock()  # type: ignore[attr-defined]
         with self.app.batch_update():  # every pane's changes land in one frame
-            self.query_one(DecisionsTable).sync(decision_rows(state, colors))
+            self.query_one(DecisionsTable).show_rows(state, colors)
             if self._changed("health", state.health_rev) or self._changed("clock", int(now)):
                 self.query_one(HealthTable).sync(health_rows(state.health, state.health_rev, colors, now))
             if self._changed("sessions", state.sessions_rev):

@@ -124,6 +124,9 @@ def summary_text(row: DecisionRow, decision: dict[str, Any] | None, colors: Pale
     text.append(row.mode, style="bold")
     text.append("   status ", style="dim")
     text.append(row.status, style=colors.status(row.status))
+    if row.gateway is not None:  # one of a fleet's gateways (or workers) made it
+        text.append("   gateway ", style="dim")
+        text.append(row.gateway, style="bold")
     text.append("\nchosen ", style="dim")
     text.append(row.chosen, style=f"bold {colors.ok}")
     if row.provider and row.served_by != row.chosen:

@@ -18,17 +18,28 @@ COLUMNS = (
     Column("tries", "Try", 3),
     Column("status", "Status", 7),
 )
+# Once the console has seen decisions of more than one gateway (a fleet, or `--workers`): which made each.
+FLEET_COLUMNS = (*COLUMNS, Column("gateway", "Gateway", 10))
 
 
 class DecisionsTable(DrillTable):
     def __init__(self, max_rows: int = 200) -> None:
         super().__init__(COLUMNS, sort_column="time", sort_reverse=True, max_rows=max_rows, id="decisions-table")
+        self.fleet = False
+
+    def show_rows(self, state: ConsoleState, colors: Palette) -> None:
+        """The state's decisions, with the gateway column once more than one gateway made them."""
+        fleet = len(state.gateways) > 1
+        if fleet != self.fleet:
+            self.fleet = fleet
+            self.set_columns(FLEET_COLUMNS if fleet else COLUMNS)
+        self.sync(decision_rows(state, colors, gateways=fleet))
 
 
-def decision_cells(row: DecisionRow, colors: Palette) -> list[Cell]:
+def decision_cells(row: DecisionRow, colors: Palette, gateways: bool = False) -> list[Cell]:
     served = row.served_by
     rerouted = row.provider is not None and served != row.chosen
-    return [
+    cells = [
         Cell(clock(row.ts), (row.ts, row.key)),
         Cell(f"{row.mode} {row.api}" if row.api else row.mode),  # which API, when not chat completions
         Cell(served, style=colors.warning if rerouted else "", middle=True),
@@ -39,6 +50,9 @@ def decision_cells(row: DecisionRow, colors: Palette) -> list[Cell]:
         num(str(row.attempts or "-"), row.attempts, style=colors.warning if row.attempts > 1 else ""),
         Cell(row.status, style=colors.status(row.status)),
     ]
+    if gateways:
+        cells.append(Cell(row.gateway or "-", middle=True))
+    return cells
 
 
 def _estimated(row: DecisionRow) -> str:
@@ -46,5 +60,7 @@ def _estimated(row: DecisionRow) -> str:
     return "~" if getattr(row.record, "usage_estimated", False) else ""
 
 
-def decision_rows(state: ConsoleState, colors: Palette) -> list[Row]:
-    return [Row(row.key, row.rev, lambda row=row: decision_cells(row, colors)) for row in state.decisions.values()]
+def decision_rows(state: ConsoleState, colors: Palette, gateways: bool = False) -> list[Row]:
+    return [
+        Row(row.key, row.rev, lambda row=row: decision_cells(row, colors, gateways)) for row in state.decisions.values()
+    ]

@@ -213,6 +213,20 @@ class LiveTable(ScrollView, can_focus=True):
 
     # --- the public knobs ------------------------------------------------------
 
+    def set_columns(self, columns: Sequence[Column]) -> None:
+        """Show these columns from now on: the next `sync`, with rows of as many cells, builds every row again."""
+        self.spec = list(columns)
+        self.column_keys = [c.key for c in columns]
+        if self.sort_column not in self.column_keys:
+            self.sort_column = self.column_keys[0]
+        self.row_filter = RowFilter(self.row_filter.text, self.column_keys)
+        self._widths = [c.width for c in self.spec]
+        self._flex = [i for i, c in enumerate(self.spec) if c.flex]
+        self._longest = [0] * len(self.spec)
+        self._width = sum(w + 2 for w in self._widths)
+        self.invalidate()
+        self._fit_columns()
+
     def set_filter(self, text: str) -> None:
         self.row_filter = RowFilter(text, self.column_keys)
         self.sync(self._last)
