@@ -7,6 +7,7 @@ import time
 from datetime import datetime
 
 import pytest
+from conftest import ENGINES, open_engine_store
 
 from p402_tui.core.hooks import RequestRecord
 from p402_tui.core.types import Attempt
@@ -19,9 +20,9 @@ NOW = time.time()
 DAY = 86400.0
 
 
-@pytest.fixture
-async def store(tmp_path):
-    opened = await Store.open(tmp_path / "analytics.db")
+@pytest.fixture(params=ENGINES)
+async def store(request, tmp_path):
+    opened = await open_engine_store(request, tmp_path / "analytics.db")
     try:
         yield opened
     finally:

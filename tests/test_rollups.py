@@ -218,10 +218,11 @@ async def test_pruning_the_ledger_prunes_its_whole_hours_from_the_rollups(store)
 def _database_before_rollups(path) -> None:
     """A store at the schema version before the rollups, as an older P402 left it."""
     conn = sqlite3.connect(path, isolation_level=None)
-    for script in db.MIGRATIONS[:-1]:
-        for statement in db._statements(script):
+    before = db.MIGRATIONS.index(rollups.MIGRATION)
+    for script in db.MIGRATIONS[:before]:
+        for statement in db.statements(db.migration_sql(script, "sqlite")):
             conn.execute(statement)
-    conn.execute(f"PRAGMA user_version={len(db.MIGRATIONS) - 1}")
+    conn.execute(f"PRAGMA user_version={before}")
     conn.close()
 
 
@@ -324,7 +325,7 @@ async def test_the_rollup_sql_runs_on_postgresql_with_the_same_answers(pg_url, s
         await conn.execute(PG_TABLES)
         async with conn.cursor() as cursor:
             await cursor.executemany(insert, [_pg_ledger_row(r, extra) for r, extra in before])
-        for statement in db._statements(rollups.MIGRATION):  # the migration's own text, as PostgreSQL takes it
+        for statement in db.statements(rollups.MIGRATION):  # the migration's own text, as PostgreSQL takes it
             await conn.execute(PgReader.sql(statement))
         for record, extra in after:  # each row with its rollup statements, in one transaction
             async with conn.transaction():

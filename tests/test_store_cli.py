@@ -6,6 +6,7 @@ tests run independent commands two at a time and keep the number of runs down.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sqlite3
@@ -14,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from conftest import run_cli
 
 MODEL = "openai/gpt-4o-mini"
@@ -92,8 +92,22 @@ def test_an_expired_entry_misses(sim_process, tmp_path):
     assert not again["cached"] and sim_calls(sim_process) - before == 2
 
 
-def test_spend_json_totals_equal_the_ledger_per_breakdown_too(sim_process, tmp_path):
-    db = tmp_path / "p402.db"
+def ledger(db: str, sql: str) -> list[tuple]:
+    """Rows of the store at `db` (either engine), read through the store as the CLI reads it."""
+    from p402_tui.store.engine import open_store
+
+    async def read() -> list[tuple]:
+        store = await open_store(db, create=False)
+        try:
+            return [tuple(row.values()) for row in await store.fetchall(sql)]
+        finally:
+            await store.aclose()
+
+    return asyncio.run(read())
+
+
+def test_spend_json_totals_equal_the_ledger_per_breakdown_too(sim_process, engine_db):
+    db = engine_db
     # --no-cache: the ledger is the subject, and each process then skips loading MiniLM.
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda args: chat(sim_process, db, *args, "--no-cache"), [
@@ -101,16 +115,15 @@ def test_spend_json_totals_equal_the_ledger_per_breakdown_too(sim_process, tmp_p
             ("Tell me about crows.", "--tag", "birds", "--model", "groq/llama-3.1-8b-instant"),
             ("Tell me about bees.",),
         ]))  # fmt: skip
-    with sqlite3.connect(db) as conn:
-        ledger = conn.execute("SELECT provider || '/' || model, tag, cost_usd FROM requests").fetchall()
-    total = sum(row[-1] for row in ledger)
-    assert total > 0 and len(ledger) == 3
+    rows = ledger(db, "SELECT provider || '/' || model AS model, tag, cost_usd FROM requests")
+    total = sum(row[-1] for row in rows)
+    assert total > 0 and len(rows) == 3
 
     reports = {}
     with ThreadPoolExecutor(2) as pool:
-        for by, report in zip(("provider", "model", "session", "tag", "day"), pool.map(
+        for by, report in zip(("provider", "model", "session", "tag", "key", "day"), pool.map(
             lambda by: p402_json(sim_process, "spend", "--by", by, "--db", str(db)),
-            ("provider", "model", "session", "tag", "day"),
+            ("provider", "model", "session", "tag", "key", "day"),
         )):  # fmt: skip
             reports[by] = report
     for by, report in reports.items():
@@ -120,7 +133,7 @@ def test_spend_json_totals_equal_the_ledger_per_breakdown_too(sim_process, tmp_p
         assert all({"key", "cost_usd", "requests"} <= set(b) for b in report["breakdown"]), by
     for by, column in (("model", 0), ("tag", 1)):
         by_hand: dict[str, float] = {}
-        for row in ledger:
+        for row in rows:
             key = row[column] or "(none)"
             by_hand[key] = by_hand.get(key, 0.0) + row[-1]
         got = {b["key"]: b["cost_usd"] for b in reports[by]["breakdown"]}
@@ -160,11 +173,11 @@ def test_sessions_commands_and_their_json(sim_process, engine_db):
     assert sessions("delete", created["id"]) == {"id": created["id"], "deleted": True}
 
 
-def test_recommendations_see_repeated_prompts_that_skipped_the_cache(sim_process, tmp_path):
-    db = tmp_path / "p402.db"
+def test_recommendations_see_repeated_prompts_that_skipped_the_cache(sim_process, engine_db):
+    db = engine_db
     first, second = both(lambda: chat(sim_process, db, "List the planets.", "--no-cache"),
                          lambda: chat(sim_process, db, "List the planets.", "--no-cache"))
-    (repeats,) = [r for r in p402_json(sim_process, "recommendations", "--db", str(db)) if r["kind"] == "cache_repeats"]
+    (repeats,) = [r for r in p402_json(sim_process, "recommendations", "--db", db) if r["kind"] == "cache_repeats"]
     assert repeats["numbers"]["repeats"] == 1 and repeats["numbers"]["requests"] == 2
     assert math.isclose(repeats["numbers"]["saving_usd"], first["cost_usd"]) and first["cost_usd"] > 0
     assert first["cost_usd"] == second["cost_usd"]  # the same prompt, answered twice

@@ -234,7 +234,9 @@ class PgWriter(BatchWriter):
                     cursor = await conn.execute(postgres_sql(writes[0].sql), writes[0].params)
                     alone.append((0, cursor))
                 else:
-                    async with conn.transaction():
+                    # One pipeline for the whole transaction, BEGIN to COMMIT: gateways on one server upsert
+                    # the same rollup rows, and a row lock held across round trips stalls the others' writers.
+                    async with conn.pipeline(), conn.transaction():
                         await self._send(conn, writes, groups, alone)
         except psycopg.OperationalError as error:
             if transient(error):
