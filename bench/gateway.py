@@ -249,7 +249,7 @@ class UniquePrompts:
 async def load(
     url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
     max_requests: int, stream: bool, server_pid: int | None, ours: list[int], unique: bool = False,
-    upstream_pid: int | None = None,
+    upstream_pid: int | None = None, store_pid: int | None = None,
     first_content: re.Pattern[bytes] = FIRST_CONTENT,
 ) -> dict[str, Any]:
     import aiohttp
@@ -300,6 +300,7 @@ async def load(
         machine_before, ours_before = machine_busy_seconds(), _ours_seconds(ours)
         client_before = sum(os.times()[:2])
         upstream_before = cpu_seconds(upstream_pid) if upstream_pid else None
+        store_before = cpu_seconds(store_pid) if store_pid else None
         started = time.perf_counter()
         deadline = started + duration
 
@@ -314,6 +315,7 @@ async def load(
         machine_after, ours_after = machine_busy_seconds(), _ours_seconds(ours)
         client_after = sum(os.times()[:2])
         upstream_after = cpu_seconds(upstream_pid) if upstream_pid else None
+        store_after = cpu_seconds(store_pid) if store_pid else None
     finally:
         await session.close()
     done = len(latencies)
@@ -331,6 +333,8 @@ async def load(
         out["client_cpu_ms_per_request"] = round((client_after - client_before) * 1000 / done, 3)
         if upstream_before is not None:  # the simulator's, behind a gateway: the third share of the machine
             out["upstream_cpu_ms_per_request"] = round((upstream_after - upstream_before) * 1000 / done, 3)
+        if store_before is not None:  # the PostgreSQL server's backends: the engine's cost outside the gateway
+            out["store_cpu_ms_per_request"] = round((store_after - store_before) * 1000 / done, 3)
     # Cores busy with processes outside this benchmark while it ran: the noise behind every figure.
     foreign = (machine_after - machine_before) - (ours_after - ours_before)
     out["other_processes_cores"] = round(max(foreign, 0.0) / elapsed, 2) if elapsed else None
@@ -451,11 +455,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": ROWS if "p402" in args.variants else {},
         "floor": None if args.skip_floor else FLOOR,
     }
-    cluster = None
+    cluster, postmaster = None, None
     try:
         if any(variant.endswith("_postgres") for variant in args.variants):
             cluster = start_pg_cluster()
             result["postgres"] = {"port": cluster.port, "bin": str(cluster.bin_dir), "options": PG_OPTIONS}
+            postmaster = int((cluster.folder / "data" / "postmaster.pid").read_text().split()[0])
         sim_port = free_port()
         pace = ["--no-latency"] if args.sim_speed is None else ["--speed", str(args.sim_speed)]
         sim = Child("p402 sim", [python, "-m", "p402_tui.cli", "sim", *pace, "--port", str(sim_port)],
@@ -503,7 +508,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "headers": {}, "pid": gateway.pid, "unique": True, "stats": f"{url}/api/v2/cache"})
             # Cache off (what earlier READMEs quoted): `cache-control: no-cache` skips lookup and insert.
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
-                            "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
+                            "headers": {"cache-control": "no-cache"}, "pid": gateway.pid,
+                            "store_pid": postmaster if variant.endswith("_postgres") else None})
             if variant == "p402":  # cache off with every prompt new: what unique prompts cost without the cache
                 targets.append({"name": "p402_unique", "url": f"{url}/v1/chat/completions", "model": MODEL,
                                 "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "unique": True})
@@ -560,8 +566,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         measured = asyncio.run(
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
                                  duration=args.duration, max_requests=args.requests, stream=stream,
-                                 server_pid=target["pid"], ours=[c.pid for c in children],
+                                 server_pid=target["pid"], ours=[*(c.pid for c in children), *filter(None, [postmaster])],
                                  upstream_pid=None if target["pid"] == sim.pid else sim.pid,
+                                 store_pid=target.get("store_pid"),
                                  unique=target.get("unique", False),
                                  first_content=FIRST_DELTA if target.get("api") == "responses" else FIRST_CONTENT)
                         )
@@ -619,7 +626,8 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for part in ("latency_ms", "ttft_ms"):
         if part in runs[0]:
             out[part] = {q: med([r[part][q] for r in runs]) for q in ("p50", "p90", "p99", "mean")}
-    for part in ("server_cpu_ms_per_request", "client_cpu_ms_per_request", "upstream_cpu_ms_per_request"):
+    for part in ("server_cpu_ms_per_request", "client_cpu_ms_per_request", "upstream_cpu_ms_per_request",
+                 "store_cpu_ms_per_request"):
         if part in runs[0]:
             out[part] = med([r.get(part) for r in runs])
     return out
@@ -725,6 +733,11 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                     checks[f"{key}_cpu_ms_per_request_over_sqlite"] = _minus(
                         row["p402_postgres"].get("server_cpu_ms_per_request"),
                         row["p402"].get("server_cpu_ms_per_request"))
+                    pg = row["p402_postgres"]
+                    if pg.get("server_cpu_ms_per_request") is not None and pg.get("store_cpu_ms_per_request") is not None:
+                        checks[f"{key}_cpu_ms_per_request_with_server_over_sqlite"] = _minus(
+                            pg["server_cpu_ms_per_request"] + pg["store_cpu_ms_per_request"],
+                            row["p402"].get("server_cpu_ms_per_request"))
             c1 = runs.get(f"{kind}_c1")
             if c1:
                 checks[f"{kind}_postgres_c1_added_p50_ms_over_sqlite<=0.3"] = _minus(
