@@ -249,7 +249,7 @@ class UniquePrompts:
 async def load(
     url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
     max_requests: int, stream: bool, server_pid: int | None, ours: list[int], unique: bool = False,
-    upstream_pid: int | None = None,
+    upstream_pid: int | None = None, store_pid: int | None = None,
     first_content: re.Pattern[bytes] = FIRST_CONTENT,
 ) -> dict[str, Any]:
     import aiohttp
@@ -300,6 +300,7 @@ async def load(
         machine_before, ours_before = machine_busy_seconds(), _ours_seconds(ours)
         client_before = sum(os.times()[:2])
         upstream_before = cpu_seconds(upstream_pid) if upstream_pid else None
+        store_before = cpu_seconds(store_pid) if store_pid else None
         started = time.perf_counter()
         deadline = started + duration
 
@@ -314,6 +315,7 @@ async def load(
         machine_after, ours_after = machine_busy_seconds(), _ours_seconds(ours)
         client_after = sum(os.times()[:2])
         upstream_after = cpu_seconds(upstream_pid) if upstream_pid else None
+        store_after = cpu_seconds(store_pid) if store_pid else None
     finally:
         await session.close()
     done = len(latencies)
@@ -331,6 +333,8 @@ async def load(
         out["client_cpu_ms_per_request"] = round((client_after - client_before) * 1000 / done, 3)
         if upstream_before is not None:  # the simulator's, behind a gateway: the third share of the machine
             out["upstream_cpu_ms_per_request"] = round((upstream_after - upstream_before) * 1000 / done, 3)
+        if store_before is not None:  # the PostgreSQL server's backends: the engine's cost outside the gateway
+            out["store_cpu_ms_per_request"] = round((store_after - store_before) * 1000 / done, 3)
     # Cores busy with processes outside this benchmark while it ran: the noise behind every figure.
     foreign = (machine_after - machine_before) - (ours_after - ours_before)
     out["other_processes_cores"] = round(max(foreign, 0.0) / elapsed, 2) if elapsed else None
@@ -405,6 +409,31 @@ def reexec_in_netns(argv: list[str]) -> None:
             os.execvp("unshare", ["unshare", *flags, "bash", "-c", inner, sys.executable, *argv])
 
 
+def _pg_helper():
+    """tests/postgres.py, the one place that knows how to start a throwaway cluster, loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("p402_bench_pgcluster", ROOT / "tests" / "postgres.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses looks its module up while building PgCluster
+    spec.loader.exec_module(module)
+    return module
+
+
+PG_OPTIONS = "fsync=off, as the tests' cluster: SQLite's WAL at synchronous=NORMAL does not sync a commit either"
+
+
+def start_pg_cluster():
+    try:
+        return _pg_helper().start_cluster()
+    except LookupError as error:
+        raise SystemExit(f"the *_postgres variants need a PostgreSQL server: {error}") from None
+
+
+def remove_pg_cluster(cluster) -> None:
+    _pg_helper().remove_cluster(cluster)
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -426,7 +455,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": ROWS if "p402" in args.variants else {},
         "floor": None if args.skip_floor else FLOOR,
     }
+    cluster, postmaster = None, None
     try:
+        if any(variant.endswith("_postgres") for variant in args.variants):
+            cluster = start_pg_cluster()
+            result["postgres"] = {"port": cluster.port, "bin": str(cluster.bin_dir), "options": PG_OPTIONS}
+            postmaster = int((cluster.folder / "data" / "postmaster.pid").read_text().split()[0])
         sim_port = free_port()
         pace = ["--no-latency"] if args.sim_speed is None else ["--speed", str(args.sim_speed)]
         sim = Child("p402 sim", [python, "-m", "p402_tui.cli", "sim", *pace, "--port", str(sim_port)],
@@ -452,16 +486,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 variant_config = scratch / "p402-proxied.toml"
                 variant_config.write_text(f'[network]\nproxy = "http://127.0.0.1:{proxy_port}"\n\n' + config.read_text())
             port = free_port()
+            db = cluster.create_database() if variant.endswith("_postgres") else str(scratch / f"{variant}.db")
             gateway = Child(
                 variant,
                 [python, str(Path(__file__).resolve()), "_serve", variant, "--config", str(variant_config),
-                 "--port", str(port), "--db", str(scratch / f"{variant}.db")],
+                 "--port", str(port), "--db", db],
                 scratch / f"{variant}.log",
             )
             children.append(gateway)
             url = f"http://127.0.0.1:{port}"
             started = gateway.wait_ready(f"{url}/health", 30)
-            if variant == "p402_workers2":  # /health answers once the first worker is up; the line, once all are
+            if variant.startswith("p402_workers2"):  # /health answers once the first worker is up; the line, once all are
                 started += gateway.wait_logged("p402 gateway at ", 60)
             result.setdefault("startup_s", {})[variant] = round(started, 3)
             if variant == "p402":
@@ -473,7 +508,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "headers": {}, "pid": gateway.pid, "unique": True, "stats": f"{url}/api/v2/cache"})
             # Cache off (what earlier READMEs quoted): `cache-control: no-cache` skips lookup and insert.
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
-                            "headers": {"cache-control": "no-cache"}, "pid": gateway.pid})
+                            "headers": {"cache-control": "no-cache"}, "pid": gateway.pid,
+                            "store_pid": postmaster if variant.endswith("_postgres") else None})
             if variant == "p402":  # cache off with every prompt new: what unique prompts cost without the cache
                 targets.append({"name": "p402_unique", "url": f"{url}/v1/chat/completions", "model": MODEL,
                                 "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "unique": True})
@@ -530,8 +566,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         measured = asyncio.run(
                             load(target["url"], payload, target["headers"], concurrency=concurrency,
                                  duration=args.duration, max_requests=args.requests, stream=stream,
-                                 server_pid=target["pid"], ours=[c.pid for c in children],
+                                 server_pid=target["pid"], ours=[*(c.pid for c in children), *filter(None, [postmaster])],
                                  upstream_pid=None if target["pid"] == sim.pid else sim.pid,
+                                 store_pid=target.get("store_pid"),
                                  unique=target.get("unique", False),
                                  first_content=FIRST_DELTA if target.get("api") == "responses" else FIRST_CONTENT)
                         )
@@ -562,6 +599,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for child in reversed(children):
             child.stop()
+        if cluster is not None:
+            remove_pg_cluster(cluster)
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     return result
@@ -587,7 +626,8 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for part in ("latency_ms", "ttft_ms"):
         if part in runs[0]:
             out[part] = {q: med([r[part][q] for r in runs]) for q in ("p50", "p90", "p99", "mean")}
-    for part in ("server_cpu_ms_per_request", "client_cpu_ms_per_request", "upstream_cpu_ms_per_request"):
+    for part in ("server_cpu_ms_per_request", "client_cpu_ms_per_request", "upstream_cpu_ms_per_request",
+                 "store_cpu_ms_per_request"):
         if part in runs[0]:
             out[part] = med([r.get(part) for r in runs])
     return out
@@ -684,6 +724,37 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             if c64 and c64["p402"]["rps"]:
                 checks[f"{kind}_c64_rps_vs_one_worker>=1.6x"] = round(c64["p402_workers2"]["rps"] / c64["p402"]["rps"], 2)
         verdict["p402_workers2"] = checks
+    if "p402" in args.variants and "p402_postgres" in args.variants:
+        checks = {}  # the same gateway on the two engines, same run, both with the cache off
+        for stream in args.streams:
+            kind = "stream" if stream else "plain"
+            for key, row in runs.items():
+                if key.startswith(kind):
+                    checks[f"{key}_cpu_ms_per_request_over_sqlite"] = _minus(
+                        row["p402_postgres"].get("server_cpu_ms_per_request"),
+                        row["p402"].get("server_cpu_ms_per_request"))
+                    pg = row["p402_postgres"]
+                    if pg.get("server_cpu_ms_per_request") is not None and pg.get("store_cpu_ms_per_request") is not None:
+                        checks[f"{key}_cpu_ms_per_request_with_server_over_sqlite"] = _minus(
+                            pg["server_cpu_ms_per_request"] + pg["store_cpu_ms_per_request"],
+                            row["p402"].get("server_cpu_ms_per_request"))
+            c1 = runs.get(f"{kind}_c1")
+            if c1:
+                checks[f"{kind}_postgres_c1_added_p50_ms_over_sqlite<=0.3"] = _minus(
+                    c1["p402_postgres"]["latency_ms"]["p50"], c1["p402"]["latency_ms"]["p50"])
+            c64 = runs.get(f"{kind}_c64")
+            if c64 and c64["p402"]["rps"]:
+                checks[f"{kind}_c64_rps_vs_sqlite"] = round(c64["p402_postgres"]["rps"] / c64["p402"]["rps"], 2)
+        verdict["p402_postgres"] = checks
+    if "p402_postgres" in args.variants and "p402_workers2_postgres" in args.variants:
+        checks = {}
+        for stream in args.streams:
+            kind = "stream" if stream else "plain"
+            c64 = runs.get(f"{kind}_c64")
+            if c64 and c64["p402_postgres"]["rps"]:
+                checks[f"{kind}_c64_rps_vs_one_worker>=1.6x"] = round(
+                    c64["p402_workers2_postgres"]["rps"] / c64["p402_postgres"]["rps"], 2)
+        verdict["p402_workers2_postgres"] = checks
     return verdict
 
 
@@ -703,6 +774,9 @@ VARIANTS = {
     "p402_nostore": "the same with no store or cache behind it (Runtime persist=False)",
     "p402_workers2": "p402 serve --workers 2: two gateway processes on one port under a supervising parent, "
                      "cache off like row p402; CPU per request counts the parent and both workers",
+    "p402_postgres": "p402 serve as row p402 (cache off) with its store on PostgreSQL: a cluster this bench starts "
+                     "on loopback (tests/postgres.py), one new database per variant",
+    "p402_workers2_postgres": "p402 serve --workers 2 as row p402_workers2, its store on that PostgreSQL",
     "p402_proxied": "p402 serve reaching the simulator through a forward proxy on loopback (proxy.py, "
                     "[network] proxy; plain http, so absolute-form requests): the gateway's CPU per request, "
                     "the proxy's own not counted",
@@ -721,7 +795,7 @@ def serve_with(variant: str, serve_args: list[str]) -> int:
 
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
-    if variant == "p402_workers2":
+    if variant.startswith("p402_workers2"):
         serve_args = ["--workers", "2", *serve_args]
     if variant == "p402_nostore":
         open_runtime = runtime.Runtime.open

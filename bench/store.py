@@ -10,12 +10,14 @@ then runs `p402 spend --period 30d --by model` and `p402 recommendations` as sub
 it, `--runs` times each, and prints JSON: rows, size on disk (and per million rows), the fill's
 duration, and each command's median and every run's seconds.
 
-    python bench/store.py                               # 1M and 10M rows on SQLite (~15 minutes)
-    python bench/store.py --rows 200000 --runs 3
-    python bench/store.py --engine postgres --url postgresql://postgres@127.0.0.1:5432/bench
+    python bench/store.py                               # 1M and 10M rows, SQLite then PostgreSQL
+    python bench/store.py --rows 1000000 --engine sqlite --runs 3
+    python bench/store.py --engine postgres --url postgresql://p402@127.0.0.1:5432/bench
 
-The PostgreSQL mode needs the PostgreSQL engine (`--db postgresql://...`); without it the first
-command that opens the store fails and the bench says so. Only 127.0.0.1 is ever contacted.
+PostgreSQL runs on a cluster the bench starts itself in a temporary folder on a free loopback port
+(tests/postgres.py, as the tests do; as root it belongs to the `postgres` user), one new database
+per size, unless `--url` names an empty database. Its CPU seconds are the CLI's own; the server's
+work shows in the wall seconds. Only 127.0.0.1 is ever contacted.
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ def migrate(db: str, timeout: float) -> None:
 
 def fill_sqlite(path: Path, total: int, now: float, timeout: float) -> dict[str, Any]:
     migrate(str(path), timeout)
+    empty = path.stat().st_size
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")  # a bulk load; the store's own writes keep NORMAL
@@ -192,7 +195,19 @@ def fill_sqlite(path: Path, total: int, now: float, timeout: float) -> dict[str,
     size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.is_file())
     return {"load_s": round(loaded - began, 1), "load_cpu_s": round(loaded_cpu - cpu, 1),
             "indexes_and_rollups_s": round(time.perf_counter() - loaded, 1),
-            "indexes_and_rollups_cpu_s": round(time.process_time() - loaded_cpu, 1), "size_bytes": size}  # fmt: skip
+            "indexes_and_rollups_cpu_s": round(time.process_time() - loaded_cpu, 1), "size_bytes": size,
+            "empty_size_bytes": empty}  # fmt: skip
+
+
+def _pg_helper():
+    """tests/postgres.py, the one place that knows how to start a throwaway cluster, loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("p402_bench_pgcluster", ROOT / "tests" / "postgres.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses looks its module up while building PgCluster
+    spec.loader.exec_module(module)
+    return module
 
 
 def fill_postgres(url: str, total: int, now: float, timeout: float) -> dict[str, Any]:
@@ -204,28 +219,44 @@ def fill_postgres(url: str, total: int, now: float, timeout: float) -> dict[str,
     if not engine or not engine.startswith("postg"):
         raise SystemExit(f"this P402 has no PostgreSQL engine: `p402 db status --db URL` answers engine {engine!r}")
     migrate(url, timeout)
-    began = time.perf_counter()
     attempts: dict[Any, list[float]] = {}
     with psycopg.connect(url) as conn:
+        conn.execute("SET synchronous_commit = off")  # a bulk load; the store's own writes keep the default
+        conn.execute("SET maintenance_work_mem = '256MB'")
+        empty = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        indexes = []
+        for name in SECONDARY_INDEXES:  # built once after the load, as on SQLite
+            found = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (name,)).fetchone()
+            if found:
+                indexes.append(found[0])
+                conn.execute(f"DROP INDEX {name}")
+        conn.commit()
+        began, cpu = time.perf_counter(), time.process_time()
         for rows, attempts in generate(total, now):
             with conn.cursor().copy(f"COPY requests ({', '.join(COLUMNS)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
             conn.commit()
-        loaded = time.perf_counter()
+        loaded, loaded_cpu = time.perf_counter(), time.process_time()
+        for sql in indexes:
+            conn.execute(sql)
         for table in rollups.ROLLUP_TABLES:
             conn.execute(f"DELETE FROM {table}")
         for statement in rollups.BACKFILL:
-            conn.execute(statement.replace("%", "%%"))
+            conn.execute(statement)
         conn.execute("DELETE FROM attempt_hourly")
         conn.execute("DELETE FROM rollup_state")
         with conn.cursor() as cursor:
             cursor.executemany(rollups.UPSERT_ATTEMPTS.replace("?", "%s"),
                                [(*key, *sums) for key, sums in attempts.items()])  # fmt: skip
         conn.commit()
-        conn.execute("ANALYZE")
+        conn.autocommit = True
+        conn.execute("VACUUM ANALYZE")  # what autovacuum would do soon after; the planner needs the statistics
         size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
-    return {"load_s": round(loaded - began, 1), "rollups_s": round(time.perf_counter() - loaded, 1), "size_bytes": size}
+    return {"load_s": round(loaded - began, 1), "load_cpu_s": round(loaded_cpu - cpu, 1),
+            "indexes_and_rollups_s": round(time.perf_counter() - loaded, 1),
+            "indexes_and_rollups_cpu_s": round(time.process_time() - loaded_cpu, 1), "size_bytes": size,
+            "empty_size_bytes": empty}  # fmt: skip
 
 
 def time_commands(db: str, runs: int, timeout: float) -> dict[str, Any]:
@@ -251,44 +282,67 @@ def time_commands(db: str, runs: int, timeout: float) -> dict[str, Any]:
     return found
 
 
+def _one(engine: str, total: int, folder: Path, cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Fill one store with `total` rows, time the two reports on it, drop it."""
+    now = time.time()
+    if engine == "sqlite":
+        path = folder / f"ledger-{total}.db"
+        filled, db = fill_sqlite(path, total, now, args.timeout), str(path)
+    else:
+        db = args.url or cluster.create_database()
+        filled = fill_postgres(db, total, now, args.timeout)
+    timings = time_commands(db, args.runs, args.timeout)
+    if engine == "sqlite":
+        path.replace(args.keep / path.name) if args.keep else path.unlink()
+    elif cluster is not None:
+        cluster.psql(f"DROP DATABASE {db.rsplit('/', 1)[1]}")
+    return {
+        "engine": engine, "rows": total, **filled,
+        # what the ledger and its rollups add, over the migrated empty store
+        "size_mb_per_million_rows": round((filled["size_bytes"] - filled["empty_size_bytes"]) / 1e6 / (total / 1e6), 1),
+        **timings, "load_average": os.getloadavg(),
+    }  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="1000000,10000000", help="comma-separated ledger sizes")
-    parser.add_argument("--engine", choices=("sqlite", "postgres"), default="sqlite")
-    parser.add_argument("--url", help="postgresql://...@127.0.0.1/... (an empty database; --engine postgres)")
+    parser.add_argument("--engine", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument("--url", help="postgresql://...@127.0.0.1/... (an empty database; default: a cluster of "
+                        "the bench's own)")
     parser.add_argument("--dir", type=Path, help="where the SQLite files go (default: a temporary folder)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any one command may take")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep each SQLite file in DIR")
     args = parser.parse_args()
-    if args.engine == "postgres":
-        if not args.url:
-            parser.error("--engine postgres needs --url")
+    sizes = [int(size) for size in args.rows.split(",")]
+    engines = ["sqlite", "postgres"] if args.engine == "both" else [args.engine]
+    if args.url:
+        if "postgres" not in engines:
+            parser.error("--url is for --engine postgres")
         host = args.url.split("@")[-1].split("/")[0].split(":")[0]
         if host not in ("127.0.0.1", "localhost"):
             parser.error("the bench only talks to 127.0.0.1")
-    sizes = [int(size) for size in args.rows.split(",")]
-    if args.engine == "postgres" and len(sizes) > 1:
-        parser.error("one size per PostgreSQL database: give --rows N")
+        if len(sizes) > 1:
+            parser.error("one size per PostgreSQL database given with --url: give --rows N")
+    cluster = None
+    if "postgres" in engines and not args.url:
+        try:
+            cluster = _pg_helper().start_cluster()
+        except LookupError as error:
+            parser.error(f"--engine postgres needs a PostgreSQL server or --url: {error}")
     results = []
-    with tempfile.TemporaryDirectory(prefix="p402-bench-store-", dir=args.dir) as folder:
-        for total in sizes:
-            now = time.time()
-            if args.engine == "sqlite":
-                path = Path(folder) / f"ledger-{total}.db"
-                filled, db = fill_sqlite(path, total, now, args.timeout), str(path)
-            else:
-                filled, db = fill_postgres(args.url, total, now, args.timeout), args.url
-            timings = time_commands(db, args.runs, args.timeout)
-            results.append({
-                "engine": args.engine, "rows": total, **filled,
-                "size_mb_per_million_rows": round(filled["size_bytes"] / 1e6 / (total / 1e6), 1),
-                **timings, "load_average": os.getloadavg(),
-            })  # fmt: skip
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-            if args.engine == "sqlite":
-                path.replace(args.keep / path.name) if args.keep else path.unlink()
-    print(json.dumps({"note": "ledger and rollups only (no decision records); timings include starting the CLI",
+    try:
+        with tempfile.TemporaryDirectory(prefix="p402-bench-store-", dir=args.dir) as folder:
+            for total in sizes:
+                for engine in engines:
+                    results.append(_one(engine, total, Path(folder), cluster, args))
+                    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    finally:
+        if cluster is not None:
+            _pg_helper().remove_cluster(cluster)
+    print(json.dumps({"note": "ledger and rollups only (no decision records); timings include starting the CLI; "
+                      "PostgreSQL: the bench's own cluster runs with fsync=off, as the tests' does",
                       "results": results}, indent=2))  # fmt: skip
     return 0
 
