@@ -210,14 +210,18 @@ class BatchWriter:
                 except asyncio.QueueEmpty:
                     break
             writes: list[Write] = []
-            began = time.perf_counter()
+            began = assembling = time.perf_counter()
             for item in batch:
                 if isinstance(item, Write):
                     writes.append(item)
                 elif isinstance(item, _Later):
                     writes += self._made(item)
-                    if time.perf_counter() - began > MAKE_SLICE_S:
-                        await asyncio.sleep(0)  # let waiting requests through: a batch's rows are milliseconds of work
+                    now = time.perf_counter()
+                    # Let waiting requests through (a batch's rows are milliseconds of work), but only while
+                    # the batch is young: on a saturated loop every turn waits behind all the requests, and a
+                    # writer that kept yielding fell seconds behind, all of it lost to a kill -9.
+                    if now - began > MAKE_SLICE_S and now - assembling < self.interval:
+                        await asyncio.sleep(0)
                         began = time.perf_counter()
             if writes:
                 await self._commit(coalesce(writes))
