@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.config import describe_store as redact
+from .base import StoreBase
 from .db import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -272,25 +273,21 @@ class PgWriter(BatchWriter):
 # --- the store ----------------------------------------------------------------------------
 
 
-class PgStore:
+class PgStore(StoreBase):
     """`store.Store`'s interface on a PostgreSQL database."""
 
     engine = "postgresql"
     dialect = POSTGRES
 
     def __init__(self, url: str, pool: Any, *, interval: float = 0.025) -> None:
+        super().__init__()
         self.url = url
         self.path = redact(url)  # how commands name the store they use
         self.pool = pool
         self.writer = PgWriter(pool, self._reached, lambda: self._down is not None, interval=interval)
-        self.key_listeners: list[Callable[[], None]] = []
         self._down: str | None = None  # why the server last failed to answer; None while it answers
         self._probed = 0.0
         self._probe: asyncio.Task[None] | None = None
-
-    def keys_changed(self) -> None:
-        for listener in self.key_listeners:
-            listener()
 
     @classmethod
     async def open(cls, url: str, *, interval: float = 0.025, create: bool = True) -> PgStore:
@@ -322,12 +319,6 @@ class PgStore:
                 self._probe.cancel()
             await self.pool.close()
 
-    async def __aenter__(self) -> PgStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     # --- reachability --------------------------------------------------------------------
 
     def _reached(self, error: BaseException | None) -> None:
@@ -356,20 +347,6 @@ class PgStore:
             await self.scalar("SELECT 1")
         except StoreError:
             pass
-
-    # --- writes --------------------------------------------------------------------------
-
-    def put(self, sql: str, params: Params = (), *, done: Any = None) -> None:
-        self.writer.put(sql, params, done=done)
-
-    def put_later(self, make: Any, *, done: Any = None, urgent: bool = False) -> None:
-        self.writer.put_later(make, done=done, urgent=urgent)
-
-    async def run(self, sql: str, params: Params = ()) -> int:
-        return await self.writer.run(sql, params)
-
-    async def flush(self) -> None:
-        await self.writer.flush()
 
     # --- reads ---------------------------------------------------------------------------
 

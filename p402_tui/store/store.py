@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from .base import StoreBase
 from .db import StoreError, connect
 from .dialect import SQLITE
 from .writer import Params, Writer
 
 
-class Store:
+class Store(StoreBase):
     engine = "sqlite"
     dialect = SQLITE
     unavailable: str | None = None  # a file does not go away as a server does
@@ -27,12 +27,8 @@ class Store:
     def __init__(self, path: Path, reader: aiosqlite.Connection, writer: Writer) -> None:
         self.path = path
         self.reader = reader
+        super().__init__()
         self.writer = writer
-        self.key_listeners: list[Callable[[], None]] = []  # told when this process makes or revokes a key
-
-    def keys_changed(self) -> None:
-        for listener in self.key_listeners:
-            listener()
 
     @classmethod
     async def open(cls, path: Path | str, *, interval: float = 0.025, create: bool = True) -> "Store":
@@ -55,26 +51,6 @@ class Store:
             await self.writer.aclose()
         finally:
             await self.reader.close()
-
-    async def __aenter__(self) -> "Store":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    # --- writes ----------------------------------------------------------------
-
-    def put(self, sql: str, params: Params = (), *, done: Any = None) -> None:
-        self.writer.put(sql, params, done=done)
-
-    def put_later(self, make: Any, *, done: Any = None, urgent: bool = False) -> None:
-        self.writer.put_later(make, done=done, urgent=urgent)
-
-    async def run(self, sql: str, params: Params = ()) -> int:
-        return await self.writer.run(sql, params)
-
-    async def flush(self) -> None:
-        await self.writer.flush()
 
     # --- reads -----------------------------------------------------------------
 
