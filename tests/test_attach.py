@@ -36,7 +36,8 @@ from p402_tui.tui.widgets.decisions import DecisionsTable
 from conftest import free_port, run_cli
 
 
-async def wait_for(condition, timeout: float = 10.0, step: float = 0.02) -> None:
+async def wait_for(condition, timeout: float = 30.0, step: float = 0.02) -> None:
+    # Generous: a met condition returns at once, and a machine busy with the other test worker is slow.
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         if asyncio.get_running_loop().time() > deadline:

@@ -39,6 +39,17 @@ def toasts(app: ConsoleApp) -> list[Toast]:
     return [t for t in app.screen.query(Toast) if t.region.area]
 
 
+async def settled_toasts(app: ConsoleApp, pilot, done, timeout: float = 5.0) -> list[Toast]:
+    """The toasts once `done(toasts)` holds (or as they are at `timeout`): a busy machine lays them out late."""
+    shown = toasts(app)
+    for _ in range(int(timeout / 0.05)):
+        if done(shown):
+            break
+        await pilot.pause(0.05)
+        shown = toasts(app)
+    return shown
+
+
 async def test_notifications_never_cover_the_focused_input_or_a_pane():
     app = fixed_app()
     long = "the ledger could not be read because the database file is locked by another process " * 3
@@ -53,8 +64,7 @@ async def test_notifications_never_cover_the_focused_input_or_a_pane():
             assert isinstance(app.focused, Input), view
             app.notify(long, title="Store", severity="error")
             app.notify("second", severity="warning")
-            await pilot.pause(0.2)
-            shown = toasts(app)
+            shown = await settled_toasts(app, pilot, lambda shown: len(shown) == 1 and "second" in shown[0]._notification.message)
             assert len(shown) == 1 and "second" in shown[0]._notification.message, view  # the newest, alone
             for toast in shown:
                 assert toast.region.y == 0 and toast.region.height == 1, view  # the message line
@@ -62,8 +72,7 @@ async def test_notifications_never_cover_the_focused_input_or_a_pane():
                 for pane in app.screen.query(Pane):
                     assert not toast.region.overlaps(pane.region), (view, pane.id)
             app.notify(long, title="Store", severity="error")
-            await pilot.pause(0.2)
-            (toast,) = toasts(app)
+            (toast,) = await settled_toasts(app, pilot, lambda shown: len(shown) == 1 and "locked" in shown[0]._notification.message)
             assert toast.region.height == 1 and toast.region.width <= SIZE[0] // 2  # long text is cut, not wrapped
             await pilot.press("escape")  # out of the text box, so the next view key is a key
 
