@@ -29,6 +29,27 @@ model's real speed) and `--max-tokens` makes the answers long enough to show it:
 
     python bench/gateway.py --sim-speed 20 --max-tokens 200 --modes stream --concurrency 8
 
+On a small machine that testbed is itself the limit: this process and the simulator are Python too,
+and on 2 cores they take about as much CPU as the gateway, so a second worker has no core to use.
+The lean testbed takes them out of the way: `--driver wrk` makes wrk the load generator (C, one
+thread, C keep-alive connections in a closed loop, POSTing the chat body from a small Lua script
+that prints its summary as JSON) and `--upstream static` puts nginx behind the gateways (one worker
+on a free loopback port, its config, pid and logs in the scratch dir, answering every chat
+completions path with one fixed chat.completion carrying usage). Both come from Debian's packages
+(wrk, nginx-light), installed with apt-get when missing; where that fails, "testbed" in the JSON
+says so and which Python stand-in measured instead. It serves the cache-off row of each variant
+(the rows that need new prompts or other APIs are left out), plain answers only:
+
+    python bench/gateway.py --driver wrk --upstream static --modes plain --concurrency 1,64 \\
+        --variants p402,p402_workers2,p402_postgres,p402_workers2_postgres --skip-litellm --skip-floor \\
+        --c1-slices 6 --slice-duration 5
+
+Then the verdicts set two workers beside one at c64 on each engine (one run, same testbed), and
+upstream_cpu_ms_per_request and client_cpu_ms_per_request show what nginx and wrk took. With
+`--c1-slices N`, rows p402 and p402_postgres are measured again at concurrency 1 in N alternating
+slices each (ABBA order); "c1_slices" reports every slice's p50, the median of them, and
+PostgreSQL minus SQLite slice by slice, so the noise is there to see beside the difference.
+
 Like shared/bench-litellm/run.sh, it re-runs itself in a loopback-only network
 namespace when the machine allows it, so nothing in the run can reach further.
 """
