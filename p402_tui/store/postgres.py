@@ -202,8 +202,8 @@ def _shapes(writes: list[Write]) -> list[list[int]]:
     """The batch in groups to send: fire-and-forget inserts gathered by statement (their order
     among themselves does not matter), then the `AFTER_INSERTS` statements among them, gathered
     likewise; any other statement, or one a caller awaits, stays where it was and goes alone.
-    Each group is one executemany: a statement sent alone costs the gateway's loop four times
-    what a row of a group does (the query converted and its result read each time)."""
+    Each group is one executemany: sent alone, every statement has its query converted and its
+    result read on the gateway's loop (at c64, 22% of its samples before the marks were gathered, 9% after)."""
     groups: list[list[int]] = []
     inserts: dict[str, list[int]] = {}
     after: dict[str, list[int]] = {}
