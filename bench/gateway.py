@@ -1022,6 +1022,15 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 checks[f"{kind}_c64_rps_vs_one_worker>=1.6x"] = round(
                     c64["p402_workers2_postgres"]["rps"] / c64["p402_postgres"]["rps"], 2)
         verdict["p402_workers2_postgres"] = checks
+    for variant, one in (("p402_workers2_nofleet", "p402"), ("p402_workers2_nofleet_postgres", "p402_postgres")):
+        if one in args.variants and variant in args.variants:
+            checks = {}
+            for stream in args.streams:
+                c64 = runs.get(f"{'stream' if stream else 'plain'}_c64")
+                if c64 and c64[one]["rps"]:
+                    checks[f"{'stream' if stream else 'plain'}_c64_rps_vs_one_worker"] = round(
+                        c64[variant]["rps"] / c64[one]["rps"], 2)
+            verdict[variant] = checks
     return verdict
 
 
@@ -1044,6 +1053,9 @@ VARIANTS = {
     "p402_postgres": "p402 serve as row p402 (cache off) with its store on PostgreSQL: a cluster this bench starts "
                      "on loopback (tests/postgres.py), one new database per variant",
     "p402_workers2_postgres": "p402 serve --workers 2 as row p402_workers2, its store on that PostgreSQL",
+    "p402_workers2_nofleet": "p402 serve --workers 2 with the fleet bus off (P402_FLEET=0): each worker alone, "
+                             "none telling the others its circuits, cached answers and events; what the bus costs",
+    "p402_workers2_nofleet_postgres": "the same, its store on that PostgreSQL",
     "p402_proxied": "p402 serve reaching the simulator through a forward proxy on loopback (proxy.py, "
                     "[network] proxy; plain http, so absolute-form requests): the gateway's CPU per request, "
                     "the proxy's own not counted",
@@ -1064,6 +1076,8 @@ def serve_with(variant: str, serve_args: list[str]) -> int:
         raise SystemExit(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
     if variant.startswith("p402_workers2"):
         serve_args = ["--workers", "2", *serve_args]
+    if "_nofleet" in variant:
+        os.environ["P402_FLEET"] = "0"
     if variant == "p402_nostore":
         open_runtime = runtime.Runtime.open
         runtime.Runtime.open = lambda settings, **kw: open_runtime(settings, **{**kw, "persist": False})
