@@ -109,9 +109,12 @@ class GatewayAuth:
         if self.backend is None:
             return False
         age = time.monotonic() - self._keys_checked_at
+        loop = asyncio.get_running_loop()
+        if self._refresh is not None and self._refresh.get_loop() is not loop:
+            self._refresh = None  # asked on a loop that has gone (a test client runs one per call): never answers
         if age > self.ttl_s / 2 and self._refresh is None:
             # One question at a time, however many requests find the answer old.
-            task = self._refresh = asyncio.get_running_loop().create_task(self._count_keys(), name="p402-key-count")
+            task = self._refresh = loop.create_task(self._count_keys(), name="p402-key-count")
             task.add_done_callback(self._counted)
         if age > self.ttl_s:
             await asyncio.shield(self._refresh)  # type: ignore[arg-type]  # its error (the store away) is ours
