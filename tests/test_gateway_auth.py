@@ -77,3 +77,41 @@ async def test_forget_sees_a_key_made_in_this_process_at_once_and_a_failing_stor
         await auth.enforced()
     keys.error = None
     assert await auth.enforced() is True
+
+
+class SlowSecond:
+    """Answers at once, except the second question, which never returns."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def verify(self, token: str):
+        return None
+
+    async def key_count(self) -> int:
+        self.asked += 1
+        if self.asked == 2:
+            await asyncio.sleep(3600)
+        return 1
+
+
+def test_a_count_left_on_a_closed_loop_is_not_waited_for():
+    auth = GatewayAuth(SlowSecond(), required=False, ttl_s=0.1)
+
+    async def first() -> bool:
+        assert await auth.enforced() is True
+        await asyncio.sleep(0.06)
+        return await auth.enforced()  # leaves the second question running in the background
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(first()) is True
+    finally:
+        loop.close()  # as a test client's loop ends: the question it held is never answered
+
+    async def later() -> bool:
+        await asyncio.sleep(0.12)
+        return await asyncio.wait_for(auth.enforced(), 2)
+
+    assert asyncio.run(later()) is True
+    assert auth.backend.asked == 3
