@@ -29,6 +29,27 @@ model's real speed) and `--max-tokens` makes the answers long enough to show it:
 
     python bench/gateway.py --sim-speed 20 --max-tokens 200 --modes stream --concurrency 8
 
+On a small machine that testbed is itself the limit: this process and the simulator are Python too,
+and on 2 cores they take about as much CPU as the gateway, so a second worker has no core to use.
+The lean testbed takes them out of the way: `--driver wrk` makes wrk the load generator (C, one
+thread, C keep-alive connections in a closed loop, POSTing the chat body from a small Lua script
+that prints its summary as JSON) and `--upstream static` puts nginx behind the gateways (one worker
+on a free loopback port, its config, pid and logs in the scratch dir, answering every chat
+completions path with one fixed chat.completion carrying usage). Both come from Debian's packages
+(wrk, nginx-light), installed with apt-get when missing; where that fails, "testbed" in the JSON
+says so and which Python stand-in measured instead. It serves the cache-off row of each variant
+(the rows that need new prompts or other APIs are left out), plain answers only:
+
+    python bench/gateway.py --driver wrk --upstream static --modes plain --concurrency 1,64 \\
+        --variants p402,p402_workers2,p402_postgres,p402_workers2_postgres --skip-litellm --skip-floor \\
+        --c1-slices 6 --slice-duration 5
+
+Then the verdicts set two workers beside one at c64 on each engine (one run, same testbed), and
+upstream_cpu_ms_per_request and client_cpu_ms_per_request show what nginx and wrk took. With
+`--c1-slices N`, rows p402 and p402_postgres are measured again at concurrency 1 in N alternating
+slices each (ABBA order); "c1_slices" reports every slice's p50, the median of them, and
+PostgreSQL minus SQLite slice by slice, so the noise is there to see beside the difference.
+
 Like shared/bench-litellm/run.sh, it re-runs itself in a loopback-only network
 namespace when the machine allows it, so nothing in the run can reach further.
 """
@@ -345,6 +366,184 @@ async def load(
     return out
 
 
+# --- the lean testbed: wrk drives, nginx answers ---------------------------------------------
+
+TOOLS = {"wrk": "wrk", "nginx": "nginx-light"}  # binary: Debian package
+INSTALL_NOTE = "P402_BENCH_TOOLS"  # what ensure_tools did, handed across the re-exec into the namespace
+# An OpenAI chat completion with usage, shaped as the simulator answers MESSAGES at MAX_TOKENS.
+STATIC_ANSWER = json.dumps({
+    "id": "chatcmpl-static", "object": "chat.completion", "created": 1796612463, "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Price, latency, health and the "
+                 "budget left, in that order for most teams today", "refusal": None},
+                 "logprobs": None, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 18, "completion_tokens": 16, "total_tokens": 34},
+    "system_fingerprint": "fp_static",
+}, separators=(",", ":"))
+
+
+def _which(tool: str) -> str | None:
+    return shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def ensure_tools(names: list[str]) -> None:
+    """wrk and nginx from Debian's packages, installed when missing (as .ci/run installs postgresql);
+    what could not be had is noted for the JSON, and the run falls back to the Python testbed."""
+    missing = [TOOLS[n] for n in names if not _which(n)]
+    note = {n: "present" for n in names}
+    if missing:
+        why = None
+        if os.geteuid() != 0:
+            why = "not root, cannot apt-get install"
+        else:
+            print(f"installing {' '.join(missing)} with apt-get ...", file=sys.stderr, flush=True)
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            done = subprocess.run(["bash", "-c", "apt-get update -qq && apt-get install -y -qq " + " ".join(missing)],
+                                  capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, check=False)
+            if done.returncode:
+                why = "apt-get failed: " + (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+        for n in names:
+            if TOOLS[n] in missing:
+                note[n] = "installed" if _which(n) else f"missing ({why})"
+    os.environ[INSTALL_NOTE] = json.dumps(note)
+
+
+def testbed(args: argparse.Namespace) -> dict[str, Any]:
+    """The driver and upstream this run uses: what was asked, unless its program is missing."""
+    note = json.loads(os.environ.get(INSTALL_NOTE) or "{}")
+    out: dict[str, Any] = {"driver": args.driver, "upstream": args.upstream}
+    for kind, asked, tool, fallback in (("driver", args.driver, "wrk", "aiohttp"),
+                                        ("upstream", args.upstream, "nginx", "sim")):
+        if asked == fallback:
+            continue
+        if _which(tool):
+            done = subprocess.run([_which(tool), "-v"], capture_output=True, text=True, check=False)
+            out[f"{tool}_version"] = ((done.stdout + done.stderr).strip().splitlines() or ["?"])[0]
+            if note.get(tool) == "installed":
+                out[f"{tool}_installed_by_bench"] = True
+        else:
+            out[kind] = fallback
+            out[f"{kind}_fallback"] = f"{tool} {note.get(tool, 'missing')}: measured with {fallback} instead"
+    return out
+
+
+def nginx_config(folder: Path, port: int) -> Path:
+    """One worker answering every chat completions path with STATIC_ANSWER; the rest 404."""
+    folder.mkdir(parents=True, exist_ok=True)
+    temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in
+                     ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    config = folder / "nginx.conf"
+    config.write_text(f"""daemon off;
+worker_processes 1;
+pid {folder / 'nginx.pid'};
+error_log {folder / 'error.log'} warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+{temp}
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    server {{
+        listen 127.0.0.1:{port};
+        location ~ /chat/completions$ {{
+            default_type application/json;
+            return 200 '{STATIC_ANSWER}';
+        }}
+        location / {{
+            default_type application/json;
+            return 404 '{{"error": {{"message": "not here", "type": "not_found"}}}}';
+        }}
+    }}
+}}
+""")
+    return config
+
+
+def start_static_upstream(scratch: Path) -> tuple[Child, str]:
+    """nginx on a free loopback port, a child of this bench (stopped with it)."""
+    folder, port = scratch / "nginx", free_port()
+    config = nginx_config(folder, port)
+    child = Child("nginx", [_which("nginx"), "-c", str(config), "-p", str(folder), "-e", str(folder / "error.log")],
+                  scratch / "nginx.log")
+    _wait_for_port(port, 10)
+    return child, f"http://127.0.0.1:{port}"
+
+
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('P402WRK {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50":%d,"p90":%d,"p99":%d,"mean":%.1f}\\n', summary.requests, summary.duration,
+    e.connect, e.read, e.write, e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.mean))
+end
+"""
+
+
+def wrk_script(folder: Path, payload: dict[str, Any], headers: dict[str, str]) -> Path:
+    """A Lua script for wrk: POST the chat body with our headers, print the summary as one JSON line."""
+    lines = ['wrk.method = "POST"', f"wrk.body = [==[{json.dumps(payload)}]==]",
+             'wrk.headers["Content-Type"] = "application/json"']
+    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    path = folder / f"wrk-{secrets.token_hex(4)}.lua"
+    path.write_text("\n".join(lines) + "\n" + WRK_DONE)
+    return path
+
+
+def _wrk(url: str, script: Path, concurrency: int, duration: float) -> dict[str, Any]:
+    argv = [_which("wrk"), "-t", "1", "-c", str(concurrency), "-d", f"{max(1, round(duration))}s",
+            "--timeout", "30s", "-s", str(script), url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("P402WRK "):
+            return json.loads(line[len("P402WRK "):])
+    raise RuntimeError(f"wrk gave no summary (exit {done.returncode}): {(done.stdout + done.stderr)[-800:]}")
+
+
+def load_wrk(
+    url: str, payload: dict[str, Any], headers: dict[str, str], *, concurrency: int, duration: float,
+    server_pid: int | None, ours: list[int], scratch: Path, upstream_pid: int | None = None,
+    store_pid: int | None = None, warmup: bool = True,
+) -> dict[str, Any]:
+    """`load`'s measurement with wrk as the load generator: one C thread, `concurrency` keep-alive
+    connections, each sending its next request when the last is answered (a closed loop, as `load`)."""
+    script = wrk_script(scratch, payload, headers)
+    if warmup:
+        _wrk(url, script, concurrency, 1)  # open connections, warm caches
+    pids = {"server": server_pid, "upstream": upstream_pid, "store": store_pid}
+    before = {k: cpu_seconds(p) for k, p in pids.items() if p}
+    machine_before, ours_before = machine_busy_seconds(), _ours_seconds(ours)
+    client_before = sum(os.times()[2:4])  # wrk's CPU, once it has been waited for
+    summary_ = _wrk(url, script, concurrency, duration)
+    client_after = sum(os.times()[2:4])
+    after = {k: cpu_seconds(p) for k, p in pids.items() if p}
+    machine_after, ours_after = machine_busy_seconds(), _ours_seconds(ours)
+    elapsed = summary_["duration_us"] / 1e6
+    kinds = ("connect", "read", "write", "status", "timeout")
+    errors = sum(summary_[k] for k in kinds)
+    done = max(summary_["requests"] - summary_["status"], 0)  # wrk counts non-2xx answers among its requests
+    out: dict[str, Any] = {
+        "requests": done,
+        "errors": errors,
+        "rps": round(done / elapsed, 1) if elapsed else 0.0,
+        "latency_ms": {"n": summary_["requests"], **{q: round(summary_[q] / 1000, 3) for q in ("p50", "p90", "p99")},
+                       "mean": round(summary_["mean"] / 1000, 3)},
+    }
+    if done:
+        if "server" in before:
+            out["server_cpu_ms_per_request"] = round((after["server"] - before["server"]) * 1000 / (done + errors), 3)
+        out["client_cpu_ms_per_request"] = round((client_after - client_before) * 1000 / done, 3)
+        if "upstream" in before:
+            out["upstream_cpu_ms_per_request"] = round((after["upstream"] - before["upstream"]) * 1000 / done, 3)
+        if "store" in before:
+            out["store_cpu_ms_per_request"] = round((after["store"] - before["store"]) * 1000 / done, 3)
+    foreign = (machine_after - machine_before) - (ours_after - ours_before) - (client_after - client_before)
+    out["other_processes_cores"] = round(max(foreign, 0.0) / elapsed, 2) if elapsed else None
+    out["machine_busy_cores"] = round((machine_after - machine_before) / elapsed, 2) if elapsed else None
+    if errors:
+        out["error_kinds"] = {k: summary_[k] for k in kinds if summary_[k]}
+    return out
+
+
 # --- the contestants ---------------------------------------------------------------------
 
 
@@ -455,19 +654,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": ROWS if "p402" in args.variants else {},
         "floor": None if args.skip_floor else FLOOR,
     }
+    bed = result["testbed"] = testbed(args)
+    extras = bed["driver"] == "aiohttp" and bed["upstream"] == "sim"  # rows wrk or nginx cannot serve
+    if not extras:
+        result["rows"] = {}
     cluster, postmaster = None, None
     try:
         if any(variant.endswith("_postgres") for variant in args.variants):
             cluster = start_pg_cluster()
             result["postgres"] = {"port": cluster.port, "bin": str(cluster.bin_dir), "options": PG_OPTIONS}
             postmaster = int((cluster.folder / "data" / "postmaster.pid").read_text().split()[0])
-        sim_port = free_port()
-        pace = ["--no-latency"] if args.sim_speed is None else ["--speed", str(args.sim_speed)]
-        sim = Child("p402 sim", [python, "-m", "p402_tui.cli", "sim", *pace, "--port", str(sim_port)],
-                    scratch / "sim.log")
-        children.append(sim)
-        sim_url = f"http://127.0.0.1:{sim_port}"
-        sim.wait_ready(f"{sim_url}/_sim/stats", 30)
+        if bed["upstream"] == "static":
+            sim, sim_url = start_static_upstream(scratch)
+            children.append(sim)
+        else:
+            sim_port = free_port()
+            pace = ["--no-latency"] if args.sim_speed is None else ["--speed", str(args.sim_speed)]
+            sim = Child("p402 sim", [python, "-m", "p402_tui.cli", "sim", *pace, "--port", str(sim_port)],
+                        scratch / "sim.log")
+            children.append(sim)
+            sim_url = f"http://127.0.0.1:{sim_port}"
+            sim.wait_ready(f"{sim_url}/_sim/stats", 30)
         config = scratch / "p402.toml"
         config.write_text(sim_config(sim_url))
 
@@ -499,7 +706,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if variant.startswith("p402_workers2"):  # /health answers once the first worker is up; the line, once all are
                 started += gateway.wait_logged("p402 gateway at ", 60)
             result.setdefault("startup_s", {})[variant] = round(started, 3)
-            if variant == "p402":
+            if variant == "p402" and extras:
                 # The default configuration first: the cache on, every prompt new (each misses and is
                 # inserted). Waits for the cache's static vectors (made once per machine, 1-3 minutes).
                 result["p402_cache_ready_s"] = round(gateway.wait_ready(f"{url}/api/v2/cache", 300, embedder=True), 3)
@@ -510,13 +717,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets.append({"name": variant, "url": f"{url}/v1/chat/completions", "model": MODEL,
                             "headers": {"cache-control": "no-cache"}, "pid": gateway.pid,
                             "store_pid": postmaster if variant.endswith("_postgres") else None})
-            if variant == "p402":  # cache off with every prompt new: what unique prompts cost without the cache
+            if variant == "p402" and extras:  # cache off with every prompt new: what unique prompts cost without the cache
                 targets.append({"name": "p402_unique", "url": f"{url}/v1/chat/completions", "model": MODEL,
                                 "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "unique": True})
-            if variant == "p402":  # the same request through Anthropic's Messages API, same process
+            if variant == "p402" and extras:  # the same request through Anthropic's Messages API, same process
                 targets.append({"name": "p402_messages", "url": f"{url}/v1/messages", "model": MODEL,
                                 "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "shape": "messages"})
-            if variant == "p402":  # the same request through the Responses API, beside chat in the same run
+            if variant == "p402" and extras:  # the same request through the Responses API, beside chat in the same run
                 targets.append({"name": "p402_responses", "url": f"{url}/v1/responses", "model": MODEL,
                                 "headers": {"cache-control": "no-cache"}, "pid": gateway.pid, "api": "responses"})
         if not args.skip_floor:
@@ -563,15 +770,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         if target.get("api") == "responses":
                             payload = {"model": target["model"], "input": MESSAGES[0]["content"],
                                        "max_output_tokens": args.max_tokens, "stream": stream}
-                        measured = asyncio.run(
-                            load(target["url"], payload, target["headers"], concurrency=concurrency,
-                                 duration=args.duration, max_requests=args.requests, stream=stream,
-                                 server_pid=target["pid"], ours=[*(c.pid for c in children), *filter(None, [postmaster])],
-                                 upstream_pid=None if target["pid"] == sim.pid else sim.pid,
-                                 store_pid=target.get("store_pid"),
-                                 unique=target.get("unique", False),
-                                 first_content=FIRST_DELTA if target.get("api") == "responses" else FIRST_CONTENT)
-                        )
+                        ours = [*(c.pid for c in children), *filter(None, [postmaster])]
+                        upstream_pid = None if target["pid"] == sim.pid else sim.pid
+                        if bed["driver"] == "wrk":
+                            measured = load_wrk(target["url"], payload, target["headers"], concurrency=concurrency,
+                                                duration=args.duration, server_pid=target["pid"], ours=ours,
+                                                scratch=scratch, upstream_pid=upstream_pid,
+                                                store_pid=target.get("store_pid"))
+                        else:
+                            measured = asyncio.run(load(
+                                target["url"], payload, target["headers"], concurrency=concurrency,
+                                duration=args.duration, max_requests=args.requests, stream=stream,
+                                server_pid=target["pid"], ours=ours, upstream_pid=upstream_pid,
+                                store_pid=target.get("store_pid"), unique=target.get("unique", False),
+                                first_content=FIRST_DELTA if target.get("api") == "responses" else FIRST_CONTENT))
                         repeats[target["name"]].append(measured)
                         print(f"{key:>10} {target['name']:>14}: {measured['rps']:>8} req/s  p50 "
                               f"{measured['latency_ms']['p50']} ms  cpu/req {measured.get('server_cpu_ms_per_request')} ms"
@@ -580,6 +792,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["added"] = _added(row)
                 runs[key] = row
         result["runs"] = runs
+        if args.c1_slices and {"p402", "p402_postgres"} <= {t["name"] for t in targets}:
+            measure = {t["name"]: t for t in targets if t["name"] in ("p402", "p402_postgres")}
+            result["c1_slices"] = c1_slices(measure, args, bed, scratch, sim.pid,
+                                            [*(c.pid for c in children), *filter(None, [postmaster])])
         for target in targets:
             if "stats" in target:
                 import urllib.request
@@ -593,6 +809,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 result[f"{target['name']}_rss_mib_after"] = rss_mib(target["pid"])
         result["verdict"] = _verdict(runs, args)
+        if "c1_slices" in result:
+            result["verdict"].setdefault("p402_postgres", {})["plain_c1_sliced_p50_ms_over_sqlite<=0.3"] = (
+                result["c1_slices"]["postgres_minus_sqlite_p50_ms"]["median_of_medians"])
         if "p402_idle_rss_mib" in result:
             result["verdict"].setdefault("p402_default", {})["idle_rss_mib<120"] = result["p402_idle_rss_mib"]
         result["machine"]["loadavg_after"] = os.getloadavg()
@@ -604,6 +823,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def c1_slices(targets: dict[str, dict[str, Any]], args: argparse.Namespace, bed: dict[str, Any], scratch: Path,
+              upstream_pid: int, ours: list[int]) -> dict[str, Any]:
+    """Rows p402 (SQLite) and p402_postgres at concurrency 1 in alternating slices (ABBA: neither always
+    goes first), so that drift in the machine's load reaches both alike and the spread shows the noise."""
+    payload = {"model": MODEL, "messages": MESSAGES, "max_tokens": args.max_tokens}
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for i in range(args.c1_slices):
+        for name in (list(targets) if i % 2 == 0 else list(reversed(targets))):
+            target = targets[name]
+            common = {"concurrency": 1, "duration": args.slice_duration, "server_pid": target["pid"], "ours": ours,
+                      "upstream_pid": upstream_pid, "store_pid": target.get("store_pid")}
+            if bed["driver"] == "wrk":
+                one = load_wrk(target["url"], payload, target["headers"], scratch=scratch, **common)
+            else:
+                one = asyncio.run(load(target["url"], payload, target["headers"], max_requests=args.requests,
+                                       stream=False, **common))
+            measured[name].append(one)
+            print(f"  c1 slice {i + 1} {name:>14}: p50 {one['latency_ms']['p50']} ms  cpu/req "
+                  f"{one.get('server_cpu_ms_per_request')} ms  others {one['other_processes_cores']} cores",
+                  file=sys.stderr, flush=True)
+    out: dict[str, Any] = {"slices": args.c1_slices, "slice_s": args.slice_duration}
+    for name, slices in measured.items():
+        p50s = [m["latency_ms"]["p50"] for m in slices]
+        out[name] = {
+            "p50_ms": p50s, "median_p50_ms": round(statistics.median(p50s), 3), "min_p50_ms": min(p50s),
+            "max_p50_ms": max(p50s), "errors": sum(m["errors"] for m in slices),
+            "server_cpu_ms_per_request": _med([m.get("server_cpu_ms_per_request") for m in slices]),
+            "store_cpu_ms_per_request": _med([m.get("store_cpu_ms_per_request") for m in slices]),
+            "other_processes_cores": _med([m.get("other_processes_cores") for m in slices]),
+        }
+    pg, sq = out["p402_postgres"], out["p402"]
+    paired = [round(a - b, 3) for a, b in zip(pg["p50_ms"], sq["p50_ms"])]
+    out["postgres_minus_sqlite_p50_ms"] = {
+        "median_of_medians": round(pg["median_p50_ms"] - sq["median_p50_ms"], 3),
+        "per_slice": paired, "min": min(paired), "max": max(paired),
+    }
+    return out
+
+
+def _med(values: list[Any]) -> Any:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
 
 
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -685,7 +948,7 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         for stream in args.streams:
             kind = "stream" if stream else "plain"
             c64 = runs.get(f"{kind}_c64")
-            if c64 and c64["p402"]["rps"]:
+            if c64 and c64["p402"]["rps"] and "p402_default" in c64:
                 checks[f"{kind}_c64_rps_vs_cache_off>=0.7"] = round(c64["p402_default"]["rps"] / c64["p402"]["rps"], 2)
             if c64 and c64.get("p402_unique", {}).get("rps"):
                 # The split of that ratio: the cache's own share (against unique prompts, cache off) and what is
@@ -697,25 +960,29 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                     c64["p402_unique"].get("server_cpu_ms_per_request"))
                 checks[f"{kind}_c64_cpu_ms_unique_minus_fixed"] = _minus(
                     c64["p402_unique"].get("server_cpu_ms_per_request"), c64["p402"].get("server_cpu_ms_per_request"))
-            if c64 and "litellm" in c64 and c64["litellm"]["rps"]:
+            if c64 and "litellm" in c64 and c64["litellm"]["rps"] and "p402_default" in c64:
                 checks[f"{kind}_c64_rps_vs_litellm>=10x"] = round(c64["p402_default"]["rps"] / c64["litellm"]["rps"], 1)
-        verdict["p402_default"] = checks
+        if checks:
+            verdict["p402_default"] = checks
         messages = {}
         for stream in args.streams:
             kind = "stream" if stream else "plain"
             over = [_minus(runs[k]["p402_messages"].get("server_cpu_ms_per_request"),
-                           runs[k]["p402"].get("server_cpu_ms_per_request")) for k in runs if k.startswith(kind)]
+                           runs[k]["p402"].get("server_cpu_ms_per_request"))
+                    for k in runs if k.startswith(kind) and "p402_messages" in runs[k]]
             over = [o for o in over if o is not None]
             if over:
                 messages[f"{kind}_max_cpu_ms_per_request_over_chat<=0.2"] = max(over)
-        verdict["p402_messages"] = messages
+        if messages:
+            verdict["p402_messages"] = messages
         checks = {}  # the Responses API's CPU beside chat's, same process, same run
         for key, row in runs.items():
             if "p402_responses" in row:
                 checks[f"{key}_cpu_ms_minus_chat<=0.2"] = _minus(
                     row["p402_responses"].get("server_cpu_ms_per_request"), row["p402"].get("server_cpu_ms_per_request")
                 )
-        verdict["p402_responses"] = checks
+        if checks:
+            verdict["p402_responses"] = checks
     if "p402" in args.variants and "p402_workers2" in args.variants:
         checks = {}  # two workers beside one, same run, both with the cache off
         for stream in args.streams:
@@ -755,6 +1022,15 @@ def _verdict(runs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 checks[f"{kind}_c64_rps_vs_one_worker>=1.6x"] = round(
                     c64["p402_workers2_postgres"]["rps"] / c64["p402_postgres"]["rps"], 2)
         verdict["p402_workers2_postgres"] = checks
+    for variant, one in (("p402_workers2_nofleet", "p402"), ("p402_workers2_nofleet_postgres", "p402_postgres")):
+        if one in args.variants and variant in args.variants:
+            checks = {}
+            for stream in args.streams:
+                c64 = runs.get(f"{'stream' if stream else 'plain'}_c64")
+                if c64 and c64[one]["rps"]:
+                    checks[f"{'stream' if stream else 'plain'}_c64_rps_vs_one_worker"] = round(
+                        c64[variant]["rps"] / c64[one]["rps"], 2)
+            verdict[variant] = checks
     return verdict
 
 
@@ -777,6 +1053,9 @@ VARIANTS = {
     "p402_postgres": "p402 serve as row p402 (cache off) with its store on PostgreSQL: a cluster this bench starts "
                      "on loopback (tests/postgres.py), one new database per variant",
     "p402_workers2_postgres": "p402 serve --workers 2 as row p402_workers2, its store on that PostgreSQL",
+    "p402_workers2_nofleet": "p402 serve --workers 2 with the fleet bus off (P402_FLEET=0): each worker alone, "
+                             "none telling the others its circuits, cached answers and events; what the bus costs",
+    "p402_workers2_nofleet_postgres": "the same, its store on that PostgreSQL",
     "p402_proxied": "p402 serve reaching the simulator through a forward proxy on loopback (proxy.py, "
                     "[network] proxy; plain http, so absolute-form requests): the gateway's CPU per request, "
                     "the proxy's own not counted",
@@ -797,6 +1076,8 @@ def serve_with(variant: str, serve_args: list[str]) -> int:
         raise SystemExit(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
     if variant.startswith("p402_workers2"):
         serve_args = ["--workers", "2", *serve_args]
+    if "_nofleet" in variant:
+        os.environ["P402_FLEET"] = "0"
     if variant == "p402_nostore":
         open_runtime = runtime.Runtime.open
         runtime.Runtime.open = lambda settings, **kw: open_runtime(settings, **{**kw, "persist": False})
@@ -826,10 +1107,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-netns", action="store_true", help="run in the host's network namespace")
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, configs)")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--driver", choices=("aiohttp", "wrk"), default="aiohttp",
+                        help="the load generator: this process (aiohttp, default) or wrk (C, installed if missing)")
+    parser.add_argument("--upstream", choices=("sim", "static"), default="sim",
+                        help="behind the gateways: `p402 sim` (default) or nginx answering one fixed completion")
+    parser.add_argument("--c1-slices", type=int, default=0, help="also measure rows p402 and p402_postgres at "
+                        "concurrency 1 in this many alternating slices each (default 0: none)")
+    parser.add_argument("--slice-duration", type=float, default=5.0, help="seconds per c1 slice (default 5)")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.streams = [m == "stream" for m in args.modes.split(",") if m]
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.upstream == "static" and any(args.streams):
+        parser.error("--upstream static answers whole completions only: use --modes plain")
+    if not in_netns():  # before the namespace: installing needs the package mirror
+        ensure_tools([tool for tool, asked in (("wrk", args.driver == "wrk"), ("nginx", args.upstream == "static"))
+                      if asked])
     if args.skip_litellm:
         args.litellm_venv = None
     elif not in_netns():

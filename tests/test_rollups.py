@@ -352,3 +352,39 @@ async def test_the_rollup_sql_runs_on_postgresql_with_the_same_answers(pg_url, s
                 a = await analytics.recommendations(twin, catalog, period)
                 b = await analytics.recommendations(pg, catalog, period)  # type: ignore[arg-type]
                 assert a and _close(a, b), period.label
+
+
+async def test_both_engines_writers_roll_the_same_ledger_up_alike_and_call_every_callback_once(store, pg_url):
+    """One batch of many requests: PostgreSQL's writer sends each statement shape as one group (the repeat
+    marks after the inserts) and both engines merge the rollup upserts of a key, the requests' callbacks
+    with them."""
+    from p402_tui.store.postgres import PgStore
+
+    records = ledger(count=300, seed=5)
+    called: dict[str, list[str]] = {"sqlite": [], "postgresql": []}
+    async with await PgStore.open(pg_url) as on_postgres:
+        for engine, target in (("sqlite", store), ("postgresql", on_postgres)):
+            for record, extra in records:
+                target.put_later(lambda record=record, extra=extra: queries.ledger_writes(record, **extra),
+                                 done=lambda engine=engine, record=record: called[engine].append(record.id))
+            await target.flush()
+            assert sorted(called[engine]) == sorted(record.id for record, _ in records)  # each once
+            assert target.writer.stats.failed == 0
+        assert on_postgres.writer.stats.batches < 20  # gathered into a few batches, not one per request
+        tables = {
+            "spend_hourly": "SELECT dim, hour, value, api_key_id, simulated, requests, ok, cached, repeats, prompt_tokens, "
+                            "completion_tokens, unpriced, ROUND(cost_usd * 1e9) AS cost, ROUND(repeat_cost_usd * 1e9) "
+                            "AS repeat_cost, first_ts FROM spend_hourly ORDER BY dim, hour, value, api_key_id, simulated",
+            "model_hourly": "SELECT * FROM model_hourly ORDER BY hour, provider, model, needs, api_key_id, simulated",
+            "attempt_hourly": "SELECT hour, provider, api_key_id, simulated, attempts, failures, failovers, "
+                              "ROUND(wasted_ms * 1000) AS wasted FROM attempt_hourly ORDER BY hour, provider, api_key_id, simulated",
+        }
+        for table, sql in tables.items():
+            on_sqlite = [{k: _plain(v) for k, v in row.items()} for row in await store.fetchall(sql)]
+            on_pg = [{k: _plain(v) for k, v in row.items()} for row in await on_postgres.fetchall(sql)]
+            assert on_sqlite and on_sqlite == on_pg, table
+        assert sum(r["repeats"] for r in await on_postgres.fetchall("SELECT repeats FROM spend_hourly")) > 0
+
+
+def _plain(value: Any) -> Any:
+    return round(float(value), 6) if isinstance(value, float) else value

@@ -4,14 +4,19 @@ Keys are checked only when they are in force: once any key was made, or always
 when the gateway listens beyond loopback. The store is asked at most once per
 token and per half second (answers are remembered briefly), so a key made, changed
 or revoked with `p402 keys` in another process takes effect within `ttl_s`; one
-made, changed or revoked in this process, at once (`forget`). Tokens are looked up
+made, changed or revoked in this process, at once (`forget`). Whether any key exists
+is asked again in the background once the answer is half that old, so that with no
+key in force a request under steady traffic never waits for the store (on PostgreSQL,
+a round trip). Tokens are looked up
 by their SHA-256 and compared with `hmac.compare_digest`: never in the clear.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -19,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from starlette.types import Scope
 
 from .errors import GatewayError
+
+log = logging.getLogger("p402.gateway")
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -82,12 +89,16 @@ class GatewayAuth:
         self.ttl_s = ttl_s
         self._keys_exist = False
         self._keys_checked_at = float("-inf")
+        self._generation = 0  # bumped by `forget`: an answer asked for before it is not kept
+        self._refresh: asyncio.Task[None] | None = None
         self._remembered: dict[bytes, tuple[Any, float]] = {}
 
     def forget(self) -> None:
         """Drop what was remembered: the next request asks the store again."""
         self._remembered.clear()
         self._keys_checked_at = float("-inf")
+        self._generation += 1
+        self._refresh = None  # one asked before this may not see the change: the next request asks anew
 
     async def any_keys(self) -> bool:
         return self.backend is not None and await self.backend.key_count() > 0
@@ -97,11 +108,29 @@ class GatewayAuth:
             return True
         if self.backend is None:
             return False
-        now = time.monotonic()
-        if now - self._keys_checked_at > self.ttl_s:
-            self._keys_exist = await self.backend.key_count() > 0
-            self._keys_checked_at = now
+        age = time.monotonic() - self._keys_checked_at
+        loop = asyncio.get_running_loop()
+        if self._refresh is not None and self._refresh.get_loop() is not loop:
+            self._refresh = None  # asked on a loop that has gone (a test client runs one per call): never answers
+        if age > self.ttl_s / 2 and self._refresh is None:
+            # One question at a time, however many requests find the answer old.
+            task = self._refresh = loop.create_task(self._count_keys(), name="p402-key-count")
+            task.add_done_callback(self._counted)
+        if age > self.ttl_s:
+            await asyncio.shield(self._refresh)  # type: ignore[arg-type]  # its error (the store away) is ours
         return self._keys_exist
+
+    async def _count_keys(self) -> None:
+        asked_at, generation = time.monotonic(), self._generation
+        exist = await self.backend.key_count() > 0  # type: ignore[union-attr]
+        if generation == self._generation:
+            self._keys_exist, self._keys_checked_at = exist, asked_at
+
+    def _counted(self, task: asyncio.Task[None]) -> None:
+        if self._refresh is task:
+            self._refresh = None
+        if not task.cancelled() and task.exception() is not None:  # asked in the background: the next request
+            log.debug("gateway keys: counting failed: %s", task.exception())  # past ttl_s gets the error
 
     async def check(self, scope: Scope) -> Any:
         """The key behind the request, described (None when keys are not in force); a 401 when it has none."""

@@ -13,6 +13,7 @@ A report reads whole hours here and the cut hours at its period's edges from the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..core.hooks import RequestRecord
@@ -63,6 +64,9 @@ MARK_REPEAT = (
     "WHERE dim = 'provider' AND hour = ? AND value = ? AND api_key_id = ? AND simulated = ? "
     f"AND EXISTS (SELECT 1 FROM requests r WHERE r.id = ? AND {REPEAT_SQL})"
 )
+# Statements a batch may send after its inserts (up to the next statement of another kind): each reads
+# rows those inserts make, and nothing in the batch reads what it changes. Gathered, they go as one group.
+AFTER_INSERTS = frozenset({MARK_REPEAT})
 UPSERT_MODEL = (
     "INSERT INTO model_hourly (hour, provider, model, needs, api_key_id, simulated, requests, prompt_tokens, "
     "completion_tokens, cost_usd) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -197,12 +201,14 @@ def coalesce(writes: list[Any]) -> list[Any]:
 
     A burst of requests lands in a few rollup rows: one upsert each instead of four or more per request.
     The merged upsert takes the place of the first, so whatever follows any of them (a repeat's mark)
-    still finds its row. Writes with a callback or a caller waiting are left as they are."""
+    still finds its row, and it carries their callbacks (a request's last row carries the request's:
+    one batch, one transaction, so they run when they would have). Writes a caller waits for are left
+    as they are."""
     merged: dict[tuple, Any] = {}
     out = []
     for write in writes:
         shape = _ADDITIVE.get(write.sql)
-        if shape is None or write.done is not None or write.result is not None:
+        if shape is None or write.result is not None:
             out.append(write)
             continue
         size, sums, least = shape
@@ -212,6 +218,13 @@ def coalesce(writes: list[Any]) -> list[Any]:
             merged[key] = write
             out.append(write)
             continue
+        if write.done is not None:
+            if first.done is None:
+                first.done = write.done
+            elif isinstance(first.done, _Callbacks):
+                first.done.calls.append(write.done)
+            else:
+                first.done = _Callbacks(first.done, write.done)
         into = first.params
         if type(into) is tuple:
             into = first.params = list(into)
@@ -221,6 +234,25 @@ def coalesce(writes: list[Any]) -> list[Any]:
         if least is not None and params[least] < into[least]:
             into[least] = params[least]
     return out
+
+
+class _Callbacks:
+    """Several writes' callbacks as one: each is called, whatever an earlier one raised."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, *calls: Callable[[], None]) -> None:
+        self.calls = list(calls)
+
+    def __call__(self) -> None:
+        failed: BaseException | None = None
+        for call in self.calls:
+            try:
+                call()
+            except Exception as error:  # noqa: BLE001 - the writer logs it, after the rest have run
+                failed = failed or error
+        if failed is not None:
+            raise failed
 
 
 def hour_of(ts: float) -> int:
