@@ -220,6 +220,13 @@ async def test_each_gateway_streams_the_whole_fleets_events_labelled(fleet):
         opened = asyncio.Event()
         task = asyncio.create_task(listen(client, opened))
         await asyncio.wait_for(opened.wait(), 10)
+        # gw-a relays its events once it hears that gw-b is watched: within about half a second.
+        deadline = time.monotonic() + 5
+        while not any(e.get("gateway") == "gw-a" for e in seen):
+            assert time.monotonic() < deadline, "gw-a's events never reached gw-b's stream"
+            await client.post(f"{urls['gw-a']}/v1/chat/completions", json=body, headers=NO_CACHE)
+            await asyncio.sleep(0.1)
+        seen.clear()
         await client.post(f"{urls['gw-a']}/v1/chat/completions", json=body, headers=NO_CACHE)
         await client.post(f"{urls['gw-b']}/v1/chat/completions", json=body, headers=NO_CACHE)
         deadline = time.monotonic() + 3

@@ -11,8 +11,10 @@ import time
 
 import pytest
 
+from p402_tui.core.events import EventBus, SpendUpdated
 from p402_tui.core.health import HealthTracker
 from p402_tui.fleet.bus import KEEP_S, StoreBus
+from p402_tui.fleet.link import FleetLink
 from p402_tui.store import shared
 from p402_tui.store.engine import open_store
 
@@ -208,3 +210,39 @@ async def test_an_entry_cached_in_one_process_is_adopted_with_its_vector_by_anot
     assert exact.match == "exact" and close.match == "semantic"  # the vector came with it, from the store
     assert close.response.content == "git reset --soft HEAD~1" and there.info()["indexed"] == 1
     assert not await there.adopt("default", "no-such-key")
+
+
+async def test_events_cross_the_fleet_only_while_another_gateway_watches(two_stores):
+    a, b = two_stores
+    if a.engine == "postgresql":
+        pytest.skip("the link is the same on either bus; this one runs on the store's table")
+    events_a, events_b = EventBus(), EventBus()
+    link_a = FleetLink(StoreBus(a, "gw-a"), events_a, HealthTracker())
+    link_b = FleetLink(StoreBus(b, "gw-b"), events_b, HealthTracker())
+    await link_a.start()
+    await link_b.start()
+    heard: list = []
+    try:
+        for n in range(5):  # nobody watches gw-b: gw-a writes none of its events to the bus
+            events_a.publish(SpendUpdated(provider="openai", model="m", cost_usd=float(n)))
+        await asyncio.sleep(0.6)
+        assert link_a.bus.sent == 0 and not link_a.watched
+
+        stop = events_b.listen(heard.append, relayed=True)  # what an event stream's log does
+        watched_at = time.monotonic()
+        while not link_a.watched:
+            assert time.monotonic() - watched_at < 1.0, "gw-a was not told within a second"
+            await asyncio.sleep(0.02)
+        events_a.publish(SpendUpdated(provider="openai", model="m", cost_usd=9.0))
+        while not heard and time.monotonic() - watched_at < 3:
+            await asyncio.sleep(0.02)
+        assert [(e.kind, e.wire()["gateway"], e.wire()["cost_usd"]) for e in heard] == [("spend_updated", "gw-a", 9.0)]
+
+        stop()  # the watcher leaves: once its last word runs out, events stay home again
+        link_a._watched_until = 0.0  # as if WATCHED_FOR_S had passed
+        sent = link_a.bus.sent
+        events_a.publish(SpendUpdated(provider="openai", model="m", cost_usd=10.0))
+        assert link_a.bus.sent == sent
+    finally:
+        await link_a.aclose()
+        await link_b.aclose()

@@ -219,6 +219,15 @@ def test_an_attached_console_follows_every_worker_live_and_through_the_store(tmp
         try:
             await source.client.wait_until_up(20)
             assert source.providers()  # polled snapshots answer from whichever worker
+            # The worker the stream is not on relays its events once told someone watches (about half a second).
+            warm: dict[str, str] = {}
+            deadline = time.monotonic() + 20
+            while {warm[d] for d in warm if d in source.client.decisions} != {"1", "2"}:
+                assert time.monotonic() < deadline, warm
+                async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+                    answer = await client.post("/v1/chat/completions", json=BODY, headers=FRESH)
+                warm[answer.json()["p402"]["decision_id"]] = answer.headers["x-p402-worker"]
+                await asyncio.sleep(0.05)
             made = []
             for _ in range(20):  # a new connection each: both workers answer some
                 async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
@@ -335,6 +344,12 @@ def test_any_workers_event_stream_shows_every_workers_decisions_labelled(tmp_pat
         watcher.start()
         assert opened.wait(20)
         time.sleep(0.3)  # past ": subscribed"
+        # The other worker relays its events once it hears this stream's worker is watched (about half a second).
+        deadline = time.monotonic() + 10
+        while len({e.get("gateway") for e in seen}) < 2:
+            assert time.monotonic() < deadline, seen
+            _fresh_connection(served.url, BODY, FRESH)
+            time.sleep(0.05)
         answered = {}
         for _ in range(40):
             answer = _fresh_connection(served.url, BODY, FRESH)

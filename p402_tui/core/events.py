@@ -390,6 +390,11 @@ class EventBus:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def watched(self) -> bool:
+        """Something here wants the other gateways' events (an event stream's log): the fleet should relay them."""
+        return bool(self._relayed)
+
 
 class SubscriberLagged(Exception):
     """The reader's next event has already left the log: it fell too far behind."""

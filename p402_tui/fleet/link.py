@@ -6,18 +6,28 @@
   vector included, into their own tiers (`SemanticCache.adopt`).
 - `event`: each event this gateway publishes, in its wire form; the others put it on their event
   stream, labelled with this gateway (`EventBus.relay`), so any gateway's `/api/v2/events` shows the fleet's.
+  Only while one of them is watched: relaying every event of every request cost a worker a third of its
+  CPU, so a gateway with a watcher (`EventBus.watched`) says `watching` at once and every WATCH_EVERY_S
+  after, and the others relay for WATCHED_FOR_S after each. A new watcher sees the fleet's events from
+  about half a second on (a tick here and the bus's delivery), its own gateway's at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import Any
 
 from ..core.events import EVENT_KINDS, Event, EventBus, Relayed
 from .bus import FleetBus, Message
 
 log = logging.getLogger("p402.fleet")
+
+TICK_S = 0.25  # how soon a first watcher here is told to the fleet
+WATCH_EVERY_S = 2.0  # while watched, said again this often
+WATCHED_FOR_S = 3 * WATCH_EVERY_S  # a fleet that heard it relays its events this long: a lost message or two is no gap
 
 
 def _key_of(event: Event) -> str | None:
@@ -34,6 +44,8 @@ class FleetLink:
         self.relay_events = relay_events
         self._stops: list[Any] = []
         self._adopting: set[asyncio.Task[Any]] = set()
+        self._watched_until = 0.0  # monotonic: another gateway has a watcher until then
+        self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         bus = self.bus
@@ -45,6 +57,8 @@ class FleetLink:
             self._stops.append(self.events.listen(self._tell_event, kinds=set(EVENT_KINDS)))
         self._stops.append(bus.subscribe(self._heard))
         await bus.start()
+        if self.relay_events:
+            self._ticker = asyncio.create_task(self._say_watching(), name="p402-fleet-watching")
 
     async def aclose(self) -> None:
         for stop in self._stops:
@@ -55,10 +69,32 @@ class FleetLink:
             self.cache.on_insert = None
         for task in list(self._adopting):
             task.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
         await self.bus.aclose()
 
+    @property
+    def watched(self) -> bool:
+        """Some other gateway of the fleet has a watcher of its event stream now: events are relayed."""
+        return time.monotonic() < self._watched_until
+
+    async def _say_watching(self) -> None:
+        said = None  # when this gateway last said so; None while nobody watches here
+        while True:
+            now = time.monotonic()
+            if not self.events.watched:
+                said = None
+            elif said is None or now - said >= WATCH_EVERY_S:
+                said = now
+                self.bus.publish("watching", {})
+            await asyncio.sleep(TICK_S)
+
     def _tell_event(self, event: Event) -> None:
-        self.bus.publish_later("event", lambda: {"event": event.wire(), "api_key_id": _key_of(event)})
+        if self.watched:
+            self.bus.publish_later("event", lambda: {"event": event.wire(), "api_key_id": _key_of(event)})
 
     def _heard(self, message: Message) -> None:
         payload = message.payload
@@ -67,6 +103,8 @@ class FleetLink:
                 payload["scope"], payload["target"], payload["kind"], float(payload["until"]), payload.get("reason", ""),
                 message.gateway,
             )
+        elif message.kind == "watching":
+            self._watched_until = time.monotonic() + WATCHED_FOR_S
         elif message.kind == "event":
             data = dict(payload["event"])
             data["gateway"] = message.gateway
