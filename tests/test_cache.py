@@ -362,6 +362,24 @@ def test_minilm_gives_the_vectors_sentence_transformers_gives(minilm):
     assert minilm.info() == {"name": "all-MiniLM-L6-v2", "dim": 384, "label": "semantic", "min_threshold": 0.0}
 
 
+def test_minilm_pads_a_batch_as_the_tokenizers_batch_call_did(minilm):
+    # Texts are tokenized one by one (no thread pool) and padded here: the same ids and mask, so the same vectors.
+    from tokenizers import Tokenizer
+
+    from p402_tui.cache.embedders import MAX_CHARS, MINILM_MAX_TOKENS
+
+    texts = ["hi", "", "What is 17 times 23?", "Explain the printing press. " * 200, "naïve café [SEP] x=3.14"]
+    reference = Tokenizer.from_str(minilm.tokenizer.to_str())
+    reference.enable_truncation(MINILM_MAX_TOKENS)
+    reference.enable_padding(pad_id=0, pad_token="[PAD]")
+    encodings = reference.encode_batch([text[:MAX_CHARS] for text in texts])
+    ids = np.array([e.ids for e in encodings], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encodings], dtype=np.float32)
+    assert ids.shape[1] == MINILM_MAX_TOKENS  # the long text is cut, the short ones padded
+    assert np.array_equal(minilm.encode(texts), minilm._pooled(ids, mask))
+    assert minilm.encode(["hi"]).shape == (1, 384)  # one text: no padding at all (not the file's 128)
+
+
 def test_minilm_weights_are_hash_checked(tmp_path):
     for name in ("tokenizer.json", "config.json"):
         (tmp_path / name).write_text("{}")
@@ -649,6 +667,46 @@ def test_the_static_stage_reads_each_word_once_and_gets_the_tokenizers_pieces(st
     for text in texts:
         assert static_table._ids(text) == static_table.tokenizer.encode(text[:MAX_CHARS], add_special_tokens=False).ids
     assert "café" in static_table._pieces
+
+
+def test_the_static_stage_reads_an_ascii_word_from_its_lower_case_parts(static_table):
+    # "Why", "why?" and "WHY!" are "why" (and a mark) to the uncased tokenizer: read from the memo, tokenized once.
+    from p402_tui.cache.embedders import MAX_CHARS
+
+    words = ["Why", "why?", "WHY!", "don't", "U.S.A.", "x=3.14", "Hello,World!", "a" * 150, "A" * 50 + "." + "b" * 120,
+             "CamelCase42", "[CLS]", "[cls]", "x[SEP]y", "[MASK].", "##ing", "~`!@#$%^&*()_+-={}|[]\\:\";'<>?,./",
+             "naïve", "e\x01x", "\x7fdel", "1,000,000", "C++", "node.js"]  # fmt: skip
+    for order in (words, words[::-1]):  # which part the memo learnt first must not matter
+        static_table._pieces.clear()
+        for word in order:
+            for text in (word, word.lower(), word.upper(), word.capitalize() + "?", " ".join(order)):
+                expected = static_table.tokenizer.encode(text[:MAX_CHARS], add_special_tokens=False).ids
+                assert static_table._ids(text) == expected, text
+    static_table._pieces.clear()
+    static_table._ids("Why is the sky blue?")
+    calls = []
+    encode = static_table.tokenizer.encode
+    static_table.tokenizer = _Counting(encode, calls)
+    try:
+        assert static_table._ids("why Is THE sky Blue") == encode("why Is THE sky Blue", add_special_tokens=False).ids
+    finally:
+        static_table.tokenizer = _Counting.original(static_table.tokenizer)
+    assert calls == []  # every new spelling was made of parts already known
+
+
+class _Counting:
+    """A tokenizer that records the texts it is asked to encode."""
+
+    def __init__(self, encode, calls: list[str]) -> None:
+        self._encode, self.calls, self.inner = encode, calls, encode.__self__
+
+    def encode(self, text, **options):
+        self.calls.append(text)
+        return self._encode(text, **options)
+
+    @staticmethod
+    def original(counting: _Counting):
+        return counting.inner
 
 
 def _assert_projections_are_current(index: VectorIndex) -> None:

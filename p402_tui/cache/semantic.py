@@ -977,7 +977,7 @@ class SemanticCache:
             _INSERT,
             (entry.namespace, entry.exact_key, entry.scope_key, entry.prompt, entry.model, entry.payload,
              entry.cost_usd, now, now, 0, probe.embedder if vector is not None else None,
-             vector.astype(np.float32).tobytes() if vector is not None else None),
+             np.asarray(vector, np.float32).tobytes() if vector is not None else None),
             done=committed,
         )  # fmt: skip
         self.stats.inserts += 1
