@@ -1,0 +1,201 @@
+"""SQLite's writer (`Writer`): a thread of its own that takes the queue, makes the rows, commits them,
+and tells the loop once per batch.
+
+The loop only appends to a queue (`put`, `put_later`) and, per batch, runs one callback that answers
+`run` callers, calls `done`s and releases `flush`es (one `call_soon_threadsafe`). Everything else
+happens on the thread, on its own clock: waiting out `interval` (a `threading.Event`, which an
+urgent write cuts short), making the rows, committing. A writer on the loop waited for a turn at
+each of those steps, and on a saturated gateway every turn comes after all the ready requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .db import StoreError, is_busy, open_sync
+from .writer import _STOP, Batch, BatchWriter, Write, _first_line, log
+
+
+class Writer(BatchWriter):
+    """The SQLite file's writer: its own connection, used only from its own thread."""
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        super().__init__(**options)
+        self.path = path
+        self.conn: sqlite3.Connection | None = None  # the thread's, opened there
+        self._queue: deque[Any] = deque()
+        self._ready = threading.Event()  # something was queued since the last take
+        self._urgent = threading.Event()  # commit without waiting out the interval
+        self._since = 0.0  # when the first write after the last take was queued (time.monotonic)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ended: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
+        """A writer on its own connection to `path` (already migrated), opened on its own thread."""
+        writer = cls(path, interval=interval)
+        loop = writer._loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        writer._ended = loop.create_future()
+        # A daemon: a store never closed must not keep the process from exiting (nor would it have
+        # written more had it waited: its loop, the only one that puts, is gone).
+        writer._thread = threading.Thread(target=writer._serve, args=(opened,), name="p402-store-writer", daemon=True)
+        writer._thread.start()
+        try:
+            await asyncio.shield(opened)
+        except BaseException:
+            writer._closed = True
+            writer._enqueue(_STOP, True)
+            raise
+        return writer
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def _stopped(self) -> None:
+        if self._ended is not None:
+            await asyncio.shield(self._ended)
+
+    def _is_busy(self, error: BaseException) -> bool:
+        return isinstance(error, sqlite3.OperationalError) and is_busy(error)
+
+    def _enqueue(self, item: Any, urgent: bool) -> None:
+        # Called on the loop; deque.append is atomic. The thread clears `_ready` before it takes, so a
+        # write queued meanwhile either is taken or sets `_ready` again: none waits for a next one.
+        self._queue.append(item)
+        if not self._ready.is_set():
+            self._since = time.monotonic()
+            self._ready.set()
+        if (urgent or len(self._queue) >= self.max_batch) and not self._urgent.is_set():
+            self._urgent.set()
+
+    # --- on the writer's thread -------------------------------------------------------------
+
+    def _serve(self, opened: asyncio.Future[None]) -> None:
+        try:
+            self.conn = open_sync(self.path)
+        except Exception as error:  # noqa: BLE001 - it is the opener's to raise, on the loop
+            self._tell(_fail, opened, error)
+            self._tell(_resolve, self._ended)
+            return
+        self._tell(_resolve, opened)
+        try:
+            while self._turn():
+                pass
+        finally:
+            self.conn.close()
+            self._tell(_resolve, self._ended)
+
+    def _turn(self) -> bool:
+        """Take, make and commit one batch; False once told to stop."""
+        items = self._take()
+        batch = Batch()
+        try:
+            for item in items:
+                self._add(batch, item)
+            self._assembled(batch)
+            if batch.writes:
+                self._commit(batch.writes)
+        except Exception as error:  # noqa: BLE001 - a bug here must not stop the writer, nor leave a caller waiting
+            log.exception("store writer: a batch failed")
+            for write in batch.writes:
+                if write.result is not None and write.outcome is None:
+                    write.outcome = StoreError(f"database write failed: {_first_line(error)}")
+        finally:
+            self._tell(self._settle, batch)
+        return not batch.stop
+
+    def _take(self) -> list[Any]:
+        self._ready.wait()
+        # The oldest write waiting decides: it is committed `interval` after it was queued, or as soon as
+        # the last commit ends if that took longer. A row's age at its commit: interval + one commit.
+        if self.interval > 0 and not self._urgent.is_set() and len(self._queue) < self.max_batch:
+            self._urgent.wait(max(0.0, self._since + self.interval - time.monotonic()))
+        self._urgent.clear()
+        self._ready.clear()
+        queue, items = self._queue, []
+        while queue and len(items) < self.max_batch:
+            items.append(queue.popleft())
+        if queue:
+            self._ready.set()  # what is left waited a whole batch already: it goes next
+        return items
+
+    def _commit(self, writes: list[Write]) -> None:
+        try:
+            self._commit_retrying(writes)
+        except self.errors as error:
+            if self._is_busy(error):  # closing, and the database still refuses: these rows are lost
+                self._lost(writes, error)
+            elif len(writes) == 1:
+                self._failed(writes[0], error)
+            else:
+                # One bad row must not sink the rest: write them one by one, each in its own transaction.
+                for write in writes:
+                    try:
+                        self._commit_retrying([write])
+                    except self.errors as single_error:
+                        self._failed(write, single_error)
+
+    def _commit_retrying(self, writes: list[Write]) -> None:
+        attempt = 0
+        while True:
+            try:
+                counts = self._transaction(writes)
+            except self.errors as error:
+                attempt += 1
+                delay = self._retry_delay(error, attempt)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+                continue
+            self._committed(writes, counts)
+            return
+
+    def _transaction(self, writes: list[Write]) -> list[int]:
+        """One batch: all of it committed, or none."""
+        conn = self.conn
+        assert conn is not None
+        cursor = conn.cursor()
+        counts: list[int] = []
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            for write in writes:
+                counts.append(cursor.execute(write.sql, write.params).rowcount)
+            cursor.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+        finally:
+            cursor.close()
+        return counts
+
+    def _tell(self, callback: Callable[..., None], *args: Any) -> None:
+        """Have the loop run `callback(*args)`: the thread's only way to reach it."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop has closed: no one is left to tell
+            pass
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def _fail(future: asyncio.Future[None], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
