@@ -204,6 +204,29 @@ async def test_the_writer_commits_on_its_own_clock_while_the_loop_is_saturated(t
     assert seen[0] - made < 0.25, f"committed {1000 * (seen[0] - made):.0f} ms after the put"
 
 
+async def test_the_wal_is_copied_into_the_file_by_a_checkpointer_not_by_the_writers_commits(tmp_path):
+    # The writer's connection never checkpoints (SQLite's default would, in the commit that crosses 1000
+    # pages, holding answered requests' rows for tens of ms); a second connection does, about every second.
+    path = tmp_path / "wal.db"
+    store = await Store.open(path)
+    try:
+        before = path.stat().st_size
+        for burst in range(12):  # over a second of writes, 1.5 MB or so: less than SQLite's own threshold
+            for n in range(200):
+                store.put(queries.INSERT_REQUEST, queries.request_row(record(burst * 200 + n)))
+            await store.flush()
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while path.stat().st_size < before + 500_000:
+            assert time.monotonic() < deadline, "the WAL was never copied into the database file"
+            await asyncio.sleep(0.05)
+        assert await store.scalar("SELECT COUNT(*) FROM requests") == 2400
+    finally:
+        await store.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 def test_the_writer_refuses_an_interval_above_100_ms(tmp_path):
     with pytest.raises(ValueError, match="100 ms"):
         Writer(tmp_path / "p402.db", interval=0.2)

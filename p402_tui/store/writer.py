@@ -2,15 +2,17 @@
 driver (`postgres.PgWriter`); SQLite's is `sqlite_writer.Writer`, a thread of its own.
 
 Requests never wait for the database: hooks `put` a statement (or `put_later` a function that makes
-rows) on a queue and return. The writer takes what arrived within `interval` (25 ms by default, at
-most 100 ms by design) after the oldest write waiting, makes the rows and commits them as one
-transaction, so a process killed mid-burst leaves either a whole batch or none of it.
+rows) on a queue and return. The writer takes what arrived within about `interval` (25 ms by
+default, at most 100 ms by design) of the oldest write waiting, makes the rows and commits them as
+one transaction, so a process killed mid-burst leaves either a whole batch or none of it.
 
-What a `kill -9` can lose (the batch window) is what was answered within `interval` plus the time
-to make and commit one batch, on SQLite about 30 to 45 ms (bench/soak.py kill9). The window is the
-writer's own clock as long as its steps do not wait for the event loop's turns: on a saturated
-loop each turn waits behind every ready request, and a writer on the loop (a timer, rows made on
-the loop, a hop to its thread and one back) fell 67 to 243 ms behind. `urgent` writes (the
+What a `kill -9` can lose (the batch window) is what was answered within the last `interval` or so:
+SQLite's writer aims to commit each row `interval` after it was queued, taking a batch early by what
+making and committing one lately took (`sqlite_writer`). The window holds only while the writer's
+steps never wait for the event loop's turns: on a saturated loop each turn comes after every ready
+request, and a writer on the loop (a timer, rows made on the loop, a hop to its thread and one back)
+fell 67 to 243 ms behind (bench/soak.py kill9). PostgreSQL's writer is still a task on the loop
+(`LoopWriter`): its window is interval plus a commit, more on a saturated loop. `urgent` writes (the
 gateway's strict durability) are committed without waiting for the window.
 
 A batch is never dropped because another process holds the database (or its server is away): it is
