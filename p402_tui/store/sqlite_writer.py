@@ -57,8 +57,8 @@ class Writer(BatchWriter):
         loop = writer._loop = asyncio.get_running_loop()
         opened: asyncio.Future[None] = loop.create_future()
         writer._ended = loop.create_future()
-        # A daemon: a store never closed must not keep the process from exiting (nor would it have
-        # written more had it waited: its loop, the only one that puts, is gone).
+        # A daemon: a store left open must not keep the process from exiting. What it had not committed
+        # is then lost as to a kill -9: whole batches, never part of one.
         writer._thread = threading.Thread(target=writer._serve, args=(opened,), name="p402-store-writer", daemon=True)
         writer._thread.start()
         try:
