@@ -1,7 +1,7 @@
 """`Persistence`: the orchestrator's hooks (`core.hooks.Hooks`) backed by the store and the cache.
 
 Reads that decide a request (cache lookup, budget check) are awaited; every write
-is queued for the writer task, so recording never slows an answer down.
+is queued for the store's writer, so recording never slows an answer down.
 
 With `strict` durability, each ledger row is queued for an immediate commit and
 `committed(request_id)` waits for it: the gateway holds an answer's last byte until then.
@@ -134,7 +134,7 @@ class Persistence:
             return ledger_writes(record, needs=needs, prompt_key=prompt_key, simulated=self.simulated)
 
         if known is None and request.prompt_chars() > PIECE_CHARS:
-            # Keying megabytes of prompt would hold the loop (the writer makes rows on it) for tens of ms.
+            # Keying megabytes of prompt takes tens of ms wherever the writer makes rows (PostgreSQL's on the loop).
             async def keyed_first() -> None:
                 key = await off_loop(exact_key, request, options)
                 self.store.put_later(lambda: ledger_row(key), done=done, urgent=self.strict)

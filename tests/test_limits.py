@@ -385,9 +385,7 @@ async def test_a_locked_database_delays_the_ledger_and_loses_nothing(serve_with,
     url = await serve_with()
     store = serve_with.runtime.store
     await store.flush()
-    await asyncio.get_running_loop().run_in_executor(
-        store.writer.thread, store.writer.conn.execute, "PRAGMA busy_timeout=50"
-    )
+    await store.run("PRAGMA busy_timeout=50")  # on the writer's own connection
     store.writer.max_pending = 3
     holder = sqlite3.connect(tmp_path / "p402.db", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process holding the file, longer than any busy timeout

@@ -22,8 +22,8 @@ from p402_tui.core.types import Attempt, ChatRequest
 from p402_tui.store import queries
 from p402_tui.store.db import SCHEMA_VERSION, StoreError, connect
 from p402_tui.persistence import Persistence
+from p402_tui.store.sqlite_writer import Writer
 from p402_tui.store.store import Store
-from p402_tui.store.writer import Writer
 
 TABLES = {"requests", "router_decisions", "agent_sessions", "session_messages", "provider_health", "semantic_cache",
           "gateway_keys", "guardrail_hits"}  # fmt: skip
@@ -159,9 +159,77 @@ async def test_a_write_becomes_visible_without_flush_within_the_interval(store):
     assert time.perf_counter() - started < 1.0
 
 
-def test_the_writer_refuses_an_interval_above_100_ms():
+async def test_the_writer_commits_on_its_own_clock_while_the_loop_is_saturated(tmp_path):
+    # A saturated gateway: every loop turn runs 100 ready callbacks of 5 ms of CPU each, so a writer that
+    # waited for a turn at any step (its timer, making rows, a hop to its thread and back) would commit
+    # half a second or more after the put. The writer's thread commits within its interval plus a commit.
+    path = tmp_path / "busy.db"
+    store = await Store.open(path)
+    stop = False
+
+    async def busy() -> None:
+        while not stop:
+            until = time.perf_counter() + 0.005
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0)
+
+    seen: list[float] = []
+
+    def watch() -> None:  # the commit as another process would see it, timed off the loop
+        with sqlite3.connect(path) as conn:
+            while not seen:
+                if conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]:
+                    seen.append(time.perf_counter())
+                time.sleep(0.001)
+
+    hogs = [asyncio.create_task(busy()) for _ in range(100)]
+    watcher = threading.Thread(target=watch)
+    try:
+        await asyncio.sleep(0.3)  # the loop is saturated
+        watcher.start()
+        made = time.perf_counter()
+        store.put_later(lambda: [(queries.INSERT_REQUEST, queries.request_row(record(1)))])
+        while not seen and time.perf_counter() - made < 5:
+            await asyncio.sleep(0)
+        turn = time.perf_counter() - made  # one turn of the loop, at least, and more if the row came late
+    finally:
+        stop = True
+        await asyncio.gather(*hogs)
+        if not seen:
+            seen.append(math.inf)  # the row never came: stop the watcher
+        watcher.join(timeout=10)
+        await store.aclose()
+    assert turn >= 0.3, "the loop was not saturated"
+    assert seen[0] - made < 0.25, f"committed {1000 * (seen[0] - made):.0f} ms after the put"
+
+
+async def test_the_wal_is_copied_into_the_file_by_a_checkpointer_not_by_the_writers_commits(tmp_path):
+    # The writer's connection never checkpoints (SQLite's default would, in the commit that crosses 1000
+    # pages, holding answered requests' rows for tens of ms); a second connection does, about every second.
+    path = tmp_path / "wal.db"
+    store = await Store.open(path)
+    try:
+        before = path.stat().st_size
+        for burst in range(12):  # over a second of writes, 1.5 MB or so: less than SQLite's own threshold
+            for n in range(200):
+                store.put(queries.INSERT_REQUEST, queries.request_row(record(burst * 200 + n)))
+            await store.flush()
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while path.stat().st_size < before + 500_000:
+            assert time.monotonic() < deadline, "the WAL was never copied into the database file"
+            await asyncio.sleep(0.05)
+        assert await store.scalar("SELECT COUNT(*) FROM requests") == 2400
+    finally:
+        await store.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_the_writer_refuses_an_interval_above_100_ms(tmp_path):
     with pytest.raises(ValueError, match="100 ms"):
-        Writer(None, None, interval=0.2)  # type: ignore[arg-type]
+        Writer(tmp_path / "p402.db", interval=0.2)
 
 
 async def test_close_commits_everything_queued(tmp_path):

@@ -1,8 +1,8 @@
 """The store on PostgreSQL: what `Store` does for a SQLite file, for a server several gateways share.
 
-Reads take a connection from a psycopg pool. Writes go through the same batching writer as
-SQLite's (`writer.BatchWriter`): what was put within the interval is committed as one
-transaction, inserts of one shape sent together (executemany, pipelined); while the server is
+Reads take a connection from a psycopg pool. Writes go through a batching writer as SQLite's do
+(`writer.BatchWriter`), a task on the loop here (`writer.LoopWriter`, the driver being async):
+what was put within the interval is committed as one transaction, inserts of one shape sent together (executemany, pipelined); while the server is
 unreachable a batch is retried with a capped backoff, never dropped, and the store says it is
 `unavailable` so the gateway answers 503 instead of queueing what it cannot write.
 """
@@ -29,7 +29,7 @@ from .db import (
 )
 from .dialect import POSTGRES, postgres_sql
 from .rollups import AFTER_INSERTS
-from .writer import BatchWriter, Params, Write
+from .writer import LoopWriter, Params, Write
 
 log = logging.getLogger("p402.store")
 # The pool logs each failed reconnection, several a second while the server is away; the store says
@@ -222,7 +222,7 @@ def _shapes(writes: list[Write]) -> list[list[int]]:
     return groups
 
 
-class PgWriter(BatchWriter):
+class PgWriter(LoopWriter):
     def __init__(
         self, pool: Any, on_reach: Callable[[BaseException | None], None], down: Callable[[], bool], **options: Any
     ) -> None:

@@ -16,7 +16,8 @@ import aiosqlite
 from .base import StoreBase
 from .db import StoreError, connect
 from .dialect import SQLITE
-from .writer import Params, Writer
+from .sqlite_writer import Writer
+from .writer import Params
 
 
 class Store(StoreBase):

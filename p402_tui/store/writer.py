@@ -1,20 +1,27 @@
-"""The one task that writes to the database (`BatchWriter`; `Writer` is SQLite's, `postgres.PgWriter` PostgreSQL's).
+"""The one writer of a store's database: `BatchWriter`'s interface, `LoopWriter` for PostgreSQL's async
+driver (`postgres.PgWriter`); SQLite's is `sqlite_writer.Writer`, a thread of its own.
 
-Requests never wait for the database: hooks `put` a statement on a queue and return.
-The writer gathers what arrived within `interval` (25 ms by default, at most 100 ms
-by design; writes that queued during the previous commit go at once) and commits it
-as one transaction, so a process killed mid-burst leaves
-either a whole batch or none of it. What a `kill -9` can lose is what was answered
-within that window plus one commit; `urgent` writes (the gateway's strict durability)
-are committed without waiting for the window.
+Requests never wait for the database: hooks `put` a statement (or `put_later` a function that makes
+rows) on a queue and return. The writer takes what arrived within about `interval` (25 ms by
+default, at most 100 ms by design) of the oldest write waiting, makes the rows and commits them as
+one transaction, so a process killed mid-burst leaves either a whole batch or none of it.
 
-A batch is never dropped because another process holds the database (or its server is away): it is retried
-with a backoff capped at `MAX_BACKOFF_S` for as long as the lock lasts. Meanwhile the
-queue grows; past `max_pending` the writer is `saturated` and the gateway refuses new
-requests (503) instead of queueing rows it cannot write. A batch crosses to the writer's own thread once, as a
-whole: a hop per statement (aiosqlite's way) cost the gateway a quarter of its CPU.
-`flush()` waits until everything put before it is committed; `aclose()` flushes
-and stops, giving up on a batch the database still refuses after `CLOSE_GRACE_S`.
+What a `kill -9` can lose (the batch window) is what was answered within the last `interval` or so:
+SQLite's writer aims to commit each row `interval` after it was queued, taking a batch early by what
+making and committing one lately took (`sqlite_writer`). The window holds only while the writer's
+steps never wait for the event loop's turns: on a saturated loop each turn comes after every ready
+request, and a writer on the loop (a timer, rows made on the loop, a hop to its thread and one back)
+fell 67 to 243 ms behind (bench/soak.py kill9). PostgreSQL's writer is still a task on the loop
+(`LoopWriter`): its window is interval plus a commit, more on a saturated loop. `urgent` writes (the
+gateway's strict durability) are committed without waiting for the window.
+
+A batch is never dropped because another process holds the database (or its server is away): it is
+retried with a backoff capped at `MAX_BACKOFF_S` for as long as the lock lasts. Meanwhile the
+queue grows; past `max_pending` the writer is `saturated` and the gateway refuses new requests
+(503) instead of queueing rows it cannot write. A row that fails alone is dropped and logged; its
+batch is then written one row per transaction, so it sinks nothing else. `flush()` waits until
+everything put before it is committed; `aclose()` flushes and stops, giving up on a batch the
+database still refuses after `CLOSE_GRACE_S`.
 """
 
 from __future__ import annotations
@@ -24,12 +31,10 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .db import ConstraintError, StoreError, is_busy, open_sync
+from .db import ConstraintError, StoreError
 from .rollups import coalesce
 
 log = logging.getLogger("p402.store")
@@ -41,8 +46,9 @@ Params = Sequence[Any] | dict[str, Any]
 class Write:
     sql: str
     params: Params = ()
-    done: Callable[[], None] | None = None  # called after the batch ends, committed or not
+    done: Callable[[], None] | None = None  # called on the loop after the batch ends, committed or not
     result: asyncio.Future[int] | None = None  # set for writes a caller awaits (`run`)
+    outcome: int | BaseException | None = None  # for `result`: the rows changed, or why it failed
 
 
 @dataclass(slots=True)
@@ -58,8 +64,18 @@ class _Flush:
     future: asyncio.Future[None]
 
 
+@dataclass(slots=True)
+class Batch:
+    """What one turn of the writer took, and what to tell the loop once it is committed."""
+
+    writes: list[Write] = field(default_factory=list)
+    dones: list[Callable[[], None]] = field(default_factory=list)  # makers that made no rows
+    flushes: list[asyncio.Future[None]] = field(default_factory=list)
+    stop: bool = False
+
+
 _STOP = object()
-MAKE_SLICE_S = 0.0003  # rows are made on the loop; at most this long before requests get a turn
+MAKE_SLICE_S = 0.0003  # a loop writer makes rows on the loop; at most this long before requests get a turn
 MAX_BACKOFF_S = 1.0  # between tries of a batch while the database is locked
 CLOSE_GRACE_S = 5.0  # closing, a batch the database still refuses is given up after this: shutdown is bounded
 MAX_PENDING = 50_000  # queued writes past which new requests are refused (about 15k requests' rows)
@@ -86,8 +102,9 @@ class WriterStats:
 
 
 class BatchWriter:
-    """Batches writes into transactions; an engine supplies how a batch is committed (`_transact`)
-    and which of its errors mean "try again later" (`_is_busy`) rather than "this row is bad"."""
+    """Batches writes into transactions. A subclass supplies where the queue lives and who drains it
+    (`_enqueue`, `pending`, `_alive`, `_stopped`), and which of its engine's errors mean "try again
+    later" (`_is_busy`) rather than "this row is bad"."""
 
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)  # what a bad row or a busy database raises
 
@@ -99,14 +116,24 @@ class BatchWriter:
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.stats = WriterStats()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._urgent = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._give_up_at: float | None = None  # set by aclose
 
-    async def _transact(self, writes: list[Write]) -> list[int]:
-        """Commit `writes` as one transaction; the rows each changed."""
+    # --- what a subclass supplies --------------------------------------------------------
+
+    def _enqueue(self, item: Any, urgent: bool) -> None:
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        """Writes (and makers of rows) queued and not yet taken."""
+        raise NotImplementedError
+
+    def _alive(self) -> bool:
+        raise NotImplementedError
+
+    async def _stopped(self) -> None:
+        """Wait until the writer has taken `_STOP` and committed what was queued before it."""
         raise NotImplementedError
 
     def _is_busy(self, error: BaseException) -> bool:
@@ -120,55 +147,47 @@ class BatchWriter:
         """Release the engine's connection."""
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="p402-store-writer")
+        """Begin taking writes (a writer whose thread runs from its opening has nothing to do)."""
 
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
+    # --- the interface -------------------------------------------------------------------
 
     @property
     def saturated(self) -> bool:
         """More is queued than the database has kept up with: new work should wait or be refused."""
-        return self._queue.qsize() >= self.max_pending
+        return self.pending >= self.max_pending
 
     def put(self, sql: str, params: Params = (), *, done: Callable[[], None] | None = None) -> None:
         """Queue a write and return at once. A bad row is logged and dropped, never raised here."""
         self._check_open()
-        self._queue.put_nowait(Write(sql, params, done))
-        if self._queue.qsize() >= self.max_batch:
-            self._urgent.set()
+        self._enqueue(Write(sql, params, done), False)
 
     def put_later(
         self, make: Callable[[], Iterable[tuple[str, Params]]], *, done: Callable[[], None] | None = None,
         urgent: bool = False,
     ) -> None:
         """Queue writes whose rows `make()` builds when their batch is assembled, after the request
-        that recorded them has been answered. `done` is called once they are committed (or dropped).
+        that recorded them has been answered, perhaps on another thread: `make` reads only what no
+        one changes. `done` is called on the loop once they are committed (or dropped).
         `urgent`: commit as soon as the writer is free, without waiting for `interval`."""
         self._check_open()
-        self._queue.put_nowait(_Later(make, done))
-        if urgent or self._queue.qsize() >= self.max_batch:
-            self._urgent.set()
+        self._enqueue(_Later(make, done), urgent)
 
     async def run(self, sql: str, params: Params = ()) -> int:
         """Write now and wait for the commit; errors reach the caller. Returns the rows changed."""
         self._check_open()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Write(sql, params, result=future))
-        self._urgent.set()
+        self._enqueue(Write(sql, params, result=future), True)
         return await future
 
     async def flush(self) -> None:
         """Wait until every write put before this call is committed."""
-        if self._task is None or self._task.done():
+        if not self._alive():
             return
         if self._closed:  # closing commits everything already queued
-            await asyncio.shield(self._task)
+            await self._stopped()
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Flush(future))
-        self._urgent.set()
+        self._enqueue(_Flush(future), True)
         await future
 
     async def aclose(self) -> None:
@@ -178,18 +197,146 @@ class BatchWriter:
         self._closed = True
         self._give_up_at = time.monotonic() + CLOSE_GRACE_S
         try:
-            if self._task is not None:
-                self._queue.put_nowait(_STOP)
-                self._urgent.set()
-                await self._task
+            if self._alive():
+                self._enqueue(_STOP, True)
+                await self._stopped()
         finally:
             await self._close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("the store is closed")
-        if self._task is None:
+        if not self._alive():
             raise StoreError("the store writer was not started")
+
+    # --- a batch, wherever it is assembled -------------------------------------------------
+
+    def _assemble(self, items: list[Any]) -> Batch:
+        """Make the rows of what was taken, in order, and merge the rollup upserts."""
+        batch = Batch()
+        for item in items:
+            self._add(batch, item)
+        return self._assembled(batch)
+
+    def _add(self, batch: Batch, item: Any) -> None:
+        if isinstance(item, Write):
+            batch.writes.append(item)
+        elif isinstance(item, _Later):
+            batch.writes += self._made(item, batch.dones)
+        elif isinstance(item, _Flush):
+            batch.flushes.append(item.future)
+        elif item is _STOP:
+            batch.stop = True
+
+    def _assembled(self, batch: Batch) -> Batch:
+        batch.writes = coalesce(batch.writes)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch.writes))
+        return batch
+
+    def _made(self, later: _Later, dones: list[Callable[[], None]]) -> list[Write]:
+        try:
+            writes = [Write(sql, params) for sql, params in later.make()]
+        except Exception as error:  # a bug in a row builder loses its rows, never the batch
+            self.stats.failed += 1
+            self.stats.errors.append(f"{type(error).__name__}: {error} while making rows")
+            log.exception("store writer: could not make rows")
+            writes = []
+        if later.done is not None:
+            if writes:
+                writes[-1].done = later.done
+            else:
+                dones.append(later.done)
+        return writes
+
+    def _committed(self, writes: list[Write], counts: list[int]) -> None:
+        self.stats.batches += 1
+        self.stats.written += len(writes)
+        for write, count in zip(writes, counts):
+            write.outcome = count
+
+    def _retry_delay(self, error: BaseException, attempt: int) -> float | None:
+        """How long to wait before trying a batch again, or None: raise the error."""
+        # Another process holds the lock, or the server is away: wait and try the batch again, for as
+        # long as it takes. Dropping it would lose answered requests from the ledger.
+        if not self._is_busy(error) or (self._give_up_at is not None and time.monotonic() > self._give_up_at):
+            return None
+        self.stats.retries += 1
+        if attempt % 10 == 1:
+            log.warning("store writer: %s; %d writes wait (try %d)", _first_line(error), self.pending, attempt)
+        return min(MAX_BACKOFF_S, 0.05 * attempt)
+
+    def _lost(self, writes: list[Write], error: BaseException) -> None:
+        self.stats.failed += len(writes)
+        message = f"{len(writes)} writes lost at close: {_first_line(error)}"
+        self.stats.errors.append(message)
+        log.error("store writer: %s", message)
+        for write in writes:
+            if write.result is not None:
+                write.outcome = StoreError(f"database write failed: {_first_line(error)}")
+
+    def _failed(self, write: Write, error: BaseException) -> None:
+        self.stats.failed += 1
+        if write.result is not None:
+            kind = ConstraintError if self._is_constraint(error) else StoreError
+            failure = kind(f"database write failed: {_first_line(error)}")
+            failure.__cause__ = error  # a caller may tell a broken constraint from a broken disk
+            write.outcome = failure
+            return
+        message = f"{type(error).__name__}: {_first_line(error)} in {write.sql.split('(')[0].strip()}"
+        self.stats.errors.append(message)
+        log.error("store writer dropped a row: %s", message)
+
+    @staticmethod
+    def _settle(batch: Batch) -> None:
+        """On the loop, once the batch has ended: answer `run` callers, call `done`s, release `flush`es."""
+        for write in batch.writes:
+            future = write.result
+            if future is not None and not future.done():
+                if isinstance(write.outcome, BaseException):
+                    future.set_exception(write.outcome)
+                else:
+                    future.set_result(write.outcome if write.outcome is not None else 0)
+            if write.done is not None:
+                _call(write.done)
+        for done in batch.dones:
+            _call(done)
+        for future in batch.flushes:
+            if not future.done():
+                future.set_result(None)
+
+
+class LoopWriter(BatchWriter):
+    """A writer task on the event loop, for an engine whose driver is async (`_transact`)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._urgent = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _transact(self, writes: list[Write]) -> list[int]:
+        """Commit `writes` as one transaction; the rows each changed."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="p402-store-writer")
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _stopped(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def _enqueue(self, item: Any, urgent: bool) -> None:
+        self._queue.put_nowait(item)
+        if urgent or self._queue.qsize() >= self.max_batch:
+            self._urgent.set()
 
     async def _run(self) -> None:
         while True:
@@ -200,39 +347,36 @@ class BatchWriter:
             if not (waited or self._urgent.is_set()) and self.interval > 0 and self._queue.qsize() < self.max_batch - 1:
                 try:
                     await asyncio.wait_for(self._urgent.wait(), self.interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             self._urgent.clear()
-            batch = [first]
-            while len(batch) < self.max_batch:
+            items = [first]
+            while len(items) < self.max_batch:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    items.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            writes: list[Write] = []
+            batch = Batch()
             began = assembling = time.perf_counter()
-            for item in batch:
-                if isinstance(item, Write):
-                    writes.append(item)
-                elif isinstance(item, _Later):
-                    writes += self._made(item)
-                    now = time.perf_counter()
-                    # Let waiting requests through (a batch's rows are milliseconds of work), but only while
-                    # the batch is young: on a saturated loop every turn waits behind all the requests, and a
-                    # writer that kept yielding fell seconds behind, all of it lost to a kill -9.
-                    if now - began > MAKE_SLICE_S and now - assembling < self.interval:
-                        await asyncio.sleep(0)
-                        began = time.perf_counter()
-            if writes:
-                await self._commit(coalesce(writes))
-            for item in batch:
-                if isinstance(item, _Flush) and not item.future.done():
-                    item.future.set_result(None)
-            if any(item is _STOP for item in batch):
+            for item in items:
+                self._add(batch, item)
+                now = time.perf_counter()
+                # Let waiting requests through (a batch's rows are milliseconds of work), but only while
+                # the batch is young: on a saturated loop every turn waits behind all the requests, and a
+                # writer that kept yielding fell seconds behind, all of it lost to a kill -9.
+                if now - began > MAKE_SLICE_S and now - assembling < self.interval:
+                    await asyncio.sleep(0)
+                    began = time.perf_counter()
+            self._assembled(batch)
+            try:
+                if batch.writes:
+                    await self._commit(batch.writes)
+            finally:
+                self._settle(batch)
+            if batch.stop:
                 return
 
     async def _commit(self, writes: list[Write]) -> None:
-        self.stats.largest_batch = max(self.stats.largest_batch, len(writes))
         try:
             await self._commit_retrying(writes)
         except self.errors as error:
@@ -247,13 +391,6 @@ class BatchWriter:
                         await self._commit_retrying([write])
                     except self.errors as single_error:
                         self._failed(write, single_error)
-        finally:
-            for write in writes:
-                if write.done is not None:
-                    try:
-                        write.done()
-                    except Exception:  # a callback's bug must not stop the writer
-                        log.exception("store writer: done-callback failed")
 
     async def _commit_retrying(self, writes: list[Write]) -> None:
         attempt = 0
@@ -261,107 +398,21 @@ class BatchWriter:
             try:
                 counts = await self._transact(writes)
             except self.errors as error:
-                # Another process holds the lock, or the server is away: wait and try the batch again,
-                # for as long as it takes. Dropping it would lose answered requests from the ledger.
-                if not self._is_busy(error) or (self._give_up_at is not None and time.monotonic() > self._give_up_at):
-                    raise
                 attempt += 1
-                self.stats.retries += 1
-                if attempt % 10 == 1:
-                    log.warning("store writer: %s; %d writes wait (try %d)", _first_line(error), self.pending, attempt)
-                await asyncio.sleep(min(MAX_BACKOFF_S, 0.05 * attempt))
+                delay = self._retry_delay(error, attempt)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
                 continue
-            self.stats.batches += 1
-            self.stats.written += len(writes)
-            for write, count in zip(writes, counts):
-                if write.result is not None and not write.result.done():
-                    write.result.set_result(count)
+            self._committed(writes, counts)
             return
 
-    def _made(self, later: _Later) -> list[Write]:
-        try:
-            writes = [Write(sql, params) for sql, params in later.make()]
-        except Exception as error:  # a bug in a row builder loses its rows, never the batch
-            self.stats.failed += 1
-            self.stats.errors.append(f"{type(error).__name__}: {error} while making rows")
-            log.exception("store writer: could not make rows")
-            writes = []
-        if later.done is not None:
-            if writes:
-                writes[-1].done = later.done
-            else:
-                later.done()
-        return writes
 
-    def _lost(self, writes: list[Write], error: BaseException) -> None:
-        self.stats.failed += len(writes)
-        message = f"{len(writes)} writes lost at close: {_first_line(error)}"
-        self.stats.errors.append(message)
-        log.error("store writer: %s", message)
-        for write in writes:
-            if write.result is not None and not write.result.done():
-                write.result.set_exception(StoreError(f"database write failed: {_first_line(error)}"))
-
-    def _failed(self, write: Write, error: BaseException) -> None:
-        self.stats.failed += 1
-        if write.result is not None and not write.result.done():
-            kind = ConstraintError if self._is_constraint(error) else StoreError
-            failure = kind(f"database write failed: {_first_line(error)}")
-            failure.__cause__ = error  # a caller may tell a broken constraint from a broken disk
-            write.result.set_exception(failure)
-            return
-        message = f"{type(error).__name__}: {_first_line(error)} in {write.sql.split('(')[0].strip()}"
-        self.stats.errors.append(message)
-        log.error("store writer dropped a row: %s", message)
-
-
-class Writer(BatchWriter):
-    """The SQLite file's writer: its own connection, used only from its own thread."""
-
-    def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor, **options: Any) -> None:
-        super().__init__(**options)
-        self.conn = conn
-        self.thread = thread
-
-    @classmethod
-    async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
-        """A writer on its own connection to `path` (already migrated), opened on its own thread."""
-        _check_interval(interval)  # before a thread and a connection exist to be leaked
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p402-store-writer")
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(thread, open_sync, path)
-        except BaseException:
-            thread.shutdown(wait=False)
-            raise
-        return cls(conn, thread, interval=interval)
-
-    async def _transact(self, writes: list[Write]) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self.thread, self._transaction, writes)
-
-    def _is_busy(self, error: BaseException) -> bool:
-        return isinstance(error, sqlite3.OperationalError) and is_busy(error)
-
-    async def _close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.thread, self.conn.close)
-        self.thread.shutdown(wait=False)
-
-    def _transaction(self, writes: list[Write]) -> list[int]:
-        """One batch, on the writer's thread: all of it committed, or none."""
-        conn = self.conn
-        cursor = conn.cursor()
-        counts: list[int] = []
-        cursor.execute("BEGIN IMMEDIATE")
-        try:
-            for write in writes:
-                counts.append(cursor.execute(write.sql, write.params).rowcount)
-            cursor.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            raise
-        finally:
-            cursor.close()
-        return counts
+def _call(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # a callback's bug must not stop the writer
+        log.exception("store writer: done-callback failed")
 
 
 def _first_line(error: BaseException) -> str:
