@@ -139,8 +139,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if not body.strip():  # every route that reads a body needs a JSON object
+    if len(chunks) == 1:
+        body = chunks[0]
+    elif size >= LARGE_BODY_BYTES:  # megabytes copied (and their pages first touched) off the loop
+        body = await off_loop(b"".join, chunks)
+    else:
+        body = b"".join(chunks)
+    if not body or body.isspace():  # every route that reads a body needs a JSON object; strip() would copy it
         raise errors.GatewayError(400, "the request has no body; send a JSON object", code="invalid_json")
     return body
 
