@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -82,6 +83,7 @@ def sign_codes(vectors: np.ndarray) -> np.ndarray:
 
 
 _ONES = np.ones(CODE_WORDS, np.float32)
+_ARRAY_HEADER = sys.getsizeof(np.empty(0, np.int32))  # an array object besides its data
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,6 +150,15 @@ class VectorIndex:
             total += self.buckets.centres.nbytes + sum(rows.nbytes for rows in self.buckets.rows)
         if self.heads is not None and self.basis is not None:
             total += self.heads.nbytes + self.basis.nbytes
+        return total
+
+    @property
+    def memory_bytes(self) -> int:
+        """`nbytes`, and the Python objects around the arrays: the row owners' list and the buckets' row lists."""
+        total = self.nbytes + sys.getsizeof(self.owners)
+        if self.buckets is not None:
+            buckets = self.buckets
+            total += buckets.sizes.nbytes + sys.getsizeof(buckets.rows) + len(buckets.rows) * _ARRAY_HEADER
         return total
 
     def add(
