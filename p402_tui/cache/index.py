@@ -154,11 +154,17 @@ class VectorIndex:
 
     @property
     def memory_bytes(self) -> int:
-        """`nbytes`, and the Python objects around the arrays: the row owners' list and the buckets' row lists."""
-        total = self.nbytes + sys.getsizeof(self.owners)
+        """What the index keeps resident: its arrays' rows in use (the capacity past them is allocated but
+        never written, so the OS has not given it pages), the row owners' list and the buckets' row lists."""
+        per_row = (self.vectors.itemsize * self.dim + self.codes.itemsize * CODE_WORDS + self.bucket_of.itemsize
+                   + self.slot_of.itemsize)  # fmt: skip
+        total = self.size * per_row + sys.getsizeof(self.owners)
+        if self.heads is not None and self.basis is not None:
+            total += self.size * self.heads.itemsize * self.heads.shape[1] + self.basis.nbytes
         if self.buckets is not None:
             buckets = self.buckets
-            total += buckets.sizes.nbytes + sys.getsizeof(buckets.rows) + len(buckets.rows) * _ARRAY_HEADER
+            total += buckets.centres.nbytes + buckets.sizes.nbytes + sys.getsizeof(buckets.rows)
+            total += sum(rows.nbytes for rows in buckets.rows) + len(buckets.rows) * _ARRAY_HEADER
         return total
 
     def add(

@@ -681,7 +681,7 @@ class SemanticCache:
 
     def memory_bytes(self) -> int:
         """What the cache keeps in memory, as it counts it: its entries (`entry_bytes`), the LRU table,
-        the vector indexes (arrays at their capacity, row lists) and the probes waiting for their answers."""
+        the vector indexes (their rows in use, row lists) and the probes waiting for their answers."""
         indexes = sum(index.memory_bytes for index in self._indexes.values())
         probes = sys.getsizeof(self._probes) + sum(_probe_bytes(rid, p) for rid, p in self._probes.items())
         return self._held + sys.getsizeof(self._entries) + indexes + probes
