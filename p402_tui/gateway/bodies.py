@@ -208,19 +208,15 @@ def validate_json(model: type[Body], body: bytes) -> Body:
     """`body` as `model`, or a 400 naming what is wrong. A long body's long strings are decoded a piece
     at a time (core/jsonpieces.py), so parsing it never holds the GIL, and the loop, for long."""
     if len(body) <= jsonpieces.LONG:
-        return validate_json_whole(model, body)
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as error:
+            raise from_validation_error(error) from None
     try:
         data = jsonpieces.loads(body)
     except ValueError as error:
         raise GatewayError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
     return validate(model, data)
-
-
-def validate_json_whole(model: type[Body], body: bytes) -> Body:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as error:
-        raise from_validation_error(error) from None
 
 
 def validate(model: type[Body], data: Any) -> Body:
