@@ -552,19 +552,19 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
                 out[f"batch{batch + 1}"] = {"requests": run["requests"], "rps": run["rps"],
                                             "failures": run["failures"], "rss_after_mb": rss[-1],
                                             "cache_entries": cache.get("entries"),
+                                            "cache_memory_mb": round(cache.get("memory_bytes", 0) / 2**20, 2),
                                             "cache_index_mb": round(cache.get("index_bytes", 0) / 2**20, 2)}
     finally:
         stack.stop()
     added = (entries[1].get("entries") or 0) - (entries[0].get("entries") or 0)
     growth = rss[2] - rss[1]
-    # An entry beyond its vector (counted in index_bytes): an Entry object with two 64-char digests, its
-    # prompt, its slot in the LRU dict and the index's row map, ~1 kB; 2 kB allowed for allocator slack.
-    per_entry_kb = 2.0
-    accounted = added * per_entry_kb / 1024 + (entries[1].get("index_bytes", 0) - entries[0].get("index_bytes", 0)) / 2**20
+    # What the cache says its entries, LRU table, indexes and probes hold (`memory_bytes`, which
+    # tests/test_cache_memory.py holds to tracemalloc's count), grown over the second batch.
+    accounted = ((entries[1].get("memory_bytes") or 0) - (entries[0].get("memory_bytes") or 0)) / 2**20
     out.update({"rss_start_mb": rss[0], "growth_second_batch_mb": round(growth, 1),
                 "cache_entries_added": added, "cache_accounts_for_mb": round(accounted, 1),
-                "per_entry_kb_assumed": per_entry_kb,
                 "growth_per_entry_kb": round(growth * 1024 / added, 2) if added else None,
+                "cache_per_entry_kb": round(accounted * 1024 / added, 2) if added else None,
                 "within": growth <= accounted})
     return out
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -88,6 +89,7 @@ def sign_codes(vectors: np.ndarray) -> np.ndarray:
 
 
 _ONES = np.ones(CODE_WORDS, np.float32)
+_ARRAY_HEADER = sys.getsizeof(np.empty(0, np.int32))  # an array object besides its data
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,6 +160,21 @@ class VectorIndex:
             total += self.buckets.centres.nbytes + sum(rows.nbytes for rows in self.buckets.rows)
         if self.heads is not None and self.basis is not None:
             total += self.heads.nbytes + self.basis.nbytes
+        return total
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the index keeps resident: its arrays' rows in use (the capacity past them is allocated but
+        never written, so the OS has not given it pages), the row owners' list and the buckets' row lists."""
+        per_row = (self.vectors.itemsize * self.dim + self.codes.itemsize * CODE_WORDS + self.bucket_of.itemsize
+                   + self.slot_of.itemsize)  # fmt: skip
+        total = self.size * per_row + sys.getsizeof(self.owners)
+        if self.heads is not None and self.basis is not None:
+            total += self.size * self.heads.itemsize * self.heads.shape[1] + self.basis.nbytes
+        if self.buckets is not None:
+            buckets = self.buckets
+            total += buckets.centres.nbytes + buckets.sizes.nbytes + sys.getsizeof(buckets.rows)
+            total += sum(rows.nbytes for rows in buckets.rows) + len(buckets.rows) * _ARRAY_HEADER
         return total
 
     def add(

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -328,6 +329,27 @@ class Entry:
     row: int = -1
 
 
+# Each entry's numbers: its cost, created and last_hit floats and its row (an int past the small ones
+# Python shares); and the (namespace, exact key) tuple that keys it in the LRU table.
+_ENTRY_EXTRAS = 3 * sys.getsizeof(0.0) + sys.getsizeof(1000) + sys.getsizeof(("", ""))
+
+
+def entry_bytes(entry: Entry) -> int:
+    """What one entry holds in memory besides its index row and its LRU slot: the object, its strings
+    (the encoded answer until its row is committed) and numbers, and its key. Its namespace is shared."""
+    size = sys.getsizeof
+    total = size(entry) + size(entry.exact_key) + size(entry.scope_key) + size(entry.prompt) + _ENTRY_EXTRAS
+    if entry.model is not None:
+        total += size(entry.model)
+    if entry.payload is not None:
+        total += size(entry.payload)
+    return total
+
+
+def _held_by(entries: OrderedDict[tuple[str, str], Entry]) -> int:
+    return sum(map(entry_bytes, entries.values()))
+
+
 @dataclass(slots=True)
 class _Probe:
     """What a missed lookup learnt, so the insert after the upstream call need not hash or embed again."""
@@ -515,6 +537,7 @@ class SemanticCache:
         self._loader = embedder
         self._pool = ThreadPoolExecutor(EMBED_WORKERS, thread_name_prefix="p402-embed")
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # in LRU order, oldest first
+        self._held = 0  # the entries' `entry_bytes`, kept as they come and go
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
         self._probes: OrderedDict[str, _Probe] = OrderedDict()
         self._ready: asyncio.Task[None] | None = None
@@ -586,6 +609,7 @@ class SemanticCache:
         name = self.embedder.name if self.embedder is not None else None
         # Nothing can be inserted meanwhile: inserts follow lookups, and lookups wait for this.
         self._entries, self._indexes = await asyncio.to_thread(_build, rows, name)
+        self._held = await asyncio.to_thread(_held_by, self._entries)
         self._evict_overflow()
         # The last step of a gateway's start-up: what it parsed and freed need not stay in its RSS.
         await asyncio.to_thread(release_free_memory)
@@ -654,8 +678,16 @@ class SemanticCache:
             "entries": len(self._entries),
             "indexed": sum(len(index) for index in self._indexes.values()),
             "index_bytes": sum(index.nbytes for index in self._indexes.values()),
+            "memory_bytes": self.memory_bytes(),
             "warning": self.warning,
         }
+
+    def memory_bytes(self) -> int:
+        """What the cache keeps in memory, as it counts it: its entries (`entry_bytes`), the LRU table,
+        the vector indexes (their rows in use, row lists) and the probes waiting for their answers."""
+        indexes = sum(index.memory_bytes for index in self._indexes.values())
+        probes = sys.getsizeof(self._probes) + sum(_probe_bytes(rid, p) for rid, p in self._probes.items())
+        return self._held + sys.getsizeof(self._entries) + indexes + probes
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.info(), **self.stats.to_dict()}
@@ -979,6 +1011,7 @@ class SemanticCache:
             payload=encode_response(response),
         )
         self._entries[key] = entry
+        self._held += entry_bytes(entry)
         vector = probe.vector
         current = self.embedder.name if self.embedder is not None else None
         if vector is not None and probe.embedder == current:
@@ -995,6 +1028,8 @@ class SemanticCache:
                 entry.row = index.add(vector, entry, code=probe.code, bucket=bucket, head=head)
 
         def committed() -> None:
+            if self._entries.get(key) is entry and entry.payload is not None:
+                self._held -= sys.getsizeof(entry.payload)
             entry.payload = None
             if self.on_insert is not None and self._entries.get(key) is entry:
                 self.on_insert(entry.namespace, entry.exact_key)
@@ -1032,6 +1067,7 @@ class SemanticCache:
             hits=row["hits"],
         )  # fmt: skip
         self._entries[key] = entry
+        self._held += entry_bytes(entry)
         current = self.embedder.name if self.embedder is not None else None
         if row["embedding"] and row["embedder"] == current:
             vector = np.frombuffer(row["embedding"], dtype=np.float32)
@@ -1092,8 +1128,19 @@ class SemanticCache:
         key = (entry.namespace, entry.exact_key)
         if self._entries.get(key) is entry:
             del self._entries[key]
+            self._held -= entry_bytes(entry)
         if entry.index is not None:
             _unindex(entry, self._indexes)
+
+
+def _probe_bytes(request_id: str, probe: _Probe) -> int:
+    size = sys.getsizeof
+    keys = probe.keys
+    total = size(request_id) + size(probe) + size(keys) + size(keys.exact) + size(keys.scope) + size(keys.prompt)
+    for array in (probe.vector, probe.code, *(probe.head or ())):
+        if array is not None:
+            total += size(array)
+    return total
 
 
 def _unindex(entry: Entry, indexes: dict[tuple[str, str], VectorIndex]) -> None:

@@ -139,8 +139,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if not body.strip():  # every route that reads a body needs a JSON object
+    if len(chunks) == 1:
+        body = chunks[0]
+    elif size >= LARGE_BODY_BYTES:  # megabytes copied (and their pages first touched) off the loop
+        body = await off_loop(b"".join, chunks)
+    else:
+        body = b"".join(chunks)
+    if not body or body.isspace():  # every route that reads a body needs a JSON object; strip() would copy it
         raise errors.GatewayError(400, "the request has no body; send a JSON object", code="invalid_json")
     return body
 
@@ -203,10 +208,14 @@ class Gateway:
         stop_completed = self.bus.listen(self.metrics.count, kinds={RequestCompleted.kind})
         stop_rejected = self.bus.listen(self.metrics.count_rejected, kinds={RequestRejected.kind})
         self._stop_counting = lambda: (stop_completed(), stop_rejected())
-        self._tasks = []
+        self._tasks = [asyncio.create_task(memory.trim_when_idle(self._activity), name="p402-gateway-trim")]
         if self.store is None:  # with a store, decisions are read from it
             decided = self.bus.subscribe(maxsize=1000, kinds={RouteDecided.kind, RequestCompleted.kind})
             self._tasks.append(asyncio.create_task(self._remember_decisions(decided), name="p402-gateway-decisions"))
+
+    def _activity(self) -> tuple[int, int]:
+        front = self.front
+        return (front.begun, front.in_flight) if front is not None else (0, 0)
 
     async def aclose(self) -> None:
         self.closing.set()
@@ -749,6 +758,7 @@ class _Front:
         self.on_rejected = on_rejected  # told of every 4xx answer, as it starts
         self.limit = limit  # requests at once ([gateway] limit_concurrency); /health is always answered
         self.in_flight = 0
+        self.begun = 0  # requests taken in, ever (an idle gateway trims its memory once after a spell of them)
         # Told of every request once it is over, with the scope and its start (`time.perf_counter()`):
         # the access log and traces. The scope holds its status (`p402.status`, 0 if no answer began),
         # ids, and `p402.ctx`, the request's CallContext with its record and decision.
@@ -768,6 +778,8 @@ class _Front:
                 self.observe(scope, time.perf_counter())
             return
         self.in_flight += 1
+        if scope["path"] not in self.OPEN_PATHS:  # a probe every few seconds is no spell of work
+            self.begun += 1
         observe = self.observe
         started = time.perf_counter() if observe is not None else 0.0
         try:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from ..core import jsonpieces
 from ..core.catalog import Catalog
 from ..core.config import MODES, Mode
 from ..core.costs import MAX_COMPARED_TOKENS
@@ -69,10 +70,7 @@ def parse_chat(
     body: bytes, catalog: Catalog, *, api_key_id: str | None, no_cache: bool
 ) -> tuple[ChatRequest, RouteOptions, CallContext]:
     """The request, how to route it and who asks; a 400 or 404 naming what is wrong."""
-    try:
-        request = ChatRequest.model_validate_json(body)
-    except ValidationError as error:
-        raise from_validation_error(error) from None
+    request = validate_json(ChatRequest, body)
     if len(request.messages) > MAX_MESSAGES:
         message = f"messages holds {len(request.messages)} messages; at most {MAX_MESSAGES} are accepted"
         raise GatewayError(400, message, param="messages", code="too_many_messages")
@@ -204,6 +202,21 @@ class SessionPatch(BaseModel):
 
 
 Body = TypeVar("Body", bound=BaseModel)
+
+
+def validate_json(model: type[Body], body: bytes) -> Body:
+    """`body` as `model`, or a 400 naming what is wrong. A long body's long strings are decoded a piece
+    at a time (core/jsonpieces.py), so parsing it never holds the GIL, and the loop, for long."""
+    if len(body) <= jsonpieces.LONG:
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as error:
+            raise from_validation_error(error) from None
+    try:
+        data = jsonpieces.loads(body)
+    except ValueError as error:
+        raise GatewayError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
+    return validate(model, data)
 
 
 def validate(model: type[Body], data: Any) -> Body:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..core.embeddings import VectorCache, as_base64, embed, untokenize
 from ..core.errors import InvalidRequestError
+from ..core.tokens import off_loop
 from ..core.types import JSON_INTEGER, ChatMessage, ChatRequest, json_bytes
-from .bodies import route_options
-from .errors import GatewayError, from_validation_error
+from .bodies import route_options, validate_json
+from .errors import GatewayError
 
 SOURCE = "gateway:embeddings"  # a record's source: the gateway, through this API
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
@@ -64,20 +65,21 @@ class Embeddings:
     """The route, and the vectors it has already fetched, by exact input."""
 
     def __init__(self, gateway: Any) -> None:
-        from .app import read_body  # made by the app, once it is loaded
+        from .app import LARGE_BODY_BYTES, read_body  # made by the app, once it is loaded
 
         self.gateway = gateway
         self.read_body = read_body
+        self.large = LARGE_BODY_BYTES
         self.cache = VectorCache()
 
     async def create(self, request: Request) -> Any:
         gateway = self.gateway
         gateway.check_ledger()
         body = await self.read_body(request, gateway.max_body)
-        try:
-            parsed = EmbeddingsBody.model_validate_json(body)
-        except ValidationError as error:
-            raise from_validation_error(error) from None
+        if len(body) >= self.large:
+            parsed = await off_loop(validate_json, EmbeddingsBody, body)
+        else:
+            parsed = validate_json(EmbeddingsBody, body)
         texts = parsed.texts()
         directives = request.headers.get("cache-control", "")
         options, ctx = route_options(

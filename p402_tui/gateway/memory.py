@@ -3,8 +3,9 @@
 glibc keeps what Python frees in its arenas, one per thread that allocated, and
 returns little of it: one 8 MB prompt parsed, counted and embedded left the
 process ~1 GB larger for good. `limit_arenas` caps the arenas (`p402 serve` sets
-it once, before its threads start); `trim_soon` runs `malloc_trim(0)` shortly
-after a large request, off the event loop, at most one at a time.
+it once, before its threads start); `Trimmer.soon` runs `malloc_trim(0)` shortly
+after a large request, off the event loop, at most one at a time; `trim_when_idle`
+runs it once a burst of requests is over, so what the burst freed is not kept.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import ctypes
 import ctypes.util
 import logging
 import platform
+from collections.abc import Callable
 
 log = logging.getLogger("p402.gateway")
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
 ARENAS = 2  # the loop's thread and one more: enough for the count pool and the writer's thread
 TRIM_AFTER_S = 0.2  # a large request's memory is freed once its answer has gone; trim a moment later
+# Idle for this long after serving requests: trimmed. Between 0.5 and 1 s after the last answer; a trim
+# walks the arenas (a few ms) on a thread, while nothing is in flight.
+IDLE_CHECK_S = 0.5
 
 _libc: ctypes.CDLL | None = None
 if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
@@ -39,6 +44,21 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
 def trim() -> None:
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+async def trim_when_idle(activity: Callable[[], tuple[int, int]], every_s: float = IDLE_CHECK_S) -> None:
+    """Forever: `malloc_trim` once after each busy spell. `activity()` gives (requests begun, requests in
+    flight); a spell is over when none began over a whole check and none is in flight."""
+    if _libc is None:
+        return
+    trimmed = seen = activity()[0]
+    while True:
+        await asyncio.sleep(every_s)
+        begun, in_flight = activity()
+        if begun == seen and begun != trimmed and not in_flight:
+            await asyncio.to_thread(trim)
+            trimmed = begun
+        seen = begun
 
 
 class Trimmer:

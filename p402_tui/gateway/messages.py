@@ -15,9 +15,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..core import jsonpieces
 from ..core.errors import AllAttemptsFailedError, P402Error, ProviderError, UnavailableError
 from ..core.tokens import count_messages, off_loop
-from ..core.types import ChatResponse, json_bytes, json_value
+from ..core.types import ChatResponse, json_bytes
 from . import anthropic_wire as wire
 from .bodies import route_options
 from .errors import GatewayError, describe_attempts
@@ -130,7 +131,7 @@ class MessagesRoute:
 
 def _json(body: bytes) -> dict[str, Any]:
     try:
-        data = json_value(body)
+        data = jsonpieces.loads(body)
     except ValueError as error:
         raise GatewayError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(data, dict):

@@ -332,6 +332,10 @@ def build_openapi(providers: Iterable[str] = (), *, keys_enforced: bool = True) 
                     "entries": {"type": "integer"},
                     "indexed": {"type": "integer"},
                     "index_bytes": {"type": "integer"},
+                    "memory_bytes": {
+                        "type": "integer",
+                        "description": "what the cache keeps in memory as it counts it: entries, LRU table, indexes, probes",
+                    },
                     "warning": {"type": ["string", "null"]},
                     "hits": {"type": "integer"},
                     "exact_hits": {"type": "integer"},

@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..core.errors import P402Error
-from ..core.tokens import off_loop
 from ..core.hooks import MAX_MESSAGES
+from ..core.tokens import off_loop
 from ..core.types import ChatChunk, ChatRequest, Usage, json_bytes
 from . import sse
-from .bodies import route_options
+from .bodies import route_options, validate_json
 from .errors import GatewayError, from_validation_error, p402_status
 from .responses_wire import (
     ResponsesBody,
@@ -60,10 +60,8 @@ class Responses:
         gateway = self.gateway
         gateway.check_ledger()
         raw = await self.read_body(request, gateway.max_body)
-        try:
-            body = ResponsesBody.model_validate_json(raw)
-        except ValidationError as error:
-            raise from_validation_error(error) from None
+        large = len(raw) >= self.large
+        body = await off_loop(validate_json, ResponsesBody, raw) if large else validate_json(ResponsesBody, raw)
         key_id = request.scope.get("p402.api_key_id")
         history: list[Any] = []
         if body.previous_response_id is not None:
@@ -75,7 +73,7 @@ class Responses:
         directives = request.headers.get("cache-control", "")
         no_cache = "no-cache" in directives or "no-store" in directives
         parse = functools.partial(_chat_request, body, history, gateway.orchestrator.catalog, key_id, no_cache)
-        chat, options, ctx, conversation = await off_loop(parse) if len(raw) >= self.large else parse()
+        chat, options, ctx, conversation = await off_loop(parse) if large else parse()
         await gateway.bind(request, chat, options, ctx)
         response_id = new_item_id("resp")
         if chat.stream:
