@@ -710,6 +710,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # The default configuration first: the cache on, every prompt new (each misses and is
                 # inserted). Waits for the cache's static vectors (made once per machine, 1-3 minutes).
                 result["p402_cache_ready_s"] = round(gateway.wait_ready(f"{url}/api/v2/cache", 300, embedder=True), 3)
+                time.sleep(2.0)  # idle: past the gateway's trim after a spell of requests (these readiness polls)
                 result["p402_idle_rss_mib"] = rss_mib(gateway.pid)
                 targets.append({"name": "p402_default", "url": f"{url}/v1/chat/completions", "model": MODEL,
                                 "headers": {}, "pid": gateway.pid, "unique": True, "stats": f"{url}/api/v2/cache"})
