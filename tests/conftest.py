@@ -31,6 +31,17 @@ os.environ["XDG_CONFIG_HOME"] = os.path.join(_HOME, "config")
 os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")
 
 
+# The files that take longest, longest first: the two workers start on them, and the short files
+# fill in around them instead of one long file running alone at the end (measured with --durations).
+SLOW_FILES = ("test_conformance.py", "test_workers.py", "test_store_cli.py", "test_tui.py", "test_fleet.py",
+              "test_bench_gateway.py", "test_operations.py", "test_postgres.py", "test_messages.py", "test_readme.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: a file's own order stays
+
+
 @pytest.fixture(scope="session")
 def catalog():
     return load_catalog()
