@@ -608,7 +608,7 @@ def reexec_in_netns(argv: list[str]) -> None:
             os.execvp("unshare", ["unshare", *flags, "bash", "-c", inner, sys.executable, *argv])
 
 
-def _pg_helper():
+def pg_cluster_module():
     """tests/postgres.py, the one place that knows how to start a throwaway cluster, loaded by path."""
     import importlib.util
 
@@ -624,13 +624,13 @@ PG_OPTIONS = "fsync=off, as the tests' cluster: SQLite's WAL at synchronous=NORM
 
 def start_pg_cluster():
     try:
-        return _pg_helper().start_cluster()
+        return pg_cluster_module().start_cluster()
     except LookupError as error:
         raise SystemExit(f"the *_postgres variants need a PostgreSQL server: {error}") from None
 
 
 def remove_pg_cluster(cluster) -> None:
-    _pg_helper().remove_cluster(cluster)
+    pg_cluster_module().remove_cluster(cluster)
 
 
 # --- the run ---------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gateway import pg_cluster_module  # bench/gateway.py, beside this file
 
 from p402_tui.core.catalog import load_catalog
 from p402_tui.store import rollups
@@ -199,17 +202,6 @@ def fill_sqlite(path: Path, total: int, now: float, timeout: float) -> dict[str,
             "empty_size_bytes": empty}  # fmt: skip
 
 
-def _pg_helper():
-    """tests/postgres.py, the one place that knows how to start a throwaway cluster, loaded by path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("p402_bench_pgcluster", ROOT / "tests" / "postgres.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses looks its module up while building PgCluster
-    spec.loader.exec_module(module)
-    return module
-
-
 def fill_postgres(url: str, total: int, now: float, timeout: float) -> dict[str, Any]:
     import psycopg
 
@@ -328,7 +320,7 @@ def main() -> int:
     cluster = None
     if "postgres" in engines and not args.url:
         try:
-            cluster = _pg_helper().start_cluster()
+            cluster = pg_cluster_module().start_cluster()
         except LookupError as error:
             parser.error(f"--engine postgres needs a PostgreSQL server or --url: {error}")
     results = []
@@ -340,7 +332,7 @@ def main() -> int:
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     finally:
         if cluster is not None:
-            _pg_helper().remove_cluster(cluster)
+            pg_cluster_module().remove_cluster(cluster)
     print(json.dumps({"note": "ledger and rollups only (no decision records); timings include starting the CLI; "
                       "PostgreSQL: the bench's own cluster runs with fsync=off, as the tests' does",
                       "results": results}, indent=2))  # fmt: skip
