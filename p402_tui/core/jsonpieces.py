@@ -117,27 +117,18 @@ def _put_back(value: Any, texts: dict[str, str]) -> Any:
     stack = [value]
     while stack and left:
         node = stack.pop()
-        if isinstance(node, list):
-            for i, item in enumerate(node):
-                if isinstance(item, str):
-                    if item in texts:
-                        node[i] = texts[item]
-                        left -= 1
-                elif isinstance(item, (list, dict)):
-                    stack.append(item)
-        elif isinstance(node, dict):
-            if any(key in texts for key in node):  # rebuilt, so the keys keep their order
-                items = list(node.items())
-                node.clear()
-                node.update((texts.get(key, key), item) for key, item in items)
-                left -= sum(key in texts for key, _ in items)
-            for key, item in node.items():
-                if isinstance(item, str):
-                    if item in texts:
-                        node[key] = texts[item]
-                        left -= 1
-                elif isinstance(item, (list, dict)):
-                    stack.append(item)
+        if isinstance(node, dict) and any(key in texts for key in node):  # rebuilt, so the keys keep their order
+            items = list(node.items())
+            node.clear()
+            node.update((texts.get(key, key), item) for key, item in items)
+            left -= sum(key in texts for key, _ in items)
+        for place, item in enumerate(node) if isinstance(node, list) else node.items():
+            if isinstance(item, str):
+                if item in texts:
+                    node[place] = texts[item]  # a value replaced in place: the dict's size does not change
+                    left -= 1
+            elif isinstance(item, (list, dict)):
+                stack.append(item)
     return value
 
 
