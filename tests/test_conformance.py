@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -240,8 +241,11 @@ def check_stream(response: Any) -> None:
         assert not found, f"{name}: {found} in {event}"
 
 
-def _process(args: list[str], ready_url: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "p402_tui.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _process(args: list[str], ready_url: str, log: Path) -> subprocess.Popen:
+    # Its log goes to a file: a pipe nobody reads fills after a few hundred access lines, and then the
+    # process blocks flushing its log at SIGTERM until it is killed.
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "p402_tui.cli", *args], stdout=subprocess.DEVNULL, stderr=sink)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -250,7 +254,7 @@ def _process(args: list[str], ready_url: str) -> subprocess.Popen:
         except httpx.HTTPError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"{args[0]} did not start: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{args[0]} did not start: {log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.1)
 
 
@@ -272,16 +276,17 @@ def gateway_url(tmp_path_factory, sim_url, catalog):
     config.write_text(sim_config_text(sim_url, catalog))
     url = f"http://127.0.0.1:{port}"
     args = ["serve", "--port", str(port), "--db", str(scratch / "p402.db"), "--config", str(config)]
-    proc = _process(args, f"{url}/health")
+    proc = _process(args, f"{url}/health", scratch / "serve.log")
     yield url
     _stop(proc)
 
 
 @pytest.fixture(scope="module")
-def sim_url():
+def sim_url(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _process(["sim", "--host", "127.0.0.1", "--port", str(port), "--no-latency"], f"{url}/_sim/stats")
+    log = tmp_path_factory.mktemp("conformance-sim") / "sim.log"
+    proc = _process(["sim", "--host", "127.0.0.1", "--port", str(port), "--no-latency"], f"{url}/_sim/stats", log)
     yield url
     _stop(proc)
 

@@ -15,11 +15,28 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import run_cli
+import pytest
+from conftest import run_cli, sim_config_text
 from helpers import Served
 
 BODY = {"messages": [{"role": "user", "content": "Say hello to the workers."}], "max_tokens": 8}
 FRESH = {"cache-control": "no-cache"}  # every request routed and decided, none answered from the cache
+# A client that keeps no connection open: each request is a new connection, which the kernel hands to a
+# worker by its addresses. (A client per request did that too, at 20-130 ms of CPU each to set up TLS.)
+NEW_CONNECTIONS = httpx.Limits(max_keepalive_connections=0)
+new_connections = httpx.Client(timeout=30, limits=NEW_CONNECTIONS)
+
+
+@pytest.fixture
+def quick(fresh_sim, catalog, tmp_path) -> Path:
+    """A config with every provider on the session's latency-free simulator (faults and counts cleared).
+
+    Where a test needs no answer to take time, its requests are answered at once instead of at each
+    model's pace, as `--sim`'s are: a hundred requests in a second or two, not half a minute.
+    """
+    config = tmp_path / "config.toml"
+    config.write_text(sim_config_text(fresh_sim.url, catalog))
+    return config
 
 
 def worker_pids(served: Served) -> list[int]:
@@ -116,8 +133,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path):
         # While worker 2 is down, its socket has left the port: every new connection reaches worker 1.
         down = []
         while not any("worker 2 is back" in line for line in served.stderr):
-            with httpx.Client(base_url=served.url, timeout=30) as client:  # a new connection each time
-                down.append(client.post("/v1/chat/completions", json=BODY, headers=FRESH))
+            down.append(new_connections.post(f"{served.url}/v1/chat/completions", json=BODY, headers=FRESH))
             assert len(down) < 500, "".join(served.stderr)[-2000:]
         assert down and {a.status_code for a in down} == {200}
         assert any(f"worker 2 (pid {victim}) was killed by SIGKILL; restarting it in" in line for line in served.stderr)
@@ -125,8 +141,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path):
         assert back != victim
         seen = set()
         for _ in range(50):  # the restarted worker serves again
-            with httpx.Client(base_url=served.url, timeout=30) as client:
-                seen.add(client.get("/health").headers["x-p402-worker"])
+            seen.add(new_connections.get(f"{served.url}/health").headers["x-p402-worker"])
             if seen == {"1", "2"}:
                 break
         assert seen == {"1", "2"}
@@ -135,11 +150,10 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path):
     assert code == 0, "".join(served.stderr)[-2000:]
 
 
-def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path):
+def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path, quick):
     """A watcher sees the decisions of the worker its connection landed on; /metrics counts that worker's."""
-    config = tmp_path / "config.toml"
-    config.write_text("[gateway]\nworkers = 2\n")  # the setting, with no flag
-    served = Served("--config", str(config), "--sim", "--db", str(tmp_path / "p402.db"))
+    quick.write_text(quick.read_text() + "\n[gateway]\nworkers = 2\n")  # the setting, with no flag
+    served = Served("--config", str(quick), "--db", str(tmp_path / "p402.db"))
     seen: list[str] = []
     streamed: dict[str, str] = {}
 
@@ -157,8 +171,7 @@ def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path)
             assert time.monotonic() < deadline and watcher.is_alive()
             time.sleep(0.02)
         for _ in range(50):  # a new connection each: some land on the watched worker
-            with httpx.Client(base_url=served.url, timeout=30) as client:
-                answer = client.post("/v1/chat/completions", json=BODY, headers=FRESH)
+            answer = new_connections.post(f"{served.url}/v1/chat/completions", json=BODY, headers=FRESH)
             if answer.headers["x-p402-worker"] == streamed["worker"]:
                 break
         assert answer.status_code == 200 and answer.headers["x-p402-worker"] == streamed["worker"]
@@ -207,15 +220,16 @@ def test_a_worker_that_cannot_start_is_one_line_and_the_exit_code(tmp_path):
     assert len(lines) == 1 and "schema version 999" in lines[0], result.stderr
 
 
-def test_an_attached_console_follows_every_worker_live_and_through_the_store(tmp_path):
+def test_an_attached_console_follows_every_worker_live_and_through_the_store(tmp_path, quick):
     from p402_tui.tui.attach import AttachClient, RemoteSource
 
-    served = Served("--workers", "2", "--sim", "--db", str(tmp_path / "p402.db"))
+    served = Served("--workers", "2", "--config", str(quick), "--db", str(tmp_path / "p402.db"))
 
     async def attached() -> None:
         source = RemoteSource(AttachClient(served.url))
         await source.refresh()
         await source.start()
+        fresh = httpx.AsyncClient(base_url=served.url, timeout=30, limits=NEW_CONNECTIONS)
         try:
             await source.client.wait_until_up(20)
             assert source.providers()  # polled snapshots answer from whichever worker
@@ -224,14 +238,12 @@ def test_an_attached_console_follows_every_worker_live_and_through_the_store(tmp
             deadline = time.monotonic() + 20
             while {warm[d] for d in warm if d in source.client.decisions} != {"1", "2"}:
                 assert time.monotonic() < deadline, warm
-                async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
-                    answer = await client.post("/v1/chat/completions", json=BODY, headers=FRESH)
+                answer = await fresh.post("/v1/chat/completions", json=BODY, headers=FRESH)
                 warm[answer.json()["p402"]["decision_id"]] = answer.headers["x-p402-worker"]
                 await asyncio.sleep(0.05)
             made = []
             for _ in range(20):  # a new connection each: both workers answer some
-                async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
-                    answer = await client.post("/v1/chat/completions", json=BODY, headers=FRESH)
+                answer = await fresh.post("/v1/chat/completions", json=BODY, headers=FRESH)
                 made.append((answer.headers["x-p402-worker"], answer.json()["p402"]["decision_id"]))
             assert {worker for worker, _ in made} == {"1", "2"}
             ids = {decision for _, decision in made}
@@ -243,6 +255,7 @@ def test_an_attached_console_follows_every_worker_live_and_through_the_store(tmp
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
         finally:
+            await fresh.aclose()
             await source.aclose()
 
     try:
@@ -281,9 +294,9 @@ def test_a_worker_that_keeps_dying_is_restarted_later_each_time(tmp_path):
     assert sum("is back" in line for line in said) >= 2
 
 
-def test_workers_whose_parent_is_killed_drain_and_stop_by_themselves(tmp_path):
+def test_workers_whose_parent_is_killed_drain_and_stop_by_themselves(tmp_path, quick):
     db = tmp_path / "p402.db"
-    served = Served("--workers", "2", "--sim", "--db", str(db))
+    served = Served("--workers", "2", "--config", str(quick), "--db", str(db))
     try:
         pids = worker_pids(served)
         answers = asyncio.run(send(served.url, 20, 4))
@@ -303,16 +316,15 @@ def test_workers_whose_parent_is_killed_drain_and_stop_by_themselves(tmp_path):
 
 def _fresh_connection(url: str, body: dict, headers: dict | None = None) -> httpx.Response:
     """A new connection: the kernel picks the worker by its addresses, so a run of these reaches each."""
-    with httpx.Client(base_url=url, timeout=30) as client:
-        return client.post("/v1/chat/completions", json=body, headers=headers or {})
+    return new_connections.post(f"{url}/v1/chat/completions", json=body, headers=headers or {})
 
 
-def test_one_rpm_limit_holds_across_two_workers(tmp_path):
+def test_one_rpm_limit_holds_across_two_workers(tmp_path, quick):
     db = tmp_path / "p402.db"
     made = run_cli("keys", "create", "--name", "shared", "--rpm", "30", "--json", "--db", str(db))
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)["key"]
-    served = Served("--workers", "2", "--sim", "--db", str(db))
+    served = Served("--workers", "2", "--config", str(quick), "--db", str(db))
     try:
         auth = {"authorization": f"Bearer {key}", **FRESH}
         answers = [_fresh_connection(served.url, BODY, auth) for _ in range(80)]
@@ -325,10 +337,10 @@ def test_one_rpm_limit_holds_across_two_workers(tmp_path):
     assert {a.headers["x-p402-worker"] for a in answers if a.status_code == 429} == {"1", "2"}
 
 
-def test_any_workers_event_stream_shows_every_workers_decisions_labelled(tmp_path):
-    config = tmp_path / "config.toml"
-    config.write_text('[fleet]\nname = "edge"\n')  # a name, never `enabled`: the workers still share the bus
-    served = Served("--workers", "2", "--config", str(config), "--sim", "--db", str(tmp_path / "p402.db"))
+def test_any_workers_event_stream_shows_every_workers_decisions_labelled(tmp_path, quick):
+    # A name, never `enabled`: the workers still share the bus.
+    quick.write_text(quick.read_text() + '\n[fleet]\nname = "edge"\n')
+    served = Served("--workers", "2", "--config", str(quick), "--db", str(tmp_path / "p402.db"))
     seen: list[dict] = []
     opened = threading.Event()
 
@@ -371,10 +383,9 @@ def test_any_workers_event_stream_shows_every_workers_decisions_labelled(tmp_pat
     }
 
 
-def test_an_answer_cached_through_one_worker_is_a_hit_through_the_other(tmp_path):
-    config = tmp_path / "config.toml"
-    config.write_text('[cache]\nembedder = "hashed"\n')
-    served = Served("--workers", "2", "--config", str(config), "--sim", "--db", str(tmp_path / "p402.db"))
+def test_an_answer_cached_through_one_worker_is_a_hit_through_the_other(tmp_path, quick):
+    quick.write_text(quick.read_text() + '\n[cache]\nembedder = "hashed"\n')
+    served = Served("--workers", "2", "--config", str(quick), "--db", str(tmp_path / "p402.db"))
     body = {"messages": [{"role": "user", "content": "What is the capital of the workers?"}], "max_tokens": 16}
     try:
         first = _fresh_connection(served.url, body)
@@ -404,15 +415,34 @@ def test_workers_join_a_fleet_unless_the_config_says_no():
     assert fleet_name("edge", {ENV: "2:7:99"}) == "edge/w2" and fleet_name("edge", {}) == "edge"
 
 
-def test_a_circuit_one_worker_opens_the_other_holds_within_a_second(tmp_path):
-    served = Served("--workers", "2", "--sim", "--db", str(tmp_path / "p402.db"))
+def _one_connection_to_each_worker(url: str) -> dict[str, httpx.Client]:
+    """A kept-alive client per worker, by the worker its connection landed on."""
+    held: dict[str, httpx.Client] = {}
+    for _ in range(50):
+        client = httpx.Client(base_url=url, timeout=30)
+        worker = client.get("/health").headers["x-p402-worker"]
+        if worker in held:
+            client.close()
+        else:
+            held[worker] = client
+        if len(held) == 2:
+            return held
+    raise AssertionError(f"50 connections reached only worker {set(held)}")
+
+
+def test_a_circuit_one_worker_opens_the_other_holds_within_a_second(tmp_path, quick, fresh_sim):
+    served = Served("--workers", "2", "--config", str(quick), "--db", str(tmp_path / "p402.db"))
     body = {"model": "auto", "mode": "cost", "messages": BODY["messages"], "max_tokens": 16}
+    held: dict[str, httpx.Client] = {}
     try:
         first = _fresh_connection(served.url, body, FRESH).json()["p402"]
         chosen = f"{first['provider']}/{first['model']}"
         provider, wire = chosen.split("/", 1)
-        httpx.post(f"{served.sim_url}/_sim/faults", json={"provider": provider, "model": wire, "kind": "rate_limit",
-                                                           "retry_after_s": 30}).raise_for_status()
+        # Watched over a connection already open to each worker: on a busy machine, new connections
+        # (half of which reach the opener) took most of the second being measured.
+        held = _one_connection_to_each_worker(served.url)
+        httpx.post(f"{fresh_sim.url}/_sim/faults", json={"provider": provider, "model": wire, "kind": "rate_limit",
+                                                         "retry_after_s": 30}).raise_for_status()
         for _ in range(20):  # the first worker to meet the 429 fails over (a worker may have ranked another first)
             met = _fresh_connection(served.url, body, FRESH)
             if met.json()["p402"]["attempts"][0]["error_kind"] == "rate_limited":
@@ -420,17 +450,17 @@ def test_a_circuit_one_worker_opens_the_other_holds_within_a_second(tmp_path):
         opened = time.monotonic()
         assert met.status_code == 200 and met.json()["p402"]["attempts"][0]["error_kind"] == "rate_limited"
         opener = met.headers["x-p402-worker"]
+        other = next(worker for worker in held if worker != opener)
         seen = None
         while time.monotonic() - opened < 3:
-            with httpx.Client(base_url=served.url, timeout=30) as client:
-                answer = client.get("/api/v2/providers")
-            if answer.headers["x-p402-worker"] != opener:
-                health = next(p["health"] for p in answer.json()["data"] if p["id"] == provider)
-                if health and f"/w{opener}" in (health.get("reason") or ""):
-                    seen = time.monotonic() - opened
-                    break
-            time.sleep(0.02)
-        assert seen is not None and seen < 1.0
+            answer = held[other].get("/api/v2/providers")
+            assert answer.headers["x-p402-worker"] == other  # the same kept-alive connection
+            health = next(p["health"] for p in answer.json()["data"] if p["id"] == provider)
+            if health and f"/w{opener}" in (health.get("reason") or ""):
+                seen = time.monotonic() - opened
+                break
+            time.sleep(0.01)
+        assert seen is not None and seen < 1.0, seen
         others = []
         for _ in range(40):  # no request of the other worker's meets the 429 the opener met
             answer = _fresh_connection(served.url, body, FRESH)
@@ -444,5 +474,8 @@ def test_a_circuit_one_worker_opens_the_other_holds_within_a_second(tmp_path):
             assert answer.status_code == 200 and [a["error_kind"] for a in meta["attempts"]] in ([], [None])
             assert f"{meta['provider']}/{meta['model']}" != chosen
     finally:
+        for client in held.values():
+            client.close()
         code = served.stop(signal.SIGTERM)
+        httpx.delete(f"{fresh_sim.url}/_sim/faults").raise_for_status()
     assert code == 0, "".join(served.stderr)[-2000:]
