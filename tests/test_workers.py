@@ -39,6 +39,25 @@ def quick(fresh_sim, catalog, tmp_path) -> Path:
     return config
 
 
+@pytest.fixture(scope="module")
+def two_workers(shared_sim, catalog, tmp_path_factory):
+    """Two workers shared by the tests that only send requests and watch (no faults, keys or kills):
+    `workers` set in the config, with no flag; named `edge` in the fleet; caching with the hashed embedder.
+    Stopped at the end as Ctrl-C stops them: the parent tells each worker to drain, and all exit cleanly.
+    """
+    httpx.delete(f"{shared_sim.url}/_sim/faults").raise_for_status()
+    folder = tmp_path_factory.mktemp("two-workers")
+    config = folder / "config.toml"
+    config.write_text(sim_config_text(shared_sim.url, catalog)
+                      + '\n[gateway]\nworkers = 2\n\n[fleet]\nname = "edge"\n\n[cache]\nembedder = "hashed"\n')
+    served = Served("--config", str(config), "--db", str(folder / "p402.db"))
+    assert "2 workers" in served.line
+    yield served
+    code = served.stop(signal.SIGINT)
+    assert code == 0, "".join(served.stderr)[-2000:]
+    assert not any("Traceback" in line for line in served.stderr)
+
+
 def worker_pids(served: Served) -> list[int]:
     """The workers' pids, as the parent's one start-up line names them."""
     return [int(pid) for pid in served.line.split("(pids ")[1].split(")")[0].split(", ")]
@@ -150,10 +169,9 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(tmp_path):
     assert code == 0, "".join(served.stderr)[-2000:]
 
 
-def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path, quick):
+def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(two_workers):
     """A watcher sees the decisions of the worker its connection landed on; /metrics counts that worker's."""
-    quick.write_text(quick.read_text() + "\n[gateway]\nworkers = 2\n")  # the setting, with no flag
-    served = Served("--config", str(quick), "--db", str(tmp_path / "p402.db"))
+    served = two_workers
     seen: list[str] = []
     streamed: dict[str, str] = {}
 
@@ -162,30 +180,24 @@ def test_the_event_stream_and_metrics_answer_for_the_worker_they_reach(tmp_path,
             streamed["worker"] = response.headers["x-p402-worker"]
             seen.extend(response.iter_lines())
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    try:
-        assert "2 workers" in served.line
-        watcher.start()
-        deadline = time.monotonic() + 20
-        while ": subscribed" not in seen:
-            assert time.monotonic() < deadline and watcher.is_alive()
-            time.sleep(0.02)
-        for _ in range(50):  # a new connection each: some land on the watched worker
-            answer = new_connections.post(f"{served.url}/v1/chat/completions", json=BODY, headers=FRESH)
-            if answer.headers["x-p402-worker"] == streamed["worker"]:
-                break
-        assert answer.status_code == 200 and answer.headers["x-p402-worker"] == streamed["worker"]
-        decision = answer.json()["p402"]["decision_id"]
-        while not any(decision in line for line in seen):
-            assert time.monotonic() < deadline + 30
-            time.sleep(0.02)
-        metrics = httpx.get(f"{served.url}/metrics")
-        assert metrics.status_code == 200 and metrics.headers["x-p402-worker"] in {"1", "2"}
-        assert "p402_" in metrics.text
-    finally:
-        code = served.stop(signal.SIGINT)  # Ctrl-C: the parent tells each worker to drain
-        watcher.join(15)
-    assert code == 0, "".join(served.stderr)[-2000:]
+    watcher = threading.Thread(target=watch, daemon=True)  # its stream ends as the workers stop
+    watcher.start()
+    deadline = time.monotonic() + 20
+    while ": subscribed" not in seen:
+        assert time.monotonic() < deadline and watcher.is_alive()
+        time.sleep(0.02)
+    for _ in range(50):  # a new connection each: some land on the watched worker
+        answer = new_connections.post(f"{served.url}/v1/chat/completions", json=BODY, headers=FRESH)
+        if answer.headers["x-p402-worker"] == streamed["worker"]:
+            break
+    assert answer.status_code == 200 and answer.headers["x-p402-worker"] == streamed["worker"]
+    decision = answer.json()["p402"]["decision_id"]
+    while not any(decision in line for line in seen):
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.02)
+    metrics = httpx.get(f"{served.url}/metrics")
+    assert metrics.status_code == 200 and metrics.headers["x-p402-worker"] in {"1", "2"}
+    assert "p402_" in metrics.text
 
 
 def test_bad_worker_counts_are_one_line_errors(tmp_path):
@@ -220,10 +232,10 @@ def test_a_worker_that_cannot_start_is_one_line_and_the_exit_code(tmp_path):
     assert len(lines) == 1 and "schema version 999" in lines[0], result.stderr
 
 
-def test_an_attached_console_follows_every_worker_live_and_through_the_store(tmp_path, quick):
+def test_an_attached_console_follows_every_worker_live_and_through_the_store(two_workers):
     from p402_tui.tui.attach import AttachClient, RemoteSource
 
-    served = Served("--workers", "2", "--config", str(quick), "--db", str(tmp_path / "p402.db"))
+    served = two_workers
 
     async def attached() -> None:
         source = RemoteSource(AttachClient(served.url))
@@ -258,11 +270,7 @@ def test_an_attached_console_follows_every_worker_live_and_through_the_store(tmp
             await fresh.aclose()
             await source.aclose()
 
-    try:
-        asyncio.run(attached())
-    finally:
-        code = served.stop(signal.SIGTERM)
-    assert code == 0, "".join(served.stderr)[-2000:]
+    asyncio.run(attached())
 
 
 def test_a_worker_that_keeps_dying_is_restarted_later_each_time(tmp_path):
@@ -337,10 +345,8 @@ def test_one_rpm_limit_holds_across_two_workers(tmp_path, quick):
     assert {a.headers["x-p402-worker"] for a in answers if a.status_code == 429} == {"1", "2"}
 
 
-def test_any_workers_event_stream_shows_every_workers_decisions_labelled(tmp_path, quick):
-    # A name, never `enabled`: the workers still share the bus.
-    quick.write_text(quick.read_text() + '\n[fleet]\nname = "edge"\n')
-    served = Served("--workers", "2", "--config", str(quick), "--db", str(tmp_path / "p402.db"))
+def test_any_workers_event_stream_shows_every_workers_decisions_labelled(two_workers):
+    served = two_workers  # named `edge` in [fleet], never `enabled`: the workers still share the bus
     seen: list[dict] = []
     opened = threading.Event()
 
@@ -351,54 +357,44 @@ def test_any_workers_event_stream_shows_every_workers_decisions_labelled(tmp_pat
                 if line.startswith("data: "):
                     seen.append(json.loads(line[6:]))
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    try:
-        watcher.start()
-        assert opened.wait(20)
-        time.sleep(0.3)  # past ": subscribed"
-        # The other worker relays its events once it hears this stream's worker is watched (about half a second).
-        deadline = time.monotonic() + 10
-        while len({e.get("gateway") for e in seen}) < 2:
-            assert time.monotonic() < deadline, seen
-            _fresh_connection(served.url, BODY, FRESH)
-            time.sleep(0.05)
-        answered = {}
-        for _ in range(40):
-            answer = _fresh_connection(served.url, BODY, FRESH)
-            answered[answer.json()["p402"]["decision_id"]] = answer.headers["x-p402-worker"]
-            if set(answered.values()) == {"1", "2"}:
-                break
-        assert set(answered.values()) == {"1", "2"}
-        deadline = time.monotonic() + 10
-        while not set(answered) <= {e["decision"]["id"] for e in seen}:
-            assert time.monotonic() < deadline, (answered, seen)
-            time.sleep(0.05)
-    finally:
-        code = served.stop(signal.SIGTERM)
-        watcher.join(15)
-    assert code == 0, "".join(served.stderr)[-2000:]
+    watcher = threading.Thread(target=watch, daemon=True)  # its stream ends as the workers stop
+    watcher.start()
+    assert opened.wait(20)
+    time.sleep(0.3)  # past ": subscribed"
+    # The other worker relays its events once it hears this stream's worker is watched (about half a second).
+    deadline = time.monotonic() + 10
+    while len({e.get("gateway") for e in seen}) < 2:
+        assert time.monotonic() < deadline, seen
+        _fresh_connection(served.url, BODY, FRESH)
+        time.sleep(0.05)
+    answered = {}
+    for _ in range(40):
+        answer = _fresh_connection(served.url, BODY, FRESH)
+        answered[answer.json()["p402"]["decision_id"]] = answer.headers["x-p402-worker"]
+        if set(answered.values()) == {"1", "2"}:
+            break
+    assert set(answered.values()) == {"1", "2"}
+    deadline = time.monotonic() + 10
+    while not set(answered) <= {e["decision"]["id"] for e in seen}:
+        assert time.monotonic() < deadline, (answered, seen)
+        time.sleep(0.05)
     labels = {e["decision"]["id"]: e.get("gateway") for e in seen}
     assert {decision: labels[decision] for decision in answered} == {
         decision: f"edge/w{worker}" for decision, worker in answered.items()
     }
 
 
-def test_an_answer_cached_through_one_worker_is_a_hit_through_the_other(tmp_path, quick):
-    quick.write_text(quick.read_text() + '\n[cache]\nembedder = "hashed"\n')
-    served = Served("--workers", "2", "--config", str(quick), "--db", str(tmp_path / "p402.db"))
+def test_an_answer_cached_through_one_worker_is_a_hit_through_the_other(two_workers):
+    served = two_workers  # caching with the hashed embedder
     body = {"messages": [{"role": "user", "content": "What is the capital of the workers?"}], "max_tokens": 16}
-    try:
-        first = _fresh_connection(served.url, body)
-        assert first.status_code == 200 and not first.json()["p402"]["cached"]
-        time.sleep(1.0)  # the bus carries the news in a fraction of that
-        for _ in range(40):
-            other = _fresh_connection(served.url, body)
-            if other.headers["x-p402-worker"] != first.headers["x-p402-worker"]:
-                break
-        assert other.headers["x-p402-worker"] != first.headers["x-p402-worker"]
-    finally:
-        code = served.stop(signal.SIGTERM)
-    assert code == 0, "".join(served.stderr)[-2000:]
+    first = _fresh_connection(served.url, body)
+    assert first.status_code == 200 and not first.json()["p402"]["cached"]
+    time.sleep(1.0)  # the bus carries the news in a fraction of that
+    for _ in range(40):
+        other = _fresh_connection(served.url, body)
+        if other.headers["x-p402-worker"] != first.headers["x-p402-worker"]:
+            break
+    assert other.headers["x-p402-worker"] != first.headers["x-p402-worker"]
     assert other.json()["p402"]["cached"], other.json()["p402"]
     assert other.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
 
