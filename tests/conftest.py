@@ -174,10 +174,12 @@ def sim_config_text(url: str, catalog) -> str:
 def sim_process(tmp_path_factory, catalog):
     """A real `p402 sim` process (no latency) and a config file pointing at it."""
     port = free_port()
+    # Its log goes to a file: a pipe nobody reads fills up, and the simulator then blocks on its next line.
+    log = tmp_path_factory.mktemp("simlog") / "sim.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "p402_tui.cli", "sim", "--host", "127.0.0.1", "--port", str(port), "--no-latency"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log.open("wb"),
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
@@ -188,7 +190,7 @@ def sim_process(tmp_path_factory, catalog):
         except httpx.HTTPError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"p402 sim did not start: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"p402 sim did not start: {log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.1)
     config = tmp_path_factory.mktemp("simcfg") / "config.toml"
     config.write_text(sim_config_text(url, catalog))
