@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -692,6 +694,36 @@ def test_the_static_stage_reads_an_ascii_word_from_its_lower_case_parts(static_t
     finally:
         static_table.tokenizer = _Counting.original(static_table.tokenizer)
     assert calls == []  # every new spelling was made of parts already known
+
+
+def test_the_static_stages_wordpiece_gives_the_tokenizers_pieces_for_every_ascii_word(static_table):
+    # Every whole word of the vocabulary, every continuation piece glued to a word, and random runs of
+    # letters and digits (out-of-vocabulary ones split into pieces or [UNK]), against `tokenizers` itself.
+    pieces = static_table.pieces
+    encode = static_table.tokenizer.encode
+    rng = np.random.default_rng(7)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    plain = [w for w in pieces.vocab if w.isascii() and w.isalnum() and w == w.lower()]
+    glued = [c[2:] for c in pieces.vocab if c.startswith("##") and c[2:].isascii() and c[2:].isalnum()]
+    words = plain + [w + c for w, c in zip(plain[::7], glued[::3])]
+    words += ["".join(rng.choice(alphabet, int(n))) for n in rng.integers(1, 30, 3000)]
+    words += ["a" * 100, "a" * 101, "x" * 250, "zzzzqqqq", "qwxz9"]
+    for word in words:
+        assert pieces.piece_ids(word) == encode(word, add_special_tokens=False).ids, word
+
+
+def test_the_static_stage_needs_no_tokenizers_library_for_ascii_prompts(static_table):
+    # `static_table`: the table is on disk, so the fresh process below only maps it.
+    script = (
+        "import sys\n"
+        "from p402_tui.cache.embedders import StaticEmbedder, packaged_model_dir\n"
+        "embedder = StaticEmbedder.load(packaged_model_dir(), build=False)\n"
+        "embedder.encode(['Why is the sky blue?', 'x=3.14, (really?) CamelCase42 [done]'])\n"
+        "assert 'tokenizers' not in sys.modules\n"
+        "embedder.encode(['Un caf\\u00e9, s\\u2019il vous pla\\u00eet'])\n"
+        "assert 'tokenizers' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
 
 
 class _Counting:
