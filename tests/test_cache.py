@@ -712,6 +712,21 @@ def test_the_static_stages_wordpiece_gives_the_tokenizers_pieces_for_every_ascii
         assert pieces.piece_ids(word) == encode(word, add_special_tokens=False).ids, word
 
 
+def test_the_static_stage_sums_the_tables_rows_converting_each_used_row_once(static_table):
+    texts = ["Why is the sky blue?", "How do I reverse a list in Python", "", "sky sky sky", "Ünïcödé café"]
+    for batch in (texts, texts[:1], texts[::-1]):
+        expected = np.zeros((len(batch), static_table.dim), np.float32)
+        for row, text in enumerate(batch):
+            ids = static_table._ids(text)
+            if ids:  # the float16 rows summed in float32, as they were before any conversion was kept
+                expected[row] = np.add.reduceat(static_table.table[ids], [0], axis=0, dtype=np.float32)[0]
+        norms = np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-12)
+        assert np.array_equal(static_table.encode(batch), (expected / norms).astype(np.float32))
+    used = {i for text in texts for i in static_table._ids(text)}
+    assert used <= set(np.flatnonzero(static_table._converted).tolist())
+    assert np.array_equal(static_table._rows[sorted(used)], static_table.table[sorted(used)].astype(np.float32))
+
+
 def test_the_static_stage_needs_no_tokenizers_library_for_ascii_prompts(static_table):
     # `static_table`: the table is on disk, so the fresh process below only maps it.
     script = (
