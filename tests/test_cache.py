@@ -764,6 +764,29 @@ def _assert_projections_are_current(index: VectorIndex) -> None:
     assert np.allclose(index.heads[:size, -1], expected[:, -1], atol=2e-3)  # a length near 0 is rounding's
 
 
+def test_a_projection_is_refused_exactly_when_it_would_pass_too_many_pairs_that_a_full_scan_would_not_find():
+    # fit_projection skips the full scan of its sample when few pairs pass the bound at all: the decision must be
+    # the one the full comparison gives (pairs a full scan finds always pass the bound).
+    rng = np.random.default_rng(11)
+    centres = rng.standard_normal((12, 256)).astype(np.float32)
+    clustered = centres[rng.integers(0, 12, 3000)] + 0.35 * rng.standard_normal((3000, 256)).astype(np.float32)
+    uniform = rng.standard_normal((3000, 256)).astype(np.float32)
+    for vectors in (clustered, uniform):
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        for threshold in (0.3, 0.6, 0.74, 0.9, 0.97):
+            sample = vectors[np.random.default_rng(402).permutation(len(vectors))[: index_module.FIT_SAMPLE + 256]]
+            queries, fitted = sample[:256], sample[256:]
+            basis = np.linalg.eigh((fitted.T @ fitted).astype(np.float64))[1][:, ::-1][:, : index_module.PROJECT_DIMS]
+            basis = np.ascontiguousarray(basis, dtype=np.float32)
+            rows = fitted[:2048]
+            bound = index_module.project(basis, rows) @ index_module.project(basis, queries).T
+            found = rows @ queries.T >= threshold
+            passed = bound >= threshold - index_module.BOUND_SLACK
+            assert not np.any(found & ~passed)
+            refused = float(np.mean(passed) - np.mean(found)) > index_module.MAX_PASSED
+            assert (index_module.fit_projection(vectors, threshold) is None) == refused, threshold
+
+
 def test_a_scan_of_the_projections_finds_exactly_what_a_full_scan_finds(monkeypatch):
     monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 200)
     rng = np.random.default_rng(21)
