@@ -442,7 +442,8 @@ def fit_projection(vectors: np.ndarray, threshold: float, seed: int = 402) -> tu
     _, directions = np.linalg.eigh((fitted.T @ fitted).astype(np.float64))  # ascending
     basis = np.ascontiguousarray(directions[:, ::-1][:, :PROJECT_DIMS], dtype=np.float32)
     rows = fitted[:2048]
-    passed = float(np.mean(project(basis, rows) @ project(basis, queries).T >= threshold - BOUND_SLACK)) if held else 0.0
+    bound = project(basis, rows) @ project(basis, queries).T
+    passed = float(np.mean(bound >= threshold - BOUND_SLACK)) if bound.size else 0.0
     # Pairs the bound lets through that a full scan would not have found anyway: the scan's extra work. Those a full
     # scan finds pass the bound too, so when no more than MAX_PASSED pass at all (the usual case), they need no scan.
     if passed > MAX_PASSED and passed - float(np.mean(rows @ queries.T >= threshold)) > MAX_PASSED:
