@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -694,6 +696,51 @@ def test_the_static_stage_reads_an_ascii_word_from_its_lower_case_parts(static_t
     assert calls == []  # every new spelling was made of parts already known
 
 
+def test_the_static_stages_wordpiece_gives_the_tokenizers_pieces_for_every_ascii_word(static_table):
+    # Every whole word of the vocabulary, every continuation piece glued to a word, and random runs of
+    # letters and digits (out-of-vocabulary ones split into pieces or [UNK]), against `tokenizers` itself.
+    pieces = static_table.pieces
+    encode = static_table.tokenizer.encode
+    rng = np.random.default_rng(7)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    plain = [w for w in pieces.vocab if w.isascii() and w.isalnum() and w == w.lower()]
+    glued = [c[2:] for c in pieces.vocab if c.startswith("##") and c[2:].isascii() and c[2:].isalnum()]
+    words = plain + [w + c for w, c in zip(plain[::7], glued[::3])]
+    words += ["".join(rng.choice(alphabet, int(n))) for n in rng.integers(1, 30, 3000)]
+    words += ["a" * 100, "a" * 101, "x" * 250, "zzzzqqqq", "qwxz9"]
+    for word in words:
+        assert pieces.piece_ids(word) == encode(word, add_special_tokens=False).ids, word
+
+
+def test_the_static_stage_sums_the_tables_rows_converting_each_used_row_once(static_table):
+    texts = ["Why is the sky blue?", "How do I reverse a list in Python", "", "sky sky sky", "Ünïcödé café"]
+    for batch in (texts, texts[:1], texts[::-1]):
+        expected = np.zeros((len(batch), static_table.dim), np.float32)
+        for row, text in enumerate(batch):
+            ids = static_table._ids(text)
+            if ids:  # the float16 rows summed in float32, as they were before any conversion was kept
+                expected[row] = np.add.reduceat(static_table.table[ids], [0], axis=0, dtype=np.float32)[0]
+        norms = np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-12)
+        assert np.array_equal(static_table.encode(batch), (expected / norms).astype(np.float32))
+    used = {i for text in texts for i in static_table._ids(text)}
+    assert used <= set(np.flatnonzero(static_table._converted).tolist())
+    assert np.array_equal(static_table._rows[sorted(used)], static_table.table[sorted(used)].astype(np.float32))
+
+
+def test_the_static_stage_needs_no_tokenizers_library_for_ascii_prompts(static_table):
+    # `static_table`: the table is on disk, so the fresh process below only maps it.
+    script = (
+        "import sys\n"
+        "from p402_tui.cache.embedders import StaticEmbedder, packaged_model_dir\n"
+        "embedder = StaticEmbedder.load(packaged_model_dir(), build=False)\n"
+        "embedder.encode(['Why is the sky blue?', 'x=3.14, (really?) CamelCase42 [done]'])\n"
+        "assert 'tokenizers' not in sys.modules\n"
+        "embedder.encode(['Un caf\\u00e9, s\\u2019il vous pla\\u00eet'])\n"
+        "assert 'tokenizers' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+
+
 class _Counting:
     """A tokenizer that records the texts it is asked to encode."""
 
@@ -715,6 +762,29 @@ def _assert_projections_are_current(index: VectorIndex) -> None:
     expected = index_module.project(index.basis, index.vectors[:size])
     assert np.allclose(index.heads[:size, :-1], expected[:, :-1], atol=1e-5)
     assert np.allclose(index.heads[:size, -1], expected[:, -1], atol=2e-3)  # a length near 0 is rounding's
+
+
+def test_a_projection_is_refused_exactly_when_it_would_pass_too_many_pairs_that_a_full_scan_would_not_find():
+    # fit_projection skips the full scan of its sample when few pairs pass the bound at all: the decision must be
+    # the one the full comparison gives (pairs a full scan finds always pass the bound).
+    rng = np.random.default_rng(11)
+    centres = rng.standard_normal((12, 256)).astype(np.float32)
+    clustered = centres[rng.integers(0, 12, 3000)] + 0.35 * rng.standard_normal((3000, 256)).astype(np.float32)
+    uniform = rng.standard_normal((3000, 256)).astype(np.float32)
+    for vectors in (clustered, uniform):
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        for threshold in (0.3, 0.6, 0.74, 0.9, 0.97):
+            sample = vectors[np.random.default_rng(402).permutation(len(vectors))[: index_module.FIT_SAMPLE + 256]]
+            queries, fitted = sample[:256], sample[256:]
+            basis = np.linalg.eigh((fitted.T @ fitted).astype(np.float64))[1][:, ::-1][:, : index_module.PROJECT_DIMS]
+            basis = np.ascontiguousarray(basis, dtype=np.float32)
+            rows = fitted[:2048]
+            bound = index_module.project(basis, rows) @ index_module.project(basis, queries).T
+            found = rows @ queries.T >= threshold
+            passed = bound >= threshold - index_module.BOUND_SLACK
+            assert not np.any(found & ~passed)
+            refused = float(np.mean(passed) - np.mean(found)) > index_module.MAX_PASSED
+            assert (index_module.fit_projection(vectors, threshold) is None) == refused, threshold
 
 
 def test_a_scan_of_the_projections_finds_exactly_what_a_full_scan_finds(monkeypatch):

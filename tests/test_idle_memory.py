@@ -11,9 +11,10 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Each is imported only where its feature is configured: an idle default gateway pays for none.
+# Each is imported only where its feature is configured, or when a request first needs it (`tokenizers`:
+# the cache's first non-ASCII word or first candidate to confirm): an idle default gateway pays for none.
 NOT_AT_IDLE = ("psycopg", "psycopg_pool", "opentelemetry", "p402_tui.fleet", "p402_tui.store.postgres",
-               "p402_tui.telemetry.otel")
+               "p402_tui.telemetry.otel", "tokenizers", "websockets")
 
 PROBE = textwrap.dedent("""
     import json, os, sys, threading, time, urllib.request

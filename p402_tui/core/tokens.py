@@ -112,9 +112,20 @@ def _open(name: str) -> tiktoken.Encoding | None:
     elif name not in tiktoken.list_encoding_names():
         return None
     try:
-        return tiktoken.get_encoding(name)
+        encoding = tiktoken.get_encoding(name)
     except Exception:  # a damaged file or plugin must degrade to the next tokenizer, not break counting
         return None
+    _shed_ranks(encoding)
+    return encoding
+
+
+def _shed_ranks(encoding: tiktoken.Encoding) -> None:
+    """Drop the Python dict of the encoding's merge ranks (15 MB for cl100k_base, 30 for o200k_base).
+
+    Counting runs in tiktoken's Rust core, which holds its own copy; the dict serves only pickling
+    (which then fails loudly instead of carrying 100,000 entries nobody reads)."""
+    if isinstance(getattr(encoding, "_mergeable_ranks", None), dict):
+        del encoding._mergeable_ranks
 
 
 def _load(name: str) -> tiktoken.Encoding | None:

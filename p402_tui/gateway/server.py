@@ -197,6 +197,7 @@ async def start_gateway(
     config = uvicorn.Config(
         gateway.app(),
         http=_guarded_protocol(conf),
+        ws="none",  # no route speaks WebSocket: uvicorn need not import a WebSocket library
         timeout_keep_alive=conf.keep_alive_s,  # type: ignore[arg-type]  # a float works: it goes to call_later
         log_config=None,  # uvicorn's records go to the process's logging (`p402_tui.logs`), in its format
         log_level="warning",

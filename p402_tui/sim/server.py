@@ -221,7 +221,7 @@ async def start_sim(
     # Where the process set up its logging (`p402 serve --sim`), uvicorn's records follow it; alone, uvicorn's own.
     own_logging = {"log_config": None} if logging.getLogger().handlers else {}
     config = uvicorn.Config(
-        build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1,
+        build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1, ws="none",
         ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None, **own_logging,
     )  # fmt: skip
     server = uvicorn.Server(config)
