@@ -259,7 +259,7 @@ class PgWriter(BatchWriter):
             self.conn = None
 
     def _transaction(self, writes: list[Write]) -> list[int]:
-        counts = [1] * len(writes)
+        counts: list[Any] = [1] * len(writes)
         alone: list[tuple[int, Any]] = []
         groups = _shapes(writes)
         try:
@@ -283,7 +283,11 @@ class PgWriter(BatchWriter):
         if self.down():
             self._tell(self.on_reach, None)
         for i, cursor in alone:
-            counts[i] = max(cursor.rowcount, 0)
+            if writes[i].returning:
+                row = cursor.fetchone()
+                counts[i] = None if row is None else tuple(row.values())
+            else:
+                counts[i] = max(cursor.rowcount, 0)
         return counts
 
     def _is_busy(self, error: BaseException) -> bool:

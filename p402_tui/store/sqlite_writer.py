@@ -88,7 +88,8 @@ class Writer(BatchWriter):
         cursor.execute("BEGIN IMMEDIATE")
         try:
             for write in writes:
-                counts.append(cursor.execute(write.sql, write.params).rowcount)
+                done = cursor.execute(write.sql, write.params)
+                counts.append(done.fetchone() if write.returning else done.rowcount)
             cursor.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -55,8 +55,9 @@ class Write:
     sql: str
     params: Params = ()
     done: Callable[[], None] | None = None  # called on the loop after the batch ends, committed or not
-    result: asyncio.Future[int] | None = None  # set for writes a caller awaits (`run`)
-    outcome: int | BaseException | None = None  # for `result`: the rows changed, or why it failed
+    result: asyncio.Future[Any] | None = None  # set for writes a caller awaits (`run`, `run_returning`)
+    outcome: Any = None  # for `result`: the rows changed (or the row returned), or why it failed
+    returning: bool = False  # the caller wants the statement's first row (RETURNING), not a count
 
 
 @dataclass(slots=True)
@@ -144,7 +145,8 @@ class BatchWriter:
         """Close it (on its thread, as it ends)."""
 
     def _transaction(self, writes: list[Write]) -> list[int]:
-        """Commit `writes` as one transaction, all of it or none; the rows each changed."""
+        """Commit `writes` as one transaction, all of it or none; the rows each changed (for a `returning`
+        write, its first row as a tuple, or None)."""
         raise NotImplementedError
 
     def _is_busy(self, error: BaseException) -> bool:
@@ -206,6 +208,13 @@ class BatchWriter:
         self._check_open()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._enqueue(Write(sql, params, result=future), True)
+        return await future
+
+    async def run_returning(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
+        """As `run`, for a statement with a RETURNING clause: its first row, None when it returned none."""
+        self._check_open()
+        future: asyncio.Future[tuple[Any, ...] | None] = asyncio.get_running_loop().create_future()
+        self._enqueue(Write(sql, params, result=future, returning=True), True)
         return await future
 
     async def flush(self) -> None:
@@ -429,7 +438,7 @@ class BatchWriter:
                 if isinstance(write.outcome, BaseException):
                     future.set_exception(write.outcome)
                 else:
-                    future.set_result(write.outcome if write.outcome is not None else 0)
+                    future.set_result(write.outcome if write.outcome is not None or write.returning else 0)
             if write.done is not None:
                 _call(write.done)
         for done in batch.dones:
