@@ -350,7 +350,8 @@ class PgStore(StoreBase):
             await store.writer.begin()
         except psycopg.OperationalError as error:
             await pool.close()
-            raise StoreUnavailableError(f"cannot reach PostgreSQL at {where}: {_first_line(error)}") from None
+            why = _first_line(error).replace(url, where)  # libpq may quote the URL, password and all
+            raise StoreUnavailableError(f"cannot reach PostgreSQL at {where}: {why}") from None
         except BaseException:
             await pool.close()
             raise
