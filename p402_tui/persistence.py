@@ -134,7 +134,7 @@ class Persistence:
             return ledger_writes(record, needs=needs, prompt_key=prompt_key, simulated=self.simulated)
 
         if known is None and request.prompt_chars() > PIECE_CHARS:
-            # Keying megabytes of prompt takes tens of ms wherever the writer makes rows (PostgreSQL's on the loop).
+            # Keying megabytes of prompt takes tens of ms: on the writer's thread it would hold a batch that long.
             async def keyed_first() -> None:
                 key = await off_loop(exact_key, request, options)
                 self.store.put_later(lambda: ledger_row(key), done=done, urgent=self.strict)

@@ -103,6 +103,26 @@ async def test_two_processes_share_one_rate_window(two_stores):
     assert ok and window.tokens == 350
 
 
+async def test_a_request_the_window_takes_costs_one_round_trip_and_reads_the_window_it_left(two_stores):
+    a, b = two_stores
+    reads = []
+    fetchone = a.fetchone
+
+    async def counted(sql, params=()):
+        reads.append(sql)
+        return await fetchone(sql, params)
+
+    a.fetchone = counted
+    now = time.time()
+    await shared.take(b, "key:k3", now, requests=1, rpm=3)  # another process's request, in the same window
+    ok, window = await shared.take(a, "key:k3", now + 1, requests=1, rpm=3, tokens=40)
+    assert ok and (window.start, window.requests, window.tokens) == (now, 2, 40)
+    assert reads == []  # the take returned the window: no second trip to read it
+    await shared.take(b, "key:k3", now + 2, requests=1, rpm=3)
+    ok, window = await shared.take(a, "key:k3", now + 3, requests=1, rpm=3)
+    assert not ok and window.requests == 3 and len(reads) == 1  # refused: the window is read as it stands
+
+
 async def test_the_store_bus_carries_messages_between_processes_within_a_second(two_stores):
     a, b = two_stores
     if a.engine == "postgresql":

@@ -38,5 +38,8 @@ class StoreBase:
     async def run(self, sql: str, params: Params = ()) -> int:
         return await self.writer.run(sql, params)
 
+    async def run_returning(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
+        return await self.writer.run_returning(sql, params)
+
     async def flush(self) -> None:
         await self.writer.flush()

@@ -1,10 +1,11 @@
 """The store on PostgreSQL: what `Store` does for a SQLite file, for a server several gateways share.
 
-Reads take a connection from a psycopg pool. Writes go through a batching writer as SQLite's do
-(`writer.BatchWriter`), a task on the loop here (`writer.LoopWriter`, the driver being async):
-what was put within the interval is committed as one transaction, inserts of one shape sent together (executemany, pipelined); while the server is
-unreachable a batch is retried with a capped backoff, never dropped, and the store says it is
-`unavailable` so the gateway answers 503 instead of queueing what it cannot write.
+Reads take a connection from a psycopg pool. Writes go through the batching writer SQLite's go
+through (`writer.BatchWriter`, a thread of its own), here on a synchronous connection of its own:
+what was put within the interval is committed as one transaction, inserts of one shape sent together
+(executemany, pipelined); while the server is unreachable a batch is retried with a capped backoff,
+never dropped, and the store says it is `unavailable` so the gateway answers 503 instead of queueing
+what it cannot write.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .db import (
 )
 from .dialect import POSTGRES, postgres_sql
 from .rollups import AFTER_INSERTS
-from .writer import LoopWriter, Params, Write
+from .writer import BatchWriter, Params, Write
 
 log = logging.getLogger("p402.store")
 # The pool logs each failed reconnection, several a second while the server is away; the store says
@@ -92,11 +93,14 @@ def local_zone() -> str | None:
     return zone or None
 
 
+_SET_ZONE = "SELECT set_config('TimeZone', %s, false)"
+
+
 async def _set_zone(conn: Any) -> None:
     zone = local_zone()
     if zone:
         try:
-            await conn.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+            await conn.execute(_SET_ZONE, (zone,))
         except psycopg.DataError:  # a name the server does not know: its own zone stays
             pass
 
@@ -202,8 +206,8 @@ def _shapes(writes: list[Write]) -> list[list[int]]:
     """The batch in groups to send: fire-and-forget inserts gathered by statement (their order
     among themselves does not matter), then the `AFTER_INSERTS` statements among them, gathered
     likewise; any other statement, or one a caller awaits, stays where it was and goes alone.
-    Each group is one executemany: sent alone, every statement has its query converted and its
-    result read on the gateway's loop (at c64, 22% of its samples before the marks were gathered, 9% after)."""
+    Each group is one executemany, one round trip: sent alone, every statement has its query converted
+    and its result read in turn."""
     groups: list[list[int]] = []
     inserts: dict[str, list[int]] = {}
     after: dict[str, list[int]] = {}
@@ -222,51 +226,69 @@ def _shapes(writes: list[Write]) -> list[list[int]]:
     return groups
 
 
-class PgWriter(LoopWriter):
+class PgWriter(BatchWriter):
+    """The writer's thread on a connection of its own (autocommit; a transaction per batch), made again
+    when the server drops it."""
+
     def __init__(
-        self, pool: Any, on_reach: Callable[[BaseException | None], None], down: Callable[[], bool], **options: Any
+        self, url: str, on_reach: Callable[[BaseException | None], None], down: Callable[[], bool], **options: Any
     ) -> None:
         super().__init__(**options)
-        self.pool = pool
-        self.on_reach = on_reach  # told after each try whether the server answered (None) or not
-        self.down = down  # whether the server is known to be away: then a connection is not waited for long
+        self.url = url
+        self.on_reach = on_reach  # told on the loop when the server does not answer, and when it answers again
+        self.down = down  # whether the server is known to be away
         self.errors = (psycopg.Error,)
+        self.conn: Any = None  # the thread's
 
-    async def _transact(self, writes: list[Write]) -> list[int]:
-        counts = [1] * len(writes)
+    def _connect(self) -> None:
+        conn = psycopg.Connection.connect(
+            self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, row_factory=dict_row
+        )
+        _adapt(conn)
+        zone = local_zone()
+        if zone:
+            try:
+                conn.execute(_SET_ZONE, (zone,))
+            except psycopg.DataError:  # as `_set_zone`
+                pass
+        self.conn = conn
+
+    def _disconnect(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def _transaction(self, writes: list[Write]) -> list[int]:
+        counts: list[Any] = [1] * len(writes)
         alone: list[tuple[int, Any]] = []
         groups = _shapes(writes)
         try:
-            async with self.pool.connection(timeout=0.5 if self.down() else POOL_TIMEOUT_S) as conn:
-                if len(groups) == 1 and len(groups[0]) == 1:
-                    # One statement is a transaction of its own (autocommit): no BEGIN and COMMIT to wait for.
-                    cursor = await conn.execute(postgres_sql(writes[0].sql), writes[0].params)
-                    alone.append((0, cursor))
-                else:
-                    # One pipeline for the whole transaction, BEGIN to COMMIT: gateways on one server upsert
-                    # the same rollup rows, and a row lock held across round trips stalls the others' writers.
-                    async with conn.pipeline(), conn.transaction():
-                        await self._send(conn, writes, groups, alone)
+            if self.conn is None:
+                self._connect()
+            conn = self.conn
+            if len(groups) == 1 and len(groups[0]) == 1:
+                # One statement is a transaction of its own (autocommit): no BEGIN and COMMIT to wait for.
+                alone.append((0, conn.execute(postgres_sql(writes[0].sql), writes[0].params)))
+            else:
+                # One pipeline for the whole transaction, BEGIN to COMMIT: gateways on one server upsert
+                # the same rollup rows, and a row lock held across round trips stalls the others' writers.
+                with conn.pipeline(), conn.transaction():
+                    _send(conn, writes, groups, alone)
         except psycopg.OperationalError as error:
+            if self.conn is not None and (self.conn.broken or self.conn.closed):
+                self._disconnect()  # a new connection at the next try
             if transient(error):
-                self.on_reach(error)
+                self._tell(self.on_reach, error)
             raise
-        self.on_reach(None)
+        if self.down():
+            self._tell(self.on_reach, None)
         for i, cursor in alone:
-            counts[i] = max(cursor.rowcount, 0)
+            if writes[i].returning:
+                row = cursor.fetchone()
+                counts[i] = None if row is None else tuple(row.values())
+            else:
+                counts[i] = max(cursor.rowcount, 0)
         return counts
-
-    @staticmethod
-    async def _send(conn: Any, writes: list[Write], groups: list[list[int]], alone: list[tuple[int, Any]]) -> None:
-        cursor = conn.cursor()
-        for group in groups:
-            sql = postgres_sql(writes[group[0]].sql)
-            if len(group) == 1:
-                await cursor.execute(sql, writes[group[0]].params)
-                alone.append((group[0], cursor))
-                cursor = conn.cursor()
-            else:  # a pipeline of its own: one round trip for the group
-                await cursor.executemany(sql, [writes[i].params for i in group])
 
     def _is_busy(self, error: BaseException) -> bool:
         return transient(error)
@@ -274,8 +296,17 @@ class PgWriter(LoopWriter):
     def _is_constraint(self, error: BaseException) -> bool:
         return isinstance(error, psycopg.IntegrityError)
 
-    async def _close(self) -> None:
-        pass  # the pool is the store's
+
+def _send(conn: Any, writes: list[Write], groups: list[list[int]], alone: list[tuple[int, Any]]) -> None:
+    cursor = conn.cursor()
+    for group in groups:
+        sql = postgres_sql(writes[group[0]].sql)
+        if len(group) == 1:
+            cursor.execute(sql, writes[group[0]].params)
+            alone.append((group[0], cursor))
+            cursor = conn.cursor()
+        else:  # a pipeline of its own: one round trip for the group
+            cursor.executemany(sql, [writes[i].params for i in group])
 
 
 # --- the store ----------------------------------------------------------------------------
@@ -292,7 +323,7 @@ class PgStore(StoreBase):
         self.url = url
         self.path = redact(url)  # how commands name the store they use
         self.pool = pool
-        self.writer = PgWriter(pool, self._reached, lambda: self._down is not None, interval=interval)
+        self.writer = PgWriter(url, self._reached, lambda: self._down is not None, interval=interval)
         self._down: str | None = None  # why the server last failed to answer; None while it answers
         self._probed = 0.0
         self._probe: asyncio.Task[None] | None = None
@@ -315,7 +346,15 @@ class PgStore(StoreBase):
         )  # fmt: skip
         await pool.open()
         store = cls(url, pool, interval=interval)
-        store.writer.start()
+        try:
+            await store.writer.begin()
+        except psycopg.OperationalError as error:
+            await pool.close()
+            why = _first_line(error).replace(url, where)  # libpq may quote the URL, password and all
+            raise StoreUnavailableError(f"cannot reach PostgreSQL at {where}: {why}") from None
+        except BaseException:
+            await pool.close()
+            raise
         return store
 
     async def aclose(self) -> None:

@@ -68,7 +68,8 @@ _TAKE = (
     "window_start = CASE WHEN rate_windows.window_start > ? THEN rate_windows.window_start "
     "ELSE excluded.window_start END "
     f"WHERE {_CURRENT.format('requests')} + excluded.requests <= ? "
-    f"AND {_CURRENT.format('tokens')} + excluded.tokens <= ?"
+    f"AND {_CURRENT.format('tokens')} + excluded.tokens <= ? "
+    "RETURNING window_start, requests, tokens"
 )
 _WINDOW = "SELECT window_start, requests, tokens FROM rate_windows WHERE scope = ?"
 _RETOKEN = (
@@ -168,16 +169,18 @@ async def take(
     """Count `requests` and `tokens` in the scope's window if its limits allow; (taken, the window after)."""
     rpm_cap = NO_LIMIT if rpm is None else rpm
     tpm_cap = NO_LIMIT if tpm is None else tpm
-    taken = False
     if requests <= rpm_cap and tokens <= tpm_cap:  # a new window takes them unchecked
         cutoff = now - WINDOW_S
-        taken = bool(await store.run(
+        # The window as the take left it comes back with it: a request taken costs one round trip, not two.
+        after = await store.run_returning(
             _TAKE, (scope, now, requests, tokens, cutoff, cutoff, cutoff, cutoff, rpm_cap, cutoff, tpm_cap)
-        ))
+        )
+        if after is not None:
+            return True, Window(float(after[0]), int(after[1]), int(after[2]))
     row = await store.fetchone(_WINDOW, (scope,))
     if row is None or row["window_start"] <= now - WINDOW_S:
-        return taken, Window(now, 0, 0)
-    return taken, Window(float(row["window_start"]), int(row["requests"]), int(row["tokens"]))
+        return False, Window(now, 0, 0)
+    return False, Window(float(row["window_start"]), int(row["requests"]), int(row["tokens"]))
 
 
 def retoken(store: Any, scope: str, window_start: float, delta: int) -> None:

@@ -1,31 +1,19 @@
-"""SQLite's writer (`Writer`): a thread of its own that takes the queue, makes the rows, commits them,
-and tells the loop once per batch.
+"""SQLite's writer (`Writer`): `writer.BatchWriter`'s thread on a connection of its own to the file.
 
-The loop only appends to a queue (`put`, `put_later`) and, per batch, runs one callback that answers
-`run` callers, calls `done`s and releases `flush`es (one `call_soon_threadsafe`). Everything else
-happens on the thread, on its own clock: waiting until the oldest write is due (a `threading.Event`,
-which an urgent write cuts short), making the rows, committing. A writer on the loop waited for a
-turn at each of those steps, and on a saturated gateway every turn comes after all the ready requests.
-
-Two more things kept a batch late, measured under kill9's load: SQLite's automatic checkpoint, run by
-the commit that crosses 1000 pages of WAL (that COMMIT took 15 to 50 ms instead of 0.3), now done by
-a second thread on its own connection (`_checkpoints`); and the thread's own wake-up, making and
-commit (10 to 20 ms on a busy machine), now taken out of the wait (`_take`).
+SQLite's automatic checkpoint, run by the commit that crosses 1000 pages of WAL, held that commit for
+15 to 50 ms instead of 0.3 (measured under kill9's load), with a batch of answered requests not yet
+written: a second thread does it instead, on its own connection (`_checkpoints`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import threading
-import time
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .db import StoreError, is_busy, open_sync
-from .writer import _STOP, Batch, BatchWriter, Write, _first_line, log
+from .writer import Batch, BatchWriter, Write, _first_line, log
 
 CHECKPOINT_EVERY_S = 1.0  # at most this often; about 1000 pages of WAL at 1,000 requests a second
 
@@ -37,89 +25,46 @@ class Writer(BatchWriter):
         super().__init__(**options)
         self.path = path
         self.conn: sqlite3.Connection | None = None  # the thread's, opened there
-        self._queue: deque[Any] = deque()
-        self._ready = threading.Event()  # something was queued since the last take
-        self._urgent = threading.Event()  # commit without waiting out the interval
-        self._since = 0.0  # when the first write after the last take was queued (time.monotonic)
-        self._cost = 0.0  # how long a batch takes, from its due time to its commit (a moving average)
         self._checkpoint = threading.Event()  # the WAL has grown: the checkpointer's cue
         self._checkpointed = 0.0  # when the checkpointer was last cued
         self._checkpointer: threading.Thread | None = None
         self._ending = False  # the writer's thread is ending: so is the checkpointer's
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ended: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
         """A writer on its own connection to `path` (already migrated), opened on its own thread."""
         writer = cls(path, interval=interval)
-        loop = writer._loop = asyncio.get_running_loop()
-        opened: asyncio.Future[None] = loop.create_future()
-        writer._ended = loop.create_future()
-        # A daemon: a store left open must not keep the process from exiting. What it had not committed
-        # is then lost as to a kill -9: whole batches, never part of one.
-        writer._thread = threading.Thread(target=writer._serve, args=(opened,), name="p402-store-writer", daemon=True)
-        writer._thread.start()
-        try:
-            await asyncio.shield(opened)
-        except BaseException:
-            writer._closed = True
-            writer._enqueue(_STOP, True)
-            raise
+        await writer.begin()
         return writer
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
-    def _alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    async def _stopped(self) -> None:
-        if self._ended is not None:
-            await asyncio.shield(self._ended)
 
     def _is_busy(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.OperationalError) and is_busy(error)
 
-    def _enqueue(self, item: Any, urgent: bool) -> None:
-        # Called on the loop; deque.append is atomic. The thread clears `_ready` before it takes, so a
-        # write queued meanwhile either is taken or sets `_ready` again: none waits for a next one.
-        self._queue.append(item)
-        if not self._ready.is_set():
-            self._since = time.monotonic()
-            self._ready.set()
-        if (urgent or len(self._queue) >= self.max_batch) and not self._urgent.is_set():
-            self._urgent.set()
-
-    # --- on the writer's thread -------------------------------------------------------------
-
-    def _serve(self, opened: asyncio.Future[None]) -> None:
-        try:
-            self.conn = open_sync(self.path)
-            self.conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's work (`_checkpoints`)
-        except Exception as error:  # noqa: BLE001 - it is the opener's to raise, on the loop
-            self._tell(_fail, opened, error)
-            self._tell(_resolve, self._ended)
-            return
-        self._tell(_resolve, opened)
+    def _connect(self) -> None:
+        self.conn = open_sync(self.path)
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's work (`_checkpoints`)
         self._checkpointer = threading.Thread(target=self._checkpoints, name="p402-store-checkpoint", daemon=True)
         self._checkpointer.start()
-        try:
-            while self._turn():
-                pass
-        finally:
-            self._ending = True
-            self._checkpoint.set()
+
+    def _disconnect(self) -> None:
+        self._ending = True
+        self._checkpoint.set()
+        if self._checkpointer is not None:
             self._checkpointer.join()
+        if self.conn is not None:
             self.conn.close()
-            self._tell(_resolve, self._ended)
+
+    def _after(self, batch: Batch, ended: float) -> None:
+        if batch.writes and ended - self._checkpointed >= CHECKPOINT_EVERY_S:
+            self._checkpointed = ended
+            if self._checkpointer is not None and self._checkpointer.is_alive():
+                self._checkpoint.set()
+            elif self.conn is not None:
+                _checkpoint(self.conn)
 
     def _checkpoints(self) -> None:
-        """Copy the WAL into the database file, on a connection and a thread of their own. Done by the
-        writer's commit (SQLite's default, every 1000 pages), it held that commit for tens of ms, with a
-        batch of answered requests not yet written; a passive checkpoint waits for no reader nor writer."""
+        """Copy the WAL into the database file, on a connection and a thread of their own. A passive
+        checkpoint waits for no reader nor writer."""
         try:
             conn = open_sync(self.path)
         except StoreError as error:
@@ -135,88 +80,7 @@ class Writer(BatchWriter):
         finally:
             conn.close()
 
-    def _turn(self) -> bool:
-        """Take, make and commit one batch; False once told to stop."""
-        items, due = self._take()
-        if not items:  # woken for a write an earlier take had already taken
-            return True
-        batch = Batch()
-        try:
-            for item in items:
-                self._add(batch, item)
-            self._assembled(batch)
-            if batch.writes:
-                self._commit(batch.writes)
-        except Exception as error:  # noqa: BLE001 - a bug here must not stop the writer, nor leave a caller waiting
-            log.exception("store writer: a batch failed")
-            for write in batch.writes:
-                if write.result is not None and write.outcome is None:
-                    write.outcome = StoreError(f"database write failed: {_first_line(error)}")
-        finally:
-            self._tell(self._settle, batch)
-        ended = time.monotonic()
-        self._cost += 0.3 * (min(ended - due, self.interval) - self._cost)
-        if batch.writes and ended - self._checkpointed >= CHECKPOINT_EVERY_S:
-            self._checkpointed = ended
-            if self._checkpointer is not None and self._checkpointer.is_alive():
-                self._checkpoint.set()
-            else:
-                _checkpoint(self.conn)
-        return not batch.stop
-
-    def _take(self) -> tuple[list[Any], float]:
-        """What is queued, once its oldest write is due; and when that was."""
-        self._ready.wait()
-        # The oldest write waiting decides: it is to be committed `interval` after it was queued, so the
-        # batch is taken that long less what taking, making and committing one has lately cost (waking up
-        # included: the thread waits for the GIL, the CPU and the disk on a busy machine), or at once if the
-        # last commit ended later than that. A row's age at its commit: about interval.
-        due = time.monotonic()
-        if self.interval > 0 and not self._urgent.is_set() and len(self._queue) < self.max_batch:
-            due = max(due, self._since + self.interval - self._cost)
-            self._urgent.wait(due - time.monotonic())
-        self._urgent.clear()
-        self._ready.clear()
-        queue, items = self._queue, []
-        while queue and len(items) < self.max_batch:
-            items.append(queue.popleft())
-        if queue:
-            self._ready.set()  # what is left waited a whole batch already: it goes next
-        return items, min(due, time.monotonic())
-
-    def _commit(self, writes: list[Write]) -> None:
-        try:
-            self._commit_retrying(writes)
-        except self.errors as error:
-            if self._is_busy(error):  # closing, and the database still refuses: these rows are lost
-                self._lost(writes, error)
-            elif len(writes) == 1:
-                self._failed(writes[0], error)
-            else:
-                # One bad row must not sink the rest: write them one by one, each in its own transaction.
-                for write in writes:
-                    try:
-                        self._commit_retrying([write])
-                    except self.errors as single_error:
-                        self._failed(write, single_error)
-
-    def _commit_retrying(self, writes: list[Write]) -> None:
-        attempt = 0
-        while True:
-            try:
-                counts = self._transaction(writes)
-            except self.errors as error:
-                attempt += 1
-                delay = self._retry_delay(error, attempt)
-                if delay is None:
-                    raise
-                time.sleep(delay)
-                continue
-            self._committed(writes, counts)
-            return
-
     def _transaction(self, writes: list[Write]) -> list[int]:
-        """One batch: all of it committed, or none."""
         conn = self.conn
         assert conn is not None
         cursor = conn.cursor()
@@ -224,7 +88,8 @@ class Writer(BatchWriter):
         cursor.execute("BEGIN IMMEDIATE")
         try:
             for write in writes:
-                counts.append(cursor.execute(write.sql, write.params).rowcount)
+                done = cursor.execute(write.sql, write.params)
+                counts.append(done.fetchone() if write.returning else done.rowcount)
             cursor.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -234,27 +99,9 @@ class Writer(BatchWriter):
             cursor.close()
         return counts
 
-    def _tell(self, callback: Callable[..., None], *args: Any) -> None:
-        """Have the loop run `callback(*args)`: the thread's only way to reach it."""
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop has closed: no one is left to tell
-            pass
-
 
 def _checkpoint(conn: sqlite3.Connection) -> None:
     try:
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     except sqlite3.Error as error:  # the next cue tries again; the WAL only grows meanwhile
         log.warning("store checkpoint: %s", _first_line(error))
-
-
-def _resolve(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
-
-
-def _fail(future: asyncio.Future[None], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)

@@ -43,7 +43,6 @@ class Store(StoreBase):
         except BaseException:
             await reader.close()
             raise
-        writer.start()
         return cls(path, reader, writer)
 
     async def aclose(self) -> None:

@@ -1,19 +1,25 @@
-"""The one writer of a store's database: `BatchWriter`'s interface, `LoopWriter` for PostgreSQL's async
-driver (`postgres.PgWriter`); SQLite's is `sqlite_writer.Writer`, a thread of its own.
+"""The one writer of a store's database (`BatchWriter`): a thread of its own that takes the queue, makes
+the rows and commits them, for either engine (`sqlite_writer.Writer`, `postgres.PgWriter`, which supply
+the connection and the transaction).
 
 Requests never wait for the database: hooks `put` a statement (or `put_later` a function that makes
 rows) on a queue and return. The writer takes what arrived within about `interval` (25 ms by
 default, at most 100 ms by design) of the oldest write waiting, makes the rows and commits them as
 one transaction, so a process killed mid-burst leaves either a whole batch or none of it.
 
+The loop only appends to a queue and, per batch, runs one callback that answers `run` callers, calls
+`done`s and releases `flush`es (one `call_soon_threadsafe`). Everything else happens on the thread, on
+its own clock: waiting until the oldest write is due (a `threading.Event`, which an urgent write cuts
+short), making the rows, committing. A writer on the loop waited for a turn at each of those steps, and
+on a saturated gateway every turn comes after all the ready requests: it fell 67 to 243 ms behind
+(bench/soak.py kill9). On PostgreSQL it also committed whenever rows had queued during its last
+commit, which at concurrency 1 was always: a transaction every third request, its driver's work on
+the loop between requests (0.3 ms of the loop's CPU a request).
+
 What a `kill -9` can lose (the batch window) is what was answered within the last `interval` or so:
-SQLite's writer aims to commit each row `interval` after it was queued, taking a batch early by what
-making and committing one lately took (`sqlite_writer`). The window holds only while the writer's
-steps never wait for the event loop's turns: on a saturated loop each turn comes after every ready
-request, and a writer on the loop (a timer, rows made on the loop, a hop to its thread and one back)
-fell 67 to 243 ms behind (bench/soak.py kill9). PostgreSQL's writer is still a task on the loop
-(`LoopWriter`): its window is interval plus a commit, more on a saturated loop. `urgent` writes (the
-gateway's strict durability) are committed without waiting for the window.
+the writer aims to commit each row `interval` after it was queued, taking a batch early by what making
+and committing one lately took (`_take`). `urgent` writes (the gateway's strict durability, and `run`)
+are committed without waiting for the window.
 
 A batch is never dropped because another process holds the database (or its server is away): it is
 retried with a backoff capped at `MAX_BACKOFF_S` for as long as the lock lasts. Meanwhile the
@@ -29,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +55,9 @@ class Write:
     sql: str
     params: Params = ()
     done: Callable[[], None] | None = None  # called on the loop after the batch ends, committed or not
-    result: asyncio.Future[int] | None = None  # set for writes a caller awaits (`run`)
-    outcome: int | BaseException | None = None  # for `result`: the rows changed, or why it failed
+    result: asyncio.Future[Any] | None = None  # set for writes a caller awaits (`run`, `run_returning`)
+    outcome: Any = None  # for `result`: the rows changed (or the row returned), or why it failed
+    returning: bool = False  # the caller wants the statement's first row (RETURNING), not a count
 
 
 @dataclass(slots=True)
@@ -75,7 +84,6 @@ class Batch:
 
 
 _STOP = object()
-MAKE_SLICE_S = 0.0003  # a loop writer makes rows on the loop; at most this long before requests get a turn
 MAX_BACKOFF_S = 1.0  # between tries of a batch while the database is locked
 CLOSE_GRACE_S = 5.0  # closing, a batch the database still refuses is given up after this: shutdown is bounded
 MAX_PENDING = 50_000  # queued writes past which new requests are refused (about 15k requests' rows)
@@ -102,9 +110,9 @@ class WriterStats:
 
 
 class BatchWriter:
-    """Batches writes into transactions. A subclass supplies where the queue lives and who drains it
-    (`_enqueue`, `pending`, `_alive`, `_stopped`), and which of its engine's errors mean "try again
-    later" (`_is_busy`) rather than "this row is bad"."""
+    """Batches writes into transactions, on a thread of its own. An engine's subclass supplies the
+    connection (`_connect`, `_disconnect`, both called on the thread), the transaction (`_transaction`),
+    and which of its errors mean "try again later" (`_is_busy`) rather than "this row is bad"."""
 
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)  # what a bad row or a busy database raises
 
@@ -118,22 +126,27 @@ class BatchWriter:
         self.stats = WriterStats()
         self._closed = False
         self._give_up_at: float | None = None  # set by aclose
+        self._queue: deque[Any] = deque()
+        self._ready = threading.Event()  # something was queued since the last take
+        self._urgent = threading.Event()  # commit without waiting out the interval
+        self._since = 0.0  # when the first write after the last take was queued (time.monotonic)
+        self._cost = 0.0  # how long a batch takes, from its due time to its commit (a moving average)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ended: asyncio.Future[None] | None = None
 
-    # --- what a subclass supplies --------------------------------------------------------
+    # --- what an engine supplies ---------------------------------------------------------
 
-    def _enqueue(self, item: Any, urgent: bool) -> None:
+    def _connect(self) -> None:
+        """Open the writer's connection (on its thread); an error here is `begin`'s to raise."""
         raise NotImplementedError
 
-    @property
-    def pending(self) -> int:
-        """Writes (and makers of rows) queued and not yet taken."""
-        raise NotImplementedError
+    def _disconnect(self) -> None:
+        """Close it (on its thread, as it ends)."""
 
-    def _alive(self) -> bool:
-        raise NotImplementedError
-
-    async def _stopped(self) -> None:
-        """Wait until the writer has taken `_STOP` and committed what was queued before it."""
+    def _transaction(self, writes: list[Write]) -> list[int]:
+        """Commit `writes` as one transaction, all of it or none; the rows each changed (for a `returning`
+        write, its first row as a tuple, or None)."""
         raise NotImplementedError
 
     def _is_busy(self, error: BaseException) -> bool:
@@ -143,13 +156,31 @@ class BatchWriter:
     def _is_constraint(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.IntegrityError)
 
-    async def _close(self) -> None:
-        """Release the engine's connection."""
-
-    def start(self) -> None:
-        """Begin taking writes (a writer whose thread runs from its opening has nothing to do)."""
+    def _after(self, batch: Batch, ended: float) -> None:
+        """On the thread, after each batch: an engine's upkeep between batches."""
 
     # --- the interface -------------------------------------------------------------------
+
+    async def begin(self) -> None:
+        """Open the connection on the writer's own thread and start taking writes."""
+        loop = self._loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        self._ended = loop.create_future()
+        # A daemon: a store left open must not keep the process from exiting. What it had not committed
+        # is then lost as to a kill -9: whole batches, never part of one.
+        self._thread = threading.Thread(target=self._serve, args=(opened,), name="p402-store-writer", daemon=True)
+        self._thread.start()
+        try:
+            await asyncio.shield(opened)
+        except BaseException:
+            self._closed = True
+            self._enqueue(_STOP, True)
+            raise
+
+    @property
+    def pending(self) -> int:
+        """Writes (and makers of rows) queued and not yet taken."""
+        return len(self._queue)
 
     @property
     def saturated(self) -> bool:
@@ -165,9 +196,9 @@ class BatchWriter:
         self, make: Callable[[], Iterable[tuple[str, Params]]], *, done: Callable[[], None] | None = None,
         urgent: bool = False,
     ) -> None:
-        """Queue writes whose rows `make()` builds when their batch is assembled, after the request
-        that recorded them has been answered, perhaps on another thread: `make` reads only what no
-        one changes. `done` is called on the loop once they are committed (or dropped).
+        """Queue writes whose rows `make()` builds when their batch is assembled, on the writer's thread,
+        after the request that recorded them has been answered: `make` reads only what no one changes.
+        `done` is called on the loop once they are committed (or dropped).
         `urgent`: commit as soon as the writer is free, without waiting for `interval`."""
         self._check_open()
         self._enqueue(_Later(make, done), urgent)
@@ -177,6 +208,13 @@ class BatchWriter:
         self._check_open()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._enqueue(Write(sql, params, result=future), True)
+        return await future
+
+    async def run_returning(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
+        """As `run`, for a statement with a RETURNING clause: its first row, None when it returned none."""
+        self._check_open()
+        future: asyncio.Future[tuple[Any, ...] | None] = asyncio.get_running_loop().create_future()
+        self._enqueue(Write(sql, params, result=future, returning=True), True)
         return await future
 
     async def flush(self) -> None:
@@ -196,12 +234,9 @@ class BatchWriter:
             return
         self._closed = True
         self._give_up_at = time.monotonic() + CLOSE_GRACE_S
-        try:
-            if self._alive():
-                self._enqueue(_STOP, True)
-                await self._stopped()
-        finally:
-            await self._close()
+        if self._alive():
+            self._enqueue(_STOP, True)
+            await self._stopped()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -209,14 +244,85 @@ class BatchWriter:
         if not self._alive():
             raise StoreError("the store writer was not started")
 
-    # --- a batch, wherever it is assembled -------------------------------------------------
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    def _assemble(self, items: list[Any]) -> Batch:
-        """Make the rows of what was taken, in order, and merge the rollup upserts."""
+    async def _stopped(self) -> None:
+        if self._ended is not None:
+            await asyncio.shield(self._ended)
+
+    def _enqueue(self, item: Any, urgent: bool) -> None:
+        # Called on the loop; deque.append is atomic. The thread clears `_ready` before it takes, so a
+        # write queued meanwhile either is taken or sets `_ready` again: none waits for a next one.
+        self._queue.append(item)
+        if not self._ready.is_set():
+            self._since = time.monotonic()
+            self._ready.set()
+        if (urgent or len(self._queue) >= self.max_batch) and not self._urgent.is_set():
+            self._urgent.set()
+
+    # --- on the writer's thread -------------------------------------------------------------
+
+    def _serve(self, opened: asyncio.Future[None]) -> None:
+        try:
+            self._connect()
+        except Exception as error:  # noqa: BLE001 - it is the opener's to raise, on the loop
+            self._tell(_fail, opened, error)
+            self._tell(_resolve, self._ended)
+            return
+        self._tell(_resolve, opened)
+        try:
+            while self._turn():
+                pass
+        finally:
+            try:
+                self._disconnect()
+            finally:
+                self._tell(_resolve, self._ended)
+
+    def _turn(self) -> bool:
+        """Take, make and commit one batch; False once told to stop."""
+        items, due = self._take()
+        if not items:  # woken for a write an earlier take had already taken
+            return True
         batch = Batch()
-        for item in items:
-            self._add(batch, item)
-        return self._assembled(batch)
+        try:
+            for item in items:
+                self._add(batch, item)
+            self._assembled(batch)
+            if batch.writes:
+                self._commit(batch.writes)
+        except Exception as error:  # a bug here must not stop the writer, nor leave a caller waiting
+            log.exception("store writer: a batch failed")
+            for write in batch.writes:
+                if write.result is not None and write.outcome is None:
+                    write.outcome = StoreError(f"database write failed: {_first_line(error)}")
+        finally:
+            self._tell(self._settle, batch)
+        ended = time.monotonic()
+        self._cost += 0.3 * (min(ended - due, self.interval) - self._cost)
+        self._after(batch, ended)
+        return not batch.stop
+
+    def _take(self) -> tuple[list[Any], float]:
+        """What is queued, once its oldest write is due; and when that was."""
+        self._ready.wait()
+        # The oldest write waiting decides: it is to be committed `interval` after it was queued, so the
+        # batch is taken that long less what taking, making and committing one has lately cost (waking up
+        # included: the thread waits for the GIL, the CPU and the disk on a busy machine), or at once if the
+        # last commit ended later than that. A row's age at its commit: about interval.
+        due = time.monotonic()
+        if self.interval > 0 and not self._urgent.is_set() and len(self._queue) < self.max_batch:
+            due = max(due, self._since + self.interval - self._cost)
+            self._urgent.wait(due - time.monotonic())
+        self._urgent.clear()
+        self._ready.clear()
+        queue, items = self._queue, []
+        while queue and len(items) < self.max_batch:
+            items.append(queue.popleft())
+        if queue:
+            self._ready.set()  # what is left waited a whole batch already: it goes next
+        return items, min(due, time.monotonic())
 
     def _add(self, batch: Batch, item: Any) -> None:
         if isinstance(item, Write):
@@ -229,6 +335,7 @@ class BatchWriter:
             batch.stop = True
 
     def _assembled(self, batch: Batch) -> Batch:
+        """Merge the batch's rollup upserts."""
         batch.writes = coalesce(batch.writes)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch.writes))
         return batch
@@ -248,11 +355,39 @@ class BatchWriter:
                 dones.append(later.done)
         return writes
 
-    def _committed(self, writes: list[Write], counts: list[int]) -> None:
-        self.stats.batches += 1
-        self.stats.written += len(writes)
-        for write, count in zip(writes, counts):
-            write.outcome = count
+    def _commit(self, writes: list[Write]) -> None:
+        try:
+            self._commit_retrying(writes)
+        except self.errors as error:
+            if self._is_busy(error):  # closing, and the database still refuses: these rows are lost
+                self._lost(writes, error)
+            elif len(writes) == 1:
+                self._failed(writes[0], error)
+            else:
+                # One bad row must not sink the rest: write them one by one, each in its own transaction.
+                for write in writes:
+                    try:
+                        self._commit_retrying([write])
+                    except self.errors as single_error:
+                        self._failed(write, single_error)
+
+    def _commit_retrying(self, writes: list[Write]) -> None:
+        attempt = 0
+        while True:
+            try:
+                counts = self._transaction(writes)
+            except self.errors as error:
+                attempt += 1
+                delay = self._retry_delay(error, attempt)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+                continue
+            self.stats.batches += 1
+            self.stats.written += len(writes)
+            for write, count in zip(writes, counts):
+                write.outcome = count
+            return
 
     def _retry_delay(self, error: BaseException, attempt: int) -> float | None:
         """How long to wait before trying a batch again, or None: raise the error."""
@@ -286,6 +421,14 @@ class BatchWriter:
         self.stats.errors.append(message)
         log.error("store writer dropped a row: %s", message)
 
+    def _tell(self, callback: Callable[..., None], *args: Any) -> None:
+        """Have the loop run `callback(*args)`: the thread's only way to reach it."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop has closed: no one is left to tell
+            pass
+
     @staticmethod
     def _settle(batch: Batch) -> None:
         """On the loop, once the batch has ended: answer `run` callers, call `done`s, release `flush`es."""
@@ -295,7 +438,7 @@ class BatchWriter:
                 if isinstance(write.outcome, BaseException):
                     future.set_exception(write.outcome)
                 else:
-                    future.set_result(write.outcome if write.outcome is not None else 0)
+                    future.set_result(write.outcome if write.outcome is not None or write.returning else 0)
             if write.done is not None:
                 _call(write.done)
         for done in batch.dones:
@@ -305,114 +448,21 @@ class BatchWriter:
                 future.set_result(None)
 
 
-class LoopWriter(BatchWriter):
-    """A writer task on the event loop, for an engine whose driver is async (`_transact`)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._urgent = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def _transact(self, writes: list[Write]) -> list[int]:
-        """Commit `writes` as one transaction; the rows each changed."""
-        raise NotImplementedError
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="p402-store-writer")
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    def _alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def _stopped(self) -> None:
-        if self._task is not None:
-            await asyncio.shield(self._task)
-
-    def _enqueue(self, item: Any, urgent: bool) -> None:
-        self._queue.put_nowait(item)
-        if urgent or self._queue.qsize() >= self.max_batch:
-            self._urgent.set()
-
-    async def _run(self) -> None:
-        while True:
-            # Writes that queued while the last batch was committed have waited a commit already:
-            # they go at once, so that a row's age at its commit stays within interval + one commit.
-            waited = not self._queue.empty()
-            first = await self._queue.get()
-            if not (waited or self._urgent.is_set()) and self.interval > 0 and self._queue.qsize() < self.max_batch - 1:
-                try:
-                    await asyncio.wait_for(self._urgent.wait(), self.interval)
-                except TimeoutError:
-                    pass
-            self._urgent.clear()
-            items = [first]
-            while len(items) < self.max_batch:
-                try:
-                    items.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
-            batch = Batch()
-            began = assembling = time.perf_counter()
-            for item in items:
-                self._add(batch, item)
-                now = time.perf_counter()
-                # Let waiting requests through (a batch's rows are milliseconds of work), but only while
-                # the batch is young: on a saturated loop every turn waits behind all the requests, and a
-                # writer that kept yielding fell seconds behind, all of it lost to a kill -9.
-                if now - began > MAKE_SLICE_S and now - assembling < self.interval:
-                    await asyncio.sleep(0)
-                    began = time.perf_counter()
-            self._assembled(batch)
-            try:
-                if batch.writes:
-                    await self._commit(batch.writes)
-            finally:
-                self._settle(batch)
-            if batch.stop:
-                return
-
-    async def _commit(self, writes: list[Write]) -> None:
-        try:
-            await self._commit_retrying(writes)
-        except self.errors as error:
-            if self._is_busy(error):  # closing, and the database still refuses: these rows are lost
-                self._lost(writes, error)
-            elif len(writes) == 1:
-                self._failed(writes[0], error)
-            else:
-                # One bad row must not sink the rest: write them one by one, each in its own transaction.
-                for write in writes:
-                    try:
-                        await self._commit_retrying([write])
-                    except self.errors as single_error:
-                        self._failed(write, single_error)
-
-    async def _commit_retrying(self, writes: list[Write]) -> None:
-        attempt = 0
-        while True:
-            try:
-                counts = await self._transact(writes)
-            except self.errors as error:
-                attempt += 1
-                delay = self._retry_delay(error, attempt)
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
-                continue
-            self._committed(writes, counts)
-            return
-
-
 def _call(callback: Callable[[], None]) -> None:
     try:
         callback()
     except Exception:  # a callback's bug must not stop the writer
         log.exception("store writer: done-callback failed")
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def _fail(future: asyncio.Future[None], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _first_line(error: BaseException) -> str:
