@@ -28,8 +28,7 @@ from .db import (
     statements,
 )
 from .dialect import POSTGRES, postgres_sql
-from .rollups import AFTER_INSERTS
-from .writer import LoopWriter, Params, Write
+from .writer import LoopWriter, Params, Write, shapes
 
 log = logging.getLogger("p402.store")
 # The pool logs each failed reconnection, several a second while the server is away; the store says
@@ -198,30 +197,6 @@ async def status(url: str, tables: tuple[str, ...]) -> dict[str, Any]:
 # --- the writer ---------------------------------------------------------------------------
 
 
-def _shapes(writes: list[Write]) -> list[list[int]]:
-    """The batch in groups to send: fire-and-forget inserts gathered by statement (their order
-    among themselves does not matter), then the `AFTER_INSERTS` statements among them, gathered
-    likewise; any other statement, or one a caller awaits, stays where it was and goes alone.
-    Each group is one executemany: sent alone, every statement has its query converted and its
-    result read on the gateway's loop (at c64, 22% of its samples before the marks were gathered, 9% after)."""
-    groups: list[list[int]] = []
-    inserts: dict[str, list[int]] = {}
-    after: dict[str, list[int]] = {}
-    for i, write in enumerate(writes):
-        if write.result is None:
-            if write.sql.lstrip()[:6].upper() == "INSERT":
-                inserts.setdefault(write.sql, []).append(i)
-                continue
-            if write.sql in AFTER_INSERTS:
-                after.setdefault(write.sql, []).append(i)
-                continue
-        groups += [*inserts.values(), *after.values()]
-        inserts, after = {}, {}
-        groups.append([i])
-    groups += [*inserts.values(), *after.values()]
-    return groups
-
-
 class PgWriter(LoopWriter):
     def __init__(
         self, pool: Any, on_reach: Callable[[BaseException | None], None], down: Callable[[], bool], **options: Any
@@ -235,7 +210,9 @@ class PgWriter(LoopWriter):
     async def _transact(self, writes: list[Write]) -> list[int]:
         counts = [1] * len(writes)
         alone: list[tuple[int, Any]] = []
-        groups = _shapes(writes)
+        # Each group is one executemany, pipelined: sent alone, every statement had its query converted and
+        # its result read on the gateway's loop (at c64, 22% of its samples before the marks were gathered, 9% after).
+        groups = shapes(writes)
         try:
             async with self.pool.connection(timeout=0.5 if self.down() else POOL_TIMEOUT_S) as conn:
                 if len(groups) == 1 and len(groups[0]) == 1:

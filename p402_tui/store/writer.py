@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .db import ConstraintError, StoreError
-from .rollups import coalesce
+from .rollups import AFTER_INSERTS, coalesce
 
 log = logging.getLogger("p402.store")
 
@@ -406,6 +406,30 @@ class LoopWriter(BatchWriter):
                 continue
             self._committed(writes, counts)
             return
+
+
+def shapes(writes: list[Write]) -> list[list[int]]:
+    """A batch in groups to send, each group one statement's writes: fire-and-forget inserts gathered by
+    statement (their order among themselves does not matter), then the `AFTER_INSERTS` statements among
+    them, gathered likewise; any other statement, or one a caller awaits, stays where it was and goes
+    alone. Sent one by one, a batch's statements cost a round trip each: PostgreSQL's on the gateway's
+    loop, SQLite's a release and a retaking of the GIL (`sqlite_writer`)."""
+    groups: list[list[int]] = []
+    inserts: dict[str, list[int]] = {}
+    after: dict[str, list[int]] = {}
+    for i, write in enumerate(writes):
+        if write.result is None:
+            if write.sql.lstrip()[:6].upper() == "INSERT":
+                inserts.setdefault(write.sql, []).append(i)
+                continue
+            if write.sql in AFTER_INSERTS:
+                after.setdefault(write.sql, []).append(i)
+                continue
+        groups += [*inserts.values(), *after.values()]
+        inserts, after = {}, {}
+        groups.append([i])
+    groups += [*inserts.values(), *after.values()]
+    return groups
 
 
 def _call(callback: Callable[[], None]) -> None:
