@@ -4,6 +4,7 @@ lets go of the GIL and must take it back, a wait of up to 5 ms on a busy gateway
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from p402_tui.core.hooks import RequestRecord
 from p402_tui.store import queries, rollups
@@ -72,3 +73,25 @@ def test_multi_row_forms():
         conn.execute("CREATE TABLE t (a PRIMARY KEY, b)")
         conn.execute(_multi_row(one, 3), (1, "x", 2, "y", 1, "z"))  # a key twice in one statement: the later wins
         assert conn.execute("SELECT a, b FROM t ORDER BY a").fetchall() == [(1, "z"), (2, "y")]
+
+
+def test_a_batch_is_taken_early_by_the_longest_a_recent_batch_took(tmp_path):
+    # Taken by `_take` on this thread: no writer thread runs. Each take waits until its oldest write is due.
+    from p402_tui.store.sqlite_writer import Writer
+
+    writer = Writer(tmp_path / "p402.db", interval=0.1)
+    for costs, allowed in (([], 0.0), ([0.002, 0.06, 0.001], 0.06)):
+        writer._costs.extend(costs)
+        writer._enqueue("item", False)
+        since = writer._since
+        items, due = writer._take()
+        assert items == ["item"]
+        # Taken interval after the write was queued, less the slowest recent batch's cost.
+        assert abs(due - (since + 0.1 - allowed)) < 1e-6
+        writer._costs.clear()
+    writer._costs.append(0.5)  # longer than interval: taken at once, not waited for at all
+    writer._enqueue("item", False)
+    since = writer._since
+    began = time.monotonic()
+    writer._take()
+    assert time.monotonic() - began < 0.05

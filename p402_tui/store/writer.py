@@ -8,7 +8,7 @@ one transaction, so a process killed mid-burst leaves either a whole batch or no
 
 What a `kill -9` can lose (the batch window) is what was answered within the last `interval` or so:
 SQLite's writer aims to commit each row `interval` after it was queued, taking a batch early by what
-making and committing one lately took (`sqlite_writer`). The window holds only while the writer's
+making and committing the slowest recent batch took (`sqlite_writer`). The window holds only while the writer's
 steps never wait for the event loop's turns: on a saturated loop each turn comes after every ready
 request, and a writer on the loop (a timer, rows made on the loop, a hop to its thread and one back)
 fell 67 to 243 ms behind (bench/soak.py kill9). PostgreSQL's writer is still a task on the loop
