@@ -532,6 +532,38 @@ async def durability_cost(scratch: Path, duration: float = 8.0) -> dict[str, Any
     return out
 
 
+ARENA_HEAP = 64 << 20  # glibc's heaps for threads' arenas: 64 MB reserved each, aligned to their size
+
+
+def resident_by_kind(pid: int) -> dict[str, float]:
+    """A process's resident MB by kind of mapping (/proc/PID/smaps): glibc's main heap (the loop thread's
+    arena), the other threads' arena heaps, other anonymous memory (Python's object arenas, large arrays
+    and whatever else was mmapped), and file-backed pages (libraries, the model, the database's shm); and, of
+    all of them, how much is in transparent huge pages (numpy asks for them on its large arrays, and a huge
+    page is resident whole, the part of an array's capacity not yet written included)."""
+    kinds = {"main_heap": 0.0, "thread_arenas": 0.0, "other_anonymous": 0.0, "file_backed": 0.0, "stacks_and_special": 0.0,
+             "of_which_huge_pages": 0.0}
+    kind = "other_anonymous"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and fields[0][0] in "0123456789abcdef" and ":" not in fields[0]:
+            start = int(fields[0].split("-")[0], 16)
+            name = fields[5] if len(fields) > 5 else ""
+            if name == "[heap]":
+                kind = "main_heap"
+            elif name.startswith("/"):
+                kind = "file_backed"
+            elif name:
+                kind = "stacks_and_special"
+            else:
+                kind = "thread_arenas" if start % ARENA_HEAP == 0 else "other_anonymous"
+        elif fields[0] == "Rss:":
+            kinds[kind] += int(fields[1]) / 1024
+        elif fields[0] == "AnonHugePages:":
+            kinds["of_which_huge_pages"] += int(fields[1]) / 1024
+    return {name: round(mb, 1) for name, mb in kinds.items()}
+
+
 async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
     stack = Stack(scratch)
     out: dict[str, Any] = {}
@@ -539,6 +571,7 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
         async with session() as client:
             await closed_loop(client, stack.url, concurrency=8, duration=2, body=lambda i: chat_body(f"warm {i}"))
             rss = [await settle(stack)]
+            kinds = [resident_by_kind(stack.serve.pid)]
             entries = []
             for batch in range(2):
                 run = await closed_loop(
@@ -546,6 +579,7 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
                     body=lambda i, b=batch: chat_body(f"batch {b} question {i}: what is {i} plus {b}?"),
                 )
                 rss.append(await settle(stack, 2.0))
+                kinds.append(resident_by_kind(stack.serve.pid))
                 async with client.get(f"{stack.url}/api/v2/cache") as r:
                     cache = await r.json()
                 entries.append(cache)
@@ -565,7 +599,10 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
                 "cache_entries_added": added, "cache_accounts_for_mb": round(accounted, 1),
                 "growth_per_entry_kb": round(growth * 1024 / added, 2) if added else None,
                 "cache_per_entry_kb": round(accounted * 1024 / added, 2) if added else None,
-                "within": growth <= accounted})
+                "within": growth <= accounted,
+                # Where the second batch's growth is resident, by kind of mapping (`resident_by_kind`).
+                "growth_second_batch_by_kind_mb": {k: round(kinds[2][k] - kinds[1][k], 1) for k in kinds[2]},
+                "growth_first_batch_by_kind_mb": {k: round(kinds[1][k] - kinds[0][k], 1) for k in kinds[1]}})
     return out
 
 

@@ -612,9 +612,11 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .gateway.gil import share_promptly
     from .gateway.memory import limit_arenas
 
     limit_arenas()  # before any thread allocates: a thread's arena keeps what it freed
+    share_promptly()
     from .logs import from_flags, server_logs
 
     settings = from_flags(settings_from(args), args)

@@ -131,6 +131,7 @@ class Runtime:
         from .gateway.server import serve
 
         await self._join_fleet()
+        await asyncio.to_thread(warm_tls, self.settings)
         if self.store is not None and self.upkeep is None:
             self.upkeep = asyncio.create_task(_reclaim_holds(self.store), name="p402-reclaim-holds")
         running = await serve(self, host, port, sock=sock)
@@ -179,6 +180,19 @@ async def _reclaim_holds(store: Any, every_s: float = 60.0) -> None:
 async def _stopped(task: asyncio.Task[None]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def warm_tls(settings: Settings) -> None:
+    """Build the TLS context provider connections use (to be called on a thread, before serving). Loading the
+    trust store holds the GIL for ~40 ms; built on the loop by the first upstream call, it stalled every
+    request in flight. A context that cannot be built is left for that call to report, as before."""
+    from .core.errors import ConfigError
+    from .providers.trust import tls_context_for
+
+    try:
+        tls_context_for(settings.network, dict(settings.env))
+    except ConfigError:
+        pass
 
 
 def warn_if_unverified(settings: Settings) -> None:

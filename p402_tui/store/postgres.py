@@ -29,8 +29,7 @@ from .db import (
     statements,
 )
 from .dialect import POSTGRES, postgres_sql
-from .rollups import AFTER_INSERTS
-from .writer import BatchWriter, Params, Write
+from .writer import BatchWriter, Params, Write, shapes
 
 log = logging.getLogger("p402.store")
 # The pool logs each failed reconnection, several a second while the server is away; the store says
@@ -202,30 +201,6 @@ async def status(url: str, tables: tuple[str, ...]) -> dict[str, Any]:
 # --- the writer ---------------------------------------------------------------------------
 
 
-def _shapes(writes: list[Write]) -> list[list[int]]:
-    """The batch in groups to send: fire-and-forget inserts gathered by statement (their order
-    among themselves does not matter), then the `AFTER_INSERTS` statements among them, gathered
-    likewise; any other statement, or one a caller awaits, stays where it was and goes alone.
-    Each group is one executemany, one round trip: sent alone, every statement has its query converted
-    and its result read in turn."""
-    groups: list[list[int]] = []
-    inserts: dict[str, list[int]] = {}
-    after: dict[str, list[int]] = {}
-    for i, write in enumerate(writes):
-        if write.result is None:
-            if write.sql.lstrip()[:6].upper() == "INSERT":
-                inserts.setdefault(write.sql, []).append(i)
-                continue
-            if write.sql in AFTER_INSERTS:
-                after.setdefault(write.sql, []).append(i)
-                continue
-        groups += [*inserts.values(), *after.values()]
-        inserts, after = {}, {}
-        groups.append([i])
-    groups += [*inserts.values(), *after.values()]
-    return groups
-
-
 class PgWriter(BatchWriter):
     """The writer's thread on a connection of its own (autocommit; a transaction per batch), made again
     when the server drops it."""
@@ -261,7 +236,7 @@ class PgWriter(BatchWriter):
     def _transaction(self, writes: list[Write]) -> list[int]:
         counts: list[Any] = [1] * len(writes)
         alone: list[tuple[int, Any]] = []
-        groups = _shapes(writes)
+        groups = shapes(writes)  # each group one executemany: one round trip
         try:
             if self.conn is None:
                 self._connect()

@@ -64,6 +64,23 @@ MARK_REPEAT = (
     "WHERE dim = 'provider' AND hour = ? AND value = ? AND api_key_id = ? AND simulated = ? "
     f"AND EXISTS (SELECT 1 FROM requests r WHERE r.id = ? AND {REPEAT_SQL})"
 )
+_MARK_COLUMNS = "cost, hour, value, api_key_id, simulated, id"  # MARK_REPEAT's parameters, in order
+
+
+def mark_repeats(rows: int) -> str:
+    """MARK_REPEAT for `rows` ledger rows in one statement (SQLite's writer): the same parameters, a
+    row's after another's. Each spend row gets the count and the cost of its rows that are repeats."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+    return (
+        f"WITH v({_MARK_COLUMNS}) AS (VALUES {values}), m AS (SELECT hour, value, api_key_id, simulated, "
+        "COUNT(*) AS n, SUM(cost) AS cost FROM v WHERE EXISTS (SELECT 1 FROM requests r WHERE r.id = v.id "
+        f"AND {REPEAT_SQL}) GROUP BY hour, value, api_key_id, simulated) "
+        "UPDATE spend_hourly SET repeats = repeats + m.n, repeat_cost_usd = repeat_cost_usd + m.cost FROM m "
+        "WHERE spend_hourly.dim = 'provider' AND spend_hourly.hour = m.hour AND spend_hourly.value = m.value "
+        "AND spend_hourly.api_key_id = m.api_key_id AND spend_hourly.simulated = m.simulated"
+    )
+
+
 # Statements a batch may send after its inserts (up to the next statement of another kind): each reads
 # rows those inserts make, and nothing in the batch reads what it changes. Gathered, they go as one group.
 AFTER_INSERTS = frozenset({MARK_REPEAT})

@@ -1,0 +1,97 @@
+"""SQLite's writer sends a batch as a few multi-row statements, not one statement per row: each statement
+lets go of the GIL and must take it back, a wait of up to 5 ms on a busy gateway."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from p402_tui.core.hooks import RequestRecord
+from p402_tui.store import queries, rollups
+from p402_tui.store.sqlite_writer import _multi_row
+from p402_tui.store.store import Store
+
+
+def record(n: int, **fields) -> RequestRecord:
+    return RequestRecord(id=f"req-{n}", ts=1e9 + n, provider="openai", model="gpt-4o", cost_usd=n / 1000,
+                         tag=f"tag-{n}", **fields)
+
+
+async def test_a_batch_of_many_requests_is_a_handful_of_statements(tmp_path):
+    store = await Store.open(tmp_path / "p402.db")
+    sent: list[str] = []
+    try:
+        # A maker runs on the writer's thread, the only one its connection may be used from.
+        store.put_later(lambda: store.writer.conn.set_trace_callback(sent.append) or [])
+        await store.flush()
+        for n in range(100):  # the same prompt each time: every ledger row after the first is a repeat
+            store.put_later(lambda n=n: queries.ledger_writes(record(n), prompt_key="same-prompt"))
+        await store.flush()
+        store.put_later(lambda: store.writer.conn.set_trace_callback(None) or [])
+        rows = await store.fetchall("SELECT COUNT(*) AS n, SUM(repeats) AS repeats FROM spend_hourly WHERE dim = 'tag'")
+        provider = await store.fetchall("SELECT requests, repeats, repeat_cost_usd FROM spend_hourly WHERE dim = 'provider'")
+    finally:
+        await store.aclose()
+    assert await_count(tmp_path) == 100
+    assert rows[0]["n"] == 100  # a tag rollup row each: 100 upserts of distinct keys
+    assert provider[0]["requests"] == 100
+    assert provider[0]["repeats"] == 99
+    assert abs(provider[0]["repeat_cost_usd"] - sum(n / 1000 for n in range(1, 100))) < 1e-9
+    statements = [s for s in sent if s not in ("BEGIN IMMEDIATE", "COMMIT")]
+    # 400+ statements a row at a time; in groups, per table a few of at most 128 rows (64 + 32 + 4).
+    assert 4 <= len(statements) <= 20, statements
+
+
+def await_count(path) -> int:
+    with sqlite3.connect(path / "p402.db") as conn:
+        return conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+
+
+async def test_a_bad_row_among_grouped_ones_is_dropped_alone(tmp_path):
+    store = await Store.open(tmp_path / "p402.db")
+    try:
+        good = "INSERT INTO agent_sessions (id, name, status, created, updated) VALUES (?, ?, ?, ?, ?)"
+        for n in range(10):
+            store.put(good, (f"s{n}", f"name {n}", "bogus-status" if n == 4 else "active", 0, 0))
+        await store.flush()
+        ids = [r["id"] for r in await store.fetchall("SELECT id FROM agent_sessions ORDER BY id")]
+        assert store.writer.stats.failed == 1
+    finally:
+        await store.aclose()
+    assert ids == [f"s{n}" for n in range(10) if n != 4]
+
+
+def test_multi_row_forms():
+    one = "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT (a) DO UPDATE SET b = excluded.b"
+    assert _multi_row(one, 3) == (
+        "INSERT INTO t (a, b) VALUES (?, ?), (?, ?), (?, ?) ON CONFLICT (a) DO UPDATE SET b = excluded.b"
+    )
+    assert _multi_row("INSERT INTO t (a) VALUES (?, lower(?))") is None  # not bare parameters: executemany
+    assert _multi_row("UPDATE t SET a = ?") is None
+    assert _multi_row(rollups.MARK_REPEAT, 2) == rollups.mark_repeats(2)
+    with sqlite3.connect(":memory:") as conn:
+        conn.execute("CREATE TABLE t (a PRIMARY KEY, b)")
+        conn.execute(_multi_row(one, 3), (1, "x", 2, "y", 1, "z"))  # a key twice in one statement: the later wins
+        assert conn.execute("SELECT a, b FROM t ORDER BY a").fetchall() == [(1, "z"), (2, "y")]
+
+
+def test_a_batch_is_taken_early_by_the_longest_a_recent_batch_took(tmp_path):
+    # Taken by `_take` on this thread: no writer thread runs. Each take waits until its oldest write is due.
+    from p402_tui.store.sqlite_writer import Writer
+
+    writer = Writer(tmp_path / "p402.db", interval=0.1)
+    for costs, allowed in (([], 0.0), ([0.002, 0.06, 0.001], 0.06)):
+        writer._costs.extend(costs)
+        writer._enqueue("item", False)
+        since = writer._since
+        items, due = writer._take()
+        assert items == ["item"]
+        # Taken interval after the write was queued, less the slowest recent batch's cost.
+        assert abs(due - (since + 0.1 - allowed)) < 1e-6
+        writer._costs.clear()
+    writer._costs.append(0.5)  # longer than interval: taken at once, not waited for at all
+    writer._enqueue("item", False)
+    since = writer._since
+    began = time.monotonic()
+    writer._take()
+    assert time.monotonic() - began < 0.05
