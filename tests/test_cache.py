@@ -554,6 +554,18 @@ def test_a_long_text_normalises_in_pieces_to_the_same_words():
         assert _normalise_text(text) == " ".join(text.split())
 
 
+def test_an_ascii_piece_squeezes_to_what_splitting_gives_for_every_kind_and_run_of_white_space():
+    import random
+
+    from p402_tui.cache.semantic import _squeezed
+
+    spaces = [chr(i) for i in range(128) if chr(i).isspace()]  # \x1c-\x1f too: str.split takes them
+    rng = random.Random(7)
+    for _ in range(2000):
+        text = "".join(rng.choice([*spaces, " " * rng.randint(2, 40), "ab", "x"]) for _ in range(rng.randint(0, 50)))
+        assert _squeezed(text) == " ".join(text.split()), repr(text)
+
+
 async def test_lookups_that_arrive_together_share_one_worker_job_and_each_gets_its_own_answer(static_table, store, minilm):
     cache = SemanticCache(store, embedder=static_table, confirmer=minilm)
     await remember(cache, ask("What is the capital of France?"), "Paris.")

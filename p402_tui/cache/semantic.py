@@ -97,14 +97,28 @@ def _normalise_text(text: str) -> str:
     while start < len(text):
         cut = _SPACE.search(text, min(start + PIECE_CHARS, len(text)))
         end = cut.start() if cut is not None else len(text)
-        part = " ".join(text[start:end].split())
+        part = _squeezed(text[start:end])
         if part:
             parts.append(part)
         start = end
     return " ".join(parts)
 
 
+def _squeezed(text: str) -> str:
+    """`" ".join(text.split())` without a string per word: an ASCII text's white space made spaces and
+    their runs halved until none is left, all in bytes. Splitting made a million words of an 8 MB
+    prompt (75 ms of CPU on a quiet machine, several times that on a busy one, all of it holding the
+    GIL the event loop waits for); this takes a tenth of it."""
+    if not text.isascii():
+        return " ".join(text.split())
+    data = text.encode("ascii").translate(_ASCII_SPACES)
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data.strip(b" ").decode("ascii")
+
+
 _SPACE = re.compile(r"\s")
+_ASCII_SPACES = bytes(32 if chr(i).isspace() else i for i in range(256))  # str.split's white space, to a space
 
 
 def _message_key(message: ChatMessage) -> dict[str, Any]:
