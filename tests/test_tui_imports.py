@@ -49,7 +49,7 @@ def test_what_p402_serve_runs_never_imports_textual():
 # What a report command has no use for: the decision codec's numpy and the router, the key policy, the gateway,
 # the providers' HTTP, the cache's embedders and Textual. Each costs start-up time on every run of the command.
 NOT_FOR_REPORTS = ("numpy", "textual", "httpx", "starlette", "uvicorn", "p402_tui.core.router",
-                   "p402_tui.store.decisions", "p402_tui.policy", "p402_tui.gateway", "p402_tui.cache",
+                   "p402_tui.store.decisions", "p402_tui.core.events", "p402_tui.policy", "p402_tui.gateway", "p402_tui.cache",
                    "p402_tui.providers", "p402_tui.runtime")  # fmt: skip
 
 
