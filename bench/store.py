@@ -3,16 +3,20 @@
 
 For each size (1 and 10 million rows by default) it makes a fresh store, fills it in bulk with a
 ledger spread over 90 days (providers and models from the catalog, gateway keys, sessions, tags,
-cache hits, failovers and failures, repeated prompts, a few unpriced and simulated calls), sums
-the rollups the way the migration does for an existing ledger (one INSERT ... SELECT GROUP BY per
-table; the attempt sums, which SQL cannot read out of JSON, are summed here as the rows are made),
-then runs `p402 spend --period 30d --by model` and `p402 recommendations` as subprocesses against
+cache hits, failovers and failures, repeated prompts, a few unpriced and simulated calls), each row
+as the gateway writes it, drawn with numpy a chunk at a time (SQLite: executemany, a million rows a
+transaction; PostgreSQL: COPY ... FREEZE in one transaction, every ledger index built after). It
+sums the rollups the way the migration does for an existing ledger (one INSERT ... SELECT GROUP BY
+per table) and adds the tries of failed and failed-over rows, which SQL cannot read out of their
+JSON, summed by the gateway's own code as the rows are made: the rollups the gateway's writer would
+have kept (tests/test_bench_store.py checks both), then runs `p402 spend --period 30d --by model` and `p402 recommendations` as subprocesses against
 it, `--runs` times each, and prints JSON: rows, size on disk (and per million rows), the fill's
 duration, and each command's median and every run's seconds.
 
     python bench/store.py                               # 1M and 10M rows, SQLite then PostgreSQL
     python bench/store.py --rows 1000000 --engine sqlite --runs 3
     python bench/store.py --engine postgres --url postgresql://p402@127.0.0.1:5432/bench
+    python bench/store.py --rows 10000000 --runs 3 2>/dev/null    # the size, both engines, quietly
 
 PostgreSQL runs on a cluster the bench starts itself in a temporary folder on a free loopback port
 (tests/postgres.py, as the tests do; as root it belongs to the `postgres` user), one new database
