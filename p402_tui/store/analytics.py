@@ -177,6 +177,12 @@ _SUMS = ", ".join(
      "SUM(cost_usd) AS cost_usd", "SUM(saved_usd) AS saved_usd", "MIN(first_ts) AS first_ts",
      "SUM(repeat_cost_usd) AS repeat_cost_usd"]
 )  # fmt: skip
+_ROLLED = ", ".join(
+    [*(f"SUM({c}) AS {c}" for c in ("requests", "ok", "cached", "cost_usd", "saved_usd", "prompt_tokens",
+                                    "completion_tokens", "unpriced", "unpriced_prompt_tokens",
+                                    "unpriced_completion_tokens")),
+     "MIN(first_ts) AS first_ts", "SUM(repeats) AS repeats", "SUM(repeat_cost_usd) AS repeat_cost_usd"]
+)  # fmt: skip
 # Per breakdown: the dim of `spend_hourly` it reads, and its key there and in the ledger.
 _KEYS = {
     "provider": ("provider", "value", rollups.DIM_SQL["provider"]),
@@ -204,11 +210,12 @@ def _spend_parts(
     if by == "day":
         roll_key = "hour"
     skip = f" AND hour NOT IN ({', '.join('?' for _ in skip_hours)})" if skip_hours else ""
+    # The whole hours summed per group first: a hundred thousand rollup rows become a few dozen before the
+    # union, which PostgreSQL would otherwise sort on disk (its estimate of a union's groups is blind).
     parts = [
         (
-            f"SELECT {roll_key} AS key, {simulated}requests, ok, cached, cost_usd, saved_usd, prompt_tokens, completion_tokens, "
-            "unpriced, unpriced_prompt_tokens, unpriced_completion_tokens, first_ts, repeats, repeat_cost_usd "
-            f"FROM spend_hourly WHERE dim = ? AND hour >= ? AND hour < ?{skip}{where}"
+            f"SELECT {roll_key} AS key, {simulated}{_ROLLED} FROM spend_hourly "
+            f"WHERE dim = ? AND hour >= ? AND hour < ?{skip}{where} GROUP BY {roll_key}{', simulated' if both else ''}"
         )
     ]
     args: list[Any] = [dim, cut.lo, cut.hi, *skip_hours, *params]
