@@ -291,3 +291,14 @@ def test_gateway_keys_with_budgets_on_postgresql(pg_cluster, pg_url):
         assert served.stop() == 0
     dbname = pg_url.rsplit("/", 1)[1]
     assert pg_cluster.psql("SELECT COUNT(*) FROM requests WHERE api_key_id IS NOT NULL AND status = 'ok'", dbname).strip() == "1"
+
+
+async def test_the_store_s_connections_do_not_compile_queries_with_llvm(pg_url):
+    """A report at 10 million rows crossed jit_above_cost: 2.4 s of compiling for a query of 0.3 s."""
+    from p402_tui.store.engine import open_store
+
+    store = await open_store(pg_url)
+    try:
+        assert await store.scalar("SHOW jit") == "off"
+    finally:
+        await store.aclose()

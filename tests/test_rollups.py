@@ -70,13 +70,14 @@ PERIODS = (
 )
 
 
-def by_hand_spend(rows: list[dict[str, Any]], period: Period, by: str, key: str | None = None) -> dict[str, Any]:
+def by_hand_spend(rows: list[dict[str, Any]], period: Period, by: str, key: str | None = None,
+                  include_simulated: bool = False) -> dict[str, Any]:  # fmt: skip
     """What spend must say, summed here from the ledger's rows."""
     names = {"provider": lambda r: r["provider"] or "(none)",
              "model": lambda r: "(none)" if r["model"] is None else f"{r['provider']}/{r['model']}",
              "session": lambda r: r["session_id"] or "(none)", "tag": lambda r: r["tag"] or "(none)",
              "key": lambda r: r["api_key_id"] or "(none)"}  # fmt: skip
-    chosen = [r for r in rows if period.start <= r["ts"] < period.end and not r["simulated"]
+    chosen = [r for r in rows if period.start <= r["ts"] < period.end and (include_simulated or not r["simulated"])
               and (key is None or r["api_key_id"] == key)]  # fmt: skip
     groups: dict[str, dict[str, Any]] = {}
     for r in chosen:
@@ -201,6 +202,24 @@ async def test_reports_over_periods_that_cut_hours_are_exact(store, catalog):
     spent = math.fsum(r["cost_usd"] or 0.0 for r in rows if r["session_id"] == session["id"] and not r["simulated"])
     burning = next(r for r in await analytics.recommendations(store, catalog, PERIODS[0]) if r["kind"] == "session_budget")
     assert math.isclose(burning["numbers"]["spent_usd"], spent, abs_tol=1e-9)
+
+
+async def test_spend_counts_simulated_requests_when_asked_and_otherwise_says_how_many_it_left_out(store):
+    write_through_writer(store, ledger())
+    await store.flush()
+    rows = await _ledger_rows(store)
+    for period in PERIODS:
+        for by in ("provider", "model", "session", "tag", "key"):
+            for key in (None, KEY):
+                counted = await analytics.spend(store, period, by, include_simulated=True, api_key_id=key)
+                assert_spend_matches(counted, by_hand_spend(rows, period, by, key, include_simulated=True))
+                assert counted["simulated_left_out"] == 0
+                report = await analytics.spend(store, period, by, api_key_id=key)
+                assert report["simulated_left_out"] == sum(
+                    1 for r in rows if period.start <= r["ts"] < period.end and r["simulated"]
+                    and (key is None or r["api_key_id"] == key))  # fmt: skip
+                assert report["requests"] + report["simulated_left_out"] == counted["requests"]
+    assert (await analytics.spend(store, PERIODS[-1], "model"))["simulated_left_out"] > 0
 
 
 async def test_pruning_the_ledger_prunes_its_whole_hours_from_the_rollups(store):

@@ -15,18 +15,33 @@ from pathlib import Path
 from typing import Any
 
 from ..core.catalog import Catalog
-from ..core.errors import P402Error
 from ..core.config import describe_store
+from ..core.errors import P402Error
 from ..store.db import StoreError, StoreUnavailableError
 from ..store.engine import exists, open_store
 from ..store.store import Store
-from . import decisions, keys, operations, responses, sessions, spend
+from . import operations, responses, sessions, spend
 from .protocol import DecisionPage, DecisionSummary, P402Service, Recommendation, Session, Spend
 
 __all__ = [
     "DecisionPage", "DecisionSummary", "NoStoreError", "P402Service", "Recommendation", "Service", "Session",
     "Spend", "Store", "StoreError", "StoreUnavailableError", "describe_store", "open_service",
 ]  # fmt: skip
+
+
+def _decisions():
+    """The decision records' use cases, imported when first asked for: their codec brings numpy and the router,
+    which a spend report or a session listing never uses."""
+    from . import decisions
+
+    return decisions
+
+
+def _keys():
+    """The gateway keys' use cases, imported when first asked for (with the policy rules they check)."""
+    from . import keys
+
+    return keys
 
 
 class NoStoreError(P402Error):
@@ -125,10 +140,10 @@ class Service:
     async def decisions(
         self, *, limit: int = 20, before: str | None = None, api_key_id: str | None = None
     ) -> DecisionPage:
-        return await decisions.page(await self._fresh(), limit=limit, before=before, api_key_id=api_key_id)  # type: ignore[return-value]
+        return await _decisions().page(await self._fresh(), limit=limit, before=before, api_key_id=api_key_id)  # type: ignore[return-value]
 
     async def decision(self, decision_id: str, *, api_key_id: str | None = None) -> dict[str, Any] | None:
-        return await decisions.get(await self._fresh(), decision_id, api_key_id=api_key_id)
+        return await _decisions().get(await self._fresh(), decision_id, api_key_id=api_key_id)
 
     # --- the ledger's writer -------------------------------------------------------------
 
@@ -169,32 +184,32 @@ class Service:
         self, name: str, *, role: str = "user", policy: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], str]:
         """(the key's record, its secret: shown this once)."""
-        return await keys.create_key(self._store(), name, role=role, policy=policy)
+        return await _keys().create_key(self._store(), name, role=role, policy=policy)
 
     async def keys(self) -> list[dict[str, Any]]:
-        return await keys.list_keys(await self._fresh())
+        return await _keys().list_keys(await self._fresh())
 
     async def key(self, key_id: str) -> dict[str, Any]:
-        return await keys.show_key(await self._fresh(), key_id)
+        return await _keys().show_key(await self._fresh(), key_id)
 
     async def update_key(self, key_id: str, **changes: Any) -> dict[str, Any]:
-        return await keys.update_key(self._store(), key_id, **changes)
+        return await _keys().update_key(self._store(), key_id, **changes)
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
-        return await keys.revoke_key(self._store(), key_id)
+        return await _keys().revoke_key(self._store(), key_id)
 
     async def resolve_key(self, ref: str) -> str:
         """The id of the key `ref` names, by id or name."""
-        return await keys.resolve_key(await self._fresh(), ref)
+        return await _keys().resolve_key(await self._fresh(), ref)
 
     async def key_requests(self, key_id: str, *, limit: int = 200) -> list[dict[str, Any]]:
-        return await keys.key_requests(await self._fresh(), key_id, limit=limit)
+        return await _keys().key_requests(await self._fresh(), key_id, limit=limit)
 
     async def verify_key(self, secret: str) -> dict[str, Any] | None:
-        return await keys.verify(self._store(), secret)
+        return await _keys().verify(self._store(), secret)
 
     async def key_count(self) -> int:
-        return await keys.key_count(self._store())
+        return await _keys().key_count(self._store())
 
     # --- operations --------------------------------------------------------------------
 

@@ -145,8 +145,9 @@ class _Rows:
     api_key_id: str | None = None
     simulated_only: bool = False
 
-    def sql(self) -> tuple[str, tuple[Any, ...]]:
-        where = " AND simulated = 1" if self.simulated_only else "" if self.include_simulated else " AND simulated = 0"
+    def sql(self, *, both: bool = False) -> tuple[str, tuple[Any, ...]]:
+        """The filter; with `both`, of the key only: simulated and not, for the caller to tell apart."""
+        where = "" if both or self.include_simulated else " AND simulated = 1" if self.simulated_only else " AND simulated = 0"
         if self.api_key_id is None:
             return where, ()
         return where + " AND api_key_id = ?", (self.api_key_id,)
@@ -176,6 +177,12 @@ _SUMS = ", ".join(
      "SUM(cost_usd) AS cost_usd", "SUM(saved_usd) AS saved_usd", "MIN(first_ts) AS first_ts",
      "SUM(repeat_cost_usd) AS repeat_cost_usd"]
 )  # fmt: skip
+_ROLLED = ", ".join(
+    [*(f"SUM({c}) AS {c}" for c in ("requests", "ok", "cached", "cost_usd", "saved_usd", "prompt_tokens",
+                                    "completion_tokens", "unpriced", "unpriced_prompt_tokens",
+                                    "unpriced_completion_tokens")),
+     "MIN(first_ts) AS first_ts", "SUM(repeats) AS repeats", "SUM(repeat_cost_usd) AS repeat_cost_usd"]
+)  # fmt: skip
 # Per breakdown: the dim of `spend_hourly` it reads, and its key there and in the ledger.
 _KEYS = {
     "provider": ("provider", "value", rollups.DIM_SQL["provider"]),
@@ -191,28 +198,31 @@ _KEYS = {
 
 def _spend_parts(
     by: str, cut: _Cut, rows: _Rows, *, repeats: bool = False, skip_hours: tuple[int, ...] = (),
-    edge_keys: tuple[int, ...] = (),
+    edge_keys: tuple[int, ...] = (), both: bool = False,
 ) -> tuple[str, tuple[Any, ...]]:  # fmt: skip
-    """A UNION ALL of the rollup's whole hours and the ledger's edges, in `spend_hourly`'s columns plus `key`.
+    """A UNION ALL of the rollup's whole hours and the ledger's edges, in `spend_hourly`'s columns plus `key`
+    (and, with `both`, `simulated`: simulated rows are kept, for the caller to tell apart).
 
     `by="day"` keys rollup rows by hour and edge i by -(i + 1) (`edge_keys`), for the caller to date."""
-    where, params = rows.sql()
+    where, params = rows.sql(both=both)
+    simulated = "simulated, " if both else ""
     dim, roll_key, ledger_key = _KEYS["provider" if by in ("day", "total") else by]
     if by == "day":
         roll_key = "hour"
     skip = f" AND hour NOT IN ({', '.join('?' for _ in skip_hours)})" if skip_hours else ""
+    # The whole hours summed per group first: a hundred thousand rollup rows become a few dozen before the
+    # union, which PostgreSQL would otherwise sort on disk (its estimate of a union's groups is blind).
     parts = [
         (
-            f"SELECT {roll_key} AS key, requests, ok, cached, cost_usd, saved_usd, prompt_tokens, completion_tokens, "
-            "unpriced, unpriced_prompt_tokens, unpriced_completion_tokens, first_ts, repeats, repeat_cost_usd "
-            f"FROM spend_hourly WHERE dim = ? AND hour >= ? AND hour < ?{skip}{where}"
+            f"SELECT {roll_key} AS key, {simulated}{_ROLLED} FROM spend_hourly "
+            f"WHERE dim = ? AND hour >= ? AND hour < ?{skip}{where} GROUP BY {roll_key}{', simulated' if both else ''}"
         )
     ]
     args: list[Any] = [dim, cut.lo, cut.hi, *skip_hours, *params]
     for index, (start, end) in enumerate(cut.edges):
         key = "CAST(? AS INTEGER)" if by == "day" else ledger_key
         parts.append(
-            f"SELECT {key}, {_LEDGER_SPEND}, {_REPEATS if repeats else '0, 0.0'} "
+            f"SELECT {key}, {simulated}{_LEDGER_SPEND}, {_REPEATS if repeats else '0, 0.0'} "
             f"FROM requests r WHERE ts >= ? AND ts < ?{where}"
         )
         args += [*((edge_keys[index],) if by == "day" else ()), start, end, *params]
@@ -222,6 +232,35 @@ def _spend_parts(
 async def _spend_rows(store: Store, by: str, cut: _Cut, rows: _Rows, **kw: Any) -> list[dict[str, Any]]:
     parts, args = _spend_parts(by, cut, rows, **kw)
     return await store.fetchall(f"SELECT key, {_SUMS} FROM ({parts}) AS parts GROUP BY key", args)
+
+
+_ADDED = ("requests", "ok", "cached", "cost_usd", "saved_usd", "prompt_tokens", "completion_tokens", "unpriced",
+          "unpriced_prompt_tokens", "unpriced_completion_tokens")  # fmt: skip
+
+
+async def _spend_groups(store: Store, by: str, cut: _Cut, rows: _Rows) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    """The breakdown's groups, the period's totals and how many simulated requests were left out, from one
+    read of the breakdown's dim: every ledger row has one value in each dim, so its groups add up to the
+    totals, and grouped by `simulated` too they also count what the report leaves out."""
+    parts, args = _spend_parts(by, cut, rows, both=True)
+    found = await store.fetchall(f"SELECT key, simulated, {_SUMS} FROM ({parts}) AS parts GROUP BY key, simulated", args)
+    groups: dict[Any, dict[str, Any]] = {}
+    totals: dict[str, Any] = dict.fromkeys(_ADDED, 0)
+    left_out = 0
+    for row in found:
+        if row["simulated"] and not rows.include_simulated:
+            left_out += row["requests"]
+            continue
+        del row["simulated"]
+        group = groups.get(row["key"])
+        if group is None:
+            groups[row["key"]] = row
+        else:  # the same key simulated and not, both counted
+            for column in _ADDED:
+                group[column] += row[column]
+        for column in _ADDED:
+            totals[column] += row[column]
+    return list(groups.values()), totals, left_out
 
 
 async def _spend_total(store: Store, cut: _Cut, rows: _Rows, *, repeats: bool = False) -> dict[str, Any]:
@@ -295,14 +334,15 @@ async def spend(
         raise PeriodError(f"cannot break spend down by {by!r}; choose {', '.join(BREAKDOWNS)}")
     cut = _cut(period)
     rows = _Rows(include_simulated, api_key_id)
-    totals = await _spend_total(store, cut, rows)
     if by == "day":
+        totals = await _spend_total(store, cut, rows)
         breakdown = sorted((_breakdown(r) for r in await _by_day(store, period, cut, rows)), key=lambda b: b["key"])
+        left_out = 0 if include_simulated else (await _spend_total(store, cut, _Rows(api_key_id=api_key_id,
+                                                                                       simulated_only=True)))["requests"]  # fmt: skip
     else:
-        breakdown = [_breakdown(r) for r in await _spend_rows(store, by, cut, rows)]
+        groups, totals, left_out = await _spend_groups(store, by, cut, rows)
+        breakdown = [_breakdown(r) for r in groups]
         breakdown.sort(key=lambda b: (b["cost_usd"] is None, -(b["cost_usd"] or 0.0), b["key"]))
-    left_out = 0 if include_simulated else (await _spend_total(store, cut, _Rows(api_key_id=api_key_id,
-                                                                                   simulated_only=True)))["requests"]  # fmt: skip
     return {
         "period": period.to_dict(),
         "by": by,

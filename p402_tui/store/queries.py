@@ -10,10 +10,9 @@ import time
 import uuid
 from typing import Any
 
-from ..core.events import decision_summary
 from ..core.hooks import RequestRecord
 from ..core.types import json_bytes
-from . import decisions, rollups
+from . import rollups
 from .store import Store
 
 # --- the ledger --------------------------------------------------------------------
@@ -133,6 +132,9 @@ def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]
     are the same for many requests and need writing once per digest. A dict (a decision as
     another process sent it) is kept as its JSON.
     """
+    # imported here: the codec brings numpy and the router, which a report never needs
+    from . import decisions
+
     if isinstance(decision, dict):
         data = decision
         chosen = data.get("chosen") or {}
@@ -189,6 +191,8 @@ _SELECT_DECISION = (
 
 async def recent_decisions(store: Store, *, limit: int = 100) -> list[dict[str, Any]]:
     rows = await store.fetchall(f"{_SELECT_DECISION} ORDER BY d.ts DESC LIMIT ?", (limit,))
+    from . import decisions
+
     return [decisions.decode(r["decision"], r["models"], r["vectors"]) for r in rows]
 
 
@@ -204,6 +208,8 @@ async def decision_summaries(
     the candidates and exclusions counted. `before` is the id of the page's last decision; with it
     the next page follows. Returns the page and whether there is more. ValueError: `before` names no decision.
     `api_key_id`: only the decisions of that gateway key's requests."""
+    from ..core.events import decision_summary  # the event bus, which a report on the ledger does not need
+
     conditions: list[str] = []
     params: list[Any] = []
     if before is not None:
@@ -244,6 +250,8 @@ async def get_decision(store: Store, decision_id: str, *, api_key_id: str | None
     mine = "" if api_key_id is None else f" AND d.{_OF_KEY}"
     params = (decision_id,) if api_key_id is None else (decision_id, api_key_id)
     row = await store.fetchone(f"{_SELECT_DECISION} WHERE d.id = ?{mine}", params)
+    from . import decisions
+
     return decisions.decode(row["decision"], row["models"], row["vectors"]) if row else None
 
 

@@ -157,10 +157,15 @@ CREATE INDEX requests_prompt ON requests(prompt_key) WHERE status = 'ok';
 
 # The ledger with each row's hour and, for the provider dim (which keeps the repeats), when its prompt was
 # answered last before it: a repeat is a row answered upstream whose prompt was answered within the window.
-_LEDGER = f"SELECT r.*, {HOUR_SQL} AS hour, 0 AS is_repeat FROM requests r"
+# Only the columns the sums read: the window sorts every row, and the whole row would be ten times wider.
+_READ = (
+    "ts, status, cached, cost_usd, saved_usd, prompt_tokens, completion_tokens, priced, api_key_id, simulated, "
+    "provider, model, session_id, tag"
+)
+_LEDGER = f"SELECT {_READ}, {HOUR_SQL} AS hour, 0 AS is_repeat FROM requests r"
 _LEDGER_REPEATS = (
     f"SELECT b.*, CASE WHEN status = 'ok' AND cached = 0 AND previous_ts >= ts - {REPEAT_WINDOW_S} THEN 1 ELSE 0 END "
-    f"AS is_repeat FROM (SELECT r.*, {HOUR_SQL} AS hour, CASE WHEN status = 'ok' AND prompt_key IS NOT NULL THEN "
+    f"AS is_repeat FROM (SELECT {_READ}, {HOUR_SQL} AS hour, CASE WHEN status = 'ok' AND prompt_key IS NOT NULL THEN "
     "LAG(ts) OVER (PARTITION BY status, simulated, COALESCE(namespace, ''), prompt_key ORDER BY ts, id) END "
     "AS previous_ts FROM requests r) AS b"
 )
