@@ -13,9 +13,10 @@ from typing import Any
 
 from ..core.config import is_store_url
 from .store import Store
+from .writer import INTERVAL_S
 
 
-async def open_store(value: str | Path, *, interval: float = 0.025, create: bool = True) -> Any:
+async def open_store(value: str | Path, *, interval: float = INTERVAL_S, create: bool = True) -> Any:
     """The store `value` names, migrated and with its writer running."""
     if is_store_url(value):
         from .postgres import PgStore

@@ -29,7 +29,7 @@ from .db import (
     statements,
 )
 from .dialect import POSTGRES, postgres_sql
-from .writer import BatchWriter, Params, Write, shapes
+from .writer import INTERVAL_S, BatchWriter, Params, Write, shapes
 
 log = logging.getLogger("p402.store")
 # The pool logs each failed reconnection, several a second while the server is away; the store says
@@ -293,7 +293,7 @@ class PgStore(StoreBase):
     engine = "postgresql"
     dialect = POSTGRES
 
-    def __init__(self, url: str, pool: Any, *, interval: float = 0.025) -> None:
+    def __init__(self, url: str, pool: Any, *, interval: float = INTERVAL_S) -> None:
         super().__init__()
         self.url = url
         self.path = redact(url)  # how commands name the store they use
@@ -304,7 +304,7 @@ class PgStore(StoreBase):
         self._probe: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, url: str, *, interval: float = 0.025, create: bool = True) -> PgStore:
+    async def open(cls, url: str, *, interval: float = INTERVAL_S, create: bool = True) -> PgStore:
         """Connect, migrate (unless `create` is false and P402 has no tables there: a StoreError), pool."""
         conn = await connect(url)
         where = redact(url)

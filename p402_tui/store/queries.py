@@ -208,7 +208,9 @@ async def decision_summaries(
     the candidates and exclusions counted. `before` is the id of the page's last decision; with it
     the next page follows. Returns the page and whether there is more. ValueError: `before` names no decision.
     `api_key_id`: only the decisions of that gateway key's requests."""
-    from ..core.events import decision_summary  # the event bus, which a report on the ledger does not need
+    from ..core.events import (
+        decision_summary,  # the event bus, which a report on the ledger does not need
+    )
 
     conditions: list[str] = []
     params: list[Any] = []

@@ -15,7 +15,7 @@ from typing import Any
 
 from .db import StoreError, is_busy, open_sync
 from .rollups import MARK_REPEAT, mark_repeats
-from .writer import Batch, BatchWriter, Write, _first_line, log, shapes
+from .writer import INTERVAL_S, Batch, BatchWriter, Write, _first_line, log, shapes
 
 CHECKPOINT_EVERY_S = 1.0  # at most this often; about 1000 pages of WAL at 1,000 requests a second
 
@@ -33,7 +33,7 @@ class Writer(BatchWriter):
         self._ending = False  # the writer's thread is ending: so is the checkpointer's
 
     @classmethod
-    async def open(cls, path: Path, *, interval: float = 0.025) -> Writer:
+    async def open(cls, path: Path, *, interval: float = INTERVAL_S) -> Writer:
         """A writer on its own connection to `path` (already migrated), opened on its own thread."""
         writer = cls(path, interval=interval)
         await writer.begin()

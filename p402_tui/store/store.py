@@ -17,7 +17,7 @@ from .base import StoreBase
 from .db import StoreError, connect
 from .dialect import SQLITE
 from .sqlite_writer import Writer
-from .writer import Params
+from .writer import INTERVAL_S, Params
 
 
 class Store(StoreBase):
@@ -32,7 +32,7 @@ class Store(StoreBase):
         self.writer = writer
 
     @classmethod
-    async def open(cls, path: Path | str, *, interval: float = 0.025, create: bool = True) -> "Store":
+    async def open(cls, path: Path | str, *, interval: float = INTERVAL_S, create: bool = True) -> "Store":
         """`create=False` for reports: a mistyped --db then says so instead of reporting an empty new file."""
         path = Path(path).expanduser()
         if not create and not await asyncio.to_thread(path.is_file):
