@@ -357,6 +357,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any one command may take")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep each SQLite file in DIR")
     args = parser.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)  # made now: a missing one failed a run at its very end
     sizes = [int(size) for size in args.rows.split(",")]
     engines = ["sqlite", "postgres"] if args.engine == "both" else [args.engine]
     if args.url:
