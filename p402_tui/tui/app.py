@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from textual import work
-from textual.app import App
+from textual.app import App, ScreenStackError
 from textual.notifications import Notify, SeverityLevel
 from textual.binding import Binding
 from textual.reactive import reactive
@@ -236,7 +236,11 @@ class ConsoleApp(App):
 
     def on_notify(self, event: Notify) -> None:
         self.clear_notifications()  # runs before App's own handler adds the new one
-        self._tidy_toasts(self.screen, every=True)
+        try:
+            screen = self.screen
+        except ScreenStackError:  # a notice that arrives as the app closes: no screen is left to tidy
+            return
+        self._tidy_toasts(screen, every=True)
 
     def _tidy_toasts(self, screen: Any, every: bool = False) -> None:
         """Textual takes a replaced toast out but leaves its holder: a blank line in the one-line
