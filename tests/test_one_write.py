@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from p402_tui.core.config import CacheConfig, ConfigFile, Settings
-from p402_tui.gateway.server import _OneWrite
+from p402_tui.gateway.server import JOIN_MAX, _OneWrite
 from p402_tui.runtime import Runtime
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
@@ -51,6 +51,10 @@ def test_a_head_with_a_length_goes_with_the_body():
     one.write(HEAD)  # the next answer on the connection: held again
     one.write(b"[]")
     assert transport.writes[-1] == HEAD + b"[]"
+    large = b"x" * (JOIN_MAX + 1)
+    one.write(HEAD)
+    one.write(large)  # not copied behind its head: two writes
+    assert transport.writes[-2:] == [HEAD, large]
 
 
 def test_what_has_no_length_goes_at_once_and_closing_sends_a_held_head():

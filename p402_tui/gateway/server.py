@@ -92,6 +92,9 @@ class _GuardedProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+JOIN_MAX = 64 * 1024  # a body up to this size is copied behind its head
+
+
 class _OneWrite:
     """A connection's transport as one request's response cycle writes to it: a head that gives the body's
     length is held until the body's first bytes and goes in the same write. uvicorn writes them apart: two
@@ -108,7 +111,11 @@ class _OneWrite:
         head = self.head
         if head is not None:
             self.head = None
-            self.transport.write(head + data)
+            if len(data) <= JOIN_MAX:
+                self.transport.write(head + data)
+                return
+            self.transport.write(head)  # a large body is not copied to save a send
+            self.transport.write(data)
         elif data[:9] == b"HTTP/1.1 " and b"\r\ncontent-length: " in data:  # uvicorn writes names in lower case
             self.head = data
         else:
