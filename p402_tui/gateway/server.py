@@ -8,7 +8,8 @@ uvicorn bounds how long an idle keep-alive connection lives and how many request
 run at once, but not how long a client may take to send its headers or body: a
 connection that sends a header line every few seconds would live for ever. Its
 protocol is wrapped here (`_GuardedProtocol`) to close such connections, and to
-close new ones past `[gateway] max_connections` at once.
+close new ones past `[gateway] max_connections` at once, and to send an answer's head and body in
+one write (`_OneWrite`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class _GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._arm(self.body_timeout_s)
         super().on_headers_complete()
+        cycle = self.cycle  # made just now, its task not yet run; or, for an upgrade, the last one
+        # A HEAD answer's head is all uvicorn writes of it: nothing would follow to send it with.
+        if cycle is not None and type(cycle.transport) is not _OneWrite and cycle.scope["method"] != "HEAD":
+            cycle.transport = _OneWrite(self.transport)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -85,6 +90,44 @@ class _GuardedProtocol(HttpToolsProtocol):
         self._timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+JOIN_MAX = 64 * 1024  # a body up to this size is copied behind its head
+
+
+class _OneWrite:
+    """A connection's transport as one request's response cycle writes to it: a head that gives the body's
+    length is held until the body's first bytes and goes in the same write. uvicorn writes them apart: two
+    sends, two TCP segments and two wake-ups of the client for every answer. A head without a length (a
+    stream's, a `100 Continue`) goes at once; closing sends a head still held."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        head = self.head
+        if head is not None:
+            self.head = None
+            if len(data) <= JOIN_MAX:
+                self.transport.write(head + data)
+                return
+            self.transport.write(head)  # a large body is not copied to save a send
+            self.transport.write(data)
+        elif data[:9] == b"HTTP/1.1 " and b"\r\ncontent-length: " in data:  # uvicorn writes names in lower case
+            self.head = data
+        else:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.head is not None:
+            self.write(b"")
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 def _guarded_protocol(conf: Any) -> type[_GuardedProtocol]:
