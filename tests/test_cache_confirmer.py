@@ -63,6 +63,18 @@ def test_the_child_gives_exactly_the_vectors_minilm_gives_in_process(child):
     assert child.info() == {**here.info(), "process": child.pid}
 
 
+def test_weights_mapped_from_the_file_give_exactly_the_vectors_weights_read_into_memory_give():
+    import json
+
+    from safetensors.numpy import load_file
+
+    mapped = MiniLMEmbedder.load(FOLDER, verified=True)
+    config = json.loads((FOLDER / "config.json").read_text())
+    read = MiniLMEmbedder(mapped.tokenizer, load_file(str(FOLDER / "model.safetensors")), config, FOLDER)
+    assert np.array_equal(mapped.encode(TEXTS), read.encode(TEXTS))
+    assert not mapped.word.flags.writeable and mapped.word.base is not None  # the file's pages, not a copy
+
+
 def test_a_child_killed_between_confirmations_is_started_again_at_the_next(child):
     first = child.pid
     os.kill(first, signal.SIGKILL)
