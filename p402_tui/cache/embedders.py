@@ -182,8 +182,8 @@ class MiniLMEmbedder(LocalEmbedder):
         for i in range(int(config["num_hidden_layers"])):
             p = f"encoder.layer.{i}."
             w = lambda name: weights[p + name]  # noqa: E731
-            own = lambda name: np.array(weights[p + name])  # noqa: E731 - small: a copy, not the mapped file's
             # Linear weights are stored (out, in); transposed and fused once so each layer is three matmuls.
+            # Everything is copied out of `weights`, which may be mapped from the file (`_mapped_tensors`).
             qkv = np.ascontiguousarray(
                 np.concatenate([w(f"attention.self.{n}.weight") for n in ("query", "key", "value")]).T
             )
@@ -193,13 +193,13 @@ class MiniLMEmbedder(LocalEmbedder):
                     qkv,
                     qkv_bias,
                     np.ascontiguousarray(w("attention.output.dense.weight").T),
-                    own("attention.output.dense.bias"),
-                    (own("attention.output.LayerNorm.weight"), own("attention.output.LayerNorm.bias")),
+                    np.array(w("attention.output.dense.bias")),
+                    (np.array(w("attention.output.LayerNorm.weight")), np.array(w("attention.output.LayerNorm.bias"))),
                     np.ascontiguousarray(w("intermediate.dense.weight").T),
-                    own("intermediate.dense.bias"),
+                    np.array(w("intermediate.dense.bias")),
                     np.ascontiguousarray(w("output.dense.weight").T),
-                    own("output.dense.bias"),
-                    (own("output.LayerNorm.weight"), own("output.LayerNorm.bias")),
+                    np.array(w("output.dense.bias")),
+                    (np.array(w("output.LayerNorm.weight")), np.array(w("output.LayerNorm.bias"))),
                 )
             )
 
