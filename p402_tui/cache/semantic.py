@@ -600,6 +600,8 @@ class SemanticCache:
         if self._builder is not None:
             await asyncio.to_thread(self._builder.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._gathering is not None:
+            self._gathering.cancel()
         for ask in [*self._in_flight, *self._asks]:  # a cancelled job would never answer them
             ask.future.cancel()
         close = getattr(self.confirmer, "close", None)
