@@ -55,9 +55,23 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    """Resident MB of this process and its children (the cache's MiniLM confirmer is one, once started)."""
+    kb = 0
+    for pid in [os.getpid(), *_children(os.getpid())]:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                kb += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
     return round(kb / 1024, 1)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for task in os.listdir(f"/proc/{pid}/task")
+                for child in open(f"/proc/{pid}/task/{task}/children").read().split()]  # fmt: skip
+    except OSError:
+        return []
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

@@ -94,13 +94,16 @@ def free_port() -> int:
 
 
 def rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+    """Resident MiB of a process and its children (the cache's MiniLM confirmer is one, once started)."""
+    total = None
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0.0) + int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return None if total is None else round(total, 1)
 
 
 def cpu_seconds(pid: int) -> float:

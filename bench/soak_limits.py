@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway import Child, free_port, percentile, sim_config  # noqa: E402 - bench/gateway.py, beside this file
+from gateway import Child, descendants, free_port, percentile, sim_config  # noqa: E402 - bench/gateway.py, beside this file
 
 PYTHON = sys.executable
 MODEL = "openai/gpt-4o-mini"
@@ -63,10 +63,16 @@ class Stack:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident MB of a process and its children (the cache's MiniLM confirmer is one, once started)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
 
 
 def cpu_s(pid: int) -> float:

@@ -585,6 +585,55 @@ async def test_lookups_that_arrive_together_share_one_worker_job_and_each_gets_i
     assert hit is not None and hit.response.content == "Flour, water, salt, time."
 
 
+async def test_under_load_the_next_batch_waits_briefly_for_company_and_a_quiet_lookup_never_waits(static_table, store):
+    from p402_tui.cache import semantic
+
+    cache = SemanticCache(store, embedder=static_table)
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    loop = asyncio.get_running_loop()
+
+    async def timed(text: str, rid: str) -> float:
+        started = loop.time()
+        await cache.lookup(ask(text), None, "default", request_id=rid)
+        return loop.time() - started
+
+    waits = []
+    call_later = loop.call_later
+
+
+    def spied(delay, callback, *args, **kw):
+        if callback == cache._send_asks:
+            waits.append(delay)
+        return call_later(delay, callback, *args, **kw)
+
+    loop.call_later = spied
+    # One lookup at a time: each goes on the pool at once.
+    for i in range(5):
+        await timed(f"How tall is mountain number {i}?", f"q{i}")
+    assert waits == []
+    # A burst: the first batch is large, so what arrives while it is on the pool waits up to GATHER_S for more.
+    batches = cache.stats.semantic_batches
+    burst = [asyncio.create_task(timed(f"Burst question {i} about rivers?", f"b{i}")) for i in range(semantic.GATHER_AFTER)]
+    await asyncio.sleep(0)  # the burst is asked, and its batch sent
+    late = [asyncio.create_task(timed(f"Late question {i} about lakes?", f"l{i}")) for i in range(3)]
+    await asyncio.gather(*burst, *late)
+    assert cache.stats.semantic_batches - batches == 2
+    assert waits == [semantic.GATHER_S]
+    assert min(task.result() for task in late) >= semantic.GATHER_S
+    # Once GATHER_UP_TO wait, they go at once, without waiting out the rest of GATHER_S.
+    burst = [asyncio.create_task(timed(f"Second burst {i} on seas?", f"c{i}")) for i in range(semantic.GATHER_AFTER)]
+    await asyncio.sleep(0)
+    late = [asyncio.create_task(timed(f"Late {i} on ponds?", f"p{i}"))]
+    while cache._gathering is None:
+        await asyncio.sleep(0.001)
+    waiting = cache._gathering
+    crowd = [asyncio.create_task(timed(f"Crowd {i} on oceans?", f"o{i}")) for i in range(semantic.GATHER_UP_TO)]
+    await asyncio.sleep(0)
+    assert waiting.cancelled() and cache._gathering is None
+    await asyncio.gather(*burst, *late, *crowd)
+    del loop.call_later
+
+
 def _assert_buckets_hold_every_row_once(index: VectorIndex) -> None:
     buckets = index.buckets
     assert buckets is not None

