@@ -667,6 +667,10 @@ class MiniLMProcess(ConfirmerProcess, LocalEmbedder):
     name = MiniLMEmbedder.name
     label = MiniLMEmbedder.label
 
+    def encode(self, texts: list[str]) -> np.ndarray:
+        # Cut here as MiniLMEmbedder cuts them: an 8 MB prompt would otherwise cross the pipe whole.
+        return super().encode([text[:MAX_CHARS] for text in texts])
+
 
 def load_confirmer(folder: Path) -> LocalEmbedder:
     """MiniLM in a child process; in this one when no child can be started here (sync: call it in a thread)."""
