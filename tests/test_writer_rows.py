@@ -1,14 +1,17 @@
-"""SQLite's writer sends a batch as a few multi-row statements, not one statement per row: each statement
-lets go of the GIL and must take it back, a wait of up to 5 ms on a busy gateway."""
+"""Both writers send a batch as a few multi-row statements, not one statement per row: on SQLite each
+statement lets go of the GIL and must take it back, on PostgreSQL each costs psycopg's Python on the
+gateway's GIL and the server's parse, bind and execute."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
 
+import pytest
+
 from p402_tui.core.hooks import RequestRecord
 from p402_tui.store import queries, rollups
-from p402_tui.store.sqlite_writer import _multi_row
+from p402_tui.store.rows import multi_row as _multi_row
 from p402_tui.store.store import Store
 
 
@@ -40,6 +43,73 @@ async def test_a_batch_of_many_requests_is_a_handful_of_statements(tmp_path):
     statements = [s for s in sent if s not in ("BEGIN IMMEDIATE", "COMMIT")]
     # 400+ statements a row at a time; in groups, per table a few of at most 128 rows (64 + 32 + 4).
     assert 4 <= len(statements) <= 20, statements
+
+
+class _Counted:
+    """Counts what a psycopg connection's cursors send: statements executed, rows through executemany."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def factory(self):
+        import psycopg
+
+        sent = self.statements
+
+        class Cursor(psycopg.Cursor):
+            def execute(self, query, params=None, **kw):
+                sent.append(str(query))
+                return super().execute(query, params, **kw)
+
+            def executemany(self, query, params_seq, **kw):
+                rows = list(params_seq)
+                sent.extend([str(query)] * len(rows))
+                return super().executemany(query, rows, **kw)
+
+        return Cursor
+
+
+async def test_a_batch_of_many_requests_is_a_handful_of_statements_on_postgresql(pg_url):
+    from p402_tui.store.engine import open_store
+
+    store = await open_store(pg_url)
+    counted = _Counted()
+    try:
+        cursor = counted.factory()
+        store.put_later(lambda: setattr(store.writer.conn, "cursor_factory", cursor) or [])
+        await store.flush()
+        for n in range(100):
+            store.put_later(lambda n=n: queries.ledger_writes(record(n), prompt_key="same-prompt"))
+        await store.flush()
+        count = await store.scalar("SELECT COUNT(*) FROM requests")
+        tags = await store.scalar("SELECT COUNT(*) FROM spend_hourly WHERE dim = 'tag'")
+        provider = await store.fetchall("SELECT requests, repeats, repeat_cost_usd FROM spend_hourly WHERE dim = 'provider'")
+    finally:
+        await store.aclose()
+    assert count == 100 and tags == 100
+    assert provider[0]["requests"] == 100 and provider[0]["repeats"] == 99
+    assert abs(provider[0]["repeat_cost_usd"] - sum(n / 1000 for n in range(1, 100))) < 1e-9
+    # 400+ statements a row at a time (each its own result for psycopg to read); in groups, a few per table.
+    assert 4 <= len(counted.statements) <= 20, [s[:60] for s in counted.statements]
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
+async def test_an_upsert_of_one_key_twice_in_a_batch_keeps_the_later_row(store_kind, tmp_path, request):
+    # PostgreSQL refuses one statement that updates a row twice; the writer splits the group there.
+    from p402_tui.store.engine import open_store
+
+    store = await open_store(request.getfixturevalue("pg_url") if store_kind == "postgres" else tmp_path / "p.db")
+    upsert = "INSERT INTO rollup_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+    try:
+        for n, name in enumerate(["a", "b", "a", "c", "a", "b"]):
+            store.put(upsert, (name, float(n)))
+        await store.flush()
+        rows = {r["name"]: r["value"] for r in await store.fetchall("SELECT name, value FROM rollup_state")}
+        batches, failed = store.writer.stats.batches, store.writer.stats.failed
+    finally:
+        await store.aclose()
+    assert {k: rows[k] for k in "abc"} == {"a": 4.0, "b": 5.0, "c": 3.0}
+    assert failed == 0 and batches == 1  # one transaction: not failed, then written a row at a time
 
 
 def await_count(path) -> int:

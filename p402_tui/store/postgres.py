@@ -2,10 +2,10 @@
 
 Reads take a connection from a psycopg pool. Writes go through the batching writer SQLite's go
 through (`writer.BatchWriter`, a thread of its own), here on a synchronous connection of its own:
-what was put within the interval is committed as one transaction, inserts of one shape sent together
-(executemany, pipelined); while the server is unreachable a batch is retried with a capped backoff,
-never dropped, and the store says it is `unavailable` so the gateway answers 503 instead of queueing
-what it cannot write.
+what was put within the interval is committed as one transaction in one pipeline, the inserts of one
+shape as a few multi-row statements (`rows`); while the server is unreachable a batch is retried with a
+capped backoff, never dropped, and the store says it is `unavailable` so the gateway answers 503
+instead of queueing what it cannot write.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .db import (
     statements,
 )
 from .dialect import POSTGRES, postgres_sql
+from .rows import grouped, multi_row
 from .writer import INTERVAL_S, BatchWriter, Params, Write, shapes
 
 log = logging.getLogger("p402.store")
@@ -236,7 +237,7 @@ class PgWriter(BatchWriter):
     def _transaction(self, writes: list[Write]) -> list[int]:
         counts: list[Any] = [1] * len(writes)
         alone: list[tuple[int, Any]] = []
-        groups = shapes(writes)  # each group one executemany: one round trip
+        groups = shapes(writes)  # each group a few multi-row statements
         try:
             if self.conn is None:
                 self._connect()
@@ -275,13 +276,18 @@ class PgWriter(BatchWriter):
 def _send(conn: Any, writes: list[Write], groups: list[list[int]], alone: list[tuple[int, Any]]) -> None:
     cursor = conn.cursor()
     for group in groups:
-        sql = postgres_sql(writes[group[0]].sql)
+        first = writes[group[0]]
         if len(group) == 1:
-            cursor.execute(sql, writes[group[0]].params)
+            cursor.execute(postgres_sql(first.sql), first.params)
             alone.append((group[0], cursor))
             cursor = conn.cursor()
-        else:  # a pipeline of its own: one round trip for the group
-            cursor.executemany(sql, [writes[i].params for i in group])
+            continue
+        rows = [writes[i].params for i in group]
+        if multi_row(first.sql) is not None and all(type(row) in (tuple, list) for row in rows):
+            for sql, params in grouped(first.sql, rows, "postgresql"):
+                cursor.execute(postgres_sql(sql), params)
+        else:
+            cursor.executemany(postgres_sql(first.sql), rows)
 
 
 # --- the store ----------------------------------------------------------------------------

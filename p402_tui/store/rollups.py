@@ -65,12 +65,15 @@ MARK_REPEAT = (
     f"AND EXISTS (SELECT 1 FROM requests r WHERE r.id = ? AND {REPEAT_SQL})"
 )
 _MARK_COLUMNS = "cost, hour, value, api_key_id, simulated, id"  # MARK_REPEAT's parameters, in order
+_MARK_TYPES = ("DOUBLE PRECISION", "INTEGER", "TEXT", "TEXT", "INTEGER", "TEXT")  # and their types
 
 
-def mark_repeats(rows: int) -> str:
-    """MARK_REPEAT for `rows` ledger rows in one statement (SQLite's writer): the same parameters, a
-    row's after another's. Each spend row gets the count and the cost of its rows that are repeats."""
-    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+def mark_repeats(rows: int, *, typed: bool = False) -> str:
+    """MARK_REPEAT for `rows` ledger rows in one statement (the writers'): the same parameters, a row's
+    after another's. Each spend row gets the count and the cost of its rows that are repeats. `typed`
+    casts each parameter, as PostgreSQL needs to compare a VALUES list's columns with the table's."""
+    row = ", ".join(f"CAST(? AS {t})" for t in _MARK_TYPES) if typed else "?, ?, ?, ?, ?, ?"
+    values = ", ".join([f"({row})"] * rows)
     return (
         f"WITH v({_MARK_COLUMNS}) AS (VALUES {values}), m AS (SELECT hour, value, api_key_id, simulated, "
         "COUNT(*) AS n, SUM(cost) AS cost FROM v WHERE EXISTS (SELECT 1 FROM requests r WHERE r.id = v.id "
