@@ -29,7 +29,7 @@ def multi_row(sql: str, rows: int = 0, engine: str = "sqlite") -> str | None:
 @functools.lru_cache(maxsize=512)
 def _multi_row(sql: str, rows: int, typed: bool) -> str | None:
     if sql == MARK_REPEAT:
-        return mark_repeats(rows, typed=typed) if rows else sql
+        return mark_repeats(rows, "postgresql" if typed else "sqlite") if rows else sql
     start = sql.find(" VALUES (")
     if start == -1 or not sql.lstrip().upper().startswith("INSERT"):
         return None
