@@ -284,8 +284,9 @@ def _send(conn: Any, writes: list[Write], groups: list[list[int]], alone: list[t
             continue
         rows = [writes[i].params for i in group]
         if multi_row(first.sql) is not None and all(type(row) in (tuple, list) for row in rows):
+            raw = psycopg.RawCursor(conn)
             for sql, params in grouped(first.sql, rows, "postgresql"):
-                cursor.execute(postgres_sql(sql), params)
+                raw.execute(sql, params)
         else:
             cursor.executemany(postgres_sql(first.sql), rows)
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from .dialect import numbered_sql
 from .rollups import MARK_REPEAT, mark_repeats
 
 MAX_ROWS = 128  # rows in one multi-row statement
@@ -40,10 +41,11 @@ def _multi_row(sql: str, rows: int, typed: bool) -> str | None:
     return f"{sql[:start + 8]}{', '.join([values] * rows)}{sql[end + 1:]}" if rows else sql
 
 
-def grouped(sql: str, params: Sequence[Sequence[Any]], engine: str = "sqlite") -> Iterator[tuple[str, list[Any]]]:
+def grouped(sql: str, params: Sequence[Sequence[Any]], engine: str = "sqlite") -> Iterator[tuple[Any, list[Any]]]:
     """One statement's rows of `params` as (multi-row statement, its parameters), a few per group: sizes
     in powers of two, so each engine's statement cache (SQLite's, psycopg's prepared statements) holds
-    a handful of forms per table. The caller checks `multi_row(sql)` first."""
+    a handful of forms per table. PostgreSQL's statements come numbered (`$1`) and encoded, for a
+    RawCursor. The caller checks `multi_row(sql)` first."""
     width = len(params[0]) if params else 0
     most = max(1, min(MAX_ROWS, MAX_VARIABLES[engine] // max(width, 1)))
     if engine == "postgresql":
@@ -54,8 +56,14 @@ def grouped(sql: str, params: Sequence[Sequence[Any]], engine: str = "sqlite") -
         at = 0
         while at < len(part):
             rows = 1 << (min(len(part) - at, most).bit_length() - 1)
-            yield _multi_row(sql, rows, engine == "postgresql"), [v for row in part[at:at + rows] for v in row]
+            statement = _numbered(sql, rows) if engine == "postgresql" else _multi_row(sql, rows, False)
+            yield statement, [v for row in part[at:at + rows] for v in row]
             at += rows
+
+
+@functools.lru_cache(maxsize=256)
+def _numbered(sql: str, rows: int) -> bytes:
+    return numbered_sql(_multi_row(sql, rows, True)).encode()
 
 
 def _unique_keys(sql: str, params: Sequence[Sequence[Any]]) -> list[Sequence[Sequence[Any]]]:
