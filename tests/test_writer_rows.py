@@ -97,18 +97,26 @@ def await_count(path) -> int:
         return conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
 
 
-async def test_a_bad_row_among_grouped_ones_is_dropped_alone(tmp_path):
-    store = await Store.open(tmp_path / "p402.db")
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
+async def test_a_bad_row_among_grouped_ones_is_dropped_alone(store_kind, tmp_path, request):
+    from p402_tui.store.engine import open_store
+
+    store = await open_store(request.getfixturevalue("pg_url") if store_kind == "postgres" else tmp_path / "p402.db")
     try:
         good = "INSERT INTO agent_sessions (id, name, status, created, updated) VALUES (?, ?, ?, ?, ?)"
-        for n in range(10):
-            store.put(good, (f"s{n}", f"name {n}", "bogus-status" if n == 4 else "active", 0, 0))
-        await store.flush()
+        for round_ in ("a", "b"):  # the second batch's statements work after the first one's failed
+            for n in range(10):
+                store.put(good, (f"{round_}{n}", f"name {round_}{n}", "bogus-status" if n == 4 else "active", 0, 0))
+            await store.flush()
         ids = [r["id"] for r in await store.fetchall("SELECT id FROM agent_sessions ORDER BY id")]
-        assert store.writer.stats.failed == 1
+        assert store.writer.stats.failed == 2
+        store.put(good, ("c0", "name c0", "active", 0, 0))
+        store.put(good, ("c1", "name c1", "active", 0, 0))
+        await store.flush()
+        assert await store.scalar("SELECT COUNT(*) FROM agent_sessions WHERE id LIKE 'c%'") == 2
     finally:
         await store.aclose()
-    assert ids == [f"s{n}" for n in range(10) if n != 4]
+    assert ids == [f"{r}{n}" for r in "ab" for n in range(10) if n != 4]
 
 
 def test_multi_row_forms():

@@ -11,6 +11,7 @@ instead of queueing what it cannot write.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from .db import (
     migration_sql,
     statements,
 )
-from .dialect import POSTGRES, postgres_sql
+from .dialect import POSTGRES, numbered_sql, postgres_sql
 from .rows import grouped, multi_row
 from .writer import INTERVAL_S, BatchWriter, Params, Write, shapes
 
@@ -43,6 +44,8 @@ try:
     from psycopg.rows import dict_row
     from psycopg.types.numeric import FloatLoader
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+    from .pg_batch import Batches
 except ImportError:  # the `postgres` extra is not installed: `open_store` says so
     psycopg = None  # type: ignore[assignment]
 
@@ -215,6 +218,7 @@ class PgWriter(BatchWriter):
         self.down = down  # whether the server is known to be away
         self.errors = (psycopg.Error,)
         self.conn: Any = None  # the thread's
+        self._batches: Any = None  # `pg_batch.Batches` on that connection
 
     def _connect(self) -> None:
         conn = psycopg.Connection.connect(
@@ -228,6 +232,7 @@ class PgWriter(BatchWriter):
             except psycopg.DataError:  # as `_set_zone`
                 pass
         self.conn = conn
+        self._batches = Batches(conn)
 
     def _disconnect(self) -> None:
         if self.conn is not None:
@@ -245,12 +250,15 @@ class PgWriter(BatchWriter):
             if len(groups) == 1 and len(groups[0]) == 1:
                 # One statement is a transaction of its own (autocommit): no BEGIN and COMMIT to wait for.
                 alone.append((0, conn.execute(postgres_sql(writes[0].sql), writes[0].params)))
+            elif all(w.result is None and type(w.params) in (tuple, list) for w in writes):
+                # What requests leave behind, no caller waiting: sent at once (`pg_batch`), one round trip.
+                self._batches.send(_statements(writes, groups))
             else:
                 # One pipeline for the whole transaction, BEGIN to COMMIT: gateways on one server upsert
                 # the same rollup rows, and a row lock held across round trips stalls the others' writers.
                 with conn.pipeline(), conn.transaction():
                     _send(conn, writes, groups, alone)
-        except psycopg.OperationalError as error:
+        except psycopg.Error as error:
             if self.conn is not None and (self.conn.broken or self.conn.closed):
                 self._disconnect()  # a new connection at the next try
             if transient(error):
@@ -289,6 +297,26 @@ def _send(conn: Any, writes: list[Write], groups: list[list[int]], alone: list[t
                 raw.execute(sql, params)
         else:
             cursor.executemany(postgres_sql(first.sql), rows)
+
+
+def _statements(writes: list[Write], groups: list[list[int]]) -> list[tuple[bytes, Any]]:
+    """A batch's groups as (SQL numbered `$1`, parameters) for `pg_batch`: multi-row statements where
+    there is a form for one, else a statement a row."""
+    out: list[tuple[bytes, Any]] = []
+    for group in groups:
+        sql = writes[group[0]].sql
+        rows = [writes[i].params for i in group]
+        if len(group) > 1 and multi_row(sql) is not None:
+            out += grouped(sql, rows, "postgresql")
+        else:
+            raw = _numbered(sql)
+            out += [(raw, row) for row in rows]
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _numbered(sql: str) -> bytes:
+    return numbered_sql(sql).encode()
 
 
 # --- the store ----------------------------------------------------------------------------
