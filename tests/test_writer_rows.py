@@ -178,3 +178,34 @@ async def test_postgresql_marks_repeats_a_row_at_a_time_not_by_joining_the_ledge
             "EXPLAIN " + postgres_sql(multi_row(rollups.MARK_REPEAT, 16, "postgresql")), params))
     assert "Seq Scan on requests" not in plan and "Hash Semi Join" not in plan, plan
     assert "requests_pkey" in plan, plan
+
+
+async def test_postgresql_keeps_a_bounded_set_of_statements_prepared(pg_url, monkeypatch):
+    # Each batch's statements are prepared by text and parameter types; past MAX_PREPARED the least
+    # recently used goes (DEALLOCATE), so a writer seeing many shapes holds no more on the server.
+    from p402_tui.store import pg_batch
+    from p402_tui.store.engine import open_store
+
+    monkeypatch.setattr(pg_batch, "MAX_PREPARED", 3)
+    store = await open_store(pg_url)
+    upsert = "INSERT INTO rollup_state (name, value) VALUES (?, ?)"
+    held: list[int] = []
+
+    def count_prepared() -> list:
+        held.append(store.writer.conn.execute("SELECT COUNT(*) FROM pg_prepared_statements WHERE name LIKE 'p402_w%'").fetchone()["count"])
+        return []
+
+    try:
+        values = [1.5, 7, 100_000, 2**40, None, 2.5, 8]  # float8, int2, int4, int8, unknown: five shapes
+        for n, value in enumerate(values):
+            store.put(upsert, (f"a{n}", value))
+            store.put(upsert, (f"b{n}", value))
+            await store.flush()
+            store.put_later(count_prepared)
+            await store.flush()
+        rows = await store.scalar("SELECT COUNT(*) FROM rollup_state WHERE name ~ '^[ab][0-9]$'")
+        assert store.writer.stats.failed == 0
+    finally:
+        await store.aclose()
+    assert rows == 2 * len(values)
+    assert max(held) == 3 and held[:3] == [1, 2, 3], held
