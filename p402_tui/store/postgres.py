@@ -2,10 +2,10 @@
 
 Reads take a connection from a psycopg pool. Writes go through the batching writer SQLite's go
 through (`writer.BatchWriter`, a thread of its own), here on a synchronous connection of its own:
-what was put within the interval is committed as one transaction in one pipeline, the inserts of one
-shape as a few multi-row statements (`rows`); while the server is unreachable a batch is retried with a
-capped backoff, never dropped, and the store says it is `unavailable` so the gateway answers 503
-instead of queueing what it cannot write.
+what was put within the interval is committed as one transaction in one pipeline (`pg_batch` when no
+caller waits on it), the inserts of one shape as a few multi-row statements (`rows`); while the server
+is unreachable a batch is retried with a capped backoff, never dropped, and the store says it is
+`unavailable` so the gateway answers 503 instead of queueing what it cannot write.
 """
 
 from __future__ import annotations
