@@ -1,7 +1,8 @@
 """The few things the two engines cannot say alike, and PostgreSQL's spelling of our SQL.
 
 Statements are written once, with `?` (or `:name`) placeholders, in SQL both engines run;
-`postgres_sql` turns the placeholders into psycopg's once per statement.
+`postgres_sql` turns the placeholders into psycopg's once per statement, `numbered_sql` into the
+server's own (`$1`), for psycopg's RawCursor.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ POSTGRES = Dialect("postgresql", "ctid")
 def postgres_sql(sql: str) -> str:
     """`?` and `:name` placeholders as `%s` and `%(name)s`, a literal `%` doubled; quoted text, quoted
     names, comments and `::` casts are left as they are."""
+    return _placeholders(sql, numbered=False)
+
+
+def numbered_sql(sql: str) -> str:
+    """`?` placeholders as `$1`, `$2`, ...: what the server reads, which psycopg's RawCursor sends as it
+    is. psycopg parses any other statement of over 50 parameters or 4 KB again at each execution."""
+    return _placeholders(sql, numbered=True)
+
+
+def _placeholders(sql: str, *, numbered: bool) -> str:
+    percent = "%" if numbered else "%%"
+    count = 0
     out: list[str] = []
     i, n = 0, len(sql)
     while i < n:
@@ -49,23 +62,24 @@ def postgres_sql(sql: str) -> str:
                         continue
                     break
                 end += 1
-            out.append(sql[i : end + 1].replace("%", "%%"))
+            out.append(sql[i : end + 1].replace("%", percent))
             i = end + 1
         elif c == "-" and sql.startswith("--", i):
             end = sql.find("\n", i)
             end = n if end < 0 else end
-            out.append(sql[i:end].replace("%", "%%"))
+            out.append(sql[i:end].replace("%", percent))
             i = end
         elif c == "?":
-            out.append("%s")
+            count += 1
+            out.append(f"${count}" if numbered else "%s")
             i += 1
         elif c == "%":
-            out.append("%%")
+            out.append(percent)
             i += 1
         elif c == ":" and sql.startswith("::", i):
             out.append("::")
             i += 2
-        elif c == ":" and i + 1 < n and (sql[i + 1].isalpha() or sql[i + 1] == "_"):
+        elif c == ":" and i + 1 < n and (sql[i + 1].isalpha() or sql[i + 1] == "_") and not numbered:
             end = i + 1
             while end < n and (sql[end].isalnum() or sql[end] == "_"):
                 end += 1

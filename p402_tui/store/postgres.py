@@ -2,15 +2,16 @@
 
 Reads take a connection from a psycopg pool. Writes go through the batching writer SQLite's go
 through (`writer.BatchWriter`, a thread of its own), here on a synchronous connection of its own:
-what was put within the interval is committed as one transaction, inserts of one shape sent together
-(executemany, pipelined); while the server is unreachable a batch is retried with a capped backoff,
-never dropped, and the store says it is `unavailable` so the gateway answers 503 instead of queueing
-what it cannot write.
+what was put within the interval is committed as one transaction in one pipeline (`pg_batch` when no
+caller waits on it), the inserts of one shape as a few multi-row statements (`rows`); while the server
+is unreachable a batch is retried with a capped backoff, never dropped, and the store says it is
+`unavailable` so the gateway answers 503 instead of queueing what it cannot write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -28,7 +29,8 @@ from .db import (
     migration_sql,
     statements,
 )
-from .dialect import POSTGRES, postgres_sql
+from .dialect import POSTGRES, numbered_sql, postgres_sql
+from .rows import grouped, multi_row
 from .writer import INTERVAL_S, BatchWriter, Params, Write, shapes
 
 log = logging.getLogger("p402.store")
@@ -42,6 +44,8 @@ try:
     from psycopg.rows import dict_row
     from psycopg.types.numeric import FloatLoader
     from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+    from .pg_batch import Batches
 except ImportError:  # the `postgres` extra is not installed: `open_store` says so
     psycopg = None  # type: ignore[assignment]
 
@@ -214,6 +218,7 @@ class PgWriter(BatchWriter):
         self.down = down  # whether the server is known to be away
         self.errors = (psycopg.Error,)
         self.conn: Any = None  # the thread's
+        self._batches: Any = None  # `pg_batch.Batches` on that connection
 
     def _connect(self) -> None:
         conn = psycopg.Connection.connect(
@@ -227,6 +232,7 @@ class PgWriter(BatchWriter):
             except psycopg.DataError:  # as `_set_zone`
                 pass
         self.conn = conn
+        self._batches = Batches(conn)
 
     def _disconnect(self) -> None:
         if self.conn is not None:
@@ -236,7 +242,7 @@ class PgWriter(BatchWriter):
     def _transaction(self, writes: list[Write]) -> list[int]:
         counts: list[Any] = [1] * len(writes)
         alone: list[tuple[int, Any]] = []
-        groups = shapes(writes)  # each group one executemany: one round trip
+        groups = shapes(writes)  # each group a few multi-row statements
         try:
             if self.conn is None:
                 self._connect()
@@ -244,12 +250,15 @@ class PgWriter(BatchWriter):
             if len(groups) == 1 and len(groups[0]) == 1:
                 # One statement is a transaction of its own (autocommit): no BEGIN and COMMIT to wait for.
                 alone.append((0, conn.execute(postgres_sql(writes[0].sql), writes[0].params)))
+            elif all(w.result is None and type(w.params) in (tuple, list) for w in writes):
+                # What requests leave behind, no caller waiting: sent at once (`pg_batch`), one round trip.
+                self._batches.send(_statements(writes, groups))
             else:
                 # One pipeline for the whole transaction, BEGIN to COMMIT: gateways on one server upsert
                 # the same rollup rows, and a row lock held across round trips stalls the others' writers.
                 with conn.pipeline(), conn.transaction():
                     _send(conn, writes, groups, alone)
-        except psycopg.OperationalError as error:
+        except psycopg.Error as error:
             if self.conn is not None and (self.conn.broken or self.conn.closed):
                 self._disconnect()  # a new connection at the next try
             if transient(error):
@@ -275,13 +284,39 @@ class PgWriter(BatchWriter):
 def _send(conn: Any, writes: list[Write], groups: list[list[int]], alone: list[tuple[int, Any]]) -> None:
     cursor = conn.cursor()
     for group in groups:
-        sql = postgres_sql(writes[group[0]].sql)
+        first = writes[group[0]]
         if len(group) == 1:
-            cursor.execute(sql, writes[group[0]].params)
+            cursor.execute(postgres_sql(first.sql), first.params)
             alone.append((group[0], cursor))
             cursor = conn.cursor()
-        else:  # a pipeline of its own: one round trip for the group
-            cursor.executemany(sql, [writes[i].params for i in group])
+            continue
+        rows = [writes[i].params for i in group]
+        if multi_row(first.sql) is not None and all(type(row) in (tuple, list) for row in rows):
+            raw = psycopg.RawCursor(conn)
+            for sql, params in grouped(first.sql, rows, "postgresql"):
+                raw.execute(sql, params)
+        else:
+            cursor.executemany(postgres_sql(first.sql), rows)
+
+
+def _statements(writes: list[Write], groups: list[list[int]]) -> list[tuple[bytes, Any]]:
+    """A batch's groups as (SQL numbered `$1`, parameters) for `pg_batch`: multi-row statements where
+    there is a form for one, else a statement a row."""
+    out: list[tuple[bytes, Any]] = []
+    for group in groups:
+        sql = writes[group[0]].sql
+        rows = [writes[i].params for i in group]
+        if len(group) > 1 and multi_row(sql) is not None:
+            out += grouped(sql, rows, "postgresql")
+        else:
+            raw = _numbered(sql)
+            out += [(raw, row) for row in rows]
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _numbered(sql: str) -> bytes:
+    return numbered_sql(sql).encode()
 
 
 # --- the store ----------------------------------------------------------------------------

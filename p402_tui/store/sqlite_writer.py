@@ -7,14 +7,13 @@ written: a second thread does it instead, on its own connection (`_checkpoints`)
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
 
 from .db import StoreError, is_busy, open_sync
-from .rollups import MARK_REPEAT, mark_repeats
+from .rows import grouped, multi_row
 from .writer import INTERVAL_S, Batch, BatchWriter, Write, _first_line, log, shapes
 
 CHECKPOINT_EVERY_S = 1.0  # at most this often; about 1000 pages of WAL at 1,000 requests a second
@@ -107,43 +106,15 @@ class Writer(BatchWriter):
 
 
 def _execute_rows(cursor: sqlite3.Cursor, writes: list[Write]) -> None:
-    """Writes of one statement as a few multi-row statements: VALUES (...), (...), ... Each statement
-    the writer sends lets go of the GIL while SQLite runs it and must take it back after, a wait of up
-    to the switch interval (5 ms by default, 1 ms in `p402 serve`) while the loop runs: a batch of a
-    hundred requests was 400 statements one by one, and is a dozen so."""
-    sql, width = writes[0].sql, len(writes[0].params)
-    multi = _multi_row(sql) is not None and all(type(w.params) in (tuple, list) for w in writes)
-    if not multi:
+    """Writes of one statement as a few multi-row statements (`rows`): each statement the writer sends
+    lets go of the GIL while SQLite runs it and must take it back after, a wait of up to the switch
+    interval (1 ms in `p402 serve`) while the loop runs."""
+    sql = writes[0].sql
+    if multi_row(sql) is None or not all(type(w.params) in (tuple, list) for w in writes):
         cursor.executemany(sql, [w.params for w in writes])
         return
-    most = max(1, min(MAX_ROWS, MAX_VARIABLES // max(width, 1)))
-    at = 0
-    while at < len(writes):
-        # Sizes in powers of two: a handful of statements per table for SQLite's statement cache.
-        rows = 1 << (min(len(writes) - at, most).bit_length() - 1)
-        params = [value for write in writes[at:at + rows] for value in write.params]
-        cursor.execute(_multi_row(sql, rows), params)
-        at += rows
-
-
-MAX_ROWS = 128  # rows in one multi-row statement
-MAX_VARIABLES = 32766  # SQLite's own limit on a statement's parameters (since 3.32)
-
-
-@functools.lru_cache(maxsize=256)
-def _multi_row(sql: str, rows: int = 0) -> str | None:
-    """`sql` (an INSERT of one VALUES row of bare `?`s, or MARK_REPEAT) for `rows` rows; None for any
-    other statement. `rows` 0 only asks whether there is a form for it."""
-    if sql == MARK_REPEAT:
-        return mark_repeats(rows) if rows else sql
-    start = sql.find(" VALUES (")
-    if start == -1 or not sql.lstrip().upper().startswith("INSERT"):
-        return None
-    end = sql.find(")", start)
-    values = sql[start + 8:end + 1]
-    if end == -1 or values.strip("(?, )"):
-        return None
-    return f"{sql[:start + 8]}{', '.join([values] * rows)}{sql[end + 1:]}" if rows else sql
+    for statement, params in grouped(sql, [w.params for w in writes]):
+        cursor.execute(statement, params)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:

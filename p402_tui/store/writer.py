@@ -456,8 +456,8 @@ def shapes(writes: list[Write]) -> list[list[int]]:
     """A batch in groups to send, each group one statement's writes: fire-and-forget inserts gathered by
     statement (their order among themselves does not matter), then the `AFTER_INSERTS` statements among
     them, gathered likewise; any other statement, or one a caller awaits, stays where it was and goes
-    alone. Sent one by one, a batch's statements cost a round trip each: PostgreSQL's on the gateway's
-    loop, SQLite's a release and a retaking of the GIL (`sqlite_writer`)."""
+    alone. Each group goes as a few multi-row statements (`rows`): sent one by one, each statement cost
+    SQLite's writer a release and a retaking of the GIL, PostgreSQL's a result for psycopg to read."""
     groups: list[list[int]] = []
     inserts: dict[str, list[int]] = {}
     after: dict[str, list[int]] = {}
