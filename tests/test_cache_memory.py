@@ -1,11 +1,19 @@
-"""What the semantic cache says it keeps in memory (`memory_bytes`) against what Python allocated for it."""
+"""What the semantic cache says it keeps in memory (`memory_bytes`) against what Python allocated for it
+and what the OS holds resident in its index's mappings."""
 
 from __future__ import annotations
 
 import gc
+import sys
 import tracemalloc
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
 
 from p402_tui.cache.embedders import HashedNgramEmbedder
+from p402_tui.cache.index import VectorIndex, mapping_of
 from p402_tui.cache.semantic import SemanticCache
 from p402_tui.core.types import ChatRequest, ChatResponse, Usage
 from p402_tui.store.engine import open_store
@@ -20,6 +28,33 @@ async def fill(cache: SemanticCache, start: int, count: int) -> None:
         assert cache.insert(f"r{i}", answer, 0.0001)
 
 
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def resident_by_start() -> dict[int, int]:
+    """Each mapping's resident bytes (smaps' Rss), by its start address."""
+    found: dict[int, int] = {}
+    start = 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):
+            start = int(first.split("-")[0], 16)
+        elif first == "Rss:":
+            found[start] = int(line.split()[1]) * 1024
+    return found
+
+
+def index_arrays(index: VectorIndex) -> list[np.ndarray]:
+    return [a for a in (index.vectors, index.codes, index.bucket_of, index.slot_of, index.heads) if a is not None]
+
+
+def mapped_resident(arrays: list[np.ndarray]) -> int:
+    """What the OS holds resident in the mappings of those arrays that are mappings of their own."""
+    resident = resident_by_start()
+    return sum(resident.get(a.ctypes.data, 0) for a in arrays)
+
+
+@linux_only
 async def test_memory_bytes_tracks_what_python_allocated_for_the_entries(tmp_path):
     store = await open_store(tmp_path / "cache.db")
     cache = SemanticCache(store, embedder=HashedNgramEmbedder())
@@ -29,18 +64,22 @@ async def test_memory_bytes_tracks_what_python_allocated_for_the_entries(tmp_pat
         gc.collect()
         tracemalloc.start()
         try:
+            mapped_before = mapped_resident([a for i in cache._indexes.values() for a in index_arrays(i)])
             before, reported_before = tracemalloc.take_snapshot(), cache.memory_bytes()
             await fill(cache, 200, 4096 - 200)  # the index's arrays exactly full (they double from 16 rows)
             await store.flush()  # committed: each entry's encoded answer is let go
             gc.collect()
             after, reported = tracemalloc.take_snapshot(), cache.memory_bytes() - reported_before
+            mapped = mapped_resident([a for i in cache._indexes.values() for a in index_arrays(i)]) - mapped_before
         finally:
             tracemalloc.stop()
         # What the cache's own code allocated and still holds (not the test's requests, nor whatever
-        # else the process did meanwhile).
+        # else the process did meanwhile), and the pages of its large arrays, which are mappings of their
+        # own that tracemalloc does not see.
         through_cache = [tracemalloc.Filter(True, "*/p402_tui/cache/*")]
         grown = sum(s.size_diff for s in after.filter_traces(through_cache).compare_to(
-            before.filter_traces(through_cache), "filename"))
+            before.filter_traces(through_cache), "filename")) + mapped
+        assert mapped > 3896 * 1024 * 4  # the vectors (1,024 floats a row here) are in a mapping
         assert cache.info()["memory_bytes"] == cache.memory_bytes()
         assert reported > 3896 * 500  # the vectors alone are 1 kB an entry
         assert abs(reported - grown) <= 0.15 * grown, (reported, grown)
@@ -71,3 +110,39 @@ async def test_an_answer_is_counted_until_its_row_is_committed(tmp_path):
     finally:
         await cache.aclose()
         await store.aclose()
+
+
+def unit_rows(count: int, dim: int = 256) -> np.ndarray:
+    rows = np.random.default_rng(4).standard_normal((count, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@linux_only
+def test_an_index_holds_pages_only_for_its_rows_and_a_grow_gives_the_old_arrays_back():
+    rows = unit_rows(6000)
+    index = VectorIndex(256)
+    for i in range(4096):
+        index.add(rows[i], i)
+    snapshot = index.snapshot()
+    old = weakref.ref(mapping_of(index.vectors))
+    index.add(rows[4096], 4096)  # doubles to 8,192 rows: 8 MB of vectors
+    assert index.vectors.shape[0] == 8192
+    assert old() is not None  # a search's snapshot still reads the old rows
+    del snapshot
+    gc.collect()
+    assert old() is None  # and then they are unmapped, not kept in a heap
+
+    def measured() -> int:
+        arrays = index_arrays(index)
+        mapped = [a for a in arrays if mapping_of(a) is not None]
+        unmapped = [a for a in arrays if mapping_of(a) is None]
+        return mapped_resident(mapped) + sum(a.nbytes for a in unmapped) + sys.getsizeof(index.owners)
+
+    # The capacity past the last row is not resident: not even the rest of a 2 MB page.
+    assert resident_by_start()[index.vectors.ctypes.data] == -(-4097 * 1024 // 4096) * 4096
+    assert index.memory_bytes == measured()
+    for i in range(4097, 6000):
+        index.add(rows[i], i)
+    for row in range(5999, 5000, -1):  # the rows removed stay written: counted until a grow drops them
+        index.remove(row)
+    assert index.memory_bytes == measured()

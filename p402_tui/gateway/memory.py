@@ -2,8 +2,8 @@
 
 glibc keeps what Python frees in its arenas, one per thread that allocated, and
 returns little of it: one 8 MB prompt parsed, counted and embedded left the
-process ~1 GB larger for good. `limit_arenas` caps the arenas (`p402 serve` sets
-it once, before its threads start); `Trimmer.soon` runs `malloc_trim(0)` shortly
+process ~1 GB larger for good. `limit_arenas` caps the arenas and pins glibc's
+thresholds (`p402 serve` sets both once, before its threads start); `Trimmer.soon` runs `malloc_trim(0)` shortly
 after a large request, off the event loop, at most one at a time; `trim_when_idle`
 runs it once a burst of requests is over, so what the burst freed is not kept.
 """
@@ -19,8 +19,19 @@ from collections.abc import Callable
 
 log = logging.getLogger("p402.gateway")
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter number
+M_ARENA_MAX = -8  # glibc's mallopt parameter numbers
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 ARENAS = 2  # the loop's thread and one more: enough for the count pool and the writer's thread
+# glibc raises both thresholds each time a large mapped block is freed (up to 32 and 64 MB). Once the cache's
+# index had doubled past 16 MB, the sign codes and bucket training of its next doubling (a 24 MB product at
+# 16k rows) were carved from the worker thread's arena, and an arena's free top is kept below the trim
+# threshold and never returned by malloc_trim: 16 MB resident after 10,000 requests (bench/soak.py
+# rss_batches). Pinned: a block from 4 MB on (numpy asks for huge pages from there) is a mapping of its own,
+# unmapped when freed, and an arena gives back what its top holds past 4 MB. Smaller blocks, a search's
+# per-batch products among them, stay on the heaps and are reused.
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 4 << 20
 TRIM_AFTER_S = 0.2  # a large request's memory is freed once its answer has gone; trim a moment later
 # Idle for this long after serving requests: trimmed. Between 0.5 and 1 s after the last answer; a trim
 # walks the arenas (a few ms) on a thread, while nothing is in flight.
@@ -37,8 +48,12 @@ if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
 
 
 def limit_arenas(arenas: int = ARENAS) -> bool:
-    """Cap glibc's malloc arenas for this process; False where that is not glibc."""
-    return _libc is not None and _libc.mallopt(M_ARENA_MAX, arenas) == 1
+    """Cap glibc's malloc arenas for this process and pin its mmap and trim thresholds; False where that is
+    not glibc."""
+    if _libc is None:
+        return False
+    return all(_libc.mallopt(param, value) == 1 for param, value in (
+        (M_ARENA_MAX, arenas), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
 
 
 def trim() -> None:
