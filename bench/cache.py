@@ -46,6 +46,9 @@ from p402_tui.cache.semantic import SemanticCache, request_keys  # noqa: E402
 from p402_tui.core.types import ChatRequest, ChatResponse, Usage  # noqa: E402
 from p402_tui.store.store import Store  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway import rss_mib  # noqa: E402 - bench/gateway.py, beside this file
+
 DIM = 256
 THRESHOLD = 0.74  # the static stage's search threshold (cache.candidate_threshold)
 
@@ -56,22 +59,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def rss_mb() -> float:
     """Resident MB of this process and its children (the cache's MiniLM confirmer is one, once started)."""
-    kb = 0
-    for pid in [os.getpid(), *_children(os.getpid())]:
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                kb += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return round(kb / 1024, 1)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(child) for task in os.listdir(f"/proc/{pid}/task")
-                for child in open(f"/proc/{pid}/task/{task}/children").read().split()]  # fmt: skip
-    except OSError:
-        return []
+    return rss_mib(os.getpid()) or 0.0
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway import Child, descendants, free_port, percentile, sim_config  # noqa: E402 - bench/gateway.py, beside this file
+from gateway import Child, free_port, percentile, rss_mib, sim_config  # noqa: E402 - bench/gateway.py, beside this file
 
 PYTHON = sys.executable
 MODEL = "openai/gpt-4o-mini"
@@ -63,16 +63,8 @@ class Stack:
 
 
 def rss_mb(pid: int) -> float:
-    """Resident MB of a process and its children (the cache's MiniLM confirmer is one, once started)."""
-    total = 0.0
-    for p in [pid, *descendants(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
+    """Resident MB of a process and its children (`gateway.rss_mib`), 0 once it has gone."""
+    return rss_mib(pid) or 0.0
 
 
 def cpu_s(pid: int) -> float:
