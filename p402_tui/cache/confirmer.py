@@ -52,10 +52,6 @@ def _read_frame(stream: IO[bytes]) -> bytes | None:
 class ConfirmerProcess:
     """An embedder run by a child process (`embedders.MiniLMProcess`: MiniLM's), answered over a pipe."""
 
-    name = ""
-    label = "semantic"
-    min_threshold = 0.0
-
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.dim = 0
@@ -67,10 +63,6 @@ class ConfirmerProcess:
     @property
     def pid(self) -> int | None:
         return self._child.pid if self._child is not None else None
-
-    def info(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.dim, "label": self.label, "min_threshold": self.min_threshold,
-                "process": self.pid}
 
     def encode(self, texts: list[str]) -> np.ndarray:
         with self._lock:

@@ -232,7 +232,8 @@ class MiniLMEmbedder(LocalEmbedder):
         tokenizer.enable_truncation(MINILM_MAX_TOKENS)
         tokenizer.no_padding()  # the file asks for padding to 128; `encode` pads a batch to its longest text
         model = cls(tokenizer, weights, config, folder)
-        mapping.madvise(mmap.MADV_DONTNEED)  # the layers' pages, read to copy them out: only the word table's rows are used
+        if hasattr(mmap, "MADV_DONTNEED"):  # the layers' pages, read to copy them out: only the word table's rows are used
+            mapping.madvise(mmap.MADV_DONTNEED)
         return model
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -670,6 +671,9 @@ class MiniLMProcess(ConfirmerProcess, LocalEmbedder):
     def encode(self, texts: list[str]) -> np.ndarray:
         # Cut here as MiniLMEmbedder cuts them: an 8 MB prompt would otherwise cross the pipe whole.
         return super().encode([text[:MAX_CHARS] for text in texts])
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "process": self.pid}
 
 
 def load_confirmer(folder: Path) -> LocalEmbedder:
