@@ -11,8 +11,9 @@ every millisecond while two threads want the GIL, and none while one does.
 batch, and a gateway serving a thousand requests a second on two cores kept it waiting 5-20 ms a
 statement, so a batch that should have taken a few ms took up to 120, and a `kill -9` lost rows
 answered that long before (bench/soak.py kill9: windows of 10 to 117 ms at 1 ms, 0 to 12 ms at
-0.2, side by side). Requests per second did not move (default configuration and cache off, two
-rounds each).
+0.2, side by side). The cost: more switches while the cache's workers want the GIL too, 3 to 10 %
+fewer requests a second in the default configuration (four pairs side by side; cache off within the
+host's drift).
 """
 
 from __future__ import annotations
