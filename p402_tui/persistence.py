@@ -14,9 +14,12 @@ the same database, cannot together slip past it.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from typing import Any
 
 from .cache.semantic import SemanticCache, exact_key
+from .core import router
 from .core.errors import BudgetExceededError
 from .core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
 from .core.tokens import PIECE_CHARS, off_loop
@@ -32,6 +35,8 @@ from .store import shared
 from .store.sessions import INSERT_MESSAGE, SessionInactiveError, get_session
 from .store.store import Store
 
+log = logging.getLogger("p402.store")
+
 class Persistence:
     def __init__(
         self, store: Store, cache: SemanticCache | None = None, *, simulated: bool = False, strict: bool = False
@@ -46,6 +51,7 @@ class Persistence:
         self._keying: set[asyncio.Task[None]] = set()  # large prompts' ledger rows, keyed on the pool first
         self._holds: dict[str, shared.Hold] = {}  # request id -> its reservation on its session's budget
         self._parts_put: set[bytes] = set()  # digests of the decision parts already queued
+        self._decisions: deque[Any] = deque()  # decided, their rows not made yet (`_decisions_writes`)
 
     # --- before the call -------------------------------------------------------------
 
@@ -83,11 +89,37 @@ class Persistence:
     # --- after the call ----------------------------------------------------------------
 
     def decided(self, decision: Any) -> None:
-        # Encoded when the writer takes it, after the request is answered: a decision is immutable.
-        self.store.put_later(lambda: self._decision_writes(decision))
+        # Encoded when the writer takes it, after the request is answered: a decision is immutable. The
+        # decisions queued by then are snapshot together (`router.snapshots`): the first one's maker takes
+        # them all, and a decision finding the queue empty (taken, or never filled) queues a maker of its own.
+        self._decisions.append(decision)
+        if len(self._decisions) == 1:
+            self.store.put_later(self._decisions_writes)
 
-    def _decision_writes(self, decision: Any) -> list[tuple[str, Any]]:
-        row, parts = decision_rows(decision)
+    def _decisions_writes(self) -> list[tuple[str, Any]]:
+        taken = []
+        while self._decisions:
+            taken.append(self._decisions.popleft())
+        if not taken:
+            return []
+        try:
+            snapshots = router.snapshots([d for d in taken if not isinstance(d, dict)])
+        except Exception:  # each decision is then snapshot alone: a bad one loses its row only
+            log.exception("store: decisions could not be snapshot together")
+            snapshots = None
+        if snapshots is not None:
+            found = iter(snapshots)
+            return [w for d in taken for w in self._decision_writes(d, None if isinstance(d, dict) else next(found))]
+        writes = []
+        for decision in taken:
+            try:
+                writes += self._decision_writes(decision)
+            except Exception:  # the writer's rule: a bad row is dropped and logged
+                log.exception("store: could not make a decision's row")
+        return writes
+
+    def _decision_writes(self, decision: Any, snapshot: Any = None) -> list[tuple[str, Any]]:
+        row, parts = decision_rows(decision, snapshot)
         writes: list[tuple[str, Any]] = []
         for sql, digest, part in parts:
             if digest not in self._parts_put:
