@@ -37,6 +37,7 @@ from .store.store import Store
 
 log = logging.getLogger("p402.store")
 
+
 class Persistence:
     def __init__(
         self, store: Store, cache: SemanticCache | None = None, *, simulated: bool = False, strict: bool = False
@@ -94,28 +95,29 @@ class Persistence:
         # them all, and a decision finding the queue empty (taken, or never filled) queues a maker of its own.
         self._decisions.append(decision)
         if len(self._decisions) == 1:
-            self.store.put_later(self._decisions_writes)
+            try:
+                self.store.put_later(self._decisions_writes)
+            except BaseException:
+                self._decisions.clear()  # no maker will take them: the next decision tries again
+                raise
 
     def _decisions_writes(self) -> list[tuple[str, Any]]:
+        """The rows of every decision queued, on the writer's thread; one that fails is logged and left out."""
         taken = []
         while self._decisions:
             taken.append(self._decisions.popleft())
-        if not taken:
-            return []
+        routed = [d for d in taken if not isinstance(d, dict)]
         try:
-            snapshots = router.snapshots([d for d in taken if not isinstance(d, dict)])
-        except Exception:  # each decision is then snapshot alone: a bad one loses its row only
-            log.exception("store: decisions could not be snapshot together")
-            snapshots = None
-        if snapshots is not None:
-            found = iter(snapshots)
-            return [w for d in taken for w in self._decision_writes(d, None if isinstance(d, dict) else next(found))]
-        writes = []
+            snapshots = dict(zip(map(id, routed), router.snapshots(routed)))
+        except Exception:  # each is then snapshot alone
+            log.exception("store writer: decisions could not be snapshot together")
+            snapshots = {}
+        writes: list[tuple[str, Any]] = []
         for decision in taken:
             try:
-                writes += self._decision_writes(decision)
-            except Exception:  # the writer's rule: a bad row is dropped and logged
-                log.exception("store: could not make a decision's row")
+                writes += self._decision_writes(decision, snapshots.get(id(decision)))
+            except Exception:  # as the writer does with a maker that fails: these rows only are lost
+                log.exception("store writer: could not make a decision's rows")
         return writes
 
     def _decision_writes(self, decision: Any, snapshot: Any = None) -> list[tuple[str, Any]]:

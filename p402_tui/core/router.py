@@ -412,10 +412,15 @@ class RouteDecision:
     def to_dict(self) -> dict[str, Any]:
         return self.snapshot().to_dict()
 
-    def snapshot(self) -> DecisionSnapshot:
-        """The decision as it stands: its ranking, scores and exclusions, which nothing later changes."""
+    def options_used(self) -> dict[str, Any]:
+        """`RouteOptions.to_dict()`, its mode the one this decision used."""
         options = self.options.to_dict()
         options["mode"] = self.mode
+        return options
+
+    def snapshot(self) -> DecisionSnapshot:
+        """The decision as it stands: its ranking, scores and exclusions, which nothing later changes."""
+        options = self.options_used()
         ranking = self._ranked()
         if ranking is not None and len(ranking.entry.idx):
             return ranking.snapshot(self, options)
@@ -692,29 +697,43 @@ class _Ranking:
 
     def snapshot(self, decision: RouteDecision, options: dict[str, Any]) -> DecisionSnapshot:
         entry, vectors = self.entry, self.vectors
-        listing, columns = self.parts()
-        ranked = self.eligible
-        chosen = self.chosen
-        if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):  # a pin; otherwise the argmin already leads
-            ranked = np.concatenate(([chosen], ranked[ranked != chosen]))
+        ranked = _chosen_first(self.eligible, self.chosen)
         score = _score(entry.mode, self.router._weights, self.cost_score, entry.quality, vectors.speed, vectors.health)
-        return DecisionSnapshot(
-            id=decision.id,
-            ts=decision.ts,
-            mode=decision.mode,
-            chosen=chosen >= 0,
-            prompt_tokens=decision.prompt_tokens,
-            est_output_tokens=decision.est_output_tokens,
-            decision_us=decision.decision_us,
-            options=options,
-            listing=listing,
-            live=columns,
-            ranked=ranked,
-            score=score[ranked],
-            cost=self.cost_score[ranked],
-            est_cost_usd=self.cost[ranked],
-            filtered=self.filtered(),
-        )
+        return _snapshot_of(
+            decision, options, self.parts(), self.chosen >= 0,
+            ranked, score[ranked], self.cost_score[ranked], self.cost[ranked], self.filtered(),
+        )  # fmt: skip
+
+
+def _chosen_first(ranked: np.ndarray, chosen: int) -> np.ndarray:
+    """The ranking with a pinned choice first; otherwise the argmin leads already."""
+    if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):
+        return np.concatenate(([chosen], ranked[ranked != chosen]))
+    return ranked
+
+
+def _snapshot_of(
+    decision: RouteDecision, options: dict[str, Any], parts: tuple[ModelListing, LiveColumns], chosen: bool,
+    ranked: np.ndarray, score: np.ndarray, cost: np.ndarray, est_cost_usd: np.ndarray,
+    filtered: tuple[tuple[int, str], ...],
+) -> DecisionSnapshot:
+    return DecisionSnapshot(
+        id=decision.id,
+        ts=decision.ts,
+        mode=decision.mode,
+        chosen=chosen,
+        prompt_tokens=decision.prompt_tokens,
+        est_output_tokens=decision.est_output_tokens,
+        decision_us=decision.decision_us,
+        options=options,
+        listing=parts[0],
+        live=parts[1],
+        ranked=ranked,
+        score=score,
+        cost=cost,
+        est_cost_usd=est_cost_usd,
+        filtered=filtered,
+    )
 
 
 def snapshots(decisions: Sequence[RouteDecision]) -> list[DecisionSnapshot]:
@@ -745,7 +764,6 @@ def _snapshot_rows(decisions: list[RouteDecision]) -> list[DecisionSnapshot]:
     rankings: list[_Ranking] = [d._ranked() for d in decisions]  # type: ignore[misc]
     first = rankings[0]
     entry, vectors, router = first.entry, first.vectors, first.router
-    listing, columns = first.parts()
     mode, weights = entry.mode, router._weights
     cost_weight = weights[0]
     cost = np.stack([r.cost for r in rankings])
@@ -791,32 +809,13 @@ def _snapshot_rows(decisions: list[RouteDecision]) -> list[DecisionSnapshot]:
     else:
         rows = []
         for row, pick in enumerate(chosen):
-            ranked = order[row, : counts[row]]
-            if pick >= 0 and (not len(ranked) or ranked[0] != pick):
-                ranked = np.concatenate(([pick], ranked[ranked != pick]))
+            ranked = _chosen_first(order[row, : counts[row]], pick)
             rows.append((ranked, score[row][ranked], cost_score[row][ranked], cost[row][ranked]))
-    out = []
-    for decision, pick, (ranked, scores, cost_scores, costs) in zip(decisions, chosen, rows):
-        options = decision.options.to_dict()
-        options["mode"] = decision.mode
-        out.append(DecisionSnapshot(
-            id=decision.id,
-            ts=decision.ts,
-            mode=decision.mode,
-            chosen=pick >= 0,
-            prompt_tokens=decision.prompt_tokens,
-            est_output_tokens=decision.est_output_tokens,
-            decision_us=decision.decision_us,
-            options=options,
-            listing=listing,
-            live=columns,
-            ranked=ranked,
-            score=scores,
-            cost=cost_scores,
-            est_cost_usd=costs,
-            filtered=(),
-        ))  # fmt: skip
-    return out
+    parts = first.parts()
+    return [
+        _snapshot_of(decision, decision.options_used(), parts, pick >= 0, *row, ())
+        for decision, pick, row in zip(decisions, chosen, rows)
+    ]
 
 
 def _score(
