@@ -14,9 +14,12 @@ the same database, cannot together slip past it.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from typing import Any
 
 from .cache.semantic import SemanticCache, exact_key
+from .core import router
 from .core.errors import BudgetExceededError
 from .core.hooks import CachedAnswer, CallContext, RequestRecord, RouteOptions
 from .core.tokens import PIECE_CHARS, off_loop
@@ -32,6 +35,9 @@ from .store import shared
 from .store.sessions import INSERT_MESSAGE, SessionInactiveError, get_session
 from .store.store import Store
 
+log = logging.getLogger("p402.store")
+
+
 class Persistence:
     def __init__(
         self, store: Store, cache: SemanticCache | None = None, *, simulated: bool = False, strict: bool = False
@@ -46,6 +52,7 @@ class Persistence:
         self._keying: set[asyncio.Task[None]] = set()  # large prompts' ledger rows, keyed on the pool first
         self._holds: dict[str, shared.Hold] = {}  # request id -> its reservation on its session's budget
         self._parts_put: set[bytes] = set()  # digests of the decision parts already queued
+        self._decisions: deque[Any] = deque()  # decided, their rows not made yet (`_decisions_writes`)
 
     # --- before the call -------------------------------------------------------------
 
@@ -83,11 +90,38 @@ class Persistence:
     # --- after the call ----------------------------------------------------------------
 
     def decided(self, decision: Any) -> None:
-        # Encoded when the writer takes it, after the request is answered: a decision is immutable.
-        self.store.put_later(lambda: self._decision_writes(decision))
+        # Encoded when the writer takes it, after the request is answered: a decision is immutable. The
+        # decisions queued by then are snapshot together (`router.snapshots`): the first one's maker takes
+        # them all, and a decision finding the queue empty (taken, or never filled) queues a maker of its own.
+        self._decisions.append(decision)
+        if len(self._decisions) == 1:
+            try:
+                self.store.put_later(self._decisions_writes)
+            except BaseException:
+                self._decisions.clear()  # no maker will take them: the next decision tries again
+                raise
 
-    def _decision_writes(self, decision: Any) -> list[tuple[str, Any]]:
-        row, parts = decision_rows(decision)
+    def _decisions_writes(self) -> list[tuple[str, Any]]:
+        """The rows of every decision queued, on the writer's thread; one that fails is logged and left out."""
+        taken = []
+        while self._decisions:
+            taken.append(self._decisions.popleft())
+        routed = [d for d in taken if not isinstance(d, dict)]
+        try:
+            snapshots = dict(zip(map(id, routed), router.snapshots(routed)))
+        except Exception:  # each is then snapshot alone
+            log.exception("store writer: decisions could not be snapshot together")
+            snapshots = {}
+        writes: list[tuple[str, Any]] = []
+        for decision in taken:
+            try:
+                writes += self._decision_writes(decision, snapshots.get(id(decision)))
+            except Exception:  # as the writer does with a maker that fails: these rows only are lost
+                log.exception("store writer: could not make a decision's rows")
+        return writes
+
+    def _decision_writes(self, decision: Any, snapshot: Any = None) -> list[tuple[str, Any]]:
+        row, parts = decision_rows(decision, snapshot)
         writes: list[tuple[str, Any]] = []
         for sql, digest, part in parts:
             if digest not in self._parts_put:

@@ -20,6 +20,7 @@ from p402_tui.core.hooks import RouteOptions
 from p402_tui.core.router import RouteDecision, Router
 from p402_tui.core.types import ChatRequest
 from p402_tui.runtime import Runtime
+from p402_tui.store import decisions as decisions_codec
 from p402_tui.store import queries
 from p402_tui.persistence import Persistence
 from p402_tui.store.store import Store
@@ -183,3 +184,33 @@ async def test_a_decision_routed_then_repriced_reads_back_whole_in_the_cli_the_g
     assert table.returncode == 0 and chosen in table.stdout
     missing = run_cli("decisions", "show", "dec-nope", "--db", str(db))
     assert missing.returncode != 0 and "no decision 'dec-nope'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("mode", ["balanced", "adaptive"])
+async def test_decisions_snapshot_together_are_the_same_to_the_bit_and_read_back_as_routed(store, mode, monkeypatch):
+    """The writer snapshots the decisions it takes together (`router.snapshots`), a row of one array each:
+    pinned ones and unpinned ones, prompts and answers of every size, a price range of one model."""
+    router = Router(load_catalog())
+    option_sets = [{}, {"model": "openai/gpt-4o-mini"}, {"prefer": ["groq"], "model": "openai/gpt-4o-mini"},
+                   {"require": ["vision"], "exclude": ["openai"]}]  # fmt: skip
+    decisions = [
+        router.route(
+            ChatRequest(messages=[{"role": "user", "content": "word " * (1 + 997 * i % 4000)}], max_tokens=max_tokens),
+            RouteOptions.from_dict({"mode": mode, **options}),
+        )
+        for options in option_sets
+        for i, max_tokens in enumerate([16, 16, 200, None, 4096, 16, None, 32])
+    ]
+    rows = []
+    together_rows = router_module._snapshot_rows
+    monkeypatch.setattr(router_module, "_snapshot_rows", lambda ds: rows.append(len(ds)) or together_rows(ds))
+    together = router_module.snapshots(decisions)
+    # the pinned ones of one answer length (16: 3, the default: 2); an unpinned one's key was made as it was routed
+    assert sorted(rows) == [2, 2, 3, 3]
+    for decision, snapshot in zip(decisions, together):
+        assert decisions_codec.encode(snapshot) == decisions_codec.encode(decision.snapshot())
+    rows.clear()
+    fresh = [router.route(ChatRequest(messages=[{"role": "user", "content": "hi"}]), d.options) for d in decisions]
+    for decision, read in zip(fresh, await stored(store, *fresh)):
+        assert text(read) == text(decision.to_dict())
+    assert rows == [8, 8]  # the writer took them together

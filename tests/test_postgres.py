@@ -302,3 +302,37 @@ async def test_the_store_s_connections_do_not_compile_queries_with_llvm(pg_url):
         assert await store.scalar("SHOW jit") == "off"
     finally:
         await store.aclose()
+
+
+async def test_decision_records_stay_in_their_rows_and_read_back_as_routed(pg_url):
+    """Past PostgreSQL's default 2 KB target a record was compressed in vain and cut into TOAST chunks,
+    a third of the server's CPU on a write: the store keeps it in its row instead."""
+    import json
+
+    from p402_tui.core.catalog import load_catalog
+    from p402_tui.core.router import Router
+    from p402_tui.core.types import ChatRequest
+    from p402_tui.persistence import Persistence
+    from p402_tui.store import queries
+    from p402_tui.store.engine import open_store
+
+    router = Router(load_catalog())
+    request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
+    decisions = [router.route(request), router.route(request.model_copy(update={"model": "openai/gpt-4o-mini"}))]
+    store = await open_store(pg_url)
+    try:
+        persistence = Persistence(store)
+        for decision in decisions:
+            persistence.decided(decision)
+        await store.flush()
+        sizes = await store.fetchall("SELECT octet_length(decision) AS n, pg_column_size(decision) AS kept "
+                                     "FROM router_decisions")
+        assert len(sizes) == 2 and min(row["n"] for row in sizes) > 2032  # over the default target
+        assert [row["kept"] - row["n"] for row in sizes] == [4, 4], sizes  # inline, with its header
+        toasted = "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = 'router_decisions'"
+        assert await store.scalar(toasted) == 0
+        for decision in decisions:
+            read = await queries.get_decision(store, decision.id)
+            assert json.dumps(read) == json.dumps(decision.to_dict())
+    finally:
+        await store.aclose()

@@ -412,10 +412,15 @@ class RouteDecision:
     def to_dict(self) -> dict[str, Any]:
         return self.snapshot().to_dict()
 
-    def snapshot(self) -> DecisionSnapshot:
-        """The decision as it stands: its ranking, scores and exclusions, which nothing later changes."""
+    def options_used(self) -> dict[str, Any]:
+        """`RouteOptions.to_dict()`, its mode the one this decision used."""
         options = self.options.to_dict()
         options["mode"] = self.mode
+        return options
+
+    def snapshot(self) -> DecisionSnapshot:
+        """The decision as it stands: its ranking, scores and exclusions, which nothing later changes."""
+        options = self.options_used()
         ranking = self._ranked()
         if ranking is not None and len(ranking.entry.idx):
             return ranking.snapshot(self, options)
@@ -677,7 +682,8 @@ class _Ranking:
             out.append((i, reason))
         return tuple(out)
 
-    def snapshot(self, decision: RouteDecision, options: dict[str, Any]) -> DecisionSnapshot:
+    def parts(self) -> tuple[ModelListing, LiveColumns]:
+        """The listing and the live figures a snapshot refers to, built once for every decision sharing them."""
         entry, vectors = self.entry, self.vectors
         if entry.listing is None:
             specs = self.router._specs
@@ -687,28 +693,129 @@ class _Ranking:
             )
         if vectors.columns is None:
             vectors.columns = LiveColumns(entry.quality, vectors.speed, vectors.health, vectors.latency)
-        ranked = self.eligible
-        chosen = self.chosen
-        if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):  # a pin; otherwise the argmin already leads
-            ranked = np.concatenate(([chosen], ranked[ranked != chosen]))
+        return entry.listing, vectors.columns
+
+    def snapshot(self, decision: RouteDecision, options: dict[str, Any]) -> DecisionSnapshot:
+        entry, vectors = self.entry, self.vectors
+        ranked = _chosen_first(self.eligible, self.chosen)
         score = _score(entry.mode, self.router._weights, self.cost_score, entry.quality, vectors.speed, vectors.health)
-        return DecisionSnapshot(
-            id=decision.id,
-            ts=decision.ts,
-            mode=decision.mode,
-            chosen=chosen >= 0,
-            prompt_tokens=decision.prompt_tokens,
-            est_output_tokens=decision.est_output_tokens,
-            decision_us=decision.decision_us,
-            options=options,
-            listing=entry.listing,
-            live=vectors.columns,
-            ranked=ranked,
-            score=score[ranked],
-            cost=self.cost_score[ranked],
-            est_cost_usd=self.cost[ranked],
-            filtered=self.filtered(),
-        )
+        return _snapshot_of(
+            decision, options, self.parts(), self.chosen >= 0,
+            ranked, score[ranked], self.cost_score[ranked], self.cost[ranked], self.filtered(),
+        )  # fmt: skip
+
+
+def _chosen_first(ranked: np.ndarray, chosen: int) -> np.ndarray:
+    """The ranking with a pinned choice first; otherwise the argmin leads already."""
+    if chosen >= 0 and (not len(ranked) or ranked[0] != chosen):
+        return np.concatenate(([chosen], ranked[ranked != chosen]))
+    return ranked
+
+
+def _snapshot_of(
+    decision: RouteDecision, options: dict[str, Any], parts: tuple[ModelListing, LiveColumns], chosen: bool,
+    ranked: np.ndarray, score: np.ndarray, cost: np.ndarray, est_cost_usd: np.ndarray,
+    filtered: tuple[tuple[int, str], ...],
+) -> DecisionSnapshot:
+    return DecisionSnapshot(
+        id=decision.id,
+        ts=decision.ts,
+        mode=decision.mode,
+        chosen=chosen,
+        prompt_tokens=decision.prompt_tokens,
+        est_output_tokens=decision.est_output_tokens,
+        decision_us=decision.decision_us,
+        options=options,
+        listing=parts[0],
+        live=parts[1],
+        ranked=ranked,
+        score=score,
+        cost=cost,
+        est_cost_usd=est_cost_usd,
+        filtered=filtered,
+    )
+
+
+def snapshots(decisions: Sequence[RouteDecision]) -> list[DecisionSnapshot]:
+    """Each decision's `snapshot()`, the same to the bit. Rankings of one option set under one health epoch
+    are computed together, a row each of one array: a snapshot alone makes some thirty numpy calls on arrays
+    of a hundred-odd models, each costing about a microsecond whatever its length. Only the modes whose key
+    is computed here (balanced, adaptive), for decisions whose key is not computed yet (a pin's) and that
+    nothing of their own filtered; every other decision is snapshot alone."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, decision in enumerate(decisions):
+        ranking = decision._ranked()
+        if (
+            ranking is not None and len(ranking.entry.idx) and ranking.entry.mode in _RANGED_MODES
+            and ranking._key is None and ranking.bad is None
+        ):  # fmt: skip
+            groups.setdefault((id(ranking.entry), id(ranking.vectors)), []).append(i)
+    out: list[DecisionSnapshot | None] = [None] * len(decisions)
+    for members in groups.values():
+        if len(members) > 1:
+            for i, snapshot in zip(members, _snapshot_rows([decisions[i] for i in members])):
+                out[i] = snapshot
+    return [snapshot or decision.snapshot() for snapshot, decision in zip(out, decisions)]
+
+
+def _snapshot_rows(decisions: list[RouteDecision]) -> list[DecisionSnapshot]:
+    """`_Ranking.snapshot` of decisions of one entry and one `_Vectors`, row by row the float operations
+    of `_sort_key`, `_log_score` and `_score` in the same order."""
+    rankings: list[_Ranking] = [d._ranked() for d in decisions]  # type: ignore[misc]
+    first = rankings[0]
+    entry, vectors, router = first.entry, first.vectors, first.router
+    mode, weights = entry.mode, router._weights
+    cost_weight = weights[0]
+    cost = np.stack([r.cost for r in rankings])
+    logs = np.log(cost + _COST_FLOOR)
+    scales, shifts, flat = [], [], []
+    for row, ranking in enumerate(rankings):
+        low, high = _cost_range(entry, ranking.prompt_tokens, ranking.answer_tokens)
+        span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
+        if span > 1e-12:
+            scales.append(cost_weight / span)
+            shifts.append(cost_weight * (math.log(high + _COST_FLOOR) / span))
+        else:
+            scales.append(0.0)
+            shifts.append(0.0)
+            flat.append(row)
+    key = logs * np.array(scales)[:, None]
+    key -= vectors.rest
+    if mode == "adaptive":
+        key -= np.array(shifts)[:, None]
+    for row in flat:
+        key[row] = -(vectors.rest + cost_weight)
+    if mode == "adaptive":
+        key *= vectors.health
+    if entry.prefer_penalty is not None:
+        key += entry.prefer_penalty
+    order = np.argsort(key, axis=1, kind="stable")
+    counts = np.count_nonzero(np.isfinite(key), axis=1).tolist()
+    low_log, high_log = logs.min(axis=1), logs.max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows of equal costs: all 1, set below
+        cost_score = (high_log[:, None] - logs) / (high_log - low_log)[:, None]
+    for row in np.flatnonzero(high_log - low_log < 1e-12).tolist():
+        cost_score[row] = 1.0
+    score = _score(mode, weights, cost_score, entry.quality, vectors.speed, vectors.health)
+    chosen = [r.chosen for r in rankings]
+    n = key.shape[1]
+    if min(counts) == n and min(chosen) >= 0:
+        # Every model ranked and one chosen in each row: the chosen first, then the rest in order (a row whose
+        # chosen leads already is unchanged), and each row's figures in that order, for all rows at once.
+        picked = np.array(chosen)[:, None]
+        order = np.concatenate((picked, order[order != picked].reshape(len(rankings), n - 1)), axis=1)
+        score, cost_score, cost = (np.take_along_axis(a, order, axis=1) for a in (score, cost_score, cost))
+        rows = [(order[row], score[row], cost_score[row], cost[row]) for row in range(len(rankings))]
+    else:
+        rows = []
+        for row, pick in enumerate(chosen):
+            ranked = _chosen_first(order[row, : counts[row]], pick)
+            rows.append((ranked, score[row][ranked], cost_score[row][ranked], cost[row][ranked]))
+    parts = first.parts()
+    return [
+        _snapshot_of(decision, decision.options_used(), parts, pick >= 0, *row, ())
+        for decision, pick, row in zip(decisions, chosen, rows)
+    ]
 
 
 def _score(

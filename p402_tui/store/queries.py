@@ -125,12 +125,12 @@ INSERT_DECISION_PART = {
 }
 
 
-def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]:
+def decision_rows(decision: Any, snapshot: Any = None) -> tuple[tuple, list[tuple[str, bytes, bytes]]]:
     """A decision's row, and the shared parts its record refers to: (insert statement, digest, part).
 
-    A RouteDecision is kept as its snapshot (`store.decisions`); its listing and live figures
-    are the same for many requests and need writing once per digest. A dict (a decision as
-    another process sent it) is kept as its JSON.
+    A RouteDecision is kept as its snapshot (`store.decisions`; `snapshot`: taken already, with others
+    by `router.snapshots`); its listing and live figures are the same for many requests and need
+    writing once per digest. A dict (a decision as another process sent it) is kept as its JSON.
     """
     # imported here: the codec brings numpy and the router, which a report never needs
     from . import decisions
@@ -156,7 +156,8 @@ def decision_rows(decision: Any) -> tuple[tuple, list[tuple[str, bytes, bytes]]]
             None,
         )
         return row, []
-    snapshot = decision.snapshot()
+    if snapshot is None:
+        snapshot = decision.snapshot()
     record, listing_digest, listing, live_digest, live = decisions.encode(snapshot)
     provider = model = tier = est_cost_usd = chosen = None
     if snapshot.chosen:
