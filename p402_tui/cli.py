@@ -612,7 +612,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .gateway.gil import share_promptly
+    from .core.gil import share_promptly
     from .gateway.memory import limit_arenas
 
     limit_arenas()  # before any thread allocates: a thread's arena keeps what it freed

@@ -61,6 +61,8 @@ def test_the_child_gives_exactly_the_vectors_minilm_gives_in_process(child):
     assert child.dim == here.dim == 384
     assert np.array_equal(child.encode(TEXTS), here.encode(TEXTS))
     assert child.info() == {**here.info(), "process": child.pid}
+    if hasattr(os, "SCHED_BATCH"):  # its confirmations wait for the gateway's loop (core/gil.py `background`)
+        assert os.sched_getscheduler(child.pid) == os.SCHED_BATCH
 
 
 def test_weights_mapped_from_the_file_give_exactly_the_vectors_weights_read_into_memory_give():

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from ..core import gil
 from ..core.errors import P402Error
 from ..core.hooks import CachedAnswer, RouteOptions
 from ..core.malloc import release_free_memory
@@ -557,7 +558,7 @@ class SemanticCache:
         self.building = False  # the index embedder is being made in the background
         self._builder: _Builder | None = None
         self._loader = embedder
-        self._pool = ThreadPoolExecutor(EMBED_WORKERS, thread_name_prefix="p402-embed")
+        self._pool = ThreadPoolExecutor(EMBED_WORKERS, thread_name_prefix="p402-embed", initializer=gil.background)
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # in LRU order, oldest first
         self._held = 0  # the entries' `entry_bytes`, kept as they come and go
         self._indexes: dict[tuple[str, str], VectorIndex] = {}

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from . import gil
 from .malloc import release_free_memory
 
 if TYPE_CHECKING:
@@ -324,7 +325,7 @@ async def off_loop(count: Callable[..., Any], *args: Any) -> Any:
     (counting their prompts, parsing their bodies)."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=COUNT_THREADS, thread_name_prefix="p402-count")
+        _pool = ThreadPoolExecutor(max_workers=COUNT_THREADS, thread_name_prefix="p402-count", initializer=gil.background)
     return await asyncio.get_running_loop().run_in_executor(_pool, count, *args)
 
 

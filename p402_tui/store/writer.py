@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core import gil
 from .db import ConstraintError, StoreError
 from .rollups import AFTER_INSERTS, coalesce
 
@@ -289,11 +290,12 @@ class BatchWriter:
             return True
         batch = Batch()
         try:
-            for item in items:
-                self._add(batch, item)
-            self._assembled(batch)
-            if batch.writes:
-                self._commit(batch.writes)
+            with gil.writing():
+                for item in items:
+                    self._add(batch, item)
+                self._assembled(batch)
+                if batch.writes:
+                    self._commit(batch.writes)
         except Exception as error:  # a bug here must not stop the writer, nor leave a caller waiting
             log.exception("store writer: a batch failed")
             for write in batch.writes:
