@@ -20,7 +20,7 @@ from p402_tui.core.hooks import RouteOptions
 from p402_tui.core.router import RouteDecision, Router
 from p402_tui.core.types import ChatRequest
 from p402_tui.runtime import Runtime
-from p402_tui.store import decisions as codec
+from p402_tui.store import decisions as decisions_codec
 from p402_tui.store import queries
 from p402_tui.persistence import Persistence
 from p402_tui.store.store import Store
@@ -95,13 +95,13 @@ async def test_the_codec_remembers_a_few_recent_parts_not_hundreds(store, monkey
     router = Router(load_catalog(), health=health)
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
     decisions = []
-    for i in range(3 * codec.ENCODED_PARTS):
+    for i in range(3 * decisions_codec.ENCODED_PARTS):
         health.record_success("groq", "groq/llama-3.1-8b-instant", latency_ms=90 + 10 * i, ttft_ms=20, output_tokens=200)
         now[0] += router_module.LIVE_FOLD_S
         decisions += [router.route(request, RouteOptions(mode="speed")) for _ in range(2)]
     for decision, read in zip(decisions, await stored(store, *decisions)):
         assert text(read) == text(decision.to_dict())
-    assert len(codec._encoded) <= codec.ENCODED_PARTS
+    assert len(decisions_codec._encoded) <= decisions_codec.ENCODED_PARTS
     # One set of live figures per change of health, shared by the two decisions made under it.
     assert await store.scalar("SELECT COUNT(*) FROM decision_vectors") == len(decisions) // 2
 
