@@ -4,7 +4,10 @@ and what the OS holds resident in its index's mappings."""
 from __future__ import annotations
 
 import gc
+import os
+import re
 import sys
+import tempfile
 import tracemalloc
 import weakref
 from pathlib import Path
@@ -89,6 +92,51 @@ async def test_memory_bytes_tracks_what_python_allocated_for_the_entries(tmp_pat
         await cache.clear()
         assert cache.memory_bytes() < held / 20
         assert cache._held == 0
+    finally:
+        await cache.aclose()
+        await store.aclose()
+
+
+def small_objects_bytes() -> int | None:
+    """What CPython's small-object allocator has handed out, in its own count (None elsewhere)."""
+    if not hasattr(sys, "_debugmallocstats"):
+        return None
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        os.dup2(out.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        found = re.search(r"# bytes in allocated blocks\s*=\s*([\d,]+)", out.read().decode())
+    return int(found.group(1).replace(",", "")) if found else None
+
+
+async def test_each_entry_is_counted_as_the_allocator_hands_its_objects_out(tmp_path):
+    # An entry's strings and numbers are small objects, each given a multiple of 16 bytes: counted by
+    # their sizes alone, 10,000 entries took 0.9 MB more than the cache said.
+    store = await open_store(tmp_path / "cache.db")
+    cache = SemanticCache(store, embedder=HashedNgramEmbedder())
+    try:
+        await fill(cache, 0, 4200)  # past the index's projection and sign codes, short of its next doubling
+        await store.flush()
+        gc.collect()
+        before, held = small_objects_bytes(), cache._held
+        if before is None:
+            pytest.skip("not CPython's allocator")
+        count = 3000
+        for i in range(4200, 4200 + count):
+            request = ChatRequest(messages=[{"role": "user", "content": f"question {i}: what is {i} plus {i % 7}?"}])
+            assert await cache.lookup(request, None, "default", request_id=f"r{i}") is None
+            assert cache.insert(f"r{i}", ChatResponse(provider="openai", model="gpt-4o-mini", content=f"{i}"), i * 1e-7)
+        await store.flush()
+        gc.collect()
+        allocated = small_objects_bytes() - before
+        # The LRU table's nodes (32 bytes each) are small objects too; `memory_bytes` has them from its size.
+        counted = cache._held - held + 32 * count
+        assert allocated <= counted <= 1.1 * allocated, (allocated / count, counted / count)
     finally:
         await cache.aclose()
         await store.aclose()

@@ -86,6 +86,26 @@ async def test_decisions_under_live_health_read_back_as_routed(store, mode, monk
     assert await store.scalar("SELECT COUNT(*) FROM decision_vectors") == 2  # one set of live figures each
 
 
+async def test_the_codec_remembers_a_few_recent_parts_not_hundreds(store, monkeypatch):
+    # Each change of health makes new live figures, kept alive while the codec remembers their part:
+    # 256 of those held 1.1 MB. Decisions are encoded in order, so the last few find every repeat.
+    now = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
+    health = HealthTracker()
+    router = Router(load_catalog(), health=health)
+    request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)
+    decisions = []
+    for i in range(3 * decisions_codec.ENCODED_PARTS):
+        health.record_success("groq", "groq/llama-3.1-8b-instant", latency_ms=90 + 10 * i, ttft_ms=20, output_tokens=200)
+        now[0] += router_module.LIVE_FOLD_S
+        decisions += [router.route(request, RouteOptions(mode="speed")) for _ in range(2)]
+    for decision, read in zip(decisions, await stored(store, *decisions)):
+        assert text(read) == text(decision.to_dict())
+    assert len(decisions_codec._encoded) <= decisions_codec.ENCODED_PARTS
+    # One set of live figures per change of health, shared by the two decisions made under it.
+    assert await store.scalar("SELECT COUNT(*) FROM decision_vectors") == len(decisions) // 2
+
+
 async def test_a_new_ranking_function_leaves_stored_decisions_as_they_were(store, monkeypatch):
     router = Router(load_catalog())
     request = ChatRequest(messages=[{"role": "user", "content": "hello"}], max_tokens=16)

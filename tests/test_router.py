@@ -11,6 +11,7 @@ from p402_tui.core.config import RouterConfig, RouterWeights
 from p402_tui.core.errors import InvalidRequestError, RateLimitError, UnknownModelError
 from p402_tui.core.health import HealthTracker
 from p402_tui.core.hooks import RouteOptions
+from p402_tui.core import router as router_module
 from p402_tui.core.router import Router, _lower_hull
 from p402_tui.core.tokens import count_messages
 from p402_tui.core.types import ChatRequest
@@ -106,6 +107,19 @@ def test_estimated_cost_uses_the_real_prompt_count_and_max_tokens(router, catalo
     assert decision.prompt_tokens == prompt
     assert decision.est_output_tokens == 300
     assert decision.chosen.est_cost_usd == pytest.approx(catalog.models["gamma/tiny"].cost(prompt, 300))
+
+
+def test_the_prompt_counts_remembered_hold_a_bounded_amount_of_text(router, monkeypatch):
+    monkeypatch.setattr(router_module, "PROMPT_MEMO_CHARS", 100_000)
+    long = [ask(f"{i} " + "word " * 12_000) for i in range(10)]  # 60,000 characters each
+    for request in long:
+        router.route(request)
+    held = sum(len(part) for key in router._prompts for part in key if type(part) is str)
+    assert 60_000 < held <= 100_000
+    short = ask("a short question")
+    router.route(short)
+    assert router.count_prompt(short) == count_messages(short.messages).tokens  # remembered beside the long one
+    assert len(router._prompts) == 2
 
 
 def test_without_max_tokens_the_per_mode_default_is_expected(catalog):

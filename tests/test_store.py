@@ -261,6 +261,32 @@ async def test_the_wal_is_copied_into_the_file_by_a_checkpointer_not_by_the_writ
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+async def test_under_steady_writes_the_wal_starts_over_once_it_is_long(tmp_path):
+    # A checkpoint copies the WAL while the writer keeps committing, so it never finds the whole WAL
+    # copied when a transaction begins: the WAL grew for good. Once it is `restart_frames` long (here
+    # 64 pages), the checkpointer copies the rest with the writer's commits held off and it starts over.
+    path = tmp_path / "wal.db"
+    store = await Store.open(path)
+    store.writer.restart_frames = 64
+    wal = path.with_name(path.name + "-wal")
+    try:
+        n = 0
+        deadline = time.monotonic() + 3.5  # the checkpointer is cued once a second
+        while time.monotonic() < deadline:  # bursts all along: the writer commits one after the other
+            for _ in range(200):
+                store.put(queries.INSERT_REQUEST, queries.request_row(record(n)))
+                n += 1
+            await asyncio.sleep(0.01)
+        await store.flush()
+        header = wal.read_bytes()[:16]
+        assert int.from_bytes(header[12:16], "big") >= 2  # the WAL's checkpoint sequence: started over twice
+        assert await store.scalar("SELECT COUNT(*) FROM requests") == n
+    finally:
+        await store.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 def test_the_writer_refuses_an_interval_above_100_ms(tmp_path):
     with pytest.raises(ValueError, match="100 ms"):
         Writer(tmp_path / "p402.db", interval=0.2)

@@ -344,20 +344,28 @@ class Entry:
     row: int = -1
 
 
+def _block(size: int) -> int:
+    """The memory an object of `size` bytes takes: Python's allocator hands out multiples of 16 bytes up to
+    512, and C's malloc a multiple of 16 with an 8-byte header past that (an entry's strings and numbers
+    took 720 bytes where their sizes summed to 661)."""
+    return (size + 15) & ~15 if size <= 512 else (size + 23) & ~15
+
+
 # Each entry's numbers: its cost, created and last_hit floats and its row (an int past the small ones
 # Python shares); and the (namespace, exact key) tuple that keys it in the LRU table.
-_ENTRY_EXTRAS = 3 * sys.getsizeof(0.0) + sys.getsizeof(1000) + sys.getsizeof(("", ""))
+_ENTRY_EXTRAS = 3 * _block(sys.getsizeof(0.0)) + _block(sys.getsizeof(1000)) + _block(sys.getsizeof(("", "")))
 
 
 def entry_bytes(entry: Entry) -> int:
     """What one entry holds in memory besides its index row and its LRU slot: the object, its strings
     (the encoded answer until its row is committed) and numbers, and its key. Its namespace is shared."""
     size = sys.getsizeof
-    total = size(entry) + size(entry.exact_key) + size(entry.scope_key) + size(entry.prompt) + _ENTRY_EXTRAS
+    total = _block(size(entry)) + _block(size(entry.exact_key)) + _block(size(entry.scope_key)) + _block(size(entry.prompt))
+    total += _ENTRY_EXTRAS
     if entry.model is not None:
-        total += size(entry.model)
+        total += _block(size(entry.model))
     if entry.payload is not None:
-        total += size(entry.payload)
+        total += _block(size(entry.payload))
     return total
 
 
@@ -1065,7 +1073,7 @@ class SemanticCache:
 
         def committed() -> None:
             if self._entries.get(key) is entry and entry.payload is not None:
-                self._held -= sys.getsizeof(entry.payload)
+                self._held -= _block(sys.getsizeof(entry.payload))
             entry.payload = None
             if self.on_insert is not None and self._entries.get(key) is entry:
                 self.on_insert(entry.namespace, entry.exact_key)

@@ -88,6 +88,10 @@ _COST_FLOOR = 1e-7
 _PREFER_PENALTY = {"cost": 1e4, "speed": 1e9}
 _TIER_NUDGE = 0.01  # quality mode: the tier breaks near-ties of the quality prior
 LIVE_FOLD_S = 0.1  # a success's latency figures reach the ranking within this; failures and circuits at once
+# Prompts counted and remembered: at most this many, holding at most this much text alive (one 8 MB
+# prompt was kept for the next 4,095 distinct ones, and as many of them could each be as large).
+PROMPT_MEMO = 4096
+PROMPT_MEMO_CHARS = 4_000_000
 # What a decision was ranked with: the router's live arrays (ttft ms, ms per token, health) and their epoch.
 _Live = tuple[np.ndarray, np.ndarray, np.ndarray, int]
 
@@ -972,6 +976,7 @@ class Router:
         self._entries: dict[tuple[Any, ...], _Entry] = {}
         self._index()
         self._prompts: dict[tuple[Any, ...], tuple[int, int]] = {}
+        self._prompt_chars = 0  # the text `_prompts` holds (near enough: a large prompt's count runs on a thread)
         self._ids_counter = itertools.count(1)
         self._id_prefix = uuid.uuid4().hex[:8]
         self._weights = self._normalised_weights()
@@ -1146,9 +1151,12 @@ class Router:
         if found is None:
             tokens = count_messages(request.messages, tools=tools).tokens
             found = (tokens, _bits(request.needs()))
-            if len(self._prompts) >= 4096:
+            chars = sum(len(part) for part in parts if type(part) is str)
+            if len(self._prompts) >= PROMPT_MEMO or self._prompt_chars + chars > PROMPT_MEMO_CHARS:
                 self._prompts.clear()
+                self._prompt_chars = 0
             self._prompts[key] = found
+            self._prompt_chars += chars
         return found
 
     def _entry(self, key: tuple[Any, ...]) -> _Entry:

@@ -2,7 +2,7 @@
 
 glibc keeps what Python frees in its arenas, one per thread that allocated, and
 returns little of it: one 8 MB prompt parsed, counted and embedded left the
-process ~1 GB larger for good. `limit_arenas` caps the arenas and pins glibc's
+process ~1 GB larger for good. `limit_arenas` caps the arenas (to one) and pins glibc's
 thresholds (`p402 serve` sets both once, before its threads start); `Trimmer.soon` runs `malloc_trim(0)` shortly
 after a large request, off the event loop, at most one at a time; `trim_when_idle`
 runs it once a burst of requests is over, so what the burst freed is not kept.
@@ -22,7 +22,11 @@ log = logging.getLogger("p402.gateway")
 M_ARENA_MAX = -8  # glibc's mallopt parameter numbers
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-ARENAS = 2  # the loop's thread and one more: enough for the count pool and the writer's thread
+# One arena, the main one, for every thread: malloc_trim shrinks the free top of the main arena only. With
+# a second one, what the workers freed at its top (a bucket training's 3 MB sample, sign codes' products)
+# stayed resident under the trim threshold: 1.4 to 2.5 MB of 10,000 cached requests' RSS, changing from run
+# to run (bench/soak.py rss_batches; 0.0 in two runs with one arena).
+ARENAS = 1
 # glibc raises both thresholds each time a large mapped block is freed (up to 32 and 64 MB). Once the cache's
 # index had doubled past 16 MB, the sign codes and bucket training of its next doubling (a 24 MB product at
 # 16k rows) were carved from the worker thread's arena, and an arena's free top is kept below the trim

@@ -35,7 +35,11 @@ DIGEST_SIZE = 16
 _SIZES = struct.Struct("<IIII")
 
 # Parts already encoded, by the identity of the snapshot object they came from (kept alive here, so
-# an id is not reused while it is a key): decisions of one option set share these objects.
+# an id is not reused while it is a key): decisions of one option set share these objects. Decisions
+# are encoded in the order they were made, so a few recent parts find every repeat (at 2 as many as at
+# 256, measured over 10,000 gateway requests); 256 of them held 1.1 MB (a live part and its columns
+# are 8 kB at 135 models).
+ENCODED_PARTS = 16
 _encoded: dict[int, tuple[object, bytes, bytes]] = {}
 
 
@@ -116,7 +120,7 @@ def _part(obj: Any, encode_part: Any) -> tuple[bytes, bytes]:
     if found is None:
         part = encode_part(obj)
         found = (obj, hashlib.blake2b(part, digest_size=DIGEST_SIZE).digest(), part)
-        if len(_encoded) >= 256:
+        if len(_encoded) >= ENCODED_PARTS:
             _encoded.clear()
         _encoded[id(obj)] = found
     return found[1], found[2]
