@@ -194,3 +194,22 @@ def test_an_index_holds_pages_only_for_its_rows_and_a_grow_gives_the_old_arrays_
     for row in range(5999, 5000, -1):  # the rows removed stay written: counted until a grow drops them
         index.remove(row)
     assert index.memory_bytes == measured()
+
+
+async def test_an_entry_hit_for_the_first_time_is_counted_with_its_own_last_hit(tmp_path):
+    # Until its first hit an entry's last_hit is its created float, one object counted once.
+    from p402_tui.cache.semantic import _held_by
+
+    store = await open_store(tmp_path / "cache.db")
+    cache = SemanticCache(store, embedder=HashedNgramEmbedder())
+    try:
+        await fill(cache, 0, 20)
+        assert cache._held == _held_by(cache._entries)
+        before = cache._held
+        request = ChatRequest(messages=[{"role": "user", "content": "question 3: what is 3 plus 3?"}])
+        for _ in range(2):
+            assert await cache.lookup(request, None, "default", request_id="hit") is not None
+        assert cache._held == _held_by(cache._entries) > before
+    finally:
+        await cache.aclose()
+        await store.aclose()

@@ -351,9 +351,11 @@ def _block(size: int) -> int:
     return (size + 15) & ~15 if size <= 512 else (size + 23) & ~15
 
 
-# Each entry's numbers: its cost, created and last_hit floats and its row (an int past the small ones
-# Python shares); and the (namespace, exact key) tuple that keys it in the LRU table.
-_ENTRY_EXTRAS = 3 * _block(sys.getsizeof(0.0)) + _block(sys.getsizeof(1000)) + _block(sys.getsizeof(("", "")))
+_FLOAT = _block(sys.getsizeof(0.0))
+# Each entry's numbers: its cost and created floats and its row (an int past the small ones Python
+# shares); and the (namespace, exact key) tuple that keys it in the LRU table. Its last_hit is the
+# created float itself until its first hit.
+_ENTRY_EXTRAS = 2 * _FLOAT + _block(sys.getsizeof(1000)) + _block(sys.getsizeof(("", "")))
 
 
 def entry_bytes(entry: Entry) -> int:
@@ -361,7 +363,7 @@ def entry_bytes(entry: Entry) -> int:
     (the encoded answer until its row is committed) and numbers, and its key. Its namespace is shared."""
     size = sys.getsizeof
     total = _block(size(entry)) + _block(size(entry.exact_key)) + _block(size(entry.scope_key)) + _block(size(entry.prompt))
-    total += _ENTRY_EXTRAS
+    total += _ENTRY_EXTRAS if entry.last_hit is entry.created else _ENTRY_EXTRAS + _FLOAT
     if entry.model is not None:
         total += _block(size(entry.model))
     if entry.payload is not None:
@@ -1019,9 +1021,12 @@ class SemanticCache:
                 return None
             payload = row["response"]
         entry.hits += 1
-        entry.last_hit = now
         key = (entry.namespace, entry.exact_key)
-        if key in self._entries:
+        held = key in self._entries
+        if held and entry.last_hit is entry.created:  # a float of its own from now on (`entry_bytes`)
+            self._held += _FLOAT
+        entry.last_hit = now
+        if held:
             self._entries.move_to_end(key)
         self.store.put(_TOUCH, (now, entry.namespace, entry.exact_key))
         if match == EXACT:
