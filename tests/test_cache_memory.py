@@ -136,7 +136,9 @@ async def test_each_entry_is_counted_as_the_allocator_hands_its_objects_out(tmp_
         allocated = small_objects_bytes() - before
         # The LRU table's nodes (32 bytes each) are small objects too; `memory_bytes` has them from its size.
         counted = cache._held - held + 32 * count
-        assert allocated <= counted <= 1.1 * allocated, (allocated / count, counted / count)
+        # Within 1 %: what else the loop allocates meanwhile (its own bookkeeping, a few kB) is in the
+        # allocator's count too.
+        assert 0.99 * allocated <= counted <= 1.1 * allocated, (allocated / count, counted / count)
     finally:
         await cache.aclose()
         await store.aclose()
