@@ -11,7 +11,6 @@ is unreachable a batch is retried with a capped backoff, never dropped, and the 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -29,8 +28,8 @@ from .db import (
     migration_sql,
     statements,
 )
-from .dialect import POSTGRES, numbered_sql, postgres_sql
-from .rows import grouped, multi_row
+from .dialect import POSTGRES, postgres_sql
+from .rows import groupable, grouped, multi_row, numbered
 from .writer import INTERVAL_S, BatchWriter, Params, Write, shapes
 
 log = logging.getLogger("p402.store")
@@ -291,7 +290,7 @@ def _send(conn: Any, writes: list[Write], groups: list[list[int]], alone: list[t
             cursor = conn.cursor()
             continue
         rows = [writes[i].params for i in group]
-        if multi_row(first.sql) is not None and all(type(row) in (tuple, list) for row in rows):
+        if groupable(first.sql, rows):
             raw = psycopg.RawCursor(conn)
             for sql, params in grouped(first.sql, rows, "postgresql"):
                 raw.execute(sql, params)
@@ -309,14 +308,9 @@ def _statements(writes: list[Write], groups: list[list[int]]) -> list[tuple[byte
         if len(group) > 1 and multi_row(sql) is not None:
             out += grouped(sql, rows, "postgresql")
         else:
-            raw = _numbered(sql)
+            raw = numbered(sql)
             out += [(raw, row) for row in rows]
     return out
-
-
-@functools.lru_cache(maxsize=1024)
-def _numbered(sql: str) -> bytes:
-    return numbered_sql(sql).encode()
 
 
 # --- the store ----------------------------------------------------------------------------

@@ -41,11 +41,17 @@ def _multi_row(sql: str, rows: int, typed: bool) -> str | None:
     return f"{sql[:start + 8]}{', '.join([values] * rows)}{sql[end + 1:]}" if rows else sql
 
 
+def groupable(sql: str, params: Sequence[Any]) -> bool:
+    """Whether rows of `params` for `sql` can go as multi-row statements (`grouped`): a form for them,
+    and each row a plain sequence (named parameters have no place in a VALUES list)."""
+    return multi_row(sql) is not None and all(type(row) in (tuple, list) for row in params)
+
+
 def grouped(sql: str, params: Sequence[Sequence[Any]], engine: str = "sqlite") -> Iterator[tuple[Any, list[Any]]]:
     """One statement's rows of `params` as (multi-row statement, its parameters), a few per group: sizes
     in powers of two, so each engine's statement cache (SQLite's, psycopg's prepared statements) holds
     a handful of forms per table. PostgreSQL's statements come numbered (`$1`) and encoded, for a
-    RawCursor. The caller checks `multi_row(sql)` first."""
+    RawCursor. The caller checks `multi_row(sql)` (or `groupable`) first."""
     width = len(params[0]) if params else 0
     most = max(1, min(MAX_ROWS, MAX_VARIABLES[engine] // max(width, 1)))
     if engine == "postgresql":
@@ -56,14 +62,15 @@ def grouped(sql: str, params: Sequence[Sequence[Any]], engine: str = "sqlite") -
         at = 0
         while at < len(part):
             rows = 1 << (min(len(part) - at, most).bit_length() - 1)
-            statement = _numbered(sql, rows) if engine == "postgresql" else _multi_row(sql, rows, False)
+            statement = numbered(_multi_row(sql, rows, True)) if engine == "postgresql" else _multi_row(sql, rows, False)
             yield statement, [v for row in part[at:at + rows] for v in row]
             at += rows
 
 
-@functools.lru_cache(maxsize=256)
-def _numbered(sql: str, rows: int) -> bytes:
-    return numbered_sql(_multi_row(sql, rows, True)).encode()
+@functools.lru_cache(maxsize=1024)
+def numbered(sql: str) -> bytes:
+    """`sql` with `$1` placeholders, encoded: what a RawCursor and `pg_batch` send."""
+    return numbered_sql(sql).encode()
 
 
 def _unique_keys(sql: str, params: Sequence[Sequence[Any]]) -> list[Sequence[Sequence[Any]]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .db import StoreError, is_busy, open_sync
-from .rows import grouped, multi_row
+from .rows import groupable, grouped
 from .writer import INTERVAL_S, Batch, BatchWriter, Write, _first_line, log, shapes
 
 CHECKPOINT_EVERY_S = 1.0  # at most this often; about 1000 pages of WAL at 1,000 requests a second
@@ -134,10 +134,11 @@ def _execute_rows(cursor: sqlite3.Cursor, writes: list[Write]) -> None:
     lets go of the GIL while SQLite runs it and must take it back after, a wait of up to the switch
     interval (0.2 ms in `p402 serve`) while the loop runs."""
     sql = writes[0].sql
-    if multi_row(sql) is None or not all(type(w.params) in (tuple, list) for w in writes):
-        cursor.executemany(sql, [w.params for w in writes])
+    rows = [w.params for w in writes]
+    if not groupable(sql, rows):
+        cursor.executemany(sql, rows)
         return
-    for statement, params in grouped(sql, [w.params for w in writes]):
+    for statement, params in grouped(sql, rows):
         cursor.execute(statement, params)
 
 
