@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -301,3 +302,45 @@ def test_past_the_exact_budget_the_rest_is_estimated(monkeypatch):
     assert max(seen) <= tokens.PIECE_CHARS and sum(seen) <= tokens.EXACT_CHARS
     truth = 10 * 200_000 + tokens.TOKENS_PER_MESSAGE + tokens.REPLY_PRIMING  # 10 tokens a sentence
     assert abs(count.tokens - truth) / truth < 0.01
+
+
+def test_short_texts_count_as_tiktoken_counts_them():
+    # Pieces of every kind the pattern knows: contractions, digits in threes, runs of spaces and newlines,
+    # accents, CJK, an emoji, the special token's text, a lone surrogate (which tiktoken replaces).
+    rng = random.Random(402)
+    parts = ["abc", "XYZ", "123", "4567", ",.!?", "'s", "'re", "\n", "\t", "é", "中文", "😀", "<|endoftext|>", "\r\n", "\ud800"]
+    encoding, _ = tokens.encoding_for(None)
+    for _ in range(3000):
+        text = "".join(rng.choice(parts) + rng.choice(["", " ", "  ", "\n"]) for _ in range(rng.randint(0, 40)))
+        assert tokens.count_text(text).tokens == len(encoding.encode_ordinary(text)), text
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for start in range(0, len(readme) - tokens.SHORT_CHARS, 997):
+        text = readme[start : start + tokens.SHORT_CHARS]
+        assert tokens.count_text(text).tokens == len(encoding.encode_ordinary(text))
+
+
+def test_a_short_count_keeps_the_gil(monkeypatch):
+    """tiktoken lets go of the GIL on every call; with another thread busy, taking it back waits out the switch
+    interval. A prompt's count must not hand the event loop's thread over like that."""
+    tokens.count_text("warm the encoding and its pieces up")
+    ran = [0]
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            ran[0] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)  # the busy thread gets the GIL only when this one lets go of it
+    thread = threading.Thread(target=busy)
+    try:
+        thread.start()
+        stop.wait(0.01)  # hand over once, and take the GIL back for a whole interval
+        before = ran[0]
+        for i in range(3):
+            tokens.count_messages([{"role": "user", "content": f"Question {i}: what does a model router weigh?"}])
+        assert ran[0] == before
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)

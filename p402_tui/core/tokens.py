@@ -65,6 +65,11 @@ IMAGE_TOKENS_LOW = 85
 IMAGE_TOKENS_DEFAULT = 765
 
 PIECE_CHARS = 64_000  # ~2.5 ms of encoding, ~16k tokens in memory at once
+# Up to this many characters a text is counted piece by piece while holding the GIL (`_Pieces`): tiktoken lets
+# go of it for every call, and with any other thread busy (the store's writer, the cache's embedder) taking it
+# back waits out the switch interval, a stall of the event loop of up to a millisecond for 9 us of work.
+SHORT_CHARS = 2_000
+PIECES_KEPT = 8_192  # pieces whose counts are kept (prompts repeat words; new ones past this are not kept)
 EXACT_CHARS = 256_000  # per count: ~15 ms of encoding at most; the rest is estimated
 
 
@@ -140,6 +145,7 @@ def clear_cache() -> None:
     """Forget loaded encodings and model lookups (after the tiktoken cache changed)."""
     with _lock:
         _loaded.clear()
+        _piece_counters.clear()
     _resolve.cache_clear()
 
 
@@ -211,6 +217,10 @@ class _Budget:
         encoding = self.encoding
         if encoding is None:
             return -(-len(text) // 4)
+        if len(text) <= SHORT_CHARS and len(text) <= self.left:
+            tokens = _pieces(encoding).count(text)
+            self._spent(len(text), tokens)
+            return tokens
         if len(text) <= PIECE_CHARS and len(text) <= self.left:
             # encode_ordinary: text that happens to contain "<|endoftext|>" is counted, not rejected.
             tokens = len(encoding.encode_ordinary(text))
@@ -239,6 +249,48 @@ class _Budget:
         self.left -= chars
         self.chars += chars
         self.tokens += tokens
+
+
+class _Pieces:
+    """Counts of short texts the way tiktoken's `encode_ordinary` makes them, without letting go of the GIL.
+
+    tiktoken splits a text with its pattern and encodes each piece on its own (`Encoding._encode_only_native_bpe`
+    does the same in Python); here the split holds the GIL (`regex`'s `concurrent=False`), a piece seen before
+    is a dict lookup, and a new one goes through `encode_single_piece`, which holds the GIL too."""
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        import regex
+
+        self._encoding = encoding
+        self._findall = regex.compile(encoding._pat_str).findall
+        self._encode = encoding._core_bpe.encode_single_piece
+        self._counts: dict[str, int] = {}
+
+    def count(self, text: str) -> int:
+        counts = self._counts
+        total = 0
+        try:
+            for piece in self._findall(text, concurrent=False):
+                tokens = counts.get(piece)
+                if tokens is None:
+                    tokens = len(self._encode(piece.encode()))
+                    if len(counts) < PIECES_KEPT:
+                        counts[piece] = tokens
+                total += tokens
+        except UnicodeEncodeError:  # a lone surrogate: tiktoken replaces it, as it does there
+            return len(self._encoding.encode_ordinary(text))
+        return total
+
+
+_piece_counters: dict[str, _Pieces] = {}
+
+
+def _pieces(encoding: tiktoken.Encoding) -> _Pieces:
+    counter = _piece_counters.get(encoding.name)
+    if counter is None:
+        with _lock:
+            counter = _piece_counters.setdefault(encoding.name, _Pieces(encoding))
+    return counter
 
 
 def _cut(text: str, start: int, end: int) -> int:
