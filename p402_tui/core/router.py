@@ -763,43 +763,23 @@ def snapshots(decisions: Sequence[RouteDecision]) -> list[DecisionSnapshot]:
 
 
 def _snapshot_rows(decisions: list[RouteDecision]) -> list[DecisionSnapshot]:
-    """`_Ranking.snapshot` of decisions of one entry and one `_Vectors`, row by row the float operations
-    of `_sort_key`, `_log_score` and `_score` in the same order."""
+    """`_Ranking.snapshot` of decisions of one entry and one `_Vectors`: their keys (`_ranged_key`) and cost
+    scores (`_log_scaled`) a row each of one array."""
     rankings: list[_Ranking] = [d._ranked() for d in decisions]  # type: ignore[misc]
     first = rankings[0]
     entry, vectors, router = first.entry, first.vectors, first.router
     mode, weights = entry.mode, router._weights
-    cost_weight = weights[0]
+    adaptive = mode == "adaptive"
     cost = np.stack([r.cost for r in rankings])
     logs = np.log(cost + _COST_FLOOR)
-    scales, shifts, flat = [], [], []
-    for row, ranking in enumerate(rankings):
-        low, high = _cost_range(entry, ranking.prompt_tokens, ranking.answer_tokens)
-        span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
-        if span > 1e-12:
-            scales.append(cost_weight / span)
-            shifts.append(cost_weight * (math.log(high + _COST_FLOOR) / span))
-        else:
-            scales.append(0.0)
-            shifts.append(0.0)
-            flat.append(row)
-    key = logs * np.array(scales)[:, None]
-    key -= vectors.rest
-    if mode == "adaptive":
-        key -= np.array(shifts)[:, None]
-    for row in flat:
-        key[row] = -(vectors.rest + cost_weight)
-    if mode == "adaptive":
-        key *= vectors.health
+    terms = [_cost_terms(adaptive, weights[0], *_cost_range(entry, r.prompt_tokens, r.answer_tokens)) for r in rankings]
+    scale, shift = (np.array(column)[:, None] for column in zip(*terms))
+    key = _ranged_key(logs, scale, shift, vectors.rest, vectors.health if adaptive else None)
     if entry.prefer_penalty is not None:
         key += entry.prefer_penalty
     order = np.argsort(key, axis=1, kind="stable")
     counts = np.count_nonzero(np.isfinite(key), axis=1).tolist()
-    low_log, high_log = logs.min(axis=1), logs.max(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):  # rows of equal costs: all 1, set below
-        cost_score = (high_log[:, None] - logs) / (high_log - low_log)[:, None]
-    for row in np.flatnonzero(high_log - low_log < 1e-12).tolist():
-        cost_score[row] = 1.0
+    cost_score = _log_scaled(logs)
     score = _score(mode, weights, cost_score, entry.quality, vectors.speed, vectors.health)
     chosen = [r.chosen for r in rankings]
     n = key.shape[1]
@@ -857,26 +837,40 @@ def _sort_key(
         if mode == "speed":
             key = vectors.latency.copy() if marked else vectors.latency
         else:
-            # -(cost_weight * cost_score + rest), with cost_score = (H - log c) / (H - L): the constant
-            # cost_weight * H / (H - L) drops out of a balanced ranking; adaptive multiplies by health, so it stays in.
             assert cost_range is not None
-            low, high = cost_range
-            cost_weight = weights[0]
-            span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
-            key = np.log(cost + _COST_FLOOR)
-            if span > 1e-12:
-                key *= cost_weight / span
-                key -= vectors.rest
-                if mode == "adaptive":
-                    key -= cost_weight * (math.log(high + _COST_FLOOR) / span)
-            else:
-                key = -(vectors.rest + cost_weight)
-            if mode == "adaptive":
-                key *= vectors.health
+            adaptive = mode == "adaptive"
+            scale, shift = _cost_terms(adaptive, weights[0], *cost_range)
+            key = _ranged_key(np.log(cost + _COST_FLOOR), scale, shift, vectors.rest, vectors.health if adaptive else None)
     if prefer_penalty is not None:
         key += prefer_penalty
     if bad is not None:
         key[bad] = np.inf
+    return key
+
+
+def _cost_terms(adaptive: bool, cost_weight: float, low: float, high: float) -> tuple[float, float]:
+    """How a balanced or adaptive key takes the cost in, given the cheapest and dearest estimate (`_cost_range`).
+
+    The key is -(cost_weight * cost_score + rest), with cost_score = (H - log c) / (H - L): `scale` multiplies
+    log c and `shift` is taken off. The constant cost_weight * H / (H - L) drops out of a balanced ranking;
+    adaptive multiplies by health, so there it stays in. Costs all equal: every cost_score is 1."""
+    span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
+    if span <= 1e-12:
+        return 0.0, cost_weight
+    return cost_weight / span, (cost_weight * (math.log(high + _COST_FLOOR) / span) if adaptive else 0.0)
+
+
+def _ranged_key(
+    logs: np.ndarray, scale: Any, shift: Any, rest: np.ndarray, health: np.ndarray | None
+) -> np.ndarray:
+    """The balanced or adaptive (`health` given) key of log(cost + floor) (`_cost_terms`): one decision's, with
+    `scale` and `shift` floats, or a row each of decisions sharing their models and live figures, with columns."""
+    key = logs * scale
+    key -= rest
+    if isinstance(shift, np.ndarray) or shift:  # one balanced decision's is 0: nothing to take off
+        key -= shift
+    if health is not None:
+        key *= health
     return key
 
 
@@ -900,11 +894,19 @@ def _prefer_penalty(mode: str, prefer: Iterable[str], providers: Iterable[str]) 
 _RANGED_MODES = ("balanced", "adaptive")  # the modes whose key needs the cost range
 def _log_score(values: np.ndarray) -> np.ndarray:
     """1 for the smallest value, 0 for the largest, on a log scale (all 1 when they are equal)."""
-    logs = np.log(values)
-    lo, hi = logs.min(), logs.max()
-    if hi - lo < 1e-12:
-        return np.ones_like(logs)
-    return (hi - logs) / (hi - lo)
+    return _log_scaled(np.log(values))
+
+
+def _log_scaled(logs: np.ndarray) -> np.ndarray:
+    """`_log_score` of the values whose logs these are; of each row, for rows."""
+    if logs.ndim == 1:  # one decision's, on its hot path: the extremes as scalars, half the calls
+        low, high = logs.min(), logs.max()
+    else:
+        low, high = logs.min(axis=1, keepdims=True), logs.max(axis=1, keepdims=True)
+    flat = high - low < 1e-12
+    if not flat.any():
+        return (high - logs) / (high - low)
+    return np.where(flat, 1.0, (high - logs) / np.where(flat, 1.0, high - low))
 
 
 def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
