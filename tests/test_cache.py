@@ -1061,3 +1061,36 @@ async def test_the_cache_codes_a_grown_index_off_the_loop_and_lookups_skip_codes
     hit = await cache.lookup(ask("What's the capital city of France?"), None, "default", request_id="h")
     assert hit is not None and hit.response.content == "Paris."
     await cache.aclose()
+
+
+async def test_lookups_are_searched_while_confirmations_wait_for_the_confirmer(static_table, store, minilm):
+    """Confirmations wait on MiniLM (its child: one pass at a time, seconds while it starts); a lookup that has
+    no candidate is answered meanwhile, not queued behind them on the searching workers."""
+    import threading
+
+    from p402_tui.cache.embedders import LocalEmbedder
+
+    release = threading.Event()
+
+    class Stuck(LocalEmbedder):
+        name, dim = minilm.name, minilm.dim
+
+        def encode(self, texts: list[str]) -> np.ndarray:
+            release.wait(30)
+            return minilm.encode(texts)
+
+    cache = SemanticCache(store, embedder=static_table, confirmer=Stuck())
+    await remember(cache, ask("What is the capital of France?"), "Paris.")
+    waiting = [asyncio.create_task(cache.lookup(ask(text), None, "default", request_id=f"c{i}")) for i, text in
+               enumerate(["What's the capital city of France?", "Which city is the capital of France?",
+                          "Tell me the capital of France."])]  # fmt: skip
+    try:
+        while cache.stats.semantic_lookups < 3:  # searched: each now has France's entry to confirm
+            await asyncio.sleep(0.01)
+        other = await asyncio.wait_for(cache.lookup(ask("How do tides work?"), None, "default", request_id="o"), 10)
+        assert other is None and not any(task.done() for task in waiting)
+    finally:
+        release.set()
+    served = [await task for task in waiting]
+    assert cache.stats.confirmations == 3  # each had waited on the confirmer
+    assert served[0] is not None and served[0].response.content == "Paris."

@@ -569,6 +569,9 @@ class SemanticCache:
         self._builder: _Builder | None = None
         self._loader = embedder
         self._pool = ThreadPoolExecutor(EMBED_WORKERS, thread_name_prefix="p402-embed", initializer=gil.background)
+        # Confirmations on a thread of their own: one waits for MiniLM's child (~16 ms, one at a time on its pipe,
+        # seconds while the child starts), and on the pool two of them had stopped every lookup's search meanwhile.
+        self._confirms = ThreadPoolExecutor(1, thread_name_prefix="p402-confirm", initializer=gil.background)
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # in LRU order, oldest first
         self._held = 0  # the entries' `entry_bytes`, kept as they come and go
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
@@ -611,6 +614,7 @@ class SemanticCache:
         if self._builder is not None:
             await asyncio.to_thread(self._builder.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._confirms.shutdown(wait=False, cancel_futures=True)
         if self._gathering is not None:
             self._gathering.cancel()
         for ask in [*self._in_flight, *self._asks]:  # a cancelled job would never answer them
@@ -990,7 +994,7 @@ class SemanticCache:
             vectors = self._confirmer_now().encode(texts)
             return vectors[1:] @ vectors[0]
 
-        scores, cpu = await asyncio.get_running_loop().run_in_executor(self._pool, _timed, work)
+        scores, cpu = await asyncio.get_running_loop().run_in_executor(self._confirms, _timed, work)
         self.stats.confirmations += 1
         self.stats.semantic_cpu_s += cpu
         return sorted(zip(entries, map(float, scores)), key=lambda pair: -pair[1])
