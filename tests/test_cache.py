@@ -1094,3 +1094,42 @@ async def test_lookups_are_searched_while_confirmations_wait_for_the_confirmer(s
     served = [await task for task in waiting]
     assert cache.stats.confirmations == 3  # each had waited on the confirmer
     assert served[0] is not None and served[0].response.content == "Paris."
+
+
+async def test_lookups_are_searched_while_the_index_is_trained_and_fitted(static_table, store, monkeypatch):
+    """Training buckets and fitting projections take up to a second each at 100k rows; lookups go on meanwhile."""
+    import threading
+
+    from p402_tui.cache import semantic as semantic_module
+
+    monkeypatch.setattr(index_module, "PROJECT_FROM_ROWS", 16)
+    monkeypatch.setattr(index_module, "BUCKET_FROM_ROWS", 32)
+    monkeypatch.setattr(index_module, "BUCKET_ROWS", 8)
+    release = threading.Event()
+    started: list[str] = []
+
+    def held(name, work):
+        def run(*args):
+            started.append(name)
+            release.wait(30)
+            return work(*args)
+        return run
+
+    monkeypatch.setattr(semantic_module, "train_buckets", held("train", semantic_module.train_buckets))
+    monkeypatch.setattr(semantic_module, "fit_projection", held("fit", semantic_module.fit_projection))
+    cache = SemanticCache(store, embedder=static_table)
+    words = "river stone cloud paper engine garden silver window music letter orange bridge".split()
+    rng = np.random.default_rng(4)
+    try:
+        for i in range(80):  # past both sizes: a fit is asked for at 16 rows, a training at 32
+            text = " ".join(rng.choice(words, 6)).capitalize() + f" {i}?"
+            await asyncio.wait_for(remember(cache, ask(text), f"answer {i}"), 10)
+        assert started == ["fit"]  # held, with the training waiting for it: neither held a lookup
+    finally:
+        release.set()
+    [index] = cache._indexes.values()
+    for _ in range(500):
+        if index.buckets is not None and index.basis is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert index.buckets is not None and index.basis is not None

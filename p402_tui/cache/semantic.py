@@ -572,6 +572,9 @@ class SemanticCache:
         # Confirmations on a thread of their own: one waits for MiniLM's child (~16 ms, one at a time on its pipe,
         # seconds while the child starts), and on the pool two of them had stopped every lookup's search meanwhile.
         self._confirms = ThreadPoolExecutor(1, thread_name_prefix="p402-confirm", initializer=gil.background)
+        # The index's upkeep (buckets, projections, sign codes: up to a second at 100k rows, a few at each doubling)
+        # on one more: on the pool, a training and a fit together had held a batch of lookups until both were done.
+        self._upkeep = ThreadPoolExecutor(1, thread_name_prefix="p402-index", initializer=gil.background)
         self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()  # in LRU order, oldest first
         self._held = 0  # the entries' `entry_bytes`, kept as they come and go
         self._indexes: dict[tuple[str, str], VectorIndex] = {}
@@ -615,6 +618,7 @@ class SemanticCache:
             await asyncio.to_thread(self._builder.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._confirms.shutdown(wait=False, cancel_futures=True)
+        self._upkeep.shutdown(wait=False, cancel_futures=True)
         if self._gathering is not None:
             self._gathering.cancel()
         for ask in [*self._in_flight, *self._asks]:  # a cancelled job would never answer them
@@ -868,7 +872,7 @@ class SemanticCache:
                 index.install(trained)
 
         try:
-            self._pool.submit(work)
+            self._upkeep.submit(work)
         except RuntimeError:  # the pool has shut down
             index.training = False
 
@@ -889,7 +893,7 @@ class SemanticCache:
                 pass
 
         try:
-            self._pool.submit(work)
+            self._upkeep.submit(work)
         except RuntimeError:  # the pool has shut down
             index.coding = False
 
@@ -919,7 +923,7 @@ class SemanticCache:
                 index.install_projection(*fitted)
 
         try:
-            self._pool.submit(work)
+            self._upkeep.submit(work)
         except RuntimeError:  # the pool has shut down
             index.fitting = False
 
