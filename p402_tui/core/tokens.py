@@ -65,11 +65,12 @@ IMAGE_TOKENS_LOW = 85
 IMAGE_TOKENS_DEFAULT = 765
 
 PIECE_CHARS = 64_000  # ~2.5 ms of encoding, ~16k tokens in memory at once
-# Up to this many characters a text is counted piece by piece while holding the GIL (`_Pieces`): tiktoken lets
-# go of it for every call, and with any other thread busy (the store's writer, the cache's embedder) taking it
-# back waits out the switch interval, a stall of the event loop of up to a millisecond for 9 us of work.
+# Up to this many characters an ASCII text is counted piece by piece while holding the GIL (`_Pieces`): tiktoken
+# lets go of it for every call, and with any other thread busy (the store's writer, the cache's embedder) taking
+# it back waits out the switch interval, a stall of the event loop of up to a millisecond for 9 us of work.
 SHORT_CHARS = 2_000
-PIECES_KEPT = 8_192  # pieces whose counts are kept (prompts repeat words; new ones past this are not kept)
+PIECES_KEPT = 8_192  # counts of pieces seen (prompts repeat words); all forgotten when full, as the router's memo
+PIECE_KEPT_CHARS = 32  # longer pieces (runs of digits, spaces or symbols) are counted every time, never kept
 EXACT_CHARS = 256_000  # per count: ~15 ms of encoding at most; the rest is estimated
 
 
@@ -121,6 +122,10 @@ def _open(name: str) -> tiktoken.Encoding | None:
         encoding = tiktoken.get_encoding(name)
     except Exception:  # a damaged file or plugin must degrade to the next tokenizer, not break counting
         return None
+    try:
+        _pieces[encoding.name] = _Pieces(encoding)
+    except Exception:  # tiktoken's insides moved: counted by encode_ordinary, which lets go of the GIL
+        _pieces.pop(encoding.name, None)
     _shed_ranks(encoding)
     return encoding
 
@@ -145,7 +150,7 @@ def clear_cache() -> None:
     """Forget loaded encodings and model lookups (after the tiktoken cache changed)."""
     with _lock:
         _loaded.clear()
-        _piece_counters.clear()
+        _pieces.clear()
     _resolve.cache_clear()
 
 
@@ -217,10 +222,14 @@ class _Budget:
         encoding = self.encoding
         if encoding is None:
             return -(-len(text) // 4)
-        if len(text) <= SHORT_CHARS and len(text) <= self.left:
-            tokens = _pieces(encoding).count(text)
-            self._spent(len(text), tokens)
-            return tokens
+        # ASCII only: on other text the `regex` module's Unicode tables may be newer than tiktoken's (a letter
+        # of Unicode 17 split apart from its contraction was one token short).
+        if len(text) <= SHORT_CHARS and len(text) <= self.left and text.isascii():
+            pieces = _pieces.get(encoding.name)
+            if pieces is not None:
+                tokens = pieces.count(text)
+                self._spent(len(text), tokens)
+                return tokens
         if len(text) <= PIECE_CHARS and len(text) <= self.left:
             # encode_ordinary: text that happens to contain "<|endoftext|>" is counted, not rejected.
             tokens = len(encoding.encode_ordinary(text))
@@ -252,7 +261,7 @@ class _Budget:
 
 
 class _Pieces:
-    """Counts of short texts the way tiktoken's `encode_ordinary` makes them, without letting go of the GIL.
+    """Counts of ASCII texts as tiktoken's `encode_ordinary` makes them, without letting go of the GIL.
 
     tiktoken splits a text with its pattern and encodes each piece on its own (`Encoding._encode_only_native_bpe`
     does the same in Python); here the split holds the GIL (`regex`'s `concurrent=False`), a piece seen before
@@ -261,7 +270,6 @@ class _Pieces:
     def __init__(self, encoding: tiktoken.Encoding) -> None:
         import regex
 
-        self._encoding = encoding
         self._findall = regex.compile(encoding._pat_str).findall
         self._encode = encoding._core_bpe.encode_single_piece
         self._counts: dict[str, int] = {}
@@ -269,28 +277,19 @@ class _Pieces:
     def count(self, text: str) -> int:
         counts = self._counts
         total = 0
-        try:
-            for piece in self._findall(text, concurrent=False):
-                tokens = counts.get(piece)
-                if tokens is None:
-                    tokens = len(self._encode(piece.encode()))
-                    if len(counts) < PIECES_KEPT:
-                        counts[piece] = tokens
-                total += tokens
-        except UnicodeEncodeError:  # a lone surrogate: tiktoken replaces it, as it does there
-            return len(self._encoding.encode_ordinary(text))
+        for piece in self._findall(text, concurrent=False):
+            tokens = counts.get(piece)
+            if tokens is None:
+                tokens = len(self._encode(piece.encode("ascii")))
+                if len(piece) <= PIECE_KEPT_CHARS:
+                    if len(counts) >= PIECES_KEPT:
+                        counts.clear()
+                    counts[piece] = tokens
+            total += tokens
         return total
 
 
-_piece_counters: dict[str, _Pieces] = {}
-
-
-def _pieces(encoding: tiktoken.Encoding) -> _Pieces:
-    counter = _piece_counters.get(encoding.name)
-    if counter is None:
-        with _lock:
-            counter = _piece_counters.setdefault(encoding.name, _Pieces(encoding))
-    return counter
+_pieces: dict[str, _Pieces] = {}  # by encoding name, made as the encoding loads
 
 
 def _cut(text: str, start: int, end: int) -> int:
