@@ -855,7 +855,7 @@ def _cost_terms(adaptive: bool, cost_weight: float, low: float, high: float) -> 
     log c and `shift` is taken off. The constant cost_weight * H / (H - L) drops out of a balanced ranking;
     adaptive multiplies by health, so there it stays in. Costs all equal: every cost_score is 1."""
     span = math.log(high + _COST_FLOOR) - math.log(low + _COST_FLOOR)
-    if span <= 1e-12:
+    if not span > 1e-12:  # NaN too: infinite prices
         return 0.0, cost_weight
     return cost_weight / span, (cost_weight * (math.log(high + _COST_FLOOR) / span) if adaptive else 0.0)
 
