@@ -197,7 +197,9 @@ async def bench_cache(embedder, static, rounds: int) -> dict:
 
 
 async def bench_at_cap(plan, max_entries: int) -> dict:
-    """The default cache filled to its cap with different prompts: what it holds in memory."""
+    """The default cache filled to its cap with different prompts: what it holds in memory, and what a request
+    cost this process and MiniLM's child over each tenth of the fill (the child's CPU is read while it lives:
+    one that died and started again would lose its share)."""
     import random
     import re
 
