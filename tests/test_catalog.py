@@ -302,9 +302,10 @@ def test_overrides_apply_to_known_models(tmp_path: Path):
     assert CATALOG_PATH.read_bytes() == shipped
 
 
-def test_bad_override_names_the_model(tmp_path: Path):
+@pytest.mark.parametrize("price", [-1, float("inf"), float("nan")])
+def test_bad_override_names_the_model(tmp_path: Path, price: float):
     overrides = tmp_path / "overrides.json"
-    overrides.write_text(json.dumps({"models": {"openai/gpt-4o": {"input_per_1m": -1}}}), encoding="utf-8")
+    overrides.write_text(json.dumps({"models": {"openai/gpt-4o": {"input_per_1m": price}}}), encoding="utf-8")
     with pytest.raises(CatalogError, match="openai/gpt-4o"):
         load_catalog(overrides_path=overrides)
 

@@ -53,13 +53,14 @@ class ModelSpec(BaseModel):
     tier: Tier
     context_window: int = Field(gt=0)
     max_output_tokens: int = Field(gt=0)
-    input_per_1m: float = Field(ge=0)
-    output_per_1m: float = Field(ge=0)
-    cached_input_per_1m: float | None = Field(default=None, ge=0)
+    # Finite: an infinite price made every cost estimate, and the router's ranking by them, not a number.
+    input_per_1m: float = Field(ge=0, allow_inf_nan=False)
+    output_per_1m: float = Field(ge=0, allow_inf_nan=False)
+    cached_input_per_1m: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     capabilities: frozenset[Capability]
     quality: float = Field(ge=0, le=1)
-    tokens_per_s: float = Field(gt=0)
-    ttft_ms: float = Field(default=500, gt=0)
+    tokens_per_s: float = Field(gt=0, allow_inf_nan=False)
+    ttft_ms: float = Field(default=500, gt=0, allow_inf_nan=False)
     deprecated_on: str | None = None  # YYYY-MM-DD the provider retires (or retired) this id, when announced
     reference: str = ""  # where the catalog's figures for it come from
     source: str = "catalog"  # catalog | config | import | pinned (an unlisted id a caller named)
