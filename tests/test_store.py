@@ -228,10 +228,17 @@ async def test_a_steady_trickle_of_rows_is_committed_once_an_interval_not_after_
         n += 1
         await asyncio.sleep(0.001)
     elapsed = time.monotonic() - started
+    slowest = max(store.writer._costs, default=0.0)  # of the last batches: how long one took, due to commit
     await store.flush()
     assert await store.scalar("SELECT COUNT(*) FROM requests") == n
-    # About one transaction per 25 ms interval, with room for a busy machine's late wake-ups.
-    assert store.writer.stats.batches <= 1.5 * elapsed / store.writer.interval + 3, (store.writer.stats.batches, n)
+    stats = store.writer.stats
+    # Rows wait for company: taken at once, they went a few to a transaction.
+    assert stats.written / stats.batches >= 5, (stats.batches, n)
+    # About one transaction per 25 ms interval, with room for late wake-ups, while batches are quick. A batch
+    # that took most of the interval (a loaded machine, a far server) makes the next ones go early, by design:
+    # what a kill -9 can lose stays within about the interval.
+    if slowest < store.writer.interval / 2:
+        assert stats.batches <= 1.5 * elapsed / store.writer.interval + 3, (stats.batches, n, slowest)
 
 
 async def test_the_wal_is_copied_into_the_file_by_a_checkpointer_not_by_the_writers_commits(tmp_path):
