@@ -47,7 +47,7 @@ from p402_tui.core.types import ChatRequest, ChatResponse, Usage  # noqa: E402
 from p402_tui.store.store import Store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway import rss_mib  # noqa: E402 - bench/gateway.py, beside this file
+from gateway import cpu_seconds, rss_mib  # noqa: E402 - bench/gateway.py, beside this file
 
 DIM = 256
 THRESHOLD = 0.74  # the static stage's search threshold (cache.candidate_threshold)
@@ -257,16 +257,9 @@ async def bench_at_cap(plan, max_entries: int) -> dict:
 
 
 def children_cpu_s() -> float:
-    """CPU seconds of this process's live children (the confirmer's MiniLM process), from /proc; 0 elsewhere."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid():
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    """CPU seconds of this process's live descendants (the confirmer's MiniLM process): `gateway.cpu_seconds`
+    of this process, which sums them from /proc, less its own."""
+    return cpu_seconds(os.getpid()) - sum(os.times()[:2])
 
 
 def eight_mb_prompt(plan) -> dict:
