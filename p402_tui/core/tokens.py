@@ -222,17 +222,12 @@ class _Budget:
         encoding = self.encoding
         if encoding is None:
             return -(-len(text) // 4)
-        # ASCII only: on other text the `regex` module's Unicode tables may be newer than tiktoken's (a letter
-        # of Unicode 17 split apart from its contraction was one token short).
-        if len(text) <= SHORT_CHARS and len(text) <= self.left and text.isascii():
-            pieces = _pieces.get(encoding.name)
-            if pieces is not None:
-                tokens = pieces.count(text)
-                self._spent(len(text), tokens)
-                return tokens
         if len(text) <= PIECE_CHARS and len(text) <= self.left:
+            # ASCII only: on other text the `regex` module's Unicode tables may be newer than tiktoken's (a
+            # letter of Unicode 17 split apart from its contraction was one token short).
+            pieces = _pieces.get(encoding.name) if len(text) <= SHORT_CHARS and text.isascii() else None
             # encode_ordinary: text that happens to contain "<|endoftext|>" is counted, not rejected.
-            tokens = len(encoding.encode_ordinary(text))
+            tokens = pieces.count(text) if pieces is not None else len(encoding.encode_ordinary(text))
             self._spent(len(text), tokens)
             return tokens
         total, start = 0, 0
