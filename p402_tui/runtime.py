@@ -85,7 +85,7 @@ class Runtime:
                 from .persistence import Persistence
                 from .store.engine import open_store
 
-                store = await open_store(settings.db_path)
+                store = await open_store(settings.db_path, realtime=settings.file.store.realtime_writer)
                 stack.push_async_callback(store.aclose)  # closed last: everything else may still write
                 if settings.file.store.retention_days:
                     from .service.operations import retain

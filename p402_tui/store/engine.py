@@ -16,13 +16,15 @@ from .store import Store
 from .writer import INTERVAL_S
 
 
-async def open_store(value: str | Path, *, interval: float = INTERVAL_S, create: bool = True) -> Any:
-    """The store `value` names, migrated and with its writer running."""
+async def open_store(
+    value: str | Path, *, interval: float = INTERVAL_S, create: bool = True, realtime: bool = False
+) -> Any:
+    """The store `value` names, migrated and with its writer running (`realtime`: see `gil.promptly`)."""
     if is_store_url(value):
         from .postgres import PgStore
 
-        return await PgStore.open(str(value), interval=interval, create=create)
-    return await Store.open(value, interval=interval, create=create)
+        return await PgStore.open(str(value), interval=interval, create=create, realtime=realtime)
+    return await Store.open(value, interval=interval, create=create, realtime=realtime)
 
 
 async def exists(value: str | Path) -> bool:

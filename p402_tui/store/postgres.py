@@ -322,18 +322,21 @@ class PgStore(StoreBase):
     engine = "postgresql"
     dialect = POSTGRES
 
-    def __init__(self, url: str, pool: Any, *, interval: float = INTERVAL_S) -> None:
+    def __init__(self, url: str, pool: Any, *, interval: float = INTERVAL_S, realtime: bool = False) -> None:
         super().__init__()
         self.url = url
         self.path = redact(url)  # how commands name the store they use
         self.pool = pool
-        self.writer = PgWriter(url, self._reached, lambda: self._down is not None, interval=interval)
+        self.writer = PgWriter(url, self._reached, lambda: self._down is not None, interval=interval,
+                               realtime=realtime)
         self._down: str | None = None  # why the server last failed to answer; None while it answers
         self._probed = 0.0
         self._probe: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, url: str, *, interval: float = INTERVAL_S, create: bool = True) -> PgStore:
+    async def open(
+        cls, url: str, *, interval: float = INTERVAL_S, create: bool = True, realtime: bool = False
+    ) -> PgStore:
         """Connect, migrate (unless `create` is false and P402 has no tables there: a StoreError), pool."""
         conn = await connect(url)
         where = redact(url)
@@ -349,7 +352,7 @@ class PgStore(StoreBase):
             name="p402-store",
         )  # fmt: skip
         await pool.open()
-        store = cls(url, pool, interval=interval)
+        store = cls(url, pool, interval=interval, realtime=realtime)
         try:
             await store.writer.begin()
         except psycopg.OperationalError as error:

@@ -44,9 +44,9 @@ class Writer(BatchWriter):
         self.restart_frames = WAL_RESTART_FRAMES
 
     @classmethod
-    async def open(cls, path: Path, *, interval: float = INTERVAL_S) -> Writer:
+    async def open(cls, path: Path, *, interval: float = INTERVAL_S, realtime: bool = False) -> Writer:
         """A writer on its own connection to `path` (already migrated), opened on its own thread."""
-        writer = cls(path, interval=interval)
+        writer = cls(path, interval=interval, realtime=realtime)
         await writer.begin()
         return writer
 

@@ -32,14 +32,16 @@ class Store(StoreBase):
         self.writer = writer
 
     @classmethod
-    async def open(cls, path: Path | str, *, interval: float = INTERVAL_S, create: bool = True) -> "Store":
+    async def open(
+        cls, path: Path | str, *, interval: float = INTERVAL_S, create: bool = True, realtime: bool = False
+    ) -> "Store":
         """`create=False` for reports: a mistyped --db then says so instead of reporting an empty new file."""
         path = Path(path).expanduser()
         if not create and not await asyncio.to_thread(path.is_file):
             raise StoreError(f"no P402 database at {path}: nothing has been recorded there")
         reader = await connect(path)  # creates and migrates the file
         try:
-            writer = await Writer.open(path, interval=interval)
+            writer = await Writer.open(path, interval=interval, realtime=realtime)
         except BaseException:
             await reader.close()
             raise

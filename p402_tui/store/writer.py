@@ -19,7 +19,9 @@ the loop between requests (0.3 ms of the loop's CPU a request).
 What a `kill -9` can lose (the batch window) is what was answered within the last `interval` or so:
 the writer aims to commit each row `interval` after it was queued, taking a batch early by the longest
 that making and committing one of the recent batches took (`_take`). `urgent` writes (the gateway's strict
-durability, and `run`) are committed without waiting for the window.
+durability, and `run`) are committed without waiting for the window. A gateway's writer runs as a
+real-time thread where Linux allows it (`gil.promptly`): on saturated cores, waiting for a core after
+each wait for the GIL had stretched batches to over 100 ms.
 
 A batch is never dropped because another process holds the database (or its server is away): it is
 retried with a backoff capped at `MAX_BACKOFF_S` for as long as the lock lasts. Meanwhile the
@@ -99,6 +101,7 @@ class WriterStats:
     failed: int = 0
     retries: int = 0
     largest_batch: int = 0
+    realtime: bool = False  # the thread runs as soon as it wakes (`gil.promptly`)
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +111,7 @@ class WriterStats:
             "failed": self.failed,
             "retries": self.retries,
             "largest_batch": self.largest_batch,
+            "realtime": self.realtime,
             "last_errors": self.errors[-5:],
         }
 
@@ -120,10 +124,12 @@ class BatchWriter:
     errors: tuple[type[BaseException], ...] = (sqlite3.Error,)  # what a bad row or a busy database raises
 
     def __init__(
-        self, *, interval: float = INTERVAL_S, max_batch: int = 2000, max_pending: int = MAX_PENDING
+        self, *, interval: float = INTERVAL_S, max_batch: int = 2000, max_pending: int = MAX_PENDING,
+        realtime: bool = False,
     ) -> None:
         _check_interval(interval)
         self.interval = interval
+        self.realtime = realtime  # ask for real-time scheduling (`gil.promptly`): a gateway's writer does
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.stats = WriterStats()
@@ -273,6 +279,9 @@ class BatchWriter:
             self._tell(_fail, opened, error)
             self._tell(_resolve, self._ended)
             return
+        if self.realtime:  # after `_connect`: a thread it starts (SQLite's checkpointer) stays as it was
+            self.stats.realtime = gil.promptly()
+            log.debug("store writer: %s", "real-time" if self.stats.realtime else "real-time refused, as any thread")
         self._tell(_resolve, opened)
         try:
             while self._turn():
