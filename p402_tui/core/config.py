@@ -185,8 +185,8 @@ class StoreConfig(_Section):
     # so a kill -9 may lose the rows of that window. strict: the gateway sends an answer's last
     # byte (a stream's [DONE]) only once its row is committed.
     durability: Literal["batch", "strict"] = "batch"
-    # The writer's thread asks Linux for real-time scheduling (SCHED_FIFO 1, granted to root, CAP_SYS_NICE or
-    # LimitRTPRIO=1), so that on saturated cores a batch is not held in the run queue past its window.
+    # The writer's thread asks Linux for real-time scheduling (SCHED_FIFO 1: root with CAP_SYS_NICE, or an
+    # RLIMIT_RTPRIO of 1), so that on saturated cores a batch is not held in the run queue past its window.
     realtime_writer: bool = True
     # Ledger, decisions and health history older than this many days are deleted in the background
     # (at start, then hourly, a few hundred rows a transaction); None keeps everything.

@@ -25,12 +25,15 @@ The ledger writer is the other way round: what a `kill -9` loses is what it has 
 it must run as soon as it can. On two saturated cores (the gateway, the load and the simulator) it
 gave up the GIL some hundred times a batch, and after each it waited in the run queue behind the
 other processes: half of a batch's time was spent there (/proc schedstat), batches of 5 ms of CPU
-took 30 to 120 ms, and kill9 lost rows answered up to 110 ms before. `promptly()` makes it a
+took 30 to 120 ms, and kill9 lost rows answered up to 115 ms before. `promptly()` makes it a
 real-time thread at the lowest priority (SCHED_FIFO 1), which runs the moment it wakes: run-queue
 waits fell to 1 % of a batch, the slowest batch from 86-120 ms to 23 ms, at the same requests a
-second. Linux allows it to root, to CAP_SYS_NICE, or under an RLIMIT_RTPRIO of at least 1 (systemd's
-LimitRTPRIO=1); elsewhere the writer runs as any thread. It cannot starve the machine: it sleeps
-between batches, and Linux keeps 5 % of each core for other threads whatever real-time ones do.
+second. Linux allows it to root with CAP_SYS_NICE (a container's root lacks it: docker's
+`--cap-add SYS_NICE`) or under an RLIMIT_RTPRIO of at least 1 (systemd's LimitRTPRIO=1, unless
+RestrictRealtime=yes); elsewhere the writer runs as any thread. A real-time thread runs until it
+sleeps, so the writer asks only where it has a core to itself besides the loop's (two or more), and
+drains a backlog as any thread (`ordinarily()`): back to back, its batches would keep the loop off
+that core, on one core for as long as the backlog lasted.
 """
 
 from __future__ import annotations
@@ -74,14 +77,30 @@ def writing() -> Iterator[None]:
                 sys.setswitchinterval(_base)
 
 
-def promptly() -> bool:
-    """Called on a thread that must run as soon as it wakes (the store's writer): whether Linux made it
-    real-time (SCHED_FIFO at the lowest priority). Threads it starts later inherit that: call it after."""
+def promptly() -> str | None:
+    """Called on a thread that must run as soon as it wakes (the store's writer): it becomes real-time
+    (SCHED_FIFO at the lowest priority; threads and processes it starts do not). None once it is, else why not."""
     try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_FIFO, os.sched_param(1))
-    except (AttributeError, OSError):  # not Linux, or not allowed: the thread runs as before
-        return False
-    return True
+        if len(os.sched_getaffinity(0)) < 2:
+            return "one CPU: a real-time thread would only keep the loop off it"
+        _schedule(os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, 1)
+    except AttributeError:
+        return "no real-time scheduling here (Linux only)"
+    except OSError as error:
+        return f"not allowed ({error.strerror}): it needs CAP_SYS_NICE or an RLIMIT_RTPRIO of 1"
+    return None
+
+
+def ordinarily() -> None:
+    """Called on a thread `promptly()` made real-time: it runs as any thread again (always allowed)."""
+    try:
+        _schedule(os.SCHED_OTHER, 0)
+    except (AttributeError, OSError):
+        pass
+
+
+def _schedule(policy: int, priority: int) -> None:
+    os.sched_setscheduler(threading.get_native_id(), policy, os.sched_param(priority))
 
 
 def background() -> None:

@@ -19,9 +19,10 @@ the loop between requests (0.3 ms of the loop's CPU a request).
 What a `kill -9` can lose (the batch window) is what was answered within the last `interval` or so:
 the writer aims to commit each row `interval` after it was queued, taking a batch early by the longest
 that making and committing one of the recent batches took (`_take`). `urgent` writes (the gateway's strict
-durability, and `run`) are committed without waiting for the window. A gateway's writer runs as a
+durability, and `run`) are committed without waiting for the window. The runtime's writer runs as a
 real-time thread where Linux allows it (`gil.promptly`): on saturated cores, waiting for a core after
-each wait for the GIL had stretched batches to over 100 ms.
+each wait for the GIL had stretched batches to over 100 ms. Behind (rows left after a full take, or a
+take of half of one), it drains them as any thread.
 
 A batch is never dropped because another process holds the database (or its server is away): it is
 retried with a backoff capped at `MAX_BACKOFF_S` for as long as the lock lasts. Meanwhile the
@@ -101,7 +102,7 @@ class WriterStats:
     failed: int = 0
     retries: int = 0
     largest_batch: int = 0
-    realtime: bool = False  # the thread runs as soon as it wakes (`gil.promptly`)
+    realtime: bool = False  # the thread was made real-time (`gil.promptly`); it drains a backlog as any thread
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,7 +130,8 @@ class BatchWriter:
     ) -> None:
         _check_interval(interval)
         self.interval = interval
-        self.realtime = realtime  # ask for real-time scheduling (`gil.promptly`): a gateway's writer does
+        self.realtime = realtime  # ask for real-time scheduling (`gil.promptly`): the runtime's writer does
+        self._lagging = False  # a real-time writer draining a backlog, as any thread meanwhile
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.stats = WriterStats()
@@ -279,9 +281,12 @@ class BatchWriter:
             self._tell(_fail, opened, error)
             self._tell(_resolve, self._ended)
             return
-        if self.realtime:  # after `_connect`: a thread it starts (SQLite's checkpointer) stays as it was
-            self.stats.realtime = gil.promptly()
-            log.debug("store writer: %s", "real-time" if self.stats.realtime else "real-time refused, as any thread")
+        if self.realtime:
+            refused = gil.promptly()
+            self.stats.realtime = refused is None
+            if refused:
+                log.info("store writer: runs as any thread, not real-time: %s; on saturated cores a kill -9 may then "
+                         "lose more than the last 25 ms or so of answered requests", refused)
         self._tell(_resolve, opened)
         try:
             while self._turn():
@@ -297,6 +302,8 @@ class BatchWriter:
         items, due = self._take()
         if not items:  # woken for a write an earlier take had already taken
             return True
+        if self.stats.realtime:
+            self._keep_pace(bool(self._queue) or len(items) >= self.max_batch // 2)
         batch = Batch()
         try:
             with gil.writing():
@@ -316,6 +323,15 @@ class BatchWriter:
         self._costs.append(ended - due)
         self._after(batch, ended)
         return not batch.stop
+
+    def _keep_pace(self, behind: bool) -> None:
+        """Real-time while the writer keeps up; as any thread while it drains a backlog."""
+        if behind != self._lagging:
+            self._lagging = behind
+            if behind:
+                gil.ordinarily()
+            elif gil.promptly() is not None:  # refused now (the process's limits changed): stays as it is
+                self.stats.realtime = False
 
     def _take(self) -> tuple[list[Any], float]:
         """What is queued, once its oldest write is due; and when that was."""
