@@ -99,7 +99,9 @@ JSON_INTEGER = BeforeValidator(_json_integer)
 class _Open(BaseModel):
     """Wire models keep fields we do not know, so nothing a caller sent is lost."""
 
-    model_config = ConfigDict(extra="allow")
+    # cache_strings: a request's JSON is parsed keeping no value for later; pydantic's default keeps up to
+    # 16,384 strings of up to 64 characters (short prompts, each one different) for the process's life.
+    model_config = ConfigDict(extra="allow", cache_strings="keys")
 
 
 class ImageURL(_Open):

@@ -27,7 +27,7 @@ Tokens = list[Annotated[int, Field(ge=0, le=2**31 - 1), JSON_INTEGER]]
 
 
 class EmbeddingsBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", cache_strings="keys")  # as core/types.py's wire models
 
     input: str | list[str] | Tokens | list[Tokens]
     model: str = Field(min_length=1)

@@ -30,7 +30,7 @@ INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 class ResponsesBody(BaseModel):
     """The fields P402 reads; the others a client may send (`include`, `truncation`...) are accepted and left."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", cache_strings="keys")  # as core/types.py's wire models
 
     model: str | None = None
     input: str | list[dict[str, Any]] | None = None
