@@ -49,7 +49,8 @@ _READY = {
     "properties": {
         "status": {"enum": ["ready", "not_ready"]},
         "failing": {"type": "array", "items": {"type": "string"}, "description": "The checks that failed"},
-        "checks": {"type": "object", "description": "store (with one), providers", "additionalProperties": _CHECK},
+        "checks": {"type": "object", "description": "store (with one, and whether its writer runs real-time), "
+                   "providers", "additionalProperties": _CHECK},
     },
 }
 

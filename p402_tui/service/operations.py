@@ -73,7 +73,8 @@ async def ready(store: Store | None, usable_providers: int) -> tuple[bool, dict[
     """Readiness for a load balancer: the store answers at the current schema, and a provider is usable."""
     checks: dict[str, Any] = {}
     if store is not None:
-        checks["store"] = await maintenance.check(store)
+        # realtime_writer: whether a kill -9 on saturated cores loses only the writer's ~25 ms window (gil.promptly)
+        checks["store"] = {**await maintenance.check(store), "realtime_writer": store.writer.stats.realtime}
     checks["providers"] = {
         "ok": usable_providers > 0, "usable": usable_providers,
         "reason": None if usable_providers else "no provider is configured (see `p402 providers`)",
