@@ -1133,3 +1133,31 @@ async def test_lookups_are_searched_while_the_index_is_trained_and_fitted(static
             break
         await asyncio.sleep(0.01)
     assert index.buckets is not None and index.basis is not None
+
+
+def test_an_index_s_installs_import_nothing_on_the_loop():
+    # The loop installs what a worker made (codes, a projection, buckets) and mends the rows moved meanwhile;
+    # np.unique did that once and its first call imported numpy.ma: 10 to 14 ms holding the loop.
+    script = """
+import sys
+import numpy as np
+from p402_tui.cache.index import VectorIndex, fit_projection, sign_codes, train_buckets
+rows = np.random.default_rng(7).standard_normal((20_000, 256)).astype(np.float32)
+rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+index = VectorIndex(256)
+index.extend(rows[:17_000], list(range(17_000)))
+codes = sign_codes(index.start_coding())
+index.add(rows[17_000], 17_000)  # added while the worker coded: mended at the install
+index.install_codes(codes)
+fitted = fit_projection(index.start_projection(), 0.74)
+index.add(rows[17_001], 17_001)
+index.install_projection(*(fitted or (None, None)))
+trained = train_buckets(index.start_training())
+index.add(rows[17_002], 17_002)
+index.install(trained)
+assert index.buckets is not None and index.coded
+print("numpy.ma" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

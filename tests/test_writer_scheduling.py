@@ -5,8 +5,13 @@ writer asks, `[store] realtime_writer = false` says not to."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import resource
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -147,6 +152,58 @@ async def test_a_writer_refused_real_time_runs_as_any_thread(tmp_path, monkeypat
         await store.aclose()
     (said,) = [r.getMessage() for r in caplog.records if "not real-time" in r.getMessage()]
     assert "CAP_SYS_NICE" in said and "kill -9" in said
+    assert "CAP_SYS_NICE" in store.writer.stats.realtime_refused
+
+
+# A real-time thread without CAP_SYS_NICE, as one real-time by its RLIMIT_RTPRIO alone (systemd's
+# LimitRTPRIO=1) is: here it asks as root, then drops the capability (capset is a thread's own). Going back
+# to any thread's policy must keep the reset-on-fork flag, which only CAP_SYS_NICE may clear.
+_WITHOUT_CAP_SYS_NICE = textwrap.dedent("""
+    import ctypes, json, os, threading
+    from p402_tui.core import gil
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    seen = {}
+
+    def thread():
+        me = threading.get_native_id()
+        seen["asked"] = gil.promptly()
+        seen["then"] = os.sched_getscheduler(me) & ~os.SCHED_RESET_ON_FORK
+        header, data = Header(0x20080522, 0), (Data * 2)()
+        assert libc.capget(ctypes.byref(header), data) == 0
+        data[0].effective &= ~(1 << 23)  # CAP_SYS_NICE
+        data[0].permitted &= ~(1 << 23)
+        assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
+        seen["ordinarily"] = gil.ordinarily()
+        seen["drained"] = os.sched_getscheduler(me) & ~os.SCHED_RESET_ON_FORK
+        seen["again"] = gil.promptly()  # without the capability: only as the RLIMIT_RTPRIO allows
+        seen["after"] = os.sched_getscheduler(me) & ~os.SCHED_RESET_ON_FORK
+
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join()
+    print(json.dumps(seen))
+""")
+
+
+def test_a_real_time_writer_without_cap_sys_nice_still_drains_as_any_thread():
+    if not _may_be_realtime() or os.geteuid() != 0:
+        pytest.skip("needs root, to ask and then drop CAP_SYS_NICE (held under CI, which runs as root)")
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_CAP_SYS_NICE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert (seen["asked"], seen["then"]) == (None, os.SCHED_FIFO), seen
+    assert (seen["ordinarily"], seen["drained"]) == (True, os.SCHED_OTHER), seen
+    if resource.getrlimit(resource.RLIMIT_RTPRIO)[0] >= 1:  # real-time by the limit alone, as under LimitRTPRIO=1
+        assert (seen["again"], seen["after"]) == (None, os.SCHED_FIFO), seen
+    else:
+        assert "CAP_SYS_NICE" in seen["again"] and seen["after"] == os.SCHED_OTHER, seen
 
 
 async def test_with_one_cpu_the_writer_does_not_ask(tmp_path, monkeypatch):

@@ -93,12 +93,14 @@ def promptly() -> str | None:
     return None
 
 
-def ordinarily() -> None:
-    """Called on a thread `promptly()` made real-time: it runs as any thread again (always allowed)."""
+def ordinarily() -> bool:
+    """Called on a thread `promptly()` made real-time: whether it runs as any thread again. The reset-on-fork
+    flag stays: clearing it needs CAP_SYS_NICE, which a thread real-time by its RLIMIT_RTPRIO lacks."""
     try:
-        _schedule(os.SCHED_OTHER, 0)
+        _schedule(os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, 0)
     except (AttributeError, OSError):
-        pass
+        return False
+    return True
 
 
 def _schedule(policy: int, priority: int) -> None:

@@ -43,14 +43,28 @@ _CHECK = {
     "properties": {"ok": {"type": "boolean"}, "reason": {"type": ["string", "null"]}},
     "additionalProperties": True,
 }
+_STORE_CHECK = {
+    **_CHECK,
+    "required": ["ok", "reason", "realtime_writer", "realtime_writer_reason"],
+    "properties": {
+        **_CHECK["properties"],
+        "schema_version": {"type": ["integer", "null"]},
+        "realtime_writer": {"type": "boolean", "description": "The ledger writer runs real-time (`[store] realtime_writer`)"},
+        "realtime_writer_reason": {"type": ["string", "null"], "description": "Why it does not"},
+    },
+}
 _READY = {
     "type": "object",
     "required": ["status", "failing", "checks"],
     "properties": {
         "status": {"enum": ["ready", "not_ready"]},
         "failing": {"type": "array", "items": {"type": "string"}, "description": "The checks that failed"},
-        "checks": {"type": "object", "description": "store (with one, and whether its writer runs real-time), "
-                   "providers", "additionalProperties": _CHECK},
+        "checks": {
+            "type": "object",
+            "description": "store (with one), providers",
+            "properties": {"store": _STORE_CHECK},
+            "additionalProperties": _CHECK,
+        },
     },
 }
 

@@ -74,7 +74,11 @@ async def ready(store: Store | None, usable_providers: int) -> tuple[bool, dict[
     checks: dict[str, Any] = {}
     if store is not None:
         # realtime_writer: whether a kill -9 on saturated cores loses only the writer's ~25 ms window (gil.promptly)
-        checks["store"] = {**await maintenance.check(store), "realtime_writer": store.writer.stats.realtime}
+        writer = store.writer
+        why_not = None if writer.stats.realtime else (
+            writer.stats.realtime_refused if writer.realtime else "off: [store] realtime_writer = false")
+        checks["store"] = {**await maintenance.check(store), "realtime_writer": writer.stats.realtime,
+                           "realtime_writer_reason": why_not}
     checks["providers"] = {
         "ok": usable_providers > 0, "usable": usable_providers,
         "reason": None if usable_providers else "no provider is configured (see `p402 providers`)",

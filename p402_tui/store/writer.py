@@ -103,6 +103,7 @@ class WriterStats:
     retries: int = 0
     largest_batch: int = 0
     realtime: bool = False  # the thread was made real-time (`gil.promptly`); it drains a backlog as any thread
+    realtime_refused: str | None = None  # why it is not, when it asked
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +114,7 @@ class WriterStats:
             "retries": self.retries,
             "largest_batch": self.largest_batch,
             "realtime": self.realtime,
+            "realtime_refused": self.realtime_refused,
             "last_errors": self.errors[-5:],
         }
 
@@ -283,7 +285,7 @@ class BatchWriter:
             return
         if self.realtime:
             refused = gil.promptly()
-            self.stats.realtime = refused is None
+            self.stats.realtime, self.stats.realtime_refused = refused is None, refused
             if refused:
                 log.info("store writer: runs as any thread, not real-time: %s; on saturated cores a kill -9 may then "
                          "lose more than the last 25 ms or so of answered requests", refused)
@@ -326,12 +328,14 @@ class BatchWriter:
 
     def _keep_pace(self, behind: bool) -> None:
         """Real-time while the writer keeps up; as any thread while it drains a backlog."""
-        if behind != self._lagging:
-            self._lagging = behind
-            if behind:
-                gil.ordinarily()
-            elif gil.promptly() is not None:  # refused now (the process's limits changed): stays as it is
+        if behind and not self._lagging:
+            self._lagging = gil.ordinarily()
+        elif not behind and self._lagging:
+            self._lagging = False
+            refused = gil.promptly()
+            if refused is not None:  # the process's limits changed meanwhile: it stays as any thread
                 self.stats.realtime = False
+                self.stats.realtime_refused = refused
 
     def _take(self) -> tuple[list[Any], float]:
         """What is queued, once its oldest write is due; and when that was."""
