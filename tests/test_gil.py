@@ -130,3 +130,33 @@ async def test_the_pools_are_made_so():
         assert cache._pool.submit(lambda: _policy(threading.get_native_id())).result() == os.SCHED_BATCH
     finally:
         await cache.aclose()
+
+
+def _comm(native_id: int) -> str:
+    return open(f"/proc/self/task/{native_id}/comm").read().strip()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="thread names are read from Linux's /proc")
+def test_threads_go_by_their_python_names_in_the_os(tmp_path):
+    # ps -L and top -H showed every thread as "python": which was the real-time writer, which burnt a core.
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from p402_tui.store.store import Store
+
+    with ThreadPoolExecutor(1, thread_name_prefix="p402-embed", initializer=gil.background) as pool:
+        assert pool.submit(lambda: _comm(threading.get_native_id())).result() == "p402-embed_0"
+
+    async def store_threads() -> tuple[str, str]:
+        store = await Store.open(tmp_path / "p402.db")
+        try:
+            writer = store.writer
+            for _ in range(200):  # the checkpointer names itself as it starts, maybe just after the store opens
+                if _comm(writer._checkpointer.native_id) != "python":
+                    break
+                await asyncio.sleep(0.01)
+            return _comm(writer._thread.native_id), _comm(writer._checkpointer.native_id)
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(store_threads()) == ("p402-store-writ", "p402-store-chec")  # the OS keeps 15 characters

@@ -41,11 +41,13 @@ served about 4 % fewer requests a second with it (four interleaved pairs, inside
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
 import threading
 from collections.abc import Iterator
 
+PR_SET_NAME = 15  # prctl's option (linux/prctl.h)
 SWITCH_INTERVAL_S = 0.001
 WRITING_INTERVAL_S = 0.0002
 
@@ -107,8 +109,19 @@ def _schedule(policy: int, priority: int) -> None:
     os.sched_setscheduler(threading.get_native_id(), policy, os.sched_param(priority))
 
 
+def named() -> None:
+    """Called on a thread: the OS shows it by its Python name (`ps -L`, `top -H`, first 15 characters), where
+    Python 3.11 shows every thread as "python": which one is real-time, which one burns a core."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(PR_SET_NAME, threading.current_thread().name.encode("utf-8", "replace")[:15], 0, 0, 0)
+    except (AttributeError, OSError):  # not Linux (no prctl): the thread keeps its name there
+        pass
+
+
 def background() -> None:
     """Called on a worker thread: it no longer takes the core from the thread that wakes it (Linux)."""
+    named()
     try:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError):  # no such policy here, or not allowed: the thread runs as before

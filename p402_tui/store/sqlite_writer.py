@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..core import gil
 from .db import StoreError, is_busy, open_sync
 from .rows import groupable, grouped
 from .writer import INTERVAL_S, Batch, BatchWriter, Write, _first_line, log, shapes
@@ -78,6 +79,7 @@ class Writer(BatchWriter):
     def _checkpoints(self) -> None:
         """Copy the WAL into the database file, on a connection and a thread of their own. A passive
         checkpoint waits for no reader nor writer."""
+        gil.named()
         try:
             conn = open_sync(self.path)
         except StoreError as error:

@@ -277,6 +277,7 @@ class BatchWriter:
     # --- on the writer's thread -------------------------------------------------------------
 
     def _serve(self, opened: asyncio.Future[None]) -> None:
+        gil.named()
         try:
             self._connect()
         except Exception as error:  # noqa: BLE001 - it is the opener's to raise, on the loop
