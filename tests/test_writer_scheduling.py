@@ -112,29 +112,43 @@ async def test_threads_a_real_time_writer_starts_run_as_any_thread():
     assert policies == [os.SCHED_OTHER]
 
 
-async def test_a_real_time_writer_drains_a_backlog_as_any_thread_then_runs_real_time_again(tmp_path):
+async def test_a_real_time_writer_drains_a_backlog_as_any_thread_then_runs_real_time_again(tmp_path, monkeypatch):
     if not _may_be_realtime():
         pytest.skip("this process may not make a thread real-time (held under CI, which runs as root)")
+    drained_as: list[int] = []
+    ordinarily = gil.ordinarily
+
+    def recorded() -> bool:
+        done = ordinarily()
+        drained_as.append(os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK)
+        return done
+
+    monkeypatch.setattr(gil, "ordinarily", recorded)
     path = tmp_path / "p402.db"
     store = await Store.open(path, realtime=True)
     writer = store.writer
     writer.max_batch = 100
     locker = sqlite3.connect(path, isolation_level=None)
     try:
-        locker.execute("BEGIN EXCLUSIVE")  # the writer's batches wait, retried, while more rows queue
-        for n in range(250):  # more than a full take: the first leaves rows behind it
-            store.put(queries.INSERT_REQUEST, queries.request_row(_record(n)))
-        await _until(lambda: writer._lagging)
-        assert _policy(writer._thread) == os.SCHED_OTHER
+        locker.execute("BEGIN EXCLUSIVE")
+        await _writes_queued(store, 0, 1)
+        await _until(lambda: writer.pending == 0)  # taken: its one-row batch waits on the lock
+        await _writes_queued(store, 1, 250)  # queued behind it: its next takes leave rows behind them
         locker.execute("ROLLBACK")
         await store.flush()
-        assert await store.scalar("SELECT COUNT(*) FROM requests") == 250
-        await _writes_commit(store, first=250, count=1)  # a batch taken with nothing behind it
+        assert await store.scalar("SELECT COUNT(*) FROM requests") == 251
+        assert drained_as == [os.SCHED_OTHER]
+        await _writes_commit(store, first=251, count=1)  # a batch taken with nothing behind it
         assert not writer._lagging and writer.stats.realtime
         assert _policy(writer._thread) == os.SCHED_FIFO
     finally:
         locker.close()
         await store.aclose()
+
+
+async def _writes_queued(store, first: int, count: int) -> None:
+    for n in range(first, first + count):
+        store.put(queries.INSERT_REQUEST, queries.request_row(_record(n)))
 
 
 async def test_a_writer_refused_real_time_runs_as_any_thread(tmp_path, monkeypatch, caplog):
