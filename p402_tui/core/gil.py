@@ -123,6 +123,6 @@ def background() -> None:
     """Called on a worker thread: it no longer takes the core from the thread that wakes it (Linux)."""
     named()
     try:
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_BATCH, os.sched_param(0))
+        _schedule(os.SCHED_BATCH, 0)
     except (AttributeError, OSError):  # no such policy here, or not allowed: the thread runs as before
         pass
