@@ -304,6 +304,19 @@ async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
     return time.perf_counter() - began
 
 
+def test_clients_let_an_idle_connection_go_before_the_gateway_closes_it():
+    """A server that closes an idle connection first races a client reusing it: the request fails with no
+    answer (httpx.ReadError). The SDKs keep one idle for httpx's 5 s; the gateway must keep it longer."""
+    import anthropic._constants
+    import openai._constants
+
+    from p402_tui.core.config import GatewayConfig
+
+    kept_by_clients = [httpx.Limits().keepalive_expiry, openai._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry,
+                       anthropic._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry]
+    assert GatewayConfig().keep_alive_s > max(kept_by_clients) + 1
+
+
 async def test_slow_headers_slow_bodies_and_idle_connections_are_closed(serve_with):
     url = await serve_with(header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_s=0.5)
     slow_headers, slow_body, idle = await _open(url), await _open(url), await _open(url)

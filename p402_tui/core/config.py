@@ -206,7 +206,11 @@ class GatewayConfig(_Section):
     # requests get a 503; past max_connections new connections are closed at once.
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=60.0, gt=0)
-    keep_alive_s: float = Field(default=5.0, gt=0)
+    # Longer than clients keep an idle connection (httpx and the SDKs on it 5 s, Node's undici 4 s,
+    # AWS's load balancers 60 s), so they let it go first. A server that closes first races a client
+    # reusing it: the request goes out as the close arrives and fails with no answer (at uvicorn's
+    # 5 s, httpx met it now and then under load). 75 s is nginx's default.
+    keep_alive_s: float = Field(default=75.0, gt=0)
     limit_concurrency: int = Field(default=2048, ge=1)
     max_connections: int = Field(default=4096, ge=1)
     # Processes serving the one port (`p402 serve --workers`); limits above are each worker's.
