@@ -46,13 +46,24 @@ def _handoffs(interval_s: float, count: int = 40) -> float:
         sys.setswitchinterval(old)
 
 
+def _sooner(interval_s: float, than_s: float, tries: int = 12) -> list[tuple[float, float]]:
+    """Interleaved pairs of median waits at the two intervals, until one shows the first well under the second.
+    On an idle machine the first pair does (about 0.2 ms against 5). On one busy with other work (CI's parallel
+    tests) every thread also waits for a core, at times long enough to hide the difference either way; were the
+    interval to make no difference, no pair would show one."""
+    seen = []
+    for _ in range(tries):
+        seen.append((_handoffs(interval_s), _handoffs(than_s)))
+        if seen[-1][0] / seen[-1][1] < 0.6:
+            break
+    return seen
+
+
 def test_a_waiting_thread_gets_the_gil_back_sooner():
-    # On an idle machine about 0.2 ms against 5; on one busy with other work every thread also waits for a
-    # core, now and then long enough to hide the difference, so the best of three interleaved tries counts.
-    tries = [(_handoffs(gil.SWITCH_INTERVAL_S), _handoffs(0.005)) for _ in range(3)]
-    assert min(prompt / default for prompt, default in tries) < 0.6, tries
-    tries = [(_handoffs(gil.WRITING_INTERVAL_S), _handoffs(gil.SWITCH_INTERVAL_S)) for _ in range(3)]
-    assert min(writing / base for writing, base in tries) < 0.6, tries
+    tries = _sooner(gil.SWITCH_INTERVAL_S, 0.005)
+    assert tries[-1][0] / tries[-1][1] < 0.6, tries
+    tries = _sooner(gil.WRITING_INTERVAL_S, gil.SWITCH_INTERVAL_S)
+    assert tries[-1][0] / tries[-1][1] < 0.6, tries
 
 
 @pytest.fixture
@@ -151,8 +162,9 @@ def test_threads_go_by_their_python_names_in_the_os(tmp_path):
         store = await Store.open(tmp_path / "p402.db")
         try:
             writer = store.writer
-            for _ in range(200):  # the checkpointer names itself as it starts, maybe just after the store opens
-                if _comm(writer._checkpointer.native_id) != "python":
+            for _ in range(200):  # the checkpointer names itself as it starts, maybe just after the store opens;
+                # till then it has the name of the thread that started it, the writer's
+                if _comm(writer._checkpointer.native_id) not in ("python", "p402-store-writ"):
                     break
                 await asyncio.sleep(0.01)
             return _comm(writer._thread.native_id), _comm(writer._checkpointer.native_id)
