@@ -3,6 +3,7 @@ and what the OS holds resident in its index's mappings."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import re
@@ -10,13 +11,14 @@ import sys
 import tempfile
 import tracemalloc
 import weakref
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from p402_tui.cache.embedders import HashedNgramEmbedder
-from p402_tui.cache.index import VectorIndex, mapping_of
+from p402_tui.cache.index import VectorIndex, _hyperplanes as index_planes, mapping_of, planes_bytes
 from p402_tui.cache.semantic import SemanticCache
 from p402_tui.core.types import ChatRequest, ChatResponse, Usage
 from p402_tui.store.engine import open_store
@@ -92,6 +94,49 @@ async def test_memory_bytes_tracks_what_python_allocated_for_the_entries(tmp_pat
         await cache.clear()
         assert cache.memory_bytes() < held / 20
         assert cache._held == 0
+    finally:
+        await cache.aclose()
+        await store.aclose()
+
+
+class RandomEmbedder(HashedNgramEmbedder):
+    """Random unit vectors, too short for a projection (under 2 * PROJECT_DIMS): the index codes its rows."""
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = np.stack([np.random.default_rng(zlib.crc32(t.encode())).standard_normal(self.dim) for t in texts])
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@linux_only
+async def test_a_coded_index_counts_the_hyperplanes_of_its_codes(tmp_path):
+    store = await open_store(tmp_path / "cache.db")
+    cache = SemanticCache(store, embedder=RandomEmbedder(dim=120))
+    try:
+        await fill(cache, 0, 2048)  # the arrays full, one row short of the size the index codes its rows at
+        await store.flush()
+        (index,) = cache._indexes.values()
+        assert not index.coded and index.needs_codes(index.size + 1)
+        index_planes.cache_clear()  # made again, under tracemalloc, as the index first codes its rows
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before, reported_before = tracemalloc.take_snapshot(), cache.memory_bytes()
+            cache._code(index)  # as the next lookup would have it done, on the cache's pool
+            for _ in range(500):
+                if index.coded:
+                    break
+                await asyncio.sleep(0.01)
+            gc.collect()
+            after, reported = tracemalloc.take_snapshot(), cache.memory_bytes() - reported_before
+        finally:
+            tracemalloc.stop()
+        assert index.coded
+        through_cache = [tracemalloc.Filter(True, "*/p402_tui/cache/*")]
+        grown = sum(s.size_diff for s in after.filter_traces(through_cache).compare_to(
+            before.filter_traces(through_cache), "filename"))
+        # The codes go in an array the index already holds (and counts); what coding keeps besides is the planes.
+        assert planes_bytes([120]) == index_planes(120).nbytes == 120 * 384 * 4
+        assert abs(reported - grown) <= 0.02 * grown, (reported, grown)
     finally:
         await cache.aclose()
         await store.aclose()

@@ -86,6 +86,11 @@ def _hyperplanes(dim: int) -> np.ndarray:
     return np.random.default_rng(402).standard_normal((dim, CODE_BITS)).astype(np.float32)
 
 
+def planes_bytes(dims: Any) -> int:
+    """What the sign codes' hyperplanes hold: one set per vector size, shared by the indexes of that size."""
+    return sum(dim * CODE_BITS * np.dtype(np.float32).itemsize for dim in set(dims))
+
+
 def sign_codes(vectors: np.ndarray) -> np.ndarray:
     """(n, dim) float32 -> (n, CODE_WORDS) uint64: a row's 384 bits in six words, rows contiguous
     (a bucketed search gathers the codes of a few thousand rows: 48 bytes each, in one piece)."""
