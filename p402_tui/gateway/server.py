@@ -59,6 +59,14 @@ class _GuardedProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        # uvicorn stops the keep-alive clock on any bytes, and bytes that begin no request (a bare CRLF
+        # between requests, which the parser skips) start no header clock: without this a client could
+        # hold an idle connection for ever at two bytes a time.
+        if self._timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm(self.header_timeout_s)
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["p402.transport"] = self.transport  # type: ignore[typeddict-unknown-key]
