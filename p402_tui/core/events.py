@@ -434,6 +434,7 @@ class EventLog:
         self.readers: set[LogReader] = set()
         self._changed: asyncio.Future[None] | None = None
         self._swept = time.monotonic()
+        self._sweeping: asyncio.TimerHandle | None = None  # a sweep due after the last events
         self._stop = bus.listen(self._append, relayed=True)
 
     @property
@@ -452,6 +453,9 @@ class EventLog:
 
     def close(self) -> None:
         self._stop()
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
 
     def _append(self, event: Event) -> None:
         weight = self._size(event)
@@ -466,9 +470,23 @@ class EventLog:
             self._changed = None
         now = time.monotonic()
         if now - self._swept >= self.SWEEP_S:
-            self._swept = now
-            for reader in [r for r in self.readers if r.cursor < self.first and not r.lagged]:
-                self._lag(reader)
+            self._sweep(now)
+        elif self._sweeping is None and self.readers:
+            # A reader may leave the log with these last events and no more may come: look again when due.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # published outside a loop: the next event's sweep finds it
+                return
+            self._sweeping = loop.call_later(self._swept + self.SWEEP_S - now, self._sweep_due)
+
+    def _sweep_due(self) -> None:
+        self._sweeping = None
+        self._sweep(time.monotonic())
+
+    def _sweep(self, now: float) -> None:
+        self._swept = now
+        for reader in [r for r in self.readers if r.cursor < self.first and not r.lagged]:
+            self._lag(reader)
 
     def _lag(self, reader: LogReader) -> None:
         reader.lagged = True
