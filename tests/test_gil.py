@@ -156,8 +156,8 @@ def test_threads_go_by_their_python_names_in_the_os(tmp_path):
         try:
             writer = store.writer
             for _ in range(200):  # the checkpointer names itself as it starts, maybe just after the store opens;
-                # till then it has the name of the thread that started it, the writer's
-                if _comm(writer._checkpointer.native_id) not in ("python", "p402-store-writ"):
+                # till then it has the name of the thread that started it
+                if _comm(writer._checkpointer.native_id) == "p402-store-chec":
                     break
                 await asyncio.sleep(0.01)
             return _comm(writer._thread.native_id), _comm(writer._checkpointer.native_id)

@@ -450,7 +450,7 @@ def test_a_circuit_one_worker_opens_the_other_holds_within_a_second(tmp_path, qu
         seen = None
         while time.monotonic() - opened < 3:
             answer = held[other].get("/api/v2/providers")
-            if answer.headers["x-p402-worker"] != other:  # idle past keep_alive_s, it was closed; the new one went astray
+            if answer.headers["x-p402-worker"] != other:  # idle past httpx's 5 s, it was let go; the new one went astray
                 held[other].close()
                 held[other] = _connection_to(served.url, other)
                 continue

@@ -80,15 +80,21 @@ DENSE_PASSED = 16  # past 1 pair in this many passing the bound, the plain produ
 PASS_QUERIES = 256  # rows a fit leaves out and measures that with, as queries against the rows it fitted
 
 
-@functools.lru_cache(maxsize=8)
+_PLANES: dict[int, np.ndarray] = {}  # by vector size: made with the first codes of that size, kept for the rest
+
+
 def _hyperplanes(dim: int) -> np.ndarray:
-    # A fixed seed: codes of rows written by one process must compare with queries of another.
-    return np.random.default_rng(402).standard_normal((dim, CODE_BITS)).astype(np.float32)
+    planes = _PLANES.get(dim)
+    if planes is None:  # two threads may both make them: the same planes, one copy kept
+        # A fixed seed: codes of rows written by one process must compare with queries of another.
+        planes = _PLANES[dim] = np.random.default_rng(402).standard_normal((dim, CODE_BITS)).astype(np.float32)
+    return planes
 
 
-def planes_bytes(dims: Any) -> int:
-    """What the sign codes' hyperplanes hold: one set per vector size, shared by the indexes of that size."""
-    return sum(dim * CODE_BITS * np.dtype(np.float32).itemsize for dim in set(dims))
+def planes_bytes() -> int:
+    """What the sign codes' hyperplanes hold in this process: one set per vector size, made when an index of
+    that size first codes its rows and shared by every index of it since."""
+    return sum(planes.nbytes for planes in list(_PLANES.values()))
 
 
 def sign_codes(vectors: np.ndarray) -> np.ndarray:

@@ -732,10 +732,9 @@ class SemanticCache:
 
     def memory_bytes(self) -> int:
         """What the cache keeps in memory, as it counts it: its entries (`entry_bytes`), the LRU table,
-        the vector indexes (their rows in use, row lists, the hyperplanes of their sign codes) and the probes
-        waiting for their answers."""
-        indexes = sum(index.memory_bytes for index in self._indexes.values())
-        indexes += planes_bytes(index.dim for index in self._indexes.values() if index.coded)
+        the vector indexes (their rows in use, row lists, and the hyperplanes of their sign codes, which the
+        process's indexes share) and the probes waiting for their answers."""
+        indexes = sum(index.memory_bytes for index in self._indexes.values()) + planes_bytes()
         probes = sys.getsizeof(self._probes) + sum(_probe_bytes(rid, p) for rid, p in self._probes.items())
         return self._held + sys.getsizeof(self._entries) + indexes + probes
 

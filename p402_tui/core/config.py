@@ -202,14 +202,15 @@ class GatewayConfig(_Section):
     event_buffer_events: int = Field(default=1000, ge=1)
     event_buffer_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Connections: a request's headers, then its body, must arrive within these; an idle keep-alive
-    # connection is closed after keep_alive_s. Past limit_concurrency (connections or requests) new
-    # requests get a 503; past max_connections new connections are closed at once.
+    # connection is closed after keep_alive_s. Past limit_concurrency requests in flight new requests
+    # get a 503; past max_connections new connections are closed at once.
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=60.0, gt=0)
-    # Longer than clients keep an idle connection (httpx and the SDKs on it 5 s, Node's undici 4 s,
-    # AWS's load balancers 60 s), so they let it go first. A server that closes first races a client
-    # reusing it: the request goes out as the close arrives and fails with no answer (at uvicorn's
-    # 5 s, httpx met it now and then under load). 75 s is nginx's default.
+    # Longer than httpx (and the openai and anthropic SDKs on it) and Node's undici keep an idle connection
+    # (5 s, 4 s), and AWS's load balancers (60 s), so they let it go first. A server that closes first
+    # races a client reusing the connection: a request goes out as the close arrives and fails with no
+    # answer (at uvicorn's 5 s, httpx met it under load). Clients that keep one longer (Go's 90 s, requests with no limit) must retry
+    # such a request, as they do anywhere. 75 s is nginx's default.
     keep_alive_s: float = Field(default=75.0, gt=0)
     limit_concurrency: int = Field(default=2048, ge=1)
     max_connections: int = Field(default=4096, ge=1)
