@@ -353,9 +353,9 @@ async def test_line_breaks_between_requests_do_not_keep_a_connection_open(serve_
 async def test_past_the_connection_cap_new_connections_are_closed(serve_with):
     url = await serve_with(max_connections=2)
     held = [await _open(url), await _open(url)]
-    for _, writer in held:
-        writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-    await asyncio.gather(*(reader.readuntil(b'"status":"ok"') for reader, _ in held))
+    for _, writer in held:  # each mid-request: its headers not yet complete
+        writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+    await asyncio.sleep(0.1)
     refused, _ = await _open(url)
     await _closed_within(refused, 3)
     for _, writer in held:
@@ -363,6 +363,21 @@ async def test_past_the_connection_cap_new_connections_are_closed(serve_with):
     await asyncio.sleep(0.1)
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_at_the_connection_cap_an_idle_connection_makes_room(serve_with):
+    url = await serve_with(max_connections=2)
+    busy, idle = await _open(url), await _open(url)
+    busy[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # mid-request
+    idle[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    await idle[0].readuntil(b'"status":"ok"')  # answered: idle between requests now
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        assert (await client.get("/health")).status_code == 200
+    assert await _closed_within(idle[0], 3) < 3
+    busy[1].write(b"\r\n")  # the one mid-request was kept, and is answered
+    assert b'"status":"ok"' in await busy[0].readuntil(b'"status":"ok"')
+    for _, writer in (busy, idle):
+        writer.close()
 
 
 async def test_past_limit_concurrency_requests_get_a_503_with_retry_after(serve_with, sim):

@@ -47,9 +47,13 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.max_connections:
-            self._refused = True
-            transport.abort()
-            return
+            # As nginx does: a connection idle between requests makes room; one mid-request never does.
+            idle = next((c for c in self.connections if c.timeout_keep_alive_task is not None), None)
+            if idle is None:
+                self._refused = True
+                transport.abort()
+                return
+            idle.transport.close()
         super().connection_made(transport)
         self._arm(self.header_timeout_s)
 
