@@ -260,3 +260,29 @@ async def test_an_entry_hit_for_the_first_time_is_counted_with_its_own_last_hit(
     finally:
         await cache.aclose()
         await store.aclose()
+
+
+def test_the_static_stage_counts_its_word_memo(static_table, monkeypatch):
+    from p402_tui.cache import embedders
+
+    embedder = embedders.StaticEmbedder(static_table.pieces, static_table.table, static_table.name)
+    embedder.encode(["warm up the tokenizer"])
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, counted_before = tracemalloc.take_snapshot(), embedder.memory_bytes
+        # New words in every prompt, as a gateway's traffic has (names, numbers, ids); some split in parts.
+        embedder.encode([f"ticket {i}: is order-{i * 7} for customer{i} shipped?" for i in range(3000)])
+        gc.collect()
+        after, counted = tracemalloc.take_snapshot(), embedder.memory_bytes - counted_before
+    finally:
+        tracemalloc.stop()
+    here = [tracemalloc.Filter(True, embedders.__file__)]
+    grown = sum(s.size_diff for s in after.filter_traces(here).compare_to(before.filter_traces(here), "filename"))
+    assert counted > 3000 * 100  # three new words a prompt
+    assert abs(counted - grown) <= 0.15 * grown, (counted, grown)
+    # Full, the memo starts again: so does its count.
+    monkeypatch.setattr(embedders, "MEMO_WORDS", len(embedder._pieces))
+    held = embedder.memory_bytes
+    embedder.encode(["zyzzyva"])
+    assert embedder.memory_bytes < held / 100

@@ -29,6 +29,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 import threading
 import zlib
 from collections.abc import Callable
@@ -73,6 +74,11 @@ class Embedder:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "dim": self.dim, "label": self.label, "min_threshold": self.min_threshold}
+
+    @property
+    def memory_bytes(self) -> int:
+        """What it keeps that grows with the prompts it has seen (its weights are not counted)."""
+        return 0
 
 
 class LocalEmbedder(Embedder):
@@ -409,6 +415,7 @@ class StaticEmbedder(LocalEmbedder):
         self._rows = _zeroed_pages(table.shape, np.float32)
         self._converted = np.zeros(table.shape[0], bool)
         self._pieces: dict[str, list[int]] = {}  # word -> its word-piece ids
+        self._memo_bytes = 0  # what the memo's words and id lists hold, besides its own table
         self.dim = table.shape[1]
         self.name = name
         # The index search is a matrix-vector product: on a busy machine a second BLAS thread slows it
@@ -453,6 +460,12 @@ class StaticEmbedder(LocalEmbedder):
         partial.replace(path)
         return cls(_word_pieces(folder), table, name)
 
+    @property
+    def memory_bytes(self) -> int:
+        """Its word memo (at most MEMO_WORDS words, about 3 MB). The table's rows it has converted are its
+        weights, and stop growing once the vocabulary a gateway sees is seen."""
+        return sys.getsizeof(self._pieces) + self._memo_bytes
+
     def encode(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), np.float32)
         pieces = [self._ids(text) for text in texts]
@@ -483,7 +496,9 @@ class StaticEmbedder(LocalEmbedder):
             if known is None:
                 if len(memo) >= MEMO_WORDS:
                     memo.clear()
+                    self._memo_bytes = 0
                 known = memo[word] = self._word_ids(word)
+                self._memo_bytes += sys.getsizeof(word) + sys.getsizeof(known)
             ids.extend(known)
             if len(ids) >= MINILM_MAX_TOKENS:
                 return ids[:MINILM_MAX_TOKENS]
@@ -506,6 +521,7 @@ class StaticEmbedder(LocalEmbedder):
             known = memo.get(part)
             if known is None:
                 known = memo[part] = pieces.piece_ids(part)
+                self._memo_bytes += sys.getsizeof(part) + sys.getsizeof(known)
             ids.extend(known)
         return ids
 

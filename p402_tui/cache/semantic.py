@@ -733,10 +733,12 @@ class SemanticCache:
     def memory_bytes(self) -> int:
         """What the cache keeps in memory, as it counts it: its entries (`entry_bytes`), the LRU table,
         the vector indexes (their rows in use, row lists, and the hyperplanes of their sign codes, which the
-        process's indexes share) and the probes waiting for their answers."""
+        process's indexes share), the probes waiting for their answers, and what the embedder keeps of the
+        prompts it has seen (the static stage's word memo)."""
         indexes = sum(index.memory_bytes for index in self._indexes.values()) + planes_bytes()
         probes = sys.getsizeof(self._probes) + sum(_probe_bytes(rid, p) for rid, p in self._probes.items())
-        return self._held + sys.getsizeof(self._entries) + indexes + probes
+        embedder = self.embedder.memory_bytes if self.embedder is not None else 0
+        return self._held + sys.getsizeof(self._entries) + indexes + probes + embedder
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.info(), **self.stats.to_dict()}
