@@ -419,7 +419,8 @@ def test_workers_join_a_fleet_unless_the_config_says_no():
 def _connection_to(url: str, worker: str) -> httpx.Client:
     """A client whose kept-alive connection landed on `worker`."""
     for _ in range(50):
-        client = httpx.Client(base_url=url, timeout=30)
+        # Kept past httpx's 5 s (the gateway keeps an idle connection 75 s): held through a slow test, it stays put.
+        client = httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(keepalive_expiry=60))
         if client.get("/health").headers["x-p402-worker"] == worker:
             return client
         client.close()
@@ -450,7 +451,7 @@ def test_a_circuit_one_worker_opens_the_other_holds_within_a_second(tmp_path, qu
         seen = None
         while time.monotonic() - opened < 3:
             answer = held[other].get("/api/v2/providers")
-            if answer.headers["x-p402-worker"] != other:  # idle past httpx's 5 s, it was let go; the new one went astray
+            if answer.headers["x-p402-worker"] != other:  # the connection was lost; the new one went astray
                 held[other].close()
                 held[other] = _connection_to(served.url, other)
                 continue
