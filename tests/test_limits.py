@@ -380,6 +380,28 @@ async def test_at_the_connection_cap_an_idle_connection_makes_room(serve_with):
         writer.close()
 
 
+async def test_connections_opened_together_at_the_cap_make_room_once(serve_with):
+    url = await serve_with(max_connections=2)
+    busy, idle = await _open(url), await _open(url)
+    busy[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # mid-request
+    idle[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    await idle[0].readuntil(b'"status":"ok"')
+    burst = await asyncio.gather(*(_open(url) for _ in range(4)))
+    for _, writer in burst:
+        writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+
+    async def answered(reader: asyncio.StreamReader) -> bool:
+        try:
+            async with asyncio.timeout(3):
+                return b'"status":"ok"' in await reader.readuntil(b'"status":"ok"')
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
+
+    assert sum(await asyncio.gather(*(answered(reader) for reader, _ in burst))) == 1  # one idle: room for one
+    for _, writer in (busy, idle, *burst):
+        writer.close()
+
+
 async def test_past_limit_concurrency_requests_get_a_503_with_retry_after(serve_with, sim):
     url = await serve_with(limit_concurrency=1)
     sim.state.add_fault(Fault(kind="timeout"))

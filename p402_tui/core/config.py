@@ -203,7 +203,7 @@ class GatewayConfig(_Section):
     event_buffer_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # Connections: a request's headers, then its body, must arrive within these; an idle keep-alive
     # connection is closed after keep_alive_s. Past limit_concurrency requests in flight new requests
-    # get a 503; past max_connections new connections are closed at once.
+    # get a 503; at max_connections a new connection closes the longest idle one, or is closed at once.
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=60.0, gt=0)
     # Longer than httpx (and the openai and anthropic SDKs on it) and Node's undici keep an idle connection

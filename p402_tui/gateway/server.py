@@ -7,9 +7,10 @@ process's signals to whoever owns the process: `p402 serve` or the console.
 uvicorn bounds how long an idle keep-alive connection lives and how many requests
 run at once, but not how long a client may take to send its headers or body: a
 connection that sends a header line every few seconds would live for ever. Its
-protocol is wrapped here (`_GuardedProtocol`) to close such connections, and to
-close new ones past `[gateway] max_connections` at once, and to send an answer's head and body in
-one write (`_OneWrite`).
+protocol is wrapped here (`_GuardedProtocol`) to close such connections, to hold
+connections to `[gateway] max_connections` (the longest idle one makes room for a new
+one, or the new one is closed at once), and to send an answer's head and body in one
+write (`_OneWrite`).
 """
 
 from __future__ import annotations
@@ -41,35 +42,53 @@ class _GuardedProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     body_timeout_s = 60.0
     max_connections = 4096
+    # This gateway's connections idle between requests, oldest first (each subclass has its own).
+    idle: dict[_GuardedProtocol, None] = {}
 
     _timer: asyncio.TimerHandle | None = None
     _refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.max_connections:
-            # As nginx does: a connection idle between requests makes room; one mid-request never does.
-            idle = next((c for c in self.connections if c.timeout_keep_alive_task is not None), None)
-            if idle is None:
-                self._refused = True
-                transport.abort()
-                return
-            idle.transport.close()
+        if len(self.connections) >= self.max_connections and not self._make_room():
+            self._refused = True
+            transport.abort()
+            return
         super().connection_made(transport)
         self._arm(self.header_timeout_s)
+
+    def _make_room(self) -> bool:
+        """As nginx does: close the longest idle connection whose answer has all gone out (one mid-request,
+        or whose client has not read its answer, never makes room). Taken out of the count at once, so
+        connections accepted together do not all count on the same one."""
+        for other in self.idle:
+            if not other.transport.is_closing() and not other.transport.get_write_buffer_size():
+                del self.idle[other]
+                other._unset_keepalive_if_required()
+                self.connections.discard(other)
+                other.transport.close()
+                return True
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._refused:
             return
+        self.idle.pop(self, None)
         self._disarm()
         super().connection_lost(exc)
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # nothing pipelined behind it: idle now
+            self.idle[self] = None
+
     def data_received(self, data: bytes) -> None:
+        self.idle.pop(self, None)
+        super().data_received(data)
         # uvicorn stops the keep-alive clock on any bytes, and bytes that begin no request (a bare CRLF
         # between requests, which the parser skips) start no header clock: without this a client could
         # hold an idle connection for ever at two bytes a time.
-        if self._timer is None and (self.cycle is None or self.cycle.response_complete):
+        if self._timer is None and (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self._arm(self.header_timeout_s)
-        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -151,6 +170,7 @@ def _guarded_protocol(conf: Any) -> type[_GuardedProtocol]:
             "header_timeout_s": conf.header_timeout_s,
             "body_timeout_s": conf.body_timeout_s,
             "max_connections": conf.max_connections,
+            "idle": {},
         },
     )
 
