@@ -92,7 +92,7 @@ async def test_memory_bytes_tracks_what_python_allocated_for_the_entries(tmp_pat
         # Evicting gives it back, as far as the count goes.
         held = cache.memory_bytes()
         await cache.clear()
-        assert cache.memory_bytes() < held / 20
+        assert cache.memory_bytes() - planes_bytes() < held / 20  # the planes are the process's, kept for later codes
         assert cache._held == 0
     finally:
         await cache.aclose()

@@ -55,7 +55,7 @@ MAX_CHARS = MINILM_MAX_TOKENS * 16
 STATIC_DIMS = 256
 STATIC_FORMAT = 1  # bump when the way the table is made changes: the file name carries it
 LEXICAL_MIN_THRESHOLD = 0.98
-MEMO_WORDS = 20_000  # words whose word pieces the static stage remembers (about 3 MB)
+MEMO_WORDS = 20_000  # words whose word pieces the static stage remembers (about 3.6 MB)
 # What BERT's pre-tokenizer cuts a printable ASCII word into: every other printable character is punctuation to it.
 _ASCII_PARTS = re.compile(r"[a-z0-9]+|[^a-z0-9]")
 
@@ -462,8 +462,8 @@ class StaticEmbedder(LocalEmbedder):
 
     @property
     def memory_bytes(self) -> int:
-        """Its word memo (at most MEMO_WORDS words, about 3 MB). The table's rows it has converted are its
-        weights, and stop growing once the vocabulary a gateway sees is seen."""
+        """Its word memo (MEMO_WORDS words and the parts they split into, about 3.6 MB at most). The table's
+        rows it has converted are its weights, and stop growing once the vocabulary a gateway sees is seen."""
         return sys.getsizeof(self._pieces) + self._memo_bytes
 
     def encode(self, texts: list[str]) -> np.ndarray:
