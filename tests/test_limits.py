@@ -355,6 +355,20 @@ async def test_line_breaks_between_requests_do_not_keep_a_connection_open(serve_
     writer.close()
 
 
+async def test_line_breaks_during_a_stream_do_not_cut_it(serve_with):
+    url = await serve_with(header_timeout_s=0.5, keep_alive_s=0.5)
+    reader, writer = await _open(url)
+    writer.write(b"GET /api/v2/events HTTP/1.1\r\nhost: x\r\n\r\n")
+    await reader.readuntil(b": subscribed")
+    for _ in range(8):  # past both timeouts, while the answer is still streaming
+        writer.write(b"\r\n")
+        await asyncio.sleep(0.2)
+    serve_with.runtime.bus.publish(HealthChanged(provider="openai", status="down", previous="healthy"))
+    async with asyncio.timeout(3):
+        await reader.readuntil(b"event: health_changed")
+    writer.close()
+
+
 async def test_past_the_connection_cap_new_connections_are_closed(serve_with):
     url = await serve_with(max_connections=2)
     held = [await _open(url), await _open(url)]
