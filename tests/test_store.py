@@ -217,6 +217,29 @@ async def test_the_writer_commits_on_its_own_clock_while_the_loop_is_saturated(s
     assert seen[0] - made < 0.25, f"committed {1000 * (seen[0] - made):.0f} ms after the put"
 
 
+async def test_a_read_after_a_flush_sees_the_rows_while_other_reads_run(store):
+    # A read left open between jobs on the reader (a cursor read row by row) kept its snapshot for every
+    # query run meanwhile on the connection: one right after a flush could miss the rows just committed.
+    for n in range(50):
+        store.put(queries.INSERT_REQUEST, queries.request_row(record(n)))
+    await store.flush()
+    busy = True
+
+    async def other_reads() -> None:  # as a gateway's own reads (keys, sessions, budgets) go on meanwhile
+        while busy:
+            await store.fetchone("SELECT id FROM requests ORDER BY ts")
+
+    readers = [asyncio.create_task(other_reads()) for _ in range(3)]
+    try:
+        for n in range(50, 250):
+            store.put(queries.INSERT_REQUEST, queries.request_row(record(n)))
+            await store.flush()
+            assert await store.scalar("SELECT COUNT(*) FROM requests") == n + 1
+    finally:
+        busy = False
+        await asyncio.gather(*readers)
+
+
 async def test_a_steady_trickle_of_rows_is_committed_once_an_interval_not_after_every_commit(store):
     # A gateway at concurrency 1 queues a request's rows every millisecond or two, so rows are always
     # waiting when a commit ends; a writer that took them at once committed every few requests, paying a

@@ -56,24 +56,25 @@ class Store(StoreBase):
 
     # --- reads -----------------------------------------------------------------
 
+    # Every read is one job on the reader's thread, run to its end (`execute_fetchall`). A statement left open
+    # between jobs (a cursor read row by row) keeps its read snapshot, and any query another task runs on the
+    # connection meanwhile reads that snapshot too: it missed rows committed since, even after a flush.
+    # The single-row reads are lookups by key and aggregates: reading them to the end costs nothing.
+
     async def fetchall(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
-        async with self.reader.execute(sql, params) as cursor:
-            return [dict(row) for row in await cursor.fetchall()]
+        return [dict(row) for row in await self.reader.execute_fetchall(sql, params)]
 
     async def rows(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         """Rows as `sqlite3.Row`, for bulk reads that are then processed off the event loop."""
-        async with self.reader.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self.reader.execute_fetchall(sql, params))
 
     async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
-        async with self.reader.execute(sql, params) as cursor:
-            row = await cursor.fetchone()
-        return dict(row) if row is not None else None
+        found = await self.reader.execute_fetchall(sql, params)
+        return dict(found[0]) if found else None
 
     async def scalar(self, sql: str, params: Params = ()) -> Any:
-        async with self.reader.execute(sql, params) as cursor:
-            row = await cursor.fetchone()
-        return row[0] if row is not None else None
+        found = await self.reader.execute_fetchall(sql, params)
+        return found[0][0] if found else None
 
     async def schema_version(self) -> int:
         return await self.scalar("PRAGMA user_version")
