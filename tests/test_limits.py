@@ -340,17 +340,23 @@ async def test_slow_headers_slow_bodies_and_idle_connections_are_closed(serve_wi
         writer.close()
 
 
+async def _line_breaks(writer: asyncio.StreamWriter) -> None:
+    """A bare CRLF every 0.2 s for 1.6 s (past a 0.5 s clock), or until the connection is closed.
+    Each stops uvicorn's keep-alive clock and begins no request."""
+    try:
+        for _ in range(8):
+            writer.write(b"\r\n")
+            await asyncio.sleep(0.2)
+    except ConnectionError:
+        pass
+
+
 async def test_line_breaks_between_requests_do_not_keep_a_connection_open(serve_with):
     url = await serve_with(header_timeout_s=0.5, keep_alive_s=0.5)
     reader, writer = await _open(url)
     writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
     await reader.readuntil(b'"status":"ok"')
-    try:
-        for _ in range(8):  # each stops uvicorn's keep-alive clock and begins no request
-            writer.write(b"\r\n")
-            await asyncio.sleep(0.2)
-    except ConnectionError:  # closed: what is wanted
-        pass
+    await _line_breaks(writer)
     assert await _closed_within(reader, 3) < 3
     writer.close()
 
@@ -360,9 +366,7 @@ async def test_line_breaks_during_a_stream_do_not_cut_it(serve_with):
     reader, writer = await _open(url)
     writer.write(b"GET /api/v2/events HTTP/1.1\r\nhost: x\r\n\r\n")
     await reader.readuntil(b": subscribed")
-    for _ in range(8):  # past both timeouts, while the answer is still streaming
-        writer.write(b"\r\n")
-        await asyncio.sleep(0.2)
+    await _line_breaks(writer)  # past both timeouts, while the answer is still streaming
     serve_with.runtime.bus.publish(HealthChanged(provider="openai", status="down", previous="healthy"))
     async with asyncio.timeout(3):
         await reader.readuntil(b"event: health_changed")
