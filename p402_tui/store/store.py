@@ -66,7 +66,7 @@ class Store(StoreBase):
 
     async def rows(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         """Rows as `sqlite3.Row`, for bulk reads that are then processed off the event loop."""
-        return list(await self.reader.execute_fetchall(sql, params))
+        return await self.reader.execute_fetchall(sql, params)  # type: ignore[return-value]  # a list, typed Iterable
 
     async def fetchone(self, sql: str, params: Params = ()) -> dict[str, Any] | None:
         found = await self.reader.execute_fetchall(sql, params)
