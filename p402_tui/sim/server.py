@@ -223,9 +223,6 @@ async def start_sim(
     config = uvicorn.Config(
         build_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1, ws="none",
         ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None, **own_logging,
-        # As the gateway (`[gateway] keep_alive_s`): longer than the SDKs keep an idle connection, so a client
-        # pointed straight at the simulator never has one closed under a request it is sending.
-        timeout_keep_alive=75,
     )  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
