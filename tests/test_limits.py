@@ -385,12 +385,18 @@ async def test_past_the_connection_cap_new_connections_are_closed(serve_with):
         assert (await client.get("/health")).status_code == 200
 
 
+async def _busy_and_idle(url: str) -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], ...]:
+    """Two connections: one mid-request (its headers not yet complete), one answered and idle between requests."""
+    busy, idle = await _open(url), await _open(url)
+    busy[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+    idle[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    await idle[0].readuntil(b'"status":"ok"')
+    return busy, idle
+
+
 async def test_at_the_connection_cap_an_idle_connection_makes_room(serve_with):
     url = await serve_with(max_connections=2)
-    busy, idle = await _open(url), await _open(url)
-    busy[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # mid-request
-    idle[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-    await idle[0].readuntil(b'"status":"ok"')  # answered: idle between requests now
+    busy, idle = await _busy_and_idle(url)
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
         assert (await client.get("/health")).status_code == 200
     assert await _closed_within(idle[0], 3) < 3
@@ -402,10 +408,7 @@ async def test_at_the_connection_cap_an_idle_connection_makes_room(serve_with):
 
 async def test_connections_opened_together_at_the_cap_make_room_once(serve_with):
     url = await serve_with(max_connections=2)
-    busy, idle = await _open(url), await _open(url)
-    busy[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # mid-request
-    idle[1].write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-    await idle[0].readuntil(b'"status":"ok"')
+    busy, idle = await _busy_and_idle(url)
     burst = await asyncio.gather(*(_open(url) for _ in range(4)))
     for _, writer in burst:
         writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")

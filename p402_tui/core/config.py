@@ -209,8 +209,8 @@ class GatewayConfig(_Section):
     # Longer than httpx (and the openai and anthropic SDKs on it) and Node's undici keep an idle connection
     # (5 s, 4 s), and AWS's load balancers (60 s), so they let it go first. A server that closes first
     # races a client reusing the connection: a request goes out as the close arrives and fails with no
-    # answer (at uvicorn's 5 s, httpx met it under load). Clients that keep one longer (Go's 90 s, requests with no limit) must retry
-    # such a request, as they do anywhere. 75 s is nginx's default.
+    # answer (at uvicorn's 5 s, httpx met it under load). Clients that keep one longer (Go's 90 s,
+    # requests with no limit) must retry such a request, as they do anywhere. 75 s is nginx's default.
     keep_alive_s: float = Field(default=75.0, gt=0)
     limit_concurrency: int = Field(default=2048, ge=1)
     max_connections: int = Field(default=4096, ge=1)

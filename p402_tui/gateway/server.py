@@ -87,7 +87,8 @@ class _GuardedProtocol(HttpToolsProtocol):
         # uvicorn stops the keep-alive clock on any bytes, and bytes that begin no request (a bare CRLF
         # between requests, which the parser skips) start no header clock: without this a client could
         # hold an idle connection for ever at two bytes a time.
-        if self._timer is None and (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+        between_requests = self.cycle is None or self.cycle.response_complete
+        if self._timer is None and between_requests and not self.transport.is_closing():
             self._arm(self.header_timeout_s)
 
     def on_message_begin(self) -> None:
