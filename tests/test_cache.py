@@ -540,6 +540,22 @@ async def test_a_confirmer_that_will_not_load_turns_semantic_hits_off_and_says_w
     assert hit is not None and hit.match == "exact"  # the exact tier is untouched
 
 
+def test_a_static_build_that_fails_in_its_child_says_why_in_one_line(tmp_path, monkeypatch):
+    """The static table is made in a child process; when that child fails (here: weights that are not
+    the ones P402 knows), the parent raises a ConfigError carrying the child's reason, not its traceback,
+    and no table is left."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "minilm"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"not MiniLM")
+    with pytest.raises(ConfigError) as failed:
+        embedders.build_static_table(folder, expected_sha256="0" * 64)
+    message = str(failed.value)
+    assert "exited with code 1" in message and "ConfigError:" in message and "Traceback" not in message
+    assert "\n" not in message
+    assert not list((tmp_path / "cache").rglob("*.npy"))
+
+
 def test_a_long_text_normalises_in_pieces_to_the_same_words():
     from p402_tui.cache.semantic import _normalise_text
     from p402_tui.core.tokens import PIECE_CHARS

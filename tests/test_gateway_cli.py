@@ -7,8 +7,10 @@ import signal
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import run_cli
 from helpers import Served
@@ -144,10 +146,26 @@ def test_serve_rejects_a_bad_port_without_a_traceback():
 
 
 
+def _children(pid: int, module: str) -> list[int]:
+    """The processes whose parent is `pid` and whose command line names `module` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == pid and module.encode() in command:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
 def test_serve_stopped_while_it_distils_the_static_vectors_exits_cleanly(tmp_path):
-    """A first start distils the cache's static vectors on a thread for a minute or two; stopping
-    the gateway meanwhile ends that thread between two batches (a thread still inside numpy when
-    Python finalises can crash the process) and leaves no table behind."""
+    """A first start distils the cache's static vectors for a minute or two, in a child process (MiniLM's
+    weights and half a gigabyte of arrays stay out of the gateway); stopping the gateway meanwhile ends
+    the child between two batches and leaves no table behind."""
     cache_dir = tmp_path / "cache"
     served = Served("--sim", "--db", str(tmp_path / "p402.db"), env={"XDG_CACHE_HOME": str(cache_dir)})
     try:
@@ -155,8 +173,12 @@ def test_serve_stopped_while_it_distils_the_static_vectors_exits_cleanly(tmp_pat
         while not httpx.get(f"{served.url}/api/v2/cache", timeout=5).json().get("building"):
             assert time.monotonic() < deadline, "the static vectors were never being made"
             time.sleep(0.1)
+        while not (builders := _children(served.proc.pid, "p402_tui.cache.static_child")):
+            assert time.monotonic() < deadline, "no child process is making the static vectors"
+            time.sleep(0.1)
         time.sleep(1.0)  # well inside the first batches
     finally:
         code = served.stop()
     assert code == 0, "".join(served.stderr)[-2000:]
+    assert not Path(f"/proc/{builders[0]}").exists(), "the build outlived its gateway"
     assert not list(cache_dir.rglob("*.npy")) and not list(cache_dir.rglob("*.tmp"))

@@ -29,7 +29,9 @@ import mmap
 import os
 import re
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import zlib
 from collections.abc import Callable
@@ -303,6 +305,73 @@ def static_table_path(folder: Path, digest: str) -> Path:
     return Path(platformdirs.user_cache_dir("p402")) / f"static-minilm-{digest[:16]}-v{STATIC_FORMAT}-{STATIC_DIMS}.npy"
 
 
+def save_static_table(folder: Path, expected_sha256: str, stop: threading.Event | None = None) -> np.ndarray:
+    """Distil the table for the weights in `folder` and save it in the user cache dir (sync, slow)."""
+    path = static_table_path(folder, expected_sha256)
+    model = MiniLMEmbedder.load(folder, expected_sha256=expected_sha256)
+    table = distill_static_table(model, stop=stop)
+    del model
+    release_memory()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    with partial.open("wb") as handle:
+        np.save(handle, table)
+    partial.replace(path)
+    return table
+
+
+def build_static_table(
+    folder: Path, *, expected_sha256: str = MINILM_SAFETENSORS_SHA256, stop: threading.Event | None = None
+) -> StaticEmbedder:
+    """Distil the static table in a child process (`static_child`), then map it here (sync, slow: a thread's).
+
+    MiniLM's weights and the distillation's arrays never enter this process: built here, they left a
+    gateway idling at 127 MiB instead of 100 after its first start, and their minute and a half of numpy
+    calls took the GIL back from the loop thousands of times. Where no child can be started it is built
+    here all the same. `stop` ends the child between two batches, leaving no table behind."""
+    argv = [sys.executable, "-m", "p402_tui.cache.static_child", str(folder), expected_sha256]
+    with tempfile.TemporaryFile() as errors:
+        try:
+            child = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
+                env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+            )  # fmt: skip
+        except OSError as error:
+            log.warning("cache: cannot start a process for the static vectors (%s); made in this one", error)
+            built = StaticEmbedder.load(folder, build=True, expected_sha256=expected_sha256, stop=stop)
+            assert built is not None
+            return built
+        code = _wait_for(child, stop, static_table_path(folder, expected_sha256).with_suffix(f".{child.pid}.tmp"))
+        if code != 0:
+            errors.seek(0)
+            said = [line for line in errors.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            raise ConfigError(f"the static vectors' build exited with code {code}: {said[-1] if said else 'no message'}")
+    built = StaticEmbedder.load(folder, build=False, expected_sha256=expected_sha256)
+    if built is None:
+        raise ConfigError(f"the static vectors' build left no table at {static_table_path(folder, expected_sha256)}")
+    return built
+
+
+def _wait_for(child: subprocess.Popen[bytes], stop: threading.Event | None, partial: Path) -> int:
+    """The child's exit code; if `stop` is set first, it is asked to stop (its stdin closes) and
+    BuildStopped raised once it has, its half-written table (`partial`, if killed while saving) removed."""
+    while True:
+        try:
+            return child.wait(0.2)
+        except subprocess.TimeoutExpired:
+            if stop is None or not stop.is_set():
+                continue
+        assert child.stdin is not None
+        child.stdin.close()
+        try:
+            child.wait(10)  # a batch is about a second
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        partial.unlink(missing_ok=True)
+        raise BuildStopped("the process is closing")
+
+
 class BuildStopped(Exception):
     """The static table's distillation was stopped before it was done (the process is closing)."""
 
@@ -449,16 +518,7 @@ class StaticEmbedder(LocalEmbedder):
                 return cls(_word_pieces(folder), table, name)
         if not build:
             return None
-        model = MiniLMEmbedder.load(folder, expected_sha256=expected_sha256)
-        table = distill_static_table(model, stop=stop)
-        del model
-        release_memory()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        with partial.open("wb") as handle:
-            np.save(handle, table)
-        partial.replace(path)
-        return cls(_word_pieces(folder), table, name)
+        return cls(_word_pieces(folder), save_static_table(folder, expected_sha256, stop), name)
 
     @property
     def memory_bytes(self) -> int:
@@ -673,7 +733,7 @@ def plan_embedders(
     static = StaticEmbedder.load(folder, build=False)
     return EmbedderPlan(
         static,
-        build=None if static is not None else functools.partial(StaticEmbedder.load, folder, build=True),
+        build=None if static is not None else functools.partial(build_static_table, folder),
         confirmer=functools.partial(load_confirmer, folder),
     )
 
