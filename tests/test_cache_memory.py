@@ -142,6 +142,30 @@ async def test_a_coded_index_counts_the_hyperplanes_of_its_codes(tmp_path):
         await store.aclose()
 
 
+async def test_a_cache_in_use_runs_what_a_large_index_needs_and_makes_its_planes_early(tmp_path):
+    """The first index to pass 16,384 rows would bring numpy's code for buckets and sign codes into
+    memory then: RSS that no entry holds (bench/soak.py rss_batches). Once an index has 1,024 rows it
+    is run on a worker instead, and the hyperplanes of its vector size are made; an idle cache does
+    neither."""
+    _PLANES.clear()
+    store = await open_store(tmp_path / "cache.db")
+    cache = SemanticCache(store, embedder=RandomEmbedder(dim=72))
+    try:
+        await fill(cache, 0, 1000)
+        assert not _PLANES
+        await fill(cache, 1000, 30)  # past 1,024: the next lookup's batch sends the warm-up
+        for _ in range(500):
+            if _PLANES:
+                break
+            await asyncio.sleep(0.01)
+        (index,) = cache._indexes.values()
+        assert set(_PLANES) == {72} and not index.coded and not index.buckets
+        assert cache.memory_bytes() >= planes_bytes() == 72 * 384 * 4
+    finally:
+        await cache.aclose()
+        await store.aclose()
+
+
 def small_objects_bytes() -> int | None:
     """What CPython's small-object allocator has handed out, in its own count (None elsewhere)."""
     if not hasattr(sys, "_debugmallocstats"):

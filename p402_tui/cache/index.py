@@ -483,6 +483,21 @@ def _redo(changed: list[int], kept: int, size: int) -> np.ndarray:
     return np.concatenate([below, np.arange(kept, size)])
 
 
+def warm(dim: int) -> None:
+    """Run once, on a few thousand random rows, the numpy paths an index takes only when it grows large
+    (bucket training, sign codes, a bucketed search), and make the hyperplanes of this vector size (a few
+    ms of CPU and a 2 MB sample: a worker's). Otherwise the first index to pass `BUCKET_FROM_ROWS` brings
+    numpy's code for them into memory then (its multiarray, random and libm pages: about 0.4 MB of RSS
+    that no cache entry holds), and a lookup pays those page faults."""
+    rows = np.random.default_rng(0).standard_normal(((PROBES + 1) * BUCKET_ROWS, dim)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    trained = train_buckets(rows)
+    codes = sign_codes(rows)
+    snapshot = Snapshot(rows, codes, trained.buckets)
+    for i in range(2):
+        search(snapshot, rows[i], 0.9, code=codes[i])
+
+
 def project(basis: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """(n, dim) -> (n, PROJECT_DIMS + 1): each row's coordinates along the basis, then the length of the rest."""
     part = vectors @ basis

@@ -52,6 +52,7 @@ from .embedders import (
     release_memory,
 )
 from .index import (
+    PROJECT_FROM_ROWS,
     Snapshot,
     Trained,
     VectorIndex,
@@ -62,6 +63,7 @@ from .index import (
     search_many,
     sign_codes,
     train_buckets,
+    warm,
 )
 
 log = logging.getLogger("p402.cache")
@@ -583,6 +585,7 @@ class SemanticCache:
         self._ready: asyncio.Task[None] | None = None
         # Told (namespace, exact key) once an entry made here is committed: the other gateways of a fleet `adopt` it.
         self.on_insert: Callable[[str, str], None] | None = None
+        self._warmed: set[int] = set()  # vector sizes `_warm` has run for
         self._asks: list[_Ask] = []  # lookups waiting for the next batch
         self._in_flight: list[_Ask] = []  # the batch on the pool
         self._asking = False  # a batch is on the pool, or about to be sent
@@ -834,6 +837,8 @@ class SemanticCache:
                     self._fit(ask.index, ask.threshold)
                 if ask.index.wants_coding():
                     self._code(ask.index)
+                if len(ask.index) >= PROJECT_FROM_ROWS and ask.index.dim not in self._warmed:
+                    self._warm(ask.index.dim)
         jobs = [(ask.prompt, snapshots[id(ask.index)] if ask.index is not None else None, ask.threshold) for ask in batch]
         loop = asyncio.get_running_loop()
 
@@ -900,6 +905,16 @@ class SemanticCache:
             self._upkeep.submit(work)
         except RuntimeError:  # the pool has shut down
             index.coding = False
+
+    def _warm(self, dim: int) -> None:
+        """Once an index of this vector size is in use (`PROJECT_FROM_ROWS` rows, when it is first fitted),
+        run on the pool what it will need when large (`index.warm`), so that RSS grows with the cache's
+        entries alone. Not at start: numpy's random module alone, imported there, is 7 MB of an idle RSS."""
+        self._warmed.add(dim)
+        try:
+            self._upkeep.submit(warm, dim)
+        except RuntimeError:  # the pool has shut down
+            pass
 
     def _fit(self, index: VectorIndex, threshold: float) -> None:
         """Fit the index's projection basis on the pool; the loop installs it (and projects rows moved meanwhile)."""
