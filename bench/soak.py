@@ -31,7 +31,7 @@ The limits' scenarios (bench/soak_limits.py, each with its own processes and dat
                       runs; batch, with the window they were answered in)
   durability_cost     request latency with durability batch and strict
   rss_batches         RSS across two batches of 10,000 distinct requests with the cache on, against
-                      what the cache's entries account for
+                      what the cache's entries account for; then a third with the cache off, as a control
 
     python bench/soak.py --scenario big_prompt --scenario kill9
     python bench/soak.py --scenario all        # every scenario, about 25 minutes

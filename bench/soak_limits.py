@@ -586,6 +586,16 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
                                             "cache_entries": cache.get("entries"),
                                             "cache_memory_mb": round(cache.get("memory_bytes", 0) / 2**20, 2),
                                             "cache_index_mb": round(cache.get("index_bytes", 0) / 2**20, 2)}
+            # A control: the same traffic with the cache off grows what the rest of the process holds (the
+            # store's page caches, the allocators' slack) by this much; a batch with the cache on pays it too.
+            run = await closed_loop(
+                client, stack.url, concurrency=16, duration=600, limit=per_batch,
+                body=lambda i: chat_body(f"batch 3 question {i}: what is {i} plus 3?", p402={"cache": False}),
+            )
+            rss.append(await settle(stack, 2.0))
+            kinds.append(resident_by_kind(stack.serve.pid))
+            out["batch3_cache_off"] = {"requests": run["requests"], "rps": run["rps"], "failures": run["failures"],
+                                       "rss_after_mb": rss[-1]}
     finally:
         stack.stop()
     added = (entries[1].get("entries") or 0) - (entries[0].get("entries") or 0)
@@ -600,7 +610,9 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
                 "within": growth <= accounted,
                 # Where the second batch's growth is resident, by kind of mapping (`resident_by_kind`).
                 "growth_second_batch_by_kind_mb": {k: round(kinds[2][k] - kinds[1][k], 1) for k in kinds[2]},
-                "growth_first_batch_by_kind_mb": {k: round(kinds[1][k] - kinds[0][k], 1) for k in kinds[1]}})
+                "growth_first_batch_by_kind_mb": {k: round(kinds[1][k] - kinds[0][k], 1) for k in kinds[1]},
+                "control_cache_off_growth_mb": round(rss[3] - rss[2], 1),
+                "control_cache_off_growth_by_kind_mb": {k: round(kinds[3][k] - kinds[2][k], 1) for k in kinds[3]}})
     return out
 
 
