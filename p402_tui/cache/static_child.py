@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from ..core import gil
-from .embedders import BuildStopped, save_static_table
+from .embedders import STOPPED_EXIT, BuildStopped, save_static_table
 
 
 def _stop_at_end_of_stdin(stop: threading.Event) -> None:
@@ -25,8 +25,8 @@ if __name__ == "__main__":
     threading.Thread(target=_stop_at_end_of_stdin, args=(stop,), daemon=True).start()
     try:
         save_static_table(Path(sys.argv[1]), sys.argv[2], stop)
-    except BuildStopped:
-        sys.exit(3)
+    except (BuildStopped, KeyboardInterrupt):  # Ctrl-C reaches the whole process group, this child too
+        sys.exit(STOPPED_EXIT)
     except Exception as error:  # noqa: BLE001 - one line for the parent to report, not a traceback
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
         sys.exit(1)
