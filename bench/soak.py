@@ -34,7 +34,7 @@ The limits' scenarios (bench/soak_limits.py, each with its own processes and dat
                       what the cache's entries account for; then a third with the cache off, as a control
 
     python bench/soak.py --scenario big_prompt --scenario kill9
-    python bench/soak.py --scenario all        # every scenario, about 25 minutes
+    python bench/soak.py --scenario all        # every scenario, about 10 minutes
 
 Every attempt has a 1 s timeout (set in the serve config) so a hung upstream costs a
 bounded time; the whole run stops issuing requests after `--max-seconds`. Like

@@ -586,8 +586,8 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
                                             "cache_entries": cache.get("entries"),
                                             "cache_memory_mb": round(cache.get("memory_bytes", 0) / 2**20, 2),
                                             "cache_index_mb": round(cache.get("index_bytes", 0) / 2**20, 2)}
-            # A control: the same traffic with the cache off grows what the rest of the process holds (the
-            # store's page caches, the allocators' slack) by this much; a batch with the cache on pays it too.
+            # A control: the same traffic with the cache off shows what the rest of the process may grow by in a
+            # batch (the store's page caches filling, the allocators' slack): the noise beside the comparison.
             run = await closed_loop(
                 client, stack.url, concurrency=16, duration=600, limit=per_batch,
                 body=lambda i: chat_body(f"batch 3 question {i}: what is {i} plus 3?", p402={"cache": False}),

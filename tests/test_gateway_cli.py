@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import threading
@@ -207,7 +208,7 @@ def test_serve_stopped_while_it_distils_the_static_vectors_exits_cleanly(tmp_pat
     started = time.monotonic()
     code = served.stop()
     assert code == 0, "".join(served.stderr)[-2000:]
-    assert time.monotonic() - started < 6, "the gateway waited on its build instead of stopping it"
+    assert time.monotonic() - started < 7, "the gateway waited on its build instead of stopping it"
     assert _gone_within(builder, 1), "the build outlived its gateway"
     assert "could not be made" not in "".join(served.stderr)  # a stop, not a failure
     assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))
@@ -220,3 +221,18 @@ def test_a_gateway_killed_while_it_distils_leaves_no_build_running(tmp_path):
     served.stop(signal.SIGKILL)
     assert _gone_within(builder, 5), "the build outlived a killed gateway"
     assert not list((tmp_path / "cache").rglob("*.npy"))
+
+
+@linux_proc
+def test_a_build_signalled_alone_says_why_the_semantic_tier_is_off(tmp_path):
+    """Someone stops the build's child (a `pkill`) while the gateway serves on: the cache says so."""
+    served, builder = _building(tmp_path)
+    try:
+        os.kill(builder, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while (cache := httpx.get(f"{served.url}/api/v2/cache", timeout=5).json())["building"]:
+            assert time.monotonic() < deadline, "still building after its child was stopped"
+            time.sleep(0.1)
+        assert cache["embedder"] is None and "stopped by a signal" in (cache["warning"] or "")
+    finally:
+        assert served.stop() == 0

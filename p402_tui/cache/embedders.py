@@ -318,6 +318,7 @@ def save_static_table(folder: Path, expected_sha256: str, stop: threading.Event 
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.{os.getpid()}.", suffix=".tmp")
     partial = Path(name)
     try:
+        os.chmod(partial, 0o644)  # mkstemp's 0600 would keep the table from other users sharing the dir
         with os.fdopen(handle, "wb") as out:
             np.save(out, table)
         partial.replace(path)

@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 
 from ..core import gil
-from ..core.errors import P402Error
+from ..core.errors import ConfigError, P402Error
 from ..core.hooks import CachedAnswer, RouteOptions
 from ..core.malloc import release_free_memory
 from ..core.tokens import PIECE_CHARS, off_loop
@@ -690,8 +690,10 @@ class SemanticCache:
         def work() -> None:
             try:
                 result, error = build(stop=stop), None
-            except BuildStopped:  # closing, or the child was stopped from outside: tried again at the next start
-                result, error = None, None
+            except BuildStopped:  # closing, or the child was signalled: tried again at the next start
+                result = None
+                error = None if stop.is_set() else ConfigError(
+                    "its process was stopped by a signal; it is made again at the next start")
             except Exception as exc:  # noqa: BLE001 - reported as the cache's warning
                 result, error = None, exc
             try:
