@@ -653,10 +653,26 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
     import logging
     import signal
 
-    from .runtime import Runtime
-
     log = logging.getLogger("p402.gateway")
     sim_url = worker.sim_url if worker else None
+    try:
+        return await _serve_until_stopped(settings, host, port, sim_url=sim_url, sim=sim, ledger=ledger,
+                                          worker=worker, log=log)
+    finally:
+        # Stopped, the ledger flushed: what is left is the interpreter's exit, which a further signal
+        # must not turn into a death by signal (exit code -15 after a clean stop).
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
+
+
+async def _serve_until_stopped(settings, host: str, port: int, *, sim_url, sim: bool, ledger: str, worker,
+                               log) -> int:
+    import signal
+
+    from .runtime import Runtime
+
     async with Runtime.open(settings, sim=sim, sim_url=sim_url) as runtime:
         gateway = await runtime.serve_gateway(host, port, sock=worker.socket(host, port) if worker else None)
         # What start-up made (modules, the catalog, validators) lives as long as the process: out of
@@ -703,8 +719,10 @@ async def serve_gateway(settings, host: str, port: int, *, sim: bool, ledger: st
         try:
             cut = await gateway.stop()
         finally:
+            # Until the ledger is flushed and the store closed (the end of this block), a further signal must
+            # not kill the process by its default action mid-flush: it is noted and otherwise ignored.
             for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
+                loop.add_signal_handler(signum, log.info, "%s while the ledger is flushed: ignored", signum.name)
         if cut:
             why = f"by a second signal ({signal.Signals(forced[0]).name})" if forced else f"past the {bound:g}s bound"
             log.warning("drained: %d request(s) cut short %s", cut, why)

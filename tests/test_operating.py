@@ -170,6 +170,24 @@ def _refused(url: str) -> bool:
         return True
 
 
+def test_signals_that_keep_coming_while_the_ledger_is_flushed_do_not_kill_the_gateway(tmp_path):
+    """After the drain, closing the store flushes the ledger; a signal then (a second Ctrl-C, a supervisor
+    that repeats itself) used to meet no handler and kill the process by its default action, mid-flush."""
+    db = tmp_path / "p402.db"
+    served = Served("--sim", "--db", str(db))
+    answer = httpx.post(f"{served.url}/v1/chat/completions", timeout=30,
+                        json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200
+    deadline = time.monotonic() + 30
+    while served.proc.poll() is None:
+        assert time.monotonic() < deadline, "the gateway did not stop"
+        served.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    assert served.stop() == 0, "".join(served.stderr)[-2000:]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1
+
+
 def test_sigterm_lets_an_in_flight_stream_finish_refuses_new_connections_and_flushes_the_ledger(tmp_path):
     db = tmp_path / "p402.db"
     served = Served("--sim", "--db", str(db), "--log-format", "json")
