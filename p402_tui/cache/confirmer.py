@@ -34,6 +34,11 @@ _LENGTH = struct.Struct(">I")
 START_TIMEOUT_S = 60.0  # importing numpy and reading 90 MB of weights, on a busy machine
 
 
+def one_core_env() -> dict[str, str]:
+    """This process's environment for a child that runs numpy: its BLAS on one thread, beside the gateway."""
+    return {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
 def _write_frame(stream: IO[bytes], body: bytes) -> None:
     stream.write(_LENGTH.pack(len(body)) + body)
     stream.flush()
@@ -94,7 +99,7 @@ class ConfirmerProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+            env=one_core_env(),
         )
         assert child.stdout is not None
         # The first frame says whether the weights loaded: their dimension, or why not.

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import ConfigError
-from .confirmer import ConfirmerProcess
+from .confirmer import ConfirmerProcess, one_core_env
 
 log = logging.getLogger("p402.cache")
 
@@ -329,6 +329,7 @@ def save_static_table(folder: Path, expected_sha256: str, stop: threading.Event 
 
 
 STOPPED_EXIT = 3  # static_child's exit code when it stopped between two batches
+CHILD_STOP_S = 8.0  # a batch is about a second; `_Builder.stop` waits longer than this for the whole build
 
 
 def build_static_table(
@@ -346,7 +347,7 @@ def build_static_table(
             child = subprocess.Popen(
                 [sys.executable, "-m", "p402_tui.cache.static_child", str(folder), expected_sha256],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
-                env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+                env=one_core_env(),
             )  # fmt: skip
         except (OSError, TypeError) as error:  # TypeError: no sys.executable (an embedded interpreter)
             log.warning("cache: cannot start a process for the static vectors (%s); made in this one", error)
@@ -390,9 +391,6 @@ def _wait_for(child: subprocess.Popen[bytes], stop: threading.Event | None) -> i
         if code == STOPPED_EXIT or (stop is not None and stop.is_set()) or -code in (signal.SIGINT, signal.SIGTERM):
             raise BuildStopped("the process is closing")
         return code
-
-
-CHILD_STOP_S = 8.0  # a batch is about a second; `_Builder.stop` waits longer than this for the whole build
 
 
 class BuildStopped(Exception):

@@ -493,9 +493,7 @@ def warm(dim: int) -> None:
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     trained = train_buckets(rows)
     codes = sign_codes(rows)
-    snapshot = Snapshot(rows, codes, trained.buckets)
-    for i in range(2):
-        search(snapshot, rows[i], 0.9, code=codes[i])
+    search(Snapshot(rows, codes, trained.buckets), rows[0], 0.9, code=codes[0])
 
 
 def project(basis: np.ndarray, vectors: np.ndarray) -> np.ndarray:
