@@ -66,6 +66,25 @@ async def test_every_mode_and_filter_reads_back_as_routed(store, mode):
         assert text(read) == text(decision.to_dict())
 
 
+@pytest.mark.parametrize("mode", ["cost", "quality", "speed", "balanced", "adaptive"])
+def test_a_decisions_brief_counts_as_its_stored_row(mode):
+    """An event stream's brief is made from `columns()`, without a snapshot: the same as the row stored."""
+    router = Router(load_catalog())
+    option_sets = [*OPTIONS, ({"model": "openai/gpt-4o-mini", "require": ["vision"]}, 16),
+                   ({"model": "groq/llama-3.1-8b-instant", "max_cost_usd": 1e-9}, 200_000)]  # fmt: skip
+    seen = set()
+    for options, max_tokens in option_sets:
+        for words in (1, 40_000):  # the second too long for most context windows
+            request = ChatRequest(messages=[{"role": "user", "content": "word " * words}], max_tokens=max_tokens)
+            decision = router.route(request, RouteOptions.from_dict({"mode": mode, **options}))
+            row, _ = queries.decision_rows(decision, decision.snapshot())
+            stored_columns = {"id": row[0], "ts": row[1], "mode": row[2], "chosen": row[3], "est_cost_usd": row[7],
+                              "candidates": row[10], "excluded": row[11]}  # fmt: skip
+            assert decision.columns() == stored_columns
+            seen.add((row[3] is None, row[11] > len(router.route(ChatRequest(messages=[{"role": "user", "content": "hi"}])).excluded)))
+    assert seen >= {(False, False), (False, True), (True, True)}  # chosen, filtered, and nothing chosen
+
+
 @pytest.mark.parametrize("mode", ["speed", "adaptive"])
 async def test_decisions_under_live_health_read_back_as_routed(store, mode, monkeypatch):
     now = [1000.0]

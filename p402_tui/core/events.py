@@ -69,14 +69,8 @@ class RouteDecided(Event):
 
 
 def decision_columns(decision: Any) -> dict[str, Any]:
-    """A `RouteDecision`'s indexed columns, counted as the store counts them (from its snapshot)."""
-    snapshot = decision.snapshot()
-    chosen = snapshot.listing.models[int(snapshot.ranked[0])][0] if snapshot.chosen else None
-    return {
-        "id": snapshot.id, "ts": snapshot.ts, "mode": snapshot.mode, "chosen": chosen,
-        "est_cost_usd": float(snapshot.est_cost_usd[0]) if snapshot.chosen else None,
-        "candidates": len(snapshot.ranked), "excluded": len(snapshot.listing.excluded) + len(snapshot.filtered),
-    }  # fmt: skip
+    """A `RouteDecision`'s indexed columns, counted as the store counts them (`RouteDecision.columns`)."""
+    return decision.columns()
 
 
 def decision_summary(decision: Mapping[str, Any], outcome: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -416,6 +416,31 @@ class RouteDecision:
     def to_dict(self) -> dict[str, Any]:
         return self.snapshot().to_dict()
 
+    def columns(self) -> dict[str, Any]:
+        """The columns the store indexes it by, counted as from its snapshot (`store.queries.decision_rows`)
+        without building one: a decision's brief on every event stream needs only these, and a snapshot
+        costs about thirty numpy calls."""
+        ranking = self._ranked()
+        if ranking is None or not len(ranking.entry.idx):
+            snapshot = self.snapshot()
+            chosen_id = snapshot.listing.models[int(snapshot.ranked[0])][0] if snapshot.chosen else None
+            return {
+                "id": self.id, "ts": self.ts, "mode": self.mode, "chosen": chosen_id,
+                "est_cost_usd": float(snapshot.est_cost_usd[0]) if snapshot.chosen else None,
+                "candidates": len(snapshot.ranked), "excluded": len(snapshot.listing.excluded) + len(snapshot.filtered),
+            }  # fmt: skip
+        chosen = ranking.chosen
+        finite = np.isfinite(ranking.key)
+        # The snapshot ranks the eligible (a finite key) and puts a pinned choice first, eligible or not.
+        candidates = int(np.count_nonzero(finite)) + (1 if chosen >= 0 and not finite[chosen] else 0)
+        filtered = int(np.count_nonzero(ranking.bad)) if ranking.bad is not None else 0
+        return {
+            "id": self.id, "ts": self.ts, "mode": self.mode,
+            "chosen": ranking.entry.ids[chosen] if chosen >= 0 else None,
+            "est_cost_usd": float(ranking.cost[chosen]) if chosen >= 0 else None,
+            "candidates": candidates, "excluded": len(ranking.entry.excluded) + filtered,
+        }  # fmt: skip
+
     def options_used(self) -> dict[str, Any]:
         """`RouteOptions.to_dict()`, its mode the one this decision used."""
         options = self.options.to_dict()
