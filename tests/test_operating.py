@@ -71,6 +71,27 @@ def test_json_logs_carry_an_access_line_per_request_and_p402s_own_warnings(tmp_p
     assert [line["msg"] for line in lines if line["logger"] == "p402.gateway"][-1] == "stopped: the ledger is flushed"
 
 
+def test_an_event_subscriber_that_leaves_is_no_error(tmp_path):
+    """On uvloop (as `p402 serve` runs) a closed transport refuses what asyncio's ignores: a console that
+    detached was logged as an unexpected error, once per subscriber."""
+    served = Served("--sim", "--db", str(tmp_path / "p402.db"), "--log-format", "json")
+    try:
+        for _ in range(3):
+            with httpx.stream("GET", f"{served.url}/api/v2/events", timeout=10) as events:
+                lines = events.iter_lines()
+                assert next(lines) == ": subscribed"
+                assert httpx.post(f"{served.url}/v1/chat/completions", json=HELLO, timeout=30).status_code == 200
+                assert next(line for line in lines if line.startswith("event: ")) in ("event: route_decided", "event: cache_hit")
+        deadline = time.monotonic() + 5  # the stream ends on the gateway a moment after the client leaves
+        while sum('"/api/v2/events"' in line for line in log_lines(served)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        assert served.stop() == 0
+    lines = json_lines(served)
+    assert [line["status"] for line in lines if line.get("path") == "/api/v2/events"] == [200, 200, 200]
+    assert [line for line in lines if line["level"] == "error"] == []
+
+
 def test_text_logs_read_as_lines_and_the_access_line_can_be_switched_off(tmp_path):
     served = Served("--sim", "--db", str(tmp_path / "a.db"))
     try:

@@ -512,6 +512,8 @@ class Gateway:
         # A client that stops reading blocks its stream in a write; its place then leaves the shared
         # log and it is let go: told so if it still reads, its connection cut if it does not.
         transport = request.scope.get("p402.transport")
+        if transport is not None and transport.is_closing():  # the client left already; uvloop refuses a closed one
+            transport = None
         cut: list[asyncio.TimerHandle] = []
         if transport is not None:
             sock = transport.get_extra_info("socket")
@@ -547,7 +549,7 @@ class Gateway:
                     self.event_log = None
                 for handle in cut:  # it ended in time: the connection may serve the next request
                     handle.cancel()
-                if transport is not None:
+                if transport is not None and not transport.is_closing():  # uvloop refuses a closed one
                     transport.set_write_buffer_limits()  # asyncio's defaults again, for that request
 
         return respond
