@@ -92,6 +92,23 @@ def test_an_event_subscriber_that_leaves_is_no_error(tmp_path):
     assert [line for line in lines if line["level"] == "error"] == []
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/embeddings"])
+def test_a_client_that_leaves_before_its_body_is_no_error_and_logged_status_0(tmp_path, path):
+    served = Served("--sim", "--db", str(tmp_path / "p402.db"), "--log-format", "json")
+    try:
+        with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1]))) as raw:
+            raw.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{{".encode())
+            time.sleep(0.2)  # the request is in the gateway, waiting for the rest of its body
+        deadline = time.monotonic() + 5
+        while not any(f'"{path}"' in line for line in log_lines(served)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        assert served.stop() == 0
+    lines = json_lines(served)
+    assert [line["status"] for line in lines if line.get("path") == path] == [0]  # no answer began
+    assert [line for line in lines if line["level"] == "error"] == []
+
+
 def test_text_logs_read_as_lines_and_the_access_line_can_be_switched_off(tmp_path):
     served = Served("--sim", "--db", str(tmp_path / "a.db"))
     try:

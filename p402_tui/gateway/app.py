@@ -106,6 +106,8 @@ def guarded(handler: Handler) -> Handler:
         except P402Error as error:
             refused(request.scope, error.kind, error.message)
             return errors.from_p402_error(error)
+        except ClientDisconnect:
+            return errors.NO_ANSWER
         except Exception:
             logger.exception("unexpected error in %s %s", request.method, request.url.path)
             return errors.error_response(500, "internal error in the gateway; see its log", code="internal_error")

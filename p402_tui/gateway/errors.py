@@ -32,6 +32,17 @@ _TYPES = {
 }
 
 
+class _NoAnswer(Response):
+    """What a request whose client left before its body came gets: nothing, as nobody would read it (its
+    access line says status 0, as of any caller that left before an answer began). No error of ours."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+
+NO_ANSWER = _NoAnswer()
+
+
 class GatewayError(Exception):
     """A refusal the gateway itself makes (bad body, no key, too large)."""
 

@@ -12,7 +12,7 @@ import functools
 import logging
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..core import jsonpieces
@@ -21,7 +21,7 @@ from ..core.tokens import count_messages, off_loop
 from ..core.types import ChatResponse, json_bytes
 from . import anthropic_wire as wire
 from .bodies import route_options
-from .errors import GatewayError, describe_attempts
+from .errors import NO_ANSWER, GatewayError, describe_attempts
 
 logger = logging.getLogger("p402.gateway")
 
@@ -89,6 +89,8 @@ class MessagesRoute:
         if isinstance(error, P402Error):
             _refused(request, error.kind, error.message)
             return from_p402_error(error, request_id)
+        if isinstance(error, ClientDisconnect):
+            return NO_ANSWER
         logger.exception("unexpected error in %s %s", request.method, request.url.path)
         return error_response(500, "api_error", "internal error in the gateway; see its log")
 
