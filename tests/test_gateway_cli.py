@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import httpx
 import pytest
 
 from conftest import run_cli
-from helpers import Served, children, gone_within
+from helpers import Served, children, gone_within, running
 
 HELLO = {"messages": [{"role": "user", "content": "Say hello to the gateway."}]}
 
@@ -205,3 +207,60 @@ def test_a_build_signalled_alone_says_why_the_semantic_tier_is_off(tmp_path):
         assert cache["embedder"] is None and "stopped by a signal" in (cache["warning"] or "")
     finally:
         assert served.stop() == 0
+
+
+def _cache_build(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """`p402 cache build` on an empty cache dir, and the child process distilling the static vectors."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p402_tui.cli", "cache", "build"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
+    deadline = time.monotonic() + 30
+    while not (builders := children(proc.pid, "p402_tui.cache.static_child")):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"no child process is making the static vectors: {proc.communicate()}")
+        time.sleep(0.1)
+    time.sleep(1.0)  # well inside the first batches
+    return proc, builders[0]
+
+
+def _kill(proc: subprocess.Popen, builder: int) -> None:
+    """What a failed test would leave distilling for half a minute."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if running(builder):
+        os.kill(builder, signal.SIGKILL)
+
+
+@linux_proc
+def test_cache_build_interrupted_stops_its_child_and_exits_130(tmp_path):
+    """Ctrl-C to `p402 cache build` alone (a SIGINT to its pid, not its group): it stops the child between
+    two batches and exits as interrupted, leaving no table or partial file."""
+    proc, builder = _cache_build(tmp_path)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except BaseException:
+        _kill(proc, builder)
+        raise
+    assert proc.returncode == 130, err
+    assert time.monotonic() - started < 7, "the build ran on after Ctrl-C"
+    assert gone_within(builder, 1) and "Traceback" not in err
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+@linux_proc
+def test_cache_build_whose_child_is_stopped_says_so_in_one_line(tmp_path):
+    proc, builder = _cache_build(tmp_path)
+    os.kill(builder, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except BaseException:
+        _kill(proc, builder)
+        raise
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == ["p402: cache build: the build was stopped before it was done (its process was signalled)"]
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))

@@ -721,9 +721,10 @@ class _SendBuffer:
     """An event stream's socket send buffer, grown as its client takes bytes.
 
     The kernel's grows to megabytes by itself; set, it stays what it is set to. It starts at
-    EVENT_SNDBUF_FIRST, so a client that never reads stops taking bytes after a few kB (500 such
-    subscribers were 40 MB of writes before they blocked), and doubles up to EVENT_SNDBUF each time
-    the kernel has taken four times it (twice what the kernel holds for it: the rest reached the client)."""
+    EVENT_SNDBUF_FIRST, so a client that never reads stops taking bytes after a few kB (at EVENT_SNDBUF
+    from the start, 500 such subscribers took tens of MB of writes before they blocked), and doubles up
+    to EVENT_SNDBUF each time the kernel has taken four times it (twice what the kernel holds for it:
+    the rest reached the client)."""
 
     __slots__ = ("transport", "sock", "size", "written")
 
