@@ -275,6 +275,7 @@ async def test_an_entry_hit_for_the_first_time_is_counted_with_its_own_last_hit(
     cache = SemanticCache(store, embedder=HashedNgramEmbedder())
     try:
         await fill(cache, 0, 20)
+        await store.flush()  # each entry's payload is let go once its row is written: not during the hits below
         assert cache._held == _held_by(cache._entries)
         before = cache._held
         request = ChatRequest(messages=[{"role": "user", "content": "question 3: what is 3 plus 3?"}])
