@@ -85,7 +85,6 @@ LAG_GRACE_S = 1.0  # a lagged subscriber's connection is cut this long after, if
 # come. One that is behind writes its next piece at once (its writes wait on the client instead).
 EVENT_TICK_S = 0.1
 EVENT_SNDBUF = 32 * 1024  # ~320 kB/s to a subscriber 100 ms away: ~300 requests/s of events in brief
-EVENT_SNDBUF_FIRST = 4 * 1024  # a new subscriber's, grown to EVENT_SNDBUF as its client takes bytes (`_SendBuffer`)
 # What an event stream's transport holds before its writes wait (asyncio's default is 64 kB): with the
 # piece being written, what a subscriber that stopped reading costs in this process.
 EVENT_WRITE_HIGH = 16 * 1024
@@ -518,11 +517,12 @@ class Gateway:
         if transport is not None and transport.is_closing():  # the client left already; uvloop refuses a closed one
             transport = None
         cut: list[asyncio.TimerHandle] = []
-        sending: _SendBuffer | None = None
         if transport is not None:
             sock = transport.get_extra_info("socket")
             if sock is not None:
-                sending = _SendBuffer(transport, sock)
+                # The kernel's send buffer grows to megabytes by itself: held small, a client that stopped
+                # reading stops taking bytes after ~EVENT_SNDBUF rather than after several MB per subscriber.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EVENT_SNDBUF)
             transport.set_write_buffer_limits(high=EVENT_WRITE_HIGH)
 
         def lagged() -> None:
@@ -537,7 +537,7 @@ class Gateway:
             )
         reader = log.reader(wanted, on_lag=lagged)
         self.event_subscribers += 1
-        frames = self._event_frames(log, reader, own_key(request.scope), sending)
+        frames = self._event_frames(log, reader, own_key(request.scope))
         response = sse.EventStreamResponse(frames, stop=self.closing)
 
         async def respond(scope: Scope, receive: Receive, send: Send) -> None:
@@ -556,11 +556,8 @@ class Gateway:
 
         return respond
 
-    async def _event_frames(
-        self, log: EventLog, reader: LogReader, key_id: str | None = None, sending: _SendBuffer | None = None
-    ) -> AsyncIterator[bytes]:
-        """`key_id`: only that key's traffic (a `user` key's stream); `sending`: its socket's buffer, grown as
-        the client takes what is written."""
+    async def _event_frames(self, log: EventLog, reader: LogReader, key_id: str | None = None) -> AsyncIterator[bytes]:
+        """`key_id`: only that key's traffic (a `user` key's stream)."""
         yield b": subscribed\n\n"  # flushes the headers: the client knows it is listening
         while True:
             if not await log.wait(reader, self.heartbeat_s):
@@ -574,10 +571,7 @@ class Gateway:
             if key_id is not None:
                 events = [event for event in events if event_key(event) == key_id]
             if events:
-                piece = b"".join([sse.bus_event_frame(event) for event in events])
-                yield piece
-                if sending is not None:
-                    sending.sent(len(piece))
+                yield b"".join([sse.bus_event_frame(event) for event in events])
             # Caught up: let the next events gather. Behind: the next piece now, once the others had the loop
             # (a key's stream can pass a whole log of other keys' events without writing a byte).
             await asyncio.sleep(EVENT_TICK_S if reader.cursor >= log.end else 0)
@@ -715,38 +709,6 @@ def _outcome(record: RequestRecord | None) -> dict[str, Any] | None:
         "latency_ms": record.latency_ms, "status": record.status, "error_kind": record.error_kind,
         "session_id": record.session_id, "source": record.source,
     }  # fmt: skip
-
-
-class _SendBuffer:
-    """An event stream's socket send buffer, grown as its client takes bytes.
-
-    The kernel's grows to megabytes by itself; set, it stays what it is set to. It starts at
-    EVENT_SNDBUF_FIRST, so a client that never reads stops taking bytes after a few kB (at EVENT_SNDBUF
-    from the start, 500 such subscribers took tens of MB of writes before they blocked), and doubles up
-    to EVENT_SNDBUF each time the kernel has taken four times it (twice what the kernel holds for it:
-    the rest reached the client)."""
-
-    __slots__ = ("transport", "sock", "size", "written")
-
-    def __init__(self, transport: Any, sock: Any) -> None:
-        self.transport, self.sock = transport, sock
-        self.size = EVENT_SNDBUF_FIRST
-        self.written = 0
-        self._set()
-
-    def sent(self, count: int) -> None:
-        self.written += count
-        if self.size >= EVENT_SNDBUF or self.transport.is_closing():
-            return
-        if self.written - self.transport.get_write_buffer_size() > 4 * self.size:
-            self.size = min(2 * self.size, EVENT_SNDBUF)
-            self._set()
-
-    def _set(self) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.size)
-        except OSError:  # closed under us: nothing more is written
-            pass
 
 
 def _abort(transport: Any) -> None:
