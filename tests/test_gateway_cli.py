@@ -247,7 +247,8 @@ def test_cache_build_interrupted_stops_its_child_and_exits_130(tmp_path):
         _kill(proc, builder)
         raise
     assert proc.returncode == 130, err
-    assert time.monotonic() - started < 7, "the build ran on after Ctrl-C"
+    # Well short of the 30 s a build takes; past the child's own bound (CHILD_STOP_S) on a loaded machine.
+    assert time.monotonic() - started < 15, "the build ran on after Ctrl-C"
     assert gone_within(builder, 1) and "Traceback" not in err
     assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))
 

@@ -430,7 +430,13 @@ class RouteDecision:
                 "candidates": len(snapshot.ranked), "excluded": len(snapshot.listing.excluded) + len(snapshot.filtered),
             }  # fmt: skip
         chosen = ranking.chosen
-        finite = np.isfinite(ranking.key)
+        key = ranking._key
+        if key is None:  # a pinned decision's, made here and not kept: the writer still snapshots it with others
+            key = ranking.router._key(
+                ranking.entry, ranking.cost, ranking.bad, ranking.prompt_tokens, ranking.answer_tokens, ranking.live,
+                ranking.vectors,
+            )
+        finite = np.isfinite(key)
         # The snapshot ranks the eligible (a finite key) and puts a pinned choice first, eligible or not.
         candidates = int(np.count_nonzero(finite)) + (1 if chosen >= 0 and not finite[chosen] else 0)
         filtered = int(np.count_nonzero(ranking.bad)) if ranking.bad is not None else 0
