@@ -23,7 +23,8 @@ The limits' scenarios (bench/soak_limits.py, each with its own processes and dat
 
   big_prompt          one 8 MB prompt, then six at once: serve's RSS growth and peak, /health latency
   stalled_subscribers 500 /api/v2/events subscribers that never read, against a control stack under the
-                      same load: RSS, throughput and CPU they add, disconnect spike
+                      same load: RSS, throughput and CPU they add, disconnect spike; each shrinks its
+                      receive window to 4 kB (stalled_subscribers_default_window: Linux's own)
   hung_upstream       every provider hangs: a request with the default deadline, and one with timeout_s
   slow_headers        1,000 connections sending a header line every 10 s (and 500 slow bodies), while
                       normal requests go on: when they are closed

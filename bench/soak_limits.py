@@ -10,6 +10,7 @@ list of them, with what each measures, is in bench/soak.py's docstring.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -240,9 +241,12 @@ async def big_prompt(scratch: Path) -> dict[str, Any]:
     return out
 
 
-async def _subscriber(port: int) -> socket.socket:
+async def _subscriber(port: int, window: int | None = 4096) -> socket.socket:
+    """A subscriber that never reads; `window`: its receive buffer (None: Linux's default, which takes
+    64 kB and more of events into the client's kernel before the gateway's writes block)."""
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    if window is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)  # before connecting: a small window
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, ("127.0.0.1", port))
@@ -306,7 +310,7 @@ def _phase(slices: list[dict[str, Any]], base_mb: float) -> dict[str, Any]:
 
 
 async def stalled_subscribers(scratch: Path, count: int = 500, slice_s: float = 3.0, pairs: int = 4,
-                              burst: int = 150) -> dict[str, Any]:
+                              burst: int = 150, window: int | None = 4096) -> dict[str, Any]:
     """500 subscribers that never read, against a control: two identical fresh stacks take the same load
     in alternating slices (control, subscribed, subscribed, control, ...: a drift in the machine's load
     falls on both alike), the subscribed one with `count` stalled subscribers from before its first slice.
@@ -324,7 +328,7 @@ async def stalled_subscribers(scratch: Path, count: int = 500, slice_s: float = 
             for stack in (control, subscribed):
                 await closed_loop(client, stack.url, concurrency=16, duration=slice_s, body=_subscriber_load)
             bases = {"control": await settle(control), "subscribed": await settle(subscribed)}
-            socks = [await _subscriber(subscribed.port) for _ in range(count)]
+            socks = [await _subscriber(subscribed.port, window) for _ in range(count)]
             connected = await all_subscribed(client, subscribed.url, count)
             idle_mb = await settle(subscribed, 0.5)
             slices: dict[str, list[dict[str, Any]]] = {"control": [], "subscribed": []}
@@ -339,7 +343,7 @@ async def stalled_subscribers(scratch: Path, count: int = 500, slice_s: float = 
                 sock.close()
             await asyncio.sleep(1)
             # The disconnect: a fresh set, each holding what it has not read, closes together.
-            socks = [await _subscriber(subscribed.port) for _ in range(count)]
+            socks = [await _subscriber(subscribed.port, window) for _ in range(count)]
             await all_subscribed(client, subscribed.url, count)
             await closed_loop(client, subscribed.url, concurrency=16, duration=60, body=_subscriber_load, limit=burst)
             await asyncio.sleep(1)
@@ -359,7 +363,7 @@ async def stalled_subscribers(scratch: Path, count: int = 500, slice_s: float = 
                 "idle_subscribers_mb": round(idle_mb - bases["subscribed"], 1),
                 "still_subscribed_after_load": still_open})
     return {
-        "subscribers": count, "slice_s": slice_s, "slices_each": pairs,
+        "subscribers": count, "receive_window": window or "Linux's default", "slice_s": slice_s, "slices_each": pairs,
         "load": "concurrency 16; half 50 cached prompts, half routed uncached", "control": ctl, "with_subscribers": sub,
         "disconnect": {"subscribers_holding_events": held, "burst_requests": burst, "rss_before_mb": before_mb,
                        "rss_peak_mb": round(disconnect.peak_mb, 1), "rss_after_mb": after_mb,
@@ -619,6 +623,7 @@ async def rss_batches(scratch: Path, per_batch: int = 10_000) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[Path], Any]] = {
     "big_prompt": big_prompt,
     "stalled_subscribers": stalled_subscribers,
+    "stalled_subscribers_default_window": functools.partial(stalled_subscribers, window=None),
     "hung_upstream": hung_upstream,
     "slow_headers": slow_headers,
     "kill9": kill9,
