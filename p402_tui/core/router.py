@@ -259,6 +259,15 @@ class DecisionSnapshot:
             "options": self.options,
         }
 
+    def columns(self) -> dict[str, Any]:
+        """What the store indexes the decision by (`store.queries.decision_rows`), and its brief shows."""
+        return {
+            "id": self.id, "ts": self.ts, "mode": self.mode,
+            "chosen": self.listing.models[int(self.ranked[0])][0] if self.chosen else None,
+            "est_cost_usd": float(self.est_cost_usd[0]) if self.chosen else None,
+            "candidates": len(self.ranked), "excluded": len(self.listing.excluded) + len(self.filtered),
+        }  # fmt: skip
+
 
 class RouteDecision:
     """What the router chose and why.
@@ -422,20 +431,10 @@ class RouteDecision:
         costs about thirty numpy calls."""
         ranking = self._ranked()
         if ranking is None or not len(ranking.entry.idx):
-            snapshot = self.snapshot()
-            chosen_id = snapshot.listing.models[int(snapshot.ranked[0])][0] if snapshot.chosen else None
-            return {
-                "id": self.id, "ts": self.ts, "mode": self.mode, "chosen": chosen_id,
-                "est_cost_usd": float(snapshot.est_cost_usd[0]) if snapshot.chosen else None,
-                "candidates": len(snapshot.ranked), "excluded": len(snapshot.listing.excluded) + len(snapshot.filtered),
-            }  # fmt: skip
+            return self.snapshot().columns()
         chosen = ranking.chosen
-        key = ranking._key
-        if key is None:  # a pinned decision's, made here and not kept: the writer still snapshots it with others
-            key = ranking.router._key(
-                ranking.entry, ranking.cost, ranking.bad, ranking.prompt_tokens, ranking.answer_tokens, ranking.live,
-                ranking.vectors,
-            )
+        # A pinned decision's key is made here and not kept: the writer still snapshots it with others.
+        key = ranking._key if ranking._key is not None else ranking.make_key()
         finite = np.isfinite(key)
         # The snapshot ranks the eligible (a finite key) and puts a pinned choice first, eligible or not.
         candidates = int(np.count_nonzero(finite)) + (1 if chosen >= 0 and not finite[chosen] else 0)
@@ -626,11 +625,14 @@ class _Ranking:
     @property
     def key(self) -> np.ndarray:
         if self._key is None:
-            # Its own vectors: a snapshot taken after health moved on would compute them twice otherwise.
-            self._key = self.router._key(
-                self.entry, self.cost, self.bad, self.prompt_tokens, self.answer_tokens, self.live, self.vectors
-            )
+            self._key = self.make_key()
         return self._key
+
+    def make_key(self) -> np.ndarray:
+        # Its own vectors: a snapshot taken after health moved on would compute them twice otherwise.
+        return self.router._key(
+            self.entry, self.cost, self.bad, self.prompt_tokens, self.answer_tokens, self.live, self.vectors
+        )
 
     @property
     def cost_score(self) -> np.ndarray:

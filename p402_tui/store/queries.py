@@ -159,23 +159,23 @@ def decision_rows(decision: Any, snapshot: Any = None) -> tuple[tuple, list[tupl
     if snapshot is None:
         snapshot = decision.snapshot()
     record, listing_digest, listing, live_digest, live = decisions.encode(snapshot)
-    provider = model = tier = est_cost_usd = chosen = None
+    columns = snapshot.columns()  # as a decision's brief counts them
+    provider = model = tier = None
     if snapshot.chosen:
-        chosen, provider, model, tier = snapshot.listing.models[int(snapshot.ranked[0])]
-        est_cost_usd = float(snapshot.est_cost_usd[0])
+        _, provider, model, tier = snapshot.listing.models[int(snapshot.ranked[0])]
     row = (
         snapshot.id,
         snapshot.ts,
         snapshot.mode,
-        chosen,
+        columns["chosen"],
         provider,
         model,
         tier,
-        est_cost_usd,
+        columns["est_cost_usd"],
         snapshot.prompt_tokens,
         round(snapshot.decision_us, 2),
-        len(snapshot.ranked),
-        len(snapshot.listing.excluded) + len(snapshot.filtered),
+        columns["candidates"],
+        columns["excluded"],
         record,
         listing_digest,
         live_digest,
