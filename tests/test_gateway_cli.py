@@ -225,13 +225,18 @@ def _cache_build(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     return proc, builders[0]
 
 
-def _kill(proc: subprocess.Popen, builder: int) -> None:
-    """What a failed test would leave distilling for half a minute."""
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    if running(builder):
-        os.kill(builder, signal.SIGKILL)
+def _ended(proc: subprocess.Popen, builder: int) -> str:
+    """The command's stderr once it has exited; if it does not, it and its child are killed (a failed test
+    would leave them distilling for half a minute) and the timeout raised."""
+    try:
+        return proc.communicate(timeout=20)[1]
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if running(builder):
+            os.kill(builder, signal.SIGKILL)
+        raise
 
 
 @linux_proc
@@ -241,11 +246,7 @@ def test_cache_build_interrupted_stops_its_child_and_exits_130(tmp_path):
     proc, builder = _cache_build(tmp_path)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=20)
-    except BaseException:
-        _kill(proc, builder)
-        raise
+    err = _ended(proc, builder)
     assert proc.returncode == 130, err
     # Well short of the 30 s a build takes; past the child's own bound (CHILD_STOP_S) on a loaded machine.
     assert time.monotonic() - started < 15, "the build ran on after Ctrl-C"
@@ -257,11 +258,7 @@ def test_cache_build_interrupted_stops_its_child_and_exits_130(tmp_path):
 def test_cache_build_whose_child_is_stopped_says_so_in_one_line(tmp_path):
     proc, builder = _cache_build(tmp_path)
     os.kill(builder, signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=20)
-    except BaseException:
-        _kill(proc, builder)
-        raise
+    err = _ended(proc, builder)
     assert proc.returncode == 1
     assert err.strip().splitlines() == ["p402: cache build: the build was stopped before it was done (its process was signalled)"]
     assert not list((tmp_path / "cache").rglob("*.npy")) and not list((tmp_path / "cache").rglob("*.tmp"))

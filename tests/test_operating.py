@@ -71,6 +71,13 @@ def test_json_logs_carry_an_access_line_per_request_and_p402s_own_warnings(tmp_p
     assert [line["msg"] for line in lines if line["logger"] == "p402.gateway"][-1] == "stopped: the ledger is flushed"
 
 
+def _access_lines(served: Served, path: str, count: int, within: float = 5.0) -> None:
+    """Wait (up to `within` s) until the gateway has written `count` JSON access lines for `path`."""
+    deadline = time.monotonic() + within
+    while sum(f'"path":"{path}"' in line for line in log_lines(served)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_an_event_subscriber_that_leaves_is_no_error(tmp_path):
     """On uvloop (as `p402 serve` runs) a closed transport refuses what asyncio's ignores: a console that
     detached was logged as an unexpected error, once per subscriber."""
@@ -82,9 +89,7 @@ def test_an_event_subscriber_that_leaves_is_no_error(tmp_path):
                 assert next(lines) == ": subscribed"
                 assert httpx.post(f"{served.url}/v1/chat/completions", json=HELLO, timeout=30).status_code == 200
                 assert next(line for line in lines if line.startswith("event: ")) in ("event: route_decided", "event: cache_hit")
-        deadline = time.monotonic() + 5  # the stream ends on the gateway a moment after the client leaves
-        while sum('"/api/v2/events"' in line for line in log_lines(served)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _access_lines(served, "/api/v2/events", 3)  # each stream ends on the gateway a moment after its client leaves
     finally:
         assert served.stop() == 0
     lines = json_lines(served)
@@ -99,9 +104,7 @@ def test_a_client_that_leaves_before_its_body_is_no_error_and_logged_status_0(tm
         with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1]))) as raw:
             raw.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{{".encode())
             time.sleep(0.2)  # the request is in the gateway, waiting for the rest of its body
-        deadline = time.monotonic() + 5
-        while not any(f'"{path}"' in line for line in log_lines(served)) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _access_lines(served, path, 1)
     finally:
         assert served.stop() == 0
     lines = json_lines(served)
@@ -213,9 +216,7 @@ def test_signals_that_keep_coming_while_the_ledger_is_flushed_do_not_kill_the_ga
     that repeats itself) used to meet no handler and kill the process by its default action, mid-flush."""
     db = tmp_path / "p402.db"
     served = Served("--sim", "--db", str(db))
-    answer = httpx.post(f"{served.url}/v1/chat/completions", timeout=30,
-                        json={"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
-    assert answer.status_code == 200
+    assert httpx.post(f"{served.url}/v1/chat/completions", json=HELLO, timeout=30).status_code == 200
     deadline = time.monotonic() + 30
     while served.proc.poll() is None:
         assert time.monotonic() < deadline, "the gateway did not stop"
