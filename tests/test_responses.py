@@ -245,6 +245,11 @@ async def test_built_in_tools_and_unknown_items_are_refused_with_a_clear_400(htt
         ({"model": "auto", "input": "x", "temperature": 3}, "temperature"),
         ({"model": "auto", "input": "x", "background": True}, "background"),
         ({"model": "auto", "input": "x", "stream": "yes"}, "stream"),
+        ({"model": "auto", "input": "x", "tools": [{"type": "function", "name": "f", "strict": 1e16}]}, "tools[0].strict"),
+        ({"model": "auto", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": []}]},
+         "tools[0].parameters"),
+        ({"model": "auto", "input": "x", "tools": [{"type": "function", "name": "f", "description": 7}]},
+         "tools[0].description"),
     ]
     for body, param in cases:
         response = await http.post("/v1/responses", json=body)

@@ -182,6 +182,10 @@ def chat_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
     name = tool.get("name")
     if not isinstance(name, str) or not name:
         raise refuse(f"{where}.name: required, a string", f"{where}.name")
+    for field, kind_ok, wanted in (("description", str, "a string"), ("parameters", dict, "a JSON Schema object"),
+                                   ("strict", bool, "a boolean")):
+        if not isinstance(tool.get(field), (kind_ok, type(None))):
+            raise refuse(f"{where}.{field}: must be {wanted}", f"{where}.{field}")
     function: dict[str, Any] = {"name": name}
     if tool.get("description") is not None:
         function["description"] = tool["description"]
