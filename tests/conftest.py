@@ -263,3 +263,17 @@ async def open_engine_store(request, path, **options):
 def engine_db(request, tmp_path) -> str:
     """What `--db` takes, on either engine: a SQLite file's path, or a fresh PostgreSQL database's URL."""
     return request.getfixturevalue("pg_url") if request.param == "postgres" else str(tmp_path / "p402.db")
+
+
+
+@pytest.fixture
+def event_loop_policy(request):
+    """Each test on the loop its command runs on: `p402 serve` on uvloop where installed (which refuses what
+    asyncio's loop forgives, such as a write to a closed transport), the console on asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    if uvloop is None or request.path.name.startswith("test_tui"):
+        return asyncio.DefaultEventLoopPolicy()
+    return uvloop.EventLoopPolicy()

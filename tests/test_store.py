@@ -550,7 +550,7 @@ async def test_a_database_that_cannot_open_leaves_no_thread_behind(tmp_path):
     before = set(threading.enumerate())
     with pytest.raises(StoreError, match="cannot open database"):
         await connect(tmp_path)  # a directory
-    left = [t for t in threading.enumerate() if t not in before and not t.name.startswith("asyncio_")]  # the loop's pool
+    left = [t for t in threading.enumerate() if t not in before and not t.name.startswith(("asyncio_", "uvloop_"))]  # the loop's pool
     assert [t for t in left if t.is_alive()] == []
 
 
