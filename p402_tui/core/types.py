@@ -195,6 +195,17 @@ class ChatRequest(_Open):
             raise ValueError("json_schema must be an object with the schema's name and schema")
         return value
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _known_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError("must be none, auto, required or a function to call")
+        if isinstance(value, dict) and value.get("type") == "function":
+            function = value.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError('a function choice names its function: {"type": "function", "function": {"name": ...}}')
+        return value
+
     @field_validator("stream", mode="before")
     @classmethod
     def _null_stream(cls, value: Any) -> Any:

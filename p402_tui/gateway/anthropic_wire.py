@@ -180,7 +180,10 @@ def to_chat(
         effort = _effort(body.thinking)
         if effort is not None:
             chat["reasoning_effort"] = effort
-    return NativeRequest.of(chat, wire=WIRE, body=raw, headers=headers)
+    try:
+        return NativeRequest.of(chat, wire=WIRE, body=raw, headers=headers)
+    except ValidationError as error:  # a field the checks above let through, named as the chat request has it
+        raise from_validation_error(error) from None
 
 
 def _text_of(block: dict[str, Any], where: str) -> str:
@@ -255,8 +258,8 @@ def _tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
         raise GatewayError(400, f"{where}.tool_use_id: required", param=f"{where}.tool_use_id", code="invalid_value")
     content = block.get("content")
     if isinstance(content, list):
-        texts = (part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text")
-        text = "".join(texts)
+        text = "".join(_text_of(part, f"{where}.content[{index}]") for index, part in enumerate(content)
+                       if isinstance(part, dict) and part.get("type") == "text")  # fmt: skip
     else:
         text = content if isinstance(content, str) else ""
     if block.get("is_error"):
@@ -301,7 +304,11 @@ def _tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
         raise GatewayError(400, f"{where}.name: required", param=f"{where}.name", code="invalid_value")
     schema = tool.get("input_schema")
     if not isinstance(schema, dict):
-        raise GatewayError(400, f"{where}.input_schema: required", param=f"{where}.input_schema", code="invalid_value")
+        message = f"{where}.input_schema: required, a JSON Schema object"
+        raise GatewayError(400, message, param=f"{where}.input_schema", code="invalid_value")
+    if not isinstance(tool.get("description"), (str, type(None))):
+        raise GatewayError(400, f"{where}.description: must be a string", param=f"{where}.description",
+                           code="invalid_value")  # fmt: skip
     function: dict[str, Any] = {"name": name, "parameters": schema}
     if tool.get("description"):
         function["description"] = tool["description"]
