@@ -109,3 +109,14 @@ async def test_a_field_of_the_wrong_type_is_a_4xx_in_the_surfaces_shape(http, pa
             if response.status_code >= 500 or (response.status_code >= 400 and not in_its_shape(path, response.json())):
                 wrong.append((".".join(map(str, at)), value, response.status_code, response.text[:200]))
     assert wrong == []
+
+
+async def test_a_tool_choice_in_no_shape_an_adapter_reads_is_a_400(http):
+    """The field-by-field sweep changes one value at a time; these two changed more and reached Mistral's adapter."""
+    body = {"model": "mistral/mistral-small-latest", "messages": [{"role": "user", "content": "hi"}],
+            "tools": BODIES["/v1/chat/completions"]["tools"]}
+    for choice in ({"type": "custom", "function": "x"}, {"function": 7}, {"type": "function", "function": {}}):
+        response = await http.post("/v1/chat/completions", json={**body, "tool_choice": choice})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice", (choice, response.text)
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "f"}}):
+        assert (await http.post("/v1/chat/completions", json={**body, "tool_choice": choice})).status_code == 200, choice

@@ -200,10 +200,18 @@ class ChatRequest(_Open):
     def _known_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
         if isinstance(value, str) and value not in ("none", "auto", "required"):
             raise ValueError("must be none, auto, required or a function to call")
-        if isinstance(value, dict) and value.get("type") == "function":
-            function = value.get("function")
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise ValueError('a function choice names its function: {"type": "function", "function": {"name": ...}}')
+        if isinstance(value, dict):
+            kind = value.get("type")
+            if kind not in ("function", "custom", "allowed_tools"):
+                raise ValueError("type must be function, custom or allowed_tools")
+            # Adapters read the chosen tool's name from its own object (`function` or `custom`).
+            chosen = value.get(kind) if kind != "allowed_tools" else value.get("allowed_tools")
+            if kind != "allowed_tools" and (not isinstance(chosen, dict) or not isinstance(chosen.get("name"), str)):
+                raise ValueError(f'a {kind} choice names its tool: {{"type": "{kind}", "{kind}": {{"name": ...}}}}')
+            if kind == "allowed_tools" and not isinstance(chosen, dict):
+                raise ValueError('allowed_tools is an object: {"mode": ..., "tools": [...]}')
+            if not isinstance(value.get("function", {}), dict):  # adapters read a name from it whatever the type
+                raise ValueError("function must be an object naming the tool")
         return value
 
     @field_validator("stream", mode="before")
