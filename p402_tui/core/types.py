@@ -204,12 +204,12 @@ class ChatRequest(_Open):
             kind = value.get("type")
             if kind not in ("function", "custom", "allowed_tools"):
                 raise ValueError("type must be function, custom or allowed_tools")
-            # Adapters read the chosen tool's name from its own object (`function` or `custom`).
-            chosen = value.get(kind) if kind != "allowed_tools" else value.get("allowed_tools")
-            if kind != "allowed_tools" and (not isinstance(chosen, dict) or not isinstance(chosen.get("name"), str)):
-                raise ValueError(f'a {kind} choice names its tool: {{"type": "{kind}", "{kind}": {{"name": ...}}}}')
+            # Each type's own object: the chosen tool, whose name adapters read, or the set of allowed ones.
+            chosen = value.get(kind)
             if kind == "allowed_tools" and not isinstance(chosen, dict):
                 raise ValueError('allowed_tools is an object: {"mode": ..., "tools": [...]}')
+            if kind != "allowed_tools" and (not isinstance(chosen, dict) or not isinstance(chosen.get("name"), str)):
+                raise ValueError(f'a {kind} choice names its tool: {{"type": "{kind}", "{kind}": {{"name": ...}}}}')
             if not isinstance(value.get("function", {}), dict):  # adapters read a name from it whatever the type
                 raise ValueError("function must be an object naming the tool")
         return value
